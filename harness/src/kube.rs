@@ -1,0 +1,220 @@
+//! A real control plane on loopback: etcd + kube-apiserver v1.20.
+//!
+//! One [`ApiServer`] per test (about 6 s to start): tests stay independent
+//! and can run in parallel. etcd keeps its data on tmpfs so fsync is free.
+//! Auth is a static token in `system:masters`; RBAC is on, so tests can also
+//! bind roles to other tokens ([`ApiServer::extra_tokens`]). Only the
+//! apiserver runs: no controller-manager, so tests create Node objects and
+//! ServiceAccounts themselves.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::process::{Daemon, run};
+use crate::{Error, Result, names, paths, wait};
+
+/// The admin token every harness apiserver accepts.
+pub const ADMIN_TOKEN: &str = "margay-admin-token";
+
+/// A running etcd + kube-apiserver pair.
+#[derive(Debug)]
+pub struct ApiServer {
+    // Field order is drop order: the apiserver stops before etcd, the
+    // directory goes last.
+    apiserver: Daemon,
+    etcd: Daemon,
+    port: u16,
+    kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// A free TCP port on loopback (the listener is closed before returning).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl ApiServer {
+    /// Starts etcd and kube-apiserver and waits until `/readyz` answers ok.
+    pub async fn start() -> Result<Self> {
+        Self::start_with_tokens(&[]).await
+    }
+
+    /// Like [`ApiServer::start`], with extra static tokens
+    /// `(token, user, groups)` for RBAC tests.
+    pub async fn start_with_tokens(extra: &[(&str, &str, &str)]) -> Result<Self> {
+        let mut last = None;
+        // Ports are picked then bound by a child: a parallel test can race us
+        // to one, so retry with new ports a couple of times.
+        for _ in 0..3 {
+            match Self::try_start(extra).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    tracing::warn!("apiserver start failed, retrying: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    async fn try_start(extra: &[(&str, &str, &str)]) -> Result<Self> {
+        let apiserver_bin = paths::kube_apiserver()?;
+        let etcd_bin = paths::system("etcd")?;
+        let dir = names::shm_dir("kube")?;
+        let d = dir.path();
+        let (client, peer, port) = (free_port()?, free_port()?, free_port()?);
+
+        let mut etcd_cmd = Command::new(etcd_bin);
+        etcd_cmd
+            .arg(format!("--data-dir={}", d.join("etcd").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
+            .arg("--log-level=warn");
+        let mut etcd = Daemon::spawn("etcd", etcd_cmd, &d.join("etcd.log"))?;
+
+        run(Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(d.join("sa.key"))
+            .arg("2048"))?;
+        run(Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"])
+            .arg(d.join("sa.key"))
+            .arg("-out")
+            .arg(d.join("sa.pub")))?;
+        let mut tokens = format!("{ADMIN_TOKEN},admin,admin,\"system:masters\"\n");
+        for (i, (tok, user, groups)) in extra.iter().enumerate() {
+            tokens.push_str(&format!("{tok},{user},uid-{i},\"{groups}\"\n"));
+        }
+        std::fs::write(d.join("tokens.csv"), tokens)?;
+
+        wait::until(
+            "etcd to listen",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || {
+                etcd.ensure_running().map_err(|e| e.to_string())?;
+                Ok(std::net::TcpStream::connect(("127.0.0.1", client)).ok())
+            },
+        )?;
+
+        let mut api_cmd = Command::new(apiserver_bin);
+        api_cmd
+            .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={port}"))
+            .arg("--insecure-port=0")
+            .arg(format!("--cert-dir={}", d.join("certs").display()))
+            .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .args([
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--endpoint-reconciler-type=none",
+                "--enable-priority-and-fairness=false",
+                "--v=0",
+            ]);
+        let apiserver = Daemon::spawn("kube-apiserver", api_cmd, &d.join("apiserver.log"))?;
+
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(port, ADMIN_TOKEN))?;
+        let mut me = Self {
+            apiserver,
+            etcd,
+            port,
+            kubeconfig,
+            dir,
+        };
+        me.wait_ready().await?;
+        Ok(me)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        let start = std::time::Instant::now();
+        loop {
+            self.apiserver.ensure_running()?;
+            self.etcd.ensure_running()?;
+            let req = http::Request::get("/readyz").body(Vec::new()).expect("request");
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(Error::Timeout {
+                    what: "kube-apiserver /readyz".into(),
+                    secs: 60.0,
+                    detail: format!("; log:\n{}", self.apiserver.log_tail(20)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The secure port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Path of an admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The scratch directory (logs, keys) of this control plane.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a kubeconfig for another token (e.g. a ServiceAccount's).
+    pub fn kubeconfig_for(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let p = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::write(&p, kubeconfig_yaml(self.port, token))?;
+        Ok(p)
+    }
+
+    /// A kube client with admin rights.
+    pub async fn client(&self) -> Result<kube::Client> {
+        client_from(&self.kubeconfig).await
+    }
+
+    /// `kubectl` pointed at this apiserver.
+    pub fn kubectl(&self) -> Result<Command> {
+        let mut c = Command::new(paths::kubectl()?);
+        c.env("KUBECONFIG", &self.kubeconfig);
+        Ok(c)
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| Error::KubeConfig(e.to_string()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::KubeConfig(e.to_string()))?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// A kubeconfig for `https://127.0.0.1:<port>` with a bearer token.
+pub fn kubeconfig_yaml(port: u16, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: margay\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\nusers:\n- name: margay\n  user:\n    token: {token}\ncontexts:\n- name: margay\n  context:\n    cluster: margay\n    user: margay\ncurrent-context: margay\n"
+    )
+}

@@ -1,0 +1,97 @@
+//! Throw-away topologies: "nodes" as namespaces on a shared L2 fabric.
+//!
+//! ```text
+//!   node ns (eth0 10.99.0.N/24, fd00:99::N/64, default via .254)
+//!       │ veth
+//!   fabric ns: bridge br0 (10.99.0.254/24, fd00:99::fe/64), forwarding on
+//! ```
+//! The fabric namespace doubles as the top-of-rack router: a BGP daemon run
+//! there reaches every node directly. Addresses exist only inside these
+//! namespaces, so parallel fabrics can reuse them.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Mutex;
+
+use crate::netns::{Netns, veth};
+use crate::Result;
+
+/// IPv4 prefix of every fabric.
+pub const FABRIC_V4: &str = "10.99.0.0/24";
+/// The fabric router's IPv4 address (the nodes' default gateway).
+pub const FABRIC_GW_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
+/// The fabric router's IPv6 address.
+pub const FABRIC_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0xfe);
+
+/// A bridged L2 segment living in its own namespace.
+#[derive(Debug)]
+pub struct Fabric {
+    ns: Netns,
+    next: Mutex<u8>,
+}
+
+/// A node: a namespace with one uplink (`eth0`) on a [`Fabric`].
+#[derive(Debug)]
+pub struct Node {
+    /// The node's namespace.
+    pub ns: Netns,
+    /// Its index on the fabric (1-based; also the last address octet).
+    pub index: u8,
+    /// Its IPv4 address on the fabric.
+    pub v4: Ipv4Addr,
+    /// Its IPv6 address on the fabric.
+    pub v6: Ipv6Addr,
+}
+
+impl Fabric {
+    /// Creates the fabric namespace and its bridge.
+    pub fn new() -> Result<Self> {
+        let ns = Netns::create("fab")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{FABRIC_GW_V4}/24"), "dev", "br0"])?;
+        ns.ip(&["-6", "addr", "add", &format!("{FABRIC_GW_V6}/64"), "dev", "br0", "nodad"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(Self {
+            ns,
+            next: Mutex::new(1),
+        })
+    }
+
+    /// The fabric (router) namespace.
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// Adds a node: a new namespace with `eth0` bridged onto the fabric, an
+    /// address, a default route via the fabric router, forwarding on.
+    pub fn add_node(&self, hint: &str) -> Result<Node> {
+        let index = {
+            let mut n = self.next.lock().expect("fabric counter");
+            let i = *n;
+            assert!(i < 250, "a fabric holds at most 249 nodes");
+            *n += 1;
+            i
+        };
+        let ns = Netns::create(hint)?;
+        let port = format!("p{index}");
+        veth(&ns, "eth0", &self.ns, &port)?;
+        self.ns.ip(&["link", "set", &port, "master", "br0"])?;
+        let v4 = Ipv4Addr::new(10, 99, 0, index);
+        let v6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, index as u16);
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ns.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&["route", "add", "default", "via", &FABRIC_GW_V4.to_string()])?;
+        ns.ip(&["-6", "route", "add", "default", "via", &FABRIC_GW_V6.to_string()])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(Node { ns, index, v4, v6 })
+    }
+}
+
+impl Node {
+    /// Kernel IPv4 routes of this node (`ip -4 route show`, one per line).
+    pub fn routes_v4(&self) -> Result<String> {
+        self.ns.ip(&["-4", "route", "show"])
+    }
+}
