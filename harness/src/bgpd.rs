@@ -16,7 +16,10 @@ use crate::{Netns, Result, names, paths, wait};
 fn prepare(hint: &str, file: &str, conf: &str) -> Result<(tempfile::TempDir, PathBuf)> {
     let dir = names::temp_dir(hint)?;
     let path = dir.path().join(file);
-    std::fs::write(&path, conf.replace("{dir}", &dir.path().display().to_string()))?;
+    std::fs::write(
+        &path,
+        conf.replace("{dir}", &dir.path().display().to_string()),
+    )?;
     Ok((dir, path))
 }
 
@@ -36,10 +39,15 @@ impl Bird {
         let mut cmd = ns.cmd(paths::system("bird")?);
         cmd.arg("-f").arg("-c").arg(&conf_path).arg("-s").arg(&ctl);
         let mut daemon = Daemon::spawn("bird", cmd, &dir.path().join("bird.log"))?;
-        wait::until("bird control socket", Duration::from_secs(10), Duration::from_millis(20), || {
-            daemon.ensure_running().map_err(|e| e.to_string())?;
-            Ok(ctl.exists().then_some(()))
-        })?;
+        wait::until(
+            "bird control socket",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                daemon.ensure_running().map_err(|e| e.to_string())?;
+                Ok(ctl.exists().then_some(()))
+            },
+        )?;
         Ok(Self { daemon, ctl, dir })
     }
 
@@ -95,12 +103,25 @@ impl Gobgp {
         let mut daemon = Daemon::spawn("gobgpd", cmd, &dir.path().join("gobgpd.log"))?;
         let me_ns = ns.name().to_owned();
         let probe = |ns_name: &str| {
-            run(Command::new("ip").args(["netns", "exec", ns_name, "gobgp", "-p", &port.to_string(), "global"]))
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                ns_name,
+                "gobgp",
+                "-p",
+                &port.to_string(),
+                "global",
+            ]))
         };
-        wait::until("gobgpd API", Duration::from_secs(10), Duration::from_millis(50), || {
-            daemon.ensure_running().map_err(|e| e.to_string())?;
-            Ok(probe(&me_ns).ok().map(drop))
-        })?;
+        wait::until(
+            "gobgpd API",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                daemon.ensure_running().map_err(|e| e.to_string())?;
+                Ok(probe(&me_ns).ok().map(drop))
+            },
+        )?;
         Ok(Self {
             daemon,
             ns_name: me_ns,
@@ -112,7 +133,14 @@ impl Gobgp {
     /// Runs `gobgp -p PORT args...` in the daemon's namespace.
     pub fn gobgp(&self, args: &[&str]) -> Result<String> {
         run(Command::new("ip")
-            .args(["netns", "exec", &self.ns_name, "gobgp", "-p", &self.port.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &self.ns_name,
+                "gobgp",
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(args))
     }
 
@@ -168,10 +196,15 @@ impl Frr {
             common(&mut c, "zebra.pid");
             let mut z = Daemon::spawn("zebra", c, &d.join("zebra.log"))?;
             let api = d.join("zserv.api");
-            wait::until("zebra socket", Duration::from_secs(10), Duration::from_millis(20), || {
-                z.ensure_running().map_err(|e| e.to_string())?;
-                Ok(api.exists().then_some(()))
-            })?;
+            wait::until(
+                "zebra socket",
+                Duration::from_secs(10),
+                Duration::from_millis(20),
+                || {
+                    z.ensure_running().map_err(|e| e.to_string())?;
+                    Ok(api.exists().then_some(()))
+                },
+            )?;
             Some(z)
         } else {
             None
@@ -184,10 +217,15 @@ impl Frr {
         }
         let mut bgpd = Daemon::spawn("bgpd", c, &d.join("bgpd.log"))?;
         let vty = d.join("bgpd.vty");
-        wait::until("bgpd vty socket", Duration::from_secs(10), Duration::from_millis(20), || {
-            bgpd.ensure_running().map_err(|e| e.to_string())?;
-            Ok(vty.exists().then_some(()))
-        })?;
+        wait::until(
+            "bgpd vty socket",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                bgpd.ensure_running().map_err(|e| e.to_string())?;
+                Ok(vty.exists().then_some(()))
+            },
+        )?;
         Ok(Self {
             bgpd,
             zebra: zebra_d,

@@ -74,7 +74,9 @@ impl ApiServer {
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
             .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
             .arg("--log-level=warn");
         let mut etcd = Daemon::spawn("etcd", etcd_cmd, &d.join("etcd.log"))?;
@@ -111,13 +113,19 @@ impl ApiServer {
             .arg(format!("--secure-port={port}"))
             .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("sa.pub").display()
+            ))
             .arg(format!(
                 "--service-account-signing-key-file={}",
                 d.join("sa.key").display()
             ))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
             .args([
                 "--authorization-mode=RBAC",
                 "--service-cluster-ip-range=10.96.0.0/16",
@@ -146,7 +154,9 @@ impl ApiServer {
         loop {
             self.apiserver.ensure_running()?;
             self.etcd.ensure_running()?;
-            let req = http::Request::get("/readyz").body(Vec::new()).expect("request");
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("request");
             if let Ok(body) = client.request_text(req).await
                 && body.trim() == "ok"
             {

@@ -103,7 +103,10 @@ impl Netns {
                 return Ok(());
             }
         }
-        Err(Error::Other(format!("{}: no answer from {addr}", self.name)))
+        Err(Error::Other(format!(
+            "{}: no answer from {addr}",
+            self.name
+        )))
     }
 }
 

@@ -140,10 +140,13 @@ impl Drop for Daemon {
 
 /// Runs a command to completion; an error carries its stderr.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|source| Error::Spawn {
-        cmd: describe(cmd),
-        source,
-    })?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Spawn {
+            cmd: describe(cmd),
+            source,
+        })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

@@ -12,8 +12,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 
-use crate::netns::{Netns, veth};
 use crate::Result;
+use crate::netns::{Netns, veth};
 
 /// IPv4 prefix of every fabric.
 pub const FABRIC_V4: &str = "10.99.0.0/24";
@@ -49,7 +49,15 @@ impl Fabric {
         ns.ip(&["link", "add", "br0", "type", "bridge"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{FABRIC_GW_V4}/24"), "dev", "br0"])?;
-        ns.ip(&["-6", "addr", "add", &format!("{FABRIC_GW_V6}/64"), "dev", "br0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{FABRIC_GW_V6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         Ok(Self {
@@ -80,9 +88,24 @@ impl Fabric {
         let v4 = Ipv4Addr::new(10, 99, 0, index);
         let v6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, index as u16);
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        ns.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["route", "add", "default", "via", &FABRIC_GW_V4.to_string()])?;
-        ns.ip(&["-6", "route", "add", "default", "via", &FABRIC_GW_V6.to_string()])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &FABRIC_GW_V6.to_string(),
+        ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         Ok(Node { ns, index, v4, v6 })

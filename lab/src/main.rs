@@ -147,13 +147,13 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("starting the lab supervisor")?;
     let start = Instant::now();
-    eprintln!("margay-lab: starting (log: {})", state::log_path().display());
+    eprintln!(
+        "margay-lab: starting (log: {})",
+        state::log_path().display()
+    );
     loop {
         if let Some(s) = State::load()? {
-            eprintln!(
-                "margay-lab: up in {:.1}s",
-                start.elapsed().as_secs_f64()
-            );
+            eprintln!("margay-lab: up in {:.1}s", start.elapsed().as_secs_f64());
             print_status(&s, false)?;
             let code = run_check(&s)?;
             eprintln!("margay-lab: running in the background; `margay-lab down` stops it");
@@ -164,7 +164,10 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             bail!("the supervisor exited ({st}) before the lab was ready:\n{log}");
         }
         if start.elapsed() > Duration::from_secs(300) {
-            bail!("the lab was not ready after 300 s; see {}", state::log_path().display());
+            bail!(
+                "the lab was not ready after 300 s; see {}",
+                state::log_path().display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -233,8 +236,11 @@ fn print_status(s: &State, json: bool) -> anyhow::Result<()> {
 }
 
 fn run_check(s: &State) -> anyhow::Result<ExitCode> {
-    let mut targets: Vec<(String, String)> =
-        s.nodes.iter().map(|n| (n.name.clone(), n.v4.clone())).collect();
+    let mut targets: Vec<(String, String)> = s
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.v4.clone()))
+        .collect();
     targets.push(("tor".into(), s.tor_v4.clone()));
     let mut failures = 0;
     print!("{:<10}", "from\\to");

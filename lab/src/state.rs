@@ -62,8 +62,7 @@ impl State {
 
     /// Reads the state file if its supervisor is still alive.
     pub fn load_live() -> anyhow::Result<Option<State>> {
-        Ok(Self::load()?
-            .filter(|s| Path::new(&format!("/proc/{}", s.supervisor_pid)).exists()))
+        Ok(Self::load()?.filter(|s| Path::new(&format!("/proc/{}", s.supervisor_pid)).exists()))
     }
 
     /// Writes the state atomically (temp file + rename).

@@ -11,6 +11,9 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    eprintln!("margayctl {}: not available in this build yet", cli.args.join(" "));
+    eprintln!(
+        "margayctl {}: not available in this build yet",
+        cli.args.join(" ")
+    );
     std::process::ExitCode::from(2)
 }

@@ -714,3 +714,9 @@ mod tests {
         }
     }
 }
+
+/// Writes an MP_REACH/MP_UNREACH attribute on its own (UPDATEs whose only
+/// attributes are multiprotocol ones: withdrawals and End-of-RIB).
+pub(crate) fn put_mp(out: &mut Vec<u8>, code: u8, value: &[u8]) {
+    put_attr(out, flag::OPTIONAL, code, value);
+}

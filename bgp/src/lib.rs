@@ -1,0 +1,19 @@
+//! Margay's BGP speaker.
+//!
+//! - [`packet`]: the wire codec (pure).
+//! - [`fsm`]: the session state machine of RFC 4271 §8 (pure: events in,
+//!   actions out; timers are actions).
+//! - [`rib`]: Adj-RIB-In, the decision process, Loc-RIB, export (pure).
+//! - [`config`]: the TOML configuration of `margay-bgp`.
+//! - [`speaker`]: the tokio driver: sockets, timers, peers, the RIB task.
+//! - [`kernel`]: best routes into the kernel over rtnetlink, batched.
+
+pub mod config;
+pub mod error;
+pub mod fsm;
+pub mod kernel;
+pub mod packet;
+pub mod rib;
+pub mod speaker;
+
+pub use error::{Error, Result};
