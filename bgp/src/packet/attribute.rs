@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::consts::{AFI_IPV4, AFI_IPV6, AS_TRANS, SAFI_UNICAST, attr, err, flag, seg};
 use super::error::DecodeError;
 use super::message::{MpReach, MpUnreach};
-use super::prefix::{Prefix, decode_prefixes};
+use super::prefix::decode_prefixes;
 use super::Ctx;
 
 /// ORIGIN values.
@@ -382,7 +382,7 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
     let mut seen = [false; 256];
     let mut as4_path: Option<AsPath> = None;
     let mut as4_aggregator: Option<(u32, Ipv4Addr)> = None;
-    let mut withdraw = |d: &mut Decoded, why: String| {
+    let withdraw = |d: &mut Decoded, why: String| {
         if d.withdraw.is_none() {
             d.withdraw = Some(why);
         }

@@ -1,0 +1,268 @@
+//! The TOML configuration of `margay-bgp` (also what the agent builds in
+//! memory). Unknown keys are errors, and [`Config::validate`] names the
+//! offending entry, so a typo never silently disables a peer.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::packet::Prefix;
+use crate::{Error, Result};
+
+fn yes() -> bool {
+    true
+}
+
+/// Top level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our AS number.
+    pub asn: u32,
+    /// Our BGP identifier.
+    pub router_id: Ipv4Addr,
+    /// Where to accept connections (default `0.0.0.0:179` and `[::]:179`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Install best routes into the kernel.
+    #[serde(default = "yes")]
+    pub fib: bool,
+    /// Route reflector cluster id (default: the router id).
+    #[serde(default)]
+    pub cluster_id: Option<Ipv4Addr>,
+    /// Accept only prefixes inside these (default: everything).
+    #[serde(default)]
+    pub import_prefixes: Vec<Prefix>,
+    /// Communities (`ASN:VALUE`) added to everything we export.
+    #[serde(default)]
+    pub communities: Vec<String>,
+    /// Restart time announced in our graceful restart capability (seconds).
+    #[serde(default = "default_restart_time")]
+    pub restart_time: u16,
+    /// Control socket for `margay-bgp show` (default /run/margay-bgp.sock).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Configured neighbors.
+    #[serde(default, rename = "neighbor")]
+    pub neighbors: Vec<Neighbor>,
+    /// Ranges from which unknown peers may connect (dynamic neighbors).
+    #[serde(default, rename = "listen_range")]
+    pub listen_ranges: Vec<ListenRange>,
+    /// Prefixes we originate.
+    #[serde(default, rename = "originate")]
+    pub originate: Vec<Originate>,
+}
+
+fn default_restart_time() -> u16 {
+    120
+}
+
+fn default_hold() -> u16 {
+    90
+}
+
+/// A configured peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Neighbor {
+    /// Peer address.
+    pub address: IpAddr,
+    /// Peer AS.
+    pub asn: u32,
+    /// TCP port to connect to.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// TCP MD5 password (RFC 2385).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Never initiate the connection.
+    #[serde(default)]
+    pub passive: bool,
+    /// Reflect routes to this peer (RFC 4456).
+    #[serde(default)]
+    pub route_reflector_client: bool,
+    /// Proposed hold time.
+    #[serde(default = "default_hold")]
+    pub hold_time: u16,
+    /// Keepalive interval (default hold/3).
+    #[serde(default)]
+    pub keepalive: Option<u16>,
+    /// Announce graceful restart.
+    #[serde(default = "yes")]
+    pub graceful_restart: bool,
+    /// Close the session when the peer sends more prefixes than this.
+    #[serde(default)]
+    pub max_prefixes: Option<usize>,
+    /// Set ourselves as next hop on iBGP exports.
+    #[serde(default)]
+    pub next_hop_self: bool,
+}
+
+fn default_port() -> u16 {
+    179
+}
+
+/// A range of addresses allowed to peer without per-peer configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenRange {
+    /// The range.
+    pub prefix: Prefix,
+    /// AS the peers must have.
+    pub asn: u32,
+    /// Reflect routes to them.
+    #[serde(default)]
+    pub route_reflector_client: bool,
+    /// Proposed hold time.
+    #[serde(default = "default_hold")]
+    pub hold_time: u16,
+    /// Announce graceful restart.
+    #[serde(default = "yes")]
+    pub graceful_restart: bool,
+}
+
+/// A prefix we originate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Originate {
+    /// The prefix.
+    pub prefix: Prefix,
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let c: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.asn == 0 {
+            return bad("asn must not be 0".into());
+        }
+        if self.router_id.is_unspecified() {
+            return bad("router_id must not be 0.0.0.0".into());
+        }
+        for (i, n) in self.neighbors.iter().enumerate() {
+            let at = format!("neighbor[{i}] ({})", n.address);
+            if n.asn == 0 {
+                return bad(format!("{at}: asn must not be 0"));
+            }
+            if n.hold_time == 1 || n.hold_time == 2 {
+                return bad(format!("{at}: hold_time must be 0 or at least 3"));
+            }
+            if n.keepalive.is_some_and(|k| n.hold_time > 0 && k > n.hold_time / 3) {
+                return bad(format!("{at}: keepalive must be at most hold_time/3"));
+            }
+            if n.password.as_ref().is_some_and(|p| p.is_empty() || p.len() > 80) {
+                return bad(format!("{at}: password must be 1 to 80 characters"));
+            }
+            if n.route_reflector_client && n.asn != self.asn {
+                return bad(format!("{at}: route_reflector_client needs an iBGP peer"));
+            }
+            if self.neighbors[..i].iter().any(|m| m.address == n.address) {
+                return bad(format!("{at}: duplicate neighbor"));
+            }
+        }
+        for (i, r) in self.listen_ranges.iter().enumerate() {
+            if r.asn == 0 {
+                return bad(format!("listen_range[{i}] ({}): asn must not be 0", r.prefix));
+            }
+        }
+        for c in &self.communities {
+            parse_community(c)?;
+        }
+        Ok(())
+    }
+
+    /// The export communities as 32-bit values.
+    pub fn community_values(&self) -> Vec<u32> {
+        self.communities
+            .iter()
+            .filter_map(|c| parse_community(c).ok())
+            .collect()
+    }
+}
+
+/// Parses `ASN:VALUE` (each 16 bits) into a community.
+pub fn parse_community(s: &str) -> Result<u32> {
+    let err = || Error::Config(format!("invalid community {s:?}: expected ASN:VALUE (16 bits each)"));
+    let (a, v) = s.split_once(':').ok_or_else(err)?;
+    let a: u16 = a.parse().map_err(|_| err())?;
+    let v: u16 = v.parse().map_err(|_| err())?;
+    Ok(((a as u32) << 16) | v as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::from_toml(
+            r#"
+asn = 64512
+router_id = "10.99.0.1"
+listen = "10.99.0.1:179"
+fib = false
+communities = ["64512:100"]
+[[neighbor]]
+address = "10.99.0.254"
+asn = 65000
+password = "s3cret"
+hold_time = 9
+[[neighbor]]
+address = "fd00:99::2"
+asn = 64512
+passive = true
+route_reflector_client = true
+[[listen_range]]
+prefix = "10.99.0.0/24"
+asn = 64512
+route_reflector_client = true
+[[originate]]
+prefix = "10.244.1.0/26"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.neighbors.len(), 2);
+        assert!(!c.fib);
+        assert_eq!(c.community_values(), vec![(64512 << 16) | 100]);
+        assert_eq!(c.originate[0].prefix.to_string(), "10.244.1.0/26");
+        assert!(c.neighbors[0].graceful_restart);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_clear_message() {
+        let base = "asn = 64512\nrouter_id = \"10.0.0.1\"\n";
+        for (extra, want) in [
+            ("[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nhold_time = 2\n", "hold_time"),
+            ("[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nbogus = 1\n", "unknown field"),
+            ("[[neighbor]]\naddress = \"10.0.0.300\"\nasn = 1\n", "address"),
+            ("[[originate]]\nprefix = \"10.0.0.0/33\"\n", "invalid prefix"),
+            ("communities = [\"1:2:3\"]\n", "community"),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nroute_reflector_client = true\n",
+                "iBGP",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra:?} gave {e}");
+        }
+        assert!(Config::from_toml("asn = 0\nrouter_id = \"1.1.1.1\"").is_err());
+    }
+}
