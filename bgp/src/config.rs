@@ -165,10 +165,15 @@ impl Config {
             if n.hold_time == 1 || n.hold_time == 2 {
                 return bad(format!("{at}: hold_time must be 0 or at least 3"));
             }
-            if n.keepalive.is_some_and(|k| n.hold_time > 0 && k > n.hold_time / 3) {
+            if n.keepalive
+                .is_some_and(|k| n.hold_time > 0 && k > n.hold_time / 3)
+            {
                 return bad(format!("{at}: keepalive must be at most hold_time/3"));
             }
-            if n.password.as_ref().is_some_and(|p| p.is_empty() || p.len() > 80) {
+            if n.password
+                .as_ref()
+                .is_some_and(|p| p.is_empty() || p.len() > 80)
+            {
                 return bad(format!("{at}: password must be 1 to 80 characters"));
             }
             if n.route_reflector_client && n.asn != self.asn {
@@ -180,7 +185,10 @@ impl Config {
         }
         for (i, r) in self.listen_ranges.iter().enumerate() {
             if r.asn == 0 {
-                return bad(format!("listen_range[{i}] ({}): asn must not be 0", r.prefix));
+                return bad(format!(
+                    "listen_range[{i}] ({}): asn must not be 0",
+                    r.prefix
+                ));
             }
         }
         for c in &self.communities {
@@ -200,7 +208,11 @@ impl Config {
 
 /// Parses `ASN:VALUE` (each 16 bits) into a community.
 pub fn parse_community(s: &str) -> Result<u32> {
-    let err = || Error::Config(format!("invalid community {s:?}: expected ASN:VALUE (16 bits each)"));
+    let err = || {
+        Error::Config(format!(
+            "invalid community {s:?}: expected ASN:VALUE (16 bits each)"
+        ))
+    };
     let (a, v) = s.split_once(':').ok_or_else(err)?;
     let a: u16 = a.parse().map_err(|_| err())?;
     let v: u16 = v.parse().map_err(|_| err())?;
@@ -250,17 +262,31 @@ prefix = "10.244.1.0/26"
     fn rejects_bad_input_with_a_clear_message() {
         let base = "asn = 64512\nrouter_id = \"10.0.0.1\"\n";
         for (extra, want) in [
-            ("[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nhold_time = 2\n", "hold_time"),
-            ("[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nbogus = 1\n", "unknown field"),
-            ("[[neighbor]]\naddress = \"10.0.0.300\"\nasn = 1\n", "address"),
-            ("[[originate]]\nprefix = \"10.0.0.0/33\"\n", "invalid prefix"),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nhold_time = 2\n",
+                "hold_time",
+            ),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nbogus = 1\n",
+                "unknown field",
+            ),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.300\"\nasn = 1\n",
+                "address",
+            ),
+            (
+                "[[originate]]\nprefix = \"10.0.0.0/33\"\n",
+                "invalid prefix",
+            ),
             ("communities = [\"1:2:3\"]\n", "community"),
             (
                 "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nroute_reflector_client = true\n",
                 "iBGP",
             ),
         ] {
-            let e = Config::from_toml(&format!("{base}{extra}")).unwrap_err().to_string();
+            let e = Config::from_toml(&format!("{base}{extra}"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{extra:?} gave {e}");
         }
         assert!(Config::from_toml("asn = 0\nrouter_id = \"1.1.1.1\"").is_err());

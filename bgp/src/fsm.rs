@@ -50,6 +50,7 @@ pub enum Timer {
 }
 
 /// Inputs to the state machine.
+#[allow(clippy::large_enum_variant)] // carries a Message by value, see there
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// ManualStart / AutomaticStart.
@@ -316,7 +317,10 @@ impl Session {
             (_, Event::TcpDown) => self.fail(&mut out, DownReason::ConnectionLost),
             (OpenSent | OpenConfirm | Established, Event::Timer(Timer::ConnectRetry)) => {}
             // Anything else is out of order for the state (§8.2.2 "any other event").
-            (_, Event::Message(_)) | (_, Event::TcpUp) | (_, Event::Start) | (_, Event::Timer(_)) => {
+            (_, Event::Message(_))
+            | (_, Event::TcpUp)
+            | (_, Event::Start)
+            | (_, Event::Timer(_)) => {
                 self.notify(&mut out, Notification::new(err::FSM, self.fsm_subcode()));
             }
         }
@@ -460,7 +464,10 @@ mod tests {
             hold_time: hold,
             router_id: Ipv4Addr::new(10, 0, 0, 2),
             capabilities: vec![
-                Capability::Multiprotocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+                Capability::Multiprotocol {
+                    afi: AFI_IPV4,
+                    safi: SAFI_UNICAST,
+                },
                 Capability::FourOctetAs(64512),
             ],
         }
@@ -481,7 +488,10 @@ mod tests {
         let a = s.process(Event::Start);
         assert_eq!(s.state(), State::Connect);
         assert!(a.contains(&Action::Connect));
-        let mut p = Session::new(SessionConfig { passive: true, ..cfg() });
+        let mut p = Session::new(SessionConfig {
+            passive: true,
+            ..cfg()
+        });
         let a = p.process(Event::Start);
         assert_eq!(p.state(), State::Active);
         assert!(!a.contains(&Action::Connect));
@@ -502,7 +512,9 @@ mod tests {
         assert!(a.contains(&Action::SetTimer(Timer::Keepalive, Duration::from_secs(20))));
         let a = s.process(Event::Message(Message::Keepalive));
         assert_eq!(s.state(), State::Established);
-        let Some(Action::Up(neg)) = a.last() else { panic!("{a:?}") };
+        let Some(Action::Up(neg)) = a.last() else {
+            panic!("{a:?}")
+        };
         assert_eq!((neg.hold_time, neg.keepalive), (60, 20));
         assert!(neg.ctx.ibgp && neg.ctx.four_octet_as);
         // Only IPv4 unicast is common to both.
@@ -517,7 +529,9 @@ mod tests {
         let mut o = peer_open(90);
         o.asn = 65001;
         let a = s.process(Event::Message(Message::Open(o)));
-        let Action::Send(Message::Notification(n)) = &a[0] else { panic!("{a:?}") };
+        let Action::Send(Message::Notification(n)) = &a[0] else {
+            panic!("{a:?}")
+        };
         assert_eq!((n.code, n.subcode), (err::OPEN, err::OPEN_BAD_PEER_AS));
         assert!(a.contains(&Action::Disconnect));
         assert_eq!(s.state(), State::Active);
@@ -531,7 +545,9 @@ mod tests {
         let mut o = peer_open(90);
         o.router_id = Ipv4Addr::new(10, 0, 0, 1);
         let a = s.process(Event::Message(Message::Open(o)));
-        assert!(matches!(&a[0], Action::Send(Message::Notification(n)) if n.subcode == err::OPEN_BAD_ID));
+        assert!(
+            matches!(&a[0], Action::Send(Message::Notification(n)) if n.subcode == err::OPEN_BAD_ID)
+        );
     }
 
     #[test]
@@ -540,9 +556,15 @@ mod tests {
         let a = s.process(Event::Timer(Timer::Hold));
         assert_eq!(
             a[0],
-            Action::Send(Message::Notification(Notification::new(err::HOLD_TIMER_EXPIRED, 0)))
+            Action::Send(Message::Notification(Notification::new(
+                err::HOLD_TIMER_EXPIRED,
+                0
+            )))
         );
-        assert!(a.iter().any(|x| matches!(x, Action::Down(DownReason::Sent(_)))));
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Down(DownReason::Sent(_))))
+        );
         assert_eq!(s.state(), State::Active);
     }
 
@@ -553,12 +575,21 @@ mod tests {
         assert_eq!(a[0], Action::SetTimer(Timer::Hold, Duration::from_secs(9)));
         assert!(matches!(a[1], Action::Update(_)));
         let a = s.process(Event::Message(Message::Keepalive));
-        assert_eq!(a, vec![Action::SetTimer(Timer::Hold, Duration::from_secs(9))]);
+        assert_eq!(
+            a,
+            vec![Action::SetTimer(Timer::Hold, Duration::from_secs(9))]
+        );
     }
 
     #[test]
     fn zero_hold_time_means_no_timers() {
-        let (s, a) = established(SessionConfig { hold_time: 0, ..cfg() }, 90);
+        let (s, a) = established(
+            SessionConfig {
+                hold_time: 0,
+                ..cfg()
+            },
+            90,
+        );
         assert!(a.contains(&Action::StopTimer(Timer::Hold)));
         assert_eq!(s.negotiated().unwrap().keepalive, 0);
     }
@@ -610,7 +641,10 @@ mod tests {
         let a = s.process(Event::Stop(err::CEASE_ADMIN_SHUTDOWN));
         assert_eq!(
             a[0],
-            Action::Send(Message::Notification(Notification::new(err::CEASE, err::CEASE_ADMIN_SHUTDOWN)))
+            Action::Send(Message::Notification(Notification::new(
+                err::CEASE,
+                err::CEASE_ADMIN_SHUTDOWN
+            )))
         );
         assert_eq!(s.state(), State::Idle);
         assert!(s.process(Event::Timer(Timer::ConnectRetry)).is_empty());
@@ -626,8 +660,14 @@ mod tests {
 
     #[test]
     fn graceful_restart_is_negotiated_only_when_both_sides_have_it() {
-        let gr = GracefulRestartCap { restart_time: 120, ..Default::default() };
-        let mut s = Session::new(SessionConfig { graceful_restart: Some(gr.clone()), ..cfg() });
+        let gr = GracefulRestartCap {
+            restart_time: 120,
+            ..Default::default()
+        };
+        let mut s = Session::new(SessionConfig {
+            graceful_restart: Some(gr.clone()),
+            ..cfg()
+        });
         s.process(Event::Start);
         s.process(Event::TcpUp);
         let mut o = peer_open(90);

@@ -231,7 +231,10 @@ impl Rib {
 
     /// All paths of a prefix, best first.
     pub fn paths(&self, prefix: &Prefix) -> &[Path] {
-        self.table.get(prefix).map(|d| d.paths.as_slice()).unwrap_or(&[])
+        self.table
+            .get(prefix)
+            .map(|d| d.paths.as_slice())
+            .unwrap_or(&[])
     }
 
     fn remove_where(&mut self, f: impl Fn(&Prefix, &Path) -> bool) -> Changes {
@@ -413,7 +416,12 @@ fn compare_cost(peers: &HashMap<PeerId, PeerInfo>, a: &Path, b: &Path) -> Orderi
     let ebgp = |p: &Path| peers.get(&p.peer).map(|i| !i.ibgp).unwrap_or(true);
     local_pref(b)
         .cmp(&local_pref(a))
-        .then(a.attrs.as_path.hop_count().cmp(&b.attrs.as_path.hop_count()))
+        .then(
+            a.attrs
+                .as_path
+                .hop_count()
+                .cmp(&b.attrs.as_path.hop_count()),
+        )
         .then(origin_rank(a.attrs.origin).cmp(&origin_rank(b.attrs.origin)))
         .then_with(|| {
             // MED only between paths from the same neighbouring AS.
@@ -480,7 +488,10 @@ mod tests {
     fn rib() -> Rib {
         let mut r = Rib::new(64512, Ipv4Addr::new(9, 9, 9, 9), None);
         for n in 1..=4 {
-            r.add_peer(n as PeerId, peer(n, if n <= 2 { 64512 } else { 65000 + n as u32 }));
+            r.add_peer(
+                n as PeerId,
+                peer(n, if n <= 2 { 64512 } else { 65000 + n as u32 }),
+            );
         }
         r
     }
@@ -566,12 +577,28 @@ mod tests {
     #[test]
     fn import_filter_and_loop_detection() {
         let mut r = rib();
-        r.set_import_policy(ImportPolicy { allowed: vec![pfx("10.244.0.0/16")] });
-        assert!(r.update(1, &[pfx("0.0.0.0/0")], Some(attrs(1, vec![])), &[]).is_empty());
-        assert!(r.update(3, &[pfx("10.244.9.0/26")], Some(attrs(3, vec![65003, 64512])), &[]).is_empty());
+        r.set_import_policy(ImportPolicy {
+            allowed: vec![pfx("10.244.0.0/16")],
+        });
+        assert!(
+            r.update(1, &[pfx("0.0.0.0/0")], Some(attrs(1, vec![])), &[])
+                .is_empty()
+        );
+        assert!(
+            r.update(
+                3,
+                &[pfx("10.244.9.0/26")],
+                Some(attrs(3, vec![65003, 64512])),
+                &[]
+            )
+            .is_empty()
+        );
         let mut a = (*attrs(1, vec![])).clone();
         a.originator_id = Some(Ipv4Addr::new(9, 9, 9, 9));
-        assert!(r.update(1, &[pfx("10.244.9.0/26")], Some(Arc::new(a)), &[]).is_empty());
+        assert!(
+            r.update(1, &[pfx("10.244.9.0/26")], Some(Arc::new(a)), &[])
+                .is_empty()
+        );
         assert_eq!(r.prefix_count(1), 0);
     }
 
@@ -606,7 +633,10 @@ mod tests {
         // ...but not to other non-clients, nor back to its source.
         let other = peer(5, 64512);
         assert!(r.export(&other, 5, Some(&best), None, false, &[]).is_none());
-        assert!(r.export(&nonclient, 2, Some(&best), None, false, &[]).is_none());
+        assert!(
+            r.export(&nonclient, 2, Some(&best), None, false, &[])
+                .is_none()
+        );
     }
 
     #[test]
@@ -616,12 +646,16 @@ mod tests {
         r.originate(p, Attrs::default());
         let best = r.best(&p).unwrap().best;
         let me: IpAddr = "10.99.0.1".parse().unwrap();
-        let a = r.export(&peer(3, 65003), 3, Some(&best), Some(me), false, &[100]).unwrap();
+        let a = r
+            .export(&peer(3, 65003), 3, Some(&best), Some(me), false, &[100])
+            .unwrap();
         assert_eq!(a.as_path.first_as(), Some(64512));
         assert_eq!(a.next_hop, Some(me));
         assert_eq!(a.local_pref, None);
         assert_eq!(a.communities, vec![100]);
-        let i = r.export(&peer(1, 64512), 1, Some(&best), Some(me), false, &[]).unwrap();
+        let i = r
+            .export(&peer(1, 64512), 1, Some(&best), Some(me), false, &[])
+            .unwrap();
         assert_eq!(i.as_path.hop_count(), 0);
         assert_eq!(i.local_pref, Some(100));
     }

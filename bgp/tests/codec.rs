@@ -8,8 +8,14 @@ use margay_bgp::packet::{
     Prefix, Update, UpdateBuilder, frame_len,
 };
 
-const IBGP: Ctx = Ctx { four_octet_as: true, ibgp: true };
-const EBGP: Ctx = Ctx { four_octet_as: true, ibgp: false };
+const IBGP: Ctx = Ctx {
+    four_octet_as: true,
+    ibgp: true,
+};
+const EBGP: Ctx = Ctx {
+    four_octet_as: true,
+    ibgp: false,
+};
 
 fn hdr(len: u16, typ: u8) -> Vec<u8> {
     let mut v = vec![0xff; 16];
@@ -57,7 +63,10 @@ fn open_round_trips_byte_for_byte() {
         hold_time: 90,
         router_id: Ipv4Addr::new(10, 99, 0, 1),
         capabilities: vec![
-            Capability::Multiprotocol { afi: AFI_IPV4, safi: SAFI_UNICAST },
+            Capability::Multiprotocol {
+                afi: AFI_IPV4,
+                safi: SAFI_UNICAST,
+            },
             Capability::RouteRefresh,
             Capability::FourOctetAs(4_200_000_000),
             Capability::GracefulRestart(GracefulRestartCap {
@@ -102,10 +111,15 @@ fn unknown_capabilities_are_tolerated() {
     b.extend_from_slice(&params);
     let l = b.len() as u16;
     b[16..18].copy_from_slice(&l.to_be_bytes());
-    let Message::Open(o) = Message::decode(&b, &IBGP).unwrap() else { panic!() };
+    let Message::Open(o) = Message::decode(&b, &IBGP).unwrap() else {
+        panic!()
+    };
     assert_eq!(o.asn, 65000);
     assert_eq!(o.capabilities.len(), 5);
-    assert!(matches!(o.capabilities[2], Capability::Unknown { code: 73, .. }));
+    assert!(matches!(
+        o.capabilities[2],
+        Capability::Unknown { code: 73, .. }
+    ));
 }
 
 #[test]
@@ -113,7 +127,10 @@ fn open_errors_map_to_open_notifications() {
     let mut b = hdr(29, 1);
     b.extend_from_slice(&[3, 0xfd, 0xe8, 0, 90, 1, 1, 1, 1, 0]);
     let e = Message::decode(&b, &IBGP).unwrap_err();
-    assert_eq!((e.code, e.subcode, e.data.clone()), (err::OPEN, err::OPEN_BAD_VERSION, vec![0, 4]));
+    assert_eq!(
+        (e.code, e.subcode, e.data.clone()),
+        (err::OPEN, err::OPEN_BAD_VERSION, vec![0, 4])
+    );
     b[19] = 4;
     b[22..24].copy_from_slice(&[0, 2]); // hold time 2
     let e = Message::decode(&b, &IBGP).unwrap_err();
@@ -126,15 +143,28 @@ fn header_errors() {
     b[3] = 0;
     assert_eq!(frame_len(&b).unwrap_err().subcode, err::HEADER_NOT_SYNC);
     let e = frame_len(&hdr(20, 4)).unwrap_err();
-    assert_eq!((e.subcode, e.data.clone()), (err::HEADER_BAD_LENGTH, vec![0, 20]));
-    assert_eq!(frame_len(&hdr(19, 9)).unwrap_err().subcode, err::HEADER_BAD_TYPE);
-    assert_eq!(frame_len(&hdr(4097, 2)).unwrap_err().subcode, err::HEADER_BAD_LENGTH);
+    assert_eq!(
+        (e.subcode, e.data.clone()),
+        (err::HEADER_BAD_LENGTH, vec![0, 20])
+    );
+    assert_eq!(
+        frame_len(&hdr(19, 9)).unwrap_err().subcode,
+        err::HEADER_BAD_TYPE
+    );
+    assert_eq!(
+        frame_len(&hdr(4097, 2)).unwrap_err().subcode,
+        err::HEADER_BAD_LENGTH
+    );
     assert_eq!(frame_len(&hdr(19, 4)[..10]).unwrap(), None);
 }
 
 #[test]
 fn update_decodes_and_reencodes() {
-    let b = update_bytes(&[24, 10, 1, 2], BASIC_ATTRS, &[26, 10, 244, 1, 64, 32, 10, 244, 1, 1]);
+    let b = update_bytes(
+        &[24, 10, 1, 2],
+        BASIC_ATTRS,
+        &[26, 10, 244, 1, 64, 32, 10, 244, 1, 1],
+    );
     let u = decode_update(&b, &EBGP);
     assert_eq!(u.withdrawn, vec!["10.1.2.0/24".parse::<Prefix>().unwrap()]);
     assert_eq!(u.nlri.len(), 2);
@@ -166,7 +196,10 @@ fn malformed_origin_is_treat_as_withdraw() {
 
 #[test]
 fn missing_next_hop_is_treat_as_withdraw() {
-    let u = decode_update(&update_bytes(&[], &BASIC_ATTRS[..13], &[24, 10, 0, 0]), &EBGP);
+    let u = decode_update(
+        &update_bytes(&[], &BASIC_ATTRS[..13], &[24, 10, 0, 0]),
+        &EBGP,
+    );
     assert!(u.treat_as_withdraw.unwrap().contains("NEXT_HOP"));
 }
 
@@ -226,7 +259,10 @@ fn duplicate_mp_reach_resets_the_session() {
     a.extend_from_slice(&mp);
     a.extend_from_slice(&mp);
     let e = Message::decode(&update_bytes(&[], &a, &[]), &EBGP).unwrap_err();
-    assert_eq!((e.code, e.subcode), (err::UPDATE, err::UPDATE_MALFORMED_ATTR_LIST));
+    assert_eq!(
+        (e.code, e.subcode),
+        (err::UPDATE, err::UPDATE_MALFORMED_ATTR_LIST)
+    );
 }
 
 #[test]
@@ -234,7 +270,10 @@ fn unknown_well_known_attribute_is_an_error_with_the_attribute_as_data() {
     let mut a = BASIC_ATTRS.to_vec();
     a.extend_from_slice(&[0x40, 99, 1, 5]);
     let e = Message::decode(&update_bytes(&[], &a, &[]), &EBGP).unwrap_err();
-    assert_eq!((e.code, e.subcode), (err::UPDATE, err::UPDATE_UNRECOGNIZED_WELL_KNOWN));
+    assert_eq!(
+        (e.code, e.subcode),
+        (err::UPDATE, err::UPDATE_UNRECOGNIZED_WELL_KNOWN)
+    );
     assert_eq!(e.data, vec![0x40, 99, 1, 5]);
 }
 
@@ -256,20 +295,30 @@ fn unknown_optional_transitive_is_passed_on_with_partial() {
 
 #[test]
 fn bad_nlri_is_invalid_network_field() {
-    let e = Message::decode(&update_bytes(&[], BASIC_ATTRS, &[33, 1, 2, 3, 4, 5]), &EBGP)
-        .unwrap_err();
-    assert_eq!((e.code, e.subcode), (err::UPDATE, err::UPDATE_INVALID_NETWORK));
+    let e =
+        Message::decode(&update_bytes(&[], BASIC_ATTRS, &[33, 1, 2, 3, 4, 5]), &EBGP).unwrap_err();
+    assert_eq!(
+        (e.code, e.subcode),
+        (err::UPDATE, err::UPDATE_INVALID_NETWORK)
+    );
 }
 
 #[test]
 fn two_octet_peer_gets_as_trans_and_as4_path() {
-    let ctx = Ctx { four_octet_as: false, ibgp: false };
+    let ctx = Ctx {
+        four_octet_as: false,
+        ibgp: false,
+    };
     let attrs = Attrs {
         as_path: AsPath::sequence(vec![4_200_000_001, 65001]),
         next_hop: Some("10.0.0.1".parse().unwrap()),
         ..Default::default()
     };
-    let u = Update { attrs: Some(attrs.clone()), nlri: vec!["10.9.0.0/16".parse().unwrap()], ..Default::default() };
+    let u = Update {
+        attrs: Some(attrs.clone()),
+        nlri: vec!["10.9.0.0/16".parse().unwrap()],
+        ..Default::default()
+    };
     let b = Message::Update(u).encode(&ctx);
     let back = decode_update(&b, &ctx);
     assert_eq!(back.attrs.unwrap().as_path, attrs.as_path);
@@ -294,24 +343,41 @@ fn ipv6_mp_reach_round_trips() {
 
 #[test]
 fn builder_packs_under_4096_octets() {
-    let attrs = Attrs { next_hop: Some("10.0.0.1".parse().unwrap()), local_pref: Some(100), ..Default::default() };
+    let attrs = Attrs {
+        next_hop: Some("10.0.0.1".parse().unwrap()),
+        local_pref: Some(100),
+        ..Default::default()
+    };
     let prefixes: Vec<Prefix> = (0..5000u32)
         .map(|i| Prefix::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), 24).unwrap())
         .collect();
     let msgs = UpdateBuilder::announce(&attrs, &prefixes, None, &IBGP);
     assert!(msgs.iter().all(|m| m.len() <= 4096));
-    let total: usize = msgs.iter().map(|m| decode_update(m, &IBGP).nlri.len()).sum();
+    let total: usize = msgs
+        .iter()
+        .map(|m| decode_update(m, &IBGP).nlri.len())
+        .sum();
     assert_eq!(total, 5000);
     assert!(msgs.len() <= 5, "{} messages", msgs.len());
     let w = UpdateBuilder::withdraw(&prefixes, &IBGP);
-    let total: usize = w.iter().map(|m| decode_update(m, &IBGP).withdrawn.len()).sum();
+    let total: usize = w
+        .iter()
+        .map(|m| decode_update(m, &IBGP).withdrawn.len())
+        .sum();
     assert_eq!(total, 5000);
 }
 
 #[test]
 fn notification_round_trips() {
-    let n = Notification { code: 6, subcode: 2, data: vec![1, 2] };
+    let n = Notification {
+        code: 6,
+        subcode: 2,
+        data: vec![1, 2],
+    };
     let b = Message::Notification(n.clone()).encode(&IBGP);
-    assert_eq!(Message::decode(&b, &IBGP).unwrap(), Message::Notification(n.clone()));
+    assert_eq!(
+        Message::decode(&b, &IBGP).unwrap(),
+        Message::Notification(n.clone())
+    );
     assert!(n.describe().contains("administrative shutdown"));
 }

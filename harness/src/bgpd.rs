@@ -147,7 +147,7 @@ impl Gobgp {
     /// True when neighbor `addr` is established.
     pub fn established(&self, addr: &str) -> bool {
         self.gobgp(&["neighbor", addr])
-            .map(|o| o.contains("BGP state = established"))
+            .map(|o| o.to_lowercase().contains("bgp state = established"))
             .unwrap_or(false)
     }
 

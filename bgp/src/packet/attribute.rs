@@ -8,11 +8,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::Ctx;
 use super::consts::{AFI_IPV4, AFI_IPV6, AS_TRANS, SAFI_UNICAST, attr, err, flag, seg};
 use super::error::DecodeError;
 use super::message::{MpReach, MpUnreach};
 use super::prefix::decode_prefixes;
-use super::Ctx;
 
 /// ORIGIN values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -139,7 +139,9 @@ impl AsPath {
     pub fn prepend(&self, asn: u32) -> Self {
         let mut p = self.clone();
         match p.segments.first_mut() {
-            Some(s) if s.kind == SegmentKind::Sequence && s.asns.len() < 255 => s.asns.insert(0, asn),
+            Some(s) if s.kind == SegmentKind::Sequence && s.asns.len() < 255 => {
+                s.asns.insert(0, asn)
+            }
             _ => p.segments.insert(
                 0,
                 Segment {
@@ -152,7 +154,9 @@ impl AsPath {
     }
 
     fn needs_as4(&self) -> bool {
-        self.segments.iter().any(|s| s.asns.iter().any(|&a| a > 0xffff))
+        self.segments
+            .iter()
+            .any(|s| s.asns.iter().any(|&a| a > 0xffff))
     }
 
     fn encode(&self, out: &mut Vec<u8>, four: bool) {
@@ -323,13 +327,18 @@ fn optional_error(reason: String) -> DecodeError {
 
 fn decode_mp_reach(v: &[u8]) -> Result<Option<MpReach>, DecodeError> {
     if v.len() < 5 {
-        return Err(optional_error(format!("MP_REACH_NLRI too short ({} octets)", v.len())));
+        return Err(optional_error(format!(
+            "MP_REACH_NLRI too short ({} octets)",
+            v.len()
+        )));
     }
     let afi = u16::from_be_bytes([v[0], v[1]]);
     let safi = v[2];
     let nh_len = v[3] as usize;
     if v.len() < 4 + nh_len + 1 {
-        return Err(optional_error("MP_REACH_NLRI next hop overruns the attribute".into()));
+        return Err(optional_error(
+            "MP_REACH_NLRI next hop overruns the attribute".into(),
+        ));
     }
     let Some(v6) = family(afi, safi) else {
         return Ok(None); // a family we did not negotiate: ignored (RFC 4760 §7)
@@ -360,7 +369,10 @@ fn decode_mp_reach(v: &[u8]) -> Result<Option<MpReach>, DecodeError> {
 
 fn decode_mp_unreach(v: &[u8]) -> Result<Option<MpUnreach>, DecodeError> {
     if v.len() < 3 {
-        return Err(optional_error(format!("MP_UNREACH_NLRI too short ({} octets)", v.len())));
+        return Err(optional_error(format!(
+            "MP_UNREACH_NLRI too short ({} octets)",
+            v.len()
+        )));
     }
     let afi = u16::from_be_bytes([v[0], v[1]]);
     let safi = v[2];
@@ -405,7 +417,10 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
         };
         if buf.len() < hdr + len {
             // RFC 7606 §4: an attribute running past the section.
-            withdraw(&mut d, format!("attribute {code} length {len} overruns the attribute list"));
+            withdraw(
+                &mut d,
+                format!("attribute {code} length {len} overruns the attribute list"),
+            );
             break;
         }
         let v = &buf[hdr..hdr + len];
@@ -611,7 +626,9 @@ pub(crate) fn encode_attrs(
     if let Some(med) = a.med {
         put_attr(out, on, attr::MED, &med.to_be_bytes());
     }
-    if ctx.ibgp && let Some(lp) = a.local_pref {
+    if ctx.ibgp
+        && let Some(lp) = a.local_pref
+    {
         put_attr(out, wk, attr::LOCAL_PREF, &lp.to_be_bytes());
     }
     if a.atomic_aggregate {
@@ -671,6 +688,12 @@ pub(crate) fn encode_attrs(
     }
 }
 
+/// Writes an MP_REACH/MP_UNREACH attribute on its own (UPDATEs whose only
+/// attributes are multiprotocol ones: withdrawals and End-of-RIB).
+pub(crate) fn put_mp(out: &mut Vec<u8>, code: u8, value: &[u8]) {
+    put_attr(out, flag::OPTIONAL, code, value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,7 +704,10 @@ mod tests {
         let two = AsPath::sequence(vec![65001, 23456, 23456]);
         let four = AsPath::sequence(vec![4_200_000_001, 4_200_000_002]);
         let merged = two.merge_as4(four);
-        assert_eq!(merged.segments.concat_asns(), vec![65001, 4_200_000_001, 4_200_000_002]);
+        assert_eq!(
+            merged.segments.concat_asns(),
+            vec![65001, 4_200_000_001, 4_200_000_002]
+        );
     }
 
     #[test]
@@ -695,8 +721,14 @@ mod tests {
     fn hop_count_and_prepend() {
         let p = AsPath {
             segments: vec![
-                Segment { kind: SegmentKind::Sequence, asns: vec![1, 2] },
-                Segment { kind: SegmentKind::Set, asns: vec![3, 4, 5] },
+                Segment {
+                    kind: SegmentKind::Sequence,
+                    asns: vec![1, 2],
+                },
+                Segment {
+                    kind: SegmentKind::Set,
+                    asns: vec![3, 4, 5],
+                },
             ],
         };
         assert_eq!(p.hop_count(), 3);
@@ -713,10 +745,4 @@ mod tests {
             self.iter().flat_map(|s| s.asns.clone()).collect()
         }
     }
-}
-
-/// Writes an MP_REACH/MP_UNREACH attribute on its own (UPDATEs whose only
-/// attributes are multiprotocol ones: withdrawals and End-of-RIB).
-pub(crate) fn put_mp(out: &mut Vec<u8>, code: u8, value: &[u8]) {
-    put_attr(out, flag::OPTIONAL, code, value);
 }

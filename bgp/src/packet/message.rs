@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use super::Ctx;
 use super::attribute::{Attrs, decode_attrs, encode_attrs};
 use super::consts::{
     AFI_IPV4, AFI_IPV6, AS_TRANS, BGP_VERSION, HEADER_LEN, MAX_MSG_LEN, SAFI_UNICAST, attr, cap,
@@ -11,9 +12,11 @@ use super::consts::{
 };
 use super::error::DecodeError;
 use super::prefix::{Prefix, decode_prefixes};
-use super::Ctx;
 
 /// A BGP message.
+// UPDATE is the hot, large variant; boxing it would cost an allocation per
+// message for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// OPEN.
@@ -459,8 +462,17 @@ fn decode_capabilities(mut v: &[u8], out: &mut Vec<Capability>) -> Result<(), De
                         .collect(),
                 })
             }
-            (cap::MULTIPROTOCOL | cap::ROUTE_REFRESH | cap::FOUR_OCTET_AS | cap::GRACEFUL_RESTART, _) => {
-                return Err(open_err(0, format!("capability {code} has bad length {len}")));
+            (
+                cap::MULTIPROTOCOL
+                | cap::ROUTE_REFRESH
+                | cap::FOUR_OCTET_AS
+                | cap::GRACEFUL_RESTART,
+                _,
+            ) => {
+                return Err(open_err(
+                    0,
+                    format!("capability {code} has bad length {len}"),
+                ));
             }
             _ => Capability::Unknown {
                 code,
@@ -474,7 +486,11 @@ fn decode_capabilities(mut v: &[u8], out: &mut Vec<Capability>) -> Result<(), De
 
 fn encode_open(o: &Open, out: &mut Vec<u8>) {
     out.push(BGP_VERSION);
-    let my_as = if o.asn > 0xffff { AS_TRANS } else { o.asn as u16 };
+    let my_as = if o.asn > 0xffff {
+        AS_TRANS
+    } else {
+        o.asn as u16
+    };
     out.extend_from_slice(&my_as.to_be_bytes());
     out.extend_from_slice(&o.hold_time.to_be_bytes());
     out.extend_from_slice(&o.router_id.octets());
@@ -719,7 +735,11 @@ impl UpdateBuilder {
     }
 }
 
-fn pack(prefixes: &[Prefix], base: usize, mut enc: impl FnMut(&[Prefix]) -> Vec<u8>) -> Vec<Vec<u8>> {
+fn pack(
+    prefixes: &[Prefix],
+    base: usize,
+    mut enc: impl FnMut(&[Prefix]) -> Vec<u8>,
+) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut size = base;

@@ -16,9 +16,8 @@ pub mod prefix;
 pub use attribute::{AsPath, Attrs, Origin, RawAttr, Segment, SegmentKind};
 pub use error::DecodeError;
 pub use message::{
-    UpdateBuilder,
     Capability, GracefulRestartCap, Message, MpReach, MpUnreach, Notification, Open, RouteRefresh,
-    Update, frame_len,
+    Update, UpdateBuilder, frame_len,
 };
 pub use prefix::Prefix;
 
