@@ -133,7 +133,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         );
     }
     State::clear();
-    std::fs::create_dir_all(state::DIR)?;
+    std::fs::create_dir_all(state::dir())?;
     let log = std::fs::File::create(state::log_path())?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("supervise")
@@ -223,25 +223,36 @@ fn print_status(s: &State, json: bool) -> anyhow::Result<()> {
         value_name(s.args.encap),
         value_name(s.args.tor)
     );
-    println!("{:<10} {:<22} {:<16} ROUTES", "NODE", "NETNS", "ADDRESS");
+    println!(
+        "{:<10} {:<22} {:<16} {:<16} ROUTES",
+        "NODE", "NETNS", "ADDRESS", "BLOCK"
+    );
     for n in &s.nodes {
         let routes = Command::new("ip")
             .args(["-n", &n.netns, "-4", "route", "show"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
             .unwrap_or(0);
-        println!("{:<10} {:<22} {:<16} {routes}", n.name, n.netns, n.v4);
+        println!(
+            "{:<10} {:<22} {:<16} {:<16} {routes}",
+            n.name, n.netns, n.v4, n.block
+        );
     }
     Ok(())
 }
 
 fn run_check(s: &State) -> anyhow::Result<ExitCode> {
+    // Every node's stand-in pod address, pinged from every node's pod
+    // address: both directions follow the BGP-learned block routes. The
+    // ToR column checks that the router reaches every node's pod address.
     let mut targets: Vec<(String, String)> = s
         .nodes
         .iter()
-        .map(|n| (n.name.clone(), n.v4.clone()))
+        .map(|n| (n.name.clone(), n.pod_v4.clone()))
         .collect();
-    targets.push(("tor".into(), s.tor_v4.clone()));
+    if s.args.tor != Tor::None {
+        targets.push(("tor".into(), s.tor_v4.clone()));
+    }
     let mut failures = 0;
     print!("{:<10}", "from\\to");
     for (name, _) in &targets {
@@ -252,7 +263,9 @@ fn run_check(s: &State) -> anyhow::Result<ExitCode> {
         print!("{:<10}", n.name);
         for (_, addr) in &targets {
             let ok = Command::new("ip")
-                .args(["netns", "exec", &n.netns, "ping", "-c1", "-W1", "-q", addr])
+                .args([
+                    "netns", "exec", &n.netns, "ping", "-c1", "-W1", "-q", "-I", &n.pod_v4, addr,
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()

@@ -6,8 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::UpArgs;
 
-/// Where the running lab keeps its state, log and kubeconfig.
-pub const DIR: &str = "/run/margay-lab";
+/// Where the running lab keeps its state, log and kubeconfig:
+/// `$MARGAY_LAB_DIR`, default `/run/margay-lab`.
+pub fn dir() -> PathBuf {
+    std::env::var_os("MARGAY_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/margay-lab"))
+}
 
 /// A node of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,6 +25,10 @@ pub struct NodeState {
     pub v4: String,
     /// Fabric IPv6 address.
     pub v6: String,
+    /// The /26 block the node originates.
+    pub block: String,
+    /// The node's stand-in pod address inside its block.
+    pub pod_v4: String,
 }
 
 /// Everything `up` built.
@@ -42,12 +51,12 @@ pub struct State {
 }
 
 fn path() -> PathBuf {
-    Path::new(DIR).join("state.json")
+    dir().join("state.json")
 }
 
 /// The supervisor's log.
 pub fn log_path() -> PathBuf {
-    Path::new(DIR).join("lab.log")
+    dir().join("lab.log")
 }
 
 impl State {
@@ -67,7 +76,7 @@ impl State {
 
     /// Writes the state atomically (temp file + rename).
     pub fn save(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(DIR)?;
+        std::fs::create_dir_all(dir())?;
         let tmp = path().with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(tmp, path())?;

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{Api, PostParams};
 use margay_harness::bgpd::{Bird, Frr, Gobgp};
 use margay_harness::kube::ApiServer;
-use margay_harness::{Fabric, Node};
+use margay_harness::{Daemon, Fabric, Node, names, wait};
 
 use crate::state::{NodeState, State};
 use crate::{Tor, UpArgs};
@@ -56,6 +56,59 @@ fn start_tor(fabric: &Fabric, tor: Tor) -> anyhow::Result<Option<Router>> {
     })
 }
 
+/// The node's block: node N originates 10.244.N.0/26 and holds a stand-in
+/// pod address 10.244.N.1 until the agent and CNI plugin exist.
+pub fn node_block(index: u8) -> (String, String) {
+    (format!("10.244.{index}.0/26"), format!("10.244.{index}.1"))
+}
+
+/// Starts `margay-bgp` in a node: iBGP full mesh with the other nodes (the
+/// higher index of each pair connects, the lower one listens), eBGP with
+/// the ToR, importing only pool routes.
+fn start_speaker(
+    node: &Node,
+    all: &[u8],
+    tor: bool,
+    dir: &std::path::Path,
+) -> anyhow::Result<Daemon> {
+    let bin = std::env::current_exe()?.with_file_name("margay-bgp");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it with `cargo build --release -p margay-bgp`",
+        bin.display()
+    );
+    let (block, pod) = node_block(node.index);
+    node.ns.ip(&["route", "replace", "blackhole", &block])?;
+    node.ns
+        .ip(&["addr", "add", &format!("{pod}/32"), "dev", "lo"])?;
+    let mut conf = format!(
+        "asn = 64512
+router_id = \"{}\"\ncontrol_socket = \"{}\"\nimport_prefixes = [\"10.244.0.0/16\"]\n[[originate]]\nprefix = \"{block}\"\n",
+        node.v4,
+        dir.join(format!("bgp-node{}.sock", node.index)).display()
+    );
+    for &j in all.iter().filter(|&&j| j != node.index) {
+        conf.push_str(&format!(
+            "[[neighbor]]\naddress = \"10.99.0.{j}\"\nasn = 64512\nhold_time = 9\npassive = {}\n",
+            node.index < j
+        ));
+    }
+    if tor {
+        conf.push_str(&format!(
+            "[[neighbor]]\naddress = \"10.99.0.254\"\nasn = {TOR_ASN}\nhold_time = 9\n"
+        ));
+    }
+    let path = dir.join(format!("bgp-node{}.toml", node.index));
+    std::fs::write(&path, conf)?;
+    let mut cmd = node.ns.cmd(bin);
+    cmd.arg("--config").arg(&path);
+    Ok(Daemon::spawn(
+        "margay-bgp",
+        cmd,
+        &dir.join(format!("bgp-node{}.log", node.index)),
+    )?)
+}
+
 /// Builds the lab, publishes `state.json`, waits for SIGTERM/SIGINT, tears down.
 pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt().with_target(false).init();
@@ -65,7 +118,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         tracing::info!(?args, "starting lab");
         let api = ApiServer::start().await.context("kube-apiserver")?;
-        let kubeconfig = std::path::Path::new(crate::state::DIR).join("kubeconfig");
+        let kubeconfig = crate::state::dir().join("kubeconfig");
         std::fs::copy(api.kubeconfig(), &kubeconfig)?;
         let client = api.client().await?;
         let fabric = Fabric::new().context("fabric")?;
@@ -82,6 +135,43 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             nodes.push((name, node));
         }
         let _tor = start_tor(&fabric, args.tor).context("top-of-rack router")?;
+        let work = names::temp_dir("lab")?;
+        let indexes: Vec<u8> = nodes.iter().map(|(_, n)| n.index).collect();
+        let mut speakers = Vec::new();
+        for (_, n) in &nodes {
+            speakers.push(start_speaker(
+                n,
+                &indexes,
+                args.tor != Tor::None,
+                work.path(),
+            )?);
+        }
+        // Ready when every node's kernel holds every other node's block.
+        wait::until_async(
+            "routes to every block on every node",
+            std::time::Duration::from_secs(120),
+            std::time::Duration::from_millis(200),
+            || {
+                let nodes = &nodes;
+                let indexes = &indexes;
+                async move {
+                    for (name, n) in nodes {
+                        let routes = n.routes_v4().map_err(|e| e.to_string())?;
+                        for &j in indexes.iter().filter(|&&j| j != n.index) {
+                            let (block, _) = node_block(j);
+                            if !routes
+                                .lines()
+                                .any(|l| l.starts_with(&block) && !l.starts_with("blackhole"))
+                            {
+                                return Err(format!("{name} has no route to {block}"));
+                            }
+                        }
+                    }
+                    Ok(Some(()))
+                }
+            },
+        )
+        .await?;
         let state = State {
             supervisor_pid: std::process::id(),
             args: args.clone(),
@@ -96,6 +186,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                     netns: n.ns.name().to_owned(),
                     v4: n.v4.to_string(),
                     v6: n.v6.to_string(),
+                    block: node_block(n.index).0,
+                    pod_v4: node_block(n.index).1,
                 })
                 .collect(),
         };
