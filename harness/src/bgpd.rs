@@ -23,6 +23,19 @@ fn prepare(hint: &str, file: &str, conf: &str) -> Result<(tempfile::TempDir, Pat
     Ok((dir, path))
 }
 
+/// Waits until `path` exists, failing early (with the log) if `daemon` exits.
+fn wait_for_path(daemon: &mut Daemon, path: &Path, what: &str) -> Result<()> {
+    wait::until(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            daemon.ensure_running().map_err(|e| e.to_string())?;
+            Ok(path.exists().then_some(()))
+        },
+    )
+}
+
 /// BIRD 2 (`bird -f`), queried through `birdc`.
 #[derive(Debug)]
 pub struct Bird {
@@ -39,15 +52,7 @@ impl Bird {
         let mut cmd = ns.cmd(paths::system("bird")?);
         cmd.arg("-f").arg("-c").arg(&conf_path).arg("-s").arg(&ctl);
         let mut daemon = Daemon::spawn("bird", cmd, &dir.path().join("bird.log"))?;
-        wait::until(
-            "bird control socket",
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            || {
-                daemon.ensure_running().map_err(|e| e.to_string())?;
-                Ok(ctl.exists().then_some(()))
-            },
-        )?;
+        wait_for_path(&mut daemon, &ctl, "bird control socket")?;
         Ok(Self { daemon, ctl, dir })
     }
 
@@ -196,15 +201,7 @@ impl Frr {
             common(&mut c, "zebra.pid");
             let mut z = Daemon::spawn("zebra", c, &d.join("zebra.log"))?;
             let api = d.join("zserv.api");
-            wait::until(
-                "zebra socket",
-                Duration::from_secs(10),
-                Duration::from_millis(20),
-                || {
-                    z.ensure_running().map_err(|e| e.to_string())?;
-                    Ok(api.exists().then_some(()))
-                },
-            )?;
+            wait_for_path(&mut z, &api, "zebra socket")?;
             Some(z)
         } else {
             None
@@ -217,15 +214,7 @@ impl Frr {
         }
         let mut bgpd = Daemon::spawn("bgpd", c, &d.join("bgpd.log"))?;
         let vty = d.join("bgpd.vty");
-        wait::until(
-            "bgpd vty socket",
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            || {
-                bgpd.ensure_running().map_err(|e| e.to_string())?;
-                Ok(vty.exists().then_some(()))
-            },
-        )?;
+        wait_for_path(&mut bgpd, &vty, "bgpd vty socket")?;
         Ok(Self {
             bgpd,
             zebra: zebra_d,
