@@ -97,6 +97,10 @@ pub struct Neighbor {
     /// Set ourselves as next hop on iBGP exports.
     #[serde(default)]
     pub next_hop_self: bool,
+    /// GTSM (RFC 5082): the peer is at most this many hops away; we send
+    /// with TTL 255 and drop packets with a lower TTL than 255 - hops.
+    #[serde(default)]
+    pub ttl_security: Option<u8>,
 }
 
 fn default_port() -> u16 {
@@ -175,6 +179,9 @@ impl Config {
                 .is_some_and(|p| p.is_empty() || p.len() > 80)
             {
                 return bad(format!("{at}: password must be 1 to 80 characters"));
+            }
+            if n.ttl_security.is_some_and(|h| h == 0 || h > 254) {
+                return bad(format!("{at}: ttl_security must be 1 to 254 hops"));
             }
             if n.route_reflector_client && n.asn != self.asn {
                 return bad(format!("{at}: route_reflector_client needs an iBGP peer"));

@@ -12,7 +12,9 @@ pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod kernel;
+pub mod net;
 pub mod packet;
+mod peer;
 pub mod rib;
 pub mod speaker;
 

@@ -13,22 +13,25 @@ const POLL: Duration = Duration::from_millis(200);
 struct Margay {
     daemon: Daemon,
     sock: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Margay {
     fn start(node: &Node, conf: &str) -> Margay {
         let dir = names::temp_dir("mbgp").unwrap();
-        let sock = dir.path().join("ctl.sock");
-        let conf_path = dir.path().join("bgp.toml");
-        std::fs::write(
-            &conf_path,
-            format!("control_socket = \"{}\"\n{conf}", sock.display()),
-        )
-        .unwrap();
+        let (daemon, sock) = Self::spawn(node, dir.path(), conf);
+        Margay { daemon, sock, dir }
+    }
+
+    fn spawn(node: &Node, dir: &std::path::Path, conf: &str) -> (Daemon, std::path::PathBuf) {
+        let sock = dir.join("ctl.sock");
+        let conf_path = dir.join("bgp.toml");
+        let text = format!("control_socket = \"{}\"\n{conf}", sock.display());
+        std::fs::write(&conf_path, text).unwrap();
+        let _ = std::fs::remove_file(&sock);
         let mut cmd = node.ns.cmd(env!("CARGO_BIN_EXE_margay-bgp"));
         cmd.arg("--config").arg(&conf_path).env("RUST_LOG", "debug");
-        let mut daemon = Daemon::spawn("margay-bgp", cmd, &dir.path().join("log")).unwrap();
+        let mut daemon = Daemon::spawn("margay-bgp", cmd, &dir.join("log")).unwrap();
         wait::until(
             "margay-bgp control socket",
             T,
@@ -39,11 +42,15 @@ impl Margay {
             },
         )
         .unwrap();
-        Margay {
-            daemon,
-            sock,
-            _dir: dir,
-        }
+        (daemon, sock)
+    }
+
+    /// kill -9, then start again with `conf` (same directory and log).
+    fn crash_and_restart(&mut self, node: &Node, conf: &str) {
+        self.daemon.kill9();
+        let (d, s) = Self::spawn(node, self.dir.path(), conf);
+        self.daemon = d;
+        self.sock = s;
     }
 
     fn show(&self, what: &str) -> serde_json::Value {
@@ -219,5 +226,303 @@ fn bad_config_exits_with_a_clear_message() {
     assert!(
         err.contains("neighbor[0]") && err.contains("hold_time"),
         "{err}"
+    );
+}
+
+fn bird_conf(
+    me: &str,
+    peer: &str,
+    peer_as: u32,
+    my_as: u32,
+    extra_bgp: &str,
+    blocks: &[&str],
+) -> String {
+    let routes: String = blocks
+        .iter()
+        .map(|b| format!("route {b} blackhole; "))
+        .collect();
+    format!(
+        r#"log stderr all;
+router id {me};
+protocol device {{}}
+protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; }}
+protocol static blocks {{ ipv4; {routes} }}
+protocol bgp m {{
+  local {me} as {my_as}; neighbor {peer} as {peer_as}; direct;
+  hold time 9; keepalive time 3; {extra_bgp}
+  ipv4 {{ import all; export where proto = "blocks"; next hop self; }};
+}}
+"#
+    )
+}
+
+fn margay_conf(peer_extra: &str, originate: &[&str]) -> String {
+    let mut c = format!(
+        "asn = 64512\nrouter_id = \"10.99.0.1\"\nrestart_time = 30\n[[neighbor]]\naddress = \"10.99.0.2\"\nasn = 64512\nhold_time = 9\n{peer_extra}\n"
+    );
+    for p in originate {
+        c.push_str(&format!("[[originate]]\nprefix = \"{p}\"\n"));
+    }
+    c
+}
+
+fn absent(node: &Node, prefix: &str) -> bool {
+    node.ns
+        .ip(&["route", "show", prefix])
+        .map(|r| r.trim().is_empty())
+        .unwrap_or(false)
+}
+
+#[test]
+fn md5_with_bird_right_password_establishes_wrong_never() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("bird").unwrap();
+    let margay = Margay::start(
+        &a,
+        &margay_conf("password = \"s3cret\"", &["10.244.1.0/26"]),
+    );
+    let mut bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "password \"wrong\";",
+            &["10.244.2.0/26"],
+        ),
+    )
+    .unwrap();
+    // For a while, in both directions (each side connects), nothing comes up.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        !bird.established("m"),
+        "{:?}",
+        bird.birdc("show protocols all m")
+    );
+    assert!(!margay.established("10.99.0.2"));
+    assert!(absent(&a, "10.244.2.0/26"));
+    drop(bird);
+    bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "password \"s3cret\";",
+            &["10.244.2.0/26"],
+        ),
+    )
+    .unwrap();
+    wait::until("MD5 session up", T, POLL, || {
+        Ok((bird.established("m") && margay.established("10.99.0.2")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", margay.daemon.log_tail(30)));
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+}
+
+#[test]
+fn md5_with_frr() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("frr").unwrap();
+    let margay = Margay::start(
+        &a,
+        &margay_conf("password = \"frrkey\"", &["10.244.1.0/26"]),
+    );
+    let frr = margay_harness::bgpd::Frr::start(
+        &b.ns,
+        r#"frr defaults traditional
+hostname frrB
+router bgp 64512
+ bgp router-id 10.99.0.2
+ no bgp network import-check
+ neighbor 10.99.0.1 remote-as 64512
+ neighbor 10.99.0.1 password frrkey
+ neighbor 10.99.0.1 timers 3 9
+ address-family ipv4 unicast
+  network 10.244.2.0/26
+ exit-address-family
+!
+"#,
+        true,
+    )
+    .unwrap();
+    wait::until("MD5 session with FRR", T, POLL, || {
+        Ok(margay.established("10.99.0.2").then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{:?}\n{}",
+            frr.vtysh("show bgp summary"),
+            margay.daemon.log_tail(30)
+        )
+    });
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+    let r = kernel_route(&b, "10.244.1.0/26").unwrap();
+    assert!(r.contains("via 10.99.0.1"), "{r}");
+}
+
+#[test]
+fn two_active_margay_speakers_resolve_the_collision() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m1").unwrap();
+    let b = fabric.add_node("m2").unwrap();
+    let conf = |me: &str, peer: &str, block: &str| {
+        format!(
+            "asn = 64512\nrouter_id = \"{me}\"\n[[neighbor]]\naddress = \"{peer}\"\nasn = 64512\nhold_time = 9\n[[originate]]\nprefix = \"{block}\"\n"
+        )
+    };
+    let m1 = Margay::start(&a, &conf("10.99.0.1", "10.99.0.2", "10.244.1.0/26"));
+    let m2 = Margay::start(&b, &conf("10.99.0.2", "10.99.0.1", "10.244.2.0/26"));
+    wait::until("both up", T, POLL, || {
+        Ok((m1.established("10.99.0.2") && m2.established("10.99.0.1")).then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            m1.daemon.log_tail(30),
+            m2.daemon.log_tail(30)
+        )
+    });
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+    kernel_route(&b, "10.244.1.0/26").unwrap();
+    // One session survives and stays up: exactly one TCP connection on 179.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(m1.established("10.99.0.2") && m2.established("10.99.0.1"));
+    let ss =
+        a.ns.exec(
+            "ss",
+            &[
+                "-Htn",
+                "state",
+                "established",
+                "( sport = :179 or dport = :179 )",
+            ],
+        )
+        .unwrap();
+    assert_eq!(ss.lines().count(), 1, "{ss}");
+}
+
+#[test]
+fn graceful_restart_of_bird_keeps_routes_stale_then_refreshes() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("bird").unwrap();
+    let margay = Margay::start(&a, &margay_conf("", &["10.244.1.0/26"]));
+    let gr = "graceful restart on; graceful restart time 30;";
+    let mut bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            gr,
+            &["10.244.2.0/26", "10.244.3.0/26"],
+        ),
+    )
+    .unwrap();
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+    kernel_route(&a, "10.244.3.0/26").unwrap();
+    bird.daemon().kill9();
+    // The routes stay in margay's kernel while BIRD is away.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!absent(&a, "10.244.2.0/26") && !absent(&a, "10.244.3.0/26"));
+    let routes = margay.show("routes");
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["prefix"] == "10.244.2.0/26" && r["stale"] == true),
+        "{routes}"
+    );
+    // BIRD comes back announcing only one of the two: after its End-of-RIB
+    // the other is gone, the kept one never left.
+    let bird2 = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            gr,
+            &["10.244.2.0/26"],
+        ),
+    )
+    .unwrap();
+    wait::until("stale route flushed after End-of-RIB", T, POLL, || {
+        Ok(absent(&a, "10.244.3.0/26").then_some(()))
+    })
+    .unwrap();
+    assert!(!absent(&a, "10.244.2.0/26"));
+    assert!(bird2.established("m"));
+    let routes = margay.show("routes");
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["stale"] == false),
+        "{routes}"
+    );
+}
+
+#[test]
+fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("bird").unwrap();
+    let mut margay = Margay::start(&a, &margay_conf("", &["10.244.1.0/26", "10.244.4.0/26"]));
+    let bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "graceful restart on;",
+            &["10.244.2.0/26"],
+        ),
+    )
+    .unwrap();
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+    kernel_route(&b, "10.244.1.0/26").unwrap();
+    kernel_route(&b, "10.244.4.0/26").unwrap();
+    // kill -9 and restart without 10.244.4.0/26: while it is down and
+    // while it comes back, neither kernel loses a route it still needs.
+    let watch_a = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let mut gaps = 0;
+            for _ in 0..40 {
+                if absent(&a, "10.244.2.0/26") || absent(&b, "10.244.1.0/26") {
+                    gaps += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            gaps
+        });
+        margay.crash_and_restart(&a, &margay_conf("", &["10.244.1.0/26"]));
+        h.join().unwrap()
+    });
+    assert_eq!(watch_a, 0, "a route disappeared during the restart");
+    wait::until("session back", T, POLL, || {
+        Ok(margay.established("10.99.0.2").then_some(()))
+    })
+    .unwrap();
+    // The prefix no longer originated is withdrawn once margay is back.
+    wait::until("old block withdrawn at BIRD", T, POLL, || {
+        Ok(absent(&b, "10.244.4.0/26").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{:?}", bird.birdc("show route all")));
+    assert!(!absent(&a, "10.244.2.0/26"));
+    let r = a.ns.ip(&["route", "show", "proto", "77"]).unwrap();
+    assert_eq!(
+        r.lines().filter(|l| l.starts_with("10.244.2.0/26")).count(),
+        1,
+        "{r}"
     );
 }

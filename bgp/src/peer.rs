@@ -1,0 +1,583 @@
+//! One task per peer: owns the peer's TCP connection(s), runs the session
+//! FSM and carries out its actions.
+//!
+//! A peer has a main [`Link`] and, while a connection collision is being
+//! resolved (RFC 4271 §6.8), a second one. Each link is a connection with
+//! its own [`Session`] and timers. When both have received the peer's OPEN,
+//! [`resolve_collision`] picks the survivor and the other is closed with
+//! Cease/"connection collision resolution"; a link that reaches Established
+//! first wins outright. A new connection from a peer whose session is
+//! Established replaces it when graceful restart was negotiated (RFC 4724
+//! §4: the peer restarted); otherwise it is refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch};
+
+use crate::fsm::{
+    Action, DownReason, Event, Keep, Negotiated, Session, State, Timer, resolve_collision,
+};
+use crate::packet::consts::err;
+use crate::packet::{DecodeError, Message, Update, frame_len};
+use crate::rib::PeerId;
+use crate::speaker::PeerStatus;
+
+/// What a peer task tells the RIB task.
+#[allow(clippy::large_enum_variant)] // UPDATEs by value, the common case
+#[derive(Debug)]
+pub(crate) enum PeerEvent {
+    /// Established; UPDATEs for the peer go into `out`.
+    Up {
+        id: PeerId,
+        neg: Box<Negotiated>,
+        local: IpAddr,
+        out: mpsc::UnboundedSender<Vec<u8>>,
+    },
+    /// An UPDATE arrived.
+    Update { id: PeerId, update: Update },
+    /// The session left Established; `keep_stale` is the restart time to
+    /// keep the peer's routes for (graceful restart), if any.
+    Down { id: PeerId, keep_stale: Option<u16> },
+    /// The peer sent ROUTE-REFRESH.
+    Refresh { id: PeerId },
+}
+
+/// Per-peer connection parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Transport {
+    pub addr: SocketAddr,
+    pub password: Option<String>,
+    pub gtsm_hops: Option<u8>,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+struct Conn {
+    writer: OwnedWriteHalf,
+    frames: mpsc::Receiver<Result<Vec<u8>, DecodeError>>,
+    reader: tokio::task::JoinHandle<()>,
+    local: IpAddr,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Splits a connection; a reader task frames messages (RFC 4271 §4.1) and
+/// hands them over one by one.
+fn open_conn(stream: TcpStream) -> Option<Conn> {
+    let local = crate::speaker::canonical(stream.local_addr().ok()?.ip());
+    let _ = stream.set_nodelay(true);
+    let (mut r, writer) = stream.into_split();
+    let (ftx, frames) = mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        let mut buf: Vec<u8> = Vec::with_capacity(65536);
+        let mut chunk = vec![0u8; 65536];
+        let mut start = 0;
+        loop {
+            loop {
+                match frame_len(&buf[start..]) {
+                    Ok(Some(n)) if buf.len() - start >= n => {
+                        let f = buf[start..start + n].to_vec();
+                        start += n;
+                        if ftx.send(Ok(f)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        let _ = ftx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            buf.drain(..start);
+            start = 0;
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => return, // the channel closes: connection lost
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    Some(Conn {
+        writer,
+        frames,
+        reader,
+        local,
+    })
+}
+
+/// A connection with its own session state machine and timers.
+struct Link {
+    session: Session,
+    conn: Option<Conn>,
+    connecting: Option<Connecting>,
+    timers: HashMap<Timer, tokio::time::Instant>,
+}
+
+impl Link {
+    fn new(session: Session) -> Self {
+        Self {
+            session,
+            conn: None,
+            connecting: None,
+            timers: HashMap::new(),
+        }
+    }
+
+    fn state(&self) -> State {
+        self.session.state()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Main,
+    Alt,
+}
+
+enum Frame {
+    Bytes(Vec<u8>),
+    Bad(DecodeError),
+    Closed,
+}
+
+/// One wake-up of the peer task.
+enum Input {
+    Shutdown,
+    Incoming(TcpStream),
+    Frame(Which, Frame),
+    Connected(std::io::Result<TcpStream>),
+    Out(Vec<u8>),
+    Timer(Which, Timer),
+}
+
+fn frame_event(link: &Link, f: Frame) -> Event {
+    match f {
+        Frame::Closed => Event::TcpDown,
+        Frame::Bad(e) => Event::BadMessage(e),
+        Frame::Bytes(b) => {
+            let ctx = link.session.negotiated().map(|n| n.ctx).unwrap_or_default();
+            match Message::decode(&b, &ctx) {
+                Ok(m) => Event::Message(m),
+                Err(e) => Event::BadMessage(e),
+            }
+        }
+    }
+}
+
+async fn recv_frame(conn: Option<&mut Conn>) -> Frame {
+    match conn {
+        Some(c) => match c.frames.recv().await {
+            Some(Ok(f)) => Frame::Bytes(f),
+            Some(Err(e)) => Frame::Bad(e),
+            None => Frame::Closed,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn timer(timers: Option<&HashMap<Timer, tokio::time::Instant>>) -> Timer {
+    match timers.and_then(|t| t.iter().min_by_key(|(_, at)| **at).map(|(k, at)| (*k, *at))) {
+        Some((t, at)) => {
+            tokio::time::sleep_until(at).await;
+            t
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn connected(connecting: Option<&mut Connecting>) -> std::io::Result<TcpStream> {
+    match connecting {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    // 75-100% of d, so two speakers retrying in lockstep drift apart.
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d.mul_f64(0.75 + (n % 1000) as f64 / 4000.0)
+}
+
+/// The peer task.
+pub(crate) struct PeerTask {
+    pub id: PeerId,
+    pub transport: Transport,
+    pub session: Session,
+    pub events: mpsc::Sender<PeerEvent>,
+    pub status: Arc<Mutex<PeerStatus>>,
+    pub incoming: mpsc::Receiver<TcpStream>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// State of the task outside the links.
+struct Shared {
+    id: PeerId,
+    transport: Transport,
+    events: mpsc::Sender<PeerEvent>,
+    status: Arc<Mutex<PeerStatus>>,
+    out_rx: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    /// What the Established main link negotiated (kept for its Down).
+    neg: Option<Negotiated>,
+}
+
+impl PeerTask {
+    pub(crate) async fn run(self) {
+        let PeerTask {
+            id,
+            transport,
+            session,
+            events,
+            status,
+            mut incoming,
+            mut shutdown,
+        } = self;
+        let template = session.clone();
+        let mut sh = Shared {
+            id,
+            transport,
+            events,
+            status,
+            out_rx: None,
+            neg: None,
+        };
+        let mut main = Link::new(session);
+        let mut alt: Option<Link> = None;
+        let mut queue: VecDeque<(Which, Event)> = VecDeque::from([(Which::Main, Event::Start)]);
+        let mut stopping = false;
+        loop {
+            while let Some((which, ev)) = queue.pop_front() {
+                let link = match which {
+                    Which::Main => &mut main,
+                    Which::Alt => match alt.as_mut() {
+                        Some(a) => a,
+                        None => continue,
+                    },
+                };
+                let actions = link.session.process(ev);
+                sh.execute(which, link, actions, &mut queue).await;
+                sh.resolve(&mut main, &mut alt, &mut queue).await;
+            }
+            sh.set_state(main.state());
+            if stopping {
+                return;
+            }
+            let (main_conn, main_timers, main_connecting) =
+                (main.conn.as_mut(), &main.timers, main.connecting.as_mut());
+            let (alt_conn, alt_timers) = match alt.as_mut() {
+                Some(Link { conn, timers, .. }) => (conn.as_mut(), Some(&*timers)),
+                None => (None, None),
+            };
+            let input = tokio::select! {
+                biased;
+                _ = shutdown.changed() => Input::Shutdown,
+                Some(s) = incoming.recv() => Input::Incoming(s),
+                f = recv_frame(main_conn) => Input::Frame(Which::Main, f),
+                f = recv_frame(alt_conn) => Input::Frame(Which::Alt, f),
+                r = connected(main_connecting) => Input::Connected(r),
+                Some(bytes) = async {
+                    match sh.out_rx.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Input::Out(bytes),
+                t = timer(Some(main_timers)) => Input::Timer(Which::Main, t),
+                t = timer(alt_timers) => Input::Timer(Which::Alt, t),
+            };
+            let ev = match input {
+                Input::Shutdown => {
+                    stopping = true;
+                    queue.push_back((Which::Main, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
+                    if alt.is_some() {
+                        queue.push_back((Which::Alt, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
+                    }
+                    continue;
+                }
+                Input::Incoming(s) => {
+                    sh.incoming(s, &mut main, &mut alt, &template, &mut queue);
+                    continue;
+                }
+                Input::Frame(Which::Main, f) => (Which::Main, frame_event(&main, f)),
+                Input::Frame(Which::Alt, f) => match alt.as_ref() {
+                    Some(a) => (Which::Alt, frame_event(a, f)),
+                    None => continue,
+                },
+                Input::Connected(r) => {
+                    main.connecting = None;
+                    match r.ok().and_then(open_conn) {
+                        Some(c) => {
+                            main.conn = Some(c);
+                            (Which::Main, Event::TcpUp)
+                        }
+                        None => (Which::Main, Event::TcpDown),
+                    }
+                }
+                Input::Out(bytes) => {
+                    let Some(c) = main.conn.as_mut() else {
+                        continue;
+                    };
+                    if c.writer.write_all(&bytes).await.is_ok() {
+                        continue;
+                    }
+                    (Which::Main, Event::TcpDown)
+                }
+                Input::Timer(w, t) => {
+                    let link = match w {
+                        Which::Main => Some(&mut main),
+                        Which::Alt => alt.as_mut(),
+                    };
+                    match link {
+                        Some(l) => {
+                            l.timers.remove(&t);
+                            (w, Event::Timer(t))
+                        }
+                        None => continue,
+                    }
+                }
+            };
+            queue.push_back(ev);
+        }
+    }
+}
+
+impl Shared {
+    fn set_state(&self, s: State) {
+        let mut st = self.status.lock().expect("status");
+        if st.state != s {
+            st.state = s;
+            st.since = Some(Instant::now());
+        }
+    }
+
+    fn adopt(link: &mut Link, s: TcpStream, gtsm: Option<u8>) -> Event {
+        if let Some(h) = gtsm
+            && let Err(e) =
+                crate::net::set_gtsm(&s, s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false), h)
+        {
+            tracing::warn!("cannot set GTSM on an incoming connection: {e}");
+        }
+        link.connecting = None;
+        link.conn = open_conn(s);
+        if link.conn.is_some() {
+            Event::TcpUp
+        } else {
+            Event::TcpDown
+        }
+    }
+
+    /// A connection the listener accepted from this peer's address.
+    fn incoming(
+        &mut self,
+        s: TcpStream,
+        main: &mut Link,
+        alt: &mut Option<Link>,
+        template: &Session,
+        queue: &mut VecDeque<(Which, Event)>,
+    ) {
+        let gtsm = self.transport.gtsm_hops;
+        match main.state() {
+            State::Idle => {} // stopped: refuse
+            State::Active => queue.push_back((Which::Main, Self::adopt(main, s, gtsm))),
+            State::Connect | State::OpenSent | State::OpenConfirm if alt.is_none() => {
+                // Both directions proceed; the collision is resolved once
+                // the OPENs are in.
+                let mut l = Link::new(template.clone());
+                l.session.process(Event::Start);
+                let ev = Self::adopt(&mut l, s, gtsm);
+                *alt = Some(l);
+                queue.push_back((Which::Alt, ev));
+            }
+            State::Established if self.neg.as_ref().is_some_and(|n| n.peer_gr.is_some()) => {
+                tracing::info!(peer = %self.transport.addr.ip(), "peer restarted: its new connection replaces the session");
+                queue.push_back((Which::Main, Event::TcpDown));
+                main.connecting = None;
+                // Adopted once the Down has been carried out (state Active).
+                let mut l = Link::new(template.clone());
+                l.session.process(Event::Start);
+                let ev = Self::adopt(&mut l, s, gtsm);
+                *alt = Some(l);
+                queue.push_back((Which::Alt, ev));
+            }
+            _ => tracing::info!(peer = %self.transport.addr.ip(), "extra connection refused"),
+        }
+    }
+
+    /// RFC 4271 §6.8 between the two links, if there are two.
+    async fn resolve(
+        &mut self,
+        main: &mut Link,
+        alt: &mut Option<Link>,
+        queue: &mut VecDeque<(Which, Event)>,
+    ) {
+        let Some(a) = alt.as_mut() else { return };
+        let (ms, as_) = (main.state(), a.state());
+        let close = |l: &mut Link| l.session.process(Event::Stop(err::CEASE_COLLISION));
+        // The alt link loses when it failed or main is already up.
+        let loser = if a.conn.is_none() || ms == State::Established {
+            Some(Which::Alt)
+        } else if as_ == State::Established || main.conn.is_none() {
+            Some(Which::Main)
+        } else if (ms, as_) == (State::OpenConfirm, State::OpenConfirm) {
+            let local = a.session.config().router_id;
+            let remote = a
+                .session
+                .negotiated()
+                .map(|n| n.peer_open.router_id)
+                .unwrap_or(local);
+            // The alt link is always the one the peer initiated.
+            Some(match resolve_collision(local, remote) {
+                Keep::Incoming => Which::Main,
+                Keep::Outgoing => Which::Alt,
+            })
+        } else {
+            None
+        };
+        match loser {
+            None => {}
+            Some(Which::Alt) => {
+                let mut a = alt.take().expect("alt");
+                if matches!(a.state(), State::OpenSent | State::OpenConfirm) {
+                    let acts = close(&mut a);
+                    self.execute(Which::Alt, &mut a, acts, queue).await;
+                }
+            }
+            Some(Which::Main) => {
+                if matches!(ms, State::OpenSent | State::OpenConfirm) {
+                    let acts = close(main);
+                    self.execute(Which::Main, main, acts, queue).await;
+                }
+                let mut a = alt.take().expect("alt");
+                std::mem::swap(main, &mut a);
+                // Events queued for the alt link now belong to main.
+                for (w, _) in queue.iter_mut() {
+                    if *w == Which::Alt {
+                        *w = Which::Main;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        which: Which,
+        link: &mut Link,
+        actions: Vec<Action>,
+        queue: &mut VecDeque<(Which, Event)>,
+    ) {
+        for a in actions {
+            match a {
+                Action::Connect => {
+                    let t = self.transport.clone();
+                    link.connecting = Some(Box::pin(async move {
+                        crate::net::connect(
+                            t.addr,
+                            t.password.as_deref(),
+                            t.gtsm_hops,
+                            Duration::from_secs(5),
+                        )
+                        .await
+                    }));
+                }
+                Action::Disconnect => {
+                    link.conn = None;
+                    link.connecting = None;
+                    if which == Which::Main {
+                        self.out_rx = None;
+                    }
+                }
+                Action::Send(m) => {
+                    let ctx = link.session.negotiated().map(|n| n.ctx).unwrap_or_default();
+                    if let Some(c) = link.conn.as_mut()
+                        && c.writer.write_all(&m.encode(&ctx)).await.is_err()
+                    {
+                        queue.push_back((which, Event::TcpDown));
+                    }
+                }
+                Action::SetTimer(t, d) => {
+                    let d = if t == Timer::ConnectRetry {
+                        jitter(d)
+                    } else {
+                        d
+                    };
+                    link.timers.insert(t, tokio::time::Instant::now() + d);
+                }
+                Action::StopTimer(t) => {
+                    link.timers.remove(&t);
+                }
+                Action::Up(n) => {
+                    // Only the main link is ever Established (see resolve).
+                    let (otx, orx) = mpsc::unbounded_channel();
+                    self.out_rx = Some(orx);
+                    self.neg = Some((*n).clone());
+                    let local = link
+                        .conn
+                        .as_ref()
+                        .map(|c| c.local)
+                        .unwrap_or(self.transport.addr.ip());
+                    tracing::info!(peer = %self.transport.addr.ip(), "session established");
+                    let _ = self
+                        .events
+                        .send(PeerEvent::Up {
+                            id: self.id,
+                            neg: n,
+                            local,
+                            out: otx,
+                        })
+                        .await;
+                }
+                Action::Down(why) => {
+                    if which == Which::Main {
+                        self.down(why).await;
+                    }
+                }
+                Action::Update(u) => {
+                    let _ = self
+                        .events
+                        .send(PeerEvent::Update {
+                            id: self.id,
+                            update: u,
+                        })
+                        .await;
+                }
+                Action::RouteRefresh(..) => {
+                    let _ = self.events.send(PeerEvent::Refresh { id: self.id }).await;
+                }
+            }
+        }
+    }
+
+    async fn down(&mut self, why: DownReason) {
+        tracing::info!(peer = %self.transport.addr.ip(), "session down: {why}");
+        self.status.lock().expect("status").last_error = Some(why.to_string());
+        let Some(neg) = self.neg.take() else { return };
+        // RFC 4724: keep the routes (stale) unless the session ended with a
+        // NOTIFICATION other than a hold timer expiry.
+        let keep = neg.peer_gr.as_ref().filter(|_| match &why {
+            DownReason::ConnectionLost => true,
+            DownReason::Sent(n) => n.code == err::HOLD_TIMER_EXPIRED,
+            DownReason::Received(_) => false,
+        });
+        let _ = self
+            .events
+            .send(PeerEvent::Down {
+                id: self.id,
+                keep_stale: keep.map(|g| g.restart_time),
+            })
+            .await;
+    }
+}
