@@ -526,3 +526,277 @@ fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
         "{r}"
     );
 }
+
+fn client_conf(me: &str, rr: &str, block: &str) -> String {
+    format!(
+        "asn = 64512\nrouter_id = \"{me}\"\nimport_prefixes = [\"10.244.0.0/16\"]\n[[neighbor]]\naddress = \"{rr}\"\nasn = 64512\nhold_time = 9\n[[originate]]\nprefix = \"{block}\"\n"
+    )
+}
+
+enum Rr {
+    Bird,
+    Frr,
+    Gobgp,
+}
+
+/// Two margay nodes as route-reflector clients of a real reflector in the
+/// fabric namespace: each learns the other's block with the originator's
+/// next hop.
+fn margay_as_rr_client(kind: Rr) {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("c1").unwrap();
+    let b = fabric.add_node("c2").unwrap();
+    let ns = fabric.ns();
+    let _rr: Box<dyn std::any::Any> = match kind {
+        Rr::Bird => Box::new(
+            Bird::start(
+                ns,
+                r#"log stderr all;
+router id 10.99.0.254;
+protocol device {}
+protocol bgp nodes {
+  local 10.99.0.254 as 64512;
+  neighbor range 10.99.0.0/24 internal;
+  rr client; rr cluster id 10.99.0.254; direct;
+  hold time 9; keepalive time 3;
+  ipv4 { import all; export all; };
+}
+"#,
+            )
+            .unwrap(),
+        ),
+        Rr::Frr => Box::new(
+            margay_harness::bgpd::Frr::start(
+                ns,
+                r#"frr defaults traditional
+hostname frrRR
+router bgp 64512
+ bgp router-id 10.99.0.254
+ bgp cluster-id 10.99.0.254
+ neighbor nodes peer-group
+ neighbor nodes remote-as 64512
+ neighbor nodes timers 3 9
+ bgp listen range 10.99.0.0/24 peer-group nodes
+ address-family ipv4 unicast
+  neighbor nodes route-reflector-client
+ exit-address-family
+!
+"#,
+                false,
+            )
+            .unwrap(),
+        ),
+        Rr::Gobgp => Box::new(
+            Gobgp::start(
+                ns,
+                r#"[global.config]
+  as = 64512
+  router-id = "10.99.0.254"
+  local-address-list = ["10.99.0.254"]
+[[peer-groups]]
+  [peer-groups.config]
+    peer-group-name = "nodes"
+    peer-as = 64512
+  [peer-groups.timers.config]
+    hold-time = 9
+    keepalive-interval = 3
+  [peer-groups.route-reflector.config]
+    route-reflector-client = true
+    route-reflector-cluster-id = "10.99.0.254"
+  [[peer-groups.afi-safis]]
+    [peer-groups.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+[[dynamic-neighbors]]
+  [dynamic-neighbors.config]
+    prefix = "10.99.0.0/24"
+    peer-group = "nodes"
+"#,
+            )
+            .unwrap(),
+        ),
+    };
+    let m1 = Margay::start(
+        &a,
+        &client_conf("10.99.0.1", "10.99.0.254", "10.244.1.0/26"),
+    );
+    let m2 = Margay::start(
+        &b,
+        &client_conf("10.99.0.2", "10.99.0.254", "10.244.2.0/26"),
+    );
+    let r = kernel_route(&a, "10.244.2.0/26").unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            m1.daemon.log_tail(20),
+            m2.daemon.log_tail(20)
+        )
+    });
+    assert!(
+        r.contains("via 10.99.0.2"),
+        "next hop kept by the reflector: {r}"
+    );
+    let r = kernel_route(&b, "10.244.1.0/26").unwrap();
+    assert!(r.contains("via 10.99.0.1"), "{r}");
+    // Our own block reflected back (if the reflector does) is not imported.
+    let routes = m1.show("routes");
+    let own: Vec<_> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["prefix"] == "10.244.1.0/26")
+        .collect();
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0]["from"], "local");
+}
+
+#[test]
+fn margay_as_route_reflector_client_of_bird() {
+    margay_as_rr_client(Rr::Bird);
+}
+
+#[test]
+fn margay_as_route_reflector_client_of_frr() {
+    margay_as_rr_client(Rr::Frr);
+}
+
+#[test]
+fn margay_as_route_reflector_client_of_gobgp() {
+    margay_as_rr_client(Rr::Gobgp);
+}
+
+/// margay reflects between a BIRD and an FRR client that connect to it
+/// from a listen range (dynamic neighbors).
+#[test]
+fn margay_as_route_reflector_for_bird_and_frr() {
+    let fabric = Fabric::new().unwrap();
+    let rr = fabric.add_node("rr").unwrap(); // 10.99.0.1
+    let a = fabric.add_node("bird").unwrap(); // 10.99.0.2
+    let b = fabric.add_node("frr").unwrap(); // 10.99.0.3
+    let margay = Margay::start(
+        &rr,
+        r#"asn = 64512
+router_id = "10.99.0.1"
+fib = false
+[[listen_range]]
+prefix = "10.99.0.0/24"
+asn = 64512
+route_reflector_client = true
+hold_time = 9
+"#,
+    );
+    let bird = Bird::start(
+        &a.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "",
+            &["10.244.2.0/26"],
+        ),
+    )
+    .unwrap();
+    let frr = margay_harness::bgpd::Frr::start(
+        &b.ns,
+        r#"frr defaults traditional
+hostname frrC
+router bgp 64512
+ bgp router-id 10.99.0.3
+ no bgp network import-check
+ neighbor 10.99.0.1 remote-as 64512
+ neighbor 10.99.0.1 timers 3 9
+ address-family ipv4 unicast
+  network 10.244.3.0/26
+ exit-address-family
+!
+"#,
+        true,
+    )
+    .unwrap();
+    let r = kernel_route(&a, "10.244.3.0/26").unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{:?}",
+            margay.daemon.log_tail(30),
+            bird.birdc("show protocols all m")
+        )
+    });
+    assert!(
+        r.contains("via 10.99.0.3") && r.contains("proto bird"),
+        "{r}"
+    );
+    let r = kernel_route(&b, "10.244.2.0/26").unwrap();
+    assert!(r.contains("via 10.99.0.2"), "{r}");
+    // BIRD sees the reflection attributes we added.
+    let all = bird.birdc("show route 10.244.3.0/26 all").unwrap();
+    assert!(all.contains("originator_id: 10.99.0.3"), "{all}");
+    assert!(all.contains("cluster_list: 10.99.0.1"), "{all}");
+    let n = margay.show("neighbors");
+    assert_eq!(
+        n.as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["dynamic"] == true)
+            .count(),
+        2,
+        "{n}"
+    );
+    drop(frr);
+}
+
+#[test]
+fn ipv6_session_and_prefixes_with_bird() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("bird").unwrap();
+    let margay = Margay::start(
+        &a,
+        r#"asn = 64512
+router_id = "10.99.0.1"
+[[neighbor]]
+address = "fd00:99::2"
+asn = 64513
+hold_time = 9
+[[originate]]
+prefix = "fd00:244:1::/122"
+"#,
+    );
+    let bird = Bird::start(
+        &b.ns,
+        r#"log stderr all;
+router id 10.99.0.2;
+protocol device {}
+protocol kernel { ipv6 { import none; export where source = RTS_BGP; }; }
+protocol static blocks6 { ipv6; route fd00:244:2::/122 blackhole; }
+protocol bgp m {
+  local fd00:99::2 as 64513; neighbor fd00:99::1 as 64512; direct;
+  hold time 9; keepalive time 3;
+  ipv6 { import all; export where proto = "blocks6"; };
+}
+"#,
+    )
+    .unwrap();
+    let r = wait::until("v6 route in margay's kernel", T, POLL, || {
+        let r =
+            a.ns.ip(&["-6", "route", "show", "fd00:244:2::/122"])
+                .map_err(|e| e.to_string())?;
+        Ok((!r.trim().is_empty()).then(|| r.trim().to_owned()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{:?}",
+            margay.daemon.log_tail(30),
+            bird.birdc("show protocols all m")
+        )
+    });
+    assert!(
+        r.contains("via fd00:99::2") && r.contains("proto 77"),
+        "{r}"
+    );
+    let r = wait::until("v6 route in BIRD's kernel", T, POLL, || {
+        let r =
+            b.ns.ip(&["-6", "route", "show", "fd00:244:1::/122"])
+                .map_err(|e| e.to_string())?;
+        Ok((!r.trim().is_empty()).then(|| r.trim().to_owned()))
+    })
+    .unwrap();
+    assert!(r.contains("via fd00:99::1"), "{r}");
+}
