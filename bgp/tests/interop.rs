@@ -800,3 +800,83 @@ protocol bgp m {
     .unwrap();
     assert!(r.contains("via fd00:99::1"), "{r}");
 }
+
+/// RFC 7606 against a real sender: ExaBGP emits malformed attributes.
+#[test]
+fn malformed_updates_from_exabgp_are_handled_per_rfc7606() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("exa").unwrap();
+    let margay = Margay::start(
+        &a,
+        r#"asn = 64512
+router_id = "10.99.0.1"
+[[neighbor]]
+address = "10.99.0.2"
+asn = 65010
+hold_time = 9
+"#,
+    );
+    let exa = margay_harness::bgpd::Exabgp::start(
+        &b.ns,
+        r#"process api { run {helper}; encoder json; }
+neighbor 10.99.0.1 {
+  router-id 10.99.0.2; local-address 10.99.0.2; local-as 65010; peer-as 64512;
+  hold-time 9;
+  family { ipv4 unicast; }
+  api { processes [ api ]; neighbor-changes; receive { parsed; update; notification; } }
+}
+"#,
+    )
+    .unwrap();
+    wait::until("session up", T, POLL, || {
+        Ok(margay.established("10.99.0.2").then_some(()))
+    })
+    .unwrap();
+    exa.command("announce route 10.244.7.0/24 next-hop self")
+        .unwrap();
+    exa.command("announce route 10.244.8.0/24 next-hop self attribute [ 0x99 0xc0 0x0102 ]")
+        .unwrap();
+    kernel_route(&a, "10.244.7.0/24").unwrap();
+    // An unknown optional transitive attribute is accepted.
+    kernel_route(&a, "10.244.8.0/24").unwrap();
+
+    // COMMUNITIES of 3 octets: treat-as-withdraw, the session stays up.
+    exa.command("announce route 10.244.7.0/24 next-hop self attribute [ 0x08 0xc0 0x010203 ]")
+        .unwrap();
+    wait::until("malformed update withdraws the route", T, POLL, || {
+        Ok(absent(&a, "10.244.7.0/24").then_some(()))
+    })
+    .unwrap();
+    assert!(margay.established("10.99.0.2"));
+    assert!(!absent(&a, "10.244.8.0/24"), "other routes untouched");
+    // ...and never went down: no error recorded, ExaBGP got no NOTIFICATION.
+    assert!(margay.show("neighbors")[0]["last_error"].is_null());
+    assert!(!exa.received().iter().any(|e| e["type"] == "notification"));
+
+    // An unrecognised well-known attribute: NOTIFICATION 3/2, session reset.
+    exa.command("announce route 10.244.9.0/24 next-hop self attribute [ 0x99 0x40 0x01 ]")
+        .unwrap();
+    wait::until("session reset with UPDATE error", T, POLL, || {
+        let n = margay.show("neighbors");
+        let err = n[0]["last_error"].as_str().unwrap_or("").to_owned();
+        Ok(err.contains("UPDATE message error (3/2)").then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            margay.show("neighbors"),
+            margay.daemon.log_tail(20)
+        )
+    });
+    assert!(absent(&a, "10.244.9.0/24"));
+    // ExaBGP saw our NOTIFICATION.
+    wait::until("ExaBGP reports the notification", T, POLL, || {
+        Ok(exa
+            .received()
+            .iter()
+            .any(|e| e["type"] == "notification" || e.to_string().contains("notification"))
+            .then_some(()))
+    })
+    .unwrap();
+}
