@@ -173,6 +173,7 @@ impl Speaker {
             communities: cfg.community_values(),
             stale_kernel,
             restarting,
+            counters: Counters::default(),
             cfg: cfg.clone(),
         };
         for n in &cfg.neighbors {
@@ -289,6 +290,15 @@ struct RibTask {
     stale_kernel: HashSet<Prefix>,
     /// Restarting (graceful restart) until stale kernel routes are settled.
     restarting: bool,
+    counters: Counters,
+}
+
+/// Speaker-wide counters (per-peer ones live in [`PeerStatus`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    treat_as_withdraw: u64,
+    kernel_writes: u64,
+    kernel_failures: u64,
 }
 
 impl RibTask {
@@ -514,6 +524,7 @@ impl RibTask {
             return;
         };
         if let Some(why) = &u.treat_as_withdraw {
+            self.counters.treat_as_withdraw += 1;
             tracing::warn!(peer = %slot.params.addr, "UPDATE treated as withdraw (RFC 7606): {why}");
         }
         if let Some((afi, _)) = u.is_end_of_rib() {
@@ -586,7 +597,9 @@ impl RibTask {
             for (p, _) in &ops {
                 self.stale_kernel.remove(p);
             }
+            self.counters.kernel_writes += ops.len() as u64;
             let failed = fib.apply(ops).await;
+            self.counters.kernel_failures += failed as u64;
             if failed > 0 {
                 tracing::warn!(failed, "kernel route updates failed");
             }
@@ -667,8 +680,108 @@ impl RibTask {
         st.prefixes_sent = s.adj_out.len();
     }
 
+    /// Prometheus text exposition of the speaker's counters.
+    fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(o, "{name}{labels} {v}");
+            }
+        };
+        let peers: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| p.status.lock().expect("status").clone())
+            .collect();
+        let per = |f: &dyn Fn(&PeerStatus) -> f64| -> Vec<(String, f64)> {
+            peers
+                .iter()
+                .map(|p| {
+                    (
+                        format!("{{peer=\"{}\",peer_asn=\"{}\"}}", p.address, p.asn),
+                        f(p),
+                    )
+                })
+                .collect()
+        };
+        let up = peers
+            .iter()
+            .filter(|p| p.state == State::Established)
+            .count();
+        metric(
+            "margay_bgp_sessions_established",
+            "gauge",
+            "Sessions in state Established.",
+            vec![(String::new(), up as f64)],
+        );
+        metric(
+            "margay_bgp_sessions_configured",
+            "gauge",
+            "Known peers (configured and dynamic).",
+            vec![(String::new(), peers.len() as f64)],
+        );
+        metric(
+            "margay_bgp_session_up",
+            "gauge",
+            "1 when the session with the peer is Established.",
+            per(&|p| f64::from(u8::from(p.state == State::Established))),
+        );
+        metric(
+            "margay_bgp_updates_received_total",
+            "counter",
+            "UPDATE messages received.",
+            per(&|p| p.updates_in as f64),
+        );
+        metric(
+            "margay_bgp_updates_sent_total",
+            "counter",
+            "UPDATE messages sent.",
+            per(&|p| p.updates_out as f64),
+        );
+        metric(
+            "margay_bgp_prefixes_received",
+            "gauge",
+            "Prefixes accepted from the peer.",
+            per(&|p| p.prefixes_received as f64),
+        );
+        metric(
+            "margay_bgp_prefixes_sent",
+            "gauge",
+            "Prefixes advertised to the peer.",
+            per(&|p| p.prefixes_sent as f64),
+        );
+        metric(
+            "margay_bgp_rib_prefixes",
+            "gauge",
+            "Prefixes with a best path.",
+            vec![(String::new(), self.rib.len() as f64)],
+        );
+        metric(
+            "margay_bgp_updates_treated_as_withdraw_total",
+            "counter",
+            "UPDATEs turned into withdrawals under RFC 7606.",
+            vec![(String::new(), self.counters.treat_as_withdraw as f64)],
+        );
+        metric(
+            "margay_bgp_kernel_route_writes_total",
+            "counter",
+            "Kernel route adds, replaces and deletes.",
+            vec![(String::new(), self.counters.kernel_writes as f64)],
+        );
+        metric(
+            "margay_bgp_kernel_route_failures_total",
+            "counter",
+            "Kernel route writes that failed.",
+            vec![(String::new(), self.counters.kernel_failures as f64)],
+        );
+        o
+    }
+
     fn show(&self, what: &str) -> serde_json::Value {
         match what {
+            "metrics" => serde_json::Value::String(self.metrics_text()),
             "routes" => {
                 let mut v: Vec<serde_json::Value> = self
                     .rib

@@ -137,6 +137,22 @@ protocol bgp m {
         "{r}"
     );
     let routes = margay.show("routes");
+    let metrics = Command::new(env!("CARGO_BIN_EXE_margay-bgp"))
+        .arg("--socket")
+        .arg(&margay.sock)
+        .args(["show", "metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("margay_bgp_sessions_established 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("margay_bgp_prefixes_received{peer=\"10.99.0.2\",peer_asn=\"64512\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE margay_bgp_updates_received_total counter"));
     let learned = routes
         .as_array()
         .unwrap()

@@ -30,10 +30,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Print sessions or routes of a running speaker as JSON.
+    /// Print sessions or routes of a running speaker as JSON, or its
+    /// counters in the Prometheus text format.
     Show {
-        /// `neighbors` or `routes`.
-        #[arg(value_parser = ["neighbors", "routes"])]
+        /// `neighbors`, `routes` or `metrics`.
+        #[arg(value_parser = ["neighbors", "routes", "metrics"])]
         what: String,
     },
 }
@@ -142,6 +143,7 @@ async fn run(cfg: Config, sock: PathBuf) -> ExitCode {
                         return;
                     }
                     let body = match speaker.show(line.trim()).await {
+                        Ok(serde_json::Value::String(text)) => text,
                         Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
                         Err(e) => format!("{{\"error\": \"{e}\"}}"),
                     };
