@@ -26,6 +26,9 @@ cargo build --workspace --all-targets --locked
 step "tests (unit + real-component integration)"
 cargo test --workspace --locked --no-fail-fast
 
+step "fuzz every decoder (${MARGAY_FUZZ_SECONDS:-20}s each)"
+./scripts/fuzz.sh "${MARGAY_FUZZ_SECONDS:-20}"
+
 step "leftover check"
 ./scripts/check-leftovers.sh
 

@@ -381,3 +381,13 @@ fn notification_round_trips() {
     );
     assert!(n.describe().contains("administrative shutdown"));
 }
+
+/// Found by fuzzing: unused flag bits of an unknown attribute must not be
+/// passed on (they are zero when sent).
+#[test]
+fn unused_flag_bits_of_unknown_attributes_are_cleared() {
+    let u = decode_update(&update_bytes(&[], &[0xc6, 0, 0], &[]), &IBGP);
+    assert_eq!(u.attrs.as_ref().unwrap().unknown[0].flags, 0xc0);
+    let out = Message::Update(u).encode(&IBGP);
+    assert!(out.ends_with(&[0xe0, 0, 0]), "{out:02x?}");
+}

@@ -453,7 +453,9 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
             }
             if flags & flag::TRANSITIVE != 0 {
                 d.attrs.unknown.push(RawAttr {
-                    flags: flags & !flag::EXTENDED,
+                    // The low four bits are unused: ignored on receipt,
+                    // zero when sent (RFC 4271 §4.3).
+                    flags: flags & (flag::OPTIONAL | flag::TRANSITIVE | flag::PARTIAL),
                     code,
                     data: v.to_vec(),
                 });
