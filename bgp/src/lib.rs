@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod net;
 pub mod packet;
 mod peer;
+pub mod prefix_map;
 pub mod rib;
 pub mod speaker;
 

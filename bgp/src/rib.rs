@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::packet::{Attrs, Origin, Prefix};
+use crate::prefix_map::PrefixMap;
 
 /// Index of a peer in the speaker; [`LOCAL`] is the speaker itself.
 pub type PeerId = u32;
@@ -36,25 +39,52 @@ pub struct PeerInfo {
     pub rr_client: bool,
 }
 
-/// One path to a prefix.
+/// One path to a prefix (16 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
-    /// Who announced it.
-    pub peer: PeerId,
     /// Its attributes.
     pub attrs: Arc<Attrs>,
+    /// Who announced it.
+    pub peer: PeerId,
     /// Kept across the peer's restart, waiting for refresh (RFC 4724).
     pub stale: bool,
 }
 
-/// All paths to one prefix; `paths[0]` is the best when non-empty.
+/// Next hops of an equal-cost set; one or two fit inline.
+pub type NextHops = SmallVec<[IpAddr; 2]>;
+
+/// The equal-cost set of a destination, as last reported.
+type BestSet = SmallVec<[Path; 2]>;
+
+/// All paths to one prefix; `paths[0]` is the best when non-empty. The
+/// common case, one path, needs no allocation beyond the map slot.
+/// (24 bytes: at 100k+ prefixes the RIB is mostly these.)
 #[derive(Debug, Clone, Default)]
 struct Dest {
-    paths: Vec<Path>,
-    /// Number of leading paths that are equal-cost with the best.
-    multipath: usize,
-    /// The equal-cost set last reported, to tell whether it changed.
-    reported: Vec<Path>,
+    paths: SmallVec<[Path; 1]>,
+}
+
+impl Dest {
+    /// Number of leading paths equal-cost with the best (derived, not
+    /// stored: it depends only on the sorted paths and the peers).
+    fn multipath(&self, peers: &HashMap<PeerId, PeerInfo>) -> usize {
+        match self.paths.first() {
+            Some(best) => self
+                .paths
+                .iter()
+                .take_while(|p| equal_cost(peers, best, p))
+                .count()
+                .max(1),
+            None => 0,
+        }
+    }
+
+    fn best_set(&self, peers: &HashMap<PeerId, PeerInfo>) -> BestSet {
+        self.paths[..self.multipath(peers)]
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// The best path and its equal-cost siblings, as changed.
@@ -63,7 +93,7 @@ pub struct Best {
     /// The best path.
     pub best: Path,
     /// Next hops of all equal-cost paths (best first), for the kernel.
-    pub next_hops: Vec<IpAddr>,
+    pub next_hops: NextHops,
 }
 
 /// Import policy applied to everything peers announce.
@@ -86,7 +116,7 @@ pub struct Rib {
     router_id: Ipv4Addr,
     cluster_id: Ipv4Addr,
     peers: HashMap<PeerId, PeerInfo>,
-    table: HashMap<Prefix, Dest>,
+    table: PrefixMap<Dest>,
     counts: HashMap<PeerId, usize>,
     import: ImportPolicy,
 }
@@ -102,7 +132,7 @@ impl Rib {
             router_id,
             cluster_id: cluster_id.unwrap_or(router_id),
             peers: HashMap::new(),
-            table: HashMap::new(),
+            table: PrefixMap::default(),
             counts: HashMap::new(),
             import: ImportPolicy::default(),
         }
@@ -226,15 +256,12 @@ impl Rib {
     pub fn iter_best(&self) -> impl Iterator<Item = (Prefix, Best)> + '_ {
         self.table
             .iter()
-            .filter_map(|(p, d)| self.best_of(d).map(|b| (*p, b)))
+            .filter_map(|(p, d)| self.best_of(d).map(|b| (p, b)))
     }
 
     /// All paths of a prefix, best first.
     pub fn paths(&self, prefix: &Prefix) -> &[Path] {
-        self.table
-            .get(prefix)
-            .map(|d| d.paths.as_slice())
-            .unwrap_or(&[])
+        self.table.get(prefix).map(|d| &d.paths[..]).unwrap_or(&[])
     }
 
     fn remove_where(&mut self, f: impl Fn(&Prefix, &Path) -> bool) -> Changes {
@@ -242,31 +269,31 @@ impl Rib {
             .table
             .iter()
             .filter(|(pfx, d)| d.paths.iter().any(|p| f(pfx, p)))
-            .map(|(p, _)| *p)
+            .map(|(p, _)| p)
             .collect();
         let mut changes = Vec::new();
         for pfx in affected {
             let d = self.table.get_mut(&pfx).expect("present");
-            let before = d.paths.len();
-            let removed: Vec<PeerId> = d
-                .paths
-                .iter()
-                .filter(|p| f(&pfx, p))
-                .map(|p| p.peer)
-                .collect();
-            d.paths.retain(|p| !f(&pfx, p));
+            let before = d.best_set(&self.peers);
+            let mut removed = Vec::new();
+            d.paths.retain(|p| {
+                let gone = f(&pfx, p);
+                if gone {
+                    removed.push(p.peer);
+                }
+                !gone
+            });
             for peer in removed {
                 *self.counts.entry(peer).or_default() -= 1;
             }
-            if d.paths.len() != before {
-                changes.push(self.reselect(pfx));
-            }
+            changes.extend(self.reselect(pfx, before));
         }
-        changes.into_iter().flatten().collect()
+        changes
     }
 
     fn insert_path(&mut self, prefix: Prefix, path: Path) -> Option<(Prefix, Option<Best>)> {
-        let d = self.table.entry(prefix).or_default();
+        let d = self.table.get_or_default(prefix);
+        let before = d.best_set(&self.peers);
         match d.paths.iter_mut().find(|p| p.peer == path.peer) {
             Some(old) if *old == path => return None,
             Some(old) => *old = path,
@@ -275,50 +302,41 @@ impl Rib {
                 d.paths.push(path);
             }
         }
-        self.reselect(prefix)
+        self.reselect(prefix, before)
     }
 
     fn remove_path(&mut self, peer: PeerId, prefix: &Prefix) -> Option<(Prefix, Option<Best>)> {
         let d = self.table.get_mut(prefix)?;
         let i = d.paths.iter().position(|p| p.peer == peer)?;
+        let before = d.best_set(&self.peers);
         d.paths.remove(i);
         *self.counts.entry(peer).or_default() -= 1;
-        self.reselect(*prefix)
+        self.reselect(*prefix, before)
     }
 
-    /// Re-sorts a destination; returns the change if the best set changed.
-    fn reselect(&mut self, prefix: Prefix) -> Option<(Prefix, Option<Best>)> {
+    /// Re-sorts a destination; returns the change if its equal-cost set
+    /// differs from `before`.
+    fn reselect(&mut self, prefix: Prefix, before: BestSet) -> Option<(Prefix, Option<Best>)> {
         let peers = &self.peers;
         let d = self.table.get_mut(&prefix)?;
-        d.paths.sort_by(|a, b| compare(peers, a, b));
-        d.multipath = match d.paths.first() {
-            Some(best) => d
-                .paths
-                .iter()
-                .take_while(|p| equal_cost(peers, best, p))
-                .count()
-                .max(1),
-            None => 0,
-        };
-        if d.paths[..d.multipath] == d.reported[..] {
-            if d.paths.is_empty() {
-                self.table.remove(&prefix);
-            }
-            return None;
+        if d.paths.len() > 1 {
+            d.paths.sort_by(|a, b| compare(peers, a, b));
         }
-        d.reported = d.paths[..d.multipath].to_vec();
         if d.paths.is_empty() {
             self.table.remove(&prefix);
-            return Some((prefix, None));
+            return (!before.is_empty()).then_some((prefix, None));
         }
-        let d = &self.table[&prefix];
+        if d.paths[..d.multipath(peers)] == before[..] {
+            return None;
+        }
+        let d = self.table.get(&prefix).expect("present");
         Some((prefix, self.best_of(d)))
     }
 
     fn best_of(&self, d: &Dest) -> Option<Best> {
         let best = d.paths.first()?.clone();
-        let mut next_hops = Vec::new();
-        for p in &d.paths[..d.multipath] {
+        let mut next_hops = NextHops::new();
+        for p in &d.paths[..d.multipath(&self.peers)] {
             if let Some(nh) = p.attrs.next_hop
                 && !next_hops.contains(&nh)
             {

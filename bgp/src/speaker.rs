@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::fsm::{SessionConfig, State};
-use crate::kernel::{Fib, FibOp};
+use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
 use crate::peer::{PeerEvent, PeerTask, Transport};
@@ -122,7 +122,9 @@ impl Speaker {
     /// left by a previous run, starts every configured peer.
     pub async fn start(cfg: Config) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<ToRib>(1024);
-        let (peer_tx, peer_rx) = mpsc::channel::<PeerEvent>(4096);
+        // Short, so a busy RIB slows peers down (TCP backpressure) instead of
+        // buffering their UPDATEs.
+        let (peer_tx, peer_rx) = mpsc::channel::<PeerEvent>(64);
         let (shutdown, shut_rx) = watch::channel(false);
         let listen = cfg
             .listen
@@ -147,7 +149,10 @@ impl Speaker {
         let (fib, stale_kernel) = if cfg.fib {
             let fib = Fib::new()?;
             let own = fib.list_own().await?;
-            (Some(fib), own.into_iter().collect::<HashSet<_>>())
+            (
+                Some(FibWriter::spawn()?),
+                own.into_iter().collect::<HashSet<_>>(),
+            )
         } else {
             (None, HashSet::new())
         };
@@ -280,7 +285,7 @@ struct RibTask {
     cfg: Config,
     rib: Rib,
     peers: HashMap<PeerId, PeerSlot>,
-    fib: Option<Fib>,
+    fib: Option<FibWriter>,
     tx: mpsc::Sender<ToRib>,
     peer_tx: mpsc::Sender<PeerEvent>,
     shutdown: watch::Receiver<bool>,
@@ -297,8 +302,6 @@ struct RibTask {
 #[derive(Debug, Default, Clone, Copy)]
 struct Counters {
     treat_as_withdraw: u64,
-    kernel_writes: u64,
-    kernel_failures: u64,
 }
 
 impl RibTask {
@@ -383,7 +386,7 @@ impl RibTask {
         let stale: Vec<FibOp> = self.stale_kernel.drain().map(|p| (p, None)).collect();
         tracing::info!(removed = stale.len(), "graceful restart complete");
         if let Some(fib) = &self.fib {
-            fib.apply(stale).await;
+            fib.submit(stale).await;
         }
     }
 
@@ -597,12 +600,7 @@ impl RibTask {
             for (p, _) in &ops {
                 self.stale_kernel.remove(p);
             }
-            self.counters.kernel_writes += ops.len() as u64;
-            let failed = fib.apply(ops).await;
-            self.counters.kernel_failures += failed as u64;
-            if failed > 0 {
-                tracing::warn!(failed, "kernel route updates failed");
-            }
+            fib.submit(ops).await;
         }
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
@@ -683,6 +681,13 @@ impl RibTask {
     /// Prometheus text exposition of the speaker's counters.
     fn metrics_text(&self) -> String {
         use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let kernel = self.fib.as_ref().map_or((0, 0), |f| {
+            (
+                f.stats().writes.load(Relaxed),
+                f.stats().failures.load(Relaxed),
+            )
+        });
         let mut o = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -768,13 +773,13 @@ impl RibTask {
             "margay_bgp_kernel_route_writes_total",
             "counter",
             "Kernel route adds, replaces and deletes.",
-            vec![(String::new(), self.counters.kernel_writes as f64)],
+            vec![(String::new(), kernel.0 as f64)],
         );
         metric(
             "margay_bgp_kernel_route_failures_total",
             "counter",
             "Kernel route writes that failed.",
-            vec![(String::new(), self.counters.kernel_failures as f64)],
+            vec![(String::new(), kernel.1 as f64)],
         );
         o
     }
