@@ -8,8 +8,12 @@
 //!
 //! Deviations, chosen for a node agent: after a failure the session goes
 //! straight back to Active with an exponentially growing ConnectRetry delay
-//! (automatic restart with damping, §8.1.1 options 2 and 5 combined);
-//! DelayOpen is not implemented. Connection collisions (§6.8) are decided by
+//! (automatic restart with damping, §8.1.1 options 2 and 5 combined). The
+//! ConnectRetry timer runs only while waiting in Active: a connection
+//! attempt in Connect is never abandoned for a new one; it ends in
+//! `TcpUp` or `TcpDown` (the driver bounds it with a connect timeout).
+//! Otherwise short retry delays would restart slow connects forever. Passive
+//! sessions run no ConnectRetry timer at all. DelayOpen is not implemented. Connection collisions (§6.8) are decided by
 //! [`resolve_collision`], which the driver calls when it holds two
 //! connections to one peer.
 
@@ -235,7 +239,6 @@ impl Session {
                     self.state = Connect;
                     out.push(Action::Connect);
                 }
-                out.push(Action::SetTimer(Timer::ConnectRetry, self.retry_delay()));
             }
             (Idle, _) => {}
             (_, Event::Stop(sub)) => {
@@ -247,8 +250,7 @@ impl Session {
                 out.push(Action::StopTimer(Timer::ConnectRetry));
                 self.state = Idle;
             }
-            (Connect | Active, Event::Timer(Timer::ConnectRetry)) => {
-                out.push(Action::SetTimer(Timer::ConnectRetry, self.retry_delay()));
+            (Active, Event::Timer(Timer::ConnectRetry)) => {
                 if !self.cfg.passive {
                     self.state = Connect;
                     out.push(Action::Connect);
@@ -263,7 +265,7 @@ impl Session {
             (Connect, Event::TcpDown) => {
                 self.failures += 1;
                 self.state = Active;
-                out.push(Action::SetTimer(Timer::ConnectRetry, self.retry_delay()));
+                self.arm_retry(&mut out);
             }
             (Connect | Active, _) => {}
             (OpenSent, Event::Message(Message::Open(o))) => match self.check_open(&o) {
@@ -415,7 +417,13 @@ impl Session {
         self.failures += 1;
         self.negotiated = None;
         self.state = State::Active;
-        out.push(Action::SetTimer(Timer::ConnectRetry, self.retry_delay()));
+        self.arm_retry(out);
+    }
+
+    fn arm_retry(&self, out: &mut Vec<Action>) {
+        if !self.cfg.passive {
+            out.push(Action::SetTimer(Timer::ConnectRetry, self.retry_delay()));
+        }
     }
 }
 
@@ -503,6 +511,7 @@ mod tests {
         s.process(Event::Start);
         let a = s.process(Event::TcpUp);
         assert!(matches!(a[1], Action::Send(Message::Open(_))));
+        assert_eq!(a[0], Action::StopTimer(Timer::ConnectRetry));
         assert!(a.contains(&Action::SetTimer(Timer::Hold, OPEN_HOLD)));
         assert_eq!(s.state(), State::OpenSent);
         let a = s.process(Event::Message(Message::Open(peer_open(60))));
@@ -624,6 +633,35 @@ mod tests {
         s.process(Event::Message(Message::Open(peer_open(90))));
         s.process(Event::Message(Message::Keepalive));
         assert_eq!(s.retry_delay(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_slow_connect_is_never_abandoned_for_a_new_one() {
+        let mut s = Session::new(cfg());
+        let a = s.process(Event::Start);
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, Action::SetTimer(Timer::ConnectRetry, _)))
+        );
+        // A stray retry timer while connecting changes nothing.
+        assert!(s.process(Event::Timer(Timer::ConnectRetry)).is_empty());
+        assert_eq!(s.state(), State::Connect);
+    }
+
+    #[test]
+    fn passive_sessions_never_retry() {
+        let mut s = Session::new(SessionConfig {
+            passive: true,
+            ..cfg()
+        });
+        s.process(Event::Start);
+        s.process(Event::TcpUp);
+        let a = s.process(Event::TcpDown);
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, Action::SetTimer(Timer::ConnectRetry, _)))
+        );
+        assert_eq!(s.state(), State::Active);
     }
 
     #[test]

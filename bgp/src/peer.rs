@@ -58,6 +58,9 @@ pub(crate) struct Transport {
     pub gtsm_hops: Option<u8>,
 }
 
+/// Read buffer per connection.
+const READ_BUF: usize = 16 * 1024;
+
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 struct Conn {
@@ -81,8 +84,9 @@ fn open_conn(stream: TcpStream) -> Option<Conn> {
     let (mut r, writer) = stream.into_split();
     let (ftx, frames) = mpsc::channel(64);
     let reader = tokio::spawn(async move {
-        let mut buf: Vec<u8> = Vec::with_capacity(65536);
-        let mut chunk = vec![0u8; 65536];
+        // 16 KiB holds four maximum-size messages; many sessions per
+        // speaker (a full mesh) make a larger buffer per session costly.
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
         let mut start = 0;
         loop {
             loop {
@@ -103,9 +107,10 @@ fn open_conn(stream: TcpStream) -> Option<Conn> {
             }
             buf.drain(..start);
             start = 0;
-            match r.read(&mut chunk).await {
+            buf.reserve(READ_BUF - buf.len().min(READ_BUF / 2));
+            match r.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return, // the channel closes: connection lost
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
             }
         }
     });

@@ -61,6 +61,10 @@ pub struct PeerStatus {
     pub dynamic: bool,
 }
 
+/// First reconnect delay; it doubles per failure up to 30 s. Short, because
+/// the usual failure is a peer (a node) not listening yet.
+const RETRY_BASE: Duration = Duration::from_millis(250);
+
 enum ToRib {
     StaleTimeout {
         id: PeerId,
@@ -191,7 +195,7 @@ impl Speaker {
                 passive: n.passive,
                 families: families_for(n.address),
                 graceful_restart: n.graceful_restart.then(|| gr_cap(&cfg, restarting)),
-                retry_base: Duration::from_secs(1),
+                retry_base: RETRY_BASE,
                 retry_max: Duration::from_secs(30),
             };
             task.add_peer(PeerParams {
@@ -499,7 +503,7 @@ impl RibTask {
             graceful_restart: r
                 .graceful_restart
                 .then(|| gr_cap(&self.cfg, self.restarting)),
-            retry_base: Duration::from_secs(1),
+            retry_base: RETRY_BASE,
             retry_max: Duration::from_secs(30),
         };
         let id = self.add_peer(PeerParams {

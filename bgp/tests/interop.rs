@@ -896,3 +896,46 @@ neighbor 10.99.0.1 {
     })
     .unwrap();
 }
+
+/// A full iBGP mesh of margay speakers, one side of each pair passive (as
+/// the agent runs it): every node learns every other node's block.
+#[test]
+fn full_mesh_of_four_converges() {
+    let fabric = Fabric::new().unwrap();
+    let nodes: Vec<Node> = (0..4)
+        .map(|i| fabric.add_node(&format!("n{i}")).unwrap())
+        .collect();
+    let speakers: Vec<Margay> = nodes
+        .iter()
+        .map(|n| {
+            let mut c = format!(
+                "asn = 64512\nrouter_id = \"{}\"\n[[originate]]\nprefix = \"10.244.{}.0/26\"\n",
+                n.v4, n.index
+            );
+            for m in nodes.iter().filter(|m| m.index != n.index) {
+                c.push_str(&format!(
+                    "[[neighbor]]\naddress = \"{}\"\nasn = 64512\nhold_time = 9\npassive = {}\n",
+                    m.v4,
+                    n.index < m.index
+                ));
+            }
+            Margay::start(n, &c)
+        })
+        .collect();
+    for n in &nodes {
+        for m in nodes.iter().filter(|m| m.index != n.index) {
+            let block = format!("10.244.{}.0/26", m.index);
+            let r = kernel_route(n, &block).unwrap_or_else(|e| {
+                panic!(
+                    "{e}\n{}",
+                    speakers
+                        .iter()
+                        .map(|s| s.daemon.log_tail(15))
+                        .collect::<Vec<_>>()
+                        .join("\n---\n")
+                )
+            });
+            assert!(r.contains(&format!("via {}", m.v4)), "{r}");
+        }
+    }
+}

@@ -16,6 +16,7 @@ use crate::{Error, Result, names};
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -24,9 +25,17 @@ impl Netns {
     pub fn create(hint: &str) -> Result<Self> {
         let name = names::unique(hint);
         run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on an existing namespace that is not deleted on drop.
+    pub fn borrowed(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     /// The namespace's name as `ip netns` knows it.
@@ -140,7 +149,9 @@ pub(crate) fn destroy(name: &str) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        destroy(&self.name);
+        if self.owned {
+            destroy(&self.name);
+        }
     }
 }
 

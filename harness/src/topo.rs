@@ -8,6 +8,13 @@
 //! The fabric namespace doubles as the top-of-rack router: a BGP daemon run
 //! there reaches every node directly. Addresses exist only inside these
 //! namespaces, so parallel fabrics can reuse them.
+//!
+//! Nodes know each other's (and the router's) MAC addresses as permanent
+//! neighbour entries instead of learning them by ARP: the kernel's
+//! neighbour table is shared by all namespaces, its size limit
+//! (`gc_thresh3`, 1024 by default) is a root-namespace sysctl we must not
+//! change, and a 50-node fabric would otherwise overflow it. Permanent
+//! entries do not count against that limit.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
@@ -27,6 +34,9 @@ pub const FABRIC_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x
 pub struct Fabric {
     ns: Netns,
     next: Mutex<u8>,
+    /// (namespace name, IPv4, IPv6, MAC) of every node so far.
+    members: Mutex<Vec<(String, Ipv4Addr, Ipv6Addr, String)>>,
+    gw_mac: String,
 }
 
 /// A node: a namespace with one uplink (`eth0`) on a [`Fabric`].
@@ -60,9 +70,15 @@ impl Fabric {
         ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // Pin the bridge's MAC: otherwise it follows its ports' lowest MAC
+        // and the nodes' permanent entries for the router go stale.
+        let gw_mac = mac_of(&ns, "br0")?;
+        ns.ip(&["link", "set", "br0", "address", &gw_mac])?;
         Ok(Self {
             ns,
             next: Mutex::new(1),
+            members: Mutex::new(Vec::new()),
+            gw_mac,
         })
     }
 
@@ -108,7 +124,68 @@ impl Fabric {
         ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        self.add_neighbours(&ns, v4, v6)?;
         Ok(Node { ns, index, v4, v6 })
+    }
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> Result<String> {
+    let out = ns.ip(&["-j", "link", "show", dev])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| crate::Error::Other(format!("ip -j link: {e}")))?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| crate::Error::Other(format!("no MAC for {dev}")))
+}
+
+fn neigh_lines(ip4: Ipv4Addr, ip6: Ipv6Addr, mac: &str) -> String {
+    format!(
+        "neigh replace {ip4} lladdr {mac} dev eth0 nud permanent\n\
+         neigh replace {ip6} lladdr {mac} dev eth0 nud permanent\n"
+    )
+}
+
+fn ip_batch(ns: &Netns, script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["-n", ns.name(), "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(crate::Error::Other(format!(
+            "ip -batch in {}: {}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+impl Fabric {
+    /// Permanent neighbour entries between a new node and every existing
+    /// one, and towards the router.
+    fn add_neighbours(&self, ns: &Netns, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+        let mac = mac_of(ns, "eth0")?;
+        let mut members = self.members.lock().expect("fabric members");
+        let mut mine = neigh_lines(FABRIC_GW_V4, FABRIC_GW_V6, &self.gw_mac);
+        for (other_ns, o4, o6, omac) in members.iter() {
+            mine.push_str(&neigh_lines(*o4, *o6, omac));
+            ip_batch(&Netns::borrowed(other_ns), &neigh_lines(v4, v6, &mac))?;
+        }
+        ip_batch(ns, &mine)?;
+        // The router learns nodes by ARP: at most one entry per node.
+        members.push((ns.name().to_owned(), v4, v6, mac));
+        Ok(())
     }
 }
 
