@@ -803,6 +803,9 @@ impl RibTask {
                             "from": from.unwrap_or_else(|| "local".into()),
                             "as_path": b.best.attrs.as_path.segments.iter().flat_map(|s| s.asns.clone()).collect::<Vec<_>>(),
                             "local_pref": b.best.attrs.local_pref,
+                            "med": b.best.attrs.med,
+                            "origin": format!("{:?}", b.best.attrs.origin).to_lowercase(),
+                            "paths": self.rib.paths(&p).len(),
                             "stale": b.best.stale,
                         })
                     })

@@ -939,3 +939,84 @@ fn full_mesh_of_four_converges() {
         }
     }
 }
+
+/// Two eBGP peers announce the same prefix with equally good paths: the
+/// kernel route is multipath over both next hops; when one withdraws, the
+/// route falls back to the other.
+#[test]
+fn equal_paths_from_bird_and_gobgp_become_an_ecmp_kernel_route() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap(); // .1
+    let b = fabric.add_node("bird").unwrap(); // .2
+    let c = fabric.add_node("gobgp").unwrap(); // .3
+    let margay = Margay::start(
+        &a,
+        r#"asn = 64512
+router_id = "10.99.0.1"
+[[neighbor]]
+address = "10.99.0.2"
+asn = 65002
+hold_time = 9
+[[neighbor]]
+address = "10.99.0.3"
+asn = 65003
+hold_time = 9
+"#,
+    );
+    let bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            65002,
+            "",
+            &["10.250.0.0/24"],
+        ),
+    )
+    .unwrap();
+    let gobgp = Gobgp::start(
+        &c.ns,
+        r#"[global.config]
+  as = 65003
+  router-id = "10.99.0.3"
+  local-address-list = ["10.99.0.3"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "10.99.0.1"
+    peer-as = 64512
+"#,
+    )
+    .unwrap();
+    gobgp
+        .gobgp(&[
+            "global",
+            "rib",
+            "add",
+            "10.250.0.0/24",
+            "origin",
+            "igp",
+            "-a",
+            "ipv4",
+        ])
+        .unwrap();
+    let r = wait::until("ECMP route", T, POLL, || {
+        let r =
+            a.ns.ip(&["route", "show", "10.250.0.0/24"])
+                .map_err(|e| e.to_string())?;
+        Ok(
+            (r.contains("nexthop via 10.99.0.2") && r.contains("nexthop via 10.99.0.3"))
+                .then_some(r),
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", margay.show("routes")));
+    assert!(r.contains("proto 77"), "{r}");
+    bird.birdc("disable blocks").unwrap();
+    wait::until("back to one next hop", T, POLL, || {
+        let r =
+            a.ns.ip(&["route", "show", "10.250.0.0/24"])
+                .map_err(|e| e.to_string())?;
+        Ok((r.contains("via 10.99.0.3") && !r.contains("10.99.0.2")).then_some(()))
+    })
+    .unwrap();
+}
