@@ -50,6 +50,19 @@ pub(crate) enum PeerEvent {
     Refresh { id: PeerId },
 }
 
+/// What the RIB task tells a peer task.
+#[derive(Debug)]
+pub(crate) enum PeerCmd {
+    /// A connection the listener accepted from this peer's address.
+    Incoming(TcpStream),
+    /// Close the session with Cease/`subcode` and stay down for
+    /// [`CEASE_RESTART`] (e.g. maximum prefixes exceeded, RFC 4486).
+    Cease(u8),
+}
+
+/// How long a session closed by [`PeerCmd::Cease`] stays down.
+pub(crate) const CEASE_RESTART: Duration = Duration::from_secs(30);
+
 /// Per-peer connection parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct Transport {
@@ -160,7 +173,8 @@ enum Frame {
 /// One wake-up of the peer task.
 enum Input {
     Shutdown,
-    Incoming(TcpStream),
+    Cmd(PeerCmd),
+    Restart,
     Frame(Which, Frame),
     Connected(std::io::Result<TcpStream>),
     Out(Vec<u8>),
@@ -225,7 +239,7 @@ pub(crate) struct PeerTask {
     pub session: Session,
     pub events: mpsc::Sender<PeerEvent>,
     pub status: Arc<Mutex<PeerStatus>>,
-    pub incoming: mpsc::Receiver<TcpStream>,
+    pub incoming: mpsc::Receiver<PeerCmd>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -264,6 +278,7 @@ impl PeerTask {
         let mut alt: Option<Link> = None;
         let mut queue: VecDeque<(Which, Event)> = VecDeque::from([(Which::Main, Event::Start)]);
         let mut stopping = false;
+        let mut restart_at: Option<tokio::time::Instant> = None;
         loop {
             while let Some((which, ev)) = queue.pop_front() {
                 let link = match which {
@@ -290,7 +305,13 @@ impl PeerTask {
             let input = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Input::Shutdown,
-                Some(s) = incoming.recv() => Input::Incoming(s),
+                Some(c) = incoming.recv() => Input::Cmd(c),
+                _ = async {
+                    match restart_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => Input::Restart,
                 f = recv_frame(main_conn) => Input::Frame(Which::Main, f),
                 f = recv_frame(alt_conn) => Input::Frame(Which::Alt, f),
                 r = connected(main_connecting) => Input::Connected(r),
@@ -312,9 +333,24 @@ impl PeerTask {
                     }
                     continue;
                 }
-                Input::Incoming(s) => {
+                Input::Cmd(PeerCmd::Incoming(s)) => {
                     sh.incoming(s, &mut main, &mut alt, &template, &mut queue);
                     continue;
+                }
+                Input::Cmd(PeerCmd::Cease(sub)) => {
+                    queue.push_back((Which::Main, Event::Stop(sub)));
+                    if alt.is_some() {
+                        queue.push_back((Which::Alt, Event::Stop(sub)));
+                    }
+                    restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
+                    continue;
+                }
+                Input::Restart => {
+                    restart_at = None;
+                    if main.state() != State::Idle {
+                        continue;
+                    }
+                    (Which::Main, Event::Start)
                 }
                 Input::Frame(Which::Main, f) => (Which::Main, frame_event(&main, f)),
                 Input::Frame(Which::Alt, f) => match alt.as_ref() {

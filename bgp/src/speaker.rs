@@ -31,7 +31,7 @@ use crate::fsm::{SessionConfig, State};
 use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
-use crate::peer::{PeerEvent, PeerTask, Transport};
+use crate::peer::{PeerCmd, PeerEvent, PeerTask, Transport};
 use crate::rib::{Best, ImportPolicy, LOCAL, PeerId, PeerInfo, Rib};
 use crate::{Error, Result};
 
@@ -95,7 +95,7 @@ struct PeerParams {
 struct PeerSlot {
     params: PeerParams,
     status: Arc<Mutex<PeerStatus>>,
-    incoming: mpsc::Sender<TcpStream>,
+    incoming: mpsc::Sender<PeerCmd>,
     session: Option<Established>,
 }
 
@@ -478,7 +478,7 @@ impl RibTask {
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {
         let ip = canonical(from.ip());
         if let Some(slot) = self.peers.values().find(|p| p.params.addr == ip) {
-            let _ = slot.incoming.try_send(stream);
+            let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
             return;
         }
         let host = Prefix::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix");
@@ -519,7 +519,7 @@ impl RibTask {
             session,
         });
         if let Some(slot) = self.peers.get(&id) {
-            let _ = slot.incoming.try_send(stream);
+            let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
         }
     }
 
@@ -577,10 +577,10 @@ impl RibTask {
                 && count > max
             {
                 tracing::warn!(peer = %slot.params.addr, count, max, "maximum prefixes exceeded");
-                if let Some(s) = &slot.session {
-                    let n = crate::packet::Notification::new(err::CEASE, err::CEASE_MAX_PREFIX);
-                    let _ = s.out.send(Message::Notification(n).encode(&s.ctx));
-                }
+                // RFC 4486: Cease / maximum number of prefixes reached.
+                let _ = slot
+                    .incoming
+                    .try_send(PeerCmd::Cease(err::CEASE_MAX_PREFIX));
             }
         }
         self.propagate(changes).await;

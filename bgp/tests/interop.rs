@@ -1020,3 +1020,74 @@ hold_time = 9
     })
     .unwrap();
 }
+
+/// max_prefixes: the peer gets Cease/1 (RFC 4486), its routes go, and the
+/// session stays down for a while instead of flapping.
+#[test]
+fn max_prefixes_closes_the_session_with_cease_1() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("bird").unwrap();
+    let margay = Margay::start(&a, &margay_conf("max_prefixes = 2", &["10.244.1.0/26"]));
+    let bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "",
+            &["10.244.2.0/26", "10.244.3.0/26", "10.244.4.0/26"],
+        ),
+    )
+    .unwrap();
+    wait::until("BIRD reports Cease / max prefixes", T, POLL, || {
+        let s = bird
+            .birdc("show protocols all m")
+            .map_err(|e| e.to_string())?;
+        Ok(s.to_lowercase()
+            .contains("maximum number of prefixes")
+            .then_some(s))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", margay.daemon.log_tail(20)));
+    let n = margay.show("neighbors");
+    assert!(
+        n[0]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("maximum number of prefixes"),
+        "{n}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!margay.established("10.99.0.2"), "stays down");
+    for p in ["10.244.2.0/26", "10.244.3.0/26", "10.244.4.0/26"] {
+        assert!(absent(&a, p), "{p} still installed");
+    }
+}
+
+/// GTSM (RFC 5082) against BIRD's `ttl security`: both send TTL 255 and
+/// accept only directly connected packets; the session comes up.
+#[test]
+fn gtsm_with_bird() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("m").unwrap();
+    let b = fabric.add_node("bird").unwrap();
+    let margay = Margay::start(&a, &margay_conf("ttl_security = 1", &["10.244.1.0/26"]));
+    let bird = Bird::start(
+        &b.ns,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "ttl security on;",
+            &["10.244.2.0/26"],
+        ),
+    )
+    .unwrap();
+    wait::until("GTSM session up", T, POLL, || {
+        Ok((bird.established("m") && margay.established("10.99.0.2")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{:?}", bird.birdc("show protocols all m")));
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+}
