@@ -92,31 +92,17 @@ fn ibgp_with_bird_both_directions_into_both_kernels() {
     let fabric = Fabric::new().unwrap();
     let a = fabric.add_node("m").unwrap();
     let b = fabric.add_node("bird").unwrap();
-    let margay = Margay::start(
-        &a,
-        r#"asn = 64512
-router_id = "10.99.0.1"
-[[neighbor]]
-address = "10.99.0.2"
-asn = 64512
-hold_time = 9
-[[originate]]
-prefix = "10.244.1.0/26"
-"#,
-    );
+    let margay = Margay::start(&a, &margay_conf("", &["10.244.1.0/26"]));
     let bird = Bird::start(
         &b.ns,
-        r#"log stderr all;
-router id 10.99.0.2;
-protocol device {}
-protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; }
-protocol static blocks { ipv4; route 10.244.2.0/26 blackhole; }
-protocol bgp m {
-  local 10.99.0.2 as 64512; neighbor 10.99.0.1 as 64512; direct;
-  hold time 9; keepalive time 3; graceful restart on;
-  ipv4 { import all; export where proto = "blocks"; next hop self; };
-}
-"#,
+        &bird_conf(
+            "10.99.0.2",
+            "10.99.0.1",
+            64512,
+            64512,
+            "graceful restart on;",
+            &["10.244.2.0/26"],
+        ),
     )
     .unwrap();
     wait::until("session up on both sides", T, POLL, || {
