@@ -32,6 +32,7 @@ use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
 use crate::peer::{PeerCmd, PeerEvent, PeerTask, Transport};
+use crate::prefix_map::PrefixMap;
 use crate::rib::{Best, ImportPolicy, LOCAL, PeerId, PeerInfo, Rib};
 use crate::{Error, Result};
 
@@ -105,7 +106,9 @@ struct Established {
     info: PeerInfo,
     local: IpAddr,
     families: Vec<(u16, u8)>,
-    adj_out: HashMap<Prefix, Attrs>,
+    /// Adj-RIB-Out: what the peer was told. Prefixes announced together
+    /// share one `Arc`, so a full table costs one attribute set per group.
+    adj_out: PrefixMap<Arc<Attrs>>,
     eor_received: HashSet<u16>,
 }
 
@@ -434,7 +437,7 @@ impl RibTask {
                     info,
                     local,
                     families: neg.families.clone(),
-                    adj_out: HashMap::new(),
+                    adj_out: PrefixMap::default(),
                     eor_received: HashSet::new(),
                 });
                 // Initial advertisement, then End-of-RIB per family.
@@ -645,8 +648,7 @@ impl RibTask {
             );
             match out {
                 Some(a) if a.next_hop.is_some() => {
-                    if s.adj_out.get(p) != Some(&a) {
-                        s.adj_out.insert(*p, a.clone());
+                    if s.adj_out.get(p).map(|x| &**x) != Some(&a) {
                         announce.entry(a).or_default().push(*p);
                     }
                 }
@@ -664,12 +666,13 @@ impl RibTask {
                 n += 1;
             }
         }
-        for (a, ps) in &announce {
-            let mut v4: Vec<Prefix> = Vec::new();
-            let mut v6: Vec<Prefix> = Vec::new();
-            for p in ps {
-                if p.is_v4() { v4.push(*p) } else { v6.push(*p) }
+        for (a, ps) in announce {
+            let shared = Arc::new(a);
+            for p in &ps {
+                s.adj_out.insert(*p, shared.clone());
             }
+            let a = &*shared;
+            let (v4, v6): (Vec<Prefix>, Vec<Prefix>) = ps.into_iter().partition(Prefix::is_v4);
             for group in [v4, v6] {
                 for m in UpdateBuilder::announce(a, &group, None, &s.ctx) {
                     let _ = s.out.send(m);
