@@ -1,12 +1,35 @@
 //! Margay IPAM: which node owns which block, and which pod owns which address.
 //!
-//! Pure logic over a store trait; the Kubernetes store lives in the agent.
+//! - [`crd`]: the `margay.dev/v1` resources (IPPool, IPAMBlock,
+//!   IPAMConfiguration), source of the CRD YAML;
+//! - [`model`]: blocks and pools as the allocator sees them, pool validation;
+//! - [`plan`]: the pure allocation planner;
+//! - [`store`]: the compare-and-swap store trait and an in-memory store with
+//!   failure injection (the Kubernetes store lives in the agent);
+//! - [`allocator`]: the per-node actor that batches requests into as few
+//!   block writes as possible (group commit);
+//! - [`gc`]: leak and dead-node garbage collection.
+//!
 //! See `DESIGN.md` beside this crate for the invariants.
 
+pub mod allocator;
 pub mod block;
+pub mod crd;
+pub mod gc;
+pub mod model;
+pub mod plan;
+pub mod store;
+
+pub use allocator::{Allocator, Options};
+pub use model::{Block, Family, Pool};
+pub use plan::{Assign, Op, Outcome};
+pub use store::{Cluster, MemStore, Store};
+
+use crd::AllowedUse;
+use model::Family as Fam;
 
 /// Errors of the IPAM crate.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     /// The block size does not fit the pool's address family.
     #[error("block size /{size} is invalid for {family} pool {cidr} (allowed /{min} to /{max})")]
@@ -17,7 +40,62 @@ pub enum Error {
         min: u8,
         max: u8,
     },
+    /// A block object whose content does not make sense; it is left alone.
+    #[error("IPAMBlock {name} is corrupt ({why}); it is left alone, inspect it with kubectl")]
+    CorruptBlock { name: String, why: String },
+    /// No pool can give this node an address for this use.
+    #[error(
+        "no enabled IPPool selects node {node} for {use_:?} addresses (check the pools' disabled, nodeSelector and allowedUses)"
+    )]
+    NoPool { node: String, use_: AllowedUse },
+    /// No address left for this node.
+    #[error("no free {family:?} address for node {node}: {why}")]
+    Exhausted {
+        family: Fam,
+        node: String,
+        why: String,
+    },
+    /// The object changed since it was read (compare-and-swap failed).
+    #[error("{0} changed since it was read")]
+    Conflict(String),
+    /// The object already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The object does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The store could not be reached or did not answer; a write may or may
+    /// not have been applied.
+    #[error("datastore unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused the request for another reason.
+    #[error("datastore refused: {0}")]
+    Refused(String),
+    /// Conflicts did not resolve within the retry bound; try again.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The allocator has stopped.
+    #[error("the allocator has stopped")]
+    Stopped,
 }
 
-/// IPAM result.
+impl Error {
+    /// Whether asking again later may succeed (CNI code 11, "try again").
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Conflict(_) | Error::Unavailable(_) | Error::Busy(_) | Error::Stopped
+        )
+    }
+}
+
+/// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The current time in RFC 3339 (what allocations record as `since`).
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap_or(jiff::Timestamp::now())
+        .to_string()
+}

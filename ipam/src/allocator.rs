@@ -1,0 +1,494 @@
+//! The per-node allocator: one task owns the node's view of the blocks and
+//! serves assign/release requests in batches.
+//!
+//! Group commit: every request waiting when the task is free is planned
+//! together, so a burst of N pod starts on a node costs about one write per
+//! block touched instead of N. The view changes only after a write
+//! succeeded (or after re-reading the store); a conflict re-reads the one
+//! block and plans the affected requests again, at most
+//! [`Options::max_rounds`] times, then answers `Busy`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::crd::IPAMConfigurationSpec;
+use crate::model::{Block, Family, Pool, validate_pools};
+use crate::plan::{Claim, Context, Op, Outcome, View, plan};
+use crate::store::Store;
+use crate::{Assign, Error, Result, now_rfc3339};
+
+/// Tuning of the allocator task.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Most requests planned together.
+    pub max_batch: usize,
+    /// Most planning rounds for one batch before answering `Busy`.
+    pub max_rounds: usize,
+    /// How often empty blocks are looked at.
+    pub maintenance_every: Duration,
+    /// Requests that may wait in the queue.
+    pub queue: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_batch: 512,
+            max_rounds: 24,
+            maintenance_every: Duration::from_secs(10),
+            queue: 4096,
+        }
+    }
+}
+
+enum Job {
+    Op(Op, oneshot::Sender<Result<Outcome>>),
+    Maintain(oneshot::Sender<Result<Vec<String>>>),
+    Blocks(oneshot::Sender<Vec<Block>>),
+}
+
+/// Handle to a node's allocator task (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Op(op, _) => write!(f, "Op({op:?})"),
+            Job::Maintain(_) => write!(f, "Maintain"),
+            Job::Blocks(_) => write!(f, "Blocks"),
+        }
+    }
+}
+
+impl Allocator {
+    /// Starts the allocator task for `node` on the current runtime.
+    pub fn start<S: Store>(store: Arc<S>, node: &str, opts: Options) -> Self {
+        let (tx, rx) = mpsc::channel(opts.queue);
+        let actor = Actor {
+            store,
+            node: node.to_string(),
+            view: None,
+            empty_since: HashMap::new(),
+            opts,
+            jitter: 0x9e37_79b9_7f4a_7c15 ^ node.len() as u64,
+        };
+        tokio::spawn(actor.run(rx));
+        Self { tx }
+    }
+
+    async fn call(&self, op: Op) -> Result<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Op(op, tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Addresses for a handle: one per family with a usable pool. Asking
+    /// again with the same handle returns the same addresses.
+    pub async fn assign(&self, req: Assign) -> Result<Vec<IpNetwork>> {
+        match self.call(Op::Assign(req)).await? {
+            Outcome::Assigned(v) => Ok(v),
+            Outcome::Released(_) => unreachable!("assign answers Assigned"),
+        }
+    }
+
+    /// Releases a handle's addresses; releasing what is not held succeeds.
+    pub async fn release(&self, handle: &str) -> Result<Vec<IpAddr>> {
+        match self
+            .call(Op::Release {
+                handle: handle.to_string(),
+            })
+            .await?
+        {
+            Outcome::Released(v) => Ok(v),
+            Outcome::Assigned(_) => unreachable!("release answers Released"),
+        }
+    }
+
+    /// Runs block maintenance now; returns the blocks released.
+    pub async fn release_empty_blocks(&self) -> Result<Vec<String>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Maintain(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// The allocator's current view of every block.
+    pub async fn blocks(&self) -> Result<Vec<Block>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Blocks(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+}
+
+struct Actor<S> {
+    store: Arc<S>,
+    node: String,
+    view: Option<View>,
+    empty_since: HashMap<String, Instant>,
+    opts: Options,
+    jitter: u64,
+}
+
+struct Inputs {
+    pools: Vec<Pool>,
+    config: IPAMConfigurationSpec,
+    labels: BTreeMap<String, String>,
+}
+
+impl<S: Store> Actor<S> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut tick = tokio::time::interval(self.opts.maintenance_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                job = rx.recv() => {
+                    let Some(first) = job else { break };
+                    let mut batch = vec![first];
+                    while batch.len() < self.opts.max_batch {
+                        match rx.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    self.serve(batch).await;
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.maintain().await {
+                        tracing::warn!(node = %self.node, "block maintenance: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self, batch: Vec<Job>) {
+        let mut ops = Vec::new();
+        let mut replies = Vec::new();
+        let mut other = Vec::new();
+        for job in batch {
+            match job {
+                Job::Op(op, tx) => {
+                    ops.push(op);
+                    replies.push(tx);
+                }
+                j => other.push(j),
+            }
+        }
+        if !ops.is_empty() {
+            let results = self.execute(&ops).await;
+            for (tx, r) in replies.into_iter().zip(results) {
+                let _ = tx.send(r);
+            }
+        }
+        for job in other {
+            match job {
+                Job::Maintain(tx) => {
+                    let _ = tx.send(self.maintain().await);
+                }
+                Job::Blocks(tx) => {
+                    let blocks = match self.view().await {
+                        Ok(v) => v.blocks().cloned().collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    let _ = tx.send(blocks);
+                }
+                Job::Op(..) => unreachable!("ops were taken out"),
+            }
+        }
+    }
+
+    async fn view(&mut self) -> Result<&mut View> {
+        if self.view.is_none() {
+            let blocks = self.store.list_blocks().await?;
+            self.view = Some(View::new(blocks));
+        }
+        Ok(self.view.as_mut().expect("just loaded"))
+    }
+
+    async fn inputs(&self) -> Result<Inputs> {
+        let (pools, problems) = validate_pools(&self.store.pools().await?);
+        for p in problems {
+            tracing::debug!(pool = %p.pool, reason = p.reason, "pool not used: {}", p.message);
+        }
+        Ok(Inputs {
+            pools,
+            config: self.store.config().await?,
+            labels: self.store.node_labels(&self.node).await?,
+        })
+    }
+
+    /// Puts what the store said about block `name` into the view (if the
+    /// view is loaded; otherwise the next round lists everything anyway).
+    fn put(&mut self, block: Option<Block>, name: &str) {
+        if let Some(view) = self.view.as_mut() {
+            match block {
+                Some(b) => view.insert(b),
+                None => {
+                    view.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Re-reads one block into the view.
+    async fn refresh(&mut self, name: &str) -> Result<()> {
+        let fresh = self.store.get_block(name).await?;
+        self.put(fresh, name);
+        Ok(())
+    }
+
+    async fn backoff(&mut self, round: usize) {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        let cap = 1u64 << round.min(6);
+        let ms = self.jitter % (cap + 1);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    async fn execute(&mut self, ops: &[Op]) -> Vec<Result<Outcome>> {
+        let mut results: Vec<Option<Result<Outcome>>> = vec![None; ops.len()];
+        let mut pending: Vec<usize> = (0..ops.len()).collect();
+        let mut full_reload_done = false;
+        let mut round = 0;
+        while !pending.is_empty() && round < self.opts.max_rounds {
+            round += 1;
+            let inputs = match self.inputs().await {
+                Ok(i) => i,
+                Err(e) => {
+                    for i in pending.drain(..) {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    break;
+                }
+            };
+            if let Err(e) = self.view().await {
+                self.view = None;
+                for i in pending.drain(..) {
+                    results[i] = Some(Err(e.clone()));
+                }
+                break;
+            }
+            if round == 1 {
+                // An assign for a handle the view says already has
+                // addresses: confirm against the store before answering
+                // (a collector may have released them since).
+                let mut stale: HashSet<String> = HashSet::new();
+                let view = self.view.as_ref().expect("loaded");
+                for &i in &pending {
+                    if let Op::Assign(a) = &ops[i] {
+                        stale.extend(view.holding(&a.handle).iter().map(|(b, _)| b.clone()));
+                    }
+                }
+                for name in stale {
+                    if let Err(e) = self.refresh(&name).await {
+                        tracing::debug!("refresh {name}: {e}");
+                    }
+                }
+            }
+            let now = now_rfc3339();
+            let ctx = Context {
+                node: &self.node,
+                labels: &inputs.labels,
+                pools: &inputs.pools,
+                config: &inputs.config,
+                now: &now,
+            };
+            let refs: Vec<(usize, &Op)> = pending.iter().map(|&i| (i, &ops[i])).collect();
+            let view = self.view.as_ref().expect("loaded");
+            let p = plan(ctx, view, &refs);
+            let mut next: Vec<usize> = p.waiting.clone();
+            let mut contended = false;
+
+            if let Some(claim) = &p.claim {
+                contended |= !self.claim(claim).await;
+            }
+
+            // All block writes of the round go out together.
+            let writes = p.writes.values().map(|b| self.store.update_block(b));
+            let answers = futures::future::join_all(writes).await;
+            let mut written: HashSet<String> = HashSet::new();
+            let mut broken: HashMap<String, Error> = HashMap::new();
+            for (b, answer) in p.writes.values().zip(answers) {
+                match answer {
+                    Ok(nb) => {
+                        written.insert(nb.name.clone());
+                        self.put(Some(nb), &b.name);
+                    }
+                    Err(Error::Conflict(_) | Error::NotFound(_)) => {
+                        contended = true;
+                        if let Err(e) = self.refresh(&b.name).await {
+                            broken.insert(b.name.clone(), e);
+                        }
+                    }
+                    Err(e @ Error::Unavailable(_)) => {
+                        // Did it apply? Read back and compare.
+                        match self.store.get_block(&b.name).await {
+                            Ok(Some(cur))
+                                if cur.allocations == b.allocations && cur.node == b.node =>
+                            {
+                                written.insert(cur.name.clone());
+                                self.put(Some(cur), &b.name);
+                            }
+                            Ok(cur) => {
+                                self.put(cur, &b.name);
+                                contended = true;
+                            }
+                            Err(_) => {
+                                self.view = None;
+                                broken.insert(b.name.clone(), e);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        broken.insert(b.name.clone(), e);
+                    }
+                }
+            }
+
+            let mut reload = false;
+            for (i, outcome) in p.done {
+                match outcome {
+                    // The view may be stale (other nodes freed or deleted
+                    // blocks): read everything again before saying no.
+                    Err(Error::Exhausted { .. }) if !full_reload_done => {
+                        next.push(i);
+                        reload = true;
+                    }
+                    Err(e) => results[i] = Some(Err(e)),
+                    Ok(o) => {
+                        let deps = p.depends.get(&i).map(Vec::as_slice).unwrap_or(&[]);
+                        if let Some(e) = deps.iter().find_map(|d| broken.get(d)) {
+                            results[i] = Some(Err(e.clone()));
+                        } else if deps.iter().all(|d| written.contains(d)) {
+                            results[i] = Some(Ok(o));
+                        } else {
+                            next.push(i);
+                        }
+                    }
+                }
+            }
+            if reload {
+                full_reload_done = true;
+                self.view = None;
+            }
+            next.sort_unstable();
+            next.dedup();
+            pending = next;
+            if contended && !pending.is_empty() {
+                self.backoff(round).await;
+            }
+        }
+        let n = pending.len();
+        for i in pending {
+            results[i] = Some(Err(Error::Busy(format!(
+                "{n} request(s) still conflicting after {} rounds",
+                self.opts.max_rounds
+            ))));
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
+    }
+
+    /// Claims a block; returns false when someone else got there first.
+    async fn claim(&mut self, claim: &Claim) -> bool {
+        let (res, name) = match claim {
+            Claim::Create(b) => (self.store.create_block(b).await, &b.name),
+            Claim::Adopt(b) => (self.store.update_block(b).await, &b.name),
+        };
+        match res {
+            Ok(b) => {
+                tracing::info!(node = %self.node, block = %b.cidr, "claimed block");
+                if let Some(v) = self.view.as_mut() {
+                    v.insert(b);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(node = %self.node, block = %name, "claim failed: {e}");
+                let name = name.clone();
+                if self.refresh(&name).await.is_err() {
+                    self.view = None;
+                }
+                false
+            }
+        }
+    }
+
+    /// Releases this node's blocks that have been empty for the grace
+    /// period, keeping at least one per family in a usable pool.
+    async fn maintain(&mut self) -> Result<Vec<String>> {
+        let inputs = self.inputs().await?;
+        let node = self.node.clone();
+        let grace = Duration::from_secs(inputs.config.empty_block_grace_seconds);
+        let now = Instant::now();
+        let view = self.view().await?;
+        let own: Vec<Block> = view
+            .blocks()
+            .filter(|b| b.node.as_deref() == Some(node.as_str()))
+            .cloned()
+            .collect();
+        let live: HashSet<&str> = own.iter().map(|b| b.name.as_str()).collect();
+        self.empty_since.retain(|k, _| live.contains(k.as_str()));
+        let usable = |b: &Block| {
+            inputs
+                .pools
+                .iter()
+                .any(|p| p.owns(b) && p.usable(&inputs.labels, crate::crd::AllowedUse::Workload))
+        };
+        let mut kept: HashMap<Family, usize> = HashMap::new();
+        for b in own.iter().filter(|b| usable(b)) {
+            *kept.entry(b.family()).or_default() += 1;
+        }
+        let mut released = Vec::new();
+        for b in &own {
+            if !b.allocations.is_empty() {
+                self.empty_since.remove(&b.name);
+                continue;
+            }
+            let since = *self.empty_since.entry(b.name.clone()).or_insert(now);
+            if now.duration_since(since) < grace {
+                continue;
+            }
+            let in_use_pool = usable(b);
+            if in_use_pool && kept.get(&b.family()).copied().unwrap_or(0) <= 1 {
+                continue;
+            }
+            let version = b.version.clone().unwrap_or_default();
+            match self.store.delete_block(&b.name, &version).await {
+                Ok(()) => {
+                    tracing::info!(node = %self.node, block = %b.cidr, "released empty block");
+                    if in_use_pool {
+                        *kept.get_mut(&b.family()).expect("counted") -= 1;
+                    }
+                    self.put(None, &b.name);
+                    self.empty_since.remove(&b.name);
+                    released.push(b.name.clone());
+                }
+                Err(Error::Conflict(_) | Error::NotFound(_) | Error::Unavailable(_)) => {
+                    self.refresh(&b.name).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(released)
+    }
+}

@@ -1,0 +1,428 @@
+//! The allocator's view of blocks and pools: parsed, validated, and
+//! convertible to and from the custom resources.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use kube::api::ObjectMeta;
+
+use crate::block::block_size;
+use crate::crd::{
+    AllocationRecord, AllowedUse, Encapsulation, IPAMBlock, IPAMBlockSpec, IPPool, LabelSelector,
+    block_name,
+};
+use crate::{Error, Result};
+
+/// Address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// The family of a network.
+    pub fn of(net: &IpNetwork) -> Self {
+        match net {
+            IpNetwork::V4(_) => Family::V4,
+            IpNetwork::V6(_) => Family::V6,
+        }
+    }
+
+    /// The family of an address.
+    pub fn of_addr(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// Host prefix length (32 or 128).
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+/// One block as the allocator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Object name (derived from `cidr`).
+    pub name: String,
+    /// The block's range.
+    pub cidr: IpNetwork,
+    /// The pool it belongs to.
+    pub pool: String,
+    /// The affine node.
+    pub node: Option<String>,
+    /// Allocated addresses.
+    pub allocations: BTreeMap<IpAddr, AllocationRecord>,
+    /// The store's version of the object this was read from (`None` for a
+    /// block not yet created).
+    pub version: Option<String>,
+}
+
+/// The `n`th address of a network (no bounds check beyond the family).
+pub fn nth(net: &IpNetwork, n: u128) -> IpAddr {
+    match net {
+        IpNetwork::V4(v4) => IpAddr::V4((u32::from(v4.network()) + n as u32).into()),
+        IpNetwork::V6(v6) => IpAddr::V6((u128::from(v6.network()) + n).into()),
+    }
+}
+
+/// How many addresses (or sub-blocks) a prefix length spans inside `bits`.
+pub fn span(bits: u8, prefix: u8) -> u128 {
+    let shift = u32::from(bits.saturating_sub(prefix));
+    if shift >= 128 {
+        u128::MAX
+    } else {
+        1u128 << shift
+    }
+}
+
+impl Block {
+    /// A new, empty block affine to `node`.
+    pub fn new(cidr: IpNetwork, pool: &str, node: &str) -> Self {
+        Self {
+            name: block_name(&cidr),
+            cidr,
+            pool: pool.to_string(),
+            node: Some(node.to_string()),
+            allocations: BTreeMap::new(),
+            version: None,
+        }
+    }
+
+    /// Number of addresses in the block.
+    pub fn capacity(&self) -> u128 {
+        span(Family::of(&self.cidr).host_prefix(), self.cidr.prefix())
+    }
+
+    /// Number of free addresses.
+    pub fn free(&self) -> u128 {
+        self.capacity() - self.allocations.len() as u128
+    }
+
+    /// The lowest free address.
+    pub fn first_free(&self) -> Option<IpAddr> {
+        if self.free() == 0 {
+            return None;
+        }
+        (0..self.capacity())
+            .map(|i| nth(&self.cidr, i))
+            .find(|ip| !self.allocations.contains_key(ip))
+    }
+
+    /// Addresses held by `handle`.
+    pub fn held_by<'a>(&'a self, handle: &'a str) -> impl Iterator<Item = IpAddr> + 'a {
+        self.allocations
+            .iter()
+            .filter(move |(_, a)| a.handle == handle)
+            .map(|(ip, _)| *ip)
+    }
+
+    /// Family of the block.
+    pub fn family(&self) -> Family {
+        Family::of(&self.cidr)
+    }
+
+    /// Parses a block resource; a block whose content does not parse is an
+    /// error (the allocator then leaves it alone).
+    pub fn from_resource(res: &IPAMBlock) -> Result<Self> {
+        let name = res.metadata.name.clone().unwrap_or_default();
+        let corrupt = |why: String| Error::CorruptBlock {
+            name: name.clone(),
+            why,
+        };
+        let cidr: IpNetwork = res
+            .spec
+            .cidr
+            .parse()
+            .map_err(|e| corrupt(format!("cidr {:?}: {e}", res.spec.cidr)))?;
+        if cidr.network() != cidr.ip() || block_name(&cidr) != name {
+            return Err(corrupt(format!("cidr {cidr} does not match the name")));
+        }
+        let mut allocations = BTreeMap::new();
+        for (k, v) in &res.spec.allocations {
+            let ip: IpAddr = k
+                .parse()
+                .map_err(|e| corrupt(format!("allocation key {k:?}: {e}")))?;
+            if !cidr.contains(ip) {
+                return Err(corrupt(format!("allocation {ip} is outside {cidr}")));
+            }
+            allocations.insert(ip, v.clone());
+        }
+        Ok(Self {
+            name,
+            cidr,
+            pool: res.spec.pool.clone(),
+            node: res.spec.node.clone(),
+            allocations,
+            version: res.metadata.resource_version.clone(),
+        })
+    }
+
+    /// The resource to write for this block (carrying `version` for the
+    /// compare-and-swap).
+    pub fn to_resource(&self) -> IPAMBlock {
+        IPAMBlock {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                resource_version: self.version.clone(),
+                ..Default::default()
+            },
+            spec: IPAMBlockSpec {
+                cidr: self.cidr.to_string(),
+                pool: self.pool.clone(),
+                node: self.node.clone(),
+                allocations: self
+                    .allocations
+                    .iter()
+                    .map(|(ip, a)| (ip.to_string(), a.clone()))
+                    .collect(),
+            },
+        }
+    }
+}
+
+/// A pool that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    /// Object name.
+    pub name: String,
+    /// The pool's range.
+    pub cidr: IpNetwork,
+    /// Block prefix length.
+    pub block_size: u8,
+    /// Hands out nothing new.
+    pub disabled: bool,
+    /// Being deleted: hands out nothing new.
+    pub deleting: bool,
+    /// Which nodes may use it.
+    pub selector: Option<LabelSelector>,
+    /// What it may be used for.
+    pub uses: Vec<AllowedUse>,
+    /// Encapsulation towards other nodes.
+    pub encapsulation: Encapsulation,
+    /// Masquerade outgoing traffic.
+    pub nat_outgoing: bool,
+}
+
+impl Pool {
+    /// Family of the pool.
+    pub fn family(&self) -> Family {
+        Family::of(&self.cidr)
+    }
+
+    /// Number of blocks in the pool.
+    pub fn block_count(&self) -> u128 {
+        span(self.block_size, self.cidr.prefix())
+    }
+
+    /// The `i`th block's range.
+    pub fn block(&self, i: u128) -> IpNetwork {
+        let shift = u32::from(self.family().host_prefix() - self.block_size);
+        let base = nth(&self.cidr, i << shift);
+        IpNetwork::new(base, self.block_size).expect("prefix within family")
+    }
+
+    /// Whether a block belongs to this pool as the pool is now (a block
+    /// left over from an edited pool does not).
+    pub fn owns(&self, b: &Block) -> bool {
+        b.pool == self.name
+            && b.cidr.prefix() == self.block_size
+            && self.cidr.contains(b.cidr.network())
+    }
+
+    /// Whether a node with these labels may get addresses for `use_` from
+    /// this pool now.
+    pub fn usable(&self, labels: &BTreeMap<String, String>, use_: AllowedUse) -> bool {
+        !self.disabled
+            && !self.deleting
+            && self.uses.contains(&use_)
+            && self.selector.as_ref().is_none_or(|s| s.matches(labels))
+    }
+}
+
+/// Why a pool is not usable at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolProblem {
+    /// The pool's name.
+    pub pool: String,
+    /// One CamelCase word.
+    pub reason: &'static str,
+    /// For a person.
+    pub message: String,
+}
+
+/// Validates pools. Pools are considered oldest first (creation time, then
+/// name); a pool overlapping an older valid pool is rejected, so blocks of
+/// two pools can never overlap. Returns the valid pools (oldest first) and
+/// the problems of the others.
+pub fn validate_pools(pools: &[IPPool]) -> (Vec<Pool>, Vec<PoolProblem>) {
+    let mut sorted: Vec<&IPPool> = pools.iter().collect();
+    sorted.sort_by(|a, b| {
+        let ka = (&a.metadata.creation_timestamp, &a.metadata.name);
+        let kb = (&b.metadata.creation_timestamp, &b.metadata.name);
+        ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut valid: Vec<Pool> = Vec::new();
+    let mut problems = Vec::new();
+    for p in sorted {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let problem = |reason, message| PoolProblem {
+            pool: name.clone(),
+            reason,
+            message,
+        };
+        let cidr: IpNetwork = match p.spec.cidr.parse() {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(problem(
+                    "InvalidCIDR",
+                    format!("cidr {:?} is not a network: {e}", p.spec.cidr),
+                ));
+                continue;
+            }
+        };
+        if cidr.network() != cidr.ip() {
+            problems.push(problem(
+                "InvalidCIDR",
+                format!(
+                    "cidr {cidr} has host bits set; did you mean {}/{}?",
+                    cidr.network(),
+                    cidr.prefix()
+                ),
+            ));
+            continue;
+        }
+        let size = match block_size(cidr, p.spec.block_size) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(problem("InvalidBlockSize", e.to_string()));
+                continue;
+            }
+        };
+        if let Some(other) = valid.iter().find(|v| overlaps(&v.cidr, &cidr)) {
+            problems.push(problem(
+                "Overlaps",
+                format!(
+                    "cidr {cidr} overlaps pool {} ({}), which is older; this pool is not used",
+                    other.name, other.cidr
+                ),
+            ));
+            continue;
+        }
+        valid.push(Pool {
+            name,
+            cidr,
+            block_size: size,
+            disabled: p.spec.disabled,
+            deleting: p.metadata.deletion_timestamp.is_some(),
+            selector: p.spec.node_selector.clone(),
+            uses: p.spec.allowed_uses.clone(),
+            encapsulation: p.spec.encapsulation,
+            nat_outgoing: p.spec.nat_outgoing,
+        });
+    }
+    (valid, problems)
+}
+
+/// Whether two networks share an address.
+pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    Family::of(a) == Family::of(b) && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::IPPoolSpec;
+
+    pub(crate) fn pool(name: &str, cidr: &str, size: Option<u8>) -> IPPool {
+        let mut p = IPPool::new(
+            name,
+            IPPoolSpec {
+                cidr: cidr.into(),
+                block_size: size,
+                encapsulation: Encapsulation::None,
+                nat_outgoing: false,
+                disabled: false,
+                node_selector: None,
+                allowed_uses: vec![AllowedUse::Workload, AllowedUse::Tunnel],
+            },
+        );
+        p.metadata.creation_timestamp = None;
+        p
+    }
+
+    #[test]
+    fn overlapping_pools_younger_loses() {
+        let (valid, problems) = validate_pools(&[
+            pool("a", "10.0.0.0/16", None),
+            pool("b", "10.0.128.0/24", Some(28)),
+            pool("c", "10.1.0.0/16", None),
+            pool("d", "10.2.0.1/16", None),
+            pool("e", "10.3.0.0/16", Some(19)),
+            pool("f", "fd00::/64", None),
+        ]);
+        let names: Vec<_> = valid.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "c", "f"]);
+        let reasons: Vec<_> = problems
+            .iter()
+            .map(|p| (p.pool.as_str(), p.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("b", "Overlaps"),
+                ("d", "InvalidCIDR"),
+                ("e", "InvalidBlockSize")
+            ]
+        );
+        assert_eq!(valid[2].block_size, 122);
+    }
+
+    #[test]
+    fn blocks_of_a_pool() {
+        let (valid, _) = validate_pools(&[pool("a", "10.0.0.0/24", None)]);
+        let p = &valid[0];
+        assert_eq!(p.block_count(), 4);
+        assert_eq!(p.block(3).to_string(), "10.0.0.192/26");
+        let (valid, _) = validate_pools(&[pool("v6", "fd00::/64", None)]);
+        assert_eq!(valid[0].block_count(), 1 << 58);
+        assert_eq!(valid[0].block(1).to_string(), "fd00::40/122");
+    }
+
+    #[test]
+    fn block_round_trip_and_corruption() {
+        let mut b = Block::new("10.0.0.64/26".parse().unwrap(), "a", "n1");
+        assert_eq!(b.first_free(), Some("10.0.0.64".parse().unwrap()));
+        b.allocations.insert(
+            "10.0.0.64".parse().unwrap(),
+            AllocationRecord {
+                handle: "h".into(),
+                node: "n1".into(),
+                use_: AllowedUse::Workload,
+                pod: None,
+                since: "2026-01-01T00:00:00Z".into(),
+            },
+        );
+        assert_eq!(b.first_free(), Some("10.0.0.65".parse().unwrap()));
+        assert_eq!(b.free(), 63);
+        let back = Block::from_resource(&b.to_resource()).unwrap();
+        assert_eq!(back, b);
+        let mut res = b.to_resource();
+        res.spec
+            .allocations
+            .insert("10.0.1.1".into(), res.spec.allocations["10.0.0.64"].clone());
+        assert!(Block::from_resource(&res).is_err());
+        let mut res = b.to_resource();
+        res.metadata.name = Some("10-0-0-0-26".into());
+        assert!(Block::from_resource(&res).is_err());
+    }
+}

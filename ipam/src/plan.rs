@@ -1,0 +1,684 @@
+//! The allocation planner: pure logic, no I/O.
+//!
+//! Given the allocator's view of the blocks and a batch of operations, a
+//! [`Plan`] says which blocks to write (whole new contents, each to be
+//! written with a compare-and-swap on the version it was read at), what each
+//! operation's outcome will be once those writes succeed, and at most one
+//! block to claim before the operations that wait on it can be planned.
+//! The caller performs the writes and plans again for what is left; nothing
+//! here changes the view.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use crate::crd::{AllocationRecord, AllowedUse, IPAMConfigurationSpec, PodRef, block_name};
+use crate::model::{Block, Family, Pool};
+use crate::{Error, Result};
+
+/// Ask for addresses for `handle`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assign {
+    /// `<container id>.<interface>` (or `tunnel.<kind>.<node>`).
+    pub handle: String,
+    /// The pod, when known.
+    pub pod: Option<PodRef>,
+    /// What the address is for.
+    pub use_: AllowedUse,
+}
+
+/// One operation on the allocator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Addresses for a handle (the same ones again if it has them already).
+    Assign(Assign),
+    /// Release every address of a handle (nothing to do is success).
+    Release {
+        /// The handle.
+        handle: String,
+    },
+}
+
+/// What an operation achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handle's addresses, one per family, as host networks.
+    Assigned(Vec<IpNetwork>),
+    /// The addresses that were released (empty when there were none).
+    Released(Vec<IpAddr>),
+}
+
+/// A block to claim for this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Create a block object that does not exist yet.
+    Create(Block),
+    /// Take an existing block without affinity (its node was deleted).
+    Adopt(Block),
+}
+
+/// The result of [`plan`].
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Blocks to write, by name: the new content, carrying the version of
+    /// the view it was derived from.
+    pub writes: BTreeMap<String, Block>,
+    /// Decided operations (by batch index). An `Ok` outcome holds only once
+    /// every block in `depends[index]` has been written.
+    pub done: Vec<(usize, Result<Outcome>)>,
+    /// Blocks each decided operation's outcome depends on.
+    pub depends: HashMap<usize, Vec<String>>,
+    /// A block to claim before the waiting operations can proceed.
+    pub claim: Option<Claim>,
+    /// Operations to plan again in the next round.
+    pub waiting: Vec<usize>,
+}
+
+/// Who is asking, and under which rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    /// This node's labels (for pools' node selectors).
+    pub labels: &'a BTreeMap<String, String>,
+    /// Valid pools, oldest first.
+    pub pools: &'a [Pool],
+    /// Cluster IPAM settings.
+    pub config: &'a IPAMConfigurationSpec,
+    /// The current time, RFC 3339, for `since`.
+    pub now: &'a str,
+}
+
+/// Every block the allocator knows, with an index by handle.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    blocks: BTreeMap<String, Block>,
+    handles: HashMap<String, Vec<(String, IpAddr)>>,
+}
+
+impl View {
+    /// Builds a view from a full list of blocks.
+    pub fn new(blocks: impl IntoIterator<Item = Block>) -> Self {
+        let mut v = Self::default();
+        for b in blocks {
+            v.insert(b);
+        }
+        v
+    }
+
+    /// Adds or replaces a block.
+    pub fn insert(&mut self, block: Block) {
+        self.remove(&block.name.clone());
+        for (ip, a) in &block.allocations {
+            self.handles
+                .entry(a.handle.clone())
+                .or_default()
+                .push((block.name.clone(), *ip));
+        }
+        self.blocks.insert(block.name.clone(), block);
+    }
+
+    /// Forgets a block.
+    pub fn remove(&mut self, name: &str) -> Option<Block> {
+        let old = self.blocks.remove(name)?;
+        for a in old.allocations.values() {
+            if let Some(v) = self.handles.get_mut(&a.handle) {
+                v.retain(|(b, _)| b != name);
+                if v.is_empty() {
+                    self.handles.remove(&a.handle);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// A block by name.
+    pub fn get(&self, name: &str) -> Option<&Block> {
+        self.blocks.get(name)
+    }
+
+    /// All blocks, by name.
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.blocks.values()
+    }
+
+    /// Where a handle's addresses are, as far as the view knows.
+    pub fn holding(&self, handle: &str) -> &[(String, IpAddr)] {
+        self.handles.get(handle).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether the view has no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
+/// A stable per-node starting point so nodes claiming at once try
+/// different blocks (FNV-1a of the node name).
+fn node_offset(node: &str, count: u128) -> u128 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    u128::from(h) % count.max(1)
+}
+
+struct Planner<'a, 'v> {
+    ctx: Context<'a>,
+    view: &'v View,
+    work: BTreeMap<String, Block>,
+    plan: Plan,
+}
+
+impl<'a, 'v> Planner<'a, 'v> {
+    fn block(&self, name: &str) -> Option<&Block> {
+        self.work.get(name).or_else(|| self.view.get(name))
+    }
+
+    fn block_mut(&mut self, name: &str) -> &mut Block {
+        if !self.work.contains_key(name) {
+            let b = self
+                .view
+                .get(name)
+                .expect("planned block is in the view")
+                .clone();
+            self.work.insert(name.to_string(), b);
+        }
+        self.work.get_mut(name).expect("just inserted")
+    }
+
+    fn usable_pools(
+        &self,
+        family: Family,
+        use_: AllowedUse,
+    ) -> impl Iterator<Item = &'a Pool> + 'a {
+        let labels = self.ctx.labels;
+        self.ctx
+            .pools
+            .iter()
+            .filter(move |p| p.family() == family && p.usable(labels, use_))
+    }
+
+    /// A block affine to this node in a usable pool with a free address.
+    fn own_block_with_space(&self, family: Family, use_: AllowedUse) -> Option<String> {
+        for pool in self.usable_pools(family, use_) {
+            let found = self
+                .view
+                .blocks()
+                .filter(|b| pool.owns(b) && b.node.as_deref() == Some(self.ctx.node))
+                .map(|b| self.block(&b.name).expect("in view"))
+                .find(|b| b.free() > 0);
+            if let Some(b) = found {
+                return Some(b.name.clone());
+            }
+        }
+        None
+    }
+
+    fn own_blocks(&self, family: Family) -> usize {
+        self.view
+            .blocks()
+            .filter(|b| b.family() == family && b.node.as_deref() == Some(self.ctx.node))
+            .count()
+    }
+
+    /// A block this node may claim, or why none.
+    fn claim_candidate(
+        &self,
+        family: Family,
+        use_: AllowedUse,
+    ) -> std::result::Result<Claim, String> {
+        let max = self.ctx.config.max_blocks_per_node;
+        let own = self.own_blocks(family);
+        if max > 0 && own >= max as usize {
+            return Err(format!(
+                "the node has {own} {family:?} blocks, maxBlocksPerNode is {max}"
+            ));
+        }
+        let mut full = Vec::new();
+        for pool in self.usable_pools(family, use_) {
+            // Blocks left without affinity (their node was deleted) first.
+            if let Some(b) = self
+                .view
+                .blocks()
+                .filter(|b| pool.owns(b) && b.node.is_none())
+                .find(|b| self.block(&b.name).is_some_and(|b| b.free() > 0))
+            {
+                let mut b = self.block(&b.name).expect("in view").clone();
+                b.node = Some(self.ctx.node.to_string());
+                return Ok(Claim::Adopt(b));
+            }
+            let existing = self.view.blocks().filter(|b| pool.owns(b)).count() as u128;
+            let count = pool.block_count();
+            if existing < count {
+                let start = node_offset(self.ctx.node, count);
+                // At most `existing + 1` steps find a free slot.
+                for step in 0..=existing {
+                    let i = (start + step) % count;
+                    let cidr = pool.block(i);
+                    if self.view.get(&block_name(&cidr)).is_none() {
+                        return Ok(Claim::Create(Block::new(cidr, &pool.name, self.ctx.node)));
+                    }
+                }
+            }
+            full.push(pool.name.clone());
+        }
+        Err(if full.is_empty() {
+            "no usable pool".to_string()
+        } else {
+            format!("every block of pool(s) {} is claimed", full.join(", "))
+        })
+    }
+
+    /// A block of another node (or none) with a free address, in a pool
+    /// this node may use.
+    fn borrowable(&self, family: Family, use_: AllowedUse) -> Option<String> {
+        let pools: Vec<&Pool> = self.usable_pools(family, use_).collect();
+        let mut best: Option<(bool, &str)> = None;
+        for b in self.view.blocks() {
+            if b.family() != family
+                || b.node.as_deref() == Some(self.ctx.node)
+                || !pools.iter().any(|p| p.owns(b))
+            {
+                continue;
+            }
+            if self.block(&b.name).is_some_and(|b| b.free() > 0) {
+                let key = (b.node.is_some(), b.name.as_str());
+                if best.is_none_or(|k| key < k) {
+                    best = Some(key);
+                }
+            }
+        }
+        best.map(|(_, n)| n.to_string())
+    }
+
+    fn release(&mut self, idx: usize, handle: &str) {
+        let held: Vec<String> = self
+            .view
+            .holding(handle)
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect();
+        let mut ips = Vec::new();
+        let mut deps = Vec::new();
+        for name in held {
+            let b = self.block_mut(&name);
+            let before = b.allocations.len();
+            b.allocations.retain(|ip, a| {
+                let hit = a.handle == handle;
+                if hit {
+                    ips.push(*ip);
+                }
+                !hit
+            });
+            if b.allocations.len() != before && !deps.contains(&name) {
+                deps.push(name);
+            }
+        }
+        ips.sort();
+        self.plan.depends.insert(idx, deps);
+        self.plan.done.push((idx, Ok(Outcome::Released(ips))));
+    }
+
+    fn assign(&mut self, idx: usize, a: &Assign) {
+        let families: Vec<Family> = [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|f| self.usable_pools(*f, a.use_).next().is_some())
+            .collect();
+        if families.is_empty() {
+            self.plan.done.push((
+                idx,
+                Err(Error::NoPool {
+                    node: self.ctx.node.to_string(),
+                    use_: a.use_,
+                }),
+            ));
+            return;
+        }
+        let mut got: Vec<IpNetwork> = Vec::new();
+        let mut tentative: Vec<(String, IpAddr)> = Vec::new();
+        let mut failure: Option<Error> = None;
+        let mut wait = false;
+        for family in families {
+            let existing = self
+                .view
+                .holding(&a.handle)
+                .iter()
+                .find(|(_, ip)| Family::of_addr(ip) == family)
+                .cloned();
+            if let Some((_, ip)) = existing {
+                got.push(IpNetwork::new(ip, family.host_prefix()).expect("host prefix"));
+                continue;
+            }
+            let target = match self.own_block_with_space(family, a.use_) {
+                Some(b) => Some(b),
+                None => match self.claim_candidate(family, a.use_) {
+                    Ok(claim) => {
+                        if self.plan.claim.is_none() {
+                            self.plan.claim = Some(claim);
+                        }
+                        wait = true;
+                        break;
+                    }
+                    Err(why) => {
+                        if self.ctx.config.strict_affinity {
+                            failure = Some(Error::Exhausted {
+                                family,
+                                node: self.ctx.node.to_string(),
+                                why: format!(
+                                    "{why}, and strictAffinity forbids borrowing from other nodes' blocks"
+                                ),
+                            });
+                            break;
+                        }
+                        match self.borrowable(family, a.use_) {
+                            Some(b) => Some(b),
+                            None => {
+                                failure = Some(Error::Exhausted {
+                                    family,
+                                    node: self.ctx.node.to_string(),
+                                    why: format!("{why}, and no other block has a free address"),
+                                });
+                                break;
+                            }
+                        }
+                    }
+                },
+            };
+            let name = target.expect("a block was chosen");
+            let record = AllocationRecord {
+                handle: a.handle.clone(),
+                node: self.ctx.node.to_string(),
+                use_: a.use_,
+                pod: a.pod.clone(),
+                since: self.ctx.now.to_string(),
+            };
+            let b = self.block_mut(&name);
+            let ip = b.first_free().expect("block has space");
+            b.allocations.insert(ip, record);
+            tentative.push((name, ip));
+            got.push(IpNetwork::new(ip, family.host_prefix()).expect("host prefix"));
+        }
+        if wait || failure.is_some() {
+            for (name, ip) in tentative {
+                self.block_mut(&name).allocations.remove(&ip);
+            }
+            if wait {
+                self.plan.waiting.push(idx);
+            } else {
+                self.plan.done.push((idx, Err(failure.expect("set"))));
+            }
+            return;
+        }
+        let mut deps: Vec<String> = tentative.into_iter().map(|(b, _)| b).collect();
+        deps.dedup();
+        self.plan.depends.insert(idx, deps);
+        self.plan.done.push((idx, Ok(Outcome::Assigned(got))));
+    }
+}
+
+/// Plans a batch of operations against the view. An operation on a handle
+/// already seen earlier in the same batch waits for the next round, so
+/// each round treats a handle once.
+pub fn plan(ctx: Context<'_>, view: &View, ops: &[(usize, &Op)]) -> Plan {
+    let mut p = Planner {
+        ctx,
+        view,
+        work: BTreeMap::new(),
+        plan: Plan::default(),
+    };
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (idx, op) in ops {
+        let handle = match op {
+            Op::Assign(a) => a.handle.as_str(),
+            Op::Release { handle } => handle.as_str(),
+        };
+        if !seen.insert(handle) {
+            p.plan.waiting.push(*idx);
+            continue;
+        }
+        match op {
+            Op::Assign(a) => p.assign(*idx, a),
+            Op::Release { handle } => p.release(*idx, handle),
+        }
+    }
+    let mut plan = p.plan;
+    // Only blocks whose content changed are written.
+    plan.writes = p
+        .work
+        .into_iter()
+        .filter(|(name, b)| view.get(name) != Some(b))
+        .collect();
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Encapsulation, IPAMConfigurationSpec};
+
+    fn pool(name: &str, cidr: &str, size: u8) -> Pool {
+        Pool {
+            name: name.into(),
+            cidr: cidr.parse().unwrap(),
+            block_size: size,
+            disabled: false,
+            deleting: false,
+            selector: None,
+            uses: vec![AllowedUse::Workload, AllowedUse::Tunnel],
+            encapsulation: Encapsulation::None,
+            nat_outgoing: false,
+        }
+    }
+
+    fn assign(h: &str) -> Op {
+        Op::Assign(Assign {
+            handle: h.into(),
+            pod: None,
+            use_: AllowedUse::Workload,
+        })
+    }
+
+    fn run(ctx: Context<'_>, view: &View, ops: &[Op]) -> Plan {
+        let refs: Vec<(usize, &Op)> = ops.iter().enumerate().collect();
+        plan(ctx, view, &refs)
+    }
+
+    /// Applies a plan's claim and writes to the view as a store would.
+    fn apply(view: &mut View, p: &Plan) {
+        if let Some(Claim::Create(b) | Claim::Adopt(b)) = &p.claim {
+            view.insert(b.clone());
+        }
+        for b in p.writes.values() {
+            view.insert(b.clone());
+        }
+    }
+
+    #[test]
+    fn first_request_claims_then_assigns_in_one_write() {
+        let pools = [pool("p", "10.0.0.0/24", 26)];
+        let cfg = IPAMConfigurationSpec::default();
+        let labels = BTreeMap::new();
+        let ctx = Context {
+            node: "n1",
+            labels: &labels,
+            pools: &pools,
+            config: &cfg,
+            now: "t",
+        };
+        let mut view = View::default();
+        let ops: Vec<Op> = (0..10).map(|i| assign(&format!("h{i}"))).collect();
+        let p = run(ctx, &view, &ops);
+        assert!(matches!(p.claim, Some(Claim::Create(_))));
+        assert_eq!(p.waiting.len(), 10);
+        apply(&mut view, &p);
+        let p = run(ctx, &view, &ops);
+        assert!(p.claim.is_none());
+        assert_eq!(p.writes.len(), 1, "group commit: one block write for ten");
+        assert_eq!(p.done.len(), 10);
+        let ips: HashSet<_> = p
+            .done
+            .iter()
+            .map(|(_, o)| match o {
+                Ok(Outcome::Assigned(v)) => v[0],
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ips.len(), 10);
+        apply(&mut view, &p);
+        // Asking again returns the same address and writes nothing.
+        let again = run(ctx, &view, &ops[3..4]);
+        assert!(again.writes.is_empty());
+        let prev = p.done.iter().find(|(i, _)| *i == 3).unwrap().1.clone();
+        assert_eq!(again.done[0].1, prev);
+    }
+
+    #[test]
+    fn dual_stack_gets_one_of_each() {
+        let pools = [pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/64", 122)];
+        let cfg = IPAMConfigurationSpec::default();
+        let labels = BTreeMap::new();
+        let ctx = Context {
+            node: "n1",
+            labels: &labels,
+            pools: &pools,
+            config: &cfg,
+            now: "t",
+        };
+        let mut view = View::default();
+        let ops = [assign("h")];
+        for _ in 0..2 {
+            let p = run(ctx, &view, &ops);
+            apply(&mut view, &p);
+        }
+        let p = run(ctx, &view, &ops);
+        match &p.done[0].1 {
+            Ok(Outcome::Assigned(v)) => {
+                assert_eq!(v.len(), 2);
+                assert!(v[0].is_ipv4() && v[1].is_ipv6());
+                assert_eq!(v[1].prefix(), 128);
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(p.writes.len(), 2);
+    }
+
+    #[test]
+    fn exhaustion_borrows_or_fails_clearly_with_strict_affinity() {
+        let pools = [pool("p", "10.0.0.0/26", 27)];
+        let cfg = IPAMConfigurationSpec {
+            max_blocks_per_node: 1,
+            ..Default::default()
+        };
+        let labels = BTreeMap::new();
+        let mut view = View::default();
+        // n2 owns one block; n1 claims the other and fills it.
+        let mut other = Block::new("10.0.0.0/27".parse().unwrap(), "p", "n2");
+        other.version = Some("1".into());
+        view.insert(other);
+        let ctx = Context {
+            node: "n1",
+            labels: &labels,
+            pools: &pools,
+            config: &cfg,
+            now: "t",
+        };
+        let ops: Vec<Op> = (0..33).map(|i| assign(&format!("h{i}"))).collect();
+        let p = run(ctx, &view, &ops);
+        match &p.claim {
+            Some(Claim::Create(b)) => assert_eq!(b.cidr.to_string(), "10.0.0.32/27"),
+            c => panic!("{c:?}"),
+        }
+        apply(&mut view, &p);
+        let p = run(ctx, &view, &ops);
+        // 32 fit in n1's block; the 33rd borrows from n2's.
+        assert_eq!(p.writes.len(), 2);
+        assert!(p.done.iter().all(|(_, o)| o.is_ok()));
+        let strict = IPAMConfigurationSpec {
+            strict_affinity: true,
+            ..cfg.clone()
+        };
+        let sctx = Context {
+            config: &strict,
+            ..ctx
+        };
+        let p = run(sctx, &view, &ops);
+        let err = p.done.iter().find_map(|(_, o)| o.clone().err()).unwrap();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("maxBlocksPerNode is 1") && msg.contains("strictAffinity"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn disabled_and_unselected_pools_hand_out_nothing() {
+        let mut p1 = pool("p", "10.0.0.0/24", 26);
+        p1.disabled = true;
+        let mut p2 = pool("q", "10.1.0.0/24", 26);
+        p2.selector = Some(crate::crd::LabelSelector {
+            match_labels: [("zone".to_string(), "b".to_string())].into(),
+            match_expressions: vec![],
+        });
+        let pools = [p1, p2];
+        let cfg = IPAMConfigurationSpec::default();
+        let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        let ctx = Context {
+            node: "n1",
+            labels: &labels,
+            pools: &pools,
+            config: &cfg,
+            now: "t",
+        };
+        let p = run(ctx, &View::default(), &[assign("h")]);
+        assert!(
+            matches!(p.done[0].1, Err(Error::NoPool { .. })),
+            "{:?}",
+            p.done
+        );
+    }
+
+    #[test]
+    fn release_is_by_handle_and_idempotent() {
+        let pools = [pool("p", "10.0.0.0/24", 26)];
+        let cfg = IPAMConfigurationSpec::default();
+        let labels = BTreeMap::new();
+        let ctx = Context {
+            node: "n1",
+            labels: &labels,
+            pools: &pools,
+            config: &cfg,
+            now: "t",
+        };
+        let mut view = View::default();
+        let ops = [assign("a"), assign("b")];
+        for _ in 0..2 {
+            let p = run(ctx, &view, &ops);
+            apply(&mut view, &p);
+        }
+        let rel = [Op::Release { handle: "a".into() }];
+        let p = run(ctx, &view, &rel);
+        assert_eq!(
+            p.done[0].1,
+            Ok(Outcome::Released(vec!["10.0.0.0".parse().unwrap()]))
+        );
+        apply(&mut view, &p);
+        let p = run(ctx, &view, &rel);
+        assert_eq!(p.done[0].1, Ok(Outcome::Released(vec![])));
+        assert!(p.writes.is_empty());
+        // The same handle twice in one batch: the second waits a round.
+        let p = run(
+            ctx,
+            &view,
+            &[assign("c"), Op::Release { handle: "c".into() }],
+        );
+        assert_eq!(p.waiting, vec![1]);
+    }
+}

@@ -1,0 +1,239 @@
+//! The allocator task and the janitor over the in-memory store, one
+//! behaviour per test, with injected faults.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use margay_ipam::crd::{
+    AllowedUse, Encapsulation, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef,
+};
+use margay_ipam::gc::{Janitor, LeakReason};
+use margay_ipam::store::Fault;
+use margay_ipam::{Allocator, Assign, Error, MemStore, Options};
+
+fn pool(name: &str, cidr: &str, size: u8) -> IPPool {
+    IPPool::new(
+        name,
+        IPPoolSpec {
+            cidr: cidr.into(),
+            block_size: Some(size),
+            encapsulation: Encapsulation::None,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: None,
+            allowed_uses: vec![AllowedUse::Workload],
+        },
+    )
+}
+
+fn store(pools: Vec<IPPool>, cfg: IPAMConfigurationSpec) -> Arc<MemStore> {
+    let s = Arc::new(MemStore::new());
+    s.set_pools(pools);
+    s.set_config(cfg);
+    for n in ["n1", "n2"] {
+        s.add_node(n, BTreeMap::new());
+    }
+    s
+}
+
+fn req(h: &str) -> Assign {
+    Assign {
+        handle: h.into(),
+        pod: Some(PodRef {
+            namespace: "default".into(),
+            name: h.into(),
+            uid: format!("uid-{h}"),
+        }),
+        use_: AllowedUse::Workload,
+    }
+}
+
+fn cfg() -> IPAMConfigurationSpec {
+    IPAMConfigurationSpec {
+        empty_block_grace_seconds: 0,
+        leak_grace_seconds: 0,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_burst_costs_a_few_writes() {
+    let s = store(vec![pool("p", "10.0.0.0/16", 26)], cfg());
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    // Warm up: claim the first block.
+    a.assign(req("warm")).await.unwrap();
+    let before = s.writes();
+    let answers =
+        futures::future::join_all((0..100).map(|i| a.assign(req(&format!("h{i}"))))).await;
+    assert!(answers.iter().all(|r| r.is_ok()));
+    let writes = s.writes() - before;
+    // 100 addresses need two more blocks: 2 claims plus at most a handful
+    // of block writes, not 100.
+    assert!(writes <= 8, "{writes} writes for 100 assigns");
+}
+
+#[tokio::test]
+async fn lost_answers_and_conflicts_are_resolved_by_reading_back() {
+    let s = store(vec![pool("p", "10.0.0.0/24", 26)], cfg());
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let first = a.assign(req("a")).await.unwrap();
+    s.inject(Fault::LostAck);
+    let second = a.assign(req("b")).await.unwrap();
+    assert_ne!(first, second);
+    s.inject(Fault::Conflict);
+    s.inject(Fault::Unavailable);
+    let third = a.assign(req("c")).await.unwrap();
+    assert!(third != first && third != second);
+    let held: usize = s.snapshot().iter().map(|b| b.allocations.len()).sum();
+    assert_eq!(held, 3);
+    // The same handle again: same address, no write.
+    let w = s.writes();
+    assert_eq!(a.assign(req("b")).await.unwrap(), second);
+    assert_eq!(s.writes(), w);
+}
+
+#[tokio::test]
+async fn an_assign_whose_address_was_collected_gets_a_fresh_one() {
+    let s = store(vec![pool("p", "10.0.0.0/24", 26)], cfg());
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let ip = a.assign(req("a")).await.unwrap();
+    // The pod vanished and the janitor freed the address behind the
+    // allocator's back; an ADD retry must not answer from a stale view.
+    let mut j = Janitor::new(s.clone()).with_grace(Duration::ZERO);
+    let r = j.run_once().await.unwrap();
+    assert_eq!(r.released.len(), 1);
+    assert_eq!(r.released[0].reason, LeakReason::PodGone);
+    let b = a.assign(req("b")).await.unwrap();
+    assert_eq!(b, ip, "the freed address is reused");
+    let again = a.assign(req("a")).await.unwrap();
+    assert_ne!(again, ip, "never two handles on one address");
+}
+
+#[tokio::test]
+async fn exhaustion_is_a_clear_error() {
+    let s = store(
+        vec![pool("p", "10.0.0.0/30", 30)],
+        IPAMConfigurationSpec {
+            strict_affinity: true,
+            ..cfg()
+        },
+    );
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    for i in 0..4 {
+        a.assign(req(&format!("h{i}"))).await.unwrap();
+    }
+    let e = a.assign(req("h4")).await.unwrap_err();
+    assert!(matches!(e, Error::Exhausted { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("every block of pool(s) p is claimed"), "{msg}");
+    // Another node with strict affinity cannot borrow.
+    let b = Allocator::start(s.clone(), "n2", Options::default());
+    let e = b.assign(req("x")).await.unwrap_err();
+    assert!(e.to_string().contains("strictAffinity"), "{e}");
+}
+
+#[tokio::test]
+async fn borrowing_and_node_deletion() {
+    let s = store(
+        vec![pool("p", "10.0.0.0/27", 28)],
+        IPAMConfigurationSpec {
+            max_blocks_per_node: 1,
+            ..cfg()
+        },
+    );
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let b = Allocator::start(s.clone(), "n2", Options::default());
+    for i in 0..16 {
+        a.assign(req(&format!("a{i}"))).await.unwrap();
+    }
+    for i in 0..16 {
+        b.assign(req(&format!("b{i}"))).await.unwrap();
+    }
+    for i in 0..16 {
+        s.set_pod("default", &format!("a{i}"), &format!("uid-a{i}"));
+        s.set_pod("default", &format!("b{i}"), &format!("uid-b{i}"));
+    }
+    // n1 releases half; n2 (at its block limit) borrows from n1's block.
+    for i in 0..8 {
+        a.release(&format!("a{i}")).await.unwrap();
+    }
+    let borrowed = b.assign(req("b16")).await.unwrap();
+    s.set_pod("default", "b16", "uid-b16");
+    assert!(borrowed[0].ip().to_string().starts_with("10.0.0."));
+    // n1 is deleted: its addresses go, its block stays (n2 borrows from
+    // it) but loses its affinity.
+    s.remove_node("n1");
+    let mut j = Janitor::new(s.clone()).with_grace(Duration::ZERO);
+    let r = j.run_once().await.unwrap();
+    assert_eq!(r.released.len(), 8, "{r:?}");
+    assert!(r.released.iter().all(|l| l.reason == LeakReason::NodeGone));
+    assert_eq!(r.blocks_unaffined.len(), 1, "{r:?}");
+    // Once the borrowed address is released too, the block is deleted.
+    b.release("b16").await.unwrap();
+    let n1_block: Vec<_> = s
+        .snapshot()
+        .into_iter()
+        .filter(|b| b.node.is_none())
+        .collect();
+    assert_eq!(n1_block.len(), 1);
+    // Unaffined blocks are claimed again before new ones are carved.
+    s.add_node("n3", BTreeMap::new());
+    let c = Allocator::start(s.clone(), "n3", Options::default());
+    c.assign(req("c0")).await.unwrap();
+    assert!(s.snapshot().iter().all(|b| b.node.is_some()));
+}
+
+#[tokio::test]
+async fn empty_blocks_are_released_but_one_is_kept() {
+    let s = store(vec![pool("p", "10.0.0.0/24", 28)], cfg());
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    for i in 0..40 {
+        a.assign(req(&format!("h{i}"))).await.unwrap();
+    }
+    assert_eq!(s.snapshot().len(), 3);
+    for i in 0..40 {
+        a.release(&format!("h{i}")).await.unwrap();
+    }
+    let released = a.release_empty_blocks().await.unwrap();
+    assert_eq!(released.len(), 2);
+    assert_eq!(s.snapshot().len(), 1, "one block per node is kept");
+    // A grace period holds them.
+    s.set_config(IPAMConfigurationSpec {
+        empty_block_grace_seconds: 3600,
+        ..cfg()
+    });
+    for i in 0..40 {
+        a.assign(req(&format!("g{i}"))).await.unwrap();
+    }
+    for i in 0..40 {
+        a.release(&format!("g{i}")).await.unwrap();
+    }
+    assert!(a.release_empty_blocks().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn gc_waits_out_its_grace_and_rechecks() {
+    let s = store(vec![pool("p", "10.0.0.0/24", 26)], cfg());
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    a.assign(req("gone")).await.unwrap();
+    a.assign(req("alive")).await.unwrap();
+    s.set_pod("default", "alive", "uid-alive");
+    // A pod recreated under the same name is not the pod that holds it.
+    a.assign(req("again")).await.unwrap();
+    s.set_pod("default", "again", "another-uid");
+    let mut j = Janitor::new(s.clone()).with_grace(Duration::from_millis(300));
+    let r = j.run_once().await.unwrap();
+    assert!(r.released.is_empty());
+    assert_eq!(r.waiting.len(), 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // "gone" comes back before the grace period ends: not released.
+    s.set_pod("default", "gone", "uid-gone");
+    let r = j.run_once().await.unwrap();
+    let released: Vec<_> = r
+        .released
+        .iter()
+        .map(|l| (l.handle.as_str(), l.reason))
+        .collect();
+    assert_eq!(released, [("again", LeakReason::PodReplaced)]);
+}
