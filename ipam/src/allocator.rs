@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
@@ -39,7 +40,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             max_batch: 512,
-            max_rounds: 24,
+            max_rounds: 64,
             maintenance_every: Duration::from_secs(10),
             queue: 4096,
         }
@@ -52,10 +53,41 @@ enum Job {
     Blocks(oneshot::Sender<Vec<Block>>),
 }
 
+/// Counters of an allocator's work (for metrics and tests).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches served.
+    pub batches: AtomicU64,
+    /// Operations served.
+    pub ops: AtomicU64,
+    /// Block writes that succeeded (claims included).
+    pub writes: AtomicU64,
+    /// Compare-and-swap writes or claims that lost to another writer.
+    pub conflicts: AtomicU64,
+    /// Requests answered `Busy` after the retry bound.
+    pub busy: AtomicU64,
+}
+
+/// A copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Batches served.
+    pub batches: u64,
+    /// Operations served.
+    pub ops: u64,
+    /// Block writes that succeeded.
+    pub writes: u64,
+    /// Writes that lost to another writer.
+    pub conflicts: u64,
+    /// Requests answered `Busy`.
+    pub busy: u64,
+}
+
 /// Handle to a node's allocator task (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct Allocator {
     tx: mpsc::Sender<Job>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Job {
@@ -72,7 +104,9 @@ impl Allocator {
     /// Starts the allocator task for `node` on the current runtime.
     pub fn start<S: Store>(store: Arc<S>, node: &str, opts: Options) -> Self {
         let (tx, rx) = mpsc::channel(opts.queue);
+        let stats = Arc::new(Stats::default());
         let actor = Actor {
+            stats: stats.clone(),
             store,
             node: node.to_string(),
             view: None,
@@ -81,7 +115,19 @@ impl Allocator {
             jitter: 0x9e37_79b9_7f4a_7c15 ^ node.len() as u64,
         };
         tokio::spawn(actor.run(rx));
-        Self { tx }
+        Self { tx, stats }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            batches: g(&self.stats.batches),
+            ops: g(&self.stats.ops),
+            writes: g(&self.stats.writes),
+            conflicts: g(&self.stats.conflicts),
+            busy: g(&self.stats.busy),
+        }
     }
 
     async fn call(&self, op: Op) -> Result<Outcome> {
@@ -137,6 +183,7 @@ impl Allocator {
 }
 
 struct Actor<S> {
+    stats: Arc<Stats>,
     store: Arc<S>,
     node: String,
     view: Option<View>,
@@ -191,6 +238,10 @@ impl<S: Store> Actor<S> {
             }
         }
         if !ops.is_empty() {
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .ops
+                .fetch_add(ops.len() as u64, Ordering::Relaxed);
             let results = self.execute(&ops).await;
             for (tx, r) in replies.into_iter().zip(results) {
                 let _ = tx.send(r);
@@ -267,8 +318,17 @@ impl<S: Store> Actor<S> {
         let mut pending: Vec<usize> = (0..ops.len()).collect();
         let mut full_reload_done = false;
         let mut round = 0;
+        // Blocks that lost a compare-and-swap: re-read right before the
+        // next plan (after the back-off, not before it, or the copy would
+        // be stale again by the time it is written).
+        let mut stale: Vec<String> = Vec::new();
         while !pending.is_empty() && round < self.opts.max_rounds {
             round += 1;
+            for name in std::mem::take(&mut stale) {
+                if self.refresh(&name).await.is_err() {
+                    self.view = None;
+                }
+            }
             let inputs = match self.inputs().await {
                 Ok(i) => i,
                 Err(e) => {
@@ -316,8 +376,12 @@ impl<S: Store> Actor<S> {
             let mut next: Vec<usize> = p.waiting.clone();
             let mut contended = false;
 
-            if let Some(claim) = &p.claim {
-                contended |= !self.claim(claim).await;
+            if let Some(claim) = &p.claim
+                && let Err(name) = self.claim(claim).await
+            {
+                contended = true;
+                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                stale.push(name);
             }
 
             // All block writes of the round go out together.
@@ -328,14 +392,14 @@ impl<S: Store> Actor<S> {
             for (b, answer) in p.writes.values().zip(answers) {
                 match answer {
                     Ok(nb) => {
+                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
                         written.insert(nb.name.clone());
                         self.put(Some(nb), &b.name);
                     }
                     Err(Error::Conflict(_) | Error::NotFound(_)) => {
                         contended = true;
-                        if let Err(e) = self.refresh(&b.name).await {
-                            broken.insert(b.name.clone(), e);
-                        }
+                        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                        stale.push(b.name.clone());
                     }
                     Err(e @ Error::Unavailable(_)) => {
                         // Did it apply? Read back and compare.
@@ -396,6 +460,7 @@ impl<S: Store> Actor<S> {
             }
         }
         let n = pending.len();
+        self.stats.busy.fetch_add(n as u64, Ordering::Relaxed);
         for i in pending {
             results[i] = Some(Err(Error::Busy(format!(
                 "{n} request(s) still conflicting after {} rounds",
@@ -408,27 +473,23 @@ impl<S: Store> Actor<S> {
             .collect()
     }
 
-    /// Claims a block; returns false when someone else got there first.
-    async fn claim(&mut self, claim: &Claim) -> bool {
+    /// Claims a block; on failure (someone else got there first) returns
+    /// the block's name, to be re-read.
+    async fn claim(&mut self, claim: &Claim) -> std::result::Result<(), String> {
         let (res, name) = match claim {
             Claim::Create(b) => (self.store.create_block(b).await, &b.name),
             Claim::Adopt(b) => (self.store.update_block(b).await, &b.name),
         };
         match res {
             Ok(b) => {
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(node = %self.node, block = %b.cidr, "claimed block");
-                if let Some(v) = self.view.as_mut() {
-                    v.insert(b);
-                }
-                true
+                self.put(Some(b.clone()), &b.name);
+                Ok(())
             }
             Err(e) => {
                 tracing::debug!(node = %self.node, block = %name, "claim failed: {e}");
-                let name = name.clone();
-                if self.refresh(&name).await.is_err() {
-                    self.view = None;
-                }
-                false
+                Err(name.clone())
             }
         }
     }

@@ -194,7 +194,6 @@ pub struct Condition {
     /// One CamelCase word saying why.
     pub reason: String,
     /// What a person should know or do.
-    #[serde(default)]
     pub message: String,
     /// When `status` last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -20,7 +20,7 @@ pub mod model;
 pub mod plan;
 pub mod store;
 
-pub use allocator::{Allocator, Options};
+pub use allocator::{Allocator, Options, StatsSnapshot};
 pub use model::{Block, Family, Pool};
 pub use plan::{Assign, Op, Outcome};
 pub use store::{Cluster, MemStore, Store};

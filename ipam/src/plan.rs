@@ -278,25 +278,35 @@ impl<'a, 'v> Planner<'a, 'v> {
     }
 
     /// A block of another node (or none) with a free address, in a pool
-    /// this node may use.
+    /// this node may use. Blocks without affinity come first; among the
+    /// others each node starts at its own place, so borrowing nodes spread
+    /// over blocks instead of all writing to the same one.
     fn borrowable(&self, family: Family, use_: AllowedUse) -> Option<String> {
         let pools: Vec<&Pool> = self.usable_pools(family, use_).collect();
-        let mut best: Option<(bool, &str)> = None;
+        let mut unaffined = Vec::new();
+        let mut affined = Vec::new();
         for b in self.view.blocks() {
             if b.family() != family
                 || b.node.as_deref() == Some(self.ctx.node)
                 || !pools.iter().any(|p| p.owns(b))
+                || self.block(&b.name).is_none_or(|b| b.free() == 0)
             {
                 continue;
             }
-            if self.block(&b.name).is_some_and(|b| b.free() > 0) {
-                let key = (b.node.is_some(), b.name.as_str());
-                if best.is_none_or(|k| key < k) {
-                    best = Some(key);
-                }
+            if b.node.is_none() {
+                unaffined.push(b.name.as_str());
+            } else {
+                affined.push(b.name.as_str());
             }
         }
-        best.map(|(_, n)| n.to_string())
+        if let Some(n) = unaffined.first() {
+            return Some(n.to_string());
+        }
+        if affined.is_empty() {
+            return None;
+        }
+        let i = node_offset(self.ctx.node, affined.len() as u128) as usize;
+        Some(affined[i].to_string())
     }
 
     fn release(&mut self, idx: usize, handle: &str) {
