@@ -193,7 +193,8 @@ pub struct Condition {
     pub status: String,
     /// One CamelCase word saying why.
     pub reason: String,
-    /// What a person should know or do.
+    /// What a person should know or do (never empty: the v1.20 apiserver
+    /// reads an empty string here as null).
     pub message: String,
     /// When `status` last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,8 +9,8 @@ use kube::api::ObjectMeta;
 
 use crate::block::block_size;
 use crate::crd::{
-    AllocationRecord, AllowedUse, Encapsulation, IPAMBlock, IPAMBlockSpec, IPPool, LabelSelector,
-    block_name,
+    AllocationRecord, AllowedUse, Condition, Encapsulation, IPAMBlock, IPAMBlockSpec, IPPool,
+    IPPoolStatus, LabelSelector, block_name,
 };
 use crate::{Error, Result};
 
@@ -331,6 +331,85 @@ pub fn validate_pools(pools: &[IPPool]) -> (Vec<Pool>, Vec<PoolProblem>) {
         });
     }
     (valid, problems)
+}
+
+/// What a pool's status should say, given every block: `Ready`
+/// (usable: valid, not overlapping, enabled, not being deleted) and
+/// `Exhausted` (every block claimed and full), with usage counts. Times are
+/// left to the caller (kept when a condition's status does not change).
+pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolStatus)> {
+    let (valid, problems) = validate_pools(pools);
+    let mut out = Vec::new();
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        last_transition_time: None,
+    };
+    for p in &valid {
+        let mine: Vec<&Block> = blocks.iter().filter(|b| p.owns(b)).collect();
+        let allocated: u64 = mine.iter().map(|b| b.allocations.len() as u64).sum();
+        let (ready, reason, message) = if p.deleting {
+            (
+                false,
+                "Terminating",
+                format!(
+                    "being deleted: hands out no new addresses; {allocated} address(es) in {} block(s) are still allocated, deletion completes when they are released",
+                    mine.len()
+                ),
+            )
+        } else if p.disabled {
+            (
+                false,
+                "Disabled",
+                "disabled: hands out no new addresses".to_string(),
+            )
+        } else {
+            (
+                true,
+                "Valid",
+                format!("{} blocks of /{}", p.block_count(), p.block_size),
+            )
+        };
+        let full = mine.len() as u128 >= p.block_count() && mine.iter().all(|b| b.free() == 0);
+        out.push((
+            p.name.clone(),
+            IPPoolStatus {
+                conditions: vec![
+                    cond("Ready", ready, reason, message),
+                    cond(
+                        "Exhausted",
+                        full,
+                        if full {
+                            "AllBlocksFull"
+                        } else {
+                            "HasFreeAddresses"
+                        },
+                        if full {
+                            "every block is claimed and full: add a pool or free addresses"
+                                .to_string()
+                        } else {
+                            "free addresses remain".to_string()
+                        },
+                    ),
+                ],
+                allocated,
+                blocks: mine.len() as u64,
+            },
+        ));
+    }
+    for pr in problems {
+        out.push((
+            pr.pool.clone(),
+            IPPoolStatus {
+                conditions: vec![cond("Ready", false, pr.reason, pr.message)],
+                allocated: 0,
+                blocks: 0,
+            },
+        ));
+    }
+    out
 }
 
 /// Whether two networks share an address.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use margay_agent::kube_store::KubeStore;
 use margay_harness::kube::ApiServer;
@@ -512,4 +513,71 @@ async fn deleting_a_node_frees_its_blocks_and_pools_print_useful_columns() {
     ] {
         assert!(text.contains(col), "{col} missing in:\n{text}");
     }
+}
+
+fn ready(p: &IPPool) -> (String, String, String) {
+    let c = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready condition");
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() {
+    let (_api, client) = cluster(&["k1"], "10.80.0.0/24", 26, fast_gc()).await;
+    let pools: Api<IPPool> = Api::all(client.clone());
+    let mut bad = pools.get("default").await.unwrap();
+    bad.metadata = kube::api::ObjectMeta {
+        name: Some("overlapping".into()),
+        ..Default::default()
+    };
+    bad.spec.cidr = "10.80.0.128/25".into();
+    pools.create(&PostParams::default(), &bad).await.unwrap();
+    bad.metadata.name = Some("tiny-blocks".into());
+    bad.spec.cidr = "10.81.0.0/16".into();
+    bad.spec.block_size = Some(19);
+    pools.create(&PostParams::default(), &bad).await.unwrap();
+
+    let store = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
+    let a = Allocator::start(store.clone(), "k1", Options::default());
+    let req = |h: &str| Assign {
+        handle: h.into(),
+        pod: None,
+        use_: AllowedUse::Workload,
+    };
+    a.assign(req("one")).await.unwrap();
+    margay_agent::pools::reconcile(&client).await.unwrap();
+    let p = pools.get("default").await.unwrap();
+    assert_eq!(ready(&p).0, "True");
+    assert_eq!(p.status.as_ref().unwrap().allocated, 1);
+    assert!(p.finalizers().contains(&"margay.dev/ipam".to_string()));
+    let (st, reason, msg) = ready(&pools.get("overlapping").await.unwrap());
+    assert_eq!(
+        (st.as_str(), reason.as_str()),
+        ("False", "Overlaps"),
+        "{msg}"
+    );
+    assert!(msg.contains("overlaps pool default"), "{msg}");
+    let (_, reason, msg) = ready(&pools.get("tiny-blocks").await.unwrap());
+    assert_eq!(reason, "InvalidBlockSize", "{msg}");
+
+    // Deleting the pool in use: it stays, says why, hands out nothing new.
+    pools
+        .delete("default", &DeleteParams::default())
+        .await
+        .unwrap();
+    margay_agent::pools::reconcile(&client).await.unwrap();
+    let p = pools.get("default").await.unwrap();
+    let (st, reason, msg) = ready(&p);
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "Terminating"));
+    assert!(msg.contains("1 address(es)"), "{msg}");
+    let err = a.assign(req("two")).await.unwrap_err();
+    assert!(matches!(err, Error::NoPool { .. }), "{err}");
+    // The last address goes, then the pool and its blocks.
+    a.release("one").await.unwrap();
+    margay_agent::pools::reconcile(&client).await.unwrap();
+    assert!(pools.get_opt("default").await.unwrap().is_none());
+    assert!(store.list_blocks().await.unwrap().is_empty());
 }
