@@ -76,6 +76,21 @@ pub struct IPPoolSpec {
     pub allowed_uses: Vec<AllowedUse>,
 }
 
+impl IPPoolSpec {
+    /// A pool of `cidr` with every other field at its default.
+    pub fn with_cidr(cidr: &str, block_size: Option<u8>) -> Self {
+        Self {
+            cidr: cidr.to_string(),
+            block_size,
+            encapsulation: Encapsulation::None,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: None,
+            allowed_uses: default_uses(),
+        }
+    }
+}
+
 fn default_uses() -> Vec<AllowedUse> {
     vec![AllowedUse::Workload, AllowedUse::Tunnel]
 }

@@ -501,6 +501,20 @@ mod tests {
         plan(ctx, view, &refs)
     }
 
+    fn ctx<'a>(
+        labels: &'a BTreeMap<String, String>,
+        pools: &'a [Pool],
+        config: &'a IPAMConfigurationSpec,
+    ) -> Context<'a> {
+        Context {
+            node: "n1",
+            labels,
+            pools,
+            config,
+            now: "t",
+        }
+    }
+
     /// Applies a plan's claim and writes to the view as a store would.
     fn apply(view: &mut View, p: &Plan) {
         if let Some(Claim::Create(b) | Claim::Adopt(b)) = &p.claim {
@@ -516,13 +530,7 @@ mod tests {
         let pools = [pool("p", "10.0.0.0/24", 26)];
         let cfg = IPAMConfigurationSpec::default();
         let labels = BTreeMap::new();
-        let ctx = Context {
-            node: "n1",
-            labels: &labels,
-            pools: &pools,
-            config: &cfg,
-            now: "t",
-        };
+        let ctx = ctx(&labels, &pools, &cfg);
         let mut view = View::default();
         let ops: Vec<Op> = (0..10).map(|i| assign(&format!("h{i}"))).collect();
         let p = run(ctx, &view, &ops);
@@ -555,13 +563,7 @@ mod tests {
         let pools = [pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/64", 122)];
         let cfg = IPAMConfigurationSpec::default();
         let labels = BTreeMap::new();
-        let ctx = Context {
-            node: "n1",
-            labels: &labels,
-            pools: &pools,
-            config: &cfg,
-            now: "t",
-        };
+        let ctx = ctx(&labels, &pools, &cfg);
         let mut view = View::default();
         let ops = [assign("h")];
         for _ in 0..2 {
@@ -593,13 +595,7 @@ mod tests {
         let mut other = Block::new("10.0.0.0/27".parse().unwrap(), "p", "n2");
         other.version = Some("1".into());
         view.insert(other);
-        let ctx = Context {
-            node: "n1",
-            labels: &labels,
-            pools: &pools,
-            config: &cfg,
-            now: "t",
-        };
+        let ctx = ctx(&labels, &pools, &cfg);
         let ops: Vec<Op> = (0..33).map(|i| assign(&format!("h{i}"))).collect();
         let p = run(ctx, &view, &ops);
         match &p.claim {
@@ -640,13 +636,7 @@ mod tests {
         let pools = [p1, p2];
         let cfg = IPAMConfigurationSpec::default();
         let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
-        let ctx = Context {
-            node: "n1",
-            labels: &labels,
-            pools: &pools,
-            config: &cfg,
-            now: "t",
-        };
+        let ctx = ctx(&labels, &pools, &cfg);
         let p = run(ctx, &View::default(), &[assign("h")]);
         assert!(
             matches!(p.done[0].1, Err(Error::NoPool { .. })),
@@ -660,13 +650,7 @@ mod tests {
         let pools = [pool("p", "10.0.0.0/24", 26)];
         let cfg = IPAMConfigurationSpec::default();
         let labels = BTreeMap::new();
-        let ctx = Context {
-            node: "n1",
-            labels: &labels,
-            pools: &pools,
-            config: &cfg,
-            now: "t",
-        };
+        let ctx = ctx(&labels, &pools, &cfg);
         let mut view = View::default();
         let ops = [assign("a"), assign("b")];
         for _ in 0..2 {

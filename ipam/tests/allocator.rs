@@ -5,26 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_ipam::crd::{
-    AllowedUse, Encapsulation, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef,
-};
+use margay_ipam::crd::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
 use margay_ipam::gc::{Janitor, LeakReason};
 use margay_ipam::store::Fault;
 use margay_ipam::{Allocator, Assign, Error, MemStore, Options};
 
 fn pool(name: &str, cidr: &str, size: u8) -> IPPool {
-    IPPool::new(
-        name,
-        IPPoolSpec {
-            cidr: cidr.into(),
-            block_size: Some(size),
-            encapsulation: Encapsulation::None,
-            nat_outgoing: false,
-            disabled: false,
-            node_selector: None,
-            allowed_uses: vec![AllowedUse::Workload],
-        },
-    )
+    IPPool::new(name, IPPoolSpec::with_cidr(cidr, Some(size)))
 }
 
 fn store(pools: Vec<IPPool>, cfg: IPAMConfigurationSpec) -> Arc<MemStore> {

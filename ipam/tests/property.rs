@@ -11,25 +11,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_ipam::crd::{
-    AllowedUse, Encapsulation, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef,
-};
+use margay_ipam::crd::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
 use margay_ipam::gc::Janitor;
 use margay_ipam::{Allocator, Assign, Error, MemStore, Options};
 
 fn pool(name: &str, cidr: &str, size: u8) -> IPPool {
-    IPPool::new(
-        name,
-        IPPoolSpec {
-            cidr: cidr.into(),
-            block_size: Some(size),
-            encapsulation: Encapsulation::None,
-            nat_outgoing: false,
-            disabled: false,
-            node_selector: None,
-            allowed_uses: vec![AllowedUse::Workload],
-        },
-    )
+    IPPool::new(name, IPPoolSpec::with_cidr(cidr, Some(size)))
 }
 
 const NODES: [&str; 3] = ["n0", "n1", "n2"];

@@ -20,7 +20,7 @@ use kube::api::{Api, PostParams};
 use margay_agent::kube_store::KubeStore;
 use margay_harness::kube::ApiServer;
 use margay_harness::names;
-use margay_ipam::crd::{AllowedUse, Encapsulation, IPPool, IPPoolSpec, PodRef};
+use margay_ipam::crd::{AllowedUse, IPPool, IPPoolSpec, PodRef};
 use margay_ipam::{Allocator, Assign, Options};
 use tokio::io::AsyncWriteExt;
 
@@ -118,18 +118,7 @@ async fn main() -> anyhow::Result<()> {
     pools
         .create(
             &PostParams::default(),
-            &IPPool::new(
-                "default",
-                IPPoolSpec {
-                    cidr: "10.80.0.0/16".into(),
-                    block_size: None,
-                    encapsulation: Encapsulation::None,
-                    nat_outgoing: false,
-                    disabled: false,
-                    node_selector: None,
-                    allowed_uses: vec![AllowedUse::Workload],
-                },
-            ),
+            &IPPool::new("default", IPPoolSpec::with_cidr("10.80.0.0/16", None)),
         )
         .await?;
     let store = Arc::new(KubeStore::new(client, Duration::from_secs(5)));

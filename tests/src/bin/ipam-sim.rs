@@ -130,7 +130,18 @@ async fn main() -> anyhow::Result<()> {
                     }),
                     use_: AllowedUse::Workload,
                 };
-                match alloc.assign(req).await {
+                // Like kubelet after CNI "try again": retry transient errors.
+                let mut answer = alloc.assign(req.clone()).await;
+                for _ in 0..20 {
+                    match &answer {
+                        Err(e) if e.is_transient() => {
+                            println!("{} ~ {handle} {e}", stamp());
+                            answer = alloc.assign(req.clone()).await;
+                        }
+                        _ => break,
+                    }
+                }
+                match answer {
                     Ok(nets) => {
                         let ips: Vec<String> = nets.iter().map(|n| n.ip().to_string()).collect();
                         println!("{} + {handle} {}", stamp(), ips.join(" "));
