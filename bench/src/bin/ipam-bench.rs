@@ -100,6 +100,27 @@ fn req(i: usize) -> Assign {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Assign,
+    Release,
+}
+
+/// Assigns or releases handles `c0..c<n>` with `conc` in flight.
+async fn margay(alloc: &Allocator, op: Op, n: usize, conc: usize) -> anyhow::Result<Duration> {
+    run(n, conc, |i| {
+        let a = alloc.clone();
+        async move {
+            match op {
+                Op::Assign => a.assign(req(i)).await.map(|_| ()),
+                Op::Release => a.release(&format!("c{i}.eth0")).await.map(|_| ()),
+            }
+            .map_err(Into::into)
+        }
+    })
+    .await
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -125,43 +146,17 @@ async fn main() -> anyhow::Result<()> {
     let alloc = Allocator::start(store, "bench", Options::default());
     // Claim blocks once so both sides start warm: the first run's block
     // claims are part of Margay's cost only once per node lifetime.
-    let warm = run(n, cli.concurrency, |i| {
-        let a = alloc.clone();
-        async move { a.assign(req(i)).await.map(|_| ()).map_err(Into::into) }
-    })
-    .await?;
-    run(n, cli.concurrency, |i| {
-        let a = alloc.clone();
-        async move {
-            a.release(&format!("c{i}.eth0"))
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
+    let warm = margay(&alloc, Op::Assign, n, cli.concurrency).await?;
+    margay(&alloc, Op::Release, n, cli.concurrency).await?;
     eprintln!("warm-up (block claims included): {n} in {warm:?}");
 
     let dir = names::temp_dir("ipam-bench")?;
     let mut rows = Vec::new();
     for (label, conc) in [("sequential", 1), ("burst", cli.concurrency)] {
         let before = alloc.stats();
-        let m = run(n, conc, |i| {
-            let a = alloc.clone();
-            async move { a.assign(req(i)).await.map(|_| ()).map_err(Into::into) }
-        })
-        .await?;
+        let m = margay(&alloc, Op::Assign, n, conc).await?;
         let after = alloc.stats();
-        run(n, cli.concurrency, |i| {
-            let a = alloc.clone();
-            async move {
-                a.release(&format!("c{i}.eth0"))
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
-        })
-        .await?;
+        margay(&alloc, Op::Release, n, cli.concurrency).await?;
         let d = dir.path().to_path_buf();
         let h = run(n, conc, |i| {
             let d = d.clone();
