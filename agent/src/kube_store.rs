@@ -79,10 +79,6 @@ impl KubeStore {
     pub fn invalidate(&self) {
         *self.cache() = Cache::default();
     }
-
-    fn parse(res: &IPAMBlock) -> Result<Block> {
-        Block::from_resource(res)
-    }
 }
 
 impl Store for KubeStore {
@@ -94,7 +90,7 @@ impl Store for KubeStore {
             .map_err(|e| map_err("ipamblocks", e))?;
         let mut out = Vec::with_capacity(list.items.len());
         for res in &list.items {
-            match Self::parse(res) {
+            match Block::from_resource(res) {
                 Ok(b) => out.push(b),
                 // A corrupt block is left alone (and its addresses are
                 // never handed out again, because its name stays taken).
@@ -106,7 +102,7 @@ impl Store for KubeStore {
 
     async fn get_block(&self, name: &str) -> Result<Option<Block>> {
         match self.blocks.get_opt(name).await {
-            Ok(Some(res)) => Self::parse(&res).map(Some),
+            Ok(Some(res)) => Block::from_resource(&res).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(map_err(&format!("ipamblock {name}"), e)),
         }
@@ -120,7 +116,7 @@ impl Store for KubeStore {
             .create(&PostParams::default(), &res)
             .await
             .map_err(|e| map_err(&format!("ipamblock {}", block.name), e))?;
-        Self::parse(&made)
+        Block::from_resource(&made)
     }
 
     async fn update_block(&self, block: &Block) -> Result<Block> {
@@ -136,7 +132,7 @@ impl Store for KubeStore {
             .replace(&block.name, &PostParams::default(), &res)
             .await
             .map_err(|e| map_err(&format!("ipamblock {}", block.name), e))?;
-        Self::parse(&made)
+        Block::from_resource(&made)
     }
 
     async fn delete_block(&self, name: &str, version: &str) -> Result<()> {

@@ -349,14 +349,14 @@ impl<S: Store> Actor<S> {
                 // An assign for a handle the view says already has
                 // addresses: confirm against the store before answering
                 // (a collector may have released them since).
-                let mut stale: HashSet<String> = HashSet::new();
+                let mut holding: HashSet<String> = HashSet::new();
                 let view = self.view.as_ref().expect("loaded");
                 for &i in &pending {
                     if let Op::Assign(a) = &ops[i] {
-                        stale.extend(view.holding(&a.handle).iter().map(|(b, _)| b.clone()));
+                        holding.extend(view.holding(&a.handle).iter().map(|(b, _)| b.clone()));
                     }
                 }
-                for name in stale {
+                for name in holding {
                     if let Err(e) = self.refresh(&name).await {
                         tracing::debug!("refresh {name}: {e}");
                     }

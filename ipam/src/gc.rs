@@ -89,15 +89,17 @@ pub fn find_leaks<'a>(
     out
 }
 
-/// Blocks affine to nodes that no longer exist.
+/// Blocks affine to nodes that no longer exist, as (block, node).
 pub fn orphaned_blocks<'a>(
     blocks: impl IntoIterator<Item = &'a Block>,
     nodes: &BTreeSet<String>,
-) -> Vec<String> {
+) -> Vec<(String, String)> {
     blocks
         .into_iter()
-        .filter(|b| b.node.as_ref().is_some_and(|n| !nodes.contains(n)))
-        .map(|b| b.name.clone())
+        .filter_map(|b| {
+            let n = b.node.as_ref()?;
+            (!nodes.contains(n)).then(|| (b.name.clone(), n.clone()))
+        })
         .collect()
 }
 
@@ -165,6 +167,8 @@ impl<S: Store + Cluster> Janitor<S> {
         self.first_seen.retain(|k, _| keys.contains(k));
         let mut report = Report::default();
         let mut due: BTreeMap<String, Vec<Leak>> = BTreeMap::new();
+        // Live node re-checks, once per node per run.
+        let mut gone: HashMap<String, bool> = HashMap::new();
         for leak in leaks {
             let seen = *self
                 .first_seen
@@ -177,7 +181,7 @@ impl<S: Store + Cluster> Janitor<S> {
             }
             // Re-check right before releasing.
             let still = match (&leak.reason, &leak.pod) {
-                (LeakReason::NodeGone, _) => self.store.node_exists(&leak.node).await.map(|e| !e),
+                (LeakReason::NodeGone, _) => self.node_gone(&mut gone, &leak.node).await,
                 (_, Some(p)) => self
                     .store
                     .pod_uid(&p.namespace, &p.name)
@@ -206,15 +210,10 @@ impl<S: Store + Cluster> Janitor<S> {
                 Err(e) => report.errors.push(format!("block {name}: {e}")),
             }
         }
-        for name in orphaned_blocks(&blocks, &nodes) {
-            let node = blocks
-                .iter()
-                .find(|b| b.name == name)
-                .and_then(|b| b.node.clone())
-                .unwrap_or_default();
-            match self.store.node_exists(&node).await {
-                Ok(false) => {}
-                Ok(true) => continue,
+        for (name, node) in orphaned_blocks(&blocks, &nodes) {
+            match self.node_gone(&mut gone, &node).await {
+                Ok(true) => {}
+                Ok(false) => continue,
                 Err(e) => {
                     report.errors.push(format!("re-check node {node}: {e}"));
                     continue;
@@ -228,6 +227,16 @@ impl<S: Store + Cluster> Janitor<S> {
             }
         }
         Ok(report)
+    }
+
+    /// Whether `node` is gone, read live once per run (`cache`).
+    async fn node_gone(&self, cache: &mut HashMap<String, bool>, node: &str) -> Result<bool> {
+        if let Some(g) = cache.get(node) {
+            return Ok(*g);
+        }
+        let g = !self.store.node_exists(node).await?;
+        cache.insert(node.to_string(), g);
+        Ok(g)
     }
 
     /// Removes the given allocations from a block if each still has the

@@ -47,14 +47,7 @@ async fn cluster(
         .await
         .expect("node");
     }
-    let pools: Api<IPPool> = Api::all(client.clone());
-    pools
-        .create(
-            &PostParams::default(),
-            &IPPool::new("default", IPPoolSpec::with_cidr(pool_cidr, Some(block))),
-        )
-        .await
-        .expect("pool");
+    add_pool(&client, "default", pool_cidr, Some(block)).await;
     let cfgs: Api<IPAMConfiguration> = Api::all(client.clone());
     cfgs.create(
         &PostParams::default(),
@@ -63,6 +56,17 @@ async fn cluster(
     .await
     .expect("config");
     (api, client)
+}
+
+async fn add_pool(client: &kube::Client, name: &str, cidr: &str, block: Option<u8>) {
+    let pools: Api<IPPool> = Api::all(client.clone());
+    pools
+        .create(
+            &PostParams::default(),
+            &IPPool::new(name, IPPoolSpec::with_cidr(cidr, block)),
+        )
+        .await
+        .expect("pool");
 }
 
 fn fast_gc() -> IPAMConfigurationSpec {
@@ -227,15 +231,7 @@ async fn three_nodes_under_sigkill_never_share_an_address_and_gc_leaves_no_leak(
     // One block of 16 per node is not enough for 20 pods at a time: every
     // node borrows, and the only other block is one /24 of a fourth node,
     // so three processes write to one object all the time.
-    let pools: Api<IPPool> = Api::all(client.clone());
-    let mut shared = pools.get("default").await.unwrap();
-    shared.metadata = kube::api::ObjectMeta {
-        name: Some("shared".into()),
-        ..Default::default()
-    };
-    shared.spec.cidr = "10.51.0.0/24".into();
-    shared.spec.block_size = Some(24);
-    pools.create(&PostParams::default(), &shared).await.unwrap();
+    add_pool(&client, "shared", "10.51.0.0/24", Some(24)).await;
     let store = Arc::new(KubeStore::new(client.clone(), Duration::from_secs(1)));
     store
         .create_block(&margay_ipam::Block::new(
@@ -521,17 +517,8 @@ fn ready(p: &IPPool) -> (String, String, String) {
 async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() {
     let (_api, client) = cluster(&["k1"], "10.80.0.0/24", 26, fast_gc()).await;
     let pools: Api<IPPool> = Api::all(client.clone());
-    let mut bad = pools.get("default").await.unwrap();
-    bad.metadata = kube::api::ObjectMeta {
-        name: Some("overlapping".into()),
-        ..Default::default()
-    };
-    bad.spec.cidr = "10.80.0.128/25".into();
-    pools.create(&PostParams::default(), &bad).await.unwrap();
-    bad.metadata.name = Some("tiny-blocks".into());
-    bad.spec.cidr = "10.81.0.0/16".into();
-    bad.spec.block_size = Some(19);
-    pools.create(&PostParams::default(), &bad).await.unwrap();
+    add_pool(&client, "overlapping", "10.80.0.128/25", Some(26)).await;
+    add_pool(&client, "tiny-blocks", "10.81.0.0/16", Some(19)).await;
 
     let store = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
     let a = Allocator::start(store.clone(), "k1", Options::default());
