@@ -4,8 +4,14 @@
 //! - [`crds`]: the CustomResourceDefinitions, rendered from the Rust types;
 //! - [`kube_store`]: the IPAM store on the Kubernetes API (compare-and-swap
 //!   on `resourceVersion`);
-//! - [`pools`]: pool status conditions and the in-use finalizer.
+//! - [`pools`]: pool status conditions and the in-use finalizer;
+//! - [`dataplane`]: veth pairs, addresses and routes for pods;
+//! - [`cni`]: the CNI service on the agent's unix socket;
+//! - [`run`]: `margay-agent run`, wiring it all together.
 
+pub mod cni;
 pub mod crds;
+pub mod dataplane;
 pub mod kube_store;
 pub mod pools;
+pub mod run;

@@ -1,8 +1,8 @@
 //! `margay-agent`: the per-node daemon (CNI API, IPAM, dataplane, BGP).
 //!
-//! Work in progress: `run` and `install-cni` are declared with the names
-//! operators will rely on and say plainly that they are not built yet;
-//! `crds` writes (or checks) the CustomResourceDefinitions.
+//! `run` serves IPAM and the CNI API (BGP and status come with issue 6);
+//! `install-cni` is declared and says plainly it is not built yet; `crds`
+//! writes (or checks) the CustomResourceDefinitions.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the agent on this node.
-    Run,
+    Run(margay_agent::run::RunArgs),
     /// Copy the CNI plugin and write its conflist onto the host.
     InstallCni,
     /// Write the CustomResourceDefinitions as YAML files.
@@ -54,13 +54,34 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             })
         }
-        Cmd::Run | Cmd::InstallCni => {
-            let what = if matches!(cli.cmd, Cmd::Run) {
-                "run"
-            } else {
-                "install-cni"
+        Cmd::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("MARGAY_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("margay-agent run: {e}");
+                    return ExitCode::from(1);
+                }
             };
-            eprintln!("margay-agent {what}: not available in this build yet");
+            match rt.block_on(margay_agent::run::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("margay-agent run: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::InstallCni => {
+            eprintln!("margay-agent install-cni: not available in this build yet");
             ExitCode::from(2)
         }
     }

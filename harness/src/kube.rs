@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::netns::Netns;
 use crate::process::{Daemon, run};
 use crate::{Error, Result, names, paths, wait};
 
@@ -205,12 +206,71 @@ impl ApiServer {
         client_from(&self.kubeconfig).await
     }
 
+    /// Makes the apiserver reachable from inside `ns` at the same
+    /// `https://127.0.0.1:<port>` (so [`ApiServer::kubeconfig`] works there
+    /// too), as a node's agent reaches its control plane. Loopback is per
+    /// namespace and the root namespace must not be changed, so two `socat`
+    /// relays meet at a unix socket in this control plane's directory (unix
+    /// sockets live in the filesystem, not in a network namespace). The
+    /// relays stop when the returned value is dropped.
+    pub fn expose_in(&self, ns: &Netns) -> Result<ApiRelay> {
+        let sock = self.dir.path().join(format!("relay-{}.sock", ns.name()));
+        let socat = paths::system("socat")?;
+        let mut outer = Command::new(&socat);
+        outer
+            .arg(format!("UNIX-LISTEN:{},fork,unlink-early", sock.display()))
+            .arg(format!("TCP:127.0.0.1:{}", self.port));
+        let outer = Daemon::spawn(
+            "socat (apiserver relay, outside)",
+            outer,
+            &self.dir.path().join(format!("relay-{}-out.log", ns.name())),
+        )?;
+        let mut inner = ns.cmd(&socat);
+        inner
+            .arg(format!(
+                "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr",
+                self.port
+            ))
+            .arg(format!("UNIX-CONNECT:{}", sock.display()));
+        let inner = Daemon::spawn(
+            "socat (apiserver relay, inside)",
+            inner,
+            &self.dir.path().join(format!("relay-{}-in.log", ns.name())),
+        )?;
+        let port = self.port;
+        wait::until(
+            "apiserver reachable in the namespace",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                Ok(ns
+                    .exec(
+                        socat.to_str().unwrap_or("socat"),
+                        &["-u", "OPEN:/dev/null", &format!("TCP:127.0.0.1:{port}")],
+                    )
+                    .is_ok()
+                    .then_some(()))
+            },
+        )?;
+        Ok(ApiRelay {
+            _inner: inner,
+            _outer: outer,
+        })
+    }
+
     /// `kubectl` pointed at this apiserver.
     pub fn kubectl(&self) -> Result<Command> {
         let mut c = Command::new(paths::kubectl()?);
         c.env("KUBECONFIG", &self.kubeconfig);
         Ok(c)
     }
+}
+
+/// The relays made by [`ApiServer::expose_in`]; dropping it stops them.
+#[derive(Debug)]
+pub struct ApiRelay {
+    _inner: Daemon,
+    _outer: Daemon,
 }
 
 /// A kube client from a kubeconfig file.

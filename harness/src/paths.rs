@@ -4,7 +4,7 @@
 //! in the cache directory (`$MARGAY_CACHE`, default `/var/cache/margay`) so a
 //! second install is instant and the repository stays clean.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -54,6 +54,25 @@ pub fn helm() -> Result<PathBuf> {
 /// A libcni driver (scripts/cnitool.go) that calls plugins like a runtime.
 pub fn cnitool() -> Result<PathBuf> {
     require("cnitool", cache_dir().join("bin/cnitool"))
+}
+
+/// A binary of this workspace, built next to the running test or tool
+/// (`cargo build --workspace` puts them all there).
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(Error::Other(format!(
+            "{} not found: run `cargo build --workspace` first",
+            p.display()
+        )))
+    }
 }
 
 /// Debian's CNI reference plugins (ptp, host-local, portmap, ...).

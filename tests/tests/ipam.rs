@@ -9,65 +9,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use margay_agent::kube_store::KubeStore;
-use margay_harness::kube::ApiServer;
 use margay_harness::process::Daemon;
-use margay_ipam::crd::{
-    AllowedUse, CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool,
-    IPPoolSpec, PodRef,
-};
+use margay_ipam::crd::{AllowedUse, IPAMBlock, IPAMConfigurationSpec, IPPool, PodRef};
 use margay_ipam::gc::{Janitor, LeakReason};
 use margay_ipam::{Allocator, Assign, Error, Options, Store};
-
-async fn cluster(
-    nodes: &[&str],
-    pool_cidr: &str,
-    block: u8,
-    cfg: IPAMConfigurationSpec,
-) -> (ApiServer, kube::Client) {
-    let api = ApiServer::start().await.expect("apiserver");
-    let client = api.client().await.expect("client");
-    margay_agent::crds::install(&client).await.expect("CRDs");
-    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-    sa.create(
-        &PostParams::default(),
-        &serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap(),
-    )
-    .await
-    .expect("service account");
-    let napi: Api<Node> = Api::all(client.clone());
-    for n in nodes {
-        napi.create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": n}})).unwrap(),
-        )
-        .await
-        .expect("node");
-    }
-    add_pool(&client, "default", pool_cidr, Some(block)).await;
-    let cfgs: Api<IPAMConfiguration> = Api::all(client.clone());
-    cfgs.create(
-        &PostParams::default(),
-        &IPAMConfiguration::new(CONFIG_NAME, cfg),
-    )
-    .await
-    .expect("config");
-    (api, client)
-}
-
-async fn add_pool(client: &kube::Client, name: &str, cidr: &str, block: Option<u8>) {
-    let pools: Api<IPPool> = Api::all(client.clone());
-    pools
-        .create(
-            &PostParams::default(),
-            &IPPool::new(name, IPPoolSpec::with_cidr(cidr, block)),
-        )
-        .await
-        .expect("pool");
-}
+use margay_tests::{add_pool, cluster};
 
 fn fast_gc() -> IPAMConfigurationSpec {
     IPAMConfigurationSpec {

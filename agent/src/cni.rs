@@ -1,0 +1,396 @@
+//! The agent's CNI service: ADD, DEL, CHECK, STATUS and GC over gRPC on a
+//! unix socket, translating to IPAM and the dataplane.
+//!
+//! ADD allocates (handle `<container id>.<ifname>`, so a retried ADD gets
+//! the same addresses), then wires the pod; if wiring fails the dataplane
+//! has already rolled back and the addresses are released, so a failed ADD
+//! leaves nothing. DEL unwires (nothing to do is fine; the pod namespace
+//! may be gone) and releases. Errors carry CNI codes: 11 when asking again
+//! may work, 3 when the pod namespace does not exist, 100 for address
+//! allocation, 101 for the dataplane, 50 for STATUS when not ready.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use margay_ipam::crd::{AllowedUse, PodRef};
+use margay_ipam::model::validate_pools;
+use margay_ipam::{Allocator, Assign, Store};
+use margay_proto::cni::{self, cni_server};
+use tonic::{Request, Response, Status};
+
+use crate::dataplane::{self, Dataplane, GATEWAY_V4, HOST_MAC, PodSpec, host_ifname};
+
+/// CNI error codes the agent answers with.
+pub mod code {
+    /// The pod's network namespace does not exist.
+    pub const CONTAINER_UNKNOWN: u32 = 3;
+    /// Invalid request.
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later.
+    pub const TRY_AGAIN: u32 = 11;
+    /// Not ready (STATUS).
+    pub const NOT_READY: u32 = 50;
+    /// No address could be allocated.
+    pub const IPAM: u32 = 100;
+    /// The dataplane failed.
+    pub const DATAPLANE: u32 = 101;
+}
+
+fn err(code: u32, msg: impl Into<String>) -> cni::CniError {
+    cni::CniError {
+        code,
+        msg: msg.into(),
+        details: String::new(),
+    }
+}
+
+fn ipam_err(e: &margay_ipam::Error) -> cni::CniError {
+    let code = if e.is_transient() {
+        code::TRY_AGAIN
+    } else {
+        code::IPAM
+    };
+    err(code, format!("margay IPAM: {e}"))
+}
+
+/// The CNI service, generic over the IPAM store and the dataplane.
+#[derive(Debug)]
+pub struct CniService<S, D> {
+    node: String,
+    store: Arc<S>,
+    alloc: Allocator,
+    dp: Arc<D>,
+    mtu: u32,
+}
+
+fn handle_of(r: &cni::CniRequest) -> String {
+    format!("{}.{}", r.container_id, r.ifname)
+}
+
+fn host_if_of(r: &cni::CniRequest) -> String {
+    match &r.pod {
+        Some(p) if !p.name.is_empty() => host_ifname(&format!("{}.{}", p.namespace, p.name)),
+        _ => host_ifname(&r.container_id),
+    }
+}
+
+fn validate(r: &cni::CniRequest, need_netns: bool) -> Result<(), cni::CniError> {
+    if r.container_id.is_empty() || r.ifname.is_empty() || (need_netns && r.netns.is_empty()) {
+        return Err(err(
+            code::INVALID_CONFIG,
+            "container id, interface name and (for ADD/CHECK) netns are required",
+        ));
+    }
+    if r.ifname.len() > 15 {
+        return Err(err(
+            code::INVALID_CONFIG,
+            format!("interface name {:?} is too long", r.ifname),
+        ));
+    }
+    Ok(())
+}
+
+impl<S: Store, D: Dataplane> CniService<S, D> {
+    /// A service for `node`.
+    pub fn new(node: &str, store: Arc<S>, alloc: Allocator, dp: Arc<D>, mtu: u32) -> Self {
+        Self {
+            node: node.to_string(),
+            store,
+            alloc,
+            dp,
+            mtu,
+        }
+    }
+
+    fn spec(&self, r: &cni::CniRequest, addrs: Vec<IpNetwork>) -> PodSpec {
+        PodSpec {
+            netns: PathBuf::from(&r.netns),
+            ifname: r.ifname.clone(),
+            host_if: host_if_of(r),
+            addrs,
+            mtu: if r.mtu > 0 { r.mtu } else { self.mtu },
+        }
+    }
+
+    /// CNI ADD.
+    pub async fn add(&self, r: &cni::CniRequest) -> Result<cni::CniResult, cni::CniError> {
+        validate(r, true)?;
+        if !std::path::Path::new(&r.netns).exists() {
+            return Err(err(
+                code::CONTAINER_UNKNOWN,
+                format!("network namespace {} does not exist", r.netns),
+            ));
+        }
+        let handle = handle_of(r);
+        let pod = r.pod.as_ref().map(|p| PodRef {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            uid: p.uid.clone(),
+        });
+        let addrs = self
+            .alloc
+            .assign(Assign {
+                handle: handle.clone(),
+                pod,
+                use_: AllowedUse::Workload,
+            })
+            .await
+            .map_err(|e| ipam_err(&e))?;
+        let spec = self.spec(r, addrs.clone());
+        let wiring = match self.dp.add_pod(&spec).await {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing may be left: give the addresses back.
+                if let Err(re) = self.alloc.release(&handle).await {
+                    tracing::warn!(%handle, "release after failed ADD: {re} (GC will collect it)");
+                }
+                let code = match e {
+                    dataplane::Error::Netns { .. } => code::CONTAINER_UNKNOWN,
+                    _ => code::DATAPLANE,
+                };
+                return Err(err(code, format!("wiring the pod failed: {e}")));
+            }
+        };
+        let host_mac = HOST_MAC
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let mut routes = Vec::new();
+        let mut ips = Vec::new();
+        for a in &addrs {
+            let (gw, dst) = match a {
+                IpNetwork::V4(_) => (GATEWAY_V4.to_string(), "0.0.0.0/0"),
+                IpNetwork::V6(_) => (dataplane::GATEWAY_V6.to_string(), "::/0"),
+            };
+            ips.push(cni::IpConfig {
+                address: a.to_string(),
+                gateway: gw.clone(),
+                interface: 1,
+            });
+            routes.push(cni::Route {
+                dst: dst.to_string(),
+                gw,
+            });
+        }
+        tracing::info!(handle = %handle, host_if = %spec.host_if, ?addrs, "pod added");
+        Ok(cni::CniResult {
+            interfaces: vec![
+                cni::Interface {
+                    name: spec.host_if.clone(),
+                    mac: host_mac,
+                    sandbox: String::new(),
+                    mtu: spec.mtu,
+                },
+                cni::Interface {
+                    name: r.ifname.clone(),
+                    mac: wiring.pod_mac,
+                    sandbox: r.netns.clone(),
+                    mtu: spec.mtu,
+                },
+            ],
+            ips,
+            routes,
+        })
+    }
+
+    /// CNI DEL.
+    pub async fn del(&self, r: &cni::CniRequest) -> Result<(), cni::CniError> {
+        validate(r, false)?;
+        self.dp.del_pod(&host_if_of(r)).await.map_err(|e| {
+            err(
+                code::TRY_AGAIN,
+                format!("removing the pod's interfaces: {e}"),
+            )
+        })?;
+        let handle = handle_of(r);
+        let released = self
+            .alloc
+            .release(&handle)
+            .await
+            .map_err(|e| ipam_err(&e))?;
+        tracing::info!(%handle, ?released, "pod deleted");
+        Ok(())
+    }
+
+    /// Addresses IPAM holds for a handle.
+    async fn held(&self, handle: &str) -> Result<Vec<IpNetwork>, cni::CniError> {
+        let blocks = self.alloc.blocks().await.map_err(|e| ipam_err(&e))?;
+        let mut out: Vec<IpNetwork> = blocks
+            .iter()
+            .flat_map(|b| b.held_by(handle).collect::<Vec<_>>())
+            .map(|ip| IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix"))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// CNI CHECK.
+    pub async fn check(&self, r: &cni::CniRequest) -> Result<(), cni::CniError> {
+        validate(r, true)?;
+        let addrs = self.held(&handle_of(r)).await?;
+        if addrs.is_empty() {
+            return Err(err(
+                code::IPAM,
+                format!("no address is allocated to {}", handle_of(r)),
+            ));
+        }
+        self.dp
+            .check_pod(&self.spec(r, addrs))
+            .await
+            .map_err(|e| err(code::DATAPLANE, format!("CHECK failed: {e}")))
+    }
+
+    /// CNI STATUS: ready when the datastore answers and a pool can serve
+    /// this node.
+    pub async fn status(&self) -> Result<(), cni::CniError> {
+        let pools = self.store.pools().await.map_err(|e| {
+            err(
+                code::NOT_READY,
+                format!("margay-agent cannot read IPPools: {e}"),
+            )
+        })?;
+        let labels = self.store.node_labels(&self.node).await.map_err(|e| {
+            err(
+                code::NOT_READY,
+                format!("margay-agent cannot read its Node: {e}"),
+            )
+        })?;
+        let (valid, _) = validate_pools(&pools);
+        if !valid
+            .iter()
+            .any(|p| p.usable(&labels, AllowedUse::Workload))
+        {
+            return Err(err(
+                code::NOT_READY,
+                format!("no enabled IPPool selects node {}", self.node),
+            ));
+        }
+        Ok(())
+    }
+
+    /// CNI GC: releases this node's pod addresses whose attachment is not
+    /// in `valid`, and removes their host interfaces.
+    pub async fn gc(&self, g: &cni::GcRequest) -> Result<Vec<String>, cni::CniError> {
+        let valid: HashSet<String> = g
+            .valid
+            .iter()
+            .map(|a| format!("{}.{}", a.container_id, a.ifname))
+            .collect();
+        let blocks = self.alloc.blocks().await.map_err(|e| ipam_err(&e))?;
+        let mut gone = Vec::new();
+        let mut seen = HashSet::new();
+        for b in &blocks {
+            for a in b.allocations.values() {
+                if a.node != self.node
+                    || a.use_ != AllowedUse::Workload
+                    || valid.contains(&a.handle)
+                    || !seen.insert(a.handle.clone())
+                {
+                    continue;
+                }
+                let host_if = match &a.pod {
+                    Some(p) => host_ifname(&format!("{}.{}", p.namespace, p.name)),
+                    None => {
+                        host_ifname(a.handle.rsplit_once('.').map_or(&a.handle[..], |(c, _)| c))
+                    }
+                };
+                self.dp
+                    .del_pod(&host_if)
+                    .await
+                    .map_err(|e| err(code::TRY_AGAIN, e.to_string()))?;
+                self.alloc
+                    .release(&a.handle)
+                    .await
+                    .map_err(|e| ipam_err(&e))?;
+                gone.push(a.handle.clone());
+            }
+        }
+        Ok(gone)
+    }
+}
+
+fn reply(r: Result<Option<cni::CniResult>, cni::CniError>) -> Response<cni::CniReply> {
+    Response::new(match r {
+        Ok(result) => cni::CniReply {
+            result,
+            error: None,
+        },
+        Err(e) => cni::CniReply {
+            result: None,
+            error: Some(e),
+        },
+    })
+}
+
+#[tonic::async_trait]
+impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
+    async fn add(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
+        Ok(reply(CniService::add(self, req.get_ref()).await.map(Some)))
+    }
+
+    async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
+        Ok(reply(
+            CniService::del(self, req.get_ref()).await.map(|()| None),
+        ))
+    }
+
+    async fn check(
+        &self,
+        req: Request<cni::CniRequest>,
+    ) -> Result<Response<cni::CniReply>, Status> {
+        Ok(reply(
+            CniService::check(self, req.get_ref()).await.map(|()| None),
+        ))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<cni::StatusRequest>,
+    ) -> Result<Response<cni::CniReply>, Status> {
+        Ok(reply(CniService::status(self).await.map(|()| None)))
+    }
+
+    async fn gc(&self, req: Request<cni::GcRequest>) -> Result<Response<cni::CniReply>, Status> {
+        Ok(reply(
+            CniService::gc(self, req.get_ref()).await.map(|_| None),
+        ))
+    }
+}
+
+/// Serves the service on a unix socket at `path` (mode 0600; connections
+/// from other users than root are closed at once) until `shutdown`
+/// resolves; the socket file is removed afterwards.
+pub async fn serve<S: Store, D: Dataplane>(
+    service: CniService<S, D>,
+    path: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => match s.peer_cred() {
+                    Ok(c) if c.uid() == 0 => return Some((Ok::<_, std::io::Error>(s), l)),
+                    Ok(c) => tracing::warn!(uid = c.uid(), "refused a non-root caller"),
+                    Err(e) => tracing::warn!("peer credentials: {e}"),
+                },
+                Err(e) => return Some((Err(e), l)),
+            }
+        }
+    });
+    let res = tonic::transport::Server::builder()
+        .add_service(cni_server::CniServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = std::fs::remove_file(path);
+    res.map_err(Into::into)
+}

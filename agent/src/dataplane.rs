@@ -1,0 +1,429 @@
+//! The pod dataplane: veth pairs, addresses and /32 routes, Calico-style.
+//!
+//! Host side `cali<11 hex>` with MAC ee:ee:ee:ee:ee:ee, proxy ARP on and no
+//! proxy delay; pod side `eth0` (CNI_IFNAME) created directly in the pod's
+//! namespace with the /32 (/128), `169.254.1.1` (IPv6: the host side's
+//! link-local address) as an on-link gateway and the default route via it;
+//! on the host a /32 (/128) route to the pod with protocol
+//! [`RTPROT_MARGAY_POD`]. The [`Dataplane`] trait keeps the service logic
+//! testable with [`FakeDataplane`]; [`Netlink`] is the real one.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+/// Route protocol number of the agent's pod routes and block blackholes
+/// (BGP routes use 77).
+pub const RTPROT_MARGAY_POD: u8 = 78;
+/// The host side's MAC (Calico's), so pods' neighbour entries never change.
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+/// The pods' IPv4 gateway, answered by proxy ARP.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pods' IPv6 gateway: the link-local address EUI-64 gives [`HOST_MAC`].
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// Dataplane errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pod's network namespace cannot be opened.
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    /// Something else went wrong.
+    #[error("{0}")]
+    Other(String),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Netlink { what, source }
+}
+
+/// The host-side interface name for a pod: `cali` and 11 hex digits of a
+/// hash of `namespace.name` (or the container id when the caller gave no
+/// pod), stable across ADD, DEL and agent restarts.
+pub fn host_ifname(key: &str) -> String {
+    // FNV-1a, 64 bits: stable, no dependency.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("cali{:011x}", h & 0xfff_ffff_ffff)
+}
+
+/// What to build for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    /// The pod's network namespace (a path).
+    pub netns: PathBuf,
+    /// The pod-side name (CNI_IFNAME).
+    pub ifname: String,
+    /// The host-side name ([`host_ifname`]).
+    pub host_if: String,
+    /// The pod's addresses (host prefixes).
+    pub addrs: Vec<IpNetwork>,
+    /// MTU of both ends.
+    pub mtu: u32,
+}
+
+/// What was built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodWiring {
+    /// The pod side's MAC, `aa:bb:...`.
+    pub pod_mac: String,
+}
+
+/// The operations the CNI service needs from the kernel.
+pub trait Dataplane: Send + Sync + 'static {
+    /// Builds the pod's interfaces, addresses and routes; on failure
+    /// nothing is left behind.
+    fn add_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+    /// Removes the pod's host side (its peer and routes go with it);
+    /// success when it is already gone.
+    fn del_pod(&self, host_if: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Verifies the pod's wiring; `Err` says what is wrong.
+    fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<()>> + Send;
+}
+
+fn mac_str(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The kernel, through rtnetlink.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    host: Handle,
+}
+
+impl Netlink {
+    /// A dataplane in the calling process's network namespace (must be
+    /// called inside a tokio runtime). Turns on IPv4 forwarding there.
+    pub fn new() -> Result<Self> {
+        let (conn, host, _) =
+            rtnetlink::new_connection().map_err(|e| Error::Other(format!("netlink: {e}")))?;
+        tokio::spawn(conn);
+        sysctl("net/ipv4/ip_forward", "1")?;
+        Ok(Self { host })
+    }
+
+    /// A netlink handle whose socket lives in the namespace at `path`:
+    /// made on a short-lived thread that entered that namespace (a socket
+    /// belongs to the namespace of the thread that created it; tokio's own
+    /// threads never change namespace).
+    async fn handle_in(path: &Path) -> Result<Handle> {
+        let file = std::fs::File::open(path).map_err(|source| Error::Netns {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let rt = tokio::runtime::Handle::current();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let res = (|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| Error::Other(format!("setns: {e}")))?;
+                let _guard = rt.enter();
+                let (conn, handle, _) = rtnetlink::new_connection()
+                    .map_err(|e| Error::Other(format!("netlink in pod namespace: {e}")))?;
+                rt.spawn(conn);
+                Ok(handle)
+            })();
+            let _ = tx.send(res);
+        });
+        rx.await
+            .map_err(|_| Error::Other("netns thread died".into()))?
+    }
+
+    async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+        let mut links = handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => {
+                let mac = msg
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Address(m) => Some(m.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                Ok(Some((msg.header.index, mac)))
+            }
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl(format!("look up {name}"))(e)),
+        }
+    }
+
+    async fn build(&self, spec: &PodSpec, netns: &std::fs::File) -> Result<PodWiring> {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(spec.ifname.clone())
+            .mtu(spec.mtu)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(
+            rtnetlink::packet_route::link::InfoKind::Veth,
+        )
+        .name(spec.host_if.clone())
+        .mtu(spec.mtu)
+        .address(HOST_MAC.to_vec())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+        self.host
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "create veth {} / {}",
+                spec.host_if, spec.ifname
+            )))?;
+        let (host_idx, _) = Self::link_index(&self.host, &spec.host_if)
+            .await?
+            .ok_or_else(|| Error::Other(format!("{} vanished after creation", spec.host_if)))?;
+        let v6 = spec.addrs.iter().any(IpNetwork::is_ipv6);
+        sysctl(&format!("net/ipv4/conf/{}/proxy_arp", spec.host_if), "1")?;
+        sysctl(&format!("net/ipv4/neigh/{}/proxy_delay", spec.host_if), "0")?;
+        if v6 {
+            sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", spec.host_if), "0")?;
+        }
+        self.host
+            .link()
+            .set(LinkUnspec::new_with_index(host_idx).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("bring up {}", spec.host_if)))?;
+
+        // The pod side.
+        let pod = Self::handle_in(&spec.netns).await?;
+        let (pod_idx, pod_mac) = Self::link_index(&pod, &spec.ifname)
+            .await?
+            .ok_or_else(|| Error::Other(format!("{} missing in the pod namespace", spec.ifname)))?;
+        pod.link()
+            .set(LinkUnspec::new_with_index(pod_idx).up().build())
+            .execute()
+            .await
+            .map_err(nl("bring up the pod interface"))?;
+        for a in &spec.addrs {
+            pod.address()
+                .add(pod_idx, a.ip(), a.prefix())
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("add {a} in the pod")))?;
+            match a.ip() {
+                IpAddr::V4(_) => {
+                    let gw = RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(GATEWAY_V4, 32)
+                        .output_interface(pod_idx)
+                        .scope(RouteScope::Link)
+                        .protocol(RouteProtocol::Boot)
+                        .build();
+                    pod.route()
+                        .add(gw)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(nl("gateway route in the pod"))?;
+                    let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                        .gateway(GATEWAY_V4)
+                        .output_interface(pod_idx)
+                        .protocol(RouteProtocol::Boot)
+                        .build();
+                    pod.route()
+                        .add(default)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(nl("default route in the pod"))?;
+                }
+                IpAddr::V6(_) => {
+                    let default = RouteMessageBuilder::<Ipv6Addr>::new()
+                        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                        .gateway(GATEWAY_V6)
+                        .output_interface(pod_idx)
+                        .protocol(RouteProtocol::Boot)
+                        .build();
+                    pod.route()
+                        .add(default)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(nl("IPv6 default route in the pod"))?;
+                }
+            }
+        }
+        // Host routes to the pod.
+        for a in &spec.addrs {
+            let msg = match a.ip() {
+                IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(ip, 32)
+                    .output_interface(host_idx)
+                    .scope(RouteScope::Link)
+                    .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
+                    .build(),
+                IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(ip, 128)
+                    .output_interface(host_idx)
+                    .scope(RouteScope::Link)
+                    .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
+                    .build(),
+            };
+            self.host
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("host route to {a}")))?;
+        }
+        Ok(PodWiring {
+            pod_mac: mac_str(&pod_mac),
+        })
+    }
+}
+
+/// Writes `/proc/sys/<key>` (in the calling thread's namespace).
+fn sysctl(key: &str, value: &str) -> Result<()> {
+    std::fs::write(format!("/proc/sys/{key}"), value)
+        .map_err(|e| Error::Other(format!("sysctl {key}={value}: {e}")))
+}
+
+impl Dataplane for Netlink {
+    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+        let netns = std::fs::File::open(&spec.netns).map_err(|source| Error::Netns {
+            path: spec.netns.display().to_string(),
+            source,
+        })?;
+        // A retried ADD starts from scratch: the old pair goes first.
+        self.del_pod(&spec.host_if).await?;
+        match self.build(spec, &netns).await {
+            Ok(w) => Ok(w),
+            Err(e) => {
+                // Roll back: deleting the host side deletes the peer and
+                // every route through it.
+                if let Err(e2) = self.del_pod(&spec.host_if).await {
+                    tracing::warn!(host_if = %spec.host_if, "rollback failed: {e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn del_pod(&self, host_if: &str) -> Result<()> {
+        let Some((idx, _)) = Self::link_index(&self.host, host_if).await? else {
+            return Ok(());
+        };
+        match self.host.link().del(idx).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl(format!("delete {host_if}"))(e)),
+        }
+    }
+
+    async fn check_pod(&self, spec: &PodSpec) -> Result<()> {
+        if Self::link_index(&self.host, &spec.host_if).await?.is_none() {
+            return Err(Error::Other(format!(
+                "host interface {} is missing",
+                spec.host_if
+            )));
+        }
+        let pod = Self::handle_in(&spec.netns).await?;
+        let Some((idx, _)) = Self::link_index(&pod, &spec.ifname).await? else {
+            return Err(Error::Other(format!(
+                "{} is missing in {}",
+                spec.ifname,
+                spec.netns.display()
+            )));
+        };
+        let mut have = Vec::new();
+        let mut addrs = pod.address().get().set_link_index_filter(idx).execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl("list pod addresses"))? {
+            for a in msg.attributes {
+                if let rtnetlink::packet_route::address::AddressAttribute::Address(ip) = a {
+                    have.push(ip);
+                }
+            }
+        }
+        for a in &spec.addrs {
+            if !have.contains(&a.ip()) {
+                return Err(Error::Other(format!("{} lacks {a}", spec.ifname)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory dataplane for unit tests, with failure injection.
+#[derive(Debug, Clone, Default)]
+pub struct FakeDataplane {
+    /// host_if -> spec of the pods that exist.
+    pub pods: Arc<Mutex<BTreeMap<String, PodSpec>>>,
+    /// Fail the next `add_pod` with this message.
+    pub fail_next_add: Arc<Mutex<Option<String>>>,
+}
+
+impl Dataplane for FakeDataplane {
+    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+        if let Some(msg) = self.fail_next_add.lock().expect("lock").take() {
+            return Err(Error::Other(msg));
+        }
+        self.pods
+            .lock()
+            .expect("lock")
+            .insert(spec.host_if.clone(), spec.clone());
+        Ok(PodWiring {
+            pod_mac: "02:00:00:00:00:01".into(),
+        })
+    }
+
+    async fn del_pod(&self, host_if: &str) -> Result<()> {
+        self.pods.lock().expect("lock").remove(host_if);
+        Ok(())
+    }
+
+    async fn check_pod(&self, spec: &PodSpec) -> Result<()> {
+        match self.pods.lock().expect("lock").get(&spec.host_if) {
+            Some(s) if s == spec => Ok(()),
+            Some(_) => Err(Error::Other("wiring differs".into())),
+            None => Err(Error::Other(format!("{} is missing", spec.host_if))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_and_short() {
+        let a = host_ifname("default.web-0");
+        assert_eq!(a, host_ifname("default.web-0"));
+        assert_ne!(a, host_ifname("default.web-1"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("cali"));
+        assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+}

@@ -1,0 +1,86 @@
+//! `margay-agent run`: the node agent's main loop (this increment: IPAM and
+//! the CNI service; BGP, metrics and reconciliation come with issue 6).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use margay_ipam::gc::Janitor;
+use margay_ipam::{Allocator, Options};
+
+use crate::cni::{CniService, serve};
+use crate::dataplane::Netlink;
+use crate::kube_store::KubeStore;
+
+/// Settings of `margay-agent run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// This node's name (the Node object's).
+    #[arg(long, env = "NODENAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig to use instead of the in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The CNI API socket.
+    #[arg(long, default_value = margay_proto::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// MTU of pod interfaces when the CNI config does not set one.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(576..=65535))]
+    pub mtu: u32,
+    /// Run leak collection every this many seconds (0: never).
+    #[arg(long, default_value_t = 60)]
+    pub gc_interval: u64,
+}
+
+async fn client(args: &RunArgs) -> anyhow::Result<kube::Client> {
+    let cfg = match &args.kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node = match &args.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let client = client(&args).await?;
+    let store = Arc::new(KubeStore::new(client, Duration::from_secs(5)));
+    let alloc = Allocator::start(store.clone(), &node, Options::default());
+    let dp = Arc::new(Netlink::new()?);
+    if args.gc_interval > 0 {
+        let store = store.clone();
+        let every = Duration::from_secs(args.gc_interval);
+        tokio::spawn(async move {
+            let mut janitor = Janitor::new(store);
+            loop {
+                tokio::time::sleep(every).await;
+                match janitor.run_once().await {
+                    Ok(r) if !r.released.is_empty() => {
+                        tracing::info!(released = r.released.len(), "leak collection")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("leak collection: {e}"),
+                }
+            }
+        });
+    }
+    let service = CniService::new(&node, store, alloc, dp, args.mtu);
+    tracing::info!(%node, socket = %args.socket.display(), "margay-agent serving CNI");
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    serve(service, &args.socket, shutdown).await
+}

@@ -1,0 +1,353 @@
+//! The `margay` CNI plugin and `margay-agent run` against the real kernel
+//! (node and pod namespaces on a fabric), a real kube-apiserver, and
+//! Debian's libcni (through `cnitool`) as the caller.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams};
+use margay_harness::kube::ApiServer;
+use margay_harness::netns::Netns;
+use margay_harness::process::Daemon;
+use margay_harness::topo::{Fabric, Node};
+use margay_harness::{names, paths, wait};
+use margay_ipam::crd::{IPAMBlock, IPAMConfigurationSpec};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+
+/// A node running the agent, with a conflist for `cnitool`.
+struct World {
+    client: kube::Client,
+    node: Node,
+    agent: Daemon,
+    socket: PathBuf,
+    conflist: PathBuf,
+    dir: tempfile::TempDir,
+    _relay: margay_harness::kube::ApiRelay,
+    _fabric: Fabric,
+    _api: ApiServer,
+}
+
+async fn world(chain: Vec<Value>) -> World {
+    let (api, client) = margay_tests::cluster(
+        &["n1"],
+        "10.244.0.0/24",
+        26,
+        IPAMConfigurationSpec::default(),
+    )
+    .await;
+    let fabric = Fabric::new().expect("fabric");
+    let node = fabric.add_node("n1").expect("node");
+    let dir = names::temp_dir("cni").expect("dir");
+    let socket = dir.path().join("agent.sock");
+    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent").unwrap());
+    cmd.args([
+        "run",
+        "--node-name",
+        "n1",
+        "--gc-interval",
+        "0",
+        "--kubeconfig",
+    ])
+    .arg(api.kubeconfig())
+    .arg("--socket")
+    .arg(&socket);
+    let relay = api
+        .expose_in(&node.ns)
+        .expect("apiserver in the node namespace");
+    let agent = Daemon::spawn("margay-agent", cmd, &dir.path().join("agent.log")).unwrap();
+    wait::until("agent socket", T, POLL, || {
+        Ok(socket.exists().then_some(()))
+    })
+    .unwrap();
+    let mut plugins = vec![json!({"type": "margay", "socket": socket, "mtu": 1400})];
+    plugins.extend(chain);
+    let conflist = dir.path().join("margay.conflist");
+    std::fs::write(
+        &conflist,
+        json!({"cniVersion": "1.0.0", "name": "margay", "plugins": plugins}).to_string(),
+    )
+    .unwrap();
+    World {
+        client,
+        node,
+        agent,
+        socket,
+        conflist,
+        dir,
+        _relay: relay,
+        _fabric: fabric,
+        _api: api,
+    }
+}
+
+fn cni_path() -> String {
+    let margay = paths::workspace_bin("margay").unwrap();
+    format!(
+        "{}:{}",
+        margay.parent().unwrap().display(),
+        paths::cni_plugin_dir().display()
+    )
+}
+
+impl World {
+    /// `cnitool VERB` in the node namespace, as a runtime on the node.
+    fn cnitool(&self, verb: &str, id: &str, netns: &Path, pod: &str) -> Result<String, String> {
+        let out = self
+            .node
+            .ns
+            .cmd(paths::cnitool().unwrap())
+            .args([verb, &self.conflist.display().to_string(), id])
+            .arg(netns)
+            .env("CNI_PATH", cni_path())
+            .env("CNI_CACHE_DIR", self.dir.path().join("cache"))
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"),
+            )
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}{}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.agent.log_tail(15)
+            ))
+        }
+    }
+
+    fn add(&self, id: &str, pod: &Netns, name: &str) -> String {
+        let out = self.cnitool("add", id, &pod.path(), name).expect("ADD");
+        let v: Value = serde_json::from_str(&out).expect("result JSON");
+        let addr = v["ips"][0]["address"]
+            .as_str()
+            .expect("an address")
+            .to_string();
+        addr.trim_end_matches("/32").to_string()
+    }
+
+    /// Runs the plugin binary directly with `env` and `stdin`; returns
+    /// (exit success, parsed stdout).
+    fn plugin(&self, env: &[(&str, &str)], stdin: &str) -> (bool, Value) {
+        let mut cmd = self.node.ns.cmd(paths::workspace_bin("margay").unwrap());
+        cmd.env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (out.status.success(), v)
+    }
+
+    fn conf(&self, extra: Value) -> String {
+        let mut c = json!({"cniVersion": "1.0.0", "name": "margay", "type": "margay", "socket": self.socket});
+        if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                c.insert(k.clone(), v.clone());
+            }
+        }
+        c.to_string()
+    }
+
+    async fn allocations(&self) -> Vec<String> {
+        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
+        let mut out: Vec<String> = blocks
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .flat_map(|b| b.spec.allocations.into_keys())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn cali_links(&self) -> String {
+        let links = self.node.ns.ip(&["-o", "link", "show"]).unwrap();
+        links
+            .lines()
+            .filter(|l| l.contains(": cali"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothing() {
+    let w = world(vec![]).await;
+    let p1 = Netns::create("pod").unwrap();
+    let p2 = Netns::create("pod").unwrap();
+    let a1 = w.add("c1", &p1, "web-1");
+    let a2 = w.add("c2", &p2, "web-2");
+    assert!(
+        a1.starts_with("10.244.0.") && a2.starts_with("10.244.0."),
+        "{a1} {a2}"
+    );
+    assert_ne!(a1, a2);
+
+    // Calico-style wiring, seen from inside the pod and on the node.
+    let addr = p1.ip(&["-4", "addr", "show", "eth0"]).unwrap();
+    assert!(addr.contains(&format!("{a1}/32")), "{addr}");
+    assert!(addr.contains("mtu 1400"), "{addr}");
+    let routes = p1.ip(&["-4", "route", "show"]).unwrap();
+    assert!(
+        routes.contains("default via 169.254.1.1 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("169.254.1.1 dev eth0 scope link"),
+        "{routes}"
+    );
+    let host = w
+        .node
+        .ns
+        .ip(&["-4", "route", "show", &format!("{a1}/32")])
+        .unwrap();
+    assert!(
+        host.contains("dev cali") && host.contains("proto 78") && host.contains("scope link"),
+        "{host}"
+    );
+    let links = w.cali_links();
+    assert!(links.contains("ee:ee:ee:ee:ee:ee"), "{links}");
+
+    // Traffic: pod -> its node, pod -> pod.
+    p1.ping_ok(&w.node.v4.to_string()).unwrap();
+    p1.ping_ok(&a2).unwrap();
+    p2.ping_ok(&a1).unwrap();
+
+    // ADD again for the same container: the same address.
+    assert_eq!(w.add("c1", &p1, "web-1"), a1);
+    assert_eq!(w.allocations().await.len(), 2);
+    p1.ping_ok(&a2).unwrap();
+
+    // CHECK passes while wired.
+    w.cnitool("check", "c1", &p1.path(), "web-1")
+        .expect("CHECK");
+
+    // DEL: the host side, its route and the address go; DEL again is fine.
+    w.cnitool("del", "c1", &p1.path(), "web-1").expect("DEL");
+    w.cnitool("del", "c1", &p1.path(), "web-1")
+        .expect("second DEL");
+    assert_eq!(w.allocations().await, vec![a2.clone()]);
+    let host = w
+        .node
+        .ns
+        .ip(&["-4", "route", "show", &format!("{a1}/32")])
+        .unwrap();
+    assert!(host.trim().is_empty(), "{host}");
+    assert_eq!(w.cali_links().lines().count(), 1);
+    w.cnitool("del", "c2", &p2.path(), "web-2").expect("DEL");
+    assert!(w.allocations().await.is_empty());
+    assert!(w.cali_links().is_empty());
+}
+
+fn run(w: &World, env: &[(&str, String)], stdin: &str) -> (bool, Value) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    w.plugin(&env, stdin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_cni_code_and_leaves_nothing() {
+    let mut w = world(vec![]).await;
+    let pod = Netns::create("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    let add_env = |ns: &str| -> Vec<(&str, String)> {
+        vec![
+            ("CNI_COMMAND", "ADD".into()),
+            ("CNI_CONTAINERID", "bad1".into()),
+            ("CNI_NETNS", ns.into()),
+            ("CNI_IFNAME", "eth0".into()),
+            ("CNI_PATH", "/usr/lib/cni".into()),
+        ]
+    };
+    let code = |r: (bool, Value)| {
+        assert!(!r.0, "expected a failure, got {}", r.1);
+        assert!(
+            r.1["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            r.1
+        );
+        r.1["code"].as_u64().unwrap_or(0)
+    };
+    let good = w.conf(json!({}));
+    assert_eq!(code(run(&w, &add_env(&netns), "{garbage")), 6);
+    assert_eq!(code(run(&w, &[("CNI_CONTAINERID", "x".into())], &good)), 4);
+    let mut no_netns = add_env(&netns);
+    no_netns.retain(|(k, _)| *k != "CNI_NETNS");
+    assert_eq!(code(run(&w, &no_netns, &good)), 4);
+    assert_eq!(
+        code(run(
+            &w,
+            &add_env(&netns),
+            &w.conf(json!({"cniVersion": "0.1.0"}))
+        )),
+        1
+    );
+    assert_eq!(
+        code(run(
+            &w,
+            &add_env(&netns),
+            &w.conf(json!({"frobnicate": true}))
+        )),
+        2
+    );
+    // The pod namespace does not exist: code 3, nothing allocated.
+    assert_eq!(code(run(&w, &add_env("/run/netns/no-such-pod"), &good)), 3);
+    assert!(w.allocations().await.is_empty());
+    assert!(w.cali_links().is_empty());
+    // VERSION and STATUS.
+    let (ok, v) = run(&w, &[("CNI_COMMAND", "VERSION".into())], "{}");
+    assert!(
+        ok && v["supportedVersions"].as_array().unwrap().len() == 5,
+        "{v}"
+    );
+    let (ok, v) = run(
+        &w,
+        &[("CNI_COMMAND", "STATUS".into())],
+        &w.conf(json!({"cniVersion": "1.1.0"})),
+    );
+    assert!(ok, "STATUS: {v}");
+
+    // A pod whose namespace vanished before DEL; DEL with an empty netns.
+    let (ok, v) = run(&w, &add_env(&netns), &good);
+    assert!(ok, "{v}");
+    assert_eq!(w.allocations().await.len(), 1);
+    drop(pod);
+    let mut del = add_env("");
+    del[0].1 = "DEL".into();
+    let (ok, v) = run(&w, &del, &good);
+    assert!(ok, "DEL after the netns went: {v}");
+    assert!(w.allocations().await.is_empty());
+    assert!(w.cali_links().is_empty());
+
+    // Agent down: try again later (11), and STATUS says so too.
+    w.agent.stop(Duration::from_secs(5));
+    let pod = Netns::create("pod").unwrap();
+    assert_eq!(
+        code(run(&w, &add_env(&pod.path().display().to_string()), &good)),
+        11
+    );
+    let r = run(
+        &w,
+        &[("CNI_COMMAND", "STATUS".into())],
+        &w.conf(json!({"cniVersion": "1.1.0"})),
+    );
+    assert_eq!(code(r), 11);
+}
