@@ -351,3 +351,80 @@ async fn bad_input_gets_the_right_cni_code_and_leaves_nothing() {
     );
     assert_eq!(code(r), 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
+    let w = world(vec![
+        json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
+        json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+        json!({"type": "tuning", "sysctl": {"net.core.somaxconn": "512"}}),
+    ])
+    .await;
+    let pod = Netns::create("pod").unwrap();
+    let port = 18000 + (std::process::id() % 1000) as u16;
+    let caps = json!({
+        "portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}],
+        "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 1_000_000}
+    });
+    let out = w
+        .node
+        .ns
+        .cmd(paths::cnitool().unwrap())
+        .args(["add", &w.conflist.display().to_string(), "chained"])
+        .arg(pod.path())
+        .env("CNI_PATH", cni_path())
+        .env("CNI_CACHE_DIR", w.dir.path().join("cache"))
+        .env("CAP_ARGS", caps.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let addr = result["ips"][0]["address"].as_str().unwrap().to_string();
+
+    // tuning ran in the pod with margay's result as prevResult.
+    assert_eq!(pod.sysctl_get("net.core.somaxconn").unwrap().trim(), "512");
+    // bandwidth shaped the host side margay made.
+    let host_if = result["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let tc = w.node.ns.exec("tc", &["qdisc", "show", "dev", &host_if]).unwrap();
+    assert!(tc.contains("tbf"), "{tc}");
+    // portmap: a host port on the node reaches the pod's server.
+    let log = w.dir.path().join("server.log");
+    let mut srv = pod.cmd(paths::system("socat").unwrap());
+    srv.args(["TCP-LISTEN:80,fork,reuseaddr", "SYSTEM:echo margay-pod"]);
+    let _server = Daemon::spawn("pod server", srv, &log).unwrap();
+    let client = Netns::create("client").unwrap();
+    margay_harness::netns::veth(&client, "eth0", &w.node.ns, "cl0").unwrap();
+    client.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"]).unwrap();
+    client.ip(&["link", "set", "eth0", "up"]).unwrap();
+    w.node.ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "cl0"]).unwrap();
+    w.node.ns.ip(&["link", "set", "cl0", "up"]).unwrap();
+    let got = wait::until("host port answers", T, Duration::from_millis(300), || {
+        let r = client.exec(
+            "socat",
+            &["-T2", "-", &format!("TCP:192.168.77.1:{port},connect-timeout=2")],
+        );
+        Ok(r.ok().filter(|s| s.contains("margay-pod")))
+    });
+    assert!(got.is_ok(), "host port {port} -> {addr}:80 did not answer: {got:?}");
+
+    // DEL through the whole chain leaves nothing of margay's.
+    let out = w
+        .node
+        .ns
+        .cmd(paths::cnitool().unwrap())
+        .args(["del", &w.conflist.display().to_string(), "chained"])
+        .arg(pod.path())
+        .env("CNI_PATH", cni_path())
+        .env("CNI_CACHE_DIR", w.dir.path().join("cache"))
+        .env("CAP_ARGS", caps.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(w.allocations().await.is_empty());
+    assert!(w.cali_links().is_empty());
+}
