@@ -29,7 +29,7 @@ struct World {
     dir: tempfile::TempDir,
     _relay: margay_harness::kube::ApiRelay,
     _fabric: Fabric,
-    _api: ApiServer,
+    api: ApiServer,
 }
 
 async fn world(chain: Vec<Value>) -> World {
@@ -44,26 +44,10 @@ async fn world(chain: Vec<Value>) -> World {
     let node = fabric.add_node("n1").expect("node");
     let dir = names::temp_dir("cni").expect("dir");
     let socket = dir.path().join("agent.sock");
-    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent").unwrap());
-    cmd.args([
-        "run",
-        "--node-name",
-        "n1",
-        "--gc-interval",
-        "0",
-        "--kubeconfig",
-    ])
-    .arg(api.kubeconfig())
-    .arg("--socket")
-    .arg(&socket);
     let relay = api
         .expose_in(&node.ns)
         .expect("apiserver in the node namespace");
-    let agent = Daemon::spawn("margay-agent", cmd, &dir.path().join("agent.log")).unwrap();
-    wait::until("agent socket", T, POLL, || {
-        Ok(socket.exists().then_some(()))
-    })
-    .unwrap();
+    let agent = start_agent(&node, &api, &socket, &dir.path().join("agent.log"));
     let mut plugins = vec![json!({"type": "margay", "socket": socket, "mtu": 1400})];
     plugins.extend(chain);
     let conflist = dir.path().join("margay.conflist");
@@ -81,8 +65,31 @@ async fn world(chain: Vec<Value>) -> World {
         dir,
         _relay: relay,
         _fabric: fabric,
-        _api: api,
+        api,
     }
+}
+
+/// `margay-agent run` for node n1, inside its namespace; returns once
+/// its socket is there.
+fn start_agent(node: &Node, api: &ApiServer, socket: &Path, log: &Path) -> Daemon {
+    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent").unwrap());
+    cmd.args([
+        "run",
+        "--node-name",
+        "n1",
+        "--gc-interval",
+        "0",
+        "--kubeconfig",
+    ])
+    .arg(api.kubeconfig())
+    .arg("--socket")
+    .arg(socket);
+    let agent = Daemon::spawn("margay-agent", cmd, log).unwrap();
+    wait::until("agent socket", T, POLL, || {
+        Ok(socket.exists().then_some(()))
+    })
+    .unwrap();
+    agent
 }
 
 fn cni_path() -> String {
@@ -389,8 +396,15 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
     // tuning ran in the pod with margay's result as prevResult.
     assert_eq!(pod.sysctl_get("net.core.somaxconn").unwrap().trim(), "512");
     // bandwidth shaped the host side margay made.
-    let host_if = result["interfaces"][0]["name"].as_str().unwrap().to_string();
-    let tc = w.node.ns.exec("tc", &["qdisc", "show", "dev", &host_if]).unwrap();
+    let host_if = result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tc = w
+        .node
+        .ns
+        .exec("tc", &["qdisc", "show", "dev", &host_if])
+        .unwrap();
     assert!(tc.contains("tbf"), "{tc}");
     // portmap: a host port on the node reaches the pod's server.
     let log = w.dir.path().join("server.log");
@@ -399,18 +413,30 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
     let _server = Daemon::spawn("pod server", srv, &log).unwrap();
     let client = Netns::create("client").unwrap();
     margay_harness::netns::veth(&client, "eth0", &w.node.ns, "cl0").unwrap();
-    client.ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"]).unwrap();
+    client
+        .ip(&["addr", "add", "192.168.77.2/24", "dev", "eth0"])
+        .unwrap();
     client.ip(&["link", "set", "eth0", "up"]).unwrap();
-    w.node.ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "cl0"]).unwrap();
+    w.node
+        .ns
+        .ip(&["addr", "add", "192.168.77.1/24", "dev", "cl0"])
+        .unwrap();
     w.node.ns.ip(&["link", "set", "cl0", "up"]).unwrap();
     let got = wait::until("host port answers", T, Duration::from_millis(300), || {
         let r = client.exec(
             "socat",
-            &["-T2", "-", &format!("TCP:192.168.77.1:{port},connect-timeout=2")],
+            &[
+                "-T2",
+                "-",
+                &format!("TCP:192.168.77.1:{port},connect-timeout=2"),
+            ],
         );
         Ok(r.ok().filter(|s| s.contains("margay-pod")))
     });
-    assert!(got.is_ok(), "host port {port} -> {addr}:80 did not answer: {got:?}");
+    assert!(
+        got.is_ok(),
+        "host port {port} -> {addr}:80 did not answer: {got:?}"
+    );
 
     // DEL through the whole chain leaves nothing of margay's.
     let out = w
@@ -424,7 +450,96 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
         .env("CAP_ARGS", caps.to_string())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(w.allocations().await.is_empty());
     assert!(w.cali_links().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_burst_then_runtime_retries_leave_exact_state() {
+    let mut w = world(vec![]).await;
+    let pods: Vec<Netns> = (0..16).map(|_| Netns::create("pod").unwrap()).collect();
+    let env_for = |verb: &str, i: usize, ns: &Netns| -> Vec<(String, String)> {
+        vec![
+            ("CNI_COMMAND".into(), verb.into()),
+            ("CNI_CONTAINERID".into(), format!("burst{i}")),
+            ("CNI_NETNS".into(), ns.path().display().to_string()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            ("CNI_PATH".into(), "/usr/lib/cni".into()),
+            (
+                "CNI_ARGS".into(),
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=b{i}"),
+            ),
+        ]
+    };
+    let conf = w.conf(json!({}));
+    // 16 ADDs at once; the agent is killed while they run.
+    let outcomes: Vec<(bool, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let env = env_for("ADD", i, ns);
+                let (w, conf) = (&w, &conf);
+                s.spawn(move || {
+                    let env: Vec<(&str, &str)> =
+                        env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    w.plugin(&env, conf)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(120));
+        w.agent.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    w.agent.kill9();
+    let failed: Vec<usize> = (0..16).filter(|&i| !outcomes[i].0).collect();
+    for &i in &failed {
+        assert_eq!(
+            outcomes[i].1["code"], 11,
+            "a crash is 'try again': {}",
+            outcomes[i].1
+        );
+    }
+    // The agent comes back; the runtime DELs what failed (as kubelet does)
+    // and retries those ADDs.
+    let _ = std::fs::remove_file(&w.socket);
+    w.agent = start_agent(&w.node, &w.api, &w.socket, &w.dir.path().join("agent2.log"));
+    let run_env = |env: Vec<(String, String)>| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        w.plugin(&env, &conf)
+    };
+    for &i in &failed {
+        let (ok, v) = run_env(env_for("DEL", i, &pods[i]));
+        assert!(ok, "DEL after crash: {v}");
+    }
+    let mut addrs = std::collections::BTreeSet::new();
+    for (i, ns) in pods.iter().enumerate() {
+        let (ok, v) = run_env(env_for("ADD", i, ns));
+        assert!(ok, "ADD {i} after restart: {v}");
+        let a = v["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/32")
+            .to_string();
+        if outcomes[i].0 {
+            let before = outcomes[i].1["ips"][0]["address"].as_str().unwrap();
+            assert_eq!(
+                before.trim_end_matches("/32"),
+                a,
+                "a retried ADD keeps its address"
+            );
+        }
+        assert!(addrs.insert(a), "duplicate address");
+    }
+    eprintln!("{} of 16 ADDs were cut by the crash", failed.len());
+    assert_eq!(w.allocations().await.len(), 16);
+    assert_eq!(w.cali_links().lines().count(), 16);
+    for a in &addrs {
+        pods[0].ping_ok(a).unwrap();
+    }
 }
