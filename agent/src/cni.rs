@@ -394,3 +394,115 @@ pub async fn serve<S: Store, D: Dataplane>(
     let _ = std::fs::remove_file(path);
     res.map_err(Into::into)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use margay_ipam::crd::{IPPool, IPPoolSpec};
+    use margay_ipam::{MemStore, Options};
+
+    use super::*;
+    use crate::dataplane::FakeDataplane;
+
+    fn service() -> (CniService<MemStore, FakeDataplane>, Arc<MemStore>, FakeDataplane) {
+        let store = Arc::new(MemStore::new());
+        store.set_pools(vec![IPPool::new(
+            "p",
+            IPPoolSpec::with_cidr("10.1.0.0/24", Some(26)),
+        )]);
+        store.add_node("n1", BTreeMap::new());
+        let dp = FakeDataplane::default();
+        let alloc = Allocator::start(store.clone(), "n1", Options::default());
+        let svc = CniService::new("n1", store.clone(), alloc, Arc::new(dp.clone()), 1500);
+        (svc, store, dp)
+    }
+
+    fn req(id: &str) -> cni::CniRequest {
+        cni::CniRequest {
+            cni_version: "1.0.0".into(),
+            container_id: id.into(),
+            // Any namespace path that exists will do for the fake.
+            netns: "/proc/self/ns/net".into(),
+            ifname: "eth0".into(),
+            pod: Some(cni::PodRef {
+                namespace: "ns".into(),
+                name: format!("pod-{id}"),
+                uid: "u".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn held(store: &MemStore) -> usize {
+        store.snapshot().iter().map(|b| b.allocations.len()).sum()
+    }
+
+    #[tokio::test]
+    async fn a_failed_wiring_leaves_no_address() {
+        let (svc, store, dp) = service();
+        *dp.fail_next_add.lock().unwrap() = Some("injected".into());
+        let e = svc.add(&req("a")).await.unwrap_err();
+        assert_eq!(e.code, code::DATAPLANE);
+        assert_eq!(held(&store), 0);
+        assert!(dp.pods.lock().unwrap().is_empty());
+        // The retry works and gets a pod-side MTU from the request or the
+        // agent's default.
+        let mut r = req("a");
+        r.mtu = 1400;
+        let res = svc.add(&r).await.unwrap();
+        assert_eq!(res.ips[0].gateway, "169.254.1.1");
+        assert_eq!(res.ips[0].interface, 1);
+        assert_eq!(res.interfaces[1].sandbox, "/proc/self/ns/net");
+        assert_eq!(res.interfaces[0].mtu, 1400);
+        assert_eq!(res.routes[0].dst, "0.0.0.0/0");
+        assert_eq!(held(&store), 1);
+    }
+
+    #[tokio::test]
+    async fn missing_netns_and_bad_requests() {
+        let (svc, store, _) = service();
+        let mut r = req("a");
+        r.netns = "/run/netns/none-such".into();
+        assert_eq!(svc.add(&r).await.unwrap_err().code, code::CONTAINER_UNKNOWN);
+        let mut r = req("a");
+        r.ifname = "a-very-long-interface".into();
+        assert_eq!(svc.add(&r).await.unwrap_err().code, code::INVALID_CONFIG);
+        assert_eq!(held(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn del_is_idempotent_check_verifies_gc_collects() {
+        let (svc, store, dp) = service();
+        svc.add(&req("a")).await.unwrap();
+        svc.add(&req("b")).await.unwrap();
+        svc.check(&req("a")).await.unwrap();
+        let mut del = req("a");
+        del.netns.clear();
+        svc.del(&del).await.unwrap();
+        svc.del(&del).await.unwrap();
+        assert_eq!(svc.check(&req("a")).await.unwrap_err().code, code::IPAM);
+        assert_eq!(held(&store), 1);
+        // GC with no valid attachments removes "b" too.
+        let gone = svc
+            .gc(&cni::GcRequest {
+                valid: vec![],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(gone, vec!["b.eth0".to_string()]);
+        assert_eq!(held(&store), 0);
+        assert!(dp.pods.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn status_says_why_not_ready() {
+        let (svc, store, _) = service();
+        svc.status().await.unwrap();
+        store.set_pools(vec![]);
+        let e = svc.status().await.unwrap_err();
+        assert_eq!(e.code, code::NOT_READY);
+        assert!(e.msg.contains("no enabled IPPool selects node n1"), "{}", e.msg);
+    }
+}
