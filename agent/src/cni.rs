@@ -129,6 +129,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             name: p.name.clone(),
             uid: p.uid.clone(),
         });
+        let t0 = std::time::Instant::now();
         let addrs = self
             .alloc
             .assign(Assign {
@@ -138,6 +139,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             })
             .await
             .map_err(|e| ipam_err(&e))?;
+        let ipam_ms = t0.elapsed().as_secs_f64() * 1e3;
         let spec = self.spec(r, addrs.clone());
         let wiring = match self.dp.add_pod(&spec).await {
             Ok(w) => w,
@@ -175,7 +177,8 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                 gw,
             });
         }
-        tracing::info!(handle = %handle, host_if = %spec.host_if, ?addrs, "pod added");
+        let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(handle = %handle, host_if = %spec.host_if, ?addrs, ipam_ms, total_ms, "pod added");
         Ok(cni::CniResult {
             interfaces: vec![
                 cni::Interface {
@@ -405,7 +408,11 @@ mod tests {
     use super::*;
     use crate::dataplane::FakeDataplane;
 
-    fn service() -> (CniService<MemStore, FakeDataplane>, Arc<MemStore>, FakeDataplane) {
+    fn service() -> (
+        CniService<MemStore, FakeDataplane>,
+        Arc<MemStore>,
+        FakeDataplane,
+    ) {
         let store = Arc::new(MemStore::new());
         store.set_pools(vec![IPPool::new(
             "p",
@@ -503,6 +510,10 @@ mod tests {
         store.set_pools(vec![]);
         let e = svc.status().await.unwrap_err();
         assert_eq!(e.code, code::NOT_READY);
-        assert!(e.msg.contains("no enabled IPPool selects node n1"), "{}", e.msg);
+        assert!(
+            e.msg.contains("no enabled IPPool selects node n1"),
+            "{}",
+            e.msg
+        );
     }
 }

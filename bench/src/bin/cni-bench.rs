@@ -1,0 +1,233 @@
+//! CNI benchmark: `margay` (agent + real kube-apiserver behind IPAM) next to
+//! Debian's `ptp` + `host-local`, same machine, same run, both driven by
+//! libcni (`cnitool`) in a node namespace exactly as a runtime would.
+//!
+//! - ADD and DEL latency (p50, p99) for N pods one after another;
+//! - wall time for N concurrent ADDs (pods per second).
+//!
+//! Pod namespaces are made before the clock starts. Output is a Markdown
+//! table for BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use margay_harness::netns::Netns;
+use margay_harness::process::Daemon;
+use margay_harness::topo::Fabric;
+use margay_harness::{names, paths, wait};
+use margay_ipam::crd::IPAMConfigurationSpec;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "margay vs ptp+host-local, CNI ADD/DEL")]
+struct Cli {
+    /// Pods per measurement.
+    #[arg(long, default_value_t = 100)]
+    pods: usize,
+}
+
+fn cnitool(
+    node: &Netns,
+    cni_path: &str,
+    cache: &Path,
+    verb: &str,
+    conf: &Path,
+    id: &str,
+    ns: &Netns,
+) -> anyhow::Result<()> {
+    let out = node
+        .cmd(paths::cnitool()?)
+        .args([verb, &conf.display().to_string(), id])
+        .arg(ns.path())
+        .env("CNI_PATH", cni_path)
+        .env("CNI_CACHE_DIR", cache)
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={id}"),
+        )
+        .output()
+        .context("cnitool")?;
+    if !out.status.success() {
+        bail!(
+            "{verb} {id}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1000.0
+}
+
+struct Row {
+    add_p50: f64,
+    add_p99: f64,
+    del_p50: f64,
+    del_p99: f64,
+    burst: Duration,
+}
+
+fn measure(node: &Netns, cni_path: &str, dir: &Path, conf: &Path, n: usize) -> anyhow::Result<Row> {
+    let cache = dir.join(format!(
+        "cache-{}",
+        conf.file_stem().unwrap_or_default().to_string_lossy()
+    ));
+    let pods: Vec<Netns> = (0..n)
+        .map(|_| Netns::create("bp"))
+        .collect::<Result<_, _>>()?;
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for (i, p) in pods.iter().enumerate() {
+        let t = Instant::now();
+        cnitool(node, cni_path, &cache, "add", conf, &format!("s{i}"), p)?;
+        adds.push(t.elapsed());
+    }
+    for (i, p) in pods.iter().enumerate() {
+        let t = Instant::now();
+        cnitool(node, cni_path, &cache, "del", conf, &format!("s{i}"), p)?;
+        dels.push(t.elapsed());
+    }
+    let t = Instant::now();
+    let cache_ref = &cache;
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                s.spawn(move || {
+                    cnitool(node, cni_path, cache_ref, "add", conf, &format!("b{i}"), p)
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("thread")?;
+        }
+        Ok(())
+    })?;
+    let burst = t.elapsed();
+    for (i, p) in pods.iter().enumerate() {
+        cnitool(node, cni_path, &cache, "del", conf, &format!("b{i}"), p)?;
+    }
+    Ok(Row {
+        add_p50: pct(&mut adds, 0.5),
+        add_p99: pct(&mut adds, 0.99),
+        del_p50: pct(&mut dels, 0.5),
+        del_p99: pct(&mut dels, 0.99),
+        burst,
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let n = cli.pods;
+    let (api, _client) = margay_tests::cluster(
+        &["n1"],
+        "10.244.0.0/16",
+        26,
+        IPAMConfigurationSpec::default(),
+    )
+    .await;
+    let fabric = Fabric::new()?;
+    let node = fabric.add_node("n1")?;
+    let dir = names::temp_dir("cni-bench")?;
+    let socket = dir.path().join("agent.sock");
+    let _relay = api.expose_in(&node.ns)?;
+    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent")?);
+    cmd.args([
+        "run",
+        "--node-name",
+        "n1",
+        "--gc-interval",
+        "0",
+        "--kubeconfig",
+    ])
+    .arg(api.kubeconfig())
+    .arg("--socket")
+    .arg(&socket)
+    .env(
+        "MARGAY_LOG",
+        std::env::var("MARGAY_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    let _agent = Daemon::spawn("margay-agent", cmd, &dir.path().join("agent.log"))?;
+    wait::until(
+        "agent socket",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || Ok(socket.exists().then_some(())),
+    )?;
+    let margay_dir: PathBuf = paths::workspace_bin("margay")?
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cni_path = format!(
+        "{}:{}",
+        margay_dir.display(),
+        paths::cni_plugin_dir().display()
+    );
+    let margay_conf = dir.path().join("margay.conflist");
+    std::fs::write(&margay_conf, json!({"cniVersion": "1.0.0", "name": "margay", "plugins": [{"type": "margay", "socket": socket}]}).to_string())?;
+    let ptp_conf = dir.path().join("ptp.conflist");
+    std::fs::write(&ptp_conf, json!({"cniVersion": "1.0.0", "name": "ptp", "plugins": [{"type": "ptp", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.250.0.0/16"}]], "dataDir": dir.path().join("host-local")}}]}).to_string())?;
+    // Warm both (first block claim, page cache).
+    let warm = Netns::create("bw")?;
+    for conf in [&margay_conf, &ptp_conf] {
+        cnitool(
+            &node.ns,
+            &cni_path,
+            &dir.path().join("warm"),
+            "add",
+            conf,
+            "warm",
+            &warm,
+        )?;
+        cnitool(
+            &node.ns,
+            &cni_path,
+            &dir.path().join("warm"),
+            "del",
+            conf,
+            "warm",
+            &warm,
+        )?;
+    }
+    let m = measure(&node.ns, &cni_path, dir.path(), &margay_conf, n)?;
+    let p = measure(&node.ns, &cni_path, dir.path(), &ptp_conf, n)?;
+    if let Ok(to) = std::env::var("CNI_BENCH_AGENT_LOG") {
+        std::fs::copy(dir.path().join("agent.log"), to)?;
+    }
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "| plugin ({n} pods) | ADD p50 (ms) | ADD p99 (ms) | DEL p50 (ms) | DEL p99 (ms) | {n} concurrent ADDs (s) | pods/s in the burst |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, r) in [
+        ("margay (agent, kube-apiserver IPAM)", &m),
+        ("ptp + host-local", &p),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+            r.add_p50,
+            r.add_p99,
+            r.del_p50,
+            r.del_p99,
+            r.burst.as_secs_f64(),
+            rate(r.burst)
+        );
+    }
+    println!(
+        "| margay / ptp | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        m.add_p50 / p.add_p50,
+        m.add_p99 / p.add_p99,
+        m.del_p50 / p.del_p50,
+        m.del_p99 / p.del_p99,
+        m.burst.as_secs_f64() / p.burst.as_secs_f64(),
+        rate(m.burst) / rate(p.burst)
+    );
+    Ok(())
+}
