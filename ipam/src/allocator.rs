@@ -8,7 +8,7 @@
 //! block and plans the affected requests again, at most
 //! [`Options::max_rounds`] times, then answers `Busy`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::crd::IPAMConfigurationSpec;
+use crate::crd::{AllowedUse, IPAMConfigurationSpec};
 use crate::model::{Block, Family, Pool, validate_pools};
 use crate::plan::{Claim, Context, Op, Outcome, View, plan};
 use crate::store::Store;
@@ -51,6 +51,8 @@ enum Job {
     Op(Op, oneshot::Sender<Result<Outcome>>),
     Maintain(oneshot::Sender<Result<Vec<String>>>),
     Blocks(oneshot::Sender<Vec<Block>>),
+    Holding(String, oneshot::Sender<Result<Vec<IpNetwork>>>),
+    Usable(Vec<IpNetwork>, AllowedUse, oneshot::Sender<Result<bool>>),
 }
 
 /// Counters of an allocator's work (for metrics and tests).
@@ -96,6 +98,8 @@ impl std::fmt::Debug for Job {
             Job::Op(op, _) => write!(f, "Op({op:?})"),
             Job::Maintain(_) => write!(f, "Maintain"),
             Job::Blocks(_) => write!(f, "Blocks"),
+            Job::Holding(h, _) => write!(f, "Holding({h})"),
+            Job::Usable(a, _, _) => write!(f, "Usable({a:?})"),
         }
     }
 }
@@ -144,7 +148,7 @@ impl Allocator {
     pub async fn assign(&self, req: Assign) -> Result<Vec<IpNetwork>> {
         match self.call(Op::Assign(req)).await? {
             Outcome::Assigned(v) => Ok(v),
-            Outcome::Released(_) => unreachable!("assign answers Assigned"),
+            o => unreachable!("assign answered {o:?}"),
         }
     }
 
@@ -157,8 +161,54 @@ impl Allocator {
             .await?
         {
             Outcome::Released(v) => Ok(v),
-            Outcome::Assigned(_) => unreachable!("release answers Released"),
+            o => unreachable!("release answered {o:?}"),
         }
+    }
+
+    /// Moves addresses `addrs` from handle `from` to handle `to` (with the
+    /// pod): attributes a pre-assigned address. Retrying a rename that
+    /// already happened succeeds.
+    pub async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        addrs: Vec<IpAddr>,
+        pod: Option<crate::crd::PodRef>,
+    ) -> Result<Vec<IpAddr>> {
+        match self
+            .call(Op::Rename {
+                from: from.to_string(),
+                to: to.to_string(),
+                addrs,
+                pod,
+            })
+            .await?
+        {
+            Outcome::Renamed(v) => Ok(v),
+            o => unreachable!("rename answered {o:?}"),
+        }
+    }
+
+    /// Whether addresses handed out earlier could be handed out now for
+    /// `use_`: one per family that has a usable pool, each inside a pool
+    /// that is enabled and selects this node.
+    pub async fn usable(&self, addrs: Vec<IpNetwork>, use_: AllowedUse) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Usable(addrs, use_, tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// What the allocator's view says `handle` holds (no store access).
+    pub async fn holding(&self, handle: &str) -> Result<Vec<IpNetwork>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Holding(handle.to_string(), tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
     }
 
     /// Runs block maintenance now; returns the blocks released.
@@ -196,6 +246,22 @@ struct Inputs {
     pools: Vec<Pool>,
     config: IPAMConfigurationSpec,
     labels: BTreeMap<String, String>,
+}
+
+/// See [`Allocator::usable`].
+fn usable_for(inputs: &Inputs, addrs: &[IpNetwork], use_: AllowedUse) -> bool {
+    let ok = |p: &&Pool| p.usable(&inputs.labels, use_);
+    let families: BTreeSet<Family> = inputs.pools.iter().filter(ok).map(Pool::family).collect();
+    let have: BTreeSet<Family> = addrs.iter().map(Family::of).collect();
+    families == have
+        && addrs.len() == have.len()
+        && addrs.iter().all(|a| {
+            inputs
+                .pools
+                .iter()
+                .filter(ok)
+                .any(|p| p.cidr.contains(a.ip()))
+        })
 }
 
 impl<S: Store> Actor<S> {
@@ -258,6 +324,24 @@ impl<S: Store> Actor<S> {
                         Err(_) => Vec::new(),
                     };
                     let _ = tx.send(blocks);
+                }
+                Job::Holding(handle, tx) => {
+                    let held = self.view().await.map(|v| {
+                        let mut out: Vec<IpNetwork> = v
+                            .holding(&handle)
+                            .iter()
+                            .map(|(_, ip)| {
+                                IpNetwork::new(*ip, Family::of_addr(ip).host_prefix())
+                                    .expect("host prefix")
+                            })
+                            .collect();
+                        out.sort();
+                        out
+                    });
+                    let _ = tx.send(held);
+                }
+                Job::Usable(addrs, use_, tx) => {
+                    let _ = tx.send(self.inputs().await.map(|i| usable_for(&i, &addrs, use_)));
                 }
                 Job::Op(..) => unreachable!("ops were taken out"),
             }

@@ -18,11 +18,13 @@ pub mod crd;
 pub mod gc;
 pub mod model;
 pub mod plan;
+pub mod reserve;
 pub mod store;
 
 pub use allocator::{Allocator, Options, StatsSnapshot};
 pub use model::{Block, Family, Pool};
 pub use plan::{Assign, Op, Outcome};
+pub use reserve::{Reserve, ReserveOptions, Taken};
 pub use store::{Cluster, MemStore, Store};
 
 use crd::AllowedUse;

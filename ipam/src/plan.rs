@@ -38,6 +38,20 @@ pub enum Op {
         /// The handle.
         handle: String,
     },
+    /// Move every address of handle `from` to handle `to`, recording the
+    /// pod: how a pre-assigned address is attributed to the pod that got
+    /// it. Fails with `NotFound` when `from` holds nothing and `to` does
+    /// not hold the addresses already (a retried rename succeeds).
+    Rename {
+        /// The handle the addresses are under now.
+        from: String,
+        /// The handle they move to.
+        to: String,
+        /// The addresses expected (a rename never moves anything else).
+        addrs: Vec<IpAddr>,
+        /// The pod, when known.
+        pod: Option<PodRef>,
+    },
 }
 
 /// What an operation achieved.
@@ -47,6 +61,8 @@ pub enum Outcome {
     Assigned(Vec<IpNetwork>),
     /// The addresses that were released (empty when there were none).
     Released(Vec<IpAddr>),
+    /// The addresses now under the new handle.
+    Renamed(Vec<IpAddr>),
 }
 
 /// A block to claim for this node.
@@ -337,6 +353,51 @@ impl<'a, 'v> Planner<'a, 'v> {
         self.plan.done.push((idx, Ok(Outcome::Released(ips))));
     }
 
+    fn rename(&mut self, idx: usize, from: &str, to: &str, addrs: &[IpAddr], pod: &Option<PodRef>) {
+        let mut want: Vec<IpAddr> = addrs.to_vec();
+        want.sort();
+        let have_to: Vec<IpAddr> = {
+            let mut v: Vec<IpAddr> = self.view.holding(to).iter().map(|(_, ip)| *ip).collect();
+            v.sort();
+            v
+        };
+        let held: Vec<(String, IpAddr)> = self
+            .view
+            .holding(from)
+            .iter()
+            .filter(|(_, ip)| want.contains(ip))
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            let outcome = if !want.is_empty() && want.iter().all(|ip| have_to.contains(ip)) {
+                Ok(Outcome::Renamed(want))
+            } else {
+                Err(Error::NotFound(format!(
+                    "handle {from} holds none of {want:?} (to move to {to})"
+                )))
+            };
+            self.plan.depends.insert(idx, Vec::new());
+            self.plan.done.push((idx, outcome));
+            return;
+        }
+        let mut deps = Vec::new();
+        let mut ips = Vec::new();
+        for (name, ip) in held {
+            let b = self.block_mut(&name);
+            if let Some(a) = b.allocations.get_mut(&ip) {
+                a.handle = to.to_string();
+                a.pod = pod.clone();
+                ips.push(ip);
+                if !deps.contains(&name) {
+                    deps.push(name);
+                }
+            }
+        }
+        ips.sort();
+        self.plan.depends.insert(idx, deps);
+        self.plan.done.push((idx, Ok(Outcome::Renamed(ips))));
+    }
+
     fn assign(&mut self, idx: usize, a: &Assign) {
         let families: Vec<Family> = [Family::V4, Family::V6]
             .into_iter()
@@ -446,17 +507,27 @@ pub fn plan(ctx: Context<'_>, view: &View, ops: &[(usize, &Op)]) -> Plan {
     };
     let mut seen: HashSet<&str> = HashSet::new();
     for (idx, op) in ops {
-        let handle = match op {
-            Op::Assign(a) => a.handle.as_str(),
-            Op::Release { handle } => handle.as_str(),
+        let handles: Vec<&str> = match op {
+            Op::Assign(a) => vec![a.handle.as_str()],
+            Op::Release { handle } => vec![handle.as_str()],
+            Op::Rename { from, to, .. } => vec![from.as_str(), to.as_str()],
         };
-        if !seen.insert(handle) {
+        if handles.iter().any(|h| seen.contains(h)) {
+            // Later operations on these handles keep their order.
+            seen.extend(handles);
             p.plan.waiting.push(*idx);
             continue;
         }
+        seen.extend(handles);
         match op {
             Op::Assign(a) => p.assign(*idx, a),
             Op::Release { handle } => p.release(*idx, handle),
+            Op::Rename {
+                from,
+                to,
+                addrs,
+                pod,
+            } => p.rename(*idx, from, to, addrs, pod),
         }
     }
     let mut plan = p.plan;

@@ -1,0 +1,474 @@
+//! Pre-assigned addresses: the pod-start fast path.
+//!
+//! A compare-and-swap write to the datastore is a round trip to the
+//! apiserver (and etcd), several milliseconds on an idle control plane and
+//! tens on a busy one. Calico pays it inside every ADD. Margay does not:
+//! each node keeps a few addresses already assigned, in the datastore, to
+//! its own *spare* handles (`spare.<node>.<id>`, no pod). An ADD takes a
+//! spare without waiting for any write; the caller records the attribution
+//! durably on the node (the dataplane writes the handle on the pod's host
+//! interface, in the kernel) and then [`Reserve::commit`]s it, which moves
+//! the addresses from the spare handle to the pod's handle in the
+//! background (write-behind, batched with the refill of spares by the
+//! allocator's group commit). DEL's release is written behind as well.
+//!
+//! Invariants (see `ipam/DESIGN.md`):
+//! - a spare's addresses are in the datastore under this node's spare
+//!   handle before they are handed out, so no other node or handle can get
+//!   them: handing one out needs no write to be exclusive;
+//! - an attribution is durable on the node before the ADD answers; a lost
+//!   write-behind (agent crash) is redone from the kernel by the agent's
+//!   start-up reconciliation, before spares are adopted again;
+//! - operations on one handle are written in the order they were made;
+//! - spares are re-checked against the pools every few seconds: a disabled
+//!   pool (or one that no longer selects the node) stops handing out
+//!   within that time plus the pool cache's, as on the slow path.
+//!
+//! With no spare left (a burst larger than the depth, or the fast path
+//! disabled with depth 0) ADD falls back to a direct assign, which the
+//! allocator group-commits.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::crd::{AllowedUse, PodRef};
+use crate::{Allocator, Assign, Error, Result};
+
+/// The prefix of a node's spare handles.
+pub fn spare_prefix(node: &str) -> String {
+    format!("spare.{node}.")
+}
+
+/// Addresses handed to a handle by [`Reserve::take`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// The handle.
+    pub handle: String,
+    /// Its addresses (host prefixes).
+    pub addrs: Vec<IpNetwork>,
+    /// The spare they came from; `None` when they were assigned directly
+    /// (or the handle had them already).
+    pub spare: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Spare {
+    handle: String,
+    addrs: Vec<IpNetwork>,
+}
+
+#[derive(Debug)]
+enum Write {
+    Rename {
+        from: String,
+        to: String,
+        addrs: Vec<IpAddr>,
+        pod: Option<PodRef>,
+    },
+    Release(String),
+    Flush(oneshot::Sender<()>),
+}
+
+impl Write {
+    fn handle(&self) -> Option<&str> {
+        match self {
+            Write::Rename { to, .. } => Some(to),
+            Write::Release(h) => Some(h),
+            Write::Flush(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    spares: VecDeque<Spare>,
+    /// Handles of this node's pods and their addresses, as far as this
+    /// reserve made or saw them.
+    index: HashMap<String, Vec<IpNetwork>>,
+    /// Handles whose rename is not written yet (their addresses are still
+    /// under a spare handle in the datastore).
+    pending: HashSet<String>,
+    next_id: u64,
+}
+
+/// Counters (for metrics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReserveStats {
+    /// Spares ready now.
+    pub spares: usize,
+    /// Attributions not written yet.
+    pub pending: usize,
+}
+
+/// The fast path over an [`Allocator`] (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Reserve {
+    alloc: Allocator,
+    node: String,
+    state: Arc<Mutex<State>>,
+    refill: Arc<Notify>,
+    writes: mpsc::UnboundedSender<Write>,
+}
+
+/// Tuning of a [`Reserve`].
+#[derive(Debug, Clone)]
+pub struct ReserveOptions {
+    /// Spares kept ready (0: no fast path, every ADD assigns directly).
+    pub depth: usize,
+    /// How often spares are re-checked against the pools.
+    pub recheck: Duration,
+}
+
+impl Default for ReserveOptions {
+    fn default() -> Self {
+        Self {
+            depth: 8,
+            recheck: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Reserve {
+    /// Starts the reserve for `node`: adopts the spares and pod handles the
+    /// datastore already holds for it (run the agent's reconciliation
+    /// first), then keeps `depth` spares ready.
+    pub async fn start(alloc: Allocator, node: &str, opts: ReserveOptions) -> Result<Self> {
+        let prefix = spare_prefix(node);
+        let mut held: HashMap<String, Vec<IpNetwork>> = HashMap::new();
+        for b in alloc.blocks().await? {
+            for (ip, a) in &b.allocations {
+                if a.node == node && a.use_ == AllowedUse::Workload {
+                    let net = IpNetwork::new(*ip, crate::Family::of_addr(ip).host_prefix())
+                        .expect("host prefix");
+                    held.entry(a.handle.clone()).or_default().push(net);
+                }
+            }
+        }
+        let mut st = State::default();
+        for (handle, mut addrs) in held {
+            addrs.sort();
+            if let Some(id) = handle.strip_prefix(&prefix) {
+                if let Ok(n) = u64::from_str_radix(id, 16) {
+                    st.next_id = st.next_id.max(n + 1);
+                }
+                st.spares.push_back(Spare { handle, addrs });
+            } else {
+                st.index.insert(handle, addrs);
+            }
+        }
+        if st.spares.len() > opts.depth {
+            // Fewer wanted now: give the surplus back.
+            let extra: Vec<Spare> = st.spares.drain(opts.depth..).collect();
+            for s in extra {
+                if let Err(e) = alloc.release(&s.handle).await {
+                    tracing::debug!(handle = %s.handle, "surplus spare: {e}");
+                }
+            }
+        }
+        tracing::info!(
+            node,
+            spares = st.spares.len(),
+            pods = st.index.len(),
+            "address reserve adopted"
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let r = Self {
+            alloc,
+            node: node.to_string(),
+            state: Arc::new(Mutex::new(st)),
+            refill: Arc::new(Notify::new()),
+            writes: tx,
+        };
+        tokio::spawn(r.clone().writer(rx));
+        tokio::spawn(r.clone().refiller(opts));
+        r.refill.notify_one();
+        Ok(r)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("reserve state")
+    }
+
+    /// Spares ready and attributions not written yet.
+    pub fn stats(&self) -> ReserveStats {
+        let st = self.state();
+        ReserveStats {
+            spares: st.spares.len(),
+            pending: st.pending.len(),
+        }
+    }
+
+    /// Addresses for `a.handle`: the ones it has (an ADD retried), a spare
+    /// (no write waited for), or, with none left, a direct assign.
+    /// Operations on one handle must not run concurrently (the caller
+    /// serialises them).
+    pub async fn take(&self, a: &Assign) -> Result<Taken> {
+        let known = {
+            let mut st = self.state();
+            match st.index.get(&a.handle) {
+                Some(addrs) if st.pending.contains(&a.handle) => {
+                    // Taken from a spare moments ago, not written yet: the
+                    // spare handle still holds them for this node.
+                    return Ok(Taken {
+                        handle: a.handle.clone(),
+                        addrs: addrs.clone(),
+                        spare: None,
+                    });
+                }
+                Some(_) => true,
+                None if a.use_ == AllowedUse::Workload => {
+                    if let Some(s) = st.spares.pop_front() {
+                        st.index.insert(a.handle.clone(), s.addrs.clone());
+                        st.pending.insert(a.handle.clone());
+                        drop(st);
+                        self.refill.notify_one();
+                        return Ok(Taken {
+                            handle: a.handle.clone(),
+                            addrs: s.addrs,
+                            spare: Some(s.handle),
+                        });
+                    }
+                    false
+                }
+                None => false,
+            }
+        };
+        // Known handles are confirmed against the datastore (a collector
+        // may have released them); new ones are assigned directly.
+        let addrs = self.alloc.assign(a.clone()).await;
+        self.refill.notify_one();
+        let mut st = self.state();
+        match addrs {
+            Ok(addrs) => {
+                st.index.insert(a.handle.clone(), addrs.clone());
+                Ok(Taken {
+                    handle: a.handle.clone(),
+                    addrs,
+                    spare: None,
+                })
+            }
+            Err(e) => {
+                if known {
+                    st.index.remove(&a.handle);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The attribution is durable on the node: write it behind.
+    pub fn commit(&self, t: &Taken, pod: Option<PodRef>) {
+        if let Some(spare) = &t.spare {
+            let _ = self.writes.send(Write::Rename {
+                from: spare.clone(),
+                to: t.handle.clone(),
+                addrs: t.addrs.iter().map(IpNetwork::ip).collect(),
+                pod,
+            });
+        }
+    }
+
+    /// The ADD failed and its wiring was rolled back: a spare goes back to
+    /// the front of the queue, a direct assign is released now.
+    pub async fn abort(&self, t: Taken) -> Result<()> {
+        match t.spare {
+            Some(spare) => {
+                let mut st = self.state();
+                st.index.remove(&t.handle);
+                st.pending.remove(&t.handle);
+                st.spares.push_front(Spare {
+                    handle: spare,
+                    addrs: t.addrs,
+                });
+                Ok(())
+            }
+            None => {
+                self.state().index.remove(&t.handle);
+                self.alloc.release(&t.handle).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Releases a handle's addresses, written behind (after any rename of
+    /// the same handle still queued). Returns what the reserve knew it held.
+    pub fn release(&self, handle: &str) -> Vec<IpNetwork> {
+        let held = self.state().index.remove(handle).unwrap_or_default();
+        let _ = self.writes.send(Write::Release(handle.to_string()));
+        held
+    }
+
+    /// Waits until every write queued before this call is done.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Write::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn writer(self, mut rx: mpsc::UnboundedReceiver<Write>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(w) = rx.try_recv() {
+                batch.push(w);
+            }
+            // Waves: the k-th write of every handle goes out together, so
+            // one handle's writes stay in order while different handles'
+            // are group-committed.
+            let mut flushes = Vec::new();
+            let mut waves: Vec<Vec<Write>> = Vec::new();
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for w in batch {
+                let Some(h) = w.handle().map(str::to_string) else {
+                    if let Write::Flush(tx) = w {
+                        flushes.push(tx);
+                    }
+                    continue;
+                };
+                let k = seen.entry(h).or_insert(0);
+                if waves.len() <= *k {
+                    waves.push(Vec::new());
+                }
+                waves[*k].push(w);
+                *k += 1;
+            }
+            for wave in waves {
+                futures::future::join_all(wave.into_iter().map(|w| self.write(w))).await;
+            }
+            for tx in flushes {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// One write-behind, retried while the datastore says "try again".
+    async fn write(&self, w: Write) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let r = match &w {
+                Write::Rename {
+                    from,
+                    to,
+                    addrs,
+                    pod,
+                } => self
+                    .alloc
+                    .rename(from, to, addrs.clone(), pod.clone())
+                    .await
+                    .map(|_| ()),
+                Write::Release(h) => self.alloc.release(h).await.map(|_| ()),
+                Write::Flush(_) => return,
+            };
+            match r {
+                Ok(()) => break,
+                Err(Error::Stopped) => return,
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(node = %self.node, "write-behind {w:?}: {e}; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    // The kernel still records the attribution; the next
+                    // start-up reconciliation (or the collector) settles it.
+                    tracing::warn!(node = %self.node, "write-behind {w:?} failed: {e}");
+                    break;
+                }
+            }
+        }
+        if let Write::Rename { to, .. } = &w {
+            self.state().pending.remove(to);
+        }
+    }
+
+    async fn refiller(self, opts: ReserveOptions) {
+        let mut failures = 0u32;
+        let mut last_check = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.refill.notified() => {}
+                _ = tokio::time::sleep(opts.recheck) => {}
+            }
+            if last_check.elapsed() >= opts.recheck {
+                last_check = tokio::time::Instant::now();
+                self.recheck().await;
+            }
+            let (need, ids) = {
+                let mut st = self.state();
+                let need = opts.depth.saturating_sub(st.spares.len());
+                let first = st.next_id;
+                st.next_id += need as u64;
+                (need, first)
+            };
+            if need == 0 {
+                continue;
+            }
+            let prefix = spare_prefix(&self.node);
+            let asks = (0..need as u64).map(|i| {
+                let handle = format!("{prefix}{:x}", ids + i);
+                let alloc = self.alloc.clone();
+                async move {
+                    let r = alloc
+                        .assign(Assign {
+                            handle: handle.clone(),
+                            pod: None,
+                            use_: AllowedUse::Workload,
+                        })
+                        .await;
+                    (handle, r)
+                }
+            });
+            let mut failed = None;
+            for (handle, r) in futures::future::join_all(asks).await {
+                match r {
+                    Ok(addrs) => self.state().spares.push_back(Spare { handle, addrs }),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            match failed {
+                None => failures = 0,
+                Some(e) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::info!(node = %self.node, "no spare addresses: {e}");
+                    }
+                    let wait = Duration::from_millis(200 << failures.min(7));
+                    tokio::time::sleep(wait).await;
+                    self.refill.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Gives back spares the pools no longer allow.
+    async fn recheck(&self) {
+        let spares: Vec<Spare> = self.state().spares.iter().cloned().collect();
+        for s in spares {
+            match self
+                .alloc
+                .usable(s.addrs.clone(), AllowedUse::Workload)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    let removed = {
+                        let mut st = self.state();
+                        let before = st.spares.len();
+                        st.spares.retain(|x| x.handle != s.handle);
+                        st.spares.len() != before
+                    };
+                    if removed {
+                        tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
+                            "spare no longer allowed by the pools: giving it back");
+                        let _ = self.writes.send(Write::Release(s.handle));
+                    }
+                }
+                Err(Error::Stopped) => return,
+                Err(e) => tracing::debug!("spare recheck: {e}"),
+            }
+        }
+    }
+}

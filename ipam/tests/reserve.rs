@@ -1,0 +1,222 @@
+//! The pre-assigned-address fast path over the in-memory store: a take
+//! waits for no write, attributions and releases are written behind in
+//! order, a restart adopts what the store holds, disabled pools stop it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use margay_ipam::crd::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
+use margay_ipam::store::Fault;
+use margay_ipam::{Allocator, Assign, Block, MemStore, Options, Reserve, ReserveOptions};
+
+fn pool(name: &str, cidr: &str, disabled: bool) -> IPPool {
+    let mut spec = IPPoolSpec::with_cidr(cidr, Some(26));
+    spec.disabled = disabled;
+    IPPool::new(name, spec)
+}
+
+fn store() -> Arc<MemStore> {
+    let s = Arc::new(MemStore::new());
+    s.set_pools(vec![pool("p", "10.0.0.0/16", false)]);
+    s.set_config(IPAMConfigurationSpec::default());
+    s.add_node("n1", BTreeMap::new());
+    s
+}
+
+fn pod(h: &str) -> PodRef {
+    PodRef {
+        namespace: "default".into(),
+        name: h.into(),
+        uid: format!("uid-{h}"),
+    }
+}
+
+fn req(h: &str) -> Assign {
+    Assign {
+        handle: h.into(),
+        pod: Some(pod(h)),
+        use_: AllowedUse::Workload,
+    }
+}
+
+fn opts(depth: usize) -> ReserveOptions {
+    ReserveOptions {
+        depth,
+        recheck: Duration::from_millis(100),
+    }
+}
+
+/// handle -> addresses, from the store itself.
+fn held(blocks: &[Block]) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for b in blocks {
+        for (ip, a) in &b.allocations {
+            out.entry(a.handle.clone()).or_default().push(*ip);
+        }
+    }
+    out
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_take_waits_for_no_write_and_the_attribution_is_written_behind() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(4)).await.unwrap();
+    until("4 spares", || r.stats().spares == 4).await;
+    // The store can no longer be written: takes must still answer.
+    let writes = s.writes();
+    for _ in 0..4 {
+        s.inject(Fault::Unavailable);
+    }
+    let mut taken = Vec::new();
+    for h in ["h0", "h1", "h2", "h3"] {
+        taken.push(r.take(&req(h)).await.unwrap());
+    }
+    assert_eq!(s.writes(), writes, "a take wrote to the store");
+    let addrs: HashSet<_> = taken.iter().map(|t| t.addrs[0]).collect();
+    assert_eq!(addrs.len(), 4, "one address handed out twice: {taken:?}");
+    // Each address is already held in the store, by a spare of n1.
+    let before = held(&s.snapshot());
+    for t in &taken {
+        let spare = t.spare.clone().expect("from a spare");
+        assert!(spare.starts_with("spare.n1."));
+        assert_eq!(before[&spare], vec![t.addrs[0].ip()]);
+    }
+    for t in &taken {
+        r.commit(t, Some(pod(&t.handle)));
+    }
+    r.flush().await;
+    let after = s.snapshot();
+    let by_handle = held(&after);
+    for t in &taken {
+        assert_eq!(by_handle[&t.handle], vec![t.addrs[0].ip()]);
+    }
+    // The pod is recorded with the allocation (the collector needs it).
+    let rec = after
+        .iter()
+        .flat_map(|b| b.allocations.values())
+        .find(|a| a.handle == "h2")
+        .unwrap();
+    assert_eq!(rec.pod.as_ref().unwrap().uid, "uid-h2");
+    assert_eq!(r.stats().pending, 0);
+    until("refilled", || r.stats().spares == 4).await;
+}
+
+#[tokio::test]
+async fn one_handles_writes_stay_in_order() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(4)).await.unwrap();
+    until("4 spares", || r.stats().spares == 4).await;
+    let first = r.take(&req("h")).await.unwrap();
+    r.commit(&first, Some(pod("h")));
+    assert_eq!(r.release("h"), first.addrs);
+    let second = r.take(&req("h")).await.unwrap();
+    assert_ne!(first.addrs, second.addrs);
+    r.commit(&second, Some(pod("h")));
+    r.flush().await;
+    let by_handle = held(&s.snapshot());
+    assert_eq!(by_handle["h"], vec![second.addrs[0].ip()]);
+    assert!(
+        !by_handle.values().any(|v| v.contains(&first.addrs[0].ip())),
+        "the first address was not released: {by_handle:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_add_retry_gets_the_same_addresses_and_abort_gives_the_spare_back() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
+    until("2 spares", || r.stats().spares == 2).await;
+    let t = r.take(&req("h")).await.unwrap();
+    // Retried before the rename is written, and after.
+    assert_eq!(r.take(&req("h")).await.unwrap().addrs, t.addrs);
+    r.commit(&t, Some(pod("h")));
+    r.flush().await;
+    assert_eq!(r.take(&req("h")).await.unwrap().addrs, t.addrs);
+
+    until("2 spares", || r.stats().spares == 2).await;
+    let t2 = r.take(&req("g")).await.unwrap();
+    let spare = t2.spare.clone().unwrap();
+    r.abort(t2.clone()).await.unwrap();
+    let t3 = r.take(&req("k")).await.unwrap();
+    assert_eq!(t3.spare, Some(spare));
+    assert_eq!(t3.addrs, t2.addrs);
+}
+
+#[tokio::test]
+async fn a_restart_adopts_spares_and_pods_without_new_writes() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(3)).await.unwrap();
+    until("3 spares", || r.stats().spares == 3).await;
+    let t = r.take(&req("h")).await.unwrap();
+    r.commit(&t, Some(pod("h")));
+    r.flush().await;
+    until("3 spares", || r.stats().spares == 3).await;
+    let snapshot = held(&s.snapshot());
+    drop(r);
+
+    // A new agent process: new allocator, new reserve, same store.
+    let a2 = Allocator::start(s.clone(), "n1", Options::default());
+    let r2 = Reserve::start(a2.clone(), "n1", opts(3)).await.unwrap();
+    assert_eq!(r2.stats().spares, 3, "spares not adopted");
+    let again = r2.take(&req("h")).await.unwrap();
+    assert_eq!(again.addrs, t.addrs);
+    assert_eq!(again.spare, None);
+    let n = r2.take(&req("new")).await.unwrap();
+    assert!(n.spare.is_some());
+    r2.commit(&n, Some(pod("new")));
+    r2.flush().await;
+    // Nobody holds two addresses, no address is held twice.
+    let after = held(&s.snapshot());
+    let mut all: Vec<IpAddr> = after.values().flatten().copied().collect();
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), total);
+    assert!(after.values().all(|v| v.len() == 1));
+    assert_eq!(after["h"], snapshot["h"]);
+}
+
+#[tokio::test]
+async fn a_disabled_pool_takes_its_spares_back() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
+    until("2 spares", || r.stats().spares == 2).await;
+    s.set_pools(vec![pool("p", "10.0.0.0/16", true)]);
+    until("spares given back", || r.stats().spares == 0).await;
+    r.flush().await;
+    assert!(
+        held(&s.snapshot()).is_empty(),
+        "spares of a disabled pool still held"
+    );
+    let e = r.take(&req("h")).await.unwrap_err();
+    assert!(matches!(e, margay_ipam::Error::NoPool { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn depth_zero_assigns_directly() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(0)).await.unwrap();
+    let t = r.take(&req("h")).await.unwrap();
+    assert_eq!(t.spare, None);
+    assert_eq!(held(&s.snapshot())["h"], vec![t.addrs[0].ip()]);
+    r.abort(t).await.unwrap();
+    assert!(held(&s.snapshot()).is_empty());
+}
