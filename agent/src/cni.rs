@@ -1,22 +1,26 @@
 //! The agent's CNI service: ADD, DEL, CHECK, STATUS and GC over gRPC on a
 //! unix socket, translating to IPAM and the dataplane.
 //!
-//! ADD allocates (handle `<container id>.<ifname>`, so a retried ADD gets
-//! the same addresses), then wires the pod; if wiring fails the dataplane
-//! has already rolled back and the addresses are released, so a failed ADD
-//! leaves nothing. DEL unwires (nothing to do is fine; the pod namespace
-//! may be gone) and releases. Errors carry CNI codes: 11 when asking again
+//! ADD takes addresses from the node's reserve (handle `<container
+//! id>.<ifname>`, so a retried ADD gets the same addresses; a pre-assigned
+//! spare when there is one, so no datastore write is waited for), then
+//! wires the pod, recording the handle on its host interface; then the
+//! attribution is written behind. If wiring fails the dataplane has already
+//! rolled back and the addresses go back, so a failed ADD leaves nothing.
+//! DEL unwires (nothing to do is fine; the pod namespace may be gone) and
+//! releases, written behind. Operations on one handle never overlap. Errors carry CNI codes: 11 when asking again
 //! may work, 3 when the pod namespace does not exist, 100 for address
 //! allocation, 101 for the dataplane, 50 for STATUS when not ready.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ipnetwork::IpNetwork;
 use margay_ipam::crd::{AllowedUse, PodRef};
 use margay_ipam::model::validate_pools;
-use margay_ipam::{Allocator, Assign, Store};
+use margay_ipam::reserve::spare_prefix;
+use margay_ipam::{Allocator, Assign, Reserve, Store};
 use margay_proto::cni::{self, cni_server};
 use tonic::{Request, Response, Status};
 
@@ -61,8 +65,10 @@ pub struct CniService<S, D> {
     node: String,
     store: Arc<S>,
     alloc: Allocator,
+    reserve: Reserve,
     dp: Arc<D>,
     mtu: u32,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn handle_of(r: &cni::CniRequest) -> String {
@@ -73,6 +79,33 @@ fn host_if_of(r: &cni::CniRequest) -> String {
     match &r.pod {
         Some(p) if !p.name.is_empty() => host_ifname(&format!("{}.{}", p.namespace, p.name)),
         _ => host_ifname(&r.container_id),
+    }
+}
+
+fn pod_of(r: &cni::CniRequest) -> Option<PodRef> {
+    r.pod.as_ref().map(|p| PodRef {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        uid: p.uid.clone(),
+    })
+}
+
+/// Held while an operation on a handle runs.
+struct HandleGuard<'a> {
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    handle: String,
+    m: Arc<tokio::sync::Mutex<()>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for HandleGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("locks");
+        // The map's copy, this guard's, and the owned guard's: nobody
+        // else waits on it.
+        if Arc::strong_count(&self.m) <= 3 {
+            map.remove(&self.handle);
+        }
     }
 }
 
@@ -94,21 +127,50 @@ fn validate(r: &cni::CniRequest, need_netns: bool) -> Result<(), cni::CniError> 
 
 impl<S: Store, D: Dataplane> CniService<S, D> {
     /// A service for `node`.
-    pub fn new(node: &str, store: Arc<S>, alloc: Allocator, dp: Arc<D>, mtu: u32) -> Self {
+    pub fn new(
+        node: &str,
+        store: Arc<S>,
+        alloc: Allocator,
+        reserve: Reserve,
+        dp: Arc<D>,
+        mtu: u32,
+    ) -> Self {
         Self {
             node: node.to_string(),
             store,
             alloc,
+            reserve,
             dp,
             mtu,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serialises operations on one handle.
+    async fn lock(&self, handle: &str) -> HandleGuard<'_> {
+        let m = self
+            .locks
+            .lock()
+            .expect("locks")
+            .entry(handle.to_string())
+            .or_default()
+            .clone();
+        let guard = m.clone().lock_owned().await;
+        HandleGuard {
+            map: &self.locks,
+            handle: handle.to_string(),
+            _guard: guard,
+            m,
         }
     }
 
     fn spec(&self, r: &cni::CniRequest, addrs: Vec<IpNetwork>) -> PodSpec {
+        let pod = pod_of(r);
         PodSpec {
             netns: PathBuf::from(&r.netns),
             ifname: r.ifname.clone(),
             host_if: host_if_of(r),
+            alias: crate::reconcile::alias(&handle_of(r), &addrs, pod.as_ref()),
             addrs,
             mtu: if r.mtu > 0 { r.mtu } else { self.mtu },
         }
@@ -124,28 +186,26 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             ));
         }
         let handle = handle_of(r);
-        let pod = r.pod.as_ref().map(|p| PodRef {
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            uid: p.uid.clone(),
-        });
+        let _g = self.lock(&handle).await;
+        let pod = pod_of(r);
         let t0 = std::time::Instant::now();
-        let addrs = self
-            .alloc
-            .assign(Assign {
+        let taken = self
+            .reserve
+            .take(&Assign {
                 handle: handle.clone(),
-                pod,
+                pod: pod.clone(),
                 use_: AllowedUse::Workload,
             })
             .await
             .map_err(|e| ipam_err(&e))?;
         let ipam_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let addrs = taken.addrs.clone();
         let spec = self.spec(r, addrs.clone());
         let wiring = match self.dp.add_pod(&spec).await {
             Ok(w) => w,
             Err(e) => {
                 // Nothing may be left: give the addresses back.
-                if let Err(re) = self.alloc.release(&handle).await {
+                if let Err(re) = self.reserve.abort(taken).await {
                     tracing::warn!(%handle, "release after failed ADD: {re} (GC will collect it)");
                 }
                 let code = match e {
@@ -155,6 +215,8 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                 return Err(err(code, format!("wiring the pod failed: {e}")));
             }
         };
+        // The kernel now records the attribution: write it behind.
+        self.reserve.commit(&taken, pod);
         let host_mac = HOST_MAC
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -202,32 +264,28 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
     /// CNI DEL.
     pub async fn del(&self, r: &cni::CniRequest) -> Result<(), cni::CniError> {
         validate(r, false)?;
+        let handle = handle_of(r);
+        let _g = self.lock(&handle).await;
         self.dp.del_pod(&host_if_of(r)).await.map_err(|e| {
             err(
                 code::TRY_AGAIN,
                 format!("removing the pod's interfaces: {e}"),
             )
         })?;
-        let handle = handle_of(r);
-        let released = self
-            .alloc
-            .release(&handle)
-            .await
-            .map_err(|e| ipam_err(&e))?;
+        // The interface (the node's record) is gone: the release is
+        // written behind, after any attribution of the handle still queued.
+        let released = self.reserve.release(&handle);
         tracing::info!(%handle, ?released, "pod deleted");
         Ok(())
     }
 
     /// Addresses IPAM holds for a handle.
     async fn held(&self, handle: &str) -> Result<Vec<IpNetwork>, cni::CniError> {
-        let blocks = self.alloc.blocks().await.map_err(|e| ipam_err(&e))?;
-        let mut out: Vec<IpNetwork> = blocks
-            .iter()
-            .flat_map(|b| b.held_by(handle).collect::<Vec<_>>())
-            .map(|ip| IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix"))
-            .collect();
-        out.sort();
-        Ok(out)
+        // The reserve knows every pod handle of this node, including
+        // attributions and releases not written yet.
+        let mut v = self.reserve.holding(handle).unwrap_or_default();
+        v.sort();
+        Ok(v)
     }
 
     /// CNI CHECK.
@@ -285,10 +343,12 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         let blocks = self.alloc.blocks().await.map_err(|e| ipam_err(&e))?;
         let mut gone = Vec::new();
         let mut seen = HashSet::new();
+        let spare = spare_prefix(&self.node);
         for b in &blocks {
             for a in b.allocations.values() {
                 if a.node != self.node
                     || a.use_ != AllowedUse::Workload
+                    || a.handle.starts_with(&spare)
                     || valid.contains(&a.handle)
                     || !seen.insert(a.handle.clone())
                 {
@@ -304,10 +364,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                     .del_pod(&host_if)
                     .await
                     .map_err(|e| err(code::TRY_AGAIN, e.to_string()))?;
-                self.alloc
-                    .release(&a.handle)
-                    .await
-                    .map_err(|e| ipam_err(&e))?;
+                self.reserve.release(&a.handle);
                 gone.push(a.handle.clone());
             }
         }
@@ -408,20 +465,45 @@ mod tests {
     use super::*;
     use crate::dataplane::FakeDataplane;
 
-    fn service() -> (
+    async fn service() -> (
         CniService<MemStore, FakeDataplane>,
         Arc<MemStore>,
         FakeDataplane,
     ) {
-        let store = Arc::new(MemStore::new());
+        service_with(0, Arc::new(MemStore::new()), FakeDataplane::default()).await
+    }
+
+    /// A service with `depth` spares over `store` and `dp` (pass the same
+    /// ones again to play an agent restart).
+    async fn service_with(
+        depth: usize,
+        store: Arc<MemStore>,
+        dp: FakeDataplane,
+    ) -> (
+        CniService<MemStore, FakeDataplane>,
+        Arc<MemStore>,
+        FakeDataplane,
+    ) {
         store.set_pools(vec![IPPool::new(
             "p",
             IPPoolSpec::with_cidr("10.1.0.0/24", Some(26)),
         )]);
         store.add_node("n1", BTreeMap::new());
-        let dp = FakeDataplane::default();
         let alloc = Allocator::start(store.clone(), "n1", Options::default());
-        let svc = CniService::new("n1", store.clone(), alloc, Arc::new(dp.clone()), 1500);
+        crate::reconcile::apply("n1", &alloc, &dp).await.unwrap();
+        let opts = margay_ipam::ReserveOptions {
+            depth,
+            ..Default::default()
+        };
+        let reserve = Reserve::start(alloc.clone(), "n1", opts).await.unwrap();
+        let svc = CniService::new(
+            "n1",
+            store.clone(),
+            alloc,
+            reserve,
+            Arc::new(dp.clone()),
+            1500,
+        );
         (svc, store, dp)
     }
 
@@ -447,7 +529,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_wiring_leaves_no_address() {
-        let (svc, store, dp) = service();
+        let (svc, store, dp) = service().await;
         *dp.fail_next_add.lock().unwrap() = Some("injected".into());
         let e = svc.add(&req("a")).await.unwrap_err();
         assert_eq!(e.code, code::DATAPLANE);
@@ -468,7 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_netns_and_bad_requests() {
-        let (svc, store, _) = service();
+        let (svc, store, _) = service().await;
         let mut r = req("a");
         r.netns = "/run/netns/none-such".into();
         assert_eq!(svc.add(&r).await.unwrap_err().code, code::CONTAINER_UNKNOWN);
@@ -480,7 +562,7 @@ mod tests {
 
     #[tokio::test]
     async fn del_is_idempotent_check_verifies_gc_collects() {
-        let (svc, store, dp) = service();
+        let (svc, store, dp) = service().await;
         svc.add(&req("a")).await.unwrap();
         svc.add(&req("b")).await.unwrap();
         svc.check(&req("a")).await.unwrap();
@@ -489,6 +571,7 @@ mod tests {
         svc.del(&del).await.unwrap();
         svc.del(&del).await.unwrap();
         assert_eq!(svc.check(&req("a")).await.unwrap_err().code, code::IPAM);
+        svc.reserve.flush().await;
         assert_eq!(held(&store), 1);
         // GC with no valid attachments removes "b" too.
         let gone = svc
@@ -499,13 +582,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(gone, vec!["b.eth0".to_string()]);
+        svc.reserve.flush().await;
         assert_eq!(held(&store), 0);
         assert!(dp.pods.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn status_says_why_not_ready() {
-        let (svc, store, _) = service();
+        let (svc, store, _) = service().await;
         svc.status().await.unwrap();
         store.set_pools(vec![]);
         let e = svc.status().await.unwrap_err();
@@ -515,5 +599,76 @@ mod tests {
             "{}",
             e.msg
         );
+    }
+
+    /// handle -> addresses in the store.
+    fn by_handle(store: &MemStore) -> BTreeMap<String, Vec<std::net::IpAddr>> {
+        let mut out: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
+        for b in store.snapshot() {
+            for (ip, a) in &b.allocations {
+                out.entry(a.handle.clone()).or_default().push(*ip);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_write_behind_loses_nothing() {
+        let store = Arc::new(MemStore::new());
+        let dp = FakeDataplane::default();
+        let (svc, _, _) = service_with(4, store.clone(), dp.clone()).await;
+        while svc.reserve.stats().spares < 4 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The store stops taking writes: ADDs answer anyway, from spares,
+        // and record their handle on the host interface.
+        for _ in 0..64 {
+            store.inject(margay_ipam::store::Fault::Unavailable);
+        }
+        let a = svc.add(&req("a")).await.unwrap();
+        let b = svc.add(&req("b")).await.unwrap();
+        assert_ne!(a.ips[0].address, b.ips[0].address);
+        let aliases: Vec<String> = dp
+            .pods
+            .lock()
+            .unwrap()
+            .values()
+            .map(|p| p.alias.clone())
+            .collect();
+        assert!(
+            aliases.iter().any(|al| al.starts_with("margay1 a.eth0 ")),
+            "{aliases:?}"
+        );
+        assert!(!by_handle(&store).contains_key("a.eth0"), "written already");
+        // Delete b (its release is not written either), then the agent dies.
+        svc.del(&req("b")).await.unwrap();
+        svc.reserve.halt();
+        drop(svc);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        store.clear_faults();
+
+        // Restart: reconciliation writes a's attribution from the kernel
+        // and gives b's address back (b's spare is in the store, b's
+        // interface is gone, nothing says b holds it: it stays a spare).
+        let (svc2, _, _) = service_with(4, store.clone(), dp.clone()).await;
+        let h = by_handle(&store);
+        let a_ip: std::net::IpAddr = a.ips[0].address.trim_end_matches("/32").parse().unwrap();
+        assert_eq!(h["a.eth0"], vec![a_ip]);
+        assert!(!h.contains_key("b.eth0"));
+        let rec = store
+            .snapshot()
+            .iter()
+            .flat_map(|b| b.allocations.values().cloned().collect::<Vec<_>>())
+            .find(|r| r.handle == "a.eth0")
+            .unwrap();
+        assert_eq!(rec.pod.unwrap().name, "pod-a");
+        // Every address is held once; a retried ADD of a gets a's address.
+        let again = svc2.add(&req("a")).await.unwrap();
+        assert_eq!(again.ips[0].address, a.ips[0].address);
+        let all: Vec<_> = by_handle(&store).into_values().flatten().collect();
+        let mut dedup = all.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(all.len(), dedup.len());
     }
 }

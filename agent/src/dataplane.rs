@@ -84,6 +84,18 @@ pub struct PodSpec {
     pub addrs: Vec<IpNetwork>,
     /// MTU of both ends.
     pub mtu: u32,
+    /// Written on the host side as its alias (`ip link` shows it): the
+    /// durable record of whose interface this is (see `reconcile`).
+    pub alias: String,
+}
+
+/// A pod host interface found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPod {
+    /// Its name.
+    pub host_if: String,
+    /// Its alias (empty when it has none).
+    pub alias: String,
 }
 
 /// What was built.
@@ -103,6 +115,8 @@ pub trait Dataplane: Send + Sync + 'static {
     fn del_pod(&self, host_if: &str) -> impl Future<Output = Result<()>> + Send;
     /// Verifies the pod's wiring; `Err` says what is wrong.
     fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<()>> + Send;
+    /// The pod host interfaces (`cali…` veths) that exist.
+    fn list_pods(&self) -> impl Future<Output = Result<Vec<HostPod>>> + Send;
 }
 
 fn mac_str(mac: &[u8]) -> String {
@@ -208,9 +222,14 @@ impl Netlink {
         if v6 {
             sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", spec.host_if), "0")?;
         }
+        // Up, and the alias: from here on the kernel records whose
+        // interface (and addresses) this is.
+        let mut up = LinkUnspec::new_with_index(host_idx).up().build();
+        up.attributes
+            .push(LinkAttribute::IfAlias(spec.alias.clone()));
         self.host
             .link()
-            .set(LinkUnspec::new_with_index(host_idx).up().build())
+            .set(up)
             .execute()
             .await
             .map_err(nl(format!("bring up {}", spec.host_if)))?;
@@ -312,6 +331,10 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
 }
 
 impl Dataplane for Netlink {
+    async fn list_pods(&self) -> Result<Vec<HostPod>> {
+        self.list().await
+    }
+
     async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
         let netns = std::fs::File::open(&spec.netns).map_err(|source| Error::Netns {
             path: spec.netns.display().to_string(),
@@ -376,6 +399,42 @@ impl Dataplane for Netlink {
     }
 }
 
+impl Netlink {
+    async fn list(&self) -> Result<Vec<HostPod>> {
+        let mut out = Vec::new();
+        let mut links = self.host.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(nl("list links"))? {
+            let mut name = String::new();
+            let mut alias = String::new();
+            let mut veth = false;
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = n.clone(),
+                    LinkAttribute::IfAlias(s) => alias = s.clone(),
+                    LinkAttribute::LinkInfo(info) => {
+                        veth |= info.iter().any(|i| {
+                            matches!(
+                                i,
+                                rtnetlink::packet_route::link::LinkInfo::Kind(
+                                    rtnetlink::packet_route::link::InfoKind::Veth
+                                )
+                            )
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if veth && name.starts_with("cali") {
+                out.push(HostPod {
+                    host_if: name,
+                    alias,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// An in-memory dataplane for unit tests, with failure injection.
 #[derive(Debug, Clone, Default)]
 pub struct FakeDataplane {
@@ -386,6 +445,19 @@ pub struct FakeDataplane {
 }
 
 impl Dataplane for FakeDataplane {
+    async fn list_pods(&self) -> Result<Vec<HostPod>> {
+        Ok(self
+            .pods
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|s| HostPod {
+                host_if: s.host_if.clone(),
+                alias: s.alias.clone(),
+            })
+            .collect())
+    }
+
     async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
         if let Some(msg) = self.fail_next_add.lock().expect("lock").take() {
             return Err(Error::Other(msg));

@@ -14,4 +14,5 @@ pub mod crds;
 pub mod dataplane;
 pub mod kube_store;
 pub mod pools;
+pub mod reconcile;
 pub mod run;

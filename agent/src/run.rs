@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use margay_ipam::gc::Janitor;
-use margay_ipam::{Allocator, Options};
+use margay_ipam::{Allocator, Options, Reserve, ReserveOptions};
 
 use crate::cni::{CniService, serve};
 use crate::dataplane::Netlink;
@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Run leak collection every this many seconds (0: never).
     #[arg(long, default_value_t = 60)]
     pub gc_interval: u64,
+    /// Addresses kept pre-assigned to this node so a pod start waits for
+    /// no datastore write (0: every ADD writes before answering).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub ipam_spares: u16,
 }
 
 async fn client(args: &RunArgs) -> anyhow::Result<kube::Client> {
@@ -70,7 +74,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let service = CniService::new(&node, store, alloc, dp, args.mtu);
+    // The kernel and IPAM agree before anything is served.
+    let report = crate::reconcile::apply(&node, &alloc, dp.as_ref()).await?;
+    tracing::info!(?report, "start-up reconciliation done");
+    let reserve = Reserve::start(
+        alloc.clone(),
+        &node,
+        ReserveOptions {
+            depth: usize::from(args.ipam_spares),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let service = CniService::new(&node, store, alloc, reserve.clone(), dp, args.mtu);
     tracing::info!(%node, socket = %args.socket.display(), "margay-agent serving CNI");
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -82,5 +98,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    serve(service, &args.socket, shutdown).await
+    serve(service, &args.socket, shutdown).await?;
+    // Write what is queued before leaving (a kill skips this; the next
+    // start reconciles instead).
+    if tokio::time::timeout(Duration::from_secs(10), reserve.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("IPAM writes still queued at exit; the next start reconciles them");
+    }
+    Ok(())
 }

@@ -113,6 +113,7 @@ pub struct Reserve {
     state: Arc<Mutex<State>>,
     refill: Arc<Notify>,
     writes: mpsc::UnboundedSender<Write>,
+    halted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Tuning of a [`Reserve`].
@@ -183,6 +184,7 @@ impl Reserve {
             state: Arc::new(Mutex::new(st)),
             refill: Arc::new(Notify::new()),
             writes: tx,
+            halted: Arc::default(),
         };
         tokio::spawn(r.clone().writer(rx));
         tokio::spawn(r.clone().refiller(opts));
@@ -201,6 +203,12 @@ impl Reserve {
             spares: st.spares.len(),
             pending: st.pending.len(),
         }
+    }
+
+    /// What the reserve knows `handle` holds (including attributions not
+    /// written yet).
+    pub fn holding(&self, handle: &str) -> Option<Vec<IpNetwork>> {
+        self.state().index.get(handle).cloned()
     }
 
     /// Addresses for `a.handle`: the ones it has (an ADD retried), a spare
@@ -302,6 +310,18 @@ impl Reserve {
         held
     }
 
+    /// Stops the background work at once, dropping the writes not done:
+    /// what a crash does (for tests of the recovery).
+    pub fn halt(&self) {
+        self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.refill.notify_one();
+        let _ = self.writes.send(Write::Release(String::new()));
+    }
+
+    fn is_halted(&self) -> bool {
+        self.halted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Waits until every write queued before this call is done.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -312,6 +332,9 @@ impl Reserve {
 
     async fn writer(self, mut rx: mpsc::UnboundedReceiver<Write>) {
         while let Some(first) = rx.recv().await {
+            if self.is_halted() {
+                return;
+            }
             let mut batch = vec![first];
             while let Ok(w) = rx.try_recv() {
                 batch.push(w);
@@ -349,6 +372,9 @@ impl Reserve {
     async fn write(&self, w: Write) {
         let mut delay = Duration::from_millis(50);
         loop {
+            if self.is_halted() {
+                return;
+            }
             let r = match &w {
                 Write::Rename {
                     from,
@@ -391,6 +417,9 @@ impl Reserve {
             tokio::select! {
                 _ = self.refill.notified() => {}
                 _ = tokio::time::sleep(opts.recheck) => {}
+            }
+            if self.is_halted() {
+                return;
             }
             if last_check.elapsed() >= opts.recheck {
                 last_check = tokio::time::Instant::now();

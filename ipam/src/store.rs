@@ -157,6 +157,11 @@ impl MemStore {
         self.with(|s| s.queued.push(fault));
     }
 
+    /// Drops the faults injected and not yet hit.
+    pub fn clear_faults(&self) {
+        self.with(|s| s.queued.clear());
+    }
+
     /// Injects a random fault into about `percent`% of writes, from `seed`.
     pub fn random_faults(&self, seed: u64, percent: u32) {
         self.with(|s| s.random = Some((fastrand_lite::Rng(seed | 1), percent)));

@@ -171,7 +171,9 @@ impl World {
         c.to_string()
     }
 
-    async fn allocations(&self) -> Vec<String> {
+    /// Pod addresses in the datastore (spares, pre-assigned to the node,
+    /// left out).
+    async fn pod_allocations(&self) -> Vec<String> {
         let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
         let mut out: Vec<String> = blocks
             .list(&ListParams::default())
@@ -179,10 +181,26 @@ impl World {
             .unwrap()
             .items
             .into_iter()
-            .flat_map(|b| b.spec.allocations.into_keys())
+            .flat_map(|b| b.spec.allocations.into_iter())
+            .filter(|(_, a)| !a.handle.starts_with("spare."))
+            .map(|(ip, _)| ip)
             .collect();
         out.sort();
         out
+    }
+
+    /// The pod addresses once the agent's write-behind has settled on `n`
+    /// of them (or what there is after 15 s).
+    async fn allocations(&self, n: usize) -> Vec<String> {
+        let mut last = Vec::new();
+        for _ in 0..300 {
+            last = self.pod_allocations().await;
+            if last.len() == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last
     }
 
     fn cali_links(&self) -> String {
@@ -233,6 +251,14 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     );
     let links = w.cali_links();
     assert!(links.contains("ee:ee:ee:ee:ee:ee"), "{links}");
+    // The node's durable record of the attribution (what a restarted
+    // agent reconciles IPAM from).
+    assert!(
+        links.contains(&format!(
+            "alias margay1 c1.eth0 {a1} default/web-1/uid-web-1"
+        )),
+        "{links}"
+    );
 
     // Traffic: pod -> its node, pod -> pod.
     p1.ping_ok(&w.node.v4.to_string()).unwrap();
@@ -241,7 +267,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
 
     // ADD again for the same container: the same address.
     assert_eq!(w.add("c1", &p1, "web-1"), a1);
-    assert_eq!(w.allocations().await.len(), 2);
+    assert_eq!(w.allocations(2).await.len(), 2);
     p1.ping_ok(&a2).unwrap();
 
     // CHECK passes while wired.
@@ -252,7 +278,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     w.cnitool("del", "c1", &p1.path(), "web-1").expect("DEL");
     w.cnitool("del", "c1", &p1.path(), "web-1")
         .expect("second DEL");
-    assert_eq!(w.allocations().await, vec![a2.clone()]);
+    assert_eq!(w.allocations(1).await, vec![a2.clone()]);
     let host = w
         .node
         .ns
@@ -261,7 +287,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     assert!(host.trim().is_empty(), "{host}");
     assert_eq!(w.cali_links().lines().count(), 1);
     w.cnitool("del", "c2", &p2.path(), "web-2").expect("DEL");
-    assert!(w.allocations().await.is_empty());
+    assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
 }
 
@@ -317,7 +343,7 @@ async fn bad_input_gets_the_right_cni_code_and_leaves_nothing() {
     );
     // The pod namespace does not exist: code 3, nothing allocated.
     assert_eq!(code(run(&w, &add_env("/run/netns/no-such-pod"), &good)), 3);
-    assert!(w.allocations().await.is_empty());
+    assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
     // VERSION and STATUS.
     let (ok, v) = run(&w, &[("CNI_COMMAND", "VERSION".into())], "{}");
@@ -335,13 +361,13 @@ async fn bad_input_gets_the_right_cni_code_and_leaves_nothing() {
     // A pod whose namespace vanished before DEL; DEL with an empty netns.
     let (ok, v) = run(&w, &add_env(&netns), &good);
     assert!(ok, "{v}");
-    assert_eq!(w.allocations().await.len(), 1);
+    assert_eq!(w.allocations(1).await.len(), 1);
     drop(pod);
     let mut del = add_env("");
     del[0].1 = "DEL".into();
     let (ok, v) = run(&w, &del, &good);
     assert!(ok, "DEL after the netns went: {v}");
-    assert!(w.allocations().await.is_empty());
+    assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
 
     // Agent down: try again later (11), and STATUS says so too.
@@ -455,7 +481,7 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(w.allocations().await.is_empty());
+    assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
 }
 
@@ -537,7 +563,7 @@ async fn agent_killed_mid_burst_then_runtime_retries_leave_exact_state() {
         assert!(addrs.insert(a), "duplicate address");
     }
     eprintln!("{} of 16 ADDs were cut by the crash", failed.len());
-    assert_eq!(w.allocations().await.len(), 16);
+    assert_eq!(w.allocations(16).await.len(), 16);
     assert_eq!(w.cali_links().lines().count(), 16);
     for a in &addrs {
         pods[0].ping_ok(a).unwrap();
