@@ -219,7 +219,9 @@ impl ApiServer {
         let mut outer = Command::new(&socat);
         outer
             .arg(format!("UNIX-LISTEN:{},fork,unlink-early", sock.display()))
-            .arg(format!("TCP:127.0.0.1:{}", self.port));
+            // nodelay: a relay splits requests into several writes; with
+            // Nagle on, the tail waits for a delayed ACK (40 ms).
+            .arg(format!("TCP:127.0.0.1:{},nodelay", self.port));
         let outer = Daemon::spawn(
             "socat (apiserver relay, outside)",
             outer,
@@ -228,7 +230,7 @@ impl ApiServer {
         let mut inner = ns.cmd(&socat);
         inner
             .arg(format!(
-                "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr",
+                "TCP-LISTEN:{},bind=127.0.0.1,fork,reuseaddr,nodelay",
                 self.port
             ))
             .arg(format!("UNIX-CONNECT:{}", sock.display()));

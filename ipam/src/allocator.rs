@@ -52,7 +52,11 @@ enum Job {
     Maintain(oneshot::Sender<Result<Vec<String>>>),
     Blocks(oneshot::Sender<Vec<Block>>),
     Holding(String, oneshot::Sender<Result<Vec<IpNetwork>>>),
-    Usable(Vec<IpNetwork>, AllowedUse, oneshot::Sender<Result<bool>>),
+    Usable(
+        Vec<Vec<IpNetwork>>,
+        AllowedUse,
+        oneshot::Sender<Result<Vec<bool>>>,
+    ),
 }
 
 /// Counters of an allocator's work (for metrics and tests).
@@ -189,10 +193,10 @@ impl Allocator {
         }
     }
 
-    /// Whether addresses handed out earlier could be handed out now for
-    /// `use_`: one per family that has a usable pool, each inside a pool
-    /// that is enabled and selects this node.
-    pub async fn usable(&self, addrs: Vec<IpNetwork>, use_: AllowedUse) -> Result<bool> {
+    /// For each set of addresses handed out earlier, whether it could be
+    /// handed out now for `use_`: one per family that has a usable pool,
+    /// each inside a pool that is enabled and selects this node.
+    pub async fn usable(&self, addrs: Vec<Vec<IpNetwork>>, use_: AllowedUse) -> Result<Vec<bool>> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Job::Usable(addrs, use_, tx))
@@ -308,7 +312,16 @@ impl<S: Store> Actor<S> {
             self.stats
                 .ops
                 .fetch_add(ops.len() as u64, Ordering::Relaxed);
+            let t0 = Instant::now();
+            let writes0 = self.stats.writes.load(Ordering::Relaxed);
             let results = self.execute(&ops).await;
+            tracing::debug!(
+                node = %self.node,
+                ops = ops.len(),
+                writes = self.stats.writes.load(Ordering::Relaxed) - writes0,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "batch served"
+            );
             for (tx, r) in replies.into_iter().zip(results) {
                 let _ = tx.send(r);
             }
@@ -341,7 +354,11 @@ impl<S: Store> Actor<S> {
                     let _ = tx.send(held);
                 }
                 Job::Usable(addrs, use_, tx) => {
-                    let _ = tx.send(self.inputs().await.map(|i| usable_for(&i, &addrs, use_)));
+                    let _ = tx.send(
+                        self.inputs()
+                            .await
+                            .map(|i| addrs.iter().map(|a| usable_for(&i, a, use_)).collect()),
+                    );
                 }
                 Job::Op(..) => unreachable!("ops were taken out"),
             }

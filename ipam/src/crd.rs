@@ -246,8 +246,12 @@ pub struct IPAMBlockSpec {
     /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// Allocated addresses, keyed by address.
+    /// Allocated addresses, keyed by address. Atomic for server-side
+    /// field tracking: the allocator always writes the whole block, and a
+    /// granular map makes the apiserver track every field of every
+    /// allocation on each write (several times the cost of a full block).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub allocations: BTreeMap<String, AllocationRecord>,
 }
 

@@ -187,6 +187,7 @@ impl Reserve {
             halted: Arc::default(),
         };
         tokio::spawn(r.clone().writer(rx));
+        tokio::spawn(r.clone().rechecker(opts.recheck));
         tokio::spawn(r.clone().refiller(opts));
         r.refill.notify_one();
         Ok(r)
@@ -412,7 +413,6 @@ impl Reserve {
 
     async fn refiller(self, opts: ReserveOptions) {
         let mut failures = 0u32;
-        let mut last_check = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.refill.notified() => {}
@@ -420,10 +420,6 @@ impl Reserve {
             }
             if self.is_halted() {
                 return;
-            }
-            if last_check.elapsed() >= opts.recheck {
-                last_check = tokio::time::Instant::now();
-                self.recheck().await;
             }
             let (need, ids) = {
                 let mut st = self.state();
@@ -472,31 +468,42 @@ impl Reserve {
         }
     }
 
-    /// Gives back spares the pools no longer allow.
-    async fn recheck(&self) {
-        let spares: Vec<Spare> = self.state().spares.iter().cloned().collect();
-        for s in spares {
-            match self
-                .alloc
-                .usable(s.addrs.clone(), AllowedUse::Workload)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    let removed = {
-                        let mut st = self.state();
-                        let before = st.spares.len();
-                        st.spares.retain(|x| x.handle != s.handle);
-                        st.spares.len() != before
-                    };
-                    if removed {
-                        tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
-                            "spare no longer allowed by the pools: giving it back");
-                        let _ = self.writes.send(Write::Release(s.handle));
-                    }
-                }
+    /// Gives back spares the pools no longer allow (its own task, so the
+    /// refill never waits for it).
+    async fn rechecker(self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.is_halted() {
+                return;
+            }
+            let spares: Vec<Spare> = self.state().spares.iter().cloned().collect();
+            if spares.is_empty() {
+                continue;
+            }
+            let sets = spares.iter().map(|s| s.addrs.clone()).collect();
+            let verdicts = match self.alloc.usable(sets, AllowedUse::Workload).await {
+                Ok(v) => v,
                 Err(Error::Stopped) => return,
-                Err(e) => tracing::debug!("spare recheck: {e}"),
+                Err(e) => {
+                    tracing::debug!("spare recheck: {e}");
+                    continue;
+                }
+            };
+            for (s, ok) in spares.into_iter().zip(verdicts) {
+                if ok {
+                    continue;
+                }
+                let removed = {
+                    let mut st = self.state();
+                    let before = st.spares.len();
+                    st.spares.retain(|x| x.handle != s.handle);
+                    st.spares.len() != before
+                };
+                if removed {
+                    tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
+                        "spare no longer allowed by the pools: giving it back");
+                    let _ = self.writes.send(Write::Release(s.handle));
+                }
             }
         }
     }
