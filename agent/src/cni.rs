@@ -69,6 +69,8 @@ pub struct CniService<S, D> {
     dp: Arc<D>,
     mtu: u32,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Poked after every ADD (the block routes may need a new blackhole).
+    added: Arc<tokio::sync::Notify>,
 }
 
 fn handle_of(r: &cni::CniRequest) -> String {
@@ -143,7 +145,13 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             dp,
             mtu,
             locks: Mutex::new(HashMap::new()),
+            added: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Notified after each successful ADD.
+    pub fn added(&self) -> Arc<tokio::sync::Notify> {
+        self.added.clone()
     }
 
     /// Serialises operations on one handle.
@@ -217,6 +225,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         };
         // The kernel now records the attribution: write it behind.
         self.reserve.commit(&taken, pod);
+        self.added.notify_one();
         let host_mac = HOST_MAC
             .iter()
             .map(|b| format!("{b:02x}"))

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
-use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteProtocol, RouteScope, RouteType,
+};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 /// Route protocol number of the agent's pod routes and block blackholes
@@ -117,6 +119,29 @@ pub trait Dataplane: Send + Sync + 'static {
     fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<()>> + Send;
     /// The pod host interfaces (`cali…` veths) that exist.
     fn list_pods(&self) -> impl Future<Output = Result<Vec<HostPod>>> + Send;
+    /// Blackhole routes with Margay's protocol, both families.
+    fn list_blackholes(&self) -> impl Future<Output = Result<Vec<IpNetwork>>> + Send;
+    /// Adds (`true`) or removes a blackhole route for `net`; idempotent.
+    fn set_blackhole(
+        &self,
+        net: IpNetwork,
+        present: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+fn blackhole_msg(net: IpNetwork) -> rtnetlink::packet_route::route::RouteMessage {
+    match net {
+        IpNetwork::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .kind(RouteType::BlackHole)
+            .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
+            .build(),
+        IpNetwork::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .kind(RouteType::BlackHole)
+            .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
+            .build(),
+    }
 }
 
 fn mac_str(mac: &[u8]) -> String {
@@ -335,6 +360,53 @@ impl Dataplane for Netlink {
         self.list().await
     }
 
+    async fn list_blackholes(&self) -> Result<Vec<IpNetwork>> {
+        let mut out = Vec::new();
+        for probe in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.host.route().get(probe).execute();
+            while let Some(msg) = routes.try_next().await.map_err(nl("list routes"))? {
+                if msg.header.kind != RouteType::BlackHole
+                    || msg.header.protocol != RouteProtocol::Other(RTPROT_MARGAY_POD)
+                {
+                    continue;
+                }
+                let len = msg.header.destination_prefix_length;
+                for a in &msg.attributes {
+                    if let RouteAttribute::Destination(d) = a {
+                        let ip: IpAddr = match d {
+                            RouteAddress::Inet(v4) => (*v4).into(),
+                            RouteAddress::Inet6(v6) => (*v6).into(),
+                            _ => continue,
+                        };
+                        if let Ok(n) = IpNetwork::new(ip, len) {
+                            out.push(n);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
+        let msg = blackhole_msg(net);
+        let r = if present {
+            self.host.route().add(msg).replace().execute().await
+        } else {
+            self.host.route().del(msg).execute().await
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if !present && e.raw_code() == -libc::ESRCH => {
+                Ok(())
+            }
+            Err(e) => Err(nl(format!("blackhole {net}"))(e)),
+        }
+    }
+
     async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
         let netns = std::fs::File::open(&spec.netns).map_err(|source| Error::Netns {
             path: spec.netns.display().to_string(),
@@ -442,9 +514,31 @@ pub struct FakeDataplane {
     pub pods: Arc<Mutex<BTreeMap<String, PodSpec>>>,
     /// Fail the next `add_pod` with this message.
     pub fail_next_add: Arc<Mutex<Option<String>>>,
+    /// Blackhole routes.
+    pub blackholes: Arc<Mutex<std::collections::BTreeSet<IpNetwork>>>,
 }
 
 impl Dataplane for FakeDataplane {
+    async fn list_blackholes(&self) -> Result<Vec<IpNetwork>> {
+        Ok(self
+            .blackholes
+            .lock()
+            .expect("lock")
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    async fn set_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
+        let mut b = self.blackholes.lock().expect("lock");
+        if present {
+            b.insert(net);
+        } else {
+            b.remove(&net);
+        }
+        Ok(())
+    }
+
     async fn list_pods(&self) -> Result<Vec<HostPod>> {
         Ok(self
             .pods

@@ -9,6 +9,7 @@
 //! - [`cni`]: the CNI service on the agent's unix socket;
 //! - [`run`]: `margay-agent run`, wiring it all together.
 
+pub mod blocks;
 pub mod cni;
 pub mod crds;
 pub mod dataplane;

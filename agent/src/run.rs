@@ -1,5 +1,6 @@
-//! `margay-agent run`: the node agent's main loop (this increment: IPAM and
-//! the CNI service; BGP, metrics and reconciliation come with issue 6).
+//! `margay-agent run`: the node agent's main loop (this increment: IPAM,
+//! the CNI service, start-up reconciliation, block blackholes; BGP and
+//! metrics come with issue 6).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +35,10 @@ pub struct RunArgs {
     /// no datastore write (0: every ADD writes before answering).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub ipam_spares: u16,
+    /// Re-check the kernel's block routes against IPAM every this many
+    /// seconds (they are also updated after every ADD).
+    #[arg(long, default_value_t = 30)]
+    pub resync_interval: u64,
 }
 
 async fn client(args: &RunArgs) -> anyhow::Result<kube::Client> {
@@ -86,7 +91,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let service = CniService::new(&node, store, alloc, reserve.clone(), dp, args.mtu);
+    let service = CniService::new(
+        &node,
+        store,
+        alloc.clone(),
+        reserve.clone(),
+        dp.clone(),
+        args.mtu,
+    );
+    tokio::spawn(crate::blocks::run(
+        node.clone(),
+        alloc,
+        dp,
+        service.added(),
+        Duration::from_secs(args.resync_interval.max(1)),
+    ));
     tracing::info!(%node, socket = %args.socket.display(), "margay-agent serving CNI");
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
