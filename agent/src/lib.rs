@@ -14,6 +14,7 @@ pub mod cni;
 pub mod crds;
 pub mod dataplane;
 pub mod kube_store;
+pub mod nat;
 pub mod pools;
 pub mod reconcile;
 pub mod run;

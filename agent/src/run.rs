@@ -1,5 +1,5 @@
 //! `margay-agent run`: the node agent's main loop (this increment: IPAM,
-//! the CNI service, start-up reconciliation, block blackholes; BGP and
+//! the CNI service, start-up reconciliation, block blackholes, natOutgoing; BGP and
 //! metrics come with issue 6).
 
 use std::path::PathBuf;
@@ -93,12 +93,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await?;
     let service = CniService::new(
         &node,
-        store,
+        store.clone(),
         alloc.clone(),
         reserve.clone(),
         dp.clone(),
         args.mtu,
     );
+    tokio::spawn(crate::nat::run(
+        store.clone(),
+        Duration::from_secs(2),
+        Duration::from_secs(args.resync_interval.max(1)),
+    ));
     tokio::spawn(crate::blocks::run(
         node.clone(),
         alloc,

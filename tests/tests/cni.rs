@@ -614,3 +614,67 @@ async fn agent_killed_mid_burst_then_runtime_retries_leave_exact_state() {
         pods[0].ping_ok(a).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nat_outgoing_masquerades_to_outside_the_pools_and_owns_one_table() {
+    use kube::api::{Patch, PatchParams};
+    use margay_harness::topo::FABRIC_GW_V4;
+    use margay_ipam::crd::IPPool;
+
+    let w = world(vec![]).await;
+    let ns = &w.node.ns;
+    // Someone else's table: must survive every rebuild.
+    ns.exec("nft", &["add", "table", "inet", "operator"])
+        .unwrap();
+    let p1 = Netns::create("pod").unwrap();
+    let p2 = Netns::create("pod").unwrap();
+    let _a1 = w.add("c1", &p1, "nat-1");
+    let a2 = w.add("c2", &p2, "nat-2");
+    // The fabric router has no route to the pods: without NAT, no answer.
+    let gw = FABRIC_GW_V4.to_string();
+    assert!(!p1.ping(&gw), "reached {gw} without NAT");
+
+    let pools: Api<IPPool> = Api::all(w.client.clone());
+    let set_nat = |on: bool| {
+        let pools = pools.clone();
+        async move {
+            pools
+                .patch(
+                    "default",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"natOutgoing": on}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_nat(true).await;
+    wait::until("pod reaches outside through NAT", T, POLL, || {
+        Ok(p1.ping(&gw).then_some(()))
+    })
+    .unwrap();
+    let table = ns
+        .exec("nft", &["list", "table", "inet", "margay"])
+        .unwrap();
+    assert!(table.contains("masquerade"), "{table}");
+    // Pod to pod stays un-NATed and works.
+    p1.ping_ok(&a2).unwrap();
+
+    set_nat(false).await;
+    wait::until("table removed", T, POLL, || {
+        Ok(ns
+            .exec("nft", &["list", "table", "inet", "margay"])
+            .is_err()
+            .then_some(()))
+    })
+    .unwrap();
+    assert!(
+        !p1.ping(&gw),
+        "still NATed after natOutgoing was turned off"
+    );
+    let all = ns.exec("nft", &["list", "tables"]).unwrap();
+    assert!(all.contains("table inet operator"), "{all}");
+    for (id, p, name) in [("c1", &p1, "nat-1"), ("c2", &p2, "nat-2")] {
+        w.cnitool("del", id, &p.path(), name).expect("DEL");
+    }
+}
