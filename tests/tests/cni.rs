@@ -678,3 +678,103 @@ async fn nat_outgoing_masquerades_to_outside_the_pools_and_owns_one_table() {
         w.cnitool("del", id, &p.path(), name).expect("DEL");
     }
 }
+
+/// Podman 4.3 with its CNI backend, as an operator runs it: a container on
+/// the `margay` network gets its address, reaches its node and another
+/// pod, and `--rm` (CNI DEL) leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_with_the_cni_backend_runs_a_container_on_margay() {
+    let w = world(vec![]).await;
+    let d = w.dir.path();
+    // A rootfs with busybox only: no image, no registry.
+    let rootfs = d.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for sub in ["proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    for applet in ["sh", "ip", "ping"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let netd = d.join("net.d");
+    std::fs::create_dir_all(&netd).unwrap();
+    std::fs::write(
+        netd.join("10-margay.conflist"),
+        json!({"cniVersion": "1.0.0", "name": "margay",
+               "plugins": [{"type": "margay", "socket": w.socket}]})
+        .to_string(),
+    )
+    .unwrap();
+    let margay_dir = paths::workspace_bin("margay").unwrap();
+    let conf = d.join("containers.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"{}\"]\nnetwork_config_dir = \"{}\"\n\
+             [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n\
+             tmp_dir = \"{}\"\nstatic_dir = \"{}\"\n",
+            margay_dir.parent().unwrap().display(),
+            paths::cni_plugin_dir().display(),
+            netd.display(),
+            d.join("events.log").display(),
+            d.join("podman-tmp").display(),
+            d.join("podman-static").display(),
+        ),
+    )
+    .unwrap();
+    let other = Netns::create("pod").unwrap();
+    let other_ip = w.add("c-other", &other, "other");
+    let node_ip = w.node.v4.to_string();
+    let script = format!(
+        "ip -4 addr show eth0 && ip -4 route && ping -c1 -W2 {node_ip} && ping -c1 -W2 {other_ip}"
+    );
+    let out = w
+        .node
+        .ns
+        .nsenter("podman")
+        .env("CONTAINERS_CONF", &conf)
+        .arg("--root")
+        .arg(d.join("podman-root"))
+        .arg("--runroot")
+        .arg(d.join("podman-run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "run",
+            "--rm",
+            "--network",
+            "margay",
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=32768:32768",
+            "--rootfs",
+        ])
+        .arg(&rootfs)
+        .args(["/bin/sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "podman run failed:\n{text}\nagent log:\n{}",
+        w.agent.log_tail(20)
+    );
+    assert!(text.contains("inet 10.244.0."), "{text}");
+    assert!(text.contains("default via 169.254.1.1 dev eth0"), "{text}");
+    // Both pings answered (the script stops at the first failure).
+    assert_eq!(text.matches("1 packets received").count(), 2, "{text}");
+    // --rm ran CNI DEL: only the other pod is left.
+    assert_eq!(
+        w.allocations(1).await.len(),
+        1,
+        "podman's address was not released"
+    );
+    assert_eq!(w.cali_links().lines().count(), 1, "{}", w.cali_links());
+    w.cnitool("del", "c-other", &other.path(), "other")
+        .expect("DEL");
+}
