@@ -246,6 +246,14 @@ impl Netlink {
         sysctl(&format!("net/ipv4/neigh/{}/proxy_delay", spec.host_if), "0")?;
         if v6 {
             sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", spec.host_if), "0")?;
+            // Only once IPv6 pods exist: forwarding makes the kernel ignore
+            // router advertisements unless accept_ra=2 (as with Calico).
+            if std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+                .is_ok_and(|v| v.trim() != "1")
+            {
+                tracing::info!("turning on IPv6 forwarding for IPv6 pods");
+                sysctl("net/ipv6/conf/all/forwarding", "1")?;
+            }
         }
         // Up, and the alias: from here on the kernel records whose
         // interface (and addresses) this is.

@@ -778,3 +778,84 @@ async fn podman_with_the_cni_backend_runs_a_container_on_margay() {
     w.cnitool("del", "c-other", &other.path(), "other")
         .expect("DEL");
 }
+
+/// Dual-stack: with an IPv4 and an IPv6 pool each pod gets a /32 and a
+/// /128, an IPv6 default route via the host side's link-local address,
+/// and pods reach each other over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_get_both_families_and_reach_each_other() {
+    let w = world(vec![]).await;
+    margay_tests::add_pool(&w.client, "v6", "fd00:244::/120", Some(122)).await;
+    let p1 = Netns::create("pod").unwrap();
+    let p2 = Netns::create("pod").unwrap();
+    // The agent caches pools for a few seconds: retry ADD until the new
+    // pool is seen (a runtime would just create the next pod later).
+    let v6_of = |id: &str, p: &Netns, name: &str| -> Option<String> {
+        let out = w.cnitool("add", id, &p.path(), name).expect("ADD");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|ip| ip["address"].as_str())
+            .find(|a| a.contains(':'))
+            .map(|a| a.trim_end_matches("/128").to_string())
+    };
+    let b1 = wait::until("an IPv6 address", T, Duration::from_millis(500), || {
+        let got = v6_of("d1", &p1, "dual-1");
+        if got.is_none() {
+            w.cnitool("del", "d1", &p1.path(), "dual-1").expect("DEL");
+        }
+        Ok(got)
+    })
+    .unwrap();
+    let b2 = v6_of("d2", &p2, "dual-2").expect("IPv6 for the second pod");
+    assert!(
+        b1.starts_with("fd00:244::") && b2.starts_with("fd00:244::"),
+        "{b1} {b2}"
+    );
+    // The agent turns IPv6 forwarding on for IPv6 pods.
+    w.node
+        .ns
+        .sysctl("net.ipv6.conf.all.forwarding", "0")
+        .unwrap();
+    let p3 = Netns::create("pod").unwrap();
+    assert!(v6_of("d3", &p3, "dual-3").is_some());
+    w.cnitool("del", "d3", &p3.path(), "dual-3").expect("DEL");
+    let addr = p1.ip(&["-6", "addr", "show", "eth0"]).unwrap();
+    assert!(addr.contains(&format!("{b1}/128")), "{addr}");
+    let routes = p1.ip(&["-6", "route", "show"]).unwrap();
+    assert!(
+        routes.contains("default via fe80::ecee:eeff:feee:eeee dev eth0"),
+        "{routes}"
+    );
+    let host = w
+        .node
+        .ns
+        .ip(&["-6", "route", "show", &format!("{b1}/128")])
+        .unwrap();
+    assert!(
+        host.contains("dev cali") && host.contains("proto 78"),
+        "{host}"
+    );
+    wait::until("pod to pod over IPv6", T, POLL, || {
+        Ok(p1
+            .exec("ping", &["-6", "-c1", "-W1", &b2])
+            .is_ok()
+            .then_some(()))
+    })
+    .unwrap();
+    // And IPv4 still.
+    let v4 = p2.ip(&["-4", "-o", "addr", "show", "eth0"]).unwrap();
+    let a2 = v4
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_string();
+    p1.ping_ok(&a2).unwrap();
+    for (id, p, name) in [("d1", &p1, "dual-1"), ("d2", &p2, "dual-2")] {
+        w.cnitool("del", id, &p.path(), name).expect("DEL");
+    }
+    assert!(w.allocations(0).await.is_empty());
+}
