@@ -68,11 +68,36 @@ pub fn result(r: cni::CniResult) -> CniResult {
     }
 }
 
-fn unreachable(socket: &str, e: impl std::fmt::Display) -> CniError {
+/// The error and its causes, outermost first ("transport error" alone
+/// tells an operator nothing).
+fn chain(e: &(dyn std::error::Error + 'static)) -> (String, bool) {
+    let mut parts = vec![e.to_string()];
+    let mut denied = false;
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            denied |= io.kind() == std::io::ErrorKind::PermissionDenied;
+        }
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    (parts.join(": "), denied)
+}
+
+fn unreachable(socket: &str, e: &(dyn std::error::Error + 'static)) -> CniError {
+    let (text, denied) = chain(e);
+    let hint = if denied {
+        "the agent's socket is root-only: run the plugin as root, as container runtimes do"
+    } else {
+        "is the margay-agent pod running on this node? (it also refuses callers that are not root)"
+    };
     CniError {
         code: code::TRY_AGAIN,
         msg: format!("cannot reach margay-agent at {socket}"),
-        details: format!("{e}; is the margay-agent pod running on this node?"),
+        details: format!("{text}; {hint}"),
     }
 }
 
@@ -81,7 +106,7 @@ pub async fn call(env: &Env, conf: &NetConf) -> Result<Option<CniResult>, CniErr
     let socket = conf.socket.clone();
     let path = socket.clone();
     let channel = Endpoint::try_from("http://margay-agent")
-        .map_err(|e| unreachable(&socket, e))?
+        .map_err(|e| unreachable(&socket, &e))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(conf.timeout_seconds))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -89,7 +114,7 @@ pub async fn call(env: &Env, conf: &NetConf) -> Result<Option<CniResult>, CniErr
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| unreachable(&socket, e))?;
+        .map_err(|e| unreachable(&socket, &e))?;
     let mut client = CniClient::new(channel);
     let reply = match env.command {
         Command::Add => client.add(request(env, conf)).await,
@@ -127,11 +152,17 @@ pub async fn call(env: &Env, conf: &NetConf) -> Result<Option<CniResult>, CniErr
                 msg: format!("margay-agent refused the request: {}", s.message()),
                 details: String::new(),
             },
-            _ => CniError {
-                code: code::TRY_AGAIN,
-                msg: format!("margay-agent did not answer: {}", s.message()),
-                details: format!("gRPC status {:?}", s.code()),
-            },
+            _ => {
+                let (text, _) = chain(&s);
+                CniError {
+                    code: code::TRY_AGAIN,
+                    msg: format!("margay-agent did not answer: {}", s.message()),
+                    details: format!(
+                        "gRPC status {:?}: {text} (the agent refuses callers that are not root)",
+                        s.code()
+                    ),
+                }
+            }
         })?
         .into_inner();
     if let Some(e) = reply.error {

@@ -859,3 +859,63 @@ async fn dual_stack_pods_get_both_families_and_reach_each_other() {
     }
     assert!(w.allocations(0).await.is_empty());
 }
+
+/// Only root may call the agent: the socket is 0600, and even when its
+/// mode is loosened the agent checks the caller's credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_root_callers_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = world(vec![]).await;
+    let pod = Netns::create("pod").unwrap();
+    let mode = std::fs::metadata(&w.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let call_as_nobody = || {
+        let mut cmd = w.node.ns.cmd("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(paths::workspace_bin("margay").unwrap())
+            .env_clear()
+            .envs([
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "nobody1"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/usr/lib/cni"),
+            ])
+            .env("CNI_NETNS", pod.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(w.conf(json!({})).as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), v)
+    };
+    let (ok, v) = call_as_nobody();
+    assert!(!ok, "{v}");
+    assert_eq!(v["code"], 11, "{v}");
+    assert!(
+        v["details"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ermission denied"),
+        "{v}"
+    );
+    // Loosened by mistake: the agent still refuses.
+    std::fs::set_permissions(&w.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, v) = call_as_nobody();
+    assert!(!ok, "{v}");
+    assert_eq!(v["code"], 11, "{v}");
+    wait::until("refusal logged", T, POLL, || {
+        Ok(w.agent
+            .log_tail(50)
+            .contains("refused a non-root caller")
+            .then_some(()))
+    })
+    .unwrap();
+    assert!(w.allocations(0).await.is_empty());
+    assert!(w.cali_links().is_empty());
+}
