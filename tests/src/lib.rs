@@ -55,3 +55,10 @@ pub async fn add_pool(client: &kube::Client, name: &str, cidr: &str, block: Opti
         .await
         .expect("pool");
 }
+
+/// A CRI client for the sandbox calls (generated from
+/// `tests/proto/cri_subset.proto`).
+pub mod cri {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("runtime.v1");
+}

@@ -919,3 +919,265 @@ async fn non_root_callers_are_refused() {
     assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
 }
+
+/// An OCI image archive whose only layer is busybox-static, entrypoint
+/// `sleep`: the sandbox ("pause") image, made offline.
+fn pause_image(dir: &Path, name: &str) -> PathBuf {
+    use std::process::Command;
+    let sha = |p: &Path| -> (String, u64) {
+        let out = Command::new("sha256sum").arg(p).output().unwrap();
+        let hex = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        (hex, std::fs::metadata(p).unwrap().len())
+    };
+    let img = dir.join("oci");
+    let blobs = img.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer_root = dir.join("layer");
+    std::fs::create_dir_all(layer_root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", layer_root.join("bin/busybox")).unwrap();
+    let layer = dir.join("layer.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layer_root)
+            .arg("-cf")
+            .arg(&layer)
+            .arg("bin")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let put = |src: &Path| -> (String, u64) {
+        let (h, n) = sha(src);
+        std::fs::copy(src, blobs.join(&h)).unwrap();
+        (h, n)
+    };
+    let (lh, ln) = put(&layer);
+    let write = |file: &str, v: &Value| -> PathBuf {
+        let p = dir.join(file);
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let config = write(
+        "config.json",
+        &json!({"architecture": "amd64", "os": "linux",
+                "config": {"Entrypoint": ["/bin/busybox", "sleep", "1000000"]},
+                "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{lh}")]}}),
+    );
+    let (ch, cn) = put(&config);
+    let manifest = write(
+        "manifest.json",
+        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": format!("sha256:{ch}"), "size": cn},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": format!("sha256:{lh}"), "size": ln}]}),
+    );
+    let (mh, mn) = put(&manifest);
+    std::fs::write(
+        img.join("index.json"),
+        json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{mh}"), "size": mn,
+            "annotations": {"io.containerd.image.name": name,
+                            "org.opencontainers.image.ref.name": name}}]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(img.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let tarball = dir.join("pause.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&img)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    tarball
+}
+
+/// containerd 1.6 through its CRI API, as kubelet drives it: RunPodSandbox
+/// (CNI ADD through `margay`), the pod reachable with its address recorded
+/// for the pod, StopPodSandbox (DEL with prevResult), RemovePodSandbox
+/// (DEL with an empty netns): nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_cri_sandboxes_run_on_margay() {
+    use margay_tests::cri::runtime_service_client::RuntimeServiceClient;
+    use margay_tests::cri::{
+        PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
+        RunPodSandboxRequest, StopPodSandboxRequest,
+    };
+
+    let w = world(vec![]).await;
+    let d = w.dir.path().join("containerd");
+    std::fs::create_dir_all(&d).unwrap();
+    // containerd takes one plugin directory: margay, and the loopback
+    // plugin containerd itself runs for every sandbox.
+    let bin = d.join("cni-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(paths::workspace_bin("margay").unwrap(), bin.join("margay")).unwrap();
+    std::fs::copy(
+        paths::cni_plugin_dir().join("loopback"),
+        bin.join("loopback"),
+    )
+    .unwrap();
+    let netd = d.join("net.d");
+    std::fs::create_dir_all(&netd).unwrap();
+    std::fs::write(
+        netd.join("10-margay.conflist"),
+        json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
+               "plugins": [{"type": "margay", "socket": w.socket}]})
+        .to_string(),
+    )
+    .unwrap();
+    let image = "docker.io/margay-test/pause:1";
+    let sock = d.join("containerd.sock");
+    let config = d.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{image}"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{bin}"
+    conf_dir = "{netd}"
+    max_conf_num = 1
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = sock.display(),
+            bin = bin.display(),
+            netd = netd.display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = w.node.ns.nsenter("containerd");
+    cmd.arg("--config").arg(&config);
+    let containerd = Daemon::spawn("containerd", cmd, &d.join("containerd.log")).unwrap();
+    wait::until("containerd socket", T, POLL, || {
+        Ok(sock.exists().then_some(()))
+    })
+    .unwrap();
+    let tarball = pause_image(&d, image);
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&sock)
+        .args(["-n", "k8s.io", "images", "import"])
+        .arg(&tarball)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr import: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::try_from("http://containerd")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let mut cri = RuntimeServiceClient::new(channel);
+    let run = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(PodSandboxConfig {
+                metadata: Some(PodSandboxMetadata {
+                    name: "web-cri".into(),
+                    uid: "uid-web-cri".into(),
+                    namespace: "default".into(),
+                    attempt: 0,
+                }),
+                hostname: "web-cri".into(),
+                log_directory: d.join("logs").display().to_string(),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        })
+        .await;
+    let id = match run {
+        Ok(r) => r.into_inner().pod_sandbox_id,
+        Err(e) => panic!(
+            "RunPodSandbox: {e}\ncontainerd log:\n{}\nagent log:\n{}",
+            containerd.log_tail(30),
+            w.agent.log_tail(20)
+        ),
+    };
+    let status = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ip = status.status.unwrap().network.unwrap().ip;
+    assert!(ip.starts_with("10.244.0."), "pod IP {ip:?}");
+    // The pod answers from its node, and IPAM recorded it for the pod.
+    w.node.ns.ping_ok(&ip).unwrap();
+    let blocks: Api<IPAMBlock> = Api::all(w.client.clone());
+    let mut recorded = None;
+    for _ in 0..200 {
+        let list = blocks.list(&ListParams::default()).await.unwrap();
+        recorded = list
+            .items
+            .into_iter()
+            .flat_map(|b| b.spec.allocations.into_iter())
+            .find(|(a, r)| *a == ip && r.pod.is_some())
+            .map(|(_, r)| r);
+        if recorded.is_some() {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let recorded = recorded.expect("attribution written");
+    let pod = recorded.pod.unwrap();
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str()),
+        ("default", "web-cri")
+    );
+    assert!(
+        recorded.handle.starts_with(&id),
+        "{} vs {id}",
+        recorded.handle
+    );
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await
+        .unwrap();
+    assert!(w.allocations(0).await.is_empty(), "address not released");
+    assert!(w.cali_links().is_empty(), "{}", w.cali_links());
+    drop(cri);
+    drop(containerd);
+}
