@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
@@ -599,5 +600,256 @@ mod tests {
         assert_eq!(a.len(), 15);
         assert!(a.starts_with("cali"));
         assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+}
+
+/// This node's own VXLAN endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalVtep {
+    /// The device's MAC (published for the other nodes).
+    pub mac: [u8; 6],
+    /// The device's address (from one of this node's blocks).
+    pub tunnel_ip: Ipv4Addr,
+    /// This node's underlay address (the outer source).
+    pub underlay: Ipv4Addr,
+    /// The device's MTU (underlay MTU minus the VXLAN overhead).
+    pub mtu: u32,
+}
+
+fn remote_route(net: IpNetwork, via: crate::remote::Via, vx: Option<u32>) -> Option<RouteMessage> {
+    use crate::remote::{RTPROT_MARGAY_REMOTE, Via};
+    let proto = RouteProtocol::Other(RTPROT_MARGAY_REMOTE);
+    Some(match (net, via) {
+        (IpNetwork::V4(n), Via::Native(IpAddr::V4(gw))) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .gateway(gw)
+            .protocol(proto)
+            .build(),
+        (IpNetwork::V6(n), Via::Native(IpAddr::V6(gw))) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .gateway(gw)
+            .protocol(proto)
+            .build(),
+        (IpNetwork::V4(n), Via::Vxlan(tip)) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .gateway(tip)
+            .output_interface(vx?)
+            .onlink()
+            .protocol(proto)
+            .build(),
+        _ => return None,
+    })
+}
+
+impl Netlink {
+    /// Makes the kernel's routes to remote blocks (and the VXLAN device and
+    /// its entries) match `d`; touches only Margay's protocol-79 routes and
+    /// its own device. `local` is needed when `d` uses VXLAN.
+    pub async fn apply_remote(
+        &self,
+        local: Option<&LocalVtep>,
+        d: &crate::remote::Desired,
+    ) -> Result<()> {
+        use crate::remote::{RTPROT_MARGAY_REMOTE, VXLAN_DEV, Via, diff};
+        let vx = if d.needs_vxlan() {
+            let l = local.ok_or_else(|| {
+                Error::Other("VXLAN blocks need this node's own VTEP (tunnel address)".into())
+            })?;
+            Some(self.ensure_vxlan(l).await?)
+        } else {
+            if let Some((idx, _)) = Self::link_index(&self.host, VXLAN_DEV).await? {
+                self.host
+                    .link()
+                    .del(idx)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("delete {VXLAN_DEV}")))?;
+            }
+            None
+        };
+
+        // Neighbour and FDB entries on the device.
+        if let Some(vx) = vx {
+            let mut neigh: BTreeMap<Ipv4Addr, [u8; 6]> = BTreeMap::new();
+            let mut fdb: BTreeMap<[u8; 6], Ipv4Addr> = BTreeMap::new();
+            let mut msgs = Vec::new();
+            let mut list = self.host.neighbours().get().execute();
+            while let Some(m) = list.try_next().await.map_err(nl("list neighbours"))? {
+                if m.header.ifindex != vx {
+                    continue;
+                }
+                let mut ip = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            ip = Some(*v4)
+                        }
+                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                            mac = <[u8; 6]>::try_from(l.as_slice()).ok();
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(ip), Some(mac)) = (ip, mac) {
+                    if m.header.family == rtnetlink::packet_route::AddressFamily::Bridge {
+                        fdb.insert(mac, ip);
+                        msgs.push((true, mac, ip, m));
+                    } else {
+                        neigh.insert(ip, mac);
+                        msgs.push((false, mac, ip, m));
+                    }
+                }
+            }
+            let (set_n, del_n) = diff(&d.neigh, &neigh);
+            let (set_f, del_f) = diff(&d.fdb, &fdb);
+            for (is_fdb, mac, ip, m) in msgs {
+                let stale = if is_fdb {
+                    del_f.contains(&mac)
+                } else {
+                    del_n.contains(&ip)
+                };
+                if stale {
+                    self.host
+                        .neighbours()
+                        .del(m)
+                        .execute()
+                        .await
+                        .map_err(nl(format!("delete {VXLAN_DEV} entry for {ip}")))?;
+                }
+            }
+            for (ip, mac) in set_n {
+                self.host
+                    .neighbours()
+                    .add(vx, IpAddr::V4(ip))
+                    .link_layer_address(&mac)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(nl(format!("neighbour {ip} on {VXLAN_DEV}")))?;
+            }
+            for (mac, ip) in set_f {
+                self.host
+                    .neighbours()
+                    .add_bridge(vx, &mac)
+                    .destination(IpAddr::V4(ip))
+                    .flags(NeighbourFlags::Own)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(nl(format!("fdb {} -> {ip}", mac_str(&mac))))?;
+            }
+        }
+
+        // Routes of protocol 79.
+        let mut have: BTreeMap<IpNetwork, Via> = BTreeMap::new();
+        let mut stale_msgs = Vec::new();
+        for probe in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.host.route().get(probe).execute();
+            while let Some(m) = routes.try_next().await.map_err(nl("list routes"))? {
+                if m.header.protocol != RouteProtocol::Other(RTPROT_MARGAY_REMOTE) {
+                    continue;
+                }
+                let len = m.header.destination_prefix_length;
+                let (mut dst, mut gw, mut oif) = (None, None, None);
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(v)) => {
+                            dst = Some(IpAddr::V4(*v))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
+                            dst = Some(IpAddr::V6(*v))
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet(v)) => gw = Some(IpAddr::V4(*v)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(v)) => {
+                            gw = Some(IpAddr::V6(*v))
+                        }
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let (Some(dst), Some(gw)) = (dst, gw) else {
+                    stale_msgs.push((None, m));
+                    continue;
+                };
+                let Ok(net) = IpNetwork::new(dst, len) else {
+                    continue;
+                };
+                let via = match (gw, vx) {
+                    (IpAddr::V4(g), Some(v)) if oif == Some(v) => Via::Vxlan(g),
+                    (g, _) => Via::Native(g),
+                };
+                have.insert(net, via);
+                stale_msgs.push((Some(net), m));
+            }
+        }
+        let (set, del) = diff(&d.routes, &have);
+        for (net, m) in stale_msgs {
+            if net.is_none_or(|n| del.contains(&n)) {
+                match self.host.route().del(m).execute().await {
+                    Ok(()) => {}
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+                    Err(e) => return Err(nl("delete a remote-block route")(e)),
+                }
+            }
+        }
+        for (net, via) in set {
+            let Some(msg) = remote_route(net, via, vx) else {
+                tracing::warn!(block = %net, ?via, "cannot express this route; skipped");
+                continue;
+            };
+            self.host
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("route to {net}")))?;
+        }
+        Ok(())
+    }
+
+    /// The VXLAN device, made or kept; returns its index.
+    async fn ensure_vxlan(&self, l: &LocalVtep) -> Result<u32> {
+        use crate::remote::{VXLAN_DEV, VXLAN_PORT, VXLAN_VNI};
+        let idx = match Self::link_index(&self.host, VXLAN_DEV).await? {
+            Some((idx, _)) => idx,
+            None => {
+                let msg = rtnetlink::LinkVxlan::new(VXLAN_DEV, VXLAN_VNI)
+                    .port(VXLAN_PORT)
+                    .local(l.underlay)
+                    .learning(false)
+                    .mtu(l.mtu)
+                    .address(l.mac.to_vec())
+                    .build();
+                self.host
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("create {VXLAN_DEV}")))?;
+                Self::link_index(&self.host, VXLAN_DEV)
+                    .await?
+                    .ok_or_else(|| Error::Other(format!("{VXLAN_DEV} vanished")))?
+                    .0
+            }
+        };
+        self.host
+            .link()
+            .set(LinkUnspec::new_with_index(idx).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("bring up {VXLAN_DEV}")))?;
+        self.host
+            .address()
+            .add(idx, IpAddr::V4(l.tunnel_ip), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("address {} on {VXLAN_DEV}", l.tunnel_ip)))?;
+        Ok(idx)
     }
 }

@@ -17,4 +17,5 @@ pub mod kube_store;
 pub mod nat;
 pub mod pools;
 pub mod reconcile;
+pub mod remote;
 pub mod run;
