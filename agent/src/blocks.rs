@@ -61,8 +61,9 @@ pub async fn sync<D: Dataplane>(
     Ok((add, del))
 }
 
-/// Keeps the blackholes in step: a pass at start, on every poke (after an
-/// ADD, which may have claimed a block) and every `every` (resync).
+/// Keeps the blackholes (and the pods' host routes) in step: a pass at
+/// start, on every poke (after an ADD, which may have claimed a block) and
+/// every `every` (resync).
 pub async fn run<D: Dataplane>(
     node: String,
     alloc: Allocator,
@@ -73,6 +74,10 @@ pub async fn run<D: Dataplane>(
     loop {
         if let Err(e) = sync(&node, &alloc, dp.as_ref()).await {
             tracing::warn!("block routes: {e}");
+        }
+        // Pods' host routes: put back what someone removed.
+        if let Err(e) = dp.resync_pod_routes().await {
+            tracing::warn!("pod routes: {e}");
         }
         tokio::select! {
             _ = poke.notified() => {}

@@ -172,7 +172,25 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         }
     }
 
-    fn spec(&self, r: &cni::CniRequest, addrs: Vec<IpNetwork>) -> PodSpec {
+    /// The pod MTU: the request's, else the agent's minus the overhead of
+    /// the encapsulation of the pools the addresses come from.
+    async fn mtu_for(&self, r: &cni::CniRequest, addrs: &[IpNetwork]) -> u32 {
+        if r.mtu > 0 {
+            return r.mtu;
+        }
+        let Ok(pools) = self.store.pools().await else {
+            return self.mtu;
+        };
+        let (valid, _) = validate_pools(&pools);
+        addrs
+            .iter()
+            .filter_map(|a| valid.iter().find(|p| p.cidr.contains(a.ip())))
+            .map(|p| crate::remote::pod_mtu(self.mtu, p.encapsulation))
+            .min()
+            .unwrap_or(self.mtu)
+    }
+
+    fn spec(&self, r: &cni::CniRequest, addrs: Vec<IpNetwork>, mtu: u32) -> PodSpec {
         let pod = pod_of(r);
         PodSpec {
             netns: PathBuf::from(&r.netns),
@@ -180,7 +198,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             host_if: host_if_of(r),
             alias: crate::reconcile::alias(&handle_of(r), &addrs, pod.as_ref()),
             addrs,
-            mtu: if r.mtu > 0 { r.mtu } else { self.mtu },
+            mtu,
         }
     }
 
@@ -208,7 +226,8 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             .map_err(|e| ipam_err(&e))?;
         let ipam_ms = t0.elapsed().as_secs_f64() * 1e3;
         let addrs = taken.addrs.clone();
-        let spec = self.spec(r, addrs.clone());
+        let mtu = self.mtu_for(r, &addrs).await;
+        let spec = self.spec(r, addrs.clone(), mtu);
         let wiring = match self.dp.add_pod(&spec).await {
             Ok(w) => w,
             Err(e) => {
@@ -308,7 +327,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             ));
         }
         self.dp
-            .check_pod(&self.spec(r, addrs))
+            .check_pod(&self.spec(r, addrs.clone(), self.mtu_for(r, &addrs).await))
             .await
             .map_err(|e| err(code::DATAPLANE, format!("CHECK failed: {e}")))
     }
@@ -679,5 +698,18 @@ mod tests {
         dedup.sort();
         dedup.dedup();
         assert_eq!(all.len(), dedup.len());
+    }
+
+    #[tokio::test]
+    async fn pod_mtu_leaves_room_for_the_pools_encapsulation() {
+        let (svc, store, dp) = service().await;
+        let mut spec = IPPoolSpec::with_cidr("10.1.0.0/24", Some(26));
+        spec.encapsulation = margay_ipam::crd::Encapsulation::Vxlan;
+        store.set_pools(vec![IPPool::new("p", spec)]);
+        let res = svc.add(&req("v")).await.unwrap();
+        assert_eq!(res.interfaces[0].mtu, 1450);
+        let host_if = res.interfaces[0].name.clone();
+        assert_eq!(dp.pods.lock().unwrap()[&host_if].mtu, 1450);
+        svc.check(&req("v")).await.unwrap();
     }
 }

@@ -120,6 +120,10 @@ pub trait Dataplane: Send + Sync + 'static {
     fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<()>> + Send;
     /// The pod host interfaces (`cali…` veths) that exist.
     fn list_pods(&self) -> impl Future<Output = Result<Vec<HostPod>>> + Send;
+    /// Puts back missing host routes of pods (from the host interfaces'
+    /// aliases) and removes pod routes no interface backs; returns how many
+    /// routes it changed.
+    fn resync_pod_routes(&self) -> impl Future<Output = Result<usize>> + Send;
     /// Blackhole routes with Margay's protocol, both families.
     fn list_blackholes(&self) -> impl Future<Output = Result<Vec<IpNetwork>>> + Send;
     /// Adds (`true`) or removes a blackhole route for `net`; idempotent.
@@ -128,6 +132,24 @@ pub trait Dataplane: Send + Sync + 'static {
         net: IpNetwork,
         present: bool,
     ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The host's route to a pod address through its host interface.
+fn host_route(ip: IpAddr, idx: u32) -> RouteMessage {
+    match ip {
+        IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
+            .build(),
+        IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(ip, 128)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
+            .build(),
+    }
 }
 
 fn blackhole_msg(net: IpNetwork) -> rtnetlink::packet_route::route::RouteMessage {
@@ -330,20 +352,7 @@ impl Netlink {
         }
         // Host routes to the pod.
         for a in &spec.addrs {
-            let msg = match a.ip() {
-                IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(ip, 32)
-                    .output_interface(host_idx)
-                    .scope(RouteScope::Link)
-                    .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
-                    .build(),
-                IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(ip, 128)
-                    .output_interface(host_idx)
-                    .scope(RouteScope::Link)
-                    .protocol(RouteProtocol::Other(RTPROT_MARGAY_POD))
-                    .build(),
-            };
+            let msg = host_route(a.ip(), host_idx);
             self.host
                 .route()
                 .add(msg)
@@ -365,6 +374,81 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
 }
 
 impl Dataplane for Netlink {
+    async fn resync_pod_routes(&self) -> Result<usize> {
+        // Routes first, interfaces second: an interface gets its alias
+        // before its route, so every route listed here that belongs to a
+        // pod being added has its interface listed below.
+        // What the kernel has: unicast host routes of our protocol.
+        let mut have: BTreeMap<IpAddr, (u32, RouteMessage)> = BTreeMap::new();
+        for probe in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.host.route().get(probe).execute();
+            while let Some(m) = routes.try_next().await.map_err(nl("list routes"))? {
+                if m.header.kind != RouteType::Unicast
+                    || m.header.protocol != RouteProtocol::Other(RTPROT_MARGAY_POD)
+                {
+                    continue;
+                }
+                let (mut dst, mut oif) = (None, 0);
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(v)) => {
+                            dst = Some(IpAddr::V4(*v))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
+                            dst = Some(IpAddr::V6(*v))
+                        }
+                        RouteAttribute::Oif(i) => oif = *i,
+                        _ => {}
+                    }
+                }
+                if let Some(d) = dst {
+                    have.insert(d, (oif, m));
+                }
+            }
+        }
+        // What the interfaces say.
+        let mut want: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
+        for p in self.list().await? {
+            let Some(at) = crate::reconcile::parse(&p) else {
+                continue;
+            };
+            if let Some((idx, _)) = Self::link_index(&self.host, &p.host_if).await? {
+                for ip in at.addrs {
+                    want.insert(ip, (idx, p.host_if.clone()));
+                }
+            }
+        }
+        let mut changed = 0;
+        for (ip, (oif, m)) in &have {
+            if want.get(ip).map(|(i, _)| i) != Some(oif) {
+                tracing::info!(%ip, "removing a pod route no interface backs");
+                match self.host.route().del(m.clone()).execute().await {
+                    Ok(()) => changed += 1,
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+                    Err(e) => return Err(nl(format!("delete pod route {ip}"))(e)),
+                }
+            }
+        }
+        for (ip, (idx, host_if)) in &want {
+            if have.get(ip).map(|(o, _)| o) == Some(idx) {
+                continue;
+            }
+            tracing::info!(%ip, %host_if, "putting back a missing pod route");
+            self.host
+                .route()
+                .add(host_route(*ip, *idx))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("host route to {ip}")))?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     async fn list_pods(&self) -> Result<Vec<HostPod>> {
         self.list().await
     }
@@ -528,6 +612,10 @@ pub struct FakeDataplane {
 }
 
 impl Dataplane for FakeDataplane {
+    async fn resync_pod_routes(&self) -> Result<usize> {
+        Ok(0)
+    }
+
     async fn list_blackholes(&self) -> Result<Vec<IpNetwork>> {
         Ok(self
             .blackholes

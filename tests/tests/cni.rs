@@ -284,8 +284,15 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
         "static",
     ])
     .unwrap();
+    // Someone removes a pod's host route: the resync puts it back.
+    ns.ip(&["route", "del", &format!("{a1}/32")]).unwrap();
     let p3 = Netns::create("pod").unwrap();
-    let a3 = w.add("c3", &p3, "web-3"); // an ADD pokes the block routes
+    let a3 = w.add("c3", &p3, "web-3"); // an ADD pokes the resync
+    wait::until("pod route put back", T, POLL, || {
+        let r = ns.ip(&["route", "show", &format!("{a1}/32")]).unwrap();
+        Ok((r.contains("dev cali") && r.contains("proto 78")).then_some(()))
+    })
+    .unwrap();
     let bh =
         wait::until("block routes in step", T, POLL, || {
             let bh = ns.ip(&["route", "show", "type", "blackhole"]).unwrap();
@@ -334,6 +341,21 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     w.cnitool("del", "c2", &p2.path(), "web-2").expect("DEL");
     assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
+}
+
+/// A CNI configuration directory under `dir` holding one conflist for
+/// network `name`: margay on `socket`.
+fn conf_dir(dir: &Path, name: &str, socket: &Path) -> PathBuf {
+    let netd = dir.join("net.d");
+    std::fs::create_dir_all(&netd).unwrap();
+    std::fs::write(
+        netd.join("10-margay.conflist"),
+        json!({"cniVersion": "1.0.0", "name": name,
+               "plugins": [{"type": "margay", "socket": socket}]})
+        .to_string(),
+    )
+    .unwrap();
+    netd
 }
 
 fn run(w: &World, env: &[(&str, String)], stdin: &str) -> (bool, Value) {
@@ -696,15 +718,7 @@ async fn podman_with_the_cni_backend_runs_a_container_on_margay() {
     for applet in ["sh", "ip", "ping"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
-    let netd = d.join("net.d");
-    std::fs::create_dir_all(&netd).unwrap();
-    std::fs::write(
-        netd.join("10-margay.conflist"),
-        json!({"cniVersion": "1.0.0", "name": "margay",
-               "plugins": [{"type": "margay", "socket": w.socket}]})
-        .to_string(),
-    )
-    .unwrap();
+    let netd = conf_dir(d, "margay", &w.socket);
     let margay_dir = paths::workspace_bin("margay").unwrap();
     let conf = d.join("containers.conf");
     std::fs::write(
@@ -1029,15 +1043,7 @@ async fn containerd_cri_sandboxes_run_on_margay() {
         bin.join("loopback"),
     )
     .unwrap();
-    let netd = d.join("net.d");
-    std::fs::create_dir_all(&netd).unwrap();
-    std::fs::write(
-        netd.join("10-margay.conflist"),
-        json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
-               "plugins": [{"type": "margay", "socket": w.socket}]})
-        .to_string(),
-    )
-    .unwrap();
+    let netd = conf_dir(&d, "k8s-pod-network", &w.socket);
     let image = "docker.io/margay-test/pause:1";
     let sock = d.join("containerd.sock");
     let config = d.join("config.toml");
