@@ -71,6 +71,8 @@ pub struct CniService<S, D> {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Poked after every ADD (the block routes may need a new blackhole).
     added: Arc<tokio::sync::Notify>,
+    /// The pools last read (for the MTU when the datastore is slow).
+    last_pools: Mutex<Option<Vec<margay_ipam::crd::IPPool>>>,
 }
 
 fn handle_of(r: &cni::CniRequest) -> String {
@@ -146,6 +148,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             mtu,
             locks: Mutex::new(HashMap::new()),
             added: Arc::new(tokio::sync::Notify::new()),
+            last_pools: Mutex::new(None),
         }
     }
 
@@ -178,8 +181,19 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         if r.mtu > 0 {
             return r.mtu;
         }
-        let Ok(pools) = self.store.pools().await else {
-            return self.mtu;
+        // Bounded: with spares an ADD needs no datastore, and must not start
+        // waiting for one here; the last pools seen serve meanwhile.
+        let fresh =
+            tokio::time::timeout(std::time::Duration::from_millis(300), self.store.pools()).await;
+        let pools = match fresh {
+            Ok(Ok(p)) => {
+                *self.last_pools.lock().expect("pools") = Some(p.clone());
+                p
+            }
+            _ => match self.last_pools.lock().expect("pools").clone() {
+                Some(p) => p,
+                None => return self.mtu,
+            },
         };
         let (valid, _) = validate_pools(&pools);
         addrs

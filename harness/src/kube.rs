@@ -184,6 +184,17 @@ impl ApiServer {
         format!("https://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the kube-apiserver: a control
+    /// plane that accepts connections and never answers.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        use nix::sys::signal::Signal;
+        self.apiserver.signal(if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        })
+    }
+
     /// Path of an admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

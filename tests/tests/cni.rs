@@ -1187,3 +1187,49 @@ state = "{state}"
     drop(cri);
     drop(containerd);
 }
+
+/// With spares ready, pods start while the control plane does not answer;
+/// once it is back, the attributions are written behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
+    let w = world(vec![]).await;
+    // Spares ready: 8 pre-assigned addresses of n1 in the datastore.
+    let blocks: Api<IPAMBlock> = Api::all(w.client.clone());
+    let mut spares = 0;
+    for _ in 0..200 {
+        spares = blocks
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .flat_map(|b| b.spec.allocations.values())
+            .filter(|a| a.handle.starts_with("spare.n1."))
+            .count();
+        if spares >= 3 {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(spares >= 3, "only {spares} spares");
+    w.api.freeze(true).unwrap();
+    let pods: Vec<Netns> = (0..3).map(|_| Netns::create("pod").unwrap()).collect();
+    let addrs: Vec<String> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| w.add(&format!("f{i}"), p, &format!("frozen-{i}")))
+        .collect();
+    w.api.freeze(false).unwrap();
+    pods[0].ping_ok(&addrs[1]).unwrap();
+    pods[1].ping_ok(&addrs[2]).unwrap();
+    // The datastore learns who holds them.
+    let got = w.allocations(3).await;
+    let mut want = addrs.clone();
+    want.sort();
+    assert_eq!(got, want);
+    for (i, p) in pods.iter().enumerate() {
+        w.cnitool("del", &format!("f{i}"), &p.path(), &format!("frozen-{i}"))
+            .expect("DEL");
+    }
+    assert!(w.allocations(0).await.is_empty());
+}
