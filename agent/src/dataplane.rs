@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags};
 use rtnetlink::packet_route::route::{
@@ -373,41 +374,75 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
         .map_err(|e| Error::Other(format!("sysctl {key}={value}: {e}")))
 }
 
-impl Dataplane for Netlink {
-    async fn resync_pod_routes(&self) -> Result<usize> {
-        // Routes first, interfaces second: an interface gets its alias
-        // before its route, so every route listed here that belongs to a
-        // pod being added has its interface listed below.
-        // What the kernel has: unicast host routes of our protocol.
-        let mut have: BTreeMap<IpAddr, (u32, RouteMessage)> = BTreeMap::new();
+/// A route as listed from the kernel.
+struct Listed {
+    dst: IpNetwork,
+    gw: Option<IpAddr>,
+    oif: Option<u32>,
+    msg: RouteMessage,
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
+}
+
+impl Netlink {
+    /// The main table's routes of `kind` and protocol `proto`, both
+    /// families.
+    async fn routes_of(&self, kind: RouteType, proto: u8) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
         for probe in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
             let mut routes = self.host.route().get(probe).execute();
-            while let Some(m) = routes.try_next().await.map_err(nl("list routes"))? {
-                if m.header.kind != RouteType::Unicast
-                    || m.header.protocol != RouteProtocol::Other(RTPROT_MARGAY_POD)
-                {
+            while let Some(msg) = routes.try_next().await.map_err(nl("list routes"))? {
+                if msg.header.kind != kind || msg.header.protocol != RouteProtocol::Other(proto) {
                     continue;
                 }
-                let (mut dst, mut oif) = (None, 0);
-                for a in &m.attributes {
+                let (mut dst, mut gw, mut oif) = (None, None, None);
+                for a in &msg.attributes {
                     match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(v)) => {
-                            dst = Some(IpAddr::V4(*v))
-                        }
-                        RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
-                            dst = Some(IpAddr::V6(*v))
-                        }
-                        RouteAttribute::Oif(i) => oif = *i,
+                        RouteAttribute::Destination(d) => dst = route_addr(d),
+                        RouteAttribute::Gateway(g) => gw = route_addr(g),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }
                 }
-                if let Some(d) = dst {
-                    have.insert(d, (oif, m));
-                }
+                // A default route carries no destination attribute.
+                let unspecified = match msg.header.address_family {
+                    AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                    _ => None,
+                };
+                let Some(dst) = dst
+                    .or(unspecified)
+                    .and_then(|d| IpNetwork::new(d, msg.header.destination_prefix_length).ok())
+                else {
+                    continue;
+                };
+                out.push(Listed { dst, gw, oif, msg });
             }
+        }
+        Ok(out)
+    }
+}
+
+impl Dataplane for Netlink {
+    async fn resync_pod_routes(&self) -> Result<usize> {
+        // Routes first, interfaces second: an interface gets its alias
+        // before its route, so every route listed here that belongs to a
+        // pod being added has its interface listed below.
+        let mut have: BTreeMap<IpAddr, (u32, RouteMessage)> = BTreeMap::new();
+        for r in self
+            .routes_of(RouteType::Unicast, RTPROT_MARGAY_POD)
+            .await?
+        {
+            have.insert(r.dst.ip(), (r.oif.unwrap_or(0), r.msg));
         }
         // What the interfaces say.
         let mut want: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
@@ -454,34 +489,12 @@ impl Dataplane for Netlink {
     }
 
     async fn list_blackholes(&self) -> Result<Vec<IpNetwork>> {
-        let mut out = Vec::new();
-        for probe in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let mut routes = self.host.route().get(probe).execute();
-            while let Some(msg) = routes.try_next().await.map_err(nl("list routes"))? {
-                if msg.header.kind != RouteType::BlackHole
-                    || msg.header.protocol != RouteProtocol::Other(RTPROT_MARGAY_POD)
-                {
-                    continue;
-                }
-                let len = msg.header.destination_prefix_length;
-                for a in &msg.attributes {
-                    if let RouteAttribute::Destination(d) = a {
-                        let ip: IpAddr = match d {
-                            RouteAddress::Inet(v4) => (*v4).into(),
-                            RouteAddress::Inet6(v6) => (*v6).into(),
-                            _ => continue,
-                        };
-                        if let Ok(n) = IpNetwork::new(ip, len) {
-                            out.push(n);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .routes_of(RouteType::BlackHole, RTPROT_MARGAY_POD)
+            .await?
+            .into_iter()
+            .map(|r| r.dst)
+            .collect())
     }
 
     async fn set_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
@@ -780,7 +793,7 @@ impl Netlink {
                     }
                 }
                 if let (Some(ip), Some(mac)) = (ip, mac) {
-                    if m.header.family == rtnetlink::packet_route::AddressFamily::Bridge {
+                    if m.header.family == AddressFamily::Bridge {
                         fdb.insert(mac, ip);
                         msgs.push((true, mac, ip, m));
                     } else {
@@ -832,47 +845,20 @@ impl Netlink {
         // Routes of protocol 79.
         let mut have: BTreeMap<IpNetwork, Via> = BTreeMap::new();
         let mut stale_msgs = Vec::new();
-        for probe in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let mut routes = self.host.route().get(probe).execute();
-            while let Some(m) = routes.try_next().await.map_err(nl("list routes"))? {
-                if m.header.protocol != RouteProtocol::Other(RTPROT_MARGAY_REMOTE) {
-                    continue;
-                }
-                let len = m.header.destination_prefix_length;
-                let (mut dst, mut gw, mut oif) = (None, None, None);
-                for a in &m.attributes {
-                    match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(v)) => {
-                            dst = Some(IpAddr::V4(*v))
-                        }
-                        RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
-                            dst = Some(IpAddr::V6(*v))
-                        }
-                        RouteAttribute::Gateway(RouteAddress::Inet(v)) => gw = Some(IpAddr::V4(*v)),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(v)) => {
-                            gw = Some(IpAddr::V6(*v))
-                        }
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        _ => {}
-                    }
-                }
-                let (Some(dst), Some(gw)) = (dst, gw) else {
-                    stale_msgs.push((None, m));
-                    continue;
-                };
-                let Ok(net) = IpNetwork::new(dst, len) else {
-                    continue;
-                };
-                let via = match (gw, vx) {
-                    (IpAddr::V4(g), Some(v)) if oif == Some(v) => Via::Vxlan(g),
-                    (g, _) => Via::Native(g),
-                };
-                have.insert(net, via);
-                stale_msgs.push((Some(net), m));
-            }
+        for r in self
+            .routes_of(RouteType::Unicast, RTPROT_MARGAY_REMOTE)
+            .await?
+        {
+            let Some(gw) = r.gw else {
+                stale_msgs.push((None, r.msg));
+                continue;
+            };
+            let via = match (gw, vx) {
+                (IpAddr::V4(g), Some(v)) if r.oif == Some(v) => Via::Vxlan(g),
+                (g, _) => Via::Native(g),
+            };
+            have.insert(r.dst, via);
+            stale_msgs.push((Some(r.dst), r.msg));
         }
         let (set, del) = diff(&d.routes, &have);
         for (net, m) in stale_msgs {
