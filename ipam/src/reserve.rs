@@ -297,8 +297,19 @@ impl Reserve {
                 Ok(())
             }
             None => {
-                self.state().index.remove(&t.handle);
-                self.alloc.release(&t.handle).await.map(|_| ())
+                let pending = {
+                    let mut st = self.state();
+                    st.index.remove(&t.handle);
+                    st.pending.contains(&t.handle)
+                };
+                if pending {
+                    // A retry of an ADD whose rename is still queued: the
+                    // release must come after it, so it is queued too.
+                    let _ = self.writes.send(Write::Release(t.handle.clone()));
+                    Ok(())
+                } else {
+                    self.alloc.release(&t.handle).await.map(|_| ())
+                }
             }
         }
     }

@@ -220,3 +220,24 @@ async fn depth_zero_assigns_directly() {
     r.abort(t).await.unwrap();
     assert!(held(&s.snapshot()).is_empty());
 }
+
+#[tokio::test]
+async fn a_failed_retry_before_the_rename_is_written_leaks_nothing() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
+    until("2 spares", || r.stats().spares == 2).await;
+    let first = r.take(&req("h")).await.unwrap();
+    r.commit(&first, Some(pod("h")));
+    // The runtime retries ADD at once and that wiring fails.
+    let retry = r.take(&req("h")).await.unwrap();
+    assert_eq!(retry.addrs, first.addrs);
+    r.abort(retry).await.unwrap();
+    r.flush().await;
+    let by_handle = held(&s.snapshot());
+    assert!(!by_handle.contains_key("h"), "h still holds {by_handle:?}");
+    assert!(
+        !by_handle.values().any(|v| v.contains(&first.addrs[0].ip())),
+        "{by_handle:?}"
+    );
+}
