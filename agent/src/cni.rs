@@ -8,9 +8,10 @@
 //! attribution is written behind. If wiring fails the dataplane has already
 //! rolled back and the addresses go back, so a failed ADD leaves nothing.
 //! DEL unwires (nothing to do is fine; the pod namespace may be gone) and
-//! releases, written behind. Operations on one handle never overlap. Errors carry CNI codes: 11 when asking again
-//! may work, 3 when the pod namespace does not exist, 100 for address
-//! allocation, 101 for the dataplane, 50 for STATUS when not ready.
+//! releases, written behind. Operations on one handle never overlap.
+//! Errors carry CNI codes: 11 when asking again may work, 3 when the pod
+//! namespace does not exist, 100 for address allocation, 101 for the
+//! dataplane, 50 for STATUS when not ready.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

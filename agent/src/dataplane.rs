@@ -446,14 +446,12 @@ impl Dataplane for Netlink {
         }
         // What the interfaces say.
         let mut want: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
-        for p in self.list().await? {
+        for (p, idx) in self.list().await? {
             let Some(at) = crate::reconcile::parse(&p) else {
                 continue;
             };
-            if let Some((idx, _)) = Self::link_index(&self.host, &p.host_if).await? {
-                for ip in at.addrs {
-                    want.insert(ip, (idx, p.host_if.clone()));
-                }
+            for ip in at.addrs {
+                want.insert(ip, (idx, p.host_if.clone()));
             }
         }
         let mut changed = 0;
@@ -485,7 +483,7 @@ impl Dataplane for Netlink {
     }
 
     async fn list_pods(&self) -> Result<Vec<HostPod>> {
-        self.list().await
+        Ok(self.list().await?.into_iter().map(|(p, _)| p).collect())
     }
 
     async fn list_blackholes(&self) -> Result<Vec<IpNetwork>> {
@@ -578,7 +576,8 @@ impl Dataplane for Netlink {
 }
 
 impl Netlink {
-    async fn list(&self) -> Result<Vec<HostPod>> {
+    /// The pod host interfaces with their indexes (one link dump).
+    async fn list(&self) -> Result<Vec<(HostPod, u32)>> {
         let mut out = Vec::new();
         let mut links = self.host.link().get().execute();
         while let Some(msg) = links.try_next().await.map_err(nl("list links"))? {
@@ -603,10 +602,13 @@ impl Netlink {
                 }
             }
             if veth && name.starts_with("cali") {
-                out.push(HostPod {
-                    host_if: name,
-                    alias,
-                });
+                out.push((
+                    HostPod {
+                        host_if: name,
+                        alias,
+                    },
+                    msg.header.index,
+                ));
             }
         }
         Ok(out)

@@ -56,6 +56,50 @@ pub async fn add_pool(client: &kube::Client, name: &str, cidr: &str, block: Opti
         .expect("pool");
 }
 
+/// The command line of `margay-agent run` as node `name`, inside `node`'s
+/// namespace, talking to `api` and serving CNI on `socket` (leak
+/// collection off); callers add flags or environment, then
+/// [`start_agent`].
+pub fn agent_cmd(
+    node: &margay_harness::topo::Node,
+    name: &str,
+    api: &ApiServer,
+    socket: &std::path::Path,
+) -> anyhow::Result<std::process::Command> {
+    let mut cmd = node
+        .ns
+        .cmd(margay_harness::paths::workspace_bin("margay-agent")?);
+    cmd.args([
+        "run",
+        "--node-name",
+        name,
+        "--gc-interval",
+        "0",
+        "--kubeconfig",
+    ])
+    .arg(api.kubeconfig())
+    .arg("--socket")
+    .arg(socket);
+    Ok(cmd)
+}
+
+/// Spawns the agent from `cmd` (log in `log`); returns once its socket
+/// is there.
+pub fn start_agent(
+    cmd: std::process::Command,
+    socket: &std::path::Path,
+    log: &std::path::Path,
+) -> anyhow::Result<margay_harness::process::Daemon> {
+    let agent = margay_harness::process::Daemon::spawn("margay-agent", cmd, log)?;
+    margay_harness::wait::until(
+        "agent socket",
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_millis(50),
+        || Ok(socket.exists().then_some(())),
+    )?;
+    Ok(agent)
+}
+
 /// A CRI client for the sandbox calls (generated from
 /// `tests/proto/cri_subset.proto`).
 pub mod cri {

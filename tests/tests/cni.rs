@@ -72,24 +72,8 @@ async fn world(chain: Vec<Value>) -> World {
 /// `margay-agent run` for node n1, inside its namespace; returns once
 /// its socket is there.
 fn start_agent(node: &Node, api: &ApiServer, socket: &Path, log: &Path) -> Daemon {
-    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent").unwrap());
-    cmd.args([
-        "run",
-        "--node-name",
-        "n1",
-        "--gc-interval",
-        "0",
-        "--kubeconfig",
-    ])
-    .arg(api.kubeconfig())
-    .arg("--socket")
-    .arg(socket);
-    let agent = Daemon::spawn("margay-agent", cmd, log).unwrap();
-    wait::until("agent socket", T, POLL, || {
-        Ok(socket.exists().then_some(()))
-    })
-    .unwrap();
-    agent
+    let cmd = margay_tests::agent_cmd(node, "n1", api, socket).unwrap();
+    margay_tests::start_agent(cmd, socket, log).unwrap()
 }
 
 fn cni_path() -> String {

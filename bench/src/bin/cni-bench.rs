@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use margay_harness::netns::Netns;
-use margay_harness::process::Daemon;
 use margay_harness::topo::Fabric;
-use margay_harness::{names, paths, wait};
+use margay_harness::{names, paths};
 use margay_ipam::crd::IPAMConfigurationSpec;
 use serde_json::json;
 
@@ -163,34 +162,17 @@ async fn main() -> anyhow::Result<()> {
     let dir = names::temp_dir("cni-bench")?;
     let socket = dir.path().join("agent.sock");
     let _relay = api.expose_in(&node.ns)?;
-    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent")?);
-    cmd.args([
-        "run",
-        "--node-name",
-        "n1",
-        "--gc-interval",
-        "0",
-        "--kubeconfig",
-    ])
-    .arg(api.kubeconfig())
-    .args(
+    let mut cmd = margay_tests::agent_cmd(&node, "n1", &api, &socket)?;
+    cmd.args(
         cli.ipam_spares
             .map(|n| vec!["--ipam-spares".to_string(), n.to_string()])
             .unwrap_or_default(),
     )
-    .arg("--socket")
-    .arg(&socket)
     .env(
         "MARGAY_LOG",
         std::env::var("MARGAY_LOG").unwrap_or_else(|_| "warn".into()),
     );
-    let _agent = Daemon::spawn("margay-agent", cmd, &dir.path().join("agent.log"))?;
-    wait::until(
-        "agent socket",
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || Ok(socket.exists().then_some(())),
-    )?;
+    let _agent = margay_tests::start_agent(cmd, &socket, &dir.path().join("agent.log"))?;
     let margay_dir: PathBuf = paths::workspace_bin("margay")?
         .parent()
         .unwrap()
