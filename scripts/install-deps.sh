@@ -24,7 +24,7 @@ APT_PKGS=(
   containerd runc containernetworking-plugins podman catatonit busybox-static
   etcd-server iperf3 protobuf-compiler
   golang-1.19-go golang-github-modern-go-reflect2-dev golang-github-appc-cni-dev
-  rsync jq openssl curl ca-certificates python3-venv pkg-config
+  rsync jq openssl curl ca-certificates python3-venv pkg-config fping
 )
 
 apt_missing() {

@@ -41,12 +41,12 @@ pub fn diff(
 }
 
 /// One pass: reads IPAM and the kernel, applies the difference; returns
-/// (added, removed).
+/// the node's blocks.
 pub async fn sync<D: Dataplane>(
     node: &str,
     alloc: &Allocator,
     dp: &D,
-) -> anyhow::Result<(Vec<IpNetwork>, Vec<IpNetwork>)> {
+) -> anyhow::Result<BTreeSet<IpNetwork>> {
     let want = desired(node, &alloc.blocks().await?);
     let have: BTreeSet<IpNetwork> = dp.list_blackholes().await?.into_iter().collect();
     let (add, del) = diff(&want, &have);
@@ -58,22 +58,31 @@ pub async fn sync<D: Dataplane>(
         dp.set_blackhole(*net, false).await?;
         tracing::info!(block = %net, "blackhole route removed (block no longer ours)");
     }
-    Ok((add, del))
+    Ok(want)
 }
 
 /// Keeps the blackholes (and the pods' host routes) in step: a pass at
 /// start, on every poke (after an ADD, which may have claimed a block) and
-/// every `every` (resync).
+/// every `every` (resync). The node's blocks are published on `own` (what
+/// BGP advertises).
 pub async fn run<D: Dataplane>(
     node: String,
     alloc: Allocator,
     dp: Arc<D>,
     poke: Arc<Notify>,
     every: Duration,
+    own: tokio::sync::watch::Sender<BTreeSet<IpNetwork>>,
 ) {
     loop {
-        if let Err(e) = sync(&node, &alloc, dp.as_ref()).await {
-            tracing::warn!("block routes: {e}");
+        match sync(&node, &alloc, dp.as_ref()).await {
+            Ok(want) => {
+                own.send_if_modified(|o| {
+                    let changed = *o != want;
+                    *o = want;
+                    changed
+                });
+            }
+            Err(e) => tracing::warn!("block routes: {e}"),
         }
         // Pods' host routes: put back what someone removed.
         if let Err(e) = dp.resync_pod_routes().await {

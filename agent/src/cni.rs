@@ -428,25 +428,32 @@ fn reply(r: Result<Option<cni::CniResult>, cni::CniError>) -> Response<cni::CniR
     })
 }
 
+use crate::metrics::CniOp;
+
 #[tonic::async_trait]
 impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
     async fn add(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(CniService::add(self, req.get_ref()).await.map(Some)))
+        let t = std::time::Instant::now();
+        let r = CniService::add(self, req.get_ref()).await;
+        crate::metrics::CNI.record(CniOp::Add, t.elapsed(), r.is_ok());
+        Ok(reply(r.map(Some)))
     }
 
     async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(
-            CniService::del(self, req.get_ref()).await.map(|()| None),
-        ))
+        let t = std::time::Instant::now();
+        let r = CniService::del(self, req.get_ref()).await;
+        crate::metrics::CNI.record(CniOp::Del, t.elapsed(), r.is_ok());
+        Ok(reply(r.map(|()| None)))
     }
 
     async fn check(
         &self,
         req: Request<cni::CniRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(
-            CniService::check(self, req.get_ref()).await.map(|()| None),
-        ))
+        let t = std::time::Instant::now();
+        let r = CniService::check(self, req.get_ref()).await;
+        crate::metrics::CNI.record(CniOp::Check, t.elapsed(), r.is_ok());
+        Ok(reply(r.map(|()| None)))
     }
 
     async fn status(

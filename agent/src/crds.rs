@@ -8,15 +8,23 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use margay_ipam::crd::{IPAMBlock, IPAMConfiguration, IPPool};
 
+use crate::bgp_crd::{BGPConfiguration, BGPPeer};
+
 /// Every CRD, with the file name it is written under.
 pub fn all() -> Vec<(String, CustomResourceDefinition)> {
-    [IPPool::crd(), IPAMBlock::crd(), IPAMConfiguration::crd()]
-        .into_iter()
-        .map(|c| {
-            let name = c.metadata.name.clone().unwrap_or_default();
-            (format!("{name}.yaml"), c)
-        })
-        .collect()
+    [
+        IPPool::crd(),
+        IPAMBlock::crd(),
+        IPAMConfiguration::crd(),
+        BGPConfiguration::crd(),
+        BGPPeer::crd(),
+    ]
+    .into_iter()
+    .map(|c| {
+        let name = c.metadata.name.clone().unwrap_or_default();
+        (format!("{name}.yaml"), c)
+    })
+    .collect()
 }
 
 /// The YAML text of each file.

@@ -745,13 +745,65 @@ fn remote_route(net: IpNetwork, via: crate::remote::Via, vx: Option<u32>) -> Opt
 }
 
 impl Netlink {
+    /// Global-scope addresses of the host's interfaces, with the
+    /// interface's name, except Margay's own (`cali*`, [`VXLAN_DEV`]) and
+    /// loopback; in the kernel's order.
+    ///
+    /// [`VXLAN_DEV`]: crate::remote::VXLAN_DEV
+    pub async fn host_addresses(&self) -> Result<Vec<(String, IpNetwork)>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
+        let mut links = self.host.link().get().execute();
+        while let Some(m) = links.try_next().await.map_err(nl("list links"))? {
+            if let Some(n) = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            }) {
+                names.insert(m.header.index, n);
+            }
+        }
+        let mut out = Vec::new();
+        let mut addrs = self.host.address().get().execute();
+        while let Some(m) = addrs.try_next().await.map_err(nl("list addresses"))? {
+            if m.header.scope != rtnetlink::packet_route::address::AddressScope::Universe {
+                continue;
+            }
+            let Some(name) = names.get(&m.header.index) else {
+                continue;
+            };
+            if name == "lo" || name.starts_with("cali") || name == crate::remote::VXLAN_DEV {
+                continue;
+            }
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let ip = ip.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = ip
+                && let Ok(net) = IpNetwork::new(ip, m.header.prefix_len)
+            {
+                out.push((name.clone(), net));
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes the kernel's routes to remote blocks (and the VXLAN device and
     /// its entries) match `d`; touches only Margay's protocol-79 routes and
-    /// its own device. `local` is needed when `d` uses VXLAN.
+    /// its own device. `local` is needed when `d` uses VXLAN. Without
+    /// `prune`, only adds and changes: nothing is removed (while BGP is
+    /// still relearning after a restart, what is in the kernel keeps
+    /// forwarding).
     pub async fn apply_remote(
         &self,
         local: Option<&LocalVtep>,
         d: &crate::remote::Desired,
+        prune: bool,
     ) -> Result<()> {
         use crate::remote::{RTPROT_MARGAY_REMOTE, VXLAN_DEV, Via, diff};
         let vx = if d.needs_vxlan() {
@@ -759,6 +811,10 @@ impl Netlink {
                 Error::Other("VXLAN blocks need this node's own VTEP (tunnel address)".into())
             })?;
             Some(self.ensure_vxlan(l).await?)
+        } else if !prune {
+            Self::link_index(&self.host, VXLAN_DEV)
+                .await?
+                .map(|(i, _)| i)
         } else {
             if let Some((idx, _)) = Self::link_index(&self.host, VXLAN_DEV).await? {
                 self.host
@@ -806,7 +862,7 @@ impl Netlink {
             }
             let (set_n, del_n) = diff(&d.neigh, &neigh);
             let (set_f, del_f) = diff(&d.fdb, &fdb);
-            for (is_fdb, mac, ip, m) in msgs {
+            for (is_fdb, mac, ip, m) in msgs.into_iter().filter(|_| prune) {
                 let stale = if is_fdb {
                     del_f.contains(&mac)
                 } else {
@@ -863,7 +919,7 @@ impl Netlink {
             stale_msgs.push((Some(r.dst), r.msg));
         }
         let (set, del) = diff(&d.routes, &have);
-        for (net, m) in stale_msgs {
+        for (net, m) in stale_msgs.into_iter().filter(|_| prune) {
             if net.is_none_or(|n| del.contains(&n)) {
                 match self.host.route().del(m).execute().await {
                     Ok(()) => {}

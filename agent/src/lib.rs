@@ -9,13 +9,18 @@
 //! - [`cni`]: the CNI service on the agent's unix socket;
 //! - [`run`]: `margay-agent run`, wiring it all together.
 
+pub mod bgp;
+pub mod bgp_crd;
 pub mod blocks;
 pub mod cni;
 pub mod crds;
 pub mod dataplane;
+pub mod http;
 pub mod kube_store;
+pub mod metrics;
 pub mod nat;
 pub mod pools;
 pub mod reconcile;
 pub mod remote;
+pub mod routing;
 pub mod run;

@@ -1,6 +1,7 @@
-//! `margay-agent run`: the node agent's main loop (this increment: IPAM,
-//! the CNI service, start-up reconciliation, block blackholes, natOutgoing; BGP and
-//! metrics come with issue 6).
+//! `margay-agent run`: the node agent's main loop: IPAM, start-up
+//! reconciliation, the CNI service, block blackholes, natOutgoing, the
+//! routing loop (BGP identity, the embedded speaker, remote-block routes,
+//! Node condition) and the health/metrics endpoints.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use margay_ipam::{Allocator, Options, Reserve, ReserveOptions};
 
 use crate::cni::{CniService, serve};
 use crate::dataplane::Netlink;
+use crate::http::AgentState;
 use crate::kube_store::KubeStore;
 
 /// Settings of `margay-agent run`.
@@ -39,6 +41,21 @@ pub struct RunArgs {
     /// seconds (they are also updated after every ADD).
     #[arg(long, default_value_t = 30)]
     pub resync_interval: u64,
+    /// This node's BGP address: `autodetect` (the Node's InternalIP if it
+    /// is on this host, else the first global IPv4 address) or an address,
+    /// optionally with its prefix length (`10.0.0.5/24`).
+    #[arg(long, env = "IP", default_value = "autodetect")]
+    pub node_ip: String,
+    /// Namespace holding the Secrets BGPPeers take passwords from.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served.
+    #[arg(long, env = "MARGAY_HTTP_LISTEN", default_value = "127.0.0.1:9099")]
+    pub http_listen: std::net::SocketAddr,
+    /// Run no BGP speaker and program no routes to other nodes (pod
+    /// networking and IPAM only, for clusters routed by something else).
+    #[arg(long, env = "MARGAY_DISABLE_BGP")]
+    pub disable_bgp: bool,
 }
 
 async fn client(args: &RunArgs) -> anyhow::Result<kube::Client> {
@@ -59,9 +76,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
     let client = client(&args).await?;
-    let store = Arc::new(KubeStore::new(client, Duration::from_secs(5)));
+    let store = Arc::new(KubeStore::new(client.clone(), Duration::from_secs(5)));
     let alloc = Allocator::start(store.clone(), &node, Options::default());
     let dp = Arc::new(Netlink::new()?);
+    let every = Duration::from_secs(args.resync_interval.max(1));
+    let state = Arc::new(AgentState::new(
+        &node,
+        alloc.clone(),
+        every * 3 + Duration::from_secs(60),
+    ));
+    crate::http::serve(args.http_listen, state.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("--http-listen {}: {e}", args.http_listen))?;
     if args.gc_interval > 0 {
         let store = store.clone();
         let every = Duration::from_secs(args.gc_interval);
@@ -104,13 +130,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(2),
         Duration::from_secs(args.resync_interval.max(1)),
     ));
+    let (own_tx, own_blocks) = tokio::sync::watch::channel(Default::default());
     tokio::spawn(crate::blocks::run(
         node.clone(),
+        alloc.clone(),
+        dp.clone(),
+        service.added(),
+        every,
+        own_tx,
+    ));
+    tokio::spawn(crate::bgp::run(crate::bgp::RoutingCtx {
+        node: node.clone(),
+        client: client.clone(),
+        store: store.clone(),
         alloc,
         dp,
-        service.added(),
-        Duration::from_secs(args.resync_interval.max(1)),
-    ));
+        own_blocks,
+        state: state.clone(),
+        node_ip: args.node_ip.clone(),
+        namespace: args.namespace.clone(),
+        mtu: args.mtu,
+        every,
+        bgp: !args.disable_bgp,
+    }));
     tracing::info!(%node, socket = %args.socket.display(), "margay-agent serving CNI");
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -122,6 +164,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
+    state
+        .cni_serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     serve(service, &args.socket, shutdown).await?;
     // Write what is queued before leaving (a kill skips this; the next
     // start reconciles instead).

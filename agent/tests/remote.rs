@@ -121,13 +121,17 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     let wa = want_a.clone();
     in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            dp.apply_remote(Some(&local_a), &wa).await.unwrap();
+            dp.apply_remote(Some(&local_a), &wa, true).await.unwrap();
             // Idempotent.
-            dp.apply_remote(Some(&local_a), &wa).await.unwrap();
+            dp.apply_remote(Some(&local_a), &wa, true).await.unwrap();
         })
     });
     in_ns(&b.ns, move |dp| {
-        Box::pin(async move { dp.apply_remote(Some(&local_b), &want_b).await.unwrap() })
+        Box::pin(async move {
+            dp.apply_remote(Some(&local_b), &want_b, true)
+                .await
+                .unwrap()
+        })
     });
 
     let link = a.ns.ip(&["-d", "link", "show", "margay.vxlan"]).unwrap();
@@ -162,10 +166,24 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     a.ns.ping_ok("10.244.2.1").unwrap();
     a.ns.ping_ok("10.244.1.1").unwrap();
 
+    // Without pruning (BGP still relearning after a restart) nothing goes.
+    in_ns(&a.ns, move |dp| {
+        Box::pin(async move {
+            dp.apply_remote(None, &Default::default(), false)
+                .await
+                .unwrap();
+        })
+    });
+    assert!(a.ns.ip(&["link", "show", "margay.vxlan"]).is_ok());
+    a.ns.ping_ok("10.244.1.1").unwrap();
+    a.ns.ping_ok("10.244.2.1").unwrap();
+
     // Nothing wanted any more: Margay's routes and device go, the rest stays.
     in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            dp.apply_remote(None, &Default::default()).await.unwrap();
+            dp.apply_remote(None, &Default::default(), true)
+                .await
+                .unwrap();
         })
     });
     assert!(a.ns.ip(&["link", "show", "margay.vxlan"]).is_err());

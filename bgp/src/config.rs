@@ -14,6 +14,35 @@ fn yes() -> bool {
     true
 }
 
+/// Checks one neighbor's settings (`local_as`: ours); the message names
+/// the setting.
+pub fn validate_neighbor(n: &Neighbor, local_as: u32) -> std::result::Result<(), String> {
+    if n.asn == 0 {
+        return Err("asn must not be 0".into());
+    }
+    if n.hold_time == 1 || n.hold_time == 2 {
+        return Err("hold_time must be 0 or at least 3".into());
+    }
+    if n.keepalive
+        .is_some_and(|k| n.hold_time > 0 && k > n.hold_time / 3)
+    {
+        return Err("keepalive must be at most hold_time/3".into());
+    }
+    if n.password
+        .as_ref()
+        .is_some_and(|p| p.is_empty() || p.len() > 80)
+    {
+        return Err("password must be 1 to 80 characters".into());
+    }
+    if n.ttl_security.is_some_and(|h| h == 0 || h > 254) {
+        return Err("ttl_security must be 1 to 254 hops".into());
+    }
+    if n.route_reflector_client && n.asn != local_as {
+        return Err("route_reflector_client needs an iBGP peer".into());
+    }
+    Ok(())
+}
+
 /// Top level.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +57,11 @@ pub struct Config {
     /// Install best routes into the kernel.
     #[serde(default = "yes")]
     pub fib: bool,
+    /// Say in the graceful restart capability that forwarding state
+    /// survives our restart even though `fib` is off (the program
+    /// embedding the speaker keeps the kernel routes itself).
+    #[serde(default)]
+    pub forwarding_preserved: bool,
     /// Route reflector cluster id (default: the router id).
     #[serde(default)]
     pub cluster_id: Option<Ipv4Addr>,
@@ -63,7 +97,7 @@ fn default_hold() -> u16 {
 }
 
 /// A configured peer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Neighbor {
     /// Peer address.
@@ -97,6 +131,11 @@ pub struct Neighbor {
     /// Set ourselves as next hop on iBGP exports.
     #[serde(default)]
     pub next_hop_self: bool,
+    /// Advertise to this peer only the prefixes we originate (a node
+    /// telling its top-of-rack router about its own blocks, not the ones
+    /// it learned from the other nodes).
+    #[serde(default)]
+    pub export_local_only: bool,
     /// GTSM (RFC 5082): the peer is at most this many hops away; we send
     /// with TTL 255 and drop packets with a lower TTL than 255 - hops.
     #[serde(default)]
@@ -105,6 +144,28 @@ pub struct Neighbor {
 
 fn default_port() -> u16 {
     179
+}
+
+impl Neighbor {
+    /// A neighbor with every setting at its default (as if only `address`
+    /// and `asn` were written in the TOML file).
+    pub fn new(address: IpAddr, asn: u32) -> Self {
+        Self {
+            address,
+            asn,
+            port: default_port(),
+            password: None,
+            passive: false,
+            route_reflector_client: false,
+            hold_time: default_hold(),
+            keepalive: None,
+            graceful_restart: true,
+            max_prefixes: None,
+            next_hop_self: false,
+            export_local_only: false,
+            ttl_security: None,
+        }
+    }
 }
 
 /// A range of addresses allowed to peer without per-peer configuration.
@@ -135,6 +196,25 @@ pub struct Originate {
 }
 
 impl Config {
+    /// A configuration with no peers and every setting at its default.
+    pub fn new(asn: u32, router_id: Ipv4Addr) -> Self {
+        Self {
+            asn,
+            router_id,
+            listen: None,
+            fib: true,
+            forwarding_preserved: false,
+            cluster_id: None,
+            import_prefixes: Vec::new(),
+            communities: Vec::new(),
+            restart_time: default_restart_time(),
+            control_socket: None,
+            neighbors: Vec::new(),
+            listen_ranges: Vec::new(),
+            originate: Vec::new(),
+        }
+    }
+
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self> {
         let c: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
@@ -163,28 +243,8 @@ impl Config {
         }
         for (i, n) in self.neighbors.iter().enumerate() {
             let at = format!("neighbor[{i}] ({})", n.address);
-            if n.asn == 0 {
-                return bad(format!("{at}: asn must not be 0"));
-            }
-            if n.hold_time == 1 || n.hold_time == 2 {
-                return bad(format!("{at}: hold_time must be 0 or at least 3"));
-            }
-            if n.keepalive
-                .is_some_and(|k| n.hold_time > 0 && k > n.hold_time / 3)
-            {
-                return bad(format!("{at}: keepalive must be at most hold_time/3"));
-            }
-            if n.password
-                .as_ref()
-                .is_some_and(|p| p.is_empty() || p.len() > 80)
-            {
-                return bad(format!("{at}: password must be 1 to 80 characters"));
-            }
-            if n.ttl_security.is_some_and(|h| h == 0 || h > 254) {
-                return bad(format!("{at}: ttl_security must be 1 to 254 hops"));
-            }
-            if n.route_reflector_client && n.asn != self.asn {
-                return bad(format!("{at}: route_reflector_client needs an iBGP peer"));
+            if let Err(m) = validate_neighbor(n, self.asn) {
+                return bad(format!("{at}: {m}"));
             }
             if self.neighbors[..i].iter().any(|m| m.address == n.address) {
                 return bad(format!("{at}: duplicate neighbor"));

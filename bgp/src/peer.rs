@@ -58,6 +58,9 @@ pub(crate) enum PeerCmd {
     /// Close the session with Cease/`subcode` and stay down for
     /// [`CEASE_RESTART`] (e.g. maximum prefixes exceeded, RFC 4486).
     Cease(u8),
+    /// The peer was removed from the configuration: close with
+    /// Cease/peer de-configured and end the task.
+    Remove,
 }
 
 /// How long a session closed by [`PeerCmd::Cease`] stays down.
@@ -335,6 +338,14 @@ impl PeerTask {
                 }
                 Input::Cmd(PeerCmd::Incoming(s)) => {
                     sh.incoming(s, &mut main, &mut alt, &template, &mut queue);
+                    continue;
+                }
+                Input::Cmd(PeerCmd::Remove) => {
+                    stopping = true;
+                    queue.push_back((Which::Main, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
+                    if alt.is_some() {
+                        queue.push_back((Which::Alt, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
+                    }
                     continue;
                 }
                 Input::Cmd(PeerCmd::Cease(sub)) => {

@@ -17,7 +17,7 @@
 //! the rest are removed once every configured peer has sent End-of-RIB, or
 //! after the restart time, whichever comes first.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,14 +26,14 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Config;
+use crate::config::{Config, Neighbor};
 use crate::fsm::{SessionConfig, State};
 use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
 use crate::peer::{PeerCmd, PeerEvent, PeerTask, Transport};
 use crate::prefix_map::PrefixMap;
-use crate::rib::{Best, ImportPolicy, LOCAL, PeerId, PeerInfo, Rib};
+use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
 use crate::{Error, Result};
 
 /// What a peer looks like from outside (control socket, metrics).
@@ -76,7 +76,15 @@ enum ToRib {
         what: String,
         reply: oneshot::Sender<serde_json::Value>,
     },
+    SetNeighbors(Vec<Neighbor>),
+    SetOriginate(Vec<Prefix>),
+    SetImport(Vec<Prefix>),
 }
+
+/// Best routes learned from peers (locally originated ones left out):
+/// prefix → next hops. What an embedding program (the agent) programs
+/// into the kernel itself when `fib` is off.
+pub type LearnedRoutes = BTreeMap<Prefix, NextHops>;
 
 /// How a peer is configured, whether from `[[neighbor]]` or a listen range.
 #[derive(Debug, Clone)]
@@ -90,11 +98,44 @@ struct PeerParams {
     password: Option<String>,
     gtsm_hops: Option<u8>,
     dynamic: bool,
+    export_local_only: bool,
     session: SessionConfig,
+}
+
+impl PeerParams {
+    fn configured(cfg: &Config, n: &Neighbor, restarting: bool) -> Self {
+        let session = SessionConfig {
+            local_as: cfg.asn,
+            peer_as: n.asn,
+            router_id: cfg.router_id,
+            hold_time: n.hold_time,
+            keepalive: n.keepalive,
+            passive: n.passive,
+            families: families_for(n.address),
+            graceful_restart: n.graceful_restart.then(|| gr_cap(cfg, restarting)),
+            retry_base: RETRY_BASE,
+            retry_max: Duration::from_secs(30),
+        };
+        Self {
+            addr: n.address,
+            port: n.port,
+            asn: n.asn,
+            rr_client: n.route_reflector_client,
+            next_hop_self: n.next_hop_self,
+            max_prefixes: n.max_prefixes,
+            password: n.password.clone(),
+            gtsm_hops: n.ttl_security,
+            dynamic: false,
+            export_local_only: n.export_local_only,
+            session,
+        }
+    }
 }
 
 struct PeerSlot {
     params: PeerParams,
+    /// The configuration it came from (`None`: a dynamic neighbor).
+    source: Option<Neighbor>,
     status: Arc<Mutex<PeerStatus>>,
     incoming: mpsc::Sender<PeerCmd>,
     session: Option<Established>,
@@ -116,6 +157,9 @@ struct Established {
 pub struct Speaker {
     tx: mpsc::Sender<ToRib>,
     shutdown: watch::Sender<bool>,
+    learned: watch::Receiver<LearnedRoutes>,
+    synced: watch::Receiver<bool>,
+    asn: u32,
 }
 
 impl std::fmt::Debug for Speaker {
@@ -136,22 +180,13 @@ impl Speaker {
         let listen = cfg
             .listen
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 179)));
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?;
+        let listener = Arc::new(
+            TcpListener::bind(listen)
+                .await
+                .map_err(|e| Error::Config(format!("cannot listen on {listen}: {e}")))?,
+        );
         for n in cfg.neighbors.iter().filter(|n| n.password.is_some()) {
-            crate::net::set_md5(
-                &listener,
-                n.address,
-                n.password.as_deref(),
-                listen.is_ipv6(),
-            )
-            .map_err(|e| {
-                Error::Config(format!(
-                    "neighbor {}: cannot set TCP MD5 key: {e}",
-                    n.address
-                ))
-            })?;
+            set_listener_md5(&listener, n)?;
         }
         let (fib, stale_kernel) = if cfg.fib {
             let fib = Fib::new()?;
@@ -174,7 +209,13 @@ impl Speaker {
         rib.set_import_policy(ImportPolicy {
             allowed: cfg.import_prefixes.clone(),
         });
+        let (learned_tx, learned) = watch::channel(LearnedRoutes::new());
+        let (synced_tx, synced) = watch::channel(cfg.neighbors.is_empty());
         let mut task = RibTask {
+            synced: synced_tx,
+            listener: listener.clone(),
+            learned: learned_tx,
+            originated: HashSet::new(),
             rib,
             peers: HashMap::new(),
             fib,
@@ -189,33 +230,12 @@ impl Speaker {
             cfg: cfg.clone(),
         };
         for n in &cfg.neighbors {
-            let session = SessionConfig {
-                local_as: cfg.asn,
-                peer_as: n.asn,
-                router_id: cfg.router_id,
-                hold_time: n.hold_time,
-                keepalive: n.keepalive,
-                passive: n.passive,
-                families: families_for(n.address),
-                graceful_restart: n.graceful_restart.then(|| gr_cap(&cfg, restarting)),
-                retry_base: RETRY_BASE,
-                retry_max: Duration::from_secs(30),
-            };
-            task.add_peer(PeerParams {
-                addr: n.address,
-                port: n.port,
-                asn: n.asn,
-                rr_client: n.route_reflector_client,
-                next_hop_self: n.next_hop_self,
-                max_prefixes: n.max_prefixes,
-                password: n.password.clone(),
-                gtsm_hops: n.ttl_security,
-                dynamic: false,
-                session,
-            });
+            let params = PeerParams::configured(&cfg, n, restarting);
+            task.add_peer(params, Some(n.clone()));
         }
         let mut changes = Vec::new();
         for o in &cfg.originate {
+            task.originated.insert(o.prefix);
             changes.extend(task.rib.originate(o.prefix, Attrs::default()));
         }
         task.propagate(changes).await;
@@ -229,7 +249,55 @@ impl Speaker {
         }
         tokio::spawn(accept_loop(listener, tx.clone(), shut_rx.clone()));
         tokio::spawn(task.run(rx, peer_rx));
-        Ok(Self { tx, shutdown })
+        Ok(Self {
+            tx,
+            shutdown,
+            learned,
+            synced,
+            asn: cfg.asn,
+        })
+    }
+
+    async fn send(&self, m: ToRib) -> Result<()> {
+        self.tx.send(m).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Replaces the configured neighbors: peers no longer listed are
+    /// closed (Cease/peer de-configured) and their routes withdrawn, new
+    /// ones start, changed ones restart; unchanged sessions stay up.
+    /// Each neighbor is validated first (nothing changes on an error).
+    pub async fn set_neighbors(&self, neighbors: Vec<Neighbor>) -> Result<()> {
+        for (i, n) in neighbors.iter().enumerate() {
+            crate::config::validate_neighbor(n, self.asn)
+                .map_err(|m| Error::Config(format!("neighbor {}: {m}", n.address)))?;
+            if neighbors[..i].iter().any(|m| m.address == n.address) {
+                return Err(Error::Config(format!("neighbor {}: duplicate", n.address)));
+            }
+        }
+        self.send(ToRib::SetNeighbors(neighbors)).await
+    }
+
+    /// Replaces the prefixes we originate (withdrawing the ones dropped).
+    pub async fn set_originate(&self, prefixes: Vec<Prefix>) -> Result<()> {
+        self.send(ToRib::SetOriginate(prefixes)).await
+    }
+
+    /// Replaces the import filter (routes accepted from now on; an empty
+    /// list accepts everything).
+    pub async fn set_import(&self, allowed: Vec<Prefix>) -> Result<()> {
+        self.send(ToRib::SetImport(allowed)).await
+    }
+
+    /// True once every configured peer has sent End-of-RIB for each of its
+    /// families (the learned routes are complete); false again while a
+    /// configured peer is down or has not finished its initial update.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.clone()
+    }
+
+    /// Best routes learned from peers, kept current.
+    pub fn learned(&self) -> watch::Receiver<LearnedRoutes> {
+        self.learned.clone()
     }
 
     /// Asks the RIB task for `neighbors` or `routes` as JSON.
@@ -245,12 +313,27 @@ impl Speaker {
         rx.await.map_err(|_| Error::Stopped)
     }
 
+    /// Like [`Speaker::shutdown`], for a speaker shared by reference.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
     /// Stops every session (Cease) and the tasks. Kernel routes stay
     /// (forwarding state is preserved for graceful restart).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn set_listener_md5(listener: &TcpListener, n: &Neighbor) -> Result<()> {
+    let v6 = listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+    crate::net::set_md5(listener, n.address, n.password.as_deref(), v6).map_err(|e| {
+        Error::Config(format!(
+            "neighbor {}: cannot set TCP MD5 key: {e}",
+            n.address
+        ))
+    })
 }
 
 fn families_for(_addr: IpAddr) -> Vec<(u16, u8)> {
@@ -264,12 +347,16 @@ fn gr_cap(cfg: &Config, restarting: bool) -> GracefulRestartCap {
         restart_time: cfg.restart_time,
         families: families_for(IpAddr::from([0, 0, 0, 0]))
             .into_iter()
-            .map(|(a, s)| (a, s, cfg.fib))
+            .map(|(a, s)| (a, s, cfg.fib || cfg.forwarding_preserved))
             .collect(),
     }
 }
 
-async fn accept_loop(l: TcpListener, tx: mpsc::Sender<ToRib>, mut shut: watch::Receiver<bool>) {
+async fn accept_loop(
+    l: Arc<TcpListener>,
+    tx: mpsc::Sender<ToRib>,
+    mut shut: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             r = l.accept() => match r {
@@ -290,6 +377,11 @@ async fn accept_loop(l: TcpListener, tx: mpsc::Sender<ToRib>, mut shut: watch::R
 
 struct RibTask {
     cfg: Config,
+    synced: watch::Sender<bool>,
+    listener: Arc<TcpListener>,
+    learned: watch::Sender<LearnedRoutes>,
+    /// Prefixes we originate.
+    originated: HashSet<Prefix>,
     rib: Rib,
     peers: HashMap<PeerId, PeerSlot>,
     fib: Option<FibWriter>,
@@ -312,7 +404,7 @@ struct Counters {
 }
 
 impl RibTask {
-    fn add_peer(&mut self, params: PeerParams) -> PeerId {
+    fn add_peer(&mut self, params: PeerParams, source: Option<Neighbor>) -> PeerId {
         let id = self.next_id;
         self.next_id += 1;
         let status = Arc::new(Mutex::new(PeerStatus {
@@ -345,6 +437,7 @@ impl RibTask {
             id,
             PeerSlot {
                 params,
+                source,
                 status,
                 incoming: itx,
                 session: None,
@@ -368,7 +461,20 @@ impl RibTask {
                 },
                 _ = shut.changed() => return,
             }
+            let synced = self.all_eor();
+            self.synced
+                .send_if_modified(|s| std::mem::replace(s, synced) != synced);
         }
+    }
+
+    fn all_eor(&self) -> bool {
+        self.peers.values().filter(|p| !p.params.dynamic).all(|p| {
+            p.session.as_ref().is_some_and(|s| {
+                s.families
+                    .iter()
+                    .all(|(afi, _)| s.eor_received.contains(afi))
+            })
+        })
     }
 
     /// Ends the restart once every configured peer sent End-of-RIB for all
@@ -378,14 +484,7 @@ impl RibTask {
         if !self.restarting {
             return;
         }
-        let done = force
-            || self.peers.values().filter(|p| !p.params.dynamic).all(|p| {
-                p.session.as_ref().is_some_and(|s| {
-                    s.families
-                        .iter()
-                        .all(|(afi, _)| s.eor_received.contains(afi))
-                })
-            });
+        let done = force || self.all_eor();
         if !done {
             return;
         }
@@ -409,7 +508,69 @@ impl RibTask {
             ToRib::Show { what, reply } => {
                 let _ = reply.send(self.show(&what));
             }
+            ToRib::SetNeighbors(list) => self.set_neighbors(list).await,
+            ToRib::SetOriginate(list) => {
+                let want: HashSet<Prefix> = list.into_iter().collect();
+                let mut changes = Vec::new();
+                for p in self.originated.difference(&want) {
+                    changes.extend(self.rib.withdraw_local(*p));
+                }
+                for p in want.difference(&self.originated) {
+                    changes.extend(self.rib.originate(*p, Attrs::default()));
+                }
+                self.originated = want;
+                self.propagate(changes).await;
+            }
+            ToRib::SetImport(allowed) => self.rib.set_import_policy(ImportPolicy { allowed }),
         }
+    }
+
+    async fn set_neighbors(&mut self, list: Vec<Neighbor>) {
+        let want: HashMap<IpAddr, Neighbor> = list.into_iter().map(|n| (n.address, n)).collect();
+        let gone: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.source
+                    .as_ref()
+                    .is_some_and(|src| want.get(&src.address) != Some(src))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut changes = Vec::new();
+        for id in gone {
+            if let Some(slot) = self.peers.remove(&id) {
+                tracing::info!(peer = %slot.params.addr, "neighbor removed or changed");
+                let tx = slot.incoming.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(PeerCmd::Remove).await;
+                });
+                if slot.params.password.is_some()
+                    && let Err(e) = crate::net::set_md5(
+                        &*self.listener,
+                        slot.params.addr,
+                        None,
+                        self.listener.local_addr().is_ok_and(|a| a.is_ipv6()),
+                    )
+                {
+                    tracing::warn!(peer = %slot.params.addr, "cannot clear TCP MD5 key: {e}");
+                }
+                changes.extend(self.rib.peer_down(id, false));
+            }
+        }
+        let have: HashSet<IpAddr> = self.peers.values().map(|p| p.params.addr).collect();
+        for n in want.values().filter(|n| !have.contains(&n.address)) {
+            if n.password.is_some()
+                && let Err(e) = set_listener_md5(&self.listener, n)
+            {
+                tracing::warn!("{e}");
+            }
+            tracing::info!(peer = %n.address, asn = n.asn, "neighbor added");
+            let params = PeerParams::configured(&self.cfg, n, self.restarting);
+            self.add_peer(params, Some(n.clone()));
+        }
+        self.propagate(changes).await;
+        self.finish_restart(false).await;
     }
 
     async fn peer_event(&mut self, ev: PeerEvent) {
@@ -509,18 +670,22 @@ impl RibTask {
             retry_base: RETRY_BASE,
             retry_max: Duration::from_secs(30),
         };
-        let id = self.add_peer(PeerParams {
-            addr: ip,
-            port: 179,
-            asn: r.asn,
-            rr_client: r.route_reflector_client,
-            next_hop_self: false,
-            max_prefixes: None,
-            password: None,
-            gtsm_hops: None,
-            dynamic: true,
-            session,
-        });
+        let id = self.add_peer(
+            PeerParams {
+                addr: ip,
+                port: 179,
+                asn: r.asn,
+                rr_client: r.route_reflector_client,
+                next_hop_self: false,
+                max_prefixes: None,
+                password: None,
+                gtsm_hops: None,
+                dynamic: true,
+                export_local_only: false,
+                session,
+            },
+            None,
+        );
         if let Some(slot) = self.peers.get(&id) {
             let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
         }
@@ -593,6 +758,24 @@ impl RibTask {
         if changes.is_empty() {
             return;
         }
+        self.learned.send_if_modified(|m| {
+            let mut modified = false;
+            for (p, b) in &changes {
+                match b
+                    .as_ref()
+                    .filter(|b| b.best.peer != LOCAL && !b.next_hops.is_empty())
+                {
+                    Some(b) => {
+                        if m.get(p) != Some(&b.next_hops) {
+                            m.insert(*p, b.next_hops.clone());
+                            modified = true;
+                        }
+                    }
+                    None => modified |= m.remove(p).is_some(),
+                }
+            }
+            modified
+        });
         if let Some(fib) = &self.fib {
             let ops: Vec<FibOp> = changes
                 .iter()
@@ -638,10 +821,13 @@ impl RibTask {
             } else {
                 None
             };
+            let best = best
+                .as_ref()
+                .filter(|b| !slot.params.export_local_only || b.best.peer == LOCAL);
             let out = self.rib.export(
                 &s.info,
                 id,
-                best.as_ref().map(|b| &b.best),
+                best.map(|b| &b.best),
                 nh_self,
                 slot.params.next_hop_self,
                 &self.communities,

@@ -2,20 +2,28 @@
 //! Kubernetes.
 //!
 //! `up` starts a background supervisor (`margay-lab supervise`) that builds
-//! the lab from the test harness's parts: etcd + kube-apiserver, N node
-//! namespaces on a fabric, an optional top-of-rack BGP router in the fabric
-//! namespace. It writes `state.json` once everything is ready; `up` waits
-//! for that and prints a summary. `down` signals the supervisor, whose
-//! destructors tear everything down. The other commands read `state.json`.
+//! the lab ([`margay_lab::cluster::Cluster`]: etcd + kube-apiserver, N node
+//! namespaces on a fabric each running a real `margay-agent`, an optional
+//! top-of-rack router, K pods per node through the real `margay` CNI
+//! plugin). It writes `state.json` once every route is in place and every
+//! pod reaches every other; `up` waits for that and prints the status and
+//! the connectivity matrix. `pod add|del` and `check` go through the
+//! supervisor's control socket; `down` signals it, and its destructors tear
+//! everything down. The other commands read `state.json`.
 
 mod state;
 mod supervise;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use margay_lab::cluster::Matrix;
+use margay_lab::{Encap, Tor, value_name};
+use serde_json::{Value, json};
 
 use state::State;
 
@@ -24,32 +32,6 @@ use state::State;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Encapsulation for pod traffic between nodes.
-#[derive(Debug, Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Encap {
-    /// Native routing on the fabric.
-    None,
-    /// VXLAN overlay.
-    Vxlan,
-    /// IP-in-IP overlay (needs a kernel with IPIP).
-    Ipip,
-}
-
-/// Top-of-rack router software.
-#[derive(Debug, Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Tor {
-    /// BIRD 2.
-    Bird,
-    /// FRR (bgpd + zebra).
-    Frr,
-    /// GoBGP.
-    Gobgp,
-    /// No router.
-    None,
 }
 
 /// Options of `up`, passed on to the supervisor.
@@ -67,6 +49,25 @@ pub struct UpArgs {
     /// Pods to start on each node.
     #[arg(long, default_value_t = 2)]
     pub pods_per_node: u16,
+    /// Make the first N nodes route reflectors and turn the full mesh off.
+    #[arg(long, default_value_t = 0)]
+    pub route_reflectors: u8,
+}
+
+#[derive(Debug, Subcommand)]
+enum PodCmd {
+    /// Start a pod on a node (through the real CNI plugin).
+    Add {
+        /// Node name (`node1`...).
+        node: String,
+        /// Pod name.
+        name: String,
+    },
+    /// Delete a pod (CNI DEL, namespace and Pod object).
+    Del {
+        /// Pod name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,17 +76,23 @@ enum Cmd {
     Up(UpArgs),
     /// Stop the lab and remove everything it made.
     Down,
-    /// Show the lab's nodes and their state.
+    /// Show the lab's nodes, pods and routes.
     Status {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
     },
-    /// Ping every node from every node (and the router); non-zero exit on any failure.
+    /// Routes match the blocks and every pod reaches every pod and its
+    /// node; non-zero exit on any failure.
     Check,
-    /// Run a command inside a node's namespace (or `tor` for the router).
+    /// Add or delete a pod.
+    Pod {
+        #[command(subcommand)]
+        cmd: PodCmd,
+    },
+    /// Run a command inside a node's or a pod's namespace (or `tor` for the router).
     Exec {
-        /// Node name (`node1`...) or `tor`.
+        /// Node name (`node1`...), pod name, or `tor`.
         target: String,
         /// The command.
         #[arg(trailing_var_arg = true, required = true)]
@@ -109,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::Down => down(),
         Cmd::Status { json } => status(json),
         Cmd::Check => check(),
+        Cmd::Pod { cmd } => pod(cmd),
         Cmd::Exec { target, cmd } => exec(&target, &cmd),
         Cmd::Kubectl { args } => kubectl(&args),
         Cmd::Supervise(a) => supervise::run(a),
@@ -132,6 +140,11 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             s.supervisor_pid
         );
     }
+    for bin in ["margay-agent", "margay"] {
+        margay_harness::paths::workspace_bin(bin).with_context(|| {
+            format!("{bin} must be built next to margay-lab (cargo build --release -p margay-lab -p margay-agent -p margay-cni)")
+        })?;
+    }
     State::clear();
     std::fs::create_dir_all(state::dir())?;
     let log = std::fs::File::create(state::log_path())?;
@@ -141,6 +154,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .arg(format!("--encap={}", value_name(args.encap)))
         .arg(format!("--tor={}", value_name(args.tor)))
         .arg(format!("--pods-per-node={}", args.pods_per_node))
+        .arg(format!("--route-reflectors={}", args.route_reflectors))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -153,9 +167,13 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     );
     loop {
         if let Some(s) = State::load()? {
-            eprintln!("margay-lab: up in {:.1}s", start.elapsed().as_secs_f64());
+            eprintln!(
+                "margay-lab: up in {:.1}s (routes and pod connectivity complete after {:.1}s)",
+                start.elapsed().as_secs_f64(),
+                s.ready_seconds
+            );
             print_status(&s, false)?;
-            let code = run_check(&s)?;
+            let code = check()?;
             eprintln!("margay-lab: running in the background; `margay-lab down` stops it");
             return Ok(code);
         }
@@ -163,20 +181,14 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             let log = std::fs::read_to_string(state::log_path()).unwrap_or_default();
             bail!("the supervisor exited ({st}) before the lab was ready:\n{log}");
         }
-        if start.elapsed() > Duration::from_secs(300) {
+        if start.elapsed() > Duration::from_secs(600) {
             bail!(
-                "the lab was not ready after 300 s; see {}",
+                "the lab was not ready after 600 s; see {}",
                 state::log_path().display()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn value_name<T: ValueEnum>(v: T) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_owned())
-        .unwrap_or_default()
 }
 
 fn down() -> anyhow::Result<ExitCode> {
@@ -205,6 +217,19 @@ fn need_live() -> anyhow::Result<State> {
     State::load_live()?.context("no lab is up; run `margay-lab up`")
 }
 
+fn control(req: Value) -> anyhow::Result<Value> {
+    need_live()?;
+    let mut s = UnixStream::connect(state::control_path()).context("the lab supervisor")?;
+    s.write_all(format!("{req}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(&line).context("the supervisor's reply")?;
+    if v["ok"] == false && v["error"].is_string() {
+        bail!("{}", v["error"].as_str().unwrap_or_default());
+    }
+    Ok(v)
+}
+
 fn status(json: bool) -> anyhow::Result<ExitCode> {
     let s = need_live()?;
     print_status(&s, json)?;
@@ -224,85 +249,78 @@ fn print_status(s: &State, json: bool) -> anyhow::Result<()> {
         value_name(s.args.tor)
     );
     println!(
-        "{:<10} {:<22} {:<16} {:<16} ROUTES",
-        "NODE", "NETNS", "ADDRESS", "BLOCK"
+        "{:<10} {:<24} {:<14} {:>6} {:>6} {:>12}",
+        "NODE", "NETNS", "ADDRESS", "PODS", "AGENT", "REMOTE-ROUTES"
     );
     for n in &s.nodes {
         let routes = Command::new("ip")
-            .args(["-n", &n.netns, "-4", "route", "show"])
+            .args(["-n", &n.netns, "-4", "route", "show", "proto", "79"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
             .unwrap_or(0);
+        let pods = s.pods.iter().filter(|p| p.node == n.name).count();
         println!(
-            "{:<10} {:<22} {:<16} {:<16} {routes}",
-            n.name, n.netns, n.v4, n.block
+            "{:<10} {:<24} {:<14} {:>6} {:>6} {:>12}",
+            n.name, n.netns, n.v4, pods, n.agent_pid, routes
         );
     }
     Ok(())
 }
 
-fn run_check(s: &State) -> anyhow::Result<ExitCode> {
-    // Every node's stand-in pod address, pinged from every node's pod
-    // address: both directions follow the BGP-learned block routes. The
-    // ToR column checks that the router routes back to every pod address.
-    let mut targets: Vec<(String, String)> = s
-        .nodes
-        .iter()
-        .map(|n| (n.name.clone(), n.pod_v4.clone()))
-        .collect();
-    // GoBGP keeps routes out of the kernel, so only BIRD and FRR can route
-    // replies back to pod addresses.
-    if matches!(s.args.tor, Tor::Bird | Tor::Frr) {
-        targets.push(("tor".into(), s.tor_v4.clone()));
+fn check() -> anyhow::Result<ExitCode> {
+    let v = control(json!({"op": "check"}))?;
+    let m: Matrix = serde_json::from_value(v["matrix"].clone())?;
+    print!("{}", m.table());
+    let gaps: Vec<String> = serde_json::from_value(v["route_gaps"].clone())?;
+    for g in &gaps {
+        eprintln!("route missing: {g}");
     }
-    let mut failures = 0;
-    print!("{:<10}", "from\\to");
-    for (name, _) in &targets {
-        print!(" {name:>7}");
+    for f in &m.failures {
+        eprintln!("unreachable: {f}");
     }
-    println!();
-    for n in &s.nodes {
-        print!("{:<10}", n.name);
-        for (_, addr) in &targets {
-            let ok = Command::new("ip")
-                .args([
-                    "netns", "exec", &n.netns, "ping", "-c1", "-W1", "-q", "-I", &n.pod_v4, addr,
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                failures += 1;
-            }
-            print!(" {:>7}", if ok { "ok" } else { "FAIL" });
-        }
-        println!();
-    }
-    if failures > 0 {
-        eprintln!("margay-lab: {failures} unreachable pairs");
-        Ok(ExitCode::from(1))
-    } else {
-        println!("all {} pairs reachable", s.nodes.len() * targets.len());
+    if gaps.is_empty() && m.failures.is_empty() {
+        println!(
+            "all {} pod pairs reachable; every node and the router route every block",
+            m.total
+        );
         Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "margay-lab: {} unreachable of {}, {} routes missing",
+            m.failures.len(),
+            m.total,
+            gaps.len()
+        );
+        Ok(ExitCode::from(1))
     }
 }
 
-fn check() -> anyhow::Result<ExitCode> {
-    run_check(&need_live()?)
+fn pod(cmd: PodCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PodCmd::Add { node, name } => {
+            let v = control(json!({"op": "pod_add", "node": node, "name": name}))?;
+            println!("{name} {}", v["ip"].as_str().unwrap_or_default());
+        }
+        PodCmd::Del { name } => {
+            control(json!({"op": "pod_del", "name": name}))?;
+            println!("{name} deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exec(target: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let s = need_live()?;
     let ns = if target == "tor" {
         s.fabric_netns.clone()
+    } else if let Some(n) = s.nodes.iter().find(|n| n.name == target) {
+        n.netns.clone()
     } else {
-        s.nodes
+        s.pods
             .iter()
-            .find(|n| n.name == target)
-            .map(|n| n.netns.clone())
-            .with_context(|| format!("no node named {target:?}"))?
+            .find(|p| p.name == target)
+            .map(|p| p.netns.clone())
+            .with_context(|| format!("no node or pod named {target:?}"))?
     };
     let st = Command::new("ip")
         .args(["netns", "exec", &ns])

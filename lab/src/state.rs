@@ -1,4 +1,5 @@
-//! The lab's state file: what `up` built, for every other command to read.
+//! The lab's state file: what `up` built, for every other command to read,
+//! and the supervisor's control socket path.
 
 use std::path::{Path, PathBuf};
 
@@ -25,10 +26,23 @@ pub struct NodeState {
     pub v4: String,
     /// Fabric IPv6 address.
     pub v6: String,
-    /// The /26 block the node originates.
-    pub block: String,
-    /// The node's stand-in pod address inside its block.
-    pub pod_v4: String,
+    /// Its agent's log.
+    pub log: String,
+    /// Its agent's PID (0: not running).
+    pub agent_pid: u32,
+}
+
+/// A pod of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    /// Pod name (namespace `default`).
+    pub name: String,
+    /// Its node.
+    pub node: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its IPv4 address.
+    pub ip: String,
 }
 
 /// Everything `up` built.
@@ -46,8 +60,12 @@ pub struct State {
     pub fabric_netns: String,
     /// The router's fabric address.
     pub tor_v4: String,
+    /// Seconds from start to every route in place and every pod reachable.
+    pub ready_seconds: f64,
     /// Nodes.
     pub nodes: Vec<NodeState>,
+    /// Pods.
+    pub pods: Vec<PodState>,
 }
 
 fn path() -> PathBuf {
@@ -57,6 +75,11 @@ fn path() -> PathBuf {
 /// The supervisor's log.
 pub fn log_path() -> PathBuf {
     dir().join("lab.log")
+}
+
+/// The supervisor's control socket.
+pub fn control_path() -> PathBuf {
+    dir().join("control.sock")
 }
 
 impl State {

@@ -1,115 +1,88 @@
-//! The background supervisor: owns every part of the lab for its lifetime.
-//!
-//! All parts are harness values; returning from [`run`] drops them, which
-//! stops every process by PID and deletes every namespace.
+//! The background supervisor: owns the lab's [`Cluster`] for its lifetime
+//! and answers the CLI on a unix socket (one JSON request and one JSON
+//! reply per connection: `pod_add`, `pod_del`, `check`). Returning from
+//! [`run`] drops the cluster, which stops every process by PID and deletes
+//! every namespace.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Node as KubeNode;
-use kube::api::{Api, PostParams};
-use margay_harness::bgpd::{Bird, Frr, Gobgp};
-use margay_harness::kube::ApiServer;
-use margay_harness::{Daemon, Fabric, Node, names, wait};
+use margay_lab::cluster::{Cluster, Options};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
 
-use crate::state::{NodeState, State};
-use crate::{Tor, UpArgs};
+use crate::UpArgs;
+use crate::state::{self, NodeState, PodState, State};
 
-/// The ToR's AS; nodes use the cluster AS (64512).
-pub const TOR_ASN: u32 = 65000;
-
-#[derive(Debug)]
-#[allow(dead_code)] // held for their destructors
-enum Router {
-    Bird(Bird),
-    Frr(Frr),
-    Gobgp(Gobgp),
-}
-
-fn start_tor(fabric: &Fabric, tor: Tor) -> anyhow::Result<Option<Router>> {
-    let ns = fabric.ns();
-    Ok(match tor {
-        Tor::None => None,
-        Tor::Bird => Some(Router::Bird(Bird::start(
-            ns,
-            &format!(
-                "log stderr all;\nrouter id 10.99.0.254;\nprotocol device {{}}\n\
-                 protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths on; }}\n\
-                 protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/24 as 64512;\n  direct;\n  hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; }};\n}}\n"
-            ),
-        )?)),
-        Tor::Frr => Some(Router::Frr(Frr::start(
-            ns,
-            &format!(
-                "frr defaults traditional\nhostname tor\nrouter bgp {TOR_ASN}\n bgp router-id 10.99.0.254\n no bgp ebgp-requires-policy\n neighbor nodes peer-group\n neighbor nodes remote-as 64512\n neighbor nodes timers 3 9\n bgp listen range 10.99.0.0/24 peer-group nodes\n!\n"
-            ),
-            true,
-        )?)),
-        Tor::Gobgp => Some(Router::Gobgp(Gobgp::start(
-            ns,
-            &format!(
-                "[global.config]\n  as = {TOR_ASN}\n  router-id = \"10.99.0.254\"\n\
-                 [[peer-groups]]\n  [peer-groups.config]\n    peer-group-name = \"nodes\"\n    peer-as = 64512\n\
-                 [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.99.0.0/24\"\n    peer-group = \"nodes\"\n"
-            ),
-        )?)),
-    })
-}
-
-/// The node's block: node N originates 10.244.N.0/26 and holds a stand-in
-/// pod address 10.244.N.1 until the agent and CNI plugin exist.
-pub fn node_block(index: u8) -> (String, String) {
-    (format!("10.244.{index}.0/26"), format!("10.244.{index}.1"))
-}
-
-/// Starts `margay-bgp` in a node: iBGP full mesh with the other nodes (the
-/// higher index of each pair connects, the lower one listens), eBGP with
-/// the ToR, importing only pool routes.
-fn start_speaker(
-    node: &Node,
-    all: &[u8],
-    tor: bool,
-    dir: &std::path::Path,
-) -> anyhow::Result<Daemon> {
-    let bin = std::env::current_exe()?.with_file_name("margay-bgp");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --release -p margay-bgp`",
-        bin.display()
-    );
-    let (block, pod) = node_block(node.index);
-    node.ns.ip(&["route", "replace", "blackhole", &block])?;
-    node.ns
-        .ip(&["addr", "add", &format!("{pod}/32"), "dev", "lo"])?;
-    let mut conf = format!(
-        "asn = 64512
-router_id = \"{}\"\ncontrol_socket = \"{}\"\nimport_prefixes = [\"10.244.0.0/16\"]\n[[originate]]\nprefix = \"{block}\"\n",
-        node.v4,
-        dir.join(format!("bgp-node{}.sock", node.index)).display()
-    );
-    for &j in all.iter().filter(|&&j| j != node.index) {
-        conf.push_str(&format!(
-            "[[neighbor]]\naddress = \"10.99.0.{j}\"\nasn = 64512\nhold_time = 9\npassive = {}\n",
-            node.index < j
-        ));
+fn snapshot(c: &Cluster, args: &UpArgs, kubeconfig: &str, ready: f64) -> State {
+    State {
+        supervisor_pid: std::process::id(),
+        args: args.clone(),
+        apiserver_url: c.api.url(),
+        kubeconfig: kubeconfig.to_string(),
+        fabric_netns: c.fabric.ns().name().to_owned(),
+        tor_v4: margay_harness::topo::FABRIC_GW_V4.to_string(),
+        ready_seconds: ready,
+        nodes: c
+            .nodes
+            .iter()
+            .map(|n| NodeState {
+                name: n.name.clone(),
+                netns: n.node.ns.name().to_owned(),
+                v4: n.node.v4.to_string(),
+                v6: n.node.v6.to_string(),
+                log: c
+                    .work_dir()
+                    .join(format!("{}.log", n.name))
+                    .display()
+                    .to_string(),
+                agent_pid: n.agent.as_ref().map_or(0, |a| a.pid()),
+            })
+            .collect(),
+        pods: c
+            .pods
+            .iter()
+            .map(|p| PodState {
+                name: p.name.clone(),
+                node: p.node.clone(),
+                netns: p.ns.name().to_owned(),
+                ip: p.ip.clone(),
+            })
+            .collect(),
     }
-    if tor {
-        conf.push_str(&format!(
-            "[[neighbor]]\naddress = \"10.99.0.254\"\nasn = {TOR_ASN}\nhold_time = 9\n"
-        ));
-    }
-    let path = dir.join(format!("bgp-node{}.toml", node.index));
-    std::fs::write(&path, conf)?;
-    let mut cmd = node.ns.cmd(bin);
-    cmd.arg("--config").arg(&path);
-    Ok(Daemon::spawn(
-        "margay-bgp",
-        cmd,
-        &dir.join(format!("bgp-node{}.log", node.index)),
-    )?)
 }
 
-/// Builds the lab, publishes `state.json`, waits for SIGTERM/SIGINT, tears down.
+async fn check(c: &Cluster) -> anyhow::Result<Value> {
+    let gaps = c.route_gaps().await?;
+    let m = c.matrix()?;
+    Ok(json!({"ok": gaps.is_empty() && m.failures.is_empty(), "route_gaps": gaps, "matrix": m}))
+}
+
+async fn handle(c: &mut Cluster, req: &Value) -> anyhow::Result<Value> {
+    let s = |k: &str| {
+        req[k]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("request without {k:?}"))
+    };
+    match req["op"].as_str() {
+        Some("pod_add") => {
+            let ip = c.add_pod(&s("node")?, &s("name")?).await?;
+            Ok(json!({"ok": true, "ip": ip}))
+        }
+        Some("pod_del") => {
+            c.del_pod(&s("name")?).await?;
+            Ok(json!({"ok": true}))
+        }
+        Some("check") => check(c).await,
+        other => anyhow::bail!("unknown op {other:?}"),
+    }
+}
+
+/// Builds the lab, publishes `state.json`, serves the control socket until
+/// SIGTERM/SIGINT, tears down.
 pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt().with_target(false).init();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -117,88 +90,67 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         tracing::info!(?args, "starting lab");
-        let api = ApiServer::start().await.context("kube-apiserver")?;
-        let kubeconfig = crate::state::dir().join("kubeconfig");
-        std::fs::copy(api.kubeconfig(), &kubeconfig)?;
-        let client = api.client().await?;
-        let fabric = Fabric::new().context("fabric")?;
-        let mut nodes: Vec<(String, Node)> = Vec::new();
-        let kube_nodes: Api<KubeNode> = Api::all(client.clone());
-        for i in 1..=args.nodes {
-            let name = format!("node{i}");
-            let node = fabric.add_node(&name)?;
-            let obj: KubeNode = serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-                "status": {"addresses": [{"type": "InternalIP", "address": node.v4.to_string()}]}
-            }))?;
-            kube_nodes.create(&PostParams::default(), &obj).await?;
-            nodes.push((name, node));
-        }
-        let _tor = start_tor(&fabric, args.tor).context("top-of-rack router")?;
-        let work = names::temp_dir("lab")?;
-        let indexes: Vec<u8> = nodes.iter().map(|(_, n)| n.index).collect();
-        let mut speakers = Vec::new();
-        for (_, n) in &nodes {
-            speakers.push(start_speaker(
-                n,
-                &indexes,
-                args.tor != Tor::None,
-                work.path(),
-            )?);
-        }
-        // Ready when every node's kernel holds every other node's block.
-        wait::until_async(
-            "routes to every block on every node",
-            std::time::Duration::from_secs(120),
-            std::time::Duration::from_millis(200),
-            || {
-                let nodes = &nodes;
-                let indexes = &indexes;
-                async move {
-                    for (name, n) in nodes {
-                        let routes = n.routes_v4().map_err(|e| e.to_string())?;
-                        for &j in indexes.iter().filter(|&&j| j != n.index) {
-                            let (block, _) = node_block(j);
-                            if !routes
-                                .lines()
-                                .any(|l| l.starts_with(&block) && !l.starts_with("blackhole"))
-                            {
-                                return Err(format!("{name} has no route to {block}"));
-                            }
-                        }
-                    }
-                    Ok(Some(()))
-                }
-            },
-        )
+        let t0 = Instant::now();
+        let mut c = Cluster::start(Options {
+            nodes: args.nodes,
+            encap: args.encap,
+            tor: args.tor,
+            route_reflectors: args.route_reflectors,
+            work_dir: Some(state::dir().join("work")),
+            ..Default::default()
+        })
         .await?;
-        let state = State {
-            supervisor_pid: std::process::id(),
-            args: args.clone(),
-            apiserver_url: api.url(),
-            kubeconfig: kubeconfig.display().to_string(),
-            fabric_netns: fabric.ns().name().to_owned(),
-            tor_v4: margay_harness::topo::FABRIC_GW_V4.to_string(),
-            nodes: nodes
-                .iter()
-                .map(|(name, n)| NodeState {
-                    name: name.clone(),
-                    netns: n.ns.name().to_owned(),
-                    v4: n.v4.to_string(),
-                    v6: n.v6.to_string(),
-                    block: node_block(n.index).0,
-                    pod_v4: node_block(n.index).1,
-                })
-                .collect(),
-        };
-        state.save()?;
-        tracing::info!("lab ready");
+        let kubeconfig = state::dir().join("kubeconfig");
+        std::fs::copy(c.api.kubeconfig(), &kubeconfig)?;
+        let kubeconfig = kubeconfig.display().to_string();
+        for i in 0..c.nodes.len() {
+            let node = c.nodes[i].name.clone();
+            for k in 1..=args.pods_per_node {
+                c.add_pod(&node, &format!("{node}-pod{k}")).await?;
+            }
+        }
+        c.wait_converged(Duration::from_secs(120)).await?;
+        // Ready when every pod reaches every other (BGP has settled).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = c.matrix()?;
+            if m.failures.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(failures = m.failures.len(), "pods not all reachable; lab up anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ready = t0.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(state::control_path());
+        let control = UnixListener::bind(state::control_path())?;
+        snapshot(&c, &args, &kubeconfig, ready).save()?;
+        tracing::info!(ready, "lab ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                conn = control.accept() => {
+                    let Ok((conn, _)) = conn else { continue };
+                    let (r, mut w) = conn.into_split();
+                    let mut line = String::new();
+                    if BufReader::new(r).read_line(&mut line).await.is_err() {
+                        continue;
+                    }
+                    let reply = match serde_json::from_str::<Value>(&line) {
+                        Ok(req) => handle(&mut c, &req).await.unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})),
+                        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                    };
+                    snapshot(&c, &args, &kubeconfig, ready).save()?;
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                }
+            }
         }
         tracing::info!("tearing down");
+        let _ = std::fs::remove_file(state::control_path());
         State::clear();
         Ok(ExitCode::SUCCESS)
     })

@@ -1,0 +1,682 @@
+//! One Margay cluster in network namespaces. Every part is a harness value
+//! owned by [`Cluster`]: dropping it stops every process by PID and removes
+//! every namespace (pods first, then agents, router, fabric, apiserver).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod as KubePod, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use margay_agent::bgp_crd::{BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec};
+use margay_harness::bgpd::{Bird, Frr, Gobgp};
+use margay_harness::kube::{ApiRelay, ApiServer};
+use margay_harness::netns::Netns;
+use margay_harness::process::Daemon;
+use margay_harness::topo::{FABRIC_GW_V4, Fabric, Node};
+use margay_harness::{names, paths, wait};
+use margay_ipam::crd::{
+    CONFIG_NAME, Encapsulation, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool,
+    IPPoolSpec, LabelSelector,
+};
+
+use crate::{Encap, Tor};
+
+/// The ToR's AS; nodes use the cluster AS (64512).
+pub const TOR_ASN: u32 = 65000;
+/// The pod pool.
+pub const POOL_CIDR: &str = "10.244.0.0/16";
+/// Label (and annotation) marking route reflector nodes.
+pub const RR_LABEL: &str = "margay.dev/route-reflector";
+
+/// How to build the cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Number of nodes.
+    pub nodes: u8,
+    /// The pool's encapsulation.
+    pub encap: Encap,
+    /// Top-of-rack router.
+    pub tor: Tor,
+    /// Nodes 1..=N are route reflectors and the mesh is off (0: full mesh).
+    pub route_reflectors: u8,
+    /// Agents' leak collection period in seconds (0: off).
+    pub gc_interval: u64,
+    /// IPAM's leak grace period in seconds.
+    pub leak_grace: u64,
+    /// Where agents' logs and sockets go (default: a temp dir).
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            encap: Encap::None,
+            tor: Tor::Bird,
+            route_reflectors: 0,
+            gc_interval: 60,
+            leak_grace: 300,
+            work_dir: None,
+        }
+    }
+}
+
+/// The router (held for its destructor).
+#[derive(Debug)]
+#[allow(dead_code)]
+pub enum Router {
+    /// BIRD.
+    Bird(Bird),
+    /// FRR.
+    Frr(Frr),
+    /// GoBGP.
+    Gobgp(Gobgp),
+}
+
+/// A node: its namespace, its agent and how to reach it.
+#[derive(Debug)]
+pub struct LabNode {
+    /// Kubernetes name (`node1`...).
+    pub name: String,
+    /// The namespace and its fabric addresses.
+    pub node: Node,
+    /// The agent's CNI socket.
+    pub socket: PathBuf,
+    /// The conflist `cnitool` uses on this node.
+    pub conflist: PathBuf,
+    /// The agent, while running.
+    pub agent: Option<Daemon>,
+    relay: ApiRelay,
+}
+
+/// A pod: a namespace wired by the `margay` plugin.
+#[derive(Debug)]
+pub struct Pod {
+    /// Pod name (namespace `default`).
+    pub name: String,
+    /// Its node.
+    pub node: String,
+    /// Its network namespace.
+    pub ns: Netns,
+    /// Its IPv4 address.
+    pub ip: String,
+    /// The container ID the runtime used.
+    pub id: String,
+}
+
+/// The whole cluster. Field order is teardown order.
+pub struct Cluster {
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Nodes.
+    pub nodes: Vec<LabNode>,
+    /// The top-of-rack router.
+    pub tor: Option<Router>,
+    /// Admin client.
+    pub client: kube::Client,
+    work: WorkDir,
+    /// The fabric (its namespace is the router's).
+    pub fabric: Fabric,
+    /// The apiserver.
+    pub api: ApiServer,
+    /// What it was built with.
+    pub opts: Options,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("nodes", &self.nodes.len())
+            .field("pods", &self.pods.len())
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum WorkDir {
+    Temp(tempfile::TempDir),
+    Fixed(PathBuf),
+}
+
+impl WorkDir {
+    fn path(&self) -> &Path {
+        match self {
+            WorkDir::Temp(t) => t.path(),
+            WorkDir::Fixed(p) => p,
+        }
+    }
+}
+
+/// The command line of `margay-agent run` for node `name` inside `node`'s
+/// namespace, talking to `api`, serving CNI on `socket`.
+pub fn agent_cmd(
+    node: &Node,
+    name: &str,
+    api: &ApiServer,
+    socket: &Path,
+) -> anyhow::Result<Command> {
+    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent")?);
+    cmd.args(["run", "--node-name", name, "--kubeconfig"])
+        .arg(api.kubeconfig())
+        .arg("--socket")
+        .arg(socket);
+    Ok(cmd)
+}
+
+fn tor_config(tor: Tor) -> String {
+    match tor {
+        Tor::Bird => format!(
+            "log stderr all;\nrouter id 10.99.0.254;\nprotocol device {{}}\n\
+             protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths on; }}\n\
+             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/24 as 64512;\n  direct;\n  hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; }};\n}}\n"
+        ),
+        Tor::Frr => format!(
+            "frr defaults traditional\nhostname tor\nrouter bgp {TOR_ASN}\n bgp router-id 10.99.0.254\n no bgp ebgp-requires-policy\n neighbor nodes peer-group\n neighbor nodes remote-as 64512\n neighbor nodes timers 3 9\n bgp listen range 10.99.0.0/24 peer-group nodes\n!\n"
+        ),
+        Tor::Gobgp => format!(
+            "[global.config]\n  as = {TOR_ASN}\n  router-id = \"10.99.0.254\"\n\
+             [[peer-groups]]\n  [peer-groups.config]\n    peer-group-name = \"nodes\"\n    peer-as = 64512\n\
+             [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.99.0.0/24\"\n    peer-group = \"nodes\"\n"
+        ),
+        Tor::None => String::new(),
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> anyhow::Result<T> {
+    Ok(serde_json::from_value(v)?)
+}
+
+impl Cluster {
+    /// Builds the cluster and starts every agent (returns before routes
+    /// have converged: see [`Cluster::wait_converged`]).
+    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        let api = ApiServer::start().await.context("kube-apiserver")?;
+        let client = api.client().await?;
+        margay_agent::crds::install(&client).await.context("CRDs")?;
+        let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        sa.create(
+            &PostParams::default(),
+            &json(serde_json::json!({"metadata": {"name": "default"}}))?,
+        )
+        .await?;
+        let cfgs: Api<IPAMConfiguration> = Api::all(client.clone());
+        let ipam = IPAMConfigurationSpec {
+            leak_grace_seconds: opts.leak_grace,
+            ..Default::default()
+        };
+        cfgs.create(
+            &PostParams::default(),
+            &IPAMConfiguration::new(CONFIG_NAME, ipam),
+        )
+        .await?;
+        let mut pool = IPPoolSpec::with_cidr(POOL_CIDR, Some(26));
+        pool.encapsulation = match opts.encap {
+            Encap::None => Encapsulation::None,
+            Encap::Vxlan => Encapsulation::Vxlan,
+            Encap::Ipip => Encapsulation::Ipip,
+        };
+        let pools: Api<IPPool> = Api::all(client.clone());
+        pools
+            .create(&PostParams::default(), &IPPool::new("default", pool))
+            .await?;
+        let bgp: Api<BGPConfiguration> = Api::all(client.clone());
+        bgp.create(
+            &PostParams::default(),
+            &BGPConfiguration::new(
+                "default",
+                BGPConfigurationSpec {
+                    as_number: Some(64512),
+                    node_to_node_mesh_enabled: Some(opts.route_reflectors == 0),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await?;
+        let peers: Api<BGPPeer> = Api::all(client.clone());
+        if opts.tor != Tor::None {
+            peers
+                .create(
+                    &PostParams::default(),
+                    &BGPPeer::new(
+                        "tor",
+                        BGPPeerSpec {
+                            peer_ip: Some(FABRIC_GW_V4.to_string()),
+                            as_number: Some(TOR_ASN),
+                            hold_time_seconds: Some(9),
+                            ..Default::default()
+                        },
+                    ),
+                )
+                .await?;
+        }
+        if opts.route_reflectors > 0 {
+            let mut sel = LabelSelector::default();
+            sel.match_labels.insert(RR_LABEL.into(), "true".into());
+            peers
+                .create(
+                    &PostParams::default(),
+                    &BGPPeer::new(
+                        "route-reflectors",
+                        BGPPeerSpec {
+                            peer_selector: Some(sel),
+                            ..Default::default()
+                        },
+                    ),
+                )
+                .await?;
+        }
+        let work = match &opts.work_dir {
+            Some(p) => {
+                std::fs::create_dir_all(p)?;
+                WorkDir::Fixed(p.clone())
+            }
+            None => WorkDir::Temp(names::temp_dir("lab")?),
+        };
+        let fabric = Fabric::new().context("fabric")?;
+        let tor = Self::start_tor(&fabric, opts.tor).context("top-of-rack router")?;
+        let kube_nodes: Api<KubeNode> = Api::all(client.clone());
+        let mut nodes = Vec::new();
+        for i in 1..=opts.nodes {
+            let name = format!("node{i}");
+            let node = fabric.add_node(&name)?;
+            let rr = i <= opts.route_reflectors;
+            let mut meta =
+                serde_json::json!({"name": name, "labels": {"kubernetes.io/hostname": name}});
+            if rr {
+                meta["labels"][RR_LABEL] = "true".into();
+                meta["annotations"] = serde_json::json!({
+                    margay_agent::routing::ANN_RR_CLUSTER_ID: "244.0.0.1"
+                });
+            }
+            kube_nodes
+                .create(
+                    &PostParams::default(),
+                    &json(serde_json::json!({
+                        "metadata": meta,
+                        "status": {"addresses": [{"type": "InternalIP", "address": node.v4.to_string()}]}
+                    }))?,
+                )
+                .await?;
+            let relay = api.expose_in(&node.ns)?;
+            let socket = work.path().join(format!("{name}.sock"));
+            let conflist = work.path().join(format!("{name}.conflist"));
+            std::fs::write(
+                &conflist,
+                serde_json::json!({"cniVersion": "1.0.0", "name": "margay",
+                    "plugins": [{"type": "margay", "socket": socket}]})
+                .to_string(),
+            )?;
+            nodes.push(LabNode {
+                name,
+                node,
+                socket,
+                conflist,
+                agent: None,
+                relay,
+            });
+        }
+        let mut c = Cluster {
+            pods: Vec::new(),
+            nodes,
+            tor,
+            client,
+            work,
+            fabric,
+            api,
+            opts,
+        };
+        for i in 0..c.nodes.len() {
+            c.start_agent(i)?;
+        }
+        Ok(c)
+    }
+
+    fn start_tor(fabric: &Fabric, tor: Tor) -> anyhow::Result<Option<Router>> {
+        let ns = fabric.ns();
+        let conf = tor_config(tor);
+        Ok(match tor {
+            Tor::None => None,
+            Tor::Bird => Some(Router::Bird(Bird::start(ns, &conf)?)),
+            Tor::Frr => Some(Router::Frr(Frr::start(ns, &conf, true)?)),
+            Tor::Gobgp => Some(Router::Gobgp(Gobgp::start(ns, &conf)?)),
+        })
+    }
+
+    /// The directory holding logs, sockets and conflists.
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// Index of a node by name.
+    pub fn node_index(&self, name: &str) -> anyhow::Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node named {name:?}"))
+    }
+
+    /// Starts (or restarts) node `i`'s agent; returns once its socket is there.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let n = &self.nodes[i];
+        let _ = std::fs::remove_file(&n.socket);
+        let mut cmd = agent_cmd(&n.node, &n.name, &self.api, &n.socket)?;
+        cmd.args(["--gc-interval", &self.opts.gc_interval.to_string()])
+            .env("MARGAY_LOG", "info");
+        let log = self.work.path().join(format!("{}.log", n.name));
+        let agent = Daemon::spawn("margay-agent", cmd, &log)?;
+        let socket = n.socket.clone();
+        wait::until(
+            "agent socket",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || Ok(socket.exists().then_some(())),
+        )
+        .with_context(|| format!("{} agent did not start:\n{}", n.name, agent.log_tail(20)))?;
+        self.nodes[i].agent = Some(agent);
+        Ok(())
+    }
+
+    /// SIGKILLs node `i`'s agent (its kernel state stays).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.nodes[i].agent.take() {
+            a.kill9();
+        }
+    }
+
+    fn cnitool(
+        &self,
+        n: &LabNode,
+        verb: &str,
+        id: &str,
+        netns: &Path,
+        pod: &str,
+        uid: &str,
+    ) -> anyhow::Result<String> {
+        let margay = paths::workspace_bin("margay")?;
+        let out = n
+            .node
+            .ns
+            .cmd(paths::cnitool()?)
+            .args([verb, &n.conflist.display().to_string(), id])
+            .arg(netns)
+            .env(
+                "CNI_PATH",
+                format!(
+                    "{}:{}",
+                    margay.parent().unwrap_or(Path::new("/")).display(),
+                    paths::cni_plugin_dir().display()
+                ),
+            )
+            .env(
+                "CNI_CACHE_DIR",
+                self.work.path().join(format!("cni-cache-{}", n.name)),
+            )
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID={uid}"
+                ),
+            )
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "CNI {verb} of {pod} on {}: {}{}",
+                n.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates pod `name` on node `node`: the Pod object (so leak
+    /// collection knows it), a namespace, and CNI ADD through the real
+    /// plugin. Returns its address.
+    pub async fn add_pod(&mut self, node: &str, name: &str) -> anyhow::Result<String> {
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("a pod named {name:?} exists already");
+        }
+        let i = self.node_index(node)?;
+        let api: Api<KubePod> = Api::namespaced(self.client.clone(), "default");
+        let obj = api
+            .create(
+                &PostParams::default(),
+                &json(serde_json::json!({
+                    "metadata": {"name": name},
+                    "spec": {"nodeName": node, "automountServiceAccountToken": false, "containers": [{"name": "c", "image": "busybox"}]}
+                }))?,
+            )
+            .await
+            .with_context(|| format!("creating Pod {name}"))?;
+        let uid = obj.metadata.uid.unwrap_or_default();
+        let ns = Netns::create(&format!("pod-{name}"))?;
+        let id = format!("lab-{name}");
+        let out = match self.cnitool(&self.nodes[i], "add", &id, &ns.path(), name, &uid) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = api.delete(name, &DeleteParams::default()).await;
+                return Err(e);
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let ip = v["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .find(|a| !a.contains(':'))
+            .context("no IPv4 address in the CNI result")?
+            .trim_end_matches("/32")
+            .to_string();
+        self.pods.push(Pod {
+            name: name.to_string(),
+            node: node.to_string(),
+            ns,
+            ip: ip.clone(),
+            id,
+        });
+        Ok(ip)
+    }
+
+    /// CNI DEL of pod `name`, then its namespace and Pod object go.
+    pub async fn del_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let k = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod named {name:?}"))?;
+        let i = self.node_index(&self.pods[k].node)?;
+        let p = &self.pods[k];
+        self.cnitool(&self.nodes[i], "del", &p.id, &p.ns.path(), name, "")?;
+        self.pods.remove(k);
+        let api: Api<KubePod> = Api::namespaced(self.client.clone(), "default");
+        let _ = api.delete(name, &DeleteParams::default()).await;
+        Ok(())
+    }
+
+    /// Every IPAM block with its node.
+    pub async fn blocks(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let api: Api<IPAMBlock> = Api::all(self.client.clone());
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|b| Some((b.spec.cidr.clone(), b.spec.node.clone()?)))
+            .collect())
+    }
+
+    /// What keeps the routes from matching the blocks: each node needs a
+    /// route (protocol 79) to every block of the others, and a BIRD/FRR
+    /// router one to every block.
+    pub async fn route_gaps(&self) -> anyhow::Result<Vec<String>> {
+        let blocks = self.blocks().await?;
+        let mut gaps = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
+            let routes = n.node.ns.ip(&["-4", "route", "show", "proto", "79"])?;
+            for (cidr, owner) in blocks.iter().filter(|(_, o)| *o != n.name) {
+                if !routes.lines().any(|l| l.starts_with(&format!("{cidr} "))) {
+                    gaps.push(format!("{} has no route to {cidr} ({owner})", n.name));
+                }
+            }
+        }
+        if matches!(self.opts.tor, Tor::Bird | Tor::Frr) {
+            let routes = self.fabric.ns().ip(&["-4", "route", "show"])?;
+            for (cidr, owner) in &blocks {
+                if !routes.lines().any(|l| l.starts_with(&format!("{cidr} "))) {
+                    gaps.push(format!("the router has no route to {cidr} ({owner})"));
+                }
+            }
+        }
+        Ok(gaps)
+    }
+
+    /// Waits until [`Cluster::route_gaps`] is empty.
+    pub async fn wait_converged(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let mut last = Vec::new();
+        while t.elapsed() < timeout {
+            last = self.route_gaps().await?;
+            if last.is_empty() {
+                return Ok(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "routes did not converge in {timeout:?}: {}",
+            last.join("; ")
+        )
+    }
+
+    /// Pings every pod from every pod, and each pod's own node from the
+    /// pod (fping from each pod's namespace, all pods at once).
+    pub fn matrix(&self) -> anyhow::Result<Matrix> {
+        let node_ip: BTreeMap<&str, String> = self
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.node.v4.to_string()))
+            .collect();
+        let mut children = Vec::new();
+        for p in &self.pods {
+            // (address, node it lives on; "node" for the pod's own node)
+            let mut targets: Vec<(String, String)> = self
+                .pods
+                .iter()
+                .filter(|q| q.name != p.name)
+                .map(|q| (q.ip.clone(), q.node.clone()))
+                .collect();
+            if let Some(ip) = node_ip.get(p.node.as_str()) {
+                targets.push((ip.clone(), "node".into()));
+            }
+            let child =
+                p.ns.cmd("fping")
+                    .args(["-u", "-r", "3", "-t", "300", "-i", "1"])
+                    .args(targets.iter().map(|(ip, _)| ip))
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .context("fping (apt install fping)")?;
+            children.push((p, targets, child));
+        }
+        let mut m = Matrix::default();
+        let mut pairs: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+        for (p, targets, c) in children {
+            let out = c.wait_with_output()?;
+            let failed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            for (ip, node) in targets {
+                let e = pairs.entry((p.node.clone(), node)).or_default();
+                e.1 += 1;
+                m.total += 1;
+                if failed.contains(&ip) {
+                    m.failures.push(format!("{} -> {ip}", p.name));
+                } else {
+                    e.0 += 1;
+                }
+            }
+        }
+        m.pairs = pairs
+            .into_iter()
+            .map(|((from, to), (ok, total))| NodePair {
+                from,
+                to,
+                ok,
+                total,
+            })
+            .collect();
+        Ok(m)
+    }
+}
+
+/// Pod reachability between two nodes (`to` = `node`: pods to their own node).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodePair {
+    /// Pods on this node...
+    pub from: String,
+    /// ...to pods on this node.
+    pub to: String,
+    /// Pings answered.
+    pub ok: usize,
+    /// Pings sent.
+    pub total: usize,
+}
+
+/// Result of [`Cluster::matrix`].
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Matrix {
+    /// Pairs tried.
+    pub total: usize,
+    /// `pod -> address` that did not answer.
+    pub failures: Vec<String>,
+    /// Per node pair.
+    pub pairs: Vec<NodePair>,
+}
+
+impl Matrix {
+    /// A node × node table (`ok/total` per cell; column `node` = pods to
+    /// their own node).
+    pub fn table(&self) -> String {
+        let mut rows: Vec<&str> = self.pairs.iter().map(|p| p.from.as_str()).collect();
+        rows.dedup();
+        let mut cols: Vec<&str> = rows.clone();
+        cols.push("node");
+        let mut o = format!("{:<12}", "pods on\\to");
+        for c in &cols {
+            o.push_str(&format!(" {c:>9}"));
+        }
+        o.push('\n');
+        for r in &rows {
+            o.push_str(&format!("{r:<12}"));
+            for c in &cols {
+                let cell = self
+                    .pairs
+                    .iter()
+                    .find(|p| p.from == *r && p.to == *c)
+                    .map_or("-".to_string(), |p| format!("{}/{}", p.ok, p.total));
+                o.push_str(&format!(" {cell:>9}"));
+            }
+            o.push('\n');
+        }
+        o
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Pods' namespaces go first (fields drop in order); stop agents
+        // gracefully so they do not log errors about vanished links.
+        for n in &mut self.nodes {
+            if let Some(a) = n.agent.as_mut() {
+                a.stop(Duration::from_secs(5));
+            }
+            let _ = &n.relay;
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `margay-lab` as a library: [`cluster::Cluster`] builds a whole Margay
+//! cluster on one machine from the test harness's parts (a real etcd +
+//! kube-apiserver, node namespaces on a fabric, a real `margay-agent` per
+//! node, an optional top-of-rack router, pods wired through the real
+//! `margay` CNI plugin). The `margay-lab` binary keeps one in the
+//! background; the end-to-end tests build their own.
+
+pub mod cluster;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// Encapsulation for pod traffic between nodes.
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Encap {
+    /// Native routing on the fabric.
+    None,
+    /// VXLAN overlay.
+    Vxlan,
+    /// IP-in-IP overlay (needs a kernel with IPIP).
+    Ipip,
+}
+
+/// Top-of-rack router software.
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Tor {
+    /// BIRD 2.
+    Bird,
+    /// FRR (bgpd + zebra).
+    Frr,
+    /// GoBGP.
+    Gobgp,
+    /// No router.
+    None,
+}
+
+/// The name clap shows for a value.
+pub fn value_name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
