@@ -44,6 +44,9 @@ use crate::routing::{
 
 /// The Node condition the agent maintains.
 pub const CONDITION: &str = "MargayReady";
+/// How often the Node condition's heartbeat is renewed even when nothing
+/// changed (`margayctl` reads an older heartbeat as "agent not running").
+pub const HEARTBEAT: Duration = Duration::from_secs(60);
 /// Longest wait after a start before routes BGP has not relearned are
 /// removed from the kernel.
 pub const PRUNE_GRACE: Duration = Duration::from_secs(90);
@@ -532,10 +535,17 @@ impl Routing {
             .unwrap_or_default();
         let cur = conds.iter().find(|c| c.type_ == CONDITION);
         let net = conds.iter().find(|c| c.type_ == "NetworkUnavailable");
+        let fresh = |c: &k8s_openapi::api::core::v1::NodeCondition| {
+            c.last_heartbeat_time.as_ref().is_some_and(|t| {
+                let age = jiff::Timestamp::now().duration_since(t.0);
+                age < jiff::SignedDuration::from_secs(HEARTBEAT.as_secs() as i64)
+            })
+        };
         if cur.is_some_and(|c| {
             c.status == status
                 && c.reason.as_deref() == Some(reason)
                 && c.message.as_deref() == Some(message.as_str())
+                && fresh(c)
         }) && net.is_some_and(|c| c.status == "False")
         {
             return Ok(());

@@ -14,6 +14,7 @@ pub mod bgp_crd;
 pub mod blocks;
 pub mod cni;
 pub mod crds;
+pub mod ctl;
 pub mod dataplane;
 pub mod http;
 pub mod kube_store;

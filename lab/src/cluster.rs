@@ -494,7 +494,10 @@ impl Cluster {
         self.cnitool(&self.nodes[i], "del", &p.id, &p.ns.path(), name, "")?;
         self.pods.remove(k);
         let api: Api<KubePod> = Api::namespaced(self.client.clone(), "default");
-        let _ = api.delete(name, &DeleteParams::default()).await;
+        // No kubelet finishes a graceful delete here: force it.
+        let _ = api
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await;
         Ok(())
     }
 
@@ -533,6 +536,49 @@ impl Cluster {
             }
         }
         Ok(gaps)
+    }
+
+    /// Waits until routes have converged and every pod reaches every pod
+    /// (and its node); returns the time it took.
+    pub async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        self.wait_converged(timeout).await?;
+        loop {
+            let m = self.matrix()?;
+            if m.failures.is_empty() {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                bail!(
+                    "pods not connected after {timeout:?}: {}",
+                    m.failures.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The agent log of node `i`.
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.work.path().join(format!("{}.log", self.nodes[i].name)))
+            .unwrap_or_default()
+    }
+
+    /// Runs `margayctl ARGS` inside node `i`'s namespace with the admin
+    /// kubeconfig; returns (exit code, stdout, stderr).
+    pub fn margayctl(&self, i: usize, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let out = self.nodes[i]
+            .node
+            .ns
+            .cmd(paths::workspace_bin("margayctl")?)
+            .args(args)
+            .env("KUBECONFIG", self.api.kubeconfig())
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// Waits until [`Cluster::route_gaps`] is empty.

@@ -91,6 +91,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         tracing::info!(?args, "starting lab");
         let t0 = Instant::now();
+        let _ = std::fs::remove_dir_all(state::dir().join("work"));
         let mut c = Cluster::start(Options {
             nodes: args.nodes,
             encap: args.encap,

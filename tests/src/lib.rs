@@ -66,20 +66,8 @@ pub fn agent_cmd(
     api: &ApiServer,
     socket: &std::path::Path,
 ) -> anyhow::Result<std::process::Command> {
-    let mut cmd = node
-        .ns
-        .cmd(margay_harness::paths::workspace_bin("margay-agent")?);
-    cmd.args([
-        "run",
-        "--node-name",
-        name,
-        "--gc-interval",
-        "0",
-        "--kubeconfig",
-    ])
-    .arg(api.kubeconfig())
-    .arg("--socket")
-    .arg(socket);
+    let mut cmd = margay_lab::cluster::agent_cmd(node, name, api, socket)?;
+    cmd.args(["--gc-interval", "0"]);
     Ok(cmd)
 }
 

@@ -1,19 +1,208 @@
-//! `margayctl`: operator CLI (node status, IPAM show/check/release, routes).
+//! `margayctl`: operator CLI. `node status` and `routes` ask the agent on
+//! this node (its `/status` endpoint); `ipam show|check|release` read and
+//! write the IPAM objects through the Kubernetes API. Tables by default,
+//! `-o json` for scripts. Exit codes: 0 fine, 1 problems found or refused,
+//! 2 cannot run (bad flags, unreachable agent or API).
 
-use clap::Parser;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use margay_agent::ctl;
+use margay_agent::kube_store::KubeStore;
+use margay_ipam::Store;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "margayctl", version, about = "Margay operator CLI")]
 struct Cli {
-    /// Command and arguments.
-    args: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    /// Kubeconfig (default: $KUBECONFIG, then in-cluster).
+    #[arg(long, env = "KUBECONFIG", global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// The agent's HTTP endpoint on this node.
+    #[arg(
+        long,
+        env = "MARGAY_AGENT",
+        default_value = "127.0.0.1:9099",
+        global = true
+    )]
+    agent: String,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn main() -> std::process::ExitCode {
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// This node.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Address management.
+    Ipam {
+        #[command(subcommand)]
+        cmd: IpamCmd,
+    },
+    /// BGP best routes on this node.
+    Routes,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// The agent's state and its BGP sessions.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum IpamCmd {
+    /// Pools, blocks and usage per node.
+    Show,
+    /// Leaks, duplicates and orphans, as a report (exit 1 when any).
+    Check,
+    /// Release addresses (refused for a node whose agent runs, unless --force).
+    Release {
+        /// Addresses to release.
+        #[arg(long = "address")]
+        addresses: Vec<IpAddr>,
+        /// A report from `margayctl ipam check -o json`: releases its leaks.
+        #[arg(long)]
+        from_report: Option<PathBuf>,
+        /// Release even when the node's agent is running.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+async fn client(kubeconfig: &Option<PathBuf>) -> anyhow::Result<kube::Client> {
+    let cfg = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+fn print(
+    out: Output,
+    json: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(json)?),
+        Output::Table => print!("{}", text()),
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Node {
+            cmd: NodeCmd::Status,
+        } => {
+            let st = ctl::agent_get(&cli.agent, "/status")?;
+            print(cli.output, &st, || ctl::render_node_status(&st))?;
+            Ok(if st["ready"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Routes => {
+            let st = ctl::agent_get(&cli.agent, "/status")?;
+            print(cli.output, &st["routes"], || ctl::render_routes(&st))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ipam { cmd } => {
+            let client = client(&cli.kubeconfig).await.context("Kubernetes API")?;
+            let store = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
+            match cmd {
+                IpamCmd::Show => {
+                    let s = ctl::ipam_show(&store.pools().await?, &store.list_blocks().await?);
+                    print(cli.output, &s, || ctl::render_ipam_show(&s))?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                IpamCmd::Check => {
+                    let c = ctl::collect_check(&store).await?;
+                    print(cli.output, &c, || ctl::render_ipam_check(&c))?;
+                    Ok(if c.ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
+                }
+                IpamCmd::Release {
+                    mut addresses,
+                    from_report,
+                    force,
+                } => {
+                    if let Some(p) = from_report {
+                        let r: serde_json::Value = serde_json::from_slice(
+                            &std::fs::read(&p)
+                                .with_context(|| format!("reading {}", p.display()))?,
+                        )
+                        .with_context(|| format!("{} is not a JSON report", p.display()))?;
+                        for l in r["leaks"].as_array().into_iter().flatten() {
+                            addresses.push(
+                                l["address"]
+                                    .as_str()
+                                    .and_then(|a| a.parse().ok())
+                                    .context("a leak without an address in the report")?,
+                            );
+                        }
+                    }
+                    anyhow::ensure!(
+                        !addresses.is_empty(),
+                        "nothing to release: give --address or --from-report"
+                    );
+                    match ctl::release(&client, store, &addresses, force).await {
+                        Ok(done) => {
+                            print(cli.output, &done, || {
+                                done.iter().map(|d| format!("{d}\n")).collect()
+                            })?;
+                            Ok(ExitCode::SUCCESS)
+                        }
+                        Err(e) => {
+                            eprintln!("margayctl: {e:#}");
+                            Ok(ExitCode::from(1))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "margayctl {}: not available in this build yet",
-        cli.args.join(" ")
-    );
-    std::process::ExitCode::from(2)
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("margayctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("margayctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -1,0 +1,445 @@
+//! End to end: whole clusters of real `margay-agent`s (one per node
+//! namespace) on a real kube-apiserver, pods wired through the real
+//! `margay` plugin by libcni, BGP between the agents and with a real BIRD
+//! top-of-rack router, traffic through the real kernel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
+use kube::api::{Api, DeleteParams, ListParams};
+use margay_ipam::crd::IPAMBlock;
+use margay_lab::cluster::{Cluster, Options};
+use margay_lab::{Encap, Tor};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(90);
+
+async fn cluster(opts: Options, pods_per_node: usize) -> Cluster {
+    let mut c = Cluster::start(opts).await.expect("cluster");
+    for i in 0..c.nodes.len() {
+        let node = c.nodes[i].name.clone();
+        for k in 1..=pods_per_node {
+            c.add_pod(&node, &format!("{node}-p{k}"))
+                .await
+                .expect("pod");
+        }
+    }
+    if let Err(e) = c.wait_connected(T).await {
+        panic!("{e:#}\nnode1 log:\n{}", tail(&c.agent_log(0), 30));
+    }
+    c
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn curl(c: &Cluster, i: usize, path: &str) -> String {
+    c.nodes[i]
+        .node
+        .ns
+        .exec(
+            "curl",
+            &[
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:9099{path}"),
+            ],
+        )
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_mesh_native_with_bird_tor_and_margayctl() {
+    let c = cluster(Options::default(), 2).await;
+    // The router's kernel holds every block, learned from its owner only.
+    let tor = c
+        .fabric
+        .ns()
+        .ip(&["-4", "route", "show", "proto", "bird"])
+        .unwrap();
+    for (cidr, owner) in c.blocks().await.unwrap() {
+        let idx: usize = owner.trim_start_matches("node").parse().unwrap();
+        let want = format!("{cidr} via 10.99.0.{idx} ");
+        assert!(tor.contains(&want), "{want:?} not in\n{tor}");
+    }
+    // Routes in each node's kernel match the blocks exactly.
+    let blocks = c.blocks().await.unwrap();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let routes = n
+            .node
+            .ns
+            .ip(&["-4", "route", "show", "proto", "79"])
+            .unwrap();
+        assert_eq!(routes.lines().count(), blocks.len() - 1, "{routes}");
+        let own = n
+            .node
+            .ns
+            .ip(&["route", "show", "type", "blackhole"])
+            .unwrap();
+        let mine: Vec<_> = blocks.iter().filter(|(_, o)| *o == n.name).collect();
+        assert!(mine.iter().all(|(b, _)| own.contains(b.as_str())), "{own}");
+        // Health endpoints.
+        assert!(curl(&c, i, "/healthz").ends_with("200"));
+        assert!(
+            curl(&c, i, "/readyz").ends_with("200"),
+            "{}",
+            curl(&c, i, "/readyz")
+        );
+        let m = curl(&c, i, "/metrics");
+        assert!(
+            m.contains("margay_cni_request_duration_seconds_count{op=\"ADD\"} 2"),
+            "{m}"
+        );
+        assert!(m.contains("margay_bgp_sessions_established 3"), "{m}");
+        assert!(m.contains("margay_ipam_operations_total"), "{m}");
+    }
+    // The Node objects carry identity and a healthy condition.
+    let nodes: Api<KubeNode> = Api::all(c.client.clone());
+    let n1 = nodes.get("node1").await.unwrap();
+    let ann = n1.metadata.annotations.unwrap();
+    assert_eq!(ann["margay.dev/bgp-address"], "10.99.0.1/24");
+    let conds = n1.status.unwrap().conditions.unwrap();
+    let ready = conds.iter().find(|c| c.type_ == "MargayReady").unwrap();
+    assert_eq!(ready.status, "True", "{ready:?}");
+    assert!(
+        conds
+            .iter()
+            .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False")
+    );
+
+    // margayctl, human and JSON.
+    let (code, out, err) = c.margayctl(0, &["node", "status"]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("running on node1 (address 10.99.0.1/24, AS 64512): ready"),
+        "{out}"
+    );
+    for peer in ["10.99.0.2", "10.99.0.3"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(peer))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(
+            line.contains("node-to-node") && line.contains("Established"),
+            "{line}"
+        );
+    }
+    let line = out.lines().find(|l| l.starts_with("10.99.0.254")).unwrap();
+    assert!(
+        line.contains("external") && line.contains("Established"),
+        "{line}"
+    );
+    let (_, out, _) = c.margayctl(0, &["node", "status", "-o", "json"]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["peers"].as_array().unwrap().len(), 3);
+    assert_eq!(v["routing"]["problems"].as_array().unwrap().len(), 0);
+    let (_, out, _) = c.margayctl(0, &["routes"]).unwrap();
+    assert_eq!(
+        out.lines().filter(|l| l.contains("10.99.0.")).count(),
+        2,
+        "{out}"
+    );
+    let (code, out, _) = c.margayctl(0, &["ipam", "show", "-o", "json"]).unwrap();
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["blocks"].as_array().unwrap().len(), 3);
+    assert_eq!(v["pools"][0]["name"], "default");
+    let (_, out, _) = c.margayctl(0, &["ipam", "show"]).unwrap();
+    assert!(
+        out.contains("IP pools") && out.contains("10.244.0.0/16"),
+        "{out}"
+    );
+    let (code, out, _) = c.margayctl(0, &["ipam", "check"]).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("IPAM is consistent."), "{out}");
+    // Release is refused for a live node's address.
+    let pod_ip = c.pods[0].ip.clone();
+    let (code, _, err) = c
+        .margayctl(0, &["ipam", "release", "--address", &pod_ip])
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("agent is running") && err.contains("--force"),
+        "{err}"
+    );
+    // A bad flag is an exit code with a message.
+    let (code, _, err) = c
+        .margayctl(0, &["ipam", "release", "--address", "nope"])
+        .unwrap();
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_between_nodes() {
+    let c = cluster(
+        Options {
+            encap: Encap::Vxlan,
+            tor: Tor::None,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
+    for n in &c.nodes {
+        let link = n
+            .node
+            .ns
+            .ip(&["-d", "link", "show", "margay.vxlan"])
+            .unwrap();
+        assert!(
+            link.contains("vxlan id 4096") && link.contains("mtu 1450"),
+            "{link}"
+        );
+        let routes = n.node.ns.ip(&["route", "show", "proto", "79"]).unwrap();
+        assert_eq!(
+            routes.matches("dev margay.vxlan onlink").count(),
+            2,
+            "{routes}"
+        );
+    }
+    // Pods' MTU follows the encapsulation.
+    let mtu = c.pods[0].ns.ip(&["link", "show", "eth0"]).unwrap();
+    assert!(mtu.contains("mtu 1450"), "{mtu}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_reflectors_with_the_mesh_off() {
+    let c = cluster(
+        Options {
+            nodes: 4,
+            route_reflectors: 2,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
+    // A client peers with the two reflectors and the router, not with the
+    // other client; it still reaches the other client's pods (tested above
+    // by the matrix) through reflected routes.
+    let (_, out, _) = c.margayctl(2, &["node", "status", "-o", "json"]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut peers: Vec<String> = v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["address"].as_str().unwrap().to_string())
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["10.99.0.1", "10.99.0.2", "10.99.0.254"]);
+    let (_, out, _) = c.margayctl(0, &["node", "status", "-o", "json"]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["peers"].as_array().unwrap().len(),
+        4,
+        "a reflector peers with every node and the router"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_agent_keeps_traffic_and_reconciles() {
+    let mut c = cluster(
+        Options {
+            tor: Tor::None,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
+    let n1_block = c
+        .blocks()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(_, n)| n == "node1")
+        .unwrap()
+        .0;
+    // Watch node2's route to node1's block while node1's agent dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let missing = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, missing) = (stop.clone(), missing.clone());
+        let ns = c.nodes[1].node.ns.name().to_string();
+        let block = n1_block.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["-n", &ns, "route", "show", &block])
+                    .output()
+                    .unwrap();
+                if !String::from_utf8_lossy(&out.stdout).contains("proto 79") {
+                    missing.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // 100 pings, 50 ms apart, from node2's pod to node1's pod.
+    let ping = c.pods[1]
+        .ns
+        .cmd("ping")
+        .args(["-q", "-i", "0.05", "-c", "100", "-W", "1", &c.pods[0].ip])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.kill_agent(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted = Instant::now();
+    c.start_agent(0).unwrap();
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: usize = text
+        .split(", ")
+        .find(|s| s.ends_with("received"))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(received >= 80, "lost more than a second of pings: {text}");
+    c.wait_connected(T).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(
+        missing.load(Ordering::Relaxed),
+        0,
+        "node2's route to node1's block went away"
+    );
+    // Reconciled: the pod kept its address, a new pod gets a fresh one,
+    // and IPAM has no duplicates, leaks or orphans.
+    let ip = c.add_pod("node1", "after-restart").await.unwrap();
+    assert!(c.pods.iter().filter(|p| p.ip == ip).count() == 1);
+    c.wait_connected(T).await.unwrap();
+    let (code, out, _) = c.margayctl(1, &["ipam", "check"]).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(restarted.elapsed() < T);
+    let log = c.agent_log(0);
+    assert!(
+        log.contains("start-up reconciliation done"),
+        "{}",
+        tail(&log, 20)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaked_pod_and_removed_node_are_cleaned_up() {
+    let mut c = cluster(
+        Options {
+            tor: Tor::None,
+            gc_interval: 2,
+            leak_grace: 1,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
+    let blocks: Api<IPAMBlock> = Api::all(c.client.clone());
+    let allocated = |ip: String| {
+        let blocks = blocks.clone();
+        async move {
+            blocks
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|b| b.spec.allocations.contains_key(&ip))
+        }
+    };
+    // Leak: the Pod object goes behind the agent's back.
+    let leaked = c.pods[1].ip.clone();
+    assert!(allocated(leaked.clone()).await);
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    // Forced (grace 0), as there is no kubelet to finish a graceful delete.
+    pods.delete(&c.pods[1].name, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    while allocated(leaked.clone()).await {
+        assert!(t.elapsed() < T, "leak collection did not free {leaked}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Remove a node: its routes go everywhere, its blocks are freed.
+    let n3_blocks: Vec<String> = c
+        .blocks()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, n)| n == "node3")
+        .map(|(b, _)| b)
+        .collect();
+    assert!(!n3_blocks.is_empty());
+    c.kill_agent(2);
+    let nodes: Api<KubeNode> = Api::all(c.client.clone());
+    nodes
+        .delete("node3", &DeleteParams::default())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let mut left = Vec::new();
+        for n in &c.nodes[..2] {
+            let r = n.node.ns.ip(&["route", "show", "proto", "79"]).unwrap();
+            left.extend(n3_blocks.iter().filter(|b| r.contains(b.as_str())).cloned());
+        }
+        let still: Vec<_> = c
+            .blocks()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(_, n)| n == "node3")
+            .collect();
+        if left.is_empty() && still.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < T,
+            "routes {left:?} / blocks {still:?} of node3 remain"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipip_is_reported_on_the_node() {
+    let c = Cluster::start(Options {
+        nodes: 2,
+        encap: Encap::Ipip,
+        tor: Tor::None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = c;
+    c.add_pod("node1", "a").await.unwrap();
+    c.add_pod("node2", "b").await.unwrap();
+    let nodes: Api<KubeNode> = Api::all(c.client.clone());
+    let t = Instant::now();
+    loop {
+        let n = nodes.get("node1").await.unwrap();
+        let cond = n
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "MargayReady");
+        if let Some(cond) = cond
+            && cond.status == "False"
+        {
+            let msg = cond.message.unwrap_or_default();
+            assert!(msg.contains("IPIP") && msg.contains("VXLAN"), "{msg}");
+            assert_eq!(cond.reason.as_deref(), Some("RoutingIncomplete"));
+            break;
+        }
+        assert!(t.elapsed() < T, "no MargayReady=False condition");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, out, _) = c.margayctl(0, &["node", "status"]).unwrap();
+    assert!(
+        out.contains("problem: block") && out.contains("IPIP"),
+        "{out}"
+    );
+}
