@@ -1,4 +1,6 @@
-//! `margay-lab` end to end: up, status, check, down, nothing left behind.
+//! `margay-lab` end to end through its command line: up (real agents and
+//! pods), status, check, pod add/del, exec, kubectl, down, nothing left
+//! behind.
 
 use std::process::Command;
 
@@ -21,7 +23,7 @@ fn up_check_down() {
         "{out}\n{}",
         String::from_utf8_lossy(&up.stderr)
     );
-    assert!(out.contains("all 12 pairs reachable"), "{out}");
+    assert!(out.contains("all 36 pod pairs reachable"), "{out}");
 
     let st = lab(dir.path(), &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
@@ -33,13 +35,37 @@ fn up_check_down() {
         .map(|n| n["netns"].as_str().unwrap().to_owned())
         .collect();
 
-    // The ToR learned every block from the nodes' margay-bgp speakers.
-    let r = lab(dir.path(), &["exec", "tor", "ip", "route"]);
+    assert_eq!(v["pods"].as_array().unwrap().len(), 6);
+
+    // The ToR learned every node's block from that node.
+    let r = lab(dir.path(), &["exec", "tor", "ip", "route", "show", "proto", "bird"]);
     let routes = String::from_utf8_lossy(&r.stdout);
-    for b in ["10.244.1.0/26", "10.244.2.0/26", "10.244.3.0/26"] {
-        assert!(routes.contains(b), "{routes}");
+    for i in 1..=3 {
+        let via = format!("via 10.99.0.{i} ");
+        assert_eq!(routes.matches(&via).count(), 1, "{routes}");
     }
     assert!(lab(dir.path(), &["check"]).status.success());
+
+    // A pod added from the command line is reachable from the others;
+    // `exec` runs in pods too; delete removes it.
+    let add = lab(dir.path(), &["pod", "add", "node2", "extra"]);
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let ip = String::from_utf8_lossy(&add.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(ip.starts_with("10.244."), "{ip}");
+    let ping = lab(dir.path(), &["exec", "node1-pod1", "ping", "-c1", "-W2", &ip]);
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    let dup = lab(dir.path(), &["pod", "add", "node2", "extra"]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("exists already"));
+    assert!(lab(dir.path(), &["check"]).status.success());
+    assert!(lab(dir.path(), &["pod", "del", "extra"]).status.success());
+    let st = lab(dir.path(), &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(v["pods"].as_array().unwrap().len(), 6);
     let k = lab(dir.path(), &["kubectl", "get", "nodes", "-o", "name"]);
     assert_eq!(String::from_utf8_lossy(&k.stdout).lines().count(), 3);
 
