@@ -111,12 +111,14 @@ mod tests {
 
     #[test]
     fn committed_crds_are_current() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
-        let stale = stale(&dir).unwrap();
-        assert!(
-            stale.is_empty(),
-            "stale CRDs {stale:?}: run `cargo run -p margay-agent -- crds --out deploy/crds`"
-        );
+        for out in ["deploy/crds", "charts/margay/crds"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(out);
+            let stale = stale(&dir).unwrap();
+            assert!(
+                stale.is_empty(),
+                "stale CRDs {stale:?} in {out}: run `cargo run -p margay-agent -- crds --out {out}` (and scripts/render-manifest.sh)"
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod crds;
 pub mod ctl;
 pub mod dataplane;
 pub mod http;
+pub mod install;
 pub mod kube_store;
 pub mod metrics;
 pub mod nat;

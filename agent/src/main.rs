@@ -1,7 +1,7 @@
 //! `margay-agent`: the per-node daemon (CNI API, IPAM, dataplane, BGP).
 //!
-//! `run` serves IPAM and the CNI API (BGP and status come with issue 6);
-//! `install-cni` is declared and says plainly it is not built yet; `crds`
+//! `run` is the agent (IPAM, the CNI API, routing, BGP, health);
+//! `install-cni` puts the plugin and its conflist onto the host; `crds`
 //! writes (or checks) the CustomResourceDefinitions.
 
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ enum Cmd {
     /// Run the agent on this node.
     Run(margay_agent::run::RunArgs),
     /// Copy the CNI plugin and write its conflist onto the host.
-    InstallCni,
+    InstallCni(margay_agent::install::InstallArgs),
     /// Write the CustomResourceDefinitions as YAML files.
     Crds {
         /// Directory to write into (one file per CRD).
@@ -80,9 +80,24 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::InstallCni => {
-            eprintln!("margay-agent install-cni: not available in this build yet");
-            ExitCode::from(2)
-        }
+        Cmd::InstallCni(args) => match margay_agent::install::install(&args) {
+            Ok(done) => {
+                for o in done {
+                    match o {
+                        margay_agent::install::Outcome::Written(p) => {
+                            println!("installed {}", p.display())
+                        }
+                        margay_agent::install::Outcome::Unchanged(p) => {
+                            println!("unchanged {}", p.display())
+                        }
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("margay-agent install-cni: {e:#}");
+                ExitCode::from(1)
+            }
+        },
     }
 }

@@ -105,6 +105,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    // Pool status conditions, usage and the in-use finalizer.
+    {
+        let client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = crate::pools::reconcile(&client).await {
+                    tracing::debug!("pool status: {e}");
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
     // The kernel and IPAM agree before anything is served.
     let report = crate::reconcile::apply(&node, &alloc, dp.as_ref()).await?;
     tracing::info!(?report, "start-up reconciliation done");

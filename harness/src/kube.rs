@@ -129,6 +129,8 @@ impl ApiServer {
             ))
             .args([
                 "--authorization-mode=RBAC",
+                // As on real clusters: CNI agents run privileged.
+                "--allow-privileged=true",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false",

@@ -628,7 +628,10 @@ impl Cluster {
                     .context("fping (apt install fping)")?;
             children.push((p, targets, child));
         }
-        let mut m = Matrix::default();
+        let mut m = Matrix {
+            nodes: self.nodes.iter().map(|n| n.name.clone()).collect(),
+            ..Default::default()
+        };
         let mut pairs: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
         for (p, targets, c) in children {
             let out = c.wait_with_output()?;
@@ -677,6 +680,8 @@ pub struct NodePair {
 /// Result of [`Cluster::matrix`].
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Matrix {
+    /// The nodes, in order.
+    pub nodes: Vec<String>,
     /// Pairs tried.
     pub total: usize,
     /// `pod -> address` that did not answer.
@@ -689,8 +694,12 @@ impl Matrix {
     /// A node × node table (`ok/total` per cell; column `node` = pods to
     /// their own node).
     pub fn table(&self) -> String {
-        let mut rows: Vec<&str> = self.pairs.iter().map(|p| p.from.as_str()).collect();
-        rows.dedup();
+        let rows: Vec<&str> = self
+            .nodes
+            .iter()
+            .map(String::as_str)
+            .filter(|n| self.pairs.iter().any(|p| p.from == *n))
+            .collect();
         let mut cols: Vec<&str> = rows.clone();
         cols.push("node");
         let mut o = format!("{:<12}", "pods on\\to");

@@ -38,7 +38,10 @@ fn up_check_down() {
     assert_eq!(v["pods"].as_array().unwrap().len(), 6);
 
     // The ToR learned every node's block from that node.
-    let r = lab(dir.path(), &["exec", "tor", "ip", "route", "show", "proto", "bird"]);
+    let r = lab(
+        dir.path(),
+        &["exec", "tor", "ip", "route", "show", "proto", "bird"],
+    );
     let routes = String::from_utf8_lossy(&r.stdout);
     for i in 1..=3 {
         let via = format!("via 10.99.0.{i} ");
@@ -49,15 +52,26 @@ fn up_check_down() {
     // A pod added from the command line is reachable from the others;
     // `exec` runs in pods too; delete removes it.
     let add = lab(dir.path(), &["pod", "add", "node2", "extra"]);
-    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
     let ip = String::from_utf8_lossy(&add.stdout)
         .split_whitespace()
         .nth(1)
         .unwrap()
         .to_owned();
     assert!(ip.starts_with("10.244."), "{ip}");
-    let ping = lab(dir.path(), &["exec", "node1-pod1", "ping", "-c1", "-W2", &ip]);
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    let ping = lab(
+        dir.path(),
+        &["exec", "node1-pod1", "ping", "-c1", "-W2", &ip],
+    );
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     let dup = lab(dir.path(), &["pod", "add", "node2", "extra"]);
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("exists already"));

@@ -1,0 +1,410 @@
+//! The install artifacts: `deploy/margay.yaml`, the Helm chart, the
+//! Dockerfile. The manifest and the chart agree in substance; both pass
+//! `kubernetes-validate --strict`, `helm lint` and a server-side dry run on
+//! the real apiserver; and the agent running with exactly the manifest's
+//! RBAC (as its ServiceAccount) does its whole job and is denied the rest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::api::{Api, PostParams};
+use margay_harness::kube::ApiServer;
+use margay_harness::topo::Fabric;
+use margay_harness::{names, paths, wait};
+use margay_ipam::crd::IPPool;
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("spawn");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn helm_template(extra: &[&str]) -> String {
+    let (ok, out) = run(Command::new(paths::helm().unwrap())
+        .current_dir(root())
+        .args([
+            "template",
+            "margay",
+            "charts/margay",
+            "--namespace",
+            "kube-system",
+            "--include-crds",
+        ])
+        .args(extra));
+    assert!(ok, "{out}");
+    out
+}
+
+/// (kind, namespace, name) -> object, comments and document order ignored.
+fn objects(yaml: &str) -> BTreeMap<(String, String, String), Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).expect("YAML");
+    docs.into_iter()
+        .filter(|d| !d.is_null())
+        .map(|d| {
+            let key = (
+                d["kind"].as_str().unwrap_or_default().to_string(),
+                d["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                d["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            (key, d)
+        })
+        .collect()
+}
+
+/// Non-default values (a values file: `--set` on a list replaces it).
+const CUSTOM_VALUES: &str = "ipPools:
+  - name: default-ipv4
+    cidr: 10.244.0.0/16
+    blockSize: 26
+    encapsulation: VXLAN
+    natOutgoing: false
+bgp:
+  asNumber: 64512
+  nodeToNodeMesh: false
+  peers:
+    - name: tor
+      peerIP: 10.0.0.254
+      asNumber: 65000
+mtu: 9000
+";
+
+fn custom_values() -> (tempfile::TempDir, String) {
+    let dir = names::temp_dir("values").unwrap();
+    let f = dir.path().join("values.yaml");
+    std::fs::write(&f, CUSTOM_VALUES).unwrap();
+    let f = f.display().to_string();
+    (dir, f)
+}
+
+#[test]
+fn manifest_equals_the_chart_with_default_values() {
+    let manifest = std::fs::read_to_string(root().join("deploy/margay.yaml")).unwrap();
+    let m = objects(&manifest);
+    let c = objects(&helm_template(&[]));
+    assert_eq!(
+        m.keys().collect::<Vec<_>>(),
+        c.keys().collect::<Vec<_>>(),
+        "different objects: run scripts/render-manifest.sh"
+    );
+    for (k, v) in &m {
+        assert_eq!(v, &c[k], "{k:?} differs: run scripts/render-manifest.sh");
+    }
+    // What the manifest must hold.
+    for kind in [
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+        "IPPool",
+        "BGPConfiguration",
+    ] {
+        assert!(m.keys().any(|(k, _, _)| k == kind), "no {kind}");
+    }
+    let ds = &m[&(
+        "DaemonSet".into(),
+        "kube-system".into(),
+        "margay-agent".into(),
+    )];
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["initContainers"][0]["command"][1], "install-cni");
+    let agent = &spec["containers"][0];
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let mounts: Vec<&str> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["hostPath"]["path"].as_str().unwrap())
+        .collect();
+    for p in [
+        "/opt/cni/bin",
+        "/etc/cni/net.d",
+        "/var/run/margay",
+        "/var/run/netns",
+    ] {
+        assert!(mounts.contains(&p), "{p} not mounted: {mounts:?}");
+    }
+    // Custom values change what they should.
+    let (_d, values) = custom_values();
+    let custom = objects(&helm_template(&["-f", &values]));
+    let pool = &custom[&("IPPool".into(), String::new(), "default-ipv4".into())];
+    assert_eq!(pool["spec"]["encapsulation"], "VXLAN");
+    let peer = &custom[&("BGPPeer".into(), String::new(), "tor".into())];
+    assert_eq!(
+        peer["spec"],
+        json!({"peerIP": "10.0.0.254", "asNumber": 65000})
+    );
+    let cfg = &custom[&(
+        "ConfigMap".into(),
+        "kube-system".into(),
+        "margay-config".into(),
+    )];
+    assert_eq!(cfg["data"]["mtu"], "9000");
+}
+
+#[test]
+fn lint_and_strict_schema_validation() {
+    let helm = paths::helm().unwrap();
+    let (ok, out) =
+        run(Command::new(&helm)
+            .current_dir(root())
+            .args(["lint", "--strict", "charts/margay"]));
+    assert!(ok, "{out}");
+    let (_d, values) = custom_values();
+    let (ok, out) = run(Command::new(&helm).current_dir(root()).args([
+        "lint",
+        "--strict",
+        "charts/margay",
+        "-f",
+        &values,
+    ]));
+    assert!(ok, "{out}");
+    let dir = names::temp_dir("validate").unwrap();
+    let custom = dir.path().join("custom.yaml");
+    std::fs::write(&custom, helm_template(&["-f", &values])).unwrap();
+    for f in [root().join("deploy/margay.yaml"), custom] {
+        let (ok, out) = run(Command::new(paths::kubernetes_validate().unwrap())
+            .arg("--strict")
+            .arg(&f));
+        assert!(
+            ok && !out.contains("ERROR") && out.contains("daemonset/margay-agent"),
+            "{}: {out}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn dockerfile_builds_the_binaries_and_ships_nft() {
+    let d = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    assert!(
+        d.matches("\nFROM ").count() + usize::from(d.starts_with("FROM ")) >= 2,
+        "multi-stage"
+    );
+    assert!(d.contains("cargo build --release --locked"), "{d}");
+    for bin in ["margay-agent", "margayctl", "margay "] {
+        assert!(d.contains(&format!("/release/{bin}")), "{bin} not copied");
+    }
+    assert!(d.contains("nftables"), "natOutgoing needs nft in the image");
+}
+
+const SA_USER: &str = "system:serviceaccount:kube-system:margay-agent";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dry_run_and_the_agent_with_least_privilege() {
+    let token = "margay-agent-token-0123456789";
+    let api = ApiServer::start_with_tokens(&[(
+        token,
+        SA_USER,
+        "system:serviceaccounts,system:serviceaccounts:kube-system",
+    )])
+    .await
+    .unwrap();
+    let admin = api.client().await.unwrap();
+    margay_agent::crds::install(&admin).await.unwrap();
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        let mut c = api.kubectl().unwrap();
+        c.args(args);
+        if let Some(text) = stdin {
+            let dir = names::temp_dir("kubectl").unwrap();
+            let f = dir.path().join("in.yaml");
+            std::fs::write(&f, text).unwrap();
+            c.arg("-f").arg(&f);
+            let r = run(&mut c);
+            drop(dir);
+            return r;
+        }
+        run(&mut c)
+    };
+    // Server-side dry runs of the manifest and of a customised chart.
+    let manifest = std::fs::read_to_string(root().join("deploy/margay.yaml")).unwrap();
+    let (ok, out) = kubectl(&["apply", "--dry-run=server"], Some(&manifest));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("daemonset.apps/margay-agent created (server dry run)"),
+        "{out}"
+    );
+    let (_d, values) = custom_values();
+    let (ok, out) = kubectl(
+        &["apply", "--dry-run=server"],
+        Some(&helm_template(&["-f", &values])),
+    );
+    assert!(ok, "{out}");
+    // Bad input is refused by the CRD schema, not half-applied.
+    let bad = "apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: bad}\nspec: {cidr: 10.9.0.0/16, encapsulation: GRE}\n";
+    let (ok, out) = kubectl(&["apply", "--dry-run=server"], Some(bad));
+    assert!(!ok && out.contains("encapsulation"), "{out}");
+
+    // Install for real, then run the agent as its ServiceAccount.
+    let (ok, out) = kubectl(&["apply"], Some(&manifest));
+    assert!(ok, "{out}");
+    let nodes: Api<KubeNode> = Api::all(admin.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let fabric = Fabric::new().unwrap();
+    let node = fabric.add_node("n1").unwrap();
+    let _relay = api.expose_in(&node.ns).unwrap();
+    let dir = names::temp_dir("rbac").unwrap();
+    let socket = dir.path().join("agent.sock");
+    let kubeconfig = api.kubeconfig_for("margay-agent", token).unwrap();
+    let mut cmd = node.ns.cmd(paths::workspace_bin("margay-agent").unwrap());
+    cmd.args([
+        "run",
+        "--node-name",
+        "n1",
+        "--namespace",
+        "kube-system",
+        "--gc-interval",
+        "2",
+        "--kubeconfig",
+    ])
+    .arg(&kubeconfig)
+    .arg("--socket")
+    .arg(&socket);
+    let agent = margay_tests::start_agent(cmd, &socket, &dir.path().join("agent.log")).unwrap();
+
+    // A pod: IPAM (blocks created, written) and the dataplane.
+    let conflist = dir.path().join("margay.conflist");
+    std::fs::write(
+        &conflist,
+        json!({"cniVersion": "1.0.0", "name": "margay", "plugins": [{"type": "margay", "socket": socket}]}).to_string(),
+    )
+    .unwrap();
+    let pod = margay_harness::netns::Netns::create("rbac-pod").unwrap();
+    let margay = paths::workspace_bin("margay").unwrap();
+    let (ok, out) = run(node
+        .ns
+        .cmd(paths::cnitool().unwrap())
+        .args(["add", &conflist.display().to_string(), "c1"])
+        .arg(pod.path())
+        .env("CNI_PATH", margay.parent().unwrap())
+        .env("CNI_CACHE_DIR", dir.path().join("cache"))
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p1;K8S_POD_UID=u1",
+        ));
+    assert!(ok, "{out}\n{}", agent.log_tail(30));
+    assert!(out.contains("10.244."), "{out}");
+
+    // The routing loop (node annotations and condition) and pool status.
+    let pools: Api<IPPool> = Api::all(admin.clone());
+    wait::until_async(
+        "identity, condition and pool status",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        || {
+            let (nodes, pools) = (nodes.clone(), pools.clone());
+            async move {
+                let n = nodes.get("n1").await.map_err(|e| e.to_string())?;
+                let annotated = n
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .contains_key("margay.dev/bgp-address");
+                let cond = n
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "MargayReady");
+                let p = pools.get("default-ipv4").await.map_err(|e| e.to_string())?;
+                let status = p.status.is_some_and(|s| !s.conditions.is_empty());
+                let fin = p
+                    .metadata
+                    .finalizers
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|f| f == "margay.dev/ipam");
+                Ok((annotated && cond && status && fin).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
+    // Leak collection ran (it lists pods) and nothing was forbidden.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(!log.to_lowercase().contains("forbidden"), "{log}");
+
+    // What the agent does not need, it cannot do.
+    let sa = margay_harness::kube::client_from(&kubeconfig)
+        .await
+        .unwrap();
+    let can = |verb: &str, res: &str, ns: Option<&str>| {
+        let mut c = api.kubectl().unwrap();
+        match res.split_once('/') {
+            Some((r, sub)) => c.args(["auth", "can-i", verb, r, &format!("--subresource={sub}")]),
+            None => c.args(["auth", "can-i", verb, res]),
+        };
+        c.args(["--as", SA_USER]);
+        match ns {
+            Some(n) => c.args(["-n", n]),
+            None => c.arg("--all-namespaces"),
+        };
+        run(&mut c).1.trim().to_string()
+    };
+    for (verb, res, ns) in [
+        ("create", "pods", Some("default")),
+        ("delete", "nodes", None),
+        ("get", "secrets", Some("default")),
+        ("list", "secrets", Some("kube-system")),
+        ("get", "configmaps", Some("kube-system")),
+        ("create", "ippools.margay.dev", None),
+        ("delete", "ippools.margay.dev", None),
+        ("update", "bgppeers.margay.dev", None),
+        ("update", "nodes/status", None),
+        ("delete", "ipamconfigurations.margay.dev", None),
+        ("create", "clusterrolebindings", None),
+    ] {
+        assert_eq!(
+            can(verb, res, ns),
+            "no",
+            "{verb} {res} {ns:?} must be denied"
+        );
+    }
+    for (verb, res, ns) in [
+        ("patch", "nodes", None),
+        ("create", "ipamblocks.margay.dev", None),
+        ("get", "secrets", Some("kube-system")),
+        ("patch", "bgppeers.margay.dev/status", None),
+        ("patch", "nodes/status", None),
+    ] {
+        assert_eq!(
+            can(verb, res, ns),
+            "yes",
+            "{verb} {res} {ns:?} must be allowed"
+        );
+    }
+    // And for real, with its own token.
+    let napi: Api<KubeNode> = Api::all(sa);
+    let e = napi.delete("n1", &Default::default()).await.unwrap_err();
+    assert!(e.to_string().contains("forbidden"), "{e}");
+}
