@@ -1,5 +1,5 @@
 //! The routing loop: watches Nodes, [`BGPConfiguration`] and [`BGPPeer`]s
-//! (reflectors), IPPools and this node's blocks; publishes this node's BGP
+//! (reflectors), IPPools (a watch that wakes the loop) and this node's blocks; publishes this node's BGP
 //! identity on its Node; runs the embedded speaker (`margay-bgp` as a
 //! library, kernel writes off: the agent programs routes itself, per the
 //! pool's encapsulation); reports problems as the Node condition
@@ -129,6 +129,9 @@ pub async fn run(ctx: RoutingCtx) {
     let nodes = reflect::<Node>(Api::all(ctx.client.clone()), poke.clone());
     let peers = reflect::<BGPPeer>(Api::all(ctx.client.clone()), poke.clone());
     let configs = reflect::<BGPConfiguration>(Api::all(ctx.client.clone()), poke.clone());
+    // Pools are read through IPAM's store; their watch only wakes the loop
+    // (an encapsulation change applies at once).
+    let _pools = reflect::<margay_ipam::crd::IPPool>(Api::all(ctx.client.clone()), poke.clone());
     for (what, ready) in [
         ("Nodes", nodes.wait_until_ready().boxed()),
         ("BGPPeers", peers.wait_until_ready().boxed()),

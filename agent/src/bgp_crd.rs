@@ -123,6 +123,11 @@ pub struct BGPPeerSpec {
     /// Hold time in seconds (default 90; 0 or at least 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_time_seconds: Option<u16>,
+    /// Graceful restart time announced to this peer, in seconds (default:
+    /// the BGPConfiguration's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4095))]
+    pub restart_time_seconds: Option<u16>,
     /// Announce graceful restart to this peer (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graceful_restart: Option<bool>,

@@ -210,6 +210,7 @@ fn apply_timers(n: &mut Neighbor, p: &BGPPeerSpec) {
     if let Some(gr) = p.graceful_restart {
         n.graceful_restart = gr;
     }
+    n.restart_time = p.restart_time_seconds;
     n.max_prefixes = p.max_prefixes.map(|m| m as usize);
     n.ttl_security = p.ttl_security_hops;
 }
@@ -464,6 +465,7 @@ mod tests {
                 key: "tor".into(),
             }),
             hold_time_seconds: Some(9),
+            restart_time_seconds: Some(30),
             ..Default::default()
         };
         let mut s = settings();
@@ -479,6 +481,7 @@ mod tests {
         assert_eq!(addrs(&got), ["10.0.0.254"]);
         let n = &got.neighbors[0];
         assert!(n.export_local_only && n.asn == 65000 && n.hold_time == 9 && !n.passive);
+        assert_eq!(n.restart_time, Some(30));
         // Password: missing Secret -> left out and reported; present -> used.
         let with_pw = vec![("tor".to_string(), tor(None, true))];
         let got = neighbors(&nodes[0], &nodes, &s, &with_pw, &none);

@@ -34,6 +34,9 @@ pub fn validate_neighbor(n: &Neighbor, local_as: u32) -> std::result::Result<(),
     {
         return Err("password must be 1 to 80 characters".into());
     }
+    if n.restart_time.is_some_and(|t| t > 4095) {
+        return Err("restart_time must be at most 4095 seconds".into());
+    }
     if n.ttl_security.is_some_and(|h| h == 0 || h > 254) {
         return Err("ttl_security must be 1 to 254 hops".into());
     }
@@ -125,6 +128,9 @@ pub struct Neighbor {
     /// Announce graceful restart.
     #[serde(default = "yes")]
     pub graceful_restart: bool,
+    /// Restart time announced to this peer (default: the global one).
+    #[serde(default)]
+    pub restart_time: Option<u16>,
     /// Close the session when the peer sends more prefixes than this.
     #[serde(default)]
     pub max_prefixes: Option<usize>,
@@ -160,6 +166,7 @@ impl Neighbor {
             hold_time: default_hold(),
             keepalive: None,
             graceful_restart: true,
+            restart_time: None,
             max_prefixes: None,
             next_hop_self: false,
             export_local_only: false,

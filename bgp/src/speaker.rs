@@ -112,7 +112,13 @@ impl PeerParams {
             keepalive: n.keepalive,
             passive: n.passive,
             families: families_for(n.address),
-            graceful_restart: n.graceful_restart.then(|| gr_cap(cfg, restarting)),
+            graceful_restart: n.graceful_restart.then(|| {
+                let mut cap = gr_cap(cfg, restarting);
+                if let Some(t) = n.restart_time {
+                    cap.restart_time = t;
+                }
+                cap
+            }),
             retry_base: RETRY_BASE,
             retry_max: Duration::from_secs(30),
         };
