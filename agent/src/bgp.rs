@@ -99,13 +99,24 @@ where
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer);
+    let what = std::any::type_name::<K>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?");
     tokio::spawn(async move {
         futures::pin_mut!(stream);
+        let mut warned: Option<Instant> = None;
         while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::debug!("watch: {e}");
+            match ev {
+                // The watcher retries with back-off; say so once a minute
+                // (e.g. a CRD not installed, or RBAC missing).
+                Err(e) if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) => {
+                    tracing::warn!("cannot watch {what}s (retrying): {e}");
+                    warned = Some(Instant::now());
+                }
+                Err(_) => {}
+                Ok(_) => poke.notify_one(),
             }
-            poke.notify_one();
         }
     });
     reader
@@ -155,19 +166,22 @@ pub async fn run(ctx: RoutingCtx) {
         tunnel_ip: None,
         started: Instant::now(),
     };
+    let mut why = "start";
     loop {
+        let t = Instant::now();
         r.pass().await;
+        tracing::debug!(why, took = ?t.elapsed(), "routing pass");
         let (mut learned, mut synced) = match &r.speaker {
             Some((_, s)) => (Some(s.learned()), Some(s.synced())),
             None => (None, None),
         };
-        tokio::select! {
-            _ = poke.notified() => {}
-            _ = own.changed() => {}
-            _ = changed(&mut learned) => {}
-            _ = changed(&mut synced) => {}
-            _ = tokio::time::sleep(every) => {}
-        }
+        why = tokio::select! {
+            _ = poke.notified() => "watch",
+            _ = own.changed() => "own blocks",
+            _ = changed(&mut learned) => "learned routes",
+            _ = changed(&mut synced) => "BGP sync",
+            _ = tokio::time::sleep(every) => "resync",
+        };
         // Let a burst of events settle into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

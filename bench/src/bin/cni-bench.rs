@@ -3,7 +3,10 @@
 //! libcni (`cnitool`) in a node namespace exactly as a runtime would.
 //!
 //! - ADD and DEL latency (p50, p99) for N pods one after another;
-//! - wall time for N concurrent ADDs (pods per second).
+//! - wall time for N concurrent ADDs (pods per second);
+//! - the same for `cni-noop`, a plugin that does nothing: the runtime's own
+//!   cost (libcni and process start-up), the floor under both plugins; the
+//!   last row compares what each plugin adds above it.
 //!
 //! Pod namespaces are made before the clock starts; the fresh apiserver is
 //! given time to settle; margay and ptp alternate for `--rounds` rounds and
@@ -184,6 +187,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let margay_conf = dir.path().join("margay.conflist");
     std::fs::write(&margay_conf, json!({"cniVersion": "1.0.0", "name": "margay", "plugins": [{"type": "margay", "socket": socket}]}).to_string())?;
+    let noop_conf = dir.path().join("noop.conflist");
+    std::fs::write(
+        &noop_conf,
+        json!({"cniVersion": "1.0.0", "name": "noop", "plugins": [{"type": "cni-noop"}]})
+            .to_string(),
+    )?;
     let ptp_conf = dir.path().join("ptp.conflist");
     std::fs::write(&ptp_conf, json!({"cniVersion": "1.0.0", "name": "ptp", "plugins": [{"type": "ptp", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.250.0.0/16"}]], "dataDir": dir.path().join("host-local")}}]}).to_string())?;
     // Warm both (first block claim, page cache).
@@ -211,12 +220,13 @@ async fn main() -> anyhow::Result<()> {
     // A fresh kube-apiserver runs its start-up work for several seconds;
     // measuring during it would charge margay for it.
     tokio::time::sleep(Duration::from_secs(cli.settle)).await;
-    let (mut ms, mut ps) = (Vec::new(), Vec::new());
+    let (mut ms, mut ps, mut fs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cli.rounds.max(1) {
         ms.push(measure(&node.ns, &cni_path, dir.path(), &margay_conf, n)?);
         ps.push(measure(&node.ns, &cni_path, dir.path(), &ptp_conf, n)?);
+        fs.push(measure(&node.ns, &cni_path, dir.path(), &noop_conf, n)?);
     }
-    let (m, p) = (median(&ms), median(&ps));
+    let (m, p, f) = (median(&ms), median(&ps), median(&fs));
     if let Ok(to) = std::env::var("CNI_BENCH_AGENT_LOG") {
         std::fs::copy(dir.path().join("agent.log"), to)?;
     }
@@ -228,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
     for (name, r) in [
         ("margay (agent, kube-apiserver IPAM)", &m),
         ("ptp + host-local", &p),
+        ("floor: cni-noop (the runtime alone)", &f),
     ] {
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
@@ -247,6 +258,21 @@ async fn main() -> anyhow::Result<()> {
         m.del_p99 / p.del_p99,
         m.burst.as_secs_f64() / p.burst.as_secs_f64(),
         rate(m.burst) / rate(p.burst)
+    );
+    let above = |a: f64, b: f64, fl: f64| (a - fl) / (b - fl);
+    let (mb, pb, fb) = (
+        m.burst.as_secs_f64(),
+        p.burst.as_secs_f64(),
+        f.burst.as_secs_f64(),
+    );
+    println!(
+        "| margay / ptp, above the floor | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        above(m.add_p50, p.add_p50, f.add_p50),
+        above(m.add_p99, p.add_p99, f.add_p99),
+        above(m.del_p50, p.del_p50, f.del_p50),
+        above(m.del_p99, p.del_p99, f.del_p99),
+        above(mb, pb, fb),
+        (pb - fb) / (mb - fb)
     );
     Ok(())
 }
