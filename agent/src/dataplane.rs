@@ -239,29 +239,9 @@ impl Netlink {
         }
     }
 
-    async fn build(&self, spec: &PodSpec, netns: &std::fs::File) -> Result<PodWiring> {
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(spec.ifname.clone())
-            .mtu(spec.mtu)
-            .setns_by_fd(netns.as_raw_fd())
-            .build();
-        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(
-            rtnetlink::packet_route::link::InfoKind::Veth,
-        )
-        .name(spec.host_if.clone())
-        .mtu(spec.mtu)
-        .address(HOST_MAC.to_vec())
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-        self.host
-            .link()
-            .add(veth)
-            .execute()
-            .await
-            .map_err(nl(format!(
-                "create veth {} / {}",
-                spec.host_if, spec.ifname
-            )))?;
+    /// The host side: sysctls, up, and the alias (from here on the kernel
+    /// records whose interface, and addresses, this is); its index.
+    async fn wire_host(&self, spec: &PodSpec) -> Result<u32> {
         let (host_idx, _) = Self::link_index(&self.host, &spec.host_if)
             .await?
             .ok_or_else(|| Error::Other(format!("{} vanished after creation", spec.host_if)))?;
@@ -279,8 +259,6 @@ impl Netlink {
                 sysctl("net/ipv6/conf/all/forwarding", "1")?;
             }
         }
-        // Up, and the alias: from here on the kernel records whose
-        // interface (and addresses) this is.
         let mut up = LinkUnspec::new_with_index(host_idx).up().build();
         up.attributes
             .push(LinkAttribute::IfAlias(spec.alias.clone()));
@@ -290,8 +268,12 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl(format!("bring up {}", spec.host_if)))?;
+        Ok(host_idx)
+    }
 
-        // The pod side.
+    /// The pod side: up, addresses, gateway and default routes; its index
+    /// and MAC.
+    async fn wire_pod(spec: &PodSpec) -> Result<(u32, Vec<u8>)> {
         let pod = Self::handle_in(&spec.netns).await?;
         let (pod_idx, pod_mac) = Self::link_index(&pod, &spec.ifname)
             .await?
@@ -351,6 +333,37 @@ impl Netlink {
                 }
             }
         }
+        Ok((pod_idx, pod_mac))
+    }
+
+    async fn build(&self, spec: &PodSpec, netns: &std::fs::File) -> Result<PodWiring> {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(spec.ifname.clone())
+            .mtu(spec.mtu)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(
+            rtnetlink::packet_route::link::InfoKind::Veth,
+        )
+        .name(spec.host_if.clone())
+        .mtu(spec.mtu)
+        .address(HOST_MAC.to_vec())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+        self.host
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "create veth {} / {}",
+                spec.host_if, spec.ifname
+            )))?;
+        // The two sides are independent from here: wire them concurrently
+        // (each step is a netlink round trip; the kernel serialises what it
+        // must).
+        let (host_idx, (_, pod_mac)) =
+            futures::try_join!(self.wire_host(spec), Self::wire_pod(spec))?;
         // Host routes to the pod.
         for a in &spec.addrs {
             let msg = host_route(a.ip(), host_idx);
@@ -516,9 +529,20 @@ impl Dataplane for Netlink {
             path: spec.netns.display().to_string(),
             source,
         })?;
-        // A retried ADD starts from scratch: the old pair goes first.
-        self.del_pod(&spec.host_if).await?;
-        match self.build(spec, &netns).await {
+        // A retried ADD starts from scratch: an old pair in the way (the
+        // create says it exists) goes first, then the create is retried.
+        let first = self.build(spec, &netns).await;
+        let res = match first {
+            Err(Error::Netlink {
+                source: rtnetlink::Error::NetlinkError(ref e),
+                ..
+            }) if e.raw_code() == -libc::EEXIST => {
+                self.del_pod(&spec.host_if).await?;
+                self.build(spec, &netns).await
+            }
+            r => r,
+        };
+        match res {
             Ok(w) => Ok(w),
             Err(e) => {
                 // Roll back: deleting the host side deletes the peer and
