@@ -172,6 +172,39 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
         .margayctl(0, &["ipam", "release", "--address", "nope"])
         .unwrap();
     assert_eq!(code, 2, "{err}");
+
+    // A leak (the Pod object deleted behind the agent's back; its GC runs
+    // only every 60 s here): `ipam check` reports it, the report drives
+    // `ipam release`, refused while the agent runs unless --force.
+    let leaked = c.pods[3].ip.clone();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    pods.delete(&c.pods[3].name, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let (code, report, _) = c.margayctl(0, &["ipam", "check", "-o", "json"]).unwrap();
+    assert_eq!(code, 1, "{report}");
+    let v: Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(v["leaks"][0]["address"], leaked.as_str(), "{report}");
+    assert_eq!(v["leaks"][0]["reason"], "PodGone");
+    let (_, text, _) = c.margayctl(0, &["ipam", "check"]).unwrap();
+    assert!(
+        text.contains("Leaked addresses: 1") && text.contains(&leaked),
+        "{text}"
+    );
+    let file = c.work_dir().join("report.json");
+    std::fs::write(&file, &report).unwrap();
+    let file = file.display().to_string();
+    let (code, _, err) = c
+        .margayctl(0, &["ipam", "release", "--from-report", &file])
+        .unwrap();
+    assert_eq!(code, 1, "{err}");
+    let (code, out, err) = c
+        .margayctl(0, &["ipam", "release", "--from-report", &file, "--force"])
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&leaked), "{out}");
+    let (code, out, _) = c.margayctl(0, &["ipam", "check"]).unwrap();
+    assert_eq!(code, 0, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
