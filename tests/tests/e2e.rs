@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
+use margay_agent::bgp_crd::BGPPeer;
 use margay_ipam::crd::IPAMBlock;
 use margay_lab::cluster::{Cluster, Options};
 use margay_lab::{Encap, Tor};
@@ -271,6 +272,63 @@ async fn route_reflectors_with_the_mesh_off() {
         4,
         "a reflector peers with every node and the router"
     );
+
+    // An invalid BGPPeer is answered with Valid=False on the object and a
+    // problem on the nodes, and drops no session.
+    let since = |c: &Cluster| -> Vec<(String, u64)> {
+        let (_, out, _) = c.margayctl(2, &["node", "status", "-o", "json"]).unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                assert_eq!(p["state"], "Established", "{p}");
+                (
+                    p["address"].as_str().unwrap().to_string(),
+                    p["since_seconds"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = since(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let peers: Api<BGPPeer> = Api::all(c.client.clone());
+    let bad: BGPPeer = serde_json::from_value(serde_json::json!({
+        "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
+        "metadata": {"name": "typo"},
+        "spec": {"peerIP": "10.99.0.300", "asNumber": 65001}
+    }))
+    .unwrap();
+    peers.create(&Default::default(), &bad).await.unwrap();
+    let t = Instant::now();
+    let msg = loop {
+        let p = peers.get("typo").await.unwrap();
+        let cond = p
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"));
+        if let Some(c) = cond {
+            assert_eq!(c.status, "False");
+            break c.message;
+        }
+        assert!(t.elapsed() < T, "no Valid condition on the bad BGPPeer");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        msg.contains("peerIP") && msg.contains("10.99.0.300"),
+        "{msg}"
+    );
+    let (_, out, _) = c.margayctl(2, &["node", "status"]).unwrap();
+    assert!(out.contains("BGPPeer typo ignored"), "{out}");
+    let after = since(&c);
+    assert_eq!(before.len(), after.len());
+    for ((a, s0), (b, s1)) in before.iter().zip(&after) {
+        assert_eq!(a, b);
+        assert!(
+            s1 > s0,
+            "session with {a} was reset ({s0}s before, {s1}s after)"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
