@@ -55,12 +55,18 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("MARGAY_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
+            let filter = tracing_subscriber::EnvFilter::try_from_env("MARGAY_LOG")
+                .unwrap_or_else(|_| "info".into());
+            // MARGAY_LOG_FORMAT=json: one JSON object per line (for log
+            // collectors); otherwise human-readable text with key=value fields.
+            if std::env::var("MARGAY_LOG_FORMAT").as_deref() == Ok("json") {
+                tracing_subscriber::fmt()
+                    .json()
+                    .with_env_filter(filter)
+                    .init();
+            } else {
+                tracing_subscriber::fmt().with_env_filter(filter).init();
+            }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

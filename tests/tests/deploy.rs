@@ -289,6 +289,7 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     .arg(&kubeconfig)
     .arg("--socket")
     .arg(&socket);
+    cmd.env("MARGAY_LOG_FORMAT", "json");
     let agent = margay_tests::start_agent(cmd, &socket, &dir.path().join("agent.log")).unwrap();
 
     // A pod: IPAM (blocks created, written) and the dataplane.
@@ -353,6 +354,18 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
     assert!(!log.to_lowercase().contains("forbidden"), "{log}");
+    // Structured logs: every line is a JSON object with a level and message.
+    let mut lines = 0;
+    for l in log.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{l}"
+        );
+        lines += 1;
+    }
+    assert!(lines > 3, "{log}");
+    assert!(log.contains("\"start-up reconciliation done\""), "{log}");
 
     // What the agent does not need, it cannot do.
     let sa = margay_harness::kube::client_from(&kubeconfig)
