@@ -198,6 +198,14 @@ async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
     }
 }
 
+/// Whether a Node condition's heartbeat is more recent than `within`.
+pub fn heartbeat_within(c: &k8s_openapi::api::core::v1::NodeCondition, within: Duration) -> bool {
+    c.last_heartbeat_time.as_ref().is_some_and(|t| {
+        let age = jiff::Timestamp::now().duration_since(t.0);
+        age < jiff::SignedDuration::from_secs(within.as_secs() as i64)
+    })
+}
+
 /// The node's BGP address: `--node-ip` (with or without a prefix length),
 /// else the Node's InternalIP, else the first global IPv4 address; the
 /// prefix length is taken from the interface holding the address.
@@ -552,17 +560,11 @@ impl Routing {
             .unwrap_or_default();
         let cur = conds.iter().find(|c| c.type_ == CONDITION);
         let net = conds.iter().find(|c| c.type_ == "NetworkUnavailable");
-        let fresh = |c: &k8s_openapi::api::core::v1::NodeCondition| {
-            c.last_heartbeat_time.as_ref().is_some_and(|t| {
-                let age = jiff::Timestamp::now().duration_since(t.0);
-                age < jiff::SignedDuration::from_secs(HEARTBEAT.as_secs() as i64)
-            })
-        };
         if cur.is_some_and(|c| {
             c.status == status
                 && c.reason.as_deref() == Some(reason)
                 && c.message.as_deref() == Some(message.as_str())
-                && fresh(c)
+                && heartbeat_within(c, HEARTBEAT)
         }) && net.is_some_and(|c| c.status == "False")
         {
             return Ok(());

@@ -377,16 +377,13 @@ pub async fn agent_live(client: &kube::Client, name: &str) -> anyhow::Result<boo
     let Some(n) = api.get_opt(name).await? else {
         return Ok(false);
     };
+    let within = 2 * crate::bgp::HEARTBEAT + Duration::from_secs(30);
     Ok(n.status
         .and_then(|s| s.conditions)
         .into_iter()
         .flatten()
         .filter(|c| c.type_ == crate::bgp::CONDITION)
-        .filter_map(|c| c.last_heartbeat_time)
-        .any(|t| {
-            let age = jiff::Timestamp::now().duration_since(t.0);
-            age < jiff::SignedDuration::from_secs(2 * crate::bgp::HEARTBEAT.as_secs() as i64 + 30)
-        }))
+        .any(|c| crate::bgp::heartbeat_within(&c, within)))
 }
 
 /// Releases the handles holding `addresses` (each on behalf of its node).

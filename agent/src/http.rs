@@ -125,10 +125,11 @@ impl AgentState {
             Some(s) => s.show("routes").await.unwrap_or_default(),
             None => serde_json::Value::Array(vec![]),
         };
+        let not_ready = self.not_ready().await;
         serde_json::json!({
             "node": self.node,
-            "ready": self.not_ready().await.is_empty(),
-            "not_ready": self.not_ready().await,
+            "ready": not_ready.is_empty(),
+            "not_ready": not_ready,
             "routing": self.routing(),
             "peers": self.peers().await,
             "routes": routes,

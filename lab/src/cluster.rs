@@ -167,6 +167,33 @@ pub fn agent_cmd(
     Ok(cmd)
 }
 
+/// `cnitool VERB CONFLIST ID NETNS` in `node`, as a runtime on that node
+/// calls plugins: the workspace's `margay` and Debian's reference plugins on
+/// `CNI_PATH`, results cached in `cache`. Callers add `CNI_ARGS`.
+pub fn cnitool_cmd(
+    node: &Netns,
+    verb: &str,
+    conflist: &Path,
+    id: &str,
+    netns: &Path,
+    cache: &Path,
+) -> anyhow::Result<Command> {
+    let margay = paths::workspace_bin("margay")?;
+    let mut cmd = node.cmd(paths::cnitool()?);
+    cmd.args([verb, &conflist.display().to_string(), id])
+        .arg(netns)
+        .env(
+            "CNI_PATH",
+            format!(
+                "{}:{}",
+                margay.parent().unwrap_or(Path::new("/")).display(),
+                paths::cni_plugin_dir().display()
+            ),
+        )
+        .env("CNI_CACHE_DIR", cache);
+    Ok(cmd)
+}
+
 fn tor_config(tor: Tor) -> String {
     match tor {
         Tor::Bird => format!(
@@ -396,32 +423,21 @@ impl Cluster {
         pod: &str,
         uid: &str,
     ) -> anyhow::Result<String> {
-        let margay = paths::workspace_bin("margay")?;
-        let out = n
-            .node
-            .ns
-            .cmd(paths::cnitool()?)
-            .args([verb, &n.conflist.display().to_string(), id])
-            .arg(netns)
-            .env(
-                "CNI_PATH",
-                format!(
-                    "{}:{}",
-                    margay.parent().unwrap_or(Path::new("/")).display(),
-                    paths::cni_plugin_dir().display()
-                ),
-            )
-            .env(
-                "CNI_CACHE_DIR",
-                self.work.path().join(format!("cni-cache-{}", n.name)),
-            )
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID={uid}"
-                ),
-            )
-            .output()?;
+        let out = cnitool_cmd(
+            &n.node.ns,
+            verb,
+            &n.conflist,
+            id,
+            netns,
+            &self.work.path().join(format!("cni-cache-{}", n.name)),
+        )?
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID={uid}"
+            ),
+        )
+        .output()?;
         if !out.status.success() {
             bail!(
                 "CNI {verb} of {pod} on {}: {}{}",

@@ -88,20 +88,23 @@ fn cni_path() -> String {
 impl World {
     /// `cnitool VERB` in the node namespace, as a runtime on the node.
     fn cnitool(&self, verb: &str, id: &str, netns: &Path, pod: &str) -> Result<String, String> {
-        let out = self
-            .node
-            .ns
-            .cmd(paths::cnitool().unwrap())
-            .args([verb, &self.conflist.display().to_string(), id])
-            .arg(netns)
-            .env("CNI_PATH", cni_path())
-            .env("CNI_CACHE_DIR", self.dir.path().join("cache"))
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"),
-            )
-            .output()
-            .unwrap();
+        let out = margay_lab::cluster::cnitool_cmd(
+            &self.node.ns,
+            verb,
+            &self.conflist,
+            id,
+            netns,
+            &self.dir.path().join("cache"),
+        )
+        .unwrap()
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"
+            ),
+        )
+        .output()
+        .unwrap();
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -284,7 +287,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
                 && !bh.contains("10.244.252.0/26"))
             .then_some(bh))
         })
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", w.agent.log_tail(40)));
     assert!(bh.contains("blackhole 10.250.0.0/26 proto static"), "{bh}");
     assert_eq!(bh.lines().count(), 2, "{bh}");
     // An unused address of the block is dropped on the node, not routed on.

@@ -300,18 +300,19 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     )
     .unwrap();
     let pod = margay_harness::netns::Netns::create("rbac-pod").unwrap();
-    let margay = paths::workspace_bin("margay").unwrap();
-    let (ok, out) = run(node
-        .ns
-        .cmd(paths::cnitool().unwrap())
-        .args(["add", &conflist.display().to_string(), "c1"])
-        .arg(pod.path())
-        .env("CNI_PATH", margay.parent().unwrap())
-        .env("CNI_CACHE_DIR", dir.path().join("cache"))
-        .env(
-            "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p1;K8S_POD_UID=u1",
-        ));
+    let (ok, out) = run(margay_lab::cluster::cnitool_cmd(
+        &node.ns,
+        "add",
+        &conflist,
+        "c1",
+        &pod.path(),
+        &dir.path().join("cache"),
+    )
+    .unwrap()
+    .env(
+        "CNI_ARGS",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p1;K8S_POD_UID=u1",
+    ));
     assert!(ok, "{out}\n{}", agent.log_tail(30));
     assert!(out.contains("10.244."), "{out}");
 
