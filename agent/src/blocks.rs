@@ -98,6 +98,29 @@ pub async fn run<D: Dataplane>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::FakeDataplane;
+    use margay_ipam::{MemStore, Options};
+
+    #[tokio::test]
+    async fn an_unreadable_datastore_changes_no_route() {
+        // The allocator cannot list blocks (fresh start, API down): the
+        // pass fails; it must not read that as "no blocks" and remove the
+        // node's blackholes (nor, through `own`, withdraw them from BGP).
+        let store = std::sync::Arc::new(MemStore::new());
+        let alloc = Allocator::start(store.clone(), "n1", Options::default());
+        let dp = FakeDataplane::default();
+        let block = net("10.0.0.0/26");
+        dp.set_blackhole(block, true).await.unwrap();
+        store.set_reads_unavailable(true);
+        assert!(alloc.blocks().await.is_err());
+        assert!(sync("n1", &alloc, &dp).await.is_err());
+        assert!(dp.blackholes.lock().unwrap().contains(&block));
+        store.set_reads_unavailable(false);
+        assert_eq!(alloc.blocks().await.unwrap(), vec![]);
+        // Readable and really empty: the stale blackhole goes.
+        assert_eq!(sync("n1", &alloc, &dp).await.unwrap(), BTreeSet::new());
+        assert!(dp.blackholes.lock().unwrap().is_empty());
+    }
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()

@@ -229,6 +229,27 @@ mod tests {
     use super::*;
     use margay_ipam::crd::AllocationRecord;
 
+    #[tokio::test]
+    async fn without_the_datastore_no_pod_is_touched() {
+        // An agent restarting while the API is down must not read "no
+        // allocations" and remove every pod's interface.
+        let store = std::sync::Arc::new(margay_ipam::MemStore::new());
+        let alloc = Allocator::start(store.clone(), "n1", margay_ipam::Options::default());
+        let dp = crate::dataplane::FakeDataplane::default();
+        let spec = crate::dataplane::PodSpec {
+            netns: "/proc/self/ns/net".into(),
+            ifname: "eth0".into(),
+            host_if: "cali0123456789a".into(),
+            addrs: vec!["10.0.0.5/32".parse().unwrap()],
+            mtu: 1500,
+            alias: "margay1 c1.eth0 10.0.0.5/32 default/web/u1".into(),
+        };
+        dp.add_pod(&spec).await.unwrap();
+        store.set_reads_unavailable(true);
+        assert!(apply("n1", &alloc, &dp).await.is_err());
+        assert!(dp.pods.lock().unwrap().contains_key("cali0123456789a"));
+    }
+
     fn block(allocs: &[(&str, &str, &str)]) -> Block {
         let mut b = Block::new("10.0.0.0/26".parse().unwrap(), "p", "n1");
         for (ip, h, node) in allocs {

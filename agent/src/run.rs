@@ -117,8 +117,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    // The kernel and IPAM agree before anything is served.
-    let report = crate::reconcile::apply(&node, &alloc, dp.as_ref()).await?;
+    // The kernel and IPAM agree before anything is served. Without the
+    // datastore nothing is decided (existing pods keep working); retry.
+    let mut wait = Duration::from_secs(1);
+    let report = loop {
+        match crate::reconcile::apply(&node, &alloc, dp.as_ref()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::warn!("start-up reconciliation: {e:#}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
     tracing::info!(?report, "start-up reconciliation done");
     let reserve = Reserve::start(
         alloc.clone(),

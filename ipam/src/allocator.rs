@@ -50,7 +50,7 @@ impl Default for Options {
 enum Job {
     Op(Op, oneshot::Sender<Result<Outcome>>),
     Maintain(oneshot::Sender<Result<Vec<String>>>),
-    Blocks(oneshot::Sender<Vec<Block>>),
+    Blocks(oneshot::Sender<Result<Vec<Block>>>),
     Holding(String, oneshot::Sender<Result<Vec<IpNetwork>>>),
     Usable(
         Vec<Vec<IpNetwork>>,
@@ -225,14 +225,16 @@ impl Allocator {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    /// The allocator's current view of every block.
+    /// The allocator's current view of every block. An error when the
+    /// view cannot be had (never an empty list standing in for one:
+    /// callers derive kernel routes and BGP advertisements from it).
     pub async fn blocks(&self) -> Result<Vec<Block>> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Job::Blocks(tx))
             .await
             .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)
+        rx.await.map_err(|_| Error::Stopped)?
     }
 }
 
@@ -332,10 +334,7 @@ impl<S: Store> Actor<S> {
                     let _ = tx.send(self.maintain().await);
                 }
                 Job::Blocks(tx) => {
-                    let blocks = match self.view().await {
-                        Ok(v) => v.blocks().cloned().collect(),
-                        Err(_) => Vec::new(),
-                    };
+                    let blocks = self.view().await.map(|v| v.blocks().cloned().collect());
                     let _ = tx.send(blocks);
                 }
                 Job::Holding(handle, tx) => {

@@ -78,6 +78,7 @@ struct MemState {
     pods: HashMap<(String, String), String>,
     queued: Vec<Fault>,
     random: Option<(fastrand_lite::Rng, u32)>,
+    reads_down: bool,
     writes: u64,
 }
 
@@ -157,6 +158,11 @@ impl MemStore {
         self.with(|s| s.queued.push(fault));
     }
 
+    /// Makes listing blocks fail with `Unavailable` (or work again).
+    pub fn set_reads_unavailable(&self, down: bool) {
+        self.with(|s| s.reads_down = down);
+    }
+
     /// Drops the faults injected and not yet hit.
     pub fn clear_faults(&self) {
         self.with(|s| s.queued.clear());
@@ -228,6 +234,9 @@ impl MemStore {
 
 impl Store for MemStore {
     async fn list_blocks(&self) -> Result<Vec<Block>> {
+        if self.with(|s| s.reads_down) {
+            return Err(Error::Unavailable("injected: listing blocks".into()));
+        }
         Ok(self.snapshot())
     }
 
