@@ -33,7 +33,7 @@ use margay_ipam::model::validate_pools;
 use margay_ipam::{Allocator, Assign, Store as _};
 use tokio::sync::{Notify, watch};
 
-use crate::bgp_crd::{BGP_CONFIG_NAME, BGPConfiguration, BGPPeer, validate_config, validate_peer};
+use crate::bgp_crd::{BGP_CONFIG_NAME, BGPConfiguration, BGPPeer, validate_peer};
 use crate::dataplane::{LocalVtep, Netlink};
 use crate::http::AgentState;
 use crate::kube_store::KubeStore;
@@ -292,7 +292,8 @@ impl Routing {
         }
         let mut cfg_reports = Vec::new();
         if let Some(c) = &cfg_obj {
-            cfg_reports.push((c.name_any(), validate_config(&c.spec), c.status.clone()));
+            let valid = invalid.clone().map_or(Ok(()), Err);
+            cfg_reports.push((c.name_any(), valid, c.status.clone()));
         }
         self.report_valid::<BGPConfiguration>(cfg_reports).await;
         let peer_objs = self.peers.state();
@@ -363,21 +364,20 @@ impl Routing {
             }),
             _ => None,
         };
+        // Name, labels and reflector role from our Node; the rest is what
+        // this agent found (its annotations may lag behind).
         let me = NodeInfo {
             name: node.clone(),
-            labels: me_obj
-                .as_ref()
-                .map(|n| n.labels().clone())
-                .unwrap_or_default(),
             address,
             asn: Some(settings.asn),
-            rr_cluster_id: me_obj
-                .as_deref()
-                .and_then(|n| NodeInfo::from_node(n).rr_cluster_id),
             vtep: local_vtep.map(|l| crate::remote::Vtep {
                 mac: l.mac,
                 tunnel_ip: l.tunnel_ip,
             }),
+            ..me_obj
+                .as_deref()
+                .map(NodeInfo::from_node)
+                .unwrap_or_default()
         };
         if let (Some(obj), Some(addr)) = (&me_obj, address)
             && let Err(e) = self

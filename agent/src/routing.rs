@@ -230,10 +230,14 @@ pub fn neighbors(
             .push("this node has no BGP address yet".to_string());
         return out;
     };
-    let valid: Vec<&NamedPeer> = peers
-        .iter()
-        .filter(|(_, p)| validate_peer(p).is_ok())
-        .collect();
+    let mut valid: Vec<&NamedPeer> = Vec::new();
+    let mut invalid = Vec::new();
+    for np in peers {
+        match validate_peer(&np.1) {
+            Ok(()) => valid.push(np),
+            Err(e) => invalid.push(format!("BGPPeer {} ignored: {e}", np.0)),
+        }
+    }
     let password =
         |name: &str, p: &BGPPeerSpec, out: &mut Sessions| -> Result<Option<String>, ()> {
             match &p.password {
@@ -306,11 +310,7 @@ pub fn neighbors(
         }
         out.neighbors.push(n);
     }
-    for (name, p) in peers {
-        if let Err(e) = validate_peer(p) {
-            out.problems.push(format!("BGPPeer {name} ignored: {e}"));
-        }
-    }
+    out.problems.extend(invalid);
     out
 }
 

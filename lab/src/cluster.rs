@@ -89,7 +89,7 @@ pub struct LabNode {
     pub conflist: PathBuf,
     /// The agent, while running.
     pub agent: Option<Daemon>,
-    relay: ApiRelay,
+    _relay: ApiRelay,
 }
 
 /// A pod: a namespace wired by the `margay` plugin.
@@ -343,7 +343,7 @@ impl Cluster {
                 socket,
                 conflist,
                 agent: None,
-                relay,
+                _relay: relay,
             });
         }
         let mut c = Cluster {
@@ -741,13 +741,13 @@ impl Matrix {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // Pods' namespaces go first (fields drop in order); stop agents
-        // gracefully so they do not log errors about vanished links.
+        // Agents stop first, gracefully (this runs before any field is
+        // dropped); then the fields go in order: pods, nodes, router,
+        // work dir, fabric, apiserver.
         for n in &mut self.nodes {
             if let Some(a) = n.agent.as_mut() {
                 a.stop(Duration::from_secs(5));
             }
-            let _ = &n.relay;
         }
     }
 }
