@@ -1,6 +1,7 @@
 //! Routes to other nodes' blocks, per the pool's encapsulation.
 //!
-//! The BGP side (issue 6) says which blocks live on which node; this module
+//! The routing loop ([`crate::bgp`]) says which blocks live on which node
+//! (from BGP); this module
 //! turns that into kernel state and keeps it in step:
 //! - `None` (native): `block via <node address>`, protocol
 //!   [`RTPROT_MARGAY_REMOTE`];
