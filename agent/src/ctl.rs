@@ -1,35 +1,49 @@
 //! `margayctl`'s commands: reading the agent's `/status` (BGP sessions,
-//! routes) and the IPAM objects (show, check, release). Rendering is pure
-//! (JSON in, table text out) so the tables are tested without a cluster.
+//! routes) and the IPAM objects (show, check, release). Everything is typed
+//! (`margay_api::status`, `margay_api::ctl`); rendering is pure (a report
+//! in, table text out) so the tables are tested without a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use margay_ipam::gc::{Leak, find_leaks, orphaned_blocks};
+use margay_api::ctl::{BlockUsage, Duplicate, IpamCheck, IpamShow, NodeUsage, Orphan, PoolUsage};
+use margay_api::status::AgentStatus;
+use margay_ipam::gc::{find_leaks, orphaned_blocks};
+use margay_ipam::k8s::KubeStore;
 use margay_ipam::model::{Block, validate_pools};
 use margay_ipam::{Allocator, Cluster as _, Options, Store};
-use serde::Serialize;
-use serde_json::{Value, json};
 
-use crate::kube_store::KubeStore;
+use crate::{Error, Result};
 
-/// GET `path` from the agent's HTTP endpoint at `addr` (`host:port`).
-pub fn agent_get(addr: &str, path: &str) -> anyhow::Result<Value> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| {
-        format!("cannot reach margay-agent at {addr} (is it running on this node? --agent sets the address)")
+/// GET `/status` from the agent's HTTP endpoint at `addr` (`host:port`).
+pub fn agent_status(addr: &str) -> Result<AgentStatus> {
+    let io = |what: &str| {
+        let what = format!("{what} margay-agent at {addr}");
+        move |e| Error::io(what, e)
+    };
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| {
+        Error::io(
+            format!("cannot reach margay-agent at {addr} (is it running on this node? --agent sets the address)"),
+            e,
+        )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io("asking"))?;
+    s.write_all(format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(io("asking"))?;
     let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
+    s.read_to_string(&mut buf).map_err(io("reading from"))?;
     let body = buf
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
-        .context("malformed reply from the agent")?;
-    serde_json::from_str(body).context("the agent's /status is not JSON")
+        .ok_or_else(|| Error::Config("malformed reply from the agent".into()))?;
+    serde_json::from_str(body).map_err(|e| {
+        Error::Config(format!(
+            "the agent's /status is not what margayctl reads: {e}"
+        ))
+    })
 }
 
 fn table(head: &[&str], rows: &[Vec<String>]) -> String {
@@ -67,49 +81,40 @@ fn since(secs: u64) -> String {
 }
 
 /// `node status` as text, from the agent's `/status`.
-pub fn render_node_status(st: &Value) -> String {
-    let r = &st["routing"];
-    let asn = r["asn"].as_u64().unwrap_or(0);
+pub fn render_node_status(st: &AgentStatus) -> String {
+    let r = &st.routing;
     let mut o = format!(
-        "margay-agent is running on {} (address {}, AS {asn}): {}\n",
-        st["node"].as_str().unwrap_or("?"),
-        r["address"].as_str().unwrap_or("unknown"),
-        if st["ready"] == true {
-            "ready"
-        } else {
-            "NOT ready"
-        }
+        "margay-agent is running on {} (address {}, AS {}): {}\n",
+        st.node,
+        r.address.as_deref().unwrap_or("unknown"),
+        r.asn,
+        if st.ready { "ready" } else { "NOT ready" }
     );
-    for why in st["not_ready"].as_array().into_iter().flatten() {
-        o.push_str(&format!(
-            "  not ready: {}\n",
-            why.as_str().unwrap_or_default()
-        ));
+    for why in &st.not_ready {
+        o.push_str(&format!("  not ready: {why}\n"));
     }
-    for p in r["problems"].as_array().into_iter().flatten() {
-        o.push_str(&format!("  problem: {}\n", p.as_str().unwrap_or_default()));
+    for p in &r.problems {
+        o.push_str(&format!("  problem: {p}\n"));
     }
     o.push_str("\nBGP sessions\n");
-    let rows: Vec<Vec<String>> = st["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let rows: Vec<Vec<String>> = st
+        .peers
+        .iter()
         .map(|p| {
-            let peer_asn = p["asn"].as_u64().unwrap_or(0);
-            let kind = match (p["dynamic"] == true, peer_asn == asn) {
+            let kind = match (p.dynamic, p.asn == r.asn) {
                 (true, _) => "dynamic",
                 (false, true) => "node-to-node",
                 (false, false) => "external",
             };
             vec![
-                p["address"].as_str().unwrap_or_default().to_string(),
-                peer_asn.to_string(),
+                p.address.to_string(),
+                p.asn.to_string(),
                 kind.to_string(),
-                p["state"].as_str().unwrap_or_default().to_string(),
-                since(p["since_seconds"].as_u64().unwrap_or(0)),
-                p["prefixes_received"].to_string(),
-                p["prefixes_sent"].to_string(),
-                p["last_error"].as_str().unwrap_or("").to_string(),
+                format!("{:?}", p.state),
+                since(p.since_seconds.unwrap_or(0)),
+                p.prefixes_received.to_string(),
+                p.prefixes_sent.to_string(),
+                p.last_error.clone().unwrap_or_default(),
             ]
         })
         .collect();
@@ -129,104 +134,96 @@ pub fn render_node_status(st: &Value) -> String {
     o
 }
 
-/// `routes` as text: BGP best routes and what was programmed.
-pub fn render_routes(st: &Value) -> String {
-    let rows: Vec<Vec<String>> = st["routes"]
-        .as_array()
-        .into_iter()
-        .flatten()
+/// `routes` as text: the BGP best routes.
+pub fn render_routes(st: &AgentStatus) -> String {
+    let dash = |v: Vec<String>, sep: &str| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(sep)
+        }
+    };
+    let rows: Vec<Vec<String>> = st
+        .routes
+        .iter()
         .map(|r| {
-            let hops: Vec<String> = r["next_hops"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|h| h.as_str().map(str::to_string))
-                .collect();
-            let path: Vec<String> = r["as_path"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(ToString::to_string)
-                .collect();
             vec![
-                r["prefix"].as_str().unwrap_or_default().to_string(),
-                if hops.is_empty() {
-                    "-".into()
-                } else {
-                    hops.join(",")
-                },
-                r["from"].as_str().unwrap_or_default().to_string(),
-                if path.is_empty() {
-                    "-".into()
-                } else {
-                    path.join(" ")
-                },
+                r.prefix.clone(),
+                dash(r.next_hops.iter().map(ToString::to_string).collect(), ","),
+                r.from.clone(),
+                dash(r.as_path.iter().map(ToString::to_string).collect(), " "),
             ]
         })
         .collect();
     table(&["PREFIX", "NEXT HOPS", "FROM", "AS PATH"], &rows)
 }
 
-/// What `ipam show` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct IpamShow {
-    /// Per pool: name, CIDR, encapsulation, addresses used, capacity, blocks.
-    pub pools: Vec<Value>,
-    /// Per block: name, CIDR, pool, node, used, size.
-    pub blocks: Vec<Value>,
-    /// Per node: blocks and addresses in use.
-    pub nodes: Vec<Value>,
+fn size(net: &ipnetwork::IpNetwork) -> String {
+    let bits = if net.is_ipv4() { 32 } else { 128 };
+    (1u128 << (bits - net.prefix()).min(127)).to_string()
 }
 
 /// Builds `ipam show` from the pools and blocks.
-pub fn ipam_show(pools: &[margay_ipam::crd::IPPool], blocks: &[Block]) -> IpamShow {
+pub fn ipam_show(pools: &[margay_api::ipam::IPPool], blocks: &[Block]) -> IpamShow {
     let (valid, _) = validate_pools(pools);
-    let mut out = IpamShow {
-        pools: vec![],
-        blocks: vec![],
-        nodes: vec![],
-    };
+    let mut out = IpamShow::default();
     for p in &valid {
-        let bits = if p.cidr.is_ipv4() { 32 } else { 128 };
-        let capacity = 1u128 << (bits - p.cidr.prefix()).min(127);
         let mine: Vec<&Block> = blocks.iter().filter(|b| b.pool == p.name).collect();
-        let used: usize = mine.iter().map(|b| b.allocations.len()).sum();
-        out.pools
-            .push(json!({"name": p.name, "cidr": p.cidr.to_string(),
-            "encapsulation": format!("{:?}", p.encapsulation), "used": used,
-            "capacity": capacity.to_string(), "blocks": mine.len()}));
+        out.pools.push(PoolUsage {
+            name: p.name.clone(),
+            cidr: p.cidr.to_string(),
+            encapsulation: p.encapsulation,
+            used: mine.iter().map(|b| b.allocations.len()).sum(),
+            capacity: size(&p.cidr),
+            blocks: mine.len(),
+        });
     }
     let mut per_node: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for b in blocks {
-        let size = 1u128 << ((if b.cidr.is_ipv4() { 32 } else { 128 }) - b.cidr.prefix()).min(127);
         let node = b.node.clone().unwrap_or_else(|| "-".into());
-        out.blocks.push(
-            json!({"name": b.name, "cidr": b.cidr.to_string(), "pool": b.pool,
-            "node": node, "used": b.allocations.len(), "size": size.to_string()}),
-        );
+        out.blocks.push(BlockUsage {
+            name: b.name.clone(),
+            cidr: b.cidr.to_string(),
+            pool: b.pool.clone(),
+            node: node.clone(),
+            used: b.allocations.len(),
+            size: size(&b.cidr),
+        });
         let e = per_node.entry(node).or_default();
         e.0 += 1;
         e.1 += b.allocations.len();
     }
     out.nodes = per_node
         .into_iter()
-        .map(|(n, (b, a))| json!({"node": n, "blocks": b, "addresses": a}))
+        .map(|(node, (blocks, addresses))| NodeUsage {
+            node,
+            blocks,
+            addresses,
+        })
         .collect();
     out
 }
 
 /// `ipam show` as text.
 pub fn render_ipam_show(s: &IpamShow) -> String {
-    let cell = |v: &Value, k: &str| match &v[k] {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let rows = |list: &[Value], keys: &[&str]| -> Vec<Vec<String>> {
-        list.iter()
-            .map(|v| keys.iter().map(|k| cell(v, k)).collect())
-            .collect()
-    };
     let mut o = String::from("IP pools\n");
+    let rows: Vec<Vec<String>> = s
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.cidr.clone(),
+                serde_json::to_value(p.encapsulation)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                p.used.to_string(),
+                p.capacity.clone(),
+                p.blocks.to_string(),
+            ]
+        })
+        .collect();
     o.push_str(&table(
         &[
             "NAME",
@@ -236,42 +233,37 @@ pub fn render_ipam_show(s: &IpamShow) -> String {
             "CAPACITY",
             "BLOCKS",
         ],
-        &rows(
-            &s.pools,
-            &[
-                "name",
-                "cidr",
-                "encapsulation",
-                "used",
-                "capacity",
-                "blocks",
-            ],
-        ),
+        &rows,
     ));
     o.push_str("\nNodes\n");
-    o.push_str(&table(
-        &["NODE", "BLOCKS", "ADDRESSES"],
-        &rows(&s.nodes, &["node", "blocks", "addresses"]),
-    ));
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node.clone(),
+                n.blocks.to_string(),
+                n.addresses.to_string(),
+            ]
+        })
+        .collect();
+    o.push_str(&table(&["NODE", "BLOCKS", "ADDRESSES"], &rows));
     o.push_str("\nBlocks\n");
-    o.push_str(&table(
-        &["BLOCK", "POOL", "NODE", "IN USE", "SIZE"],
-        &rows(&s.blocks, &["cidr", "pool", "node", "used", "size"]),
-    ));
+    let rows: Vec<Vec<String>> = s
+        .blocks
+        .iter()
+        .map(|b| {
+            vec![
+                b.cidr.clone(),
+                b.pool.clone(),
+                b.node.clone(),
+                b.used.to_string(),
+                b.size.clone(),
+            ]
+        })
+        .collect();
+    o.push_str(&table(&["BLOCK", "POOL", "NODE", "IN USE", "SIZE"], &rows));
     o
-}
-
-/// What `ipam check` reports.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct IpamCheck {
-    /// Addresses whose pod or node is gone.
-    pub leaks: Vec<Leak>,
-    /// Addresses allocated in more than one block.
-    pub duplicates: Vec<Value>,
-    /// Blocks whose node is gone, or whose pool is.
-    pub orphans: Vec<Value>,
-    /// Nothing found.
-    pub ok: bool,
 }
 
 /// Builds `ipam check` (pure).
@@ -285,24 +277,29 @@ pub fn ipam_check(
         leaks: find_leaks(blocks, nodes, pods),
         ..Default::default()
     };
-    let mut seen: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+    let mut seen: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     for b in blocks {
         for ip in b.allocations.keys() {
-            seen.entry(*ip).or_default().push(&b.name);
+            seen.entry(*ip).or_default().push(b.name.clone());
         }
     }
     c.duplicates = seen
         .into_iter()
         .filter(|(_, bs)| bs.len() > 1)
-        .map(|(ip, bs)| json!({"address": ip, "blocks": bs}))
+        .map(|(address, blocks)| Duplicate { address, blocks })
         .collect();
     c.orphans = orphaned_blocks(blocks, nodes)
         .into_iter()
-        .map(|(b, n)| json!({"block": b, "why": format!("node {n} no longer exists")}))
+        .map(|(b, n)| Orphan {
+            block: b,
+            why: format!("node {n} no longer exists"),
+        })
         .collect();
     for b in blocks.iter().filter(|b| !pool_names.contains(&b.pool)) {
-        c.orphans
-            .push(json!({"block": b.name, "why": format!("pool {} no longer exists", b.pool)}));
+        c.orphans.push(Orphan {
+            block: b.name.clone(),
+            why: format!("pool {} no longer exists", b.pool),
+        });
     }
     c.ok = c.leaks.is_empty() && c.duplicates.is_empty() && c.orphans.is_empty();
     c
@@ -335,15 +332,11 @@ pub fn render_ipam_check(c: &IpamCheck) -> String {
     }
     o.push_str(&format!("Duplicate addresses: {}\n", c.duplicates.len()));
     for d in &c.duplicates {
-        o.push_str(&format!("  {} in {}\n", d["address"], d["blocks"]));
+        o.push_str(&format!("  {} in {}\n", d.address, d.blocks.join(", ")));
     }
     o.push_str(&format!("Orphaned blocks: {}\n", c.orphans.len()));
     for b in &c.orphans {
-        o.push_str(&format!(
-            "  {}: {}\n",
-            b["block"].as_str().unwrap_or_default(),
-            b["why"].as_str().unwrap_or_default()
-        ));
+        o.push_str(&format!("  {}: {}\n", b.block, b.why));
     }
     o.push_str(if c.ok {
         "IPAM is consistent.\n"
@@ -354,7 +347,7 @@ pub fn render_ipam_check(c: &IpamCheck) -> String {
 }
 
 /// Reads everything `ipam check` needs.
-pub async fn collect_check(store: &KubeStore) -> anyhow::Result<IpamCheck> {
+pub async fn collect_check(store: &KubeStore) -> Result<IpamCheck> {
     let blocks = store.list_blocks().await?;
     let pools: BTreeSet<String> = store
         .pools()
@@ -372,18 +365,13 @@ pub async fn collect_check(store: &KubeStore) -> anyhow::Result<IpamCheck> {
 
 /// Whether node `name`'s agent looks alive: its `MargayReady` heartbeat is
 /// recent.
-pub async fn agent_live(client: &kube::Client, name: &str) -> anyhow::Result<bool> {
+pub async fn agent_live(client: &kube::Client, name: &str) -> Result<bool> {
     let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
-    let Some(n) = api.get_opt(name).await? else {
-        return Ok(false);
-    };
-    let within = 2 * crate::bgp::HEARTBEAT + Duration::from_secs(30);
-    Ok(n.status
-        .and_then(|s| s.conditions)
-        .into_iter()
-        .flatten()
-        .filter(|c| c.type_ == crate::bgp::CONDITION)
-        .any(|c| crate::bgp::heartbeat_within(&c, within)))
+    let n = api
+        .get_opt(name)
+        .await
+        .map_err(|e| Error::kube(format!("reading Node {name}"), e))?;
+    Ok(n.as_ref().is_some_and(margay_api::node::agent_alive))
 }
 
 /// Releases the handles holding `addresses` (each on behalf of its node).
@@ -394,18 +382,18 @@ pub async fn release(
     store: std::sync::Arc<KubeStore>,
     addresses: &[IpAddr],
     force: bool,
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>> {
     let blocks = store.list_blocks().await?;
     let mut todo: Vec<(String, String, IpAddr)> = Vec::new();
     for ip in addresses {
         let Some(a) = blocks.iter().find_map(|b| b.allocations.get(ip)) else {
-            bail!("{ip} is not allocated");
+            return Err(Error::Config(format!("{ip} is not allocated")));
         };
         if !force && agent_live(client, &a.node).await? {
-            bail!(
+            return Err(Error::Config(format!(
                 "{ip} belongs to node {}, whose agent is running: it releases leaks itself; use --force to release anyway",
                 a.node
-            );
+            )));
         }
         todo.push((a.node.clone(), a.handle.clone(), *ip));
     }
@@ -427,16 +415,20 @@ mod tests {
 
     #[test]
     fn node_status_table() {
-        let st = json!({
-            "node": "node1", "ready": true, "not_ready": [],
-            "routing": {"asn": 64512, "address": "10.0.0.1/24", "problems": []},
+        let st: AgentStatus = serde_json::from_value(serde_json::json!({
+            "node": "node1", "ready": true, "not_ready": [], "routes": [],
+            "routing": {"asn": 64512, "address": "10.0.0.1/24", "problems": [],
+                        "datastore_ok": true, "bgp_synced": true, "neighbors": 2,
+                        "advertised": [], "remote_routes": 0},
             "peers": [
                 {"address": "10.0.0.2", "asn": 64512, "state": "Established", "since_seconds": 75,
-                 "prefixes_received": 1, "prefixes_sent": 1, "dynamic": false, "last_error": null},
+                 "prefixes_received": 1, "prefixes_sent": 1, "updates_in": 3, "updates_out": 2,
+                 "dynamic": false, "last_error": null},
                 {"address": "10.0.0.254", "asn": 65000, "state": "Active", "since_seconds": 4000,
-                 "prefixes_received": 0, "prefixes_sent": 0, "dynamic": false, "last_error": "hold timer expired"}
+                 "updates_in": 0, "updates_out": 0, "prefixes_received": 0, "prefixes_sent": 0, "dynamic": false, "last_error": "hold timer expired"}
             ]
-        });
+        }))
+        .unwrap();
         let t = render_node_status(&st);
         assert!(
             t.contains("running on node1 (address 10.0.0.1/24, AS 64512): ready"),
@@ -459,10 +451,10 @@ mod tests {
     fn check_finds_duplicates_and_orphans() {
         let mut a = Block::new("10.0.0.0/26".parse().unwrap(), "p", "n1");
         let mut b = Block::new("10.0.0.0/27".parse().unwrap(), "gone", "n9");
-        let rec = |node: &str| margay_ipam::crd::AllocationRecord {
+        let rec = |node: &str| margay_api::ipam::AllocationRecord {
             handle: "h".into(),
             node: node.into(),
-            use_: margay_ipam::crd::AllowedUse::Tunnel,
+            use_: margay_api::ipam::AllowedUse::Tunnel,
             pod: None,
             since: String::new(),
         };

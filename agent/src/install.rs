@@ -68,7 +68,7 @@ pub enum Outcome {
 }
 
 /// Fills the template; errors name what is wrong with the result.
-pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
+pub fn render(args: &InstallArgs) -> crate::Result<String> {
     let t = args.template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
     let mtu = if args.mtu == 0 {
         // The plugin treats 0 as "not set": the agent decides.
@@ -81,21 +81,25 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
         .replace("__MTU__", &mtu)
         .replace("__SOCKET__", &args.socket.display().to_string())
         .replace("__LOG_LEVEL__", &args.log_level);
+    let bad = |m: String| crate::Error::Config(m);
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!("the CNI config template is not valid JSON once filled in: {e}")
+        bad(format!(
+            "the CNI config template is not valid JSON once filled in: {e}"
+        ))
     })?;
     let plugins = v["plugins"]
         .as_array()
-        .ok_or_else(|| anyhow::anyhow!("the CNI config template has no \"plugins\" list"))?;
-    anyhow::ensure!(
-        plugins.iter().any(|p| p["type"] == "margay"),
-        "the CNI config template does not use the \"margay\" plugin"
-    );
-    anyhow::ensure!(
-        v["name"].as_str().is_some_and(|n| !n.is_empty()),
-        "the CNI config template has no network \"name\""
-    );
-    Ok(serde_json::to_string_pretty(&v)? + "\n")
+        .ok_or_else(|| bad("the CNI config template has no \"plugins\" list".into()))?;
+    if !plugins.iter().any(|p| p["type"] == "margay") {
+        return Err(bad(
+            "the CNI config template does not use the \"margay\" plugin".into(),
+        ));
+    }
+    if v["name"].as_str().is_none_or(|n| n.is_empty()) {
+        return Err(bad("the CNI config template has no network \"name\"".into()));
+    }
+    let text = serde_json::to_string_pretty(&v).map_err(|e| bad(e.to_string()))?;
+    Ok(text + "\n")
 }
 
 /// Writes `content` to `target` atomically with `mode`, unless it already
@@ -132,23 +136,26 @@ pub fn write_atomic(target: &Path, content: &[u8], mode: u32) -> std::io::Result
 }
 
 /// Installs the plugin and the conflist.
-pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<Outcome>> {
+pub fn install(args: &InstallArgs) -> crate::Result<Vec<Outcome>> {
+    use crate::Error;
     let plugin = match &args.plugin {
         Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("margay"),
+        None => std::env::current_exe()
+            .map_err(|e| Error::io("finding this program", e))?
+            .with_file_name("margay"),
     };
     let bin = std::fs::read(&plugin)
-        .map_err(|e| anyhow::anyhow!("cannot read the plugin {}: {e}", plugin.display()))?;
+        .map_err(|e| Error::io(format!("cannot read the plugin {}", plugin.display()), e))?;
     let conf = render(args)?;
     Ok(vec![
         write_atomic(&args.cni_bin_dir.join("margay"), &bin, 0o755)
-            .map_err(|e| anyhow::anyhow!("installing into {}: {e}", args.cni_bin_dir.display()))?,
+            .map_err(|e| Error::io(format!("installing into {}", args.cni_bin_dir.display()), e))?,
         write_atomic(
             &args.cni_conf_dir.join(&args.conf_name),
             conf.as_bytes(),
             0o644,
         )
-        .map_err(|e| anyhow::anyhow!("writing into {}: {e}", args.cni_conf_dir.display()))?,
+        .map_err(|e| Error::io(format!("writing into {}", args.cni_conf_dir.display()), e))?,
     ])
 }
 

@@ -1,28 +1,33 @@
 //! Margay's node agent as a library: what `margay-agent` and `margayctl`
-//! are built from, and what integration tests drive directly.
+//! are built from. Each subsystem is a folder whose `mod.rs` says what it
+//! owns:
 //!
-//! - [`crds`]: the CustomResourceDefinitions, rendered from the Rust types;
-//! - [`kube_store`]: the IPAM store on the Kubernetes API (compare-and-swap
-//!   on `resourceVersion`);
-//! - [`pools`]: pool status conditions and the in-use finalizer;
-//! - [`dataplane`]: veth pairs, addresses and routes for pods;
-//! - [`cni`]: the CNI service on the agent's unix socket;
-//! - [`run`]: `margay-agent run`, wiring it all together.
+//! - [`cni`]: the CNI service on the agent's unix socket (ADD, DEL, CHECK,
+//!   STATUS, GC), the attribution alias, start-up reconciliation;
+//! - [`dataplane`]: every kernel operation behind one trait (the real
+//!   kernel and a fake), the reconciliation of each kernel table, what
+//!   Margay owns in the kernel, natOutgoing;
+//! - [`routing`]: the routing loop (snapshot → pure plan → apply), BGP
+//!   sessions, remote-block routes per encapsulation, this node's blocks;
+//! - [`kube`]: watched inputs that know whether they are current, the
+//!   Node's identity and condition, BGP objects' `Valid` condition;
+//! - [`obs`]: shared state, `/healthz` `/readyz` `/metrics` `/status`;
+//! - [`run`]: `margay-agent run`, owning every task; [`install`]:
+//!   `install-cni`; [`ctl`]: `margayctl`'s commands;
+//! - [`error`]: the agent's error type.
+//!
+//! The `margay.dev` types, annotation keys, condition names, CNI codes and
+//! status views live in `margay-api`; IPAM and its Kubernetes store in
+//! `margay-ipam`.
 
-pub mod bgp;
-pub mod bgp_crd;
-pub mod blocks;
 pub mod cni;
-pub mod crds;
 pub mod ctl;
 pub mod dataplane;
-pub mod http;
+pub mod error;
 pub mod install;
-pub mod kube_store;
-pub mod metrics;
-pub mod nat;
-pub mod pools;
-pub mod reconcile;
-pub mod remote;
+pub mod kube;
+pub mod obs;
 pub mod routing;
 pub mod run;
+
+pub use error::{Error, Result};

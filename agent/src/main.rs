@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Crds { out, check } => {
             let res = if check {
-                margay_agent::crds::stale(&out).map(|stale| {
+                margay_api::crds::stale(&out).map(|stale| {
                     if stale.is_empty() {
                         ExitCode::SUCCESS
                     } else {
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
                     }
                 })
             } else {
-                margay_agent::crds::write(&out).map(|()| ExitCode::SUCCESS)
+                margay_api::crds::write(&out).map(|()| ExitCode::SUCCESS)
             };
             res.unwrap_or_else(|e| {
                 eprintln!("margay-agent crds: {e:#}");
@@ -65,8 +65,21 @@ fn main() -> ExitCode {
                     .with_env_filter(filter)
                     .init();
             } else {
-                tracing_subscriber::fmt().with_env_filter(filter).init();
+                // Colour only on a terminal (log files stay plain text).
+                use std::io::IsTerminal;
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_ansi(std::io::stdout().is_terminal())
+                    .init();
             }
+            // A panic in any task ends the agent (the DaemonSet restarts
+            // it) instead of leaving it half alive.
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                tracing::error!("panic: {info}; margay-agent exits");
+                default(info);
+                std::process::exit(101);
+            }));
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -101,7 +114,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("margay-agent install-cni: {e:#}");
+                eprintln!("margay-agent install-cni: {e}");
                 ExitCode::from(1)
             }
         },

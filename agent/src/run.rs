@@ -1,19 +1,29 @@
-//! `margay-agent run`: the node agent's main loop: IPAM, start-up
-//! reconciliation, the CNI service, block blackholes, natOutgoing, the
-//! routing loop (BGP identity, the embedded speaker, remote-block routes,
-//! Node condition) and the health/metrics endpoints.
+//! `margay-agent run`: the node agent. It owns every task it starts (in
+//! one `JoinSet`): IPAM's leak collection and pool status, this node's
+//! blocks and pod routes, natOutgoing, the routing loop (with its watches
+//! and the embedded speaker) and the health/metrics endpoints, beside the
+//! CNI server. None of them is meant to end: one that ends or panics ends
+//! the process with its reason and a non-zero exit, so the DaemonSet
+//! restarts the agent instead of leaving it half alive.
+//!
+//! Start-up order: the endpoints (so probes answer), start-up
+//! reconciliation of the kernel and IPAM (retried until the API answers;
+//! nothing is decided without it), the spare reserve, then everything
+//! else, the CNI socket last.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use margay_ipam::gc::Janitor;
+use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Options, Reserve, ReserveOptions};
+use tokio::task::JoinSet;
 
 use crate::cni::{CniService, serve};
 use crate::dataplane::Netlink;
-use crate::http::AgentState;
-use crate::kube_store::KubeStore;
+use crate::obs::AgentState;
+use crate::{Error, Result};
 
 /// Settings of `margay-agent run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -58,22 +68,53 @@ pub struct RunArgs {
     pub disable_bgp: bool,
 }
 
-async fn client(args: &RunArgs) -> anyhow::Result<kube::Client> {
+async fn client(args: &RunArgs) -> Result<kube::Client> {
     let cfg = match &args.kubeconfig {
         Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p)?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .map_err(|e| Error::ClientConfig(format!("{}: {e}", p.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| Error::ClientConfig(e.to_string()))?
         }
-        None => kube::Config::infer().await?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::ClientConfig(e.to_string()))?,
     };
-    Ok(kube::Client::try_from(cfg)?)
+    kube::Client::try_from(cfg).map_err(|e| Error::ClientConfig(e.to_string()))
 }
 
-/// Runs until SIGTERM or SIGINT.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The agent's tasks: each is named, and none may end.
+#[derive(Debug, Default)]
+struct Tasks(JoinSet<(&'static str, Result<()>)>);
+
+impl Tasks {
+    fn spawn(&mut self, name: &'static str, f: impl Future<Output = Result<()>> + Send + 'static) {
+        self.0.spawn(async move { (name, f.await) });
+    }
+
+    /// Waits for the first task to end: always an error.
+    async fn failed(&mut self) -> Error {
+        match self.0.join_next().await {
+            Some(Ok((_, Err(e)))) => e,
+            Some(Ok((name, Ok(())))) => Error::TaskEnded(name),
+            Some(Err(e)) => Error::TaskPanicked {
+                task: "agent",
+                why: e.to_string(),
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT (or until one of its tasks fails).
+pub async fn run(args: RunArgs) -> Result<()> {
     let node = match &args.node_name {
         Some(n) => n.clone(),
-        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        None => nix::unistd::gethostname()
+            .map_err(|e| Error::io("reading the hostname", e.into()))?
+            .to_string_lossy()
+            .into_owned(),
     };
     let client = client(&args).await?;
     let store = Arc::new(KubeStore::new(client.clone(), Duration::from_secs(5)));
@@ -85,13 +126,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         alloc.clone(),
         every * 3 + Duration::from_secs(60),
     ));
-    crate::http::serve(args.http_listen, state.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("--http-listen {}: {e}", args.http_listen))?;
+    let mut tasks = Tasks::default();
+    let listener = crate::obs::http::bind(args.http_listen).await?;
+    tasks.spawn(
+        "HTTP endpoints",
+        crate::obs::http::serve(listener, crate::obs::http::Endpoints::new(state.clone())),
+    );
     if args.gc_interval > 0 {
         let store = store.clone();
         let every = Duration::from_secs(args.gc_interval);
-        tokio::spawn(async move {
+        tasks.spawn("leak collection", async move {
             let mut janitor = Janitor::new(store);
             loop {
                 tokio::time::sleep(every).await;
@@ -108,9 +152,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pool status conditions, usage and the in-use finalizer.
     {
         let client = client.clone();
-        tokio::spawn(async move {
+        tasks.spawn("pool status", async move {
             loop {
-                if let Err(e) = crate::pools::reconcile(&client).await {
+                if let Err(e) = margay_ipam::k8s::pools::reconcile(&client).await {
                     tracing::debug!("pool status: {e}");
                 }
                 tokio::time::sleep(Duration::from_secs(10)).await;
@@ -121,10 +165,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // datastore nothing is decided (existing pods keep working); retry.
     let mut wait = Duration::from_secs(1);
     let report = loop {
-        match crate::reconcile::apply(&node, &alloc, dp.as_ref()).await {
+        match crate::cni::reconcile::apply(&node, &alloc, dp.as_ref()).await {
             Ok(r) => break r,
             Err(e) => {
-                tracing::warn!("start-up reconciliation: {e:#}; retrying in {wait:?}");
+                tracing::warn!("start-up reconciliation: {e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
@@ -148,49 +192,76 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dp.clone(),
         args.mtu,
     );
-    tokio::spawn(crate::nat::run(
-        store.clone(),
-        Duration::from_secs(2),
-        Duration::from_secs(args.resync_interval.max(1)),
+    tasks.spawn(
+        "natOutgoing",
+        crate::dataplane::nat::run(
+            store.clone(),
+            Duration::from_secs(2),
+            Duration::from_secs(args.resync_interval.max(1)),
+        ),
+    );
+    let (own_tx, own_blocks) = tokio::sync::watch::channel(crate::kube::Known::Unknown(
+        "this node's blocks not read yet".into(),
     ));
-    let (own_tx, own_blocks) = tokio::sync::watch::channel(Default::default());
-    tokio::spawn(crate::blocks::run(
-        node.clone(),
-        alloc.clone(),
-        dp.clone(),
-        service.added(),
-        every,
-        own_tx,
-    ));
-    tokio::spawn(crate::bgp::run(crate::bgp::RoutingCtx {
-        node: node.clone(),
-        client: client.clone(),
-        store: store.clone(),
-        alloc,
-        dp,
-        own_blocks,
-        state: state.clone(),
-        node_ip: args.node_ip.clone(),
-        namespace: args.namespace.clone(),
-        mtu: args.mtu,
-        every,
-        bgp: !args.disable_bgp,
-    }));
+    tasks.spawn(
+        "block routes",
+        crate::routing::local::run(
+            node.clone(),
+            alloc.clone(),
+            dp.clone(),
+            service.added(),
+            every,
+            own_tx,
+        ),
+    );
+    tasks.spawn(
+        "routing",
+        crate::routing::run(crate::routing::RoutingCtx {
+            node: node.clone(),
+            client: client.clone(),
+            alloc,
+            dp,
+            own_blocks,
+            state: state.clone(),
+            node_ip: args.node_ip.clone(),
+            namespace: args.namespace.clone(),
+            mtu: args.mtu,
+            every,
+            bgp: !args.disable_bgp,
+        }),
+    );
     tracing::info!(%node, socket = %args.socket.display(), "margay-agent serving CNI");
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("shutting down");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stop_rx.await;
     };
     state
         .cni_serving
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    serve(service, &args.socket, shutdown).await?;
+    let server = serve(service, &args.socket, shutdown);
+    tokio::pin!(server);
+    let signals = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok::<(), Error>(())
+    };
+    let outcome = tokio::select! {
+        r = &mut server => r.and(Err(Error::TaskEnded("CNI server"))),
+        e = tasks.failed() => Err(e),
+        r = signals => {
+            r?;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(());
+            (&mut server).await
+        }
+    };
     // Write what is queued before leaving (a kill skips this; the next
     // start reconciles instead).
     if tokio::time::timeout(Duration::from_secs(10), reserve.flush())
@@ -199,5 +270,5 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     {
         tracing::warn!("IPAM writes still queued at exit; the next start reconciles them");
     }
-    Ok(())
+    outcome
 }

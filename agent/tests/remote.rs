@@ -5,11 +5,20 @@
 
 use std::net::Ipv4Addr;
 
-use margay_agent::dataplane::{LocalVtep, Netlink};
-use margay_agent::remote::{RemoteBlock, Vtep, plan};
+use margay_agent::dataplane::{LocalVtep, Netlink, Remote, sync};
+use margay_agent::routing::encap::{RemoteBlock, Vtep, plan};
+use margay_api::ipam::Encapsulation;
+use margay_delta::Removals;
 use margay_harness::netns::Netns;
 use margay_harness::topo::Fabric;
-use margay_ipam::crd::Encapsulation;
+
+/// Makes `dp`'s remote routes `want`; every item must succeed.
+async fn apply_remote(dp: &Netlink, local: Option<&LocalVtep>, want: &Remote, prune: bool) {
+    let r = sync::remote(dp, local, want, Removals::when(prune))
+        .await
+        .unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+}
 
 /// Runs `f` with a dataplane whose netlink socket lives in `ns`.
 fn in_ns<T: Send + 'static>(
@@ -121,17 +130,13 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     let wa = want_a.clone();
     in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            dp.apply_remote(Some(&local_a), &wa, true).await.unwrap();
+            apply_remote(&dp, Some(&local_a), &wa, true).await;
             // Idempotent.
-            dp.apply_remote(Some(&local_a), &wa, true).await.unwrap();
+            apply_remote(&dp, Some(&local_a), &wa, true).await;
         })
     });
     in_ns(&b.ns, move |dp| {
-        Box::pin(async move {
-            dp.apply_remote(Some(&local_b), &want_b, true)
-                .await
-                .unwrap()
-        })
+        Box::pin(async move { apply_remote(&dp, Some(&local_b), &want_b, true).await })
     });
 
     let link = a.ns.ip(&["-d", "link", "show", "margay.vxlan"]).unwrap();
@@ -169,9 +174,7 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     // Without pruning (BGP still relearning after a restart) nothing goes.
     in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            dp.apply_remote(None, &Default::default(), false)
-                .await
-                .unwrap();
+            apply_remote(&dp, None, &Default::default(), false).await;
         })
     });
     assert!(a.ns.ip(&["link", "show", "margay.vxlan"]).is_ok());
@@ -181,9 +184,7 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     // Nothing wanted any more: Margay's routes and device go, the rest stays.
     in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            dp.apply_remote(None, &Default::default(), true)
-                .await
-                .unwrap();
+            apply_remote(&dp, None, &Default::default(), true).await;
         })
     });
     assert!(a.ns.ip(&["link", "show", "margay.vxlan"]).is_err());

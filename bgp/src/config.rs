@@ -282,15 +282,7 @@ impl Config {
 
 /// Parses `ASN:VALUE` (each 16 bits) into a community.
 pub fn parse_community(s: &str) -> Result<u32> {
-    let err = || {
-        Error::Config(format!(
-            "invalid community {s:?}: expected ASN:VALUE (16 bits each)"
-        ))
-    };
-    let (a, v) = s.split_once(':').ok_or_else(err)?;
-    let a: u16 = a.parse().map_err(|_| err())?;
-    let v: u16 = v.parse().map_err(|_| err())?;
-    Ok(((a as u32) << 16) | v as u32)
+    margay_api::community::parse(s).map_err(Error::Config)
 }
 
 #[cfg(test)]

@@ -25,22 +25,8 @@ use crate::packet::{
     Capability, Ctx, DecodeError, GracefulRestartCap, Message, Notification, Open, Update,
 };
 
-/// Session states (RFC 4271 §8.2.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum State {
-    /// Refusing connections.
-    Idle,
-    /// Waiting for an outgoing TCP connection to complete.
-    Connect,
-    /// Waiting for an incoming connection (or the retry timer).
-    Active,
-    /// OPEN sent, waiting for the peer's.
-    OpenSent,
-    /// OPENs exchanged, waiting for KEEPALIVE.
-    OpenConfirm,
-    /// Up: UPDATEs flow.
-    Established,
-}
+/// Session states (RFC 4271 §8.2.2): the type the speaker's views show.
+pub use margay_api::status::SessionState as State;
 
 /// Timers the session asks the driver to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -343,4 +343,9 @@ impl FibWriter {
     pub fn stats(&self) -> &FibStats {
         &self.stats
     }
+
+    /// The counters, shared (for metrics read elsewhere).
+    pub fn stats_handle(&self) -> std::sync::Arc<FibStats> {
+        self.stats.clone()
+    }
 }

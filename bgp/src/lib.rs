@@ -7,16 +7,21 @@
 //! - [`config`]: the TOML configuration of `margay-bgp`.
 //! - [`speaker`]: the tokio driver: sockets, timers, peers, the RIB task.
 //! - [`kernel`]: best routes into the kernel over rtnetlink, batched.
+//! - [`metrics`]: the speaker's Prometheus metrics (a collector).
+//! - [`net`]: socket options (TCP MD5, GTSM) and connecting with them.
 
 pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod kernel;
+pub mod metrics;
 pub mod net;
 pub mod packet;
 mod peer;
 pub mod prefix_map;
 pub mod rib;
 pub mod speaker;
+mod state;
+mod task;
 
 pub use error::{Error, Result};

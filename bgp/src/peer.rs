@@ -28,7 +28,51 @@ use crate::fsm::{
 use crate::packet::consts::err;
 use crate::packet::{DecodeError, Message, Update, frame_len};
 use crate::rib::PeerId;
-use crate::speaker::PeerStatus;
+use margay_api::status::NeighborView;
+
+/// A peer's state as its task and the RIB task keep it (read for the
+/// neighbor view and the metrics).
+#[derive(Debug, Clone)]
+pub(crate) struct PeerStatus {
+    /// Peer address.
+    pub address: IpAddr,
+    /// Peer AS.
+    pub asn: u32,
+    /// Session state.
+    pub state: State,
+    /// When the state last changed.
+    pub since: Option<Instant>,
+    /// Prefixes received and accepted.
+    pub prefixes_received: usize,
+    /// Prefixes advertised.
+    pub prefixes_sent: usize,
+    /// UPDATE messages received.
+    pub updates_in: u64,
+    /// UPDATE messages sent.
+    pub updates_out: u64,
+    /// Why the session last went down.
+    pub last_error: Option<String>,
+    /// Dynamic neighbor from a listen range.
+    pub dynamic: bool,
+}
+
+impl PeerStatus {
+    /// The outside view of this peer.
+    pub(crate) fn view(&self) -> NeighborView {
+        NeighborView {
+            address: self.address,
+            asn: self.asn,
+            state: self.state,
+            since_seconds: self.since.map(|t| t.elapsed().as_secs()),
+            prefixes_received: self.prefixes_received,
+            prefixes_sent: self.prefixes_sent,
+            updates_in: self.updates_in,
+            updates_out: self.updates_out,
+            last_error: self.last_error.clone(),
+            dynamic: self.dynamic,
+        }
+    }
+}
 
 /// What a peer task tells the RIB task.
 #[allow(clippy::large_enum_variant)] // UPDATEs by value, the common case
@@ -58,9 +102,6 @@ pub(crate) enum PeerCmd {
     /// Close the session with Cease/`subcode` and stay down for
     /// [`CEASE_RESTART`] (e.g. maximum prefixes exceeded, RFC 4486).
     Cease(u8),
-    /// The peer was removed from the configuration: close with
-    /// Cease/peer de-configured and end the task.
-    Remove,
 }
 
 /// How long a session closed by [`PeerCmd::Cease`] stays down.
@@ -95,7 +136,7 @@ impl Drop for Conn {
 /// Splits a connection; a reader task frames messages (RFC 4271 §4.1) and
 /// hands them over one by one.
 fn open_conn(stream: TcpStream) -> Option<Conn> {
-    let local = crate::speaker::canonical(stream.local_addr().ok()?.ip());
+    let local = crate::net::canonical(stream.local_addr().ok()?.ip());
     let _ = stream.set_nodelay(true);
     let (mut r, writer) = stream.into_split();
     let (ftx, frames) = mpsc::channel(64);
@@ -177,6 +218,7 @@ enum Frame {
 enum Input {
     Shutdown,
     Cmd(PeerCmd),
+    Removed,
     Restart,
     Frame(Which, Frame),
     Connected(std::io::Result<TcpStream>),
@@ -308,7 +350,11 @@ impl PeerTask {
             let input = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Input::Shutdown,
-                Some(c) = incoming.recv() => Input::Cmd(c),
+                // The RIB task dropped the peer: it was de-configured.
+                c = incoming.recv() => match c {
+                    Some(c) => Input::Cmd(c),
+                    None => Input::Removed,
+                },
                 _ = async {
                     match restart_at {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -340,7 +386,7 @@ impl PeerTask {
                     sh.incoming(s, &mut main, &mut alt, &template, &mut queue);
                     continue;
                 }
-                Input::Cmd(PeerCmd::Remove) => {
+                Input::Removed => {
                     stopping = true;
                     queue.push_back((Which::Main, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
                     if alt.is_some() {

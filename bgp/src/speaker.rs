@@ -19,64 +19,39 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use margay_api::status::{NeighborView, RouteView};
+use margay_delta::Change;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 
 use crate::config::{Config, Neighbor};
 use crate::fsm::{SessionConfig, State};
 use crate::kernel::{Fib, FibOp, FibWriter};
+use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
-use crate::peer::{PeerCmd, PeerEvent, PeerTask, Transport};
+use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Transport};
 use crate::prefix_map::PrefixMap;
 use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
+use crate::state::Shared;
+use crate::task::Owned;
 use crate::{Error, Result};
-
-/// What a peer looks like from outside (control socket, metrics).
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    /// Peer address.
-    pub address: IpAddr,
-    /// Peer AS.
-    pub asn: u32,
-    /// Session state.
-    pub state: State,
-    /// When the state last changed.
-    #[serde(skip)]
-    pub since: Option<Instant>,
-    /// Prefixes received and accepted.
-    pub prefixes_received: usize,
-    /// Prefixes advertised.
-    pub prefixes_sent: usize,
-    /// UPDATE messages received.
-    pub updates_in: u64,
-    /// UPDATE messages sent.
-    pub updates_out: u64,
-    /// Why the session last went down.
-    pub last_error: Option<String>,
-    /// Dynamic neighbor from a listen range.
-    pub dynamic: bool,
-}
 
 /// First reconnect delay; it doubles per failure up to 30 s. Short, because
 /// the usual failure is a peer (a node) not listening yet.
 const RETRY_BASE: Duration = Duration::from_millis(250);
 
 enum ToRib {
-    StaleTimeout {
-        id: PeerId,
-    },
+    StaleTimeout { id: PeerId },
     RestartTimeout,
     Incoming(TcpStream, SocketAddr),
-    Show {
-        what: String,
-        reply: oneshot::Sender<serde_json::Value>,
-    },
-    SetNeighbors(Vec<Neighbor>),
+    Routes(oneshot::Sender<Vec<RouteView>>),
+    SetNeighbors(Vec<Neighbor>, oneshot::Sender<()>),
     SetOriginate(Vec<Prefix>),
     SetImport(Vec<Prefix>),
 }
@@ -143,8 +118,13 @@ struct PeerSlot {
     /// The configuration it came from (`None`: a dynamic neighbor).
     source: Option<Neighbor>,
     status: Arc<Mutex<PeerStatus>>,
+    /// Commands to the peer task; dropping it ends the task (Cease/peer
+    /// de-configured).
     incoming: mpsc::Sender<PeerCmd>,
     session: Option<Established>,
+    /// Graceful restart: when the peer's stale routes are dropped (RFC 4724
+    /// restart time); cancelled with the slot.
+    stale_timer: Option<Owned>,
 }
 
 struct Established {
@@ -160,17 +140,32 @@ struct Established {
 }
 
 /// A running speaker.
+///
+/// Its tasks (the RIB task, the listener, one task per peer) belong to it:
+/// dropping it, [`Speaker::stop`] or [`Speaker::shutdown`] ends them, peers
+/// first sending Cease. [`Speaker::stopped`] resolves when the RIB task has
+/// ended, whether asked to or not (a panic), so an embedding program can
+/// treat an unexpected end as fatal.
 pub struct Speaker {
     tx: mpsc::Sender<ToRib>,
     shutdown: watch::Sender<bool>,
     learned: watch::Receiver<LearnedRoutes>,
     synced: watch::Receiver<bool>,
     asn: u32,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Speaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Speaker").finish_non_exhaustive()
+        f.debug_struct("Speaker")
+            .field("asn", &self.asn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Speaker {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
     }
 }
 
@@ -178,6 +173,7 @@ impl Speaker {
     /// Starts the speaker: binds the listener, adopts our kernel routes
     /// left by a previous run, starts every configured peer.
     pub async fn start(cfg: Config) -> Result<Self> {
+        cfg.validate()?;
         let (tx, rx) = mpsc::channel::<ToRib>(1024);
         // Short, so a busy RIB slows peers down (TCP backpressure) instead of
         // buffering their UPDATEs.
@@ -217,13 +213,21 @@ impl Speaker {
         });
         let (learned_tx, learned) = watch::channel(LearnedRoutes::new());
         let (synced_tx, synced) = watch::channel(cfg.neighbors.is_empty());
+        let shared = Arc::new(Shared {
+            kernel: fib.as_ref().map(FibWriter::stats_handle),
+            ..Default::default()
+        });
         let mut task = RibTask {
             synced: synced_tx,
             listener: listener.clone(),
-            learned: learned_tx,
+            // Only a program that programs the kernel itself (fib off)
+            // reads the learned routes; a copy of every best route costs
+            // as much memory as the RIB's own index.
+            learned: (!cfg.fib).then_some(learned_tx),
             originated: HashSet::new(),
             rib,
             peers: HashMap::new(),
+            peer_tasks: JoinSet::new(),
             fib,
             tx: tx.clone(),
             peer_tx,
@@ -232,7 +236,8 @@ impl Speaker {
             communities: cfg.community_values(),
             stale_kernel,
             restarting,
-            counters: Counters::default(),
+            restart_timer: None,
+            shared: shared.clone(),
             cfg: cfg.clone(),
         };
         for n in &cfg.neighbors {
@@ -246,13 +251,11 @@ impl Speaker {
         }
         task.propagate(changes).await;
         if restarting {
-            let tx = tx.clone();
-            let secs = cfg.restart_time.max(1) as u64;
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(secs)).await;
-                let _ = tx.send(ToRib::RestartTimeout).await;
-            });
+            let secs = u64::from(cfg.restart_time.max(1));
+            task.restart_timer = Some(task.timer(Duration::from_secs(secs), ToRib::RestartTimeout));
         }
+        // The listener and the RIB task end on the shutdown signal (the RIB
+        // task after its peers said Cease); neither is ever left behind.
         tokio::spawn(accept_loop(listener, tx.clone(), shut_rx.clone()));
         tokio::spawn(task.run(rx, peer_rx));
         Ok(Self {
@@ -261,6 +264,7 @@ impl Speaker {
             learned,
             synced,
             asn: cfg.asn,
+            shared,
         })
     }
 
@@ -272,6 +276,8 @@ impl Speaker {
     /// closed (Cease/peer de-configured) and their routes withdrawn, new
     /// ones start, changed ones restart; unchanged sessions stay up.
     /// Each neighbor is validated first (nothing changes on an error).
+    /// Returns once the RIB task has taken the list, so [`Speaker::synced`]
+    /// from then on speaks of these neighbors.
     pub async fn set_neighbors(&self, neighbors: Vec<Neighbor>) -> Result<()> {
         for (i, n) in neighbors.iter().enumerate() {
             crate::config::validate_neighbor(n, self.asn)
@@ -280,7 +286,9 @@ impl Speaker {
                 return Err(Error::Config(format!("neighbor {}: duplicate", n.address)));
             }
         }
-        self.send(ToRib::SetNeighbors(neighbors)).await
+        let (done, rx) = oneshot::channel();
+        self.send(ToRib::SetNeighbors(neighbors, done)).await?;
+        rx.await.map_err(|_| Error::Stopped)
     }
 
     /// Replaces the prefixes we originate (withdrawing the ones dropped).
@@ -301,34 +309,54 @@ impl Speaker {
         self.synced.clone()
     }
 
-    /// Best routes learned from peers, kept current.
+    /// Best routes learned from peers, kept current (only with `fib` off:
+    /// the program embedding the speaker programs them).
     pub fn learned(&self) -> watch::Receiver<LearnedRoutes> {
         self.learned.clone()
     }
 
-    /// Asks the RIB task for `neighbors` or `routes` as JSON.
-    pub async fn show(&self, what: &str) -> Result<serde_json::Value> {
+    /// The sessions, by address.
+    pub fn neighbors(&self) -> Vec<NeighborView> {
+        let mut v: Vec<NeighborView> = self
+            .shared
+            .peers
+            .lock()
+            .expect("peers")
+            .values()
+            .map(|st| st.lock().expect("status").view())
+            .collect();
+        v.sort_by_key(|n| n.address);
+        v
+    }
+
+    /// The best routes, by prefix.
+    pub async fn routes(&self) -> Result<Vec<RouteView>> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(ToRib::Show {
-                what: what.to_owned(),
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Stopped)?;
+        self.send(ToRib::Routes(reply)).await?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
-    /// Like [`Speaker::shutdown`], for a speaker shared by reference.
+    /// The speaker's metrics, for a Prometheus registry.
+    pub fn metrics(&self) -> crate::metrics::SpeakerMetrics {
+        crate::metrics::SpeakerMetrics::new(self.shared.clone())
+    }
+
+    /// Resolves when the RIB task has ended (after a stop, or a panic).
+    pub async fn stopped(&self) {
+        self.tx.closed().await
+    }
+
+    /// Asks every task to end (peers send Cease); see [`Speaker::stopped`].
     pub fn stop(&self) {
         let _ = self.shutdown.send(true);
     }
 
-    /// Stops every session (Cease) and the tasks. Kernel routes stay
-    /// (forwarding state is preserved for graceful restart).
+    /// Stops every session (Cease) and the tasks, and waits for them (at
+    /// most a second). Kernel routes stay (forwarding state is preserved for
+    /// graceful restart).
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stopped()).await;
     }
 }
 
@@ -385,11 +413,15 @@ struct RibTask {
     cfg: Config,
     synced: watch::Sender<bool>,
     listener: Arc<TcpListener>,
-    learned: watch::Sender<LearnedRoutes>,
+    /// The learned routes, when someone reads them (`fib` off).
+    learned: Option<watch::Sender<LearnedRoutes>>,
     /// Prefixes we originate.
     originated: HashSet<Prefix>,
     rib: Rib,
     peers: HashMap<PeerId, PeerSlot>,
+    /// Every peer task; a removed peer's task ends by itself after its
+    /// Cease, and the rest are waited for at shutdown.
+    peer_tasks: JoinSet<()>,
     fib: Option<FibWriter>,
     tx: mpsc::Sender<ToRib>,
     peer_tx: mpsc::Sender<PeerEvent>,
@@ -400,13 +432,9 @@ struct RibTask {
     stale_kernel: HashSet<Prefix>,
     /// Restarting (graceful restart) until stale kernel routes are settled.
     restarting: bool,
-    counters: Counters,
-}
-
-/// Speaker-wide counters (per-peer ones live in [`PeerStatus`]).
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    treat_as_withdraw: u64,
+    /// Ends the restart after the restart time, if End-of-RIBs do not.
+    restart_timer: Option<Owned>,
+    shared: Arc<Shared>,
 }
 
 impl RibTask {
@@ -439,6 +467,11 @@ impl RibTask {
             incoming: irx,
             shutdown: self.shutdown.clone(),
         };
+        self.shared
+            .peers
+            .lock()
+            .expect("peers")
+            .insert(id, status.clone());
         self.peers.insert(
             id,
             PeerSlot {
@@ -447,10 +480,28 @@ impl RibTask {
                 status,
                 incoming: itx,
                 session: None,
+                stale_timer: None,
             },
         );
-        tokio::spawn(task.run());
+        self.peer_tasks.spawn(task.run());
         id
+    }
+
+    /// Forgets a peer; dropping its command channel ends its task, which
+    /// closes the session with Cease/peer de-configured.
+    fn remove_peer(&mut self, id: PeerId) -> Option<PeerSlot> {
+        self.shared.peers.lock().expect("peers").remove(&id);
+        self.peers.remove(&id)
+    }
+
+    /// A timer owned by the caller: `msg` reaches the RIB task after
+    /// `after`, unless the returned handle was dropped first.
+    fn timer(&self, after: Duration, msg: ToRib) -> Owned {
+        let tx = self.tx.clone();
+        Owned::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(msg).await;
+        })
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<ToRib>, mut peer_rx: mpsc::Receiver<PeerEvent>) {
@@ -459,18 +510,43 @@ impl RibTask {
             tokio::select! {
                 m = peer_rx.recv() => match m {
                     Some(m) => self.peer_event(m).await,
-                    None => return,
+                    None => break,
                 },
                 m = rx.recv() => match m {
                     Some(m) => self.handle(m).await,
-                    None => return,
+                    None => break,
                 },
-                _ = shut.changed() => return,
+                Some(done) = self.peer_tasks.join_next() => {
+                    if let Err(e) = done
+                        && e.is_panic()
+                    {
+                        tracing::error!("a BGP peer task panicked: {e}");
+                    }
+                    continue;
+                }
+                _ = shut.changed() => break,
             }
-            let synced = self.all_eor();
-            self.synced
-                .send_if_modified(|s| std::mem::replace(s, synced) != synced);
+            self.shared
+                .rib_prefixes
+                .store(self.rib.len() as u64, Relaxed);
+            self.publish_sync();
         }
+        // Peers saw the same signal and say Cease; give them a moment.
+        self.restart_timer = None;
+        for p in self.peers.values_mut() {
+            p.stale_timer = None;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.peer_tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.peer_tasks.abort_all();
+    }
+
+    fn publish_sync(&self) {
+        let synced = self.all_eor();
+        self.synced
+            .send_if_modified(|s| std::mem::replace(s, synced) != synced);
     }
 
     fn all_eor(&self) -> bool {
@@ -511,10 +587,16 @@ impl RibTask {
                 self.propagate(c).await;
             }
             ToRib::RestartTimeout => self.finish_restart(true).await,
-            ToRib::Show { what, reply } => {
-                let _ = reply.send(self.show(&what));
+            ToRib::Routes(reply) => {
+                let _ = reply.send(self.routes());
             }
-            ToRib::SetNeighbors(list) => self.set_neighbors(list).await,
+            ToRib::SetNeighbors(list, done) => {
+                self.set_neighbors(list).await;
+                // Whoever set them reads `synced` next: it must speak of
+                // these neighbors already.
+                self.publish_sync();
+                let _ = done.send(());
+            }
             ToRib::SetOriginate(list) => {
                 let want: HashSet<Prefix> = list.into_iter().collect();
                 let mut changes = Vec::new();
@@ -545,12 +627,8 @@ impl RibTask {
             .collect();
         let mut changes = Vec::new();
         for id in gone {
-            if let Some(slot) = self.peers.remove(&id) {
+            if let Some(slot) = self.remove_peer(id) {
                 tracing::info!(peer = %slot.params.addr, "neighbor removed or changed");
-                let tx = slot.incoming.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(PeerCmd::Remove).await;
-                });
                 if slot.params.password.is_some()
                     && let Err(e) = crate::net::set_md5(
                         &*self.listener,
@@ -626,11 +704,11 @@ impl RibTask {
                 }
                 let changes = self.rib.peer_down(id, keep_stale.is_some());
                 if let Some(secs) = keep_stale {
-                    let tx = self.tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(secs.max(1) as u64)).await;
-                        let _ = tx.send(ToRib::StaleTimeout { id }).await;
-                    });
+                    let after = Duration::from_secs(u64::from(secs.max(1)));
+                    let timer = self.timer(after, ToRib::StaleTimeout { id });
+                    if let Some(slot) = self.peers.get_mut(&id) {
+                        slot.stale_timer = Some(timer);
+                    }
                 }
                 self.propagate(changes).await;
             }
@@ -705,7 +783,7 @@ impl RibTask {
             return;
         };
         if let Some(why) = &u.treat_as_withdraw {
-            self.counters.treat_as_withdraw += 1;
+            self.shared.treat_as_withdraw.fetch_add(1, Relaxed);
             tracing::warn!(peer = %slot.params.addr, "UPDATE treated as withdraw (RFC 7606): {why}");
         }
         if let Some((afi, _)) = u.is_end_of_rib() {
@@ -764,24 +842,29 @@ impl RibTask {
         if changes.is_empty() {
             return;
         }
-        self.learned.send_if_modified(|m| {
-            let mut modified = false;
-            for (p, b) in &changes {
-                match b
-                    .as_ref()
-                    .filter(|b| b.best.peer != LOCAL && !b.next_hops.is_empty())
-                {
-                    Some(b) => {
-                        if m.get(p) != Some(&b.next_hops) {
-                            m.insert(*p, b.next_hops.clone());
+        if let Some(learned) = &self.learned {
+            learned.send_if_modified(|m| {
+                let mut modified = false;
+                for (p, b) in &changes {
+                    let want = b
+                        .as_ref()
+                        .filter(|b| b.best.peer != LOCAL && !b.next_hops.is_empty())
+                        .map(|b| &b.next_hops);
+                    match margay_delta::change(want, m.get(p).as_ref()) {
+                        Change::Keep => {}
+                        Change::Set(hops) => {
+                            m.insert(*p, hops.clone());
+                            modified = true;
+                        }
+                        Change::Remove => {
+                            m.remove(p);
                             modified = true;
                         }
                     }
-                    None => modified |= m.remove(p).is_some(),
                 }
-            }
-            modified
-        });
+                modified
+            });
+        }
         if let Some(fib) = &self.fib {
             let ops: Vec<FibOp> = changes
                 .iter()
@@ -838,16 +921,14 @@ impl RibTask {
                 slot.params.next_hop_self,
                 &self.communities,
             );
-            match out {
-                Some(a) if a.next_hop.is_some() => {
-                    if s.adj_out.get(p).map(|x| &**x) != Some(&a) {
-                        announce.entry(a).or_default().push(*p);
-                    }
-                }
-                _ => {
-                    if s.adj_out.remove(p).is_some() {
-                        withdraw[usize::from(!p.is_v4())].push(*p);
-                    }
+            // Adj-RIB-Out: what the peer should hear against what it was told.
+            let want = out.filter(|a| a.next_hop.is_some());
+            match margay_delta::change(want, s.adj_out.get(p).map(|x| &**x)) {
+                Change::Keep => {}
+                Change::Set(a) => announce.entry(a).or_default().push(*p),
+                Change::Remove => {
+                    s.adj_out.remove(p);
+                    withdraw[usize::from(!p.is_v4())].push(*p);
                 }
             }
         }
@@ -877,159 +958,36 @@ impl RibTask {
         st.prefixes_sent = s.adj_out.len();
     }
 
-    /// Prometheus text exposition of the speaker's counters.
-    fn metrics_text(&self) -> String {
-        use std::fmt::Write;
-        use std::sync::atomic::Ordering::Relaxed;
-        let kernel = self.fib.as_ref().map_or((0, 0), |f| {
-            (
-                f.stats().writes.load(Relaxed),
-                f.stats().failures.load(Relaxed),
-            )
-        });
-        let mut o = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(o, "{name}{labels} {v}");
-            }
-        };
-        let peers: Vec<PeerStatus> = self
-            .peers
-            .values()
-            .map(|p| p.status.lock().expect("status").clone())
-            .collect();
-        let per = |f: &dyn Fn(&PeerStatus) -> f64| -> Vec<(String, f64)> {
-            peers
-                .iter()
-                .map(|p| {
-                    (
-                        format!("{{peer=\"{}\",peer_asn=\"{}\"}}", p.address, p.asn),
-                        f(p),
-                    )
-                })
-                .collect()
-        };
-        let up = peers
-            .iter()
-            .filter(|p| p.state == State::Established)
-            .count();
-        metric(
-            "margay_bgp_sessions_established",
-            "gauge",
-            "Sessions in state Established.",
-            vec![(String::new(), up as f64)],
-        );
-        metric(
-            "margay_bgp_sessions_configured",
-            "gauge",
-            "Known peers (configured and dynamic).",
-            vec![(String::new(), peers.len() as f64)],
-        );
-        metric(
-            "margay_bgp_session_up",
-            "gauge",
-            "1 when the session with the peer is Established.",
-            per(&|p| f64::from(u8::from(p.state == State::Established))),
-        );
-        metric(
-            "margay_bgp_updates_received_total",
-            "counter",
-            "UPDATE messages received.",
-            per(&|p| p.updates_in as f64),
-        );
-        metric(
-            "margay_bgp_updates_sent_total",
-            "counter",
-            "UPDATE messages sent.",
-            per(&|p| p.updates_out as f64),
-        );
-        metric(
-            "margay_bgp_prefixes_received",
-            "gauge",
-            "Prefixes accepted from the peer.",
-            per(&|p| p.prefixes_received as f64),
-        );
-        metric(
-            "margay_bgp_prefixes_sent",
-            "gauge",
-            "Prefixes advertised to the peer.",
-            per(&|p| p.prefixes_sent as f64),
-        );
-        metric(
-            "margay_bgp_rib_prefixes",
-            "gauge",
-            "Prefixes with a best path.",
-            vec![(String::new(), self.rib.len() as f64)],
-        );
-        metric(
-            "margay_bgp_updates_treated_as_withdraw_total",
-            "counter",
-            "UPDATEs turned into withdrawals under RFC 7606.",
-            vec![(String::new(), self.counters.treat_as_withdraw as f64)],
-        );
-        metric(
-            "margay_bgp_kernel_route_writes_total",
-            "counter",
-            "Kernel route adds, replaces and deletes.",
-            vec![(String::new(), kernel.0 as f64)],
-        );
-        metric(
-            "margay_bgp_kernel_route_failures_total",
-            "counter",
-            "Kernel route writes that failed.",
-            vec![(String::new(), kernel.1 as f64)],
-        );
-        o
-    }
-
-    fn show(&self, what: &str) -> serde_json::Value {
-        match what {
-            "metrics" => serde_json::Value::String(self.metrics_text()),
-            "routes" => {
-                let mut v: Vec<serde_json::Value> = self
-                    .rib
-                    .iter_best()
-                    .map(|(p, b)| {
-                        let from = self.peers.get(&b.best.peer).map(|s| s.params.addr.to_string());
-                        serde_json::json!({
-                            "prefix": p.to_string(),
-                            "next_hops": b.next_hops.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                            "from": from.unwrap_or_else(|| "local".into()),
-                            "as_path": b.best.attrs.as_path.segments.iter().flat_map(|s| s.asns.clone()).collect::<Vec<_>>(),
-                            "local_pref": b.best.attrs.local_pref,
-                            "med": b.best.attrs.med,
-                            "origin": format!("{:?}", b.best.attrs.origin).to_lowercase(),
-                            "paths": self.rib.paths(&p).len(),
-                            "stale": b.best.stale,
-                        })
-                    })
-                    .collect();
-                v.sort_by(|a, b| a["prefix"].as_str().cmp(&b["prefix"].as_str()));
-                serde_json::Value::Array(v)
-            }
-            _ => {
-                let mut v: Vec<serde_json::Value> = self
+    /// The best routes as the outside sees them, by prefix.
+    fn routes(&self) -> Vec<RouteView> {
+        let mut v: Vec<RouteView> = self
+            .rib
+            .iter_best()
+            .map(|(p, b)| {
+                let from = self
                     .peers
-                    .values()
-                    .map(|s| {
-                        let st = s.status.lock().expect("status").clone();
-                        let mut j = serde_json::to_value(&st).unwrap_or_default();
-                        j["since_seconds"] = st.since.map(|t| t.elapsed().as_secs()).into();
-                        j
-                    })
-                    .collect();
-                v.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
-                serde_json::Value::Array(v)
-            }
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (from a dual-stack listener) as IPv4.
-pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+                    .get(&b.best.peer)
+                    .map(|s| s.params.addr.to_string());
+                let a = &b.best.attrs;
+                RouteView {
+                    prefix: p.to_string(),
+                    next_hops: b.next_hops.iter().copied().collect(),
+                    from: from.unwrap_or_else(|| "local".into()),
+                    as_path: a
+                        .as_path
+                        .segments
+                        .iter()
+                        .flat_map(|s| s.asns.clone())
+                        .collect(),
+                    local_pref: a.local_pref,
+                    med: a.med,
+                    origin: format!("{:?}", a.origin).to_lowercase(),
+                    paths: self.rib.paths(&p).len(),
+                    stale: b.best.stale,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        v
     }
 }

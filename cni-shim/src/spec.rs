@@ -9,25 +9,8 @@ use serde_json::{Map, Value, json};
 /// Spec versions this plugin speaks.
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
-/// CNI error codes (spec section "Error").
-pub mod code {
-    /// Incompatible CNI version.
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    /// Unsupported field in network configuration.
-    pub const UNSUPPORTED_FIELD: u32 = 2;
-    /// Invalid necessary environment variables.
-    pub const INVALID_ENV: u32 = 4;
-    /// I/O failure.
-    pub const IO: u32 = 5;
-    /// Failed to decode content.
-    pub const DECODE: u32 = 6;
-    /// Invalid network config.
-    pub const INVALID_CONFIG: u32 = 7;
-    /// Try again later.
-    pub const TRY_AGAIN: u32 = 11;
-    /// The plugin is not available (STATUS: not ready).
-    pub const NOT_AVAILABLE: u32 = 50;
-}
+/// CNI error codes: the table the agent answers with too.
+pub use margay_api::cni as code;
 
 /// A CNI error, printed as the spec's error JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]

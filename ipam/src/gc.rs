@@ -13,42 +13,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use crate::crd::{AllowedUse, PodRef};
+use crate::crd::AllowedUse;
 use crate::model::Block;
 use crate::store::{Cluster, Store};
 use crate::{Error, Result};
 
-/// Why an allocation is considered leaked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum LeakReason {
-    /// The node it was handed out on no longer exists.
-    NodeGone,
-    /// The pod no longer exists.
-    PodGone,
-    /// A pod of that name exists, with another UID.
-    PodReplaced,
-}
-
-/// An allocation that looks leaked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Leak {
-    /// The block holding it.
-    pub block: String,
-    /// The address.
-    pub address: IpAddr,
-    /// Its handle.
-    pub handle: String,
-    /// The node it was handed out on.
-    pub node: String,
-    /// The pod it was for.
-    pub pod: Option<PodRef>,
-    /// Why it looks leaked.
-    pub reason: LeakReason,
-    /// When it was handed out (RFC 3339).
-    pub since: String,
-}
+pub use margay_api::ctl::{Leak, LeakReason};
 
 /// Allocations whose node or pod is gone. Allocations without a pod
 /// (non-Kubernetes callers) are judged only by their node.
@@ -104,7 +74,7 @@ pub fn orphaned_blocks<'a>(
 }
 
 /// What one collection run did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     /// Addresses released.
     pub released: Vec<Leak>,

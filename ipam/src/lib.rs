@@ -1,21 +1,24 @@
 //! Margay IPAM: which node owns which block, and which pod owns which address.
 //!
-//! - [`crd`]: the `margay.dev/v1` resources (IPPool, IPAMBlock,
-//!   IPAMConfiguration), source of the CRD YAML;
+//! - the `margay.dev/v1` resources (IPPool, IPAMBlock, IPAMConfiguration)
+//!   live in `margay_api::ipam`;
 //! - [`model`]: blocks and pools as the allocator sees them, pool validation;
 //! - [`plan`]: the pure allocation planner;
 //! - [`store`]: the compare-and-swap store trait and an in-memory store with
-//!   failure injection (the Kubernetes store lives in the agent);
+//!   failure injection;
+//! - [`k8s`]: the store on the Kubernetes API and the pools' status and
+//!   finalizer;
 //! - [`allocator`]: the per-node actor that batches requests into as few
 //!   block writes as possible (group commit);
+//! - [`reserve`]: pre-assigned addresses with write-behind;
 //! - [`gc`]: leak and dead-node garbage collection.
 //!
 //! See `DESIGN.md` beside this crate for the invariants.
 
 pub mod allocator;
 pub mod block;
-pub mod crd;
 pub mod gc;
+pub mod k8s;
 pub mod model;
 pub mod plan;
 pub mod reserve;
@@ -26,6 +29,8 @@ pub use model::{Block, Family, Pool};
 pub use plan::{Assign, Op, Outcome};
 pub use reserve::{Reserve, ReserveOptions, Taken};
 pub use store::{Cluster, MemStore, Store};
+
+use margay_api::ipam as crd;
 
 use crd::AllowedUse;
 use model::Family as Fam;
@@ -94,10 +99,4 @@ impl Error {
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The current time in RFC 3339 (what allocations record as `since`).
-pub fn now_rfc3339() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .unwrap_or(jiff::Timestamp::now())
-        .to_string()
-}
+pub(crate) use margay_api::condition::now_rfc3339;

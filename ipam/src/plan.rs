@@ -178,12 +178,7 @@ impl View {
 /// A stable per-node starting point so nodes claiming at once try
 /// different blocks (FNV-1a of the node name).
 fn node_offset(node: &str, count: u128) -> u128 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    u128::from(h) % count.max(1)
+    u128::from(margay_api::stable::fnv1a(node.as_bytes())) % count.max(1)
 }
 
 struct Planner<'a, 'v> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_ipam::crd::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
+use margay_api::ipam::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
 use margay_ipam::gc::{Janitor, LeakReason};
 use margay_ipam::store::Fault;
 use margay_ipam::{Allocator, Assign, Error, MemStore, Options};

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_ipam::crd::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
+use margay_api::ipam::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
 use margay_ipam::gc::Janitor;
 use margay_ipam::{Allocator, Assign, Error, MemStore, Options};
 

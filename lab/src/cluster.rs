@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod as KubePod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use margay_agent::bgp_crd::{BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec};
+use margay_api::bgp::{BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec};
+use margay_api::ipam::{
+    CONFIG_NAME, Encapsulation, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool,
+    IPPoolSpec, LabelSelector,
+};
 use margay_harness::bgpd::{Bird, Frr, Gobgp};
 use margay_harness::kube::{ApiRelay, ApiServer};
 use margay_harness::netns::Netns;
 use margay_harness::process::Daemon;
 use margay_harness::topo::{FABRIC_GW_V4, Fabric, Node};
 use margay_harness::{names, paths, wait};
-use margay_ipam::crd::{
-    CONFIG_NAME, Encapsulation, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool,
-    IPPoolSpec, LabelSelector,
-};
 
 use crate::{Encap, Tor};
 
@@ -223,7 +223,7 @@ impl Cluster {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let api = ApiServer::start().await.context("kube-apiserver")?;
         let client = api.client().await?;
-        margay_agent::crds::install(&client).await.context("CRDs")?;
+        margay_api::crds::install(&client).await.context("CRDs")?;
         let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
         sa.create(
             &PostParams::default(),
@@ -316,7 +316,7 @@ impl Cluster {
             if rr {
                 meta["labels"][RR_LABEL] = "true".into();
                 meta["annotations"] = serde_json::json!({
-                    margay_agent::routing::ANN_RR_CLUSTER_ID: "244.0.0.1"
+                    margay_api::node::ANN_RR_CLUSTER_ID: "244.0.0.1"
                 });
             }
             kube_nodes

@@ -3,8 +3,8 @@
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, PostParams};
+use margay_api::ipam::{CONFIG_NAME, IPAMConfiguration, IPAMConfigurationSpec, IPPool, IPPoolSpec};
 use margay_harness::kube::ApiServer;
-use margay_ipam::crd::{CONFIG_NAME, IPAMConfiguration, IPAMConfigurationSpec, IPPool, IPPoolSpec};
 
 /// A real apiserver with Margay's CRDs, the `default` ServiceAccount, the
 /// given Node objects, a pool `default` and the IPAM configuration.
@@ -16,7 +16,7 @@ pub async fn cluster(
 ) -> (ApiServer, kube::Client) {
     let api = ApiServer::start().await.expect("apiserver");
     let client = api.client().await.expect("client");
-    margay_agent::crds::install(&client).await.expect("CRDs");
+    margay_api::crds::install(&client).await.expect("CRDs");
     let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     sa.create(
         &PostParams::default(),

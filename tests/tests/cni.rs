@@ -8,12 +8,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use kube::api::{Api, ListParams};
+use margay_api::ipam::{IPAMBlock, IPAMConfigurationSpec};
 use margay_harness::kube::ApiServer;
 use margay_harness::netns::Netns;
 use margay_harness::process::Daemon;
 use margay_harness::topo::{Fabric, Node};
 use margay_harness::{names, paths, wait};
-use margay_ipam::crd::{IPAMBlock, IPAMConfigurationSpec};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -627,8 +627,8 @@ async fn agent_killed_mid_burst_then_runtime_retries_leave_exact_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nat_outgoing_masquerades_to_outside_the_pools_and_owns_one_table() {
     use kube::api::{Patch, PatchParams};
+    use margay_api::ipam::IPPool;
     use margay_harness::topo::FABRIC_GW_V4;
-    use margay_ipam::crd::IPPool;
 
     let w = world(vec![]).await;
     let ns = &w.node.ns;

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{Api, PostParams};
+use margay_api::ipam::IPPool;
 use margay_harness::kube::ApiServer;
 use margay_harness::topo::Fabric;
 use margay_harness::{names, paths, wait};
-use margay_ipam::crd::IPPool;
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
@@ -224,7 +224,7 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     .await
     .unwrap();
     let admin = api.client().await.unwrap();
-    margay_agent::crds::install(&admin).await.unwrap();
+    margay_api::crds::install(&admin).await.unwrap();
     let kubectl = |args: &[&str], stdin: Option<&str>| {
         let mut c = api.kubectl().unwrap();
         c.args(args);

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
-use margay_agent::bgp_crd::BGPPeer;
-use margay_ipam::crd::IPAMBlock;
+use margay_api::bgp::BGPPeer;
+use margay_api::ipam::IPAMBlock;
 use margay_lab::cluster::{Cluster, Options};
 use margay_lab::{Encap, Tor};
 use serde_json::Value;

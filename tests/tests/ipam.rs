@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use margay_agent::kube_store::KubeStore;
+use margay_api::ipam::{AllowedUse, IPAMBlock, IPAMConfigurationSpec, IPPool, PodRef};
 use margay_harness::process::Daemon;
-use margay_ipam::crd::{AllowedUse, IPAMBlock, IPAMConfigurationSpec, IPPool, PodRef};
 use margay_ipam::gc::{Janitor, LeakReason};
+use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Assign, Error, Options, Store};
 use margay_tests::{add_pool, cluster};
 
@@ -478,7 +478,7 @@ async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() 
         use_: AllowedUse::Workload,
     };
     a.assign(req("one")).await.unwrap();
-    margay_agent::pools::reconcile(&client).await.unwrap();
+    margay_ipam::k8s::pools::reconcile(&client).await.unwrap();
     let p = pools.get("default").await.unwrap();
     assert_eq!(ready(&p).0, "True");
     assert_eq!(p.status.as_ref().unwrap().allocated, 1);
@@ -498,7 +498,7 @@ async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() 
         .delete("default", &DeleteParams::default())
         .await
         .unwrap();
-    margay_agent::pools::reconcile(&client).await.unwrap();
+    margay_ipam::k8s::pools::reconcile(&client).await.unwrap();
     let p = pools.get("default").await.unwrap();
     let (st, reason, msg) = ready(&p);
     assert_eq!((st.as_str(), reason.as_str()), ("False", "Terminating"));
@@ -507,7 +507,7 @@ async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() 
     assert!(matches!(err, Error::NoPool { .. }), "{err}");
     // The last address goes, then the pool and its blocks.
     a.release("one").await.unwrap();
-    margay_agent::pools::reconcile(&client).await.unwrap();
+    margay_ipam::k8s::pools::reconcile(&client).await.unwrap();
     assert!(pools.get_opt("default").await.unwrap().is_none());
     assert!(store.list_blocks().await.unwrap().is_empty());
 }

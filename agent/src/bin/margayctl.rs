@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use margay_agent::ctl;
-use margay_agent::kube_store::KubeStore;
 use margay_ipam::Store;
+use margay_ipam::k8s::KubeStore;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
@@ -113,17 +113,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node {
             cmd: NodeCmd::Status,
         } => {
-            let st = ctl::agent_get(&cli.agent, "/status")?;
+            let st = ctl::agent_status(&cli.agent)?;
             print(cli.output, &st, || ctl::render_node_status(&st))?;
-            Ok(if st["ready"] == true {
+            Ok(if st.ready {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             })
         }
         Cmd::Routes => {
-            let st = ctl::agent_get(&cli.agent, "/status")?;
-            print(cli.output, &st["routes"], || ctl::render_routes(&st))?;
+            let st = ctl::agent_status(&cli.agent)?;
+            print(cli.output, &st.routes, || ctl::render_routes(&st))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ipam { cmd } => {
@@ -150,19 +150,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     force,
                 } => {
                     if let Some(p) = from_report {
-                        let r: serde_json::Value = serde_json::from_slice(
+                        let r: margay_api::ctl::IpamCheck = serde_json::from_slice(
                             &std::fs::read(&p)
                                 .with_context(|| format!("reading {}", p.display()))?,
                         )
-                        .with_context(|| format!("{} is not a JSON report", p.display()))?;
-                        for l in r["leaks"].as_array().into_iter().flatten() {
-                            addresses.push(
-                                l["address"]
-                                    .as_str()
-                                    .and_then(|a| a.parse().ok())
-                                    .context("a leak without an address in the report")?,
-                            );
-                        }
+                        .with_context(|| {
+                            format!(
+                                "{} is not a report of `margayctl ipam check -o json`",
+                                p.display()
+                            )
+                        })?;
+                        addresses.extend(r.leaks.iter().map(|l| l.address));
                     }
                     anyhow::ensure!(
                         !addresses.is_empty(),
@@ -176,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             Ok(ExitCode::SUCCESS)
                         }
                         Err(e) => {
-                            eprintln!("margayctl: {e:#}");
+                            eprintln!("margayctl: {e}");
                             Ok(ExitCode::from(1))
                         }
                     }

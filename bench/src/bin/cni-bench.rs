@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use margay_api::ipam::IPAMConfigurationSpec;
 use margay_harness::netns::Netns;
 use margay_harness::topo::Fabric;
 use margay_harness::{names, paths};
-use margay_ipam::crd::IPAMConfigurationSpec;
 use serde_json::json;
 
 #[derive(Debug, Parser)]

@@ -17,10 +17,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
-use margay_agent::kube_store::KubeStore;
+use margay_api::ipam::{AllowedUse, IPPool, IPPoolSpec, PodRef};
 use margay_harness::kube::ApiServer;
 use margay_harness::names;
-use margay_ipam::crd::{AllowedUse, IPPool, IPPoolSpec, PodRef};
+use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Assign, Options};
 use tokio::io::AsyncWriteExt;
 
@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     let n = cli.count;
     let api = ApiServer::start().await?;
     let client = api.client().await?;
-    margay_agent::crds::install(&client).await?;
+    margay_api::crds::install(&client).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .create(

@@ -112,6 +112,35 @@ async fn show(sock: &std::path::Path, what: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// One control request: a word (`neighbors`, `routes`, `metrics`) in, the
+/// view (JSON) or the metrics (text) out.
+async fn answer(speaker: std::sync::Arc<Speaker>, s: UnixStream) {
+    let (r, mut w) = s.into_split();
+    let mut line = String::new();
+    if BufReader::new(r).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let json = |v: Result<String, serde_json::Error>| {
+        v.unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    };
+    let body = match line.trim() {
+        "neighbors" => json(serde_json::to_string_pretty(&speaker.neighbors())),
+        "routes" => match speaker.routes().await {
+            Ok(r) => json(serde_json::to_string_pretty(&r)),
+            Err(e) => format!("{{\"error\": \"{e}\"}}"),
+        },
+        "metrics" => {
+            let mut reg = prometheus_client::registry::Registry::default();
+            reg.register_collector(Box::new(speaker.metrics()));
+            margay_bgp::metrics::render(&reg)
+        }
+        other => {
+            format!("{{\"error\": \"unknown request {other:?}: neighbors, routes or metrics\"}}")
+        }
+    };
+    let _ = w.write_all(body.as_bytes()).await;
+}
+
 async fn run(cfg: Config, sock: PathBuf) -> ExitCode {
     let speaker = match Speaker::start(cfg).await {
         Ok(s) => std::sync::Arc::new(s),
@@ -134,21 +163,15 @@ async fn run(cfg: Config, sock: PathBuf) -> ExitCode {
     let ctl = {
         let speaker = speaker.clone();
         tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let speaker = speaker.clone();
-                tokio::spawn(async move {
-                    let (r, mut w) = s.into_split();
-                    let mut line = String::new();
-                    if BufReader::new(r).read_line(&mut line).await.is_err() {
-                        return;
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    a = listener.accept() => {
+                        let Ok((s, _)) = a else { break };
+                        conns.spawn(answer(speaker.clone(), s));
                     }
-                    let body = match speaker.show(line.trim()).await {
-                        Ok(serde_json::Value::String(text)) => text,
-                        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
-                        Err(e) => format!("{{\"error\": \"{e}\"}}"),
-                    };
-                    let _ = w.write_all(body.as_bytes()).await;
-                });
+                    Some(_) = conns.join_next() => {}
+                }
             }
         })
     };

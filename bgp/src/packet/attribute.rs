@@ -11,8 +11,31 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::Ctx;
 use super::consts::{AFI_IPV4, AFI_IPV6, AS_TRANS, SAFI_UNICAST, attr, err, flag, seg};
 use super::error::DecodeError;
-use super::message::{MpReach, MpUnreach};
-use super::prefix::decode_prefixes;
+use super::prefix::{Prefix, decode_prefixes};
+
+/// MP_REACH_NLRI for IPv4 or IPv6 unicast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MpReach {
+    /// AFI.
+    pub afi: u16,
+    /// SAFI.
+    pub safi: u8,
+    /// Next hop(s): one address, or IPv6 global + link-local.
+    pub next_hop: Vec<IpAddr>,
+    /// Reachable prefixes.
+    pub nlri: Vec<Prefix>,
+}
+
+/// MP_UNREACH_NLRI for IPv4 or IPv6 unicast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MpUnreach {
+    /// AFI.
+    pub afi: u16,
+    /// SAFI.
+    pub safi: u8,
+    /// Withdrawn prefixes.
+    pub withdrawn: Vec<Prefix>,
+}
 
 /// ORIGIN values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

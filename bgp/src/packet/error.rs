@@ -1,7 +1,6 @@
 //! Decode errors, each mapping one to one onto a NOTIFICATION.
 
 use super::consts::err;
-use super::message::Notification;
 
 /// A message that cannot be accepted; sending `code`/`subcode`/`data` in a
 /// NOTIFICATION and closing the session is the required response.
@@ -52,14 +51,5 @@ impl DecodeError {
     /// UPDATE "malformed attribute list".
     pub fn malformed_attrs(reason: impl Into<String>) -> Self {
         Self::new(err::UPDATE, err::UPDATE_MALFORMED_ATTR_LIST, reason)
-    }
-
-    /// The NOTIFICATION to send for this error.
-    pub fn notification(&self) -> Notification {
-        Notification {
-            code: self.code,
-            subcode: self.subcode,
-            data: self.data.clone(),
-        }
     }
 }

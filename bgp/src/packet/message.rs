@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::Ctx;
-use super::attribute::{Attrs, decode_attrs, encode_attrs};
+use super::attribute::{Attrs, MpReach, MpUnreach, decode_attrs, encode_attrs};
 use super::consts::{
     AFI_IPV4, AFI_IPV6, AS_TRANS, BGP_VERSION, HEADER_LEN, MAX_MSG_LEN, SAFI_UNICAST, attr, cap,
     err, msg,
@@ -124,30 +124,6 @@ impl Open {
     }
 }
 
-/// MP_REACH_NLRI for IPv4 or IPv6 unicast.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MpReach {
-    /// AFI.
-    pub afi: u16,
-    /// SAFI.
-    pub safi: u8,
-    /// Next hop(s): one address, or IPv6 global + link-local.
-    pub next_hop: Vec<IpAddr>,
-    /// Reachable prefixes.
-    pub nlri: Vec<Prefix>,
-}
-
-/// MP_UNREACH_NLRI for IPv4 or IPv6 unicast.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MpUnreach {
-    /// AFI.
-    pub afi: u16,
-    /// SAFI.
-    pub safi: u8,
-    /// Withdrawn prefixes.
-    pub withdrawn: Vec<Prefix>,
-}
-
 /// UPDATE.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Update {
@@ -211,6 +187,17 @@ pub struct Notification {
     pub subcode: u8,
     /// Data.
     pub data: Vec<u8>,
+}
+
+impl DecodeError {
+    /// The NOTIFICATION to send for this error.
+    pub fn notification(&self) -> Notification {
+        Notification {
+            code: self.code,
+            subcode: self.subcode,
+            data: self.data.clone(),
+        }
+    }
 }
 
 impl Notification {

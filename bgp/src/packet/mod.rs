@@ -13,11 +13,11 @@ pub mod error;
 pub mod message;
 pub mod prefix;
 
-pub use attribute::{AsPath, Attrs, Origin, RawAttr, Segment, SegmentKind};
+pub use attribute::{AsPath, Attrs, MpReach, MpUnreach, Origin, RawAttr, Segment, SegmentKind};
 pub use error::DecodeError;
 pub use message::{
-    Capability, GracefulRestartCap, Message, MpReach, MpUnreach, Notification, Open, RouteRefresh,
-    Update, UpdateBuilder, frame_len,
+    Capability, GracefulRestartCap, Message, Notification, Open, RouteRefresh, Update,
+    UpdateBuilder, frame_len,
 };
 pub use prefix::Prefix;
 

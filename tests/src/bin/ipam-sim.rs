@@ -18,8 +18,8 @@ use std::time::Duration;
 use clap::Parser;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
-use margay_agent::kube_store::KubeStore;
-use margay_ipam::crd::{AllowedUse, PodRef};
+use margay_api::ipam::{AllowedUse, PodRef};
+use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Assign, Options};
 
 #[derive(Debug, Parser)]

@@ -9,39 +9,36 @@
 //! rolled back and the addresses go back, so a failed ADD leaves nothing.
 //! DEL unwires (nothing to do is fine; the pod namespace may be gone) and
 //! releases, written behind. Operations on one handle never overlap.
-//! Errors carry CNI codes: 11 when asking again may work, 3 when the pod
-//! namespace does not exist, 100 for address allocation, 101 for the
-//! dataplane, 50 for STATUS when not ready.
+//! Errors carry CNI codes (`margay_api::cni`): 11 when asking again may
+//! work, 3 when the pod namespace does not exist, 100 for address
+//! allocation, 101 for the dataplane, 50 for STATUS when not ready.
+//!
+//! - [`server`]: the gRPC server on the unix socket (root callers only);
+//! - [`alias`]: the attribution record on each pod's host interface;
+//! - [`reconcile`]: start-up agreement of the kernel and IPAM.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ipnetwork::IpNetwork;
-use margay_ipam::crd::{AllowedUse, PodRef};
+use margay_api::ipam::{AllowedUse, IPPool, PodRef};
 use margay_ipam::model::validate_pools;
 use margay_ipam::reserve::spare_prefix;
 use margay_ipam::{Allocator, Assign, Reserve, Store};
-use margay_proto::cni::{self, cni_server};
-use tonic::{Request, Response, Status};
+use margay_proto::cni;
 
-use crate::dataplane::{self, Dataplane, GATEWAY_V4, HOST_MAC, PodSpec, host_ifname};
+use crate::dataplane::ownership::host_ifname;
+use crate::dataplane::{self, Dataplane, GATEWAY_V4, HOST_MAC, PodSpec};
 
-/// CNI error codes the agent answers with.
-pub mod code {
-    /// The pod's network namespace does not exist.
-    pub const CONTAINER_UNKNOWN: u32 = 3;
-    /// Invalid request.
-    pub const INVALID_CONFIG: u32 = 7;
-    /// Try again later.
-    pub const TRY_AGAIN: u32 = 11;
-    /// Not ready (STATUS).
-    pub const NOT_READY: u32 = 50;
-    /// No address could be allocated.
-    pub const IPAM: u32 = 100;
-    /// The dataplane failed.
-    pub const DATAPLANE: u32 = 101;
-}
+pub mod alias;
+pub mod reconcile;
+pub mod server;
+
+pub use server::serve;
+
+/// The CNI error codes the agent answers with (one table with the plugin).
+pub use margay_api::cni as code;
 
 fn err(code: u32, msg: impl Into<String>) -> cni::CniError {
     cni::CniError {
@@ -73,7 +70,7 @@ pub struct CniService<S, D> {
     /// Poked after every ADD (the block routes may need a new blackhole).
     added: Arc<tokio::sync::Notify>,
     /// The pools last read (for the MTU when the datastore is slow).
-    last_pools: Mutex<Option<Vec<margay_ipam::crd::IPPool>>>,
+    last_pools: Mutex<Option<Vec<IPPool>>>,
 }
 
 fn handle_of(r: &cni::CniRequest) -> String {
@@ -200,7 +197,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         addrs
             .iter()
             .filter_map(|a| valid.iter().find(|p| p.cidr.contains(a.ip())))
-            .map(|p| crate::remote::pod_mtu(self.mtu, p.encapsulation))
+            .map(|p| dataplane::pod_mtu(self.mtu, p.encapsulation))
             .min()
             .unwrap_or(self.mtu)
     }
@@ -211,7 +208,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             netns: PathBuf::from(&r.netns),
             ifname: r.ifname.clone(),
             host_if: host_if_of(r),
-            alias: crate::reconcile::alias(&handle_of(r), &addrs, pod.as_ref()),
+            alias: alias::alias(&handle_of(r), &addrs, pod.as_ref()),
             addrs,
             mtu,
         }
@@ -222,7 +219,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         validate(r, true)?;
         if !std::path::Path::new(&r.netns).exists() {
             return Err(err(
-                code::CONTAINER_UNKNOWN,
+                code::UNKNOWN_CONTAINER,
                 format!("network namespace {} does not exist", r.netns),
             ));
         }
@@ -251,7 +248,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                     tracing::warn!(%handle, "release after failed ADD: {re} (GC will collect it)");
                 }
                 let code = match e {
-                    dataplane::Error::Netns { .. } => code::CONTAINER_UNKNOWN,
+                    dataplane::Error::Netns { .. } => code::UNKNOWN_CONTAINER,
                     _ => code::DATAPLANE,
                 };
                 return Err(err(code, format!("wiring the pod failed: {e}")));
@@ -260,11 +257,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         // The kernel now records the attribution: write it behind.
         self.reserve.commit(&taken, pod);
         self.added.notify_one();
-        let host_mac = HOST_MAC
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
+        let host_mac = margay_api::stable::mac_string(&HOST_MAC);
         let mut routes = Vec::new();
         let mut ips = Vec::new();
         for a in &addrs {
@@ -352,13 +345,13 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
     pub async fn status(&self) -> Result<(), cni::CniError> {
         let pools = self.store.pools().await.map_err(|e| {
             err(
-                code::NOT_READY,
+                code::NOT_AVAILABLE,
                 format!("margay-agent cannot read IPPools: {e}"),
             )
         })?;
         let labels = self.store.node_labels(&self.node).await.map_err(|e| {
             err(
-                code::NOT_READY,
+                code::NOT_AVAILABLE,
                 format!("margay-agent cannot read its Node: {e}"),
             )
         })?;
@@ -368,7 +361,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             .any(|p| p.usable(&labels, AllowedUse::Workload))
         {
             return Err(err(
-                code::NOT_READY,
+                code::NOT_AVAILABLE,
                 format!("no enabled IPPool selects node {}", self.node),
             ));
         }
@@ -415,101 +408,11 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
     }
 }
 
-fn reply(r: Result<Option<cni::CniResult>, cni::CniError>) -> Response<cni::CniReply> {
-    Response::new(match r {
-        Ok(result) => cni::CniReply {
-            result,
-            error: None,
-        },
-        Err(e) => cni::CniReply {
-            result: None,
-            error: Some(e),
-        },
-    })
-}
-
-use crate::metrics::CniOp;
-
-#[tonic::async_trait]
-impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
-    async fn add(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let t = std::time::Instant::now();
-        let r = CniService::add(self, req.get_ref()).await;
-        crate::metrics::CNI.record(CniOp::Add, t.elapsed(), r.is_ok());
-        Ok(reply(r.map(Some)))
-    }
-
-    async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let t = std::time::Instant::now();
-        let r = CniService::del(self, req.get_ref()).await;
-        crate::metrics::CNI.record(CniOp::Del, t.elapsed(), r.is_ok());
-        Ok(reply(r.map(|()| None)))
-    }
-
-    async fn check(
-        &self,
-        req: Request<cni::CniRequest>,
-    ) -> Result<Response<cni::CniReply>, Status> {
-        let t = std::time::Instant::now();
-        let r = CniService::check(self, req.get_ref()).await;
-        crate::metrics::CNI.record(CniOp::Check, t.elapsed(), r.is_ok());
-        Ok(reply(r.map(|()| None)))
-    }
-
-    async fn status(
-        &self,
-        _req: Request<cni::StatusRequest>,
-    ) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(CniService::status(self).await.map(|()| None)))
-    }
-
-    async fn gc(&self, req: Request<cni::GcRequest>) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(
-            CniService::gc(self, req.get_ref()).await.map(|_| None),
-        ))
-    }
-}
-
-/// Serves the service on a unix socket at `path` (mode 0600; connections
-/// from other users than root are closed at once) until `shutdown`
-/// resolves; the socket file is removed afterwards.
-pub async fn serve<S: Store, D: Dataplane>(
-    service: CniService<S, D>,
-    path: &std::path::Path,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        loop {
-            match l.accept().await {
-                Ok((s, _)) => match s.peer_cred() {
-                    Ok(c) if c.uid() == 0 => return Some((Ok::<_, std::io::Error>(s), l)),
-                    Ok(c) => tracing::warn!(uid = c.uid(), "refused a non-root caller"),
-                    Err(e) => tracing::warn!("peer credentials: {e}"),
-                },
-                Err(e) => return Some((Err(e), l)),
-            }
-        }
-    });
-    let res = tonic::transport::Server::builder()
-        .add_service(cni_server::CniServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
-    let _ = std::fs::remove_file(path);
-    res.map_err(Into::into)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use margay_ipam::crd::{IPPool, IPPoolSpec};
+    use margay_api::ipam::{IPPool, IPPoolSpec};
     use margay_ipam::{MemStore, Options};
 
     use super::*;
@@ -540,7 +443,7 @@ mod tests {
         )]);
         store.add_node("n1", BTreeMap::new());
         let alloc = Allocator::start(store.clone(), "n1", Options::default());
-        crate::reconcile::apply("n1", &alloc, &dp).await.unwrap();
+        reconcile::apply("n1", &alloc, &dp).await.unwrap();
         let opts = margay_ipam::ReserveOptions {
             depth,
             ..Default::default()
@@ -603,7 +506,7 @@ mod tests {
         let (svc, store, _) = service().await;
         let mut r = req("a");
         r.netns = "/run/netns/none-such".into();
-        assert_eq!(svc.add(&r).await.unwrap_err().code, code::CONTAINER_UNKNOWN);
+        assert_eq!(svc.add(&r).await.unwrap_err().code, code::UNKNOWN_CONTAINER);
         let mut r = req("a");
         r.ifname = "a-very-long-interface".into();
         assert_eq!(svc.add(&r).await.unwrap_err().code, code::INVALID_CONFIG);
@@ -643,7 +546,7 @@ mod tests {
         svc.status().await.unwrap();
         store.set_pools(vec![]);
         let e = svc.status().await.unwrap_err();
-        assert_eq!(e.code, code::NOT_READY);
+        assert_eq!(e.code, code::NOT_AVAILABLE);
         assert!(
             e.msg.contains("no enabled IPPool selects node n1"),
             "{}",
@@ -726,7 +629,7 @@ mod tests {
     async fn pod_mtu_leaves_room_for_the_pools_encapsulation() {
         let (svc, store, dp) = service().await;
         let mut spec = IPPoolSpec::with_cidr("10.1.0.0/24", Some(26));
-        spec.encapsulation = margay_ipam::crd::Encapsulation::Vxlan;
+        spec.encapsulation = margay_api::ipam::Encapsulation::Vxlan;
         store.set_pools(vec![IPPool::new("p", spec)]);
         let res = svc.add(&req("v")).await.unwrap();
         assert_eq!(res.interfaces[0].mtu, 1450);

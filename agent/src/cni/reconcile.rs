@@ -1,9 +1,8 @@
 //! Start-up reconciliation of the pods' kernel state with IPAM.
 //!
-//! The kernel is the node's durable journal of attributions: every pod host
-//! interface carries an alias `margay1 <handle> <addr>[,<addr>]
-//! [<namespace>/<name>/<uid>]`, set while the interface is built, before
-//! the ADD answers. IPAM's writes of attributions and releases happen
+//! The kernel is the node's durable journal of attributions (every pod host
+//! interface carries its alias, see [`super::alias`]). IPAM's writes of
+//! attributions and releases happen
 //! behind the ADD/DEL answers (see `margay_ipam::reserve`), so after a
 //! crash the two may disagree; before serving anything the agent settles
 //! them:
@@ -22,74 +21,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use ipnetwork::IpNetwork;
-use margay_ipam::crd::{AllowedUse, PodRef};
+use margay_api::ipam::{AllowedUse, PodRef};
 use margay_ipam::reserve::spare_prefix;
 use margay_ipam::{Allocator, Block};
 
+use super::alias::parse;
 use crate::dataplane::{Dataplane, HostPod};
-
-const TAG: &str = "margay1";
-/// Longest alias the kernel keeps (IFALIASZ - 1).
-const MAX_ALIAS: usize = 255;
-
-/// The alias recording `handle`'s addresses (and pod, when it fits).
-pub fn alias(handle: &str, addrs: &[IpNetwork], pod: Option<&PodRef>) -> String {
-    let ips: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
-    let base = format!("{TAG} {handle} {}", ips.join(","));
-    match pod {
-        Some(p) => {
-            let full = format!("{base} {}/{}/{}", p.namespace, p.name, p.uid);
-            if full.len() <= MAX_ALIAS { full } else { base }
-        }
-        None => base,
-    }
-}
-
-/// What an alias says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attached {
-    /// The host interface.
-    pub host_if: String,
-    /// The allocation handle.
-    pub handle: String,
-    /// Its addresses.
-    pub addrs: Vec<IpAddr>,
-    /// The pod, when recorded.
-    pub pod: Option<PodRef>,
-}
-
-/// Parses a host interface's alias; `None` when it is not Margay's.
-pub fn parse(p: &HostPod) -> Option<Attached> {
-    let mut it = p.alias.split(' ');
-    if it.next()? != TAG {
-        return None;
-    }
-    let handle = it.next()?.to_string();
-    let addrs: Vec<IpAddr> = it
-        .next()?
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    let pod = it.next().and_then(|s| {
-        let mut f = s.splitn(3, '/');
-        Some(PodRef {
-            namespace: f.next()?.to_string(),
-            name: f.next()?.to_string(),
-            uid: f.next()?.to_string(),
-        })
-    });
-    if handle.is_empty() || addrs.is_empty() {
-        return None;
-    }
-    Some(Attached {
-        host_if: p.host_if.clone(),
-        handle,
-        addrs,
-        pod,
-    })
-}
 
 /// One reconciliation step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +131,7 @@ pub struct Report {
 }
 
 /// Plans and applies the reconciliation (before the CNI service starts).
-pub async fn apply<D: Dataplane>(node: &str, alloc: &Allocator, dp: &D) -> anyhow::Result<Report> {
+pub async fn apply<D: Dataplane>(node: &str, alloc: &Allocator, dp: &D) -> crate::Result<Report> {
     let pods = dp.list_pods().await?;
     let blocks = alloc.blocks().await?;
     let mut r = Report::default();
@@ -226,8 +163,9 @@ pub async fn apply<D: Dataplane>(node: &str, alloc: &Allocator, dp: &D) -> anyho
 
 #[cfg(test)]
 mod tests {
+    use super::super::alias::alias;
     use super::*;
-    use margay_ipam::crd::AllocationRecord;
+    use margay_api::ipam::AllocationRecord;
 
     #[tokio::test]
     async fn without_the_datastore_no_pod_is_touched() {
@@ -274,60 +212,10 @@ mod tests {
             uid: "u".into(),
         };
         HostPod {
+            index: 0,
             host_if: host_if.into(),
             alias: alias(handle, &[format!("{ip}/32").parse().unwrap()], Some(&p)),
         }
-    }
-
-    #[test]
-    fn aliases_round_trip_and_stay_short() {
-        let p = PodRef {
-            namespace: "default".into(),
-            name: "web-0".into(),
-            uid: "0c5d".into(),
-        };
-        let addrs: Vec<IpNetwork> = vec![
-            "10.0.0.1/32".parse().unwrap(),
-            "fd00::1/128".parse().unwrap(),
-        ];
-        let hp = HostPod {
-            host_if: "cali1".into(),
-            alias: alias("abc.eth0", &addrs, Some(&p)),
-        };
-        let at = parse(&hp).unwrap();
-        assert_eq!(at.handle, "abc.eth0");
-        assert_eq!(at.addrs.len(), 2);
-        assert_eq!(at.pod, Some(p));
-        let long = PodRef {
-            namespace: "n".repeat(63),
-            name: "x".repeat(253),
-            uid: "u".into(),
-        };
-        let a = alias(&"c".repeat(70), &addrs, Some(&long));
-        assert!(a.len() <= MAX_ALIAS);
-        assert!(
-            parse(&HostPod {
-                host_if: "c".into(),
-                alias: a
-            })
-            .unwrap()
-            .pod
-            .is_none()
-        );
-        assert!(
-            parse(&HostPod {
-                host_if: "c".into(),
-                alias: "calico thing".into()
-            })
-            .is_none()
-        );
-        assert!(
-            parse(&HostPod {
-                host_if: "c".into(),
-                alias: String::new()
-            })
-            .is_none()
-        );
     }
 
     #[test]
@@ -346,6 +234,7 @@ mod tests {
             pod("cali-c", "c.eth0", "10.0.0.3"),
             pod("cali-d", "d.eth0", "10.0.0.4"),
             HostPod {
+                index: 0,
                 host_if: "cali-foreign".into(),
                 alias: String::new(),
             },

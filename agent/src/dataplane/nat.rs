@@ -18,8 +18,10 @@ use ipnetwork::IpNetwork;
 use margay_ipam::Store;
 use margay_ipam::model::validate_pools;
 
+use super::Error;
+
 /// The table Margay owns.
-pub const TABLE: &str = "inet margay";
+pub const TABLE: &str = super::ownership::NFT_TABLE;
 
 /// What the table must do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,7 +35,7 @@ pub struct NatSpec {
 impl NatSpec {
     /// From the pools (invalid pools, e.g. overlapping ones, are skipped as
     /// IPAM skips them).
-    pub fn from_pools(pools: &[margay_ipam::crd::IPPool]) -> Self {
+    pub fn from_pools(pools: &[margay_api::ipam::IPPool]) -> Self {
         let (valid, _) = validate_pools(pools);
         let mut spec = Self::default();
         for p in valid {
@@ -106,7 +108,7 @@ pub struct Nat {
 
 impl Nat {
     /// Loads `spec` unless it is what was loaded last (`force`: always).
-    pub async fn apply(&mut self, spec: &NatSpec, force: bool) -> anyhow::Result<bool> {
+    pub async fn apply(&mut self, spec: &NatSpec, force: bool) -> super::Result<bool> {
         let script = render(spec);
         if !force && self.last.as_deref() == Some(script.as_str()) {
             return Ok(false);
@@ -117,18 +119,24 @@ impl Nat {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .map_err(|e| anyhow::anyhow!("running nft (is nftables installed?): {e}"))?;
+            .map_err(|e| Error::Nft(format!("running nft (is nftables installed?): {e}")))?;
         {
             use tokio::io::AsyncWriteExt;
             let mut stdin = child.stdin.take().expect("piped");
-            stdin.write_all(script.as_bytes()).await?;
+            stdin
+                .write_all(script.as_bytes())
+                .await
+                .map_err(|e| Error::Nft(format!("writing to nft: {e}")))?;
         }
-        let out = child.wait_with_output().await?;
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| Error::Nft(format!("waiting for nft: {e}")))?;
         if !out.status.success() {
-            anyhow::bail!(
+            return Err(Error::Nft(format!(
                 "nft refused the {TABLE} table: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            )));
         }
         self.last = Some(script);
         Ok(true)
@@ -136,8 +144,13 @@ impl Nat {
 }
 
 /// Keeps the table in step with the pools: checks every `poll` (pools are
-/// cached by the store), reloads at least every `resync`.
-pub async fn run<S: Store>(store: std::sync::Arc<S>, poll: Duration, resync: Duration) {
+/// cached by the store), reloads at least every `resync`. Pools that cannot
+/// be read change nothing. Never ends.
+pub async fn run<S: Store>(
+    store: std::sync::Arc<S>,
+    poll: Duration,
+    resync: Duration,
+) -> crate::Result<()> {
     let mut nat = Nat::default();
     let mut since = tokio::time::Instant::now();
     loop {
@@ -163,7 +176,7 @@ pub async fn run<S: Store>(store: std::sync::Arc<S>, poll: Duration, resync: Dur
 #[cfg(test)]
 mod tests {
     use super::*;
-    use margay_ipam::crd::{IPPool, IPPoolSpec};
+    use margay_api::ipam::{IPPool, IPPoolSpec};
 
     fn pool(name: &str, cidr: &str, nat: bool) -> IPPool {
         let mut spec = IPPoolSpec::with_cidr(cidr, None);

@@ -6,36 +6,38 @@
 
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use margay_ipam::crd::{IPPool, POOL_FINALIZER};
-use margay_ipam::model::pool_statuses;
-use margay_ipam::{Store, now_rfc3339};
+use margay_api::ipam::{IPPool, POOL_FINALIZER};
 
-use crate::kube_store::KubeStore;
+use super::KubeStore;
+use crate::Store;
+use crate::model::pool_statuses;
 
 /// One pass over every pool. Finalizer changes carry the resourceVersion
 /// just read, so a pool changed meanwhile is left for the next pass.
-pub async fn reconcile(client: &Client) -> anyhow::Result<()> {
+pub async fn reconcile(client: &Client) -> crate::Result<()> {
     let api: Api<IPPool> = Api::all(client.clone());
-    let pools = api.list(&ListParams::default()).await?.items;
+    let pools = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| super::map_err("ippools", e))?
+        .items;
     let store = KubeStore::new(client.clone(), std::time::Duration::ZERO);
     let blocks = store.list_blocks().await?;
     let statuses = pool_statuses(&pools, &blocks);
-    let now = now_rfc3339();
     for pool in &pools {
         let name = pool.name_any();
         let Some((_, mut status)) = statuses.iter().find(|(n, _)| *n == name).cloned() else {
             continue;
         };
-        for c in &mut status.conditions {
-            let old = pool
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.iter().find(|o| o.type_ == c.type_));
-            c.last_transition_time = match old {
-                Some(o) if o.status == c.status => o.last_transition_time.clone(),
-                _ => Some(now.clone()),
-            };
-        }
+        let old = pool.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+        status.conditions = status
+            .conditions
+            .into_iter()
+            .map(|c| {
+                let prev = margay_api::condition::find(old, &c.type_);
+                c.since(prev)
+            })
+            .collect();
         let mut rv = pool.resource_version();
         if pool.status.as_ref() != Some(&status) {
             let updated = api
@@ -44,7 +46,8 @@ pub async fn reconcile(client: &Client) -> anyhow::Result<()> {
                     &PatchParams::default(),
                     &Patch::Merge(serde_json::json!({ "status": status })),
                 )
-                .await?;
+                .await
+                .map_err(|e| super::map_err(&format!("ippool {name} status"), e))?;
             rv = updated.resource_version();
         }
         let finalizers = pool.finalizers().to_vec();
@@ -56,7 +59,8 @@ pub async fn reconcile(client: &Client) -> anyhow::Result<()> {
                 let patch =
                     serde_json::json!({"metadata": {"finalizers": f, "resourceVersion": rv}});
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await?;
+                    .await
+                    .map_err(|e| super::map_err(&format!("ippool {name}"), e))?;
             }
         } else if has && status.allocated == 0 {
             for b in blocks
@@ -74,7 +78,8 @@ pub async fn reconcile(client: &Client) -> anyhow::Result<()> {
             let f: Vec<&String> = finalizers.iter().filter(|f| *f != POOL_FINALIZER).collect();
             let patch = serde_json::json!({"metadata": {"finalizers": f, "resourceVersion": rv}});
             api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                .await?;
+                .await
+                .map_err(|e| super::map_err(&format!("ippool {name}"), e))?;
             tracing::info!(pool = %name, "pool released");
         }
     }

@@ -1,43 +1,23 @@
-//! Routes to other nodes' blocks, per the pool's encapsulation.
-//!
-//! The routing loop ([`crate::bgp`]) says which blocks live on which node
-//! (from BGP); this module
-//! turns that into kernel state and keeps it in step:
-//! - `None` (native): `block via <node address>`, protocol
-//!   [`RTPROT_MARGAY_REMOTE`];
-//! - `VXLAN`: one device [`VXLAN_DEV`] (VNI [`VXLAN_VNI`], UDP
-//!   [`VXLAN_PORT`], learning off), per remote node a permanent neighbour
-//!   entry (its tunnel address → its VTEP MAC) and an FDB entry (that MAC →
-//!   its node address), and `block via <tunnel address> dev margay.vxlan
-//!   onlink`;
+//! Routes to other nodes' blocks, per the pool's encapsulation (pure):
+//! which node holds which block (from BGP) becomes the desired kernel state
+//! [`Remote`]:
+//! - `None` (native): `block via <node address>`;
+//! - `VXLAN`: per remote node a permanent neighbour entry (its tunnel
+//!   address → its VTEP MAC) and an FDB entry (that MAC → its node
+//!   address), and `block via <tunnel address> dev margay.vxlan onlink`;
+//! - the `CrossSubnet` variants: native inside this node's subnet;
 //! - `IPIP`: refused with a clear error (this kernel has no `ipip` module;
 //!   the agent reports it as a Node condition).
 //!
-//! [`plan`] is pure (desired state, or the errors); [`Netlink::apply_remote`]
-//! diffs it against the kernel and changes only what differs, and only
-//! Margay's objects: routes of its protocol, entries on its device.
-//!
-//! [`Netlink::apply_remote`]: crate::dataplane::Netlink::apply_remote
+//! The kernel side (`dataplane::sync::remote`) diffs it against what is
+//! there and changes only what differs.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
-use margay_ipam::crd::Encapsulation;
+use margay_api::ipam::Encapsulation;
 
-/// Route protocol of routes to remote blocks (pods and blackholes use 78,
-/// the BGP speaker 77).
-pub const RTPROT_MARGAY_REMOTE: u8 = 79;
-/// The VXLAN device.
-pub const VXLAN_DEV: &str = "margay.vxlan";
-/// Its VNI (Calico's).
-pub const VXLAN_VNI: u32 = 4096;
-/// Its UDP port (IANA's).
-pub const VXLAN_PORT: u16 = 4789;
-/// Bytes VXLAN adds to a packet (outer IPv4 + UDP + VXLAN + inner Ethernet).
-pub const VXLAN_OVERHEAD: u32 = 50;
-/// Bytes IPIP adds.
-pub const IPIP_OVERHEAD: u32 = 20;
+use crate::dataplane::{Remote, Via};
 
 /// A remote node's VXLAN endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,33 +41,6 @@ pub struct RemoteBlock {
     pub encap: Encapsulation,
     /// The node's VXLAN endpoint (needed for VXLAN).
     pub vtep: Option<Vtep>,
-}
-
-/// How a block is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
-    /// Straight to the node.
-    Native(IpAddr),
-    /// Through the VXLAN device, to this tunnel address (on-link).
-    Vxlan(Ipv4Addr),
-}
-
-/// The kernel state for a set of remote blocks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
-    /// Block → next hop.
-    pub routes: BTreeMap<IpNetwork, Via>,
-    /// Tunnel address → VTEP MAC (neighbour entries on the device).
-    pub neigh: BTreeMap<Ipv4Addr, [u8; 6]>,
-    /// VTEP MAC → node address (FDB entries on the device).
-    pub fdb: BTreeMap<[u8; 6], Ipv4Addr>,
-}
-
-impl Desired {
-    /// Whether the VXLAN device is needed.
-    pub fn needs_vxlan(&self) -> bool {
-        !self.fdb.is_empty()
-    }
 }
 
 /// Why a block cannot be routed.
@@ -119,8 +72,8 @@ pub enum RouteError {
 /// and reported (the others still work). `local_subnet` is the node's own
 /// underlay subnet: with a cross-subnet encapsulation, nodes inside it are
 /// reached natively.
-pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> (Desired, Vec<RouteError>) {
-    let mut d = Desired::default();
+pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> (Remote, Vec<RouteError>) {
+    let mut d = Remote::default();
     let mut errors = Vec::new();
     for b in blocks {
         let same_subnet = local_subnet.is_some_and(|s| s.contains(b.node_ip));
@@ -165,33 +118,6 @@ pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> (Desired
         }
     }
     (d, errors)
-}
-
-/// Pod MTU for `encap` on an underlay of `underlay` bytes.
-pub fn pod_mtu(underlay: u32, encap: Encapsulation) -> u32 {
-    match encap {
-        Encapsulation::None => underlay,
-        Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet => underlay - VXLAN_OVERHEAD,
-        Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => underlay - IPIP_OVERHEAD,
-    }
-}
-
-/// (to add or change, to remove) between two maps.
-pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
-    want: &BTreeMap<K, V>,
-    have: &BTreeMap<K, V>,
-) -> (Vec<(K, V)>, Vec<K>) {
-    let set = want
-        .iter()
-        .filter(|(k, v)| have.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    let del = have
-        .keys()
-        .filter(|k| !want.contains_key(k))
-        .copied()
-        .collect();
-    (set, del)
 }
 
 #[cfg(test)]
@@ -281,15 +207,5 @@ mod tests {
             "{ipip}"
         );
         assert!(errors[1].to_string().contains("has not published its VTEP"));
-    }
-
-    #[test]
-    fn mtu_and_diff() {
-        assert_eq!(pod_mtu(1500, Encapsulation::Vxlan), 1450);
-        assert_eq!(pod_mtu(1500, Encapsulation::Ipip), 1480);
-        assert_eq!(pod_mtu(9000, Encapsulation::None), 9000);
-        let want: BTreeMap<u8, u8> = [(1, 1), (2, 2)].into_iter().collect();
-        let have: BTreeMap<u8, u8> = [(2, 3), (4, 4)].into_iter().collect();
-        assert_eq!(diff(&want, &have), (vec![(1, 1), (2, 2)], vec![4]));
     }
 }

@@ -8,8 +8,9 @@
 
 use std::net::IpAddr;
 
+use crate::condition::Condition;
+use crate::ipam::LabelSelector;
 use kube::CustomResource;
-use margay_ipam::crd::{Condition, LabelSelector};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -155,59 +156,109 @@ pub struct SecretKeyRef {
 }
 
 /// Why a [`BGPPeer`] cannot be used (shown in its `Valid` condition).
-pub fn validate_peer(p: &BGPPeerSpec) -> Result<(), String> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerInvalid {
+    /// Both kinds of peer at once.
+    #[error("set either peerIP or peerSelector, not both")]
+    PeerIpAndSelector,
+    /// Neither kind of peer.
+    #[error("set peerIP (an external router) or peerSelector (nodes)")]
+    NoPeer,
+    /// `peerIP` does not parse.
+    #[error("peerIP {0:?} is not an IP address")]
+    PeerIp(String),
+    /// An external router needs its AS.
+    #[error("asNumber is required with peerIP")]
+    AsNumberMissing,
+    /// AS 0 is reserved.
+    #[error("asNumber must not be 0")]
+    AsNumberZero,
+    /// Both ways of choosing nodes at once.
+    #[error("set either node or nodeSelector, not both")]
+    NodeAndSelector,
+    /// A hold time of 1 or 2 s (RFC 4271 §4.2).
+    #[error("holdTimeSeconds must be 0 or at least 3")]
+    HoldTime,
+    /// A keepalive interval longer than a third of the hold time.
+    #[error("keepaliveTimeSeconds {keepalive} is more than a third of the hold time {hold}")]
+    Keepalive {
+        /// The keepalive asked for.
+        keepalive: u16,
+        /// The hold time it is compared with.
+        hold: u16,
+    },
+    /// The password reference lacks a name or key.
+    #[error("password needs a Secret name and key")]
+    PasswordRef,
+}
+
+/// Checks a [`BGPPeer`] (what OpenAPI cannot say).
+pub fn validate_peer(p: &BGPPeerSpec) -> Result<(), PeerInvalid> {
     match (&p.peer_ip, &p.peer_selector) {
-        (Some(_), Some(_)) => return Err("set either peerIP or peerSelector, not both".into()),
-        (None, None) => {
-            return Err("set peerIP (an external router) or peerSelector (nodes)".into());
-        }
+        (Some(_), Some(_)) => return Err(PeerInvalid::PeerIpAndSelector),
+        (None, None) => return Err(PeerInvalid::NoPeer),
         (Some(ip), None) => {
             ip.parse::<IpAddr>()
-                .map_err(|_| format!("peerIP {ip:?} is not an IP address"))?;
+                .map_err(|_| PeerInvalid::PeerIp(ip.clone()))?;
             if p.as_number.is_none() {
-                return Err("asNumber is required with peerIP".into());
+                return Err(PeerInvalid::AsNumberMissing);
             }
         }
         (None, Some(_)) => {}
     }
     if p.as_number == Some(0) {
-        return Err("asNumber must not be 0".into());
+        return Err(PeerInvalid::AsNumberZero);
     }
     if p.node.is_some() && p.node_selector.is_some() {
-        return Err("set either node or nodeSelector, not both".into());
+        return Err(PeerInvalid::NodeAndSelector);
     }
     if let Some(h) = p.hold_time_seconds
         && (h == 1 || h == 2)
     {
-        return Err("holdTimeSeconds must be 0 or at least 3".into());
+        return Err(PeerInvalid::HoldTime);
     }
     if let (Some(k), h) = (p.keepalive_time_seconds, p.hold_time_seconds.unwrap_or(90))
         && h > 0
         && k > h / 3
     {
-        return Err(format!(
-            "keepaliveTimeSeconds {k} is more than a third of the hold time {h}"
-        ));
+        return Err(PeerInvalid::Keepalive {
+            keepalive: k,
+            hold: h,
+        });
     }
     if let Some(s) = &p.password
         && (s.name.is_empty() || s.key.is_empty())
     {
-        return Err("password needs a Secret name and key".into());
+        return Err(PeerInvalid::PasswordRef);
     }
     Ok(())
 }
 
 /// Why a [`BGPConfiguration`] cannot be used.
-pub fn validate_config(c: &BGPConfigurationSpec) -> Result<(), String> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigInvalid {
+    /// AS 0 is reserved.
+    #[error("asNumber must not be 0")]
+    AsNumberZero,
+    /// A prefix advertisement that is not a CIDR.
+    #[error("prefixAdvertisements: {0:?} is not a CIDR")]
+    Prefix(String),
+    /// A community that does not parse.
+    #[error("communities: {0}")]
+    Community(String),
+}
+
+/// Checks a [`BGPConfiguration`].
+pub fn validate_config(c: &BGPConfigurationSpec) -> Result<(), ConfigInvalid> {
     if c.as_number == Some(0) {
-        return Err("asNumber must not be 0".into());
+        return Err(ConfigInvalid::AsNumberZero);
     }
     for p in &c.prefix_advertisements {
         p.parse::<ipnetwork::IpNetwork>()
-            .map_err(|_| format!("prefixAdvertisements: {p:?} is not a CIDR"))?;
+            .map_err(|_| ConfigInvalid::Prefix(p.clone()))?;
     }
     for c in &c.communities {
-        margay_bgp::config::parse_community(c).map_err(|e| format!("communities: {e}"))?;
+        crate::community::parse(c).map_err(ConfigInvalid::Community)?;
     }
     Ok(())
 }
@@ -227,7 +278,7 @@ mod tests {
         let bad = |f: fn(&mut BGPPeerSpec)| {
             let mut p = ok.clone();
             f(&mut p);
-            validate_peer(&p).unwrap_err()
+            validate_peer(&p).unwrap_err().to_string()
         };
         assert!(bad(|p| p.peer_ip = Some("nope".into())).contains("peerIP"));
         assert!(bad(|p| p.as_number = None).contains("asNumber"));
@@ -249,11 +300,16 @@ mod tests {
             prefix_advertisements: vec!["10.96.0.0/12".into(), "bad".into()],
             ..Default::default()
         };
-        assert!(validate_config(&c).unwrap_err().contains("bad"));
+        assert!(validate_config(&c).unwrap_err().to_string().contains("bad"));
         let c = BGPConfigurationSpec {
             communities: vec!["64512:x".into()],
             ..Default::default()
         };
-        assert!(validate_config(&c).unwrap_err().contains("communities"));
+        assert!(
+            validate_config(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("communities")
+        );
     }
 }

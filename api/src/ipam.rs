@@ -1,4 +1,6 @@
-//! The IPAM custom resources in `margay.dev/v1`, as Rust types.
+//! The IPAM custom resources in `margay.dev/v1` (IPPool, IPAMBlock,
+//! IPAMConfiguration), as Rust types, with the label selector they share
+//! with the BGP resources.
 //!
 //! These types are the source of truth for the CRD YAML in `deploy/crds/`
 //! (`margay-agent crds --out deploy/crds` writes it; a test fails when the
@@ -15,8 +17,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The API group of every Margay resource.
-pub const GROUP: &str = "margay.dev";
+pub use crate::GROUP;
+pub use crate::condition::Condition;
 /// The finalizer the agent puts on pools so a pool in use is not deleted
 /// until its addresses are released.
 pub const POOL_FINALIZER: &str = "margay.dev/ipam";
@@ -195,25 +197,6 @@ pub struct IPPoolStatus {
     /// Blocks claimed from this pool.
     #[serde(default)]
     pub blocks: u64,
-}
-
-/// A status condition (the shape of `metav1.Condition`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    /// The condition's type, e.g. `Ready`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// One CamelCase word saying why.
-    pub reason: String,
-    /// What a person should know or do (never empty: the v1.20 apiserver
-    /// reads an empty string here as null).
-    pub message: String,
-    /// When `status` last changed (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_transition_time: Option<String>,
 }
 
 /// One block of a pool: which node it is affine to and who holds each of

@@ -1,14 +1,15 @@
 //! The CustomResourceDefinitions Margay installs, rendered from the Rust
 //! types (`margay-agent crds --out deploy/crds` writes them; the test below
-//! fails when the committed files are stale).
+//! fails when the committed files are stale), and their installation on an
+//! apiserver (the lab and the tests; in clusters the manifest does it).
 
 use std::path::Path;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
-use margay_ipam::crd::{IPAMBlock, IPAMConfiguration, IPPool};
 
-use crate::bgp_crd::{BGPConfiguration, BGPPeer};
+use crate::bgp::{BGPConfiguration, BGPPeer};
+use crate::ipam::{IPAMBlock, IPAMConfiguration, IPPool};
 
 /// Every CRD, with the file name it is written under.
 pub fn all() -> Vec<(String, CustomResourceDefinition)> {

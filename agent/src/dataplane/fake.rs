@@ -1,0 +1,251 @@
+//! An in-memory [`Dataplane`] for unit tests, with failure injection
+//! (felix's fake netlink is the model): a listing that fails, a write of
+//! one route or blackhole that the "kernel" refuses, a VXLAN device that
+//! cannot be made, the next pod ADD failing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+
+use ipnetwork::IpNetwork;
+
+use super::{
+    Dataplane, Error, HostPod, LocalVtep, PodSpec, PodWiring, Remote, RemoteActual, Result, Via,
+};
+
+/// A failure the fake injects until it is cleared.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// Every listing fails (a refused netlink dump).
+    Lists,
+    /// Writing (or removing) the route to this remote block fails.
+    RemoteRoute(IpNetwork),
+    /// Writing (or removing) this blackhole fails.
+    Blackhole(IpNetwork),
+    /// The VXLAN device cannot be made.
+    Vxlan,
+}
+
+/// The fake kernel's remote-block state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeRemote {
+    /// Routes, neighbour and FDB entries.
+    pub state: Remote,
+    /// The VXLAN device, when it exists.
+    pub vxlan: Option<LocalVtep>,
+}
+
+/// An in-memory dataplane.
+#[derive(Debug, Clone, Default)]
+pub struct FakeDataplane {
+    /// host_if -> spec of the pods that exist.
+    pub pods: Arc<Mutex<BTreeMap<String, PodSpec>>>,
+    /// host_if -> index.
+    pub indexes: Arc<Mutex<BTreeMap<String, u32>>>,
+    /// Pod host routes: address -> index.
+    pub pod_routes: Arc<Mutex<BTreeMap<IpAddr, u32>>>,
+    /// Fail the next `add_pod` with this message.
+    pub fail_next_add: Arc<Mutex<Option<String>>>,
+    /// Blackhole routes.
+    pub blackholes: Arc<Mutex<BTreeSet<IpNetwork>>>,
+    /// Remote-block routes and the VXLAN device.
+    pub remote: Arc<Mutex<FakeRemote>>,
+    /// The host's addresses.
+    pub host: Arc<Mutex<Vec<(String, IpNetwork)>>>,
+    /// Injected failures.
+    pub faults: Arc<Mutex<BTreeSet<Fault>>>,
+    /// Remote-block writes carried out (sets and removals).
+    pub remote_writes: Arc<Mutex<usize>>,
+}
+
+impl FakeDataplane {
+    /// Injects `f` until [`FakeDataplane::clear`].
+    pub fn inject(&self, f: Fault) {
+        self.faults.lock().expect("faults").insert(f);
+    }
+
+    /// Removes every injected failure.
+    pub fn clear(&self) {
+        self.faults.lock().expect("faults").clear();
+    }
+
+    fn fails(&self, f: &Fault) -> Result<()> {
+        if self.faults.lock().expect("faults").contains(f) {
+            return Err(Error::Injected(format!("{f:?}")));
+        }
+        Ok(())
+    }
+
+    fn listing(&self) -> Result<()> {
+        self.fails(&Fault::Lists)
+    }
+
+    fn remote_write(&self, net: IpNetwork) -> Result<std::sync::MutexGuard<'_, FakeRemote>> {
+        self.fails(&Fault::RemoteRoute(net))?;
+        *self.remote_writes.lock().expect("writes") += 1;
+        Ok(self.remote.lock().expect("remote"))
+    }
+
+    /// The remote-block routes now.
+    pub fn remote_routes(&self) -> BTreeMap<IpNetwork, Via> {
+        self.remote.lock().expect("remote").state.routes.clone()
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+        if let Some(msg) = self.fail_next_add.lock().expect("lock").take() {
+            return Err(Error::Injected(msg));
+        }
+        let mut idx = self.indexes.lock().expect("lock");
+        let next = idx.values().max().copied().unwrap_or(100) + 1;
+        let index = *idx.entry(spec.host_if.clone()).or_insert(next);
+        for a in &spec.addrs {
+            self.pod_routes.lock().expect("lock").insert(a.ip(), index);
+        }
+        self.pods
+            .lock()
+            .expect("lock")
+            .insert(spec.host_if.clone(), spec.clone());
+        Ok(PodWiring {
+            pod_mac: "02:00:00:00:00:01".into(),
+        })
+    }
+
+    async fn del_pod(&self, host_if: &str) -> Result<()> {
+        self.pods.lock().expect("lock").remove(host_if);
+        if let Some(i) = self.indexes.lock().expect("lock").remove(host_if) {
+            self.pod_routes.lock().expect("lock").retain(|_, o| *o != i);
+        }
+        Ok(())
+    }
+
+    async fn check_pod(&self, spec: &PodSpec) -> Result<()> {
+        match self.pods.lock().expect("lock").get(&spec.host_if) {
+            Some(s) if s == spec => Ok(()),
+            Some(_) => Err(Error::Wrong("wiring differs".into())),
+            None => Err(Error::Missing(spec.host_if.clone())),
+        }
+    }
+
+    async fn list_pods(&self) -> Result<Vec<HostPod>> {
+        self.listing()?;
+        let idx = self.indexes.lock().expect("lock").clone();
+        Ok(self
+            .pods
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|s| HostPod {
+                host_if: s.host_if.clone(),
+                index: idx.get(&s.host_if).copied().unwrap_or(0),
+                alias: s.alias.clone(),
+            })
+            .collect())
+    }
+
+    async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {
+        self.listing()?;
+        Ok(self.pod_routes.lock().expect("lock").clone())
+    }
+
+    async fn set_pod_route(&self, ip: IpAddr, index: u32) -> Result<()> {
+        self.pod_routes.lock().expect("lock").insert(ip, index);
+        Ok(())
+    }
+
+    async fn del_pod_route(&self, ip: IpAddr) -> Result<()> {
+        self.pod_routes.lock().expect("lock").remove(&ip);
+        Ok(())
+    }
+
+    async fn list_blackholes(&self) -> Result<BTreeSet<IpNetwork>> {
+        self.listing()?;
+        Ok(self.blackholes.lock().expect("lock").clone())
+    }
+
+    async fn set_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
+        self.fails(&Fault::Blackhole(net))?;
+        let mut b = self.blackholes.lock().expect("lock");
+        if present {
+            b.insert(net);
+        } else {
+            b.remove(&net);
+        }
+        Ok(())
+    }
+
+    async fn list_remote(&self) -> Result<RemoteActual> {
+        self.listing()?;
+        let r = self.remote.lock().expect("remote");
+        Ok(RemoteActual {
+            state: r.state.clone(),
+            odd: BTreeSet::new(),
+            vxlan: r.vxlan.is_some(),
+        })
+    }
+
+    async fn set_remote_route(&self, net: IpNetwork, via: Via) -> Result<()> {
+        let mut r = self.remote_write(net)?;
+        if matches!(via, Via::Vxlan(_)) && r.vxlan.is_none() {
+            return Err(Error::Unroutable(net, "the VXLAN device does not exist"));
+        }
+        r.state.routes.insert(net, via);
+        Ok(())
+    }
+
+    async fn del_remote_route(&self, net: IpNetwork) -> Result<()> {
+        self.remote_write(net)?.state.routes.remove(&net);
+        Ok(())
+    }
+
+    async fn ensure_vxlan(&self, local: &LocalVtep) -> Result<()> {
+        self.fails(&Fault::Vxlan)?;
+        self.remote.lock().expect("remote").vxlan = Some(*local);
+        Ok(())
+    }
+
+    async fn del_vxlan(&self) -> Result<()> {
+        let mut r = self.remote.lock().expect("remote");
+        r.vxlan = None;
+        r.state.neigh.clear();
+        r.state.fdb.clear();
+        r.state.routes.retain(|_, v| !matches!(v, Via::Vxlan(_)));
+        Ok(())
+    }
+
+    async fn set_neigh(&self, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        self.remote
+            .lock()
+            .expect("remote")
+            .state
+            .neigh
+            .insert(ip, mac);
+        Ok(())
+    }
+
+    async fn del_neigh(&self, ip: Ipv4Addr) -> Result<()> {
+        self.remote.lock().expect("remote").state.neigh.remove(&ip);
+        Ok(())
+    }
+
+    async fn set_fdb(&self, mac: [u8; 6], node: Ipv4Addr) -> Result<()> {
+        self.remote
+            .lock()
+            .expect("remote")
+            .state
+            .fdb
+            .insert(mac, node);
+        Ok(())
+    }
+
+    async fn del_fdb(&self, mac: [u8; 6]) -> Result<()> {
+        self.remote.lock().expect("remote").state.fdb.remove(&mac);
+        Ok(())
+    }
+
+    async fn host_addresses(&self) -> Result<Vec<(String, IpNetwork)>> {
+        self.listing()?;
+        Ok(self.host.lock().expect("host").clone())
+    }
+}

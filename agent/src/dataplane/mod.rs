@@ -1,0 +1,274 @@
+//! The node's kernel state, behind one trait.
+//!
+//! - [`Dataplane`]: every kernel operation the agent performs (pod veths,
+//!   their host routes, block blackholes, routes to remote blocks, the
+//!   VXLAN device and its neighbour and FDB entries), each one small and
+//!   idempotent; [`Netlink`] is the real kernel, [`FakeDataplane`] an
+//!   in-memory one with failure injection for unit tests.
+//! - [`sync`]: the desired-versus-actual reconciliation of each kernel table
+//!   over the trait (through `margay-delta`): one refused write never stops
+//!   the others, and a table computed from an Unknown input removes nothing.
+//! - [`ownership`]: the only place that names what Margay owns in the
+//!   kernel (route protocols, interface prefix, alias tag, device names).
+//! - [`nat`]: natOutgoing in Margay's nftables table.
+//!
+//! Wiring a pod, Calico-style: host side `cali<11 hex>` with MAC
+//! ee:ee:ee:ee:ee:ee, proxy ARP on and no proxy delay; pod side (CNI_IFNAME)
+//! created directly in the pod's namespace with the /32 (/128),
+//! `169.254.1.1` (IPv6: the host side's link-local address) as an on-link
+//! gateway and the default route via it; on the host a /32 (/128) route to
+//! the pod with protocol [`ownership::RTPROT_POD`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use ipnetwork::IpNetwork;
+use margay_api::ipam::Encapsulation;
+
+pub mod fake;
+pub mod nat;
+mod netlink;
+pub mod ownership;
+mod pods;
+mod routes;
+pub mod sync;
+mod vxlan;
+
+pub use fake::{FakeDataplane, Fault};
+pub use netlink::Netlink;
+
+/// The host side's MAC (Calico's), so pods' neighbour entries never change.
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+/// The pods' IPv4 gateway, answered by proxy ARP.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pods' IPv6 gateway: the link-local address EUI-64 gives [`HOST_MAC`].
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+/// Bytes VXLAN adds to a packet (outer IPv4 + UDP + VXLAN + inner Ethernet).
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes IPIP adds.
+pub const IPIP_OVERHEAD: u32 = 20;
+
+/// Pod MTU for `encap` on an underlay of `underlay` bytes.
+pub fn pod_mtu(underlay: u32, encap: Encapsulation) -> u32 {
+    match encap {
+        Encapsulation::None => underlay,
+        Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet => underlay - VXLAN_OVERHEAD,
+        Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => underlay - IPIP_OVERHEAD,
+    }
+}
+
+/// Dataplane errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pod's network namespace cannot be opened.
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was asked.
+        what: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+    /// A netlink socket could not be opened.
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    /// Entering a network namespace failed.
+    #[error("entering the pod's network namespace: {0}")]
+    Setns(nix::Error),
+    /// A sysctl could not be written.
+    #[error("sysctl {key}={value}: {source}")]
+    Sysctl {
+        /// The key under /proc/sys.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A link Margay just made or expects is not there.
+    #[error("{0} is missing")]
+    Missing(String),
+    /// The pod's wiring is not what it should be (CHECK).
+    #[error("{0}")]
+    Wrong(String),
+    /// A route that cannot be expressed (e.g. VXLAN without the device).
+    #[error("route to {0} cannot be expressed: {1}")]
+    Unroutable(IpNetwork, &'static str),
+    /// `nft` is missing or refused Margay's table.
+    #[error("nftables: {0}")]
+    Nft(String),
+    /// Injected by the fake dataplane.
+    #[error("injected: {0}")]
+    Injected(String),
+}
+
+/// Dataplane results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to build for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    /// The pod's network namespace (a path).
+    pub netns: PathBuf,
+    /// The pod-side name (CNI_IFNAME).
+    pub ifname: String,
+    /// The host-side name ([`ownership::host_ifname`]).
+    pub host_if: String,
+    /// The pod's addresses (host prefixes).
+    pub addrs: Vec<IpNetwork>,
+    /// MTU of both ends.
+    pub mtu: u32,
+    /// Written on the host side as its alias (`ip link` shows it): the
+    /// durable record of whose interface this is (see `cni::alias`).
+    pub alias: String,
+}
+
+/// A pod host interface found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPod {
+    /// Its name.
+    pub host_if: String,
+    /// Its index.
+    pub index: u32,
+    /// Its alias (empty when it has none).
+    pub alias: String,
+}
+
+/// What was built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodWiring {
+    /// The pod side's MAC, `aa:bb:...`.
+    pub pod_mac: String,
+}
+
+/// How a remote block is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Via {
+    /// Straight to the node.
+    Native(IpAddr),
+    /// Through the VXLAN device, to this tunnel address (on-link).
+    Vxlan(Ipv4Addr),
+}
+
+/// The kernel state for the remote blocks: routes and, for VXLAN, the
+/// device's neighbour and FDB entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Remote {
+    /// Block → next hop.
+    pub routes: BTreeMap<IpNetwork, Via>,
+    /// Tunnel address → VTEP MAC (neighbour entries on the device).
+    pub neigh: BTreeMap<Ipv4Addr, [u8; 6]>,
+    /// VTEP MAC → node address (FDB entries on the device).
+    pub fdb: BTreeMap<[u8; 6], Ipv4Addr>,
+}
+
+impl Remote {
+    /// Whether the VXLAN device is needed.
+    pub fn needs_vxlan(&self) -> bool {
+        !self.fdb.is_empty() || self.routes.values().any(|v| matches!(v, Via::Vxlan(_)))
+    }
+}
+
+/// What the kernel holds of [`Remote`]: Margay's remote-block routes (and
+/// those of its protocol it cannot read back, to be removed), and the VXLAN
+/// device's entries when the device exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteActual {
+    /// The state, as [`Remote`].
+    pub state: Remote,
+    /// Routes of Margay's protocol without a usable next hop.
+    pub odd: BTreeSet<IpNetwork>,
+    /// The VXLAN device exists.
+    pub vxlan: bool,
+}
+
+/// This node's own VXLAN endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalVtep {
+    /// The device's MAC (published for the other nodes).
+    pub mac: [u8; 6],
+    /// The device's address (from one of this node's blocks).
+    pub tunnel_ip: Ipv4Addr,
+    /// This node's underlay address (the outer source).
+    pub underlay: Ipv4Addr,
+    /// The device's MTU (underlay MTU minus the VXLAN overhead).
+    pub mtu: u32,
+}
+
+/// Every kernel operation the agent performs. Each is small and
+/// idempotent; reconciliation over them lives in [`sync`].
+pub trait Dataplane: Send + Sync + 'static {
+    /// Builds the pod's interfaces, addresses and routes; on failure
+    /// nothing is left behind.
+    fn add_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+    /// Removes the pod's host side (its peer and routes go with it);
+    /// success when it is already gone.
+    fn del_pod(&self, host_if: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Verifies the pod's wiring; `Err` says what is wrong.
+    fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<()>> + Send;
+    /// The pod host interfaces (`cali…` veths) that exist.
+    fn list_pods(&self) -> impl Future<Output = Result<Vec<HostPod>>> + Send;
+
+    /// Pod host routes with Margay's protocol: address → interface index.
+    fn list_pod_routes(&self) -> impl Future<Output = Result<BTreeMap<IpAddr, u32>>> + Send;
+    /// Routes `ip` to the interface with index `index` (replacing Margay's
+    /// own route for it).
+    fn set_pod_route(&self, ip: IpAddr, index: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Removes Margay's host route to `ip`; success when it is gone.
+    fn del_pod_route(&self, ip: IpAddr) -> impl Future<Output = Result<()>> + Send;
+
+    /// Blackhole routes with Margay's protocol, both families.
+    fn list_blackholes(&self) -> impl Future<Output = Result<BTreeSet<IpNetwork>>> + Send;
+    /// Adds (`true`) or removes a blackhole route for `net`; idempotent.
+    fn set_blackhole(
+        &self,
+        net: IpNetwork,
+        present: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Margay's routes to remote blocks and the VXLAN device's entries.
+    fn list_remote(&self) -> impl Future<Output = Result<RemoteActual>> + Send;
+    /// Routes `net` via `via` (replacing Margay's own route for it).
+    fn set_remote_route(&self, net: IpNetwork, via: Via)
+    -> impl Future<Output = Result<()>> + Send;
+    /// Removes Margay's route to `net`; success when it is gone.
+    fn del_remote_route(&self, net: IpNetwork) -> impl Future<Output = Result<()>> + Send;
+    /// Creates (or keeps) the VXLAN device for `local`, up, with its address.
+    fn ensure_vxlan(&self, local: &LocalVtep) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the VXLAN device (its entries and routes go with it).
+    fn del_vxlan(&self) -> impl Future<Output = Result<()>> + Send;
+    /// A permanent neighbour entry on the device: `ip` is at `mac`.
+    fn set_neigh(&self, ip: Ipv4Addr, mac: [u8; 6]) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the neighbour entry for `ip` on the device.
+    fn del_neigh(&self, ip: Ipv4Addr) -> impl Future<Output = Result<()>> + Send;
+    /// An FDB entry on the device: `mac` is behind the node `node`.
+    fn set_fdb(&self, mac: [u8; 6], node: Ipv4Addr) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the FDB entry for `mac` on the device.
+    fn del_fdb(&self, mac: [u8; 6]) -> impl Future<Output = Result<()>> + Send;
+
+    /// Global addresses of the host's interfaces (not Margay's own, not
+    /// loopback), with the interface's name, in the kernel's order.
+    fn host_addresses(&self) -> impl Future<Output = Result<Vec<(String, IpNetwork)>>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtu_per_encapsulation() {
+        assert_eq!(pod_mtu(1500, Encapsulation::Vxlan), 1450);
+        assert_eq!(pod_mtu(1500, Encapsulation::Ipip), 1480);
+        assert_eq!(pod_mtu(9000, Encapsulation::None), 9000);
+        assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+}

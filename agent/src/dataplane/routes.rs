@@ -1,0 +1,186 @@
+//! Routes on the real kernel, each carrying one of Margay's protocols: pods'
+//! host routes and block blackholes ([`RTPROT_POD`]), routes to other
+//! nodes' blocks ([`RTPROT_REMOTE`]). Deletes name the protocol too, so the
+//! kernel itself refuses to remove a route someone else owns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::IpNetwork;
+use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
+
+use super::netlink::{Netlink, is_errno, nl};
+use super::ownership::{RTPROT_POD, RTPROT_REMOTE, VXLAN_DEV};
+use super::{Error, RemoteActual, Result, Via};
+
+/// The host's route to a pod address through its host interface.
+pub(super) fn host_route(ip: IpAddr, idx: u32) -> RouteMessage {
+    match ip {
+        IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Other(RTPROT_POD))
+            .build(),
+        IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(ip, 128)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Other(RTPROT_POD))
+            .build(),
+    }
+}
+
+/// A route message for `net` of `kind` and protocol `proto`, no next hop
+/// (a blackhole, or a delete by key).
+fn keyed(net: IpNetwork, kind: RouteType, proto: u8) -> RouteMessage {
+    match net {
+        IpNetwork::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .kind(kind)
+            .protocol(RouteProtocol::Other(proto))
+            .build(),
+        IpNetwork::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix())
+            .kind(kind)
+            .protocol(RouteProtocol::Other(proto))
+            .build(),
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> IpNetwork {
+    IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix")
+}
+
+impl Netlink {
+    /// Deletes Margay's route `msg`; success when it is already gone.
+    async fn delete(&self, msg: RouteMessage, what: String) -> Result<()> {
+        match self.host.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+            Err(e) => Err(nl(what)(e)),
+        }
+    }
+
+    pub(super) async fn pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {
+        Ok(self
+            .routes_of(RouteType::Unicast, RTPROT_POD)
+            .await?
+            .into_iter()
+            .map(|r| (r.dst.ip(), r.oif.unwrap_or(0)))
+            .collect())
+    }
+
+    pub(super) async fn put_pod_route(&self, ip: IpAddr, index: u32) -> Result<()> {
+        self.host
+            .route()
+            .add(host_route(ip, index))
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("host route to {ip}")))
+    }
+
+    pub(super) async fn delete_pod_route(&self, ip: IpAddr) -> Result<()> {
+        let msg = keyed(host_prefix(ip), RouteType::Unicast, RTPROT_POD);
+        self.delete(msg, format!("delete the host route to {ip}"))
+            .await
+    }
+
+    pub(super) async fn blackholes(&self) -> Result<BTreeSet<IpNetwork>> {
+        Ok(self
+            .routes_of(RouteType::BlackHole, RTPROT_POD)
+            .await?
+            .into_iter()
+            .map(|r| r.dst)
+            .collect())
+    }
+
+    pub(super) async fn put_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
+        let msg = keyed(net, RouteType::BlackHole, RTPROT_POD);
+        if present {
+            self.host
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("blackhole {net}")))
+        } else {
+            self.delete(msg, format!("delete blackhole {net}")).await
+        }
+    }
+
+    pub(super) async fn remote(&self) -> Result<RemoteActual> {
+        let vx = Self::link_index(&self.host, VXLAN_DEV)
+            .await?
+            .map(|(i, _)| i);
+        let mut out = RemoteActual {
+            vxlan: vx.is_some(),
+            ..Default::default()
+        };
+        for r in self.routes_of(RouteType::Unicast, RTPROT_REMOTE).await? {
+            let via = match (r.gw, vx) {
+                (Some(IpAddr::V4(g)), Some(v)) if r.oif == Some(v) => Via::Vxlan(g),
+                (Some(g), _) => Via::Native(g),
+                (None, _) => {
+                    out.odd.insert(r.dst);
+                    continue;
+                }
+            };
+            out.state.routes.insert(r.dst, via);
+        }
+        if let Some(vx) = vx {
+            let (neigh, fdb) = self.vxlan_entries(vx).await?;
+            out.state.neigh = neigh;
+            out.state.fdb = fdb;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn put_remote_route(&self, net: IpNetwork, via: Via) -> Result<()> {
+        let proto = RouteProtocol::Other(RTPROT_REMOTE);
+        let msg = match (net, via) {
+            (IpNetwork::V4(n), Via::Native(IpAddr::V4(gw))) => {
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(n.network(), n.prefix())
+                    .gateway(gw)
+                    .protocol(proto)
+                    .build()
+            }
+            (IpNetwork::V6(n), Via::Native(IpAddr::V6(gw))) => {
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(n.network(), n.prefix())
+                    .gateway(gw)
+                    .protocol(proto)
+                    .build()
+            }
+            (IpNetwork::V4(n), Via::Vxlan(tip)) => {
+                let Some((vx, _)) = Self::link_index(&self.host, VXLAN_DEV).await? else {
+                    return Err(Error::Unroutable(net, "the VXLAN device does not exist"));
+                };
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(n.network(), n.prefix())
+                    .gateway(tip)
+                    .output_interface(vx)
+                    .onlink()
+                    .protocol(proto)
+                    .build()
+            }
+            _ => return Err(Error::Unroutable(net, "the next hop is of another family")),
+        };
+        self.host
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("route to {net}")))
+    }
+
+    pub(super) async fn delete_remote_route(&self, net: IpNetwork) -> Result<()> {
+        let msg = keyed(net, RouteType::Unicast, RTPROT_REMOTE);
+        self.delete(msg, format!("delete the route to {net}")).await
+    }
+}

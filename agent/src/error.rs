@@ -1,0 +1,74 @@
+//! The agent's one error type. Subsystems keep their own (the dataplane's,
+//! IPAM's, the speaker's) and this wraps them; at its edges it becomes a
+//! CNI code (`cni`), a Node condition (`routing`) or an exit code (`run`).
+
+/// What can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file, socket or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The Kubernetes API refused or did not answer.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What was asked.
+        what: String,
+        /// The client's error.
+        source: Box<kube::Error>,
+    },
+    /// The client configuration (kubeconfig, in-cluster) is unusable.
+    #[error("Kubernetes client configuration: {0}")]
+    ClientConfig(String),
+    /// IPAM.
+    #[error(transparent)]
+    Ipam(#[from] margay_ipam::Error),
+    /// The kernel.
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::Error),
+    /// The embedded BGP speaker.
+    #[error("BGP speaker: {0}")]
+    Bgp(#[from] margay_bgp::Error),
+    /// The CNI gRPC server.
+    #[error("CNI server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// A flag or setting the agent cannot use.
+    #[error("{0}")]
+    Config(String),
+    /// One of the agent's tasks ended, which it never should.
+    #[error("the {0} task ended unexpectedly")]
+    TaskEnded(&'static str),
+    /// One of the agent's tasks panicked.
+    #[error("the {task} task panicked: {why}")]
+    TaskPanicked {
+        /// Which task.
+        task: &'static str,
+        /// The panic's message.
+        why: String,
+    },
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// A Kubernetes API error with what was asked.
+    pub fn kube(what: impl Into<String>, source: kube::Error) -> Self {
+        Self::Kube {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// The agent's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

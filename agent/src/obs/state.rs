@@ -1,0 +1,125 @@
+//! The agent's shared state: what its tasks publish for the endpoints (the
+//! routing loop's findings, the running speaker, the CNI server's start)
+//! and the readiness and liveness rules read from it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use margay_api::status::{AgentStatus, RoutingStatus, SessionState};
+use margay_bgp::speaker::Speaker;
+
+/// State shared by the agent's tasks and read by the endpoints.
+#[derive(Debug)]
+pub struct AgentState {
+    /// Node name.
+    pub node: String,
+    /// The CNI socket is being served.
+    pub cni_serving: AtomicBool,
+    /// The routing loop's findings, and when it last finished a pass.
+    routing: Mutex<(RoutingStatus, Option<Instant>)>,
+    /// The running speaker.
+    speaker: Mutex<Option<Arc<Speaker>>>,
+    /// The IPAM allocator (for its counters).
+    pub alloc: margay_ipam::Allocator,
+    /// Liveness: the routing loop must finish a pass within this.
+    pub stall_after: Duration,
+}
+
+impl AgentState {
+    /// Fresh state for `node`.
+    pub fn new(node: &str, alloc: margay_ipam::Allocator, stall_after: Duration) -> Self {
+        Self {
+            node: node.to_string(),
+            cni_serving: AtomicBool::new(false),
+            routing: Mutex::new((RoutingStatus::default(), None)),
+            speaker: Mutex::new(None),
+            alloc,
+            stall_after,
+        }
+    }
+
+    /// The running speaker, if any.
+    pub fn speaker(&self) -> Option<Arc<Speaker>> {
+        self.speaker.lock().expect("speaker").clone()
+    }
+
+    /// Publishes the running speaker (or none).
+    pub fn set_speaker(&self, s: Option<Arc<Speaker>>) {
+        *self.speaker.lock().expect("speaker") = s;
+    }
+
+    /// What the routing loop last found.
+    pub fn routing(&self) -> RoutingStatus {
+        self.routing.lock().expect("routing").0.clone()
+    }
+
+    /// Publishes a finished routing pass; returns the problems that are new.
+    pub fn set_routing(&self, st: RoutingStatus) -> Vec<String> {
+        let mut g = self.routing.lock().expect("routing");
+        let new = st
+            .problems
+            .iter()
+            .filter(|p| !g.0.problems.contains(p))
+            .cloned()
+            .collect();
+        *g = (st, Some(Instant::now()));
+        new
+    }
+
+    /// `None` when alive, else why not.
+    pub fn not_alive(&self) -> Option<String> {
+        match self.routing.lock().expect("routing").1 {
+            Some(t) if t.elapsed() > self.stall_after => Some(format!(
+                "the routing loop has not finished a pass for {}s",
+                t.elapsed().as_secs()
+            )),
+            _ => None,
+        }
+    }
+
+    /// Reasons not to be ready (empty: ready).
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.cni_serving.load(Ordering::Relaxed) {
+            why.push("the CNI socket is not served yet".to_string());
+        }
+        let (r, last) = self.routing.lock().expect("routing").clone();
+        if last.is_none() {
+            why.push("routing has not been set up yet".to_string());
+        } else if !r.datastore_ok {
+            why.push("the Kubernetes API did not answer".to_string());
+        }
+        let peers = self.speaker().map(|s| s.neighbors()).unwrap_or_default();
+        let configured: Vec<_> = peers.iter().filter(|p| !p.dynamic).collect();
+        if !configured.is_empty()
+            && !configured
+                .iter()
+                .any(|p| p.state == SessionState::Established)
+        {
+            why.push(format!(
+                "none of the {} BGP sessions is established",
+                configured.len()
+            ));
+        }
+        why
+    }
+
+    /// `/status`.
+    pub async fn status(&self) -> AgentStatus {
+        let speaker = self.speaker();
+        let routes = match &speaker {
+            Some(s) => s.routes().await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let not_ready = self.not_ready();
+        AgentStatus {
+            node: self.node.clone(),
+            ready: not_ready.is_empty(),
+            not_ready,
+            routing: self.routing(),
+            peers: speaker.map(|s| s.neighbors()).unwrap_or_default(),
+            routes,
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Carrying out a [`Plan`]: thin I/O over three narrow interfaces, so a
+//! whole pass runs in unit tests against fakes with failure injection:
+//! [`Dataplane`] (the kernel), [`Bgp`] (the speaker) and [`ClusterWrites`]
+//! (the Kubernetes API and IPAM). Nothing here decides; every failure
+//! becomes a [`Problem`] in the Node condition and `/status`, and the rest
+//! of the plan is still carried out.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+
+use margay_api::condition::Condition;
+use margay_api::status::RoutingStatus;
+use margay_bgp::config::Neighbor;
+use margay_bgp::packet::Prefix;
+
+use super::plan::{Plan, SpeakerPlan, SpeakerSettings, SpeakerView};
+use super::problem::Problem;
+use crate::dataplane::{Dataplane, sync};
+use crate::kube::node::Annotations;
+
+/// The speaker, as a pass drives it.
+pub trait Bgp: Send {
+    /// What the pass may know of it.
+    fn view(&self) -> SpeakerView;
+    /// (Re)starts it with `settings`, accepting routes inside `import`.
+    fn start(
+        &mut self,
+        settings: &SpeakerSettings,
+        import: &[Prefix],
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Stops it (BGP turned off).
+    fn stop(&mut self);
+    /// Replaces its neighbors.
+    fn set_neighbors(
+        &mut self,
+        n: Vec<Neighbor>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Replaces its import filter.
+    fn set_import(&mut self, p: Vec<Prefix>) -> impl Future<Output = Result<(), String>> + Send;
+    /// Replaces what it advertises.
+    fn set_originate(&mut self, p: Vec<Prefix>) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// The cluster, as a pass writes to it.
+pub trait ClusterWrites: Send + Sync {
+    /// Publishes this node's identity annotations.
+    fn annotate(&self, a: &Annotations) -> impl Future<Output = crate::Result<()>> + Send;
+    /// Patches this node's status (its condition).
+    fn node_status(
+        &self,
+        patch: &serde_json::Value,
+    ) -> impl Future<Output = crate::Result<()>> + Send;
+    /// Writes a BGPConfiguration's `Valid` condition.
+    fn valid_config(
+        &self,
+        name: &str,
+        c: &Condition,
+    ) -> impl Future<Output = crate::Result<()>> + Send;
+    /// Writes a BGPPeer's `Valid` condition.
+    fn valid_peer(
+        &self,
+        name: &str,
+        c: &Condition,
+    ) -> impl Future<Output = crate::Result<()>> + Send;
+    /// Allocates this node's VXLAN tunnel address.
+    fn assign_tunnel(&self) -> impl Future<Output = crate::Result<Option<Ipv4Addr>>> + Send;
+}
+
+/// What a pass did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Every problem: the plan's and the ones met carrying it out.
+    pub problems: Vec<Problem>,
+    /// A tunnel address allocated by this pass (the next pass uses it).
+    pub tunnel_ip: Option<Ipv4Addr>,
+    /// What `/status` shows.
+    pub status: RoutingStatus,
+}
+
+/// Carries out `plan`.
+pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
+    plan: Plan,
+    dp: &D,
+    bgp: &mut B,
+    cluster: &C,
+) -> Outcome {
+    let mut problems = plan.problems.clone();
+    if let Some(a) = &plan.annotate {
+        match cluster.annotate(a).await {
+            Ok(()) => tracing::info!(address = ?plan.address, "published this node's BGP identity"),
+            Err(e) => problems.push(Problem::Publish(e.to_string())),
+        }
+    }
+    let mut tunnel_ip = None;
+    if plan.assign_tunnel {
+        match cluster.assign_tunnel().await {
+            Ok(ip) => tunnel_ip = ip,
+            Err(e) => problems.push(Problem::NoTunnelAddress(e.to_string())),
+        }
+    }
+    speaker(&plan.speaker, bgp, &mut problems).await;
+    let mut remote_routes = 0;
+    if let Some((desired, removals)) = &plan.remote {
+        remote_routes = desired.routes.len();
+        match sync::remote(dp, plan.local_vtep.as_ref(), desired, *removals).await {
+            Ok(r) => {
+                if !r.failed.is_empty() {
+                    let what: Vec<String> = r.failed.iter().map(ToString::to_string).collect();
+                    problems.push(Problem::Kernel(what.join("; ")));
+                }
+            }
+            Err(e) => problems.push(Problem::Kernel(e.to_string())),
+        }
+    }
+    for (name, c) in &plan.valid_configs {
+        if let Err(e) = cluster.valid_config(name, c).await {
+            tracing::debug!(%name, "{e}");
+        }
+    }
+    for (name, c) in &plan.valid_peers {
+        if let Err(e) = cluster.valid_peer(name, c).await {
+            tracing::debug!(%name, "{e}");
+        }
+    }
+    let mut rendered: Vec<String> = Vec::new();
+    for p in &problems {
+        let t = p.to_string();
+        if !rendered.contains(&t) {
+            rendered.push(t);
+        }
+    }
+    if let Some(me) = &plan.me
+        && let Some(patch) = crate::kube::node::condition_patch(me, &rendered)
+        && let Err(e) = cluster.node_status(&patch).await
+    {
+        tracing::warn!("cannot update the Node condition: {e}");
+    }
+    let view = bgp.view();
+    let status = RoutingStatus {
+        address: plan.address.map(|a| a.to_string()),
+        asn: plan.asn.unwrap_or_default(),
+        problems: rendered,
+        datastore_ok: plan.complete(),
+        unknown_inputs: plan.unknown.clone(),
+        bgp_synced: matches!(plan.speaker, SpeakerPlan::Off) || view.synced,
+        neighbors: view.neighbors.len(),
+        advertised: plan.advertised().iter().map(ToString::to_string).collect(),
+        remote_routes,
+    };
+    Outcome {
+        problems,
+        tunnel_ip,
+        status,
+    }
+}
+
+async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Problem>) {
+    let (settings, import, originate, neighbors) = match p {
+        SpeakerPlan::Off => {
+            bgp.stop();
+            return;
+        }
+        SpeakerPlan::Keep => return,
+        SpeakerPlan::Run {
+            settings,
+            import,
+            originate,
+            neighbors,
+        } => (settings, import, originate, neighbors),
+    };
+    let mut fail = |what: &str, e: String| problems.push(Problem::Speaker(format!("{what}: {e}")));
+    if bgp.view().settings.as_ref() != Some(settings) {
+        let filter = import.clone().unwrap_or_default();
+        if let Err(e) = bgp.start(settings, &filter).await {
+            fail("start", e);
+            return;
+        }
+    }
+    if let Some(n) = neighbors
+        && let Err(e) = bgp.set_neighbors(n.clone()).await
+    {
+        fail("neighbors", e);
+    }
+    if let Some(i) = import
+        && let Err(e) = bgp.set_import(i.clone()).await
+    {
+        fail("import filter", e);
+    }
+    if let Some(o) = originate
+        && let Err(e) = bgp.set_originate(o.clone()).await
+    {
+        fail("advertisements", e);
+    }
+}

@@ -1,0 +1,273 @@
+//! The routing loop: this node's BGP identity, its sessions, what it
+//! advertises, and the kernel routes to every other node's blocks.
+//!
+//! Each pass is three steps (controller-rs and felix are the model):
+//! 1. a [`plan::Snapshot`] of every input, each [`Known`]: Nodes,
+//!    BGPConfigurations, BGPPeers and IPPools from watches
+//!    ([`crate::kube::reflect`]), this node's blocks from [`local`], BGP
+//!    passwords, the host's addresses, and the speaker's view;
+//! 2. [`plan::plan`], pure: what to publish, how to run the speaker, which
+//!    remote routes to have and whether anything may be removed;
+//! 3. [`apply::apply`], thin I/O over [`crate::dataplane::Dataplane`],
+//!    [`apply::Bgp`] ([`speaker::Embedded`]) and [`apply::ClusterWrites`].
+//!
+//! A pass runs on any watch event, learned-route or BGP-sync change, own
+//! block change, and every resync period. The modules: [`sessions`] (who
+//! peers with whom), [`nodes`] (identity annotations, the address choice),
+//! [`encap`] (blocks to kernel state per encapsulation), [`problem`] (what
+//! is reported), [`local`] (this node's blackholes and pod routes).
+
+pub mod apply;
+pub mod encap;
+pub mod local;
+pub mod nodes;
+pub mod plan;
+pub mod problem;
+pub mod sessions;
+pub mod speaker;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::api::Api;
+use margay_api::bgp::{BGPConfiguration, BGPPeer};
+use margay_api::condition::Condition;
+use margay_api::ipam::{AllowedUse, IPPool};
+use margay_ipam::model::validate_pools;
+use margay_ipam::{Allocator, Assign};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::dataplane::Dataplane;
+use crate::kube::node::Annotations;
+use crate::kube::{Known, Watched, watch as watched};
+use crate::obs::AgentState;
+use apply::{Bgp, ClusterWrites};
+use plan::Snapshot;
+
+/// What the routing loop needs.
+pub struct RoutingCtx<D> {
+    /// This node.
+    pub node: String,
+    /// The API client.
+    pub client: Client,
+    /// IPAM (the VXLAN tunnel address).
+    pub alloc: Allocator,
+    /// The kernel.
+    pub dp: Arc<D>,
+    /// This node's blocks, from [`local::run`].
+    pub own_blocks: watch::Receiver<Known<BTreeSet<IpNetwork>>>,
+    /// Shared status.
+    pub state: Arc<AgentState>,
+    /// `--node-ip`: the BGP address (`autodetect` or an address, optionally with its prefix length).
+    pub node_ip: String,
+    /// Namespace of BGP password Secrets.
+    pub namespace: String,
+    /// Underlay MTU.
+    pub mtu: u32,
+    /// Resync period.
+    pub every: Duration,
+    /// Run the BGP speaker and program remote routes (off: identity and
+    /// conditions only, for clusters routed by something else).
+    pub bgp: bool,
+}
+
+impl<D> std::fmt::Debug for RoutingCtx<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutingCtx")
+            .field("node", &self.node)
+            .field("node_ip", &self.node_ip)
+            .field("bgp", &self.bgp)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster writes of a pass, on the real API and IPAM.
+struct Kube {
+    client: Client,
+    node: String,
+    alloc: Allocator,
+}
+
+impl std::fmt::Debug for Kube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kube")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterWrites for Kube {
+    async fn annotate(&self, a: &Annotations) -> crate::Result<()> {
+        crate::kube::node::annotate(&self.client, &self.node, a).await
+    }
+
+    async fn node_status(&self, patch: &serde_json::Value) -> crate::Result<()> {
+        crate::kube::node::patch_status(&self.client, &self.node, patch).await
+    }
+
+    async fn valid_config(&self, name: &str, c: &Condition) -> crate::Result<()> {
+        crate::kube::valid::write::<BGPConfiguration>(&self.client, name, c).await
+    }
+
+    async fn valid_peer(&self, name: &str, c: &Condition) -> crate::Result<()> {
+        crate::kube::valid::write::<BGPPeer>(&self.client, name, c).await
+    }
+
+    async fn assign_tunnel(&self) -> crate::Result<Option<Ipv4Addr>> {
+        let addrs = self
+            .alloc
+            .assign(Assign {
+                handle: format!("tunnel.vxlan.{}", self.node),
+                pod: None,
+                use_: AllowedUse::Tunnel,
+            })
+            .await?;
+        Ok(addrs.iter().find_map(|a| match a.ip() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }))
+    }
+}
+
+/// The watched inputs.
+struct Inputs {
+    nodes: Watched<Node>,
+    peers: Watched<BGPPeer>,
+    configs: Watched<BGPConfiguration>,
+    pools: Watched<IPPool>,
+}
+
+impl Inputs {
+    fn start(client: &Client, poke: &Arc<Notify>, tasks: &mut JoinSet<crate::Result<()>>) -> Self {
+        let (nodes, t) = watched(Api::all(client.clone()), "Nodes", poke.clone());
+        tasks.spawn(t);
+        let (peers, t) = watched(Api::all(client.clone()), "BGPPeers", poke.clone());
+        tasks.spawn(t);
+        let (configs, t) = watched(Api::all(client.clone()), "BGPConfigurations", poke.clone());
+        tasks.spawn(t);
+        let (pools, t) = watched(Api::all(client.clone()), "IPPools", poke.clone());
+        tasks.spawn(t);
+        Self {
+            nodes,
+            peers,
+            configs,
+            pools,
+        }
+    }
+}
+
+/// Runs until the process ends; an error means a task it owns ended.
+pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
+    let poke = Arc::new(Notify::new());
+    let mut watchers = JoinSet::new();
+    let inputs = Inputs::start(&ctx.client, &poke, &mut watchers);
+    let cluster = Kube {
+        client: ctx.client.clone(),
+        node: ctx.node.clone(),
+        alloc: ctx.alloc.clone(),
+    };
+    let mut bgp = speaker::Embedded::new(ctx.state.clone());
+    let mut own = ctx.own_blocks.clone();
+    let mut host: Known<Vec<(String, IpNetwork)>> = Known::Unknown("not read yet".into());
+    let mut tunnel_ip: Option<Ipv4Addr> = None;
+    let mut why = "start";
+    loop {
+        let t = Instant::now();
+        host = match ctx.dp.host_addresses().await {
+            Ok(h) => Known::Fresh(h),
+            Err(e) => host.failed(format!("cannot list this host's addresses: {e}")),
+        };
+        let peers = inputs.peers.read();
+        let refs = peers
+            .value()
+            .map(|p| {
+                let named: Vec<_> = p.iter().map(|p| (String::new(), p.spec.clone())).collect();
+                sessions::password_refs(&named)
+            })
+            .unwrap_or_default();
+        let own_blocks = own.borrow_and_update().clone();
+        let passwords = crate::kube::secrets::passwords(&ctx.client, &ctx.namespace, &refs).await;
+        let snap = Snapshot {
+            node: ctx.node.clone(),
+            node_ip: ctx.node_ip.clone(),
+            bgp: ctx.bgp,
+            mtu: ctx.mtu,
+            nodes: inputs.nodes.read(),
+            configs: inputs.configs.read(),
+            peers,
+            pools: inputs
+                .pools
+                .read()
+                .map(|p| validate_pools(&p.iter().map(|p| (**p).clone()).collect::<Vec<_>>()).0),
+            own_blocks,
+            passwords,
+            host: host.clone(),
+            tunnel_ip,
+            speaker: bgp.view(),
+        };
+        let out = apply::apply(plan::plan(&snap), ctx.dp.as_ref(), &mut bgp, &cluster).await;
+        let again = out.tunnel_ip.is_some();
+        if let Some(ip) = out.tunnel_ip {
+            tunnel_ip = Some(ip);
+        }
+        for p in ctx.state.set_routing(out.status) {
+            tracing::warn!("routing: {p}");
+        }
+        tracing::debug!(why, took = ?t.elapsed(), "routing pass");
+        if again {
+            why = "tunnel address";
+            continue;
+        }
+        let sp = bgp.speaker();
+        let (mut learned, mut synced) = match &sp {
+            Some(s) => (Some(s.learned()), Some(s.synced())),
+            None => (None, None),
+        };
+        why = tokio::select! {
+            _ = poke.notified() => "watch",
+            _ = own.changed() => "own blocks",
+            _ = changed(&mut learned) => "learned routes",
+            _ = changed(&mut synced) => "BGP sync",
+            _ = tokio::time::sleep(ctx.every) => "resync",
+            () = stopped(sp.as_deref()) => {
+                return Err(crate::Error::TaskEnded("BGP speaker"));
+            }
+            Some(r) = watchers.join_next() => {
+                return match r {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(crate::Error::TaskEnded("watch")),
+                    Err(e) => Err(crate::Error::TaskPanicked { task: "watch", why: e.to_string() }),
+                };
+            }
+        };
+        // Let a burst of events settle into one pass.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn stopped(sp: Option<&margay_bgp::speaker::Speaker>) {
+    match sp {
+        Some(s) => s.stopped().await,
+        None => std::future::pending().await,
+    }
+}

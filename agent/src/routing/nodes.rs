@@ -1,0 +1,179 @@
+//! Nodes as the routing plan sees them (pure): what each node's agent
+//! publishes in its Node's annotations ([`identity_annotations`]) and what
+//! the others read back ([`NodeInfo::from_node`]), this node's VTEP MAC,
+//! and the choice of this node's BGP address.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use margay_api::node::{ANN_ADDRESS, ANN_ASN, ANN_RR_CLUSTER_ID, ANN_VXLAN_ADDRESS, ANN_VXLAN_MAC};
+use margay_api::stable::{fnv1a, mac_string, parse_mac};
+
+use super::encap::Vtep;
+
+/// What this agent knows about a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its BGP address and subnet.
+    pub address: Option<IpNetwork>,
+    /// Its AS (the cluster's when not published).
+    pub asn: Option<u32>,
+    /// Its route reflector cluster ID, when it is one.
+    pub rr_cluster_id: Option<Ipv4Addr>,
+    /// Its VXLAN endpoint.
+    pub vtep: Option<Vtep>,
+}
+
+/// A stable, locally administered unicast MAC for a node's VXLAN device.
+pub fn vtep_mac(node: &str) -> [u8; 6] {
+    let b = fnv1a(node.as_bytes()).to_be_bytes();
+    [0x66, b[0], b[1], b[2], b[3], b[4]]
+}
+
+impl NodeInfo {
+    /// From a Node object's name, labels and Margay annotations (unparsable
+    /// annotations count as absent).
+    pub fn from_node(n: &Node) -> Self {
+        let ann = n.metadata.annotations.clone().unwrap_or_default();
+        let get = |k: &str| ann.get(k).map(|s| s.trim().to_string());
+        let vtep = match (
+            get(ANN_VXLAN_ADDRESS).and_then(|s| s.parse().ok()),
+            get(ANN_VXLAN_MAC).and_then(|s| parse_mac(&s)),
+        ) {
+            (Some(tunnel_ip), Some(mac)) => Some(Vtep { mac, tunnel_ip }),
+            _ => None,
+        };
+        Self {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            labels: n.metadata.labels.clone().unwrap_or_default(),
+            address: get(ANN_ADDRESS).and_then(|s| s.parse().ok()),
+            asn: get(ANN_ASN).and_then(|s| s.parse().ok()),
+            rr_cluster_id: get(ANN_RR_CLUSTER_ID).and_then(|s| s.parse().ok()),
+            vtep,
+        }
+    }
+}
+
+/// The annotations this node publishes (what [`NodeInfo::from_node`] reads).
+pub fn identity_annotations(
+    address: IpNetwork,
+    asn: u32,
+    vtep: Option<Vtep>,
+) -> BTreeMap<String, Option<String>> {
+    let mut m = BTreeMap::new();
+    m.insert(ANN_ADDRESS.to_string(), Some(address.to_string()));
+    m.insert(ANN_ASN.to_string(), Some(asn.to_string()));
+    m.insert(
+        ANN_VXLAN_ADDRESS.to_string(),
+        vtep.map(|v| v.tunnel_ip.to_string()),
+    );
+    m.insert(ANN_VXLAN_MAC.to_string(), vtep.map(|v| mac_string(&v.mac)));
+    m
+}
+
+/// The node's BGP address: `--node-ip` (with or without a prefix length),
+/// else the Node's InternalIP, else the first global IPv4 address; the
+/// prefix length is taken from the interface holding the address.
+pub fn choose_address(
+    flag: &str,
+    node: Option<&Node>,
+    host: &[(String, IpNetwork)],
+) -> Result<IpNetwork, String> {
+    let on_host = |ip: IpAddr| host.iter().find(|(_, n)| n.ip() == ip).map(|(_, n)| *n);
+    if flag != "autodetect" && !flag.is_empty() {
+        if let Ok(n) = flag.parse::<IpNetwork>()
+            && flag.contains('/')
+        {
+            return Ok(n);
+        }
+        let ip: IpAddr = flag
+            .parse()
+            .map_err(|_| format!("--node-ip {flag:?} is neither an address nor autodetect"))?;
+        return Ok(on_host(ip).unwrap_or_else(|| IpNetwork::from(ip)));
+    }
+    let internal = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .find_map(on_host);
+    if let Some(n) = internal {
+        return Ok(n);
+    }
+    host.iter()
+        .map(|(_, n)| *n)
+        .find(IpNetwork::is_ipv4)
+        .ok_or_else(|| "no global IPv4 address on this host; set --node-ip".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Vec<(String, IpNetwork)> {
+        vec![
+            ("eth0".into(), "10.0.0.5/24".parse().unwrap()),
+            ("eth1".into(), "192.168.1.5/16".parse().unwrap()),
+        ]
+    }
+
+    #[test]
+    fn address_from_flag_node_or_host() {
+        assert_eq!(
+            choose_address("autodetect", None, &host()),
+            Ok("10.0.0.5/24".parse().unwrap())
+        );
+        assert_eq!(
+            choose_address("192.168.1.5", None, &host()),
+            Ok("192.168.1.5/16".parse().unwrap())
+        );
+        assert_eq!(
+            choose_address("172.16.0.1/20", None, &host()),
+            Ok("172.16.0.1/20".parse().unwrap())
+        );
+        assert!(
+            choose_address("nonsense", None, &host())
+                .unwrap_err()
+                .contains("--node-ip")
+        );
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.5"}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            choose_address("autodetect", Some(&n), &host()),
+            Ok("192.168.1.5/16".parse().unwrap())
+        );
+        assert!(choose_address("autodetect", None, &[]).is_err());
+    }
+
+    #[test]
+    fn identity_round_trips_through_annotations() {
+        let vtep = Vtep {
+            mac: vtep_mac("node1"),
+            tunnel_ip: "10.244.0.0".parse().unwrap(),
+        };
+        assert_eq!(vtep.mac[0] & 0x03, 0x02, "locally administered unicast");
+        let ann = identity_annotations("10.0.0.1/24".parse().unwrap(), 64512, Some(vtep));
+        let mut n = Node::default();
+        n.metadata.name = Some("node1".into());
+        n.metadata.annotations = Some(
+            ann.into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k, v)))
+                .collect(),
+        );
+        let info = NodeInfo::from_node(&n);
+        assert_eq!(info.address, Some("10.0.0.1/24".parse().unwrap()));
+        assert_eq!(info.asn, Some(64512));
+        assert_eq!(info.vtep, Some(vtep));
+    }
+}

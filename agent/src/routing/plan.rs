@@ -1,0 +1,514 @@
+//! The routing pass as a pure function (controller-rs's `reconcile` and
+//! felix's desired state are the model): [`plan`] turns a [`Snapshot`] of
+//! every input into a [`Plan`] of what to write, and `apply` only carries
+//! it out.
+//!
+//! Every input is [`Known`]: fresh, stale (the last value; its source
+//! cannot be read now) or unknown. The plan decides nothing from an unknown
+//! input and removes nothing because of a stale one:
+//! - the speaker is started only once its settings, this node's address
+//!   and the pools (its import filter) are known; its neighbor list is set
+//!   only from current Nodes and BGPPeers, its import filter only from known
+//!   pools, its advertisements only from known blocks;
+//! - routes to remote blocks are computed only from known inputs, and may
+//!   remove kernel state only when every input is current, the speaker has
+//!   been given its neighbors and they have all sent End-of-RIB (or the
+//!   start-up grace [`PRUNE_GRACE`] has passed): after an agent or speaker
+//!   (re)start, what is in the kernel keeps forwarding until BGP has
+//!   relearned it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use margay_api::bgp::{BGP_CONFIG_NAME, BGPConfiguration, BGPPeer, validate_peer};
+use margay_api::condition::Condition;
+use margay_api::ipam::Encapsulation;
+use margay_bgp::config::Neighbor;
+use margay_bgp::packet::Prefix;
+use margay_bgp::speaker::LearnedRoutes;
+use margay_delta::Removals;
+use margay_ipam::model::Pool;
+
+use super::encap::{self, RemoteBlock, Vtep};
+use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
+use super::problem::Problem;
+use super::sessions::{NamedPeer, Settings, neighbors};
+use crate::dataplane::{LocalVtep, Remote, VXLAN_OVERHEAD};
+use crate::kube::Known;
+use crate::kube::node::{Annotations, has_annotations};
+use crate::kube::secrets::SecretKey;
+use crate::kube::valid::valid_condition;
+
+/// Longest wait after a speaker start before routes BGP has not relearned
+/// are removed from the kernel (when some peer never sends End-of-RIB).
+pub const PRUNE_GRACE: Duration = Duration::from_secs(90);
+
+/// What restarts the speaker when it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpeakerSettings {
+    /// The nodes' AS.
+    pub asn: u32,
+    /// This node's router ID.
+    pub router_id: Ipv4Addr,
+    /// The TCP port.
+    pub port: u16,
+    /// Graceful restart time.
+    pub restart_time: u16,
+    /// Communities added to exports.
+    pub communities: Vec<String>,
+    /// Route reflector cluster ID, when this node is one.
+    pub cluster_id: Option<Ipv4Addr>,
+}
+
+/// What the pass knows of the running speaker.
+#[derive(Debug, Clone, Default)]
+pub struct SpeakerView {
+    /// Running, with these settings.
+    pub settings: Option<SpeakerSettings>,
+    /// The neighbor list it was last given.
+    pub neighbors: Vec<Neighbor>,
+    /// It has been given a neighbor list computed from current inputs.
+    pub neighbors_set: bool,
+    /// Its best learned routes (when running).
+    pub learned: Option<LearnedRoutes>,
+    /// Every configured peer has sent End-of-RIB.
+    pub synced: bool,
+    /// How long it has been running.
+    pub age: Duration,
+}
+
+/// Every input of one routing pass.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// This node's name.
+    pub node: String,
+    /// `--node-ip`.
+    pub node_ip: String,
+    /// BGP and remote routes are this agent's job.
+    pub bgp: bool,
+    /// Underlay MTU.
+    pub mtu: u32,
+    /// Every Node.
+    pub nodes: Known<Vec<Arc<Node>>>,
+    /// BGPConfigurations.
+    pub configs: Known<Vec<Arc<BGPConfiguration>>>,
+    /// BGPPeers.
+    pub peers: Known<Vec<Arc<BGPPeer>>>,
+    /// The valid pools.
+    pub pools: Known<Vec<Pool>>,
+    /// This node's blocks.
+    pub own_blocks: Known<BTreeSet<IpNetwork>>,
+    /// BGP passwords, per (Secret, key) the BGPPeers name.
+    pub passwords: BTreeMap<SecretKey, Known<Option<String>>>,
+    /// The host's addresses.
+    pub host: Known<Vec<(String, IpNetwork)>>,
+    /// This node's VXLAN tunnel address, once allocated.
+    pub tunnel_ip: Option<Ipv4Addr>,
+    /// The speaker.
+    pub speaker: SpeakerView,
+}
+
+/// What to do with the speaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpeakerPlan {
+    /// BGP is off on this node.
+    Off,
+    /// Too little is known to start it or change its settings: leave it.
+    Keep,
+    /// Run with `settings` (restarting it if they changed); each list that
+    /// is `Some` replaces the speaker's, `None` leaves it as it is.
+    Run {
+        /// Its settings.
+        settings: SpeakerSettings,
+        /// Import filter (the pools).
+        import: Option<Vec<Prefix>>,
+        /// Prefixes to advertise.
+        originate: Option<Vec<Prefix>>,
+        /// Neighbors.
+        neighbors: Option<Vec<Neighbor>>,
+    },
+}
+
+/// Everything one pass writes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// This node's BGP address.
+    pub address: Option<IpNetwork>,
+    /// The cluster AS, when known.
+    pub asn: Option<u32>,
+    /// This node's Node object, when known (for its condition).
+    pub me: Option<Arc<Node>>,
+    /// Identity annotations to publish (they differ from the Node's).
+    pub annotate: Option<Annotations>,
+    /// Allocate the VXLAN tunnel address (needed and not held).
+    pub assign_tunnel: bool,
+    /// This node's VXLAN endpoint, when VXLAN is in use.
+    pub local_vtep: Option<LocalVtep>,
+    /// The speaker.
+    pub speaker: SpeakerPlan,
+    /// Routes to remote blocks, and whether what they lack may go.
+    pub remote: Option<(Remote, Removals)>,
+    /// `Valid` conditions to write: BGPConfigurations.
+    pub valid_configs: Vec<(String, Condition)>,
+    /// `Valid` conditions to write: BGPPeers.
+    pub valid_peers: Vec<(String, Condition)>,
+    /// What keeps routing incomplete.
+    pub problems: Vec<Problem>,
+    /// Inputs not current, and why.
+    pub unknown: Vec<String>,
+}
+
+impl Plan {
+    /// Whether every input was current.
+    pub fn complete(&self) -> bool {
+        self.unknown.is_empty()
+    }
+
+    /// What the speaker is told to advertise (for `/status`).
+    pub fn advertised(&self) -> Vec<Prefix> {
+        match &self.speaker {
+            SpeakerPlan::Run {
+                originate: Some(o), ..
+            } => o.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The remote blocks to program from what BGP learned: prefixes inside a
+/// pool and not one of `own` blocks, reached through the node whose
+/// address is the route's (first) next hop; an unknown next hop (a router)
+/// is reached natively.
+pub fn remote_blocks(
+    learned: &LearnedRoutes,
+    nodes: &[NodeInfo],
+    pools: &[Pool],
+    own: &BTreeSet<IpNetwork>,
+) -> Vec<RemoteBlock> {
+    let mut out = Vec::new();
+    for (prefix, hops) in learned {
+        let Ok(cidr) = IpNetwork::new(prefix.addr(), prefix.len()) else {
+            continue;
+        };
+        if own.iter().any(|o| o.contains(cidr.network())) {
+            continue;
+        }
+        let Some(pool) = pools.iter().find(|p| {
+            p.cidr.is_ipv4() == cidr.is_ipv4()
+                && p.cidr.contains(cidr.network())
+                && p.cidr.prefix() <= cidr.prefix()
+        }) else {
+            continue;
+        };
+        let Some(&hop) = hops.first() else {
+            continue;
+        };
+        let node = nodes
+            .iter()
+            .find(|n| n.address.is_some_and(|a| a.ip() == hop));
+        out.push(RemoteBlock {
+            cidr,
+            node: node.map_or_else(|| hop.to_string(), |n| n.name.clone()),
+            node_ip: hop,
+            encap: if node.is_some() {
+                pool.encapsulation
+            } else {
+                Encapsulation::None
+            },
+            vtep: node.and_then(|n| n.vtep),
+        });
+    }
+    out
+}
+
+fn prefixes<'a>(nets: impl IntoIterator<Item = &'a IpNetwork>) -> Vec<Prefix> {
+    let mut v: Vec<Prefix> = nets
+        .into_iter()
+        .filter_map(|n| Prefix::new(n.network(), n.prefix()))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The pass's decisions.
+pub fn plan(s: &Snapshot) -> Plan {
+    let mut problems = Vec::new();
+    let mut unknown = Vec::new();
+    let mut note = |what: &str, why: Option<&str>, problems: &mut Vec<Problem>| {
+        if let Some(why) = why {
+            unknown.push(format!("{what}: {why}"));
+            problems.push(Problem::Unknown(why.to_string()));
+        }
+    };
+    note("Nodes", s.nodes.why(), &mut problems);
+    note("BGPConfigurations", s.configs.why(), &mut problems);
+    note("BGPPeers", s.peers.why(), &mut problems);
+    note("IPPools", s.pools.why(), &mut problems);
+    note("blocks", s.own_blocks.why(), &mut problems);
+    note("host addresses", s.host.why(), &mut problems);
+
+    // This node's object.
+    let me_obj = s
+        .nodes
+        .value()
+        .and_then(|all| all.iter().find(|n| n.name_any() == s.node).cloned());
+    if s.nodes.is_fresh() && me_obj.is_none() {
+        problems.push(Problem::NodeMissing(s.node.clone()));
+    }
+
+    // Cluster settings, and the Valid condition of each BGP object.
+    let mut valid_configs = Vec::new();
+    let settings = s.configs.value().map(|cfgs| {
+        let cfg = cfgs.iter().find(|c| c.name_any() == BGP_CONFIG_NAME);
+        let (settings, invalid) = Settings::from_spec(cfg.map(|c| &c.spec));
+        if let Some(c) = cfg {
+            let res = invalid.clone().map_or(Ok(()), |e| Err(e.to_string()));
+            if let Some(cond) = valid_condition(res, c.status.as_ref()) {
+                valid_configs.push((c.name_any(), cond));
+            }
+        }
+        if let Some(why) = invalid {
+            problems.push(Problem::ConfigIgnored {
+                name: BGP_CONFIG_NAME.into(),
+                why,
+            });
+        }
+        settings
+    });
+    let mut valid_peers = Vec::new();
+    let named: Option<Vec<NamedPeer>> = s.peers.value().map(|peers| {
+        for p in peers {
+            let res = validate_peer(&p.spec).map_err(|e| e.to_string());
+            if let Some(cond) = valid_condition(res, p.status.as_ref()) {
+                valid_peers.push((p.name_any(), cond));
+            }
+        }
+        peers
+            .iter()
+            .map(|p| (p.name_any(), p.spec.clone()))
+            .collect()
+    });
+
+    // This node's address and identity.
+    let host = s.host.value().cloned().unwrap_or_default();
+    let address = match choose_address(&s.node_ip, me_obj.as_deref(), &host) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            problems.push(Problem::NoAddress(e));
+            None
+        }
+    };
+    let vxlan = s.pools.value().is_some_and(|pools| {
+        pools.iter().any(|p| {
+            matches!(
+                p.encapsulation,
+                Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
+            )
+        })
+    });
+    let local_vtep = match (s.tunnel_ip, address.map(|a| a.ip())) {
+        (Some(tunnel_ip), Some(IpAddr::V4(underlay))) if vxlan => Some(LocalVtep {
+            mac: vtep_mac(&s.node),
+            tunnel_ip,
+            underlay,
+            mtu: s.mtu - VXLAN_OVERHEAD,
+        }),
+        _ => None,
+    };
+    let vtep = local_vtep.map(|l| Vtep {
+        mac: l.mac,
+        tunnel_ip: l.tunnel_ip,
+    });
+    // Name, labels and reflector role from our Node; the rest is what this
+    // agent found (its annotations may lag behind).
+    let me = me_obj.as_deref().map(|n| NodeInfo {
+        address,
+        asn: settings.as_ref().map(|s| s.asn),
+        vtep,
+        ..NodeInfo::from_node(n)
+    });
+    let annotate = match (&me_obj, address, &settings) {
+        (Some(obj), Some(addr), Some(st)) => {
+            let want = identity_annotations(addr, st.asn, vtep);
+            (!has_annotations(obj, &want)).then_some(want)
+        }
+        _ => None,
+    };
+
+    // The speaker.
+    let infos: Option<Vec<NodeInfo>> = s
+        .nodes
+        .value()
+        .map(|all| all.iter().map(|n| NodeInfo::from_node(n)).collect());
+    let speaker = speaker_plan(
+        s,
+        &settings,
+        address,
+        me.as_ref(),
+        &infos,
+        &named,
+        &mut problems,
+    );
+
+    // Routes to other nodes' blocks.
+    let remote = match (
+        &s.speaker.learned,
+        s.pools.value(),
+        s.own_blocks.value(),
+        &infos,
+    ) {
+        (Some(learned), Some(pools), Some(own), Some(infos)) if s.bgp => {
+            let blocks = remote_blocks(learned, infos, pools, own);
+            let (desired, errors) = encap::plan(&blocks, address);
+            problems.extend(errors.into_iter().map(Problem::from));
+            let inputs = s.pools.is_fresh() && s.nodes.is_fresh() && s.own_blocks.is_fresh();
+            let relearned =
+                s.speaker.neighbors_set && (s.speaker.synced || s.speaker.age > PRUNE_GRACE);
+            Some((desired, Removals::when(inputs && relearned)))
+        }
+        _ => None,
+    };
+
+    Plan {
+        address,
+        asn: settings.as_ref().map(|s| s.asn),
+        me: me_obj,
+        annotate,
+        assign_tunnel: vxlan && s.tunnel_ip.is_none(),
+        local_vtep,
+        speaker,
+        remote,
+        valid_configs,
+        valid_peers,
+        problems,
+        unknown,
+    }
+}
+
+fn speaker_plan(
+    s: &Snapshot,
+    settings: &Option<Settings>,
+    address: Option<IpNetwork>,
+    me: Option<&NodeInfo>,
+    infos: &Option<Vec<NodeInfo>>,
+    named: &Option<Vec<NamedPeer>>,
+    problems: &mut Vec<Problem>,
+) -> SpeakerPlan {
+    if !s.bgp {
+        return SpeakerPlan::Off;
+    }
+    let router_id = match address.map(|a| a.ip()) {
+        Some(IpAddr::V4(r)) => r,
+        Some(IpAddr::V6(_)) => {
+            problems.push(Problem::NeedsIpv4);
+            return SpeakerPlan::Keep;
+        }
+        None => return SpeakerPlan::Keep,
+    };
+    let Some(settings) = settings else {
+        return SpeakerPlan::Keep;
+    };
+    // The reflector role comes from our Node; while Nodes are unknown the
+    // running speaker's stands (no restart for want of knowledge).
+    let cluster_id = match (me, &s.speaker.settings) {
+        (Some(me), _) => me.rr_cluster_id,
+        (None, Some(running)) => running.cluster_id,
+        (None, None) => return SpeakerPlan::Keep,
+    };
+    let settings_now = SpeakerSettings {
+        asn: settings.asn,
+        router_id,
+        port: settings.port,
+        restart_time: settings.restart_time,
+        communities: settings.communities.clone(),
+        cluster_id,
+    };
+    let import = s
+        .pools
+        .value()
+        .map(|pools| prefixes(pools.iter().map(|p| &p.cidr)));
+    if import.is_none() && s.speaker.settings.as_ref() != Some(&settings_now) {
+        // (Re)started without a filter it would accept every route.
+        return SpeakerPlan::Keep;
+    }
+    let originate = s
+        .own_blocks
+        .value()
+        .map(|own| prefixes(own.iter().chain(settings.prefixes.iter())));
+    let neighbors = match (me, infos, named) {
+        (Some(me), Some(infos), Some(named)) if s.nodes.is_fresh() && s.peers.is_fresh() => {
+            let sessions = neighbors(
+                me,
+                infos,
+                settings,
+                named,
+                &s.passwords,
+                &s.speaker.neighbors,
+            );
+            problems.extend(sessions.problems);
+            Some(sessions.neighbors)
+        }
+        _ => None,
+    };
+    SpeakerPlan::Run {
+        settings: settings_now,
+        import,
+        originate,
+        neighbors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, addr: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            address: Some(addr.parse().unwrap()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn learned_routes_become_remote_blocks_inside_pools_only() {
+        let mut b = node("b", "10.0.0.2/24");
+        b.vtep = Some(Vtep {
+            mac: vtep_mac("b"),
+            tunnel_ip: "10.244.1.0".parse().unwrap(),
+        });
+        let nodes = [node("a", "10.0.0.1/24"), b];
+        let pool = Pool {
+            name: "p".into(),
+            cidr: "10.244.0.0/16".parse().unwrap(),
+            block_size: 26,
+            disabled: false,
+            deleting: false,
+            selector: None,
+            uses: vec![],
+            encapsulation: Encapsulation::Vxlan,
+            nat_outgoing: false,
+        };
+        let mut learned = LearnedRoutes::new();
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        let hops = |s: &str| [s.parse::<IpAddr>().unwrap()].into_iter().collect();
+        learned.insert(p("10.244.1.0/26"), hops("10.0.0.2"));
+        learned.insert(p("10.244.0.0/26"), hops("10.0.0.2")); // our own block: ignored
+        learned.insert(p("10.244.9.0/26"), hops("10.0.0.254")); // via a router
+        learned.insert(p("192.168.0.0/24"), hops("10.0.0.2")); // outside pools
+        let own: BTreeSet<IpNetwork> = ["10.244.0.0/26".parse().unwrap()].into();
+        let r = remote_blocks(&learned, &nodes, &[pool], &own);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].node, "b");
+        assert_eq!(r[0].encap, Encapsulation::Vxlan);
+        assert!(r[0].vtep.is_some());
+        assert_eq!(r[1].node, "10.0.0.254");
+        assert_eq!(r[1].encap, Encapsulation::None);
+    }
+}

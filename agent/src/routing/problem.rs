@@ -1,0 +1,93 @@
+//! Everything that keeps routing from being complete, as one type. The plan
+//! and the apply step collect them; they are rendered (one sentence each,
+//! naming the object and the fix) into the `MargayReady` Node condition
+//! and `/status`.
+
+use std::net::IpAddr;
+
+use margay_api::bgp::{ConfigInvalid, PeerInvalid};
+
+use super::encap::RouteError;
+
+/// One reason routing is incomplete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    /// This node has no Node object.
+    #[error("Node {0} not found in the API")]
+    NodeMissing(String),
+    /// An input could not be read; what depends on it was kept as it was.
+    #[error("{0}")]
+    Unknown(String),
+    /// The BGPConfiguration is invalid.
+    #[error("BGPConfiguration {name} ignored (defaults used): {why}")]
+    ConfigIgnored {
+        /// Its name.
+        name: String,
+        /// What is wrong.
+        why: ConfigInvalid,
+    },
+    /// A BGPPeer is invalid.
+    #[error("BGPPeer {name} ignored: {why}")]
+    PeerIgnored {
+        /// Its name.
+        name: String,
+        /// What is wrong.
+        why: PeerInvalid,
+    },
+    /// The node's address could not be chosen.
+    #[error("{0}")]
+    NoAddress(String),
+    /// The node has no BGP address yet (nothing to peer from).
+    #[error("this node has no BGP address yet")]
+    NoBgpAddress,
+    /// BGP needs an IPv4 router ID.
+    #[error("BGP needs an IPv4 node address (the router ID)")]
+    NeedsIpv4,
+    /// A peering's password Secret (or its key) does not exist.
+    #[error("BGPPeer {peer}: password Secret {secret}/{key} not found; peering left out")]
+    PasswordMissing {
+        /// The BGPPeer.
+        peer: String,
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// Two Nodes announce the same BGP address.
+    #[error(
+        "Nodes {first} and {second} both announce BGP address {address}; neither is peered with (remove the stale Node)"
+    )]
+    DuplicateAddress {
+        /// The address.
+        address: IpAddr,
+        /// One node.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// A neighbor the speaker would refuse.
+    #[error("neighbor {address} ({origin}) left out: {why}")]
+    NeighborInvalid {
+        /// Its address.
+        address: IpAddr,
+        /// Where it came from (a Node or a BGPPeer).
+        origin: String,
+        /// What the speaker says.
+        why: String,
+    },
+    /// A block that cannot be routed.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The VXLAN tunnel address could not be allocated.
+    #[error("no VXLAN tunnel address: {0}")]
+    NoTunnelAddress(String),
+    /// The node's identity could not be published.
+    #[error("cannot publish this node's BGP identity: {0}")]
+    Publish(String),
+    /// The speaker refused or failed a call.
+    #[error("BGP speaker: {0}")]
+    Speaker(String),
+    /// The kernel refused some of the routing state.
+    #[error("routes to other nodes' blocks: {0}")]
+    Kernel(String),
+}

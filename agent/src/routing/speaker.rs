@@ -1,0 +1,139 @@
+//! The embedded speaker ([`margay_bgp::speaker::Speaker`] with kernel
+//! writes off: the agent programs routes itself), as the routing pass's
+//! [`Bgp`]: started and restarted with [`SpeakerSettings`], published in
+//! the agent's state for `/status` and the metrics, and remembering what it
+//! was given (neighbors, whether they came from current inputs, when it
+//! started) for the next pass's snapshot.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use margay_bgp::config::{Config, Neighbor};
+use margay_bgp::packet::Prefix;
+use margay_bgp::speaker::Speaker;
+
+use super::apply::Bgp;
+use super::plan::{SpeakerSettings, SpeakerView};
+use crate::obs::AgentState;
+
+/// The speaker the agent runs.
+#[derive(Debug)]
+pub struct Embedded {
+    running: Option<Running>,
+    state: Arc<AgentState>,
+}
+
+#[derive(Debug)]
+struct Running {
+    settings: SpeakerSettings,
+    speaker: Arc<Speaker>,
+    started: Instant,
+    neighbors: Vec<Neighbor>,
+    neighbors_set: bool,
+}
+
+impl Embedded {
+    /// No speaker yet; `state` is where it is published.
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Self {
+            running: None,
+            state,
+        }
+    }
+
+    /// The running speaker.
+    pub fn speaker(&self) -> Option<Arc<Speaker>> {
+        self.running.as_ref().map(|r| r.speaker.clone())
+    }
+
+    fn running(&self) -> Result<&Running, String> {
+        self.running
+            .as_ref()
+            .ok_or_else(|| "the speaker is not running".to_string())
+    }
+}
+
+impl Bgp for Embedded {
+    fn view(&self) -> SpeakerView {
+        match &self.running {
+            None => SpeakerView::default(),
+            Some(r) => SpeakerView {
+                settings: Some(r.settings.clone()),
+                neighbors: r.neighbors.clone(),
+                neighbors_set: r.neighbors_set,
+                learned: Some(r.speaker.learned().borrow().clone()),
+                synced: *r.speaker.synced().borrow(),
+                age: r.started.elapsed(),
+            },
+        }
+    }
+
+    async fn start(&mut self, s: &SpeakerSettings, import: &[Prefix]) -> Result<(), String> {
+        if let Some(old) = self.running.take() {
+            tracing::info!("BGP settings changed; restarting the speaker");
+            self.state.set_speaker(None);
+            old.speaker.stop();
+            // Its listener must be gone before the new one binds.
+            let _ = tokio::time::timeout(Duration::from_secs(2), old.speaker.stopped()).await;
+        }
+        let mut cfg = Config::new(s.asn, s.router_id);
+        cfg.listen = Some(SocketAddr::from(([0u16; 8], s.port)));
+        cfg.fib = false;
+        cfg.forwarding_preserved = true;
+        cfg.restart_time = s.restart_time;
+        cfg.communities = s.communities.clone();
+        cfg.cluster_id = s.cluster_id;
+        cfg.import_prefixes = import.to_vec();
+        let sp = Arc::new(Speaker::start(cfg).await.map_err(|e| e.to_string())?);
+        tracing::info!(asn = s.asn, router_id = %s.router_id, port = s.port, "BGP speaker started");
+        self.state.set_speaker(Some(sp.clone()));
+        self.running = Some(Running {
+            settings: s.clone(),
+            speaker: sp,
+            started: Instant::now(),
+            neighbors: Vec::new(),
+            neighbors_set: false,
+        });
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            tracing::info!("BGP turned off; stopping the speaker");
+            r.speaker.stop();
+            self.state.set_speaker(None);
+        }
+    }
+
+    async fn set_neighbors(&mut self, n: Vec<Neighbor>) -> Result<(), String> {
+        let r = self.running()?;
+        if r.neighbors_set && r.neighbors == n {
+            return Ok(());
+        }
+        r.speaker
+            .set_neighbors(n.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = self.running.as_mut().expect("running");
+        r.neighbors = n;
+        r.neighbors_set = true;
+        Ok(())
+    }
+
+    async fn set_import(&mut self, p: Vec<Prefix>) -> Result<(), String> {
+        self.running()?
+            .speaker
+            .set_import(p)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn set_originate(&mut self, p: Vec<Prefix>) -> Result<(), String> {
+        self.running()?
+            .speaker
+            .set_originate(p)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

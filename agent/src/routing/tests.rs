@@ -1,0 +1,384 @@
+//! Whole routing passes (snapshot → plan → apply) against the fake
+//! dataplane, a fake speaker and a fake cluster, with failure injection:
+//! an input that is Unknown or stale removes nothing, one refused route
+//! does not stop the others, and a failing speaker call is reported.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use margay_api::bgp::{BGPPeer, BGPPeerSpec};
+use margay_api::condition::Condition;
+use margay_bgp::config::Neighbor;
+use margay_bgp::packet::Prefix;
+use margay_bgp::speaker::LearnedRoutes;
+use margay_ipam::model::Pool;
+
+use super::apply::{Bgp, ClusterWrites, apply};
+use super::plan::{Snapshot, SpeakerSettings, SpeakerView, plan};
+use crate::dataplane::{Dataplane, FakeDataplane, Fault, Via};
+use crate::kube::Known;
+use crate::kube::node::Annotations;
+
+/// A speaker that records what it is given and fails on request.
+#[derive(Debug, Default)]
+struct FakeBgp {
+    view: SpeakerView,
+    fail: Option<&'static str>,
+    calls: Vec<String>,
+}
+
+impl FakeBgp {
+    fn check(&mut self, what: &'static str) -> Result<(), String> {
+        self.calls.push(what.to_string());
+        if self.fail == Some(what) {
+            return Err(format!("{what} refused (injected)"));
+        }
+        Ok(())
+    }
+}
+
+impl Bgp for FakeBgp {
+    fn view(&self) -> SpeakerView {
+        self.view.clone()
+    }
+
+    async fn start(&mut self, s: &SpeakerSettings, _import: &[Prefix]) -> Result<(), String> {
+        self.check("start")?;
+        self.view = SpeakerView {
+            settings: Some(s.clone()),
+            learned: Some(LearnedRoutes::new()),
+            ..Default::default()
+        };
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        self.view = SpeakerView::default();
+    }
+
+    async fn set_neighbors(&mut self, n: Vec<Neighbor>) -> Result<(), String> {
+        self.check("neighbors")?;
+        self.view.neighbors = n;
+        self.view.neighbors_set = true;
+        Ok(())
+    }
+
+    async fn set_import(&mut self, _p: Vec<Prefix>) -> Result<(), String> {
+        self.check("import")
+    }
+
+    async fn set_originate(&mut self, _p: Vec<Prefix>) -> Result<(), String> {
+        self.check("originate")
+    }
+}
+
+/// A cluster that records every write.
+#[derive(Debug, Default)]
+struct FakeCluster {
+    writes: Mutex<Vec<serde_json::Value>>,
+}
+
+impl ClusterWrites for FakeCluster {
+    async fn annotate(&self, a: &Annotations) -> crate::Result<()> {
+        self.writes
+            .lock()
+            .unwrap()
+            .push(serde_json::json!({"annotate": a}));
+        Ok(())
+    }
+
+    async fn node_status(&self, patch: &serde_json::Value) -> crate::Result<()> {
+        self.writes.lock().unwrap().push(patch.clone());
+        Ok(())
+    }
+
+    async fn valid_config(&self, _name: &str, _c: &Condition) -> crate::Result<()> {
+        Ok(())
+    }
+
+    async fn valid_peer(&self, _name: &str, _c: &Condition) -> crate::Result<()> {
+        Ok(())
+    }
+
+    async fn assign_tunnel(&self) -> crate::Result<Option<Ipv4Addr>> {
+        Ok(Some("10.244.0.0".parse().unwrap()))
+    }
+}
+
+impl FakeCluster {
+    /// The message of the last `MargayReady` written.
+    fn condition(&self) -> Option<String> {
+        self.writes.lock().unwrap().iter().rev().find_map(|w| {
+            w["status"]["conditions"][0]["message"]
+                .as_str()
+                .map(str::to_string)
+        })
+    }
+}
+
+fn node(name: &str, addr: &str) -> Arc<Node> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "annotations": {
+                "margay.dev/bgp-address": addr, "margay.dev/bgp-asn": "64512"}},
+        }))
+        .unwrap(),
+    )
+}
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().unwrap()
+}
+
+fn pool() -> Pool {
+    Pool {
+        name: "p".into(),
+        cidr: net("10.244.0.0/16"),
+        block_size: 26,
+        disabled: false,
+        deleting: false,
+        selector: None,
+        uses: vec![],
+        encapsulation: margay_api::ipam::Encapsulation::None,
+        nat_outgoing: false,
+    }
+}
+
+/// Three nodes; n2 and n3 own 10.244.2.0/26 and 10.244.3.0/26, learned
+/// over BGP; the speaker runs, has its neighbors and is synced.
+fn snapshot() -> Snapshot {
+    let mut learned = LearnedRoutes::new();
+    for (b, hop) in [("10.244.2.0/26", "10.0.0.2"), ("10.244.3.0/26", "10.0.0.3")] {
+        learned.insert(
+            b.parse().unwrap(),
+            [hop.parse::<IpAddr>().unwrap()].into_iter().collect(),
+        );
+    }
+    let mut s = Snapshot {
+        node: "n1".into(),
+        node_ip: "10.0.0.1/24".into(),
+        bgp: true,
+        mtu: 1500,
+        nodes: Known::Fresh(vec![
+            node("n1", "10.0.0.1/24"),
+            node("n2", "10.0.0.2/24"),
+            node("n3", "10.0.0.3/24"),
+        ]),
+        configs: Known::Fresh(vec![]),
+        peers: Known::Fresh(vec![]),
+        pools: Known::Fresh(vec![pool()]),
+        own_blocks: Known::Fresh([net("10.244.1.0/26")].into()),
+        passwords: BTreeMap::new(),
+        host: Known::Fresh(vec![("eth0".into(), net("10.0.0.1/24"))]),
+        tunnel_ip: None,
+        speaker: SpeakerView::default(),
+    };
+    let p = plan(&s);
+    let super::plan::SpeakerPlan::Run { settings, .. } = p.speaker else {
+        panic!("{:?}", p.speaker)
+    };
+    s.speaker = SpeakerView {
+        settings: Some(settings),
+        neighbors: vec![],
+        neighbors_set: true,
+        learned: Some(learned),
+        synced: true,
+        age: Duration::from_secs(300),
+    };
+    s
+}
+
+async fn pass(s: &Snapshot, dp: &FakeDataplane, bgp: &mut FakeBgp, c: &FakeCluster) -> Vec<String> {
+    bgp.view = s.speaker.clone();
+    apply(plan(s), dp, bgp, c).await.status.problems
+}
+
+/// A stale route of Margay's (a block that moved away) and the two the
+/// snapshot wants, one of them with a wrong next hop.
+async fn kernel_with_history() -> FakeDataplane {
+    let dp = FakeDataplane::default();
+    for (b, hop) in [("10.244.2.0/26", "10.0.0.9"), ("10.244.9.0/26", "10.0.0.4")] {
+        dp.set_remote_route(net(b), Via::Native(hop.parse().unwrap()))
+            .await
+            .unwrap();
+    }
+    dp
+}
+
+fn routes(dp: &FakeDataplane) -> BTreeMap<IpNetwork, Via> {
+    dp.remote_routes()
+}
+
+fn native(s: &str) -> Via {
+    Via::Native(s.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_complete_synced_pass_installs_and_removes() {
+    let dp = kernel_with_history().await;
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let want: BTreeMap<_, _> = [
+        (net("10.244.2.0/26"), native("10.0.0.2")),
+        (net("10.244.3.0/26"), native("10.0.0.3")),
+    ]
+    .into();
+    assert_eq!(routes(&dp), want);
+    assert_eq!(c.condition().as_deref(), Some("routing is complete"));
+    assert!(bgp.calls.contains(&"neighbors".to_string()));
+}
+
+#[tokio::test]
+async fn an_unknown_or_stale_input_removes_nothing() {
+    type Degrade = fn(&mut Snapshot);
+    let cases: [(&str, Degrade); 6] = [
+        ("pools unknown", |s| {
+            s.pools = Known::Unknown("IPPools not listed yet".into())
+        }),
+        ("pools stale", |s| {
+            s.pools = std::mem::replace(&mut s.pools, Known::Unknown(String::new()))
+                .failed("cannot watch IPPools".into())
+        }),
+        ("nodes unknown", |s| {
+            s.nodes = Known::Unknown("Nodes not listed yet".into())
+        }),
+        ("nodes stale", |s| {
+            s.nodes = std::mem::replace(&mut s.nodes, Known::Unknown(String::new()))
+                .failed("cannot watch Nodes".into())
+        }),
+        ("blocks unknown", |s| {
+            s.own_blocks = Known::Unknown("cannot read this node's blocks".into())
+        }),
+        ("speaker not resynced", |s| {
+            s.speaker.synced = false;
+            s.speaker.age = Duration::from_secs(5);
+        }),
+    ];
+    for (what, degrade) in cases {
+        let dp = kernel_with_history().await;
+        let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+        let mut s = snapshot();
+        degrade(&mut s);
+        let problems = pass(&s, &dp, &mut bgp, &c).await;
+        let got = routes(&dp);
+        assert!(
+            got.contains_key(&net("10.244.9.0/26")),
+            "{what}: a route was removed: {got:?}"
+        );
+        // Where the input still has a value, what it wants is added.
+        if s.pools.value().is_some() && s.nodes.value().is_some() && s.own_blocks.value().is_some()
+        {
+            assert_eq!(got[&net("10.244.3.0/26")], native("10.0.0.3"), "{what}");
+        }
+        if !what.starts_with("speaker") {
+            assert!(!problems.is_empty(), "{what}: the outage is reported");
+            // In the Node condition too, once this node's Node is known.
+            if s.nodes.value().is_some() {
+                assert!(
+                    c.condition().is_some_and(|m| m != "routing is complete"),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut s = snapshot();
+    s.pools = Known::Unknown("IPPools not listed yet".into());
+    s.nodes = Known::Unknown("Nodes not listed yet".into());
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert!(
+        !bgp.calls.iter().any(|c| c == "import" || c == "neighbors"),
+        "{:?}",
+        bgp.calls
+    );
+    // A speaker that is not running yet is not started without a filter.
+    let mut s = snapshot();
+    s.pools = Known::Unknown("IPPools not listed yet".into());
+    s.speaker = SpeakerView::default();
+    let mut bgp = FakeBgp::default();
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert!(bgp.calls.is_empty(), "{:?}", bgp.calls);
+}
+
+#[tokio::test]
+async fn a_refused_route_does_not_stop_the_rest_and_is_reported() {
+    let dp = FakeDataplane::default();
+    dp.inject(Fault::RemoteRoute(net("10.244.2.0/26")));
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
+    assert_eq!(routes(&dp)[&net("10.244.3.0/26")], native("10.0.0.3"));
+    assert!(!routes(&dp).contains_key(&net("10.244.2.0/26")));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("installing route to 10.244.2.0/26")),
+        "{problems:?}"
+    );
+    assert!(c.condition().unwrap().contains("10.244.2.0/26"));
+    // Fixed: the next pass installs it and the condition clears.
+    dp.clear();
+    let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(routes(&dp).len(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_speaker_call_is_reported_and_the_rest_goes_on() {
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    bgp.fail = Some("neighbors");
+    let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("BGP speaker: neighbors")),
+        "{problems:?}"
+    );
+    assert!(c.condition().unwrap().contains("BGP speaker: neighbors"));
+    assert!(
+        bgp.calls.contains(&"originate".to_string()),
+        "{:?}",
+        bgp.calls
+    );
+    assert_eq!(routes(&dp).len(), 2, "remote routes still programmed");
+}
+
+#[tokio::test]
+async fn one_bad_peer_is_contained() {
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut s = snapshot();
+    let mut bad = BGPPeer::new(
+        "typo",
+        BGPPeerSpec {
+            peer_ip: Some("10.0.0.300".into()),
+            as_number: Some(65000),
+            ..Default::default()
+        },
+    );
+    bad.status = None;
+    s.peers = Known::Fresh(vec![Arc::new(bad)]);
+    let problems = pass(&s, &dp, &mut bgp, &c).await;
+    assert!(
+        problems.iter().any(|p| p.contains("BGPPeer typo ignored")),
+        "{problems:?}"
+    );
+    let addrs: BTreeSet<IpAddr> = bgp.view.neighbors.iter().map(|n| n.address).collect();
+    assert_eq!(
+        addrs,
+        ["10.0.0.2", "10.0.0.3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect()
+    );
+}

@@ -1,0 +1,36 @@
+//! Margay's contracts: everything two components (or Margay and an
+//! operator) agree on, and nothing that decides or does I/O.
+//!
+//! - [`ipam`] and [`bgp`]: the `margay.dev/v1` resources (IPPool,
+//!   IPAMBlock, IPAMConfiguration, BGPConfiguration, BGPPeer) and their
+//!   validation; [`crds`] renders (and installs) their CRDs;
+//! - [`condition`]: status conditions and their transition-time rule;
+//! - [`node`]: annotation keys and the Node condition;
+//! - [`cni`]: the CNI error codes the plugin and the agent answer with;
+//! - [`status`]: the agent's `/status`, the speaker's session and route
+//!   views; [`ctl`]: what `margayctl ipam` reports;
+//! - [`community`]: `ASN:VALUE` communities;
+//! - [`stable`]: hashes and formats that must not change between versions.
+//!
+//! Without the default `crd` feature only the parts with no Kubernetes
+//! dependency are built (what the CNI plugin and the BGP speaker need).
+
+pub mod cni;
+pub mod community;
+pub mod node;
+pub mod stable;
+pub mod status;
+
+#[cfg(feature = "crd")]
+pub mod bgp;
+#[cfg(feature = "crd")]
+pub mod condition;
+#[cfg(feature = "crd")]
+pub mod crds;
+#[cfg(feature = "crd")]
+pub mod ctl;
+#[cfg(feature = "crd")]
+pub mod ipam;
+
+/// The API group of every Margay resource.
+pub const GROUP: &str = "margay.dev";

@@ -1,0 +1,119 @@
+//! The agent's `/status` document and the BGP speaker's views of its
+//! sessions and routes, as types: the agent serialises them, `margayctl`
+//! and the end-to-end tests deserialise them, so a renamed field is a
+//! compile error on both sides instead of an empty column.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// BGP session states (RFC 4271 §8.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionState {
+    /// Refusing connections.
+    Idle,
+    /// Waiting for an outgoing TCP connection to complete.
+    Connect,
+    /// Waiting for an incoming connection (or the retry timer).
+    Active,
+    /// OPEN sent, waiting for the peer's.
+    OpenSent,
+    /// OPENs exchanged, waiting for KEEPALIVE.
+    OpenConfirm,
+    /// Up: UPDATEs flow.
+    Established,
+}
+
+/// One BGP session as the speaker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighborView {
+    /// Peer address.
+    pub address: IpAddr,
+    /// Peer AS.
+    pub asn: u32,
+    /// Session state.
+    pub state: SessionState,
+    /// Seconds since the state last changed.
+    #[serde(default)]
+    pub since_seconds: Option<u64>,
+    /// Prefixes received and accepted.
+    pub prefixes_received: usize,
+    /// Prefixes advertised.
+    pub prefixes_sent: usize,
+    /// UPDATE messages received.
+    pub updates_in: u64,
+    /// UPDATE messages sent.
+    pub updates_out: u64,
+    /// Why the session last went down.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// A dynamic neighbor (from a listen range), not a configured one.
+    pub dynamic: bool,
+}
+
+/// One best route of the speaker's RIB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteView {
+    /// The prefix, e.g. `10.244.1.0/26`.
+    pub prefix: String,
+    /// Its next hops (several with ECMP; none for a local route).
+    pub next_hops: Vec<IpAddr>,
+    /// The peer it came from, or `local`.
+    pub from: String,
+    /// The AS path, flattened.
+    pub as_path: Vec<u32>,
+    /// LOCAL_PREF.
+    #[serde(default)]
+    pub local_pref: Option<u32>,
+    /// MULTI_EXIT_DISC.
+    #[serde(default)]
+    pub med: Option<u32>,
+    /// ORIGIN: `igp`, `egp` or `incomplete`.
+    pub origin: String,
+    /// Paths known for the prefix.
+    pub paths: usize,
+    /// Kept from a restarting peer, not yet refreshed (graceful restart).
+    pub stale: bool,
+}
+
+/// What the agent's routing loop last found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingStatus {
+    /// This node's BGP address (with its subnet length).
+    pub address: Option<String>,
+    /// Its AS.
+    pub asn: u32,
+    /// Everything that keeps routing from being complete, as sentences.
+    pub problems: Vec<String>,
+    /// Every input of the last pass was read from the Kubernetes API.
+    pub datastore_ok: bool,
+    /// Inputs the last pass could not read (their part of the plan kept
+    /// what it had: nothing that depends on them was removed).
+    #[serde(default)]
+    pub unknown_inputs: Vec<String>,
+    /// Every configured peer has sent its full table.
+    pub bgp_synced: bool,
+    /// Neighbors configured.
+    pub neighbors: usize,
+    /// Prefixes this node advertises.
+    pub advertised: Vec<String>,
+    /// Routes to remote blocks programmed.
+    pub remote_routes: usize,
+}
+
+/// The agent's `/status` document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The node's name.
+    pub node: String,
+    /// Ready (what `/readyz` answers).
+    pub ready: bool,
+    /// Why not, when not.
+    pub not_ready: Vec<String>,
+    /// The routing loop's findings.
+    pub routing: RoutingStatus,
+    /// BGP sessions.
+    pub peers: Vec<NeighborView>,
+    /// BGP best routes.
+    pub routes: Vec<RouteView>,
+}
