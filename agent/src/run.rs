@@ -184,6 +184,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
     )
     .await?;
+    let _ = state.reserve.set(reserve.clone());
     let service = CniService::new(
         &node,
         store.clone(),

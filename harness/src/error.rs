@@ -25,6 +25,12 @@ pub enum Error {
         secs: f64,
         detail: String,
     },
+    #[error("{what} stopped holding after {secs:.1}s{detail}")]
+    Broke {
+        what: String,
+        secs: f64,
+        detail: String,
+    },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("kubernetes: {0}")]

@@ -1,4 +1,7 @@
 //! Polling with a deadline: the only way tests wait for real daemons.
+//! [`until`] waits for something to happen; [`holds_for`] checks that
+//! something never happens during a window (it fails at the first
+//! observation that breaks it, instead of sleeping and looking once).
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +56,65 @@ where
     }
 }
 
+/// Polls `ok` every `every` for `window`; fails at the first observation
+/// that is not true (`Err` carries what was seen), naming `what`.
+pub fn holds_for(
+    what: &str,
+    window: Duration,
+    every: Duration,
+    mut ok: impl FnMut() -> std::result::Result<bool, String>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match ok() {
+            Ok(true) => {}
+            Ok(false) => return Err(broke(what, start, "")),
+            Err(e) => return Err(broke(what, start, &e)),
+        }
+        if start.elapsed() >= window {
+            return Ok(());
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Async twin of [`holds_for`].
+pub async fn holds_for_async<F, Fut>(
+    what: &str,
+    window: Duration,
+    every: Duration,
+    mut ok: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<bool, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match ok().await {
+            Ok(true) => {}
+            Ok(false) => return Err(broke(what, start, "")),
+            Err(e) => return Err(broke(what, start, &e)),
+        }
+        if start.elapsed() >= window {
+            return Ok(());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn broke(what: &str, start: Instant, seen: &str) -> Error {
+    Error::Broke {
+        what: what.to_owned(),
+        secs: start.elapsed().as_secs_f64(),
+        detail: if seen.is_empty() {
+            String::new()
+        } else {
+            format!(" (seen: {seen})")
+        },
+    }
+}
+
 fn timed_out(what: &str, timeout: Duration, last: &str) -> Error {
     Error::Timeout {
         what: what.to_owned(),
@@ -62,5 +124,26 @@ fn timed_out(what: &str, timeout: Duration, last: &str) -> Error {
         } else {
             format!(" (last: {last})")
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_for_fails_at_the_first_break() {
+        let ms = Duration::from_millis(1);
+        holds_for("always", Duration::from_millis(20), ms, || Ok(true)).unwrap();
+        let mut n = 0;
+        let e = holds_for("third look", Duration::from_secs(5), ms, || {
+            n += 1;
+            Ok(n < 3)
+        })
+        .unwrap_err();
+        assert_eq!(n, 3);
+        assert!(e.to_string().contains("third look"), "{e}");
+        let e = holds_for("seen", Duration::from_secs(5), ms, || Err("x".into())).unwrap_err();
+        assert!(e.to_string().contains("seen: x"), "{e}");
     }
 }

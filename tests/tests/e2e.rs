@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
 use margay_api::bgp::BGPPeer;
+use margay_api::ctl::{IpamCheck, IpamShow, LeakReason};
 use margay_api::ipam::IPAMBlock;
+use margay_api::status::{AgentStatus, SessionState};
+use margay_harness::wait;
 use margay_lab::cluster::{Cluster, Options};
 use margay_lab::{Encap, Tor};
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
 
@@ -31,6 +33,12 @@ async fn cluster(opts: Options, pods_per_node: usize) -> Cluster {
         panic!("{e:#}\nnode1 log:\n{}", tail(&c.agent_log(0), 30));
     }
     c
+}
+
+/// `margayctl node status -o json` on node `i`, typed.
+fn status(c: &Cluster, i: usize) -> AgentStatus {
+    let (_, out, err) = c.margayctl(i, &["node", "status", "-o", "json"]).unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"))
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -88,8 +96,9 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
         assert!(curl(&c, i, "/healthz").ends_with("200"));
         assert!(
             curl(&c, i, "/readyz").ends_with("200"),
-            "{}",
-            curl(&c, i, "/readyz")
+            "{}\n{}",
+            curl(&c, i, "/readyz"),
+            curl(&c, i, "/status")
         );
         let m = curl(&c, i, "/metrics");
         assert!(
@@ -135,10 +144,9 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
         line.contains("external") && line.contains("Established"),
         "{line}"
     );
-    let (_, out, _) = c.margayctl(0, &["node", "status", "-o", "json"]).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["peers"].as_array().unwrap().len(), 3);
-    assert_eq!(v["routing"]["problems"].as_array().unwrap().len(), 0);
+    let st = status(&c, 0);
+    assert_eq!(st.peers.len(), 3);
+    assert_eq!(st.routing.problems.len(), 0, "{:?}", st.routing.problems);
     let (_, out, _) = c.margayctl(0, &["routes"]).unwrap();
     assert_eq!(
         out.lines().filter(|l| l.contains("10.99.0.")).count(),
@@ -147,9 +155,9 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
     );
     let (code, out, _) = c.margayctl(0, &["ipam", "show", "-o", "json"]).unwrap();
     assert_eq!(code, 0);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["blocks"].as_array().unwrap().len(), 3);
-    assert_eq!(v["pools"][0]["name"], "default");
+    let v: IpamShow = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.blocks.len(), 3);
+    assert_eq!(v.pools[0].name, "default");
     let (_, out, _) = c.margayctl(0, &["ipam", "show"]).unwrap();
     assert!(
         out.contains("IP pools") && out.contains("10.244.0.0/16"),
@@ -184,9 +192,9 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
         .unwrap();
     let (code, report, _) = c.margayctl(0, &["ipam", "check", "-o", "json"]).unwrap();
     assert_eq!(code, 1, "{report}");
-    let v: Value = serde_json::from_str(&report).unwrap();
-    assert_eq!(v["leaks"][0]["address"], leaked.as_str(), "{report}");
-    assert_eq!(v["leaks"][0]["reason"], "PodGone");
+    let v: IpamCheck = serde_json::from_str(&report).unwrap();
+    assert_eq!(v.leaks[0].address.to_string(), leaked, "{report}");
+    assert_eq!(v.leaks[0].reason, LeakReason::PodGone);
     let (_, text, _) = c.margayctl(0, &["ipam", "check"]).unwrap();
     assert!(
         text.contains("Leaked addresses: 1") && text.contains(&leaked),
@@ -255,20 +263,15 @@ async fn route_reflectors_with_the_mesh_off() {
     // A client peers with the two reflectors and the router, not with the
     // other client; it still reaches the other client's pods (tested above
     // by the matrix) through reflected routes.
-    let (_, out, _) = c.margayctl(2, &["node", "status", "-o", "json"]).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let mut peers: Vec<String> = v["peers"]
-        .as_array()
-        .unwrap()
+    let mut peers: Vec<String> = status(&c, 2)
+        .peers
         .iter()
-        .map(|p| p["address"].as_str().unwrap().to_string())
+        .map(|p| p.address.to_string())
         .collect();
     peers.sort();
     assert_eq!(peers, ["10.99.0.1", "10.99.0.2", "10.99.0.254"]);
-    let (_, out, _) = c.margayctl(0, &["node", "status", "-o", "json"]).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
-        v["peers"].as_array().unwrap().len(),
+        status(&c, 0).peers.len(),
         4,
         "a reflector peers with every node and the router"
     );
@@ -276,23 +279,29 @@ async fn route_reflectors_with_the_mesh_off() {
     // An invalid BGPPeer is answered with Valid=False on the object and a
     // problem on the nodes, and drops no session.
     let since = |c: &Cluster| -> Vec<(String, u64)> {
-        let (_, out, _) = c.margayctl(2, &["node", "status", "-o", "json"]).unwrap();
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["peers"]
-            .as_array()
-            .unwrap()
+        status(c, 2)
+            .peers
             .iter()
             .map(|p| {
-                assert_eq!(p["state"], "Established", "{p}");
-                (
-                    p["address"].as_str().unwrap().to_string(),
-                    p["since_seconds"].as_u64().unwrap(),
-                )
+                assert_eq!(p.state, SessionState::Established, "{p:?}");
+                (p.address.to_string(), p.since_seconds.unwrap())
             })
             .collect()
     };
     let before = since(&c);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A second passes with every session up (so `since` moves on).
+    wait::holds_for(
+        "every session stays up",
+        Duration::from_secs(1),
+        Duration::from_millis(200),
+        || {
+            Ok(status(&c, 2)
+                .peers
+                .iter()
+                .all(|p| p.state == SessionState::Established))
+        },
+    )
+    .unwrap();
     let peers: Api<BGPPeer> = Api::all(c.client.clone());
     let bad: BGPPeer = serde_json::from_value(serde_json::json!({
         "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
@@ -377,9 +386,31 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // node2's route to node1's block stays while the pings start, while
+    // node1's agent is dead, and (the sampler) while it comes back.
+    let ns2 = c.nodes[1].node.ns.name().to_string();
+    let route_there = || {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ns2, "route", "show", &n1_block])
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("proto 79"))
+    };
+    wait::holds_for(
+        "the route before the kill",
+        Duration::from_millis(800),
+        Duration::from_millis(50),
+        route_there,
+    )
+    .unwrap();
     c.kill_agent(0);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait::holds_for(
+        "the route while the agent is dead",
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+        route_there,
+    )
+    .unwrap();
     let restarted = Instant::now();
     c.start_agent(0).unwrap();
     let out = ping.wait_with_output().unwrap();

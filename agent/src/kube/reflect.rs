@@ -130,8 +130,8 @@ where
 }
 
 /// A reflector on `api`: the objects, and the task that keeps them (it
-/// pokes `poke` on every change and on every change of health; it never
-/// ends).
+/// pokes `poke` on every change and when the watch is current again; it
+/// never ends).
 ///
 /// After a failed watch the watcher is started again from a fresh list
 /// (with back-off, 1 s doubling to 30 s), so a recovered API always ends in
@@ -169,12 +169,12 @@ where
                             tracing::warn!("cannot watch {what} (retrying): {e}");
                             warned = Some(Instant::now());
                         }
+                        // Stale from now on (no pass is woken for it: what
+                        // the store holds is unchanged, only its age).
                         let mut g = h.lock().expect("health");
                         if matches!(*g, Health::Current) {
                             *g = Health::Broken(Instant::now(), e.to_string());
                         }
-                        drop(g);
-                        poke.notify_one();
                         break;
                     }
                     Ok(ev) => {

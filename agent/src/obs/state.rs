@@ -3,7 +3,7 @@
 //! and the readiness and liveness rules read from it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use margay_api::status::{AgentStatus, RoutingStatus, SessionState};
@@ -22,6 +22,9 @@ pub struct AgentState {
     speaker: Mutex<Option<Arc<Speaker>>>,
     /// The IPAM allocator (for its counters).
     pub alloc: margay_ipam::Allocator,
+    /// The spare reserve, once started (pods start from it while the API
+    /// is unreachable).
+    pub reserve: OnceLock<margay_ipam::Reserve>,
     /// Liveness: the routing loop must finish a pass within this.
     pub stall_after: Duration,
 }
@@ -35,6 +38,7 @@ impl AgentState {
             routing: Mutex::new((RoutingStatus::default(), None)),
             speaker: Mutex::new(None),
             alloc,
+            reserve: OnceLock::new(),
             stall_after,
         }
     }
@@ -78,17 +82,23 @@ impl AgentState {
         }
     }
 
-    /// Reasons not to be ready (empty: ready).
+    /// Reasons not to be ready (empty: ready). An unreachable API alone
+    /// does not make the agent unready while it has spare addresses: pods
+    /// still start from them, and the outage shows in `/status`.
     pub fn not_ready(&self) -> Vec<String> {
         let mut why = Vec::new();
         if !self.cni_serving.load(Ordering::Relaxed) {
             why.push("the CNI socket is not served yet".to_string());
         }
         let (r, last) = self.routing.lock().expect("routing").clone();
+        let spares = self.reserve.get().map_or(0, |r| r.stats().spares);
         if last.is_none() {
             why.push("routing has not been set up yet".to_string());
-        } else if !r.datastore_ok {
-            why.push("the Kubernetes API did not answer".to_string());
+        } else if !r.datastore_ok && spares == 0 {
+            why.push(format!(
+                "the Kubernetes API did not answer ({}) and no spare address is left",
+                r.unknown_inputs.join("; ")
+            ));
         }
         let peers = self.speaker().map(|s| s.neighbors()).unwrap_or_default();
         let configured: Vec<_> = peers.iter().filter(|p| !p.dynamic).collect();
