@@ -17,6 +17,10 @@ export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 step "format"
 cargo fmt --all -- --check
 
+step "module graphs (no import circles between a crate's modules)"
+python3 scripts/check-cycles.py agent/src api/src bench/src bgp/src cni-shim/src delta/src \
+  harness/src ipam/src lab/src proto/src tests/src
+
 step "clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

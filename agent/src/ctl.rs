@@ -46,9 +46,11 @@ pub fn agent_status(addr: &str) -> Result<AgentStatus> {
     })
 }
 
-fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+/// A text table: `head`, then one row of `cells` per item, columns padded.
+fn table<T>(head: &[&str], items: &[T], cells: impl Fn(&T) -> Vec<String>) -> String {
+    let rows: Vec<Vec<String>> = items.iter().map(cells).collect();
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.len());
         }
@@ -65,7 +67,7 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
         o
     };
     let mut o = line(head.to_vec());
-    for r in rows {
+    for r in &rows {
         o.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     o
@@ -97,40 +99,33 @@ pub fn render_node_status(st: &AgentStatus) -> String {
         o.push_str(&format!("  problem: {p}\n"));
     }
     o.push_str("\nBGP sessions\n");
-    let rows: Vec<Vec<String>> = st
-        .peers
-        .iter()
-        .map(|p| {
-            let kind = match (p.dynamic, p.asn == r.asn) {
-                (true, _) => "dynamic",
-                (false, true) => "node-to-node",
-                (false, false) => "external",
-            };
-            vec![
-                p.address.to_string(),
-                p.asn.to_string(),
-                kind.to_string(),
-                format!("{:?}", p.state),
-                since(p.since_seconds.unwrap_or(0)),
-                p.prefixes_received.to_string(),
-                p.prefixes_sent.to_string(),
-                p.last_error.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    o.push_str(&table(
-        &[
-            "PEER",
-            "ASN",
-            "TYPE",
-            "STATE",
-            "SINCE",
-            "RECEIVED",
-            "SENT",
-            "LAST ERROR",
-        ],
-        &rows,
-    ));
+    let head = [
+        "PEER",
+        "ASN",
+        "TYPE",
+        "STATE",
+        "SINCE",
+        "RECEIVED",
+        "SENT",
+        "LAST ERROR",
+    ];
+    o.push_str(&table(&head, &st.peers, |p| {
+        let kind = match (p.dynamic, p.asn == r.asn) {
+            (true, _) => "dynamic",
+            (false, true) => "node-to-node",
+            (false, false) => "external",
+        };
+        vec![
+            p.address.to_string(),
+            p.asn.to_string(),
+            kind.to_string(),
+            format!("{:?}", p.state),
+            since(p.since_seconds.unwrap_or(0)),
+            p.prefixes_received.to_string(),
+            p.prefixes_sent.to_string(),
+            p.last_error.clone().unwrap_or_default(),
+        ]
+    }));
     o
 }
 
@@ -143,19 +138,18 @@ pub fn render_routes(st: &AgentStatus) -> String {
             v.join(sep)
         }
     };
-    let rows: Vec<Vec<String>> = st
-        .routes
-        .iter()
-        .map(|r| {
+    table(
+        &["PREFIX", "NEXT HOPS", "FROM", "AS PATH"],
+        &st.routes,
+        |r| {
             vec![
                 r.prefix.clone(),
                 dash(r.next_hops.iter().map(ToString::to_string).collect(), ","),
                 r.from.clone(),
                 dash(r.as_path.iter().map(ToString::to_string).collect(), " "),
             ]
-        })
-        .collect();
-    table(&["PREFIX", "NEXT HOPS", "FROM", "AS PATH"], &rows)
+        },
+    )
 }
 
 fn size(net: &ipnetwork::IpNetwork) -> String {
@@ -207,62 +201,46 @@ pub fn ipam_show(pools: &[margay_api::ipam::IPPool], blocks: &[Block]) -> IpamSh
 /// `ipam show` as text.
 pub fn render_ipam_show(s: &IpamShow) -> String {
     let mut o = String::from("IP pools\n");
-    let rows: Vec<Vec<String>> = s
-        .pools
-        .iter()
-        .map(|p| {
-            vec![
-                p.name.clone(),
-                p.cidr.clone(),
-                serde_json::to_value(p.encapsulation)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
-                p.used.to_string(),
-                p.capacity.clone(),
-                p.blocks.to_string(),
-            ]
-        })
-        .collect();
-    o.push_str(&table(
-        &[
-            "NAME",
-            "CIDR",
-            "ENCAPSULATION",
-            "IN USE",
-            "CAPACITY",
-            "BLOCKS",
-        ],
-        &rows,
-    ));
+    let head = [
+        "NAME",
+        "CIDR",
+        "ENCAPSULATION",
+        "IN USE",
+        "CAPACITY",
+        "BLOCKS",
+    ];
+    o.push_str(&table(&head, &s.pools, |p| {
+        vec![
+            p.name.clone(),
+            p.cidr.clone(),
+            serde_json::to_value(p.encapsulation)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            p.used.to_string(),
+            p.capacity.clone(),
+            p.blocks.to_string(),
+        ]
+    }));
     o.push_str("\nNodes\n");
-    let rows: Vec<Vec<String>> = s
-        .nodes
-        .iter()
-        .map(|n| {
-            vec![
-                n.node.clone(),
-                n.blocks.to_string(),
-                n.addresses.to_string(),
-            ]
-        })
-        .collect();
-    o.push_str(&table(&["NODE", "BLOCKS", "ADDRESSES"], &rows));
+    o.push_str(&table(&["NODE", "BLOCKS", "ADDRESSES"], &s.nodes, |n| {
+        vec![
+            n.node.clone(),
+            n.blocks.to_string(),
+            n.addresses.to_string(),
+        ]
+    }));
     o.push_str("\nBlocks\n");
-    let rows: Vec<Vec<String>> = s
-        .blocks
-        .iter()
-        .map(|b| {
-            vec![
-                b.cidr.clone(),
-                b.pool.clone(),
-                b.node.clone(),
-                b.used.to_string(),
-                b.size.clone(),
-            ]
-        })
-        .collect();
-    o.push_str(&table(&["BLOCK", "POOL", "NODE", "IN USE", "SIZE"], &rows));
+    let head = ["BLOCK", "POOL", "NODE", "IN USE", "SIZE"];
+    o.push_str(&table(&head, &s.blocks, |b| {
+        vec![
+            b.cidr.clone(),
+            b.pool.clone(),
+            b.node.clone(),
+            b.used.to_string(),
+            b.size.clone(),
+        ]
+    }));
     o
 }
 
@@ -308,10 +286,10 @@ pub fn ipam_check(
 /// `ipam check` as text.
 pub fn render_ipam_check(c: &IpamCheck) -> String {
     let mut o = String::new();
-    let rows: Vec<Vec<String>> = c
-        .leaks
-        .iter()
-        .map(|l| {
+    o.push_str(&format!("Leaked addresses: {}\n", c.leaks.len()));
+    if !c.leaks.is_empty() {
+        let head = ["ADDRESS", "NODE", "POD", "REASON", "HANDLE"];
+        o.push_str(&table(&head, &c.leaks, |l| {
             vec![
                 l.address.to_string(),
                 l.node.clone(),
@@ -321,14 +299,7 @@ pub fn render_ipam_check(c: &IpamCheck) -> String {
                 format!("{:?}", l.reason),
                 l.handle.clone(),
             ]
-        })
-        .collect();
-    o.push_str(&format!("Leaked addresses: {}\n", c.leaks.len()));
-    if !rows.is_empty() {
-        o.push_str(&table(
-            &["ADDRESS", "NODE", "POD", "REASON", "HANDLE"],
-            &rows,
-        ));
+        }));
     }
     o.push_str(&format!("Duplicate addresses: {}\n", c.duplicates.len()));
     for d in &c.duplicates {

@@ -171,22 +171,21 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     a.ns.ping_ok("10.244.2.1").unwrap();
     a.ns.ping_ok("10.244.1.1").unwrap();
 
-    // Without pruning (BGP still relearning after a restart) nothing goes.
-    in_ns(&a.ns, move |dp| {
-        Box::pin(async move {
-            apply_remote(&dp, None, &Default::default(), false).await;
+    let nothing_wanted = |prune: bool| {
+        in_ns(&a.ns, move |dp| {
+            Box::pin(async move {
+                apply_remote(&dp, None, &Default::default(), prune).await;
+            })
         })
-    });
+    };
+    // Without pruning (BGP still relearning after a restart) nothing goes.
+    nothing_wanted(false);
     assert!(a.ns.ip(&["link", "show", "margay.vxlan"]).is_ok());
     a.ns.ping_ok("10.244.1.1").unwrap();
     a.ns.ping_ok("10.244.2.1").unwrap();
 
     // Nothing wanted any more: Margay's routes and device go, the rest stays.
-    in_ns(&a.ns, move |dp| {
-        Box::pin(async move {
-            apply_remote(&dp, None, &Default::default(), true).await;
-        })
-    });
+    nothing_wanted(true);
     assert!(a.ns.ip(&["link", "show", "margay.vxlan"]).is_err());
     assert!(
         a.ns.ip(&["route", "show", "proto", "79"])

@@ -34,16 +34,22 @@ pub fn heartbeat_within(c: &k8s_openapi::api::core::v1::NodeCondition, within: D
     })
 }
 
+/// Node `n`'s condition of `type_`.
+#[cfg(feature = "crd")]
+pub fn condition<'a>(
+    n: &'a k8s_openapi::api::core::v1::Node,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::NodeCondition> {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == type_))
+}
+
 /// Whether node `n`'s agent looks alive: its [`CONDITION`] heartbeat is
 /// within two heartbeats (and a little slack).
 #[cfg(feature = "crd")]
 pub fn agent_alive(n: &k8s_openapi::api::core::v1::Node) -> bool {
     let within = 2 * HEARTBEAT + Duration::from_secs(30);
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|c| c.type_ == CONDITION)
-        .any(|c| heartbeat_within(c, within))
+    condition(n, CONDITION).is_some_and(|c| heartbeat_within(c, within))
 }

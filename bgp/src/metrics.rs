@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -29,36 +29,39 @@ impl SpeakerMetrics {
 /// One sample per peer: (address, AS) and the value.
 type PerPeer = Vec<([(&'static str, String); 2], u64)>;
 
-fn scalar(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    v: u64,
-) -> Result<(), std::fmt::Error> {
-    let m = enc.encode_descriptor(name, help, None, kind)?;
+/// One value of `kind` (a counter or a gauge).
+fn value(m: MetricEncoder<'_>, kind: MetricType, v: u64) -> Result<(), std::fmt::Error> {
     match kind {
         MetricType::Counter => ConstCounter::new(v).encode(m),
         _ => ConstGauge::new(v as i64).encode(m),
     }
 }
 
-fn per_peer(
+/// What one metric family holds.
+enum Samples {
+    /// One unlabelled value.
+    One(u64),
+    /// A value per peer.
+    PerPeer(PerPeer),
+}
+
+fn metric(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     kind: MetricType,
-    rows: PerPeer,
+    samples: Samples,
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, kind)?;
-    for (labels, v) in &rows {
-        let one = m.encode_family(labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(*v).encode(one)?,
-            _ => ConstGauge::new(*v as i64).encode(one)?,
+    match samples {
+        Samples::One(v) => value(m, kind, v),
+        Samples::PerPeer(rows) => {
+            for (labels, v) in &rows {
+                value(m.encode_family(labels)?, kind, *v)?;
+            }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 impl Collector for SpeakerMetrics {
@@ -89,85 +92,85 @@ impl Collector for SpeakerMetrics {
             .iter()
             .filter(|p| p.state == State::Established)
             .count();
-        scalar(
+        metric(
             &mut enc,
             "margay_bgp_sessions_established",
             "Sessions in state Established.",
             MetricType::Gauge,
-            up as u64,
+            Samples::One(up as u64),
         )?;
-        scalar(
+        metric(
             &mut enc,
             "margay_bgp_sessions_configured",
             "Known peers (configured and dynamic).",
             MetricType::Gauge,
-            peers.len() as u64,
+            Samples::One(peers.len() as u64),
         )?;
-        per_peer(
+        metric(
             &mut enc,
             "margay_bgp_session_up",
             "1 when the session with the peer is Established.",
             MetricType::Gauge,
-            rows(&|p| u64::from(p.state == State::Established)),
+            Samples::PerPeer(rows(&|p| u64::from(p.state == State::Established))),
         )?;
-        per_peer(
+        metric(
             &mut enc,
             "margay_bgp_updates_received",
             "UPDATE messages received.",
             MetricType::Counter,
-            rows(&|p| p.updates_in),
+            Samples::PerPeer(rows(&|p| p.updates_in)),
         )?;
-        per_peer(
+        metric(
             &mut enc,
             "margay_bgp_updates_sent",
             "UPDATE messages sent.",
             MetricType::Counter,
-            rows(&|p| p.updates_out),
+            Samples::PerPeer(rows(&|p| p.updates_out)),
         )?;
-        per_peer(
+        metric(
             &mut enc,
             "margay_bgp_prefixes_received",
             "Prefixes accepted from the peer.",
             MetricType::Gauge,
-            rows(&|p| p.prefixes_received as u64),
+            Samples::PerPeer(rows(&|p| p.prefixes_received as u64)),
         )?;
-        per_peer(
+        metric(
             &mut enc,
             "margay_bgp_prefixes_sent",
             "Prefixes advertised to the peer.",
             MetricType::Gauge,
-            rows(&|p| p.prefixes_sent as u64),
+            Samples::PerPeer(rows(&|p| p.prefixes_sent as u64)),
         )?;
-        scalar(
+        metric(
             &mut enc,
             "margay_bgp_rib_prefixes",
             "Prefixes with a best path.",
             MetricType::Gauge,
-            self.0.rib_prefixes.load(Relaxed),
+            Samples::One(self.0.rib_prefixes.load(Relaxed)),
         )?;
-        scalar(
+        metric(
             &mut enc,
             "margay_bgp_updates_treated_as_withdraw",
             "UPDATEs turned into withdrawals under RFC 7606.",
             MetricType::Counter,
-            self.0.treat_as_withdraw.load(Relaxed),
+            Samples::One(self.0.treat_as_withdraw.load(Relaxed)),
         )?;
         let (writes, failures) = self.0.kernel.as_ref().map_or((0, 0), |k| {
             (k.writes.load(Relaxed), k.failures.load(Relaxed))
         });
-        scalar(
+        metric(
             &mut enc,
             "margay_bgp_kernel_route_writes",
             "Kernel route adds, replaces and deletes.",
             MetricType::Counter,
-            writes,
+            Samples::One(writes),
         )?;
-        scalar(
+        metric(
             &mut enc,
             "margay_bgp_kernel_route_failures",
             "Kernel route writes that failed.",
             MetricType::Counter,
-            failures,
+            Samples::One(failures),
         )
     }
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::process::{Daemon, run};
-use crate::{Netns, Result, names, paths, wait};
+use crate::{Netns, Result, names, paths};
 
 fn prepare(hint: &str, file: &str, conf: &str) -> Result<(tempfile::TempDir, PathBuf)> {
     let dir = names::temp_dir(hint)?;
@@ -25,14 +25,11 @@ fn prepare(hint: &str, file: &str, conf: &str) -> Result<(tempfile::TempDir, Pat
 
 /// Waits until `path` exists, failing early (with the log) if `daemon` exits.
 fn wait_for_path(daemon: &mut Daemon, path: &Path, what: &str) -> Result<()> {
-    wait::until(
+    daemon.await_ready(
         what,
         Duration::from_secs(10),
         Duration::from_millis(20),
-        || {
-            daemon.ensure_running().map_err(|e| e.to_string())?;
-            Ok(path.exists().then_some(()))
-        },
+        || path.exists().then_some(()),
     )
 }
 
@@ -85,10 +82,11 @@ impl Bird {
 /// GoBGP (`gobgpd`), queried with the `gobgp` CLI over its gRPC API.
 #[derive(Debug)]
 pub struct Gobgp {
-    daemon: Daemon,
+    // Held for their Drop: the process is stopped, then its directory goes.
+    _daemon: Daemon,
     ns_name: String,
     port: u16,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Gobgp {
@@ -118,20 +116,17 @@ impl Gobgp {
                 "global",
             ]))
         };
-        wait::until(
+        daemon.await_ready(
             "gobgpd API",
             Duration::from_secs(10),
             Duration::from_millis(50),
-            || {
-                daemon.ensure_running().map_err(|e| e.to_string())?;
-                Ok(probe(&me_ns).ok().map(drop))
-            },
+            || probe(&me_ns).ok().map(drop),
         )?;
         Ok(Self {
-            daemon,
+            _daemon: daemon,
             ns_name: me_ns,
             port,
-            dir,
+            _dir: dir,
         })
     }
 
@@ -154,16 +149,6 @@ impl Gobgp {
         self.gobgp(&["neighbor", addr])
             .map(|o| o.to_lowercase().contains("bgp state = established"))
             .unwrap_or(false)
-    }
-
-    /// The process.
-    pub fn daemon(&mut self) -> &mut Daemon {
-        &mut self.daemon
-    }
-
-    /// gobgpd's working directory.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

@@ -97,14 +97,11 @@ impl ApiServer {
         }
         std::fs::write(d.join("tokens.csv"), tokens)?;
 
-        wait::until(
+        etcd.await_ready(
             "etcd to listen",
             Duration::from_secs(20),
             Duration::from_millis(50),
-            || {
-                etcd.ensure_running().map_err(|e| e.to_string())?;
-                Ok(std::net::TcpStream::connect(("127.0.0.1", client)).ok())
-            },
+            || std::net::TcpStream::connect(("127.0.0.1", client)).ok(),
         )?;
 
         let mut api_cmd = Command::new(apiserver_bin);

@@ -42,7 +42,7 @@ pub fn sweep_stale() {
                 && !alive(pid)
             {
                 tracing::warn!(netns = %name, "removing namespace left by dead process {pid}");
-                crate::netns::destroy(&name);
+                crate::process::destroy_netns(&name);
             }
         }
     }

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::process::run;
+use crate::process::{destroy_netns as destroy, pids_in, run};
 use crate::{Error, Result, names};
 
 /// A named network namespace (`/run/netns/<name>`) owned by this value.
@@ -116,34 +116,6 @@ impl Netns {
             "{}: no answer from {addr}",
             self.name
         )))
-    }
-}
-
-fn pids_in(name: &str) -> Vec<u32> {
-    run(Command::new("ip").args(["netns", "pids", name]))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-/// Kills every process inside namespace `name` and deletes it.
-pub(crate) fn destroy(name: &str) {
-    for _ in 0..3 {
-        let pids = pids_in(name);
-        if pids.is_empty() {
-            break;
-        }
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    if let Err(e) = run(Command::new("ip").args(["netns", "del", name])) {
-        tracing::warn!(netns = name, "cannot delete namespace: {e}");
     }
 }
 

@@ -95,6 +95,21 @@ impl Daemon {
         }
     }
 
+    /// Polls `probe` every `every` until it gives a value, failing early
+    /// (with the log) if the process exits, or after `timeout`.
+    pub fn await_ready<T>(
+        &mut self,
+        what: &str,
+        timeout: std::time::Duration,
+        every: std::time::Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> Result<T> {
+        crate::wait::until(what, timeout, every, || {
+            self.ensure_running().map_err(|e| e.to_string())?;
+            Ok(probe())
+        })
+    }
+
     /// Sends `sig` to the process (by PID).
     pub fn signal(&self, sig: Signal) -> Result<()> {
         if let Some(c) = &self.child {
@@ -159,5 +174,31 @@ pub fn run(cmd: &mut Command) -> Result<String> {
                 String::from_utf8_lossy(&out.stdout).trim()
             ),
         })
+    }
+}
+
+/// PIDs of the processes inside network namespace `name`.
+pub(crate) fn pids_in(name: &str) -> Vec<u32> {
+    run(Command::new("ip").args(["netns", "pids", name]))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Kills every process inside namespace `name` and deletes it.
+pub(crate) fn destroy_netns(name: &str) {
+    for _ in 0..3 {
+        let pids = pids_in(name);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if let Err(e) = run(Command::new("ip").args(["netns", "del", name])) {
+        tracing::warn!(netns = name, "cannot delete namespace: {e}");
     }
 }

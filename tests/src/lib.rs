@@ -2,8 +2,11 @@
 //! themselves live there); the `ipam-sim` binary is in `src/bin/`.
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
-use kube::api::{Api, PostParams};
-use margay_api::ipam::{CONFIG_NAME, IPAMConfiguration, IPAMConfigurationSpec, IPPool, IPPoolSpec};
+use kube::api::{Api, ListParams, PostParams};
+use margay_api::ipam::{
+    AllocationRecord, CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool,
+    IPPoolSpec,
+};
 use margay_harness::kube::ApiServer;
 
 /// A real apiserver with Margay's CRDs, the `default` ServiceAccount, the
@@ -93,4 +96,18 @@ pub fn start_agent(
 pub mod cri {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("runtime.v1");
+}
+
+/// Every allocation in the datastore: (address, who holds it), in block
+/// order.
+pub async fn allocations(client: &kube::Client) -> Vec<(String, AllocationRecord)> {
+    let blocks: Api<IPAMBlock> = Api::all(client.clone());
+    blocks
+        .list(&ListParams::default())
+        .await
+        .expect("IPAMBlocks")
+        .items
+        .into_iter()
+        .flat_map(|b| b.spec.allocations.into_iter())
+        .collect()
 }

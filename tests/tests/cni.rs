@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use kube::api::{Api, ListParams};
-use margay_api::ipam::{IPAMBlock, IPAMConfigurationSpec};
+use kube::api::Api;
+use margay_api::ipam::IPAMConfigurationSpec;
 use margay_harness::kube::ApiServer;
 use margay_harness::netns::Netns;
 use margay_harness::process::Daemon;
@@ -161,14 +161,9 @@ impl World {
     /// Pod addresses in the datastore (spares, pre-assigned to the node,
     /// left out).
     async fn pod_allocations(&self) -> Vec<String> {
-        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
-        let mut out: Vec<String> = blocks
-            .list(&ListParams::default())
+        let mut out: Vec<String> = margay_tests::allocations(&self.client)
             .await
-            .unwrap()
-            .items
             .into_iter()
-            .flat_map(|b| b.spec.allocations.into_iter())
             .filter(|(_, a)| !a.handle.starts_with("spare."))
             .map(|(ip, _)| ip)
             .collect();
@@ -453,24 +448,28 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
         "portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp"}],
         "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 1_000_000}
     });
-    let out = w
-        .node
-        .ns
-        .cmd(paths::cnitool().unwrap())
-        .args(["add", &w.conflist.display().to_string(), "chained"])
-        .arg(pod.path())
-        .env("CNI_PATH", cni_path())
-        .env("CNI_CACHE_DIR", w.dir.path().join("cache"))
-        .env("CAP_ARGS", caps.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The whole chain, as a runtime calls it (with the capabilities).
+    let chain = |verb: &str| {
+        let out = w
+            .node
+            .ns
+            .cmd(paths::cnitool().unwrap())
+            .args([verb, &w.conflist.display().to_string(), "chained"])
+            .arg(pod.path())
+            .env("CNI_PATH", cni_path())
+            .env("CNI_CACHE_DIR", w.dir.path().join("cache"))
+            .env("CAP_ARGS", caps.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{verb}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let result: Value = serde_json::from_slice(&chain("add")).unwrap();
     let addr = result["ips"][0]["address"].as_str().unwrap().to_string();
 
     // tuning ran in the pod with margay's result as prevResult.
@@ -519,22 +518,7 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
     );
 
     // DEL through the whole chain leaves nothing of margay's.
-    let out = w
-        .node
-        .ns
-        .cmd(paths::cnitool().unwrap())
-        .args(["del", &w.conflist.display().to_string(), "chained"])
-        .arg(pod.path())
-        .env("CNI_PATH", cni_path())
-        .env("CNI_CACHE_DIR", w.dir.path().join("cache"))
-        .env("CAP_ARGS", caps.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    chain("del");
     assert!(w.allocations(0).await.is_empty());
     assert!(w.cali_links().is_empty());
 }
@@ -1134,14 +1118,11 @@ state = "{state}"
     assert!(ip.starts_with("10.244.0."), "pod IP {ip:?}");
     // The pod answers from its node, and IPAM recorded it for the pod.
     w.node.ns.ping_ok(&ip).unwrap();
-    let blocks: Api<IPAMBlock> = Api::all(w.client.clone());
     let mut recorded = None;
     for _ in 0..200 {
-        let list = blocks.list(&ListParams::default()).await.unwrap();
-        recorded = list
-            .items
+        recorded = margay_tests::allocations(&w.client)
+            .await
             .into_iter()
-            .flat_map(|b| b.spec.allocations.into_iter())
             .find(|(a, r)| *a == ip && r.pod.is_some())
             .map(|(_, r)| r);
         if recorded.is_some() {
@@ -1181,17 +1162,12 @@ state = "{state}"
 async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
     let w = world(vec![]).await;
     // Spares ready: 8 pre-assigned addresses of n1 in the datastore.
-    let blocks: Api<IPAMBlock> = Api::all(w.client.clone());
     let mut spares = 0;
     for _ in 0..200 {
-        spares = blocks
-            .list(&ListParams::default())
+        spares = margay_tests::allocations(&w.client)
             .await
-            .unwrap()
-            .items
             .iter()
-            .flat_map(|b| b.spec.allocations.values())
-            .filter(|a| a.handle.starts_with("spare.n1."))
+            .filter(|(_, a)| a.handle.starts_with("spare.n1."))
             .count();
         if spares >= 3 {
             break;

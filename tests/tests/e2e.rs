@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 use margay_api::bgp::BGPPeer;
 use margay_api::ctl::{IpamCheck, IpamShow, LeakReason};
-use margay_api::ipam::IPAMBlock;
 use margay_api::status::{AgentStatus, SessionState};
 use margay_harness::wait;
 use margay_lab::cluster::{Cluster, Options};
@@ -39,6 +38,17 @@ async fn cluster(opts: Options, pods_per_node: usize) -> Cluster {
 fn status(c: &Cluster, i: usize) -> AgentStatus {
     let (_, out, err) = c.margayctl(i, &["node", "status", "-o", "json"]).unwrap();
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"))
+}
+
+/// The blocks affine to `node`.
+async fn blocks_of(c: &Cluster, node: &str) -> Vec<String> {
+    c.blocks()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, n)| n == node)
+        .map(|(b, _)| b)
+        .collect()
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -350,14 +360,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
         1,
     )
     .await;
-    let n1_block = c
-        .blocks()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|(_, n)| n == "node1")
-        .unwrap()
-        .0;
+    let n1_block = blocks_of(&c, "node1").await.remove(0);
     // Watch node2's route to node1's block while node1's agent dies.
     let stop = Arc::new(AtomicBool::new(false));
     let missing = Arc::new(AtomicUsize::new(0));
@@ -396,21 +399,12 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
             .map_err(|e| e.to_string())?;
         Ok(String::from_utf8_lossy(&out.stdout).contains("proto 79"))
     };
-    wait::holds_for(
-        "the route before the kill",
-        Duration::from_millis(800),
-        Duration::from_millis(50),
-        route_there,
-    )
-    .unwrap();
+    let route_holds = |what: &str, window: Duration| {
+        wait::holds_for(what, window, Duration::from_millis(50), route_there).unwrap()
+    };
+    route_holds("the route before the kill", Duration::from_millis(800));
     c.kill_agent(0);
-    wait::holds_for(
-        "the route while the agent is dead",
-        Duration::from_secs(2),
-        Duration::from_millis(50),
-        route_there,
-    )
-    .unwrap();
+    route_holds("the route while the agent is dead", Duration::from_secs(2));
     let restarted = Instant::now();
     c.start_agent(0).unwrap();
     let out = ping.wait_with_output().unwrap();
@@ -458,17 +452,13 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
         1,
     )
     .await;
-    let blocks: Api<IPAMBlock> = Api::all(c.client.clone());
     let allocated = |ip: String| {
-        let blocks = blocks.clone();
+        let client = c.client.clone();
         async move {
-            blocks
-                .list(&ListParams::default())
+            margay_tests::allocations(&client)
                 .await
-                .unwrap()
-                .items
                 .iter()
-                .any(|b| b.spec.allocations.contains_key(&ip))
+                .any(|(a, _)| *a == ip)
         }
     };
     // Leak: the Pod object goes behind the agent's back.
@@ -485,14 +475,7 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Remove a node: its routes go everywhere, its blocks are freed.
-    let n3_blocks: Vec<String> = c
-        .blocks()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|(_, n)| n == "node3")
-        .map(|(b, _)| b)
-        .collect();
+    let n3_blocks = blocks_of(&c, "node3").await;
     assert!(!n3_blocks.is_empty());
     c.kill_agent(2);
     let nodes: Api<KubeNode> = Api::all(c.client.clone());
@@ -507,13 +490,7 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
             let r = n.node.ns.ip(&["route", "show", "proto", "79"]).unwrap();
             left.extend(n3_blocks.iter().filter(|b| r.contains(b.as_str())).cloned());
         }
-        let still: Vec<_> = c
-            .blocks()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|(_, n)| n == "node3")
-            .collect();
+        let still = blocks_of(&c, "node3").await;
         if left.is_empty() && still.is_empty() {
             break;
         }
@@ -542,16 +519,10 @@ async fn ipip_is_reported_on_the_node() {
     let t = Instant::now();
     loop {
         let n = nodes.get("node1").await.unwrap();
-        let cond = n
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.type_ == "MargayReady");
-        if let Some(cond) = cond
+        if let Some(cond) = margay_api::node::condition(&n, "MargayReady")
             && cond.status == "False"
         {
-            let msg = cond.message.unwrap_or_default();
+            let msg = cond.message.clone().unwrap_or_default();
             assert!(msg.contains("IPIP") && msg.contains("VXLAN"), "{msg}");
             assert_eq!(cond.reason.as_deref(), Some("RoutingIncomplete"));
             break;

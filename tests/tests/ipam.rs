@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use margay_api::ipam::{AllowedUse, IPAMBlock, IPAMConfigurationSpec, IPPool, PodRef};
+use margay_api::ipam::{AllowedUse, IPAMConfigurationSpec, IPPool, PodRef};
 use margay_harness::process::Daemon;
 use margay_ipam::gc::{Janitor, LeakReason};
 use margay_ipam::k8s::KubeStore;
@@ -28,15 +28,7 @@ fn fast_gc() -> IPAMConfigurationSpec {
 }
 
 async fn allocations(client: &kube::Client) -> usize {
-    let blocks: Api<IPAMBlock> = Api::all(client.clone());
-    blocks
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|b| b.spec.allocations.len())
-        .sum()
+    margay_tests::allocations(client).await.len()
 }
 
 const KILLS: usize = 6;

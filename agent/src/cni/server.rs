@@ -26,19 +26,26 @@ fn reply(r: Result<Option<cni::CniResult>, cni::CniError>) -> Response<cni::CniR
     })
 }
 
+/// Runs one request, recording its latency and outcome.
+async fn timed<T>(
+    op: CniOp,
+    f: impl std::future::Future<Output = Result<T, cni::CniError>>,
+) -> Result<T, cni::CniError> {
+    let t = Instant::now();
+    let r = f.await;
+    metrics::cni().record(op, t.elapsed(), r.is_ok());
+    r
+}
+
 #[tonic::async_trait]
 impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
     async fn add(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let t = Instant::now();
-        let r = CniService::add(self, req.get_ref()).await;
-        metrics::cni().record(CniOp::Add, t.elapsed(), r.is_ok());
+        let r = timed(CniOp::Add, CniService::add(self, req.get_ref())).await;
         Ok(reply(r.map(Some)))
     }
 
     async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let t = Instant::now();
-        let r = CniService::del(self, req.get_ref()).await;
-        metrics::cni().record(CniOp::Del, t.elapsed(), r.is_ok());
+        let r = timed(CniOp::Del, CniService::del(self, req.get_ref())).await;
         Ok(reply(r.map(|()| None)))
     }
 
@@ -46,9 +53,7 @@ impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
         &self,
         req: Request<cni::CniRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        let t = Instant::now();
-        let r = CniService::check(self, req.get_ref()).await;
-        metrics::cni().record(CniOp::Check, t.elapsed(), r.is_ok());
+        let r = timed(CniOp::Check, CniService::check(self, req.get_ref())).await;
         Ok(reply(r.map(|()| None)))
     }
 

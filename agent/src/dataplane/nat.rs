@@ -68,29 +68,13 @@ pub fn render(spec: &NatSpec) -> String {
     if spec.nat.is_empty() {
         return s;
     }
-    let v4 = |n: &&IpNetwork| n.is_ipv4();
-    let v6 = |n: &&IpNetwork| n.is_ipv6();
     s.push_str(&format!("table {TABLE} {{\n"));
-    s.push_str(&set(
-        "nat4",
-        "ipv4_addr",
-        spec.nat.iter().filter(v4).copied(),
-    ));
-    s.push_str(&set(
-        "pools4",
-        "ipv4_addr",
-        spec.pools.iter().filter(v4).copied(),
-    ));
-    s.push_str(&set(
-        "nat6",
-        "ipv6_addr",
-        spec.nat.iter().filter(v6).copied(),
-    ));
-    s.push_str(&set(
-        "pools6",
-        "ipv6_addr",
-        spec.pools.iter().filter(v6).copied(),
-    ));
+    for (v4, fam, kind) in [(true, "4", "ipv4_addr"), (false, "6", "ipv6_addr")] {
+        for (name, nets) in [("nat", &spec.nat), ("pools", &spec.pools)] {
+            let of_family = nets.iter().filter(|n| n.is_ipv4() == v4).copied();
+            s.push_str(&set(&format!("{name}{fam}"), kind, of_family));
+        }
+    }
     s.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );

@@ -9,12 +9,27 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
-use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use super::netlink::{Netlink, is_errno, nl, sysctl};
 use super::routes::host_route;
 use super::{Error, GATEWAY_V4, GATEWAY_V6, HOST_MAC, PodSpec, PodWiring, Result};
+
+/// The pod's default route via `gw` (of its own family) out of `idx`.
+fn default_via(gw: IpAddr, idx: u32) -> RouteMessage {
+    let any = match gw {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(any, 0)
+        .and_then(|b| b.gateway(gw))
+        .expect("a default route and its gateway of one family")
+        .output_interface(idx)
+        .protocol(RouteProtocol::Boot)
+        .build()
+}
 
 impl Netlink {
     /// The host side: sysctls, up, and the alias (from here on the kernel
@@ -80,22 +95,12 @@ impl Netlink {
                     ),
                     (
                         "default route in the pod",
-                        RouteMessageBuilder::<Ipv4Addr>::new()
-                            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                            .gateway(GATEWAY_V4)
-                            .output_interface(pod_idx)
-                            .protocol(RouteProtocol::Boot)
-                            .build(),
+                        default_via(IpAddr::V4(GATEWAY_V4), pod_idx),
                     ),
                 ],
                 IpAddr::V6(_) => vec![(
                     "IPv6 default route in the pod",
-                    RouteMessageBuilder::<Ipv6Addr>::new()
-                        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-                        .gateway(GATEWAY_V6)
-                        .output_interface(pod_idx)
-                        .protocol(RouteProtocol::Boot)
-                        .build(),
+                    default_via(IpAddr::V6(GATEWAY_V6), pod_idx),
                 )],
             };
             for (what, r) in routes {

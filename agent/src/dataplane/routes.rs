@@ -4,7 +4,7 @@
 //! kernel itself refuses to remove a route someone else owns.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
 use rtnetlink::RouteMessageBuilder;
@@ -16,37 +16,24 @@ use super::{Error, RemoteActual, Result, Via};
 
 /// The host's route to a pod address through its host interface.
 pub(super) fn host_route(ip: IpAddr, idx: u32) -> RouteMessage {
-    match ip {
-        IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .output_interface(idx)
-            .scope(RouteScope::Link)
-            .protocol(RouteProtocol::Other(RTPROT_POD))
-            .build(),
-        IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(ip, 128)
-            .output_interface(idx)
-            .scope(RouteScope::Link)
-            .protocol(RouteProtocol::Other(RTPROT_POD))
-            .build(),
-    }
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
+        .expect("a host prefix")
+        .output_interface(idx)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Other(RTPROT_POD))
+        .build()
 }
 
 /// A route message for `net` of `kind` and protocol `proto`, no next hop
 /// (a blackhole, or a delete by key).
 fn keyed(net: IpNetwork, kind: RouteType, proto: u8) -> RouteMessage {
-    match net {
-        IpNetwork::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(n.network(), n.prefix())
-            .kind(kind)
-            .protocol(RouteProtocol::Other(proto))
-            .build(),
-        IpNetwork::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(n.network(), n.prefix())
-            .kind(kind)
-            .protocol(RouteProtocol::Other(proto))
-            .build(),
-    }
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(net.network(), net.prefix())
+        .expect("a valid prefix")
+        .kind(kind)
+        .protocol(RouteProtocol::Other(proto))
+        .build()
 }
 
 fn host_prefix(ip: IpAddr) -> IpNetwork {
@@ -54,6 +41,17 @@ fn host_prefix(ip: IpAddr) -> IpNetwork {
 }
 
 impl Netlink {
+    /// Adds (or replaces) the route `msg`.
+    async fn put(&self, msg: RouteMessage, what: String) -> Result<()> {
+        self.host
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(what))
+    }
+
     /// Deletes Margay's route `msg`; success when it is already gone.
     async fn delete(&self, msg: RouteMessage, what: String) -> Result<()> {
         match self.host.route().del(msg).execute().await {
@@ -73,13 +71,8 @@ impl Netlink {
     }
 
     pub(super) async fn put_pod_route(&self, ip: IpAddr, index: u32) -> Result<()> {
-        self.host
-            .route()
-            .add(host_route(ip, index))
-            .replace()
-            .execute()
+        self.put(host_route(ip, index), format!("host route to {ip}"))
             .await
-            .map_err(nl(format!("host route to {ip}")))
     }
 
     pub(super) async fn delete_pod_route(&self, ip: IpAddr) -> Result<()> {
@@ -100,13 +93,7 @@ impl Netlink {
     pub(super) async fn put_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
         let msg = keyed(net, RouteType::BlackHole, RTPROT_POD);
         if present {
-            self.host
-                .route()
-                .add(msg)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("blackhole {net}")))
+            self.put(msg, format!("blackhole {net}")).await
         } else {
             self.delete(msg, format!("delete blackhole {net}")).await
         }
@@ -142,17 +129,11 @@ impl Netlink {
     pub(super) async fn put_remote_route(&self, net: IpNetwork, via: Via) -> Result<()> {
         let proto = RouteProtocol::Other(RTPROT_REMOTE);
         let msg = match (net, via) {
-            (IpNetwork::V4(n), Via::Native(IpAddr::V4(gw))) => {
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(n.network(), n.prefix())
-                    .gateway(gw)
-                    .protocol(proto)
-                    .build()
-            }
-            (IpNetwork::V6(n), Via::Native(IpAddr::V6(gw))) => {
-                RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(n.network(), n.prefix())
-                    .gateway(gw)
+            (_, Via::Native(gw)) if gw.is_ipv4() == net.is_ipv4() => {
+                RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(net.network(), net.prefix())
+                    .and_then(|b| b.gateway(gw))
+                    .expect("a prefix and a gateway of one family")
                     .protocol(proto)
                     .build()
             }
@@ -170,13 +151,7 @@ impl Netlink {
             }
             _ => return Err(Error::Unroutable(net, "the next hop is of another family")),
         };
-        self.host
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl(format!("route to {net}")))
+        self.put(msg, format!("route to {net}")).await
     }
 
     pub(super) async fn delete_remote_route(&self, net: IpNetwork) -> Result<()> {

@@ -90,6 +90,24 @@ impl Report {
     fn fail(&mut self, item: Item, op: Op, error: Error) {
         self.failed.push(Failed { item, op, error });
     }
+
+    /// Carries out `d` (see [`Delta::apply`]) and adds what it did.
+    async fn carry<K, V, S, SF, R, RF>(
+        &mut self,
+        d: Delta<K, V>,
+        set: S,
+        remove: R,
+        item: impl Fn(K) -> Item,
+    ) where
+        K: Clone,
+        S: FnMut(K, V) -> SF,
+        SF: std::future::Future<Output = Result<()>>,
+        R: FnMut(K) -> RF,
+        RF: std::future::Future<Output = Result<()>>,
+    {
+        let r = d.apply(set, remove).await;
+        self.absorb(r, item);
+    }
 }
 
 /// Makes the kernel's blackholes (of Margay's protocol) `want`.
@@ -100,13 +118,13 @@ pub async fn blackholes<D: Dataplane>(
 ) -> Result<Report> {
     let have = dp.list_blackholes().await?;
     let mut rep = Report::default();
-    let r = Delta::between_sets(want, &have, removals)
-        .apply(
-            |n, ()| dp.set_blackhole(n, true),
-            |n| dp.set_blackhole(n, false),
-        )
-        .await;
-    rep.absorb(r, Item::Blackhole);
+    rep.carry(
+        Delta::between_sets(want, &have, removals),
+        |n, ()| dp.set_blackhole(n, true),
+        |n| dp.set_blackhole(n, false),
+        Item::Blackhole,
+    )
+    .await;
     Ok(rep)
 }
 
@@ -161,14 +179,20 @@ pub async fn remote<D: Dataplane>(
     // Entries before routes: the first packet through a new route finds its
     // neighbour and FDB entries in place.
     if device {
-        let r = Delta::between(&want.neigh, &have.state.neigh, removals)
-            .apply(|ip, mac| dp.set_neigh(ip, mac), |ip| dp.del_neigh(ip))
-            .await;
-        rep.absorb(r, Item::Neighbour);
-        let r = Delta::between(&want.fdb, &have.state.fdb, removals)
-            .apply(|mac, ip| dp.set_fdb(mac, ip), |mac| dp.del_fdb(mac))
-            .await;
-        rep.absorb(r, Item::Fdb);
+        rep.carry(
+            Delta::between(&want.neigh, &have.state.neigh, removals),
+            |ip, mac| dp.set_neigh(ip, mac),
+            |ip| dp.del_neigh(ip),
+            Item::Neighbour,
+        )
+        .await;
+        rep.carry(
+            Delta::between(&want.fdb, &have.state.fdb, removals),
+            |mac, ip| dp.set_fdb(mac, ip),
+            |mac| dp.del_fdb(mac),
+            Item::Fdb,
+        )
+        .await;
     }
     let mut routes = Delta::between(&want.routes, &have.state.routes, removals);
     if removals == Removals::Allowed {

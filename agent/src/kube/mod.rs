@@ -11,3 +11,25 @@ pub mod secrets;
 pub mod valid;
 
 pub use reflect::{Known, Watched, watch};
+
+/// Patches the status of cluster-scoped object `name` (`what` names it in
+/// the error).
+pub(crate) async fn patch_status<K>(
+    client: &::kube::Client,
+    name: &str,
+    patch: &::kube::api::Patch<&serde_json::Value>,
+    what: &str,
+) -> crate::Result<()>
+where
+    K: ::kube::Resource<Scope = ::kube::core::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: ::kube::Api<K> = ::kube::Api::all(client.clone());
+    api.patch_status(name, &::kube::api::PatchParams::default(), patch)
+        .await
+        .map_err(|e| crate::Error::kube(what.to_string(), e))?;
+    Ok(())
+}

@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use margay_api::condition::{now_rfc3339, transition};
-use margay_api::node::{CONDITION, HEARTBEAT, REASON_INCOMPLETE, REASON_UP, heartbeat_within};
+use margay_api::node::{
+    CONDITION, HEARTBEAT, REASON_INCOMPLETE, REASON_UP, condition, heartbeat_within,
+};
 
 /// Annotations to set (`None`: remove).
 pub type Annotations = BTreeMap<String, Option<String>>;
@@ -39,13 +41,8 @@ pub fn condition_patch(node: &Node, problems: &[String]) -> Option<serde_json::V
     } else {
         ("False", REASON_INCOMPLETE, problems.join("; "))
     };
-    let conds = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let cur = conds.iter().find(|c| c.type_ == CONDITION);
-    let net = conds.iter().find(|c| c.type_ == "NetworkUnavailable");
+    let cur = condition(node, CONDITION);
+    let net = condition(node, "NetworkUnavailable");
     if cur.is_some_and(|c| {
         c.status == status
             && c.reason.as_deref() == Some(reason)
@@ -77,11 +74,8 @@ pub async fn patch_status(
     name: &str,
     patch: &serde_json::Value,
 ) -> crate::Result<()> {
-    let api: Api<Node> = Api::all(client.clone());
-    api.patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
-        .await
-        .map_err(|e| crate::Error::kube(format!("the condition of Node {name}"), e))?;
-    Ok(())
+    let what = format!("the condition of Node {name}");
+    super::patch_status::<Node>(client, name, &Patch::Strategic(patch), &what).await
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! it says something new; its transition time moves only with its status.
 
 use kube::Resource;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Patch;
 use margay_api::bgp::BGPStatus;
 use margay_api::condition::{Condition, find};
 
@@ -28,12 +28,9 @@ where
         + serde::de::DeserializeOwned,
     K::DynamicType: Default,
 {
-    let api: Api<K> = Api::all(client.clone());
     let patch = serde_json::json!({"status": {"conditions": [c]}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| crate::Error::kube(format!("the Valid condition of {name}"), e))?;
-    Ok(())
+    let what = format!("the Valid condition of {name}");
+    super::patch_status::<K>(client, name, &Patch::Merge(&patch), &what).await
 }
 
 #[cfg(test)]

@@ -115,8 +115,17 @@ pub fn choose_address(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A node named `name` at `addr` (`10.0.0.1/24`), nothing else known.
+    pub(crate) fn node(name: &str, addr: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            address: Some(addr.parse().unwrap()),
+            ..Default::default()
+        }
+    }
 
     fn host() -> Vec<(String, IpNetwork)> {
         vec![

@@ -37,7 +37,7 @@ use margay_ipam::model::Pool;
 use super::encap::{self, RemoteBlock, Vtep};
 use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
 use super::problem::Problem;
-use super::sessions::{NamedPeer, Settings, neighbors};
+use super::sessions::{Global, NamedPeer, Settings, neighbors};
 use crate::dataplane::{LocalVtep, Remote, VXLAN_OVERHEAD};
 use crate::kube::Known;
 use crate::kube::node::{Annotations, has_annotations};
@@ -51,16 +51,10 @@ pub const PRUNE_GRACE: Duration = Duration::from_secs(90);
 /// What restarts the speaker when it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpeakerSettings {
-    /// The nodes' AS.
-    pub asn: u32,
+    /// The cluster's part.
+    pub global: Global,
     /// This node's router ID.
     pub router_id: Ipv4Addr,
-    /// The TCP port.
-    pub port: u16,
-    /// Graceful restart time.
-    pub restart_time: u16,
-    /// Communities added to exports.
-    pub communities: Vec<String>,
     /// Route reflector cluster ID, when this node is one.
     pub cluster_id: Option<Ipv4Addr>,
 }
@@ -329,13 +323,13 @@ pub fn plan(s: &Snapshot) -> Plan {
     // agent found (its annotations may lag behind).
     let me = me_obj.as_deref().map(|n| NodeInfo {
         address,
-        asn: settings.as_ref().map(|s| s.asn),
+        asn: settings.as_ref().map(|s| s.global.asn),
         vtep,
         ..NodeInfo::from_node(n)
     });
     let annotate = match (&me_obj, address, &settings) {
         (Some(obj), Some(addr), Some(st)) => {
-            let want = identity_annotations(addr, st.asn, vtep);
+            let want = identity_annotations(addr, st.global.asn, vtep);
             (!has_annotations(obj, &want)).then_some(want)
         }
         _ => None,
@@ -377,7 +371,7 @@ pub fn plan(s: &Snapshot) -> Plan {
 
     Plan {
         address,
-        asn: settings.as_ref().map(|s| s.asn),
+        asn: settings.as_ref().map(|s| s.global.asn),
         me: me_obj,
         annotate,
         assign_tunnel: vxlan && s.tunnel_ip.is_none(),
@@ -422,11 +416,8 @@ fn speaker_plan(
         (None, None) => return SpeakerPlan::Keep,
     };
     let settings_now = SpeakerSettings {
-        asn: settings.asn,
+        global: settings.global.clone(),
         router_id,
-        port: settings.port,
-        restart_time: settings.restart_time,
-        communities: settings.communities.clone(),
         cluster_id,
     };
     let import = s
@@ -467,14 +458,7 @@ fn speaker_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(name: &str, addr: &str) -> NodeInfo {
-        NodeInfo {
-            name: name.into(),
-            address: Some(addr.parse().unwrap()),
-            ..Default::default()
-        }
-    }
+    use crate::routing::nodes::tests::node;
 
     #[test]
     fn learned_routes_become_remote_blocks_inside_pools_only() {

@@ -30,19 +30,27 @@ use super::problem::Problem;
 use crate::kube::Known;
 use crate::kube::secrets::SecretKey;
 
-/// The cluster-wide settings with defaults filled in.
+/// What of the cluster settings the speaker itself runs with: a change of
+/// any of these restarts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
+pub struct Global {
     /// The nodes' AS.
     pub asn: u32,
-    /// Full mesh between nodes.
-    pub mesh: bool,
     /// TCP port.
     pub port: u16,
     /// Graceful restart time.
     pub restart_time: u16,
     /// Communities added to exports.
     pub communities: Vec<String>,
+}
+
+/// The cluster-wide settings with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// What the speaker runs with.
+    pub global: Global,
+    /// Full mesh between nodes.
+    pub mesh: bool,
     /// Extra prefixes every node advertises.
     pub prefixes: Vec<IpNetwork>,
 }
@@ -57,11 +65,13 @@ impl Settings {
         let s = spec.unwrap_or(&d);
         (
             Self {
-                asn: s.as_number.unwrap_or(DEFAULT_ASN),
+                global: Global {
+                    asn: s.as_number.unwrap_or(DEFAULT_ASN),
+                    port: s.listen_port.unwrap_or(179),
+                    restart_time: s.restart_time_seconds.unwrap_or(120),
+                    communities: s.communities.clone(),
+                },
                 mesh: s.node_to_node_mesh_enabled.unwrap_or(true),
-                port: s.listen_port.unwrap_or(179),
-                restart_time: s.restart_time_seconds.unwrap_or(120),
-                communities: s.communities.clone(),
                 prefixes: s
                     .prefix_advertisements
                     .iter()
@@ -190,7 +200,7 @@ pub fn neighbors(
     let add = |mut n: Neighbor, pw: Password, origin: String, out: &mut Sessions| match pw {
         Password::Use(p) => {
             n.password = p;
-            match validate_neighbor(&n, s.asn) {
+            match validate_neighbor(&n, s.global.asn) {
                 Ok(()) => out.neighbors.push(n),
                 Err(why) => out.problems.push(Problem::NeighborInvalid {
                     address: n.address,
@@ -250,11 +260,11 @@ pub fn neighbors(
         if !s.mesh && via_peer.is_none() {
             continue;
         }
-        let mut n = Neighbor::new(addr, other.asn.unwrap_or(s.asn));
-        n.port = s.port;
+        let mut n = Neighbor::new(addr, other.asn.unwrap_or(s.global.asn));
+        n.port = s.global.port;
         n.passive = my_addr < addr;
         n.route_reflector_client =
-            me.rr_cluster_id.is_some() && other.rr_cluster_id.is_none() && n.asn == s.asn;
+            me.rr_cluster_id.is_some() && other.rr_cluster_id.is_none() && n.asn == s.global.asn;
         let pw = match via_peer {
             Some((name, p)) => {
                 apply_timers(&mut n, p);
@@ -273,7 +283,7 @@ pub fn neighbors(
         if !node_side(p, me) || ip == my_addr || !seen.insert(ip) {
             continue;
         }
-        let mut n = Neighbor::new(ip, p.as_number.unwrap_or(s.asn));
+        let mut n = Neighbor::new(ip, p.as_number.unwrap_or(s.global.asn));
         n.port = p.port.unwrap_or(179);
         n.export_local_only = true;
         apply_timers(&mut n, p);
@@ -287,15 +297,8 @@ pub fn neighbors(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::nodes::tests::node;
     use margay_api::bgp::SecretKeyRef;
-
-    fn node(name: &str, addr: &str) -> NodeInfo {
-        NodeInfo {
-            name: name.into(),
-            address: Some(addr.parse().unwrap()),
-            ..Default::default()
-        }
-    }
 
     fn settings() -> Settings {
         Settings::from_spec(None).0
@@ -479,7 +482,7 @@ mod tests {
             ..Default::default()
         };
         let (s, why) = Settings::from_spec(Some(&spec));
-        assert_eq!(s.asn, DEFAULT_ASN);
+        assert_eq!(s.global.asn, DEFAULT_ASN);
         assert!(why.unwrap().to_string().contains("asNumber"));
         let spec = BGPConfigurationSpec {
             as_number: Some(65001),
@@ -487,6 +490,6 @@ mod tests {
             ..Default::default()
         };
         let (s, why) = Settings::from_spec(Some(&spec));
-        assert_eq!((s.asn, s.mesh, why), (65001, false, None));
+        assert_eq!((s.global.asn, s.mesh, why), (65001, false, None));
     }
 }

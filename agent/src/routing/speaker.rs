@@ -77,16 +77,17 @@ impl Bgp for Embedded {
             // Its listener must be gone before the new one binds.
             let _ = tokio::time::timeout(Duration::from_secs(2), old.speaker.stopped()).await;
         }
-        let mut cfg = Config::new(s.asn, s.router_id);
-        cfg.listen = Some(SocketAddr::from(([0u16; 8], s.port)));
+        let g = &s.global;
+        let mut cfg = Config::new(g.asn, s.router_id);
+        cfg.listen = Some(SocketAddr::from(([0u16; 8], g.port)));
         cfg.fib = false;
         cfg.forwarding_preserved = true;
-        cfg.restart_time = s.restart_time;
-        cfg.communities = s.communities.clone();
+        cfg.restart_time = g.restart_time;
+        cfg.communities = g.communities.clone();
         cfg.cluster_id = s.cluster_id;
         cfg.import_prefixes = import.to_vec();
         let sp = Arc::new(Speaker::start(cfg).await.map_err(|e| e.to_string())?);
-        tracing::info!(asn = s.asn, router_id = %s.router_id, port = s.port, "BGP speaker started");
+        tracing::info!(asn = g.asn, router_id = %s.router_id, port = g.port, "BGP speaker started");
         self.state.set_speaker(Some(sp.clone()));
         self.running = Some(Running {
             settings: s.clone(),
@@ -122,18 +123,12 @@ impl Bgp for Embedded {
     }
 
     async fn set_import(&mut self, p: Vec<Prefix>) -> Result<(), String> {
-        self.running()?
-            .speaker
-            .set_import(p)
-            .await
-            .map_err(|e| e.to_string())
+        let sp = self.running()?.speaker.clone();
+        sp.set_import(p).await.map_err(|e| e.to_string())
     }
 
     async fn set_originate(&mut self, p: Vec<Prefix>) -> Result<(), String> {
-        self.running()?
-            .speaker
-            .set_originate(p)
-            .await
-            .map_err(|e| e.to_string())
+        let sp = self.running()?.speaker.clone();
+        sp.set_originate(p).await.map_err(|e| e.to_string())
     }
 }

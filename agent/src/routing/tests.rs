@@ -209,6 +209,16 @@ async fn kernel_with_history() -> FakeDataplane {
     dp
 }
 
+/// `what` is among the pass's problems and in the Node condition.
+fn reported(problems: &[String], c: &FakeCluster, what: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(what)),
+        "{what}: {problems:?}"
+    );
+    let cond = c.condition().unwrap_or_default();
+    assert!(cond.contains(what), "{what}: {cond}");
+}
+
 fn routes(dp: &FakeDataplane) -> BTreeMap<IpNetwork, Via> {
     dp.remote_routes()
 }
@@ -318,13 +328,7 @@ async fn a_refused_route_does_not_stop_the_rest_and_is_reported() {
     let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
     assert_eq!(routes(&dp)[&net("10.244.3.0/26")], native("10.0.0.3"));
     assert!(!routes(&dp).contains_key(&net("10.244.2.0/26")));
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("installing route to 10.244.2.0/26")),
-        "{problems:?}"
-    );
-    assert!(c.condition().unwrap().contains("10.244.2.0/26"));
+    reported(&problems, &c, "installing route to 10.244.2.0/26");
     // Fixed: the next pass installs it and the condition clears.
     dp.clear();
     let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
@@ -338,13 +342,7 @@ async fn a_failing_speaker_call_is_reported_and_the_rest_goes_on() {
     let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
     bgp.fail = Some("neighbors");
     let problems = pass(&snapshot(), &dp, &mut bgp, &c).await;
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("BGP speaker: neighbors")),
-        "{problems:?}"
-    );
-    assert!(c.condition().unwrap().contains("BGP speaker: neighbors"));
+    reported(&problems, &c, "BGP speaker: neighbors");
     assert!(
         bgp.calls.contains(&"originate".to_string()),
         "{:?}",
