@@ -42,9 +42,14 @@ pub(super) fn sysctl(key: &str, value: &str) -> Result<()> {
 }
 
 /// The kernel, through rtnetlink.
+///
+/// One socket serves every task of the agent; the kernel runs one dump at a
+/// time per socket (a second one answers EBUSY), so dumps take turns
+/// ([`Netlink::dumping`]) while other requests go in parallel.
 #[derive(Debug, Clone)]
 pub struct Netlink {
     pub(super) host: Handle,
+    dump: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A route as listed from the kernel.
@@ -70,7 +75,15 @@ impl Netlink {
         // The connection's driver ends when the last handle is dropped.
         tokio::spawn(conn);
         sysctl("net/ipv4/ip_forward", "1")?;
-        Ok(Self { host })
+        Ok(Self {
+            host,
+            dump: Default::default(),
+        })
+    }
+
+    /// Held while a dump on the node's socket is read.
+    pub(super) async fn dumping(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.dump.lock().await
     }
 
     /// A netlink handle whose socket lives in the namespace at `path`:
@@ -125,6 +138,7 @@ impl Netlink {
     /// families.
     pub(super) async fn routes_of(&self, kind: RouteType, proto: u8) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
+        let _dump = self.dumping().await;
         for probe in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -164,6 +178,7 @@ impl Netlink {
     /// Every link: index → (name, alias, is a veth). One dump.
     pub(super) async fn links(&self) -> Result<BTreeMap<u32, (String, String, bool)>> {
         let mut out = BTreeMap::new();
+        let _dump = self.dumping().await;
         let mut links = self.host.link().get().execute();
         while let Some(msg) = links.try_next().await.map_err(nl("list links"))? {
             let (mut name, mut alias, mut veth) = (String::new(), String::new(), false);
@@ -272,6 +287,7 @@ impl Dataplane for Netlink {
         use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
         let names = self.links().await?;
         let mut out = Vec::new();
+        let _dump = self.dumping().await;
         let mut addrs = self.host.address().get().execute();
         while let Some(m) = addrs.try_next().await.map_err(nl("list addresses"))? {
             if m.header.scope != AddressScope::Universe {

@@ -70,6 +70,7 @@ impl Netlink {
 
     async fn entries(&self, vx: u32) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
+        let _dump = self.dumping().await;
         let mut list = self.host.neighbours().get().execute();
         while let Some(m) = list.try_next().await.map_err(nl("list neighbours"))? {
             if m.header.ifindex != vx {

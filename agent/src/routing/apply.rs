@@ -22,11 +22,13 @@ use crate::kube::node::Annotations;
 pub trait Bgp: Send {
     /// What the pass may know of it.
     fn view(&self) -> SpeakerView;
-    /// (Re)starts it with `settings`, accepting routes inside `import`.
+    /// (Re)starts it with `settings`, accepting routes inside `import` and
+    /// advertising `originate` from its first session on.
     fn start(
         &mut self,
         settings: &SpeakerSettings,
         import: &[Prefix],
+        originate: &[Prefix],
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// Stops it (BGP turned off).
     fn stop(&mut self);
@@ -170,8 +172,10 @@ async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Proble
     };
     let mut fail = |what: &str, e: String| problems.push(Problem::Speaker(format!("{what}: {e}")));
     if bgp.view().settings.as_ref() != Some(settings) {
+        // The plan starts it only with both known.
         let filter = import.clone().unwrap_or_default();
-        if let Err(e) = bgp.start(settings, &filter).await {
+        let own = originate.clone().unwrap_or_default();
+        if let Err(e) = bgp.start(settings, &filter, &own).await {
             fail("start", e);
             return;
         }

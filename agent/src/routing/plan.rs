@@ -6,8 +6,9 @@
 //! Every input is [`Known`]: fresh, stale (the last value; its source
 //! cannot be read now) or unknown. The plan decides nothing from an unknown
 //! input and removes nothing because of a stale one:
-//! - the speaker is started only once its settings, this node's address
-//!   and the pools (its import filter) are known; its neighbor list is set
+//! - the speaker is started only once its settings, this node's address,
+//!   the pools (its import filter) and this node's blocks (what it
+//!   advertises from its first session on) are known; its neighbor list is set
 //!   only from current Nodes and BGPPeers, its import filter only from known
 //!   pools, its advertisements only from known blocks;
 //! - routes to remote blocks are computed only from known inputs, and may
@@ -424,14 +425,18 @@ fn speaker_plan(
         .pools
         .value()
         .map(|pools| prefixes(pools.iter().map(|p| &p.cidr)));
-    if import.is_none() && s.speaker.settings.as_ref() != Some(&settings_now) {
-        // (Re)started without a filter it would accept every route.
-        return SpeakerPlan::Keep;
-    }
     let originate = s
         .own_blocks
         .value()
         .map(|own| prefixes(own.iter().chain(settings.prefixes.iter())));
+    if (import.is_none() || originate.is_none())
+        && s.speaker.settings.as_ref() != Some(&settings_now)
+    {
+        // (Re)started without a filter it would accept every route; without
+        // its own blocks it would tell its peers (End-of-RIB) it has none,
+        // and they would drop the routes they keep for it.
+        return SpeakerPlan::Keep;
+    }
     let neighbors = match (me, infos, named) {
         (Some(me), Some(infos), Some(named)) if s.nodes.is_fresh() && s.peers.is_fresh() => {
             let sessions = neighbors(

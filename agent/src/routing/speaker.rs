@@ -69,7 +69,12 @@ impl Bgp for Embedded {
         }
     }
 
-    async fn start(&mut self, s: &SpeakerSettings, import: &[Prefix]) -> Result<(), String> {
+    async fn start(
+        &mut self,
+        s: &SpeakerSettings,
+        import: &[Prefix],
+        originate: &[Prefix],
+    ) -> Result<(), String> {
         if let Some(old) = self.running.take() {
             tracing::info!("BGP settings changed; restarting the speaker");
             self.state.set_speaker(None);
@@ -86,6 +91,10 @@ impl Bgp for Embedded {
         cfg.communities = g.communities.clone();
         cfg.cluster_id = s.cluster_id;
         cfg.import_prefixes = import.to_vec();
+        cfg.originate = originate
+            .iter()
+            .map(|p| margay_bgp::config::Originate { prefix: *p })
+            .collect();
         let sp = Arc::new(Speaker::start(cfg).await.map_err(|e| e.to_string())?);
         tracing::info!(asn = g.asn, router_id = %s.router_id, port = g.port, "BGP speaker started");
         self.state.set_speaker(Some(sp.clone()));

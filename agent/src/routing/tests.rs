@@ -46,7 +46,12 @@ impl Bgp for FakeBgp {
         self.view.clone()
     }
 
-    async fn start(&mut self, s: &SpeakerSettings, _import: &[Prefix]) -> Result<(), String> {
+    async fn start(
+        &mut self,
+        s: &SpeakerSettings,
+        _import: &[Prefix],
+        _originate: &[Prefix],
+    ) -> Result<(), String> {
         self.check("start")?;
         self.view = SpeakerView {
             settings: Some(s.clone()),
@@ -318,6 +323,17 @@ async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
     let mut bgp = FakeBgp::default();
     pass(&s, &dp, &mut bgp, &c).await;
     assert!(bgp.calls.is_empty(), "{:?}", bgp.calls);
+    // Nor before this node's blocks are known: its first End-of-RIB would
+    // tell the peers it has none, and they would drop what they keep for it.
+    let mut s = snapshot();
+    s.own_blocks = Known::Unknown("not read yet".into());
+    s.speaker = SpeakerView::default();
+    let mut bgp = FakeBgp::default();
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert!(bgp.calls.is_empty(), "{:?}", bgp.calls);
+    s.own_blocks = Known::Fresh([net("10.244.1.0/26")].into());
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert_eq!(bgp.calls.first().map(String::as_str), Some("start"));
 }
 
 #[tokio::test]
