@@ -1,14 +1,15 @@
-//! Best routes into the kernel over rtnetlink.
+//! Best routes into the kernel.
 //!
 //! Routes carry Margay's BGP route protocol number ([`RTPROT_MARGAY_BGP`]),
 //! which is how we know which routes are ours: nothing else is ever
-//! changed or deleted. Writes are pipelined: a batch is sent as many
-//! concurrent requests on one socket ([`CONCURRENCY`] in flight), so 100k
-//! routes cost 100k messages but not 100k sequential round trips.
+//! changed or deleted. [`Fib`] lists ours at start (to keep them through a
+//! restart, RFC 4724); [`FibWriter`] writes every change from a thread of
+//! its own, up to [`BATCH`] route messages serialised into one netlink
+//! `send` with a single acknowledgement, in the RIB's order.
 
 use std::net::IpAddr;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -20,8 +21,6 @@ use crate::{Error, Result};
 
 /// Route protocol number of routes Margay's BGP speaker installs.
 pub const RTPROT_MARGAY_BGP: u8 = 77;
-/// Requests in flight at once.
-pub const CONCURRENCY: usize = 256;
 
 /// One desired change: next hops to install (ECMP when several), or `None`
 /// to remove the route.
@@ -72,46 +71,6 @@ impl Fib {
             }
         }
         Ok(b.build())
-    }
-
-    /// Applies a batch; returns how many operations failed (each is logged).
-    pub async fn apply(&self, batch: Vec<FibOp>) -> usize {
-        let handle = &self.handle;
-        futures::stream::iter(batch)
-            .map(|(prefix, hops)| async move {
-                let r = match &hops {
-                    Some(h) => match Self::message(&prefix, h) {
-                        Ok(m) => handle
-                            .route()
-                            .add(m)
-                            .replace()
-                            .execute()
-                            .await
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    None => match Self::message(&prefix, &[]) {
-                        Ok(m) => match handle.route().del(m).execute().await {
-                            // Already gone is what we wanted.
-                            Err(rtnetlink::Error::NetlinkError(e))
-                                if e.raw_code() == -libc::ESRCH =>
-                            {
-                                Ok(())
-                            }
-                            r => r.map_err(|e| e.to_string()),
-                        },
-                        Err(e) => Err(e.to_string()),
-                    },
-                };
-                if let Err(e) = &r {
-                    tracing::warn!(%prefix, ?hops, "kernel route update failed: {e}");
-                }
-                r.is_err()
-            })
-            .buffer_unordered(CONCURRENCY)
-            .filter(|failed| futures::future::ready(*failed))
-            .count()
-            .await
     }
 
     /// Prefixes of the routes we own in the main table (both families).
