@@ -29,18 +29,24 @@ pub trait Bgp: Send {
         settings: &SpeakerSettings,
         import: &[Prefix],
         originate: &[Prefix],
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), margay_bgp::Error>> + Send;
     /// Stops it (BGP turned off).
     fn stop(&mut self);
     /// Replaces its neighbors.
     fn set_neighbors(
         &mut self,
         n: Vec<Neighbor>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), margay_bgp::Error>> + Send;
     /// Replaces its import filter.
-    fn set_import(&mut self, p: Vec<Prefix>) -> impl Future<Output = Result<(), String>> + Send;
+    fn set_import(
+        &mut self,
+        p: Vec<Prefix>,
+    ) -> impl Future<Output = Result<(), margay_bgp::Error>> + Send;
     /// Replaces what it advertises.
-    fn set_originate(&mut self, p: Vec<Prefix>) -> impl Future<Output = Result<(), String>> + Send;
+    fn set_originate(
+        &mut self,
+        p: Vec<Prefix>,
+    ) -> impl Future<Output = Result<(), margay_bgp::Error>> + Send;
 }
 
 /// The cluster, as a pass writes to it.
@@ -170,7 +176,8 @@ async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Proble
             neighbors,
         } => (settings, import, originate, neighbors),
     };
-    let mut fail = |what: &str, e: String| problems.push(Problem::Speaker(format!("{what}: {e}")));
+    let mut fail =
+        |what: &str, e: margay_bgp::Error| problems.push(Problem::Speaker(format!("{what}: {e}")));
     if bgp.view().settings.as_ref() != Some(settings) {
         // The plan starts it only with both known.
         let filter = import.clone().unwrap_or_default();

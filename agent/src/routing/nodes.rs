@@ -77,6 +77,17 @@ pub fn identity_annotations(
     m
 }
 
+/// Why this node's address cannot be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// `--node-ip` is not an address.
+    #[error("--node-ip {0:?} is neither an address nor autodetect")]
+    Flag(String),
+    /// Nothing to autodetect.
+    #[error("no global IPv4 address on this host; set --node-ip")]
+    NoneFound,
+}
+
 /// The node's BGP address: `--node-ip` (with or without a prefix length),
 /// else the Node's InternalIP, else the first global IPv4 address; the
 /// prefix length is taken from the interface holding the address.
@@ -84,7 +95,7 @@ pub fn choose_address(
     flag: &str,
     node: Option<&Node>,
     host: &[(String, IpNetwork)],
-) -> Result<IpNetwork, String> {
+) -> Result<IpNetwork, AddressError> {
     let on_host = |ip: IpAddr| host.iter().find(|(_, n)| n.ip() == ip).map(|(_, n)| *n);
     if flag != "autodetect" && !flag.is_empty() {
         if let Ok(n) = flag.parse::<IpNetwork>()
@@ -94,7 +105,7 @@ pub fn choose_address(
         }
         let ip: IpAddr = flag
             .parse()
-            .map_err(|_| format!("--node-ip {flag:?} is neither an address nor autodetect"))?;
+            .map_err(|_| AddressError::Flag(flag.to_string()))?;
         return Ok(on_host(ip).unwrap_or_else(|| IpNetwork::from(ip)));
     }
     let internal = node
@@ -111,7 +122,7 @@ pub fn choose_address(
     host.iter()
         .map(|(_, n)| *n)
         .find(IpNetwork::is_ipv4)
-        .ok_or_else(|| "no global IPv4 address on this host; set --node-ip".to_string())
+        .ok_or(AddressError::NoneFound)
 }
 
 #[cfg(test)]
@@ -151,6 +162,7 @@ pub(crate) mod tests {
         assert!(
             choose_address("nonsense", None, &host())
                 .unwrap_err()
+                .to_string()
                 .contains("--node-ip")
         );
         let n: Node = serde_json::from_value(serde_json::json!({

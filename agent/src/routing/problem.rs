@@ -35,8 +35,8 @@ pub enum Problem {
         why: PeerInvalid,
     },
     /// The node's address could not be chosen.
-    #[error("{0}")]
-    NoAddress(String),
+    #[error(transparent)]
+    NoAddress(#[from] super::nodes::AddressError),
     /// The node has no BGP address yet (nothing to peer from).
     #[error("this node has no BGP address yet")]
     NoBgpAddress,

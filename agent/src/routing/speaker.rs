@@ -47,10 +47,8 @@ impl Embedded {
         self.running.as_ref().map(|r| r.speaker.clone())
     }
 
-    fn running(&self) -> Result<&Running, String> {
-        self.running
-            .as_ref()
-            .ok_or_else(|| "the speaker is not running".to_string())
+    fn running(&self) -> margay_bgp::Result<&Running> {
+        self.running.as_ref().ok_or(margay_bgp::Error::Stopped)
     }
 }
 
@@ -74,7 +72,7 @@ impl Bgp for Embedded {
         s: &SpeakerSettings,
         import: &[Prefix],
         originate: &[Prefix],
-    ) -> Result<(), String> {
+    ) -> margay_bgp::Result<()> {
         if let Some(old) = self.running.take() {
             tracing::info!("BGP settings changed; restarting the speaker");
             self.state.set_speaker(None);
@@ -95,7 +93,7 @@ impl Bgp for Embedded {
             .iter()
             .map(|p| margay_bgp::config::Originate { prefix: *p })
             .collect();
-        let sp = Arc::new(Speaker::start(cfg).await.map_err(|e| e.to_string())?);
+        let sp = Arc::new(Speaker::start(cfg).await?);
         tracing::info!(asn = g.asn, router_id = %s.router_id, port = g.port, "BGP speaker started");
         self.state.set_speaker(Some(sp.clone()));
         self.running = Some(Running {
@@ -116,28 +114,25 @@ impl Bgp for Embedded {
         }
     }
 
-    async fn set_neighbors(&mut self, n: Vec<Neighbor>) -> Result<(), String> {
+    async fn set_neighbors(&mut self, n: Vec<Neighbor>) -> margay_bgp::Result<()> {
         let r = self.running()?;
         if r.neighbors_set && r.neighbors == n {
             return Ok(());
         }
-        r.speaker
-            .set_neighbors(n.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        r.speaker.set_neighbors(n.clone()).await?;
         let r = self.running.as_mut().expect("running");
         r.neighbors = n;
         r.neighbors_set = true;
         Ok(())
     }
 
-    async fn set_import(&mut self, p: Vec<Prefix>) -> Result<(), String> {
+    async fn set_import(&mut self, p: Vec<Prefix>) -> margay_bgp::Result<()> {
         let sp = self.running()?.speaker.clone();
-        sp.set_import(p).await.map_err(|e| e.to_string())
+        sp.set_import(p).await
     }
 
-    async fn set_originate(&mut self, p: Vec<Prefix>) -> Result<(), String> {
+    async fn set_originate(&mut self, p: Vec<Prefix>) -> margay_bgp::Result<()> {
         let sp = self.running()?.speaker.clone();
-        sp.set_originate(p).await.map_err(|e| e.to_string())
+        sp.set_originate(p).await
     }
 }

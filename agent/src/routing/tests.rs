@@ -32,10 +32,12 @@ struct FakeBgp {
 }
 
 impl FakeBgp {
-    fn check(&mut self, what: &'static str) -> Result<(), String> {
+    fn check(&mut self, what: &'static str) -> margay_bgp::Result<()> {
         self.calls.push(what.to_string());
         if self.fail == Some(what) {
-            return Err(format!("{what} refused (injected)"));
+            return Err(margay_bgp::Error::Config(format!(
+                "{what} refused (injected)"
+            )));
         }
         Ok(())
     }
@@ -51,7 +53,7 @@ impl Bgp for FakeBgp {
         s: &SpeakerSettings,
         _import: &[Prefix],
         _originate: &[Prefix],
-    ) -> Result<(), String> {
+    ) -> margay_bgp::Result<()> {
         self.check("start")?;
         self.view = SpeakerView {
             settings: Some(s.clone()),
@@ -65,18 +67,18 @@ impl Bgp for FakeBgp {
         self.view = SpeakerView::default();
     }
 
-    async fn set_neighbors(&mut self, n: Vec<Neighbor>) -> Result<(), String> {
+    async fn set_neighbors(&mut self, n: Vec<Neighbor>) -> margay_bgp::Result<()> {
         self.check("neighbors")?;
         self.view.neighbors = n;
         self.view.neighbors_set = true;
         Ok(())
     }
 
-    async fn set_import(&mut self, _p: Vec<Prefix>) -> Result<(), String> {
+    async fn set_import(&mut self, _p: Vec<Prefix>) -> margay_bgp::Result<()> {
         self.check("import")
     }
 
-    async fn set_originate(&mut self, _p: Vec<Prefix>) -> Result<(), String> {
+    async fn set_originate(&mut self, _p: Vec<Prefix>) -> margay_bgp::Result<()> {
         self.check("originate")
     }
 }
