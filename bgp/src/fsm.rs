@@ -207,6 +207,14 @@ impl Session {
         &self.cfg
     }
 
+    /// The restart time announced in the graceful restart capability from
+    /// the next OPEN on (a session already up keeps what it negotiated).
+    pub fn set_restart_time(&mut self, secs: u16) {
+        if let Some(gr) = &mut self.cfg.graceful_restart {
+            gr.restart_time = secs;
+        }
+    }
+
     /// The ConnectRetry delay after `failures` consecutive failures.
     pub fn retry_delay(&self) -> Duration {
         let shift = self.failures.min(16);

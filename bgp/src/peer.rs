@@ -102,6 +102,21 @@ pub(crate) enum PeerCmd {
     /// Close the session with Cease/`subcode` and stay down for
     /// [`CEASE_RESTART`] (e.g. maximum prefixes exceeded, RFC 4486).
     Cease(u8),
+    /// Announce this restart time from the next session on.
+    RestartTime(u16),
+}
+
+/// How the speaker's tasks are asked to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Running.
+    Run,
+    /// End; peers close their sessions with Cease/administrative shutdown.
+    Cease,
+    /// End without a NOTIFICATION: connections are just closed, so peers
+    /// that negotiated graceful restart keep our routes (RFC 4724) while a
+    /// new speaker takes over.
+    Silent,
 }
 
 /// How long a session closed by [`PeerCmd::Cease`] stays down.
@@ -285,7 +300,7 @@ pub(crate) struct PeerTask {
     pub events: mpsc::Sender<PeerEvent>,
     pub status: Arc<Mutex<PeerStatus>>,
     pub incoming: mpsc::Receiver<PeerCmd>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: watch::Receiver<Stop>,
 }
 
 /// State of the task outside the links.
@@ -310,7 +325,7 @@ impl PeerTask {
             mut incoming,
             mut shutdown,
         } = self;
-        let template = session.clone();
+        let mut template = session.clone();
         let mut sh = Shared {
             id,
             transport,
@@ -374,6 +389,7 @@ impl PeerTask {
                 t = timer(alt_timers) => Input::Timer(Which::Alt, t),
             };
             let ev = match input {
+                Input::Shutdown if *shutdown.borrow() == Stop::Silent => return,
                 Input::Shutdown => {
                     stopping = true;
                     queue.push_back((Which::Main, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
@@ -392,6 +408,14 @@ impl PeerTask {
                     if alt.is_some() {
                         queue.push_back((Which::Alt, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
                     }
+                    continue;
+                }
+                Input::Cmd(PeerCmd::RestartTime(secs)) => {
+                    main.session.set_restart_time(secs);
+                    if let Some(a) = alt.as_mut() {
+                        a.session.set_restart_time(secs);
+                    }
+                    template.set_restart_time(secs);
                     continue;
                 }
                 Input::Cmd(PeerCmd::Cease(sub)) => {

@@ -35,7 +35,7 @@ use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
-use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Transport};
+use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Stop, Transport};
 use crate::prefix_map::PrefixMap;
 use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
 use crate::state::Shared;
@@ -54,6 +54,8 @@ enum ToRib {
     SetNeighbors(Vec<Neighbor>, oneshot::Sender<()>),
     SetOriginate(Vec<Prefix>),
     SetImport(Vec<Prefix>),
+    SetCommunities(Vec<u32>),
+    SetRestartTime(u16),
 }
 
 /// Best routes learned from peers (locally originated ones left out):
@@ -148,7 +150,7 @@ struct Established {
 /// treat an unexpected end as fatal.
 pub struct Speaker {
     tx: mpsc::Sender<ToRib>,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Stop>,
     learned: watch::Receiver<LearnedRoutes>,
     synced: watch::Receiver<bool>,
     asn: u32,
@@ -165,7 +167,14 @@ impl std::fmt::Debug for Speaker {
 
 impl Drop for Speaker {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
+        // A speaker stopped on purpose keeps its mode; otherwise: Cease.
+        self.shutdown.send_if_modified(|s| {
+            let run = *s == Stop::Run;
+            if run {
+                *s = Stop::Cease;
+            }
+            run
+        });
     }
 }
 
@@ -178,7 +187,7 @@ impl Speaker {
         // Short, so a busy RIB slows peers down (TCP backpressure) instead of
         // buffering their UPDATEs.
         let (peer_tx, peer_rx) = mpsc::channel::<PeerEvent>(64);
-        let (shutdown, shut_rx) = watch::channel(false);
+        let (shutdown, shut_rx) = watch::channel(Stop::Run);
         let listen = cfg
             .listen
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 179)));
@@ -348,7 +357,38 @@ impl Speaker {
 
     /// Asks every task to end (peers send Cease); see [`Speaker::stopped`].
     pub fn stop(&self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.shutdown.send(Stop::Cease);
+    }
+
+    /// Like [`Speaker::stop`], but sessions are closed without a
+    /// NOTIFICATION: peers that negotiated graceful restart keep our routes
+    /// (stale) until the speaker that replaces this one has re-advertised
+    /// them (RFC 4724), so traffic towards us keeps flowing.
+    pub fn stop_graceful(&self) {
+        let _ = self.shutdown.send(Stop::Silent);
+    }
+
+    /// Replaces the communities added to every export (`ASN:VALUE`): every
+    /// established peer is sent the routes whose attributes change; no
+    /// session is reset.
+    pub async fn set_communities(&self, communities: Vec<String>) -> Result<()> {
+        let values = communities
+            .iter()
+            .map(|c| crate::config::parse_community(c))
+            .collect::<Result<Vec<u32>>>()?;
+        self.send(ToRib::SetCommunities(values)).await
+    }
+
+    /// Replaces the restart time announced in the graceful restart
+    /// capability (for neighbors without their own): from each session's
+    /// next OPEN on; no session is reset.
+    pub async fn set_restart_time(&self, secs: u16) -> Result<()> {
+        if secs > 4095 {
+            return Err(Error::Config(format!(
+                "restart_time {secs} is more than 4095 seconds"
+            )));
+        }
+        self.send(ToRib::SetRestartTime(secs)).await
     }
 
     /// Stops every session (Cease) and the tasks, and waits for them (at
@@ -389,7 +429,7 @@ fn gr_cap(cfg: &Config, restarting: bool) -> GracefulRestartCap {
 async fn accept_loop(
     l: Arc<TcpListener>,
     tx: mpsc::Sender<ToRib>,
-    mut shut: watch::Receiver<bool>,
+    mut shut: watch::Receiver<Stop>,
 ) {
     loop {
         tokio::select! {
@@ -425,7 +465,7 @@ struct RibTask {
     fib: Option<FibWriter>,
     tx: mpsc::Sender<ToRib>,
     peer_tx: mpsc::Sender<PeerEvent>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<Stop>,
     next_id: PeerId,
     communities: Vec<u32>,
     /// Our routes found in the kernel at start and not yet relearned.
@@ -610,6 +650,28 @@ impl RibTask {
                 self.propagate(changes).await;
             }
             ToRib::SetImport(allowed) => self.rib.set_import_policy(ImportPolicy { allowed }),
+            ToRib::SetCommunities(values) => {
+                if self.communities != values {
+                    self.communities = values;
+                    // Every established peer hears the routes whose
+                    // exported attributes changed (its Adj-RIB-Out decides).
+                    let all: Vec<(Prefix, Option<Best>)> =
+                        self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
+                    let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+                    for id in ids {
+                        self.export_to(id, &all);
+                    }
+                }
+            }
+            ToRib::SetRestartTime(secs) => {
+                self.cfg.restart_time = secs;
+                for p in self.peers.values() {
+                    let own = p.source.as_ref().and_then(|n| n.restart_time);
+                    if own.is_none() {
+                        let _ = p.incoming.try_send(PeerCmd::RestartTime(secs));
+                    }
+                }
+            }
         }
     }
 

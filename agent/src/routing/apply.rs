@@ -15,6 +15,7 @@ use margay_bgp::packet::Prefix;
 
 use super::plan::{Plan, SpeakerPlan, SpeakerSettings, SpeakerView};
 use super::problem::Problem;
+use super::sessions::Live;
 use crate::dataplane::{Dataplane, sync};
 use crate::kube::node::Annotations;
 
@@ -22,13 +23,19 @@ use crate::kube::node::Annotations;
 pub trait Bgp: Send {
     /// What the pass may know of it.
     fn view(&self) -> SpeakerView;
-    /// (Re)starts it with `settings`, accepting routes inside `import` and
-    /// advertising `originate` from its first session on.
+    /// (Re)starts it with `settings` and `live`, accepting routes inside
+    /// `import` and advertising `originate` from its first session on.
     fn start(
         &mut self,
         settings: &SpeakerSettings,
+        live: &Live,
         import: &[Prefix],
         originate: &[Prefix],
+    ) -> impl Future<Output = Result<(), margay_bgp::Error>> + Send;
+    /// Applies communities and restart time to the running speaker.
+    fn set_live(
+        &mut self,
+        live: &Live,
     ) -> impl Future<Output = Result<(), margay_bgp::Error>> + Send;
     /// Stops it (BGP turned off).
     fn stop(&mut self);
@@ -163,7 +170,7 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
 }
 
 async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Problem>) {
-    let (settings, import, originate, neighbors) = match p {
+    let (settings, live, import, originate, neighbors) = match p {
         SpeakerPlan::Off => {
             bgp.stop();
             return;
@@ -171,10 +178,11 @@ async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Proble
         SpeakerPlan::Keep => return,
         SpeakerPlan::Run {
             settings,
+            live,
             import,
             originate,
             neighbors,
-        } => (settings, import, originate, neighbors),
+        } => (settings, live, import, originate, neighbors),
     };
     let mut fail =
         |what: &str, e: margay_bgp::Error| problems.push(Problem::Speaker(format!("{what}: {e}")));
@@ -182,10 +190,14 @@ async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Proble
         // The plan starts it only with both known.
         let filter = import.clone().unwrap_or_default();
         let own = originate.clone().unwrap_or_default();
-        if let Err(e) = bgp.start(settings, &filter, &own).await {
+        if let Err(e) = bgp.start(settings, live, &filter, &own).await {
             fail("start", e);
             return;
         }
+    } else if bgp.view().live.as_ref() != Some(live)
+        && let Err(e) = bgp.set_live(live).await
+    {
+        fail("communities and restart time", e);
     }
     if let Some(n) = neighbors
         && let Err(e) = bgp.set_neighbors(n.clone()).await

@@ -38,7 +38,7 @@ use margay_ipam::model::Pool;
 use super::encap::{self, RemoteBlock, Vtep};
 use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
 use super::problem::Problem;
-use super::sessions::{Global, NamedPeer, Settings, neighbors};
+use super::sessions::{Global, Live, NamedPeer, Settings, neighbors};
 use crate::dataplane::{LocalVtep, Remote, VXLAN_OVERHEAD};
 use crate::kube::Known;
 use crate::kube::node::{Annotations, has_annotations};
@@ -65,6 +65,8 @@ pub struct SpeakerSettings {
 pub struct SpeakerView {
     /// Running, with these settings.
     pub settings: Option<SpeakerSettings>,
+    /// The live settings it was last given.
+    pub live: Option<Live>,
     /// The neighbor list it was last given.
     pub neighbors: Vec<Neighbor>,
     /// It has been given a neighbor list computed from current inputs.
@@ -115,11 +117,14 @@ pub enum SpeakerPlan {
     Off,
     /// Too little is known to start it or change its settings: leave it.
     Keep,
-    /// Run with `settings` (restarting it if they changed); each list that
-    /// is `Some` replaces the speaker's, `None` leaves it as it is.
+    /// Run with `settings` (restarting it if they changed) and `live`
+    /// (applied without a restart); each list that is `Some` replaces the
+    /// speaker's, `None` leaves it as it is.
     Run {
         /// Its settings.
         settings: SpeakerSettings,
+        /// Communities and restart time.
+        live: Live,
         /// Import filter (the pools).
         import: Option<Vec<Prefix>>,
         /// Prefixes to advertise.
@@ -454,6 +459,7 @@ fn speaker_plan(
     };
     SpeakerPlan::Run {
         settings: settings_now,
+        live: settings.live.clone(),
         import,
         originate,
         neighbors,

@@ -30,14 +30,21 @@ use super::problem::Problem;
 use crate::kube::Known;
 use crate::kube::secrets::SecretKey;
 
-/// What of the cluster settings the speaker itself runs with: a change of
-/// any of these restarts it.
+/// What of the cluster settings the speaker is started with: a change of
+/// either restarts it (gracefully: see `routing::speaker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Global {
     /// The nodes' AS.
     pub asn: u32,
     /// TCP port.
     pub port: u16,
+}
+
+/// What of the cluster settings a running speaker takes without a
+/// restart: communities are re-advertised, a restart time is announced
+/// from each session's next OPEN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
     /// Graceful restart time.
     pub restart_time: u16,
     /// Communities added to exports.
@@ -47,8 +54,10 @@ pub struct Global {
 /// The cluster-wide settings with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// What the speaker runs with.
+    /// What the speaker is started with.
     pub global: Global,
+    /// What it takes while running.
+    pub live: Live,
     /// Full mesh between nodes.
     pub mesh: bool,
     /// Extra prefixes every node advertises.
@@ -68,6 +77,8 @@ impl Settings {
                 global: Global {
                     asn: s.as_number.unwrap_or(DEFAULT_ASN),
                     port: s.listen_port.unwrap_or(179),
+                },
+                live: Live {
                     restart_time: s.restart_time_seconds.unwrap_or(120),
                     communities: s.communities.clone(),
                 },

@@ -15,6 +15,7 @@ use margay_bgp::speaker::Speaker;
 
 use super::apply::Bgp;
 use super::plan::{SpeakerSettings, SpeakerView};
+use super::sessions::Live;
 use crate::obs::AgentState;
 
 /// The speaker the agent runs.
@@ -27,6 +28,7 @@ pub struct Embedded {
 #[derive(Debug)]
 struct Running {
     settings: SpeakerSettings,
+    live: Live,
     speaker: Arc<Speaker>,
     started: Instant,
     neighbors: Vec<Neighbor>,
@@ -58,6 +60,7 @@ impl Bgp for Embedded {
             None => SpeakerView::default(),
             Some(r) => SpeakerView {
                 settings: Some(r.settings.clone()),
+                live: Some(r.live.clone()),
                 neighbors: r.neighbors.clone(),
                 neighbors_set: r.neighbors_set,
                 learned: Some(r.speaker.learned().borrow().clone()),
@@ -70,13 +73,18 @@ impl Bgp for Embedded {
     async fn start(
         &mut self,
         s: &SpeakerSettings,
+        live: &Live,
         import: &[Prefix],
         originate: &[Prefix],
     ) -> margay_bgp::Result<()> {
         if let Some(old) = self.running.take() {
-            tracing::info!("BGP settings changed; restarting the speaker");
+            // Without a NOTIFICATION: the peers keep our routes (graceful
+            // restart) until the new speaker has re-advertised them, and
+            // the kernel keeps theirs (the plan removes nothing until the
+            // new sessions have sent End-of-RIB).
+            tracing::info!("BGP settings changed; restarting the speaker gracefully");
             self.state.set_speaker(None);
-            old.speaker.stop();
+            old.speaker.stop_graceful();
             // Its listener must be gone before the new one binds.
             let _ = tokio::time::timeout(Duration::from_secs(2), old.speaker.stopped()).await;
         }
@@ -85,8 +93,8 @@ impl Bgp for Embedded {
         cfg.listen = Some(SocketAddr::from(([0u16; 8], g.port)));
         cfg.fib = false;
         cfg.forwarding_preserved = true;
-        cfg.restart_time = g.restart_time;
-        cfg.communities = g.communities.clone();
+        cfg.restart_time = live.restart_time;
+        cfg.communities = live.communities.clone();
         cfg.cluster_id = s.cluster_id;
         cfg.import_prefixes = import.to_vec();
         cfg.originate = originate
@@ -98,11 +106,28 @@ impl Bgp for Embedded {
         self.state.set_speaker(Some(sp.clone()));
         self.running = Some(Running {
             settings: s.clone(),
+            live: live.clone(),
             speaker: sp,
             started: Instant::now(),
             neighbors: Vec::new(),
             neighbors_set: false,
         });
+        Ok(())
+    }
+
+    async fn set_live(&mut self, live: &Live) -> margay_bgp::Result<()> {
+        let r = self.running()?;
+        let sp = r.speaker.clone();
+        if r.live.communities != live.communities {
+            sp.set_communities(live.communities.clone()).await?;
+            tracing::info!(communities = ?live.communities, "communities re-advertised");
+        }
+        if r.live.restart_time != live.restart_time {
+            sp.set_restart_time(live.restart_time).await?;
+        }
+        if let Some(r) = self.running.as_mut() {
+            r.live = live.clone();
+        }
         Ok(())
     }
 

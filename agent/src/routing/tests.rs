@@ -19,6 +19,7 @@ use margay_ipam::model::Pool;
 
 use super::apply::{Bgp, ClusterWrites, apply};
 use super::plan::{Snapshot, SpeakerSettings, SpeakerView, plan};
+use super::sessions::Live;
 use crate::dataplane::{Dataplane, FakeDataplane, Fault, Via};
 use crate::kube::Known;
 use crate::kube::node::Annotations;
@@ -51,15 +52,23 @@ impl Bgp for FakeBgp {
     async fn start(
         &mut self,
         s: &SpeakerSettings,
+        live: &Live,
         _import: &[Prefix],
         _originate: &[Prefix],
     ) -> margay_bgp::Result<()> {
         self.check("start")?;
         self.view = SpeakerView {
             settings: Some(s.clone()),
+            live: Some(live.clone()),
             learned: Some(LearnedRoutes::new()),
             ..Default::default()
         };
+        Ok(())
+    }
+
+    async fn set_live(&mut self, live: &Live) -> margay_bgp::Result<()> {
+        self.check("live")?;
+        self.view.live = Some(live.clone());
         Ok(())
     }
 
@@ -185,11 +194,12 @@ fn snapshot() -> Snapshot {
         speaker: SpeakerView::default(),
     };
     let p = plan(&s);
-    let super::plan::SpeakerPlan::Run { settings, .. } = p.speaker else {
+    let super::plan::SpeakerPlan::Run { settings, live, .. } = p.speaker else {
         panic!("{:?}", p.speaker)
     };
     s.speaker = SpeakerView {
         settings: Some(settings),
+        live: Some(live),
         neighbors: vec![],
         neighbors_set: true,
         learned: Some(learned),
@@ -397,4 +407,58 @@ async fn one_bad_peer_is_contained() {
             .map(|a| a.parse().unwrap())
             .collect()
     );
+}
+
+/// A BGPConfiguration named `default` with `spec`.
+fn config(spec: serde_json::Value) -> Arc<margay_api::bgp::BGPConfiguration> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "margay.dev/v1", "kind": "BGPConfiguration",
+            "metadata": {"name": "default"}, "spec": spec,
+        }))
+        .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn communities_and_restart_time_apply_live_while_an_as_change_restarts() {
+    let dp = kernel_with_history().await;
+    let c = FakeCluster::default();
+    // Communities and the restart time: the running speaker takes them.
+    let mut s = snapshot();
+    s.configs = Known::Fresh(vec![config(
+        serde_json::json!({"communities": ["64512:100"], "restartTimeSeconds": 60}),
+    )]);
+    let mut bgp = FakeBgp::default();
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert!(bgp.calls.contains(&"live".to_string()), "{:?}", bgp.calls);
+    assert!(!bgp.calls.contains(&"start".to_string()), "{:?}", bgp.calls);
+    let live = bgp.view.live.clone().unwrap();
+    assert_eq!(
+        (live.restart_time, live.communities),
+        (60, vec!["64512:100".to_string()])
+    );
+    // The AS: a restart, after which nothing is removed until the new
+    // sessions have relearned everything.
+    s.configs = Known::Fresh(vec![config(serde_json::json!({"asNumber": 65001}))]);
+    let mut bgp = FakeBgp::default();
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert_eq!(bgp.calls.first().map(String::as_str), Some("start"));
+    assert!(!bgp.view.neighbors_set || bgp.view.learned.as_ref().is_some_and(|l| l.is_empty()));
+    // The next pass sees the restarted speaker: nothing learned yet, so
+    // the kernel keeps every route it had (this one only the old speaker
+    // had learned).
+    dp.set_remote_route(net("10.244.9.0/26"), native("10.0.0.4"))
+        .await
+        .unwrap();
+    s.speaker = bgp.view.clone();
+    s.speaker.synced = false;
+    bgp.calls.clear();
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert!(
+        routes(&dp).contains_key(&net("10.244.9.0/26")),
+        "{:?}",
+        routes(&dp)
+    );
+    assert!(routes(&dp).contains_key(&net("10.244.2.0/26")));
 }
