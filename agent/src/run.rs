@@ -117,7 +117,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .into_owned(),
     };
     let client = client(&args).await?;
-    let store = Arc::new(KubeStore::new(client.clone(), Duration::from_secs(5)));
+    let mut tasks = Tasks::default();
+    // Pools, IPAM settings and this Node's labels come from watches, for
+    // IPAM, the CNI service, natOutgoing and the routing loop alike.
+    let poke = Arc::new(tokio::sync::Notify::new());
+    let (store, watches) = KubeStore::watched(client.clone(), &node, poke.clone());
+    let store = Arc::new(store);
+    tasks.spawn("IPAM watches", async move {
+        watches.await;
+        Ok(())
+    });
     let alloc = Allocator::start(store.clone(), &node, Options::default());
     let dp = Arc::new(Netlink::new()?);
     let every = Duration::from_secs(args.resync_interval.max(1));
@@ -126,7 +135,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         alloc.clone(),
         every * 3 + Duration::from_secs(60),
     ));
-    let mut tasks = Tasks::default();
     let listener = crate::obs::http::bind(args.http_listen).await?;
     tasks.spawn(
         "HTTP endpoints",
@@ -220,6 +228,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         crate::routing::run(crate::routing::RoutingCtx {
             node: node.clone(),
             client: client.clone(),
+            store: store.clone(),
+            poke,
             alloc,
             dp,
             own_blocks,

@@ -337,8 +337,23 @@ async fn route_reflectors_with_the_mesh_off() {
         msg.contains("peerIP") && msg.contains("10.99.0.300"),
         "{msg}"
     );
-    let (_, out, _) = c.margayctl(2, &["node", "status"]).unwrap();
-    assert!(out.contains("BGPPeer typo ignored"), "{out}");
+    // Each node sees the bad peer on its own next pass.
+    wait::until(
+        "the bad BGPPeer in node 2's status",
+        T,
+        Duration::from_millis(200),
+        || {
+            let (_, out, _) = c
+                .margayctl(2, &["node", "status"])
+                .map_err(|e| e.to_string())?;
+            if out.contains("BGPPeer typo ignored") {
+                Ok(Some(()))
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .unwrap();
     let after = since(&c);
     assert_eq!(before.len(), after.len());
     for ((a, s0), (b, s1)) in before.iter().zip(&after) {

@@ -30,6 +30,7 @@ pub mod speaker;
 mod tests;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,7 +41,8 @@ use kube::Client;
 use kube::api::Api;
 use margay_api::bgp::{BGPConfiguration, BGPPeer};
 use margay_api::condition::Condition;
-use margay_api::ipam::{AllowedUse, IPPool};
+use margay_api::ipam::AllowedUse;
+use margay_ipam::k8s::KubeStore;
 use margay_ipam::model::validate_pools;
 use margay_ipam::{Allocator, Assign};
 use tokio::sync::{Notify, watch};
@@ -59,6 +61,10 @@ pub struct RoutingCtx<D> {
     pub node: String,
     /// The API client.
     pub client: Client,
+    /// IPAM's store; its watches give the pools.
+    pub store: Arc<KubeStore>,
+    /// Notified by every watch the loop reads (the store's too).
+    pub poke: Arc<Notify>,
     /// IPAM (the VXLAN tunnel address).
     pub alloc: Allocator,
     /// The kernel.
@@ -138,36 +144,39 @@ impl ClusterWrites for Kube {
     }
 }
 
-/// The watched inputs.
+/// The watched inputs (the pools are the store's).
 struct Inputs {
     nodes: Watched<Node>,
     peers: Watched<BGPPeer>,
     configs: Watched<BGPConfiguration>,
-    pools: Watched<IPPool>,
 }
 
 impl Inputs {
-    fn start(client: &Client, poke: &Arc<Notify>, tasks: &mut JoinSet<crate::Result<()>>) -> Self {
+    fn start(client: &Client, poke: &Arc<Notify>, tasks: &mut JoinSet<&'static str>) -> Self {
+        let mut own =
+            |what: &'static str, t: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+                tasks.spawn(async move {
+                    t.await;
+                    what
+                });
+            };
         let (nodes, t) = watched(Api::all(client.clone()), "Nodes", poke.clone());
-        tasks.spawn(t);
+        own("Node watch", Box::pin(t));
         let (peers, t) = watched(Api::all(client.clone()), "BGPPeers", poke.clone());
-        tasks.spawn(t);
+        own("BGPPeer watch", Box::pin(t));
         let (configs, t) = watched(Api::all(client.clone()), "BGPConfigurations", poke.clone());
-        tasks.spawn(t);
-        let (pools, t) = watched(Api::all(client.clone()), "IPPools", poke.clone());
-        tasks.spawn(t);
+        own("BGPConfiguration watch", Box::pin(t));
         Self {
             nodes,
             peers,
             configs,
-            pools,
         }
     }
 }
 
 /// Runs until the process ends; an error means a task it owns ended.
 pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
-    let poke = Arc::new(Notify::new());
+    let poke = ctx.poke.clone();
     let mut watchers = JoinSet::new();
     let inputs = Inputs::start(&ctx.client, &poke, &mut watchers);
     let cluster = Kube {
@@ -179,6 +188,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     let mut own = ctx.own_blocks.clone();
     let mut host: Known<Vec<(String, IpNetwork)>> = Known::Unknown("not read yet".into());
     let mut tunnel_ip: Option<Ipv4Addr> = None;
+    let mut secrets = None;
     let mut why = "start";
     loop {
         let t = Instant::now();
@@ -195,7 +205,20 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             })
             .unwrap_or_default();
         let own_blocks = own.borrow_and_update().clone();
-        let passwords = crate::kube::secrets::passwords(&ctx.client, &ctx.namespace, &refs).await;
+        // Passwords are read by name (no watch on Secrets: the agent may
+        // only get the ones it needs), again when the peerings name others
+        // and once per resync period otherwise.
+        if secrets
+            .as_ref()
+            .is_none_or(|(r, _, at): &(_, _, Instant)| *r != refs || at.elapsed() >= ctx.every)
+        {
+            let pw = crate::kube::secrets::passwords(&ctx.client, &ctx.namespace, &refs).await;
+            secrets = Some((refs.clone(), pw, Instant::now()));
+        }
+        let passwords = secrets
+            .as_ref()
+            .map(|(_, p, _)| p.clone())
+            .unwrap_or_default();
         let snap = Snapshot {
             node: ctx.node.clone(),
             node_ip: ctx.node_ip.clone(),
@@ -204,10 +227,12 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             nodes: inputs.nodes.read(),
             configs: inputs.configs.read(),
             peers,
-            pools: inputs
-                .pools
-                .read()
-                .map(|p| validate_pools(&p.iter().map(|p| (**p).clone()).collect::<Vec<_>>()).0),
+            pools: match ctx.store.pool_watch() {
+                Some(w) => w.read().map(|p| {
+                    validate_pools(&p.iter().map(|p| (**p).clone()).collect::<Vec<_>>()).0
+                }),
+                None => Known::Unknown("the IPAM store watches no pools".into()),
+            },
             own_blocks,
             passwords,
             host: host.clone(),
@@ -243,8 +268,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             }
             Some(r) = watchers.join_next() => {
                 return match r {
-                    Ok(Err(e)) => Err(e),
-                    Ok(Ok(())) => Err(crate::Error::TaskEnded("watch")),
+                    Ok(what) => Err(crate::Error::TaskEnded(what)),
                     Err(e) => Err(crate::Error::TaskPanicked { task: "watch", why: e.to_string() }),
                 };
             }

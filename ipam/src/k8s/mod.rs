@@ -1,8 +1,12 @@
 //! IPAM on the Kubernetes API: [`KubeStore`], the compare-and-swap store
-//! over `IPAMBlock` objects, and [`pools`], each IPPool's status conditions
-//! and in-use finalizer.
+//! over `IPAMBlock` objects, [`pools`], each IPPool's status conditions and
+//! in-use finalizer, and [`reflect`], watched objects that know whether
+//! they are current (what the store, and the agent, read instead of
+//! polling).
 
 pub mod pools;
+pub mod reflect;
 mod store;
 
+pub use reflect::{Known, Watched, watch, watch_with};
 pub use store::{KubeStore, map_err};

@@ -2,17 +2,23 @@
 //!
 //! Blocks are `IPAMBlock` objects; every write is a compare-and-swap on
 //! `metadata.resourceVersion` (create fails with AlreadyExists, replace and
-//! delete-with-precondition fail with Conflict). Pools, the IPAM settings
-//! and node labels are read through a short-lived cache; blocks never are.
+//! delete-with-precondition fail with Conflict). Blocks are always read
+//! from the API. Pools, the IPAM settings and this node's labels come from
+//! watches in the agent ([`KubeStore::watched`]: no polling), or through a
+//! short-lived cache for one-shot users (`margayctl`, tests).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{Block, Cluster, Error, Store};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
+use tokio::sync::Notify;
+
+use super::reflect::{Known, Watched, watch, watch_with};
 use margay_api::ipam::{CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -44,6 +50,24 @@ pub struct KubeStore {
     blocks: Api<IPAMBlock>,
     ttl: Duration,
     cache: Mutex<Cache>,
+    watches: Option<Watches>,
+}
+
+/// What a watched store reads from watches.
+struct Watches {
+    node: String,
+    pools: Watched<IPPool>,
+    config: Watched<IPAMConfiguration>,
+    me: Watched<Node>,
+}
+
+/// A watched value as the store answers it: current or last known; an
+/// error only when nothing was ever read.
+fn known<T>(k: Known<T>) -> Result<T> {
+    match k {
+        Known::Fresh(v) | Known::Stale(v, _) => Ok(v),
+        Known::Unknown(why) => Err(Error::Unavailable(why)),
+    }
 }
 
 fn fresh<T: Clone>(slot: &Option<(Instant, T)>, ttl: Duration) -> Option<T> {
@@ -68,7 +92,43 @@ impl KubeStore {
             client,
             ttl,
             cache: Mutex::new(Cache::default()),
+            watches: None,
         }
+    }
+
+    /// A store for node `node` whose pools, IPAM settings and node labels
+    /// come from watches (`poke` is notified on every change); the returned
+    /// task keeps them and never ends: run it beside the store.
+    pub fn watched(
+        client: Client,
+        node: &str,
+        poke: Arc<Notify>,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (pools, t1) = watch(Api::all(client.clone()), "IPPools", poke.clone());
+        let (config, t2) = watch(Api::all(client.clone()), "IPAMConfigurations", poke.clone());
+        let (me, t3) = watch_with(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            "this Node",
+            poke,
+        );
+        let mut store = Self::new(client, Duration::ZERO);
+        store.watches = Some(Watches {
+            node: node.to_string(),
+            pools,
+            config,
+            me,
+        });
+        let task = async move {
+            futures::join!(t1, t2, t3);
+        };
+        (store, task)
+    }
+
+    /// The pools as watched (with whether they are current), for a store
+    /// made by [`KubeStore::watched`].
+    pub fn pool_watch(&self) -> Option<&Watched<IPPool>> {
+        self.watches.as_ref().map(|w| &w.pools)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -151,6 +211,9 @@ impl Store for KubeStore {
     }
 
     async fn pools(&self) -> Result<Vec<IPPool>> {
+        if let Some(w) = &self.watches {
+            return known(w.pools.read()).map(|p| p.iter().map(|p| (**p).clone()).collect());
+        }
         if let Some(p) = fresh(&self.cache().pools, self.ttl) {
             return Ok(p);
         }
@@ -165,6 +228,14 @@ impl Store for KubeStore {
     }
 
     async fn config(&self) -> Result<IPAMConfigurationSpec> {
+        if let Some(w) = &self.watches {
+            return known(w.config.read()).map(|all| {
+                all.iter()
+                    .find(|c| c.name_any() == CONFIG_NAME)
+                    .map(|c| c.spec.clone())
+                    .unwrap_or_default()
+            });
+        }
         if let Some(c) = fresh(&self.cache().config, self.ttl) {
             return Ok(c);
         }
@@ -180,6 +251,10 @@ impl Store for KubeStore {
     }
 
     async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>> {
+        if let Some(w) = self.watches.as_ref().filter(|w| w.node == node) {
+            return known(w.me.read())
+                .map(|n| n.first().map(|n| n.labels().clone()).unwrap_or_default());
+        }
         if let Some((at, l)) = self.cache().labels.get(node)
             && at.elapsed() < self.ttl
         {

@@ -131,7 +131,7 @@ where
 
 /// A reflector on `api`: the objects, and the task that keeps them (it
 /// pokes `poke` on every change and when the watch is current again; it
-/// never ends).
+/// never ends: whoever runs it owns it).
 ///
 /// After a failed watch the watcher is started again from a fresh list
 /// (with back-off, 1 s doubling to 30 s), so a recovered API always ends in
@@ -144,7 +144,25 @@ pub fn watch<K>(
     poke: Arc<Notify>,
 ) -> (
     Watched<K>,
-    impl std::future::Future<Output = crate::Result<()>> + Send + 'static,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    watch_with(api, watcher::Config::default(), what, poke)
+}
+
+/// Like [`watch`], with a watcher configuration (a field selector for one
+/// object, ...).
+pub fn watch_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    poke: Arc<Notify>,
+) -> (
+    Watched<K>,
+    impl std::future::Future<Output = ()> + Send + 'static,
 )
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -153,12 +171,11 @@ where
     let (reader, mut writer) = reflector::store();
     let health = Arc::new(Mutex::new(Health::Listing));
     let h = health.clone();
-    #[allow(unreachable_code)] // the watch never ends
     let task = async move {
         let mut warned: Option<Instant> = None;
         let mut backoff = Duration::from_secs(1);
         loop {
-            let stream = watcher(api.clone(), watcher::Config::default());
+            let stream = watcher(api.clone(), config.clone());
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 match ev {
@@ -195,7 +212,6 @@ where
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
-        Ok(())
     };
     (
         Watched {
