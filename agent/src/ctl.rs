@@ -334,9 +334,20 @@ pub async fn collect_check(store: &KubeStore) -> Result<IpamCheck> {
     ))
 }
 
-/// Whether node `name`'s agent looks alive: its `MargayReady` heartbeat is
-/// recent.
-pub async fn agent_live(client: &kube::Client, name: &str) -> Result<bool> {
+/// Whether node `name`'s agent looks alive: its heartbeat Lease in
+/// `namespace` was renewed recently; without a readable Lease (an agent
+/// from before the Lease, another namespace), its `MargayReady` heartbeat
+/// is recent.
+pub async fn agent_live(client: &kube::Client, namespace: &str, name: &str) -> Result<bool> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
+    let lease = margay_api::node::heartbeat_lease(name);
+    if let Ok(Some(l)) = leases.get_opt(&lease).await {
+        return Ok(margay_api::node::lease_alive(
+            &l,
+            std::time::Duration::from_secs(30),
+        ));
+    }
     let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
     let n = api
         .get_opt(name)
@@ -350,6 +361,7 @@ pub async fn agent_live(client: &kube::Client, name: &str) -> Result<bool> {
 /// live unless `force`.
 pub async fn release(
     client: &kube::Client,
+    namespace: &str,
     store: std::sync::Arc<KubeStore>,
     addresses: &[IpAddr],
     force: bool,
@@ -360,7 +372,7 @@ pub async fn release(
         let Some(a) = blocks.iter().find_map(|b| b.allocations.get(ip)) else {
             return Err(Error::Config(format!("{ip} is not allocated")));
         };
-        if !force && agent_live(client, &a.node).await? {
+        if !force && agent_live(client, namespace, &a.node).await? {
             return Err(Error::Config(format!(
                 "{ip} belongs to node {}, whose agent is running: it releases leaks itself; use --force to release anyway",
                 a.node

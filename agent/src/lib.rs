@@ -11,6 +11,8 @@
 //!   sessions, remote-block routes per encapsulation, this node's blocks;
 //! - [`kube`]: watched inputs that know whether they are current, the
 //!   Node's identity and condition, BGP objects' `Valid` condition;
+//! - [`duties`]: the cluster-wide writes (pool status, garbage
+//!   collection), done by the elected leader only;
 //! - [`obs`]: shared state, `/healthz` `/readyz` `/metrics` `/status`;
 //! - [`run`]: `margay-agent run`, owning every task; [`install`]:
 //!   `install-cni`; [`ctl`]: `margayctl`'s commands;
@@ -23,6 +25,7 @@
 pub mod cni;
 pub mod ctl;
 pub mod dataplane;
+pub mod duties;
 pub mod error;
 pub mod install;
 pub mod kube;

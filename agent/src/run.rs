@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_ipam::gc::Janitor;
 use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Options, Reserve, ReserveOptions};
 use tokio::task::JoinSet;
@@ -140,33 +139,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "HTTP endpoints",
         crate::obs::http::serve(listener, crate::obs::http::Endpoints::new(state.clone())),
     );
-    if args.gc_interval > 0 {
-        let store = store.clone();
-        let every = Duration::from_secs(args.gc_interval);
-        tasks.spawn("leak collection", async move {
-            let mut janitor = Janitor::new(store);
-            loop {
-                tokio::time::sleep(every).await;
-                match janitor.run_once().await {
-                    Ok(r) if !r.released.is_empty() => {
-                        tracing::info!(released = r.released.len(), "leak collection")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("leak collection: {e}"),
-                }
-            }
+    // One agent, elected through a Lease, does the cluster-wide writes;
+    // every agent renews its own heartbeat Lease.
+    let (leader_tx, leader) = tokio::sync::watch::channel(false);
+    {
+        let (client, ns, me) = (client.clone(), args.namespace.clone(), node.clone());
+        tasks.spawn("leader election", async move {
+            crate::kube::lease::elect(client, ns, me, leader_tx).await;
+            Ok(())
         });
     }
-    // Pool status conditions, usage and the in-use finalizer.
     {
         let client = client.clone();
-        tasks.spawn("pool status", async move {
-            loop {
-                if let Err(e) = margay_ipam::k8s::pools::reconcile(&client).await {
-                    tracing::debug!("pool status: {e}");
-                }
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
+        let gc = (args.gc_interval > 0).then(|| Duration::from_secs(args.gc_interval));
+        let leader = leader.clone();
+        tasks.spawn("cluster-wide duties", async move {
+            crate::duties::run(client, gc, leader).await;
+            Ok(())
+        });
+    }
+    {
+        let (client, ns, me) = (client.clone(), args.namespace.clone(), node.clone());
+        let name = margay_api::node::heartbeat_lease(&node);
+        tasks.spawn("heartbeat", async move {
+            crate::kube::lease::heartbeat(client, ns, name, me).await;
+            Ok(())
         });
     }
     // The kernel and IPAM agree before anything is served. Without the
@@ -230,6 +227,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             client: client.clone(),
             store: store.clone(),
             poke,
+            leader,
             alloc,
             dp,
             own_blocks,

@@ -21,9 +21,53 @@ pub const CONDITION: &str = "MargayReady";
 pub const REASON_UP: &str = "MargayIsUp";
 /// Its reason when something keeps routing from being complete.
 pub const REASON_INCOMPLETE: &str = "RoutingIncomplete";
-/// How often the condition's heartbeat is renewed even when nothing
-/// changed (`margayctl` reads an older heartbeat as "agent not running").
-pub const HEARTBEAT: Duration = Duration::from_secs(60);
+/// How often the condition is rewritten even when nothing changed (its
+/// `lastHeartbeatTime`, as kubelet refreshes its own conditions). Liveness
+/// is the heartbeat Lease's ([`heartbeat_lease`]), renewed far more often
+/// and watched by nobody.
+pub const HEARTBEAT: Duration = Duration::from_secs(300);
+
+/// How often an agent renews its heartbeat Lease.
+pub const HEARTBEAT_RENEW: Duration = Duration::from_secs(30);
+/// How long a heartbeat Lease says its agent is alive after a renewal.
+pub const HEARTBEAT_DURATION: Duration = Duration::from_secs(90);
+
+/// The name of node `node`'s heartbeat Lease (`coordination.k8s.io`, in
+/// the agent's namespace): `margay-node-NODE`, shortened with a hash when
+/// that would exceed an object name's 253 characters.
+pub fn heartbeat_lease(node: &str) -> String {
+    const PREFIX: &str = "margay-node-";
+    if PREFIX.len() + node.len() <= 253 {
+        return format!("{PREFIX}{node}");
+    }
+    let cut = node
+        .char_indices()
+        .map(|(i, _)| i)
+        .take_while(|i| *i <= 253 - PREFIX.len() - 17)
+        .last()
+        .unwrap_or(0);
+    format!(
+        "{PREFIX}{}-{:016x}",
+        node[..cut].trim_end_matches(['.', '-']),
+        crate::stable::fnv1a(node.as_bytes())
+    )
+}
+
+/// Whether a heartbeat Lease was renewed within its duration (by the
+/// reader's clock; `slack` allows for clock differences).
+#[cfg(feature = "crd")]
+pub fn lease_alive(l: &k8s_openapi::api::coordination::v1::Lease, slack: Duration) -> bool {
+    let Some(s) = l.spec.as_ref() else {
+        return false;
+    };
+    let duration = s
+        .lease_duration_seconds
+        .map_or(HEARTBEAT_DURATION, |d| Duration::from_secs(d.max(0) as u64));
+    s.renew_time.as_ref().is_some_and(|t| {
+        let age = jiff::Timestamp::now().duration_since(t.0);
+        age < jiff::SignedDuration::from_secs((duration + slack).as_secs() as i64)
+    })
+}
 
 /// Whether a Node condition's heartbeat is more recent than `within`.
 #[cfg(feature = "crd")]
@@ -52,4 +96,41 @@ pub fn condition<'a>(
 pub fn agent_alive(n: &k8s_openapi::api::core::v1::Node) -> bool {
     let within = 2 * HEARTBEAT + Duration::from_secs(30);
     condition(n, CONDITION).is_some_and(|c| heartbeat_within(c, within))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_lease_names_are_valid_and_distinct() {
+        assert_eq!(heartbeat_lease("node1"), "margay-node-node1");
+        let long_a = format!("{}a", "x".repeat(250));
+        let long_b = format!("{}b", "x".repeat(250));
+        let (a, b) = (heartbeat_lease(&long_a), heartbeat_lease(&long_b));
+        assert!(a.len() <= 253 && b.len() <= 253, "{} {}", a.len(), b.len());
+        assert_ne!(a, b);
+        assert!(a.starts_with("margay-node-xxx"));
+    }
+
+    #[cfg(feature = "crd")]
+    #[test]
+    fn a_lease_is_alive_within_its_duration() {
+        use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let at = |ago: i64| Lease {
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(
+                    jiff::Timestamp::now() - jiff::SignedDuration::from_secs(ago),
+                )),
+                lease_duration_seconds: Some(90),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(lease_alive(&at(10), Duration::ZERO));
+        assert!(!lease_alive(&at(100), Duration::ZERO));
+        assert!(lease_alive(&at(100), Duration::from_secs(30)));
+        assert!(!lease_alive(&Lease::default(), Duration::from_secs(30)));
+    }
 }

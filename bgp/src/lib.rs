@@ -22,6 +22,6 @@ pub mod prefix_map;
 pub mod rib;
 pub mod speaker;
 mod state;
-mod task;
+pub mod task;
 
 pub use error::{Error, Result};

@@ -399,6 +399,31 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         ("get", "secrets", Some("kube-system"), ALLOWED),
         ("patch", "bgppeers.margay.dev/status", None, ALLOWED),
         ("patch", "nodes/status", None, ALLOWED),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            Some("kube-system"),
+            ALLOWED,
+        ),
+        (
+            "watch",
+            "leases.coordination.k8s.io",
+            Some("kube-system"),
+            ALLOWED,
+        ),
+        (
+            "delete",
+            "leases.coordination.k8s.io",
+            Some("kube-system"),
+            DENIED,
+        ),
+        (
+            "create",
+            "leases.coordination.k8s.io",
+            Some("default"),
+            DENIED,
+        ),
+        ("watch", "secrets", Some("kube-system"), DENIED),
     ] {
         let what = if want == ALLOWED { "allowed" } else { "denied" };
         assert_eq!(
@@ -411,4 +436,67 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     let napi: Api<KubeNode> = Api::all(sa);
     let e = napi.delete("n1", &Default::default()).await.unwrap_err();
     assert!(e.to_string().contains("forbidden"), "{e}");
+
+    // A password Secret the chart does not let the agent watch (it is not
+    // in bgp.passwordSecrets) is read by name instead: reported missing
+    // while it is, and used once it exists.
+    let peers: Api<margay_api::bgp::BGPPeer> = Api::all(admin.clone());
+    peers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
+                "metadata": {"name": "pw-peer"},
+                "spec": {"peerIP": "10.99.0.250", "asNumber": 65010,
+                         "password": {"name": "bgp-pw", "key": "pw"}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let condition = |nodes: Api<KubeNode>| async move {
+        let n = nodes.get("n1").await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(
+            margay_api::node::condition(&n, "MargayReady")
+                .and_then(|c| c.message.clone())
+                .unwrap_or_default(),
+        )
+    };
+    wait::until_async(
+        "the missing password Secret on the Node",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        || async {
+            let m = condition(nodes.clone()).await?;
+            Ok(m.contains("password Secret bgp-pw/pw not found")
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("reading it by name every"), "{log}");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), "kube-system");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "bgp-pw"}, "stringData": {"pw": "s3cret"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    wait::until_async(
+        "the password found (one resync period)",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            let m = condition(nodes.clone()).await?;
+            Ok((!m.contains("bgp-pw")).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
 }

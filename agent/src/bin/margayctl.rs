@@ -39,6 +39,14 @@ struct Cli {
         global = true
     )]
     agent: String,
+    /// The agents' namespace (their heartbeat Leases).
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "kube-system",
+        global = true
+    )]
+    namespace: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -166,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         !addresses.is_empty(),
                         "nothing to release: give --address or --from-report"
                     );
-                    match ctl::release(&client, store, &addresses, force).await {
+                    match ctl::release(&client, &cli.namespace, store, &addresses, force).await {
                         Ok(done) => {
                             print(cli.output, &done, || {
                                 done.iter().map(|d| format!("{d}\n")).collect()

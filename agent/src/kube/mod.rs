@@ -2,14 +2,16 @@
 //! client: watched inputs that know whether they are current ([`Known`],
 //! from `margay_ipam::k8s::reflect`), [`node`] (this node's identity annotations and its
 //! `MargayReady` condition), [`valid`] (the `Valid` condition of BGP
-//! objects), [`secrets`] (BGP passwords). What to write is decided
+//! objects), [`secrets`] (BGP passwords, watched by name), [`lease`] (the
+//! leader election and this agent's heartbeat). What to write is decided
 //! elsewhere (the routing plan); this module only reads and writes.
 
+pub mod lease;
 pub mod node;
 pub mod secrets;
 pub mod valid;
 
-pub use margay_ipam::k8s::reflect::{Known, Watched, watch};
+pub use margay_ipam::k8s::reflect::{Known, Watched, watch, watch_with};
 
 /// Patches the status of cluster-scoped object `name` (`what` names it in
 /// the error).

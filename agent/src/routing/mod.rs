@@ -65,6 +65,8 @@ pub struct RoutingCtx<D> {
     pub store: Arc<KubeStore>,
     /// Notified by every watch the loop reads (the store's too).
     pub poke: Arc<Notify>,
+    /// Whether this agent holds the leader Lease.
+    pub leader: watch::Receiver<bool>,
     /// IPAM (the VXLAN tunnel address).
     pub alloc: Allocator,
     /// The kernel.
@@ -188,7 +190,13 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     let mut own = ctx.own_blocks.clone();
     let mut host: Known<Vec<(String, IpNetwork)>> = Known::Unknown("not read yet".into());
     let mut tunnel_ip: Option<Ipv4Addr> = None;
-    let mut secrets = None;
+    let mut secrets = crate::kube::secrets::SecretWatches::new(
+        ctx.client.clone(),
+        &ctx.namespace,
+        poke.clone(),
+        ctx.every,
+    );
+    let mut leader = ctx.leader.clone();
     let mut why = "start";
     loop {
         let t = Instant::now();
@@ -205,20 +213,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             })
             .unwrap_or_default();
         let own_blocks = own.borrow_and_update().clone();
-        // Passwords are read by name (no watch on Secrets: the agent may
-        // only get the ones it needs), again when the peerings name others
-        // and once per resync period otherwise.
-        if secrets
-            .as_ref()
-            .is_none_or(|(r, _, at): &(_, _, Instant)| *r != refs || at.elapsed() >= ctx.every)
-        {
-            let pw = crate::kube::secrets::passwords(&ctx.client, &ctx.namespace, &refs).await;
-            secrets = Some((refs.clone(), pw, Instant::now()));
-        }
-        let passwords = secrets
-            .as_ref()
-            .map(|(_, p, _)| p.clone())
-            .unwrap_or_default();
+        let passwords = secrets.passwords(&refs).await;
         let snap = Snapshot {
             node: ctx.node.clone(),
             node_ip: ctx.node_ip.clone(),
@@ -237,6 +232,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             passwords,
             host: host.clone(),
             tunnel_ip,
+            leader: *leader.borrow_and_update(),
             speaker: bgp.view(),
         };
         let out = apply::apply(plan::plan(&snap), ctx.dp.as_ref(), &mut bgp, &cluster).await;
@@ -260,6 +256,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         why = tokio::select! {
             _ = poke.notified() => "watch",
             _ = own.changed() => "own blocks",
+            Ok(()) = leader.changed() => "leadership",
             _ = changed(&mut learned) => "learned routes",
             _ = changed(&mut synced) => "BGP sync",
             _ = tokio::time::sleep(ctx.every) => "resync",

@@ -106,6 +106,10 @@ pub struct Snapshot {
     pub host: Known<Vec<(String, IpNetwork)>>,
     /// This node's VXLAN tunnel address, once allocated.
     pub tunnel_ip: Option<Ipv4Addr>,
+    /// This agent holds the leader Lease: it writes the cluster-wide
+    /// `Valid` conditions (every agent still judges each object for its
+    /// own sessions and reports on its own Node).
+    pub leader: bool,
     /// The speaker.
     pub speaker: SpeakerView,
 }
@@ -384,8 +388,9 @@ pub fn plan(s: &Snapshot) -> Plan {
         local_vtep,
         speaker,
         remote,
-        valid_configs,
-        valid_peers,
+        // Written by the leader only: every agent would write the same.
+        valid_configs: if s.leader { valid_configs } else { Vec::new() },
+        valid_peers: if s.leader { valid_peers } else { Vec::new() },
         problems,
         unknown,
     }

@@ -191,6 +191,7 @@ fn snapshot() -> Snapshot {
         passwords: BTreeMap::new(),
         host: Known::Fresh(vec![("eth0".into(), net("10.0.0.1/24"))]),
         tunnel_ip: None,
+        leader: true,
         speaker: SpeakerView::default(),
     };
     let p = plan(&s);

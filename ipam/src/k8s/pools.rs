@@ -4,7 +4,7 @@
 //! released (its deletion is reported as `Ready=False, Terminating` with
 //! the number of addresses still allocated).
 
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use margay_api::ipam::{IPPool, POOL_FINALIZER};
 
@@ -12,16 +12,19 @@ use super::KubeStore;
 use crate::Store;
 use crate::model::pool_statuses;
 
-/// One pass over every pool. Finalizer changes carry the resourceVersion
-/// just read, so a pool changed meanwhile is left for the next pass.
+/// One pass over every pool, read from the API now (one-shot callers).
 pub async fn reconcile(client: &Client) -> crate::Result<()> {
-    let api: Api<IPPool> = Api::all(client.clone());
-    let pools = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| super::map_err("ippools", e))?
-        .items;
-    let store = KubeStore::new(client.clone(), std::time::Duration::ZERO);
+    reconcile_with(&KubeStore::new(client.clone(), std::time::Duration::ZERO)).await
+}
+
+/// One pass over every pool, reading pools and blocks through `store`
+/// (the cluster-wide store serves them from its watches: a pass with
+/// nothing to change makes no request). Finalizer changes carry the
+/// resourceVersion just read, so a pool changed meanwhile is left for the
+/// next pass.
+pub async fn reconcile_with(store: &KubeStore) -> crate::Result<()> {
+    let api: Api<IPPool> = Api::all(store.client().clone());
+    let pools = store.pools().await?;
     let blocks = store.list_blocks().await?;
     let statuses = pool_statuses(&pools, &blocks);
     for pool in &pools {

@@ -78,8 +78,8 @@ impl<T> Known<T> {
 
 #[derive(Debug, Clone)]
 enum Health {
-    /// The first list has not completed.
-    Listing,
+    /// The first list has not completed (the last attempt's error).
+    Listing(Option<String>),
     /// Watching.
     Current,
     /// The watch failed (since when, why); the watcher is retrying.
@@ -103,7 +103,10 @@ where
     /// Every object, and whether that is current.
     pub fn read(&self) -> Known<Vec<Arc<K>>> {
         match &*self.health.lock().expect("health") {
-            Health::Listing => Known::Unknown(format!("{} not listed yet", self.what)),
+            Health::Listing(None) => Known::Unknown(format!("{} not listed yet", self.what)),
+            Health::Listing(Some(e)) => {
+                Known::Unknown(format!("{} not listed yet: {e}", self.what))
+            }
             Health::Current => Known::Fresh(self.store.state()),
             Health::Broken(since, why) => Known::Stale(
                 self.store.state(),
@@ -169,7 +172,7 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, mut writer) = reflector::store();
-    let health = Arc::new(Mutex::new(Health::Listing));
+    let health = Arc::new(Mutex::new(Health::Listing(None)));
     let h = health.clone();
     let task = async move {
         let mut warned: Option<Instant> = None;
@@ -189,8 +192,10 @@ where
                         // Stale from now on (no pass is woken for it: what
                         // the store holds is unchanged, only its age).
                         let mut g = h.lock().expect("health");
-                        if matches!(*g, Health::Current) {
-                            *g = Health::Broken(Instant::now(), e.to_string());
+                        match &mut *g {
+                            Health::Current => *g = Health::Broken(Instant::now(), e.to_string()),
+                            Health::Listing(last) => *last = Some(e.to_string()),
+                            Health::Broken(..) => {}
                         }
                         break;
                     }

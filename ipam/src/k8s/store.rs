@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::{Block, Cluster, Error, Store};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
@@ -55,18 +56,31 @@ pub struct KubeStore {
 
 /// What a watched store reads from watches.
 struct Watches {
-    node: String,
+    /// Only current contents answer (stale ones are an error).
+    strict: bool,
     pools: Watched<IPPool>,
     config: Watched<IPAMConfiguration>,
-    me: Watched<Node>,
+    /// This node (a node's store).
+    me: Option<(String, Watched<Node>)>,
+    /// Every block, node and pod (the cluster-wide store).
+    cluster: Option<ClusterWatches>,
 }
 
-/// A watched value as the store answers it: current or last known; an
-/// error only when nothing was ever read.
-fn known<T>(k: Known<T>) -> Result<T> {
-    match k {
-        Known::Fresh(v) | Known::Stale(v, _) => Ok(v),
-        Known::Unknown(why) => Err(Error::Unavailable(why)),
+struct ClusterWatches {
+    blocks: Watched<IPAMBlock>,
+    nodes: Watched<PartialObjectMeta<Node>>,
+    pods: Watched<PartialObjectMeta<Pod>>,
+}
+
+impl Watches {
+    /// A watched value as the store answers it: current, or (unless
+    /// strict) last known; an error when nothing (current) was read.
+    fn known<T>(&self, k: Known<T>) -> Result<T> {
+        match k {
+            Known::Fresh(v) => Ok(v),
+            Known::Stale(v, _) if !self.strict => Ok(v),
+            Known::Stale(_, why) | Known::Unknown(why) => Err(Error::Unavailable(why)),
+        }
     }
 }
 
@@ -98,7 +112,9 @@ impl KubeStore {
 
     /// A store for node `node` whose pools, IPAM settings and node labels
     /// come from watches (`poke` is notified on every change); the returned
-    /// task keeps them and never ends: run it beside the store.
+    /// task keeps them and never ends: run it beside the store. Last known
+    /// contents answer while a watch is down (a node keeps allocating from
+    /// the pools it knew); blocks are read from the API.
     pub fn watched(
         client: Client,
         node: &str,
@@ -114,13 +130,47 @@ impl KubeStore {
         );
         let mut store = Self::new(client, Duration::ZERO);
         store.watches = Some(Watches {
-            node: node.to_string(),
+            strict: false,
             pools,
             config,
-            me,
+            me: Some((node.to_string(), me)),
+            cluster: None,
         });
         let task = async move {
             futures::join!(t1, t2, t3);
+        };
+        (store, task)
+    }
+
+    /// A store for cluster-wide work (pool status, garbage collection)
+    /// whose every read (pools, settings, blocks, node names, pod UIDs)
+    /// comes from watches, current only: a watch that is down makes its
+    /// reads fail, so nothing is decided on stale contents. Writes and the
+    /// read-now checks (`get_block`, `node_exists`, `pod_uid`) go to the
+    /// API. The task keeps the watches and never ends.
+    pub fn cluster_watched(
+        client: Client,
+        poke: Arc<Notify>,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (pools, t1) = watch(Api::all(client.clone()), "IPPools", poke.clone());
+        let (config, t2) = watch(Api::all(client.clone()), "IPAMConfigurations", poke.clone());
+        let (blocks, t3) = watch(Api::all(client.clone()), "IPAMBlocks", poke.clone());
+        let (nodes, t4) = watch(Api::all(client.clone()), "Nodes", poke.clone());
+        let (pods, t5) = watch(Api::all(client.clone()), "Pods", poke);
+        let mut store = Self::new(client, Duration::ZERO);
+        store.watches = Some(Watches {
+            strict: true,
+            pools,
+            config,
+            me: None,
+            cluster: Some(ClusterWatches {
+                blocks,
+                nodes,
+                pods,
+            }),
+        });
+        let task = async move {
+            futures::join!(t1, t2, t3, t4, t5);
         };
         (store, task)
     }
@@ -129,6 +179,16 @@ impl KubeStore {
     /// made by [`KubeStore::watched`].
     pub fn pool_watch(&self) -> Option<&Watched<IPPool>> {
         self.watches.as_ref().map(|w| &w.pools)
+    }
+
+    /// The API client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn cluster(&self) -> Option<(&Watches, &ClusterWatches)> {
+        let w = self.watches.as_ref()?;
+        Some((w, w.cluster.as_ref()?))
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -143,13 +203,26 @@ impl KubeStore {
 
 impl Store for KubeStore {
     async fn list_blocks(&self) -> Result<Vec<Block>> {
-        let list = self
-            .blocks
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| map_err("ipamblocks", e))?;
-        let mut out = Vec::with_capacity(list.items.len());
-        for res in &list.items {
+        let items: Vec<IPAMBlock> = match self
+            .watches
+            .as_ref()
+            .and_then(|w| Some((w, w.cluster.as_ref()?)))
+        {
+            Some((w, c)) => w
+                .known(c.blocks.read())?
+                .iter()
+                .map(|b| (**b).clone())
+                .collect(),
+            None => {
+                self.blocks
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| map_err("ipamblocks", e))?
+                    .items
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for res in &items {
             match Block::from_resource(res) {
                 Ok(b) => out.push(b),
                 // A corrupt block is left alone (and its addresses are
@@ -212,7 +285,9 @@ impl Store for KubeStore {
 
     async fn pools(&self) -> Result<Vec<IPPool>> {
         if let Some(w) = &self.watches {
-            return known(w.pools.read()).map(|p| p.iter().map(|p| (**p).clone()).collect());
+            return w
+                .known(w.pools.read())
+                .map(|p| p.iter().map(|p| (**p).clone()).collect());
         }
         if let Some(p) = fresh(&self.cache().pools, self.ttl) {
             return Ok(p);
@@ -229,7 +304,7 @@ impl Store for KubeStore {
 
     async fn config(&self) -> Result<IPAMConfigurationSpec> {
         if let Some(w) = &self.watches {
-            return known(w.config.read()).map(|all| {
+            return w.known(w.config.read()).map(|all| {
                 all.iter()
                     .find(|c| c.name_any() == CONFIG_NAME)
                     .map(|c| c.spec.clone())
@@ -251,8 +326,13 @@ impl Store for KubeStore {
     }
 
     async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>> {
-        if let Some(w) = self.watches.as_ref().filter(|w| w.node == node) {
-            return known(w.me.read())
+        if let Some((w, me)) = self
+            .watches
+            .as_ref()
+            .and_then(|w| Some((w, w.me.as_ref().filter(|(n, _)| n == node)?.1.read())))
+        {
+            return w
+                .known(me)
                 .map(|n| n.first().map(|n| n.labels().clone()).unwrap_or_default());
         }
         if let Some((at, l)) = self.cache().labels.get(node)
@@ -276,6 +356,11 @@ impl Store for KubeStore {
 
 impl Cluster for KubeStore {
     async fn nodes(&self) -> Result<BTreeSet<String>> {
+        if let Some((w, c)) = self.cluster() {
+            return w
+                .known(c.nodes.read())
+                .map(|n| n.iter().map(|n| n.name_any()).collect());
+        }
         let api: Api<Node> = Api::all(self.client.clone());
         let list = api
             .list_metadata(&ListParams::default())
@@ -293,13 +378,21 @@ impl Cluster for KubeStore {
     }
 
     async fn pods(&self) -> Result<HashMap<(String, String), String>> {
-        let api: Api<Pod> = Api::all(self.client.clone());
-        let list = api
-            .list_metadata(&ListParams::default())
-            .await
-            .map_err(|e| map_err("pods", e))?;
-        Ok(list
-            .items
+        let items: Vec<PartialObjectMeta<Pod>> = match self.cluster() {
+            Some((w, c)) => w
+                .known(c.pods.read())?
+                .iter()
+                .map(|p| (**p).clone())
+                .collect(),
+            None => {
+                let api: Api<Pod> = Api::all(self.client.clone());
+                api.list_metadata(&ListParams::default())
+                    .await
+                    .map_err(|e| map_err("pods", e))?
+                    .items
+            }
+        };
+        Ok(items
             .iter()
             .map(|p| {
                 (

@@ -1,0 +1,87 @@
+//! The cluster-wide writes, done by the elected agent only
+//! ([`crate::kube::lease::elect`]): each IPPool's status and in-use
+//! finalizer, and garbage collection (addresses of deleted pods, blocks of
+//! deleted nodes).
+//!
+//! While this agent leads, it watches every pool, block, Node (metadata)
+//! and Pod (metadata) through a cluster-wide store whose reads are current
+//! or fail ([`KubeStore::cluster_watched`]): the pool status is recomputed
+//! when any of them changes and written only where it differs; collection
+//! runs every `gc_every` on the watched contents and reads the API only to
+//! confirm a candidate right before releasing it. Losing the lease drops
+//! the watches and stops both at once; a write already sent is a
+//! compare-and-swap, so a former leader's late write cannot undo a newer
+//! one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use margay_bgp::task::Owned;
+use margay_ipam::gc::Janitor;
+use margay_ipam::k8s::KubeStore;
+use tokio::sync::{Notify, watch};
+
+/// How often the pool status is recomputed when nothing pokes it (from the
+/// watches: costs no request unless something differs).
+const POOL_EVERY: Duration = Duration::from_secs(60);
+/// Changes are gathered this long into one pool status pass.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Runs the duties whenever `leader` is true; never ends.
+pub async fn run(client: kube::Client, gc_every: Option<Duration>, leader: watch::Receiver<bool>) {
+    let mut leader = leader;
+    loop {
+        if leader.wait_for(|l| *l).await.is_err() {
+            // The election ended (the agent is stopping).
+            return std::future::pending().await;
+        }
+        tracing::info!("leader: pool status and garbage collection run on this agent");
+        tokio::select! {
+            () = lead(client.clone(), gc_every) => {}
+            _ = leader.wait_for(|l| !*l) => {}
+        }
+        tracing::info!("leader: pool status and garbage collection stopped on this agent");
+    }
+}
+
+/// The duties of one term as leader (until dropped).
+async fn lead(client: kube::Client, gc_every: Option<Duration>) {
+    let poke = Arc::new(Notify::new());
+    let (store, watches) = KubeStore::cluster_watched(client, poke.clone());
+    let _watches = Owned::spawn(watches);
+    let store = Arc::new(store);
+    let mut janitor = Janitor::new(store.clone());
+    let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(3600)));
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick of an interval is immediate: collection starts one
+    // period into the term, once the watches have listed.
+    gc.tick().await;
+    loop {
+        tokio::select! {
+            _ = poke.notified() => {
+                tokio::time::sleep(SETTLE).await;
+                pools(&store).await;
+            }
+            _ = tokio::time::sleep(POOL_EVERY) => pools(&store).await,
+            _ = gc.tick(), if gc_every.is_some() => {
+                match janitor.run_once().await {
+                    Ok(r) if !r.released.is_empty() || !r.blocks_deleted.is_empty() => {
+                        tracing::info!(
+                            released = r.released.len(),
+                            blocks = r.blocks_deleted.len(),
+                            "garbage collection"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("garbage collection: {e}"),
+                }
+            }
+        }
+    }
+}
+
+async fn pools(store: &KubeStore) {
+    if let Err(e) = margay_ipam::k8s::pools::reconcile_with(store).await {
+        tracing::debug!("pool status: {e}");
+    }
+}

@@ -1,0 +1,307 @@
+//! `coordination.k8s.io` Leases in the agent's namespace, for two things:
+//!
+//! - [`elect`]: one agent does the cluster-wide writes (pool status and
+//!   finalizers, leak and dead-node collection, the `Valid` condition of
+//!   BGP objects): the holder of [`LEADER`]. The others only watch it, so
+//!   an agent that is not the leader costs the API no request for them.
+//! - [`heartbeat`]: each agent renews its own Lease
+//!   ([`margay_api::node::heartbeat_lease`]), which `margayctl` reads to
+//!   tell a live agent from a dead one. A Lease is watched by nobody, so a
+//!   heartbeat costs one small write and no watch events, where a Node
+//!   status heartbeat reached every agent watching Nodes.
+//!
+//! Expiry is judged as client-go's leader election does: by how long the
+//! lease record has been seen unchanged on this agent's own clock, never by
+//! comparing the holder's timestamps with ours (clocks may disagree). The
+//! holder stops acting as leader [`RENEW_DEADLINE`] after its last
+//! successful renewal, before anyone may take over ([`DURATION`] after they
+//! last saw it change). Two takers race with a compare-and-swap on the
+//! Lease's `resourceVersion`: one wins.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::watcher;
+use margay_bgp::task::Owned;
+use tokio::sync::{Notify, watch};
+
+use super::Known;
+
+/// The leader Lease's name.
+pub const LEADER: &str = "margay-agent-leader";
+/// How often the leader renews.
+pub const RENEW: Duration = Duration::from_secs(15);
+/// The leader stops leading this long after its last successful renewal.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(30);
+/// Others may take the lease once it has been seen unchanged this long.
+pub const DURATION: Duration = Duration::from_secs(45);
+
+/// What to do about the leader lease now (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nobody holds it: create it.
+    Create,
+    /// Ours and due for renewal: renew it.
+    Renew,
+    /// Someone else's, not renewed for [`DURATION`] as we saw it: take it.
+    Take,
+    /// Ours and fresh, or someone else's and fresh: nothing.
+    Wait,
+}
+
+/// The step for `lease` (`None`: it does not exist) seen by `me`, whose
+/// record has looked the same for `unchanged`, `renewed` being how long
+/// ago our own last successful write was.
+pub fn step(
+    lease: Option<&LeaseSpec>,
+    me: &str,
+    unchanged: Duration,
+    renewed: Option<Duration>,
+) -> Step {
+    let Some(l) = lease else { return Step::Create };
+    let holder = l.holder_identity.as_deref().unwrap_or("");
+    let duration = l
+        .lease_duration_seconds
+        .map_or(DURATION, |s| Duration::from_secs(s.max(1) as u64));
+    if holder == me {
+        // Renew on schedule; also when this agent restarted and finds its
+        // own record (same identity: nobody else acted on it meanwhile).
+        return match renewed {
+            Some(ago) if ago < RENEW => Step::Wait,
+            _ => Step::Renew,
+        };
+    }
+    if holder.is_empty() || unchanged >= duration {
+        Step::Take
+    } else {
+        Step::Wait
+    }
+}
+
+/// The spec `me` writes, keeping `acquired` when it already held it.
+fn spec(me: &str, transitions: i32, acquired: Option<MicroTime>, duration: Duration) -> LeaseSpec {
+    let now = MicroTime(jiff::Timestamp::now());
+    LeaseSpec {
+        holder_identity: Some(me.to_string()),
+        lease_duration_seconds: Some(duration.as_secs() as i32),
+        acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+        renew_time: Some(now),
+        lease_transitions: Some(transitions),
+        ..Default::default()
+    }
+}
+
+/// The Lease to write for `step` over `current` (pure but for the clock).
+fn write_for(
+    step: Step,
+    current: Option<&Lease>,
+    name: &str,
+    namespace: &str,
+    me: &str,
+    duration: Duration,
+) -> Option<Lease> {
+    match (step, current) {
+        (Step::Wait, _) => None,
+        (Step::Create, _) | (_, None) => Some(Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            spec: Some(spec(me, 0, None, duration)),
+        }),
+        (Step::Renew | Step::Take, Some(l)) => {
+            let mut l = l.clone();
+            let s = l.spec.take().unwrap_or_default();
+            let ours = s.holder_identity.as_deref() == Some(me);
+            let transitions = s.lease_transitions.unwrap_or(0) + i32::from(!ours);
+            let acquired = if ours { s.acquire_time } else { None };
+            l.spec = Some(spec(me, transitions, acquired, duration));
+            Some(l)
+        }
+    }
+}
+
+async fn put(api: &Api<Lease>, l: &Lease) -> kube::Result<Lease> {
+    if l.metadata.resource_version.is_some() {
+        let name = l.metadata.name.clone().unwrap_or_default();
+        api.replace(&name, &PostParams::default(), l).await
+    } else {
+        api.create(&PostParams::default(), l).await
+    }
+}
+
+/// Keeps `leader` true while this agent (`me`) holds [`LEADER`] in
+/// `namespace`. Never ends.
+pub async fn elect(
+    client: kube::Client,
+    namespace: String,
+    me: String,
+    leader: watch::Sender<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let poke = Arc::new(Notify::new());
+    let (seen, task) = super::watch_with(
+        api.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={LEADER}")),
+        "the leader Lease",
+        poke.clone(),
+    );
+    let _watching = Owned::spawn(task);
+    // The record as last seen, and since when (our clock).
+    let mut record: Option<(Option<String>, Option<MicroTime>)> = None;
+    let mut since = Instant::now();
+    let mut renewed: Option<Instant> = None;
+    loop {
+        // Only a current view of the lease is acted on; otherwise only our
+        // own renewals count (and run out).
+        if let Known::Fresh(all) = seen.read() {
+            let current = all.first().map(|l| (**l).clone());
+            let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+            let now_record = spec.map(|s| (s.holder_identity.clone(), s.renew_time.clone()));
+            if now_record != record {
+                record = now_record;
+                since = Instant::now();
+            }
+            let s = step(spec, &me, since.elapsed(), renewed.map(|t| t.elapsed()));
+            if spec.is_some_and(|s| s.holder_identity.as_deref() != Some(me.as_str()))
+                && s == Step::Wait
+            {
+                // Someone else holds it.
+                renewed = None;
+            }
+            if let Some(l) = write_for(s, current.as_ref(), LEADER, &namespace, &me, DURATION) {
+                match put(&api, &l).await {
+                    Ok(_) => {
+                        if renewed.is_none() {
+                            tracing::info!("leader: this agent now does the cluster-wide writes");
+                        }
+                        renewed = Some(Instant::now());
+                    }
+                    // Another agent won the compare-and-swap, or the API did
+                    // not answer: the watch shows who holds it next.
+                    Err(e) => tracing::debug!("leader lease: {e}"),
+                }
+            }
+        }
+        let leading = renewed.is_some_and(|t| t.elapsed() < RENEW_DEADLINE);
+        if !leading && renewed.take().is_some() {
+            tracing::warn!("leader: lease not renewed; no longer doing the cluster-wide writes");
+        }
+        leader.send_if_modified(|l| std::mem::replace(l, leading) != leading);
+        tokio::select! {
+            _ = poke.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Renews this agent's heartbeat Lease `name` in `namespace` every
+/// [`margay_api::node::HEARTBEAT_RENEW`]. Never ends; failures are retried
+/// on the next tick.
+pub async fn heartbeat(client: kube::Client, namespace: String, name: String, me: String) {
+    use margay_api::node::{HEARTBEAT_DURATION, HEARTBEAT_RENEW};
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let mut current: Option<Lease> = None;
+    let mut warned = false;
+    loop {
+        if current.is_none() {
+            current = api.get_opt(&name).await.unwrap_or(None);
+        }
+        let s = if current.is_some() {
+            Step::Renew
+        } else {
+            Step::Create
+        };
+        let l = write_for(
+            s,
+            current.as_ref(),
+            &name,
+            &namespace,
+            &me,
+            HEARTBEAT_DURATION,
+        );
+        match put(&api, l.as_ref().expect("a write for Renew/Create")).await {
+            Ok(l) => {
+                current = Some(l);
+                warned = false;
+            }
+            Err(e) => {
+                // Read again next time (a conflict means someone else wrote).
+                current = None;
+                if !warned {
+                    tracing::warn!("heartbeat Lease {namespace}/{name}: {e}");
+                    warned = true;
+                }
+            }
+        }
+        tokio::time::sleep(HEARTBEAT_RENEW).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(by: &str) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(by.into()),
+            lease_duration_seconds: Some(45),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_holder_renews_and_others_wait_until_it_stops() {
+        let s = Duration::from_secs;
+        assert_eq!(step(None, "n1", s(0), None), Step::Create);
+        // The holder renews on schedule, also after its own restart.
+        assert_eq!(step(Some(&held("n1")), "n1", s(1), Some(s(1))), Step::Wait);
+        assert_eq!(
+            step(Some(&held("n1")), "n1", s(16), Some(s(16))),
+            Step::Renew
+        );
+        assert_eq!(step(Some(&held("n1")), "n1", s(100), None), Step::Renew);
+        // Others wait for the record to sit unchanged a full duration.
+        assert_eq!(step(Some(&held("n1")), "n2", s(30), None), Step::Wait);
+        assert_eq!(step(Some(&held("n1")), "n2", s(45), None), Step::Take);
+        // A released lease (no holder) is free at once.
+        assert_eq!(step(Some(&held("")), "n2", s(0), None), Step::Take);
+        // The holder gives up before anyone may take over.
+        assert!(RENEW < RENEW_DEADLINE && RENEW_DEADLINE < DURATION);
+    }
+
+    #[test]
+    fn writes_keep_the_acquire_time_and_count_transitions() {
+        let mine = Lease {
+            metadata: ObjectMeta {
+                name: Some(LEADER.into()),
+                resource_version: Some("7".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("n1".into()),
+                acquire_time: Some(MicroTime(jiff::Timestamp::UNIX_EPOCH)),
+                lease_transitions: Some(2),
+                ..Default::default()
+            }),
+        };
+        let renew = write_for(Step::Renew, Some(&mine), LEADER, "ns", "n1", DURATION).unwrap();
+        let s = renew.spec.unwrap();
+        assert_eq!(renew.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(s.acquire_time, Some(MicroTime(jiff::Timestamp::UNIX_EPOCH)));
+        assert_eq!(s.lease_transitions, Some(2));
+        let take = write_for(Step::Take, Some(&mine), LEADER, "ns", "n2", DURATION).unwrap();
+        let s = take.spec.unwrap();
+        assert_eq!(s.holder_identity.as_deref(), Some("n2"));
+        assert_eq!(s.lease_transitions, Some(3));
+        assert_ne!(s.acquire_time, Some(MicroTime(jiff::Timestamp::UNIX_EPOCH)));
+        let create = write_for(Step::Create, None, LEADER, "ns", "n1", DURATION).unwrap();
+        assert!(create.metadata.resource_version.is_none());
+        assert_eq!(create.spec.unwrap().lease_duration_seconds, Some(45));
+        assert!(write_for(Step::Wait, Some(&mine), LEADER, "ns", "n1", DURATION).is_none());
+    }
+}
