@@ -13,6 +13,7 @@ use margay_api::status::AgentStatus;
 use margay_ipam::gc::{find_leaks, orphaned_blocks};
 use margay_ipam::k8s::KubeStore;
 use margay_ipam::model::{Block, validate_pools};
+use margay_ipam::reserve::is_spare;
 use margay_ipam::{Allocator, Cluster as _, Options, Store};
 
 use crate::{Error, Result};
@@ -98,6 +99,24 @@ pub fn render_node_status(st: &AgentStatus) -> String {
     for p in &r.problems {
         o.push_str(&format!("  problem: {p}\n"));
     }
+    let api = &st.api;
+    match (api.answering, &api.last_error, api.answered_seconds_ago) {
+        (true, None, _) => o.push_str("  Kubernetes API: answering"),
+        (true, Some(e), _) => o.push_str(&format!(
+            "  Kubernetes API: answering, but it refused the heartbeat Lease ({e})"
+        )),
+        (false, Some(e), Some(ago)) => o.push_str(&format!(
+            "  Kubernetes API: NOT answering ({e}; last answer {} ago)",
+            since(ago)
+        )),
+        (false, Some(e), None) => o.push_str(&format!("  Kubernetes API: NOT answering ({e})")),
+        (false, None, _) => o.push_str("  Kubernetes API: not asked yet"),
+    }
+    o.push_str(if api.leader {
+        "; this agent is the leader (pool status, garbage collection)\n"
+    } else {
+        "\n"
+    });
     o.push_str("\nBGP sessions\n");
     let head = [
         "PEER",
@@ -160,6 +179,7 @@ fn size(net: &ipnetwork::IpNetwork) -> String {
 /// Builds `ipam show` from the pools and blocks.
 pub fn ipam_show(pools: &[margay_api::ipam::IPPool], blocks: &[Block]) -> IpamShow {
     let (valid, _) = validate_pools(pools);
+    let spares = |b: &Block| b.allocations.values().filter(|a| is_spare(a)).count();
     let mut out = IpamShow::default();
     for p in &valid {
         let mine: Vec<&Block> = blocks.iter().filter(|b| b.pool == p.name).collect();
@@ -168,11 +188,12 @@ pub fn ipam_show(pools: &[margay_api::ipam::IPPool], blocks: &[Block]) -> IpamSh
             cidr: p.cidr.to_string(),
             encapsulation: p.encapsulation,
             used: mine.iter().map(|b| b.allocations.len()).sum(),
+            spares: mine.iter().map(|b| spares(b)).sum(),
             capacity: size(&p.cidr),
             blocks: mine.len(),
         });
     }
-    let mut per_node: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut per_node: BTreeMap<String, NodeUsage> = BTreeMap::new();
     for b in blocks {
         let node = b.node.clone().unwrap_or_else(|| "-".into());
         out.blocks.push(BlockUsage {
@@ -181,24 +202,25 @@ pub fn ipam_show(pools: &[margay_api::ipam::IPPool], blocks: &[Block]) -> IpamSh
             pool: b.pool.clone(),
             node: node.clone(),
             used: b.allocations.len(),
+            spares: spares(b),
             size: size(&b.cidr),
         });
-        let e = per_node.entry(node).or_default();
-        e.0 += 1;
-        e.1 += b.allocations.len();
-    }
-    out.nodes = per_node
-        .into_iter()
-        .map(|(node, (blocks, addresses))| NodeUsage {
+        let e = per_node.entry(node.clone()).or_insert_with(|| NodeUsage {
             node,
-            blocks,
-            addresses,
-        })
-        .collect();
+            blocks: 0,
+            addresses: 0,
+            spares: 0,
+        });
+        e.blocks += 1;
+        e.addresses += b.allocations.len();
+        e.spares += spares(b);
+    }
+    out.nodes = per_node.into_values().collect();
     out
 }
 
-/// `ipam show` as text.
+/// `ipam show` as text: IN USE counts addresses held by pods (and tunnel
+/// devices), SPARES those pre-assigned to a node for its next pods.
 pub fn render_ipam_show(s: &IpamShow) -> String {
     let mut o = String::from("IP pools\n");
     let head = [
@@ -206,6 +228,7 @@ pub fn render_ipam_show(s: &IpamShow) -> String {
         "CIDR",
         "ENCAPSULATION",
         "IN USE",
+        "SPARES",
         "CAPACITY",
         "BLOCKS",
     ];
@@ -217,27 +240,34 @@ pub fn render_ipam_show(s: &IpamShow) -> String {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            p.used.to_string(),
+            (p.used - p.spares).to_string(),
+            p.spares.to_string(),
             p.capacity.clone(),
             p.blocks.to_string(),
         ]
     }));
     o.push_str("\nNodes\n");
-    o.push_str(&table(&["NODE", "BLOCKS", "ADDRESSES"], &s.nodes, |n| {
-        vec![
-            n.node.clone(),
-            n.blocks.to_string(),
-            n.addresses.to_string(),
-        ]
-    }));
+    o.push_str(&table(
+        &["NODE", "BLOCKS", "IN USE", "SPARES"],
+        &s.nodes,
+        |n| {
+            vec![
+                n.node.clone(),
+                n.blocks.to_string(),
+                (n.addresses - n.spares).to_string(),
+                n.spares.to_string(),
+            ]
+        },
+    ));
     o.push_str("\nBlocks\n");
-    let head = ["BLOCK", "POOL", "NODE", "IN USE", "SIZE"];
+    let head = ["BLOCK", "POOL", "NODE", "IN USE", "SPARES", "SIZE"];
     o.push_str(&table(&head, &s.blocks, |b| {
         vec![
             b.cidr.clone(),
             b.pool.clone(),
             b.node.clone(),
-            b.used.to_string(),
+            (b.used - b.spares).to_string(),
+            b.spares.to_string(),
             b.size.clone(),
         ]
     }));
@@ -455,5 +485,37 @@ mod tests {
             t.contains("Duplicate addresses: 1") && t.contains("Orphaned blocks: 2"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn show_tells_pod_addresses_from_spares() {
+        let mut a = Block::new("10.0.0.0/26".parse().unwrap(), "p", "n1");
+        let rec = |handle: &str, pod: bool| margay_api::ipam::AllocationRecord {
+            handle: handle.into(),
+            node: "n1".into(),
+            use_: margay_api::ipam::AllowedUse::Workload,
+            pod: pod.then(|| margay_api::ipam::PodRef {
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: String::new(),
+            }),
+            since: String::new(),
+        };
+        a.allocations
+            .insert("10.0.0.1".parse().unwrap(), rec("c1.eth0", true));
+        a.allocations
+            .insert("10.0.0.2".parse().unwrap(), rec("spare.n1.1", false));
+        a.allocations
+            .insert("10.0.0.3".parse().unwrap(), rec("spare.n1.2", false));
+        // Named like a spare of another node: not a spare of n1.
+        a.allocations
+            .insert("10.0.0.4".parse().unwrap(), rec("spare.n2.1", false));
+        let s = ipam_show(&[], &[a]);
+        assert_eq!((s.nodes[0].addresses, s.nodes[0].spares), (4, 2));
+        assert_eq!((s.blocks[0].used, s.blocks[0].spares), (4, 2));
+        let t = render_ipam_show(&s);
+        let node = t.lines().find(|l| l.starts_with("n1 ")).unwrap();
+        let cells: Vec<&str> = node.split_whitespace().collect();
+        assert_eq!(cells, ["n1", "1", "2", "2"], "{t}");
     }
 }

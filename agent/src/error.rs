@@ -21,6 +21,15 @@ pub enum Error {
         /// The client's error.
         source: Box<kube::Error>,
     },
+    /// The Kubernetes API did not answer in time (a frozen or overloaded
+    /// apiserver); the request may or may not have been applied.
+    #[error("{what}: the Kubernetes API did not answer within {secs}s")]
+    NoAnswer {
+        /// What was asked.
+        what: String,
+        /// How long we waited.
+        secs: u64,
+    },
     /// The client configuration (kubeconfig, in-cluster) is unusable.
     #[error("Kubernetes client configuration: {0}")]
     ClientConfig(String),

@@ -142,6 +142,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // One agent, elected through a Lease, does the cluster-wide writes;
     // every agent renews its own heartbeat Lease.
     let (leader_tx, leader) = tokio::sync::watch::channel(false);
+    let _ = state.leader.set(leader.clone());
     {
         let (client, ns, me) = (client.clone(), args.namespace.clone(), node.clone());
         tasks.spawn("leader election", async move {
@@ -161,8 +162,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     {
         let (client, ns, me) = (client.clone(), args.namespace.clone(), node.clone());
         let name = margay_api::node::heartbeat_lease(&node);
+        let st = state.clone();
         tasks.spawn("heartbeat", async move {
-            crate::kube::lease::heartbeat(client, ns, name, me).await;
+            crate::kube::lease::heartbeat(client, ns, name, me, move |r| st.set_api(r)).await;
             Ok(())
         });
     }
@@ -175,7 +177,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Err(e) => {
                 tracing::warn!("start-up reconciliation: {e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(30));
+                wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     };

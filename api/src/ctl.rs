@@ -17,8 +17,11 @@ pub struct PoolUsage {
     pub cidr: String,
     /// How it is carried between nodes.
     pub encapsulation: Encapsulation,
-    /// Addresses allocated.
+    /// Addresses allocated (pre-assigned spares included).
     pub used: usize,
+    /// Of those, spares pre-assigned to nodes for their next pods.
+    #[serde(default)]
+    pub spares: usize,
     /// Addresses in the range (a decimal string: IPv6 ranges exceed 64 bits).
     pub capacity: String,
     /// Blocks claimed.
@@ -36,8 +39,11 @@ pub struct BlockUsage {
     pub pool: String,
     /// The node it is affine to (`-`: none).
     pub node: String,
-    /// Addresses allocated.
+    /// Addresses allocated (pre-assigned spares included).
     pub used: usize,
+    /// Of those, spares pre-assigned to the node for its next pods.
+    #[serde(default)]
+    pub spares: usize,
     /// Addresses in the block (a decimal string).
     pub size: String,
 }
@@ -49,8 +55,11 @@ pub struct NodeUsage {
     pub node: String,
     /// Blocks affine to it.
     pub blocks: usize,
-    /// Addresses allocated in them.
+    /// Addresses allocated in them (pre-assigned spares included).
     pub addresses: usize,
+    /// Of those, spares pre-assigned for its next pods.
+    #[serde(default)]
+    pub spares: usize,
 }
 
 /// `margayctl ipam show`.

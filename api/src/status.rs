@@ -101,6 +101,24 @@ pub struct RoutingStatus {
     pub remote_routes: usize,
 }
 
+/// How the Kubernetes API answers this agent, from its heartbeat Lease
+/// renewals (every 30 s; a frozen API that leaves every watch open and
+/// quiet shows here, not in the watched inputs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiView {
+    /// The last renewal was answered.
+    pub answering: bool,
+    /// Why the last renewal failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Seconds since the API last answered (`None`: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_seconds_ago: Option<u64>,
+    /// This agent holds the leader Lease (it writes pool status, collects
+    /// leaks and writes the `Valid` conditions).
+    pub leader: bool,
+}
+
 /// The agent's `/status` document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {
@@ -112,6 +130,9 @@ pub struct AgentStatus {
     pub not_ready: Vec<String>,
     /// The routing loop's findings.
     pub routing: RoutingStatus,
+    /// How the Kubernetes API answers.
+    #[serde(default)]
+    pub api: ApiView,
     /// BGP sessions.
     pub peers: Vec<NeighborView>,
     /// BGP best routes.

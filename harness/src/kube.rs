@@ -28,9 +28,33 @@ pub struct ApiServer {
     // directory goes last.
     apiserver: Daemon,
     etcd: Daemon,
+    /// How each was started, to start it again the same way.
+    apiserver_cmd: CommandLine,
+    etcd_cmd: CommandLine,
+    /// etcd's client port.
+    etcd_port: u16,
     port: u16,
     kubeconfig: PathBuf,
     dir: tempfile::TempDir,
+}
+
+/// A program and its arguments (a `Command` cannot be cloned).
+#[derive(Debug, Clone)]
+struct CommandLine(PathBuf, Vec<std::ffi::OsString>);
+
+impl CommandLine {
+    fn of(cmd: &Command) -> Self {
+        Self(
+            PathBuf::from(cmd.get_program()),
+            cmd.get_args().map(ToOwned::to_owned).collect(),
+        )
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.0);
+        c.args(&self.1);
+        c
+    }
 }
 
 /// A free TCP port on loopback (the listener is closed before returning).
@@ -80,6 +104,7 @@ impl ApiServer {
             ))
             .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
             .arg("--log-level=warn");
+        let etcd_line = CommandLine::of(&etcd_cmd);
         let mut etcd = Daemon::spawn("etcd", etcd_cmd, &d.join("etcd.log"))?;
 
         run(Command::new("openssl")
@@ -133,6 +158,7 @@ impl ApiServer {
                 "--enable-priority-and-fairness=false",
                 "--v=0",
             ]);
+        let apiserver_line = CommandLine::of(&api_cmd);
         let apiserver = Daemon::spawn("kube-apiserver", api_cmd, &d.join("apiserver.log"))?;
 
         let kubeconfig = d.join("kubeconfig");
@@ -140,6 +166,9 @@ impl ApiServer {
         let mut me = Self {
             apiserver,
             etcd,
+            apiserver_cmd: apiserver_line,
+            etcd_cmd: etcd_line,
+            etcd_port: client,
             port,
             kubeconfig,
             dir,
@@ -192,6 +221,42 @@ impl ApiServer {
         } else {
             Signal::SIGCONT
         })
+    }
+
+    /// Stops the kube-apiserver (SIGTERM, then SIGKILL); etcd keeps its
+    /// data. [`ApiServer::start_apiserver`] brings it back on the same port.
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver.stop(Duration::from_secs(5));
+    }
+
+    /// Starts the kube-apiserver again as it was started first, and waits
+    /// until it is ready.
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        self.apiserver = Daemon::spawn(
+            "kube-apiserver",
+            self.apiserver_cmd.command(),
+            &self.dir.path().join("apiserver.log"),
+        )?;
+        self.wait_ready().await
+    }
+
+    /// Restarts etcd (its data stays): the apiserver loses its datastore
+    /// for the time etcd takes to come back.
+    pub fn restart_etcd(&mut self) -> Result<()> {
+        self.etcd.stop(Duration::from_secs(5));
+        self.etcd = Daemon::spawn(
+            "etcd",
+            self.etcd_cmd.command(),
+            &self.dir.path().join("etcd.log"),
+        )?;
+        let port = self.etcd_port;
+        self.etcd.await_ready(
+            "etcd to listen again",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+        )?;
+        Ok(())
     }
 
     /// Path of an admin kubeconfig.

@@ -82,6 +82,14 @@ impl Daemon {
         }
     }
 
+    /// How the process ended, once it has (`None` while it runs, or when
+    /// it was stopped through this handle).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Fails with the log tail if the process has already exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         if self.is_running() {

@@ -272,7 +272,10 @@ fn usable_for(inputs: &Inputs, addrs: &[IpNetwork], use_: AllowedUse) -> bool {
 
 impl<S: Store> Actor<S> {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut tick = tokio::time::interval(self.opts.maintenance_every);
+        // The first maintenance is one period in (the inputs are still
+        // being listed at start).
+        let every = self.opts.maintenance_every;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

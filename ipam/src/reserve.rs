@@ -44,6 +44,12 @@ pub fn spare_prefix(node: &str) -> String {
     format!("spare.{node}.")
 }
 
+/// Whether an allocation is one of its node's pre-assigned spares (a spare
+/// handle of that node, attributed to no pod).
+pub fn is_spare(a: &margay_api::ipam::AllocationRecord) -> bool {
+    a.pod.is_none() && a.handle.starts_with(&spare_prefix(&a.node))
+}
+
 /// Addresses handed to a handle by [`Reserve::take`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {

@@ -87,9 +87,58 @@ pub struct LabNode {
     pub socket: PathBuf,
     /// The conflist `cnitool` uses on this node.
     pub conflist: PathBuf,
-    /// The agent, while running.
+    /// The agent, while it should run (`None`: stopped on purpose).
     pub agent: Option<Daemon>,
+    /// How the lab keeps the agent running, as a kubelet would.
+    pub restarts: Restarts,
     _relay: ApiRelay,
+}
+
+/// A kubelet's restart policy for one agent: a dead agent is started again
+/// after a back-off that doubles from 1 s to 30 s, and starts over at 1 s
+/// once an agent has run for a minute.
+#[derive(Debug, Clone)]
+pub struct Restarts {
+    /// How many times the agent was started again.
+    pub count: u32,
+    /// How the last run ended (`exit status: 1`, `signal: 9 (SIGKILL)`).
+    pub last_exit: Option<String>,
+    started: Instant,
+    due: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            last_exit: None,
+            started: Instant::now(),
+            due: None,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Restarts {
+    /// The agent ended now, as `how`: when to start it again.
+    fn ended(&mut self, how: String, now: Instant) -> Instant {
+        if now.duration_since(self.started) >= Duration::from_secs(60) {
+            self.backoff = Duration::from_secs(1);
+        }
+        let due = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        self.last_exit = Some(how);
+        self.due = Some(due);
+        due
+    }
+
+    /// It was started again now.
+    fn started(&mut self, now: Instant) {
+        self.count += 1;
+        self.started = now;
+        self.due = None;
+    }
 }
 
 /// A pod: a namespace wired by the `margay` plugin.
@@ -199,7 +248,7 @@ fn tor_config(tor: Tor) -> String {
         Tor::Bird => format!(
             "log stderr all;\nrouter id 10.99.0.254;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths on; }}\n\
-             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/24 as 64512;\n  direct;\n  hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; }};\n}}\n"
+             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/24 external;\n  direct;\n  hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; }};\n}}\n"
         ),
         Tor::Frr => format!(
             "frr defaults traditional\nhostname tor\nrouter bgp {TOR_ASN}\n bgp router-id 10.99.0.254\n no bgp ebgp-requires-policy\n neighbor nodes peer-group\n neighbor nodes remote-as 64512\n neighbor nodes timers 3 9\n bgp listen range 10.99.0.0/24 peer-group nodes\n!\n"
@@ -343,6 +392,7 @@ impl Cluster {
                 socket,
                 conflist,
                 agent: None,
+                restarts: Restarts::default(),
                 _relay: relay,
             });
         }
@@ -386,15 +436,21 @@ impl Cluster {
             .with_context(|| format!("no node named {name:?}"))
     }
 
-    /// Starts (or restarts) node `i`'s agent; returns once its socket is there.
-    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Starts node `i`'s agent without waiting for it.
+    fn spawn_agent(&self, i: usize) -> anyhow::Result<Daemon> {
         let n = &self.nodes[i];
         let _ = std::fs::remove_file(&n.socket);
         let mut cmd = agent_cmd(&n.node, &n.name, &self.api, &n.socket)?;
         cmd.args(["--gc-interval", &self.opts.gc_interval.to_string()])
             .env("MARGAY_LOG", "info");
         let log = self.work.path().join(format!("{}.log", n.name));
-        let agent = Daemon::spawn("margay-agent", cmd, &log)?;
+        Ok(Daemon::spawn("margay-agent", cmd, &log)?)
+    }
+
+    /// Starts (or restarts) node `i`'s agent; returns once its socket is there.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let agent = self.spawn_agent(i)?;
+        let n = &self.nodes[i];
         let socket = n.socket.clone();
         wait::until(
             "agent socket",
@@ -407,11 +463,62 @@ impl Cluster {
         Ok(())
     }
 
-    /// SIGKILLs node `i`'s agent (its kernel state stays).
+    /// SIGKILLs node `i`'s agent and keeps it stopped (its kernel state
+    /// stays): see [`Cluster::crash_agent`] for a crash the lab recovers.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut a) = self.nodes[i].agent.take() {
             a.kill9();
         }
+    }
+
+    /// SIGKILLs node `i`'s agent as a crash would: [`Cluster::supervise`]
+    /// starts it again after its back-off.
+    pub fn crash_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(a) = &self.nodes[i].agent {
+            a.signal(nix::sys::signal::Signal::SIGKILL)?;
+        }
+        Ok(())
+    }
+
+    /// Restarts agents that died, each after its back-off (call it every
+    /// second or so). Returns whether anything changed.
+    pub fn supervise(&mut self) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        for i in 0..self.nodes.len() {
+            let n = &mut self.nodes[i];
+            let Some(agent) = n.agent.as_mut() else {
+                continue;
+            };
+            if n.restarts.due.is_none()
+                && let Some(st) = agent.exit_status()
+            {
+                let due = n.restarts.ended(st.to_string(), now);
+                tracing::warn!(
+                    node = %n.name,
+                    "agent ended ({st}); starting it again in {:.0?}",
+                    due - now
+                );
+                changed = true;
+            }
+            if n.restarts.due.is_some_and(|d| d <= now) {
+                match self.spawn_agent(i) {
+                    Ok(a) => {
+                        let n = &mut self.nodes[i];
+                        n.agent = Some(a);
+                        n.restarts.started(now);
+                        tracing::info!(node = %n.name, restarts = n.restarts.count, "agent started again");
+                    }
+                    Err(e) => {
+                        let n = &mut self.nodes[i];
+                        let due = n.restarts.ended(format!("could not start: {e:#}"), now);
+                        tracing::warn!(node = %n.name, "agent not started ({e:#}); next try in {:.0?}", due - now);
+                    }
+                }
+                changed = true;
+            }
+        }
+        changed
     }
 
     fn cnitool(

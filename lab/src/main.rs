@@ -90,7 +90,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PodCmd,
     },
-    /// Run a command inside a node's or a pod's namespace (or `tor` for the router).
+    /// Run a command inside a node's or a pod's namespace (or `tor` for the
+    /// router). On a node, `KUBECONFIG` is the lab's and `margayctl` is on
+    /// the `PATH`: `margay-lab exec node1 -- margayctl ipam show`.
     Exec {
         /// Node name (`node1`...), pod name, or `tor`.
         target: String,
@@ -249,8 +251,8 @@ fn print_status(s: &State, json: bool) -> anyhow::Result<()> {
         value_name(s.args.tor)
     );
     println!(
-        "{:<10} {:<24} {:<14} {:>6} {:>6} {:>12}",
-        "NODE", "NETNS", "ADDRESS", "PODS", "AGENT", "REMOTE-ROUTES"
+        "{:<10} {:<24} {:<14} {:>6} {:>8} {:>9} {:>14}  LAST-EXIT",
+        "NODE", "NETNS", "ADDRESS", "PODS", "AGENT", "RESTARTS", "REMOTE-ROUTES"
     );
     for n in &s.nodes {
         let routes = Command::new("ip")
@@ -259,9 +261,23 @@ fn print_status(s: &State, json: bool) -> anyhow::Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
             .unwrap_or(0);
         let pods = s.pods.iter().filter(|p| p.node == n.name).count();
+        let agent = if n.agent_pid == 0 {
+            "-".to_string()
+        } else if std::path::Path::new(&format!("/proc/{}", n.agent_pid)).exists() {
+            n.agent_pid.to_string()
+        } else {
+            "dead".to_string()
+        };
         println!(
-            "{:<10} {:<24} {:<14} {:>6} {:>6} {:>12}",
-            n.name, n.netns, n.v4, pods, n.agent_pid, routes
+            "{:<10} {:<24} {:<14} {:>6} {:>8} {:>9} {:>14}  {}",
+            n.name,
+            n.netns,
+            n.v4,
+            pods,
+            agent,
+            n.restarts,
+            routes,
+            n.last_exit.as_deref().unwrap_or("-")
         );
     }
     Ok(())
@@ -311,9 +327,10 @@ fn pod(cmd: PodCmd) -> anyhow::Result<ExitCode> {
 
 fn exec(target: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let s = need_live()?;
+    let node = s.nodes.iter().find(|n| n.name == target);
     let ns = if target == "tor" {
         s.fabric_netns.clone()
-    } else if let Some(n) = s.nodes.iter().find(|n| n.name == target) {
+    } else if let Some(n) = node {
         n.netns.clone()
     } else {
         s.pods
@@ -322,10 +339,18 @@ fn exec(target: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
             .map(|p| p.netns.clone())
             .with_context(|| format!("no node or pod named {target:?}"))?
     };
-    let st = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .args(cmd)
-        .status()?;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns]).args(cmd);
+    if node.is_some() {
+        // As on a node: its kubeconfig, and margayctl on the PATH (it is
+        // built next to margay-lab).
+        c.env("KUBECONFIG", &s.kubeconfig);
+        if let Some(dir) = std::env::current_exe()?.parent() {
+            let path = std::env::var("PATH").unwrap_or_default();
+            c.env("PATH", format!("{}:{path}", dir.display()));
+        }
+    }
+    let st = c.status()?;
     Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
 }
 

@@ -30,6 +30,12 @@ pub struct NodeState {
     pub log: String,
     /// Its agent's PID (0: not running).
     pub agent_pid: u32,
+    /// How many times the lab started the agent again after it died.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How its last run ended.
+    #[serde(default)]
+    pub last_exit: Option<String>,
 }
 
 /// A pod of the lab.

@@ -1,6 +1,8 @@
-//! The background supervisor: owns the lab's [`Cluster`] for its lifetime
-//! and answers the CLI on a unix socket (one JSON request and one JSON
-//! reply per connection: `pod_add`, `pod_del`, `check`). Returning from
+//! The background supervisor: owns the lab's [`Cluster`] for its lifetime,
+//! starts dead agents again with a back-off (as a kubelet would; the
+//! restarts show in `margay-lab status`), and answers the CLI on a unix
+//! socket (one JSON request and one JSON reply per connection: `pod_add`,
+//! `pod_del`, `check`). Returning from
 //! [`run`] drops the cluster, which stops every process by PID and deletes
 //! every namespace.
 
@@ -39,6 +41,8 @@ fn snapshot(c: &Cluster, args: &UpArgs, kubeconfig: &str, ready: f64) -> State {
                     .display()
                     .to_string(),
                 agent_pid: n.agent.as_ref().map_or(0, |a| a.pid()),
+                restarts: n.restarts.count,
+                last_exit: n.restarts.last_exit.clone(),
             })
             .collect(),
         pods: c
@@ -84,7 +88,11 @@ async fn handle(c: &mut Cluster, req: &Value) -> anyhow::Result<Value> {
 /// Builds the lab, publishes `state.json`, serves the control socket until
 /// SIGTERM/SIGINT, tears down.
 pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt().with_target(false).init();
+    // The supervisor logs to lab.log: plain text (colour only on a terminal).
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -130,9 +138,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         snapshot(&c, &args, &kubeconfig, ready).save()?;
         tracing::info!(ready, "lab ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        // Dead agents are started again, as a kubelet would.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = term.recv() => break,
+                _ = tick.tick() => {
+                    if c.supervise() {
+                        snapshot(&c, &args, &kubeconfig, ready).save()?;
+                    }
+                }
                 _ = tokio::signal::ctrl_c() => break,
                 conn = control.accept() => {
                     let Ok((conn, _)) = conn else { continue };

@@ -125,12 +125,43 @@ fn write_for(
     }
 }
 
-async fn put(api: &Api<Lease>, l: &Lease) -> kube::Result<Lease> {
-    if l.metadata.resource_version.is_some() {
-        let name = l.metadata.name.clone().unwrap_or_default();
-        api.replace(&name, &PostParams::default(), l).await
-    } else {
-        api.create(&PostParams::default(), l).await
+/// Why a Lease write failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// The API answered with an error (a conflict, RBAC): it is up.
+    Refused(String),
+    /// The API did not answer (unreachable, timed out, 5xx).
+    NoAnswer(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Refused(e) | WriteError::NoAnswer(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Writes `l` (replace when it has a version, else create), giving up
+/// after [`super::DEADLINE`]: a renewal that hangs on a frozen API must not
+/// keep this agent believing it still leads.
+async fn put(api: &Api<Lease>, l: &Lease) -> Result<Lease, WriteError> {
+    let write = async {
+        if l.metadata.resource_version.is_some() {
+            let name = l.metadata.name.clone().unwrap_or_default();
+            api.replace(&name, &PostParams::default(), l).await
+        } else {
+            api.create(&PostParams::default(), l).await
+        }
+    };
+    match tokio::time::timeout(super::DEADLINE, write).await {
+        Ok(Ok(l)) => Ok(l),
+        Ok(Err(kube::Error::Api(s))) if s.code < 500 => Err(WriteError::Refused(s.message)),
+        Ok(Err(e)) => Err(WriteError::NoAnswer(e.to_string())),
+        Err(_) => Err(WriteError::NoAnswer(format!(
+            "no answer within {}s",
+            super::DEADLINE.as_secs()
+        ))),
     }
 }
 
@@ -202,14 +233,24 @@ pub async fn elect(
 /// Renews this agent's heartbeat Lease `name` in `namespace` every
 /// [`margay_api::node::HEARTBEAT_RENEW`]. Never ends; failures are retried
 /// on the next tick.
-pub async fn heartbeat(client: kube::Client, namespace: String, name: String, me: String) {
+pub async fn heartbeat(
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    me: String,
+    report: impl Fn(Result<(), WriteError>) + Send,
+) {
     use margay_api::node::{HEARTBEAT_DURATION, HEARTBEAT_RENEW};
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut current: Option<Lease> = None;
     let mut warned = false;
     loop {
         if current.is_none() {
-            current = api.get_opt(&name).await.unwrap_or(None);
+            current = tokio::time::timeout(super::DEADLINE, api.get_opt(&name))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
         }
         let s = if current.is_some() {
             Step::Renew
@@ -227,7 +268,11 @@ pub async fn heartbeat(client: kube::Client, namespace: String, name: String, me
         match put(&api, l.as_ref().expect("a write for Renew/Create")).await {
             Ok(l) => {
                 current = Some(l);
+                if warned {
+                    tracing::info!("heartbeat Lease {namespace}/{name} renewed again");
+                }
                 warned = false;
+                report(Ok(()));
             }
             Err(e) => {
                 // Read again next time (a conflict means someone else wrote).
@@ -236,9 +281,17 @@ pub async fn heartbeat(client: kube::Client, namespace: String, name: String, me
                     tracing::warn!("heartbeat Lease {namespace}/{name}: {e}");
                     warned = true;
                 }
+                report(Err(e));
             }
         }
-        tokio::time::sleep(HEARTBEAT_RENEW).await;
+        // After a failure, try again soon: the return of the API shows
+        // in the status within seconds.
+        tokio::time::sleep(if warned {
+            HEARTBEAT_RENEW / 6
+        } else {
+            HEARTBEAT_RENEW
+        })
+        .await;
     }
 }
 

@@ -13,6 +13,25 @@ pub mod valid;
 
 pub use margay_ipam::k8s::reflect::{Known, Watched, watch, watch_with};
 
+/// How long the agent waits for one API write before it gives up on it
+/// (it is retried on the next pass): a frozen apiserver must not hold a
+/// loop that also keeps the data plane.
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `fut`, or [`crate::Error::NoAnswer`] after [`DEADLINE`].
+pub(crate) async fn deadline<T>(
+    what: impl FnOnce() -> String,
+    fut: impl std::future::Future<Output = crate::Result<T>>,
+) -> crate::Result<T> {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::Error::NoAnswer {
+            what: what(),
+            secs: DEADLINE.as_secs(),
+        }),
+    }
+}
+
 /// Patches the status of cluster-scoped object `name` (`what` names it in
 /// the error).
 pub(crate) async fn patch_status<K>(

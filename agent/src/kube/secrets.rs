@@ -115,11 +115,15 @@ impl SecretWatches {
                         .is_none_or(|(at, _)| at.elapsed() >= self.every)
                     {
                         let prev = last.take().map(|(_, k)| k);
-                        let now = match self.api.get_opt(name).await {
-                            Ok(s) => Known::Fresh(s.map(Box::new)),
-                            Err(e) => prev
+                        let get = tokio::time::timeout(super::DEADLINE, self.api.get_opt(name));
+                        let now = match get.await {
+                            Ok(Ok(s)) => Known::Fresh(s.map(Box::new)),
+                            Ok(Err(e)) => prev
                                 .unwrap_or(Known::Unknown(String::new()))
                                 .failed(e.to_string()),
+                            Err(_) => prev
+                                .unwrap_or(Known::Unknown(String::new()))
+                                .failed("no answer".into()),
                         };
                         *last = Some((Instant::now(), now));
                     }

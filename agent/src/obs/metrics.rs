@@ -138,14 +138,22 @@ impl Collector for AgentCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(state.not_ready().is_empty())).encode(m)?;
-        let datastore = state.routing().datastore_ok;
+        let api = state.api();
+        let datastore = state.routing().datastore_ok && api.answering;
         let m = enc.encode_descriptor(
             "margay_datastore_reachable",
-            "1 when the routing loop's last pass read every input from the Kubernetes API.",
+            "1 when the routing loop's last pass read every input from the Kubernetes API and the last heartbeat was answered.",
             None,
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(datastore)).encode(m)?;
+        let m = enc.encode_descriptor(
+            "margay_agent_leader",
+            "1 while this agent holds the leader Lease (pool status, garbage collection).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(api.leader)).encode(m)?;
         match state.speaker() {
             Some(sp) => sp.metrics().encode(enc),
             None => Ok(()),

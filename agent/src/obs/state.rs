@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use margay_api::status::{AgentStatus, RoutingStatus, SessionState};
+use margay_api::status::{AgentStatus, ApiView, RoutingStatus, SessionState};
 use margay_bgp::speaker::Speaker;
 
 /// State shared by the agent's tasks and read by the endpoints.
@@ -27,6 +27,11 @@ pub struct AgentState {
     pub reserve: OnceLock<margay_ipam::Reserve>,
     /// Liveness: the routing loop must finish a pass within this.
     pub stall_after: Duration,
+    /// The heartbeat's last outcome: when the API last answered, whether
+    /// the last attempt was answered, and its error.
+    api: Mutex<(Option<Instant>, bool, Option<String>)>,
+    /// Whether this agent holds the leader Lease, once elections run.
+    pub leader: OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AgentState {
@@ -40,6 +45,31 @@ impl AgentState {
             alloc,
             reserve: OnceLock::new(),
             stall_after,
+            api: Mutex::new((None, false, None)),
+            leader: OnceLock::new(),
+        }
+    }
+
+    /// Records a heartbeat renewal: done, refused by the API (it answered:
+    /// RBAC, a conflict), or not answered.
+    pub fn set_api(&self, outcome: Result<(), crate::kube::lease::WriteError>) {
+        use crate::kube::lease::WriteError;
+        let mut g = self.api.lock().expect("api");
+        match outcome {
+            Ok(()) => *g = (Some(Instant::now()), true, None),
+            Err(WriteError::Refused(e)) => *g = (Some(Instant::now()), true, Some(e)),
+            Err(WriteError::NoAnswer(e)) => *g = (g.0, false, Some(e)),
+        }
+    }
+
+    /// How the API answers.
+    pub fn api(&self) -> ApiView {
+        let (ok, answered, err) = self.api.lock().expect("api").clone();
+        ApiView {
+            answering: ok.is_some() && answered,
+            last_error: err,
+            answered_seconds_ago: ok.map(|t| t.elapsed().as_secs()),
+            leader: self.leader.get().is_some_and(|l| *l.borrow()),
         }
     }
 
@@ -94,11 +124,20 @@ impl AgentState {
         let spares = self.reserve.get().map_or(0, |r| r.stats().spares);
         if last.is_none() {
             why.push("routing has not been set up yet".to_string());
-        } else if !r.datastore_ok && spares == 0 {
-            why.push(format!(
-                "the Kubernetes API did not answer ({}) and no spare address is left",
-                r.unknown_inputs.join("; ")
-            ));
+        } else if spares == 0 {
+            let api = self.api();
+            let mut down = r.unknown_inputs.clone();
+            if !api.answering
+                && let Some(e) = api.last_error
+            {
+                down.push(format!("heartbeat: {e}"));
+            }
+            if !r.datastore_ok || !down.is_empty() {
+                why.push(format!(
+                    "the Kubernetes API did not answer ({}) and no spare address is left",
+                    down.join("; ")
+                ));
+            }
         }
         let peers = self.speaker().map(|s| s.neighbors()).unwrap_or_default();
         let configured: Vec<_> = peers.iter().filter(|p| !p.dynamic).collect();
@@ -128,6 +167,7 @@ impl AgentState {
             ready: not_ready.is_empty(),
             not_ready,
             routing: self.routing(),
+            api: self.api(),
             peers: speaker.map(|s| s.neighbors()).unwrap_or_default(),
             routes,
         }

@@ -50,7 +50,7 @@ use tokio::task::JoinSet;
 
 use crate::dataplane::Dataplane;
 use crate::kube::node::Annotations;
-use crate::kube::{Known, Watched, watch as watched};
+use crate::kube::{Known, Watched, deadline, watch as watched};
 use crate::obs::AgentState;
 use apply::{Bgp, ClusterWrites};
 use plan::Snapshot;
@@ -114,31 +114,52 @@ impl std::fmt::Debug for Kube {
 }
 
 impl ClusterWrites for Kube {
+    // Every write has a deadline: a pass that waits on a frozen API would
+    // also hold the kernel's routes back from what BGP learned.
     async fn annotate(&self, a: &Annotations) -> crate::Result<()> {
-        crate::kube::node::annotate(&self.client, &self.node, a).await
+        deadline(
+            || format!("annotating Node {}", self.node),
+            crate::kube::node::annotate(&self.client, &self.node, a),
+        )
+        .await
     }
 
     async fn node_status(&self, patch: &serde_json::Value) -> crate::Result<()> {
-        crate::kube::node::patch_status(&self.client, &self.node, patch).await
+        deadline(
+            || format!("the condition of Node {}", self.node),
+            crate::kube::node::patch_status(&self.client, &self.node, patch),
+        )
+        .await
     }
 
     async fn valid_config(&self, name: &str, c: &Condition) -> crate::Result<()> {
-        crate::kube::valid::write::<BGPConfiguration>(&self.client, name, c).await
+        deadline(
+            || format!("the Valid condition of BGPConfiguration {name}"),
+            crate::kube::valid::write::<BGPConfiguration>(&self.client, name, c),
+        )
+        .await
     }
 
     async fn valid_peer(&self, name: &str, c: &Condition) -> crate::Result<()> {
-        crate::kube::valid::write::<BGPPeer>(&self.client, name, c).await
+        deadline(
+            || format!("the Valid condition of BGPPeer {name}"),
+            crate::kube::valid::write::<BGPPeer>(&self.client, name, c),
+        )
+        .await
     }
 
     async fn assign_tunnel(&self) -> crate::Result<Option<Ipv4Addr>> {
-        let addrs = self
-            .alloc
-            .assign(Assign {
-                handle: format!("tunnel.vxlan.{}", self.node),
-                pod: None,
-                use_: AllowedUse::Tunnel,
-            })
-            .await?;
+        let assign = async {
+            self.alloc
+                .assign(Assign {
+                    handle: format!("tunnel.vxlan.{}", self.node),
+                    pod: None,
+                    use_: AllowedUse::Tunnel,
+                })
+                .await
+                .map_err(crate::Error::from)
+        };
+        let addrs = deadline(|| "the VXLAN tunnel address".into(), assign).await?;
         Ok(addrs.iter().find_map(|a| match a.ip() {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
@@ -176,6 +197,14 @@ impl Inputs {
     }
 }
 
+/// `k`, stale for `why` when the API does not answer.
+fn unless_quiet<T>(k: Known<T>, why: &Option<String>) -> Known<T> {
+    match why {
+        Some(w) => k.failed(w.clone()),
+        None => k,
+    }
+}
+
 /// Runs until the process ends; an error means a task it owns ended.
 pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     let poke = ctx.poke.clone();
@@ -204,7 +233,15 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             Ok(h) => Known::Fresh(h),
             Err(e) => host.failed(format!("cannot list this host's addresses: {e}")),
         };
-        let peers = inputs.peers.read();
+        // A watch the API stopped answering may look current (an open
+        // connection that says nothing): while the heartbeat goes
+        // unanswered every watched input counts as stale.
+        let api = ctx.state.api();
+        let quiet = (!api.answering)
+            .then_some(api.last_error)
+            .flatten()
+            .map(|e| format!("the Kubernetes API does not answer ({e})"));
+        let peers = unless_quiet(inputs.peers.read(), &quiet);
         let refs = peers
             .value()
             .map(|p| {
@@ -219,11 +256,11 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             node_ip: ctx.node_ip.clone(),
             bgp: ctx.bgp,
             mtu: ctx.mtu,
-            nodes: inputs.nodes.read(),
-            configs: inputs.configs.read(),
+            nodes: unless_quiet(inputs.nodes.read(), &quiet),
+            configs: unless_quiet(inputs.configs.read(), &quiet),
             peers,
             pools: match ctx.store.pool_watch() {
-                Some(w) => w.read().map(|p| {
+                Some(w) => unless_quiet(w.read(), &quiet).map(|p| {
                     validate_pools(&p.iter().map(|p| (**p).clone()).collect::<Vec<_>>()).0
                 }),
                 None => Known::Unknown("the IPAM store watches no pools".into()),

@@ -28,6 +28,9 @@ pub struct NodeInfo {
     pub rr_cluster_id: Option<Ipv4Addr>,
     /// Its VXLAN endpoint.
     pub vtep: Option<Vtep>,
+    /// Its agent refreshed the `MargayReady` condition recently (of two
+    /// Nodes announcing one address, the one with a live agent is real).
+    pub alive: bool,
 }
 
 /// A stable, locally administered unicast MAC for a node's VXLAN device.
@@ -56,6 +59,7 @@ impl NodeInfo {
             asn: get(ANN_ASN).and_then(|s| s.parse().ok()),
             rr_cluster_id: get(ANN_RR_CLUSTER_ID).and_then(|s| s.parse().ok()),
             vtep,
+            alive: margay_api::node::agent_alive(n),
         }
     }
 }

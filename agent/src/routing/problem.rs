@@ -9,6 +9,21 @@ use margay_api::bgp::{ConfigInvalid, PeerInvalid};
 
 use super::encap::RouteError;
 
+/// What a node does about two Nodes announcing one BGP address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Resolution {
+    /// Only one of them has a live agent: it is the one peered with.
+    #[error("peering with {0}, the one whose agent is alive")]
+    Alive(String),
+    /// Neither or both look alive, and a session to the address exists: it
+    /// is kept as it is.
+    #[error("the existing peering with the address is kept as it is")]
+    Kept,
+    /// Neither or both look alive, no session exists: none is made.
+    #[error("neither is peered with")]
+    Neither,
+}
+
 /// One reason routing is incomplete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
@@ -55,7 +70,7 @@ pub enum Problem {
     },
     /// Two Nodes announce the same BGP address.
     #[error(
-        "Nodes {first} and {second} both announce BGP address {address}; neither is peered with (remove the stale Node)"
+        "Nodes {first} and {second} both announce BGP address {address}; {resolution} (remove the stale Node)"
     )]
     DuplicateAddress {
         /// The address.
@@ -64,6 +79,8 @@ pub enum Problem {
         first: String,
         /// The other.
         second: String,
+        /// What this node does about it.
+        resolution: Resolution,
     },
     /// A neighbor the speaker would refuse.
     #[error("neighbor {address} ({origin}) left out: {why}")]

@@ -26,7 +26,7 @@ use margay_api::ipam::LabelSelector;
 use margay_bgp::config::{Neighbor, validate_neighbor};
 
 use super::nodes::NodeInfo;
-use super::problem::Problem;
+use super::problem::{Problem, Resolution};
 use crate::kube::Known;
 use crate::kube::secrets::SecretKey;
 
@@ -230,23 +230,48 @@ pub fn neighbors(
         }
     };
     // Two Nodes announcing one address (a stale Node after IP reuse): the
-    // address is ambiguous, neither is peered with.
-    let mut by_addr: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+    // one with a live agent is the real one; when that cannot be told, a
+    // session to the address that exists is kept and none is made.
+    let mut by_addr: BTreeMap<IpAddr, Vec<&NodeInfo>> = BTreeMap::new();
     for n in nodes.iter().filter(|n| n.name != me.name) {
         if let Some(a) = n.address {
-            by_addr.entry(a.ip()).or_default().push(&n.name);
+            by_addr.entry(a.ip()).or_default().push(n);
         }
     }
-    for (address, names) in &by_addr {
-        if names.len() > 1 {
-            let mut names = names.clone();
-            names.sort();
-            out.problems.push(Problem::DuplicateAddress {
-                address: *address,
-                first: names[0].to_string(),
-                second: names[1].to_string(),
-            });
+    // The node that stands for each ambiguous address (`None`: none).
+    let mut chosen: BTreeMap<IpAddr, Option<&str>> = BTreeMap::new();
+    let mut kept: Vec<Neighbor> = Vec::new();
+    for (address, all) in &by_addr {
+        if all.len() < 2 {
+            continue;
         }
+        let mut names: Vec<&str> = all.iter().map(|n| n.name.as_str()).collect();
+        names.sort();
+        let alive: Vec<&&NodeInfo> = all.iter().filter(|n| n.alive).collect();
+        let resolution = match (
+            alive.as_slice(),
+            previous.iter().find(|p| p.address == *address),
+        ) {
+            ([one], _) => {
+                chosen.insert(*address, Some(one.name.as_str()));
+                Resolution::Alive(one.name.clone())
+            }
+            (_, Some(prev)) => {
+                chosen.insert(*address, None);
+                kept.push(prev.clone());
+                Resolution::Kept
+            }
+            (_, None) => {
+                chosen.insert(*address, None);
+                Resolution::Neither
+            }
+        };
+        out.problems.push(Problem::DuplicateAddress {
+            address: *address,
+            first: names[0].to_string(),
+            second: names[1].to_string(),
+            resolution,
+        });
     }
     let mut seen: BTreeSet<IpAddr> = BTreeSet::new();
     // Node-to-node.
@@ -258,7 +283,9 @@ pub fn neighbors(
         };
         if addr == my_addr
             || addr.is_ipv4() != my_addr.is_ipv4()
-            || by_addr.get(&addr).is_some_and(|v| v.len() > 1)
+            || chosen
+                .get(&addr)
+                .is_some_and(|c| *c != Some(other.name.as_str()))
         {
             continue;
         }
@@ -285,6 +312,12 @@ pub fn neighbors(
         };
         seen.insert(addr);
         add(n, pw, format!("Node {}", other.name), &mut out);
+    }
+    // Sessions kept to ambiguous addresses.
+    for n in kept {
+        if seen.insert(n.address) {
+            out.neighbors.push(n);
+        }
     }
     // External routers.
     for (name, p) in &valid {
@@ -357,24 +390,44 @@ mod tests {
     }
 
     #[test]
-    fn two_nodes_with_one_address_are_left_out_and_the_rest_stays() {
-        let nodes = [
+    fn of_two_nodes_with_one_address_the_live_one_or_the_existing_session_stays() {
+        let mut nodes = vec![
             node("a", "10.0.0.1/24"),
             node("b", "10.0.0.2/24"),
             node("b-old", "10.0.0.2/24"),
             node("c", "10.0.0.3/24"),
         ];
+        let dup = |resolution| Problem::DuplicateAddress {
+            address: "10.0.0.2".parse().unwrap(),
+            first: "b".into(),
+            second: "b-old".into(),
+            resolution,
+        };
+        // Neither looks alive, no session yet: none is made.
         let s = neighbors(&nodes[0], &nodes, &settings(), &[], &none(), &[]);
         assert_eq!(addrs(&s), ["10.0.0.3"]);
-        assert_eq!(
-            s.problems,
-            vec![Problem::DuplicateAddress {
-                address: "10.0.0.2".parse().unwrap(),
-                first: "b".into(),
-                second: "b-old".into(),
-            }]
-        );
+        assert_eq!(s.problems, vec![dup(Resolution::Neither)]);
         assert!(s.problems[0].to_string().contains("remove the stale Node"));
+        // A session exists (the stale Node came later): it stays as it is.
+        let before = neighbors(&nodes[0], &nodes[..2], &settings(), &[], &none(), &[]);
+        let s = neighbors(
+            &nodes[0],
+            &nodes,
+            &settings(),
+            &[],
+            &none(),
+            &before.neighbors,
+        );
+        let mut got = addrs(&s);
+        got.sort();
+        assert_eq!(got, ["10.0.0.2", "10.0.0.3"]);
+        assert_eq!(s.problems, vec![dup(Resolution::Kept)]);
+        // Only b's agent is alive: b is peered with, as it would be alone.
+        nodes[1].alive = true;
+        let s = neighbors(&nodes[0], &nodes, &settings(), &[], &none(), &[]);
+        assert_eq!(addrs(&s), ["10.0.0.2", "10.0.0.3"]);
+        assert_eq!(s.problems, vec![dup(Resolution::Alive("b".into()))]);
+        assert_eq!(s.neighbors[0], before.neighbors[0]);
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! difference is reported per agent and minute, by verb and resource, with
 //! the watches each agent holds open (`apiserver_registered_watchers`).
 //!
-//! Nothing else talks to this apiserver during the window (this program's
-//! own `/metrics` reads are not resource requests and are left out), so
-//! every counted request is an agent's.
+//! Nothing else talks to this apiserver during the window but the
+//! apiserver's own loops (namespaces, services, flow control objects:
+//! resources no agent uses) and this program's `/metrics` reads (not a
+//! resource); only what agents touch is counted: Nodes, Pods, Secrets,
+//! Leases and the `margay.dev` objects.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -56,11 +58,20 @@ fn samples<'a>(
     })
 }
 
+/// The resources agents read or write (the apiserver's own loops touch
+/// others).
+fn agents_use(group: &str, resource: &str) -> bool {
+    group == "margay.dev"
+        || (group.is_empty() && matches!(resource, "nodes" | "pods" | "secrets"))
+        || (group == "coordination.k8s.io" && resource == "leases")
+}
+
 fn requests(text: &str) -> Counts {
     let mut out = Counts::new();
     for (l, v) in samples(text, "apiserver_request_total") {
         let resource = l.get("resource").copied().unwrap_or_default();
-        if resource.is_empty() {
+        let group = l.get("group").copied().unwrap_or_default();
+        if !agents_use(group, resource) {
             continue;
         }
         let sub = l.get("subresource").copied().unwrap_or_default();
@@ -78,8 +89,14 @@ fn requests(text: &str) -> Counts {
 fn watchers(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (l, v) in samples(text, "apiserver_registered_watchers") {
-        let kind = l.get("kind").copied().unwrap_or_default().to_string();
-        *out.entry(kind).or_default() += v;
+        let kind = l.get("kind").copied().unwrap_or_default();
+        let group = l.get("group").copied().unwrap_or_default();
+        let ours = group == "margay.dev"
+            || (group.is_empty() && matches!(kind, "Node" | "Pod" | "Secret"))
+            || (group == "coordination.k8s.io" && kind == "Lease");
+        if ours {
+            *out.entry(kind.to_string()).or_default() += v;
+        }
     }
     out
 }
@@ -162,7 +179,8 @@ mod tests {
             apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"margay.dev\",resource=\"ipamblocks\",scope=\"cluster\",subresource=\"\",verb=\"LIST\",version=\"v1\"} 3\n\
             apiserver_request_total{code=\"409\",component=\"apiserver\",group=\"margay.dev\",resource=\"ipamblocks\",scope=\"cluster\",subresource=\"\",verb=\"LIST\",version=\"v1\"} 2\n\
             apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"\",resource=\"nodes\",scope=\"resource\",subresource=\"status\",verb=\"PATCH\",version=\"v1\"} 7\n\
-            apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"\",resource=\"\",scope=\"\",subresource=\"/metrics\",verb=\"GET\",version=\"\"} 9\n";
+            apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"\",resource=\"\",scope=\"\",subresource=\"/metrics\",verb=\"GET\",version=\"\"} 9\n\
+            apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"\",resource=\"namespaces\",scope=\"resource\",subresource=\"\",verb=\"GET\",version=\"v1\"} 4\n";
         let c = requests(text);
         assert_eq!(c[&("LIST".into(), "ipamblocks".into())], 5.0);
         assert_eq!(c[&("PATCH".into(), "nodes/status".into())], 7.0);

@@ -9,4 +9,5 @@ pub mod reflect;
 mod store;
 
 pub use reflect::{Known, Watched, watch, watch_with};
-pub use store::{KubeStore, map_err};
+pub(crate) use store::ask;
+pub use store::{DEADLINE, KubeStore, map_err};

@@ -43,14 +43,13 @@ pub async fn reconcile_with(store: &KubeStore) -> crate::Result<()> {
             .collect();
         let mut rv = pool.resource_version();
         if pool.status.as_ref() != Some(&status) {
-            let updated = api
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({ "status": status })),
-                )
-                .await
-                .map_err(|e| super::map_err(&format!("ippool {name} status"), e))?;
+            let patch = Patch::Merge(serde_json::json!({ "status": status }));
+            let pp = PatchParams::default();
+            let updated = super::ask(
+                &format!("ippool {name} status"),
+                api.patch_status(&name, &pp, &patch),
+            )
+            .await?;
             rv = updated.resource_version();
         }
         let finalizers = pool.finalizers().to_vec();
@@ -61,9 +60,8 @@ pub async fn reconcile_with(store: &KubeStore) -> crate::Result<()> {
                 f.push(POOL_FINALIZER.to_string());
                 let patch =
                     serde_json::json!({"metadata": {"finalizers": f, "resourceVersion": rv}});
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await
-                    .map_err(|e| super::map_err(&format!("ippool {name}"), e))?;
+                let (pp, patch) = (PatchParams::default(), Patch::Merge(patch));
+                super::ask(&format!("ippool {name}"), api.patch(&name, &pp, &patch)).await?;
             }
         } else if has && status.allocated == 0 {
             for b in blocks
@@ -80,9 +78,8 @@ pub async fn reconcile_with(store: &KubeStore) -> crate::Result<()> {
             }
             let f: Vec<&String> = finalizers.iter().filter(|f| *f != POOL_FINALIZER).collect();
             let patch = serde_json::json!({"metadata": {"finalizers": f, "resourceVersion": rv}});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                .await
-                .map_err(|e| super::map_err(&format!("ippool {name}"), e))?;
+            let (pp, patch) = (PatchParams::default(), Patch::Merge(patch));
+            super::ask(&format!("ippool {name}"), api.patch(&name, &pp, &patch)).await?;
             tracing::info!(pool = %name, "pool released");
         }
     }

@@ -15,6 +15,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use tokio::sync::Notify;
 
+/// The longest wait between two attempts to watch again: a recovered API
+/// is noticed within this (an attempt is one cheap request).
+pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
+
 /// One input of a decision: current, last known, or not known at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Known<T> {
@@ -137,7 +141,7 @@ where
 /// never ends: whoever runs it owns it).
 ///
 /// After a failed watch the watcher is started again from a fresh list
-/// (with back-off, 1 s doubling to 30 s), so a recovered API always ends in
+/// (with back-off, 1 s doubling to [`BACKOFF_MAX`]), so a recovered API always ends in
 /// a completed list, which makes the contents current again even when
 /// nothing changed meanwhile. The store keeps its last contents until that
 /// list completes.
@@ -215,7 +219,7 @@ where
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     };
     (

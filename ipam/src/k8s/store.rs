@@ -38,6 +38,25 @@ pub fn map_err(what: &str, e: kube::Error) -> Error {
     }
 }
 
+/// How long one request may take before it counts as unanswered (a frozen
+/// apiserver): the caller gets `Unavailable` (a write may or may not have
+/// been applied, as with any lost answer) instead of waiting minutes.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// `fut`, its error mapped, or `Unavailable` after [`DEADLINE`].
+pub(crate) async fn ask<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = kube::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(r) => r.map_err(|e| map_err(what, e)),
+        Err(_) => Err(Error::Unavailable(format!(
+            "{what}: no answer within {}s",
+            DEADLINE.as_secs()
+        ))),
+    }
+}
+
 #[derive(Debug, Default)]
 struct Cache {
     pools: Option<(Instant, Vec<IPPool>)>,
@@ -214,10 +233,8 @@ impl Store for KubeStore {
                 .map(|b| (**b).clone())
                 .collect(),
             None => {
-                self.blocks
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(|e| map_err("ipamblocks", e))?
+                ask("ipamblocks", self.blocks.list(&ListParams::default()))
+                    .await?
                     .items
             }
         };
@@ -234,21 +251,17 @@ impl Store for KubeStore {
     }
 
     async fn get_block(&self, name: &str) -> Result<Option<Block>> {
-        match self.blocks.get_opt(name).await {
-            Ok(Some(res)) => Block::from_resource(&res).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(map_err(&format!("ipamblock {name}"), e)),
+        match ask(&format!("ipamblock {name}"), self.blocks.get_opt(name)).await? {
+            Some(res) => Block::from_resource(&res).map(Some),
+            None => Ok(None),
         }
     }
 
     async fn create_block(&self, block: &Block) -> Result<Block> {
         let mut res = block.to_resource();
         res.metadata.resource_version = None;
-        let made = self
-            .blocks
-            .create(&PostParams::default(), &res)
-            .await
-            .map_err(|e| map_err(&format!("ipamblock {}", block.name), e))?;
+        let what = format!("ipamblock {}", block.name);
+        let made = ask(&what, self.blocks.create(&PostParams::default(), &res)).await?;
         Block::from_resource(&made)
     }
 
@@ -260,11 +273,9 @@ impl Store for KubeStore {
             )));
         }
         let res = block.to_resource();
-        let made = self
-            .blocks
-            .replace(&block.name, &PostParams::default(), &res)
-            .await
-            .map_err(|e| map_err(&format!("ipamblock {}", block.name), e))?;
+        let what = format!("ipamblock {}", block.name);
+        let pp = PostParams::default();
+        let made = ask(&what, self.blocks.replace(&block.name, &pp, &res)).await?;
         Block::from_resource(&made)
     }
 
@@ -276,11 +287,9 @@ impl Store for KubeStore {
             }),
             ..Default::default()
         };
-        self.blocks
-            .delete(name, &dp)
+        ask(&format!("ipamblock {name}"), self.blocks.delete(name, &dp))
             .await
             .map(|_| ())
-            .map_err(|e| map_err(&format!("ipamblock {name}"), e))
     }
 
     async fn pools(&self) -> Result<Vec<IPPool>> {
@@ -293,10 +302,8 @@ impl Store for KubeStore {
             return Ok(p);
         }
         let api: Api<IPPool> = Api::all(self.client.clone());
-        let pools = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| map_err("ippools", e))?
+        let pools = ask("ippools", api.list(&ListParams::default()))
+            .await?
             .items;
         self.cache().pools = Some((Instant::now(), pools.clone()));
         Ok(pools)
@@ -315,10 +322,8 @@ impl Store for KubeStore {
             return Ok(c);
         }
         let api: Api<IPAMConfiguration> = Api::all(self.client.clone());
-        let cfg = api
-            .get_opt(CONFIG_NAME)
-            .await
-            .map_err(|e| map_err("ipamconfiguration default", e))?
+        let cfg = ask("ipamconfiguration default", api.get_opt(CONFIG_NAME))
+            .await?
             .map(|c| c.spec)
             .unwrap_or_default();
         self.cache().config = Some((Instant::now(), cfg.clone()));
@@ -341,10 +346,8 @@ impl Store for KubeStore {
             return Ok(l.clone());
         }
         let api: Api<Node> = Api::all(self.client.clone());
-        let labels = api
-            .get_metadata_opt(node)
-            .await
-            .map_err(|e| map_err(&format!("node {node}"), e))?
+        let labels = ask(&format!("node {node}"), api.get_metadata_opt(node))
+            .await?
             .map(|m| m.labels().clone())
             .unwrap_or_default();
         self.cache()
@@ -362,19 +365,15 @@ impl Cluster for KubeStore {
                 .map(|n| n.iter().map(|n| n.name_any()).collect());
         }
         let api: Api<Node> = Api::all(self.client.clone());
-        let list = api
-            .list_metadata(&ListParams::default())
-            .await
-            .map_err(|e| map_err("nodes", e))?;
+        let list = ask("nodes", api.list_metadata(&ListParams::default())).await?;
         Ok(list.items.iter().map(|n| n.name_any()).collect())
     }
 
     async fn node_exists(&self, name: &str) -> Result<bool> {
         let api: Api<Node> = Api::all(self.client.clone());
-        api.get_metadata_opt(name)
+        ask(&format!("node {name}"), api.get_metadata_opt(name))
             .await
             .map(|n| n.is_some())
-            .map_err(|e| map_err(&format!("node {name}"), e))
     }
 
     async fn pods(&self) -> Result<HashMap<(String, String), String>> {
@@ -386,9 +385,8 @@ impl Cluster for KubeStore {
                 .collect(),
             None => {
                 let api: Api<Pod> = Api::all(self.client.clone());
-                api.list_metadata(&ListParams::default())
-                    .await
-                    .map_err(|e| map_err("pods", e))?
+                ask("pods", api.list_metadata(&ListParams::default()))
+                    .await?
                     .items
             }
         };
@@ -405,9 +403,11 @@ impl Cluster for KubeStore {
 
     async fn pod_uid(&self, namespace: &str, name: &str) -> Result<Option<String>> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        api.get_metadata_opt(name)
-            .await
-            .map(|p| p.map(|p| p.uid().unwrap_or_default()))
-            .map_err(|e| map_err(&format!("pod {namespace}/{name}"), e))
+        ask(
+            &format!("pod {namespace}/{name}"),
+            api.get_metadata_opt(name),
+        )
+        .await
+        .map(|p| p.map(|p| p.uid().unwrap_or_default()))
     }
 }
