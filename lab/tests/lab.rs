@@ -83,6 +83,65 @@ fn up_check_down() {
     let k = lab(dir.path(), &["kubectl", "get", "nodes", "-o", "name"]);
     assert_eq!(String::from_utf8_lossy(&k.stdout).lines().count(), 3);
 
+    // On a node, margayctl runs with the lab's kubeconfig; `ipam show`
+    // tells the pods' addresses from the spares.
+    let show = lab(
+        dir.path(),
+        &["exec", "node1", "--", "margayctl", "ipam", "show"],
+    );
+    let text = String::from_utf8_lossy(&show.stdout).into_owned();
+    assert!(
+        show.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let row = text
+        .lines()
+        .skip_while(|l| !l.starts_with("NODE"))
+        .find(|l| l.starts_with("node1 "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[2], "2", "two pods on node1: {text}");
+    assert!(cells[3].parse::<u32>().unwrap() > 0, "spares: {text}");
+
+    // A dead agent is started again, as a kubelet would, and counted.
+    let pid = v["nodes"][1]["agent_pid"].as_u64().unwrap();
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let t = std::time::Instant::now();
+    let restarted = loop {
+        let st = lab(dir.path(), &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        let n = &v["nodes"][1];
+        if n["restarts"] == 1 && n["agent_pid"].as_u64() != Some(pid) {
+            break n.clone();
+        }
+        assert!(t.elapsed().as_secs() < 30, "not restarted: {n}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert!(
+        restarted["last_exit"]
+            .as_str()
+            .unwrap_or("")
+            .contains("signal: 9"),
+        "{restarted}"
+    );
+    let table = String::from_utf8_lossy(&lab(dir.path(), &["status"]).stdout).into_owned();
+    assert!(
+        table.contains("RESTARTS") && table.contains("signal: 9"),
+        "{table}"
+    );
+    let t = std::time::Instant::now();
+    while !lab(dir.path(), &["check"]).status.success() {
+        assert!(t.elapsed().as_secs() < 60, "the lab did not recover");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // Logs are plain text.
+    for f in ["lab.log", "work/node1.log", "work/node2.log"] {
+        let log = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(!log.contains('\u{1b}'), "{f} has terminal escapes");
+        assert!(!log.is_empty(), "{f} is empty");
+    }
+
     drop(guard);
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
