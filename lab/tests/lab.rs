@@ -105,14 +105,14 @@ fn up_check_down() {
     assert!(cells[3].parse::<u32>().unwrap() > 0, "spares: {text}");
 
     // A dead agent is started again, as a kubelet would, and counted.
-    let pid = v["nodes"][1]["agent_pid"].as_u64().unwrap();
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let agent = v["nodes"][1]["agent_pid"].as_u64().unwrap();
+    let _ = Command::new("kill").args(["-9", &agent.to_string()]).status();
     let t = std::time::Instant::now();
     let restarted = loop {
         let st = lab(dir.path(), &["status", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
         let n = &v["nodes"][1];
-        if n["restarts"] == 1 && n["agent_pid"].as_u64() != Some(pid) {
+        if n["restarts"] == 1 && n["agent_pid"].as_u64() != Some(agent) {
             break n.clone();
         }
         assert!(t.elapsed().as_secs() < 30, "not restarted: {n}");
