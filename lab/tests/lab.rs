@@ -106,7 +106,9 @@ fn up_check_down() {
 
     // A dead agent is started again, as a kubelet would, and counted.
     let agent = v["nodes"][1]["agent_pid"].as_u64().unwrap();
-    let _ = Command::new("kill").args(["-9", &agent.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-9", &agent.to_string()])
+        .status();
     let t = std::time::Instant::now();
     let restarted = loop {
         let st = lab(dir.path(), &["status", "--json"]);

@@ -427,6 +427,12 @@ impl Run {
         }
     }
 
+    /// It ends once every node's status is clean again (timing that).
+    async fn end_when_clean(&mut self, p: Phase, what: &str, timeout: Duration) {
+        let after = self.until(what, timeout, clean).await;
+        self.end(p, Some(after));
+    }
+
     /// It ended; the status was clean `converged` seconds after the API
     /// returned.
     fn end(&mut self, mut p: Phase, converged: Option<f64>) {
@@ -594,15 +600,12 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
     run.c.api.start_apiserver().await.expect("apiserver back");
-    let clean_after = Some(
-        run.until(
-            "a clean status after the apiserver returned",
-            Duration::from_secs(90),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after the apiserver returned",
+        Duration::from_secs(90),
+    )
+    .await;
     run.idle(Duration::from_secs(5), &all, true).await;
 
     // 2. The apiserver frozen.
@@ -624,15 +627,12 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
     run.c.api.freeze(false).unwrap();
-    let clean_after = Some(
-        run.until(
-            "a clean status after the apiserver thawed",
-            Duration::from_secs(90),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after the apiserver thawed",
+        Duration::from_secs(90),
+    )
+    .await;
     run.idle(Duration::from_secs(5), &all, true).await;
 
     // 3. node1 cut off; its agent killed and started again meanwhile.
@@ -663,15 +663,12 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &[1, 2], true)
         .await;
     cut_off(&run.c.nodes[0].node.ns, port, false);
-    let clean_after = Some(
-        run.until(
-            "a clean status after node1 reached the API again",
-            Duration::from_secs(120),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after node1 reached the API again",
+        Duration::from_secs(120),
+    )
+    .await;
     assert_eq!(
         run.c.nodes[0].restarts.count, 1,
         "node1's agent was started again"
@@ -682,15 +679,12 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("etcd restarted");
     run.c.api.restart_etcd().expect("etcd");
     run.idle(Duration::from_secs(10), &[0, 1, 2], false).await;
-    let clean_after = Some(
-        run.until(
-            "a clean status after etcd returned",
-            Duration::from_secs(90),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after etcd returned",
+        Duration::from_secs(90),
+    )
+    .await;
 
     // 5. What restarts the speaker (AS, port), changed and changed back;
     // what does not (communities, restart time).
@@ -717,15 +711,12 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         patch_bgp(&run.c, spec).await;
         run.idle(Duration::from_secs(12), &[0, 1, 2], true).await;
     }
-    let clean_after = Some(
-        run.until(
-            "a clean status after the BGP edits",
-            Duration::from_secs(90),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after the BGP edits",
+        Duration::from_secs(90),
+    )
+    .await;
 
     // 6. A stale Node announcing node2's address.
     let p = run.begin("a second Node with node2's BGP address");
@@ -813,28 +804,22 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("node2's agent SIGKILLed");
     run.c.crash_agent(1).unwrap();
     run.idle(Duration::from_secs(15), &[0, 2], true).await;
-    let clean_after = Some(
-        run.until(
-            "a clean status after node2's agent came back",
-            Duration::from_secs(90),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after node2's agent came back",
+        Duration::from_secs(90),
+    )
+    .await;
     let p = run.begin("node1's and node3's agents SIGKILLed at once");
     run.c.crash_agent(0).unwrap();
     run.c.crash_agent(2).unwrap();
     run.idle(Duration::from_secs(15), &[1], true).await;
-    let clean_after = Some(
-        run.until(
-            "a clean status after both came back",
-            Duration::from_secs(90),
-            clean,
-        )
-        .await,
-    );
-    run.end(p, clean_after);
+    run.end_when_clean(
+        p,
+        "a clean status after both came back",
+        Duration::from_secs(90),
+    )
+    .await;
     run.idle(Duration::from_secs(10), &all, true).await;
 
     // The end: traffic and routes, then the ledger.

@@ -454,26 +454,41 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         )
         .await
         .unwrap();
-    let condition = |nodes: Api<KubeNode>| async move {
-        let n = nodes.get("n1").await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(
-            margay_api::node::condition(&n, "MargayReady")
-                .and_then(|c| c.message.clone())
-                .unwrap_or_default(),
-        )
+    // Waits until n1's MargayReady message satisfies `ok`.
+    let message = |what: &'static str, ok: fn(&str) -> bool| {
+        let nodes = nodes.clone();
+        let log = dir.path().join("agent.log");
+        async move {
+            wait::until_async(
+                what,
+                Duration::from_secs(60),
+                Duration::from_millis(300),
+                || {
+                    let nodes = nodes.clone();
+                    async move {
+                        let n = nodes.get("n1").await.map_err(|e| e.to_string())?;
+                        let m = margay_api::node::condition(&n, "MargayReady")
+                            .and_then(|c| c.message.clone())
+                            .unwrap_or_default();
+                        Ok(ok(&m).then_some(()))
+                    }
+                },
+            )
+            .await
+            .unwrap_or_else(|e| {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                panic!(
+                    "{e}\n{}",
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                )
+            });
+        }
     };
-    wait::until_async(
-        "the missing password Secret on the Node",
-        Duration::from_secs(40),
-        Duration::from_millis(300),
-        || async {
-            let m = condition(nodes.clone()).await?;
-            Ok(m.contains("password Secret bgp-pw/pw not found")
-                .then_some(()))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
+    message("the missing password Secret on the Node", |m| {
+        m.contains("password Secret bgp-pw/pw not found")
+    })
+    .await;
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
     assert!(log.contains("reading it by name every"), "{log}");
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
@@ -488,15 +503,8 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         )
         .await
         .unwrap();
-    wait::until_async(
-        "the password found (one resync period)",
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-        || async {
-            let m = condition(nodes.clone()).await?;
-            Ok((!m.contains("bgp-pw")).then_some(()))
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(40)));
+    message("the password found (one resync period)", |m| {
+        !m.contains("bgp-pw")
+    })
+    .await;
 }

@@ -101,6 +101,16 @@ impl Watches {
             Known::Stale(_, why) | Known::Unknown(why) => Err(Error::Unavailable(why)),
         }
     }
+
+    /// Every object `w` holds, as [`Watches::known`] answers.
+    fn objects<K>(&self, w: &Watched<K>) -> Result<Vec<K>>
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        self.known(w.read())
+            .map(|all| all.iter().map(|o| (**o).clone()).collect())
+    }
 }
 
 fn fresh<T: Clone>(slot: &Option<(Instant, T)>, ttl: Duration) -> Option<T> {
@@ -227,11 +237,7 @@ impl Store for KubeStore {
             .as_ref()
             .and_then(|w| Some((w, w.cluster.as_ref()?)))
         {
-            Some((w, c)) => w
-                .known(c.blocks.read())?
-                .iter()
-                .map(|b| (**b).clone())
-                .collect(),
+            Some((w, c)) => w.objects(&c.blocks)?,
             None => {
                 ask("ipamblocks", self.blocks.list(&ListParams::default()))
                     .await?
@@ -294,9 +300,7 @@ impl Store for KubeStore {
 
     async fn pools(&self) -> Result<Vec<IPPool>> {
         if let Some(w) = &self.watches {
-            return w
-                .known(w.pools.read())
-                .map(|p| p.iter().map(|p| (**p).clone()).collect());
+            return w.objects(&w.pools);
         }
         if let Some(p) = fresh(&self.cache().pools, self.ttl) {
             return Ok(p);
@@ -378,11 +382,7 @@ impl Cluster for KubeStore {
 
     async fn pods(&self) -> Result<HashMap<(String, String), String>> {
         let items: Vec<PartialObjectMeta<Pod>> = match self.cluster() {
-            Some((w, c)) => w
-                .known(c.pods.read())?
-                .iter()
-                .map(|p| (**p).clone())
-                .collect(),
+            Some((w, c)) => w.objects(&c.pods)?,
             None => {
                 let api: Api<Pod> = Api::all(self.client.clone());
                 ask("pods", api.list_metadata(&ListParams::default()))
