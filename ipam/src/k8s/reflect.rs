@@ -5,7 +5,7 @@
 //! Readers decide what each state allows: "could not read" is never
 //! "nothing there".
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch as channel};
 
 /// The longest wait between two attempts to watch again: a recovered API
 /// is noticed within this (an attempt is one cheap request).
@@ -96,7 +96,7 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     store: Store<K>,
-    health: Arc<Mutex<Health>>,
+    health: Arc<channel::Sender<Health>>,
     what: &'static str,
 }
 
@@ -106,7 +106,7 @@ where
 {
     /// Every object, and whether that is current.
     pub fn read(&self) -> Known<Vec<Arc<K>>> {
-        match &*self.health.lock().expect("health") {
+        match &*self.health.borrow() {
             Health::Listing(None) => Known::Unknown(format!("{} not listed yet", self.what)),
             Health::Listing(Some(e)) => {
                 Known::Unknown(format!("{} not listed yet: {e}", self.what))
@@ -124,6 +124,20 @@ where
     }
 }
 
+impl<K: Resource + Clone + 'static> Watched<K>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    /// Like [`Watched::read`], but while the first list is still under
+    /// way (an agent just started) waits up to `within` for it.
+    pub async fn read_listed(&self, within: Duration) -> Known<Vec<Arc<K>>> {
+        let mut rx = self.health.subscribe();
+        let listed = rx.wait_for(|h| !matches!(h, Health::Listing(None)));
+        let _ = tokio::time::timeout(within, listed).await;
+        self.read()
+    }
+}
+
 impl<K: Resource + 'static> std::fmt::Debug for Watched<K>
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -131,7 +145,7 @@ where
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watched")
             .field("what", &self.what)
-            .field("health", &*self.health.lock().expect("health"))
+            .field("health", &*self.health.borrow())
             .finish()
     }
 }
@@ -176,7 +190,7 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, mut writer) = reflector::store();
-    let health = Arc::new(Mutex::new(Health::Listing(None)));
+    let health = Arc::new(channel::Sender::new(Health::Listing(None)));
     let h = health.clone();
     let task = async move {
         let mut warned: Option<Instant> = None;
@@ -195,12 +209,17 @@ where
                         }
                         // Stale from now on (no pass is woken for it: what
                         // the store holds is unchanged, only its age).
-                        let mut g = h.lock().expect("health");
-                        match &mut *g {
-                            Health::Current => *g = Health::Broken(Instant::now(), e.to_string()),
-                            Health::Listing(last) => *last = Some(e.to_string()),
-                            Health::Broken(..) => {}
-                        }
+                        h.send_if_modified(|g| match g {
+                            Health::Current => {
+                                *g = Health::Broken(Instant::now(), e.to_string());
+                                true
+                            }
+                            Health::Listing(last) => {
+                                *last = Some(e.to_string());
+                                true
+                            }
+                            Health::Broken(..) => false,
+                        });
                         break;
                     }
                     Ok(ev) => {
@@ -209,8 +228,7 @@ where
                             continue;
                         }
                         backoff = Duration::from_secs(1);
-                        let was =
-                            std::mem::replace(&mut *h.lock().expect("health"), Health::Current);
+                        let was = h.send_replace(Health::Current);
                         if matches!(was, Health::Broken(..)) {
                             tracing::info!("watching {what} again");
                         }

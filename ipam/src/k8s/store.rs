@@ -38,6 +38,10 @@ pub fn map_err(what: &str, e: kube::Error) -> Error {
     }
 }
 
+/// How long a read waits for a watch's first list (an agent just started)
+/// before it answers `Unavailable`.
+const FIRST_LIST: Duration = Duration::from_secs(5);
+
 /// How long one request may take before it counts as unanswered (a frozen
 /// apiserver): the caller gets `Unavailable` (a write may or may not have
 /// been applied, as with any lost answer) instead of waiting minutes.
@@ -102,13 +106,14 @@ impl Watches {
         }
     }
 
-    /// Every object `w` holds, as [`Watches::known`] answers.
-    fn objects<K>(&self, w: &Watched<K>) -> Result<Vec<K>>
+    /// Every object `w` holds, as [`Watches::known`] answers (waiting a
+    /// little for a first list still under way).
+    async fn objects<K>(&self, w: &Watched<K>) -> Result<Vec<K>>
     where
         K: kube::Resource + Clone + 'static,
         K::DynamicType: Eq + std::hash::Hash + Clone,
     {
-        self.known(w.read())
+        self.known(w.read_listed(FIRST_LIST).await)
             .map(|all| all.iter().map(|o| (**o).clone()).collect())
     }
 }
@@ -237,7 +242,7 @@ impl Store for KubeStore {
             .as_ref()
             .and_then(|w| Some((w, w.cluster.as_ref()?)))
         {
-            Some((w, c)) => w.objects(&c.blocks)?,
+            Some((w, c)) => w.objects(&c.blocks).await?,
             None => {
                 ask("ipamblocks", self.blocks.list(&ListParams::default()))
                     .await?
@@ -300,7 +305,7 @@ impl Store for KubeStore {
 
     async fn pools(&self) -> Result<Vec<IPPool>> {
         if let Some(w) = &self.watches {
-            return w.objects(&w.pools);
+            return w.objects(&w.pools).await;
         }
         if let Some(p) = fresh(&self.cache().pools, self.ttl) {
             return Ok(p);
@@ -315,7 +320,7 @@ impl Store for KubeStore {
 
     async fn config(&self) -> Result<IPAMConfigurationSpec> {
         if let Some(w) = &self.watches {
-            return w.known(w.config.read()).map(|all| {
+            return w.known(w.config.read_listed(FIRST_LIST).await).map(|all| {
                 all.iter()
                     .find(|c| c.name_any() == CONFIG_NAME)
                     .map(|c| c.spec.clone())
@@ -338,10 +343,10 @@ impl Store for KubeStore {
         if let Some((w, me)) = self
             .watches
             .as_ref()
-            .and_then(|w| Some((w, w.me.as_ref().filter(|(n, _)| n == node)?.1.read())))
+            .and_then(|w| Some((w, &w.me.as_ref().filter(|(n, _)| n == node)?.1)))
         {
             return w
-                .known(me)
+                .known(me.read_listed(FIRST_LIST).await)
                 .map(|n| n.first().map(|n| n.labels().clone()).unwrap_or_default());
         }
         if let Some((at, l)) = self.cache().labels.get(node)
@@ -365,7 +370,7 @@ impl Cluster for KubeStore {
     async fn nodes(&self) -> Result<BTreeSet<String>> {
         if let Some((w, c)) = self.cluster() {
             return w
-                .known(c.nodes.read())
+                .known(c.nodes.read_listed(FIRST_LIST).await)
                 .map(|n| n.iter().map(|n| n.name_any()).collect());
         }
         let api: Api<Node> = Api::all(self.client.clone());
@@ -382,7 +387,7 @@ impl Cluster for KubeStore {
 
     async fn pods(&self) -> Result<HashMap<(String, String), String>> {
         let items: Vec<PartialObjectMeta<Pod>> = match self.cluster() {
-            Some((w, c)) => w.objects(&c.pods)?,
+            Some((w, c)) => w.objects(&c.pods).await?,
             None => {
                 let api: Api<Pod> = Api::all(self.client.clone());
                 ask("pods", api.list_metadata(&ListParams::default()))
