@@ -192,14 +192,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )
     .await?;
     let _ = state.reserve.set(reserve.clone());
-    let service = CniService::new(
-        &node,
-        store.clone(),
-        alloc.clone(),
-        reserve.clone(),
-        dp.clone(),
-        args.mtu,
-    );
+    let service = CniService::new(&node, store.clone(), reserve.clone(), dp.clone(), args.mtu);
     tasks.spawn(
         "natOutgoing",
         crate::dataplane::nat::run(

@@ -114,7 +114,15 @@ pub async fn call(env: &Env, conf: &NetConf) -> Result<Option<CniResult>, CniErr
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| unreachable(&socket, &e))?;
+        .map_err(|e| unreachable(&socket, &e))
+        .map_err(|e| match env.command {
+            // STATUS has its own answer for "cannot serve ADDs" (spec 1.1).
+            Command::Status => CniError {
+                code: code::NOT_AVAILABLE,
+                ..e
+            },
+            _ => e,
+        })?;
     let mut client = CniClient::new(channel);
     let reply = match env.command {
         Command::Add => client.add(request(env, conf)).await,
@@ -135,11 +143,13 @@ pub async fn call(env: &Env, conf: &NetConf) -> Result<Option<CniResult>, CniErr
                     valid: conf
                         .valid_attachments
                         .iter()
+                        .flatten()
                         .map(|(c, i)| cni::Attachment {
                             container_id: c.clone(),
                             ifname: i.clone(),
                         })
                         .collect(),
+                    valid_given: conf.valid_attachments.is_some(),
                 })
                 .await
         }

@@ -114,11 +114,16 @@ pub fn parse_env(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> 
             return Err(invalid(format!("{name} is required for {command:?}")));
         }
     }
-    if env.ifname.len() > 15 || env.ifname.contains(['/', ' ']) {
-        return Err(invalid(format!(
-            "CNI_IFNAME {:?} is not a valid interface name",
-            env.ifname
-        )));
+    // Checked as the spec says when given (the agent checks them again).
+    if !env.container_id.is_empty() && !code::valid_id(&env.container_id) {
+        return Err(invalid(
+            code::BadAttachment::ContainerId(env.container_id.clone()).to_string(),
+        ));
+    }
+    if !env.ifname.is_empty() && !code::valid_ifname(&env.ifname) {
+        return Err(invalid(
+            code::BadAttachment::Ifname(env.ifname.clone()).to_string(),
+        ));
     }
     Ok(env)
 }
@@ -177,8 +182,8 @@ pub struct NetConf {
     pub timeout_seconds: u64,
     /// prevResult, when chained.
     pub prev_result: Option<Value>,
-    /// cni.dev/valid-attachments (GC).
-    pub valid_attachments: Vec<(String, String)>,
+    /// cni.dev/valid-attachments (GC); `None` when the key is missing.
+    pub valid_attachments: Option<Vec<(String, String)>>,
 }
 
 /// Parses the network configuration from stdin.
@@ -227,6 +232,12 @@ pub fn parse_conf(bytes: &[u8], default_socket: &str) -> Result<NetConf, CniErro
         ));
     }
     let name = str_field("name")?.unwrap_or_default();
+    if !code::valid_id(&name) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            code::BadAttachment::Network(name).to_string(),
+        ));
+    }
     let socket = str_field("socket")?.unwrap_or_else(|| default_socket.to_string());
     let num = |k: &str, max: u64| -> Result<u64, CniError> {
         match m.get(k) {
@@ -250,23 +261,29 @@ pub fn parse_conf(bytes: &[u8], default_socket: &str) -> Result<NetConf, CniErro
         0 => 120,
         n => n,
     };
-    let valid_attachments = m
-        .get("cni.dev/valid-attachments")
-        .and_then(Value::as_array)
-        .map(|a| {
+    let valid_attachments = match m.get("cni.dev/valid-attachments") {
+        None => None,
+        Some(Value::Array(a)) => Some(
             a.iter()
                 .map(|x| {
-                    let s = |k| {
-                        x.get(k)
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    (s("containerID"), s("ifname"))
+                    let s = |k| x.get(k).and_then(Value::as_str).map(str::to_string);
+                    match (s("containerID"), s("ifname")) {
+                        (Some(c), Some(i)) => Ok((c, i)),
+                        _ => Err(CniError::new(
+                            code::INVALID_CONFIG,
+                            format!("cni.dev/valid-attachments: {x} lacks containerID or ifname"),
+                        )),
+                    }
                 })
-                .collect()
-        })
-        .unwrap_or_default();
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(other) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("cni.dev/valid-attachments must be a list, got {other}"),
+            ));
+        }
+    };
     Ok(NetConf {
         version,
         name,
@@ -413,6 +430,15 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.code, code::INVALID_ENV);
+        for (id, ifname) in [("-c", "eth0"), ("c/d", "eth0"), ("c", "eth:0"), ("c", "..")] {
+            let e = parse_env(env(&[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", id),
+                ("CNI_IFNAME", ifname),
+            ]))
+            .unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{id} {ifname}");
+        }
         let a = parse_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p").unwrap();
         assert_eq!(a["K8S_POD_NAME"], "p");
     }
@@ -447,6 +473,34 @@ mod tests {
             (1450, sock, 120)
         );
         assert!(c.prev_result.is_some());
+        assert_eq!(c.valid_attachments, None);
+        // A network without a (valid) name: no attachment can be named.
+        for bad in [
+            &br#"{"cniVersion":"1.0.0","type":"margay"}"#[..],
+            br#"{"cniVersion":"1.0.0","name":"","type":"margay"}"#,
+            br#"{"cniVersion":"1.0.0","name":"a/b","type":"margay"}"#,
+        ] {
+            let e = parse_conf(bad, sock).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{e:?}");
+        }
+        let c = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[{"containerID":"c","ifname":"eth0"}]}"#,
+            sock,
+        )
+        .unwrap();
+        assert_eq!(c.valid_attachments, Some(vec![("c".into(), "eth0".into())]));
+        let c = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[]}"#,
+            sock,
+        )
+        .unwrap();
+        assert_eq!(c.valid_attachments, Some(vec![]));
+        let e = parse_conf(
+            br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":{}}"#,
+            sock,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
     }
 
     #[test]

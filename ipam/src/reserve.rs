@@ -218,6 +218,11 @@ impl Reserve {
         self.state().index.get(handle).cloned()
     }
 
+    /// Every pod handle the reserve knows this node holds.
+    pub fn handles(&self) -> Vec<String> {
+        self.state().index.keys().cloned().collect()
+    }
+
     /// Addresses for `a.handle`: the ones it has (an ADD retried), a spare
     /// (no write waited for), or, with none left, a direct assign.
     /// Operations on one handle must not run concurrently (the caller

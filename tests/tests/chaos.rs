@@ -937,7 +937,7 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         let h = held.get(&p.ip);
         assert_eq!(
             h.map(String::as_str),
-            Some(format!("{}.eth0", p.id).as_str()),
+            Some(format!("margay/{}/eth0", p.id).as_str()),
             "{} ({})",
             p.name,
             p.ip

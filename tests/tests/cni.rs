@@ -33,6 +33,11 @@ struct World {
 }
 
 async fn world(chain: Vec<Value>) -> World {
+    world_with(chain, &[]).await
+}
+
+/// A world whose agent gets `args` too.
+async fn world_with(chain: Vec<Value>, args: &[&str]) -> World {
     let (api, client) = margay_tests::cluster(
         &["n1"],
         "10.244.0.0/24",
@@ -47,7 +52,9 @@ async fn world(chain: Vec<Value>) -> World {
     let relay = api
         .expose_in(&node.ns)
         .expect("apiserver in the node namespace");
-    let agent = start_agent(&node, &api, &socket, &dir.path().join("agent.log"));
+    let mut cmd = margay_tests::agent_cmd(&node, "n1", &api, &socket).unwrap();
+    cmd.args(args);
+    let agent = margay_tests::start_agent(cmd, &socket, &dir.path().join("agent.log")).unwrap();
     let mut plugins = vec![json!({"type": "margay", "socket": socket, "mtu": 1400})];
     plugins.extend(chain);
     let conflist = dir.path().join("margay.conflist");
@@ -185,6 +192,21 @@ impl World {
         last
     }
 
+    /// The pod addresses once they are exactly `want` (sorted), or what
+    /// there is after 15 s.
+    async fn settle_on(&self, mut want: Vec<String>) -> (Vec<String>, Vec<String>) {
+        want.sort();
+        let mut last = Vec::new();
+        for _ in 0..300 {
+            last = self.pod_allocations().await;
+            if last == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (last, want)
+    }
+
     fn cali_links(&self) -> String {
         let links = self.node.ns.ip(&["-o", "link", "show"]).unwrap();
         links
@@ -237,7 +259,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     // agent reconciles IPAM from).
     assert!(
         links.contains(&format!(
-            "alias margay1 c1.eth0 {a1} default/web-1/uid-web-1"
+            "alias margay1 margay/c1/eth0 {a1} default/web-1/uid-web-1"
         )),
         "{links}"
     );
@@ -312,7 +334,8 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     w.cnitool("del", "c1", &p1.path(), "web-1").expect("DEL");
     w.cnitool("del", "c1", &p1.path(), "web-1")
         .expect("second DEL");
-    assert_eq!(w.allocations(1).await, vec![a2.clone()]);
+    let (got, want) = w.settle_on(vec![a2.clone()]).await;
+    assert_eq!(got, want);
     let host = w
         .node
         .ns
@@ -431,7 +454,253 @@ async fn bad_input_gets_the_right_cni_code_and_leaves_nothing() {
         &[("CNI_COMMAND", "STATUS".into())],
         &w.conf(json!({"cniVersion": "1.1.0"})),
     );
-    assert_eq!(code(r), 11);
+    assert_eq!(code(r), 50, "STATUS with the agent down: not available");
+}
+
+/// The plugin's environment for `verb` on (container, ifname).
+fn env_for(
+    verb: &str,
+    id: &str,
+    ifname: &str,
+    netns: &str,
+    pod: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("CNI_COMMAND", verb.into()),
+        ("CNI_CONTAINERID", id.into()),
+        ("CNI_NETNS", netns.into()),
+        ("CNI_IFNAME", ifname.into()),
+        ("CNI_PATH", "/usr/lib/cni".into()),
+        (
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID=uid-{id}"),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_acts_on_its_own_attachment_only() {
+    let w = world(vec![]).await;
+    let good = w.conf(json!({}));
+    let ok = |r: (bool, Value)| {
+        assert!(
+            r.0,
+            "expected success, got {}\nagent log:\n{}",
+            r.1,
+            w.agent.log_tail(15)
+        );
+        r.1
+    };
+    let addr = |v: &Value| {
+        v["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/32")
+            .to_string()
+    };
+    // Pod web-0 recreated: sandbox c2 added while c1 still awaits its DEL.
+    let p1 = Netns::create("pod").unwrap();
+    let p2 = Netns::create("pod").unwrap();
+    let ns = |p: &Netns| p.path().display().to_string();
+    ok(run(
+        &w,
+        &env_for("ADD", "c1", "eth0", &ns(&p1), "web-0"),
+        &good,
+    ));
+    let a2 = addr(&ok(run(
+        &w,
+        &env_for("ADD", "c2", "eth0", &ns(&p2), "web-0"),
+        &good,
+    )));
+    ok(run(&w, &env_for("DEL", "c1", "eth0", "", "web-0"), &good));
+    ok(run(
+        &w,
+        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
+        &good,
+    ));
+    p2.ping_ok(&w.node.v4.to_string()).unwrap();
+    let (got, want) = w.settle_on(vec![a2.clone()]).await;
+    assert_eq!(got, want);
+
+    // A second interface of the same container (as Multus adds).
+    let b = addr(&ok(run(
+        &w,
+        &env_for("ADD", "c2", "net1", &ns(&p2), "web-0"),
+        &good,
+    )));
+    assert_ne!(a2, b);
+    ok(run(
+        &w,
+        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
+        &good,
+    ));
+    ok(run(
+        &w,
+        &env_for("CHECK", "c2", "net1", &ns(&p2), "web-0"),
+        &good,
+    ));
+    assert!(p2.ip(&["-o", "link", "show", "eth0"]).is_ok());
+
+    // IDs whose handles collided before: a.b + c and a + b.c.
+    let p3 = Netns::create("pod").unwrap();
+    let x = addr(&ok(run(
+        &w,
+        &env_for("ADD", "a.b", "c", &ns(&p3), "x"),
+        &good,
+    )));
+    let y = addr(&ok(run(
+        &w,
+        &env_for("ADD", "a", "b.c", &ns(&p3), "y"),
+        &good,
+    )));
+    assert_ne!(x, y);
+    let (got, want) = w
+        .settle_on(vec![a2.clone(), b.clone(), x.clone(), y.clone()])
+        .await;
+    assert_eq!(got, want);
+    // A DEL of an attachment that is not there touches nothing.
+    ok(run(&w, &env_for("DEL", "zz", "eth0", "", "web-0"), &good));
+    assert_eq!(w.cali_links().lines().count(), 4, "{}", w.cali_links());
+
+    // GC: without the list it removes nothing; another network's GC
+    // removes nothing of ours; ours removes what is not listed.
+    let gc = |name: &str, valid: Option<Value>| {
+        let mut extra = json!({"cniVersion": "1.1.0", "name": name});
+        if let Some(v) = valid {
+            extra["cni.dev/valid-attachments"] = v;
+        }
+        run(
+            &w,
+            &[
+                ("CNI_COMMAND", "GC".into()),
+                ("CNI_PATH", "/usr/lib/cni".into()),
+            ],
+            &w.conf(extra),
+        )
+    };
+    let (done, v) = gc("margay", None);
+    assert!(!done && v["code"] == 7, "{v}");
+    ok(gc("other-net", Some(json!([]))));
+    assert_eq!(w.cali_links().lines().count(), 4, "{}", w.cali_links());
+    ok(gc(
+        "margay",
+        Some(
+            json!([{"containerID": "c2", "ifname": "eth0"}, {"containerID": "a.b", "ifname": "c"}]),
+        ),
+    ));
+    let (got, want) = w.settle_on(vec![a2.clone(), x.clone()]).await;
+    assert_eq!(got, want);
+    assert_eq!(w.cali_links().lines().count(), 2, "{}", w.cali_links());
+    ok(run(
+        &w,
+        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
+        &good,
+    ));
+    ok(run(&w, &env_for("CHECK", "a.b", "c", &ns(&p3), "x"), &good));
+
+    // Bad identities and namespaces: refused, nothing made.
+    let routes = w.node.ns.ip(&["route", "show", "default"]).unwrap();
+    let code = |r: (bool, Value)| {
+        assert!(!r.0, "expected a failure, got {}", r.1);
+        r.1["code"].as_u64().unwrap_or(0)
+    };
+    let file = w.dir.path().join("not-a-netns");
+    std::fs::write(&file, "x").unwrap();
+    for (netns, want) in [
+        ("/proc/self/ns/net".to_string(), 4),
+        (file.display().to_string(), 4),
+        ("/proc/self/ns/mnt".to_string(), 4),
+    ] {
+        let got = code(run(&w, &env_for("ADD", "h1", "eth9", &netns, "h"), &good));
+        assert_eq!(got, want, "ADD into {netns}");
+    }
+    assert_eq!(
+        code(run(
+            &w,
+            &env_for("ADD", "-bad", "eth0", &ns(&p3), "h"),
+            &good
+        )),
+        4
+    );
+    assert_eq!(
+        code(run(
+            &w,
+            &env_for("ADD", "h1", "eth:0", &ns(&p3), "h"),
+            &good
+        )),
+        4
+    );
+    let nameless = json!({"cniVersion": "1.0.0", "type": "margay", "socket": w.socket}).to_string();
+    assert_eq!(
+        code(run(
+            &w,
+            &env_for("ADD", "h1", "eth0", &ns(&p3), "h"),
+            &nameless
+        )),
+        7
+    );
+    assert_eq!(w.node.ns.ip(&["route", "show", "default"]).unwrap(), routes);
+    assert!(w.node.ns.ip(&["link", "show", "eth9"]).is_err());
+    let (got, want) = w.settle_on(vec![a2, x]).await;
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_whose_caller_is_killed_leaves_nothing() {
+    // No spares: the ADD waits for the (frozen) datastore, and the plugin
+    // is killed meanwhile.
+    let w = world_with(vec![], &["--ipam-spares", "0"]).await;
+    let pod = Netns::create("pod").unwrap();
+    let good = w.conf(json!({}));
+    w.api.freeze(true).unwrap();
+    let env = env_for(
+        "ADD",
+        "k1",
+        "eth0",
+        &pod.path().display().to_string(),
+        "killed",
+    );
+    let mut cmd = w.node.ns.cmd(paths::workspace_bin("margay").unwrap());
+    cmd.env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(good.as_bytes())
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    w.api.freeze(false).unwrap();
+    // The ADD finishes in the agent, sees nobody waiting, and is undone.
+    wait::until("the cancelled ADD undone", T, POLL, || {
+        Ok(w.agent.log_tail(40).contains("undoing it").then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}",
+            w.agent
+                .log_tail(60)
+                .lines()
+                .filter(|l| !l.contains("cert bypassed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    assert!(w.allocations(0).await.is_empty(), "address left held");
+    assert!(w.cali_links().is_empty(), "{}", w.cali_links());
+    assert!(pod.ip(&["link", "show", "eth0"]).is_err());
+    // The runtime's retry works from scratch.
+    ok_add(&w, "k1", &pod);
+}
+
+fn ok_add(w: &World, id: &str, pod: &Netns) {
+    let a = w.add(id, pod, "killed");
+    assert!(!a.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1137,7 +1406,7 @@ state = "{state}"
         ("default", "web-cri")
     );
     assert!(
-        recorded.handle.starts_with(&id),
+        recorded.handle.contains(&format!("/{id}/")),
         "{} vs {id}",
         recorded.handle
     );

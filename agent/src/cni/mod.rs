@@ -1,14 +1,26 @@
 //! The agent's CNI service: ADD, DEL, CHECK, STATUS and GC over gRPC on a
 //! unix socket, translating to IPAM and the dataplane.
 //!
-//! ADD takes addresses from the node's reserve (handle `<container
-//! id>.<ifname>`, so a retried ADD gets the same addresses; a pre-assigned
-//! spare when there is one, so no datastore write is waited for), then
-//! wires the pod, recording the handle on its host interface; then the
-//! attribution is written behind. If wiring fails the dataplane has already
-//! rolled back and the addresses go back, so a failed ADD leaves nothing.
-//! DEL unwires (nothing to do is fine; the pod namespace may be gone) and
-//! releases, written behind. Operations on one handle never overlap.
+//! Every call acts on one attachment (network name, container ID,
+//! interface name: `margay_api::cni::Attachment`, checked as the spec
+//! says). Its handle names its addresses in IPAM and its host interface
+//! (`cali` + a hash of the handle), and the interface's alias records it:
+//! DEL, CHECK and GC touch an interface only when its alias records their
+//! own attachment, so a stale DEL of an old sandbox or a second interface
+//! of one container never reach another's.
+//!
+//! ADD checks the pod namespace (a network namespace, not the node's),
+//! takes addresses from the node's reserve (a retried ADD gets the same
+//! ones; a pre-assigned spare when there is one, so no datastore write is
+//! waited for), then wires the pod, recording the handle on its host
+//! interface; then the attribution is written behind. If wiring fails the
+//! dataplane has already rolled back and the addresses go back, so a failed
+//! ADD leaves nothing; an ADD whose caller went away (the plugin killed)
+//! is finished, then undone (see [`server`]). DEL unwires (nothing to do
+//! is fine; the pod namespace may be gone) and releases, written behind.
+//! Pods wired before handles named their network (`container.ifname`,
+//! interface named after the pod) are still found by DEL and CHECK.
+//! Operations on one handle never overlap.
 //! Errors carry CNI codes (`margay_api::cni`): 11 when asking again may
 //! work, 3 when the pod namespace does not exist, 100 for address
 //! allocation, 101 for the dataplane, 50 for STATUS when not ready.
@@ -22,13 +34,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ipnetwork::IpNetwork;
+use margay_api::cni::Attachment;
 use margay_api::ipam::{AllowedUse, IPPool, PodRef};
 use margay_ipam::model::validate_pools;
-use margay_ipam::reserve::spare_prefix;
-use margay_ipam::{Allocator, Assign, Reserve, Store};
+use margay_ipam::{Assign, Reserve, Store};
 use margay_proto::cni;
 
-use crate::dataplane::ownership::host_ifname;
+use crate::dataplane::ownership::{alias_owner, host_ifname};
 use crate::dataplane::{self, Dataplane, GATEWAY_V4, HOST_MAC, PodSpec};
 
 pub mod alias;
@@ -62,7 +74,6 @@ fn ipam_err(e: &margay_ipam::Error) -> cni::CniError {
 pub struct CniService<S, D> {
     node: String,
     store: Arc<S>,
-    alloc: Allocator,
     reserve: Reserve,
     dp: Arc<D>,
     mtu: u32,
@@ -73,14 +84,43 @@ pub struct CniService<S, D> {
     last_pools: Mutex<Option<Vec<IPPool>>>,
 }
 
-fn handle_of(r: &cni::CniRequest) -> String {
-    format!("{}.{}", r.container_id, r.ifname)
+/// The attachment a request acts on; a bad identity is the caller's error
+/// (code 7 for the network name, 4 for the environment).
+fn attachment_of(r: &cni::CniRequest) -> Result<Attachment, cni::CniError> {
+    Attachment::new(&r.network, &r.container_id, &r.ifname)
+        .map_err(|e| err(e.code(), e.to_string()))
 }
 
-fn host_if_of(r: &cni::CniRequest) -> String {
+/// The host interface of a pod wired before handles named their network:
+/// named after the pod (or the container when no pod was given).
+fn legacy_host_if(r: &cni::CniRequest) -> String {
     match &r.pod {
         Some(p) if !p.name.is_empty() => host_ifname(&format!("{}.{}", p.namespace, p.name)),
         _ => host_ifname(&r.container_id),
+    }
+}
+
+/// How an attachment was wired: its handle and host interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wired {
+    handle: String,
+    host_if: String,
+}
+
+impl Wired {
+    fn of(a: &Attachment) -> Self {
+        let handle = a.handle();
+        Self {
+            host_if: host_ifname(&handle),
+            handle,
+        }
+    }
+
+    fn legacy(a: &Attachment, r: &cni::CniRequest) -> Self {
+        Self {
+            handle: a.legacy_handle(),
+            host_if: legacy_host_if(r),
+        }
     }
 }
 
@@ -111,36 +151,30 @@ impl Drop for HandleGuard<'_> {
     }
 }
 
-fn validate(r: &cni::CniRequest, need_netns: bool) -> Result<(), cni::CniError> {
-    if r.container_id.is_empty() || r.ifname.is_empty() || (need_netns && r.netns.is_empty()) {
+fn need_netns(r: &cni::CniRequest) -> Result<(), cni::CniError> {
+    if r.netns.is_empty() {
         return Err(err(
-            code::INVALID_CONFIG,
-            "container id, interface name and (for ADD/CHECK) netns are required",
-        ));
-    }
-    if r.ifname.len() > 15 {
-        return Err(err(
-            code::INVALID_CONFIG,
-            format!("interface name {:?} is too long", r.ifname),
+            code::INVALID_ENV,
+            "CNI_NETNS is required for ADD and CHECK",
         ));
     }
     Ok(())
 }
 
+fn netns_err(e: &dataplane::Error) -> Option<cni::CniError> {
+    match e {
+        dataplane::Error::Netns { .. } => Some(err(code::UNKNOWN_CONTAINER, e.to_string())),
+        dataplane::Error::NotPodNetns { .. } => Some(err(code::INVALID_ENV, e.to_string())),
+        _ => None,
+    }
+}
+
 impl<S: Store, D: Dataplane> CniService<S, D> {
     /// A service for `node`.
-    pub fn new(
-        node: &str,
-        store: Arc<S>,
-        alloc: Allocator,
-        reserve: Reserve,
-        dp: Arc<D>,
-        mtu: u32,
-    ) -> Self {
+    pub fn new(node: &str, store: Arc<S>, reserve: Reserve, dp: Arc<D>, mtu: u32) -> Self {
         Self {
             node: node.to_string(),
             store,
-            alloc,
             reserve,
             dp,
             mtu,
@@ -202,28 +236,58 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             .unwrap_or(self.mtu)
     }
 
-    fn spec(&self, r: &cni::CniRequest, addrs: Vec<IpNetwork>, mtu: u32) -> PodSpec {
+    fn spec(&self, r: &cni::CniRequest, w: &Wired, addrs: Vec<IpNetwork>, mtu: u32) -> PodSpec {
         let pod = pod_of(r);
         PodSpec {
             netns: PathBuf::from(&r.netns),
             ifname: r.ifname.clone(),
-            host_if: host_if_of(r),
-            alias: alias::alias(&handle_of(r), &addrs, pod.as_ref()),
+            host_if: w.host_if.clone(),
+            alias: alias::alias(&w.handle, &addrs, pod.as_ref()),
+            owner: w.handle.clone(),
             addrs,
             mtu,
         }
     }
 
+    /// Removes `w`'s host interface when its alias records `w.handle` (or,
+    /// with `unrecorded`, records nothing: an ADD that died before writing
+    /// it). Whether the interface is gone now.
+    async fn unwire(&self, w: &Wired, unrecorded: bool) -> Result<bool, cni::CniError> {
+        let failed = |e: dataplane::Error| {
+            err(
+                code::TRY_AGAIN,
+                format!("removing the pod's interfaces: {e}"),
+            )
+        };
+        let Some(link) = self.dp.pod_link(&w.host_if).await.map_err(failed)? else {
+            return Ok(true);
+        };
+        match alias_owner(&link.alias) {
+            Some(o) if o == w.handle => {}
+            None if unrecorded => {}
+            other => {
+                tracing::info!(
+                    host_if = %w.host_if,
+                    handle = %w.handle,
+                    owner = other.unwrap_or("-"),
+                    "host interface is another attachment's: left alone"
+                );
+                return Ok(false);
+            }
+        }
+        self.dp.del_pod(&w.host_if).await.map_err(failed)?;
+        Ok(true)
+    }
+
     /// CNI ADD.
     pub async fn add(&self, r: &cni::CniRequest) -> Result<cni::CniResult, cni::CniError> {
-        validate(r, true)?;
-        if !std::path::Path::new(&r.netns).exists() {
-            return Err(err(
-                code::UNKNOWN_CONTAINER,
-                format!("network namespace {} does not exist", r.netns),
-            ));
+        let at = attachment_of(r)?;
+        need_netns(r)?;
+        if let Err(e) = self.dp.pod_netns(std::path::Path::new(&r.netns)).await {
+            return Err(netns_err(&e).unwrap_or_else(|| err(code::DATAPLANE, e.to_string())));
         }
-        let handle = handle_of(r);
+        let w = Wired::of(&at);
+        let handle = w.handle.clone();
         let _g = self.lock(&handle).await;
         let pod = pod_of(r);
         let t0 = std::time::Instant::now();
@@ -239,7 +303,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         let ipam_ms = t0.elapsed().as_secs_f64() * 1e3;
         let addrs = taken.addrs.clone();
         let mtu = self.mtu_for(r, &addrs).await;
-        let spec = self.spec(r, addrs.clone(), mtu);
+        let spec = self.spec(r, &w, addrs.clone(), mtu);
         let wiring = match self.dp.add_pod(&spec).await {
             Ok(w) => w,
             Err(e) => {
@@ -247,11 +311,9 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                 if let Err(re) = self.reserve.abort(taken).await {
                     tracing::warn!(%handle, "release after failed ADD: {re} (GC will collect it)");
                 }
-                let code = match e {
-                    dataplane::Error::Netns { .. } => code::UNKNOWN_CONTAINER,
-                    _ => code::DATAPLANE,
-                };
-                return Err(err(code, format!("wiring the pod failed: {e}")));
+                return Err(netns_err(&e).unwrap_or_else(|| {
+                    err(code::DATAPLANE, format!("wiring the pod failed: {e}"))
+                }));
             }
         };
         // The kernel now records the attribution: write it behind.
@@ -297,47 +359,64 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         })
     }
 
-    /// CNI DEL.
+    /// CNI DEL: removes this attachment's interface (only when its alias
+    /// records this attachment) and releases its addresses; an attachment
+    /// that is not there is a success that touches nothing.
     pub async fn del(&self, r: &cni::CniRequest) -> Result<(), cni::CniError> {
-        validate(r, false)?;
-        let handle = handle_of(r);
-        let _g = self.lock(&handle).await;
-        self.dp.del_pod(&host_if_of(r)).await.map_err(|e| {
-            err(
-                code::TRY_AGAIN,
-                format!("removing the pod's interfaces: {e}"),
-            )
-        })?;
+        let at = attachment_of(r)?;
+        let w = Wired::of(&at);
+        let _g = self.lock(&w.handle).await;
+        self.unwire(&w, true).await?;
         // The interface (the node's record) is gone: the release is
         // written behind, after any attribution of the handle still queued.
-        let released = self.reserve.release(&handle);
-        tracing::info!(%handle, ?released, "pod deleted");
+        let released = self.reserve.release(&w.handle);
+        // A pod wired by an older version, under its old handle.
+        let old = Wired::legacy(&at, r);
+        if self.reserve.holding(&old.handle).is_some() {
+            let _g = self.lock(&old.handle).await;
+            if self.unwire(&old, false).await? {
+                let more = self.reserve.release(&old.handle);
+                tracing::info!(handle = %old.handle, released = ?more, "pod of an older version deleted");
+            }
+        }
+        tracing::info!(handle = %w.handle, ?released, "pod deleted");
         Ok(())
     }
 
     /// Addresses IPAM holds for a handle.
-    async fn held(&self, handle: &str) -> Result<Vec<IpNetwork>, cni::CniError> {
+    fn held(&self, handle: &str) -> Vec<IpNetwork> {
         // The reserve knows every pod handle of this node, including
         // attributions and releases not written yet.
         let mut v = self.reserve.holding(handle).unwrap_or_default();
         v.sort();
-        Ok(v)
+        v
     }
 
-    /// CNI CHECK.
+    /// CNI CHECK: the attachment's interface records it and the pod side
+    /// holds its addresses.
     pub async fn check(&self, r: &cni::CniRequest) -> Result<(), cni::CniError> {
-        validate(r, true)?;
-        let addrs = self.held(&handle_of(r)).await?;
+        let at = attachment_of(r)?;
+        need_netns(r)?;
+        let mut w = Wired::of(&at);
+        let mut addrs = self.held(&w.handle);
+        if addrs.is_empty() {
+            let old = Wired::legacy(&at, r);
+            addrs = self.held(&old.handle);
+            w = old;
+        }
         if addrs.is_empty() {
             return Err(err(
                 code::IPAM,
-                format!("no address is allocated to {}", handle_of(r)),
+                format!("no address is allocated to {}", at.handle()),
             ));
         }
+        let mtu = self.mtu_for(r, &addrs).await;
         self.dp
-            .check_pod(&self.spec(r, addrs.clone(), self.mtu_for(r, &addrs).await))
+            .check_pod(&self.spec(r, &w, addrs, mtu))
             .await
-            .map_err(|e| err(code::DATAPLANE, format!("CHECK failed: {e}")))
+            .map_err(|e| {
+                netns_err(&e).unwrap_or_else(|| err(code::DATAPLANE, format!("CHECK failed: {e}")))
+            })
     }
 
     /// CNI STATUS: ready when the datastore answers and a pool can serve
@@ -368,42 +447,65 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         Ok(())
     }
 
-    /// CNI GC: releases this node's pod addresses whose attachment is not
-    /// in `valid`, and removes their host interfaces.
+    /// CNI GC (spec 1.1): removes this network's attachments on this
+    /// node that are not in `cni.dev/valid-attachments` (their host
+    /// interfaces and addresses), each under its handle's lock; refused
+    /// when the list is missing. Attachments of other networks, and pods
+    /// of older versions (whose handles name no network), are left alone.
+    /// Returns the handles removed.
     pub async fn gc(&self, g: &cni::GcRequest) -> Result<Vec<String>, cni::CniError> {
-        let valid: HashSet<String> = g
+        if !g.valid_given {
+            return Err(err(
+                code::INVALID_CONFIG,
+                "GC needs cni.dev/valid-attachments (an empty list means none is valid); nothing was removed",
+            ));
+        }
+        if !margay_api::cni::valid_id(&g.network) {
+            return Err(err(
+                code::INVALID_CONFIG,
+                format!(
+                    "network name {:?} is not valid; nothing was removed",
+                    g.network
+                ),
+            ));
+        }
+        let valid: HashSet<(&str, &str)> = g
             .valid
             .iter()
-            .map(|a| format!("{}.{}", a.container_id, a.ifname))
+            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
             .collect();
-        let blocks = self.alloc.blocks().await.map_err(|e| ipam_err(&e))?;
+        // What this node holds: the reserve's handles and the interfaces'
+        // records (an interface whose addresses were released by force).
+        let mut handles: HashSet<String> = self.reserve.handles().into_iter().collect();
+        let links = self
+            .dp
+            .list_pods()
+            .await
+            .map_err(|e| err(code::TRY_AGAIN, format!("listing pod interfaces: {e}")))?;
+        handles.extend(
+            links
+                .iter()
+                .filter_map(|l| alias_owner(&l.alias).map(str::to_string)),
+        );
+        let mut doomed: Vec<Attachment> = handles
+            .iter()
+            .filter_map(|h| Attachment::from_handle(h))
+            .filter(|a| {
+                a.network == g.network
+                    && !valid.contains(&(a.container_id.as_str(), a.ifname.as_str()))
+            })
+            .collect();
+        doomed.sort();
         let mut gone = Vec::new();
-        let mut seen = HashSet::new();
-        let spare = spare_prefix(&self.node);
-        for b in &blocks {
-            for a in b.allocations.values() {
-                if a.node != self.node
-                    || a.use_ != AllowedUse::Workload
-                    || a.handle.starts_with(&spare)
-                    || valid.contains(&a.handle)
-                    || !seen.insert(a.handle.clone())
-                {
-                    continue;
-                }
-                let host_if = match &a.pod {
-                    Some(p) => host_ifname(&format!("{}.{}", p.namespace, p.name)),
-                    None => {
-                        host_ifname(a.handle.rsplit_once('.').map_or(&a.handle[..], |(c, _)| c))
-                    }
-                };
-                self.dp
-                    .del_pod(&host_if)
-                    .await
-                    .map_err(|e| err(code::TRY_AGAIN, e.to_string()))?;
-                self.reserve.release(&a.handle);
-                gone.push(a.handle.clone());
-            }
+        for at in doomed {
+            let w = Wired::of(&at);
+            let _g = self.lock(&w.handle).await;
+            self.unwire(&w, false).await?;
+            let released = self.reserve.release(&w.handle);
+            tracing::info!(handle = %w.handle, ?released, "GC removed an attachment the runtime does not know");
+            gone.push(w.handle);
         }
+        tracing::info!(network = %g.network, removed = gone.len(), kept = g.valid.len(), "CNI GC done");
         Ok(gone)
     }
 }
@@ -413,7 +515,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use margay_api::ipam::{IPPool, IPPoolSpec};
-    use margay_ipam::{MemStore, Options};
+    use margay_ipam::{Allocator, MemStore, Options};
 
     use super::*;
     use crate::dataplane::FakeDataplane;
@@ -449,15 +551,14 @@ mod tests {
             ..Default::default()
         };
         let reserve = Reserve::start(alloc.clone(), "n1", opts).await.unwrap();
-        let svc = CniService::new(
-            "n1",
-            store.clone(),
-            alloc,
-            reserve,
-            Arc::new(dp.clone()),
-            1500,
-        );
+        let svc = CniService::new("n1", store.clone(), reserve, Arc::new(dp.clone()), 1500);
         (svc, store, dp)
+    }
+
+    const NET: &str = "k8s-pod-network";
+
+    fn h(id: &str) -> String {
+        format!("{NET}/{id}/eth0")
     }
 
     fn req(id: &str) -> cni::CniRequest {
@@ -467,12 +568,19 @@ mod tests {
             // Any namespace path that exists will do for the fake.
             netns: "/proc/self/ns/net".into(),
             ifname: "eth0".into(),
+            network: NET.into(),
             pod: Some(cni::PodRef {
                 namespace: "ns".into(),
                 name: format!("pod-{id}"),
                 uid: "u".into(),
             }),
             ..Default::default()
+        }
+    }
+
+    impl CniService<MemStore, FakeDataplane> {
+        fn spec_name(&self, id: &str, ifname: &str) -> String {
+            Wired::of(&Attachment::new(NET, id, ifname).unwrap()).host_if
         }
     }
 
@@ -509,8 +617,122 @@ mod tests {
         assert_eq!(svc.add(&r).await.unwrap_err().code, code::UNKNOWN_CONTAINER);
         let mut r = req("a");
         r.ifname = "a-very-long-interface".into();
+        assert_eq!(svc.add(&r).await.unwrap_err().code, code::INVALID_ENV);
+        let mut r = req("a");
+        r.network.clear();
         assert_eq!(svc.add(&r).await.unwrap_err().code, code::INVALID_CONFIG);
+        let mut r = req("a");
+        r.container_id = "-a".into();
+        assert_eq!(svc.add(&r).await.unwrap_err().code, code::INVALID_ENV);
         assert_eq!(held(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_the_dataplane_refuses_takes_no_address() {
+        let (svc, store, dp) = service().await;
+        let r = req("a");
+        dp.refused_netns
+            .lock()
+            .unwrap()
+            .insert(PathBuf::from(&r.netns));
+        assert_eq!(svc.add(&r).await.unwrap_err().code, code::INVALID_ENV);
+        svc.reserve.flush().await;
+        assert_eq!(held(&store), 0);
+        assert!(dp.pods.lock().unwrap().is_empty());
+    }
+
+    fn with(id: &str, ifname: &str, pod: &str) -> cni::CniRequest {
+        let mut r = req(id);
+        r.ifname = ifname.into();
+        r.pod.as_mut().unwrap().name = pod.into();
+        r
+    }
+
+    #[tokio::test]
+    async fn each_call_acts_on_its_own_attachment_only() {
+        let (svc, _, dp) = service().await;
+        // A pod recreated: the new sandbox c2 is added while c1's DEL is
+        // still to come; c1's DEL leaves c2 alone.
+        svc.add(&with("c1", "eth0", "web-0")).await.unwrap();
+        svc.add(&with("c2", "eth0", "web-0")).await.unwrap();
+        assert_eq!(dp.pods.lock().unwrap().len(), 2);
+        svc.del(&with("c1", "eth0", "web-0")).await.unwrap();
+        svc.check(&with("c2", "eth0", "web-0")).await.unwrap();
+        assert_eq!(dp.pods.lock().unwrap().len(), 1);
+        // A second interface of one container (Multus) is its own.
+        let a = svc.add(&with("c2", "net1", "web-0")).await.unwrap();
+        svc.check(&with("c2", "eth0", "web-0")).await.unwrap();
+        svc.check(&with("c2", "net1", "web-0")).await.unwrap();
+        assert_ne!(a.interfaces[0].name, svc.spec_name("c2", "eth0"));
+        // IDs whose old handles collided get two addresses.
+        let x = svc.add(&with("a.b", "c", "x")).await.unwrap();
+        let y = svc.add(&with("a", "b.c", "y")).await.unwrap();
+        assert_ne!(x.ips[0].address, y.ips[0].address);
+        assert_ne!(x.interfaces[0].name, y.interfaces[0].name);
+        // DEL of one that is not there touches nothing.
+        let before = dp.pods.lock().unwrap().len();
+        svc.del(&with("zz", "eth0", "web-0")).await.unwrap();
+        assert_eq!(dp.pods.lock().unwrap().len(), before);
+    }
+
+    #[tokio::test]
+    async fn gc_needs_the_list_and_keeps_to_its_network() {
+        let (svc, store, dp) = service().await;
+        svc.add(&req("a")).await.unwrap();
+        let mut other = req("o");
+        other.network = "other-net".into();
+        svc.add(&other).await.unwrap();
+        let gc = |network: &str, given: bool| cni::GcRequest {
+            network: network.into(),
+            valid: vec![],
+            valid_given: given,
+            ..Default::default()
+        };
+        let e = svc.gc(&gc(NET, false)).await.unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(dp.pods.lock().unwrap().len(), 2);
+        let gone = svc.gc(&gc(NET, true)).await.unwrap();
+        assert_eq!(gone, vec![h("a")]);
+        svc.reserve.flush().await;
+        assert_eq!(held(&store), 1);
+        svc.check(&other).await.unwrap();
+        // A valid attachment is kept.
+        let mut keep = gc("other-net", true);
+        keep.valid.push(cni::Attachment {
+            container_id: "o".into(),
+            ifname: "eth0".into(),
+        });
+        assert!(svc.gc(&keep).await.unwrap().is_empty());
+        svc.check(&other).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_an_older_version_is_found_checked_and_deleted() {
+        let (svc, store, dp) = service().await;
+        // Wired as before: handle "c1.eth0", interface named after the pod.
+        let r = with("c1", "eth0", "web-0");
+        let old = Wired::legacy(&attachment_of(&r).unwrap(), &r);
+        let taken = svc
+            .reserve
+            .take(&Assign {
+                handle: old.handle.clone(),
+                pod: pod_of(&r),
+                use_: AllowedUse::Workload,
+            })
+            .await
+            .unwrap();
+        let addrs = taken.addrs.clone();
+        svc.reserve.commit(&taken, pod_of(&r));
+        dp.add_pod(&svc.spec(&r, &old, addrs, 1500)).await.unwrap();
+        svc.check(&r).await.unwrap();
+        // A new sandbox of the same pod does not disturb it.
+        svc.add(&with("c2", "eth0", "web-0")).await.unwrap();
+        svc.check(&r).await.unwrap();
+        svc.del(&r).await.unwrap();
+        assert!(!dp.pods.lock().unwrap().contains_key(&old.host_if));
+        svc.check(&with("c2", "eth0", "web-0")).await.unwrap();
+        svc.reserve.flush().await;
+        assert_eq!(held(&store), 1);
     }
 
     #[tokio::test]
@@ -529,12 +751,14 @@ mod tests {
         // GC with no valid attachments removes "b" too.
         let gone = svc
             .gc(&cni::GcRequest {
+                network: NET.into(),
                 valid: vec![],
+                valid_given: true,
                 ..Default::default()
             })
             .await
             .unwrap();
-        assert_eq!(gone, vec!["b.eth0".to_string()]);
+        assert_eq!(gone, vec![h("b")]);
         svc.reserve.flush().await;
         assert_eq!(held(&store), 0);
         assert!(dp.pods.lock().unwrap().is_empty());
@@ -589,10 +813,12 @@ mod tests {
             .map(|p| p.alias.clone())
             .collect();
         assert!(
-            aliases.iter().any(|al| al.starts_with("margay1 a.eth0 ")),
+            aliases
+                .iter()
+                .any(|al| al.starts_with(&format!("margay1 {} ", h("a")))),
             "{aliases:?}"
         );
-        assert!(!by_handle(&store).contains_key("a.eth0"), "written already");
+        assert!(!by_handle(&store).contains_key(&h("a")), "written already");
         // Delete b (its release is not written either), then the agent dies.
         svc.del(&req("b")).await.unwrap();
         svc.reserve.halt();
@@ -604,15 +830,15 @@ mod tests {
         // and gives b's address back (b's spare is in the store, b's
         // interface is gone, nothing says b holds it: it stays a spare).
         let (svc2, _, _) = service_with(4, store.clone(), dp.clone()).await;
-        let h = by_handle(&store);
+        let held = by_handle(&store);
         let a_ip: std::net::IpAddr = a.ips[0].address.trim_end_matches("/32").parse().unwrap();
-        assert_eq!(h["a.eth0"], vec![a_ip]);
-        assert!(!h.contains_key("b.eth0"));
+        assert_eq!(held[&h("a")], vec![a_ip]);
+        assert!(!held.contains_key(&h("b")));
         let rec = store
             .snapshot()
             .iter()
             .flat_map(|b| b.allocations.values().cloned().collect::<Vec<_>>())
-            .find(|r| r.handle == "a.eth0")
+            .find(|r| r.handle == h("a"))
             .unwrap();
         assert_eq!(rec.pod.unwrap().name, "pod-a");
         // Every address is held once; a retried ADD of a gets a's address.

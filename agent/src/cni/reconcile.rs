@@ -181,6 +181,7 @@ mod tests {
             addrs: vec!["10.0.0.5/32".parse().unwrap()],
             mtu: 1500,
             alias: "margay1 c1.eth0 10.0.0.5/32 default/web/u1".into(),
+            owner: "c1.eth0".into(),
         };
         dp.add_pod(&spec).await.unwrap();
         store.set_reads_unavailable(true);

@@ -2,7 +2,13 @@
 //! over a socket of mode 0600 whose server also checks each caller's
 //! credentials (root only), with each request's latency and outcome
 //! recorded in the agent's metrics.
+//!
+//! An ADD runs in its own task, so a caller that goes away (the plugin
+//! killed, its connection closed) does not stop it halfway: it finishes,
+//! and when nobody is left to hear its answer it is undone as a DEL would
+//! (interface, routes, addresses back), so a cancelled ADD leaves nothing.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use margay_ipam::Store;
@@ -37,15 +43,52 @@ async fn timed<T>(
     r
 }
 
+/// The service as the gRPC server holds it (shared with the ADD tasks).
+struct Shared<S, D>(Arc<CniService<S, D>>);
+
+/// Runs an ADD to its end whatever happens to its caller: the answer goes
+/// back through a channel, and when the caller is gone by then (the
+/// request's future dropped) a successful ADD is undone.
+async fn add_detached<S: Store, D: Dataplane>(
+    svc: Arc<CniService<S, D>>,
+    req: cni::CniRequest,
+) -> Result<cni::CniResult, cni::CniError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = timed(CniOp::Add, svc.add(&req)).await;
+        let ok = r.is_ok();
+        if tx.send(r).is_err() && ok {
+            tracing::warn!(
+                container = %req.container_id,
+                ifname = %req.ifname,
+                "the caller of an ADD went away before its answer: undoing it"
+            );
+            if let Err(e) = svc.del(&req).await {
+                tracing::warn!(
+                    "undoing a cancelled ADD: {} (the runtime's DEL or GC will)",
+                    e.msg
+                );
+            }
+        }
+    });
+    rx.await.unwrap_or_else(|_| {
+        Err(cni::CniError {
+            code: super::code::TRY_AGAIN,
+            msg: "the ADD's task ended without an answer".into(),
+            details: String::new(),
+        })
+    })
+}
+
 #[tonic::async_trait]
-impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
+impl<S: Store, D: Dataplane> cni_server::Cni for Shared<S, D> {
     async fn add(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Add, CniService::add(self, req.get_ref())).await;
+        let r = add_detached(self.0.clone(), req.into_inner()).await;
         Ok(reply(r.map(Some)))
     }
 
     async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Del, CniService::del(self, req.get_ref())).await;
+        let r = timed(CniOp::Del, self.0.del(req.get_ref())).await;
         Ok(reply(r.map(|()| None)))
     }
 
@@ -53,7 +96,7 @@ impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
         &self,
         req: Request<cni::CniRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Check, CniService::check(self, req.get_ref())).await;
+        let r = timed(CniOp::Check, self.0.check(req.get_ref())).await;
         Ok(reply(r.map(|()| None)))
     }
 
@@ -61,13 +104,11 @@ impl<S: Store, D: Dataplane> cni_server::Cni for CniService<S, D> {
         &self,
         _req: Request<cni::StatusRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(CniService::status(self).await.map(|()| None)))
+        Ok(reply(self.0.status().await.map(|()| None)))
     }
 
     async fn gc(&self, req: Request<cni::GcRequest>) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(
-            CniService::gc(self, req.get_ref()).await.map(|_| None),
-        ))
+        Ok(reply(self.0.gc(req.get_ref()).await.map(|_| None)))
     }
 }
 
@@ -102,7 +143,7 @@ pub async fn serve<S: Store, D: Dataplane>(
         }
     });
     let res = tonic::transport::Server::builder()
-        .add_service(cni_server::CniServer::new(service))
+        .add_service(cni_server::CniServer::new(Shared(Arc::new(service))))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(path);

@@ -56,6 +56,8 @@ pub struct FakeDataplane {
     pub faults: Arc<Mutex<BTreeSet<Fault>>>,
     /// Remote-block writes carried out (sets and removals).
     pub remote_writes: Arc<Mutex<usize>>,
+    /// Namespace paths [`Dataplane::pod_netns`] refuses.
+    pub refused_netns: Arc<Mutex<BTreeSet<std::path::PathBuf>>>,
 }
 
 impl FakeDataplane {
@@ -97,6 +99,15 @@ impl Dataplane for FakeDataplane {
         if let Some(msg) = self.fail_next_add.lock().expect("lock").take() {
             return Err(Error::Injected(msg));
         }
+        self.pod_netns(&spec.netns).await?;
+        if let Some(other) = self.pods.lock().expect("lock").get(&spec.host_if)
+            && other.owner != spec.owner
+        {
+            return Err(Error::Taken {
+                host_if: spec.host_if.clone(),
+                owner: other.owner.clone(),
+            });
+        }
         let mut idx = self.indexes.lock().expect("lock");
         let next = idx.values().max().copied().unwrap_or(100) + 1;
         let index = *idx.entry(spec.host_if.clone()).or_insert(next);
@@ -122,6 +133,10 @@ impl Dataplane for FakeDataplane {
 
     async fn check_pod(&self, spec: &PodSpec) -> Result<()> {
         match self.pods.lock().expect("lock").get(&spec.host_if) {
+            Some(s) if s.owner != spec.owner => Err(Error::Taken {
+                host_if: spec.host_if.clone(),
+                owner: s.owner.clone(),
+            }),
             Some(s) if s == spec => Ok(()),
             Some(_) => Err(Error::Wrong("wiring differs".into())),
             None => Err(Error::Missing(spec.host_if.clone())),
@@ -142,6 +157,37 @@ impl Dataplane for FakeDataplane {
                 alias: s.alias.clone(),
             })
             .collect())
+    }
+
+    async fn pod_link(&self, host_if: &str) -> Result<Option<HostPod>> {
+        let idx = self.indexes.lock().expect("lock").get(host_if).copied();
+        Ok(self
+            .pods
+            .lock()
+            .expect("lock")
+            .get(host_if)
+            .map(|s| HostPod {
+                host_if: s.host_if.clone(),
+                index: idx.unwrap_or(0),
+                alias: s.alias.clone(),
+            }))
+    }
+
+    /// Any path that exists, except those in `refused_netns`.
+    async fn pod_netns(&self, path: &std::path::Path) -> Result<()> {
+        if self.refused_netns.lock().expect("lock").contains(path) {
+            return Err(Error::NotPodNetns {
+                path: path.display().to_string(),
+                why: "refused by the test".into(),
+            });
+        }
+        if !path.exists() {
+            return Err(Error::Netns {
+                path: path.display().to_string(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        Ok(())
     }
 
     async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {

@@ -109,6 +109,23 @@ pub enum Error {
     /// Injected by the fake dataplane.
     #[error("injected: {0}")]
     Injected(String),
+    /// The path given as the pod's namespace is not one a pod may use.
+    #[error("{path} is not a pod's network namespace: {why}")]
+    NotPodNetns {
+        /// The path given.
+        path: String,
+        /// Why (not a namespace; the node's own).
+        why: String,
+    },
+    /// The host interface's name is held by another attachment's
+    /// interface (left as it is).
+    #[error("host interface {host_if} belongs to {owner}, not to this attachment")]
+    Taken {
+        /// The name.
+        host_if: String,
+        /// Whose it is (its alias's handle).
+        owner: String,
+    },
 }
 
 /// Dataplane results.
@@ -130,6 +147,9 @@ pub struct PodSpec {
     /// Written on the host side as its alias (`ip link` shows it): the
     /// durable record of whose interface this is (see `cni::alias`).
     pub alias: String,
+    /// The attachment's handle the alias records: an interface of this
+    /// name recording another is never replaced.
+    pub owner: String,
 }
 
 /// A pod host interface found in the kernel.
@@ -211,12 +231,19 @@ pub trait Dataplane: Send + Sync + 'static {
     /// nothing is left behind.
     fn add_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
     /// Removes the pod's host side (its peer and routes go with it);
-    /// success when it is already gone.
+    /// success when it is already gone. Callers check whose it is first
+    /// ([`Dataplane::pod_link`]).
     fn del_pod(&self, host_if: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Verifies the pod's wiring; `Err` says what is wrong.
+    /// Verifies the pod's wiring (the host side recording `spec.owner`);
+    /// `Err` says what is wrong.
     fn check_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<()>> + Send;
     /// The pod host interfaces (`cali…` veths) that exist.
     fn list_pods(&self) -> impl Future<Output = Result<Vec<HostPod>>> + Send;
+    /// The pod host interface of this name, when it exists.
+    fn pod_link(&self, host_if: &str) -> impl Future<Output = Result<Option<HostPod>>> + Send;
+    /// Whether `path` is a network namespace a pod may be wired into: a
+    /// namespace, and not the node's own.
+    fn pod_netns(&self, path: &std::path::Path) -> impl Future<Output = Result<()>> + Send;
 
     /// Pod host routes with Margay's protocol: address → interface index.
     fn list_pod_routes(&self) -> impl Future<Output = Result<BTreeMap<IpAddr, u32>>> + Send;

@@ -181,23 +181,50 @@ impl Netlink {
         let _dump = self.dumping().await;
         let mut links = self.host.link().get().execute();
         while let Some(msg) = links.try_next().await.map_err(nl("list links"))? {
-            let (mut name, mut alias, mut veth) = (String::new(), String::new(), false);
-            for a in &msg.attributes {
-                match a {
-                    LinkAttribute::IfName(n) => name = n.clone(),
-                    LinkAttribute::IfAlias(s) => alias = s.clone(),
-                    LinkAttribute::LinkInfo(info) => {
-                        veth |= info
-                            .iter()
-                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
-                    }
-                    _ => {}
-                }
-            }
-            out.insert(msg.header.index, (name, alias, veth));
+            out.insert(msg.header.index, link_facts(&msg));
         }
         Ok(out)
     }
+
+    /// The pod host interface `name` (a `cali…` veth), when it exists.
+    pub(super) async fn host_pod(&self, name: &str) -> Result<Option<HostPod>> {
+        let mut links = self
+            .host
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(e) if is_errno(&e, libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(nl(format!("look up {name}"))(e)),
+        };
+        let (host_if, alias, veth) = link_facts(&msg);
+        Ok(ownership::is_pod_link(&host_if, veth).then_some(HostPod {
+            host_if,
+            index: msg.header.index,
+            alias,
+        }))
+    }
+}
+
+/// A link's name, alias (empty when none) and whether it is a veth.
+fn link_facts(msg: &rtnetlink::packet_route::link::LinkMessage) -> (String, String, bool) {
+    let (mut name, mut alias, mut veth) = (String::new(), String::new(), false);
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::IfAlias(s) => alias = s.clone(),
+            LinkAttribute::LinkInfo(info) => {
+                veth |= info
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    (name, alias, veth)
 }
 
 impl Dataplane for Netlink {
@@ -225,6 +252,14 @@ impl Dataplane for Netlink {
                 alias,
             })
             .collect())
+    }
+
+    async fn pod_link(&self, host_if: &str) -> Result<Option<HostPod>> {
+        self.host_pod(host_if).await
+    }
+
+    async fn pod_netns(&self, path: &std::path::Path) -> Result<()> {
+        super::pods::pod_netns(path).map(drop)
     }
 
     async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {

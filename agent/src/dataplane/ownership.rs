@@ -33,15 +33,23 @@ pub const VXLAN_PORT: u16 = 4789;
 /// The nftables table (family and name).
 pub const NFT_TABLE: &str = "inet margay";
 
-/// The host-side interface name for a pod: [`HOST_IF_PREFIX`] and 11 hex
-/// digits of a hash of `key` (`namespace.name`, or the container id when
-/// the caller gave no pod), stable across ADD, DEL, agent restarts and
-/// versions.
+/// The host-side interface name for an attachment: [`HOST_IF_PREFIX`] and
+/// 11 hex digits of a hash of `key` (the attachment's handle; before
+/// 2026-12 `namespace.name` of the pod, or its container id), stable
+/// across ADD, DEL, agent restarts and versions.
 pub fn host_ifname(key: &str) -> String {
     format!(
         "{HOST_IF_PREFIX}{:011x}",
         fnv1a(key.as_bytes()) & 0xfff_ffff_ffff
     )
+}
+
+/// The handle a pod host interface's alias records (its second word), or
+/// `None` when the alias is not Margay's.
+pub fn alias_owner(alias: &str) -> Option<&str> {
+    let mut it = alias.split(' ');
+    (it.next()? == ALIAS_TAG).then_some(())?;
+    it.next().filter(|h| !h.is_empty())
 }
 
 /// Whether a link of this name (and kind) may be a pod host interface.
@@ -69,5 +77,9 @@ mod tests {
         assert_eq!(host_ifname("default.web-0"), "cali".to_string() + &a[4..]);
         assert!(is_pod_link(&a, true) && !is_pod_link(&a, false));
         assert!(is_margay_link(VXLAN_DEV) && !is_margay_link("eth0"));
+        assert_eq!(alias_owner("margay1 n/c/eth0 10.0.0.1"), Some("n/c/eth0"));
+        assert_eq!(alias_owner("margay1"), None);
+        assert_eq!(alias_owner("calico n/c/eth0"), None);
+        assert_eq!(alias_owner(""), None);
     }
 }

@@ -2,6 +2,9 @@
 //! in the pod's namespace (no move afterwards), both sides wired
 //! concurrently, rolled back on any failure; removal by the host side
 //! (its peer and routes go with it); CHECK of what the pod side holds.
+//! A pod namespace is checked first: a network namespace (nsfs), and not
+//! the node's own; an interface in the way is replaced only when it is
+//! this attachment's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
@@ -13,6 +16,7 @@ use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use super::netlink::{Netlink, is_errno, nl, sysctl};
+use super::ownership;
 use super::routes::host_route;
 use super::{Error, GATEWAY_V4, GATEWAY_V6, HOST_MAC, PodSpec, PodWiring, Result};
 
@@ -29,6 +33,50 @@ fn default_via(gw: IpAddr, idx: u32) -> RouteMessage {
         .output_interface(idx)
         .protocol(RouteProtocol::Boot)
         .build()
+}
+
+/// Opens `path` as a pod's network namespace: it must be a network
+/// namespace (a bind mount of one, or `/proc/PID/ns/net`), and not the one
+/// the agent runs in (the node's) nor that of PID 1.
+pub(super) fn pod_netns(path: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let shown = || path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| Error::Netns {
+        path: shown(),
+        source,
+    })?;
+    let not = |why: String| Error::NotPodNetns { path: shown(), why };
+    // A namespace file lives on nsfs (a bind mount of one too); anything
+    // else (a regular file, a directory) is refused before anything is made.
+    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| not(format!("statfs: {e}")))?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(not("not a namespace file".into()));
+    }
+    // Opened through /proc/PID/ns/*, it reads back as "KIND:[INODE]": a
+    // namespace of another kind is refused too (one bind-mounted elsewhere
+    // is refused by setns).
+    let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    if let Ok(target) = std::fs::read_link(&fd)
+        && let Some(kind) = target
+            .to_string_lossy()
+            .split_once(":[")
+            .map(|(k, _)| k.to_string())
+        && kind != "net"
+    {
+        return Err(not(format!("a {kind} namespace, not a network namespace")));
+    }
+    let meta = file.metadata().map_err(|e| not(format!("stat: {e}")))?;
+    for own in ["/proc/self/ns/net", "/proc/1/ns/net"] {
+        if let Ok(m) = std::fs::metadata(own)
+            && (m.dev(), m.ino()) == (meta.dev(), meta.ino())
+        {
+            return Err(not(format!(
+                "it is the node's own network namespace ({own})"
+            )));
+        }
+    }
+    Ok(file)
 }
 
 impl Netlink {
@@ -156,14 +204,25 @@ impl Netlink {
     }
 
     pub(super) async fn add_pod_links(&self, spec: &PodSpec) -> Result<PodWiring> {
-        let netns = std::fs::File::open(&spec.netns).map_err(|source| Error::Netns {
-            path: spec.netns.display().to_string(),
-            source,
-        })?;
+        let netns = pod_netns(&spec.netns)?;
         // A retried ADD starts from scratch: an old pair in the way (the
-        // create says it exists) goes first, then the create is retried.
+        // create says it exists) goes first, then the create is retried;
+        // but only when it is this attachment's (its alias records it, or
+        // records nothing: an ADD that died before writing it).
         let res = match self.build(spec, &netns).await {
             Err(Error::Netlink { ref source, .. }) if is_errno(source, libc::EEXIST) => {
+                let owner = self
+                    .host_pod(&spec.host_if)
+                    .await?
+                    .and_then(|p| ownership::alias_owner(&p.alias).map(str::to_string));
+                if let Some(owner) = owner.filter(|o| *o != spec.owner) {
+                    // Not ours: nothing of it is touched, not even by the
+                    // roll-back below.
+                    return Err(Error::Taken {
+                        host_if: spec.host_if.clone(),
+                        owner,
+                    });
+                }
                 self.del_link(&spec.host_if).await?;
                 self.build(spec, &netns).await
             }
@@ -192,9 +251,19 @@ impl Netlink {
     }
 
     pub(super) async fn check_pod_links(&self, spec: &PodSpec) -> Result<()> {
-        if Self::link_index(&self.host, &spec.host_if).await?.is_none() {
+        let Some(host) = self.host_pod(&spec.host_if).await? else {
             return Err(Error::Missing(format!("host interface {}", spec.host_if)));
+        };
+        match ownership::alias_owner(&host.alias) {
+            Some(o) if o == spec.owner => {}
+            other => {
+                return Err(Error::Taken {
+                    host_if: spec.host_if.clone(),
+                    owner: other.unwrap_or("nobody (no Margay alias)").to_string(),
+                });
+            }
         }
+        pod_netns(&spec.netns)?;
         let pod = Self::handle_in(&spec.netns).await?;
         let Some((idx, _)) = Self::link_index(&pod, &spec.ifname).await? else {
             return Err(Error::Missing(format!(

@@ -177,6 +177,7 @@ mod tests {
             addrs: vec![net("10.0.0.5/32")],
             mtu: 1500,
             alias: alias::alias("c1.eth0", &[net("10.0.0.5/32")], None),
+            owner: "c1.eth0".into(),
         };
         dp.add_pod(&spec).await.unwrap();
         let ip: IpAddr = "10.0.0.5".parse().unwrap();
