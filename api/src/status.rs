@@ -49,6 +49,10 @@ pub struct NeighborView {
     pub last_error: Option<String>,
     /// A dynamic neighbor (from a listen range), not a configured one.
     pub dynamic: bool,
+    /// Routes withdrawn from this peer instead of announced: their
+    /// attributes need an UPDATE over 4096 octets.
+    #[serde(default)]
+    pub routes_too_big: u64,
 }
 
 /// One best route of the speaker's RIB.

@@ -200,6 +200,7 @@ mod tests {
             prefixes_sent: 1,
             updates_in: 5,
             updates_out: 2,
+            too_big: 0,
             last_error: None,
             dynamic: false,
         };

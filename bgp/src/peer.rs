@@ -54,6 +54,8 @@ pub(crate) struct PeerStatus {
     pub last_error: Option<String>,
     /// Dynamic neighbor from a listen range.
     pub dynamic: bool,
+    /// Routes withdrawn instead of announced (attributes too big).
+    pub too_big: u64,
 }
 
 impl PeerStatus {
@@ -70,6 +72,7 @@ impl PeerStatus {
             updates_out: self.updates_out,
             last_error: self.last_error.clone(),
             dynamic: self.dynamic,
+            routes_too_big: self.too_big,
         }
     }
 }

@@ -492,6 +492,7 @@ impl RibTask {
             updates_out: 0,
             last_error: None,
             dynamic: params.dynamic,
+            too_big: 0,
         }));
         let (itx, irx) = mpsc::channel(4);
         let task = PeerTask {
@@ -1009,9 +1010,32 @@ impl RibTask {
             let a = &*shared;
             let (v4, v6): (Vec<Prefix>, Vec<Prefix>) = ps.into_iter().partition(Prefix::is_v4);
             for group in [v4, v6] {
-                for m in UpdateBuilder::announce(a, &group, None, &s.ctx) {
-                    let _ = s.out.send(m);
-                    n += 1;
+                match UpdateBuilder::announce(a, &group, None, &s.ctx) {
+                    Ok(ms) => {
+                        for m in ms {
+                            let _ = s.out.send(m);
+                            n += 1;
+                        }
+                    }
+                    Err(size) => {
+                        // Its attributes do not fit one UPDATE: the peer
+                        // gets a withdrawal instead (it may hold an older
+                        // version), never a message it must reset for.
+                        tracing::warn!(
+                            peer = %slot.params.addr,
+                            prefixes = group.len(),
+                            size,
+                            "routes not sent: their attributes need an UPDATE of {size} octets (more than 4096); withdrawn from this peer"
+                        );
+                        for p in &group {
+                            s.adj_out.remove(p);
+                        }
+                        for m in UpdateBuilder::withdraw(&group, &s.ctx) {
+                            let _ = s.out.send(m);
+                            n += 1;
+                        }
+                        slot.status.lock().expect("status").too_big += group.len() as u64;
+                    }
                 }
             }
         }

@@ -333,12 +333,40 @@ fn ipv6_mp_reach_round_trips() {
         ..Default::default()
     };
     let p: Vec<Prefix> = vec!["fd00:244::/122".parse().unwrap()];
-    let msgs = UpdateBuilder::announce(&attrs, &p, None, &IBGP);
+    let msgs = UpdateBuilder::announce(&attrs, &p, None, &IBGP).unwrap();
     assert_eq!(msgs.len(), 1);
     let u = decode_update(&msgs[0], &IBGP);
     let mp = u.mp_reach.unwrap();
     assert_eq!(mp.nlri, p);
     assert_eq!(mp.next_hop, vec!["fd00:99::1".parse::<IpAddr>().unwrap()]);
+}
+
+#[test]
+fn attributes_too_big_for_one_update_are_refused_and_big_ones_still_fit() {
+    let prefixes: Vec<Prefix> = (0..3000u32)
+        .map(|i| Prefix::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), 24).unwrap())
+        .collect();
+    let with = |n: u32| Attrs {
+        next_hop: Some("10.0.0.1".parse().unwrap()),
+        local_pref: Some(100),
+        communities: (0..n).collect(),
+        ..Default::default()
+    };
+    // 1020 communities (4080 octets) leave no room for a prefix.
+    let e = match UpdateBuilder::announce(&with(1020), &prefixes, None, &IBGP) {
+        Err(e) => e,
+        Ok(m) => panic!("{} messages, the first of {} octets", m.len(), m[0].len()),
+    };
+    assert!(e > 4096, "{e}");
+    // 1000: one or two prefixes per message, every one within 4096, every
+    // prefix carried.
+    let msgs = UpdateBuilder::announce(&with(1000), &prefixes, None, &IBGP).unwrap();
+    assert!(msgs.iter().all(|m| m.len() <= 4096));
+    let total: usize = msgs
+        .iter()
+        .map(|m| decode_update(m, &IBGP).nlri.len())
+        .sum();
+    assert_eq!(total, 3000);
 }
 
 #[test]
@@ -351,7 +379,7 @@ fn builder_packs_under_4096_octets() {
     let prefixes: Vec<Prefix> = (0..5000u32)
         .map(|i| Prefix::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), 24).unwrap())
         .collect();
-    let msgs = UpdateBuilder::announce(&attrs, &prefixes, None, &IBGP);
+    let msgs = UpdateBuilder::announce(&attrs, &prefixes, None, &IBGP).unwrap();
     assert!(msgs.iter().all(|m| m.len() <= 4096));
     let total: usize = msgs
         .iter()

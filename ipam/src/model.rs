@@ -239,6 +239,32 @@ impl Pool {
             && self.cidr.contains(b.cidr.network())
     }
 
+    /// Blocks that name this pool but no longer have its shape (its `cidr`
+    /// or `blockSize` was edited while they existed): new blocks of the new
+    /// shape could overlap them, so while any exists the pool claims none.
+    pub fn stranded<'b>(&self, blocks: impl IntoIterator<Item = &'b Block>) -> Vec<&'b Block> {
+        blocks
+            .into_iter()
+            .filter(|b| b.pool == self.name && !self.owns(b))
+            .collect()
+    }
+
+    /// Why the pool claims no new block while `stranded` exist, and the fix.
+    pub fn stranded_message(&self, stranded: &[&Block]) -> String {
+        let addrs: usize = stranded.iter().map(|b| b.allocations.len()).sum();
+        let first = stranded
+            .first()
+            .map(|b| b.cidr.to_string())
+            .unwrap_or_default();
+        format!(
+            "pool {}: its cidr or blockSize was changed (now {} in /{} blocks) while {} block(s) of the old shape exist (e.g. {first}, {addrs} address(es) in use); it claims no new block: revert the change, or create a new pool, drain this one and delete it",
+            self.name,
+            self.cidr,
+            self.block_size,
+            stranded.len()
+        )
+    }
+
     /// Whether a node with these labels may get addresses for `use_` from
     /// this pool now.
     pub fn usable(&self, labels: &BTreeMap<String, String>, use_: AllowedUse) -> bool {
@@ -348,7 +374,10 @@ pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolS
         last_transition_time: None,
     };
     for p in &valid {
-        let mine: Vec<&Block> = blocks.iter().filter(|b| p.owns(b)).collect();
+        // Every block naming the pool counts (an edited pool's old blocks
+        // too: their addresses are in use, and deletion waits for them).
+        let mine: Vec<&Block> = blocks.iter().filter(|b| b.pool == p.name).collect();
+        let stranded = p.stranded(mine.iter().copied());
         let allocated: u64 = mine.iter().map(|b| b.allocations.len() as u64).sum();
         let (ready, reason, message) = if p.deleting {
             (
@@ -365,6 +394,8 @@ pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolS
                 "Disabled",
                 "disabled: hands out no new addresses".to_string(),
             )
+        } else if !stranded.is_empty() {
+            (false, "ShapeChanged", p.stranded_message(&stranded))
         } else {
             (
                 true,

@@ -13,8 +13,8 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::crd::{AllocationRecord, AllowedUse, IPAMConfigurationSpec, PodRef, block_name};
-use crate::model::{Block, Family, Pool};
+use crate::crd::{AllocationRecord, AllowedUse, IPAMConfigurationSpec, PodRef};
+use crate::model::{Block, Family, Pool, overlaps};
 use crate::{Error, Result};
 
 /// Ask for addresses for `handle`.
@@ -254,7 +254,13 @@ impl<'a, 'v> Planner<'a, 'v> {
             ));
         }
         let mut full = Vec::new();
+        let mut why = Vec::new();
         for pool in self.usable_pools(family, use_) {
+            let stranded = pool.stranded(self.view.blocks());
+            if !stranded.is_empty() {
+                why.push(pool.stranded_message(&stranded));
+                continue;
+            }
             // Blocks left without affinity (their node was deleted) first.
             if let Some(b) = self
                 .view
@@ -266,25 +272,46 @@ impl<'a, 'v> Planner<'a, 'v> {
                 b.node = Some(self.ctx.node.to_string());
                 return Ok(Claim::Adopt(b));
             }
-            let existing = self.view.blocks().filter(|b| pool.owns(b)).count() as u128;
+            // Every block inside the pool's range, of any pool or shape: a
+            // new block overlaps none of them. Each covers at most this
+            // many of the pool's slots, so that many steps and one more
+            // find a free slot if there is one.
+            let inside: Vec<&Block> = self
+                .view
+                .blocks()
+                .filter(|b| overlaps(&b.cidr, &pool.cidr))
+                .collect();
             let count = pool.block_count();
-            if existing < count {
+            let covered: u128 = inside
+                .iter()
+                .map(|b| {
+                    let wider = pool.block_size.saturating_sub(b.cidr.prefix());
+                    1u128 << u32::from(wider).min(100)
+                })
+                .fold(0u128, u128::saturating_add)
+                .min(count);
+            if covered < count {
                 let start = node_offset(self.ctx.node, count);
-                // At most `existing + 1` steps find a free slot.
-                for step in 0..=existing {
+                for step in 0..=covered {
                     let i = (start + step) % count;
                     let cidr = pool.block(i);
-                    if self.view.get(&block_name(&cidr)).is_none() {
+                    if !inside.iter().any(|b| overlaps(&b.cidr, &cidr)) {
                         return Ok(Claim::Create(Block::new(cidr, &pool.name, self.ctx.node)));
                     }
                 }
             }
             full.push(pool.name.clone());
         }
-        Err(if full.is_empty() {
+        if !full.is_empty() {
+            why.push(format!(
+                "every block of pool(s) {} is claimed",
+                full.join(", ")
+            ));
+        }
+        Err(if why.is_empty() {
             "no usable pool".to_string()
         } else {
-            format!("every block of pool(s) {} is claimed", full.join(", "))
+            why.join("; ")
         })
     }
 
@@ -622,6 +649,83 @@ mod tests {
         assert!(again.writes.is_empty());
         let prev = p.done.iter().find(|(i, _)| *i == 3).unwrap().1.clone();
         assert_eq!(again.done[0].1, prev);
+    }
+
+    #[test]
+    fn an_edited_pool_claims_no_block_over_its_old_ones() {
+        // Pool p had /26 blocks; n2 holds one with an address. Then its
+        // blockSize is edited to 28: a /28 claim could land inside it.
+        let mut view = View::default();
+        let mut old = Block::new("10.0.0.0/26".parse().unwrap(), "p", "n2");
+        old.allocations.insert(
+            "10.0.0.5".parse().unwrap(),
+            AllocationRecord {
+                handle: "h-old".into(),
+                node: "n2".into(),
+                use_: AllowedUse::Workload,
+                pod: None,
+                since: String::new(),
+            },
+        );
+        view.insert(old);
+        let pools = [pool("p", "10.0.0.0/26", 28)];
+        let cfg = IPAMConfigurationSpec::default();
+        let labels = BTreeMap::new();
+        let p = run(ctx(&labels, &pools, &cfg), &view, &[assign("h")]);
+        assert!(p.claim.is_none(), "{:?}", p.claim);
+        match &p.done[0].1 {
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("blockSize was changed") && e.contains("10.0.0.0/26"),
+                    "{e}"
+                );
+                assert!(e.contains("create a new pool"), "{e}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claim_never_overlaps_a_block_of_any_pool() {
+        // A block left by a deleted pool of another shape sits inside p.
+        let mut view = View::default();
+        view.insert(Block::new("10.0.0.0/26".parse().unwrap(), "gone", "n9"));
+        let pools = [pool("p", "10.0.0.0/25", 28)];
+        let cfg = IPAMConfigurationSpec {
+            strict_affinity: true,
+            ..Default::default()
+        };
+        let labels = BTreeMap::new();
+        let names: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
+        let mut claimed = 0;
+        for n in &names {
+            let c = Context {
+                node: n,
+                ..ctx(&labels, &pools, &cfg)
+            };
+            let p = run(c, &view, &[assign(&format!("h-{n}"))]);
+            match &p.claim {
+                Some(Claim::Create(b)) => {
+                    claimed += 1;
+                    view.insert(b.clone());
+                }
+                None => assert!(
+                    format!("{:?}", p.done).contains("is claimed"),
+                    "{:?}",
+                    p.done
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The upper half's four /28s, and nothing inside the old /26.
+        assert_eq!(claimed, 4);
+        let all: Vec<&Block> = view.blocks().collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert!(!overlaps(&a.cidr, &b.cidr), "{} and {}", a.cidr, b.cidr);
+            }
+        }
     }
 
     #[test]

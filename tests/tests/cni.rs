@@ -641,8 +641,46 @@ async fn every_call_acts_on_its_own_attachment_only() {
     );
     assert_eq!(w.node.ns.ip(&["route", "show", "default"]).unwrap(), routes);
     assert!(w.node.ns.ip(&["link", "show", "eth9"]).is_err());
-    let (got, want) = w.settle_on(vec![a2, x]).await;
+    let (got, want) = w.settle_on(vec![a2.clone(), x]).await;
     assert_eq!(got, want);
+
+    // A route of another protocol where Margay wants one (an operator's
+    // static route to a pod address): reported, never replaced.
+    let ns = &w.node.ns;
+    let pod_route = format!("{a2}/32");
+    ns.ip(&[
+        "route", "replace", &pod_route, "dev", "lo", "proto", "static",
+    ])
+    .unwrap();
+    let p4 = Netns::create("pod").unwrap();
+    ok(run(
+        &w,
+        &env_for("ADD", "poke", "eth0", &ns_path(&p4), "poke"),
+        &good,
+    )); // pokes the resync
+    wait::until("the conflict reported", T, POLL, || {
+        Ok(w.agent.log_tail(80).contains("not Margay's").then_some(()))
+    })
+    .unwrap();
+    let r = ns.ip(&["route", "show", &pod_route]).unwrap();
+    assert!(r.contains("dev lo") && r.contains("proto static"), "{r}");
+    // Once it is gone, Margay's comes back.
+    ns.ip(&["route", "del", &pod_route, "proto", "static"])
+        .unwrap();
+    ok(run(
+        &w,
+        &env_for("ADD", "poke", "eth1", &ns_path(&p4), "poke"),
+        &good,
+    ));
+    wait::until("the pod route back", T, POLL, || {
+        let r = ns.ip(&["route", "show", &pod_route]).unwrap();
+        Ok((r.contains("dev cali") && r.contains("proto 78")).then_some(()))
+    })
+    .unwrap();
+}
+
+fn ns_path(p: &Netns) -> String {
+    p.path().display().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

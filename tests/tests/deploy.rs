@@ -396,7 +396,7 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         ("create", "clusterrolebindings", None, DENIED),
         ("patch", "nodes", None, ALLOWED),
         ("create", "ipamblocks.margay.dev", None, ALLOWED),
-        ("get", "secrets", Some("kube-system"), ALLOWED),
+        ("get", "secrets", Some("kube-system"), DENIED),
         ("patch", "bgppeers.margay.dev/status", None, ALLOWED),
         ("patch", "nodes/status", None, ALLOWED),
         (
@@ -437,9 +437,10 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     let e = napi.delete("n1", &Default::default()).await.unwrap_err();
     assert!(e.to_string().contains("forbidden"), "{e}");
 
-    // A password Secret the chart does not let the agent watch (it is not
-    // in bgp.passwordSecrets) is read by name instead: reported missing
-    // while it is, and used once it exists.
+    // A password Secret the chart does not name (it is not in
+    // bgp.passwordSecrets) cannot be read at all: the peering is left out
+    // and the Node says how to fix it. Granted `get` by name only (no
+    // watch), it is read by name every resync period and used.
     let peers: Api<margay_api::bgp::BGPPeer> = Api::all(admin.clone());
     peers
         .create(
@@ -485,8 +486,9 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
             });
         }
     };
-    message("the missing password Secret on the Node", |m| {
-        m.contains("password Secret bgp-pw/pw not found")
+    message("the unreadable password Secret on the Node", |m| {
+        m.contains("RBAC forbids reading Secret kube-system/bgp-pw")
+            && m.contains("bgp.passwordSecrets")
     })
     .await;
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
@@ -503,6 +505,30 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         )
         .await
         .unwrap();
+    let grant = json!([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "bgp-pw-reader", "namespace": "kube-system"},
+         "rules": [{"apiGroups": [""], "resources": ["secrets"],
+                    "resourceNames": ["bgp-pw"], "verbs": ["get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "bgp-pw-reader", "namespace": "kube-system"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bgp-pw-reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "margay-agent", "namespace": "kube-system"}]}
+    ]);
+    let grant_file = dir.path().join("grant.json");
+    std::fs::write(
+        &grant_file,
+        json!({"apiVersion": "v1", "kind": "List", "items": grant}).to_string(),
+    )
+    .unwrap();
+    let mut apply = api.kubectl().unwrap();
+    apply.args(["apply", "-f"]).arg(&grant_file);
+    assert!(run(&mut apply).0, "granting get on bgp-pw");
+    assert_eq!(
+        can("get", "secrets", Some("kube-system")),
+        DENIED,
+        "only by name"
+    );
     message("the password found (one resync period)", |m| {
         !m.contains("bgp-pw")
     })

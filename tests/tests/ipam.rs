@@ -503,3 +503,69 @@ async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() 
     assert!(pools.get_opt("default").await.unwrap().is_none());
     assert!(store.list_blocks().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_edited_under_live_addresses_hands_out_no_duplicate() {
+    let strict = IPAMConfigurationSpec {
+        strict_affinity: true,
+        ..fast_gc()
+    };
+    let (_api, client) = cluster(&["e1", "e2"], "10.82.0.0/25", 26, strict).await;
+    let pools: Api<IPPool> = Api::all(client.clone());
+    let req = |h: &str| Assign {
+        handle: h.into(),
+        pod: None,
+        use_: AllowedUse::Workload,
+    };
+    // e1 claims a /26 and fills part of it.
+    let s1 = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
+    let a1 = Allocator::start(s1.clone(), "e1", Options::default());
+    let mut held = Vec::new();
+    for i in 0..10 {
+        held.extend(a1.assign(req(&format!("e1-{i}"))).await.unwrap());
+    }
+    // The operator edits blockSize to 28 while those addresses live.
+    let mut p = pools.get("default").await.unwrap();
+    p.spec.block_size = Some(28);
+    pools
+        .replace("default", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    // e2 needs a block: none of the new shape may be claimed over e1's.
+    let s2 = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
+    let a2 = Allocator::start(s2.clone(), "e2", Options::default());
+    let err = a2.assign(req("e2-0")).await.unwrap_err().to_string();
+    assert!(err.contains("blockSize was changed"), "{err}");
+    assert!(err.contains("create a new pool"), "{err}");
+    let blocks = s2.list_blocks().await.unwrap();
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    // The pool says why and how to fix it; its addresses are counted.
+    margay_ipam::k8s::pools::reconcile(&client).await.unwrap();
+    let p = pools.get("default").await.unwrap();
+    let (st, reason, msg) = ready(&p);
+    assert_eq!(
+        (st.as_str(), reason.as_str()),
+        ("False", "ShapeChanged"),
+        "{msg}"
+    );
+    assert!(msg.contains("10 address(es) in use"), "{msg}");
+    assert_eq!(p.status.as_ref().unwrap().allocated, 10);
+    // Reverting the edit: claims work again, without overlap.
+    let mut p = pools.get("default").await.unwrap();
+    p.spec.block_size = Some(26);
+    pools
+        .replace("default", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    let got = a2.assign(req("e2-1")).await.unwrap();
+    assert!(
+        !held.contains(&got[0]),
+        "{got:?} duplicates one of {held:?}"
+    );
+    let blocks = s2.list_blocks().await.unwrap();
+    assert_eq!(blocks.len(), 2);
+    assert!(!margay_ipam::model::overlaps(
+        &blocks[0].cidr,
+        &blocks[1].cidr
+    ));
+}

@@ -117,6 +117,16 @@ pub enum Error {
         /// Why (not a namespace; the node's own).
         why: String,
     },
+    /// A route of another protocol holds the destination: left as it is.
+    #[error(
+        "{what}: the kernel has a route of protocol {proto} there (not Margay's): left as it is"
+    )]
+    Foreign {
+        /// The route Margay wanted.
+        what: String,
+        /// The other route's protocol.
+        proto: u8,
+    },
     /// The host interface's name is held by another attachment's
     /// interface (left as it is).
     #[error("host interface {host_if} belongs to {owner}, not to this attachment")]

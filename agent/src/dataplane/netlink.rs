@@ -57,6 +57,8 @@ pub(super) struct Listed {
     pub dst: IpNetwork,
     pub gw: Option<IpAddr>,
     pub oif: Option<u32>,
+    /// Its route protocol.
+    pub proto: u8,
 }
 
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
@@ -137,15 +139,41 @@ impl Netlink {
     /// The main table's routes of `kind` and protocol `proto`, both
     /// families.
     pub(super) async fn routes_of(&self, kind: RouteType, proto: u8) -> Result<Vec<Listed>> {
+        let families = [true, true];
+        self.routes_where(families, |m| {
+            m.header.kind == kind && m.header.protocol == RouteProtocol::Other(proto)
+        })
+        .await
+    }
+
+    /// The routes of the main table to exactly `net`, whoever made them.
+    pub(super) async fn routes_to(&self, net: IpNetwork) -> Result<Vec<Listed>> {
+        let families = [net.is_ipv4(), net.is_ipv6()];
+        let all = self
+            .routes_where(families, |m| {
+                m.header.destination_prefix_length == net.prefix()
+                    && m.header.table == rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
+            })
+            .await?;
+        Ok(all.into_iter().filter(|r| r.dst == net).collect())
+    }
+
+    /// The routes `keep` accepts, of the families asked (IPv4, IPv6).
+    async fn routes_where(
+        &self,
+        families: [bool; 2],
+        keep: impl Fn(&rtnetlink::packet_route::route::RouteMessage) -> bool,
+    ) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
         let _dump = self.dumping().await;
-        for probe in [
+        let probes = [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
+        ];
+        for (probe, _) in probes.into_iter().zip(families).filter(|(_, f)| *f) {
             let mut routes = self.host.route().get(probe).execute();
             while let Some(msg) = routes.try_next().await.map_err(nl("list routes"))? {
-                if msg.header.kind != kind || msg.header.protocol != RouteProtocol::Other(proto) {
+                if !keep(&msg) {
                     continue;
                 }
                 let (mut dst, mut gw, mut oif) = (None, None, None);
@@ -169,7 +197,12 @@ impl Netlink {
                 else {
                     continue;
                 };
-                out.push(Listed { dst, gw, oif });
+                out.push(Listed {
+                    dst,
+                    gw,
+                    oif,
+                    proto: u8::from(msg.header.protocol),
+                });
             }
         }
         Ok(out)

@@ -36,13 +36,34 @@ fn keyed(net: IpNetwork, kind: RouteType, proto: u8) -> RouteMessage {
         .build()
 }
 
-fn host_prefix(ip: IpAddr) -> IpNetwork {
+pub(super) fn host_prefix(ip: IpAddr) -> IpNetwork {
     IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix")
 }
 
+/// Margay's route protocols: only routes of these are ever replaced.
+const OURS: [u8; 3] = [RTPROT_POD, RTPROT_REMOTE, super::ownership::RTPROT_BGP];
+
 impl Netlink {
-    /// Adds (or replaces) the route `msg`.
-    async fn put(&self, msg: RouteMessage, what: String) -> Result<()> {
+    /// Adds the route `msg`, or replaces Margay's own route to the same
+    /// destination; a route of another protocol there (static, connected,
+    /// another daemon's) is left as it is and reported.
+    pub(super) async fn put(&self, msg: RouteMessage, dst: IpNetwork, what: String) -> Result<()> {
+        match self.host.route().add(msg.clone()).execute().await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(nl(what)(e)),
+        }
+        if let Some(other) = self
+            .routes_to(dst)
+            .await?
+            .into_iter()
+            .find(|r| !OURS.contains(&r.proto))
+        {
+            return Err(Error::Foreign {
+                what,
+                proto: other.proto,
+            });
+        }
         self.host
             .route()
             .add(msg)
@@ -71,8 +92,12 @@ impl Netlink {
     }
 
     pub(super) async fn put_pod_route(&self, ip: IpAddr, index: u32) -> Result<()> {
-        self.put(host_route(ip, index), format!("host route to {ip}"))
-            .await
+        self.put(
+            host_route(ip, index),
+            host_prefix(ip),
+            format!("host route to {ip}"),
+        )
+        .await
     }
 
     pub(super) async fn delete_pod_route(&self, ip: IpAddr) -> Result<()> {
@@ -93,7 +118,7 @@ impl Netlink {
     pub(super) async fn put_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
         let msg = keyed(net, RouteType::BlackHole, RTPROT_POD);
         if present {
-            self.put(msg, format!("blackhole {net}")).await
+            self.put(msg, net, format!("blackhole {net}")).await
         } else {
             self.delete(msg, format!("delete blackhole {net}")).await
         }
@@ -151,7 +176,7 @@ impl Netlink {
             }
             _ => return Err(Error::Unroutable(net, "the next hop is of another family")),
         };
-        self.put(msg, format!("route to {net}")).await
+        self.put(msg, net, format!("route to {net}")).await
     }
 
     pub(super) async fn delete_remote_route(&self, net: IpNetwork) -> Result<()> {

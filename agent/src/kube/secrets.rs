@@ -120,7 +120,14 @@ impl SecretWatches {
                             Ok(Ok(s)) => Known::Fresh(s.map(Box::new)),
                             Ok(Err(e)) => prev
                                 .unwrap_or(Known::Unknown(String::new()))
-                                .failed(e.to_string()),
+                                .failed(if is_forbidden(&e) {
+                                    format!(
+                                        "RBAC forbids reading Secret {}/{name}: list it in the chart's bgp.passwordSecrets (a Role rule with resourceNames) ({e})",
+                                        self.namespace
+                                    )
+                                } else {
+                                    e.to_string()
+                                }),
                             Err(_) => prev
                                 .unwrap_or(Known::Unknown(String::new()))
                                 .failed("no answer".into()),
@@ -160,6 +167,11 @@ fn password(secret: Option<&Secret>, key: &str) -> Option<String> {
         .and_then(|d| d.get(key).cloned())
         .and_then(|v| String::from_utf8(v.0).ok())
         .map(|pw| pw.trim_end_matches('\n').to_string())
+}
+
+/// Whether the API refused the request for want of permission.
+fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
 }
 
 #[cfg(test)]

@@ -657,15 +657,18 @@ pub struct UpdateBuilder;
 impl UpdateBuilder {
     /// UPDATEs announcing `prefixes` (one family) with `attrs`. IPv4 goes in
     /// the classic NLRI field; IPv6 in MP_REACH_NLRI with `attrs.next_hop`
-    /// (and `next_hop_ll` when given).
+    /// (and `next_hop_ll` when given). Every message fits in 4096 octets;
+    /// when the attributes leave no room for even one prefix the answer is
+    /// `Err(size of one such UPDATE)`: the routes cannot be sent, and must
+    /// be withdrawn instead (RFC 7606 section 7).
     pub fn announce(
         attrs: &Attrs,
         prefixes: &[Prefix],
         next_hop_ll: Option<std::net::Ipv6Addr>,
         ctx: &Ctx,
-    ) -> Vec<Vec<u8>> {
+    ) -> Result<Vec<Vec<u8>>, usize> {
         let Some(first) = prefixes.first() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let v6 = !first.is_v4();
         let mk = |chunk: &[Prefix]| -> Update {
@@ -691,7 +694,11 @@ impl UpdateBuilder {
             }
         };
         let base = Message::Update(mk(&[])).encode(ctx).len() + 8; // MP headroom
-        pack(prefixes, base, |c| Message::Update(mk(c)).encode(ctx))
+        let widest = prefixes.iter().map(Prefix::encoded_len).max().unwrap_or(0);
+        if base + widest > MAX_MSG_LEN {
+            return Err(base + widest);
+        }
+        Ok(pack(prefixes, base, |c| Message::Update(mk(c)).encode(ctx)))
     }
 
     /// UPDATEs withdrawing `prefixes` (one family).
@@ -732,7 +739,7 @@ fn pack(
     let mut size = base;
     for (i, p) in prefixes.iter().enumerate() {
         let n = p.encoded_len();
-        if size + n > MAX_MSG_LEN {
+        if size + n > MAX_MSG_LEN && i > start {
             out.push(enc(&prefixes[start..i]));
             start = i;
             size = base;
