@@ -74,9 +74,15 @@ pub async fn sync_pod_routes<D: Dataplane>(dp: &D) -> crate::Result<usize> {
     Ok(r.changed)
 }
 
+/// The shortest time between two passes woken by pokes: a burst of ADDs
+/// makes one pass per this, not one per ADD (each pass dumps the kernel's
+/// links and routes, which competes with the ADDs for the RTNL lock).
+const POKE_GAP: Duration = Duration::from_millis(500);
+
 /// Keeps the blackholes and the pods' host routes in step: a pass at
-/// start, on every poke (after an ADD, which may have claimed a block) and
-/// every `every` (resync). The node's blocks are published on `own`.
+/// start, after a poke (an ADD, which may have claimed a block; at most
+/// one per [`POKE_GAP`]) and every `every` (resync). The node's blocks are
+/// published on `own`.
 pub async fn run<D: Dataplane>(
     node: String,
     alloc: Allocator,
@@ -86,6 +92,7 @@ pub async fn run<D: Dataplane>(
     own: watch::Sender<Known<BTreeSet<IpNetwork>>>,
 ) -> crate::Result<()> {
     loop {
+        let pass = tokio::time::Instant::now();
         match sync_blackholes(&node, &alloc, dp.as_ref()).await {
             Ok(want) => {
                 own.send_if_modified(|o| {
@@ -106,7 +113,10 @@ pub async fn run<D: Dataplane>(
             tracing::warn!("pod routes: {e}");
         }
         tokio::select! {
-            _ = poke.notified() => {}
+            _ = poke.notified() => {
+                // Pokes during the gap are folded into this one.
+                tokio::time::sleep_until(pass + POKE_GAP).await;
+            }
             _ = tokio::time::sleep(every) => {}
         }
     }
