@@ -525,12 +525,16 @@ async fn a_pool_edited_under_live_addresses_hands_out_no_duplicate() {
         held.extend(a1.assign(req(&format!("e1-{i}"))).await.unwrap());
     }
     // The operator edits blockSize to 28 while those addresses live.
-    let mut p = pools.get("default").await.unwrap();
-    p.spec.block_size = Some(28);
-    pools
-        .replace("default", &PostParams::default(), &p)
-        .await
-        .unwrap();
+    let block_size = |size: u8| {
+        let pools = pools.clone();
+        async move {
+            let mut p = pools.get("default").await.unwrap();
+            p.spec.block_size = Some(size);
+            let pp = PostParams::default();
+            pools.replace("default", &pp, &p).await.unwrap();
+        }
+    };
+    block_size(28).await;
     // e2 needs a block: none of the new shape may be claimed over e1's.
     let s2 = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
     let a2 = Allocator::start(s2.clone(), "e2", Options::default());
@@ -551,12 +555,7 @@ async fn a_pool_edited_under_live_addresses_hands_out_no_duplicate() {
     assert!(msg.contains("10 address(es) in use"), "{msg}");
     assert_eq!(p.status.as_ref().unwrap().allocated, 10);
     // Reverting the edit: claims work again, without overlap.
-    let mut p = pools.get("default").await.unwrap();
-    p.spec.block_size = Some(26);
-    pools
-        .replace("default", &PostParams::default(), &p)
-        .await
-        .unwrap();
+    block_size(26).await;
     let got = a2.assign(req("e2-1")).await.unwrap();
     assert!(
         !held.contains(&got[0]),
