@@ -45,9 +45,12 @@ pub trait Cluster: Send + Sync + 'static {
     fn nodes(&self) -> impl Future<Output = Result<BTreeSet<String>>> + Send;
     /// Whether a node exists, read now.
     fn node_exists(&self, name: &str) -> impl Future<Output = Result<bool>> + Send;
-    /// Every pod's UID by (namespace, name) (may be served from a cache).
+    /// Every pod's sandbox UID by (namespace, name): what the kubelet
+    /// passes as K8S_POD_UID, a static pod's own UID for its mirror pod
+    /// (may be served from a cache).
     fn pods(&self) -> impl Future<Output = Result<HashMap<(String, String), String>>> + Send;
-    /// A pod's UID, read now (`None` when it does not exist).
+    /// A pod's sandbox UID (as [`Cluster::pods`]), read now (`None` when it
+    /// does not exist).
     fn pod_uid(
         &self,
         namespace: &str,

@@ -568,3 +568,50 @@ async fn a_pool_edited_under_live_addresses_hands_out_no_duplicate() {
         &blocks[1].cidr
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_static_pod_keeps_its_address() {
+    let (_api, client) = cluster(&["s1"], "10.83.0.0/24", 26, fast_gc()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // A static pod's mirror: its own UID is the apiserver's, the kubelet
+    // gives its sandboxes the static pod's (the config hash).
+    for (name, mirror) in [("etcd-s1", Some("0c0ffee5")), ("web", None)] {
+        let mut meta = serde_json::json!({"name": name});
+        if let Some(h) = mirror {
+            meta["annotations"] = serde_json::json!({"kubernetes.io/config.mirror": h});
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": meta,
+            "spec": {"nodeName": "s1", "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    let store = Arc::new(KubeStore::new(client.clone(), Duration::ZERO));
+    let a = Allocator::start(store.clone(), "s1", Options::default());
+    let pod = |name: &str, uid: &str| Assign {
+        handle: format!("h-{name}"),
+        pod: Some(PodRef {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+        }),
+        use_: AllowedUse::Workload,
+    };
+    a.assign(pod("etcd-s1", "0c0ffee5")).await.unwrap();
+    // The same name, but recorded for a sandbox of an older pod: leaked.
+    a.assign(pod("web", "an-older-uid")).await.unwrap();
+    let mut janitor = Janitor::new(store.clone()).with_grace(Duration::ZERO);
+    let r = janitor.run_once().await.unwrap();
+    let released: Vec<&str> = r.released.iter().map(|l| l.handle.as_str()).collect();
+    assert_eq!(released, vec!["h-web"], "{r:?}");
+    assert_eq!(r.released[0].reason, LeakReason::PodReplaced);
+    let r = janitor.run_once().await.unwrap();
+    assert!(r.released.is_empty(), "{r:?}");
+    assert_eq!(
+        allocations(&client).await,
+        1,
+        "the static pod's address stays"
+    );
+}

@@ -400,7 +400,7 @@ impl Cluster for KubeStore {
             .map(|p| {
                 (
                     (p.namespace().unwrap_or_default(), p.name_any()),
-                    p.uid().unwrap_or_default(),
+                    sandbox_uid(&p.metadata),
                 )
             })
             .collect())
@@ -413,6 +413,23 @@ impl Cluster for KubeStore {
             api.get_metadata_opt(name),
         )
         .await
-        .map(|p| p.map(|p| p.uid().unwrap_or_default()))
+        .map(|p| p.map(|p| sandbox_uid(&p.metadata)))
     }
+}
+
+/// The annotation a static pod's mirror carries: the static pod's UID
+/// (its config hash), which is what the kubelet passes as K8S_POD_UID.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The UID the kubelet gives a pod's sandboxes (and so records in IPAM):
+/// a mirror pod's `kubernetes.io/config.mirror` (the static pod's own UID,
+/// not the mirror object's), any other pod's `metadata.uid`.
+pub fn sandbox_uid(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    m.annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .filter(|h| !h.is_empty())
+        .cloned()
+        .or_else(|| m.uid.clone())
+        .unwrap_or_default()
 }
