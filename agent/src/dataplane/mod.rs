@@ -11,6 +11,8 @@
 //! - [`ownership`]: the only place that names what Margay owns in the
 //!   kernel (route protocols, interface prefix, alias tag, device names).
 //! - [`nat`]: natOutgoing in Margay's nftables table.
+//! - `netns`: which paths a pod may be wired into (a network namespace,
+//!   not the node's own).
 //!
 //! Wiring a pod, Calico-style: host side `cali<11 hex>` with MAC
 //! ee:ee:ee:ee:ee:ee, proxy ARP on and no proxy delay; pod side (CNI_IFNAME)
@@ -30,6 +32,7 @@ use margay_api::ipam::Encapsulation;
 pub mod fake;
 pub mod nat;
 mod netlink;
+mod netns;
 pub mod ownership;
 mod pods;
 mod routes;

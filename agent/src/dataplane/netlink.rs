@@ -292,7 +292,7 @@ impl Dataplane for Netlink {
     }
 
     async fn pod_netns(&self, path: &std::path::Path) -> Result<()> {
-        super::pods::pod_netns(path).map(drop)
+        super::netns::pod_netns(path).map(drop)
     }
 
     async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {

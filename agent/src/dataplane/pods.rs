@@ -2,9 +2,8 @@
 //! in the pod's namespace (no move afterwards), both sides wired
 //! concurrently, rolled back on any failure; removal by the host side
 //! (its peer and routes go with it); CHECK of what the pod side holds.
-//! A pod namespace is checked first: a network namespace (nsfs), and not
-//! the node's own; an interface in the way is replaced only when it is
-//! this attachment's.
+//! A pod namespace is checked first ([`super::netns`]); an interface in the
+//! way is replaced only when it is this attachment's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
@@ -16,6 +15,7 @@ use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use super::netlink::{Netlink, is_errno, nl, sysctl};
+use super::netns::pod_netns;
 use super::ownership;
 use super::routes::{host_prefix, host_route};
 use super::{Error, GATEWAY_V4, GATEWAY_V6, HOST_MAC, PodSpec, PodWiring, Result};
@@ -33,50 +33,6 @@ fn default_via(gw: IpAddr, idx: u32) -> RouteMessage {
         .output_interface(idx)
         .protocol(RouteProtocol::Boot)
         .build()
-}
-
-/// Opens `path` as a pod's network namespace: it must be a network
-/// namespace (a bind mount of one, or `/proc/PID/ns/net`), and not the one
-/// the agent runs in (the node's) nor that of PID 1.
-pub(super) fn pod_netns(path: &std::path::Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
-    let shown = || path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| Error::Netns {
-        path: shown(),
-        source,
-    })?;
-    let not = |why: String| Error::NotPodNetns { path: shown(), why };
-    // A namespace file lives on nsfs (a bind mount of one too); anything
-    // else (a regular file, a directory) is refused before anything is made.
-    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| not(format!("statfs: {e}")))?;
-    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
-        return Err(not("not a namespace file".into()));
-    }
-    // Opened through /proc/PID/ns/*, it reads back as "KIND:[INODE]": a
-    // namespace of another kind is refused too (one bind-mounted elsewhere
-    // is refused by setns).
-    let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
-    if let Ok(target) = std::fs::read_link(&fd)
-        && let Some(kind) = target
-            .to_string_lossy()
-            .split_once(":[")
-            .map(|(k, _)| k.to_string())
-        && kind != "net"
-    {
-        return Err(not(format!("a {kind} namespace, not a network namespace")));
-    }
-    let meta = file.metadata().map_err(|e| not(format!("stat: {e}")))?;
-    for own in ["/proc/self/ns/net", "/proc/1/ns/net"] {
-        if let Ok(m) = std::fs::metadata(own)
-            && (m.dev(), m.ino()) == (meta.dev(), meta.ino())
-        {
-            return Err(not(format!(
-                "it is the node's own network namespace ({own})"
-            )));
-        }
-    }
-    Ok(file)
 }
 
 impl Netlink {
