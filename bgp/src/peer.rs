@@ -203,6 +203,23 @@ struct Link {
     conn: Option<Conn>,
     connecting: Option<Connecting>,
     timers: HashMap<Timer, tokio::time::Instant>,
+    /// What this (alt) link may do to an Established main one.
+    over: Over,
+}
+
+/// How an alt link relates to the main link's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// A collision while the session was being set up: main, once
+    /// Established, wins (RFC 4271 section 6.8).
+    Collision,
+    /// Accepted while main was Established: it replaces the session only
+    /// once it has brought a valid OPEN with the graceful-restart
+    /// capability (RFC 4724 section 4.2: the peer restarted).
+    Restart,
+    /// That OPEN came: main is being taken down, then this link takes its
+    /// place.
+    Replacing,
 }
 
 impl Link {
@@ -212,6 +229,7 @@ impl Link {
             conn: None,
             connecting: None,
             timers: HashMap::new(),
+            over: Over::Collision,
         }
     }
 
@@ -526,12 +544,16 @@ impl Shared {
                 *alt = Some(l);
                 queue.push_back((Which::Alt, ev));
             }
-            State::Established if self.neg.as_ref().is_some_and(|n| n.peer_gr.is_some()) => {
-                tracing::info!(peer = %self.transport.addr.ip(), "peer restarted: its new connection replaces the session");
-                queue.push_back((Which::Main, Event::TcpDown));
-                main.connecting = None;
-                // Adopted once the Down has been carried out (state Active).
+            State::Established
+                if alt.is_none() && self.neg.as_ref().is_some_and(|n| n.peer_gr.is_some()) =>
+            {
+                // Perhaps the peer restarted; a connection alone proves
+                // nothing (anyone may connect from its address): the
+                // session stays until this link brings a valid OPEN with
+                // graceful restart (see resolve).
+                tracing::info!(peer = %self.transport.addr.ip(), "new connection from an established peer: its OPEN decides");
                 let mut l = Link::new(template.clone());
+                l.over = Over::Restart;
                 l.session.process(Event::Start);
                 let ev = Self::adopt(&mut l, s, gtsm);
                 *alt = Some(l);
@@ -551,9 +573,34 @@ impl Shared {
         let Some(a) = alt.as_mut() else { return };
         let (ms, as_) = (main.state(), a.state());
         let close = |l: &mut Link| l.session.process(Event::Stop(err::CEASE_COLLISION));
-        // The alt link loses when it failed or main is already up.
-        let loser = if a.conn.is_none() || ms == State::Established {
+        // The alt link loses when it failed or main is already up, unless
+        // it is a restarted peer's new connection (RFC 4724 section 4.2).
+        let restarted = a.state() == State::OpenConfirm
+            && a.session.negotiated().is_some_and(|n| n.peer_gr.is_some());
+        let loser = if a.conn.is_none() {
             Some(Which::Alt)
+        } else if ms == State::Established {
+            match a.over {
+                Over::Collision => Some(Which::Alt),
+                // Waiting for its OPEN (its hold timer bounds the wait).
+                Over::Restart
+                    if matches!(as_, State::Connect | State::Active | State::OpenSent) =>
+                {
+                    None
+                }
+                Over::Restart if restarted => {
+                    tracing::info!(peer = %self.transport.addr.ip(), "peer restarted: its new session replaces the old one");
+                    a.over = Over::Replacing;
+                    main.connecting = None;
+                    // Taken down (routes kept stale), then swapped for the
+                    // alt link below, once main has no connection.
+                    queue.push_back((Which::Main, Event::TcpDown));
+                    None
+                }
+                Over::Replacing => None,
+                // An OPEN without graceful restart: the session stays.
+                Over::Restart => Some(Which::Alt),
+            }
         } else if as_ == State::Established || main.conn.is_none() {
             Some(Which::Main)
         } else if (ms, as_) == (State::OpenConfirm, State::OpenConfirm) {

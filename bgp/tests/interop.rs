@@ -266,6 +266,43 @@ fn graceful_restart_of_bird_keeps_routes_stale_then_refreshes() {
 }
 
 #[test]
+fn a_connection_without_open_from_an_established_peer_changes_nothing() {
+    // RFC 4724 section 4.2: only a valid OPEN with graceful restart on a
+    // new connection says the peer restarted; a bare connect from its
+    // address (anyone on the path can make one) must not reset the session.
+    let lab = Lab::new();
+    let (a, b) = lab.pair("m", "bird");
+    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
+    let conf = BirdConf::ibgp().with("graceful restart on; graceful restart time 30;");
+    let peer = bird(&b, &conf.blocks(&["10.244.2.0/26"]));
+    kernel_route(&a, "10.244.2.0/26").unwrap();
+    let addr = b.v4.to_string();
+    wait_for("the session up", || margay.established(&addr)).unwrap();
+    let script = format!(
+        "import socket, time\ns = socket.create_connection(('{}', 179))\ntime.sleep(8)\n",
+        a.v4
+    );
+    let mut raw = b.ns.cmd("python3").args(["-c", &script]).spawn().unwrap();
+    holds(
+        "the session and its route stay while the new connection says nothing",
+        Duration::from_secs(5),
+        || margay.established(&addr) && !absent(&a, "10.244.2.0/26"),
+    );
+    let _ = raw.kill();
+    let _ = raw.wait();
+    let since = margay
+        .neighbors()
+        .iter()
+        .find(|n| n.address.to_string() == addr)
+        .and_then(|n| n.since_seconds);
+    assert!(
+        since.is_some_and(|s| s >= 5),
+        "the session flapped: up for {since:?} s"
+    );
+    assert!(peer.established("m"), "{}", margay.log(30));
+}
+
+#[test]
 fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "bird");
