@@ -48,6 +48,7 @@ const RETRY_BASE: Duration = Duration::from_millis(250);
 
 enum ToRib {
     StaleTimeout { id: PeerId },
+    RefreshDue { id: PeerId },
     RestartTimeout,
     Incoming(TcpStream, SocketAddr),
     Routes(oneshot::Sender<Vec<RouteView>>),
@@ -139,7 +140,15 @@ struct Established {
     /// share one `Arc`, so a full table costs one attribute set per group.
     adj_out: PrefixMap<Arc<Attrs>>,
     eor_received: HashSet<u16>,
+    /// When a ROUTE-REFRESH was last served, and the timer of one asked for
+    /// since (any number of them are served once, [`REFRESH_GAP`] after).
+    refreshed: Option<tokio::time::Instant>,
+    refresh_due: Option<Owned>,
 }
+
+/// The shortest time between two full re-advertisements a peer's
+/// ROUTE-REFRESH messages cause: a peer that floods them gets one per gap.
+const REFRESH_GAP: Duration = Duration::from_secs(5);
 
 /// A running speaker.
 ///
@@ -627,6 +636,7 @@ impl RibTask {
                 c.extend(self.rib.flush_stale(id, true));
                 self.propagate(c).await;
             }
+            ToRib::RefreshDue { id } => self.refresh(id),
             ToRib::RestartTimeout => self.finish_restart(true).await,
             ToRib::Routes(reply) => {
                 let _ = reply.send(self.routes());
@@ -747,6 +757,8 @@ impl RibTask {
                     families: neg.families.clone(),
                     adj_out: PrefixMap::default(),
                     eor_received: HashSet::new(),
+                    refreshed: None,
+                    refresh_due: None,
                 });
                 // Initial advertisement, then End-of-RIB per family.
                 let all: Vec<(Prefix, Option<Best>)> =
@@ -776,14 +788,38 @@ impl RibTask {
                 self.propagate(changes).await;
             }
             PeerEvent::Refresh { id } => {
-                let all: Vec<(Prefix, Option<Best>)> =
-                    self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
-                if let Some(s) = self.peers.get_mut(&id).and_then(|p| p.session.as_mut()) {
-                    s.adj_out.clear();
+                let now = tokio::time::Instant::now();
+                let wait = match self.peers.get(&id).and_then(|p| p.session.as_ref()) {
+                    None => return,
+                    Some(s) if s.refresh_due.is_some() => return, // folded
+                    Some(s) => s
+                        .refreshed
+                        .map(|t| (t + REFRESH_GAP).saturating_duration_since(now)),
+                };
+                match wait.filter(|w| !w.is_zero()) {
+                    Some(w) => {
+                        let timer = self.timer(w, ToRib::RefreshDue { id });
+                        if let Some(s) = self.peers.get_mut(&id).and_then(|p| p.session.as_mut()) {
+                            s.refresh_due = Some(timer);
+                        }
+                    }
+                    None => self.refresh(id),
                 }
-                self.export_to(id, &all);
             }
         }
+    }
+
+    /// Re-advertises everything to `id` (a ROUTE-REFRESH served).
+    fn refresh(&mut self, id: PeerId) {
+        let all: Vec<(Prefix, Option<Best>)> =
+            self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
+        let Some(s) = self.peers.get_mut(&id).and_then(|p| p.session.as_mut()) else {
+            return;
+        };
+        s.adj_out.clear();
+        s.refreshed = Some(tokio::time::Instant::now());
+        s.refresh_due = None;
+        self.export_to(id, &all);
     }
 
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {

@@ -303,6 +303,36 @@ fn a_connection_without_open_from_an_established_peer_changes_nothing() {
 }
 
 #[test]
+fn a_route_refresh_flood_costs_one_readvertisement_per_gap() {
+    let lab = Lab::new();
+    let (a, b) = lab.pair("m", "flood");
+    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/refresh_flood.py"
+    );
+    let out =
+        b.ns.cmd("python3")
+            .args([script, &a.v4.to_string(), &b.v4.to_string(), "500", "8"])
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        margay.log(20)
+    );
+    // The first advertisement and its End-of-RIB, the first refresh at
+    // once, the other 499 folded into one more 5 s later.
+    let updates: u32 = text.trim().parse().unwrap();
+    assert!(
+        (3..=5).contains(&updates),
+        "{updates} UPDATEs for 500 ROUTE-REFRESHes"
+    );
+}
+
+#[test]
 fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "bird");
