@@ -6,7 +6,7 @@
 # margay-cni): bench/lab.sh [NODES] [PODS_PER_NODE] [ROUNDS]
 set -euo pipefail
 nodes=${1:-10} pods=${2:-20} rounds=${3:-3}
-bin=${CARGO_TARGET_DIR:-/var/cache/margay/target}/release
+bin=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/release
 export MARGAY_LAB_DIR=${MARGAY_LAB_DIR:-/run/margay-lab-bench}
 for r in $(seq "$rounds"); do
   "$bin/margay-lab" up --nodes "$nodes" --pods-per-node "$pods" >/dev/null 2>&1 \
