@@ -115,25 +115,32 @@ impl Netlink {
             .map_err(|_| Error::Missing("the namespace thread's answer".into()))?
     }
 
-    /// A link's index and MAC by name.
-    pub(super) async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+    /// A link by name (`None` when there is none).
+    async fn link_named(
+        handle: &Handle,
+        name: &str,
+    ) -> Result<Option<rtnetlink::packet_route::link::LinkMessage>> {
         let mut links = handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
-            Ok(Some(msg)) => {
-                let mac = msg
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        LinkAttribute::Address(m) => Some(m.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                Ok(Some((msg.header.index, mac)))
-            }
-            Ok(None) => Ok(None),
+            Ok(m) => Ok(m),
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
             Err(e) => Err(nl(format!("look up {name}"))(e)),
         }
+    }
+
+    /// A link's index and MAC by name.
+    pub(super) async fn link_index(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+        Ok(Self::link_named(handle, name).await?.map(|msg| {
+            let mac = msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Address(m) => Some(m.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            (msg.header.index, mac)
+        }))
     }
 
     /// The main table's routes of `kind` and protocol `proto`, both
@@ -221,17 +228,8 @@ impl Netlink {
 
     /// The pod host interface `name` (a `cali…` veth), when it exists.
     pub(super) async fn host_pod(&self, name: &str) -> Result<Option<HostPod>> {
-        let mut links = self
-            .host
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = match links.try_next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Ok(None),
-            Err(e) if is_errno(&e, libc::ENODEV) => return Ok(None),
-            Err(e) => return Err(nl(format!("look up {name}"))(e)),
+        let Some(msg) = Self::link_named(&self.host, name).await? else {
+            return Ok(None);
         };
         let (host_if, alias, veth) = link_facts(&msg);
         Ok(ownership::is_pod_link(&host_if, veth).then_some(HostPod {
