@@ -12,7 +12,7 @@ use ipnetwork::IpNetwork;
 use margay_api::ipam::PodRef;
 
 use crate::dataplane::HostPod;
-use crate::dataplane::ownership::ALIAS_TAG as TAG;
+use crate::dataplane::ownership::{ALIAS_TAG as TAG, alias_owner};
 
 /// Longest alias the kernel keeps (IFALIASZ - 1).
 const MAX_ALIAS: usize = 255;
@@ -45,11 +45,9 @@ pub struct Attached {
 
 /// Parses a host interface's alias; `None` when it is not Margay's.
 pub fn parse(p: &HostPod) -> Option<Attached> {
-    let mut it = p.alias.split(' ');
-    if it.next()? != TAG {
-        return None;
-    }
-    let handle = it.next()?.to_string();
+    let handle = alias_owner(&p.alias)?.to_string();
+    // The tag and the handle, then the addresses and the pod.
+    let mut it = p.alias.split(' ').skip(2);
     let addrs: Vec<IpAddr> = it
         .next()?
         .split(',')
@@ -64,7 +62,7 @@ pub fn parse(p: &HostPod) -> Option<Attached> {
             uid: f.next()?.to_string(),
         })
     });
-    if handle.is_empty() || addrs.is_empty() {
+    if addrs.is_empty() {
         return None;
     }
     Some(Attached {
