@@ -88,12 +88,13 @@ impl Netlink {
         self.dump.lock().await
     }
 
-    /// A netlink handle whose socket lives in the namespace at `path`:
-    /// made on a short-lived thread that entered that namespace (a socket
-    /// belongs to the namespace of the thread that created it; tokio's own
-    /// threads never change namespace).
-    pub(super) async fn handle_in(path: &Path) -> Result<Handle> {
-        let file = std::fs::File::open(path).map_err(|source| Error::Netns {
+    /// A netlink handle whose socket lives in the namespace `netns` (opened
+    /// and checked by `netns::pod_netns` from `path`): made on a short-lived
+    /// thread that entered that namespace (a socket belongs to the
+    /// namespace of the thread that created it; tokio's own threads never
+    /// change namespace).
+    pub(super) async fn handle_in(netns: &std::fs::File, path: &Path) -> Result<Handle> {
+        let file = netns.try_clone().map_err(|source| Error::Netns {
             path: path.display().to_string(),
             source,
         })?;

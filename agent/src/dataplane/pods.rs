@@ -69,8 +69,8 @@ impl Netlink {
     }
 
     /// The pod side: up, addresses, gateway and default routes; its MAC.
-    async fn wire_pod(spec: &PodSpec) -> Result<Vec<u8>> {
-        let pod = Self::handle_in(&spec.netns).await?;
+    async fn wire_pod(spec: &PodSpec, netns: &std::fs::File) -> Result<Vec<u8>> {
+        let pod = Self::handle_in(netns, &spec.netns).await?;
         let (pod_idx, pod_mac) = Self::link_index(&pod, &spec.ifname)
             .await?
             .ok_or_else(|| Error::Missing(format!("{} in the pod namespace", spec.ifname)))?;
@@ -143,7 +143,8 @@ impl Netlink {
         // The two sides are independent from here: wire them concurrently
         // (each step is a netlink round trip; the kernel serialises what it
         // must).
-        let (host_idx, pod_mac) = futures::try_join!(self.wire_host(spec), Self::wire_pod(spec))?;
+        let (host_idx, pod_mac) =
+            futures::try_join!(self.wire_host(spec), Self::wire_pod(spec, netns))?;
         // Host routes to the pod.
         for a in &spec.addrs {
             self.put(
@@ -218,8 +219,8 @@ impl Netlink {
                 });
             }
         }
-        pod_netns(&spec.netns)?;
-        let pod = Self::handle_in(&spec.netns).await?;
+        let netns = pod_netns(&spec.netns)?;
+        let pod = Self::handle_in(&netns, &spec.netns).await?;
         let Some((idx, _)) = Self::link_index(&pod, &spec.ifname).await? else {
             return Err(Error::Missing(format!(
                 "{} in {}",
