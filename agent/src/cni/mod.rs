@@ -461,13 +461,8 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             ));
         }
         if !margay_api::cni::valid_id(&g.network) {
-            return Err(err(
-                code::INVALID_CONFIG,
-                format!(
-                    "network name {:?} is not valid; nothing was removed",
-                    g.network
-                ),
-            ));
+            let bad = margay_api::cni::BadAttachment::Network(g.network.clone());
+            return Err(err(bad.code(), format!("{bad}; nothing was removed")));
         }
         let valid: HashSet<(&str, &str)> = g
             .valid

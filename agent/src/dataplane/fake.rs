@@ -92,6 +92,21 @@ impl FakeDataplane {
     pub fn remote_routes(&self) -> BTreeMap<IpNetwork, Via> {
         self.remote.lock().expect("remote").state.routes.clone()
     }
+
+    /// How the kernel would show the host side of the pod `s`.
+    fn host_pod(&self, s: &PodSpec) -> HostPod {
+        HostPod {
+            host_if: s.host_if.clone(),
+            index: self
+                .indexes
+                .lock()
+                .expect("lock")
+                .get(&s.host_if)
+                .copied()
+                .unwrap_or(0),
+            alias: s.alias.clone(),
+        }
+    }
 }
 
 impl Dataplane for FakeDataplane {
@@ -145,32 +160,13 @@ impl Dataplane for FakeDataplane {
 
     async fn list_pods(&self) -> Result<Vec<HostPod>> {
         self.listing()?;
-        let idx = self.indexes.lock().expect("lock").clone();
-        Ok(self
-            .pods
-            .lock()
-            .expect("lock")
-            .values()
-            .map(|s| HostPod {
-                host_if: s.host_if.clone(),
-                index: idx.get(&s.host_if).copied().unwrap_or(0),
-                alias: s.alias.clone(),
-            })
-            .collect())
+        let pods = self.pods.lock().expect("lock").clone();
+        Ok(pods.values().map(|s| self.host_pod(s)).collect())
     }
 
     async fn pod_link(&self, host_if: &str) -> Result<Option<HostPod>> {
-        let idx = self.indexes.lock().expect("lock").get(host_if).copied();
-        Ok(self
-            .pods
-            .lock()
-            .expect("lock")
-            .get(host_if)
-            .map(|s| HostPod {
-                host_if: s.host_if.clone(),
-                index: idx.unwrap_or(0),
-                alias: s.alias.clone(),
-            }))
+        let spec = self.pods.lock().expect("lock").get(host_if).cloned();
+        Ok(spec.map(|s| self.host_pod(&s)))
     }
 
     /// Any path that exists, except those in `refused_netns`.
