@@ -61,6 +61,24 @@ pub(super) struct Listed {
     pub proto: u8,
 }
 
+/// A route message's destination prefix (a default route carries no
+/// destination attribute: the family's unspecified address).
+pub(super) fn route_dst(msg: &rtnetlink::packet_route::route::RouteMessage) -> Option<IpNetwork> {
+    let unspecified = match msg.header.address_family {
+        AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        _ => None,
+    };
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => route_addr(d),
+            _ => None,
+        })
+        .or(unspecified)
+        .and_then(|d| IpNetwork::new(d, msg.header.destination_prefix_length).ok())
+}
+
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
@@ -184,25 +202,15 @@ impl Netlink {
                 if !keep(&msg) {
                     continue;
                 }
-                let (mut dst, mut gw, mut oif) = (None, None, None);
+                let (mut gw, mut oif) = (None, None);
                 for a in &msg.attributes {
                     match a {
-                        RouteAttribute::Destination(d) => dst = route_addr(d),
                         RouteAttribute::Gateway(g) => gw = route_addr(g),
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }
                 }
-                // A default route carries no destination attribute.
-                let unspecified = match msg.header.address_family {
-                    AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-                    AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-                    _ => None,
-                };
-                let Some(dst) = dst
-                    .or(unspecified)
-                    .and_then(|d| IpNetwork::new(d, msg.header.destination_prefix_length).ok())
-                else {
+                let Some(dst) = route_dst(&msg) else {
                     continue;
                 };
                 out.push(Listed {

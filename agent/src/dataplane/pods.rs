@@ -17,7 +17,7 @@ use rtnetlink::{LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use super::netlink::{Netlink, is_errno, nl, sysctl};
 use super::netns::pod_netns;
 use super::ownership;
-use super::routes::{host_prefix, host_route};
+use super::routes::host_route;
 use super::{Error, GATEWAY_V4, GATEWAY_V6, HOST_MAC, PodSpec, PodWiring, Result};
 
 /// The pod's default route via `gw` (of its own family) out of `idx`.
@@ -147,12 +147,8 @@ impl Netlink {
             futures::try_join!(self.wire_host(spec), Self::wire_pod(spec, netns))?;
         // Host routes to the pod.
         for a in &spec.addrs {
-            self.put(
-                host_route(a.ip(), host_idx),
-                host_prefix(a.ip()),
-                format!("host route to {a}"),
-            )
-            .await?;
+            self.put(host_route(a.ip(), host_idx), format!("host route to {a}"))
+                .await?;
         }
         Ok(PodWiring {
             pod_mac: margay_api::stable::mac_string(&pod_mac),

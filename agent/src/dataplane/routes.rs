@@ -10,7 +10,7 @@ use ipnetwork::IpNetwork;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 
-use super::netlink::{Netlink, is_errno, nl};
+use super::netlink::{Netlink, is_errno, nl, route_dst};
 use super::ownership::{RTPROT_POD, RTPROT_REMOTE, VXLAN_DEV};
 use super::{Error, RemoteActual, Result, Via};
 
@@ -36,7 +36,7 @@ fn keyed(net: IpNetwork, kind: RouteType, proto: u8) -> RouteMessage {
         .build()
 }
 
-pub(super) fn host_prefix(ip: IpAddr) -> IpNetwork {
+fn host_prefix(ip: IpAddr) -> IpNetwork {
     IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix")
 }
 
@@ -47,12 +47,17 @@ impl Netlink {
     /// Adds the route `msg`, or replaces Margay's own route to the same
     /// destination; a route of another protocol there (static, connected,
     /// another daemon's) is left as it is and reported.
-    pub(super) async fn put(&self, msg: RouteMessage, dst: IpNetwork, what: String) -> Result<()> {
+    pub(super) async fn put(&self, msg: RouteMessage, what: String) -> Result<()> {
         match self.host.route().add(msg.clone()).execute().await {
             Ok(()) => return Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => {}
             Err(e) => return Err(nl(what)(e)),
         }
+        let Some(dst) = route_dst(&msg) else {
+            return Err(Error::Wrong(format!(
+                "{what}: a route without a destination"
+            )));
+        };
         if let Some(other) = self
             .routes_to(dst)
             .await?
@@ -92,12 +97,8 @@ impl Netlink {
     }
 
     pub(super) async fn put_pod_route(&self, ip: IpAddr, index: u32) -> Result<()> {
-        self.put(
-            host_route(ip, index),
-            host_prefix(ip),
-            format!("host route to {ip}"),
-        )
-        .await
+        self.put(host_route(ip, index), format!("host route to {ip}"))
+            .await
     }
 
     pub(super) async fn delete_pod_route(&self, ip: IpAddr) -> Result<()> {
@@ -118,7 +119,7 @@ impl Netlink {
     pub(super) async fn put_blackhole(&self, net: IpNetwork, present: bool) -> Result<()> {
         let msg = keyed(net, RouteType::BlackHole, RTPROT_POD);
         if present {
-            self.put(msg, net, format!("blackhole {net}")).await
+            self.put(msg, format!("blackhole {net}")).await
         } else {
             self.delete(msg, format!("delete blackhole {net}")).await
         }
@@ -176,7 +177,7 @@ impl Netlink {
             }
             _ => return Err(Error::Unroutable(net, "the next hop is of another family")),
         };
-        self.put(msg, net, format!("route to {net}")).await
+        self.put(msg, format!("route to {net}")).await
     }
 
     pub(super) async fn delete_remote_route(&self, net: IpNetwork) -> Result<()> {
