@@ -309,7 +309,19 @@ pub fn ipam_check(
             why: format!("pool {} no longer exists", b.pool),
         });
     }
-    c.ok = c.leaks.is_empty() && c.duplicates.is_empty() && c.orphans.is_empty();
+    c.corrupt = blocks
+        .iter()
+        .filter_map(|b| {
+            Some(Orphan {
+                block: b.name.clone(),
+                why: b.corrupt.clone()?,
+            })
+        })
+        .collect();
+    c.ok = c.leaks.is_empty()
+        && c.duplicates.is_empty()
+        && c.orphans.is_empty()
+        && c.corrupt.is_empty();
     c
 }
 
@@ -338,6 +350,15 @@ pub fn render_ipam_check(c: &IpamCheck) -> String {
     o.push_str(&format!("Orphaned blocks: {}\n", c.orphans.len()));
     for b in &c.orphans {
         o.push_str(&format!("  {}: {}\n", b.block, b.why));
+    }
+    if !c.corrupt.is_empty() {
+        o.push_str(&format!(
+            "Blocks that do not parse: {} (their addresses are neither handed out nor released; fix or delete them with kubectl)\n",
+            c.corrupt.len()
+        ));
+        for b in &c.corrupt {
+            o.push_str(&format!("  {}: {}\n", b.block, b.why));
+        }
     }
     o.push_str(if c.ok {
         "IPAM is consistent.\n"

@@ -210,7 +210,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             node.clone(),
             alloc.clone(),
             dp.clone(),
-            service.added(),
+            service.pods_changed(),
             every,
             own_tx,
         ),

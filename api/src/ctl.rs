@@ -130,6 +130,10 @@ pub struct IpamCheck {
     pub duplicates: Vec<Duplicate>,
     /// Blocks whose node is gone, or whose pool is.
     pub orphans: Vec<Orphan>,
+    /// Blocks whose content does not parse (`why` says what): their
+    /// addresses are unknown, none is handed out or released.
+    #[serde(default)]
+    pub corrupt: Vec<Orphan>,
     /// Nothing found.
     pub ok: bool,
 }

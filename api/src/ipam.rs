@@ -342,9 +342,49 @@ pub fn block_name(cidr: &ipnetwork::IpNetwork) -> String {
     }
 }
 
+/// The CIDR a block name stands for: the inverse of [`block_name`] (only
+/// a name [`block_name`] would give back maps to a CIDR), so a block whose
+/// content does not parse still says which range it holds.
+pub fn block_cidr_from_name(name: &str) -> Option<ipnetwork::IpNetwork> {
+    let (addr, len) = name.rsplit_once('-')?;
+    let len: u8 = len.parse().ok()?;
+    let v4 = addr.replace('-', ".");
+    let v6 = addr.replace('-', ":");
+    let v6_lead = v6.strip_prefix('0').unwrap_or(&v6).to_string();
+    [v4, v6, v6_lead]
+        .iter()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .filter_map(|ip| ipnetwork::IpNetwork::new(ip, len).ok())
+        .find(|c| c.network() == c.ip() && block_name(c) == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_names_map_back_to_their_cidr() {
+        for c in [
+            "10.244.1.64/26",
+            "fd00:244::40/122",
+            "::/122",
+            "0.0.0.0/26",
+            "fd00::/128",
+        ] {
+            let cidr: ipnetwork::IpNetwork = c.parse().unwrap();
+            assert_eq!(block_cidr_from_name(&block_name(&cidr)), Some(cidr), "{c}");
+        }
+        for bad in [
+            "",
+            "10-244-1-64",
+            "10-244-1-65-26",
+            "x-26",
+            "10-244-1-64-33",
+            "10.244.1.64-26",
+        ] {
+            assert_eq!(block_cidr_from_name(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn block_names_are_dns_labels() {

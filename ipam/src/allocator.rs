@@ -624,7 +624,7 @@ impl<S: Store> Actor<S> {
         }
         let mut released = Vec::new();
         for b in &own {
-            if !b.allocations.is_empty() {
+            if !b.is_empty() {
                 self.empty_since.remove(&b.name);
                 continue;
             }

@@ -250,7 +250,7 @@ impl<S: Store + Cluster> Janitor<S> {
                 return Ok(None);
             }
             let version = b.version.clone().unwrap_or_default();
-            let res = if b.allocations.is_empty() {
+            let res = if b.is_empty() {
                 self.store.delete_block(name, &version).await.map(|_| true)
             } else {
                 b.node = None;

@@ -65,6 +65,12 @@ pub struct Block {
     /// The store's version of the object this was read from (`None` for a
     /// block not yet created).
     pub version: Option<String>,
+    /// Why the object's content does not parse, when it does not: its
+    /// range (from its name) stays taken, its affinity (when readable)
+    /// keeps its blackhole and advertisement, and its addresses are
+    /// unknown: none is handed out, released, or counted free, and the
+    /// block is never written or deleted, until someone fixes or deletes it.
+    pub corrupt: Option<String>,
 }
 
 /// The `n`th address of a network (no bounds check beyond the family).
@@ -95,6 +101,7 @@ impl Block {
             node: Some(node.to_string()),
             allocations: BTreeMap::new(),
             version: None,
+            corrupt: None,
         }
     }
 
@@ -103,9 +110,19 @@ impl Block {
         span(Family::of(&self.cidr).host_prefix(), self.cidr.prefix())
     }
 
-    /// Number of free addresses.
+    /// Number of free addresses (none in a corrupt block: its addresses
+    /// are unknown).
     pub fn free(&self) -> u128 {
+        if self.corrupt.is_some() {
+            return 0;
+        }
         self.capacity() - self.allocations.len() as u128
+    }
+
+    /// Holds no address, as far as anyone can tell (a corrupt block may
+    /// hold any: never empty).
+    pub fn is_empty(&self) -> bool {
+        self.corrupt.is_none() && self.allocations.is_empty()
     }
 
     /// The lowest free address.
@@ -164,6 +181,30 @@ impl Block {
             node: res.spec.node.clone(),
             allocations,
             version: res.metadata.resource_version.clone(),
+            corrupt: None,
+        })
+    }
+
+    /// Reads a block resource for a listing: as [`Block::from_resource`],
+    /// but a block whose content does not parse comes back marked
+    /// [`corrupt`](Block::corrupt), its range taken from its name. An error
+    /// only for an object whose name is no block's and whose content does
+    /// not parse: no range is known to keep.
+    pub fn read(res: &IPAMBlock) -> Result<Self> {
+        Self::from_resource(res).or_else(|e| {
+            let name = res.metadata.name.clone().unwrap_or_default();
+            let Some(cidr) = crate::crd::block_cidr_from_name(&name) else {
+                return Err(e);
+            };
+            Ok(Self {
+                name,
+                cidr,
+                pool: res.spec.pool.clone(),
+                node: res.spec.node.clone(),
+                allocations: BTreeMap::new(),
+                version: res.metadata.resource_version.clone(),
+                corrupt: Some(e.to_string()),
+            })
         })
     }
 
@@ -359,6 +400,20 @@ pub fn validate_pools(pools: &[IPPool]) -> (Vec<Pool>, Vec<PoolProblem>) {
     (valid, problems)
 }
 
+/// What a pool's condition says of its blocks that do not parse.
+fn corrupt_message(mine: &[&Block]) -> Option<String> {
+    let bad: Vec<String> = mine
+        .iter()
+        .filter_map(|b| Some(format!("{} ({})", b.name, b.corrupt.as_deref()?)))
+        .collect();
+    (!bad.is_empty()).then(|| {
+        format!(
+            "block(s) {} do not parse: their ranges stay taken and their addresses are neither handed out nor released, their nodes keep routing them; fix or delete the object (kubectl edit ipamblock NAME); new addresses come from the pool's other blocks",
+            bad.join(", ")
+        )
+    })
+}
+
 /// What a pool's status should say, given every block: `Ready`
 /// (usable: valid, not overlapping, enabled, not being deleted) and
 /// `Exhausted` (every block claimed and full), with usage counts. Times are
@@ -394,6 +449,8 @@ pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolS
                 "Disabled",
                 "disabled: hands out no new addresses".to_string(),
             )
+        } else if let Some(c) = corrupt_message(&mine) {
+            (false, "CorruptBlock", c)
         } else if !stranded.is_empty() {
             (false, "ShapeChanged", p.stranded_message(&stranded))
         } else {
@@ -534,5 +591,25 @@ mod tests {
         let mut res = b.to_resource();
         res.metadata.name = Some("10-0-0-0-26".into());
         assert!(Block::from_resource(&res).is_err());
+        // Listed, a corrupt block keeps the range its name gives, and
+        // nothing in it is free, empty or ready to be handed out.
+        res.spec.cidr = "garbage".into();
+        let c = Block::read(&res).unwrap();
+        assert_eq!(c.cidr.to_string(), "10.0.0.0/26");
+        assert_eq!(c.node.as_deref(), Some("n1"));
+        assert!(c.corrupt.as_deref().unwrap().contains("garbage"));
+        assert_eq!((c.free(), c.first_free(), c.is_empty()), (0, None, false));
+        // Its pool says so, naming it.
+        let pools = [pool("a", "10.0.0.0/24", Some(26))];
+        let st = pool_statuses(&pools, &[c]);
+        let ready = &st[0].1.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "CorruptBlock")
+        );
+        assert!(ready.message.contains("10-0-0-0-26"), "{}", ready.message);
+        // No range to keep: an error.
+        res.metadata.name = Some("not-a-block".into());
+        assert!(Block::read(&res).is_err());
     }
 }

@@ -48,6 +48,10 @@ pub struct Options {
     pub leak_grace: u64,
     /// Where agents' logs and sockets go (default: a temp dir).
     pub work_dir: Option<PathBuf>,
+    /// The pool's CIDR (default [`POOL_CIDR`]).
+    pub pool_cidr: String,
+    /// The pool's block size.
+    pub block_size: u8,
 }
 
 impl Default for Options {
@@ -60,6 +64,8 @@ impl Default for Options {
             gc_interval: 60,
             leak_grace: 300,
             work_dir: None,
+            pool_cidr: POOL_CIDR.into(),
+            block_size: 26,
         }
     }
 }
@@ -293,7 +299,7 @@ impl Cluster {
             &IPAMConfiguration::new(CONFIG_NAME, ipam),
         )
         .await?;
-        let mut pool = IPPoolSpec::with_cidr(POOL_CIDR, Some(26));
+        let mut pool = IPPoolSpec::with_cidr(&opts.pool_cidr, Some(opts.block_size));
         pool.encapsulation = match opts.encap {
             Encap::None => Encapsulation::None,
             Encap::Vxlan => Encapsulation::Vxlan,
@@ -628,7 +634,7 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every IPAM block with its node.
+    /// Every IPAM block (its range, as its name gives it) with its node.
     pub async fn blocks(&self) -> anyhow::Result<Vec<(String, String)>> {
         let api: Api<IPAMBlock> = Api::all(self.client.clone());
         Ok(api
@@ -636,7 +642,16 @@ impl Cluster {
             .await?
             .items
             .into_iter()
-            .filter_map(|b| Some((b.spec.cidr.clone(), b.spec.node.clone()?)))
+            .filter_map(|b| {
+                // The name says the range even when the content is corrupt.
+                let cidr = b
+                    .metadata
+                    .name
+                    .as_deref()
+                    .and_then(margay_api::ipam::block_cidr_from_name)
+                    .map_or_else(|| b.spec.cidr.clone(), |c| c.to_string());
+                Some((cidr, b.spec.node.clone()?))
+            })
             .collect())
     }
 
@@ -654,7 +669,8 @@ impl Cluster {
                 }
             }
         }
-        if matches!(self.opts.tor, Tor::Bird | Tor::Frr) {
+        let router = matches!(self.opts.tor, Tor::Bird | Tor::Frr);
+        if router {
             let routes = self.fabric.ns().ip(&["-4", "route", "show"])?;
             for (cidr, owner) in &blocks {
                 if !routes.lines().any(|l| l.starts_with(&format!("{cidr} "))) {
@@ -662,7 +678,51 @@ impl Cluster {
                 }
             }
         }
+        // An address borrowed from another node's block has a host route
+        // of its own everywhere else (the block's route leads to the lender).
+        for p in self.borrowed(&blocks) {
+            for n in self
+                .nodes
+                .iter()
+                .filter(|n| n.agent.is_some() && n.name != p.node)
+            {
+                let routes = n.node.ns.ip(&["-4", "route", "show", "proto", "79"])?;
+                if !routes.lines().any(|l| l.starts_with(&format!("{} ", p.ip))) {
+                    gaps.push(format!(
+                        "{} has no route to {} (borrowed by {})",
+                        n.name, p.ip, p.node
+                    ));
+                }
+            }
+            if router {
+                let routes = self.fabric.ns().ip(&["-4", "route", "show"])?;
+                if !routes.lines().any(|l| l.starts_with(&format!("{} ", p.ip))) {
+                    gaps.push(format!(
+                        "the router has no route to {} (borrowed by {})",
+                        p.ip, p.node
+                    ));
+                }
+            }
+        }
         Ok(gaps)
+    }
+
+    /// The pods whose address is not in a block of their node's (borrowed
+    /// from another node's block), given every block and its node.
+    pub fn borrowed(&self, blocks: &[(String, String)]) -> Vec<&Pod> {
+        let nets: Vec<(ipnetwork::IpNetwork, &str)> = blocks
+            .iter()
+            .filter_map(|(c, n)| Some((c.parse().ok()?, n.as_str())))
+            .collect();
+        self.pods
+            .iter()
+            .filter(|p| {
+                let Ok(ip) = p.ip.parse::<std::net::IpAddr>() else {
+                    return false;
+                };
+                !nets.iter().any(|(c, n)| *n == p.node && c.contains(ip))
+            })
+            .collect()
     }
 
     /// Waits until routes have converged and every pod reaches every pod

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use margay_api::bgp::BGPPeer;
 use margay_api::ctl::{IpamCheck, IpamShow, LeakReason};
+use margay_api::ipam::{IPAMBlock, IPPool};
 use margay_api::status::{AgentStatus, SessionState};
 use margay_harness::wait;
 use margay_lab::cluster::{Cluster, Options};
@@ -260,6 +261,89 @@ async fn vxlan_between_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_borrowed_from_another_nodes_block_is_routed() {
+    // Two blocks for three nodes: whichever node gets none borrows from a
+    // lender's block. Its pods must reach and be reached from every node
+    // and the router (`cluster` waits for the whole matrix, and the route
+    // check asks for the borrowed /32 everywhere).
+    let c = cluster(
+        Options {
+            pool_cidr: "10.244.0.0/25".into(),
+            block_size: 26,
+            ..Default::default()
+        },
+        2,
+    )
+    .await;
+    let blocks = c.blocks().await.unwrap();
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    let borrowed: Vec<(String, String)> = c
+        .borrowed(&blocks)
+        .iter()
+        .map(|p| (p.ip.clone(), p.node.clone()))
+        .collect();
+    assert!(!borrowed.is_empty(), "no pod borrowed: {blocks:?}");
+    for (ip, borrower) in &borrowed {
+        let addr: std::net::IpAddr = ip.parse().unwrap();
+        let (block, lender) = blocks
+            .iter()
+            .find(|(b, _)| b.parse::<ipnetwork::IpNetwork>().unwrap().contains(addr))
+            .unwrap();
+        assert_ne!(lender, borrower);
+        let i = c.nodes.iter().position(|n| &n.name == lender).unwrap();
+        let ns = &c.nodes[i].node.ns;
+        // The lender keeps its blackhole for the rest of the block and
+        // routes the borrowed address to the borrower.
+        let bh = ns.ip(&["route", "show", "type", "blackhole"]).unwrap();
+        assert!(bh.contains(block.as_str()), "{lender}: {bh}");
+        let r = ns.ip(&["route", "get", ip]).unwrap();
+        assert!(!r.contains("blackhole"), "{lender} → {ip}: {r}");
+        let m = status(
+            &c,
+            c.nodes.iter().position(|n| &n.name == borrower).unwrap(),
+        );
+        assert!(
+            m.routing.advertised.contains(&format!("{ip}/32")),
+            "{borrower} does not advertise {ip}: {:?}",
+            m.routing.advertised
+        );
+    }
+    // Deleted, the borrowed address is withdrawn everywhere.
+    let mut c = c;
+    let name = c
+        .pods
+        .iter()
+        .find(|p| p.ip == borrowed[0].0)
+        .unwrap()
+        .name
+        .clone();
+    c.del_pod(&name).await.unwrap();
+    let gone = format!("{} ", borrowed[0].0);
+    wait::until(
+        "the borrowed /32 withdrawn everywhere",
+        T,
+        Duration::from_millis(300),
+        || {
+            let left: Vec<&str> = c
+                .nodes
+                .iter()
+                .filter(|n| {
+                    let r = n.node.ns.ip(&["-4", "route", "show", "proto", "79"]);
+                    r.map_or(true, |r| r.lines().any(|l| l.starts_with(&gone)))
+                })
+                .map(|n| n.name.as_str())
+                .collect();
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!("still routed on {left:?}"))
+            }
+        },
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_reflectors_with_the_mesh_off() {
     let c = cluster(
         Options {
@@ -453,6 +537,100 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
         "{}",
         tail(&log, 20)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
+    let mut c = cluster(
+        Options {
+            tor: Tor::None,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
+    let block = blocks_of(&c, "node1").await.remove(0);
+    let cidr: ipnetwork::IpNetwork = block.parse().unwrap();
+    let name = margay_api::ipam::block_name(&cidr);
+    let blocks: Api<IPAMBlock> = Api::all(c.client.clone());
+    let corrupt = |cidr: &str| {
+        let patch = serde_json::json!({"spec": {"cidr": cidr}});
+        let blocks = blocks.clone();
+        let name = name.clone();
+        async move {
+            blocks
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .unwrap();
+        }
+    };
+    corrupt("not-a-cidr").await;
+    // The agent restarts on it: its start-up reconciliation reads the
+    // block, its routing pass decides blackholes and advertisements.
+    c.kill_agent(0);
+    c.start_agent(0).unwrap();
+    // The pod in it keeps its interface and address, reachable from all.
+    c.wait_connected(T).await.unwrap();
+    let ns1 = c.nodes[0].node.ns.name().to_string();
+    let ns2 = c.nodes[1].node.ns.name().to_string();
+    let routed = |ns: &str, kind: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "route", "show", &block])
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(kind))
+    };
+    let every = Duration::from_millis(100);
+    // Its blackhole and advertisement stay.
+    wait::holds_for("node1's blackhole", Duration::from_secs(3), every, || {
+        routed(&ns1, "blackhole")
+    })
+    .unwrap();
+    wait::holds_for("node2's route to it", Duration::from_secs(1), every, || {
+        routed(&ns2, "proto 79")
+    })
+    .unwrap();
+    // Reported: margayctl and the pool's Ready condition name it.
+    let (code, out, _) = c.margayctl(1, &["ipam", "check"]).unwrap();
+    assert!(code != 0 && out.contains(&name), "{code}: {out}");
+    let pools: Api<IPPool> = Api::all(c.client.clone());
+    wait::until_async("the pool reports the block", T, every, || {
+        let (pools, name) = (pools.clone(), name.clone());
+        async move {
+            let p = pools.get("default").await.map_err(|e| e.to_string())?;
+            let ready = p
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.clone())
+                .find(|c| c.type_ == "Ready");
+            match ready {
+                Some(r) if r.reason == "CorruptBlock" && r.message.contains(&name) => Ok(Some(())),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // New addresses come from elsewhere, from a block that overlaps it not.
+    let ip: std::net::IpAddr = c.add_pod("node1", "after").await.unwrap().parse().unwrap();
+    assert!(!cidr.contains(ip), "{ip} handed out of the corrupt {block}");
+    for (b, _) in c.blocks().await.unwrap() {
+        let b: ipnetwork::IpNetwork = b.parse().unwrap();
+        assert!(
+            b == cidr || !(b.contains(cidr.ip()) || cidr.contains(b.ip())),
+            "{b} overlaps {cidr}"
+        );
+    }
+    // Fixed: consistent again.
+    corrupt(&block).await;
+    wait::until("ipam check passes", T, every, || {
+        let (code, out, _) = c
+            .margayctl(1, &["ipam", "check"])
+            .map_err(|e| e.to_string())?;
+        if code == 0 { Ok(Some(())) } else { Err(out) }
+    })
+    .unwrap();
+    c.wait_connected(T).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,8 +78,10 @@ pub struct CniService<S, D> {
     dp: Arc<D>,
     mtu: u32,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Poked after every ADD (the block routes may need a new blackhole).
-    added: Arc<tokio::sync::Notify>,
+    /// Poked after every ADD and DEL that changed an interface (the block
+    /// routes may need a new blackhole, a borrowed address its
+    /// advertisement or its withdrawal).
+    pods_changed: Arc<tokio::sync::Notify>,
     /// The pools last read (for the MTU when the datastore is slow).
     last_pools: Mutex<Option<Vec<IPPool>>>,
 }
@@ -179,14 +181,14 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             dp,
             mtu,
             locks: Mutex::new(HashMap::new()),
-            added: Arc::new(tokio::sync::Notify::new()),
+            pods_changed: Arc::new(tokio::sync::Notify::new()),
             last_pools: Mutex::new(None),
         }
     }
 
-    /// Notified after each successful ADD.
-    pub fn added(&self) -> Arc<tokio::sync::Notify> {
-        self.added.clone()
+    /// Notified after each ADD and DEL that changed an interface.
+    pub fn pods_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.pods_changed.clone()
     }
 
     /// Serialises operations on one handle.
@@ -276,6 +278,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             }
         }
         self.dp.del_pod(&w.host_if).await.map_err(failed)?;
+        self.pods_changed.notify_one();
         Ok(true)
     }
 
@@ -318,7 +321,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         };
         // The kernel now records the attribution: write it behind.
         self.reserve.commit(&taken, pod);
-        self.added.notify_one();
+        self.pods_changed.notify_one();
         let host_mac = margay_api::stable::mac_string(&HOST_MAC);
         let mut routes = Vec::new();
         let mut ips = Vec::new();

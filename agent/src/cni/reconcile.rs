@@ -15,8 +15,10 @@
 //!   interface (a release not written, or an ADD that died before wiring):
 //!   released.
 //!
-//! Interfaces without Margay's alias are never touched. [`plan`] is pure;
-//! [`apply`] does the I/O.
+//! Interfaces without Margay's alias are never touched, nor is one with an
+//! address in a block whose content does not parse (who holds it is
+//! unknown: the pod keeps its network). [`plan`] is pure; [`apply`] does
+//! the I/O.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -69,9 +71,19 @@ pub fn plan(node: &str, pods: &[HostPod], blocks: &[Block]) -> Vec<Action> {
             }
         }
     }
+    let unknown = |ip: &IpAddr| {
+        blocks
+            .iter()
+            .any(|b| b.corrupt.is_some() && b.cidr.contains(*ip))
+    };
     let mut out = Vec::new();
     let mut backed: BTreeMap<String, ()> = BTreeMap::new();
     for at in pods.iter().filter_map(parse) {
+        if at.addrs.iter().any(unknown) {
+            tracing::warn!(handle = %at.handle, addrs = ?at.addrs, "an address of this pod is in a block that does not parse: left alone");
+            backed.insert(at.handle.clone(), ());
+            continue;
+        }
         let holders: Vec<Option<(&str, &str)>> =
             at.addrs.iter().map(|ip| holder.get(ip).copied()).collect();
         if holders
@@ -187,6 +199,24 @@ mod tests {
         store.set_reads_unavailable(true);
         assert!(apply("n1", &alloc, &dp).await.is_err());
         assert!(dp.pods.lock().unwrap().contains_key("cali0123456789a"));
+    }
+
+    #[test]
+    fn a_pod_in_a_corrupt_block_is_left_alone() {
+        let pods = [HostPod {
+            host_if: "cali0123456789a".into(),
+            index: 3,
+            alias: alias("net/c1/eth0", &["10.0.0.5/32".parse().unwrap()], None),
+        }];
+        let mut b = Block::new("10.0.0.0/26".parse().unwrap(), "p", "n1");
+        // Fine, its address unallocated: the interface goes.
+        assert!(matches!(
+            plan("n1", &pods, &[b.clone()])[..],
+            [Action::RemoveLink { .. }]
+        ));
+        // Corrupt: who holds 10.0.0.5 is unknown, nothing is done.
+        b.corrupt = Some("allocation key \"x\"".into());
+        assert_eq!(plan("n1", &pods, &[b]), vec![]);
     }
 
     fn block(allocs: &[(&str, &str, &str)]) -> Block {

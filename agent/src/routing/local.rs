@@ -9,6 +9,12 @@
 //! removed when no Margay interface backs it (the interfaces' aliases say
 //! which addresses each carries).
 //!
+//! What the node routes for is published as one [`Local`]: its blocks and
+//! the addresses its pods hold. An address borrowed from another node's
+//! block (the pool had no free block) is advertised as a host route, so
+//! traffic for it does not follow the lender's block route into the
+//! lender's blackhole (Calico does the same).
+//!
 //! Desired state comes from IPAM: an unreadable block list is no list, so
 //! nothing is removed and the last known blocks stay published as stale.
 
@@ -25,6 +31,52 @@ use tokio::sync::{Notify, watch};
 use crate::cni::alias;
 use crate::dataplane::{Dataplane, sync};
 use crate::kube::Known;
+
+/// What this node routes for: the blocks affine to it and its pods'
+/// addresses (host networks, from the interfaces' aliases).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Local {
+    /// Blocks affine to this node.
+    pub blocks: BTreeSet<IpNetwork>,
+    /// Every address a pod of this node holds, as a host network.
+    pub pods: BTreeSet<IpNetwork>,
+}
+
+impl Local {
+    /// This node's blocks and no pod (tests, start-up).
+    pub fn blocks(blocks: impl IntoIterator<Item = IpNetwork>) -> Self {
+        Self {
+            blocks: blocks.into_iter().collect(),
+            pods: BTreeSet::new(),
+        }
+    }
+
+    /// Pods' addresses outside this node's blocks: borrowed from another
+    /// node's block (or from a block affine to none).
+    pub fn borrowed(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.pods
+            .iter()
+            .filter(|p| !self.blocks.iter().any(|b| b.contains(p.ip())))
+    }
+
+    /// What this node advertises: its blocks and its borrowed addresses.
+    pub fn advertised(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.blocks.iter().chain(self.borrowed())
+    }
+
+    /// Whether a route to `cidr` learned from elsewhere must stay out of
+    /// this node's kernel: it is one of ours (a block, or an address a pod
+    /// of ours holds: a stale advertisement must not replace its route), or
+    /// it lies inside one of our blocks and is not a single address another
+    /// node borrowed. (A block holding an address we borrowed is routed: our
+    /// pod's host route is more specific.)
+    pub fn shadows(&self, cidr: &IpNetwork) -> bool {
+        let host = cidr.prefix() == if cidr.is_ipv4() { 32 } else { 128 };
+        self.blocks.contains(cidr)
+            || self.pods.contains(cidr)
+            || (!host && self.blocks.iter().any(|b| b.contains(cidr.network())))
+    }
+}
 
 /// The blackholes this node should have: one per block affine to it.
 pub fn desired(node: &str, blocks: &[Block]) -> BTreeSet<IpNetwork> {
@@ -54,8 +106,9 @@ pub async fn sync_blackholes<D: Dataplane>(
 }
 
 /// One pass over the pods' host routes: what the interfaces' aliases say,
-/// against the kernel's routes of Margay's protocol.
-pub async fn sync_pod_routes<D: Dataplane>(dp: &D) -> crate::Result<usize> {
+/// against the kernel's routes of Margay's protocol. Returns the pods'
+/// addresses (host networks).
+pub async fn sync_pod_routes<D: Dataplane>(dp: &D) -> crate::Result<BTreeSet<IpNetwork>> {
     let mut want: BTreeMap<IpAddr, u32> = BTreeMap::new();
     for p in dp.list_pods().await? {
         if let Some(at) = alias::parse(&p) {
@@ -71,7 +124,7 @@ pub async fn sync_pod_routes<D: Dataplane>(dp: &D) -> crate::Result<usize> {
     for f in &r.failed {
         tracing::warn!("pod routes: {f}");
     }
-    Ok(r.changed)
+    Ok(want.keys().map(|ip| IpNetwork::from(*ip)).collect())
 }
 
 /// The shortest time between two passes woken by pokes: a burst of ADDs
@@ -81,36 +134,40 @@ const POKE_GAP: Duration = Duration::from_millis(500);
 
 /// Keeps the blackholes and the pods' host routes in step: a pass at
 /// start, after a poke (an ADD, which may have claimed a block; at most
-/// one per [`POKE_GAP`]) and every `every` (resync). The node's blocks are
-/// published on `own`.
+/// one per [`POKE_GAP`]; an ADD or DEL) and every `every` (resync). What
+/// the node routes for is published on `own`, [`Known::Fresh`] only when
+/// both its blocks and its pods were read.
 pub async fn run<D: Dataplane>(
     node: String,
     alloc: Allocator,
     dp: Arc<D>,
     poke: Arc<Notify>,
     every: Duration,
-    own: watch::Sender<Known<BTreeSet<IpNetwork>>>,
+    own: watch::Sender<Known<Local>>,
 ) -> crate::Result<()> {
     loop {
         let pass = tokio::time::Instant::now();
-        match sync_blackholes(&node, &alloc, dp.as_ref()).await {
-            Ok(want) => {
+        let blocks = sync_blackholes(&node, &alloc, dp.as_ref())
+            .await
+            .map_err(|e| format!("cannot read this node's blocks: {e}"));
+        let pods = sync_pod_routes(dp.as_ref())
+            .await
+            .map_err(|e| format!("cannot list this node's pods: {e}"));
+        match (blocks, pods) {
+            (Ok(blocks), Ok(pods)) => {
+                let now = Known::Fresh(Local { blocks, pods });
                 own.send_if_modified(|o| {
-                    let changed = *o != Known::Fresh(want.clone());
-                    *o = Known::Fresh(want);
+                    let changed = *o != now;
+                    *o = now;
                     changed
                 });
             }
-            Err(e) => {
-                tracing::warn!("block routes: {e}");
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("local routes: {e}");
                 own.send_modify(|o| {
-                    *o = std::mem::replace(o, Known::Unknown(String::new()))
-                        .failed(format!("cannot read this node's blocks: {e}"));
+                    *o = std::mem::replace(o, Known::Unknown(String::new())).failed(e);
                 });
             }
-        }
-        if let Err(e) = sync_pod_routes(dp.as_ref()).await {
-            tracing::warn!("pod routes: {e}");
         }
         tokio::select! {
             _ = poke.notified() => {
@@ -177,6 +234,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn borrowed_addresses_are_advertised_and_others_borrowed_from_us_routed() {
+        let own = Local {
+            blocks: [net("10.0.0.0/26")].into(),
+            pods: [net("10.0.0.5/32"), net("10.0.1.7/32")].into(),
+        };
+        // 10.0.1.7 is borrowed from another node's block: advertised alone.
+        let adv: Vec<_> = own.advertised().copied().collect();
+        assert_eq!(adv, vec![net("10.0.0.0/26"), net("10.0.1.7/32")]);
+        // Ours, or inside our block: not routed elsewhere...
+        assert!(own.shadows(&net("10.0.0.0/26")));
+        assert!(own.shadows(&net("10.0.1.7/32")));
+        assert!(own.shadows(&net("10.0.0.0/27")));
+        assert!(own.shadows(&net("10.0.0.5/32")));
+        // ...but the lender's block is (our pod's host route is more
+        // specific), and so is an address of our block another node borrowed.
+        assert!(!own.shadows(&net("10.0.1.0/26")));
+        assert!(!own.shadows(&net("10.0.0.9/32")));
+        assert!(!own.shadows(&net("10.0.2.0/26")));
+    }
+
     #[tokio::test]
     async fn pod_routes_follow_the_interfaces_aliases() {
         let dp = FakeDataplane::default();
@@ -196,7 +274,8 @@ mod tests {
             .lock()
             .unwrap()
             .insert("10.0.0.9".parse().unwrap(), 7);
-        assert_eq!(sync_pod_routes(&dp).await.unwrap(), 2);
+        let pods = sync_pod_routes(&dp).await.unwrap();
+        assert_eq!(pods, [net("10.0.0.5/32")].into());
         let routes = dp.pod_routes.lock().unwrap().clone();
         assert_eq!(routes.keys().copied().collect::<Vec<_>>(), vec![ip]);
     }

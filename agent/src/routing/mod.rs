@@ -29,7 +29,6 @@ pub mod speaker;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -71,8 +70,8 @@ pub struct RoutingCtx<D> {
     pub alloc: Allocator,
     /// The kernel.
     pub dp: Arc<D>,
-    /// This node's blocks, from [`local::run`].
-    pub own_blocks: watch::Receiver<Known<BTreeSet<IpNetwork>>>,
+    /// This node's blocks and pods' addresses, from [`local::run`].
+    pub own_blocks: watch::Receiver<Known<local::Local>>,
     /// Shared status.
     pub state: Arc<AgentState>,
     /// `--node-ip`: the BGP address (`autodetect` or an address, optionally with its prefix length).

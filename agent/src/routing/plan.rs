@@ -18,7 +18,7 @@
 //!   (re)start, what is in the kernel keeps forwarding until BGP has
 //!   relearned it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use margay_delta::Removals;
 use margay_ipam::model::Pool;
 
 use super::encap::{self, RemoteBlock, Vtep};
+use super::local::Local;
 use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
 use super::problem::Problem;
 use super::sessions::{Global, Live, NamedPeer, Settings, neighbors};
@@ -98,8 +99,8 @@ pub struct Snapshot {
     pub peers: Known<Vec<Arc<BGPPeer>>>,
     /// The valid pools.
     pub pools: Known<Vec<Pool>>,
-    /// This node's blocks.
-    pub own_blocks: Known<BTreeSet<IpNetwork>>,
+    /// This node's blocks and its pods' addresses.
+    pub own_blocks: Known<Local>,
     /// BGP passwords, per (Secret, key) the BGPPeers name.
     pub passwords: BTreeMap<SecretKey, Known<Option<String>>>,
     /// The host's addresses.
@@ -185,21 +186,23 @@ impl Plan {
 }
 
 /// The remote blocks to program from what BGP learned: prefixes inside a
-/// pool and not one of `own` blocks, reached through the node whose
+/// pool and not [shadowed](Local::shadows) by this node's own (a host route
+/// inside our block is an address another node borrowed: routed to it),
+/// reached through the node whose
 /// address is the route's (first) next hop; an unknown next hop (a router)
 /// is reached natively.
 pub fn remote_blocks(
     learned: &LearnedRoutes,
     nodes: &[NodeInfo],
     pools: &[Pool],
-    own: &BTreeSet<IpNetwork>,
+    own: &Local,
 ) -> Vec<RemoteBlock> {
     let mut out = Vec::new();
     for (prefix, hops) in learned {
         let Ok(cidr) = IpNetwork::new(prefix.addr(), prefix.len()) else {
             continue;
         };
-        if own.iter().any(|o| o.contains(cidr.network())) {
+        if own.shadows(&cidr) {
             continue;
         }
         let Some(pool) = pools.iter().find(|p| {
@@ -438,7 +441,7 @@ fn speaker_plan(
     let originate = s
         .own_blocks
         .value()
-        .map(|own| prefixes(own.iter().chain(settings.prefixes.iter())));
+        .map(|own| prefixes(own.advertised().chain(settings.prefixes.iter())));
     if (import.is_none() || originate.is_none())
         && s.speaker.settings.as_ref() != Some(&settings_now)
     {
@@ -502,9 +505,14 @@ mod tests {
         learned.insert(p("10.244.0.0/26"), hops("10.0.0.2")); // our own block: ignored
         learned.insert(p("10.244.9.0/26"), hops("10.0.0.254")); // via a router
         learned.insert(p("192.168.0.0/24"), hops("10.0.0.2")); // outside pools
-        let own: BTreeSet<IpNetwork> = ["10.244.0.0/26".parse().unwrap()].into();
+        // An address of our block borrowed by b: routed to b.
+        learned.insert(p("10.244.0.9/32"), hops("10.0.0.2"));
+        let own = Local::blocks(["10.244.0.0/26".parse().unwrap()]);
         let r = remote_blocks(&learned, &nodes, &[pool], &own);
-        assert_eq!(r.len(), 2);
+        assert_eq!(r.len(), 3, "{r:?}");
+        assert_eq!(r[0].cidr, "10.244.0.9/32".parse::<IpNetwork>().unwrap());
+        assert_eq!(r[0].node, "b");
+        let r = r[1..].to_vec();
         assert_eq!(r[0].node, "b");
         assert_eq!(r[0].encap, Encapsulation::Vxlan);
         assert!(r[0].vtep.is_some());

@@ -18,6 +18,7 @@ use margay_bgp::speaker::LearnedRoutes;
 use margay_ipam::model::Pool;
 
 use super::apply::{Bgp, ClusterWrites, apply};
+use super::local::Local;
 use super::plan::{Snapshot, SpeakerSettings, SpeakerView, plan};
 use super::sessions::Live;
 use crate::dataplane::{Dataplane, FakeDataplane, Fault, Via};
@@ -187,7 +188,7 @@ fn snapshot() -> Snapshot {
         configs: Known::Fresh(vec![]),
         peers: Known::Fresh(vec![]),
         pools: Known::Fresh(vec![pool()]),
-        own_blocks: Known::Fresh([net("10.244.1.0/26")].into()),
+        own_blocks: Known::Fresh(Local::blocks([net("10.244.1.0/26")])),
         passwords: BTreeMap::new(),
         host: Known::Fresh(vec![("eth0".into(), net("10.0.0.1/24"))]),
         tunnel_ip: None,
@@ -344,7 +345,7 @@ async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
     let mut bgp = FakeBgp::default();
     pass(&s, &dp, &mut bgp, &c).await;
     assert!(bgp.calls.is_empty(), "{:?}", bgp.calls);
-    s.own_blocks = Known::Fresh([net("10.244.1.0/26")].into());
+    s.own_blocks = Known::Fresh(Local::blocks([net("10.244.1.0/26")]));
     pass(&s, &dp, &mut bgp, &c).await;
     assert_eq!(bgp.calls.first().map(String::as_str), Some("start"));
 }

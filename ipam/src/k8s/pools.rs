@@ -63,11 +63,11 @@ pub async fn reconcile_with(store: &KubeStore) -> crate::Result<()> {
                 let (pp, patch) = (PatchParams::default(), Patch::Merge(patch));
                 super::ask(&format!("ippool {name}"), api.patch(&name, &pp, &patch)).await?;
             }
-        } else if has && status.allocated == 0 {
-            for b in blocks
-                .iter()
-                .filter(|b| b.pool == name && b.allocations.is_empty())
-            {
+        } else if has
+            && status.allocated == 0
+            && !blocks.iter().any(|b| b.pool == name && b.corrupt.is_some())
+        {
+            for b in blocks.iter().filter(|b| b.pool == name && b.is_empty()) {
                 if let Err(e) = store
                     .delete_block(&b.name, b.version.as_deref().unwrap_or(""))
                     .await

@@ -251,11 +251,17 @@ impl Store for KubeStore {
         };
         let mut out = Vec::with_capacity(items.len());
         for res in &items {
-            match Block::from_resource(res) {
-                Ok(b) => out.push(b),
-                // A corrupt block is left alone (and its addresses are
-                // never handed out again, because its name stays taken).
-                Err(e) => tracing::warn!("{e}"),
+            // A corrupt block is listed, marked: its range stays taken and
+            // nothing in it is handed out, released or deleted.
+            match Block::read(res) {
+                Ok(b) => {
+                    if let Some(why) = &b.corrupt {
+                        tracing::warn!(block = %b.name, "{why}");
+                    }
+                    out.push(b);
+                }
+                // Not a block's name either: no range to keep.
+                Err(e) => tracing::warn!("{e} (the object's name is no block's: ignored)"),
             }
         }
         Ok(out)
