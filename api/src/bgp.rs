@@ -132,7 +132,9 @@ pub struct BGPPeerSpec {
     /// Announce graceful restart to this peer (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graceful_restart: Option<bool>,
-    /// Close the session when the peer sends more prefixes than this.
+    /// Close the session (Cease, retried 30 s later) when the peer sends
+    /// more prefixes inside the pools than this. Default for a router
+    /// (`peerIP`): 100000; for node-to-node peerings: no limit. 0: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_prefixes: Option<u32>,
     /// TCP port of the peer (default 179).

@@ -1,6 +1,12 @@
 //! One task per peer: owns the peer's TCP connection(s), runs the session
 //! FSM and carries out its actions.
 //!
+//! The task never waits on a socket: each connection has a reader task
+//! (framing) and a writer task fed through a queue bounded in bytes
+//! ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A write that makes
+//! no progress for the hold time means the peer reads nothing: the session
+//! ends with Cease/out of resources, while timers and reads went on.
+//!
 //! A peer has a main [`Link`] and, while a connection collision is being
 //! resolved (RFC 4271 §6.8), a second one. Each link is a connection with
 //! its own [`Session`] and timers. When both have received the peer's OPEN,
@@ -14,13 +20,14 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::fsm::{
     Action, DownReason, Event, Keep, Negotiated, Session, State, Timer, resolve_collision,
@@ -136,10 +143,39 @@ pub(crate) struct Transport {
 /// Read buffer per connection.
 const READ_BUF: usize = 16 * 1024;
 
+/// Most bytes queued for one connection's writer: beyond it the session
+/// ends with Cease/out of resources (RFC 4486) instead of growing without
+/// bound. Far above any table Margay exports at once.
+pub(crate) const OUT_LIMIT: usize = 32 << 20;
+
+/// How long a closed connection's writer may still try to deliver what
+/// was queued before it (the NOTIFICATION, usually).
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// Longest wait for one write when no hold time bounds it (hold time 0).
+const STALL_WITHOUT_HOLD: Duration = Duration::from_secs(240);
+
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
 
+/// Why a connection's writer stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WriteEnd {
+    /// The socket failed.
+    Failed(String),
+    /// No write completed for this long: the peer reads nothing.
+    Stalled(Duration),
+}
+
 struct Conn {
-    writer: OwnedWriteHalf,
+    /// To the writer task; every queued byte is counted in `queued`.
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    /// The longest one write may take (the hold time, once negotiated).
+    stall_ms: Arc<AtomicU64>,
+    /// The writer's end, when it stopped on its own.
+    ended: Option<oneshot::Receiver<WriteEnd>>,
+    /// Told on drop: flush for at most [`CLOSE_FLUSH`] more.
+    closing: Option<oneshot::Sender<()>>,
     frames: mpsc::Receiver<Result<Vec<u8>, DecodeError>>,
     reader: tokio::task::JoinHandle<()>,
     local: IpAddr,
@@ -148,15 +184,99 @@ struct Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
+        // The writer goes on alone: what was queued before the close (a
+        // NOTIFICATION) still leaves, within CLOSE_FLUSH.
+        if let Some(c) = self.closing.take() {
+            let _ = c.send(());
+        }
+    }
+}
+
+/// The connection's outgoing queue is over [`OUT_LIMIT`].
+#[derive(Debug)]
+struct Overflow;
+
+impl Conn {
+    /// Queues `bytes` for the writer; never waits.
+    fn send(&self, bytes: Vec<u8>) -> Result<(), Overflow> {
+        let n = bytes.len();
+        if self.queued.fetch_add(n, Ordering::AcqRel) + n > OUT_LIMIT {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(Overflow);
+        }
+        if self.out.send(bytes).is_err() {
+            // The writer ended; its reason arrives through `ended`.
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Bounds each write by `hold` (0: [`STALL_WITHOUT_HOLD`]).
+    fn set_stall(&self, hold: u16) {
+        let d = if hold == 0 {
+            STALL_WITHOUT_HOLD
+        } else {
+            Duration::from_secs(hold.into())
+        };
+        self.stall_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Writes what the peer task queues, one message after the other, so the
+/// peer task never waits on the socket (its timers and reads go on while
+/// a peer is slow to read). A write that makes no progress for the stall
+/// time ends the writer with [`WriteEnd::Stalled`].
+async fn writer(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    stall_ms: Arc<AtomicU64>,
+    ended: oneshot::Sender<WriteEnd>,
+    mut closing: oneshot::Receiver<()>,
+) {
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let bytes = match deadline {
+            None => tokio::select! {
+                b = rx.recv() => b,
+                _ = &mut closing => {
+                    deadline = Some(tokio::time::Instant::now() + CLOSE_FLUSH);
+                    continue;
+                }
+            },
+            // Closed: only what is already queued, then the end.
+            Some(_) => rx.try_recv().ok(),
+        };
+        let Some(bytes) = bytes else { return };
+        let stall = Duration::from_millis(stall_ms.load(Ordering::Relaxed));
+        let limit = match deadline {
+            Some(d) => d
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(stall),
+            None => stall,
+        };
+        let r = tokio::time::timeout(limit, w.write_all(&bytes)).await;
+        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = ended.send(WriteEnd::Failed(e.to_string()));
+                return;
+            }
+            Err(_) => {
+                let _ = ended.send(WriteEnd::Stalled(limit));
+                return;
+            }
+        }
     }
 }
 
 /// Splits a connection; a reader task frames messages (RFC 4271 §4.1) and
-/// hands them over one by one.
-fn open_conn(stream: TcpStream) -> Option<Conn> {
+/// hands them over one by one, a writer task sends what is queued.
+fn open_conn(stream: TcpStream, hold: u16) -> Option<Conn> {
     let local = crate::net::canonical(stream.local_addr().ok()?.ip());
     let _ = stream.set_nodelay(true);
-    let (mut r, writer) = stream.into_split();
+    let (mut r, w) = stream.into_split();
     let (ftx, frames) = mpsc::channel(64);
     let reader = tokio::spawn(async move {
         // 16 KiB holds four maximum-size messages; many sessions per
@@ -189,12 +309,24 @@ fn open_conn(stream: TcpStream) -> Option<Conn> {
             }
         }
     });
-    Some(Conn {
-        writer,
+    let (out, orx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let stall_ms = Arc::new(AtomicU64::new(0));
+    let (etx, ended) = oneshot::channel();
+    let (closing, crx) = oneshot::channel();
+    tokio::spawn(writer(w, orx, queued.clone(), stall_ms.clone(), etx, crx));
+    let c = Conn {
+        out,
+        queued,
+        stall_ms,
+        ended: Some(ended),
+        closing: Some(closing),
         frames,
         reader,
         local,
-    })
+    };
+    c.set_stall(hold);
+    Some(c)
 }
 
 /// A connection with its own session state machine and timers.
@@ -259,6 +391,7 @@ enum Input {
     Frame(Which, Frame),
     Connected(std::io::Result<TcpStream>),
     Out(Vec<u8>),
+    WriteEnded(Which, WriteEnd),
     Timer(Which, Timer),
 }
 
@@ -276,12 +409,38 @@ fn frame_event(link: &Link, f: Frame) -> Event {
     }
 }
 
-async fn recv_frame(conn: Option<&mut Conn>) -> Frame {
-    match conn {
-        Some(c) => match c.frames.recv().await {
+type Frames = mpsc::Receiver<Result<Vec<u8>, DecodeError>>;
+
+/// A connection's frames and its writer's end, borrowed apart.
+fn halves(
+    c: Option<&mut Conn>,
+) -> (
+    Option<&mut Frames>,
+    Option<&mut oneshot::Receiver<WriteEnd>>,
+) {
+    match c {
+        Some(c) => (Some(&mut c.frames), c.ended.as_mut()),
+        None => (None, None),
+    }
+}
+
+async fn recv_frame(frames: Option<&mut Frames>) -> Frame {
+    match frames {
+        Some(f) => match f.recv().await {
             Some(Ok(f)) => Frame::Bytes(f),
             Some(Err(e)) => Frame::Bad(e),
             None => Frame::Closed,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_ended(ended: Option<&mut oneshot::Receiver<WriteEnd>>) -> WriteEnd {
+    match ended {
+        Some(e) => match e.await {
+            Ok(end) => end,
+            // The writer was dropped without a word: it ran to the end.
+            Err(_) => std::future::pending().await,
         },
         None => std::future::pending().await,
     }
@@ -333,6 +492,8 @@ struct Shared {
     out_rx: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
     /// What the Established main link negotiated (kept for its Down).
     neg: Option<Negotiated>,
+    /// Said with the next Down (why we ended the session).
+    note: Option<String>,
 }
 
 impl PeerTask {
@@ -354,6 +515,7 @@ impl PeerTask {
             status,
             out_rx: None,
             neg: None,
+            note: None,
         };
         let mut main = Link::new(session);
         let mut alt: Option<Link> = None;
@@ -383,6 +545,8 @@ impl PeerTask {
                 Some(Link { conn, timers, .. }) => (conn.as_mut(), Some(&*timers)),
                 None => (None, None),
             };
+            let ((main_frames, main_ended), (alt_frames, alt_ended)) =
+                (halves(main_conn), halves(alt_conn));
             let input = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Input::Shutdown,
@@ -397,8 +561,10 @@ impl PeerTask {
                         None => std::future::pending().await,
                     }
                 } => Input::Restart,
-                f = recv_frame(main_conn) => Input::Frame(Which::Main, f),
-                f = recv_frame(alt_conn) => Input::Frame(Which::Alt, f),
+                f = recv_frame(main_frames) => Input::Frame(Which::Main, f),
+                f = recv_frame(alt_frames) => Input::Frame(Which::Alt, f),
+                e = write_ended(main_ended) => Input::WriteEnded(Which::Main, e),
+                e = write_ended(alt_ended) => Input::WriteEnded(Which::Alt, e),
                 r = connected(main_connecting) => Input::Connected(r),
                 Some(bytes) = async {
                     match sh.out_rx.as_mut() {
@@ -461,7 +627,8 @@ impl PeerTask {
                 },
                 Input::Connected(r) => {
                     main.connecting = None;
-                    match r.ok().and_then(open_conn) {
+                    let hold = main.session.config().hold_time;
+                    match r.ok().and_then(|s| open_conn(s, hold)) {
                         Some(c) => {
                             main.conn = Some(c);
                             (Which::Main, Event::TcpUp)
@@ -470,13 +637,44 @@ impl PeerTask {
                     }
                 }
                 Input::Out(bytes) => {
-                    let Some(c) = main.conn.as_mut() else {
+                    let Some(c) = main.conn.as_ref() else {
                         continue;
                     };
-                    if c.writer.write_all(&bytes).await.is_ok() {
+                    if c.send(bytes).is_ok() {
                         continue;
                     }
-                    (Which::Main, Event::TcpDown)
+                    sh.note = Some(format!(
+                        "more than {} MiB queued for the peer",
+                        OUT_LIMIT >> 20
+                    ));
+                    restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
+                    (Which::Main, Event::Stop(err::CEASE_OUT_OF_RESOURCES))
+                }
+                Input::WriteEnded(w, end) => {
+                    let Some(link) = (match w {
+                        Which::Main => Some(&mut main),
+                        Which::Alt => alt.as_mut(),
+                    }) else {
+                        continue;
+                    };
+                    if let Some(c) = link.conn.as_mut() {
+                        c.ended = None;
+                    }
+                    match end {
+                        WriteEnd::Failed(e) => {
+                            tracing::info!(peer = %sh.transport.addr.ip(), "write failed: {e}");
+                            (w, Event::TcpDown)
+                        }
+                        WriteEnd::Stalled(d) => {
+                            tracing::warn!(peer = %sh.transport.addr.ip(), "the peer reads nothing: no write went through in {d:?}");
+                            if w == Which::Main {
+                                sh.note =
+                                    Some(format!("the peer read nothing for {}s", d.as_secs()));
+                                restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
+                            }
+                            (w, Event::Stop(err::CEASE_OUT_OF_RESOURCES))
+                        }
+                    }
                 }
                 Input::Timer(w, t) => {
                     let link = match w {
@@ -514,7 +712,7 @@ impl Shared {
             tracing::warn!("cannot set GTSM on an incoming connection: {e}");
         }
         link.connecting = None;
-        link.conn = open_conn(s);
+        link.conn = open_conn(s, link.session.config().hold_time);
         if link.conn.is_some() {
             Event::TcpUp
         } else {
@@ -674,10 +872,14 @@ impl Shared {
                 }
                 Action::Send(m) => {
                     let ctx = link.session.negotiated().map(|n| n.ctx).unwrap_or_default();
-                    if let Some(c) = link.conn.as_mut()
-                        && c.writer.write_all(&m.encode(&ctx)).await.is_err()
+                    if let Some(c) = link.conn.as_ref()
+                        && c.send(m.encode(&ctx)).is_err()
                     {
-                        queue.push_back((which, Event::TcpDown));
+                        self.note = Some(format!(
+                            "more than {} MiB queued for the peer",
+                            OUT_LIMIT >> 20
+                        ));
+                        queue.push_back((which, Event::Stop(err::CEASE_OUT_OF_RESOURCES)));
                     }
                 }
                 Action::SetTimer(t, d) => {
@@ -696,6 +898,9 @@ impl Shared {
                     let (otx, orx) = mpsc::unbounded_channel();
                     self.out_rx = Some(orx);
                     self.neg = Some((*n).clone());
+                    if let Some(c) = link.conn.as_ref() {
+                        c.set_stall(n.hold_time);
+                    }
                     let local = link
                         .conn
                         .as_ref()
@@ -735,7 +940,11 @@ impl Shared {
 
     async fn down(&mut self, why: DownReason) {
         tracing::info!(peer = %self.transport.addr.ip(), "session down: {why}");
-        self.status.lock().expect("status").last_error = Some(why.to_string());
+        let said = match self.note.take() {
+            Some(n) => format!("{why} ({n})"),
+            None => why.to_string(),
+        };
+        self.status.lock().expect("status").last_error = Some(said);
         let Some(neg) = self.neg.take() else { return };
         // RFC 4724: keep the routes (stale) unless the session ended with a
         // NOTIFICATION other than a hold timer expiry.

@@ -333,6 +333,38 @@ fn a_route_refresh_flood_costs_one_readvertisement_per_gap() {
 }
 
 #[test]
+fn a_peer_that_never_reads_is_dropped_after_the_hold_time() {
+    let lab = Lab::new();
+    let (a, b) = lab.pair("m", "deaf");
+    // 20000 routes: far more than the peer's receive window and the
+    // socket's send buffer together.
+    let many: Vec<String> = (0..20_000u32)
+        .map(|i| format!("10.{}.{}.{}/32", 100 + i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(&many));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/never_reads.py");
+    let out =
+        b.ns.cmd("python3")
+            .args([script, &a.v4.to_string(), &b.v4.to_string(), "30"])
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Its writes blocked, the session is still ended once the hold time
+    // (3 s) has gone by without progress: timers and reads went on.
+    assert!(
+        out.status.success(),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        margay.log(20)
+    );
+    let why = margay.last_error().unwrap_or_default();
+    assert!(why.contains("read nothing"), "{why}");
+    // And the speaker goes on: its control socket answers.
+    assert!(!margay.established("10.99.0.2"));
+}
+
+#[test]
 fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "bird");

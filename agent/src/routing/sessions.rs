@@ -118,6 +118,14 @@ pub struct Sessions {
     pub problems: Vec<Problem>,
 }
 
+/// The most prefixes an external router may send (accepted inside the
+/// pools: the rest is filtered and never stored) when its BGPPeer sets no
+/// `maxPrefixes`: five times the blocks of a 5000-node cluster, so only a
+/// router that floods the pools' space with more specifics hits it. The
+/// session then ends with Cease/maximum prefixes (RFC 4486) and is retried
+/// 30 s later, reported on the Node.
+pub const DEFAULT_EXTERNAL_MAX_PREFIXES: usize = 100_000;
+
 fn apply_timers(n: &mut Neighbor, p: &BGPPeerSpec) {
     if let Some(h) = p.hold_time_seconds {
         n.hold_time = h;
@@ -127,7 +135,8 @@ fn apply_timers(n: &mut Neighbor, p: &BGPPeerSpec) {
         n.graceful_restart = gr;
     }
     n.restart_time = p.restart_time_seconds;
-    n.max_prefixes = p.max_prefixes.map(|m| m as usize);
+    // 0: no limit.
+    n.max_prefixes = p.max_prefixes.filter(|m| *m > 0).map(|m| m as usize);
     n.ttl_security = p.ttl_security_hops;
 }
 
@@ -331,6 +340,9 @@ pub fn neighbors(
         n.port = p.port.unwrap_or(179);
         n.export_local_only = true;
         apply_timers(&mut n, p);
+        if p.max_prefixes.is_none() {
+            n.max_prefixes = Some(DEFAULT_EXTERNAL_MAX_PREFIXES);
+        }
         let pw = password(name, p, &mut out);
         add(n, pw, format!("BGPPeer {name}"), &mut out);
     }
@@ -497,6 +509,15 @@ mod tests {
         let n = &got.neighbors[0];
         assert!(n.export_local_only && n.asn == 65000 && n.hold_time == 9 && !n.passive);
         assert_eq!(n.restart_time, Some(30));
+        // A router is bounded by default; its BGPPeer may set another
+        // bound, or none (0).
+        assert_eq!(n.max_prefixes, Some(DEFAULT_EXTERNAL_MAX_PREFIXES));
+        for (set, want) in [(Some(50), Some(50)), (Some(0), None)] {
+            let mut p = tor(Some("b"), false);
+            p.max_prefixes = set;
+            let got = neighbors(&nodes[1], &nodes, &s, &[("tor".into(), p)], &none(), &[]);
+            assert_eq!(got.neighbors[0].max_prefixes, want);
+        }
         // Password: missing Secret -> left out and reported; present -> used.
         let with_pw = vec![("tor".to_string(), tor(None, true))];
         let key = ("bgp".to_string(), "tor".to_string());
