@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::packet::{Attrs, Origin, Prefix};
+use crate::packet::{Attrs, Origin, Prefix, Update};
 use crate::prefix_map::PrefixMap;
 
 /// Index of a peer in the speaker; [`LOCAL`] is the speaker itself.
@@ -175,6 +175,39 @@ impl Rib {
             || (!info.ibgp && a.as_path.contains(self.local_as))
             || a.originator_id == Some(self.router_id)
             || a.cluster_list.contains(&self.cluster_id)
+    }
+
+    /// Applies one UPDATE from peer `id` (AS `peer_as`, iBGP or not): its
+    /// classic and multiprotocol announcements and withdrawals. From an
+    /// eBGP peer the AS path must start with its AS (RFC 4271 §6.3), or
+    /// the routes are treated as withdrawn (RFC 7606), as is an UPDATE
+    /// without usable attributes. Returns the prefixes whose best path set
+    /// changed.
+    pub fn apply_update(&mut self, id: PeerId, u: Update, ibgp: bool, peer_as: u32) -> Changes {
+        let attrs = u
+            .attrs
+            .filter(|a| ibgp || a.as_path.first_as() == Some(peer_as))
+            .map(Arc::new);
+        let mut changes = Vec::new();
+        let (announce, mut withdraw) = match &attrs {
+            Some(_) => (u.nlri, u.withdrawn),
+            None => (Vec::new(), [u.withdrawn, u.nlri].concat()),
+        };
+        if let Some(mp) = &u.mp_reach
+            && attrs.is_none()
+        {
+            withdraw.extend(mp.nlri.iter().copied());
+        }
+        changes.extend(self.update(id, &announce, attrs.clone(), &withdraw));
+        if let Some(mp) = u.mp_unreach {
+            changes.extend(self.update(id, &[], None, &mp.withdrawn));
+        }
+        if let (Some(mp), Some(a)) = (u.mp_reach, &attrs) {
+            let mut a6 = (**a).clone();
+            a6.next_hop = mp.next_hop.first().copied();
+            changes.extend(self.update(id, &mp.nlri, Some(Arc::new(a6)), &[]));
+        }
+        changes
     }
 
     /// Applies a peer's announcements and withdrawals; returns the prefixes

@@ -892,33 +892,7 @@ impl RibTask {
             self.finish_restart(false).await;
             return;
         }
-        // RFC 4271 §6.3: from an eBGP peer the path must start with its AS;
-        // otherwise the routes are treated as withdrawn (RFC 7606).
-        let peer_as = slot.params.asn;
-        let ibgp = sess.ctx.ibgp;
-        let attrs = u
-            .attrs
-            .filter(|a| ibgp || a.as_path.first_as() == Some(peer_as))
-            .map(Arc::new);
-        let mut changes = Vec::new();
-        let (announce, mut withdraw) = match &attrs {
-            Some(_) => (u.nlri, u.withdrawn),
-            None => (Vec::new(), [u.withdrawn, u.nlri].concat()),
-        };
-        if let Some(mp) = &u.mp_reach
-            && attrs.is_none()
-        {
-            withdraw.extend(mp.nlri.iter().copied());
-        }
-        changes.extend(self.rib.update(id, &announce, attrs.clone(), &withdraw));
-        if let Some(mp) = u.mp_unreach {
-            changes.extend(self.rib.update(id, &[], None, &mp.withdrawn));
-        }
-        if let (Some(mp), Some(a)) = (u.mp_reach, &attrs) {
-            let mut a6 = (**a).clone();
-            a6.next_hop = mp.next_hop.first().copied();
-            changes.extend(self.rib.update(id, &mp.nlri, Some(Arc::new(a6)), &[]));
-        }
+        let changes = self.rib.apply_update(id, u, sess.ctx.ibgp, slot.params.asn);
         let count = self.rib.prefix_count(id);
         if let Some(slot) = self.peers.get(&id) {
             let mut st = slot.status.lock().expect("status");

@@ -365,6 +365,77 @@ fn a_peer_that_never_reads_is_dropped_after_the_hold_time() {
 }
 
 #[test]
+fn a_route_too_big_to_reexport_is_left_out_and_the_session_stays() {
+    // margay reflects between two clients: a raw peer announcing a route
+    // whose UPDATE is exactly 4096 bytes (an unknown transitive attribute
+    // fills it), and BIRD. Reflected, ORIGINATOR_ID and CLUSTER_LIST make
+    // it too big: BIRD must not get an oversized message (it would reset
+    // the session, again at every retry), only the route that fits.
+    let lab = Lab::new();
+    let (a, b) = lab.pair("m", "big");
+    let c = lab.node("bird");
+    let client = "route_reflector_client = true";
+    let margay = Margay::start(
+        &a,
+        &MargayConf::new(64512, "10.99.0.1")
+            .set("fib = false")
+            .neighbor("10.99.0.2", 64512, client)
+            .neighbor("10.99.0.3", 64512, client),
+    );
+    let bird = bird(&c, &BirdConf::peer("10.99.0.3", "10.99.0.1"));
+    wait_for("BIRD up", || bird.established("m")).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/big_route.py");
+    let peer =
+        b.ns.cmd("python3")
+            .args([
+                script,
+                "10.99.0.1",
+                "10.99.0.2",
+                "10.244.7.0/26",
+                "10.244.8.0/26",
+                "12",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let bird_has = |p: &str| {
+        bird.birdc(&format!("show route {p}"))
+            .map(|o| o.contains(p))
+            .unwrap_or(false)
+    };
+    wait_for("the small route reflected to BIRD", || {
+        bird_has("10.244.8.0/26")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", margay.log(20)));
+    let too_big = |m: &Margay| {
+        m.neighbors()
+            .iter()
+            .find(|n| n.address.to_string() == "10.99.0.3")
+            .map_or(0, |n| n.routes_too_big)
+    };
+    wait_for("the big route counted as too big", || too_big(&margay) >= 1).unwrap();
+    // margay itself took the big route (it fits as received).
+    assert!(
+        margay.route("10.244.7.0/26").is_some(),
+        "{}",
+        margay.log(20)
+    );
+    holds(
+        "BIRD's session stays, without the big route",
+        Duration::from_secs(5),
+        || bird.established("m") && !bird_has("10.244.7.0/26") && margay.established("10.99.0.3"),
+    );
+    let out = peer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "bird");
