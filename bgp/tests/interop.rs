@@ -303,6 +303,60 @@ fn a_connection_without_open_from_an_established_peer_changes_nothing() {
 }
 
 #[test]
+fn a_restarted_peers_open_with_graceful_restart_replaces_its_session() {
+    // RFC 4724 section 4.2: a peer that restarted while its old connection
+    // never closed (its FIN lost) reconnects with a graceful-restart OPEN;
+    // the new session replaces the old one and its route stays in the
+    // kernel throughout.
+    let lab = Lab::new();
+    let (a, b) = lab.pair("m", "restart");
+    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/restart_peer.py"
+    );
+    let mut peer =
+        b.ns.cmd("python3")
+            .args([
+                script,
+                &a.v4.to_string(),
+                &b.v4.to_string(),
+                "10.244.5.0/26",
+                "8",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    kernel_route(&a, "10.244.5.0/26").unwrap();
+    // From the first route on, the kernel never loses it while the second
+    // session takes over.
+    holds(
+        "the route stays across the restart",
+        Duration::from_secs(5),
+        || !absent(&a, "10.244.5.0/26"),
+    );
+    let out = {
+        use std::io::Read;
+        let mut s = String::new();
+        peer.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    let status = peer.wait().unwrap();
+    assert!(
+        status.success() && out.contains("ok"),
+        "{out}\n{}",
+        margay.log(30)
+    );
+    assert!(!absent(&a, "10.244.5.0/26"));
+    let log = margay.log(40);
+    assert!(
+        log.contains("its new session replaces the old one"),
+        "{log}"
+    );
+    assert_eq!(log.matches("session established").count(), 2, "{log}");
+}
+
+#[test]
 fn a_route_refresh_flood_costs_one_readvertisement_per_gap() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "flood");

@@ -47,7 +47,14 @@ fn export(rib: &Rib, changes: &[(Prefix, Option<Best>)]) {
             } else {
                 IpAddr::V6("fd00::1".parse().unwrap())
             };
-            let out = rib.export(&to, id, best.as_ref().map(|b| &b.best), Some(nh), false, &[]);
+            let out = rib.export(
+                &to,
+                id,
+                best.as_ref().map(|b| &b.best),
+                Some(nh),
+                false,
+                &[],
+            );
             let Some(a) = out.filter(|a| a.next_hop.is_some()) else {
                 continue;
             };
