@@ -192,7 +192,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )
     .await?;
     let _ = state.reserve.set(reserve.clone());
-    let service = CniService::new(&node, store.clone(), reserve.clone(), dp.clone(), args.mtu);
+    let (own_tx, own_blocks) = tokio::sync::watch::channel(crate::kube::Known::Unknown(
+        "this node's blocks not read yet".into(),
+    ));
+    let mut service = CniService::new(&node, store.clone(), reserve.clone(), dp.clone(), args.mtu);
+    service.follow_local(own_blocks.clone());
     tasks.spawn(
         "natOutgoing",
         crate::dataplane::nat::run(
@@ -201,9 +205,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Duration::from_secs(args.resync_interval.max(1)),
         ),
     );
-    let (own_tx, own_blocks) = tokio::sync::watch::channel(crate::kube::Known::Unknown(
-        "this node's blocks not read yet".into(),
-    ));
     tasks.spawn(
         "block routes",
         crate::routing::local::run(

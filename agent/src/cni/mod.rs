@@ -41,7 +41,9 @@ use margay_ipam::{Assign, Reserve, Store};
 use margay_proto::cni;
 
 use crate::dataplane::ownership::{alias_owner, host_ifname};
+use crate::dataplane::routed::Local;
 use crate::dataplane::{self, Dataplane, GATEWAY_V4, HOST_MAC, PodSpec};
+use crate::kube::Known;
 
 pub mod alias;
 pub mod reconcile;
@@ -78,10 +80,14 @@ pub struct CniService<S, D> {
     dp: Arc<D>,
     mtu: u32,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Poked after every ADD and DEL that changed an interface (the block
-    /// routes may need a new blackhole, a borrowed address its
-    /// advertisement or its withdrawal).
+    /// Poked after an ADD or DEL whose addresses lie outside the node's
+    /// blocks as last published (a new block needs its blackhole and
+    /// advertisement, a borrowed address its /32 or its withdrawal); the
+    /// other ADDs and DELs make their own host routes, and a pass for each
+    /// would only compete with them for the kernel's RTNL lock.
     pods_changed: Arc<tokio::sync::Notify>,
+    /// What `routing::local` last published (unset: every change pokes).
+    routed: Option<tokio::sync::watch::Receiver<Known<Local>>>,
     /// The pools last read (for the MTU when the datastore is slow).
     last_pools: Mutex<Option<Vec<IPPool>>>,
 }
@@ -182,7 +188,29 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             mtu,
             locks: Mutex::new(HashMap::new()),
             pods_changed: Arc::new(tokio::sync::Notify::new()),
+            routed: None,
             last_pools: Mutex::new(None),
+        }
+    }
+
+    /// Follows what `routing::local` publishes, to poke it only for
+    /// addresses outside the node's known blocks.
+    pub fn follow_local(&mut self, rx: tokio::sync::watch::Receiver<Known<Local>>) {
+        self.routed = Some(rx);
+    }
+
+    /// Tells `routing::local` about a pod change with `addrs`, when its
+    /// published state may not cover them.
+    fn poke_for(&self, addrs: &[IpNetwork]) {
+        let covered = self.routed.as_ref().is_some_and(|rx| {
+            rx.borrow().value().is_some_and(|l| {
+                addrs
+                    .iter()
+                    .all(|a| l.blocks.iter().any(|b| b.contains(a.ip())))
+            })
+        });
+        if !covered {
+            self.pods_changed.notify_one();
         }
     }
 
@@ -278,7 +306,14 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             }
         }
         self.dp.del_pod(&w.host_if).await.map_err(failed)?;
-        self.pods_changed.notify_one();
+        let addrs = alias::parse(&link).map(|a| a.addrs).unwrap_or_default();
+        let addrs: Vec<IpNetwork> = addrs.into_iter().map(IpNetwork::from).collect();
+        // Without a readable alias, poke (it cannot be told covered).
+        if addrs.is_empty() {
+            self.pods_changed.notify_one();
+        } else {
+            self.poke_for(&addrs);
+        }
         Ok(true)
     }
 
@@ -321,7 +356,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         };
         // The kernel now records the attribution: write it behind.
         self.reserve.commit(&taken, pod);
-        self.pods_changed.notify_one();
+        self.poke_for(&addrs);
         let host_mac = margay_api::stable::mac_string(&HOST_MAC);
         let mut routes = Vec::new();
         let mut ips = Vec::new();
@@ -551,6 +586,36 @@ mod tests {
         let reserve = Reserve::start(alloc.clone(), "n1", opts).await.unwrap();
         let svc = CniService::new("n1", store.clone(), reserve, Arc::new(dp.clone()), 1500);
         (svc, store, dp)
+    }
+
+    #[tokio::test]
+    async fn routing_is_poked_only_for_addresses_outside_the_known_blocks() {
+        let (mut svc, _, _) = service().await;
+        let poke = svc.pods_changed();
+        let poked = || async {
+            tokio::time::timeout(std::time::Duration::from_millis(100), poke.notified())
+                .await
+                .is_ok()
+        };
+        // Nothing published yet: every change pokes.
+        svc.add(&req("a")).await.unwrap();
+        assert!(poked().await);
+        // The node's block known: an ADD and a DEL inside it do not.
+        let (tx, rx) = tokio::sync::watch::channel(Known::Fresh(Local::blocks(["10.1.0.0/26"
+            .parse()
+            .unwrap()])));
+        svc.follow_local(rx);
+        svc.add(&req("b")).await.unwrap();
+        svc.del(&req("b")).await.unwrap();
+        assert!(!poked().await);
+        // A block not published yet (or a borrowed address): poked.
+        tx.send_replace(Known::Fresh(Local::blocks(["10.1.0.64/26"
+            .parse()
+            .unwrap()])));
+        svc.add(&req("c")).await.unwrap();
+        assert!(poked().await);
+        svc.del(&req("c")).await.unwrap();
+        assert!(poked().await);
     }
 
     const NET: &str = "k8s-pod-network";

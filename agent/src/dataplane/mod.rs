@@ -11,6 +11,8 @@
 //! - [`ownership`]: the only place that names what Margay owns in the
 //!   kernel (route protocols, interface prefix, alias tag, device names).
 //! - [`nat`]: natOutgoing in Margay's nftables table.
+//! - [`routed`]: what the node routes for (its blocks, its pods'
+//!   addresses), as `routing::local` publishes it.
 //! - `netns`: which paths a pod may be wired into (a network namespace,
 //!   not the node's own).
 //!
@@ -35,6 +37,7 @@ mod netlink;
 mod netns;
 pub mod ownership;
 mod pods;
+pub mod routed;
 mod routes;
 pub mod sync;
 mod vxlan;
