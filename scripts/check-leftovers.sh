@@ -19,5 +19,15 @@ while read -r pid args; do
   owner=$(printf '%s' "$args" | grep -oE '(/tmp|/dev/shm)/mg[0-9]+-' | head -1 | grep -oE '[0-9]+' || true)
   if [ -n "$owner" ] && [ ! -d "/proc/$owner" ]; then echo "leftover process $pid: $args"; leaks=1; fi
 done < <(pgrep -af '(/tmp|/dev/shm)/mg[0-9]+-' || true)
+# scripts/in-vm.sh runs each VM from a scratch dir under the cache; a VM
+# still running after the tests, or a scratch dir left, leaked.
+for d in "${MARGAY_CACHE:-/var/cache/margay}"/vm-runs/run.*; do
+  [ -e "$d" ] || continue
+  echo "leftover VM scratch dir: $d"; leaks=1
+done
+while read -r pid args; do
+  [ -n "$pid" ] || continue
+  echo "leftover VM $pid: $args"; leaks=1
+done < <(pgrep -af 'qemu-system.*vm-runs/run\.' || true)
 if [ $leaks = 0 ]; then echo "no leftover namespaces, temp dirs or processes"; fi
 exit $leaks

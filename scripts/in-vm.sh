@@ -42,6 +42,7 @@ done
 cache=${MARGAY_CACHE:-/var/cache/margay}
 ./scripts/install-deps.sh
 vng=$cache/venv/bin/vng
+export PATH=$cache/venv/bin:$PATH  # vng runs virtme-run from there
 [ -x "$vng" ] || { echo "in-vm: $vng missing after install-deps" >&2; exit 1; }
 
 if [ -z "$kernel" ]; then
@@ -58,15 +59,15 @@ if [ ! -d "/lib/modules/$version" ]; then
   exit 1
 fi
 
-# The command runs through a file on a path the VM sees, so any quoting
-# survives, and its status comes back through another (vng's own status
-# also counts its own failures).
+# The command runs from a file in a directory shared read-write with the
+# VM (as /mnt, a directory every Debian root has), so any quoting survives, and its status comes back
+# through another file there (vng's own status also counts its failures).
 # Outside /tmp: the VM's /tmp is its own.
 mkdir -p "$cache/vm-runs"
 scratch=$(mktemp -d "$cache/vm-runs/run.XXXXXX")
 cleanup() {
   if [ -n "${vm_pid:-}" ] && kill -0 "$vm_pid" 2>/dev/null; then
-    kill -- "$vm_pid" 2>/dev/null || true
+    kill -- "-$vm_pid" 2>/dev/null || kill -- "$vm_pid" 2>/dev/null || true
     wait "$vm_pid" 2>/dev/null || true
   fi
   rm -rf "$scratch"
@@ -81,23 +82,23 @@ trap 'exit 130' INT TERM
   printf 'cd %q\n' "$PWD"
   printf 'set +e\n'
   printf '%q ' "$@"
-  printf '\necho $? > %q/status\n' "$scratch/out"
+  printf '\necho $? > /mnt/status\n'
 } > "$scratch/cmd.sh"
-mkdir -p "$scratch/out"
 
 args=(--disable-kvm --run "$kernel" --memory "$memory" --cpus "$cpus" --user root
       --overlay-rwdir /tmp --overlay-rwdir /run --overlay-rwdir /var/run
-      --overlay-rwdir /var/tmp --rwdir "$scratch/out")
-[ $net = 1 ] && args+=(--net user)
-"$vng" "${args[@]}" -- "bash $scratch/cmd.sh" &
+      --overlay-rwdir /var/tmp --rwdir "/mnt=$scratch")
+[ $net = 1 ] && args+=(--network user)
+# Its own session and process group: an interrupt takes QEMU down with it.
+setsid "$vng" "${args[@]}" --exec "bash /mnt/cmd.sh" &
 vm_pid=$!
 set +e
 wait "$vm_pid"
 vm_status=$?
 set -e
 vm_pid=""
-if [ ! -s "$scratch/out/status" ]; then
+if [ ! -s "$scratch/status" ]; then
   echo "in-vm: the VM ended (status $vm_status) before the command did" >&2
   exit 125
 fi
-exit "$(cat "$scratch/out/status")"
+exit "$(cat "$scratch/status")"
