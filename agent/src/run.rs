@@ -46,8 +46,9 @@ pub struct RunArgs {
     /// no datastore write (0: every ADD writes before answering).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub ipam_spares: u16,
-    /// Re-check the kernel's block routes against IPAM every this many
-    /// seconds (they are also updated after every ADD).
+    /// Re-check the kernel's block routes and pods' host routes every this
+    /// many seconds (also after a block claim, and after an ADD or DEL of
+    /// an address outside the node's known blocks).
     #[arg(long, default_value_t = 30)]
     pub resync_interval: u64,
     /// This node's BGP address: `autodetect` (the Node's InternalIP if it

@@ -220,7 +220,8 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothing() {
-    let w = world(vec![]).await;
+    // Drift is repaired by the resync (2 s here).
+    let w = world_with(vec![], &["--resync-interval", "2"]).await;
     let p1 = Netns::create("pod").unwrap();
     let p2 = Netns::create("pod").unwrap();
     let a1 = w.add("c1", &p1, "web-1");
@@ -291,7 +292,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
     // Someone removes a pod's host route: the resync puts it back.
     ns.ip(&["route", "del", &format!("{a1}/32")]).unwrap();
     let p3 = Netns::create("pod").unwrap();
-    let a3 = w.add("c3", &p3, "web-3"); // an ADD pokes the resync
+    let a3 = w.add("c3", &p3, "web-3");
     wait::until("pod route put back", T, POLL, || {
         let r = ns.ip(&["route", "show", &format!("{a1}/32")]).unwrap();
         Ok((r.contains("dev cali") && r.contains("proto 78")).then_some(()))
@@ -480,7 +481,8 @@ fn env_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_acts_on_its_own_attachment_only() {
-    let w = world(vec![]).await;
+    // The route conflict below is found by the resync (2 s here).
+    let w = world_with(vec![], &["--resync-interval", "2"]).await;
     let good = w.conf(json!({}));
     let ok = |r: (bool, Value)| {
         assert!(
@@ -657,7 +659,7 @@ async fn every_call_acts_on_its_own_attachment_only() {
         &w,
         &env_for("ADD", "poke", "eth0", &ns_path(&p4), "poke"),
         &good,
-    )); // pokes the resync
+    ));
     wait::until("the conflict reported", T, POLL, || {
         Ok(w.agent.log_tail(80).contains("not Margay's").then_some(()))
     })
