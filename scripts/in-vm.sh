@@ -60,9 +60,10 @@ if [ ! -d "/lib/modules/$version" ]; then
 fi
 
 # The command runs from a file in a directory shared read-write with the
-# VM (as /mnt, a directory every Debian root has), so any quoting survives, and its status comes back
-# through another file there (vng's own status also counts its failures).
-# Outside /tmp: the VM's /tmp is its own.
+# VM (as /mnt, a directory every Debian root has), so any quoting
+# survives, and its status comes back through another file there (vng's
+# own status also counts its failures). Outside /tmp: the VM's /tmp is
+# its own.
 mkdir -p "$cache/vm-runs"
 scratch=$(mktemp -d "$cache/vm-runs/run.XXXXXX")
 cleanup() {
@@ -77,8 +78,6 @@ trap 'exit 130' INT TERM
 {
   echo 'set -e'
   echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
-  # The lab's and tests' scratch (the host's copy is read-only in here).
-  echo 'export MARGAY_VM=1'
   printf 'cd %q\n' "$PWD"
   printf 'set +e\n'
   printf '%q ' "$@"
