@@ -6,7 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use fixtures::{
-    BirdConf, Lab, Margay, MargayConf, POLL, T, absent, holds, kernel_route, wait_absent, wait_for,
+    BirdConf, Lab, Margay, MargayConf, POLL, T, absent, holds, kernel_route, raw_peer, wait_absent,
+    wait_for,
 };
 use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp};
 use margay_harness::{Node, names, wait};
@@ -311,22 +312,11 @@ fn a_restarted_peers_open_with_graceful_restart_replaces_its_session() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "restart");
     let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/restart_peer.py"
-    );
-    let mut peer =
-        b.ns.cmd("python3")
-            .args([
-                script,
-                &a.v4.to_string(),
-                &b.v4.to_string(),
-                "10.244.5.0/26",
-                "8",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+    let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
+    let mut peer = raw_peer(&b, "restart_peer", &[&ma, &mb, "10.244.5.0/26", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     kernel_route(&a, "10.244.5.0/26").unwrap();
     // From the first route on, the kernel never loses it while the second
     // session takes over.
@@ -361,15 +351,10 @@ fn a_route_refresh_flood_costs_one_readvertisement_per_gap() {
     let lab = Lab::new();
     let (a, b) = lab.pair("m", "flood");
     let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/refresh_flood.py"
-    );
-    let out =
-        b.ns.cmd("python3")
-            .args([script, &a.v4.to_string(), &b.v4.to_string(), "500", "8"])
-            .output()
-            .unwrap();
+    let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
+    let out = raw_peer(&b, "refresh_flood", &[&ma, &mb, "500", "8"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -397,12 +382,10 @@ fn a_peer_that_never_reads_is_dropped_after_the_hold_time() {
         .collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     let margay = Margay::start(&a, &MargayConf::ibgp("").originate(&many));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/never_reads.py");
-    let out =
-        b.ns.cmd("python3")
-            .args([script, &a.v4.to_string(), &b.v4.to_string(), "30"])
-            .output()
-            .unwrap();
+    let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
+    let out = raw_peer(&b, "never_reads", &[&ma, &mb, "30"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     // Its writes blocked, the session is still ended once the hold time
     // (3 s) has gone by without progress: timers and reads went on.
@@ -438,21 +421,18 @@ fn a_route_too_big_to_reexport_is_left_out_and_the_session_stays() {
     );
     let bird = bird(&c, &BirdConf::peer("10.99.0.3", "10.99.0.1"));
     wait_for("BIRD up", || bird.established("m")).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/big_route.py");
-    let peer =
-        b.ns.cmd("python3")
-            .args([
-                script,
-                "10.99.0.1",
-                "10.99.0.2",
-                "10.244.7.0/26",
-                "10.244.8.0/26",
-                "12",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+    let args = [
+        "10.99.0.1",
+        "10.99.0.2",
+        "10.244.7.0/26",
+        "10.244.8.0/26",
+        "12",
+    ];
+    let peer = raw_peer(&b, "big_route", &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let bird_has = |p: &str| {
         bird.birdc(&format!("show route {p}"))
             .map(|o| o.contains(p))
