@@ -52,6 +52,16 @@ async fn blocks_of(c: &Cluster, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether namespace `ns`'s route to `prefix` mentions `what`
+/// (`proto 79`, `blackhole`).
+fn route_has(ns: &str, prefix: &str, what: &str) -> Result<bool, String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "route", "show", prefix])
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains(what))
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -469,11 +479,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
         let block = n1_block.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let out = std::process::Command::new("ip")
-                    .args(["-n", &ns, "route", "show", &block])
-                    .output()
-                    .unwrap();
-                if !String::from_utf8_lossy(&out.stdout).contains("proto 79") {
+                if !route_has(&ns, &block, "proto 79").unwrap() {
                     missing.fetch_add(1, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -491,13 +497,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
     // node2's route to node1's block stays while the pings start, while
     // node1's agent is dead, and (the sampler) while it comes back.
     let ns2 = c.nodes[1].node.ns.name().to_string();
-    let route_there = || {
-        let out = std::process::Command::new("ip")
-            .args(["-n", &ns2, "route", "show", &n1_block])
-            .output()
-            .map_err(|e| e.to_string())?;
-        Ok(String::from_utf8_lossy(&out.stdout).contains("proto 79"))
-    };
+    let route_there = || route_has(&ns2, &n1_block, "proto 79");
     let route_holds = |what: &str, window: Duration| {
         wait::holds_for(what, window, Duration::from_millis(50), route_there).unwrap()
     };
@@ -573,21 +573,14 @@ async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
     c.wait_connected(T).await.unwrap();
     let ns1 = c.nodes[0].node.ns.name().to_string();
     let ns2 = c.nodes[1].node.ns.name().to_string();
-    let routed = |ns: &str, kind: &str| {
-        let out = std::process::Command::new("ip")
-            .args(["-n", ns, "route", "show", &block])
-            .output()
-            .map_err(|e| e.to_string())?;
-        Ok(String::from_utf8_lossy(&out.stdout).contains(kind))
-    };
     let every = Duration::from_millis(100);
     // Its blackhole and advertisement stay.
     wait::holds_for("node1's blackhole", Duration::from_secs(3), every, || {
-        routed(&ns1, "blackhole")
+        route_has(&ns1, &block, "blackhole")
     })
     .unwrap();
     wait::holds_for("node2's route to it", Duration::from_secs(1), every, || {
-        routed(&ns2, "proto 79")
+        route_has(&ns2, &block, "proto 79")
     })
     .unwrap();
     // Reported: margayctl and the pool's Ready condition name it.
