@@ -200,15 +200,16 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
     }
 
     /// Tells `routing::local` about a pod change with `addrs`, when its
-    /// published state may not cover them.
+    /// published state may not cover them (no addresses known: it may not).
     fn poke_for(&self, addrs: &[IpNetwork]) {
-        let covered = self.routed.as_ref().is_some_and(|rx| {
-            rx.borrow().value().is_some_and(|l| {
-                addrs
-                    .iter()
-                    .all(|a| l.blocks.iter().any(|b| b.contains(a.ip())))
-            })
-        });
+        let covered = !addrs.is_empty()
+            && self.routed.as_ref().is_some_and(|rx| {
+                rx.borrow().value().is_some_and(|l| {
+                    addrs
+                        .iter()
+                        .all(|a| l.blocks.iter().any(|b| b.contains(a.ip())))
+                })
+            });
         if !covered {
             self.pods_changed.notify_one();
         }
@@ -308,12 +309,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         self.dp.del_pod(&w.host_if).await.map_err(failed)?;
         let addrs = alias::parse(&link).map(|a| a.addrs).unwrap_or_default();
         let addrs: Vec<IpNetwork> = addrs.into_iter().map(IpNetwork::from).collect();
-        // Without a readable alias, poke (it cannot be told covered).
-        if addrs.is_empty() {
-            self.pods_changed.notify_one();
-        } else {
-            self.poke_for(&addrs);
-        }
+        self.poke_for(&addrs);
         Ok(true)
     }
 
