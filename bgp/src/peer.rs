@@ -196,6 +196,12 @@ impl Drop for Conn {
 #[derive(Debug)]
 struct Overflow;
 
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "more than {} MiB queued for the peer", OUT_LIMIT >> 20)
+    }
+}
+
 impl Conn {
     /// Queues `bytes` for the writer; never waits.
     fn send(&self, bytes: Vec<u8>) -> Result<(), Overflow> {
@@ -494,6 +500,8 @@ struct Shared {
     neg: Option<Negotiated>,
     /// Said with the next Down (why we ended the session).
     note: Option<String>,
+    /// When to start again after we ceased the session ourselves.
+    restart_at: Option<tokio::time::Instant>,
 }
 
 impl PeerTask {
@@ -516,12 +524,12 @@ impl PeerTask {
             out_rx: None,
             neg: None,
             note: None,
+            restart_at: None,
         };
         let mut main = Link::new(session);
         let mut alt: Option<Link> = None;
         let mut queue: VecDeque<(Which, Event)> = VecDeque::from([(Which::Main, Event::Start)]);
         let mut stopping = false;
-        let mut restart_at: Option<tokio::time::Instant> = None;
         loop {
             while let Some((which, ev)) = queue.pop_front() {
                 let link = match which {
@@ -547,6 +555,7 @@ impl PeerTask {
             };
             let ((main_frames, main_ended), (alt_frames, alt_ended)) =
                 (halves(main_conn), halves(alt_conn));
+            let restart_at = sh.restart_at;
             let input = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Input::Shutdown,
@@ -610,11 +619,11 @@ impl PeerTask {
                     if alt.is_some() {
                         queue.push_back((Which::Alt, Event::Stop(sub)));
                     }
-                    restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
+                    sh.restart_later();
                     continue;
                 }
                 Input::Restart => {
-                    restart_at = None;
+                    sh.restart_at = None;
                     if main.state() != State::Idle {
                         continue;
                     }
@@ -640,15 +649,13 @@ impl PeerTask {
                     let Some(c) = main.conn.as_ref() else {
                         continue;
                     };
-                    if c.send(bytes).is_ok() {
-                        continue;
+                    match c.send(bytes) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            sh.ending(e.to_string());
+                            (Which::Main, Event::Stop(err::CEASE_OUT_OF_RESOURCES))
+                        }
                     }
-                    sh.note = Some(format!(
-                        "more than {} MiB queued for the peer",
-                        OUT_LIMIT >> 20
-                    ));
-                    restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
-                    (Which::Main, Event::Stop(err::CEASE_OUT_OF_RESOURCES))
                 }
                 Input::WriteEnded(w, end) => {
                     let Some(link) = (match w {
@@ -668,9 +675,7 @@ impl PeerTask {
                         WriteEnd::Stalled(d) => {
                             tracing::warn!(peer = %sh.transport.addr.ip(), "the peer reads nothing: no write went through in {d:?}");
                             if w == Which::Main {
-                                sh.note =
-                                    Some(format!("the peer read nothing for {}s", d.as_secs()));
-                                restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
+                                sh.ending(format!("the peer read nothing for {}s", d.as_secs()));
                             }
                             (w, Event::Stop(err::CEASE_OUT_OF_RESOURCES))
                         }
@@ -696,6 +701,18 @@ impl PeerTask {
 }
 
 impl Shared {
+    /// Start again [`CEASE_RESTART`] from now (we ceased the session).
+    fn restart_later(&mut self) {
+        self.restart_at = Some(tokio::time::Instant::now() + CEASE_RESTART);
+    }
+
+    /// We end the main session for `why`: said with its Down, started
+    /// again after [`CEASE_RESTART`].
+    fn ending(&mut self, why: String) {
+        self.note = Some(why);
+        self.restart_later();
+    }
+
     fn set_state(&self, s: State) {
         let mut st = self.status.lock().expect("status");
         if st.state != s {
@@ -873,12 +890,11 @@ impl Shared {
                 Action::Send(m) => {
                     let ctx = link.session.negotiated().map(|n| n.ctx).unwrap_or_default();
                     if let Some(c) = link.conn.as_ref()
-                        && c.send(m.encode(&ctx)).is_err()
+                        && let Err(e) = c.send(m.encode(&ctx))
                     {
-                        self.note = Some(format!(
-                            "more than {} MiB queued for the peer",
-                            OUT_LIMIT >> 20
-                        ));
+                        if which == Which::Main {
+                            self.ending(e.to_string());
+                        }
                         queue.push_back((which, Event::Stop(err::CEASE_OUT_OF_RESOURCES)));
                     }
                 }
