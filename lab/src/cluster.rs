@@ -660,43 +660,37 @@ impl Cluster {
     /// router one to every block.
     pub async fn route_gaps(&self) -> anyhow::Result<Vec<String>> {
         let blocks = self.blocks().await?;
+        // An address borrowed from another node's block has a host route
+        // of its own everywhere else (the block's route leads to the lender).
+        let borrowed = self.borrowed(&blocks);
+        let has =
+            |routes: &str, dst: &str| routes.lines().any(|l| l.starts_with(&format!("{dst} ")));
         let mut gaps = Vec::new();
         for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
             let routes = n.node.ns.ip(&["-4", "route", "show", "proto", "79"])?;
             for (cidr, owner) in blocks.iter().filter(|(_, o)| *o != n.name) {
-                if !routes.lines().any(|l| l.starts_with(&format!("{cidr} "))) {
+                if !has(&routes, cidr) {
                     gaps.push(format!("{} has no route to {cidr} ({owner})", n.name));
                 }
             }
-        }
-        let router = matches!(self.opts.tor, Tor::Bird | Tor::Frr);
-        if router {
-            let routes = self.fabric.ns().ip(&["-4", "route", "show"])?;
-            for (cidr, owner) in &blocks {
-                if !routes.lines().any(|l| l.starts_with(&format!("{cidr} "))) {
-                    gaps.push(format!("the router has no route to {cidr} ({owner})"));
-                }
-            }
-        }
-        // An address borrowed from another node's block has a host route
-        // of its own everywhere else (the block's route leads to the lender).
-        for p in self.borrowed(&blocks) {
-            for n in self
-                .nodes
-                .iter()
-                .filter(|n| n.agent.is_some() && n.name != p.node)
-            {
-                let routes = n.node.ns.ip(&["-4", "route", "show", "proto", "79"])?;
-                if !routes.lines().any(|l| l.starts_with(&format!("{} ", p.ip))) {
+            for p in borrowed.iter().filter(|p| p.node != n.name) {
+                if !has(&routes, &p.ip) {
                     gaps.push(format!(
                         "{} has no route to {} (borrowed by {})",
                         n.name, p.ip, p.node
                     ));
                 }
             }
-            if router {
-                let routes = self.fabric.ns().ip(&["-4", "route", "show"])?;
-                if !routes.lines().any(|l| l.starts_with(&format!("{} ", p.ip))) {
+        }
+        if matches!(self.opts.tor, Tor::Bird | Tor::Frr) {
+            let routes = self.fabric.ns().ip(&["-4", "route", "show"])?;
+            for (cidr, owner) in &blocks {
+                if !has(&routes, cidr) {
+                    gaps.push(format!("the router has no route to {cidr} ({owner})"));
+                }
+            }
+            for p in &borrowed {
+                if !has(&routes, &p.ip) {
                     gaps.push(format!(
                         "the router has no route to {} (borrowed by {})",
                         p.ip, p.node
