@@ -1,11 +1,16 @@
 //! Routes to remote blocks in the real kernel, two nodes on a fabric:
 //! native routing and VXLAN (device, FDB, neighbours, on-link routes)
 //! carry pings; a second apply changes nothing; an empty plan removes
-//! exactly Margay's objects.
+//! exactly Margay's objects (the device once it is retired). IPIP on this
+//! kernel: `tunl0` with its route where the kernel has IPIP, else the
+//! clear error the Node condition carries (the full IPIP path is proven in
+//! a VM, `tests/tests/ipip.rs`).
 
 use std::net::Ipv4Addr;
 
-use margay_agent::dataplane::{LocalVtep, Netlink, Remote, sync};
+use margay_agent::dataplane::{
+    DevicePlan, Devices, LocalIpip, LocalVtep, Netlink, Remote, Via, sync,
+};
 use margay_agent::routing::encap::{RemoteBlock, Vtep, plan};
 use margay_api::ipam::Encapsulation;
 use margay_delta::Removals;
@@ -13,11 +18,19 @@ use margay_harness::netns::Netns;
 use margay_harness::topo::Fabric;
 
 /// Makes `dp`'s remote routes `want`; every item must succeed.
-async fn apply_remote(dp: &Netlink, local: Option<&LocalVtep>, want: &Remote, prune: bool) {
-    let r = sync::remote(dp, local, want, Removals::when(prune))
+async fn apply_remote(dp: &Netlink, devices: Devices, want: &Remote, prune: bool) {
+    let keep = std::collections::BTreeSet::new();
+    let r = sync::remote(dp, &devices, want, &keep, Removals::when(prune))
         .await
         .unwrap();
     assert!(r.failed.is_empty(), "{:?}", r.failed);
+}
+
+fn vxlan(d: DevicePlan<LocalVtep>) -> Devices {
+    Devices {
+        vxlan: d,
+        ..Default::default()
+    }
 }
 
 /// Runs `f` with a dataplane whose netlink socket lives in `ns`.
@@ -64,6 +77,7 @@ fn block(
         node_ip: ip.into(),
         encap,
         vtep: v,
+        ipip: None,
     }
 }
 
@@ -102,7 +116,7 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
         underlay: b_ip,
         mtu: 1450,
     };
-    let (want_a, errors) = plan(
+    let routed_a = plan(
         &[
             block(
                 "10.244.1.0/26",
@@ -116,8 +130,10 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
         ],
         None,
     );
-    assert_eq!(errors.len(), 1, "IPIP is refused: {errors:?}");
-    let (want_b, _) = plan(
+    assert_eq!(routed_a.errors.len(), 1, "{:?}", routed_a.errors);
+    assert!(routed_a.errors[0].to_string().contains("tunl0"));
+    let want_a = routed_a.want;
+    let want_b = plan(
         &[block(
             "10.244.0.0/26",
             "a",
@@ -126,17 +142,20 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
             Some(vtep(MAC_A, "10.244.0.0")),
         )],
         None,
-    );
+    )
+    .want;
     let wa = want_a.clone();
     in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            apply_remote(&dp, Some(&local_a), &wa, true).await;
+            apply_remote(&dp, vxlan(DevicePlan::Want(local_a)), &wa, true).await;
             // Idempotent.
-            apply_remote(&dp, Some(&local_a), &wa, true).await;
+            apply_remote(&dp, vxlan(DevicePlan::Want(local_a)), &wa, true).await;
         })
     });
     in_ns(&b.ns, move |dp| {
-        Box::pin(async move { apply_remote(&dp, Some(&local_b), &want_b, true).await })
+        Box::pin(
+            async move { apply_remote(&dp, vxlan(DevicePlan::Want(local_b)), &want_b, true).await },
+        )
     });
 
     let link = a.ns.ip(&["-d", "link", "show", "margay.vxlan"]).unwrap();
@@ -174,7 +193,8 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
     let nothing_wanted = |prune: bool| {
         in_ns(&a.ns, move |dp| {
             Box::pin(async move {
-                apply_remote(&dp, None, &Default::default(), prune).await;
+                let retire = vxlan(DevicePlan::Retire(None));
+                apply_remote(&dp, retire, &Default::default(), prune).await;
             })
         })
     };
@@ -199,6 +219,70 @@ fn native_and_vxlan_routes_carry_traffic_and_go_away_cleanly() {
         "{rest}"
     );
     assert!(!a.ns.ping("10.244.1.1"));
+}
+
+#[test]
+fn ipip_where_the_kernel_has_it_and_a_clear_error_where_it_has_not() {
+    let fabric = Fabric::new().unwrap();
+    let a = fabric.add_node("a").unwrap();
+    let b = fabric.add_node("b").unwrap();
+    // The kernel decides which half of this test applies.
+    let has_ipip =
+        a.ns.ip(&[
+            "link",
+            "add",
+            "mgprobe0",
+            "type",
+            "ipip",
+            "remote",
+            "192.0.2.1",
+        ])
+        .is_ok();
+    let _ = a.ns.ip(&["link", "del", "mgprobe0"]);
+    let mut want = Remote::default();
+    want.routes
+        .insert("10.244.1.0/26".parse().unwrap(), Via::Ipip(b.v4));
+    let local = LocalIpip {
+        tunnel_ip: "10.244.0.1".parse().unwrap(),
+        mtu: 1480,
+    };
+    let devices = Devices {
+        ipip: DevicePlan::Want(local),
+        ..Default::default()
+    };
+    let report = in_ns(&a.ns, move |dp| {
+        Box::pin(async move {
+            let keep = std::collections::BTreeSet::new();
+            let r = sync::remote(&dp, &devices, &want, &keep, Removals::Allowed)
+                .await
+                .unwrap();
+            (
+                r.ready.ipip,
+                r.failed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            )
+        })
+    });
+    let routes = a.ns.ip(&["route", "show", "proto", "79"]).unwrap();
+    if has_ipip {
+        assert!(report.0 && report.1.is_empty(), "{report:?}");
+        assert!(
+            routes.contains(&format!("10.244.1.0/26 via {} dev tunl0", b.v4)),
+            "{routes}"
+        );
+        let link = a.ns.ip(&["link", "show", "tunl0"]).unwrap();
+        assert!(link.contains("mtu 1480") && link.contains("UP"), "{link}");
+    } else {
+        assert!(!report.0);
+        let why = report.1.join("; ");
+        assert!(
+            why.contains("cannot do IPIP")
+                && why.contains("kernel ")
+                && why.contains("modprobe ipip")
+                && why.contains("VXLAN or None"),
+            "{why}"
+        );
+        assert!(routes.trim().is_empty(), "{routes}");
+    }
 }
 
 fn fabric_gw() -> String {

@@ -12,6 +12,9 @@ pub const ANN_ASN: &str = "margay.dev/bgp-asn";
 pub const ANN_VXLAN_ADDRESS: &str = "margay.dev/vxlan-tunnel-address";
 /// Its VXLAN device's MAC.
 pub const ANN_VXLAN_MAC: &str = "margay.dev/vxlan-tunnel-mac";
+/// Its IPIP tunnel address (on `tunl0`), published once `tunl0` is up
+/// with it: the other nodes encapsulate to this node only then.
+pub const ANN_IPIP_ADDRESS: &str = "margay.dev/ipip-tunnel-address";
 /// Set by the operator: this node is a route reflector with this cluster ID.
 pub const ANN_RR_CLUSTER_ID: &str = "margay.dev/route-reflector-cluster-id";
 

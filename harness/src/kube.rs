@@ -21,11 +21,33 @@ use crate::{Error, Result, names, paths, wait};
 /// The admin token every harness apiserver accepts.
 pub const ADMIN_TOKEN: &str = "margay-admin-token";
 
-/// A running etcd + kube-apiserver pair.
+/// A running etcd + kube-apiserver pair (or, inside a VM, one the VM's
+/// host runs for it: see [`crate::broker`]).
 #[derive(Debug)]
 pub struct ApiServer {
-    // Field order is drop order: the apiserver stops before etcd, the
-    // directory goes last.
+    // Field order is drop order: the processes stop first, the directory
+    // goes last.
+    backend: Backend,
+    port: u16,
+    kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+enum Backend {
+    /// etcd and kube-apiserver are children of this process.
+    Local(Box<Local>),
+    /// A broker on the VM's host runs them; this machine's loopback port
+    /// relays to the host's. Closing the connection stops them.
+    Remote {
+        _relay: Daemon,
+        _conn: std::net::TcpStream,
+    },
+}
+
+#[derive(Debug)]
+struct Local {
+    // The apiserver stops before etcd.
     apiserver: Daemon,
     etcd: Daemon,
     /// How each was started, to start it again the same way.
@@ -33,9 +55,6 @@ pub struct ApiServer {
     etcd_cmd: CommandLine,
     /// etcd's client port.
     etcd_port: u16,
-    port: u16,
-    kubeconfig: PathBuf,
-    dir: tempfile::TempDir,
 }
 
 /// A program and its arguments (a `Command` cannot be cloned).
@@ -69,8 +88,20 @@ impl ApiServer {
     }
 
     /// Like [`ApiServer::start`], with extra static tokens
-    /// `(token, user, groups)` for RBAC tests.
+    /// `(token, user, groups)` for RBAC tests. Inside a VM started by
+    /// `scripts/in-vm.sh` ([`crate::broker::ENV`] set), the VM's host runs
+    /// it (an apiserver under emulation takes minutes to start).
     pub async fn start_with_tokens(extra: &[(&str, &str, &str)]) -> Result<Self> {
+        if let Some(broker) = std::env::var_os(crate::broker::ENV) {
+            let mut me = Self::remote(&broker.to_string_lossy(), extra)?;
+            me.wait_ready().await?;
+            return Ok(me);
+        }
+        Self::start_local(extra).await
+    }
+
+    /// Starts etcd and kube-apiserver as children of this process.
+    pub async fn start_local(extra: &[(&str, &str, &str)]) -> Result<Self> {
         let mut last = None;
         // Ports are picked then bound by a child: a parallel test can race us
         // to one, so retry with new ports a couple of times.
@@ -164,11 +195,13 @@ impl ApiServer {
         let kubeconfig = d.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(port, ADMIN_TOKEN))?;
         let mut me = Self {
-            apiserver,
-            etcd,
-            apiserver_cmd: apiserver_line,
-            etcd_cmd: etcd_line,
-            etcd_port: client,
+            backend: Backend::Local(Box::new(Local {
+                apiserver,
+                etcd,
+                apiserver_cmd: apiserver_line,
+                etcd_cmd: etcd_line,
+                etcd_port: client,
+            })),
             port,
             kubeconfig,
             dir,
@@ -177,12 +210,55 @@ impl ApiServer {
         Ok(me)
     }
 
+    /// An apiserver the broker at `broker` (`host:port`) starts for us,
+    /// relayed to this machine's loopback at the port it has there.
+    fn remote(broker: &str, extra: &[(&str, &str, &str)]) -> Result<Self> {
+        let (conn, port) = crate::broker::request(broker, extra)?;
+        let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h);
+        let dir = names::shm_dir("kube")?;
+        let mut relay = Command::new(paths::system("socat")?);
+        relay
+            .arg(format!(
+                "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay"
+            ))
+            .arg(format!("TCP:{host}:{port},nodelay"));
+        let relay = Daemon::spawn(
+            "socat (apiserver on the VM's host)",
+            relay,
+            &dir.path().join("relay.log"),
+        )?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(port, ADMIN_TOKEN))?;
+        Ok(Self {
+            backend: Backend::Remote {
+                _relay: relay,
+                _conn: conn,
+            },
+            port,
+            kubeconfig,
+            dir,
+        })
+    }
+
+    /// The local processes, or an error naming `what` cannot be done to an
+    /// apiserver the VM's host runs.
+    fn local(&mut self, what: &str) -> Result<&mut Local> {
+        match &mut self.backend {
+            Backend::Local(l) => Ok(l),
+            Backend::Remote { .. } => Err(Error::Other(format!(
+                "cannot {what}: this apiserver runs on the VM's host"
+            ))),
+        }
+    }
+
     async fn wait_ready(&mut self) -> Result<()> {
         let client = self.client().await?;
         let start = std::time::Instant::now();
         loop {
-            self.apiserver.ensure_running()?;
-            self.etcd.ensure_running()?;
+            if let Backend::Local(l) = &mut self.backend {
+                l.apiserver.ensure_running()?;
+                l.etcd.ensure_running()?;
+            }
             let req = http::Request::get("/readyz")
                 .body(Vec::new())
                 .expect("request");
@@ -195,7 +271,10 @@ impl ApiServer {
                 return Err(Error::Timeout {
                     what: "kube-apiserver /readyz".into(),
                     secs: 60.0,
-                    detail: format!("; log:\n{}", self.apiserver.log_tail(20)),
+                    detail: match &self.backend {
+                        Backend::Local(l) => format!("; log:\n{}", l.apiserver.log_tail(20)),
+                        Backend::Remote { .. } => " (on the VM's host)".into(),
+                    },
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -216,7 +295,12 @@ impl ApiServer {
     /// plane that accepts connections and never answers.
     pub fn freeze(&self, frozen: bool) -> Result<()> {
         use nix::sys::signal::Signal;
-        self.apiserver.signal(if frozen {
+        let Backend::Local(l) = &self.backend else {
+            return Err(Error::Other(
+                "cannot freeze it: this apiserver runs on the VM's host".into(),
+            ));
+        };
+        l.apiserver.signal(if frozen {
             Signal::SIGSTOP
         } else {
             Signal::SIGCONT
@@ -225,32 +309,31 @@ impl ApiServer {
 
     /// Stops the kube-apiserver (SIGTERM, then SIGKILL); etcd keeps its
     /// data. [`ApiServer::start_apiserver`] brings it back on the same port.
-    pub fn stop_apiserver(&mut self) {
-        self.apiserver.stop(Duration::from_secs(5));
+    pub fn stop_apiserver(&mut self) -> Result<()> {
+        self.local("stop it")?
+            .apiserver
+            .stop(Duration::from_secs(5));
+        Ok(())
     }
 
     /// Starts the kube-apiserver again as it was started first, and waits
     /// until it is ready.
     pub async fn start_apiserver(&mut self) -> Result<()> {
-        self.apiserver = Daemon::spawn(
-            "kube-apiserver",
-            self.apiserver_cmd.command(),
-            &self.dir.path().join("apiserver.log"),
-        )?;
+        let log = self.dir.path().join("apiserver.log");
+        let l = self.local("start it again")?;
+        l.apiserver = Daemon::spawn("kube-apiserver", l.apiserver_cmd.command(), &log)?;
         self.wait_ready().await
     }
 
     /// Restarts etcd (its data stays): the apiserver loses its datastore
     /// for the time etcd takes to come back.
     pub fn restart_etcd(&mut self) -> Result<()> {
-        self.etcd.stop(Duration::from_secs(5));
-        self.etcd = Daemon::spawn(
-            "etcd",
-            self.etcd_cmd.command(),
-            &self.dir.path().join("etcd.log"),
-        )?;
-        let port = self.etcd_port;
-        self.etcd.await_ready(
+        let log = self.dir.path().join("etcd.log");
+        let l = self.local("restart etcd")?;
+        l.etcd.stop(Duration::from_secs(5));
+        l.etcd = Daemon::spawn("etcd", l.etcd_cmd.command(), &log)?;
+        let port = l.etcd_port;
+        l.etcd.await_ready(
             "etcd to listen again",
             Duration::from_secs(20),
             Duration::from_millis(50),

@@ -90,6 +90,24 @@ impl Fabric {
     /// Adds a node: a new namespace with `eth0` bridged onto the fabric, an
     /// address, a default route via the fabric router, forwarding on.
     pub fn add_node(&self, hint: &str) -> Result<Node> {
+        self.add_node_in(hint, 0)
+    }
+
+    /// Adds a node in IPv4 subnet `subnet` of the fabric
+    /// (`10.99.<subnet>.0/24`, the router at `.254` of it): nodes of
+    /// different subnets share the segment but reach each other only
+    /// through the router, as racks do through their routers. Subnet 0 is
+    /// [`FABRIC_V4`].
+    pub fn add_node_in(&self, hint: &str, subnet: u8) -> Result<Node> {
+        assert!(subnet < 250, "at most 250 subnets");
+        let gw = Ipv4Addr::new(10, 99, subnet, 254);
+        if subnet > 0 {
+            let have = self.ns.ip(&["-4", "addr", "show", "dev", "br0"])?;
+            if !have.contains(&format!("{gw}/24")) {
+                self.ns
+                    .ip(&["addr", "add", &format!("{gw}/24"), "dev", "br0"])?;
+            }
+        }
         let index = {
             let mut n = self.next.lock().expect("fabric counter");
             let i = *n;
@@ -101,7 +119,7 @@ impl Fabric {
         let port = format!("p{index}");
         veth(&ns, "eth0", &self.ns, &port)?;
         self.ns.ip(&["link", "set", &port, "master", "br0"])?;
-        let v4 = Ipv4Addr::new(10, 99, 0, index);
+        let v4 = Ipv4Addr::new(10, 99, subnet, index);
         let v6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, index as u16);
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
         ns.ip(&[
@@ -113,7 +131,7 @@ impl Fabric {
             "eth0",
             "nodad",
         ])?;
-        ns.ip(&["route", "add", "default", "via", &FABRIC_GW_V4.to_string()])?;
+        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
         ns.ip(&[
             "-6",
             "route",
@@ -124,7 +142,7 @@ impl Fabric {
         ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        self.add_neighbours(&ns, v4, v6)?;
+        self.add_neighbours(&ns, v4, v6, gw)?;
         Ok(Node { ns, index, v4, v6 })
     }
 }
@@ -174,10 +192,10 @@ fn ip_batch(ns: &Netns, script: &str) -> Result<()> {
 impl Fabric {
     /// Permanent neighbour entries between a new node and every existing
     /// one, and towards the router.
-    fn add_neighbours(&self, ns: &Netns, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+    fn add_neighbours(&self, ns: &Netns, v4: Ipv4Addr, v6: Ipv6Addr, gw: Ipv4Addr) -> Result<()> {
         let mac = mac_of(ns, "eth0")?;
         let mut members = self.members.lock().expect("fabric members");
-        let mut mine = neigh_lines(FABRIC_GW_V4, FABRIC_GW_V6, &self.gw_mac);
+        let mut mine = neigh_lines(gw, FABRIC_GW_V6, &self.gw_mac);
         for (other_ns, o4, o6, omac) in members.iter() {
             mine.push_str(&neigh_lines(*o4, *o6, omac));
             ip_batch(&Netns::borrowed(other_ns), &neigh_lines(v4, v6, &mac))?;

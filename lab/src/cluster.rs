@@ -12,8 +12,8 @@ use k8s_openapi::api::core::v1::{Node as KubeNode, Pod as KubePod, ServiceAccoun
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use margay_api::bgp::{BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec};
 use margay_api::ipam::{
-    CONFIG_NAME, Encapsulation, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool,
-    IPPoolSpec, LabelSelector,
+    CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool, IPPoolSpec,
+    LabelSelector,
 };
 use margay_harness::bgpd::{Bird, Frr, Gobgp};
 use margay_harness::kube::{ApiRelay, ApiServer};
@@ -52,6 +52,10 @@ pub struct Options {
     pub pool_cidr: String,
     /// The pool's block size.
     pub block_size: u8,
+    /// IPv4 subnets the nodes are spread over, round robin (node1 in
+    /// 10.99.0.0/24, node2 in 10.99.1.0/24, ...), reaching each other
+    /// through the router across them.
+    pub subnets: u8,
 }
 
 impl Default for Options {
@@ -66,6 +70,7 @@ impl Default for Options {
             work_dir: None,
             pool_cidr: POOL_CIDR.into(),
             block_size: 26,
+            subnets: 1,
         }
     }
 }
@@ -249,8 +254,8 @@ pub fn cnitool_cmd(
     Ok(cmd)
 }
 
-/// The router's configuration: every node of the fabric is a dynamic
-/// eBGP neighbor. BIRD accepts any external AS (the cluster's may change)
+/// The router's configuration: every node of the fabric (any of its
+/// subnets) is a dynamic eBGP neighbor. BIRD accepts any external AS (the cluster's may change)
 /// and waits 1-5 s after a session error instead of its default 60-300 s,
 /// which after a cluster AS change would keep the nodes out for minutes.
 fn tor_config(tor: Tor) -> String {
@@ -258,15 +263,15 @@ fn tor_config(tor: Tor) -> String {
         Tor::Bird => format!(
             "log stderr all;\nrouter id 10.99.0.254;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths on; }}\n\
-             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/24 external;\n  direct;\n  error wait time 1, 5;\n  hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; }};\n}}\n"
+             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/16 external;\n  direct;\n  error wait time 1, 5;\n  hold time 9; keepalive time 3;\n  ipv4 {{ import all; export all; }};\n}}\n"
         ),
         Tor::Frr => format!(
-            "frr defaults traditional\nhostname tor\nrouter bgp {TOR_ASN}\n bgp router-id 10.99.0.254\n no bgp ebgp-requires-policy\n neighbor nodes peer-group\n neighbor nodes remote-as 64512\n neighbor nodes timers 3 9\n bgp listen range 10.99.0.0/24 peer-group nodes\n!\n"
+            "frr defaults traditional\nhostname tor\nrouter bgp {TOR_ASN}\n bgp router-id 10.99.0.254\n no bgp ebgp-requires-policy\n neighbor nodes peer-group\n neighbor nodes remote-as 64512\n neighbor nodes timers 3 9\n bgp listen range 10.99.0.0/16 peer-group nodes\n!\n"
         ),
         Tor::Gobgp => format!(
             "[global.config]\n  as = {TOR_ASN}\n  router-id = \"10.99.0.254\"\n\
              [[peer-groups]]\n  [peer-groups.config]\n    peer-group-name = \"nodes\"\n    peer-as = 64512\n\
-             [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.99.0.0/24\"\n    peer-group = \"nodes\"\n"
+             [[dynamic-neighbors]]\n  [dynamic-neighbors.config]\n    prefix = \"10.99.0.0/16\"\n    peer-group = \"nodes\"\n"
         ),
         Tor::None => String::new(),
     }
@@ -300,11 +305,7 @@ impl Cluster {
         )
         .await?;
         let mut pool = IPPoolSpec::with_cidr(&opts.pool_cidr, Some(opts.block_size));
-        pool.encapsulation = match opts.encap {
-            Encap::None => Encapsulation::None,
-            Encap::Vxlan => Encapsulation::Vxlan,
-            Encap::Ipip => Encapsulation::Ipip,
-        };
+        pool.encapsulation = opts.encap.pool();
         let pools: Api<IPPool> = Api::all(client.clone());
         pools
             .create(&PostParams::default(), &IPPool::new("default", pool))
@@ -368,7 +369,7 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 1..=opts.nodes {
             let name = format!("node{i}");
-            let node = fabric.add_node(&name)?;
+            let node = fabric.add_node_in(&name, (i - 1) % opts.subnets.max(1))?;
             let rr = i <= opts.route_reflectors;
             let mut meta =
                 serde_json::json!({"name": name, "labels": {"kubernetes.io/hostname": name}});

@@ -12,14 +12,33 @@ use serde::{Deserialize, Serialize};
 
 /// Encapsulation for pod traffic between nodes.
 #[derive(Debug, Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Encap {
     /// Native routing on the fabric.
     None,
     /// VXLAN overlay.
     Vxlan,
-    /// IP-in-IP overlay (needs a kernel with IPIP).
+    /// IP-in-IP overlay through `tunl0` (needs a kernel with IPIP: run
+    /// the lab in `scripts/in-vm.sh` on a host without it).
     Ipip,
+    /// Native inside a node's subnet, VXLAN across subnets.
+    VxlanCrossSubnet,
+    /// Native inside a node's subnet, IP-in-IP across subnets.
+    IpipCrossSubnet,
+}
+
+impl Encap {
+    /// The pool's encapsulation for this choice.
+    pub fn pool(self) -> margay_api::ipam::Encapsulation {
+        use margay_api::ipam::Encapsulation as E;
+        match self {
+            Encap::None => E::None,
+            Encap::Vxlan => E::Vxlan,
+            Encap::Ipip => E::Ipip,
+            Encap::VxlanCrossSubnet => E::VxlanCrossSubnet,
+            Encap::IpipCrossSubnet => E::IpipCrossSubnet,
+        }
+    }
 }
 
 /// Top-of-rack router software.

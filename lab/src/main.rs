@@ -52,6 +52,16 @@ pub struct UpArgs {
     /// Make the first N nodes route reflectors and turn the full mesh off.
     #[arg(long, default_value_t = 0)]
     pub route_reflectors: u8,
+    /// Spread the nodes over this many IPv4 subnets (10.99.S.0/24, round
+    /// robin), joined by the router: what the CrossSubnet encapsulations
+    /// are for.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    #[serde(default = "one")]
+    pub subnets: u8,
+}
+
+fn one() -> u8 {
+    1
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +119,14 @@ enum Cmd {
     /// (internal) The background supervisor `up` starts.
     #[command(hide = true)]
     Supervise(UpArgs),
+    /// (internal) Runs apiservers for a VM on this host (`scripts/in-vm.sh`
+    /// starts it): writes its port to PORT_FILE, serves until killed.
+    #[command(hide = true)]
+    ApiserverBroker {
+        /// Where to write the port it listens on (on 127.0.0.1).
+        #[arg(long)]
+        port_file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +140,7 @@ fn main() -> ExitCode {
         Cmd::Exec { target, cmd } => exec(&target, &cmd),
         Cmd::Kubectl { args } => kubectl(&args),
         Cmd::Supervise(a) => supervise::run(a),
+        Cmd::ApiserverBroker { port_file } => apiserver_broker(&port_file),
     };
     match r {
         Ok(code) => code,
@@ -157,6 +176,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .arg(format!("--tor={}", value_name(args.tor)))
         .arg(format!("--pods-per-node={}", args.pods_per_node))
         .arg(format!("--route-reflectors={}", args.route_reflectors))
+        .arg(format!("--subnets={}", args.subnets))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -191,6 +211,21 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn apiserver_broker(port_file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt().with_target(false).init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let tmp = port_file.with_extension("tmp");
+        std::fs::write(&tmp, l.local_addr()?.port().to_string())?;
+        std::fs::rename(&tmp, port_file)?;
+        margay_harness::broker::serve(l).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn down() -> anyhow::Result<ExitCode> {

@@ -105,6 +105,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             encap: args.encap,
             tor: args.tor,
             route_reflectors: args.route_reflectors,
+            subnets: args.subnets,
             work_dir: Some(state::dir().join("work")),
             ..Default::default()
         })
@@ -118,9 +119,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 c.add_pod(&node, &format!("{node}-pod{k}")).await?;
             }
         }
-        c.wait_converged(Duration::from_secs(120)).await?;
+        // Generous bounds: inside a VM under emulation everything is slower.
+        c.wait_converged(Duration::from_secs(300)).await?;
         // Ready when every pod reaches every other (BGP has settled).
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let m = c.matrix()?;
             if m.failures.is_empty() {

@@ -583,7 +583,7 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
 
     // 1. The apiserver stopped.
     let p = run.begin("apiserver stopped 60 s");
-    run.c.api.stop_apiserver();
+    run.c.api.stop_apiserver().expect("stop the apiserver");
     let down = Instant::now();
     run.until(
         "node1 to see the API down and stay ready",

@@ -1,7 +1,7 @@
 //! An in-memory [`Dataplane`] for unit tests, with failure injection
 //! (felix's fake netlink is the model): a listing that fails, a write of
 //! one route or blackhole that the "kernel" refuses, a VXLAN device that
-//! cannot be made, the next pod ADD failing.
+//! cannot be made, a kernel without IPIP, the next pod ADD failing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use ipnetwork::IpNetwork;
 
 use super::{
-    Dataplane, Error, HostPod, LocalVtep, PodSpec, PodWiring, Remote, RemoteActual, Result, Via,
+    Dataplane, Error, HostPod, LocalIpip, LocalVtep, PerTunnel, PodSpec, PodWiring, Remote,
+    RemoteActual, Result, Via,
 };
 
 /// A failure the fake injects until it is cleared.
@@ -24,6 +25,8 @@ pub enum Fault {
     Blackhole(IpNetwork),
     /// The VXLAN device cannot be made.
     Vxlan,
+    /// The kernel has no IPIP.
+    Ipip,
 }
 
 /// The fake kernel's remote-block state.
@@ -33,6 +36,8 @@ pub struct FakeRemote {
     pub state: Remote,
     /// The VXLAN device, when it exists.
     pub vxlan: Option<LocalVtep>,
+    /// `tunl0` (up, with Margay's address), when Margay brought it up.
+    pub ipip: Option<LocalIpip>,
 }
 
 /// An in-memory dataplane.
@@ -223,7 +228,10 @@ impl Dataplane for FakeDataplane {
         Ok(RemoteActual {
             state: r.state.clone(),
             odd: BTreeSet::new(),
-            vxlan: r.vxlan.is_some(),
+            devices: PerTunnel {
+                vxlan: r.vxlan.is_some(),
+                ipip: r.ipip.is_some(),
+            },
         })
     }
 
@@ -231,6 +239,9 @@ impl Dataplane for FakeDataplane {
         let mut r = self.remote_write(net)?;
         if matches!(via, Via::Vxlan(_)) && r.vxlan.is_none() {
             return Err(Error::Unroutable(net, "the VXLAN device does not exist"));
+        }
+        if matches!(via, Via::Ipip(_)) && r.ipip.is_none() {
+            return Err(Error::Unroutable(net, "tunl0 is not up"));
         }
         r.state.routes.insert(net, via);
         Ok(())
@@ -253,6 +264,26 @@ impl Dataplane for FakeDataplane {
         r.state.neigh.clear();
         r.state.fdb.clear();
         r.state.routes.retain(|_, v| !matches!(v, Via::Vxlan(_)));
+        Ok(())
+    }
+
+    async fn ensure_ipip(&self, local: &LocalIpip) -> Result<()> {
+        if self.fails(&Fault::Ipip).is_err() {
+            return Err(Error::IpipUnavailable(
+                "kernel fake has no ipip module".into(),
+            ));
+        }
+        self.remote.lock().expect("remote").ipip = Some(*local);
+        Ok(())
+    }
+
+    async fn retire_ipip(&self, ip: Option<Ipv4Addr>) -> Result<()> {
+        let mut r = self.remote.lock().expect("remote");
+        if r.ipip.is_some_and(|l| Some(l.tunnel_ip) == ip) {
+            // Down: the kernel drops the routes through it.
+            r.ipip = None;
+            r.state.routes.retain(|_, v| !matches!(v, Via::Ipip(_)));
+        }
         Ok(())
     }
 

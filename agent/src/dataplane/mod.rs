@@ -2,7 +2,7 @@
 //!
 //! - [`Dataplane`]: every kernel operation the agent performs (pod veths,
 //!   their host routes, block blackholes, routes to remote blocks, the
-//!   VXLAN device and its neighbour and FDB entries), each one small and
+//!   VXLAN device and its neighbour and FDB entries, `tunl0`), each one small and
 //!   idempotent; [`Netlink`] is the real kernel, [`FakeDataplane`] an
 //!   in-memory one with failure injection for unit tests.
 //! - [`sync`]: the desired-versus-actual reconciliation of each kernel table
@@ -32,6 +32,7 @@ use ipnetwork::IpNetwork;
 use margay_api::ipam::Encapsulation;
 
 pub mod fake;
+mod ipip;
 pub mod nat;
 mod netlink;
 mod netns;
@@ -123,6 +124,11 @@ pub enum Error {
         /// Why (not a namespace; the node's own).
         why: String,
     },
+    /// The kernel cannot do IPIP here.
+    #[error(
+        "this node cannot do IPIP: {0}; load the ipip module on the host (modprobe ipip) or use encapsulation VXLAN or None for this pool"
+    )]
+    IpipUnavailable(String),
     /// A route of another protocol holds the destination: left as it is.
     #[error(
         "{what}: the kernel has a route of protocol {proto} there (not Margay's): left as it is"
@@ -186,6 +192,83 @@ pub struct PodWiring {
     pub pod_mac: String,
 }
 
+/// A tunnel Margay can carry pod traffic in between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tunnel {
+    /// VXLAN over [`ownership::VXLAN_DEV`].
+    Vxlan,
+    /// IP-in-IP over [`ownership::IPIP_DEV`] (`tunl0`).
+    Ipip,
+}
+
+impl Tunnel {
+    /// Both kinds.
+    pub const ALL: [Tunnel; 2] = [Tunnel::Vxlan, Tunnel::Ipip];
+
+    /// The IPAM handle of node `node`'s tunnel address of this kind.
+    pub fn handle(self, node: &str) -> String {
+        match self {
+            Tunnel::Vxlan => format!("tunnel.vxlan.{node}"),
+            Tunnel::Ipip => format!("tunnel.ipip.{node}"),
+        }
+    }
+
+    /// Whether a pool of this encapsulation uses this tunnel (to some node).
+    pub fn used_by(self, encap: Encapsulation) -> bool {
+        match self {
+            Tunnel::Vxlan => matches!(
+                encap,
+                Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
+            ),
+            Tunnel::Ipip => matches!(encap, Encapsulation::Ipip | Encapsulation::IpipCrossSubnet),
+        }
+    }
+}
+
+impl std::fmt::Display for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tunnel::Vxlan => "VXLAN",
+            Tunnel::Ipip => "IPIP",
+        })
+    }
+}
+
+/// One value per tunnel kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerTunnel<T> {
+    /// VXLAN's.
+    pub vxlan: T,
+    /// IPIP's.
+    pub ipip: T,
+}
+
+impl<T> PerTunnel<T> {
+    /// The value of kind `t`.
+    pub fn get(&self, t: Tunnel) -> &T {
+        match t {
+            Tunnel::Vxlan => &self.vxlan,
+            Tunnel::Ipip => &self.ipip,
+        }
+    }
+
+    /// The value of kind `t`, to change.
+    pub fn get_mut(&mut self, t: Tunnel) -> &mut T {
+        match t {
+            Tunnel::Vxlan => &mut self.vxlan,
+            Tunnel::Ipip => &mut self.ipip,
+        }
+    }
+
+    /// Both values through `f`.
+    pub fn map<U>(&self, mut f: impl FnMut(Tunnel, &T) -> U) -> PerTunnel<U> {
+        PerTunnel {
+            vxlan: f(Tunnel::Vxlan, &self.vxlan),
+            ipip: f(Tunnel::Ipip, &self.ipip),
+        }
+    }
+}
+
 /// How a remote block is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Via {
@@ -193,6 +276,19 @@ pub enum Via {
     Native(IpAddr),
     /// Through the VXLAN device, to this tunnel address (on-link).
     Vxlan(Ipv4Addr),
+    /// Through `tunl0`, encapsulated to this node address (on-link).
+    Ipip(Ipv4Addr),
+}
+
+impl Via {
+    /// The tunnel this route goes through, if any.
+    pub fn tunnel(&self) -> Option<Tunnel> {
+        match self {
+            Via::Native(_) => None,
+            Via::Vxlan(_) => Some(Tunnel::Vxlan),
+            Via::Ipip(_) => Some(Tunnel::Ipip),
+        }
+    }
 }
 
 /// The kernel state for the remote blocks: routes and, for VXLAN, the
@@ -208,9 +304,10 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Whether the VXLAN device is needed.
-    pub fn needs_vxlan(&self) -> bool {
-        !self.fdb.is_empty() || self.routes.values().any(|v| matches!(v, Via::Vxlan(_)))
+    /// Whether some route (or, for VXLAN, some entry) needs tunnel `t`.
+    pub fn needs(&self, t: Tunnel) -> bool {
+        (t == Tunnel::Vxlan && !self.fdb.is_empty())
+            || self.routes.values().any(|v| v.tunnel() == Some(t))
     }
 }
 
@@ -223,8 +320,8 @@ pub struct RemoteActual {
     pub state: Remote,
     /// Routes of Margay's protocol without a usable next hop.
     pub odd: BTreeSet<IpNetwork>,
-    /// The VXLAN device exists.
-    pub vxlan: bool,
+    /// The tunnel devices that exist (`tunl0`: exists and is up).
+    pub devices: PerTunnel<bool>,
 }
 
 /// This node's own VXLAN endpoint.
@@ -238,6 +335,50 @@ pub struct LocalVtep {
     pub underlay: Ipv4Addr,
     /// The device's MTU (underlay MTU minus the VXLAN overhead).
     pub mtu: u32,
+}
+
+/// This node's `tunl0`, as IPIP needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalIpip {
+    /// Its address (from one of this node's blocks; the source of what
+    /// the node itself sends through the tunnel).
+    pub tunnel_ip: Ipv4Addr,
+    /// Its MTU (underlay MTU minus the IPIP overhead).
+    pub mtu: u32,
+}
+
+/// What to do with one tunnel device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevicePlan<L> {
+    /// Leave it as it is (what it depends on is unknown, or it lingers
+    /// after its last use so that packets still in flight arrive).
+    #[default]
+    Keep,
+    /// Have it, up, as `L` says (before any route uses it).
+    Want(L),
+    /// Remove what Margay made of it (the VXLAN device; `tunl0`'s address
+    /// given here, and `tunl0` down when no address is left), once no
+    /// route uses it.
+    Retire(Option<Ipv4Addr>),
+}
+
+/// The tunnel devices, as a pass wants them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Devices {
+    /// The VXLAN device.
+    pub vxlan: DevicePlan<LocalVtep>,
+    /// `tunl0`.
+    pub ipip: DevicePlan<LocalIpip>,
+}
+
+impl Devices {
+    /// Whether tunnel `t` is to be retired.
+    pub fn retires(&self, t: Tunnel) -> bool {
+        match t {
+            Tunnel::Vxlan => matches!(self.vxlan, DevicePlan::Retire(_)),
+            Tunnel::Ipip => matches!(self.ipip, DevicePlan::Retire(_)),
+        }
+    }
 }
 
 /// Every kernel operation the agent performs. Each is small and
@@ -289,6 +430,13 @@ pub trait Dataplane: Send + Sync + 'static {
     fn ensure_vxlan(&self, local: &LocalVtep) -> impl Future<Output = Result<()>> + Send;
     /// Removes the VXLAN device (its entries and routes go with it).
     fn del_vxlan(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Makes `tunl0` (loading the kernel's ipip module when it can) up,
+    /// with `local`'s MTU and address; [`Error::IpipUnavailable`] when the
+    /// kernel has no IPIP.
+    fn ensure_ipip(&self, local: &LocalIpip) -> impl Future<Output = Result<()>> + Send;
+    /// Removes `ip` from `tunl0` and brings it down when no address is left
+    /// on it (`tunl0` itself is the kernel's; it stays).
+    fn retire_ipip(&self, ip: Option<Ipv4Addr>) -> impl Future<Output = Result<()>> + Send;
     /// A permanent neighbour entry on the device: `ip` is at `mac`.
     fn set_neigh(&self, ip: Ipv4Addr, mac: [u8; 6]) -> impl Future<Output = Result<()>> + Send;
     /// Removes the neighbour entry for `ip` on the device.

@@ -2,7 +2,8 @@
 //! namespace (and short-lived ones in pods' namespaces), implementing
 //! [`Dataplane`]. The operations live beside it by what they touch:
 //! [`super::pods`] (veths), [`super::routes`] (host routes, blackholes,
-//! remote-block routes), [`super::vxlan`] (the device and its entries).
+//! remote-block routes), [`super::vxlan`] (the device and its entries),
+//! [`super::ipip`] (`tunl0`).
 //!
 //! Every listing filters by [`super::ownership`]; every route written
 //! carries one of Margay's protocols.
@@ -19,7 +20,9 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::ownership;
-use super::{Dataplane, Error, HostPod, LocalVtep, PodSpec, PodWiring, RemoteActual, Result, Via};
+use super::{
+    Dataplane, Error, HostPod, LocalIpip, LocalVtep, PodSpec, PodWiring, RemoteActual, Result, Via,
+};
 
 /// A netlink error with what was being done.
 pub(super) fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
@@ -340,6 +343,14 @@ impl Dataplane for Netlink {
 
     async fn del_vxlan(&self) -> Result<()> {
         self.del_link(ownership::VXLAN_DEV).await
+    }
+
+    async fn ensure_ipip(&self, local: &LocalIpip) -> Result<()> {
+        self.ipip_device(local).await
+    }
+
+    async fn retire_ipip(&self, ip: Option<Ipv4Addr>) -> Result<()> {
+        self.retire_tunl0(ip).await
     }
 
     async fn set_neigh(&self, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {

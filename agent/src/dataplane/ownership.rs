@@ -9,6 +9,9 @@
 //! - veths named [`HOST_IF_PREFIX`]`…` whose alias starts with
 //!   [`ALIAS_TAG`] (the pod's attribution record, see `cni::alias`);
 //! - the VXLAN device [`VXLAN_DEV`];
+//! - on [`IPIP_DEV`] (`tunl0`, the kernel's ipip fallback device, never
+//!   deleted): the tunnel address Margay put there, and the device's up
+//!   state while it has no other address;
 //! - the nftables table [`NFT_TABLE`] (see [`super::nat`]).
 
 use margay_api::stable::fnv1a;
@@ -26,6 +29,10 @@ pub const HOST_IF_PREFIX: &str = "cali";
 pub const ALIAS_TAG: &str = "margay1";
 /// The VXLAN device.
 pub const VXLAN_DEV: &str = "margay.vxlan";
+/// The IPIP device: the ipip module's fallback device, which receives
+/// every IPIP packet no other tunnel claims and sends to the next hop of
+/// the route (Calico's `tunl0`).
+pub const IPIP_DEV: &str = "tunl0";
 /// Its VNI (Calico's).
 pub const VXLAN_VNI: u32 = 4096;
 /// Its UDP port (IANA's).
@@ -57,9 +64,10 @@ pub fn is_pod_link(name: &str, veth: bool) -> bool {
     veth && name.starts_with(HOST_IF_PREFIX)
 }
 
-/// Whether a link is one Margay made (its addresses are never the node's).
+/// Whether a link is one Margay made or addresses (its addresses are never
+/// the node's).
 pub fn is_margay_link(name: &str) -> bool {
-    name.starts_with(HOST_IF_PREFIX) || name == VXLAN_DEV
+    name.starts_with(HOST_IF_PREFIX) || name == VXLAN_DEV || name == IPIP_DEV
 }
 
 #[cfg(test)]
@@ -77,6 +85,7 @@ mod tests {
         assert_eq!(host_ifname("default.web-0"), "cali".to_string() + &a[4..]);
         assert!(is_pod_link(&a, true) && !is_pod_link(&a, false));
         assert!(is_margay_link(VXLAN_DEV) && !is_margay_link("eth0"));
+        assert!(is_margay_link("tunl0"), "its address is never the node's");
         assert_eq!(alias_owner("margay1 n/c/eth0 10.0.0.1"), Some("n/c/eth0"));
         assert_eq!(alias_owner("margay1"), None);
         assert_eq!(alias_owner("calico n/c/eth0"), None);

@@ -1,6 +1,7 @@
 //! Routes on the real kernel, each carrying one of Margay's protocols: pods'
 //! host routes and block blackholes ([`RTPROT_POD`]), routes to other
-//! nodes' blocks ([`RTPROT_REMOTE`]). Deletes name the protocol too, so the
+//! nodes' blocks ([`RTPROT_REMOTE`]: via the node, or on-link through the
+//! VXLAN device or `tunl0`). Deletes name the protocol too, so the
 //! kernel itself refuses to remove a route someone else owns.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +13,7 @@ use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope, Ro
 
 use super::netlink::{Netlink, is_errno, nl, route_dst};
 use super::ownership::{RTPROT_POD, RTPROT_REMOTE, VXLAN_DEV};
-use super::{Error, RemoteActual, Result, Via};
+use super::{Error, PerTunnel, RemoteActual, Result, Via};
 
 /// The host's route to a pod address through its host interface.
 pub(super) fn host_route(ip: IpAddr, idx: u32) -> RouteMessage {
@@ -129,13 +130,20 @@ impl Netlink {
         let vx = Self::link_index(&self.host, VXLAN_DEV)
             .await?
             .map(|(i, _)| i);
+        let tunl0 = self.tunl0_state().await?;
         let mut out = RemoteActual {
-            vxlan: vx.is_some(),
+            devices: PerTunnel {
+                vxlan: vx.is_some(),
+                ipip: tunl0.is_some_and(|(_, up)| up),
+            },
             ..Default::default()
         };
         for r in self.routes_of(RouteType::Unicast, RTPROT_REMOTE).await? {
-            let via = match (r.gw, vx) {
-                (Some(IpAddr::V4(g)), Some(v)) if r.oif == Some(v) => Via::Vxlan(g),
+            let via = match (r.gw, r.oif) {
+                (Some(IpAddr::V4(g)), Some(o)) if vx == Some(o) => Via::Vxlan(g),
+                (Some(IpAddr::V4(g)), Some(o)) if tunl0.is_some_and(|(i, _)| i == o) => {
+                    Via::Ipip(g)
+                }
                 (Some(g), _) => Via::Native(g),
                 (None, _) => {
                     out.odd.insert(r.dst);
@@ -154,6 +162,15 @@ impl Netlink {
 
     pub(super) async fn put_remote_route(&self, net: IpNetwork, via: Via) -> Result<()> {
         let proto = RouteProtocol::Other(RTPROT_REMOTE);
+        let tunnel = |dev: u32, hop: Ipv4Addr, n: ipnetwork::Ipv4Network| {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix())
+                .gateway(hop)
+                .output_interface(dev)
+                .onlink()
+                .protocol(proto)
+                .build()
+        };
         let msg = match (net, via) {
             (_, Via::Native(gw)) if gw.is_ipv4() == net.is_ipv4() => {
                 RouteMessageBuilder::<IpAddr>::new()
@@ -167,13 +184,13 @@ impl Netlink {
                 let Some((vx, _)) = Self::link_index(&self.host, VXLAN_DEV).await? else {
                     return Err(Error::Unroutable(net, "the VXLAN device does not exist"));
                 };
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(n.network(), n.prefix())
-                    .gateway(tip)
-                    .output_interface(vx)
-                    .onlink()
-                    .protocol(proto)
-                    .build()
+                tunnel(vx, tip, n)
+            }
+            (IpNetwork::V4(n), Via::Ipip(node)) => {
+                let Some((t, _)) = self.tunl0_state().await? else {
+                    return Err(Error::Unroutable(net, "tunl0 does not exist"));
+                };
+                tunnel(t, node, n)
             }
             _ => return Err(Error::Unroutable(net, "the next hop is of another family")),
         };

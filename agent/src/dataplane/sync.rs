@@ -15,7 +15,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnetwork::IpNetwork;
 use margay_delta::{Delta, Op, Removals};
 
-use super::{Dataplane, Error, LocalVtep, Remote, Result};
+use super::ownership::{IPIP_DEV, VXLAN_DEV};
+use super::{Dataplane, DevicePlan, Devices, Error, PerTunnel, Remote, Result, Tunnel, Via};
 
 /// One kernel object a sync works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +31,8 @@ pub enum Item {
     Neighbour(Ipv4Addr),
     /// An FDB entry on the VXLAN device.
     Fdb([u8; 6]),
-    /// The VXLAN device itself.
-    VxlanDevice,
+    /// A tunnel device.
+    Device(Tunnel),
 }
 
 impl std::fmt::Display for Item {
@@ -42,7 +43,8 @@ impl std::fmt::Display for Item {
             Item::RemoteRoute(n) => write!(f, "route to {n}"),
             Item::Neighbour(ip) => write!(f, "VXLAN neighbour {ip}"),
             Item::Fdb(m) => write!(f, "VXLAN FDB entry {}", margay_api::stable::mac_string(m)),
-            Item::VxlanDevice => f.write_str("the VXLAN device"),
+            Item::Device(Tunnel::Vxlan) => write!(f, "the VXLAN device {VXLAN_DEV}"),
+            Item::Device(Tunnel::Ipip) => write!(f, "the IPIP device {IPIP_DEV}"),
         }
     }
 }
@@ -75,6 +77,11 @@ pub struct Report {
     pub changed: usize,
     /// Objects that could not be (tried again next time).
     pub failed: Vec<Failed>,
+    /// The tunnel devices this sync wanted and made sure of (up, with
+    /// their addresses): what this node may tell the others.
+    pub ready: PerTunnel<bool>,
+    /// The tunnel devices this sync retired (or found gone).
+    pub retired: PerTunnel<bool>,
 }
 
 impl Report {
@@ -147,38 +154,54 @@ pub async fn pod_routes<D: Dataplane>(
     Ok(rep)
 }
 
-/// Makes the kernel's routes to remote blocks (and the VXLAN device with
-/// its entries) `want`. `local` is this node's VTEP, needed when `want`
-/// uses VXLAN. The device goes only when nothing needs it and removals are
-/// allowed.
+/// Makes the kernel's routes to remote blocks (and the tunnel devices with
+/// the VXLAN device's entries) `want`:
+/// 1. each device `devices` wants is made (or kept) and brought up first,
+///    so the first packet through a new route finds it;
+/// 2. the VXLAN device's neighbour and FDB entries, then the routes; a
+///    route through a device that is not up is left for a later pass (what
+///    the kernel routes that block through now stays), and the routes to
+///    `keep` (blocks that exist but cannot be routed as wanted now) are
+///    never removed;
+/// 3. a device to retire goes last, and only once no route uses it.
 pub async fn remote<D: Dataplane>(
     dp: &D,
-    local: Option<&LocalVtep>,
+    devices: &Devices,
     want: &Remote,
+    keep: &BTreeSet<IpNetwork>,
     removals: Removals,
 ) -> Result<Report> {
     let have = dp.list_remote().await?;
     let mut rep = Report::default();
-    let mut device = have.vxlan;
-    if want.needs_vxlan() {
-        match local {
-            None => rep.fail(
-                Item::VxlanDevice,
-                Op::Set,
-                Error::Missing("this node's VXLAN endpoint (tunnel address)".into()),
-            ),
-            Some(l) => match dp.ensure_vxlan(l).await {
-                Ok(()) => {
-                    rep.changed += usize::from(!have.vxlan);
-                    device = true;
-                }
-                Err(e) => rep.fail(Item::VxlanDevice, Op::Set, e),
-            },
+    let mut usable = have.devices;
+    for t in Tunnel::ALL {
+        let made = match (t, devices) {
+            (
+                Tunnel::Vxlan,
+                Devices {
+                    vxlan: DevicePlan::Want(l),
+                    ..
+                },
+            ) => dp.ensure_vxlan(l).await,
+            (
+                Tunnel::Ipip,
+                Devices {
+                    ipip: DevicePlan::Want(l),
+                    ..
+                },
+            ) => dp.ensure_ipip(l).await,
+            _ => continue,
+        };
+        match made {
+            Ok(()) => {
+                rep.changed += usize::from(!have.devices.get(t));
+                *usable.get_mut(t) = true;
+                *rep.ready.get_mut(t) = true;
+            }
+            Err(e) => rep.fail(Item::Device(t), Op::Set, e),
         }
     }
-    // Entries before routes: the first packet through a new route finds its
-    // neighbour and FDB entries in place.
-    if device {
+    if usable.vxlan {
         rep.carry(
             Delta::between(&want.neigh, &have.state.neigh, removals),
             |ip, mac| dp.set_neigh(ip, mac),
@@ -195,6 +218,10 @@ pub async fn remote<D: Dataplane>(
         .await;
     }
     let mut routes = Delta::between(&want.routes, &have.state.routes, removals);
+    routes.remove.retain(|n| !keep.contains(n));
+    routes
+        .set
+        .retain(|(_, via)| via.tunnel().is_none_or(|t| *usable.get(t)));
     if removals == Removals::Allowed {
         routes.remove.extend(
             have.odd
@@ -203,17 +230,45 @@ pub async fn remote<D: Dataplane>(
                 .copied(),
         );
     }
+    // What the kernel routes once this is carried out (a failed item stays
+    // as it was): a device still in use there is not retired.
+    let mut after = have.state.routes.clone();
+    for (n, via) in &routes.set {
+        after.insert(*n, *via);
+    }
+    for n in &routes.remove {
+        after.remove(n);
+    }
     let r = routes
         .apply(
             |n, via| dp.set_remote_route(n, via),
             |n| dp.del_remote_route(n),
         )
         .await;
+    for f in &r.failed {
+        match have.state.routes.get(&f.key) {
+            Some(v) => after.insert(f.key, *v),
+            None => after.remove(&f.key),
+        };
+    }
     rep.absorb(r, Item::RemoteRoute);
-    if have.vxlan && !want.needs_vxlan() && removals == Removals::Allowed {
-        match dp.del_vxlan().await {
-            Ok(()) => rep.changed += 1,
-            Err(e) => rep.fail(Item::VxlanDevice, Op::Remove, e),
+    let in_use: Vec<Option<Tunnel>> = after.values().map(Via::tunnel).collect();
+    for t in Tunnel::ALL {
+        if !devices.retires(t) || in_use.contains(&Some(t)) {
+            continue;
+        }
+        let gone = match (t, devices.ipip) {
+            (Tunnel::Vxlan, _) if !have.devices.vxlan => Ok(false),
+            (Tunnel::Vxlan, _) => dp.del_vxlan().await.map(|()| true),
+            (Tunnel::Ipip, DevicePlan::Retire(ip)) => dp.retire_ipip(ip).await.map(|()| true),
+            (Tunnel::Ipip, _) => continue,
+        };
+        match gone {
+            Ok(changed) => {
+                rep.changed += usize::from(changed);
+                *rep.retired.get_mut(t) = true;
+            }
+            Err(e) => rep.fail(Item::Device(t), Op::Remove, e),
         }
     }
     Ok(rep)
@@ -222,7 +277,7 @@ pub async fn remote<D: Dataplane>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::{FakeDataplane, Via, fake::Fault};
+    use crate::dataplane::{FakeDataplane, LocalIpip, LocalVtep, Via, fake::Fault};
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
@@ -230,6 +285,13 @@ mod tests {
 
     fn native(s: &str) -> Via {
         Via::Native(s.parse().unwrap())
+    }
+
+    /// One sync with nothing kept; the listing must succeed.
+    async fn go(dp: &FakeDataplane, d: &Devices, want: &Remote, removals: Removals) -> Report {
+        remote(dp, d, want, &BTreeSet::new(), removals)
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
@@ -244,7 +306,7 @@ mod tests {
         ] {
             want.routes.insert(net(b), native(n));
         }
-        let r = remote(&dp, None, &want, Removals::Allowed).await.unwrap();
+        let r = go(&dp, &Devices::default(), &want, Removals::Allowed).await;
         assert_eq!(r.changed, 2);
         assert_eq!(r.failed.len(), 1);
         assert_eq!(r.failed[0].item, Item::RemoteRoute(net("10.244.2.0/26")));
@@ -257,7 +319,7 @@ mod tests {
         assert!(got.contains_key(&net("10.244.1.0/26")) && got.contains_key(&net("10.244.3.0/26")));
         // The next pass retries only what still differs.
         dp.clear();
-        let r = remote(&dp, None, &want, Removals::Allowed).await.unwrap();
+        let r = go(&dp, &Devices::default(), &want, Removals::Allowed).await;
         assert_eq!((r.changed, r.failed.len()), (1, 0));
         assert_eq!(dp.remote_routes(), want.routes);
     }
@@ -267,18 +329,26 @@ mod tests {
         let dp = FakeDataplane::default();
         let mut want = Remote::default();
         want.routes.insert(net("10.244.1.0/26"), native("10.0.0.2"));
-        remote(&dp, None, &want, Removals::Allowed).await.unwrap();
+        go(&dp, &Devices::default(), &want, Removals::Allowed).await;
         let empty = Remote::default();
-        let r = remote(&dp, None, &empty, Removals::Forbidden)
-            .await
-            .unwrap();
+        let r = go(&dp, &Devices::default(), &empty, Removals::Forbidden).await;
         assert_eq!(r.changed, 0);
         assert_eq!(dp.remote_routes().len(), 1, "kept: removals forbidden");
         dp.inject(Fault::Lists);
-        assert!(remote(&dp, None, &empty, Removals::Allowed).await.is_err());
+        assert!(
+            remote(
+                &dp,
+                &Devices::default(),
+                &empty,
+                &BTreeSet::new(),
+                Removals::Allowed
+            )
+            .await
+            .is_err()
+        );
         assert_eq!(dp.remote_routes().len(), 1, "kept: nothing could be read");
         dp.clear();
-        remote(&dp, None, &empty, Removals::Allowed).await.unwrap();
+        go(&dp, &Devices::default(), &empty, Removals::Allowed).await;
         assert!(dp.remote_routes().is_empty());
     }
 
@@ -291,30 +361,128 @@ mod tests {
         want.routes.insert(net("10.244.1.0/26"), Via::Vxlan(tip));
         want.neigh.insert(tip, mac);
         want.fdb.insert(mac, "10.0.0.2".parse().unwrap());
-        // Without this node's VTEP the device cannot be made: reported, and
-        // the VXLAN route fails alone.
-        let r = remote(&dp, None, &want, Removals::Allowed).await.unwrap();
-        assert!(r.failed.iter().any(|f| f.item == Item::VxlanDevice));
         let local = LocalVtep {
             mac: [0x66, 0, 0, 0, 0, 1],
             tunnel_ip: "10.244.0.0".parse().unwrap(),
             underlay: "10.0.0.1".parse().unwrap(),
             mtu: 1450,
         };
-        let r = remote(&dp, Some(&local), &want, Removals::Allowed)
-            .await
-            .unwrap();
-        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let with = |d: DevicePlan<LocalVtep>| Devices {
+            vxlan: d,
+            ..Default::default()
+        };
+        // The device cannot be made: reported, and its route waits.
+        dp.inject(Fault::Vxlan);
+        let r = go(
+            &dp,
+            &with(DevicePlan::Want(local)),
+            &want,
+            Removals::Allowed,
+        )
+        .await;
+        assert!(
+            r.failed
+                .iter()
+                .any(|f| f.item == Item::Device(Tunnel::Vxlan))
+        );
+        assert!(!r.ready.vxlan && dp.remote_routes().is_empty());
+        dp.clear();
+        let r = go(
+            &dp,
+            &with(DevicePlan::Want(local)),
+            &want,
+            Removals::Allowed,
+        )
+        .await;
+        assert!(r.failed.is_empty() && r.ready.vxlan, "{:?}", r.failed);
         assert_eq!(dp.remote.lock().unwrap().state, want);
-        remote(&dp, Some(&local), &Remote::default(), Removals::Forbidden)
-            .await
-            .unwrap();
+        // Retiring waits while a route uses it, and for removals.
+        go(
+            &dp,
+            &with(DevicePlan::Retire(None)),
+            &want,
+            Removals::Allowed,
+        )
+        .await;
         assert!(dp.remote.lock().unwrap().vxlan.is_some());
-        remote(&dp, Some(&local), &Remote::default(), Removals::Allowed)
-            .await
-            .unwrap();
+        let empty = Remote::default();
+        go(
+            &dp,
+            &with(DevicePlan::Retire(None)),
+            &empty,
+            Removals::Forbidden,
+        )
+        .await;
+        assert!(dp.remote.lock().unwrap().vxlan.is_some());
+        let r = go(
+            &dp,
+            &with(DevicePlan::Retire(None)),
+            &empty,
+            Removals::Allowed,
+        )
+        .await;
+        assert!(r.retired.vxlan);
         let r = dp.remote.lock().unwrap().clone();
         assert!(r.vxlan.is_none() && r.state == Remote::default());
+    }
+
+    #[tokio::test]
+    async fn ipip_replaces_a_route_only_once_tunl0_is_up_and_retires_when_unused() {
+        let dp = FakeDataplane::default();
+        let block = net("10.244.1.0/26");
+        let node: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        dp.set_remote_route(block, Via::Native(node.into()))
+            .await
+            .unwrap();
+        let mut want = Remote::default();
+        want.routes.insert(block, Via::Ipip(node));
+        let local = LocalIpip {
+            tunnel_ip: "10.244.0.1".parse().unwrap(),
+            mtu: 1480,
+        };
+        let with = |d: DevicePlan<LocalIpip>| Devices {
+            ipip: d,
+            ..Default::default()
+        };
+        // A kernel without IPIP: said why, and the block keeps its route.
+        dp.inject(Fault::Ipip);
+        let r = go(
+            &dp,
+            &with(DevicePlan::Want(local)),
+            &want,
+            Removals::Allowed,
+        )
+        .await;
+        let why = r.failed[0].to_string();
+        assert!(
+            why.contains("IPIP device tunl0") && why.contains("cannot do IPIP"),
+            "{why}"
+        );
+        assert_eq!(dp.remote_routes()[&block], Via::Native(node.into()));
+        dp.clear();
+        let r = go(
+            &dp,
+            &with(DevicePlan::Want(local)),
+            &want,
+            Removals::Allowed,
+        )
+        .await;
+        assert!(r.failed.is_empty() && r.ready.ipip, "{:?}", r.failed);
+        assert_eq!(dp.remote_routes()[&block], Via::Ipip(node));
+        // The block cannot be routed as wanted now (kept): neither its
+        // route nor tunl0 goes.
+        let keep: BTreeSet<_> = [block].into();
+        let empty = Remote::default();
+        let retire = with(DevicePlan::Retire(Some(local.tunnel_ip)));
+        let r = remote(&dp, &retire, &empty, &keep, Removals::Allowed)
+            .await
+            .unwrap();
+        assert!(!r.retired.ipip);
+        assert_eq!(dp.remote_routes()[&block], Via::Ipip(node));
+        let r = go(&dp, &retire, &empty, Removals::Allowed).await;
+        assert!(r.retired.ipip && r.failed.is_empty());
+        assert!(dp.remote_routes().is_empty());
+        assert!(dp.remote.lock().unwrap().ipip.is_none());
     }
 
     #[tokio::test]

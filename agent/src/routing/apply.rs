@@ -5,6 +5,7 @@
 //! becomes a [`Problem`] in the Node condition and `/status`, and the rest
 //! of the plan is still carried out.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
@@ -12,11 +13,12 @@ use margay_api::condition::Condition;
 use margay_api::status::RoutingStatus;
 use margay_bgp::config::Neighbor;
 use margay_bgp::packet::Prefix;
+use margay_delta::Removals;
 
-use super::plan::{Plan, SpeakerPlan, SpeakerSettings, SpeakerView};
+use super::plan::{Plan, RemotePlan, SpeakerPlan, SpeakerSettings, SpeakerView};
 use super::problem::Problem;
 use super::sessions::Live;
-use crate::dataplane::{Dataplane, sync};
+use crate::dataplane::{Dataplane, Devices, PerTunnel, Remote, Tunnel, sync};
 use crate::kube::node::Annotations;
 
 /// The speaker, as a pass drives it.
@@ -77,8 +79,14 @@ pub trait ClusterWrites: Send + Sync {
         name: &str,
         c: &Condition,
     ) -> impl Future<Output = crate::Result<()>> + Send;
-    /// Allocates this node's VXLAN tunnel address.
-    fn assign_tunnel(&self) -> impl Future<Output = crate::Result<Option<Ipv4Addr>>> + Send;
+    /// Allocates this node's tunnel address for `t` (the same one again
+    /// when it has one).
+    fn assign_tunnel(
+        &self,
+        t: Tunnel,
+    ) -> impl Future<Output = crate::Result<Option<Ipv4Addr>>> + Send;
+    /// Releases this node's tunnel address for `t` (none held is success).
+    fn release_tunnel(&self, t: Tunnel) -> impl Future<Output = crate::Result<()>> + Send;
 }
 
 /// What a pass did.
@@ -86,8 +94,12 @@ pub trait ClusterWrites: Send + Sync {
 pub struct Outcome {
     /// Every problem: the plan's and the ones met carrying it out.
     pub problems: Vec<Problem>,
-    /// A tunnel address allocated by this pass (the next pass uses it).
-    pub tunnel_ip: Option<Ipv4Addr>,
+    /// Tunnel addresses allocated by this pass (the next pass uses them).
+    pub assigned: PerTunnel<Option<Ipv4Addr>>,
+    /// Tunnel devices this pass made sure of (the next pass announces them).
+    pub ready: PerTunnel<bool>,
+    /// Tunnels this pass retired: device gone, address released.
+    pub retired: PerTunnel<bool>,
     /// What `/status` shows.
     pub status: RoutingStatus,
 }
@@ -100,33 +112,62 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
     cluster: &C,
 ) -> Outcome {
     let mut problems = plan.problems.clone();
+    let mut assigned = PerTunnel::default();
+    for &t in &plan.assign_tunnels {
+        match cluster.assign_tunnel(t).await {
+            Ok(ip) => *assigned.get_mut(t) = ip,
+            Err(e) => problems.push(Problem::NoTunnelAddress {
+                tunnel: t,
+                why: e.to_string(),
+            }),
+        }
+    }
+    // Devices, then VXLAN entries, then routes; retired devices last.
+    let (mut ready, mut retired) = (PerTunnel::default(), PerTunnel::default());
+    let mut remote_routes = 0;
+    let remote = plan.remote.clone();
+    if remote.is_some() || plan.devices != Devices::default() {
+        let r = remote.unwrap_or_else(|| RemotePlan {
+            want: Remote::default(),
+            keep: BTreeSet::new(),
+            removals: Removals::Forbidden,
+        });
+        remote_routes = r.want.routes.len();
+        match sync::remote(dp, &plan.devices, &r.want, &r.keep, r.removals).await {
+            Ok(rep) => {
+                if !rep.failed.is_empty() {
+                    let what: Vec<String> = rep.failed.iter().map(ToString::to_string).collect();
+                    problems.push(Problem::Kernel(what.join("; ")));
+                }
+                ready = rep.ready;
+                retired = rep.retired;
+            }
+            Err(e) => problems.push(Problem::Kernel(e.to_string())),
+        }
+    }
+    // A retired tunnel's address goes back to IPAM once no device holds it.
+    for t in Tunnel::ALL {
+        if !*retired.get(t) {
+            continue;
+        }
+        match cluster.release_tunnel(t).await {
+            Ok(()) => tracing::info!(tunnel = %t, "retired the tunnel no pool uses"),
+            Err(e) => {
+                *retired.get_mut(t) = false;
+                problems.push(Problem::NoTunnelAddress {
+                    tunnel: t,
+                    why: format!("releasing it: {e}"),
+                });
+            }
+        }
+    }
     if let Some(a) = &plan.annotate {
         match cluster.annotate(a).await {
             Ok(()) => tracing::info!(address = ?plan.address, "published this node's BGP identity"),
             Err(e) => problems.push(Problem::Publish(e.to_string())),
         }
     }
-    let mut tunnel_ip = None;
-    if plan.assign_tunnel {
-        match cluster.assign_tunnel().await {
-            Ok(ip) => tunnel_ip = ip,
-            Err(e) => problems.push(Problem::NoTunnelAddress(e.to_string())),
-        }
-    }
     speaker(&plan.speaker, bgp, &mut problems).await;
-    let mut remote_routes = 0;
-    if let Some((desired, removals)) = &plan.remote {
-        remote_routes = desired.routes.len();
-        match sync::remote(dp, plan.local_vtep.as_ref(), desired, *removals).await {
-            Ok(r) => {
-                if !r.failed.is_empty() {
-                    let what: Vec<String> = r.failed.iter().map(ToString::to_string).collect();
-                    problems.push(Problem::Kernel(what.join("; ")));
-                }
-            }
-            Err(e) => problems.push(Problem::Kernel(e.to_string())),
-        }
-    }
     for (name, c) in &plan.valid_configs {
         if let Err(e) = cluster.valid_config(name, c).await {
             tracing::debug!(%name, "{e}");
@@ -164,7 +205,9 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
     };
     Outcome {
         problems,
-        tunnel_ip,
+        assigned,
+        ready,
+        retired,
         status,
     }
 }

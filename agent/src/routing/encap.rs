@@ -5,13 +5,21 @@
 //! - `VXLAN`: per remote node a permanent neighbour entry (its tunnel
 //!   address → its VTEP MAC) and an FDB entry (that MAC → its node
 //!   address), and `block via <tunnel address> dev margay.vxlan onlink`;
-//! - the `CrossSubnet` variants: native inside this node's subnet;
-//! - `IPIP`: refused with a clear error (this kernel has no `ipip` module;
-//!   the agent reports it as a Node condition).
+//! - `IPIP`: `block via <node address> dev tunl0 onlink`;
+//! - the `CrossSubnet` variants: native inside this node's subnet, the
+//!   tunnel across.
+//!
+//! A node is sent a tunnel's packets only once it has published that it
+//! receives them (its VTEP for VXLAN, its `tunl0` address for IPIP), so a
+//! pool switched from one encapsulation to another never sends packets a
+//! node cannot take yet. Until then, and for any block that cannot be
+//! routed as its pool says, the block is *kept*: whatever route the kernel
+//! has for it now stays (make before break).
 //!
 //! The kernel side (`dataplane::sync::remote`) diffs it against what is
 //! there and changes only what differs.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
@@ -41,171 +49,222 @@ pub struct RemoteBlock {
     pub encap: Encapsulation,
     /// The node's VXLAN endpoint (needed for VXLAN).
     pub vtep: Option<Vtep>,
+    /// The node's `tunl0` address, published once it takes IPIP (needed
+    /// for IPIP).
+    pub ipip: Option<Ipv4Addr>,
 }
 
 /// Why a block cannot be routed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    /// IPIP is not available.
-    #[error(
-        "block {cidr} (node {node}) uses IPIP, which this kernel cannot do (no ipip module, no tunl0): use encapsulation VXLAN or None for this pool"
-    )]
-    IpipUnsupported {
+    /// The tunnel cannot reach the node (yet).
+    #[error("block {cidr} (node {node}) uses {tunnel} but {why}")]
+    Incomplete {
         /// The block.
         cidr: IpNetwork,
         /// Its node.
         node: String,
-    },
-    /// VXLAN needs the remote node's VTEP and an IPv4 underlay.
-    #[error("block {cidr} (node {node}) uses VXLAN but {why}")]
-    VxlanIncomplete {
-        /// The block.
-        cidr: IpNetwork,
-        /// Its node.
-        node: String,
+        /// `VXLAN` or `IPIP`.
+        tunnel: &'static str,
         /// What is missing.
-        why: String,
+        why: &'static str,
     },
 }
 
-/// The desired kernel state; blocks that cannot be routed are left out
-/// and reported (the others still work). `local_subnet` is the node's own
-/// underlay subnet: with a cross-subnet encapsulation, nodes inside it are
-/// reached natively.
-pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> (Remote, Vec<RouteError>) {
-    let mut d = Remote::default();
-    let mut errors = Vec::new();
+/// What the kernel should route, and what it should leave as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// The desired kernel state.
+    pub want: Remote,
+    /// Blocks that exist but cannot be routed as wanted now: their current
+    /// route (if any) stays.
+    pub keep: BTreeSet<IpNetwork>,
+    /// Why each kept block cannot be routed.
+    pub errors: Vec<RouteError>,
+}
+
+/// The desired kernel state; blocks that cannot be routed are kept as they
+/// are and reported (the others still work). `local_subnet` is the node's
+/// own underlay subnet: with a cross-subnet encapsulation, nodes inside it
+/// are reached natively.
+pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> Routed {
+    let mut out = Routed::default();
     for b in blocks {
-        let same_subnet = local_subnet.is_some_and(|s| s.contains(b.node_ip));
-        let encap = match b.encap {
-            Encapsulation::VxlanCrossSubnet | Encapsulation::IpipCrossSubnet if same_subnet => {
-                Encapsulation::None
-            }
-            e => e,
-        };
-        match encap {
-            Encapsulation::None => {
-                d.routes.insert(b.cidr, Via::Native(b.node_ip));
-            }
-            Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => {
-                errors.push(RouteError::IpipUnsupported {
-                    cidr: b.cidr,
-                    node: b.node.clone(),
-                });
-            }
-            Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet => {
-                let incomplete = |why: &str| RouteError::VxlanIncomplete {
-                    cidr: b.cidr,
-                    node: b.node.clone(),
-                    why: why.to_string(),
-                };
-                let Some(vtep) = b.vtep else {
-                    errors.push(incomplete("the node has not published its VTEP"));
-                    continue;
-                };
-                let IpAddr::V4(under) = b.node_ip else {
-                    errors.push(incomplete("the node's address is not IPv4"));
-                    continue;
-                };
-                if !b.cidr.is_ipv4() {
-                    errors.push(incomplete("VXLAN carries IPv4 blocks only here"));
-                    continue;
+        match route(b, local_subnet) {
+            Ok((via, vtep)) => {
+                out.want.routes.insert(b.cidr, via);
+                if let (Some(v), IpAddr::V4(under)) = (vtep, b.node_ip) {
+                    out.want.neigh.insert(v.tunnel_ip, v.mac);
+                    out.want.fdb.insert(v.mac, under);
                 }
-                d.routes.insert(b.cidr, Via::Vxlan(vtep.tunnel_ip));
-                d.neigh.insert(vtep.tunnel_ip, vtep.mac);
-                d.fdb.insert(vtep.mac, under);
+            }
+            Err(why) => {
+                out.keep.insert(b.cidr);
+                out.errors.push(why);
             }
         }
     }
-    (d, errors)
+    out
+}
+
+/// How one block is reached (with the VTEP its VXLAN route needs).
+fn route(
+    b: &RemoteBlock,
+    local_subnet: Option<IpNetwork>,
+) -> Result<(Via, Option<Vtep>), RouteError> {
+    let same_subnet = local_subnet.is_some_and(|s| s.contains(b.node_ip));
+    let encap = match b.encap {
+        Encapsulation::VxlanCrossSubnet | Encapsulation::IpipCrossSubnet if same_subnet => {
+            Encapsulation::None
+        }
+        e => e,
+    };
+    let tunnel = match encap {
+        Encapsulation::None => return Ok((Via::Native(b.node_ip), None)),
+        Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet => "VXLAN",
+        Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => "IPIP",
+    };
+    let incomplete = |why| RouteError::Incomplete {
+        cidr: b.cidr,
+        node: b.node.clone(),
+        tunnel,
+        why,
+    };
+    let IpAddr::V4(under) = b.node_ip else {
+        return Err(incomplete("the node's address is not IPv4"));
+    };
+    if !b.cidr.is_ipv4() {
+        return Err(incomplete("the tunnel carries IPv4 blocks only"));
+    }
+    if tunnel == "VXLAN" {
+        let vtep = b
+            .vtep
+            .ok_or_else(|| incomplete("the node has not published its VTEP"))?;
+        Ok((Via::Vxlan(vtep.tunnel_ip), Some(vtep)))
+    } else {
+        b.ipip.ok_or_else(|| {
+            incomplete("the node has not published its tunl0 address (IPIP not up there)")
+        })?;
+        Ok((Via::Ipip(under), None))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn block(
-        cidr: &str,
-        node: &str,
-        ip: &str,
-        encap: Encapsulation,
-        vtep: Option<Vtep>,
-    ) -> RemoteBlock {
+    fn block(cidr: &str, node: &str, ip: &str, encap: Encapsulation) -> RemoteBlock {
         RemoteBlock {
             cidr: cidr.parse().unwrap(),
             node: node.into(),
             node_ip: ip.parse().unwrap(),
             encap,
-            vtep,
+            vtep: None,
+            ipip: None,
         }
     }
 
     #[test]
-    fn plans_each_encapsulation_and_explains_what_it_cannot_do() {
+    fn plans_each_encapsulation_and_keeps_what_it_cannot_route() {
         let v = Vtep {
             mac: [0x66, 0, 0, 0, 0, 2],
             tunnel_ip: "10.244.1.0".parse().unwrap(),
         };
-        let (d, errors) = plan(
+        let with_vtep = |mut b: RemoteBlock| {
+            b.vtep = Some(v);
+            b
+        };
+        let with_ipip = |mut b: RemoteBlock| {
+            b.ipip = Some("10.244.3.1".parse().unwrap());
+            b
+        };
+        let r = plan(
             &[
-                block("10.244.2.0/26", "b", "10.99.0.2", Encapsulation::None, None),
-                block(
+                block("10.244.2.0/26", "b", "10.99.0.2", Encapsulation::None),
+                with_vtep(block(
                     "10.244.1.0/26",
                     "b",
                     "10.99.0.2",
                     Encapsulation::Vxlan,
-                    Some(v),
-                ),
-                block(
+                )),
+                with_vtep(block(
                     "10.244.1.64/26",
                     "b",
                     "10.99.0.2",
                     Encapsulation::Vxlan,
-                    Some(v),
-                ),
-                block("10.244.3.0/26", "c", "10.99.0.3", Encapsulation::Ipip, None),
-                block(
-                    "10.244.4.0/26",
-                    "d",
-                    "10.99.0.4",
-                    Encapsulation::Vxlan,
-                    None,
-                ),
+                )),
+                with_ipip(block(
+                    "10.244.3.0/26",
+                    "c",
+                    "10.99.0.3",
+                    Encapsulation::Ipip,
+                )),
+                // Across subnets: the tunnel; inside: native.
+                with_ipip(block(
+                    "10.244.6.0/26",
+                    "f",
+                    "10.98.0.6",
+                    Encapsulation::IpipCrossSubnet,
+                )),
                 block(
                     "10.244.5.0/26",
                     "e",
                     "10.99.0.5",
                     Encapsulation::VxlanCrossSubnet,
-                    None,
                 ),
+                block(
+                    "10.244.7.0/26",
+                    "g",
+                    "10.99.0.7",
+                    Encapsulation::IpipCrossSubnet,
+                ),
+                // Not ready for their tunnel yet: kept.
+                block("10.244.4.0/26", "d", "10.99.0.4", Encapsulation::Vxlan),
+                block("10.244.8.0/26", "h", "10.99.0.8", Encapsulation::Ipip),
             ],
             Some("10.99.0.0/24".parse().unwrap()),
         );
-        assert_eq!(d.routes.len(), 4);
-        // Cross-subnet inside the node's subnet: native.
+        let via = |c: &str| r.want.routes[&c.parse::<IpNetwork>().unwrap()];
+        assert_eq!(r.want.routes.len(), 7);
         assert_eq!(
-            d.routes[&"10.244.5.0/26".parse().unwrap()],
+            via("10.244.2.0/26"),
+            Via::Native("10.99.0.2".parse().unwrap())
+        );
+        assert_eq!(via("10.244.1.64/26"), Via::Vxlan(v.tunnel_ip));
+        assert_eq!(
+            via("10.244.3.0/26"),
+            Via::Ipip("10.99.0.3".parse().unwrap())
+        );
+        assert_eq!(
+            via("10.244.6.0/26"),
+            Via::Ipip("10.98.0.6".parse().unwrap())
+        );
+        assert_eq!(
+            via("10.244.5.0/26"),
             Via::Native("10.99.0.5".parse().unwrap())
         );
         assert_eq!(
-            d.routes[&"10.244.2.0/26".parse().unwrap()],
-            Via::Native("10.99.0.2".parse().unwrap())
+            via("10.244.7.0/26"),
+            Via::Native("10.99.0.7".parse().unwrap())
         );
-        assert_eq!(
-            d.routes[&"10.244.1.64/26".parse().unwrap()],
-            Via::Vxlan(v.tunnel_ip)
-        );
-        assert_eq!(d.neigh.len(), 1);
-        assert_eq!(d.fdb[&v.mac], "10.99.0.2".parse::<Ipv4Addr>().unwrap());
-        assert!(d.needs_vxlan());
-        assert_eq!(errors.len(), 2);
-        let ipip = errors[0].to_string();
+        assert_eq!(r.want.neigh.len(), 1);
+        assert_eq!(r.want.fdb[&v.mac], "10.99.0.2".parse::<Ipv4Addr>().unwrap());
+        assert!(r.want.needs(crate::dataplane::Tunnel::Vxlan));
+        let kept: Vec<String> = r.keep.iter().map(ToString::to_string).collect();
+        assert_eq!(kept, ["10.244.4.0/26", "10.244.8.0/26"]);
+        let why: Vec<String> = r.errors.iter().map(ToString::to_string).collect();
+        assert!(why[0].contains("VXLAN") && why[0].contains("has not published its VTEP"));
         assert!(
-            ipip.contains("10.244.3.0/26")
-                && ipip.contains("IPIP")
-                && ipip.contains("VXLAN or None"),
-            "{ipip}"
+            why[1].contains("10.244.8.0/26") && why[1].contains("IPIP") && why[1].contains("tunl0")
         );
-        assert!(errors[1].to_string().contains("has not published its VTEP"));
+    }
+
+    #[test]
+    fn tunnels_carry_ipv4_over_ipv4_only() {
+        let mut b = block("fd00:244::/122", "b", "10.99.0.2", Encapsulation::Ipip);
+        b.ipip = Some("10.244.3.1".parse().unwrap());
+        let r = plan(&[b], None);
+        assert!(r.want.routes.is_empty() && r.keep.len() == 1);
+        assert!(r.errors[0].to_string().contains("IPv4 blocks only"));
     }
 }

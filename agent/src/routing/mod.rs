@@ -47,7 +47,7 @@ use margay_ipam::{Allocator, Assign};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, PerTunnel, Tunnel};
 use crate::kube::node::Annotations;
 use crate::kube::{Known, Watched, deadline, watch as watched};
 use crate::obs::AgentState;
@@ -147,22 +147,34 @@ impl ClusterWrites for Kube {
         .await
     }
 
-    async fn assign_tunnel(&self) -> crate::Result<Option<Ipv4Addr>> {
+    async fn assign_tunnel(&self, t: Tunnel) -> crate::Result<Option<Ipv4Addr>> {
         let assign = async {
             self.alloc
                 .assign(Assign {
-                    handle: format!("tunnel.vxlan.{}", self.node),
+                    handle: t.handle(&self.node),
                     pod: None,
                     use_: AllowedUse::Tunnel,
                 })
                 .await
                 .map_err(crate::Error::from)
         };
-        let addrs = deadline(|| "the VXLAN tunnel address".into(), assign).await?;
+        let addrs = deadline(|| format!("the {t} tunnel address"), assign).await?;
         Ok(addrs.iter().find_map(|a| match a.ip() {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
         }))
+    }
+
+    async fn release_tunnel(&self, t: Tunnel) -> crate::Result<()> {
+        let release = async {
+            self.alloc
+                .release(&t.handle(&self.node))
+                .await
+                .map_err(crate::Error::from)
+        };
+        deadline(|| format!("releasing the {t} tunnel address"), release)
+            .await
+            .map(drop)
     }
 }
 
@@ -217,7 +229,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     let mut bgp = speaker::Embedded::new(ctx.state.clone());
     let mut own = ctx.own_blocks.clone();
     let mut host: Known<Vec<(String, IpNetwork)>> = Known::Unknown("not read yet".into());
-    let mut tunnel_ip: Option<Ipv4Addr> = None;
+    let mut tunnels = Tunnels::default();
     let mut secrets = crate::kube::secrets::SecretWatches::new(
         ctx.client.clone(),
         &ctx.namespace,
@@ -267,21 +279,20 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             own_blocks,
             passwords,
             host: host.clone(),
-            tunnel_ip,
+            tunnels: tunnels.inputs(),
             leader: *leader.borrow_and_update(),
             speaker: bgp.view(),
         };
-        let out = apply::apply(plan::plan(&snap), ctx.dp.as_ref(), &mut bgp, &cluster).await;
-        let again = out.tunnel_ip.is_some();
-        if let Some(ip) = out.tunnel_ip {
-            tunnel_ip = Some(ip);
-        }
+        let plan = plan::plan(&snap);
+        let used = plan.tunnels_used;
+        let out = apply::apply(plan, ctx.dp.as_ref(), &mut bgp, &cluster).await;
+        let again = tunnels.update(used, &out);
         for p in ctx.state.set_routing(out.status) {
             tracing::warn!("routing: {p}");
         }
         tracing::debug!(why, took = ?t.elapsed(), "routing pass");
         if again {
-            why = "tunnel address";
+            why = "tunnels";
             continue;
         }
         let sp = bgp.speaker();
@@ -295,7 +306,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             Ok(()) = leader.changed() => "leadership",
             _ = changed(&mut learned) => "learned routes",
             _ = changed(&mut synced) => "BGP sync",
-            _ = tokio::time::sleep(ctx.every) => "resync",
+            _ = tokio::time::sleep(tunnels.next_wake(ctx.every)) => "resync",
             () = stopped(sp.as_deref()) => {
                 return Err(crate::Error::TaskEnded("BGP speaker"));
             }
@@ -308,6 +319,71 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         };
         // Let a burst of events settle into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the loop remembers of this node's tunnels between passes.
+#[derive(Debug, Default)]
+struct Tunnels {
+    ip: PerTunnel<Option<Ipv4Addr>>,
+    ready: PerTunnel<bool>,
+    unused_since: PerTunnel<Option<Instant>>,
+    retired: PerTunnel<bool>,
+}
+
+impl Tunnels {
+    fn inputs(&self) -> PerTunnel<plan::TunnelInput> {
+        self.ip.map(|t, ip| plan::TunnelInput {
+            ip: *ip,
+            ready: *self.ready.get(t),
+            unused_for: self.unused_since.get(t).map(|s| s.elapsed()),
+            retired: *self.retired.get(t),
+        })
+    }
+
+    /// Takes in a pass's outcome; whether another pass should follow at
+    /// once (an address was allocated, a device became ready, a tunnel
+    /// was retired: the next pass uses or announces it).
+    fn update(&mut self, used: Option<PerTunnel<bool>>, out: &apply::Outcome) -> bool {
+        let mut again = false;
+        for t in Tunnel::ALL {
+            match used.map(|u| *u.get(t)) {
+                Some(true) => {
+                    *self.unused_since.get_mut(t) = None;
+                    *self.retired.get_mut(t) = false;
+                }
+                Some(false) => {
+                    self.unused_since
+                        .get_mut(t)
+                        .get_or_insert_with(Instant::now);
+                }
+                None => {}
+            }
+            if let Some(ip) = *out.assigned.get(t) {
+                again |= self.ip.get(t).is_none();
+                *self.ip.get_mut(t) = Some(ip);
+            }
+            again |= *out.ready.get(t) && !self.ready.get(t);
+            *self.ready.get_mut(t) = *out.ready.get(t);
+            if *out.retired.get(t) {
+                *self.retired.get_mut(t) = true;
+                *self.ip.get_mut(t) = None;
+                again = true;
+            }
+        }
+        again
+    }
+
+    /// How long to sleep at most: `every`, or until a tunnel has lingered
+    /// long enough to be retired.
+    fn next_wake(&self, every: Duration) -> Duration {
+        Tunnel::ALL
+            .iter()
+            .filter(|t| !self.retired.get(**t))
+            .filter_map(|t| *self.unused_since.get(*t))
+            .filter(|s| s.elapsed() < plan::TUNNEL_LINGER)
+            .map(|s| plan::TUNNEL_LINGER - s.elapsed() + Duration::from_millis(100))
+            .fold(every, Duration::min)
     }
 }
 

@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
-use margay_api::node::{ANN_ADDRESS, ANN_ASN, ANN_RR_CLUSTER_ID, ANN_VXLAN_ADDRESS, ANN_VXLAN_MAC};
+use margay_api::node::{
+    ANN_ADDRESS, ANN_ASN, ANN_IPIP_ADDRESS, ANN_RR_CLUSTER_ID, ANN_VXLAN_ADDRESS, ANN_VXLAN_MAC,
+};
 use margay_api::stable::{fnv1a, mac_string, parse_mac};
 
 use super::encap::Vtep;
@@ -28,6 +30,8 @@ pub struct NodeInfo {
     pub rr_cluster_id: Option<Ipv4Addr>,
     /// Its VXLAN endpoint.
     pub vtep: Option<Vtep>,
+    /// Its `tunl0` address, once it takes IPIP.
+    pub ipip: Option<Ipv4Addr>,
     /// Its agent refreshed the `MargayReady` condition recently (of two
     /// Nodes announcing one address, the one with a live agent is real).
     pub alive: bool,
@@ -59,25 +63,36 @@ impl NodeInfo {
             asn: get(ANN_ASN).and_then(|s| s.parse().ok()),
             rr_cluster_id: get(ANN_RR_CLUSTER_ID).and_then(|s| s.parse().ok()),
             vtep,
+            ipip: get(ANN_IPIP_ADDRESS).and_then(|s| s.parse().ok()),
             alive: margay_api::node::agent_alive(n),
         }
     }
 }
 
-/// The annotations this node publishes (what [`NodeInfo::from_node`] reads).
+/// The annotations this node publishes (what [`NodeInfo::from_node`]
+/// reads). Each tunnel is `None` when it is not known whether the node
+/// uses it (its annotations are left as they are), `Some(None)` when it
+/// does not (they are removed), `Some(Some(..))` when it takes that
+/// tunnel's packets.
 pub fn identity_annotations(
     address: IpNetwork,
     asn: u32,
-    vtep: Option<Vtep>,
+    vtep: Option<Option<Vtep>>,
+    ipip: Option<Option<Ipv4Addr>>,
 ) -> BTreeMap<String, Option<String>> {
     let mut m = BTreeMap::new();
     m.insert(ANN_ADDRESS.to_string(), Some(address.to_string()));
     m.insert(ANN_ASN.to_string(), Some(asn.to_string()));
-    m.insert(
-        ANN_VXLAN_ADDRESS.to_string(),
-        vtep.map(|v| v.tunnel_ip.to_string()),
-    );
-    m.insert(ANN_VXLAN_MAC.to_string(), vtep.map(|v| mac_string(&v.mac)));
+    if let Some(vtep) = vtep {
+        m.insert(
+            ANN_VXLAN_ADDRESS.to_string(),
+            vtep.map(|v| v.tunnel_ip.to_string()),
+        );
+        m.insert(ANN_VXLAN_MAC.to_string(), vtep.map(|v| mac_string(&v.mac)));
+    }
+    if let Some(ipip) = ipip {
+        m.insert(ANN_IPIP_ADDRESS.to_string(), ipip.map(|a| a.to_string()));
+    }
     m
 }
 
@@ -188,7 +203,13 @@ pub(crate) mod tests {
             tunnel_ip: "10.244.0.0".parse().unwrap(),
         };
         assert_eq!(vtep.mac[0] & 0x03, 0x02, "locally administered unicast");
-        let ann = identity_annotations("10.0.0.1/24".parse().unwrap(), 64512, Some(vtep));
+        let tunl0: Ipv4Addr = "10.244.0.1".parse().unwrap();
+        let ann = identity_annotations(
+            "10.0.0.1/24".parse().unwrap(),
+            64512,
+            Some(Some(vtep)),
+            Some(Some(tunl0)),
+        );
         let mut n = Node::default();
         n.metadata.name = Some("node1".into());
         n.metadata.annotations = Some(
@@ -200,5 +221,10 @@ pub(crate) mod tests {
         assert_eq!(info.address, Some("10.0.0.1/24".parse().unwrap()));
         assert_eq!(info.asn, Some(64512));
         assert_eq!(info.vtep, Some(vtep));
+        assert_eq!(info.ipip, Some(tunl0));
+        // Unknown tunnels are left out of the patch; unused ones removed.
+        let ann = identity_annotations("10.0.0.1/24".parse().unwrap(), 64512, None, Some(None));
+        assert!(!ann.contains_key(ANN_VXLAN_ADDRESS));
+        assert_eq!(ann[ANN_IPIP_ADDRESS], None);
     }
 }

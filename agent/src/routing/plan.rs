@@ -18,7 +18,7 @@
 //!   (re)start, what is in the kernel keeps forwarding until BGP has
 //!   relearned it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +40,10 @@ use super::local::Local;
 use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
 use super::problem::Problem;
 use super::sessions::{Global, Live, NamedPeer, Settings, neighbors};
-use crate::dataplane::{LocalVtep, Remote, VXLAN_OVERHEAD};
+use crate::dataplane::{
+    DevicePlan, Devices, IPIP_OVERHEAD, LocalIpip, LocalVtep, PerTunnel, Remote, Tunnel,
+    VXLAN_OVERHEAD,
+};
 use crate::kube::Known;
 use crate::kube::node::{Annotations, has_annotations};
 use crate::kube::secrets::SecretKey;
@@ -49,6 +52,37 @@ use crate::kube::valid::valid_condition;
 /// Longest wait after a speaker start before routes BGP has not relearned
 /// are removed from the kernel (when some peer never sends End-of-RIB).
 pub const PRUNE_GRACE: Duration = Duration::from_secs(90);
+
+/// How long a tunnel no pool uses any more keeps taking packets before it
+/// is retired: other nodes switch their routes to us when they see the
+/// change, not at the same instant, and packets they send through the old
+/// tunnel meanwhile still arrive.
+pub const TUNNEL_LINGER: Duration = Duration::from_secs(20);
+
+/// What the routing loop knows of one of this node's tunnels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelInput {
+    /// Its address, once allocated (in this run of the agent).
+    pub ip: Option<Ipv4Addr>,
+    /// The last pass made sure of its device (up, with the address).
+    pub ready: bool,
+    /// How long current pools have not used it (`None`: in use, or the
+    /// pools are not current).
+    pub unused_for: Option<Duration>,
+    /// Retired (device removed, address released) since it was last used.
+    pub retired: bool,
+}
+
+/// What a pass wants of the remote blocks' routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePlan {
+    /// The desired routes and VXLAN entries.
+    pub want: Remote,
+    /// Blocks whose current route stays (they cannot be routed as wanted).
+    pub keep: BTreeSet<IpNetwork>,
+    /// Whether what `want` lacks may go.
+    pub removals: Removals,
+}
 
 /// What restarts the speaker when it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,8 +139,8 @@ pub struct Snapshot {
     pub passwords: BTreeMap<SecretKey, Known<Option<String>>>,
     /// The host's addresses.
     pub host: Known<Vec<(String, IpNetwork)>>,
-    /// This node's VXLAN tunnel address, once allocated.
-    pub tunnel_ip: Option<Ipv4Addr>,
+    /// This node's tunnels.
+    pub tunnels: PerTunnel<TunnelInput>,
     /// This agent holds the leader Lease: it writes the cluster-wide
     /// `Valid` conditions (every agent still judges each object for its
     /// own sessions and reports on its own Node).
@@ -150,14 +184,18 @@ pub struct Plan {
     pub me: Option<Arc<Node>>,
     /// Identity annotations to publish (they differ from the Node's).
     pub annotate: Option<Annotations>,
-    /// Allocate the VXLAN tunnel address (needed and not held).
-    pub assign_tunnel: bool,
-    /// This node's VXLAN endpoint, when VXLAN is in use.
-    pub local_vtep: Option<LocalVtep>,
+    /// Tunnel addresses to allocate (a pool uses the tunnel, none held).
+    pub assign_tunnels: Vec<Tunnel>,
+    /// This node's tunnel devices (a retired one's address is released
+    /// once the device is gone).
+    pub devices: Devices,
+    /// Which tunnels current pools use (`None`: the pools are not
+    /// current), for the loop's [`TUNNEL_LINGER`] clock.
+    pub tunnels_used: Option<PerTunnel<bool>>,
     /// The speaker.
     pub speaker: SpeakerPlan,
-    /// Routes to remote blocks, and whether what they lack may go.
-    pub remote: Option<(Remote, Removals)>,
+    /// Routes to remote blocks.
+    pub remote: Option<RemotePlan>,
     /// `Valid` conditions to write: BGPConfigurations.
     pub valid_configs: Vec<(String, Condition)>,
     /// `Valid` conditions to write: BGPPeers.
@@ -228,6 +266,7 @@ pub fn remote_blocks(
                 Encapsulation::None
             },
             vtep: node.and_then(|n| n.vtep),
+            ipip: node.and_then(|n| n.ipip),
         });
     }
     out
@@ -311,27 +350,62 @@ pub fn plan(s: &Snapshot) -> Plan {
             None
         }
     };
-    let vxlan = s.pools.value().is_some_and(|pools| {
-        pools.iter().any(|p| {
-            matches!(
-                p.encapsulation,
-                Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
-            )
-        })
+    // Routes to other nodes' blocks.
+    let infos: Option<Vec<NodeInfo>> = s
+        .nodes
+        .value()
+        .map(|all| all.iter().map(|n| NodeInfo::from_node(n)).collect());
+    let remote = match (
+        &s.speaker.learned,
+        s.pools.value(),
+        s.own_blocks.value(),
+        &infos,
+    ) {
+        (Some(learned), Some(pools), Some(own), Some(infos)) if s.bgp => {
+            let blocks = remote_blocks(learned, infos, pools, own);
+            let routed = encap::plan(&blocks, address);
+            problems.extend(routed.errors.into_iter().map(Problem::from));
+            let inputs = s.pools.is_fresh() && s.nodes.is_fresh() && s.own_blocks.is_fresh();
+            let relearned =
+                s.speaker.neighbors_set && (s.speaker.synced || s.speaker.age > PRUNE_GRACE);
+            Some(RemotePlan {
+                want: routed.want,
+                keep: routed.keep,
+                removals: Removals::when(inputs && relearned),
+            })
+        }
+        _ => None,
+    };
+    // A tunnel is retired only by a pass that may remove routes (so none
+    // it cannot see still goes through it).
+    let may_remove = remote
+        .as_ref()
+        .is_some_and(|r| r.removals == Removals::Allowed);
+
+    // This node's tunnels: which ones the pools use, their addresses and
+    // devices, what the other nodes are told.
+    let used: Option<PerTunnel<bool>> = s.pools.value().map(|pools| {
+        PerTunnel::default().map(|t, _: &bool| pools.iter().any(|p| t.used_by(p.encapsulation)))
     });
-    let local_vtep = match (s.tunnel_ip, address.map(|a| a.ip())) {
-        (Some(tunnel_ip), Some(IpAddr::V4(underlay))) if vxlan => Some(LocalVtep {
-            mac: vtep_mac(&s.node),
-            tunnel_ip,
-            underlay,
-            mtu: s.mtu - VXLAN_OVERHEAD,
+    let (devices, assign_tunnels) = tunnel_devices(s, used, may_remove, address, me_obj.as_deref());
+    let vtep = match devices.vxlan {
+        DevicePlan::Want(l) => Some(Vtep {
+            mac: l.mac,
+            tunnel_ip: l.tunnel_ip,
         }),
         _ => None,
     };
-    let vtep = local_vtep.map(|l| Vtep {
-        mac: l.mac,
-        tunnel_ip: l.tunnel_ip,
-    });
+    // A tunnel is announced once its device is ready, and withdrawn once
+    // current pools no longer use it.
+    let announce = |t: Tunnel| -> Option<bool> {
+        match used.map(|u| *u.get(t)) {
+            Some(true) if s.tunnels.get(t).ready => Some(true),
+            Some(false) if s.pools.is_fresh() => Some(false),
+            _ => None,
+        }
+    };
+    let vtep_note = announce(Tunnel::Vxlan).map(|on| vtep.filter(|_| on));
+    let ipip_note = announce(Tunnel::Ipip).map(|on| s.tunnels.ipip.ip.filter(|_| on));
     // Name, labels and reflector role from our Node; the rest is what this
     // agent found (its annotations may lag behind).
     let me = me_obj.as_deref().map(|n| NodeInfo {
@@ -342,17 +416,13 @@ pub fn plan(s: &Snapshot) -> Plan {
     });
     let annotate = match (&me_obj, address, &settings) {
         (Some(obj), Some(addr), Some(st)) => {
-            let want = identity_annotations(addr, st.global.asn, vtep);
+            let want = identity_annotations(addr, st.global.asn, vtep_note, ipip_note);
             (!has_annotations(obj, &want)).then_some(want)
         }
         _ => None,
     };
 
     // The speaker.
-    let infos: Option<Vec<NodeInfo>> = s
-        .nodes
-        .value()
-        .map(|all| all.iter().map(|n| NodeInfo::from_node(n)).collect());
     let speaker = speaker_plan(
         s,
         &settings,
@@ -363,32 +433,14 @@ pub fn plan(s: &Snapshot) -> Plan {
         &mut problems,
     );
 
-    // Routes to other nodes' blocks.
-    let remote = match (
-        &s.speaker.learned,
-        s.pools.value(),
-        s.own_blocks.value(),
-        &infos,
-    ) {
-        (Some(learned), Some(pools), Some(own), Some(infos)) if s.bgp => {
-            let blocks = remote_blocks(learned, infos, pools, own);
-            let (desired, errors) = encap::plan(&blocks, address);
-            problems.extend(errors.into_iter().map(Problem::from));
-            let inputs = s.pools.is_fresh() && s.nodes.is_fresh() && s.own_blocks.is_fresh();
-            let relearned =
-                s.speaker.neighbors_set && (s.speaker.synced || s.speaker.age > PRUNE_GRACE);
-            Some((desired, Removals::when(inputs && relearned)))
-        }
-        _ => None,
-    };
-
     Plan {
         address,
         asn: settings.as_ref().map(|s| s.global.asn),
         me: me_obj,
         annotate,
-        assign_tunnel: vxlan && s.tunnel_ip.is_none(),
-        local_vtep,
+        assign_tunnels,
+        devices,
+        tunnels_used: used.filter(|_| s.pools.is_fresh()),
         speaker,
         remote,
         // Written by the leader only: every agent would write the same.
@@ -397,6 +449,68 @@ pub fn plan(s: &Snapshot) -> Plan {
         problems,
         unknown,
     }
+}
+
+/// This node's tunnel devices and the tunnel addresses to allocate: a
+/// tunnel the pools use needs its address first, then its device; one
+/// current pools have not used for [`TUNNEL_LINGER`] is retired by a pass
+/// that `may_remove` routes (its address as this run allocated it, else as
+/// the Node still announces it); anything else is left as it is.
+fn tunnel_devices(
+    s: &Snapshot,
+    used: Option<PerTunnel<bool>>,
+    may_remove: bool,
+    address: Option<IpNetwork>,
+    me: Option<&Node>,
+) -> (Devices, Vec<Tunnel>) {
+    let mut devices = Devices::default();
+    let mut assign = Vec::new();
+    let announced = me.map(NodeInfo::from_node);
+    for t in Tunnel::ALL {
+        let input = s.tunnels.get(t);
+        match used.map(|u| *u.get(t)) {
+            Some(true) => {
+                let Some(ip) = input.ip else {
+                    assign.push(t);
+                    continue;
+                };
+                match t {
+                    Tunnel::Vxlan => {
+                        if let Some(IpAddr::V4(underlay)) = address.map(|a| a.ip()) {
+                            devices.vxlan = DevicePlan::Want(LocalVtep {
+                                mac: vtep_mac(&s.node),
+                                tunnel_ip: ip,
+                                underlay,
+                                mtu: s.mtu - VXLAN_OVERHEAD,
+                            });
+                        }
+                    }
+                    Tunnel::Ipip => {
+                        devices.ipip = DevicePlan::Want(LocalIpip {
+                            tunnel_ip: ip,
+                            mtu: s.mtu - IPIP_OVERHEAD,
+                        });
+                    }
+                }
+            }
+            Some(false)
+                if may_remove
+                    && s.pools.is_fresh()
+                    && !input.retired
+                    && input.unused_for.is_some_and(|d| d >= TUNNEL_LINGER) =>
+            {
+                match t {
+                    Tunnel::Vxlan => devices.vxlan = DevicePlan::Retire(input.ip),
+                    Tunnel::Ipip => {
+                        let ip = input.ip.or_else(|| announced.as_ref().and_then(|n| n.ipip));
+                        devices.ipip = DevicePlan::Retire(ip);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (devices, assign)
 }
 
 fn speaker_plan(

@@ -95,9 +95,14 @@ pub enum Problem {
     /// A block that cannot be routed.
     #[error(transparent)]
     Route(#[from] RouteError),
-    /// The VXLAN tunnel address could not be allocated.
-    #[error("no VXLAN tunnel address: {0}")]
-    NoTunnelAddress(String),
+    /// A tunnel address could not be allocated (or released).
+    #[error("{tunnel} tunnel address: {why}")]
+    NoTunnelAddress {
+        /// Which tunnel.
+        tunnel: crate::dataplane::Tunnel,
+        /// What went wrong.
+        why: String,
+    },
     /// The node's identity could not be published.
     #[error("cannot publish this node's BGP identity: {0}")]
     Publish(String),

@@ -21,7 +21,7 @@ use super::apply::{Bgp, ClusterWrites, apply};
 use super::local::Local;
 use super::plan::{Snapshot, SpeakerSettings, SpeakerView, plan};
 use super::sessions::Live;
-use crate::dataplane::{Dataplane, FakeDataplane, Fault, Via};
+use crate::dataplane::{Dataplane, FakeDataplane, Fault, Tunnel, Via};
 use crate::kube::Known;
 use crate::kube::node::Annotations;
 
@@ -121,8 +121,23 @@ impl ClusterWrites for FakeCluster {
         Ok(())
     }
 
-    async fn assign_tunnel(&self) -> crate::Result<Option<Ipv4Addr>> {
-        Ok(Some("10.244.0.0".parse().unwrap()))
+    async fn assign_tunnel(&self, t: Tunnel) -> crate::Result<Option<Ipv4Addr>> {
+        self.writes
+            .lock()
+            .unwrap()
+            .push(serde_json::json!({"assign": t.to_string()}));
+        Ok(Some(match t {
+            Tunnel::Vxlan => "10.244.1.0".parse().unwrap(),
+            Tunnel::Ipip => "10.244.1.1".parse().unwrap(),
+        }))
+    }
+
+    async fn release_tunnel(&self, t: Tunnel) -> crate::Result<()> {
+        self.writes
+            .lock()
+            .unwrap()
+            .push(serde_json::json!({"release": t.to_string()}));
+        Ok(())
     }
 }
 
@@ -191,7 +206,7 @@ fn snapshot() -> Snapshot {
         own_blocks: Known::Fresh(Local::blocks([net("10.244.1.0/26")])),
         passwords: BTreeMap::new(),
         host: Known::Fresh(vec![("eth0".into(), net("10.0.0.1/24"))]),
-        tunnel_ip: None,
+        tunnels: Default::default(),
         leader: true,
         speaker: SpeakerView::default(),
     };
@@ -463,4 +478,247 @@ async fn communities_and_restart_time_apply_live_while_an_as_change_restarts() {
         routes(&dp)
     );
     assert!(routes(&dp).contains_key(&net("10.244.2.0/26")));
+}
+
+/// `n` with `ann` added to its annotations.
+fn annotated(n: &Arc<Node>, ann: &[(&str, &str)]) -> Arc<Node> {
+    let mut n = (**n).clone();
+    let a = n.metadata.annotations.get_or_insert_with(Default::default);
+    for (k, v) in ann {
+        a.insert((*k).into(), (*v).into());
+    }
+    Arc::new(n)
+}
+
+/// Runs passes as the routing loop does (its tunnel memory carried from
+/// one to the next, another pass at once while it asks for one).
+async fn settle(
+    s: &mut Snapshot,
+    tunnels: &mut super::Tunnels,
+    dp: &FakeDataplane,
+    bgp: &mut FakeBgp,
+    c: &FakeCluster,
+) -> Vec<String> {
+    for _ in 0..5 {
+        s.tunnels = tunnels.inputs();
+        bgp.view = s.speaker.clone();
+        let p = plan(s);
+        let used = p.tunnels_used;
+        let out = apply(p, dp, bgp, c).await;
+        // The Node as the next pass would read it.
+        for w in c.writes.lock().unwrap().iter() {
+            if let Some(a) = w.get("annotate").and_then(|a| a.as_object()) {
+                let nodes = s.nodes.value().cloned().unwrap_or_default();
+                let me: Vec<Arc<Node>> = nodes
+                    .into_iter()
+                    .map(|n| {
+                        if n.metadata.name.as_deref() != Some("n1") {
+                            return n;
+                        }
+                        let mut n = (*n).clone();
+                        let ann = n.metadata.annotations.get_or_insert_with(Default::default);
+                        for (k, v) in a {
+                            match v.as_str() {
+                                Some(v) => ann.insert(k.clone(), v.into()),
+                                None => ann.remove(k),
+                            };
+                        }
+                        Arc::new(n)
+                    })
+                    .collect();
+                s.nodes = Known::Fresh(me);
+            }
+        }
+        if !tunnels.update(used, &out) {
+            return out.status.problems;
+        }
+    }
+    panic!("the passes did not settle");
+}
+
+fn n1_annotation(s: &Snapshot, key: &str) -> Option<String> {
+    s.nodes.value().unwrap()[0]
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key).cloned())
+}
+
+fn with_encap(s: &mut Snapshot, e: margay_api::ipam::Encapsulation) {
+    let mut p = pool();
+    p.encapsulation = e;
+    s.pools = Known::Fresh(vec![p]);
+}
+
+#[tokio::test]
+async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
+    use margay_api::ipam::Encapsulation;
+    use margay_api::node::{ANN_IPIP_ADDRESS, ANN_VXLAN_ADDRESS, ANN_VXLAN_MAC};
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut tunnels = super::Tunnels::default();
+    let mut s = snapshot();
+    let b2 = net("10.244.2.0/26");
+    // n1 as the passes left it; n2 and n3 announcing `ann` (only).
+    let nodes_with = |s: &Snapshot, ann: &[&[(&str, &str)]; 2]| {
+        let bare = snapshot().nodes.value().unwrap().clone();
+        Known::Fresh(vec![
+            s.nodes.value().unwrap()[0].clone(),
+            annotated(&bare[1], ann[0]),
+            annotated(&bare[2], ann[1]),
+        ])
+    };
+    // IPIP: tunl0 first (address allocated, device up), then announced;
+    // the others' blocks through tunl0 once they announce theirs.
+    with_encap(&mut s, Encapsulation::Ipip);
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(
+        dp.remote.lock().unwrap().ipip.map(|l| (l.tunnel_ip, l.mtu)),
+        Some(("10.244.1.1".parse().unwrap(), 1480))
+    );
+    assert_eq!(
+        n1_annotation(&s, ANN_IPIP_ADDRESS).as_deref(),
+        Some("10.244.1.1")
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("has not published its tunl0 address"))
+    );
+    assert!(
+        routes(&dp).is_empty(),
+        "nothing sent where it cannot arrive"
+    );
+    s.nodes = nodes_with(
+        &s,
+        &[
+            &[(ANN_IPIP_ADDRESS, "10.244.2.1")],
+            &[(ANN_IPIP_ADDRESS, "10.244.3.1")],
+        ],
+    );
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(routes(&dp)[&b2], Via::Ipip("10.0.0.2".parse().unwrap()));
+
+    // Switched to VXLAN: this node's VTEP first; the others' blocks keep
+    // their IPIP routes until they announce theirs, tunl0 lingers.
+    with_encap(&mut s, Encapsulation::Vxlan);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(dp.remote.lock().unwrap().vxlan.is_some());
+    assert_eq!(
+        n1_annotation(&s, ANN_VXLAN_ADDRESS).as_deref(),
+        Some("10.244.1.0")
+    );
+    assert_eq!(
+        n1_annotation(&s, ANN_IPIP_ADDRESS),
+        None,
+        "no longer announced"
+    );
+    assert_eq!(
+        routes(&dp)[&b2],
+        Via::Ipip("10.0.0.2".parse().unwrap()),
+        "kept"
+    );
+    assert!(dp.remote.lock().unwrap().ipip.is_some(), "lingers");
+    let vtep2 = [
+        (ANN_VXLAN_ADDRESS, "10.244.2.0"),
+        (ANN_VXLAN_MAC, "66:00:00:00:00:02"),
+    ];
+    let vtep3 = [
+        (ANN_VXLAN_ADDRESS, "10.244.3.0"),
+        (ANN_VXLAN_MAC, "66:00:00:00:00:03"),
+    ];
+    s.nodes = nodes_with(&s, &[&vtep2, &vtep3]);
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(routes(&dp)[&b2], Via::Vxlan("10.244.2.0".parse().unwrap()));
+    assert!(dp.remote.lock().unwrap().ipip.is_some(), "still lingers");
+    assert!(
+        !c.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|w| w.get("release").is_some())
+    );
+    // After the linger: tunl0's address goes, and then back to IPAM.
+    tunnels.unused_since.ipip = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(dp.remote.lock().unwrap().ipip.is_none());
+    let releases: Vec<_> = c
+        .writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.get("release").cloned())
+        .collect();
+    assert_eq!(releases, [serde_json::json!("IPIP")]);
+    assert!(tunnels.next_wake(Duration::from_secs(30)) == Duration::from_secs(30));
+
+    // And back to IPIP: the VXLAN routes stay until tunl0 is up again and
+    // the others announce theirs.
+    with_encap(&mut s, Encapsulation::Ipip);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(
+        routes(&dp)[&b2],
+        Via::Vxlan("10.244.2.0".parse().unwrap()),
+        "kept"
+    );
+    assert!(dp.remote.lock().unwrap().ipip.is_some());
+    s.nodes = nodes_with(
+        &s,
+        &[
+            &[(ANN_IPIP_ADDRESS, "10.244.2.1")],
+            &[(ANN_IPIP_ADDRESS, "10.244.3.1")],
+        ],
+    );
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(routes(&dp)[&b2], Via::Ipip("10.0.0.2".parse().unwrap()));
+    tunnels.unused_since.vxlan = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(dp.remote.lock().unwrap().vxlan.is_none(), "retired");
+    assert_eq!(n1_annotation(&s, ANN_VXLAN_ADDRESS), None);
+}
+
+#[tokio::test]
+async fn unknown_pools_retire_nothing_and_a_kernel_without_ipip_keeps_its_routes() {
+    use margay_api::ipam::Encapsulation;
+    use margay_api::node::ANN_IPIP_ADDRESS;
+    let dp = kernel_with_history().await;
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut tunnels = super::Tunnels::default();
+    let mut s = snapshot();
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    let before = routes(&dp);
+    // No IPIP in this kernel: said on the Node, nothing announced, the
+    // native routes stay.
+    dp.inject(Fault::Ipip);
+    with_encap(&mut s, Encapsulation::Ipip);
+    let all = s.nodes.value().unwrap().clone();
+    s.nodes = Known::Fresh(vec![
+        all[0].clone(),
+        annotated(&all[1], &[(ANN_IPIP_ADDRESS, "10.244.2.1")]),
+        annotated(&all[2], &[(ANN_IPIP_ADDRESS, "10.244.3.1")]),
+    ]);
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    reported(&problems, &c, "cannot do IPIP");
+    assert_eq!(n1_annotation(&s, ANN_IPIP_ADDRESS), None);
+    assert_eq!(routes(&dp), before);
+    // The kernel gets IPIP: routes move to tunl0.
+    dp.clear();
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(
+        routes(&dp)[&net("10.244.3.0/26")],
+        Via::Ipip("10.0.0.3".parse().unwrap())
+    );
+    // Pools unreadable long after: tunl0 and its address stay.
+    with_encap(&mut s, Encapsulation::None);
+    s.pools = std::mem::replace(&mut s.pools, Known::Unknown(String::new()))
+        .failed("cannot watch IPPools".into());
+    tunnels.unused_since.ipip = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER * 3);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(dp.remote.lock().unwrap().ipip.is_some());
+    assert_eq!(
+        n1_annotation(&s, ANN_IPIP_ADDRESS).as_deref(),
+        Some("10.244.1.1")
+    );
 }

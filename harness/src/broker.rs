@@ -1,0 +1,93 @@
+//! Control planes for VMs: a kube-apiserver under full emulation (the VMs
+//! of `scripts/in-vm.sh` run under TCG) takes minutes to start, so the VM's
+//! host runs them instead. `scripts/in-vm.sh` starts a broker on the host's
+//! loopback ([`serve`], `margay-lab apiserver-broker`) and tells the VM
+//! where it is ([`ENV`], the host's loopback as QEMU's user network shows
+//! it: `10.0.2.2:<port>`). Inside the VM, [`crate::kube::ApiServer::start`]
+//! asks it for one ([`request`]): the broker starts a fresh etcd +
+//! kube-apiserver for that connection, answers its port, and stops them
+//! when the connection closes (the VM's ApiServer dropped, or the VM gone).
+//!
+//! The protocol is one JSON line each way: `{"tokens": [[token, user,
+//! groups], ...]}`, then `{"port": N}` or `{"error": "..."}`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::kube::ApiServer;
+use crate::{Error, Result};
+
+/// Where a VM finds its host's broker (`host:port`).
+pub const ENV: &str = "MARGAY_APISERVER_BROKER";
+
+/// Serves apiservers on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener) -> Result<()> {
+    loop {
+        let (sock, peer) = listener.accept().await?;
+        tokio::spawn(async move {
+            if let Err(e) = one(sock).await {
+                tracing::warn!(%peer, "apiserver for a VM: {e}");
+            }
+        });
+    }
+}
+
+async fn one(sock: tokio::net::TcpStream) -> Result<()> {
+    let (r, mut w) = sock.into_split();
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    let req = lines.next_line().await?.unwrap_or_default();
+    let req: serde_json::Value =
+        serde_json::from_str(&req).map_err(|e| Error::Other(format!("request: {e}")))?;
+    let tokens: Vec<Vec<String>> =
+        serde_json::from_value(req["tokens"].clone()).unwrap_or_default();
+    let extra: Vec<(&str, &str, &str)> = tokens
+        .iter()
+        .filter_map(|t| match t.as_slice() {
+            [a, b, c] => Some((a.as_str(), b.as_str(), c.as_str())),
+            _ => None,
+        })
+        .collect();
+    match ApiServer::start_local(&extra).await {
+        Ok(api) => {
+            let port = api.port();
+            tracing::info!(port, "apiserver up for a VM");
+            w.write_all(format!("{}\n", serde_json::json!({"port": port})).as_bytes())
+                .await?;
+            // Until the VM closes the connection (or goes away).
+            while let Ok(Some(_)) = lines.next_line().await {}
+            tracing::info!(port, "apiserver for a VM stopped");
+            drop(api);
+        }
+        Err(e) => {
+            let msg = serde_json::json!({"error": e.to_string()});
+            w.write_all(format!("{msg}\n").as_bytes()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Asks the broker at `broker` for an apiserver with the extra tokens
+/// `extra`; returns the connection (closing it stops the apiserver) and the
+/// port it listens on, on the broker's host.
+pub fn request(broker: &str, extra: &[(&str, &str, &str)]) -> Result<(std::net::TcpStream, u16)> {
+    let mut conn = std::net::TcpStream::connect(broker)
+        .map_err(|e| Error::Other(format!("the apiserver broker at {broker}: {e}")))?;
+    let tokens: Vec<[&str; 3]> = extra.iter().map(|(a, b, c)| [*a, *b, *c]).collect();
+    conn.write_all(format!("{}\n", serde_json::json!({ "tokens": tokens })).as_bytes())?;
+    // Its start takes seconds on the host; allow for a loaded machine.
+    conn.set_read_timeout(Some(Duration::from_secs(180)))?;
+    let mut line = String::new();
+    BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+    conn.set_read_timeout(None)?;
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| Error::Other(format!("the apiserver broker's answer {line:?}: {e}")))?;
+    match v["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
+        Some(port) => Ok((conn, port)),
+        None => Err(Error::Other(format!(
+            "the apiserver broker at {broker}: {}",
+            v["error"].as_str().unwrap_or(line.trim())
+        ))),
+    }
+}
