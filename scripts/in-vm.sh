@@ -112,6 +112,25 @@ fi
   [ -n "$bindir" ] && printf 'export PATH=%q:$PATH\n' "$bindir"
   # QEMU's user network shows the host's loopback as 10.0.2.2.
   [ $broker = 1 ] && printf 'export MARGAY_APISERVER_BROKER=10.0.2.2:%s\n' "$(cat "$scratch/broker.port")"
+  # The guest's own DHCP client (busybox udhcpc, in the background) gives
+  # up when it is slow under emulation: set QEMU's user-network address
+  # ourselves until the broker answers.
+  if [ $net = 1 ] && [ $broker = 1 ]; then
+    printf 'port=%s\n' "$(cat "$scratch/broker.port")"
+    cat <<'NET'
+for _ in $(seq 600); do
+  (exec 3<>/dev/tcp/10.0.2.2/$port) 2>/dev/null && break
+  for d in /sys/bus/virtio/drivers/virtio_net/virtio*/net/*; do
+    [ -e "$d" ] || continue
+    i=$(basename "$d")
+    ip link set "$i" up 2>/dev/null || true
+    ip addr replace 10.0.2.15/24 dev "$i" 2>/dev/null || true
+    ip route replace default via 10.0.2.2 dev "$i" 2>/dev/null || true
+  done
+  sleep 0.1
+done
+NET
+  fi
   printf 'cd %q\n' "$PWD"
   printf 'set +e\n'
   printf '%q ' "$@"

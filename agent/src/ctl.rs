@@ -99,6 +99,9 @@ pub fn render_node_status(st: &AgentStatus) -> String {
     for p in &r.problems {
         o.push_str(&format!("  problem: {p}\n"));
     }
+    for t in &r.tunnels {
+        o.push_str(&format!("  tunnel: {t}\n"));
+    }
     let api = &st.api;
     match (api.answering, &api.last_error, api.answered_seconds_ago) {
         (true, None, _) => o.push_str("  Kubernetes API: answering"),

@@ -103,6 +103,10 @@ pub struct RoutingStatus {
     pub advertised: Vec<String>,
     /// Routes to remote blocks programmed.
     pub remote_routes: usize,
+    /// This node's tunnel devices in use (`IPIP tunl0 10.244.1.1 MTU
+    /// 1480`, with `not up` when the kernel refused).
+    #[serde(default)]
+    pub tunnels: Vec<String>,
 }
 
 /// How the Kubernetes API answers this agent, from its heartbeat Lease

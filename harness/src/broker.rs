@@ -37,7 +37,10 @@ pub async fn serve(listener: tokio::net::TcpListener) -> Result<()> {
 async fn one(sock: tokio::net::TcpStream) -> Result<()> {
     let (r, mut w) = sock.into_split();
     let mut lines = tokio::io::BufReader::new(r).lines();
-    let req = lines.next_line().await?.unwrap_or_default();
+    let Some(req) = lines.next_line().await? else {
+        // A probe: the VM checking that its network reaches us.
+        return Ok(());
+    };
     let req: serde_json::Value =
         serde_json::from_str(&req).map_err(|e| Error::Other(format!("request: {e}")))?;
     let tokens: Vec<Vec<String>> =
@@ -72,8 +75,22 @@ async fn one(sock: tokio::net::TcpStream) -> Result<()> {
 /// `extra`; returns the connection (closing it stops the apiserver) and the
 /// port it listens on, on the broker's host.
 pub fn request(broker: &str, extra: &[(&str, &str, &str)]) -> Result<(std::net::TcpStream, u16)> {
-    let mut conn = std::net::TcpStream::connect(broker)
-        .map_err(|e| Error::Other(format!("the apiserver broker at {broker}: {e}")))?;
+    // The VM's network may still be settling (its DHCP client redoes it).
+    let start = std::time::Instant::now();
+    let mut conn = loop {
+        match std::net::TcpStream::connect(broker) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() < Duration::from_secs(60) => {
+                tracing::debug!("the apiserver broker at {broker}: {e}; trying again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                return Err(Error::Other(format!(
+                    "the apiserver broker at {broker}: {e}"
+                )));
+            }
+        }
+    };
     let tokens: Vec<[&str; 3]> = extra.iter().map(|(a, b, c)| [*a, *b, *c]).collect();
     conn.write_all(format!("{}\n", serde_json::json!({ "tokens": tokens })).as_bytes())?;
     // Its start takes seconds on the host; allow for a loaded machine.

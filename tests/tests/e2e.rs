@@ -710,6 +710,13 @@ async fn ipip_is_reported_on_the_node() {
         {
             let msg = cond.message.clone().unwrap_or_default();
             assert!(msg.contains("IPIP") && msg.contains("VXLAN"), "{msg}");
+            // Where the module is missing: this kernel, /lib/modules.
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+            assert!(
+                msg.contains(&format!("kernel {}", release.trim()))
+                    && msg.contains("/lib/modules/"),
+                "{msg}"
+            );
             assert_eq!(cond.reason.as_deref(), Some("RoutingIncomplete"));
             break;
         }

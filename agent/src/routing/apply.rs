@@ -18,7 +18,7 @@ use margay_delta::Removals;
 use super::plan::{Plan, RemotePlan, SpeakerPlan, SpeakerSettings, SpeakerView};
 use super::problem::Problem;
 use super::sessions::Live;
-use crate::dataplane::{Dataplane, Devices, PerTunnel, Remote, Tunnel, sync};
+use crate::dataplane::{Dataplane, DevicePlan, Devices, PerTunnel, Remote, Tunnel, sync};
 use crate::kube::node::Annotations;
 
 /// The speaker, as a pass drives it.
@@ -85,8 +85,9 @@ pub trait ClusterWrites: Send + Sync {
         &self,
         t: Tunnel,
     ) -> impl Future<Output = crate::Result<Option<Ipv4Addr>>> + Send;
-    /// Releases this node's tunnel address for `t` (none held is success).
-    fn release_tunnel(&self, t: Tunnel) -> impl Future<Output = crate::Result<()>> + Send;
+    /// Releases this node's tunnel address for `t` (none held is success);
+    /// how many addresses it held.
+    fn release_tunnel(&self, t: Tunnel) -> impl Future<Output = crate::Result<usize>> + Send;
 }
 
 /// What a pass did.
@@ -151,7 +152,8 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
             continue;
         }
         match cluster.release_tunnel(t).await {
-            Ok(()) => tracing::info!(tunnel = %t, "retired the tunnel no pool uses"),
+            Ok(0) => {}
+            Ok(_) => tracing::info!(tunnel = %t, "retired the tunnel no pool uses"),
             Err(e) => {
                 *retired.get_mut(t) = false;
                 problems.push(Problem::NoTunnelAddress {
@@ -202,6 +204,7 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
         neighbors: view.neighbors.len(),
         advertised: plan.advertised().iter().map(ToString::to_string).collect(),
         remote_routes,
+        tunnels: tunnel_lines(&plan.devices, &ready),
     };
     Outcome {
         problems,
@@ -210,6 +213,31 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
         retired,
         status,
     }
+}
+
+/// The tunnel devices in use, for `/status`.
+fn tunnel_lines(d: &Devices, ready: &PerTunnel<bool>) -> Vec<String> {
+    let up = |t: Tunnel| if *ready.get(t) { "" } else { ", not up" };
+    let mut v = Vec::new();
+    if let DevicePlan::Want(l) = d.vxlan {
+        v.push(format!(
+            "VXLAN {} {} MTU {}{}",
+            crate::dataplane::ownership::VXLAN_DEV,
+            l.tunnel_ip,
+            l.mtu,
+            up(Tunnel::Vxlan)
+        ));
+    }
+    if let DevicePlan::Want(l) = d.ipip {
+        v.push(format!(
+            "IPIP {} {} MTU {}{}",
+            crate::dataplane::ownership::IPIP_DEV,
+            l.tunnel_ip,
+            l.mtu,
+            up(Tunnel::Ipip)
+        ));
+    }
+    v
 }
 
 async fn speaker<B: Bgp>(p: &SpeakerPlan, bgp: &mut B, problems: &mut Vec<Problem>) {

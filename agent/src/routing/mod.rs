@@ -165,7 +165,7 @@ impl ClusterWrites for Kube {
         }))
     }
 
-    async fn release_tunnel(&self, t: Tunnel) -> crate::Result<()> {
+    async fn release_tunnel(&self, t: Tunnel) -> crate::Result<usize> {
         let release = async {
             self.alloc
                 .release(&t.handle(&self.node))
@@ -174,7 +174,7 @@ impl ClusterWrites for Kube {
         };
         deadline(|| format!("releasing the {t} tunnel address"), release)
             .await
-            .map(drop)
+            .map(|freed| freed.len())
     }
 }
 

@@ -132,12 +132,12 @@ impl ClusterWrites for FakeCluster {
         }))
     }
 
-    async fn release_tunnel(&self, t: Tunnel) -> crate::Result<()> {
+    async fn release_tunnel(&self, t: Tunnel) -> crate::Result<usize> {
         self.writes
             .lock()
             .unwrap()
             .push(serde_json::json!({"release": t.to_string()}));
-        Ok(())
+        Ok(1)
     }
 }
 
