@@ -27,10 +27,15 @@ for n in hb-fab hb-na hb-nb hb-pa hb-pb; do ip netns add $n; ip -n $n link set l
 ip -n hb-fab link add br0 type bridge; ip -n hb-fab link set br0 up
 i=1
 for side in a b; do
-  ip link add eth0 netns hb-n$side type veth peer name p$side netns hb-fab
+  # (Names made in the VM's own namespace first: it has an eth0.)
+  ip link add hbu$side netns hb-n$side type veth peer name p$side netns hb-fab
   ip -n hb-fab link set p$side master br0 up
-  ip -n hb-n$side addr add 10.98.0.$i/24 dev eth0; ip -n hb-n$side link set eth0 up
-  ip link add eth0 netns hb-p$side type veth peer name pod netns hb-n$side
+  ip -n hb-n$side addr add 10.98.0.$i/24 dev hbu$side; ip -n hb-n$side link set hbu$side up
+  # Proxy ARP answers for 169.254.1.1 only with a route to it elsewhere.
+  ip -n hb-n$side route add default dev hbu$side
+  ip link add hbp$side netns hb-p$side type veth peer name pod netns hb-n$side
+  ip -n hb-p$side link set hbp$side name eth0
+  ip -n hb-p$side link set eth0 mtu 1480; ip -n hb-n$side link set pod mtu 1480
   ip -n hb-p$side addr add 10.245.$i.2/32 dev eth0; ip -n hb-p$side link set eth0 up
   ip -n hb-p$side route add 169.254.1.1 dev eth0; ip -n hb-p$side route add default via 169.254.1.1 dev eth0
   ip -n hb-n$side link set pod up
@@ -45,21 +50,18 @@ route_hand() { # native | tunnel
     ip -n hb-na route replace 10.245.2.0/24 via 10.98.0.2 dev tunl0 onlink
     ip -n hb-nb route replace 10.245.1.0/24 via 10.98.0.1 dev tunl0 onlink
   else
-    ip -n hb-na route replace 10.245.2.0/24 via 10.98.0.2 dev eth0
-    ip -n hb-nb route replace 10.245.1.0/24 via 10.98.0.1 dev eth0
+    ip -n hb-na route replace 10.245.2.0/24 via 10.98.0.2 dev hbua
+    ip -n hb-nb route replace 10.245.1.0/24 via 10.98.0.1 dev hbub
   fi
 }
 
 # Mbit/s of one stream from namespace $1 to address $3 (server in $2).
 measure() {
-  ip netns exec "$2" iperf3 -s -1 >/dev/null 2>&1 &
+  ip netns exec "$1" ping -c 1 -W 5 "$3" >/dev/null || { echo "no path $1 -> $3" >&2; exit 1; }
+  timeout $((secs + 60)) ip netns exec "$2" iperf3 -s -1 >/dev/null 2>&1 &
   local srv=$!
-  for _ in $(seq 50); do ip netns exec "$1" iperf3 -c "$3" -t 1 >/dev/null 2>&1 && break || sleep 0.2; done
-  wait $srv 2>/dev/null || true
-  ip netns exec "$2" iperf3 -s -1 >/dev/null 2>&1 &
-  srv=$!
-  sleep 0.3
-  ip netns exec "$1" iperf3 -c "$3" -t "$secs" -J | jq '.end.sum_received.bits_per_second / 1e6'
+  sleep 0.5
+  timeout $((secs + 30)) ip netns exec "$1" iperf3 -c "$3" -t "$secs" -J | jq '.end.sum_received.bits_per_second / 1e6'
   wait $srv 2>/dev/null || true
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
