@@ -84,13 +84,23 @@ install_helm() {
   rm -rf "$t"
 }
 
-install_apiserver() {
-  local out=$CACHE/bin/kube-apiserver
-  if [ -x "$out" ] && "$out" --version 2>/dev/null | grep -q "$KUBE_VERSION"; then
-    return 0
-  fi
-  log "kube-apiserver: building $KUBE_VERSION from Debian's source package (about 7 minutes, once per machine)"
-  local b=$CACHE/build
+# kube-apiserver, and for the lab's real nodes (`margay-lab up
+# --kubernetes`) kubelet, kube-controller-manager and kube-scheduler, from
+# Debian's own source package (it vendors its dependencies), built once
+# per machine into the cache; only the missing ones are built.
+KUBE_BINS=(kube-apiserver kubelet kube-controller-manager kube-scheduler)
+
+install_kube() {
+  local missing=()
+  for b in "${KUBE_BINS[@]}"; do
+    if ! { [ -x "$CACHE/bin/$b" ] && "$CACHE/bin/$b" --version 2>/dev/null | grep -q "$KUBE_VERSION"; }; then
+      missing+=("$b")
+    fi
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  log "kubernetes: building ${missing[*]} $KUBE_VERSION from Debian's source package (minutes, once per machine)"
+  local b=$CACHE/build what=""
+  for m in "${missing[@]}"; do what="$what cmd/$m"; done
   rm -rf "$b"; mkdir -p "$b"
   ( cd "$b"
     apt-get source --download-only "kubernetes=$KUBE_DEB_VERSION" >/dev/null
@@ -101,8 +111,10 @@ install_apiserver() {
     printf "KUBE_GIT_VERSION='%s'\nKUBE_GIT_MAJOR='1'\nKUBE_GIT_MINOR='20'\nKUBE_GIT_TREE_STATE='clean'\n" "$KUBE_VERSION" > "$b/kver"
     PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 GOPROXY=off GOFLAGS=-mod=vendor \
       GOCACHE=$b/gocache KUBE_GIT_VERSION_FILE=$b/kver \
-      make WHAT=cmd/kube-apiserver >"$b/build.log" 2>&1 || { tail -40 "$b/build.log" >&2; exit 1; }
-    install -m 0755 _output/bin/kube-apiserver "$out.tmp" && mv "$out.tmp" "$out"
+      make WHAT="${what# }" >"$b/build.log" 2>&1 || { tail -40 "$b/build.log" >&2; exit 1; }
+    for m in "${missing[@]}"; do
+      install -m 0755 "_output/bin/$m" "$CACHE/bin/$m.tmp" && mv "$CACHE/bin/$m.tmp" "$CACHE/bin/$m"
+    done
   )
   rm -rf "$b"
 }
@@ -126,6 +138,6 @@ start=$(date +%s)
 install_apt
 install_pypi
 install_helm
-install_apiserver
+install_kube
 install_cnitool
 log "all components present ($(( $(date +%s) - start ))s)"
