@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 
 use margay_agent::dataplane::{
-    DevicePlan, Devices, LocalIpip, LocalVtep, Netlink, Remote, Via, sync,
+    DevicePlan, Devices, Holds, LocalIpip, LocalVtep, Netlink, Remote, Via, sync,
 };
 use margay_agent::routing::encap::{RemoteBlock, Vtep, plan};
 use margay_api::ipam::Encapsulation;
@@ -19,8 +19,7 @@ use margay_harness::topo::Fabric;
 
 /// Makes `dp`'s remote routes `want`; every item must succeed.
 async fn apply_remote(dp: &Netlink, devices: Devices, want: &Remote, prune: bool) {
-    let keep = std::collections::BTreeSet::new();
-    let r = sync::remote(dp, &devices, want, &keep, Removals::when(prune))
+    let r = sync::remote(dp, &devices, want, &Holds::default(), Removals::when(prune))
         .await
         .unwrap();
     assert!(r.failed.is_empty(), "{:?}", r.failed);
@@ -78,6 +77,7 @@ fn block(
         encap,
         vtep: v,
         ipip: None,
+        pool_deleting: false,
     }
 }
 
@@ -252,8 +252,7 @@ fn ipip_where_the_kernel_has_it_and_a_clear_error_where_it_has_not() {
     };
     let report = in_ns(&a.ns, move |dp| {
         Box::pin(async move {
-            let keep = std::collections::BTreeSet::new();
-            let r = sync::remote(&dp, &devices, &want, &keep, Removals::Allowed)
+            let r = sync::remote(&dp, &devices, &want, &Holds::default(), Removals::Allowed)
                 .await
                 .unwrap();
             (

@@ -362,6 +362,19 @@ pub enum DevicePlan<L> {
     Retire(Option<Ipv4Addr>),
 }
 
+/// Remote blocks whose routes [`sync::remote`] treats apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// Blocks that exist but cannot be routed as wanted now: whatever
+    /// route the kernel has for them stays.
+    pub keep: BTreeSet<IpNetwork>,
+    /// Blocks of pools being deleted (drained first, as for any pool
+    /// deletion): their routes do not keep a tunnel device from being
+    /// retired, so the tunnel addresses in them can be released and the
+    /// pool can go.
+    pub expendable: BTreeSet<IpNetwork>,
+}
+
 /// The tunnel devices, as a pass wants them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Devices {

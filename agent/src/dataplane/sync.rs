@@ -16,7 +16,7 @@ use ipnetwork::IpNetwork;
 use margay_delta::{Delta, Op, Removals};
 
 use super::ownership::{IPIP_DEV, VXLAN_DEV};
-use super::{Dataplane, DevicePlan, Devices, Error, PerTunnel, Remote, Result, Tunnel, Via};
+use super::{Dataplane, DevicePlan, Devices, Error, Holds, PerTunnel, Remote, Result, Tunnel, Via};
 
 /// One kernel object a sync works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,14 +161,15 @@ pub async fn pod_routes<D: Dataplane>(
 /// 2. the VXLAN device's neighbour and FDB entries, then the routes; a
 ///    route through a device that is not up is left for a later pass (what
 ///    the kernel routes that block through now stays), and the routes to
-///    `keep` (blocks that exist but cannot be routed as wanted now) are
-///    never removed;
-/// 3. a device to retire goes last, and only once no route uses it.
+///    `holds.keep` (blocks that exist but cannot be routed as wanted now)
+///    are never removed;
+/// 3. a device to retire goes last, and only once no route uses it but
+///    those to `holds.expendable` (blocks of pools being deleted).
 pub async fn remote<D: Dataplane>(
     dp: &D,
     devices: &Devices,
     want: &Remote,
-    keep: &BTreeSet<IpNetwork>,
+    holds: &Holds,
     removals: Removals,
 ) -> Result<Report> {
     let have = dp.list_remote().await?;
@@ -218,7 +219,7 @@ pub async fn remote<D: Dataplane>(
         .await;
     }
     let mut routes = Delta::between(&want.routes, &have.state.routes, removals);
-    routes.remove.retain(|n| !keep.contains(n));
+    routes.remove.retain(|n| !holds.keep.contains(n));
     routes
         .set
         .retain(|(_, via)| via.tunnel().is_none_or(|t| *usable.get(t)));
@@ -252,7 +253,11 @@ pub async fn remote<D: Dataplane>(
         };
     }
     rep.absorb(r, Item::RemoteRoute);
-    let in_use: Vec<Option<Tunnel>> = after.values().map(Via::tunnel).collect();
+    let in_use: Vec<Option<Tunnel>> = after
+        .iter()
+        .filter(|(n, _)| !holds.expendable.contains(n))
+        .map(|(_, v)| v.tunnel())
+        .collect();
     for t in Tunnel::ALL {
         if !devices.retires(t) || in_use.contains(&Some(t)) {
             continue;
@@ -289,7 +294,7 @@ mod tests {
 
     /// One sync with nothing kept; the listing must succeed.
     async fn go(dp: &FakeDataplane, d: &Devices, want: &Remote, removals: Removals) -> Report {
-        remote(dp, d, want, &BTreeSet::new(), removals)
+        remote(dp, d, want, &Holds::default(), removals)
             .await
             .unwrap()
     }
@@ -340,7 +345,7 @@ mod tests {
                 &dp,
                 &Devices::default(),
                 &empty,
-                &BTreeSet::new(),
+                &Holds::default(),
                 Removals::Allowed
             )
             .await
@@ -471,7 +476,10 @@ mod tests {
         assert_eq!(dp.remote_routes()[&block], Via::Ipip(node));
         // The block cannot be routed as wanted now (kept): neither its
         // route nor tunl0 goes.
-        let keep: BTreeSet<_> = [block].into();
+        let keep = Holds {
+            keep: [block].into(),
+            ..Default::default()
+        };
         let empty = Remote::default();
         let retire = with(DevicePlan::Retire(Some(local.tunnel_ip)));
         let r = remote(&dp, &retire, &empty, &keep, Removals::Allowed)
@@ -479,6 +487,24 @@ mod tests {
             .unwrap();
         assert!(!r.retired.ipip);
         assert_eq!(dp.remote_routes()[&block], Via::Ipip(node));
+        // A route to a block of a pool being deleted holds nothing back.
+        let expendable = Holds {
+            expendable: [block].into(),
+            ..Default::default()
+        };
+        let r = remote(&dp, &retire, &want, &expendable, Removals::Allowed)
+            .await
+            .unwrap();
+        assert!(r.retired.ipip);
+        assert!(dp.remote.lock().unwrap().ipip.is_none());
+        // tunl0 up again for the rest of this test.
+        go(
+            &dp,
+            &with(DevicePlan::Want(local)),
+            &want,
+            Removals::Allowed,
+        )
+        .await;
         let r = go(&dp, &retire, &empty, Removals::Allowed).await;
         assert!(r.retired.ipip && r.failed.is_empty());
         assert!(dp.remote_routes().is_empty());

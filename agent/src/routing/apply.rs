@@ -5,7 +5,6 @@
 //! becomes a [`Problem`] in the Node condition and `/status`, and the rest
 //! of the plan is still carried out.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
 
@@ -18,7 +17,7 @@ use margay_delta::Removals;
 use super::plan::{Plan, RemotePlan, SpeakerPlan, SpeakerSettings, SpeakerView};
 use super::problem::Problem;
 use super::sessions::Live;
-use crate::dataplane::{Dataplane, DevicePlan, Devices, PerTunnel, Remote, Tunnel, sync};
+use crate::dataplane::{Dataplane, DevicePlan, Devices, Holds, PerTunnel, Remote, Tunnel, sync};
 use crate::kube::node::Annotations;
 
 /// The speaker, as a pass drives it.
@@ -130,11 +129,11 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
     if remote.is_some() || plan.devices != Devices::default() {
         let r = remote.unwrap_or_else(|| RemotePlan {
             want: Remote::default(),
-            keep: BTreeSet::new(),
+            holds: Holds::default(),
             removals: Removals::Forbidden,
         });
         remote_routes = r.want.routes.len();
-        match sync::remote(dp, &plan.devices, &r.want, &r.keep, r.removals).await {
+        match sync::remote(dp, &plan.devices, &r.want, &r.holds, r.removals).await {
             Ok(rep) => {
                 if !rep.failed.is_empty() {
                     let what: Vec<String> = rep.failed.iter().map(ToString::to_string).collect();

@@ -19,13 +19,12 @@
 //! The kernel side (`dataplane::sync::remote`) diffs it against what is
 //! there and changes only what differs.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
 use margay_api::ipam::Encapsulation;
 
-use crate::dataplane::{Remote, Via};
+use crate::dataplane::{Holds, Remote, Via};
 
 /// A remote node's VXLAN endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,6 +51,8 @@ pub struct RemoteBlock {
     /// The node's `tunl0` address, published once it takes IPIP (needed
     /// for IPIP).
     pub ipip: Option<Ipv4Addr>,
+    /// Its pool is being deleted.
+    pub pool_deleting: bool,
 }
 
 /// Why a block cannot be routed.
@@ -76,9 +77,8 @@ pub enum RouteError {
 pub struct Routed {
     /// The desired kernel state.
     pub want: Remote,
-    /// Blocks that exist but cannot be routed as wanted now: their current
-    /// route (if any) stays.
-    pub keep: BTreeSet<IpNetwork>,
+    /// Blocks kept as they are, and blocks of pools being deleted.
+    pub holds: Holds,
     /// Why each kept block cannot be routed.
     pub errors: Vec<RouteError>,
 }
@@ -99,9 +99,12 @@ pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> Routed {
                 }
             }
             Err(why) => {
-                out.keep.insert(b.cidr);
+                out.holds.keep.insert(b.cidr);
                 out.errors.push(why);
             }
+        }
+        if b.pool_deleting {
+            out.holds.expendable.insert(b.cidr);
         }
     }
     out
@@ -161,6 +164,7 @@ mod tests {
             encap,
             vtep: None,
             ipip: None,
+            pool_deleting: false,
         }
     }
 
@@ -250,7 +254,7 @@ mod tests {
         assert_eq!(r.want.neigh.len(), 1);
         assert_eq!(r.want.fdb[&v.mac], "10.99.0.2".parse::<Ipv4Addr>().unwrap());
         assert!(r.want.needs(crate::dataplane::Tunnel::Vxlan));
-        let kept: Vec<String> = r.keep.iter().map(ToString::to_string).collect();
+        let kept: Vec<String> = r.holds.keep.iter().map(ToString::to_string).collect();
         assert_eq!(kept, ["10.244.4.0/26", "10.244.8.0/26"]);
         let why: Vec<String> = r.errors.iter().map(ToString::to_string).collect();
         assert!(why[0].contains("VXLAN") && why[0].contains("has not published its VTEP"));
@@ -264,7 +268,7 @@ mod tests {
         let mut b = block("fd00:244::/122", "b", "10.99.0.2", Encapsulation::Ipip);
         b.ipip = Some("10.244.3.1".parse().unwrap());
         let r = plan(&[b], None);
-        assert!(r.want.routes.is_empty() && r.keep.len() == 1);
+        assert!(r.want.routes.is_empty() && r.holds.keep.len() == 1);
         assert!(r.errors[0].to_string().contains("IPv4 blocks only"));
     }
 }

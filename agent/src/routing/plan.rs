@@ -18,7 +18,7 @@
 //!   (re)start, what is in the kernel keeps forwarding until BGP has
 //!   relearned it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
 use super::problem::Problem;
 use super::sessions::{Global, Live, NamedPeer, Settings, neighbors};
 use crate::dataplane::{
-    DevicePlan, Devices, IPIP_OVERHEAD, LocalIpip, LocalVtep, PerTunnel, Remote, Tunnel,
+    DevicePlan, Devices, Holds, IPIP_OVERHEAD, LocalIpip, LocalVtep, PerTunnel, Remote, Tunnel,
     VXLAN_OVERHEAD,
 };
 use crate::kube::Known;
@@ -78,8 +78,8 @@ pub struct TunnelInput {
 pub struct RemotePlan {
     /// The desired routes and VXLAN entries.
     pub want: Remote,
-    /// Blocks whose current route stays (they cannot be routed as wanted).
-    pub keep: BTreeSet<IpNetwork>,
+    /// Blocks kept as they are, and blocks of pools being deleted.
+    pub holds: Holds,
     /// Whether what `want` lacks may go.
     pub removals: Removals,
 }
@@ -267,6 +267,7 @@ pub fn remote_blocks(
             },
             vtep: node.and_then(|n| n.vtep),
             ipip: node.and_then(|n| n.ipip),
+            pool_deleting: pool.deleting,
         });
     }
     out
@@ -370,7 +371,7 @@ pub fn plan(s: &Snapshot) -> Plan {
                 s.speaker.neighbors_set && (s.speaker.synced || s.speaker.age > PRUNE_GRACE);
             Some(RemotePlan {
                 want: routed.want,
-                keep: routed.keep,
+                holds: routed.holds,
                 removals: Removals::when(inputs && relearned),
             })
         }
@@ -384,8 +385,15 @@ pub fn plan(s: &Snapshot) -> Plan {
 
     // This node's tunnels: which ones the pools use, their addresses and
     // devices, what the other nodes are told.
+    // A pool being deleted no longer counts: its tunnel address (which
+    // would hold the deletion back) is released after the linger; its
+    // pods are to be drained first, as for any pool deletion.
     let used: Option<PerTunnel<bool>> = s.pools.value().map(|pools| {
-        PerTunnel::default().map(|t, _: &bool| pools.iter().any(|p| t.used_by(p.encapsulation)))
+        PerTunnel::default().map(|t, _: &bool| {
+            pools
+                .iter()
+                .any(|p| !p.deleting && t.used_by(p.encapsulation))
+        })
     });
     let (devices, assign_tunnels) = tunnel_devices(s, used, may_remove, address, me_obj.as_deref());
     let vtep = match devices.vxlan {

@@ -710,7 +710,35 @@ async fn unknown_pools_retire_nothing_and_a_kernel_without_ipip_keeps_its_routes
         routes(&dp)[&net("10.244.3.0/26")],
         Via::Ipip("10.0.0.3".parse().unwrap())
     );
-    // Pools unreadable long after: tunl0 and its address stay.
+    // The IPIP pool being deleted: tunl0 retires after the linger, so its
+    // address does not hold the deletion back.
+    let mut deleting = pool();
+    deleting.encapsulation = Encapsulation::Ipip;
+    deleting.deleting = true;
+    let mut p2 = pool();
+    p2.encapsulation = Encapsulation::None;
+    p2.cidr = net("10.245.0.0/16");
+    s.pools = Known::Fresh(vec![deleting, p2]);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(
+        tunnels.unused_since.ipip.is_some(),
+        "a deleting pool uses no tunnel"
+    );
+    tunnels.unused_since.ipip = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(dp.remote.lock().unwrap().ipip.is_none());
+    assert!(
+        c.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|w| w["release"] == "IPIP")
+    );
+    // Back in use, then pools unreadable long after: tunl0 and its
+    // address stay.
+    with_encap(&mut s, Encapsulation::Ipip);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(dp.remote.lock().unwrap().ipip.is_some());
     with_encap(&mut s, Encapsulation::None);
     s.pools = std::mem::replace(&mut s.pools, Known::Unknown(String::new()))
         .failed("cannot watch IPPools".into());
