@@ -16,7 +16,7 @@ use ipnetwork::IpNetwork;
 use margay_delta::{Delta, Op, Removals};
 
 use super::ownership::{IPIP_DEV, VXLAN_DEV};
-use super::{Dataplane, DevicePlan, Devices, Error, Holds, PerTunnel, Remote, Result, Tunnel, Via};
+use super::{Dataplane, DevicePlan, Devices, Error, Holds, PerTunnel, Remote, Result, Tunnel};
 
 /// One kernel object a sync works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
