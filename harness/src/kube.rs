@@ -47,7 +47,8 @@ enum Backend {
 
 #[derive(Debug)]
 struct Local {
-    // The apiserver stops before etcd.
+    // Relays and controllers stop first, the apiserver before etcd.
+    extras: Vec<Daemon>,
     apiserver: Daemon,
     etcd: Daemon,
     /// How each was started, to start it again the same way.
@@ -55,6 +56,10 @@ struct Local {
     etcd_cmd: CommandLine,
     /// etcd's client port.
     etcd_port: u16,
+    /// The namespace it runs in and the address it serves on there.
+    place: Option<(String, std::net::Ipv4Addr)>,
+    /// Its serving certificate's CA (when it runs in a namespace).
+    ca: Option<PathBuf>,
 }
 
 /// A program and its arguments (a `Command` cannot be cloned).
@@ -102,11 +107,29 @@ impl ApiServer {
 
     /// Starts etcd and kube-apiserver as children of this process.
     pub async fn start_local(extra: &[(&str, &str, &str)]) -> Result<Self> {
+        Self::start_at(None, extra).await
+    }
+
+    /// Starts etcd and kube-apiserver inside `ns`, the apiserver serving on
+    /// `addr` there (and the namespace's loopback) with a certificate of a
+    /// CA of its own ([`ApiServer::ca_cert`]) naming `addr`, 127.0.0.1 and
+    /// the `kubernetes` Service: as a control plane on the nodes' network,
+    /// which kubelets reach and which reaches kubelets (`kubectl exec`,
+    /// logs). This machine's loopback relays to it at the same port, so
+    /// [`ApiServer::kubeconfig`] and [`ApiServer::client`] work as usual.
+    pub async fn start_in(ns: &Netns, addr: std::net::Ipv4Addr) -> Result<Self> {
+        Self::start_at(Some((ns, addr)), &[]).await
+    }
+
+    async fn start_at(
+        place: Option<(&Netns, std::net::Ipv4Addr)>,
+        extra: &[(&str, &str, &str)],
+    ) -> Result<Self> {
         let mut last = None;
         // Ports are picked then bound by a child: a parallel test can race us
         // to one, so retry with new ports a couple of times.
         for _ in 0..3 {
-            match Self::try_start(extra).await {
+            match Self::try_start(place, extra).await {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     tracing::warn!("apiserver start failed, retrying: {e}");
@@ -117,14 +140,21 @@ impl ApiServer {
         Err(last.expect("at least one attempt"))
     }
 
-    async fn try_start(extra: &[(&str, &str, &str)]) -> Result<Self> {
+    async fn try_start(
+        place: Option<(&Netns, std::net::Ipv4Addr)>,
+        extra: &[(&str, &str, &str)],
+    ) -> Result<Self> {
         let apiserver_bin = paths::kube_apiserver()?;
         let etcd_bin = paths::system("etcd")?;
         let dir = names::shm_dir("kube")?;
         let d = dir.path();
         let (client, peer, port) = (free_port()?, free_port()?, free_port()?);
+        let command = |prog: PathBuf| match place {
+            Some((ns, _)) => ns.cmd(prog),
+            None => Command::new(prog),
+        };
 
-        let mut etcd_cmd = Command::new(etcd_bin);
+        let mut etcd_cmd = command(etcd_bin);
         etcd_cmd
             .arg(format!("--data-dir={}", d.join("etcd").display()))
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
@@ -157,13 +187,40 @@ impl ApiServer {
             "etcd to listen",
             Duration::from_secs(20),
             Duration::from_millis(50),
-            || std::net::TcpStream::connect(("127.0.0.1", client)).ok(),
+            || match place {
+                Some((ns, _)) => ns
+                    .exec(
+                        "bash",
+                        &["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{client}")],
+                    )
+                    .ok(),
+                None => std::net::TcpStream::connect(("127.0.0.1", client))
+                    .ok()
+                    .map(|_| String::new()),
+            },
         )?;
 
-        let mut api_cmd = Command::new(apiserver_bin);
+        let mut api_cmd = command(apiserver_bin);
+        api_cmd.arg(format!("--etcd-servers=http://127.0.0.1:{client}"));
+        let mut ca = None;
+        match place {
+            None => {
+                api_cmd.args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"]);
+            }
+            Some((_, addr)) => {
+                let (crt, key) = serving_cert(d, addr)?;
+                api_cmd
+                    .args([
+                        "--bind-address=0.0.0.0",
+                        &format!("--advertise-address={addr}"),
+                    ])
+                    .arg(format!("--tls-cert-file={}", crt.display()))
+                    .arg(format!("--tls-private-key-file={}", key.display()))
+                    .arg("--kubelet-preferred-address-types=InternalIP");
+                ca = Some(d.join("ca.crt"));
+            }
+        }
         api_cmd
-            .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
             .arg(format!("--secure-port={port}"))
             .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", d.join("certs").display()))
@@ -191,16 +248,23 @@ impl ApiServer {
             ]);
         let apiserver_line = CommandLine::of(&api_cmd);
         let apiserver = Daemon::spawn("kube-apiserver", api_cmd, &d.join("apiserver.log"))?;
+        let mut extras = Vec::new();
+        if let Some((ns, _)) = place {
+            extras.extend(relay_into(ns, port, d)?);
+        }
 
         let kubeconfig = d.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(port, ADMIN_TOKEN))?;
         let mut me = Self {
             backend: Backend::Local(Box::new(Local {
+                extras,
                 apiserver,
                 etcd,
                 apiserver_cmd: apiserver_line,
                 etcd_cmd: etcd_line,
                 etcd_port: client,
+                place: place.map(|(ns, addr)| (ns.name().to_string(), addr)),
+                ca,
             })),
             port,
             kubeconfig,
@@ -342,6 +406,79 @@ impl ApiServer {
         Ok(())
     }
 
+    /// The address nodes reach it at: `https://<addr>:<port>` when it runs
+    /// in a namespace ([`ApiServer::start_in`]), else [`ApiServer::url`].
+    pub fn node_url(&self) -> String {
+        match &self.backend {
+            Backend::Local(l) => match &l.place {
+                Some((_, addr)) => format!("https://{addr}:{}", self.port),
+                None => self.url(),
+            },
+            Backend::Remote { .. } => self.url(),
+        }
+    }
+
+    /// The CA of its serving certificate (only when it runs in a
+    /// namespace: else its certificate is self-signed).
+    pub fn ca_cert(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local(l) => l.ca.as_deref(),
+            Backend::Remote { .. } => None,
+        }
+    }
+
+    /// Starts kube-controller-manager (service account tokens with this
+    /// apiserver's CA, DaemonSets, Deployments, node lifecycle, garbage
+    /// collection) and kube-scheduler beside it, both stopped with it.
+    pub fn start_controllers(&mut self) -> Result<()> {
+        let d = self.dir.path().to_path_buf();
+        let kubeconfig = self.kubeconfig.clone();
+        let l = self.local("start controllers")?;
+        let ns = l.place.as_ref().map(|(n, _)| Netns::borrowed(n));
+        let command = |prog: PathBuf| match &ns {
+            Some(ns) => ns.cmd(prog),
+            None => Command::new(prog),
+        };
+        let mut kcm = command(paths::cache_bin("kube-controller-manager")?);
+        kcm.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .args([
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--use-service-account-credentials=false",
+                "--node-monitor-grace-period=20s",
+                "--pod-eviction-timeout=30s",
+                "--v=0",
+            ]);
+        if let Some(ca) = &l.ca {
+            kcm.arg(format!("--root-ca-file={}", ca.display()));
+        }
+        l.extras.push(Daemon::spawn(
+            "kube-controller-manager",
+            kcm,
+            &d.join("controller-manager.log"),
+        )?);
+        let mut sched = command(paths::cache_bin("kube-scheduler")?);
+        sched
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args([
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--v=0",
+            ]);
+        l.extras.push(Daemon::spawn(
+            "kube-scheduler",
+            sched,
+            &d.join("scheduler.log"),
+        )?);
+        Ok(())
+    }
+
     /// Path of an admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
@@ -424,6 +561,76 @@ impl ApiServer {
         c.env("KUBECONFIG", &self.kubeconfig);
         Ok(c)
     }
+}
+
+/// A CA and a serving certificate for `addr`, 127.0.0.1 and the
+/// `kubernetes` Service (10.96.0.1), in `d`; (certificate, key).
+fn serving_cert(d: &Path, addr: std::net::Ipv4Addr) -> Result<(PathBuf, PathBuf)> {
+    let p = |f: &str| d.join(f);
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+        ])
+        .args(["-subj", "/CN=margay-lab-ca", "-keyout"])
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.crt")))?;
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=kube-apiserver",
+        ])
+        .arg("-keyout")
+        .arg(p("apiserver.key"))
+        .arg("-out")
+        .arg(p("apiserver.csr")))?;
+    std::fs::write(
+        p("san.ext"),
+        format!(
+            "subjectAltName=IP:{addr},IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc\n"
+        ),
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "3650", "-in"])
+        .arg(p("apiserver.csr"))
+        .arg("-CA")
+        .arg(p("ca.crt"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(p("san.ext"))
+        .arg("-out")
+        .arg(p("apiserver.crt")))?;
+    Ok((p("apiserver.crt"), p("apiserver.key")))
+}
+
+/// This machine's 127.0.0.1:`port` relayed to `ns`'s (two socats meeting
+/// at a unix socket in `d`).
+fn relay_into(ns: &Netns, port: u16, d: &Path) -> Result<[Daemon; 2]> {
+    let sock = d.join("relay-in.sock");
+    let socat = paths::system("socat")?;
+    let mut inner = ns.cmd(&socat);
+    inner
+        .arg(format!("UNIX-LISTEN:{},fork,unlink-early", sock.display()))
+        .arg(format!("TCP:127.0.0.1:{port},nodelay"));
+    let inner = Daemon::spawn("socat (apiserver, inside)", inner, &d.join("relay-in.log"))?;
+    let mut outer = Command::new(&socat);
+    outer
+        .arg(format!(
+            "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay"
+        ))
+        .arg(format!("UNIX-CONNECT:{}", sock.display()));
+    let outer = Daemon::spawn(
+        "socat (apiserver, outside)",
+        outer,
+        &d.join("relay-out.log"),
+    )?;
+    Ok([outer, inner])
 }
 
 /// The relays made by [`ApiServer::expose_in`]; dropping it stops them.

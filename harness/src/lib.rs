@@ -15,6 +15,7 @@ pub mod bgpd;
 pub mod broker;
 pub mod error;
 pub mod kube;
+pub mod kubelet;
 pub mod names;
 pub mod netns;
 pub mod paths;

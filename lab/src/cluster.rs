@@ -56,6 +56,9 @@ pub struct Options {
     /// 10.99.0.0/24, node2 in 10.99.1.0/24, ...), reaching each other
     /// through the router across them.
     pub subnets: u8,
+    /// Real nodes (a kubelet and containerd each), Margay installed as a
+    /// user would (`kubectl apply` or `helm install`), pods as Pods.
+    pub kubernetes: Option<crate::Install>,
 }
 
 impl Default for Options {
@@ -71,6 +74,7 @@ impl Default for Options {
             pool_cidr: POOL_CIDR.into(),
             block_size: 26,
             subnets: 1,
+            kubernetes: None,
         }
     }
 }
@@ -90,6 +94,9 @@ pub enum Router {
 /// A node: its namespace, its agent and how to reach it.
 #[derive(Debug)]
 pub struct LabNode {
+    /// The real node (`--kubernetes`): its kubelet runs the agent. Torn
+    /// down before the node's namespace.
+    pub kubelet: Option<margay_harness::kubelet::KubeletNode>,
     /// Kubernetes name (`node1`...).
     pub name: String,
     /// The namespace and its fabric addresses.
@@ -102,7 +109,7 @@ pub struct LabNode {
     pub agent: Option<Daemon>,
     /// How the lab keeps the agent running, as a kubelet would.
     pub restarts: Restarts,
-    _relay: ApiRelay,
+    pub(crate) _relay: Option<ApiRelay>,
 }
 
 /// A kubelet's restart policy for one agent: a dead agent is started again
@@ -165,6 +172,8 @@ pub struct Pod {
     pub ip: String,
     /// The container ID the runtime used.
     pub id: String,
+    /// A Pod's sandbox network, named for `ip netns` (`--kubernetes`).
+    pub(crate) _attached: Option<crate::kubernetes::Attached>,
 }
 
 /// The whole cluster. Field order is teardown order.
@@ -177,7 +186,7 @@ pub struct Cluster {
     pub tor: Option<Router>,
     /// Admin client.
     pub client: kube::Client,
-    work: WorkDir,
+    pub(crate) work: WorkDir,
     /// The fabric (its namespace is the router's).
     pub fabric: Fabric,
     /// The apiserver.
@@ -197,13 +206,13 @@ impl std::fmt::Debug for Cluster {
 }
 
 #[derive(Debug)]
-enum WorkDir {
+pub(crate) enum WorkDir {
     Temp(tempfile::TempDir),
     Fixed(PathBuf),
 }
 
 impl WorkDir {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             WorkDir::Temp(t) => t.path(),
             WorkDir::Fixed(p) => p,
@@ -258,7 +267,7 @@ pub fn cnitool_cmd(
 /// subnets) is a dynamic eBGP neighbor. BIRD accepts any external AS (the cluster's may change)
 /// and waits 1-5 s after a session error instead of its default 60-300 s,
 /// which after a cluster AS change would keep the nodes out for minutes.
-fn tor_config(tor: Tor) -> String {
+pub(crate) fn tor_config(tor: Tor) -> String {
     match tor {
         Tor::Bird => format!(
             "log stderr all;\nrouter id 10.99.0.254;\nprotocol device {{}}\n\
@@ -285,6 +294,9 @@ impl Cluster {
     /// Builds the cluster and starts every agent (returns before routes
     /// have converged: see [`Cluster::wait_converged`]).
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        if opts.kubernetes.is_some() {
+            return crate::kubernetes::start(opts).await;
+        }
         let api = ApiServer::start().await.context("kube-apiserver")?;
         let client = api.client().await?;
         margay_api::crds::install(&client).await.context("CRDs")?;
@@ -404,7 +416,8 @@ impl Cluster {
                 conflist,
                 agent: None,
                 restarts: Restarts::default(),
-                _relay: relay,
+                kubelet: None,
+                _relay: Some(relay),
             });
         }
         let mut c = Cluster {
@@ -423,7 +436,7 @@ impl Cluster {
         Ok(c)
     }
 
-    fn start_tor(fabric: &Fabric, tor: Tor) -> anyhow::Result<Option<Router>> {
+    pub(crate) fn start_tor(fabric: &Fabric, tor: Tor) -> anyhow::Result<Option<Router>> {
         let ns = fabric.ns();
         let conf = tor_config(tor);
         Ok(match tor {
@@ -571,6 +584,9 @@ impl Cluster {
     /// collection knows it), a namespace, and CNI ADD through the real
     /// plugin. Returns its address.
     pub async fn add_pod(&mut self, node: &str, name: &str) -> anyhow::Result<String> {
+        if self.opts.kubernetes.is_some() {
+            return crate::kubernetes::add_pod(self, node, name).await;
+        }
         if self.pods.iter().any(|p| p.name == name) {
             bail!("a pod named {name:?} exists already");
         }
@@ -612,12 +628,16 @@ impl Cluster {
             ns,
             ip: ip.clone(),
             id,
+            _attached: None,
         });
         Ok(ip)
     }
 
     /// CNI DEL of pod `name`, then its namespace and Pod object go.
     pub async fn del_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        if self.opts.kubernetes.is_some() {
+            return crate::kubernetes::del_pod(self, name).await;
+        }
         let k = self
             .pods
             .iter()
@@ -667,7 +687,11 @@ impl Cluster {
         let has =
             |routes: &str, dst: &str| routes.lines().any(|l| l.starts_with(&format!("{dst} ")));
         let mut gaps = Vec::new();
-        for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
+        for n in self
+            .nodes
+            .iter()
+            .filter(|n| n.agent.is_some() || n.kubelet.is_some())
+        {
             let routes = n.node.ns.ip(&["-4", "route", "show", "proto", "79"])?;
             for (cidr, owner) in blocks.iter().filter(|(_, o)| *o != n.name) {
                 if !has(&routes, cidr) {

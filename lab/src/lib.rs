@@ -6,6 +6,8 @@
 //! background; the end-to-end tests build their own.
 
 pub mod cluster;
+pub mod image;
+pub mod kubernetes;
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,16 @@ impl Encap {
             Encap::IpipCrossSubnet => E::IpipCrossSubnet,
         }
     }
+}
+
+/// How `--kubernetes` installs Margay.
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Install {
+    /// `kubectl apply -f deploy/margay.yaml`.
+    Manifest,
+    /// `helm install margay charts/margay -n kube-system`.
+    Helm,
 }
 
 /// Top-of-rack router software.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use margay_lab::cluster::Matrix;
-use margay_lab::{Encap, Tor, value_name};
+use margay_lab::{Encap, Install, Tor, value_name};
 use serde_json::{Value, json};
 
 use state::State;
@@ -58,6 +58,19 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
     #[serde(default = "one")]
     pub subnets: u8,
+    /// Real Kubernetes nodes: a kubelet and containerd per node, Margay
+    /// installed from its image as a user would, pods as Pods.
+    #[arg(long)]
+    #[serde(default)]
+    pub kubernetes: bool,
+    /// How --kubernetes installs Margay.
+    #[arg(long, value_enum, default_value_t = Install::Manifest)]
+    #[serde(default = "manifest")]
+    pub install: Install,
+}
+
+fn manifest() -> Install {
+    Install::Manifest
 }
 
 fn one() -> u8 {
@@ -119,6 +132,17 @@ enum Cmd {
     /// (internal) The background supervisor `up` starts.
     #[command(hide = true)]
     Supervise(UpArgs),
+    /// Builds the images (Margay's from this build's binaries, the lab
+    /// pod's, the sandbox's) as OCI archives; with a `--kubernetes` lab
+    /// up, imports them into every node's containerd.
+    Image {
+        /// Where to write the archives.
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+        /// Margay's image name.
+        #[arg(long, default_value = margay_lab::image::MARGAY_IMAGE)]
+        tag: String,
+    },
     /// (internal) Runs apiservers for a VM on this host (`scripts/in-vm.sh`
     /// starts it): writes its port to PORT_FILE, serves until killed.
     #[command(hide = true)]
@@ -141,6 +165,7 @@ fn main() -> ExitCode {
         Cmd::Kubectl { args } => kubectl(&args),
         Cmd::Supervise(a) => supervise::run(a),
         Cmd::ApiserverBroker { port_file } => apiserver_broker(&port_file),
+        Cmd::Image { out, tag } => image(&out, &tag),
     };
     match r {
         Ok(code) => code,
@@ -177,6 +202,8 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .arg(format!("--pods-per-node={}", args.pods_per_node))
         .arg(format!("--route-reflectors={}", args.route_reflectors))
         .arg(format!("--subnets={}", args.subnets))
+        .arg(format!("--install={}", value_name(args.install)))
+        .args(args.kubernetes.then_some("--kubernetes"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -211,6 +238,25 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn image(out: &std::path::Path, tag: &str) -> anyhow::Result<ExitCode> {
+    use margay_lab::image;
+    std::fs::create_dir_all(out)?;
+    let bin = margay_harness::paths::workspace_bin("margay-agent")?;
+    let m = out.join("margay.tar");
+    image::margay(bin.parent().unwrap_or(std::path::Path::new(".")), tag, &m)?;
+    image::lab_pod(&out.join("lab-pod.tar"))?;
+    image::pause(&out.join("pause.tar"))?;
+    println!("{} ({tag})", m.display());
+    // A Kubernetes lab that is up takes Margay's image into every node.
+    if let Some(s) = State::load_live()?
+        && s.args.kubernetes
+    {
+        let v = control(json!({"op": "import", "archive": m.canonicalize()?}))?;
+        println!("imported into {} nodes", v["nodes"]);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn apiserver_broker(port_file: &std::path::Path) -> anyhow::Result<ExitCode> {
@@ -363,6 +409,15 @@ fn pod(cmd: PodCmd) -> anyhow::Result<ExitCode> {
 fn exec(target: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let s = need_live()?;
     let node = s.nodes.iter().find(|n| n.name == target);
+    if s.args.kubernetes && target != "tor" && node.is_none() {
+        // A Pod: through the apiserver and its kubelet, as a user would.
+        let st = Command::new(margay_harness::paths::kubectl()?)
+            .env("KUBECONFIG", &s.kubeconfig)
+            .args(["exec", target, "--"])
+            .args(cmd)
+            .status()?;
+        return Ok(ExitCode::from(st.code().unwrap_or(1) as u8));
+    }
     let ns = if target == "tor" {
         s.fabric_netns.clone()
     } else if let Some(n) = node {
@@ -376,6 +431,14 @@ fn exec(target: &str, cmd: &[String]) -> anyhow::Result<ExitCode> {
     };
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &ns]).args(cmd);
+    let mnt = state::dir().join("work").join(target).join("ns/mnt");
+    if s.args.kubernetes && node.is_some() && mnt.exists() {
+        // The node's own filesystem too (its /opt/cni/bin, /etc/cni/net.d).
+        c = Command::new("nsenter");
+        c.arg(format!("--mount={}", mnt.display()))
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(cmd);
+    }
     if node.is_some() {
         // As on a node: its kubeconfig, and margayctl on the PATH (it is
         // built next to margay-lab).

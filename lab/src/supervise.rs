@@ -80,7 +80,23 @@ async fn handle(c: &mut Cluster, req: &Value) -> anyhow::Result<Value> {
             c.del_pod(&s("name")?).await?;
             Ok(json!({"ok": true}))
         }
-        Some("check") => check(c).await,
+        Some("check") => {
+            if c.opts.kubernetes.is_some() {
+                margay_lab::kubernetes::refresh_pods(c).await?;
+            }
+            check(c).await
+        }
+        Some("import") => {
+            let archive = std::path::PathBuf::from(s("archive")?);
+            let mut n = 0;
+            for node in &c.nodes {
+                if let Some(k) = &node.kubelet {
+                    k.import(&archive)?;
+                    n += 1;
+                }
+            }
+            Ok(json!({"ok": true, "nodes": n}))
+        }
         other => anyhow::bail!("unknown op {other:?}"),
     }
 }
@@ -106,6 +122,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             tor: args.tor,
             route_reflectors: args.route_reflectors,
             subnets: args.subnets,
+            kubernetes: args.kubernetes.then_some(args.install),
             work_dir: Some(state::dir().join("work")),
             ..Default::default()
         })
@@ -113,10 +130,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let kubeconfig = state::dir().join("kubeconfig");
         std::fs::copy(c.api.kubeconfig(), &kubeconfig)?;
         let kubeconfig = kubeconfig.display().to_string();
-        for i in 0..c.nodes.len() {
-            let node = c.nodes[i].name.clone();
-            for k in 1..=args.pods_per_node {
-                c.add_pod(&node, &format!("{node}-pod{k}")).await?;
+        if args.kubernetes {
+            let replicas = c.nodes.len() * usize::from(args.pods_per_node);
+            margay_lab::kubernetes::deploy(&mut c, replicas).await?;
+        } else {
+            for i in 0..c.nodes.len() {
+                let node = c.nodes[i].name.clone();
+                for k in 1..=args.pods_per_node {
+                    c.add_pod(&node, &format!("{node}-pod{k}")).await?;
+                }
             }
         }
         // Generous bounds: inside a VM under emulation everything is slower.
@@ -146,7 +168,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tick.tick() => {
-                    if c.supervise() {
+                    let mut changed = c.supervise();
+                    // Pods come and go through the API (kubectl, the
+                    // Deployment): the list follows.
+                    if args.kubernetes {
+                        let before: Vec<String> = c.pods.iter().map(|p| p.id.clone()).collect();
+                        if let Err(e) = margay_lab::kubernetes::refresh_pods(&mut c).await {
+                            tracing::warn!("listing the lab's pods: {e:#}");
+                        }
+                        changed |= before != c.pods.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
+                    }
+                    if changed {
                         snapshot(&c, &args, &kubeconfig, ready).save()?;
                     }
                 }
