@@ -7,6 +7,8 @@
 //! apiserver runs: no controller-manager, so tests create Node objects and
 //! ServiceAccounts themselves.
 
+pub mod broker;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -12,7 +12,7 @@
 //! process could not clean up itself.
 
 pub mod bgpd;
-pub mod broker;
+pub use kube::broker;
 pub mod error;
 pub mod kube;
 pub mod kubelet;

@@ -2,6 +2,8 @@
 //! owned by [`Cluster`]: dropping it stops every process by PID and removes
 //! every namespace (pods first, then agents, router, fabric, apiserver).
 
+pub mod kubernetes;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -173,7 +175,7 @@ pub struct Pod {
     /// The container ID the runtime used.
     pub id: String,
     /// A Pod's sandbox network, named for `ip netns` (`--kubernetes`).
-    pub(crate) _attached: Option<crate::kubernetes::Attached>,
+    pub(crate) _attached: Option<kubernetes::Attached>,
 }
 
 /// The whole cluster. Field order is teardown order.
@@ -295,7 +297,7 @@ impl Cluster {
     /// have converged: see [`Cluster::wait_converged`]).
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         if opts.kubernetes.is_some() {
-            return crate::kubernetes::start(opts).await;
+            return kubernetes::start(opts).await;
         }
         let api = ApiServer::start().await.context("kube-apiserver")?;
         let client = api.client().await?;
@@ -585,7 +587,7 @@ impl Cluster {
     /// plugin. Returns its address.
     pub async fn add_pod(&mut self, node: &str, name: &str) -> anyhow::Result<String> {
         if self.opts.kubernetes.is_some() {
-            return crate::kubernetes::add_pod(self, node, name).await;
+            return kubernetes::add_pod(self, node, name).await;
         }
         if self.pods.iter().any(|p| p.name == name) {
             bail!("a pod named {name:?} exists already");
@@ -636,7 +638,7 @@ impl Cluster {
     /// CNI DEL of pod `name`, then its namespace and Pod object go.
     pub async fn del_pod(&mut self, name: &str) -> anyhow::Result<()> {
         if self.opts.kubernetes.is_some() {
-            return crate::kubernetes::del_pod(self, name).await;
+            return kubernetes::del_pod(self, name).await;
         }
         let k = self
             .pods

@@ -7,7 +7,7 @@
 
 pub mod cluster;
 pub mod image;
-pub mod kubernetes;
+pub use cluster::kubernetes;
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};

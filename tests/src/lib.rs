@@ -111,3 +111,48 @@ pub async fn allocations(client: &kube::Client) -> Vec<(String, AllocationRecord
         .flat_map(|b| b.spec.allocations.into_iter())
         .collect()
 }
+
+/// A ping every 20 ms from network namespace `from` (an `ip netns` name)
+/// to an address, stopped by PID: how the tests see traffic through a
+/// change (longest time without a reply).
+#[derive(Debug)]
+pub struct Pinger {
+    child: std::process::Child,
+    what: String,
+}
+
+impl Pinger {
+    /// Starts pinging `to` from `from`; `what` names the pair in reports.
+    pub fn start(from: &str, to: &str, what: String) -> Self {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", from, "ping", "-D", "-i", "0.02", to])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ping");
+        Self { child, what }
+    }
+
+    /// Stops it; (replies, longest time without a reply). Prints both.
+    pub fn stop(self) -> (usize, std::time::Duration) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let out = self.child.wait_with_output().expect("ping's output");
+        let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        let gap = times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(0.0_f64, f64::max);
+        println!(
+            "{}: {} replies, longest gap {:.3} s",
+            self.what,
+            times.len(),
+            gap
+        );
+        (times.len(), std::time::Duration::from_secs_f64(gap))
+    }
+}

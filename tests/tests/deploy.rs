@@ -211,6 +211,45 @@ fn dockerfile_builds_the_binaries_and_ships_nft() {
     assert!(d.contains("nftables"), "natOutgoing needs nft in the image");
 }
 
+/// The image `margay-lab image` builds offline holds what the Dockerfile
+/// puts in its image: each `COPY --from=build ... DEST` at DEST, the `nft`
+/// of the nftables package it installs, and the same ENTRYPOINT and CMD.
+#[test]
+fn the_offline_image_has_the_dockerfiles_files() {
+    let d = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let dir = names::temp_dir("image").unwrap();
+    let archive = dir.path().join("margay.tar");
+    let bin = margay_harness::paths::workspace_bin("margay-agent").unwrap();
+    margay_lab::image::margay(bin.parent().unwrap(), "margay-test:1", &archive).unwrap();
+    let files = margay_lab::image::files(&archive).unwrap();
+    let mut wanted: Vec<String> = d
+        .lines()
+        .filter(|l| l.starts_with("COPY --from=build"))
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|p| p.trim_start_matches('/').to_string())
+        .collect();
+    assert_eq!(wanted.len(), 3, "{d}");
+    if d.contains("nftables") {
+        wanted.push("usr/sbin/nft".into());
+    }
+    for w in &wanted {
+        assert!(files.contains(w), "{w} missing from {files:?}");
+    }
+    // Every binary finds its libraries and loader inside the image.
+    assert!(
+        files.iter().any(|f| f.ends_with("ld-linux-x86-64.so.2")),
+        "{files:?}"
+    );
+    assert!(files.iter().any(|f| f.contains("libnftables")), "{files:?}");
+    let cfg = margay_lab::image::config(&archive).unwrap();
+    let json_list = |key: &str| -> serde_json::Value {
+        let line = d.lines().find(|l| l.starts_with(key)).unwrap();
+        serde_json::from_str(line.trim_start_matches(key).trim()).unwrap()
+    };
+    assert_eq!(cfg["Entrypoint"], json_list("ENTRYPOINT"));
+    assert_eq!(cfg["Cmd"], json_list("CMD"));
+}
+
 const SA_USER: &str = "system:serviceaccount:kube-system:margay-agent";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

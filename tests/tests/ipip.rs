@@ -17,10 +17,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use margay_harness::paths;
+use margay_tests::Pinger;
 
 /// Set inside the VM: run the cases instead of booting one.
 const IN_VM: &str = "MARGAY_IN_VM";
@@ -239,47 +240,6 @@ fn all_routes_via(lab: &Lab, dev: &str) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// A ping every 20 ms from one pod to another, stopped by PID.
-struct Pinger {
-    child: Child,
-    what: String,
-}
-
-impl Pinger {
-    fn start(from_ns: &str, to: &str, what: String) -> Self {
-        let child = Command::new("ip")
-            .args(["netns", "exec", from_ns, "ping", "-D", "-i", "0.02", to])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child, what }
-    }
-
-    /// Stops it; (replies, longest time without a reply).
-    fn stop(self) -> (usize, Duration) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let out = self.child.wait_with_output().unwrap();
-        let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect();
-        let gap = times
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(0.0_f64, f64::max);
-        println!(
-            "{}: {} replies, longest gap {:.3} s",
-            self.what,
-            times.len(),
-            gap
-        );
-        (times.len(), Duration::from_secs_f64(gap))
-    }
 }
 
 fn ipip_lab(lab: &Lab) {
