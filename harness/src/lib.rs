@@ -17,6 +17,7 @@ pub mod error;
 pub mod kube;
 pub mod kubelet;
 pub mod names;
+pub mod netcheck;
 pub mod netns;
 pub mod paths;
 pub mod process;

@@ -682,6 +682,10 @@ impl Cluster {
     /// route (protocol 79) to every block of the others, and a BIRD/FRR
     /// router one to every block.
     pub async fn route_gaps(&self) -> anyhow::Result<Vec<String>> {
+        if self.opts.kubernetes == Some(crate::Install::Ptp) {
+            // No Margay, no blocks: static routes, in place from the start.
+            return Ok(Vec::new());
+        }
         let blocks = self.blocks().await?;
         // An address borrowed from another node's block has a host route
         // of its own everywhere else (the block's route leads to the lender).

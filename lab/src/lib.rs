@@ -51,6 +51,10 @@ pub enum Install {
     Manifest,
     /// `helm install margay charts/margay -n kube-system`.
     Helm,
+    /// No Margay: Debian's reference plugins `ptp` + `host-local`, each
+    /// node its own range (10.244.N.0/24) and static routes to the others'
+    /// (the baseline the pod start benchmark compares with).
+    Ptp,
 }
 
 /// Top-of-rack router software.

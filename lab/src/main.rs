@@ -151,6 +151,49 @@ enum Cmd {
         #[arg(long)]
         port_file: std::path::PathBuf,
     },
+    /// (internal) Listeners and probes run inside pods.
+    #[command(hide = true, subcommand)]
+    Netcheck(NetcheckCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum NetcheckCmd {
+    /// Serves tcp:PORT / udp:PORT listeners until killed.
+    Serve {
+        /// Listeners, comma separated: tcp:80,udp:80.
+        #[arg(value_delimiter = ',', required = true)]
+        listen: Vec<margay_harness::netcheck::Listen>,
+    },
+    /// Probes every IP:PORT[/tcp|udp] at once; prints `TARGET ok|fail`
+    /// per target; exit 0 if all answered, 1 if not.
+    Probe {
+        /// Milliseconds to wait for each.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Targets.
+        #[arg(required = true)]
+        targets: Vec<margay_harness::netcheck::Target>,
+    },
+}
+
+fn netcheck(cmd: NetcheckCmd) -> anyhow::Result<ExitCode> {
+    use margay_harness::netcheck;
+    match cmd {
+        NetcheckCmd::Serve { listen } => {
+            netcheck::serve(&listen)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        NetcheckCmd::Probe {
+            timeout_ms,
+            targets,
+        } => {
+            let got = netcheck::probe(&targets, std::time::Duration::from_millis(timeout_ms));
+            for (t, ok) in targets.iter().zip(&got) {
+                println!("{t} {}", if *ok { "ok" } else { "fail" });
+            }
+            Ok(ExitCode::from(u8::from(!got.iter().all(|o| *o))))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -166,6 +209,7 @@ fn main() -> ExitCode {
         Cmd::Supervise(a) => supervise::run(a),
         Cmd::ApiserverBroker { port_file } => apiserver_broker(&port_file),
         Cmd::Image { out, tag } => image(&out, &tag),
+        Cmd::Netcheck(c) => netcheck(c),
     };
     match r {
         Ok(code) => code,

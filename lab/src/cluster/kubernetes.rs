@@ -153,8 +153,12 @@ pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
         opts,
     };
     wait_nodes_registered(&c).await?;
-    install(&c).await?;
-    wait_daemonset(&c, Duration::from_secs(300)).await?;
+    if c.opts.kubernetes == Some(Install::Ptp) {
+        install_ptp(&c)?;
+    } else {
+        install(&c).await?;
+        wait_daemonset(&c, Duration::from_secs(300)).await?;
+    }
     Ok(c)
 }
 
@@ -289,6 +293,62 @@ async fn install(c: &Cluster) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Debian's reference plugins where the kubelets look for them.
+const PTP_PLUGINS: &str = "/usr/lib/cni";
+
+/// [`Install::Ptp`]: `ptp` + `host-local` on every node, node N's pods in
+/// 10.244.N.0/24 (its index from 1), and on each node a route to every
+/// other node's range through that node: a routed baseline without Margay.
+fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
+    for (i, n) in c.nodes.iter().enumerate() {
+        let Some(k) = &n.kubelet else { continue };
+        let bin = k
+            .host_path("/opt/cni/bin")
+            .context("the node's /opt/cni/bin")?;
+        std::fs::create_dir_all(&bin)?;
+        for p in ["ptp", "host-local", "loopback"] {
+            std::fs::copy(Path::new(PTP_PLUGINS).join(p), bin.join(p))
+                .with_context(|| format!("{PTP_PLUGINS}/{p} (containernetworking-plugins)"))?;
+        }
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "ptp",
+            "plugins": [{
+                "type": "ptp",
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": ptp_range(i)}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                }
+            }]
+        });
+        let dir = k
+            .host_path("/etc/cni/net.d")
+            .context("the node's /etc/cni/net.d")?;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("10-ptp.conflist"),
+            serde_json::to_vec_pretty(&conf)?,
+        )?;
+        for (j, m) in c.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            n.node.ns.ip(&[
+                "route",
+                "replace",
+                &ptp_range(j),
+                "via",
+                &m.node.v4.to_string(),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// The pod range of the node at `index` in [`Install::Ptp`].
+fn ptp_range(index: usize) -> String {
+    format!("10.244.{}.0/24", index + 1)
 }
 
 /// The chart values for the ToR peer.

@@ -1,0 +1,53 @@
+//! `margay-policy`: Kubernetes NetworkPolicy (networking.k8s.io/v1) as
+//! Margay enforces it, with no I/O.
+//!
+//! - [`model`]: the typed world the decisions are made over (namespaces
+//!   and their labels, pods and their labels, addresses and named ports,
+//!   policies), converted from the Kubernetes objects with every invalid
+//!   field a typed [`Error`];
+//! - [`selector`]: label selectors (matchLabels, matchExpressions);
+//! - [`spec`]: the reference semantics, written from the API
+//!   documentation and not from Margay's rules: what a connection is
+//!   allowed by, and why. `margayctl policy check` and the differential
+//!   tests use it;
+//! - [`nft`]: the policies compiled to Margay's nftables table, updated
+//!   in O(changed), and [`ranges`], the interval arithmetic it needs.
+
+pub mod model;
+pub mod nft;
+pub mod random;
+pub mod ranges;
+pub mod selector;
+pub mod spec;
+
+pub use model::{Namespace, Pod, PodKey, Policy, PolicyKey, Proto, World};
+pub use selector::Selector;
+
+/// What is wrong with an object this crate was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A field that must be set is not.
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    /// A matchExpression with an unknown operator or values that do not
+    /// fit it.
+    #[error("selector: {0}")]
+    Selector(String),
+    /// A protocol other than TCP, UDP and SCTP.
+    #[error("protocol {0:?} is not TCP, UDP or SCTP")]
+    Protocol(String),
+    /// A port outside 1-65535, a named port with endPort, an endPort below
+    /// its port.
+    #[error("port: {0}")]
+    Port(String),
+    /// An ipBlock whose CIDR or except does not parse, or an except
+    /// outside its CIDR.
+    #[error("ipBlock: {0}")]
+    IpBlock(String),
+    /// A policyType other than Ingress and Egress.
+    #[error("policyType {0:?} is not Ingress or Egress")]
+    PolicyType(String),
+}
+
+/// This crate's results.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,668 @@
+//! The world policy decisions are made over: namespaces with their
+//! labels, pods with their labels, addresses and named container ports,
+//! and NetworkPolicies in a typed form where every default of the API is
+//! already applied (policyTypes, TCP, empty `from`/`to`/`ports`).
+//!
+//! Conversions from the Kubernetes objects refuse what the API server
+//! would refuse ([`crate::Error`]): the agent reports such a policy and
+//! leaves the rules it had for it in place.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use crate::selector::{Labels, Selector};
+use crate::{Error, Result};
+
+/// A transport protocol a policy can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Proto {
+    /// TCP (the API's default).
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+impl Proto {
+    /// Every protocol.
+    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
+
+    /// From the API's field (absent = TCP).
+    pub fn from_k8s(p: Option<&str>) -> Result<Self> {
+        match p {
+            None | Some("TCP") => Ok(Self::Tcp),
+            Some("UDP") => Ok(Self::Udp),
+            Some("SCTP") => Ok(Self::Sctp),
+            Some(other) => Err(Error::Protocol(other.into())),
+        }
+    }
+
+    /// Lower case, as nftables and `margayctl` write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_k8s(Some(&s.to_ascii_uppercase()))
+    }
+}
+
+/// A namespaced name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Key {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl Key {
+    /// `namespace/name`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl std::str::FromStr for Key {
+    type Err = Error;
+    /// `namespace/name`, or `name` in `default`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once('/') {
+            Some((ns, n)) if !ns.is_empty() && !n.is_empty() => Ok(Self::new(ns, n)),
+            None if !s.is_empty() => Ok(Self::new("default", s)),
+            _ => Err(Error::Missing("namespace/name")),
+        }
+    }
+}
+
+/// A pod's key.
+pub type PodKey = Key;
+/// A policy's key.
+pub type PolicyKey = Key;
+
+/// A named container port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NamedPort {
+    /// The port's name.
+    pub name: String,
+    /// Its protocol.
+    pub proto: Proto,
+    /// Its number.
+    pub port: u16,
+}
+
+/// A pod as policy sees it: only pods on the pod network (not host
+/// network) with an address take part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    /// Its labels.
+    pub labels: Labels,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+    /// The node it runs on.
+    pub node: Option<String>,
+    /// Its containers' named ports.
+    pub ports: Vec<NamedPort>,
+}
+
+impl Pod {
+    /// From the Kubernetes object; `None` for a pod that has no part in
+    /// policy (host network, no address yet, finished).
+    pub fn from_k8s(p: &core::Pod) -> Option<(PodKey, Self)> {
+        let key = Key::new(
+            p.metadata.namespace.as_deref()?,
+            p.metadata.name.as_deref()?,
+        );
+        let spec = p.spec.as_ref()?;
+        if spec.host_network == Some(true) {
+            return None;
+        }
+        let st = p.status.as_ref()?;
+        if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let mut ips: Vec<IpAddr> = st
+            .pod_ips
+            .iter()
+            .flatten()
+            .filter_map(|a| a.ip.parse().ok())
+            .collect();
+        if ips.is_empty()
+            && let Some(ip) = st.pod_ip.as_deref().and_then(|s| s.parse().ok())
+        {
+            ips.push(ip);
+        }
+        if ips.is_empty() {
+            return None;
+        }
+        let ports = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                Some(NamedPort {
+                    name: p.name.clone()?,
+                    proto: Proto::from_k8s(p.protocol.as_deref()).ok()?,
+                    port: u16::try_from(p.container_port).ok()?,
+                })
+            })
+            .collect();
+        Some((
+            key,
+            Self {
+                labels: p.metadata.labels.clone().unwrap_or_default(),
+                ips,
+                node: spec.node_name.clone(),
+                ports,
+            },
+        ))
+    }
+
+    /// The number of the port named `name` for `proto`, if it has one.
+    pub fn named_port(&self, name: &str, proto: Proto) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.proto == proto)
+            .map(|p| p.port)
+    }
+}
+
+/// A namespace's labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    /// Its labels.
+    pub labels: Labels,
+}
+
+/// Which ports a rule allows.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum PortMatch {
+    /// Every port of the protocol (`port` omitted).
+    All {
+        /// The protocol.
+        proto: Proto,
+    },
+    /// `port` .. `endPort` (one port when they are equal).
+    Range {
+        /// The protocol.
+        proto: Proto,
+        /// The first port.
+        first: u16,
+        /// The last port.
+        last: u16,
+    },
+    /// A named port, resolved on the destination pod.
+    Named {
+        /// The protocol.
+        proto: Proto,
+        /// The container port's name.
+        name: String,
+    },
+}
+
+impl PortMatch {
+    /// The protocol it applies to.
+    pub fn proto(&self) -> Proto {
+        match self {
+            Self::All { proto } | Self::Range { proto, .. } | Self::Named { proto, .. } => *proto,
+        }
+    }
+}
+
+impl fmt::Display for PortMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All { proto } => write!(f, "{proto}/*"),
+            Self::Range { proto, first, last } if first == last => write!(f, "{proto}/{first}"),
+            Self::Range { proto, first, last } => write!(f, "{proto}/{first}-{last}"),
+            Self::Named { proto, name } => write!(f, "{proto}/{name}"),
+        }
+    }
+}
+
+/// A peer of a rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Peer {
+    /// Pods matching `pods` in the namespaces matching `namespaces` (the
+    /// policy's own namespace when `None`).
+    Pods {
+        /// The namespaces (`None`: the policy's own).
+        namespaces: Option<Selector>,
+        /// The pods in them.
+        pods: Selector,
+    },
+    /// Addresses in `cidr` but in none of `except`.
+    Block {
+        /// The block.
+        cidr: IpNetwork,
+        /// Its exceptions.
+        except: Vec<IpNetwork>,
+    },
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pods {
+                namespaces: None,
+                pods,
+            } => write!(f, "pods {pods} (own namespace)"),
+            Self::Pods {
+                namespaces: Some(ns),
+                pods,
+            } => write!(f, "pods {pods} in namespaces {ns}"),
+            Self::Block { cidr, except } if except.is_empty() => write!(f, "ipBlock {cidr}"),
+            Self::Block { cidr, except } => {
+                let e: Vec<String> = except.iter().map(ToString::to_string).collect();
+                write!(f, "ipBlock {cidr} except {}", e.join(","))
+            }
+        }
+    }
+}
+
+/// One ingress or egress rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Rule {
+    /// Who (empty: everyone).
+    pub peers: Vec<Peer>,
+    /// Which ports (empty: every port of every protocol).
+    pub ports: Vec<PortMatch>,
+}
+
+/// A NetworkPolicy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// The pods it applies to, in its namespace.
+    pub selector: Selector,
+    /// Its ingress rules if it isolates for ingress (an empty list allows
+    /// nothing in).
+    pub ingress: Option<Vec<Rule>>,
+    /// Its egress rules if it isolates for egress.
+    pub egress: Option<Vec<Rule>>,
+}
+
+/// The direction of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Direction {
+    /// Into the selected pod.
+    Ingress,
+    /// Out of the selected pod.
+    Egress,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        })
+    }
+}
+
+impl Policy {
+    /// The rules for `dir`, if it isolates in that direction.
+    pub fn rules(&self, dir: Direction) -> Option<&[Rule]> {
+        match dir {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    /// From the Kubernetes object. policyTypes default as the API server
+    /// defaults them: Ingress, plus Egress when there are egress rules.
+    pub fn from_k8s(p: &net::NetworkPolicy) -> Result<(PolicyKey, Self)> {
+        let key = Key::new(
+            p.metadata
+                .namespace
+                .as_deref()
+                .ok_or(Error::Missing("metadata.namespace"))?,
+            p.metadata
+                .name
+                .as_deref()
+                .ok_or(Error::Missing("metadata.name"))?,
+        );
+        let spec = p.spec.as_ref().ok_or(Error::Missing("spec"))?;
+        let selector = spec
+            .pod_selector
+            .as_ref()
+            .map(Selector::from_k8s)
+            .transpose()?
+            .unwrap_or_default();
+        let (mut ing, mut eg) = (false, false);
+        match &spec.policy_types {
+            Some(types) if !types.is_empty() => {
+                for t in types {
+                    match t.as_str() {
+                        "Ingress" => ing = true,
+                        "Egress" => eg = true,
+                        other => return Err(Error::PolicyType(other.into())),
+                    }
+                }
+            }
+            _ => {
+                ing = true;
+                eg = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
+            }
+        }
+        let ingress = if ing {
+            let mut rules = Vec::new();
+            for r in spec.ingress.iter().flatten() {
+                rules.push(rule(r.from.as_deref(), r.ports.as_deref())?);
+            }
+            Some(rules)
+        } else {
+            None
+        };
+        let egress = if eg {
+            let mut rules = Vec::new();
+            for r in spec.egress.iter().flatten() {
+                rules.push(rule(r.to.as_deref(), r.ports.as_deref())?);
+            }
+            Some(rules)
+        } else {
+            None
+        };
+        Ok((
+            key,
+            Self {
+                selector,
+                ingress,
+                egress,
+            },
+        ))
+    }
+}
+
+fn rule(
+    peers: Option<&[net::NetworkPolicyPeer]>,
+    ports: Option<&[net::NetworkPolicyPort]>,
+) -> Result<Rule> {
+    let mut out = Rule {
+        peers: Vec::new(),
+        ports: Vec::new(),
+    };
+    for p in peers.unwrap_or_default() {
+        out.peers.push(peer(p)?);
+    }
+    for p in ports.unwrap_or_default() {
+        out.ports.push(port(p)?);
+    }
+    Ok(out)
+}
+
+fn peer(p: &net::NetworkPolicyPeer) -> Result<Peer> {
+    if let Some(b) = &p.ip_block {
+        if p.pod_selector.is_some() || p.namespace_selector.is_some() {
+            return Err(Error::IpBlock(
+                "an ipBlock peer cannot also have selectors".into(),
+            ));
+        }
+        let cidr: IpNetwork = b
+            .cidr
+            .parse()
+            .map_err(|e| Error::IpBlock(format!("{}: {e}", b.cidr)))?;
+        let mut except = Vec::new();
+        for e in b.except.iter().flatten() {
+            let n: IpNetwork = e
+                .parse()
+                .map_err(|err| Error::IpBlock(format!("except {e}: {err}")))?;
+            if n.is_ipv4() != cidr.is_ipv4()
+                || n.prefix() < cidr.prefix()
+                || !cidr.contains(n.network())
+            {
+                return Err(Error::IpBlock(format!("except {e} is not inside {cidr}")));
+            }
+            except.push(n);
+        }
+        return Ok(Peer::Block { cidr, except });
+    }
+    if p.pod_selector.is_none() && p.namespace_selector.is_none() {
+        return Err(Error::Missing("podSelector, namespaceSelector or ipBlock"));
+    }
+    Ok(Peer::Pods {
+        namespaces: p
+            .namespace_selector
+            .as_ref()
+            .map(Selector::from_k8s)
+            .transpose()?,
+        pods: p
+            .pod_selector
+            .as_ref()
+            .map(Selector::from_k8s)
+            .transpose()?
+            .unwrap_or_default(),
+    })
+}
+
+fn port(p: &net::NetworkPolicyPort) -> Result<PortMatch> {
+    let proto = Proto::from_k8s(p.protocol.as_deref())?;
+    match (&p.port, p.end_port) {
+        (None, None) => Ok(PortMatch::All { proto }),
+        (None, Some(_)) => Err(Error::Port("endPort without port".into())),
+        (Some(IntOrString::String(name)), None) => match name.parse::<i32>() {
+            // A number written as a string is that number (as kube-proxy
+            // and the upstream implementations read it).
+            Ok(n) => range(proto, n, n),
+            Err(_) if name.is_empty() => Err(Error::Port("an empty port name".into())),
+            Err(_) => Ok(PortMatch::Named {
+                proto,
+                name: name.clone(),
+            }),
+        },
+        (Some(IntOrString::String(name)), Some(_)) => {
+            Err(Error::Port(format!("endPort with the named port {name:?}")))
+        }
+        (Some(IntOrString::Int(n)), end) => range(proto, *n, end.unwrap_or(*n)),
+    }
+}
+
+fn range(proto: Proto, first: i32, last: i32) -> Result<PortMatch> {
+    let ok = |n: i32| u16::try_from(n).ok().filter(|n| *n > 0);
+    match (ok(first), ok(last)) {
+        (Some(first), Some(last)) if last >= first => Ok(PortMatch::Range { proto, first, last }),
+        _ => Err(Error::Port(format!(
+            "{first}..{last} is not a range within 1-65535"
+        ))),
+    }
+}
+
+/// Everything policy decisions are made over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct World {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods on the pod network that have an address.
+    pub pods: BTreeMap<PodKey, Pod>,
+    /// Policies.
+    pub policies: BTreeMap<PolicyKey, Policy>,
+}
+
+impl World {
+    /// The labels of namespace `ns` (none if it is not known).
+    pub fn namespace_labels(&self, ns: &str) -> Option<&Labels> {
+        self.namespaces.get(ns).map(|n| &n.labels)
+    }
+
+    /// The pod holding `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<(&PodKey, &Pod)> {
+        self.pods.iter().find(|(_, p)| p.ips.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(json: serde_json::Value) -> Result<Policy> {
+        let mut v = serde_json::json!({
+            "metadata": {"namespace": "x", "name": "p"},
+        });
+        v["spec"] = json;
+        let p: net::NetworkPolicy = serde_json::from_value(v).unwrap();
+        Policy::from_k8s(&p).map(|(_, p)| p)
+    }
+
+    #[test]
+    fn policy_types_default_as_the_api_server_does() {
+        let p = policy(serde_json::json!({"podSelector": {}})).unwrap();
+        assert_eq!(p.ingress, Some(vec![]));
+        assert_eq!(p.egress, None);
+        let p = policy(serde_json::json!({"podSelector": {}, "egress": [{}]})).unwrap();
+        assert!(p.ingress.is_some());
+        assert_eq!(p.egress.as_ref().map(Vec::len), Some(1));
+        let p = policy(serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"]})).unwrap();
+        assert_eq!((p.ingress, p.egress), (None, Some(vec![])));
+    }
+
+    #[test]
+    fn ports_and_peers() {
+        let p = policy(serde_json::json!({
+            "podSelector": {"matchLabels": {"a": "b"}},
+            "ingress": [{
+                "from": [
+                    {"podSelector": {}},
+                    {"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+                    {"namespaceSelector": {}, "podSelector": {"matchLabels": {"c": "d"}}},
+                    {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+                ],
+                "ports": [
+                    {"port": 80},
+                    {"protocol": "UDP", "port": 1000, "endPort": 2000},
+                    {"protocol": "SCTP"},
+                    {"port": "http"},
+                    {"port": "81"},
+                ]
+            }]
+        }))
+        .unwrap();
+        let r = &p.ingress.unwrap()[0];
+        assert_eq!(
+            r.ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["tcp/80", "udp/1000-2000", "sctp/*", "tcp/http", "tcp/81"]
+        );
+        assert_eq!(
+            r.peers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "pods <all> (own namespace)",
+                "pods <all> in namespaces ns=y",
+                "pods c=d in namespaces <all>",
+                "ipBlock 10.0.0.0/8 except 10.1.0.0/16",
+            ]
+        );
+    }
+
+    #[test]
+    fn what_the_api_server_refuses_is_refused() {
+        for (spec, what) in [
+            (
+                serde_json::json!({"ingress": [{"ports": [{"protocol": "ICMP"}]}]}),
+                "protocol",
+            ),
+            (
+                serde_json::json!({"ingress": [{"ports": [{"port": 0}]}]}),
+                "port 0",
+            ),
+            (
+                serde_json::json!({"ingress": [{"ports": [{"port": 90, "endPort": 80}]}]}),
+                "endPort below port",
+            ),
+            (
+                serde_json::json!({"ingress": [{"ports": [{"port": "http", "endPort": 80}]}]}),
+                "named with endPort",
+            ),
+            (
+                serde_json::json!({"ingress": [{"ports": [{"endPort": 80}]}]}),
+                "endPort alone",
+            ),
+            (
+                serde_json::json!({"ingress": [{"from": [{}]}]}),
+                "empty peer",
+            ),
+            (
+                serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}),
+                "except outside",
+            ),
+            (
+                serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "nope"}}]}]}),
+                "bad cidr",
+            ),
+            (
+                serde_json::json!({"policyTypes": ["Sideways"]}),
+                "policy type",
+            ),
+            (
+                serde_json::json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}),
+                "In without values",
+            ),
+        ] {
+            let mut spec = spec;
+            if spec.get("podSelector").is_none() {
+                spec["podSelector"] = serde_json::json!({});
+            }
+            assert!(policy(spec).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn pods_from_kubernetes() {
+        let pod: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "a", "labels": {"pod": "a"}},
+            "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [
+                {"name": "serve-80", "containerPort": 80},
+                {"name": "serve-80-udp", "containerPort": 80, "protocol": "UDP"},
+                {"containerPort": 81}
+            ]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}
+        }))
+        .unwrap();
+        let (key, p) = Pod::from_k8s(&pod).unwrap();
+        assert_eq!(key.to_string(), "x/a");
+        assert_eq!(p.ips.len(), 2);
+        assert_eq!(p.named_port("serve-80", Proto::Tcp), Some(80));
+        assert_eq!(p.named_port("serve-80", Proto::Udp), None);
+        assert_eq!(p.named_port("serve-80-udp", Proto::Udp), Some(80));
+        let mut host = pod.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(Pod::from_k8s(&host).is_none());
+        let mut done = pod.clone();
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(Pod::from_k8s(&done).is_none());
+        let mut pending = pod;
+        pending.status.as_mut().unwrap().pod_ip = None;
+        pending.status.as_mut().unwrap().pod_ips = None;
+        assert!(Pod::from_k8s(&pending).is_none());
+    }
+}
