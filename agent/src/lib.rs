@@ -30,6 +30,7 @@ pub mod error;
 pub mod install;
 pub mod kube;
 pub mod obs;
+pub mod policy;
 pub mod routing;
 pub mod run;
 

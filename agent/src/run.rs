@@ -66,6 +66,14 @@ pub struct RunArgs {
     /// networking and IPAM only, for clusters routed by something else).
     #[arg(long, env = "MARGAY_DISABLE_BGP")]
     pub disable_bgp: bool,
+    /// Enforce no NetworkPolicy (for clusters where something else does):
+    /// the `inet margay_policy` table is removed and ADDs wait for nothing.
+    #[arg(long, env = "MARGAY_DISABLE_POLICY")]
+    pub disable_policy: bool,
+    /// Reload the whole NetworkPolicy table every this many seconds
+    /// (changes are loaded as they come, as deltas).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub policy_resync_interval: u64,
 }
 
 async fn client(args: &RunArgs) -> Result<kube::Client> {
@@ -198,6 +206,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ));
     let mut service = CniService::new(&node, store.clone(), reserve.clone(), dp.clone(), args.mtu);
     service.follow_local(own_blocks.clone());
+    if args.disable_policy {
+        if let Err(e) = crate::dataplane::nft::load(
+            &margay_policy::nft::Table::remove_script(),
+            crate::dataplane::ownership::NFT_POLICY_TABLE,
+        )
+        .await
+        {
+            tracing::warn!("NetworkPolicy disabled, but its table stays: {e}");
+        }
+    } else {
+        let (handle, inbox) = crate::policy::PolicyHandle::new(client.clone());
+        let initial = crate::cni::wired_endpoints(dp.as_ref()).await?;
+        tasks.spawn(
+            "NetworkPolicy",
+            crate::policy::run(
+                client.clone(),
+                inbox,
+                initial,
+                Duration::from_secs(args.policy_resync_interval),
+            ),
+        );
+        let _ = state.policy.set(handle.clone());
+        service.enforce_policy(handle);
+    }
     tasks.spawn(
         "natOutgoing",
         crate::dataplane::nat::run(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod as KubePod, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use margay_api::bgp::{BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec};
 use margay_api::ipam::{
     CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool, IPPoolSpec,
@@ -164,8 +164,12 @@ impl Restarts {
 /// A pod: a namespace wired by the `margay` plugin.
 #[derive(Debug)]
 pub struct Pod {
-    /// Pod name (namespace `default`).
+    /// Its listeners (`--serve`), stopped before its namespace goes.
+    pub(crate) _server: Option<Daemon>,
+    /// Pod name (unique in the lab, whatever its namespace).
     pub name: String,
+    /// Its Kubernetes namespace.
+    pub namespace: String,
     /// Its node.
     pub node: String,
     /// Its network namespace.
@@ -176,6 +180,18 @@ pub struct Pod {
     pub id: String,
     /// A Pod's sandbox network, named for `ip netns` (`--kubernetes`).
     pub(crate) _attached: Option<kubernetes::Attached>,
+}
+
+/// What a lab pod is made with beyond its node and name.
+#[derive(Debug, Clone, Default)]
+pub struct PodOpts {
+    /// Its namespace (`default` if none), created if new.
+    pub namespace: Option<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Listeners it runs (`tcp:80`, `udp:80`), also its named container
+    /// ports `serve-80-tcp`, ...
+    pub serve: Vec<String>,
 }
 
 /// The whole cluster. Field order is teardown order.
@@ -475,14 +491,25 @@ impl Cluster {
 
     /// Starts (or restarts) node `i`'s agent; returns once its socket is there.
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
-        let agent = self.spawn_agent(i)?;
+        let mut agent = self.spawn_agent(i)?;
         let n = &self.nodes[i];
         let socket = n.socket.clone();
+        // Generous: start-up reconciliation waits for the API, and inside
+        // a VM under emulation (scripts/in-vm.sh) everything is slower. An
+        // agent that exited is reported as such.
         wait::until(
             "agent socket",
-            Duration::from_secs(30),
+            Duration::from_secs(120),
             Duration::from_millis(50),
-            || Ok(socket.exists().then_some(())),
+            || {
+                if socket.exists() {
+                    return Ok(Some(()));
+                }
+                if !agent.is_running() {
+                    return Err("the agent exited".to_string());
+                }
+                Ok(None)
+            },
         )
         .with_context(|| format!("{} agent did not start:\n{}", n.name, agent.log_tail(20)))?;
         self.nodes[i].agent = Some(agent);
@@ -553,7 +580,7 @@ impl Cluster {
         verb: &str,
         id: &str,
         netns: &Path,
-        pod: &str,
+        (namespace, pod): (&str, &str),
         uid: &str,
     ) -> anyhow::Result<String> {
         let out = cnitool_cmd(
@@ -567,7 +594,7 @@ impl Cluster {
         .env(
             "CNI_ARGS",
             format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID={uid}"
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_UID={uid}"
             ),
         )
         .output()?;
@@ -582,10 +609,23 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Creates pod `name` on node `node`: the Pod object (so leak
-    /// collection knows it), a namespace, and CNI ADD through the real
-    /// plugin. Returns its address.
+    /// Creates pod `name` on node `node` in namespace `default`: see
+    /// [`Cluster::add_pod_with`].
     pub async fn add_pod(&mut self, node: &str, name: &str) -> anyhow::Result<String> {
+        self.add_pod_with(node, name, &PodOpts::default()).await
+    }
+
+    /// Creates pod `name` on node `node`: its namespace if new, the Pod
+    /// object (labels, its listeners as named container ports), a network
+    /// namespace, CNI ADD through the real plugin, the Pod's status written
+    /// as a kubelet would (so every node's policy sees its address), and
+    /// its listeners started. Returns its address.
+    pub async fn add_pod_with(
+        &mut self,
+        node: &str,
+        name: &str,
+        o: &PodOpts,
+    ) -> anyhow::Result<String> {
         if self.opts.kubernetes.is_some() {
             return kubernetes::add_pod(self, node, name).await;
         }
@@ -593,21 +633,43 @@ impl Cluster {
             bail!("a pod named {name:?} exists already");
         }
         let i = self.node_index(node)?;
-        let api: Api<KubePod> = Api::namespaced(self.client.clone(), "default");
+        let namespace = o.namespace.as_deref().unwrap_or("default").to_string();
+        self.ensure_namespace(&namespace).await?;
+        let api: Api<KubePod> = Api::namespaced(self.client.clone(), &namespace);
+        let ports: Vec<serde_json::Value> = o
+            .serve
+            .iter()
+            .map(|l| {
+                let (proto, port) = l.split_once(':').unwrap_or(("tcp", l));
+                serde_json::json!({
+                    "name": format!("serve-{port}-{proto}"),
+                    "containerPort": port.parse::<u16>().unwrap_or(0),
+                    "protocol": proto.to_ascii_uppercase(),
+                })
+            })
+            .collect();
         let obj = api
             .create(
                 &PostParams::default(),
                 &json(serde_json::json!({
-                    "metadata": {"name": name},
-                    "spec": {"nodeName": node, "automountServiceAccountToken": false, "containers": [{"name": "c", "image": "busybox"}]}
+                    "metadata": {"name": name, "labels": o.labels},
+                    "spec": {"nodeName": node, "automountServiceAccountToken": false,
+                             "containers": [{"name": "c", "image": "busybox", "ports": ports}]}
                 }))?,
             )
             .await
-            .with_context(|| format!("creating Pod {name}"))?;
+            .with_context(|| format!("creating Pod {namespace}/{name}"))?;
         let uid = obj.metadata.uid.unwrap_or_default();
         let ns = Netns::create(&format!("pod-{name}"))?;
         let id = format!("lab-{name}");
-        let out = match self.cnitool(&self.nodes[i], "add", &id, &ns.path(), name, &uid) {
+        let out = match self.cnitool(
+            &self.nodes[i],
+            "add",
+            &id,
+            &ns.path(),
+            (&namespace, name),
+            &uid,
+        ) {
             Ok(o) => o,
             Err(e) => {
                 let _ = api.delete(name, &DeleteParams::default()).await;
@@ -624,8 +686,28 @@ impl Cluster {
             .context("no IPv4 address in the CNI result")?
             .trim_end_matches("/32")
             .to_string();
+        // What the kubelet would write: the other nodes learn the address.
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+            })),
+        )
+        .await
+        .with_context(|| format!("writing Pod {namespace}/{name}'s status"))?;
+        let server = if o.serve.is_empty() {
+            None
+        } else {
+            let mut cmd = ns.cmd(paths::workspace_bin("margay-lab")?);
+            cmd.args(["netcheck", "serve", &o.serve.join(",")]);
+            let log = self.work.path().join(format!("serve-{name}.log"));
+            Some(Daemon::spawn("netcheck", cmd, &log)?)
+        };
         self.pods.push(Pod {
+            _server: server,
             name: name.to_string(),
+            namespace,
             node: node.to_string(),
             ns,
             ip: ip.clone(),
@@ -633,6 +715,33 @@ impl Cluster {
             _attached: None,
         });
         Ok(ip)
+    }
+
+    /// Creates namespace `name` unless it exists.
+    pub async fn ensure_namespace(&self, name: &str) -> anyhow::Result<()> {
+        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        if api.get_opt(name).await?.is_none() {
+            let ns = json(serde_json::json!({"metadata": {"name": name}}))?;
+            match api.create(&PostParams::default(), &ns).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e).with_context(|| format!("creating namespace {name}")),
+            }
+        }
+        // No controller-manager in the plain lab makes its `default`
+        // ServiceAccount, which admission wants for every Pod.
+        if self.opts.kubernetes.is_none() {
+            let sa: Api<ServiceAccount> = Api::namespaced(self.client.clone(), name);
+            if sa.get_opt("default").await?.is_none() {
+                let obj = json(serde_json::json!({"metadata": {"name": "default"}}))?;
+                match sa.create(&PostParams::default(), &obj).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e).context("creating ServiceAccount default"),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// CNI DEL of pod `name`, then its namespace and Pod object go.
@@ -647,9 +756,16 @@ impl Cluster {
             .with_context(|| format!("no pod named {name:?}"))?;
         let i = self.node_index(&self.pods[k].node)?;
         let p = &self.pods[k];
-        self.cnitool(&self.nodes[i], "del", &p.id, &p.ns.path(), name, "")?;
-        self.pods.remove(k);
-        let api: Api<KubePod> = Api::namespaced(self.client.clone(), "default");
+        self.cnitool(
+            &self.nodes[i],
+            "del",
+            &p.id,
+            &p.ns.path(),
+            (&p.namespace, name),
+            "",
+        )?;
+        let p = self.pods.remove(k);
+        let api: Api<KubePod> = Api::namespaced(self.client.clone(), &p.namespace);
         // No kubelet finishes a graceful delete here: force it.
         let _ = api
             .delete(name, &DeleteParams::default().grace_period(0))

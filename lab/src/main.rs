@@ -85,6 +85,16 @@ enum PodCmd {
         node: String,
         /// Pod name.
         name: String,
+        /// Its Kubernetes namespace (created if new).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Its labels: k=v,k2=v2.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Listeners that accept and answer: tcp:80,tcp:81,udp:80 (also
+        /// its named container ports serve-80-tcp, ...).
+        #[arg(long, value_delimiter = ',')]
+        serve: Vec<margay_harness::netcheck::Listen>,
     },
     /// Delete a pod (CNI DEL, namespace and Pod object).
     Del {
@@ -151,6 +161,17 @@ enum Cmd {
         #[arg(long)]
         port_file: std::path::PathBuf,
     },
+    /// Whether pod FROM reaches pod TO (a pod name, or an address) on
+    /// PORT[/tcp|udp]: a TCP connection accepted or a UDP reply within 1 s.
+    /// Exit 0 if so, 1 if not.
+    Probe {
+        /// The pod probing.
+        from: String,
+        /// The pod (or address) probed.
+        to: String,
+        /// PORT[/tcp|udp] (TCP if no protocol).
+        port: String,
+    },
     /// (internal) Listeners and probes run inside pods.
     #[command(hide = true, subcommand)]
     Netcheck(NetcheckCmd),
@@ -196,6 +217,35 @@ fn netcheck(cmd: NetcheckCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn probe(from: &str, to: &str, port: &str) -> anyhow::Result<ExitCode> {
+    let s = need_live()?;
+    let src = s
+        .pods
+        .iter()
+        .find(|p| p.name == from)
+        .with_context(|| format!("no pod named {from:?}"))?;
+    let dst = match s.pods.iter().find(|p| p.name == to) {
+        Some(p) => p.ip.clone(),
+        None => to
+            .parse::<std::net::IpAddr>()
+            .map(|a| a.to_string())
+            .with_context(|| format!("{to:?} is neither a pod nor an address"))?,
+    };
+    let (num, proto) = port.split_once('/').unwrap_or((port, "tcp"));
+    let target: margay_harness::netcheck::Target = format!("{dst}:{num}/{proto}").parse()?;
+    let st = margay_harness::netns::Netns::borrowed(&src.netns)
+        .cmd(std::env::current_exe()?)
+        .args([
+            "netcheck",
+            "probe",
+            "--timeout-ms",
+            "1000",
+            &target.to_string(),
+        ])
+        .status()?;
+    Ok(ExitCode::from(u8::from(!st.success())))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -210,6 +260,7 @@ fn main() -> ExitCode {
         Cmd::ApiserverBroker { port_file } => apiserver_broker(&port_file),
         Cmd::Image { out, tag } => image(&out, &tag),
         Cmd::Netcheck(c) => netcheck(c),
+        Cmd::Probe { from, to, port } => probe(&from, &to, &port),
     };
     match r {
         Ok(code) => code,
@@ -438,8 +489,23 @@ fn check() -> anyhow::Result<ExitCode> {
 
 fn pod(cmd: PodCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        PodCmd::Add { node, name } => {
-            let v = control(json!({"op": "pod_add", "node": node, "name": name}))?;
+        PodCmd::Add {
+            node,
+            name,
+            namespace,
+            labels,
+            serve,
+        } => {
+            let mut l = serde_json::Map::new();
+            for kv in &labels {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("label {kv:?}: want key=value"))?;
+                l.insert(k.to_string(), json!(v));
+            }
+            let serve: Vec<String> = serve.iter().map(ToString::to_string).collect();
+            let v = control(json!({"op": "pod_add", "node": node, "name": name,
+                "namespace": namespace, "labels": l, "serve": serve}))?;
             println!("{name} {}", v["ip"].as_str().unwrap_or_default());
         }
         PodCmd::Del { name } => {

@@ -73,7 +73,12 @@ async fn handle(c: &mut Cluster, req: &Value) -> anyhow::Result<Value> {
     };
     match req["op"].as_str() {
         Some("pod_add") => {
-            let ip = c.add_pod(&s("node")?, &s("name")?).await?;
+            let o = margay_lab::cluster::PodOpts {
+                namespace: req["namespace"].as_str().map(str::to_string),
+                labels: serde_json::from_value(req["labels"].clone()).unwrap_or_default(),
+                serve: serde_json::from_value(req["serve"].clone()).unwrap_or_default(),
+            };
+            let ip = c.add_pod_with(&s("node")?, &s("name")?, &o).await?;
             Ok(json!({"ok": true, "ip": ip}))
         }
         Some("pod_del") => {

@@ -166,18 +166,7 @@ impl Pod {
         if ips.is_empty() {
             return None;
         }
-        let ports = spec
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .filter_map(|p| {
-                Some(NamedPort {
-                    name: p.name.clone()?,
-                    proto: Proto::from_k8s(p.protocol.as_deref()).ok()?,
-                    port: u16::try_from(p.container_port).ok()?,
-                })
-            })
-            .collect();
+        let ports = named_ports(spec);
         Some((
             key,
             Self {
@@ -196,6 +185,21 @@ impl Pod {
             .find(|p| p.name == name && p.proto == proto)
             .map(|p| p.port)
     }
+}
+
+/// The named ports of a pod's containers.
+pub fn named_ports(spec: &core::PodSpec) -> Vec<NamedPort> {
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.clone()?,
+                proto: Proto::from_k8s(p.protocol.as_deref()).ok()?,
+                port: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect()
 }
 
 /// A namespace's labels.

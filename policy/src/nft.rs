@@ -90,9 +90,10 @@ pub struct Table {
     pub sets: BTreeMap<String, Set>,
     /// Regular chains and their rules (the base chain is fixed).
     pub chains: BTreeMap<String, Vec<String>>,
-    /// Ingress dispatch: interface → endpoint chain.
+    /// Ingress dispatch: interface → verdict (`jump ep-in/IF`, or `drop`
+    /// for a quarantined interface).
     pub ingress: BTreeMap<String, String>,
-    /// Egress dispatch: interface → endpoint chain.
+    /// Egress dispatch: interface → verdict.
     pub egress: BTreeMap<String, String>,
 }
 
@@ -102,7 +103,7 @@ fn elements(e: &BTreeSet<String>) -> String {
 
 fn map_elements(m: &BTreeMap<String, String>) -> String {
     m.iter()
-        .map(|(i, c)| format!("\"{i}\" : jump {c}"))
+        .map(|(i, v)| format!("\"{i}\" : {v}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -300,9 +301,7 @@ impl Delta {
             s.push_str(&format!("delete element {TABLE} {map} {{ \"{i}\" }}\n"));
         }
         for (map, i, c) in &self.add_map {
-            s.push_str(&format!(
-                "add element {TABLE} {map} {{ \"{i}\" : jump {c} }}\n"
-            ));
+            s.push_str(&format!("add element {TABLE} {map} {{ \"{i}\" : {c} }}\n"));
         }
         for (name, e) in &self.del_elements {
             s.push_str(&format!(
@@ -385,6 +384,9 @@ pub struct Compiler {
     /// Pods by address (two pods may briefly share one).
     by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
     compiled: BTreeMap<PolicyKey, Compiled>,
+    /// Interfaces of pods whose Pod cannot be read: everything dropped
+    /// but replies, until it can.
+    quarantined: BTreeSet<String>,
     table: Table,
 }
 
@@ -501,6 +503,44 @@ impl Compiler {
         old_table.delta(&self.table)
     }
 
+    /// Quarantines interface `ifname` (every new connection in or out
+    /// dropped) or lifts it. An interface that is a local endpoint keeps
+    /// its endpoint's rules.
+    pub fn set_quarantine(&mut self, ifname: &str, on: bool) -> Delta {
+        let old_table = self.table.clone();
+        if on {
+            self.quarantined.insert(ifname.to_string());
+        } else {
+            self.quarantined.remove(ifname);
+        }
+        self.quarantine_maps(ifname);
+        old_table.delta(&self.table)
+    }
+
+    /// Whether `ifname` is quarantined.
+    pub fn is_quarantined(&self, ifname: &str) -> bool {
+        self.quarantined.contains(ifname)
+    }
+
+    fn quarantine_maps(&mut self, ifname: &str) {
+        let owner = self
+            .local
+            .iter()
+            .find(|(_, v)| *v == ifname)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = owner {
+            self.recompile_endpoint(&k);
+            return;
+        }
+        for map in [&mut self.table.ingress, &mut self.table.egress] {
+            if self.quarantined.contains(ifname) {
+                map.insert(ifname.to_string(), "drop".into());
+            } else if map.get(ifname).map(String::as_str) == Some("drop") {
+                map.remove(ifname);
+            }
+        }
+    }
+
     /// A pod of this node wired on `ifname` (`Some`) or gone (`None`).
     pub fn set_endpoint(&mut self, key: &PodKey, ifname: Option<String>) -> Delta {
         let old_table = self.table.clone();
@@ -514,6 +554,7 @@ impl Compiler {
             }
             self.table.ingress.remove(&old);
             self.table.egress.remove(&old);
+            self.quarantine_maps(&old);
         }
         self.endpoint_changed(key);
         let ips: BTreeSet<IpAddr> = self
@@ -591,6 +632,11 @@ impl Compiler {
             if policies.is_empty() {
                 map.remove(&ifname);
                 self.table.chains.remove(&chain);
+                if self.quarantined.contains(&ifname) {
+                    // Known now, and not isolated: the quarantine is over
+                    // only when the engine lifts it.
+                    map.insert(ifname.clone(), "drop".into());
+                }
                 continue;
             }
             let clear = format!("meta mark set meta mark & {:#010x}", !ALLOW_MARK);
@@ -602,7 +648,7 @@ impl Compiler {
             );
             rules.push(format!("meta mark & {ALLOW_MARK:#010x} == 0 drop"));
             rules.push(clear);
-            map.insert(ifname.clone(), chain.clone());
+            map.insert(ifname.clone(), format!("jump {chain}"));
             self.table.chains.insert(chain, rules);
         }
     }

@@ -358,3 +358,137 @@ fn kernel_verdicts_match_the_specification() {
     }
     println!("{total} connections as the specification says");
 }
+
+/// Whether lab pod `from` reaches `to` on `port` ("80/tcp").
+fn reach(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -> bool {
+    let src = c.pods.iter().find(|p| p.name == from).unwrap();
+    let dst = c.pods.iter().find(|p| p.name == to).unwrap();
+    let (num, proto) = port.split_once('/').unwrap();
+    let lab = paths::workspace_bin("margay-lab").unwrap();
+    src.ns
+        .cmd(lab)
+        .args(["netcheck", "probe", "--timeout-ms", "700"])
+        .arg(format!("{}:{num}/{proto}", dst.ip))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Waits until every (from, to, port, reachable) holds.
+async fn until_table(
+    c: &margay_lab::cluster::Cluster,
+    want: &[(&str, &str, &str, bool)],
+    what: &str,
+) {
+    let t = std::time::Instant::now();
+    loop {
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(f, to, p, ok)| reach(c, f, to, p) != *ok)
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: still wrong after 60 s: {wrong:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The agents of a lab enforce a NetworkPolicy from the API: its peers
+/// and named port across nodes, a pod added under it isolated the moment
+/// its ADD returns, and deleting it restores the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_enforce_networkpolicy_in_the_lab() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{Api, DeleteParams, PostParams};
+    use margay_lab::cluster::{Cluster, Options, PodOpts};
+
+    let mut c = Cluster::start(Options {
+        nodes: 2,
+        tor: margay_lab::Tor::None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let serve: Vec<String> = ["tcp:80", "tcp:81", "udp:80"].map(String::from).to_vec();
+    for (node, name, ns) in [
+        ("node1", "a", "x"),
+        ("node2", "b", "x"),
+        ("node1", "c", "y"),
+    ] {
+        let o = PodOpts {
+            namespace: Some(ns.into()),
+            labels: [("pod".to_string(), name.to_string())].into(),
+            serve: serve.clone(),
+        };
+        c.add_pod_with(node, name, &o).await.unwrap();
+    }
+    let all = [
+        ("b", "a", "80/tcp", true),
+        ("c", "a", "80/tcp", true),
+        ("b", "a", "81/tcp", true),
+        ("a", "b", "80/udp", true),
+    ];
+    until_table(&c, &all, "no policy").await;
+
+    // Into x's pod=a: from pod=b (own namespace) on its port serve-80-tcp.
+    let api: Api<NetworkPolicy> = Api::namespaced(c.client.clone(), "x");
+    let p: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "a-from-b"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                         "ports": [{"port": "serve-80-tcp"}]}]
+        }
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &p).await.unwrap();
+    until_table(
+        &c,
+        &[
+            ("b", "a", "80/tcp", true),
+            ("c", "a", "80/tcp", false),
+            ("b", "a", "81/tcp", false),
+            ("b", "a", "80/udp", false),
+            // Not selected: b and c stay open.
+            ("a", "b", "80/udp", true),
+            ("a", "c", "81/tcp", true),
+        ],
+        "a-from-b",
+    )
+    .await;
+
+    // A new pod=a: isolated from the moment its ADD returns.
+    let o = PodOpts {
+        namespace: Some("x".into()),
+        labels: [("pod".to_string(), "a".to_string())].into(),
+        serve: serve.clone(),
+    };
+    c.add_pod_with("node1", "a2", &o).await.unwrap();
+    assert!(
+        !reach(&c, "c", "a2", "80/tcp"),
+        "c reached a2 after its ADD"
+    );
+    until_table(&c, &[("b", "a2", "80/tcp", true)], "a2's listener").await;
+    assert!(!reach(&c, "c", "a2", "80/tcp"));
+
+    // The table is Margay's own, on both nodes.
+    for n in &c.nodes {
+        let t = n
+            .node
+            .ns
+            .exec("nft", &["list", "table", "inet", "margay_policy"])
+            .unwrap();
+        assert!(t.contains("chain forward"), "{}: {t}", n.name);
+    }
+
+    api.delete("a-from-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    until_table(&c, &all, "policy deleted").await;
+    assert!(reach(&c, "c", "a2", "80/tcp"));
+}

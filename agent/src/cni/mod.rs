@@ -90,6 +90,27 @@ pub struct CniService<S, D> {
     routed: Option<tokio::sync::watch::Receiver<Known<Local>>>,
     /// The pools last read (for the MTU when the datastore is slow).
     last_pools: Mutex<Option<Vec<IPPool>>>,
+    /// The NetworkPolicy engine an ADD waits for (none: policy disabled).
+    policy: Option<crate::policy::PolicyHandle>,
+}
+
+/// The pods this node has wired, as the NetworkPolicy engine needs them
+/// (from their interfaces' aliases; a pod whose alias could not hold its
+/// name is left to its next ADD).
+pub async fn wired_endpoints<D: Dataplane>(dp: &D) -> crate::Result<Vec<crate::policy::Endpoint>> {
+    let pods = dp.list_pods().await.map_err(crate::Error::Dataplane)?;
+    Ok(pods
+        .iter()
+        .filter_map(alias::parse)
+        .filter_map(|a| {
+            let p = a.pod?;
+            Some(crate::policy::Endpoint {
+                key: margay_policy::PodKey::new(&p.namespace, &p.name),
+                host_if: a.host_if,
+                ips: a.addrs,
+            })
+        })
+        .collect())
 }
 
 /// The attachment a request acts on; a bad identity is the caller's error
@@ -190,6 +211,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             pods_changed: Arc::new(tokio::sync::Notify::new()),
             routed: None,
             last_pools: Mutex::new(None),
+            policy: None,
         }
     }
 
@@ -197,6 +219,12 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
     /// addresses outside the node's known blocks.
     pub fn follow_local(&mut self, rx: tokio::sync::watch::Receiver<Known<Local>>) {
         self.routed = Some(rx);
+    }
+
+    /// Registers every pod with the NetworkPolicy engine; an ADD answers
+    /// once its pod's rules are loaded.
+    pub fn enforce_policy(&mut self, policy: crate::policy::PolicyHandle) {
+        self.policy = Some(policy);
     }
 
     /// Tells `routing::local` about a pod change with `addrs`, when its
@@ -307,6 +335,9 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             }
         }
         self.dp.del_pod(&w.host_if).await.map_err(failed)?;
+        if let Some(p) = &self.policy {
+            p.deleted(&w.host_if);
+        }
         let addrs = alias::parse(&link).map(|a| a.addrs).unwrap_or_default();
         let addrs: Vec<IpNetwork> = addrs.into_iter().map(IpNetwork::from).collect();
         self.poke_for(&addrs);
@@ -351,8 +382,26 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             }
         };
         // The kernel now records the attribution: write it behind.
-        self.reserve.commit(&taken, pod);
+        self.reserve.commit(&taken, pod.clone());
         self.poke_for(&addrs);
+        // No window: the pod is not answered for before its rules are in.
+        if let (Some(policy), Some(p)) = (&self.policy, pod.as_ref().filter(|p| !p.name.is_empty()))
+        {
+            let ep = crate::policy::Endpoint {
+                key: margay_policy::PodKey::new(&p.namespace, &p.name),
+                host_if: spec.host_if.clone(),
+                ips: addrs.iter().map(IpNetwork::ip).collect(),
+            };
+            if let Err(why) = policy.added(ep, crate::policy::ADD_WAIT).await {
+                policy.deleted(&spec.host_if);
+                if let Err(e) = self.unwire(&w, true).await {
+                    tracing::warn!(%handle, "undoing the ADD: {}", e.msg);
+                }
+                let released = self.reserve.release(&handle);
+                tracing::warn!(%handle, ?released, "{why}");
+                return Err(err(code::TRY_AGAIN, why));
+            }
+        }
         let host_mac = margay_api::stable::mac_string(&HOST_MAC);
         let mut routes = Vec::new();
         let mut ips = Vec::new();

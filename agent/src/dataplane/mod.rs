@@ -36,6 +36,7 @@ mod ipip;
 pub mod nat;
 mod netlink;
 mod netns;
+pub mod nft;
 pub mod ownership;
 mod pods;
 pub mod routed;

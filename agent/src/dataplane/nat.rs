@@ -18,8 +18,6 @@ use ipnetwork::IpNetwork;
 use margay_ipam::Store;
 use margay_ipam::model::validate_pools;
 
-use super::Error;
-
 /// The table Margay owns.
 pub const TABLE: &str = super::ownership::NFT_TABLE;
 
@@ -97,31 +95,7 @@ impl Nat {
         if !force && self.last.as_deref() == Some(script.as_str()) {
             return Ok(false);
         }
-        let mut child = tokio::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::Nft(format!("running nft (is nftables installed?): {e}")))?;
-        {
-            use tokio::io::AsyncWriteExt;
-            let mut stdin = child.stdin.take().expect("piped");
-            stdin
-                .write_all(script.as_bytes())
-                .await
-                .map_err(|e| Error::Nft(format!("writing to nft: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| Error::Nft(format!("waiting for nft: {e}")))?;
-        if !out.status.success() {
-            return Err(Error::Nft(format!(
-                "nft refused the {TABLE} table: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        super::nft::load(&script, TABLE).await?;
         self.last = Some(script);
         Ok(true)
     }

@@ -12,7 +12,8 @@
 //! - on [`IPIP_DEV`] (`tunl0`, the kernel's ipip fallback device, never
 //!   deleted): the tunnel address Margay put there, and the device's up
 //!   state while it has no other address;
-//! - the nftables table [`NFT_TABLE`] (see [`super::nat`]).
+//! - the nftables tables [`NFT_TABLE`] (natOutgoing, see [`super::nat`])
+//!   and [`NFT_POLICY_TABLE`] (NetworkPolicy, see `crate::policy`).
 
 use margay_api::stable::fnv1a;
 
@@ -39,6 +40,8 @@ pub const VXLAN_VNI: u32 = 4096;
 pub const VXLAN_PORT: u16 = 4789;
 /// The nftables table (family and name).
 pub const NFT_TABLE: &str = "inet margay";
+/// The NetworkPolicy nftables table (family and name).
+pub const NFT_POLICY_TABLE: &str = margay_policy::nft::TABLE;
 
 /// The host-side interface name for an attachment: [`HOST_IF_PREFIX`] and
 /// 11 hex digits of a hash of `key` (the attachment's handle; before

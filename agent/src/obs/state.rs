@@ -32,6 +32,8 @@ pub struct AgentState {
     api: Mutex<(Option<Instant>, bool, Option<String>)>,
     /// Whether this agent holds the leader Lease, once elections run.
     pub leader: OnceLock<tokio::sync::watch::Receiver<bool>>,
+    /// The NetworkPolicy engine, when it runs.
+    pub policy: OnceLock<crate::policy::PolicyHandle>,
 }
 
 impl AgentState {
@@ -42,6 +44,7 @@ impl AgentState {
             cni_serving: AtomicBool::new(false),
             routing: Mutex::new((RoutingStatus::default(), None)),
             speaker: Mutex::new(None),
+            policy: OnceLock::new(),
             alloc,
             reserve: OnceLock::new(),
             stall_after,

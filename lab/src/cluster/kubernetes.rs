@@ -233,8 +233,12 @@ async fn install(c: &Cluster) -> anyhow::Result<()> {
                 .args(["install", "margay"])
                 .arg(&chart)
                 .args(["--namespace", NAMESPACE])
+                // A list index replaces the whole list: the pool in full.
                 .arg("--set")
-                .arg(format!("ipPools[0].encapsulation={encap_name}"))
+                .arg(format!(
+                    "ipPools[0].name={POOL},ipPools[0].cidr=10.244.0.0/16,ipPools[0].blockSize=26,\
+                     ipPools[0].natOutgoing=true,ipPools[0].encapsulation={encap_name}"
+                ))
                 .args(helm_peer(c.opts.tor))
                 .output()?;
             if !out.status.success() {
@@ -501,6 +505,8 @@ pub async fn refresh_pods(c: &mut Cluster) -> anyhow::Result<()> {
         };
         let (attached, netns) = Attached::new(sb.pid)?;
         pods.push(Pod {
+            _server: None,
+            namespace: ns.clone(),
             name,
             node,
             ns: netns,

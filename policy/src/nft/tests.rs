@@ -53,7 +53,10 @@ fn a_small_world_compiles_as_documented() {
     let l = [(Key::new("x", "a"), "cali1".to_string())].into();
     let c = Compiler::full(w, l);
     let t = c.table();
-    assert_eq!(t.ingress, [("cali1".into(), "ep-in/cali1".into())].into());
+    assert_eq!(
+        t.ingress,
+        [("cali1".into(), "jump ep-in/cali1".into())].into()
+    );
     assert!(t.egress.is_empty());
     assert_eq!(
         t.chains["in/x/web"],

@@ -1,0 +1,36 @@
+//! Loading an nftables script: one `nft -f -` run, one kernel transaction
+//! (all of it applies or none of it does). Margay's tables are rendered
+//! elsewhere (natOutgoing in [`super::nat`], NetworkPolicy by
+//! `margay-policy`); this module only hands them to the kernel.
+
+use super::Error;
+
+/// Loads `script` (about `what`, for the error) in one transaction.
+pub async fn load(script: &str, what: &str) -> super::Result<()> {
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Nft(format!("running nft (is nftables installed?): {e}")))?;
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| Error::Nft(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| Error::Nft(format!("waiting for nft: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Nft(format!(
+            "nft refused the {what} table: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

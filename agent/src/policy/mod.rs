@@ -1,0 +1,317 @@
+//! Kubernetes NetworkPolicy on this node: watches on Pods, Namespaces and
+//! NetworkPolicies and this node's endpoints feed the [`engine`], whose
+//! scripts are loaded into the `inet margay_policy` table (one `nft -f`
+//! transaction per batch of changes; the whole table at start, after a
+//! failure and every resync interval).
+//!
+//! The CNI service registers each pod it wires ([`PolicyHandle::added`])
+//! and its ADD answers only once the pod's rules are in the kernel (or
+//! fails after a bounded wait with the reason), so no pod is reachable
+//! outside its policies at any moment after its ADD returns. Start-up
+//! registers the pods already wired, from their interfaces' aliases.
+
+pub mod engine;
+
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watcher};
+use tokio::sync::{mpsc, oneshot};
+
+pub use engine::{Endpoint, Engine, Event};
+use margay_policy::PodKey;
+
+use crate::dataplane::ownership::NFT_POLICY_TABLE;
+
+/// How long an ADD waits for its pod's rules before it fails.
+pub const ADD_WAIT: Duration = Duration::from_secs(20);
+
+enum Msg {
+    /// An endpoint, its answer, and a signal that its Pod is not known.
+    Added(Endpoint, oneshot::Sender<()>, oneshot::Sender<()>),
+    /// What the ADD read of its Pod: the Pod, none (404), or no answer.
+    Read(PodKey, PodRead),
+    Deleted(String),
+    /// A snapshot of the engine's view for `/status` and margayctl.
+    Status(oneshot::Sender<Status>),
+}
+
+/// What the policy engine reports.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    /// Kinds not listed yet (nothing is enforced from them until they are).
+    pub waiting_for: Vec<String>,
+    /// Policies known (valid ones).
+    pub policies: usize,
+    /// This node's endpoints in the rules.
+    pub endpoints: usize,
+    /// Policies that cannot be enforced, and why.
+    pub invalid: Vec<(String, String)>,
+    /// The last load that failed, if the last load failed.
+    pub last_error: Option<String>,
+}
+
+/// What an ADD read of its Pod.
+enum PodRead {
+    Found(Box<core::Pod>),
+    NotFound,
+    Unreadable,
+}
+
+/// How long an ADD waits for its rules before it reads its Pod itself
+/// (at once when the watch has not shown the Pod).
+const WATCH_GRACE: Duration = Duration::from_millis(300);
+
+/// The CNI service's way to the policy engine.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for PolicyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyHandle")
+    }
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Added(e, _, _) => write!(f, "Added({e:?})"),
+            Msg::Read(k, _) => write!(f, "Read({k})"),
+            Msg::Deleted(i) => write!(f, "Deleted({i})"),
+            Msg::Status(_) => f.write_str("Status"),
+        }
+    }
+}
+
+impl PolicyHandle {
+    /// A handle (reading Pods with `client`) and the receiving end [`run`]
+    /// takes.
+    pub fn new(client: kube::Client) -> (Self, PolicyInbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx, client }, PolicyInbox(rx))
+    }
+
+    /// Registers `ep` and waits until its rules are in the kernel (at
+    /// most `within`); the error says what it still waits for.
+    ///
+    /// When the watch has not shown the Pod within a moment, the Pod is
+    /// read: found, its labels are used; not found (no Kubernetes Pod),
+    /// it has no rules; unreadable, its interface is quarantined (nothing
+    /// in or out but replies) until its labels are known. Only an engine
+    /// that has never listed (an agent started while the API is down)
+    /// makes an ADD fail.
+    pub async fn added(&self, ep: Endpoint, within: Duration) -> Result<(), String> {
+        let key = ep.key.clone();
+        let (tx, mut rx) = oneshot::channel();
+        let (unknown_tx, unknown) = oneshot::channel();
+        let t0 = tokio::time::Instant::now();
+        self.tx
+            .send(Msg::Added(ep, tx, unknown_tx))
+            .map_err(|_| "the policy engine is not running".to_string())?;
+        // Answered, or the engine says it does not know the Pod (then read
+        // it now), or neither within a moment (read it too).
+        tokio::select! {
+            r = &mut rx => return r.map_err(|_| "the policy engine stopped".to_string()),
+            _ = unknown => {}
+            _ = tokio::time::sleep(WATCH_GRACE) => {}
+        }
+        let api: Api<core::Pod> = Api::namespaced(self.client.clone(), &key.namespace);
+        let read = match tokio::time::timeout(Duration::from_secs(3), api.get_opt(&key.name)).await
+        {
+            Ok(Ok(Some(p))) => PodRead::Found(Box::new(p)),
+            Ok(Ok(None)) => PodRead::NotFound,
+            Ok(Err(e)) => {
+                tracing::info!(pod = %key, "reading the Pod for its rules: {e}");
+                PodRead::Unreadable
+            }
+            Err(_) => PodRead::Unreadable,
+        };
+        let _ = self.tx.send(Msg::Read(key.clone(), read));
+        let left = within.saturating_sub(t0.elapsed());
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the policy engine stopped".into()),
+            Err(_) => {
+                let why = match self.status().await {
+                    Some(s) if !s.waiting_for.is_empty() => {
+                        format!("the API has not listed {}", s.waiting_for.join(", "))
+                    }
+                    Some(Status {
+                        last_error: Some(e),
+                        ..
+                    }) => format!("loading the rules failed: {e}"),
+                    _ => format!("Pod {key} not seen in the API, or its rules not loaded"),
+                };
+                Err(format!(
+                    "NetworkPolicy rules for {key} not in place after {}s: {why}",
+                    within.as_secs()
+                ))
+            }
+        }
+    }
+
+    /// The pod on `host_if` is gone.
+    pub fn deleted(&self, host_if: &str) {
+        let _ = self.tx.send(Msg::Deleted(host_if.to_string()));
+    }
+
+    /// The engine's status (`None` if it is not running).
+    pub async fn status(&self) -> Option<Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Status(tx)).ok()?;
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// The receiving end of [`PolicyHandle`]s.
+#[derive(Debug)]
+pub struct PolicyInbox(mpsc::UnboundedReceiver<Msg>);
+
+fn event<K>(ev: watcher::Event<K>) -> Event<K> {
+    match ev {
+        watcher::Event::Init => Event::Init,
+        watcher::Event::InitApply(k) => Event::InitApply(k),
+        watcher::Event::InitDone => Event::InitDone,
+        watcher::Event::Apply(k) => Event::Apply(k),
+        watcher::Event::Delete(k) => Event::Delete(k),
+    }
+}
+
+/// Runs the engine until the process ends: `initial` are the pods wired
+/// before start (from their aliases), `resync` the full reload interval.
+pub async fn run(
+    client: kube::Client,
+    inbox: PolicyInbox,
+    initial: Vec<Endpoint>,
+    resync: Duration,
+) -> crate::Result<()> {
+    let mut inbox = inbox.0;
+    let mut engine = Engine::new();
+    for ep in initial {
+        engine.endpoint_added(ep);
+    }
+    let cfg = watcher::Config::default;
+    let mut pods = watcher(Api::<core::Pod>::all(client.clone()), cfg())
+        .default_backoff()
+        .boxed();
+    let mut namespaces = watcher(Api::<core::Namespace>::all(client.clone()), cfg())
+        .default_backoff()
+        .boxed();
+    let mut policies = watcher(Api::<net::NetworkPolicy>::all(client), cfg())
+        .default_backoff()
+        .boxed();
+    let mut waiters: Vec<(Endpoint, oneshot::Sender<()>)> = Vec::new();
+    let mut last_error: Option<String> = None;
+    let mut next_full = tokio::time::Instant::now() + resync;
+    let mut retry: Option<tokio::time::Instant> = None;
+    let warn = |what: &str, e: &watcher::Error| {
+        tracing::warn!("NetworkPolicy: cannot watch {what} (retrying): {e}");
+    };
+    loop {
+        let wake = retry.map_or(next_full, |r| r.min(next_full));
+        tokio::select! {
+            Some(ev) = pods.next() => match ev {
+                Ok(ev) => engine.pod_event(event(ev)),
+                Err(e) => warn("Pods", &e),
+            },
+            Some(ev) = namespaces.next() => match ev {
+                Ok(ev) => engine.namespace_event(event(ev)),
+                Err(e) => warn("Namespaces", &e),
+            },
+            Some(ev) = policies.next() => match ev {
+                Ok(ev) => engine.policy_event(event(ev)),
+                Err(e) => warn("NetworkPolicies", &e),
+            },
+            Some(msg) = inbox.recv() => match msg {
+                Msg::Added(ep, tx, unknown) => {
+                    engine.endpoint_added(ep.clone());
+                    if !engine.knows_pod(&ep.key) {
+                        let _ = unknown.send(());
+                    }
+                    waiters.push((ep, tx));
+                }
+                Msg::Deleted(i) => engine.endpoint_deleted(&i),
+                Msg::Read(key, read) => match read {
+                    PodRead::Found(p) => engine.pod_read(*p),
+                    PodRead::NotFound => engine.not_a_pod(&key),
+                    PodRead::Unreadable => engine.quarantine(&key),
+                },
+                Msg::Status(tx) => {
+                    let c = engine.compiler();
+                    let _ = tx.send(Status {
+                        waiting_for: engine.waiting_for().iter().map(|s| s.to_string()).collect(),
+                        policies: c.world().policies.len(),
+                        endpoints: c.local().len(),
+                        invalid: engine.invalid().iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                        last_error: last_error.clone(),
+                    });
+                }
+            },
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= next_full {
+                    engine.resync();
+                    next_full = tokio::time::Instant::now() + resync;
+                }
+                retry = None;
+            }
+        }
+        // Everything already waiting joins this batch: one transaction.
+        for _ in 0..4096 {
+            let mut any = false;
+            if let Some(Some(Ok(ev))) = pods.next().now_or_never() {
+                engine.pod_event(event(ev));
+                any = true;
+            }
+            if let Some(Some(Ok(ev))) = namespaces.next().now_or_never() {
+                engine.namespace_event(event(ev));
+                any = true;
+            }
+            if let Some(Some(Ok(ev))) = policies.next().now_or_never() {
+                engine.policy_event(event(ev));
+                any = true;
+            }
+            if !any {
+                break;
+            }
+        }
+        if retry.is_none()
+            && let Some(script) = engine.take_script()
+        {
+            let t = std::time::Instant::now();
+            match crate::dataplane::nft::load(&script, NFT_POLICY_TABLE).await {
+                Ok(()) => {
+                    engine.loaded(true);
+                    last_error = None;
+                    tracing::debug!(
+                        bytes = script.len(),
+                        ms = t.elapsed().as_secs_f64() * 1e3,
+                        "NetworkPolicy rules loaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!("NetworkPolicy: {e} (reloading the whole table in 1s)");
+                    engine.loaded(false);
+                    last_error = Some(e.to_string());
+                    retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+        }
+        let (done, wait): (Vec<_>, Vec<_>) = waiters
+            .into_iter()
+            .partition(|(ep, _)| engine.programmed(&ep.key, &ep.host_if));
+        for (_, tx) in done {
+            let _ = tx.send(());
+        }
+        waiters = wait.into_iter().filter(|(_, tx)| !tx.is_closed()).collect();
+    }
+}
