@@ -68,6 +68,10 @@ struct Spare {
     addrs: Vec<IpNetwork>,
 }
 
+/// How long taking a spare waits for the allocator to confirm the pools
+/// still allow it.
+const SPARE_CHECK: Duration = Duration::from_millis(50);
+
 #[derive(Debug)]
 enum Write {
     Rename {
@@ -228,7 +232,7 @@ impl Reserve {
     /// Operations on one handle must not run concurrently (the caller
     /// serialises them).
     pub async fn take(&self, a: &Assign) -> Result<Taken> {
-        let known = {
+        let (known, spare) = {
             let mut st = self.state();
             match st.index.get(&a.handle) {
                 Some(addrs) if st.pending.contains(&a.handle) => {
@@ -240,24 +244,53 @@ impl Reserve {
                         spare: None,
                     });
                 }
-                Some(_) => true,
-                None if a.use_ == AllowedUse::Workload => {
-                    if let Some(s) = st.spares.pop_front() {
-                        st.index.insert(a.handle.clone(), s.addrs.clone());
-                        st.pending.insert(a.handle.clone());
-                        drop(st);
-                        self.refill.notify_one();
-                        return Ok(Taken {
-                            handle: a.handle.clone(),
-                            addrs: s.addrs,
-                            spare: Some(s.handle),
-                        });
-                    }
-                    false
-                }
-                None => false,
+                Some(_) => (true, None),
+                None if a.use_ == AllowedUse::Workload => (false, st.spares.pop_front()),
+                None => (false, None),
             }
         };
+        match spare {
+            Some(s) => self.take_spare(a, s).await,
+            None => self.assign(a, known).await,
+        }
+    }
+
+    /// A spare for `a`, if the pools still allow exactly it (a pool of
+    /// another family added since it was reserved means a pod would miss
+    /// that family): checked against the allocator's current view, given
+    /// back and replaced by a direct assign if not.
+    async fn take_spare(&self, a: &Assign, s: Spare) -> Result<Taken> {
+        // Bounded: the allocator may be busy with a write the API is slow
+        // to answer, and a spare exists so that a pod need not wait for one.
+        let check = self.alloc.usable(vec![s.addrs.clone()], a.use_);
+        let ok = match tokio::time::timeout(SPARE_CHECK, check).await {
+            Ok(Ok(v)) => v.first().copied().unwrap_or(false),
+            // The allocator could not say in time: the spare was valid when
+            // made, and the rechecker gives it back later if it is not.
+            _ => true,
+        };
+        if !ok {
+            tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
+                "spare no longer allowed by the pools: giving it back");
+            let _ = self.writes.send(Write::Release(s.handle));
+            self.refill.notify_one();
+            return self.assign(a, false).await;
+        }
+        {
+            let mut st = self.state();
+            st.index.insert(a.handle.clone(), s.addrs.clone());
+            st.pending.insert(a.handle.clone());
+        }
+        self.refill.notify_one();
+        Ok(Taken {
+            handle: a.handle.clone(),
+            addrs: s.addrs,
+            spare: Some(s.handle),
+        })
+    }
+
+    /// A direct assign (`known`: the handle was in the index already).
+    async fn assign(&self, a: &Assign, known: bool) -> Result<Taken> {
         // Known handles are confirmed against the datastore (a collector
         // may have released them); new ones are assigned directly.
         let addrs = self.alloc.assign(a.clone()).await;
