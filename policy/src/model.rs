@@ -140,6 +140,13 @@ impl Pod {
     /// From the Kubernetes object; `None` for a pod that has no part in
     /// policy (host network, no address yet, finished).
     pub fn from_k8s(p: &core::Pod) -> Option<(PodKey, Self)> {
+        Self::from_k8s_unaddressed(p).filter(|(_, pod)| !pod.ips.is_empty())
+    }
+
+    /// As [`Pod::from_k8s`], but a pod with no address yet is kept (with
+    /// none): the agent must know a pod's labels before the kubelet
+    /// reports its address, to enforce from its first packet.
+    pub fn from_k8s_unaddressed(p: &core::Pod) -> Option<(PodKey, Self)> {
         let key = Key::new(
             p.metadata.namespace.as_deref()?,
             p.metadata.name.as_deref()?,
@@ -148,23 +155,25 @@ impl Pod {
         if spec.host_network == Some(true) {
             return None;
         }
-        let st = p.status.as_ref()?;
-        if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        let st = p.status.as_ref();
+        if matches!(
+            st.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
             return None;
         }
         let mut ips: Vec<IpAddr> = st
-            .pod_ips
-            .iter()
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
             .flatten()
             .filter_map(|a| a.ip.parse().ok())
             .collect();
         if ips.is_empty()
-            && let Some(ip) = st.pod_ip.as_deref().and_then(|s| s.parse().ok())
+            && let Some(ip) = st
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|s| s.parse().ok())
         {
             ips.push(ip);
-        }
-        if ips.is_empty() {
-            return None;
         }
         let ports = named_ports(spec);
         Some((

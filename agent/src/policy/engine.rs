@@ -20,7 +20,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use margay_policy::model::{Key, Namespace, named_ports};
+use margay_policy::model::{Key, Namespace};
 use margay_policy::nft::Compiler;
 use margay_policy::{Pod, PodKey, Policy, PolicyKey};
 
@@ -58,33 +58,7 @@ struct Watched {
 }
 
 fn watched_pod(p: &core::Pod) -> Option<(PodKey, Watched)> {
-    let key = Key::new(
-        p.metadata.namespace.as_deref()?,
-        p.metadata.name.as_deref()?,
-    );
-    let spec = p.spec.as_ref()?;
-    if spec.host_network == Some(true) {
-        return None;
-    }
-    if matches!(
-        p.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
-        return None;
-    }
-    let ips = Pod::from_k8s(p).map(|(_, m)| m.ips).unwrap_or_default();
-    let ports = named_ports(spec);
-    Some((
-        key,
-        Watched {
-            pod: Pod {
-                labels: p.metadata.labels.clone().unwrap_or_default(),
-                ips,
-                node: spec.node_name.clone(),
-                ports,
-            },
-        },
-    ))
+    Pod::from_k8s_unaddressed(p).map(|(key, pod)| (key, Watched { pod }))
 }
 
 /// Which kinds have been listed.
