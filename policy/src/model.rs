@@ -218,6 +218,24 @@ pub struct Namespace {
     pub labels: Labels,
 }
 
+/// The label every namespace carries with its own name (set and kept
+/// immutable by the API server from Kubernetes 1.21).
+pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+impl Namespace {
+    /// From the Kubernetes object, with [`NAME_LABEL`] set to its name
+    /// when the API server did not (before 1.21), so that a policy naming
+    /// a namespace by it means the same on every version.
+    pub fn from_k8s(n: &core::Namespace) -> Option<(String, Self)> {
+        let name = n.metadata.name.clone()?;
+        let mut labels = n.metadata.labels.clone().unwrap_or_default();
+        labels
+            .entry(NAME_LABEL.to_string())
+            .or_insert_with(|| name.clone());
+        Some((name, Self { labels }))
+    }
+}
+
 /// Which ports a rule allows.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
@@ -546,6 +564,23 @@ mod tests {
         v["spec"] = json;
         let p: net::NetworkPolicy = serde_json::from_value(v).unwrap();
         Policy::from_k8s(&p).map(|(_, p)| p)
+    }
+
+    #[test]
+    fn a_namespace_carries_its_name_label_on_every_api_version() {
+        let ns = |labels: serde_json::Value| -> core::Namespace {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "x", "labels": labels}
+            }))
+            .unwrap()
+        };
+        let (name, n) = Namespace::from_k8s(&ns(serde_json::json!({"team": "a"}))).unwrap();
+        assert_eq!(name, "x");
+        assert_eq!(n.labels.get(NAME_LABEL).map(String::as_str), Some("x"));
+        assert_eq!(n.labels.get("team").map(String::as_str), Some("a"));
+        // What the API server set stays as it is.
+        let (_, n) = Namespace::from_k8s(&ns(serde_json::json!({NAME_LABEL: "x"}))).unwrap();
+        assert_eq!(n.labels.len(), 1);
     }
 
     #[test]

@@ -279,16 +279,7 @@ impl Engine {
 
     /// A Namespace watch event.
     pub fn namespace_event(&mut self, ev: Event<core::Namespace>) {
-        let conv = |n: &core::Namespace| {
-            n.metadata.name.clone().map(|name| {
-                (
-                    name,
-                    Namespace {
-                        labels: n.metadata.labels.clone().unwrap_or_default(),
-                    },
-                )
-            })
-        };
+        let conv = Namespace::from_k8s;
         match ev {
             Event::Init => self.relist_namespaces = Some(BTreeMap::new()),
             Event::InitApply(n) => {
