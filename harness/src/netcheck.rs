@@ -3,8 +3,9 @@
 //! policy tests and `margay-lab probe` run inside pods
 //! (`margay-lab netcheck serve|probe`).
 //!
-//! A TCP probe succeeds when the connection is accepted; a UDP probe when
-//! the datagram is echoed back. A policy drop shows as a timeout, a closed
+//! A TCP or SCTP probe succeeds when the connection is accepted (SCTP's
+//! one-to-one sockets, where the kernel has SCTP); a UDP probe when the
+//! datagram is echoed back. A policy drop shows as a timeout, a closed
 //! port as a refusal: both fail.
 
 use std::io::{Read, Write};
@@ -21,6 +22,8 @@ pub enum Transport {
     Tcp,
     /// UDP.
     Udp,
+    /// SCTP (a kernel with CONFIG_IP_SCTP).
+    Sctp,
 }
 
 /// `tcp:80`, `udp:80`: a listener.
@@ -36,8 +39,9 @@ fn transport(s: &str) -> Result<Transport> {
     match s {
         "tcp" | "TCP" => Ok(Transport::Tcp),
         "udp" | "UDP" => Ok(Transport::Udp),
+        "sctp" | "SCTP" => Ok(Transport::Sctp),
         other => Err(Error::Other(format!(
-            "transport {other:?}: tcp or udp (SCTP needs a kernel with it)"
+            "transport {other:?}: tcp, udp or sctp"
         ))),
     }
 }
@@ -47,7 +51,7 @@ impl FromStr for Listen {
     fn from_str(s: &str) -> Result<Self> {
         let (t, p) = s
             .split_once(':')
-            .ok_or_else(|| Error::Other(format!("{s:?}: want tcp:PORT or udp:PORT")))?;
+            .ok_or_else(|| Error::Other(format!("{s:?}: want tcp:PORT, udp:PORT or sctp:PORT")))?;
         Ok(Self {
             transport: transport(t)?,
             port: p
@@ -62,6 +66,7 @@ impl std::fmt::Display for Transport {
         f.write_str(match self {
             Transport::Tcp => "tcp",
             Transport::Udp => "udp",
+            Transport::Sctp => "sctp",
         })
     }
 }
@@ -88,7 +93,7 @@ impl FromStr for Target {
         Ok(Self {
             addr: a
                 .parse()
-                .map_err(|e| Error::Other(format!("{s:?}: {e} (want IP:PORT[/tcp|udp])")))?,
+                .map_err(|e| Error::Other(format!("{s:?}: {e} (want IP:PORT[/tcp|udp|sctp])")))?,
             transport: transport(t)?,
         })
     }
@@ -100,8 +105,8 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Serves every listener until the process ends: TCP connections are
-/// accepted, answered with a line and closed; UDP datagrams echoed.
+/// Serves every listener until the process ends: TCP and SCTP connections
+/// are accepted, answered with a line and closed; UDP datagrams echoed.
 pub fn serve(listen: &[Listen]) -> Result<()> {
     let mut threads = Vec::new();
     for l in listen {
@@ -124,6 +129,10 @@ pub fn serve(listen: &[Listen]) -> Result<()> {
                         let _ = sock.send_to(&buf[..n], from);
                     }
                 }));
+            }
+            Transport::Sctp => {
+                let sock = sctp::listen(any)?;
+                threads.push(std::thread::spawn(move || sctp::serve(&sock)));
             }
         }
     }
@@ -164,6 +173,76 @@ pub fn probe_one(t: &Target, timeout: Duration) -> bool {
             let mut b = [0u8; 64];
             matches!(s.recv(&mut b), Ok(n) if &b[..n] == b"margay-probe")
         }
+        Transport::Sctp => sctp::connects(t.addr, timeout),
+    }
+}
+
+/// SCTP one-to-one (stream) sockets, which std has no type for.
+mod sctp {
+    use std::net::SocketAddr;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::time::Duration;
+
+    use nix::errno::Errno;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::socket::{
+        AddressFamily, Backlog, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage,
+        accept, bind, connect, getsockopt, listen as listen_on, send, socket, sockopt,
+    };
+
+    use crate::{Error, Result};
+
+    fn family(a: SocketAddr) -> AddressFamily {
+        if a.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        }
+    }
+
+    /// A listening socket on `addr` (`[::]` takes IPv4 too).
+    pub fn listen(addr: SocketAddr) -> Result<OwnedFd> {
+        let e =
+            |e: Errno| Error::Other(format!("SCTP on {addr}: {e} (does the kernel have SCTP?)"));
+        let fd = socket(
+            family(addr),
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Sctp,
+        )
+        .map_err(e)?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(e)?;
+        listen_on(&fd, Backlog::new(64).map_err(e)?).map_err(e)?;
+        Ok(fd)
+    }
+
+    /// Accepts, answers with a line and closes, until the socket fails.
+    pub fn serve(fd: &OwnedFd) {
+        while let Ok(c) = accept(fd.as_raw_fd()) {
+            let _ = send(c, b"margay\n", MsgFlags::empty());
+            let _ = nix::unistd::close(c);
+        }
+    }
+
+    /// Whether an association to `addr` comes up within `timeout`.
+    pub fn connects(addr: SocketAddr, timeout: Duration) -> bool {
+        let Ok(fd) = socket(
+            family(addr),
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Sctp,
+        ) else {
+            return false;
+        };
+        match connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+            Ok(()) => return true,
+            Err(Errno::EINPROGRESS) => {}
+            Err(_) => return false,
+        }
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+        matches!(poll(&mut p, ms), Ok(n) if n > 0)
+            && matches!(getsockopt(&fd, sockopt::SocketError), Ok(0))
     }
 }
 
@@ -208,6 +287,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(got, [true, true, false]);
-        assert!("1.2.3.4:80/sctp".parse::<Target>().is_err());
+        assert!("1.2.3.4:80/quic".parse::<Target>().is_err());
+        assert_eq!(
+            "1.2.3.4:80/sctp".parse::<Target>().unwrap().transport,
+            Transport::Sctp
+        );
     }
 }
