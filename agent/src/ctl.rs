@@ -1,7 +1,9 @@
 //! `margayctl`'s commands: reading the agent's `/status` (BGP sessions,
-//! routes) and the IPAM objects (show, check, release). Everything is typed
-//! (`margay_api::status`, `margay_api::ctl`); rendering is pure (a report
-//! in, table text out) so the tables are tested without a cluster.
+//! routes), the IPAM objects (show, check, release) and the NetworkPolicy
+//! world (`policy show|check`, decided by `margay_policy::explain`).
+//! Everything is typed (`margay_api::status`, `margay_api::ctl`,
+//! `margay_policy::explain`); rendering is pure (a report in, table text
+//! out) so the tables are tested without a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -15,6 +17,9 @@ use margay_ipam::k8s::KubeStore;
 use margay_ipam::model::{Block, validate_pools};
 use margay_ipam::reserve::is_spare;
 use margay_ipam::{Allocator, Cluster as _, Options, Store};
+use margay_policy::World;
+use margay_policy::explain::{Check, PodPolicies};
+use margay_policy::spec::Side;
 
 use crate::{Error, Result};
 
@@ -446,9 +451,232 @@ pub async fn release(
     Ok(done)
 }
 
+/// Every Namespace, Pod and NetworkPolicy, as the world policy decisions
+/// are made over, and the policies that could not be read (with why).
+pub async fn policy_world(
+    client: &kube::Client,
+) -> Result<(World, Vec<(String, margay_policy::Error)>)> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{Api, ListParams};
+    let lp = ListParams::default();
+    let ns = Api::<Namespace>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(|e| Error::kube("listing Namespaces", e))?;
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(|e| Error::kube("listing Pods", e))?;
+    let pols = Api::<NetworkPolicy>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(|e| Error::kube("listing NetworkPolicies", e))?;
+    Ok(margay_policy::explain::world_from_k8s(
+        &ns.items,
+        &pods.items,
+        &pols.items,
+    ))
+}
+
+fn ips(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `margayctl policy show`'s text.
+pub fn render_policy_show(s: &PodPolicies) -> String {
+    use std::fmt::Write as _;
+    let mut o = format!(
+        "POD {}  {}  node {}\n",
+        s.pod,
+        ips(&s.ips),
+        s.node.as_deref().unwrap_or("-")
+    );
+    for (name, d, verb) in [("INGRESS", &s.ingress, "from"), ("EGRESS", &s.egress, "to")] {
+        if !d.isolated {
+            let _ = writeln!(o, "{name}: not isolated (everything allowed)");
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "{name}: isolated by {} {} (allowed: what any of their rules allows)",
+            d.policies.len(),
+            if d.policies.len() == 1 {
+                "policy"
+            } else {
+                "policies"
+            }
+        );
+        for p in &d.policies {
+            let _ = writeln!(o, "  {}", p.policy);
+            if p.rules.is_empty() {
+                let _ = writeln!(o, "    no rules: allows nothing");
+            }
+            for (i, r) in p.rules.iter().enumerate() {
+                let peers = if r.any_peer {
+                    "anyone".to_string()
+                } else {
+                    r.peers
+                        .iter()
+                        .map(|pv| {
+                            let now = if pv.pods.is_empty() {
+                                "no pods now".to_string()
+                            } else {
+                                pv.pods
+                                    .iter()
+                                    .map(|p| format!("{} {}", p.pod, ips(&p.ips)))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            };
+                            format!("{} [{now}]", pv.peer)
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                let ports = if r.ports.is_empty() {
+                    "every port".to_string()
+                } else {
+                    r.ports
+                        .iter()
+                        .map(|p| match p.resolved {
+                            Some(n) => format!("{} ({n})", p.port),
+                            None => p.port.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let _ = writeln!(o, "    rule {i}: {verb} {peers}; ports {ports}");
+            }
+        }
+    }
+    o
+}
+
+/// `margayctl policy check`'s text.
+pub fn render_policy_check(c: &Check) -> String {
+    let end = |k: &Option<margay_policy::PodKey>, ip: IpAddr| match k {
+        Some(k) => format!("{k} ({ip})"),
+        None => ip.to_string(),
+    };
+    let (src, dst) = (end(&c.from, c.connection.src), end(&c.to, c.connection.dst));
+    let side = |what: &str, who: &str, s: &Side| -> String {
+        match s {
+            Side::NotAPod => format!("  {what}: {who} is not a pod: no policy applies\n"),
+            Side::NotIsolated => {
+                format!("  {what} of {who}: no policy isolates it: allowed\n")
+            }
+            Side::Allowed { by } => {
+                let by: Vec<String> = by
+                    .iter()
+                    .map(|r| format!("{} rule {}", r.policy, r.rule))
+                    .collect();
+                format!("  {what} of {who}: allowed by {}\n", by.join(", "))
+            }
+            Side::Denied { isolated_by } => {
+                let p: Vec<String> = isolated_by.iter().map(ToString::to_string).collect();
+                format!(
+                    "  {what} of {who}: DENIED: isolated by {} and no rule of theirs allows it\n",
+                    p.join(", ")
+                )
+            }
+        }
+    };
+    format!(
+        "{src} -> {dst} {}/{}: {}\n{}{}",
+        c.connection.proto,
+        c.connection.port,
+        if c.allowed { "ALLOWED" } else { "DENIED" },
+        side("egress", &src, &c.verdict.egress),
+        side("ingress", &dst, &c.verdict.ingress),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy_world() -> World {
+        let v = |v: serde_json::Value| v;
+        let ns: Vec<k8s_openapi::api::core::v1::Namespace> = ["x", "y"]
+            .iter()
+            .map(|n| {
+                serde_json::from_value(v(serde_json::json!({"metadata": {"name": n}}))).unwrap()
+            })
+            .collect();
+        let pods: Vec<k8s_openapi::api::core::v1::Pod> =
+            [("x", "a", 1), ("x", "b", 2), ("y", "c", 3)]
+                .iter()
+                .map(|(ns, n, i)| {
+                    serde_json::from_value(serde_json::json!({
+                        "metadata": {"namespace": ns, "name": n, "labels": {"app": n}},
+                        "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [
+                            {"name": "web", "containerPort": 8080}]}]},
+                        "status": {"podIP": format!("10.0.0.{i}")}
+                    }))
+                    .unwrap()
+                })
+                .collect();
+        let pol: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "x", "name": "a-from-b"},
+                "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                         "policyTypes": ["Ingress", "Egress"],
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}],
+                                      "ports": [{"port": "web"}]}]}
+            }))
+            .unwrap();
+        margay_policy::explain::world_from_k8s(&ns, &pods, &[pol]).0
+    }
+
+    #[test]
+    fn policy_show_names_policies_peers_and_ports() {
+        let w = policy_world();
+        let s = margay_policy::explain::show(&w, &"x/a".parse().unwrap()).unwrap();
+        let t = render_policy_show(&s);
+        assert!(t.starts_with("POD x/a  10.0.0.1  node node1\n"), "{t}");
+        assert!(t.contains("INGRESS: isolated by 1 policy"), "{t}");
+        assert!(t.contains("  x/a-from-b\n"), "{t}");
+        assert!(
+            t.contains(
+                "rule 0: from pods app=b (own namespace) [x/b 10.0.0.2]; ports tcp/web (8080)"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("EGRESS: isolated by 1 policy"), "{t}");
+        assert!(t.contains("no rules: allows nothing"), "{t}");
+        let s = margay_policy::explain::show(&w, &"y/c".parse().unwrap()).unwrap();
+        assert!(render_policy_show(&s).contains("INGRESS: not isolated"));
+    }
+
+    #[test]
+    fn policy_check_says_why() {
+        use margay_policy::Proto;
+        use margay_policy::explain::check;
+        let w = policy_world();
+        let a = "x/a".parse().unwrap();
+        let c = check(&w, &"x/b".parse().unwrap(), &a, 8080, Proto::Tcp).unwrap();
+        let t = render_policy_check(&c);
+        assert!(
+            t.starts_with("x/b (10.0.0.2) -> x/a (10.0.0.1) tcp/8080: ALLOWED\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("egress of x/b (10.0.0.2): no policy isolates it"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ingress of x/a (10.0.0.1): allowed by x/a-from-b rule 0"),
+            "{t}"
+        );
+        let c = check(&w, &"192.0.2.9".parse().unwrap(), &a, 8080, Proto::Tcp).unwrap();
+        let t = render_policy_check(&c);
+        assert!(t.contains(": DENIED\n"), "{t}");
+        assert!(t.contains("egress: 192.0.2.9 is not a pod"), "{t}");
+        assert!(t.contains("DENIED: isolated by x/a-from-b"), "{t}");
+    }
 
     #[test]
     fn node_status_table() {

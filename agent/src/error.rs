@@ -39,6 +39,10 @@ pub enum Error {
     /// The kernel.
     #[error(transparent)]
     Dataplane(#[from] crate::dataplane::Error),
+    /// A NetworkPolicy question (`margayctl policy`) the world cannot
+    /// answer, or a port that does not parse.
+    #[error(transparent)]
+    Policy(#[from] margay_policy::Error),
     /// The embedded BGP speaker.
     #[error("BGP speaker: {0}")]
     Bgp(#[from] margay_bgp::Error),

@@ -10,9 +10,12 @@
 //!   documentation and not from Margay's rules: what a connection is
 //!   allowed by, and why. `margayctl policy check` and the differential
 //!   tests use it;
+//! - [`explain`]: what `margayctl policy show|check` report, as typed
+//!   values over the world;
 //! - [`nft`]: the policies compiled to Margay's nftables table, updated
 //!   in O(changed), and [`ranges`], the interval arithmetic it needs.
 
+pub mod explain;
 pub mod model;
 pub mod nft;
 pub mod random;
@@ -47,6 +50,10 @@ pub enum Error {
     /// A policyType other than Ingress and Egress.
     #[error("policyType {0:?} is not Ingress or Egress")]
     PolicyType(String),
+    /// A question about a pod the world does not have (or not with an
+    /// address of the family asked).
+    #[error("{0}")]
+    Lookup(String),
 }
 
 /// This crate's results.

@@ -462,6 +462,49 @@ async fn the_agents_enforce_networkpolicy_in_the_lab() {
     )
     .await;
 
+    // What margayctl says of it, as an operator would ask.
+    let (code, out, err) = c.margayctl(0, &["policy", "show", "x/a"]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("INGRESS: isolated by 1 policy"), "{out}");
+    assert!(out.contains("  x/a-from-b\n"), "{out}");
+    let b_ip = &c.pods.iter().find(|p| p.name == "b").unwrap().ip;
+    assert!(
+        out.contains(&format!(
+            "from pods pod=b (own namespace) [x/b {b_ip}]; ports tcp/serve-80-tcp (80)"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("EGRESS: not isolated"), "{out}");
+    let (code, out, _) = c
+        .margayctl(0, &["policy", "check", "x/b", "x/a", "80"])
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ALLOWED") && out.contains("allowed by x/a-from-b rule 0"),
+        "{out}"
+    );
+    let (code, out, _) = c
+        .margayctl(0, &["policy", "check", "y/c", "x/a", "80/tcp"])
+        .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("DENIED: isolated by x/a-from-b"), "{out}");
+    let (code, out, _) = c
+        .margayctl(
+            0,
+            &["policy", "check", "x/b", "x/a", "80/udp", "-o", "json"],
+        )
+        .unwrap();
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["allowed"], false, "{out}");
+    assert_eq!(v["verdict"]["ingress"]["decision"], "denied", "{out}");
+    let (code, _, err) = c.margayctl(0, &["policy", "show", "x/nope"]).unwrap();
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = c
+        .margayctl(0, &["policy", "check", "x/b", "x/a", "80/icmp"])
+        .unwrap();
+    assert_eq!(code, 2, "{err}");
+
     // A new pod=a: isolated from the moment its ADD returns.
     let o = PodOpts {
         namespace: Some("x".into()),

@@ -1,6 +1,9 @@
 //! `margayctl`: operator CLI. `node status` and `routes` ask the agent on
 //! this node (its `/status` endpoint); `ipam show|check|release` read and
-//! write the IPAM objects through the Kubernetes API. Tables by default,
+//! write the IPAM objects through the Kubernetes API; `policy show|check`
+//! read Namespaces, Pods and NetworkPolicies and say what the policies
+//! allow (Margay's reading of the API, the one its rules are tested
+//! against). Tables by default,
 //! `-o json` for scripts. Exit codes: 0 fine, 1 problems found or refused,
 //! 2 cannot run (bad flags, unreachable agent or API).
 
@@ -65,6 +68,31 @@ enum Cmd {
     },
     /// BGP best routes on this node.
     Routes,
+    /// NetworkPolicy: what selects a pod, what a connection meets.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// The policies selecting a pod, per direction, with their peers
+    /// resolved to pods and their ports (exit 1: no such pod).
+    Show {
+        /// NAMESPACE/POD (POD: in `default`).
+        pod: margay_policy::PodKey,
+    },
+    /// What the policies decide for a connection, and why (exit 0
+    /// allowed, 1 denied).
+    Check {
+        /// Source: NAMESPACE/POD or an address.
+        from: margay_policy::explain::End,
+        /// Destination: NAMESPACE/POD or an address.
+        to: margay_policy::explain::End,
+        /// PORT[/tcp|udp|sctp] (TCP when not given).
+        port: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +161,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let st = ctl::agent_status(&cli.agent)?;
             print(cli.output, &st.routes, || ctl::render_routes(&st))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Policy { cmd } => {
+            let client = client(&cli.kubeconfig).await.context("Kubernetes API")?;
+            let (world, bad) = ctl::policy_world(&client).await?;
+            for (p, e) in &bad {
+                eprintln!("margayctl: warning: NetworkPolicy {p} cannot be enforced: {e}");
+            }
+            match cmd {
+                PolicyCmd::Show { pod } => match margay_policy::explain::show(&world, &pod) {
+                    Some(s) => {
+                        print(cli.output, &s, || ctl::render_policy_show(&s))?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => {
+                        eprintln!("margayctl: no pod {pod} on the pod network with an address");
+                        Ok(ExitCode::from(1))
+                    }
+                },
+                PolicyCmd::Check { from, to, port } => {
+                    let (port, proto) = margay_policy::explain::parse_port(&port)?;
+                    let c = margay_policy::explain::check(&world, &from, &to, port, proto)?;
+                    print(cli.output, &c, || ctl::render_policy_check(&c))?;
+                    Ok(if c.allowed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
+                }
+            }
         }
         Cmd::Ipam { cmd } => {
             let client = client(&cli.kubeconfig).await.context("Kubernetes API")?;
