@@ -18,6 +18,11 @@
 //! upstream's expectations and our reading of the API docs must agree
 //! before the kernel is asked.
 //!
+//! `policy_updates_under_traffic_keep_the_truth_table`: policies created,
+//! updated and deleted and labels changed one step at a time while pods
+//! ping each other; after each step every pair's verdicts equal the
+//! specification's, and the pings no policy concerns never pause.
+//!
 //! The namespaces are not labelled by the test: the lab's API server
 //! (1.20) does not set `kubernetes.io/metadata.name`, and Margay reads it
 //! as set, as 1.21 and later do, so the cases using it pass on 1.20 too.
@@ -275,10 +280,14 @@ impl Env {
     async fn reset(&mut self) {
         self.delete_policies().await;
         self.label_namespace("y", "ns2", None).await;
+        self.label_namespace("y", "team", None).await;
         let started: Vec<usize> = self.ips.keys().copied().collect();
         for i in &started {
-            self.label_pod(&model_name(*i), json!({"pod2": null, "target": null}))
-                .await;
+            self.label_pod(
+                &model_name(*i),
+                json!({"pod2": null, "target": null, "role": null}),
+            )
+            .await;
         }
         let was = std::mem::replace(&mut self.case, "reset".into());
         self.pods = started;
@@ -377,6 +386,31 @@ impl Env {
             }
         }
         w
+    }
+
+    /// The table the specification gives over the API's objects now.
+    async fn spec_table(&self, port: u16, proto: Proto) -> Reach {
+        let w = self.world().await;
+        let mut r = self.reach(true);
+        for ((f, t), v) in r.m.iter_mut() {
+            let c = Connection {
+                src: self.ips[f],
+                dst: self.ips[t],
+                proto,
+                port,
+            };
+            *v = f == t || spec::decide(&w, &c).allowed();
+        }
+        r
+    }
+
+    /// The kernel's verdicts over every pair of the case's pods agree with
+    /// the specification's, on 80/tcp, 81/tcp and 80/udp.
+    async fn validate_spec(&self) {
+        for (port, proto) in [(80, TCP), (81, TCP), (80, UDP)] {
+            let want = self.spec_table(port, proto).await;
+            self.probe_until(port, proto, &want, &self.case).await;
+        }
     }
 
     /// Upstream's ValidateOrFail, after checking that the specification
@@ -1356,6 +1390,115 @@ async fn tcp_and_udp_cases() {
     e.reset().await;
     assert_eq!(e.cases, 45);
     println!("{} upstream cases passed in {:?}", e.cases, t0.elapsed());
+}
+
+/// Policies created, changed and deleted, pod and namespace labels
+/// changed, while pods in namespace z ping each other every 20 ms: after
+/// every step the kernel's verdicts on every pair of the nine pods are the
+/// specification's, and the pings no policy concerns never stop (each
+/// step is one nftables transaction; nothing is flushed and rebuilt).
+#[test]
+fn policy_updates_under_traffic_keep_the_truth_table() {
+    let _one = serial();
+    runtime().block_on(async {
+        let mut e = start(&ALL_PODS, &[TCP, UDP]).await;
+        e.case("updates under traffic", &ALL_PODS).await;
+        let pingers: Vec<margay_tests::Pinger> = [("z/a", "z/b"), ("z/b", "z/c"), ("z/c", "z/a")]
+            .iter()
+            .map(|(f, t)| {
+                let name = Env::lab_name(index(f));
+                let src = e.c.pods.iter().find(|p| p.name == name).unwrap();
+                margay_tests::Pinger::start(
+                    src.ns.name(),
+                    &e.ip(t).to_string(),
+                    format!("{f} -> {t}"),
+                )
+            })
+            .collect();
+        let mut step = 0;
+        let mut next = |what: &str| {
+            step += 1;
+            println!("step {step}: {what}");
+        };
+
+        next("deny ingress to namespace x");
+        e.create("x", policy("x-ingress", json!({}), Some(json!([])), None))
+            .await;
+        e.validate_spec().await;
+
+        next("allow namespace y in on tcp/80, unless role=blocked");
+        e.update(
+            "x",
+            policy(
+                "x-ingress",
+                json!({}),
+                Some(
+                    json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector":
+                    {"matchExpressions": [{"key": "role", "operator": "DoesNotExist"}]}}],
+                    "ports": [{"port": 80, "protocol": "TCP"}]}]),
+                ),
+                None,
+            ),
+        )
+        .await;
+        e.validate_spec().await;
+
+        next("label y/b role=blocked");
+        e.label_pod("y/b", json!({"role": "blocked"})).await;
+        e.validate_spec().await;
+
+        next("x/a may only reach namespaces labelled team=red (none yet)");
+        e.create(
+            "x",
+            policy(
+                "x-a-egress",
+                pod_is("a"),
+                None,
+                Some(json!([{"to": [{"namespaceSelector": {"matchLabels": {"team": "red"}}}]}])),
+            ),
+        )
+        .await;
+        e.validate_spec().await;
+
+        next("label namespace y team=red");
+        e.label_namespace("y", "team", Some("red")).await;
+        e.validate_spec().await;
+
+        next("udp/80 into x/c from anyone, on top");
+        e.create(
+            "x",
+            policy(
+                "x-c-udp",
+                pod_is("c"),
+                Some(json!([{"ports": [{"port": 80, "protocol": "UDP"}]}])),
+                None,
+            ),
+        )
+        .await;
+        e.validate_spec().await;
+
+        next("delete x-ingress");
+        e.policies("x")
+            .delete("x-ingress", &DeleteParams::default())
+            .await
+            .unwrap();
+        e.validate_spec().await;
+
+        next("unlabel y/b and y, delete everything");
+        e.label_pod("y/b", json!({"role": null})).await;
+        e.label_namespace("y", "team", None).await;
+        e.delete_policies().await;
+        let all = e.reach(true);
+        for (port, proto) in [(80, TCP), (81, TCP), (80, UDP)] {
+            e.probe_until(port, proto, &all, "no policies").await;
+        }
+
+        for p in pingers {
+            let (replies, gap) = p.stop();
+            assert!(replies > 50, "{replies} replies");
+            assert!(gap < Duration::from_secs(1), "a ping gap of {gap:?}");
+        }
+    });
 }
 
 /// Set inside the VM: run the cases instead of booting one.
