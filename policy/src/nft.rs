@@ -10,10 +10,10 @@
 //!   oifname vmap @ingress                       a local pod receiving: its ingress chain
 //! map ingress / egress   { "caliXXX" : jump ep-in/caliXXX }   only isolated endpoints
 //! chain ep-in/IFNAME     clear the allow mark; jump each policy isolating it; no mark: drop
-//! chain in/NS/NAME       one rule line per (peer kind, port) of each rule: match, set the
-//!                        allow mark, return
+//! chain in/NS/NAME       one rule line per (peer, port) of each rule: match, set the
+//!                        allow mark, return; an ipBlock is matched in its line
+//!                        (`ip saddr CIDR ip saddr != EXCEPT ...`)
 //! set in/NS/NAME/R.p4    addresses of the pods the rule's pod peers select (p6: IPv6)
-//! set in/NS/NAME/R.b4    the rule's ipBlocks minus their excepts, as intervals (b6)
 //! set in/NS/NAME/R.n4.I  destination address . protocol . port of the named port I (n6)
 //! ```
 //!
@@ -26,21 +26,28 @@
 //! [`set_policy`](Compiler::set_policy),
 //! [`set_endpoint`](Compiler::set_endpoint)) updates the table and returns
 //! the [`Delta`] that takes the kernel from the old table to the new one:
-//! a pod or a label is set elements, a policy its own chains and sets. A
-//! delta is one `nft -f` transaction ([`Delta::script`]); [`Table::script`]
+//! a pod or a label is set elements, a policy its own chains and sets.
+//! The delta is computed over what the change touched (a journal of the
+//! old values), never over the whole table. There are no interval sets:
+//! before any element update nft reads back the elements of every
+//! interval set, which would make each pod change cost the whole table.
+//! A delta is one `nft -f` transaction ([`Delta::script`]); [`Table::script`]
 //! rebuilds the whole table atomically (start-up, periodic resync, or
 //! after a failed delta).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
+
 use crate::model::{Direction, Namespace, Peer, Pod, PodKey, Policy, PolicyKey, PortMatch, Rule};
-use crate::ranges::Ranges;
 use crate::spec::peer_matches;
 use crate::{Proto, World};
 
 /// The table, as `nft` names it.
 pub const TABLE: &str = "inet margay_policy";
+/// The table's name within its family (`inet`).
+pub const TABLE_NAME: &str = "margay_policy";
 /// The packet mark bit a policy rule sets when it allows.
 pub const ALLOW_MARK: u32 = 0x0001_0000;
 
@@ -229,7 +236,128 @@ pub struct Delta {
     del_sets: Vec<String>,
 }
 
+/// A set element, typed: what a set of the table holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Element {
+    /// An address (sets `.p4`, `.p6`).
+    Addr(IpAddr),
+    /// `address . protocol . port` (sets `.n4.I`, `.n6.I`).
+    Port {
+        /// The address.
+        addr: IpAddr,
+        /// The protocol.
+        proto: Proto,
+        /// The port.
+        port: u16,
+    },
+}
+
+impl Element {
+    /// From the text nft writes (`10.0.0.1`, `10.0.0.1 . tcp . 80`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.split(" . ");
+        let addr: IpAddr = it.next()?.parse().ok()?;
+        match (it.next(), it.next(), it.next()) {
+            (None, None, None) => Some(Self::Addr(addr)),
+            (Some(proto), Some(port), None) => Some(Self::Port {
+                addr,
+                proto: proto.parse().ok()?,
+                port: port.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an element change adds or deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementOp {
+    /// Add the elements.
+    Add,
+    /// Delete the elements.
+    Delete,
+}
+
+/// Set element changes only, in order: what a pod or label change usually
+/// is, and what the agent can hand the kernel without `nft` (which reads
+/// back every set's and chain's definition before each run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ElementDelta {
+    /// (add or delete, set name, elements), applied in this order.
+    pub ops: Vec<(ElementOp, String, Vec<Element>)>,
+}
+
+impl ElementDelta {
+    /// Appends `d`'s changes if it changes set elements only (returns
+    /// false, leaving `self` as it was, if not).
+    pub fn extend(&mut self, d: &Delta) -> bool {
+        let Some(ops) = d.element_ops() else {
+            return false;
+        };
+        self.ops.extend(ops);
+        true
+    }
+
+    /// The same changes as an `nft -f` script.
+    pub fn script(&self) -> String {
+        let mut s = String::new();
+        for (op, set, elems) in &self.ops {
+            let verb = match op {
+                ElementOp::Add => "add",
+                ElementOp::Delete => "delete",
+            };
+            let e: Vec<String> = elems.iter().map(ToString::to_string).collect();
+            s.push_str(&format!(
+                "{verb} element {TABLE} {set} {{ {} }}\n",
+                e.join(", ")
+            ));
+        }
+        s
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Port { addr, proto, port } => write!(f, "{addr} . {proto} . {port}"),
+        }
+    }
+}
+
 impl Delta {
+    /// Its changes as typed set element operations, if that is all it
+    /// changes (no set, chain or map touched otherwise).
+    pub fn element_ops(&self) -> Option<Vec<(ElementOp, String, Vec<Element>)>> {
+        if !(self.new_sets.is_empty()
+            && self.late_sets.is_empty()
+            && self.new_chains.is_empty()
+            && self.rewrite.is_empty()
+            && self.del_map.is_empty()
+            && self.add_map.is_empty()
+            && self.del_chains.is_empty()
+            && self.del_sets.is_empty())
+        {
+            return None;
+        }
+        let typed = |e: &BTreeSet<String>| -> Option<Vec<Element>> {
+            e.iter().map(|x| Element::parse(x)).collect()
+        };
+        let mut ops = Vec::new();
+        for (set, e) in &self.add_elements {
+            ops.push((ElementOp::Add, set.clone(), typed(e)?));
+        }
+        for (set, e) in &self.del_elements {
+            ops.push((ElementOp::Delete, set.clone(), typed(e)?));
+        }
+        Some(ops)
+    }
+
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -375,6 +503,31 @@ struct Compiled {
     pod_sets: Vec<(String, Direction, usize, PodSet)>,
 }
 
+/// The old values of what a change touched (`None`: it did not exist),
+/// so its delta is computed over those keys only: a change costs what it
+/// touches, not the size of the table.
+#[derive(Debug, Clone, Default)]
+struct Journal {
+    sets: BTreeMap<String, SetWas>,
+    chains: BTreeMap<String, Option<Vec<String>>>,
+    ingress: BTreeMap<String, Option<String>>,
+    egress: BTreeMap<String, Option<String>>,
+}
+
+/// What a set was before the change under way.
+#[derive(Debug, Clone)]
+enum SetWas {
+    /// All of it (`None`: it did not exist).
+    Whole(Option<Set>),
+    /// Only elements changed so far: those added and those removed since
+    /// (a pod's change touches a few elements of large sets).
+    Elements {
+        kind: SetKind,
+        added: BTreeSet<String>,
+        removed: BTreeSet<String>,
+    },
+}
+
 /// The incremental compiler: inputs, the table, and what was compiled.
 #[derive(Debug, Clone, Default)]
 pub struct Compiler {
@@ -388,6 +541,8 @@ pub struct Compiler {
     /// but replies, until it can.
     quarantined: BTreeSet<String>,
     table: Table,
+    /// What the change under way touched.
+    journal: Journal,
 }
 
 impl Compiler {
@@ -416,7 +571,192 @@ impl Compiler {
         for k in eps {
             c.recompile_endpoint(&k);
         }
+        c.journal = Journal::default();
         c
+    }
+
+    /// The delta of the change just made: the touched keys, old against
+    /// new.
+    fn finish(&mut self) -> Delta {
+        let j = std::mem::take(&mut self.journal);
+        let mut old = Table::default();
+        let mut new = Table::default();
+        for (name, was) in j.sets {
+            match was {
+                SetWas::Whole(was) => {
+                    if let Some(set) = was {
+                        old.sets.insert(name.clone(), set);
+                    }
+                    if let Some(set) = self.table.sets.get(&name) {
+                        new.sets.insert(name, set.clone());
+                    }
+                }
+                // Both sides hold only what changed: the delta is the
+                // same as between the whole sets.
+                SetWas::Elements {
+                    kind,
+                    added,
+                    removed,
+                } => {
+                    old.sets.insert(
+                        name.clone(),
+                        Set {
+                            kind,
+                            elements: removed,
+                        },
+                    );
+                    new.sets.insert(
+                        name,
+                        Set {
+                            kind,
+                            elements: added,
+                        },
+                    );
+                }
+            }
+        }
+        for (name, was) in j.chains {
+            if let Some(rules) = was {
+                old.chains.insert(name.clone(), rules);
+            }
+            if let Some(rules) = self.table.chains.get(&name) {
+                new.chains.insert(name, rules.clone());
+            }
+        }
+        for (dir, touched) in [
+            (Direction::Ingress, j.ingress),
+            (Direction::Egress, j.egress),
+        ] {
+            for (ifname, was) in touched {
+                let (o, n, cur) = match dir {
+                    Direction::Ingress => (&mut old.ingress, &mut new.ingress, &self.table.ingress),
+                    Direction::Egress => (&mut old.egress, &mut new.egress, &self.table.egress),
+                };
+                if let Some(v) = was {
+                    o.insert(ifname.clone(), v);
+                }
+                if let Some(v) = cur.get(&ifname) {
+                    n.insert(ifname, v.clone());
+                }
+            }
+        }
+        old.delta(&new)
+    }
+
+    fn touch_set(&mut self, name: &str) {
+        let was = match self.journal.sets.get(name) {
+            Some(SetWas::Whole(_)) => return,
+            None => self.table.sets.get(name).cloned(),
+            Some(SetWas::Elements { added, removed, .. }) => {
+                self.table.sets.get(name).cloned().map(|mut set| {
+                    set.elements.retain(|e| !added.contains(e));
+                    set.elements.extend(removed.iter().cloned());
+                    set
+                })
+            }
+        };
+        self.journal
+            .sets
+            .insert(name.to_string(), SetWas::Whole(was));
+    }
+
+    /// Removes `remove` from set `name` and adds `add`, journaling the
+    /// elements only.
+    fn change_elements(&mut self, name: &str, remove: &BTreeSet<String>, add: BTreeSet<String>) {
+        let Some(set) = self.table.sets.get_mut(name) else {
+            return;
+        };
+        let j = self
+            .journal
+            .sets
+            .entry(name.to_string())
+            .or_insert_with(|| SetWas::Elements {
+                kind: set.kind,
+                added: BTreeSet::new(),
+                removed: BTreeSet::new(),
+            });
+        let mut log = match j {
+            SetWas::Whole(_) => None,
+            SetWas::Elements { added, removed, .. } => Some((added, removed)),
+        };
+        for e in remove {
+            if set.elements.remove(e)
+                && let Some((added, removed)) = log.as_mut()
+                && !added.remove(e)
+            {
+                removed.insert(e.clone());
+            }
+        }
+        for e in add {
+            if !set.elements.contains(&e) {
+                set.elements.insert(e.clone());
+                if let Some((added, removed)) = log.as_mut()
+                    && !removed.remove(&e)
+                {
+                    added.insert(e);
+                }
+            }
+        }
+    }
+
+    fn put_set(&mut self, name: String, set: Set) {
+        self.touch_set(&name);
+        self.table.sets.insert(name, set);
+    }
+
+    fn drop_set(&mut self, name: &str) {
+        self.touch_set(name);
+        self.table.sets.remove(name);
+    }
+
+    fn touch_chain(&mut self, name: &str) {
+        if !self.journal.chains.contains_key(name) {
+            let was = self.table.chains.get(name).cloned();
+            self.journal.chains.insert(name.to_string(), was);
+        }
+    }
+
+    fn put_chain(&mut self, name: String, rules: Vec<String>) {
+        self.touch_chain(&name);
+        self.table.chains.insert(name, rules);
+    }
+
+    fn drop_chain(&mut self, name: &str) {
+        self.touch_chain(name);
+        self.table.chains.remove(name);
+    }
+
+    fn map(&self, dir: Direction) -> &BTreeMap<String, String> {
+        match dir {
+            Direction::Ingress => &self.table.ingress,
+            Direction::Egress => &self.table.egress,
+        }
+    }
+
+    fn touch_map(&mut self, dir: Direction, ifname: &str) {
+        let (j, m) = match dir {
+            Direction::Ingress => (&mut self.journal.ingress, &self.table.ingress),
+            Direction::Egress => (&mut self.journal.egress, &self.table.egress),
+        };
+        if !j.contains_key(ifname) {
+            j.insert(ifname.to_string(), m.get(ifname).cloned());
+        }
+    }
+
+    fn put_map(&mut self, dir: Direction, ifname: &str, verdict: String) {
+        self.touch_map(dir, ifname);
+        match dir {
+            Direction::Ingress => self.table.ingress.insert(ifname.to_string(), verdict),
+            Direction::Egress => self.table.egress.insert(ifname.to_string(), verdict),
+        };
+    }
+
+    fn drop_map(&mut self, dir: Direction, ifname: &str) {
+        self.touch_map(dir, ifname);
+        match dir {
+            Direction::Ingress => self.table.ingress.remove(ifname),
+            Direction::Egress => self.table.egress.remove(ifname),
+        };
     }
 
     /// The table as it should be.
@@ -436,7 +776,6 @@ impl Compiler {
 
     /// A pod added, changed (`Some`) or gone (`None`).
     pub fn set_pod(&mut self, key: &PodKey, pod: Option<Pod>) -> Delta {
-        let old_table = self.table.clone();
         let old = match pod {
             Some(p) => self.world.pods.insert(key.clone(), p),
             None => self.world.pods.remove(key),
@@ -462,12 +801,11 @@ impl Compiler {
         if self.local.contains_key(key) && labels_changed {
             self.endpoint_changed(key);
         }
-        old_table.delta(&self.table)
+        self.finish()
     }
 
     /// A namespace added, relabelled or gone.
     pub fn set_namespace(&mut self, name: &str, ns: Option<Namespace>) -> Delta {
-        let old_table = self.table.clone();
         match ns {
             Some(n) => self.world.namespaces.insert(name.to_string(), n),
             None => self.world.namespaces.remove(name),
@@ -480,12 +818,11 @@ impl Compiler {
             .flat_map(|(_, p)| p.ips.clone())
             .collect();
         self.refresh_addresses(&ips);
-        old_table.delta(&self.table)
+        self.finish()
     }
 
     /// A policy added, changed or gone.
     pub fn set_policy(&mut self, key: &PolicyKey, policy: Option<Policy>) -> Delta {
-        let old_table = self.table.clone();
         match policy {
             Some(p) => self.world.policies.insert(key.clone(), p),
             None => self.world.policies.remove(key),
@@ -500,21 +837,20 @@ impl Compiler {
         for k in eps {
             self.recompile_endpoint(&k);
         }
-        old_table.delta(&self.table)
+        self.finish()
     }
 
     /// Quarantines interface `ifname` (every new connection in or out
     /// dropped) or lifts it. An interface that is a local endpoint keeps
     /// its endpoint's rules.
     pub fn set_quarantine(&mut self, ifname: &str, on: bool) -> Delta {
-        let old_table = self.table.clone();
         if on {
             self.quarantined.insert(ifname.to_string());
         } else {
             self.quarantined.remove(ifname);
         }
         self.quarantine_maps(ifname);
-        old_table.delta(&self.table)
+        self.finish()
     }
 
     /// Whether `ifname` is quarantined.
@@ -532,28 +868,26 @@ impl Compiler {
             self.recompile_endpoint(&k);
             return;
         }
-        for map in [&mut self.table.ingress, &mut self.table.egress] {
+        for dir in [Direction::Ingress, Direction::Egress] {
             if self.quarantined.contains(ifname) {
-                map.insert(ifname.to_string(), "drop".into());
-            } else if map.get(ifname).map(String::as_str) == Some("drop") {
-                map.remove(ifname);
+                self.put_map(dir, ifname, "drop".into());
+            } else if self.map(dir).get(ifname).map(String::as_str) == Some("drop") {
+                self.drop_map(dir, ifname);
             }
         }
     }
 
     /// A pod of this node wired on `ifname` (`Some`) or gone (`None`).
     pub fn set_endpoint(&mut self, key: &PodKey, ifname: Option<String>) -> Delta {
-        let old_table = self.table.clone();
         let old = match ifname {
             Some(i) => self.local.insert(key.clone(), i),
             None => self.local.remove(key),
         };
         if let Some(old) = old {
             for dir in [Direction::Ingress, Direction::Egress] {
-                self.table.chains.remove(&endpoint_chain(dir, &old));
+                self.drop_chain(&endpoint_chain(dir, &old));
+                self.drop_map(dir, &old);
             }
-            self.table.ingress.remove(&old);
-            self.table.egress.remove(&old);
             self.quarantine_maps(&old);
         }
         self.endpoint_changed(key);
@@ -564,7 +898,7 @@ impl Compiler {
             .map(|p| p.ips.iter().copied().collect())
             .unwrap_or_default();
         self.refresh_addresses(&ips);
-        old_table.delta(&self.table)
+        self.finish()
     }
 
     /// The endpoint `key`'s selection may have changed: the policies of
@@ -625,17 +959,14 @@ impl Compiler {
         for dir in [Direction::Ingress, Direction::Egress] {
             let chain = endpoint_chain(dir, &ifname);
             let policies = self.isolating(key, dir);
-            let map = match dir {
-                Direction::Ingress => &mut self.table.ingress,
-                Direction::Egress => &mut self.table.egress,
-            };
             if policies.is_empty() {
-                map.remove(&ifname);
-                self.table.chains.remove(&chain);
+                self.drop_chain(&chain);
                 if self.quarantined.contains(&ifname) {
                     // Known now, and not isolated: the quarantine is over
                     // only when the engine lifts it.
-                    map.insert(ifname.clone(), "drop".into());
+                    self.put_map(dir, &ifname, "drop".into());
+                } else {
+                    self.drop_map(dir, &ifname);
                 }
                 continue;
             }
@@ -648,8 +979,8 @@ impl Compiler {
             );
             rules.push(format!("meta mark & {ALLOW_MARK:#010x} == 0 drop"));
             rules.push(clear);
-            map.insert(ifname.clone(), format!("jump {chain}"));
-            self.table.chains.insert(chain, rules);
+            self.put_map(dir, &ifname, format!("jump {chain}"));
+            self.put_chain(chain, rules);
         }
     }
 
@@ -659,9 +990,19 @@ impl Compiler {
         if self.compiled.remove(key).is_some() {
             for dir in [Direction::Ingress, Direction::Egress] {
                 let chain = policy_chain(dir, key);
-                self.table.chains.remove(&chain);
+                self.drop_chain(&chain);
                 let prefix = format!("{chain}/");
-                self.table.sets.retain(|n, _| !n.starts_with(&prefix));
+                let sets: Vec<String> = self
+                    .table
+                    .sets
+                    .range(prefix.clone()..)
+                    .map(|(n, _)| n)
+                    .take_while(|n| n.starts_with(&prefix))
+                    .cloned()
+                    .collect();
+                for n in sets {
+                    self.drop_set(&n);
+                }
             }
         }
         if !self.selects_local(key) {
@@ -679,7 +1020,7 @@ impl Compiler {
             for (i, r) in rules.iter().enumerate() {
                 lines.extend(self.rule_lines(dir, key, i, r, &mut compiled));
             }
-            self.table.chains.insert(policy_chain(dir, key), lines);
+            self.put_chain(policy_chain(dir, key), lines);
         }
         // Fill the pod sets.
         for (name, dir, i, what) in &compiled.pod_sets {
@@ -688,7 +1029,7 @@ impl Compiler {
             for (pk, pod) in &self.world.pods {
                 elems.extend(self.pod_elements(key, *dir, rule, what, pk, pod));
             }
-            self.table.sets.insert(
+            self.put_set(
                 name.clone(),
                 Set {
                     kind: match what {
@@ -733,30 +1074,21 @@ impl Compiler {
                 peers.push((Some(v6), format!("{fam} {other} @{name}")));
             }
         }
-        for v6 in [false, true] {
-            let mut ranges = Ranges::new(v6);
-            let mut any = false;
-            for p in &r.peers {
-                if let Peer::Block { cidr, except } = p
-                    && cidr.is_ipv6() == v6
-                {
-                    ranges.add_block(cidr, except);
-                    any = true;
+        // ipBlocks as prefix matches in the rule, not interval sets: they
+        // change only with their policy (which rewrites its chain anyway),
+        // and nft reads back every interval set's elements before any
+        // element update, which made each pod change cost the whole
+        // table's blocks.
+        for p in &r.peers {
+            if let Peer::Block { cidr, except } = p {
+                let v6 = cidr.is_ipv6();
+                let fam = if v6 { "ip6" } else { "ip" };
+                let mut m = format!("{fam} {other} {}", prefix(cidr));
+                for e in except {
+                    m.push_str(&format!(" {fam} {other} != {}", prefix(e)));
                 }
+                peers.push((Some(v6), m));
             }
-            if !any {
-                continue;
-            }
-            let name = set_name(dir, key, i, if v6 { "b6" } else { "b4" });
-            self.table.sets.insert(
-                name.clone(),
-                Set {
-                    kind: if v6 { SetKind::Block6 } else { SetKind::Block4 },
-                    elements: ranges.elements().into_iter().collect(),
-                },
-            );
-            let fam = if v6 { "ip6" } else { "ip" };
-            peers.push((Some(v6), format!("{fam} {other} @{name}")));
         }
         // Port matches: (family, text).
         let mut ports: Vec<(Option<bool>, String)> = Vec::new();
@@ -891,13 +1223,26 @@ impl Compiler {
             }
         }
         for (name, elems) in updates {
-            if let Some(set) = self.table.sets.get_mut(&name) {
-                set.elements
-                    .retain(|e| !ips.iter().any(|ip| element_of(e, *ip)));
-                set.elements.extend(elems);
+            let Some(set) = self.table.sets.get(&name) else {
+                continue;
+            };
+            let now: BTreeSet<String> = ips
+                .iter()
+                .flat_map(|ip| elements_about(&set.elements, *ip))
+                .collect();
+            if now == elems {
+                continue;
             }
+            let gone: BTreeSet<String> = now.difference(&elems).cloned().collect();
+            let new: BTreeSet<String> = elems.difference(&now).cloned().collect();
+            self.change_elements(&name, &gone, new);
         }
     }
+}
+
+/// `cidr` as nft writes a prefix: its network address and length.
+fn prefix(cidr: &IpNetwork) -> String {
+    format!("{}/{}", cidr.network(), cidr.prefix())
 }
 
 /// Whether set element `e` (an address, or `address . proto . port`) is
@@ -905,6 +1250,20 @@ impl Compiler {
 fn element_of(e: &str, ip: IpAddr) -> bool {
     let addr = e.split(" . ").next().unwrap_or(e);
     addr.parse::<IpAddr>().is_ok_and(|a| a == ip)
+}
+
+/// The elements of `set` about `ip`: the address itself, or the
+/// `address . proto . port` ones, which sort together after it.
+fn elements_about(set: &BTreeSet<String>, ip: IpAddr) -> Vec<String> {
+    let a = ip.to_string();
+    let prefix = format!("{a} . ");
+    let mut v: Vec<String> = set.get(&a).cloned().into_iter().collect();
+    v.extend(
+        set.range(prefix.clone()..)
+            .take_while(|e| e.starts_with(&prefix))
+            .cloned(),
+    );
+    v
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! - [`ownership`]: the only place that names what Margay owns in the
 //!   kernel (route protocols, interface prefix, alias tag, device names).
 //! - [`nat`]: natOutgoing in Margay's nftables table.
+//! - [`nft`] loads nftables scripts; [`nftnl`] hands NetworkPolicy set
+//!   element changes to the kernel over netlink, without `nft`.
 //! - [`routed`]: what the node routes for (its blocks, its pods'
 //!   addresses), as `routing::local` publishes it.
 //! - `netns`: which paths a pod may be wired into (a network namespace,
@@ -37,6 +39,7 @@ pub mod nat;
 mod netlink;
 mod netns;
 pub mod nft;
+pub mod nftnl;
 pub mod ownership;
 mod pods;
 pub mod routed;

@@ -42,6 +42,9 @@ pub const VXLAN_PORT: u16 = 4789;
 pub const NFT_TABLE: &str = "inet margay";
 /// The NetworkPolicy nftables table (family and name).
 pub const NFT_POLICY_TABLE: &str = margay_policy::nft::TABLE;
+/// [`NFT_POLICY_TABLE`]'s name within its family (`inet`), as netlink
+/// names it.
+pub const POLICY_TABLE_NAME: &str = margay_policy::nft::TABLE_NAME;
 
 /// The host-side interface name for an attachment: [`HOST_IF_PREFIX`] and
 /// 11 hex digits of a hash of `key` (the attachment's handle; before

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use margay_policy::model::{Key, Namespace};
-use margay_policy::nft::Compiler;
+use margay_policy::nft::{Compiler, ElementDelta};
 use margay_policy::{Pod, PodKey, Policy, PolicyKey};
 
 /// A watch event, of any kind (the shape kube-runtime's watcher gives).
@@ -89,10 +89,33 @@ pub struct Engine {
     invalid: BTreeMap<PolicyKey, String>,
     /// Deltas since the last load.
     script: String,
+    /// The same deltas as set element changes, while every one of them is
+    /// only that (`None` once one is not).
+    elements: Option<ElementDelta>,
     /// The next load must be the whole table.
     full: bool,
     /// Whether anything was ever loaded.
     loaded: bool,
+}
+
+/// What the kernel is handed next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Load {
+    /// An `nft -f` script (the whole table, or deltas that touch chains,
+    /// sets or maps).
+    Script(String),
+    /// Set element changes only.
+    Elements(ElementDelta),
+}
+
+impl Load {
+    /// As an `nft -f` script (the same changes).
+    pub fn script(&self) -> String {
+        match self {
+            Self::Script(s) => s.clone(),
+            Self::Elements(e) => e.script(),
+        }
+    }
 }
 
 impl Engine {
@@ -100,6 +123,7 @@ impl Engine {
     pub fn new() -> Self {
         Self {
             full: true,
+            elements: Some(ElementDelta::default()),
             ..Default::default()
         }
     }
@@ -137,6 +161,11 @@ impl Engine {
     fn push(&mut self, d: margay_policy::nft::Delta) {
         if !self.full && !d.is_empty() {
             self.script.push_str(&d.script());
+            if let Some(e) = &mut self.elements
+                && !e.extend(&d)
+            {
+                self.elements = None;
+            }
         }
     }
 
@@ -453,17 +482,29 @@ impl Engine {
     /// The next script to load, if any: the whole table (first load,
     /// after a failure, or asked by [`Engine::resync`]), else the deltas.
     pub fn take_script(&mut self) -> Option<String> {
+        self.take_load().map(|l| l.script())
+    }
+
+    /// What to load next, if anything: as [`Engine::take_script`], but
+    /// deltas that change set elements only come as those changes (the
+    /// agent hands them to the kernel over netlink, without `nft`).
+    pub fn take_load(&mut self) -> Option<Load> {
         if !self.listed() {
             return None;
         }
+        let elements = std::mem::replace(&mut self.elements, Some(ElementDelta::default()));
         if self.full {
             self.script.clear();
-            return Some(self.compiler.table().script());
+            return Some(Load::Script(self.compiler.table().script()));
         }
         if self.script.is_empty() {
             return None;
         }
-        Some(std::mem::take(&mut self.script))
+        let script = std::mem::take(&mut self.script);
+        Some(match elements {
+            Some(e) if !e.is_empty() => Load::Elements(e),
+            _ => Load::Script(script),
+        })
     }
 
     /// The script from [`Engine::take_script`] was loaded (or not).
@@ -592,6 +633,62 @@ mod tests {
             s.contains("delete element inet margay_policy ingress { \"cali1\" }"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn a_remote_pods_label_is_elements_only_a_policy_is_a_script() {
+        let mut e = Engine::new();
+        let from_b: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "from-b"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}
+        }))
+        .unwrap();
+        list_all(
+            &mut e,
+            vec![
+                pod("x", "a", &[], Some("10.0.0.1")),
+                pod("x", "r", &[], Some("10.0.0.9")),
+            ],
+            vec![ns("x")],
+            vec![from_b],
+        );
+        e.endpoint_added(Endpoint {
+            key: Key::new("x", "a"),
+            host_if: "cali1".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+        });
+        assert!(matches!(e.take_load(), Some(Load::Script(_))), "first load");
+        e.loaded(true);
+        // The remote pod becomes app=b: an element of the peer set.
+        e.pod_event(Event::Apply(pod(
+            "x",
+            "r",
+            &[("app", "b")],
+            Some("10.0.0.9"),
+        )));
+        let Some(Load::Elements(d)) = e.take_load() else {
+            panic!("not elements only")
+        };
+        assert_eq!(
+            d.script(),
+            "add element inet margay_policy in/x/from-b/0.p4 { 10.0.0.9 }\n"
+        );
+        e.loaded(true);
+        // A second policy: chains, so a script.
+        e.policy_event(Event::Apply(deny_all("x")));
+        assert!(matches!(e.take_load(), Some(Load::Script(_))));
+        e.loaded(true);
+        // Elements, then a chain change in the same batch: one script.
+        e.pod_event(Event::Apply(pod("x", "r", &[], Some("10.0.0.9"))));
+        e.policy_event(Event::Delete(deny_all("x")));
+        let Some(Load::Script(s)) = e.take_load() else {
+            panic!("mixed batch not a script")
+        };
+        assert!(
+            s.contains("delete element inet margay_policy in/x/from-b/0.p4 { 10.0.0.9 }"),
+            "{s}"
+        );
+        assert_eq!(e.take_load(), None);
     }
 
     #[test]

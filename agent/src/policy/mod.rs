@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use engine::{Endpoint, Engine, Event};
 use margay_policy::PodKey;
 
-use crate::dataplane::ownership::NFT_POLICY_TABLE;
+use crate::dataplane::ownership::{NFT_POLICY_TABLE, POLICY_TABLE_NAME};
 
 /// How long an ADD waits for its pod's rules before it fails.
 pub const ADD_WAIT: Duration = Duration::from_secs(20);
@@ -285,15 +285,31 @@ pub async fn run(
             }
         }
         if retry.is_none()
-            && let Some(script) = engine.take_script()
+            && let Some(load) = engine.take_load()
         {
             let t = std::time::Instant::now();
-            match crate::dataplane::nft::load(&script, NFT_POLICY_TABLE).await {
+            let (how, done) = match load {
+                engine::Load::Elements(e) => {
+                    let r = tokio::task::spawn_blocking(move || {
+                        crate::dataplane::nftnl::apply(POLICY_TABLE_NAME, &e)
+                    })
+                    .await
+                    .unwrap_or_else(|j| {
+                        Err(crate::dataplane::Error::Nft(format!("netlink task: {j}")))
+                    });
+                    ("netlink", r)
+                }
+                engine::Load::Script(script) => (
+                    "nft",
+                    crate::dataplane::nft::load(&script, NFT_POLICY_TABLE).await,
+                ),
+            };
+            match done {
                 Ok(()) => {
                     engine.loaded(true);
                     last_error = None;
                     tracing::debug!(
-                        bytes = script.len(),
+                        how,
                         ms = t.elapsed().as_secs_f64() * 1e3,
                         "NetworkPolicy rules loaded"
                     );

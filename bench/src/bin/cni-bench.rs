@@ -38,6 +38,59 @@ struct Cli {
     /// Seconds to let the fresh apiserver settle before measuring.
     #[arg(long, default_value_t = 10)]
     settle: u64,
+    /// NetworkPolicies in the pods' namespace (each pod selected by
+    /// about one in 50 of them), with a Pod object for every pod: what
+    /// the agent's ADD costs when it waits for the pod's rules.
+    #[arg(long, default_value_t = 0)]
+    policies: usize,
+}
+
+/// The namespace `bench` with a Pod for every pod the measurement makes
+/// (`s0`.., `b0`..; labels app, tier) and `n` NetworkPolicies selecting
+/// them by app, allowing ingress from a tier (and egress to 10/8 for one
+/// in four).
+async fn policies(client: &kube::Client, pods: usize, n: usize) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{Api, PostParams};
+    let pp = PostParams::default();
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": "bench", "labels": {"team": "team-0"}}}),
+    )?;
+    Api::<Namespace>::all(client.clone())
+        .create(&pp, &ns)
+        .await?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), "bench");
+    let names = (0..pods)
+        .flat_map(|i| [(format!("s{i}"), i), (format!("b{i}"), i)])
+        .chain([("warm".to_string(), 0)]);
+    for (name, i) in names {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name,
+                         "labels": {"app": format!("app-{}", i % 50), "tier": ["web", "api", "db"][i % 3]}},
+            "spec": {"nodeName": "n1", "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "busybox"}]}
+        }))?;
+        api.create(&pp, &p).await?;
+    }
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), "bench");
+    for j in 0..n {
+        let mut spec = json!({
+            "podSelector": {"matchLabels": {"app": format!("app-{}", j % 50)}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", j % 10)}},
+                                   "podSelector": {"matchLabels": {"tier": ["web", "api", "db"][j % 3]}}}],
+                         "ports": [{"port": 80 + u16::try_from(j % 2).unwrap_or(0), "protocol": "TCP"}]}]
+        });
+        if j % 4 == 0 {
+            spec["egress"] =
+                json!([{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}]);
+            spec["policyTypes"] = json!(["Ingress", "Egress"]);
+        }
+        let p: NetworkPolicy =
+            serde_json::from_value(json!({"metadata": {"name": format!("np-{j}")}, "spec": spec}))?;
+        api.create(&pp, &p).await?;
+    }
+    Ok(())
 }
 
 fn cnitool(
@@ -153,13 +206,16 @@ fn median(rows: &[Row]) -> Row {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let n = cli.pods;
-    let (api, _client) = margay_tests::cluster(
+    let (api, client) = margay_tests::cluster(
         &["n1"],
         "10.244.0.0/16",
         26,
         IPAMConfigurationSpec::default(),
     )
     .await;
+    if cli.policies > 0 {
+        policies(&client, n, cli.policies).await?;
+    }
     let fabric = Fabric::new()?;
     let node = fabric.add_node("n1")?;
     let dir = names::temp_dir("cni-bench")?;

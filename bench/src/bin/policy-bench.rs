@@ -6,8 +6,9 @@
 //! network namespace.
 //!
 //! - Margay: `margay_policy::nft::Compiler` (what the agent runs) turns the
-//!   change into a delta, loaded with one `nft -f -` transaction, as the
-//!   agent does.
+//!   change into a delta, which the agent's own code loads as the agent
+//!   does: set element changes only over netlink (`dataplane::nftnl`, one
+//!   batch), anything else with one `nft -f -` transaction.
 //! - Baseline (written here, not in the product): every change re-renders
 //!   everything, kube-router's full sync: an ipset set per policy's targets
 //!   and per rule peer (hash:ip, hash:net for ipBlocks with `nomatch`
@@ -37,9 +38,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
 use margay_policy::model::{Direction, Key, NamedPort, Peer, PortMatch, Rule};
-use margay_policy::nft::{Compiler, Delta};
+use margay_policy::nft::{Compiler, Delta, ElementDelta, TABLE_NAME};
 use margay_policy::selector::Labels;
 use margay_policy::{Namespace, Pod, PodKey, Policy, Proto, Selector, World, spec};
 
@@ -63,6 +65,9 @@ struct Cli {
     /// Skip the baseline above this many pods (it can take minutes).
     #[arg(long, default_value_t = usize::MAX)]
     baseline_max_pods: usize,
+    /// Write Margay's initial script and the first delta of each kind here.
+    #[arg(long)]
+    dump_dir: Option<std::path::PathBuf>,
 }
 
 const NAMESPACES: usize = 100;
@@ -185,9 +190,20 @@ fn cluster(pods: usize, policies: usize, local: usize) -> (World, BTreeMap<PodKe
     (w, eps)
 }
 
-fn load(ns: &Netns, prog: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
-    let mut c = ns
-        .cmd(prog)
+/// Runs `f` with this thread in `ns`, so the programs it starts run there
+/// directly (as the agent's run in its node's namespace), not through
+/// `ip netns exec`.
+fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    use nix::sched::{CloneFlags, setns};
+    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+    setns(ns.open()?, CloneFlags::CLONE_NEWNET)?;
+    let r = f();
+    setns(home, CloneFlags::CLONE_NEWNET)?;
+    r
+}
+
+fn load(prog: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    let mut c = std::process::Command::new(prog)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -434,59 +450,79 @@ fn main() -> anyhow::Result<()> {
         let (world, local) = cluster(pods, cli.policies, cli.local.min(pods));
         // Margay.
         let ns = Netns::create("polbench")?;
-        let t = Instant::now();
-        let mut c = Compiler::full(world.clone(), local.clone());
-        let script = c.table().script();
-        load(&ns, "nft", &["-f", "-"], &script)?;
-        eprintln!(
-            "{pods} pods: margay initial load {:.0?} ({} KiB of nft)",
-            t.elapsed(),
-            script.len() / 1024
-        );
-        let mut margay = BTreeMap::new();
-        for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
-            let mut total = Vec::new();
-            let mut compile = Vec::new();
-            for ch in &chs {
-                let t = Instant::now();
-                let d = delta(&mut c, ch);
-                let s = d.script();
-                compile.push(t.elapsed());
-                if !s.is_empty() {
-                    load(&ns, "nft", &["-f", "-"], &s)?;
-                }
-                total.push(t.elapsed());
+        let margay = in_ns(&ns, || {
+            let t = Instant::now();
+            let mut c = Compiler::full(world.clone(), local.clone());
+            let script = c.table().script();
+            if let Some(d) = &cli.dump_dir {
+                std::fs::write(d.join(format!("{pods}-table.nft")), &script)?;
             }
-            margay.insert(kind, (stats(total), stats(compile)));
-        }
+            load("nft", &["-f", "-"], &script)?;
+            eprintln!(
+                "{pods} pods: margay initial load {:.0?} ({} KiB of nft)",
+                t.elapsed(),
+                script.len() / 1024
+            );
+            let mut margay = BTreeMap::new();
+            for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
+                let mut total = Vec::new();
+                let mut compile = Vec::new();
+                for ch in &chs {
+                    let t = Instant::now();
+                    let d = delta(&mut c, ch);
+                    let s = d.script();
+                    compile.push(t.elapsed());
+                    if let Some(dir) = &cli.dump_dir
+                        && total.is_empty()
+                    {
+                        std::fs::write(dir.join(format!("{pods}-{kind}.nft")), &s)?;
+                    }
+                    let mut e = ElementDelta::default();
+                    if e.extend(&d) {
+                        if !e.is_empty() {
+                            nftnl::apply(TABLE_NAME, &e)?;
+                        }
+                    } else if !s.is_empty() {
+                        load("nft", &["-f", "-"], &s)?;
+                    }
+                    total.push(t.elapsed());
+                }
+                margay.insert(kind, (stats(total), stats(compile)));
+            }
+            Ok(margay)
+        })?;
         drop(ns);
         // Baseline.
         let mut base = BTreeMap::new();
         if pods <= cli.baseline_max_pods {
             let ns = Netns::create("polbase")?;
-            let mut w = world.clone();
-            let t = Instant::now();
-            let (sets, ipt) = baseline(&w, &local);
-            load(&ns, "ipset", &["restore"], &sets)?;
-            load(&ns, "iptables-restore", &[], &ipt)?;
-            eprintln!(
-                "{pods} pods: baseline initial load {:.0?} ({} KiB ipset, {} KiB iptables)",
-                t.elapsed(),
-                sets.len() / 1024,
-                ipt.len() / 1024
-            );
-            for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
-                let mut total = Vec::new();
-                for ch in &chs {
-                    let t = Instant::now();
-                    apply_to_world(&mut w, ch);
-                    let (sets, ipt) = baseline(&w, &local);
-                    load(&ns, "ipset", &["restore"], &sets)?;
-                    load(&ns, "iptables-restore", &[], &ipt)?;
-                    total.push(t.elapsed());
+            base = in_ns(&ns, || {
+                let mut base = BTreeMap::new();
+                let mut w = world.clone();
+                let t = Instant::now();
+                let (sets, ipt) = baseline(&w, &local);
+                load("ipset", &["restore"], &sets)?;
+                load("iptables-restore", &[], &ipt)?;
+                eprintln!(
+                    "{pods} pods: baseline initial load {:.0?} ({} KiB ipset, {} KiB iptables)",
+                    t.elapsed(),
+                    sets.len() / 1024,
+                    ipt.len() / 1024
+                );
+                for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
+                    let mut total = Vec::new();
+                    for ch in &chs {
+                        let t = Instant::now();
+                        apply_to_world(&mut w, ch);
+                        let (sets, ipt) = baseline(&w, &local);
+                        load("ipset", &["restore"], &sets)?;
+                        load("iptables-restore", &[], &ipt)?;
+                        total.push(t.elapsed());
+                    }
+                    base.insert(kind, stats(total));
                 }
-                base.insert(kind, stats(total));
-            }
+                Ok(base)
+            })?;
         }
         for (kind, ((p50, max), (cp50, _))) in &margay {
             let (b, ratio) = match base.get(kind) {

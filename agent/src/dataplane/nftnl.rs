@@ -1,0 +1,341 @@
+//! NetworkPolicy set element changes handed to the kernel over netlink
+//! (`NETLINK_NETFILTER`), without `nft`: one batch, one transaction, all
+//! of it or nothing. `nft -f` reads back the definition of every set and
+//! chain of the node before it runs a script, which costs far more than a
+//! pod's few elements (BENCHMARKS.md); everything else (sets, chains,
+//! maps, the whole table) still goes through [`super::nft`].
+//!
+//! [`encode`] is pure (a batch of messages from a
+//! [`margay_policy::nft::ElementDelta`]); [`apply`] sends it and reads the
+//! kernel's answer to each message.
+
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use margay_policy::Proto;
+use margay_policy::nft::{Element, ElementDelta, ElementOp};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
+    setsockopt, socket, sockopt,
+};
+use nix::sys::time::TimeVal;
+
+use super::Error;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NFPROTO_INET: u8 = 1;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+
+/// Batches larger than this go through `nft` (one netlink write must hold
+/// the whole batch).
+pub const MAX_BATCH: usize = 128 * 1024;
+
+/// Appends a netlink attribute (padded to 4 bytes).
+fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn nested(buf: &mut Vec<u8>, kind: u16, inner: impl FnOnce(&mut Vec<u8>)) {
+    let mut b = Vec::new();
+    inner(&mut b);
+    attr(buf, kind | NLA_F_NESTED, &b);
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn addr_bytes(a: &IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// An element's key as the kernel stores it: the address; for
+/// `address . protocol . port` each field padded to 4 bytes, the port in
+/// network order.
+fn key(e: &Element) -> Vec<u8> {
+    match e {
+        Element::Addr(a) => addr_bytes(a),
+        Element::Port { addr, proto, port } => {
+            let mut k = addr_bytes(addr);
+            let p = match proto {
+                Proto::Tcp => IPPROTO_TCP,
+                Proto::Udp => IPPROTO_UDP,
+                Proto::Sctp => IPPROTO_SCTP,
+            };
+            k.extend_from_slice(&[p, 0, 0, 0]);
+            k.extend_from_slice(&port.to_be_bytes());
+            k.extend_from_slice(&[0, 0]);
+            k
+        }
+    }
+}
+
+/// One netlink message: header, nfgenmsg, attributes.
+fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, res_id: u16, body: &[u8]) {
+    let len = 16 + 4 + body.len();
+    buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    let family = if kind == NFNL_MSG_BATCH_BEGIN || kind == NFNL_MSG_BATCH_END {
+        0
+    } else {
+        NFPROTO_INET
+    };
+    buf.extend_from_slice(&[family, 0]);
+    buf.extend_from_slice(&res_id.to_be_bytes());
+    buf.extend_from_slice(body);
+}
+
+/// The batch for `d` on table `table` (`inet` family, name without the
+/// family), its messages numbered from `seq`; with how many messages ask
+/// for an answer.
+pub fn encode(table: &str, d: &ElementDelta, seq: u32) -> (Vec<u8>, usize) {
+    let mut buf = Vec::new();
+    message(
+        &mut buf,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    let mut n = 0u32;
+    for (op, set, elems) in &d.ops {
+        if elems.is_empty() {
+            continue;
+        }
+        n += 1;
+        let (kind, flags) = match op {
+            ElementOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+            ElementOp::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        };
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+        attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+        nested(&mut body, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+            for e in elems {
+                nested(b, NFTA_LIST_ELEM, |b| {
+                    nested(b, NFTA_SET_ELEM_KEY, |b| {
+                        attr(b, NFTA_DATA_VALUE, &key(e));
+                    });
+                });
+            }
+        });
+        message(
+            &mut buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            flags,
+            seq.wrapping_add(n),
+            0,
+            &body,
+        );
+    }
+    message(
+        &mut buf,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq.wrapping_add(n + 1),
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    (buf, n as usize)
+}
+
+/// The kernel's answers in `buf`: acknowledgements counted, the first
+/// error returned (errno, the message's sequence number).
+fn answers(buf: &[u8], acks: &mut usize) -> Option<(i32, u32)> {
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let word = |i: usize| -> [u8; 4] {
+            let mut w = [0; 4];
+            w.copy_from_slice(&buf[i..i + 4]);
+            w
+        };
+        let len = u32::from_ne_bytes(word(off)) as usize;
+        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let seq = u32::from_ne_bytes(word(off + 8));
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        if kind == NLMSG_ERROR && len >= 20 {
+            let err = i32::from_ne_bytes(word(off + 16));
+            if err != 0 {
+                return Some((-err, seq));
+            }
+            *acks += 1;
+        }
+        off += len.next_multiple_of(4);
+    }
+    None
+}
+
+/// Applies `d` to Margay's table `table` in this network namespace, in one
+/// transaction; an error leaves the table as it was.
+pub fn apply(table: &str, d: &ElementDelta) -> super::Result<()> {
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: nix::Error| Error::Nft(format!("netlink: {what}: {err}"))
+    };
+    let seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(1);
+    let (batch, expect) = encode(table, d, seq);
+    if expect == 0 {
+        return Ok(());
+    }
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .map_err(e("socket"))?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(e("bind"))?;
+    setsockopt(
+        &fd,
+        sockopt::ReceiveTimeout,
+        &TimeVal::from(libc_timeval(Duration::from_secs(2))),
+    )
+    .map_err(e("timeout"))?;
+    sendto(
+        fd.as_raw_fd(),
+        &batch,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(e("send"))?;
+    let mut acks = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while acks < expect {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+            .map_err(e("waiting for the kernel's answer"))?;
+        if let Some((errno, at)) = answers(&buf[..n], &mut acks) {
+            let which = at.wrapping_sub(seq);
+            return Err(Error::Nft(format!(
+                "netlink: the kernel refused element change {which} of {expect} in {table}: {}",
+                nix::errno::Errno::from_raw(errno)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn libc_timeval(d: Duration) -> nix::libc::timeval {
+    nix::libc::timeval {
+        tv_sec: nix::libc::time_t::try_from(d.as_secs()).unwrap_or(1),
+        tv_usec: nix::libc::suseconds_t::from(d.subsec_micros()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_begin_messages_end_with_padded_keys() {
+        let d = ElementDelta {
+            ops: vec![
+                (
+                    ElementOp::Add,
+                    "in/x/p/0.p4".into(),
+                    vec![Element::Addr("10.0.0.1".parse().unwrap())],
+                ),
+                (
+                    ElementOp::Delete,
+                    "in/x/p/0.n6.0".into(),
+                    vec![Element::Port {
+                        addr: "fd00::1".parse().unwrap(),
+                        proto: Proto::Udp,
+                        port: 53,
+                    }],
+                ),
+                (ElementOp::Add, "empty".into(), vec![]),
+            ],
+        };
+        let (b, n) = encode("margay_policy", &d, 100);
+        assert_eq!(n, 2);
+        // Walk the messages: types and sequence numbers.
+        let mut off = 0;
+        let mut seen = Vec::new();
+        while off < b.len() {
+            let len = u32::from_ne_bytes(b[off..off + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes([b[off + 4], b[off + 5]]);
+            let seq = u32::from_ne_bytes(b[off + 8..off + 12].try_into().unwrap());
+            seen.push((kind, seq));
+            assert_eq!(len % 4, 0);
+            off += len;
+        }
+        assert_eq!(
+            seen,
+            [
+                (NFNL_MSG_BATCH_BEGIN, 100),
+                ((10 << 8) | NFT_MSG_NEWSETELEM, 101),
+                ((10 << 8) | NFT_MSG_DELSETELEM, 102),
+                (NFNL_MSG_BATCH_END, 103)
+            ]
+        );
+        assert_eq!(
+            key(&Element::Port {
+                addr: "10.1.2.3".parse().unwrap(),
+                proto: Proto::Tcp,
+                port: 8080
+            }),
+            [10, 1, 2, 3, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]
+        );
+        let table = b.windows(14).any(|w| w == b"margay_policy\0");
+        assert!(table);
+    }
+
+    #[test]
+    fn answers_count_acks_and_stop_at_an_error() {
+        let msg = |err: i32, seq: u32| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&36u32.to_ne_bytes());
+            m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&seq.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(&err.to_ne_bytes());
+            m.extend_from_slice(&[0; 16]);
+            m
+        };
+        let mut acks = 0;
+        let mut b = msg(0, 1);
+        b.extend(msg(0, 2));
+        assert_eq!(answers(&b, &mut acks), None);
+        assert_eq!(acks, 2);
+        b.extend(msg(-2, 3));
+        let mut acks = 0;
+        assert_eq!(answers(&b, &mut acks), Some((2, 3)));
+    }
+}
