@@ -64,7 +64,7 @@ rate() {
   wait "$srv" || true
 }
 
-chains() { ip netns exec "$node1" nft list chains inet margay_policy 2>/dev/null | grep -c 'chain ' || true; }
+chains() { ip netns exec "$node1" nft list table inet margay_policy 2>/dev/null | grep -c '^\s*chain ' || true; }
 
 none=() with=()
 for r in $(seq "$rounds"); do

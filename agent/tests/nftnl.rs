@@ -6,9 +6,6 @@
 //! in another namespace. A change the kernel refuses (deleting an element
 //! that is not there) fails as a whole and leaves the table as it was.
 
-use std::io::Write;
-use std::process::Stdio;
-
 use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
 use margay_policy::nft::{Compiler, Element, ElementDelta, ElementOp, TABLE, TABLE_NAME};
@@ -16,46 +13,12 @@ use margay_policy::random::{self, Rng};
 use margay_policy::{PodKey, World};
 
 fn nft(ns: &Netns, script: &str) {
-    let mut child = ns
-        .cmd("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(
-        o.status.success(),
-        "nft -f refused:\n{}\n{script}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    margay_harness::nft::load(ns, script).unwrap();
 }
 
-/// `nft list table`, its blocks in name order (the kernel lists them in
-/// creation order).
 fn listing(ns: &Netns) -> Vec<String> {
     let (family, name) = TABLE.split_once(' ').unwrap();
-    let text = ns.exec("nft", &["list", "table", family, name]).unwrap();
-    let mut blocks = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines() {
-        if line.starts_with('\t') && !line.starts_with("\t\t") && line != "\t}" {
-            cur = String::new();
-        }
-        cur.push_str(line);
-        cur.push('\n');
-        if line == "\t}" {
-            blocks.push(std::mem::take(&mut cur));
-        }
-    }
-    blocks.sort();
-    blocks
+    margay_harness::nft::listing(ns, family, name).unwrap()
 }
 
 /// Runs `f` with this thread in `ns` (the agent runs in its node's).

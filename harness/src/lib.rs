@@ -19,6 +19,7 @@ pub mod kubelet;
 pub mod names;
 pub mod netcheck;
 pub mod netns;
+pub mod nft;
 pub mod paths;
 pub mod process;
 pub mod topo;

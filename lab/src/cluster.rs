@@ -627,7 +627,7 @@ impl Cluster {
         o: &PodOpts,
     ) -> anyhow::Result<String> {
         if self.opts.kubernetes.is_some() {
-            return kubernetes::add_pod(self, node, name).await;
+            return kubernetes::add_pod(self, node, name, o).await;
         }
         if self.pods.iter().any(|p| p.name == name) {
             bail!("a pod named {name:?} exists already");
@@ -636,18 +636,7 @@ impl Cluster {
         let namespace = o.namespace.as_deref().unwrap_or("default").to_string();
         self.ensure_namespace(&namespace).await?;
         let api: Api<KubePod> = Api::namespaced(self.client.clone(), &namespace);
-        let ports: Vec<serde_json::Value> = o
-            .serve
-            .iter()
-            .map(|l| {
-                let (proto, port) = l.split_once(':').unwrap_or(("tcp", l));
-                serde_json::json!({
-                    "name": format!("serve-{port}-{proto}"),
-                    "containerPort": port.parse::<u16>().unwrap_or(0),
-                    "protocol": proto.to_ascii_uppercase(),
-                })
-            })
-            .collect();
+        let ports = container_ports(&o.serve);
         let obj = api
             .create(
                 &PostParams::default(),
@@ -696,14 +685,7 @@ impl Cluster {
         )
         .await
         .with_context(|| format!("writing Pod {namespace}/{name}'s status"))?;
-        let server = if o.serve.is_empty() {
-            None
-        } else {
-            let mut cmd = ns.cmd(paths::workspace_bin("margay-lab")?);
-            cmd.args(["netcheck", "serve", &o.serve.join(",")]);
-            let log = self.work.path().join(format!("serve-{name}.log"));
-            Some(Daemon::spawn("netcheck", cmd, &log)?)
-        };
+        let server = self.serve(&ns, name, &o.serve)?;
         self.pods.push(Pod {
             _server: server,
             name: name.to_string(),
@@ -715,6 +697,22 @@ impl Cluster {
             _attached: None,
         });
         Ok(ip)
+    }
+
+    /// Starts pod `name`'s listeners (`--serve`) in its namespace `ns`.
+    pub(crate) fn serve(
+        &self,
+        ns: &Netns,
+        name: &str,
+        serve: &[String],
+    ) -> anyhow::Result<Option<Daemon>> {
+        if serve.is_empty() {
+            return Ok(None);
+        }
+        let mut cmd = ns.cmd(paths::workspace_bin("margay-lab")?);
+        cmd.args(["netcheck", "serve", &serve.join(",")]);
+        let log = self.work.path().join(format!("serve-{name}.log"));
+        Ok(Some(Daemon::spawn("netcheck", cmd, &log)?))
     }
 
     /// Creates namespace `name` unless it exists.
@@ -1062,4 +1060,20 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The container ports of a pod serving `serve` (`tcp:80`): named
+/// `serve-80-tcp`, as NetworkPolicy named ports refer to them.
+pub(crate) fn container_ports(serve: &[String]) -> Vec<serde_json::Value> {
+    serve
+        .iter()
+        .map(|l| {
+            let (proto, port) = l.split_once(':').unwrap_or(("tcp", l));
+            serde_json::json!({
+                "name": format!("serve-{port}-{proto}"),
+                "containerPort": port.parse::<u16>().unwrap_or(0),
+                "protocol": proto.to_ascii_uppercase(),
+            })
+        })
+        .collect()
 }

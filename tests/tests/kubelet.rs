@@ -10,7 +10,9 @@
 //!   `kubectl get pods -o wide`; scaled down, the kubelets' DELs release
 //!   the addresses; `rollout restart` and an image upgrade while pods ping
 //!   across nodes every 20 ms: no gap over a second, no pod loses its
-//!   address;
+//!   address; `pod add` with a namespace, labels and a listener, closed by
+//!   a NetworkPolicy and opened to one namespace (the agents' RBAC and
+//!   watches under the DaemonSet);
 //! - Helm: `helm upgrade` of a value rolls the agents out with it; a node
 //!   drained, shut down and deleted has its blocks freed; uninstalled as
 //!   docs/install.md says, the nodes are left clean.
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::Api;
-use margay_lab::cluster::{Cluster, Options};
+use margay_lab::cluster::{Cluster, Options, PodOpts};
 use margay_lab::kubernetes::{self, NAMESPACE};
 use margay_lab::{Install, Tor};
 use margay_tests::{Pinger, allocations};
@@ -265,6 +267,95 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         "{images}"
     );
     c.wait_connected(T).await.unwrap();
+
+    // NetworkPolicy from the DaemonSet's agents (the manifest's RBAC
+    // watches Namespaces and NetworkPolicies): `pod add` with a namespace,
+    // labels and a listener makes a real Pod; a policy closes it, then
+    // opens it to the default namespace only.
+    let o = PodOpts {
+        namespace: Some("team".into()),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        serve: vec!["tcp:80".into()],
+    };
+    c.add_pod_with("node1", "web", &o).await.unwrap();
+    let labels = kubectl(&c, &["-n", "team", "get", "pod", "web", "--show-labels"]);
+    assert!(labels.contains("app=web"), "{labels}");
+    let web = c.pods.iter().find(|p| p.name == "web").unwrap().ip.clone();
+    let from = c
+        .pods
+        .iter()
+        .find(|p| p.node == "node2" && p.namespace == "default")
+        .unwrap()
+        .name
+        .clone();
+    let o = PodOpts {
+        namespace: Some("other".into()),
+        ..Default::default()
+    };
+    c.add_pod_with("node3", "intruder", &o).await.unwrap();
+    until_reach(&c, &[(&from, &web, true), ("intruder", &web, true)]).await;
+    let policy = |from_ns: Option<&str>| {
+        let ingress = match from_ns {
+            None => serde_json::json!([]),
+            Some(ns) => serde_json::json!([{"from": [{"namespaceSelector":
+                {"matchLabels": {"kubernetes.io/metadata.name": ns}}}]}]),
+        };
+        serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "web", "namespace": "team"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": ingress}})
+        .to_string()
+    };
+    kubectl_apply(&c, &policy(None));
+    until_reach(&c, &[(&from, &web, false), ("intruder", &web, false)]).await;
+    kubectl_apply(&c, &policy(Some("default")));
+    until_reach(&c, &[(&from, &web, true), ("intruder", &web, false)]).await;
+    c.del_pod("web").await.unwrap();
+    assert!(!c.pods.iter().any(|p| p.name == "web"));
+}
+
+/// `kubectl apply` of one object.
+fn kubectl_apply(c: &Cluster, obj: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("obj.json");
+    std::fs::write(&f, obj).unwrap();
+    kubectl(c, &["apply", "-f", f.to_str().unwrap()]);
+}
+
+/// Waits until each (lab pod, address, reached on 80/tcp) holds.
+async fn until_reach(c: &Cluster, want: &[(&str, &str, bool)]) {
+    let lab = margay_harness::paths::workspace_bin("margay-lab").unwrap();
+    let t = Instant::now();
+    loop {
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(from, to, ok)| {
+                let src = c.pods.iter().find(|p| p.name == *from).unwrap();
+                let got = src
+                    .ns
+                    .cmd(&lab)
+                    .args([
+                        "netcheck",
+                        "probe",
+                        "--timeout-ms",
+                        "700",
+                        &format!("{to}:80/tcp"),
+                    ])
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success();
+                got != *ok
+            })
+            .collect();
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "still wrong: {wrong:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// The shell blocks of docs/install.md's "Uninstall" section, in order.

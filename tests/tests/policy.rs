@@ -22,6 +22,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use margay_harness::netns::{Netns, veth};
+use margay_harness::nft::canonical;
 use margay_harness::paths;
 use margay_harness::process::Daemon;
 use margay_policy::nft::{Compiler, TABLE};
@@ -179,51 +180,13 @@ trait Nft {
 
 impl Nft for Netns {
     fn nft(&self, script: &str) {
-        let mut child = self
-            .cmd("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "nft -f refused:\n{}\n{script}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        margay_harness::nft::load(self, script).unwrap();
     }
 
     fn list(&self) -> String {
         let (family, name) = TABLE.split_once(' ').unwrap();
         self.exec("nft", &["list", "table", family, name]).unwrap()
     }
-}
-
-/// `nft list table` with its sets, maps and chains in name order (the
-/// kernel lists them in creation order).
-fn canonical(listing: &str) -> Vec<String> {
-    let mut blocks = Vec::new();
-    let mut cur = String::new();
-    for line in listing.lines() {
-        if line.starts_with('\t') && !line.starts_with("\t\t") && line != "\t}" {
-            cur = String::new();
-        }
-        cur.push_str(line);
-        cur.push('\n');
-        if line == "\t}" {
-            blocks.push(std::mem::take(&mut cur));
-        }
-    }
-    blocks.sort();
-    blocks
 }
 
 /// What the specification says about every probed connection.

@@ -215,6 +215,20 @@ impl Engine {
         self.pods.contains_key(key)
     }
 
+    /// Whether everything is listed and no policy of `key`'s namespace
+    /// exists: an endpoint whose Pod the watch has not shown yet needs no
+    /// rules now (no API read on the ADD's path); its labels, once the
+    /// watch shows them, count like any change.
+    pub fn namespace_has_no_policy(&self, key: &PodKey) -> bool {
+        self.listed()
+            && !self
+                .compiler
+                .world()
+                .policies
+                .keys()
+                .any(|k| k.namespace == key.namespace)
+    }
+
     /// The ADD read the Pod itself (the watch has not shown it yet).
     pub fn pod_read(&mut self, p: core::Pod) {
         self.pod_event(Event::Apply(p));
@@ -633,6 +647,32 @@ mod tests {
             s.contains("delete element inet margay_policy ingress { \"cali1\" }"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn an_unknown_pod_in_a_namespace_without_policies_needs_no_read() {
+        let mut e = Engine::new();
+        list_all(&mut e, vec![], vec![ns("x"), ns("y")], vec![deny_all("x")]);
+        e.take_script();
+        e.loaded(true);
+        let (kx, ky) = (Key::new("x", "a"), Key::new("y", "a"));
+        assert!(!e.namespace_has_no_policy(&kx));
+        assert!(e.namespace_has_no_policy(&ky));
+        e.endpoint_added(Endpoint {
+            key: ky.clone(),
+            host_if: "cali2".into(),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+        });
+        e.not_a_pod(&ky);
+        assert!(e.programmed(&ky, "cali2"));
+        // The Pod shows up later with labels: handled like any change.
+        e.pod_event(Event::Apply(pod(
+            "y",
+            "a",
+            &[("app", "a")],
+            Some("10.0.0.2"),
+        )));
+        assert!(e.knows_pod(&ky));
     }
 
     #[test]

@@ -101,8 +101,9 @@ impl PolicyHandle {
     /// Registers `ep` and waits until its rules are in the kernel (at
     /// most `within`); the error says what it still waits for.
     ///
-    /// When the watch has not shown the Pod within a moment, the Pod is
-    /// read: found, its labels are used; not found (no Kubernetes Pod),
+    /// When the watch has not shown the Pod, no rules are needed if its
+    /// namespace has no policy; otherwise (or when the watch has not shown
+    /// it within a moment) the Pod is read: found, its labels are used; not found (no Kubernetes Pod),
     /// it has no rules; unreadable, its interface is quarantined (nothing
     /// in or out but replies) until its labels are known. Only an engine
     /// that has never listed (an agent started while the API is down)
@@ -236,7 +237,11 @@ pub async fn run(
                 Msg::Added(ep, tx, unknown) => {
                     engine.endpoint_added(ep.clone());
                     if !engine.knows_pod(&ep.key) {
-                        let _ = unknown.send(());
+                        if engine.namespace_has_no_policy(&ep.key) {
+                            engine.not_a_pod(&ep.key);
+                        } else {
+                            let _ = unknown.send(());
+                        }
                     }
                     waiters.push((ep, tx));
                 }

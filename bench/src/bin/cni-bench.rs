@@ -60,6 +60,12 @@ async fn policies(client: &kube::Client, pods: usize, n: usize) -> anyhow::Resul
     Api::<Namespace>::all(client.clone())
         .create(&pp, &ns)
         .await?;
+    // No controller-manager here makes the namespace's ServiceAccount.
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), "bench")
+        .create(&pp, &sa)
+        .await?;
     let api: Api<Pod> = Api::namespaced(client.clone(), "bench");
     let names = (0..pods)
         .flat_map(|i| [(format!("s{i}"), i), (format!("b{i}"), i)])
@@ -67,7 +73,7 @@ async fn policies(client: &kube::Client, pods: usize, n: usize) -> anyhow::Resul
     for (name, i) in names {
         let p: Pod = serde_json::from_value(json!({
             "metadata": {"name": name,
-                         "labels": {"app": format!("app-{}", i % 50), "tier": ["web", "api", "db"][i % 3]}},
+                         "labels": {"app": format!("app-{}", i % 50), "tier": (["web", "api", "db"][i % 3])}},
             "spec": {"nodeName": "n1", "automountServiceAccountToken": false,
                      "containers": [{"name": "c", "image": "busybox"}]}
         }))?;
@@ -78,7 +84,7 @@ async fn policies(client: &kube::Client, pods: usize, n: usize) -> anyhow::Resul
         let mut spec = json!({
             "podSelector": {"matchLabels": {"app": format!("app-{}", j % 50)}},
             "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", j % 10)}},
-                                   "podSelector": {"matchLabels": {"tier": ["web", "api", "db"][j % 3]}}}],
+                                   "podSelector": {"matchLabels": {"tier": (["web", "api", "db"][j % 3])}}}],
                          "ports": [{"port": 80 + u16::try_from(j % 2).unwrap_or(0), "protocol": "TCP"}]}]
         });
         if j % 4 == 0 {

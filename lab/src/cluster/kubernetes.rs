@@ -521,24 +521,40 @@ pub async fn refresh_pods(c: &mut Cluster) -> anyhow::Result<()> {
 }
 
 /// `pod add NODE NAME`: a Pod pinned to NODE; its address once it runs.
-pub async fn add_pod(c: &mut Cluster, node: &str, name: &str) -> anyhow::Result<String> {
+pub async fn add_pod(
+    c: &mut Cluster,
+    node: &str,
+    name: &str,
+    o: &super::PodOpts,
+) -> anyhow::Result<String> {
     c.node_index(node)?;
-    let api: Api<KubePod> = Api::namespaced(c.client.clone(), "default");
+    let namespace = o.namespace.as_deref().unwrap_or("default");
+    c.ensure_namespace(namespace).await?;
+    let api: Api<KubePod> = Api::namespaced(c.client.clone(), namespace);
+    let mut labels = o.labels.clone();
+    labels.insert(LAB_LABEL.to_string(), "pod".to_string());
+    let mut spec = pod_spec(Some(node));
+    spec["containers"][0]["ports"] = serde_json::json!(super::container_ports(&o.serve));
     let pod: KubePod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": {LAB_LABEL: "pod"}},
-        "spec": pod_spec(Some(node)),
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
     }))?;
     api.create(&PostParams::default(), &pod)
         .await
-        .with_context(|| format!("creating Pod {name}"))?;
+        .with_context(|| format!("creating Pod {namespace}/{name}"))?;
     let t = Instant::now();
     loop {
         refresh_pods(c).await?;
-        if let Some(p) = c.pods.iter().find(|p| p.name == name) {
-            return Ok(p.ip.clone());
+        if let Some(i) = c.pods.iter().position(|p| p.name == name) {
+            // The listeners run in the pod's network namespace (the
+            // image has no margay-lab; the network is what counts).
+            let server = c.serve(&c.pods[i].ns, name, &o.serve)?;
+            c.pods[i]._server = server;
+            return Ok(c.pods[i].ip.clone());
         }
         if t.elapsed() > Duration::from_secs(120) {
-            let d = kubectl(&c.api, &["describe", "pod", name]).unwrap_or_default();
+            let d =
+                kubectl(&c.api, &["describe", "pod", "-n", namespace, name]).unwrap_or_default();
             bail!("Pod {name} not running after 120 s:\n{d}");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -548,7 +564,12 @@ pub async fn add_pod(c: &mut Cluster, node: &str, name: &str) -> anyhow::Result<
 /// `pod del NAME`: deletes the Pod (its kubelet calls CNI DEL) and waits
 /// until it is gone.
 pub async fn del_pod(c: &mut Cluster, name: &str) -> anyhow::Result<()> {
-    let api: Api<KubePod> = Api::namespaced(c.client.clone(), "default");
+    let namespace = c
+        .pods
+        .iter()
+        .find(|p| p.name == name)
+        .map_or_else(|| "default".to_string(), |p| p.namespace.clone());
+    let api: Api<KubePod> = Api::namespaced(c.client.clone(), &namespace);
     api.delete(name, &DeleteParams::default())
         .await
         .with_context(|| format!("deleting Pod {name}"))?;
