@@ -506,7 +506,7 @@ impl Engine {
         if !self.listed() {
             return None;
         }
-        let elements = std::mem::replace(&mut self.elements, Some(ElementDelta::default()));
+        let elements = self.elements.replace(ElementDelta::default());
         if self.full {
             self.script.clear();
             return Some(Load::Script(self.compiler.table().script()));

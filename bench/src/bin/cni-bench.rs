@@ -87,7 +87,7 @@ async fn policies(client: &kube::Client, pods: usize, n: usize) -> anyhow::Resul
                                    "podSelector": {"matchLabels": {"tier": (["web", "api", "db"][j % 3])}}}],
                          "ports": [{"port": 80 + u16::try_from(j % 2).unwrap_or(0), "protocol": "TCP"}]}]
         });
-        if j % 4 == 0 {
+        if j.is_multiple_of(4) {
             spec["egress"] =
                 json!([{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}]);
             spec["policyTypes"] = json!(["Ingress", "Egress"]);

@@ -110,7 +110,7 @@ fn policy(j: usize) -> (Key, Policy) {
         match_labels: labels(pairs),
         expressions: Vec::new(),
     };
-    let ports = if j % 2 == 0 {
+    let ports = if j.is_multiple_of(2) {
         vec![PortMatch::Range {
             proto: Proto::Tcp,
             first: 80,
@@ -130,7 +130,7 @@ fn policy(j: usize) -> (Key, Policy) {
         }],
         ports,
     }];
-    let egress = (j % 4 == 0).then(|| {
+    let egress = (j.is_multiple_of(4)).then(|| {
         vec![
             Rule {
                 peers: vec![Peer::Block {
@@ -171,7 +171,7 @@ fn cluster(pods: usize, policies: usize, local: usize) -> (World, BTreeMap<PodKe
             Namespace {
                 labels: labels(&[
                     ("team", format!("team-{}", n % 10)),
-                    ("env", if n % 2 == 0 { "prod" } else { "dev" }.to_string()),
+                    ("env", if n.is_multiple_of(2) { "prod" } else { "dev" }.to_string()),
                 ]),
             },
         );
