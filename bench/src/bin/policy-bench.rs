@@ -171,7 +171,10 @@ fn cluster(pods: usize, policies: usize, local: usize) -> (World, BTreeMap<PodKe
             Namespace {
                 labels: labels(&[
                     ("team", format!("team-{}", n % 10)),
-                    ("env", if n.is_multiple_of(2) { "prod" } else { "dev" }.to_string()),
+                    (
+                        "env",
+                        if n.is_multiple_of(2) { "prod" } else { "dev" }.to_string(),
+                    ),
                 ]),
             },
         );
