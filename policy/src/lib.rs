@@ -13,13 +13,12 @@
 //! - [`explain`]: what `margayctl policy show|check` report, as typed
 //!   values over the world;
 //! - [`nft`]: the policies compiled to Margay's nftables table, updated
-//!   in O(changed), and [`ranges`], the interval arithmetic it needs.
+//!   in O(changed).
 
 pub mod explain;
 pub mod model;
 pub mod nft;
 pub mod random;
-pub mod ranges;
 pub mod selector;
 pub mod spec;
 

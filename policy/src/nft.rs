@@ -58,10 +58,6 @@ pub enum SetKind {
     Addr4,
     /// IPv6 addresses.
     Addr6,
-    /// IPv4 intervals.
-    Block4,
-    /// IPv6 intervals.
-    Block6,
     /// IPv4 address . protocol . port.
     Named4,
     /// IPv6 address . protocol . port.
@@ -73,8 +69,6 @@ impl SetKind {
         match self {
             Self::Addr4 => "type ipv4_addr;",
             Self::Addr6 => "type ipv6_addr;",
-            Self::Block4 => "type ipv4_addr; flags interval;",
-            Self::Block6 => "type ipv6_addr; flags interval;",
             Self::Named4 => "type ipv4_addr . inet_proto . inet_service;",
             Self::Named6 => "type ipv6_addr . inet_proto . inet_service;",
         }
