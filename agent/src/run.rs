@@ -222,6 +222,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "NetworkPolicy",
             crate::policy::run(
                 client.clone(),
+                node.clone(),
                 inbox,
                 initial,
                 Duration::from_secs(args.policy_resync_interval),

@@ -44,6 +44,7 @@ fn local(w: &World) -> std::collections::BTreeMap<PodKey, String> {
 #[test]
 fn element_changes_over_netlink_are_what_nft_would_load() {
     let mut over_netlink = 0;
+    let mut map_entries = 0;
     for seed in 0..8 {
         let mut rng = Rng::new(seed);
         let w = random::world(&mut rng, 0, 16, 8);
@@ -51,19 +52,38 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
         let mut c = Compiler::full(w, l);
         let ns = Netns::create("nftnl").unwrap();
         nft(&ns, &c.table().script());
-        for step in 0..25 {
+        for step in 0..40 {
             let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
             let k = rng.pick(&keys).clone();
-            let host = u8::try_from(1 + rng.below(40)).unwrap();
-            let mut p = random::pod(&mut rng, 0, host);
-            if rng.chance(50) {
-                p.ips = c.world().pods[&k].ips.clone();
-            }
-            let d = c.set_pod(&k, Some(p));
+            let d = match rng.below(4) {
+                // A pod wired here (shares an endpoint chain when others
+                // are isolated alike: map entries only), or gone.
+                0 => {
+                    let ifname = format!("calin{step:010}");
+                    c.set_endpoint(&k, Some(ifname))
+                }
+                1 => c.set_endpoint(&k, None),
+                // An interface whose Pod cannot be read: dropped, then
+                // lifted.
+                2 if step % 3 == 0 => c.set_quarantine(&format!("caliq{seed}"), step % 2 == 0),
+                _ => {
+                    let host = u8::try_from(1 + rng.below(40)).unwrap();
+                    let mut p = random::pod(&mut rng, 0, host);
+                    if rng.chance(50) {
+                        p.ips = c.world().pods[&k].ips.clone();
+                    }
+                    c.set_pod(&k, Some(p))
+                }
+            };
             let mut e = ElementDelta::default();
             if e.extend(&d) {
                 if !e.is_empty() {
                     over_netlink += 1;
+                    map_entries += e
+                        .ops
+                        .iter()
+                        .filter(|(_, set, _)| set == "ingress" || set == "egress")
+                        .count();
                     in_ns(&ns, || nftnl::apply(TABLE_NAME, &e)).unwrap_or_else(|err| {
                         panic!("seed {seed} step {step}: {err}\n{}", e.script())
                     });
@@ -114,4 +134,5 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
         }
     }
     assert!(over_netlink > 50, "{over_netlink} changes over netlink");
+    assert!(map_entries > 10, "{map_entries} map entries over netlink");
 }

@@ -23,7 +23,7 @@ pub mod selector;
 pub mod spec;
 
 pub use model::{Namespace, Pod, PodKey, Policy, PolicyKey, Proto, World};
-pub use selector::Selector;
+pub use selector::{Labels, Selector};
 
 /// What is wrong with an object this crate was given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,8 +8,11 @@
 //!   ct state established,related accept         replies of allowed connections
 //!   iifname vmap @egress                        a local pod sending: its egress chain
 //!   oifname vmap @ingress                       a local pod receiving: its ingress chain
-//! map ingress / egress   { "caliXXX" : jump ep-in/caliXXX }   only isolated endpoints
-//! chain ep-in/IFNAME     clear the allow mark; jump each policy isolating it; no mark: drop
+//! map ingress / egress   { "caliXXX" : jump ep-in/HASH }   only isolated endpoints
+//! chain ep-in/HASH       clear the allow mark; jump each policy of the list; no mark:
+//!                        drop. One per list of isolating policies (HASH is the
+//!                        list's), shared by every endpoint those policies isolate:
+//!                        a new pod is a map element, not a chain
 //! chain in/NS/NAME       one rule line per (peer, port) of each rule: match, set the
 //!                        allow mark, return; an ipBlock is matched in its line
 //!                        (`ip saddr CIDR ip saddr != EXCEPT ...`)
@@ -26,7 +29,8 @@
 //! [`set_policy`](Compiler::set_policy),
 //! [`set_endpoint`](Compiler::set_endpoint)) updates the table and returns
 //! the [`Delta`] that takes the kernel from the old table to the new one:
-//! a pod or a label is set elements, a policy its own chains and sets.
+//! a pod or a label is set and map elements, a policy its own chains and
+//! sets.
 //! The delta is computed over what the change touched (a journal of the
 //! old values), never over the whole table. There are no interval sets:
 //! before any element update nft reads back the elements of every
@@ -41,6 +45,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 
 use crate::model::{Direction, Namespace, Peer, Pod, PodKey, Policy, PolicyKey, PortMatch, Rule};
+use crate::selector::Labels;
 use crate::spec::peer_matches;
 use crate::{Proto, World};
 
@@ -80,8 +85,27 @@ impl SetKind {
 pub struct Set {
     /// Its type.
     pub kind: SetKind,
-    /// Its elements, as nft writes them.
-    pub elements: BTreeSet<String>,
+    /// Its elements.
+    pub elements: BTreeSet<Element>,
+}
+
+/// What a dispatch map sends an interface's packets to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// Its endpoint chain (shared by the endpoints that the same policies
+    /// isolate).
+    Jump(String),
+    /// Dropped (a quarantined interface: its Pod cannot be read).
+    Drop,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Jump(c) => write!(f, "jump {c}"),
+            Self::Drop => f.write_str("drop"),
+        }
+    }
 }
 
 /// The whole table as Margay wants it.
@@ -91,18 +115,21 @@ pub struct Table {
     pub sets: BTreeMap<String, Set>,
     /// Regular chains and their rules (the base chain is fixed).
     pub chains: BTreeMap<String, Vec<String>>,
-    /// Ingress dispatch: interface → verdict (`jump ep-in/IF`, or `drop`
-    /// for a quarantined interface).
-    pub ingress: BTreeMap<String, String>,
+    /// Ingress dispatch: interface → verdict (`jump ep-in/HASH`, or
+    /// `drop` for a quarantined interface).
+    pub ingress: BTreeMap<String, Verdict>,
     /// Egress dispatch: interface → verdict.
-    pub egress: BTreeMap<String, String>,
+    pub egress: BTreeMap<String, Verdict>,
 }
 
-fn elements(e: &BTreeSet<String>) -> String {
-    e.iter().cloned().collect::<Vec<_>>().join(", ")
+fn elements(e: &BTreeSet<Element>) -> String {
+    e.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn map_elements(m: &BTreeMap<String, String>) -> String {
+fn map_elements(m: &BTreeMap<String, Verdict>) -> String {
     m.iter()
         .map(|(i, v)| format!("\"{i}\" : {v}"))
         .collect::<Vec<_>>()
@@ -164,9 +191,9 @@ impl Table {
                     d.late_sets.push((name.clone(), set.clone()));
                 }
                 Some(old) => {
-                    let add: BTreeSet<String> =
+                    let add: BTreeSet<Element> =
                         set.elements.difference(&old.elements).cloned().collect();
-                    let del: BTreeSet<String> =
+                    let del: BTreeSet<Element> =
                         old.elements.difference(&set.elements).cloned().collect();
                     if !add.is_empty() {
                         d.add_elements.push((name.clone(), add));
@@ -221,17 +248,18 @@ pub struct Delta {
     /// Sets whose type changed: deleted, then created again.
     late_sets: Vec<(String, Set)>,
     new_chains: Vec<String>,
-    add_elements: Vec<(String, BTreeSet<String>)>,
+    add_elements: Vec<(String, BTreeSet<Element>)>,
     rewrite: Vec<(String, Vec<String>)>,
     del_map: Vec<(&'static str, String)>,
-    add_map: Vec<(&'static str, String, String)>,
-    del_elements: Vec<(String, BTreeSet<String>)>,
+    add_map: Vec<(&'static str, String, Verdict)>,
+    del_elements: Vec<(String, BTreeSet<Element>)>,
     del_chains: Vec<String>,
     del_sets: Vec<String>,
 }
 
-/// A set element, typed: what a set of the table holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A set or map element, typed: what a set of the table holds, or an
+/// interface's entry in a dispatch map.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Element {
     /// An address (sets `.p4`, `.p6`).
     Addr(IpAddr),
@@ -244,21 +272,22 @@ pub enum Element {
         /// The port.
         port: u16,
     },
+    /// An interface and its verdict (maps `ingress`, `egress`; a delete
+    /// looks at the interface only).
+    Iface {
+        /// The interface's name.
+        name: String,
+        /// Where its packets go.
+        verdict: Verdict,
+    },
 }
 
 impl Element {
-    /// From the text nft writes (`10.0.0.1`, `10.0.0.1 . tcp . 80`).
-    pub fn parse(s: &str) -> Option<Self> {
-        let mut it = s.split(" . ");
-        let addr: IpAddr = it.next()?.parse().ok()?;
-        match (it.next(), it.next(), it.next()) {
-            (None, None, None) => Some(Self::Addr(addr)),
-            (Some(proto), Some(port), None) => Some(Self::Port {
-                addr,
-                proto: proto.parse().ok()?,
-                port: port.parse().ok()?,
-            }),
-            _ => None,
+    /// The address it is about, if any.
+    pub fn addr(&self) -> Option<IpAddr> {
+        match self {
+            Self::Addr(a) | Self::Port { addr: a, .. } => Some(*a),
+            Self::Iface { .. } => None,
         }
     }
 }
@@ -300,7 +329,13 @@ impl ElementDelta {
                 ElementOp::Add => "add",
                 ElementOp::Delete => "delete",
             };
-            let e: Vec<String> = elems.iter().map(ToString::to_string).collect();
+            let e: Vec<String> = elems
+                .iter()
+                .map(|e| match (op, e) {
+                    (ElementOp::Delete, Element::Iface { name, .. }) => format!("\"{name}\""),
+                    _ => e.to_string(),
+                })
+                .collect();
             s.push_str(&format!(
                 "{verb} element {TABLE} {set} {{ {} }}\n",
                 e.join(", ")
@@ -320,6 +355,7 @@ impl std::fmt::Display for Element {
         match self {
             Self::Addr(a) => write!(f, "{a}"),
             Self::Port { addr, proto, port } => write!(f, "{addr} . {proto} . {port}"),
+            Self::Iface { name, verdict } => write!(f, "\"{name}\" : {verdict}"),
         }
     }
 }
@@ -332,22 +368,33 @@ impl Delta {
             && self.late_sets.is_empty()
             && self.new_chains.is_empty()
             && self.rewrite.is_empty()
-            && self.del_map.is_empty()
-            && self.add_map.is_empty()
             && self.del_chains.is_empty()
             && self.del_sets.is_empty())
         {
             return None;
         }
-        let typed = |e: &BTreeSet<String>| -> Option<Vec<Element>> {
-            e.iter().map(|x| Element::parse(x)).collect()
-        };
         let mut ops = Vec::new();
         for (set, e) in &self.add_elements {
-            ops.push((ElementOp::Add, set.clone(), typed(e)?));
+            ops.push((ElementOp::Add, set.clone(), e.iter().cloned().collect()));
+        }
+        // An interface's entry is deleted before it is added again with
+        // another verdict (the kernel refuses to overwrite one).
+        for (map, i) in &self.del_map {
+            let e = Element::Iface {
+                name: i.clone(),
+                verdict: Verdict::Drop,
+            };
+            ops.push((ElementOp::Delete, (*map).to_string(), vec![e]));
+        }
+        for (map, i, v) in &self.add_map {
+            let e = Element::Iface {
+                name: i.clone(),
+                verdict: v.clone(),
+            };
+            ops.push((ElementOp::Add, (*map).to_string(), vec![e]));
         }
         for (set, e) in &self.del_elements {
-            ops.push((ElementOp::Delete, set.clone(), typed(e)?));
+            ops.push((ElementOp::Delete, set.clone(), e.iter().cloned().collect()));
         }
         Some(ops)
     }
@@ -466,9 +513,20 @@ pub fn policy_chain(dir: Direction, policy: &PolicyKey) -> String {
     format!("{}/{}/{}", dir_prefix(dir), policy.namespace, policy.name)
 }
 
-/// The chain of the endpoint on interface `ifname` for `dir`.
-pub fn endpoint_chain(dir: Direction, ifname: &str) -> String {
-    format!("ep-{}/{ifname}", dir_prefix(dir))
+/// The endpoint chain for `dir` of the endpoints that `policies` (in
+/// order) isolate, named by a hash of that list: every endpoint the same
+/// policies isolate shares it, so a new pod is a map element, not a
+/// chain. (A hash collision takes the next free `-N` suffix.)
+pub fn endpoint_chain(dir: Direction, policies: &[PolicyKey]) -> String {
+    // FNV-1a, 64 bits: stable across runs and builds.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in policies {
+        for b in policy_chain(dir, p).bytes().chain([b'\n']) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("ep-{}/{h:016x}", dir_prefix(dir))
 }
 
 fn set_name(dir: Direction, policy: &PolicyKey, rule: usize, what: &str) -> String {
@@ -504,8 +562,8 @@ struct Compiled {
 struct Journal {
     sets: BTreeMap<String, SetWas>,
     chains: BTreeMap<String, Option<Vec<String>>>,
-    ingress: BTreeMap<String, Option<String>>,
-    egress: BTreeMap<String, Option<String>>,
+    ingress: BTreeMap<String, Option<Verdict>>,
+    egress: BTreeMap<String, Option<Verdict>>,
 }
 
 /// What a set was before the change under way.
@@ -517,9 +575,27 @@ enum SetWas {
     /// (a pod's change touches a few elements of large sets).
     Elements {
         kind: SetKind,
-        added: BTreeSet<String>,
-        removed: BTreeSet<String>,
+        added: BTreeSet<Element>,
+        removed: BTreeSet<Element>,
     },
+}
+
+/// An endpoint chain: the policies it jumps to and who uses it (it goes
+/// with the last of them).
+#[derive(Debug, Clone, Default)]
+struct EpChain {
+    policies: Vec<PolicyKey>,
+    users: BTreeSet<User>,
+}
+
+/// A user of an endpoint chain.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum User {
+    /// An interface whose map entry jumps to it.
+    Iface(String),
+    /// A Pod scheduled to this node and not wired yet: its chains are
+    /// made ready before its ADD, which then only adds elements.
+    Scheduled(PodKey),
 }
 
 /// The incremental compiler: inputs, the table, and what was compiled.
@@ -534,6 +610,14 @@ pub struct Compiler {
     /// Interfaces of pods whose Pod cannot be read: everything dropped
     /// but replies, until it can.
     quarantined: BTreeSet<String>,
+    /// Endpoint chains by name.
+    ep_chains: BTreeMap<String, EpChain>,
+    /// Pods scheduled to this node and not wired yet, with their labels:
+    /// the policies selecting them are compiled and their endpoint chains
+    /// made before their ADD.
+    scheduled: BTreeMap<PodKey, Labels>,
+    /// The endpoint chains each scheduled pod holds.
+    prepared: BTreeMap<PodKey, Vec<String>>,
     table: Table,
     /// What the change under way touched.
     journal: Journal,
@@ -547,9 +631,20 @@ impl Compiler {
 
     /// Compiles `world` with the local endpoints `local` in one go.
     pub fn full(world: World, local: BTreeMap<PodKey, String>) -> Self {
+        Self::full_scheduled(world, local, BTreeMap::new())
+    }
+
+    /// As [`Compiler::full`], with the pods scheduled to this node and not
+    /// wired yet (see [`Compiler::set_scheduled`]).
+    pub fn full_scheduled(
+        world: World,
+        local: BTreeMap<PodKey, String>,
+        scheduled: BTreeMap<PodKey, Labels>,
+    ) -> Self {
         let mut c = Self {
             world,
             local,
+            scheduled,
             ..Default::default()
         };
         for (k, p) in &c.world.pods {
@@ -564,6 +659,10 @@ impl Compiler {
         let eps: Vec<PodKey> = c.local.keys().cloned().collect();
         for k in eps {
             c.recompile_endpoint(&k);
+        }
+        let scheduled: Vec<PodKey> = c.scheduled.keys().cloned().collect();
+        for k in scheduled {
+            c.prepare(&k);
         }
         c.journal = Journal::default();
         c
@@ -656,7 +755,7 @@ impl Compiler {
 
     /// Removes `remove` from set `name` and adds `add`, journaling the
     /// elements only.
-    fn change_elements(&mut self, name: &str, remove: &BTreeSet<String>, add: BTreeSet<String>) {
+    fn change_elements(&mut self, name: &str, remove: &BTreeSet<Element>, add: BTreeSet<Element>) {
         let Some(set) = self.table.sets.get_mut(name) else {
             return;
         };
@@ -720,7 +819,7 @@ impl Compiler {
         self.table.chains.remove(name);
     }
 
-    fn map(&self, dir: Direction) -> &BTreeMap<String, String> {
+    fn map(&self, dir: Direction) -> &BTreeMap<String, Verdict> {
         match dir {
             Direction::Ingress => &self.table.ingress,
             Direction::Egress => &self.table.egress,
@@ -737,7 +836,7 @@ impl Compiler {
         }
     }
 
-    fn put_map(&mut self, dir: Direction, ifname: &str, verdict: String) {
+    fn put_map(&mut self, dir: Direction, ifname: &str, verdict: Verdict) {
         self.touch_map(dir, ifname);
         match dir {
             Direction::Ingress => self.table.ingress.insert(ifname.to_string(), verdict),
@@ -766,6 +865,25 @@ impl Compiler {
     /// The local endpoints.
     pub fn local(&self) -> &BTreeMap<PodKey, String> {
         &self.local
+    }
+
+    /// The pods scheduled to this node and not wired yet.
+    pub fn scheduled(&self) -> &BTreeMap<PodKey, Labels> {
+        &self.scheduled
+    }
+
+    /// A Pod the API schedules to this node and that is not wired yet
+    /// (`Some`: its labels), or no longer so (`None`). The policies that
+    /// select it are compiled and its endpoint chains made now, so its ADD
+    /// changes only set and map elements (the kernel's fast path); nothing
+    /// it prepares lets traffic through, since no map entry jumps to it.
+    pub fn set_scheduled(&mut self, key: &PodKey, labels: Option<Labels>) -> Delta {
+        match labels {
+            Some(l) => self.scheduled.insert(key.clone(), l),
+            None => self.scheduled.remove(key),
+        };
+        self.endpoint_changed(key);
+        self.finish()
     }
 
     /// A pod added, changed (`Some`) or gone (`None`).
@@ -831,6 +949,15 @@ impl Compiler {
         for k in eps {
             self.recompile_endpoint(&k);
         }
+        let scheduled: Vec<PodKey> = self
+            .scheduled
+            .keys()
+            .filter(|k| k.namespace == key.namespace)
+            .cloned()
+            .collect();
+        for k in scheduled {
+            self.prepare(&k);
+        }
         self.finish()
     }
 
@@ -864,8 +991,8 @@ impl Compiler {
         }
         for dir in [Direction::Ingress, Direction::Egress] {
             if self.quarantined.contains(ifname) {
-                self.put_map(dir, ifname, "drop".into());
-            } else if self.map(dir).get(ifname).map(String::as_str) == Some("drop") {
+                self.put_map(dir, ifname, Verdict::Drop);
+            } else if self.map(dir).get(ifname) == Some(&Verdict::Drop) {
                 self.drop_map(dir, ifname);
             }
         }
@@ -879,7 +1006,7 @@ impl Compiler {
         };
         if let Some(old) = old {
             for dir in [Direction::Ingress, Direction::Egress] {
-                self.drop_chain(&endpoint_chain(dir, &old));
+                self.release_ep_chain(dir, &old);
                 self.drop_map(dir, &old);
             }
             self.quarantine_maps(&old);
@@ -913,37 +1040,73 @@ impl Compiler {
             }
         }
         self.recompile_endpoint(key);
+        self.prepare(key);
     }
 
+    /// Whether policy `key` selects a local endpoint or a pod scheduled
+    /// here.
     fn selects_local(&self, key: &PolicyKey) -> bool {
         let Some(p) = self.world.policies.get(key) else {
             return false;
         };
-        self.local.keys().any(|k| {
-            k.namespace == key.namespace
-                && self
-                    .world
-                    .pods
-                    .get(k)
-                    .is_some_and(|pod| p.selector.matches(&pod.labels))
-        })
+        let ns = |k: &&PodKey| k.namespace == key.namespace;
+        self.local.keys().filter(ns).any(|k| {
+            self.world
+                .pods
+                .get(k)
+                .is_some_and(|pod| p.selector.matches(&pod.labels))
+        }) || self
+            .scheduled
+            .iter()
+            .any(|(k, labels)| k.namespace == key.namespace && p.selector.matches(labels))
     }
 
     /// The policies isolating local endpoint `key` in `dir`.
     fn isolating(&self, key: &PodKey, dir: Direction) -> Vec<PolicyKey> {
-        let Some(pod) = self.world.pods.get(key) else {
-            return Vec::new();
-        };
+        match self.world.pods.get(key) {
+            Some(pod) => self.isolating_labels(&key.namespace, &pod.labels, dir),
+            None => Vec::new(),
+        }
+    }
+
+    /// The policies of namespace `ns` isolating a pod labelled `labels` in
+    /// `dir`.
+    fn isolating_labels(&self, ns: &str, labels: &Labels, dir: Direction) -> Vec<PolicyKey> {
         self.world
             .policies
             .iter()
             .filter(|(k, p)| {
-                k.namespace == key.namespace
-                    && p.rules(dir).is_some()
-                    && p.selector.matches(&pod.labels)
+                k.namespace == ns && p.rules(dir).is_some() && p.selector.matches(labels)
             })
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Makes the endpoint chains of scheduled pod `key` (and lets go of
+    /// those it no longer needs, or all of them once it is not scheduled).
+    fn prepare(&mut self, key: &PodKey) {
+        let mut want = Vec::new();
+        if let Some(labels) = self.scheduled.get(key).cloned()
+            && !self.local.contains_key(key)
+        {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let policies = self.isolating_labels(&key.namespace, &labels, dir);
+                if !policies.is_empty() {
+                    let chain = self.ep_chain(dir, policies);
+                    if let Some(e) = self.ep_chains.get_mut(&chain) {
+                        e.users.insert(User::Scheduled(key.clone()));
+                    }
+                    want.push(chain);
+                }
+            }
+        }
+        let held = self.prepared.remove(key).unwrap_or_default();
+        for chain in held.into_iter().filter(|c| !want.contains(c)) {
+            self.release(&chain, &User::Scheduled(key.clone()));
+        }
+        if !want.is_empty() {
+            self.prepared.insert(key.clone(), want);
+        }
     }
 
     fn recompile_endpoint(&mut self, key: &PodKey) {
@@ -951,30 +1114,83 @@ impl Compiler {
             return;
         };
         for dir in [Direction::Ingress, Direction::Egress] {
-            let chain = endpoint_chain(dir, &ifname);
             let policies = self.isolating(key, dir);
+            let current = match self.map(dir).get(&ifname) {
+                Some(Verdict::Jump(c)) => self.ep_chains.get(c).map(|e| &e.policies),
+                _ => None,
+            };
+            if !policies.is_empty() && current == Some(&policies) {
+                continue;
+            }
+            self.release_ep_chain(dir, &ifname);
             if policies.is_empty() {
-                self.drop_chain(&chain);
                 if self.quarantined.contains(&ifname) {
                     // Known now, and not isolated: the quarantine is over
                     // only when the engine lifts it.
-                    self.put_map(dir, &ifname, "drop".into());
+                    self.put_map(dir, &ifname, Verdict::Drop);
                 } else {
                     self.drop_map(dir, &ifname);
                 }
                 continue;
             }
-            let clear = format!("meta mark set meta mark & {:#010x}", !ALLOW_MARK);
-            let mut rules = vec!["ct state invalid drop".to_string(), clear.clone()];
-            rules.extend(
-                policies
-                    .iter()
-                    .map(|p| format!("jump {}", policy_chain(dir, p))),
-            );
-            rules.push(format!("meta mark & {ALLOW_MARK:#010x} == 0 drop"));
-            rules.push(clear);
-            self.put_map(dir, &ifname, format!("jump {chain}"));
-            self.put_chain(chain, rules);
+            let chain = self.ep_chain(dir, policies);
+            if let Some(e) = self.ep_chains.get_mut(&chain) {
+                e.users.insert(User::Iface(ifname.clone()));
+            }
+            self.put_map(dir, &ifname, Verdict::Jump(chain));
+        }
+    }
+
+    /// The endpoint chain for `dir` jumping to `policies`, created if no
+    /// endpoint uses it yet.
+    fn ep_chain(&mut self, dir: Direction, policies: Vec<PolicyKey>) -> String {
+        let base = endpoint_chain(dir, &policies);
+        let mut name = base.clone();
+        for n in 1.. {
+            match self.ep_chains.get(&name) {
+                Some(e) if e.policies == policies => return name,
+                Some(_) => name = format!("{base}-{n}"),
+                None => break,
+            }
+        }
+        let clear = format!("meta mark set meta mark & {:#010x}", !ALLOW_MARK);
+        let mut rules = vec!["ct state invalid drop".to_string(), clear.clone()];
+        rules.extend(
+            policies
+                .iter()
+                .map(|p| format!("jump {}", policy_chain(dir, p))),
+        );
+        rules.push(format!("meta mark & {ALLOW_MARK:#010x} == 0 drop"));
+        rules.push(clear);
+        self.put_chain(name.clone(), rules);
+        self.ep_chains.insert(
+            name.clone(),
+            EpChain {
+                policies,
+                users: BTreeSet::new(),
+            },
+        );
+        name
+    }
+
+    /// Interface `ifname` no longer uses the endpoint chain its `dir` map
+    /// entry jumps to. The entry stays.
+    fn release_ep_chain(&mut self, dir: Direction, ifname: &str) {
+        if let Some(Verdict::Jump(chain)) = self.map(dir).get(ifname).cloned() {
+            self.release(&chain, &User::Iface(ifname.to_string()));
+        }
+    }
+
+    /// `user` no longer uses endpoint chain `chain` (dropped with its last
+    /// user).
+    fn release(&mut self, chain: &str, user: &User) {
+        let Some(e) = self.ep_chains.get_mut(chain) else {
+            return;
+        };
+        e.users.remove(user);
+        if e.users.is_empty() {
+            self.ep_chains.remove(chain);
+            self.drop_chain(chain);
         }
     }
 
@@ -1153,7 +1369,7 @@ impl Compiler {
         what: &PodSet,
         pk: &PodKey,
         pod: &Pod,
-    ) -> Vec<String> {
+    ) -> Vec<Element> {
         match what {
             PodSet::Peers { v6 } => {
                 let Some(ip) = pod.ips.first() else {
@@ -1169,7 +1385,7 @@ impl Compiler {
                 pod.ips
                     .iter()
                     .filter(|ip| ip.is_ipv6() == *v6)
-                    .map(ToString::to_string)
+                    .map(|ip| Element::Addr(*ip))
                     .collect()
             }
             PodSet::Named { v6, proto, name } => {
@@ -1182,7 +1398,11 @@ impl Compiler {
                 pod.ips
                     .iter()
                     .filter(|ip| ip.is_ipv6() == *v6)
-                    .map(|ip| format!("{ip} . {proto} . {port}"))
+                    .map(|ip| Element::Port {
+                        addr: *ip,
+                        proto: *proto,
+                        port,
+                    })
                     .collect()
             }
         }
@@ -1198,7 +1418,7 @@ impl Compiler {
             .iter()
             .flat_map(|ip| self.by_ip.get(ip).into_iter().flatten().cloned())
             .collect();
-        let mut updates: Vec<(String, BTreeSet<String>)> = Vec::new();
+        let mut updates: Vec<(String, BTreeSet<Element>)> = Vec::new();
         for (key, c) in &self.compiled {
             let policy = &self.world.policies[key];
             for (name, dir, i, what) in &c.pod_sets {
@@ -1209,7 +1429,7 @@ impl Compiler {
                         elems.extend(
                             self.pod_elements(key, *dir, rule, what, pk, pod)
                                 .into_iter()
-                                .filter(|e| ips.iter().any(|ip| element_of(e, *ip))),
+                                .filter(|e| e.addr().is_some_and(|a| ips.contains(&a))),
                         );
                     }
                 }
@@ -1220,15 +1440,15 @@ impl Compiler {
             let Some(set) = self.table.sets.get(&name) else {
                 continue;
             };
-            let now: BTreeSet<String> = ips
+            let now: BTreeSet<Element> = ips
                 .iter()
                 .flat_map(|ip| elements_about(&set.elements, *ip))
                 .collect();
             if now == elems {
                 continue;
             }
-            let gone: BTreeSet<String> = now.difference(&elems).cloned().collect();
-            let new: BTreeSet<String> = elems.difference(&now).cloned().collect();
+            let gone: BTreeSet<Element> = now.difference(&elems).cloned().collect();
+            let new: BTreeSet<Element> = elems.difference(&now).cloned().collect();
             self.change_elements(&name, &gone, new);
         }
     }
@@ -1239,22 +1459,18 @@ fn prefix(cidr: &IpNetwork) -> String {
     format!("{}/{}", cidr.network(), cidr.prefix())
 }
 
-/// Whether set element `e` (an address, or `address . proto . port`) is
-/// about `ip`.
-fn element_of(e: &str, ip: IpAddr) -> bool {
-    let addr = e.split(" . ").next().unwrap_or(e);
-    addr.parse::<IpAddr>().is_ok_and(|a| a == ip)
-}
-
 /// The elements of `set` about `ip`: the address itself, or the
-/// `address . proto . port` ones, which sort together after it.
-fn elements_about(set: &BTreeSet<String>, ip: IpAddr) -> Vec<String> {
-    let a = ip.to_string();
-    let prefix = format!("{a} . ");
-    let mut v: Vec<String> = set.get(&a).cloned().into_iter().collect();
+/// `address . proto . port` ones, which sort together.
+fn elements_about(set: &BTreeSet<Element>, ip: IpAddr) -> Vec<Element> {
+    let mut v: Vec<Element> = set.get(&Element::Addr(ip)).cloned().into_iter().collect();
+    let first = Element::Port {
+        addr: ip,
+        proto: Proto::Tcp,
+        port: 0,
+    };
     v.extend(
-        set.range(prefix.clone()..)
-            .take_while(|e| e.starts_with(&prefix))
+        set.range(first..)
+            .take_while(|e| matches!(e, Element::Port { addr, .. } if *addr == ip))
             .cloned(),
     );
     v

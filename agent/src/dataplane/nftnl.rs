@@ -1,6 +1,8 @@
 //! NetworkPolicy set element changes handed to the kernel over netlink
 //! (`NETLINK_NETFILTER`), without `nft`: one batch, one transaction, all
-//! of it or nothing. `nft -f` reads back the definition of every set and
+//! of it or nothing. Elements are addresses, `address . proto . port`,
+//! and the dispatch maps' `interface : verdict` entries (a new pod that
+//! policies isolate like others is one of those). `nft -f` reads back the definition of every set and
 //! chain of the node before it runs a script, which costs far more than a
 //! pod's few elements (BENCHMARKS.md); everything else (sets, chains,
 //! maps, the whole table) still goes through [`super::nft`].
@@ -14,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use margay_policy::Proto;
-use margay_policy::nft::{Element, ElementDelta, ElementOp};
+use margay_policy::nft::{Element, ElementDelta, ElementOp, Verdict};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
     setsockopt, socket, sockopt,
@@ -38,7 +40,15 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NF_DROP: i32 = 0;
+const NFT_JUMP: i32 = -3;
+/// `type ifname` keys: the name, zero-padded to IFNAMSIZ.
+const IFNAMSIZ: usize = 16;
 const NLA_F_NESTED: u16 = 0x8000;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -78,9 +88,14 @@ fn addr_bytes(a: &IpAddr) -> Vec<u8> {
 
 /// An element's key as the kernel stores it: the address; for
 /// `address . protocol . port` each field padded to 4 bytes, the port in
-/// network order.
+/// network order; an interface name zero-padded to 16 bytes.
 fn key(e: &Element) -> Vec<u8> {
     match e {
+        Element::Iface { name, .. } => {
+            let mut k = name.as_bytes().to_vec();
+            k.resize(IFNAMSIZ, 0);
+            k
+        }
         Element::Addr(a) => addr_bytes(a),
         Element::Port { addr, proto, port } => {
             let mut k = addr_bytes(addr);
@@ -147,6 +162,20 @@ pub fn encode(table: &str, d: &ElementDelta, seq: u32) -> (Vec<u8>, usize) {
                     nested(b, NFTA_SET_ELEM_KEY, |b| {
                         attr(b, NFTA_DATA_VALUE, &key(e));
                     });
+                    // A map entry's verdict (a delete names the key only).
+                    if let (ElementOp::Add, Element::Iface { verdict, .. }) = (op, e) {
+                        nested(b, NFTA_SET_ELEM_DATA, |b| {
+                            nested(b, NFTA_DATA_VERDICT, |b| match verdict {
+                                Verdict::Drop => {
+                                    attr(b, NFTA_VERDICT_CODE, &NF_DROP.to_be_bytes());
+                                }
+                                Verdict::Jump(chain) => {
+                                    attr(b, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
+                                    attr(b, NFTA_VERDICT_CHAIN, &cstr(chain));
+                                }
+                            });
+                        });
+                    }
                 });
             }
         });

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use margay_policy::model::{Key, Namespace};
-use margay_policy::nft::{Compiler, ElementDelta};
+use margay_policy::nft::{Compiler, Delta, ElementDelta};
 use margay_policy::{Pod, PodKey, Policy, PolicyKey};
 
 /// A watch event, of any kind (the shape kube-runtime's watcher gives).
@@ -73,6 +73,8 @@ struct Listed {
 #[derive(Debug, Default)]
 pub struct Engine {
     compiler: Compiler,
+    /// This node's name: its Pods not wired yet get their chains ready.
+    node: Option<String>,
     listed: Listed,
     pods: BTreeMap<PodKey, Watched>,
     relist_pods: Option<BTreeMap<PodKey, Watched>>,
@@ -87,11 +89,9 @@ pub struct Engine {
     /// Policies the API holds that cannot be enforced, and why (their
     /// last good version, if any, stays in force).
     invalid: BTreeMap<PolicyKey, String>,
-    /// Deltas since the last load.
-    script: String,
-    /// The same deltas as set element changes, while every one of them is
-    /// only that (`None` once one is not).
-    elements: Option<ElementDelta>,
+    /// Deltas since the last load, rendered only when taken (for the
+    /// path they take: netlink elements or an nft script).
+    pending: Vec<Delta>,
     /// The next load must be the whole table.
     full: bool,
     /// Whether anything was ever loaded.
@@ -123,8 +123,18 @@ impl Engine {
     pub fn new() -> Self {
         Self {
             full: true,
-            elements: Some(ElementDelta::default()),
             ..Default::default()
+        }
+    }
+
+    /// Nothing known, on node `node`: a Pod the API schedules here has
+    /// its rules made ready before its ADD
+    /// ([`Compiler::set_scheduled`]), so the ADD waits only for set and
+    /// map elements.
+    pub fn on_node(node: &str) -> Self {
+        Self {
+            node: Some(node.to_string()),
+            ..Self::new()
         }
     }
 
@@ -158,14 +168,9 @@ impl Engine {
         &self.invalid
     }
 
-    fn push(&mut self, d: margay_policy::nft::Delta) {
+    fn push(&mut self, d: Delta) {
         if !self.full && !d.is_empty() {
-            self.script.push_str(&d.script());
-            if let Some(e) = &mut self.elements
-                && !e.extend(&d)
-            {
-                self.elements = None;
-            }
+            self.pending.push(d);
         }
     }
 
@@ -185,6 +190,13 @@ impl Engine {
             }
             p
         });
+        // A Pod of this node not wired yet: its rules made ready.
+        let scheduled = match (w, ep, &self.node) {
+            (Some(w), None, Some(n)) if w.pod.node.as_ref() == Some(n) => {
+                Some(w.pod.labels.clone())
+            }
+            _ => None,
+        };
         let pod = pod.filter(|p| !p.ips.is_empty());
         let want_ep = match (&pod, ep) {
             (Some(_), Some(ep)) => Some(ep.host_if.clone()),
@@ -196,6 +208,11 @@ impl Engine {
         }
         if self.compiler.local().get(key) != want_ep.as_ref() {
             let d = self.compiler.set_endpoint(key, want_ep);
+            self.push(d);
+        }
+        // After its endpoint: the chains it held pass to its interface.
+        if self.compiler.scheduled().get(key) != scheduled.as_ref() {
+            let d = self.compiler.set_scheduled(key, scheduled);
             self.push(d);
         }
         if self.pods.contains_key(key) {
@@ -476,7 +493,7 @@ impl Engine {
         self.listed()
             && self.loaded
             && !self.full
-            && self.script.is_empty()
+            && self.pending.is_empty()
             && (self.compiler.local().get(key).map(String::as_str) == Some(host_if)
                 || self.compiler.is_quarantined(host_if)
                 || self.no_pod.contains(key))
@@ -506,19 +523,18 @@ impl Engine {
         if !self.listed() {
             return None;
         }
-        let elements = self.elements.replace(ElementDelta::default());
+        let pending = std::mem::take(&mut self.pending);
         if self.full {
-            self.script.clear();
             return Some(Load::Script(self.compiler.table().script()));
         }
-        if self.script.is_empty() {
+        if pending.is_empty() {
             return None;
         }
-        let script = std::mem::take(&mut self.script);
-        Some(match elements {
-            Some(e) if !e.is_empty() => Load::Elements(e),
-            _ => Load::Script(script),
-        })
+        let mut e = ElementDelta::default();
+        if pending.iter().all(|d| e.extend(d)) && !e.is_empty() {
+            return Some(Load::Elements(e));
+        }
+        Some(Load::Script(pending.iter().map(Delta::script).collect()))
     }
 
     /// The script from [`Engine::take_script`] was loaded (or not).
@@ -528,14 +544,14 @@ impl Engine {
             self.loaded = true;
         } else {
             self.full = true;
-            self.script.clear();
+            self.pending.clear();
         }
     }
 
     /// The next load is the whole table.
     pub fn resync(&mut self) {
         self.full = true;
-        self.script.clear();
+        self.pending.clear();
     }
 }
 
@@ -630,7 +646,7 @@ mod tests {
         assert!(!e.programmed(&key, "cali1"));
         let s = e.take_script().unwrap();
         assert!(
-            s.contains("add element inet margay_policy ingress { \"cali1\" : jump ep-in/cali1 }"),
+            s.contains("add element inet margay_policy ingress { \"cali1\" : jump ep-in/"),
             "{s}"
         );
         e.loaded(true);
@@ -647,6 +663,46 @@ mod tests {
             s.contains("delete element inet margay_policy ingress { \"cali1\" }"),
             "{s}"
         );
+    }
+
+    /// A Pod the API schedules here has its rules ready before its ADD:
+    /// the ADD is set and map elements only (netlink, not nft).
+    #[test]
+    fn a_pod_scheduled_here_makes_its_add_elements_only() {
+        let mut e = Engine::on_node("node1");
+        list_all(&mut e, vec![], vec![ns("x")], vec![deny_all("x")]);
+        assert!(e.take_load().is_some());
+        e.loaded(true);
+        // Scheduled (nodeName node1), no address yet: chains made now.
+        e.pod_event(Event::Apply(pod("x", "a", &[("app", "a")], None)));
+        let Some(Load::Script(s)) = e.take_load() else {
+            panic!("the policy and endpoint chains are made by nft");
+        };
+        assert!(s.contains("add chain inet margay_policy ep-in/"), "{s}");
+        assert!(!s.contains("cali"), "no interface yet: {s}");
+        e.loaded(true);
+        let key = Key::new("x", "a");
+        e.endpoint_added(Endpoint {
+            key: key.clone(),
+            host_if: "cali1".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+        });
+        let Some(Load::Elements(d)) = e.take_load() else {
+            panic!("the ADD is elements only");
+        };
+        assert!(
+            d.script()
+                .contains("add element inet margay_policy ingress { \"cali1\" : jump ep-in/"),
+            "{}",
+            d.script()
+        );
+        e.loaded(true);
+        assert!(e.programmed(&key, "cali1"));
+        // Another node's Pod prepares nothing.
+        let mut other = pod("x", "b", &[("app", "a")], None);
+        other.spec.as_mut().unwrap().node_name = Some("node2".into());
+        e.pod_event(Event::Apply(other));
+        assert_eq!(e.take_load(), None);
     }
 
     #[test]
@@ -807,7 +863,7 @@ mod tests {
         e.pod_event(Event::Apply(pod("y", "a", &[], None)));
         let s = e.take_script().unwrap();
         assert!(
-            s.contains("add element inet margay_policy ingress { \"cali1\" : jump ep-in/cali1 }"),
+            s.contains("add element inet margay_policy ingress { \"cali1\" : jump ep-in/"),
             "{s}"
         );
         assert!(!s.contains(": drop"), "{s}");

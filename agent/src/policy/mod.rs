@@ -188,16 +188,18 @@ fn event<K>(ev: watcher::Event<K>) -> Event<K> {
     }
 }
 
-/// Runs the engine until the process ends: `initial` are the pods wired
-/// before start (from their aliases), `resync` the full reload interval.
+/// Runs the engine of node `node` until the process ends: `initial` are
+/// the pods wired before start (from their aliases), `resync` the full
+/// reload interval.
 pub async fn run(
     client: kube::Client,
+    node: String,
     inbox: PolicyInbox,
     initial: Vec<Endpoint>,
     resync: Duration,
 ) -> crate::Result<()> {
     let mut inbox = inbox.0;
-    let mut engine = Engine::new();
+    let mut engine = Engine::on_node(&node);
     for ep in initial {
         engine.endpoint_added(ep);
     }

@@ -53,9 +53,14 @@ fn a_small_world_compiles_as_documented() {
     let l = [(Key::new("x", "a"), "cali1".to_string())].into();
     let c = Compiler::full(w, l);
     let t = c.table();
+    let ep = endpoint_chain(Direction::Ingress, &[Key::new("x", "web")]);
+    assert!(
+        ep.starts_with("ep-in/") && ep.len() == "ep-in/".len() + 16,
+        "{ep}"
+    );
     assert_eq!(
         t.ingress,
-        [("cali1".into(), "jump ep-in/cali1".into())].into()
+        [("cali1".into(), Verdict::Jump(ep.clone()))].into()
     );
     assert!(t.egress.is_empty());
     assert_eq!(
@@ -67,7 +72,7 @@ fn a_small_world_compiles_as_documented() {
         ]
     );
     assert_eq!(
-        t.chains["ep-in/cali1"],
+        t.chains[&ep],
         [
             "ct state invalid drop",
             "meta mark set meta mark & 0xfffeffff",
@@ -78,7 +83,7 @@ fn a_small_world_compiles_as_documented() {
     );
     assert_eq!(
         t.sets["in/x/web/0.p4"].elements,
-        ["10.0.0.2".to_string()].into()
+        [Element::Addr("10.0.0.2".parse().unwrap())].into()
     );
     // No interval sets (nft would read them all back on every update).
     assert!(
@@ -151,8 +156,16 @@ fn incremental_updates_equal_a_full_compile() {
         let mut c = Compiler::full(w, l);
         for step in 0..60 {
             let before = c.table().clone();
-            let what = rng.below(7);
+            let what = rng.below(8);
             let d = match what {
+                7 => {
+                    // A pod scheduled here (labels from the API, not wired
+                    // yet), or no longer.
+                    let ns = *rng.pick(&random::NAMESPACES);
+                    let k = Key::new(ns, &format!("s{}", rng.below(6)));
+                    let labels = rng.chance(70).then(|| random::pod(&mut rng, 0, 1).labels);
+                    c.set_scheduled(&k, labels)
+                }
                 6 => {
                     // Quarantined and lifted again (a full compile knows
                     // no quarantine): each delta exactly the table's change.
@@ -222,7 +235,11 @@ fn incremental_updates_equal_a_full_compile() {
                     c.set_endpoint(&k, ifname)
                 }
             };
-            let full = Compiler::full(c.world().clone(), c.local().clone());
+            let full = Compiler::full_scheduled(
+                c.world().clone(),
+                c.local().clone(),
+                c.scheduled().clone(),
+            );
             assert_eq!(
                 c.table(),
                 full.table(),
@@ -256,6 +273,7 @@ fn a_delta_removes_references_before_what_they_reference() {
     let Some(ep) = ep else { return };
     let mut c = Compiler::full(w, [(ep, "cali1".to_string())].into());
     assert!(c.table().chains.contains_key("in/x/all"));
+    let ep = endpoint_chain(Direction::Ingress, std::slice::from_ref(&k));
     let s = c.set_policy(&k, None).script();
     let pos = |needle: &str| {
         s.find(needle)
@@ -263,10 +281,10 @@ fn a_delta_removes_references_before_what_they_reference() {
     };
     assert!(
         pos("delete element inet margay_policy ingress { \"cali1\" }")
-            < pos("delete chain inet margay_policy ep-in/cali1")
+            < pos(&format!("delete chain inet margay_policy {ep}"))
     );
     assert!(
-        pos("flush chain inet margay_policy ep-in/cali1")
+        pos(&format!("flush chain inet margay_policy {ep}"))
             < pos("delete chain inet margay_policy in/x/all")
     );
     assert!(
@@ -280,21 +298,16 @@ fn a_delta_removes_references_before_what_they_reference() {
 /// script; a policy's is not.
 #[test]
 fn element_only_deltas_are_typed() {
-    use crate::nft::{Element, ElementDelta, ElementOp};
+    use crate::nft::{ElementDelta, ElementOp};
     assert_eq!(
-        Element::parse("10.0.0.1"),
-        Some(Element::Addr("10.0.0.1".parse().unwrap()))
-    );
-    assert_eq!(
-        Element::parse("fd00::1 . udp . 53"),
-        Some(Element::Port {
+        Element::Port {
             addr: "fd00::1".parse().unwrap(),
             proto: Proto::Udp,
             port: 53
-        })
+        }
+        .to_string(),
+        "fd00::1 . udp . 53"
     );
-    assert_eq!(Element::parse("10.0.0.0-10.0.0.255"), None);
-    assert_eq!(Element::parse("10.0.0.1 . tcp"), None);
     for seed in 0..20 {
         let mut rng = Rng::new(seed);
         let w = random::world(&mut rng, 0, 12, 6);
@@ -321,4 +334,131 @@ fn element_only_deltas_are_typed() {
             assert!(!ElementDelta::default().extend(&d));
         }
     }
+}
+
+/// Endpoints that the same policies isolate share one endpoint chain: a
+/// new pod is a map element (and set elements), no chain; the chain goes
+/// with its last endpoint.
+#[test]
+fn endpoints_isolated_alike_share_their_chain() {
+    let mut w = World::default();
+    for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
+        w.pods.insert(
+            Key::new("x", name),
+            Pod {
+                labels: [("app".to_string(), "web".to_string())].into(),
+                ips: vec![ip.parse().unwrap()],
+                node: None,
+                ports: vec![],
+            },
+        );
+    }
+    let k = Key::new("x", "web");
+    w.policies.insert(
+        k.clone(),
+        Policy {
+            selector: Selector::labels([("app", "web")]),
+            ingress: Some(vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespaces: None,
+                    pods: Selector::labels([("app", "web")]),
+                }],
+                ports: vec![],
+            }]),
+            egress: None,
+        },
+    );
+    let mut c = Compiler::full(w, [(Key::new("x", "a"), "cali1".to_string())].into());
+    let ep = endpoint_chain(Direction::Ingress, std::slice::from_ref(&k));
+    let d = c.set_endpoint(&Key::new("x", "b"), Some("cali2".into()));
+    let ops = d.element_ops().expect("a new pod is elements only");
+    assert!(ops.contains(&(
+        ElementOp::Add,
+        "ingress".into(),
+        vec![Element::Iface {
+            name: "cali2".into(),
+            verdict: Verdict::Jump(ep.clone())
+        }]
+    )));
+    assert_eq!(
+        c.table()
+            .chains
+            .keys()
+            .filter(|n| n.starts_with("ep-"))
+            .count(),
+        1
+    );
+    // Another label: another list, another chain; the shared one stays.
+    let mut p = c.world().pods[&Key::new("x", "b")].clone();
+    p.labels.insert("app".into(), "db".into());
+    let d = c.set_pod(&Key::new("x", "b"), Some(p));
+    assert!(d.del_chains.is_empty(), "{d:?}");
+    assert!(!c.table().ingress.contains_key("cali2"));
+    assert!(c.table().chains.contains_key(&ep));
+    // Its last user gone, the chain goes (and the policy, which selects
+    // no local pod any more).
+    let d = c.set_endpoint(&Key::new("x", "a"), None);
+    assert_eq!(d.del_chains, [ep.clone(), "in/x/web".into()]);
+    assert!(!c.table().chains.contains_key(&ep));
+    let full = Compiler::full(c.world().clone(), c.local().clone());
+    assert_eq!(full.table(), c.table());
+}
+
+/// A pod scheduled here gets its policies and endpoint chain before its
+/// ADD; the ADD (its address, its endpoint) is then elements only, and
+/// what was prepared lets nothing through (no map entry jumps to it).
+#[test]
+fn a_scheduled_pods_chains_are_ready_before_its_add() {
+    let mut w = World::default();
+    let k = Key::new("x", "web");
+    w.policies.insert(
+        k.clone(),
+        Policy {
+            selector: Selector::labels([("app", "web")]),
+            ingress: Some(vec![]),
+            egress: None,
+        },
+    );
+    let mut c = Compiler::full(w, BTreeMap::new());
+    assert!(c.table().chains.is_empty(), "no local pod selected");
+    let pod = Key::new("x", "a");
+    let labels: Labels = [("app".to_string(), "web".to_string())].into();
+    let d = c.set_scheduled(&pod, Some(labels.clone()));
+    let ep = endpoint_chain(Direction::Ingress, std::slice::from_ref(&k));
+    assert!(d.new_chains.contains(&ep) && d.new_chains.contains(&"in/x/web".to_string()));
+    assert!(c.table().ingress.is_empty(), "no interface jumps to it yet");
+    // The ADD: its address, its endpoint, then no longer scheduled.
+    let p = Pod {
+        labels,
+        ips: vec!["10.0.0.1".parse().unwrap()],
+        node: None,
+        ports: vec![],
+    };
+    for d in [
+        c.set_pod(&pod, Some(p)),
+        c.set_endpoint(&pod, Some("cali1".into())),
+        c.set_scheduled(&pod, None),
+    ] {
+        assert!(d.element_ops().is_some(), "{d:?}");
+    }
+    assert_eq!(c.table().ingress["cali1"], Verdict::Jump(ep.clone()));
+    // Scheduled, never wired, then gone: everything prepared goes.
+    let other = Key::new("x", "b");
+    let mut c = Compiler::full(World::default(), BTreeMap::new());
+    c.set_policy(&k, c_policy(&k));
+    let _ = c.set_scheduled(
+        &other,
+        Some([("app".to_string(), "web".to_string())].into()),
+    );
+    assert!(!c.table().chains.is_empty());
+    let _ = c.set_scheduled(&other, None);
+    assert!(c.table().chains.is_empty() && c.table().sets.is_empty());
+}
+
+fn c_policy(_k: &PolicyKey) -> Option<Policy> {
+    Some(Policy {
+        selector: Selector::labels([("app", "web")]),
+        ingress: Some(vec![]),
+        egress: None,
+    })
 }
