@@ -553,6 +553,63 @@ enum PodSet {
 struct Compiled {
     /// Sets holding pods, with the rule (direction, index) they belong to.
     pod_sets: Vec<(String, Direction, usize, PodSet)>,
+    /// Where its pod sets are in the [`Index`].
+    keys: Vec<(IndexKey, usize)>,
+}
+
+/// The namespace side of a pod set's index key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum NsPart {
+    /// The pod's namespace is this one (a peer without
+    /// namespaceSelector).
+    Name(String),
+    /// The pod's namespace has this label.
+    Label(String, String),
+    /// Any namespace.
+    Any,
+}
+
+/// The pod side of a pod set's index key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PodPart {
+    /// The pod has this label.
+    Label(String, String),
+    /// Any pod.
+    Any,
+}
+
+/// What a pod must have for a pod set to hold it: a necessary condition,
+/// so a pod's change looks only at the sets its keys find.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum IndexKey {
+    /// A pod peer's set: its namespace and one label it requires.
+    Peer(NsPart, PodPart),
+    /// A named port's set: pods with a port of this name.
+    Port(String),
+}
+
+/// Pod sets by [`IndexKey`]: (policy, position in its `pod_sets`).
+type Index = BTreeMap<IndexKey, BTreeSet<(PolicyKey, usize)>>;
+
+/// A label a selector requires (one of its matchLabels), if any.
+fn required(sel: &crate::Selector) -> Option<(String, String)> {
+    sel.match_labels
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+}
+
+/// The index key of a pod peer of a policy in namespace `ns`.
+fn peer_key(ns: &str, peer: &Peer) -> Option<IndexKey> {
+    let Peer::Pods { namespaces, pods } = peer else {
+        return None;
+    };
+    let n = match namespaces {
+        None => NsPart::Name(ns.to_string()),
+        Some(sel) => required(sel).map_or(NsPart::Any, |(k, v)| NsPart::Label(k, v)),
+    };
+    let p = required(pods).map_or(PodPart::Any, |(k, v)| PodPart::Label(k, v));
+    Some(IndexKey::Peer(n, p))
 }
 
 /// The old values of what a change touched (`None`: it did not exist),
@@ -618,6 +675,8 @@ pub struct Compiler {
     scheduled: BTreeMap<PodKey, Labels>,
     /// The endpoint chains each scheduled pod holds.
     prepared: BTreeMap<PodKey, Vec<String>>,
+    /// Compiled pod sets by what a pod needs to be in them.
+    index: Index,
     table: Table,
     /// What the change under way touched.
     journal: Journal,
@@ -888,6 +947,12 @@ impl Compiler {
 
     /// A pod added, changed (`Some`) or gone (`None`).
     pub fn set_pod(&mut self, key: &PodKey, pod: Option<Pod>) -> Delta {
+        // The sets that may hold it as it was.
+        let mut before = BTreeSet::new();
+        if let Some(p) = self.world.pods.get(key) {
+            let ns = self.world.namespace_labels(&key.namespace);
+            self.candidates(&key.namespace, ns, p, &mut before);
+        }
         let old = match pod {
             Some(p) => self.world.pods.insert(key.clone(), p),
             None => self.world.pods.remove(key),
@@ -909,7 +974,7 @@ impl Compiler {
         }
         let labels_changed =
             old.as_ref().map(|p| &p.labels) != self.world.pods.get(key).map(|p| &p.labels);
-        self.refresh_addresses(&ips);
+        self.refresh_addresses(&ips, before);
         if self.local.contains_key(key) && labels_changed {
             self.endpoint_changed(key);
         }
@@ -918,6 +983,14 @@ impl Compiler {
 
     /// A namespace added, relabelled or gone.
     pub fn set_namespace(&mut self, name: &str, ns: Option<Namespace>) -> Delta {
+        // The sets that may hold its pods under its old labels.
+        let mut before = BTreeSet::new();
+        let old = self.world.namespace_labels(name);
+        for (k, p) in &self.world.pods {
+            if k.namespace == name {
+                self.candidates(name, old, p, &mut before);
+            }
+        }
         match ns {
             Some(n) => self.world.namespaces.insert(name.to_string(), n),
             None => self.world.namespaces.remove(name),
@@ -929,7 +1002,7 @@ impl Compiler {
             .filter(|(k, _)| k.namespace == name)
             .flat_map(|(_, p)| p.ips.clone())
             .collect();
-        self.refresh_addresses(&ips);
+        self.refresh_addresses(&ips, before);
         self.finish()
     }
 
@@ -1018,7 +1091,7 @@ impl Compiler {
             .get(key)
             .map(|p| p.ips.iter().copied().collect())
             .unwrap_or_default();
-        self.refresh_addresses(&ips);
+        self.refresh_addresses(&ips, BTreeSet::new());
         self.finish()
     }
 
@@ -1197,7 +1270,15 @@ impl Compiler {
     /// Drops what was compiled for `key` and compiles it again if it
     /// exists and selects a local endpoint.
     fn recompile_policy(&mut self, key: &PolicyKey) {
-        if self.compiled.remove(key).is_some() {
+        if let Some(old) = self.compiled.remove(key) {
+            for (k, i) in old.keys {
+                if let Some(e) = self.index.get_mut(&k) {
+                    e.remove(&(key.clone(), i));
+                    if e.is_empty() {
+                        self.index.remove(&k);
+                    }
+                }
+            }
             for dir in [Direction::Ingress, Direction::Egress] {
                 let chain = policy_chain(dir, key);
                 self.drop_chain(&chain);
@@ -1221,6 +1302,7 @@ impl Compiler {
         let policy = self.world.policies[key].clone();
         let mut compiled = Compiled {
             pod_sets: Vec::new(),
+            keys: Vec::new(),
         };
         for dir in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(dir) else {
@@ -1232,9 +1314,24 @@ impl Compiler {
             }
             self.put_chain(policy_chain(dir, key), lines);
         }
-        // Fill the pod sets.
-        for (name, dir, i, what) in &compiled.pod_sets {
+        // Fill the pod sets, and index them.
+        for (at, (name, dir, i, what)) in compiled.pod_sets.iter().enumerate() {
             let rule = &policy.rules(*dir).unwrap_or_default()[*i];
+            let keys: Vec<IndexKey> = match what {
+                PodSet::Peers { .. } => rule
+                    .peers
+                    .iter()
+                    .filter_map(|p| peer_key(&key.namespace, p))
+                    .collect(),
+                PodSet::Named { name, .. } => vec![IndexKey::Port(name.clone())],
+            };
+            for k in keys {
+                self.index
+                    .entry(k.clone())
+                    .or_default()
+                    .insert((key.clone(), at));
+                compiled.keys.push((k, at));
+            }
             let mut elems = BTreeSet::new();
             for (pk, pod) in &self.world.pods {
                 elems.extend(self.pod_elements(key, *dir, rule, what, pk, pod));
@@ -1408,9 +1505,58 @@ impl Compiler {
         }
     }
 
-    /// Recomputes, in every compiled pod set, the elements of `ips` from
-    /// the pods that hold them now.
-    fn refresh_addresses(&mut self, ips: &BTreeSet<IpAddr>) {
+    /// Adds to `out` the pod sets that may hold pod `pod` of namespace
+    /// `ns` (labelled `ns_labels`): those its labels, namespace and port
+    /// names find in the index. Every set that holds it is among them.
+    fn candidates(
+        &self,
+        ns: &str,
+        ns_labels: Option<&Labels>,
+        pod: &Pod,
+        out: &mut BTreeSet<(PolicyKey, usize)>,
+    ) {
+        let label = |(k, v): (&String, &String)| (k.clone(), v.clone());
+        let nss: Vec<NsPart> = [NsPart::Name(ns.to_string()), NsPart::Any]
+            .into_iter()
+            .chain(
+                ns_labels
+                    .into_iter()
+                    .flatten()
+                    .map(|l| label(l))
+                    .map(|(k, v)| NsPart::Label(k, v)),
+            )
+            .collect();
+        let pods: Vec<PodPart> = [PodPart::Any]
+            .into_iter()
+            .chain(
+                pod.labels
+                    .iter()
+                    .map(label)
+                    .map(|(k, v)| PodPart::Label(k, v)),
+            )
+            .collect();
+        for n in &nss {
+            for p in &pods {
+                if let Some(e) = self.index.get(&IndexKey::Peer(n.clone(), p.clone())) {
+                    out.extend(e.iter().cloned());
+                }
+            }
+        }
+        for port in &pod.ports {
+            if let Some(e) = self.index.get(&IndexKey::Port(port.name.clone())) {
+                out.extend(e.iter().cloned());
+            }
+        }
+    }
+
+    /// Recomputes the elements of `ips` from the pods that hold them now,
+    /// in the pod sets that may hold those pods and in `before` (the sets
+    /// that may have held them before the change).
+    fn refresh_addresses(
+        &mut self,
+        ips: &BTreeSet<IpAddr>,
+        mut before: BTreeSet<(PolicyKey, usize)>,
+    ) {
         if ips.is_empty() {
             return;
         }
@@ -1418,10 +1564,19 @@ impl Compiler {
             .iter()
             .flat_map(|ip| self.by_ip.get(ip).into_iter().flatten().cloned())
             .collect();
+        for pk in &holders {
+            if let Some(pod) = self.world.pods.get(pk) {
+                let ns = self.world.namespace_labels(&pk.namespace);
+                self.candidates(&pk.namespace, ns, pod, &mut before);
+            }
+        }
         let mut updates: Vec<(String, BTreeSet<Element>)> = Vec::new();
-        for (key, c) in &self.compiled {
-            let policy = &self.world.policies[key];
-            for (name, dir, i, what) in &c.pod_sets {
+        for (key, at) in &before {
+            let (Some(c), Some(policy)) = (self.compiled.get(key), self.world.policies.get(key))
+            else {
+                continue;
+            };
+            if let Some((name, dir, i, what)) = c.pod_sets.get(*at) {
                 let rule = &policy.rules(*dir).unwrap_or_default()[*i];
                 let mut elems = BTreeSet::new();
                 for pk in &holders {

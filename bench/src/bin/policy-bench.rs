@@ -473,22 +473,25 @@ fn main() -> anyhow::Result<()> {
                 for ch in &chs {
                     let t = Instant::now();
                     let d = delta(&mut c, ch);
-                    let s = d.script();
                     compile.push(t.elapsed());
-                    if let Some(dir) = &cli.dump_dir
-                        && total.is_empty()
-                    {
-                        std::fs::write(dir.join(format!("{pods}-{kind}.nft")), &s)?;
-                    }
+                    // Rendered for the path it takes, as the agent does.
                     let mut e = ElementDelta::default();
                     if e.extend(&d) {
                         if !e.is_empty() {
                             nftnl::apply(TABLE_NAME, &e)?;
                         }
-                    } else if !s.is_empty() {
-                        load("nft", &["-f", "-"], &s)?;
+                    } else {
+                        let s = d.script();
+                        if !s.is_empty() {
+                            load("nft", &["-f", "-"], &s)?;
+                        }
                     }
                     total.push(t.elapsed());
+                    if let Some(dir) = &cli.dump_dir
+                        && total.len() == 1
+                    {
+                        std::fs::write(dir.join(format!("{pods}-{kind}.nft")), d.script())?;
+                    }
                 }
                 margay.insert(kind, (stats(total), stats(compile)));
             }
