@@ -1522,7 +1522,7 @@ impl Compiler {
                 ns_labels
                     .into_iter()
                     .flatten()
-                    .map(|l| label(l))
+                    .map(&label)
                     .map(|(k, v)| NsPart::Label(k, v)),
             )
             .collect();
