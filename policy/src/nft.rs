@@ -16,9 +16,16 @@
 //! chain in/NS/NAME       one rule line per (peer, port) of each rule: match, set the
 //!                        allow mark, return; an ipBlock is matched in its line
 //!                        (`ip saddr CIDR ip saddr != EXCEPT ...`)
-//! set in/NS/NAME/R.p4    addresses of the pods the rule's pod peers select (p6: IPv6)
-//! set in/NS/NAME/R.n4.I  destination address . protocol . port of the named port I (n6)
+//! set peer/HASH.p4       addresses of the pods one pod peer selects (p6: IPv6)
+//! set port/HASH.n4       destination address . protocol . port of a named port (n6)
 //! ```
+//!
+//! Pod sets are named by a hash of what they hold (the peer's namespace
+//! scope and selectors, or the port's name and protocol) and shared by
+//! every rule that needs the same, as Calico shares an IP set per
+//! selector: a pod's change is one element per distinct selector, and
+//! a new policy usually only a chain. An index (a namespace or one of its
+//! labels, one pod label, a port name) finds the sets a pod may be in.
 //!
 //! Traffic the node itself sends to its pods leaves through the output
 //! hook and is not filtered (kubelet probes); a pod reaching itself never
@@ -46,7 +53,6 @@ use ipnetwork::IpNetwork;
 
 use crate::model::{Direction, Namespace, Peer, Pod, PodKey, Policy, PolicyKey, PortMatch, Rule};
 use crate::selector::Labels;
-use crate::spec::peer_matches;
 use crate::{Proto, World};
 
 /// The table, as `nft` names it.
@@ -518,43 +524,105 @@ pub fn policy_chain(dir: Direction, policy: &PolicyKey) -> String {
 /// policies isolate shares it, so a new pod is a map element, not a
 /// chain. (A hash collision takes the next free `-N` suffix.)
 pub fn endpoint_chain(dir: Direction, policies: &[PolicyKey]) -> String {
-    // FNV-1a, 64 bits: stable across runs and builds.
+    let list: String = policies
+        .iter()
+        .map(|p| policy_chain(dir, p) + "\n")
+        .collect();
+    format!("ep-{}/{:016x}", dir_prefix(dir), fnv(&list))
+}
+
+/// FNV-1a, 64 bits, of `text`: stable across runs and builds.
+fn fnv(text: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in policies {
-        for b in policy_chain(dir, p).bytes().chain([b'\n']) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("ep-{}/{h:016x}", dir_prefix(dir))
+    h
 }
 
-fn set_name(dir: Direction, policy: &PolicyKey, rule: usize, what: &str) -> String {
-    format!("{}/{rule}.{what}", policy_chain(dir, policy))
-}
-
-/// The sets of one rule that hold pods (their names and what decides an
-/// element).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum PodSet {
-    /// Addresses of pods a pod peer selects.
-    Peers { v6: bool },
-    /// `address . proto . port` of pods whose port `name` resolves (for
-    /// ingress: local endpoints only).
-    Named {
+/// What a pod set holds, which is also its identity: every rule that
+/// needs the same set shares it (as Calico shares an IP set per
+/// selector), so a pod's change is one element per distinct selector, not
+/// one per rule that repeats it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum SetDef {
+    /// Addresses of the pods `pods` selects in namespace `ns` (a peer
+    /// without namespaceSelector: the policy's own) or in the namespaces
+    /// `namespaces` selects.
+    Peer {
+        ns: Option<String>,
+        namespaces: Option<crate::Selector>,
+        pods: crate::Selector,
         v6: bool,
+    },
+    /// `address . proto . port` of the pods whose port `name` resolves
+    /// (only local endpoints when `local`: an ingress rule's destination).
+    Named {
+        local: bool,
         proto: Proto,
         name: String,
+        v6: bool,
     },
 }
 
-/// Everything compiled for one policy: what the incremental updates need.
+impl SetDef {
+    fn kind(&self) -> SetKind {
+        match self {
+            Self::Peer { v6: false, .. } => SetKind::Addr4,
+            Self::Peer { v6: true, .. } => SetKind::Addr6,
+            Self::Named { v6: false, .. } => SetKind::Named4,
+            Self::Named { v6: true, .. } => SetKind::Named6,
+        }
+    }
+
+    /// Its name: what it is, and a hash of its definition (`-N` added on
+    /// a collision).
+    fn name(&self) -> String {
+        let h = fnv(&format!("{self:?}"));
+        match self {
+            Self::Peer { v6, .. } => format!("peer/{h:016x}.p{}", if *v6 { 6 } else { 4 }),
+            Self::Named { v6, .. } => format!("port/{h:016x}.n{}", if *v6 { 6 } else { 4 }),
+        }
+    }
+
+    /// What a pod must have to be in it (a necessary condition).
+    fn index_key(&self) -> IndexKey {
+        match self {
+            Self::Peer {
+                ns,
+                namespaces,
+                pods,
+                ..
+            } => {
+                let n = match (ns, namespaces) {
+                    (Some(ns), _) => NsPart::Name(ns.clone()),
+                    (None, Some(sel)) => {
+                        required(sel).map_or(NsPart::Any, |(k, v)| NsPart::Label(k, v))
+                    }
+                    (None, None) => NsPart::Any,
+                };
+                let p = required(pods).map_or(PodPart::Any, |(k, v)| PodPart::Label(k, v));
+                IndexKey::Peer(n, p)
+            }
+            Self::Named { name, .. } => IndexKey::Port(name.clone()),
+        }
+    }
+}
+
+/// A shared pod set: its definition and the policies using it (it goes
+/// with the last of them).
 #[derive(Debug, Clone)]
+struct Shared {
+    def: SetDef,
+    users: BTreeSet<PolicyKey>,
+}
+
+/// Everything compiled for one policy: what the incremental updates need.
+#[derive(Debug, Clone, Default)]
 struct Compiled {
-    /// Sets holding pods, with the rule (direction, index) they belong to.
-    pod_sets: Vec<(String, Direction, usize, PodSet)>,
-    /// Where its pod sets are in the [`Index`].
-    keys: Vec<(IndexKey, usize)>,
+    /// The shared pod sets its rules use.
+    sets: BTreeSet<String>,
 }
 
 /// The namespace side of a pod set's index key.
@@ -588,8 +656,8 @@ enum IndexKey {
     Port(String),
 }
 
-/// Pod sets by [`IndexKey`]: (policy, position in its `pod_sets`).
-type Index = BTreeMap<IndexKey, BTreeSet<(PolicyKey, usize)>>;
+/// Shared pod sets by [`IndexKey`].
+type Index = BTreeMap<IndexKey, BTreeSet<String>>;
 
 /// A label a selector requires (one of its matchLabels), if any.
 fn required(sel: &crate::Selector) -> Option<(String, String)> {
@@ -597,19 +665,6 @@ fn required(sel: &crate::Selector) -> Option<(String, String)> {
         .iter()
         .next()
         .map(|(k, v)| (k.clone(), v.clone()))
-}
-
-/// The index key of a pod peer of a policy in namespace `ns`.
-fn peer_key(ns: &str, peer: &Peer) -> Option<IndexKey> {
-    let Peer::Pods { namespaces, pods } = peer else {
-        return None;
-    };
-    let n = match namespaces {
-        None => NsPart::Name(ns.to_string()),
-        Some(sel) => required(sel).map_or(NsPart::Any, |(k, v)| NsPart::Label(k, v)),
-    };
-    let p = required(pods).map_or(PodPart::Any, |(k, v)| PodPart::Label(k, v));
-    Some(IndexKey::Peer(n, p))
 }
 
 /// The old values of what a change touched (`None`: it did not exist),
@@ -675,7 +730,11 @@ pub struct Compiler {
     scheduled: BTreeMap<PodKey, Labels>,
     /// The endpoint chains each scheduled pod holds.
     prepared: BTreeMap<PodKey, Vec<String>>,
-    /// Compiled pod sets by what a pod needs to be in them.
+    /// Shared pod sets by name.
+    shared: BTreeMap<String, Shared>,
+    /// Shared pod sets' names by definition.
+    by_def: BTreeMap<SetDef, String>,
+    /// Shared pod sets by what a pod needs to be in them.
     index: Index,
     table: Table,
     /// What the change under way touched.
@@ -1268,97 +1327,108 @@ impl Compiler {
     }
 
     /// Drops what was compiled for `key` and compiles it again if it
-    /// exists and selects a local endpoint.
+    /// exists and selects a local endpoint. The shared sets it still uses
+    /// stay as they are (no refill).
     fn recompile_policy(&mut self, key: &PolicyKey) {
-        if let Some(old) = self.compiled.remove(key) {
-            for (k, i) in old.keys {
-                if let Some(e) = self.index.get_mut(&k) {
-                    e.remove(&(key.clone(), i));
-                    if e.is_empty() {
-                        self.index.remove(&k);
-                    }
-                }
-            }
-            for dir in [Direction::Ingress, Direction::Egress] {
-                let chain = policy_chain(dir, key);
-                self.drop_chain(&chain);
-                let prefix = format!("{chain}/");
-                let sets: Vec<String> = self
-                    .table
-                    .sets
-                    .range(prefix.clone()..)
-                    .map(|(n, _)| n)
-                    .take_while(|n| n.starts_with(&prefix))
-                    .cloned()
-                    .collect();
-                for n in sets {
-                    self.drop_set(&n);
-                }
-            }
-        }
-        if !self.selects_local(key) {
-            return;
-        }
-        let policy = self.world.policies[key].clone();
-        let mut compiled = Compiled {
-            pod_sets: Vec::new(),
-            keys: Vec::new(),
-        };
+        let old = self.compiled.remove(key).unwrap_or_default();
         for dir in [Direction::Ingress, Direction::Egress] {
-            let Some(rules) = policy.rules(dir) else {
-                continue;
-            };
-            let mut lines = Vec::new();
-            for (i, r) in rules.iter().enumerate() {
-                lines.extend(self.rule_lines(dir, key, i, r, &mut compiled));
-            }
-            self.put_chain(policy_chain(dir, key), lines);
+            self.drop_chain(&policy_chain(dir, key));
         }
-        // Fill the pod sets, and index them.
-        for (at, (name, dir, i, what)) in compiled.pod_sets.iter().enumerate() {
-            let rule = &policy.rules(*dir).unwrap_or_default()[*i];
-            let keys: Vec<IndexKey> = match what {
-                PodSet::Peers { .. } => rule
-                    .peers
-                    .iter()
-                    .filter_map(|p| peer_key(&key.namespace, p))
-                    .collect(),
-                PodSet::Named { name, .. } => vec![IndexKey::Port(name.clone())],
-            };
-            for k in keys {
-                self.index
-                    .entry(k.clone())
-                    .or_default()
-                    .insert((key.clone(), at));
-                compiled.keys.push((k, at));
+        let mut compiled = Compiled::default();
+        let wanted = self.selects_local(key);
+        if wanted {
+            let policy = self.world.policies[key].clone();
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let Some(rules) = policy.rules(dir) else {
+                    continue;
+                };
+                let mut lines = Vec::new();
+                for r in rules {
+                    lines.extend(self.rule_lines(dir, key, r, &mut compiled));
+                }
+                self.put_chain(policy_chain(dir, key), lines);
             }
-            let mut elems = BTreeSet::new();
-            for (pk, pod) in &self.world.pods {
-                elems.extend(self.pod_elements(key, *dir, rule, what, pk, pod));
-            }
-            self.put_set(
-                name.clone(),
-                Set {
-                    kind: match what {
-                        PodSet::Peers { v6: false } => SetKind::Addr4,
-                        PodSet::Peers { v6: true } => SetKind::Addr6,
-                        PodSet::Named { v6: false, .. } => SetKind::Named4,
-                        PodSet::Named { v6: true, .. } => SetKind::Named6,
-                    },
-                    elements: elems,
-                },
-            );
         }
-        self.compiled.insert(key.clone(), compiled);
+        for name in old.sets.difference(&compiled.sets) {
+            self.release_set(name, key);
+        }
+        if wanted {
+            self.compiled.insert(key.clone(), compiled);
+        }
     }
 
-    /// The rule lines of rule `i` (and its sets declared: block sets
-    /// filled, pod sets recorded in `compiled`).
+    /// The shared set `def` for policy `key`: made and filled if no
+    /// policy uses it yet.
+    fn use_set(&mut self, def: SetDef, key: &PolicyKey) -> String {
+        if let Some(name) = self.by_def.get(&def).cloned() {
+            if let Some(s) = self.shared.get_mut(&name) {
+                s.users.insert(key.clone());
+            }
+            return name;
+        }
+        let base = def.name();
+        let mut name = base.clone();
+        for n in 1.. {
+            if !self.shared.contains_key(&name) {
+                break;
+            }
+            name = format!("{base}-{n}");
+        }
+        let mut elements = BTreeSet::new();
+        for (pk, pod) in &self.world.pods {
+            elements.extend(self.pod_elements(&def, pk, pod));
+        }
+        self.put_set(
+            name.clone(),
+            Set {
+                kind: def.kind(),
+                elements,
+            },
+        );
+        self.index
+            .entry(def.index_key())
+            .or_default()
+            .insert(name.clone());
+        self.by_def.insert(def.clone(), name.clone());
+        self.shared.insert(
+            name.clone(),
+            Shared {
+                def,
+                users: [key.clone()].into(),
+            },
+        );
+        name
+    }
+
+    /// Policy `key` no longer uses shared set `name` (dropped with its
+    /// last user).
+    fn release_set(&mut self, name: &str, key: &PolicyKey) {
+        let Some(s) = self.shared.get_mut(name) else {
+            return;
+        };
+        s.users.remove(key);
+        if !s.users.is_empty() {
+            return;
+        }
+        let def = s.def.clone();
+        self.shared.remove(name);
+        self.by_def.remove(&def);
+        let k = def.index_key();
+        if let Some(e) = self.index.get_mut(&k) {
+            e.remove(name);
+            if e.is_empty() {
+                self.index.remove(&k);
+            }
+        }
+        self.drop_set(name);
+    }
+
+    /// The rule lines of rule `r` of policy `key` (its shared sets used,
+    /// and recorded in `compiled`).
     fn rule_lines(
         &mut self,
         dir: Direction,
         key: &PolicyKey,
-        i: usize,
         r: &Rule,
         compiled: &mut Compiled,
     ) -> Vec<String> {
@@ -1371,14 +1441,24 @@ impl Compiler {
         if r.peers.is_empty() {
             peers.push((None, String::new()));
         }
-        if r.peers.iter().any(|p| matches!(p, Peer::Pods { .. })) {
+        for p in &r.peers {
+            let Peer::Pods { namespaces, pods } = p else {
+                continue;
+            };
             for v6 in [false, true] {
-                let name = set_name(dir, key, i, if v6 { "p6" } else { "p4" });
-                compiled
-                    .pod_sets
-                    .push((name.clone(), dir, i, PodSet::Peers { v6 }));
+                let def = SetDef::Peer {
+                    ns: namespaces.is_none().then(|| key.namespace.clone()),
+                    namespaces: namespaces.clone(),
+                    pods: pods.clone(),
+                    v6,
+                };
+                let name = self.use_set(def, key);
+                compiled.sets.insert(name.clone());
                 let fam = if v6 { "ip6" } else { "ip" };
-                peers.push((Some(v6), format!("{fam} {other} @{name}")));
+                let line = (Some(v6), format!("{fam} {other} @{name}"));
+                if !peers.contains(&line) {
+                    peers.push(line);
+                }
             }
         }
         // ipBlocks as prefix matches in the rule, not interval sets: they
@@ -1402,7 +1482,7 @@ impl Compiler {
         if r.ports.is_empty() {
             ports.push((None, String::new()));
         }
-        for (j, p) in r.ports.iter().enumerate() {
+        for p in &r.ports {
             match p {
                 PortMatch::All { proto } => ports.push((None, format!("meta l4proto {proto}"))),
                 PortMatch::Range { proto, first, last } if first == last => {
@@ -1416,18 +1496,14 @@ impl Compiler {
                 }
                 PortMatch::Named { proto, name } => {
                     for v6 in [false, true] {
-                        let set =
-                            set_name(dir, key, i, &format!("n{}.{j}", if v6 { 6 } else { 4 }));
-                        compiled.pod_sets.push((
-                            set.clone(),
-                            dir,
-                            i,
-                            PodSet::Named {
-                                v6,
-                                proto: *proto,
-                                name: name.clone(),
-                            },
-                        ));
+                        let def = SetDef::Named {
+                            local: dir == Direction::Ingress,
+                            proto: *proto,
+                            name: name.clone(),
+                            v6,
+                        };
+                        let set = self.use_set(def, key);
+                        compiled.sets.insert(set.clone());
                         let fam = if v6 { "ip6" } else { "ip" };
                         ports.push((
                             Some(v6),
@@ -1456,53 +1532,57 @@ impl Compiler {
         lines
     }
 
-    /// The elements pod `pk` contributes to a pod set of rule `rule` of
-    /// policy `key`.
-    fn pod_elements(
-        &self,
-        key: &PolicyKey,
-        dir: Direction,
-        rule: &Rule,
-        what: &PodSet,
-        pk: &PodKey,
-        pod: &Pod,
-    ) -> Vec<Element> {
-        match what {
-            PodSet::Peers { v6 } => {
-                let Some(ip) = pod.ips.first() else {
-                    return Vec::new();
+    /// The elements pod `pk` contributes to the shared set `def` (the
+    /// same decision as [`crate::spec::peer_matches`] for a pod peer).
+    fn pod_elements(&self, def: &SetDef, pk: &PodKey, pod: &Pod) -> Vec<Element> {
+        let (v6, elements): (bool, Vec<Element>) = match def {
+            SetDef::Peer {
+                ns,
+                namespaces,
+                pods,
+                v6,
+            } => {
+                let ns_ok = match (ns, namespaces) {
+                    (Some(ns), _) => pk.namespace == *ns,
+                    (None, Some(sel)) => {
+                        let empty = Labels::new();
+                        sel.matches(self.world.namespace_labels(&pk.namespace).unwrap_or(&empty))
+                    }
+                    (None, None) => true,
                 };
-                let hit = rule.peers.iter().any(|p| {
-                    matches!(p, Peer::Pods { .. })
-                        && peer_matches(&self.world, &key.namespace, p, *ip, Some((pk, pod)))
-                });
-                if !hit {
+                if !(ns_ok && pods.matches(&pod.labels)) {
                     return Vec::new();
                 }
-                pod.ips
-                    .iter()
-                    .filter(|ip| ip.is_ipv6() == *v6)
-                    .map(|ip| Element::Addr(*ip))
-                    .collect()
+                (*v6, pod.ips.iter().map(|ip| Element::Addr(*ip)).collect())
             }
-            PodSet::Named { v6, proto, name } => {
-                if dir == Direction::Ingress && !self.local.contains_key(pk) {
+            SetDef::Named {
+                local,
+                proto,
+                name,
+                v6,
+            } => {
+                if *local && !self.local.contains_key(pk) {
                     return Vec::new();
                 }
                 let Some(port) = pod.named_port(name, *proto) else {
                     return Vec::new();
                 };
-                pod.ips
+                let e = pod
+                    .ips
                     .iter()
-                    .filter(|ip| ip.is_ipv6() == *v6)
                     .map(|ip| Element::Port {
                         addr: *ip,
                         proto: *proto,
                         port,
                     })
-                    .collect()
+                    .collect();
+                (*v6, e)
             }
-        }
+        };
+        elements
+            .into_iter()
+            .filter(|e| e.addr().is_some_and(|a| a.is_ipv6() == v6))
+            .collect()
     }
 
     /// Adds to `out` the pod sets that may hold pod `pod` of namespace
@@ -1513,7 +1593,7 @@ impl Compiler {
         ns: &str,
         ns_labels: Option<&Labels>,
         pod: &Pod,
-        out: &mut BTreeSet<(PolicyKey, usize)>,
+        out: &mut BTreeSet<String>,
     ) {
         let label = |(k, v): (&String, &String)| (k.clone(), v.clone());
         let nss: Vec<NsPart> = [NsPart::Name(ns.to_string()), NsPart::Any]
@@ -1552,11 +1632,7 @@ impl Compiler {
     /// Recomputes the elements of `ips` from the pods that hold them now,
     /// in the pod sets that may hold those pods and in `before` (the sets
     /// that may have held them before the change).
-    fn refresh_addresses(
-        &mut self,
-        ips: &BTreeSet<IpAddr>,
-        mut before: BTreeSet<(PolicyKey, usize)>,
-    ) {
+    fn refresh_addresses(&mut self, ips: &BTreeSet<IpAddr>, mut before: BTreeSet<String>) {
         if ips.is_empty() {
             return;
         }
@@ -1571,25 +1647,21 @@ impl Compiler {
             }
         }
         let mut updates: Vec<(String, BTreeSet<Element>)> = Vec::new();
-        for (key, at) in &before {
-            let (Some(c), Some(policy)) = (self.compiled.get(key), self.world.policies.get(key))
-            else {
+        for name in &before {
+            let Some(shared) = self.shared.get(name) else {
                 continue;
             };
-            if let Some((name, dir, i, what)) = c.pod_sets.get(*at) {
-                let rule = &policy.rules(*dir).unwrap_or_default()[*i];
-                let mut elems = BTreeSet::new();
-                for pk in &holders {
-                    if let Some(pod) = self.world.pods.get(pk) {
-                        elems.extend(
-                            self.pod_elements(key, *dir, rule, what, pk, pod)
-                                .into_iter()
-                                .filter(|e| e.addr().is_some_and(|a| ips.contains(&a))),
-                        );
-                    }
+            let mut elems = BTreeSet::new();
+            for pk in &holders {
+                if let Some(pod) = self.world.pods.get(pk) {
+                    elems.extend(
+                        self.pod_elements(&shared.def, pk, pod)
+                            .into_iter()
+                            .filter(|e| e.addr().is_some_and(|a| ips.contains(&a))),
+                    );
                 }
-                updates.push((name.clone(), elems));
             }
+            updates.push((name.clone(), elems));
         }
         for (name, elems) in updates {
             let Some(set) = self.table.sets.get(&name) else {

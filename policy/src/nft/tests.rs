@@ -63,12 +63,19 @@ fn a_small_world_compiles_as_documented() {
         [("cali1".into(), Verdict::Jump(ep.clone()))].into()
     );
     assert!(t.egress.is_empty());
+    let named = |suffix: &str| {
+        let v: Vec<&String> = t.sets.keys().filter(|n| n.ends_with(suffix)).collect();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].starts_with("peer/"), "{v:?}");
+        v[0].clone()
+    };
+    let (p4, p6) = (named(".p4"), named(".p6"));
     assert_eq!(
         t.chains["in/x/web"],
         [
-            "ip saddr @in/x/web/0.p4 meta l4proto tcp th dport 80 meta mark set meta mark | 0x00010000 return",
-            "ip6 saddr @in/x/web/0.p6 meta l4proto tcp th dport 80 meta mark set meta mark | 0x00010000 return",
-            "ip saddr 192.0.2.0/24 ip saddr != 192.0.2.128/25 meta l4proto tcp th dport 80 meta mark set meta mark | 0x00010000 return",
+            format!("ip saddr @{p4} meta l4proto tcp th dport 80 meta mark set meta mark | 0x00010000 return"),
+            format!("ip6 saddr @{p6} meta l4proto tcp th dport 80 meta mark set meta mark | 0x00010000 return"),
+            "ip saddr 192.0.2.0/24 ip saddr != 192.0.2.128/25 meta l4proto tcp th dport 80 meta mark set meta mark | 0x00010000 return".to_string(),
         ]
     );
     assert_eq!(
@@ -82,7 +89,7 @@ fn a_small_world_compiles_as_documented() {
         ]
     );
     assert_eq!(
-        t.sets["in/x/web/0.p4"].elements,
+        t.sets[&p4].elements,
         [Element::Addr("10.0.0.2".parse().unwrap())].into()
     );
     // No interval sets (nft would read them all back on every update).
@@ -91,7 +98,7 @@ fn a_small_world_compiles_as_documented() {
             .keys()
             .any(|n| n.ends_with(".b4") || n.ends_with(".b6"))
     );
-    assert!(t.sets["in/x/web/0.p6"].elements.is_empty());
+    assert!(t.sets[&p6].elements.is_empty());
     let s = t.script();
     assert!(s.starts_with("table inet margay_policy\ndelete table inet margay_policy\n"));
 }
@@ -289,7 +296,7 @@ fn a_delta_removes_references_before_what_they_reference() {
     );
     assert!(
         pos("delete chain inet margay_policy in/x/all")
-            < pos("delete set inet margay_policy in/x/all/0.p4")
+            < pos("delete set inet margay_policy peer/")
     );
     assert!(c.table().chains.is_empty() && c.table().sets.is_empty());
 }
@@ -461,4 +468,68 @@ fn c_policy(_k: &PolicyKey) -> Option<Policy> {
         ingress: Some(vec![]),
         egress: None,
     })
+}
+
+/// Rules that select the same peers share one set: a pod's change is one
+/// element per distinct selector, and the set goes with its last policy.
+#[test]
+fn rules_with_the_same_peer_share_its_set() {
+    let mut w = World::default();
+    for (name, app, ip) in [("a", "web", "10.0.0.1"), ("b", "db", "10.0.0.2")] {
+        w.pods.insert(
+            Key::new("x", name),
+            Pod {
+                labels: [("app".to_string(), app.to_string())].into(),
+                ips: vec![ip.parse().unwrap()],
+                node: None,
+                ports: vec![],
+            },
+        );
+    }
+    let from_web = |port: u16| Policy {
+        selector: Selector::everything(),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::Pods {
+                namespaces: None,
+                pods: Selector::labels([("app", "web")]),
+            }],
+            ports: vec![PortMatch::Range {
+                proto: Proto::Tcp,
+                first: port,
+                last: port,
+            }],
+        }]),
+        egress: None,
+    };
+    for (n, port) in [("p1", 80), ("p2", 81), ("p3", 82)] {
+        w.policies.insert(Key::new("x", n), from_web(port));
+    }
+    let l = [(Key::new("x", "b"), "cali1".to_string())].into();
+    let mut c = Compiler::full(w, l);
+    assert_eq!(
+        c.table().sets.len(),
+        2,
+        "one p4 and one p6 set for the three"
+    );
+    // b becomes web: one element added, in the one shared set.
+    let mut p = c.world().pods[&Key::new("x", "b")].clone();
+    p.labels.insert("app".into(), "web".into());
+    let d = c.set_pod(&Key::new("x", "b"), Some(p));
+    let ops = d.element_ops().expect("elements only");
+    assert_eq!(
+        ops.iter().map(|(_, _, e)| e.len()).sum::<usize>(),
+        1,
+        "{ops:?}"
+    );
+    // A fourth policy with the same peer adds only its chain.
+    let d = c.set_policy(&Key::new("x", "p4"), Some(from_web(83)));
+    assert!(d.new_sets.is_empty(), "{d:?}");
+    // The set goes with the last policy using it.
+    for n in ["p1", "p2", "p3"] {
+        let d = c.set_policy(&Key::new("x", n), None);
+        assert!(d.del_sets.is_empty(), "{d:?}");
+    }
+    let d = c.set_policy(&Key::new("x", "p4"), None);
+    assert_eq!(d.del_sets.len(), 2, "{d:?}");
+    assert!(c.table().sets.is_empty());
 }
