@@ -110,27 +110,28 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
             .map(|(n, _)| n.clone());
         if let Some(set) = set {
             let before = listing(&ns);
-            let bad = ElementDelta {
-                ops: vec![
-                    (
-                        ElementOp::Add,
-                        set.clone(),
-                        vec![Element::Addr("10.0.9.9".parse().unwrap())],
-                    ),
-                    (
-                        ElementOp::Delete,
-                        set,
-                        vec![Element::Addr("10.0.9.8".parse().unwrap())],
-                    ),
-                ],
-            };
-            let err = in_ns(&ns, || nftnl::apply(TABLE_NAME, &bad)).unwrap_err();
-            assert!(err.to_string().contains("refused"), "{err}");
-            assert_eq!(
-                listing(&ns),
-                before,
-                "seed {seed}: a refused batch changed the table"
+            let add = (
+                ElementOp::Add,
+                set.clone(),
+                vec![Element::Addr("10.0.9.9".parse().unwrap())],
             );
+            let del = (
+                ElementOp::Delete,
+                set,
+                vec![Element::Addr("10.0.9.8".parse().unwrap())],
+            );
+            // The refused message last (the one asking for an answer),
+            // then first (its error comes ahead of that answer).
+            for ops in [vec![add.clone(), del.clone()], vec![del, add]] {
+                let bad = ElementDelta { ops };
+                let err = in_ns(&ns, || nftnl::apply(TABLE_NAME, &bad)).unwrap_err();
+                assert!(err.to_string().contains("refused"), "{err}");
+                assert_eq!(
+                    listing(&ns),
+                    before,
+                    "seed {seed}: a refused batch changed the table"
+                );
+            }
         }
     }
     assert!(over_netlink > 50, "{over_netlink} changes over netlink");

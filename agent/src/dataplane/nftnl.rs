@@ -131,9 +131,13 @@ fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, res_id: u16, body
 }
 
 /// The batch for `d` on table `table` (`inet` family, name without the
-/// family), its messages numbered from `seq`; with how many messages ask
-/// for an answer.
+/// family), its messages numbered from `seq`; with how many element
+/// messages it holds. Only the last asks for an acknowledgement: the
+/// kernel processes the whole batch within the send, and answers a
+/// refused message with its error ahead of that acknowledgement (one
+/// answer to read, not one per set).
 pub fn encode(table: &str, d: &ElementDelta, seq: u32) -> (Vec<u8>, usize) {
+    let total = d.ops.iter().filter(|(_, _, e)| !e.is_empty()).count();
     let mut buf = Vec::new();
     message(
         &mut buf,
@@ -149,9 +153,10 @@ pub fn encode(table: &str, d: &ElementDelta, seq: u32) -> (Vec<u8>, usize) {
             continue;
         }
         n += 1;
+        let ack = if n as usize == total { NLM_F_ACK } else { 0 };
         let (kind, flags) = match op {
-            ElementOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
-            ElementOp::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+            ElementOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | ack | NLM_F_CREATE),
+            ElementOp::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | ack),
         };
         let mut body = Vec::new();
         attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
@@ -238,10 +243,11 @@ pub fn apply(table: &str, d: &ElementDelta) -> super::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(1);
-    let (batch, expect) = encode(table, d, seq);
-    if expect == 0 {
+    let (batch, messages) = encode(table, d, seq);
+    if messages == 0 {
         return Ok(());
     }
+    let expect = 1;
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -271,7 +277,7 @@ pub fn apply(table: &str, d: &ElementDelta) -> super::Result<()> {
         if let Some((errno, at)) = answers(&buf[..n], &mut acks) {
             let which = at.wrapping_sub(seq);
             return Err(Error::Nft(format!(
-                "netlink: the kernel refused element change {which} of {expect} in {table}: {}",
+                "netlink: the kernel refused element change {which} of {messages} in {table}: {}",
                 nix::errno::Errno::from_raw(errno)
             )));
         }
@@ -320,17 +326,19 @@ mod tests {
             let len = u32::from_ne_bytes(b[off..off + 4].try_into().unwrap()) as usize;
             let kind = u16::from_ne_bytes([b[off + 4], b[off + 5]]);
             let seq = u32::from_ne_bytes(b[off + 8..off + 12].try_into().unwrap());
-            seen.push((kind, seq));
+            let flags = u16::from_ne_bytes([b[off + 6], b[off + 7]]);
+            seen.push((kind, seq, flags & NLM_F_ACK != 0));
             assert_eq!(len % 4, 0);
             off += len;
         }
         assert_eq!(
             seen,
             [
-                (NFNL_MSG_BATCH_BEGIN, 100),
-                ((10 << 8) | NFT_MSG_NEWSETELEM, 101),
-                ((10 << 8) | NFT_MSG_DELSETELEM, 102),
-                (NFNL_MSG_BATCH_END, 103)
+                (NFNL_MSG_BATCH_BEGIN, 100, false),
+                ((10 << 8) | NFT_MSG_NEWSETELEM, 101, false),
+                // Only the last element message asks for an answer.
+                ((10 << 8) | NFT_MSG_DELSETELEM, 102, true),
+                (NFNL_MSG_BATCH_END, 103, false)
             ]
         );
         assert_eq!(
