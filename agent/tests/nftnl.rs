@@ -52,6 +52,9 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
         let mut c = Compiler::full(w, l);
         let ns = Netns::create("nftnl").unwrap();
         nft(&ns, &c.table().script());
+        // One socket for the whole run, as the agent keeps it (bound to
+        // the namespace it was opened in).
+        let mut sock = in_ns(&ns, nftnl::Socket::open).unwrap();
         for step in 0..40 {
             let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
             let k = rng.pick(&keys).clone();
@@ -84,7 +87,7 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
                         .iter()
                         .filter(|(_, set, _)| set == "ingress" || set == "egress")
                         .count();
-                    in_ns(&ns, || nftnl::apply(TABLE_NAME, &e)).unwrap_or_else(|err| {
+                    sock.apply(TABLE_NAME, &e).unwrap_or_else(|err| {
                         panic!("seed {seed} step {step}: {err}\n{}", e.script())
                     });
                 }
@@ -122,7 +125,7 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
             );
             // The refused message last (the one asking for an answer),
             // then first (its error comes ahead of that answer).
-            for ops in [vec![add.clone(), del.clone()], vec![del, add]] {
+            for ops in [vec![add.clone(), del.clone()], vec![del, add.clone()]] {
                 let bad = ElementDelta { ops };
                 let err = in_ns(&ns, || nftnl::apply(TABLE_NAME, &bad)).unwrap_err();
                 assert!(err.to_string().contains("refused"), "{err}");
@@ -132,6 +135,19 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
                     "seed {seed}: a refused batch changed the table"
                 );
             }
+            // Refused on the kept socket, whose next batch still reads
+            // its own answer.
+            // (Its error comes first, the last message's answer after it.)
+            let bad = ElementDelta {
+                ops: vec![
+                    (ElementOp::Delete, add.1.clone(), add.2.clone()),
+                    add.clone(),
+                ],
+            };
+            assert!(sock.apply(TABLE_NAME, &bad).is_err());
+            sock.apply(TABLE_NAME, &ElementDelta { ops: vec![add] })
+                .unwrap();
+            assert_ne!(listing(&ns), before, "the element went in");
         }
     }
     assert!(over_netlink > 50, "{over_netlink} changes over netlink");

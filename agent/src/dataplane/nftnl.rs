@@ -232,57 +232,89 @@ fn answers(buf: &[u8], acks: &mut usize) -> Option<(i32, u32)> {
     None
 }
 
+/// A netlink socket for nftables, kept open: closing one that changed the
+/// ruleset costs the kernel tens of milliseconds (an RCU grace period),
+/// which a per-batch socket would add to every pod's ADD.
+#[derive(Debug)]
+pub struct Socket {
+    fd: std::os::fd::OwnedFd,
+    seq: u32,
+}
+
+impl Socket {
+    /// A socket in this network namespace.
+    pub fn open() -> super::Result<Self> {
+        let e = |what: &'static str| move |err: nix::Error| netlink_error(what, err);
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .map_err(e("socket"))?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(e("bind"))?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &TimeVal::from(libc_timeval(Duration::from_secs(2))),
+        )
+        .map_err(e("timeout"))?;
+        let seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(1);
+        Ok(Self { fd, seq })
+    }
+
+    /// Applies `d` to Margay's table `table`, in one transaction; an
+    /// error leaves the table as it was (and the socket should be
+    /// dropped: answers may be left in it).
+    pub fn apply(&mut self, table: &str, d: &ElementDelta) -> super::Result<()> {
+        let e = |what: &'static str| move |err: nix::Error| netlink_error(what, err);
+        let seq = self.seq;
+        let (batch, messages) = encode(table, d, seq);
+        if messages == 0 {
+            return Ok(());
+        }
+        self.seq = seq.wrapping_add(u32::try_from(messages).unwrap_or(0) + 2);
+        // Nothing from an earlier batch may be read as this one's answer.
+        let mut buf = vec![0u8; 64 * 1024];
+        while recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {}
+        sendto(
+            self.fd.as_raw_fd(),
+            &batch,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .map_err(e("send"))?;
+        let mut acks = 0;
+        while acks < 1 {
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .map_err(e("waiting for the kernel's answer"))?;
+            if let Some((errno, at)) = answers(&buf[..n], &mut acks) {
+                let which = at.wrapping_sub(seq);
+                return Err(Error::Nft(format!(
+                    "netlink: the kernel refused element change {which} of {messages} in {table}: {}",
+                    nix::errno::Errno::from_raw(errno)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn netlink_error(what: &str, err: nix::Error) -> Error {
+    Error::Nft(format!("netlink: {what}: {err}"))
+}
+
 /// Applies `d` to Margay's table `table` in this network namespace, in one
-/// transaction; an error leaves the table as it was.
+/// transaction, through a socket of its own; an error leaves the table as
+/// it was.
 pub fn apply(table: &str, d: &ElementDelta) -> super::Result<()> {
-    let e = |what: &str| {
-        let what = what.to_string();
-        move |err: nix::Error| Error::Nft(format!("netlink: {what}: {err}"))
-    };
-    let seq = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(1);
-    let (batch, messages) = encode(table, d, seq);
-    if messages == 0 {
+    if d.ops.iter().all(|(_, _, e)| e.is_empty()) {
         return Ok(());
     }
-    let expect = 1;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .map_err(e("socket"))?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(e("bind"))?;
-    setsockopt(
-        &fd,
-        sockopt::ReceiveTimeout,
-        &TimeVal::from(libc_timeval(Duration::from_secs(2))),
-    )
-    .map_err(e("timeout"))?;
-    sendto(
-        fd.as_raw_fd(),
-        &batch,
-        &NetlinkAddr::new(0, 0),
-        MsgFlags::empty(),
-    )
-    .map_err(e("send"))?;
-    let mut acks = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    while acks < expect {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
-            .map_err(e("waiting for the kernel's answer"))?;
-        if let Some((errno, at)) = answers(&buf[..n], &mut acks) {
-            let which = at.wrapping_sub(seq);
-            return Err(Error::Nft(format!(
-                "netlink: the kernel refused element change {which} of {messages} in {table}: {}",
-                nix::errno::Errno::from_raw(errno)
-            )));
-        }
-    }
-    Ok(())
+    Socket::open()?.apply(table, d)
 }
 
 fn libc_timeval(d: Duration) -> nix::libc::timeval {

@@ -217,6 +217,7 @@ pub async fn run(
     let mut last_error: Option<String> = None;
     let mut next_full = tokio::time::Instant::now() + resync;
     let mut retry: Option<tokio::time::Instant> = None;
+    let mut netlink: Option<crate::dataplane::nftnl::Socket> = None;
     let warn = |what: &str, e: &watcher::Error| {
         tracing::warn!("NetworkPolicy: cannot watch {what} (retrying): {e}");
     };
@@ -297,14 +298,21 @@ pub async fn run(
             let t = std::time::Instant::now();
             let (how, done) = match load {
                 engine::Load::Elements(e) => {
+                    // One socket kept across batches (closing one costs
+                    // the kernel an RCU grace period); dropped on error.
+                    let sock = netlink.take();
                     let r = tokio::task::spawn_blocking(move || {
-                        crate::dataplane::nftnl::apply(POLICY_TABLE_NAME, &e)
+                        let mut s = match sock {
+                            Some(s) => s,
+                            None => crate::dataplane::nftnl::Socket::open()?,
+                        };
+                        s.apply(POLICY_TABLE_NAME, &e).map(|()| s)
                     })
                     .await
                     .unwrap_or_else(|j| {
                         Err(crate::dataplane::Error::Nft(format!("netlink task: {j}")))
                     });
-                    ("netlink", r)
+                    ("netlink", r.map(|s| netlink = Some(s)))
                 }
                 engine::Load::Script(script) => (
                     "nft",

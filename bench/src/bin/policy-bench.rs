@@ -467,6 +467,8 @@ fn main() -> anyhow::Result<()> {
                 script.len() / 1024
             );
             let mut margay = BTreeMap::new();
+            // As the agent: one netlink socket kept open.
+            let mut sock = nftnl::Socket::open()?;
             for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
                 let mut total = Vec::new();
                 let mut compile = Vec::new();
@@ -478,7 +480,7 @@ fn main() -> anyhow::Result<()> {
                     let mut e = ElementDelta::default();
                     if e.extend(&d) {
                         if !e.is_empty() {
-                            nftnl::apply(TABLE_NAME, &e)?;
+                            sock.apply(TABLE_NAME, &e)?;
                         }
                     } else {
                         let s = d.script();
