@@ -8,9 +8,12 @@
 # is iperf3's received rate over SECONDS, the median of the rounds.
 #
 # Usage (as root, after a release build of margay-lab, margay-agent and
-# margay-cni): bench/policy-iperf.sh [POLICIES=1000] [ROUNDS=3] [SECONDS=10]
+# margay-cni): bench/policy-iperf.sh [POLICIES=1000] [ROUNDS=3] [SECONDS=10] [SETTLE=10]
+# SETTLE: seconds waited after the rules are in place (both arms), so the
+# apiserver, etcd and the agents are done with the 1,000 objects before
+# iperf3 runs on the same cores.
 set -euo pipefail
-policies=${1:-1000} rounds=${2:-3} secs=${3:-10}
+policies=${1:-1000} rounds=${2:-3} secs=${3:-10} settle=${4:-10}
 bin=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/release
 lab=$bin/margay-lab
 export MARGAY_LAB_DIR=${MARGAY_LAB_DIR:-/run/margay-policy-iperf}
@@ -70,10 +73,12 @@ none=() with=()
 for r in $(seq "$rounds"); do
   "$lab" kubectl delete networkpolicies --all -n default >/dev/null
   while [ "$(chains)" -gt 1 ]; do sleep 0.5; done
+  sleep "$settle"
   none+=("$(rate)")
   policies_yaml | "$lab" kubectl apply -f - >/dev/null
   # node1 holds the server: half the policies plus its endpoint chains.
   until [ "$(chains)" -ge $((policies / 2)) ]; do sleep 0.5; done
+  sleep "$settle"
   with+=("$(rate)")
   printf 'round %d: no policies %.0f Mbit/s, %d policies %.0f Mbit/s\n' "$r" "${none[-1]}" "$policies" "${with[-1]}"
 done

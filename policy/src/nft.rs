@@ -1072,22 +1072,10 @@ impl Compiler {
             None => self.world.policies.remove(key),
         };
         self.recompile_policy(key);
-        let eps: Vec<PodKey> = self
-            .local
-            .keys()
-            .filter(|k| k.namespace == key.namespace)
-            .cloned()
-            .collect();
-        for k in eps {
+        for k in keys_in(&self.local, &key.namespace) {
             self.recompile_endpoint(&k);
         }
-        let scheduled: Vec<PodKey> = self
-            .scheduled
-            .keys()
-            .filter(|k| k.namespace == key.namespace)
-            .cloned()
-            .collect();
-        for k in scheduled {
+        for k in keys_in(&self.scheduled, &key.namespace) {
             self.prepare(&k);
         }
         self.finish()
@@ -1679,6 +1667,11 @@ impl Compiler {
             self.change_elements(&name, &gone, new);
         }
     }
+}
+
+/// The pods of `m` in namespace `ns`.
+fn keys_in<V>(m: &BTreeMap<PodKey, V>, ns: &str) -> Vec<PodKey> {
+    m.keys().filter(|k| k.namespace == ns).cloned().collect()
 }
 
 /// `cidr` as nft writes a prefix: its network address and length.

@@ -626,19 +626,25 @@ mod tests {
         assert_eq!(e.take_script(), None);
     }
 
+    /// The ADD of x/a on cali1 (10.0.0.1).
+    fn add_cali1(e: &mut Engine) -> PodKey {
+        let key = Key::new("x", "a");
+        e.endpoint_added(Endpoint {
+            key: key.clone(),
+            host_if: "cali1".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+        });
+        key
+    }
+
     #[test]
     fn an_add_is_programmed_once_its_pod_is_known_and_the_delta_loaded() {
         let mut e = Engine::new();
         list_all(&mut e, vec![], vec![ns("x")], vec![deny_all("x")]);
         assert!(e.take_script().is_some());
         e.loaded(true);
-        let key = Key::new("x", "a");
         // The ADD comes before the watch shows the Pod with its labels.
-        e.endpoint_added(Endpoint {
-            key: key.clone(),
-            host_if: "cali1".into(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
-        });
+        let key = add_cali1(&mut e);
         assert!(!e.programmed(&key, "cali1"));
         assert!(e.why_not(&key).contains("not seen"), "{}", e.why_not(&key));
         // The Pod, without an address yet (the kubelet writes it later).
@@ -681,12 +687,7 @@ mod tests {
         assert!(s.contains("add chain inet margay_policy ep-in/"), "{s}");
         assert!(!s.contains("cali"), "no interface yet: {s}");
         e.loaded(true);
-        let key = Key::new("x", "a");
-        e.endpoint_added(Endpoint {
-            key: key.clone(),
-            host_if: "cali1".into(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
-        });
+        let key = add_cali1(&mut e);
         let Some(Load::Elements(d)) = e.take_load() else {
             panic!("the ADD is elements only");
         };
