@@ -730,6 +730,12 @@ pub struct Compiler {
     scheduled: BTreeMap<PodKey, Labels>,
     /// The endpoint chains each scheduled pod holds.
     prepared: BTreeMap<PodKey, Vec<String>>,
+    /// For each pod here (a local endpoint, or scheduled), the policies
+    /// selecting it.
+    selecting: BTreeMap<PodKey, BTreeSet<PolicyKey>>,
+    /// For each policy, how many pods here it selects (compiled while
+    /// not zero).
+    here: BTreeMap<PolicyKey, usize>,
     /// Shared pod sets by name.
     shared: BTreeMap<String, Shared>,
     /// Shared pod sets' names by definition.
@@ -769,6 +775,10 @@ impl Compiler {
             for ip in &p.ips {
                 c.by_ip.entry(*ip).or_default().insert(k.clone());
             }
+        }
+        let here: BTreeSet<PodKey> = c.local.keys().chain(c.scheduled.keys()).cloned().collect();
+        for k in here {
+            c.update_here(&k);
         }
         let keys: Vec<PolicyKey> = c.world.policies.keys().cloned().collect();
         for k in keys {
@@ -1071,6 +1081,7 @@ impl Compiler {
             Some(p) => self.world.policies.insert(key.clone(), p),
             None => self.world.policies.remove(key),
         };
+        self.recount(key);
         self.recompile_policy(key);
         for k in keys_in(&self.local, &key.namespace) {
             self.recompile_endpoint(&k);
@@ -1146,16 +1157,8 @@ impl Compiler {
     /// its namespace compiled or dropped as they now select local pods,
     /// and its own chains.
     fn endpoint_changed(&mut self, key: &PodKey) {
-        let policies: Vec<PolicyKey> = self
-            .world
-            .policies
-            .keys()
-            .filter(|k| k.namespace == key.namespace)
-            .cloned()
-            .collect();
-        for k in policies {
-            let wanted = self.selects_local(&k);
-            if wanted != self.compiled.contains_key(&k) {
+        for k in self.update_here(key) {
+            if self.selects_local(&k) != self.compiled.contains_key(&k) {
                 self.recompile_policy(&k);
             }
         }
@@ -1163,22 +1166,99 @@ impl Compiler {
         self.prepare(key);
     }
 
+    /// The policies of namespace `ns` (a range of the map: policies are
+    /// keyed namespace first).
+    fn policies_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = (&'a PolicyKey, &'a Policy)> {
+        let from = PolicyKey {
+            namespace: ns.to_string(),
+            name: String::new(),
+        };
+        self.world
+            .policies
+            .range(from..)
+            .take_while(move |(k, _)| k.namespace == ns)
+    }
+
+    /// Whether policy `p` selects pod `key` as a pod here: a local
+    /// endpoint with its Pod's labels, or a scheduled pod.
+    fn selects_here(&self, p: &Policy, key: &PodKey) -> bool {
+        let local = self.local.contains_key(key)
+            && self
+                .world
+                .pods
+                .get(key)
+                .is_some_and(|pod| p.selector.matches(&pod.labels));
+        local
+            || self
+                .scheduled
+                .get(key)
+                .is_some_and(|l| p.selector.matches(l))
+    }
+
+    /// Brings `selecting` and `here` in line for pod `key`; returns the
+    /// policies whose count went from or to zero.
+    fn update_here(&mut self, key: &PodKey) -> Vec<PolicyKey> {
+        let new: BTreeSet<PolicyKey> = self
+            .policies_in(&key.namespace)
+            .filter(|(_, p)| self.selects_here(p, key))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let old = self.selecting.remove(key).unwrap_or_default();
+        let mut changed = Vec::new();
+        for k in old.difference(&new) {
+            if let Some(n) = self.here.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.here.remove(k);
+                    changed.push(k.clone());
+                }
+            }
+        }
+        for k in new.difference(&old) {
+            let n = self.here.entry(k.clone()).or_default();
+            *n += 1;
+            if *n == 1 {
+                changed.push(k.clone());
+            }
+        }
+        if !new.is_empty() {
+            self.selecting.insert(key.clone(), new);
+        }
+        changed
+    }
+
+    /// Counts again the pods here that policy `key` selects (it changed).
+    fn recount(&mut self, key: &PolicyKey) {
+        let pods: Vec<PodKey> = keys_in(&self.local, &key.namespace)
+            .into_iter()
+            .chain(keys_in(&self.scheduled, &key.namespace))
+            .collect();
+        let policy = self.world.policies.get(key).cloned();
+        let mut n = 0;
+        for pk in pods {
+            let on = policy.as_ref().is_some_and(|p| self.selects_here(p, &pk));
+            let set = self.selecting.entry(pk.clone()).or_default();
+            if on {
+                set.insert(key.clone());
+                n += 1;
+            } else {
+                set.remove(key);
+            }
+            if set.is_empty() {
+                self.selecting.remove(&pk);
+            }
+        }
+        if n > 0 {
+            self.here.insert(key.clone(), n);
+        } else {
+            self.here.remove(key);
+        }
+    }
+
     /// Whether policy `key` selects a local endpoint or a pod scheduled
     /// here.
     fn selects_local(&self, key: &PolicyKey) -> bool {
-        let Some(p) = self.world.policies.get(key) else {
-            return false;
-        };
-        let ns = |k: &&PodKey| k.namespace == key.namespace;
-        self.local.keys().filter(ns).any(|k| {
-            self.world
-                .pods
-                .get(k)
-                .is_some_and(|pod| p.selector.matches(&pod.labels))
-        }) || self
-            .scheduled
-            .iter()
-            .any(|(k, labels)| k.namespace == key.namespace && p.selector.matches(labels))
+        self.here.contains_key(key) && self.world.policies.contains_key(key)
     }
 
     /// The policies isolating local endpoint `key` in `dir`.
@@ -1192,12 +1272,8 @@ impl Compiler {
     /// The policies of namespace `ns` isolating a pod labelled `labels` in
     /// `dir`.
     fn isolating_labels(&self, ns: &str, labels: &Labels, dir: Direction) -> Vec<PolicyKey> {
-        self.world
-            .policies
-            .iter()
-            .filter(|(k, p)| {
-                k.namespace == ns && p.rules(dir).is_some() && p.selector.matches(labels)
-            })
+        self.policies_in(ns)
+            .filter(|(_, p)| p.rules(dir).is_some() && p.selector.matches(labels))
             .map(|(k, _)| k.clone())
             .collect()
     }
