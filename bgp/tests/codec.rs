@@ -419,3 +419,20 @@ fn unused_flag_bits_of_unknown_attributes_are_cleared() {
     let out = Message::Update(u).encode(&IBGP);
     assert!(out.ends_with(&[0xe0, 0, 0]), "{out:02x?}");
 }
+
+/// A NOTIFICATION whose data echoes a large attribute is cut to fit in
+/// 4096 octets (found by the bgp_session fuzz target).
+#[test]
+fn a_notification_with_large_data_fits_in_4096_octets() {
+    use margay_bgp::packet::Ctx;
+    use margay_bgp::packet::message::{Message, Notification};
+    let n = Notification {
+        code: 3,
+        subcode: 5,
+        data: vec![0xab; 70_000],
+    };
+    let b = Message::Notification(n).encode(&Ctx::default());
+    assert_eq!(b.len(), 4096);
+    assert_eq!(u16::from_be_bytes([b[16], b[17]]), 4096);
+    assert_eq!((b[18], b[19], b[20], b[4095]), (3, 3, 5, 0xab));
+}

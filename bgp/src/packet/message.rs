@@ -342,7 +342,10 @@ impl Message {
                 out.push(msg::NOTIFICATION);
                 out.push(n.code);
                 out.push(n.subcode);
-                out.extend_from_slice(&n.data);
+                // Data that echoes a large offending attribute is cut so
+                // the message fits in 4096 octets (RFC 4271 §4.1, §4.5).
+                let room = MAX_MSG_LEN.saturating_sub(out.len());
+                out.extend_from_slice(&n.data[..n.data.len().min(room)]);
             }
             Message::Keepalive => out.push(msg::KEEPALIVE),
             Message::RouteRefresh(r) => {
