@@ -610,12 +610,66 @@ impl SetDef {
     }
 }
 
-/// A shared pod set: its definition and the policies using it (it goes
-/// with the last of them).
+/// Objects of the table shared by definition and kept while something
+/// uses them (endpoint chains by their list of policies, pod sets by
+/// [`SetDef`]): each named by its definition's hash, a collision taking
+/// the next free `-N` suffix.
 #[derive(Debug, Clone)]
-struct Shared {
-    def: SetDef,
-    users: BTreeSet<PolicyKey>,
+struct Registry<D, U> {
+    by_name: BTreeMap<String, (D, BTreeSet<U>)>,
+    by_def: BTreeMap<D, String>,
+}
+
+impl<D, U> Default for Registry<D, U> {
+    fn default() -> Self {
+        Self {
+            by_name: BTreeMap::new(),
+            by_def: BTreeMap::new(),
+        }
+    }
+}
+
+impl<D: Ord + Clone, U: Ord> Registry<D, U> {
+    /// The name of `def`'s object, `user` recorded as using it; `true`
+    /// when the object is new (named from `base`), to be made.
+    fn acquire(&mut self, def: D, base: impl FnOnce() -> String, user: U) -> (String, bool) {
+        if let Some(name) = self.by_def.get(&def) {
+            if let Some((_, users)) = self.by_name.get_mut(name) {
+                users.insert(user);
+            }
+            return (name.clone(), false);
+        }
+        let base = base();
+        let mut name = base.clone();
+        for n in 1.. {
+            if !self.by_name.contains_key(&name) {
+                break;
+            }
+            name = format!("{base}-{n}");
+        }
+        self.by_def.insert(def.clone(), name.clone());
+        self.by_name
+            .insert(name.clone(), (def, [user].into_iter().collect()));
+        (name, true)
+    }
+
+    /// `user` no longer uses object `name`; its definition if that was
+    /// its last user (the object goes).
+    fn release(&mut self, name: &str, user: &U) -> Option<D> {
+        let (_, users) = self.by_name.get_mut(name)?;
+        users.remove(user);
+        if !users.is_empty() {
+            return None;
+        }
+        let (def, _) = self.by_name.remove(name)?;
+        self.by_def.remove(&def);
+        Some(def)
+    }
+
+    /// The definition of object `name`.
+    fn def(&self, name: &str) -> Option<&D> {
+        self.by_name.get(name).map(|(d, _)| d)
+    }
 }
 
 /// Everything compiled for one policy: what the incremental updates need.
@@ -692,14 +746,6 @@ enum SetWas {
     },
 }
 
-/// An endpoint chain: the policies it jumps to and who uses it (it goes
-/// with the last of them).
-#[derive(Debug, Clone, Default)]
-struct EpChain {
-    policies: Vec<PolicyKey>,
-    users: BTreeSet<User>,
-}
-
 /// A user of an endpoint chain.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum User {
@@ -722,8 +768,8 @@ pub struct Compiler {
     /// Interfaces of pods whose Pod cannot be read: everything dropped
     /// but replies, until it can.
     quarantined: BTreeSet<String>,
-    /// Endpoint chains by name.
-    ep_chains: BTreeMap<String, EpChain>,
+    /// Endpoint chains, by direction and the policies they jump to.
+    ep_chains: Registry<(Direction, Vec<PolicyKey>), User>,
     /// Pods scheduled to this node and not wired yet, with their labels:
     /// the policies selecting them are compiled and their endpoint chains
     /// made before their ADD.
@@ -736,10 +782,8 @@ pub struct Compiler {
     /// For each policy, how many pods here it selects (compiled while
     /// not zero).
     here: BTreeMap<PolicyKey, usize>,
-    /// Shared pod sets by name.
-    shared: BTreeMap<String, Shared>,
-    /// Shared pod sets' names by definition.
-    by_def: BTreeMap<SetDef, String>,
+    /// Shared pod sets, used by policies.
+    shared: Registry<SetDef, PolicyKey>,
     /// Shared pod sets by what a pod needs to be in them.
     index: Index,
     table: Table,
@@ -1052,25 +1096,19 @@ impl Compiler {
 
     /// A namespace added, relabelled or gone.
     pub fn set_namespace(&mut self, name: &str, ns: Option<Namespace>) -> Delta {
-        // The sets that may hold its pods under its old labels.
+        // Its pods' addresses, and the sets that may hold those pods under
+        // its old labels.
         let mut before = BTreeSet::new();
+        let mut ips = BTreeSet::new();
         let old = self.world.namespace_labels(name);
-        for (k, p) in &self.world.pods {
-            if k.namespace == name {
-                self.candidates(name, old, p, &mut before);
-            }
+        for (_, p) in in_namespace(&self.world.pods, name) {
+            self.candidates(name, old, p, &mut before);
+            ips.extend(p.ips.iter().copied());
         }
         match ns {
             Some(n) => self.world.namespaces.insert(name.to_string(), n),
             None => self.world.namespaces.remove(name),
         };
-        let ips: BTreeSet<IpAddr> = self
-            .world
-            .pods
-            .iter()
-            .filter(|(k, _)| k.namespace == name)
-            .flat_map(|(_, p)| p.ips.clone())
-            .collect();
         self.refresh_addresses(&ips, before);
         self.finish()
     }
@@ -1166,17 +1204,9 @@ impl Compiler {
         self.prepare(key);
     }
 
-    /// The policies of namespace `ns` (a range of the map: policies are
-    /// keyed namespace first).
+    /// The policies of namespace `ns`.
     fn policies_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = (&'a PolicyKey, &'a Policy)> {
-        let from = PolicyKey {
-            namespace: ns.to_string(),
-            name: String::new(),
-        };
-        self.world
-            .policies
-            .range(from..)
-            .take_while(move |(k, _)| k.namespace == ns)
+        in_namespace(&self.world.policies, ns)
     }
 
     /// Whether policy `p` selects pod `key` as a pod here: a local
@@ -1288,11 +1318,7 @@ impl Compiler {
             for dir in [Direction::Ingress, Direction::Egress] {
                 let policies = self.isolating_labels(&key.namespace, &labels, dir);
                 if !policies.is_empty() {
-                    let chain = self.ep_chain(dir, policies);
-                    if let Some(e) = self.ep_chains.get_mut(&chain) {
-                        e.users.insert(User::Scheduled(key.clone()));
-                    }
-                    want.push(chain);
+                    want.push(self.ep_chain(dir, policies, User::Scheduled(key.clone())));
                 }
             }
         }
@@ -1312,10 +1338,10 @@ impl Compiler {
         for dir in [Direction::Ingress, Direction::Egress] {
             let policies = self.isolating(key, dir);
             let current = match self.map(dir).get(&ifname) {
-                Some(Verdict::Jump(c)) => self.ep_chains.get(c).map(|e| &e.policies),
+                Some(Verdict::Jump(c)) => self.ep_chains.def(c),
                 _ => None,
             };
-            if !policies.is_empty() && current == Some(&policies) {
+            if !policies.is_empty() && current.is_some_and(|(_, p)| *p == policies) {
                 continue;
             }
             self.release_ep_chain(dir, &ifname);
@@ -1329,25 +1355,18 @@ impl Compiler {
                 }
                 continue;
             }
-            let chain = self.ep_chain(dir, policies);
-            if let Some(e) = self.ep_chains.get_mut(&chain) {
-                e.users.insert(User::Iface(ifname.clone()));
-            }
+            let chain = self.ep_chain(dir, policies, User::Iface(ifname.clone()));
             self.put_map(dir, &ifname, Verdict::Jump(chain));
         }
     }
 
-    /// The endpoint chain for `dir` jumping to `policies`, created if no
-    /// endpoint uses it yet.
-    fn ep_chain(&mut self, dir: Direction, policies: Vec<PolicyKey>) -> String {
-        let base = endpoint_chain(dir, &policies);
-        let mut name = base.clone();
-        for n in 1.. {
-            match self.ep_chains.get(&name) {
-                Some(e) if e.policies == policies => return name,
-                Some(_) => name = format!("{base}-{n}"),
-                None => break,
-            }
+    /// The endpoint chain for `dir` jumping to `policies`, used by
+    /// `user`; made if nothing used it yet.
+    fn ep_chain(&mut self, dir: Direction, policies: Vec<PolicyKey>, user: User) -> String {
+        let base = || endpoint_chain(dir, &policies);
+        let (name, new) = self.ep_chains.acquire((dir, policies.clone()), base, user);
+        if !new {
+            return name;
         }
         let clear = format!("meta mark set meta mark & {:#010x}", !ALLOW_MARK);
         let mut rules = vec!["ct state invalid drop".to_string(), clear.clone()];
@@ -1359,13 +1378,6 @@ impl Compiler {
         rules.push(format!("meta mark & {ALLOW_MARK:#010x} == 0 drop"));
         rules.push(clear);
         self.put_chain(name.clone(), rules);
-        self.ep_chains.insert(
-            name.clone(),
-            EpChain {
-                policies,
-                users: BTreeSet::new(),
-            },
-        );
         name
     }
 
@@ -1380,12 +1392,7 @@ impl Compiler {
     /// `user` no longer uses endpoint chain `chain` (dropped with its last
     /// user).
     fn release(&mut self, chain: &str, user: &User) {
-        let Some(e) = self.ep_chains.get_mut(chain) else {
-            return;
-        };
-        e.users.remove(user);
-        if e.users.is_empty() {
-            self.ep_chains.remove(chain);
+        if self.ep_chains.release(chain, user).is_some() {
             self.drop_chain(chain);
         }
     }
@@ -1424,19 +1431,9 @@ impl Compiler {
     /// The shared set `def` for policy `key`: made and filled if no
     /// policy uses it yet.
     fn use_set(&mut self, def: SetDef, key: &PolicyKey) -> String {
-        if let Some(name) = self.by_def.get(&def).cloned() {
-            if let Some(s) = self.shared.get_mut(&name) {
-                s.users.insert(key.clone());
-            }
+        let (name, new) = self.shared.acquire(def.clone(), || def.name(), key.clone());
+        if !new {
             return name;
-        }
-        let base = def.name();
-        let mut name = base.clone();
-        for n in 1.. {
-            if !self.shared.contains_key(&name) {
-                break;
-            }
-            name = format!("{base}-{n}");
         }
         let mut elements = BTreeSet::new();
         for (pk, pod) in &self.world.pods {
@@ -1453,30 +1450,15 @@ impl Compiler {
             .entry(def.index_key())
             .or_default()
             .insert(name.clone());
-        self.by_def.insert(def.clone(), name.clone());
-        self.shared.insert(
-            name.clone(),
-            Shared {
-                def,
-                users: [key.clone()].into(),
-            },
-        );
         name
     }
 
     /// Policy `key` no longer uses shared set `name` (dropped with its
     /// last user).
     fn release_set(&mut self, name: &str, key: &PolicyKey) {
-        let Some(s) = self.shared.get_mut(name) else {
+        let Some(def) = self.shared.release(name, key) else {
             return;
         };
-        s.users.remove(key);
-        if !s.users.is_empty() {
-            return;
-        }
-        let def = s.def.clone();
-        self.shared.remove(name);
-        self.by_def.remove(&def);
         let k = def.index_key();
         if let Some(e) = self.index.get_mut(&k) {
             e.remove(name);
@@ -1712,14 +1694,14 @@ impl Compiler {
         }
         let mut updates: Vec<(String, BTreeSet<Element>)> = Vec::new();
         for name in &before {
-            let Some(shared) = self.shared.get(name) else {
+            let Some(def) = self.shared.def(name) else {
                 continue;
             };
             let mut elems = BTreeSet::new();
             for pk in &holders {
                 if let Some(pod) = self.world.pods.get(pk) {
                     elems.extend(
-                        self.pod_elements(&shared.def, pk, pod)
+                        self.pod_elements(def, pk, pod)
                             .into_iter()
                             .filter(|e| e.addr().is_some_and(|a| ips.contains(&a))),
                     );
@@ -1745,9 +1727,22 @@ impl Compiler {
     }
 }
 
-/// The pods of `m` in namespace `ns`.
+/// The entries of `m` in namespace `ns`: a range, since keys sort
+/// namespace first.
+fn in_namespace<'a, V>(
+    m: &'a BTreeMap<crate::model::Key, V>,
+    ns: &'a str,
+) -> impl Iterator<Item = (&'a crate::model::Key, &'a V)> {
+    let from = crate::model::Key {
+        namespace: ns.to_string(),
+        name: String::new(),
+    };
+    m.range(from..).take_while(move |(k, _)| k.namespace == ns)
+}
+
+/// The keys of `m` in namespace `ns`.
 fn keys_in<V>(m: &BTreeMap<PodKey, V>, ns: &str) -> Vec<PodKey> {
-    m.keys().filter(|k| k.namespace == ns).cloned().collect()
+    in_namespace(m, ns).map(|(k, _)| k.clone()).collect()
 }
 
 /// `cidr` as nft writes a prefix: its network address and length.
