@@ -112,9 +112,98 @@ pub async fn allocations(client: &kube::Client) -> Vec<(String, AllocationRecord
         .collect()
 }
 
+/// What `ping -D -i 0.02` printed: how many it sent, and the sequence
+/// number and kernel receive time of every reply.
+#[derive(Debug, Default)]
+pub struct PingLog {
+    /// Echo requests sent (from ping's summary line).
+    pub sent: u64,
+    /// (icmp_seq, receive time) of every reply, in order.
+    pub replies: Vec<(u64, f64)>,
+}
+
+impl PingLog {
+    /// Parses `ping -D` output.
+    pub fn parse(text: &str) -> Self {
+        let mut log = PingLog::default();
+        for l in text.lines() {
+            if let Some(n) = l.split_once(" packets transmitted").map(|(n, _)| n) {
+                log.sent = n.trim().parse().unwrap_or(0);
+            }
+            if !l.contains("bytes from") {
+                continue;
+            }
+            let ts = l
+                .strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.parse::<f64>().ok());
+            let seq = l
+                .split("icmp_seq=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if let (Some(ts), Some(seq)) = (ts, seq) {
+                log.replies.push((seq, ts));
+            }
+        }
+        log
+    }
+
+    /// Lost pings, each with the time of the reply before it (or the first
+    /// one's), and the longest run of lost pings.
+    pub fn losses(&self) -> (Vec<f64>, u64) {
+        let mut lost = Vec::new();
+        let mut longest = 0;
+        let mut prev: Option<(u64, f64)> = None;
+        let first_ts = self.replies.first().map_or(0.0, |r| r.1);
+        for &(seq, ts) in &self.replies {
+            // iputils numbers its first echo request 1.
+            let (from, at) = prev.map_or((1, first_ts), |(s, t)| (s + 1, t));
+            if seq > from {
+                longest = longest.max(seq - from);
+                lost.extend(std::iter::repeat_n(at, (seq - from) as usize));
+            }
+            prev = Some((seq.max(from), ts));
+        }
+        // The tail (after the last reply) is what was in flight at the end
+        // (a few packets) or a real loss: count it too.
+        let last = prev.map_or(0, |(s, _)| s);
+        if self.sent > last + 2 {
+            let tail = self.sent - last - 2;
+            longest = longest.max(tail);
+            let at = prev.map_or(first_ts, |p| p.1);
+            lost.extend(std::iter::repeat_n(at, tail as usize));
+        }
+        (lost, longest)
+    }
+
+    /// The longest time between two replies (a stall of the sender counts
+    /// too: on a loaded VM that is the scheduler, not the network).
+    pub fn longest_silence(&self) -> std::time::Duration {
+        let gap = self
+            .replies
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .fold(0.0_f64, f64::max);
+        std::time::Duration::from_secs_f64(gap)
+    }
+}
+
+/// What a [`Pinger`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct PingReport {
+    /// Replies received.
+    pub replies: usize,
+    /// The longest run of pings lost in a row, as time (run x 20 ms): what
+    /// the network dropped, whatever the sender's scheduling.
+    pub outage: std::time::Duration,
+    /// The longest time between two replies (includes the sender stalling).
+    pub silence: std::time::Duration,
+}
+
 /// A ping every 20 ms from network namespace `from` (an `ip netns` name)
 /// to an address, stopped by PID: how the tests see traffic through a
-/// change (longest time without a reply).
+/// change.
 #[derive(Debug)]
 pub struct Pinger {
     child: std::process::Child,
@@ -122,10 +211,13 @@ pub struct Pinger {
 }
 
 impl Pinger {
+    /// The interval between pings.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
     /// Starts pinging `to` from `from`; `what` names the pair in reports.
     pub fn start(from: &str, to: &str, what: String) -> Self {
         let child = std::process::Command::new("ip")
-            .args(["netns", "exec", from, "ping", "-D", "-i", "0.02", to])
+            .args(["netns", "exec", from, "ping", "-D", "-n", "-i", "0.02", to])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -133,26 +225,48 @@ impl Pinger {
         Self { child, what }
     }
 
-    /// Stops it; (replies, longest time without a reply). Prints both.
-    pub fn stop(self) -> (usize, std::time::Duration) {
+    /// Stops it and reports what it saw (printed too).
+    pub fn stop(self) -> PingReport {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let out = self.child.wait_with_output().expect("ping's output");
-        let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect();
-        let gap = times
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(0.0_f64, f64::max);
+        let log = PingLog::parse(&String::from_utf8_lossy(&out.stdout));
+        let (lost, longest) = log.losses();
+        let r = PingReport {
+            replies: log.replies.len(),
+            outage: Self::INTERVAL * longest as u32,
+            silence: log.longest_silence(),
+        };
         println!(
-            "{}: {} replies, longest gap {:.3} s",
+            "{}: {} replies of {} sent, {} lost (longest run {:.3} s), longest silence {:.3} s",
             self.what,
-            times.len(),
-            gap
+            r.replies,
+            log.sent,
+            lost.len(),
+            r.outage.as_secs_f64(),
+            r.silence.as_secs_f64()
         );
-        (times.len(), std::time::Duration::from_secs_f64(gap))
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PingLog;
+
+    #[test]
+    fn a_stalled_sender_is_silence_and_dropped_pings_are_loss() {
+        // seq 3..=5 never answered; a 1.5 s stall of the sender after 7.
+        let mut text = String::new();
+        for (seq, t) in [(1, 0.00), (2, 0.02), (6, 0.12), (7, 0.14), (8, 1.64)] {
+            text += &format!("[{t}] 64 bytes from 10.0.0.2: icmp_seq={seq} ttl=63 time=0.1 ms\n");
+        }
+        text += "9 packets transmitted, 5 received, 44% packet loss, time 1640ms\n";
+        let log = PingLog::parse(&text);
+        assert_eq!(log.sent, 9);
+        let (lost, longest) = log.losses();
+        // 3, 4 and 5; the last (9) is in flight.
+        assert_eq!((lost.len(), longest), (3, 3));
+        assert!((log.longest_silence().as_secs_f64() - 1.5).abs() < 1e-9);
     }
 }

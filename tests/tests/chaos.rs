@@ -35,6 +35,7 @@ use margay_api::ctl::IpamCheck;
 use margay_api::status::AgentStatus;
 use margay_lab::Tor;
 use margay_lab::cluster::{Cluster, Options};
+use margay_tests::PingLog;
 
 /// Ping interval.
 const EVERY_MS: u64 = 20;
@@ -66,73 +67,6 @@ struct Pinger {
     pair: String,
     child: Child,
     out: PathBuf,
-}
-
-/// What a pinger saw.
-#[derive(Debug, Default)]
-struct PingLog {
-    sent: u64,
-    /// (seq, receive time) of every reply, in order.
-    replies: Vec<(u64, f64)>,
-}
-
-impl PingLog {
-    /// Parses `ping -D` output.
-    fn parse(text: &str) -> Self {
-        let mut log = PingLog::default();
-        for l in text.lines() {
-            if let Some(n) = l
-                .split(" packets transmitted")
-                .next()
-                .filter(|_| l.contains(" packets transmitted"))
-            {
-                log.sent = n.trim().parse().unwrap_or(0);
-            }
-            if !l.contains("bytes from") {
-                continue;
-            }
-            let ts = l
-                .strip_prefix('[')
-                .and_then(|r| r.split(']').next())
-                .and_then(|t| t.parse::<f64>().ok());
-            let seq = l
-                .split("icmp_seq=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|s| s.parse::<u64>().ok());
-            if let (Some(ts), Some(seq)) = (ts, seq) {
-                log.replies.push((seq, ts));
-            }
-        }
-        log
-    }
-
-    /// Lost pings, each with the time of the reply before it (or the first
-    /// one's), and the longest run of lost pings.
-    fn losses(&self) -> (Vec<f64>, u64) {
-        let mut lost = Vec::new();
-        let mut longest = 0;
-        let mut prev: Option<(u64, f64)> = None;
-        let first_ts = self.replies.first().map_or(0.0, |r| r.1);
-        for &(seq, ts) in &self.replies {
-            let (from, at) = prev.map_or((0, first_ts), |(s, t)| (s + 1, t));
-            if seq > from {
-                longest = longest.max(seq - from);
-                lost.extend(std::iter::repeat_n(at, (seq - from) as usize));
-            }
-            prev = Some((seq.max(from), ts));
-        }
-        // The tail (after the last reply) is what was in flight at the end
-        // (a few packets) or a real loss: count it too.
-        let last = prev.map_or(0, |(s, _)| s + 1);
-        if self.sent > last + 2 {
-            let tail = self.sent - last - 2;
-            longest = longest.max(tail);
-            let at = prev.map_or(first_ts, |p| p.1);
-            lost.extend(std::iter::repeat_n(at, tail as usize));
-        }
-        (lost, longest)
-    }
 }
 
 /// Every pair's pinger.
