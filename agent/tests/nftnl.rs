@@ -1,16 +1,19 @@
-//! NetworkPolicy set element changes over netlink (`dataplane::nftnl`) in
-//! the real kernel: random worlds compiled and loaded with `nft`, then pod
-//! changes one after another, those that are set elements only handed to
-//! the kernel over netlink and the others loaded with `nft`; after each the
-//! table the kernel lists equals a fresh full load of the compiler's table
-//! in another namespace. A change the kernel refuses (deleting an element
-//! that is not there) fails as a whole and leaves the table as it was.
+//! NetworkPolicy changes over netlink (`dataplane::nftnl`) in the real
+//! kernel: random worlds compiled and loaded with `nft`, then pod,
+//! endpoint, namespace and policy changes one after another, every delta
+//! (set elements, map entries, sets, chains and their rules) handed to
+//! the kernel over netlink; after each the table the kernel lists equals
+//! a fresh full load of the compiler's table with `nft` in another
+//! namespace: rules encoded here read back as the text nft was given. A
+//! batch the kernel refuses fails as a whole, names the command, and
+//! leaves the table as it was.
 
 use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
-use margay_policy::nft::{Compiler, Element, ElementDelta, ElementOp, TABLE, TABLE_NAME};
+use margay_policy::model::{Key, Peer, Policy, PortMatch, Rule};
+use margay_policy::nft::{Batch, Compiler, Element, ElementOp, Line, Op, TABLE, TABLE_NAME};
 use margay_policy::random::{self, Rng};
-use margay_policy::{PodKey, World};
+use margay_policy::{PodKey, Proto, Selector, World};
 
 fn nft(ns: &Netns, script: &str) {
     margay_harness::nft::load(ns, script).unwrap();
@@ -41,10 +44,60 @@ fn local(w: &World) -> std::collections::BTreeMap<PodKey, String> {
         .collect()
 }
 
+/// A policy with every rule shape the compiler emits that the random
+/// ones may miss: IPv6 blocks, /0, a prefix ending inside a byte, SCTP,
+/// a range, every port of a protocol, a named port.
+fn every_shape() -> Policy {
+    let cidr = |s: &str| s.parse().unwrap();
+    let rule = |peers, ports| Rule { peers, ports };
+    Policy {
+        selector: Selector::everything(),
+        ingress: Some(vec![
+            rule(
+                vec![
+                    Peer::Block {
+                        cidr: cidr("fd00::/8"),
+                        except: vec![cidr("fd00:1::/32"), cidr("fd00:2::/47")],
+                    },
+                    Peer::Block {
+                        cidr: cidr("0.0.0.0/0"),
+                        except: vec![cidr("172.16.0.0/12"), cidr("10.9.9.9/32")],
+                    },
+                ],
+                vec![
+                    PortMatch::All { proto: Proto::Sctp },
+                    PortMatch::Range {
+                        proto: Proto::Udp,
+                        first: 1000,
+                        last: 2000,
+                    },
+                    PortMatch::Named {
+                        proto: Proto::Tcp,
+                        name: "serve-80-tcp".into(),
+                    },
+                ],
+            ),
+            rule(vec![], vec![]),
+        ]),
+        egress: Some(vec![rule(
+            vec![Peer::Block {
+                cidr: cidr("::/0"),
+                except: vec![],
+            }],
+            vec![PortMatch::Range {
+                proto: Proto::Tcp,
+                first: 443,
+                last: 443,
+            }],
+        )]),
+    }
+}
+
 #[test]
-fn element_changes_over_netlink_are_what_nft_would_load() {
+fn changes_over_netlink_are_what_nft_would_load() {
     let mut over_netlink = 0;
     let mut map_entries = 0;
+    let mut rules = 0;
     for seed in 0..8 {
         let mut rng = Rng::new(seed);
         let w = random::world(&mut rng, 0, 16, 8);
@@ -58,7 +111,17 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
         for step in 0..40 {
             let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
             let k = rng.pick(&keys).clone();
-            let d = match rng.below(4) {
+            let d = match if step == 0 { 9 } else { rng.below(6) } {
+                // Every rule shape, over every pod of x.
+                9 => c.set_policy(&Key::new("x", "every-shape"), Some(every_shape())),
+                // A policy created, changed or deleted.
+                4 => {
+                    let name = format!("np-{}", rng.below(4));
+                    let ns = random::NAMESPACES[rng.below(random::NAMESPACES.len())];
+                    let k = Key::new(ns, &name);
+                    let p = rng.chance(70).then(|| random::policy(&mut rng, 0));
+                    c.set_policy(&k, p)
+                }
                 // A pod wired here (shares an endpoint chain when others
                 // are isolated alike: map entries only), or gone.
                 0 => {
@@ -78,21 +141,21 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
                     c.set_pod(&k, Some(p))
                 }
             };
-            let mut e = ElementDelta::default();
-            if e.extend(&d) {
-                if !e.is_empty() {
-                    over_netlink += 1;
-                    map_entries += e
-                        .ops
-                        .iter()
-                        .filter(|(_, set, _)| set == "ingress" || set == "egress")
-                        .count();
-                    sock.apply(TABLE_NAME, &e).unwrap_or_else(|err| {
-                        panic!("seed {seed} step {step}: {err}\n{}", e.script())
-                    });
+            let mut e = Batch::default();
+            e.extend(&d);
+            if !e.is_empty() {
+                over_netlink += 1;
+                for op in &e.ops {
+                    match op {
+                        Op::Elements { set, .. } if set == "ingress" || set == "egress" => {
+                            map_entries += 1;
+                        }
+                        Op::AddRule { .. } => rules += 1,
+                        _ => {}
+                    }
                 }
-            } else {
-                nft(&ns, &d.script());
+                sock.apply(TABLE_NAME, &e)
+                    .unwrap_or_else(|err| panic!("seed {seed} step {step}: {err}\n{}", e.script()));
             }
             let fresh = Netns::create("nftnl-full").unwrap();
             nft(&fresh, &c.table().script());
@@ -113,22 +176,32 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
             .map(|(n, _)| n.clone());
         if let Some(set) = set {
             let before = listing(&ns);
-            let add = (
-                ElementOp::Add,
-                set.clone(),
-                vec![Element::Addr("10.0.9.9".parse().unwrap())],
-            );
-            let del = (
-                ElementOp::Delete,
-                set,
-                vec![Element::Addr("10.0.9.8".parse().unwrap())],
-            );
+            let el = |op, addr: &str| Op::Elements {
+                op,
+                set: set.clone(),
+                elements: vec![Element::Addr(addr.parse().unwrap())],
+            };
+            let add = el(ElementOp::Add, "10.0.9.9");
+            let del = el(ElementOp::Delete, "10.0.9.8");
+            // A rule for a chain that is not there, after a chain made.
+            let orphan = vec![
+                Op::AddChain("made-then-undone".into()),
+                Op::AddRule {
+                    chain: "no-such-chain".into(),
+                    line: Line::DropUnmarked,
+                },
+            ];
             // The refused message last (the one asking for an answer),
             // then first (its error comes ahead of that answer).
-            for ops in [vec![add.clone(), del.clone()], vec![del, add.clone()]] {
-                let bad = ElementDelta { ops };
+            for (ops, refused) in [
+                (vec![add.clone(), del.clone()], "delete element"),
+                (vec![del.clone(), add.clone()], "delete element"),
+                (orphan, "add rule inet margay_policy no-such-chain"),
+            ] {
+                let bad = Batch { ops };
                 let err = in_ns(&ns, || nftnl::apply(TABLE_NAME, &bad)).unwrap_err();
-                assert!(err.to_string().contains("refused"), "{err}");
+                let err = err.to_string();
+                assert!(err.contains("refused") && err.contains(refused), "{err}");
                 assert_eq!(
                     listing(&ns),
                     before,
@@ -138,18 +211,15 @@ fn element_changes_over_netlink_are_what_nft_would_load() {
             // Refused on the kept socket, whose next batch still reads
             // its own answer.
             // (Its error comes first, the last message's answer after it.)
-            let bad = ElementDelta {
-                ops: vec![
-                    (ElementOp::Delete, add.1.clone(), add.2.clone()),
-                    add.clone(),
-                ],
+            let bad = Batch {
+                ops: vec![el(ElementOp::Delete, "10.0.9.9"), add.clone()],
             };
             assert!(sock.apply(TABLE_NAME, &bad).is_err());
-            sock.apply(TABLE_NAME, &ElementDelta { ops: vec![add] })
-                .unwrap();
+            sock.apply(TABLE_NAME, &Batch { ops: vec![add] }).unwrap();
             assert_ne!(listing(&ns), before, "the element went in");
         }
     }
     assert!(over_netlink > 50, "{over_netlink} changes over netlink");
     assert!(map_entries > 10, "{map_entries} map entries over netlink");
+    assert!(rules > 100, "{rules} rules over netlink");
 }

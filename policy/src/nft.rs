@@ -49,11 +49,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use ipnetwork::IpNetwork;
-
 use crate::model::{Direction, Namespace, Peer, Pod, PodKey, Policy, PolicyKey, PortMatch, Rule};
 use crate::selector::Labels;
 use crate::{Proto, World};
+
+mod ops;
+pub use ops::{Batch, Field, L4Match, Line, Op, PeerMatch};
 
 /// The table, as `nft` names it.
 pub const TABLE: &str = "inet margay_policy";
@@ -120,7 +121,7 @@ pub struct Table {
     /// Named sets.
     pub sets: BTreeMap<String, Set>,
     /// Regular chains and their rules (the base chain is fixed).
-    pub chains: BTreeMap<String, Vec<String>>,
+    pub chains: BTreeMap<String, Vec<Line>>,
     /// Ingress dispatch: interface → verdict (`jump ep-in/HASH`, or
     /// `drop` for a quarantined interface).
     pub ingress: BTreeMap<String, Verdict>,
@@ -255,7 +256,7 @@ pub struct Delta {
     late_sets: Vec<(String, Set)>,
     new_chains: Vec<String>,
     add_elements: Vec<(String, BTreeSet<Element>)>,
-    rewrite: Vec<(String, Vec<String>)>,
+    rewrite: Vec<(String, Vec<Line>)>,
     del_map: Vec<(&'static str, String)>,
     add_map: Vec<(&'static str, String, Verdict)>,
     del_elements: Vec<(String, BTreeSet<Element>)>,
@@ -307,55 +308,6 @@ pub enum ElementOp {
     Delete,
 }
 
-/// Set element changes only, in order: what a pod or label change usually
-/// is, and what the agent can hand the kernel without `nft` (which reads
-/// back every set's and chain's definition before each run).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ElementDelta {
-    /// (add or delete, set name, elements), applied in this order.
-    pub ops: Vec<(ElementOp, String, Vec<Element>)>,
-}
-
-impl ElementDelta {
-    /// Appends `d`'s changes if it changes set elements only (returns
-    /// false, leaving `self` as it was, if not).
-    pub fn extend(&mut self, d: &Delta) -> bool {
-        let Some(ops) = d.element_ops() else {
-            return false;
-        };
-        self.ops.extend(ops);
-        true
-    }
-
-    /// The same changes as an `nft -f` script.
-    pub fn script(&self) -> String {
-        let mut s = String::new();
-        for (op, set, elems) in &self.ops {
-            let verb = match op {
-                ElementOp::Add => "add",
-                ElementOp::Delete => "delete",
-            };
-            let e: Vec<String> = elems
-                .iter()
-                .map(|e| match (op, e) {
-                    (ElementOp::Delete, Element::Iface { name, .. }) => format!("\"{name}\""),
-                    _ => e.to_string(),
-                })
-                .collect();
-            s.push_str(&format!(
-                "{verb} element {TABLE} {set} {{ {} }}\n",
-                e.join(", ")
-            ));
-        }
-        s
-    }
-
-    /// Whether it changes nothing.
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-    }
-}
-
 impl std::fmt::Display for Element {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -367,42 +319,106 @@ impl std::fmt::Display for Element {
 }
 
 impl Delta {
-    /// Its changes as typed set element operations, if that is all it
-    /// changes (no set, chain or map touched otherwise).
-    pub fn element_ops(&self) -> Option<Vec<(ElementOp, String, Vec<Element>)>> {
-        if !(self.new_sets.is_empty()
-            && self.late_sets.is_empty()
-            && self.new_chains.is_empty()
-            && self.rewrite.is_empty()
-            && self.del_chains.is_empty()
-            && self.del_sets.is_empty())
-        {
-            return None;
-        }
+    /// Its commands, in an order the kernel accepts in one transaction:
+    /// what is referenced exists before what references it, and goes
+    /// after it. An interface's map entry is deleted before it is added
+    /// again with another verdict (the kernel refuses to overwrite one).
+    pub fn ops(&self) -> Vec<Op> {
         let mut ops = Vec::new();
-        for (set, e) in &self.add_elements {
-            ops.push((ElementOp::Add, set.clone(), e.iter().cloned().collect()));
+        let elements = |op, set: &str, e: &BTreeSet<Element>| Op::Elements {
+            op,
+            set: set.to_string(),
+            elements: e.iter().cloned().collect(),
+        };
+        let set_decl = |ops: &mut Vec<Op>, name: &str, set: &Set| {
+            ops.push(Op::AddSet {
+                name: name.to_string(),
+                kind: set.kind,
+            });
+            if !set.elements.is_empty() {
+                ops.push(elements(ElementOp::Add, name, &set.elements));
+            }
+        };
+        for (name, set) in &self.new_sets {
+            set_decl(&mut ops, name, set);
         }
-        // An interface's entry is deleted before it is added again with
-        // another verdict (the kernel refuses to overwrite one).
+        for name in &self.new_chains {
+            ops.push(Op::AddChain(name.clone()));
+        }
+        for (name, e) in &self.add_elements {
+            ops.push(elements(ElementOp::Add, name, e));
+        }
+        let rules = |ops: &mut Vec<Op>, name: &str, lines: &[Line]| {
+            ops.extend(lines.iter().map(|l| Op::AddRule {
+                chain: name.to_string(),
+                line: l.clone(),
+            }));
+        };
+        // With a set to renew, the chains are refilled after it is. A new
+        // chain has nothing to flush.
+        for (name, lines) in &self.rewrite {
+            if !self.new_chains.contains(name) {
+                ops.push(Op::FlushChain(name.clone()));
+            }
+            if self.late_sets.is_empty() {
+                rules(&mut ops, name, lines);
+            }
+        }
         for (map, i) in &self.del_map {
             let e = Element::Iface {
                 name: i.clone(),
                 verdict: Verdict::Drop,
             };
-            ops.push((ElementOp::Delete, (*map).to_string(), vec![e]));
+            ops.push(Op::Elements {
+                op: ElementOp::Delete,
+                set: (*map).to_string(),
+                elements: vec![e],
+            });
         }
         for (map, i, v) in &self.add_map {
             let e = Element::Iface {
                 name: i.clone(),
                 verdict: v.clone(),
             };
-            ops.push((ElementOp::Add, (*map).to_string(), vec![e]));
+            ops.push(Op::Elements {
+                op: ElementOp::Add,
+                set: (*map).to_string(),
+                elements: vec![e],
+            });
         }
-        for (set, e) in &self.del_elements {
-            ops.push((ElementOp::Delete, set.clone(), e.iter().cloned().collect()));
+        for (name, e) in &self.del_elements {
+            ops.push(elements(ElementOp::Delete, name, e));
         }
-        Some(ops)
+        for name in &self.del_chains {
+            ops.push(Op::FlushChain(name.clone()));
+        }
+        for name in &self.del_chains {
+            ops.push(Op::DeleteChain(name.clone()));
+        }
+        for name in &self.del_sets {
+            ops.push(Op::DeleteSet(name.clone()));
+        }
+        if !self.late_sets.is_empty() {
+            for (name, set) in &self.late_sets {
+                set_decl(&mut ops, name, set);
+            }
+            for (name, lines) in &self.rewrite {
+                rules(&mut ops, name, lines);
+            }
+        }
+        ops
+    }
+
+    /// Its element changes, if that is all it changes.
+    #[cfg(test)]
+    pub(crate) fn element_ops(&self) -> Option<Vec<(ElementOp, String, Vec<Element>)>> {
+        self.ops()
+            .into_iter()
+            .map(|op| match op {
+                Op::Elements { op, set, elements } => Some((op, set, elements)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Whether it changes nothing.
@@ -438,72 +454,9 @@ impl Delta {
 
     /// One `nft -f` transaction.
     pub fn script(&self) -> String {
-        let mut s = String::new();
-        let set_decl = |s: &mut String, name: &str, set: &Set| {
-            s.push_str(&format!(
-                "add set {TABLE} {name} {{ {} }}\n",
-                set.kind.decl()
-            ));
-            if !set.elements.is_empty() {
-                s.push_str(&format!(
-                    "add element {TABLE} {name} {{ {} }}\n",
-                    elements(&set.elements)
-                ));
-            }
-        };
-        for (name, set) in &self.new_sets {
-            set_decl(&mut s, name, set);
-        }
-        for name in &self.new_chains {
-            s.push_str(&format!("add chain {TABLE} {name}\n"));
-        }
-        for (name, e) in &self.add_elements {
-            s.push_str(&format!(
-                "add element {TABLE} {name} {{ {} }}\n",
-                elements(e)
-            ));
-        }
-        // With a set to renew, the chains are refilled after it is.
-        for (name, rules) in &self.rewrite {
-            s.push_str(&format!("flush chain {TABLE} {name}\n"));
-            if self.late_sets.is_empty() {
-                for r in rules {
-                    s.push_str(&format!("add rule {TABLE} {name} {r}\n"));
-                }
-            }
-        }
-        for (map, i) in &self.del_map {
-            s.push_str(&format!("delete element {TABLE} {map} {{ \"{i}\" }}\n"));
-        }
-        for (map, i, c) in &self.add_map {
-            s.push_str(&format!("add element {TABLE} {map} {{ \"{i}\" : {c} }}\n"));
-        }
-        for (name, e) in &self.del_elements {
-            s.push_str(&format!(
-                "delete element {TABLE} {name} {{ {} }}\n",
-                elements(e)
-            ));
-        }
-        for name in &self.del_chains {
-            s.push_str(&format!("flush chain {TABLE} {name}\n"));
-        }
-        for name in &self.del_chains {
-            s.push_str(&format!("delete chain {TABLE} {name}\n"));
-        }
-        for name in &self.del_sets {
-            s.push_str(&format!("delete set {TABLE} {name}\n"));
-        }
-        if !self.late_sets.is_empty() {
-            for (name, set) in &self.late_sets {
-                set_decl(&mut s, name, set);
-            }
-            for (name, rules) in &self.rewrite {
-                for r in rules {
-                    s.push_str(&format!("add rule {TABLE} {name} {r}\n"));
-                }
-            }
-        }
-        s
+        let mut b = Batch::default();
+        b.extend(self);
+        b.script()
     }
 }
 
@@ -727,7 +680,7 @@ fn required(sel: &crate::Selector) -> Option<(String, String)> {
 #[derive(Debug, Clone, Default)]
 struct Journal {
     sets: BTreeMap<String, SetWas>,
-    chains: BTreeMap<String, Option<Vec<String>>>,
+    chains: BTreeMap<String, Option<Vec<Line>>>,
     ingress: BTreeMap<String, Option<Verdict>>,
     egress: BTreeMap<String, Option<Verdict>>,
 }
@@ -981,7 +934,7 @@ impl Compiler {
         }
     }
 
-    fn put_chain(&mut self, name: String, rules: Vec<String>) {
+    fn put_chain(&mut self, name: String, rules: Vec<Line>) {
         self.touch_chain(&name);
         self.table.chains.insert(name, rules);
     }
@@ -1368,15 +1321,10 @@ impl Compiler {
         if !new {
             return name;
         }
-        let clear = format!("meta mark set meta mark & {:#010x}", !ALLOW_MARK);
-        let mut rules = vec!["ct state invalid drop".to_string(), clear.clone()];
-        rules.extend(
-            policies
-                .iter()
-                .map(|p| format!("jump {}", policy_chain(dir, p))),
-        );
-        rules.push(format!("meta mark & {ALLOW_MARK:#010x} == 0 drop"));
-        rules.push(clear);
+        let mut rules = vec![Line::DropInvalid, Line::ClearMark];
+        rules.extend(policies.iter().map(|p| Line::Jump(policy_chain(dir, p))));
+        rules.push(Line::DropUnmarked);
+        rules.push(Line::ClearMark);
         self.put_chain(name.clone(), rules);
         name
     }
@@ -1477,15 +1425,15 @@ impl Compiler {
         key: &PolicyKey,
         r: &Rule,
         compiled: &mut Compiled,
-    ) -> Vec<String> {
-        let other = match dir {
-            Direction::Ingress => "saddr",
-            Direction::Egress => "daddr",
+    ) -> Vec<Line> {
+        let field = match dir {
+            Direction::Ingress => Field::Saddr,
+            Direction::Egress => Field::Daddr,
         };
-        // Peer matches: (family: None = any, text).
-        let mut peers: Vec<(Option<bool>, String)> = Vec::new();
+        // Peer matches (None: anyone).
+        let mut peers: Vec<Option<PeerMatch>> = Vec::new();
         if r.peers.is_empty() {
-            peers.push((None, String::new()));
+            peers.push(None);
         }
         for p in &r.peers {
             let Peer::Pods { namespaces, pods } = p else {
@@ -1498,12 +1446,11 @@ impl Compiler {
                     pods: pods.clone(),
                     v6,
                 };
-                let name = self.use_set(def, key);
-                compiled.sets.insert(name.clone());
-                let fam = if v6 { "ip6" } else { "ip" };
-                let line = (Some(v6), format!("{fam} {other} @{name}"));
-                if !peers.contains(&line) {
-                    peers.push(line);
+                let set = self.use_set(def, key);
+                compiled.sets.insert(set.clone());
+                let m = Some(PeerMatch::Set { v6, field, set });
+                if !peers.contains(&m) {
+                    peers.push(m);
                 }
             }
         }
@@ -1514,32 +1461,26 @@ impl Compiler {
         // table's blocks.
         for p in &r.peers {
             if let Peer::Block { cidr, except } = p {
-                let v6 = cidr.is_ipv6();
-                let fam = if v6 { "ip6" } else { "ip" };
-                let mut m = format!("{fam} {other} {}", prefix(cidr));
-                for e in except {
-                    m.push_str(&format!(" {fam} {other} != {}", prefix(e)));
-                }
-                peers.push((Some(v6), m));
+                peers.push(Some(PeerMatch::Block {
+                    field,
+                    cidr: *cidr,
+                    except: except.clone(),
+                }));
             }
         }
-        // Port matches: (family, text).
-        let mut ports: Vec<(Option<bool>, String)> = Vec::new();
+        // Port matches (None: every port of every protocol).
+        let mut ports: Vec<Option<L4Match>> = Vec::new();
         if r.ports.is_empty() {
-            ports.push((None, String::new()));
+            ports.push(None);
         }
         for p in &r.ports {
             match p {
-                PortMatch::All { proto } => ports.push((None, format!("meta l4proto {proto}"))),
-                PortMatch::Range { proto, first, last } if first == last => {
-                    ports.push((None, format!("meta l4proto {proto} th dport {first}")));
-                }
-                PortMatch::Range { proto, first, last } => {
-                    ports.push((
-                        None,
-                        format!("meta l4proto {proto} th dport {first}-{last}"),
-                    ));
-                }
+                PortMatch::All { proto } => ports.push(Some(L4Match::Proto(*proto))),
+                PortMatch::Range { proto, first, last } => ports.push(Some(L4Match::Ports {
+                    proto: *proto,
+                    first: *first,
+                    last: *last,
+                })),
                 PortMatch::Named { proto, name } => {
                     for v6 in [false, true] {
                         let def = SetDef::Named {
@@ -1550,29 +1491,25 @@ impl Compiler {
                         };
                         let set = self.use_set(def, key);
                         compiled.sets.insert(set.clone());
-                        let fam = if v6 { "ip6" } else { "ip" };
-                        ports.push((
-                            Some(v6),
-                            format!("{fam} daddr . meta l4proto . th dport @{set}"),
-                        ));
+                        ports.push(Some(L4Match::Named { v6, set }));
                     }
                 }
             }
         }
         let mut lines = Vec::new();
-        let allow = format!("meta mark set meta mark | {ALLOW_MARK:#010x} return");
-        for (pf, pt) in &peers {
-            for (qf, qt) in &ports {
+        for peer in &peers {
+            for port in &ports {
+                let pf = peer.as_ref().map(PeerMatch::v6);
+                let qf = port.as_ref().and_then(L4Match::v6);
                 if let (Some(a), Some(b)) = (pf, qf)
                     && a != b
                 {
                     continue;
                 }
-                let text: Vec<&str> = [pt.as_str(), qt.as_str(), allow.as_str()]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                lines.push(text.join(" "));
+                lines.push(Line::Allow {
+                    peer: peer.clone(),
+                    port: port.clone(),
+                });
             }
         }
         lines
@@ -1743,11 +1680,6 @@ fn in_namespace<'a, V>(
 /// The keys of `m` in namespace `ns`.
 fn keys_in<V>(m: &BTreeMap<PodKey, V>, ns: &str) -> Vec<PodKey> {
     in_namespace(m, ns).map(|(k, _)| k.clone()).collect()
-}
-
-/// `cidr` as nft writes a prefix: its network address and length.
-fn prefix(cidr: &IpNetwork) -> String {
-    format!("{}/{}", cidr.network(), cidr.prefix())
 }
 
 /// The elements of `set` about `ip`: the address itself, or the

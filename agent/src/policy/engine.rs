@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use margay_policy::model::{Key, Namespace};
-use margay_policy::nft::{Compiler, Delta, ElementDelta};
+use margay_policy::nft::{Batch, Compiler, Delta};
 use margay_policy::{Pod, PodKey, Policy, PolicyKey};
 
 /// A watch event, of any kind (the shape kube-runtime's watcher gives).
@@ -101,11 +101,11 @@ pub struct Engine {
 /// What the kernel is handed next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Load {
-    /// An `nft -f` script (the whole table, or deltas that touch chains,
-    /// sets or maps).
+    /// The whole table, as an `nft -f` script.
     Script(String),
-    /// Set element changes only.
-    Elements(ElementDelta),
+    /// The changes since the last load, in one transaction (the agent
+    /// hands them to the kernel over netlink, without `nft`).
+    Batch(Batch),
 }
 
 impl Load {
@@ -113,7 +113,7 @@ impl Load {
     pub fn script(&self) -> String {
         match self {
             Self::Script(s) => s.clone(),
-            Self::Elements(e) => e.script(),
+            Self::Batch(b) => b.script(),
         }
     }
 }
@@ -517,8 +517,8 @@ impl Engine {
     }
 
     /// What to load next, if anything: as [`Engine::take_script`], but
-    /// deltas that change set elements only come as those changes (the
-    /// agent hands them to the kernel over netlink, without `nft`).
+    /// deltas come as their typed commands (the agent hands them to the
+    /// kernel over netlink, without `nft`).
     pub fn take_load(&mut self) -> Option<Load> {
         if !self.listed() {
             return None;
@@ -530,11 +530,11 @@ impl Engine {
         if pending.is_empty() {
             return None;
         }
-        let mut e = ElementDelta::default();
-        if pending.iter().all(|d| e.extend(d)) && !e.is_empty() {
-            return Some(Load::Elements(e));
+        let mut b = Batch::default();
+        for d in &pending {
+            b.extend(d);
         }
-        Some(Load::Script(pending.iter().map(Delta::script).collect()))
+        (!b.is_empty()).then_some(Load::Batch(b))
     }
 
     /// The script from [`Engine::take_script`] was loaded (or not).
@@ -681,16 +681,19 @@ mod tests {
         e.loaded(true);
         // Scheduled (nodeName node1), no address yet: chains made now.
         e.pod_event(Event::Apply(pod("x", "a", &[("app", "a")], None)));
-        let Some(Load::Script(s)) = e.take_load() else {
-            panic!("the policy and endpoint chains are made by nft");
+        let Some(Load::Batch(b)) = e.take_load() else {
+            panic!("the policy and endpoint chains are a delta");
         };
+        let s = b.script();
+        assert!(!b.elements_only());
         assert!(s.contains("add chain inet margay_policy ep-in/"), "{s}");
         assert!(!s.contains("cali"), "no interface yet: {s}");
         e.loaded(true);
         let key = add_cali1(&mut e);
-        let Some(Load::Elements(d)) = e.take_load() else {
-            panic!("the ADD is elements only");
+        let Some(Load::Batch(d)) = e.take_load() else {
+            panic!("the ADD is a delta");
         };
+        assert!(d.elements_only(), "the ADD is elements only: {d:?}");
         assert!(
             d.script()
                 .contains("add element inet margay_policy ingress { \"cali1\" : jump ep-in/"),
@@ -733,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn a_remote_pods_label_is_elements_only_a_policy_is_a_script() {
+    fn a_remote_pods_label_is_elements_only_a_policy_is_chains_one_batch() {
         let mut e = Engine::new();
         let from_b: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "x", "name": "from-b"},
@@ -763,9 +766,10 @@ mod tests {
             &[("app", "b")],
             Some("10.0.0.9"),
         )));
-        let Some(Load::Elements(d)) = e.take_load() else {
-            panic!("not elements only")
+        let Some(Load::Batch(d)) = e.take_load() else {
+            panic!("not a delta")
         };
+        assert!(d.elements_only());
         let s = d.script();
         assert!(
             s.starts_with("add element inet margay_policy peer/")
@@ -774,16 +778,17 @@ mod tests {
             "{s}"
         );
         e.loaded(true);
-        // A second policy: chains, so a script.
+        // A second policy: chains.
         e.policy_event(Event::Apply(deny_all("x")));
-        assert!(matches!(e.take_load(), Some(Load::Script(_))));
+        assert!(matches!(e.take_load(), Some(Load::Batch(b)) if !b.elements_only()));
         e.loaded(true);
-        // Elements, then a chain change in the same batch: one script.
+        // Elements, then a chain change: one batch, in that order.
         e.pod_event(Event::Apply(pod("x", "r", &[], Some("10.0.0.9"))));
         e.policy_event(Event::Delete(deny_all("x")));
-        let Some(Load::Script(s)) = e.take_load() else {
-            panic!("mixed batch not a script")
+        let Some(Load::Batch(b)) = e.take_load() else {
+            panic!("mixed changes not one batch")
         };
+        let s = b.script();
         assert!(
             s.contains("delete element inet margay_policy peer/") && s.contains(".p4 { 10.0.0.9 }"),
             "{s}"

@@ -297,7 +297,7 @@ pub async fn run(
         {
             let t = std::time::Instant::now();
             let (how, done) = match load {
-                engine::Load::Elements(e) => {
+                engine::Load::Batch(b) if crate::dataplane::nftnl::fits(POLICY_TABLE_NAME, &b) => {
                     // One socket kept across batches (closing one costs
                     // the kernel an RCU grace period); dropped on error.
                     let sock = netlink.take();
@@ -306,7 +306,7 @@ pub async fn run(
                             Some(s) => s,
                             None => crate::dataplane::nftnl::Socket::open()?,
                         };
-                        s.apply(POLICY_TABLE_NAME, &e).map(|()| s)
+                        s.apply(POLICY_TABLE_NAME, &b).map(|()| s)
                     })
                     .await
                     .unwrap_or_else(|j| {
@@ -314,6 +314,10 @@ pub async fn run(
                     });
                     ("netlink", r.map(|s| netlink = Some(s)))
                 }
+                engine::Load::Batch(b) => (
+                    "nft",
+                    crate::dataplane::nft::load(&b.script(), NFT_POLICY_TABLE).await,
+                ),
                 engine::Load::Script(script) => (
                     "nft",
                     crate::dataplane::nft::load(&script, NFT_POLICY_TABLE).await,

@@ -7,8 +7,9 @@
 //!
 //! - Margay: `margay_policy::nft::Compiler` (what the agent runs) turns the
 //!   change into a delta, which the agent's own code loads as the agent
-//!   does: set element changes only over netlink (`dataplane::nftnl`, one
-//!   batch), anything else with one `nft -f -` transaction.
+//!   does: over netlink (`dataplane::nftnl`, one batch, one transaction,
+//!   on a socket kept open), with `nft -f -` only for a batch too large
+//!   for one write.
 //! - Baseline (written here, not in the product): every change re-renders
 //!   everything, kube-router's full sync: an ipset set per policy's targets
 //!   and per rule peer (hash:ip, hash:net for ipBlocks with `nomatch`
@@ -41,7 +42,7 @@ use clap::Parser;
 use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
 use margay_policy::model::{Direction, Key, NamedPort, Peer, PortMatch, Rule};
-use margay_policy::nft::{Compiler, Delta, ElementDelta, TABLE_NAME};
+use margay_policy::nft::{Batch, Compiler, Delta, TABLE_NAME};
 use margay_policy::selector::Labels;
 use margay_policy::{Namespace, Pod, PodKey, Policy, Proto, Selector, World, spec};
 
@@ -476,17 +477,14 @@ fn main() -> anyhow::Result<()> {
                     let t = Instant::now();
                     let d = delta(&mut c, ch);
                     compile.push(t.elapsed());
-                    // Rendered for the path it takes, as the agent does.
-                    let mut e = ElementDelta::default();
-                    if e.extend(&d) {
-                        if !e.is_empty() {
-                            sock.apply(TABLE_NAME, &e)?;
-                        }
+                    // Loaded as the agent loads a delta: over netlink,
+                    // through nft only when too large for one write.
+                    let mut b = Batch::default();
+                    b.extend(&d);
+                    if nftnl::fits(TABLE_NAME, &b) {
+                        sock.apply(TABLE_NAME, &b)?;
                     } else {
-                        let s = d.script();
-                        if !s.is_empty() {
-                            load("nft", &["-f", "-"], &s)?;
-                        }
+                        load("nft", &["-f", "-"], &b.script())?;
                     }
                     total.push(t.elapsed());
                     if let Some(dir) = &cli.dump_dir

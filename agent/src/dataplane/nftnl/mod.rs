@@ -1,22 +1,23 @@
-//! NetworkPolicy set element changes handed to the kernel over netlink
-//! (`NETLINK_NETFILTER`), without `nft`: one batch, one transaction, all
-//! of it or nothing. Elements are addresses, `address . proto . port`,
-//! and the dispatch maps' `interface : verdict` entries (a new pod that
-//! policies isolate like others is one of those). `nft -f` reads back the definition of every set and
-//! chain of the node before it runs a script, which costs far more than a
-//! pod's few elements (BENCHMARKS.md); everything else (sets, chains,
-//! maps, the whole table) still goes through [`super::nft`].
+//! NetworkPolicy changes handed to the kernel over netlink
+//! (`NETLINK_NETFILTER`), without `nft`: a [`Batch`] (sets, chains,
+//! rules, set and map elements) as one batch, one transaction, all of it
+//! or nothing. `nft -f` reads back the definition of every set and chain
+//! of the table before it runs a script, and costs a process; a policy
+//! created or a pod added is a few messages here (BENCHMARKS.md). The
+//! whole table (start-up, resync, recovery) still goes through
+//! [`super::nft`], as does a batch too large for one write.
 //!
-//! [`encode`] is pure (a batch of messages from a
-//! [`margay_policy::nft::ElementDelta`]); [`apply`] sends it and reads the
-//! kernel's answer to each message.
+//! [`encode`] is pure (a batch of messages from a [`Batch`]; rule lines
+//! become expressions in [`rule`]); [`Socket::apply`] sends it and reads
+//! the kernel's answer.
+
+mod rule;
 
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use margay_policy::Proto;
-use margay_policy::nft::{Element, ElementDelta, ElementOp, Verdict};
+use margay_policy::nft::{Batch, Element, ElementOp, Op, SetKind, Verdict};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
     setsockopt, socket, sockopt,
@@ -26,6 +27,12 @@ use nix::sys::time::TimeVal;
 use super::Error;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -34,6 +41,24 @@ const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_ID: u16 = 10;
+/// nft's type numbers (its `datatypes.h`), and how it names a
+/// concatenation of them: each type shifted in by 6 bits.
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_BITS: u32 = 6;
 const NFPROTO_INET: u8 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -50,9 +75,6 @@ const NFT_JUMP: i32 = -3;
 /// `type ifname` keys: the name, zero-padded to IFNAMSIZ.
 const IFNAMSIZ: usize = 16;
 const NLA_F_NESTED: u16 = 0x8000;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
 
 /// Batches larger than this go through `nft` (one netlink write must hold
 /// the whole batch).
@@ -99,12 +121,7 @@ fn key(e: &Element) -> Vec<u8> {
         Element::Addr(a) => addr_bytes(a),
         Element::Port { addr, proto, port } => {
             let mut k = addr_bytes(addr);
-            let p = match proto {
-                Proto::Tcp => IPPROTO_TCP,
-                Proto::Udp => IPPROTO_UDP,
-                Proto::Sctp => IPPROTO_SCTP,
-            };
-            k.extend_from_slice(&[p, 0, 0, 0]);
+            k.extend_from_slice(&[rule::proto_number(*proto), 0, 0, 0]);
             k.extend_from_slice(&port.to_be_bytes());
             k.extend_from_slice(&[0, 0]);
             k
@@ -130,14 +147,134 @@ fn message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, res_id: u16, body
     buf.extend_from_slice(body);
 }
 
-/// The batch for `d` on table `table` (`inet` family, name without the
-/// family), its messages numbered from `seq`; with how many element
-/// messages it holds. Only the last asks for an acknowledgement: the
-/// kernel processes the whole batch within the send, and answers a
-/// refused message with its error ahead of that acknowledgement (one
-/// answer to read, not one per set).
-pub fn encode(table: &str, d: &ElementDelta, seq: u32) -> (Vec<u8>, usize) {
-    let total = d.ops.iter().filter(|(_, _, e)| !e.is_empty()).count();
+/// A verdict (`NFTA_DATA_VERDICT`'s contents).
+fn verdict(b: &mut Vec<u8>, code: i32, chain: Option<&str>) {
+    nested(b, NFTA_DATA_VERDICT, |b| {
+        attr(b, NFTA_VERDICT_CODE, &code.to_be_bytes());
+        if let Some(c) = chain {
+            attr(b, NFTA_VERDICT_CHAIN, &cstr(c));
+        }
+    });
+}
+
+/// A set's key: nft's type number and its length in the kernel (each
+/// field of a concatenation padded to 4 bytes).
+fn set_key(kind: SetKind) -> (u32, u32) {
+    let concat =
+        |addr: u32| (((addr << TYPE_BITS) | TYPE_INET_PROTOCOL) << TYPE_BITS) | TYPE_INET_SERVICE;
+    match kind {
+        SetKind::Addr4 => (TYPE_IPADDR, 4),
+        SetKind::Addr6 => (TYPE_IP6ADDR, 16),
+        SetKind::Named4 => (concat(TYPE_IPADDR), 12),
+        SetKind::Named6 => (concat(TYPE_IP6ADDR), 24),
+    }
+}
+
+/// One command's message, before its header.
+struct Message {
+    /// `NFT_MSG_*`.
+    kind: u16,
+    /// Flags besides `NLM_F_REQUEST` and `NLM_F_ACK`.
+    flags: u16,
+    /// Its attributes.
+    body: Vec<u8>,
+}
+
+/// One command's message; `None` for an element change with no elements.
+fn op_message(table: &str, op: &Op, set_id: u32) -> Option<Message> {
+    let mut body = Vec::new();
+    let t = cstr(table);
+    let (kind, flags) = match op {
+        Op::AddSet { name, kind } => {
+            let (key_type, key_len) = set_key(*kind);
+            attr(&mut body, NFTA_SET_TABLE, &t);
+            attr(&mut body, NFTA_SET_NAME, &cstr(name));
+            attr(&mut body, NFTA_SET_KEY_TYPE, &key_type.to_be_bytes());
+            attr(&mut body, NFTA_SET_KEY_LEN, &key_len.to_be_bytes());
+            attr(&mut body, NFTA_SET_ID, &set_id.to_be_bytes());
+            (NFT_MSG_NEWSET, NLM_F_CREATE)
+        }
+        Op::AddChain(name) => {
+            attr(&mut body, NFTA_CHAIN_TABLE, &t);
+            attr(&mut body, NFTA_CHAIN_NAME, &cstr(name));
+            (NFT_MSG_NEWCHAIN, NLM_F_CREATE)
+        }
+        Op::FlushChain(name) => {
+            attr(&mut body, NFTA_RULE_TABLE, &t);
+            attr(&mut body, NFTA_RULE_CHAIN, &cstr(name));
+            (NFT_MSG_DELRULE, 0)
+        }
+        Op::AddRule { chain, line } => {
+            attr(&mut body, NFTA_RULE_TABLE, &t);
+            attr(&mut body, NFTA_RULE_CHAIN, &cstr(chain));
+            attr(
+                &mut body,
+                NFTA_RULE_EXPRESSIONS | NLA_F_NESTED,
+                &rule::expressions(line),
+            );
+            (NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND)
+        }
+        Op::DeleteChain(name) => {
+            attr(&mut body, NFTA_CHAIN_TABLE, &t);
+            attr(&mut body, NFTA_CHAIN_NAME, &cstr(name));
+            (NFT_MSG_DELCHAIN, 0)
+        }
+        Op::DeleteSet(name) => {
+            attr(&mut body, NFTA_SET_TABLE, &t);
+            attr(&mut body, NFTA_SET_NAME, &cstr(name));
+            (NFT_MSG_DELSET, 0)
+        }
+        Op::Elements { elements, .. } if elements.is_empty() => return None,
+        Op::Elements { op, set, elements } => {
+            attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &t);
+            attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+            nested(&mut body, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                for e in elements {
+                    nested(b, NFTA_LIST_ELEM, |b| {
+                        nested(b, NFTA_SET_ELEM_KEY, |b| {
+                            attr(b, NFTA_DATA_VALUE, &key(e));
+                        });
+                        // A map entry's verdict (a delete names the key only).
+                        if let (ElementOp::Add, Element::Iface { verdict: v, .. }) = (op, e) {
+                            nested(b, NFTA_SET_ELEM_DATA, |b| match v {
+                                Verdict::Drop => verdict(b, NF_DROP, None),
+                                Verdict::Jump(chain) => verdict(b, NFT_JUMP, Some(chain)),
+                            });
+                        }
+                    });
+                }
+            });
+            match op {
+                ElementOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE),
+                ElementOp::Delete => (NFT_MSG_DELSETELEM, 0),
+            }
+        }
+    };
+    Some(Message { kind, flags, body })
+}
+
+/// An encoded batch.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The bytes to send.
+    pub bytes: Vec<u8>,
+    /// Which command of the batch each message is (message `i` has
+    /// sequence number `seq + 1 + i`).
+    pub ops: Vec<usize>,
+}
+
+/// The batch for `b` on table `table` (`inet` family, name without the
+/// family), its messages numbered from `seq`. Only the last asks for an
+/// acknowledgement: the kernel processes the whole batch within the
+/// send, and answers a refused message with its error ahead of that
+/// acknowledgement (one answer to read, not one per message).
+pub fn encode(table: &str, b: &Batch, seq: u32) -> Encoded {
+    let messages: Vec<(usize, Message)> = b
+        .ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, op)| Some((i, op_message(table, op, i as u32)?)))
+        .collect();
     let mut buf = Vec::new();
     message(
         &mut buf,
@@ -147,61 +284,35 @@ pub fn encode(table: &str, d: &ElementDelta, seq: u32) -> (Vec<u8>, usize) {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    let mut n = 0u32;
-    for (op, set, elems) in &d.ops {
-        if elems.is_empty() {
-            continue;
-        }
-        n += 1;
-        let ack = if n as usize == total { NLM_F_ACK } else { 0 };
-        let (kind, flags) = match op {
-            ElementOp::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | ack | NLM_F_CREATE),
-            ElementOp::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | ack),
-        };
-        let mut body = Vec::new();
-        attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-        attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
-        nested(&mut body, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-            for e in elems {
-                nested(b, NFTA_LIST_ELEM, |b| {
-                    nested(b, NFTA_SET_ELEM_KEY, |b| {
-                        attr(b, NFTA_DATA_VALUE, &key(e));
-                    });
-                    // A map entry's verdict (a delete names the key only).
-                    if let (ElementOp::Add, Element::Iface { verdict, .. }) = (op, e) {
-                        nested(b, NFTA_SET_ELEM_DATA, |b| {
-                            nested(b, NFTA_DATA_VERDICT, |b| match verdict {
-                                Verdict::Drop => {
-                                    attr(b, NFTA_VERDICT_CODE, &NF_DROP.to_be_bytes());
-                                }
-                                Verdict::Jump(chain) => {
-                                    attr(b, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
-                                    attr(b, NFTA_VERDICT_CHAIN, &cstr(chain));
-                                }
-                            });
-                        });
-                    }
-                });
-            }
-        });
+    let total = messages.len();
+    let mut ops = Vec::with_capacity(total);
+    for (n, (i, m)) in messages.into_iter().enumerate() {
+        let ack = if n + 1 == total { NLM_F_ACK } else { 0 };
         message(
             &mut buf,
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            flags,
-            seq.wrapping_add(n),
+            (NFNL_SUBSYS_NFTABLES << 8) | m.kind,
+            NLM_F_REQUEST | ack | m.flags,
+            seq.wrapping_add(n as u32 + 1),
             0,
-            &body,
+            &m.body,
         );
+        ops.push(i);
     }
     message(
         &mut buf,
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
-        seq.wrapping_add(n + 1),
+        seq.wrapping_add(total as u32 + 1),
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    (buf, n as usize)
+    Encoded { bytes: buf, ops }
+}
+
+/// Whether `b` fits one netlink write ([`MAX_BATCH`]); a larger batch
+/// goes through `nft`.
+pub fn fits(table: &str, b: &Batch) -> bool {
+    encode(table, b, 0).bytes.len() <= MAX_BATCH
 }
 
 /// The kernel's answers in `buf`: acknowledgements counted, the first
@@ -266,13 +377,15 @@ impl Socket {
         Ok(Self { fd, seq })
     }
 
-    /// Applies `d` to Margay's table `table`, in one transaction; an
-    /// error leaves the table as it was (and the socket should be
-    /// dropped: answers may be left in it).
-    pub fn apply(&mut self, table: &str, d: &ElementDelta) -> super::Result<()> {
+    /// Applies `b` to Margay's table `table`, in one transaction; an
+    /// error (naming the command the kernel refused) leaves the table as
+    /// it was (and the socket should be dropped: answers may be left in
+    /// it).
+    pub fn apply(&mut self, table: &str, b: &Batch) -> super::Result<()> {
         let e = |what: &'static str| move |err: nix::Error| netlink_error(what, err);
         let seq = self.seq;
-        let (batch, messages) = encode(table, d, seq);
+        let enc = encode(table, b, seq);
+        let messages = enc.ops.len();
         if messages == 0 {
             return Ok(());
         }
@@ -282,7 +395,7 @@ impl Socket {
         while recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {}
         sendto(
             self.fd.as_raw_fd(),
-            &batch,
+            &enc.bytes,
             &NetlinkAddr::new(0, 0),
             MsgFlags::empty(),
         )
@@ -292,9 +405,15 @@ impl Socket {
             let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())
                 .map_err(e("waiting for the kernel's answer"))?;
             if let Some((errno, at)) = answers(&buf[..n], &mut acks) {
-                let which = at.wrapping_sub(seq);
+                let which = at.wrapping_sub(seq).wrapping_sub(1) as usize;
+                let what = enc
+                    .ops
+                    .get(which)
+                    .and_then(|&i| b.ops.get(i))
+                    .map_or_else(|| format!("message {which}"), |op| format!("`{op}`"));
                 return Err(Error::Nft(format!(
-                    "netlink: the kernel refused element change {which} of {messages} in {table}: {}",
+                    "netlink: the kernel refused {what} ({} of {messages} in the batch): {}",
+                    which + 1,
                     nix::errno::Errno::from_raw(errno)
                 )));
             }
@@ -307,14 +426,14 @@ fn netlink_error(what: &str, err: nix::Error) -> Error {
     Error::Nft(format!("netlink: {what}: {err}"))
 }
 
-/// Applies `d` to Margay's table `table` in this network namespace, in one
+/// Applies `b` to Margay's table `table` in this network namespace, in one
 /// transaction, through a socket of its own; an error leaves the table as
 /// it was.
-pub fn apply(table: &str, d: &ElementDelta) -> super::Result<()> {
-    if d.ops.iter().all(|(_, _, e)| e.is_empty()) {
+pub fn apply(table: &str, b: &Batch) -> super::Result<()> {
+    if encode(table, b, 0).ops.is_empty() {
         return Ok(());
     }
-    Socket::open()?.apply(table, d)
+    Socket::open()?.apply(table, b)
 }
 
 fn libc_timeval(d: Duration) -> nix::libc::timeval {
@@ -327,30 +446,44 @@ fn libc_timeval(d: Duration) -> nix::libc::timeval {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use margay_policy::Proto;
 
     #[test]
     fn a_batch_is_begin_messages_end_with_padded_keys() {
-        let d = ElementDelta {
+        let el = |op, set: &str, elements| Op::Elements {
+            op,
+            set: set.into(),
+            elements,
+        };
+        let d = Batch {
             ops: vec![
-                (
+                el(
                     ElementOp::Add,
-                    "in/x/p/0.p4".into(),
+                    "in/x/p/0.p4",
                     vec![Element::Addr("10.0.0.1".parse().unwrap())],
                 ),
-                (
+                el(ElementOp::Add, "empty", vec![]),
+                Op::AddChain("in/x/p".into()),
+                Op::AddRule {
+                    chain: "in/x/p".into(),
+                    line: margay_policy::nft::Line::DropUnmarked,
+                },
+                el(
                     ElementOp::Delete,
-                    "in/x/p/0.n6.0".into(),
+                    "in/x/p/0.n6.0",
                     vec![Element::Port {
                         addr: "fd00::1".parse().unwrap(),
                         proto: Proto::Udp,
                         port: 53,
                     }],
                 ),
-                (ElementOp::Add, "empty".into(), vec![]),
             ],
         };
-        let (b, n) = encode("margay_policy", &d, 100);
-        assert_eq!(n, 2);
+        let enc = encode("margay_policy", &d, 100);
+        // The empty element change is no message; the others say which
+        // command they are.
+        assert_eq!(enc.ops, [0, 2, 3, 4]);
+        let b = enc.bytes;
         // Walk the messages: types and sequence numbers.
         let mut off = 0;
         let mut seen = Vec::new();
@@ -368,9 +501,11 @@ mod tests {
             [
                 (NFNL_MSG_BATCH_BEGIN, 100, false),
                 ((10 << 8) | NFT_MSG_NEWSETELEM, 101, false),
-                // Only the last element message asks for an answer.
-                ((10 << 8) | NFT_MSG_DELSETELEM, 102, true),
-                (NFNL_MSG_BATCH_END, 103, false)
+                ((10 << 8) | NFT_MSG_NEWCHAIN, 102, false),
+                ((10 << 8) | NFT_MSG_NEWRULE, 103, false),
+                // Only the last message asks for an answer.
+                ((10 << 8) | NFT_MSG_DELSETELEM, 104, true),
+                (NFNL_MSG_BATCH_END, 105, false)
             ]
         );
         assert_eq!(
