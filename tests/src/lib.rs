@@ -112,6 +112,42 @@ pub async fn allocations(client: &kube::Client) -> Vec<(String, AllocationRecord
         .collect()
 }
 
+/// Set inside the VM by [`rerun_in_vm`]: the test runs its body there
+/// instead of booting one.
+pub const IN_VM: &str = "MARGAY_IN_VM";
+
+/// Whether this process is the test re-run inside the VM.
+pub fn in_vm() -> bool {
+    std::env::var_os(IN_VM).is_some()
+}
+
+/// Runs test `name` of this test binary again inside a VM with a stock
+/// Debian kernel (`scripts/in-vm.sh`, 3 GiB, 2 CPUs, the workspace's
+/// binaries), for what this host's kernel lacks; the run's output,
+/// printed, after checking that it succeeded. The test calls it unless
+/// [`in_vm`].
+pub fn rerun_in_vm(name: &str) -> String {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let bin = margay_harness::paths::workspace_bin("margay-lab").expect("margay-lab built");
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(format!("{repo}/scripts/in-vm.sh"))
+        .env("MARGAY_BIN_DIR", bin.parent().expect("a directory"))
+        .args(["--memory", "3G", "--cpus", "2", "--", "env"])
+        .arg(format!("{IN_VM}=1"))
+        .arg(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .output()
+        .expect("scripts/in-vm.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "in the VM:\n{text}");
+    text
+}
+
 /// What `ping -D -i 0.02` printed: how many it sent, and the sequence
 /// number and kernel receive time of every reply.
 #[derive(Debug, Default)]

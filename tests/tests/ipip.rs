@@ -23,32 +23,12 @@ use std::time::{Duration, Instant};
 use margay_harness::paths;
 use margay_tests::Pinger;
 
-/// Set inside the VM: run the cases instead of booting one.
-const IN_VM: &str = "MARGAY_IN_VM";
-
 #[test]
 fn ipip_in_a_vm() {
-    if std::env::var_os(IN_VM).is_some() {
+    if margay_tests::in_vm() {
         return in_vm();
     }
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let bin = paths::workspace_bin("margay-lab").unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(format!("{repo}/scripts/in-vm.sh"))
-        .env("MARGAY_BIN_DIR", bin.parent().unwrap())
-        .args(["--memory", "3G", "--cpus", "2", "--", "env"])
-        .arg(format!("{IN_VM}=1"))
-        .arg(&exe)
-        .args(["--exact", "ipip_in_a_vm", "--nocapture", "--test-threads=1"])
-        .output()
-        .expect("scripts/in-vm.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(out.status.success(), "in the VM:\n{text}");
+    let text = margay_tests::rerun_in_vm("ipip_in_a_vm");
     assert!(text.contains("test result: ok. 1 passed"), "{text}");
 }
 

@@ -1505,16 +1505,13 @@ fn policy_updates_under_traffic_keep_the_truth_table() {
     });
 }
 
-/// Set inside the VM: run the cases instead of booting one.
-const IN_VM: &str = "MARGAY_IN_VM";
-
 /// Upstream's "NetworkPolicy between server and client using SCTP", in a
 /// VM with a stock Debian kernel (this host's has no SCTP): the test boots
 /// it (`scripts/in-vm.sh`) and runs itself inside.
 #[test]
 fn the_upstream_sctp_cases_pass_in_a_vm() {
     let _one = serial();
-    if std::env::var_os(IN_VM).is_some() {
+    if margay_tests::in_vm() {
         let st = std::process::Command::new("modprobe").arg("sctp").status();
         assert!(matches!(st, Ok(s) if s.success()), "modprobe sctp: {st:?}");
         return runtime().block_on(async {
@@ -1529,29 +1526,7 @@ fn the_upstream_sctp_cases_pass_in_a_vm() {
             );
         });
     }
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let bin = paths::workspace_bin("margay-lab").unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(format!("{repo}/scripts/in-vm.sh"))
-        .env("MARGAY_BIN_DIR", bin.parent().unwrap())
-        .args(["--memory", "3G", "--cpus", "2", "--", "env"])
-        .arg(format!("{IN_VM}=1"))
-        .arg(&exe)
-        .args([
-            "--exact",
-            "the_upstream_sctp_cases_pass_in_a_vm",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .expect("scripts/in-vm.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(out.status.success(), "in the VM:\n{text}");
+    let text = margay_tests::rerun_in_vm("the_upstream_sctp_cases_pass_in_a_vm");
     assert!(text.contains("3 upstream SCTP cases passed"), "{text}");
 }
 
