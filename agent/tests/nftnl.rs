@@ -24,16 +24,6 @@ fn listing(ns: &Netns) -> Vec<String> {
     margay_harness::nft::listing(ns, family, name).unwrap()
 }
 
-/// Runs `f` with this thread in `ns` (the agent runs in its node's).
-fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> T) -> T {
-    use nix::sched::{CloneFlags, setns};
-    let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
-    setns(ns.open().unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
-    let r = f();
-    setns(home, CloneFlags::CLONE_NEWNET).unwrap();
-    r
-}
-
 /// Every pod of `w` local, on `caliN`.
 fn local(w: &World) -> std::collections::BTreeMap<PodKey, String> {
     w.pods
@@ -107,7 +97,7 @@ fn changes_over_netlink_are_what_nft_would_load() {
         nft(&ns, &c.table().script());
         // One socket for the whole run, as the agent keeps it (bound to
         // the namespace it was opened in).
-        let mut sock = in_ns(&ns, nftnl::Socket::open).unwrap();
+        let mut sock = ns.enter(nftnl::Socket::open).unwrap().unwrap();
         for step in 0..40 {
             let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
             let k = rng.pick(&keys).clone();
@@ -199,7 +189,10 @@ fn changes_over_netlink_are_what_nft_would_load() {
                 (orphan, "add rule inet margay_policy no-such-chain"),
             ] {
                 let bad = Batch { ops };
-                let err = in_ns(&ns, || nftnl::apply(TABLE_NAME, &bad)).unwrap_err();
+                let err = ns
+                    .enter(|| nftnl::apply(TABLE_NAME, &bad))
+                    .unwrap()
+                    .unwrap_err();
                 let err = err.to_string();
                 assert!(err.contains("refused") && err.contains(refused), "{err}");
                 assert_eq!(

@@ -53,6 +53,18 @@ impl Netns {
         Ok(File::open(self.path())?)
     }
 
+    /// Runs `f` with the calling thread inside the namespace, then moves
+    /// the thread back (what the agent does in its node's namespace:
+    /// sockets opened in `f` stay bound to this one).
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        use nix::sched::{CloneFlags, setns};
+        let home = File::open("/proc/thread-self/ns/net")?;
+        setns(self.open()?, CloneFlags::CLONE_NEWNET)?;
+        let r = f();
+        setns(home, CloneFlags::CLONE_NEWNET)?;
+        Ok(r)
+    }
+
     /// A command that will run `prog` inside the namespace (`ip netns exec`
     /// execs, so the child's PID is the program's PID).
     pub fn cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {

@@ -7,7 +7,8 @@
 //! - `kernel_verdicts_match_the_specification`: random namespaces, labels
 //!   and policies (`margay_policy::random`), one world after another, each
 //!   reached from the last by the compiler's incremental deltas in one
-//!   `nft -f` transaction; the table then listed equal to a full load of
+//!   transaction over netlink, as the agent loads them
+//!   (`dataplane::nftnl`); the table then listed equal to a full load of
 //!   the same world, and every connection's fate equal to what the
 //!   reference semantics (`margay_policy::spec`, written from the API
 //!   documentation) decide. A disagreement is shrunk to a minimal world
@@ -25,7 +26,7 @@ use margay_harness::netns::{Netns, veth};
 use margay_harness::nft::canonical;
 use margay_harness::paths;
 use margay_harness::process::Daemon;
-use margay_policy::nft::{Compiler, TABLE};
+use margay_policy::nft::{Batch, Compiler, TABLE, TABLE_NAME};
 use margay_policy::random::{self, Rng};
 use margay_policy::spec::{self, Connection};
 use margay_policy::{PodKey, Proto, World};
@@ -225,29 +226,29 @@ fn endpoints(w: &World) -> BTreeMap<PodKey, String> {
         .collect()
 }
 
-/// The deltas that take `c` to `w`, as one script.
-fn move_to(c: &mut Compiler, w: &World) -> String {
-    let mut s = String::new();
+/// The deltas that take `c` to `w`, as one batch.
+fn move_to(c: &mut Compiler, w: &World) -> Batch {
+    let mut s = Batch::default();
     let old = c.world().clone();
     for k in old.pods.keys().filter(|k| !w.pods.contains_key(*k)) {
-        s += &c.set_endpoint(k, None).script();
-        s += &c.set_pod(k, None).script();
+        s.extend(&c.set_endpoint(k, None));
+        s.extend(&c.set_pod(k, None));
     }
     for (name, ns) in &w.namespaces {
-        s += &c.set_namespace(name, Some(ns.clone())).script();
+        s.extend(&c.set_namespace(name, Some(ns.clone())));
     }
     let eps = endpoints(w);
     for (k, p) in &w.pods {
-        s += &c.set_pod(k, Some(p.clone())).script();
+        s.extend(&c.set_pod(k, Some(p.clone())));
         if c.local().get(k) != eps.get(k) {
-            s += &c.set_endpoint(k, eps.get(k).cloned()).script();
+            s.extend(&c.set_endpoint(k, eps.get(k).cloned()));
         }
     }
     for k in old.policies.keys().filter(|k| !w.policies.contains_key(*k)) {
-        s += &c.set_policy(k, None).script();
+        s.extend(&c.set_policy(k, None));
     }
     for (k, p) in &w.policies {
-        s += &c.set_policy(k, Some(p.clone())).script();
+        s.extend(&c.set_policy(k, Some(p.clone())));
     }
     s
 }
@@ -284,10 +285,11 @@ fn kernel_verdicts_match_the_specification() {
         let mut rng = Rng::new(seed);
         let n = 1 + rng.below(4);
         let w = random::world(&mut rng, 0, PODS, n);
-        let script = move_to(&mut c, &w);
-        if !script.is_empty() {
-            bed.nft(&script);
-        }
+        let batch = move_to(&mut c, &w);
+        bed.node
+            .enter(|| margay_agent::dataplane::nftnl::apply(TABLE_NAME, &batch))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", batch.script()));
         // The kernel holds what a full load of the same world holds.
         let full = Compiler::full(w.clone(), endpoints(&w));
         assert_eq!(c.table(), full.table(), "seed {seed}");

@@ -197,15 +197,6 @@ fn cluster(pods: usize, policies: usize, local: usize) -> (World, BTreeMap<PodKe
 /// Runs `f` with this thread in `ns`, so the programs it starts run there
 /// directly (as the agent's run in its node's namespace), not through
 /// `ip netns exec`.
-fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    use nix::sched::{CloneFlags, setns};
-    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
-    setns(ns.open()?, CloneFlags::CLONE_NEWNET)?;
-    let r = f();
-    setns(home, CloneFlags::CLONE_NEWNET)?;
-    r
-}
-
 fn load(prog: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
     let mut c = std::process::Command::new(prog)
         .args(args)
@@ -454,7 +445,7 @@ fn main() -> anyhow::Result<()> {
         let (world, local) = cluster(pods, cli.policies, cli.local.min(pods));
         // Margay.
         let ns = Netns::create("polbench")?;
-        let margay = in_ns(&ns, || {
+        let margay = ns.enter(|| -> anyhow::Result<_> {
             let t = Instant::now();
             let mut c = Compiler::full(world.clone(), local.clone());
             let script = c.table().script();
@@ -496,13 +487,13 @@ fn main() -> anyhow::Result<()> {
                 margay.insert(kind, (stats(total), stats(compile)));
             }
             Ok(margay)
-        })?;
+        })??;
         drop(ns);
         // Baseline.
         let mut base = BTreeMap::new();
         if pods <= cli.baseline_max_pods {
             let ns = Netns::create("polbase")?;
-            base = in_ns(&ns, || {
+            base = ns.enter(|| -> anyhow::Result<_> {
                 let mut base = BTreeMap::new();
                 let mut w = world.clone();
                 let t = Instant::now();
@@ -528,7 +519,7 @@ fn main() -> anyhow::Result<()> {
                     base.insert(kind, stats(total));
                 }
                 Ok(base)
-            })?;
+            })??;
         }
         for (kind, ((p50, max), (cp50, _))) in &margay {
             let (b, ratio) = match base.get(kind) {
