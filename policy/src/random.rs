@@ -4,7 +4,7 @@
 //! failing world to a minimal one.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::model::{Key, NamedPort, Namespace, Peer, Pod, Policy, PortMatch, Rule};
 use crate::selector::{Op, Requirement, Selector};
@@ -108,17 +108,22 @@ fn peer(rng: &mut Rng, pod_net: u8) -> Peer {
             namespaces: Some(selector(rng)),
             pods: selector(rng),
         },
+        // An ipBlock over the pods' addresses (v4 or v6, the same shape:
+        // a /24../27 of the last octet, maybe one /30 excepted).
         _ => {
-            let cidr = format!("10.{pod_net}.0.0/{}", 24 + rng.below(4))
-                .parse()
-                .unwrap_or_else(|_| unreachable!());
+            let v6 = rng.chance(50);
+            let net = |len: usize, last: usize| {
+                let text = if v6 {
+                    format!("{}/{}", ip6(pod_net, last), 96 + len)
+                } else {
+                    format!("10.{pod_net}.0.{last}/{len}")
+                };
+                text.parse().unwrap_or_else(|_| unreachable!())
+            };
+            let cidr = net(24 + rng.below(4), 0);
             let mut except = Vec::new();
             if rng.chance(50) {
-                except.push(
-                    format!("10.{pod_net}.0.{}/30", 4 * rng.below(8))
-                        .parse()
-                        .unwrap_or_else(|_| unreachable!()),
-                );
+                except.push(net(30, 4 * rng.below(8)));
             }
             Peer::Block { cidr, except }
         }
@@ -175,11 +180,29 @@ pub fn policy(rng: &mut Rng, pod_net: u8) -> Policy {
     }
 }
 
-/// A random pod with address 10.`pod_net`.0.`host`.
+/// A pod's IPv6 address, `fd00::POD_NET:HOST` (`host` may be beyond a
+/// pod's: the blocks' bases).
+pub fn ip6(pod_net: u8, host: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0,
+        0,
+        0,
+        0,
+        0,
+        u16::from(pod_net),
+        u16::try_from(host).unwrap_or(0),
+    )
+}
+
+/// A random dual-stack pod: 10.`pod_net`.0.`host` and [`ip6`].
 pub fn pod(rng: &mut Rng, pod_net: u8, host: u8) -> Pod {
     Pod {
         labels: labels(rng),
-        ips: vec![IpAddr::V4(Ipv4Addr::new(10, pod_net, 0, host))],
+        ips: vec![
+            IpAddr::V4(Ipv4Addr::new(10, pod_net, 0, host)),
+            IpAddr::V6(ip6(pod_net, usize::from(host))),
+        ],
         node: None,
         ports: NAMED
             .iter()
@@ -193,8 +216,9 @@ pub fn pod(rng: &mut Rng, pod_net: u8, host: u8) -> Pod {
     }
 }
 
-/// A random world: the three namespaces with random labels, `pods` pods
-/// (10.`pod_net`.0.1 ...), `policies` policies.
+/// A random world: the three namespaces with random labels, `pods`
+/// dual-stack pods (10.`pod_net`.0.1 and fd00::`pod_net`:1 ...), `policies`
+/// policies.
 pub fn world(rng: &mut Rng, pod_net: u8, pods: u8, policies: usize) -> World {
     let mut w = World::default();
     for ns in NAMESPACES {

@@ -1,8 +1,10 @@
 //! NetworkPolicy in the real kernel: `margay-policy`'s table loaded into a
 //! node namespace whose pods are wired the Calico way (a `caliN` veth,
-//! a /32, 169.254.1.1 answered by proxy ARP), with an external host behind
-//! the node's uplink. Every pod and the external host serve tcp:80,
-//! tcp:81 and udp:80; every host probes every other on each.
+//! a /32, 169.254.1.1 answered by proxy ARP; a /128 too, fe80::1 as the
+//! IPv6 gateway), with an external host behind the node's uplink. Every
+//! pod and the external host serve tcp:80, tcp:81 and udp:80 on both
+//! families; every host probes every other on each, over IPv4 and IPv6
+//! (the random policies' ipBlocks are of either family).
 //!
 //! - `kernel_verdicts_match_the_specification`: random namespaces, labels
 //!   and policies (`margay_policy::random`), one world after another, each
@@ -17,7 +19,7 @@
 //! SCTP is not probed: this host's kernel has no SCTP (CONFIG_IP_SCTP).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -33,6 +35,9 @@ use margay_policy::{PodKey, Proto, World};
 
 const PODS: u8 = 6;
 const EXT: &str = "10.0.0.100";
+/// The external host's IPv6 address: where [`EXT`] is in the IPv4 blocks,
+/// `fd00::64` is in the IPv6 ones (`random::ip6`).
+const EXT6: &str = "fd00::64";
 /// What every host serves, and is probed on.
 const PORTS: [(Proto, u16); 3] = [(Proto::Tcp, 80), (Proto::Tcp, 81), (Proto::Udp, 80)];
 
@@ -55,12 +60,26 @@ fn pod_ip(i: u8) -> IpAddr {
     format!("10.0.0.{i}").parse().unwrap()
 }
 
+fn pod_ip6(i: u8) -> IpAddr {
+    IpAddr::V6(random::ip6(0, usize::from(i)))
+}
+
+/// Every probed host's addresses, both families: the pods, then the
+/// external host.
+fn hosts() -> Vec<IpAddr> {
+    (1..=PODS)
+        .flat_map(|i| [pod_ip(i), pod_ip6(i)])
+        .chain([EXT.parse().unwrap(), EXT6.parse().unwrap()])
+        .collect()
+}
+
 impl Bed {
     fn new() -> Self {
         let lab = paths::workspace_bin("margay-lab").expect("margay-lab built");
         let node = Netns::create("polnode").unwrap();
         let ext = Netns::create("polext").unwrap();
         node.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
         veth(&node, "eth0", &ext, "eth0").unwrap();
         node.ip(&["addr", "add", "192.168.99.1/24", "dev", "eth0"])
             .unwrap();
@@ -78,6 +97,25 @@ impl Bed {
             "192.168.99.1",
             "src",
             EXT,
+        ])
+        .unwrap();
+        node.ip(&["addr", "add", "fd00:99::1/64", "dev", "eth0", "nodad"])
+            .unwrap();
+        node.ip(&["-6", "route", "add", "default", "via", "fd00:99::2"])
+            .unwrap();
+        ext.ip(&["addr", "add", "fd00:99::2/64", "dev", "eth0", "nodad"])
+            .unwrap();
+        ext.ip(&["addr", "add", &format!("{EXT6}/128"), "dev", "lo"])
+            .unwrap();
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00::/120",
+            "via",
+            "fd00:99::1",
+            "src",
+            EXT6,
         ])
         .unwrap();
         let mut pods = Vec::new();
@@ -98,6 +136,17 @@ impl Bed {
                 .unwrap();
             p.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])
                 .unwrap();
+            // IPv6: a /128, and fe80::1 on the host side as the gateway.
+            let v6 = format!("{}/128", pod_ip6(i));
+            p.ip(&["addr", "add", &v6, "dev", "eth0", "nodad"]).unwrap();
+            node.ip(&["addr", "add", "fe80::1/64", "dev", &ifname(i), "nodad"])
+                .unwrap();
+            node.ip(&["-6", "route", "add", &v6, "dev", &ifname(i)])
+                .unwrap();
+            p.ip(&[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])
+            .unwrap();
             p.ip(&[
                 "route",
                 "add",
@@ -134,21 +183,25 @@ impl Bed {
 
     /// Which connections get through: (src, dst, proto, port) → ok.
     fn observe(&self, timeout: Duration) -> BTreeMap<(IpAddr, IpAddr, Proto, u16), bool> {
-        let hosts: Vec<(IpAddr, &Netns)> = (1..=PODS)
-            .map(|i| (pod_ip(i), &self.pods[usize::from(i - 1)]))
-            .chain([(EXT.parse().unwrap(), &self.ext)])
+        let pods = self.pods.iter().flat_map(|p| [p, p]);
+        let hosts: Vec<(IpAddr, &Netns)> = hosts()
+            .into_iter()
+            .zip(pods.chain([&self.ext, &self.ext]))
             .collect();
         let mut children = Vec::new();
         for (src, ns) in &hosts {
             let mut targets = Vec::new();
-            for (dst, _) in hosts.iter().filter(|(d, _)| d != src) {
+            for (dst, _) in hosts
+                .iter()
+                .filter(|(d, _)| d != src && d.is_ipv4() == src.is_ipv4())
+            {
                 for (proto, port) in PORTS {
                     targets.push((*dst, proto, port));
                 }
             }
             let args: Vec<String> = targets
                 .iter()
-                .map(|(d, proto, port)| format!("{d}:{port}/{proto}"))
+                .map(|(d, proto, port)| format!("{}/{proto}", SocketAddr::new(*d, *port)))
                 .collect();
             let child = ns
                 .cmd(&self.lab)
@@ -192,13 +245,13 @@ impl Nft for Netns {
 
 /// What the specification says about every probed connection.
 fn expect(w: &World) -> BTreeMap<(IpAddr, IpAddr, Proto, u16), bool> {
-    let hosts: Vec<IpAddr> = (1..=PODS)
-        .map(pod_ip)
-        .chain([EXT.parse().unwrap()])
-        .collect();
+    let hosts = hosts();
     let mut out = BTreeMap::new();
     for src in &hosts {
-        for dst in hosts.iter().filter(|d| *d != src) {
+        for dst in hosts
+            .iter()
+            .filter(|d| *d != src && d.is_ipv4() == src.is_ipv4())
+        {
             for (proto, port) in PORTS {
                 let c = Connection {
                     src: *src,
