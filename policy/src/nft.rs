@@ -28,8 +28,11 @@
 //! labels, one pod label, a port name) finds the sets a pod may be in.
 //!
 //! Traffic the node itself sends to its pods leaves through the output
-//! hook and is not filtered (kubelet probes); a pod reaching itself never
-//! leaves it. Only policies that select a pod of this node are compiled.
+//! hook and is not filtered (kubelet probes), and a pod's traffic to its
+//! own node goes to the input hook, not filtered either: the API's
+//! documentation says traffic to and from the node where a pod runs is
+//! always allowed. A pod reaching itself never leaves it. Only policies
+//! that select a pod of this node are compiled.
 //!
 //! [`Compiler`] holds the inputs and the [`Table`]; each change
 //! ([`Compiler::set_pod`], [`set_namespace`](Compiler::set_namespace),

@@ -43,6 +43,11 @@ struct Cli {
     /// the agent's ADD costs when it waits for the pod's rules.
     #[arg(long, default_value_t = 0)]
     policies: usize,
+    /// Write every sequential ADD's latency here, one file per plugin and
+    /// round (`PLUGIN-ROUND.txt`: pod index, milliseconds), to see where
+    /// the slow ones fall.
+    #[arg(long)]
+    samples: Option<PathBuf>,
 }
 
 /// The namespace `bench` with a Pod for every pod the measurement makes
@@ -144,7 +149,14 @@ struct Row {
     burst: Duration,
 }
 
-fn measure(node: &Netns, cni_path: &str, dir: &Path, conf: &Path, n: usize) -> anyhow::Result<Row> {
+fn measure(
+    node: &Netns,
+    cni_path: &str,
+    dir: &Path,
+    conf: &Path,
+    n: usize,
+    samples: Option<PathBuf>,
+) -> anyhow::Result<Row> {
     let cache = dir.join(format!(
         "cache-{}",
         conf.file_stem().unwrap_or_default().to_string_lossy()
@@ -157,6 +169,14 @@ fn measure(node: &Netns, cni_path: &str, dir: &Path, conf: &Path, n: usize) -> a
         let t = Instant::now();
         cnitool(node, cni_path, &cache, "add", conf, &format!("s{i}"), p)?;
         adds.push(t.elapsed());
+    }
+    if let Some(path) = samples {
+        let text: String = adds
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("{i} {:.2}\n", d.as_secs_f64() * 1e3))
+            .collect();
+        std::fs::write(path, text)?;
     }
     for (i, p) in pods.iter().enumerate() {
         let t = Instant::now();
@@ -284,9 +304,22 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(cli.settle)).await;
     let (mut ms, mut ps, mut fs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cli.rounds.max(1) {
-        ms.push(measure(&node.ns, &cni_path, dir.path(), &margay_conf, n)?);
-        ps.push(measure(&node.ns, &cni_path, dir.path(), &ptp_conf, n)?);
-        fs.push(measure(&node.ns, &cni_path, dir.path(), &noop_conf, n)?);
+        let out = |plugin: &str| {
+            cli.samples
+                .as_ref()
+                .map(|d| d.join(format!("{plugin}-{}.txt", ms.len())))
+        };
+        let (m, p, f) = (out("margay"), out("ptp"), out("noop"));
+        ms.push(measure(
+            &node.ns,
+            &cni_path,
+            dir.path(),
+            &margay_conf,
+            n,
+            m,
+        )?);
+        ps.push(measure(&node.ns, &cni_path, dir.path(), &ptp_conf, n, p)?);
+        fs.push(measure(&node.ns, &cni_path, dir.path(), &noop_conf, n, f)?);
     }
     let (m, p, f) = (median(&ms), median(&ps), median(&fs));
     if let Ok(to) = std::env::var("CNI_BENCH_AGENT_LOG") {
