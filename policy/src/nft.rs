@@ -735,6 +735,11 @@ pub struct Compiler {
     /// For each pod here (a local endpoint, or scheduled), the policies
     /// selecting it.
     selecting: BTreeMap<PodKey, BTreeSet<PolicyKey>>,
+    /// The labels `selecting` was last worked out from, per pod here: a
+    /// pod whose labels did not change keeps its selection (a policy's
+    /// change updates it itself), without matching every policy of its
+    /// namespace again.
+    selected_as: BTreeMap<PodKey, Vec<Labels>>,
     /// For each policy, how many pods here it selects (compiled while
     /// not zero).
     here: BTreeMap<PolicyKey, usize>,
@@ -1168,27 +1173,49 @@ impl Compiler {
     /// Whether policy `p` selects pod `key` as a pod here: a local
     /// endpoint with its Pod's labels, or a scheduled pod.
     fn selects_here(&self, p: &Policy, key: &PodKey) -> bool {
-        let local = self.local.contains_key(key)
-            && self
-                .world
-                .pods
-                .get(key)
-                .is_some_and(|pod| p.selector.matches(&pod.labels));
-        local
-            || self
-                .scheduled
-                .get(key)
-                .is_some_and(|l| p.selector.matches(l))
+        self.here_labels(key).iter().any(|l| p.selector.matches(l))
+    }
+
+    /// The labels pod `key` is selected by here: its Pod's as a local
+    /// endpoint, those it was scheduled with (once each; none if it is
+    /// neither).
+    fn here_labels(&self, key: &PodKey) -> Vec<Labels> {
+        let mut v = Vec::new();
+        if self.local.contains_key(key)
+            && let Some(p) = self.world.pods.get(key)
+        {
+            v.push(p.labels.clone());
+        }
+        if let Some(l) = self.scheduled.get(key)
+            && !v.contains(l)
+        {
+            v.push(l.clone());
+        }
+        v
     }
 
     /// Brings `selecting` and `here` in line for pod `key`; returns the
-    /// policies whose count went from or to zero.
+    /// policies whose count went from or to zero. Nothing to do when its
+    /// labels here are those its selection was worked out from.
     fn update_here(&mut self, key: &PodKey) -> Vec<PolicyKey> {
+        let labels = self.here_labels(key);
+        let same = match self.selected_as.get(key) {
+            Some(l) => *l == labels,
+            None => labels.is_empty(),
+        };
+        if same {
+            return Vec::new();
+        }
         let new: BTreeSet<PolicyKey> = self
             .policies_in(&key.namespace)
-            .filter(|(_, p)| self.selects_here(p, key))
+            .filter(|(_, p)| labels.iter().any(|l| p.selector.matches(l)))
             .map(|(k, _)| k.clone())
             .collect();
+        if labels.is_empty() {
+            self.selected_as.remove(key);
+        } else {
+            self.selected_as.insert(key.clone(), labels);
+        }
         let old = self.selecting.remove(key).unwrap_or_default();
         let mut changed = Vec::new();
         for k in old.difference(&new) {
@@ -1215,7 +1242,8 @@ impl Compiler {
 
     /// Counts again the pods here that policy `key` selects (it changed).
     fn recount(&mut self, key: &PolicyKey) {
-        let pods: Vec<PodKey> = keys_in(&self.local, &key.namespace)
+        // A pod both wired and still scheduled counts once.
+        let pods: BTreeSet<PodKey> = keys_in(&self.local, &key.namespace)
             .into_iter()
             .chain(keys_in(&self.scheduled, &key.namespace))
             .collect();
@@ -1248,11 +1276,24 @@ impl Compiler {
     }
 
     /// The policies isolating local endpoint `key` in `dir`.
+    /// The policies isolating local endpoint `key` in `dir`: of those
+    /// selecting it here (kept up to date), the ones matching its Pod's
+    /// labels with rules for `dir`.
     fn isolating(&self, key: &PodKey, dir: Direction) -> Vec<PolicyKey> {
-        match self.world.pods.get(key) {
-            Some(pod) => self.isolating_labels(&key.namespace, &pod.labels, dir),
-            None => Vec::new(),
-        }
+        let (Some(pod), Some(selecting)) = (self.world.pods.get(key), self.selecting.get(key))
+        else {
+            return Vec::new();
+        };
+        selecting
+            .iter()
+            .filter(|k| {
+                self.world
+                    .policies
+                    .get(*k)
+                    .is_some_and(|p| p.rules(dir).is_some() && p.selector.matches(&pod.labels))
+            })
+            .cloned()
+            .collect()
     }
 
     /// The policies of namespace `ns` isolating a pod labelled `labels` in

@@ -384,6 +384,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         // The kernel now records the attribution: write it behind.
         self.reserve.commit(&taken, pod.clone());
         self.poke_for(&addrs);
+        let wired_ms = t0.elapsed().as_secs_f64() * 1e3;
         // No window: the pod is not answered for before its rules are in.
         if let (Some(policy), Some(p)) = (&self.policy, pod.as_ref().filter(|p| !p.name.is_empty()))
         {
@@ -421,7 +422,15 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             });
         }
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(handle = %handle, host_if = %spec.host_if, ?addrs, ipam_ms, total_ms, "pod added");
+        tracing::info!(
+            handle = %handle,
+            host_if = %spec.host_if,
+            ?addrs,
+            ipam_ms,
+            wired_ms,
+            total_ms,
+            "pod added"
+        );
         Ok(cni::CniResult {
             interfaces: vec![
                 cni::Interface {

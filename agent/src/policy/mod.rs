@@ -238,7 +238,9 @@ pub async fn run(
             },
             Some(msg) = inbox.recv() => match msg {
                 Msg::Added(ep, tx, unknown) => {
+                    let t = std::time::Instant::now();
                     engine.endpoint_added(ep.clone());
+                    tracing::debug!(pod = %ep.key, ms = t.elapsed().as_secs_f64() * 1e3, "NetworkPolicy: endpoint compiled");
                     if !engine.knows_pod(&ep.key) {
                         if engine.namespace_has_no_policy(&ep.key) {
                             engine.not_a_pod(&ep.key);
@@ -292,10 +294,10 @@ pub async fn run(
                 break;
             }
         }
+        let t = std::time::Instant::now();
         if retry.is_none()
             && let Some(load) = engine.take_load()
         {
-            let t = std::time::Instant::now();
             let (how, done) = match load {
                 engine::Load::Batch(b) if crate::dataplane::nftnl::fits(POLICY_TABLE_NAME, &b) => {
                     // One socket kept across batches (closing one costs

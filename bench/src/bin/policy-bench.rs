@@ -27,7 +27,10 @@
 //! an except and to a tier on 5432. Changes: a remote pod's tier flipped
 //! (api <-> web, which moves it in and out of about a tenth of the peer
 //! sets), a policy created over a local pod, a remote pod added with tier
-//! web. Each figure is the median (and max) over `--changes` changes.
+//! web, and a pod scheduled to this node wired (what its CNI ADD costs the
+//! engine: its address, its interface's map entries, the chains prepared
+//! when it was scheduled). Each figure is the median (and max) over
+//! `--changes` changes.
 //! Output: a Markdown table for BENCHMARKS.md.
 
 use std::collections::BTreeMap;
@@ -224,10 +227,33 @@ fn load(prog: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
 enum Change {
     Pod(PodKey, Option<Pod>),
     Policy(Key, Option<Policy>),
+    /// A pod scheduled to this node wired (its CNI ADD: its address, its
+    /// interface, no longer only scheduled; `on`) or unwired (its DEL, and
+    /// scheduled again, so the world stays the size it was).
+    Wire {
+        key: PodKey,
+        pod: Pod,
+        ifname: String,
+        on: bool,
+    },
 }
 
-fn apply_to_world(w: &mut World, c: &Change) {
+fn apply_to_world(w: &mut World, local: &mut BTreeMap<PodKey, String>, c: &Change) {
     match c {
+        Change::Wire {
+            key,
+            pod,
+            ifname,
+            on,
+        } => {
+            if *on {
+                w.pods.insert(key.clone(), pod.clone());
+                local.insert(key.clone(), ifname.clone());
+            } else {
+                w.pods.remove(key);
+                local.remove(key);
+            }
+        }
         Change::Pod(k, Some(p)) => {
             w.pods.insert(k.clone(), p.clone());
         }
@@ -282,18 +308,71 @@ fn changes(pods: usize, local: usize, n: usize) -> Vec<(&'static str, Vec<Change
             [Change::Pod(key.clone(), Some(p)), Change::Pod(key, None)]
         })
         .collect();
+    let wired = (0..n)
+        .flat_map(|k| {
+            let (mut key, p) = pod(k % local, "web");
+            key.name = format!("wired-{k}");
+            let mut p = p;
+            p.ips = vec![ip(pods + 2000 + k)];
+            let ifname = format!("caliw{k:010x}");
+            [true, false].map(|on| Change::Wire {
+                key: key.clone(),
+                pod: p.clone(),
+                ifname: ifname.clone(),
+                on,
+            })
+        })
+        .collect();
     vec![
         ("pod label changed", relabel),
         ("policy created", new_policy),
         ("pod added", new_pod),
+        ("local pod wired (CNI ADD)", wired),
     ]
 }
 
-fn delta(c: &mut Compiler, ch: &Change) -> Delta {
+/// What the agent's engine does for the change: the compiler's calls, in
+/// its order.
+fn delta(c: &mut Compiler, ch: &Change) -> Vec<Delta> {
     match ch {
-        Change::Pod(k, p) => c.set_pod(k, p.clone()),
-        Change::Policy(k, p) => c.set_policy(k, p.clone()),
+        Change::Pod(k, p) => vec![c.set_pod(k, p.clone())],
+        Change::Policy(k, p) => vec![c.set_policy(k, p.clone())],
+        Change::Wire {
+            key,
+            pod,
+            ifname,
+            on: true,
+        } => vec![
+            c.set_pod(key, Some(pod.clone())),
+            c.set_endpoint(key, Some(ifname.clone())),
+            c.set_scheduled(key, None),
+        ],
+        Change::Wire {
+            key,
+            pod,
+            on: false,
+            ..
+        } => vec![
+            c.set_endpoint(key, None),
+            c.set_pod(key, None),
+            c.set_scheduled(key, Some(pod.labels.clone())),
+        ],
     }
+}
+
+/// The pods the wiring changes wire, scheduled to this node first (what
+/// the Pod watch shows before their ADD).
+fn schedule(c: &mut Compiler, changes: &[Change]) -> Batch {
+    let mut b = Batch::default();
+    for ch in changes {
+        if let Change::Wire {
+            key, pod, on: true, ..
+        } = ch
+        {
+            b.extend(&c.set_scheduled(key, Some(pod.labels.clone())));
+        }
+    }
+    b
 }
 
 /// kube-router's rendering of the whole world: (ipset restore, iptables-restore).
@@ -464,14 +543,17 @@ fn main() -> anyhow::Result<()> {
             for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
                 let mut total = Vec::new();
                 let mut compile = Vec::new();
+                sock.apply(TABLE_NAME, &schedule(&mut c, &chs))?;
                 for ch in &chs {
                     let t = Instant::now();
-                    let d = delta(&mut c, ch);
+                    let ds = delta(&mut c, ch);
                     compile.push(t.elapsed());
                     // Loaded as the agent loads a delta: over netlink,
                     // through nft only when too large for one write.
                     let mut b = Batch::default();
-                    b.extend(&d);
+                    for d in &ds {
+                        b.extend(d);
+                    }
                     if nftnl::fits(TABLE_NAME, &b) {
                         sock.apply(TABLE_NAME, &b)?;
                     } else {
@@ -481,7 +563,7 @@ fn main() -> anyhow::Result<()> {
                     if let Some(dir) = &cli.dump_dir
                         && total.len() == 1
                     {
-                        std::fs::write(dir.join(format!("{pods}-{kind}.nft")), d.script())?;
+                        std::fs::write(dir.join(format!("{pods}-{kind}.nft")), b.script())?;
                     }
                 }
                 margay.insert(kind, (stats(total), stats(compile)));
@@ -496,6 +578,7 @@ fn main() -> anyhow::Result<()> {
             base = ns.enter(|| -> anyhow::Result<_> {
                 let mut base = BTreeMap::new();
                 let mut w = world.clone();
+                let mut local = local.clone();
                 let t = Instant::now();
                 let (sets, ipt) = baseline(&w, &local);
                 load("ipset", &["restore"], &sets)?;
@@ -510,7 +593,7 @@ fn main() -> anyhow::Result<()> {
                     let mut total = Vec::new();
                     for ch in &chs {
                         let t = Instant::now();
-                        apply_to_world(&mut w, ch);
+                        apply_to_world(&mut w, &mut local, ch);
                         let (sets, ipt) = baseline(&w, &local);
                         load("ipset", &["restore"], &sets)?;
                         load("iptables-restore", &[], &ipt)?;

@@ -466,6 +466,36 @@ fn a_scheduled_pods_chains_are_ready_before_its_add() {
     assert!(c.table().chains.is_empty() && c.table().sets.is_empty());
 }
 
+/// A pod wired while still scheduled (the engine's order: its endpoint,
+/// then no longer scheduled) counts once for a policy created meanwhile:
+/// once it is gone, nothing here is selected and the policy's chains go.
+#[test]
+fn a_pod_wired_while_scheduled_counts_once() {
+    let k = Key::new("x", "web");
+    let pod = Key::new("x", "a");
+    let labels: Labels = [("app".to_string(), "web".to_string())].into();
+    let mut c = Compiler::full(World::default(), BTreeMap::new());
+    let _ = c.set_scheduled(&pod, Some(labels.clone()));
+    let p = Pod {
+        labels,
+        ips: vec!["10.0.0.1".parse().unwrap()],
+        node: None,
+        ports: vec![],
+    };
+    let _ = c.set_pod(&pod, Some(p));
+    let _ = c.set_endpoint(&pod, Some("cali1".into()));
+    // Both wired and scheduled when the policy comes.
+    let _ = c.set_policy(&k, c_policy(&k));
+    assert!(c.table().chains.contains_key("in/x/web"));
+    let _ = c.set_scheduled(&pod, None);
+    let _ = c.set_endpoint(&pod, None);
+    assert!(
+        c.table().chains.is_empty(),
+        "nothing here is selected: {:?}",
+        c.table().chains.keys().collect::<Vec<_>>()
+    );
+}
+
 fn c_policy(_k: &PolicyKey) -> Option<Policy> {
     Some(Policy {
         selector: Selector::labels([("app", "web")]),
