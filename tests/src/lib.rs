@@ -138,11 +138,7 @@ pub fn rerun_in_vm(name: &str) -> String {
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .output()
         .expect("scripts/in-vm.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     println!("{text}");
     assert!(out.status.success(), "in the VM:\n{text}");
     text
@@ -235,6 +231,28 @@ pub struct PingReport {
     pub outage: std::time::Duration,
     /// The longest time between two replies (includes the sender stalling).
     pub silence: std::time::Duration,
+}
+
+impl PingReport {
+    /// Panics unless traffic went on through `what`: more than `min`
+    /// replies, and no second of pings lost in a row.
+    pub fn assert_kept(&self, what: &str, min: usize) {
+        assert!(self.replies > min, "{what}: {} replies", self.replies);
+        assert!(
+            self.outage < std::time::Duration::from_secs(1),
+            "{what}: {:?} of pings lost in a row",
+            self.outage
+        );
+    }
+}
+
+/// Stdout then stderr of a finished command, as text.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// A ping every 20 ms from network namespace `from` (an `ip netns` name)

@@ -338,13 +338,7 @@ fn ipip_lab(lab: &Lab) {
         });
         println!("old tunnel retired everywhere after {:.1?}", t.elapsed());
         for p in ping {
-            let r = p.stop();
-            assert!(r.replies > 100, "{} replies", r.replies);
-            assert!(
-                r.outage < Duration::from_secs(1),
-                "{:?} of pings lost in a row switching to {to}",
-                r.outage
-            );
+            p.stop().assert_kept(&format!("switching to {to}"), 100);
         }
         lab.ok(&["check"]);
     }

@@ -79,13 +79,7 @@ fn pingers(c: &Cluster) -> Vec<Pinger> {
 
 fn stop_all(p: Vec<Pinger>, what: &str) {
     for p in p {
-        let r = p.stop();
-        assert!(r.replies > 50, "{what}: {} replies", r.replies);
-        assert!(
-            r.outage < Duration::from_secs(1),
-            "{what}: {:?} of pings lost in a row",
-            r.outage
-        );
+        p.stop().assert_kept(what, 50);
     }
 }
 

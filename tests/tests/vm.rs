@@ -31,11 +31,7 @@ exit 7"#
         .args(["--memory", "1G", "--cpus", "1", "--", "bash", "-c", &script])
         .output()
         .expect("scripts/in-vm.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = margay_tests::output_text(&out);
     assert_eq!(out.status.code(), Some(7), "{text}");
     assert!(text.contains("2 received"), "{text}");
     assert!(text.contains("tunl0 mtu 1480"), "{text}");
