@@ -213,7 +213,8 @@ pub async fn run(
     let mut policies = watcher(Api::<net::NetworkPolicy>::all(client), cfg())
         .default_backoff()
         .boxed();
-    let mut waiters: Vec<(Endpoint, oneshot::Sender<()>)> = Vec::new();
+    // Each ADD waiting, and since when (for the debug log).
+    let mut waiters: Vec<(Endpoint, oneshot::Sender<()>, std::time::Instant)> = Vec::new();
     let mut last_error: Option<String> = None;
     let mut next_full = tokio::time::Instant::now() + resync;
     let mut retry: Option<tokio::time::Instant> = None;
@@ -248,7 +249,7 @@ pub async fn run(
                             let _ = unknown.send(());
                         }
                     }
-                    waiters.push((ep, tx));
+                    waiters.push((ep, tx, t));
                 }
                 Msg::Deleted(i) => engine.endpoint_deleted(&i),
                 Msg::Read(key, read) => match read {
@@ -345,10 +346,14 @@ pub async fn run(
         }
         let (done, wait): (Vec<_>, Vec<_>) = waiters
             .into_iter()
-            .partition(|(ep, _)| engine.programmed(&ep.key, &ep.host_if));
-        for (_, tx) in done {
+            .partition(|(ep, _, _)| engine.programmed(&ep.key, &ep.host_if));
+        for (ep, tx, since) in done {
+            tracing::debug!(pod = %ep.key, ms = since.elapsed().as_secs_f64() * 1e3, "NetworkPolicy: ADD answered");
             let _ = tx.send(());
         }
-        waiters = wait.into_iter().filter(|(_, tx)| !tx.is_closed()).collect();
+        waiters = wait
+            .into_iter()
+            .filter(|(_, tx, _)| !tx.is_closed())
+            .collect();
     }
 }
