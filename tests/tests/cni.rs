@@ -1469,6 +1469,12 @@ state = "{state}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
     let w = world(vec![]).await;
+    // The agent has listed what its policy engine needs: one ADD answered
+    // (an agent that never listed Pods cannot tell which rules a pod
+    // needs, and fails its ADDs; that is not what this test is about).
+    let warm = Netns::create("pod").unwrap();
+    w.add("warm", &warm, "warm");
+    w.cnitool("del", "warm", &warm.path(), "warm").expect("DEL");
     // Spares ready: 8 pre-assigned addresses of n1 in the datastore.
     let mut spares = 0;
     for _ in 0..200 {
