@@ -1173,23 +1173,25 @@ impl Compiler {
     /// Whether policy `p` selects pod `key` as a pod here: a local
     /// endpoint with its Pod's labels, or a scheduled pod.
     fn selects_here(&self, p: &Policy, key: &PodKey) -> bool {
-        self.here_labels(key).iter().any(|l| p.selector.matches(l))
+        self.here_labels(key)
+            .into_iter()
+            .any(|l| p.selector.matches(l))
     }
 
     /// The labels pod `key` is selected by here: its Pod's as a local
     /// endpoint, those it was scheduled with (once each; none if it is
     /// neither).
-    fn here_labels(&self, key: &PodKey) -> Vec<Labels> {
+    fn here_labels(&self, key: &PodKey) -> Vec<&Labels> {
         let mut v = Vec::new();
         if self.local.contains_key(key)
             && let Some(p) = self.world.pods.get(key)
         {
-            v.push(p.labels.clone());
+            v.push(&p.labels);
         }
         if let Some(l) = self.scheduled.get(key)
-            && !v.contains(l)
+            && !v.contains(&l)
         {
-            v.push(l.clone());
+            v.push(l);
         }
         v
     }
@@ -1198,19 +1200,20 @@ impl Compiler {
     /// policies whose count went from or to zero. Nothing to do when its
     /// labels here are those its selection was worked out from.
     fn update_here(&mut self, key: &PodKey) -> Vec<PolicyKey> {
-        let labels = self.here_labels(key);
+        let here = self.here_labels(key);
         let same = match self.selected_as.get(key) {
-            Some(l) => *l == labels,
-            None => labels.is_empty(),
+            Some(l) => l.iter().eq(here.iter().copied()),
+            None => here.is_empty(),
         };
         if same {
             return Vec::new();
         }
         let new: BTreeSet<PolicyKey> = self
             .policies_in(&key.namespace)
-            .filter(|(_, p)| labels.iter().any(|l| p.selector.matches(l)))
+            .filter(|(_, p)| here.iter().any(|l| p.selector.matches(l)))
             .map(|(k, _)| k.clone())
             .collect();
+        let labels: Vec<Labels> = here.into_iter().cloned().collect();
         if labels.is_empty() {
             self.selected_as.remove(key);
         } else {
@@ -1275,7 +1278,6 @@ impl Compiler {
         self.here.contains_key(key) && self.world.policies.contains_key(key)
     }
 
-    /// The policies isolating local endpoint `key` in `dir`.
     /// The policies isolating local endpoint `key` in `dir`: of those
     /// selecting it here (kept up to date), the ones matching its Pod's
     /// labels with rules for `dir`.

@@ -234,8 +234,8 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether it only changes set or map elements (what the agent did over
-    /// netlink before rules were encoded too; kept for reports).
+    /// Whether it only changes set or map elements (what a pod's change
+    /// should be: the tests check it).
     pub fn is_element(&self) -> bool {
         matches!(self, Self::Elements { .. })
     }

@@ -10,7 +10,7 @@ use ipnetwork::IpNetwork;
 use margay_policy::Proto;
 use margay_policy::nft::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
 
-use super::{NF_DROP, NFT_JUMP, attr, cstr, nested, verdict};
+use super::{NF_DROP, NFT_JUMP, addr_bytes, attr, cstr, nested, verdict};
 
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
@@ -155,7 +155,7 @@ impl Exprs {
     /// prefix on a byte boundary loads and compares only the bytes it
     /// covers; any other (a /0 too) loads the whole address and masks it.
     fn prefix(&mut self, field: Field, cidr: &IpNetwork, op: u32) {
-        let net = addr_bytes(cidr);
+        let net = addr_bytes(&cidr.network());
         let plen = usize::from(cidr.prefix());
         let off = offset(field, cidr.is_ipv6());
         if plen % 8 == 0 && plen > 0 {
@@ -181,13 +181,6 @@ impl Exprs {
     fn l4proto(&mut self, p: Proto) {
         self.meta_load(NFT_META_L4PROTO, REG_1);
         self.cmp(NFT_CMP_EQ, &[proto_number(p)]);
-    }
-}
-
-fn addr_bytes(cidr: &IpNetwork) -> Vec<u8> {
-    match cidr.network() {
-        std::net::IpAddr::V4(a) => a.octets().to_vec(),
-        std::net::IpAddr::V6(a) => a.octets().to_vec(),
     }
 }
 
