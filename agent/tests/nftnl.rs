@@ -144,8 +144,10 @@ fn changes_over_netlink_are_what_nft_would_load() {
                         _ => {}
                     }
                 }
-                sock.apply(TABLE_NAME, &e)
+                let sent = sock
+                    .apply(TABLE_NAME, &e)
                     .unwrap_or_else(|err| panic!("seed {seed} step {step}: {err}\n{}", e.script()));
+                assert_eq!(sent, nftnl::Sent::Applied, "seed {seed} step {step}");
             }
             let fresh = Netns::create("nftnl-full").unwrap();
             nft(&fresh, &c.table().script());
@@ -208,7 +210,24 @@ fn changes_over_netlink_are_what_nft_would_load() {
                 ops: vec![el(ElementOp::Delete, "10.0.9.9"), add.clone()],
             };
             assert!(sock.apply(TABLE_NAME, &bad).is_err());
-            sock.apply(TABLE_NAME, &Batch { ops: vec![add] }).unwrap();
+            let sent = sock.apply(TABLE_NAME, &Batch { ops: vec![add] }).unwrap();
+            assert_eq!(sent, nftnl::Sent::Applied);
+            // Too large for one write: not sent (the agent hands it to nft).
+            let now = listing(&ns);
+            let huge = Batch {
+                ops: vec![Op::Elements {
+                    op: ElementOp::Add,
+                    set: set.clone(),
+                    elements: (0..20_000u32)
+                        .map(|i| Element::Addr(std::net::Ipv4Addr::from(0x0B00_0000 + i).into()))
+                        .collect(),
+                }],
+            };
+            assert_eq!(
+                sock.apply(TABLE_NAME, &huge).unwrap(),
+                nftnl::Sent::TooLarge
+            );
+            assert_eq!(listing(&ns), now, "nothing of a batch not sent");
             assert_ne!(listing(&ns), before, "the element went in");
         }
     }

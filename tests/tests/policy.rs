@@ -339,10 +339,12 @@ fn kernel_verdicts_match_the_specification() {
         let n = 1 + rng.below(4);
         let w = random::world(&mut rng, 0, PODS, n);
         let batch = move_to(&mut c, &w);
-        bed.node
+        let sent = bed
+            .node
             .enter(|| margay_agent::dataplane::nftnl::apply(TABLE_NAME, &batch))
             .unwrap()
             .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", batch.script()));
+        assert_eq!(sent, margay_agent::dataplane::nftnl::Sent::Applied);
         // The kernel holds what a full load of the same world holds.
         let full = Compiler::full(w.clone(), endpoints(&w));
         assert_eq!(c.table(), full.table(), "seed {seed}");

@@ -300,27 +300,38 @@ pub async fn run(
             && let Some(load) = engine.take_load()
         {
             let (how, done) = match load {
-                engine::Load::Batch(b) if crate::dataplane::nftnl::fits(POLICY_TABLE_NAME, &b) => {
+                engine::Load::Batch(b) => {
                     // One socket kept across batches (closing one costs
                     // the kernel an RCU grace period); dropped on error.
+                    // A batch too large for one write goes to nft.
                     let sock = netlink.take();
                     let r = tokio::task::spawn_blocking(move || {
                         let mut s = match sock {
                             Some(s) => s,
                             None => crate::dataplane::nftnl::Socket::open()?,
                         };
-                        s.apply(POLICY_TABLE_NAME, &b).map(|()| s)
+                        let sent = s.apply(POLICY_TABLE_NAME, &b)?;
+                        Ok((s, sent, b))
                     })
                     .await
                     .unwrap_or_else(|j| {
                         Err(crate::dataplane::Error::Nft(format!("netlink task: {j}")))
                     });
-                    ("netlink", r.map(|s| netlink = Some(s)))
+                    match r {
+                        Ok((s, sent, b)) => {
+                            netlink = Some(s);
+                            match sent {
+                                crate::dataplane::nftnl::Sent::Applied => ("netlink", Ok(())),
+                                crate::dataplane::nftnl::Sent::TooLarge => (
+                                    "nft",
+                                    crate::dataplane::nft::load(&b.script(), NFT_POLICY_TABLE)
+                                        .await,
+                                ),
+                            }
+                        }
+                        Err(e) => ("netlink", Err(e)),
+                    }
                 }
-                engine::Load::Batch(b) => (
-                    "nft",
-                    crate::dataplane::nft::load(&b.script(), NFT_POLICY_TABLE).await,
-                ),
                 engine::Load::Script(script) => (
                     "nft",
                     crate::dataplane::nft::load(&script, NFT_POLICY_TABLE).await,

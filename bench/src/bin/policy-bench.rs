@@ -543,7 +543,10 @@ fn main() -> anyhow::Result<()> {
             for (kind, chs) in changes(pods, cli.local.min(pods), cli.changes) {
                 let mut total = Vec::new();
                 let mut compile = Vec::new();
-                sock.apply(TABLE_NAME, &schedule(&mut c, &chs))?;
+                let scheduled = schedule(&mut c, &chs);
+                if sock.apply(TABLE_NAME, &scheduled)? == nftnl::Sent::TooLarge {
+                    load("nft", &["-f", "-"], &scheduled.script())?;
+                }
                 for ch in &chs {
                     let t = Instant::now();
                     let ds = delta(&mut c, ch);
@@ -554,9 +557,7 @@ fn main() -> anyhow::Result<()> {
                     for d in &ds {
                         b.extend(d);
                     }
-                    if nftnl::fits(TABLE_NAME, &b) {
-                        sock.apply(TABLE_NAME, &b)?;
-                    } else {
+                    if sock.apply(TABLE_NAME, &b)? == nftnl::Sent::TooLarge {
                         load("nft", &["-f", "-"], &b.script())?;
                     }
                     total.push(t.elapsed());

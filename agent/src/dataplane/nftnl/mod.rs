@@ -9,7 +9,7 @@
 //!
 //! [`encode`] is pure (a batch of messages from a [`Batch`]; rule lines
 //! become expressions in [`rule`]); [`Socket::apply`] sends it and reads
-//! the kernel's answer.
+//! the kernel's answer, or says it is too large for one write.
 
 mod rule;
 
@@ -309,10 +309,15 @@ pub fn encode(table: &str, b: &Batch, seq: u32) -> Encoded {
     Encoded { bytes: buf, ops }
 }
 
-/// Whether `b` fits one netlink write ([`MAX_BATCH`]); a larger batch
-/// goes through `nft`.
-pub fn fits(table: &str, b: &Batch) -> bool {
-    encode(table, b, 0).bytes.len() <= MAX_BATCH
+/// What [`Socket::apply`] did with a batch.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// In the kernel (or nothing to do).
+    Applied,
+    /// Not sent: larger than one netlink write ([`MAX_BATCH`]); the caller
+    /// hands it to `nft` instead.
+    TooLarge,
 }
 
 /// The kernel's answers in `buf`: acknowledgements counted, the first
@@ -377,17 +382,20 @@ impl Socket {
         Ok(Self { fd, seq })
     }
 
-    /// Applies `b` to Margay's table `table`, in one transaction; an
-    /// error (naming the command the kernel refused) leaves the table as
-    /// it was (and the socket should be dropped: answers may be left in
-    /// it).
-    pub fn apply(&mut self, table: &str, b: &Batch) -> super::Result<()> {
+    /// Applies `b` to Margay's table `table`, in one transaction, unless
+    /// it is too large for one write; an error (naming the command the
+    /// kernel refused) leaves the table as it was (and the socket should
+    /// be dropped: answers may be left in it).
+    pub fn apply(&mut self, table: &str, b: &Batch) -> super::Result<Sent> {
         let e = |what: &'static str| move |err: nix::Error| netlink_error(what, err);
         let seq = self.seq;
         let enc = encode(table, b, seq);
         let messages = enc.ops.len();
         if messages == 0 {
-            return Ok(());
+            return Ok(Sent::Applied);
+        }
+        if enc.bytes.len() > MAX_BATCH {
+            return Ok(Sent::TooLarge);
         }
         self.seq = seq.wrapping_add(u32::try_from(messages).unwrap_or(0) + 2);
         // Nothing from an earlier batch may be read as this one's answer.
@@ -418,7 +426,7 @@ impl Socket {
                 )));
             }
         }
-        Ok(())
+        Ok(Sent::Applied)
     }
 }
 
@@ -429,10 +437,7 @@ fn netlink_error(what: &str, err: nix::Error) -> Error {
 /// Applies `b` to Margay's table `table` in this network namespace, in one
 /// transaction, through a socket of its own; an error leaves the table as
 /// it was.
-pub fn apply(table: &str, b: &Batch) -> super::Result<()> {
-    if encode(table, b, 0).ops.is_empty() {
-        return Ok(());
-    }
+pub fn apply(table: &str, b: &Batch) -> super::Result<Sent> {
     Socket::open()?.apply(table, b)
 }
 
