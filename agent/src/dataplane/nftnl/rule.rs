@@ -10,12 +10,12 @@ use ipnetwork::IpNetwork;
 use margay_policy::Proto;
 use margay_policy::nft::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
 
-use super::{NF_DROP, NFT_JUMP, addr_bytes, attr, cstr, nested, verdict};
+use super::{
+    NF_DROP, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr, nested, verdict,
+};
 
-const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
 
 const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
