@@ -367,12 +367,52 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             .map_err(|e| ipam_err(&e))?;
         let ipam_ms = t0.elapsed().as_secs_f64() * 1e3;
         let addrs = taken.addrs.clone();
-        let mtu = self.mtu_for(r, &addrs).await;
-        let spec = self.spec(r, &w, addrs.clone(), mtu);
-        let wiring = match self.dp.add_pod(&spec).await {
+        let host_if = w.host_if.clone();
+        // No window: the pod is not answered for before its rules are in.
+        // The engine is told now, with the addresses, and programs the
+        // rules (matching the interface by name, before it exists) while
+        // the pod is wired: the ADD waits for whichever ends last.
+        let ready = self
+            .policy
+            .as_ref()
+            .zip(pod.as_ref().filter(|p| !p.name.is_empty()))
+            .map(|(policy, p)| {
+                let ep = crate::policy::Endpoint {
+                    key: margay_policy::PodKey::new(&p.namespace, &p.name),
+                    host_if: host_if.clone(),
+                    ips: addrs.iter().map(IpNetwork::ip).collect(),
+                };
+                policy.added(ep, crate::policy::ADD_WAIT)
+            });
+        let mut ready = std::pin::pin!(async move {
+            match ready {
+                Some(r) => r.await,
+                None => Ok(()),
+            }
+        });
+        let mut early = None;
+        let wire = async {
+            let mtu = self.mtu_for(r, &addrs).await;
+            let spec = self.spec(r, &w, addrs.clone(), mtu);
+            self.dp.add_pod(&spec).await.map(|wiring| (spec, wiring))
+        };
+        let mut wire = std::pin::pin!(wire);
+        let wired = loop {
+            // Biased: the engine is told (first poll) before wiring starts.
+            tokio::select! {
+                biased;
+                r = &mut ready, if early.is_none() => early = Some(r),
+                r = &mut wire => break r,
+            }
+        };
+        let (spec, wiring) = match wired {
             Ok(w) => w,
             Err(e) => {
-                // Nothing may be left: give the addresses back.
+                // Nothing may be left: give the addresses back, and the
+                // rules.
+                if let Some(p) = &self.policy {
+                    p.deleted(&host_if);
+                }
                 if let Err(re) = self.reserve.abort(taken).await {
                     tracing::warn!(%handle, "release after failed ADD: {re} (GC will collect it)");
                 }
@@ -385,23 +425,20 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         self.reserve.commit(&taken, pod.clone());
         self.poke_for(&addrs);
         let wired_ms = t0.elapsed().as_secs_f64() * 1e3;
-        // No window: the pod is not answered for before its rules are in.
-        if let (Some(policy), Some(p)) = (&self.policy, pod.as_ref().filter(|p| !p.name.is_empty()))
-        {
-            let ep = crate::policy::Endpoint {
-                key: margay_policy::PodKey::new(&p.namespace, &p.name),
-                host_if: spec.host_if.clone(),
-                ips: addrs.iter().map(IpNetwork::ip).collect(),
-            };
-            if let Err(why) = policy.added(ep, crate::policy::ADD_WAIT).await {
-                policy.deleted(&spec.host_if);
-                if let Err(e) = self.unwire(&w, true).await {
-                    tracing::warn!(%handle, "undoing the ADD: {}", e.msg);
-                }
-                let released = self.reserve.release(&handle);
-                tracing::warn!(%handle, ?released, "{why}");
-                return Err(err(code::TRY_AGAIN, why));
+        let ruled = match early {
+            Some(r) => r,
+            None => ready.await,
+        };
+        if let Err(why) = ruled {
+            if let Some(p) = &self.policy {
+                p.deleted(&host_if);
             }
+            if let Err(e) = self.unwire(&w, true).await {
+                tracing::warn!(%handle, "undoing the ADD: {}", e.msg);
+            }
+            let released = self.reserve.release(&handle);
+            tracing::warn!(%handle, ?released, "{why}");
+            return Err(err(code::TRY_AGAIN, why));
         }
         let host_mac = margay_api::stable::mac_string(&HOST_MAC);
         let mut routes = Vec::new();
@@ -670,6 +707,115 @@ mod tests {
         assert!(poked().await);
         svc.del(&req("c")).await.unwrap();
         assert!(poked().await);
+    }
+
+    /// A client whose reads never answer (nothing listens there).
+    fn nowhere() -> kube::Client {
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap()
+    }
+
+    /// A service telling a policy "engine" the test plays.
+    async fn policed() -> (
+        Arc<CniService<MemStore, FakeDataplane>>,
+        crate::policy::PolicyInbox,
+        FakeDataplane,
+    ) {
+        let (mut svc, _, dp) = service().await;
+        let (handle, inbox) = crate::policy::PolicyHandle::new(nowhere());
+        svc.enforce_policy(handle);
+        (Arc::new(svc), inbox, dp)
+    }
+
+    const SOON: std::time::Duration = std::time::Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn an_add_has_its_rules_made_while_the_pod_is_wired() {
+        let (svc, mut inbox, dp) = policed().await;
+        let hold = dp.add_hold.clone().lock_owned().await;
+        let add = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.add(&req("a")).await }
+        });
+        // The engine hears of the pod, with its interface and addresses,
+        // while the wiring is still held.
+        let (ep, answer) = tokio::time::timeout(SOON, inbox.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ep.key.to_string(), "ns/pod-a");
+        assert_eq!(ep.host_if, svc.spec_name("a", "eth0"));
+        assert_eq!(ep.ips.len(), 1);
+        assert!(dp.pods.lock().unwrap().is_empty());
+        // Its rules in first: the ADD ends as soon as it is wired.
+        answer.send(()).unwrap();
+        drop(hold);
+        let r = tokio::time::timeout(SOON, add)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.ips.len(), 1);
+        assert!(dp.pods.lock().unwrap().contains_key(&ep.host_if));
+    }
+
+    #[tokio::test]
+    async fn an_add_wired_first_waits_for_its_rules() {
+        let (svc, mut inbox, dp) = policed().await;
+        let add = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.add(&req("a")).await }
+        });
+        let (ep, answer) = tokio::time::timeout(SOON, inbox.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(SOON, async {
+            while !dp.pods.lock().unwrap().contains_key(&ep.host_if) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!add.is_finished(), "answered before its rules were in");
+        answer.send(()).unwrap();
+        tokio::time::timeout(SOON, add)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_wiring_takes_its_rules_back() {
+        let (svc, mut inbox, dp) = policed().await;
+        *dp.fail_next_add.lock().unwrap() = Some("no veth".into());
+        // Fails at once: it does not wait for the rules of a pod that
+        // will not be.
+        let e = tokio::time::timeout(SOON, svc.add(&req("a")))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.msg.contains("no veth"), "{}", e.msg);
+        let host_if = svc.spec_name("a", "eth0");
+        let (ep, _answer) = inbox.next().await.unwrap().unwrap();
+        assert_eq!(ep.host_if, host_if);
+        assert_eq!(inbox.next().await.unwrap().unwrap_err(), host_if);
+        // And the addresses came back: the next ADD gets the same one.
+        let add = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.add(&req("b")).await }
+        });
+        let (again, answer) = inbox.next().await.unwrap().unwrap();
+        assert_eq!(again.ips, ep.ips);
+        answer.send(()).unwrap();
+        tokio::time::timeout(SOON, add)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     const NET: &str = "k8s-pod-network";

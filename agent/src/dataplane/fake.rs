@@ -63,6 +63,8 @@ pub struct FakeDataplane {
     pub remote_writes: Arc<Mutex<usize>>,
     /// Namespace paths [`Dataplane::pod_netns`] refuses.
     pub refused_netns: Arc<Mutex<BTreeSet<std::path::PathBuf>>>,
+    /// `add_pod` waits while a test holds this.
+    pub add_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl FakeDataplane {
@@ -116,6 +118,7 @@ impl FakeDataplane {
 
 impl Dataplane for FakeDataplane {
     async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+        drop(self.add_hold.lock().await);
         if let Some(msg) = self.fail_next_add.lock().expect("lock").take() {
             return Err(Error::Injected(msg));
         }

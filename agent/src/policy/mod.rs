@@ -1,11 +1,12 @@
 //! Kubernetes NetworkPolicy on this node: watches on Pods, Namespaces and
 //! NetworkPolicies and this node's endpoints feed the [`engine`], whose
-//! scripts are loaded into the `inet margay_policy` table (one `nft -f`
-//! transaction per batch of changes; the whole table at start, after a
-//! failure and every resync interval).
+//! changes are loaded into the `inet margay_policy` table (one netlink
+//! transaction per batch of changes; the whole table through `nft -f` at
+//! start, after a failure and every resync interval).
 //!
 //! The CNI service registers each pod it wires ([`PolicyHandle::added`])
-//! and its ADD answers only once the pod's rules are in the kernel (or
+//! as soon as it has its addresses, so the rules are made while the pod
+//! is wired, and its ADD answers only once they are in the kernel (or
 //! fails after a bounded wait with the reason), so no pod is reachable
 //! outside its policies at any moment after its ADD returns. Start-up
 //! registers the pods already wired, from their interfaces' aliases.
@@ -177,6 +178,22 @@ impl PolicyHandle {
 /// The receiving end of [`PolicyHandle`]s.
 #[derive(Debug)]
 pub struct PolicyInbox(mpsc::UnboundedReceiver<Msg>);
+
+#[cfg(test)]
+impl PolicyInbox {
+    /// For tests standing in for the engine: the next registration
+    /// (`Ok`: the endpoint and its answer) or deletion (`Err`: the
+    /// interface); `None` once every handle is gone.
+    pub(crate) async fn next(&mut self) -> Option<Result<(Endpoint, oneshot::Sender<()>), String>> {
+        loop {
+            match self.0.recv().await? {
+                Msg::Added(ep, tx, _) => return Some(Ok((ep, tx))),
+                Msg::Deleted(i) => return Some(Err(i)),
+                Msg::Read(..) | Msg::Status(_) => {}
+            }
+        }
+    }
+}
 
 fn event<K>(ev: watcher::Event<K>) -> Event<K> {
     match ev {
