@@ -1,7 +1,7 @@
 //! NetworkPolicy changes over netlink (`dataplane::nftnl`) in the real
 //! kernel: random worlds compiled and loaded with `nft`, then pod,
 //! endpoint, namespace and policy changes one after another, every delta
-//! (set elements, map entries, sets, chains and their rules) handed to
+//! (set elements (addresses, interfaces), sets, chains and their rules) handed to
 //! the kernel over netlink; after each the table the kernel lists equals
 //! a fresh full load of the compiler's table with `nft` in another
 //! namespace: rules encoded here read back as the text nft was given. A
@@ -86,7 +86,7 @@ fn every_shape() -> Policy {
 #[test]
 fn changes_over_netlink_are_what_nft_would_load() {
     let mut over_netlink = 0;
-    let mut map_entries = 0;
+    let mut dispatched = 0;
     let mut rules = 0;
     for seed in 0..8 {
         let mut rng = Rng::new(seed);
@@ -113,7 +113,7 @@ fn changes_over_netlink_are_what_nft_would_load() {
                     c.set_policy(&k, p)
                 }
                 // A pod wired here (shares an endpoint chain when others
-                // are isolated alike: map entries only), or gone.
+                // are isolated alike: interface set elements only), or gone.
                 0 => {
                     let ifname = format!("calin{step:010}");
                     c.set_endpoint(&k, Some(ifname))
@@ -137,8 +137,8 @@ fn changes_over_netlink_are_what_nft_would_load() {
                 over_netlink += 1;
                 for op in &e.ops {
                     match op {
-                        Op::Elements { set, .. } if set == "ingress" || set == "egress" => {
-                            map_entries += 1;
+                        Op::Elements { set, .. } if set.starts_with("if-") => {
+                            dispatched += 1;
                         }
                         Op::AddRule { .. } => rules += 1,
                         _ => {}
@@ -232,6 +232,9 @@ fn changes_over_netlink_are_what_nft_would_load() {
         }
     }
     assert!(over_netlink > 50, "{over_netlink} changes over netlink");
-    assert!(map_entries > 10, "{map_entries} map entries over netlink");
+    assert!(
+        dispatched > 10,
+        "{dispatched} interface changes over netlink"
+    );
     assert!(rules > 100, "{rules} rules over netlink");
 }

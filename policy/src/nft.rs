@@ -6,13 +6,15 @@
 //! ```text
 //! chain forward (hook forward, priority filter, policy accept)
 //!   ct state established,related accept         replies of allowed connections
-//!   iifname vmap @egress                        a local pod sending: its egress chain
-//!   oifname vmap @ingress                       a local pod receiving: its ingress chain
-//! map ingress / egress   { "caliXXX" : jump ep-in/HASH }   only isolated endpoints
+//!   jump dispatch-out                           a local pod sending: its egress chain
+//!   jump dispatch-in                            a local pod receiving: its ingress chain
+//! chain dispatch-in      oifname @if-in/drop drop                (quarantined)
+//!                        oifname @if-in/HASH goto ep-in/HASH     one line per endpoint chain
+//! set if-in/HASH         { "caliXXX", ... }   the isolated endpoints that chain serves
 //! chain ep-in/HASH       clear the allow mark; jump each policy of the list; no mark:
 //!                        drop. One per list of isolating policies (HASH is the
 //!                        list's), shared by every endpoint those policies isolate:
-//!                        a new pod is a map element, not a chain
+//!                        a new pod is a set element, not a chain
 //! chain in/NS/NAME       one rule line per (peer, port) of each rule: match, set the
 //!                        allow mark, return; an ipBlock is matched in its line
 //!                        (`ip saddr CIDR ip saddr != EXCEPT ...`)
@@ -39,12 +41,19 @@
 //! [`set_policy`](Compiler::set_policy),
 //! [`set_endpoint`](Compiler::set_endpoint)) updates the table and returns
 //! the [`Delta`] that takes the kernel from the old table to the new one:
-//! a pod or a label is set and map elements, a policy its own chains and
+//! a pod or a label is set elements, a policy its own chains and
 //! sets.
 //! The delta is computed over what the change touched (a journal of the
 //! old values), never over the whole table. There are no interval sets:
 //! before any element update nft reads back the elements of every
 //! interval set, which would make each pod change cost the whole table.
+//! Nor are endpoints dispatched through verdict maps: a `jump` added to
+//! a verdict map makes the kernel check the whole table for loops,
+//! through every entry of the map (an ADD then costs more with every
+//! pod of the node), while an interface added to a set of names is a
+//! plain element. The price is one set lookup per endpoint chain in use,
+//! for the first packet of a connection only (replies and established
+//! traffic are accepted before).
 //! A delta is one `nft -f` transaction ([`Delta::script`]); [`Table::script`]
 //! rebuilds the whole table atomically (start-up, periodic resync, or
 //! after a failed delta).
@@ -77,6 +86,8 @@ pub enum SetKind {
     Named4,
     /// IPv6 address . protocol . port.
     Named6,
+    /// Interface names.
+    Iface,
 }
 
 impl SetKind {
@@ -86,6 +97,7 @@ impl SetKind {
             Self::Addr6 => "type ipv6_addr;",
             Self::Named4 => "type ipv4_addr . inet_proto . inet_service;",
             Self::Named6 => "type ipv6_addr . inet_proto . inet_service;",
+            Self::Iface => "type ifname;",
         }
     }
 }
@@ -99,7 +111,7 @@ pub struct Set {
     pub elements: BTreeSet<Element>,
 }
 
-/// What a dispatch map sends an interface's packets to.
+/// Where an interface's packets are dispatched.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
     /// Its endpoint chain (shared by the endpoints that the same policies
@@ -125,11 +137,28 @@ pub struct Table {
     pub sets: BTreeMap<String, Set>,
     /// Regular chains and their rules (the base chain is fixed).
     pub chains: BTreeMap<String, Vec<Line>>,
-    /// Ingress dispatch: interface → verdict (`jump ep-in/HASH`, or
-    /// `drop` for a quarantined interface).
+    /// Ingress dispatch as decided: interface → verdict (`jump
+    /// ep-in/HASH`, or `drop` for a quarantined interface). In the kernel
+    /// it is the interface's name in that verdict's set ([`iface_set`]),
+    /// which `sets` holds; this map is not loaded itself.
     pub ingress: BTreeMap<String, Verdict>,
-    /// Egress dispatch: interface → verdict.
+    /// Egress dispatch as decided: interface → verdict.
     pub egress: BTreeMap<String, Verdict>,
+}
+
+/// The dispatch chain of `dir` (the base chain jumps to both).
+pub fn dispatch_chain(dir: Direction) -> String {
+    format!("dispatch-{}", dir_prefix(dir))
+}
+
+/// The set of the interfaces dispatched to `verdict` in `dir`: an
+/// endpoint chain's (`ep-in/HASH` → `if-in/HASH`), or the quarantined
+/// ones (`if-in/drop`).
+pub fn iface_set(dir: Direction, verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Jump(chain) => chain.replacen("ep-", "if-", 1),
+        Verdict::Drop => format!("if-{}/drop", dir_prefix(dir)),
+    }
 }
 
 fn elements(e: &BTreeSet<Element>) -> String {
@@ -139,14 +168,28 @@ fn elements(e: &BTreeSet<Element>) -> String {
         .join(", ")
 }
 
-fn map_elements(m: &BTreeMap<String, Verdict>) -> String {
-    m.iter()
-        .map(|(i, v)| format!("\"{i}\" : {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 impl Table {
+    /// A table with nothing isolated: the dispatch chains and the
+    /// quarantine sets, which are always there.
+    pub fn new() -> Self {
+        let mut t = Self::default();
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let drop = iface_set(dir, &Verdict::Drop);
+            t.sets.insert(
+                drop.clone(),
+                Set {
+                    kind: SetKind::Iface,
+                    elements: BTreeSet::new(),
+                },
+            );
+            t.chains.insert(
+                dispatch_chain(dir),
+                vec![Line::Quarantine { dir, set: drop }],
+            );
+        }
+        t
+    }
+
     /// One transaction that replaces the whole table (creating it first,
     /// so the delete never fails): atomic, and other tables untouched.
     pub fn script(&self) -> String {
@@ -155,13 +198,6 @@ impl Table {
             s.push_str(&format!("  set {name} {{ {} ", set.kind.decl()));
             if !set.elements.is_empty() {
                 s.push_str(&format!("elements = {{ {} }}; ", elements(&set.elements)));
-            }
-            s.push_str("}\n");
-        }
-        for (name, m) in [("ingress", &self.ingress), ("egress", &self.egress)] {
-            s.push_str(&format!("  map {name} {{ type ifname : verdict; "));
-            if !m.is_empty() {
-                s.push_str(&format!("elements = {{ {} }}; ", map_elements(m)));
             }
             s.push_str("}\n");
         }
@@ -177,8 +213,8 @@ impl Table {
         }
         s.push_str(
             "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
-             ct state established,related accept\n    iifname vmap @egress\n    \
-             oifname vmap @ingress\n  }\n}\n",
+             ct state established,related accept\n    jump dispatch-out\n    \
+             jump dispatch-in\n  }\n}\n",
         );
         s
     }
@@ -230,21 +266,6 @@ impl Table {
         for name in self.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
             d.del_chains.push(name.clone());
         }
-        for (map, old, new) in [
-            ("ingress", &self.ingress, &new.ingress),
-            ("egress", &self.egress, &new.egress),
-        ] {
-            for (i, c) in old {
-                if new.get(i) != Some(c) {
-                    d.del_map.push((map, i.clone()));
-                }
-            }
-            for (i, c) in new {
-                if old.get(i) != Some(c) {
-                    d.add_map.push((map, i.clone(), c.clone()));
-                }
-            }
-        }
         d
     }
 }
@@ -260,15 +281,12 @@ pub struct Delta {
     new_chains: Vec<String>,
     add_elements: Vec<(String, BTreeSet<Element>)>,
     rewrite: Vec<(String, Vec<Line>)>,
-    del_map: Vec<(&'static str, String)>,
-    add_map: Vec<(&'static str, String, Verdict)>,
     del_elements: Vec<(String, BTreeSet<Element>)>,
     del_chains: Vec<String>,
     del_sets: Vec<String>,
 }
 
-/// A set or map element, typed: what a set of the table holds, or an
-/// interface's entry in a dispatch map.
+/// A set element, typed: what a set of the table holds.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Element {
     /// An address (sets `.p4`, `.p6`).
@@ -282,14 +300,8 @@ pub enum Element {
         /// The port.
         port: u16,
     },
-    /// An interface and its verdict (maps `ingress`, `egress`; a delete
-    /// looks at the interface only).
-    Iface {
-        /// The interface's name.
-        name: String,
-        /// Where its packets go.
-        verdict: Verdict,
-    },
+    /// An interface's name (sets `if-in/...`, `if-out/...`).
+    Iface(String),
 }
 
 impl Element {
@@ -297,7 +309,7 @@ impl Element {
     pub fn addr(&self) -> Option<IpAddr> {
         match self {
             Self::Addr(a) | Self::Port { addr: a, .. } => Some(*a),
-            Self::Iface { .. } => None,
+            Self::Iface(_) => None,
         }
     }
 }
@@ -316,7 +328,7 @@ impl std::fmt::Display for Element {
         match self {
             Self::Addr(a) => write!(f, "{a}"),
             Self::Port { addr, proto, port } => write!(f, "{addr} . {proto} . {port}"),
-            Self::Iface { name, verdict } => write!(f, "\"{name}\" : {verdict}"),
+            Self::Iface(name) => write!(f, "\"{name}\""),
         }
     }
 }
@@ -324,8 +336,7 @@ impl std::fmt::Display for Element {
 impl Delta {
     /// Its commands, in an order the kernel accepts in one transaction:
     /// what is referenced exists before what references it, and goes
-    /// after it. An interface's map entry is deleted before it is added
-    /// again with another verdict (the kernel refuses to overwrite one).
+    /// after it.
     pub fn ops(&self) -> Vec<Op> {
         let mut ops = Vec::new();
         let elements = |op, set: &str, e: &BTreeSet<Element>| Op::Elements {
@@ -367,28 +378,6 @@ impl Delta {
                 rules(&mut ops, name, lines);
             }
         }
-        for (map, i) in &self.del_map {
-            let e = Element::Iface {
-                name: i.clone(),
-                verdict: Verdict::Drop,
-            };
-            ops.push(Op::Elements {
-                op: ElementOp::Delete,
-                set: (*map).to_string(),
-                elements: vec![e],
-            });
-        }
-        for (map, i, v) in &self.add_map {
-            let e = Element::Iface {
-                name: i.clone(),
-                verdict: v.clone(),
-            };
-            ops.push(Op::Elements {
-                op: ElementOp::Add,
-                set: (*map).to_string(),
-                elements: vec![e],
-            });
-        }
         for (name, e) in &self.del_elements {
             ops.push(elements(ElementOp::Delete, name, e));
         }
@@ -429,7 +418,7 @@ impl Delta {
         *self == Self::default()
     }
 
-    /// How many objects it touches (set elements, chains, map entries):
+    /// How many objects it touches (set elements, chains):
     /// what an update costs.
     pub fn size(&self) -> usize {
         self.new_sets
@@ -444,8 +433,6 @@ impl Delta {
                 .map(|(_, e)| e.len())
                 .sum::<usize>()
             + self.rewrite.len()
-            + self.del_map.len()
-            + self.add_map.len()
             + self
                 .del_elements
                 .iter()
@@ -477,7 +464,7 @@ pub fn policy_chain(dir: Direction, policy: &PolicyKey) -> String {
 
 /// The endpoint chain for `dir` of the endpoints that `policies` (in
 /// order) isolate, named by a hash of that list: every endpoint the same
-/// policies isolate shares it, so a new pod is a map element, not a
+/// policies isolate shares it, so a new pod is a set element, not a
 /// chain. (A hash collision takes the next free `-N` suffix.)
 pub fn endpoint_chain(dir: Direction, policies: &[PolicyKey]) -> String {
     let list: String = policies
@@ -684,8 +671,6 @@ fn required(sel: &crate::Selector) -> Option<(String, String)> {
 struct Journal {
     sets: BTreeMap<String, SetWas>,
     chains: BTreeMap<String, Option<Vec<Line>>>,
-    ingress: BTreeMap<String, Option<Verdict>>,
-    egress: BTreeMap<String, Option<Verdict>>,
 }
 
 /// What a set was before the change under way.
@@ -705,15 +690,21 @@ enum SetWas {
 /// A user of an endpoint chain.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum User {
-    /// An interface whose map entry jumps to it.
+    /// An interface dispatched to it.
     Iface(String),
     /// A Pod scheduled to this node and not wired yet: its chains are
     /// made ready before its ADD, which then only adds elements.
     Scheduled(PodKey),
 }
 
+impl Default for Compiler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The incremental compiler: inputs, the table, and what was compiled.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Compiler {
     world: World,
     /// Local endpoints: pod → host interface.
@@ -753,9 +744,25 @@ pub struct Compiler {
 }
 
 impl Compiler {
-    /// Nothing known: an empty table.
+    /// Nothing known: a table isolating nothing.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            world: World::default(),
+            local: BTreeMap::new(),
+            by_ip: BTreeMap::new(),
+            compiled: BTreeMap::new(),
+            quarantined: BTreeSet::new(),
+            ep_chains: Registry::default(),
+            scheduled: BTreeMap::new(),
+            prepared: BTreeMap::new(),
+            selecting: BTreeMap::new(),
+            selected_as: BTreeMap::new(),
+            here: BTreeMap::new(),
+            shared: Registry::default(),
+            index: Index::new(),
+            table: Table::new(),
+            journal: Journal::default(),
+        }
     }
 
     /// Compiles `world` with the local endpoints `local` in one go.
@@ -774,7 +781,7 @@ impl Compiler {
             world,
             local,
             scheduled,
-            ..Default::default()
+            ..Self::new()
         };
         for (k, p) in &c.world.pods {
             for ip in &p.ips {
@@ -847,23 +854,6 @@ impl Compiler {
             }
             if let Some(rules) = self.table.chains.get(&name) {
                 new.chains.insert(name, rules.clone());
-            }
-        }
-        for (dir, touched) in [
-            (Direction::Ingress, j.ingress),
-            (Direction::Egress, j.egress),
-        ] {
-            for (ifname, was) in touched {
-                let (o, n, cur) = match dir {
-                    Direction::Ingress => (&mut old.ingress, &mut new.ingress, &self.table.ingress),
-                    Direction::Egress => (&mut old.egress, &mut new.egress, &self.table.egress),
-                };
-                if let Some(v) = was {
-                    o.insert(ifname.clone(), v);
-                }
-                if let Some(v) = cur.get(&ifname) {
-                    n.insert(ifname, v.clone());
-                }
             }
         }
         old.delta(&new)
@@ -959,30 +949,54 @@ impl Compiler {
         }
     }
 
-    fn touch_map(&mut self, dir: Direction, ifname: &str) {
-        let (j, m) = match dir {
-            Direction::Ingress => (&mut self.journal.ingress, &self.table.ingress),
-            Direction::Egress => (&mut self.journal.egress, &self.table.egress),
-        };
-        if !j.contains_key(ifname) {
-            j.insert(ifname.to_string(), m.get(ifname).cloned());
+    fn map_mut(&mut self, dir: Direction) -> &mut BTreeMap<String, Verdict> {
+        match dir {
+            Direction::Ingress => &mut self.table.ingress,
+            Direction::Egress => &mut self.table.egress,
         }
     }
 
+    /// Dispatches `ifname` to `verdict` in `dir`: its name moved to that
+    /// verdict's interface set (which exists: the quarantine's always, an
+    /// endpoint chain's with the chain).
     fn put_map(&mut self, dir: Direction, ifname: &str, verdict: Verdict) {
-        self.touch_map(dir, ifname);
-        match dir {
-            Direction::Ingress => self.table.ingress.insert(ifname.to_string(), verdict),
-            Direction::Egress => self.table.egress.insert(ifname.to_string(), verdict),
-        };
+        let name = BTreeSet::from([Element::Iface(ifname.to_string())]);
+        let set = iface_set(dir, &verdict);
+        if let Some(old) = self.map_mut(dir).insert(ifname.to_string(), verdict)
+            && iface_set(dir, &old) != set
+        {
+            self.change_elements(&iface_set(dir, &old), &name, BTreeSet::new());
+        }
+        self.change_elements(&set, &BTreeSet::new(), name);
     }
 
+    /// `ifname` no longer dispatched in `dir`.
     fn drop_map(&mut self, dir: Direction, ifname: &str) {
-        self.touch_map(dir, ifname);
-        match dir {
-            Direction::Ingress => self.table.ingress.remove(ifname),
-            Direction::Egress => self.table.egress.remove(ifname),
-        };
+        if let Some(old) = self.map_mut(dir).remove(ifname) {
+            let name = BTreeSet::from([Element::Iface(ifname.to_string())]);
+            self.change_elements(&iface_set(dir, &old), &name, BTreeSet::new());
+        }
+    }
+
+    /// Writes `dir`'s dispatch chain again: the quarantine, then one
+    /// line per endpoint chain of `dir` (they came or went).
+    fn redispatch(&mut self, dir: Direction) {
+        let mut lines = vec![Line::Quarantine {
+            dir,
+            set: iface_set(dir, &Verdict::Drop),
+        }];
+        lines.extend(
+            self.ep_chains
+                .by_name
+                .iter()
+                .filter(|(_, ((d, _), _))| *d == dir)
+                .map(|(chain, _)| Line::Dispatch {
+                    dir,
+                    set: iface_set(dir, &Verdict::Jump(chain.clone())),
+                    chain: chain.clone(),
+                }),
+        );
+        self.put_chain(dispatch_chain(dir), lines);
     }
 
     /// The table as it should be.
@@ -1008,8 +1022,8 @@ impl Compiler {
     /// A Pod the API schedules to this node and that is not wired yet
     /// (`Some`: its labels), or no longer so (`None`). The policies that
     /// select it are compiled and its endpoint chains made now, so its ADD
-    /// changes only set and map elements (the kernel's fast path); nothing
-    /// it prepares lets traffic through, since no map entry jumps to it.
+    /// changes only set elements (the kernel's fast path); nothing
+    /// it prepares lets traffic through, since no interface is in its set.
     pub fn set_scheduled(&mut self, key: &PodKey, labels: Option<Labels>) -> Delta {
         match labels {
             Some(l) => self.scheduled.insert(key.clone(), l),
@@ -1372,6 +1386,14 @@ impl Compiler {
         rules.push(Line::DropUnmarked);
         rules.push(Line::ClearMark);
         self.put_chain(name.clone(), rules);
+        self.put_set(
+            iface_set(dir, &Verdict::Jump(name.clone())),
+            Set {
+                kind: SetKind::Iface,
+                elements: BTreeSet::new(),
+            },
+        );
+        self.redispatch(dir);
         name
     }
 
@@ -1386,8 +1408,10 @@ impl Compiler {
     /// `user` no longer uses endpoint chain `chain` (dropped with its last
     /// user).
     fn release(&mut self, chain: &str, user: &User) {
-        if self.ep_chains.release(chain, user).is_some() {
+        if let Some((dir, _)) = self.ep_chains.release(chain, user) {
+            self.redispatch(dir);
             self.drop_chain(chain);
+            self.drop_set(&iface_set(dir, &Verdict::Jump(chain.to_string())));
         }
     }
 

@@ -28,7 +28,7 @@
 //! (api <-> web, which moves it in and out of about a tenth of the peer
 //! sets), a policy created over a local pod, a remote pod added with tier
 //! web, and a pod scheduled to this node wired (what its CNI ADD costs the
-//! engine: its address, its interface's map entries, the chains prepared
+//! engine: its address, its interface in its endpoint chain's set, the chains prepared
 //! when it was scheduled). Each figure is the median (and max) over
 //! `--changes` changes.
 //! Output: a Markdown table for BENCHMARKS.md.

@@ -11,6 +11,7 @@ use ipnetwork::IpNetwork;
 
 use super::{ALLOW_MARK, Element, ElementOp, SetKind, TABLE};
 use crate::Proto;
+use crate::model::Direction;
 
 /// Which address of the packet a match looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -156,6 +157,34 @@ pub enum Line {
         /// Which ports (none: every port of every protocol).
         port: Option<L4Match>,
     },
+    /// `oifname @SET goto CHAIN` (ingress: the pod receiving) or
+    /// `iifname @SET goto CHAIN` (egress: the pod sending): the
+    /// interfaces of an endpoint chain to it. `goto`: when it returns,
+    /// the base chain goes on.
+    Dispatch {
+        /// Which direction (which interface is matched).
+        dir: Direction,
+        /// The interfaces' set.
+        set: String,
+        /// The endpoint chain.
+        chain: String,
+    },
+    /// `oifname @SET drop` / `iifname @SET drop`: quarantined interfaces.
+    Quarantine {
+        /// Which direction.
+        dir: Direction,
+        /// The interfaces' set.
+        set: String,
+    },
+}
+
+/// The interface a packet of `dir` is matched by: `oifname` for ingress
+/// (it leaves the host towards the pod), `iifname` for egress.
+fn iface(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Ingress => "oifname",
+        Direction::Egress => "iifname",
+    }
 }
 
 impl Line {
@@ -177,6 +206,10 @@ impl fmt::Display for Line {
             Self::DropInvalid => f.write_str("ct state invalid drop"),
             Self::ClearMark => write!(f, "meta mark set meta mark & {:#010x}", !ALLOW_MARK),
             Self::Jump(c) => write!(f, "jump {c}"),
+            Self::Dispatch { dir, set, chain } => {
+                write!(f, "{} @{set} goto {chain}", iface(*dir))
+            }
+            Self::Quarantine { dir, set } => write!(f, "{} @{set} drop", iface(*dir)),
             Self::DropUnmarked => write!(f, "meta mark & {ALLOW_MARK:#010x} == 0 drop"),
             Self::Allow { peer, port } => {
                 if let Some(p) = peer {
@@ -218,13 +251,13 @@ pub enum Op {
         /// The rule.
         line: Line,
     },
-    /// Set or map elements added or deleted.
+    /// Set elements added or deleted.
     Elements {
         /// Add or delete.
         op: ElementOp,
-        /// The set or map.
+        /// The set.
         set: String,
-        /// The elements (a map delete looks at the key only).
+        /// The elements.
         elements: Vec<Element>,
     },
     /// An empty chain nothing jumps to removed.
@@ -234,7 +267,7 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether it only changes set or map elements (what a pod's change
+    /// Whether it only changes set elements (what a pod's change
     /// should be: the tests check it).
     pub fn is_element(&self) -> bool {
         matches!(self, Self::Elements { .. })
@@ -260,12 +293,7 @@ impl fmt::Display for Op {
                     if i > 0 {
                         f.write_str(", ")?;
                     }
-                    match (op, e) {
-                        (ElementOp::Delete, Element::Iface { name, .. }) => {
-                            write!(f, "\"{name}\"")?;
-                        }
-                        _ => write!(f, "{e}")?,
-                    }
+                    write!(f, "{e}")?;
                 }
                 f.write_str(" }")
             }

@@ -125,9 +125,15 @@ fn a_label_or_a_pod_is_set_elements_and_a_policy_its_own_chain() {
         let d = c.set_pod(k, Some(p));
         assert!(d.new_chains.is_empty() && d.rewrite.is_empty() && d.del_chains.is_empty());
         assert!(d.new_sets.is_empty() && d.del_sets.is_empty());
-        assert!(d.add_map.is_empty() && d.del_map.is_empty());
+        let dispatch = |d: &Delta| {
+            d.add_elements
+                .iter()
+                .chain(&d.del_elements)
+                .any(|(n, _)| n.starts_with("if-"))
+        };
+        assert!(!dispatch(&d), "{d:?}");
         let d = c.set_pod(k, None);
-        assert!(d.rewrite.is_empty() && d.add_map.is_empty(), "{d:?}");
+        assert!(d.rewrite.is_empty() && !dispatch(&d), "{d:?}");
     }
     // A policy change touches its own chains and sets (and endpoint chains
     // only where the selection changed).
@@ -287,9 +293,15 @@ fn a_delta_removes_references_before_what_they_reference() {
         s.find(needle)
             .unwrap_or_else(|| panic!("{needle} not in\n{s}"))
     };
+    // The dispatch chain no longer goes to it, then it goes, then the
+    // set of its interfaces.
     assert!(
-        pos("delete element inet margay_policy ingress { \"cali1\" }")
+        pos("flush chain inet margay_policy dispatch-in")
             < pos(&format!("delete chain inet margay_policy {ep}"))
+    );
+    assert!(
+        pos(&format!("delete chain inet margay_policy {ep}"))
+            < pos("delete set inet margay_policy if-in/")
     );
     assert!(
         pos(&format!("flush chain inet margay_policy {ep}"))
@@ -299,7 +311,7 @@ fn a_delta_removes_references_before_what_they_reference() {
         pos("delete chain inet margay_policy in/x/all")
             < pos("delete set inet margay_policy peer/")
     );
-    assert!(c.table().chains.is_empty() && c.table().sets.is_empty());
+    assert_eq!(c.table(), &Table::new());
 }
 
 /// A pod's change is set elements only, typed, and renders as the same
@@ -385,11 +397,8 @@ fn endpoints_isolated_alike_share_their_chain() {
     let ops = d.element_ops().expect("a new pod is elements only");
     assert!(ops.contains(&(
         ElementOp::Add,
-        "ingress".into(),
-        vec![Element::Iface {
-            name: "cali2".into(),
-            verdict: Verdict::Jump(ep.clone())
-        }]
+        "if-in/".to_string() + &ep["ep-in/".len()..],
+        vec![Element::Iface("cali2".into())]
     )));
     assert_eq!(
         c.table()
@@ -417,7 +426,7 @@ fn endpoints_isolated_alike_share_their_chain() {
 
 /// A pod scheduled here gets its policies and endpoint chain before its
 /// ADD; the ADD (its address, its endpoint) is then elements only, and
-/// what was prepared lets nothing through (no map entry jumps to it).
+/// what was prepared lets nothing through (no interface is in its set).
 #[test]
 fn a_scheduled_pods_chains_are_ready_before_its_add() {
     let mut w = World::default();
@@ -431,7 +440,7 @@ fn a_scheduled_pods_chains_are_ready_before_its_add() {
         },
     );
     let mut c = Compiler::full(w, BTreeMap::new());
-    assert!(c.table().chains.is_empty(), "no local pod selected");
+    assert_eq!(c.table(), &Table::new(), "no local pod selected");
     let pod = Key::new("x", "a");
     let labels: Labels = [("app".to_string(), "web".to_string())].into();
     let d = c.set_scheduled(&pod, Some(labels.clone()));
@@ -463,7 +472,7 @@ fn a_scheduled_pods_chains_are_ready_before_its_add() {
     );
     assert!(!c.table().chains.is_empty());
     let _ = c.set_scheduled(&other, None);
-    assert!(c.table().chains.is_empty() && c.table().sets.is_empty());
+    assert_eq!(c.table(), &Table::new());
 }
 
 /// A pod wired while still scheduled (the engine's order: its endpoint,
@@ -489,8 +498,9 @@ fn a_pod_wired_while_scheduled_counts_once() {
     assert!(c.table().chains.contains_key("in/x/web"));
     let _ = c.set_scheduled(&pod, None);
     let _ = c.set_endpoint(&pod, None);
-    assert!(
-        c.table().chains.is_empty(),
+    assert_eq!(
+        c.table(),
+        &Table::new(),
         "nothing here is selected: {:?}",
         c.table().chains.keys().collect::<Vec<_>>()
     );
@@ -541,7 +551,11 @@ fn rules_with_the_same_peer_share_its_set() {
     let l = [(Key::new("x", "b"), "cali1".to_string())].into();
     let mut c = Compiler::full(w, l);
     assert_eq!(
-        c.table().sets.len(),
+        c.table()
+            .sets
+            .keys()
+            .filter(|n| n.starts_with("peer/"))
+            .count(),
         2,
         "one p4 and one p6 set for the three"
     );
@@ -555,15 +569,18 @@ fn rules_with_the_same_peer_share_its_set() {
         1,
         "{ops:?}"
     );
-    // A fourth policy with the same peer adds only its chain.
+    // A fourth policy with the same peer adds only its chain (and the
+    // endpoint's chain for its new list, with the set of its interfaces).
+    let pod_sets = |v: &[String]| v.iter().filter(|n| n.starts_with("peer/")).count();
     let d = c.set_policy(&Key::new("x", "p4"), Some(from_web(83)));
-    assert!(d.new_sets.is_empty(), "{d:?}");
+    let new: Vec<String> = d.new_sets.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(pod_sets(&new), 0, "{d:?}");
     // The set goes with the last policy using it.
     for n in ["p1", "p2", "p3"] {
         let d = c.set_policy(&Key::new("x", n), None);
-        assert!(d.del_sets.is_empty(), "{d:?}");
+        assert_eq!(pod_sets(&d.del_sets), 0, "{d:?}");
     }
     let d = c.set_policy(&Key::new("x", "p4"), None);
-    assert_eq!(d.del_sets.len(), 2, "{d:?}");
-    assert!(c.table().sets.is_empty());
+    assert_eq!(pod_sets(&d.del_sets), 2, "{d:?}");
+    assert_eq!(c.table(), &Table::new());
 }

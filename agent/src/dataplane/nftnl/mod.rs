@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use margay_policy::nft::{Batch, Element, ElementOp, Op, SetKind, Verdict};
+use margay_policy::nft::{Batch, Element, ElementOp, Op, SetKind};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
     setsockopt, socket, sockopt,
@@ -52,12 +52,19 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+/// nft's note on a set of how its keys are laid out (libnftnl's
+/// `NFTNL_UDATA_SET_KEYBYTEORDER`, nft's `BYTEORDER_HOST_ENDIAN`): without
+/// it, nft reads a name's bytes as a big-endian number and prints `""`.
+const UDATA_SET_KEYBYTEORDER: u8 = 0;
+const BYTEORDER_HOST_ENDIAN: u32 = 1;
 /// nft's type numbers (its `datatypes.h`), and how it names a
 /// concatenation of them: each type shifted in by 6 bits.
 const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_IFNAME: u32 = 41;
 const TYPE_BITS: u32 = 6;
 const NFPROTO_INET: u8 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -65,13 +72,13 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NF_DROP: i32 = 0;
 const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
 /// `type ifname` keys: the name, zero-padded to IFNAMSIZ.
 const IFNAMSIZ: usize = 16;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -113,7 +120,7 @@ fn addr_bytes(a: &IpAddr) -> Vec<u8> {
 /// network order; an interface name zero-padded to 16 bytes.
 fn key(e: &Element) -> Vec<u8> {
     match e {
-        Element::Iface { name, .. } => {
+        Element::Iface(name) => {
             let mut k = name.as_bytes().to_vec();
             k.resize(IFNAMSIZ, 0);
             k
@@ -167,6 +174,7 @@ fn set_key(kind: SetKind) -> (u32, u32) {
         SetKind::Addr6 => (TYPE_IP6ADDR, 16),
         SetKind::Named4 => (concat(TYPE_IPADDR), 12),
         SetKind::Named6 => (concat(TYPE_IP6ADDR), 24),
+        SetKind::Iface => (TYPE_IFNAME, IFNAMSIZ as u32),
     }
 }
 
@@ -192,6 +200,11 @@ fn op_message(table: &str, op: &Op, set_id: u32) -> Option<Message> {
             attr(&mut body, NFTA_SET_KEY_TYPE, &key_type.to_be_bytes());
             attr(&mut body, NFTA_SET_KEY_LEN, &key_len.to_be_bytes());
             attr(&mut body, NFTA_SET_ID, &set_id.to_be_bytes());
+            if *kind == SetKind::Iface {
+                let mut ud = vec![UDATA_SET_KEYBYTEORDER, 4];
+                ud.extend_from_slice(&BYTEORDER_HOST_ENDIAN.to_ne_bytes());
+                attr(&mut body, NFTA_SET_USERDATA, &ud);
+            }
             (NFT_MSG_NEWSET, NLM_F_CREATE)
         }
         Op::AddChain(name) => {
@@ -234,13 +247,6 @@ fn op_message(table: &str, op: &Op, set_id: u32) -> Option<Message> {
                         nested(b, NFTA_SET_ELEM_KEY, |b| {
                             attr(b, NFTA_DATA_VALUE, &key(e));
                         });
-                        // A map entry's verdict (a delete names the key only).
-                        if let (ElementOp::Add, Element::Iface { verdict: v, .. }) = (op, e) {
-                            nested(b, NFTA_SET_ELEM_DATA, |b| match v {
-                                Verdict::Drop => verdict(b, NF_DROP, None),
-                                Verdict::Jump(chain) => verdict(b, NFT_JUMP, Some(chain)),
-                            });
-                        }
                     });
                 }
             });

@@ -8,10 +8,12 @@
 
 use ipnetwork::IpNetwork;
 use margay_policy::Proto;
+use margay_policy::model::Direction;
 use margay_policy::nft::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
 
 use super::{
-    NF_DROP, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr, nested, verdict,
+    NF_DROP, NFT_GOTO, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr, nested,
+    verdict,
 };
 
 const NFTA_EXPR_NAME: u16 = 1;
@@ -26,6 +28,8 @@ const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
 const NFTA_META_SREG: u16 = 3;
 const NFT_META_MARK: u32 = 3;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
 
@@ -177,6 +181,16 @@ impl Exprs {
         self.cmp(op, &data);
     }
 
+    /// `oifname @SET` (ingress) or `iifname @SET` (egress).
+    fn iface(&mut self, dir: Direction, set: &str) {
+        let key = match dir {
+            Direction::Ingress => NFT_META_OIFNAME,
+            Direction::Egress => NFT_META_IIFNAME,
+        };
+        self.meta_load(key, REG_1);
+        self.lookup(set);
+    }
+
     /// `meta l4proto P`.
     fn l4proto(&mut self, p: Proto) {
         self.meta_load(NFT_META_L4PROTO, REG_1);
@@ -213,6 +227,14 @@ pub(super) fn expressions(line: &Line) -> Vec<u8> {
         }
         Line::ClearMark => e.mark_set(0),
         Line::Jump(chain) => e.verdict(NFT_JUMP, Some(chain)),
+        Line::Dispatch { dir, set, chain } => {
+            e.iface(*dir, set);
+            e.verdict(NFT_GOTO, Some(chain));
+        }
+        Line::Quarantine { dir, set } => {
+            e.iface(*dir, set);
+            e.verdict(NF_DROP, None);
+        }
         Line::DropUnmarked => {
             e.meta_load(NFT_META_MARK, REG_1);
             e.bitwise(&ALLOW_MARK.to_ne_bytes(), &[0; 4]);
