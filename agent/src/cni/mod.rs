@@ -728,21 +728,46 @@ mod tests {
 
     const SOON: std::time::Duration = std::time::Duration::from_secs(5);
 
+    type AddTask = tokio::task::JoinHandle<Result<cni::CniResult, cni::CniError>>;
+
+    /// An ADD of `id` running on its own, and the registration the
+    /// engine gets from it.
+    async fn add_registered(
+        svc: &Arc<CniService<MemStore, FakeDataplane>>,
+        inbox: &mut crate::policy::PolicyInbox,
+        id: &str,
+    ) -> (
+        AddTask,
+        crate::policy::Endpoint,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let add = tokio::spawn({
+            let (svc, r) = (svc.clone(), req(id));
+            async move { svc.add(&r).await }
+        });
+        let (ep, answer) = tokio::time::timeout(SOON, inbox.next())
+            .await
+            .expect("registered")
+            .expect("a handle")
+            .expect("a registration");
+        (add, ep, answer)
+    }
+
+    async fn succeeds(add: AddTask) -> cni::CniResult {
+        tokio::time::timeout(SOON, add)
+            .await
+            .expect("in time")
+            .expect("ran")
+            .expect("succeeded")
+    }
+
     #[tokio::test]
     async fn an_add_has_its_rules_made_while_the_pod_is_wired() {
         let (svc, mut inbox, dp) = policed().await;
         let hold = dp.add_hold.clone().lock_owned().await;
-        let add = tokio::spawn({
-            let svc = svc.clone();
-            async move { svc.add(&req("a")).await }
-        });
         // The engine hears of the pod, with its interface and addresses,
         // while the wiring is still held.
-        let (ep, answer) = tokio::time::timeout(SOON, inbox.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let (add, ep, answer) = add_registered(&svc, &mut inbox, "a").await;
         assert_eq!(ep.key.to_string(), "ns/pod-a");
         assert_eq!(ep.host_if, svc.spec_name("a", "eth0"));
         assert_eq!(ep.ips.len(), 1);
@@ -750,27 +775,14 @@ mod tests {
         // Its rules in first: the ADD ends as soon as it is wired.
         answer.send(()).unwrap();
         drop(hold);
-        let r = tokio::time::timeout(SOON, add)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.ips.len(), 1);
+        assert_eq!(succeeds(add).await.ips.len(), 1);
         assert!(dp.pods.lock().unwrap().contains_key(&ep.host_if));
     }
 
     #[tokio::test]
     async fn an_add_wired_first_waits_for_its_rules() {
         let (svc, mut inbox, dp) = policed().await;
-        let add = tokio::spawn({
-            let svc = svc.clone();
-            async move { svc.add(&req("a")).await }
-        });
-        let (ep, answer) = tokio::time::timeout(SOON, inbox.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let (add, ep, answer) = add_registered(&svc, &mut inbox, "a").await;
         tokio::time::timeout(SOON, async {
             while !dp.pods.lock().unwrap().contains_key(&ep.host_if) {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -781,11 +793,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!add.is_finished(), "answered before its rules were in");
         answer.send(()).unwrap();
-        tokio::time::timeout(SOON, add)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        succeeds(add).await;
     }
 
     #[tokio::test]
@@ -804,18 +812,10 @@ mod tests {
         assert_eq!(ep.host_if, host_if);
         assert_eq!(inbox.next().await.unwrap().unwrap_err(), host_if);
         // And the addresses came back: the next ADD gets the same one.
-        let add = tokio::spawn({
-            let svc = svc.clone();
-            async move { svc.add(&req("b")).await }
-        });
-        let (again, answer) = inbox.next().await.unwrap().unwrap();
+        let (add, again, answer) = add_registered(&svc, &mut inbox, "b").await;
         assert_eq!(again.ips, ep.ips);
         answer.send(()).unwrap();
-        tokio::time::timeout(SOON, add)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        succeeds(add).await;
     }
 
     const NET: &str = "k8s-pod-network";
