@@ -118,10 +118,13 @@ impl PolicyHandle {
             .send(Msg::Added(ep, tx, unknown_tx))
             .map_err(|_| "the policy engine is not running".to_string())?;
         // Answered, or the engine says it does not know the Pod (then read
-        // it now), or neither within a moment (read it too).
+        // it now), or neither within a moment (read it too). The engine
+        // drops that signal unsent when it knows the Pod: only a sent one
+        // counts (a dropped one read every known Pod from the API).
         tokio::select! {
+            biased;
             r = &mut rx => return r.map_err(|_| "the policy engine stopped".to_string()),
-            _ = unknown => {}
+            Ok(()) = unknown => {}
             _ = tokio::time::sleep(WATCH_GRACE) => {}
         }
         let api: Api<core::Pod> = Api::namespaced(self.client.clone(), &key.namespace);
@@ -179,18 +182,44 @@ impl PolicyHandle {
 #[derive(Debug)]
 pub struct PolicyInbox(mpsc::UnboundedReceiver<Msg>);
 
+/// What a test standing in for the engine hears.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) enum Heard {
+    /// An endpoint registered, and its answer (the engine knows its Pod).
+    Added(Endpoint, oneshot::Sender<()>),
+    /// The ADD read its Pod from the API itself.
+    Read(PodKey),
+    /// An interface gone.
+    Deleted(String),
+}
+
 #[cfg(test)]
 impl PolicyInbox {
-    /// For tests standing in for the engine: the next registration
-    /// (`Ok`: the endpoint and its answer) or deletion (`Err`: the
-    /// interface); `None` once every handle is gone.
-    pub(crate) async fn next(&mut self) -> Option<Result<(Endpoint, oneshot::Sender<()>), String>> {
+    /// The next message (`None` once every handle is gone).
+    pub(crate) async fn next(&mut self) -> Option<Heard> {
         loop {
-            match self.0.recv().await? {
-                Msg::Added(ep, tx, _) => return Some(Ok((ep, tx))),
-                Msg::Deleted(i) => return Some(Err(i)),
-                Msg::Read(..) | Msg::Status(_) => {}
+            if let Some(h) = Self::heard(self.0.recv().await?) {
+                return Some(h);
             }
+        }
+    }
+
+    /// The next message already sent, if any.
+    pub(crate) fn try_next(&mut self) -> Option<Heard> {
+        loop {
+            if let Some(h) = Self::heard(self.0.try_recv().ok()?) {
+                return Some(h);
+            }
+        }
+    }
+
+    fn heard(m: Msg) -> Option<Heard> {
+        match m {
+            Msg::Added(ep, tx, _) => Some(Heard::Added(ep, tx)),
+            Msg::Read(k, _) => Some(Heard::Read(k)),
+            Msg::Deleted(i) => Some(Heard::Deleted(i)),
+            Msg::Status(_) => None,
         }
     }
 }
