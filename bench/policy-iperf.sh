@@ -67,12 +67,14 @@ rate() {
   wait "$srv" || true
 }
 
-chains() { ip netns exec "$node1" nft list table inet margay_policy 2>/dev/null | grep -c '^\s*chain ' || true; }
+# Policy and endpoint chains (in/, out/, ep-in/, ep-out/); the base chain
+# and the two dispatch chains are always there.
+chains() { ip netns exec "$node1" nft list table inet margay_policy 2>/dev/null | grep -cE '^\s*chain (in|out|ep-in|ep-out)/' || true; }
 
 none=() with=()
 for r in $(seq "$rounds"); do
   "$lab" kubectl delete networkpolicies --all -n default >/dev/null
-  while [ "$(chains)" -gt 1 ]; do sleep 0.5; done
+  while [ "$(chains)" -gt 0 ]; do sleep 0.5; done
   sleep "$settle"
   none+=("$(rate)")
   policies_yaml | "$lab" kubectl apply -f - >/dev/null
