@@ -741,6 +741,9 @@ pub struct Compiler {
     table: Table,
     /// What the change under way touched.
     journal: Journal,
+    /// The directions whose endpoint chains came or went in the change
+    /// under way: their dispatch chains are written once, at its end.
+    stale_dispatch: BTreeSet<Direction>,
 }
 
 impl Compiler {
@@ -762,6 +765,7 @@ impl Compiler {
             index: Index::new(),
             table: Table::new(),
             journal: Journal::default(),
+            stale_dispatch: BTreeSet::new(),
         }
     }
 
@@ -804,6 +808,7 @@ impl Compiler {
         for k in scheduled {
             c.prepare(&k);
         }
+        c.redispatch();
         c.journal = Journal::default();
         c
     }
@@ -811,6 +816,7 @@ impl Compiler {
     /// The delta of the change just made: the touched keys, old against
     /// new.
     fn finish(&mut self) -> Delta {
+        self.redispatch();
         let j = std::mem::take(&mut self.journal);
         let mut old = Table::default();
         let mut new = Table::default();
@@ -978,9 +984,16 @@ impl Compiler {
         }
     }
 
-    /// Writes `dir`'s dispatch chain again: the quarantine, then one
-    /// line per endpoint chain of `dir` (they came or went).
-    fn redispatch(&mut self, dir: Direction) {
+    /// Writes the dispatch chains whose endpoint chains came or went
+    /// during the change again (once per change, however many came or
+    /// went): the quarantine, then one line per endpoint chain.
+    fn redispatch(&mut self) {
+        for dir in std::mem::take(&mut self.stale_dispatch) {
+            self.write_dispatch(dir);
+        }
+    }
+
+    fn write_dispatch(&mut self, dir: Direction) {
         let mut lines = vec![Line::Quarantine {
             dir,
             set: iface_set(dir, &Verdict::Drop),
@@ -1393,7 +1406,7 @@ impl Compiler {
                 elements: BTreeSet::new(),
             },
         );
-        self.redispatch(dir);
+        self.stale_dispatch.insert(dir);
         name
     }
 
@@ -1409,7 +1422,7 @@ impl Compiler {
     /// user).
     fn release(&mut self, chain: &str, user: &User) {
         if let Some((dir, _)) = self.ep_chains.release(chain, user) {
-            self.redispatch(dir);
+            self.stale_dispatch.insert(dir);
             self.drop_chain(chain);
             self.drop_set(&iface_set(dir, &Verdict::Jump(chain.to_string())));
         }
