@@ -712,7 +712,7 @@ mod tests {
         assert!(poked().await);
     }
 
-    /// A client whose reads never answer (nothing listens there).
+    /// A client whose reads fail at once (nothing listens there).
     fn nowhere() -> kube::Client {
         kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap()
     }
