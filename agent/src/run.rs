@@ -180,7 +180,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The kernel and IPAM agree before anything is served. Without the
     // datastore nothing is decided (existing pods keep working); retry.
     let mut wait = Duration::from_secs(1);
-    let report = loop {
+    let (report, owners) = loop {
         match crate::cni::reconcile::apply(&node, &alloc, dp.as_ref()).await {
             Ok(r) => break r,
             Err(e) => {
@@ -217,7 +217,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     } else {
         let (handle, inbox) = crate::policy::PolicyHandle::new(client.clone());
-        let initial = crate::cni::wired_endpoints(dp.as_ref()).await?;
+        let initial = crate::cni::wired_endpoints(dp.as_ref(), &owners).await?;
         tasks.spawn(
             "NetworkPolicy",
             crate::policy::run(

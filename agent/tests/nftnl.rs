@@ -15,6 +15,12 @@ use margay_policy::nft::{Batch, Compiler, Element, ElementOp, Line, Op, TABLE, T
 use margay_policy::random::{self, Rng};
 use margay_policy::{PodKey, Proto, Selector, World};
 
+fn batch(d: margay_policy::nft::Delta) -> Batch {
+    let mut b = Batch::default();
+    b.extend(&d);
+    b
+}
+
 fn nft(ns: &Netns, script: &str) {
     margay_harness::nft::load(ns, script).unwrap();
 }
@@ -36,7 +42,9 @@ fn local(w: &World) -> std::collections::BTreeMap<PodKey, String> {
 
 /// A policy with every rule shape the compiler emits that the random
 /// ones may miss: IPv6 blocks, /0, a prefix ending inside a byte, SCTP,
-/// a range, every port of a protocol, a named port.
+/// a range, every port of a protocol, a named port, a rule with several
+/// peers and ports (its own chain), an ipBlock with many excepts (a
+/// chain of them).
 fn every_shape() -> Policy {
     let cidr = |s: &str| s.parse().unwrap();
     let rule = |peers, ports| Rule { peers, ports };
@@ -68,6 +76,19 @@ fn every_shape() -> Policy {
                 ],
             ),
             rule(vec![], vec![]),
+            // An ipBlock with more excepts than a line holds: a chain of
+            // its excepts (one port: no rule chain).
+            rule(
+                vec![Peer::Block {
+                    cidr: cidr("10.8.0.0/16"),
+                    except: (0..12).map(|i| cidr(&format!("10.8.{i}.0/24"))).collect(),
+                }],
+                vec![PortMatch::Range {
+                    proto: Proto::Tcp,
+                    first: 8080,
+                    last: 8080,
+                }],
+            ),
         ]),
         egress: Some(vec![rule(
             vec![Peer::Block {
@@ -103,36 +124,50 @@ fn changes_over_netlink_are_what_nft_would_load() {
             let k = rng.pick(&keys).clone();
             let d = match if step == 0 { 9 } else { rng.below(6) } {
                 // Every rule shape, over every pod of x.
-                9 => c.set_policy(&Key::new("x", "every-shape"), Some(every_shape())),
+                9 => batch(c.set_policy(&Key::new("x", "every-shape"), Some(every_shape()))),
                 // A policy created, changed or deleted.
                 4 => {
                     let name = format!("np-{}", rng.below(4));
                     let ns = random::NAMESPACES[rng.below(random::NAMESPACES.len())];
                     let k = Key::new(ns, &name);
                     let p = rng.chance(70).then(|| random::policy(&mut rng, 0));
-                    c.set_policy(&k, p)
+                    batch(c.set_policy(&k, p))
                 }
                 // A pod wired here (shares an endpoint chain when others
                 // are isolated alike: interface set elements only), or gone.
                 0 => {
                     let ifname = format!("calin{step:010}");
-                    c.set_endpoint(&k, Some(ifname))
+                    let ips = c.world().pods[&k].ips.clone();
+                    let mut d = c.set_workload(&ifname, Some(ips)).ops();
+                    d.extend(c.set_endpoint(&ifname, Some(k)).ops());
+                    Batch { ops: d }
                 }
-                1 => c.set_endpoint(&k, None),
+                // An attachment gone: its endpoint and its sources.
+                1 => {
+                    let ifs: Vec<String> = c.endpoints().keys().cloned().collect();
+                    if ifs.is_empty() {
+                        continue;
+                    }
+                    let i = rng.pick(&ifs).clone();
+                    let mut d = c.set_endpoint(&i, None).ops();
+                    d.extend(c.set_workload(&i, None).ops());
+                    Batch { ops: d }
+                }
                 // An interface whose Pod cannot be read: dropped, then
                 // lifted.
-                2 if step % 3 == 0 => c.set_quarantine(&format!("caliq{seed}"), step % 2 == 0),
+                2 if step % 3 == 0 => {
+                    batch(c.set_quarantine(&format!("caliq{seed}"), step % 2 == 0))
+                }
                 _ => {
                     let host = u8::try_from(1 + rng.below(40)).unwrap();
                     let mut p = random::pod(&mut rng, 0, host);
                     if rng.chance(50) {
                         p.ips = c.world().pods[&k].ips.clone();
                     }
-                    c.set_pod(&k, Some(p))
+                    batch(c.set_pod(&k, Some(p)))
                 }
             };
-            let mut e = Batch::default();
-            e.extend(&d);
+            let e = d.clone();
             if !e.is_empty() {
                 over_netlink += 1;
                 for op in &e.ops {

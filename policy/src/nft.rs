@@ -4,7 +4,16 @@
 //! Layout (names are readable: `in/NAMESPACE/POLICY`):
 //!
 //! ```text
+//! chain source (hook prerouting, priority raw, policy accept)
+//!   iifname != "cali*" accept                   not a workload interface
+//!   iifname . ip saddr @src/4 accept            a workload's own addresses only:
+//!   iifname . ip6 saddr @src/6 accept           no pod sends as another
+//!   ip6 saddr fe80::/10 accept                  link-local (neighbour discovery)
+//!   drop                                        forged, or an unknown interface
+//! set src/4, src/6       { "caliXXX" . ADDRESS, ... }  every attachment's addresses
+//! set ifaces             { "caliXXX", ... }   every workload interface Margay knows
 //! chain forward (hook forward, priority filter, policy accept)
+//!   oifname "cali*" oifname != @ifaces drop     nothing into an unknown interface
 //!   ct state established,related accept         replies of allowed connections
 //!   jump dispatch-out                           a local pod sending: its egress chain
 //!   jump dispatch-in                            a local pod receiving: its ingress chain
@@ -17,7 +26,13 @@
 //!                        a new pod is a set element, not a chain
 //! chain in/NS/NAME       one rule line per (peer, port) of each rule: match, set the
 //!                        allow mark, return; an ipBlock is matched in its line
-//!                        (`ip saddr CIDR ip saddr != EXCEPT ...`)
+//!                        (`ip saddr CIDR ip saddr != EXCEPT ...`). A rule with
+//!                        several peers and several ports is one line per port
+//!                        jumping to its chain `in/NS/NAME/RULE`, one line per
+//!                        peer: lines grow with peers + ports, never their
+//!                        product; an ipBlock with many excepts jumps to a chain
+//!                        `.../RULE/PEER` returning on each except. A name too
+//!                        long for the kernel is cut and ends in a hash.
 //! set peer/HASH.p4       addresses of the pods one pod peer selects (p6: IPv6)
 //! set port/HASH.n4       destination address . protocol . port of a named port (n6)
 //! ```
@@ -28,6 +43,13 @@
 //! selector: a pod's change is one element per distinct selector, and
 //! a new policy usually only a chain. An index (a namespace or one of its
 //! labels, one pod label, a port name) finds the sets a pod may be in.
+//!
+//! Every workload interface (an attachment: network, container,
+//! interface) is in `ifaces` with its addresses in `src/4`/`src/6`, pod
+//! or no pod ([`Compiler::set_workload`]); one Margay does not know takes
+//! nothing and sends nothing. Its pod's policies are dispatched per
+//! interface ([`Compiler::set_endpoint`]), so two attachments of one pod
+//! are each enforced.
 //!
 //! Traffic the node itself sends to its pods leaves through the output
 //! hook and is not filtered (kubelet probes), and a pod's traffic to its
@@ -88,6 +110,10 @@ pub enum SetKind {
     Named6,
     /// Interface names.
     Iface,
+    /// Interface name . IPv4 address (a workload's sources).
+    IfaceAddr4,
+    /// Interface name . IPv6 address.
+    IfaceAddr6,
 }
 
 impl SetKind {
@@ -98,6 +124,8 @@ impl SetKind {
             Self::Named4 => "type ipv4_addr . inet_proto . inet_service;",
             Self::Named6 => "type ipv6_addr . inet_proto . inet_service;",
             Self::Iface => "type ifname;",
+            Self::IfaceAddr4 => "type ifname . ipv4_addr;",
+            Self::IfaceAddr6 => "type ifname . ipv6_addr;",
         }
     }
 }
@@ -146,6 +174,17 @@ pub struct Table {
     pub egress: BTreeMap<String, Verdict>,
 }
 
+/// The prefix of every workload interface's name (Calico's, and the
+/// agent's `cali` + hash of the attachment).
+pub const WORKLOAD_PREFIX: &str = "cali";
+/// The set of every workload interface Margay knows.
+pub const IFACES_SET: &str = "ifaces";
+
+/// The set of the workloads' own sources of one family.
+pub fn source_set(v6: bool) -> &'static str {
+    if v6 { "src/6" } else { "src/4" }
+}
+
 /// The dispatch chain of `dir` (the base chain jumps to both).
 pub fn dispatch_chain(dir: Direction) -> String {
     format!("dispatch-{}", dir_prefix(dir))
@@ -173,6 +212,19 @@ impl Table {
     /// quarantine sets, which are always there.
     pub fn new() -> Self {
         let mut t = Self::default();
+        for (name, kind) in [
+            (IFACES_SET, SetKind::Iface),
+            (source_set(false), SetKind::IfaceAddr4),
+            (source_set(true), SetKind::IfaceAddr6),
+        ] {
+            t.sets.insert(
+                name.to_string(),
+                Set {
+                    kind,
+                    elements: BTreeSet::new(),
+                },
+            );
+        }
         for dir in [Direction::Ingress, Direction::Egress] {
             let drop = iface_set(dir, &Verdict::Drop);
             t.sets.insert(
@@ -211,11 +263,22 @@ impl Table {
             }
             s.push_str("  }\n");
         }
-        s.push_str(
-            "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
+        let w = WORKLOAD_PREFIX;
+        s.push_str(&format!(
+            "  chain source {{\n    type filter hook prerouting priority raw; policy accept;\n    \
+             iifname != \"{w}*\" accept\n    \
+             iifname . ip saddr @{} accept\n    \
+             iifname . ip6 saddr @{} accept\n    \
+             ip6 saddr fe80::/10 accept\n    drop\n  }}\n",
+            source_set(false),
+            source_set(true)
+        ));
+        s.push_str(&format!(
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
+             oifname \"{w}*\" oifname != @{IFACES_SET} drop\n    \
              ct state established,related accept\n    jump dispatch-out\n    \
-             jump dispatch-in\n  }\n}\n",
-        );
+             jump dispatch-in\n  }}\n}}\n"
+        ));
         s
     }
 
@@ -300,15 +363,24 @@ pub enum Element {
         /// The port.
         port: u16,
     },
-    /// An interface's name (sets `if-in/...`, `if-out/...`).
+    /// An interface's name (sets `if-in/...`, `if-out/...`, `ifaces`).
     Iface(String),
+    /// `interface . address` (sets `src/4`, `src/6`).
+    IfaceAddr {
+        /// The interface.
+        ifname: String,
+        /// One of its addresses.
+        addr: IpAddr,
+    },
 }
 
 impl Element {
     /// The address it is about, if any.
     pub fn addr(&self) -> Option<IpAddr> {
         match self {
-            Self::Addr(a) | Self::Port { addr: a, .. } => Some(*a),
+            Self::Addr(a) | Self::Port { addr: a, .. } | Self::IfaceAddr { addr: a, .. } => {
+                Some(*a)
+            }
             Self::Iface(_) => None,
         }
     }
@@ -329,6 +401,7 @@ impl std::fmt::Display for Element {
             Self::Addr(a) => write!(f, "{a}"),
             Self::Port { addr, proto, port } => write!(f, "{addr} . {proto} . {port}"),
             Self::Iface(name) => write!(f, "\"{name}\""),
+            Self::IfaceAddr { ifname, addr } => write!(f, "\"{ifname}\" . {addr}"),
         }
     }
 }
@@ -457,9 +530,70 @@ fn dir_prefix(dir: Direction) -> &'static str {
     }
 }
 
-/// The chain of `policy` for `dir`.
+/// The longest policy chain name: the kernel takes names of up to 255
+/// bytes, and a policy's rule chains add `/RULE/PEER` to it.
+pub const MAX_CHAIN_NAME: usize = 200;
+
+/// The chain of `policy` for `dir`: `in/NAMESPACE/NAME` (a namespace
+/// has at most 63 characters, a name 253), or, when that is longer than
+/// [`MAX_CHAIN_NAME`], the name cut and ended with `~` and a hash of the
+/// whole: every legal name gives a name the kernel takes, and a cut
+/// name can only meet another policy of its own namespace.
 pub fn policy_chain(dir: Direction, policy: &PolicyKey) -> String {
-    format!("{}/{}/{}", dir_prefix(dir), policy.namespace, policy.name)
+    let full = format!("{}/{}/{}", dir_prefix(dir), policy.namespace, policy.name);
+    if full.len() <= MAX_CHAIN_NAME {
+        return full;
+    }
+    let hash = format!("~{:016x}", fnv(&full));
+    let mut keep = MAX_CHAIN_NAME - hash.len();
+    while !full.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{hash}", &full[..keep])
+}
+
+/// The chain rule `rule` of a policy whose chain is `policy_chain` goes
+/// on in when it has several peers and several ports.
+fn rule_chain(policy_chain: &str, rule: usize) -> String {
+    format!("{policy_chain}/{rule}")
+}
+
+/// The chain of the excepts of peer `peer` of a rule (its chain
+/// `rule_chain`).
+fn except_chain(rule_chain: &str, peer: usize) -> String {
+    format!("{rule_chain}/{peer}")
+}
+
+/// An ipBlock with more excepts than this matches them in a chain of
+/// its own (a rule of the kernel holds at most 128 expressions; each
+/// except takes two or three).
+pub const INLINE_EXCEPTS: usize = 8;
+
+/// The most a policy may cost ([`cost`]); above it the policy is
+/// refused, reported, and the pods it selects are isolated by it with
+/// nothing allowed (fail closed), while every other policy stays
+/// enforced.
+pub const MAX_POLICY_COST: usize = 10_000;
+
+/// What enforcing `policy` costs: the rule lines its peers, ports and
+/// excepts make (they add up: no product).
+pub fn cost(policy: &Policy) -> usize {
+    [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .filter_map(|d| policy.rules(d))
+        .flatten()
+        .map(|r| {
+            let excepts: usize = r
+                .peers
+                .iter()
+                .map(|p| match p {
+                    Peer::Block { except, .. } => except.len(),
+                    Peer::Pods { .. } => 0,
+                })
+                .sum();
+            1 + 2 * r.peers.len() + 2 * r.ports.len() + excepts
+        })
+        .sum()
 }
 
 /// The endpoint chain for `dir` of the endpoints that `policies` (in
@@ -620,6 +754,8 @@ impl<D: Ord + Clone, U: Ord> Registry<D, U> {
 struct Compiled {
     /// The shared pod sets its rules use.
     sets: BTreeSet<String>,
+    /// Its rule and except chains (besides its policy chains).
+    chains: BTreeSet<String>,
 }
 
 /// The namespace side of a pod set's index key.
@@ -707,8 +843,13 @@ impl Default for Compiler {
 #[derive(Debug, Clone)]
 pub struct Compiler {
     world: World,
-    /// Local endpoints: pod → host interface.
-    local: BTreeMap<PodKey, String>,
+    /// Every workload interface of this node and its addresses (its
+    /// allowed sources), pod or no pod.
+    sources: BTreeMap<String, Vec<IpAddr>>,
+    /// Local endpoints: host interface → its pod.
+    endpoints: BTreeMap<String, PodKey>,
+    /// Local endpoints by pod: its interfaces (one per attachment).
+    local: BTreeMap<PodKey, BTreeSet<String>>,
     /// Pods by address (two pods may briefly share one).
     by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
     compiled: BTreeMap<PolicyKey, Compiled>,
@@ -751,6 +892,8 @@ impl Compiler {
     pub fn new() -> Self {
         Self {
             world: World::default(),
+            sources: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
             local: BTreeMap::new(),
             by_ip: BTreeMap::new(),
             compiled: BTreeMap::new(),
@@ -769,24 +912,59 @@ impl Compiler {
         }
     }
 
-    /// Compiles `world` with the local endpoints `local` in one go.
+    /// Compiles `world` with the local endpoints `local` (one interface
+    /// per pod, its sources the pod's addresses) in one go.
     pub fn full(world: World, local: BTreeMap<PodKey, String>) -> Self {
-        Self::full_scheduled(world, local, BTreeMap::new())
+        let sources = local
+            .iter()
+            .map(|(k, i)| {
+                let ips = world.pods.get(k).map(|p| p.ips.clone()).unwrap_or_default();
+                (i.clone(), ips)
+            })
+            .collect();
+        let endpoints = local.into_iter().map(|(k, i)| (i, k)).collect();
+        Self::full_with(world, sources, endpoints, BTreeMap::new())
     }
 
-    /// As [`Compiler::full`], with the pods scheduled to this node and not
+    /// The same inputs compiled again in one go (what an incremental
+    /// table must equal).
+    pub fn rebuilt(&self) -> Self {
+        let mut c = Self::full_with(
+            self.world.clone(),
+            self.sources.clone(),
+            self.endpoints.clone(),
+            self.scheduled.clone(),
+        );
+        for i in &self.quarantined {
+            let _ = c.set_quarantine(i, true);
+        }
+        c
+    }
+
+    /// Compiles `world` in one go with this node's workload interfaces
+    /// (`sources`: interface → its addresses), the local endpoints among
+    /// them (interface → pod) and the pods scheduled to this node and not
     /// wired yet (see [`Compiler::set_scheduled`]).
-    pub fn full_scheduled(
+    pub fn full_with(
         world: World,
-        local: BTreeMap<PodKey, String>,
+        sources: BTreeMap<String, Vec<IpAddr>>,
+        endpoints: BTreeMap<String, PodKey>,
         scheduled: BTreeMap<PodKey, Labels>,
     ) -> Self {
+        let mut local: BTreeMap<PodKey, BTreeSet<String>> = BTreeMap::new();
+        for (i, k) in &endpoints {
+            local.entry(k.clone()).or_default().insert(i.clone());
+        }
         let mut c = Self {
             world,
+            endpoints,
             local,
             scheduled,
             ..Self::new()
         };
+        for (i, ips) in sources {
+            let _ = c.set_workload(&i, Some(ips));
+        }
         for (k, p) in &c.world.pods {
             for ip in &p.ips {
                 c.by_ip.entry(*ip).or_default().insert(k.clone());
@@ -1022,9 +1200,53 @@ impl Compiler {
         &self.world
     }
 
-    /// The local endpoints.
-    pub fn local(&self) -> &BTreeMap<PodKey, String> {
+    /// The local endpoints, by pod: its interfaces.
+    pub fn local(&self) -> &BTreeMap<PodKey, BTreeSet<String>> {
         &self.local
+    }
+
+    /// The local endpoints: interface → pod.
+    pub fn endpoints(&self) -> &BTreeMap<String, PodKey> {
+        &self.endpoints
+    }
+
+    /// Every workload interface and its addresses.
+    pub fn workloads(&self) -> &BTreeMap<String, Vec<IpAddr>> {
+        &self.sources
+    }
+
+    /// Workload interface `ifname` of this node with its addresses (the
+    /// only sources its packets may carry), or gone (`None`). An
+    /// interface not known here takes and sends nothing.
+    pub fn set_workload(&mut self, ifname: &str, addrs: Option<Vec<IpAddr>>) -> Delta {
+        let old = match addrs {
+            Some(a) => self.sources.insert(ifname.to_string(), a),
+            None => self.sources.remove(ifname),
+        };
+        let new = self.sources.get(ifname).cloned();
+        let name = || BTreeSet::from([Element::Iface(ifname.to_string())]);
+        match (&old, &new) {
+            (None, Some(_)) => self.change_elements(IFACES_SET, &BTreeSet::new(), name()),
+            (Some(_), None) => self.change_elements(IFACES_SET, &name(), BTreeSet::new()),
+            _ => {}
+        }
+        for v6 in [false, true] {
+            let of = |a: &Option<Vec<IpAddr>>| -> BTreeSet<Element> {
+                a.iter()
+                    .flatten()
+                    .filter(|ip| ip.is_ipv6() == v6)
+                    .map(|ip| Element::IfaceAddr {
+                        ifname: ifname.to_string(),
+                        addr: *ip,
+                    })
+                    .collect()
+            };
+            let (was, now) = (of(&old), of(&new));
+            let gone: BTreeSet<Element> = was.difference(&now).cloned().collect();
+            let added: BTreeSet<Element> = now.difference(&was).cloned().collect();
+            self.change_elements(source_set(v6), &gone, added);
+        }
+        self.finish()
     }
 
     /// The pods scheduled to this node and not wired yet.
@@ -1137,13 +1359,8 @@ impl Compiler {
     }
 
     fn quarantine_maps(&mut self, ifname: &str) {
-        let owner = self
-            .local
-            .iter()
-            .find(|(_, v)| *v == ifname)
-            .map(|(k, _)| k.clone());
-        if let Some(k) = owner {
-            self.recompile_endpoint(&k);
+        if let Some(k) = self.endpoints.get(ifname).cloned() {
+            self.recompile_iface(&k, ifname);
             return;
         }
         for dir in [Direction::Ingress, Direction::Egress] {
@@ -1155,20 +1372,46 @@ impl Compiler {
         }
     }
 
-    /// A pod of this node wired on `ifname` (`Some`) or gone (`None`).
-    pub fn set_endpoint(&mut self, key: &PodKey, ifname: Option<String>) -> Delta {
-        let old = match ifname {
-            Some(i) => self.local.insert(key.clone(), i),
-            None => self.local.remove(key),
+    /// Interface `ifname` of this node is an endpoint of pod `pod`
+    /// (`Some`: it gets the pod's policies), or of none (`None`). A pod
+    /// has one per attachment, each enforced.
+    pub fn set_endpoint(&mut self, ifname: &str, pod: Option<PodKey>) -> Delta {
+        let old = match &pod {
+            Some(k) => self.endpoints.insert(ifname.to_string(), k.clone()),
+            None => self.endpoints.remove(ifname),
         };
-        if let Some(old) = old {
-            for dir in [Direction::Ingress, Direction::Egress] {
-                self.release_ep_chain(dir, &old);
-                self.drop_map(dir, &old);
-            }
-            self.quarantine_maps(&old);
+        if old == pod {
+            return self.finish();
         }
-        self.endpoint_changed(key);
+        if let Some(old) = &old {
+            if let Some(ifs) = self.local.get_mut(old) {
+                ifs.remove(ifname);
+                if ifs.is_empty() {
+                    self.local.remove(old);
+                }
+            }
+            for dir in [Direction::Ingress, Direction::Egress] {
+                self.release_ep_chain(dir, ifname);
+                self.drop_map(dir, ifname);
+            }
+            self.quarantine_maps(ifname);
+            self.endpoint_changed(old);
+            self.refresh_pod_addresses(old);
+        }
+        if let Some(k) = &pod {
+            self.local
+                .entry(k.clone())
+                .or_default()
+                .insert(ifname.to_string());
+            self.endpoint_changed(k);
+            self.refresh_pod_addresses(k);
+        }
+        self.finish()
+    }
+
+    /// Pod `key`'s addresses in the pod sets again (whether it is local
+    /// changes the named-port sets of ingress rules).
+    fn refresh_pod_addresses(&mut self, key: &PodKey) {
         let ips: BTreeSet<IpAddr> = self
             .world
             .pods
@@ -1176,7 +1419,6 @@ impl Compiler {
             .map(|p| p.ips.iter().copied().collect())
             .unwrap_or_default();
         self.refresh_addresses(&ips, BTreeSet::new());
-        self.finish()
     }
 
     /// The endpoint `key`'s selection may have changed: the policies of
@@ -1357,10 +1599,16 @@ impl Compiler {
         }
     }
 
+    /// Each interface of local endpoint `key` dispatched as its policies
+    /// say.
     fn recompile_endpoint(&mut self, key: &PodKey) {
-        let Some(ifname) = self.local.get(key).cloned() else {
-            return;
-        };
+        for ifname in self.local.get(key).cloned().unwrap_or_default() {
+            self.recompile_iface(key, &ifname);
+        }
+    }
+
+    fn recompile_iface(&mut self, key: &PodKey, ifname: &str) {
+        let ifname = ifname.to_string();
         for dir in [Direction::Ingress, Direction::Egress] {
             let policies = self.isolating(key, dir);
             let current = match self.map(dir).get(&ifname) {
@@ -1436,6 +1684,9 @@ impl Compiler {
         for dir in [Direction::Ingress, Direction::Egress] {
             self.drop_chain(&policy_chain(dir, key));
         }
+        for c in &old.chains {
+            self.drop_chain(c);
+        }
         let mut compiled = Compiled::default();
         let wanted = self.selects_local(key);
         if wanted {
@@ -1444,11 +1695,12 @@ impl Compiler {
                 let Some(rules) = policy.rules(dir) else {
                     continue;
                 };
+                let chain = policy_chain(dir, key);
                 let mut lines = Vec::new();
-                for r in rules {
-                    lines.extend(self.rule_lines(dir, key, r, &mut compiled));
+                for (i, r) in rules.iter().enumerate() {
+                    lines.extend(self.rule_lines(dir, key, &chain, i, r, &mut compiled));
                 }
-                self.put_chain(policy_chain(dir, key), lines);
+                self.put_chain(chain, lines);
             }
         }
         for name in old.sets.difference(&compiled.sets) {
@@ -1500,12 +1752,17 @@ impl Compiler {
         self.drop_set(name);
     }
 
-    /// The rule lines of rule `r` of policy `key` (its shared sets used,
-    /// and recorded in `compiled`).
+    /// The lines rule `index` of policy `key` puts in its chain `chain`
+    /// (its shared sets used, its own chains made, both recorded in
+    /// `compiled`): one per (peer, port) when it has one peer or one port,
+    /// else one per port jumping to the rule's chain, which has one per
+    /// peer: never peers × ports lines.
     fn rule_lines(
         &mut self,
         dir: Direction,
         key: &PolicyKey,
+        chain: &str,
+        index: usize,
         r: &Rule,
         compiled: &mut Compiled,
     ) -> Vec<Line> {
@@ -1579,8 +1836,70 @@ impl Compiler {
                 }
             }
         }
+        let rule_chain = rule_chain(chain, index);
+        // An ipBlock with many excepts: the block in the line, the
+        // excepts in a chain of their own that returns on each and
+        // allows the rest.
+        let mut excepts: Vec<Option<String>> = Vec::with_capacity(peers.len());
+        for (j, peer) in peers.iter_mut().enumerate() {
+            let Some(PeerMatch::Block { field, except, .. }) = peer else {
+                excepts.push(None);
+                continue;
+            };
+            if except.len() <= INLINE_EXCEPTS {
+                excepts.push(None);
+                continue;
+            }
+            let name = except_chain(&rule_chain, j);
+            let mut lines: Vec<Line> = std::mem::take(except)
+                .into_iter()
+                .map(|e| Line::ReturnIf {
+                    peer: PeerMatch::Block {
+                        field: *field,
+                        cidr: e,
+                        except: Vec::new(),
+                    },
+                })
+                .collect();
+            lines.push(Line::Allow {
+                peer: None,
+                port: None,
+            });
+            self.put_chain(name.clone(), lines);
+            compiled.chains.insert(name.clone());
+            excepts.push(Some(name));
+        }
+        let line = |peer: &Option<PeerMatch>, port: &Option<L4Match>, x: &Option<String>| match x {
+            Some(chain) => Line::JumpIf {
+                peer: peer.clone(),
+                port: port.clone(),
+                chain: chain.clone(),
+            },
+            None => Line::Allow {
+                peer: peer.clone(),
+                port: port.clone(),
+            },
+        };
         let mut lines = Vec::new();
-        for peer in &peers {
+        if peers.len() > 1 && ports.len() > 1 {
+            // Ports here, peers in the rule's chain.
+            let peer_lines = peers
+                .iter()
+                .zip(&excepts)
+                .map(|(p, x)| line(p, &None, x))
+                .collect();
+            self.put_chain(rule_chain.clone(), peer_lines);
+            compiled.chains.insert(rule_chain.clone());
+            for port in &ports {
+                lines.push(Line::JumpIf {
+                    peer: None,
+                    port: port.clone(),
+                    chain: rule_chain.clone(),
+                });
+            }
+            return lines;
+        }
+        for (peer, x) in peers.iter().zip(&excepts) {
             for port in &ports {
                 let pf = peer.as_ref().map(PeerMatch::v6);
                 let qf = port.as_ref().and_then(L4Match::v6);
@@ -1589,10 +1908,7 @@ impl Compiler {
                 {
                     continue;
                 }
-                lines.push(Line::Allow {
-                    peer: peer.clone(),
-                    port: port.clone(),
-                });
+                lines.push(line(peer, port, x));
             }
         }
         lines

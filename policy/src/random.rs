@@ -109,7 +109,8 @@ fn peer(rng: &mut Rng, pod_net: u8) -> Peer {
             pods: selector(rng),
         },
         // An ipBlock over the pods' addresses (v4 or v6, the same shape:
-        // a /24../27 of the last octet, maybe one /30 excepted).
+        // a /24../27 of the last octet, maybe one /30 excepted, or many
+        // single addresses).
         _ => {
             let v6 = rng.chance(50);
             let net = |len: usize, last: usize| {
@@ -124,6 +125,14 @@ fn peer(rng: &mut Rng, pod_net: u8) -> Peer {
             let mut except = Vec::new();
             if rng.chance(50) {
                 except.push(net(30, 4 * rng.below(8)));
+            } else if rng.chance(20) {
+                // More excepts than a rule line holds: a chain of them.
+                for _ in 0..crate::nft::INLINE_EXCEPTS + 1 + rng.below(4) {
+                    let x = net(32, rng.below(64));
+                    if !except.contains(&x) {
+                        except.push(x);
+                    }
+                }
             }
             Peer::Block { cidr, except }
         }

@@ -279,22 +279,44 @@ fn endpoints(w: &World) -> BTreeMap<PodKey, String> {
         .collect()
 }
 
+/// Every interface of the bed is a workload with its pod's addresses,
+/// whether or not a pod of the world is on it.
+fn sources() -> BTreeMap<String, Vec<IpAddr>> {
+    (1..=PODS)
+        .map(|i| (ifname(i), vec![pod_ip(i), pod_ip6(i)]))
+        .collect()
+}
+
+/// `w` compiled in one go on the bed.
+fn compiled(w: &World) -> Compiler {
+    let eps = endpoints(w).into_iter().map(|(k, i)| (i, k)).collect();
+    Compiler::full_with(w.clone(), sources(), eps, BTreeMap::new())
+}
+
 /// The deltas that take `c` to `w`, as one batch.
 fn move_to(c: &mut Compiler, w: &World) -> Batch {
     let mut s = Batch::default();
+    for (i, ips) in sources() {
+        if c.workloads().get(&i) != Some(&ips) {
+            s.extend(&c.set_workload(&i, Some(ips)));
+        }
+    }
     let old = c.world().clone();
+    let eps = endpoints(w);
     for k in old.pods.keys().filter(|k| !w.pods.contains_key(*k)) {
-        s.extend(&c.set_endpoint(k, None));
+        for i in c.local().get(k).cloned().unwrap_or_default() {
+            s.extend(&c.set_endpoint(&i, None));
+        }
         s.extend(&c.set_pod(k, None));
     }
     for (name, ns) in &w.namespaces {
         s.extend(&c.set_namespace(name, Some(ns.clone())));
     }
-    let eps = endpoints(w);
     for (k, p) in &w.pods {
         s.extend(&c.set_pod(k, Some(p.clone())));
-        if c.local().get(k) != eps.get(k) {
-            s.extend(&c.set_endpoint(k, eps.get(k).cloned()));
+        let i = &eps[k];
+        if c.endpoints().get(i) != Some(k) {
+            s.extend(&c.set_endpoint(i, Some(k.clone())));
         }
     }
     for k in old.policies.keys().filter(|k| !w.policies.contains_key(*k)) {
@@ -346,7 +368,7 @@ fn kernel_verdicts_match_the_specification() {
             .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", batch.script()));
         assert_eq!(sent, margay_agent::dataplane::nftnl::Sent::Applied);
         // The kernel holds what a full load of the same world holds.
-        let full = Compiler::full(w.clone(), endpoints(&w));
+        let full = compiled(&w);
         assert_eq!(c.table(), full.table(), "seed {seed}");
         scratch.nft(&full.table().script());
         assert_eq!(
@@ -360,12 +382,12 @@ fn kernel_verdicts_match_the_specification() {
         if !bad.is_empty() {
             let first = bad[0];
             let minimal = random::shrink(w.clone(), |s| {
-                let t = Compiler::full(s.clone(), endpoints(s));
+                let t = compiled(s);
                 bed.nft(&t.table().script());
                 flush_conntrack(&bed.node);
                 mismatches(&bed, s).iter().any(|(k, _)| *k == first.0)
             });
-            let t = Compiler::full(minimal.clone(), endpoints(&minimal));
+            let t = compiled(&minimal);
             panic!(
                 "seed {seed}: {} connections disagree with the specification, e.g. {:?} \
                  (the specification says {}). Minimal world:\n{minimal:#?}\nits table:\n{}",

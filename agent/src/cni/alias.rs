@@ -1,5 +1,7 @@
 //! The attribution alias: every pod host interface records whose it is in
-//! its alias, `margay1 <handle> <addr>[,<addr>] [<namespace>/<name>/<uid>]`,
+//! its alias, `margay1 <handle> <addr>[,<addr>] [<namespace>/<name>/<uid>]`
+//! (`?` in place of the pod when its names are too long for an alias:
+//! IPAM's record of the handle names it),
 //! set while the interface is built, before the ADD answers. It is the
 //! node's durable journal of attributions: IPAM's writes happen behind the
 //! ADD, and after a crash start-up reconciliation ([`super::reconcile`])
@@ -17,14 +19,22 @@ use crate::dataplane::ownership::{ALIAS_TAG as TAG, alias_owner};
 /// Longest alias the kernel keeps (IFALIASZ - 1).
 const MAX_ALIAS: usize = 255;
 
-/// The alias recording `handle`'s addresses (and pod, when it fits).
+/// What stands for a pod too long to record.
+const CUT: &str = "?";
+
+/// The alias recording `handle`'s addresses (and pod, when it fits; `?`
+/// when it does not, so start-up knows there is a pod to look up).
 pub fn alias(handle: &str, addrs: &[IpNetwork], pod: Option<&PodRef>) -> String {
     let ips: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
     let base = format!("{TAG} {handle} {}", ips.join(","));
     match pod {
         Some(p) => {
             let full = format!("{base} {}/{}/{}", p.namespace, p.name, p.uid);
-            if full.len() <= MAX_ALIAS { full } else { base }
+            if full.len() <= MAX_ALIAS {
+                full
+            } else {
+                format!("{base} {CUT}")
+            }
         }
         None => base,
     }
@@ -41,6 +51,8 @@ pub struct Attached {
     pub addrs: Vec<IpAddr>,
     /// The pod, when recorded.
     pub pod: Option<PodRef>,
+    /// A pod was there but too long to record (look it up by handle).
+    pub pod_cut: bool,
 }
 
 /// Parses a host interface's alias; `None` when it is not Margay's.
@@ -54,7 +66,9 @@ pub fn parse(p: &HostPod) -> Option<Attached> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .ok()?;
-    let pod = it.next().and_then(|s| {
+    let rest = it.next();
+    let pod_cut = rest == Some(CUT);
+    let pod = rest.and_then(|s| {
         let mut f = s.splitn(3, '/');
         Some(PodRef {
             namespace: f.next()?.to_string(),
@@ -70,6 +84,7 @@ pub fn parse(p: &HostPod) -> Option<Attached> {
         handle,
         addrs,
         pod,
+        pod_cut,
     })
 }
 
@@ -111,8 +126,7 @@ mod tests {
                 alias: a
             })
             .unwrap()
-            .pod
-            .is_none()
+            .pod_cut
         );
         assert!(
             parse(&HostPod {

@@ -94,21 +94,28 @@ pub struct CniService<S, D> {
     policy: Option<crate::policy::PolicyHandle>,
 }
 
-/// The pods this node has wired, as the NetworkPolicy engine needs them
-/// (from their interfaces' aliases; a pod whose alias could not hold its
-/// name is left to its next ADD).
-pub async fn wired_endpoints<D: Dataplane>(dp: &D) -> crate::Result<Vec<crate::policy::Endpoint>> {
+/// Every attachment this node has wired, as the NetworkPolicy engine
+/// needs them: from their interfaces' aliases, the pod of one whose
+/// alias could not hold it from IPAM's record of its handle (`owners`);
+/// one whose pod neither names is unattributed (quarantined).
+pub async fn wired_endpoints<D: Dataplane>(
+    dp: &D,
+    owners: &reconcile::Attributions,
+) -> crate::Result<Vec<crate::policy::Restored>> {
     let pods = dp.list_pods().await.map_err(crate::Error::Dataplane)?;
     Ok(pods
         .iter()
         .filter_map(alias::parse)
-        .filter_map(|a| {
-            let p = a.pod?;
-            Some(crate::policy::Endpoint {
-                key: margay_policy::PodKey::new(&p.namespace, &p.name),
-                host_if: a.host_if,
-                ips: a.addrs,
-            })
+        .map(|a| {
+            let pod = a.pod.clone().or_else(|| owners.get(&a.handle).cloned());
+            crate::policy::Restored {
+                unattributed: a.pod_cut && pod.is_none(),
+                endpoint: crate::policy::Endpoint {
+                    host_if: a.host_if,
+                    pod: pod.map(|p| margay_policy::PodKey::new(&p.namespace, &p.name)),
+                    ips: a.addrs,
+                },
+            }
         })
         .collect())
 }
@@ -372,18 +379,19 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         // The engine is told now, with the addresses, and programs the
         // rules (matching the interface by name, before it exists) while
         // the pod is wired: the ADD waits for whichever ends last.
-        let ready = self
-            .policy
-            .as_ref()
-            .zip(pod.as_ref().filter(|p| !p.name.is_empty()))
-            .map(|(policy, p)| {
-                let ep = crate::policy::Endpoint {
-                    key: margay_policy::PodKey::new(&p.namespace, &p.name),
-                    host_if: host_if.clone(),
-                    ips: addrs.iter().map(IpNetwork::ip).collect(),
-                };
-                policy.added(ep, crate::policy::ADD_WAIT)
-            });
+        // Every attachment is a workload interface (its sources checked);
+        // one of a Pod gets its Pod's policies.
+        let ready = self.policy.as_ref().map(|policy| {
+            let ep = crate::policy::Endpoint {
+                host_if: host_if.clone(),
+                pod: pod
+                    .as_ref()
+                    .filter(|p| !p.name.is_empty())
+                    .map(|p| margay_policy::PodKey::new(&p.namespace, &p.name)),
+                ips: addrs.iter().map(IpNetwork::ip).collect(),
+            };
+            policy.added(ep, crate::policy::ADD_WAIT)
+        });
         let mut ready = std::pin::pin!(async move {
             match ready {
                 Some(r) => r.await,
@@ -769,7 +777,7 @@ mod tests {
         // The engine hears of the pod, with its interface and addresses,
         // while the wiring is still held.
         let (add, ep, answer) = add_registered(&svc, &mut inbox, "a").await;
-        assert_eq!(ep.key.to_string(), "ns/pod-a");
+        assert_eq!(ep.pod.unwrap().to_string(), "ns/pod-a");
         assert_eq!(ep.host_if, svc.spec_name("a", "eth0"));
         assert_eq!(ep.ips.len(), 1);
         assert!(dp.pods.lock().unwrap().is_empty());

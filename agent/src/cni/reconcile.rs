@@ -142,10 +142,27 @@ pub struct Report {
     pub released: usize,
 }
 
-/// Plans and applies the reconciliation (before the CNI service starts).
-pub async fn apply<D: Dataplane>(node: &str, alloc: &Allocator, dp: &D) -> crate::Result<Report> {
+/// The pod each handle of this node's blocks was recorded for.
+pub type Attributions = std::collections::HashMap<String, margay_api::ipam::PodRef>;
+
+/// Plans and applies the reconciliation (before the CNI service starts);
+/// also returns whose each handle IPAM recorded (for interfaces whose
+/// alias could not hold their pod).
+pub async fn apply<D: Dataplane>(
+    node: &str,
+    alloc: &Allocator,
+    dp: &D,
+) -> crate::Result<(Report, Attributions)> {
     let pods = dp.list_pods().await?;
     let blocks = alloc.blocks().await?;
+    let mut owners = Attributions::new();
+    for b in &blocks {
+        for a in b.allocations.values() {
+            if let Some(p) = &a.pod {
+                owners.insert(a.handle.clone(), p.clone());
+            }
+        }
+    }
     let mut r = Report::default();
     for action in plan(node, &pods, &blocks) {
         tracing::info!(?action, "reconcile");
@@ -170,7 +187,7 @@ pub async fn apply<D: Dataplane>(node: &str, alloc: &Allocator, dp: &D) -> crate
             }
         }
     }
-    Ok(r)
+    Ok((r, owners))
 }
 
 #[cfg(test)]

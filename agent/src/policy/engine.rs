@@ -8,11 +8,25 @@
 //!   each batch of changes is one delta ([`margay_policy::nft::Delta`]).
 //! - A relist (after a watch broke) is compared with what was known when
 //!   it completes: objects it no longer has are deleted then, not before.
-//! - A local endpoint joins the policy world only once its Pod's labels are
-//!   known (an unlabelled pod would escape selectors); its addresses are
-//!   the ADD's until the Pod's status has them.
+//! - Endpoints are attachments, keyed by their host interface: every one
+//!   is a workload interface whose packets must carry its own addresses,
+//!   pod or no pod, and several of one pod are each enforced. An endpoint
+//!   joins its pod's policies only once its Pod's labels are known (an
+//!   unlabelled pod would escape selectors); its addresses are the ADD's
+//!   until the Pod's status has them.
+//! - A Pod that leaves the watch (force-deleted, finished) while its
+//!   sandbox is still wired keeps its last labels, and so its rules, until
+//!   its last attachment's DEL. An endpoint whose Pod cannot be learned
+//!   (the API says there is none, it cannot be read, or it was not there
+//!   when the agent started) is quarantined while its namespace has any
+//!   policy, open while it has none.
+//! - A policy that cannot be enforced as written (the model refuses it, or
+//!   it is larger than [`margay_policy::nft::MAX_POLICY_COST`]) is
+//!   enforced fail closed: the pods it selects are isolated by it in its
+//!   directions with nothing allowed, on every node alike; it is reported.
 //! - An ADD waiting for its rules is answered once everything is listed,
-//!   its Pod is known, and the script with its endpoint is in the kernel.
+//!   its Pod is known (or decided on), and the change with its endpoint is
+//!   in the kernel.
 //! - A failed load is retried as a full load.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,8 +35,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use margay_policy::model::{Key, Namespace};
-use margay_policy::nft::{Batch, Compiler, Delta};
-use margay_policy::{Pod, PodKey, Policy, PolicyKey};
+use margay_policy::nft::{Batch, Compiler, Delta, MAX_POLICY_COST};
+use margay_policy::{Pod, PodKey, Policy, PolicyKey, Selector};
 
 /// A watch event, of any kind (the shape kube-runtime's watcher gives).
 #[derive(Debug, Clone)]
@@ -39,14 +53,16 @@ pub enum Event<K> {
     Delete(K),
 }
 
-/// A pod of this node as its ADD wired it.
+/// One attachment of this node as its ADD wired it (or start-up found it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Its Pod.
-    pub key: PodKey,
-    /// Its host interface.
+    /// Its host interface (one per attachment: network, container,
+    /// interface).
     pub host_if: String,
-    /// Its addresses.
+    /// Its Pod, as the runtime named it (`None`: a container that is no
+    /// Kubernetes Pod: its sources are checked, no policy selects it).
+    pub pod: Option<PodKey>,
+    /// Its addresses: the only sources its packets may carry.
     pub ips: Vec<IpAddr>,
 }
 
@@ -69,6 +85,23 @@ struct Listed {
     policies: bool,
 }
 
+/// Why a NetworkPolicy is not enforced as written on this node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unenforced {
+    /// The model refuses it (the API server accepted something Margay
+    /// cannot read).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Its rules would cost more than the bound.
+    #[error("too large: its rules cost {cost} (at most {max})")]
+    TooLarge {
+        /// What it costs ([`margay_policy::nft::cost`]).
+        cost: usize,
+        /// The bound.
+        max: usize,
+    },
+}
+
 /// The engine.
 #[derive(Debug, Default)]
 pub struct Engine {
@@ -80,15 +113,20 @@ pub struct Engine {
     relist_pods: Option<BTreeMap<PodKey, Watched>>,
     relist_namespaces: Option<BTreeMap<String, Namespace>>,
     relist_policies: Option<BTreeMap<PolicyKey, Policy>>,
-    /// This node's endpoints, by Pod.
-    endpoints: BTreeMap<PodKey, Endpoint>,
-    /// Endpoints answered without rules: the API says their Pod does not
-    /// exist (a runtime's pod that is no Kubernetes Pod), or it cannot be
-    /// read but their namespace has no policy that could select them.
-    no_pod: BTreeSet<PodKey>,
-    /// Policies the API holds that cannot be enforced, and why (their
-    /// last good version, if any, stays in force).
-    invalid: BTreeMap<PolicyKey, String>,
+    /// This node's endpoints, by host interface.
+    endpoints: BTreeMap<String, Endpoint>,
+    /// Their interfaces, by pod.
+    by_pod: BTreeMap<PodKey, BTreeSet<String>>,
+    /// Pods gone from the watch (deleted, force-deleted, finished) with
+    /// an attachment still wired: their last labels, kept until its DEL.
+    departed: BTreeMap<PodKey, Watched>,
+    /// Pods of endpoints whose Pod cannot be learned (the API says there
+    /// is none, it cannot be read, or it was not there at start-up):
+    /// quarantined while their namespace has a policy.
+    unresolved: BTreeSet<PodKey>,
+    /// Policies the API holds that are not enforced as written, and why
+    /// (each enforced fail closed).
+    invalid: BTreeMap<PolicyKey, Unenforced>,
     /// Deltas since the last load, rendered only when taken (for the
     /// path they take: netlink elements or an nft script).
     pending: Vec<Delta>,
@@ -115,6 +153,35 @@ impl Load {
             Self::Script(s) => s.clone(),
             Self::Batch(b) => b.script(),
         }
+    }
+}
+
+/// What `p` means when it cannot be enforced as written: the pods it
+/// selects (all of its namespace when even its selector cannot be read)
+/// isolated in its directions (both when its policyTypes cannot be
+/// read), nothing allowed.
+pub fn fail_closed(p: &net::NetworkPolicy) -> Policy {
+    let spec = p.spec.as_ref();
+    let selector = spec
+        .and_then(|s| s.pod_selector.as_ref())
+        .map_or(Ok(Selector::everything()), Selector::from_k8s)
+        .unwrap_or_else(|_| Selector::everything());
+    let (ingress, egress) = match spec.and_then(|s| s.policy_types.as_ref()) {
+        Some(t) if !t.is_empty() && t.iter().all(|x| x == "Ingress" || x == "Egress") => (
+            t.iter().any(|x| x == "Ingress"),
+            t.iter().any(|x| x == "Egress"),
+        ),
+        Some(t) if !t.is_empty() => (true, true),
+        _ => (
+            true,
+            spec.and_then(|s| s.egress.as_ref())
+                .is_some_and(|e| !e.is_empty()),
+        ),
+    };
+    Policy {
+        selector,
+        ingress: ingress.then(Vec::new),
+        egress: egress.then(Vec::new),
     }
 }
 
@@ -163,9 +230,14 @@ impl Engine {
         &self.compiler
     }
 
-    /// Policies that cannot be enforced, and why.
-    pub fn invalid(&self) -> &BTreeMap<PolicyKey, String> {
+    /// Policies not enforced as written, and why.
+    pub fn invalid(&self) -> &BTreeMap<PolicyKey, Unenforced> {
         &self.invalid
+    }
+
+    /// This node's endpoints, by host interface.
+    pub fn endpoints(&self) -> &BTreeMap<String, Endpoint> {
+        &self.endpoints
     }
 
     fn push(&mut self, d: Delta) {
@@ -174,15 +246,25 @@ impl Engine {
         }
     }
 
+    /// The Pod `key` as last known: from the watch, or its last labels
+    /// if it left the watch while wired here.
+    fn known(&self, key: &PodKey) -> Option<&Watched> {
+        self.pods.get(key).or_else(|| self.departed.get(key))
+    }
+
     /// Brings pod `key` in the compiler in line with the watch and the
     /// endpoint registry.
     fn sync_pod(&mut self, key: &PodKey) {
-        let w = self.pods.get(key);
-        let ep = self.endpoints.get(key);
+        let ifs = self.by_pod.get(key).cloned().unwrap_or_default();
+        if ifs.is_empty() {
+            self.departed.remove(key);
+            self.unresolved.remove(key);
+        }
+        let w = self.known(key);
         let pod = w.map(|w| {
             let mut p = w.pod.clone();
-            if let Some(ep) = ep {
-                for ip in &ep.ips {
+            for i in &ifs {
+                for ip in self.endpoints.get(i).into_iter().flat_map(|e| &e.ips) {
                     if !p.ips.contains(ip) {
                         p.ips.push(*ip);
                     }
@@ -191,37 +273,43 @@ impl Engine {
             p
         });
         // A Pod of this node not wired yet: its rules made ready.
-        let scheduled = match (w, ep, &self.node) {
-            (Some(w), None, Some(n)) if w.pod.node.as_ref() == Some(n) => {
+        let scheduled = match (self.pods.get(key), &self.node) {
+            (Some(w), Some(n)) if ifs.is_empty() && w.pod.node.as_ref() == Some(n) => {
                 Some(w.pod.labels.clone())
             }
             _ => None,
         };
         let pod = pod.filter(|p| !p.ips.is_empty());
-        let want_ep = match (&pod, ep) {
-            (Some(_), Some(ep)) => Some(ep.host_if.clone()),
-            _ => None,
-        };
+        let want = pod.as_ref().map(|_| key.clone());
         if self.compiler.world().pods.get(key) != pod.as_ref() {
             let d = self.compiler.set_pod(key, pod);
             self.push(d);
         }
-        if self.compiler.local().get(key) != want_ep.as_ref() {
-            let d = self.compiler.set_endpoint(key, want_ep);
-            self.push(d);
+        for i in &ifs {
+            if self.compiler.endpoints().get(i) != want.as_ref() {
+                let d = self.compiler.set_endpoint(i, want.clone());
+                self.push(d);
+            }
         }
-        // After its endpoint: the chains it held pass to its interface.
+        // After its endpoints: the chains it held pass to its interfaces.
         if self.compiler.scheduled().get(key) != scheduled.as_ref() {
             let d = self.compiler.set_scheduled(key, scheduled);
             self.push(d);
         }
-        if self.pods.contains_key(key) {
-            self.no_pod.remove(key);
-            // Its labels are known: the quarantine is over.
-            if let Some(ep) = self.endpoints.get(key)
-                && self.compiler.is_quarantined(&ep.host_if)
-            {
-                let d = self.compiler.set_quarantine(&ep.host_if.clone(), false);
+        if self.known(key).is_some() {
+            self.unresolved.remove(key);
+        }
+        self.quarantine_as_decided(key);
+    }
+
+    /// Quarantines pod `key`'s interfaces, or lifts it, as its state
+    /// says: unresolved in a namespace with a policy, quarantined;
+    /// otherwise not.
+    fn quarantine_as_decided(&mut self, key: &PodKey) {
+        let on = self.unresolved.contains(key) && !self.namespace_has_no_policy_listed(key);
+        for i in self.by_pod.get(key).cloned().unwrap_or_default() {
+            if self.compiler.is_quarantined(&i) != on {
+                let d = self.compiler.set_quarantine(&i, on);
                 self.push(d);
             }
         }
@@ -229,7 +317,17 @@ impl Engine {
 
     /// Whether the watch (or a read) has shown Pod `key`.
     pub fn knows_pod(&self, key: &PodKey) -> bool {
-        self.pods.contains_key(key)
+        self.known(key).is_some()
+    }
+
+    fn namespace_has_no_policy_listed(&self, key: &PodKey) -> bool {
+        let from = Key::new(&key.namespace, "");
+        self.compiler
+            .world()
+            .policies
+            .range(from..)
+            .next()
+            .is_none_or(|(k, _)| k.namespace != key.namespace)
     }
 
     /// Whether everything is listed and no policy of `key`'s namespace
@@ -237,13 +335,7 @@ impl Engine {
     /// rules now (no API read on the ADD's path); its labels, once the
     /// watch shows them, count like any change.
     pub fn namespace_has_no_policy(&self, key: &PodKey) -> bool {
-        self.listed()
-            && !self
-                .compiler
-                .world()
-                .policies
-                .keys()
-                .any(|k| k.namespace == key.namespace)
+        self.listed() && self.namespace_has_no_policy_listed(key)
     }
 
     /// The ADD read the Pod itself (the watch has not shown it yet).
@@ -251,35 +343,28 @@ impl Engine {
         self.pod_event(Event::Apply(p));
     }
 
-    /// The API says endpoint `key`'s Pod does not exist.
-    pub fn not_a_pod(&mut self, key: &PodKey) {
-        if self.endpoints.contains_key(key) && !self.pods.contains_key(key) {
-            self.no_pod.insert(key.clone());
+    /// Endpoint pod `key`'s Pod cannot be learned (the API says there is
+    /// none, or it cannot be read, or its namespace has no policy and the
+    /// watch has not shown it yet): its interfaces are quarantined (every
+    /// new connection in or out dropped) while a policy of its namespace
+    /// could select it, and open like any unselected pod while none could;
+    /// its labels, once known, count like any change.
+    pub fn unresolved(&mut self, key: &PodKey) {
+        if self.knows_pod(key) || !self.by_pod.contains_key(key) {
+            return;
         }
+        self.unresolved.insert(key.clone());
+        self.quarantine_as_decided(key);
     }
 
-    /// Endpoint `key`'s Pod cannot be read: if a policy of its namespace
-    /// might select it, its interface drops every new connection until its
-    /// labels are known; if none could, it is open like any pod no policy
-    /// selects (so pods start as before while the API is away).
-    pub fn quarantine(&mut self, key: &PodKey) {
-        if self.pods.contains_key(key) {
-            return;
+    /// A Pod gone from the watch: kept as departed while wired here.
+    fn pod_gone(&mut self, key: &PodKey, was: Option<Watched>) {
+        if let Some(w) = was
+            && self.by_pod.contains_key(key)
+        {
+            self.departed.insert(key.clone(), w);
         }
-        let selectable = self
-            .compiler
-            .world()
-            .policies
-            .keys()
-            .any(|k| k.namespace == key.namespace);
-        if !selectable {
-            self.not_a_pod(key);
-            return;
-        }
-        if let Some(ep) = self.endpoints.get(key) {
-            let d = self.compiler.set_quarantine(&ep.host_if.clone(), true);
-            self.push(d);
-        }
+        self.sync_pod(key);
     }
 
     /// A Pod watch event.
@@ -294,11 +379,17 @@ impl Engine {
             Event::InitDone => {
                 let new = self.relist_pods.take().unwrap_or_default();
                 let keys: BTreeSet<PodKey> = self.pods.keys().chain(new.keys()).cloned().collect();
-                self.pods = new;
+                let mut old = std::mem::replace(&mut self.pods, new);
                 for k in keys {
-                    self.sync_pod(&k);
+                    if self.pods.contains_key(&k) {
+                        self.departed.remove(&k);
+                        self.sync_pod(&k);
+                    } else {
+                        self.pod_gone(&k, old.remove(&k));
+                    }
                 }
                 self.listed.pods = true;
+                self.resolve_restored();
             }
             Event::Apply(p) => {
                 let key = p
@@ -310,12 +401,14 @@ impl Engine {
                 match (watched_pod(&p), key) {
                     (Some((k, w)), _) => {
                         self.pods.insert(k.clone(), w);
+                        self.departed.remove(&k);
                         self.sync_pod(&k);
                     }
-                    // Host network, or finished: no part in policy.
+                    // Host network, or finished: no part in policy (its
+                    // sandbox, while wired, keeps its last labels).
                     (None, Some(k)) => {
-                        self.pods.remove(&k);
-                        self.sync_pod(&k);
+                        let was = self.pods.remove(&k);
+                        self.pod_gone(&k, was);
                     }
                     (None, None) => {}
                 }
@@ -323,10 +416,28 @@ impl Engine {
             Event::Delete(p) => {
                 if let (Some(ns), Some(n)) = (&p.metadata.namespace, &p.metadata.name) {
                     let k = Key::new(ns, n);
-                    self.pods.remove(&k);
-                    self.sync_pod(&k);
+                    let was = self.pods.remove(&k);
+                    self.pod_gone(&k, was);
                 }
             }
+        }
+    }
+
+    /// Once everything is listed: endpoints found wired at start-up whose
+    /// Pod the API does not have are unresolved (quarantined where a
+    /// policy could select them).
+    fn resolve_restored(&mut self) {
+        if !self.listed() {
+            return;
+        }
+        let unknown: Vec<PodKey> = self
+            .by_pod
+            .keys()
+            .filter(|k| !self.knows_pod(k) && !self.unresolved.contains(*k))
+            .cloned()
+            .collect();
+        for k in unknown {
+            self.unresolved(&k);
         }
     }
 
@@ -364,6 +475,7 @@ impl Engine {
                     self.set_namespace(&k, Some(v));
                 }
                 self.listed.namespaces = true;
+                self.resolve_restored();
             }
             Event::Apply(n) => {
                 if let Some((k, v)) = conv(&n) {
@@ -382,27 +494,49 @@ impl Engine {
         if self.compiler.world().policies.get(key) != p.as_ref() {
             let d = self.compiler.set_policy(key, p);
             self.push(d);
+            // Unresolved pods of its namespace: quarantined while it has
+            // a policy.
+            let pods: Vec<PodKey> = self
+                .unresolved
+                .iter()
+                .filter(|k| k.namespace == key.namespace)
+                .cloned()
+                .collect();
+            for k in pods {
+                self.quarantine_as_decided(&k);
+            }
         }
     }
 
-    /// Converts; an invalid policy is recorded, and its last good version
-    /// (if any) stays.
+    /// Converts; a policy that cannot be enforced as written is recorded
+    /// and enforced fail closed.
     fn convert(&mut self, p: &net::NetworkPolicy) -> Option<(PolicyKey, Policy)> {
         let key = Key::new(
             p.metadata.namespace.as_deref()?,
             p.metadata.name.as_deref()?,
         );
-        match Policy::from_k8s(p) {
-            Ok(kp) => {
-                self.invalid.remove(&key);
-                Some(kp)
+        let (why, policy) = match Policy::from_k8s(p) {
+            Ok((_, kp)) => {
+                let cost = margay_policy::nft::cost(&kp);
+                if cost <= MAX_POLICY_COST {
+                    self.invalid.remove(&key);
+                    return Some((key, kp));
+                }
+                let closed = Policy {
+                    selector: kp.selector,
+                    ingress: kp.ingress.map(|_| Vec::new()),
+                    egress: kp.egress.map(|_| Vec::new()),
+                };
+                let max = MAX_POLICY_COST;
+                (Unenforced::TooLarge { cost, max }, closed)
             }
-            Err(e) => {
-                tracing::warn!(policy = %key, "NetworkPolicy not enforced: {e}");
-                self.invalid.insert(key, e.to_string());
-                None
-            }
+            Err(e) => (Unenforced::Refused(e.to_string()), fail_closed(p)),
+        };
+        if self.invalid.get(&key) != Some(&why) {
+            tracing::warn!(policy = %key, "NetworkPolicy not enforced as written, its pods isolated by it with nothing allowed: {why}");
         }
+        self.invalid.insert(key.clone(), why);
+        Some((key, policy))
     }
 
     /// A NetworkPolicy watch event.
@@ -414,16 +548,6 @@ impl Engine {
                     && let Some(r) = self.relist_policies.as_mut()
                 {
                     r.insert(k, v);
-                } else if let (Some(r), Some(ns), Some(n)) = (
-                    self.relist_policies.as_mut(),
-                    &p.metadata.namespace,
-                    &p.metadata.name,
-                ) {
-                    // Invalid: keep what was enforced for it.
-                    let k = Key::new(ns, n);
-                    if let Some(old) = self.compiler.world().policies.get(&k) {
-                        r.insert(k, old.clone());
-                    }
                 }
             }
             Event::InitDone => {
@@ -444,6 +568,7 @@ impl Engine {
                     self.set_policy(&k, Some(v));
                 }
                 self.listed.policies = true;
+                self.resolve_restored();
             }
             Event::Apply(p) => {
                 if let Some((k, v)) = self.convert(&p) {
@@ -460,26 +585,82 @@ impl Engine {
         }
     }
 
-    /// An ADD wired `ep` (or start-up found it wired).
+    /// An ADD wired `ep` (or start-up found it wired). A retried ADD of
+    /// the same attachment replaces it.
     pub fn endpoint_added(&mut self, ep: Endpoint) {
-        let key = ep.key.clone();
-        // One interface per pod: a retried ADD replaces the old one.
-        self.endpoints.insert(key.clone(), ep);
-        self.sync_pod(&key);
+        let host_if = ep.host_if.clone();
+        let d = self.compiler.set_workload(&host_if, Some(ep.ips.clone()));
+        self.push(d);
+        let old = self.endpoints.insert(host_if.clone(), ep.clone());
+        let old_pod = old
+            .and_then(|o| o.pod)
+            .filter(|k| Some(k) != ep.pod.as_ref());
+        if let Some(k) = &old_pod {
+            self.unlink(k, &host_if);
+        }
+        match &ep.pod {
+            Some(k) => {
+                self.by_pod
+                    .entry(k.clone())
+                    .or_default()
+                    .insert(host_if.clone());
+                self.sync_pod(k);
+            }
+            None => {
+                if self.compiler.endpoints().contains_key(&host_if) {
+                    let d = self.compiler.set_endpoint(&host_if, None);
+                    self.push(d);
+                }
+            }
+        }
+        if let Some(k) = old_pod {
+            self.sync_pod(&k);
+        }
     }
 
-    /// The pod on `host_if` was deleted.
+    /// Interface `host_if` no longer belongs to pod `key`.
+    fn unlink(&mut self, key: &PodKey, host_if: &str) {
+        if let Some(ifs) = self.by_pod.get_mut(key) {
+            ifs.remove(host_if);
+            if ifs.is_empty() {
+                self.by_pod.remove(key);
+            }
+        }
+        if self.compiler.endpoints().contains_key(host_if) {
+            let d = self.compiler.set_endpoint(host_if, None);
+            self.push(d);
+        }
+    }
+
+    /// Start-up found `host_if` wired, but neither its alias nor IPAM
+    /// says whose it is: it is quarantined (nothing in or out but
+    /// replies) until its DEL.
+    pub fn endpoint_unattributed(&mut self, host_if: &str, ips: Vec<IpAddr>) {
+        self.endpoint_added(Endpoint {
+            host_if: host_if.to_string(),
+            pod: None,
+            ips,
+        });
+        let d = self.compiler.set_quarantine(host_if, true);
+        self.push(d);
+    }
+
+    /// The attachment on `host_if` was deleted: its interface is no longer
+    /// a workload (nothing it sends passes, nothing reaches it).
     pub fn endpoint_deleted(&mut self, host_if: &str) {
-        let keys: Vec<PodKey> = self
-            .endpoints
-            .iter()
-            .filter(|(_, e)| e.host_if == host_if)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in keys {
-            self.endpoints.remove(&k);
-            self.no_pod.remove(&k);
-            self.sync_pod(&k);
+        if let Some(ep) = self.endpoints.remove(host_if) {
+            if let Some(k) = &ep.pod {
+                self.unlink(k, host_if);
+                self.sync_pod(k);
+            }
+            if self.compiler.endpoints().contains_key(host_if) {
+                let d = self.compiler.set_endpoint(host_if, None);
+                self.push(d);
+            }
+        }
+        if self.compiler.workloads().contains_key(host_if) {
+            let d = self.compiler.set_workload(host_if, None);
+            self.push(d);
         }
         if self.compiler.is_quarantined(host_if) {
             let d = self.compiler.set_quarantine(host_if, false);
@@ -487,29 +668,33 @@ impl Engine {
         }
     }
 
-    /// Whether the endpoint on `host_if` for `key` is in the rules as
-    /// loaded (everything listed, its Pod known, nothing pending).
-    pub fn programmed(&self, key: &PodKey, host_if: &str) -> bool {
-        self.listed()
-            && self.loaded
-            && !self.full
-            && self.pending.is_empty()
-            && (self.compiler.local().get(key).map(String::as_str) == Some(host_if)
-                || self.compiler.is_quarantined(host_if)
-                || self.no_pod.contains(key))
+    /// Whether the endpoint on `host_if` is in the rules as loaded
+    /// (everything listed, its Pod known or decided on, nothing pending).
+    pub fn programmed(&self, host_if: &str) -> bool {
+        let Some(ep) = self.endpoints.get(host_if) else {
+            return false;
+        };
+        let decided = match &ep.pod {
+            None => true,
+            Some(k) => {
+                self.compiler.endpoints().get(host_if) == Some(k)
+                    || self.unresolved.contains(k)
+                    || self.compiler.is_quarantined(host_if)
+            }
+        };
+        self.listed() && self.loaded && !self.full && self.pending.is_empty() && decided
     }
 
-    /// Why the endpoint is not programmed yet.
+    /// Why the endpoint of pod `key` is not programmed yet.
     pub fn why_not(&self, key: &PodKey) -> String {
         if !self.listed() {
             return format!("not listed yet: {}", self.waiting_for().join(", "));
         }
-        if !self.pods.contains_key(key) {
+        if !self.knows_pod(key) {
             return format!("Pod {key} not seen in the API yet");
         }
         "the rules are not loaded yet".into()
     }
-
     /// The next script to load, if any: the whole table (first load,
     /// after a failure, or asked by [`Engine::resync`]), else the deltas.
     pub fn take_script(&mut self) -> Option<String> {
@@ -630,16 +815,22 @@ mod tests {
     /// Whether `script` adds or deletes (`verb`) interface cali1 in a set
     /// whose name starts with `set`.
     fn dispatched(script: &str, verb: &str, set: &str) -> bool {
+        dispatched_if(script, verb, set, "cali1")
+    }
+
+    /// Whether `script` adds or deletes (`verb`) interface `i` in a set
+    /// whose name starts with `set`.
+    fn dispatched_if(script: &str, verb: &str, set: &str, i: &str) -> bool {
         script.lines().any(|l| {
             l.starts_with(&format!("{verb} element inet margay_policy {set}"))
-                && l.ends_with("{ \"cali1\" }")
+                && l.ends_with(&format!("{{ \"{i}\" }}"))
         })
     }
 
     fn add_cali1(e: &mut Engine) -> PodKey {
         let key = Key::new("x", "a");
         e.endpoint_added(Endpoint {
-            key: key.clone(),
+            pod: Some(key.clone()),
             host_if: "cali1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
         });
@@ -654,15 +845,15 @@ mod tests {
         e.loaded(true);
         // The ADD comes before the watch shows the Pod with its labels.
         let key = add_cali1(&mut e);
-        assert!(!e.programmed(&key, "cali1"));
+        assert!(!e.programmed("cali1"));
         assert!(e.why_not(&key).contains("not seen"), "{}", e.why_not(&key));
         // The Pod, without an address yet (the kubelet writes it later).
         e.pod_event(Event::Apply(pod("x", "a", &[("app", "a")], None)));
-        assert!(!e.programmed(&key, "cali1"));
+        assert!(!e.programmed("cali1"));
         let s = e.take_script().unwrap();
         assert!(dispatched(&s, "add", "if-in/"), "{s}");
         e.loaded(true);
-        assert!(e.programmed(&key, "cali1"));
+        assert!(e.programmed("cali1"));
         // Its address from the ADD is in the world.
         assert_eq!(
             e.compiler().world().pods[&key].ips,
@@ -696,14 +887,14 @@ mod tests {
         assert!(s.contains("add chain inet margay_policy ep-in/"), "{s}");
         assert!(!s.contains("cali"), "no interface yet: {s}");
         e.loaded(true);
-        let key = add_cali1(&mut e);
+        add_cali1(&mut e);
         let Some(Load::Batch(d)) = e.take_load() else {
             panic!("the ADD is a delta");
         };
         assert!(d.elements_only(), "the ADD is elements only: {d:?}");
         assert!(dispatched(&d.script(), "add", "if-in/"), "{}", d.script());
         e.loaded(true);
-        assert!(e.programmed(&key, "cali1"));
+        assert!(e.programmed("cali1"));
         // Another node's Pod prepares nothing.
         let mut other = pod("x", "b", &[("app", "a")], None);
         other.spec.as_mut().unwrap().node_name = Some("node2".into());
@@ -721,12 +912,25 @@ mod tests {
         assert!(!e.namespace_has_no_policy(&kx));
         assert!(e.namespace_has_no_policy(&ky));
         e.endpoint_added(Endpoint {
-            key: ky.clone(),
+            pod: Some(ky.clone()),
             host_if: "cali2".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
         });
-        e.not_a_pod(&ky);
-        assert!(e.programmed(&ky, "cali2"));
+        e.unresolved(&ky);
+        let s = e.take_script().unwrap();
+        assert!(!s.contains("if-in/drop"), "open: {s}");
+        assert!(
+            s.contains("src/4 { \"cali2\" . 10.0.0.2 }"),
+            "its sources: {s}"
+        );
+        e.loaded(true);
+        assert!(e.programmed("cali2"));
+        // A policy comes to its namespace while its Pod is still unknown:
+        // quarantined, not open.
+        e.policy_event(Event::Apply(deny_all("y")));
+        let s = e.take_script().unwrap();
+        assert!(dispatched_if(&s, "add", "if-in/drop", "cali2"), "{s}");
+        e.loaded(true);
         // The Pod shows up later with labels: handled like any change.
         e.pod_event(Event::Apply(pod(
             "y",
@@ -735,6 +939,8 @@ mod tests {
             Some("10.0.0.2"),
         )));
         assert!(e.knows_pod(&ky));
+        let s = e.take_script().unwrap();
+        assert!(dispatched_if(&s, "delete", "if-in/drop", "cali2"), "{s}");
     }
 
     #[test]
@@ -755,7 +961,7 @@ mod tests {
             vec![from_b],
         );
         e.endpoint_added(Endpoint {
-            key: Key::new("x", "a"),
+            pod: Some(Key::new("x", "a")),
             host_if: "cali1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
         });
@@ -808,7 +1014,7 @@ mod tests {
             vec![deny_all("x")],
         );
         e.endpoint_added(Endpoint {
-            key: Key::new("x", "a"),
+            pod: Some(Key::new("x", "a")),
             host_if: "cali1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
         });
@@ -844,26 +1050,28 @@ mod tests {
         // In a namespace without policies, an unreadable pod is open.
         let free = Key::new("x", "free");
         e.endpoint_added(Endpoint {
-            key: free.clone(),
+            pod: Some(free.clone()),
             host_if: "cali9".into(),
             ips: vec!["10.0.0.9".parse().unwrap()],
         });
-        e.quarantine(&free);
-        assert_eq!(e.take_script(), None);
-        assert!(e.programmed(&free, "cali9"));
+        e.unresolved(&free);
+        let s = e.take_script().unwrap();
+        assert!(!s.contains("drop"), "open: {s}");
+        e.loaded(true);
+        assert!(e.programmed("cali9"));
         let key = Key::new("y", "a");
         e.endpoint_added(Endpoint {
-            key: key.clone(),
+            pod: Some(key.clone()),
             host_if: "cali1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
         });
-        assert!(!e.programmed(&key, "cali1"));
-        e.quarantine(&key);
+        assert!(!e.programmed("cali1"));
+        e.unresolved(&key);
         let s = e.take_script().unwrap();
         assert!(dispatched(&s, "add", "if-in/drop"), "{s}");
         assert!(dispatched(&s, "add", "if-out/drop"), "{s}");
         e.loaded(true);
-        assert!(e.programmed(&key, "cali1"));
+        assert!(e.programmed("cali1"));
         // Known, with labels the deny-all selects: its endpoint rules.
         e.pod_event(Event::Apply(pod("y", "a", &[], None)));
         let s = e.take_script().unwrap();
@@ -875,35 +1083,195 @@ mod tests {
             e.compiler().table().egress.is_empty(),
             "deny-all is ingress only"
         );
-        // A runtime's pod the API does not have: no rules, answered.
+        // A Pod the API does not have, in a namespace with a policy:
+        // quarantined (it may be a force-deleted Pod's sandbox).
         let other = Key::new("y", "nope");
         e.endpoint_added(Endpoint {
-            key: other.clone(),
+            pod: Some(other.clone()),
             host_if: "cali2".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
         });
-        assert!(!e.programmed(&other, "cali2"));
-        e.not_a_pod(&other);
-        assert_eq!(e.take_script(), None);
-        assert!(e.programmed(&other, "cali2"));
+        assert!(!e.programmed("cali2"));
+        e.unresolved(&other);
+        let s = e.take_script().unwrap();
+        assert!(dispatched_if(&s, "add", "if-in/drop", "cali2"), "{s}");
+        e.loaded(true);
+        assert!(e.programmed("cali2"));
+        // A container that is no Pod: its sources only, answered.
+        e.endpoint_added(Endpoint {
+            pod: None,
+            host_if: "cali3".into(),
+            ips: vec!["10.0.0.3".parse().unwrap()],
+        });
+        let s = e.take_script().unwrap();
+        assert!(!s.contains("drop"), "{s}");
+        e.loaded(true);
+        assert!(e.programmed("cali3"));
     }
 
+    /// A policy that cannot be enforced as written is enforced fail
+    /// closed (its pods isolated by it, nothing allowed), whatever this
+    /// agent saw before, so every node agrees; and reported.
     #[test]
-    fn an_invalid_policy_keeps_its_last_good_version() {
+    fn an_unenforceable_policy_isolates_its_pods_with_nothing_allowed() {
         let mut e = Engine::new();
-        list_all(&mut e, vec![], vec![ns("x")], vec![deny_all("x")]);
-        let mut bad = deny_all("x");
+        let allow_all: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "deny"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "ingress": [{}]}
+        }))
+        .unwrap();
+        list_all(&mut e, vec![], vec![ns("x")], vec![allow_all.clone()]);
+        let k = Key::new("x", "deny");
+        assert_eq!(
+            e.compiler().world().policies[&k]
+                .ingress
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+        let mut bad = allow_all.clone();
         bad.spec.as_mut().unwrap().policy_types = Some(vec!["Sideways".into()]);
         e.policy_event(Event::Apply(bad.clone()));
+        let p = &e.compiler().world().policies[&k];
+        assert_eq!(p.ingress, Some(vec![]), "nothing allowed in");
+        assert_eq!(p.egress, Some(vec![]), "nor out");
         assert!(
-            e.compiler()
-                .world()
-                .policies
-                .contains_key(&Key::new("x", "deny"))
+            p.selector
+                .matches(&[("app".to_string(), "a".to_string())].into())
         );
-        assert!(e.invalid()[&Key::new("x", "deny")].contains("Sideways"));
+        assert!(!p.selector.matches(&BTreeMap::new()), "its own selector");
+        assert!(matches!(&e.invalid()[&k], Unenforced::Refused(m) if m.contains("Sideways")));
+        // Too large: the same, with its cost.
+        let mut big = allow_all.clone();
+        big.spec.as_mut().unwrap().ingress = Some(vec![serde_json::from_value(serde_json::json!({
+            "from": (0..3000).map(|i| serde_json::json!({"ipBlock": {"cidr": format!("192.168.{}.{}/32", i / 256, i % 256)}})).collect::<Vec<_>>(),
+            "ports": (0..3000).map(|i| serde_json::json!({"port": 1000 + i})).collect::<Vec<_>>(),
+        }))
+        .unwrap()]);
+        e.policy_event(Event::Apply(big));
+        assert_eq!(e.compiler().world().policies[&k].ingress, Some(vec![]));
+        assert!(
+            matches!(e.invalid()[&k], Unenforced::TooLarge { cost, .. } if cost > MAX_POLICY_COST)
+        );
+        // Fixed: enforced as written again.
+        e.policy_event(Event::Apply(allow_all.clone()));
+        assert!(e.invalid().is_empty());
+        assert_eq!(
+            e.compiler().world().policies[&k]
+                .ingress
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
         e.policy_event(Event::Delete(bad));
         assert!(e.compiler().world().policies.is_empty());
         assert!(e.invalid().is_empty());
+    }
+
+    fn ep(pod: Option<&PodKey>, host_if: &str, ip: &str) -> Endpoint {
+        Endpoint {
+            pod: pod.cloned(),
+            host_if: host_if.into(),
+            ips: vec![ip.parse().unwrap()],
+        }
+    }
+
+    /// Two attachments of one pod are each enforced, and each DEL takes
+    /// only its own interface out.
+    #[test]
+    fn each_attachment_is_an_endpoint_and_each_del_its_own() {
+        let mut e = Engine::new();
+        list_all(
+            &mut e,
+            vec![pod("x", "a", &[], Some("10.0.0.1"))],
+            vec![ns("x")],
+            vec![deny_all("x")],
+        );
+        e.take_script();
+        e.loaded(true);
+        let k = Key::new("x", "a");
+        e.endpoint_added(ep(Some(&k), "cali1", "10.0.0.1"));
+        e.endpoint_added(ep(Some(&k), "cali2", "10.1.0.1"));
+        let t = e.compiler().table();
+        assert!(t.ingress.contains_key("cali1") && t.ingress.contains_key("cali2"));
+        assert!(e.take_script().is_some());
+        e.loaded(true);
+        assert!(e.programmed("cali1") && e.programmed("cali2"));
+        // Both addresses are the pod's (peers of others see both).
+        assert_eq!(e.compiler().world().pods[&k].ips.len(), 2);
+        e.endpoint_deleted("cali1");
+        let s = e.take_script().unwrap();
+        assert!(dispatched_if(&s, "delete", "if-in/", "cali1"), "{s}");
+        assert!(!s.contains("cali2"), "the other is left alone: {s}");
+        assert!(
+            s.contains("delete element inet margay_policy ifaces { \"cali1\" }"),
+            "{s}"
+        );
+        let t = e.compiler().table();
+        assert!(t.ingress.contains_key("cali2"));
+        let ips = &e.compiler().world().pods[&k].ips;
+        assert!(ips.contains(&"10.1.0.1".parse().unwrap()), "{ips:?}");
+    }
+
+    /// A Pod deleted from the API (forced) while its sandbox is wired
+    /// keeps its last labels, so its rules, until the DEL.
+    #[test]
+    fn a_force_deleted_pod_keeps_its_rules_until_its_del() {
+        let mut e = Engine::new();
+        let a = pod("x", "a", &[("app", "a")], Some("10.0.0.1"));
+        list_all(&mut e, vec![a.clone()], vec![ns("x")], vec![deny_all("x")]);
+        let k = Key::new("x", "a");
+        e.endpoint_added(ep(Some(&k), "cali1", "10.0.0.1"));
+        e.take_script();
+        e.loaded(true);
+        assert!(e.compiler().table().ingress.contains_key("cali1"));
+        e.pod_event(Event::Delete(a.clone()));
+        assert_eq!(e.take_script(), None, "nothing changes");
+        // A relist without it: still kept.
+        e.pod_event(Event::Init);
+        e.pod_event(Event::InitDone);
+        assert_eq!(e.take_script(), None, "nothing changes on a relist");
+        assert!(e.compiler().table().ingress.contains_key("cali1"));
+        // Its DEL: gone.
+        e.endpoint_deleted("cali1");
+        assert!(e.take_script().is_some());
+        assert!(e.compiler().world().pods.is_empty());
+        assert!(e.compiler().table().ingress.is_empty());
+    }
+
+    /// After a restart: an attachment whose Pod the API no longer has is
+    /// quarantined where a policy could select it; one neither its alias
+    /// nor IPAM attributes is quarantined anyway.
+    #[test]
+    fn restored_attachments_whose_pod_is_unknown_are_closed() {
+        let mut e = Engine::new();
+        let gone = Key::new("x", "gone");
+        let free = Key::new("y", "free");
+        e.endpoint_added(ep(Some(&gone), "cali1", "10.0.0.1"));
+        e.endpoint_added(ep(Some(&free), "cali2", "10.0.0.2"));
+        e.endpoint_unattributed("cali3", vec!["10.0.0.3".parse().unwrap()]);
+        list_all(&mut e, vec![], vec![ns("x"), ns("y")], vec![deny_all("x")]);
+        let s = e.take_script().unwrap();
+        let t = e.compiler().table();
+        assert_eq!(
+            t.ingress.get("cali1"),
+            Some(&margay_policy::nft::Verdict::Drop),
+            "{s}"
+        );
+        assert_eq!(t.ingress.get("cali2"), None, "nothing could select it");
+        assert_eq!(
+            t.ingress.get("cali3"),
+            Some(&margay_policy::nft::Verdict::Drop)
+        );
+        for i in ["cali1", "cali2", "cali3"] {
+            assert!(
+                s.contains(&format!("\"{i}\" . 10.0.0.")),
+                "{i}'s sources: {s}"
+            );
+        }
+        e.loaded(true);
+        assert!(e.programmed("cali1") && e.programmed("cali2") && e.programmed("cali3"));
     }
 }

@@ -50,7 +50,8 @@ pub struct Status {
     pub policies: usize,
     /// This node's endpoints in the rules.
     pub endpoints: usize,
-    /// Policies that cannot be enforced, and why.
+    /// Policies not enforced as written (each enforced fail closed), and
+    /// why.
     pub invalid: Vec<(String, String)>,
     /// The last load that failed, if the last load failed.
     pub last_error: Option<String>,
@@ -110,7 +111,8 @@ impl PolicyHandle {
     /// that has never listed (an agent started while the API is down)
     /// makes an ADD fail.
     pub async fn added(&self, ep: Endpoint, within: Duration) -> Result<(), String> {
-        let key = ep.key.clone();
+        let key = ep.pod.clone();
+        let host_if = ep.host_if.clone();
         let (tx, mut rx) = oneshot::channel();
         let (unknown_tx, unknown) = oneshot::channel();
         let t0 = tokio::time::Instant::now();
@@ -127,6 +129,18 @@ impl PolicyHandle {
             Ok(()) = unknown => {}
             _ = tokio::time::sleep(WATCH_GRACE) => {}
         }
+        // A container that is no Pod has nothing to read: it waits for its
+        // interface's sources only.
+        let Some(key) = key else {
+            return match tokio::time::timeout(within.saturating_sub(t0.elapsed()), rx).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err("the policy engine stopped".into()),
+                Err(_) => Err(format!(
+                    "the rules for {host_if} not in place after {}s",
+                    within.as_secs()
+                )),
+            };
+        };
         let api: Api<core::Pod> = Api::namespaced(self.client.clone(), &key.namespace);
         let read = match tokio::time::timeout(Duration::from_secs(3), api.get_opt(&key.name)).await
         {
@@ -234,20 +248,35 @@ fn event<K>(ev: watcher::Event<K>) -> Event<K> {
     }
 }
 
+/// An attachment start-up found wired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// What its alias (or IPAM) says of it.
+    pub endpoint: Endpoint,
+    /// Neither its alias nor IPAM says whose it is (a pod whose alias
+    /// could not hold its name, crashed before IPAM recorded it): it is
+    /// quarantined until its DEL.
+    pub unattributed: bool,
+}
+
 /// Runs the engine of node `node` until the process ends: `initial` are
-/// the pods wired before start (from their aliases), `resync` the full
-/// reload interval.
+/// the attachments wired before start (from their aliases and IPAM),
+/// `resync` the full reload interval.
 pub async fn run(
     client: kube::Client,
     node: String,
     inbox: PolicyInbox,
-    initial: Vec<Endpoint>,
+    initial: Vec<Restored>,
     resync: Duration,
 ) -> crate::Result<()> {
     let mut inbox = inbox.0;
     let mut engine = Engine::on_node(&node);
-    for ep in initial {
-        engine.endpoint_added(ep);
+    for r in initial {
+        if r.unattributed {
+            engine.endpoint_unattributed(&r.endpoint.host_if, r.endpoint.ips);
+        } else {
+            engine.endpoint_added(r.endpoint);
+        }
     }
     let cfg = watcher::Config::default;
     let mut pods = watcher(Api::<core::Pod>::all(client.clone()), cfg())
@@ -287,10 +316,12 @@ pub async fn run(
                 Msg::Added(ep, tx, unknown) => {
                     let t = std::time::Instant::now();
                     engine.endpoint_added(ep.clone());
-                    tracing::debug!(pod = %ep.key, ms = t.elapsed().as_secs_f64() * 1e3, "NetworkPolicy: endpoint compiled");
-                    if !engine.knows_pod(&ep.key) {
-                        if engine.namespace_has_no_policy(&ep.key) {
-                            engine.not_a_pod(&ep.key);
+                    tracing::debug!(host_if = %ep.host_if, pod = ?ep.pod, ms = t.elapsed().as_secs_f64() * 1e3, "NetworkPolicy: endpoint compiled");
+                    if let Some(k) = &ep.pod
+                        && !engine.knows_pod(k)
+                    {
+                        if engine.namespace_has_no_policy(k) {
+                            engine.unresolved(k);
                         } else {
                             let _ = unknown.send(());
                         }
@@ -300,16 +331,15 @@ pub async fn run(
                 Msg::Deleted(i) => engine.endpoint_deleted(&i),
                 Msg::Read(key, read) => match read {
                     PodRead::Found(p) => engine.pod_read(*p),
-                    PodRead::NotFound => engine.not_a_pod(&key),
-                    PodRead::Unreadable => engine.quarantine(&key),
+                    PodRead::NotFound | PodRead::Unreadable => engine.unresolved(&key),
                 },
                 Msg::Status(tx) => {
                     let c = engine.compiler();
                     let _ = tx.send(Status {
                         waiting_for: engine.waiting_for().iter().map(|s| s.to_string()).collect(),
                         policies: c.world().policies.len(),
-                        endpoints: c.local().len(),
-                        invalid: engine.invalid().iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                        endpoints: engine.endpoints().len(),
+                        invalid: engine.invalid().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                         last_error: last_error.clone(),
                     });
                 }
@@ -403,9 +433,9 @@ pub async fn run(
         }
         let (done, wait): (Vec<_>, Vec<_>) = waiters
             .into_iter()
-            .partition(|(ep, _, _)| engine.programmed(&ep.key, &ep.host_if));
+            .partition(|(ep, _, _)| engine.programmed(&ep.host_if));
         for (ep, tx, since) in done {
-            tracing::debug!(pod = %ep.key, ms = since.elapsed().as_secs_f64() * 1e3, "NetworkPolicy: ADD answered");
+            tracing::debug!(host_if = %ep.host_if, ms = since.elapsed().as_secs_f64() * 1e3, "NetworkPolicy: ADD answered");
             let _ = tx.send(());
         }
         waiters = wait

@@ -343,17 +343,19 @@ fn delta(c: &mut Compiler, ch: &Change) -> Vec<Delta> {
             ifname,
             on: true,
         } => vec![
+            c.set_workload(ifname, Some(pod.ips.clone())),
             c.set_pod(key, Some(pod.clone())),
-            c.set_endpoint(key, Some(ifname.clone())),
+            c.set_endpoint(ifname, Some(key.clone())),
             c.set_scheduled(key, None),
         ],
         Change::Wire {
             key,
             pod,
+            ifname,
             on: false,
-            ..
         } => vec![
-            c.set_endpoint(key, None),
+            c.set_endpoint(ifname, None),
+            c.set_workload(ifname, None),
             c.set_pod(key, None),
             c.set_scheduled(key, Some(pod.labels.clone())),
         ],

@@ -176,6 +176,25 @@ pub enum Line {
         /// The interfaces' set.
         set: String,
     },
+    /// `[PEER] [PORT] jump CHAIN`: a rule too large to spell out as
+    /// peers × ports lines goes on in a chain of its own (its ports
+    /// here, its peers there), and an ipBlock with many excepts in a
+    /// chain of its excepts: every rule's size is linear in what it
+    /// lists.
+    JumpIf {
+        /// Whom (none: anyone).
+        peer: Option<PeerMatch>,
+        /// Which ports (none: every port of every protocol).
+        port: Option<L4Match>,
+        /// Where the rule goes on.
+        chain: String,
+    },
+    /// `PEER return`: an ipBlock's except (its chain allows what
+    /// none of them returned).
+    ReturnIf {
+        /// The except.
+        peer: PeerMatch,
+    },
 }
 
 /// The interface a packet of `dir` is matched by: `oifname` for ingress
@@ -191,11 +210,29 @@ impl Line {
     /// The address family its matches need, if any (true: IPv6).
     pub fn v6(&self) -> Option<bool> {
         match self {
-            Self::Allow { peer, port } => peer
+            Self::Allow { peer, port } | Self::JumpIf { peer, port, .. } => peer
                 .as_ref()
                 .map(PeerMatch::v6)
                 .or_else(|| port.as_ref().and_then(L4Match::v6)),
+            Self::ReturnIf { peer } => Some(peer.v6()),
             _ => None,
+        }
+    }
+
+    /// How many matches it makes (a peer, a port, each except): what a
+    /// rule costs the kernel.
+    pub fn matches(&self) -> usize {
+        let peer = |p: &Option<PeerMatch>| match p {
+            None => 0,
+            Some(PeerMatch::Set { .. }) => 1,
+            Some(PeerMatch::Block { except, .. }) => 1 + except.len(),
+        };
+        match self {
+            Self::Allow { peer: p, port } | Self::JumpIf { peer: p, port, .. } => {
+                peer(p) + usize::from(port.is_some())
+            }
+            Self::ReturnIf { peer: p } => peer(&Some(p.clone())),
+            _ => 1,
         }
     }
 }
@@ -220,6 +257,16 @@ impl fmt::Display for Line {
                 }
                 write!(f, "meta mark set meta mark | {ALLOW_MARK:#010x} return")
             }
+            Self::JumpIf { peer, port, chain } => {
+                if let Some(p) = peer {
+                    write!(f, "{p} ")?;
+                }
+                if let Some(p) = port {
+                    write!(f, "{p} ")?;
+                }
+                write!(f, "jump {chain}")
+            }
+            Self::ReturnIf { peer } => write!(f, "{peer} return"),
         }
     }
 }

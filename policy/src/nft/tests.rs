@@ -170,7 +170,7 @@ fn incremental_updates_equal_a_full_compile() {
         let mut c = Compiler::full(w, l);
         for step in 0..60 {
             let before = c.table().clone();
-            let what = rng.below(8);
+            let what = rng.below(9);
             let d = match what {
                 7 => {
                     // A pod scheduled here (labels from the API, not wired
@@ -183,7 +183,7 @@ fn incremental_updates_equal_a_full_compile() {
                 6 => {
                     // Quarantined and lifted again (a full compile knows
                     // no quarantine): each delta exactly the table's change.
-                    let ifname = match c.local().values().next() {
+                    let ifname = match c.endpoints().keys().next() {
                         Some(i) if rng.chance(50) => i.clone(),
                         _ => format!("cali{:011}", rng.below(1000)),
                     };
@@ -231,29 +231,29 @@ fn incremental_updates_equal_a_full_compile() {
                     }
                     c.set_namespace(ns, Some(Namespace { labels }))
                 }
+                8 => {
+                    // A workload interface with its addresses, or gone.
+                    let ifname = format!("cali{:011}", rng.below(12));
+                    let addrs = rng.chance(70).then(|| {
+                        let host = u8::try_from(1 + rng.below(20)).unwrap();
+                        random::pod(&mut rng, 0, host).ips
+                    });
+                    c.set_workload(&ifname, addrs)
+                }
                 _ => {
+                    // An interface of a pod (several per pod: one per
+                    // attachment), or of none.
                     let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
                     if keys.is_empty() {
                         continue;
                     }
                     let k = rng.pick(&keys).clone();
-                    let ifname = rng
-                        .chance(70)
-                        .then(|| format!("cali{:011}", rng.below(1000)));
-                    // One interface per endpoint.
-                    if let Some(i) = &ifname
-                        && c.local().values().any(|v| v == i)
-                    {
-                        continue;
-                    }
-                    c.set_endpoint(&k, ifname)
+                    let ifname = format!("cali{:011}", rng.below(12));
+                    let pod = rng.chance(70).then_some(k);
+                    c.set_endpoint(&ifname, pod)
                 }
             };
-            let full = Compiler::full_scheduled(
-                c.world().clone(),
-                c.local().clone(),
-                c.scheduled().clone(),
-            );
+            let full = c.rebuilt();
             assert_eq!(
                 c.table(),
                 full.table(),
@@ -311,7 +311,12 @@ fn a_delta_removes_references_before_what_they_reference() {
         pos("delete chain inet margay_policy in/x/all")
             < pos("delete set inet margay_policy peer/")
     );
-    assert_eq!(c.table(), &Table::new());
+    assert_eq!(
+        c.table().chains,
+        Table::new().chains,
+        "nothing of the policy left"
+    );
+    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
 }
 
 /// A pod's change is set elements only, typed, and renders as the same
@@ -393,7 +398,7 @@ fn endpoints_isolated_alike_share_their_chain() {
     );
     let mut c = Compiler::full(w, [(Key::new("x", "a"), "cali1".to_string())].into());
     let ep = endpoint_chain(Direction::Ingress, std::slice::from_ref(&k));
-    let d = c.set_endpoint(&Key::new("x", "b"), Some("cali2".into()));
+    let d = c.set_endpoint("cali2", Some(Key::new("x", "b")));
     let ops = d.element_ops().expect("a new pod is elements only");
     assert!(ops.contains(&(
         ElementOp::Add,
@@ -417,10 +422,10 @@ fn endpoints_isolated_alike_share_their_chain() {
     assert!(c.table().chains.contains_key(&ep));
     // Its last user gone, the chain goes (and the policy, which selects
     // no local pod any more).
-    let d = c.set_endpoint(&Key::new("x", "a"), None);
+    let d = c.set_endpoint("cali1", None);
     assert_eq!(d.del_chains, [ep.clone(), "in/x/web".into()]);
     assert!(!c.table().chains.contains_key(&ep));
-    let full = Compiler::full(c.world().clone(), c.local().clone());
+    let full = c.rebuilt();
     assert_eq!(full.table(), c.table());
 }
 
@@ -456,7 +461,7 @@ fn a_scheduled_pods_chains_are_ready_before_its_add() {
     };
     for d in [
         c.set_pod(&pod, Some(p)),
-        c.set_endpoint(&pod, Some("cali1".into())),
+        c.set_endpoint("cali1", Some(pod.clone())),
         c.set_scheduled(&pod, None),
     ] {
         assert!(d.element_ops().is_some(), "{d:?}");
@@ -492,12 +497,12 @@ fn a_pod_wired_while_scheduled_counts_once() {
         ports: vec![],
     };
     let _ = c.set_pod(&pod, Some(p));
-    let _ = c.set_endpoint(&pod, Some("cali1".into()));
+    let _ = c.set_endpoint("cali1", Some(pod.clone()));
     // Both wired and scheduled when the policy comes.
     let _ = c.set_policy(&k, c_policy(&k));
     assert!(c.table().chains.contains_key("in/x/web"));
     let _ = c.set_scheduled(&pod, None);
-    let _ = c.set_endpoint(&pod, None);
+    let _ = c.set_endpoint("cali1", None);
     assert_eq!(
         c.table(),
         &Table::new(),
@@ -582,5 +587,154 @@ fn rules_with_the_same_peer_share_its_set() {
     }
     let d = c.set_policy(&Key::new("x", "p4"), None);
     assert_eq!(pod_sets(&d.del_sets), 2, "{d:?}");
-    assert_eq!(c.table(), &Table::new());
+    assert_eq!(
+        c.table().chains,
+        Table::new().chains,
+        "nothing of the policy left"
+    );
+    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+}
+
+/// A legal policy name of 253 characters in a namespace of 63 gives
+/// chain names the kernel takes (at most 255 bytes, with the rule
+/// chains' suffixes), distinct for distinct policies.
+#[test]
+fn every_legal_name_makes_a_name_the_kernel_takes() {
+    let ns = "n".repeat(63);
+    let a = Key::new(&ns, &"a".repeat(253));
+    let b = Key::new(&ns, &format!("{}b", "a".repeat(252)));
+    for dir in [Direction::Ingress, Direction::Egress] {
+        let (ca, cb) = (policy_chain(dir, &a), policy_chain(dir, &b));
+        assert!(ca.len() <= MAX_CHAIN_NAME, "{ca}");
+        assert_ne!(ca, cb);
+        assert!(ca.starts_with(&format!("{}/{ns}/aaaa", dir_prefix(dir))));
+        assert!(except_chain(&rule_chain(&ca, 99_999), 99_999).len() <= 255);
+        // Short names are kept as they are.
+        assert_eq!(
+            policy_chain(dir, &Key::new("x", "p")),
+            format!("{}/x/p", dir_prefix(dir))
+        );
+    }
+}
+
+fn block(cidr: &str, except: &[String]) -> Peer {
+    Peer::Block {
+        cidr: cidr.parse().unwrap(),
+        except: except.iter().map(|e| e.parse().unwrap()).collect(),
+    }
+}
+
+/// One rule with 1,000 ipBlocks and 1,000 ports: lines grow with their
+/// sum, not their product; an ipBlock with many excepts goes to a chain
+/// of its own.
+#[test]
+fn a_rule_costs_its_peers_plus_its_ports() {
+    let mut w = World::default();
+    let k = Key::new("x", "a");
+    w.pods.insert(
+        k.clone(),
+        Pod {
+            labels: BTreeMap::new(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            node: None,
+            ports: vec![],
+        },
+    );
+    let mut peers: Vec<Peer> = (0..1000u32)
+        .map(|i| block(&format!("192.168.{}.{}/32", i / 256, i % 256), &[]))
+        .collect();
+    let excepts: Vec<String> = (0..50).map(|i| format!("172.16.0.{i}/32")).collect();
+    peers.push(block("172.16.0.0/16", &excepts));
+    let ports = (0..1000u16)
+        .map(|i| PortMatch::Range {
+            proto: Proto::Tcp,
+            first: 1000 + i,
+            last: 1000 + i,
+        })
+        .collect();
+    let p = Policy {
+        selector: Selector::everything(),
+        ingress: Some(vec![Rule { peers, ports }]),
+        egress: None,
+    };
+    assert!(cost(&p) < MAX_POLICY_COST, "{}", cost(&p));
+    let pk = Key::new("x", "big");
+    w.policies.insert(pk.clone(), p);
+    let c = Compiler::full(w, [(k, "cali1".to_string())].into());
+    let t = c.table();
+    let lines: usize = t.chains.values().map(Vec::len).sum();
+    assert!(lines < 2_200, "{lines} lines");
+    let chain = policy_chain(Direction::Ingress, &pk);
+    assert_eq!(t.chains[&chain].len(), 1000, "one line per port");
+    let rc = rule_chain(&chain, 0);
+    assert_eq!(t.chains[&rc].len(), 1001, "one line per peer");
+    let xc = except_chain(&rc, 1000);
+    assert_eq!(t.chains[&xc].len(), 51, "each except, then the allow");
+    assert!(matches!(&t.chains[&rc][1000], Line::JumpIf { chain, .. } if *chain == xc));
+    // No line holds more than a few matches (the kernel's limit is
+    // 128 expressions a rule).
+    assert!(
+        t.chains
+            .values()
+            .flatten()
+            .all(|l| l.matches() <= 2 + INLINE_EXCEPTS)
+    );
+    // Gone with the policy, all of them.
+    let mut c = c;
+    let d = c.set_policy(&pk, None);
+    assert!(
+        d.del_chains.contains(&rc) && d.del_chains.contains(&xc),
+        "{d:?}"
+    );
+    assert!(!c.table().chains.keys().any(|n| n.starts_with("in/x/")));
+}
+
+/// Two attachments of one pod are each dispatched to its policies;
+/// taking one away leaves the other enforced; every workload interface
+/// carries its own sources.
+#[test]
+fn each_attachment_of_a_pod_is_enforced_on_its_own() {
+    let mut w = World::default();
+    let k = Key::new("x", "a");
+    w.pods.insert(
+        k.clone(),
+        Pod {
+            labels: BTreeMap::new(),
+            ips: vec!["10.0.0.1".parse().unwrap(), "10.1.0.1".parse().unwrap()],
+            node: None,
+            ports: vec![],
+        },
+    );
+    w.policies.insert(
+        Key::new("x", "deny"),
+        Policy {
+            selector: Selector::everything(),
+            ingress: Some(vec![]),
+            egress: None,
+        },
+    );
+    let mut c = Compiler::full(w, BTreeMap::new());
+    let _ = c.set_workload("cali1", Some(vec!["10.0.0.1".parse().unwrap()]));
+    let _ = c.set_workload("cali2", Some(vec!["10.1.0.1".parse().unwrap()]));
+    let _ = c.set_endpoint("cali1", Some(k.clone()));
+    let d = c.set_endpoint("cali2", Some(k.clone()));
+    assert!(
+        d.element_ops().is_some(),
+        "the second is elements only: {d:?}"
+    );
+    let t = c.table();
+    assert!(t.ingress.contains_key("cali1") && t.ingress.contains_key("cali2"));
+    assert_eq!(t.sets[IFACES_SET].elements.len(), 2);
+    assert!(t.sets["src/4"].elements.contains(&Element::IfaceAddr {
+        ifname: "cali2".into(),
+        addr: "10.1.0.1".parse().unwrap()
+    }));
+    // The first goes: the second stays enforced.
+    let _ = c.set_endpoint("cali1", None);
+    let _ = c.set_workload("cali1", None);
+    let t = c.table();
+    assert!(!t.ingress.contains_key("cali1") && t.ingress.contains_key("cali2"));
+    assert_eq!(t.sets[IFACES_SET].elements.len(), 1);
+    assert_eq!(t.sets["src/4"].elements.len(), 1);
+    assert_eq!(c.table(), c.rebuilt().table());
 }

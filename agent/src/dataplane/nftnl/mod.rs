@@ -125,6 +125,12 @@ fn key(e: &Element) -> Vec<u8> {
             k.resize(IFNAMSIZ, 0);
             k
         }
+        Element::IfaceAddr { ifname, addr } => {
+            let mut k = ifname.as_bytes().to_vec();
+            k.resize(IFNAMSIZ, 0);
+            k.extend_from_slice(&addr_bytes(addr));
+            k
+        }
         Element::Addr(a) => addr_bytes(a),
         Element::Port { addr, proto, port } => {
             let mut k = addr_bytes(addr);
@@ -175,6 +181,14 @@ fn set_key(kind: SetKind) -> (u32, u32) {
         SetKind::Named4 => (concat(TYPE_IPADDR), 12),
         SetKind::Named6 => (concat(TYPE_IP6ADDR), 24),
         SetKind::Iface => (TYPE_IFNAME, IFNAMSIZ as u32),
+        SetKind::IfaceAddr4 => (
+            (TYPE_IFNAME << TYPE_BITS) | TYPE_IPADDR,
+            IFNAMSIZ as u32 + 4,
+        ),
+        SetKind::IfaceAddr6 => (
+            (TYPE_IFNAME << TYPE_BITS) | TYPE_IP6ADDR,
+            IFNAMSIZ as u32 + 16,
+        ),
     }
 }
 

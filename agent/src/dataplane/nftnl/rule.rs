@@ -196,6 +196,58 @@ impl Exprs {
         self.meta_load(NFT_META_L4PROTO, REG_1);
         self.cmp(NFT_CMP_EQ, &[proto_number(p)]);
     }
+
+    /// A line's matches: the family its matches need (`ip`/`ip6`
+    /// implies one check), its peer, its port.
+    fn matches(&mut self, v6: Option<bool>, peer: Option<&PeerMatch>, port: Option<&L4Match>) {
+        // One family check for the line (what `ip`/`ip6` implies).
+        if let Some(v6) = v6 {
+            self.meta_load(NFT_META_NFPROTO, REG_1);
+            self.cmp(NFT_CMP_EQ, &[if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }]);
+        }
+        match peer {
+            None => {}
+            Some(PeerMatch::Set { v6, field, set }) => {
+                let off = offset(*field, *v6);
+                self.payload(NFT_PAYLOAD_NETWORK_HEADER, off, addr_len(*v6), REG_1);
+                self.lookup(set);
+            }
+            Some(PeerMatch::Block {
+                field,
+                cidr,
+                except,
+            }) => {
+                self.prefix(*field, cidr, NFT_CMP_EQ);
+                for x in except {
+                    self.prefix(*field, x, NFT_CMP_NEQ);
+                }
+            }
+        }
+        match port {
+            None => {}
+            Some(L4Match::Proto(p)) => self.l4proto(*p),
+            Some(L4Match::Ports { proto, first, last }) => {
+                self.l4proto(*proto);
+                self.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, REG_1);
+                if first == last {
+                    self.cmp(NFT_CMP_EQ, &first.to_be_bytes());
+                } else {
+                    self.cmp(NFT_CMP_GTE, &first.to_be_bytes());
+                    self.cmp(NFT_CMP_LTE, &last.to_be_bytes());
+                }
+            }
+            Some(L4Match::Named { v6, set }) => {
+                // address . protocol . port, each in its own 32-bit
+                // register(s), from register 1.
+                let words = (addr_len(*v6) / 4) as u32;
+                let off = offset(Field::Daddr, *v6);
+                self.payload(NFT_PAYLOAD_NETWORK_HEADER, off, addr_len(*v6), REG_1);
+                self.meta_load(NFT_META_L4PROTO, REG32_00 + words);
+                self.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, REG32_00 + words + 1);
+                self.lookup(set);
+            }
+        }
+    }
 }
 
 /// Where the address is in the network header.
@@ -242,54 +294,16 @@ pub(super) fn expressions(line: &Line) -> Vec<u8> {
             e.verdict(NF_DROP, None);
         }
         Line::Allow { peer, port } => {
-            // One family check for the line (what `ip`/`ip6` implies).
-            if let Some(v6) = line.v6() {
-                e.meta_load(NFT_META_NFPROTO, REG_1);
-                e.cmp(NFT_CMP_EQ, &[if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }]);
-            }
-            match peer {
-                None => {}
-                Some(PeerMatch::Set { v6, field, set }) => {
-                    let off = offset(*field, *v6);
-                    e.payload(NFT_PAYLOAD_NETWORK_HEADER, off, addr_len(*v6), REG_1);
-                    e.lookup(set);
-                }
-                Some(PeerMatch::Block {
-                    field,
-                    cidr,
-                    except,
-                }) => {
-                    e.prefix(*field, cidr, NFT_CMP_EQ);
-                    for x in except {
-                        e.prefix(*field, x, NFT_CMP_NEQ);
-                    }
-                }
-            }
-            match port {
-                None => {}
-                Some(L4Match::Proto(p)) => e.l4proto(*p),
-                Some(L4Match::Ports { proto, first, last }) => {
-                    e.l4proto(*proto);
-                    e.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, REG_1);
-                    if first == last {
-                        e.cmp(NFT_CMP_EQ, &first.to_be_bytes());
-                    } else {
-                        e.cmp(NFT_CMP_GTE, &first.to_be_bytes());
-                        e.cmp(NFT_CMP_LTE, &last.to_be_bytes());
-                    }
-                }
-                Some(L4Match::Named { v6, set }) => {
-                    // address . protocol . port, each in its own 32-bit
-                    // register(s), from register 1.
-                    let words = (addr_len(*v6) / 4) as u32;
-                    let off = offset(Field::Daddr, *v6);
-                    e.payload(NFT_PAYLOAD_NETWORK_HEADER, off, addr_len(*v6), REG_1);
-                    e.meta_load(NFT_META_L4PROTO, REG32_00 + words);
-                    e.payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, REG32_00 + words + 1);
-                    e.lookup(set);
-                }
-            }
+            e.matches(line.v6(), peer.as_ref(), port.as_ref());
             e.mark_set(ALLOW_MARK);
+            e.verdict(NFT_RETURN, None);
+        }
+        Line::JumpIf { peer, port, chain } => {
+            e.matches(line.v6(), peer.as_ref(), port.as_ref());
+            e.verdict(NFT_JUMP, Some(chain));
+        }
+        Line::ReturnIf { peer } => {
+            e.matches(line.v6(), Some(peer), None);
             e.verdict(NFT_RETURN, None);
         }
     }
