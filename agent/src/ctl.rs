@@ -455,7 +455,10 @@ pub async fn release(
 /// are made over, and the policies that could not be read (with why).
 pub async fn policy_world(
     client: &kube::Client,
-) -> Result<(World, Vec<(String, margay_policy::Error)>)> {
+) -> Result<(
+    World,
+    Vec<(margay_policy::PolicyKey, margay_policy::enforce::Unenforced)>,
+)> {
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use kube::api::{Api, ListParams};
@@ -512,6 +515,12 @@ pub fn render_policy_show(s: &PodPolicies) -> String {
         );
         for p in &d.policies {
             let _ = writeln!(o, "  {}", p.policy);
+            if let Some(why) = &p.unenforced {
+                let _ = writeln!(
+                    o,
+                    "    NOT ENFORCED AS WRITTEN ({why}): enforced fail closed"
+                );
+            }
             if p.rules.is_empty() {
                 let _ = writeln!(o, "    no rules: allows nothing");
             }

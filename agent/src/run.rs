@@ -67,7 +67,9 @@ pub struct RunArgs {
     #[arg(long, env = "MARGAY_DISABLE_BGP")]
     pub disable_bgp: bool,
     /// Enforce no NetworkPolicy (for clusters where something else does):
-    /// the `inet margay_policy` table is removed and ADDs wait for nothing.
+    /// Pods, Namespaces and NetworkPolicies are not watched; the
+    /// `inet margay_policy` table still checks every workload interface's
+    /// sources and closes interfaces Margay does not know.
     #[arg(long, env = "MARGAY_DISABLE_POLICY")]
     pub disable_policy: bool,
     /// Reload the whole NetworkPolicy table every this many seconds
@@ -206,17 +208,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ));
     let mut service = CniService::new(&node, store.clone(), reserve.clone(), dp.clone(), args.mtu);
     service.follow_local(own_blocks.clone());
-    if args.disable_policy {
-        if let Err(e) = crate::dataplane::nft::load(
-            &margay_policy::nft::Table::remove_script(),
-            crate::dataplane::ownership::NFT_POLICY_TABLE,
-        )
-        .await
-        {
-            tracing::warn!("NetworkPolicy disabled, but its table stays: {e}");
-        }
-    } else {
+    {
+        // With NetworkPolicy disabled the engine still runs, without
+        // watches: every workload interface's sources are checked and an
+        // unknown one is closed; no policy is enforced.
         let (handle, inbox) = crate::policy::PolicyHandle::new(client.clone());
+        let (report, reported) = tokio::sync::watch::channel(crate::policy::Status::default());
         let initial = crate::cni::wired_endpoints(dp.as_ref(), &owners).await?;
         tasks.spawn(
             "NetworkPolicy",
@@ -226,9 +223,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 inbox,
                 initial,
                 Duration::from_secs(args.policy_resync_interval),
+                !args.disable_policy,
+                report,
             ),
         );
         let _ = state.policy.set(handle.clone());
+        let _ = state.policy_status.set(reported.clone());
+        tasks.spawn("NetworkPolicy events", {
+            let (client, node, leader) = (client.clone(), node.clone(), leader.clone());
+            async move {
+                crate::policy::events::run(client, node, reported, leader).await;
+                Ok(())
+            }
+        });
         service.enforce_policy(handle);
     }
     tasks.spawn(

@@ -127,6 +127,57 @@ pub struct ApiView {
     pub leader: bool,
 }
 
+/// Why a NetworkPolicy is not enforced as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnenforcedReason {
+    /// Margay cannot read it (the API server accepted something this
+    /// version refuses).
+    Refused,
+    /// Its rules cost more than a policy may.
+    TooLarge,
+}
+
+/// A NetworkPolicy not enforced as written: it is enforced fail closed
+/// (the pods it selects isolated by it, nothing allowed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnenforcedPolicy {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its UID, when known (what its Events name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Why, as a kind.
+    pub reason: UnenforcedReason,
+    /// Why, as a sentence.
+    pub message: String,
+}
+
+/// The node's NetworkPolicy engine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// NetworkPolicies are watched and enforced (`false` with
+    /// `--disable-policy`: workload sources are still checked).
+    pub enforcing: bool,
+    /// Kinds not listed yet (nothing is written until all are).
+    #[serde(default)]
+    pub waiting_for: Vec<String>,
+    /// NetworkPolicies known.
+    pub policies: usize,
+    /// This node's workload interfaces.
+    pub endpoints: usize,
+    /// The kernel holds the table the engine computed: everything listed
+    /// and the last load succeeded.
+    pub current: bool,
+    /// The last load's error, while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Policies not enforced as written.
+    #[serde(default)]
+    pub unenforced: Vec<UnenforcedPolicy>,
+}
+
 /// The agent's `/status` document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {
@@ -145,4 +196,7 @@ pub struct AgentStatus {
     pub peers: Vec<NeighborView>,
     /// BGP best routes.
     pub routes: Vec<RouteView>,
+    /// NetworkPolicy (absent before the engine first reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyStatus>,
 }

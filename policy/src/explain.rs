@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use serde::Serialize;
 
+use crate::enforce::Unenforced;
 use crate::model::{Direction, Peer, PortMatch};
 use crate::spec::{self, Connection, Verdict};
-use crate::{Error, Namespace, Pod, PodKey, Policy, PolicyKey, Proto, World};
+use crate::{Error, Namespace, Pod, PodKey, PolicyKey, Proto, World};
 
 /// The world built from lists of the Kubernetes objects, and the policies
 /// that could not be read (the API server would have refused them).
@@ -21,28 +22,39 @@ pub fn world_from_k8s(
     namespaces: &[core::Namespace],
     pods: &[core::Pod],
     policies: &[net::NetworkPolicy],
-) -> (World, Vec<(String, Error)>) {
+) -> (World, Vec<(PolicyKey, Unenforced)>) {
     let mut w = World::default();
     w.namespaces
         .extend(namespaces.iter().filter_map(Namespace::from_k8s));
     w.pods.extend(pods.iter().filter_map(Pod::from_k8s));
     let mut bad = Vec::new();
     for p in policies {
-        match Policy::from_k8s(p) {
-            Ok((k, v)) => {
-                w.policies.insert(k, v);
+        // As the agents enforce it: one that cannot be enforced as
+        // written, fail closed.
+        if let Some((k, v, why)) = crate::enforce::enforced(p) {
+            if let Some(why) = why {
+                bad.push((k.clone(), why));
             }
-            Err(e) => bad.push((
-                format!(
-                    "{}/{}",
-                    p.metadata.namespace.as_deref().unwrap_or_default(),
-                    p.metadata.name.as_deref().unwrap_or_default()
-                ),
-                e,
-            )),
+            w.policies.insert(k, v);
         }
     }
     (w, bad)
+}
+
+/// Marks the policies of `s` that are not enforced as written (`bad`,
+/// from [`world_from_k8s`]) with why.
+pub fn mark_unenforced(s: &mut PodPolicies, bad: &[(PolicyKey, Unenforced)]) {
+    for p in s
+        .ingress
+        .policies
+        .iter_mut()
+        .chain(s.egress.policies.iter_mut())
+    {
+        p.unenforced = bad
+            .iter()
+            .find(|(k, _)| *k == p.policy)
+            .map(|(_, why)| why.to_string());
+    }
 }
 
 /// A pod and what its policies allow.
@@ -76,6 +88,10 @@ pub struct PolicyView {
     pub policy: PolicyKey,
     /// Its rules for the direction (none: it allows nothing).
     pub rules: Vec<RuleView>,
+    /// Why it is not enforced as written, when it is not (it is then
+    /// enforced fail closed: no rules, nothing allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unenforced: Option<String>,
 }
 
 /// A rule, resolved.
@@ -152,7 +168,11 @@ pub fn show(world: &World, key: &PodKey) -> Option<PodPolicies> {
                             .collect(),
                     })
                     .collect();
-                PolicyView { policy: pk, rules }
+                PolicyView {
+                    policy: pk,
+                    rules,
+                    unenforced: None,
+                }
             })
             .collect();
         DirectionView {
@@ -324,13 +344,13 @@ mod tests {
                                           "ports": [{"port": "web"}]}]}
                 })),
                 pol(serde_json::json!({
-                    "metadata": {"namespace": "x", "name": "bad"},
+                    "metadata": {"namespace": "z", "name": "bad"},
                     "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]}
                 })),
             ],
         );
         assert_eq!(bad.len(), 1, "{bad:?}");
-        assert_eq!(bad[0].0, "x/bad");
+        assert_eq!(bad[0].0.to_string(), "z/bad");
         w
     }
 

@@ -10,11 +10,14 @@
 //!   documentation and not from Margay's rules: what a connection is
 //!   allowed by, and why. `margayctl policy check` and the differential
 //!   tests use it;
+//! - [`enforce`]: what a policy means on a node when it cannot be
+//!   enforced as written (refused, or too large): fail closed;
 //! - [`explain`]: what `margayctl policy show|check` report, as typed
 //!   values over the world;
 //! - [`nft`]: the policies compiled to Margay's nftables table, updated
 //!   in O(changed).
 
+pub mod enforce;
 pub mod explain;
 pub mod model;
 pub mod nft;

@@ -87,6 +87,8 @@ use crate::model::{Direction, Namespace, Peer, Pod, PodKey, Policy, PolicyKey, P
 use crate::selector::Labels;
 use crate::{Proto, World};
 
+pub use crate::enforce::{MAX_POLICY_COST, cost};
+
 mod ops;
 pub use ops::{Batch, Field, L4Match, Line, Op, PeerMatch};
 
@@ -568,33 +570,6 @@ fn except_chain(rule_chain: &str, peer: usize) -> String {
 /// its own (a rule of the kernel holds at most 128 expressions; each
 /// except takes two or three).
 pub const INLINE_EXCEPTS: usize = 8;
-
-/// The most a policy may cost ([`cost`]); above it the policy is
-/// refused, reported, and the pods it selects are isolated by it with
-/// nothing allowed (fail closed), while every other policy stays
-/// enforced.
-pub const MAX_POLICY_COST: usize = 10_000;
-
-/// What enforcing `policy` costs: the rule lines its peers, ports and
-/// excepts make (they add up: no product).
-pub fn cost(policy: &Policy) -> usize {
-    [Direction::Ingress, Direction::Egress]
-        .into_iter()
-        .filter_map(|d| policy.rules(d))
-        .flatten()
-        .map(|r| {
-            let excepts: usize = r
-                .peers
-                .iter()
-                .map(|p| match p {
-                    Peer::Block { except, .. } => except.len(),
-                    Peer::Pods { .. } => 0,
-                })
-                .sum();
-            1 + 2 * r.peers.len() + 2 * r.ports.len() + excepts
-        })
-        .sum()
-}
 
 /// The endpoint chain for `dir` of the endpoints that `policies` (in
 /// order) isolate, named by a hash of that list: every endpoint the same

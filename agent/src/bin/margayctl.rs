@@ -166,11 +166,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = client(&cli.kubeconfig).await.context("Kubernetes API")?;
             let (world, bad) = ctl::policy_world(&client).await?;
             for (p, e) in &bad {
-                eprintln!("margayctl: warning: NetworkPolicy {p} cannot be enforced: {e}");
+                eprintln!(
+                    "margayctl: warning: NetworkPolicy {p} is not enforced as written ({e}): \
+                     the pods it selects are isolated by it with nothing allowed"
+                );
             }
             match cmd {
                 PolicyCmd::Show { pod } => match margay_policy::explain::show(&world, &pod) {
-                    Some(s) => {
+                    Some(mut s) => {
+                        margay_policy::explain::mark_unenforced(&mut s, &bad);
                         print(cli.output, &s, || ctl::render_policy_show(&s))?;
                         Ok(ExitCode::SUCCESS)
                     }

@@ -45,6 +45,12 @@ impl Netlink {
         let v6 = spec.addrs.iter().any(IpNetwork::is_ipv6);
         sysctl(&format!("net/ipv4/conf/{}/proxy_arp", spec.host_if), "1")?;
         sysctl(&format!("net/ipv4/neigh/{}/proxy_delay", spec.host_if), "0")?;
+        // Strict reverse-path filtering (as Calico sets it): a packet must
+        // come in where its source is routed. The policy table's source
+        // check is what holds every attachment to its own addresses (and
+        // covers IPv6, which has no rp_filter); this is the kernel's own
+        // line of defence where the all/ setting does not loosen it.
+        sysctl(&format!("net/ipv4/conf/{}/rp_filter", spec.host_if), "1")?;
         if v6 {
             sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", spec.host_if), "0")?;
             // Only once IPv6 pods exist: forwarding makes the kernel ignore

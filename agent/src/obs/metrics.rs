@@ -154,6 +154,22 @@ impl Collector for AgentCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(api.leader)).encode(m)?;
+        if let Some(p) = state.policy_status() {
+            let m = enc.encode_descriptor(
+                "margay_policy_table_current",
+                "1 when the kernel holds the NetworkPolicy table the engine computed (everything listed, the last load succeeded).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(p.current)).encode(m)?;
+            let m = enc.encode_descriptor(
+                "margay_policy_unenforced",
+                "NetworkPolicies not enforced as written (refused or too large): each is enforced fail closed, its pods isolated with nothing allowed.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(p.unenforced.len()).unwrap_or(i64::MAX)).encode(m)?;
+        }
         match state.speaker() {
             Some(sp) => sp.metrics().encode(enc),
             None => Ok(()),

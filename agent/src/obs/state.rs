@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use margay_api::status::{AgentStatus, ApiView, RoutingStatus, SessionState};
+use margay_api::status::{AgentStatus, ApiView, PolicyStatus, RoutingStatus, SessionState};
 use margay_bgp::speaker::Speaker;
 
 /// State shared by the agent's tasks and read by the endpoints.
@@ -34,6 +34,8 @@ pub struct AgentState {
     pub leader: OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// The NetworkPolicy engine, when it runs.
     pub policy: OnceLock<crate::policy::PolicyHandle>,
+    /// What the NetworkPolicy engine last reported.
+    pub policy_status: OnceLock<tokio::sync::watch::Receiver<PolicyStatus>>,
 }
 
 impl AgentState {
@@ -45,6 +47,7 @@ impl AgentState {
             routing: Mutex::new((RoutingStatus::default(), None)),
             speaker: Mutex::new(None),
             policy: OnceLock::new(),
+            policy_status: OnceLock::new(),
             alloc,
             reserve: OnceLock::new(),
             stall_after,
@@ -157,6 +160,12 @@ impl AgentState {
         why
     }
 
+    /// What the NetworkPolicy engine last reported (`None` before it
+    /// runs).
+    pub fn policy_status(&self) -> Option<PolicyStatus> {
+        self.policy_status.get().map(|r| r.borrow().clone())
+    }
+
     /// `/status`.
     pub async fn status(&self) -> AgentStatus {
         let speaker = self.speaker();
@@ -173,6 +182,7 @@ impl AgentState {
             api: self.api(),
             peers: speaker.map(|s| s.neighbors()).unwrap_or_default(),
             routes,
+            policy: self.policy_status(),
         }
     }
 }

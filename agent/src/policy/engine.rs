@@ -34,9 +34,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+pub use margay_policy::enforce::Unenforced;
 use margay_policy::model::{Key, Namespace};
-use margay_policy::nft::{Batch, Compiler, Delta, MAX_POLICY_COST};
-use margay_policy::{Pod, PodKey, Policy, PolicyKey, Selector};
+use margay_policy::nft::{Batch, Compiler, Delta};
+use margay_policy::{Pod, PodKey, Policy, PolicyKey};
 
 /// A watch event, of any kind (the shape kube-runtime's watcher gives).
 #[derive(Debug, Clone)]
@@ -85,23 +86,6 @@ struct Listed {
     policies: bool,
 }
 
-/// Why a NetworkPolicy is not enforced as written on this node.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Unenforced {
-    /// The model refuses it (the API server accepted something Margay
-    /// cannot read).
-    #[error("refused: {0}")]
-    Refused(String),
-    /// Its rules would cost more than the bound.
-    #[error("too large: its rules cost {cost} (at most {max})")]
-    TooLarge {
-        /// What it costs ([`margay_policy::nft::cost`]).
-        cost: usize,
-        /// The bound.
-        max: usize,
-    },
-}
-
 /// The engine.
 #[derive(Debug, Default)]
 pub struct Engine {
@@ -125,8 +109,8 @@ pub struct Engine {
     /// quarantined while their namespace has a policy.
     unresolved: BTreeSet<PodKey>,
     /// Policies the API holds that are not enforced as written, and why
-    /// (each enforced fail closed).
-    invalid: BTreeMap<PolicyKey, Unenforced>,
+    /// (each enforced fail closed), with their UIDs.
+    invalid: BTreeMap<PolicyKey, (Unenforced, Option<String>)>,
     /// Deltas since the last load, rendered only when taken (for the
     /// path they take: netlink elements or an nft script).
     pending: Vec<Delta>,
@@ -153,35 +137,6 @@ impl Load {
             Self::Script(s) => s.clone(),
             Self::Batch(b) => b.script(),
         }
-    }
-}
-
-/// What `p` means when it cannot be enforced as written: the pods it
-/// selects (all of its namespace when even its selector cannot be read)
-/// isolated in its directions (both when its policyTypes cannot be
-/// read), nothing allowed.
-pub fn fail_closed(p: &net::NetworkPolicy) -> Policy {
-    let spec = p.spec.as_ref();
-    let selector = spec
-        .and_then(|s| s.pod_selector.as_ref())
-        .map_or(Ok(Selector::everything()), Selector::from_k8s)
-        .unwrap_or_else(|_| Selector::everything());
-    let (ingress, egress) = match spec.and_then(|s| s.policy_types.as_ref()) {
-        Some(t) if !t.is_empty() && t.iter().all(|x| x == "Ingress" || x == "Egress") => (
-            t.iter().any(|x| x == "Ingress"),
-            t.iter().any(|x| x == "Egress"),
-        ),
-        Some(t) if !t.is_empty() => (true, true),
-        _ => (
-            true,
-            spec.and_then(|s| s.egress.as_ref())
-                .is_some_and(|e| !e.is_empty()),
-        ),
-    };
-    Policy {
-        selector,
-        ingress: ingress.then(Vec::new),
-        egress: egress.then(Vec::new),
     }
 }
 
@@ -230,9 +185,37 @@ impl Engine {
         &self.compiler
     }
 
-    /// Policies not enforced as written, and why.
-    pub fn invalid(&self) -> &BTreeMap<PolicyKey, Unenforced> {
+    /// Policies not enforced as written, why, and their UIDs.
+    pub fn invalid(&self) -> &BTreeMap<PolicyKey, (Unenforced, Option<String>)> {
         &self.invalid
+    }
+
+    /// What `/status` says of the engine (`current` and `last_error` are
+    /// the loader's to fill in).
+    pub fn status(&self, enforcing: bool) -> margay_api::status::PolicyStatus {
+        use margay_api::status::{UnenforcedPolicy, UnenforcedReason};
+        margay_api::status::PolicyStatus {
+            enforcing,
+            waiting_for: self.waiting_for().iter().map(|s| s.to_string()).collect(),
+            policies: self.compiler.world().policies.len(),
+            endpoints: self.endpoints.len(),
+            current: false,
+            last_error: None,
+            unenforced: self
+                .invalid
+                .iter()
+                .map(|(k, (why, uid))| UnenforcedPolicy {
+                    namespace: k.namespace.clone(),
+                    name: k.name.clone(),
+                    uid: uid.clone(),
+                    reason: match why {
+                        Unenforced::Refused(_) => UnenforcedReason::Refused,
+                        Unenforced::TooLarge { .. } => UnenforcedReason::TooLarge,
+                    },
+                    message: why.to_string(),
+                })
+                .collect(),
+        }
     }
 
     /// This node's endpoints, by host interface.
@@ -509,33 +492,21 @@ impl Engine {
     }
 
     /// Converts; a policy that cannot be enforced as written is recorded
-    /// and enforced fail closed.
+    /// and enforced fail closed (`margay_policy::enforce`).
     fn convert(&mut self, p: &net::NetworkPolicy) -> Option<(PolicyKey, Policy)> {
-        let key = Key::new(
-            p.metadata.namespace.as_deref()?,
-            p.metadata.name.as_deref()?,
-        );
-        let (why, policy) = match Policy::from_k8s(p) {
-            Ok((_, kp)) => {
-                let cost = margay_policy::nft::cost(&kp);
-                if cost <= MAX_POLICY_COST {
-                    self.invalid.remove(&key);
-                    return Some((key, kp));
-                }
-                let closed = Policy {
-                    selector: kp.selector,
-                    ingress: kp.ingress.map(|_| Vec::new()),
-                    egress: kp.egress.map(|_| Vec::new()),
-                };
-                let max = MAX_POLICY_COST;
-                (Unenforced::TooLarge { cost, max }, closed)
+        let (key, policy, why) = margay_policy::enforce::enforced(p)?;
+        match why {
+            None => {
+                self.invalid.remove(&key);
             }
-            Err(e) => (Unenforced::Refused(e.to_string()), fail_closed(p)),
-        };
-        if self.invalid.get(&key) != Some(&why) {
-            tracing::warn!(policy = %key, "NetworkPolicy not enforced as written, its pods isolated by it with nothing allowed: {why}");
+            Some(why) => {
+                if self.invalid.get(&key).map(|(w, _)| w) != Some(&why) {
+                    tracing::warn!(policy = %key, "NetworkPolicy not enforced as written, its pods isolated by it with nothing allowed: {why}");
+                }
+                self.invalid
+                    .insert(key.clone(), (why, p.metadata.uid.clone()));
+            }
         }
-        self.invalid.insert(key.clone(), why);
         Some((key, policy))
     }
 
@@ -731,6 +702,12 @@ impl Engine {
             self.full = true;
             self.pending.clear();
         }
+    }
+
+    /// Whether a load succeeded and nothing since asked for the whole
+    /// table again.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded && !self.full
     }
 
     /// The next load is the whole table.
@@ -1141,7 +1118,9 @@ mod tests {
                 .matches(&[("app".to_string(), "a".to_string())].into())
         );
         assert!(!p.selector.matches(&BTreeMap::new()), "its own selector");
-        assert!(matches!(&e.invalid()[&k], Unenforced::Refused(m) if m.contains("Sideways")));
+        assert!(
+            matches!(&e.invalid()[&k].0, Unenforced::Refused(m) if m.to_string().contains("Sideways"))
+        );
         // Too large: the same, with its cost.
         let mut big = allow_all.clone();
         big.spec.as_mut().unwrap().ingress = Some(vec![serde_json::from_value(serde_json::json!({
@@ -1152,7 +1131,13 @@ mod tests {
         e.policy_event(Event::Apply(big));
         assert_eq!(e.compiler().world().policies[&k].ingress, Some(vec![]));
         assert!(
-            matches!(e.invalid()[&k], Unenforced::TooLarge { cost, .. } if cost > MAX_POLICY_COST)
+            matches!(e.invalid()[&k].0, Unenforced::TooLarge { cost, .. } if cost > margay_policy::enforce::MAX_POLICY_COST)
+        );
+        let st = e.status(true);
+        assert_eq!(st.unenforced.len(), 1);
+        assert_eq!(
+            st.unenforced[0].reason,
+            margay_api::status::UnenforcedReason::TooLarge
         );
         // Fixed: enforced as written again.
         e.policy_event(Event::Apply(allow_all.clone()));

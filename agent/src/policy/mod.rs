@@ -10,8 +10,12 @@
 //! fails after a bounded wait with the reason), so no pod is reachable
 //! outside its policies at any moment after its ADD returns. Start-up
 //! registers the pods already wired, from their interfaces' aliases.
+//!
+//! - [`engine`]: the engine's state, pure;
+//! - [`events`]: Kubernetes Events on policies not enforced as written.
 
 pub mod engine;
+pub mod events;
 
 use std::time::Duration;
 
@@ -41,21 +45,9 @@ enum Msg {
     Status(oneshot::Sender<Status>),
 }
 
-/// What the policy engine reports.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Status {
-    /// Kinds not listed yet (nothing is enforced from them until they are).
-    pub waiting_for: Vec<String>,
-    /// Policies known (valid ones).
-    pub policies: usize,
-    /// This node's endpoints in the rules.
-    pub endpoints: usize,
-    /// Policies not enforced as written (each enforced fail closed), and
-    /// why.
-    pub invalid: Vec<(String, String)>,
-    /// The last load that failed, if the last load failed.
-    pub last_error: Option<String>,
-}
+/// What the policy engine reports (`/status`, metrics, the Node
+/// condition, Events).
+pub use margay_api::status::PolicyStatus as Status;
 
 /// What an ADD read of its Pod.
 enum PodRead {
@@ -166,6 +158,7 @@ impl PolicyHandle {
                         last_error: Some(e),
                         ..
                     }) => format!("loading the rules failed: {e}"),
+                    Some(s) if !s.current => "the node's rules are not current".to_string(),
                     _ => format!("Pod {key} not seen in the API, or its rules not loaded"),
                 };
                 Err(format!(
@@ -248,6 +241,14 @@ fn event<K>(ev: watcher::Event<K>) -> Event<K> {
     }
 }
 
+/// The engine's status as the loader knows it.
+fn status(engine: &Engine, watch: bool, last_error: &Option<String>) -> Status {
+    let mut s = engine.status(watch);
+    s.current = engine.listed() && engine.is_loaded() && last_error.is_none();
+    s.last_error = last_error.clone();
+    s
+}
+
 /// An attachment start-up found wired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
@@ -261,13 +262,17 @@ pub struct Restored {
 
 /// Runs the engine of node `node` until the process ends: `initial` are
 /// the attachments wired before start (from their aliases and IPAM),
-/// `resync` the full reload interval.
+/// `resync` the full reload interval. Without `watch` (NetworkPolicy
+/// disabled) nothing is watched and no policy enforced, but every
+/// workload interface's sources are still checked.
 pub async fn run(
     client: kube::Client,
     node: String,
     inbox: PolicyInbox,
     initial: Vec<Restored>,
     resync: Duration,
+    watch: bool,
+    report: tokio::sync::watch::Sender<Status>,
 ) -> crate::Result<()> {
     let mut inbox = inbox.0;
     let mut engine = Engine::on_node(&node);
@@ -278,16 +283,34 @@ pub async fn run(
             engine.endpoint_added(r.endpoint);
         }
     }
-    let cfg = watcher::Config::default;
-    let mut pods = watcher(Api::<core::Pod>::all(client.clone()), cfg())
-        .default_backoff()
-        .boxed();
-    let mut namespaces = watcher(Api::<core::Namespace>::all(client.clone()), cfg())
-        .default_backoff()
-        .boxed();
-    let mut policies = watcher(Api::<net::NetworkPolicy>::all(client), cfg())
-        .default_backoff()
-        .boxed();
+    fn watched<K>(
+        on: bool,
+        api: Api<K>,
+    ) -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+        K::DynamicType: Default,
+    {
+        if on {
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed()
+        } else {
+            futures::stream::pending().boxed()
+        }
+    }
+    let mut pods = watched(watch, Api::<core::Pod>::all(client.clone()));
+    let mut namespaces = watched(watch, Api::<core::Namespace>::all(client.clone()));
+    let mut policies = watched(watch, Api::<net::NetworkPolicy>::all(client));
+    if !watch {
+        // Nothing to list: every kind is known empty.
+        engine.pod_event(Event::Init);
+        engine.pod_event(Event::InitDone);
+        engine.namespace_event(Event::Init);
+        engine.namespace_event(Event::InitDone);
+        engine.policy_event(Event::Init);
+        engine.policy_event(Event::InitDone);
+    }
     // Each ADD waiting, and since when (for the debug log).
     let mut waiters: Vec<(Endpoint, oneshot::Sender<()>, std::time::Instant)> = Vec::new();
     let mut last_error: Option<String> = None;
@@ -297,8 +320,15 @@ pub async fn run(
     let warn = |what: &str, e: &watcher::Error| {
         tracing::warn!("NetworkPolicy: cannot watch {what} (retrying): {e}");
     };
+    // The status is published when the table's currency changes, else
+    // at most once a second (building it lists the unenforced policies).
+    let mut published = tokio::time::Instant::now();
+    let mut unpublished = true;
     loop {
-        let wake = retry.map_or(next_full, |r| r.min(next_full));
+        let mut wake = retry.map_or(next_full, |r| r.min(next_full));
+        if unpublished {
+            wake = wake.min(published + Duration::from_secs(1));
+        }
         tokio::select! {
             Some(ev) = pods.next() => match ev {
                 Ok(ev) => engine.pod_event(event(ev)),
@@ -334,14 +364,7 @@ pub async fn run(
                     PodRead::NotFound | PodRead::Unreadable => engine.unresolved(&key),
                 },
                 Msg::Status(tx) => {
-                    let c = engine.compiler();
-                    let _ = tx.send(Status {
-                        waiting_for: engine.waiting_for().iter().map(|s| s.to_string()).collect(),
-                        policies: c.world().policies.len(),
-                        endpoints: engine.endpoints().len(),
-                        invalid: engine.invalid().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                        last_error: last_error.clone(),
-                    });
+                    let _ = tx.send(status(&engine, watch, &last_error));
                 }
             },
             _ = tokio::time::sleep_until(wake) => {
@@ -442,5 +465,18 @@ pub async fn run(
             .into_iter()
             .filter(|(_, tx, _)| !tx.is_closed())
             .collect();
+        unpublished = true;
+        let current = engine.listed() && engine.is_loaded() && last_error.is_none();
+        let now = tokio::time::Instant::now();
+        if current != report.borrow().current || now >= published + Duration::from_secs(1) {
+            let s = status(&engine, watch, &last_error);
+            report.send_if_modified(|old| {
+                let changed = *old != s;
+                *old = s;
+                changed
+            });
+            published = now;
+            unpublished = false;
+        }
     }
 }

@@ -237,6 +237,8 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         ctx.every,
     );
     let mut leader = ctx.leader.clone();
+    let mut policy = ctx.state.policy_status.get().cloned();
+    let mut policy_current = true;
     let mut why = "start";
     loop {
         let t = Instant::now();
@@ -282,6 +284,11 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             tunnels: tunnels.inputs(),
             leader: *leader.borrow_and_update(),
             speaker: bgp.view(),
+            policy_stale: policy.as_mut().and_then(|p| {
+                let s = p.borrow_and_update();
+                policy_current = s.current;
+                policy_stale(&s)
+            }),
         };
         let plan = plan::plan(&snap);
         let used = plan.tunnels_used;
@@ -306,6 +313,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             Ok(()) = leader.changed() => "leadership",
             _ = changed(&mut learned) => "learned routes",
             _ = changed(&mut synced) => "BGP sync",
+            _ = currency(&mut policy, policy_current) => "NetworkPolicy table",
             _ = tokio::time::sleep(tunnels.next_wake(ctx.every)) => "resync",
             () = stopped(sp.as_deref()) => {
                 return Err(crate::Error::TaskEnded("BGP speaker"));
@@ -384,6 +392,32 @@ impl Tunnels {
             .filter(|s| s.elapsed() < plan::TUNNEL_LINGER)
             .map(|s| plan::TUNNEL_LINGER - s.elapsed() + Duration::from_millis(100))
             .fold(every, Duration::min)
+    }
+}
+
+/// Why the NetworkPolicy table is not current, if it is not.
+fn policy_stale(s: &margay_api::status::PolicyStatus) -> Option<String> {
+    if s.current {
+        return None;
+    }
+    Some(if !s.waiting_for.is_empty() {
+        format!("{} not listed yet", s.waiting_for.join(", "))
+    } else if let Some(e) = &s.last_error {
+        format!("{e} (reloading)")
+    } else {
+        "not loaded yet".to_string()
+    })
+}
+
+/// Until the NetworkPolicy table's currency differs from `was`.
+async fn currency(rx: &mut Option<watch::Receiver<margay_api::status::PolicyStatus>>, was: bool) {
+    match rx {
+        Some(rx) => {
+            if rx.wait_for(|s| s.current != was).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

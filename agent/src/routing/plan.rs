@@ -147,6 +147,9 @@ pub struct Snapshot {
     pub leader: bool,
     /// The speaker.
     pub speaker: SpeakerView,
+    /// Why this node's NetworkPolicy table is not current, if it is not
+    /// (the Node condition says so).
+    pub policy_stale: Option<String>,
 }
 
 /// What to do with the speaker.
@@ -307,6 +310,9 @@ pub fn plan(s: &Snapshot) -> Plan {
         .and_then(|all| all.iter().find(|n| n.name_any() == s.node).cloned());
     if s.nodes.is_fresh() && me_obj.is_none() {
         problems.push(Problem::NodeMissing(s.node.clone()));
+    }
+    if let Some(why) = &s.policy_stale {
+        problems.push(Problem::PolicyTable(why.clone()));
     }
 
     // Cluster settings, and the Valid condition of each BGP object.

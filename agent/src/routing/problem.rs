@@ -33,6 +33,11 @@ pub enum Problem {
     /// An input could not be read; what depends on it was kept as it was.
     #[error("{0}")]
     Unknown(String),
+    /// This node's NetworkPolicy table is not what the engine computed
+    /// (not listed yet, or a load failed and is retried): the kernel
+    /// keeps the rules it has.
+    #[error("the NetworkPolicy table is not current: {0}")]
+    PolicyTable(String),
     /// The BGPConfiguration is invalid.
     #[error("BGPConfiguration {name} ignored (defaults used): {why}")]
     ConfigIgnored {

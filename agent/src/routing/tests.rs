@@ -209,6 +209,7 @@ fn snapshot() -> Snapshot {
         tunnels: Default::default(),
         leader: true,
         speaker: SpeakerView::default(),
+        policy_stale: None,
     };
     let p = plan(&s);
     let super::plan::SpeakerPlan::Run { settings, live, .. } = p.speaker else {
