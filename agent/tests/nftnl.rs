@@ -218,7 +218,7 @@ fn changes_over_netlink_are_what_nft_would_load() {
                 ops: vec![Op::Elements {
                     op: ElementOp::Add,
                     set: set.clone(),
-                    elements: (0..20_000u32)
+                    elements: (0..u32::try_from(nftnl::MAX_BATCH / 16 + 1).unwrap())
                         .map(|i| Element::Addr(std::net::Ipv4Addr::from(0x0B00_0000 + i).into()))
                         .collect(),
                 }],
