@@ -22,6 +22,11 @@
 //!   before anything is sent ([`Error::Unencodable`]): a length is never
 //!   truncated (one was, and the kernel read the first 4,095 of 5,000
 //!   addresses of a set and the rest as padding, without an error).
+//! - The kernel refuses a write longer than the socket's send buffer
+//!   (less 32 bytes). The socket raises it to [`MAX_BATCH`]
+//!   (`SO_SNDBUFFORCE`, as `nft` does for large batches; it needs
+//!   `CAP_NET_ADMIN`, which the agent has), so a batch of a few MiB is
+//!   still one write, one transaction.
 
 mod rule;
 
@@ -32,8 +37,8 @@ use std::time::Duration;
 
 use margay_policy::nft::{Batch, Element, ElementOp, Op, SetKind};
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
-    setsockopt, socket, sockopt,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockopt, recv,
+    sendto, setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 
@@ -101,8 +106,12 @@ const NLA_F_NESTED: u16 = 0x8000;
 pub const MAX_ATTR: usize = u16::MAX as usize;
 
 /// Batches larger than this go through `nft` (one netlink write must hold
-/// the whole batch).
-pub const MAX_BATCH: usize = 128 * 1024;
+/// the whole batch; the socket's send buffer is raised to hold this much).
+pub const MAX_BATCH: usize = 4 * 1024 * 1024;
+
+/// What the kernel keeps of a socket's send buffer for itself: a write
+/// may be at most the buffer less this (`netlink_sendmsg`).
+const SNDBUF_RESERVED: usize = 32;
 
 /// Netlink attributes being written. One too long for its 16-bit length
 /// is not written, and spoils the whole: [`Attrs::finish`] then refuses
@@ -513,7 +522,8 @@ pub fn encode(table: &str, b: &Batch, seq: u32) -> super::Result<Encoded> {
 pub enum Sent {
     /// In the kernel (or nothing to do).
     Applied,
-    /// Not sent: larger than one netlink write ([`MAX_BATCH`]); the caller
+    /// Not sent: larger than one netlink write ([`MAX_BATCH`], or less
+    /// when the socket's send buffer could not be raised); the caller
     /// hands it to `nft` instead.
     TooLarge,
 }
@@ -556,10 +566,13 @@ fn answers(buf: &[u8], acks: &mut usize) -> Option<(i32, u32)> {
 pub struct Socket {
     fd: std::os::fd::OwnedFd,
     seq: u32,
+    /// The longest write the kernel takes on it (at most [`MAX_BATCH`]).
+    max_batch: usize,
 }
 
 impl Socket {
-    /// A socket in this network namespace.
+    /// A socket in this network namespace, its send buffer raised to hold
+    /// [`MAX_BATCH`] when the process may (`CAP_NET_ADMIN`).
     pub fn open() -> super::Result<Self> {
         let e = |what: &'static str| move |err: nix::Error| netlink_error(what, err);
         let fd = socket(
@@ -576,11 +589,22 @@ impl Socket {
             &TimeVal::from(libc_timeval(Duration::from_secs(2))),
         )
         .map_err(e("timeout"))?;
+        // Past `wmem_max` only with CAP_NET_ADMIN; without it the buffer
+        // stays as it is and larger batches go to nft. The kernel doubles
+        // what it is given.
+        let _ = setsockopt(&fd, sockopt::SndBufForce, &MAX_BATCH);
+        let sndbuf = getsockopt(&fd, sockopt::SndBuf).map_err(e("send buffer"))?;
+        let max_batch = sndbuf.saturating_sub(SNDBUF_RESERVED).min(MAX_BATCH);
         let seq = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(1);
-        Ok(Self { fd, seq })
+        Ok(Self { fd, seq, max_batch })
+    }
+
+    /// The longest batch (bytes) one write carries on this socket.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 
     /// Applies `b` to Margay's table `table`, in one transaction, unless
@@ -596,10 +620,10 @@ impl Socket {
         if messages == 0 {
             return Ok(Sent::Applied);
         }
-        if enc.bytes.len() > MAX_BATCH {
+        if enc.bytes.len() > self.max_batch {
             return Ok(Sent::TooLarge);
         }
-        // At most `MAX_BATCH` bytes: fewer messages than a u32 counts.
+        // At most `max_batch` bytes: fewer messages than a u32 counts.
         self.seq = seq.wrapping_add(messages as u32 + 2);
         // Nothing from an earlier batch may be read as this one's answer.
         let mut buf = vec![0u8; 64 * 1024];
