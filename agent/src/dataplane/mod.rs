@@ -117,6 +117,21 @@ pub enum Error {
     /// `nft` is missing or refused Margay's table.
     #[error("nftables: {0}")]
     Nft(String),
+    /// A policy command netlink cannot carry: an attribute of it would be
+    /// longer than a netlink attribute's 16-bit length allows (e.g. a rule
+    /// whose expressions pass 64 KiB). Nothing of its batch was sent.
+    #[error(
+        "netlink cannot carry command {command} of the batch, {op}: an attribute of {len} bytes (at most {max})",
+        max = nftnl::MAX_ATTR
+    )]
+    Unencodable {
+        /// Its place in the batch (from 1).
+        command: usize,
+        /// Its text, cut short.
+        op: String,
+        /// The length the attribute would have had.
+        len: usize,
+    },
     /// Injected by the fake dataplane.
     #[error("injected: {0}")]
     Injected(String),

@@ -12,8 +12,8 @@ use margay_policy::model::Direction;
 use margay_policy::nft::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
 
 use super::{
-    NF_DROP, NFT_GOTO, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr, nested,
-    verdict,
+    Attrs, NF_DROP, NFT_GOTO, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr,
+    nested, verdict,
 };
 
 const NFTA_EXPR_NAME: u16 = 1;
@@ -81,10 +81,10 @@ pub(super) fn proto_number(p: Proto) -> u8 {
 
 /// A rule's expression list, built one expression at a time.
 #[derive(Default)]
-struct Exprs(Vec<u8>);
+struct Exprs(Attrs);
 
 impl Exprs {
-    fn expr(&mut self, name: &str, body: impl FnOnce(&mut Vec<u8>)) {
+    fn expr(&mut self, name: &str, body: impl FnOnce(&mut Attrs)) {
         nested(&mut self.0, NFTA_LIST_ELEM, |b| {
             attr(b, NFTA_EXPR_NAME, &cstr(name));
             nested(b, NFTA_EXPR_DATA, body);
@@ -264,8 +264,9 @@ fn addr_len(v6: bool) -> usize {
     if v6 { 16 } else { 4 }
 }
 
-/// The contents of `NFTA_RULE_EXPRESSIONS` for `line`.
-pub(super) fn expressions(line: &Line) -> Vec<u8> {
+/// The contents of `NFTA_RULE_EXPRESSIONS` for `line` (spoiled, if an
+/// attribute would be too long: see [`Attrs`]).
+pub(super) fn expressions(line: &Line) -> Attrs {
     let mut e = Exprs::default();
     match line {
         Line::DropInvalid => {
@@ -329,16 +330,17 @@ mod tests {
         out
     }
 
+    fn bytes(line: &Line) -> Vec<u8> {
+        expressions(line).finish().unwrap()
+    }
+
     #[test]
     fn lines_are_the_expressions_nft_makes() {
         assert_eq!(
-            names(&expressions(&Line::DropInvalid)),
+            names(&bytes(&Line::DropInvalid)),
             ["ct", "bitwise", "cmp", "immediate"]
         );
-        assert_eq!(
-            names(&expressions(&Line::ClearMark)),
-            ["meta", "bitwise", "meta"]
-        );
+        assert_eq!(names(&bytes(&Line::ClearMark)), ["meta", "bitwise", "meta"]);
         let named = Line::Allow {
             peer: Some(PeerMatch::Block {
                 field: Field::Saddr,
@@ -351,7 +353,7 @@ mod tests {
             }),
         };
         assert_eq!(
-            names(&expressions(&named)),
+            names(&bytes(&named)),
             [
                 // meta nfproto ipv4
                 "meta",
