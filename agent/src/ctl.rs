@@ -393,19 +393,23 @@ pub async fn collect_check(store: &KubeStore) -> Result<IpamCheck> {
     ))
 }
 
-/// Whether node `name`'s agent looks alive: its heartbeat Lease in
-/// `namespace` was renewed recently; without a readable Lease (an agent
-/// from before the Lease, another namespace), its `MargayReady` heartbeat
-/// is recent.
-pub async fn agent_live(client: &kube::Client, namespace: &str, name: &str) -> Result<bool> {
+/// Whether node `name`'s agent looks alive. Its heartbeat Lease is looked
+/// for in `namespaces` in order: the Lease namespace first (what it says
+/// there is the answer), then the agents' namespace, where agents before
+/// the Lease namespace renewed theirs (alive there is alive; an expired one
+/// is what an upgrade leaves behind and says nothing). Without a Lease
+/// that answers, its `MargayReady` heartbeat is recent.
+pub async fn agent_live(client: &kube::Client, namespaces: &[String], name: &str) -> Result<bool> {
     use k8s_openapi::api::coordination::v1::Lease;
-    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
     let lease = margay_api::node::heartbeat_lease(name);
-    if let Ok(Some(l)) = leases.get_opt(&lease).await {
-        return Ok(margay_api::node::lease_alive(
-            &l,
-            std::time::Duration::from_secs(30),
-        ));
+    for (i, ns) in namespaces.iter().enumerate() {
+        let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), ns);
+        if let Ok(Some(l)) = leases.get_opt(&lease).await {
+            let alive = margay_api::node::lease_alive(&l, std::time::Duration::from_secs(30));
+            if alive || i == 0 {
+                return Ok(alive);
+            }
+        }
     }
     let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
     let n = api
@@ -417,10 +421,11 @@ pub async fn agent_live(client: &kube::Client, namespace: &str, name: &str) -> R
 
 /// Releases the handles holding `addresses` (each on behalf of its node).
 /// Refused, without changing anything, for an address whose node's agent is
-/// live unless `force`.
+/// live unless `force` (heartbeat Leases looked for in `lease_namespaces`,
+/// as [`agent_live`] does).
 pub async fn release(
     client: &kube::Client,
-    namespace: &str,
+    lease_namespaces: &[String],
     store: std::sync::Arc<KubeStore>,
     addresses: &[IpAddr],
     force: bool,
@@ -431,7 +436,7 @@ pub async fn release(
         let Some(a) = blocks.iter().find_map(|b| b.allocations.get(ip)) else {
             return Err(Error::Config(format!("{ip} is not allocated")));
         };
-        if !force && agent_live(client, namespace, &a.node).await? {
+        if !force && agent_live(client, lease_namespaces, &a.node).await? {
             return Err(Error::Config(format!(
                 "{ip} belongs to node {}, whose agent is running: it releases leaks itself; use --force to release anyway",
                 a.node

@@ -56,9 +56,16 @@ pub struct RunArgs {
     /// optionally with its prefix length (`10.0.0.5/24`).
     #[arg(long, env = "IP", default_value = "autodetect")]
     pub node_ip: String,
-    /// Namespace holding the Secrets BGPPeers take passwords from.
+    /// Namespace holding the Secrets BGPPeers take passwords from (and
+    /// where agents before the Lease namespace kept their leader Lease,
+    /// which this agent reads so that it never leads beside an older one).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     pub namespace: String,
+    /// Namespace of Margay's Leases: the leader Lease and every node's
+    /// heartbeat Lease (a namespace of their own: the agents' RBAC lets
+    /// them write Leases there and nowhere else).
+    #[arg(long, env = "MARGAY_LEASE_NAMESPACE", default_value = margay_api::node::LEASE_NAMESPACE)]
+    pub lease_namespace: String,
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served.
     #[arg(long, env = "MARGAY_HTTP_LISTEN", default_value = "127.0.0.1:9099")]
     pub http_listen: std::net::SocketAddr,
@@ -151,13 +158,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         crate::obs::http::serve(listener, crate::obs::http::Endpoints::new(state.clone())),
     );
     // One agent, elected through a Lease, does the cluster-wide writes;
-    // every agent renews its own heartbeat Lease.
+    // every agent renews its own heartbeat Lease. Both in the Lease
+    // namespace; an older agent's leader Lease in the agent's namespace is
+    // only read (kube::lease: no two leaders during an upgrade).
     let (leader_tx, leader) = tokio::sync::watch::channel(false);
     let _ = state.leader.set(leader.clone());
     {
-        let (client, ns, me) = (client.clone(), args.namespace.clone(), node.clone());
+        let election = crate::kube::lease::Election {
+            namespace: args.lease_namespace.clone(),
+            legacy_namespace: (args.namespace != args.lease_namespace)
+                .then(|| args.namespace.clone()),
+            me: node.clone(),
+        };
+        let client = client.clone();
         tasks.spawn("leader election", async move {
-            crate::kube::lease::elect(client, ns, me, leader_tx).await;
+            crate::kube::lease::elect(client, election, leader_tx).await;
             Ok(())
         });
     }
@@ -171,7 +186,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     }
     {
-        let (client, ns, me) = (client.clone(), args.namespace.clone(), node.clone());
+        let (client, ns, me) = (client.clone(), args.lease_namespace.clone(), node.clone());
         let name = margay_api::node::heartbeat_lease(&node);
         let st = state.clone();
         tasks.spawn("heartbeat", async move {

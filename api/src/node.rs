@@ -35,9 +35,19 @@ pub const HEARTBEAT_RENEW: Duration = Duration::from_secs(30);
 /// How long a heartbeat Lease says its agent is alive after a renewal.
 pub const HEARTBEAT_DURATION: Duration = Duration::from_secs(90);
 
+/// The namespace of Margay's Leases (the leader Lease and every node's
+/// heartbeat Lease) unless configured otherwise (the agent's and
+/// margayctl's `--lease-namespace`, the chart's `leaseNamespace.name`). A
+/// namespace of their own, because RBAC cannot limit `create` to names: the
+/// agents may create and update Leases there and in no other namespace
+/// (not `kube-system`, where the scheduler's and controller-manager's
+/// leader Leases are).
+pub const LEASE_NAMESPACE: &str = "margay-system";
+
 /// The name of node `node`'s heartbeat Lease (`coordination.k8s.io`, in
-/// the agent's namespace): `margay-node-NODE`, shortened with a hash when
-/// that would exceed an object name's 253 characters.
+/// the Lease namespace, [`LEASE_NAMESPACE`] by default): `margay-node-NODE`,
+/// shortened with a hash when that would exceed an object name's 253
+/// characters.
 pub fn heartbeat_lease(node: &str) -> String {
     const PREFIX: &str = "margay-node-";
     if PREFIX.len() + node.len() <= 253 {

@@ -254,6 +254,19 @@ pub fn agent_cmd(
     Ok(cmd)
 }
 
+/// Creates the agents' Lease namespace ([`margay_api::node::LEASE_NAMESPACE`])
+/// as the manifest does: agents started with their default flags write
+/// their leader and heartbeat Leases there, and without it none leads.
+pub async fn create_lease_namespace(client: &kube::Client) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = json(serde_json::json!({"metadata": {"name": margay_api::node::LEASE_NAMESPACE}}))?;
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).context("creating the Lease namespace"),
+    }
+}
+
 /// `cnitool VERB CONFLIST ID NETNS` in `node`, as a runtime on that node
 /// calls plugins: the workspace's `margay` and Debian's reference plugins on
 /// `CNI_PATH`, results cached in `cache`. Callers add `CNI_ARGS`.
@@ -318,6 +331,7 @@ impl Cluster {
         let api = ApiServer::start().await.context("kube-apiserver")?;
         let client = api.client().await?;
         margay_api::crds::install(&client).await.context("CRDs")?;
+        create_lease_namespace(&client).await?;
         let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
         sa.create(
             &PostParams::default(),

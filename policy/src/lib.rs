@@ -5,6 +5,8 @@
 //!   and their labels, pods and their labels, addresses and named ports,
 //!   policies), converted from the Kubernetes objects with every invalid
 //!   field a typed [`Error`];
+//! - [`cidr`]: ipBlock CIDR text as the API server reads it (leading
+//!   zeros, IPv4-mapped IPv6, bits beyond the prefix) and what it means;
 //! - [`selector`]: label selectors (matchLabels, matchExpressions);
 //! - [`spec`]: the reference semantics, written from the API
 //!   documentation and not from Margay's rules: what a connection is
@@ -17,6 +19,7 @@
 //! - [`nft`]: the policies compiled to Margay's nftables table, updated
 //!   in O(changed).
 
+pub mod cidr;
 pub mod enforce;
 pub mod explain;
 pub mod model;
@@ -45,10 +48,29 @@ pub enum Error {
     /// its port.
     #[error("port: {0}")]
     Port(String),
-    /// An ipBlock whose CIDR or except does not parse, or an except
-    /// outside its CIDR.
-    #[error("ipBlock: {0}")]
-    IpBlock(String),
+    /// An ipBlock `cidr` or `except` entry that is not CIDR text the API
+    /// server accepts ([`cidr`]).
+    #[error("ipBlock {field} {value:?}: {why}")]
+    Cidr {
+        /// `cidr` or `except`.
+        field: &'static str,
+        /// The text.
+        value: String,
+        /// What is wrong with it.
+        why: cidr::CidrError,
+    },
+    /// An ipBlock `except` entry that is not a strict subset of its
+    /// `cidr` as the API server tests it ([`cidr::Cidr::admits_except`]).
+    #[error("ipBlock except {except:?} is not a strict subset of cidr {cidr:?}")]
+    ExceptNotInCidr {
+        /// The `cidr` text.
+        cidr: String,
+        /// The `except` text.
+        except: String,
+    },
+    /// An ipBlock peer with a pod or namespace selector beside it.
+    #[error("an ipBlock peer cannot also have selectors")]
+    IpBlockWithSelectors,
     /// A policyType other than Ingress and Egress.
     #[error("policyType {0:?} is not Ingress or Egress")]
     PolicyType(String),

@@ -17,6 +17,7 @@ use k8s_openapi::api::networking::v1 as net;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
+use crate::cidr::Cidr;
 use crate::selector::{Labels, Selector};
 use crate::{Error, Result};
 
@@ -297,9 +298,10 @@ pub enum Peer {
     },
     /// Addresses in `cidr` but in none of `except`.
     Block {
-        /// The block.
+        /// The block: the network its text means ([`crate::cidr`]), host
+        /// bits clear, IPv4-mapped IPv6 as IPv4.
         cidr: IpNetwork,
-        /// Its exceptions.
+        /// Its exceptions, each of `cidr`'s family and within it.
         except: Vec<IpNetwork>,
     },
 }
@@ -454,31 +456,45 @@ fn rule(
     Ok(out)
 }
 
+/// An ipBlock as the API server takes it ([`crate::cidr`]): `cidr` and
+/// each `except` CIDR text it accepts, each except a strict subset of
+/// `cidr` by its test. Each except is kept as what it removes from the
+/// block (within `cidr`).
+fn ip_block(b: &net::IPBlock) -> Result<Peer> {
+    if b.cidr.is_empty() {
+        return Err(Error::Missing("ipBlock.cidr"));
+    }
+    let read = |field, value: &String| {
+        Cidr::parse(value).map_err(|why| Error::Cidr {
+            field,
+            value: value.clone(),
+            why,
+        })
+    };
+    let cidr = read("cidr", &b.cidr)?;
+    let mut except = Vec::new();
+    for e in b.except.iter().flatten() {
+        let x = read("except", e)?;
+        if !cidr.admits_except(&x) {
+            return Err(Error::ExceptNotInCidr {
+                cidr: b.cidr.clone(),
+                except: e.clone(),
+            });
+        }
+        except.push(cidr.clamp(&x));
+    }
+    Ok(Peer::Block {
+        cidr: cidr.net,
+        except,
+    })
+}
+
 fn peer(p: &net::NetworkPolicyPeer) -> Result<Peer> {
     if let Some(b) = &p.ip_block {
         if p.pod_selector.is_some() || p.namespace_selector.is_some() {
-            return Err(Error::IpBlock(
-                "an ipBlock peer cannot also have selectors".into(),
-            ));
+            return Err(Error::IpBlockWithSelectors);
         }
-        let cidr: IpNetwork = b
-            .cidr
-            .parse()
-            .map_err(|e| Error::IpBlock(format!("{}: {e}", b.cidr)))?;
-        let mut except = Vec::new();
-        for e in b.except.iter().flatten() {
-            let n: IpNetwork = e
-                .parse()
-                .map_err(|err| Error::IpBlock(format!("except {e}: {err}")))?;
-            if n.is_ipv4() != cidr.is_ipv4()
-                || n.prefix() < cidr.prefix()
-                || !cidr.contains(n.network())
-            {
-                return Err(Error::IpBlock(format!("except {e} is not inside {cidr}")));
-            }
-            except.push(n);
-        }
-        return Ok(Peer::Block { cidr, except });
+        return ip_block(b);
     }
     if p.pod_selector.is_none() && p.namespace_selector.is_none() {
         return Err(Error::Missing("podSelector, namespaceSelector or ipBlock"));
@@ -681,6 +697,287 @@ mod tests {
                 spec["podSelector"] = serde_json::json!({});
             }
             assert!(policy(spec).is_err(), "{what}");
+        }
+    }
+
+    /// The ipBlock peer of a policy with `cidr` and `except`, as its
+    /// meaning (`CIDR` or `CIDR except E1,E2`), or why it is refused.
+    fn ip_block(cidr: &str, except: &[&str]) -> std::result::Result<String, Error> {
+        let mut b = serde_json::json!({"cidr": cidr});
+        if !except.is_empty() {
+            b["except"] = serde_json::json!(except);
+        }
+        let p = policy(
+            serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": b}]}]}),
+        )?;
+        let peer = p.ingress.unwrap()[0].peers[0].to_string();
+        Ok(peer.trim_start_matches("ipBlock ").to_string())
+    }
+
+    /// Every ipBlock text the API server accepts means what Kubernetes
+    /// means by it; what it refuses is refused, with its reason. The API
+    /// server's test is `k8s.io/utils/net.ParseCIDRSloppy` (through 1.32,
+    /// and for values stored before 1.33's strict validation), and an
+    /// except must be a strict subset by Go's `IPNet.Contains` and the
+    /// prefix lengths as written (crate::cidr).
+    #[test]
+    fn ip_blocks_read_as_the_api_server_reads_them() {
+        use crate::cidr::CidrError::{Address, NoPrefix, Prefix};
+        let bad = |field: &'static str, value: &str, why| {
+            Err(Error::Cidr {
+                field,
+                value: value.into(),
+                why,
+            })
+        };
+        let outside = |cidr: &str, except: &str| {
+            Err(Error::ExceptNotInCidr {
+                cidr: cidr.into(),
+                except: except.into(),
+            })
+        };
+        let means = |s: &str| Ok(s.to_string());
+        let v4 = Prefix { max: 32 };
+        let v6 = Prefix { max: 128 };
+        let cases: Vec<(&str, Vec<&str>, std::result::Result<String, Error>)> = vec![
+            // IPv4.
+            ("10.0.0.0/8", vec![], means("10.0.0.0/8")),
+            ("0.0.0.0/0", vec![], means("0.0.0.0/0")),
+            ("255.255.255.255/32", vec![], means("255.255.255.255/32")),
+            // Leading zeros are decimal (not octal: 010 is 10, not 8),
+            // as many as written, in the prefix length too.
+            ("010.0.0.0/8", vec![], means("10.0.0.0/8")),
+            ("010.001.002.003/32", vec![], means("10.1.2.3/32")),
+            ("192.168.001.000/24", vec![], means("192.168.1.0/24")),
+            ("0000000000172.016.0.0/12", vec![], means("172.16.0.0/12")),
+            ("10.0.0.0/08", vec![], means("10.0.0.0/8")),
+            ("10.0.0.0/0000032", vec![], means("10.0.0.0/32")),
+            ("000.000.000.000/000", vec![], means("0.0.0.0/0")),
+            // Bits beyond the prefix are dropped.
+            ("10.0.0.1/8", vec![], means("10.0.0.0/8")),
+            ("192.168.1.255/24", vec![], means("192.168.1.0/24")),
+            ("010.255.255.255/9", vec![], means("10.128.0.0/9")),
+            // IPv6, any case, groups with leading zeros (any number).
+            ("2001:db8::/32", vec![], means("2001:db8::/32")),
+            ("2001:DB8::1/32", vec![], means("2001:db8::/32")),
+            (
+                "2001:0db8:0000:0000:0000:0000:0000:0001/128",
+                vec![],
+                means("2001:db8::1/128"),
+            ),
+            ("2001:00000db8::/32", vec![], means("2001:db8::/32")),
+            ("::/0", vec![], means("::/0")),
+            ("::1/128", vec![], means("::1/128")),
+            ("fe80::1/10", vec![], means("fe80::/10")),
+            ("1:2:3:4:5:6:7::/112", vec![], means("1:2:3:4:5:6:7:0/112")),
+            ("::2:3:4:5:6:7:8/128", vec![], means("0:2:3:4:5:6:7:8/128")),
+            ("fd00::/0008", vec![], means("fd00::/8")),
+            // An IPv4 tail: in the last 32 bits, or anywhere after `::`.
+            ("64:ff9b::10.0.0.0/120", vec![], means("64:ff9b::a00:0/120")),
+            ("::10.0.0.0/104", vec![], means("::a00:0/104")),
+            ("1::10.0.0.0/112", vec![], means("1::a00:0/112")),
+            (
+                "1::10.0.0.0:0/112",
+                vec![],
+                bad("cidr", "1::10.0.0.0:0/112", Address),
+            ),
+            // IPv4-mapped IPv6 with the mapping in the prefix: the IPv4
+            // network (prefix - 96), however the address is written.
+            ("::ffff:10.0.0.0/104", vec![], means("10.0.0.0/8")),
+            ("::ffff:10.1.2.3/104", vec![], means("10.0.0.0/8")),
+            ("::FFFF:a00:0/104", vec![], means("10.0.0.0/8")),
+            ("0:0:0:0:0:ffff:10.0.0.0/104", vec![], means("10.0.0.0/8")),
+            (
+                "0:0:0:0:000000:ffff:010.000.000.000/104",
+                vec![],
+                means("10.0.0.0/8"),
+            ),
+            ("::ffff:10.0.0.1/128", vec![], means("10.0.0.1/32")),
+            ("::ffff:0.0.0.0/96", vec![], means("0.0.0.0/0")),
+            // ... and with it cut: IPv6.
+            ("::ffff:10.0.0.0/95", vec![], means("::fffe:0:0/95")),
+            ("::ffff:10.0.0.0/80", vec![], means("::/80")),
+            // Refused by the API server.
+            ("", vec![], Err(Error::Missing("ipBlock.cidr"))),
+            ("10.0.0.0", vec![], bad("cidr", "10.0.0.0", NoPrefix)),
+            ("10.0.0.0/", vec![], bad("cidr", "10.0.0.0/", v4)),
+            ("10.0.0.0/33", vec![], bad("cidr", "10.0.0.0/33", v4)),
+            ("10.0.0.0/-1", vec![], bad("cidr", "10.0.0.0/-1", v4)),
+            ("10.0.0.0/+8", vec![], bad("cidr", "10.0.0.0/+8", v4)),
+            ("10.0.0.0/8 ", vec![], bad("cidr", "10.0.0.0/8 ", v4)),
+            ("10.0.0.0/8/8", vec![], bad("cidr", "10.0.0.0/8/8", v4)),
+            (
+                "10.0.0.0/255.0.0.0",
+                vec![],
+                bad("cidr", "10.0.0.0/255.0.0.0", v4),
+            ),
+            ("::/129", vec![], bad("cidr", "::/129", v6)),
+            (" 10.0.0.0/8", vec![], bad("cidr", " 10.0.0.0/8", Address)),
+            ("10.0.0/8", vec![], bad("cidr", "10.0.0/8", Address)),
+            ("10.0.0.0.0/8", vec![], bad("cidr", "10.0.0.0.0/8", Address)),
+            ("10..0.0/8", vec![], bad("cidr", "10..0.0/8", Address)),
+            ("256.0.0.0/8", vec![], bad("cidr", "256.0.0.0/8", Address)),
+            ("0x0a.0.0.0/8", vec![], bad("cidr", "0x0a.0.0.0/8", Address)),
+            ("nope/8", vec![], bad("cidr", "nope/8", Address)),
+            ("1::2::3/64", vec![], bad("cidr", "1::2::3/64", Address)),
+            (
+                "1:2:3:4:5:6:7:8::/64",
+                vec![],
+                bad("cidr", "1:2:3:4:5:6:7:8::/64", Address),
+            ),
+            (
+                "1:2:3:4:5:6:7:8:9/64",
+                vec![],
+                bad("cidr", "1:2:3:4:5:6:7:8:9/64", Address),
+            ),
+            (
+                "1:2:3:4:5:6:7/64",
+                vec![],
+                bad("cidr", "1:2:3:4:5:6:7/64", Address),
+            ),
+            (":1::/64", vec![], bad("cidr", ":1::/64", Address)),
+            ("1::2:/64", vec![], bad("cidr", "1::2:/64", Address)),
+            ("12345::/16", vec![], bad("cidr", "12345::/16", Address)),
+            (
+                "fe80::1%eth0/64",
+                vec![],
+                bad("cidr", "fe80::1%eth0/64", Address),
+            ),
+            ("[::1]/128", vec![], bad("cidr", "[::1]/128", Address)),
+            (
+                "1:2:3:4:5:10.0.0.0/104",
+                vec![],
+                bad("cidr", "1:2:3:4:5:10.0.0.0/104", Address),
+            ),
+            (
+                "1::2:3:4:5:6:7:10.0.0.0/128",
+                vec![],
+                bad("cidr", "1::2:3:4:5:6:7:10.0.0.0/128", Address),
+            ),
+            (
+                "::ffff:10.0.0/104",
+                vec![],
+                bad("cidr", "::ffff:10.0.0/104", Address),
+            ),
+            (
+                "::ffff:256.0.0.0/104",
+                vec![],
+                bad("cidr", "::ffff:256.0.0.0/104", Address),
+            ),
+            // Excepts: CIDR text as above, each a strict subset of cidr.
+            (
+                "10.0.0.0/8",
+                vec!["10.1.0.0/16"],
+                means("10.0.0.0/8 except 10.1.0.0/16"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["010.001.000.000/016"],
+                means("10.0.0.0/8 except 10.1.0.0/16"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["10.1.2.3/16"],
+                means("10.0.0.0/8 except 10.1.0.0/16"),
+            ),
+            (
+                "10.0.0.1/8",
+                vec!["10.0.0.0/9", "10.0.0.0/10"],
+                means("10.0.0.0/8 except 10.0.0.0/9,10.0.0.0/10"),
+            ),
+            (
+                "2001:db8::/32",
+                vec!["2001:db8:1::/48", "2001:DB8:1:2::/64"],
+                means("2001:db8::/32 except 2001:db8:1::/48,2001:db8:1:2::/64"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["::ffff:10.1.0.0/112"],
+                means("10.0.0.0/8 except 10.1.0.0/16"),
+            ),
+            (
+                "::ffff:10.0.0.0/104",
+                vec!["::ffff:10.1.0.0/112"],
+                means("10.0.0.0/8 except 10.1.0.0/16"),
+            ),
+            // The API server compares the lengths as written: IPv4 /8
+            // against IPv4-mapped /104 (10.0.0.0/8 again) or /103 (a
+            // wider 10.0.0.0/7) passes, and excepts the whole block.
+            (
+                "10.0.0.0/8",
+                vec!["::ffff:10.0.0.0/104"],
+                means("10.0.0.0/8 except 10.0.0.0/8"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["::ffff:10.0.0.0/103"],
+                means("10.0.0.0/8 except 10.0.0.0/8"),
+            ),
+            (
+                "0.0.0.0/0",
+                vec!["::ffff:0.0.0.0/96"],
+                means("0.0.0.0/0 except 0.0.0.0/0"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["11.0.0.0/16"],
+                outside("10.0.0.0/8", "11.0.0.0/16"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["10.0.0.0/8"],
+                outside("10.0.0.0/8", "10.0.0.0/8"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["10.0.0.0/7"],
+                outside("10.0.0.0/8", "10.0.0.0/7"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["10.1.0.0/16", "11.0.0.0/16"],
+                outside("10.0.0.0/8", "11.0.0.0/16"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["::ffff:10.0.0.0/100"],
+                outside("10.0.0.0/8", "::ffff:10.0.0.0/100"),
+            ),
+            (
+                "::ffff:10.0.0.0/104",
+                vec!["10.1.0.0/16"],
+                outside("::ffff:10.0.0.0/104", "10.1.0.0/16"),
+            ),
+            (
+                "::ffff:10.0.0.0/104",
+                vec!["::ffff:10.0.0.0/104"],
+                outside("::ffff:10.0.0.0/104", "::ffff:10.0.0.0/104"),
+            ),
+            ("0.0.0.0/0", vec!["::/1"], outside("0.0.0.0/0", "::/1")),
+            ("::/0", vec!["10.0.0.0/8"], outside("::/0", "10.0.0.0/8")),
+            (
+                "::/0",
+                vec!["::ffff:10.0.0.0/104"],
+                outside("::/0", "::ffff:10.0.0.0/104"),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["10.1.0.0"],
+                bad("except", "10.1.0.0", NoPrefix),
+            ),
+            (
+                "10.0.0.0/8",
+                vec!["10.1.0.0/33"],
+                bad("except", "10.1.0.0/33", v4),
+            ),
+            ("10.0.0.0/8", vec![""], bad("except", "", NoPrefix)),
+        ];
+        for (cidr, except, want) in cases {
+            assert_eq!(
+                ip_block(cidr, &except),
+                want,
+                "cidr {cidr:?} except {except:?}"
+            );
         }
     }
 

@@ -9,8 +9,9 @@ use margay_api::ipam::{
 };
 use margay_harness::kube::ApiServer;
 
-/// A real apiserver with Margay's CRDs, the `default` ServiceAccount, the
-/// given Node objects, a pool `default` and the IPAM configuration.
+/// A real apiserver with Margay's CRDs, the agents' Lease namespace, the
+/// `default` ServiceAccount, the given Node objects, a pool `default` and
+/// the IPAM configuration.
 pub async fn cluster(
     nodes: &[&str],
     pool_cidr: &str,
@@ -20,6 +21,9 @@ pub async fn cluster(
     let api = ApiServer::start().await.expect("apiserver");
     let client = api.client().await.expect("client");
     margay_api::crds::install(&client).await.expect("CRDs");
+    margay_lab::cluster::create_lease_namespace(&client)
+        .await
+        .expect("Lease namespace");
     let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     sa.create(
         &PostParams::default(),

@@ -831,7 +831,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     assert_eq!(restarts, [2, 1, 1]);
 
     // One leader, a live agent.
-    let leases: Api<Lease> = Api::namespaced(run.c.client.clone(), NS);
+    let leases: Api<Lease> =
+        Api::namespaced(run.c.client.clone(), margay_api::node::LEASE_NAMESPACE);
     let l = leases
         .get("margay-agent-leader")
         .await

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node as KubeNode;
-use kube::api::{Api, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use margay_api::ipam::IPPool;
 use margay_harness::kube::ApiServer;
 use margay_harness::topo::Fabric;
@@ -122,6 +124,14 @@ fn manifest_equals_the_chart_with_default_values() {
     ] {
         assert!(m.keys().any(|(k, _, _)| k == kind), "no {kind}");
     }
+    // The Lease namespace, its Role, and the agents told where it is.
+    assert!(m.contains_key(&("Namespace".into(), String::new(), LEASE_NS.into())));
+    for kind in ["Role", "RoleBinding"] {
+        assert!(
+            m.contains_key(&(kind.into(), LEASE_NS.into(), "margay-agent-leases".into())),
+            "no {kind} margay-agent-leases in {LEASE_NS}"
+        );
+    }
     let ds = &m[&(
         "DaemonSet".into(),
         "kube-system".into(),
@@ -131,6 +141,11 @@ fn manifest_equals_the_chart_with_default_values() {
     assert_eq!(spec["hostNetwork"], true);
     assert_eq!(spec["initContainers"][0]["command"][1], "install-cni");
     let agent = &spec["containers"][0];
+    let env = agent["env"].as_array().unwrap();
+    assert!(
+        env.contains(&json!({"name": "MARGAY_LEASE_NAMESPACE", "value": LEASE_NS})),
+        "{env:?}"
+    );
     assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
     let mounts: Vec<&str> = spec["volumes"]
@@ -163,6 +178,18 @@ fn manifest_equals_the_chart_with_default_values() {
         "margay-config".into(),
     )];
     assert_eq!(cfg["data"]["mtu"], "9000");
+    // A Lease namespace holding others' Leases is refused: the agents may
+    // write every Lease of theirs.
+    for ns in ["kube-system", "kube-node-lease", "default"] {
+        let (ok, out) = run(Command::new(paths::helm().unwrap())
+            .current_dir(root())
+            .args(["template", "margay", "charts/margay", "-n", "kube-system"])
+            .args(["--set", &format!("leaseNamespace.name={ns}")]));
+        assert!(
+            !ok && out.contains("holds other components' Leases"),
+            "{ns}: {out}"
+        );
+    }
 }
 
 #[test]
@@ -251,6 +278,8 @@ fn the_offline_image_has_the_dockerfiles_files() {
 }
 
 const SA_USER: &str = "system:serviceaccount:kube-system:margay-agent";
+/// The manifest's Lease namespace (the agent's default).
+const LEASE_NS: &str = margay_api::node::LEASE_NAMESPACE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_dry_run_and_the_agent_with_least_privilege() {
@@ -278,7 +307,11 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         }
         run(&mut c)
     };
-    // Server-side dry runs of the manifest and of a customised chart.
+    // Server-side dry runs of the manifest and of a customised chart. A dry
+    // run creates nothing, so the Roles in the Lease namespace need that
+    // namespace already (the real apply creates it first, in file order).
+    let (ok, out) = kubectl(&["create", "namespace", LEASE_NS], None);
+    assert!(ok, "{out}");
     let manifest = std::fs::read_to_string(root().join("deploy/margay.yaml")).unwrap();
     let (ok, out) = kubectl(&["apply", "--dry-run=server"], Some(&manifest));
     assert!(ok, "{out}");
@@ -300,6 +333,64 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     // Install for real, then run the agent as its ServiceAccount.
     let (ok, out) = kubectl(&["apply"], Some(&manifest));
     assert!(ok, "{out}");
+    // One node's token writes no Lease but Margay's own: `kubectl auth
+    // can-i VERB RESOURCE[/NAME] -n NS` as the agent.
+    let can_in = |verb: &str, what: &str, ns: &str| {
+        let mut c = api.kubectl().unwrap();
+        c.args(["auth", "can-i", verb, what, "-n", ns, "--as", SA_USER]);
+        run(&mut c).1.trim().to_string()
+    };
+    const DENIED: &str = "no";
+    const ALLOWED: &str = "yes";
+    for (verb, lease, ns, want) in [
+        // Not kube-system's (the scheduler's, the controller-manager's),
+        // not the kubelets', not default's; none deleted anywhere.
+        ("update", "leases/kube-scheduler", "kube-system", DENIED),
+        (
+            "update",
+            "leases/kube-controller-manager",
+            "kube-system",
+            DENIED,
+        ),
+        ("get", "leases/kube-scheduler", "kube-system", DENIED),
+        (
+            "update",
+            "leases/margay-agent-leader",
+            "kube-system",
+            DENIED,
+        ),
+        ("update", "leases/n1", "kube-node-lease", DENIED),
+        ("create", "leases", "kube-system", DENIED),
+        ("update", "leases", "kube-system", DENIED),
+        ("watch", "leases", "kube-system", DENIED),
+        ("delete", "leases", "kube-system", DENIED),
+        ("create", "leases", "default", DENIED),
+        ("update", "leases", "default", DENIED),
+        ("create", "leases", "kube-node-lease", DENIED),
+        ("delete", "leases", LEASE_NS, DENIED),
+        // The older agents' leader Lease: read, by name only.
+        ("get", "leases/margay-agent-leader", "kube-system", ALLOWED),
+        (
+            "watch",
+            "leases/margay-agent-leader",
+            "kube-system",
+            ALLOWED,
+        ),
+        // Its own, in the Lease namespace: any name (the heartbeats follow
+        // the nodes).
+        ("create", "leases", LEASE_NS, ALLOWED),
+        ("watch", "leases", LEASE_NS, ALLOWED),
+        ("update", "leases/margay-agent-leader", LEASE_NS, ALLOWED),
+        ("update", "leases/margay-node-n1", LEASE_NS, ALLOWED),
+        ("update", "leases/margay-node-n2", LEASE_NS, ALLOWED),
+    ] {
+        let what = if want == ALLOWED { "allowed" } else { "denied" };
+        assert_eq!(
+            can_in(verb, lease, ns),
+            want,
+            "{verb} {lease} -n {ns} must be {what}"
+        );
+    }
     let nodes: Api<KubeNode> = Api::all(admin.clone());
     nodes
         .create(
@@ -308,6 +399,39 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         )
         .await
         .unwrap();
+    // An agent of the version before the Lease namespace leads: its leader
+    // Lease in kube-system, renewed every second (a short duration, so the
+    // new agent may take over soon after it stops).
+    let legacy: Api<Lease> = Api::namespaced(admin.clone(), "kube-system");
+    let old_leader = |renewed: jiff::Timestamp| -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": "margay-agent-leader", "namespace": "kube-system"},
+            "spec": {"holderIdentity": "old-agent", "leaseDurationSeconds": 5,
+                     "renewTime": MicroTime(renewed)}
+        }))
+        .unwrap()
+    };
+    legacy
+        .create(&PostParams::default(), &old_leader(jiff::Timestamp::now()))
+        .await
+        .unwrap();
+    let renewing = {
+        let legacy = legacy.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let patch = json!({"spec": {"renewTime": MicroTime(jiff::Timestamp::now())}});
+                let _ = legacy
+                    .patch(
+                        "margay-agent-leader",
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+            }
+        })
+    };
     let fabric = Fabric::new().unwrap();
     let node = fabric.add_node("n1").unwrap();
     let _relay = api.expose_in(&node.ns).unwrap();
@@ -330,6 +454,77 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     .arg(&socket);
     cmd.env("MARGAY_LOG_FORMAT", "json");
     let agent = margay_tests::start_agent(cmd, &socket, &dir.path().join("agent.log")).unwrap();
+
+    // Its Leases are in the Lease namespace (the manifest's), not in
+    // kube-system: the heartbeat at once; the leader Lease only once the
+    // older agent's stops being renewed (read under the manifest's RBAC,
+    // by name), never while it is.
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), LEASE_NS);
+    let holder = |l: &Lease| {
+        l.spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default()
+    };
+    wait::until_async(
+        "the heartbeat Lease, and the older leader seen",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let (leases, log) = (leases.clone(), agent.log_path().to_path_buf());
+            async move {
+                let hb = leases
+                    .get_opt("margay-node-n1")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                let deferred = log.contains(
+                    "an agent of an older version leads through kube-system/margay-agent-leader",
+                );
+                Ok((hb.is_some_and(|l| holder(&l) == "n1") && deferred).then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(30)));
+    assert!(
+        leases
+            .get_opt("margay-agent-leader")
+            .await
+            .unwrap()
+            .is_none(),
+        "leads beside the older agent\n{}",
+        agent.log_tail(30)
+    );
+    renewing.abort();
+    let _ = renewing.await;
+    let stopped = std::time::Instant::now();
+    let l = wait::until_async(
+        "the leader Lease once the older one is not renewed",
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+        || {
+            let leases = leases.clone();
+            async move {
+                let l = leases
+                    .get_opt("margay-agent-leader")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(l)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_tail(30)));
+    assert_eq!(holder(&l), "n1");
+    // Not before the old record sat unchanged for its 5 s duration.
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let old = legacy.get("margay-agent-leader").await.unwrap();
+    assert_eq!(holder(&old), "old-agent", "the old Lease is only read");
 
     // A pod: IPAM (blocks created, written) and the dataplane.
     let conflist = dir.path().join("margay.conflist");
@@ -419,8 +614,6 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         };
         run(&mut c).1.trim().to_string()
     };
-    const DENIED: &str = "no";
-    const ALLOWED: &str = "yes";
     for (verb, res, ns, want) in [
         ("create", "pods", Some("default"), DENIED),
         ("delete", "nodes", None, DENIED),
@@ -429,6 +622,7 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         ("get", "configmaps", Some("kube-system"), DENIED),
         ("create", "ippools.margay.dev", None, DENIED),
         ("delete", "ippools.margay.dev", None, DENIED),
+        ("update", "ippools.margay.dev", None, DENIED),
         ("update", "bgppeers.margay.dev", None, DENIED),
         ("update", "nodes/status", None, DENIED),
         ("delete", "ipamconfigurations.margay.dev", None, DENIED),
@@ -438,30 +632,7 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         ("get", "secrets", Some("kube-system"), DENIED),
         ("patch", "bgppeers.margay.dev/status", None, ALLOWED),
         ("patch", "nodes/status", None, ALLOWED),
-        (
-            "update",
-            "leases.coordination.k8s.io",
-            Some("kube-system"),
-            ALLOWED,
-        ),
-        (
-            "watch",
-            "leases.coordination.k8s.io",
-            Some("kube-system"),
-            ALLOWED,
-        ),
-        (
-            "delete",
-            "leases.coordination.k8s.io",
-            Some("kube-system"),
-            DENIED,
-        ),
-        (
-            "create",
-            "leases.coordination.k8s.io",
-            Some("default"),
-            DENIED,
-        ),
+        ("create", "leases.coordination.k8s.io", None, DENIED),
         ("watch", "secrets", Some("kube-system"), DENIED),
     ] {
         let what = if want == ALLOWED { "allowed" } else { "denied" };
@@ -472,8 +643,21 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
         );
     }
     // And for real, with its own token.
-    let napi: Api<KubeNode> = Api::all(sa);
+    let napi: Api<KubeNode> = Api::all(sa.clone());
     let e = napi.delete("n1", &Default::default()).await.unwrap_err();
+    assert!(e.to_string().contains("forbidden"), "{e}");
+    let stolen: Api<Lease> = Api::namespaced(sa.clone(), "kube-system");
+    let mut scheduler = old_leader(jiff::Timestamp::now());
+    scheduler.metadata.name = Some("kube-scheduler".into());
+    let e = stolen
+        .create(&PostParams::default(), &scheduler)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("forbidden"), "{e}");
+    let e = stolen
+        .replace("margay-agent-leader", &PostParams::default(), &old)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("forbidden"), "{e}");
 
     // A password Secret the chart does not name (it is not in

@@ -42,7 +42,8 @@ struct Cli {
         global = true
     )]
     agent: String,
-    /// The agents' namespace (their heartbeat Leases).
+    /// The agents' namespace (heartbeat Leases of agents from before the
+    /// Lease namespace, read after those in `--lease-namespace`).
     #[arg(
         long,
         env = "POD_NAMESPACE",
@@ -50,6 +51,14 @@ struct Cli {
         global = true
     )]
     namespace: String,
+    /// The agents' Lease namespace (their heartbeat Leases).
+    #[arg(
+        long,
+        env = "MARGAY_LEASE_NAMESPACE",
+        default_value = margay_api::node::LEASE_NAMESPACE,
+        global = true
+    )]
+    lease_namespace: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -235,7 +244,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         !addresses.is_empty(),
                         "nothing to release: give --address or --from-report"
                     );
-                    match ctl::release(&client, &cli.namespace, store, &addresses, force).await {
+                    let mut lease_namespaces = vec![cli.lease_namespace.clone()];
+                    if cli.namespace != cli.lease_namespace {
+                        lease_namespaces.push(cli.namespace.clone());
+                    }
+                    match ctl::release(&client, &lease_namespaces, store, &addresses, force).await {
                         Ok(done) => {
                             print(cli.output, &done, || {
                                 done.iter().map(|d| format!("{d}\n")).collect()

@@ -1,4 +1,7 @@
-//! `coordination.k8s.io` Leases in the agent's namespace, for two things:
+//! `coordination.k8s.io` Leases in the Lease namespace
+//! ([`margay_api::node::LEASE_NAMESPACE`] by default; not the agent's own
+//! `kube-system`, where RBAC would let every agent write the scheduler's
+//! and controller-manager's leader Leases too), for two things:
 //!
 //! - [`elect`]: one agent does the cluster-wide writes (pool status and
 //!   finalizers, leak and dead-node collection, the `Valid` condition of
@@ -17,6 +20,16 @@
 //! successful renewal, before anyone may take over ([`DURATION`] after they
 //! last saw it change). Two takers race with a compare-and-swap on the
 //! Lease's `resourceVersion`: one wins.
+//!
+//! Agents before the Lease namespace kept [`LEADER`] in the agent's
+//! namespace. During a rolling upgrade both versions run; the new ones
+//! read that old Lease (by name, read-only) and neither create nor take
+//! theirs while a holder other than themselves keeps renewing it
+//! ([`legacy_leads`], judged by the same rule as any holder), so the two
+//! versions never lead at once. The new RBAC no longer lets the old
+//! agents write it, so its holder stops leading [`RENEW_DEADLINE`] after
+//! its last renewal, and the new agents wait [`DURATION`] from when they
+//! saw it last change: docs/install.md, "Upgrading".
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,6 +94,39 @@ pub fn step(
     }
 }
 
+/// Whether an older agent still leads through `legacy`, the [`LEADER`]
+/// Lease in the agent's namespace (where agents before the Lease
+/// namespace kept it), as seen by `me`, its record unchanged for
+/// `unchanged` on our clock. Held by another identity and changed within
+/// its duration: it leads. Never read (not listed yet, or refused): as
+/// though held, for one [`DURATION`] from when this agent started to
+/// look, so a slow first list cannot let it lead beside an old leader and
+/// a cluster that does not grant the read only waits once. The holder's
+/// own timestamps are never compared with our clock ([`step`]'s rule).
+pub fn legacy_leads(legacy: Known<Option<&LeaseSpec>>, me: &str, unchanged: Duration) -> bool {
+    let l = match legacy {
+        Known::Fresh(l) | Known::Stale(l, _) => l,
+        Known::Unknown(_) => return unchanged < DURATION,
+    };
+    let Some(l) = l else { return false };
+    let holder = l.holder_identity.as_deref().unwrap_or("");
+    let duration = l
+        .lease_duration_seconds
+        .map_or(DURATION, |s| Duration::from_secs(s.max(1) as u64));
+    // Our own identity: this node's agent before its upgrade, which is
+    // gone (one agent per node), as `step` renews a record of its own.
+    !holder.is_empty() && holder != me && unchanged < duration
+}
+
+/// `step`, held back while an older agent leads ([`legacy_leads`]): it
+/// neither creates nor takes the Lease then; renewing its own goes on.
+pub fn defer(step: Step, legacy_leads: bool) -> Step {
+    match step {
+        Step::Create | Step::Take if legacy_leads => Step::Wait,
+        s => s,
+    }
+}
+
 /// The spec `me` writes, keeping `acquired` when it already held it.
 fn spec(me: &str, transitions: i32, acquired: Option<MicroTime>, duration: Duration) -> LeaseSpec {
     let now = MicroTime(jiff::Timestamp::now());
@@ -128,16 +174,29 @@ fn write_for(
 /// Why a Lease write failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteError {
-    /// The API answered with an error (a conflict, RBAC): it is up.
-    Refused(String),
+    /// The API answered with an error (a conflict, RBAC, no such
+    /// namespace): it is up.
+    Refused {
+        /// The HTTP status (409: another writer won the compare-and-swap).
+        code: u16,
+        /// The API's message.
+        message: String,
+    },
     /// The API did not answer (unreachable, timed out, 5xx).
     NoAnswer(String),
+}
+
+impl WriteError {
+    /// Another writer won: a compare-and-swap lost, or a create raced.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, WriteError::Refused { code: 409, .. })
+    }
 }
 
 impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            WriteError::Refused(e) | WriteError::NoAnswer(e) => f.write_str(e),
+            WriteError::Refused { message: e, .. } | WriteError::NoAnswer(e) => f.write_str(e),
         }
     }
 }
@@ -156,7 +215,10 @@ async fn put(api: &Api<Lease>, l: &Lease) -> Result<Lease, WriteError> {
     };
     match tokio::time::timeout(super::DEADLINE, write).await {
         Ok(Ok(l)) => Ok(l),
-        Ok(Err(kube::Error::Api(s))) if s.code < 500 => Err(WriteError::Refused(s.message)),
+        Ok(Err(kube::Error::Api(s))) if s.code < 500 => Err(WriteError::Refused {
+            code: s.code,
+            message: s.message,
+        }),
         Ok(Err(e)) => Err(WriteError::NoAnswer(e.to_string())),
         Err(_) => Err(WriteError::NoAnswer(format!(
             "no answer within {}s",
@@ -165,28 +227,70 @@ async fn put(api: &Api<Lease>, l: &Lease) -> Result<Lease, WriteError> {
     }
 }
 
-/// Keeps `leader` true while this agent (`me`) holds [`LEADER`] in
-/// `namespace`. Never ends.
-pub async fn elect(
-    client: kube::Client,
-    namespace: String,
-    me: String,
-    leader: watch::Sender<bool>,
-) {
-    let api: Api<Lease> = Api::namespaced(client, &namespace);
+/// Where this agent runs for [`LEADER`], and as whom.
+#[derive(Debug, Clone)]
+pub struct Election {
+    /// The Lease namespace: [`LEADER`] is written there.
+    pub namespace: String,
+    /// The agent's namespace, where agents before the Lease namespace kept
+    /// [`LEADER`]: read only ([`legacy_leads`]). `None`: the same
+    /// namespace (nothing older to defer to).
+    pub legacy_namespace: Option<String>,
+    /// This agent's identity (its node's name).
+    pub me: String,
+}
+
+/// Keeps `leader` true while this agent holds [`LEADER`] in the Lease
+/// namespace. Never ends.
+pub async fn elect(client: kube::Client, election: Election, leader: watch::Sender<bool>) {
+    let Election {
+        namespace,
+        legacy_namespace,
+        me,
+    } = election;
+    let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let poke = Arc::new(Notify::new());
-    let (seen, task) = super::watch_with(
-        api.clone(),
-        watcher::Config::default().fields(&format!("metadata.name={LEADER}")),
-        "the leader Lease",
-        poke.clone(),
-    );
+    let by_name = || watcher::Config::default().fields(&format!("metadata.name={LEADER}"));
+    let (seen, task) = super::watch_with(api.clone(), by_name(), "the leader Lease", poke.clone());
     let _watching = Owned::spawn(task);
-    // The record as last seen, and since when (our clock).
+    // An older agent's leader Lease, read by name only.
+    let legacy = legacy_namespace.as_ref().map(|ns| {
+        let (seen, task) = super::watch_with(
+            Api::<Lease>::namespaced(client.clone(), ns),
+            by_name(),
+            "the leader Lease of agents before the Lease namespace",
+            poke.clone(),
+        );
+        (seen, Owned::spawn(task))
+    });
+    // The record as last seen, and since when (our clock); the same for
+    // the older agents' Lease.
     let mut record: Option<(Option<String>, Option<MicroTime>)> = None;
     let mut since = Instant::now();
+    let mut legacy_record: Option<(Option<String>, Option<MicroTime>)> = None;
+    let mut legacy_since = Instant::now();
+    let mut deferring: Option<bool> = None;
+    let mut warned: Option<Instant> = None;
     let mut renewed: Option<Instant> = None;
     loop {
+        let old = match &legacy {
+            None => Known::Fresh(None),
+            Some((w, _)) => w.read().map(|all| all.first().and_then(|l| l.spec.clone())),
+        };
+        if let Some(l) = old.value() {
+            let now_record = l
+                .as_ref()
+                .map(|s| (s.holder_identity.clone(), s.renew_time.clone()));
+            if now_record != legacy_record {
+                legacy_record = now_record;
+                legacy_since = Instant::now();
+            }
+        }
+        let old_leads = legacy_leads(
+            old.as_ref().map(Option::as_ref),
+            &me,
+            legacy_since.elapsed(),
+        );
         // Only a current view of the lease is acted on; otherwise only our
         // own renewals count (and run out).
         if let Known::Fresh(all) = seen.read() {
@@ -197,7 +301,28 @@ pub async fn elect(
                 record = now_record;
                 since = Instant::now();
             }
-            let s = step(spec, &me, since.elapsed(), renewed.map(|t| t.elapsed()));
+            let wanted = step(spec, &me, since.elapsed(), renewed.map(|t| t.elapsed()));
+            let s = defer(wanted, old_leads);
+            // Why it defers: the older Lease unread, or an older leader.
+            let now_deferring = (s != wanted).then(|| old.value().is_some());
+            if now_deferring != deferring {
+                let ns = legacy_namespace.as_deref().unwrap_or_default();
+                match now_deferring {
+                    // Not listed yet (a moment at start-up), or refused (the
+                    // watch says so itself).
+                    Some(false) => tracing::debug!(
+                        "leader: not running for the Lease until {ns}/{LEADER} (older \
+                         agents') is read, or for {}s",
+                        DURATION.as_secs()
+                    ),
+                    Some(true) => tracing::info!(
+                        "leader: an agent of an older version leads through {ns}/{LEADER}; \
+                         waiting until it stops renewing it"
+                    ),
+                    None => {}
+                }
+                deferring = now_deferring;
+            }
             if spec.is_some_and(|s| s.holder_identity.as_deref() != Some(me.as_str()))
                 && s == Step::Wait
             {
@@ -214,7 +339,21 @@ pub async fn elect(
                     }
                     // Another agent won the compare-and-swap, or the API did
                     // not answer: the watch shows who holds it next.
-                    Err(e) => tracing::debug!("leader lease: {e}"),
+                    Err(e) if e.is_conflict() || matches!(e, WriteError::NoAnswer(_)) => {
+                        tracing::debug!("leader lease: {e}")
+                    }
+                    // Refused otherwise (RBAC, no such namespace): nobody
+                    // leads until an operator fixes it; say so.
+                    Err(e) => {
+                        if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                            tracing::warn!(
+                                "leader: cannot write the Lease {namespace}/{LEADER}: {e} \
+                                 (does the Lease namespace exist, and may this agent write \
+                                 Leases there? docs/install.md)"
+                            );
+                            warned = Some(Instant::now());
+                        }
+                    }
                 }
             }
         }
@@ -325,6 +464,54 @@ mod tests {
         assert_eq!(step(Some(&held("")), "n2", s(0), None), Step::Take);
         // The holder gives up before anyone may take over.
         assert!(RENEW < RENEW_DEADLINE && RENEW_DEADLINE < DURATION);
+    }
+
+    #[test]
+    fn an_older_agents_leader_holds_back_creating_and_taking_only() {
+        let s = Duration::from_secs;
+        let old = held("n1");
+        let seen = |l| Known::Fresh(Some(l));
+        // Renewed by another within its duration: it leads.
+        assert!(legacy_leads(seen(&old), "n2", s(0)));
+        assert!(legacy_leads(seen(&old), "n2", s(44)));
+        assert!(!legacy_leads(seen(&old), "n2", s(45)));
+        // Last seen before its watch broke: judged the same way.
+        assert!(legacy_leads(
+            Known::Stale(Some(&old), "down".into()),
+            "n2",
+            s(10)
+        ));
+        // Its holder's own duration counts, as for any holder.
+        let short = LeaseSpec {
+            lease_duration_seconds: Some(15),
+            ..held("n1")
+        };
+        assert!(!legacy_leads(seen(&short), "n2", s(15)));
+        // This node's own agent before its upgrade (gone), no holder, no
+        // Lease at all: nobody.
+        assert!(!legacy_leads(seen(&old), "n1", s(0)));
+        assert!(!legacy_leads(seen(&held("")), "n2", s(0)));
+        assert!(!legacy_leads(Known::Fresh(None), "n2", s(0)));
+        // Not read yet, or refused: as though held, for one duration.
+        assert!(legacy_leads(Known::Unknown("listing".into()), "n2", s(44)));
+        assert!(!legacy_leads(
+            Known::Unknown("forbidden".into()),
+            "n2",
+            s(45)
+        ));
+
+        // While it leads: no create, no take; renewing our own goes on.
+        assert_eq!(defer(Step::Create, true), Step::Wait);
+        assert_eq!(defer(Step::Take, true), Step::Wait);
+        assert_eq!(defer(Step::Renew, true), Step::Renew);
+        assert_eq!(defer(Step::Wait, true), Step::Wait);
+        for st in [Step::Create, Step::Take, Step::Renew, Step::Wait] {
+            assert_eq!(defer(st, false), st);
+        }
+        // The upgrade: the old leader stops leading RENEW_DEADLINE after
+        // its last renewal, which a new agent saw at the earliest; the new
+        // agent creates its Lease DURATION after that at the earliest.
+        assert!(RENEW_DEADLINE < DURATION);
     }
 
     #[test]

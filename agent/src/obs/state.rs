@@ -63,7 +63,9 @@ impl AgentState {
         let mut g = self.api.lock().expect("api");
         match outcome {
             Ok(()) => *g = (Some(Instant::now()), true, None),
-            Err(WriteError::Refused(e)) => *g = (Some(Instant::now()), true, Some(e)),
+            Err(WriteError::Refused { message, .. }) => {
+                *g = (Some(Instant::now()), true, Some(message))
+            }
             Err(WriteError::NoAnswer(e)) => *g = (g.0, false, Some(e)),
         }
     }
