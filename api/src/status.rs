@@ -135,6 +135,8 @@ pub enum UnenforcedReason {
     Refused,
     /// Its rules cost more than a policy may.
     TooLarge,
+    /// This node's kernel refused its rules (this node only).
+    LoadFailed,
 }
 
 /// A NetworkPolicy not enforced as written: it is enforced fail closed

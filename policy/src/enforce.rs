@@ -31,6 +31,20 @@ pub enum Unenforced {
         /// The bound ([`MAX_POLICY_COST`]).
         max: usize,
     },
+    /// This node's kernel refused its rules (the rest of the table loads
+    /// without them): until it changes.
+    #[error("this node's kernel refused its rules: {0}")]
+    LoadFailed(String),
+}
+
+/// `policy` enforced fail closed: its selector and directions, nothing
+/// allowed.
+pub fn closed(policy: &Policy) -> Policy {
+    Policy {
+        selector: policy.selector.clone(),
+        ingress: policy.ingress.as_ref().map(|_| Vec::new()),
+        egress: policy.egress.as_ref().map(|_| Vec::new()),
+    }
 }
 
 /// What enforcing `policy` costs: the rule lines its peers, ports and
@@ -96,11 +110,7 @@ pub fn enforced(p: &net::NetworkPolicy) -> Option<(PolicyKey, Policy, Option<Une
             if cost <= MAX_POLICY_COST {
                 (key, kp, None)
             } else {
-                let closed = Policy {
-                    selector: kp.selector,
-                    ingress: kp.ingress.map(|_| Vec::new()),
-                    egress: kp.egress.map(|_| Vec::new()),
-                };
+                let closed = closed(&kp);
                 let why = Unenforced::TooLarge {
                     cost,
                     max: MAX_POLICY_COST,

@@ -904,8 +904,14 @@ impl Compiler {
     /// The same inputs compiled again in one go (what an incremental
     /// table must equal).
     pub fn rebuilt(&self) -> Self {
+        self.rebuilt_with(self.world.clone())
+    }
+
+    /// This node's inputs (workloads, endpoints, scheduled pods,
+    /// quarantine) compiled in one go with `world` instead.
+    pub fn rebuilt_with(&self, world: World) -> Self {
         let mut c = Self::full_with(
-            self.world.clone(),
+            world,
             self.sources.clone(),
             self.endpoints.clone(),
             self.scheduled.clone(),
@@ -914,6 +920,11 @@ impl Compiler {
             let _ = c.set_quarantine(i, true);
         }
         c
+    }
+
+    /// The policies compiled here (those selecting a pod of this node).
+    pub fn compiled(&self) -> impl Iterator<Item = &PolicyKey> {
+        self.compiled.keys()
     }
 
     /// Compiles `world` in one go with this node's workload interfaces

@@ -7,8 +7,23 @@ use super::Error;
 
 /// Loads `script` (about `what`, for the error) in one transaction.
 pub async fn load(script: &str, what: &str) -> super::Result<()> {
+    run(script, what, false).await
+}
+
+/// Whether the kernel would take `script` (checked, nothing changed:
+/// `nft --check`, which sends the transaction and aborts it).
+pub async fn check(script: &str, what: &str) -> super::Result<()> {
+    run(script, what, true).await
+}
+
+async fn run(script: &str, what: &str, check_only: bool) -> super::Result<()> {
+    let args: &[&str] = if check_only {
+        &["-c", "-f", "-"]
+    } else {
+        &["-f", "-"]
+    };
     let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -111,6 +111,11 @@ pub struct Engine {
     /// Policies the API holds that are not enforced as written, and why
     /// (each enforced fail closed), with their UIDs.
     invalid: BTreeMap<PolicyKey, (Unenforced, Option<String>)>,
+    /// Every policy's generation and UID as last seen.
+    meta: BTreeMap<PolicyKey, (Option<i64>, Option<String>)>,
+    /// Policies whose rules this node's kernel refused, at which
+    /// generation, and its answer: enforced fail closed until they change.
+    load_failed: BTreeMap<PolicyKey, (Option<i64>, String)>,
     /// Deltas since the last load, rendered only when taken (for the
     /// path they take: netlink elements or an nft script).
     pending: Vec<Delta>,
@@ -211,6 +216,7 @@ impl Engine {
                     reason: match why {
                         Unenforced::Refused(_) => UnenforcedReason::Refused,
                         Unenforced::TooLarge { .. } => UnenforcedReason::TooLarge,
+                        Unenforced::LoadFailed(_) => UnenforcedReason::LoadFailed,
                     },
                     message: why.to_string(),
                 })
@@ -494,7 +500,22 @@ impl Engine {
     /// Converts; a policy that cannot be enforced as written is recorded
     /// and enforced fail closed (`margay_policy::enforce`).
     fn convert(&mut self, p: &net::NetworkPolicy) -> Option<(PolicyKey, Policy)> {
-        let (key, policy, why) = margay_policy::enforce::enforced(p)?;
+        let (key, mut policy, mut why) = margay_policy::enforce::enforced(p)?;
+        let generation = p.metadata.generation;
+        self.meta
+            .insert(key.clone(), (generation, p.metadata.uid.clone()));
+        // The version the kernel refused stays closed; a new one is tried.
+        match self.load_failed.get(&key) {
+            Some((g, msg)) if *g == generation && why.is_none() => {
+                why = Some(Unenforced::LoadFailed(msg.clone()));
+                policy = margay_policy::enforce::closed(&policy);
+            }
+            Some((g, _)) if *g == generation => {}
+            Some(_) => {
+                self.load_failed.remove(&key);
+            }
+            None => {}
+        }
         match why {
             None => {
                 self.invalid.remove(&key);
@@ -508,6 +529,54 @@ impl Engine {
             }
         }
         Some((key, policy))
+    }
+
+    fn forget_policy(&mut self, k: &PolicyKey) {
+        self.invalid.remove(k);
+        self.meta.remove(k);
+        self.load_failed.remove(k);
+    }
+
+    /// The policies a refused full load may be about: those compiled
+    /// here and enforced as written.
+    pub fn load_suspects(&self) -> Vec<PolicyKey> {
+        self.compiler
+            .compiled()
+            .filter(|k| !self.invalid.contains_key(*k))
+            .cloned()
+            .collect()
+    }
+
+    /// The whole table as an `nft` script with `closed` enforced fail
+    /// closed (to find which policy the kernel refuses).
+    pub fn script_closing(&self, closed: &[PolicyKey]) -> String {
+        let mut world = self.compiler.world().clone();
+        for k in closed {
+            if let Some(p) = world.policies.get_mut(k) {
+                *p = margay_policy::enforce::closed(p);
+            }
+        }
+        self.compiler.rebuilt_with(world).table().script()
+    }
+
+    /// This node's kernel refused the rules of `keys` (`why`): each is
+    /// enforced fail closed until it changes, and reported; the next load
+    /// is the whole table.
+    pub fn kernel_refused(&mut self, keys: &[PolicyKey], why: &str) {
+        for k in keys {
+            let (generation, uid) = self.meta.get(k).cloned().unwrap_or_default();
+            tracing::warn!(policy = %k, "NetworkPolicy refused by this node's kernel, enforced fail closed: {why}");
+            self.load_failed
+                .insert(k.clone(), (generation, why.to_string()));
+            self.invalid
+                .insert(k.clone(), (Unenforced::LoadFailed(why.to_string()), uid));
+            if let Some(p) = self.compiler.world().policies.get(k) {
+                let closed = margay_policy::enforce::closed(p);
+                self.set_policy(k, Some(closed));
+            }
+        }
+        self.full = true;
+        self.pending.clear();
     }
 
     /// A NetworkPolicy watch event.
@@ -532,7 +601,7 @@ impl Engine {
                     .cloned()
                     .collect();
                 for k in gone {
-                    self.invalid.remove(&k);
+                    self.forget_policy(&k);
                     self.set_policy(&k, None);
                 }
                 for (k, v) in new {
@@ -549,7 +618,7 @@ impl Engine {
             Event::Delete(p) => {
                 if let (Some(ns), Some(n)) = (&p.metadata.namespace, &p.metadata.name) {
                     let k = Key::new(ns, n);
-                    self.invalid.remove(&k);
+                    self.forget_policy(&k);
                     self.set_policy(&k, None);
                 }
             }
@@ -1258,5 +1327,53 @@ mod tests {
         }
         e.loaded(true);
         assert!(e.programmed("cali1") && e.programmed("cali2") && e.programmed("cali3"));
+    }
+
+    /// A policy this node's kernel refused is enforced fail closed and
+    /// reported until it changes (a new generation is tried again); the
+    /// other policies are left as they are.
+    #[test]
+    fn a_policy_the_kernel_refused_is_closed_until_it_changes() {
+        let mut e = Engine::new();
+        let mut open: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "open", "generation": 1},
+            "spec": {"podSelector": {}, "ingress": [{}]}
+        }))
+        .unwrap();
+        list_all(
+            &mut e,
+            vec![pod("x", "a", &[], Some("10.0.0.1"))],
+            vec![ns("x")],
+            vec![open.clone(), deny_all("x")],
+        );
+        e.endpoint_added(ep(Some(&Key::new("x", "a")), "cali1", "10.0.0.1"));
+        let k = Key::new("x", "open");
+        assert_eq!(e.load_suspects().len(), 2);
+        assert!(
+            e.script_closing(std::slice::from_ref(&k))
+                .contains("chain in/x/open")
+        );
+        e.kernel_refused(std::slice::from_ref(&k), "no");
+        assert_eq!(e.compiler().world().policies[&k].ingress, Some(vec![]));
+        assert!(matches!(e.invalid()[&k].0, Unenforced::LoadFailed(_)));
+        assert!(
+            matches!(e.take_load(), Some(Load::Script(_))),
+            "the whole table next"
+        );
+        assert_eq!(e.load_suspects(), [Key::new("x", "deny")]);
+        // The same generation again (a relist): still closed.
+        e.policy_event(Event::Apply(open.clone()));
+        assert_eq!(e.compiler().world().policies[&k].ingress, Some(vec![]));
+        // A new one: tried as written.
+        open.metadata.generation = Some(2);
+        e.policy_event(Event::Apply(open));
+        assert_eq!(
+            e.compiler().world().policies[&k]
+                .ingress
+                .as_ref()
+                .map(Vec::len),
+            Some(1)
+        );
+        assert!(e.invalid().is_empty());
     }
 }

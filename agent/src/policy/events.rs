@@ -1,8 +1,9 @@
 //! Kubernetes Events on NetworkPolicies this cluster does not enforce as
-//! written (`kubectl describe networkpolicy` shows them): written by the
-//! Lease holder only, once per policy and reason (every agent refuses a
-//! policy alike, so one report is enough), and again only after the
-//! policy was fixed and broke anew. What to write is pure
+//! written (`kubectl describe networkpolicy` shows them): a refused or
+//! too large policy by the Lease holder only, once per policy and reason
+//! (every agent refuses it alike, so one report is enough); one a node's
+//! kernel refused by that node. Again only after the policy was fixed and
+//! broke anew. What to write is pure
 //! ([`to_report`], [`event`]); [`run`] writes it.
 
 use std::collections::BTreeSet;
@@ -10,7 +11,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use kube::api::{Api, PostParams};
-use margay_api::status::{PolicyStatus, UnenforcedPolicy};
+use margay_api::status::{PolicyStatus, UnenforcedPolicy, UnenforcedReason};
 use tokio::sync::watch;
 
 /// The Event's reason.
@@ -45,9 +46,14 @@ pub fn to_report<'a>(
 
 /// The Event for `u`, from the agent of node `node`.
 pub fn event(u: &UnenforcedPolicy, node: &str, now: jiff::Timestamp) -> Event {
+    // One per policy and reason; a node's own failure per node too.
+    let from = match u.reason {
+        UnenforcedReason::LoadFailed => node,
+        _ => "",
+    };
     let hash = margay_api::stable::fnv1a(
         format!(
-            "{}/{}/{}",
+            "{}/{}/{}/{from}",
             u.name,
             u.uid.as_deref().unwrap_or(""),
             u.message
@@ -102,9 +108,11 @@ pub async fn run(
 ) {
     let mut done = BTreeSet::new();
     loop {
-        if *leader.borrow_and_update() {
-            let now = status.borrow_and_update().clone();
-            for u in to_report(&now, &mut done) {
+        let leads = *leader.borrow_and_update();
+        let now = status.borrow_and_update().clone();
+        {
+            let mine = |u: &&UnenforcedPolicy| leads || u.reason == UnenforcedReason::LoadFailed;
+            for u in to_report(&now, &mut done).into_iter().filter(mine) {
                 let api: Api<Event> = Api::namespaced(client.clone(), &u.namespace);
                 let ev = event(u, &node, jiff::Timestamp::now());
                 let wrote = tokio::time::timeout(
@@ -137,7 +145,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use margay_api::status::UnenforcedReason;
 
     fn u(name: &str, msg: &str) -> UnenforcedPolicy {
         UnenforcedPolicy {

@@ -241,6 +241,63 @@ fn event<K>(ev: watcher::Event<K>) -> Event<K> {
     }
 }
 
+/// The policies whose rules make the kernel refuse the whole table: none
+/// when it refuses it even with every policy closed (then no policy is
+/// why). Each one found costs a binary search of `nft --check` runs over
+/// the policies compiled here: a few seconds on a path taken only when
+/// the kernel refuses what the compiler made.
+async fn refused_policies(engine: &Engine) -> Vec<margay_policy::PolicyKey> {
+    let suspects = engine.load_suspects();
+    let loads = |closed: Vec<margay_policy::PolicyKey>| {
+        let script = engine.script_closing(&closed);
+        async move {
+            crate::dataplane::nft::check(&script, NFT_POLICY_TABLE)
+                .await
+                .is_ok()
+        }
+    };
+    find_refused(&suspects, loads).await
+}
+
+/// The members of `suspects` that must be closed for `loads` to hold,
+/// found one at a time by binary search (`loads` holds when more are
+/// closed, never less); none when closing them all does not help.
+pub async fn find_refused<K, F, Fut>(suspects: &[K], loads: F) -> Vec<K>
+where
+    K: Clone + PartialEq,
+    F: Fn(Vec<K>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    if suspects.is_empty() || !loads(suspects.to_vec()).await {
+        return Vec::new();
+    }
+    let mut bad: Vec<K> = Vec::new();
+    while !loads(bad.clone()).await {
+        let rest: Vec<K> = suspects
+            .iter()
+            .filter(|k| !bad.contains(k))
+            .cloned()
+            .collect();
+        // The fewest of `rest`, in order, that make it load.
+        let (mut lo, mut hi) = (1, rest.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let mut try_closed = bad.clone();
+            try_closed.extend_from_slice(&rest[..mid]);
+            if loads(try_closed).await {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        match rest.get(lo - 1) {
+            Some(k) => bad.push(k.clone()),
+            None => break,
+        }
+    }
+    bad
+}
+
 /// The engine's status as the loader knows it.
 fn status(engine: &Engine, watch: bool, last_error: &Option<String>) -> Status {
     let mut s = engine.status(watch);
@@ -398,6 +455,7 @@ pub async fn run(
         if retry.is_none()
             && let Some(load) = engine.take_load()
         {
+            let whole = matches!(load, engine::Load::Script(_));
             let (how, done) = match load {
                 engine::Load::Batch(b) => {
                     // One socket kept across batches (closing one costs
@@ -451,6 +509,15 @@ pub async fn run(
                     engine.loaded(false);
                     last_error = Some(e.to_string());
                     retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    // The whole table refused: if some policies' rules are
+                    // why, they are enforced fail closed and the rest loads.
+                    if whole {
+                        let bad = refused_policies(&engine).await;
+                        if !bad.is_empty() {
+                            engine.kernel_refused(&bad, &e.to_string());
+                            retry = None;
+                        }
+                    }
                 }
             }
         }
@@ -478,5 +545,37 @@ pub async fn run(
             published = now;
             unpublished = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The policies the kernel refuses are found, each by a binary
+    /// search; closing them all is what makes it load.
+    #[tokio::test]
+    async fn the_policies_a_refused_load_is_about_are_found() {
+        let suspects: Vec<u32> = (0..100).collect();
+        let culprits = [17, 64, 99];
+        let checks = std::sync::atomic::AtomicUsize::new(0);
+        let loads = |closed: Vec<u32>| {
+            checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ok = culprits.iter().all(|c| closed.contains(c));
+            async move { ok }
+        };
+        let mut found = find_refused(&suspects, loads).await;
+        found.sort_unstable();
+        assert_eq!(found, culprits);
+        let n = checks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n <= 2 + 4 * 8, "{n} checks: a binary search per culprit");
+        // Not the policies' fault (refused even with all closed): none.
+        assert!(
+            find_refused(&suspects, |_| async { false })
+                .await
+                .is_empty()
+        );
+        // Nothing to find.
+        assert!(find_refused(&suspects, |_| async { true }).await.is_empty());
     }
 }
