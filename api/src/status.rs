@@ -104,7 +104,9 @@ pub struct RoutingStatus {
     /// Routes to remote blocks programmed.
     pub remote_routes: usize,
     /// This node's tunnel devices in use (`IPIP tunl0 10.244.1.1 MTU
-    /// 1480`, with `not up` when the kernel refused).
+    /// 1480`, with `not up` when the kernel refused), and the filter in
+    /// front of them (`filter: IPIP (tunl0) taken from 3 node addresses
+    /// only`).
     #[serde(default)]
     pub tunnels: Vec<String>,
 }

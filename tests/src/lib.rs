@@ -9,6 +9,8 @@ use margay_api::ipam::{
 };
 use margay_harness::kube::ApiServer;
 
+pub mod tunnel;
+
 /// A real apiserver with Margay's CRDs, the agents' Lease namespace, the
 /// `default` ServiceAccount, the given Node objects, a pool `default` and
 /// the IPAM configuration.

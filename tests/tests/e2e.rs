@@ -270,6 +270,81 @@ async fn vxlan_between_nodes() {
     assert!(mtu.contains("mtu 1450"), "{mtu}");
 }
 
+/// The VXLAN port takes packets from the cluster's nodes only: a VXLAN
+/// packet made by hand, carrying a datagram from node1's pod to node2's,
+/// arrives when node1 sends it and is dropped when the router (not a node,
+/// but on the same segment) sends the very same bytes. Without the filter
+/// anyone who reaches UDP 4789 hands a pod packets from any inner source,
+/// past NetworkPolicy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_takes_packets_from_nodes_only() {
+    use margay_agent::dataplane::ownership::{TUNNEL_TABLE_NAME, VXLAN_DEV, VXLAN_PORT, VXLAN_VNI};
+    use margay_tests::tunnel;
+    use std::net::SocketAddrV4;
+    let c = cluster(
+        Options {
+            nodes: 2,
+            encap: Encap::Vxlan,
+            tor: Tor::None,
+            ..Default::default()
+        },
+        1,
+    )
+    .await;
+    let (from, to) = (&c.pods[0], &c.pods[1]);
+    assert_eq!((from.node.as_str(), to.node.as_str()), ("node1", "node2"));
+    let mac = |i: usize| {
+        let link = c.nodes[i]
+            .node
+            .ns
+            .ip(&["-j", "link", "show", VXLAN_DEV])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&link).unwrap();
+        tunnel::parse_mac(v[0]["address"].as_str().unwrap()).unwrap()
+    };
+    let (src_mac, dst_mac) = (mac(0), mac(1));
+    let port = 7777;
+    let packet = |tag: &str| {
+        let inner = tunnel::ipv4_udp(
+            SocketAddrV4::new(from.ip.parse().unwrap(), 40000),
+            SocketAddrV4::new(to.ip.parse().unwrap(), port),
+            tag.as_bytes(),
+        );
+        tunnel::vxlan(VXLAN_VNI, dst_mac, src_mac, &inner)
+    };
+    let node2 = SocketAddrV4::new(c.nodes[1].node.v4, VXLAN_PORT);
+    let router = c.fabric.ns().name();
+    let node1 = c.nodes[0].node.ns.name();
+    let mut pod = tunnel::Catcher::bind(to.ns.name(), port).unwrap();
+    for round in 0..3 {
+        // The router's first: on one path, it would arrive first.
+        let (bad, good) = (format!("router-{round}"), format!("node1-{round}"));
+        tunnel::send_vxlan(router, node2, &packet(&bad)).unwrap();
+        let send = || tunnel::send_vxlan(node1, node2, &packet(&good));
+        send().unwrap();
+        let arrived = pod.wait_for(&good, Duration::from_secs(10), send).unwrap();
+        assert!(arrived, "node1's packet did not arrive: {:?}", pod.got);
+        assert!(
+            !pod.got.iter().any(|g| g.starts_with("router")),
+            "a VXLAN packet from the router reached the pod: {:?}",
+            pod.got
+        );
+    }
+    // Dropped by Margay's filter, which counted them.
+    let table = c.nodes[1]
+        .node
+        .ns
+        .exec("nft", &["list", "table", "inet", TUNNEL_TABLE_NAME])
+        .unwrap();
+    let dropped: u64 = table
+        .lines()
+        .filter(|l| l.contains(&format!("udp dport {VXLAN_PORT} ip saddr")))
+        .filter_map(|l| l.split("counter packets ").nth(1))
+        .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(dropped >= 3, "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_borrowed_from_another_nodes_block_is_routed() {
     // Two blocks for three nodes: whichever node gets none borrows from a

@@ -6,8 +6,10 @@
 //! 1. `margay-lab up --nodes 3 --encap ipip --tor bird` and `check`; on
 //!    every node `tunl0` is up with MTU 1480 and an address that IPAM holds
 //!    for `tunnel.ipip.<node>` and the Node announces; every remote block is
-//!    routed `via <node> dev tunl0 onlink`; pods have MTU 1480; an iperf3
-//!    stream crosses nodes through `tunl0`;
+//!    routed `via <node> dev tunl0 onlink`; pods have MTU 1480; an IPIP
+//!    packet made by hand reaches a pod from a node's address and is
+//!    dropped from the router's; an iperf3 stream crosses nodes through
+//!    `tunl0`;
 //! 2. the pool switched to VXLAN and back while pods ping each other every
 //!    20 ms: the routes follow, the unused tunnel is retired (address off
 //!    `tunl0`, `tunl0` down, address released, announcement gone; the VXLAN
@@ -244,6 +246,7 @@ fn ipip_lab(lab: &Lab) {
         assert_eq!(ann[node]["margay.dev/ipip-tunnel-address"], a.as_str());
     }
     all_routes_via(lab, "tunl0").unwrap();
+    tunl0_takes_packets_from_nodes_only(lab);
     // Pods leave room for the tunnel.
     for (name, (_, ns, _)) in &pods {
         let l = ip(ns, &["link", "show", "eth0"]);
@@ -342,6 +345,52 @@ fn ipip_lab(lab: &Lab) {
         }
         lab.ok(&["check"]);
     }
+}
+
+/// `tunl0` takes IPIP packets from the cluster's nodes only: a packet made
+/// by hand (protocol 4 around a datagram from node1's pod to node2's)
+/// arrives when node1 sends it and is dropped when the router sends the
+/// same packet from its own address.
+fn tunl0_takes_packets_from_nodes_only(lab: &Lab) {
+    use margay_tests::tunnel;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    let state = lab.state();
+    let addr = |v: &serde_json::Value| s(v).parse::<Ipv4Addr>().unwrap();
+    let node = |name: &str| {
+        let n = state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap();
+        (s(&n["netns"]), addr(&n["v4"]))
+    };
+    let ((node1, node1_ip), (_, node2_ip)) = (node("node1"), node("node2"));
+    let (router, router_ip) = (s(&state["fabric_netns"]), addr(&state["tor_v4"]));
+    let pods = lab.pods();
+    let (_, _, from) = &pods["node1-pod1"];
+    let (_, to_ns, to) = &pods["node2-pod1"];
+    let port = 7777;
+    let packet = |tag: &str| {
+        tunnel::ipv4_udp(
+            SocketAddrV4::new(from.parse().unwrap(), 40000),
+            SocketAddrV4::new(to.parse().unwrap(), port),
+            tag.as_bytes(),
+        )
+    };
+    let mut pod = tunnel::Catcher::bind(to_ns, port).unwrap();
+    tunnel::send_ipip(&router, router_ip, node2_ip, &packet("router")).unwrap();
+    let send = || tunnel::send_ipip(&node1, node1_ip, node2_ip, &packet("node1"));
+    send().unwrap();
+    let arrived = pod
+        .wait_for("node1", Duration::from_secs(20), send)
+        .unwrap();
+    assert!(arrived, "node1's packet did not arrive: {:?}", pod.got);
+    assert!(
+        !pod.got.iter().any(|g| g == "router"),
+        "an IPIP packet from the router reached the pod: {:?}",
+        pod.got
+    );
 }
 
 fn cross_subnet(lab: &Lab) {

@@ -1,7 +1,8 @@
 //! An in-memory [`Dataplane`] for unit tests, with failure injection
 //! (felix's fake netlink is the model): a listing that fails, a write of
 //! one route or blackhole that the "kernel" refuses, a VXLAN device that
-//! cannot be made, a kernel without IPIP, the next pod ADD failing.
+//! cannot be made, a kernel without IPIP, the next pod ADD failing, a tunnel
+//! filter that cannot be loaded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -11,7 +12,7 @@ use ipnetwork::IpNetwork;
 
 use super::{
     Dataplane, Error, HostPod, LocalIpip, LocalVtep, PerTunnel, PodSpec, PodWiring, Remote,
-    RemoteActual, Result, Via,
+    RemoteActual, Result, TunnelFilter, Via,
 };
 
 /// A failure the fake injects until it is cleared.
@@ -27,6 +28,8 @@ pub enum Fault {
     Vxlan,
     /// The kernel has no IPIP.
     Ipip,
+    /// The tunnel filter cannot be loaded (`nft` refuses it).
+    TunnelFilter,
 }
 
 /// The fake kernel's remote-block state.
@@ -65,6 +68,10 @@ pub struct FakeDataplane {
     pub refused_netns: Arc<Mutex<BTreeSet<std::path::PathBuf>>>,
     /// `add_pod` waits while a test holds this.
     pub add_hold: Arc<tokio::sync::Mutex<()>>,
+    /// The tunnel filter table, when it exists.
+    pub tunnel_filter: Arc<Mutex<Option<TunnelFilter>>>,
+    /// How many times the tunnel filter was loaded.
+    pub filter_loads: Arc<Mutex<usize>>,
 }
 
 impl FakeDataplane {
@@ -317,6 +324,18 @@ impl Dataplane for FakeDataplane {
 
     async fn del_fdb(&self, mac: [u8; 6]) -> Result<()> {
         self.remote.lock().expect("remote").state.fdb.remove(&mac);
+        Ok(())
+    }
+
+    async fn tunnel_filter(&self) -> Result<Option<TunnelFilter>> {
+        self.listing()?;
+        Ok(self.tunnel_filter.lock().expect("filter").clone())
+    }
+
+    async fn load_tunnel_filter(&self, f: &TunnelFilter) -> Result<()> {
+        self.fails(&Fault::TunnelFilter)?;
+        *self.tunnel_filter.lock().expect("filter") = Some(f.clone());
+        *self.filter_loads.lock().expect("loads") += 1;
         Ok(())
     }
 

@@ -11,6 +11,8 @@
 //! - [`ownership`]: the only place that names what Margay owns in the
 //!   kernel (route protocols, interface prefix, alias tag, device names).
 //! - [`nat`]: natOutgoing in Margay's nftables table.
+//! - [`tunnel_filter`]: the tunnels take encapsulated packets from the
+//!   cluster's nodes only (Margay's `inet margay_tunnel` table).
 //! - [`nft`] loads nftables scripts; [`nftnl`] hands NetworkPolicy set
 //!   element changes to the kernel over netlink, without `nft`.
 //! - [`routed`]: what the node routes for (its blocks, its pods'
@@ -45,10 +47,12 @@ mod pods;
 pub mod routed;
 mod routes;
 pub mod sync;
+pub mod tunnel_filter;
 mod vxlan;
 
 pub use fake::{FakeDataplane, Fault};
 pub use netlink::Netlink;
+pub use tunnel_filter::{FilterPlan, TunnelFilter};
 
 /// The host side's MAC (Calico's), so pods' neighbour entries never change.
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
@@ -477,6 +481,12 @@ pub trait Dataplane: Send + Sync + 'static {
     fn set_fdb(&self, mac: [u8; 6], node: Ipv4Addr) -> impl Future<Output = Result<()>> + Send;
     /// Removes the FDB entry for `mac` on the device.
     fn del_fdb(&self, mac: [u8; 6]) -> impl Future<Output = Result<()>> + Send;
+
+    /// The tunnel filter the kernel has ([`tunnel_filter`]; `None`: no
+    /// table).
+    fn tunnel_filter(&self) -> impl Future<Output = Result<Option<TunnelFilter>>> + Send;
+    /// Replaces the tunnel filter with `f`, whole, in one transaction.
+    fn load_tunnel_filter(&self, f: &TunnelFilter) -> impl Future<Output = Result<()>> + Send;
 
     /// Global addresses of the host's interfaces (not Margay's own, not
     /// loopback), with the interface's name, in the kernel's order.

@@ -3,7 +3,8 @@
 //! [`Dataplane`]. The operations live beside it by what they touch:
 //! [`super::pods`] (veths), [`super::routes`] (host routes, blackholes,
 //! remote-block routes), [`super::vxlan`] (the device and its entries),
-//! [`super::ipip`] (`tunl0`).
+//! [`super::ipip`] (`tunl0`); the tunnel filter is an nftables table
+//! ([`super::tunnel_filter`], through `nft`).
 //!
 //! Every listing filters by [`super::ownership`]; every route written
 //! carries one of Margay's protocols.
@@ -21,7 +22,8 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::ownership;
 use super::{
-    Dataplane, Error, HostPod, LocalIpip, LocalVtep, PodSpec, PodWiring, RemoteActual, Result, Via,
+    Dataplane, Error, HostPod, LocalIpip, LocalVtep, PodSpec, PodWiring, RemoteActual, Result,
+    TunnelFilter, Via,
 };
 
 /// A netlink error with what was being done.
@@ -367,6 +369,14 @@ impl Dataplane for Netlink {
 
     async fn del_fdb(&self, mac: [u8; 6]) -> Result<()> {
         self.delete_fdb(mac).await
+    }
+
+    async fn tunnel_filter(&self) -> Result<Option<TunnelFilter>> {
+        super::tunnel_filter::read().await
+    }
+
+    async fn load_tunnel_filter(&self, f: &TunnelFilter) -> Result<()> {
+        super::tunnel_filter::load(f).await
     }
 
     async fn host_addresses(&self) -> Result<Vec<(String, IpNetwork)>> {

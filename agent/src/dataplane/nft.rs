@@ -1,7 +1,8 @@
 //! Loading an nftables script: one `nft -f -` run, one kernel transaction
 //! (all of it applies or none of it does). Margay's tables are rendered
 //! elsewhere (natOutgoing in [`super::nat`], NetworkPolicy by
-//! `margay-policy`); this module only hands them to the kernel.
+//! `margay-policy`, the tunnel filter in [`super::tunnel_filter`]); this
+//! module only hands them to the kernel, and lists them back as JSON.
 
 use super::Error;
 
@@ -48,4 +49,23 @@ async fn run(script: &str, what: &str, check_only: bool) -> super::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Runs `nft -j ARGS` (a listing) and returns what it printed.
+pub async fn list_json(args: &[&str]) -> super::Result<String> {
+    let out = tokio::process::Command::new("nft")
+        .arg("-j")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::Nft(format!("running nft (is nftables installed?): {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Nft(format!(
+            "nft -j {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    String::from_utf8(out.stdout).map_err(|e| Error::Nft(format!("nft printed non-UTF-8: {e}")))
 }

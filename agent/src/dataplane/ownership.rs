@@ -12,8 +12,10 @@
 //! - on [`IPIP_DEV`] (`tunl0`, the kernel's ipip fallback device, never
 //!   deleted): the tunnel address Margay put there, and the device's up
 //!   state while it has no other address;
-//! - the nftables tables [`NFT_TABLE`] (natOutgoing, see [`super::nat`])
-//!   and [`NFT_POLICY_TABLE`] (NetworkPolicy, see `crate::policy`).
+//! - the nftables tables [`NFT_TABLE`] (natOutgoing, see [`super::nat`]),
+//!   [`NFT_POLICY_TABLE`] (NetworkPolicy, see `crate::policy`) and
+//!   [`NFT_TUNNEL_TABLE`] (which addresses the tunnels take packets from,
+//!   see [`super::tunnel_filter`]).
 
 use margay_api::stable::fnv1a;
 
@@ -45,6 +47,12 @@ pub const NFT_POLICY_TABLE: &str = margay_policy::nft::TABLE;
 /// [`NFT_POLICY_TABLE`]'s name within its family (`inet`), as netlink
 /// names it.
 pub const POLICY_TABLE_NAME: &str = margay_policy::nft::TABLE_NAME;
+
+/// The tunnel filter's nftables table (family and name): encapsulated
+/// packets are taken from the cluster's nodes only.
+pub const NFT_TUNNEL_TABLE: &str = "inet margay_tunnel";
+/// [`NFT_TUNNEL_TABLE`]'s name within its family (`inet`).
+pub const TUNNEL_TABLE_NAME: &str = "margay_tunnel";
 
 /// The host-side interface name for an attachment: [`HOST_IF_PREFIX`] and
 /// 11 hex digits of a hash of `key` (the attachment's handle; before
@@ -92,6 +100,7 @@ mod tests {
         assert!(is_pod_link(&a, true) && !is_pod_link(&a, false));
         assert!(is_margay_link(VXLAN_DEV) && !is_margay_link("eth0"));
         assert!(is_margay_link("tunl0"), "its address is never the node's");
+        assert_eq!(NFT_TUNNEL_TABLE, format!("inet {TUNNEL_TABLE_NAME}"));
         assert_eq!(alias_owner("margay1 n/c/eth0 10.0.0.1"), Some("n/c/eth0"));
         assert_eq!(alias_owner("margay1"), None);
         assert_eq!(alias_owner("calico n/c/eth0"), None);

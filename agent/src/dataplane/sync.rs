@@ -5,6 +5,10 @@
 //! a listing that fails changes nothing; a desired table computed from an
 //! Unknown input comes with [`Removals::Forbidden`] and removes nothing.
 //!
+//! The tunnel filter ([`tunnel_filter`]) is one nftables table, loaded
+//! whole when it differs; its node set follows the same rule (added from
+//! any known input, removed only from a current one).
+//!
 //! This is the whole of the logic between "what the agent wants" and "what
 //! the kernel has", shared by the real kernel and the fake, so unit tests
 //! with [`super::FakeDataplane`] exercise exactly what runs.
@@ -16,7 +20,10 @@ use ipnetwork::IpNetwork;
 use margay_delta::{Delta, Op, Removals};
 
 use super::ownership::{IPIP_DEV, VXLAN_DEV};
-use super::{Dataplane, DevicePlan, Devices, Error, Holds, PerTunnel, Remote, Result, Tunnel};
+use super::{
+    Dataplane, DevicePlan, Devices, Error, FilterPlan, Holds, PerTunnel, Remote, Result, Tunnel,
+    TunnelFilter,
+};
 
 /// One kernel object a sync works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +284,31 @@ pub async fn remote<D: Dataplane>(
         }
     }
     Ok(rep)
+}
+
+/// Makes the kernel's tunnel filter what `plan` asks of it (see
+/// [`FilterPlan::against`]: node addresses removed only when `plan` allows
+/// it, a tunnel's rules as they are where `plan` does not say): the whole
+/// table loaded again when it differs, else left alone. What the kernel
+/// has afterwards (`None`: no table, none needed).
+pub async fn tunnel_filter<D: Dataplane>(
+    dp: &D,
+    plan: &FilterPlan,
+) -> Result<Option<TunnelFilter>> {
+    let have = dp.tunnel_filter().await?;
+    let want = plan.against(have.as_ref());
+    if let Some(w) = &want
+        && have.as_ref() != Some(w)
+    {
+        dp.load_tunnel_filter(w).await?;
+        tracing::info!(
+            nodes = w.nodes.len(),
+            vxlan = w.guard.vxlan,
+            ipip = w.guard.ipip,
+            "tunnel filter loaded"
+        );
+    }
+    Ok(want)
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@ use margay_delta::Removals;
 use super::plan::{Plan, RemotePlan, SpeakerPlan, SpeakerSettings, SpeakerView};
 use super::problem::Problem;
 use super::sessions::Live;
-use crate::dataplane::{Dataplane, DevicePlan, Devices, Holds, PerTunnel, Remote, Tunnel, sync};
+use crate::dataplane::{
+    Dataplane, DevicePlan, Devices, Holds, PerTunnel, Remote, Tunnel, TunnelFilter, sync,
+    tunnel_filter,
+};
 use crate::kube::node::Annotations;
 
 /// The speaker, as a pass drives it.
@@ -122,6 +125,17 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
             }),
         }
     }
+    // Which addresses the tunnels take packets from, before their devices,
+    // so a device made below meets its filter already there (a load that
+    // fails is reported; the devices are still made, as the kernel's old
+    // table, if any, says).
+    let mut filter = None;
+    if let Some(f) = &plan.tunnel_filter {
+        match sync::tunnel_filter(dp, f).await {
+            Ok(have) => filter = have,
+            Err(e) => problems.push(Problem::TunnelFilter(e.to_string())),
+        }
+    }
     // Devices, then VXLAN entries, then routes; retired devices last.
     let (mut ready, mut retired) = (PerTunnel::default(), PerTunnel::default());
     let mut remote_routes = 0;
@@ -203,7 +217,7 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
         neighbors: view.neighbors.len(),
         advertised: plan.advertised().iter().map(ToString::to_string).collect(),
         remote_routes,
-        tunnels: tunnel_lines(&plan.devices, &ready),
+        tunnels: tunnel_lines(&plan.devices, &ready, filter.as_ref()),
     };
     Outcome {
         problems,
@@ -214,8 +228,13 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
     }
 }
 
-/// The tunnel devices in use, for `/status`.
-fn tunnel_lines(d: &Devices, ready: &PerTunnel<bool>) -> Vec<String> {
+/// The tunnel devices in use and the filter in front of them, for
+/// `/status`.
+fn tunnel_lines(
+    d: &Devices,
+    ready: &PerTunnel<bool>,
+    filter: Option<&TunnelFilter>,
+) -> Vec<String> {
     let up = |t: Tunnel| if *ready.get(t) { "" } else { ", not up" };
     let mut v = Vec::new();
     if let DevicePlan::Want(l) = d.vxlan {
@@ -235,6 +254,9 @@ fn tunnel_lines(d: &Devices, ready: &PerTunnel<bool>) -> Vec<String> {
             l.mtu,
             up(Tunnel::Ipip)
         ));
+    }
+    if let Some(f) = filter {
+        v.push(format!("filter: {}", tunnel_filter::describe(f)));
     }
     v
 }

@@ -1,9 +1,10 @@
 //! Nodes as the routing plan sees them (pure): what each node's agent
 //! publishes in its Node's annotations ([`identity_annotations`]) and what
-//! the others read back ([`NodeInfo::from_node`]), this node's VTEP MAC,
-//! and the choice of this node's BGP address.
+//! the others read back ([`NodeInfo::from_node`]), the addresses a node's
+//! tunnel packets may come from ([`tunnel_sources`]), this node's VTEP
+//! MAC, and the choice of this node's BGP address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
@@ -67,6 +68,30 @@ impl NodeInfo {
             alive: margay_api::node::agent_alive(n),
         }
     }
+}
+
+/// The addresses node `n`'s encapsulated packets may leave from: the
+/// address its agent announces (the VXLAN device's outer source) and the
+/// Node's InternalIP and ExternalIP addresses (where `tunl0`'s packets
+/// take the address of the interface towards the peer, and what another
+/// node's `--node-ip` or InternalIP chooses). Unparsable ones are left out.
+pub fn tunnel_sources(n: &Node) -> BTreeSet<IpAddr> {
+    let announced = n
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANN_ADDRESS))
+        .and_then(|a| a.trim().parse::<IpNetwork>().ok())
+        .map(|a| a.ip());
+    let listed = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.trim().parse::<IpAddr>().ok());
+    announced.into_iter().chain(listed).collect()
 }
 
 /// The annotations this node publishes (what [`NodeInfo::from_node`]
@@ -194,6 +219,28 @@ pub(crate) mod tests {
             Ok("192.168.1.5/16".parse().unwrap())
         );
         assert!(choose_address("autodetect", None, &[]).is_err());
+    }
+
+    #[test]
+    fn tunnel_sources_are_the_announced_internal_and_external_addresses() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "annotations": {ANN_ADDRESS: "10.0.0.7/24"}},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "192.168.1.5"},
+                {"type": "InternalIP", "address": "fd00::5"},
+                {"type": "ExternalIP", "address": "203.0.113.5"},
+                {"type": "Hostname", "address": "n"},
+                {"type": "InternalDNS", "address": "10.9.9.9"},
+                {"type": "ExternalIP", "address": "not an address"},
+            ]}
+        }))
+        .unwrap();
+        let want: BTreeSet<IpAddr> = ["10.0.0.7", "192.168.1.5", "fd00::5", "203.0.113.5"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(tunnel_sources(&n), want);
+        assert!(tunnel_sources(&Node::default()).is_empty());
     }
 
     #[test]

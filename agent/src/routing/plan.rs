@@ -16,7 +16,13 @@
 //!   been given its neighbors and they have all sent End-of-RIB (or the
 //!   start-up grace [`PRUNE_GRACE`] has passed): after an agent or speaker
 //!   (re)start, what is in the kernel keeps forwarding until BGP has
-//!   relearned it.
+//!   relearned it;
+//! - the tunnel filter (which addresses this node's tunnels take
+//!   encapsulated packets from, see [`tunnel_filter`]) is computed only
+//!   from known Nodes: an address is added from a current or stale list and
+//!   removed only when the list is current; before Nodes are first listed
+//!   the kernel's filter is left as it is, and no tunnel device is made
+//!   (one that exists is kept).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -37,12 +43,12 @@ use margay_ipam::model::Pool;
 
 use super::encap::{self, RemoteBlock, Vtep};
 use super::local::Local;
-use super::nodes::{NodeInfo, choose_address, identity_annotations, vtep_mac};
+use super::nodes::{NodeInfo, choose_address, identity_annotations, tunnel_sources, vtep_mac};
 use super::problem::Problem;
 use super::sessions::{Global, Live, NamedPeer, Settings, neighbors};
 use crate::dataplane::{
-    DevicePlan, Devices, Holds, IPIP_OVERHEAD, LocalIpip, LocalVtep, PerTunnel, Remote, Tunnel,
-    VXLAN_OVERHEAD,
+    DevicePlan, Devices, FilterPlan, Holds, IPIP_OVERHEAD, LocalIpip, LocalVtep, PerTunnel, Remote,
+    Tunnel, VXLAN_OVERHEAD,
 };
 use crate::kube::Known;
 use crate::kube::node::{Annotations, has_annotations};
@@ -195,6 +201,9 @@ pub struct Plan {
     /// Which tunnels current pools use (`None`: the pools are not
     /// current), for the loop's [`TUNNEL_LINGER`] clock.
     pub tunnels_used: Option<PerTunnel<bool>>,
+    /// Which addresses the tunnels take packets from (`None`: Nodes never
+    /// listed; the kernel's filter is left as it is).
+    pub tunnel_filter: Option<FilterPlan>,
     /// The speaker.
     pub speaker: SpeakerPlan,
     /// Routes to remote blocks.
@@ -401,7 +410,20 @@ pub fn plan(s: &Snapshot) -> Plan {
                 .any(|p| !p.deleting && t.used_by(p.encapsulation))
         })
     });
-    let (devices, assign_tunnels) = tunnel_devices(s, used, may_remove, address, me_obj.as_deref());
+    let (mut devices, assign_tunnels) =
+        tunnel_devices(s, used, may_remove, address, me_obj.as_deref());
+    let tunnel_filter = tunnel_filter(s, used);
+    // A tunnel device is made only once the filter in front of it can be
+    // (Nodes listed), so a new node's is not open to every source while the
+    // Node list is awaited. One that exists stays as it is.
+    if tunnel_filter.is_none() {
+        if matches!(devices.vxlan, DevicePlan::Want(_)) {
+            devices.vxlan = DevicePlan::Keep;
+        }
+        if matches!(devices.ipip, DevicePlan::Want(_)) {
+            devices.ipip = DevicePlan::Keep;
+        }
+    }
     let vtep = match devices.vxlan {
         DevicePlan::Want(l) => Some(Vtep {
             mac: l.mac,
@@ -455,6 +477,7 @@ pub fn plan(s: &Snapshot) -> Plan {
         assign_tunnels,
         devices,
         tunnels_used: used.filter(|_| s.pools.is_fresh()),
+        tunnel_filter,
         speaker,
         remote,
         // Written by the leader only: every agent would write the same.
@@ -525,6 +548,26 @@ fn tunnel_devices(
         }
     }
     (devices, assign)
+}
+
+/// Which addresses this node's tunnels take encapsulated packets from:
+/// every known Node's [`tunnel_sources`] (none while Nodes were never
+/// listed: the kernel's filter stays as it is), the kernel's others
+/// removed only when the list is current. A tunnel the pools (current or
+/// stale) use is guarded from the start, before its device exists; one
+/// retired is not; one lingering, or whose use is unknown, stays as the
+/// kernel has it.
+fn tunnel_filter(s: &Snapshot, used: Option<PerTunnel<bool>>) -> Option<FilterPlan> {
+    let nodes = s.nodes.value()?;
+    Some(FilterPlan {
+        nodes: nodes.iter().flat_map(|n| tunnel_sources(n)).collect(),
+        removals: Removals::when(s.nodes.is_fresh()),
+        guard: PerTunnel::default().map(|t, _: &bool| match used.map(|u| *u.get(t)) {
+            Some(true) => Some(true),
+            Some(false) if s.tunnels.get(t).retired => Some(false),
+            _ => None,
+        }),
+    })
 }
 
 fn speaker_plan(

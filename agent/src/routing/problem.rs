@@ -117,4 +117,11 @@ pub enum Problem {
     /// The kernel refused some of the routing state.
     #[error("routes to other nodes' blocks: {0}")]
     Kernel(String),
+    /// The tunnel filter could not be read or loaded: the tunnels take
+    /// packets as the kernel's table (if any) says until it is.
+    #[error(
+        "the tunnel filter ({table}) could not be brought up to date: {0}; encapsulated packets are taken as the kernel's table says until it is",
+        table = crate::dataplane::ownership::NFT_TUNNEL_TABLE
+    )]
+    TunnelFilter(String),
 }

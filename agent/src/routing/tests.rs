@@ -1,7 +1,9 @@
 //! Whole routing passes (snapshot → plan → apply) against the fake
 //! dataplane, a fake speaker and a fake cluster, with failure injection:
-//! an input that is Unknown or stale removes nothing, one refused route
-//! does not stop the others, and a failing speaker call is reported.
+//! an input that is Unknown or stale removes nothing (routes, tunnel
+//! devices, the tunnel filter's node addresses), one refused route does
+//! not stop the others, and a failing speaker call or filter load is
+//! reported.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -600,6 +602,8 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(routes(&dp)[&b2], Via::Ipip("10.0.0.2".parse().unwrap()));
+    let guarded = |dp: &FakeDataplane| filter(dp).map(|f| (f.guard.vxlan, f.guard.ipip));
+    assert_eq!(guarded(&dp), Some((false, true)), "IPIP only");
 
     // Switched to VXLAN: this node's VTEP first; the others' blocks keep
     // their IPIP routes until they announce theirs, tunl0 lingers.
@@ -634,6 +638,11 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(routes(&dp)[&b2], Via::Vxlan("10.244.2.0".parse().unwrap()));
     assert!(dp.remote.lock().unwrap().ipip.is_some(), "still lingers");
+    assert_eq!(
+        guarded(&dp),
+        Some((true, true)),
+        "tunl0 still takes packets"
+    );
     assert!(
         !c.writes
             .lock()
@@ -645,6 +654,7 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     tunnels.unused_since.ipip = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(dp.remote.lock().unwrap().ipip.is_none());
+    assert_eq!(guarded(&dp), Some((true, false)), "tunl0 retired");
     let releases: Vec<_> = c
         .writes
         .lock()
@@ -749,5 +759,157 @@ async fn unknown_pools_retire_nothing_and_a_kernel_without_ipip_keeps_its_routes
     assert_eq!(
         n1_annotation(&s, ANN_IPIP_ADDRESS).as_deref(),
         Some("10.244.1.1")
+    );
+}
+
+/// `n` with `addrs` ((type, address)) as its status addresses.
+fn with_addresses(n: &Arc<Node>, addrs: &[(&str, &str)]) -> Arc<Node> {
+    let mut n = (**n).clone();
+    n.status = Some(
+        serde_json::from_value(serde_json::json!({
+            "addresses": addrs
+                .iter()
+                .map(|(t, a)| serde_json::json!({"type": t, "address": a}))
+                .collect::<Vec<_>>(),
+        }))
+        .unwrap(),
+    );
+    Arc::new(n)
+}
+
+fn ips(a: &[&str]) -> BTreeSet<IpAddr> {
+    a.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn filter(dp: &FakeDataplane) -> Option<crate::dataplane::TunnelFilter> {
+    dp.tunnel_filter.lock().unwrap().clone()
+}
+
+fn loads(dp: &FakeDataplane) -> usize {
+    *dp.filter_loads.lock().unwrap()
+}
+
+#[tokio::test]
+async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_current_list() {
+    use crate::dataplane::{PerTunnel, TunnelFilter};
+    use margay_api::ipam::Encapsulation;
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut tunnels = super::Tunnels::default();
+    // What an earlier run of the agent left: a node since gone.
+    let earlier = TunnelFilter::new(
+        ips(&["10.0.0.1", "10.0.0.2", "10.0.0.9"]),
+        PerTunnel {
+            vxlan: true,
+            ipip: false,
+        },
+    );
+    *dp.tunnel_filter.lock().unwrap() = Some(earlier.clone());
+    let mut s = snapshot();
+    with_encap(&mut s, Encapsulation::Vxlan);
+    // Before Nodes are listed, the kernel's filter is left as it is.
+    s.nodes = Known::Unknown("Nodes not listed yet".into());
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(filter(&dp), Some(earlier.clone()), "{problems:?}");
+    assert_eq!(loads(&dp), 0);
+    // Nor is a tunnel device made without its filter.
+    assert!(dp.remote.lock().unwrap().vxlan.is_none());
+
+    // Listed: every Node's announced, internal and external address; the
+    // one no Node has any more goes.
+    let all = snapshot().nodes.value().unwrap().clone();
+    let n2 = with_addresses(
+        &all[1],
+        &[
+            ("InternalIP", "192.168.0.2"),
+            ("ExternalIP", "fd00::2"),
+            ("Hostname", "n2"),
+        ],
+    );
+    s.nodes = Known::Fresh(vec![all[0].clone(), n2.clone(), all[2].clone()]);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    let want = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "192.168.0.2", "fd00::2"]);
+    let f = filter(&dp).unwrap();
+    assert_eq!(f.nodes, want);
+    assert_eq!(
+        f.guard,
+        PerTunnel {
+            vxlan: true,
+            ipip: false
+        },
+        "only the tunnel this node uses"
+    );
+    assert_eq!(loads(&dp), 1);
+    assert!(dp.remote.lock().unwrap().vxlan.is_some());
+    // Nothing changed: nothing loaded.
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(loads(&dp), 1);
+
+    // The watch breaks (stale list), then n3 is deleted and n4 joins: what
+    // the stale list adds is taken, nothing is forgotten.
+    let n4 = node("n4", "10.0.0.4/24");
+    s.nodes = Known::Stale(
+        vec![all[0].clone(), n2.clone(), n4.clone()],
+        "cannot watch Nodes".into(),
+    );
+    // (Single passes: `settle` takes its own annotations as a fresh list.)
+    let problems = pass(&s, &dp, &mut bgp, &c).await;
+    assert!(!problems.is_empty(), "the outage is reported");
+    let mut kept = want.clone();
+    kept.insert("10.0.0.4".parse().unwrap());
+    assert_eq!(filter(&dp).unwrap().nodes, kept);
+    // Unknown again (the lists are gone): untouched.
+    s.nodes = Known::Unknown("cannot list Nodes".into());
+    let before = loads(&dp);
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert_eq!(filter(&dp).unwrap().nodes, kept);
+    assert_eq!(loads(&dp), before);
+    // Current again: n3 goes.
+    s.nodes = Known::Fresh(vec![all[0].clone(), n2, n4]);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(
+        filter(&dp).unwrap().nodes,
+        ips(&["10.0.0.1", "10.0.0.2", "10.0.0.4", "192.168.0.2", "fd00::2"])
+    );
+
+    // A table someone changed is loaded again.
+    dp.tunnel_filter.lock().unwrap().as_mut().unwrap().intact = false;
+    let before = loads(&dp);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(loads(&dp), before + 1);
+    assert!(filter(&dp).unwrap().intact);
+}
+
+#[tokio::test]
+async fn no_filter_without_a_tunnel_and_one_that_cannot_load_is_reported_and_retried() {
+    use margay_api::ipam::Encapsulation;
+    let dp = kernel_with_history().await;
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut tunnels = super::Tunnels::default();
+    // Native routing: no tunnel, no table.
+    let mut s = snapshot();
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(filter(&dp), None);
+    // VXLAN, and nft refuses the table: said on the Node, the routes and
+    // devices still made.
+    dp.inject(Fault::TunnelFilter);
+    with_encap(&mut s, Encapsulation::Vxlan);
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    reported(&problems, &c, "the tunnel filter (inet margay_tunnel)");
+    assert_eq!(filter(&dp), None);
+    assert!(dp.remote.lock().unwrap().vxlan.is_some());
+    // Fixed: the next pass loads it and the condition clears.
+    dp.clear();
+    let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(
+        !problems.iter().any(|p| p.contains("tunnel filter")),
+        "{problems:?}"
+    );
+    assert!(filter(&dp).is_some_and(|f| f.guard.vxlan && f.nodes.len() == 3));
+    assert!(
+        c.condition().is_some_and(|m| !m.contains("tunnel filter")),
+        "{:?}",
+        c.condition()
     );
 }
