@@ -192,6 +192,23 @@ pub struct PodOpts {
     /// Listeners it runs (`tcp:80`, `udp:80`), also its named container
     /// ports `serve-80-tcp`, ...
     pub serve: Vec<String>,
+    /// Its CNI ADD uses a container ID of 64 hex digits, as containerd
+    /// and CRI-O make them, instead of the readable `lab-<name>` (on
+    /// real kubelets the runtime's IDs are used anyway).
+    pub runtime_id: bool,
+}
+
+/// A container ID as runtimes make them: 64 hex digits, unique per pod
+/// name.
+pub fn runtime_container_id(name: &str) -> String {
+    (0..4)
+        .map(|k| {
+            format!(
+                "{:016x}",
+                margay_api::stable::fnv1a(format!("{k}/{name}").as_bytes())
+            )
+        })
+        .collect()
 }
 
 /// The whole cluster. Field order is teardown order.
@@ -663,8 +680,15 @@ impl Cluster {
             .await
             .with_context(|| format!("creating Pod {namespace}/{name}"))?;
         let uid = obj.metadata.uid.unwrap_or_default();
-        let ns = Netns::create(&format!("pod-{name}"))?;
-        let id = format!("lab-{name}");
+        // Pod names may be 253 characters: the network namespace's name,
+        // a file name, keeps a prefix (the harness makes it unique).
+        let hint: String = name.chars().take(40).collect();
+        let ns = Netns::create(&format!("pod-{hint}"))?;
+        let id = if o.runtime_id {
+            runtime_container_id(name)
+        } else {
+            format!("lab-{name}")
+        };
         let out = match self.cnitool(
             &self.nodes[i],
             "add",
@@ -725,7 +749,13 @@ impl Cluster {
         }
         let mut cmd = ns.cmd(paths::workspace_bin("margay-lab")?);
         cmd.args(["netcheck", "serve", &serve.join(",")]);
-        let log = self.work.path().join(format!("serve-{name}.log"));
+        // A file name holds 255 bytes; a pod name may be 253 characters.
+        let log = if name.len() <= 100 {
+            format!("serve-{name}.log")
+        } else {
+            format!("serve-{}.log", ns.name())
+        };
+        let log = self.work.path().join(log);
         Ok(Some(Daemon::spawn("netcheck", cmd, &log)?))
     }
 

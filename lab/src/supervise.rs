@@ -77,6 +77,7 @@ async fn handle(c: &mut Cluster, req: &Value) -> anyhow::Result<Value> {
                 namespace: req["namespace"].as_str().map(str::to_string),
                 labels: serde_json::from_value(req["labels"].clone()).unwrap_or_default(),
                 serve: serde_json::from_value(req["serve"].clone()).unwrap_or_default(),
+                ..Default::default()
             };
             let ip = c.add_pod_with(&s("node")?, &s("name")?, &o).await?;
             Ok(json!({"ok": true, "ip": ip}))

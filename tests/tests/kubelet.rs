@@ -274,6 +274,7 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         namespace: Some("team".into()),
         labels: [("app".to_string(), "web".to_string())].into(),
         serve: vec!["tcp:80".into()],
+        ..Default::default()
     };
     c.add_pod_with("node1", "web", &o).await.unwrap();
     let labels = kubectl(&c, &["-n", "team", "get", "pod", "web", "--show-labels"]);

@@ -463,6 +463,7 @@ async fn start(pods: &[&str], protos: &[Proto]) -> Env {
             namespace: Some(NAMESPACES[i / 3].into()),
             labels: [("pod".to_string(), NAMES[i % 3].to_string())].into(),
             serve: serve.clone(),
+            ..Default::default()
         };
         let node = if i % 2 == 0 { "node1" } else { "node2" };
         let name = Env::lab_name(i);

@@ -466,6 +466,7 @@ async fn the_agents_enforce_networkpolicy_in_the_lab() {
             namespace: Some(ns.into()),
             labels: [("pod".to_string(), name.to_string())].into(),
             serve: serve.clone(),
+            ..Default::default()
         };
         c.add_pod_with(node, name, &o).await.unwrap();
     }
@@ -552,6 +553,7 @@ async fn the_agents_enforce_networkpolicy_in_the_lab() {
         namespace: Some("x".into()),
         labels: [("pod".to_string(), "a".to_string())].into(),
         serve: serve.clone(),
+        ..Default::default()
     };
     c.add_pod_with("node1", "a2", &o).await.unwrap();
     assert!(
