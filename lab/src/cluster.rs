@@ -30,6 +30,8 @@ use crate::{Encap, Tor};
 pub const TOR_ASN: u32 = 65000;
 /// The pod pool.
 pub const POOL_CIDR: &str = "10.244.0.0/16";
+/// An IPv6 pod pool for [`Options::pool6_cidr`].
+pub const POOL6_CIDR: &str = "fd00:244::/64";
 /// Label (and annotation) marking route reflector nodes.
 pub const RR_LABEL: &str = "margay.dev/route-reflector";
 
@@ -52,6 +54,10 @@ pub struct Options {
     pub work_dir: Option<PathBuf>,
     /// The pool's CIDR (default [`POOL_CIDR`]).
     pub pool_cidr: String,
+    /// A second pool, IPv6 (e.g. [`POOL6_CIDR`]): every pod then gets an
+    /// address of each family (plain lab only). IPv6 is not routed between
+    /// nodes yet: IPv6 traffic stays between the pods of one node.
+    pub pool6_cidr: Option<String>,
     /// The pool's block size.
     pub block_size: u8,
     /// IPv4 subnets the nodes are spread over, round robin (node1 in
@@ -74,6 +80,7 @@ impl Default for Options {
             leak_grace: 300,
             work_dir: None,
             pool_cidr: POOL_CIDR.into(),
+            pool6_cidr: None,
             block_size: 26,
             subnets: 1,
             kubernetes: None,
@@ -168,6 +175,9 @@ pub struct Pod {
     pub(crate) _server: Option<Daemon>,
     /// Pod name (unique in the lab, whatever its namespace).
     pub name: String,
+    /// Its Kubernetes Pod's name: `name`, except for another sandbox of a
+    /// Pod ([`Cluster::add_sandbox`]).
+    pub pod_name: String,
     /// Its Kubernetes namespace.
     pub namespace: String,
     /// Its node.
@@ -176,6 +186,11 @@ pub struct Pod {
     pub ns: Netns,
     /// Its IPv4 address.
     pub ip: String,
+    /// Its IPv6 address ([`Options::pool6_cidr`]).
+    pub ip6: Option<String>,
+    /// Its interface on the node (`cali…`), as the CNI result names it
+    /// (unknown for a Pod of `--kubernetes`).
+    pub host_if: Option<String>,
     /// The container ID the runtime used.
     pub id: String,
     /// A Pod's sandbox network, named for `ip netns` (`--kubernetes`).
@@ -334,6 +349,49 @@ pub(crate) fn tor_config(tor: Tor) -> String {
     }
 }
 
+/// What a pod's CNI ADD result says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Added {
+    /// Its IPv4 address.
+    ip: String,
+    /// Its IPv6 address, if a pool of that family gave one.
+    ip6: Option<String>,
+    /// The node's side of its interface (the one with no sandbox).
+    host_if: Option<String>,
+}
+
+impl Added {
+    fn parse(result: &str) -> anyhow::Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(result)?;
+        let addrs: Vec<&str> = v["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .map(|a| a.split('/').next().unwrap_or(a))
+            .collect();
+        let host_if = v["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
+            .and_then(|i| i["name"].as_str())
+            .map(str::to_string);
+        Ok(Self {
+            ip: addrs
+                .iter()
+                .find(|a| !a.contains(':'))
+                .context("no IPv4 address in the CNI result")?
+                .to_string(),
+            ip6: addrs
+                .iter()
+                .find(|a| a.contains(':'))
+                .map(ToString::to_string),
+            host_if,
+        })
+    }
+}
+
 fn json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> anyhow::Result<T> {
     Ok(serde_json::from_value(v)?)
 }
@@ -343,6 +401,9 @@ impl Cluster {
     /// have converged: see [`Cluster::wait_converged`]).
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         if opts.kubernetes.is_some() {
+            if opts.pool6_cidr.is_some() {
+                bail!("an IPv6 pool is for the plain lab only");
+            }
             return kubernetes::start(opts).await;
         }
         let api = ApiServer::start().await.context("kube-apiserver")?;
@@ -371,6 +432,14 @@ impl Cluster {
         pools
             .create(&PostParams::default(), &IPPool::new("default", pool))
             .await?;
+        if let Some(cidr) = &opts.pool6_cidr {
+            pools
+                .create(
+                    &PostParams::default(),
+                    &IPPool::new("default-v6", IPPoolSpec::with_cidr(cidr, None)),
+                )
+                .await?;
+        }
         let bgp: Api<BGPConfiguration> = Api::all(client.clone());
         bgp.create(
             &PostParams::default(),
@@ -680,61 +749,136 @@ impl Cluster {
             .await
             .with_context(|| format!("creating Pod {namespace}/{name}"))?;
         let uid = obj.metadata.uid.unwrap_or_default();
-        // Pod names may be 253 characters: the network namespace's name,
-        // a file name, keeps a prefix (the harness makes it unique).
-        let hint: String = name.chars().take(40).collect();
-        let ns = Netns::create(&format!("pod-{hint}"))?;
-        let id = if o.runtime_id {
-            runtime_container_id(name)
-        } else {
-            format!("lab-{name}")
-        };
-        let out = match self.cnitool(
-            &self.nodes[i],
-            "add",
-            &id,
-            &ns.path(),
-            (&namespace, name),
-            &uid,
-        ) {
-            Ok(o) => o,
+        let (ns, id, added) = match self.wire(i, name, (&namespace, name), &uid, o.runtime_id) {
+            Ok(w) => w,
             Err(e) => {
                 let _ = api.delete(name, &DeleteParams::default()).await;
                 return Err(e);
             }
         };
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        let ip = v["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["address"].as_str())
-            .find(|a| !a.contains(':'))
-            .context("no IPv4 address in the CNI result")?
-            .trim_end_matches("/32")
-            .to_string();
-        // What the kubelet would write: the other nodes learn the address.
+        // What the kubelet would write: the other nodes learn the
+        // addresses.
+        let ips: Vec<&String> = std::iter::once(&added.ip)
+            .chain(added.ip6.as_ref())
+            .collect();
+        let pod_ips: Vec<serde_json::Value> =
+            ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
         api.patch_status(
             name,
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({
-                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+                "status": {"phase": "Running", "podIP": added.ip, "podIPs": pod_ips}
             })),
         )
         .await
         .with_context(|| format!("writing Pod {namespace}/{name}'s status"))?;
         let server = self.serve(&ns, name, &o.serve)?;
+        let ip = added.ip.clone();
         self.pods.push(Pod {
             _server: server,
             name: name.to_string(),
+            pod_name: name.to_string(),
             namespace,
             node: node.to_string(),
             ns,
-            ip: ip.clone(),
+            ip: added.ip,
+            ip6: added.ip6,
+            host_if: added.host_if,
             id,
             _attached: None,
         });
         Ok(ip)
+    }
+
+    /// Another sandbox of lab pod `of`'s Pod, as a runtime makes one when
+    /// it recreates a pod's sandbox: a network namespace of its own, wired
+    /// on `of`'s node by CNI ADD with a container ID of its own (`lab-NAME`)
+    /// and the same Pod (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID), its
+    /// listeners `serve` started. It is lab pod `name`: a second attachment
+    /// of the Pod, with addresses of its own (the Pod's status still names
+    /// the first). [`Cluster::del_pod`] of it DELs this attachment only and
+    /// leaves the Pod. Plain lab only. Returns its IPv4 address.
+    pub async fn add_sandbox(
+        &mut self,
+        of: &str,
+        name: &str,
+        serve: &[String],
+    ) -> anyhow::Result<String> {
+        if self.opts.kubernetes.is_some() {
+            bail!("another sandbox of a Pod is for the plain lab only");
+        }
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("a pod named {name:?} exists already");
+        }
+        let first = self
+            .pods
+            .iter()
+            .find(|p| p.name == of)
+            .with_context(|| format!("no pod named {of:?}"))?;
+        let (node, namespace, pod_name) = (
+            first.node.clone(),
+            first.namespace.clone(),
+            first.pod_name.clone(),
+        );
+        let i = self.node_index(&node)?;
+        let api: Api<KubePod> = Api::namespaced(self.client.clone(), &namespace);
+        let uid = api
+            .get(&pod_name)
+            .await
+            .with_context(|| format!("reading Pod {namespace}/{pod_name}"))?
+            .metadata
+            .uid
+            .unwrap_or_default();
+        let (ns, id, added) = self.wire(i, name, (&namespace, &pod_name), &uid, false)?;
+        let server = self.serve(&ns, name, serve)?;
+        let ip = added.ip.clone();
+        self.pods.push(Pod {
+            _server: server,
+            name: name.to_string(),
+            pod_name,
+            namespace,
+            node,
+            ns,
+            ip: added.ip,
+            ip6: added.ip6,
+            host_if: added.host_if,
+            id,
+            _attached: None,
+        });
+        Ok(ip)
+    }
+
+    /// A network namespace for lab pod `name`, wired on node `i` by CNI
+    /// ADD (container ID `lab-NAME`) as an attachment of Pod
+    /// `namespace/pod`: the namespace, the container ID and what the
+    /// result says.
+    fn wire(
+        &self,
+        i: usize,
+        name: &str,
+        (namespace, pod): (&str, &str),
+        uid: &str,
+        runtime_id: bool,
+    ) -> anyhow::Result<(Netns, String, Added)> {
+        // Pod names may be 253 characters: the network namespace's name,
+        // a file name, keeps a prefix (the harness makes it unique).
+        let hint: String = name.chars().take(40).collect();
+        let ns = Netns::create(&format!("pod-{hint}"))?;
+        let id = if runtime_id {
+            runtime_container_id(name)
+        } else {
+            format!("lab-{name}")
+        };
+        let out = self.cnitool(
+            &self.nodes[i],
+            "add",
+            &id,
+            &ns.path(),
+            (namespace, pod),
+            uid,
+        )?;
+        let added = Added::parse(&out)?;
+        Ok((ns, id, added))
     }
 
     /// Starts pod `name`'s listeners (`--serve`) in its namespace `ns`.
@@ -786,7 +930,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// CNI DEL of pod `name`, then its namespace and Pod object go.
+    /// CNI DEL of pod `name`, then its namespace goes, and its Pod object
+    /// unless another sandbox of it is left ([`Cluster::add_sandbox`]).
     pub async fn del_pod(&mut self, name: &str) -> anyhow::Result<()> {
         if self.opts.kubernetes.is_some() {
             return kubernetes::del_pod(self, name).await;
@@ -803,14 +948,22 @@ impl Cluster {
             "del",
             &p.id,
             &p.ns.path(),
-            (&p.namespace, name),
+            (&p.namespace, &p.pod_name),
             "",
         )?;
         let p = self.pods.remove(k);
+        if self
+            .pods
+            .iter()
+            .any(|q| q.namespace == p.namespace && q.pod_name == p.pod_name)
+        {
+            // Another sandbox of its Pod is still there.
+            return Ok(());
+        }
         let api: Api<KubePod> = Api::namespaced(self.client.clone(), &p.namespace);
         // No kubelet finishes a graceful delete here: force it.
         let _ = api
-            .delete(name, &DeleteParams::default().grace_period(0))
+            .delete(&p.pod_name, &DeleteParams::default().grace_period(0))
             .await;
         Ok(())
     }
@@ -844,7 +997,14 @@ impl Cluster {
             // No Margay, no blocks: static routes, in place from the start.
             return Ok(Vec::new());
         }
-        let blocks = self.blocks().await?;
+        // IPv6 blocks are not routed between nodes yet
+        // ([`Options::pool6_cidr`]).
+        let blocks: Vec<(String, String)> = self
+            .blocks()
+            .await?
+            .into_iter()
+            .filter(|(cidr, _)| !cidr.contains(':'))
+            .collect();
         // An address borrowed from another node's block has a host route
         // of its own everywhere else (the block's route leads to the lender).
         let borrowed = self.borrowed(&blocks);
@@ -1120,4 +1280,28 @@ pub(crate) fn container_ports(serve: &[String]) -> Vec<serde_json::Value> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Added;
+
+    #[test]
+    fn a_cni_result_gives_both_families_and_the_host_interface() {
+        let dual = r#"{"cniVersion":"1.0.0",
+            "interfaces":[{"name":"cali0123456789a","mac":"ee:ee:ee:ee:ee:ee"},
+                          {"name":"eth0","mac":"02:00:00:00:00:01","sandbox":"/run/netns/p"}],
+            "ips":[{"address":"10.244.0.5/32","gateway":"169.254.1.1","interface":1},
+                   {"address":"fd00:244::5/128","gateway":"fe80::ecee:eeff:feee:eeee","interface":1}]}"#;
+        assert_eq!(
+            Added::parse(dual).unwrap(),
+            Added {
+                ip: "10.244.0.5".into(),
+                ip6: Some("fd00:244::5".into()),
+                host_if: Some("cali0123456789a".into()),
+            }
+        );
+        let v6_only = r#"{"ips":[{"address":"fd00:244::5/128"}]}"#;
+        assert!(Added::parse(v6_only).is_err());
+    }
 }

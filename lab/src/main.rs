@@ -185,20 +185,39 @@ enum NetcheckCmd {
         #[arg(value_delimiter = ',', required = true)]
         listen: Vec<margay_harness::netcheck::Listen>,
     },
-    /// Probes every IP:PORT[/tcp|udp] at once; prints `TARGET ok|fail`
-    /// per target; exit 0 if all answered, 1 if not.
+    /// Probes every IP:PORT[/tcp|udp] at once; prints `TARGET OUTCOME`
+    /// per target (ok, refused: nothing listens; timeout: dropped or
+    /// nobody there; unreachable), or `TARGET error: WHY` when it could not
+    /// be sent. Exit 0 if all were ok, 2 if one could not be sent, else 1.
     Probe {
         /// Milliseconds to wait for each.
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// UDP only: send from this address (one of this namespace's; add
+        /// another pod's to an interface to forge its source).
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
+        /// UDP only: the datagram's text (default `margay-probe`).
+        #[arg(long)]
+        payload: Option<String>,
         /// Targets.
         #[arg(required = true)]
         targets: Vec<margay_harness::netcheck::Target>,
     },
+    /// Receives UDP datagrams on PORT (both families) for a while: prints
+    /// `listening udp:PORT` once bound, then `SOURCE PAYLOAD` per datagram
+    /// (payload escaped), then exits.
+    Recv {
+        /// udp:PORT.
+        listen: margay_harness::netcheck::Listen,
+        /// How long to receive, in milliseconds from the bind.
+        #[arg(long, default_value_t = 1000)]
+        for_ms: u64,
+    },
 }
 
 fn netcheck(cmd: NetcheckCmd) -> anyhow::Result<ExitCode> {
-    use margay_harness::netcheck;
+    use margay_harness::netcheck::{self, Outcome, Transport};
     match cmd {
         NetcheckCmd::Serve { listen } => {
             netcheck::serve(&listen)?;
@@ -206,13 +225,46 @@ fn netcheck(cmd: NetcheckCmd) -> anyhow::Result<ExitCode> {
         }
         NetcheckCmd::Probe {
             timeout_ms,
+            from,
+            payload,
             targets,
         } => {
-            let got = netcheck::probe(&targets, std::time::Duration::from_millis(timeout_ms));
-            for (t, ok) in targets.iter().zip(&got) {
-                println!("{t} {}", if *ok { "ok" } else { "fail" });
+            let mut o = netcheck::ProbeOpts {
+                timeout: Duration::from_millis(timeout_ms),
+                from,
+                ..Default::default()
+            };
+            if let Some(p) = payload {
+                o.payload = p.into_bytes();
             }
-            Ok(ExitCode::from(u8::from(!got.iter().all(|o| *o))))
+            let got = netcheck::probe(&targets, &o);
+            let mut code = 0;
+            for (t, r) in targets.iter().zip(&got) {
+                match r {
+                    Ok(out) => {
+                        println!("{t} {out}");
+                        if *out != Outcome::Ok {
+                            code = code.max(1);
+                        }
+                    }
+                    Err(e) => {
+                        println!("{t} error: {e}");
+                        code = 2;
+                    }
+                }
+            }
+            Ok(ExitCode::from(code))
+        }
+        NetcheckCmd::Recv { listen, for_ms } => {
+            if listen.transport != Transport::Udp {
+                bail!("recv {listen}: UDP only");
+            }
+            let r = netcheck::Receiver::bind(listen.port)?;
+            println!("listening {listen}");
+            r.run(Duration::from_millis(for_ms), |src, payload| {
+                println!("{src} {}", String::from_utf8_lossy(payload).escape_debug());
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests in `tests/` (the tests
 //! themselves live there); the `ipam-sim` binary is in `src/bin/`.
+//! [`datagrams`]: UDP sent from any source address and seen at a receiver.
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams};
@@ -96,6 +97,8 @@ pub fn start_agent(
     )?;
     Ok(agent)
 }
+
+pub mod datagrams;
 
 /// A CRI client for the sandbox calls (generated from
 /// `tests/proto/cri_subset.proto`).

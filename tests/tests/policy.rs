@@ -15,6 +15,12 @@
 //!   reference semantics (`margay_policy::spec`, written from the API
 //!   documentation) decide. A disagreement is shrunk to a minimal world
 //!   before the test fails.
+//! - `forged_sources_are_dropped`: a pod sending from another pod's
+//!   addresses (added to its own interface) reaches nobody once the table
+//!   is in, on either family; without it, it does (the node does no
+//!   reverse-path filtering here).
+//! - `the_agents_enforce_networkpolicy_in_the_lab`: a NetworkPolicy from
+//!   the API, enforced by real agents in the lab (see its own comment).
 //!
 //! SCTP is not probed: this host's kernel has no SCTP (CONFIG_IP_SCTP).
 
@@ -24,6 +30,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use margay_harness::netcheck::Outcome;
 use margay_harness::netns::{Netns, veth};
 use margay_harness::nft::canonical;
 use margay_harness::paths;
@@ -80,6 +87,10 @@ impl Bed {
         let ext = Netns::create("polext").unwrap();
         node.sysctl("net.ipv4.ip_forward", "1").unwrap();
         node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+        // No reverse-path filtering, whatever the host's defaults: what
+        // holds a pod to its own sources here is the table alone.
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0").unwrap();
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0").unwrap();
         veth(&node, "eth0", &ext, "eth0").unwrap();
         node.ip(&["addr", "add", "192.168.99.1/24", "dev", "eth0"])
             .unwrap();
@@ -123,6 +134,9 @@ impl Bed {
             let p = Netns::create("polpod").unwrap();
             veth(&node, &ifname(i), &p, "eth0").unwrap();
             node.sysctl(&format!("net.ipv4.conf.{}.proxy_arp", ifname(i)), "1")
+                .unwrap();
+            // Answered at once, as the agent sets it (else up to 0.8 s).
+            node.sysctl(&format!("net.ipv4.neigh.{}.proxy_delay", ifname(i)), "0")
                 .unwrap();
             node.ip(&[
                 "route",
@@ -401,20 +415,105 @@ fn kernel_verdicts_match_the_specification() {
     println!("{total} connections as the specification says");
 }
 
-/// Whether lab pod `from` reaches `to` on `port` ("80/tcp").
-fn reach(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -> bool {
+/// The table's source check in the kernel: pod 1 adds pod 2's addresses
+/// to its own interface and sends UDP from them to pod 3. Without
+/// Margay's table the forged datagrams arrive (the control: forging works
+/// on this bed); with the table of a world without policies, they are
+/// dropped on both families, while pod 1's and pod 2's own arrive.
+#[test]
+fn forged_sources_are_dropped() {
+    use margay_tests::datagrams::{Receiver, send, sent};
+    const PORT: u16 = 9000;
+    let bed = Bed::new();
+    let (p1, p2) = (&bed.pods[0], &bed.pods[1]);
+    p1.ip(&["addr", "add", &format!("{}/32", pod_ip(2)), "dev", "eth0"])
+        .unwrap();
+    let forged6 = format!("{}/128", pod_ip6(2));
+    p1.ip(&["addr", "add", &forged6, "dev", "eth0", "nodad"])
+        .unwrap();
+    let to = |ip: IpAddr| SocketAddr::new(ip, PORT);
+    let one_round = || {
+        let r = Receiver::start(&bed.pods[2], PORT, Duration::from_millis(500));
+        // Pod 1's own first: its gateway's neighbour entry is resolved
+        // from its own address, not a forged one.
+        sent(vec![
+            send(p1, &pod_ip(1).to_string(), to(pod_ip(3)), "own1-4"),
+            send(p1, &pod_ip6(1).to_string(), to(pod_ip6(3)), "own1-6"),
+        ]);
+        sent(vec![
+            send(p1, &pod_ip(2).to_string(), to(pod_ip(3)), "forged-4"),
+            send(p1, &pod_ip6(2).to_string(), to(pod_ip6(3)), "forged-6"),
+        ]);
+        sent(vec![
+            send(p2, &pod_ip(2).to_string(), to(pod_ip(3)), "own2-4"),
+            send(p2, &pod_ip6(2).to_string(), to(pod_ip6(3)), "own2-6"),
+        ]);
+        let mut got: Vec<String> = r.finish().into_iter().map(|(_, p)| p).collect();
+        got.sort();
+        got.dedup();
+        got
+    };
+    // What pod 3 receives in rounds until everyone's own datagrams arrive
+    // in one (a neighbour entry may still be resolving), all rounds told.
+    let own = ["own1-4", "own1-6", "own2-4", "own2-6"];
+    let rounds = || {
+        let t = std::time::Instant::now();
+        let mut all = Vec::new();
+        loop {
+            let got = one_round();
+            all.extend(got.iter().cloned());
+            if own.iter().all(|o| got.contains(&o.to_string())) {
+                all.sort();
+                all.dedup();
+                return all;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "own datagrams missing: {got:?}"
+            );
+        }
+    };
+    assert_eq!(
+        rounds(),
+        [
+            "forged-4", "forged-6", "own1-4", "own1-6", "own2-4", "own2-6"
+        ],
+        "without the table"
+    );
+    bed.nft(&compiled(&World::default()).table().script());
+    assert_eq!(
+        rounds(),
+        ["own1-4", "own1-6", "own2-4", "own2-6"],
+        "with the table:\n{}",
+        bed.node.list()
+    );
+}
+
+/// What became of lab pod `from`'s probe of `to` on `port` ("80/tcp"):
+/// ok, refused (nothing listens, nothing dropped it), timeout (dropped).
+fn outcome(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -> Outcome {
     let src = c.pods.iter().find(|p| p.name == from).unwrap();
     let dst = c.pods.iter().find(|p| p.name == to).unwrap();
     let (num, proto) = port.split_once('/').unwrap();
     let lab = paths::workspace_bin("margay-lab").unwrap();
-    src.ns
+    let out = src
+        .ns
         .cmd(lab)
         .args(["netcheck", "probe", "--timeout-ms", "700"])
         .arg(format!("{}:{num}/{proto}", dst.ip))
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("probe said {text:?}"))
+}
+
+/// Whether lab pod `from` reaches `to` on `port` ("80/tcp").
+fn reach(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -> bool {
+    outcome(c, from, to, port) == Outcome::Ok
 }
 
 /// Waits until every (from, to, port, reachable) holds.
@@ -548,7 +647,11 @@ async fn the_agents_enforce_networkpolicy_in_the_lab() {
         .unwrap();
     assert_eq!(code, 2, "{err}");
 
-    // A new pod=a: isolated from the moment its ADD returns.
+    // A new pod=a: isolated from the moment its ADD returns. Its
+    // listeners may not be up yet, so a port it never serves (82) tells:
+    // a SYN the policy drops times out, one that reaches a2's kernel is
+    // refused at once. The control: on a pod of that node no policy
+    // isolates, the same port is refused (a2 too, once the policy goes).
     let o = PodOpts {
         namespace: Some("x".into()),
         labels: [("pod".to_string(), "a".to_string())].into(),
@@ -556,10 +659,12 @@ async fn the_agents_enforce_networkpolicy_in_the_lab() {
         ..Default::default()
     };
     c.add_pod_with("node1", "a2", &o).await.unwrap();
-    assert!(
-        !reach(&c, "c", "a2", "80/tcp"),
-        "c reached a2 after its ADD"
+    assert_eq!(
+        outcome(&c, "c", "a2", "82/tcp"),
+        Outcome::Timeout,
+        "c's SYN reached a2 as its ADD returned"
     );
+    assert_eq!(outcome(&c, "b", "c", "82/tcp"), Outcome::Refused);
     until_table(&c, &[("b", "a2", "80/tcp", true)], "a2's listener").await;
     assert!(!reach(&c, "c", "a2", "80/tcp"));
 
@@ -578,4 +683,5 @@ async fn the_agents_enforce_networkpolicy_in_the_lab() {
         .unwrap();
     until_table(&c, &all, "policy deleted").await;
     assert!(reach(&c, "c", "a2", "80/tcp"));
+    assert_eq!(outcome(&c, "c", "a2", "82/tcp"), Outcome::Refused);
 }

@@ -507,10 +507,13 @@ pub async fn refresh_pods(c: &mut Cluster) -> anyhow::Result<()> {
         pods.push(Pod {
             _server: None,
             namespace: ns.clone(),
+            pod_name: name.clone(),
             name,
             node,
             ns: netns,
             ip,
+            ip6: None,
+            host_if: None,
             id: uid,
             _attached: Some(attached),
         });
