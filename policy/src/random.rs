@@ -127,7 +127,8 @@ fn peer(rng: &mut Rng, pod_net: u8) -> Peer {
                 except.push(net(30, 4 * rng.below(8)));
             } else if rng.chance(20) {
                 // More excepts than a rule line holds: a chain of them.
-                for _ in 0..crate::nft::INLINE_EXCEPTS + 1 + rng.below(4) {
+                // (more than nft::INLINE_EXCEPTS, 8)
+                for _ in 0..9 + rng.below(4) {
                     let x = net(32, rng.below(64));
                     if !except.contains(&x) {
                         except.push(x);
