@@ -55,7 +55,20 @@ pub(super) fn sysctl(key: &str, value: &str) -> Result<()> {
 pub struct Netlink {
     pub(super) host: Handle,
     dump: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The tunnel filter as last read or loaded, and when: a routing pass
+    /// (one per watch event) reads the kernel's table (an `nft` run) only
+    /// when this is older than [`FILTER_REREAD`].
+    filter: FilterCache,
 }
+
+/// The tunnel filter as last seen (shared by clones of the handle).
+type FilterCache =
+    std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, Option<TunnelFilter>)>>>;
+
+/// How long the tunnel filter read from or loaded into the kernel is
+/// trusted before it is read again (so a table changed by hand is
+/// repaired within this).
+pub const FILTER_REREAD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A route as listed from the kernel.
 pub(super) struct Listed {
@@ -103,6 +116,7 @@ impl Netlink {
         Ok(Self {
             host,
             dump: Default::default(),
+            filter: FilterCache::default(),
         })
     }
 
@@ -372,11 +386,23 @@ impl Dataplane for Netlink {
     }
 
     async fn tunnel_filter(&self) -> Result<Option<TunnelFilter>> {
-        super::tunnel_filter::read().await
+        if let Some((at, f)) = self.filter.lock().expect("filter").as_ref()
+            && at.elapsed() < FILTER_REREAD
+        {
+            return Ok(f.clone());
+        }
+        let f = super::tunnel_filter::read().await?;
+        *self.filter.lock().expect("filter") = Some((std::time::Instant::now(), f.clone()));
+        Ok(f)
     }
 
     async fn load_tunnel_filter(&self, f: &TunnelFilter) -> Result<()> {
-        super::tunnel_filter::load(f).await
+        // Whatever happens, the next pass reads the kernel's table again.
+        *self.filter.lock().expect("filter") = None;
+        super::tunnel_filter::load(f).await?;
+        *self.filter.lock().expect("filter") =
+            Some((std::time::Instant::now(), Some(f.clone())));
+        Ok(())
     }
 
     async fn host_addresses(&self) -> Result<Vec<(String, IpNetwork)>> {
