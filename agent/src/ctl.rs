@@ -88,6 +88,41 @@ fn since(secs: u64) -> String {
     }
 }
 
+/// The NetworkPolicy lines of `node status`.
+pub fn render_policy_status(p: &margay_api::status::PolicyStatus) -> String {
+    let what = if p.enforcing {
+        format!(
+            "{} policies, {} workload interfaces",
+            p.policies, p.endpoints
+        )
+    } else {
+        format!(
+            "not enforced (--disable-policy); sources of {} workload interfaces checked",
+            p.endpoints
+        )
+    };
+    let mut o = if p.current {
+        format!("  NetworkPolicy: table current; {what}\n")
+    } else if !p.waiting_for.is_empty() {
+        format!(
+            "  NetworkPolicy: table NOT current ({} not listed yet); {what}\n",
+            p.waiting_for.join(", ")
+        )
+    } else {
+        format!(
+            "  NetworkPolicy: table NOT current ({}); {what}\n",
+            p.last_error.as_deref().unwrap_or("not loaded yet")
+        )
+    };
+    for u in &p.unenforced {
+        o.push_str(&format!(
+            "  NetworkPolicy {}/{} NOT ENFORCED AS WRITTEN ({}): its pods isolated by it, nothing allowed\n",
+            u.namespace, u.name, u.message
+        ));
+    }
+    o
+}
+
 /// `node status` as text, from the agent's `/status`.
 pub fn render_node_status(st: &AgentStatus) -> String {
     let r = &st.routing;
@@ -125,6 +160,9 @@ pub fn render_node_status(st: &AgentStatus) -> String {
     } else {
         "\n"
     });
+    if let Some(p) = &st.policy {
+        o.push_str(&render_policy_status(p));
+    }
     o.push_str("\nBGP sessions\n");
     let head = [
         "PEER",
@@ -690,6 +728,23 @@ mod tests {
         assert!(t.contains(": DENIED\n"), "{t}");
         assert!(t.contains("egress: 192.0.2.9 is not a pod"), "{t}");
         assert!(t.contains("DENIED: isolated by x/a-from-b"), "{t}");
+    }
+
+    #[test]
+    fn node_status_names_what_policy_cannot_enforce() {
+        let p: margay_api::status::PolicyStatus = serde_json::from_value(serde_json::json!({
+            "enforcing": true, "policies": 3, "endpoints": 7, "current": false,
+            "last_error": "nft refused the policy table: boom",
+            "unenforced": [{"namespace": "x", "name": "big", "reason": "TooLarge",
+                            "message": "too large: its rules cost 12001 (at most 10000)"}]
+        }))
+        .unwrap();
+        let t = render_policy_status(&p);
+        assert!(t.contains("table NOT current (nft refused the policy table: boom); 3 policies, 7 workload interfaces"), "{t}");
+        assert!(
+            t.contains("NetworkPolicy x/big NOT ENFORCED AS WRITTEN (too large"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -125,8 +125,17 @@ fn changes_over_netlink_are_what_nft_would_load() {
             let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
             let k = rng.pick(&keys).clone();
             let d = match if step == 0 { 9 } else { rng.below(6) } {
-                // Every rule shape, over every pod of x.
-                9 => batch(c.set_policy(&Key::new("x", "every-shape"), Some(every_shape()))),
+                // Every rule shape, over every pod of x, under a short
+                // name and under the longest legal one (its chains' names
+                // cut and hashed: nft must parse them in the full load).
+                9 => {
+                    let mut d = c
+                        .set_policy(&Key::new("x", "every-shape"), Some(every_shape()))
+                        .ops();
+                    let long = Key::new("x", &"p".repeat(253));
+                    d.extend(c.set_policy(&long, Some(every_shape())).ops());
+                    Batch { ops: d }
+                }
                 // A policy created, changed or deleted.
                 4 => {
                     let name = format!("np-{}", rng.below(4));

@@ -538,15 +538,17 @@ pub const MAX_CHAIN_NAME: usize = 200;
 
 /// The chain of `policy` for `dir`: `in/NAMESPACE/NAME` (a namespace
 /// has at most 63 characters, a name 253), or, when that is longer than
-/// [`MAX_CHAIN_NAME`], the name cut and ended with `~` and a hash of the
-/// whole: every legal name gives a name the kernel takes, and a cut
-/// name can only meet another policy of its own namespace.
+/// [`MAX_CHAIN_NAME`], the name cut and ended with `_` and a hash of the
+/// whole: every legal name gives a name the kernel and `nft`'s parser
+/// take (`_` is in nft's identifiers and in no Kubernetes name, so a cut
+/// name is never another policy's full one), and a cut name can only
+/// meet another policy of its own namespace.
 pub fn policy_chain(dir: Direction, policy: &PolicyKey) -> String {
     let full = format!("{}/{}/{}", dir_prefix(dir), policy.namespace, policy.name);
     if full.len() <= MAX_CHAIN_NAME {
         return full;
     }
-    let hash = format!("~{:016x}", fnv(&full));
+    let hash = format!("_{:016x}", fnv(&full));
     let mut keep = MAX_CHAIN_NAME - hash.len();
     while !full.is_char_boundary(keep) {
         keep -= 1;

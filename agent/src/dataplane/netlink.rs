@@ -400,8 +400,7 @@ impl Dataplane for Netlink {
         // Whatever happens, the next pass reads the kernel's table again.
         *self.filter.lock().expect("filter") = None;
         super::tunnel_filter::load(f).await?;
-        *self.filter.lock().expect("filter") =
-            Some((std::time::Instant::now(), Some(f.clone())));
+        *self.filter.lock().expect("filter") = Some((std::time::Instant::now(), Some(f.clone())));
         Ok(())
     }
 
