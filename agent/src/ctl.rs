@@ -92,8 +92,15 @@ fn since(secs: u64) -> String {
 pub fn render_policy_status(p: &margay_api::status::PolicyStatus) -> String {
     let what = if p.enforcing {
         format!(
-            "{} policies, {} workload interfaces",
-            p.policies, p.endpoints
+            "{} policies, {} workload interfaces, {} pods known ({})",
+            p.policies,
+            p.endpoints,
+            p.pods,
+            if p.remote_pods {
+                "this node's and others': a policy has pod peers"
+            } else {
+                "this node's only: no policy has pod peers"
+            }
         )
     } else {
         format!(

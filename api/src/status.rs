@@ -171,6 +171,13 @@ pub struct PolicyStatus {
     pub policies: usize,
     /// This node's workload interfaces.
     pub endpoints: usize,
+    /// Pods known (this node's, and while watched other nodes').
+    #[serde(default)]
+    pub pods: usize,
+    /// Other nodes' Pods are watched: a policy has pod or namespace
+    /// peers (without one a node watches only its own Pods).
+    #[serde(default)]
+    pub remote_pods: bool,
     /// The kernel holds the table the engine computed: everything listed
     /// and the last load succeeded.
     pub current: bool,

@@ -151,6 +151,20 @@ async fn current_policy(c: &Cluster, i: usize) -> PolicyStatus {
     }
 }
 
+/// Node `i`'s policy status once its table is current and `ok` holds
+/// (the status is published at most once a second).
+async fn policy_until(c: &Cluster, i: usize, ok: impl Fn(&PolicyStatus) -> bool) -> PolicyStatus {
+    let t = Instant::now();
+    loop {
+        let p = current_policy(c, i).await;
+        if ok(&p) {
+            return p;
+        }
+        assert!(t.elapsed() < T, "node{}'s policy status: {p:?}", i + 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Node `i`'s agent's (VmRSS, VmHWM) in KiB.
 fn rss(c: &Cluster, i: usize) -> (u64, u64) {
     let pid = c.nodes[i].agent.as_ref().expect("agent running").pid();
@@ -219,12 +233,24 @@ async fn no_legal_policy_lets_a_tenant_past_it_or_breaks_a_node() {
     ] {
         c.add_pod_with(node, name, &opts(ns, name)).await.unwrap();
     }
+    // Check 0 (issue 27): while no policy names pods, a node watches only
+    // its own Pods: node1 knows a, d and e, not node2's b and c.
+    let p = policy_until(&c, 0, |p| p.endpoints == 3).await;
+    assert!(
+        !p.remote_pods && p.pods == 3,
+        "{p:?}\nnode1 log:\n{}",
+        tail(&c.agent_log(0), 40)
+    );
     let started = Instant::now();
     long_names_survive_a_restart(&mut c).await;
     println!("check 1 took {:.0?}", started.elapsed());
     let t = Instant::now();
     let policy = a_long_policy_name_is_enforced(&mut c).await;
     println!("check 2 took {:.0?}", t.elapsed());
+    // Its peer is pod b on node2: node1 watches the other nodes' Pods now
+    // (b's address is in the peer set: check 2 saw b let in).
+    let p = policy_until(&c, 0, |p| p.remote_pods).await;
+    assert!(p.pods >= 6, "{p:?}");
     let t = Instant::now();
     large_rules_neither_break_a_node_nor_open_pods(&mut c, &policy).await;
     println!("check 3 took {:.0?}", t.elapsed());
@@ -284,7 +310,9 @@ async fn long_names_survive_a_restart(c: &mut Cluster) {
     )
     .await;
     until_table(c, &[("c", &name, 80, false)], "deny-all").await;
-    let before = current_policy(c, 0).await;
+    // node1's a, d, e and this one (the status is published at most once
+    // a second: waited for).
+    let before = policy_until(c, 0, |p| p.endpoints == 4).await;
 
     // node1's agent crashes; the lab starts it again as a kubelet would
     // (after a 1 s back-off). The kernel keeps the table meanwhile.

@@ -67,21 +67,36 @@ pub struct Endpoint {
     pub ips: Vec<IpAddr>,
 }
 
+/// Which Pod watch an event comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// The Pods scheduled to this node (`spec.nodeName` is this node's
+    /// name): always watched. (The engine of no node takes every Pod
+    /// from this one.)
+    Local,
+    /// Every other Pod: watched only while a policy has pod or namespace
+    /// peers ([`Engine::needs_remote_pods`]), kept only with an address.
+    Remote,
+}
+
 /// What the watch says of a Pod: labels and named ports, and addresses
-/// (maybe none yet).
+/// (maybe none yet), and which watch said it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Watched {
     pod: Pod,
+    scope: Scope,
 }
 
-fn watched_pod(p: &core::Pod) -> Option<(PodKey, Watched)> {
-    Pod::from_k8s_unaddressed(p).map(|(key, pod)| (key, Watched { pod }))
+fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
+    Pod::from_k8s_unaddressed(p).map(|(key, pod)| (key, Watched { pod, scope }))
 }
 
 /// Which kinds have been listed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Listed {
     pods: bool,
+    /// The remote Pods, while they are watched.
+    remote: bool,
     namespaces: bool,
     policies: bool,
 }
@@ -94,7 +109,13 @@ pub struct Engine {
     node: Option<String>,
     listed: Listed,
     pods: BTreeMap<PodKey, Watched>,
-    relist_pods: Option<BTreeMap<PodKey, Watched>>,
+    /// A relist under way, per scope.
+    relist_pods: BTreeMap<Scope, BTreeMap<PodKey, Watched>>,
+    /// Whether remote Pods are watched (the loader's to say).
+    remote: bool,
+    /// Policies with a pod or namespace peer: while there is one, remote
+    /// Pods are needed.
+    peer_policies: BTreeSet<PolicyKey>,
     relist_namespaces: Option<BTreeMap<String, Namespace>>,
     relist_policies: Option<BTreeMap<PolicyKey, Policy>>,
     /// This node's endpoints, by host interface.
@@ -123,6 +144,16 @@ pub struct Engine {
     full: bool,
     /// Whether anything was ever loaded.
     loaded: bool,
+}
+
+/// Whether a rule of `p` names pods (by pod or namespace selector).
+fn has_pod_peers(p: &Policy) -> bool {
+    p.ingress
+        .iter()
+        .chain(p.egress.iter())
+        .flatten()
+        .flat_map(|r| &r.peers)
+        .any(|peer| matches!(peer, margay_policy::model::Peer::Pods { .. }))
 }
 
 /// What the kernel is handed next.
@@ -165,9 +196,12 @@ impl Engine {
         }
     }
 
-    /// Whether every kind has been listed.
+    /// Whether every kind has been listed (remote Pods while watched).
     pub fn listed(&self) -> bool {
-        self.listed.pods && self.listed.namespaces && self.listed.policies
+        self.listed.pods
+            && (!self.remote || self.listed.remote)
+            && self.listed.namespaces
+            && self.listed.policies
     }
 
     /// What is not listed yet, for status and errors.
@@ -175,6 +209,9 @@ impl Engine {
         let mut v = Vec::new();
         if !self.listed.pods {
             v.push("Pods");
+        }
+        if self.remote && !self.listed.remote {
+            v.push("remote Pods");
         }
         if !self.listed.namespaces {
             v.push("Namespaces");
@@ -204,6 +241,8 @@ impl Engine {
             waiting_for: self.waiting_for().iter().map(|s| s.to_string()).collect(),
             policies: self.compiler.world().policies.len(),
             endpoints: self.endpoints.len(),
+            pods: self.pods.len(),
+            remote_pods: self.remote,
             current: false,
             last_error: None,
             unenforced: self
@@ -356,28 +395,105 @@ impl Engine {
         self.sync_pod(key);
     }
 
-    /// A Pod watch event.
+    /// A Pod watch event of this node's Pods (or, in tests, of every
+    /// Pod).
     pub fn pod_event(&mut self, ev: Event<core::Pod>) {
+        self.pod_event_in(Scope::Local, ev);
+    }
+
+    /// Whether a policy has pod or namespace peers, so remote Pods are
+    /// needed (the loader then watches them and says so with
+    /// [`Engine::remote_pods`]). Without one no remote Pod can make a
+    /// difference: this node's own Pods are what policies select.
+    pub fn needs_remote_pods(&self) -> bool {
+        !self.peer_policies.is_empty()
+    }
+
+    /// Remote Pods are watched from now on (`true`: nothing is loaded
+    /// until they are listed, so no policy is enforced with part of its
+    /// peers), or no longer (`false`: they are forgotten).
+    pub fn remote_pods(&mut self, on: bool) {
+        if on == self.remote {
+            return;
+        }
+        self.remote = on;
+        self.listed.remote = false;
+        self.relist_pods.remove(&Scope::Remote);
+        if !on {
+            let gone: Vec<PodKey> = self
+                .pods
+                .iter()
+                .filter(|(_, w)| w.scope == Scope::Remote)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                let was = self.pods.remove(&k);
+                self.pod_gone(&k, was);
+            }
+        }
+    }
+
+    /// Whether a Pod from `scope`'s watch is kept: a remote one only with
+    /// an address and not of this node (the local watch speaks for those).
+    fn keeps(&self, scope: Scope, w: &Watched) -> bool {
+        scope == Scope::Local
+            || (!w.pod.ips.is_empty() && (self.node.is_none() || w.pod.node != self.node))
+    }
+
+    /// Whether pod `key` is stored from another watch than `scope`'s,
+    /// which speaks for it (this node's watch over the remote one).
+    fn other_scope(&self, scope: Scope, key: &PodKey) -> bool {
+        self.pods
+            .get(key)
+            .is_some_and(|w| w.scope != scope && w.scope == Scope::Local)
+    }
+
+    /// A Pod watch event from `scope`'s watch.
+    pub fn pod_event_in(&mut self, scope: Scope, ev: Event<core::Pod>) {
+        if scope == Scope::Remote && !self.remote {
+            return;
+        }
         match ev {
-            Event::Init => self.relist_pods = Some(BTreeMap::new()),
+            Event::Init => {
+                self.relist_pods.insert(scope, BTreeMap::new());
+            }
             Event::InitApply(p) => {
-                if let (Some(r), Some((k, w))) = (self.relist_pods.as_mut(), watched_pod(&p)) {
+                if let Some((k, w)) = watched_pod(&p, scope)
+                    && self.keeps(scope, &w)
+                    && let Some(r) = self.relist_pods.get_mut(&scope)
+                {
                     r.insert(k, w);
                 }
             }
             Event::InitDone => {
-                let new = self.relist_pods.take().unwrap_or_default();
-                let keys: BTreeSet<PodKey> = self.pods.keys().chain(new.keys()).cloned().collect();
-                let mut old = std::mem::replace(&mut self.pods, new);
+                let new = self.relist_pods.remove(&scope).unwrap_or_default();
+                let keys: BTreeSet<PodKey> = self
+                    .pods
+                    .iter()
+                    .filter(|(_, w)| w.scope == scope)
+                    .map(|(k, _)| k)
+                    .chain(new.keys())
+                    .cloned()
+                    .collect();
+                let mut new = new;
                 for k in keys {
-                    if self.pods.contains_key(&k) {
-                        self.departed.remove(&k);
-                        self.sync_pod(&k);
-                    } else {
-                        self.pod_gone(&k, old.remove(&k));
+                    match new.remove(&k) {
+                        Some(_) if self.other_scope(scope, &k) => {}
+                        Some(w) => {
+                            self.pods.insert(k.clone(), w);
+                            self.departed.remove(&k);
+                            self.sync_pod(&k);
+                        }
+                        None => {
+                            let was = self.pods.remove(&k);
+                            self.pod_gone(&k, was);
+                        }
                     }
                 }
-                self.listed.pods = true;
+                match scope {
+                    Scope::Local => self.listed.pods = true,
+                    Scope::Remote => self.listed.remote = true,
+                }
                 self.resolve_restored();
             }
             Event::Apply(p) => {
@@ -387,15 +503,20 @@ impl Engine {
                     .as_deref()
                     .zip(p.metadata.name.as_deref())
                     .map(|(ns, n)| Key::new(ns, n));
-                match (watched_pod(&p), key) {
-                    (Some((k, w)), _) => {
+                match (watched_pod(&p, scope), key) {
+                    (Some((k, _)), _) if self.other_scope(scope, &k) => {}
+                    (Some((k, w)), _) if self.keeps(scope, &w) => {
                         self.pods.insert(k.clone(), w);
                         self.departed.remove(&k);
                         self.sync_pod(&k);
                     }
-                    // Host network, or finished: no part in policy (its
-                    // sandbox, while wired, keeps its last labels).
-                    (None, Some(k)) => {
+                    // Host network, or finished (or, remote, without an
+                    // address): no part in policy (its sandbox, while
+                    // wired, keeps its last labels).
+                    (Some((k, _)), _) | (None, Some(k)) => {
+                        if self.other_scope(scope, &k) {
+                            return;
+                        }
                         let was = self.pods.remove(&k);
                         self.pod_gone(&k, was);
                     }
@@ -405,6 +526,9 @@ impl Engine {
             Event::Delete(p) => {
                 if let (Some(ns), Some(n)) = (&p.metadata.namespace, &p.metadata.name) {
                     let k = Key::new(ns, n);
+                    if self.other_scope(scope, &k) {
+                        return;
+                    }
                     let was = self.pods.remove(&k);
                     self.pod_gone(&k, was);
                 }
@@ -480,6 +604,11 @@ impl Engine {
     }
 
     fn set_policy(&mut self, key: &PolicyKey, p: Option<Policy>) {
+        if p.as_ref().is_some_and(has_pod_peers) {
+            self.peer_policies.insert(key.clone());
+        } else {
+            self.peer_policies.remove(key);
+        }
         if self.compiler.world().policies.get(key) != p.as_ref() {
             let d = self.compiler.set_policy(key, p);
             self.push(d);
@@ -987,6 +1116,106 @@ mod tests {
         assert!(e.knows_pod(&ky));
         let s = e.take_script().unwrap();
         assert!(dispatched_if(&s, "delete", "if-in/drop", "cali2"), "{s}");
+    }
+
+    fn on(p: core::Pod, node: &str) -> core::Pod {
+        let mut p = p;
+        p.spec.as_mut().unwrap().node_name = Some(node.into());
+        p
+    }
+
+    /// Other nodes' Pods count only while a policy has pod peers: their
+    /// watch is wanted then, nothing is loaded until it has listed, and
+    /// they are forgotten when it stops. This node's watch speaks for
+    /// its own Pods whatever the other says.
+    #[test]
+    fn remote_pods_are_needed_only_for_pod_peers() {
+        let mut e = Engine::on_node("node1");
+        list_all(
+            &mut e,
+            vec![pod("x", "a", &[], Some("10.0.0.1"))],
+            vec![ns("x")],
+            vec![deny_all("x")],
+        );
+        assert!(!e.needs_remote_pods(), "deny-all names no pods");
+        assert!(e.listed());
+        assert!(e.take_load().is_some());
+        e.loaded(true);
+        // A remote event while none is watched: ignored.
+        e.pod_event_in(
+            Scope::Remote,
+            Event::Apply(on(
+                pod("x", "r", &[("app", "b")], Some("10.0.0.9")),
+                "node2",
+            )),
+        );
+        assert!(!e.compiler().world().pods.contains_key(&Key::new("x", "r")));
+        let from_b: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "from-b"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}
+        }))
+        .unwrap();
+        e.policy_event(Event::Apply(from_b.clone()));
+        assert!(e.needs_remote_pods());
+        e.remote_pods(true);
+        assert!(!e.listed() && e.waiting_for() == ["remote Pods"]);
+        assert_eq!(e.take_load(), None, "no peer set loaded half full");
+        e.pod_event_in(Scope::Remote, Event::Init);
+        e.pod_event_in(
+            Scope::Remote,
+            Event::InitApply(on(
+                pod("x", "r", &[("app", "b")], Some("10.0.0.9")),
+                "node2",
+            )),
+        );
+        // Without an address, or of this node: not kept from this watch.
+        e.pod_event_in(
+            Scope::Remote,
+            Event::InitApply(on(pod("x", "p", &[("app", "b")], None), "node2")),
+        );
+        e.pod_event_in(
+            Scope::Remote,
+            Event::InitApply(pod("x", "a", &[("app", "b")], Some("10.0.0.1"))),
+        );
+        e.pod_event_in(Scope::Remote, Event::InitDone);
+        assert!(e.listed());
+        let world = e.compiler().world();
+        assert!(world.pods.contains_key(&Key::new("x", "r")));
+        assert!(!world.pods.contains_key(&Key::new("x", "p")));
+        assert!(
+            world.pods[&Key::new("x", "a")].labels.is_empty(),
+            "local labels kept"
+        );
+        let Some(load) = e.take_load() else {
+            panic!("nothing loaded")
+        };
+        assert!(load.script().contains("10.0.0.9"), "{}", load.script());
+        e.loaded(true);
+        // The remote watch's delete of a local pod (it was briefly
+        // unscheduled) does not remove it.
+        e.pod_event_in(
+            Scope::Remote,
+            Event::Delete(pod("x", "a", &[], Some("10.0.0.1"))),
+        );
+        assert!(e.compiler().world().pods.contains_key(&Key::new("x", "a")));
+        // A local relist does not drop remote pods.
+        e.pod_event_in(Scope::Local, Event::Init);
+        e.pod_event_in(
+            Scope::Local,
+            Event::InitApply(pod("x", "a", &[], Some("10.0.0.1"))),
+        );
+        e.pod_event_in(Scope::Local, Event::InitDone);
+        assert!(e.compiler().world().pods.contains_key(&Key::new("x", "r")));
+        let _ = e.take_load();
+        e.loaded(true);
+        // The policy goes, the watch stops: remote pods forgotten, local kept.
+        e.policy_event(Event::Delete(from_b));
+        assert!(!e.needs_remote_pods());
+        e.remote_pods(false);
+        assert!(e.listed());
+        let world = e.compiler().world();
+        assert!(!world.pods.contains_key(&Key::new("x", "r")));
+        assert!(world.pods.contains_key(&Key::new("x", "a")));
     }
 
     #[test]

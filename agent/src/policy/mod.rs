@@ -27,7 +27,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use tokio::sync::{mpsc, oneshot};
 
-pub use engine::{Endpoint, Engine, Event};
+pub use engine::{Endpoint, Engine, Event, Scope};
 use margay_policy::PodKey;
 
 use crate::dataplane::ownership::{NFT_POLICY_TABLE, POLICY_TABLE_NAME};
@@ -306,6 +306,37 @@ fn status(engine: &Engine, watch: bool, last_error: &Option<String>) -> Status {
     s
 }
 
+/// How long other nodes' Pods stay watched after the last policy with
+/// pod peers went (a policy replaced by another is no re-list).
+pub const REMOTE_LINGER: Duration = Duration::from_secs(300);
+
+/// A watch of one kind.
+type Watch<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// A watch of `api` (with `config`), or (not `on`) one that never says
+/// anything.
+fn watched<K>(on: bool, api: Api<K>, config: watcher::Config) -> Watch<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    if on {
+        watcher(api, config.page_size(500))
+            .default_backoff()
+            .boxed()
+    } else {
+        futures::stream::pending().boxed()
+    }
+}
+
+/// The next event of `w`, or never when there is no watch.
+async fn next<K>(w: &mut Option<Watch<K>>) -> Option<Result<watcher::Event<K>, watcher::Error>> {
+    match w {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An attachment start-up found wired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
@@ -340,25 +371,23 @@ pub async fn run(
             engine.endpoint_added(r.endpoint);
         }
     }
-    fn watched<K>(
-        on: bool,
-        api: Api<K>,
-    ) -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
-    where
-        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-        K::DynamicType: Default,
-    {
-        if on {
-            watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed()
-        } else {
-            futures::stream::pending().boxed()
-        }
-    }
-    let mut pods = watched(watch, Api::<core::Pod>::all(client.clone()));
-    let mut namespaces = watched(watch, Api::<core::Namespace>::all(client.clone()));
-    let mut policies = watched(watch, Api::<net::NetworkPolicy>::all(client));
+    let here = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let elsewhere = watcher::Config::default().fields(&format!("spec.nodeName!={node}"));
+    let mut pods = watched(watch, Api::<core::Pod>::all(client.clone()), here);
+    let mut namespaces = watched(
+        watch,
+        Api::<core::Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let mut policies = watched(
+        watch,
+        Api::<net::NetworkPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    // Remote Pods: watched while a policy has pod or namespace peers,
+    // dropped once none has for REMOTE_LINGER.
+    let mut remote: Option<Watch<core::Pod>> = None;
+    let mut unneeded_since: Option<tokio::time::Instant> = None;
     if !watch {
         // Nothing to list: every kind is known empty.
         engine.pod_event(Event::Init);
@@ -383,13 +412,20 @@ pub async fn run(
     let mut unpublished = true;
     loop {
         let mut wake = retry.map_or(next_full, |r| r.min(next_full));
+        if let Some(since) = unneeded_since {
+            wake = wake.min(since + REMOTE_LINGER);
+        }
         if unpublished {
             wake = wake.min(published + Duration::from_secs(1));
         }
         tokio::select! {
             Some(ev) = pods.next() => match ev {
-                Ok(ev) => engine.pod_event(event(ev)),
-                Err(e) => warn("Pods", &e),
+                Ok(ev) => engine.pod_event_in(Scope::Local, event(ev)),
+                Err(e) => warn("this node's Pods", &e),
+            },
+            Some(ev) = next(&mut remote) => match ev {
+                Ok(ev) => engine.pod_event_in(Scope::Remote, event(ev)),
+                Err(e) => warn("other nodes' Pods", &e),
             },
             Some(ev) = namespaces.next() => match ev {
                 Ok(ev) => engine.namespace_event(event(ev)),
@@ -436,7 +472,11 @@ pub async fn run(
         for _ in 0..4096 {
             let mut any = false;
             if let Some(Some(Ok(ev))) = pods.next().now_or_never() {
-                engine.pod_event(event(ev));
+                engine.pod_event_in(Scope::Local, event(ev));
+                any = true;
+            }
+            if let Some(Some(Ok(ev))) = next(&mut remote).now_or_never() {
+                engine.pod_event_in(Scope::Remote, event(ev));
                 any = true;
             }
             if let Some(Some(Ok(ev))) = namespaces.next().now_or_never() {
@@ -450,6 +490,32 @@ pub async fn run(
             if !any {
                 break;
             }
+        }
+        // Remote Pods watched as long as a policy needs them.
+        match (engine.needs_remote_pods(), remote.is_some()) {
+            (true, false) => {
+                tracing::info!("NetworkPolicy: a policy has pod peers: watching other nodes' Pods");
+                remote = Some(watched(
+                    true,
+                    Api::<core::Pod>::all(client.clone()),
+                    elsewhere.clone(),
+                ));
+                engine.remote_pods(true);
+            }
+            (true, true) => unneeded_since = None,
+            (false, true) => {
+                let now = tokio::time::Instant::now();
+                let since = *unneeded_since.get_or_insert(now);
+                if now >= since + REMOTE_LINGER {
+                    tracing::info!(
+                        "NetworkPolicy: no policy has pod peers: other nodes' Pods no longer watched"
+                    );
+                    remote = None;
+                    unneeded_since = None;
+                    engine.remote_pods(false);
+                }
+            }
+            (false, false) => {}
         }
         let t = std::time::Instant::now();
         if retry.is_none()
