@@ -248,6 +248,16 @@ pub fn remote_blocks(
     own: &Local,
 ) -> Vec<RemoteBlock> {
     let mut out = Vec::new();
+    // Each next hop found in one lookup (not a search of every node per
+    // prefix: with a block or more per node that was N^2 per pass). Of
+    // two nodes announcing one address the first, as before.
+    let mut by_address: std::collections::HashMap<IpAddr, &NodeInfo> =
+        std::collections::HashMap::with_capacity(nodes.len());
+    for n in nodes {
+        if let Some(a) = n.address {
+            by_address.entry(a.ip()).or_insert(n);
+        }
+    }
     for (prefix, hops) in learned {
         let Ok(cidr) = IpNetwork::new(prefix.addr(), prefix.len()) else {
             continue;
@@ -265,9 +275,7 @@ pub fn remote_blocks(
         let Some(&hop) = hops.first() else {
             continue;
         };
-        let node = nodes
-            .iter()
-            .find(|n| n.address.is_some_and(|a| a.ip() == hop));
+        let node = by_address.get(&hop).copied();
         out.push(RemoteBlock {
             cidr,
             node: node.map_or_else(|| hop.to_string(), |n| n.name.clone()),
