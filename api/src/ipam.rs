@@ -187,8 +187,10 @@ impl LabelSelector {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolStatus {
-    /// `Ready` (usable: valid, not overlapping, not being deleted) and
-    /// `Exhausted` (every block claimed and full).
+    /// `Ready` (usable: valid, not overlapping, not being deleted),
+    /// `Exhausted` (every block claimed and full) and `NodeCapacity`
+    /// (`False` when fewer than a tenth of its blocks, or fewer than 16,
+    /// are unclaimed: nodes beyond those get no block of it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Addresses allocated from this pool.
@@ -197,6 +199,11 @@ pub struct IPPoolStatus {
     /// Blocks claimed from this pool.
     #[serde(default)]
     pub blocks: u64,
+    /// Blocks not claimed yet: each node takes one at its first address
+    /// from the pool, so this is how many more nodes it can serve (the
+    /// `NodeCapacity` condition says when it runs low).
+    #[serde(default)]
+    pub free_blocks: u64,
 }
 
 /// One block of a pool: which node it is affine to and who holds each of

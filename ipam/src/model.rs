@@ -461,6 +461,10 @@ pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolS
             )
         };
         let full = mine.len() as u128 >= p.block_count() && mine.iter().all(|b| b.free() == 0);
+        let total = p.block_count();
+        let free_blocks =
+            u64::try_from(total.saturating_sub(mine.len() as u128)).unwrap_or(u64::MAX);
+        let (room, room_reason) = node_capacity(free_blocks, total);
         out.push((
             p.name.clone(),
             IPPoolStatus {
@@ -481,9 +485,20 @@ pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolS
                             "free addresses remain".to_string()
                         },
                     ),
+                    cond(
+                        "NodeCapacity",
+                        room,
+                        room_reason,
+                        format!(
+                            "{free_blocks} of {total} blocks of /{} unclaimed: room for {free_blocks} more nodes (a node claims a block at its first address from this pool){}",
+                            p.block_size,
+                            if room { "" } else { "; add a pool or use a smaller blockSize before nodes go without" }
+                        ),
+                    ),
                 ],
                 allocated,
                 blocks: mine.len() as u64,
+                free_blocks,
             },
         ));
     }
@@ -494,10 +509,25 @@ pub fn pool_statuses(pools: &[IPPool], blocks: &[Block]) -> Vec<(String, IPPoolS
                 conditions: vec![cond("Ready", false, pr.reason, pr.message)],
                 allocated: 0,
                 blocks: 0,
+                free_blocks: 0,
             },
         ));
     }
     out
+}
+
+/// Whether a pool with `free` of `total` blocks unclaimed has room for
+/// more nodes (`False` with none left or fewer than a tenth), and the
+/// condition's reason.
+pub fn node_capacity(free: u64, total: u128) -> (bool, &'static str) {
+    let low = total / 10;
+    if free == 0 {
+        (false, "NoBlocksLeft")
+    } else if u128::from(free) < low {
+        (false, "FewBlocksLeft")
+    } else {
+        (true, "BlocksLeft")
+    }
 }
 
 /// Whether two networks share an address.
@@ -525,6 +555,54 @@ mod tests {
         );
         p.metadata.creation_timestamp = None;
         p
+    }
+
+    #[test]
+    fn a_pool_says_when_its_blocks_run_low() {
+        // The default pool: 10.244.0.0/16 in /26 blocks is 1,024 nodes.
+        let pools = [pool("default", "10.244.0.0/16", Some(26))];
+        let claimed: Vec<Block> = (0..930u32)
+            .map(|i| {
+                let net = std::net::Ipv4Addr::from(0x0af4_0000 + i * 64);
+                Block::new(
+                    IpNetwork::new(IpAddr::V4(net), 26).unwrap(),
+                    "default",
+                    &format!("n{i}"),
+                )
+            })
+            .collect();
+        let at = |n: usize| {
+            let st = pool_statuses(&pools, &claimed[..n]).remove(0).1;
+            let c = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "NodeCapacity")
+                .cloned()
+                .unwrap();
+            (st.free_blocks, c.status, c.reason, c.message)
+        };
+        let (free, status, reason, message) = at(0);
+        assert_eq!(
+            (free, status.as_str(), reason.as_str()),
+            (1024, "True", "BlocksLeft")
+        );
+        assert!(
+            message.starts_with("1024 of 1024 blocks of /26 unclaimed: room for 1024 more nodes"),
+            "{message}"
+        );
+        assert_eq!(at(922).1, "True", "102 left: a tenth");
+        let (free, status, reason, message) = at(930);
+        assert_eq!(
+            (free, status.as_str(), reason.as_str()),
+            (94, "False", "FewBlocksLeft")
+        );
+        assert!(message.contains("add a pool"), "{message}");
+        assert_eq!(node_capacity(0, 4), (false, "NoBlocksLeft"));
+        assert_eq!(
+            node_capacity(1, 4),
+            (true, "BlocksLeft"),
+            "a small pool warns only when none is left"
+        );
     }
 
     #[test]

@@ -474,6 +474,19 @@ async fn pool_status_reports_problems_and_deletion_waits_for_the_last_address() 
     let p = pools.get("default").await.unwrap();
     assert_eq!(ready(&p).0, "True");
     assert_eq!(p.status.as_ref().unwrap().allocated, 1);
+    // /24 in /26 blocks: one claimed, room for three more nodes.
+    assert_eq!(p.status.as_ref().unwrap().free_blocks, 3);
+    let room = p
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "NodeCapacity");
+    assert!(
+        room.is_some_and(|c| c.status == "True" && c.message.contains("room for 3 more nodes")),
+        "{room:?}"
+    );
     assert!(p.finalizers().contains(&"margay.dev/ipam".to_string()));
     let (st, reason, msg) = ready(&pools.get("overlapping").await.unwrap());
     assert_eq!(
