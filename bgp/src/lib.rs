@@ -13,6 +13,7 @@
 pub mod config;
 pub mod error;
 pub mod fsm;
+mod group;
 pub mod kernel;
 pub mod metrics;
 pub mod net;

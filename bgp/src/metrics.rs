@@ -150,6 +150,20 @@ impl Collector for SpeakerMetrics {
         )?;
         metric(
             &mut enc,
+            "margay_bgp_update_groups",
+            "Update groups: peers exported the same routes with the same attributes, sharing one Adj-RIB-Out.",
+            MetricType::Gauge,
+            Samples::One(self.0.update_groups.load(Relaxed)),
+        )?;
+        metric(
+            &mut enc,
+            "margay_bgp_adj_rib_out_entries",
+            "Routes held in the update groups' Adj-RIB-Outs, all groups together.",
+            MetricType::Gauge,
+            Samples::One(self.0.adj_out_entries.load(Relaxed)),
+        )?;
+        metric(
+            &mut enc,
             "margay_bgp_updates_treated_as_withdraw",
             "UPDATEs turned into withdrawals under RFC 7606.",
             MetricType::Counter,

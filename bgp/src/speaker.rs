@@ -4,7 +4,7 @@
 //!  listener ──TcpStream──▶ peer task (Session FSM per link, socket, timers)
 //!                            │  PeerEvent::{Up, Update, Down, Refresh}    ▲ encoded UPDATEs
 //!                            ▼                                            │
-//!                          RIB task (Rib, Adj-RIB-Out per peer, Fib) ─────┘──▶ kernel
+//!                          RIB task (Rib, Adj-RIB-Out per update group, Fib) ┘──▶ kernel
 //! control socket ──Show──▶ RIB task
 //! ```
 //! Peer tasks own their connections and carry out the FSM's actions; the
@@ -31,16 +31,20 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Neighbor};
 use crate::fsm::{SessionConfig, State};
+use crate::group::{Decided, Group, GroupKey, Member};
 use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
 use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Stop, Transport};
-use crate::prefix_map::PrefixMap;
 use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
 use crate::state::Shared;
 use crate::task::Owned;
 use crate::{Error, Result};
+
+/// The peer a group's export is computed for: none (no path's source),
+/// so each member's own routes are left to [`Member::fan_out`].
+const GROUP_EXPORT: PeerId = PeerId::MAX;
 
 /// First reconnect delay; it doubles per failure up to 30 s. Short, because
 /// the usual failure is a peer (a node) not listening yet.
@@ -133,12 +137,11 @@ struct PeerSlot {
 struct Established {
     out: mpsc::UnboundedSender<Vec<u8>>,
     ctx: Ctx,
-    info: PeerInfo,
-    local: IpAddr,
     families: Vec<(u16, u8)>,
-    /// Adj-RIB-Out: what the peer was told. Prefixes announced together
-    /// share one `Arc`, so a full table costs one attribute set per group.
-    adj_out: PrefixMap<Arc<Attrs>>,
+    /// Its update group (whose Adj-RIB-Out is what it was told, less
+    /// what `member` holds back).
+    group: GroupKey,
+    member: Member,
     eor_received: HashSet<u16>,
     /// When a ROUTE-REFRESH was last served, and the timer of one asked for
     /// since (any number of them are served once, [`REFRESH_GAP`] after).
@@ -251,6 +254,7 @@ impl Speaker {
             peer_tx,
             shutdown: shut_rx.clone(),
             next_id: 1,
+            groups: HashMap::new(),
             communities: cfg.community_values(),
             stale_kernel,
             restarting,
@@ -468,6 +472,8 @@ struct RibTask {
     originated: HashSet<Prefix>,
     rib: Rib,
     peers: HashMap<PeerId, PeerSlot>,
+    /// The update groups of the established peers.
+    groups: HashMap<GroupKey, Group>,
     /// Every peer task; a removed peer's task ends by itself after its
     /// Cease, and the rest are waited for at shutdown.
     peer_tasks: JoinSet<()>,
@@ -540,6 +546,7 @@ impl RibTask {
     /// Forgets a peer; dropping its command channel ends its task, which
     /// closes the session with Cease/peer de-configured.
     fn remove_peer(&mut self, id: PeerId) -> Option<PeerSlot> {
+        self.leave_group(id);
         self.shared.peers.lock().expect("peers").remove(&id);
         self.peers.remove(&id)
     }
@@ -579,6 +586,13 @@ impl RibTask {
             self.shared
                 .rib_prefixes
                 .store(self.rib.len() as u64, Relaxed);
+            self.shared
+                .update_groups
+                .store(self.groups.len() as u64, Relaxed);
+            self.shared.adj_out_entries.store(
+                self.groups.values().map(|g| g.adj_out.len() as u64).sum(),
+                Relaxed,
+            );
             self.publish_sync();
         }
         // Peers saw the same signal and say Cease; give them a moment.
@@ -668,10 +682,7 @@ impl RibTask {
                     // exported attributes changed (its Adj-RIB-Out decides).
                     let all: Vec<(Prefix, Option<Best>)> =
                         self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
-                    let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-                    for id in ids {
-                        self.export_to(id, &all);
-                    }
+                    self.export_all(&all);
                 }
             }
             ToRib::SetRestartTime(secs) => {
@@ -749,21 +760,41 @@ impl RibTask {
                     rr_client: slot.params.rr_client,
                 };
                 self.rib.add_peer(id, info.clone());
+                let mut families = neg.families.clone();
+                families.sort_unstable();
+                let group = GroupKey {
+                    ibgp: info.ibgp,
+                    rr_client: info.rr_client,
+                    local,
+                    next_hop_self: slot.params.next_hop_self,
+                    export_local_only: slot.params.export_local_only,
+                    families,
+                };
                 slot.session = Some(Established {
                     out,
                     ctx: neg.ctx,
-                    info,
-                    local,
                     families: neg.families.clone(),
-                    adj_out: PrefixMap::default(),
+                    group: group.clone(),
+                    member: Member::default(),
                     eor_received: HashSet::new(),
                     refreshed: None,
                     refresh_due: None,
                 });
-                // Initial advertisement, then End-of-RIB per family.
-                let all: Vec<(Prefix, Option<Best>)> =
-                    self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
-                self.export_to(id, &all);
+                // Initial advertisement (its group's table; a new group's
+                // computed first), then End-of-RIB per family.
+                let fresh = !self.groups.contains_key(&group);
+                self.groups
+                    .entry(group.clone())
+                    .or_insert_with(|| Group::new(info))
+                    .members
+                    .insert(id);
+                if fresh {
+                    let all: Vec<(Prefix, Option<Best>)> =
+                        self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
+                    self.export_group(&group, &all);
+                } else {
+                    self.resend(id);
+                }
                 if let Some(s) = self.peers.get(&id).and_then(|p| p.session.as_ref()) {
                     for (afi, safi) in &s.families {
                         let eor = Message::Update(Update::end_of_rib(*afi, *safi));
@@ -773,6 +804,7 @@ impl RibTask {
             }
             PeerEvent::Update { id, update } => self.update(id, update).await,
             PeerEvent::Down { id, keep_stale } => {
+                self.leave_group(id);
                 if let Some(slot) = self.peers.get_mut(&id) {
                     slot.session = None;
                     slot.status.lock().expect("status").prefixes_sent = 0;
@@ -811,15 +843,51 @@ impl RibTask {
 
     /// Re-advertises everything to `id` (a ROUTE-REFRESH served).
     fn refresh(&mut self, id: PeerId) {
-        let all: Vec<(Prefix, Option<Best>)> =
-            self.rib.iter_best().map(|(p, b)| (p, Some(b))).collect();
         let Some(s) = self.peers.get_mut(&id).and_then(|p| p.session.as_mut()) else {
             return;
         };
-        s.adj_out.clear();
         s.refreshed = Some(tokio::time::Instant::now());
         s.refresh_due = None;
-        self.export_to(id, &all);
+        self.resend(id);
+    }
+
+    /// Peer `id` (established) leaves its update group; the last member
+    /// out drops the group's table.
+    fn leave_group(&mut self, id: PeerId) {
+        let Some(key) = self
+            .peers
+            .get(&id)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.group.clone())
+        else {
+            return;
+        };
+        if let Some(g) = self.groups.get_mut(&key) {
+            g.members.remove(&id);
+            if g.members.is_empty() {
+                self.groups.remove(&key);
+            }
+        }
+    }
+
+    /// Sends peer `id` its group's whole table (less its own routes), as
+    /// to a peer told nothing yet.
+    fn resend(&mut self, id: PeerId) {
+        let Some(key) = self
+            .peers
+            .get(&id)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.group.clone())
+        else {
+            return;
+        };
+        let Some(g) = self.groups.get(&key) else {
+            return;
+        };
+        let rib = &self.rib;
+        let decided = g.dump(|p| rib.best(p).map(|b| b.best.peer));
+        let table = g.adj_out.len();
+        self.send_member(id, &decided, true, table);
     }
 
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {
@@ -954,73 +1022,91 @@ impl RibTask {
             }
             fib.submit(ops).await;
         }
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-        for id in ids {
-            self.export_to(id, &changes);
-        }
+        self.export_all(&changes);
     }
 
-    fn export_to(&mut self, id: PeerId, changes: &[(Prefix, Option<Best>)]) {
-        let Some(slot) = self.peers.get_mut(&id) else {
+    /// Exports `changes` to every update group.
+    fn export_all(&mut self, changes: &[(Prefix, Option<Best>)]) {
+        let keys: Vec<GroupKey> = self.groups.keys().cloned().collect();
+        for key in keys {
+            self.export_group(&key, changes);
+        }
+        self.shared
+            .update_groups
+            .store(self.groups.len() as u64, Relaxed);
+        self.shared.adj_out_entries.store(
+            self.groups.values().map(|g| g.adj_out.len() as u64).sum(),
+            Relaxed,
+        );
+    }
+
+    /// Exports `changes` once for group `key` (the attributes its members
+    /// are sent), then sends each member what that means for it.
+    fn export_group(&mut self, key: &GroupKey, changes: &[(Prefix, Option<Best>)]) {
+        let Some(g) = self.groups.get_mut(key) else {
             return;
         };
-        let Some(s) = slot.session.as_mut() else {
-            return;
-        };
-        let mut announce: HashMap<Attrs, Vec<Prefix>> = HashMap::new();
-        let mut withdraw: [Vec<Prefix>; 2] = [Vec::new(), Vec::new()];
+        let mut wants = Vec::with_capacity(changes.len());
         for (p, best) in changes {
             let fam = if p.is_v4() {
                 (AFI_IPV4, SAFI_UNICAST)
             } else {
                 (AFI_IPV6, SAFI_UNICAST)
             };
-            if !s.families.contains(&fam) {
+            if !key.families.contains(&fam) {
                 continue;
             }
-            let nh_self = if p.is_v4() == s.local.is_ipv4() {
-                Some(s.local)
-            } else {
-                None
-            };
+            let nh_self = (p.is_v4() == key.local.is_ipv4()).then_some(key.local);
             let best = best
                 .as_ref()
-                .filter(|b| !slot.params.export_local_only || b.best.peer == LOCAL);
+                .filter(|b| !key.export_local_only || b.best.peer == LOCAL);
+            // Exported as to a peer that is none of the sources: each
+            // member's own routes are held back from it by `fan_out`.
             let out = self.rib.export(
-                &s.info,
-                id,
+                &g.info,
+                GROUP_EXPORT,
                 best.map(|b| &b.best),
                 nh_self,
-                slot.params.next_hop_self,
+                key.next_hop_self,
                 &self.communities,
             );
-            // Adj-RIB-Out: what the peer should hear against what it was told.
             let want = out.filter(|a| a.next_hop.is_some());
-            match margay_delta::change(want, s.adj_out.get(p).map(|x| &**x)) {
-                Change::Keep => {}
-                Change::Set(a) => announce.entry(a).or_default().push(*p),
-                Change::Remove => {
-                    s.adj_out.remove(p);
-                    withdraw[usize::from(!p.is_v4())].push(*p);
-                }
-            }
+            wants.push((*p, want, best.map(|b| b.best.peer)));
         }
+        let decided = g.apply(wants);
+        let table = g.adj_out.len();
+        let members: Vec<PeerId> = g.members.iter().copied().collect();
+        for id in members {
+            self.send_member(id, &decided, false, table);
+        }
+    }
+
+    /// Sends member `id` what `decided` means for it (`fresh`: it was told
+    /// nothing before); `table` is its group's table size.
+    fn send_member(&mut self, id: PeerId, decided: &[Decided], fresh: bool, table: usize) {
+        let Some(slot) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = slot.session.as_mut() else {
+            return;
+        };
+        let out = s.member.fan_out(id, decided, fresh);
         let mut n = 0u64;
-        for w in &withdraw {
-            for m in UpdateBuilder::withdraw(w, &s.ctx) {
+        let (v4, v6): (Vec<Prefix>, Vec<Prefix>) =
+            out.withdraw.into_iter().partition(Prefix::is_v4);
+        for w in [v4, v6] {
+            for m in UpdateBuilder::withdraw(&w, &s.ctx) {
                 let _ = s.out.send(m);
                 n += 1;
             }
         }
-        for (a, ps) in announce {
-            let shared = Arc::new(a);
-            for p in &ps {
-                s.adj_out.insert(*p, shared.clone());
-            }
-            let a = &*shared;
+        for (a, ps) in out.announce {
             let (v4, v6): (Vec<Prefix>, Vec<Prefix>) = ps.into_iter().partition(Prefix::is_v4);
             for group in [v4, v6] {
-                match UpdateBuilder::announce(a, &group, None, &s.ctx) {
+                if group.is_empty() {
+                    continue;
+                }
+                match UpdateBuilder::announce(&a, &group, None, &s.ctx) {
                     Ok(ms) => {
                         for m in ms {
                             let _ = s.out.send(m);
@@ -1037,9 +1123,7 @@ impl RibTask {
                             size,
                             "routes not sent: their attributes need an UPDATE of {size} octets (more than 4096); withdrawn from this peer"
                         );
-                        for p in &group {
-                            s.adj_out.remove(p);
-                        }
+                        s.member.hold(&group);
                         for m in UpdateBuilder::withdraw(&group, &s.ctx) {
                             let _ = s.out.send(m);
                             n += 1;
@@ -1051,7 +1135,7 @@ impl RibTask {
         }
         let mut st = slot.status.lock().expect("status");
         st.updates_out += n;
-        st.prefixes_sent = s.adj_out.len();
+        st.prefixes_sent = s.member.sent(table);
     }
 
     /// The best routes as the outside sees them, by prefix.

@@ -20,6 +20,11 @@ pub(crate) struct Shared {
     pub rib_prefixes: AtomicU64,
     /// UPDATEs turned into withdrawals under RFC 7606.
     pub treat_as_withdraw: AtomicU64,
+    /// Update groups (peers sharing one Adj-RIB-Out).
+    pub update_groups: AtomicU64,
+    /// Entries of every group's Adj-RIB-Out together (grows with routes
+    /// × groups, not with peers).
+    pub adj_out_entries: AtomicU64,
     /// The kernel writer's counters (with `fib`).
     pub kernel: Option<Arc<FibStats>>,
 }

@@ -688,6 +688,15 @@ router bgp 64512
     assert!(all.contains("cluster_list: 10.99.0.1"), "{all}");
     let n = margay.neighbors();
     assert_eq!(n.iter().filter(|p| p.dynamic).count(), 2, "{n:?}");
+    // The two clients share one update group: one Adj-RIB-Out of the two
+    // routes, not one per client; each was sent the other's route only.
+    let m = margay.metrics();
+    assert!(m.contains("margay_bgp_update_groups 1\n"), "{m}");
+    assert!(m.contains("margay_bgp_adj_rib_out_entries 2\n"), "{m}");
+    assert!(
+        n.iter().all(|p| p.prefixes_sent == 1),
+        "each client is sent the other's route, not its own: {n:?}"
+    );
     drop(frr);
 }
 
