@@ -167,17 +167,28 @@ async fn client(
     mut go: watch::Receiver<bool>,
     tx: mpsc::UnboundedSender<Report>,
 ) {
-    if let Err(e) = client_inner(src, own, all, &mut go, &tx).await {
-        let _ = tx.send(Report::Failed(format!("client {src}: {e:#}")));
+    // A session that fails before it is established is tried again, as a
+    // router would (BIRD resets some of many simultaneous connections).
+    let mut established = false;
+    for attempt in 1.. {
+        match client_inner(src, &own, all, &mut go, &tx, &mut established).await {
+            Err(e) if established || attempt >= 30 => {
+                let _ = tx.send(Report::Failed(format!("client {src}: {e:#}")));
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Ok(()) => return,
+        }
     }
 }
 
 async fn client_inner(
     src: Ipv4Addr,
-    own: Vec<Prefix>,
+    own: &[Prefix],
     all: u32,
     go: &mut watch::Receiver<bool>,
     tx: &mpsc::UnboundedSender<Report>,
+    up: &mut bool,
 ) -> anyhow::Result<()> {
     let ctx = Ctx {
         four_octet_as: true,
@@ -220,7 +231,7 @@ async fn client_inner(
                 local_pref: Some(100),
                 ..Attrs::default()
             };
-            let msgs = UpdateBuilder::announce(&attrs, &own, None, &ctx)
+            let msgs = UpdateBuilder::announce(&attrs, own, None, &ctx)
                 .map_err(|n| anyhow::anyhow!("an UPDATE of {n} octets"))?;
             for m in msgs {
                 s.write_all(&m).await?;
@@ -248,6 +259,7 @@ async fn client_inner(
                         Message::Open(_) => s.write_all(&Message::Keepalive.encode(&ctx)).await?,
                         Message::Keepalive if !established => {
                             established = true;
+                            *up = true;
                             let _ = tx.send(Report::Established);
                         }
                         Message::Update(u) => {
