@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use margay_delta::Change;
 
-use crate::packet::{Attrs, Prefix};
+use crate::packet::{Attrs, Ctx, Prefix, UpdateBuilder};
+use crate::peer::Wire;
 use crate::prefix_map::PrefixMap;
 use crate::rib::{PeerId, PeerInfo};
 
@@ -197,6 +198,68 @@ impl Member {
     }
 }
 
+/// The UPDATEs of one export, encoded once per distinct (attributes,
+/// prefixes, session encoding) and shared by every member that is sent
+/// the same: a reflector's clients queue pointers to one copy, not a copy
+/// each.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    announce: HashMap<(*const Attrs, Encoding), Vec<Announced>>,
+    withdraw: HashMap<Encoding, Vec<Withdrawn>>,
+}
+
+/// Prefixes withdrawn together and their UPDATEs.
+type Withdrawn = (Vec<Prefix>, Vec<Wire>);
+
+/// What of a session's negotiation the encoding depends on (4-octet AS
+/// numbers, iBGP).
+type Encoding = (bool, bool);
+
+/// Prefixes announced together and their UPDATEs (or the size that did
+/// not fit).
+type Announced = (Vec<Prefix>, Result<Vec<Wire>, usize>);
+
+fn wires(v: Vec<Vec<u8>>) -> Vec<Wire> {
+    v.into_iter().map(Wire::from).collect()
+}
+
+impl Encoded {
+    /// UPDATEs announcing `prefixes` (one family) with `attrs` for a
+    /// session encoding as `ctx` (`Err`: too big, see
+    /// [`UpdateBuilder::announce`]).
+    pub fn announce(
+        &mut self,
+        attrs: &Arc<Attrs>,
+        prefixes: &[Prefix],
+        ctx: &Ctx,
+    ) -> Result<Vec<Wire>, usize> {
+        let slot = self
+            .announce
+            .entry((Arc::as_ptr(attrs), (ctx.four_octet_as, ctx.ibgp)))
+            .or_default();
+        if let Some((_, w)) = slot.iter().find(|(ps, _)| ps == prefixes) {
+            return w.clone();
+        }
+        let w = UpdateBuilder::announce(attrs, prefixes, None, ctx).map(wires);
+        slot.push((prefixes.to_vec(), w.clone()));
+        w
+    }
+
+    /// UPDATEs withdrawing `prefixes` (one family).
+    pub fn withdraw(&mut self, prefixes: &[Prefix], ctx: &Ctx) -> Vec<Wire> {
+        let slot = self
+            .withdraw
+            .entry((ctx.four_octet_as, ctx.ibgp))
+            .or_default();
+        if let Some((_, w)) = slot.iter().find(|(ps, _)| ps == prefixes) {
+            return w.clone();
+        }
+        let w = wires(UpdateBuilder::withdraw(prefixes, ctx));
+        slot.push((prefixes.to_vec(), w.clone()));
+        w
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,4 +378,24 @@ mod tests {
     }
 
     use std::collections::BTreeMap;
+
+    /// Members sent the same thing share its encoding.
+    #[test]
+    fn the_same_update_is_encoded_once() {
+        let mut e = Encoded::default();
+        let a = Arc::new(attrs("10.0.0.1"));
+        let ctx = Ctx {
+            four_octet_as: true,
+            ibgp: true,
+        };
+        let ps = [p("10.244.1.0/26"), p("10.244.2.0/26")];
+        let one = e.announce(&a, &ps, &ctx).unwrap();
+        let two = e.announce(&a, &ps, &ctx).unwrap();
+        assert!(Arc::ptr_eq(&one[0], &two[0]), "one copy");
+        let other = e.announce(&a, &ps[..1], &ctx).unwrap();
+        assert!(!Arc::ptr_eq(&one[0], &other[0]));
+        let w1 = e.withdraw(&ps, &ctx);
+        let w2 = e.withdraw(&ps, &ctx);
+        assert!(Arc::ptr_eq(&w1[0], &w2[0]));
+    }
 }

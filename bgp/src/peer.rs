@@ -37,6 +37,10 @@ use crate::packet::{DecodeError, Message, Update, frame_len};
 use crate::rib::PeerId;
 use margay_api::status::NeighborView;
 
+/// An encoded message as queued for a peer's socket: shared, so a
+/// message sent to every member of an update group is one allocation.
+pub(crate) type Wire = Arc<[u8]>;
+
 /// A peer's state as its task and the RIB task keep it (read for the
 /// neighbor view and the metrics).
 #[derive(Debug, Clone)]
@@ -93,7 +97,7 @@ pub(crate) enum PeerEvent {
         id: PeerId,
         neg: Box<Negotiated>,
         local: IpAddr,
-        out: mpsc::UnboundedSender<Vec<u8>>,
+        out: mpsc::UnboundedSender<Wire>,
     },
     /// An UPDATE arrived.
     Update { id: PeerId, update: Update },
@@ -168,7 +172,7 @@ enum WriteEnd {
 
 struct Conn {
     /// To the writer task; every queued byte is counted in `queued`.
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::UnboundedSender<Wire>,
     queued: Arc<AtomicUsize>,
     /// The longest one write may take (the hold time, once negotiated).
     stall_ms: Arc<AtomicU64>,
@@ -204,7 +208,7 @@ impl std::fmt::Display for Overflow {
 
 impl Conn {
     /// Queues `bytes` for the writer; never waits.
-    fn send(&self, bytes: Vec<u8>) -> Result<(), Overflow> {
+    fn send(&self, bytes: Wire) -> Result<(), Overflow> {
         let n = bytes.len();
         if self.queued.fetch_add(n, Ordering::AcqRel) + n > OUT_LIMIT {
             self.queued.fetch_sub(n, Ordering::AcqRel);
@@ -234,7 +238,7 @@ impl Conn {
 /// time ends the writer with [`WriteEnd::Stalled`].
 async fn writer(
     mut w: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Wire>,
     queued: Arc<AtomicUsize>,
     stall_ms: Arc<AtomicU64>,
     ended: oneshot::Sender<WriteEnd>,
@@ -396,7 +400,7 @@ enum Input {
     Restart,
     Frame(Which, Frame),
     Connected(std::io::Result<TcpStream>),
-    Out(Vec<u8>),
+    Out(Wire),
     WriteEnded(Which, WriteEnd),
     Timer(Which, Timer),
 }
@@ -495,7 +499,7 @@ struct Shared {
     transport: Transport,
     events: mpsc::Sender<PeerEvent>,
     status: Arc<Mutex<PeerStatus>>,
-    out_rx: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    out_rx: Option<mpsc::UnboundedReceiver<Wire>>,
     /// What the Established main link negotiated (kept for its Down).
     neg: Option<Negotiated>,
     /// Said with the next Down (why we ended the session).
@@ -890,7 +894,7 @@ impl Shared {
                 Action::Send(m) => {
                     let ctx = link.session.negotiated().map(|n| n.ctx).unwrap_or_default();
                     if let Some(c) = link.conn.as_ref()
-                        && let Err(e) = c.send(m.encode(&ctx))
+                        && let Err(e) = c.send(m.encode(&ctx).into())
                     {
                         if which == Which::Main {
                             self.ending(e.to_string());

@@ -31,11 +31,11 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Neighbor};
 use crate::fsm::{SessionConfig, State};
-use crate::group::{Decided, Group, GroupKey, Member};
+use crate::group::{Decided, Encoded, Group, GroupKey, Member};
 use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
-use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update, UpdateBuilder};
+use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update};
 use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Stop, Transport};
 use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
 use crate::state::Shared;
@@ -135,7 +135,7 @@ struct PeerSlot {
 }
 
 struct Established {
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::UnboundedSender<crate::peer::Wire>,
     ctx: Ctx,
     families: Vec<(u16, u8)>,
     /// Its update group (whose Adj-RIB-Out is what it was told, less
@@ -798,7 +798,7 @@ impl RibTask {
                 if let Some(s) = self.peers.get(&id).and_then(|p| p.session.as_ref()) {
                     for (afi, safi) in &s.families {
                         let eor = Message::Update(Update::end_of_rib(*afi, *safi));
-                        let _ = s.out.send(eor.encode(&s.ctx));
+                        let _ = s.out.send(eor.encode(&s.ctx).into());
                     }
                 }
             }
@@ -887,7 +887,7 @@ impl RibTask {
         let rib = &self.rib;
         let decided = g.dump(|p| rib.best(p).map(|b| b.best.peer));
         let table = g.adj_out.len();
-        self.send_member(id, &decided, true, table);
+        self.send_member(id, &decided, true, table, &mut Encoded::default());
     }
 
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {
@@ -1076,14 +1076,23 @@ impl RibTask {
         let decided = g.apply(wants);
         let table = g.adj_out.len();
         let members: Vec<PeerId> = g.members.iter().copied().collect();
+        let mut encoded = Encoded::default();
         for id in members {
-            self.send_member(id, &decided, false, table);
+            self.send_member(id, &decided, false, table, &mut encoded);
         }
     }
 
     /// Sends member `id` what `decided` means for it (`fresh`: it was told
-    /// nothing before); `table` is its group's table size.
-    fn send_member(&mut self, id: PeerId, decided: &[Decided], fresh: bool, table: usize) {
+    /// nothing before); `table` is its group's table size; messages the
+    /// other members were sent already are shared from `encoded`.
+    fn send_member(
+        &mut self,
+        id: PeerId,
+        decided: &[Decided],
+        fresh: bool,
+        table: usize,
+        encoded: &mut Encoded,
+    ) {
         let Some(slot) = self.peers.get_mut(&id) else {
             return;
         };
@@ -1095,7 +1104,10 @@ impl RibTask {
         let (v4, v6): (Vec<Prefix>, Vec<Prefix>) =
             out.withdraw.into_iter().partition(Prefix::is_v4);
         for w in [v4, v6] {
-            for m in UpdateBuilder::withdraw(&w, &s.ctx) {
+            if w.is_empty() {
+                continue;
+            }
+            for m in encoded.withdraw(&w, &s.ctx) {
                 let _ = s.out.send(m);
                 n += 1;
             }
@@ -1106,7 +1118,7 @@ impl RibTask {
                 if group.is_empty() {
                     continue;
                 }
-                match UpdateBuilder::announce(&a, &group, None, &s.ctx) {
+                match encoded.announce(&a, &group, &s.ctx) {
                     Ok(ms) => {
                         for m in ms {
                             let _ = s.out.send(m);
@@ -1124,7 +1136,7 @@ impl RibTask {
                             "routes not sent: their attributes need an UPDATE of {size} octets (more than 4096); withdrawn from this peer"
                         );
                         s.member.hold(&group);
-                        for m in UpdateBuilder::withdraw(&group, &s.ctx) {
+                        for m in encoded.withdraw(&group, &s.ctx) {
                             let _ = s.out.send(m);
                             n += 1;
                         }
