@@ -37,6 +37,7 @@ use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update};
 use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Stop, Transport};
+use crate::prefix_map::PrefixMap;
 use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
 use crate::state::Shared;
 use crate::task::Owned;
@@ -45,6 +46,9 @@ use crate::{Error, Result};
 /// The peer a group's export is computed for: none (no path's source),
 /// so each member's own routes are left to [`Member::fan_out`].
 const GROUP_EXPORT: PeerId = PeerId::MAX;
+
+/// The most peer events handled before their routes are exported.
+const BATCH: usize = 1024;
 
 /// First reconnect delay; it doubles per failure up to 30 s. Short, because
 /// the usual failure is a peer (a node) not listening yet.
@@ -255,6 +259,7 @@ impl Speaker {
             shutdown: shut_rx.clone(),
             next_id: 1,
             groups: HashMap::new(),
+            pending_export: PrefixMap::default(),
             communities: cfg.community_values(),
             stale_kernel,
             restarting,
@@ -474,6 +479,8 @@ struct RibTask {
     peers: HashMap<PeerId, PeerSlot>,
     /// The update groups of the established peers.
     groups: HashMap<GroupKey, Group>,
+    /// Prefixes whose best path changed since the last export.
+    pending_export: PrefixMap<()>,
     /// Every peer task; a removed peer's task ends by itself after its
     /// Cease, and the rest are waited for at shutdown.
     peer_tasks: JoinSet<()>,
@@ -566,7 +573,17 @@ impl RibTask {
         loop {
             tokio::select! {
                 m = peer_rx.recv() => match m {
-                    Some(m) => self.peer_event(m).await,
+                    Some(m) => {
+                        self.peer_event(m).await;
+                        // The peers' events already waiting join this
+                        // export.
+                        for _ in 0..BATCH {
+                            match peer_rx.try_recv() {
+                                Ok(m) => self.peer_event(m).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 m = rx.recv() => match m {
@@ -583,6 +600,7 @@ impl RibTask {
                 }
                 _ = shut.changed() => break,
             }
+            self.flush_exports();
             self.shared
                 .rib_prefixes
                 .store(self.rib.len() as u64, Relaxed);
@@ -1022,6 +1040,26 @@ impl RibTask {
             }
             fib.submit(ops).await;
         }
+        // Exported once the events already waiting are handled too
+        // ([`RibTask::flush_exports`]): a burst of UPDATEs from many peers
+        // becomes one export per group, packed, not one per UPDATE.
+        for (p, _) in changes {
+            self.pending_export.insert(p, ());
+        }
+    }
+
+    /// Exports every prefix changed since the last flush, as the RIB has
+    /// it now.
+    fn flush_exports(&mut self) {
+        if self.pending_export.is_empty() {
+            return;
+        }
+        let changes: Vec<(Prefix, Option<Best>)> = self
+            .pending_export
+            .iter()
+            .map(|(p, _)| (p, self.rib.best(&p)))
+            .collect();
+        self.pending_export.clear();
         self.export_all(&changes);
     }
 
