@@ -869,15 +869,18 @@ impl RibTask {
         self.resend(id);
     }
 
-    /// Peer `id` (established) leaves its update group; the last member
-    /// out drops the group's table.
-    fn leave_group(&mut self, id: PeerId) {
-        let Some(key) = self
-            .peers
+    /// The update group of peer `id`, while it is established.
+    fn group_of(&self, id: PeerId) -> Option<GroupKey> {
+        self.peers
             .get(&id)
             .and_then(|p| p.session.as_ref())
             .map(|s| s.group.clone())
-        else {
+    }
+
+    /// Peer `id` (established) leaves its update group; the last member
+    /// out drops the group's table.
+    fn leave_group(&mut self, id: PeerId) {
+        let Some(key) = self.group_of(id) else {
             return;
         };
         if let Some(g) = self.groups.get_mut(&key) {
@@ -891,12 +894,7 @@ impl RibTask {
     /// Sends peer `id` its group's whole table (less its own routes), as
     /// to a peer told nothing yet.
     fn resend(&mut self, id: PeerId) {
-        let Some(key) = self
-            .peers
-            .get(&id)
-            .and_then(|p| p.session.as_ref())
-            .map(|s| s.group.clone())
-        else {
+        let Some(key) = self.group_of(id) else {
             return;
         };
         let Some(g) = self.groups.get(&key) else {
