@@ -14,17 +14,11 @@
 # iperf3 runs on the same cores.
 set -euo pipefail
 policies=${1:-1000} rounds=${2:-3} secs=${3:-10} settle=${4:-10}
-bin=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/release
-lab=$bin/margay-lab
 export MARGAY_LAB_DIR=${MARGAY_LAB_DIR:-/run/margay-policy-iperf}
-state=$MARGAY_LAB_DIR/state.json
-trap '"$lab" down >/dev/null 2>&1 || true' EXIT
-"$lab" up --nodes 2 --pods-per-node 0 --tor none >/dev/null
-"$lab" pod add node1 srv --labels app=iperf,tier=db >/dev/null
-"$lab" pod add node2 cli --labels app=client,tier=web >/dev/null
-pod() { jq -r --arg n "$1" ".pods[] | select(.name == \$n) | .$2" "$state"; }
-sns=$(pod srv netns) cns=$(pod cli netns) sip=$(pod srv ip)
-node1=$(jq -r '.nodes[] | select(.name == "node1") | .netns' "$state")
+SRV_ARGS="--labels app=iperf,tier=db" CLI_ARGS="--labels app=client,tier=web"
+# shellcheck source=bench/iperf-lab.sh
+. "$(dirname "$0")/iperf-lab.sh"
+node1=$(node node1)
 
 policies_yaml() {
   cat <<YAML
@@ -59,14 +53,6 @@ YAML
   done
 }
 
-rate() {
-  ip netns exec "$sns" iperf3 -s -1 >/dev/null 2>&1 &
-  local srv=$!
-  sleep 0.5
-  ip netns exec "$cns" iperf3 -c "$sip" -t "$secs" -J | jq '.end.sum_received.bits_per_second / 1e6'
-  wait "$srv" || true
-}
-
 # Policy and endpoint chains (in/, out/, ep-in/, ep-out/); the base chain
 # and the two dispatch chains are always there.
 chains() { ip netns exec "$node1" nft list table inet margay_policy 2>/dev/null | grep -cE '^\s*chain (in|out|ep-in|ep-out)/' || true; }
@@ -84,6 +70,5 @@ for r in $(seq "$rounds"); do
   with+=("$(rate)")
   printf 'round %d: no policies %.0f Mbit/s, %d policies %.0f Mbit/s\n' "$r" "${none[-1]}" "$policies" "${with[-1]}"
 done
-median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 m0=$(median "${none[@]}") m1=$(median "${with[@]}")
 printf '| %d | %.0f | %.0f | %.3fx |\n' "$policies" "$m0" "$m1" "$(echo "$m1 / $m0" | bc -l)"

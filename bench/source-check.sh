@@ -13,26 +13,11 @@
 # margay-cni): bench/source-check.sh [ROUNDS=5] [SECONDS=10]
 set -euo pipefail
 rounds=${1:-5} secs=${2:-10}
-bin=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target}/release
-lab=$bin/margay-lab
 export MARGAY_LAB_DIR=${MARGAY_LAB_DIR:-/run/margay-source-check}
-state=$MARGAY_LAB_DIR/state.json
-trap '"$lab" down >/dev/null 2>&1 || true' EXIT
-"$lab" up --nodes 2 --pods-per-node 0 --tor none >/dev/null
-"$lab" pod add node1 srv >/dev/null
-"$lab" pod add node2 cli >/dev/null
-pod() { jq -r --arg n "$1" ".pods[] | select(.name == \$n) | .$2" "$state"; }
-node() { jq -r --arg n "$1" '.nodes[] | select(.name == $n) | .netns' "$state"; }
-sns=$(pod srv netns) cns=$(pod cli netns) sip=$(pod srv ip)
+# shellcheck source=bench/iperf-lab.sh
+. "$(dirname "$0")/iperf-lab.sh"
 nodes=("$(node node1)" "$(node node2)")
 
-rate() {
-  ip netns exec "$sns" iperf3 -s -1 >/dev/null 2>&1 &
-  local srv=$!
-  sleep 0.5
-  ip netns exec "$cns" iperf3 -c "$sip" -t "$secs" -J | jq '.end.sum_received.bits_per_second / 1e6'
-  wait "$srv" || true
-}
 # Inserts the bypass rules on every node; prints "netns chain handle" lines.
 bypass() {
   for n in "${nodes[@]}"; do
@@ -57,6 +42,5 @@ for r in $(seq "$rounds"); do
   restore "$handles"
   printf 'round %d: guards on %.0f Mbit/s, bypassed %.0f Mbit/s\n' "$r" "${on[-1]}" "${off[-1]}"
 done
-median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 m1=$(median "${on[@]}") m0=$(median "${off[@]}")
 printf '| guards on (median) | bypassed (median) | ratio |\n|---|---|---|\n| %.0f | %.0f | %.3fx |\n' "$m1" "$m0" "$(echo "$m1 / $m0" | bc -l)"
