@@ -1067,13 +1067,6 @@ impl RibTask {
         for key in keys {
             self.export_group(&key, changes);
         }
-        self.shared
-            .update_groups
-            .store(self.groups.len() as u64, Relaxed);
-        self.shared.adj_out_entries.store(
-            self.groups.values().map(|g| g.adj_out.len() as u64).sum(),
-            Relaxed,
-        );
     }
 
     /// Exports `changes` once for group `key` (the attributes its members
