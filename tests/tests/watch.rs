@@ -304,3 +304,72 @@ async fn partial_object_meta_lists_and_watches_are_metadata_only() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A node's IPAM view is kept by its watch of the blocks: other nodes'
+/// changes come in by it and nothing is listed again, not even before
+/// answering `Exhausted` (the allocators used to list every block at
+/// start and before each "no").
+#[tokio::test]
+async fn a_nodes_ipam_view_is_kept_by_its_watch_without_lists() {
+    use margay_api::ipam::{AllowedUse, IPAMConfigurationSpec, PodRef};
+    use margay_ipam::k8s::KubeStore;
+    use margay_ipam::{Allocator, Assign, Error, Options};
+
+    let (_api, client) = margay_tests::cluster(
+        &["n1", "n2"],
+        "10.90.0.0/28",
+        28,
+        IPAMConfigurationSpec {
+            max_blocks_per_node: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut node = |name: &str| {
+        let (store, watches) = KubeStore::watched(client.clone(), name, Arc::new(Notify::new()));
+        tasks.spawn(watches);
+        Allocator::start(Arc::new(store), name, Options::default())
+    };
+    let (a, b) = (node("n1"), node("n2"));
+    let req = |h: &str| Assign {
+        handle: h.to_string(),
+        pod: Some(PodRef {
+            namespace: "default".into(),
+            name: h.to_string(),
+            uid: format!("uid-{h}"),
+        }),
+        use_: AllowedUse::Workload,
+    };
+    assert_eq!(b.blocks().await.unwrap(), vec![], "n2's view, listed");
+    for i in 0..16 {
+        a.assign(req(&format!("a{i}"))).await.unwrap();
+    }
+    let e = a.assign(req("a16")).await.unwrap_err();
+    assert!(matches!(e, Error::Exhausted { .. }), "{e}");
+    // n1 frees an address: n2 learns it from its watch and borrows it.
+    let freed = a.release("a3").await.unwrap();
+    let got = wait::until_async("n2 to borrow the freed address", T, POLL, || {
+        let b = b.clone();
+        let req = req("b0");
+        async move {
+            match b.assign(req).await {
+                Ok(n) => Ok(Some(n)),
+                Err(e @ Error::Exhausted { .. }) => Err(e.to_string()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got[0].ip(), freed[0]);
+    assert!(matches!(
+        b.assign(req("b1")).await.unwrap_err(),
+        Error::Exhausted { .. }
+    ));
+    assert_eq!(
+        requests(&client, "LIST", "ipamblocks").await,
+        2,
+        "one list per node's watch, none after"
+    );
+}

@@ -149,26 +149,32 @@ where
 
 type HealthTx = Arc<channel::Sender<Health>>;
 
+impl Health {
+    /// Why what is held is not current (`None`: it is).
+    fn why_not(&self, what: &str) -> Option<String> {
+        match self {
+            Health::Listing(None) => Some(format!("{what} not listed yet")),
+            Health::Listing(Some(e)) => Some(format!("{what} not listed yet: {e}")),
+            Health::Current => None,
+            Health::Broken(since, why) => Some(format!(
+                "cannot watch {what} for {}s: {why}",
+                since.elapsed().as_secs()
+            )),
+        }
+    }
+}
+
 impl<K: Resource + Clone + 'static> Watched<K>
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     /// Every object, and whether that is current.
     pub fn read(&self) -> Known<Vec<Arc<K>>> {
-        match &*self.health.borrow() {
-            Health::Listing(None) => Known::Unknown(format!("{} not listed yet", self.what)),
-            Health::Listing(Some(e)) => {
-                Known::Unknown(format!("{} not listed yet: {e}", self.what))
-            }
-            Health::Current => Known::Fresh(self.store.state()),
-            Health::Broken(since, why) => Known::Stale(
-                self.store.state(),
-                format!(
-                    "cannot watch {} for {}s: {why}",
-                    self.what,
-                    since.elapsed().as_secs()
-                ),
-            ),
+        let health = self.health.borrow();
+        match (&*health, health.why_not(self.what)) {
+            (Health::Listing(_), Some(why)) => Known::Unknown(why),
+            (_, None) => Known::Fresh(self.store.state()),
+            (_, Some(why)) => Known::Stale(self.store.state(), why),
         }
     }
 
@@ -287,6 +293,41 @@ where
         },
         task,
     )
+}
+
+/// Whether what a watch handed on ([`follow`]) is current.
+#[derive(Debug, Clone)]
+pub struct Freshness {
+    health: channel::Receiver<Health>,
+    what: &'static str,
+}
+
+impl Freshness {
+    /// Why what was handed on may not be current (`None`: it is).
+    pub fn stale(&self) -> Option<String> {
+        self.health.borrow().why_not(self.what)
+    }
+}
+
+/// A watch of `api` whose changes go to `keep` (whoever keeps the objects
+/// in a shape of its own) rather than to a store here: whether they are
+/// current, and the task (it never ends: whoever runs it owns it).
+pub fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    keep: impl FnMut(Change<K>) + Send + 'static,
+) -> (Freshness, impl Future<Output = ()> + Send + 'static)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let health = Arc::new(channel::Sender::new(Health::Listing(None)));
+    let fresh = Freshness {
+        health: health.subscribe(),
+        what,
+    };
+    let tell = Tell::new(what, health, Arc::new(Notify::new()));
+    (fresh, run(api, config, tell, keep))
 }
 
 /// A change to the objects a watch keeps, as [`run`] hands it on.

@@ -2,15 +2,21 @@
 //!
 //! Blocks are `IPAMBlock` objects; every write is a compare-and-swap on
 //! `metadata.resourceVersion` (create fails with AlreadyExists, replace and
-//! delete-with-precondition fail with Conflict). Blocks are always read
-//! from the API. Pools, the IPAM settings and this node's labels come from
-//! watches in the agent ([`KubeStore::watched`]: no polling), or through a
-//! short-lived cache for one-shot users (`margayctl`, tests).
+//! delete-with-precondition fail with Conflict). Pools, the IPAM settings
+//! and this node's labels come from watches in the agent
+//! ([`KubeStore::watched`]: no polling), or through a short-lived cache for
+//! one-shot users (`margayctl`, tests). A node's store also follows the
+//! blocks with a watch that it hands to the allocator
+//! ([`Store::block_feed`]), which keeps its view from it instead of
+//! listing every block again; the store itself reads blocks from the API
+//! (a paginated list, a get). The cluster-wide store reads blocks from a
+//! watch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::store::{BlockChange, BlockFeed};
 use crate::{Block, Cluster, Error, Store};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -21,7 +27,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 
 use super::list::list_items;
-use super::reflect::{Known, Watched, watch, watch_slim, watch_with};
+use super::reflect::{Change, Known, Watched, follow, watch, watch_slim, watch_with};
 use margay_api::ipam::{CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -77,6 +83,8 @@ pub struct KubeStore {
     ttl: Duration,
     cache: Mutex<Cache>,
     watches: Option<Watches>,
+    /// The blocks' watch of a node's store, until the allocator takes it.
+    feed: Mutex<Option<BlockFeed>>,
 }
 
 /// What a watched store reads from watches.
@@ -147,6 +155,7 @@ impl KubeStore {
             ttl,
             cache: Mutex::new(Cache::default()),
             watches: None,
+            feed: Mutex::new(None),
         }
     }
 
@@ -154,7 +163,9 @@ impl KubeStore {
     /// come from watches (`poke` is notified on every change); the returned
     /// task keeps them and never ends: run it beside the store. Last known
     /// contents answer while a watch is down (a node keeps allocating from
-    /// the pools it knew); blocks are read from the API.
+    /// the pools it knew). The blocks are followed by a watch too, handed
+    /// to the allocator ([`Store::block_feed`]: it keeps its own view); the
+    /// store's own block reads go to the API.
     pub fn watched(
         client: Client,
         node: &str,
@@ -168,6 +179,22 @@ impl KubeStore {
             "this Node",
             poke,
         );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (fresh, t4) = follow(
+            Api::<IPAMBlock>::all(client.clone()),
+            watcher::Config::default(),
+            "IPAMBlocks",
+            move |c| {
+                let _ = tx.send(match c {
+                    Change::Listed(all) => BlockChange::Listed(read_blocks(&all)),
+                    Change::Applied(b) => match read_blocks(std::slice::from_ref(&b)).pop() {
+                        Some(b) => BlockChange::Put(b),
+                        None => return,
+                    },
+                    Change::Deleted(b) => BlockChange::Gone(b.name_any()),
+                });
+            },
+        );
         let mut store = Self::new(client, Duration::ZERO);
         store.watches = Some(Watches {
             strict: false,
@@ -176,8 +203,9 @@ impl KubeStore {
             me: Some((node.to_string(), me)),
             cluster: None,
         });
+        store.feed = Mutex::new(Some(BlockFeed::new(rx, move || fresh.stale())));
         let task = async move {
-            futures::join!(t1, t2, t3);
+            futures::join!(t1, t2, t3, t4);
         };
         (store, task)
     }
@@ -269,22 +297,7 @@ impl Store for KubeStore {
                 .await?
             }
         };
-        let mut out = Vec::with_capacity(items.len());
-        for res in &items {
-            // A corrupt block is listed, marked: its range stays taken and
-            // nothing in it is handed out, released or deleted.
-            match Block::read(res) {
-                Ok(b) => {
-                    if let Some(why) = &b.corrupt {
-                        tracing::warn!(block = %b.name, "{why}");
-                    }
-                    out.push(b);
-                }
-                // Not a block's name either: no range to keep.
-                Err(e) => tracing::warn!("{e} (the object's name is no block's: ignored)"),
-            }
-        }
-        Ok(out)
+        Ok(read_blocks(&items))
     }
 
     async fn get_block(&self, name: &str) -> Result<Option<Block>> {
@@ -388,6 +401,10 @@ impl Store for KubeStore {
             .insert(node.to_string(), (Instant::now(), labels.clone()));
         Ok(labels)
     }
+
+    fn block_feed(&self) -> Option<BlockFeed> {
+        self.feed.lock().expect("feed lock").take()
+    }
 }
 
 impl Cluster for KubeStore {
@@ -437,6 +454,25 @@ impl Cluster for KubeStore {
         .await
         .map(|p| p.map(|p| sandbox_uid(&p.metadata)))
     }
+}
+
+/// The blocks of `items`. A corrupt block is there, marked: its range
+/// stays taken and nothing in it is handed out, released or deleted. An
+/// object whose name is no block's either is left out (no range to keep).
+fn read_blocks(items: &[IPAMBlock]) -> Vec<Block> {
+    let mut out = Vec::with_capacity(items.len());
+    for res in items {
+        match Block::read(res) {
+            Ok(b) => {
+                if let Some(why) = &b.corrupt {
+                    tracing::warn!(block = %b.name, "{why}");
+                }
+                out.push(b);
+            }
+            Err(e) => tracing::warn!("{e} (the object's name is no block's: ignored)"),
+        }
+    }
+    out
 }
 
 /// What the cluster-wide store keeps of a Node (metadata only on the
