@@ -159,7 +159,7 @@ pub(crate) mod fake {
     #[derive(Debug)]
     pub struct Fake<K: Clone> {
         pub script: Mutex<VecDeque<Answer<K>>>,
-        pub seen: Mutex<Vec<Request>>,
+        pub seen: Mutex<Vec<(tokio::time::Instant, Request)>>,
     }
 
     impl<K: Clone> Fake<K> {
@@ -175,7 +175,24 @@ pub(crate) mod fake {
         }
 
         pub fn requests(&self) -> Vec<Request> {
+            self.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect()
+        }
+
+        /// When each request came (tokio's clock).
+        pub fn times(&self) -> Vec<(tokio::time::Instant, Request)> {
             self.seen.lock().unwrap().clone()
+        }
+
+        fn record(&self, r: Request) {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), r));
         }
 
         fn next(&self) -> Option<Answer<K>> {
@@ -208,7 +225,7 @@ pub(crate) mod fake {
 
     impl<K: Clone + Send + Sync + 'static> Source<K> for Fake<K> {
         async fn page(&self, lp: &ListParams) -> kube::Result<ObjectList<K>> {
-            self.seen.lock().unwrap().push(Request::Page {
+            self.record(Request::Page {
                 limit: lp.limit,
                 continue_token: lp.continue_token.clone(),
             });
@@ -221,7 +238,7 @@ pub(crate) mod fake {
         }
 
         async fn watch(&self, wp: &WatchParams, version: &str) -> kube::Result<Events<K>> {
-            self.seen.lock().unwrap().push(Request::Watch {
+            self.record(Request::Watch {
                 version: version.to_string(),
                 bookmarks: wp.bookmarks,
             });

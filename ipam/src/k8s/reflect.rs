@@ -19,16 +19,20 @@
 //!   meanwhile are replayed, nothing is listed again.
 //! - **410 Gone** ("too old resource version": etcd compacted it, or it is
 //!   older than what a restarted API server's cache starts from) is the one
-//!   reason to list again.
+//!   reason to list again: at once (the API answers), unless the version
+//!   refused came from a list just made whose watch was never accepted
+//!   (then after the back-off, which only an accepted watch resets).
 //!
 //! What is held becomes current ([`Known::Fresh`]) when a list completes,
 //! and again after an error once a watch opened again is accepted: an
 //! event or a bookmark arrives on it, or it stays open [`SETTLE`] without
 //! an error. An API server refuses a resourceVersion it no longer has at
 //! once, with an error event right behind the response headers (seen on
-//! 1.20), so a watch quiet that long was accepted, and nothing changed
-//! meanwhile. Without this a resumed watch on which nothing changes could
-//! not be told from a broken one (1.20 sends no bookmark for minutes).
+//! 1.20), and replays what changed meanwhile at once, so a watch quiet
+//! that long was accepted and missed nothing. Without this a resumed watch
+//! on which nothing changes could not be told from a broken one (1.20
+//! sends no bookmark for minutes). A watch that ends before it was
+//! accepted counts as failed (no tight loop of watches closed at once).
 //!
 //! kube-runtime's `watcher` resumes the same way, but its stream says
 //! nothing when a watch is opened again and swallows bookmarks, so the
@@ -361,17 +365,19 @@ impl Tell {
         }
     }
 
-    fn is_current(&self) -> bool {
-        matches!(*self.health.borrow(), Health::Current)
-    }
-
     /// What is held is current (again).
     fn current(&mut self) {
-        let was = self.health.send_replace(Health::Current);
-        if matches!(was, Health::Broken(..)) {
+        let mut was_broken = false;
+        let changed = self.health.send_if_modified(|h| {
+            was_broken = matches!(h, Health::Broken(..));
+            let changed = !matches!(h, Health::Current);
+            *h = Health::Current;
+            changed
+        });
+        if was_broken {
             tracing::info!("watching {} again", self.what);
         }
-        if !matches!(was, Health::Current) {
+        if changed {
             self.poke.notify_one();
         }
     }
@@ -448,6 +454,8 @@ pub(crate) async fn run<K, S>(
     };
     let mut version: Option<String> = None;
     let mut backoff = Duration::from_secs(1);
+    // A list made, and no watch from it accepted yet.
+    let mut just_listed = false;
     loop {
         let from = match version.take() {
             Some(v) => v,
@@ -456,7 +464,9 @@ pub(crate) async fn run<K, S>(
                     keep(Change::Listed(l.items));
                     tell.changed();
                     tell.current();
-                    backoff = Duration::from_secs(1);
+                    // The back-off is reset once a watch from it is
+                    // accepted (a list refused at once keeps doubling it).
+                    just_listed = true;
                     l.resource_version
                 }
                 Err(e) => {
@@ -470,6 +480,7 @@ pub(crate) async fn run<K, S>(
         let (end, accepted) = watch_once(&src, &wp, from, &mut tell, &mut keep).await;
         if accepted {
             backoff = Duration::from_secs(1);
+            just_listed = false;
         }
         match end {
             End::Closed(v) => version = Some(v),
@@ -481,19 +492,24 @@ pub(crate) async fn run<K, S>(
             }
             End::Gone(why) => {
                 tell.failed(why);
-                // A list answered by a watch refused at once is not
-                // retried in a tight loop.
-                if !accepted {
+                if just_listed {
+                    // Refused from a list just made: no tight loop of
+                    // lists and refusals.
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
+                } else {
+                    // The API answers (it came back after an outage, its
+                    // cache starting after this version): list at once.
+                    backoff = Duration::from_secs(1);
                 }
             }
         }
     }
 }
 
-/// One watch request from `version`, until it ends; whether it was
-/// accepted (see the module's documentation).
+/// One watch request from `version`, until it ends; whether the server
+/// was seen to accept it (an event, a bookmark, or [`SETTLE`] open
+/// without an error: see the module's documentation).
 async fn watch_once<K, S>(
     src: &S,
     wp: &WatchParams,
@@ -516,9 +532,9 @@ where
         Err(e) => return (End::Failed(version, format!("watch: {e}")), false),
     };
     let settled = tokio::time::Instant::now() + SETTLE;
-    // A watch opened again while current (the last one ended after its
-    // timeout) needs no proof.
-    let mut accepted = tell.is_current();
+    // What is held stays current while a watch is opened again after the
+    // last one ended (its timeout): only an error makes it stale.
+    let mut accepted = false;
     let idle = Duration::from_secs(u64::from(wp.timeout.unwrap_or(WATCH_TIMEOUT))) + IDLE_MARGIN;
     loop {
         let next = tokio::select! {
@@ -535,6 +551,8 @@ where
                 return (End::Failed(version, why), accepted);
             }
             Ok(None) if accepted => return (End::Closed(version), true),
+            // Closed at once, with nothing said: not opened again in a
+            // tight loop.
             Ok(None) => {
                 let why = "the watch ended before it was accepted".to_string();
                 return (End::Failed(version, why), false);
@@ -849,6 +867,70 @@ mod tests {
         assert_eq!(b.held(), (kv(&[("a", "3"), ("c", "1")]), "fresh"));
         assert_eq!(b.lists(), 3);
         assert_eq!(b.watches(), vec!["5", "5", "10"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_outage_a_refused_version_is_listed_again_at_once() {
+        let refused = || {
+            Answer::Watch(
+                Err(kube::Error::Service("connection refused".into())),
+                Open::Ends,
+            )
+        };
+        let gone = || {
+            watch_ok(
+                vec![Ok(WatchEvent::Error(status(
+                    410,
+                    "too old resource version",
+                )))],
+                Open::Ends,
+            )
+        };
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![modified(cm("a", "6", "1")), broken()], Open::Stays),
+            // Down for 1 + 2 + 4 + 8 s, then back with a cache that starts
+            // after 6.
+            refused(),
+            refused(),
+            refused(),
+            refused(),
+            gone(),
+            page(vec![cm("a", "9", "2")], "10", None),
+            // A list whose version is refused at once, twice: slowed down.
+            gone(),
+            page(vec![cm("a", "9", "2")], "11", None),
+            gone(),
+            page(vec![cm("a", "9", "2")], "12", None),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        let t0 = tokio::time::Instant::now();
+        b.until("stale").await;
+        let mut rx = b.w.health.subscribe();
+        // Until the last list's watch is accepted.
+        rx.wait_for(|h| matches!(h, Health::Current)).await.unwrap();
+        tokio::time::sleep(SETTLE).await;
+        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
+        let lists: Vec<Duration> = b
+            .src
+            .times()
+            .into_iter()
+            .filter(|(_, r)| matches!(r, Request::Page { .. }))
+            .map(|(t, _)| t - t0)
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            lists,
+            vec![
+                s(0),
+                // Right after the 410 that ended the outage (1 + 2 + 4 + 8
+                // + 8 s of back-off), no back-off of its own.
+                s(23),
+                // Refused at once from fresh lists: 1 s, then 2 s first.
+                s(24),
+                s(26),
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]
