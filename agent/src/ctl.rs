@@ -512,24 +512,18 @@ pub async fn policy_world(
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use kube::api::{Api, ListParams};
+    use margay_ipam::k8s::list_items;
     let lp = ListParams::default();
-    let ns = Api::<Namespace>::all(client.clone())
-        .list(&lp)
+    let ns = list_items(&Api::<Namespace>::all(client.clone()), &lp)
         .await
         .map_err(|e| Error::kube("listing Namespaces", e))?;
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&lp)
+    let pods = list_items(&Api::<Pod>::all(client.clone()), &lp)
         .await
         .map_err(|e| Error::kube("listing Pods", e))?;
-    let pols = Api::<NetworkPolicy>::all(client.clone())
-        .list(&lp)
+    let pols = list_items(&Api::<NetworkPolicy>::all(client.clone()), &lp)
         .await
         .map_err(|e| Error::kube("listing NetworkPolicies", e))?;
-    Ok(margay_policy::explain::world_from_k8s(
-        &ns.items,
-        &pods.items,
-        &pols.items,
-    ))
+    Ok(margay_policy::explain::world_from_k8s(&ns, &pods, &pols))
 }
 
 fn ips(ips: &[IpAddr]) -> String {

@@ -7,6 +7,19 @@
 //! succeeded (or after re-reading the store); a conflict re-reads the one
 //! block and plans the affected requests again, at most
 //! [`Options::max_rounds`] times, then answers `Busy`.
+//!
+//! The view: with a store that follows its blocks by a watch
+//! ([`Store::block_feed`]: the Kubernetes store of a node), the view is
+//! the watch's first list kept current by its changes, with the writes and
+//! reads of this allocator the watch has not shown yet kept over it
+//! ([`crate::ahead`]). Nothing is listed again: not after a failure, not
+//! before answering `Exhausted` (the watch's pending changes are taken in
+//! first); only when the watch is broken (stale) is everything listed
+//! before saying no, as without a watch. A stale view only ever picks
+//! candidates: every address and block it offers is taken by a
+//! compare-and-swap on the version it was read at. Without a watch the
+//! view is listed at start, before answering `Exhausted`, and after a
+//! failure left it unknown.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -17,11 +30,16 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::ahead::{Ahead, Version};
 use crate::crd::{AllowedUse, IPAMConfigurationSpec};
 use crate::model::{Block, Family, Pool, validate_pools};
 use crate::plan::{Claim, Context, Op, Outcome, View, plan};
-use crate::store::Store;
+use crate::store::{BlockChange, BlockFeed, Store};
 use crate::{Assign, Error, Result, now_rfc3339};
+
+/// How long the first use of the view waits for a watch's first list (an
+/// agent just started) before listing the blocks itself.
+const FEED_FIRST_LIST: Duration = Duration::from_secs(5);
 
 /// Tuning of the allocator task.
 #[derive(Debug, Clone)]
@@ -117,6 +135,8 @@ impl Allocator {
         let stats = Arc::new(Stats::default());
         let actor = Actor {
             stats: stats.clone(),
+            feed: store.block_feed(),
+            ahead: Ahead::default(),
             store,
             node: node.to_string(),
             view: None,
@@ -251,9 +271,26 @@ struct Actor<S> {
     store: Arc<S>,
     node: String,
     view: Option<View>,
+    /// The watch that keeps the view, when the store has one.
+    feed: Option<BlockFeed>,
+    /// What the view holds from the store itself, ahead of the watch.
+    ahead: Ahead,
     empty_since: HashMap<String, Instant>,
     opts: Options,
     jitter: u64,
+}
+
+/// The next change of `feed`, or never without one.
+async fn next_change(feed: &mut Option<BlockFeed>) -> Option<BlockChange> {
+    match feed {
+        Some(f) => f.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A block's version as the view compares them.
+fn version_of(b: &Block) -> String {
+    b.version.clone().unwrap_or_default()
 }
 
 struct Inputs {
@@ -298,6 +335,7 @@ impl<S: Store> Actor<S> {
                     }
                     self.serve(batch).await;
                 }
+                change = next_change(&mut self.feed) => self.follow(change).await,
                 _ = tick.tick() => {
                     if let Err(e) = self.maintain().await {
                         tracing::warn!(node = %self.node, "block maintenance: {e}");
@@ -307,7 +345,117 @@ impl<S: Store> Actor<S> {
         }
     }
 
+    /// Takes a change of the watch into the view (the watch ended for
+    /// good: the view is listed as without one from now on).
+    async fn follow(&mut self, change: Option<BlockChange>) {
+        let Some(change) = change else {
+            tracing::warn!(node = %self.node, "the blocks' watch ended; listing them from now on");
+            self.feed = None;
+            return;
+        };
+        let Some(view) = self.view.as_mut() else {
+            // Not loaded yet: only a whole list makes a view.
+            if let BlockChange::Listed(blocks) = change {
+                self.view = Some(View::new(blocks));
+            }
+            return;
+        };
+        match change {
+            BlockChange::Listed(blocks) => {
+                let listed: HashMap<String, String> = blocks
+                    .iter()
+                    .map(|b| (b.name.clone(), version_of(b)))
+                    .collect();
+                let again = self.ahead.relisted(|n| listed.get(n).cloned());
+                let mut new = View::new(blocks);
+                for name in &again {
+                    match view.get(name) {
+                        Some(b) => new.insert(b.clone()),
+                        None => {
+                            new.remove(name);
+                        }
+                    }
+                }
+                *view = new;
+                tracing::debug!(node = %self.node, blocks = view.len(), ahead = again.len(), "blocks listed by the watch");
+                for name in again {
+                    if let Err(e) = self.refresh(&name).await {
+                        tracing::debug!("refresh {name}: {e}");
+                    }
+                }
+            }
+            BlockChange::Put(b) => {
+                if self.ahead.shown(&b.name, Some(version_of(&b))) {
+                    view.insert(b);
+                }
+            }
+            BlockChange::Gone(name) => {
+                if self.ahead.shown(&name, None) {
+                    view.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Takes in every change the watch has handed on already.
+    async fn catch_up(&mut self) {
+        while let Some(c) = self.feed.as_mut().and_then(BlockFeed::try_next) {
+            self.follow(Some(c)).await;
+        }
+    }
+
+    /// The view may be older than the store: make it as current as can be
+    /// before a "no". With a current watch, its pending changes are taken
+    /// in; without one, or while it is broken, every block is listed.
+    async fn reload(&mut self) -> Result<()> {
+        match self.feed.as_ref().map(BlockFeed::stale) {
+            Some(None) => {
+                self.catch_up().await;
+                Ok(())
+            }
+            None => {
+                self.view = None;
+                Ok(())
+            }
+            Some(Some(why)) => {
+                tracing::debug!(node = %self.node, "the blocks' watch is stale ({why}): listing them");
+                let blocks = self.store.list_blocks().await?;
+                let Some(view) = self.view.as_mut() else {
+                    self.view = Some(View::new(blocks));
+                    return Ok(());
+                };
+                // The list is newer than the watch: every block it shows
+                // otherwise is ahead of the watch now.
+                let new = View::new(blocks);
+                let names: HashSet<String> = view
+                    .blocks()
+                    .chain(new.blocks())
+                    .map(|b| b.name.clone())
+                    .collect();
+                for name in names {
+                    let now = new.get(&name).map(version_of);
+                    let viewed = view.get(&name).map(version_of);
+                    if self.ahead.on(&name) || now != viewed {
+                        self.ahead.ours(&name, now, viewed);
+                    }
+                }
+                *view = new;
+                Ok(())
+            }
+        }
+    }
+
+    /// After a failure that leaves a block's state unknown: without a
+    /// watch the whole view is listed again; a watch keeps it (its
+    /// compare-and-swap writes tell a stale copy).
+    fn unsure(&mut self) {
+        if self.feed.is_none() {
+            self.view = None;
+        }
+    }
+
     async fn serve(&mut self, batch: Vec<Job>) {
+        self.catch_up().await;
         let mut ops = Vec::new();
         let mut replies = Vec::new();
         let mut other = Vec::new();
@@ -376,6 +524,25 @@ impl<S: Store> Actor<S> {
     }
 
     async fn view(&mut self) -> Result<&mut View> {
+        if self.view.is_none()
+            && let Some(feed) = self.feed.as_mut()
+        {
+            // The watch's first list (the agent just started).
+            let first = tokio::time::timeout(FEED_FIRST_LIST, async {
+                loop {
+                    match feed.next().await {
+                        Some(BlockChange::Listed(blocks)) => return Some(blocks),
+                        Some(_) => {}
+                        None => return None,
+                    }
+                }
+            });
+            match first.await {
+                Ok(Some(blocks)) => self.view = Some(View::new(blocks)),
+                Ok(None) => self.feed = None,
+                Err(_) => tracing::debug!(node = %self.node, "no list from the blocks' watch yet"),
+            }
+        }
         if self.view.is_none() {
             let blocks = self.store.list_blocks().await?;
             self.view = Some(View::new(blocks));
@@ -396,9 +563,14 @@ impl<S: Store> Actor<S> {
     }
 
     /// Puts what the store said about block `name` into the view (if the
-    /// view is loaded; otherwise the next round lists everything anyway).
+    /// view is loaded; otherwise the next round lists everything anyway),
+    /// ahead of the watch until it shows the same.
     fn put(&mut self, block: Option<Block>, name: &str) {
         if let Some(view) = self.view.as_mut() {
+            if self.feed.is_some() {
+                let now: Version = block.as_ref().map(version_of);
+                self.ahead.ours(name, now, view.get(name).map(version_of));
+            }
             match block {
                 Some(b) => view.insert(b),
                 None => {
@@ -437,7 +609,7 @@ impl<S: Store> Actor<S> {
             round += 1;
             for name in std::mem::take(&mut stale) {
                 if self.refresh(&name).await.is_err() {
-                    self.view = None;
+                    self.unsure();
                 }
             }
             let inputs = match self.inputs().await {
@@ -526,7 +698,7 @@ impl<S: Store> Actor<S> {
                                 contended = true;
                             }
                             Err(_) => {
-                                self.view = None;
+                                self.unsure();
                                 broken.insert(b.name.clone(), e);
                             }
                         }
@@ -561,7 +733,11 @@ impl<S: Store> Actor<S> {
             }
             if reload {
                 full_reload_done = true;
-                self.view = None;
+                if let Err(e) = self.reload().await {
+                    for i in next.drain(..) {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
             }
             next.sort_unstable();
             next.dedup();

@@ -9,12 +9,15 @@
 //! - [`k8s`]: the store on the Kubernetes API and the pools' status and
 //!   finalizer;
 //! - [`allocator`]: the per-node actor that batches requests into as few
-//!   block writes as possible (group commit);
+//!   block writes as possible (group commit), its view of the blocks kept
+//!   by a watch when the store has one (`ahead`: what it knows ahead of
+//!   that watch);
 //! - [`reserve`]: pre-assigned addresses with write-behind;
 //! - [`gc`]: leak and dead-node garbage collection.
 //!
 //! See `DESIGN.md` beside this crate for the invariants.
 
+mod ahead;
 pub mod allocator;
 pub mod block;
 pub mod gc;

@@ -6,10 +6,18 @@
 //! [`MemStore`] implements the same contract in memory and can inject
 //! faults: conflicts (as if another writer got there first), unavailability,
 //! and writes that are applied but whose answer is lost.
+//!
+//! A store may also follow its blocks with a watch ([`BlockFeed`], from
+//! [`Store::block_feed`]): the allocator then keeps its view current from
+//! the watch's changes instead of listing every block again. [`MemStore`]
+//! has one on request, which can lag (changes held back), break (stale)
+//! and start over (a new list), like a real watch.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
 
 use crate::crd::{IPAMConfigurationSpec, IPPool};
 use crate::model::Block;
@@ -37,6 +45,71 @@ pub trait Store: Send + Sync + 'static {
         &self,
         node: &str,
     ) -> impl Future<Output = Result<BTreeMap<String, String>>> + Send;
+    /// The blocks as a watch follows them, when this store has one (the
+    /// allocator takes it when it starts; a store may have only one to
+    /// give).
+    fn block_feed(&self) -> Option<BlockFeed> {
+        None
+    }
+}
+
+/// A change to the blocks, as a watch of the store saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockChange {
+    /// Every block: the watch listed them (it started, or started over
+    /// because the store no longer had the version it was at). Never a
+    /// part of a list.
+    Listed(Vec<Block>),
+    /// A block created or changed.
+    Put(Block),
+    /// A block deleted (its name).
+    Gone(String),
+}
+
+/// The blocks as a watch of the store follows them: its changes, in the
+/// order the store made them (a watch shows every version of a block, in
+/// order, unless it starts over with [`BlockChange::Listed`]), and whether
+/// it is current. It lags: a change comes some time after the write.
+pub struct BlockFeed {
+    changes: mpsc::UnboundedReceiver<BlockChange>,
+    stale: Box<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for BlockFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockFeed")
+            .field("stale", &(self.stale)())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockFeed {
+    /// A feed of `changes`; `stale` says why what was handed on may not
+    /// be current (the watch is broken), or `None` when it is.
+    pub fn new(
+        changes: mpsc::UnboundedReceiver<BlockChange>,
+        stale: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            changes,
+            stale: Box::new(stale),
+        }
+    }
+
+    /// The next change; `None` when the watch has ended for good.
+    pub async fn next(&mut self) -> Option<BlockChange> {
+        self.changes.recv().await
+    }
+
+    /// The next change if one is there already.
+    pub fn try_next(&mut self) -> Option<BlockChange> {
+        self.changes.try_recv().ok()
+    }
+
+    /// Why what the feed handed on may not be current (`None`: it is).
+    pub fn stale(&self) -> Option<String> {
+        (self.stale)()
+    }
 }
 
 /// What garbage collection needs to know about the cluster.
@@ -70,6 +143,12 @@ pub enum Fault {
     LostAck,
 }
 
+/// One feed of a [`MemStore`].
+#[derive(Debug)]
+struct MemFeed {
+    tx: mpsc::UnboundedSender<BlockChange>,
+}
+
 #[derive(Debug, Default)]
 struct MemState {
     blocks: BTreeMap<String, Block>,
@@ -83,6 +162,25 @@ struct MemState {
     random: Option<(fastrand_lite::Rng, u32)>,
     reads_down: bool,
     writes: u64,
+    /// Feeds are handed out ([`MemStore::enable_feed`]).
+    feed_on: bool,
+    feeds: Vec<MemFeed>,
+    /// Changes held back from the feeds (they lag), in order.
+    held: Option<VecDeque<BlockChange>>,
+    /// Why the feeds are not current.
+    feed_stale: Option<String>,
+    /// Block lists made ([`Store::list_blocks`]).
+    lists: u64,
+}
+
+impl MemState {
+    /// A write's change, to every feed (or held back).
+    fn publish(&mut self, change: BlockChange) {
+        match &mut self.held {
+            Some(q) => q.push_back(change),
+            None => self.feeds.retain(|f| f.tx.send(change.clone()).is_ok()),
+        }
+    }
 }
 
 /// A tiny deterministic generator so failure injection needs no extra
@@ -186,6 +284,59 @@ impl MemStore {
         self.with(|s| s.writes)
     }
 
+    /// Block lists made so far.
+    pub fn lists(&self) -> u64 {
+        self.with(|s| s.lists)
+    }
+
+    /// Hands out block feeds from now on ([`Store::block_feed`]).
+    pub fn enable_feed(&self) {
+        self.with(|s| s.feed_on = true);
+    }
+
+    /// Holds the feeds' changes back (`true`: a lagging watch), or
+    /// delivers every held change and stops holding (`false`).
+    pub fn hold_feed(&self, hold: bool) {
+        self.with(|s| match (hold, s.held.take()) {
+            (true, h) => s.held = Some(h.unwrap_or_default()),
+            (false, Some(q)) => {
+                for c in q {
+                    s.publish(c);
+                }
+            }
+            (false, None) => {}
+        });
+    }
+
+    /// Delivers the first `n` held changes (they stay held after).
+    pub fn release_feed(&self, n: usize) {
+        self.with(|s| {
+            let Some(q) = s.held.as_mut() else { return };
+            let first: Vec<BlockChange> = q.drain(..n.min(q.len())).collect();
+            let rest = s.held.take();
+            for c in first {
+                s.publish(c);
+            }
+            s.held = rest;
+        });
+    }
+
+    /// Marks the feeds broken (`Some(why)`: stale) or current again.
+    pub fn set_feed_stale(&self, why: Option<&str>) {
+        self.with(|s| s.feed_stale = why.map(str::to_string));
+    }
+
+    /// The feeds start over: the changes held back are never delivered,
+    /// a whole list is (as a watch whose version the store no longer has).
+    pub fn relist_feed(&self) {
+        self.with(|s| {
+            let holding = s.held.take().map(|_| VecDeque::new());
+            let all = BlockChange::Listed(s.blocks.values().cloned().collect());
+            s.feeds.retain(|f| f.tx.send(all.clone()).is_ok());
+            s.held = holding;
+        });
+    }
+
     /// The write path: checks, faults, applies.
     fn write(
         &self,
@@ -216,18 +367,25 @@ impl MemStore {
                     let v = s.version.to_string();
                     if let Some(b) = s.blocks.get_mut(name) {
                         b.version = Some(v);
+                        let b = b.clone();
+                        s.publish(BlockChange::Put(b));
                     }
                     Err(Error::Conflict(format!("block {name}")))
                 }
                 Some(Fault::Unavailable) => Err(Error::Unavailable("injected".into())),
                 Some(Fault::LostAck) => {
-                    apply(s)?;
+                    let r = apply(s)?;
                     s.writes += 1;
+                    s.publish(r.map_or_else(|| BlockChange::Gone(name.into()), BlockChange::Put));
                     Err(Error::Unavailable("injected: answer lost".into()))
                 }
                 None => {
                     let r = apply(s)?;
                     s.writes += 1;
+                    s.publish(
+                        r.clone()
+                            .map_or_else(|| BlockChange::Gone(name.into()), BlockChange::Put),
+                    );
                     Ok(r)
                 }
             }
@@ -240,6 +398,7 @@ impl Store for MemStore {
         if self.with(|s| s.reads_down) {
             return Err(Error::Unavailable("injected: listing blocks".into()));
         }
+        self.with(|s| s.lists += 1);
         Ok(self.snapshot())
     }
 
@@ -310,6 +469,24 @@ impl Store for MemStore {
 
     async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>> {
         Ok(self.with(|s| s.labels.get(node).cloned().unwrap_or_default()))
+    }
+
+    fn block_feed(&self) -> Option<BlockFeed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.with(|s| {
+            if !s.feed_on {
+                return None;
+            }
+            // A watch starts with a list.
+            let all = BlockChange::Listed(s.blocks.values().cloned().collect());
+            tx.send(all).expect("receiver here");
+            s.feeds.push(MemFeed { tx });
+            Some(())
+        })?;
+        let state = self.state.clone();
+        Some(BlockFeed::new(rx, move || {
+            state.lock().expect("store lock").feed_stale.clone()
+        }))
     }
 }
 

@@ -224,3 +224,96 @@ async fn gc_waits_out_its_grace_and_rechecks() {
         .collect();
     assert_eq!(released, [("again", LeakReason::PodReplaced)]);
 }
+
+/// With a store that follows its blocks by a watch, the allocator's view
+/// is the watch's: other nodes' changes come in by it, and nothing is
+/// listed again, not even before saying `Exhausted`, unless the watch is
+/// broken.
+#[tokio::test]
+async fn a_view_kept_by_a_watch_lists_nothing_again() {
+    let s = store(
+        vec![pool("p", "10.0.0.0/28", 28)],
+        IPAMConfigurationSpec {
+            max_blocks_per_node: 1,
+            ..cfg()
+        },
+    );
+    s.enable_feed();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let b = Allocator::start(s.clone(), "n2", Options::default());
+    // n2's view is loaded (from its watch's list) before n1 fills the pool.
+    assert_eq!(b.blocks().await.unwrap(), vec![]);
+    for i in 0..16 {
+        a.assign(req(&format!("a{i}"))).await.unwrap();
+    }
+    let e = b.assign(req("b0")).await.unwrap_err();
+    assert!(matches!(e, Error::Exhausted { .. }), "{e}");
+    // n1 frees one: n2 learns it from its watch and borrows it.
+    let freed = a.release("a3").await.unwrap();
+    let got = b.assign(req("b1")).await.unwrap();
+    assert_eq!(got[0].ip(), freed[0]);
+    assert!(matches!(
+        a.assign(req("a16")).await.unwrap_err(),
+        Error::Exhausted { .. }
+    ));
+    assert_eq!(s.lists(), 0, "no block list: every view came from a watch");
+
+    // A broken watch: before saying no, everything is listed.
+    s.set_feed_stale(Some("the watch is broken"));
+    assert!(matches!(
+        b.assign(req("b2")).await.unwrap_err(),
+        Error::Exhausted { .. }
+    ));
+    assert_eq!(s.lists(), 1);
+}
+
+/// The same without a watch: a list at start and before each `Exhausted`
+/// (what the watch saves).
+#[tokio::test]
+async fn a_view_without_a_watch_is_listed_before_saying_no() {
+    let s = store(vec![pool("p", "10.0.0.0/28", 28)], cfg());
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    for i in 0..16 {
+        a.assign(req(&format!("a{i}"))).await.unwrap();
+    }
+    assert_eq!(s.lists(), 1);
+    for i in 16..19 {
+        assert!(matches!(
+            a.assign(req(&format!("a{i}"))).await.unwrap_err(),
+            Error::Exhausted { .. }
+        ));
+    }
+    assert_eq!(s.lists(), 4);
+}
+
+/// A watch that lags never takes the allocator's own writes back out of
+/// its view: a change older than a write, shown after it, is skipped (else
+/// the handle's address would go missing from the view, and a release
+/// would free nothing: a leak).
+#[tokio::test]
+async fn a_lagging_watch_does_not_undo_the_allocators_own_writes() {
+    let s = store(vec![pool("p", "10.0.0.0/28", 28)], cfg());
+    s.enable_feed();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    a.assign(req("h1")).await.unwrap();
+    s.hold_feed(true);
+    // Another writer changes the block first (the allocator loses its
+    // compare-and-swap, reads the block back, writes again): the watch
+    // holds back both changes.
+    s.inject(Fault::Conflict);
+    let h2 = a.assign(req("h2")).await.unwrap();
+    // The other writer's change (older than the allocator's write) shows.
+    s.release_feed(1);
+    let holders = |blocks: Vec<margay_ipam::Block>| -> Vec<String> {
+        blocks
+            .iter()
+            .flat_map(|b| b.allocations.values().map(|r| r.handle.clone()))
+            .collect()
+    };
+    assert_eq!(holders(a.blocks().await.unwrap()), vec!["h1", "h2"]);
+    assert_eq!(a.release("h2").await.unwrap(), vec![h2[0].ip()]);
+    s.hold_feed(false);
+    assert_eq!(holders(a.blocks().await.unwrap()), vec!["h1"]);
+    assert_eq!(holders(s.snapshot()), vec!["h1"]);
+    assert_eq!(s.lists(), 0);
+}

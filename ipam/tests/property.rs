@@ -2,7 +2,8 @@
 //! of assigns and releases on three nodes, with random faults injected into
 //! a tenth of all writes (conflicts, unavailability, applied writes whose
 //! answer is lost), empty-block maintenance and leak collection running in
-//! between. After every step the store must hold exactly the addresses the
+//! between; once with views listed when needed, once with views kept by
+//! watches that lag, break and start over. After every step the store must hold exactly the addresses the
 //! callers were told they hold: never one address for two handles, never
 //! an allocation nobody holds, never a held address missing.
 
@@ -83,9 +84,23 @@ async fn release_until_done(a: &Allocator, handle: &str) {
     panic!("release {handle} never succeeded");
 }
 
-async fn scenario(seed: u64, steps: usize) {
+/// How the allocators see the blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Views {
+    /// Listed when needed.
+    Listed,
+    /// Followed by watches that lag (changes held back and let go at
+    /// random), break (stale) and start over (a new list).
+    Watched,
+}
+
+async fn scenario(seed: u64, steps: usize, views: Views) {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut lag = fastrand::Rng::with_seed(seed ^ 0xfeed);
     let store = Arc::new(MemStore::new());
+    if views == Views::Watched {
+        store.enable_feed();
+    }
     store.set_pools(vec![
         pool("v4", "10.0.0.0/25", 28),
         pool("v6", "fd00::/120", 124),
@@ -117,6 +132,17 @@ async fn scenario(seed: u64, steps: usize) {
     };
     let mut next = 0u64;
     for _ in 0..steps {
+        if views == Views::Watched {
+            match lag.u32(0..100) {
+                0..=14 => store.hold_feed(true),
+                15..=34 => store.release_feed(lag.usize(0..6)),
+                35..=44 => store.hold_feed(false),
+                45..=47 => store.relist_feed(),
+                48..=52 => store.set_feed_stale(Some("injected")),
+                53..=60 => store.set_feed_stale(None),
+                _ => {}
+            }
+        }
         match rng.u32(0..100) {
             // A burst of new pods on one node.
             0..=44 => {
@@ -236,6 +262,18 @@ async fn random_sequences_keep_every_invariant() {
         .unwrap_or(40);
     for seed in 1..=seeds {
         eprintln!("seed {seed}");
-        scenario(seed, 250).await;
+        scenario(seed, 250, Views::Listed).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn random_sequences_over_lagging_watches_keep_every_invariant() {
+    let seeds: u64 = std::env::var("MARGAY_IPAM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    for seed in 1..=seeds {
+        eprintln!("seed {seed}");
+        scenario(seed, 250, Views::Watched).await;
     }
 }

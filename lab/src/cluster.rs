@@ -23,6 +23,7 @@ use margay_harness::netns::Netns;
 use margay_harness::process::Daemon;
 use margay_harness::topo::{FABRIC_GW_V4, Fabric, Node};
 use margay_harness::{names, paths, wait};
+use margay_ipam::k8s::list_items;
 
 use crate::{Encap, Tor};
 
@@ -971,10 +972,8 @@ impl Cluster {
     /// Every IPAM block (its range, as its name gives it) with its node.
     pub async fn blocks(&self) -> anyhow::Result<Vec<(String, String)>> {
         let api: Api<IPAMBlock> = Api::all(self.client.clone());
-        Ok(api
-            .list(&ListParams::default())
+        Ok(list_items(&api, &ListParams::default())
             .await?
-            .items
             .into_iter()
             .filter_map(|b| {
                 // The name says the range even when the content is corrupt.

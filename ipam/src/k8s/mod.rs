@@ -1,13 +1,15 @@
 //! IPAM on the Kubernetes API: [`KubeStore`], the compare-and-swap store
 //! over `IPAMBlock` objects, [`pools`], each IPPool's status conditions and
-//! in-use finalizer, and [`reflect`], watched objects that know whether
-//! they are current (what the store, and the agent, read instead of
-//! polling).
+//! in-use finalizer, [`reflect`], watched objects that know whether they
+//! are current (what the store, and the agent, read instead of polling),
+//! and [`list`], the paginated LIST every list goes through.
 
+pub mod list;
 pub mod pools;
 pub mod reflect;
 mod store;
 
-pub use reflect::{Known, Watched, watch, watch_with};
+pub use list::{list_all, list_items};
+pub use reflect::{Known, Watched, watch, watch_slim, watch_with};
 pub(crate) use store::ask;
 pub use store::{DEADLINE, KubeStore, map_err};

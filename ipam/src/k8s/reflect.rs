@@ -1,23 +1,74 @@
-//! Watched inputs: a kube-runtime reflector per resource kind, and whether
-//! what it holds is current. A reflector that has not finished its first
-//! list knows nothing ([`Known::Unknown`]); one whose watch failed keeps
-//! its last contents, which are [`Known::Stale`] until the watch is back.
-//! Readers decide what each state allows: "could not read" is never
+//! Watched inputs: the objects of one kind, kept by a list and a watch,
+//! and whether what is held is current. A watch that has not finished its
+//! first list knows nothing ([`Known::Unknown`]); one whose watch failed
+//! keeps its last contents, which are [`Known::Stale`] until the watch is
+//! back. Readers decide what each state allows: "could not read" is never
 //! "nothing there".
+//!
+//! The loop ([`run`]) is client-go's reflector, written out here:
+//! - **List**, paginated ([`super::list::list_all`], a consistent read);
+//!   what is held is replaced only once the last page arrived, never by a
+//!   part of a list.
+//! - **Watch** from the list's resourceVersion, with bookmarks; each event
+//!   and bookmark moves the resourceVersion on. A watch that ends after its
+//!   timeout ([`WATCH_TIMEOUT`]) is opened again at once from there.
+//! - **After an error** (the connection lost, the API server restarting or
+//!   not answering, an error event other than 410, a watch silent past its
+//!   timeout) the watch is opened again **from the last resourceVersion**,
+//!   after a back-off (1 s doubling to [`BACKOFF_MAX`]): the events missed
+//!   meanwhile are replayed, nothing is listed again.
+//! - **410 Gone** ("too old resource version": etcd compacted it, or it is
+//!   older than what a restarted API server's cache starts from) is the one
+//!   reason to list again: at once (the API answers), unless the version
+//!   refused came from a list just made whose watch was never accepted
+//!   (then after the back-off, which only an accepted watch resets).
+//!
+//! What is held becomes current ([`Known::Fresh`]) when a list completes,
+//! and again after an error once a watch opened again is accepted: an
+//! event or a bookmark arrives on it, or it stays open [`SETTLE`] without
+//! an error. An API server refuses a resourceVersion it no longer has at
+//! once, with an error event right behind the response headers (seen on
+//! 1.20), and replays what changed meanwhile at once, so a watch quiet
+//! that long was accepted and missed nothing. Without this a resumed watch
+//! on which nothing changes could not be told from a broken one (1.20
+//! sends no bookmark for minutes). A watch that ends before it was
+//! accepted counts as failed (no tight loop of watches closed at once).
+//!
+//! kube-runtime's `watcher` resumes the same way, but its stream says
+//! nothing when a watch is opened again and swallows bookmarks, so the
+//! loop is our own; it still keeps the objects in a kube-runtime
+//! reflector store ([`Watched`]), or hands each change to whoever keeps
+//! them ([`Change`]).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::Resource;
-use kube::api::Api;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
 use tokio::sync::{Notify, watch as channel};
+
+use super::list::{Source, is_gone, list_all};
 
 /// The longest wait between two attempts to watch again: a recovered API
 /// is noticed within this (an attempt is one cheap request).
 pub const BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// How long a watch opened again after an error must stay open without
+/// an error (when no event or bookmark says so sooner) before what is
+/// held counts as current again.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// The server-side timeout of one watch request, in seconds (below the
+/// API server's 5-minute cap; kube-runtime's and client-go's default).
+pub const WATCH_TIMEOUT: u32 = 290;
+
+/// How long past [`WATCH_TIMEOUT`] a watch may stay silent before it
+/// counts as lost (an API server gone without closing the connection).
+const IDLE_MARGIN: Duration = Duration::from_secs(30);
 
 /// One input of a decision: current, last known, or not known at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +137,7 @@ enum Health {
     Listing(Option<String>),
     /// Watching.
     Current,
-    /// The watch failed (since when, why); the watcher is retrying.
+    /// The watch failed (since when, why); the loop is retrying.
     Broken(Instant, String),
 }
 
@@ -96,30 +147,23 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     store: Store<K>,
-    health: Arc<channel::Sender<Health>>,
+    health: HealthTx,
     what: &'static str,
 }
 
-impl<K: Resource + Clone + 'static> Watched<K>
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    /// Every object, and whether that is current.
-    pub fn read(&self) -> Known<Vec<Arc<K>>> {
-        match &*self.health.borrow() {
-            Health::Listing(None) => Known::Unknown(format!("{} not listed yet", self.what)),
-            Health::Listing(Some(e)) => {
-                Known::Unknown(format!("{} not listed yet: {e}", self.what))
-            }
-            Health::Current => Known::Fresh(self.store.state()),
-            Health::Broken(since, why) => Known::Stale(
-                self.store.state(),
-                format!(
-                    "cannot watch {} for {}s: {why}",
-                    self.what,
-                    since.elapsed().as_secs()
-                ),
-            ),
+type HealthTx = Arc<channel::Sender<Health>>;
+
+impl Health {
+    /// Why what is held is not current (`None`: it is).
+    fn why_not(&self, what: &str) -> Option<String> {
+        match self {
+            Health::Listing(None) => Some(format!("{what} not listed yet")),
+            Health::Listing(Some(e)) => Some(format!("{what} not listed yet: {e}")),
+            Health::Current => None,
+            Health::Broken(since, why) => Some(format!(
+                "cannot watch {what} for {}s: {why}",
+                since.elapsed().as_secs()
+            )),
         }
     }
 }
@@ -128,6 +172,16 @@ impl<K: Resource + Clone + 'static> Watched<K>
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
+    /// Every object, and whether that is current.
+    pub fn read(&self) -> Known<Vec<Arc<K>>> {
+        let health = self.health.borrow();
+        match (&*health, health.why_not(self.what)) {
+            (Health::Listing(_), Some(why)) => Known::Unknown(why),
+            (_, None) => Known::Fresh(self.store.state()),
+            (_, Some(why)) => Known::Stale(self.store.state(), why),
+        }
+    }
+
     /// Like [`Watched::read`], but while the first list is still under
     /// way (an agent just started) waits up to `within` for it.
     pub async fn read_listed(&self, within: Duration) -> Known<Vec<Arc<K>>> {
@@ -150,23 +204,15 @@ where
     }
 }
 
-/// A reflector on `api`: the objects, and the task that keeps them (it
-/// pokes `poke` on every change and when the watch is current again; it
-/// never ends: whoever runs it owns it).
-///
-/// After a failed watch the watcher is started again from a fresh list
-/// (with back-off, 1 s doubling to [`BACKOFF_MAX`]), so a recovered API always ends in
-/// a completed list, which makes the contents current again even when
-/// nothing changed meanwhile. The store keeps its last contents until that
-/// list completes.
+/// A watch of `api`: the objects, and the task that keeps them (it pokes
+/// `poke` on every change and when what it holds is current again; it
+/// never ends: whoever runs it owns it). See the module's documentation
+/// for how it recovers.
 pub fn watch<K>(
     api: Api<K>,
     what: &'static str,
     poke: Arc<Notify>,
-) -> (
-    Watched<K>,
-    impl std::future::Future<Output = ()> + Send + 'static,
-)
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -174,72 +220,75 @@ where
     watch_with(api, watcher::Config::default(), what, poke)
 }
 
-/// Like [`watch`], with a watcher configuration (a field selector for one
-/// object, ...).
+/// Like [`watch`], with a watcher configuration: its label and field
+/// selectors (a field selector for one object, ...), page size and
+/// watch timeout are used; lists are always consistent reads.
 pub fn watch_with<K>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
     poke: Arc<Notify>,
-) -> (
-    Watched<K>,
-    impl std::future::Future<Output = ()> + Send + 'static,
-)
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    watch_slim(api, config, what, poke, |_| {})
+}
+
+/// Like [`watch_with`], keeping each object as `slim` leaves it (what
+/// its readers need of it). Its `metadata.managedFields` are always
+/// dropped: nothing here reads them, and they are often most of an
+/// object's metadata.
+pub fn watch_slim<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    poke: Arc<Notify>,
+    slim: fn(&mut K),
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    watch_source(api, config, what, poke, slim)
+}
+
+/// [`watch_slim`] of any [`Source`].
+fn watch_source<K, S>(
+    src: S,
+    config: watcher::Config,
+    what: &'static str,
+    poke: Arc<Notify>,
+    slim: fn(&mut K),
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    S: Source<K> + 'static,
+{
     let (reader, mut writer) = reflector::store();
     let health = Arc::new(channel::Sender::new(Health::Listing(None)));
-    let h = health.clone();
-    let task = async move {
-        let mut warned: Option<Instant> = None;
-        let mut backoff = Duration::from_secs(1);
-        loop {
-            let stream = watcher(api.clone(), config.clone());
-            futures::pin_mut!(stream);
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Err(e) => {
-                        // Say so once a minute (e.g. a CRD not installed,
-                        // RBAC missing, the API unreachable).
-                        if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                            tracing::warn!("cannot watch {what} (retrying): {e}");
-                            warned = Some(Instant::now());
-                        }
-                        // Stale from now on (no pass is woken for it: what
-                        // the store holds is unchanged, only its age).
-                        h.send_if_modified(|g| match g {
-                            Health::Current => {
-                                *g = Health::Broken(Instant::now(), e.to_string());
-                                true
-                            }
-                            Health::Listing(last) => {
-                                *last = Some(e.to_string());
-                                true
-                            }
-                            Health::Broken(..) => false,
-                        });
-                        break;
-                    }
-                    Ok(ev) => {
-                        writer.apply_watcher_event(&ev);
-                        if matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
-                            continue;
-                        }
-                        backoff = Duration::from_secs(1);
-                        let was = h.send_replace(Health::Current);
-                        if matches!(was, Health::Broken(..)) {
-                            tracing::info!("watching {what} again");
-                        }
-                        poke.notify_one();
-                    }
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+    let trim = move |o: &mut K| {
+        o.meta_mut().managed_fields = None;
+        slim(o);
     };
+    let keep = move |c: Change<K>| match c {
+        Change::Listed(items) => {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for mut o in items {
+                trim(&mut o);
+                writer.apply_watcher_event(&watcher::Event::InitApply(o));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        Change::Applied(mut o) => {
+            trim(&mut o);
+            writer.apply_watcher_event(&watcher::Event::Apply(o));
+        }
+        Change::Deleted(o) => writer.apply_watcher_event(&watcher::Event::Delete(o)),
+    };
+    let task = run(src, config, Tell::new(what, health.clone(), poke), keep);
     (
         Watched {
             store: reader,
@@ -250,9 +299,302 @@ where
     )
 }
 
+/// Whether what a watch handed on ([`follow`]) is current.
+#[derive(Debug, Clone)]
+pub struct Freshness {
+    health: channel::Receiver<Health>,
+    what: &'static str,
+}
+
+impl Freshness {
+    /// Why what was handed on may not be current (`None`: it is).
+    pub fn stale(&self) -> Option<String> {
+        self.health.borrow().why_not(self.what)
+    }
+}
+
+/// A watch of `api` whose changes go to `keep` (whoever keeps the objects
+/// in a shape of its own) rather than to a store here: whether they are
+/// current, and the task (it never ends: whoever runs it owns it).
+pub fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    keep: impl FnMut(Change<K>) + Send + 'static,
+) -> (Freshness, impl Future<Output = ()> + Send + 'static)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let health = Arc::new(channel::Sender::new(Health::Listing(None)));
+    let fresh = Freshness {
+        health: health.subscribe(),
+        what,
+    };
+    let tell = Tell::new(what, health, Arc::new(Notify::new()));
+    (fresh, run(api, config, tell, keep))
+}
+
+/// A change to the objects a watch keeps, as [`run`] hands it on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change<K> {
+    /// A whole list: replaces everything held (handed on only once its
+    /// last page arrived).
+    Listed(Vec<K>),
+    /// An object created or changed.
+    Applied(K),
+    /// An object deleted (its last state).
+    Deleted(K),
+}
+
+/// Where a watch loop says how it is doing: the health its readers see,
+/// `poke` on every change, a warning at most once a minute.
+pub(crate) struct Tell {
+    what: &'static str,
+    health: HealthTx,
+    poke: Arc<Notify>,
+    warned: Option<Instant>,
+}
+
+impl Tell {
+    fn new(what: &'static str, health: HealthTx, poke: Arc<Notify>) -> Self {
+        Self {
+            what,
+            health,
+            poke,
+            warned: None,
+        }
+    }
+
+    /// What is held is current (again).
+    fn current(&mut self) {
+        let mut was_broken = false;
+        let changed = self.health.send_if_modified(|h| {
+            was_broken = matches!(h, Health::Broken(..));
+            let changed = !matches!(h, Health::Current);
+            *h = Health::Current;
+            changed
+        });
+        if was_broken {
+            tracing::info!("watching {} again", self.what);
+        }
+        if changed {
+            self.poke.notify_one();
+        }
+    }
+
+    /// What is held changed.
+    fn changed(&self) {
+        self.poke.notify_one();
+    }
+
+    /// The list or the watch failed: stale from now on (no pass is woken
+    /// for it: what is held is unchanged, only its age).
+    fn failed(&mut self, why: String) {
+        // Say so once a minute (a CRD not installed, RBAC missing, the
+        // API unreachable).
+        if self
+            .warned
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            tracing::warn!("cannot watch {} (retrying): {why}", self.what);
+            self.warned = Some(Instant::now());
+        }
+        self.health.send_if_modified(|g| match g {
+            Health::Current => {
+                *g = Health::Broken(Instant::now(), why);
+                true
+            }
+            Health::Listing(last) => {
+                *last = Some(why);
+                true
+            }
+            // Still broken since then: the latest reason is the one told.
+            Health::Broken(_, last) => {
+                *last = why;
+                false
+            }
+        });
+    }
+}
+
+/// How one watch request ended.
+#[derive(Debug)]
+enum End {
+    /// The server closed it (its timeout): open it again at once from here.
+    Closed(String),
+    /// It failed (why): open it again from here after a back-off.
+    Failed(String, String),
+    /// The API no longer has the resourceVersion (why): list again.
+    Gone(String),
+}
+
+/// Lists and watches `src` forever (see the module's documentation),
+/// handing every change to `keep` and saying how it goes through `tell`.
+pub(crate) async fn run<K, S>(
+    src: S,
+    config: watcher::Config,
+    mut tell: Tell,
+    mut keep: impl FnMut(Change<K>) + Send,
+) where
+    K: Resource + Clone + Send,
+    S: Source<K>,
+{
+    let lp = ListParams {
+        label_selector: config.label_selector.clone(),
+        field_selector: config.field_selector.clone(),
+        limit: config.page_size,
+        ..Default::default()
+    };
+    let wp = WatchParams {
+        label_selector: config.label_selector.clone(),
+        field_selector: config.field_selector.clone(),
+        timeout: Some(config.timeout.unwrap_or(WATCH_TIMEOUT)),
+        bookmarks: true,
+        send_initial_events: false,
+    };
+    let mut version: Option<String> = None;
+    let mut backoff = Duration::from_secs(1);
+    // A list made, and no watch from it accepted yet.
+    let mut just_listed = false;
+    loop {
+        let from = match version.take() {
+            Some(v) => v,
+            None => match list_all(&src, &lp).await {
+                Ok(l) => {
+                    keep(Change::Listed(l.items));
+                    tell.changed();
+                    tell.current();
+                    // The back-off is reset once a watch from it is
+                    // accepted (a list refused at once keeps doubling it).
+                    just_listed = true;
+                    l.resource_version
+                }
+                Err(e) => {
+                    tell.failed(format!("list: {e}"));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        let (end, accepted) = watch_once(&src, &wp, from, &mut tell, &mut keep).await;
+        if accepted {
+            backoff = Duration::from_secs(1);
+            just_listed = false;
+        }
+        match end {
+            End::Closed(v) => version = Some(v),
+            End::Failed(v, why) => {
+                tell.failed(why);
+                version = Some(v);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            End::Gone(why) => {
+                tell.failed(why);
+                if just_listed {
+                    // Refused from a list just made: no tight loop of
+                    // lists and refusals.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                } else {
+                    // The API answers (it came back after an outage, its
+                    // cache starting after this version): list at once.
+                    backoff = Duration::from_secs(1);
+                }
+            }
+        }
+    }
+}
+
+/// One watch request from `version`, until it ends; whether the server
+/// was seen to accept it (an event, a bookmark, or [`SETTLE`] open
+/// without an error: see the module's documentation).
+async fn watch_once<K, S>(
+    src: &S,
+    wp: &WatchParams,
+    mut version: String,
+    tell: &mut Tell,
+    keep: &mut impl FnMut(Change<K>),
+) -> (End, bool)
+where
+    K: Resource + Clone,
+    S: Source<K>,
+{
+    let gone = |version: &str, why: &dyn std::fmt::Display| {
+        End::Gone(format!(
+            "the API no longer has resourceVersion {version}, listing again: {why}"
+        ))
+    };
+    let mut stream = match src.watch(wp, &version).await {
+        Ok(s) => s,
+        Err(e) if is_gone(&e) => return (gone(&version, &e), false),
+        Err(e) => return (End::Failed(version, format!("watch: {e}")), false),
+    };
+    let settled = tokio::time::Instant::now() + SETTLE;
+    // What is held stays current while a watch is opened again after the
+    // last one ended (its timeout): only an error makes it stale.
+    let mut accepted = false;
+    let idle = Duration::from_secs(u64::from(wp.timeout.unwrap_or(WATCH_TIMEOUT))) + IDLE_MARGIN;
+    loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(idle, stream.next()) => next,
+            () = tokio::time::sleep_until(settled), if !accepted => {
+                accepted = true;
+                tell.current();
+                continue;
+            }
+        };
+        let ev = match next {
+            Err(_) => {
+                let why = format!("no word on the watch for {}s", idle.as_secs());
+                return (End::Failed(version, why), accepted);
+            }
+            Ok(None) if accepted => return (End::Closed(version), true),
+            // Closed at once, with nothing said: not opened again in a
+            // tight loop.
+            Ok(None) => {
+                let why = "the watch ended before it was accepted".to_string();
+                return (End::Failed(version, why), false);
+            }
+            // The connection broke, or an event could not be read (it is
+            // not skipped: what is held would be wrong without a word).
+            Ok(Some(Err(e))) => return (End::Failed(version, format!("watch: {e}")), accepted),
+            Ok(Some(Ok(ev))) => ev,
+        };
+        match ev {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                version = o.resource_version().unwrap_or(version);
+                keep(Change::Applied(o));
+                tell.changed();
+            }
+            WatchEvent::Deleted(o) => {
+                version = o.resource_version().unwrap_or(version);
+                keep(Change::Deleted(o));
+                tell.changed();
+            }
+            WatchEvent::Bookmark(b) => version = b.metadata.resource_version,
+            WatchEvent::Error(s) if s.code == 410 => {
+                let end = gone(&version, &s.message);
+                return (end, accepted);
+            }
+            WatchEvent::Error(s) => {
+                let why = format!("watch: {} ({})", s.message, s.reason);
+                return (End::Failed(version, why), accepted);
+            }
+        }
+        if !accepted {
+            accepted = true;
+            tell.current();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::list::fake::{Answer, Fake, Open, Request, page, status};
     use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
 
     #[test]
     fn knowledge_degrades_and_maps() {
@@ -266,5 +608,370 @@ mod tests {
         let u: Known<u8> = Known::Unknown("never".into());
         assert_eq!(u.clone().failed("x".into()), Known::Unknown("x".into()));
         assert_eq!(u.value(), None);
+    }
+
+    /// Config map `name` at resourceVersion `rv`, with `v` in its data.
+    fn cm(name: &str, rv: &str, v: &str) -> ConfigMap {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(name.into());
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.resource_version = Some(rv.into());
+        c.metadata.managed_fields = Some(vec![Default::default()]);
+        c.data = Some([("v".to_string(), v.to_string())].into());
+        c
+    }
+
+    fn added(c: ConfigMap) -> kube::Result<WatchEvent<ConfigMap>> {
+        Ok(WatchEvent::Added(c))
+    }
+
+    fn modified(c: ConfigMap) -> kube::Result<WatchEvent<ConfigMap>> {
+        Ok(WatchEvent::Modified(c))
+    }
+
+    fn watch_ok(events: Vec<kube::Result<WatchEvent<ConfigMap>>>, open: Open) -> Answer<ConfigMap> {
+        Answer::Watch(Ok(events), open)
+    }
+
+    /// A connection that broke under the watch.
+    fn broken() -> kube::Result<WatchEvent<ConfigMap>> {
+        Err(kube::Error::Service("connection reset".into()))
+    }
+
+    struct Bed {
+        src: Arc<Fake<ConfigMap>>,
+        w: Watched<ConfigMap>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Bed {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Source<ConfigMap> for Arc<Fake<ConfigMap>> {
+        fn page(
+            &self,
+            lp: &ListParams,
+        ) -> impl Future<Output = kube::Result<kube::api::ObjectList<ConfigMap>>> + Send {
+            (**self).page(lp)
+        }
+
+        fn watch(
+            &self,
+            wp: &WatchParams,
+            version: &str,
+        ) -> impl Future<Output = kube::Result<super::super::list::Events<ConfigMap>>> + Send
+        {
+            (**self).watch(wp, version)
+        }
+    }
+
+    fn bed(script: Vec<Answer<ConfigMap>>) -> Bed {
+        let src = Arc::new(Fake::new(script));
+        let (w, task) = watch_source(
+            src.clone(),
+            watcher::Config::default(),
+            "config maps",
+            Arc::new(Notify::new()),
+            |_| {},
+        );
+        Bed {
+            src,
+            w,
+            task: tokio::spawn(task),
+        }
+    }
+
+    impl Bed {
+        /// The held objects as (name, data v), sorted, and whether fresh.
+        fn held(&self) -> (Vec<(String, String)>, &'static str) {
+            let k = self.w.read();
+            let state = match &k {
+                Known::Fresh(_) => "fresh",
+                Known::Stale(..) => "stale",
+                Known::Unknown(_) => "unknown",
+            };
+            let mut v: Vec<(String, String)> = k
+                .value()
+                .map(|v| {
+                    v.iter()
+                        .map(|c| {
+                            assert!(c.metadata.managed_fields.is_none(), "managedFields kept");
+                            let d = c.data.as_ref().and_then(|d| d.get("v")).cloned();
+                            (c.name_any(), d.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            (v, state)
+        }
+
+        /// Waits (virtual time) until what is held is in `state`.
+        async fn until(&self, state: &str) {
+            let mut rx = self.w.health.subscribe();
+            let want = |h: &Health| match state {
+                "fresh" => matches!(h, Health::Current),
+                "stale" => matches!(h, Health::Broken(..)),
+                _ => matches!(h, Health::Listing(Some(_))),
+            };
+            rx.wait_for(want).await.expect("the loop runs");
+        }
+
+        fn lists(&self) -> usize {
+            self.src
+                .requests()
+                .iter()
+                .filter(|r| matches!(r, Request::Page { .. }))
+                .count()
+        }
+
+        fn watches(&self) -> Vec<String> {
+            self.src
+                .requests()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Request::Watch { version, bookmarks } => {
+                        assert!(bookmarks, "watches ask for bookmarks");
+                        Some(version)
+                    }
+                    Request::Page { .. } => None,
+                })
+                .collect()
+        }
+    }
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    /// Lets the loop run until it waits on something (no time passes).
+    async fn idle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_watch_resumes_from_its_version_without_a_list() {
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![modified(cm("a", "6", "2")), broken()], Open::Stays),
+            // Resumed from 6: quiet (nothing changed meanwhile).
+            watch_ok(vec![], Open::Stays),
+        ]);
+        b.until("stale").await;
+        assert_eq!(b.held(), (kv(&[("a", "2")]), "stale"));
+        let t0 = tokio::time::Instant::now();
+        b.until("fresh").await;
+        // One back-off (1 s), then SETTLE with no word on the new watch.
+        assert_eq!(t0.elapsed(), Duration::from_secs(1) + SETTLE);
+        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
+        assert_eq!(b.lists(), 1, "{:?}", b.src.requests());
+        assert_eq!(b.watches(), vec!["5", "6"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_on_a_resumed_watch_makes_it_fresh_at_once() {
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![broken()], Open::Stays),
+            // What changed while it was away is replayed.
+            watch_ok(vec![added(cm("b", "7", "1"))], Open::Stays),
+        ]);
+        b.until("stale").await;
+        let t0 = tokio::time::Instant::now();
+        b.until("fresh").await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+        assert_eq!(b.held(), (kv(&[("a", "1"), ("b", "1")]), "fresh"));
+        assert_eq!(b.lists(), 1);
+        assert_eq!(b.watches(), vec!["5", "5"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bookmark_moves_the_version_on() {
+        let bm: WatchEvent<ConfigMap> = serde_json::from_value(serde_json::json!({
+            "type": "BOOKMARK",
+            "object": {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"resourceVersion": "90"}}
+        }))
+        .unwrap();
+        let b = bed(vec![
+            page(vec![], "5", None),
+            watch_ok(vec![Ok(bm), broken()], Open::Stays),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        b.until("stale").await;
+        b.until("fresh").await;
+        assert_eq!(b.watches(), vec!["5", "90"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_ending_after_its_timeout_is_opened_again_at_once_still_fresh() {
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![modified(cm("a", "8", "2"))], Open::Ends),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        b.until("fresh").await;
+        let t0 = tokio::time::Instant::now();
+        idle().await;
+        assert_eq!(b.watches(), vec!["5", "8"]);
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_lists_again_keeping_the_old_contents_until_the_whole_list_is_in() {
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1"), cm("b", "4", "1")], "5", None),
+            watch_ok(vec![broken()], Open::Stays),
+            // Resumed too late: the API server no longer has 5.
+            watch_ok(
+                vec![Ok(WatchEvent::Error(status(
+                    410,
+                    "too old resource version: 5 (9)",
+                )))],
+                Open::Ends,
+            ),
+            // The list again: one page of two; the second never comes.
+            page(vec![cm("a", "9", "3")], "10", Some("more")),
+        ]);
+        b.until("stale").await;
+        let t0 = tokio::time::Instant::now();
+        // Nothing is ever held partly listed: still the old contents, stale.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(b.held(), (kv(&[("a", "1"), ("b", "1")]), "stale"));
+        assert_eq!(b.lists(), 3, "{:?}", b.src.requests());
+        assert!(t0.elapsed() >= Duration::from_secs(1));
+        let why = b.w.read().why().unwrap().to_string();
+        assert!(why.contains("no longer has resourceVersion 5"), "{why}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_after_a_completed_list_is_fresh_with_the_new_list() {
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1"), cm("b", "4", "1")], "5", None),
+            watch_ok(vec![broken()], Open::Stays),
+            Answer::Watch(Err(kube::Error::Api(status(410, "gone"))), Open::Ends),
+            page(vec![cm("a", "9", "3")], "10", Some("more")),
+            page(vec![cm("c", "9", "1")], "10", None),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        b.until("stale").await;
+        b.until("fresh").await;
+        assert_eq!(b.held(), (kv(&[("a", "3"), ("c", "1")]), "fresh"));
+        assert_eq!(b.lists(), 3);
+        assert_eq!(b.watches(), vec!["5", "5", "10"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_outage_a_refused_version_is_listed_again_at_once() {
+        let refused = || {
+            Answer::Watch(
+                Err(kube::Error::Service("connection refused".into())),
+                Open::Ends,
+            )
+        };
+        let gone = || {
+            watch_ok(
+                vec![Ok(WatchEvent::Error(status(
+                    410,
+                    "too old resource version",
+                )))],
+                Open::Ends,
+            )
+        };
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![modified(cm("a", "6", "1")), broken()], Open::Stays),
+            // Down for 1 + 2 + 4 + 8 s, then back with a cache that starts
+            // after 6.
+            refused(),
+            refused(),
+            refused(),
+            refused(),
+            gone(),
+            page(vec![cm("a", "9", "2")], "10", None),
+            // A list whose version is refused at once, twice: slowed down.
+            gone(),
+            page(vec![cm("a", "9", "2")], "11", None),
+            gone(),
+            page(vec![cm("a", "9", "2")], "12", None),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        let t0 = tokio::time::Instant::now();
+        b.until("stale").await;
+        let mut rx = b.w.health.subscribe();
+        // Until the last list's watch is accepted.
+        rx.wait_for(|h| matches!(h, Health::Current)).await.unwrap();
+        tokio::time::sleep(SETTLE).await;
+        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
+        let lists: Vec<Duration> = b
+            .src
+            .times()
+            .into_iter()
+            .filter(|(_, r)| matches!(r, Request::Page { .. }))
+            .map(|(t, _)| t - t0)
+            .collect();
+        let s = Duration::from_secs;
+        assert_eq!(
+            lists,
+            vec![
+                s(0),
+                // Right after the 410 that ended the outage (1 + 2 + 4 + 8
+                // + 8 s of back-off), no back-off of its own.
+                s(23),
+                // Refused at once from fresh lists: 1 s, then 2 s first.
+                s(24),
+                s(26),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_list_that_fails_is_retried_with_back_off_and_unknown_meanwhile() {
+        let err = || Answer::Page(Err(kube::Error::Api(status(503, "unavailable"))));
+        let b = bed(vec![
+            err(),
+            err(),
+            err(),
+            err(),
+            err(),
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        b.until("unknown").await;
+        assert_eq!(b.held().1, "unknown");
+        let t0 = tokio::time::Instant::now();
+        b.until("fresh").await;
+        // 1 + 2 + 4 + 8 + 8 s (BACKOFF_MAX).
+        assert_eq!(t0.elapsed(), Duration::from_secs(23));
+        assert_eq!(b.held(), (kv(&[("a", "1")]), "fresh"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_cannot_be_opened_is_retried_from_its_version() {
+        let refused = || {
+            Answer::Watch(
+                Err(kube::Error::Service("connection refused".into())),
+                Open::Ends,
+            )
+        };
+        let b = bed(vec![
+            page(vec![cm("a", "4", "1")], "5", None),
+            watch_ok(vec![broken()], Open::Stays),
+            refused(),
+            refused(),
+            watch_ok(vec![], Open::Stays),
+        ]);
+        b.until("stale").await;
+        b.until("fresh").await;
+        assert_eq!(b.lists(), 1);
+        assert_eq!(b.watches(), vec!["5", "5", "5", "5"]);
     }
 }

@@ -2,24 +2,32 @@
 //!
 //! Blocks are `IPAMBlock` objects; every write is a compare-and-swap on
 //! `metadata.resourceVersion` (create fails with AlreadyExists, replace and
-//! delete-with-precondition fail with Conflict). Blocks are always read
-//! from the API. Pools, the IPAM settings and this node's labels come from
-//! watches in the agent ([`KubeStore::watched`]: no polling), or through a
-//! short-lived cache for one-shot users (`margayctl`, tests).
+//! delete-with-precondition fail with Conflict). Pools, the IPAM settings
+//! and this node's labels come from watches in the agent
+//! ([`KubeStore::watched`]: no polling), or through a short-lived cache for
+//! one-shot users (`margayctl`, tests). A node's store also follows the
+//! blocks with a watch that it hands to the allocator
+//! ([`Store::block_feed`]), which keeps its view from it instead of
+//! listing every block again; the store itself reads blocks from the API
+//! (a paginated list, a get). The cluster-wide store reads blocks from a
+//! watch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::store::{BlockChange, BlockFeed};
 use crate::{Block, Cluster, Error, Store};
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 
-use super::reflect::{Known, Watched, watch, watch_with};
+use super::list::list_items;
+use super::reflect::{Change, Known, Watched, follow, watch, watch_slim, watch_with};
 use margay_api::ipam::{CONFIG_NAME, IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec, IPPool};
 
 type Result<T> = std::result::Result<T, Error>;
@@ -75,6 +83,8 @@ pub struct KubeStore {
     ttl: Duration,
     cache: Mutex<Cache>,
     watches: Option<Watches>,
+    /// The blocks' watch of a node's store, until the allocator takes it.
+    feed: Mutex<Option<BlockFeed>>,
 }
 
 /// What a watched store reads from watches.
@@ -89,6 +99,10 @@ struct Watches {
     cluster: Option<ClusterWatches>,
 }
 
+/// The leader's watches. Nodes and Pods are watched as metadata only
+/// (`Api<PartialObjectMeta<_>>`: kube asks for `PartialObjectMetadata`)
+/// and kept as only what is read of them ([`node_name`], [`pod_sandbox`]);
+/// every kept object's managedFields are dropped.
 struct ClusterWatches {
     blocks: Watched<IPAMBlock>,
     nodes: Watched<PartialObjectMeta<Node>>,
@@ -141,6 +155,7 @@ impl KubeStore {
             ttl,
             cache: Mutex::new(Cache::default()),
             watches: None,
+            feed: Mutex::new(None),
         }
     }
 
@@ -148,7 +163,9 @@ impl KubeStore {
     /// come from watches (`poke` is notified on every change); the returned
     /// task keeps them and never ends: run it beside the store. Last known
     /// contents answer while a watch is down (a node keeps allocating from
-    /// the pools it knew); blocks are read from the API.
+    /// the pools it knew). The blocks are followed by a watch too, handed
+    /// to the allocator ([`Store::block_feed`]: it keeps its own view); the
+    /// store's own block reads go to the API.
     pub fn watched(
         client: Client,
         node: &str,
@@ -162,6 +179,22 @@ impl KubeStore {
             "this Node",
             poke,
         );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (fresh, t4) = follow(
+            Api::<IPAMBlock>::all(client.clone()),
+            watcher::Config::default(),
+            "IPAMBlocks",
+            move |c| {
+                let _ = tx.send(match c {
+                    Change::Listed(all) => BlockChange::Listed(read_blocks(&all)),
+                    Change::Applied(b) => match read_blocks(std::slice::from_ref(&b)).pop() {
+                        Some(b) => BlockChange::Put(b),
+                        None => return,
+                    },
+                    Change::Deleted(b) => BlockChange::Gone(b.name_any()),
+                });
+            },
+        );
         let mut store = Self::new(client, Duration::ZERO);
         store.watches = Some(Watches {
             strict: false,
@@ -170,8 +203,9 @@ impl KubeStore {
             me: Some((node.to_string(), me)),
             cluster: None,
         });
+        store.feed = Mutex::new(Some(BlockFeed::new(rx, move || fresh.stale())));
         let task = async move {
-            futures::join!(t1, t2, t3);
+            futures::join!(t1, t2, t3, t4);
         };
         (store, task)
     }
@@ -189,8 +223,20 @@ impl KubeStore {
         let (pools, t1) = watch(Api::all(client.clone()), "IPPools", poke.clone());
         let (config, t2) = watch(Api::all(client.clone()), "IPAMConfigurations", poke.clone());
         let (blocks, t3) = watch(Api::all(client.clone()), "IPAMBlocks", poke.clone());
-        let (nodes, t4) = watch(Api::all(client.clone()), "Nodes", poke.clone());
-        let (pods, t5) = watch(Api::all(client.clone()), "Pods", poke);
+        let (nodes, t4) = watch_slim(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            "Nodes",
+            poke.clone(),
+            node_name,
+        );
+        let (pods, t5) = watch_slim(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            "Pods",
+            poke,
+            pod_sandbox,
+        );
         let mut store = Self::new(client, Duration::ZERO);
         store.watches = Some(Watches {
             strict: true,
@@ -244,27 +290,14 @@ impl Store for KubeStore {
         {
             Some((w, c)) => w.objects(&c.blocks).await?,
             None => {
-                ask("ipamblocks", self.blocks.list(&ListParams::default()))
-                    .await?
-                    .items
+                ask(
+                    "ipamblocks",
+                    list_items(&self.blocks, &ListParams::default()),
+                )
+                .await?
             }
         };
-        let mut out = Vec::with_capacity(items.len());
-        for res in &items {
-            // A corrupt block is listed, marked: its range stays taken and
-            // nothing in it is handed out, released or deleted.
-            match Block::read(res) {
-                Ok(b) => {
-                    if let Some(why) = &b.corrupt {
-                        tracing::warn!(block = %b.name, "{why}");
-                    }
-                    out.push(b);
-                }
-                // Not a block's name either: no range to keep.
-                Err(e) => tracing::warn!("{e} (the object's name is no block's: ignored)"),
-            }
-        }
-        Ok(out)
+        Ok(read_blocks(&items))
     }
 
     async fn get_block(&self, name: &str) -> Result<Option<Block>> {
@@ -317,9 +350,7 @@ impl Store for KubeStore {
             return Ok(p);
         }
         let api: Api<IPPool> = Api::all(self.client.clone());
-        let pools = ask("ippools", api.list(&ListParams::default()))
-            .await?
-            .items;
+        let pools = ask("ippools", list_items(&api, &ListParams::default())).await?;
         self.cache().pools = Some((Instant::now(), pools.clone()));
         Ok(pools)
     }
@@ -370,6 +401,10 @@ impl Store for KubeStore {
             .insert(node.to_string(), (Instant::now(), labels.clone()));
         Ok(labels)
     }
+
+    fn block_feed(&self) -> Option<BlockFeed> {
+        self.feed.lock().expect("feed lock").take()
+    }
 }
 
 impl Cluster for KubeStore {
@@ -379,9 +414,9 @@ impl Cluster for KubeStore {
                 .known(c.nodes.read_listed(FIRST_LIST).await)
                 .map(|n| n.iter().map(|n| n.name_any()).collect());
         }
-        let api: Api<Node> = Api::all(self.client.clone());
-        let list = ask("nodes", api.list_metadata(&ListParams::default())).await?;
-        Ok(list.items.iter().map(|n| n.name_any()).collect())
+        let api: Api<PartialObjectMeta<Node>> = Api::all(self.client.clone());
+        let list = ask("nodes", list_items(&api, &ListParams::default())).await?;
+        Ok(list.iter().map(|n| n.name_any()).collect())
     }
 
     async fn node_exists(&self, name: &str) -> Result<bool> {
@@ -395,10 +430,8 @@ impl Cluster for KubeStore {
         let items: Vec<PartialObjectMeta<Pod>> = match self.cluster() {
             Some((w, c)) => w.objects(&c.pods).await?,
             None => {
-                let api: Api<Pod> = Api::all(self.client.clone());
-                ask("pods", api.list_metadata(&ListParams::default()))
-                    .await?
-                    .items
+                let api: Api<PartialObjectMeta<Pod>> = Api::all(self.client.clone());
+                ask("pods", list_items(&api, &ListParams::default())).await?
             }
         };
         Ok(items
@@ -423,6 +456,49 @@ impl Cluster for KubeStore {
     }
 }
 
+/// The blocks of `items`. A corrupt block is there, marked: its range
+/// stays taken and nothing in it is handed out, released or deleted. An
+/// object whose name is no block's either is left out (no range to keep).
+fn read_blocks(items: &[IPAMBlock]) -> Vec<Block> {
+    let mut out = Vec::with_capacity(items.len());
+    for res in items {
+        match Block::read(res) {
+            Ok(b) => {
+                if let Some(why) = &b.corrupt {
+                    tracing::warn!(block = %b.name, "{why}");
+                }
+                out.push(b);
+            }
+            Err(e) => tracing::warn!("{e} (the object's name is no block's: ignored)"),
+        }
+    }
+    out
+}
+
+/// What the cluster-wide store keeps of a Node (metadata only on the
+/// wire): its name.
+fn node_name(n: &mut PartialObjectMeta<Node>) {
+    n.types = None;
+    n.metadata = ObjectMeta {
+        name: n.metadata.name.take(),
+        ..Default::default()
+    };
+}
+
+/// What the cluster-wide store keeps of a Pod (metadata only on the wire):
+/// its namespace, name and the UID its sandboxes carry
+/// ([`sandbox_uid`]).
+fn pod_sandbox(p: &mut PartialObjectMeta<Pod>) {
+    p.types = None;
+    let uid = sandbox_uid(&p.metadata);
+    p.metadata = ObjectMeta {
+        namespace: p.metadata.namespace.take(),
+        name: p.metadata.name.take(),
+        uid: Some(uid),
+        ..Default::default()
+    };
+}
+
 /// The annotation a static pod's mirror carries: the static pod's UID
 /// (its config hash), which is what the kubelet passes as K8S_POD_UID.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -438,4 +514,53 @@ pub fn sandbox_uid(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
         .cloned()
         .or_else(|| m.uid.clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(v: serde_json::Value) -> ObjectMeta {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_leader_keeps_a_nodes_name_and_a_pods_sandbox_uid_only() {
+        let full = meta(serde_json::json!({
+            "name": "n1", "uid": "u1", "resourceVersion": "7",
+            "labels": {"a": "b"}, "annotations": {"x": "y"},
+            "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+        }));
+        let mut n: PartialObjectMeta<Node> = PartialObjectMeta {
+            types: None,
+            metadata: full.clone(),
+            _phantom: Default::default(),
+        };
+        node_name(&mut n);
+        assert_eq!(n.metadata, meta(serde_json::json!({"name": "n1"})));
+
+        for (annotations, uid) in [
+            (serde_json::json!({"x": "y"}), "u1"),
+            (
+                serde_json::json!({MIRROR_ANNOTATION: "static-hash"}),
+                "static-hash",
+            ),
+        ] {
+            let mut m = full.clone();
+            m.namespace = Some("ns".into());
+            m.annotations = serde_json::from_value(annotations).unwrap();
+            let mut p: PartialObjectMeta<Pod> = PartialObjectMeta {
+                types: None,
+                metadata: m.clone(),
+                _phantom: Default::default(),
+            };
+            let before = sandbox_uid(&m);
+            pod_sandbox(&mut p);
+            assert_eq!(
+                p.metadata,
+                meta(serde_json::json!({"namespace": "ns", "name": "n1", "uid": uid}))
+            );
+            assert_eq!(sandbox_uid(&p.metadata), before);
+        }
+    }
 }

@@ -32,6 +32,7 @@ use margay_harness::kubelet::{KubeletNode, KubeletSpec};
 use margay_harness::netns::Netns;
 use margay_harness::topo::{FABRIC_GW_V4, Fabric};
 use margay_harness::{names, paths};
+use margay_ipam::k8s::list_items;
 
 use crate::cluster::{Cluster, LabNode, Options, Pod, Restarts, TOR_ASN, WorkDir};
 use crate::{Install, Tor, image};
@@ -182,7 +183,7 @@ async fn wait_nodes_registered(c: &Cluster) -> anyhow::Result<()> {
     let api: Api<KubeNode> = Api::all(c.client.clone());
     let t = Instant::now();
     loop {
-        let have = api.list(&ListParams::default()).await?.items.len();
+        let have = list_items(&api, &ListParams::default()).await?.len();
         if have == c.nodes.len() {
             return Ok(());
         }
@@ -466,10 +467,7 @@ async fn wait_pods(c: &mut Cluster, want: usize, timeout: Duration) -> anyhow::R
 /// on its node (named for `ip netns`, kept while the pod keeps it).
 pub async fn refresh_pods(c: &mut Cluster) -> anyhow::Result<()> {
     let api: Api<KubePod> = Api::all(c.client.clone());
-    let list = api
-        .list(&ListParams::default().labels(LAB_LABEL))
-        .await?
-        .items;
+    let list = list_items(&api, &ListParams::default().labels(LAB_LABEL)).await?;
     let mut sandboxes = std::collections::BTreeMap::new();
     let mut old: Vec<Pod> = std::mem::take(&mut c.pods);
     let mut pods = Vec::new();

@@ -21,6 +21,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use margay_api::ipam::{AllowedUse, PodRef};
 use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Assign, Options};
+use tokio::sync::Notify;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -83,8 +84,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let client = margay_harness::kube::client_from(&args.kubeconfig).await?;
-    let store = Arc::new(KubeStore::new(client.clone(), Duration::from_secs(2)));
-    let alloc = Allocator::start(store, &args.node, Options::default());
+    // The node's store as the agent makes it: pools, settings, its labels
+    // and the blocks (the allocator's view) from watches.
+    let (store, watches) = KubeStore::watched(client.clone(), &args.node, Arc::new(Notify::new()));
+    tokio::spawn(watches);
+    let alloc = Allocator::start(Arc::new(store), &args.node, Options::default());
     let pods: Api<Pod> = Api::namespaced(client, &args.namespace);
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(0));
