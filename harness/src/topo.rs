@@ -28,12 +28,16 @@ pub const FABRIC_V4: &str = "10.99.0.0/24";
 pub const FABRIC_GW_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
 /// The fabric router's IPv6 address.
 pub const FABRIC_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0xfe);
+/// How many nodes one fabric holds: a node's index is the last octet of
+/// its address in its subnet's /24 (`.254` is the router, `.250`-`.253`
+/// stay free), whatever the subnet.
+pub const MAX_NODES: u32 = 249;
 
 /// A bridged L2 segment living in its own namespace.
 #[derive(Debug)]
 pub struct Fabric {
     ns: Netns,
-    next: Mutex<u8>,
+    next: Mutex<u32>,
     /// (namespace name, IPv4, IPv6, MAC) of every node so far.
     members: Mutex<Vec<(String, Ipv4Addr, Ipv6Addr, String)>>,
     gw_mac: String,
@@ -44,8 +48,9 @@ pub struct Fabric {
 pub struct Node {
     /// The node's namespace.
     pub ns: Netns,
-    /// Its index on the fabric (1-based; also the last address octet).
-    pub index: u8,
+    /// Its index on the fabric (1-based, at most [`MAX_NODES`]; also the
+    /// last address octet).
+    pub index: u32,
     /// Its IPv4 address on the fabric.
     pub v4: Ipv4Addr,
     /// Its IPv6 address on the fabric.
@@ -111,16 +116,21 @@ impl Fabric {
         let index = {
             let mut n = self.next.lock().expect("fabric counter");
             let i = *n;
-            assert!(i < 250, "a fabric holds at most 249 nodes");
+            if i > MAX_NODES {
+                return Err(crate::Error::Other(format!(
+                    "a fabric holds at most {MAX_NODES} nodes (the last octet of 10.99.S.N/24)"
+                )));
+            }
             *n += 1;
             i
         };
+        let octet = u8::try_from(index).expect("index <= MAX_NODES");
         let ns = Netns::create(hint)?;
         let port = format!("p{index}");
         veth(&ns, "eth0", &self.ns, &port)?;
         self.ns.ip(&["link", "set", &port, "master", "br0"])?;
-        let v4 = Ipv4Addr::new(10, 99, subnet, index);
-        let v6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, index as u16);
+        let v4 = Ipv4Addr::new(10, 99, subnet, octet);
+        let v6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, u16::from(octet));
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
         ns.ip(&[
             "-6",

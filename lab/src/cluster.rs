@@ -39,14 +39,15 @@ pub const RR_LABEL: &str = "margay.dev/route-reflector";
 /// How to build the cluster.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Number of nodes.
-    pub nodes: u8,
+    /// Number of nodes (at most [`margay_harness::topo::MAX_NODES`]: one
+    /// fabric's addresses).
+    pub nodes: u32,
     /// The pool's encapsulation.
     pub encap: Encap,
     /// Top-of-rack router.
     pub tor: Tor,
     /// Nodes 1..=N are route reflectors and the mesh is off (0: full mesh).
-    pub route_reflectors: u8,
+    pub route_reflectors: u32,
     /// Agents' leak collection period in seconds (0: off).
     pub gc_interval: u64,
     /// IPAM's leak grace period in seconds.
@@ -63,11 +64,45 @@ pub struct Options {
     pub block_size: u8,
     /// IPv4 subnets the nodes are spread over, round robin (node1 in
     /// 10.99.0.0/24, node2 in 10.99.1.0/24, ...), reaching each other
-    /// through the router across them.
-    pub subnets: u8,
+    /// through the router across them (at most 250: `S` is an octet).
+    pub subnets: u32,
     /// Real nodes (a kubelet and containerd each), Margay installed as a
     /// user would (`kubectl apply` or `helm install`), pods as Pods.
     pub kubernetes: Option<crate::Install>,
+}
+
+impl Options {
+    /// Refuses counts the lab cannot address: more nodes than one fabric
+    /// holds ([`margay_harness::topo::MAX_NODES`]), more route reflectors
+    /// than nodes, more subnets than the third octet of `10.99.S.0/24`
+    /// can name.
+    pub fn check_counts(&self) -> anyhow::Result<()> {
+        use margay_harness::topo::MAX_NODES;
+        if self.nodes == 0 || self.nodes > MAX_NODES {
+            bail!(
+                "{} nodes: the lab holds 1 to {MAX_NODES} (each a fabric address 10.99.S.N/24)",
+                self.nodes
+            );
+        }
+        if self.route_reflectors > self.nodes {
+            bail!(
+                "{} route reflectors for {} nodes",
+                self.route_reflectors,
+                self.nodes
+            );
+        }
+        if self.subnets > 250 {
+            bail!("{} subnets: at most 250 (10.99.S.0/24)", self.subnets);
+        }
+        Ok(())
+    }
+
+    /// The subnet (`S` of `10.99.S.0/24`) of node `i` (1-based): round
+    /// robin over [`Options::subnets`].
+    pub fn subnet_of(&self, i: u32) -> u8 {
+        let s = (i.max(1) - 1) % self.subnets.clamp(1, 250);
+        u8::try_from(s).expect("fewer than 250 subnets")
+    }
 }
 
 impl Default for Options {
@@ -401,6 +436,7 @@ impl Cluster {
     /// Builds the cluster and starts every agent (returns before routes
     /// have converged: see [`Cluster::wait_converged`]).
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        opts.check_counts()?;
         if opts.kubernetes.is_some() {
             if opts.pool6_cidr.is_some() {
                 bail!("an IPv6 pool is for the plain lab only");
@@ -500,7 +536,7 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 1..=opts.nodes {
             let name = format!("node{i}");
-            let node = fabric.add_node_in(&name, (i - 1) % opts.subnets.max(1))?;
+            let node = fabric.add_node_in(&name, opts.subnet_of(i))?;
             let rr = i <= opts.route_reflectors;
             let mut meta =
                 serde_json::json!({"name": name, "labels": {"kubernetes.io/hostname": name}});
@@ -1283,7 +1319,31 @@ pub(crate) fn container_ports(serve: &[String]) -> Vec<serde_json::Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::Added;
+    use super::{Added, Options};
+
+    #[test]
+    fn counts_past_what_the_fabric_addresses_are_refused() {
+        let o = |nodes, route_reflectors, subnets| Options {
+            nodes,
+            route_reflectors,
+            subnets,
+            ..Default::default()
+        };
+        assert!(o(3, 0, 1).check_counts().is_ok());
+        assert!(o(249, 249, 8).check_counts().is_ok());
+        let e = o(250, 0, 1).check_counts().unwrap_err().to_string();
+        assert!(e.contains("1 to 249"), "{e}");
+        assert!(o(0, 0, 1).check_counts().is_err());
+        assert!(o(100_000, 0, 1).check_counts().is_err());
+        assert!(o(3, 4, 1).check_counts().is_err());
+        assert!(o(3, 0, 251).check_counts().is_err());
+        // Round robin over the subnets, from node 1.
+        let three = o(9, 0, 3);
+        let s: Vec<u8> = (1..=7).map(|i| three.subnet_of(i)).collect();
+        assert_eq!(s, [0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(o(9, 0, 0).subnet_of(5), 0);
+        assert_eq!(o(9, 0, u32::MAX).subnet_of(249), 248);
+    }
 
     #[test]
     fn a_cni_result_gives_both_families_and_the_host_interface() {

@@ -37,9 +37,11 @@ struct Cli {
 /// Options of `up`, passed on to the supervisor.
 #[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct UpArgs {
-    /// Number of nodes.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=200))]
-    pub nodes: u8,
+    /// Number of nodes (at most 249: each is an address 10.99.S.N/24 on
+    /// the lab's fabric; Node objects without a namespace behind them, as
+    /// many as the API takes, are what bench/scale makes).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(margay_harness::topo::MAX_NODES)))]
+    pub nodes: u32,
     /// Encapsulation between nodes.
     #[arg(long, value_enum, default_value_t = Encap::None)]
     pub encap: Encap,
@@ -48,16 +50,16 @@ pub struct UpArgs {
     pub tor: Tor,
     /// Pods to start on each node.
     #[arg(long, default_value_t = 2)]
-    pub pods_per_node: u16,
+    pub pods_per_node: u32,
     /// Make the first N nodes route reflectors and turn the full mesh off.
     #[arg(long, default_value_t = 0)]
-    pub route_reflectors: u8,
+    pub route_reflectors: u32,
     /// Spread the nodes over this many IPv4 subnets (10.99.S.0/24, round
     /// robin), joined by the router: what the CrossSubnet encapsulations
     /// are for.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     #[serde(default = "one")]
-    pub subnets: u8,
+    pub subnets: u32,
     /// Real Kubernetes nodes: a kubelet and containerd per node, Margay
     /// installed from its image as a user would, pods as Pods.
     #[arg(long)]
@@ -73,7 +75,7 @@ fn manifest() -> Install {
     Install::Manifest
 }
 
-fn one() -> u8 {
+fn one() -> u32 {
     1
 }
 
@@ -338,6 +340,13 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             format!("{bin} must be built next to margay-lab (cargo build --release -p margay-lab -p margay-agent -p margay-cni)")
         })?;
     }
+    margay_lab::cluster::Options {
+        nodes: args.nodes,
+        route_reflectors: args.route_reflectors,
+        subnets: args.subnets,
+        ..Default::default()
+    }
+    .check_counts()?;
     State::clear();
     std::fs::create_dir_all(state::dir())?;
     let log = std::fs::File::create(state::log_path())?;
@@ -621,4 +630,20 @@ fn kubectl(args: &[String]) -> anyhow::Result<ExitCode> {
         .args(args)
         .status()?;
     Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn node_counts_are_u32_up_to_the_fabric() {
+        let up = |n: &str| super::Cli::try_parse_from(["margay-lab", "up", "--nodes", n]);
+        assert!(up("249").is_ok());
+        let e = up("250").unwrap_err().to_string();
+        assert!(e.contains("1..=249"), "{e}");
+        assert!(up("0").is_err());
+        let c = super::Cli::try_parse_from(["margay-lab", "up", "--pods-per-node", "100000"]);
+        assert!(c.is_ok());
+    }
 }

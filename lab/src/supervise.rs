@@ -137,7 +137,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         std::fs::copy(c.api.kubeconfig(), &kubeconfig)?;
         let kubeconfig = kubeconfig.display().to_string();
         if args.kubernetes {
-            let replicas = c.nodes.len() * usize::from(args.pods_per_node);
+            let replicas = c.nodes.len() * usize::try_from(args.pods_per_node)?;
             margay_lab::kubernetes::deploy(&mut c, replicas).await?;
         } else {
             for i in 0..c.nodes.len() {

@@ -22,12 +22,12 @@ use margay_lab::cluster::{Cluster, Options};
 #[derive(Debug, Parser)]
 #[command(about = "requests per minute per agent on an idle lab")]
 struct Cli {
-    /// Lab nodes (one agent each).
-    #[arg(long, default_value_t = 3)]
-    nodes: u8,
+    /// Lab nodes (one agent each; at most 249, the lab's fabric).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=i64::from(margay_harness::topo::MAX_NODES)))]
+    nodes: u32,
     /// Pods per node.
     #[arg(long, default_value_t = 2)]
-    pods_per_node: u16,
+    pods_per_node: u32,
     /// Seconds to wait after the lab is connected, before the window.
     #[arg(long, default_value_t = 60)]
     settle: u64,

@@ -32,13 +32,15 @@ struct Cli {
 enum Cmd {
     /// A BIRD feeder announces N prefixes to each receiver in turn.
     Feed {
-        #[arg(long, default_value_t = 100_000)]
+        /// /32s announced, from 100.64.0.0 (at most 4,194,304: the /10).
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=1 << 22))]
         prefixes: u32,
     },
     /// A full mesh of N speakers, Margay vs BIRD.
     Mesh {
-        #[arg(long, default_value_t = 50)]
-        speakers: u8,
+        /// Speakers (at most 249: one fabric's addresses).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(2..=i64::from(margay_harness::topo::MAX_NODES)))]
+        speakers: u32,
     },
 }
 
@@ -275,7 +277,17 @@ fn feed(n: u32, runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mesh_once(kind: Kind, n: u8) -> anyhow::Result<(f64, u64)> {
+/// The /26 speaker `index` (1-based, a fabric index) originates in the
+/// mesh: `10.244.<index>.0/26`.
+fn mesh_block(index: u32) -> anyhow::Result<String> {
+    let octet = u8::try_from(index)
+        .ok()
+        .filter(|o| *o > 0)
+        .with_context(|| format!("speaker {index}: blocks are 10.244.1.0/26 to 10.244.255.0/26"))?;
+    Ok(format!("10.244.{octet}.0/26"))
+}
+
+fn mesh_once(kind: Kind, n: u32) -> anyhow::Result<(f64, u64)> {
     let fabric = Fabric::new()?;
     let nodes: Vec<Node> = (0..n)
         .map(|i| fabric.add_node(&format!("s{i}")))
@@ -285,16 +297,19 @@ fn mesh_once(kind: Kind, n: u8) -> anyhow::Result<(f64, u64)> {
     let mut speakers = Vec::new();
     for node in &nodes {
         let i = node.index;
+        let block = mesh_block(i)?;
+        let others = nodes.iter().filter(|m| m.index != i);
         let sp = match kind {
             Kind::Margay => {
                 let mut c = format!(
-                    "asn = 64512\nrouter_id = \"{}\"\n[[originate]]\nprefix = \"10.244.{i}.0/26\"\n",
+                    "asn = 64512\nrouter_id = \"{}\"\n[[originate]]\nprefix = \"{block}\"\n",
                     node.v4
                 );
-                for j in (1..=n).filter(|&j| j != i) {
+                for m in others {
                     c.push_str(&format!(
-                        "[[neighbor]]\naddress = \"10.99.0.{j}\"\nasn = 64512\npassive = {}\n",
-                        i < j
+                        "[[neighbor]]\naddress = \"{}\"\nasn = 64512\npassive = {}\n",
+                        m.v4,
+                        i < m.index
                     ));
                 }
                 start_margay(node, &c, dir.path())?
@@ -302,15 +317,17 @@ fn mesh_once(kind: Kind, n: u8) -> anyhow::Result<(f64, u64)> {
             _ => {
                 let mut c = format!(
                     "router id {};\nprotocol device {{}}\nprotocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n\
-                     protocol static own {{ ipv4; route 10.244.{i}.0/26 blackhole; }}\n\
+                     protocol static own {{ ipv4; route {block} blackhole; }}\n\
                      template bgp mesh {{ local as 64512; direct; connect delay time 1; connect retry time 2; error wait time 1, 4;\n\
                      ipv4 {{ import all; export where proto = \"own\"; next hop self; }}; }}\n",
                     node.v4
                 );
-                for j in (1..=n).filter(|&j| j != i) {
+                for m in others {
                     c.push_str(&format!(
-                        "protocol bgp p{j} from mesh {{ neighbor 10.99.0.{j} as 64512; {} }}\n",
-                        if i < j { "passive on;" } else { "" }
+                        "protocol bgp p{} from mesh {{ neighbor {} as 64512; {} }}\n",
+                        m.index,
+                        m.v4,
+                        if i < m.index { "passive on;" } else { "" }
                     ));
                 }
                 let mut b = Bird::start(&node.ns, &c)?;
@@ -323,7 +340,7 @@ fn mesh_once(kind: Kind, n: u8) -> anyhow::Result<(f64, u64)> {
         };
         speakers.push(sp);
     }
-    let want = n as usize - 1;
+    let want = nodes.len() - 1;
     loop {
         // Every node holds a route to each other node's block.
         let done = nodes.iter().all(|node| {
@@ -351,10 +368,10 @@ fn mesh_once(kind: Kind, n: u8) -> anyhow::Result<(f64, u64)> {
         .flat_map(|s| s.pids.iter())
         .map(|&p| peak_rss_kib(p))
         .sum();
-    Ok((secs, rss / n as u64))
+    Ok((secs, rss / u64::from(n)))
 }
 
-fn mesh(n: u8, runs: usize) -> anyhow::Result<()> {
+fn mesh(n: u32, runs: usize) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for kind in [Kind::Margay, Kind::Bird] {
         let mut t = Vec::new();

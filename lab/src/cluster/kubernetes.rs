@@ -116,7 +116,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
     let mut nodes = Vec::new();
     for i in 1..=opts.nodes {
         let name = format!("node{i}");
-        let node = fabric.add_node_in(&name, (i - 1) % opts.subnets.max(1))?;
+        let node = fabric.add_node_in(&name, opts.subnet_of(i))?;
         let spec = KubeletSpec {
             name: name.clone(),
             ip: node.v4,
@@ -325,7 +325,7 @@ fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": ptp_range(i)}]],
+                    "ranges": [[{"subnet": ptp_range(i)?}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                 }
             }]
@@ -342,7 +342,7 @@ fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
             n.node.ns.ip(&[
                 "route",
                 "replace",
-                &ptp_range(j),
+                &ptp_range(j)?,
                 "via",
                 &m.node.v4.to_string(),
             ])?;
@@ -351,9 +351,13 @@ fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pod range of the node at `index` in [`Install::Ptp`].
-fn ptp_range(index: usize) -> String {
-    format!("10.244.{}.0/24", index + 1)
+/// The pod range of the node at `index` (0-based) in [`Install::Ptp`]:
+/// `10.244.<index + 1>.0/24`, so 255 nodes at most.
+fn ptp_range(index: usize) -> anyhow::Result<String> {
+    match u8::try_from(index + 1) {
+        Ok(n) => Ok(format!("10.244.{n}.0/24")),
+        Err(_) => bail!("--install ptp gives each node a /24 of 10.244.0.0/16: at most 255 nodes"),
+    }
 }
 
 /// The chart values for the ToR peer.
@@ -582,4 +586,14 @@ pub async fn del_pod(c: &mut Cluster, name: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     refresh_pods(c).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ptp_ranges_end_at_255_nodes() {
+        assert_eq!(super::ptp_range(0).unwrap(), "10.244.1.0/24");
+        assert_eq!(super::ptp_range(254).unwrap(), "10.244.255.0/24");
+        assert!(super::ptp_range(255).is_err());
+    }
 }
