@@ -33,6 +33,9 @@ use margay_harness::{Daemon, Netns, names};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
+#[path = "scale/svg.rs"]
+mod svg;
+
 #[derive(Debug, Parser)]
 #[command(about = "A BGP route reflector with N clients: margay-bgp against BIRD 2")]
 struct Cli {
@@ -401,74 +404,52 @@ fn table(names: &[String], rows: &[Row], routes: u32) -> String {
 }
 
 /// Two line charts side by side (peak RSS, convergence) against N, one
-/// line per reflector.
+/// line per reflector, drawn by the scale bench's chart ([`svg::Chart`]).
 fn svg(names: &[String], rows: &[Row], routes: u32) -> String {
-    const COLOURS: [&str; 4] = ["#c0392b", "#e67e22", "#16a085", "#2c3e50"];
-    let (w, h, pad) = (360.0, 240.0, 48.0);
-    let xmax = rows.iter().map(|r| r.0).max().unwrap_or(1) as f64;
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
-        2.0 * w + 20.0,
-        h + 40.0
-    );
     type Axis = fn(&M) -> f64;
-    let charts: [(&str, Axis); 2] = [
-        ("peak RSS (MiB)", |v| v.1 as f64 / 1024.0),
-        ("converged (s)", |v| v.0),
+    let charts: [(&str, &str, Axis); 2] = [
+        ("Reflector peak RSS", "peak RSS (MiB)", |v| {
+            v.1 as f64 / 1024.0
+        }),
+        ("Reflector convergence", "converged (s)", |v| v.0),
     ];
-    for (c, (title, f)) in charts.iter().enumerate() {
-        let x0 = c as f64 * (w + 20.0);
-        let top = rows
-            .iter()
-            .flat_map(|r| r.1.iter().map(f))
-            .fold(0.0f64, f64::max)
-            .max(1e-9);
-        let ymax = top * 1.1;
-        let px = |n: f64| x0 + pad + (w - 1.5 * pad) * n / xmax;
-        let py = |v: f64| h - pad / 2.0 - (h - pad) * v / ymax;
+    let drawn: Vec<String> = charts
+        .iter()
+        .map(|(title, y_label, f)| {
+            svg::Chart {
+                title: format!("{title}, {routes} routes"),
+                x_label: "route reflector clients".into(),
+                y_label: (*y_label).into(),
+                log_x: false,
+                series: names
+                    .iter()
+                    .enumerate()
+                    .map(|(k, name)| svg::Series {
+                        name: name.clone(),
+                        points: rows
+                            .iter()
+                            .filter_map(|r| Some((f64::from(r.0), f(r.1.get(k)?))))
+                            .collect(),
+                        dashed: false,
+                        color: k,
+                    })
+                    .collect(),
+            }
+            .render()
+        })
+        .collect();
+    // Side by side: each chart is an SVG of its own, placed in one.
+    let (w, h) = (svg::W, svg::H);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\">\n",
+        2.0 * w
+    );
+    for (i, c) in drawn.iter().enumerate() {
         let _ = writeln!(
             out,
-            "<text x=\"{}\" y=\"14\">{title} against clients, {routes} routes</text>",
-            x0 + pad
+            "<g transform=\"translate({},0)\">{c}</g>",
+            i as f64 * w
         );
-        let _ = writeln!(
-            out,
-            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/><line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
-            px(0.0),
-            py(0.0),
-            px(xmax),
-            py(0.0),
-            px(0.0),
-            py(0.0),
-            px(0.0),
-            py(ymax)
-        );
-        let _ = writeln!(
-            out,
-            "<text x=\"{:.1}\" y=\"{:.1}\">{top:.1}</text><text x=\"{:.1}\" y=\"{:.1}\">{xmax}</text>",
-            x0 + 2.0,
-            py(top) + 4.0,
-            px(xmax) - 20.0,
-            py(0.0) + 14.0
-        );
-        for (k, name) in names.iter().enumerate() {
-            let colour = COLOURS[k % COLOURS.len()];
-            let pts: Vec<String> = rows
-                .iter()
-                .filter_map(|r| Some(format!("{:.1},{:.1}", px(r.0 as f64), py(f(r.1.get(k)?)))))
-                .collect();
-            let _ = writeln!(
-                out,
-                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
-                pts.join(" ")
-            );
-            let _ = writeln!(
-                out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{name}</text>",
-                x0 + pad + 8.0,
-                30.0 + 14.0 * k as f64
-            );
-        }
     }
     out.push_str("</svg>\n");
     out

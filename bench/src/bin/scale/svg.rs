@@ -34,8 +34,10 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
-const W: f64 = 760.0;
-const H: f64 = 460.0;
+/// A chart's width.
+pub const W: f64 = 760.0;
+/// A chart's height.
+pub const H: f64 = 460.0;
 const LEFT: f64 = 80.0;
 const RIGHT: f64 = 24.0;
 const TOP: f64 = 48.0;
