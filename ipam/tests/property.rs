@@ -254,26 +254,25 @@ async fn scenario(seed: u64, steps: usize, views: Views) {
     }
 }
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn random_sequences_keep_every_invariant() {
+/// Runs the scenario for every seed (`MARGAY_IPAM_SEEDS`, default 40)
+/// with the allocators' views kept as `views` says.
+async fn every_seed(views: Views) {
     let seeds: u64 = std::env::var("MARGAY_IPAM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
     for seed in 1..=seeds {
         eprintln!("seed {seed}");
-        scenario(seed, 250, Views::Listed).await;
+        scenario(seed, 250, views).await;
     }
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn random_sequences_keep_every_invariant() {
+    every_seed(Views::Listed).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn random_sequences_over_lagging_watches_keep_every_invariant() {
-    let seeds: u64 = std::env::var("MARGAY_IPAM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    for seed in 1..=seeds {
-        eprintln!("seed {seed}");
-        scenario(seed, 250, Views::Watched).await;
-    }
+    every_seed(Views::Watched).await;
 }
