@@ -313,20 +313,17 @@ pub const REMOTE_LINGER: Duration = Duration::from_secs(300);
 /// A watch of one kind.
 type Watch<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
-/// A watch of `api` (with `config`), or (not `on`) one that never says
-/// anything.
-fn watched<K>(on: bool, api: Api<K>, config: watcher::Config) -> Watch<K>
+/// A watch of `api` (with `config`), or none (not `on`).
+fn watched<K>(on: bool, api: Api<K>, config: watcher::Config) -> Option<Watch<K>>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     K::DynamicType: Default,
 {
-    if on {
+    on.then(|| {
         watcher(api, config.page_size(500))
             .default_backoff()
             .boxed()
-    } else {
-        futures::stream::pending().boxed()
-    }
+    })
 }
 
 /// The next event of `w`, or never when there is no watch.
@@ -419,7 +416,7 @@ pub async fn run(
             wake = wake.min(published + Duration::from_secs(1));
         }
         tokio::select! {
-            Some(ev) = pods.next() => match ev {
+            Some(ev) = next(&mut pods) => match ev {
                 Ok(ev) => engine.pod_event_in(Scope::Local, event(ev)),
                 Err(e) => warn("this node's Pods", &e),
             },
@@ -427,11 +424,11 @@ pub async fn run(
                 Ok(ev) => engine.pod_event_in(Scope::Remote, event(ev)),
                 Err(e) => warn("other nodes' Pods", &e),
             },
-            Some(ev) = namespaces.next() => match ev {
+            Some(ev) = next(&mut namespaces) => match ev {
                 Ok(ev) => engine.namespace_event(event(ev)),
                 Err(e) => warn("Namespaces", &e),
             },
-            Some(ev) = policies.next() => match ev {
+            Some(ev) = next(&mut policies) => match ev {
                 Ok(ev) => engine.policy_event(event(ev)),
                 Err(e) => warn("NetworkPolicies", &e),
             },
@@ -471,7 +468,7 @@ pub async fn run(
         // Everything already waiting joins this batch: one transaction.
         for _ in 0..4096 {
             let mut any = false;
-            if let Some(Some(Ok(ev))) = pods.next().now_or_never() {
+            if let Some(Some(Ok(ev))) = next(&mut pods).now_or_never() {
                 engine.pod_event_in(Scope::Local, event(ev));
                 any = true;
             }
@@ -479,11 +476,11 @@ pub async fn run(
                 engine.pod_event_in(Scope::Remote, event(ev));
                 any = true;
             }
-            if let Some(Some(Ok(ev))) = namespaces.next().now_or_never() {
+            if let Some(Some(Ok(ev))) = next(&mut namespaces).now_or_never() {
                 engine.namespace_event(event(ev));
                 any = true;
             }
-            if let Some(Some(Ok(ev))) = policies.next().now_or_never() {
+            if let Some(Some(Ok(ev))) = next(&mut policies).now_or_never() {
                 engine.policy_event(event(ev));
                 any = true;
             }
@@ -495,11 +492,11 @@ pub async fn run(
         match (engine.needs_remote_pods(), remote.is_some()) {
             (true, false) => {
                 tracing::info!("NetworkPolicy: a policy has pod peers: watching other nodes' Pods");
-                remote = Some(watched(
+                remote = watched(
                     true,
                     Api::<core::Pod>::all(client.clone()),
                     elsewhere.clone(),
-                ));
+                );
                 engine.remote_pods(true);
             }
             (true, true) => unneeded_since = None,
