@@ -440,12 +440,11 @@ impl Engine {
             || (!w.pod.ips.is_empty() && (self.node.is_none() || w.pod.node != self.node))
     }
 
-    /// Whether pod `key` is stored from another watch than `scope`'s,
-    /// which speaks for it (this node's watch over the remote one).
-    fn other_scope(&self, scope: Scope, key: &PodKey) -> bool {
-        self.pods
-            .get(key)
-            .is_some_and(|w| w.scope != scope && w.scope == Scope::Local)
+    /// Whether an event about pod `key` from `scope`'s watch is to be
+    /// ignored: the remote watch's, about a pod this node's watch holds
+    /// (which speaks for it).
+    fn local_holds(&self, scope: Scope, key: &PodKey) -> bool {
+        scope == Scope::Remote && self.pods.get(key).is_some_and(|w| w.scope == Scope::Local)
     }
 
     /// A Pod watch event from `scope`'s watch.
@@ -478,7 +477,7 @@ impl Engine {
                 let mut new = new;
                 for k in keys {
                     match new.remove(&k) {
-                        Some(_) if self.other_scope(scope, &k) => {}
+                        Some(_) if self.local_holds(scope, &k) => {}
                         Some(w) => {
                             self.pods.insert(k.clone(), w);
                             self.departed.remove(&k);
@@ -504,7 +503,7 @@ impl Engine {
                     .zip(p.metadata.name.as_deref())
                     .map(|(ns, n)| Key::new(ns, n));
                 match (watched_pod(&p, scope), key) {
-                    (Some((k, _)), _) if self.other_scope(scope, &k) => {}
+                    (Some((k, _)), _) if self.local_holds(scope, &k) => {}
                     (Some((k, w)), _) if self.keeps(scope, &w) => {
                         self.pods.insert(k.clone(), w);
                         self.departed.remove(&k);
@@ -514,7 +513,7 @@ impl Engine {
                     // address): no part in policy (its sandbox, while
                     // wired, keeps its last labels).
                     (Some((k, _)), _) | (None, Some(k)) => {
-                        if self.other_scope(scope, &k) {
+                        if self.local_holds(scope, &k) {
                             return;
                         }
                         let was = self.pods.remove(&k);
@@ -526,7 +525,7 @@ impl Engine {
             Event::Delete(p) => {
                 if let (Some(ns), Some(n)) = (&p.metadata.namespace, &p.metadata.name) {
                     let k = Key::new(ns, n);
-                    if self.other_scope(scope, &k) {
+                    if self.local_holds(scope, &k) {
                         return;
                     }
                     let was = self.pods.remove(&k);
