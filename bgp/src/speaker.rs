@@ -141,9 +141,8 @@ struct PeerSlot {
 struct Established {
     out: mpsc::UnboundedSender<crate::peer::Wire>,
     ctx: Ctx,
-    families: Vec<(u16, u8)>,
     /// Its update group (whose Adj-RIB-Out is what it was told, less
-    /// what `member` holds back).
+    /// what `member` holds back); its families are the session's.
     group: GroupKey,
     member: Member,
     eor_received: HashSet<u16>,
@@ -634,7 +633,8 @@ impl RibTask {
     fn all_eor(&self) -> bool {
         self.peers.values().filter(|p| !p.params.dynamic).all(|p| {
             p.session.as_ref().is_some_and(|s| {
-                s.families
+                s.group
+                    .families
                     .iter()
                     .all(|(afi, _)| s.eor_received.contains(afi))
             })
@@ -791,7 +791,6 @@ impl RibTask {
                 slot.session = Some(Established {
                     out,
                     ctx: neg.ctx,
-                    families: neg.families.clone(),
                     group: group.clone(),
                     member: Member::default(),
                     eor_received: HashSet::new(),
@@ -814,7 +813,7 @@ impl RibTask {
                     self.resend(id);
                 }
                 if let Some(s) = self.peers.get(&id).and_then(|p| p.session.as_ref()) {
-                    for (afi, safi) in &s.families {
+                    for (afi, safi) in &s.group.families {
                         let eor = Message::Update(Update::end_of_rib(*afi, *safi));
                         let _ = s.out.send(eor.encode(&s.ctx).into());
                     }
