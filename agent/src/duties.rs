@@ -1,7 +1,7 @@
 //! The cluster-wide writes, done by the elected agent only
 //! ([`crate::kube::lease::elect`]): each IPPool's status and in-use
 //! finalizer, and garbage collection (addresses of deleted pods, blocks of
-//! deleted nodes).
+//! deleted nodes, `MargayNode`s of deleted nodes).
 //!
 //! While this agent leads, it watches every pool, block, Node (metadata)
 //! and Pod (metadata) through a cluster-wide store whose reads are current
@@ -47,7 +47,7 @@ pub async fn run(client: kube::Client, gc_every: Option<Duration>, leader: watch
 /// The duties of one term as leader (until dropped).
 async fn lead(client: kube::Client, gc_every: Option<Duration>) {
     let poke = Arc::new(Notify::new());
-    let (store, watches) = KubeStore::cluster_watched(client, poke.clone());
+    let (store, watches) = KubeStore::cluster_watched(client.clone(), poke.clone());
     let _watches = Owned::spawn(watches);
     let store = Arc::new(store);
     let mut janitor = Janitor::new(store.clone());
@@ -75,6 +75,11 @@ async fn lead(client: kube::Client, gc_every: Option<Duration>) {
                     Ok(_) => {}
                     Err(e) => tracing::warn!("garbage collection: {e}"),
                 }
+                match identities(&client, &store).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "MargayNodes of deleted Nodes"),
+                    Err(e) => tracing::warn!("MargayNode collection: {e}"),
+                }
             }
         }
     }
@@ -84,4 +89,41 @@ async fn pools(store: &KubeStore) {
     if let Err(e) = margay_ipam::k8s::pools::reconcile_with(store).await {
         tracing::debug!("pool status: {e}");
     }
+}
+
+/// Deletes the `MargayNode`s whose Node is gone; how many. Their owner
+/// reference has the garbage collector do it where kube-controller-manager
+/// runs; this covers clusters (and the lab) without it. A candidate is
+/// confirmed by a live read of its Node right before, and deleted only as
+/// the object that was listed (its UID as precondition).
+async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<usize> {
+    use kube::ResourceExt;
+    use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+    use margay_api::identity::MargayNode;
+    use margay_ipam::store::Cluster;
+    let api: Api<MargayNode> = Api::all(client.clone());
+    let listed = margay_ipam::k8s::list_items(&api, &ListParams::default())
+        .await
+        .map_err(|e| crate::Error::kube("listing MargayNodes", e))?;
+    let nodes = store.nodes().await?;
+    let mut deleted = 0;
+    for m in listed.iter().filter(|m| !nodes.contains(&m.name_any())) {
+        let name = m.name_any();
+        if store.node_exists(&name).await? {
+            continue;
+        }
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: m.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(crate::Error::kube(format!("deleting MargayNode {name}"), e)),
+        }
+    }
+    Ok(deleted)
 }

@@ -9,6 +9,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::bgp::{BGPConfiguration, BGPPeer};
+use crate::identity::MargayNode;
 use crate::ipam::{IPAMBlock, IPAMConfiguration, IPPool};
 
 /// Every CRD, with the file name it is written under.
@@ -19,6 +20,7 @@ pub fn all() -> Vec<(String, CustomResourceDefinition)> {
         IPAMConfiguration::crd(),
         BGPConfiguration::crd(),
         BGPPeer::crd(),
+        MargayNode::crd(),
     ]
     .into_iter()
     .map(|c| {

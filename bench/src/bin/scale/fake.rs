@@ -1,5 +1,6 @@
 //! The fake cluster (pure): Node objects as a node's agent and kubelet
-//! would leave them (an InternalIP, Margay's identity annotations), Pods
+//! would leave them (an InternalIP, Margay's identity annotations), each
+//! node's `MargayNode` as its agent would write it, Pods
 //! bound to them with their addresses, and every name and address derived
 //! from an index, refused where the ranges end.
 //!
@@ -134,6 +135,25 @@ impl Gen {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// Fake node `i`'s `MargayNode` as its agent would write it (owned by
+    /// the Node of UID `uid`): what [`Gen::node`]'s annotations say, its
+    /// InternalIP and labels.
+    pub fn identity(&self, i: u32, uid: &str) -> anyhow::Result<margay_api::identity::MargayNode> {
+        let node = self.node(i)?;
+        let addr = self.node_address(i)?;
+        let want = margay_api::identity::Wanted {
+            spec: margay_api::identity::MargayNodeSpec {
+                bgp_address: Some(format!("{addr}/{NODE_PREFIX}")),
+                as_number: Some(self.asn),
+                addresses: vec![addr.to_string()],
+                ..Default::default()
+            },
+            labels: node.metadata.labels.unwrap_or_default(),
+            node_uid: uid.to_string(),
+        };
+        Ok(want.object(&Self::node_name(i)))
+    }
+
     /// What a kubelet writes into a Node's status at each report: its
     /// Ready condition, heartbeat `now` (RFC 3339). A merge patch.
     pub fn node_status(now: &str) -> Value {
@@ -249,6 +269,13 @@ mod tests {
         let ann = n.metadata.annotations.unwrap();
         assert_eq!(ann[margay_api::node::ANN_ADDRESS], "10.100.0.42/14");
         assert_eq!(ann[margay_api::node::ANN_ASN], "64512");
+        let m = g(30).identity(41, "u").unwrap();
+        assert_eq!(m.spec.bgp_address.as_deref(), Some("10.100.0.42/14"));
+        assert_eq!(
+            m.metadata.labels.unwrap()[LABEL],
+            "true",
+            "cleaned up with the rest"
+        );
         assert_eq!(n.metadata.labels.unwrap()[LABEL], "true");
         let a = &n.status.unwrap().addresses.unwrap()[0];
         assert_eq!(

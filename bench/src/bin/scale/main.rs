@@ -45,6 +45,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
+use margay_api::identity::MargayNode;
 use serde::{Deserialize, Serialize};
 
 use fake::Gen;
@@ -567,6 +568,8 @@ impl Bench {
         self.delete_all(pods, "pods").await?;
         let nodes: Api<Node> = Api::all(self.client.clone());
         self.delete_all(nodes, "nodes").await?;
+        let identities: Api<MargayNode> = Api::all(self.client.clone());
+        self.delete_all(identities, "MargayNodes").await?;
         Ok(())
     }
 
@@ -576,15 +579,25 @@ impl Bench {
         let objs: Vec<Node> = (from..to)
             .map(|i| self.fakes.node(i))
             .collect::<anyhow::Result<_>>()?;
-        let node_writes = futures::stream::iter(objs)
-            .map(|n| {
-                let nodes = nodes.clone();
+        let identities: Api<MargayNode> = Api::all(self.client.clone());
+        let node_writes = futures::stream::iter((from..to).zip(objs))
+            .map(|(i, n)| {
+                let (nodes, identities) = (nodes.clone(), identities.clone());
                 async move {
                     let pp = PostParams::default();
                     let name = n.metadata.name.clone().unwrap_or_default();
                     let r =
                         retry(&format!("creating Node {name}"), || nodes.create(&pp, &n)).await?;
-                    Ok::<u64, anyhow::Error>(u64::from(r.is_some()))
+                    let created = r.is_some();
+                    // Its agent's MargayNode, owned by the Node.
+                    let uid = match r.and_then(|n| n.metadata.uid) {
+                        Some(u) => u,
+                        None => nodes.get(&name).await?.metadata.uid.unwrap_or_default(),
+                    };
+                    let m = self.fakes.identity(i, &uid)?;
+                    let ap = PatchParams::apply("margay-agent").force();
+                    identities.patch(&name, &ap, &Patch::Apply(&m)).await?;
+                    Ok::<u64, anyhow::Error>(u64::from(created))
                 }
             })
             .buffer_unordered(self.cli.concurrency.max(1))
