@@ -1,7 +1,7 @@
 //! The cluster-wide writes, done by the elected agent only
 //! ([`crate::kube::lease::elect`]): each IPPool's status and in-use
 //! finalizer, and garbage collection (addresses of deleted pods, blocks of
-//! deleted nodes, `MargayNode`s of deleted nodes).
+//! deleted nodes, `MargayNode`s and endpoint slices of deleted nodes).
 //!
 //! While this agent leads, it watches every pool, block, Node (metadata)
 //! and Pod (metadata) through a cluster-wide store whose reads are current
@@ -91,7 +91,8 @@ async fn pools(store: &KubeStore) {
     }
 }
 
-/// Deletes the `MargayNode`s whose Node is gone; how many. Their owner
+/// Deletes the `MargayNode`s whose Node is gone, and their endpoint
+/// slices; how many nodes' worth. Their owner
 /// reference has the garbage collector do it where kube-controller-manager
 /// runs; this covers clusters (and the lab) without it. A candidate is
 /// confirmed by a live read of its Node right before, and deleted only as
@@ -106,6 +107,7 @@ async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<u
         .await
         .map_err(|e| crate::Error::kube("listing MargayNodes", e))?;
     let nodes = store.nodes().await?;
+    let slices: Api<margay_api::slice::MargayEndpointSlice> = Api::all(client.clone());
     let mut deleted = 0;
     for m in listed.iter().filter(|m| !nodes.contains(&m.name_any())) {
         let name = m.name_any();
@@ -124,6 +126,18 @@ async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<u
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => return Err(crate::Error::kube(format!("deleting MargayNode {name}"), e)),
         }
+        // Its endpoint slices with it (found by their node label).
+        let lp = ListParams::default().labels(&format!(
+            "{}={}",
+            margay_api::slice::SLICE_NODE_LABEL,
+            margay_api::slice::node_label(&name)
+        ));
+        slices
+            .delete_collection(&DeleteParams::default(), &lp)
+            .await
+            .map_err(|e| {
+                crate::Error::kube(format!("deleting node {name}'s endpoint slices"), e)
+            })?;
     }
     Ok(deleted)
 }

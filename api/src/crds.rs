@@ -11,6 +11,7 @@ use kube::CustomResourceExt;
 use crate::bgp::{BGPConfiguration, BGPPeer};
 use crate::identity::MargayNode;
 use crate::ipam::{IPAMBlock, IPAMConfiguration, IPPool};
+use crate::slice::MargayEndpointSlice;
 
 /// Every CRD, with the file name it is written under.
 pub fn all() -> Vec<(String, CustomResourceDefinition)> {
@@ -21,6 +22,7 @@ pub fn all() -> Vec<(String, CustomResourceDefinition)> {
         BGPConfiguration::crd(),
         BGPPeer::crd(),
         MargayNode::crd(),
+        MargayEndpointSlice::crd(),
     ]
     .into_iter()
     .map(|c| {
