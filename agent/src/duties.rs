@@ -16,9 +16,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_bgp::task::Owned;
 use margay_ipam::gc::Janitor;
 use margay_ipam::k8s::KubeStore;
+use margay_task::Owned;
 use tokio::sync::{Notify, watch};
 
 /// How often the pool status is recomputed when nothing pokes it (from the
