@@ -393,6 +393,7 @@ impl Seen {
     /// Watches `api` until `stop`, counting its objects' changes into
     /// `count`, resuming from the last version seen (from the current one
     /// after an error that cannot be resumed).
+    #[allow(clippy::disallowed_methods)] // aborted at the end of main
     fn spawn<K>(
         api: Api<K>,
         count: Arc<AtomicU64>,
@@ -764,6 +765,7 @@ impl Bench {
 
     /// Writes each fake node's status every `--node-status-interval`,
     /// spread evenly, until stopped.
+    #[allow(clippy::disallowed_methods)] // stopped and joined at the end of main
     fn spawn_node_status(&self) -> Option<tokio::task::JoinHandle<()>> {
         let every = self.cli.node_status_interval;
         if every == 0 {
