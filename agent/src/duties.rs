@@ -91,8 +91,9 @@ async fn pools(store: &KubeStore) {
     }
 }
 
-/// Deletes the `MargayNode`s whose Node is gone, and their endpoint
-/// slices; how many nodes' worth. Their owner
+/// Writes the `MargayNode`s of nodes whose agent is of an earlier version
+/// (annotations only); deletes those whose Node is gone, and their
+/// endpoint slices: how many nodes' worth were deleted. Their owner
 /// reference has the garbage collector do it where kube-controller-manager
 /// runs; this covers clusters (and the lab) without it. A candidate is
 /// confirmed by a live read of its Node right before, and deleted only as
@@ -109,6 +110,25 @@ async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<u
     let nodes = store.nodes().await?;
     let slices: Api<margay_api::slice::MargayEndpointSlice> = Api::all(client.clone());
     let mut deleted = 0;
+    // Nodes without one whose agent (of an earlier version) publishes its
+    // identity in annotations only: written for it, as that agent would,
+    // so upgraded agents keep peering with it; its own agent, once
+    // upgraded, writes over it (the same field manager).
+    let have: std::collections::BTreeSet<String> = listed.iter().map(|m| m.name_any()).collect();
+    let whole: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for name in nodes.iter().filter(|n| !have.contains(*n)) {
+        let Some(n) = whole
+            .get_opt(name)
+            .await
+            .map_err(|e| crate::Error::kube(format!("reading Node {name}"), e))?
+        else {
+            continue;
+        };
+        if let Some(w) = crate::routing::nodes::identity_from_annotations(&n) {
+            crate::kube::node::write_identity(client, name, &w).await?;
+            tracing::info!(node = %name, "wrote the MargayNode of a node whose agent publishes annotations only");
+        }
+    }
     for m in listed.iter().filter(|m| !nodes.contains(&m.name_any())) {
         let name = m.name_any();
         if store.node_exists(&name).await? {

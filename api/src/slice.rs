@@ -104,21 +104,7 @@ pub fn node_label(node: &str) -> String {
 /// The name of node `node`'s slice number `i`: `NODE.i`, shortened with
 /// a hash when that would exceed an object name's 253 characters.
 pub fn slice_name(node: &str, i: usize) -> String {
-    let tail = format!(".{i}");
-    if node.len() + tail.len() <= 253 {
-        return format!("{node}{tail}");
-    }
-    let cut = node
-        .char_indices()
-        .map(|(i, _)| i)
-        .take_while(|c| *c <= 253 - tail.len() - 17)
-        .last()
-        .unwrap_or(0);
-    format!(
-        "{}-{:016x}{tail}",
-        node[..cut].trim_end_matches(['.', '-']),
-        crate::stable::fnv1a(node.as_bytes())
-    )
+    crate::stable::bounded_name("", node, &format!(".{i}"))
 }
 
 #[cfg(test)]

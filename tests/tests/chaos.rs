@@ -653,9 +653,10 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     )
     .await;
 
-    // 6. A stale Node announcing node2's address: a Node whose agent (gone
-    // now) wrote a MargayNode with it. Deleting the Node deletes its
-    // MargayNode (the leader's collection: no controller-manager here).
+    // 6. A stale Node announcing node2's address, as an agent of an earlier
+    // version did (annotations only): the leader writes its MargayNode
+    // (so upgraded agents see it), and deleting the Node deletes that
+    // (the leader's collection: no controller-manager here).
     let p = run.begin("a second Node with node2's BGP address");
     let nodes: Api<KubeNode> = Api::all(run.c.client.clone());
     let identities: Api<MargayNode> = Api::all(run.c.client.clone());
@@ -666,23 +667,11 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         .spec
         .bgp_address
         .expect("node2's MargayNode has its address");
-    let stale = nodes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({"metadata": {"name": "node2-stale"}}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    identities
+    nodes
         .create(
             &PostParams::default(),
             &serde_json::from_value(serde_json::json!({
-                "apiVersion": "margay.dev/v1", "kind": "MargayNode",
-                "metadata": {"name": "node2-stale", "ownerReferences": [{
-                    "apiVersion": "v1", "kind": "Node", "name": "node2-stale",
-                    "uid": stale.metadata.uid.clone().unwrap()}]},
-                "spec": {"bgpAddress": addr, "asNumber": 64512}
+                "metadata": {"name": "node2-stale", "annotations": {margay_api::node::ANN_ADDRESS: addr}}
             }))
             .unwrap(),
         )

@@ -90,6 +90,15 @@ struct Watched {
     scope: Scope,
 }
 
+/// Pod `p`'s key, when it has a namespace and a name.
+pub(crate) fn pod_key(p: &core::Pod) -> Option<PodKey> {
+    p.metadata
+        .namespace
+        .as_deref()
+        .zip(p.metadata.name.as_deref())
+        .map(|(ns, n)| Key::new(ns, n))
+}
+
 fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
     Pod::from_k8s_unaddressed(p).map(|(key, pod)| (key, Watched { pod, scope }))
 }
@@ -482,13 +491,7 @@ impl Engine {
                 self.relisted(scope, new);
             }
             Event::Apply(p) => {
-                let key = p
-                    .metadata
-                    .namespace
-                    .as_deref()
-                    .zip(p.metadata.name.as_deref())
-                    .map(|(ns, n)| Key::new(ns, n));
-                match (watched_pod(&p, scope), key) {
+                match (watched_pod(&p, scope), pod_key(&p)) {
                     (Some((k, _)), _) if self.local_holds(scope, &k) => {}
                     (Some((k, w)), _) if self.keeps(scope, &w) => {
                         self.pods.insert(k.clone(), w);

@@ -94,24 +94,16 @@ impl LocalPods {
                 self.pods = new;
                 self.listed = true;
             }
-            Event::Apply(p) => {
-                let key = p
-                    .metadata
-                    .namespace
-                    .as_deref()
-                    .zip(p.metadata.name.as_deref())
-                    .map(|(ns, n)| margay_policy::model::Key::new(ns, n));
-                match (endpoint(p), key) {
-                    (Some((k, e)), _) => {
-                        if self.pods.get(&k) != Some(&e) {
-                            self.pods.insert(k, e);
-                            self.changed = true;
-                        }
+            Event::Apply(p) => match (endpoint(p), super::engine::pod_key(p)) {
+                (Some((k, e)), _) => {
+                    if self.pods.get(&k) != Some(&e) {
+                        self.pods.insert(k, e);
+                        self.changed = true;
                     }
-                    (None, Some(k)) => self.changed |= self.pods.remove(&k).is_some(),
-                    (None, None) => {}
                 }
-            }
+                (None, Some(k)) => self.changed |= self.pods.remove(&k).is_some(),
+                (None, None) => {}
+            },
             Event::Delete(p) => {
                 if let (Some(ns), Some(n)) = (&p.metadata.namespace, &p.metadata.name) {
                     let k = margay_policy::model::Key::new(ns, n);

@@ -174,6 +174,23 @@ pub fn wanted_identity(
     }
 }
 
+/// The `MargayNode` an agent of an earlier version would have written for
+/// Node `n`, from the identity annotations it publishes (`None` without
+/// a BGP address there): the leader writes it for such nodes during an
+/// upgrade, so upgraded agents keep peering with them.
+pub fn identity_from_annotations(n: &Node) -> Option<Wanted> {
+    let said = NodeInfo::from_node(n);
+    let address = said.address?;
+    Some(wanted_identity(
+        n,
+        None,
+        address,
+        said.asn.unwrap_or(margay_api::bgp::DEFAULT_ASN),
+        Some(said.vtep),
+        Some(said.ipip),
+    ))
+}
+
 /// The addresses node `n`'s encapsulated packets may leave from: the
 /// address its agent announces (the VXLAN device's outer source) and its
 /// Node's InternalIP and ExternalIP addresses as its agent copied them
@@ -353,6 +370,25 @@ pub(crate) mod tests {
         m.spec.addresses.push("not an address".into());
         assert_eq!(tunnel_sources(&m), want);
         assert!(tunnel_sources(&MargayNode::new("x", Default::default())).is_empty());
+    }
+
+    #[test]
+    fn an_earlier_agents_annotations_make_its_margaynode() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "old", "uid": "u", "annotations": {
+                ANN_ADDRESS: "10.0.0.9/24", ANN_ASN: "64513",
+                ANN_IPIP_ADDRESS: "10.244.3.1"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}
+        }))
+        .unwrap();
+        let w = identity_from_annotations(&n).unwrap();
+        let info = NodeInfo::from_identity(&w.object("old"));
+        assert_eq!(info.address, Some("10.0.0.9/24".parse().unwrap()));
+        assert_eq!(info.asn, Some(64513));
+        assert_eq!(info.ipip, Some("10.244.3.1".parse().unwrap()));
+        assert_eq!(info.vtep, None);
+        assert_eq!(w.node_uid, "u");
+        assert!(identity_from_annotations(&Node::default()).is_none());
     }
 
     #[test]

@@ -31,6 +31,9 @@ mod fake;
 mod metrics;
 mod svg;
 
+/// The NetworkPolicy `--policy` makes.
+const POLICY: &str = "scale-every-pod";
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,10 +45,12 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use margay_api::identity::MargayNode;
+use margay_api::slice::MargayEndpointSlice;
 use serde::{Deserialize, Serialize};
 
 use fake::Gen;
@@ -108,6 +113,11 @@ struct Cli {
     /// This run's name in the chart and the JSON (e.g. `old`, `new`).
     #[arg(long, default_value = "this run")]
     label: String,
+    /// A NetworkPolicy in the fake pods' namespace whose peer is every
+    /// pod of every namespace: every agent then keeps every remote pod
+    /// (its peer set is counted on one agent at each size).
+    #[arg(long)]
+    policy: bool,
     /// Leave the fake objects in place at the end.
     #[arg(long)]
     no_cleanup: bool,
@@ -192,6 +202,10 @@ struct Point {
     nodes: u32,
     /// Fake pods.
     pods: u64,
+    /// With `--policy`: the fake pods' addresses in one (non-leader)
+    /// agent's NetworkPolicy table.
+    #[serde(default)]
+    peer_set: Option<u64>,
     /// Seconds the load to this size took.
     load_seconds: f64,
     /// Pod writes of that load (create + status).
@@ -520,7 +534,46 @@ impl Bench {
         let obj: ServiceAccount =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))?;
         retry("creating its ServiceAccount", || sa.create(&pp, &obj)).await?;
+        if self.cli.policy {
+            let np: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.cli.namespace);
+            let obj: NetworkPolicy = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": POLICY, "labels": {fake::LABEL: "true"}},
+                "spec": {"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}
+            }))?;
+            retry("creating the NetworkPolicy", || np.create(&pp, &obj)).await?;
+        }
         Ok(())
+    }
+
+    /// The pod addresses (of the fake range) in one non-leader agent's
+    /// NetworkPolicy table: its peer set.
+    async fn peer_set(&self, leader: &str) -> Option<u64> {
+        if !self.cli.policy {
+            return None;
+        }
+        let (agents, _) = self.agents().ok()?;
+        let pid = agents
+            .iter()
+            .find(|(n, _, _)| n != leader)
+            .or(agents.first())?
+            .1;
+        let out = tokio::process::Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "margay_policy",
+            ])
+            .output()
+            .await
+            .ok()?;
+        Some(fake::pod_addresses_in(&String::from_utf8_lossy(
+            &out.stdout,
+        )))
     }
 
     /// Deletes every object of kind `K` carrying the bench's label.
@@ -569,6 +622,10 @@ impl Bench {
         self.delete_all(pods, "pods").await?;
         let nodes: Api<Node> = Api::all(self.client.clone());
         self.delete_all(nodes, "nodes").await?;
+        let slices: Api<MargayEndpointSlice> = Api::all(self.client.clone());
+        self.delete_all(slices, "endpoint slices").await?;
+        let np: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.cli.namespace);
+        self.delete_all(np, "NetworkPolicies").await?;
         let identities: Api<MargayNode> = Api::all(self.client.clone());
         self.delete_all(identities, "MargayNodes").await?;
         Ok(())
@@ -581,9 +638,11 @@ impl Bench {
             .map(|i| self.fakes.node(i))
             .collect::<anyhow::Result<_>>()?;
         let identities: Api<MargayNode> = Api::all(self.client.clone());
+        let slices: Api<MargayEndpointSlice> = Api::all(self.client.clone());
         let node_writes = futures::stream::iter((from..to).zip(objs))
             .map(|(i, n)| {
-                let (nodes, identities) = (nodes.clone(), identities.clone());
+                let (nodes, identities, slices) =
+                    (nodes.clone(), identities.clone(), slices.clone());
                 async move {
                     let pp = PostParams::default();
                     let name = n.metadata.name.clone().unwrap_or_default();
@@ -598,6 +657,11 @@ impl Bench {
                     let m = self.fakes.identity(i, &uid)?;
                     let ap = PatchParams::apply("margay-agent").force();
                     identities.patch(&name, &ap, &Patch::Apply(&m)).await?;
+                    // Its pods as its agent publishes them.
+                    for sl in self.fakes.slices(i, &uid)? {
+                        let sn = sl.metadata.name.clone().unwrap_or_default();
+                        slices.patch(&sn, &ap, &Patch::Apply(&sl)).await?;
+                    }
                     Ok::<u64, anyhow::Error>(u64::from(created))
                 }
             })
@@ -897,6 +961,7 @@ impl Bench {
             node_watchers: (w.watchers_of("Node") - 1.0).max(0.0),
             churn: None,
             agent_restarts: restarts,
+            peer_set: self.peer_set(&leader).await,
         };
         if self.cli.churn > 0.0 && to > 0 && self.fakes.pods_per_node > 0 {
             eprintln!(
@@ -953,9 +1018,32 @@ fn f(x: Option<f64>, d: usize) -> String {
 fn tables(r: &Results) -> String {
     let mut o = String::new();
     o.push_str(&format!(
-        "{} real agents, {} fake pods per fake node, no NetworkPolicy ({})\n\n",
-        r.agents, r.pods_per_node, r.label
+        "{} real agents, {} fake pods per fake node, {} ({})\n\n",
+        r.agents,
+        r.pods_per_node,
+        if r.points.iter().any(|p| p.peer_set.is_some()) {
+            "a NetworkPolicy whose peer is every pod"
+        } else {
+            "no NetworkPolicy"
+        },
+        r.label
     ));
+    if let Some(p0) = r.points.first().filter(|p| p.peer_set.is_some()) {
+        o.push_str("| fake nodes | fake pods | peer set (pod addresses in one agent's table) | other agents' growth per remote pod (bytes) |\n|---|---|---|---|\n");
+        for p in &r.points {
+            let per = (p.pods > 0).then(|| {
+                (p.others_rss_mib_mean - p0.others_rss_mib_mean) * 1048576.0 / p.pods as f64
+            });
+            o.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                p.nodes,
+                p.pods,
+                p.peer_set.map_or("-".into(), |n| n.to_string()),
+                f(per, 0)
+            ));
+        }
+        o.push('\n');
+    }
     o.push_str("| fake nodes | fake pods | leader RSS (MiB) | other agents RSS avg / max (MiB) | agent CPU at rest, leader / others (% of a core) | apiserver RSS (MiB) | etcd RSS (MiB) | load (s) | settled after (s) | agent restarts |\n");
     o.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for p in &r.points {
