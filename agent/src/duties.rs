@@ -108,6 +108,11 @@ async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<u
         .await
         .map_err(|e| crate::Error::kube("listing MargayNodes", e))?;
     let nodes = store.nodes().await?;
+    tracing::debug!(
+        identities = listed.len(),
+        nodes = nodes.len(),
+        "MargayNode collection"
+    );
     let slices: Api<margay_api::slice::MargayEndpointSlice> = Api::all(client.clone());
     let mut deleted = 0;
     // Nodes without one whose agent (of an earlier version) publishes its
