@@ -2,11 +2,15 @@
 //!
 //! On a running lab (`margay-lab up --nodes 3 --tor none`: real etcd,
 //! kube-apiserver and agents; its state under `$MARGAY_LAB_DIR`), this
-//! makes fake Nodes (an InternalIP and Margay's identity annotations, as
-//! their agents would publish them) and fake Pods bound to them
+//! makes fake Nodes (an InternalIP and Margay's identity annotations), with
+//! the `MargayNode` and endpoint slices their agents would write, and fake
+//! Pods bound to them
 //! (`spec.nodeName`, labels, `status.podIP`/`podIPs` written through the
 //! status subresource as a kubelet would), with real API writes, `N` nodes
-//! at a time (cumulative: 10, then 90 more, ...). No NetworkPolicy. At
+//! at a time (cumulative: 10, then 90 more, ...). No NetworkPolicy, or
+//! with `--policy` one whose peer is every pod (every agent then keeps
+//! every remote pod; `--probe K` times K real pods from their start on
+//! node1 to their address in node2's peer set). At
 //! each size, once the agents' CPU has settled, it reads:
 //!
 //! - each real agent's RSS (`VmRSS`) and CPU time (`/proc/PID/stat`), the
@@ -118,6 +122,13 @@ struct Cli {
     /// (its peer set is counted on one agent at each size).
     #[arg(long)]
     policy: bool,
+    /// With `--policy`: at each size, this many real pods started on the
+    /// lab's node1 (one a second, during the churn when there is one), and
+    /// the time from their start until node2's agent has their address in
+    /// its peer set (the way: node1's Pod watch, its endpoint slice, node2's
+    /// slice watch, its table).
+    #[arg(long, default_value_t = 0)]
+    probe: u32,
     /// Leave the fake objects in place at the end.
     #[arg(long)]
     no_cleanup: bool,
@@ -206,6 +217,10 @@ struct Point {
     /// agent's NetworkPolicy table.
     #[serde(default)]
     peer_set: Option<u64>,
+    /// With `--probe`: milliseconds from each probe pod's start to its
+    /// address in node2's peer set (a probe never seen: absent).
+    #[serde(default)]
+    peer_latency_ms: Vec<f64>,
     /// Seconds the load to this size took.
     load_seconds: f64,
     /// Pod writes of that load (create + status).
@@ -543,6 +558,105 @@ impl Bench {
             retry("creating the NetworkPolicy", || np.create(&pp, &obj)).await?;
         }
         Ok(())
+    }
+
+    /// `--probe` pods on node1, each timed until node2's peer set has it.
+    async fn probe(&self, size: u32) -> anyhow::Result<Vec<f64>> {
+        if !self.cli.policy || self.cli.probe == 0 {
+            return Ok(Vec::new());
+        }
+        let (agents, _) = self.agents()?;
+        let Some(pid) = agents.iter().find(|(n, _, _)| n == "node2").map(|a| a.1) else {
+            bail!("--probe needs a lab node named node2");
+        };
+        let lab = std::env::current_exe()?.with_file_name("margay-lab");
+        let nft = |args: Vec<String>| {
+            let mut a = vec!["-t".to_string(), pid.to_string(), "-n".into(), "nft".into()];
+            a.extend(args);
+            tokio::process::Command::new("nsenter").args(a).output()
+        };
+        // The peer set: the set holding a fake pod's address.
+        let sets = nft(vec![
+            "-t".into(),
+            "list".into(),
+            "sets".into(),
+            "inet".into(),
+        ])
+        .await?;
+        let text = String::from_utf8_lossy(&sets.stdout).to_string();
+        let probe_ip = self.fakes.pod_address(0, 0)?.to_string();
+        let mut set = None;
+        for name in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("set "))
+            .map(|l| l.trim_end_matches(" {").to_string())
+        {
+            let o = nft(vec![
+                "get".into(),
+                "element".into(),
+                "inet".into(),
+                "margay_policy".into(),
+                name.clone(),
+                format!("{{ {probe_ip} }}"),
+            ])
+            .await?;
+            if o.status.success() {
+                set = Some(name);
+                break;
+            }
+        }
+        let Some(set) = set else {
+            bail!("no set of node2's table holds {probe_ip}");
+        };
+        let mut out = Vec::new();
+        for i in 0..self.cli.probe {
+            let name = format!("probe-{size}-{i}");
+            let t0 = Instant::now();
+            let add = tokio::process::Command::new(&lab)
+                .args([
+                    "pod",
+                    "add",
+                    "node1",
+                    &name,
+                    "--namespace",
+                    &self.cli.namespace,
+                ])
+                .output()
+                .await?;
+            let said = String::from_utf8_lossy(&add.stdout).to_string();
+            let Some(ip) = said.split_whitespace().nth(1).map(str::to_string) else {
+                bail!(
+                    "margay-lab pod add: {said} {}",
+                    String::from_utf8_lossy(&add.stderr)
+                );
+            };
+            loop {
+                let o = nft(vec![
+                    "get".into(),
+                    "element".into(),
+                    "inet".into(),
+                    "margay_policy".into(),
+                    set.clone(),
+                    format!("{{ {ip} }}"),
+                ])
+                .await?;
+                if o.status.success() {
+                    out.push(t0.elapsed().as_secs_f64() * 1e3);
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    eprintln!("scale: probe {name} ({ip}) not in node2's peer set after 30 s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tokio::process::Command::new(&lab)
+                .args(["pod", "del", &name])
+                .output()
+                .await;
+            tokio::time::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed())).await;
+        }
+        Ok(out)
     }
 
     /// The pod addresses (of the fake range) in one non-leader agent's
@@ -962,14 +1076,21 @@ impl Bench {
             churn: None,
             agent_restarts: restarts,
             peer_set: self.peer_set(&leader).await,
+            peer_latency_ms: Vec::new(),
         };
-        if self.cli.churn > 0.0 && to > 0 && self.fakes.pods_per_node > 0 {
-            eprintln!(
-                "scale: churn at {} pods/s for {} s",
-                self.cli.churn, self.cli.churn_seconds
-            );
-            point.churn = Some(self.churn(to).await?);
-        }
+        let churn = async {
+            if self.cli.churn > 0.0 && to > 0 && self.fakes.pods_per_node > 0 {
+                eprintln!(
+                    "scale: churn at {} pods/s for {} s",
+                    self.cli.churn, self.cli.churn_seconds
+                );
+                return self.churn(to).await.map(Some);
+            }
+            Ok(None)
+        };
+        let (churn, probe) = tokio::join!(churn, self.probe(to));
+        point.churn = churn?;
+        point.peer_latency_ms = probe?;
         eprintln!(
             "scale: {to} fake nodes: leader {} {:.1} MiB, others {:.1} MiB (max {:.1}), {:.2} Pod events per Pod change",
             point.leader,
@@ -1029,17 +1150,31 @@ fn tables(r: &Results) -> String {
         r.label
     ));
     if let Some(p0) = r.points.first().filter(|p| p.peer_set.is_some()) {
-        o.push_str("| fake nodes | fake pods | peer set (pod addresses in one agent's table) | other agents' growth per remote pod (bytes) |\n|---|---|---|---|\n");
+        o.push_str("| fake nodes | fake pods | peer set (pod addresses in one agent's table) | other agents' growth per remote pod (bytes) | pod started to its address in node2's peer set, p50 / p99 / max (ms, probes) |\n|---|---|---|---|---|\n");
         for p in &r.points {
             let per = (p.pods > 0).then(|| {
                 (p.others_rss_mib_mean - p0.others_rss_mib_mean) * 1048576.0 / p.pods as f64
             });
+            let mut l = p.peer_latency_ms.clone();
+            l.sort_by(f64::total_cmp);
+            let q = |x: f64| l[((l.len() as f64 - 1.0) * x).round() as usize];
             o.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} |\n",
                 p.nodes,
                 p.pods,
                 p.peer_set.map_or("-".into(), |n| n.to_string()),
-                f(per, 0)
+                f(per, 0),
+                if l.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{:.0} / {:.0} / {:.0} ({})",
+                        q(0.5),
+                        q(0.99),
+                        l[l.len() - 1],
+                        l.len()
+                    )
+                }
             ));
         }
         o.push('\n');
