@@ -88,6 +88,8 @@ pub enum Scope {
 struct Watched {
     pod: Pod,
     scope: Scope,
+    /// The endpoint slice that holds it (remote pods; shared name).
+    slice: Option<std::sync::Arc<str>>,
 }
 
 /// Pod `p`'s key, when it has a namespace and a name.
@@ -100,7 +102,10 @@ pub(crate) fn pod_key(p: &core::Pod) -> Option<PodKey> {
 }
 
 fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
-    Pod::from_k8s_unaddressed(p).map(|(key, pod)| (key, Watched { pod, scope }))
+    Pod::from_k8s_unaddressed(p).map(|(key, pod)| {
+        let slice = None;
+        (key, Watched { pod, scope, slice })
+    })
 }
 
 /// Which kinds have been listed.
@@ -129,12 +134,11 @@ pub struct Engine {
     /// Pods are needed.
     peer_policies: BTreeSet<PolicyKey>,
     /// The remote pods each endpoint slice holds, by slice name, and a
-    /// relist's under way.
-    slices: std::collections::HashMap<String, Vec<PodKey>>,
-    relist_slices: Option<std::collections::HashMap<String, Vec<PodKey>>>,
-    /// Which slice speaks for each remote pod (one that moved between
-    /// slices is removed only by the slice that holds it now).
-    slice_of: std::collections::HashMap<PodKey, String>,
+    /// relist's under way (which slice speaks for a pod is in its record:
+    /// one that moved between slices is removed only by the one holding
+    /// it now).
+    slices: std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>,
+    relist_slices: Option<std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>>,
     relist_namespaces: Option<BTreeMap<String, Namespace>>,
     relist_policies: Option<BTreeMap<PolicyKey, Policy>>,
     /// This node's endpoints, by host interface.
@@ -440,7 +444,6 @@ impl Engine {
         self.relist_pods.remove(&Scope::Remote);
         self.slices.clear();
         self.relist_slices = None;
-        self.slice_of.clear();
         if !on {
             let gone: Vec<PodKey> = self
                 .pods
@@ -564,7 +567,11 @@ impl Engine {
 
     /// The remote pods slice `s` holds that are kept (with an address, of
     /// another node).
-    fn slice_pods(&self, s: &MargayEndpointSlice) -> Vec<(PodKey, Watched)> {
+    fn slice_pods(
+        &self,
+        name: &std::sync::Arc<str>,
+        s: &MargayEndpointSlice,
+    ) -> Vec<(PodKey, Watched)> {
         s.spec
             .endpoints
             .iter()
@@ -589,6 +596,7 @@ impl Engine {
                 let w = Watched {
                     pod,
                     scope: Scope::Remote,
+                    slice: Some(name.clone()),
                 };
                 (Key::new(&e.namespace, &e.name), w)
             })
@@ -599,11 +607,8 @@ impl Engine {
     /// Remote pod `k` as slice `slice` last held it is gone from it: gone,
     /// unless another slice holds it now or this node's watch does.
     fn slice_dropped(&mut self, slice: &str, k: &PodKey) {
-        if self.slice_of.get(k).map(String::as_str) != Some(slice) {
-            return;
-        }
-        self.slice_of.remove(k);
-        if self.local_holds(Scope::Remote, k) {
+        let holder = self.pods.get(k).and_then(|w| w.slice.as_deref());
+        if holder != Some(slice) || self.local_holds(Scope::Remote, k) {
             return;
         }
         let was = self.pods.remove(k);
@@ -622,8 +627,9 @@ impl Engine {
                 self.relist_slices = Some(Default::default());
             }
             Event::InitApply(s) => {
-                let name = s.metadata.name.clone().unwrap_or_default();
-                let pods = self.slice_pods(&s);
+                let name: std::sync::Arc<str> =
+                    s.metadata.name.as_deref().unwrap_or_default().into();
+                let pods = self.slice_pods(&name, &s);
                 if let (Some(r), Some(sl)) = (
                     self.relist_pods.get_mut(&Scope::Remote),
                     self.relist_slices.as_mut(),
@@ -635,16 +641,12 @@ impl Engine {
             Event::InitDone => {
                 let new = self.relist_pods.remove(&Scope::Remote).unwrap_or_default();
                 self.slices = self.relist_slices.take().unwrap_or_default();
-                self.slice_of = self
-                    .slices
-                    .iter()
-                    .flat_map(|(s, keys)| keys.iter().map(move |k| (k.clone(), s.clone())))
-                    .collect();
                 self.relisted(Scope::Remote, new);
             }
             Event::Apply(s) => {
-                let name = s.metadata.name.clone().unwrap_or_default();
-                let pods = self.slice_pods(&s);
+                let name: std::sync::Arc<str> =
+                    s.metadata.name.as_deref().unwrap_or_default().into();
+                let pods = self.slice_pods(&name, &s);
                 let now: Vec<PodKey> = pods.iter().map(|(k, _)| k.clone()).collect();
                 let before = self
                     .slices
@@ -655,7 +657,6 @@ impl Engine {
                     self.slice_dropped(&name, k);
                 }
                 for (k, w) in pods {
-                    self.slice_of.insert(k.clone(), name.clone());
                     if !self.local_holds(Scope::Remote, &k) {
                         self.remote_or_local_set(k, w);
                     }
@@ -663,7 +664,7 @@ impl Engine {
             }
             Event::Delete(s) => {
                 let name = s.metadata.name.clone().unwrap_or_default();
-                for k in self.slices.remove(&name).unwrap_or_default() {
+                for k in self.slices.remove(name.as_str()).unwrap_or_default() {
                     self.slice_dropped(&name, &k);
                 }
             }
