@@ -125,7 +125,13 @@ pub struct Engine {
     /// This node's name: its Pods not wired yet get their chains ready.
     node: Option<String>,
     listed: Listed,
+    /// This node's Pods as its watch shows them.
     pods: BTreeMap<PodKey, Watched>,
+    /// The other nodes' pods that are kept, each with the endpoint slice
+    /// holding it (shared name; empty from a remote Pod watch): their
+    /// labels, addresses and ports are only in the compiler's world, one
+    /// copy of each.
+    remote_pods: std::collections::HashMap<PodKey, std::sync::Arc<str>>,
     /// A relist under way, per scope.
     relist_pods: BTreeMap<Scope, BTreeMap<PodKey, Watched>>,
     /// Whether remote Pods are watched (the loader's to say).
@@ -264,7 +270,7 @@ impl Engine {
             waiting_for: self.waiting_for().iter().map(|s| s.to_string()).collect(),
             policies: self.compiler.world().policies.len(),
             endpoints: self.endpoints.len(),
-            pods: self.pods.len(),
+            pods: self.pods.len() + self.remote_pods.len(),
             remote_pods: self.remote,
             current: false,
             last_error: None,
@@ -297,10 +303,15 @@ impl Engine {
         }
     }
 
-    /// The Pod `key` as last known: from the watch, or its last labels
-    /// if it left the watch while wired here.
-    fn known(&self, key: &PodKey) -> Option<&Watched> {
-        self.pods.get(key).or_else(|| self.departed.get(key))
+    /// The Pod `key` as last known: from the watch (a remote one from
+    /// the compiler's world, its one copy), or its last labels if it left
+    /// the watch while wired here.
+    fn known(&self, key: &PodKey) -> Option<&Pod> {
+        match self.pods.get(key) {
+            Some(w) => Some(&w.pod),
+            None if self.remote_pods.contains_key(key) => self.compiler.world().pods.get(key),
+            None => self.departed.get(key).map(|w| &w.pod),
+        }
     }
 
     /// Brings pod `key` in the compiler in line with the watch and the
@@ -313,7 +324,7 @@ impl Engine {
         }
         let w = self.known(key);
         let pod = w.map(|w| {
-            let mut p = w.pod.clone();
+            let mut p = w.clone();
             for i in &ifs {
                 for ip in self.endpoints.get(i).into_iter().flat_map(|e| &e.ips) {
                     if !p.ips.contains(ip) {
@@ -418,6 +429,23 @@ impl Engine {
         self.sync_pod(key);
     }
 
+    /// Pod `key` gone from whichever watch held it.
+    fn forget(&mut self, key: &PodKey) {
+        let was = match self.pods.remove(key) {
+            Some(w) => Some(w),
+            None => self.remote_pods.remove(key).and_then(|slice| {
+                let pod = self.compiler.world().pods.get(key)?.clone();
+                Some(Watched {
+                    pod,
+                    scope: Scope::Remote,
+                    slice: Some(slice),
+                })
+            }),
+        };
+        self.remote_pods.remove(key);
+        self.pod_gone(key, was);
+    }
+
     /// A Pod watch event of this node's Pods (or, in tests, of every
     /// Pod).
     pub fn pod_event(&mut self, ev: Event<core::Pod>) {
@@ -445,15 +473,9 @@ impl Engine {
         self.slices.clear();
         self.relist_slices = None;
         if !on {
-            let gone: Vec<PodKey> = self
-                .pods
-                .iter()
-                .filter(|(_, w)| w.scope == Scope::Remote)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let gone: Vec<PodKey> = self.remote_pods.keys().cloned().collect();
             for k in gone {
-                let was = self.pods.remove(&k);
-                self.pod_gone(&k, was);
+                self.forget(&k);
             }
         }
     }
@@ -469,7 +491,7 @@ impl Engine {
     /// ignored: the remote watch's, about a pod this node's watch holds
     /// (which speaks for it).
     fn local_holds(&self, scope: Scope, key: &PodKey) -> bool {
-        scope == Scope::Remote && self.pods.get(key).is_some_and(|w| w.scope == Scope::Local)
+        scope == Scope::Remote && self.pods.contains_key(key)
     }
 
     /// A Pod watch event from `scope`'s watch.
@@ -497,9 +519,14 @@ impl Engine {
                 match (watched_pod(&p, scope), pod_key(&p)) {
                     (Some((k, _)), _) if self.local_holds(scope, &k) => {}
                     (Some((k, w)), _) if self.keeps(scope, &w) => {
-                        self.pods.insert(k.clone(), w);
-                        self.departed.remove(&k);
-                        self.sync_pod(&k);
+                        if scope == Scope::Remote {
+                            self.remote_or_local_set(k, w);
+                        } else {
+                            self.remote_pods.remove(&k);
+                            self.pods.insert(k.clone(), w);
+                            self.departed.remove(&k);
+                            self.sync_pod(&k);
+                        }
                     }
                     // Host network, or finished (or, remote, without an
                     // address): no part in policy (its sandbox, while
@@ -508,8 +535,7 @@ impl Engine {
                         if self.local_holds(scope, &k) {
                             return;
                         }
-                        let was = self.pods.remove(&k);
-                        self.pod_gone(&k, was);
+                        self.forget(&k);
                     }
                     (None, None) => {}
                 }
@@ -520,8 +546,7 @@ impl Engine {
                     if self.local_holds(scope, &k) {
                         return;
                     }
-                    let was = self.pods.remove(&k);
-                    self.pod_gone(&k, was);
+                    self.forget(&k);
                 }
             }
         }
@@ -530,22 +555,16 @@ impl Engine {
     /// A (re)list of `scope` is complete with `new`: what it no longer has
     /// goes, the rest is taken.
     fn relisted(&mut self, scope: Scope, mut new: BTreeMap<PodKey, Watched>) {
-        let keys: BTreeSet<PodKey> = self
-            .pods
-            .iter()
-            .filter(|(_, w)| w.scope == scope)
-            .map(|(k, _)| k)
-            .chain(new.keys())
-            .cloned()
-            .collect();
+        let held: Vec<&PodKey> = match scope {
+            Scope::Local => self.pods.keys().collect(),
+            Scope::Remote => self.remote_pods.keys().collect(),
+        };
+        let keys: BTreeSet<PodKey> = held.into_iter().chain(new.keys()).cloned().collect();
         for k in keys {
             match new.remove(&k) {
                 Some(_) if self.local_holds(scope, &k) => {}
                 Some(w) => self.remote_or_local_set(k, w),
-                None => {
-                    let was = self.pods.remove(&k);
-                    self.pod_gone(&k, was);
-                }
+                None => self.forget(&k),
             }
         }
         match scope {
@@ -555,11 +574,31 @@ impl Engine {
         self.resolve_restored();
     }
 
-    /// Pod `k` is as `w` says (synced only when that changed).
+    /// Pod `k` is as `w` says (synced only when that changed). A remote
+    /// one's Pod goes to the compiler's world and is kept nowhere else.
     fn remote_or_local_set(&mut self, k: PodKey, w: Watched) {
+        if w.scope == Scope::Remote {
+            let slice = w.slice.unwrap_or_else(|| "".into());
+            if self.remote_pods.get(&k) == Some(&slice)
+                && self.compiler.world().pods.get(&k) == Some(&w.pod)
+                && !self.departed.contains_key(&k)
+            {
+                return;
+            }
+            self.pods.remove(&k);
+            self.departed.remove(&k);
+            self.remote_pods.insert(k.clone(), slice);
+            if self.compiler.world().pods.get(&k) != Some(&w.pod) {
+                let d = self.compiler.set_pod(&k, Some(w.pod));
+                self.push(d);
+            }
+            self.sync_pod(&k);
+            return;
+        }
         if self.pods.get(&k) == Some(&w) && !self.departed.contains_key(&k) {
             return;
         }
+        self.remote_pods.remove(&k);
         self.pods.insert(k.clone(), w);
         self.departed.remove(&k);
         self.sync_pod(&k);
@@ -607,12 +646,11 @@ impl Engine {
     /// Remote pod `k` as slice `slice` last held it is gone from it: gone,
     /// unless another slice holds it now or this node's watch does.
     fn slice_dropped(&mut self, slice: &str, k: &PodKey) {
-        let holder = self.pods.get(k).and_then(|w| w.slice.as_deref());
+        let holder = self.remote_pods.get(k).map(|s| &**s);
         if holder != Some(slice) || self.local_holds(Scope::Remote, k) {
             return;
         }
-        let was = self.pods.remove(k);
-        self.pod_gone(k, was);
+        self.forget(k);
     }
 
     /// An endpoint slice watch event: the other nodes' pods (this node's

@@ -60,8 +60,10 @@ pub struct Compiler {
     endpoints: BTreeMap<String, PodKey>,
     /// Local endpoints by pod: its interfaces (one per attachment).
     local: BTreeMap<PodKey, BTreeSet<String>>,
-    /// Pods by address (two pods may briefly share one).
-    by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// Pods by address (two pods may briefly share one): a sorted list,
+    /// nearly always of one (a set's tree node would cost some 500 bytes
+    /// an address).
+    by_ip: BTreeMap<IpAddr, Vec<PodKey>>,
     compiled: BTreeMap<PolicyKey, Compiled>,
     /// Interfaces of pods whose Pod cannot be read: everything dropped
     /// but replies, until it can.
@@ -188,7 +190,7 @@ impl Compiler {
         }
         for (k, p) in &c.world.pods {
             for ip in &p.ips {
-                c.by_ip.entry(*ip).or_default().insert(k.clone());
+                hold(&mut c.by_ip, *ip, k);
             }
         }
         let here: BTreeSet<PodKey> = c.local.keys().chain(c.scheduled.keys()).cloned().collect();
@@ -305,7 +307,7 @@ impl Compiler {
         let mut ips: BTreeSet<IpAddr> = old.iter().flat_map(|p| p.ips.clone()).collect();
         for ip in &old.as_ref().map(|p| p.ips.clone()).unwrap_or_default() {
             if let Some(s) = self.by_ip.get_mut(ip) {
-                s.remove(key);
+                s.retain(|k| k != key);
                 if s.is_empty() {
                     self.by_ip.remove(ip);
                 }
@@ -314,7 +316,7 @@ impl Compiler {
         if let Some(p) = self.world.pods.get(key) {
             for ip in &p.ips {
                 ips.insert(*ip);
-                self.by_ip.entry(*ip).or_default().insert(key.clone());
+                hold(&mut self.by_ip, *ip, key);
             }
         }
         let labels_changed =
@@ -415,6 +417,14 @@ impl Compiler {
             self.refresh_pod_addresses(k);
         }
         self.finish()
+    }
+}
+
+/// Pod `key` holds address `ip` (kept once, in order).
+fn hold(by_ip: &mut BTreeMap<IpAddr, Vec<PodKey>>, ip: IpAddr, key: &PodKey) {
+    let v = by_ip.entry(ip).or_default();
+    if let Err(i) = v.binary_search(key) {
+        v.insert(i, key.clone());
     }
 }
 
