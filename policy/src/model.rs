@@ -127,8 +127,10 @@ pub struct NamedPort {
 /// network) with an address take part.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Pod {
-    /// Its labels.
-    pub labels: Labels,
+    /// Its labels: shared by pods labelled alike (a remote pod's are
+    /// interned by the agent), so a cluster's pods cost their distinct
+    /// label sets, not one map each.
+    pub labels: std::sync::Arc<Labels>,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
     /// The node it runs on.
@@ -180,7 +182,7 @@ impl Pod {
         Some((
             key,
             Self {
-                labels: p.metadata.labels.clone().unwrap_or_default(),
+                labels: std::sync::Arc::new(p.metadata.labels.clone().unwrap_or_default()),
                 ips,
                 node: spec.node_name.clone(),
                 ports,

@@ -208,7 +208,7 @@ pub fn ip6(pod_net: u8, host: usize) -> Ipv6Addr {
 /// A random dual-stack pod: 10.`pod_net`.0.`host` and [`ip6`].
 pub fn pod(rng: &mut Rng, pod_net: u8, host: u8) -> Pod {
     Pod {
-        labels: labels(rng),
+        labels: labels(rng).into(),
         ips: vec![
             IpAddr::V4(Ipv4Addr::new(10, pod_net, 0, host)),
             IpAddr::V6(ip6(pod_net, usize::from(host))),
@@ -235,7 +235,7 @@ pub fn world(rng: &mut Rng, pod_net: u8, pods: u8, policies: usize) -> World {
         w.namespaces.insert(
             ns.into(),
             Namespace {
-                labels: labels(rng),
+                labels: labels(rng).into(),
             },
         );
     }
@@ -305,7 +305,7 @@ pub fn shrink_steps(w: &World) -> Vec<World> {
         for l in p.labels.keys() {
             let mut s = w.clone();
             if let Some(q) = s.pods.get_mut(k) {
-                q.labels.remove(l);
+                std::sync::Arc::make_mut(&mut q.labels).remove(l);
             }
             out.push(s);
         }

@@ -248,7 +248,7 @@ mod tests {
             w.pods.insert(
                 Key::new(ns, name),
                 Pod {
-                    labels: [("app".to_string(), name.to_string())].into(),
+                    labels: std::sync::Arc::new([("app".to_string(), name.to_string())].into()),
                     ips: vec![format!("10.0.0.{}", i + 1).parse().unwrap()],
                     node: None,
                     ports: vec![NamedPort {

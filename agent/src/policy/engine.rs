@@ -38,7 +38,8 @@ use margay_api::slice::MargayEndpointSlice;
 pub use margay_policy::enforce::Unenforced;
 use margay_policy::model::{Key, Namespace};
 use margay_policy::nft::{Batch, Compiler, Delta};
-use margay_policy::{Pod, PodKey, Policy, PolicyKey};
+use margay_policy::{Labels, Pod, PodKey, Policy, PolicyKey};
+use std::sync::Arc;
 
 /// A watch event, of any kind (the shape kube-runtime's watcher gives).
 #[derive(Debug, Clone)]
@@ -108,6 +109,33 @@ fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
     })
 }
 
+/// Label sets shared by the remote pods labelled alike: most of a
+/// cluster's pods share theirs with their replicas, so a pod costs a
+/// pointer, not a map.
+#[derive(Debug, Default)]
+struct LabelSets {
+    sets: std::collections::HashSet<Arc<Labels>>,
+    /// The size after the last sweep: sets no pod holds any more are
+    /// swept when it has doubled.
+    swept: usize,
+}
+
+impl LabelSets {
+    /// The one shared copy of `labels`.
+    fn intern(&mut self, labels: &Labels) -> Arc<Labels> {
+        if let Some(l) = self.sets.get(labels) {
+            return l.clone();
+        }
+        if self.sets.len() >= 2 * self.swept.max(1024) {
+            self.sets.retain(|l| Arc::strong_count(l) > 1);
+            self.swept = self.sets.len();
+        }
+        let l = Arc::new(labels.clone());
+        self.sets.insert(l.clone());
+        l
+    }
+}
+
 /// Which kinds have been listed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Listed {
@@ -146,6 +174,8 @@ pub struct Engine {
     slices: std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>,
     relist_slices: Option<std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>>,
     relist_namespaces: Option<BTreeMap<String, Namespace>>,
+    /// The remote pods' label sets, one of each.
+    labels: LabelSets,
     relist_policies: Option<BTreeMap<PolicyKey, Policy>>,
     /// This node's endpoints, by host interface.
     endpoints: BTreeMap<String, Endpoint>,
@@ -337,7 +367,7 @@ impl Engine {
         // A Pod of this node not wired yet: its rules made ready.
         let scheduled = match (self.pods.get(key), &self.node) {
             (Some(w), Some(n)) if ifs.is_empty() && w.pod.node.as_ref() == Some(n) => {
-                Some(w.pod.labels.clone())
+                Some((*w.pod.labels).clone())
             }
             _ => None,
         };
@@ -607,7 +637,7 @@ impl Engine {
     /// The remote pods slice `s` holds that are kept (with an address, of
     /// another node).
     fn slice_pods(
-        &self,
+        &mut self,
         name: &std::sync::Arc<str>,
         s: &MargayEndpointSlice,
     ) -> Vec<(PodKey, Watched)> {
@@ -616,7 +646,7 @@ impl Engine {
             .iter()
             .map(|e| {
                 let pod = Pod {
-                    labels: e.labels.clone(),
+                    labels: self.labels.intern(&e.labels),
                     ips: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
                     node: Some(s.spec.node.clone()),
                     ports: e
@@ -639,6 +669,8 @@ impl Engine {
                 };
                 (Key::new(&e.namespace, &e.name), w)
             })
+            .collect::<Vec<_>>()
+            .into_iter()
             .filter(|(_, w)| self.keeps(Scope::Remote, w))
             .collect()
     }

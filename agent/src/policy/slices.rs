@@ -63,7 +63,7 @@ fn as_endpoint(key: &PodKey, pod: &Pod) -> SliceEndpoint {
     SliceEndpoint {
         namespace: key.namespace.clone(),
         name: key.name.clone(),
-        labels: pod.labels.clone(),
+        labels: (*pod.labels).clone(),
         addresses,
         ports,
     }

@@ -93,11 +93,11 @@ fn pod(i: usize, tier: &str) -> (PodKey, Pod) {
     (
         Key::new(&format!("ns-{}", i % NAMESPACES), &format!("pod-{i}")),
         Pod {
-            labels: labels(&[
+            labels: std::sync::Arc::new(labels(&[
                 ("app", format!("app-{}", i % 50)),
                 ("tier", tier.to_string()),
                 ("version", format!("v{}", i % 2)),
-            ]),
+            ])),
             ips: vec![ip(i)],
             node: None,
             ports: vec![NamedPort {
@@ -357,7 +357,7 @@ fn delta(c: &mut Compiler, ch: &Change) -> Vec<Delta> {
             c.set_endpoint(ifname, None),
             c.set_workload(ifname, None),
             c.set_pod(key, None),
-            c.set_scheduled(key, Some(pod.labels.clone())),
+            c.set_scheduled(key, Some((*pod.labels).clone())),
         ],
     }
 }
@@ -371,7 +371,7 @@ fn schedule(c: &mut Compiler, changes: &[Change]) -> Batch {
             key, pod, on: true, ..
         } = ch
         {
-            b.extend(&c.set_scheduled(key, Some(pod.labels.clone())));
+            b.extend(&c.set_scheduled(key, Some((*pod.labels).clone())));
         }
     }
     b

@@ -25,7 +25,7 @@ fn a_small_world_compiles_as_documented() {
         w.pods.insert(
             Key::new(ns, name),
             Pod {
-                labels: [("app".to_string(), app.to_string())].into(),
+                labels: [("app".to_string(), app.to_string())].into_iter().collect::<Labels>().into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
                 ports: vec![],
@@ -127,7 +127,7 @@ fn a_label_or_a_pod_is_set_elements_and_a_policy_its_own_chain() {
         .collect();
     for k in remote.iter().take(10) {
         let mut p = c.world().pods[k].clone();
-        p.labels.insert("app".into(), "b".into());
+        std::sync::Arc::make_mut(&mut p.labels).insert("app".into(), "b".into());
         let d = c.set_pod(k, Some(p));
         assert!(d.new_chains.is_empty() && d.rewrite.is_empty() && d.del_chains.is_empty());
         assert!(d.new_sets.is_empty() && d.del_sets.is_empty());
@@ -184,7 +184,7 @@ fn incremental_updates_equal_a_full_compile() {
                     let ns = *rng.pick(&random::NAMESPACES);
                     let k = Key::new(ns, &format!("s{}", rng.below(6)));
                     let labels = rng.chance(70).then(|| random::pod(&mut rng, 0, 1).labels);
-                    c.set_scheduled(&k, labels)
+                    c.set_scheduled(&k, labels.map(|l| (*l).clone()))
                 }
                 6 => {
                     // Quarantined and lifted again (a full compile knows
@@ -380,7 +380,7 @@ fn endpoints_isolated_alike_share_their_chain() {
         w.pods.insert(
             Key::new("x", name),
             Pod {
-                labels: [("app".to_string(), "web".to_string())].into(),
+                labels: [("app".to_string(), "web".to_string())].into_iter().collect::<Labels>().into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
                 ports: vec![],
@@ -421,7 +421,7 @@ fn endpoints_isolated_alike_share_their_chain() {
     );
     // Another label: another list, another chain; the shared one stays.
     let mut p = c.world().pods[&Key::new("x", "b")].clone();
-    p.labels.insert("app".into(), "db".into());
+    std::sync::Arc::make_mut(&mut p.labels).insert("app".into(), "db".into());
     let d = c.set_pod(&Key::new("x", "b"), Some(p));
     assert!(d.del_chains.is_empty(), "{d:?}");
     assert!(!c.table().ingress.contains_key("cali2"));
@@ -460,7 +460,7 @@ fn a_scheduled_pods_chains_are_ready_before_its_add() {
     assert!(c.table().ingress.is_empty(), "no interface jumps to it yet");
     // The ADD: its address, its endpoint, then no longer scheduled.
     let p = Pod {
-        labels,
+        labels: labels.into(),
         ips: vec!["10.0.0.1".parse().unwrap()],
         node: None,
         ports: vec![],
@@ -497,7 +497,7 @@ fn a_pod_wired_while_scheduled_counts_once() {
     let mut c = Compiler::full(World::default(), BTreeMap::new());
     let _ = c.set_scheduled(&pod, Some(labels.clone()));
     let p = Pod {
-        labels,
+        labels: labels.into(),
         ips: vec!["10.0.0.1".parse().unwrap()],
         node: None,
         ports: vec![],
@@ -534,7 +534,7 @@ fn rules_with_the_same_peer_share_its_set() {
         w.pods.insert(
             Key::new("x", name),
             Pod {
-                labels: [("app".to_string(), app.to_string())].into(),
+                labels: [("app".to_string(), app.to_string())].into_iter().collect::<Labels>().into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
                 ports: vec![],
@@ -572,7 +572,7 @@ fn rules_with_the_same_peer_share_its_set() {
     );
     // b becomes web: one element added, in the one shared set.
     let mut p = c.world().pods[&Key::new("x", "b")].clone();
-    p.labels.insert("app".into(), "web".into());
+    std::sync::Arc::make_mut(&mut p.labels).insert("app".into(), "web".into());
     let d = c.set_pod(&Key::new("x", "b"), Some(p));
     let ops = d.element_ops().expect("elements only");
     assert_eq!(
@@ -640,7 +640,7 @@ fn a_rule_costs_its_peers_plus_its_ports() {
     w.pods.insert(
         k.clone(),
         Pod {
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             node: None,
             ports: vec![],
@@ -705,7 +705,7 @@ fn each_attachment_of_a_pod_is_enforced_on_its_own() {
     w.pods.insert(
         k.clone(),
         Pod {
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ips: vec!["10.0.0.1".parse().unwrap(), "10.1.0.1".parse().unwrap()],
             node: None,
             ports: vec![],

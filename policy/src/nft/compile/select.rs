@@ -31,7 +31,7 @@ impl Compiler {
         if self.local.contains_key(key)
             && let Some(p) = self.world.pods.get(key)
         {
-            v.push(&p.labels);
+            v.push(&*p.labels);
         }
         if let Some(l) = self.scheduled.get(key)
             && !v.contains(&l)
