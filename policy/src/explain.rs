@@ -380,7 +380,7 @@ mod tests {
         let ok = check(&w, &b, &a, 8080, Proto::Tcp).unwrap();
         assert!(ok.allowed);
         assert!(
-            matches!(&ok.verdict.ingress, Side::Allowed { by } if by[0].policy.name == "a-from-b")
+            matches!(&ok.verdict.ingress, Side::Allowed { by } if &*by[0].policy.name == "a-from-b")
         );
         assert_eq!(ok.verdict.egress, Side::NotIsolated);
         let no = check(&w, &"y/c".parse().unwrap(), &a, 8080, Proto::Tcp).unwrap();

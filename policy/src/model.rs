@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1 as core;
@@ -73,10 +74,10 @@ impl std::str::FromStr for Proto {
 /// A namespaced name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Key {
-    /// The namespace.
-    pub namespace: String,
+    /// The namespace (shared: see [`Key::in_namespace`]).
+    pub namespace: Arc<str>,
     /// The name.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl Key {
@@ -84,6 +85,16 @@ impl Key {
     pub fn new(namespace: &str, name: &str) -> Self {
         Self {
             namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// `name` in namespace `namespace`, whose text is shared with the
+    /// other keys holding it: a key's clones (the compiler keeps a pod's
+    /// in several indexes) share both texts.
+    pub fn in_namespace(namespace: &Arc<str>, name: &str) -> Self {
+        Self {
+            namespace: namespace.clone(),
             name: name.into(),
         }
     }

@@ -204,7 +204,7 @@ pub fn peer_matches(
         Peer::Pods { namespaces, pods } => {
             let Some((key, p)) = pod else { return false };
             let ns_ok = match namespaces {
-                None => key.namespace == policy_ns,
+                None => &*key.namespace == policy_ns,
                 Some(sel) => {
                     let empty = Default::default();
                     sel.matches(world.namespace_labels(&key.namespace).unwrap_or(&empty))

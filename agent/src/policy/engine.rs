@@ -109,30 +109,49 @@ fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
     })
 }
 
-/// Label sets shared by the remote pods labelled alike: most of a
+/// Label sets shared by the remote pods labelled alike (most of a
 /// cluster's pods share theirs with their replicas, so a pod costs a
-/// pointer, not a map.
+/// pointer, not a map), and namespace names shared by their pods' keys.
 #[derive(Debug, Default)]
 struct LabelSets {
     sets: std::collections::HashSet<Arc<Labels>>,
-    /// The size after the last sweep: sets no pod holds any more are
-    /// swept when it has doubled.
-    swept: usize,
+    names: std::collections::HashSet<Arc<str>>,
+    /// The sizes after the last sweeps: sets (names) no pod holds any
+    /// more are swept when their number has doubled.
+    swept: (usize, usize),
+}
+
+/// The one shared copy of `v` in `set`, swept of copies only it holds
+/// when it has doubled since the last sweep (`swept`).
+fn intern<T: ?Sized + Eq + std::hash::Hash>(
+    set: &mut std::collections::HashSet<Arc<T>>,
+    swept: &mut usize,
+    v: &T,
+    make: impl FnOnce(&T) -> Arc<T>,
+) -> Arc<T> {
+    if let Some(l) = set.get(v) {
+        return l.clone();
+    }
+    if set.len() >= 2 * (*swept).max(1024) {
+        set.retain(|l| Arc::strong_count(l) > 1);
+        *swept = set.len();
+    }
+    let l = make(v);
+    set.insert(l.clone());
+    l
 }
 
 impl LabelSets {
     /// The one shared copy of `labels`.
     fn intern(&mut self, labels: &Labels) -> Arc<Labels> {
-        if let Some(l) = self.sets.get(labels) {
-            return l.clone();
-        }
-        if self.sets.len() >= 2 * self.swept.max(1024) {
-            self.sets.retain(|l| Arc::strong_count(l) > 1);
-            self.swept = self.sets.len();
-        }
-        let l = Arc::new(labels.clone());
-        self.sets.insert(l.clone());
-        l
+        intern(&mut self.sets, &mut self.swept.0, labels, |l| {
+            Arc::new(l.clone())
+        })
+    }
+
+    /// The one shared copy of namespace name `name`.
+    fn name(&mut self, name: &str) -> Arc<str> {
+        intern(&mut self.names, &mut self.swept.1, name, |n| Arc::from(n))
     }
 }
 
@@ -308,8 +327,8 @@ impl Engine {
                 .invalid
                 .iter()
                 .map(|(k, (why, uid))| UnenforcedPolicy {
-                    namespace: k.namespace.clone(),
-                    name: k.name.clone(),
+                    namespace: k.namespace.to_string(),
+                    name: k.name.to_string(),
                     uid: uid.clone(),
                     reason: match why {
                         Unenforced::Refused(_) => UnenforcedReason::Refused,
@@ -667,7 +686,8 @@ impl Engine {
                     scope: Scope::Remote,
                     slice: Some(name.clone()),
                 };
-                (Key::new(&e.namespace, &e.name), w)
+                let ns = self.labels.name(&e.namespace);
+                (Key::in_namespace(&ns, &e.name), w)
             })
             .collect::<Vec<_>>()
             .into_iter()
@@ -1437,6 +1457,57 @@ mod tests {
         assert!(e.compiler().world().pods.contains_key(&Key::new("x", "t")));
         e.slice_event(Event::InitDone);
         assert!(!e.compiler().world().pods.contains_key(&Key::new("x", "t")));
+    }
+
+    /// A remote pod is kept once: its labels, addresses and ports in the
+    /// compiler's world only (the engine holds its key and slice), its
+    /// label set and namespace shared with the pods labelled alike.
+    #[test]
+    fn a_remote_pod_is_kept_once_its_labels_shared() {
+        let mut e = Engine::on_node("node1");
+        list_all(
+            &mut e,
+            vec![pod("x", "a", &[], Some("10.0.0.1"))],
+            vec![ns("x")],
+            vec![],
+        );
+        let from_b: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "from-b"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}
+        }))
+        .unwrap();
+        e.policy_event(Event::Apply(from_b));
+        e.remote_pods(true);
+        e.slice_event(Event::Init);
+        e.slice_event(Event::InitApply(slice(
+            "node2.0",
+            "node2",
+            &[("r", "b", "10.0.0.9"), ("s", "b", "10.0.0.10")],
+        )));
+        e.slice_event(Event::InitDone);
+        e.slice_event(Event::Apply(slice(
+            "node3.0",
+            "node3",
+            &[("t", "b", "10.0.0.11")],
+        )));
+        let (r, s, t) = (Key::new("x", "r"), Key::new("x", "s"), Key::new("x", "t"));
+        for k in [&r, &s, &t] {
+            assert!(!e.pods.contains_key(k), "{k}: not in this node's Pods");
+            assert!(!e.departed.contains_key(k));
+            assert!(e.remote_pods.contains_key(k));
+        }
+        assert_eq!(&*e.remote_pods[&t], "node3.0");
+        let world = &e.compiler().world().pods;
+        assert!(Arc::ptr_eq(&world[&r].labels, &world[&t].labels));
+        // Held by the three pods in the world and the interner: a copy
+        // anywhere else (the engine's record of a pod) would count.
+        assert_eq!(Arc::strong_count(&world[&r].labels), 4);
+        let keys: Vec<&PodKey> = world.keys().filter(|k| k.name != "a".into()).collect();
+        assert!(Arc::ptr_eq(&keys[0].namespace, &keys[2].namespace));
+        // Forgotten when remote pods are no longer watched.
+        e.remote_pods(false);
+        assert!(e.remote_pods.is_empty());
+        assert_eq!(e.compiler().world().pods.len(), 1);
     }
 
     #[test]

@@ -61,8 +61,8 @@ fn as_endpoint(key: &PodKey, pod: &Pod) -> SliceEndpoint {
         .collect();
     ports.sort();
     SliceEndpoint {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
+        namespace: key.namespace.to_string(),
+        name: key.name.to_string(),
         labels: (*pod.labels).clone(),
         addresses,
         ports,

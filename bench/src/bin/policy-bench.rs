@@ -289,7 +289,7 @@ fn changes(pods: usize, local: usize, n: usize) -> Vec<(&'static str, Vec<Change
     let new_policy = (0..n)
         .flat_map(|k| {
             let (mut key, mut p) = policy(k % local);
-            key.name = format!("bench-np-{k}");
+            key.name = format!("bench-np-{k}").into();
             p.selector = Selector {
                 match_labels: labels(&[("app", format!("app-{}", k % local % 50))]),
                 expressions: Vec::new(),
@@ -311,7 +311,7 @@ fn changes(pods: usize, local: usize, n: usize) -> Vec<(&'static str, Vec<Change
     let wired = (0..n)
         .flat_map(|k| {
             let (mut key, p) = pod(k % local, "web");
-            key.name = format!("wired-{k}");
+            key.name = format!("wired-{k}").into();
             let mut p = p;
             p.ips = vec![ip(pods + 2000 + k)];
             let ifname = format!("caliw{k:010x}");

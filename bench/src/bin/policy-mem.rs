@@ -84,7 +84,11 @@ static A: Counting = Counting;
 
 /// Live bytes, glibc chunk bytes, allocations.
 fn live() -> [i64; 3] {
-    [BYTES.load(Relaxed), CHUNKS.load(Relaxed), ALLOCS.load(Relaxed)]
+    [
+        BYTES.load(Relaxed),
+        CHUNKS.load(Relaxed),
+        ALLOCS.load(Relaxed),
+    ]
 }
 
 #[derive(Debug, Parser)]
@@ -202,7 +206,10 @@ fn run(cli: &Cli, n: u32) -> anyhow::Result<Row> {
         .filter(|(name, _)| name.starts_with("peer/"))
         .map(|(_, s)| {
             let local = std::net::IpAddr::from([10, 0, 0, 1]);
-            s.elements.iter().filter(|el| el.addr() != Some(local)).count() as u64
+            s.elements
+                .iter()
+                .filter(|el| el.addr() != Some(local))
+                .count() as u64
         })
         .max()
         .unwrap_or(0);

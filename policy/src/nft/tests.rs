@@ -25,7 +25,10 @@ fn a_small_world_compiles_as_documented() {
         w.pods.insert(
             Key::new(ns, name),
             Pod {
-                labels: [("app".to_string(), app.to_string())].into_iter().collect::<Labels>().into(),
+                labels: [("app".to_string(), app.to_string())]
+                    .into_iter()
+                    .collect::<Labels>()
+                    .into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
                 ports: vec![],
@@ -289,7 +292,7 @@ fn a_delta_removes_references_before_what_they_reference() {
             egress: None,
         },
     );
-    let ep = w.pods.keys().find(|k| k.namespace == "x").cloned();
+    let ep = w.pods.keys().find(|k| &*k.namespace == "x").cloned();
     let Some(ep) = ep else { return };
     let mut c = Compiler::full(w, [(ep, "cali1".to_string())].into());
     assert!(c.table().chains.contains_key("in/x/all"));
@@ -380,7 +383,10 @@ fn endpoints_isolated_alike_share_their_chain() {
         w.pods.insert(
             Key::new("x", name),
             Pod {
-                labels: [("app".to_string(), "web".to_string())].into_iter().collect::<Labels>().into(),
+                labels: [("app".to_string(), "web".to_string())]
+                    .into_iter()
+                    .collect::<Labels>()
+                    .into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
                 ports: vec![],
@@ -534,7 +540,10 @@ fn rules_with_the_same_peer_share_its_set() {
         w.pods.insert(
             Key::new("x", name),
             Pod {
-                labels: [("app".to_string(), app.to_string())].into_iter().collect::<Labels>().into(),
+                labels: [("app".to_string(), app.to_string())]
+                    .into_iter()
+                    .collect::<Labels>()
+                    .into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
                 ports: vec![],

@@ -434,11 +434,9 @@ pub(super) fn in_namespace<'a, V>(
     m: &'a BTreeMap<crate::model::Key, V>,
     ns: &'a str,
 ) -> impl Iterator<Item = (&'a crate::model::Key, &'a V)> {
-    let from = crate::model::Key {
-        namespace: ns.to_string(),
-        name: String::new(),
-    };
-    m.range(from..).take_while(move |(k, _)| k.namespace == ns)
+    let from = crate::model::Key::new(ns, "");
+    m.range(from..)
+        .take_while(move |(k, _)| &*k.namespace == ns)
 }
 
 /// The keys of `m` in namespace `ns`.

@@ -74,7 +74,7 @@ impl Compiler {
             };
             for v6 in [false, true] {
                 let def = SetDef::Peer {
-                    ns: namespaces.is_none().then(|| key.namespace.clone()),
+                    ns: namespaces.is_none().then(|| key.namespace.to_string()),
                     namespaces: namespaces.clone(),
                     pods: pods.clone(),
                     v6,

@@ -78,7 +78,7 @@ impl Compiler {
                 v6,
             } => {
                 let ns_ok = match (ns, namespaces) {
-                    (Some(ns), _) => pk.namespace == *ns,
+                    (Some(ns), _) => *pk.namespace == **ns,
                     (None, Some(sel)) => {
                         let empty = Labels::new();
                         sel.matches(self.world.namespace_labels(&pk.namespace).unwrap_or(&empty))
