@@ -183,7 +183,7 @@ pub fn show(world: &World, key: &PodKey) -> Option<PodPolicies> {
     Some(PodPolicies {
         pod: key.clone(),
         ips: pod.ips.clone(),
-        node: pod.node.clone(),
+        node: pod.node.as_deref().map(String::from),
         ingress: view(Direction::Ingress),
         egress: view(Direction::Egress),
     })

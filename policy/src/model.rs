@@ -144,10 +144,10 @@ pub struct Pod {
     pub labels: std::sync::Arc<Labels>,
     /// Its addresses.
     pub ips: Vec<IpAddr>,
-    /// The node it runs on.
-    pub node: Option<String>,
-    /// Its containers' named ports.
-    pub ports: Vec<NamedPort>,
+    /// The node it runs on (shared by its node's pods).
+    pub node: Option<Arc<str>>,
+    /// Its containers' named ports (shared by pods with the same).
+    pub ports: Arc<[NamedPort]>,
 }
 
 impl Pod {
@@ -195,8 +195,8 @@ impl Pod {
             Self {
                 labels: std::sync::Arc::new(p.metadata.labels.clone().unwrap_or_default()),
                 ips,
-                node: spec.node_name.clone(),
-                ports,
+                node: spec.node_name.as_deref().map(Arc::from),
+                ports: ports.into(),
             },
         ))
     }

@@ -251,11 +251,12 @@ mod tests {
                     labels: std::sync::Arc::new([("app".to_string(), name.to_string())].into()),
                     ips: vec![format!("10.0.0.{}", i + 1).parse().unwrap()],
                     node: None,
-                    ports: vec![NamedPort {
+                    ports: [NamedPort {
                         name: "web".into(),
                         proto: Proto::Tcp,
                         port: 80,
-                    }],
+                    }]
+                    .into(),
                 },
             );
         }

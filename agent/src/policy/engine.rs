@@ -36,7 +36,7 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
 use margay_api::slice::MargayEndpointSlice;
 pub use margay_policy::enforce::Unenforced;
-use margay_policy::model::{Key, Namespace};
+use margay_policy::model::{Key, NamedPort, Namespace};
 use margay_policy::nft::{Batch, Compiler, Delta};
 use margay_policy::{Labels, Pod, PodKey, Policy, PolicyKey};
 use std::sync::Arc;
@@ -111,14 +111,16 @@ fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
 
 /// Label sets shared by the remote pods labelled alike (most of a
 /// cluster's pods share theirs with their replicas, so a pod costs a
-/// pointer, not a map), and namespace names shared by their pods' keys.
+/// pointer, not a map), namespace and node names, and lists of named
+/// ports.
 #[derive(Debug, Default)]
 struct LabelSets {
     sets: std::collections::HashSet<Arc<Labels>>,
     names: std::collections::HashSet<Arc<str>>,
-    /// The sizes after the last sweeps: sets (names) no pod holds any
-    /// more are swept when their number has doubled.
-    swept: (usize, usize),
+    ports: std::collections::HashSet<Arc<[NamedPort]>>,
+    /// The sizes after the last sweeps: sets (names, port lists) no pod
+    /// holds any more are swept when their number has doubled.
+    swept: (usize, usize, usize),
 }
 
 /// The one shared copy of `v` in `set`, swept of copies only it holds
@@ -149,7 +151,12 @@ impl LabelSets {
         })
     }
 
-    /// The one shared copy of namespace name `name`.
+    /// The one shared copy of named ports `ports`.
+    fn ports(&mut self, ports: &[NamedPort]) -> Arc<[NamedPort]> {
+        intern(&mut self.ports, &mut self.swept.2, ports, |p| Arc::from(p))
+    }
+
+    /// The one shared copy of namespace or node name `name`.
     fn name(&mut self, name: &str) -> Arc<str> {
         intern(&mut self.names, &mut self.swept.1, name, |n| Arc::from(n))
     }
@@ -385,7 +392,7 @@ impl Engine {
         });
         // A Pod of this node not wired yet: its rules made ready.
         let scheduled = match (self.pods.get(key), &self.node) {
-            (Some(w), Some(n)) if ifs.is_empty() && w.pod.node.as_ref() == Some(n) => {
+            (Some(w), Some(n)) if ifs.is_empty() && w.pod.node.as_deref() == Some(n.as_str()) => {
                 Some((*w.pod.labels).clone())
             }
             _ => None,
@@ -533,7 +540,8 @@ impl Engine {
     /// an address and not of this node (the local watch speaks for those).
     fn keeps(&self, scope: Scope, w: &Watched) -> bool {
         scope == Scope::Local
-            || (!w.pod.ips.is_empty() && (self.node.is_none() || w.pod.node != self.node))
+            || (!w.pod.ips.is_empty()
+                && (self.node.is_none() || w.pod.node.as_deref() != self.node.as_deref()))
     }
 
     /// Whether an event about pod `key` from `scope`'s watch is to be
@@ -660,26 +668,27 @@ impl Engine {
         name: &std::sync::Arc<str>,
         s: &MargayEndpointSlice,
     ) -> Vec<(PodKey, Watched)> {
+        let node = self.labels.name(&s.spec.node);
         s.spec
             .endpoints
             .iter()
             .map(|e| {
+                let ports: Vec<NamedPort> = e
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        Some(NamedPort {
+                            name: p.name.clone(),
+                            proto: margay_policy::model::Proto::from_k8s(Some(&p.protocol)).ok()?,
+                            port: p.port,
+                        })
+                    })
+                    .collect();
                 let pod = Pod {
                     labels: self.labels.intern(&e.labels),
                     ips: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-                    node: Some(s.spec.node.clone()),
-                    ports: e
-                        .ports
-                        .iter()
-                        .filter_map(|p| {
-                            Some(margay_policy::model::NamedPort {
-                                name: p.name.clone(),
-                                proto: margay_policy::model::Proto::from_k8s(Some(&p.protocol))
-                                    .ok()?,
-                                port: p.port,
-                            })
-                        })
-                        .collect(),
+                    node: Some(node.clone()),
+                    ports: self.labels.ports(&ports),
                 };
                 let w = Watched {
                     pod,

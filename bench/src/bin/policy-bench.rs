@@ -100,11 +100,12 @@ fn pod(i: usize, tier: &str) -> (PodKey, Pod) {
             ])),
             ips: vec![ip(i)],
             node: None,
-            ports: vec![NamedPort {
+            ports: [NamedPort {
                 name: "http".into(),
                 proto: Proto::Tcp,
                 port: 80,
-            }],
+            }]
+            .into(),
         },
     )
 }

@@ -31,7 +31,7 @@ fn a_small_world_compiles_as_documented() {
                     .into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
-                ports: vec![],
+                ports: [].into(),
             },
         );
     }
@@ -389,7 +389,7 @@ fn endpoints_isolated_alike_share_their_chain() {
                     .into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
-                ports: vec![],
+                ports: [].into(),
             },
         );
     }
@@ -469,7 +469,7 @@ fn a_scheduled_pods_chains_are_ready_before_its_add() {
         labels: labels.into(),
         ips: vec!["10.0.0.1".parse().unwrap()],
         node: None,
-        ports: vec![],
+        ports: [].into(),
     };
     for d in [
         c.set_pod(&pod, Some(p)),
@@ -506,7 +506,7 @@ fn a_pod_wired_while_scheduled_counts_once() {
         labels: labels.into(),
         ips: vec!["10.0.0.1".parse().unwrap()],
         node: None,
-        ports: vec![],
+        ports: [].into(),
     };
     let _ = c.set_pod(&pod, Some(p));
     let _ = c.set_endpoint("cali1", Some(pod.clone()));
@@ -546,7 +546,7 @@ fn rules_with_the_same_peer_share_its_set() {
                     .into(),
                 ips: vec![ip.parse().unwrap()],
                 node: None,
-                ports: vec![],
+                ports: [].into(),
             },
         );
     }
@@ -652,7 +652,7 @@ fn a_rule_costs_its_peers_plus_its_ports() {
             labels: Default::default(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             node: None,
-            ports: vec![],
+            ports: [].into(),
         },
     );
     let mut peers: Vec<Peer> = (0..1000u32)
@@ -717,7 +717,7 @@ fn each_attachment_of_a_pod_is_enforced_on_its_own() {
             labels: Default::default(),
             ips: vec!["10.0.0.1".parse().unwrap(), "10.1.0.1".parse().unwrap()],
             node: None,
-            ports: vec![],
+            ports: [].into(),
         },
     );
     w.policies.insert(

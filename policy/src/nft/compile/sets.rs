@@ -157,7 +157,7 @@ impl Compiler {
                 }
             }
         }
-        for port in &pod.ports {
+        for port in pod.ports.iter() {
             if let Some(e) = self.index.get(&IndexKey::Port(port.name.clone())) {
                 out.extend(e.iter().cloned());
             }
