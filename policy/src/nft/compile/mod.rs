@@ -422,7 +422,9 @@ impl Compiler {
 
 /// Pod `key` holds address `ip` (kept once, in order).
 fn hold(by_ip: &mut BTreeMap<IpAddr, Vec<PodKey>>, ip: IpAddr, key: &PodKey) {
-    let v = by_ip.entry(ip).or_default();
+    // A first holder takes a list of exactly one (a push would make room
+    // for four).
+    let v = by_ip.entry(ip).or_insert_with(|| Vec::with_capacity(1));
     if let Err(i) = v.binary_search(key) {
         v.insert(i, key.clone());
     }
