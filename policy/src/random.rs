@@ -235,7 +235,7 @@ pub fn world(rng: &mut Rng, pod_net: u8, pods: u8, policies: usize) -> World {
         w.namespaces.insert(
             ns.into(),
             Namespace {
-                labels: labels(rng).into(),
+                labels: labels(rng),
             },
         );
     }

@@ -28,6 +28,11 @@
 //!   its Pod is known (or decided on), and the change with its endpoint is
 //!   in the kernel.
 //! - A failed load is retried as a full load.
+//! - Another node's pod (from its endpoint slice) is kept once: its
+//!   labels, addresses and ports in the compiler's world, here only its
+//!   key and the slice holding it; label sets, namespace and node names
+//!   and port lists are interned, shared by the pods alike (a cluster's
+//!   pods cost some 800 bytes each, `bench/src/bin/policy-mem.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -114,7 +119,7 @@ fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
 /// pointer, not a map), namespace and node names, and lists of named
 /// ports.
 #[derive(Debug, Default)]
-struct LabelSets {
+struct Interned {
     sets: std::collections::HashSet<Arc<Labels>>,
     names: std::collections::HashSet<Arc<str>>,
     ports: std::collections::HashSet<Arc<[NamedPort]>>,
@@ -143,9 +148,9 @@ fn intern<T: ?Sized + Eq + std::hash::Hash>(
     l
 }
 
-impl LabelSets {
+impl Interned {
     /// The one shared copy of `labels`.
-    fn intern(&mut self, labels: &Labels) -> Arc<Labels> {
+    fn labels(&mut self, labels: &Labels) -> Arc<Labels> {
         intern(&mut self.sets, &mut self.swept.0, labels, |l| {
             Arc::new(l.clone())
         })
@@ -200,8 +205,9 @@ pub struct Engine {
     slices: std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>,
     relist_slices: Option<std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>>,
     relist_namespaces: Option<BTreeMap<String, Namespace>>,
-    /// The remote pods' label sets, one of each.
-    labels: LabelSets,
+    /// What the remote pods share: label sets, namespace and node
+    /// names, lists of named ports, one copy of each.
+    interned: Interned,
     relist_policies: Option<BTreeMap<PolicyKey, Policy>>,
     /// This node's endpoints, by host interface.
     endpoints: BTreeMap<String, Endpoint>,
@@ -668,7 +674,7 @@ impl Engine {
         name: &std::sync::Arc<str>,
         s: &MargayEndpointSlice,
     ) -> Vec<(PodKey, Watched)> {
-        let node = self.labels.name(&s.spec.node);
+        let node = self.interned.name(&s.spec.node);
         s.spec
             .endpoints
             .iter()
@@ -685,17 +691,17 @@ impl Engine {
                     })
                     .collect();
                 let pod = Pod {
-                    labels: self.labels.intern(&e.labels),
+                    labels: self.interned.labels(&e.labels),
                     ips: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
                     node: Some(node.clone()),
-                    ports: self.labels.ports(&ports),
+                    ports: self.interned.ports(&ports),
                 };
                 let w = Watched {
                     pod,
                     scope: Scope::Remote,
                     slice: Some(name.clone()),
                 };
-                let ns = self.labels.name(&e.namespace);
+                let ns = self.interned.name(&e.namespace);
                 (Key::in_namespace(&ns, &e.name), w)
             })
             .collect::<Vec<_>>()
