@@ -2,7 +2,7 @@
 //! FSM and carries out its actions.
 //!
 //! The task never waits on a socket: each connection has a reader task
-//! (framing) and a writer task fed through a queue bounded in bytes
+//! (framing) and a writer task ([`crate::outbox`]) fed through a queue bounded in bytes
 //! ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A write that makes
 //! no progress for the hold time means the peer reads nothing: the session
 //! ends with Cease/out of resources, while timers and reads went on.
@@ -24,22 +24,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::fsm::{
     Action, DownReason, Event, Keep, Negotiated, Session, State, Timer, resolve_collision,
 };
+pub(crate) use crate::outbox::Wire;
+use crate::outbox::{WriteEnd, writer};
 use crate::packet::consts::err;
 use crate::packet::{DecodeError, Message, Update, frame_len};
 use crate::rib::PeerId;
 use margay_api::status::NeighborView;
-
-/// An encoded message as queued for a peer's socket: shared, so a
-/// message sent to every member of an update group is one allocation.
-pub(crate) type Wire = Arc<[u8]>;
 
 /// A peer's state as its task and the RIB task keep it (read for the
 /// neighbor view and the metrics).
@@ -152,23 +149,10 @@ const READ_BUF: usize = 16 * 1024;
 /// bound. Far above any table Margay exports at once.
 pub(crate) const OUT_LIMIT: usize = 32 << 20;
 
-/// How long a closed connection's writer may still try to deliver what
-/// was queued before it (the NOTIFICATION, usually).
-const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-
 /// Longest wait for one write when no hold time bounds it (hold time 0).
 const STALL_WITHOUT_HOLD: Duration = Duration::from_secs(240);
 
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
-
-/// Why a connection's writer stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum WriteEnd {
-    /// The socket failed.
-    Failed(String),
-    /// No write completed for this long: the peer reads nothing.
-    Stalled(Duration),
-}
 
 struct Conn {
     /// To the writer task; every queued byte is counted in `queued`.
@@ -178,7 +162,7 @@ struct Conn {
     stall_ms: Arc<AtomicU64>,
     /// The writer's end, when it stopped on its own.
     ended: Option<oneshot::Receiver<WriteEnd>>,
-    /// Told on drop: flush for at most [`CLOSE_FLUSH`] more.
+    /// Told on drop: flush for at most [`crate::outbox::CLOSE_FLUSH`] more.
     closing: Option<oneshot::Sender<()>>,
     frames: mpsc::Receiver<Result<Vec<u8>, DecodeError>>,
     reader: tokio::task::JoinHandle<()>,
@@ -210,6 +194,9 @@ impl Conn {
     /// Queues `bytes` for the writer; never waits.
     fn send(&self, bytes: Wire) -> Result<(), Overflow> {
         let n = bytes.len();
+        if n == 0 {
+            return Ok(());
+        }
         if self.queued.fetch_add(n, Ordering::AcqRel) + n > OUT_LIMIT {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             return Err(Overflow);
@@ -229,55 +216,6 @@ impl Conn {
             Duration::from_secs(hold.into())
         };
         self.stall_ms.store(d.as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-/// Writes what the peer task queues, one message after the other, so the
-/// peer task never waits on the socket (its timers and reads go on while
-/// a peer is slow to read). A write that makes no progress for the stall
-/// time ends the writer with [`WriteEnd::Stalled`].
-async fn writer(
-    mut w: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Wire>,
-    queued: Arc<AtomicUsize>,
-    stall_ms: Arc<AtomicU64>,
-    ended: oneshot::Sender<WriteEnd>,
-    mut closing: oneshot::Receiver<()>,
-) {
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        let bytes = match deadline {
-            None => tokio::select! {
-                b = rx.recv() => b,
-                _ = &mut closing => {
-                    deadline = Some(tokio::time::Instant::now() + CLOSE_FLUSH);
-                    continue;
-                }
-            },
-            // Closed: only what is already queued, then the end.
-            Some(_) => rx.try_recv().ok(),
-        };
-        let Some(bytes) = bytes else { return };
-        let stall = Duration::from_millis(stall_ms.load(Ordering::Relaxed));
-        let limit = match deadline {
-            Some(d) => d
-                .saturating_duration_since(tokio::time::Instant::now())
-                .min(stall),
-            None => stall,
-        };
-        let r = tokio::time::timeout(limit, w.write_all(&bytes)).await;
-        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = ended.send(WriteEnd::Failed(e.to_string()));
-                return;
-            }
-            Err(_) => {
-                let _ = ended.send(WriteEnd::Stalled(limit));
-                return;
-            }
-        }
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Neighbor};
 use crate::fsm::{SessionConfig, State};
-use crate::group::{Decided, Encoded, Group, GroupKey, Member};
+use crate::group::{Decided, Encoded, Group, GroupKey, Member, Span};
 use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
@@ -902,7 +902,9 @@ impl RibTask {
         let rib = &self.rib;
         let decided = g.dump(|p| rib.best(p).map(|b| b.best.peer));
         let table = g.adj_out.len();
-        self.send_member(id, &decided, true, table, &mut Encoded::default());
+        let mut encoded = Encoded::default();
+        let picks = self.fan_out(id, &decided, true, table, &mut encoded);
+        self.send(encoded, vec![(id, picks)]);
     }
 
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {
@@ -1089,7 +1091,7 @@ impl RibTask {
                 .as_ref()
                 .filter(|b| !key.export_local_only || b.best.peer == LOCAL);
             // Exported as to a peer that is none of the sources: each
-            // member's own routes are held back from it by `fan_out`.
+            // member's own routes are held back from it by `Member::fan_out`.
             let out = self.rib.export(
                 &g.info,
                 GROUP_EXPORT,
@@ -1105,39 +1107,53 @@ impl RibTask {
         let table = g.adj_out.len();
         let members: Vec<PeerId> = g.members.iter().copied().collect();
         let mut encoded = Encoded::default();
-        for id in members {
-            self.send_member(id, &decided, false, table, &mut encoded);
+        let picks: Vec<(PeerId, Vec<Span>)> = members
+            .into_iter()
+            .map(|id| (id, self.fan_out(id, &decided, false, table, &mut encoded)))
+            .collect();
+        self.send(encoded, picks);
+    }
+
+    /// Queues each member its picks of the export's `encoded` UPDATEs:
+    /// one queue entry per member, every one pointing into the same
+    /// buffer.
+    fn send(&self, encoded: Encoded, picks: Vec<(PeerId, Vec<Span>)>) {
+        let buf = encoded.finish();
+        for (id, spans) in picks {
+            if spans.is_empty() {
+                continue;
+            }
+            if let Some(s) = self.peers.get(&id).and_then(|p| p.session.as_ref()) {
+                let _ = s.out.send(Encoded::wire(&buf, spans));
+            }
         }
     }
 
-    /// Sends member `id` what `decided` means for it (`fresh`: it was told
-    /// nothing before); `table` is its group's table size; messages the
-    /// other members were sent already are shared from `encoded`.
-    fn send_member(
+    /// What member `id` is to be sent for `decided` (`fresh`: it was told
+    /// nothing before), as spans of the export's `encoded` UPDATEs (those
+    /// the other members are sent already are shared); `table` is its
+    /// group's table size. [`RibTask::send`] queues them.
+    fn fan_out(
         &mut self,
         id: PeerId,
         decided: &[Decided],
         fresh: bool,
         table: usize,
         encoded: &mut Encoded,
-    ) {
+    ) -> Vec<Span> {
+        let mut picks = Vec::new();
         let Some(slot) = self.peers.get_mut(&id) else {
-            return;
+            return picks;
         };
         let Some(s) = slot.session.as_mut() else {
-            return;
+            return picks;
         };
         let out = s.member.fan_out(id, decided, fresh);
-        let mut n = 0u64;
         let (v4, v6): (Vec<Prefix>, Vec<Prefix>) =
             out.withdraw.into_iter().partition(Prefix::is_v4);
         for w in [v4, v6] {
-            if w.is_empty() {
-                continue;
-            }
-            for m in encoded.withdraw(&w, &s.ctx) {
-                let _ = s.out.send(m);
-                n += 1;
+            if !w.is_empty() {
+                picks.push(encoded.withdraw(&w, &s.ctx));
             }
         }
         for (a, ps) in out.announce {
@@ -1147,12 +1163,7 @@ impl RibTask {
                     continue;
                 }
                 match encoded.announce(&a, &group, &s.ctx) {
-                    Ok(ms) => {
-                        for m in ms {
-                            let _ = s.out.send(m);
-                            n += 1;
-                        }
-                    }
+                    Ok(span) => picks.push(span),
                     Err(size) => {
                         // Its attributes do not fit one UPDATE: the peer
                         // gets a withdrawal instead (it may hold an older
@@ -1164,18 +1175,16 @@ impl RibTask {
                             "routes not sent: their attributes need an UPDATE of {size} octets (more than 4096); withdrawn from this peer"
                         );
                         s.member.hold(&group);
-                        for m in encoded.withdraw(&group, &s.ctx) {
-                            let _ = s.out.send(m);
-                            n += 1;
-                        }
+                        picks.push(encoded.withdraw(&group, &s.ctx));
                         slot.status.lock().expect("status").too_big += group.len() as u64;
                     }
                 }
             }
         }
         let mut st = slot.status.lock().expect("status");
-        st.updates_out += n;
+        st.updates_out += picks.iter().map(|p| p.count as u64).sum::<u64>();
         st.prefixes_sent = s.member.sent(table);
+        picks
     }
 
     /// The best routes as the outside sees them, by prefix.
