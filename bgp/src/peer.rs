@@ -1,11 +1,13 @@
 //! One task per peer: owns the peer's TCP connection(s), runs the session
 //! FSM and carries out its actions.
 //!
-//! The task never waits on a socket: each connection has a reader task
-//! (framing) and a writer task ([`crate::outbox`]) fed through a queue bounded in bytes
-//! ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A write that makes
-//! no progress for the hold time means the peer reads nothing: the session
-//! ends with Cease/out of resources, while timers and reads went on.
+//! The task never waits on a socket: it frames what each connection has
+//! to read itself ([`Reader`], a buffer only while bytes wait), and each
+//! connection has a writer task ([`crate::outbox`]) fed through a queue
+//! bounded in bytes ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A
+//! write that makes no progress for the hold time means the peer reads
+//! nothing: the session ends with Cease/out of resources, while timers and
+//! reads went on.
 //!
 //! A peer has a main [`Link`] and, while a connection collision is being
 //! resolved (RFC 4271 §6.8), a second one. Each link is a connection with
@@ -24,8 +26,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::fsm::{
@@ -164,14 +166,12 @@ struct Conn {
     ended: Option<oneshot::Receiver<WriteEnd>>,
     /// Told on drop: flush for at most [`crate::outbox::CLOSE_FLUSH`] more.
     closing: Option<oneshot::Sender<()>>,
-    frames: mpsc::Receiver<Result<Vec<u8>, DecodeError>>,
-    reader: tokio::task::JoinHandle<()>,
+    reader: Reader,
     local: IpAddr,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.reader.abort();
         // The writer goes on alone: what was queued before the close (a
         // NOTIFICATION) still leaves, within CLOSE_FLUSH.
         if let Some(c) = self.closing.take() {
@@ -219,44 +219,80 @@ impl Conn {
     }
 }
 
-/// Splits a connection; a reader task frames messages (RFC 4271 §4.1) and
-/// hands them over one by one, a writer task sends what is queued.
+/// A connection's incoming bytes, framed (RFC 4271 §4.1) by the peer
+/// task itself (no task and no queue per connection for reading). The
+/// buffer exists only while bytes wait in it: an idle session holds none.
+struct Reader {
+    half: OwnedReadHalf,
+    buf: Vec<u8>,
+    /// Where the bytes not yet framed start in `buf`.
+    start: usize,
+    /// The connection ended (closed, failed or sent garbage).
+    closed: bool,
+}
+
+impl Reader {
+    fn new(half: OwnedReadHalf) -> Self {
+        Self {
+            half,
+            buf: Vec::new(),
+            start: 0,
+            closed: false,
+        }
+    }
+
+    /// The next message. Cancel safe: what was read stays in the buffer.
+    async fn next(&mut self) -> Frame {
+        loop {
+            if self.closed {
+                return Frame::Closed;
+            }
+            let waiting = &self.buf[self.start..];
+            match frame_len(waiting) {
+                Ok(Some(n)) if waiting.len() >= n => {
+                    let f = waiting[..n].to_vec();
+                    self.start += n;
+                    if self.start == self.buf.len() {
+                        self.buf = Vec::new();
+                        self.start = 0;
+                    }
+                    return Frame::Bytes(f);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.closed = true;
+                    return Frame::Bad(e);
+                }
+            }
+            if self.half.readable().await.is_err() {
+                self.closed = true;
+                continue;
+            }
+            self.buf.drain(..self.start);
+            self.start = 0;
+            // 16 KiB holds four maximum-size messages; allocated only
+            // while there is something to read.
+            self.buf
+                .reserve(READ_BUF - self.buf.len().min(READ_BUF / 2));
+            match self.half.try_read_buf(&mut self.buf) {
+                Ok(0) => self.closed = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => self.closed = true,
+            }
+            if self.buf.is_empty() {
+                self.buf = Vec::new();
+            }
+        }
+    }
+}
+
+/// Splits a connection: the peer task reads it ([`Reader`]), a writer
+/// task sends what is queued.
 fn open_conn(stream: TcpStream, hold: u16) -> Option<Conn> {
     let local = crate::net::canonical(stream.local_addr().ok()?.ip());
     let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
-    let (ftx, frames) = mpsc::channel(64);
-    let reader = tokio::spawn(async move {
-        // 16 KiB holds four maximum-size messages; many sessions per
-        // speaker (a full mesh) make a larger buffer per session costly.
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
-        let mut start = 0;
-        loop {
-            loop {
-                match frame_len(&buf[start..]) {
-                    Ok(Some(n)) if buf.len() - start >= n => {
-                        let f = buf[start..start + n].to_vec();
-                        start += n;
-                        if ftx.send(Ok(f)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        let _ = ftx.send(Err(e)).await;
-                        return;
-                    }
-                }
-            }
-            buf.drain(..start);
-            start = 0;
-            buf.reserve(READ_BUF - buf.len().min(READ_BUF / 2));
-            match r.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return, // the channel closes: connection lost
-                Ok(_) => {}
-            }
-        }
-    });
+    let (r, w) = stream.into_split();
     let (out, orx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let stall_ms = Arc::new(AtomicU64::new(0));
@@ -269,8 +305,7 @@ fn open_conn(stream: TcpStream, hold: u16) -> Option<Conn> {
         stall_ms,
         ended: Some(ended),
         closing: Some(closing),
-        frames,
-        reader,
+        reader: Reader::new(r),
         local,
     };
     c.set_stall(hold);
@@ -357,28 +392,22 @@ fn frame_event(link: &Link, f: Frame) -> Event {
     }
 }
 
-type Frames = mpsc::Receiver<Result<Vec<u8>, DecodeError>>;
-
-/// A connection's frames and its writer's end, borrowed apart.
+/// A connection's reader and its writer's end, borrowed apart.
 fn halves(
     c: Option<&mut Conn>,
 ) -> (
-    Option<&mut Frames>,
+    Option<&mut Reader>,
     Option<&mut oneshot::Receiver<WriteEnd>>,
 ) {
     match c {
-        Some(c) => (Some(&mut c.frames), c.ended.as_mut()),
+        Some(c) => (Some(&mut c.reader), c.ended.as_mut()),
         None => (None, None),
     }
 }
 
-async fn recv_frame(frames: Option<&mut Frames>) -> Frame {
-    match frames {
-        Some(f) => match f.recv().await {
-            Some(Ok(f)) => Frame::Bytes(f),
-            Some(Err(e)) => Frame::Bad(e),
-            None => Frame::Closed,
-        },
+async fn recv_frame(reader: Option<&mut Reader>) -> Frame {
+    match reader {
+        Some(r) => r.next().await,
         None => std::future::pending().await,
     }
 }
@@ -482,8 +511,10 @@ impl PeerTask {
                     },
                 };
                 let actions = link.session.process(ev);
-                sh.execute(which, link, actions, &mut queue).await;
-                sh.resolve(&mut main, &mut alt, &mut queue).await;
+                // Boxed: their futures (a PeerEvent being sent) live only
+                // while they run, not in every idle peer task's state.
+                Box::pin(sh.execute(which, link, actions, &mut queue)).await;
+                Box::pin(sh.resolve(&mut main, &mut alt, &mut queue)).await;
             }
             sh.set_state(main.state());
             if stopping {
