@@ -118,7 +118,7 @@ async fn a_burst_of_announcements_and_withdrawals_reaches_a_slow_client_in_order
     for round in 1..=ROUNDS {
         // Every prefix announced with MED = round, then half withdrawn.
         let mut burst = announce(sender, round, &all);
-        let gone = if round % 2 == 0 {
+        let gone = if round.is_multiple_of(2) {
             &all[..N as usize / 2]
         } else {
             &all[N as usize / 2..]
@@ -128,7 +128,7 @@ async fn a_burst_of_announcements_and_withdrawals_reaches_a_slow_client_in_order
     }
     // The sender's final table: the half not withdrawn in the last round
     // (an even one: the first half went).
-    const { assert!(ROUNDS % 2 == 0) };
+    const { assert!(ROUNDS.is_multiple_of(2)) };
     let want: BTreeMap<Prefix, u32> = all[N as usize / 2..].iter().map(|p| (*p, ROUNDS)).collect();
 
     let deadline = tokio::time::Instant::now() + GUARD;
