@@ -562,7 +562,7 @@ impl Bench {
 
     /// `--probe` pods on node1, each timed until node2's peer set has it.
     async fn probe(&self, size: u32) -> anyhow::Result<Vec<f64>> {
-        if !self.cli.policy || self.cli.probe == 0 {
+        if !self.cli.policy || self.cli.probe == 0 || size == 0 || self.fakes.pods_per_node == 0 {
             return Ok(Vec::new());
         }
         let (agents, _) = self.agents()?;
@@ -606,7 +606,8 @@ impl Bench {
             }
         }
         let Some(set) = set else {
-            bail!("no set of node2's table holds {probe_ip}");
+            eprintln!("scale: no set of node2's table holds {probe_ip}: no probe");
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for i in 0..self.cli.probe {
