@@ -1,7 +1,7 @@
 //! The cluster-wide writes, done by the elected agent only
 //! ([`crate::kube::lease::elect`]): each IPPool's status and in-use
 //! finalizer, and garbage collection (addresses of deleted pods, blocks of
-//! deleted nodes).
+//! deleted nodes, `MargayNode`s and endpoint slices of deleted nodes).
 //!
 //! While this agent leads, it watches every pool, block, Node (metadata)
 //! and Pod (metadata) through a cluster-wide store whose reads are current
@@ -16,9 +16,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use margay_bgp::task::Owned;
 use margay_ipam::gc::Janitor;
 use margay_ipam::k8s::KubeStore;
+use margay_task::Owned;
 use tokio::sync::{Notify, watch};
 
 /// How often the pool status is recomputed when nothing pokes it (from the
@@ -47,7 +47,7 @@ pub async fn run(client: kube::Client, gc_every: Option<Duration>, leader: watch
 /// The duties of one term as leader (until dropped).
 async fn lead(client: kube::Client, gc_every: Option<Duration>) {
     let poke = Arc::new(Notify::new());
-    let (store, watches) = KubeStore::cluster_watched(client, poke.clone());
+    let (store, watches) = KubeStore::cluster_watched(client.clone(), poke.clone());
     let _watches = Owned::spawn(watches);
     let store = Arc::new(store);
     let mut janitor = Janitor::new(store.clone());
@@ -75,6 +75,11 @@ async fn lead(client: kube::Client, gc_every: Option<Duration>) {
                     Ok(_) => {}
                     Err(e) => tracing::warn!("garbage collection: {e}"),
                 }
+                match identities(&client, &store).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "MargayNodes of deleted Nodes"),
+                    Err(e) => tracing::warn!("MargayNode collection: {e}"),
+                }
             }
         }
     }
@@ -84,4 +89,80 @@ async fn pools(store: &KubeStore) {
     if let Err(e) = margay_ipam::k8s::pools::reconcile_with(store).await {
         tracing::debug!("pool status: {e}");
     }
+}
+
+/// Writes the `MargayNode`s of nodes whose agent is of an earlier version
+/// (annotations only); deletes those whose Node is gone, and their
+/// endpoint slices: how many nodes' worth were deleted. Their owner
+/// reference has the garbage collector do it where kube-controller-manager
+/// runs; this covers clusters (and the lab) without it. A candidate is
+/// confirmed by a live read of its Node right before, and deleted only as
+/// the object that was listed (its UID as precondition).
+async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<usize> {
+    use kube::ResourceExt;
+    use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+    use margay_api::identity::MargayNode;
+    use margay_ipam::store::Cluster;
+    let api: Api<MargayNode> = Api::all(client.clone());
+    let listed = margay_ipam::k8s::list_items(&api, &ListParams::default())
+        .await
+        .map_err(|e| crate::Error::kube("listing MargayNodes", e))?;
+    let nodes = store.nodes().await?;
+    tracing::debug!(
+        identities = listed.len(),
+        nodes = nodes.len(),
+        "MargayNode collection"
+    );
+    let slices: Api<margay_api::slice::MargayEndpointSlice> = Api::all(client.clone());
+    let mut deleted = 0;
+    // Nodes without one whose agent (of an earlier version) publishes its
+    // identity in annotations only: written for it, as that agent would,
+    // so upgraded agents keep peering with it; its own agent, once
+    // upgraded, writes over it (the same field manager).
+    let have: std::collections::BTreeSet<String> = listed.iter().map(|m| m.name_any()).collect();
+    let whole: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for name in nodes.iter().filter(|n| !have.contains(*n)) {
+        let Some(n) = whole
+            .get_opt(name)
+            .await
+            .map_err(|e| crate::Error::kube(format!("reading Node {name}"), e))?
+        else {
+            continue;
+        };
+        if let Some(w) = crate::routing::nodes::identity_from_annotations(&n) {
+            crate::kube::node::write_identity(client, name, &w).await?;
+            tracing::info!(node = %name, "wrote the MargayNode of a node whose agent publishes annotations only");
+        }
+    }
+    for m in listed.iter().filter(|m| !nodes.contains(&m.name_any())) {
+        let name = m.name_any();
+        if store.node_exists(&name).await? {
+            continue;
+        }
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: m.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(crate::Error::kube(format!("deleting MargayNode {name}"), e)),
+        }
+        // Its endpoint slices with it (found by their node label).
+        let lp = ListParams::default().labels(&format!(
+            "{}={}",
+            margay_api::slice::SLICE_NODE_LABEL,
+            margay_api::slice::node_label(&name)
+        ));
+        slices
+            .delete_collection(&DeleteParams::default(), &lp)
+            .await
+            .map_err(|e| {
+                crate::Error::kube(format!("deleting node {name}'s endpoint slices"), e)
+            })?;
+    }
+    Ok(deleted)
 }

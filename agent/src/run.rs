@@ -286,6 +286,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             state: state.clone(),
             node_ip: args.node_ip.clone(),
             namespace: args.namespace.clone(),
+            lease_namespace: args.lease_namespace.clone(),
             mtu: args.mtu,
             every,
             bgp: !args.disable_bgp,

@@ -9,7 +9,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::bgp::{BGPConfiguration, BGPPeer};
+use crate::identity::MargayNode;
 use crate::ipam::{IPAMBlock, IPAMConfiguration, IPPool};
+use crate::slice::MargayEndpointSlice;
 
 /// Every CRD, with the file name it is written under.
 pub fn all() -> Vec<(String, CustomResourceDefinition)> {
@@ -19,6 +21,8 @@ pub fn all() -> Vec<(String, CustomResourceDefinition)> {
         IPAMConfiguration::crd(),
         BGPConfiguration::crd(),
         BGPPeer::crd(),
+        MargayNode::crd(),
+        MargayEndpointSlice::crd(),
     ]
     .into_iter()
     .map(|c| {

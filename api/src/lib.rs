@@ -2,10 +2,13 @@
 //! operator) agree on, and nothing that decides or does I/O.
 //!
 //! - [`ipam`] and [`bgp`]: the `margay.dev/v1` resources (IPPool,
-//!   IPAMBlock, IPAMConfiguration, BGPConfiguration, BGPPeer) and their
+//!   IPAMBlock, IPAMConfiguration, BGPConfiguration, BGPPeer, MargayNode, MargayEndpointSlice) and their
 //!   validation; [`crds`] renders (and installs) their CRDs;
 //! - [`condition`]: status conditions and their transition-time rule;
-//! - [`node`]: annotation keys and the Node condition;
+//! - [`node`]: annotation keys and the Node condition; [`identity`]: the
+//!   `MargayNode` resource, each node's identity as the others read it;
+//!   [`slice`]: `MargayEndpointSlice`, each node's pods as the others'
+//!   NetworkPolicy reads them;
 //! - [`cni`]: the CNI error codes the plugin and the agent answer with;
 //! - [`status`]: the agent's `/status`, the speaker's session and route
 //!   views; [`ctl`]: what `margayctl ipam` reports;
@@ -30,7 +33,11 @@ pub mod crds;
 #[cfg(feature = "crd")]
 pub mod ctl;
 #[cfg(feature = "crd")]
+pub mod identity;
+#[cfg(feature = "crd")]
 pub mod ipam;
+#[cfg(feature = "crd")]
+pub mod slice;
 
 /// The API group of every Margay resource.
 pub const GROUP: &str = "margay.dev";

@@ -49,21 +49,7 @@ pub const LEASE_NAMESPACE: &str = "margay-system";
 /// shortened with a hash when that would exceed an object name's 253
 /// characters.
 pub fn heartbeat_lease(node: &str) -> String {
-    const PREFIX: &str = "margay-node-";
-    if PREFIX.len() + node.len() <= 253 {
-        return format!("{PREFIX}{node}");
-    }
-    let cut = node
-        .char_indices()
-        .map(|(i, _)| i)
-        .take_while(|i| *i <= 253 - PREFIX.len() - 17)
-        .last()
-        .unwrap_or(0);
-    format!(
-        "{PREFIX}{}-{:016x}",
-        node[..cut].trim_end_matches(['.', '-']),
-        crate::stable::fnv1a(node.as_bytes())
-    )
+    crate::stable::bounded_name("margay-node-", node, "")
 }
 
 /// Whether a heartbeat Lease was renewed within its duration (by the

@@ -4,6 +4,29 @@
 //! An agent upgraded in place finds its pods' interfaces by these names,
 //! and nodes of different versions read each other's annotations.
 
+/// `head + body + tail` as an object name (at most 253 characters): when
+/// longer, `body` is cut (at a character boundary, trailing `.` and `-`
+/// dropped) and followed by `-` and its FNV-1a in hex, so two long bodies
+/// still give two names.
+pub fn bounded_name(head: &str, body: &str, tail: &str) -> String {
+    const MAX: usize = 253;
+    if head.len() + body.len() + tail.len() <= MAX {
+        return format!("{head}{body}{tail}");
+    }
+    let room = MAX.saturating_sub(head.len() + tail.len() + 17);
+    let cut = body
+        .char_indices()
+        .map(|(i, _)| i)
+        .take_while(|i| *i <= room)
+        .last()
+        .unwrap_or(0);
+    format!(
+        "{head}{}-{:016x}{tail}",
+        body[..cut].trim_end_matches(['.', '-']),
+        fnv1a(body.as_bytes())
+    )
+}
+
 /// 64-bit FNV-1a of `bytes`: stable across builds, platforms and versions.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -8,6 +8,7 @@
 //! `send` with a single acknowledgement, in the RIB's order.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
@@ -17,6 +18,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder, RouteNextHopBuilder};
 
 use crate::packet::Prefix;
+use crate::task::Owned;
 use crate::{Error, Result};
 
 /// Route protocol number of routes Margay's BGP speaker installs.
@@ -30,15 +32,20 @@ pub type FibOp = (Prefix, Option<crate::rib::NextHops>);
 #[derive(Debug, Clone)]
 pub struct Fib {
     handle: Handle,
+    /// The connection's driver, ended with the last clone of this handle.
+    _driver: Arc<Owned>,
 }
 
 impl Fib {
-    /// Opens a netlink socket in the calling thread's namespace.
+    /// Opens a netlink socket in the calling thread's namespace (inside a
+    /// tokio runtime).
     pub fn new() -> Result<Self> {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| Error::Netlink(e.to_string()))?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            _driver: Arc::new(Owned::spawn(conn)),
+        })
     }
 
     fn message(prefix: &Prefix, hops: &[IpAddr]) -> Result<RouteMessage> {

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
+use margay_task::Owned;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ahead::{Ahead, Version};
@@ -109,11 +110,16 @@ pub struct StatsSnapshot {
     pub busy: u64,
 }
 
-/// Handle to a node's allocator task (cheap to clone).
+/// Handle to a node's allocator task (cheap to clone). The task is owned
+/// by the handles: it is aborted when the last one is dropped (a write in
+/// flight then may or may not have happened, as after a crash; the store's
+/// compare-and-swap and the next start's reads settle it). A task that has
+/// ended (a panic) answers every request [`Error::Stopped`], never a hang.
 #[derive(Clone, Debug)]
 pub struct Allocator {
     tx: mpsc::Sender<Job>,
     stats: Arc<Stats>,
+    _task: Arc<Owned>,
 }
 
 impl std::fmt::Debug for Job {
@@ -144,8 +150,11 @@ impl Allocator {
             opts,
             jitter: 0x9e37_79b9_7f4a_7c15 ^ node.len() as u64,
         };
-        tokio::spawn(actor.run(rx));
-        Self { tx, stats }
+        Self {
+            tx,
+            stats,
+            _task: Arc::new(Owned::spawn(actor.run(rx))),
+        }
     }
 
     /// Returns once this node has claimed or adopted a block since the

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
+use margay_task::Owned;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::crd::{AllowedUse, PodRef};
@@ -115,7 +116,10 @@ pub struct ReserveStats {
     pub pending: usize,
 }
 
-/// The fast path over an [`Allocator`] (cheap to clone).
+/// The fast path over an [`Allocator`] (cheap to clone). Its three tasks
+/// (the writer behind, the refill, the recheck) are owned by the handles:
+/// dropping the last one stops them, and writes still queued are dropped
+/// as [`Reserve::halt`] drops them ([`Reserve::flush`] first to keep them).
 #[derive(Clone, Debug)]
 pub struct Reserve {
     alloc: Allocator,
@@ -124,6 +128,9 @@ pub struct Reserve {
     refill: Arc<Notify>,
     writes: mpsc::UnboundedSender<Write>,
     halted: Arc<std::sync::atomic::AtomicBool>,
+    /// The tasks, in the handles given out; `None` in the tasks' own
+    /// copies, so that they do not keep themselves running.
+    _tasks: Option<Arc<[Owned; 3]>>,
 }
 
 /// Tuning of a [`Reserve`].
@@ -188,19 +195,25 @@ impl Reserve {
             "address reserve adopted"
         );
         let (tx, rx) = mpsc::unbounded_channel();
-        let r = Self {
+        let core = Self {
             alloc,
             node: node.to_string(),
             state: Arc::new(Mutex::new(st)),
             refill: Arc::new(Notify::new()),
             writes: tx,
             halted: Arc::default(),
+            _tasks: None,
         };
-        tokio::spawn(r.clone().writer(rx));
-        tokio::spawn(r.clone().rechecker(opts.recheck));
-        tokio::spawn(r.clone().refiller(opts));
-        r.refill.notify_one();
-        Ok(r)
+        let tasks = [
+            Owned::spawn(core.clone().writer(rx)),
+            Owned::spawn(core.clone().rechecker(opts.recheck)),
+            Owned::spawn(core.clone().refiller(opts)),
+        ];
+        core.refill.notify_one();
+        Ok(Self {
+            _tasks: Some(Arc::new(tasks)),
+            ..core
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -272,7 +285,7 @@ impl Reserve {
         if !ok {
             tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
                 "spare no longer allowed by the pools: giving it back");
-            let _ = self.writes.send(Write::Release(s.handle));
+            self.queue(Write::Release(s.handle));
             self.refill.notify_one();
             return self.assign(a, false).await;
         }
@@ -317,7 +330,7 @@ impl Reserve {
     /// The attribution is durable on the node: write it behind.
     pub fn commit(&self, t: &Taken, pod: Option<PodRef>) {
         if let Some(spare) = &t.spare {
-            let _ = self.writes.send(Write::Rename {
+            self.queue(Write::Rename {
                 from: spare.clone(),
                 to: t.handle.clone(),
                 addrs: t.addrs.iter().map(IpNetwork::ip).collect(),
@@ -349,7 +362,7 @@ impl Reserve {
                 if pending {
                     // A retry of an ADD whose rename is still queued: the
                     // release must come after it, so it is queued too.
-                    let _ = self.writes.send(Write::Release(t.handle.clone()));
+                    self.queue(Write::Release(t.handle.clone()));
                     Ok(())
                 } else {
                     self.alloc.release(&t.handle).await.map(|_| ())
@@ -362,7 +375,7 @@ impl Reserve {
     /// the same handle still queued). Returns what the reserve knew it held.
     pub fn release(&self, handle: &str) -> Vec<IpNetwork> {
         let held = self.state().index.remove(handle).unwrap_or_default();
-        let _ = self.writes.send(Write::Release(handle.to_string()));
+        self.queue(Write::Release(handle.to_string()));
         held
     }
 
@@ -372,6 +385,18 @@ impl Reserve {
         self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
         self.refill.notify_one();
         let _ = self.writes.send(Write::Release(String::new()));
+    }
+
+    /// Queues a write behind. One the writer can no longer take (it has
+    /// ended: halted, or failed) is left to the next start's
+    /// reconciliation, and said so unless the reserve was halted.
+    fn queue(&self, w: Write) {
+        if let Err(mpsc::error::SendError(w)) = self.writes.send(w)
+            && !self.is_halted()
+        {
+            tracing::error!(node = %self.node,
+                "the reserve's writer has ended: {w:?} is left to the next start's reconciliation");
+        }
     }
 
     fn is_halted(&self) -> bool {
@@ -557,7 +582,7 @@ impl Reserve {
                 if removed {
                     tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
                         "spare no longer allowed by the pools: giving it back");
-                    let _ = self.writes.send(Write::Release(s.handle));
+                    self.queue(Write::Release(s.handle));
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use margay_api::ipam::{AllowedUse, IPAMConfigurationSpec, IPPool, IPPoolSpec, PodRef};
 use margay_ipam::gc::{Janitor, LeakReason};
 use margay_ipam::store::Fault;
-use margay_ipam::{Allocator, Assign, Error, MemStore, Options};
+use margay_ipam::{Allocator, Assign, Error, MemStore, Options, Store};
 
 fn pool(name: &str, cidr: &str, size: u8) -> IPPool {
     IPPool::new(name, IPPoolSpec::with_cidr(cidr, Some(size)))
@@ -316,4 +316,114 @@ async fn a_lagging_watch_does_not_undo_the_allocators_own_writes() {
     assert_eq!(holders(a.blocks().await.unwrap()), vec!["h1"]);
     assert_eq!(holders(s.snapshot()), vec!["h1"]);
     assert_eq!(s.lists(), 0);
+}
+
+/// What [`Trapped::pools`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trap {
+    Answer,
+    Hang,
+    Panic,
+}
+
+/// A [`MemStore`] whose pool reads can be made to hang (an API that never
+/// answers) or to panic (a bug in the allocator's task).
+struct Trapped {
+    inner: Arc<MemStore>,
+    trap: std::sync::Mutex<Trap>,
+}
+
+impl Trapped {
+    fn new(inner: Arc<MemStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            trap: std::sync::Mutex::new(Trap::Answer),
+        })
+    }
+
+    fn set(&self, t: Trap) {
+        *self.trap.lock().unwrap() = t;
+    }
+}
+
+impl Store for Trapped {
+    async fn list_blocks(&self) -> margay_ipam::Result<Vec<margay_ipam::Block>> {
+        self.inner.list_blocks().await
+    }
+    async fn get_block(&self, name: &str) -> margay_ipam::Result<Option<margay_ipam::Block>> {
+        self.inner.get_block(name).await
+    }
+    async fn create_block(
+        &self,
+        b: &margay_ipam::Block,
+    ) -> margay_ipam::Result<margay_ipam::Block> {
+        self.inner.create_block(b).await
+    }
+    async fn update_block(
+        &self,
+        b: &margay_ipam::Block,
+    ) -> margay_ipam::Result<margay_ipam::Block> {
+        self.inner.update_block(b).await
+    }
+    async fn delete_block(&self, name: &str, version: &str) -> margay_ipam::Result<()> {
+        self.inner.delete_block(name, version).await
+    }
+    async fn pools(&self) -> margay_ipam::Result<Vec<IPPool>> {
+        let trap = *self.trap.lock().unwrap();
+        match trap {
+            Trap::Answer => self.inner.pools().await,
+            Trap::Hang => std::future::pending().await,
+            Trap::Panic => panic!("a trapped pool read"),
+        }
+    }
+    async fn config(&self) -> margay_ipam::Result<IPAMConfigurationSpec> {
+        self.inner.config().await
+    }
+    async fn node_labels(&self, node: &str) -> margay_ipam::Result<BTreeMap<String, String>> {
+        self.inner.node_labels(node).await
+    }
+}
+
+/// Waits until only the test holds `s` (the allocator's task, which holds
+/// the other reference, has ended).
+async fn task_ended<T>(s: &Arc<T>) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while Arc::strong_count(s) > 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the allocator's task ended");
+}
+
+#[tokio::test]
+async fn the_task_ends_with_its_last_handle_even_mid_request() {
+    let s = Trapped::new(store(vec![pool("p", "10.0.0.0/24", 26)], cfg()));
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    a.assign(req("a")).await.unwrap();
+    // A request the store never answers: the task waits in it.
+    s.set(Trap::Hang);
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), a.assign(req("b"))).await;
+    assert!(gave_up.is_err(), "answered: {gave_up:?}");
+    assert_eq!(Arc::strong_count(&s), 2, "the task holds the store");
+    // The caller gave up and the last handle goes: the task, stuck in the
+    // store, is aborted.
+    drop(a);
+    task_ended(&s).await;
+}
+
+#[tokio::test]
+async fn a_task_that_died_answers_stopped_and_never_hangs() {
+    let s = Trapped::new(store(vec![pool("p", "10.0.0.0/24", 26)], cfg()));
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    a.assign(req("a")).await.unwrap();
+    s.set(Trap::Panic);
+    // The request in the batch that killed the task, and every one after.
+    for h in ["b", "c"] {
+        let r = tokio::time::timeout(Duration::from_secs(5), a.assign(req(h)))
+            .await
+            .expect("an answer, not a hang");
+        assert!(matches!(r, Err(Error::Stopped)), "{r:?}");
+    }
+    task_ended(&s).await;
 }

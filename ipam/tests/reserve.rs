@@ -271,3 +271,22 @@ async fn a_spare_missing_a_new_pools_family_is_not_handed_out() {
     let v4 = t.addrs.iter().filter(|n| n.is_ipv4()).count();
     assert_eq!((v4, v6), (1, 1), "{:?}", t.addrs);
 }
+
+#[tokio::test]
+async fn dropping_the_reserve_and_its_allocator_stops_every_task() {
+    let s = store();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
+    until("2 spares", || r.stats().spares == 2).await;
+    let r2 = r.clone();
+    drop(r);
+    // A clone still holds the tasks.
+    let t = r2.take(&req("h")).await.unwrap();
+    assert!(t.spare.is_some());
+    until("refilled", || r2.stats().spares == 2).await;
+    // The last handles gone, nothing holds the store but the test: the
+    // reserve's tasks (which hold the allocator) and the allocator's task
+    // (which holds the store) have ended.
+    drop((r2, a));
+    until("every task ended", || Arc::strong_count(&s) == 1).await;
+}

@@ -32,6 +32,7 @@ use k8s_openapi::api::core::v1::{Node as KubeNode, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use margay_api::bgp::{BGPConfiguration, BGPPeer};
 use margay_api::ctl::IpamCheck;
+use margay_api::identity::MargayNode;
 use margay_api::status::AgentStatus;
 use margay_lab::Tor;
 use margay_lab::cluster::{Cluster, Options};
@@ -652,27 +653,30 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     )
     .await;
 
-    // 6. A stale Node announcing node2's address.
+    // 6. A stale Node announcing node2's address, as an agent of an earlier
+    // version did (annotations only): the leader writes its MargayNode
+    // (so upgraded agents see it), and deleting the Node deletes that
+    // (the leader's collection: no controller-manager here).
     let p = run.begin("a second Node with node2's BGP address");
     let nodes: Api<KubeNode> = Api::all(run.c.client.clone());
-    let n2 = nodes.get("node2").await.unwrap();
-    let addr = n2
-        .metadata
-        .annotations
-        .unwrap_or_default()
-        .get(margay_api::node::ANN_ADDRESS)
-        .cloned()
-        .expect("node2's address annotation");
+    let identities: Api<MargayNode> = Api::all(run.c.client.clone());
+    let addr = identities
+        .get("node2")
+        .await
+        .unwrap()
+        .spec
+        .bgp_address
+        .expect("node2's MargayNode has its address");
     nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": "node2-stale", "annotations": {margay_api::node::ANN_ADDRESS: addr}}
-                }))
-                .unwrap(),
-            )
-            .await
-            .unwrap();
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "node2-stale", "annotations": {margay_api::node::ANN_ADDRESS: addr}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     run.condition(
         "peering with node2, the one whose agent is alive",
         true,
@@ -685,6 +689,10 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         .await
         .unwrap();
     run.condition("both announce BGP address", false, &[]).await;
+    assert!(
+        identities.get_opt("node2-stale").await.unwrap().is_none(),
+        "the deleted Node's MargayNode is collected"
+    );
     run.end(p, None);
 
     // 7. A BGPPeer whose password Secret is missing, then too long.

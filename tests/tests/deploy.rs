@@ -4,6 +4,9 @@
 //! the real apiserver; and the agent running with exactly the manifest's
 //! RBAC (as its ServiceAccount) does its whole job and is denied the rest.
 
+// A test's own helper tasks, ended with the test (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use margay_api::bgp::BGPPeer;
 use margay_api::ctl::{IpamCheck, IpamShow, LeakReason};
 use margay_api::ipam::{IPAMBlock, IPPool};
@@ -735,8 +735,42 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
         assert!(t.elapsed() < T, "leak collection did not free {leaked}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Remove a node: its routes go everywhere, its blocks are freed.
+    // A node whose agent is of an earlier version (its identity in
+    // annotations only): the leader writes its MargayNode.
+    let nodes: Api<KubeNode> = Api::all(c.client.clone());
+    let identities: Api<margay_api::identity::MargayNode> = Api::all(c.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "node-old",
+                "annotations": {margay_api::node::ANN_ADDRESS: "10.99.0.77/24"}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let m = identities.get_opt("node-old").await.unwrap();
+        if let Some(m) = m {
+            assert_eq!(m.spec.bgp_address.as_deref(), Some("10.99.0.77/24"));
+            break;
+        }
+        assert!(t.elapsed() < T, "no MargayNode written for node-old");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    nodes
+        .delete("node-old", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Remove a node: its routes go everywhere, its blocks are freed, its
+    // MargayNode and endpoint slices deleted (no controller-manager here:
+    // the leader's collection), node-old's too.
     let n3_blocks = blocks_of(&c, "node3").await;
+    let slices: Api<margay_api::slice::MargayEndpointSlice> = Api::all(c.client.clone());
+    assert!(
+        slices.get_opt("node3.0").await.unwrap().is_some(),
+        "node3 publishes its pods"
+    );
     assert!(!n3_blocks.is_empty());
     c.kill_agent(2);
     let nodes: Api<KubeNode> = Api::all(c.client.clone());
@@ -752,12 +786,15 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
             left.extend(n3_blocks.iter().filter(|b| r.contains(b.as_str())).cloned());
         }
         let still = blocks_of(&c, "node3").await;
-        if left.is_empty() && still.is_empty() {
+        let identity = identities.get_opt("node3").await.unwrap().is_some()
+            || identities.get_opt("node-old").await.unwrap().is_some()
+            || slices.get_opt("node3.0").await.unwrap().is_some();
+        if left.is_empty() && still.is_empty() && !identity {
             break;
         }
         assert!(
             t.elapsed() < T,
-            "routes {left:?} / blocks {still:?} of node3 remain"
+            "routes {left:?} / blocks {still:?} of node3 remain (MargayNode or slices: {identity})"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -9,6 +9,9 @@
 //! changing objects. LISTs are counted by the API server itself
 //! (`apiserver_request_total`).
 
+// A test's own helper tasks, ended with the test (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -743,6 +743,7 @@ mod tests {
 
     /// An ADD of `id` running on its own, and the registration the
     /// engine gets from it.
+    #[allow(clippy::disallowed_methods)] // the test joins it
     async fn add_registered(
         svc: &Arc<CniService<MemStore, FakeDataplane>>,
         inbox: &mut crate::policy::PolicyInbox,

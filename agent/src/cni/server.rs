@@ -7,12 +7,15 @@
 //! killed, its connection closed) does not stop it halfway: it finishes,
 //! and when nobody is left to hear its answer it is undone as a DEL would
 //! (interface, routes, addresses back), so a cancelled ADD leaves nothing.
+//! The server owns these tasks: it waits for them when it shuts down, and
+//! they are aborted with it when its future is dropped.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use margay_ipam::Store;
 use margay_proto::cni::{self, cni_server};
+use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
 
 use super::CniService;
@@ -43,18 +46,43 @@ async fn timed<T>(
     r
 }
 
-/// The service as the gRPC server holds it (shared with the ADD tasks).
-struct Shared<S, D>(Arc<CniService<S, D>>);
+/// The ADDs running, owned by the server: [`serve`] waits for them before
+/// it returns, and dropping them (the server's future dropped) aborts them.
+#[derive(Debug, Default)]
+struct Adds(std::sync::Mutex<JoinSet<()>>);
 
-/// Runs an ADD to its end whatever happens to its caller: the answer goes
-/// back through a channel, and when the caller is gone by then (the
-/// request's future dropped) a successful ADD is undone.
+impl Adds {
+    /// Starts `f`, first taking in the ADDs that have ended.
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut set = self.0.lock().expect("the ADD tasks");
+        while set.try_join_next().is_some() {}
+        set.spawn(f);
+    }
+
+    /// Waits for every ADD running (each finishes, or is undone when its
+    /// caller is gone).
+    async fn finish(&self) {
+        let mut set = std::mem::take(&mut *self.0.lock().expect("the ADD tasks"));
+        while set.join_next().await.is_some() {}
+    }
+}
+
+/// The service as the gRPC server holds it, and the ADDs it runs.
+struct Shared<S, D> {
+    svc: Arc<CniService<S, D>>,
+    adds: Arc<Adds>,
+}
+
+/// Runs an ADD to its end whatever happens to its caller (in a task of
+/// `adds`): the answer goes back through a channel, and when the caller is
+/// gone by then (the request's future dropped) a successful ADD is undone.
 async fn add_detached<S: Store, D: Dataplane>(
     svc: Arc<CniService<S, D>>,
+    adds: &Adds,
     req: cni::CniRequest,
 ) -> Result<cni::CniResult, cni::CniError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    adds.spawn(async move {
         let r = timed(CniOp::Add, svc.add(&req)).await;
         let ok = r.is_ok();
         if tx.send(r).is_err() && ok {
@@ -83,12 +111,12 @@ async fn add_detached<S: Store, D: Dataplane>(
 #[tonic::async_trait]
 impl<S: Store, D: Dataplane> cni_server::Cni for Shared<S, D> {
     async fn add(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let r = add_detached(self.0.clone(), req.into_inner()).await;
+        let r = add_detached(self.svc.clone(), &self.adds, req.into_inner()).await;
         Ok(reply(r.map(Some)))
     }
 
     async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Del, self.0.del(req.get_ref())).await;
+        let r = timed(CniOp::Del, self.svc.del(req.get_ref())).await;
         Ok(reply(r.map(|()| None)))
     }
 
@@ -96,7 +124,7 @@ impl<S: Store, D: Dataplane> cni_server::Cni for Shared<S, D> {
         &self,
         req: Request<cni::CniRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Check, self.0.check(req.get_ref())).await;
+        let r = timed(CniOp::Check, self.svc.check(req.get_ref())).await;
         Ok(reply(r.map(|()| None)))
     }
 
@@ -104,17 +132,18 @@ impl<S: Store, D: Dataplane> cni_server::Cni for Shared<S, D> {
         &self,
         _req: Request<cni::StatusRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(self.0.status().await.map(|()| None)))
+        Ok(reply(self.svc.status().await.map(|()| None)))
     }
 
     async fn gc(&self, req: Request<cni::GcRequest>) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(self.0.gc(req.get_ref()).await.map(|_| None)))
+        Ok(reply(self.svc.gc(req.get_ref()).await.map(|_| None)))
     }
 }
 
 /// Serves the service on a unix socket at `path` (mode 0600; connections
 /// from other users than root are closed at once) until `shutdown`
-/// resolves; the socket file is removed afterwards.
+/// resolves, then waits for the ADDs still running; the socket file is
+/// removed afterwards.
 pub async fn serve<S: Store, D: Dataplane>(
     service: CniService<S, D>,
     path: &std::path::Path,
@@ -142,10 +171,59 @@ pub async fn serve<S: Store, D: Dataplane>(
             }
         }
     });
+    let adds = Arc::new(Adds::default());
+    let shared = Shared {
+        svc: Arc::new(service),
+        adds: adds.clone(),
+    };
     let res = tonic::transport::Server::builder()
-        .add_service(cni_server::CniServer::new(Shared(Arc::new(service))))
+        .add_service(cni_server::CniServer::new(shared))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    adds.finish().await;
     let _ = std::fs::remove_file(path);
     res.map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_server_waits_for_its_adds_and_dropping_it_aborts_them() {
+        // Shutting down: an ADD still running is finished.
+        let adds = Adds::default();
+        let done = Arc::new(AtomicBool::new(false));
+        adds.spawn({
+            let done = done.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                done.store(true, Ordering::SeqCst);
+            }
+        });
+        adds.finish().await;
+        assert!(done.load(Ordering::SeqCst));
+        // The server's future dropped: its ADDs go with it.
+        let adds = Adds::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        adds.spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(adds);
+        assert!(rx.await.is_err(), "the ADD's task outlived its server");
+    }
+
+    #[tokio::test]
+    async fn ended_adds_are_not_kept() {
+        let adds = Adds::default();
+        for _ in 0..100 {
+            adds.spawn(async {});
+            tokio::task::yield_now().await;
+        }
+        assert!(adds.0.lock().unwrap().len() < 100);
+    }
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use margay_task::Owned;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteType};
@@ -59,6 +60,8 @@ pub struct Netlink {
     /// (one per watch event) reads the kernel's table (an `nft` run) only
     /// when this is older than [`FILTER_REREAD`].
     filter: FilterCache,
+    /// The connection's driver, ended with the last clone of this handle.
+    _driver: std::sync::Arc<Owned>,
 }
 
 /// The tunnel filter as last seen (shared by clones of the handle).
@@ -105,18 +108,25 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+/// An rtnetlink connection in the calling thread's namespace (inside a
+/// tokio runtime): its handle, and its driver, which owns the socket (the
+/// handle's requests fail once it is dropped).
+fn connect() -> Result<(Handle, Owned)> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+    Ok((handle, Owned::spawn(conn)))
+}
+
 impl Netlink {
     /// A dataplane in the calling process's network namespace (must be
     /// called inside a tokio runtime). Turns on IPv4 forwarding there.
     pub fn new() -> Result<Self> {
-        let (conn, host, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
-        // The connection's driver ends when the last handle is dropped.
-        tokio::spawn(conn);
+        let (host, driver) = connect()?;
         sysctl("net/ipv4/ip_forward", "1")?;
         Ok(Self {
             host,
             dump: Default::default(),
             filter: FilterCache::default(),
+            _driver: std::sync::Arc::new(driver),
         })
     }
 
@@ -126,11 +136,12 @@ impl Netlink {
     }
 
     /// A netlink handle whose socket lives in the namespace `netns` (opened
-    /// and checked by `netns::pod_netns` from `path`): made on a short-lived
-    /// thread that entered that namespace (a socket belongs to the
-    /// namespace of the thread that created it; tokio's own threads never
-    /// change namespace).
-    pub(super) async fn handle_in(netns: &std::fs::File, path: &Path) -> Result<Handle> {
+    /// and checked by `netns::pod_netns` from `path`), and its connection's
+    /// driver (keep it while the handle is used: dropping it ends the
+    /// connection): made on a short-lived thread that entered that
+    /// namespace (a socket belongs to the namespace of the thread that
+    /// created it; tokio's own threads never change namespace).
+    pub(super) async fn handle_in(netns: &std::fs::File, path: &Path) -> Result<(Handle, Owned)> {
         let file = netns.try_clone().map_err(|source| Error::Netns {
             path: path.display().to_string(),
             source,
@@ -142,10 +153,7 @@ impl Netlink {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(Error::Setns)?;
                 let _guard = rt.enter();
-                let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
-                // Ends with the handle (the pod operation).
-                rt.spawn(conn);
-                Ok(handle)
+                connect()
             })();
             let _ = tx.send(res);
         });
@@ -437,5 +445,26 @@ impl Dataplane for Netlink {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handle_whose_driver_is_dropped_fails_rather_than_hangs() {
+        let (handle, driver) = connect().unwrap();
+        let lo = Netlink::link_index(&handle, "lo").await.unwrap();
+        assert!(lo.is_some(), "no lo");
+        drop(driver);
+        tokio::task::yield_now().await;
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            Netlink::link_index(&handle, "lo"),
+        )
+        .await
+        .expect("an answer, not a hang");
+        assert!(r.is_err(), "the connection outlived its driver: {r:?}");
     }
 }

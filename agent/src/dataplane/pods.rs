@@ -76,7 +76,7 @@ impl Netlink {
 
     /// The pod side: up, addresses, gateway and default routes; its MAC.
     async fn wire_pod(spec: &PodSpec, netns: &std::fs::File) -> Result<Vec<u8>> {
-        let pod = Self::handle_in(netns, &spec.netns).await?;
+        let (pod, _driver) = Self::handle_in(netns, &spec.netns).await?;
         let (pod_idx, pod_mac) = Self::link_index(&pod, &spec.ifname)
             .await?
             .ok_or_else(|| Error::Missing(format!("{} in the pod namespace", spec.ifname)))?;
@@ -222,7 +222,7 @@ impl Netlink {
             }
         }
         let netns = pod_netns(&spec.netns)?;
-        let pod = Self::handle_in(&netns, &spec.netns).await?;
+        let (pod, _driver) = Self::handle_in(&netns, &spec.netns).await?;
         let Some((idx, _)) = Self::link_index(&pod, &spec.ifname).await? else {
             return Err(Error::Missing(format!(
                 "{} in {}",

@@ -38,7 +38,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::watcher;
-use margay_bgp::task::Owned;
+use margay_task::Owned;
 use tokio::sync::{Notify, watch};
 
 use super::Known;

@@ -1,5 +1,6 @@
-//! This node's Node object: the identity annotations the agent publishes
-//! (`margay.dev/bgp-address` ...) and its `MargayReady` condition with the
+//! This node's Node object and its `MargayNode`: the identity the agent
+//! publishes (the `MargayNode`, and the annotations `margay.dev/bgp-address`
+//! ... for operators and earlier agents) and its `MargayReady` condition with the
 //! `NetworkUnavailable=False` that tells the scheduler the network is up.
 //! The patch builders are pure; writing is one merge or strategic patch.
 
@@ -29,6 +30,25 @@ pub async fn annotate(client: &Client, name: &str, want: &Annotations) -> crate:
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| crate::Error::kube(format!("annotating Node {name}"), e))?;
+    Ok(())
+}
+
+/// Writes node `name`'s `MargayNode` (server-side apply: created when
+/// missing, the agent's fields replaced).
+pub async fn write_identity(
+    client: &Client,
+    name: &str,
+    want: &margay_api::identity::Wanted,
+) -> crate::Result<()> {
+    use margay_api::identity::MargayNode;
+    let api: Api<MargayNode> = Api::all(client.clone());
+    api.patch(
+        name,
+        &PatchParams::apply("margay-agent").force(),
+        &Patch::Apply(&want.object(name)),
+    )
+    .await
+    .map_err(|e| crate::Error::kube(format!("writing MargayNode {name}"), e))?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::watcher;
-use margay_bgp::task::Owned;
+use margay_task::Owned;
 use tokio::sync::Notify;
 
 use super::{Known, Watched};

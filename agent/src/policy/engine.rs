@@ -34,6 +34,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+use margay_api::slice::MargayEndpointSlice;
 pub use margay_policy::enforce::Unenforced;
 use margay_policy::model::{Key, Namespace};
 use margay_policy::nft::{Batch, Compiler, Delta};
@@ -74,8 +75,10 @@ pub enum Scope {
     /// name): always watched. (The engine of no node takes every Pod
     /// from this one.)
     Local,
-    /// Every other Pod: watched only while a policy has pod or namespace
-    /// peers ([`Engine::needs_remote_pods`]), kept only with an address.
+    /// Every other Pod, from the other nodes' endpoint slices
+    /// ([`Engine::slice_event`]; in tests also from a Pod watch): read
+    /// only while a policy has pod or namespace peers
+    /// ([`Engine::needs_remote_pods`]), kept only with an address.
     Remote,
 }
 
@@ -85,10 +88,24 @@ pub enum Scope {
 struct Watched {
     pod: Pod,
     scope: Scope,
+    /// The endpoint slice that holds it (remote pods; shared name).
+    slice: Option<std::sync::Arc<str>>,
+}
+
+/// Pod `p`'s key, when it has a namespace and a name.
+pub(crate) fn pod_key(p: &core::Pod) -> Option<PodKey> {
+    p.metadata
+        .namespace
+        .as_deref()
+        .zip(p.metadata.name.as_deref())
+        .map(|(ns, n)| Key::new(ns, n))
 }
 
 fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
-    Pod::from_k8s_unaddressed(p).map(|(key, pod)| (key, Watched { pod, scope }))
+    Pod::from_k8s_unaddressed(p).map(|(key, pod)| {
+        let slice = None;
+        (key, Watched { pod, scope, slice })
+    })
 }
 
 /// Which kinds have been listed.
@@ -116,6 +133,12 @@ pub struct Engine {
     /// Policies with a pod or namespace peer: while there is one, remote
     /// Pods are needed.
     peer_policies: BTreeSet<PolicyKey>,
+    /// The remote pods each endpoint slice holds, by slice name, and a
+    /// relist's under way (which slice speaks for a pod is in its record:
+    /// one that moved between slices is removed only by the one holding
+    /// it now).
+    slices: std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>,
+    relist_slices: Option<std::collections::HashMap<std::sync::Arc<str>, Vec<PodKey>>>,
     relist_namespaces: Option<BTreeMap<String, Namespace>>,
     relist_policies: Option<BTreeMap<PolicyKey, Policy>>,
     /// This node's endpoints, by host interface.
@@ -419,6 +442,8 @@ impl Engine {
         self.remote = on;
         self.listed.remote = false;
         self.relist_pods.remove(&Scope::Remote);
+        self.slices.clear();
+        self.relist_slices = None;
         if !on {
             let gone: Vec<PodKey> = self
                 .pods
@@ -466,43 +491,10 @@ impl Engine {
             }
             Event::InitDone => {
                 let new = self.relist_pods.remove(&scope).unwrap_or_default();
-                let keys: BTreeSet<PodKey> = self
-                    .pods
-                    .iter()
-                    .filter(|(_, w)| w.scope == scope)
-                    .map(|(k, _)| k)
-                    .chain(new.keys())
-                    .cloned()
-                    .collect();
-                let mut new = new;
-                for k in keys {
-                    match new.remove(&k) {
-                        Some(_) if self.local_holds(scope, &k) => {}
-                        Some(w) => {
-                            self.pods.insert(k.clone(), w);
-                            self.departed.remove(&k);
-                            self.sync_pod(&k);
-                        }
-                        None => {
-                            let was = self.pods.remove(&k);
-                            self.pod_gone(&k, was);
-                        }
-                    }
-                }
-                match scope {
-                    Scope::Local => self.listed.pods = true,
-                    Scope::Remote => self.listed.remote = true,
-                }
-                self.resolve_restored();
+                self.relisted(scope, new);
             }
             Event::Apply(p) => {
-                let key = p
-                    .metadata
-                    .namespace
-                    .as_deref()
-                    .zip(p.metadata.name.as_deref())
-                    .map(|(ns, n)| Key::new(ns, n));
-                match (watched_pod(&p, scope), key) {
+                match (watched_pod(&p, scope), pod_key(&p)) {
                     (Some((k, _)), _) if self.local_holds(scope, &k) => {}
                     (Some((k, w)), _) if self.keeps(scope, &w) => {
                         self.pods.insert(k.clone(), w);
@@ -530,6 +522,150 @@ impl Engine {
                     }
                     let was = self.pods.remove(&k);
                     self.pod_gone(&k, was);
+                }
+            }
+        }
+    }
+
+    /// A (re)list of `scope` is complete with `new`: what it no longer has
+    /// goes, the rest is taken.
+    fn relisted(&mut self, scope: Scope, mut new: BTreeMap<PodKey, Watched>) {
+        let keys: BTreeSet<PodKey> = self
+            .pods
+            .iter()
+            .filter(|(_, w)| w.scope == scope)
+            .map(|(k, _)| k)
+            .chain(new.keys())
+            .cloned()
+            .collect();
+        for k in keys {
+            match new.remove(&k) {
+                Some(_) if self.local_holds(scope, &k) => {}
+                Some(w) => self.remote_or_local_set(k, w),
+                None => {
+                    let was = self.pods.remove(&k);
+                    self.pod_gone(&k, was);
+                }
+            }
+        }
+        match scope {
+            Scope::Local => self.listed.pods = true,
+            Scope::Remote => self.listed.remote = true,
+        }
+        self.resolve_restored();
+    }
+
+    /// Pod `k` is as `w` says (synced only when that changed).
+    fn remote_or_local_set(&mut self, k: PodKey, w: Watched) {
+        if self.pods.get(&k) == Some(&w) && !self.departed.contains_key(&k) {
+            return;
+        }
+        self.pods.insert(k.clone(), w);
+        self.departed.remove(&k);
+        self.sync_pod(&k);
+    }
+
+    /// The remote pods slice `s` holds that are kept (with an address, of
+    /// another node).
+    fn slice_pods(
+        &self,
+        name: &std::sync::Arc<str>,
+        s: &MargayEndpointSlice,
+    ) -> Vec<(PodKey, Watched)> {
+        s.spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                let pod = Pod {
+                    labels: e.labels.clone(),
+                    ips: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                    node: Some(s.spec.node.clone()),
+                    ports: e
+                        .ports
+                        .iter()
+                        .filter_map(|p| {
+                            Some(margay_policy::model::NamedPort {
+                                name: p.name.clone(),
+                                proto: margay_policy::model::Proto::from_k8s(Some(&p.protocol))
+                                    .ok()?,
+                                port: p.port,
+                            })
+                        })
+                        .collect(),
+                };
+                let w = Watched {
+                    pod,
+                    scope: Scope::Remote,
+                    slice: Some(name.clone()),
+                };
+                (Key::new(&e.namespace, &e.name), w)
+            })
+            .filter(|(_, w)| self.keeps(Scope::Remote, w))
+            .collect()
+    }
+
+    /// Remote pod `k` as slice `slice` last held it is gone from it: gone,
+    /// unless another slice holds it now or this node's watch does.
+    fn slice_dropped(&mut self, slice: &str, k: &PodKey) {
+        let holder = self.pods.get(k).and_then(|w| w.slice.as_deref());
+        if holder != Some(slice) || self.local_holds(Scope::Remote, k) {
+            return;
+        }
+        let was = self.pods.remove(k);
+        self.pod_gone(k, was);
+    }
+
+    /// An endpoint slice watch event: the other nodes' pods (this node's
+    /// own slices are ignored: its Pod watch speaks for them).
+    pub fn slice_event(&mut self, ev: Event<MargayEndpointSlice>) {
+        if !self.remote {
+            return;
+        }
+        match ev {
+            Event::Init => {
+                self.relist_pods.insert(Scope::Remote, BTreeMap::new());
+                self.relist_slices = Some(Default::default());
+            }
+            Event::InitApply(s) => {
+                let name: std::sync::Arc<str> =
+                    s.metadata.name.as_deref().unwrap_or_default().into();
+                let pods = self.slice_pods(&name, &s);
+                if let (Some(r), Some(sl)) = (
+                    self.relist_pods.get_mut(&Scope::Remote),
+                    self.relist_slices.as_mut(),
+                ) {
+                    sl.insert(name, pods.iter().map(|(k, _)| k.clone()).collect());
+                    r.extend(pods);
+                }
+            }
+            Event::InitDone => {
+                let new = self.relist_pods.remove(&Scope::Remote).unwrap_or_default();
+                self.slices = self.relist_slices.take().unwrap_or_default();
+                self.relisted(Scope::Remote, new);
+            }
+            Event::Apply(s) => {
+                let name: std::sync::Arc<str> =
+                    s.metadata.name.as_deref().unwrap_or_default().into();
+                let pods = self.slice_pods(&name, &s);
+                let now: Vec<PodKey> = pods.iter().map(|(k, _)| k.clone()).collect();
+                let before = self
+                    .slices
+                    .insert(name.clone(), now.clone())
+                    .unwrap_or_default();
+                let kept: BTreeSet<&PodKey> = now.iter().collect();
+                for k in before.iter().filter(|k| !kept.contains(k)) {
+                    self.slice_dropped(&name, k);
+                }
+                for (k, w) in pods {
+                    if !self.local_holds(Scope::Remote, &k) {
+                        self.remote_or_local_set(k, w);
+                    }
+                }
+            }
+            Event::Delete(s) => {
+                let name = s.metadata.name.clone().unwrap_or_default();
+                for k in self.slices.remove(name.as_str()).unwrap_or_default() {
+                    self.slice_dropped(&name, &k);
                 }
             }
         }
@@ -1127,6 +1263,112 @@ mod tests {
     /// watch is wanted then, nothing is loaded until it has listed, and
     /// they are forgotten when it stops. This node's watch speaks for
     /// its own Pods whatever the other says.
+    fn slice(name: &str, node: &str, eps: &[(&str, &str, &str)]) -> MargayEndpointSlice {
+        MargayEndpointSlice::new(
+            name,
+            margay_api::slice::MargayEndpointSliceSpec {
+                node: node.into(),
+                endpoints: eps
+                    .iter()
+                    .map(|(n, app, ip)| margay_api::slice::SliceEndpoint {
+                        namespace: "x".into(),
+                        name: (*n).into(),
+                        labels: [("app".to_string(), (*app).to_string())].into(),
+                        addresses: vec![(*ip).into()],
+                        ports: vec![],
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn remote_pods_come_from_the_other_nodes_slices() {
+        let mut e = Engine::on_node("node1");
+        list_all(
+            &mut e,
+            vec![pod("x", "a", &[], Some("10.0.0.1"))],
+            vec![ns("x")],
+            vec![],
+        );
+        let from_b: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "from-b"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}
+        }))
+        .unwrap();
+        e.policy_event(Event::Apply(from_b));
+        let _ = e.take_load();
+        e.loaded(true);
+        assert!(e.needs_remote_pods());
+        e.remote_pods(true);
+        assert_eq!(e.take_load(), None, "no peer set loaded half full");
+        e.slice_event(Event::Init);
+        e.slice_event(Event::InitApply(slice(
+            "node2.0",
+            "node2",
+            &[("r", "b", "10.0.0.9"), ("s", "b", "10.0.0.10")],
+        )));
+        // This node's own slice: its Pod watch speaks for those.
+        e.slice_event(Event::InitApply(slice(
+            "node1.0",
+            "node1",
+            &[("a", "b", "10.0.0.1")],
+        )));
+        e.slice_event(Event::InitDone);
+        assert!(e.listed());
+        let world = e.compiler().world();
+        assert_eq!(
+            world.pods[&Key::new("x", "r")].node.as_deref(),
+            Some("node2")
+        );
+        assert!(world.pods.contains_key(&Key::new("x", "s")));
+        assert!(
+            world.pods[&Key::new("x", "a")].labels.is_empty(),
+            "local labels kept"
+        );
+        let script = e.take_load().unwrap().script();
+        assert!(
+            script.contains("10.0.0.9") && script.contains("10.0.0.10"),
+            "{script}"
+        );
+        e.loaded(true);
+        // s moves to another slice of node2, then its old slice drops it:
+        // it stays; r leaves: it goes.
+        e.slice_event(Event::Apply(slice(
+            "node2.1",
+            "node2",
+            &[("s", "b", "10.0.0.10")],
+        )));
+        e.slice_event(Event::Apply(slice("node2.0", "node2", &[])));
+        let world = e.compiler().world();
+        assert!(!world.pods.contains_key(&Key::new("x", "r")));
+        assert!(world.pods.contains_key(&Key::new("x", "s")));
+        // A relabel is one element change.
+        e.slice_event(Event::Apply(slice(
+            "node2.1",
+            "node2",
+            &[("s", "c", "10.0.0.10")],
+        )));
+        let Some(Load::Batch(b)) = e.take_load() else {
+            panic!("a delta")
+        };
+        assert!(b.script().contains("10.0.0.10"));
+        e.loaded(true);
+        // The slice is deleted (its node went): its pods go.
+        e.slice_event(Event::Delete(slice("node2.1", "node2", &[])));
+        assert!(!e.compiler().world().pods.contains_key(&Key::new("x", "s")));
+        // A relist without a slice seen before drops its pods, not before.
+        e.slice_event(Event::Apply(slice(
+            "node3.0",
+            "node3",
+            &[("t", "b", "10.0.0.11")],
+        )));
+        e.slice_event(Event::Init);
+        assert!(e.compiler().world().pods.contains_key(&Key::new("x", "t")));
+        e.slice_event(Event::InitDone);
+        assert!(!e.compiler().world().pods.contains_key(&Key::new("x", "t")));
+    }
+
     #[test]
     fn remote_pods_are_needed_only_for_pod_peers() {
         let mut e = Engine::on_node("node1");

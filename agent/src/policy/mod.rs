@@ -12,10 +12,14 @@
 //! registers the pods already wired, from their interfaces' aliases.
 //!
 //! - [`engine`]: the engine's state, pure;
-//! - [`events`]: Kubernetes Events on policies not enforced as written.
+//! - [`events`]: Kubernetes Events on policies not enforced as written;
+//! - [`slices`]: this node's endpoint slices, what the other nodes'
+//!   policies know of its pods (the other nodes' are read, while a policy
+//!   here names pods, instead of a watch of every Pod).
 
 pub mod engine;
 pub mod events;
+pub mod slices;
 
 use std::time::Duration;
 
@@ -28,6 +32,7 @@ use kube::runtime::watcher::{self, watcher};
 use tokio::sync::{mpsc, oneshot};
 
 pub use engine::{Endpoint, Engine, Event, Scope};
+use margay_api::slice::MargayEndpointSlice;
 use margay_policy::PodKey;
 
 use crate::dataplane::ownership::{NFT_POLICY_TABLE, POLICY_TABLE_NAME};
@@ -369,7 +374,12 @@ pub async fn run(
         }
     }
     let here = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let elsewhere = watcher::Config::default().fields(&format!("spec.nodeName!={node}"));
+    // This node's pods published for the other nodes' policies.
+    let mut local = slices::LocalPods::default();
+    let (publish, published) = tokio::sync::watch::channel(None);
+    let _writer = watch.then(|| {
+        margay_bgp::task::Owned::spawn(slices::run(client.clone(), node.clone(), published))
+    });
     let mut pods = watched(watch, Api::<core::Pod>::all(client.clone()), here);
     let mut namespaces = watched(
         watch,
@@ -381,9 +391,10 @@ pub async fn run(
         Api::<net::NetworkPolicy>::all(client.clone()),
         watcher::Config::default(),
     );
-    // Remote Pods: watched while a policy has pod or namespace peers,
-    // dropped once none has for REMOTE_LINGER.
-    let mut remote: Option<Watch<core::Pod>> = None;
+    // The other nodes' pods, from their endpoint slices: watched while a
+    // policy has pod or namespace peers, dropped once none has for
+    // REMOTE_LINGER.
+    let mut remote: Option<Watch<MargayEndpointSlice>> = None;
     let mut unneeded_since: Option<tokio::time::Instant> = None;
     if !watch {
         // Nothing to list: every kind is known empty.
@@ -417,12 +428,16 @@ pub async fn run(
         }
         tokio::select! {
             Some(ev) = next(&mut pods) => match ev {
-                Ok(ev) => engine.pod_event_in(Scope::Local, event(ev)),
+                Ok(ev) => {
+                    let ev = event(ev);
+                    local.event(&ev);
+                    engine.pod_event_in(Scope::Local, ev);
+                }
                 Err(e) => warn("this node's Pods", &e),
             },
             Some(ev) = next(&mut remote) => match ev {
-                Ok(ev) => engine.pod_event_in(Scope::Remote, event(ev)),
-                Err(e) => warn("other nodes' Pods", &e),
+                Ok(ev) => engine.slice_event(event(ev)),
+                Err(e) => warn("other nodes' endpoint slices", &e),
             },
             Some(ev) = next(&mut namespaces) => match ev {
                 Ok(ev) => engine.namespace_event(event(ev)),
@@ -469,11 +484,13 @@ pub async fn run(
         for _ in 0..4096 {
             let mut any = false;
             if let Some(Some(Ok(ev))) = next(&mut pods).now_or_never() {
-                engine.pod_event_in(Scope::Local, event(ev));
+                let ev = event(ev);
+                local.event(&ev);
+                engine.pod_event_in(Scope::Local, ev);
                 any = true;
             }
             if let Some(Some(Ok(ev))) = next(&mut remote).now_or_never() {
-                engine.pod_event_in(Scope::Remote, event(ev));
+                engine.slice_event(event(ev));
                 any = true;
             }
             if let Some(Some(Ok(ev))) = next(&mut namespaces).now_or_never() {
@@ -488,14 +505,19 @@ pub async fn run(
                 break;
             }
         }
-        // Remote Pods watched as long as a policy needs them.
+        if let Some(p) = local.take() {
+            publish.send_replace(Some(p));
+        }
+        // Remote pods watched as long as a policy needs them.
         match (engine.needs_remote_pods(), remote.is_some()) {
             (true, false) => {
-                tracing::info!("NetworkPolicy: a policy has pod peers: watching other nodes' Pods");
+                tracing::info!(
+                    "NetworkPolicy: a policy has pod peers: watching other nodes' endpoint slices"
+                );
                 remote = watched(
                     true,
-                    Api::<core::Pod>::all(client.clone()),
-                    elsewhere.clone(),
+                    Api::<MargayEndpointSlice>::all(client.clone()),
+                    watcher::Config::default(),
                 );
                 engine.remote_pods(true);
             }
@@ -505,7 +527,7 @@ pub async fn run(
                 let since = *unneeded_since.get_or_insert(now);
                 if now >= since + REMOTE_LINGER {
                     tracing::info!(
-                        "NetworkPolicy: no policy has pod peers: other nodes' Pods no longer watched"
+                        "NetworkPolicy: no policy has pod peers: other nodes' endpoint slices no longer watched"
                     );
                     remote = None;
                     unneeded_since = None;

@@ -22,6 +22,7 @@ use crate::dataplane::{
     tunnel_filter,
 };
 use crate::kube::node::Annotations;
+use margay_api::identity::Wanted;
 
 /// The speaker, as a pass drives it.
 pub trait Bgp: Send {
@@ -64,6 +65,8 @@ pub trait Bgp: Send {
 pub trait ClusterWrites: Send + Sync {
     /// Publishes this node's identity annotations.
     fn annotate(&self, a: &Annotations) -> impl Future<Output = crate::Result<()>> + Send;
+    /// Writes this node's `MargayNode`.
+    fn identity(&self, w: &Wanted) -> impl Future<Output = crate::Result<()>> + Send;
     /// Patches this node's status (its condition).
     fn node_status(
         &self,
@@ -179,6 +182,12 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
     if let Some(a) = &plan.annotate {
         match cluster.annotate(a).await {
             Ok(()) => tracing::info!(address = ?plan.address, "published this node's BGP identity"),
+            Err(e) => problems.push(Problem::Publish(e.to_string())),
+        }
+    }
+    if let Some(w) = &plan.identity {
+        match cluster.identity(w).await {
+            Ok(()) => tracing::info!(address = ?plan.address, "wrote this node's MargayNode"),
             Err(e) => problems.push(Problem::Publish(e.to_string())),
         }
     }

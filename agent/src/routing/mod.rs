@@ -2,8 +2,10 @@
 //! advertises, and the kernel routes to every other node's blocks.
 //!
 //! Each pass is three steps (controller-rs and felix are the model):
-//! 1. a [`plan::Snapshot`] of every input, each [`Known`]: Nodes,
-//!    BGPConfigurations, BGPPeers and IPPools from watches
+//! 1. a [`plan::Snapshot`] of every input, each [`Known`]: this node's
+//!    Node, every node's `MargayNode` (not the Node objects: their status
+//!    is rewritten every few minutes, a `MargayNode` only when its node's
+//!    identity changes), BGPConfigurations, BGPPeers and IPPools from watches
 //!    ([`crate::kube::reflect`]), this node's blocks from [`local`], BGP
 //!    passwords, the host's addresses, and the speaker's view;
 //! 2. [`plan::plan`], pure: what to publish, how to run the speaker, which
@@ -13,7 +15,7 @@
 //!
 //! A pass runs on any watch event, learned-route or BGP-sync change, own
 //! block change, and every resync period. The modules: [`sessions`] (who
-//! peers with whom), [`nodes`] (identity annotations, the address choice),
+//! peers with whom), [`nodes`] (the identity published and read, the address choice),
 //! [`encap`] (blocks to kernel state per encapsulation), [`problem`] (what
 //! is reported), [`local`] (this node's blackholes and pod routes).
 
@@ -49,9 +51,11 @@ use tokio::task::JoinSet;
 
 use crate::dataplane::{Dataplane, PerTunnel, Tunnel};
 use crate::kube::node::Annotations;
-use crate::kube::{Known, Watched, deadline, watch as watched};
+use crate::kube::{Known, Watched, deadline, watch as watched, watch_with};
 use crate::obs::AgentState;
 use apply::{Bgp, ClusterWrites};
+use kube::runtime::watcher;
+use margay_api::identity::MargayNode;
 use plan::Snapshot;
 
 /// What the routing loop needs.
@@ -78,6 +82,9 @@ pub struct RoutingCtx<D> {
     pub node_ip: String,
     /// Namespace of BGP password Secrets.
     pub namespace: String,
+    /// Namespace of the agents' heartbeat Leases (read for nodes that
+    /// share an address, to tell the live one).
+    pub lease_namespace: String,
     /// Underlay MTU.
     pub mtu: u32,
     /// Resync period.
@@ -119,6 +126,14 @@ impl ClusterWrites for Kube {
         deadline(
             || format!("annotating Node {}", self.node),
             crate::kube::node::annotate(&self.client, &self.node, a),
+        )
+        .await
+    }
+
+    async fn identity(&self, w: &margay_api::identity::Wanted) -> crate::Result<()> {
+        deadline(
+            || format!("writing MargayNode {}", self.node),
+            crate::kube::node::write_identity(&self.client, &self.node, w),
         )
         .await
     }
@@ -180,13 +195,19 @@ impl ClusterWrites for Kube {
 
 /// The watched inputs (the pools are the store's).
 struct Inputs {
-    nodes: Watched<Node>,
+    me: Watched<Node>,
+    nodes: Watched<MargayNode>,
     peers: Watched<BGPPeer>,
     configs: Watched<BGPConfiguration>,
 }
 
 impl Inputs {
-    fn start(client: &Client, poke: &Arc<Notify>, tasks: &mut JoinSet<&'static str>) -> Self {
+    fn start(
+        client: &Client,
+        node: &str,
+        poke: &Arc<Notify>,
+        tasks: &mut JoinSet<&'static str>,
+    ) -> Self {
         let mut own =
             |what: &'static str, t: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
                 tasks.spawn(async move {
@@ -194,13 +215,21 @@ impl Inputs {
                     what
                 });
             };
-        let (nodes, t) = watched(Api::all(client.clone()), "Nodes", poke.clone());
+        let (me, t) = watch_with(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            "this Node",
+            poke.clone(),
+        );
         own("Node watch", Box::pin(t));
+        let (nodes, t) = watched(Api::all(client.clone()), "MargayNodes", poke.clone());
+        own("MargayNode watch", Box::pin(t));
         let (peers, t) = watched(Api::all(client.clone()), "BGPPeers", poke.clone());
         own("BGPPeer watch", Box::pin(t));
         let (configs, t) = watched(Api::all(client.clone()), "BGPConfigurations", poke.clone());
         own("BGPConfiguration watch", Box::pin(t));
         Self {
+            me,
             nodes,
             peers,
             configs,
@@ -220,7 +249,8 @@ fn unless_quiet<T>(k: Known<T>, why: &Option<String>) -> Known<T> {
 pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     let poke = ctx.poke.clone();
     let mut watchers = JoinSet::new();
-    let inputs = Inputs::start(&ctx.client, &poke, &mut watchers);
+    let inputs = Inputs::start(&ctx.client, &ctx.node, &poke, &mut watchers);
+    let mut liveness = Liveness::default();
     let cluster = Kube {
         client: ctx.client.clone(),
         node: ctx.node.clone(),
@@ -264,12 +294,28 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             .unwrap_or_default();
         let own_blocks = own.borrow_and_update().clone();
         let passwords = secrets.passwords(&refs).await;
+        let nodes = unless_quiet(inputs.nodes.read(), &quiet);
+        let alive = match nodes.value() {
+            Some(all) => {
+                let infos: Vec<_> = all
+                    .iter()
+                    .map(|n| nodes::NodeInfo::from_identity(n))
+                    .collect();
+                let shared = nodes::sharing_an_address(&infos, &ctx.node);
+                liveness
+                    .alive(&ctx.client, &ctx.lease_namespace, &shared)
+                    .await
+            }
+            None => Default::default(),
+        };
         let snap = Snapshot {
             node: ctx.node.clone(),
             node_ip: ctx.node_ip.clone(),
             bgp: ctx.bgp,
             mtu: ctx.mtu,
-            nodes: unless_quiet(inputs.nodes.read(), &quiet),
+            me: unless_quiet(inputs.me.read(), &quiet).map(|v| v.first().cloned()),
+            nodes,
+            alive,
             configs: unless_quiet(inputs.configs.read(), &quiet),
             peers,
             pools: match ctx.store.pool_watch() {
@@ -327,6 +373,54 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         };
         // Let a burst of events settle into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Which agents are alive, by their heartbeat Leases, for the few nodes
+/// that share an address with another (none in a healthy cluster: then no
+/// Lease is read). Each answer is kept [`Liveness::TTL`].
+#[derive(Debug, Default)]
+struct Liveness {
+    seen: std::collections::HashMap<String, (Instant, bool)>,
+}
+
+impl Liveness {
+    const TTL: Duration = Duration::from_secs(30);
+
+    async fn alive(
+        &mut self,
+        client: &Client,
+        namespace: &str,
+        names: &std::collections::BTreeSet<String>,
+    ) -> std::collections::BTreeSet<String> {
+        use k8s_openapi::api::coordination::v1::Lease;
+        self.seen
+            .retain(|n, (at, _)| names.contains(n) && at.elapsed() < Self::TTL);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+        for name in names {
+            if self.seen.contains_key(name) {
+                continue;
+            }
+            let lease = margay_api::node::heartbeat_lease(name);
+            let got = tokio::time::timeout(crate::kube::DEADLINE, leases.get_opt(&lease)).await;
+            match got {
+                Ok(Ok(l)) => {
+                    let alive = l.is_some_and(|l| {
+                        margay_api::node::lease_alive(&l, Duration::from_secs(30))
+                    });
+                    self.seen.insert(name.clone(), (Instant::now(), alive));
+                }
+                // Not known: counted as not alive this pass, asked again
+                // the next (an address stays ambiguous meanwhile).
+                Ok(Err(e)) => tracing::debug!(%name, "reading its heartbeat Lease: {e}"),
+                Err(_) => tracing::debug!(%name, "reading its heartbeat Lease: no answer"),
+            }
+        }
+        names
+            .iter()
+            .filter(|n| self.seen.get(*n).is_some_and(|(_, a)| *a))
+            .cloned()
+            .collect()
     }
 }
 

@@ -1,14 +1,17 @@
 //! Nodes as the routing plan sees them (pure): what each node's agent
-//! publishes in its Node's annotations ([`identity_annotations`]) and what
-//! the others read back ([`NodeInfo::from_node`]), the addresses a node's
-//! tunnel packets may come from ([`tunnel_sources`]), this node's VTEP
-//! MAC, and the choice of this node's BGP address.
+//! publishes, as its `MargayNode` ([`wanted_identity`]) and in its Node's
+//! annotations ([`identity_annotations`], for operators and agents of
+//! earlier versions), what the others read back ([`NodeInfo::from_identity`];
+//! this node's own Node through [`NodeInfo::from_node`]), the addresses a
+//! node's tunnel packets may come from ([`tunnel_sources`]), this node's
+//! VTEP MAC, and the choice of this node's BGP address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
+use margay_api::identity::{MargayNode, MargayNodeSpec, Wanted};
 use margay_api::node::{
     ANN_ADDRESS, ANN_ASN, ANN_IPIP_ADDRESS, ANN_RR_CLUSTER_ID, ANN_VXLAN_ADDRESS, ANN_VXLAN_MAC,
 };
@@ -33,8 +36,9 @@ pub struct NodeInfo {
     pub vtep: Option<Vtep>,
     /// Its `tunl0` address, once it takes IPIP.
     pub ipip: Option<Ipv4Addr>,
-    /// Its agent refreshed the `MargayReady` condition recently (of two
-    /// Nodes announcing one address, the one with a live agent is real).
+    /// Its agent renewed its heartbeat Lease recently (of two nodes
+    /// announcing one address, the one with a live agent is real; looked
+    /// up only for such nodes).
     pub alive: bool,
 }
 
@@ -45,8 +49,9 @@ pub fn vtep_mac(node: &str) -> [u8; 6] {
 }
 
 impl NodeInfo {
-    /// From a Node object's name, labels and Margay annotations (unparsable
-    /// annotations count as absent).
+    /// From this node's own Node object: its name, labels and reflector
+    /// role (the operator's annotation), and what its annotations last said
+    /// (unparsable ones count as absent).
     pub fn from_node(n: &Node) -> Self {
         let ann = n.metadata.annotations.clone().unwrap_or_default();
         let get = |k: &str| ann.get(k).map(|s| s.trim().to_string());
@@ -65,32 +70,145 @@ impl NodeInfo {
             rr_cluster_id: get(ANN_RR_CLUSTER_ID).and_then(|s| s.parse().ok()),
             vtep,
             ipip: get(ANN_IPIP_ADDRESS).and_then(|s| s.parse().ok()),
-            alive: margay_api::node::agent_alive(n),
+            alive: false,
+        }
+    }
+
+    /// From a node's `MargayNode` (unparsable values count as absent;
+    /// `alive` is the caller's to set).
+    pub fn from_identity(m: &MargayNode) -> Self {
+        let s = &m.spec;
+        fn parse<T: std::str::FromStr>(v: &Option<String>) -> Option<T> {
+            v.as_deref().and_then(|v| v.trim().parse().ok())
+        }
+        let vtep = match (
+            parse(&s.vxlan_tunnel_address),
+            s.vxlan_tunnel_mac
+                .as_deref()
+                .and_then(|m| parse_mac(m.trim())),
+        ) {
+            (Some(tunnel_ip), Some(mac)) => Some(Vtep { mac, tunnel_ip }),
+            _ => None,
+        };
+        Self {
+            name: m.metadata.name.clone().unwrap_or_default(),
+            labels: m.metadata.labels.clone().unwrap_or_default(),
+            address: parse(&s.bgp_address),
+            asn: s.as_number,
+            rr_cluster_id: parse(&s.route_reflector_cluster_id),
+            vtep,
+            ipip: parse(&s.ipip_tunnel_address),
+            alive: false,
         }
     }
 }
 
-/// The addresses node `n`'s encapsulated packets may leave from: the
-/// address its agent announces (the VXLAN device's outer source) and the
-/// Node's InternalIP and ExternalIP addresses (where `tunl0`'s packets
-/// take the address of the interface towards the peer, and what another
-/// node's `--node-ip` or InternalIP chooses). Unparsable ones are left out.
-pub fn tunnel_sources(n: &Node) -> BTreeSet<IpAddr> {
-    let announced = n
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANN_ADDRESS))
-        .and_then(|a| a.trim().parse::<IpNetwork>().ok())
-        .map(|a| a.ip());
-    let listed = n
-        .status
+/// The names of nodes that share their BGP address with another node
+/// (this node's `me` left out): the only ones whose liveness matters.
+pub fn sharing_an_address(nodes: &[NodeInfo], me: &str) -> BTreeSet<String> {
+    let mut by_addr: std::collections::HashMap<IpAddr, Vec<&str>> = Default::default();
+    for n in nodes.iter().filter(|n| n.name != me) {
+        if let Some(a) = n.address {
+            by_addr.entry(a.ip()).or_default().push(&n.name);
+        }
+    }
+    by_addr
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .flatten()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The Node's InternalIP and ExternalIP addresses that parse.
+fn listed_addresses(n: &Node) -> impl Iterator<Item = IpAddr> + '_ {
+    n.status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
         .into_iter()
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.trim().parse::<IpAddr>().ok());
+        .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+}
+
+/// This node's `MargayNode` as its agent wants it: `address`, `asn`, each
+/// tunnel as [`identity_annotations`] takes it (`None`: as `have` says),
+/// the reflector role, addresses and labels from its Node `me`.
+pub fn wanted_identity(
+    me: &Node,
+    have: Option<&MargayNode>,
+    address: IpNetwork,
+    asn: u32,
+    vtep: Option<Option<Vtep>>,
+    ipip: Option<Option<Ipv4Addr>>,
+) -> Wanted {
+    let had = have.map(|h| h.spec.clone()).unwrap_or_default();
+    let (vxlan_tunnel_address, vxlan_tunnel_mac) = match vtep {
+        Some(v) => (
+            v.map(|v| v.tunnel_ip.to_string()),
+            v.map(|v| mac_string(&v.mac)),
+        ),
+        None => (had.vxlan_tunnel_address, had.vxlan_tunnel_mac),
+    };
+    let ipip_tunnel_address = match ipip {
+        Some(a) => a.map(|a| a.to_string()),
+        None => had.ipip_tunnel_address,
+    };
+    let mut addresses: Vec<String> = listed_addresses(me).map(|a| a.to_string()).collect();
+    addresses.sort();
+    addresses.dedup();
+    Wanted {
+        spec: MargayNodeSpec {
+            bgp_address: Some(address.to_string()),
+            as_number: Some(asn),
+            vxlan_tunnel_address,
+            vxlan_tunnel_mac,
+            ipip_tunnel_address,
+            route_reflector_cluster_id: NodeInfo::from_node(me)
+                .rr_cluster_id
+                .map(|c| c.to_string()),
+            addresses,
+        },
+        labels: me.metadata.labels.clone().unwrap_or_default(),
+        node_uid: me.metadata.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// The `MargayNode` an agent of an earlier version would have written for
+/// Node `n`, from the identity annotations it publishes (`None` without
+/// a BGP address there): the leader writes it for such nodes during an
+/// upgrade, so upgraded agents keep peering with them.
+pub fn identity_from_annotations(n: &Node) -> Option<Wanted> {
+    let said = NodeInfo::from_node(n);
+    let address = said.address?;
+    Some(wanted_identity(
+        n,
+        None,
+        address,
+        said.asn.unwrap_or(margay_api::bgp::DEFAULT_ASN),
+        Some(said.vtep),
+        Some(said.ipip),
+    ))
+}
+
+/// The addresses node `n`'s encapsulated packets may leave from: the
+/// address its agent announces (the VXLAN device's outer source) and its
+/// Node's InternalIP and ExternalIP addresses as its agent copied them
+/// (where `tunl0`'s packets take the address of the interface towards the
+/// peer, and what another node's `--node-ip` or InternalIP chooses).
+/// Unparsable ones are left out.
+pub fn tunnel_sources(n: &MargayNode) -> BTreeSet<IpAddr> {
+    let announced = n
+        .spec
+        .bgp_address
+        .as_deref()
+        .and_then(|a| a.trim().parse::<IpNetwork>().ok())
+        .map(|a| a.ip());
+    let listed = n
+        .spec
+        .addresses
+        .iter()
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok());
     announced.into_iter().chain(listed).collect()
 }
 
@@ -224,7 +342,8 @@ pub(crate) mod tests {
     #[test]
     fn tunnel_sources_are_the_announced_internal_and_external_addresses() {
         let n: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "n", "annotations": {ANN_ADDRESS: "10.0.0.7/24"}},
+            "metadata": {"name": "n", "uid": "u", "labels": {"rack": "r1"},
+                         "annotations": {ANN_RR_CLUSTER_ID: "244.0.0.1"}},
             "status": {"addresses": [
                 {"type": "InternalIP", "address": "192.168.1.5"},
                 {"type": "InternalIP", "address": "fd00::5"},
@@ -235,12 +354,54 @@ pub(crate) mod tests {
             ]}
         }))
         .unwrap();
+        let w = wanted_identity(&n, None, "10.0.0.7/24".parse().unwrap(), 64512, None, None);
+        assert_eq!(
+            w.spec.route_reflector_cluster_id.as_deref(),
+            Some("244.0.0.1")
+        );
+        assert_eq!(w.labels["rack"], "r1");
+        assert_eq!(w.node_uid, "u");
+        let mut m = w.object("n");
         let want: BTreeSet<IpAddr> = ["10.0.0.7", "192.168.1.5", "fd00::5", "203.0.113.5"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        assert_eq!(tunnel_sources(&n), want);
-        assert!(tunnel_sources(&Node::default()).is_empty());
+        assert_eq!(tunnel_sources(&m), want);
+        m.spec.addresses.push("not an address".into());
+        assert_eq!(tunnel_sources(&m), want);
+        assert!(tunnel_sources(&MargayNode::new("x", Default::default())).is_empty());
+    }
+
+    #[test]
+    fn an_earlier_agents_annotations_make_its_margaynode() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "old", "uid": "u", "annotations": {
+                ANN_ADDRESS: "10.0.0.9/24", ANN_ASN: "64513",
+                ANN_IPIP_ADDRESS: "10.244.3.1"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}
+        }))
+        .unwrap();
+        let w = identity_from_annotations(&n).unwrap();
+        let info = NodeInfo::from_identity(&w.object("old"));
+        assert_eq!(info.address, Some("10.0.0.9/24".parse().unwrap()));
+        assert_eq!(info.asn, Some(64513));
+        assert_eq!(info.ipip, Some("10.244.3.1".parse().unwrap()));
+        assert_eq!(info.vtep, None);
+        assert_eq!(w.node_uid, "u");
+        assert!(identity_from_annotations(&Node::default()).is_none());
+    }
+
+    #[test]
+    fn only_nodes_sharing_an_address_are_looked_up() {
+        let nodes = [
+            node("me", "10.0.0.1/24"),
+            node("a", "10.0.0.2/24"),
+            node("a-old", "10.0.0.2/24"),
+            node("b", "10.0.0.3/24"),
+            node("c", "10.0.0.1/24"),
+        ];
+        let got = sharing_an_address(&nodes, "me");
+        assert_eq!(got, ["a".to_string(), "a-old".to_string()].into());
     }
 
     #[test]
@@ -269,6 +430,34 @@ pub(crate) mod tests {
         assert_eq!(info.asn, Some(64512));
         assert_eq!(info.vtep, Some(vtep));
         assert_eq!(info.ipip, Some(tunl0));
+        // The same through the MargayNode; a tunnel left unknown keeps what
+        // the object had.
+        let w = wanted_identity(
+            &n,
+            None,
+            "10.0.0.1/24".parse().unwrap(),
+            64512,
+            Some(Some(vtep)),
+            Some(Some(tunl0)),
+        );
+        let m = w.object("node1");
+        assert_eq!(
+            NodeInfo {
+                labels: Default::default(),
+                ..NodeInfo::from_identity(&m)
+            },
+            info
+        );
+        let again = wanted_identity(
+            &n,
+            Some(&m),
+            "10.0.0.1/24".parse().unwrap(),
+            64512,
+            None,
+            Some(None),
+        );
+        assert_eq!(again.spec.vxlan_tunnel_address, m.spec.vxlan_tunnel_address);
+        assert_eq!(again.spec.ipip_tunnel_address, None);
         // Unknown tunnels are left out of the patch; unused ones removed.
         let ann = identity_annotations("10.0.0.1/24".parse().unwrap(), 64512, None, Some(None));
         assert!(!ann.contains_key(ANN_VXLAN_ADDRESS));

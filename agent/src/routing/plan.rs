@@ -19,8 +19,8 @@
 //!   relearned it;
 //! - the tunnel filter (which addresses this node's tunnels take
 //!   encapsulated packets from, see [`tunnel_filter`]) is computed only
-//!   from known Nodes: an address is added from a current or stale list and
-//!   removed only when the list is current; before Nodes are first listed
+//!   from known MargayNodes: an address is added from a current or stale
+//!   list and removed only when the list is current; before they are first listed
 //!   the kernel's filter is left as it is, and no tunnel device is made
 //!   (one that exists is kept).
 
@@ -34,6 +34,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use margay_api::bgp::{BGP_CONFIG_NAME, BGPConfiguration, BGPPeer, validate_peer};
 use margay_api::condition::Condition;
+use margay_api::identity::{MargayNode, Wanted};
 use margay_api::ipam::Encapsulation;
 use margay_bgp::config::Neighbor;
 use margay_bgp::packet::Prefix;
@@ -43,7 +44,9 @@ use margay_ipam::model::Pool;
 
 use super::encap::{self, RemoteBlock, Vtep};
 use super::local::Local;
-use super::nodes::{NodeInfo, choose_address, identity_annotations, tunnel_sources, vtep_mac};
+use super::nodes::{
+    NodeInfo, choose_address, identity_annotations, tunnel_sources, vtep_mac, wanted_identity,
+};
 use super::problem::Problem;
 use super::sessions::{Global, Live, NamedPeer, Settings, neighbors};
 use crate::dataplane::{
@@ -131,8 +134,13 @@ pub struct Snapshot {
     pub bgp: bool,
     /// Underlay MTU.
     pub mtu: u32,
-    /// Every Node.
-    pub nodes: Known<Vec<Arc<Node>>>,
+    /// This node's Node object (`None`: there is none).
+    pub me: Known<Option<Arc<Node>>>,
+    /// Every node's identity.
+    pub nodes: Known<Vec<Arc<MargayNode>>>,
+    /// Of the nodes that share their address with another, those whose
+    /// agent renewed its heartbeat Lease recently.
+    pub alive: std::collections::BTreeSet<String>,
     /// BGPConfigurations.
     pub configs: Known<Vec<Arc<BGPConfiguration>>>,
     /// BGPPeers.
@@ -193,6 +201,8 @@ pub struct Plan {
     pub me: Option<Arc<Node>>,
     /// Identity annotations to publish (they differ from the Node's).
     pub annotate: Option<Annotations>,
+    /// This node's `MargayNode` to write (it differs from what is there).
+    pub identity: Option<Wanted>,
     /// Tunnel addresses to allocate (a pool uses the tunnel, none held).
     pub assign_tunnels: Vec<Tunnel>,
     /// This node's tunnel devices (a retired one's address is released
@@ -313,7 +323,8 @@ pub fn plan(s: &Snapshot) -> Plan {
             problems.push(Problem::Unknown(why.to_string()));
         }
     };
-    note("Nodes", s.nodes.why(), &mut problems);
+    note("this Node", s.me.why(), &mut problems);
+    note("MargayNodes", s.nodes.why(), &mut problems);
     note("BGPConfigurations", s.configs.why(), &mut problems);
     note("BGPPeers", s.peers.why(), &mut problems);
     note("IPPools", s.pools.why(), &mut problems);
@@ -321,11 +332,8 @@ pub fn plan(s: &Snapshot) -> Plan {
     note("host addresses", s.host.why(), &mut problems);
 
     // This node's object.
-    let me_obj = s
-        .nodes
-        .value()
-        .and_then(|all| all.iter().find(|n| n.name_any() == s.node).cloned());
-    if s.nodes.is_fresh() && me_obj.is_none() {
+    let me_obj = s.me.value().cloned().flatten();
+    if s.me.is_fresh() && me_obj.is_none() {
         problems.push(Problem::NodeMissing(s.node.clone()));
     }
     if let Some(why) = &s.policy_stale {
@@ -375,10 +383,15 @@ pub fn plan(s: &Snapshot) -> Plan {
         }
     };
     // Routes to other nodes' blocks.
-    let infos: Option<Vec<NodeInfo>> = s
-        .nodes
-        .value()
-        .map(|all| all.iter().map(|n| NodeInfo::from_node(n)).collect());
+    let infos: Option<Vec<NodeInfo>> = s.nodes.value().map(|all| {
+        all.iter()
+            .map(|n| {
+                let mut i = NodeInfo::from_identity(n);
+                i.alive = s.alive.contains(&i.name);
+                i
+            })
+            .collect()
+    });
     let remote = match (
         &s.speaker.learned,
         s.pools.value(),
@@ -465,6 +478,23 @@ pub fn plan(s: &Snapshot) -> Plan {
         }
         _ => None,
     };
+    // Written only once the identities were listed (what is there is
+    // known) and when it differs.
+    let identity = match (&me_obj, address, &settings, s.nodes.value()) {
+        (Some(obj), Some(addr), Some(st), Some(all)) => {
+            let have = all.iter().find(|n| n.name_any() == s.node);
+            let want = wanted_identity(
+                obj,
+                have.map(|h| &**h),
+                addr,
+                st.global.asn,
+                vtep_note,
+                ipip_note,
+            );
+            (!have.is_some_and(|h| want.is_written(h))).then_some(want)
+        }
+        _ => None,
+    };
 
     // The speaker.
     let speaker = speaker_plan(
@@ -482,6 +512,7 @@ pub fn plan(s: &Snapshot) -> Plan {
         asn: settings.as_ref().map(|s| s.global.asn),
         me: me_obj,
         annotate,
+        identity,
         assign_tunnels,
         devices,
         tunnels_used: used.filter(|_| s.pools.is_fresh()),
@@ -559,7 +590,7 @@ fn tunnel_devices(
 }
 
 /// Which addresses this node's tunnels take encapsulated packets from:
-/// every known Node's [`tunnel_sources`] (none while Nodes were never
+/// every known MargayNode's [`tunnel_sources`] (none while they were never
 /// listed: the kernel's filter stays as it is), the kernel's others
 /// removed only when the list is current. A tunnel the pools (current or
 /// stale) use is guarded from the start, before its device exists; one
@@ -630,7 +661,9 @@ fn speaker_plan(
         return SpeakerPlan::Keep;
     }
     let neighbors = match (me, infos, named) {
-        (Some(me), Some(infos), Some(named)) if s.nodes.is_fresh() && s.peers.is_fresh() => {
+        (Some(me), Some(infos), Some(named))
+            if s.me.is_fresh() && s.nodes.is_fresh() && s.peers.is_fresh() =>
+        {
             let sessions = neighbors(
                 me,
                 infos,

@@ -14,6 +14,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use margay_api::bgp::{BGPPeer, BGPPeerSpec};
 use margay_api::condition::Condition;
+use margay_api::identity::{MargayNode, MargayNodeSpec};
 use margay_bgp::config::Neighbor;
 use margay_bgp::packet::Prefix;
 use margay_bgp::speaker::LearnedRoutes;
@@ -101,12 +102,102 @@ struct FakeCluster {
     writes: Mutex<Vec<serde_json::Value>>,
 }
 
+/// What the agent of Node `n` would have written as its MargayNode, going
+/// by `n`'s annotations, addresses and labels (tests describe nodes as
+/// annotated Node objects).
+fn identity_of(n: &Node) -> Arc<MargayNode> {
+    use margay_api::node::*;
+    let ann = n.metadata.annotations.clone().unwrap_or_default();
+    let get = |k: &str| ann.get(k).cloned();
+    let spec = MargayNodeSpec {
+        bgp_address: get(ANN_ADDRESS),
+        as_number: get(ANN_ASN).and_then(|a| a.parse().ok()),
+        vxlan_tunnel_address: get(ANN_VXLAN_ADDRESS),
+        vxlan_tunnel_mac: get(ANN_VXLAN_MAC),
+        ipip_tunnel_address: get(ANN_IPIP_ADDRESS),
+        route_reflector_cluster_id: get(ANN_RR_CLUSTER_ID),
+        addresses: n
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .map(|a| a.address.clone())
+            .collect(),
+    };
+    let mut m = MargayNode::new(n.metadata.name.as_deref().unwrap_or_default(), spec);
+    m.metadata.labels = n.metadata.labels.clone();
+    Arc::new(m)
+}
+
+/// Node `m`'s object as its annotations would describe it ([`identity_of`] reversed).
+fn node_of(m: &MargayNode) -> Arc<Node> {
+    use margay_api::node::*;
+    let mut n = Node::default();
+    n.metadata.name = m.metadata.name.clone();
+    n.metadata.labels = m.metadata.labels.clone();
+    let s = &m.spec;
+    let ann: BTreeMap<String, String> = [
+        (ANN_ADDRESS, s.bgp_address.clone()),
+        (ANN_ASN, s.as_number.map(|a| a.to_string())),
+        (ANN_VXLAN_ADDRESS, s.vxlan_tunnel_address.clone()),
+        (ANN_VXLAN_MAC, s.vxlan_tunnel_mac.clone()),
+        (ANN_IPIP_ADDRESS, s.ipip_tunnel_address.clone()),
+        (ANN_RR_CLUSTER_ID, s.route_reflector_cluster_id.clone()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), v?)))
+    .collect();
+    n.metadata.annotations = Some(ann);
+    if !s.addresses.is_empty() {
+        n.status = Some(
+            serde_json::from_value(serde_json::json!({"addresses": s.addresses.iter()
+                .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
+                .collect::<Vec<_>>()}))
+            .unwrap(),
+        );
+    }
+    Arc::new(n)
+}
+
+/// Sets the snapshot's Nodes: n1's own Node and every node's MargayNode.
+fn put(s: &mut Snapshot, nodes: Known<Vec<Arc<Node>>>) {
+    let me = s.node.clone();
+    s.me = nodes.clone().map(|v| {
+        v.into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(me.as_str()))
+    });
+    s.nodes = nodes.map(|v| v.iter().map(|n| identity_of(n)).collect());
+}
+
+/// The snapshot's Nodes as [`put`] takes them (n1 as its own Node, first).
+fn nodes_of(s: &Snapshot) -> Known<Vec<Arc<Node>>> {
+    let me = s.me.value().cloned().flatten();
+    s.nodes.clone().map(|v| {
+        let mut out: Vec<Arc<Node>> = me.iter().cloned().collect();
+        out.extend(
+            v.iter()
+                .filter(|m| m.metadata.name.as_deref() != Some(s.node.as_str()))
+                .map(|m| node_of(m)),
+        );
+        out
+    })
+}
+
 impl ClusterWrites for FakeCluster {
     async fn annotate(&self, a: &Annotations) -> crate::Result<()> {
         self.writes
             .lock()
             .unwrap()
             .push(serde_json::json!({"annotate": a}));
+        Ok(())
+    }
+
+    async fn identity(&self, w: &margay_api::identity::Wanted) -> crate::Result<()> {
+        let m = serde_json::to_value(w.object("n1")).unwrap();
+        self.writes
+            .lock()
+            .unwrap()
+            .push(serde_json::json!({ "identity": m }));
         Ok(())
     }
 
@@ -197,11 +288,9 @@ fn snapshot() -> Snapshot {
         node_ip: "10.0.0.1/24".into(),
         bgp: true,
         mtu: 1500,
-        nodes: Known::Fresh(vec![
-            node("n1", "10.0.0.1/24"),
-            node("n2", "10.0.0.2/24"),
-            node("n3", "10.0.0.3/24"),
-        ]),
+        me: Known::Unknown(String::new()),
+        nodes: Known::Unknown(String::new()),
+        alive: BTreeSet::new(),
         configs: Known::Fresh(vec![]),
         peers: Known::Fresh(vec![]),
         pools: Known::Fresh(vec![pool()]),
@@ -213,6 +302,14 @@ fn snapshot() -> Snapshot {
         speaker: SpeakerView::default(),
         policy_stale: None,
     };
+    put(
+        &mut s,
+        Known::Fresh(vec![
+            node("n1", "10.0.0.1/24"),
+            node("n2", "10.0.0.2/24"),
+            node("n3", "10.0.0.3/24"),
+        ]),
+    );
     let p = plan(&s);
     let super::plan::SpeakerPlan::Run { settings, live, .. } = p.speaker else {
         panic!("{:?}", p.speaker)
@@ -292,11 +389,11 @@ async fn an_unknown_or_stale_input_removes_nothing() {
                 .failed("cannot watch IPPools".into())
         }),
         ("nodes unknown", |s| {
-            s.nodes = Known::Unknown("Nodes not listed yet".into())
+            put(s, Known::Unknown("Nodes not listed yet".into()))
         }),
         ("nodes stale", |s| {
-            s.nodes = std::mem::replace(&mut s.nodes, Known::Unknown(String::new()))
-                .failed("cannot watch Nodes".into())
+            let stale = nodes_of(s).failed("cannot watch Nodes".into());
+            put(s, stale)
         }),
         ("blocks unknown", |s| {
             s.own_blocks = Known::Unknown("cannot read this node's blocks".into())
@@ -318,14 +415,16 @@ async fn an_unknown_or_stale_input_removes_nothing() {
             "{what}: a route was removed: {got:?}"
         );
         // Where the input still has a value, what it wants is added.
-        if s.pools.value().is_some() && s.nodes.value().is_some() && s.own_blocks.value().is_some()
+        if s.pools.value().is_some()
+            && nodes_of(&s).value().is_some()
+            && s.own_blocks.value().is_some()
         {
             assert_eq!(got[&net("10.244.3.0/26")], native("10.0.0.3"), "{what}");
         }
         if !what.starts_with("speaker") {
             assert!(!problems.is_empty(), "{what}: the outage is reported");
             // In the Node condition too, once this node's Node is known.
-            if s.nodes.value().is_some() {
+            if nodes_of(&s).value().is_some() {
                 assert!(
                     c.condition().is_some_and(|m| m != "routing is complete"),
                     "{what}"
@@ -341,7 +440,7 @@ async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
     let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
     let mut s = snapshot();
     s.pools = Known::Unknown("IPPools not listed yet".into());
-    s.nodes = Known::Unknown("Nodes not listed yet".into());
+    put(&mut s, Known::Unknown("Nodes not listed yet".into()));
     pass(&s, &dp, &mut bgp, &c).await;
     assert!(
         !bgp.calls.iter().any(|c| c == "import" || c == "neighbors"),
@@ -508,16 +607,11 @@ async fn settle(
         let p = plan(s);
         let used = p.tunnels_used;
         let out = apply(p, dp, bgp, c).await;
-        // The Node as the next pass would read it.
+        // This node's Node and MargayNode as the next pass would read them.
         for w in c.writes.lock().unwrap().iter() {
             if let Some(a) = w.get("annotate").and_then(|a| a.as_object()) {
-                let nodes = s.nodes.value().cloned().unwrap_or_default();
-                let me: Vec<Arc<Node>> = nodes
-                    .into_iter()
-                    .map(|n| {
-                        if n.metadata.name.as_deref() != Some("n1") {
-                            return n;
-                        }
+                s.me = s.me.clone().map(|me| {
+                    me.map(|n| {
                         let mut n = (*n).clone();
                         let ann = n.metadata.annotations.get_or_insert_with(Default::default);
                         for (k, v) in a {
@@ -528,8 +622,14 @@ async fn settle(
                         }
                         Arc::new(n)
                     })
-                    .collect();
-                s.nodes = Known::Fresh(me);
+                });
+            }
+            if let Some(m) = w.get("identity") {
+                let m: Arc<MargayNode> = Arc::new(serde_json::from_value(m.clone()).unwrap());
+                let mut all: Vec<_> = s.nodes.value().cloned().unwrap_or_default();
+                all.retain(|n| n.metadata.name != m.metadata.name);
+                all.insert(0, m);
+                s.nodes = Known::Fresh(all);
             }
         }
         if !tunnels.update(used, &out) {
@@ -539,12 +639,28 @@ async fn settle(
     panic!("the passes did not settle");
 }
 
+/// What n1's Node says under `key`; its MargayNode must say the same.
 fn n1_annotation(s: &Snapshot, key: &str) -> Option<String> {
-    s.nodes.value().unwrap()[0]
+    let me = s.me.value().cloned().flatten().unwrap();
+    let said = me
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(key).cloned())
+        .and_then(|a| a.get(key).cloned());
+    let written = identity_of(&me);
+    let mine = s
+        .nodes
+        .value()
+        .unwrap()
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some("n1"))
+        .cloned();
+    assert_eq!(
+        mine.map(|m| m.spec.clone()),
+        Some(written.spec.clone()),
+        "n1's MargayNode and annotations differ"
+    );
+    said
 }
 
 fn with_encap(s: &mut Snapshot, e: margay_api::ipam::Encapsulation) {
@@ -564,9 +680,9 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     let b2 = net("10.244.2.0/26");
     // n1 as the passes left it; n2 and n3 announcing `ann` (only).
     let nodes_with = |s: &Snapshot, ann: &[&[(&str, &str)]; 2]| {
-        let bare = snapshot().nodes.value().unwrap().clone();
+        let bare = nodes_of(&snapshot()).value().unwrap().clone();
         Known::Fresh(vec![
-            s.nodes.value().unwrap()[0].clone(),
+            nodes_of(s).value().unwrap()[0].clone(),
             annotated(&bare[1], ann[0]),
             annotated(&bare[2], ann[1]),
         ])
@@ -592,13 +708,14 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
         routes(&dp).is_empty(),
         "nothing sent where it cannot arrive"
     );
-    s.nodes = nodes_with(
+    let n = nodes_with(
         &s,
         &[
             &[(ANN_IPIP_ADDRESS, "10.244.2.1")],
             &[(ANN_IPIP_ADDRESS, "10.244.3.1")],
         ],
     );
+    put(&mut s, n);
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(routes(&dp)[&b2], Via::Ipip("10.0.0.2".parse().unwrap()));
@@ -633,7 +750,8 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
         (ANN_VXLAN_ADDRESS, "10.244.3.0"),
         (ANN_VXLAN_MAC, "66:00:00:00:00:03"),
     ];
-    s.nodes = nodes_with(&s, &[&vtep2, &vtep3]);
+    let n = nodes_with(&s, &[&vtep2, &vtep3]);
+    put(&mut s, n);
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(routes(&dp)[&b2], Via::Vxlan("10.244.2.0".parse().unwrap()));
@@ -675,13 +793,14 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
         "kept"
     );
     assert!(dp.remote.lock().unwrap().ipip.is_some());
-    s.nodes = nodes_with(
+    let n = nodes_with(
         &s,
         &[
             &[(ANN_IPIP_ADDRESS, "10.244.2.1")],
             &[(ANN_IPIP_ADDRESS, "10.244.3.1")],
         ],
     );
+    put(&mut s, n);
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert_eq!(routes(&dp)[&b2], Via::Ipip("10.0.0.2".parse().unwrap()));
     tunnels.unused_since.vxlan = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
@@ -704,12 +823,15 @@ async fn unknown_pools_retire_nothing_and_a_kernel_without_ipip_keeps_its_routes
     // native routes stay.
     dp.inject(Fault::Ipip);
     with_encap(&mut s, Encapsulation::Ipip);
-    let all = s.nodes.value().unwrap().clone();
-    s.nodes = Known::Fresh(vec![
-        all[0].clone(),
-        annotated(&all[1], &[(ANN_IPIP_ADDRESS, "10.244.2.1")]),
-        annotated(&all[2], &[(ANN_IPIP_ADDRESS, "10.244.3.1")]),
-    ]);
+    let all = nodes_of(&s).value().unwrap().clone();
+    put(
+        &mut s,
+        Known::Fresh(vec![
+            all[0].clone(),
+            annotated(&all[1], &[(ANN_IPIP_ADDRESS, "10.244.2.1")]),
+            annotated(&all[2], &[(ANN_IPIP_ADDRESS, "10.244.3.1")]),
+        ]),
+    );
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     reported(&problems, &c, "cannot do IPIP");
     assert_eq!(n1_annotation(&s, ANN_IPIP_ADDRESS), None);
@@ -808,7 +930,7 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
     let mut s = snapshot();
     with_encap(&mut s, Encapsulation::Vxlan);
     // Before Nodes are listed, the kernel's filter is left as it is.
-    s.nodes = Known::Unknown("Nodes not listed yet".into());
+    put(&mut s, Known::Unknown("Nodes not listed yet".into()));
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert_eq!(filter(&dp), Some(earlier.clone()), "{problems:?}");
     assert_eq!(loads(&dp), 0);
@@ -817,7 +939,7 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
 
     // Listed: every Node's announced, internal and external address; the
     // one no Node has any more goes.
-    let all = snapshot().nodes.value().unwrap().clone();
+    let all = nodes_of(&snapshot()).value().unwrap().clone();
     let n2 = with_addresses(
         &all[1],
         &[
@@ -826,7 +948,10 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
             ("Hostname", "n2"),
         ],
     );
-    s.nodes = Known::Fresh(vec![all[0].clone(), n2.clone(), all[2].clone()]);
+    put(
+        &mut s,
+        Known::Fresh(vec![all[0].clone(), n2.clone(), all[2].clone()]),
+    );
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     let want = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "192.168.0.2", "fd00::2"]);
     let f = filter(&dp).unwrap();
@@ -848,9 +973,12 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
     // The watch breaks (stale list), then n3 is deleted and n4 joins: what
     // the stale list adds is taken, nothing is forgotten.
     let n4 = node("n4", "10.0.0.4/24");
-    s.nodes = Known::Stale(
-        vec![all[0].clone(), n2.clone(), n4.clone()],
-        "cannot watch Nodes".into(),
+    put(
+        &mut s,
+        Known::Stale(
+            vec![all[0].clone(), n2.clone(), n4.clone()],
+            "cannot watch Nodes".into(),
+        ),
     );
     // (Single passes: `settle` takes its own annotations as a fresh list.)
     let problems = pass(&s, &dp, &mut bgp, &c).await;
@@ -859,13 +987,13 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
     kept.insert("10.0.0.4".parse().unwrap());
     assert_eq!(filter(&dp).unwrap().nodes, kept);
     // Unknown again (the lists are gone): untouched.
-    s.nodes = Known::Unknown("cannot list Nodes".into());
+    put(&mut s, Known::Unknown("cannot list Nodes".into()));
     let before = loads(&dp);
     pass(&s, &dp, &mut bgp, &c).await;
     assert_eq!(filter(&dp).unwrap().nodes, kept);
     assert_eq!(loads(&dp), before);
     // Current again: n3 goes.
-    s.nodes = Known::Fresh(vec![all[0].clone(), n2, n4]);
+    put(&mut s, Known::Fresh(vec![all[0].clone(), n2, n4]));
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert_eq!(
         filter(&dp).unwrap().nodes,
@@ -912,4 +1040,80 @@ async fn no_filter_without_a_tunnel_and_one_that_cannot_load_is_reported_and_ret
         "{:?}",
         c.condition()
     );
+}
+
+#[tokio::test]
+async fn this_nodes_margaynode_is_written_once_and_again_only_on_change() {
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut tunnels = super::Tunnels::default();
+    let mut s = snapshot();
+    let identities = |c: &FakeCluster| {
+        c.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.get("identity").is_some())
+            .count()
+    };
+    // The fixture's n1 has what annotations said but no owner: written.
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(identities(&c), 1);
+    let mine = s.nodes.value().unwrap()[0].clone();
+    assert_eq!(mine.spec.bgp_address.as_deref(), Some("10.0.0.1/24"));
+    // Nothing changed (the Node's status rewritten, say): nothing written.
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(identities(&c), 1);
+    // The Node is labelled: the MargayNode carries the label (BGPPeer
+    // selectors on other nodes match it).
+    s.me = s.me.clone().map(|me| {
+        me.map(|n| {
+            let mut n = (*n).clone();
+            n.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert("rack".into(), "r1".into());
+            Arc::new(n)
+        })
+    });
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert_eq!(identities(&c), 2);
+    assert_eq!(
+        kube::ResourceExt::labels(&*s.nodes.value().unwrap()[0])["rack"],
+        "r1"
+    );
+    // MargayNodes not listed: nothing is written (what is there is not known).
+    s.nodes = Known::Unknown("MargayNodes not listed yet".into());
+    s.me = s.me.clone().map(|me| {
+        me.map(|n| {
+            let mut n = (*n).clone();
+            n.metadata.labels = None;
+            Arc::new(n)
+        })
+    });
+    pass(&s, &dp, &mut bgp, &c).await;
+    assert_eq!(identities(&c), 2);
+}
+
+#[tokio::test]
+async fn a_node_without_a_margaynode_is_not_peered_with() {
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut s = snapshot();
+    // n3's agent has not written its MargayNode yet (its Node alone is not
+    // read: the others do not watch Nodes).
+    s.nodes = s.nodes.clone().map(|v| {
+        v.into_iter()
+            .filter(|n| n.metadata.name.as_deref() != Some("n3"))
+            .collect()
+    });
+    pass(&s, &dp, &mut bgp, &c).await;
+    let peers: Vec<String> = bgp
+        .view
+        .neighbors
+        .iter()
+        .map(|n| n.address.to_string())
+        .collect();
+    assert_eq!(peers, ["10.0.0.2"]);
 }

@@ -163,7 +163,7 @@ async fn run(cfg: Config, sock: PathBuf) -> ExitCode {
     };
     let ctl = {
         let speaker = speaker.clone();
-        tokio::spawn(async move {
+        margay_bgp::task::Owned::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
@@ -187,7 +187,7 @@ async fn run(cfg: Config, sock: PathBuf) -> ExitCode {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    ctl.abort();
+    drop(ctl);
     let _ = std::fs::remove_file(&sock);
     if let Ok(s) = std::sync::Arc::try_unwrap(speaker) {
         s.shutdown().await;

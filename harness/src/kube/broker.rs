@@ -22,15 +22,22 @@ use crate::{Error, Result};
 /// Where a VM finds its host's broker (`host:port`).
 pub const ENV: &str = "MARGAY_APISERVER_BROKER";
 
-/// Serves apiservers on `listener` until the process ends.
+/// Serves apiservers on `listener` until the process ends (or this future
+/// is dropped: its connections, and their apiservers, go with it).
 pub async fn serve(listener: tokio::net::TcpListener) -> Result<()> {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (sock, peer) = listener.accept().await?;
-        tokio::spawn(async move {
-            if let Err(e) = one(sock).await {
-                tracing::warn!(%peer, "apiserver for a VM: {e}");
+        tokio::select! {
+            a = listener.accept() => {
+                let (sock, peer) = a?;
+                conns.spawn(async move {
+                    if let Err(e) = one(sock).await {
+                        tracing::warn!(%peer, "apiserver for a VM: {e}");
+                    }
+                });
             }
-        });
+            Some(_) = conns.join_next() => {}
+        }
     }
 }
 
@@ -106,5 +113,31 @@ pub fn request(broker: &str, extra: &[(&str, &str, &str)]) -> Result<(std::net::
             "the apiserver broker at {broker}: {}",
             v["error"].as_str().unwrap_or(line.trim())
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_the_broker_closes_its_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let broker = margay_task::Owned::spawn(async move {
+            let _ = serve(listener).await;
+        });
+        // A VM connected, its request not sent yet: its connection is open.
+        let mut vm = tokio::net::TcpStream::connect(at).await.unwrap();
+        let mut buf = [0u8; 1];
+        let open = tokio::time::timeout(Duration::from_millis(100), vm.read(&mut buf)).await;
+        assert!(open.is_err(), "closed early: {open:?}");
+        drop(broker);
+        let closed = tokio::time::timeout(Duration::from_secs(5), vm.read(&mut buf))
+            .await
+            .expect("the connection outlived its broker");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     }
 }

@@ -641,13 +641,7 @@ mod tests {
     struct Bed {
         src: Arc<Fake<ConfigMap>>,
         w: Watched<ConfigMap>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Drop for Bed {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
+        _task: margay_task::Owned,
     }
 
     impl Source<ConfigMap> for Arc<Fake<ConfigMap>> {
@@ -680,7 +674,7 @@ mod tests {
         Bed {
             src,
             w,
-            task: tokio::spawn(task),
+            _task: margay_task::Owned::spawn(task),
         }
     }
 

@@ -358,11 +358,6 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Appends `d`'s commands.
-    pub fn extend(&mut self, d: &super::Delta) {
-        self.ops.extend(d.ops());
-    }
-
     /// Whether it changes set elements only.
     pub fn elements_only(&self) -> bool {
         self.ops.iter().all(Op::is_element)

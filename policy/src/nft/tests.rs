@@ -1,7 +1,13 @@
+use std::collections::BTreeMap;
+
+use super::names::{dir_prefix, except_chain, rule_chain};
 use super::*;
 use crate::model::Key;
+use crate::model::{Direction, Namespace, Peer, Pod, PodKey, Policy, PolicyKey, PortMatch, Rule};
 use crate::random::{self, Rng};
+use crate::selector::Labels;
 use crate::selector::Selector;
+use crate::{Proto, World};
 
 fn local(c: &World, n: usize) -> BTreeMap<PodKey, String> {
     c.pods

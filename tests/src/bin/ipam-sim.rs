@@ -21,6 +21,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use margay_api::ipam::{AllowedUse, PodRef};
 use margay_ipam::k8s::KubeStore;
 use margay_ipam::{Allocator, Assign, Options};
+use margay_task::Owned;
 use tokio::sync::Notify;
 
 #[derive(Debug, Parser)]
@@ -87,22 +88,22 @@ async fn main() -> anyhow::Result<()> {
     // The node's store as the agent makes it: pools, settings, its labels
     // and the blocks (the allocator's view) from watches.
     let (store, watches) = KubeStore::watched(client.clone(), &args.node, Arc::new(Notify::new()));
-    tokio::spawn(watches);
+    let _watches = Owned::spawn(watches);
     let alloc = Allocator::start(Arc::new(store), &args.node, Options::default());
     let pods: Api<Pod> = Api::namespaced(client, &args.namespace);
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(0));
-    {
+    let _sigterm = {
         let stop = stop.clone();
-        tokio::spawn(async move {
+        Owned::spawn(async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .expect("SIGTERM handler");
             term.recv().await;
             stop.store(true, Ordering::SeqCst);
-        });
-    }
-    let mut workers = Vec::new();
+        })
+    };
+    let mut workers = tokio::task::JoinSet::new();
     for w in 0..args.concurrency {
         let (alloc, pods, stop, next) = (alloc.clone(), pods.clone(), stop.clone(), next.clone());
         let (node, inc, total, ns) = (
@@ -111,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
             args.pods,
             args.namespace.clone(),
         );
-        workers.push(tokio::spawn(async move {
+        workers.spawn(async move {
             let mut rng = fastrand::Rng::with_seed(u64::from(inc) * 1000 + w as u64);
             loop {
                 if stop.load(Ordering::SeqCst) {
@@ -158,10 +159,10 @@ async fn main() -> anyhow::Result<()> {
                 pods.delete(&name, &DeleteParams::default()).await?;
             }
             anyhow::Ok(())
-        }));
+        });
     }
-    for w in workers {
-        w.await??;
+    while let Some(w) = workers.join_next().await {
+        w??;
     }
     let st = alloc.stats();
     println!(

@@ -1,5 +1,6 @@
 //! The fake cluster (pure): Node objects as a node's agent and kubelet
-//! would leave them (an InternalIP, Margay's identity annotations), Pods
+//! would leave them (an InternalIP, Margay's identity annotations), each
+//! node's `MargayNode` as its agent would write it, Pods
 //! bound to them with their addresses, and every name and address derived
 //! from an index, refused where the ranges end.
 //!
@@ -134,6 +135,80 @@ impl Gen {
         Ok(serde_json::from_value(v)?)
     }
 
+    /// Fake node `i`'s `MargayNode` as its agent would write it (owned by
+    /// the Node of UID `uid`): what [`Gen::node`]'s annotations say, its
+    /// InternalIP and labels.
+    pub fn identity(&self, i: u32, uid: &str) -> anyhow::Result<margay_api::identity::MargayNode> {
+        let node = self.node(i)?;
+        let addr = self.node_address(i)?;
+        let want = margay_api::identity::Wanted {
+            spec: margay_api::identity::MargayNodeSpec {
+                bgp_address: Some(format!("{addr}/{NODE_PREFIX}")),
+                as_number: Some(self.asn),
+                addresses: vec![addr.to_string()],
+                ..Default::default()
+            },
+            labels: node.metadata.labels.unwrap_or_default(),
+            node_uid: uid.to_string(),
+        };
+        Ok(want.object(&Self::node_name(i)))
+    }
+
+    /// Fake node `i`'s endpoint slices as its agent would write them
+    /// (owned by the Node of UID `uid`): its pods, [`SLICE_MAX`] a slice,
+    /// each with its labels, address and named port.
+    ///
+    /// [`SLICE_MAX`]: margay_api::slice::SLICE_MAX
+    pub fn slices(
+        &self,
+        i: u32,
+        uid: &str,
+    ) -> anyhow::Result<Vec<margay_api::slice::MargayEndpointSlice>> {
+        use margay_api::slice::*;
+        let node = Self::node_name(i);
+        let mut eps = Vec::new();
+        for k in 0..self.pods_per_node {
+            let p = self.pod(i, k)?;
+            eps.push(SliceEndpoint {
+                namespace: self.namespace.clone(),
+                name: Self::pod_name(i, k),
+                labels: p.metadata.labels.unwrap_or_default(),
+                addresses: vec![self.pod_address(i, k)?.to_string()],
+                ports: vec![SlicePort {
+                    name: "http".into(),
+                    protocol: "TCP".into(),
+                    port: 80,
+                }],
+            });
+        }
+        eps.sort();
+        Ok(eps
+            .chunks(SLICE_MAX)
+            .enumerate()
+            .map(|(j, c)| {
+                let mut s = MargayEndpointSlice::new(
+                    &slice_name(&node, j),
+                    MargayEndpointSliceSpec {
+                        node: node.clone(),
+                        endpoints: c.to_vec(),
+                    },
+                );
+                s.metadata.labels = Some(
+                    [
+                        (SLICE_NODE_LABEL.to_string(), node_label(&node)),
+                        (LABEL.to_string(), "true".to_string()),
+                    ]
+                    .into(),
+                );
+                s.metadata.owner_references = self
+                    .identity(i, uid)
+                    .ok()
+                    .and_then(|m| m.metadata.owner_references);
+                s
+            })
+            .collect())
+    }
+
     /// What a kubelet writes into a Node's status at each report: its
     /// Ready condition, heartbeat `now` (RFC 3339). A merge patch.
     pub fn node_status(now: &str) -> Value {
@@ -183,6 +258,19 @@ impl Gen {
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
         }}))
     }
+}
+
+/// How many distinct fake pod addresses `text` holds (an nft listing).
+pub fn pod_addresses_in(text: &str) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    for w in text.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        if let Ok(a) = w.parse::<Ipv4Addr>()
+            && (u32::from(a) >> (32 - POD_PREFIX)) == (u32::from(POD_BASE) >> (32 - POD_PREFIX))
+        {
+            seen.insert(a);
+        }
+    }
+    seen.len() as u64
 }
 
 #[cfg(test)]
@@ -249,6 +337,20 @@ mod tests {
         let ann = n.metadata.annotations.unwrap();
         assert_eq!(ann[margay_api::node::ANN_ADDRESS], "10.100.0.42/14");
         assert_eq!(ann[margay_api::node::ANN_ASN], "64512");
+        let sl = g(100).slices(41, "u").unwrap();
+        assert_eq!(sl.len(), 2);
+        assert_eq!(sl[0].spec.endpoints.len() + sl[1].spec.endpoints.len(), 100);
+        assert_eq!(
+            pod_addresses_in("elements = { 100.64.0.1, 100.127.255.254, 10.0.0.1, 100.64.0.1 }"),
+            2
+        );
+        let m = g(30).identity(41, "u").unwrap();
+        assert_eq!(m.spec.bgp_address.as_deref(), Some("10.100.0.42/14"));
+        assert_eq!(
+            m.metadata.labels.unwrap()[LABEL],
+            "true",
+            "cleaned up with the rest"
+        );
         assert_eq!(n.metadata.labels.unwrap()[LABEL], "true");
         let a = &n.status.unwrap().addresses.unwrap()[0];
         assert_eq!(

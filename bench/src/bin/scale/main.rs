@@ -2,11 +2,15 @@
 //!
 //! On a running lab (`margay-lab up --nodes 3 --tor none`: real etcd,
 //! kube-apiserver and agents; its state under `$MARGAY_LAB_DIR`), this
-//! makes fake Nodes (an InternalIP and Margay's identity annotations, as
-//! their agents would publish them) and fake Pods bound to them
+//! makes fake Nodes (an InternalIP and Margay's identity annotations), with
+//! the `MargayNode` and endpoint slices their agents would write, and fake
+//! Pods bound to them
 //! (`spec.nodeName`, labels, `status.podIP`/`podIPs` written through the
 //! status subresource as a kubelet would), with real API writes, `N` nodes
-//! at a time (cumulative: 10, then 90 more, ...). No NetworkPolicy. At
+//! at a time (cumulative: 10, then 90 more, ...). No NetworkPolicy, or
+//! with `--policy` one whose peer is every pod (every agent then keeps
+//! every remote pod; `--probe K` times K real pods from their start on
+//! node1 to their address in node2's peer set). At
 //! each size, once the agents' CPU has settled, it reads:
 //!
 //! - each real agent's RSS (`VmRSS`) and CPU time (`/proc/PID/stat`), the
@@ -31,6 +35,9 @@ mod fake;
 mod metrics;
 mod svg;
 
+/// The NetworkPolicy `--policy` makes.
+const POLICY: &str = "scale-every-pod";
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,9 +49,12 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
+use margay_api::identity::MargayNode;
+use margay_api::slice::MargayEndpointSlice;
 use serde::{Deserialize, Serialize};
 
 use fake::Gen;
@@ -107,6 +117,18 @@ struct Cli {
     /// This run's name in the chart and the JSON (e.g. `old`, `new`).
     #[arg(long, default_value = "this run")]
     label: String,
+    /// A NetworkPolicy in the fake pods' namespace whose peer is every
+    /// pod of every namespace: every agent then keeps every remote pod
+    /// (its peer set is counted on one agent at each size).
+    #[arg(long)]
+    policy: bool,
+    /// With `--policy`: at each size, this many real pods started on the
+    /// lab's node1 (one a second, during the churn when there is one), and
+    /// the time from their start until node2's agent has their address in
+    /// its peer set (the way: node1's Pod watch, its endpoint slice, node2's
+    /// slice watch, its table).
+    #[arg(long, default_value_t = 0)]
+    probe: u32,
     /// Leave the fake objects in place at the end.
     #[arg(long)]
     no_cleanup: bool,
@@ -191,6 +213,14 @@ struct Point {
     nodes: u32,
     /// Fake pods.
     pods: u64,
+    /// With `--policy`: the fake pods' addresses in one (non-leader)
+    /// agent's NetworkPolicy table.
+    #[serde(default)]
+    peer_set: Option<u64>,
+    /// With `--probe`: milliseconds from each probe pod's start to its
+    /// address in node2's peer set (a probe never seen: absent).
+    #[serde(default)]
+    peer_latency_ms: Vec<f64>,
     /// Seconds the load to this size took.
     load_seconds: f64,
     /// Pod writes of that load (create + status).
@@ -392,6 +422,7 @@ impl Seen {
     /// Watches `api` until `stop`, counting its objects' changes into
     /// `count`, resuming from the last version seen (from the current one
     /// after an error that cannot be resumed).
+    #[allow(clippy::disallowed_methods)] // aborted at the end of main
     fn spawn<K>(
         api: Api<K>,
         count: Arc<AtomicU64>,
@@ -518,7 +549,146 @@ impl Bench {
         let obj: ServiceAccount =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))?;
         retry("creating its ServiceAccount", || sa.create(&pp, &obj)).await?;
+        if self.cli.policy {
+            let np: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.cli.namespace);
+            let obj: NetworkPolicy = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": POLICY, "labels": {fake::LABEL: "true"}},
+                "spec": {"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}
+            }))?;
+            retry("creating the NetworkPolicy", || np.create(&pp, &obj)).await?;
+        }
         Ok(())
+    }
+
+    /// `--probe` pods on node1, each timed until node2's peer set has it.
+    async fn probe(&self, size: u32) -> anyhow::Result<Vec<f64>> {
+        if !self.cli.policy || self.cli.probe == 0 || size == 0 || self.fakes.pods_per_node == 0 {
+            return Ok(Vec::new());
+        }
+        let (agents, _) = self.agents()?;
+        let Some(pid) = agents.iter().find(|(n, _, _)| n == "node2").map(|a| a.1) else {
+            bail!("--probe needs a lab node named node2");
+        };
+        let lab = std::env::current_exe()?.with_file_name("margay-lab");
+        let nft = |args: Vec<String>| {
+            let mut a = vec!["-t".to_string(), pid.to_string(), "-n".into(), "nft".into()];
+            a.extend(args);
+            tokio::process::Command::new("nsenter").args(a).output()
+        };
+        // The peer set: the set holding a fake pod's address.
+        let sets = nft(vec![
+            "-t".into(),
+            "list".into(),
+            "sets".into(),
+            "inet".into(),
+        ])
+        .await?;
+        let text = String::from_utf8_lossy(&sets.stdout).to_string();
+        let probe_ip = self.fakes.pod_address(0, 0)?.to_string();
+        let mut set = None;
+        for name in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("set "))
+            .map(|l| l.trim_end_matches(" {").to_string())
+        {
+            let o = nft(vec![
+                "get".into(),
+                "element".into(),
+                "inet".into(),
+                "margay_policy".into(),
+                name.clone(),
+                format!("{{ {probe_ip} }}"),
+            ])
+            .await?;
+            if o.status.success() {
+                set = Some(name);
+                break;
+            }
+        }
+        let Some(set) = set else {
+            eprintln!("scale: no set of node2's table holds {probe_ip}: no probe");
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for i in 0..self.cli.probe {
+            let name = format!("probe-{size}-{i}");
+            let t0 = Instant::now();
+            let add = tokio::process::Command::new(&lab)
+                .args([
+                    "pod",
+                    "add",
+                    "node1",
+                    &name,
+                    "--namespace",
+                    &self.cli.namespace,
+                ])
+                .output()
+                .await?;
+            let said = String::from_utf8_lossy(&add.stdout).to_string();
+            let Some(ip) = said.split_whitespace().nth(1).map(str::to_string) else {
+                bail!(
+                    "margay-lab pod add: {said} {}",
+                    String::from_utf8_lossy(&add.stderr)
+                );
+            };
+            loop {
+                let o = nft(vec![
+                    "get".into(),
+                    "element".into(),
+                    "inet".into(),
+                    "margay_policy".into(),
+                    set.clone(),
+                    format!("{{ {ip} }}"),
+                ])
+                .await?;
+                if o.status.success() {
+                    out.push(t0.elapsed().as_secs_f64() * 1e3);
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    eprintln!("scale: probe {name} ({ip}) not in node2's peer set after 30 s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tokio::process::Command::new(&lab)
+                .args(["pod", "del", &name])
+                .output()
+                .await;
+            tokio::time::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed())).await;
+        }
+        Ok(out)
+    }
+
+    /// The pod addresses (of the fake range) in one non-leader agent's
+    /// NetworkPolicy table: its peer set.
+    async fn peer_set(&self, leader: &str) -> Option<u64> {
+        if !self.cli.policy {
+            return None;
+        }
+        let (agents, _) = self.agents().ok()?;
+        let pid = agents
+            .iter()
+            .find(|(n, _, _)| n != leader)
+            .or(agents.first())?
+            .1;
+        let out = tokio::process::Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-n",
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "margay_policy",
+            ])
+            .output()
+            .await
+            .ok()?;
+        Some(fake::pod_addresses_in(&String::from_utf8_lossy(
+            &out.stdout,
+        )))
     }
 
     /// Deletes every object of kind `K` carrying the bench's label.
@@ -567,6 +737,12 @@ impl Bench {
         self.delete_all(pods, "pods").await?;
         let nodes: Api<Node> = Api::all(self.client.clone());
         self.delete_all(nodes, "nodes").await?;
+        let slices: Api<MargayEndpointSlice> = Api::all(self.client.clone());
+        self.delete_all(slices, "endpoint slices").await?;
+        let np: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.cli.namespace);
+        self.delete_all(np, "NetworkPolicies").await?;
+        let identities: Api<MargayNode> = Api::all(self.client.clone());
+        self.delete_all(identities, "MargayNodes").await?;
         Ok(())
     }
 
@@ -576,15 +752,32 @@ impl Bench {
         let objs: Vec<Node> = (from..to)
             .map(|i| self.fakes.node(i))
             .collect::<anyhow::Result<_>>()?;
-        let node_writes = futures::stream::iter(objs)
-            .map(|n| {
-                let nodes = nodes.clone();
+        let identities: Api<MargayNode> = Api::all(self.client.clone());
+        let slices: Api<MargayEndpointSlice> = Api::all(self.client.clone());
+        let node_writes = futures::stream::iter((from..to).zip(objs))
+            .map(|(i, n)| {
+                let (nodes, identities, slices) =
+                    (nodes.clone(), identities.clone(), slices.clone());
                 async move {
                     let pp = PostParams::default();
                     let name = n.metadata.name.clone().unwrap_or_default();
                     let r =
                         retry(&format!("creating Node {name}"), || nodes.create(&pp, &n)).await?;
-                    Ok::<u64, anyhow::Error>(u64::from(r.is_some()))
+                    let created = r.is_some();
+                    // Its agent's MargayNode, owned by the Node.
+                    let uid = match r.and_then(|n| n.metadata.uid) {
+                        Some(u) => u,
+                        None => nodes.get(&name).await?.metadata.uid.unwrap_or_default(),
+                    };
+                    let m = self.fakes.identity(i, &uid)?;
+                    let ap = PatchParams::apply("margay-agent").force();
+                    identities.patch(&name, &ap, &Patch::Apply(&m)).await?;
+                    // Its pods as its agent publishes them.
+                    for sl in self.fakes.slices(i, &uid)? {
+                        let sn = sl.metadata.name.clone().unwrap_or_default();
+                        slices.patch(&sn, &ap, &Patch::Apply(&sl)).await?;
+                    }
+                    Ok::<u64, anyhow::Error>(u64::from(created))
                 }
             })
             .buffer_unordered(self.cli.concurrency.max(1))
@@ -751,6 +944,7 @@ impl Bench {
 
     /// Writes each fake node's status every `--node-status-interval`,
     /// spread evenly, until stopped.
+    #[allow(clippy::disallowed_methods)] // stopped and joined at the end of main
     fn spawn_node_status(&self) -> Option<tokio::task::JoinHandle<()>> {
         let every = self.cli.node_status_interval;
         if every == 0 {
@@ -882,14 +1076,22 @@ impl Bench {
             node_watchers: (w.watchers_of("Node") - 1.0).max(0.0),
             churn: None,
             agent_restarts: restarts,
+            peer_set: self.peer_set(&leader).await,
+            peer_latency_ms: Vec::new(),
         };
-        if self.cli.churn > 0.0 && to > 0 && self.fakes.pods_per_node > 0 {
-            eprintln!(
-                "scale: churn at {} pods/s for {} s",
-                self.cli.churn, self.cli.churn_seconds
-            );
-            point.churn = Some(self.churn(to).await?);
-        }
+        let churn = async {
+            if self.cli.churn > 0.0 && to > 0 && self.fakes.pods_per_node > 0 {
+                eprintln!(
+                    "scale: churn at {} pods/s for {} s",
+                    self.cli.churn, self.cli.churn_seconds
+                );
+                return self.churn(to).await.map(Some);
+            }
+            Ok(None)
+        };
+        let (churn, probe) = tokio::join!(churn, self.probe(to));
+        point.churn = churn?;
+        point.peer_latency_ms = probe?;
         eprintln!(
             "scale: {to} fake nodes: leader {} {:.1} MiB, others {:.1} MiB (max {:.1}), {:.2} Pod events per Pod change",
             point.leader,
@@ -938,9 +1140,46 @@ fn f(x: Option<f64>, d: usize) -> String {
 fn tables(r: &Results) -> String {
     let mut o = String::new();
     o.push_str(&format!(
-        "{} real agents, {} fake pods per fake node, no NetworkPolicy ({})\n\n",
-        r.agents, r.pods_per_node, r.label
+        "{} real agents, {} fake pods per fake node, {} ({})\n\n",
+        r.agents,
+        r.pods_per_node,
+        if r.points.iter().any(|p| p.peer_set.is_some()) {
+            "a NetworkPolicy whose peer is every pod"
+        } else {
+            "no NetworkPolicy"
+        },
+        r.label
     ));
+    if let Some(p0) = r.points.first().filter(|p| p.peer_set.is_some()) {
+        o.push_str("| fake nodes | fake pods | peer set (pod addresses in one agent's table) | other agents' growth per remote pod (bytes) | pod started to its address in node2's peer set, p50 / p99 / max (ms, probes) |\n|---|---|---|---|---|\n");
+        for p in &r.points {
+            let per = (p.pods > 0).then(|| {
+                (p.others_rss_mib_mean - p0.others_rss_mib_mean) * 1048576.0 / p.pods as f64
+            });
+            let mut l = p.peer_latency_ms.clone();
+            l.sort_by(f64::total_cmp);
+            let q = |x: f64| l[((l.len() as f64 - 1.0) * x).round() as usize];
+            o.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                p.nodes,
+                p.pods,
+                p.peer_set.map_or("-".into(), |n| n.to_string()),
+                f(per, 0),
+                if l.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!(
+                        "{:.0} / {:.0} / {:.0} ({})",
+                        q(0.5),
+                        q(0.99),
+                        l[l.len() - 1],
+                        l.len()
+                    )
+                }
+            ));
+        }
+        o.push('\n');
+    }
     o.push_str("| fake nodes | fake pods | leader RSS (MiB) | other agents RSS avg / max (MiB) | agent CPU at rest, leader / others (% of a core) | apiserver RSS (MiB) | etcd RSS (MiB) | load (s) | settled after (s) | agent restarts |\n");
     o.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for p in &r.points {
