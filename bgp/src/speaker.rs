@@ -130,8 +130,10 @@ struct PeerSlot {
     source: Option<Neighbor>,
     status: Arc<Mutex<PeerStatus>>,
     /// Commands to the peer task; dropping it ends the task (Cease/peer
-    /// de-configured).
-    incoming: mpsc::Sender<PeerCmd>,
+    /// de-configured). `None`: a passive neighbor nobody has connected
+    /// from yet, whose task starts with the first connection (a full mesh
+    /// of many nodes where the other side dials costs no task per node).
+    incoming: Option<mpsc::Sender<PeerCmd>>,
     session: Option<Established>,
     /// Graceful restart: when the peer's stale routes are dropped (RFC 4724
     /// restart time); cancelled with the slot.
@@ -502,10 +504,13 @@ impl RibTask {
     fn add_peer(&mut self, params: PeerParams, source: Option<Neighbor>) -> PeerId {
         let id = self.next_id;
         self.next_id += 1;
+        // A configured passive neighbor waits for its connection without a
+        // task (Active, as its FSM would say).
+        let lazy = params.session.passive && source.is_some();
         let status = Arc::new(Mutex::new(PeerStatus {
             address: params.addr,
             asn: params.asn,
-            state: State::Idle,
+            state: if lazy { State::Active } else { State::Idle },
             since: Some(Instant::now()),
             prefixes_received: 0,
             prefixes_sent: 0,
@@ -515,20 +520,6 @@ impl RibTask {
             dynamic: params.dynamic,
             too_big: 0,
         }));
-        let (itx, irx) = mpsc::channel(4);
-        let task = PeerTask {
-            id,
-            transport: Transport {
-                addr: SocketAddr::new(params.addr, params.port),
-                password: params.password.clone(),
-                gtsm_hops: params.gtsm_hops,
-            },
-            session: crate::fsm::Session::new(params.session.clone()),
-            events: self.peer_tx.clone(),
-            status: status.clone(),
-            incoming: irx,
-            shutdown: self.shutdown.clone(),
-        };
         self.shared
             .peers
             .lock()
@@ -540,13 +531,40 @@ impl RibTask {
                 params,
                 source,
                 status,
-                incoming: itx,
+                incoming: None,
                 session: None,
                 stale_timer: None,
             },
         );
-        self.peer_tasks.spawn(task.run());
+        if !lazy {
+            self.start_peer(id);
+        }
         id
+    }
+
+    /// Peer `id`'s command channel, its task started first if it has none.
+    fn start_peer(&mut self, id: PeerId) -> Option<mpsc::Sender<PeerCmd>> {
+        let slot = self.peers.get_mut(&id)?;
+        if let Some(tx) = &slot.incoming {
+            return Some(tx.clone());
+        }
+        let (itx, irx) = mpsc::channel(4);
+        let task = PeerTask {
+            id,
+            transport: Transport {
+                addr: SocketAddr::new(slot.params.addr, slot.params.port),
+                password: slot.params.password.clone(),
+                gtsm_hops: slot.params.gtsm_hops,
+            },
+            session: crate::fsm::Session::new(slot.params.session.clone()),
+            events: self.peer_tx.clone(),
+            status: slot.status.clone(),
+            incoming: irx,
+            shutdown: self.shutdown.clone(),
+        };
+        slot.incoming = Some(itx.clone());
+        self.peer_tasks.spawn(task.run());
+        Some(itx)
     }
 
     /// Forgets a peer; dropping its command channel ends its task, which
@@ -705,10 +723,21 @@ impl RibTask {
             }
             ToRib::SetRestartTime(secs) => {
                 self.cfg.restart_time = secs;
-                for p in self.peers.values() {
+                for p in self.peers.values_mut() {
                     let own = p.source.as_ref().and_then(|n| n.restart_time);
-                    if own.is_none() {
-                        let _ = p.incoming.try_send(PeerCmd::RestartTime(secs));
+                    if own.is_some() {
+                        continue;
+                    }
+                    match &p.incoming {
+                        Some(tx) => {
+                            let _ = tx.try_send(PeerCmd::RestartTime(secs));
+                        }
+                        // Not started: it starts with the new time.
+                        None => {
+                            if let Some(gr) = &mut p.params.session.graceful_restart {
+                                gr.restart_time = secs;
+                            }
+                        }
                     }
                 }
             }
@@ -909,8 +938,15 @@ impl RibTask {
 
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {
         let ip = canonical(from.ip());
-        if let Some(slot) = self.peers.values().find(|p| p.params.addr == ip) {
-            let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
+        let known = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.params.addr == ip)
+            .map(|(id, _)| *id);
+        if let Some(id) = known {
+            if let Some(tx) = self.start_peer(id) {
+                let _ = tx.try_send(PeerCmd::Incoming(stream));
+            }
             return;
         }
         let host = Prefix::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix");
@@ -954,8 +990,8 @@ impl RibTask {
             },
             None,
         );
-        if let Some(slot) = self.peers.get(&id) {
-            let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
+        if let Some(tx) = self.start_peer(id) {
+            let _ = tx.try_send(PeerCmd::Incoming(stream));
         }
     }
 
@@ -988,9 +1024,9 @@ impl RibTask {
             {
                 tracing::warn!(peer = %slot.params.addr, count, max, "maximum prefixes exceeded");
                 // RFC 4486: Cease / maximum number of prefixes reached.
-                let _ = slot
-                    .incoming
-                    .try_send(PeerCmd::Cease(err::CEASE_MAX_PREFIX));
+                if let Some(tx) = &slot.incoming {
+                    let _ = tx.try_send(PeerCmd::Cease(err::CEASE_MAX_PREFIX));
+                }
             }
         }
         self.propagate(changes).await;
