@@ -10,7 +10,9 @@
 //! UPDATE could not be encoded for its session. Those are its `held`
 //! prefixes, at most its own routes, kept per member. Everything here is
 //! pure: the RIB task asks [`Group::apply`] what changed for the group and
-//! [`Member::fan_out`] what that means for one member, then sends.
+//! [`Member::fan_out`] what that means for one member, encodes each
+//! distinct UPDATE once per export into one buffer ([`Encoded`]) and
+//! queues each member one [`Wire`] of its picks of that buffer.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -199,17 +201,32 @@ impl Member {
 }
 
 /// The UPDATEs of one export, encoded once per distinct (attributes,
-/// prefixes, session encoding) and shared by every member that is sent
-/// the same: a reflector's clients queue pointers to one copy, not a copy
+/// prefixes, session encoding) into one buffer shared by every member:
+/// each member is queued its picks of it ([`Span`]s, then
+/// [`Encoded::wire`]), so a reflector's clients queue one entry per
+/// export pointing into one copy, not a copy (or a pointer per UPDATE)
 /// each.
 #[derive(Debug, Default)]
 pub struct Encoded {
+    buf: Vec<u8>,
     announce: HashMap<(*const Attrs, Encoding), Vec<Announced>>,
     withdraw: HashMap<Encoding, Vec<Withdrawn>>,
 }
 
+/// UPDATEs encoded back to back in an export's buffer: bytes
+/// `start..end`, `count` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// First byte.
+    pub start: usize,
+    /// Past the last byte.
+    pub end: usize,
+    /// UPDATE messages in it.
+    pub count: usize,
+}
+
 /// Prefixes withdrawn together and their UPDATEs.
-type Withdrawn = (Vec<Prefix>, Vec<Wire>);
+type Withdrawn = (Vec<Prefix>, Span);
 
 /// What of a session's negotiation the encoding depends on (4-octet AS
 /// numbers, iBGP).
@@ -217,13 +234,21 @@ type Encoding = (bool, bool);
 
 /// Prefixes announced together and their UPDATEs (or the size that did
 /// not fit).
-type Announced = (Vec<Prefix>, Result<Vec<Wire>, usize>);
-
-fn wires(v: Vec<Vec<u8>>) -> Vec<Wire> {
-    v.into_iter().map(Wire::from).collect()
-}
+type Announced = (Vec<Prefix>, Result<Span, usize>);
 
 impl Encoded {
+    fn append(&mut self, msgs: Vec<Vec<u8>>) -> Span {
+        let start = self.buf.len();
+        for m in &msgs {
+            self.buf.extend_from_slice(m);
+        }
+        Span {
+            start,
+            end: self.buf.len(),
+            count: msgs.len(),
+        }
+    }
+
     /// UPDATEs announcing `prefixes` (one family) with `attrs` for a
     /// session encoding as `ctx` (`Err`: too big, see
     /// [`UpdateBuilder::announce`]).
@@ -232,31 +257,56 @@ impl Encoded {
         attrs: &Arc<Attrs>,
         prefixes: &[Prefix],
         ctx: &Ctx,
-    ) -> Result<Vec<Wire>, usize> {
-        let slot = self
+    ) -> Result<Span, usize> {
+        let key = (Arc::as_ptr(attrs), (ctx.four_octet_as, ctx.ibgp));
+        if let Some((_, w)) = self
             .announce
-            .entry((Arc::as_ptr(attrs), (ctx.four_octet_as, ctx.ibgp)))
-            .or_default();
-        if let Some((_, w)) = slot.iter().find(|(ps, _)| ps == prefixes) {
-            return w.clone();
+            .get(&key)
+            .and_then(|slot| slot.iter().find(|(ps, _)| ps == prefixes))
+        {
+            return *w;
         }
-        let w = UpdateBuilder::announce(attrs, prefixes, None, ctx).map(wires);
-        slot.push((prefixes.to_vec(), w.clone()));
+        let w = UpdateBuilder::announce(attrs, prefixes, None, ctx).map(|m| self.append(m));
+        self.announce
+            .entry(key)
+            .or_default()
+            .push((prefixes.to_vec(), w));
         w
     }
 
     /// UPDATEs withdrawing `prefixes` (one family).
-    pub fn withdraw(&mut self, prefixes: &[Prefix], ctx: &Ctx) -> Vec<Wire> {
-        let slot = self
+    pub fn withdraw(&mut self, prefixes: &[Prefix], ctx: &Ctx) -> Span {
+        let key = (ctx.four_octet_as, ctx.ibgp);
+        if let Some((_, w)) = self
             .withdraw
-            .entry((ctx.four_octet_as, ctx.ibgp))
-            .or_default();
-        if let Some((_, w)) = slot.iter().find(|(ps, _)| ps == prefixes) {
-            return w.clone();
+            .get(&key)
+            .and_then(|slot| slot.iter().find(|(ps, _)| ps == prefixes))
+        {
+            return *w;
         }
-        let w = wires(UpdateBuilder::withdraw(prefixes, ctx));
-        slot.push((prefixes.to_vec(), w.clone()));
+        let w = UpdateBuilder::withdraw(prefixes, ctx);
+        let w = self.append(w);
+        self.withdraw
+            .entry(key)
+            .or_default()
+            .push((prefixes.to_vec(), w));
         w
+    }
+
+    /// The export's buffer, frozen to be shared by the members' Wires.
+    pub fn finish(self) -> Arc<[u8]> {
+        self.buf.into()
+    }
+
+    /// A member's `picks` of the export's `buf` (from [`Encoded::finish`])
+    /// as one queue entry: in buffer order, which keeps each member's
+    /// messages of one export in the order they were encoded (one export
+    /// says each prefix at most once to a member, so any order within it
+    /// is right).
+    pub fn wire(buf: &Arc<[u8]>, mut picks: Vec<Span>) -> Wire {
+        picks.sort_unstable_by_key(|s| s.start);
+        picks.dedup();
+        Wire::picks(buf.clone(), picks.iter().map(|s| (s.start, s.end)))
     }
 }
 
@@ -379,7 +429,8 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    /// Members sent the same thing share its encoding.
+    /// Members sent the same thing share its encoding: one span of one
+    /// buffer, and each member's Wire is its picks of that buffer.
     #[test]
     fn the_same_update_is_encoded_once() {
         let mut e = Encoded::default();
@@ -391,11 +442,23 @@ mod tests {
         let ps = [p("10.244.1.0/26"), p("10.244.2.0/26")];
         let one = e.announce(&a, &ps, &ctx).unwrap();
         let two = e.announce(&a, &ps, &ctx).unwrap();
-        assert!(Arc::ptr_eq(&one[0], &two[0]), "one copy");
+        assert_eq!(one, two, "one copy");
+        assert_eq!(one.count, 1);
         let other = e.announce(&a, &ps[..1], &ctx).unwrap();
-        assert!(!Arc::ptr_eq(&one[0], &other[0]));
+        assert_eq!(other.start, one.end, "encoded after it");
         let w1 = e.withdraw(&ps, &ctx);
         let w2 = e.withdraw(&ps, &ctx);
-        assert!(Arc::ptr_eq(&w1[0], &w2[0]));
+        assert_eq!(w1, w2);
+        let buf = e.finish();
+        assert_eq!(buf.len(), w1.end);
+        // A member picks the withdrawal and the first announcement, in
+        // whatever order it was told them: sent in buffer order, adjacent
+        // picks as one range.
+        let w = Encoded::wire(&buf, vec![w1, one]);
+        let sent: Vec<&[u8]> = w.slices().collect();
+        assert_eq!(sent, [&buf[one.start..one.end], &buf[w1.start..w1.end]]);
+        let all = Encoded::wire(&buf, vec![w1, other, one]);
+        assert_eq!(all.slices().count(), 1, "the whole buffer, one range");
+        assert_eq!(all.len(), buf.len());
     }
 }

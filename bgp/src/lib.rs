@@ -20,6 +20,7 @@ mod group;
 pub mod kernel;
 pub mod metrics;
 pub mod net;
+mod outbox;
 pub mod packet;
 mod peer;
 pub mod prefix_map;

@@ -1,11 +1,13 @@
 //! One task per peer: owns the peer's TCP connection(s), runs the session
 //! FSM and carries out its actions.
 //!
-//! The task never waits on a socket: each connection has a reader task
-//! (framing) and a writer task fed through a queue bounded in bytes
-//! ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A write that makes
-//! no progress for the hold time means the peer reads nothing: the session
-//! ends with Cease/out of resources, while timers and reads went on.
+//! The task never waits on a socket: it frames what each connection has
+//! to read itself ([`Reader`], a buffer only while bytes wait), and each
+//! connection has a writer task ([`crate::outbox`]) fed through a queue
+//! bounded in bytes ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A
+//! write that makes no progress for the hold time means the peer reads
+//! nothing: the session ends with Cease/out of resources, while timers and
+//! reads went on.
 //!
 //! A peer has a main [`Link`] and, while a connection collision is being
 //! resolved (RFC 4271 §6.8), a second one. Each link is a connection with
@@ -24,22 +26,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::fsm::{
     Action, DownReason, Event, Keep, Negotiated, Session, State, Timer, resolve_collision,
 };
+pub(crate) use crate::outbox::Wire;
+use crate::outbox::{WriteEnd, writer};
 use crate::packet::consts::err;
 use crate::packet::{DecodeError, Message, Update, frame_len};
 use crate::rib::PeerId;
 use margay_api::status::NeighborView;
-
-/// An encoded message as queued for a peer's socket: shared, so a
-/// message sent to every member of an update group is one allocation.
-pub(crate) type Wire = Arc<[u8]>;
 
 /// A peer's state as its task and the RIB task keep it (read for the
 /// neighbor view and the metrics).
@@ -152,23 +151,10 @@ const READ_BUF: usize = 16 * 1024;
 /// bound. Far above any table Margay exports at once.
 pub(crate) const OUT_LIMIT: usize = 32 << 20;
 
-/// How long a closed connection's writer may still try to deliver what
-/// was queued before it (the NOTIFICATION, usually).
-const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-
 /// Longest wait for one write when no hold time bounds it (hold time 0).
 const STALL_WITHOUT_HOLD: Duration = Duration::from_secs(240);
 
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
-
-/// Why a connection's writer stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum WriteEnd {
-    /// The socket failed.
-    Failed(String),
-    /// No write completed for this long: the peer reads nothing.
-    Stalled(Duration),
-}
 
 struct Conn {
     /// To the writer task; every queued byte is counted in `queued`.
@@ -178,16 +164,14 @@ struct Conn {
     stall_ms: Arc<AtomicU64>,
     /// The writer's end, when it stopped on its own.
     ended: Option<oneshot::Receiver<WriteEnd>>,
-    /// Told on drop: flush for at most [`CLOSE_FLUSH`] more.
+    /// Told on drop: flush for at most [`crate::outbox::CLOSE_FLUSH`] more.
     closing: Option<oneshot::Sender<()>>,
-    frames: mpsc::Receiver<Result<Vec<u8>, DecodeError>>,
-    reader: tokio::task::JoinHandle<()>,
+    reader: Reader,
     local: IpAddr,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.reader.abort();
         // The writer goes on alone: what was queued before the close (a
         // NOTIFICATION) still leaves, within CLOSE_FLUSH.
         if let Some(c) = self.closing.take() {
@@ -210,6 +194,9 @@ impl Conn {
     /// Queues `bytes` for the writer; never waits.
     fn send(&self, bytes: Wire) -> Result<(), Overflow> {
         let n = bytes.len();
+        if n == 0 {
+            return Ok(());
+        }
         if self.queued.fetch_add(n, Ordering::AcqRel) + n > OUT_LIMIT {
             self.queued.fetch_sub(n, Ordering::AcqRel);
             return Err(Overflow);
@@ -232,93 +219,80 @@ impl Conn {
     }
 }
 
-/// Writes what the peer task queues, one message after the other, so the
-/// peer task never waits on the socket (its timers and reads go on while
-/// a peer is slow to read). A write that makes no progress for the stall
-/// time ends the writer with [`WriteEnd::Stalled`].
-async fn writer(
-    mut w: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Wire>,
-    queued: Arc<AtomicUsize>,
-    stall_ms: Arc<AtomicU64>,
-    ended: oneshot::Sender<WriteEnd>,
-    mut closing: oneshot::Receiver<()>,
-) {
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        let bytes = match deadline {
-            None => tokio::select! {
-                b = rx.recv() => b,
-                _ = &mut closing => {
-                    deadline = Some(tokio::time::Instant::now() + CLOSE_FLUSH);
-                    continue;
-                }
-            },
-            // Closed: only what is already queued, then the end.
-            Some(_) => rx.try_recv().ok(),
-        };
-        let Some(bytes) = bytes else { return };
-        let stall = Duration::from_millis(stall_ms.load(Ordering::Relaxed));
-        let limit = match deadline {
-            Some(d) => d
-                .saturating_duration_since(tokio::time::Instant::now())
-                .min(stall),
-            None => stall,
-        };
-        let r = tokio::time::timeout(limit, w.write_all(&bytes)).await;
-        queued.fetch_sub(bytes.len(), Ordering::AcqRel);
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = ended.send(WriteEnd::Failed(e.to_string()));
-                return;
+/// A connection's incoming bytes, framed (RFC 4271 §4.1) by the peer
+/// task itself (no task and no queue per connection for reading). The
+/// buffer exists only while bytes wait in it: an idle session holds none.
+struct Reader {
+    half: OwnedReadHalf,
+    buf: Vec<u8>,
+    /// Where the bytes not yet framed start in `buf`.
+    start: usize,
+    /// The connection ended (closed, failed or sent garbage).
+    closed: bool,
+}
+
+impl Reader {
+    fn new(half: OwnedReadHalf) -> Self {
+        Self {
+            half,
+            buf: Vec::new(),
+            start: 0,
+            closed: false,
+        }
+    }
+
+    /// The next message. Cancel safe: what was read stays in the buffer.
+    async fn next(&mut self) -> Frame {
+        loop {
+            if self.closed {
+                return Frame::Closed;
             }
-            Err(_) => {
-                let _ = ended.send(WriteEnd::Stalled(limit));
-                return;
+            let waiting = &self.buf[self.start..];
+            match frame_len(waiting) {
+                Ok(Some(n)) if waiting.len() >= n => {
+                    let f = waiting[..n].to_vec();
+                    self.start += n;
+                    if self.start == self.buf.len() {
+                        self.buf = Vec::new();
+                        self.start = 0;
+                    }
+                    return Frame::Bytes(f);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.closed = true;
+                    return Frame::Bad(e);
+                }
+            }
+            if self.half.readable().await.is_err() {
+                self.closed = true;
+                continue;
+            }
+            self.buf.drain(..self.start);
+            self.start = 0;
+            // 16 KiB holds four maximum-size messages; allocated only
+            // while there is something to read.
+            self.buf
+                .reserve(READ_BUF - self.buf.len().min(READ_BUF / 2));
+            match self.half.try_read_buf(&mut self.buf) {
+                Ok(0) => self.closed = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => self.closed = true,
+            }
+            if self.buf.is_empty() {
+                self.buf = Vec::new();
             }
         }
     }
 }
 
-/// Splits a connection; a reader task frames messages (RFC 4271 §4.1) and
-/// hands them over one by one, a writer task sends what is queued.
+/// Splits a connection: the peer task reads it ([`Reader`]), a writer
+/// task sends what is queued.
 fn open_conn(stream: TcpStream, hold: u16) -> Option<Conn> {
     let local = crate::net::canonical(stream.local_addr().ok()?.ip());
     let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
-    let (ftx, frames) = mpsc::channel(64);
-    let reader = tokio::spawn(async move {
-        // 16 KiB holds four maximum-size messages; many sessions per
-        // speaker (a full mesh) make a larger buffer per session costly.
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
-        let mut start = 0;
-        loop {
-            loop {
-                match frame_len(&buf[start..]) {
-                    Ok(Some(n)) if buf.len() - start >= n => {
-                        let f = buf[start..start + n].to_vec();
-                        start += n;
-                        if ftx.send(Ok(f)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        let _ = ftx.send(Err(e)).await;
-                        return;
-                    }
-                }
-            }
-            buf.drain(..start);
-            start = 0;
-            buf.reserve(READ_BUF - buf.len().min(READ_BUF / 2));
-            match r.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return, // the channel closes: connection lost
-                Ok(_) => {}
-            }
-        }
-    });
+    let (r, w) = stream.into_split();
     let (out, orx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let stall_ms = Arc::new(AtomicU64::new(0));
@@ -331,8 +305,7 @@ fn open_conn(stream: TcpStream, hold: u16) -> Option<Conn> {
         stall_ms,
         ended: Some(ended),
         closing: Some(closing),
-        frames,
-        reader,
+        reader: Reader::new(r),
         local,
     };
     c.set_stall(hold);
@@ -419,28 +392,22 @@ fn frame_event(link: &Link, f: Frame) -> Event {
     }
 }
 
-type Frames = mpsc::Receiver<Result<Vec<u8>, DecodeError>>;
-
-/// A connection's frames and its writer's end, borrowed apart.
+/// A connection's reader and its writer's end, borrowed apart.
 fn halves(
     c: Option<&mut Conn>,
 ) -> (
-    Option<&mut Frames>,
+    Option<&mut Reader>,
     Option<&mut oneshot::Receiver<WriteEnd>>,
 ) {
     match c {
-        Some(c) => (Some(&mut c.frames), c.ended.as_mut()),
+        Some(c) => (Some(&mut c.reader), c.ended.as_mut()),
         None => (None, None),
     }
 }
 
-async fn recv_frame(frames: Option<&mut Frames>) -> Frame {
-    match frames {
-        Some(f) => match f.recv().await {
-            Some(Ok(f)) => Frame::Bytes(f),
-            Some(Err(e)) => Frame::Bad(e),
-            None => Frame::Closed,
-        },
+async fn recv_frame(reader: Option<&mut Reader>) -> Frame {
+    match reader {
+        Some(r) => r.next().await,
         None => std::future::pending().await,
     }
 }
@@ -544,8 +511,10 @@ impl PeerTask {
                     },
                 };
                 let actions = link.session.process(ev);
-                sh.execute(which, link, actions, &mut queue).await;
-                sh.resolve(&mut main, &mut alt, &mut queue).await;
+                // Boxed: their futures (a PeerEvent being sent) live only
+                // while they run, not in every idle peer task's state.
+                Box::pin(sh.execute(which, link, actions, &mut queue)).await;
+                Box::pin(sh.resolve(&mut main, &mut alt, &mut queue)).await;
             }
             sh.set_state(main.state());
             if stopping {

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Neighbor};
 use crate::fsm::{SessionConfig, State};
-use crate::group::{Decided, Encoded, Group, GroupKey, Member};
+use crate::group::{Decided, Encoded, Group, GroupKey, Member, Span};
 use crate::kernel::{Fib, FibOp, FibWriter};
 use crate::net::canonical;
 use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
@@ -130,8 +130,10 @@ struct PeerSlot {
     source: Option<Neighbor>,
     status: Arc<Mutex<PeerStatus>>,
     /// Commands to the peer task; dropping it ends the task (Cease/peer
-    /// de-configured).
-    incoming: mpsc::Sender<PeerCmd>,
+    /// de-configured). `None`: a passive neighbor nobody has connected
+    /// from yet, whose task starts with the first connection (a full mesh
+    /// of many nodes where the other side dials costs no task per node).
+    incoming: Option<mpsc::Sender<PeerCmd>>,
     session: Option<Established>,
     /// Graceful restart: when the peer's stale routes are dropped (RFC 4724
     /// restart time); cancelled with the slot.
@@ -502,10 +504,13 @@ impl RibTask {
     fn add_peer(&mut self, params: PeerParams, source: Option<Neighbor>) -> PeerId {
         let id = self.next_id;
         self.next_id += 1;
+        // A configured passive neighbor waits for its connection without a
+        // task (Active, as its FSM would say).
+        let lazy = params.session.passive && source.is_some();
         let status = Arc::new(Mutex::new(PeerStatus {
             address: params.addr,
             asn: params.asn,
-            state: State::Idle,
+            state: if lazy { State::Active } else { State::Idle },
             since: Some(Instant::now()),
             prefixes_received: 0,
             prefixes_sent: 0,
@@ -515,20 +520,6 @@ impl RibTask {
             dynamic: params.dynamic,
             too_big: 0,
         }));
-        let (itx, irx) = mpsc::channel(4);
-        let task = PeerTask {
-            id,
-            transport: Transport {
-                addr: SocketAddr::new(params.addr, params.port),
-                password: params.password.clone(),
-                gtsm_hops: params.gtsm_hops,
-            },
-            session: crate::fsm::Session::new(params.session.clone()),
-            events: self.peer_tx.clone(),
-            status: status.clone(),
-            incoming: irx,
-            shutdown: self.shutdown.clone(),
-        };
         self.shared
             .peers
             .lock()
@@ -540,13 +531,40 @@ impl RibTask {
                 params,
                 source,
                 status,
-                incoming: itx,
+                incoming: None,
                 session: None,
                 stale_timer: None,
             },
         );
-        self.peer_tasks.spawn(task.run());
+        if !lazy {
+            self.start_peer(id);
+        }
         id
+    }
+
+    /// Peer `id`'s command channel, its task started first if it has none.
+    fn start_peer(&mut self, id: PeerId) -> Option<mpsc::Sender<PeerCmd>> {
+        let slot = self.peers.get_mut(&id)?;
+        if let Some(tx) = &slot.incoming {
+            return Some(tx.clone());
+        }
+        let (itx, irx) = mpsc::channel(4);
+        let task = PeerTask {
+            id,
+            transport: Transport {
+                addr: SocketAddr::new(slot.params.addr, slot.params.port),
+                password: slot.params.password.clone(),
+                gtsm_hops: slot.params.gtsm_hops,
+            },
+            session: crate::fsm::Session::new(slot.params.session.clone()),
+            events: self.peer_tx.clone(),
+            status: slot.status.clone(),
+            incoming: irx,
+            shutdown: self.shutdown.clone(),
+        };
+        slot.incoming = Some(itx.clone());
+        self.peer_tasks.spawn(task.run());
+        Some(itx)
     }
 
     /// Forgets a peer; dropping its command channel ends its task, which
@@ -705,10 +723,21 @@ impl RibTask {
             }
             ToRib::SetRestartTime(secs) => {
                 self.cfg.restart_time = secs;
-                for p in self.peers.values() {
+                for p in self.peers.values_mut() {
                     let own = p.source.as_ref().and_then(|n| n.restart_time);
-                    if own.is_none() {
-                        let _ = p.incoming.try_send(PeerCmd::RestartTime(secs));
+                    if own.is_some() {
+                        continue;
+                    }
+                    match &p.incoming {
+                        Some(tx) => {
+                            let _ = tx.try_send(PeerCmd::RestartTime(secs));
+                        }
+                        // Not started: it starts with the new time.
+                        None => {
+                            if let Some(gr) = &mut p.params.session.graceful_restart {
+                                gr.restart_time = secs;
+                            }
+                        }
                     }
                 }
             }
@@ -902,13 +931,22 @@ impl RibTask {
         let rib = &self.rib;
         let decided = g.dump(|p| rib.best(p).map(|b| b.best.peer));
         let table = g.adj_out.len();
-        self.send_member(id, &decided, true, table, &mut Encoded::default());
+        let mut encoded = Encoded::default();
+        let picks = self.fan_out(id, &decided, true, table, &mut encoded);
+        self.send(encoded, vec![(id, picks)]);
     }
 
     fn incoming(&mut self, stream: TcpStream, from: SocketAddr) {
         let ip = canonical(from.ip());
-        if let Some(slot) = self.peers.values().find(|p| p.params.addr == ip) {
-            let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
+        let known = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.params.addr == ip)
+            .map(|(id, _)| *id);
+        if let Some(id) = known {
+            if let Some(tx) = self.start_peer(id) {
+                let _ = tx.try_send(PeerCmd::Incoming(stream));
+            }
             return;
         }
         let host = Prefix::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix");
@@ -952,8 +990,8 @@ impl RibTask {
             },
             None,
         );
-        if let Some(slot) = self.peers.get(&id) {
-            let _ = slot.incoming.try_send(PeerCmd::Incoming(stream));
+        if let Some(tx) = self.start_peer(id) {
+            let _ = tx.try_send(PeerCmd::Incoming(stream));
         }
     }
 
@@ -986,9 +1024,9 @@ impl RibTask {
             {
                 tracing::warn!(peer = %slot.params.addr, count, max, "maximum prefixes exceeded");
                 // RFC 4486: Cease / maximum number of prefixes reached.
-                let _ = slot
-                    .incoming
-                    .try_send(PeerCmd::Cease(err::CEASE_MAX_PREFIX));
+                if let Some(tx) = &slot.incoming {
+                    let _ = tx.try_send(PeerCmd::Cease(err::CEASE_MAX_PREFIX));
+                }
             }
         }
         self.propagate(changes).await;
@@ -1089,7 +1127,7 @@ impl RibTask {
                 .as_ref()
                 .filter(|b| !key.export_local_only || b.best.peer == LOCAL);
             // Exported as to a peer that is none of the sources: each
-            // member's own routes are held back from it by `fan_out`.
+            // member's own routes are held back from it by `Member::fan_out`.
             let out = self.rib.export(
                 &g.info,
                 GROUP_EXPORT,
@@ -1105,39 +1143,53 @@ impl RibTask {
         let table = g.adj_out.len();
         let members: Vec<PeerId> = g.members.iter().copied().collect();
         let mut encoded = Encoded::default();
-        for id in members {
-            self.send_member(id, &decided, false, table, &mut encoded);
+        let picks: Vec<(PeerId, Vec<Span>)> = members
+            .into_iter()
+            .map(|id| (id, self.fan_out(id, &decided, false, table, &mut encoded)))
+            .collect();
+        self.send(encoded, picks);
+    }
+
+    /// Queues each member its picks of the export's `encoded` UPDATEs:
+    /// one queue entry per member, every one pointing into the same
+    /// buffer.
+    fn send(&self, encoded: Encoded, picks: Vec<(PeerId, Vec<Span>)>) {
+        let buf = encoded.finish();
+        for (id, spans) in picks {
+            if spans.is_empty() {
+                continue;
+            }
+            if let Some(s) = self.peers.get(&id).and_then(|p| p.session.as_ref()) {
+                let _ = s.out.send(Encoded::wire(&buf, spans));
+            }
         }
     }
 
-    /// Sends member `id` what `decided` means for it (`fresh`: it was told
-    /// nothing before); `table` is its group's table size; messages the
-    /// other members were sent already are shared from `encoded`.
-    fn send_member(
+    /// What member `id` is to be sent for `decided` (`fresh`: it was told
+    /// nothing before), as spans of the export's `encoded` UPDATEs (those
+    /// the other members are sent already are shared); `table` is its
+    /// group's table size. [`RibTask::send`] queues them.
+    fn fan_out(
         &mut self,
         id: PeerId,
         decided: &[Decided],
         fresh: bool,
         table: usize,
         encoded: &mut Encoded,
-    ) {
+    ) -> Vec<Span> {
+        let mut picks = Vec::new();
         let Some(slot) = self.peers.get_mut(&id) else {
-            return;
+            return picks;
         };
         let Some(s) = slot.session.as_mut() else {
-            return;
+            return picks;
         };
         let out = s.member.fan_out(id, decided, fresh);
-        let mut n = 0u64;
         let (v4, v6): (Vec<Prefix>, Vec<Prefix>) =
             out.withdraw.into_iter().partition(Prefix::is_v4);
         for w in [v4, v6] {
-            if w.is_empty() {
-                continue;
-            }
-            for m in encoded.withdraw(&w, &s.ctx) {
-                let _ = s.out.send(m);
-                n += 1;
+            if !w.is_empty() {
+                picks.push(encoded.withdraw(&w, &s.ctx));
             }
         }
         for (a, ps) in out.announce {
@@ -1147,12 +1199,7 @@ impl RibTask {
                     continue;
                 }
                 match encoded.announce(&a, &group, &s.ctx) {
-                    Ok(ms) => {
-                        for m in ms {
-                            let _ = s.out.send(m);
-                            n += 1;
-                        }
-                    }
+                    Ok(span) => picks.push(span),
                     Err(size) => {
                         // Its attributes do not fit one UPDATE: the peer
                         // gets a withdrawal instead (it may hold an older
@@ -1164,18 +1211,16 @@ impl RibTask {
                             "routes not sent: their attributes need an UPDATE of {size} octets (more than 4096); withdrawn from this peer"
                         );
                         s.member.hold(&group);
-                        for m in encoded.withdraw(&group, &s.ctx) {
-                            let _ = s.out.send(m);
-                            n += 1;
-                        }
+                        picks.push(encoded.withdraw(&group, &s.ctx));
                         slot.status.lock().expect("status").too_big += group.len() as u64;
                     }
                 }
             }
         }
         let mut st = slot.status.lock().expect("status");
-        st.updates_out += n;
+        st.updates_out += picks.iter().map(|p| p.count as u64).sum::<u64>();
         st.prefixes_sent = s.member.sent(table);
+        picks
     }
 
     /// The best routes as the outside sees them, by prefix.
