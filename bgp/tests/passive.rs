@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use margay_api::status::SessionState;
 use margay_bgp::config::{Config, Neighbor};
-use margay_bgp::packet::consts::{AFI_IPV4, SAFI_UNICAST};
-use margay_bgp::packet::{Capability, Ctx, Message, Open, frame_len};
+use margay_bgp::packet::{Ctx, Message, Open, frame_len};
 use margay_bgp::speaker::Speaker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -68,18 +67,7 @@ async fn passive_neighbors_cost_no_task_until_they_connect() {
     .await
     .unwrap()
     .unwrap();
-    let open = Message::Open(Open {
-        asn: ASN,
-        hold_time: 90,
-        router_id: src,
-        capabilities: vec![
-            Capability::Multiprotocol {
-                afi: AFI_IPV4,
-                safi: SAFI_UNICAST,
-            },
-            Capability::FourOctetAs(ASN),
-        ],
-    });
+    let open = Message::Open(Open::ipv4_unicast(ASN, 90, src));
     s.write_all(&open.encode(&CTX)).await.unwrap();
     let mut buf = Vec::new();
     let mut up = false;

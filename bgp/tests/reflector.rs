@@ -8,8 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use margay_bgp::config::Config;
-use margay_bgp::packet::consts::{AFI_IPV4, SAFI_UNICAST};
-use margay_bgp::packet::{Attrs, Capability, Ctx, Message, Open, Prefix, UpdateBuilder, frame_len};
+use margay_bgp::packet::{Attrs, Ctx, Message, Open, Prefix, UpdateBuilder, frame_len};
 use margay_bgp::speaker::Speaker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,18 +33,7 @@ async fn client(src: Ipv4Addr, rr: SocketAddr, rcvbuf: Option<u32>) -> (TcpStrea
     }
     sock.bind(SocketAddr::new(IpAddr::V4(src), 0)).unwrap();
     let mut s = sock.connect(rr).await.unwrap();
-    let open = Message::Open(Open {
-        asn: ASN,
-        hold_time: 240,
-        router_id: src,
-        capabilities: vec![
-            Capability::Multiprotocol {
-                afi: AFI_IPV4,
-                safi: SAFI_UNICAST,
-            },
-            Capability::FourOctetAs(ASN),
-        ],
-    });
+    let open = Message::Open(Open::ipv4_unicast(ASN, 240, src));
     s.write_all(&open.encode(&CTX)).await.unwrap();
     let mut buf = Vec::new();
     loop {

@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use margay_bgp::packet::consts::{AFI_IPV4, SAFI_UNICAST};
-use margay_bgp::packet::{Attrs, Capability, Ctx, Message, Open, Prefix, UpdateBuilder, frame_len};
+use margay_bgp::packet::{Attrs, Ctx, Message, Open, Prefix, UpdateBuilder, frame_len};
 use margay_harness::bgpd::Bird;
 use margay_harness::{Daemon, Netns, names};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -205,18 +204,7 @@ async fn client_inner(
     )
     .await
     .context("connect timed out")??;
-    let open = Message::Open(Open {
-        asn: ASN,
-        hold_time: 240,
-        router_id: src,
-        capabilities: vec![
-            Capability::Multiprotocol {
-                afi: AFI_IPV4,
-                safi: SAFI_UNICAST,
-            },
-            Capability::FourOctetAs(ASN),
-        ],
-    });
+    let open = Message::Open(Open::ipv4_unicast(ASN, 240, src));
     s.write_all(&open.encode(&ctx)).await?;
     let want = all as usize - own.len();
     let own_set: HashSet<Prefix> = own.iter().copied().collect();

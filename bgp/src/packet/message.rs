@@ -83,6 +83,23 @@ pub struct Open {
 }
 
 impl Open {
+    /// The plainest OPEN a speaker sends: IPv4 unicast (multiprotocol) and
+    /// 4-octet AS, nothing else (test clients and benches).
+    pub fn ipv4_unicast(asn: u32, hold_time: u16, router_id: Ipv4Addr) -> Self {
+        Self {
+            asn,
+            hold_time,
+            router_id,
+            capabilities: vec![
+                Capability::Multiprotocol {
+                    afi: super::consts::AFI_IPV4,
+                    safi: super::consts::SAFI_UNICAST,
+                },
+                Capability::FourOctetAs(asn),
+            ],
+        }
+    }
+
     /// True when the peer advertised 4-octet AS support.
     pub fn four_octet_as(&self) -> bool {
         self.capabilities
