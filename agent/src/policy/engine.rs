@@ -1387,8 +1387,10 @@ mod tests {
         )
     }
 
-    #[test]
-    fn remote_pods_come_from_the_other_nodes_slices() {
+    /// Node1's engine, everything listed: its pod `x/a`, and a policy of
+    /// `x` allowing pods labelled `app=b` in (a pod peer: remote pods
+    /// needed).
+    fn with_a_policy_from_b() -> Engine {
         let mut e = Engine::on_node("node1");
         list_all(
             &mut e,
@@ -1402,6 +1404,12 @@ mod tests {
         }))
         .unwrap();
         e.policy_event(Event::Apply(from_b));
+        e
+    }
+
+    #[test]
+    fn remote_pods_come_from_the_other_nodes_slices() {
+        let mut e = with_a_policy_from_b();
         let _ = e.take_load();
         e.loaded(true);
         assert!(e.needs_remote_pods());
@@ -1479,19 +1487,7 @@ mod tests {
     /// label set and namespace shared with the pods labelled alike.
     #[test]
     fn a_remote_pod_is_kept_once_its_labels_shared() {
-        let mut e = Engine::on_node("node1");
-        list_all(
-            &mut e,
-            vec![pod("x", "a", &[], Some("10.0.0.1"))],
-            vec![ns("x")],
-            vec![],
-        );
-        let from_b: net::NetworkPolicy = serde_json::from_value(serde_json::json!({
-            "metadata": {"namespace": "x", "name": "from-b"},
-            "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}
-        }))
-        .unwrap();
-        e.policy_event(Event::Apply(from_b));
+        let mut e = with_a_policy_from_b();
         e.remote_pods(true);
         e.slice_event(Event::Init);
         e.slice_event(Event::InitApply(slice(
