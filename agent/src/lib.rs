@@ -29,8 +29,8 @@ pub mod duties;
 pub mod error;
 pub mod install;
 pub mod kube;
+pub mod netpol;
 pub mod obs;
-pub mod policy;
 pub mod routing;
 pub mod run;
 

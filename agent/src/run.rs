@@ -227,12 +227,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         // With NetworkPolicy disabled the engine still runs, without
         // watches: every workload interface's sources are checked and an
         // unknown one is closed; no policy is enforced.
-        let (handle, inbox) = crate::policy::PolicyHandle::new(client.clone());
-        let (report, reported) = tokio::sync::watch::channel(crate::policy::Status::default());
+        let (handle, inbox) = crate::netpol::PolicyHandle::new(client.clone());
+        let (report, reported) = tokio::sync::watch::channel(crate::netpol::Status::default());
         let initial = crate::cni::wired_endpoints(dp.as_ref(), &owners).await?;
         tasks.spawn(
             "NetworkPolicy",
-            crate::policy::run(
+            crate::netpol::run(
                 client.clone(),
                 node.clone(),
                 inbox,
@@ -247,7 +247,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tasks.spawn("NetworkPolicy events", {
             let (client, node, leader) = (client.clone(), node.clone(), leader.clone());
             async move {
-                crate::policy::events::run(client, node, reported, leader).await;
+                crate::netpol::events::run(client, node, reported, leader).await;
                 Ok(())
             }
         });

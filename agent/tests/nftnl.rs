@@ -13,23 +13,23 @@
 use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
 use margay_policy::model::{Key, Peer, Policy, PortMatch, Rule};
-use margay_policy::nft::{Batch, Compiler, Element, ElementOp, Line, Op, TABLE, TABLE_NAME};
 use margay_policy::random::{self, Rng};
+use margay_policy::ruleset::{Batch, Compiler, Element, ElementOp, Line, Op, TABLE, TABLE_NAME};
 use margay_policy::{PodKey, Proto, Selector, World};
 
-fn batch(d: margay_policy::nft::Delta) -> Batch {
+fn batch(d: margay_policy::ruleset::Delta) -> Batch {
     let mut b = Batch::default();
     b.extend(&d);
     b
 }
 
 fn nft(ns: &Netns, script: &str) {
-    margay_harness::nft::load(ns, script).unwrap();
+    margay_harness::nft_ns::load(ns, script).unwrap();
 }
 
 fn listing(ns: &Netns) -> Vec<String> {
     let (family, name) = TABLE.split_once(' ').unwrap();
-    margay_harness::nft::listing(ns, family, name).unwrap()
+    margay_harness::nft_ns::listing(ns, family, name).unwrap()
 }
 
 /// Every pod of `w` local, on `caliN`.
@@ -386,15 +386,15 @@ fn a_delta_of_10000_set_elements_arrives_whole() {
         ops: vec![
             Op::AddSet {
                 name: PEERS.into(),
-                kind: margay_policy::nft::SetKind::Addr4,
+                kind: margay_policy::ruleset::SetKind::Addr4,
             },
             Op::AddSet {
                 name: NAMED.into(),
-                kind: margay_policy::nft::SetKind::Named4,
+                kind: margay_policy::ruleset::SetKind::Named4,
             },
             Op::AddSet {
                 name: HUGE.into(),
-                kind: margay_policy::nft::SetKind::Addr4,
+                kind: margay_policy::ruleset::SetKind::Addr4,
             },
         ],
     };

@@ -98,12 +98,12 @@ pub struct Best {
 
 /// Import policy applied to everything peers announce.
 #[derive(Debug, Clone, Default)]
-pub struct ImportPolicy {
+pub struct ImportFilter {
     /// Accept only prefixes inside one of these (empty: accept all).
     pub allowed: Vec<Prefix>,
 }
 
-impl ImportPolicy {
+impl ImportFilter {
     fn accepts(&self, p: &Prefix) -> bool {
         self.allowed.is_empty() || self.allowed.iter().any(|a| a.contains(p))
     }
@@ -118,7 +118,7 @@ pub struct Rib {
     peers: HashMap<PeerId, PeerInfo>,
     table: PrefixMap<Dest>,
     counts: HashMap<PeerId, usize>,
-    import: ImportPolicy,
+    import: ImportFilter,
 }
 
 /// Result of feeding announcements or withdrawals.
@@ -134,12 +134,12 @@ impl Rib {
             peers: HashMap::new(),
             table: PrefixMap::default(),
             counts: HashMap::new(),
-            import: ImportPolicy::default(),
+            import: ImportFilter::default(),
         }
     }
 
     /// Sets the import policy (applies to later announcements).
-    pub fn set_import_policy(&mut self, p: ImportPolicy) {
+    pub fn set_import_filter(&mut self, p: ImportFilter) {
         self.import = p;
     }
 
@@ -628,7 +628,7 @@ mod tests {
     #[test]
     fn import_filter_and_loop_detection() {
         let mut r = rib();
-        r.set_import_policy(ImportPolicy {
+        r.set_import_filter(ImportFilter {
             allowed: vec![pfx("10.244.0.0/16")],
         });
         assert!(

@@ -38,7 +38,7 @@ use crate::packet::consts::{AFI_IPV4, AFI_IPV6, SAFI_UNICAST, err};
 use crate::packet::{Attrs, Ctx, GracefulRestartCap, Message, Prefix, Update};
 use crate::peer::{PeerCmd, PeerEvent, PeerStatus, PeerTask, Stop, Transport};
 use crate::prefix_map::PrefixMap;
-use crate::rib::{Best, ImportPolicy, LOCAL, NextHops, PeerId, PeerInfo, Rib};
+use crate::rib::{Best, ImportFilter, LOCAL, NextHops, PeerId, PeerInfo, Rib};
 use crate::state::Shared;
 use crate::task::Owned;
 use crate::{Error, Result};
@@ -234,7 +234,7 @@ impl Speaker {
             );
         }
         let mut rib = Rib::new(cfg.asn, cfg.router_id, cfg.cluster_id);
-        rib.set_import_policy(ImportPolicy {
+        rib.set_import_filter(ImportFilter {
             allowed: cfg.import_prefixes.clone(),
         });
         let (learned_tx, learned) = watch::channel(LearnedRoutes::new());
@@ -710,7 +710,7 @@ impl RibTask {
                 self.originated = want;
                 self.propagate(changes).await;
             }
-            ToRib::SetImport(allowed) => self.rib.set_import_policy(ImportPolicy { allowed }),
+            ToRib::SetImport(allowed) => self.rib.set_import_filter(ImportFilter { allowed }),
             ToRib::SetCommunities(values) => {
                 if self.communities != values {
                     self.communities = values;

@@ -19,7 +19,7 @@ pub mod kubelet;
 pub mod names;
 pub mod netcheck;
 pub mod netns;
-pub mod nft;
+pub mod nft_ns;
 pub mod paths;
 pub mod process;
 pub mod topo;

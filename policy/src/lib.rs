@@ -16,15 +16,15 @@
 //!   enforced as written (refused, or too large): fail closed;
 //! - [`explain`]: what `margayctl policy show|check` report, as typed
 //!   values over the world;
-//! - [`nft`]: the policies compiled to Margay's nftables table, updated
+//! - [`ruleset`]: the policies compiled to Margay's nftables table, updated
 //!   in O(changed).
 
 pub mod cidr;
 pub mod enforce;
 pub mod explain;
 pub mod model;
-pub mod nft;
 pub mod random;
+pub mod ruleset;
 pub mod selector;
 pub mod spec;
 

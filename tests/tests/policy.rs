@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use margay_harness::netcheck::Outcome;
 use margay_harness::netns::{Netns, veth};
-use margay_harness::nft::canonical;
+use margay_harness::nft_ns::canonical;
 use margay_harness::paths;
 use margay_harness::process::Daemon;
-use margay_policy::nft::{Batch, Compiler, TABLE, TABLE_NAME};
 use margay_policy::random::{self, Rng};
+use margay_policy::ruleset::{Batch, Compiler, TABLE, TABLE_NAME};
 use margay_policy::spec::{self, Connection};
 use margay_policy::{PodKey, Proto, World};
 
@@ -248,7 +248,7 @@ trait Nft {
 
 impl Nft for Netns {
     fn nft(&self, script: &str) {
-        margay_harness::nft::load(self, script).unwrap();
+        margay_harness::nft_ns::load(self, script).unwrap();
     }
 
     fn list(&self) -> String {

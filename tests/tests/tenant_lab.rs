@@ -246,7 +246,7 @@ async fn a_pod_cannot_send_as_its_neighbour() {
         .unwrap();
     // The test's own counters, ahead of Margay's table (raw is -300):
     // forged datagrams that come in on the attacker's interface.
-    margay_harness::nft::load(
+    margay_harness::nft_ns::load(
         &c.nodes[0].node.ns,
         &format!(
             "table inet tenant_watch {{\n  chain pre {{\n    \

@@ -91,7 +91,7 @@ pub struct CniService<S, D> {
     /// The pools last read (for the MTU when the datastore is slow).
     last_pools: Mutex<Option<Vec<IPPool>>>,
     /// The NetworkPolicy engine an ADD waits for (none: policy disabled).
-    policy: Option<crate::policy::PolicyHandle>,
+    policy: Option<crate::netpol::PolicyHandle>,
 }
 
 /// Every attachment this node has wired, as the NetworkPolicy engine
@@ -101,16 +101,16 @@ pub struct CniService<S, D> {
 pub async fn wired_endpoints<D: Dataplane>(
     dp: &D,
     owners: &reconcile::Attributions,
-) -> crate::Result<Vec<crate::policy::Restored>> {
+) -> crate::Result<Vec<crate::netpol::Restored>> {
     let pods = dp.list_pods().await.map_err(crate::Error::Dataplane)?;
     Ok(pods
         .iter()
         .filter_map(alias::parse)
         .map(|a| {
             let pod = a.pod.clone().or_else(|| owners.get(&a.handle).cloned());
-            crate::policy::Restored {
+            crate::netpol::Restored {
                 unattributed: a.pod_cut && pod.is_none(),
-                endpoint: crate::policy::Endpoint {
+                endpoint: crate::netpol::Endpoint {
                     host_if: a.host_if,
                     pod: pod.map(|p| margay_policy::PodKey::new(&p.namespace, &p.name)),
                     ips: a.addrs,
@@ -230,7 +230,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
 
     /// Registers every pod with the NetworkPolicy engine; an ADD answers
     /// once its pod's rules are loaded.
-    pub fn enforce_policy(&mut self, policy: crate::policy::PolicyHandle) {
+    pub fn enforce_policy(&mut self, policy: crate::netpol::PolicyHandle) {
         self.policy = Some(policy);
     }
 
@@ -382,7 +382,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         // Every attachment is a workload interface (its sources checked);
         // one of a Pod gets its Pod's policies.
         let ready = self.policy.as_ref().map(|policy| {
-            let ep = crate::policy::Endpoint {
+            let ep = crate::netpol::Endpoint {
                 host_if: host_if.clone(),
                 pod: pod
                     .as_ref()
@@ -390,7 +390,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                     .map(|p| margay_policy::PodKey::new(&p.namespace, &p.name)),
                 ips: addrs.iter().map(IpNetwork::ip).collect(),
             };
-            policy.added(ep, crate::policy::ADD_WAIT)
+            policy.added(ep, crate::netpol::ADD_WAIT)
         });
         let mut ready = std::pin::pin!(async move {
             match ready {
@@ -653,7 +653,7 @@ mod tests {
 
     use super::*;
     use crate::dataplane::FakeDataplane;
-    use crate::policy::Heard;
+    use crate::netpol::Heard;
 
     async fn service() -> (
         CniService<MemStore, FakeDataplane>,
@@ -728,11 +728,11 @@ mod tests {
     /// A service telling a policy "engine" the test plays.
     async fn policed() -> (
         Arc<CniService<MemStore, FakeDataplane>>,
-        crate::policy::PolicyInbox,
+        crate::netpol::PolicyInbox,
         FakeDataplane,
     ) {
         let (mut svc, _, dp) = service().await;
-        let (handle, inbox) = crate::policy::PolicyHandle::new(nowhere());
+        let (handle, inbox) = crate::netpol::PolicyHandle::new(nowhere());
         svc.enforce_policy(handle);
         (Arc::new(svc), inbox, dp)
     }
@@ -746,11 +746,11 @@ mod tests {
     #[allow(clippy::disallowed_methods)] // the test joins it
     async fn add_registered(
         svc: &Arc<CniService<MemStore, FakeDataplane>>,
-        inbox: &mut crate::policy::PolicyInbox,
+        inbox: &mut crate::netpol::PolicyInbox,
         id: &str,
     ) -> (
         AddTask,
-        crate::policy::Endpoint,
+        crate::netpol::Endpoint,
         tokio::sync::oneshot::Sender<()>,
     ) {
         let add = tokio::spawn({

@@ -13,7 +13,7 @@
 //! - [`nat`]: natOutgoing in Margay's nftables table.
 //! - [`tunnel_filter`]: the tunnels take encapsulated packets from the
 //!   cluster's nodes only (Margay's `inet margay_tunnel` table).
-//! - [`nft`] loads nftables scripts; [`nftnl`] hands NetworkPolicy set
+//! - [`nft_script`] loads nftables scripts; [`nftnl`] hands NetworkPolicy set
 //!   element changes to the kernel over netlink, without `nft`.
 //! - [`routed`]: what the node routes for (its blocks, its pods'
 //!   addresses), as `routing::local` publishes it.
@@ -40,7 +40,7 @@ mod ipip;
 pub mod nat;
 mod netlink;
 mod netns;
-pub mod nft;
+pub mod nft_script;
 pub mod nftnl;
 pub mod ownership;
 mod pods;

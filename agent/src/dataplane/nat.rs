@@ -95,7 +95,7 @@ impl Nat {
         if !force && self.last.as_deref() == Some(script.as_str()) {
             return Ok(false);
         }
-        super::nft::load(&script, TABLE).await?;
+        super::nft_script::load(&script, TABLE).await?;
         self.last = Some(script);
         Ok(true)
     }

@@ -13,7 +13,7 @@
 //!   deleted): the tunnel address Margay put there, and the device's up
 //!   state while it has no other address;
 //! - the nftables tables [`NFT_TABLE`] (natOutgoing, see [`super::nat`]),
-//!   [`NFT_POLICY_TABLE`] (NetworkPolicy, see `crate::policy`) and
+//!   [`NFT_POLICY_TABLE`] (NetworkPolicy, see `crate::netpol`) and
 //!   [`NFT_TUNNEL_TABLE`] (which addresses the tunnels take packets from,
 //!   see [`super::tunnel_filter`]).
 
@@ -43,10 +43,10 @@ pub const VXLAN_PORT: u16 = 4789;
 /// The nftables table (family and name).
 pub const NFT_TABLE: &str = "inet margay";
 /// The NetworkPolicy nftables table (family and name).
-pub const NFT_POLICY_TABLE: &str = margay_policy::nft::TABLE;
+pub const NFT_POLICY_TABLE: &str = margay_policy::ruleset::TABLE;
 /// [`NFT_POLICY_TABLE`]'s name within its family (`inet`), as netlink
 /// names it.
-pub const POLICY_TABLE_NAME: &str = margay_policy::nft::TABLE_NAME;
+pub const POLICY_TABLE_NAME: &str = margay_policy::ruleset::TABLE_NAME;
 
 /// The tunnel filter's nftables table (family and name): encapsulated
 /// packets are taken from the cluster's nodes only.

@@ -250,17 +250,17 @@ pub fn parse(json: &str) -> Result<TunnelFilter> {
 
 /// The table in this process's namespace (`None`: there is none).
 pub(super) async fn read() -> Result<Option<TunnelFilter>> {
-    let tables = super::nft::list_json(&["list", "tables", "inet"]).await?;
+    let tables = super::nft_script::list_json(&["list", "tables", "inet"]).await?;
     if !lists_table(&tables)? {
         return Ok(None);
     }
-    let json = super::nft::list_json(&["list", "table", "inet", TUNNEL_TABLE_NAME]).await?;
+    let json = super::nft_script::list_json(&["list", "table", "inet", TUNNEL_TABLE_NAME]).await?;
     parse(&json).map(Some)
 }
 
 /// Replaces the table in this process's namespace with `f`.
 pub(super) async fn load(f: &TunnelFilter) -> Result<()> {
-    super::nft::load(&render(f), NFT_TUNNEL_TABLE).await
+    super::nft_script::load(&render(f), NFT_TUNNEL_TABLE).await
 }
 
 /// What `/status` says of a table: the tunnels it guards and how many

@@ -33,7 +33,7 @@ pub struct AgentState {
     /// Whether this agent holds the leader Lease, once elections run.
     pub leader: OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// The NetworkPolicy engine, when it runs.
-    pub policy: OnceLock<crate::policy::PolicyHandle>,
+    pub policy: OnceLock<crate::netpol::PolicyHandle>,
     /// What the NetworkPolicy engine last reported.
     pub policy_status: OnceLock<tokio::sync::watch::Receiver<PolicyStatus>>,
 }

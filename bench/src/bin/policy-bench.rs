@@ -5,7 +5,7 @@
 //! kube-router applies them. Same machine, same run, each in a fresh
 //! network namespace.
 //!
-//! - Margay: `margay_policy::nft::Compiler` (what the agent runs) turns the
+//! - Margay: `margay_policy::ruleset::Compiler` (what the agent runs) turns the
 //!   change into a delta, which the agent's own code loads as the agent
 //!   does: over netlink (`dataplane::nftnl`, one batch, one transaction,
 //!   on a socket kept open), with `nft -f -` only for a batch too large
@@ -45,7 +45,7 @@ use clap::Parser;
 use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
 use margay_policy::model::{Direction, Key, NamedPort, Peer, PortMatch, Rule};
-use margay_policy::nft::{Batch, Compiler, Delta, TABLE_NAME};
+use margay_policy::ruleset::{Batch, Compiler, Delta, TABLE_NAME};
 use margay_policy::selector::Labels;
 use margay_policy::{Namespace, Pod, PodKey, Policy, Proto, Selector, World, spec};
 

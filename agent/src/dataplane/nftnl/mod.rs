@@ -5,7 +5,7 @@
 //! of the table before it runs a script, and costs a process; a policy
 //! created or a pod added is a few messages here (BENCHMARKS.md). The
 //! whole table (start-up, resync, recovery) still goes through
-//! [`super::nft`], as does a batch too large for one write
+//! [`super::nft_script`], as does a batch too large for one write
 //! ([`MAX_BATCH`]).
 //!
 //! [`encode`] is pure (a batch of messages from a [`Batch`]; rule lines
@@ -35,7 +35,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use margay_policy::nft::{Batch, Element, ElementOp, Op, SetKind};
+use margay_policy::ruleset::{Batch, Element, ElementOp, Op, SetKind};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockopt, recv,
     sendto, setsockopt, socket, sockopt,
@@ -718,7 +718,7 @@ mod tests {
                 Op::AddChain("in/x/p".into()),
                 Op::AddRule {
                     chain: "in/x/p".into(),
-                    line: margay_policy::nft::Line::DropUnmarked,
+                    line: margay_policy::ruleset::Line::DropUnmarked,
                 },
                 el(
                     ElementOp::Delete,
@@ -981,9 +981,9 @@ mod tests {
         };
         let rule = |k| Op::AddRule {
             chain: "in/x/p".into(),
-            line: margay_policy::nft::Line::Allow {
-                peer: Some(margay_policy::nft::PeerMatch::Block {
-                    field: margay_policy::nft::Field::Saddr,
+            line: margay_policy::ruleset::Line::Allow {
+                peer: Some(margay_policy::ruleset::PeerMatch::Block {
+                    field: margay_policy::ruleset::Field::Saddr,
                     cidr: "10.0.0.0/8".parse().unwrap(),
                     except: except(k),
                 }),

@@ -9,7 +9,7 @@
 use ipnetwork::IpNetwork;
 use margay_policy::Proto;
 use margay_policy::model::Direction;
-use margay_policy::nft::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
+use margay_policy::ruleset::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
 
 use super::{
     Attrs, NF_DROP, NFT_GOTO, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr,

@@ -256,7 +256,7 @@ async fn refused_policies(engine: &Engine) -> Vec<margay_policy::PolicyKey> {
     let loads = |closed: Vec<margay_policy::PolicyKey>| {
         let script = engine.script_closing(&closed);
         async move {
-            crate::dataplane::nft::check(&script, NFT_POLICY_TABLE)
+            crate::dataplane::nft_script::check(&script, NFT_POLICY_TABLE)
                 .await
                 .is_ok()
         }
@@ -566,8 +566,11 @@ pub async fn run(
                                 crate::dataplane::nftnl::Sent::Applied => ("netlink", Ok(())),
                                 crate::dataplane::nftnl::Sent::TooLarge => (
                                     "nft",
-                                    crate::dataplane::nft::load(&b.script(), NFT_POLICY_TABLE)
-                                        .await,
+                                    crate::dataplane::nft_script::load(
+                                        &b.script(),
+                                        NFT_POLICY_TABLE,
+                                    )
+                                    .await,
                                 ),
                             }
                         }
@@ -576,7 +579,7 @@ pub async fn run(
                 }
                 engine::Load::Script(script) => (
                     "nft",
-                    crate::dataplane::nft::load(&script, NFT_POLICY_TABLE).await,
+                    crate::dataplane::nft_script::load(&script, NFT_POLICY_TABLE).await,
                 ),
             };
             match done {

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::Compiler;
 use crate::model::Direction;
-use crate::nft::{Delta, Element, Line, Set, SetKind, Table, Verdict, dispatch_chain, iface_set};
+use crate::ruleset::{
+    Delta, Element, Line, Set, SetKind, Table, Verdict, dispatch_chain, iface_set,
+};
 
 /// The old values of what a change touched (`None`: it did not exist),
 /// so its delta is computed over those keys only: a change costs what it

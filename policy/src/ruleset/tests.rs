@@ -332,7 +332,7 @@ fn a_delta_removes_references_before_what_they_reference() {
 /// script; a policy's is not.
 #[test]
 fn element_only_deltas_are_typed() {
-    use crate::nft::{Batch, Op};
+    use crate::ruleset::{Batch, Op};
     assert_eq!(
         Element::Port {
             addr: "fd00::1".parse().unwrap(),

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use super::{Compiler, User};
 use crate::model::{Direction, PodKey, PolicyKey};
-use crate::nft::names::{endpoint_chain, policy_chain};
-use crate::nft::{Line, Set, SetKind, Verdict, iface_set};
+use crate::ruleset::names::{endpoint_chain, policy_chain};
+use crate::ruleset::{Line, Set, SetKind, Verdict, iface_set};
 
 impl Compiler {
     pub(super) fn quarantine_maps(&mut self, ifname: &str) {

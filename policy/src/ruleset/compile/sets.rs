@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use super::Compiler;
 use crate::Proto;
 use crate::model::{Pod, PodKey, PolicyKey};
-use crate::nft::registry::{IndexKey, NsPart, PodPart, SetDef};
-use crate::nft::{Element, Set};
+use crate::ruleset::registry::{IndexKey, NsPart, PodPart, SetDef};
+use crate::ruleset::{Element, Set};
 use crate::selector::Labels;
 
 impl Compiler {

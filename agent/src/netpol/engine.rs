@@ -5,7 +5,7 @@
 //! - Until every one of the three kinds has been listed once, nothing is
 //!   written: the table the kernel holds (from before a restart) stays.
 //!   Then the whole table is loaded in one transaction, and from then on
-//!   each batch of changes is one delta ([`margay_policy::nft::Delta`]).
+//!   each batch of changes is one delta ([`margay_policy::ruleset::Delta`]).
 //! - A relist (after a watch broke) is compared with what was known when
 //!   it completes: objects it no longer has are deleted then, not before.
 //! - Endpoints are attachments, keyed by their host interface: every one
@@ -21,7 +21,7 @@
 //!   when the agent started) is quarantined while its namespace has any
 //!   policy, open while it has none.
 //! - A policy that cannot be enforced as written (the model refuses it, or
-//!   it is larger than [`margay_policy::nft::MAX_POLICY_COST`]) is
+//!   it is larger than [`margay_policy::ruleset::MAX_POLICY_COST`]) is
 //!   enforced fail closed: the pods it selects are isolated by it in its
 //!   directions with nothing allowed, on every node alike; it is reported.
 //! - An ADD waiting for its rules is answered once everything is listed,
@@ -42,7 +42,7 @@ use k8s_openapi::api::networking::v1 as net;
 use margay_api::slice::MargayEndpointSlice;
 pub use margay_policy::enforce::Unenforced;
 use margay_policy::model::{Key, NamedPort, Namespace};
-use margay_policy::nft::{Batch, Compiler, Delta};
+use margay_policy::ruleset::{Batch, Compiler, Delta};
 use margay_policy::{Labels, Pod, PodKey, Policy, PolicyKey};
 use std::sync::Arc;
 
@@ -1933,13 +1933,13 @@ mod tests {
         let t = e.compiler().table();
         assert_eq!(
             t.ingress.get("cali1"),
-            Some(&margay_policy::nft::Verdict::Drop),
+            Some(&margay_policy::ruleset::Verdict::Drop),
             "{s}"
         );
         assert_eq!(t.ingress.get("cali2"), None, "nothing could select it");
         assert_eq!(
             t.ingress.get("cali3"),
-            Some(&margay_policy::nft::Verdict::Drop)
+            Some(&margay_policy::ruleset::Verdict::Drop)
         );
         for i in ["cali1", "cali2", "cali3"] {
             assert!(

@@ -5,9 +5,9 @@
 
 use super::{Compiled, Compiler};
 use crate::model::{Direction, Peer, PolicyKey, PortMatch, Rule};
-use crate::nft::names::{INLINE_EXCEPTS, except_chain, policy_chain, rule_chain};
-use crate::nft::registry::SetDef;
-use crate::nft::{Field, L4Match, Line, PeerMatch};
+use crate::ruleset::names::{INLINE_EXCEPTS, except_chain, policy_chain, rule_chain};
+use crate::ruleset::registry::SetDef;
+use crate::ruleset::{Field, L4Match, Line, PeerMatch};
 
 impl Compiler {
     /// Drops what was compiled for `key` and compiles it again if it
