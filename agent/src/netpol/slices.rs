@@ -215,36 +215,103 @@ fn index_of(node: &str, name: &str) -> Option<usize> {
     (slice_name(node, i) == name).then_some(i)
 }
 
+/// This node's Node's UID (the slices' owner) and its slices as listed.
+async fn read_back(
+    api: &Api<MargayEndpointSlice>,
+    nodes: &Api<core::Node>,
+    node: &str,
+) -> crate::Result<(String, Book)> {
+    let lp = ListParams::default().labels(&format!("{SLICE_NODE_LABEL}={}", node_label(node)));
+    let what = || format!("reading node {node}'s endpoint slices");
+    crate::kube::deadline(what, async {
+        let n = nodes
+            .get(node)
+            .await
+            .map_err(|e| crate::Error::kube(what(), e))?;
+        let listed = margay_ipam::k8s::list_items(api, &lp)
+            .await
+            .map_err(|e| crate::Error::kube(what(), e))?;
+        let mine: Vec<(usize, Vec<SliceEndpoint>)> = listed
+            .iter()
+            .filter(|s| s.spec.node == node)
+            .filter_map(|s| Some((index_of(node, &s.name_any())?, s.spec.endpoints.clone())))
+            .collect();
+        Ok((n.metadata.uid.unwrap_or_default(), Book::from_listed(&mine)))
+    })
+    .await
+}
+
+/// Slice `i` of `node` holding `eps`, owned by the Node (UID `uid`).
+fn slice_object(node: &str, uid: &str, i: usize, eps: &[SliceEndpoint]) -> MargayEndpointSlice {
+    let mut s = MargayEndpointSlice::new(
+        &slice_name(node, i),
+        MargayEndpointSliceSpec {
+            node: node.to_string(),
+            endpoints: eps.to_vec(),
+        },
+    );
+    s.metadata.labels = Some([(SLICE_NODE_LABEL.to_string(), node_label(node))].into());
+    s.metadata.owner_references = Some(vec![
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node.to_string(),
+            uid: uid.to_string(),
+            ..Default::default()
+        },
+    ]);
+    s
+}
+
+/// Carries out one planned write (a slice already gone counts as deleted).
+async fn write(
+    api: &Api<MargayEndpointSlice>,
+    node: &str,
+    uid: &str,
+    w: &Write,
+) -> crate::Result<()> {
+    match w {
+        Write::Apply(i, eps) => {
+            let name = slice_name(node, *i);
+            let what = || format!("writing endpoint slice {name}");
+            let s = slice_object(node, uid, *i, eps);
+            let pp = PatchParams::apply("margay-agent").force();
+            crate::kube::deadline(what, async {
+                api.patch(&name, &pp, &Patch::Apply(&s))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| crate::Error::kube(what(), e))
+            })
+            .await
+        }
+        Write::Delete(i) => {
+            let name = slice_name(node, *i);
+            let what = || format!("deleting endpoint slice {name}");
+            crate::kube::deadline(what, async {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                    r => r.map(|_| ()).map_err(|e| crate::Error::kube(what(), e)),
+                }
+            })
+            .await
+        }
+    }
+}
+
 /// Writes node `node`'s slices from `rx` until the process ends.
 pub async fn run(client: kube::Client, node: String, mut rx: watch::Receiver<Published>) {
     let api: Api<MargayEndpointSlice> = Api::all(client.clone());
     let nodes: Api<core::Node> = Api::all(client);
     let retry = Duration::from_secs(2);
-    // This node's Node (the slices' owner) and its slices as they are.
     let (uid, mut book) = loop {
-        let lp = ListParams::default().labels(&format!("{SLICE_NODE_LABEL}={}", node_label(&node)));
-        let got = async {
-            let n = nodes.get(&node).await?;
-            let l = margay_ipam::k8s::list_items(&api, &lp).await?;
-            Ok::<_, kube::Error>((n.metadata.uid.unwrap_or_default(), l))
-        };
-        match tokio::time::timeout(crate::kube::DEADLINE, got).await {
-            Ok(Ok((uid, listed))) => {
-                let mine: Vec<(usize, Vec<SliceEndpoint>)> = listed
-                    .iter()
-                    .filter(|s| s.spec.node == node)
-                    .filter_map(|s| {
-                        Some((index_of(&node, &s.name_any())?, s.spec.endpoints.clone()))
-                    })
-                    .collect();
-                break (uid, Book::from_listed(&mine));
-            }
-            Ok(Err(e)) => tracing::debug!("endpoint slices: reading this node's: {e}"),
-            Err(_) => tracing::debug!("endpoint slices: reading this node's: no answer"),
+        match read_back(&api, &nodes, &node).await {
+            Ok(got) => break got,
+            Err(e) => tracing::debug!("endpoint slices: {e}"),
         }
         tokio::time::sleep(retry).await;
     };
-    let mut failed = false;
+    // A failure is a warning once, then quiet until a write succeeds.
+    let (mut failed, mut warned) = (false, false);
     loop {
         if failed {
             tokio::time::sleep(retry).await;
@@ -256,57 +323,20 @@ pub async fn run(client: kube::Client, node: String, mut rx: watch::Receiver<Pub
         };
         failed = false;
         for w in book.plan(&pods) {
-            let res = match &w {
-                Write::Apply(i, eps) => {
-                    let mut s = MargayEndpointSlice::new(
-                        &slice_name(&node, *i),
-                        MargayEndpointSliceSpec {
-                            node: node.clone(),
-                            endpoints: eps.clone(),
-                        },
+            match write(&api, &node, &uid, &w).await {
+                Ok(()) => {
+                    book.wrote(&w);
+                    warned = false;
+                }
+                Err(e) if warned => {
+                    tracing::debug!("endpoint slices: {e}");
+                    failed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "endpoint slices: {e} (other nodes' policies see this node's pods as last written; retrying)"
                     );
-                    s.metadata.labels =
-                        Some([(SLICE_NODE_LABEL.to_string(), node_label(&node))].into());
-                    s.metadata.owner_references = Some(vec![
-                        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                            api_version: "v1".into(),
-                            kind: "Node".into(),
-                            name: node.clone(),
-                            uid: uid.clone(),
-                            ..Default::default()
-                        },
-                    ]);
-                    let pp = PatchParams::apply("margay-agent").force();
-                    let name = slice_name(&node, *i);
-                    tokio::time::timeout(
-                        crate::kube::DEADLINE,
-                        api.patch(&name, &pp, &Patch::Apply(&s)),
-                    )
-                    .await
-                    .map(|r| r.map(|_| ()))
-                }
-                Write::Delete(i) => {
-                    let name = slice_name(&node, *i);
-                    tokio::time::timeout(
-                        crate::kube::DEADLINE,
-                        api.delete(&name, &DeleteParams::default()),
-                    )
-                    .await
-                    .map(|r| match r {
-                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                        r => r.map(|_| ()),
-                    })
-                }
-            };
-            match res {
-                Ok(Ok(())) => book.wrote(&w),
-                Ok(Err(e)) => {
-                    tracing::debug!("endpoint slices: writing: {e}");
-                    failed = true;
-                }
-                Err(_) => {
-                    tracing::debug!("endpoint slices: writing: no answer");
-                    failed = true;
+                    (failed, warned) = (true, true);
                 }
             }
         }
