@@ -4,7 +4,7 @@
 //! and what is read at each size once the agents' CPU has settled.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use crate::Cli;
 use crate::fake::{self, Gen};
 use crate::lab::{LabState, ProcSample, command_lines, control_plane, mib, proc_sample};
-use crate::metrics::Api as Metrics;
+use crate::metrics::{self, Api as Metrics};
 use crate::results::{Churn, Point};
 use crate::watch::Seen;
 
@@ -66,24 +66,71 @@ fn tracing_less_warn(msg: &str) {
 /// The bench on a running lab: what it asks the API and reads of the
 /// agents, and what it keeps between sizes.
 pub(crate) struct Bench {
-    pub(crate) cli: Cli,
-    pub(crate) client: kube::Client,
-    pub(crate) fakes: Gen,
-    pub(crate) lab_dir: PathBuf,
-    pub(crate) api_port: u16,
-    pub(crate) clk_tck: f64,
+    /// What it was asked.
+    pub cli: Cli,
+    client: kube::Client,
+    fakes: Gen,
+    lab_dir: PathBuf,
+    api_port: u16,
+    clk_tck: f64,
     /// Fake nodes the node status writer cycles through.
-    pub(crate) status_nodes: Arc<AtomicU32>,
+    status_nodes: Arc<AtomicU32>,
     /// Node status writes it made.
-    pub(crate) status_writes: Arc<AtomicU64>,
-    pub(crate) stop: Arc<AtomicBool>,
+    status_writes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
     /// Pod and Node changes the bench's own watches saw.
-    pub(crate) seen: Seen,
+    seen: Seen,
 }
 
 type Agents = Vec<(String, u32, ProcSample)>;
 
 impl Bench {
+    /// The bench `cli` asks for, on the lab `lab` describes, its fake
+    /// objects made by `fakes`.
+    pub(crate) async fn new(cli: Cli, fakes: Gen, lab: &LabState) -> anyhow::Result<Self> {
+        let client = margay_harness::kube::client_from(Path::new(&lab.kubeconfig)).await?;
+        let api_port = metrics::url_port(&lab.apiserver_url)
+            .with_context(|| format!("the apiserver's port in {}", lab.apiserver_url))?;
+        let clk_tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .map_or(100.0, |v| v as f64);
+        Ok(Self {
+            lab_dir: cli.lab_dir.clone(),
+            fakes,
+            client,
+            api_port,
+            clk_tck,
+            status_nodes: Arc::new(AtomicU32::new(0)),
+            status_writes: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            seen: Seen::default(),
+            cli,
+        })
+    }
+
+    /// The bench's own watches, of the fake pods and of every Node: each
+    /// aborted when its handle goes.
+    pub(crate) fn watches(&self) -> [margay_task::Owned; 2] {
+        [
+            margay_task::Owned::spawn(Seen::watch(
+                Api::<Pod>::namespaced(self.client.clone(), &self.cli.namespace),
+                self.seen.pods.clone(),
+                self.stop.clone(),
+            )),
+            margay_task::Owned::spawn(Seen::watch(
+                Api::<Node>::all(self.client.clone()),
+                self.seen.nodes.clone(),
+                self.stop.clone(),
+            )),
+        ]
+    }
+
+    /// Tells the node status writer to stop.
+    pub(crate) fn finish(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     fn lab(&self) -> anyhow::Result<LabState> {
         LabState::load(&self.lab_dir)
     }
@@ -193,19 +240,8 @@ impl Bench {
             bail!("--probe needs a lab node named node2");
         };
         let lab = std::env::current_exe()?.with_file_name("margay-lab");
-        let nft = |args: Vec<String>| {
-            let mut a = vec!["-t".to_string(), pid.to_string(), "-n".into(), "nft".into()];
-            a.extend(args);
-            tokio::process::Command::new("nsenter").args(a).output()
-        };
         // The peer set: the set holding a fake pod's address.
-        let sets = nft(vec![
-            "-t".into(),
-            "list".into(),
-            "sets".into(),
-            "inet".into(),
-        ])
-        .await?;
+        let sets = nft(pid, &["-t", "list", "sets", "inet"]).await?;
         let text = String::from_utf8_lossy(&sets.stdout).to_string();
         let probe_ip = self.fakes.pod_address(0, 0)?.to_string();
         let mut set = None;
@@ -214,16 +250,7 @@ impl Bench {
             .filter_map(|l| l.trim().strip_prefix("set "))
             .map(|l| l.trim_end_matches(" {").to_string())
         {
-            let o = nft(vec![
-                "get".into(),
-                "element".into(),
-                "inet".into(),
-                "margay_policy".into(),
-                name.clone(),
-                format!("{{ {probe_ip} }}"),
-            ])
-            .await?;
-            if o.status.success() {
+            if in_set(pid, &name, &probe_ip).await? {
                 set = Some(name);
                 break;
             }
@@ -255,16 +282,7 @@ impl Bench {
                 );
             };
             loop {
-                let o = nft(vec![
-                    "get".into(),
-                    "element".into(),
-                    "inet".into(),
-                    "margay_policy".into(),
-                    set.clone(),
-                    format!("{{ {ip} }}"),
-                ])
-                .await?;
-                if o.status.success() {
+                if in_set(pid, &set, &ip).await? {
                     out.push(t0.elapsed().as_secs_f64() * 1e3);
                     break;
                 }
@@ -295,18 +313,7 @@ impl Bench {
             .find(|(n, _, _)| n != leader)
             .or(agents.first())?
             .1;
-        let out = tokio::process::Command::new("nsenter")
-            .args([
-                "-t",
-                &pid.to_string(),
-                "-n",
-                "nft",
-                "list",
-                "table",
-                "inet",
-                "margay_policy",
-            ])
-            .output()
+        let out = nft(pid, &["list", "table", "inet", "margay_policy"])
             .await
             .ok()?;
         Some(fake::pod_addresses_in(&String::from_utf8_lossy(
@@ -706,6 +713,27 @@ fn mean(v: &[f64]) -> f64 {
     } else {
         v.iter().sum::<f64>() / v.len() as f64
     }
+}
+
+/// `nft ARGS` in the network namespace of process `pid` (an agent's node).
+async fn nft(pid: u32, args: &[&str]) -> std::io::Result<std::process::Output> {
+    tokio::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "nft"])
+        .args(args)
+        .output()
+        .await
+}
+
+/// Whether set `set` of the NetworkPolicy table in process `pid`'s
+/// network namespace holds `ip`.
+async fn in_set(pid: u32, set: &str, ip: &str) -> std::io::Result<bool> {
+    let element = format!("{{ {ip} }}");
+    let o = nft(
+        pid,
+        &["get", "element", "inet", "margay_policy", set, &element],
+    )
+    .await?;
+    Ok(o.status.success())
 }
 
 /// Creates fake pod `k` of node `i` and writes its status as a kubelet

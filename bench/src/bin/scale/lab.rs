@@ -13,17 +13,17 @@ use crate::metrics;
 /// What the bench reads of the lab's `state.json`.
 #[derive(Debug, Deserialize)]
 pub(crate) struct LabState {
-    pub(crate) kubeconfig: String,
-    pub(crate) apiserver_url: String,
-    pub(crate) nodes: Vec<LabNode>,
+    pub kubeconfig: String,
+    pub apiserver_url: String,
+    pub nodes: Vec<LabNode>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct LabNode {
-    pub(crate) name: String,
-    pub(crate) agent_pid: u32,
+    pub name: String,
+    pub agent_pid: u32,
     #[serde(default)]
-    pub(crate) restarts: u32,
+    pub restarts: u32,
 }
 
 impl LabState {
@@ -39,8 +39,8 @@ impl LabState {
 /// One process's figures.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ProcSample {
-    pub(crate) rss_kib: u64,
-    pub(crate) cpu_ticks: u64,
+    pub rss_kib: u64,
+    pub cpu_ticks: u64,
 }
 
 pub(crate) fn proc_sample(pid: u32) -> Option<ProcSample> {

@@ -46,22 +46,17 @@ mod results;
 mod svg;
 mod watch;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::Api;
 
 use bench::Bench;
 use fake::Gen;
 use lab::LabState;
 use report::{report, write};
 use results::{Results, load_results};
-use watch::Seen;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,75 +65,75 @@ use watch::Seen;
 pub(crate) struct Cli {
     /// Fake node counts, ascending; the cluster grows from one to the next.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
-    pub(crate) sizes: Vec<u32>,
+    pub sizes: Vec<u32>,
     /// Fake pods per fake node.
     #[arg(long, default_value_t = 30)]
-    pub(crate) pods_per_node: u32,
+    pub pods_per_node: u32,
     /// API writes in flight while loading.
     #[arg(long, default_value_t = 24)]
-    pub(crate) concurrency: usize,
+    pub concurrency: usize,
     /// Pods replaced per second at each size (0: no churn).
     #[arg(long, default_value_t = 0.0)]
-    pub(crate) churn: f64,
+    pub churn: f64,
     /// How long the churn lasts at each size, in seconds (a watch of the
     /// pods counts the changes: at most 280).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=280))]
-    pub(crate) churn_seconds: u64,
+    pub churn_seconds: u64,
     /// Each fake node's status (its Ready condition) written every this
     /// many seconds, spread evenly, as a kubelet reports (0: never; a
     /// kubelet with Leases writes it every 300 s, older ones every 10 s).
     #[arg(long, default_value_t = 0)]
-    pub(crate) node_status_interval: u64,
+    pub node_status_interval: u64,
     /// The quiet window at each size, in seconds.
     #[arg(long, default_value_t = 30)]
-    pub(crate) window: u64,
+    pub window: u64,
     /// Settled: the agents together used less than this share of a core
     /// (percent) over two 5-s samples in a row.
     #[arg(long, default_value_t = 5.0)]
-    pub(crate) settle_cpu: f64,
+    pub settle_cpu: f64,
     /// Waiting for that at least this long, at most `--settle-max` seconds.
     #[arg(long, default_value_t = 10)]
-    pub(crate) settle_min: u64,
+    pub settle_min: u64,
     /// At most this long.
     #[arg(long, default_value_t = 300)]
-    pub(crate) settle_max: u64,
+    pub settle_max: u64,
     /// The lab's directory (its `state.json`, `kubeconfig`).
     #[arg(long, env = "MARGAY_LAB_DIR", default_value = "/run/margay-lab")]
-    pub(crate) lab_dir: PathBuf,
+    pub lab_dir: PathBuf,
     /// The fake pods' namespace.
     #[arg(long, default_value = "scale")]
-    pub(crate) namespace: String,
+    pub namespace: String,
     /// Write the line chart of agent RSS against N here (SVG).
     #[arg(long)]
-    pub(crate) plot: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
     /// Write every figure here (JSON; what `--baseline` reads).
     #[arg(long)]
-    pub(crate) json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
     /// A previous run's JSON: its curves in the chart (dashed) and ratios.
     #[arg(long)]
-    pub(crate) baseline: Option<PathBuf>,
+    pub baseline: Option<PathBuf>,
     /// This run's name in the chart and the JSON (e.g. `old`, `new`).
     #[arg(long, default_value = "this run")]
-    pub(crate) label: String,
+    pub label: String,
     /// A NetworkPolicy in the fake pods' namespace whose peer is every
     /// pod of every namespace: every agent then keeps every remote pod
     /// (its peer set is counted on one agent at each size).
     #[arg(long)]
-    pub(crate) policy: bool,
+    pub policy: bool,
     /// With `--policy`: at each size, this many real pods started on the
     /// lab's node1 (one a second, during the churn when there is one), and
     /// the time from their start until node2's agent has their address in
     /// its peer set (the way: node1's Pod watch, its endpoint slice, node2's
     /// slice watch, its table).
     #[arg(long, default_value_t = 0)]
-    pub(crate) probe: u32,
+    pub probe: u32,
     /// Leave the fake objects in place at the end.
     #[arg(long)]
-    pub(crate) no_cleanup: bool,
+    pub no_cleanup: bool,
     /// No lab: the tables and the chart of a run's JSON again (with
     /// `--baseline`, beside another run's).
     #[arg(long)]
-    pub(crate) replot: Option<PathBuf>,
+    pub replot: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -166,25 +161,7 @@ async fn main() -> anyhow::Result<()> {
         return report(&load_results(p)?, base.as_ref(), cli.plot.as_deref());
     }
     let lab = LabState::load(&cli.lab_dir)?;
-    let client = margay_harness::kube::client_from(Path::new(&lab.kubeconfig)).await?;
-    let api_port = metrics::url_port(&lab.apiserver_url)
-        .with_context(|| format!("the apiserver's port in {}", lab.apiserver_url))?;
-    let clk_tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |v| v as f64);
-    let b = Bench {
-        lab_dir: cli.lab_dir.clone(),
-        fakes,
-        client,
-        api_port,
-        clk_tck,
-        status_nodes: Arc::new(AtomicU32::new(0)),
-        status_writes: Arc::new(AtomicU64::new(0)),
-        stop: Arc::new(AtomicBool::new(false)),
-        seen: Seen::default(),
-        cli,
-    };
+    let b = Bench::new(cli, fakes, &lab).await?;
     // Leftovers of an earlier run first.
     b.cleanup().await?;
     b.prepare().await?;
@@ -192,18 +169,7 @@ async fn main() -> anyhow::Result<()> {
     // aborted when their handles go, at the end.
     let mut status_task = tokio::task::JoinSet::new();
     b.spawn_node_status(&mut status_task);
-    let watches = [
-        margay_task::Owned::spawn(Seen::watch(
-            Api::<Pod>::namespaced(b.client.clone(), &b.cli.namespace),
-            b.seen.pods.clone(),
-            b.stop.clone(),
-        )),
-        margay_task::Owned::spawn(Seen::watch(
-            Api::<Node>::all(b.client.clone()),
-            b.seen.nodes.clone(),
-            b.stop.clone(),
-        )),
-    ];
+    let watches = b.watches();
     // Both watching before anything is measured.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut results = Results {
@@ -227,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     };
     let outcome = run.await;
-    b.stop.store(true, Ordering::Relaxed);
+    b.finish();
     while status_task.join_next().await.is_some() {}
     drop(watches);
     report(&results, base.as_ref(), b.cli.plot.as_deref())?;

@@ -12,22 +12,22 @@ use serde::{Deserialize, Serialize};
 #[serde(default)]
 pub(crate) struct Churn {
     /// Pods replaced per second asked.
-    pub(crate) rate: f64,
+    pub rate: f64,
     /// Seconds it took.
-    pub(crate) seconds: f64,
+    pub seconds: f64,
     /// Pod writes done (delete, create, status).
-    pub(crate) writes: u64,
+    pub writes: u64,
     /// Pod changes: the events the bench's watch of the fake pods'
     /// namespace got (a deletion is two: its deletion timestamp, then its
     /// removal).
-    pub(crate) changes: u64,
+    pub changes: u64,
     /// Pod watch events the apiserver sent meanwhile, less the bench's
     /// own watch's.
-    pub(crate) pod_events: f64,
+    pub pod_events: f64,
     /// Their bytes (the mean event size times `pod_events`).
-    pub(crate) pod_bytes: f64,
+    pub pod_bytes: f64,
     /// The agents' CPU meanwhile, all together (percent of a core).
-    pub(crate) agents_cpu_percent: f64,
+    pub agents_cpu_percent: f64,
 }
 
 /// Everything measured at one size.
@@ -35,65 +35,65 @@ pub(crate) struct Churn {
 #[serde(default)]
 pub(crate) struct Point {
     /// Fake nodes.
-    pub(crate) nodes: u32,
+    pub nodes: u32,
     /// Fake pods.
-    pub(crate) pods: u64,
+    pub pods: u64,
     /// With `--policy`: the fake pods' addresses in one (non-leader)
     /// agent's NetworkPolicy table.
     #[serde(default)]
-    pub(crate) peer_set: Option<u64>,
+    pub peer_set: Option<u64>,
     /// With `--probe`: milliseconds from each probe pod's start to its
     /// address in node2's peer set (a probe never seen: absent).
     #[serde(default)]
-    pub(crate) peer_latency_ms: Vec<f64>,
+    pub peer_latency_ms: Vec<f64>,
     /// Seconds the load to this size took.
-    pub(crate) load_seconds: f64,
+    pub load_seconds: f64,
     /// Pod writes of that load (create + status).
-    pub(crate) load_pod_writes: u64,
+    pub load_pod_writes: u64,
     /// Node writes of that load (create; status if written).
-    pub(crate) load_node_writes: u64,
+    pub load_node_writes: u64,
     /// Pod and Node changes during the load, as the bench's own watches
     /// saw them (a Node's include its agent's writes, for the real ones).
-    pub(crate) load_pod_changes: u64,
-    pub(crate) load_node_changes: u64,
+    pub load_pod_changes: u64,
+    pub load_node_changes: u64,
     /// Pod and Node watch events the apiserver sent during the load, less
     /// the bench's own watches'.
-    pub(crate) load_pod_events: f64,
-    pub(crate) load_node_events: f64,
+    pub load_pod_events: f64,
+    pub load_node_events: f64,
     /// Seconds from the end of the load to settled.
-    pub(crate) settle_seconds: f64,
+    pub settle_seconds: f64,
     /// Whether the agents' CPU settled before `--settle-max`.
-    pub(crate) settled: bool,
+    pub settled: bool,
     /// The leader's node, its RSS (MiB).
-    pub(crate) leader: String,
-    pub(crate) leader_rss_mib: f64,
+    pub leader: String,
+    pub leader_rss_mib: f64,
     /// The other agents' RSS (MiB): mean and max.
-    pub(crate) others_rss_mib_mean: f64,
-    pub(crate) others_rss_mib_max: f64,
+    pub others_rss_mib_mean: f64,
+    pub others_rss_mib_max: f64,
     /// Control plane RSS (MiB).
-    pub(crate) apiserver_rss_mib: Option<f64>,
-    pub(crate) etcd_rss_mib: Option<f64>,
+    pub apiserver_rss_mib: Option<f64>,
+    pub etcd_rss_mib: Option<f64>,
     /// CPU seconds of all agents from the start of the load to settled.
-    pub(crate) agents_cpu_load_seconds: f64,
+    pub agents_cpu_load_seconds: f64,
     /// CPU at rest over the window (percent of a core): the leader, the
     /// others' mean, all agents together.
-    pub(crate) rest_cpu_leader_percent: f64,
-    pub(crate) rest_cpu_others_percent: f64,
-    pub(crate) rest_cpu_all_percent: f64,
+    pub rest_cpu_leader_percent: f64,
+    pub rest_cpu_others_percent: f64,
+    pub rest_cpu_all_percent: f64,
     /// Requests per second at rest to what agents use, all agents
     /// together, by "VERB resource".
-    pub(crate) rest_requests_by: BTreeMap<String, f64>,
+    pub rest_requests_by: BTreeMap<String, f64>,
     /// Their total per agent (the total over the lab's agents).
-    pub(crate) rest_requests_per_agent: f64,
+    pub rest_requests_per_agent: f64,
     /// Watch events per second at rest, by kind.
-    pub(crate) rest_events_per_s: BTreeMap<String, f64>,
+    pub rest_events_per_s: BTreeMap<String, f64>,
     /// Watchers registered for Pods and Nodes.
-    pub(crate) pod_watchers: f64,
-    pub(crate) node_watchers: f64,
+    pub pod_watchers: f64,
+    pub node_watchers: f64,
     /// The churn, if asked.
-    pub(crate) churn: Option<Churn>,
+    pub churn: Option<Churn>,
     /// Agent restarts so far (the lab starts a dead agent again).
-    pub(crate) agent_restarts: u32,
+    pub agent_restarts: u32,
 }
 
 impl Point {
@@ -110,11 +110,11 @@ impl Point {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub(crate) struct Results {
-    pub(crate) label: String,
-    pub(crate) command: String,
-    pub(crate) agents: usize,
-    pub(crate) pods_per_node: u32,
-    pub(crate) points: Vec<Point>,
+    pub label: String,
+    pub command: String,
+    pub agents: usize,
+    pub pods_per_node: u32,
+    pub points: Vec<Point>,
 }
 
 /// Reads a run's JSON.

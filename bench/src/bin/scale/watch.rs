@@ -13,8 +13,8 @@ use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 /// watcher gets them: what the apiserver's watch events are divided by.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Seen {
-    pub(crate) pods: Arc<AtomicU64>,
-    pub(crate) nodes: Arc<AtomicU64>,
+    pub pods: Arc<AtomicU64>,
+    pub nodes: Arc<AtomicU64>,
 }
 
 impl Seen {
