@@ -6,28 +6,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use margay_lab::cluster::Matrix;
+use margay_lab::cluster::{Matrix, PodOpts};
 use serde::{Deserialize, Serialize};
 
 /// What the CLI asks the supervisor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// `pod add`: a lab pod on `node`.
-    PodAdd {
-        /// Its node.
-        node: String,
-        /// Its name.
-        name: String,
-        /// Its namespace (`default` if none).
-        namespace: Option<String>,
-        /// Its labels.
-        #[serde(default)]
-        labels: BTreeMap<String, String>,
-        /// Its listeners (`tcp:80`, ...).
-        #[serde(default)]
-        serve: Vec<String>,
-    },
+    /// `pod add`.
+    PodAdd(PodAdd),
     /// `pod del`.
     PodDel {
         /// The pod.
@@ -40,6 +27,35 @@ pub enum Request {
         /// The archive.
         archive: PathBuf,
     },
+}
+
+/// `pod add`: a lab pod on `node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodAdd {
+    /// Its node.
+    pub node: String,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (`default` if none).
+    pub namespace: Option<String>,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Its listeners (`tcp:80`, ...).
+    #[serde(default)]
+    pub serve: Vec<String>,
+}
+
+impl PodAdd {
+    /// What the lab makes the pod with beyond its node and name.
+    pub fn opts(&self) -> PodOpts {
+        PodOpts {
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            serve: self.serve.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// The supervisor's answer: whether it went well, and what was asked for
@@ -146,24 +162,24 @@ mod tests {
     fn requests_are_the_json_they_were() {
         let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
         same(
-            &Request::PodAdd {
+            &Request::PodAdd(PodAdd {
                 node: "node1".into(),
                 name: "p".into(),
                 namespace: None,
                 labels: labels.clone(),
                 serve: vec!["tcp:80".into()],
-            },
+            }),
             json!({"op": "pod_add", "node": "node1", "name": "p",
                 "namespace": null, "labels": {"app": "web"}, "serve": ["tcp:80"]}),
         );
         same(
-            &Request::PodAdd {
+            &Request::PodAdd(PodAdd {
                 node: "node2".into(),
                 name: "q".into(),
                 namespace: Some("team".into()),
                 labels: BTreeMap::new(),
                 serve: Vec::new(),
-            },
+            }),
             json!({"op": "pod_add", "node": "node2", "name": "q",
                 "namespace": "team", "labels": {}, "serve": []}),
         );
@@ -184,13 +200,13 @@ mod tests {
             serde_json::from_str(r#"{"op":"pod_add","node":"node1","name":"p"}"#).unwrap();
         assert_eq!(
             bare,
-            Request::PodAdd {
+            Request::PodAdd(PodAdd {
                 node: "node1".into(),
                 name: "p".into(),
                 namespace: None,
                 labels: BTreeMap::new(),
                 serve: Vec::new(),
-            }
+            })
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }

@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use margay_lab::{Encap, Install, Tor, value_name};
 
-use control::{Answer, Reply, Request};
+use control::{Answer, PodAdd, Reply, Request};
 use state::State;
 
 #[derive(Debug, Parser)]
@@ -573,13 +573,13 @@ fn pod(cmd: PodCmd) -> anyhow::Result<ExitCode> {
                 l.insert(k.to_string(), v.to_string());
             }
             let serve: Vec<String> = serve.iter().map(ToString::to_string).collect();
-            let answer = control(&Request::PodAdd {
+            let answer = control(&Request::PodAdd(PodAdd {
                 node,
                 name: name.clone(),
                 namespace,
                 labels: l,
                 serve,
-            })?;
+            }))?;
             let Answer::PodAdded { ip } = answer else {
                 bail!("the supervisor answered {answer:?} to pod add");
             };

@@ -65,20 +65,8 @@ async fn check(c: &Cluster) -> anyhow::Result<Reply> {
 
 async fn handle(c: &mut Cluster, req: Request) -> anyhow::Result<Reply> {
     match req {
-        Request::PodAdd {
-            node,
-            name,
-            namespace,
-            labels,
-            serve,
-        } => {
-            let o = margay_lab::cluster::PodOpts {
-                namespace,
-                labels,
-                serve,
-                ..Default::default()
-            };
-            let ip = c.add_pod_with(&node, &name, &o).await?;
+        Request::PodAdd(p) => {
+            let ip = c.add_pod_with(&p.node, &p.name, &p.opts()).await?;
             Ok(Reply::ok(Answer::PodAdded { ip }))
         }
         Request::PodDel { name } => {
