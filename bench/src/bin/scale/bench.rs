@@ -23,8 +23,8 @@ use crate::Cli;
 use crate::fake::{self, Gen};
 use crate::lab::{LabState, ProcSample, command_lines, control_plane, mib, proc_sample};
 use crate::metrics::{self, Api as Metrics};
-use crate::results::{Churn, Point};
 use crate::watch::Seen;
+use crate::{Churn, Point};
 
 /// The NetworkPolicy `--policy` makes.
 const POLICY: &str = "scale-every-pod";

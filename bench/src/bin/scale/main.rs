@@ -31,109 +31,226 @@
 //! leaves it, for a lab about to be torn down). `bench/scale.sh` brings
 //! the lab up, runs this and tears it down.
 //!
-//! Modules: `cli` is here; `bench.rs` the loads and readings, `watch.rs`
-//! the bench's own watches, `lab.rs` the lab's state and processes,
-//! `results.rs` the figures (JSON), `report.rs` the tables and the chart,
-//! `fake.rs` the objects, `metrics.rs` what is parsed, `svg.rs` the chart's
-//! drawing.
+//! Here: the command line and the figures of a run (the JSON `--json`
+//! writes and `--baseline` and `--replot` read: a [`Point`] per size, its
+//! [`Churn`]). `bench.rs` the loads and readings, `watch.rs` the bench's
+//! own watches, `lab.rs` the lab's state and processes, `report.rs` the
+//! tables and the chart, `fake.rs` the objects, `metrics.rs` what is
+//! parsed, `svg.rs` the chart's drawing.
 
 mod bench;
 mod fake;
 mod lab;
 mod metrics;
 mod report;
-mod results;
 mod svg;
 mod watch;
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Parser;
+use serde::{Deserialize, Serialize};
 
 use bench::Bench;
 use fake::Gen;
 use lab::LabState;
 use report::{report, write};
-use results::{Results, load_results};
 
 #[derive(Debug, Parser)]
 #[command(
     about = "agent cost and API fan-out against the number of (fake) nodes, on a running lab"
 )]
-pub(crate) struct Cli {
+struct Cli {
     /// Fake node counts, ascending; the cluster grows from one to the next.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
-    pub sizes: Vec<u32>,
+    sizes: Vec<u32>,
     /// Fake pods per fake node.
     #[arg(long, default_value_t = 30)]
-    pub pods_per_node: u32,
+    pods_per_node: u32,
     /// API writes in flight while loading.
     #[arg(long, default_value_t = 24)]
-    pub concurrency: usize,
+    concurrency: usize,
     /// Pods replaced per second at each size (0: no churn).
     #[arg(long, default_value_t = 0.0)]
-    pub churn: f64,
+    churn: f64,
     /// How long the churn lasts at each size, in seconds (a watch of the
     /// pods counts the changes: at most 280).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=280))]
-    pub churn_seconds: u64,
+    churn_seconds: u64,
     /// Each fake node's status (its Ready condition) written every this
     /// many seconds, spread evenly, as a kubelet reports (0: never; a
     /// kubelet with Leases writes it every 300 s, older ones every 10 s).
     #[arg(long, default_value_t = 0)]
-    pub node_status_interval: u64,
+    node_status_interval: u64,
     /// The quiet window at each size, in seconds.
     #[arg(long, default_value_t = 30)]
-    pub window: u64,
+    window: u64,
     /// Settled: the agents together used less than this share of a core
     /// (percent) over two 5-s samples in a row.
     #[arg(long, default_value_t = 5.0)]
-    pub settle_cpu: f64,
+    settle_cpu: f64,
     /// Waiting for that at least this long, at most `--settle-max` seconds.
     #[arg(long, default_value_t = 10)]
-    pub settle_min: u64,
+    settle_min: u64,
     /// At most this long.
     #[arg(long, default_value_t = 300)]
-    pub settle_max: u64,
+    settle_max: u64,
     /// The lab's directory (its `state.json`, `kubeconfig`).
     #[arg(long, env = "MARGAY_LAB_DIR", default_value = "/run/margay-lab")]
-    pub lab_dir: PathBuf,
+    lab_dir: PathBuf,
     /// The fake pods' namespace.
     #[arg(long, default_value = "scale")]
-    pub namespace: String,
+    namespace: String,
     /// Write the line chart of agent RSS against N here (SVG).
     #[arg(long)]
-    pub plot: Option<PathBuf>,
+    plot: Option<PathBuf>,
     /// Write every figure here (JSON; what `--baseline` reads).
     #[arg(long)]
-    pub json: Option<PathBuf>,
+    json: Option<PathBuf>,
     /// A previous run's JSON: its curves in the chart (dashed) and ratios.
     #[arg(long)]
-    pub baseline: Option<PathBuf>,
+    baseline: Option<PathBuf>,
     /// This run's name in the chart and the JSON (e.g. `old`, `new`).
     #[arg(long, default_value = "this run")]
-    pub label: String,
+    label: String,
     /// A NetworkPolicy in the fake pods' namespace whose peer is every
     /// pod of every namespace: every agent then keeps every remote pod
     /// (its peer set is counted on one agent at each size).
     #[arg(long)]
-    pub policy: bool,
+    policy: bool,
     /// With `--policy`: at each size, this many real pods started on the
     /// lab's node1 (one a second, during the churn when there is one), and
     /// the time from their start until node2's agent has their address in
     /// its peer set (the way: node1's Pod watch, its endpoint slice, node2's
     /// slice watch, its table).
     #[arg(long, default_value_t = 0)]
-    pub probe: u32,
+    probe: u32,
     /// Leave the fake objects in place at the end.
     #[arg(long)]
-    pub no_cleanup: bool,
+    no_cleanup: bool,
     /// No lab: the tables and the chart of a run's JSON again (with
     /// `--baseline`, beside another run's).
     #[arg(long)]
-    pub replot: Option<PathBuf>,
+    replot: Option<PathBuf>,
+}
+
+/// The churn at one size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct Churn {
+    /// Pods replaced per second asked.
+    rate: f64,
+    /// Seconds it took.
+    seconds: f64,
+    /// Pod writes done (delete, create, status).
+    writes: u64,
+    /// Pod changes: the events the bench's watch of the fake pods'
+    /// namespace got (a deletion is two: its deletion timestamp, then its
+    /// removal).
+    changes: u64,
+    /// Pod watch events the apiserver sent meanwhile, less the bench's
+    /// own watch's.
+    pod_events: f64,
+    /// Their bytes (the mean event size times `pod_events`).
+    pod_bytes: f64,
+    /// The agents' CPU meanwhile, all together (percent of a core).
+    agents_cpu_percent: f64,
+}
+
+/// Everything measured at one size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct Point {
+    /// Fake nodes.
+    nodes: u32,
+    /// Fake pods.
+    pods: u64,
+    /// With `--policy`: the fake pods' addresses in one (non-leader)
+    /// agent's NetworkPolicy table.
+    #[serde(default)]
+    peer_set: Option<u64>,
+    /// With `--probe`: milliseconds from each probe pod's start to its
+    /// address in node2's peer set (a probe never seen: absent).
+    #[serde(default)]
+    peer_latency_ms: Vec<f64>,
+    /// Seconds the load to this size took.
+    load_seconds: f64,
+    /// Pod writes of that load (create + status).
+    load_pod_writes: u64,
+    /// Node writes of that load (create; status if written).
+    load_node_writes: u64,
+    /// Pod and Node changes during the load, as the bench's own watches
+    /// saw them (a Node's include its agent's writes, for the real ones).
+    load_pod_changes: u64,
+    load_node_changes: u64,
+    /// Pod and Node watch events the apiserver sent during the load, less
+    /// the bench's own watches'.
+    load_pod_events: f64,
+    load_node_events: f64,
+    /// Seconds from the end of the load to settled.
+    settle_seconds: f64,
+    /// Whether the agents' CPU settled before `--settle-max`.
+    settled: bool,
+    /// The leader's node, its RSS (MiB).
+    leader: String,
+    leader_rss_mib: f64,
+    /// The other agents' RSS (MiB): mean and max.
+    others_rss_mib_mean: f64,
+    others_rss_mib_max: f64,
+    /// Control plane RSS (MiB).
+    apiserver_rss_mib: Option<f64>,
+    etcd_rss_mib: Option<f64>,
+    /// CPU seconds of all agents from the start of the load to settled.
+    agents_cpu_load_seconds: f64,
+    /// CPU at rest over the window (percent of a core): the leader, the
+    /// others' mean, all agents together.
+    rest_cpu_leader_percent: f64,
+    rest_cpu_others_percent: f64,
+    rest_cpu_all_percent: f64,
+    /// Requests per second at rest to what agents use, all agents
+    /// together, by "VERB resource".
+    rest_requests_by: BTreeMap<String, f64>,
+    /// Their total per agent (the total over the lab's agents).
+    rest_requests_per_agent: f64,
+    /// Watch events per second at rest, by kind.
+    rest_events_per_s: BTreeMap<String, f64>,
+    /// Watchers registered for Pods and Nodes.
+    pod_watchers: f64,
+    node_watchers: f64,
+    /// The churn, if asked.
+    churn: Option<Churn>,
+    /// Agent restarts so far (the lab starts a dead agent again).
+    agent_restarts: u32,
+}
+
+impl Point {
+    fn pod_events_per_change(&self) -> Option<f64> {
+        (self.load_pod_changes > 0).then(|| self.load_pod_events / self.load_pod_changes as f64)
+    }
+
+    fn node_events_per_change(&self) -> Option<f64> {
+        (self.load_node_changes > 0).then(|| self.load_node_events / self.load_node_changes as f64)
+    }
+}
+
+/// A run's figures (the JSON).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct Results {
+    label: String,
+    command: String,
+    agents: usize,
+    pods_per_node: u32,
+    points: Vec<Point>,
+}
+
+/// Reads a run's JSON.
+fn load_results(p: &Path) -> anyhow::Result<Results> {
+    serde_json::from_slice(&std::fs::read(p).with_context(|| format!("{}", p.display()))?)
+        .with_context(|| format!("{}: not a scale run's JSON", p.display()))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::results::{Point, Results};
 use crate::svg;
+use crate::{Point, Results};
 
 /// Prints the tables (and the ratios to `base`), writes the chart.
 pub(crate) fn report(
@@ -230,7 +230,7 @@ pub(crate) fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::Churn;
+    use crate::Churn;
 
     fn point(nodes: u32, leader: f64, others: f64) -> Point {
         Point {
