@@ -3,7 +3,7 @@
 //! every namespace (pods first, then agents, router, fabric, apiserver).
 //!
 //! This file holds the cluster's values ([`Options`], [`LabNode`],
-//! [`Cluster`]) and what both bootstraps build them from ([`Ground`]: the
+//! [`Cluster`]) and what both bootstraps build them from (`Ground`: the
 //! work directory, the fabric and the router). The rest by concern:
 //! `plain.rs` the plain bootstrap (an apiserver and the agents run by the
 //! lab), [`kubernetes`] the one on real kubelets, `agents.rs` the plain

@@ -2,7 +2,7 @@
 //! lab's settings (IPAM configuration, pools, BGP configuration and
 //! peers), a node namespace per lab node with its Node object, an
 //! apiserver relay and a conflist, and a `margay-agent` run by the lab on
-//! each ([`super::agents`]).
+//! each (`agents.rs`).
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Node as KubeNode, ServiceAccount};

@@ -35,7 +35,7 @@ pub struct Pod {
     pub ns: Netns,
     /// Its IPv4 address.
     pub ip: String,
-    /// Its IPv6 address ([`Options::pool6_cidr`]).
+    /// Its IPv6 address ([`super::Options::pool6_cidr`]).
     pub ip6: Option<String>,
     /// Its interface on the node (`cali…`), as the CNI result names it
     /// (unknown for a Pod of `--kubernetes`).
