@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a node's agent costs as the cluster grows (issue 27): a 3-node lab
 # (real etcd, kube-apiserver and agents, no ToR), then fake Nodes and Pods
-# on its apiserver at each size, measured by `scale` (bench/src/bin/scale.rs);
+# on its apiserver at each size, measured by `scale` (bench/src/bin/scale/);
 # the lab is torn down at the end.
 #
 # Usage (as root, after `cargo build --release -p margay-lab -p margay-agent

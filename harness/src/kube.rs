@@ -3,7 +3,7 @@
 //! One [`ApiServer`] per test (about 6 s to start): tests stay independent
 //! and can run in parallel. etcd keeps its data on tmpfs so fsync is free.
 //! Auth is a static token in `system:masters`; RBAC is on, so tests can also
-//! bind roles to other tokens ([`ApiServer::extra_tokens`]). Only the
+//! bind roles to other tokens ([`ApiServer::start_with_tokens`]). Only the
 //! apiserver runs: no controller-manager, so tests create Node objects and
 //! ServiceAccounts themselves.
 

@@ -11,6 +11,7 @@
 //! supervisor's control socket; `down` signals it, and its destructors tear
 //! everything down. The other commands read `state.json`.
 
+mod control;
 mod state;
 mod supervise;
 
@@ -21,10 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use margay_lab::cluster::Matrix;
 use margay_lab::{Encap, Install, Tor, value_name};
-use serde_json::{Value, json};
 
+use control::{Answer, PodAdd, Reply, Request};
 use state::State;
 
 #[derive(Debug, Parser)]
@@ -409,8 +409,13 @@ fn image(out: &std::path::Path, tag: &str) -> anyhow::Result<ExitCode> {
     if let Some(s) = State::load_live()?
         && s.args.kubernetes
     {
-        let v = control(json!({"op": "import", "archive": m.canonicalize()?}))?;
-        println!("imported into {} nodes", v["nodes"]);
+        let answer = control(&Request::Import {
+            archive: m.canonicalize()?,
+        })?;
+        let Answer::Imported { nodes } = answer else {
+            bail!("the supervisor answered {answer:?} to an import");
+        };
+        println!("imported into {nodes} nodes");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -456,17 +461,15 @@ fn need_live() -> anyhow::Result<State> {
     State::load_live()?.context("no lab is up; run `margay-lab up`")
 }
 
-fn control(req: Value) -> anyhow::Result<Value> {
+/// Asks the supervisor: its answer, or the error of a request that failed.
+fn control(req: &Request) -> anyhow::Result<Answer> {
     need_live()?;
     let mut s = UnixStream::connect(state::control_path()).context("the lab supervisor")?;
-    s.write_all(format!("{req}\n").as_bytes())?;
+    s.write_all(control::line(req)?.as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).context("the supervisor's reply")?;
-    if v["ok"] == false && v["error"].is_string() {
-        bail!("{}", v["error"].as_str().unwrap_or_default());
-    }
-    Ok(v)
+    let reply: Reply = serde_json::from_str(&line).context("the supervisor's reply")?;
+    reply.into_answer()
 }
 
 fn status(json: bool) -> anyhow::Result<ExitCode> {
@@ -521,10 +524,15 @@ fn print_status(s: &State, json: bool) -> anyhow::Result<()> {
 }
 
 fn check() -> anyhow::Result<ExitCode> {
-    let v = control(json!({"op": "check"}))?;
-    let m: Matrix = serde_json::from_value(v["matrix"].clone())?;
+    let answer = control(&Request::Check)?;
+    let Answer::Checked {
+        route_gaps: gaps,
+        matrix: m,
+    } = answer
+    else {
+        bail!("the supervisor answered {answer:?} to a check");
+    };
     print!("{}", m.table());
-    let gaps: Vec<String> = serde_json::from_value(v["route_gaps"].clone())?;
     for g in &gaps {
         eprintln!("route missing: {g}");
     }
@@ -557,20 +565,28 @@ fn pod(cmd: PodCmd) -> anyhow::Result<ExitCode> {
             labels,
             serve,
         } => {
-            let mut l = serde_json::Map::new();
+            let mut l = std::collections::BTreeMap::new();
             for kv in &labels {
                 let (k, v) = kv
                     .split_once('=')
                     .with_context(|| format!("label {kv:?}: want key=value"))?;
-                l.insert(k.to_string(), json!(v));
+                l.insert(k.to_string(), v.to_string());
             }
             let serve: Vec<String> = serve.iter().map(ToString::to_string).collect();
-            let v = control(json!({"op": "pod_add", "node": node, "name": name,
-                "namespace": namespace, "labels": l, "serve": serve}))?;
-            println!("{name} {}", v["ip"].as_str().unwrap_or_default());
+            let answer = control(&Request::PodAdd(PodAdd {
+                node,
+                name: name.clone(),
+                namespace,
+                labels: l,
+                serve,
+            }))?;
+            let Answer::PodAdded { ip } = answer else {
+                bail!("the supervisor answered {answer:?} to pod add");
+            };
+            println!("{name} {ip}");
         }
         PodCmd::Del { name } => {
-            control(json!({"op": "pod_del", "name": name}))?;
+            control(&Request::PodDel { name: name.clone() })?;
             println!("{name} deleted");
         }
     }

@@ -1,21 +1,20 @@
 //! The background supervisor: owns the lab's [`Cluster`] for its lifetime,
 //! starts dead agents again with a back-off (as a kubelet would; the
 //! restarts show in `margay-lab status`), and answers the CLI on a unix
-//! socket (one JSON request and one JSON reply per connection: `pod_add`,
-//! `pod_del`, `check`). Returning from
+//! socket (one JSON request and one JSON reply per connection, typed in
+//! [`crate::control`]: `pod_add`, `pod_del`, `check`, `import`). Returning from
 //! [`run`] drops the cluster, which stops every process by PID and deletes
 //! every namespace.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use margay_lab::cluster::{Cluster, Options};
-use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 use crate::UpArgs;
+use crate::control::{self, Answer, Reply, Request};
 use crate::state::{self, NodeState, PodState, State};
 
 fn snapshot(c: &Cluster, args: &UpArgs, kubeconfig: &str, ready: f64) -> State {
@@ -58,52 +57,38 @@ fn snapshot(c: &Cluster, args: &UpArgs, kubeconfig: &str, ready: f64) -> State {
     }
 }
 
-async fn check(c: &Cluster) -> anyhow::Result<Value> {
+async fn check(c: &Cluster) -> anyhow::Result<Reply> {
     let gaps = c.route_gaps().await?;
     let m = c.matrix()?;
-    Ok(json!({"ok": gaps.is_empty() && m.failures.is_empty(), "route_gaps": gaps, "matrix": m}))
+    Ok(Reply::checked(gaps, m))
 }
 
-async fn handle(c: &mut Cluster, req: &Value) -> anyhow::Result<Value> {
-    let s = |k: &str| {
-        req[k]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("request without {k:?}"))
-    };
-    match req["op"].as_str() {
-        Some("pod_add") => {
-            let o = margay_lab::cluster::PodOpts {
-                namespace: req["namespace"].as_str().map(str::to_string),
-                labels: serde_json::from_value(req["labels"].clone()).unwrap_or_default(),
-                serve: serde_json::from_value(req["serve"].clone()).unwrap_or_default(),
-                ..Default::default()
-            };
-            let ip = c.add_pod_with(&s("node")?, &s("name")?, &o).await?;
-            Ok(json!({"ok": true, "ip": ip}))
+async fn handle(c: &mut Cluster, req: Request) -> anyhow::Result<Reply> {
+    match req {
+        Request::PodAdd(p) => {
+            let ip = c.add_pod_with(&p.node, &p.name, &p.opts()).await?;
+            Ok(Reply::ok(Answer::PodAdded { ip }))
         }
-        Some("pod_del") => {
-            c.del_pod(&s("name")?).await?;
-            Ok(json!({"ok": true}))
+        Request::PodDel { name } => {
+            c.del_pod(&name).await?;
+            Ok(Reply::ok(Answer::Done {}))
         }
-        Some("check") => {
+        Request::Check => {
             if c.opts.kubernetes.is_some() {
                 margay_lab::kubernetes::refresh_pods(c).await?;
             }
             check(c).await
         }
-        Some("import") => {
-            let archive = std::path::PathBuf::from(s("archive")?);
-            let mut n = 0;
+        Request::Import { archive } => {
+            let mut nodes = 0;
             for node in &c.nodes {
                 if let Some(k) = &node.kubelet {
                     k.import(&archive)?;
-                    n += 1;
+                    nodes += 1;
                 }
             }
-            Ok(json!({"ok": true, "nodes": n}))
+            Ok(Reply::ok(Answer::Imported { nodes }))
         }
-        other => anyhow::bail!("unknown op {other:?}"),
     }
 }
 
@@ -196,12 +181,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                     if BufReader::new(r).read_line(&mut line).await.is_err() {
                         continue;
                     }
-                    let reply = match serde_json::from_str::<Value>(&line) {
-                        Ok(req) => handle(&mut c, &req).await.unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")})),
-                        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+                    let reply = match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => handle(&mut c, req).await.unwrap_or_else(|e| Reply::failed(format!("{e:#}"))),
+                        Err(e) => Reply::failed(format!("bad request: {e}")),
                     };
                     snapshot(&c, &args, &kubeconfig, ready).save()?;
-                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                    let _ = w.write_all(control::line(&reply)?.as_bytes()).await;
                 }
             }
         }

@@ -8,8 +8,9 @@
 //! kube-apiserver for that connection, answers its port, and stops them
 //! when the connection closes (the VM's ApiServer dropped, or the VM gone).
 //!
-//! The protocol is one JSON line each way: `{"tokens": [[token, user,
-//! groups], ...]}`, then `{"port": N}` or `{"error": "..."}`.
+//! The protocol is one JSON line each way: a [`Request`] (`{"tokens":
+//! [[token, user, groups], ...]}`), then a [`Reply`] (`{"port": N}` or
+//! `{"error": "..."}`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
@@ -21,6 +22,37 @@ use crate::{Error, Result};
 
 /// Where a VM finds its host's broker (`host:port`).
 pub const ENV: &str = "MARGAY_APISERVER_BROKER";
+
+/// What a VM asks for: an apiserver that also knows these tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Request {
+    /// `[token, user, groups]` each, as the apiserver's token file has them.
+    #[serde(default)]
+    pub tokens: Vec<[String; 3]>,
+}
+
+/// The broker's answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// The apiserver is up, on this port of the broker's host.
+    Port {
+        /// Its port.
+        port: u16,
+    },
+    /// It did not start.
+    Error {
+        /// Why.
+        error: String,
+    },
+}
+
+/// One JSON line.
+fn line<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b
+}
 
 /// Serves apiservers on `listener` until the process ends (or this future
 /// is dropped: its connections, and their apiservers, go with it).
@@ -48,31 +80,28 @@ async fn one(sock: tokio::net::TcpStream) -> Result<()> {
         // A probe: the VM checking that its network reaches us.
         return Ok(());
     };
-    let req: serde_json::Value =
+    let req: Request =
         serde_json::from_str(&req).map_err(|e| Error::Other(format!("request: {e}")))?;
-    let tokens: Vec<Vec<String>> =
-        serde_json::from_value(req["tokens"].clone()).unwrap_or_default();
-    let extra: Vec<(&str, &str, &str)> = tokens
+    let extra: Vec<(&str, &str, &str)> = req
+        .tokens
         .iter()
-        .filter_map(|t| match t.as_slice() {
-            [a, b, c] => Some((a.as_str(), b.as_str(), c.as_str())),
-            _ => None,
-        })
+        .map(|[a, b, c]| (a.as_str(), b.as_str(), c.as_str()))
         .collect();
     match ApiServer::start_local(&extra).await {
         Ok(api) => {
             let port = api.port();
             tracing::info!(port, "apiserver up for a VM");
-            w.write_all(format!("{}\n", serde_json::json!({"port": port})).as_bytes())
-                .await?;
+            w.write_all(&line(&Reply::Port { port })).await?;
             // Until the VM closes the connection (or goes away).
             while let Ok(Some(_)) = lines.next_line().await {}
             tracing::info!(port, "apiserver for a VM stopped");
             drop(api);
         }
         Err(e) => {
-            let msg = serde_json::json!({"error": e.to_string()});
-            w.write_all(format!("{msg}\n").as_bytes()).await?;
+            let reply = Reply::Error {
+                error: e.to_string(),
+            };
+            w.write_all(&line(&reply)).await?;
         }
     }
     Ok(())
@@ -98,20 +127,24 @@ pub fn request(broker: &str, extra: &[(&str, &str, &str)]) -> Result<(std::net::
             }
         }
     };
-    let tokens: Vec<[&str; 3]> = extra.iter().map(|(a, b, c)| [*a, *b, *c]).collect();
-    conn.write_all(format!("{}\n", serde_json::json!({ "tokens": tokens })).as_bytes())?;
+    let req = Request {
+        tokens: extra
+            .iter()
+            .map(|(a, b, c)| [a.to_string(), b.to_string(), c.to_string()])
+            .collect(),
+    };
+    conn.write_all(&line(&req))?;
     // Its start takes seconds on the host; allow for a loaded machine.
     conn.set_read_timeout(Some(Duration::from_secs(180)))?;
-    let mut line = String::new();
-    BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+    let mut answer = String::new();
+    BufReader::new(conn.try_clone()?).read_line(&mut answer)?;
     conn.set_read_timeout(None)?;
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .map_err(|e| Error::Other(format!("the apiserver broker's answer {line:?}: {e}")))?;
-    match v["port"].as_u64().and_then(|p| u16::try_from(p).ok()) {
-        Some(port) => Ok((conn, port)),
-        None => Err(Error::Other(format!(
-            "the apiserver broker at {broker}: {}",
-            v["error"].as_str().unwrap_or(line.trim())
+    let reply: Reply = serde_json::from_str(&answer)
+        .map_err(|e| Error::Other(format!("the apiserver broker's answer {answer:?}: {e}")))?;
+    match reply {
+        Reply::Port { port } => Ok((conn, port)),
+        Reply::Error { error } => Err(Error::Other(format!(
+            "the apiserver broker at {broker}: {error}"
         ))),
     }
 }
@@ -121,6 +154,48 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+
+    #[test]
+    fn the_wire_json_is_what_it_was() {
+        // What the untyped broker wrote and read, byte for byte.
+        let req = Request {
+            tokens: vec![[
+                "tok".to_string(),
+                "user".to_string(),
+                "system:masters".to_string(),
+            ]],
+        };
+        let old = format!(
+            "{}\n",
+            serde_json::json!({"tokens": [["tok", "user", "system:masters"]]})
+        );
+        assert_eq!(line(&req), old.as_bytes());
+        assert_eq!(serde_json::from_str::<Request>(&old).unwrap(), req);
+        let none = format!(
+            "{}\n",
+            serde_json::json!({ "tokens": Vec::<[&str; 3]>::new() })
+        );
+        assert_eq!(line(&Request::default()), none.as_bytes());
+        let port = format!("{}\n", serde_json::json!({"port": 6443}));
+        assert_eq!(line(&Reply::Port { port: 6443 }), port.as_bytes());
+        assert_eq!(
+            serde_json::from_str::<Reply>(&port).unwrap(),
+            Reply::Port { port: 6443 }
+        );
+        let error = format!("{}\n", serde_json::json!({"error": "etcd: no"}));
+        let typed = Reply::Error {
+            error: "etcd: no".into(),
+        };
+        assert_eq!(line(&typed), error.as_bytes());
+        assert_eq!(serde_json::from_str::<Reply>(&error).unwrap(), typed);
+        // Literal strings, in case json! and the derive ever agree on
+        // something else.
+        assert_eq!(
+            line(&req),
+            b"{\"tokens\":[[\"tok\",\"user\",\"system:masters\"]]}\n"
+        );
+        assert_eq!(line(&Reply::Port { port: 1 }), b"{\"port\":1}\n");
+    }
 
     #[tokio::test]
     async fn dropping_the_broker_closes_its_connections() {

@@ -25,16 +25,16 @@ use anyhow::{Context, bail};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Node as KubeNode, Pod as KubePod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use margay_api::bgp::{BGPPeer, BGPPeerSpec};
+use margay_api::bgp::BGPPeer;
 use margay_api::ipam::IPPool;
 use margay_harness::kube::ApiServer;
 use margay_harness::kubelet::{KubeletNode, KubeletSpec};
 use margay_harness::netns::Netns;
-use margay_harness::topo::{FABRIC_GW_V4, Fabric};
+use margay_harness::topo::FABRIC_GW_V4;
 use margay_harness::{names, paths};
 use margay_ipam::k8s::list_items;
 
-use crate::cluster::{Cluster, LabNode, Options, Pod, Restarts, TOR_ASN, WorkDir};
+use crate::cluster::{Cluster, Ground, LabNode, Options, Pod, TOR_ASN, tor};
 use crate::{Install, Tor, image};
 
 /// The namespace Margay is installed in.
@@ -98,25 +98,17 @@ fn kubectl(api: &ApiServer, args: &[&str]) -> anyhow::Result<String> {
 /// Builds the cluster: control plane, nodes, Margay installed, the
 /// DaemonSet ready on every node (pods come from [`deploy`]).
 pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
-    let work = match &opts.work_dir {
-        Some(p) => {
-            std::fs::create_dir_all(p)?;
-            WorkDir::Fixed(p.clone())
-        }
-        None => WorkDir::Temp(names::temp_dir("lab")?),
-    };
-    let fabric = Fabric::new().context("fabric")?;
-    let tor = Cluster::start_tor(&fabric, opts.tor).context("top-of-rack router")?;
-    let mut api = ApiServer::start_in(fabric.ns(), FABRIC_GW_V4)
+    let ground = Ground::new(&opts)?;
+    let mut api = ApiServer::start_in(ground.fabric.ns(), FABRIC_GW_V4)
         .await
         .context("kube-apiserver")?;
     api.start_controllers().context("controllers")?;
     let client = api.client().await?;
-    let images = build_images(&work.path().join("images"))?;
+    let images = build_images(&ground.work.path().join("images"))?;
     let mut nodes = Vec::new();
     for i in 1..=opts.nodes {
         let name = format!("node{i}");
-        let node = fabric.add_node_in(&name, opts.subnet_of(i))?;
+        let node = ground.fabric.add_node_in(&name, opts.subnet_of(i))?;
         let spec = KubeletSpec {
             name: name.clone(),
             ip: node.v4,
@@ -124,7 +116,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
             pause_image: image::PAUSE_IMAGE.into(),
             images: images.clone(),
         };
-        let kubelet = KubeletNode::start(&node.ns, &work.path().join(&name), &spec)
+        let kubelet = KubeletNode::start(&node.ns, &ground.work.path().join(&name), &spec)
             .with_context(|| format!("the kubelet of {name}"))?;
         let socket = kubelet
             .host_path("/run/margay/agent.sock")
@@ -134,25 +126,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
             .context("the conflist")?;
         nodes.push(LabNode {
             kubelet: Some(kubelet),
-            name,
-            node,
-            socket,
-            conflist,
-            agent: None,
-            restarts: Restarts::default(),
-            _relay: None,
+            ..LabNode::new(name, node, socket, conflist)
         });
     }
-    let c = Cluster {
-        pods: Vec::new(),
-        nodes,
-        tor,
-        client,
-        work,
-        fabric,
-        api,
-        opts,
-    };
+    let c = Cluster::new(ground, api, client, nodes, opts);
     wait_nodes_registered(&c).await?;
     if c.opts.kubernetes == Some(Install::Ptp) {
         install_ptp(&c)?;
@@ -188,24 +165,25 @@ async fn wait_nodes_registered(c: &Cluster) -> anyhow::Result<()> {
             return Ok(());
         }
         if t.elapsed() > Duration::from_secs(120) {
-            let log = c.nodes[0]
-                .kubelet
-                .as_ref()
-                .map(|k| k.kubelet_log())
-                .unwrap_or_default();
             bail!(
                 "{have} of {} kubelets registered; node1's kubelet log ends:\n{}",
                 c.nodes.len(),
-                tail(&log, 30)
+                first_kubelet_log(c)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+/// The last 30 lines of node1's kubelet log, for an error.
+fn first_kubelet_log(c: &Cluster) -> String {
+    let log = c.nodes[0]
+        .kubelet
+        .as_ref()
+        .map(|k| k.kubelet_log())
+        .unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// Installs Margay as docs/install.md says, with the lab's settings: the
@@ -282,17 +260,7 @@ async fn install(c: &Cluster) -> anyhow::Result<()> {
             if c.opts.tor != Tor::None {
                 let peers: Api<BGPPeer> = Api::all(c.client.clone());
                 peers
-                    .create(
-                        &PostParams::default(),
-                        &BGPPeer::new(
-                            "tor",
-                            BGPPeerSpec {
-                                peer_ip: Some(FABRIC_GW_V4.to_string()),
-                                as_number: Some(TOR_ASN),
-                                ..Default::default()
-                            },
-                        ),
-                    )
+                    .create(&PostParams::default(), &tor::peer(None))
                     .await?;
             }
         }
@@ -391,14 +359,9 @@ pub async fn wait_daemonset(c: &Cluster, timeout: Duration) -> anyhow::Result<()
         if t.elapsed() > timeout {
             let pods = kubectl(&c.api, &["-n", NAMESPACE, "get", "pods", "-o", "wide"])
                 .unwrap_or_default();
-            let log = c.nodes[0]
-                .kubelet
-                .as_ref()
-                .map(|k| k.kubelet_log())
-                .unwrap_or_default();
             bail!(
                 "the margay-agent DaemonSet is not ready on every node after {timeout:?}:\n{pods}\nnode1's kubelet log ends:\n{}",
-                tail(&log, 30)
+                first_kubelet_log(c)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
