@@ -238,6 +238,15 @@ async fn connected(connecting: Option<&mut Connecting>) -> std::io::Result<TcpSt
     }
 }
 
+/// Queues closing the main link, and the alt one if there is one, with
+/// Cease/`sub`.
+fn stop_links(queue: &mut VecDeque<(Which, Event)>, alt: bool, sub: u8) {
+    queue.push_back((Which::Main, Event::Stop(sub)));
+    if alt {
+        queue.push_back((Which::Alt, Event::Stop(sub)));
+    }
+}
+
 fn jitter(d: Duration) -> Duration {
     // 75-100% of d, so two speakers retrying in lockstep drift apart.
     let n = std::time::SystemTime::now()
@@ -365,10 +374,7 @@ impl PeerTask {
                 Input::Shutdown if *shutdown.borrow() == Stop::Silent => break,
                 Input::Shutdown => {
                     stopping = true;
-                    queue.push_back((Which::Main, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
-                    if alt.is_some() {
-                        queue.push_back((Which::Alt, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
-                    }
+                    stop_links(&mut queue, alt.is_some(), err::CEASE_ADMIN_SHUTDOWN);
                     continue;
                 }
                 Input::Cmd(PeerCmd::Incoming(s)) => {
@@ -377,10 +383,7 @@ impl PeerTask {
                 }
                 Input::Removed => {
                     stopping = true;
-                    queue.push_back((Which::Main, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
-                    if alt.is_some() {
-                        queue.push_back((Which::Alt, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
-                    }
+                    stop_links(&mut queue, alt.is_some(), err::CEASE_PEER_DECONFIGURED);
                     continue;
                 }
                 Input::Cmd(PeerCmd::RestartTime(secs)) => {
@@ -392,10 +395,7 @@ impl PeerTask {
                     continue;
                 }
                 Input::Cmd(PeerCmd::Cease(sub)) => {
-                    queue.push_back((Which::Main, Event::Stop(sub)));
-                    if alt.is_some() {
-                        queue.push_back((Which::Alt, Event::Stop(sub)));
-                    }
+                    stop_links(&mut queue, alt.is_some(), sub);
                     sh.restart_later();
                     continue;
                 }
