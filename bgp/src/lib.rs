@@ -17,23 +17,28 @@
 //!
 //! Every task is owned: by a [`margay_task::Owned`] (aborted when
 //! dropped) or in a `JoinSet` its owner holds, so nothing outlives the
-//! [`Speaker`] that started it. `══` is ownership, `──▶` a channel.
+//! [`Speaker`] that started it. `══▶` is ownership, `──▶` a channel.
 //!
 //! ```text
-//!  Speaker ──ToRib (Set*, Routes)──────────────▶ RIB task
-//!    ║ Owned                                     (Rib, update groups, Adj-RIB-Out)
-//!    ╚══ RIB task
-//!          ╠══ Owned ═══ accept loop ───ToRib::Incoming (TcpStream)──▶ RIB task
-//!          ╠══ Owned ═══ timers ──ToRib::{StaleTimeout, RefreshDue,
-//!          ║                              RestartTimeout}──────────────▶ RIB task
-//!          ╠══ JoinSet ═ peer task × peer (FSM per link, reads its sockets)
-//!          ║     ▲  ──PeerEvent::{Up, Update, Down, Refresh}──────────▶ RIB task
-//!          ║     └── PeerCmd::{Incoming, Cease, RestartTime} ◀── RIB task
-//!          ║     └── Wire (encoded UPDATEs, per session) ◀────────── RIB task
-//!          ║     ╚══ JoinSet ═ writer × connection ──▶ socket
-//!          ║             ▲── Wire (the outbox, bounded in bytes) ◀── peer task
-//!          ╚══ FibWriter ─Vec<FibOp>──▶ kernel writer thread (ends when
-//!                                       the last sender is dropped)
+//!  Speaker (the handle) ══Owned══▶ RIB task: Rib, update groups, Adj-RIB-Out
+//!    │ ToRib::{Set*, Routes}, mpsc(1024) ──────────▶ RIB task
+//!    │ Stop (Run, Cease, Silent), watch ───────────▶ accept loop, RIB task,
+//!    │                                               every peer task
+//!    └ Arc<Shared> (neighbor views, counters), read without a round trip
+//!
+//!  RIB task
+//!    ╠══Owned═══▶ accept loop ─ToRib::Incoming(TcpStream)──▶ RIB task
+//!    ╠══Owned═══▶ a timer each (stale routes, refresh, restart)
+//!    ║              ─ToRib::{StaleTimeout, RefreshDue, RestartTimeout}──▶ RIB task
+//!    ╠══JoinSet═▶ peer task × peer: FSM per link, reads its sockets
+//!    ║              ◀─PeerCmd::{Incoming, Cease, RestartTime}, mpsc(4)── RIB task
+//!    ║              ◀─Wire (an export's UPDATEs), unbounded────────────── RIB task
+//!    ║              ─PeerEvent::{Up, Update, Down, Refresh}, mpsc(64)──▶ RIB task
+//!    ║  peer task
+//!    ║    ╚══JoinSet═▶ writer × connection ──▶ socket
+//!    ║                   ◀─Wire, unbounded (bounded in bytes)── peer task
+//!    ╚══FibWriter═▶ kernel writer thread (fib on)
+//!                     ◀─Vec<FibOp>, mpsc(32)── RIB task; ends with the sender
 //! ```
 //!
 //! Ending: [`Speaker::stop`] (or `stop_graceful`, or `shutdown`) fires a

@@ -1,7 +1,7 @@
 //! Path attributes (RFC 4271 §4.3, §5; RFC 4456; RFC 6793; RFC 4760) and the
 //! revised error handling of RFC 7606.
 //!
-//! [`decode_attrs`] returns the attributes plus what RFC 7606 decided: an
+//! `decode_attrs` returns the attributes plus what RFC 7606 decided: an
 //! attribute may be discarded silently ("attribute-discard"), the whole
 //! UPDATE may turn into a withdrawal of its NLRI ("treat-as-withdraw"), or
 //! the session must be reset (an `Err`, naming the NOTIFICATION).
