@@ -475,6 +475,23 @@ mod tests {
         }
     }
 
+    /// A session with [`cfg`] given the peer's OPEN (hold time 90) as `f`
+    /// changes it, and what that OPEN made it do.
+    fn opened(f: impl FnOnce(&mut Open)) -> (Session, Vec<Action>) {
+        let mut s = Session::new(cfg());
+        s.process(Event::Start);
+        s.process(Event::TcpUp);
+        let mut o = peer_open(90);
+        f(&mut o);
+        let a = s.process(Event::Message(Message::Open(o)));
+        (s, a)
+    }
+
+    /// Sending a NOTIFICATION `code`/`subcode`.
+    fn notify(code: u8, subcode: u8) -> Action {
+        Action::Send(Message::Notification(Notification::new(code, subcode)))
+    }
+
     fn established(c: SessionConfig, hold: u16) -> (Session, Vec<Action>) {
         let mut s = Session::new(c);
         s.process(Event::Start);
@@ -526,12 +543,7 @@ mod tests {
 
     #[test]
     fn wrong_peer_as_is_refused_with_bad_peer_as() {
-        let mut s = Session::new(cfg());
-        s.process(Event::Start);
-        s.process(Event::TcpUp);
-        let mut o = peer_open(90);
-        o.asn = 65001;
-        let a = s.process(Event::Message(Message::Open(o)));
+        let (s, a) = opened(|o| o.asn = 65001);
         let Action::Send(Message::Notification(n)) = &a[0] else {
             panic!("{a:?}")
         };
@@ -542,12 +554,7 @@ mod tests {
 
     #[test]
     fn same_router_id_on_ibgp_is_refused() {
-        let mut s = Session::new(cfg());
-        s.process(Event::Start);
-        s.process(Event::TcpUp);
-        let mut o = peer_open(90);
-        o.router_id = Ipv4Addr::new(10, 0, 0, 1);
-        let a = s.process(Event::Message(Message::Open(o)));
+        let (_, a) = opened(|o| o.router_id = Ipv4Addr::new(10, 0, 0, 1));
         assert!(
             matches!(&a[0], Action::Send(Message::Notification(n)) if n.subcode == err::OPEN_BAD_ID)
         );
@@ -557,13 +564,7 @@ mod tests {
     fn hold_timer_expiry_sends_notification_4_and_goes_down() {
         let (mut s, _) = established(cfg(), 9);
         let a = s.process(Event::Timer(Timer::Hold));
-        assert_eq!(
-            a[0],
-            Action::Send(Message::Notification(Notification::new(
-                err::HOLD_TIMER_EXPIRED,
-                0
-            )))
-        );
+        assert_eq!(a[0], notify(err::HOLD_TIMER_EXPIRED, 0));
         assert!(
             a.iter()
                 .any(|x| matches!(x, Action::Down(DownReason::Sent(_))))
@@ -603,10 +604,7 @@ mod tests {
         s.process(Event::Start);
         s.process(Event::TcpUp);
         let a = s.process(Event::Message(Message::Update(Update::default())));
-        assert_eq!(
-            a[0],
-            Action::Send(Message::Notification(Notification::new(err::FSM, 1)))
-        );
+        assert_eq!(a[0], notify(err::FSM, 1));
     }
 
     #[test]
@@ -671,13 +669,7 @@ mod tests {
     fn stop_sends_cease_and_goes_idle() {
         let (mut s, _) = established(cfg(), 90);
         let a = s.process(Event::Stop(err::CEASE_ADMIN_SHUTDOWN));
-        assert_eq!(
-            a[0],
-            Action::Send(Message::Notification(Notification::new(
-                err::CEASE,
-                err::CEASE_ADMIN_SHUTDOWN
-            )))
-        );
+        assert_eq!(a[0], notify(err::CEASE, err::CEASE_ADMIN_SHUTDOWN));
         assert_eq!(s.state(), State::Idle);
         assert!(s.process(Event::Timer(Timer::ConnectRetry)).is_empty());
     }

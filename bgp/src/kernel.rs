@@ -18,8 +18,8 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder, RouteNextHopBuilder};
 
 use crate::packet::Prefix;
-use crate::task::Owned;
 use crate::{Error, Result};
+use margay_task::Owned;
 
 /// Route protocol number of routes Margay's BGP speaker installs.
 pub const RTPROT_MARGAY_BGP: u8 = 77;

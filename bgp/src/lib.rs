@@ -5,15 +5,56 @@
 //!   actions out; timers are actions).
 //! - [`rib`]: Adj-RIB-In, the decision process, Loc-RIB, export (pure).
 //! - [`config`]: the TOML configuration of `margay-bgp`.
-//! - [`speaker`]: the tokio driver: sockets, timers, peers, the RIB task.
+//! - [`speaker`]: the handle a program holds; it owns the tasks below.
+//! - `rib_task`: the RIB task (routing state, peers, export).
+//! - `peer`, `conn`, `outbox`: a peer's task, its connections, their
+//!   writers.
 //! - [`kernel`]: best routes into the kernel over rtnetlink, batched.
 //! - [`metrics`]: the speaker's Prometheus metrics (a collector).
 //! - [`net`]: socket options (TCP MD5, GTSM) and connecting with them.
-
-// Detached tasks in this crate are being owned (issue 29); remove when done.
-#![allow(clippy::disallowed_methods)]
+//!
+//! # Tasks
+//!
+//! Every task is owned: by a [`margay_task::Owned`] (aborted when
+//! dropped) or in a `JoinSet` its owner holds, so nothing outlives the
+//! [`Speaker`] that started it. `══▶` is ownership, `──▶` a channel.
+//!
+//! ```text
+//!  Speaker (the handle) ══Owned══▶ RIB task: Rib, update groups, Adj-RIB-Out
+//!    │ ToRib::{Set*, Routes}, mpsc(1024) ──────────▶ RIB task
+//!    │ Stop (Run, Cease, Silent), watch ───────────▶ accept loop, RIB task,
+//!    │                                               every peer task
+//!    └ Arc<Shared> (neighbor views, counters), read without a round trip
+//!
+//!  RIB task
+//!    ╠══Owned═══▶ accept loop ─ToRib::Incoming(TcpStream)──▶ RIB task
+//!    ╠══Owned═══▶ a timer each (stale routes, refresh, restart)
+//!    ║              ─ToRib::{StaleTimeout, RefreshDue, RestartTimeout}──▶ RIB task
+//!    ╠══JoinSet═▶ peer task × peer: FSM per link, reads its sockets
+//!    ║              ◀─PeerCmd::{Incoming, Cease, RestartTime}, mpsc(4)── RIB task
+//!    ║              ◀─Wire (an export's UPDATEs), unbounded────────────── RIB task
+//!    ║              ─PeerEvent::{Up, Update, Down, Refresh}, mpsc(64)──▶ RIB task
+//!    ║  peer task
+//!    ║    ╚══JoinSet═▶ writer × connection ──▶ socket
+//!    ║                   ◀─Wire, unbounded (bounded in bytes)── peer task
+//!    ╚══FibWriter═▶ kernel writer thread (fib on)
+//!                     ◀─Vec<FibOp>, mpsc(32)── RIB task; ends with the sender
+//! ```
+//!
+//! Ending: [`Speaker::stop`] (or `stop_graceful`, or `shutdown`) fires a
+//! watch the accept loop, the RIB task and every peer task select on. The
+//! accept loop returns; each peer task says Cease (or, graceful, nothing),
+//! waits for its writers to flush (each at most two seconds) and returns;
+//! the RIB task waits for its peer tasks (at most a second), then returns,
+//! dropping the rest, and [`Speaker::stopped`] resolves. Dropping the
+//! [`Speaker`] aborts whatever still runs, down the tree.
+//!
+//! [`Speaker`]: speaker::Speaker
+//! [`Speaker::stop`]: speaker::Speaker::stop
+//! [`Speaker::stopped`]: speaker::Speaker::stopped
 
 pub mod config;
+mod conn;
 pub mod error;
 pub mod fsm;
 mod group;
@@ -25,8 +66,8 @@ pub mod packet;
 mod peer;
 pub mod prefix_map;
 pub mod rib;
+mod rib_task;
 pub mod speaker;
 mod state;
-pub mod task;
 
 pub use error::{Error, Result};

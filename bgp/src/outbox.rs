@@ -358,7 +358,7 @@ mod tests {
         let stall = Arc::new(AtomicU64::new(3_600_000));
         let (etx, mut ended) = oneshot::channel();
         let (_closing, crx) = oneshot::channel();
-        let task = tokio::spawn(writer(w, rx, queued.clone(), stall, etx, crx));
+        let write = writer(w, rx, queued.clone(), stall, etx, crx);
         let mut want: Vec<Message> = Vec::new();
         for round in 0..50u32 {
             // One export: a shared buffer of several UPDATEs, this member
@@ -392,18 +392,20 @@ mod tests {
             tx.send(wd.into()).unwrap();
         }
         drop(tx);
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 7];
-        loop {
-            // Slow: a few bytes at a time, letting the writer run between.
-            let n = r.read(&mut chunk).await.unwrap();
-            if n == 0 {
-                break;
+        let read = async {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 7];
+            loop {
+                // Slow: a few bytes at a time, letting the writer run between.
+                let n = r.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break got;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                tokio::task::yield_now().await;
             }
-            got.extend_from_slice(&chunk[..n]);
-            tokio::task::yield_now().await;
-        }
-        task.await.unwrap();
+        };
+        let ((), got) = tokio::join!(write, read);
         assert!(ended.try_recv().is_err(), "the writer ended cleanly");
         assert_eq!(
             queued.load(Ordering::Acquire),

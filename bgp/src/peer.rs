@@ -2,9 +2,10 @@
 //! FSM and carries out its actions.
 //!
 //! The task never waits on a socket: it frames what each connection has
-//! to read itself ([`Reader`], a buffer only while bytes wait), and each
-//! connection has a writer task ([`crate::outbox`]) fed through a queue
-//! bounded in bytes ([`OUT_LIMIT`]: beyond it, Cease/out of resources). A
+//! to read itself ([`crate::conn::Reader`], a buffer only while bytes
+//! wait), and each connection has a writer task ([`crate::outbox`]) fed
+//! through a queue bounded in bytes ([`crate::conn::OUT_LIMIT`]: beyond
+//! it, Cease/out of resources), held in the peer task's `JoinSet`. A
 //! write that makes no progress for the hold time means the peer reads
 //! nothing: the session ends with Cease/out of resources, while timers and
 //! reads went on.
@@ -22,21 +23,22 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
+use crate::conn::{Conn, Frame, halves, open_conn, recv_frame, write_ended};
 use crate::fsm::{
     Action, DownReason, Event, Keep, Negotiated, Session, State, Timer, resolve_collision,
 };
 pub(crate) use crate::outbox::Wire;
-use crate::outbox::{WriteEnd, writer};
+use crate::outbox::WriteEnd;
+use crate::packet::Message;
+use crate::packet::Update;
 use crate::packet::consts::err;
-use crate::packet::{DecodeError, Message, Update, frame_len};
 use crate::rib::PeerId;
 use margay_api::status::NeighborView;
 
@@ -143,174 +145,7 @@ pub(crate) struct Transport {
     pub gtsm_hops: Option<u8>,
 }
 
-/// Read buffer per connection.
-const READ_BUF: usize = 16 * 1024;
-
-/// Most bytes queued for one connection's writer: beyond it the session
-/// ends with Cease/out of resources (RFC 4486) instead of growing without
-/// bound. Far above any table Margay exports at once.
-pub(crate) const OUT_LIMIT: usize = 32 << 20;
-
-/// Longest wait for one write when no hold time bounds it (hold time 0).
-const STALL_WITHOUT_HOLD: Duration = Duration::from_secs(240);
-
 type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
-
-struct Conn {
-    /// To the writer task; every queued byte is counted in `queued`.
-    out: mpsc::UnboundedSender<Wire>,
-    queued: Arc<AtomicUsize>,
-    /// The longest one write may take (the hold time, once negotiated).
-    stall_ms: Arc<AtomicU64>,
-    /// The writer's end, when it stopped on its own.
-    ended: Option<oneshot::Receiver<WriteEnd>>,
-    /// Told on drop: flush for at most [`crate::outbox::CLOSE_FLUSH`] more.
-    closing: Option<oneshot::Sender<()>>,
-    reader: Reader,
-    local: IpAddr,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // The writer goes on alone: what was queued before the close (a
-        // NOTIFICATION) still leaves, within CLOSE_FLUSH.
-        if let Some(c) = self.closing.take() {
-            let _ = c.send(());
-        }
-    }
-}
-
-/// The connection's outgoing queue is over [`OUT_LIMIT`].
-#[derive(Debug)]
-struct Overflow;
-
-impl std::fmt::Display for Overflow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "more than {} MiB queued for the peer", OUT_LIMIT >> 20)
-    }
-}
-
-impl Conn {
-    /// Queues `bytes` for the writer; never waits.
-    fn send(&self, bytes: Wire) -> Result<(), Overflow> {
-        let n = bytes.len();
-        if n == 0 {
-            return Ok(());
-        }
-        if self.queued.fetch_add(n, Ordering::AcqRel) + n > OUT_LIMIT {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-            return Err(Overflow);
-        }
-        if self.out.send(bytes).is_err() {
-            // The writer ended; its reason arrives through `ended`.
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-        }
-        Ok(())
-    }
-
-    /// Bounds each write by `hold` (0: [`STALL_WITHOUT_HOLD`]).
-    fn set_stall(&self, hold: u16) {
-        let d = if hold == 0 {
-            STALL_WITHOUT_HOLD
-        } else {
-            Duration::from_secs(hold.into())
-        };
-        self.stall_ms.store(d.as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-/// A connection's incoming bytes, framed (RFC 4271 §4.1) by the peer
-/// task itself (no task and no queue per connection for reading). The
-/// buffer exists only while bytes wait in it: an idle session holds none.
-struct Reader {
-    half: OwnedReadHalf,
-    buf: Vec<u8>,
-    /// Where the bytes not yet framed start in `buf`.
-    start: usize,
-    /// The connection ended (closed, failed or sent garbage).
-    closed: bool,
-}
-
-impl Reader {
-    fn new(half: OwnedReadHalf) -> Self {
-        Self {
-            half,
-            buf: Vec::new(),
-            start: 0,
-            closed: false,
-        }
-    }
-
-    /// The next message. Cancel safe: what was read stays in the buffer.
-    async fn next(&mut self) -> Frame {
-        loop {
-            if self.closed {
-                return Frame::Closed;
-            }
-            let waiting = &self.buf[self.start..];
-            match frame_len(waiting) {
-                Ok(Some(n)) if waiting.len() >= n => {
-                    let f = waiting[..n].to_vec();
-                    self.start += n;
-                    if self.start == self.buf.len() {
-                        self.buf = Vec::new();
-                        self.start = 0;
-                    }
-                    return Frame::Bytes(f);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.closed = true;
-                    return Frame::Bad(e);
-                }
-            }
-            if self.half.readable().await.is_err() {
-                self.closed = true;
-                continue;
-            }
-            self.buf.drain(..self.start);
-            self.start = 0;
-            // 16 KiB holds four maximum-size messages; allocated only
-            // while there is something to read.
-            self.buf
-                .reserve(READ_BUF - self.buf.len().min(READ_BUF / 2));
-            match self.half.try_read_buf(&mut self.buf) {
-                Ok(0) => self.closed = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => self.closed = true,
-            }
-            if self.buf.is_empty() {
-                self.buf = Vec::new();
-            }
-        }
-    }
-}
-
-/// Splits a connection: the peer task reads it ([`Reader`]), a writer
-/// task sends what is queued.
-fn open_conn(stream: TcpStream, hold: u16) -> Option<Conn> {
-    let local = crate::net::canonical(stream.local_addr().ok()?.ip());
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
-    let (out, orx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let stall_ms = Arc::new(AtomicU64::new(0));
-    let (etx, ended) = oneshot::channel();
-    let (closing, crx) = oneshot::channel();
-    tokio::spawn(writer(w, orx, queued.clone(), stall_ms.clone(), etx, crx));
-    let c = Conn {
-        out,
-        queued,
-        stall_ms,
-        ended: Some(ended),
-        closing: Some(closing),
-        reader: Reader::new(r),
-        local,
-    };
-    c.set_stall(hold);
-    Some(c)
-}
 
 /// A connection with its own session state machine and timers.
 struct Link {
@@ -359,12 +194,6 @@ enum Which {
     Alt,
 }
 
-enum Frame {
-    Bytes(Vec<u8>),
-    Bad(DecodeError),
-    Closed,
-}
-
 /// One wake-up of the peer task.
 enum Input {
     Shutdown,
@@ -392,37 +221,6 @@ fn frame_event(link: &Link, f: Frame) -> Event {
     }
 }
 
-/// A connection's reader and its writer's end, borrowed apart.
-fn halves(
-    c: Option<&mut Conn>,
-) -> (
-    Option<&mut Reader>,
-    Option<&mut oneshot::Receiver<WriteEnd>>,
-) {
-    match c {
-        Some(c) => (Some(&mut c.reader), c.ended.as_mut()),
-        None => (None, None),
-    }
-}
-
-async fn recv_frame(reader: Option<&mut Reader>) -> Frame {
-    match reader {
-        Some(r) => r.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn write_ended(ended: Option<&mut oneshot::Receiver<WriteEnd>>) -> WriteEnd {
-    match ended {
-        Some(e) => match e.await {
-            Ok(end) => end,
-            // The writer was dropped without a word: it ran to the end.
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
-
 async fn timer(timers: Option<&HashMap<Timer, tokio::time::Instant>>) -> Timer {
     match timers.and_then(|t| t.iter().min_by_key(|(_, at)| **at).map(|(k, at)| (*k, *at))) {
         Some((t, at)) => {
@@ -437,6 +235,15 @@ async fn connected(connecting: Option<&mut Connecting>) -> std::io::Result<TcpSt
     match connecting {
         Some(f) => f.await,
         None => std::future::pending().await,
+    }
+}
+
+/// Queues closing the main link, and the alt one if there is one, with
+/// Cease/`sub`.
+fn stop_links(queue: &mut VecDeque<(Which, Event)>, alt: bool, sub: u8) {
+    queue.push_back((Which::Main, Event::Stop(sub)));
+    if alt {
+        queue.push_back((Which::Alt, Event::Stop(sub)));
     }
 }
 
@@ -473,6 +280,9 @@ struct Shared {
     note: Option<String>,
     /// When to start again after we ceased the session ourselves.
     restart_at: Option<tokio::time::Instant>,
+    /// The connections' writers; a closed connection's goes on until it
+    /// has flushed what was queued (at most [`crate::outbox::CLOSE_FLUSH`]).
+    writers: JoinSet<()>,
 }
 
 impl PeerTask {
@@ -496,6 +306,7 @@ impl PeerTask {
             neg: None,
             note: None,
             restart_at: None,
+            writers: JoinSet::new(),
         };
         let mut main = Link::new(session);
         let mut alt: Option<Link> = None;
@@ -518,7 +329,7 @@ impl PeerTask {
             }
             sh.set_state(main.state());
             if stopping {
-                return;
+                break;
             }
             let (main_conn, main_timers, main_connecting) =
                 (main.conn.as_mut(), &main.timers, main.connecting.as_mut());
@@ -529,6 +340,7 @@ impl PeerTask {
             let ((main_frames, main_ended), (alt_frames, alt_ended)) =
                 (halves(main_conn), halves(alt_conn));
             let restart_at = sh.restart_at;
+            let (out_rx, writers) = (sh.out_rx.as_mut(), &mut sh.writers);
             let input = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Input::Shutdown,
@@ -549,22 +361,20 @@ impl PeerTask {
                 e = write_ended(alt_ended) => Input::WriteEnded(Which::Alt, e),
                 r = connected(main_connecting) => Input::Connected(r),
                 Some(bytes) = async {
-                    match sh.out_rx.as_mut() {
+                    match out_rx {
                         Some(r) => r.recv().await,
                         None => std::future::pending().await,
                     }
                 } => Input::Out(bytes),
                 t = timer(Some(main_timers)) => Input::Timer(Which::Main, t),
                 t = timer(alt_timers) => Input::Timer(Which::Alt, t),
+                Some(_) = writers.join_next() => continue,
             };
             let ev = match input {
-                Input::Shutdown if *shutdown.borrow() == Stop::Silent => return,
+                Input::Shutdown if *shutdown.borrow() == Stop::Silent => break,
                 Input::Shutdown => {
                     stopping = true;
-                    queue.push_back((Which::Main, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
-                    if alt.is_some() {
-                        queue.push_back((Which::Alt, Event::Stop(err::CEASE_ADMIN_SHUTDOWN)));
-                    }
+                    stop_links(&mut queue, alt.is_some(), err::CEASE_ADMIN_SHUTDOWN);
                     continue;
                 }
                 Input::Cmd(PeerCmd::Incoming(s)) => {
@@ -573,10 +383,7 @@ impl PeerTask {
                 }
                 Input::Removed => {
                     stopping = true;
-                    queue.push_back((Which::Main, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
-                    if alt.is_some() {
-                        queue.push_back((Which::Alt, Event::Stop(err::CEASE_PEER_DECONFIGURED)));
-                    }
+                    stop_links(&mut queue, alt.is_some(), err::CEASE_PEER_DECONFIGURED);
                     continue;
                 }
                 Input::Cmd(PeerCmd::RestartTime(secs)) => {
@@ -588,10 +395,7 @@ impl PeerTask {
                     continue;
                 }
                 Input::Cmd(PeerCmd::Cease(sub)) => {
-                    queue.push_back((Which::Main, Event::Stop(sub)));
-                    if alt.is_some() {
-                        queue.push_back((Which::Alt, Event::Stop(sub)));
-                    }
+                    stop_links(&mut queue, alt.is_some(), sub);
                     sh.restart_later();
                     continue;
                 }
@@ -610,7 +414,7 @@ impl PeerTask {
                 Input::Connected(r) => {
                     main.connecting = None;
                     let hold = main.session.config().hold_time;
-                    match r.ok().and_then(|s| open_conn(s, hold)) {
+                    match r.ok().and_then(|s| open_conn(s, hold, &mut sh.writers)) {
                         Some(c) => {
                             main.conn = Some(c);
                             (Which::Main, Event::TcpUp)
@@ -670,6 +474,10 @@ impl PeerTask {
             };
             queue.push_back(ev);
         }
+        // Closed: each writer flushes what its connection queued before
+        // the close (a NOTIFICATION), within CLOSE_FLUSH, then ends.
+        drop((main, alt));
+        while sh.writers.join_next().await.is_some() {}
     }
 }
 
@@ -694,15 +502,15 @@ impl Shared {
         }
     }
 
-    fn adopt(link: &mut Link, s: TcpStream, gtsm: Option<u8>) -> Event {
-        if let Some(h) = gtsm
+    fn adopt(&mut self, link: &mut Link, s: TcpStream) -> Event {
+        if let Some(h) = self.transport.gtsm_hops
             && let Err(e) =
                 crate::net::set_gtsm(&s, s.local_addr().map(|a| a.is_ipv6()).unwrap_or(false), h)
         {
             tracing::warn!("cannot set GTSM on an incoming connection: {e}");
         }
         link.connecting = None;
-        link.conn = open_conn(s, link.session.config().hold_time);
+        link.conn = open_conn(s, link.session.config().hold_time, &mut self.writers);
         if link.conn.is_some() {
             Event::TcpUp
         } else {
@@ -719,16 +527,15 @@ impl Shared {
         template: &Session,
         queue: &mut VecDeque<(Which, Event)>,
     ) {
-        let gtsm = self.transport.gtsm_hops;
         match main.state() {
             State::Idle => {} // stopped: refuse
-            State::Active => queue.push_back((Which::Main, Self::adopt(main, s, gtsm))),
+            State::Active => queue.push_back((Which::Main, self.adopt(main, s))),
             State::Connect | State::OpenSent | State::OpenConfirm if alt.is_none() => {
                 // Both directions proceed; the collision is resolved once
                 // the OPENs are in.
                 let mut l = Link::new(template.clone());
                 l.session.process(Event::Start);
-                let ev = Self::adopt(&mut l, s, gtsm);
+                let ev = self.adopt(&mut l, s);
                 *alt = Some(l);
                 queue.push_back((Which::Alt, ev));
             }
@@ -743,7 +550,7 @@ impl Shared {
                 let mut l = Link::new(template.clone());
                 l.over = Over::Restart;
                 l.session.process(Event::Start);
-                let ev = Self::adopt(&mut l, s, gtsm);
+                let ev = self.adopt(&mut l, s);
                 *alt = Some(l);
                 queue.push_back((Which::Alt, ev));
             }

@@ -536,6 +536,13 @@ mod tests {
         })
     }
 
+    /// [`attrs`], changed by `f`.
+    fn attrs_with(nh: u8, path: Vec<u32>, f: impl FnOnce(&mut Attrs)) -> Arc<Attrs> {
+        let mut a = (*attrs(nh, path)).clone();
+        f(&mut a);
+        Arc::new(a)
+    }
+
     fn rib() -> Rib {
         let mut r = Rib::new(64512, Ipv4Addr::new(9, 9, 9, 9), None);
         for n in 1..=4 {
@@ -551,10 +558,9 @@ mod tests {
     fn higher_local_pref_wins() {
         let mut r = rib();
         let p = pfx("10.244.1.0/26");
-        let mut a = (*attrs(1, vec![])).clone();
-        a.local_pref = Some(200);
+        let a = attrs_with(1, vec![], |a| a.local_pref = Some(200));
         r.update(2, &[p], Some(attrs(2, vec![])), &[]);
-        let c = r.update(1, &[p], Some(Arc::new(a)), &[]);
+        let c = r.update(1, &[p], Some(a), &[]);
         assert_eq!(c[0].1.as_ref().unwrap().best.peer, 1);
     }
 
@@ -566,12 +572,10 @@ mod tests {
         r.update(4, &[p], Some(attrs(4, vec![65004, 1])), &[]);
         assert_eq!(r.best(&p).unwrap().best.peer, 4);
 
-        let mut igp = (*attrs(3, vec![65003, 1])).clone();
-        igp.origin = Origin::Igp;
-        let mut inc = (*attrs(4, vec![65004, 1])).clone();
-        inc.origin = Origin::Incomplete;
-        r.update(3, &[p], Some(Arc::new(igp)), &[]);
-        r.update(4, &[p], Some(Arc::new(inc)), &[]);
+        let igp = attrs_with(3, vec![65003, 1], |a| a.origin = Origin::Igp);
+        let inc = attrs_with(4, vec![65004, 1], |a| a.origin = Origin::Incomplete);
+        r.update(3, &[p], Some(igp), &[]);
+        r.update(4, &[p], Some(inc), &[]);
         assert_eq!(r.best(&p).unwrap().best.peer, 3);
     }
 
@@ -579,12 +583,10 @@ mod tests {
     fn med_compared_only_within_the_same_neighbour_as() {
         let mut r = rib();
         let p = pfx("10.244.1.0/26");
-        let mut a = (*attrs(3, vec![65000, 7])).clone();
-        a.med = Some(50);
-        let mut b = (*attrs(4, vec![65000, 8])).clone();
-        b.med = Some(10);
-        r.update(3, &[p], Some(Arc::new(a)), &[]);
-        r.update(4, &[p], Some(Arc::new(b)), &[]);
+        let a = attrs_with(3, vec![65000, 7], |a| a.med = Some(50));
+        let b = attrs_with(4, vec![65000, 8], |a| a.med = Some(10));
+        r.update(3, &[p], Some(a), &[]);
+        r.update(4, &[p], Some(b), &[]);
         assert_eq!(r.best(&p).unwrap().best.peer, 4);
     }
 
@@ -644,10 +646,11 @@ mod tests {
             )
             .is_empty()
         );
-        let mut a = (*attrs(1, vec![])).clone();
-        a.originator_id = Some(Ipv4Addr::new(9, 9, 9, 9));
+        let a = attrs_with(1, vec![], |a| {
+            a.originator_id = Some(Ipv4Addr::new(9, 9, 9, 9))
+        });
         assert!(
-            r.update(1, &[pfx("10.244.9.0/26")], Some(Arc::new(a)), &[])
+            r.update(1, &[pfx("10.244.9.0/26")], Some(a), &[])
                 .is_empty()
         );
         assert_eq!(r.prefix_count(1), 0);

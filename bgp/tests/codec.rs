@@ -43,6 +43,11 @@ fn decode_update(b: &[u8], ctx: &Ctx) -> Update {
 }
 
 // ORIGIN IGP, AS_PATH [65001], NEXT_HOP 10.0.0.1
+/// The prefixes UPDATEs `msgs` carry, `count` of each decoded.
+fn carried(msgs: &[Vec<u8>], count: impl Fn(&Update) -> usize) -> usize {
+    msgs.iter().map(|m| count(&decode_update(m, &IBGP))).sum()
+}
+
 const BASIC_ATTRS: &[u8] = &[
     0x40, 1, 1, 0, //
     0x40, 2, 6, 2, 1, 0, 0, 0xfd, 0xe9, //
@@ -362,11 +367,7 @@ fn attributes_too_big_for_one_update_are_refused_and_big_ones_still_fit() {
     // prefix carried.
     let msgs = UpdateBuilder::announce(&with(1000), &prefixes, None, &IBGP).unwrap();
     assert!(msgs.iter().all(|m| m.len() <= 4096));
-    let total: usize = msgs
-        .iter()
-        .map(|m| decode_update(m, &IBGP).nlri.len())
-        .sum();
-    assert_eq!(total, 3000);
+    assert_eq!(carried(&msgs, |u| u.nlri.len()), 3000);
 }
 
 #[test]
@@ -381,18 +382,10 @@ fn builder_packs_under_4096_octets() {
         .collect();
     let msgs = UpdateBuilder::announce(&attrs, &prefixes, None, &IBGP).unwrap();
     assert!(msgs.iter().all(|m| m.len() <= 4096));
-    let total: usize = msgs
-        .iter()
-        .map(|m| decode_update(m, &IBGP).nlri.len())
-        .sum();
-    assert_eq!(total, 5000);
+    assert_eq!(carried(&msgs, |u| u.nlri.len()), 5000);
     assert!(msgs.len() <= 5, "{} messages", msgs.len());
     let w = UpdateBuilder::withdraw(&prefixes, &IBGP);
-    let total: usize = w
-        .iter()
-        .map(|m| decode_update(m, &IBGP).withdrawn.len())
-        .sum();
-    assert_eq!(total, 5000);
+    assert_eq!(carried(&w, |u| u.withdrawn.len()), 5000);
 }
 
 #[test]

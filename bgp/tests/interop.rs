@@ -13,35 +13,174 @@ use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp};
 use margay_harness::{Node, names, wait};
 
 const BLOCK: &[&str] = &["10.244.1.0/26"];
+/// BIRD's block, in the tests with one.
+const BIRDS: &[&str] = &["10.244.2.0/26"];
+/// BIRD with graceful restart.
+const GR: &str = "graceful restart on;";
+/// BIRD with graceful restart, a restart time margay's tests outlast.
+const GR_30: &str = "graceful restart on; graceful restart time 30;";
 
 fn bird(node: &Node, conf: &BirdConf) -> Bird {
     Bird::start(&node.ns, &conf.text()).unwrap()
 }
 
+/// GoBGP's settings of hold time 9 and keepalive 3, for [`gobgp_peer`].
+const TIMERS: &str = "  [neighbors.timers.config]\n    hold-time = 9\n    keepalive-interval = 3\n";
+
+/// GoBGP on `node` in AS `asn`, with margay (10.99.0.1, AS `peer_as`) its
+/// one neighbor, `extra` in its neighbor section.
+fn gobgp_peer(node: &Node, asn: u32, peer_as: u32, extra: &str) -> Gobgp {
+    let me = node.v4;
+    let conf = format!(
+        r#"[global.config]
+  as = {asn}
+  router-id = "{me}"
+  local-address-list = ["{me}"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "10.99.0.1"
+    peer-as = {peer_as}
+{extra}"#
+    );
+    Gobgp::start(&node.ns, &conf).unwrap()
+}
+
+/// FRR (with zebra) on `node` named `host`, in AS 64512 with margay
+/// (10.99.0.1), announcing `network`; `neighbor` more settings for margay.
+fn frr_peer(node: &Node, host: &str, neighbor: &str, network: &str) -> Frr {
+    let me = node.v4;
+    let extra = if neighbor.is_empty() {
+        String::new()
+    } else {
+        format!(" neighbor 10.99.0.1 {neighbor}\n")
+    };
+    let conf = format!(
+        r#"frr defaults traditional
+hostname {host}
+router bgp 64512
+ bgp router-id {me}
+ no bgp network import-check
+ neighbor 10.99.0.1 remote-as 64512
+{extra} neighbor 10.99.0.1 timers 3 9
+ address-family ipv4 unicast
+  network {network}
+ exit-address-family
+!
+"#
+    );
+    Frr::start(&node.ns, &conf, true).unwrap()
+}
+
+/// Waits for a route to `prefix` in `node`'s kernel (its `ip route`
+/// line); on a timeout, panics with margay's log and BIRD's session.
+fn route_or_logs(node: &Node, prefix: &str, margay: &Margay, bird: &Bird) -> String {
+    kernel_route(node, prefix).unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{:?}",
+            margay.log(30),
+            bird.birdc("show protocols all m")
+        )
+    })
+}
+
+/// Runs raw peer `name` on node `b` against margay on `a` (its first two
+/// arguments: their addresses, then `args`) to its end; it must succeed.
+/// Its output.
+fn raw_peer_run(margay: &Margay, (a, b): (&Node, &Node), name: &str, args: &[&str]) -> String {
+    let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
+    let all: Vec<&str> = [ma.as_str(), mb.as_str()]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let out = raw_peer(b, name, &all).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        margay.log(20)
+    );
+    text.into_owned()
+}
+
+/// margay on node `m` (10.99.0.1) with `conf`, and the node of its peer
+/// (10.99.0.2) named `peer`. The fields drop in order: margay, the nodes,
+/// the fabric (where more nodes may be added).
+struct Pair {
+    margay: Margay,
+    a: Node,
+    b: Node,
+    lab: Lab,
+}
+
+impl Pair {
+    /// margay with `neighbor` settings for its iBGP peer, originating
+    /// [`BLOCK`].
+    fn ibgp(peer: &str, neighbor: &str) -> Self {
+        Self::start(peer, &MargayConf::ibgp(neighbor).originate(BLOCK))
+    }
+
+    fn start(peer: &str, conf: &MargayConf) -> Self {
+        let lab = Lab::new();
+        let (a, b) = lab.pair("m", peer);
+        let margay = Margay::start(&a, conf);
+        Self { margay, a, b, lab }
+    }
+}
+
+/// The session most tests start from: margay on node `m` (10.99.0.1) and
+/// BIRD on node `bird` (10.99.0.2), iBGP. The fields drop in order: the
+/// daemons, the nodes, the fabric.
+struct WithBird {
+    margay: Margay,
+    bird: Bird,
+    a: Node,
+    b: Node,
+    _lab: Lab,
+}
+
+impl WithBird {
+    /// margay with `neighbor` settings for BIRD, originating `blocks`;
+    /// BIRD configured with `bird_conf`.
+    fn start(neighbor: &str, blocks: &[&str], bird_conf: &BirdConf) -> Self {
+        let conf = MargayConf::ibgp(neighbor).originate(blocks);
+        let Pair { margay, a, b, lab } = Pair::start("bird", &conf);
+        let bird = bird(&b, bird_conf);
+        Self {
+            margay,
+            bird,
+            a,
+            b,
+            _lab: lab,
+        }
+    }
+
+    /// Waits until both sides have the session up.
+    fn wait_up(&self, what: &str) {
+        let (bird, margay) = (&self.bird, &self.margay);
+        wait_for(what, || {
+            bird.established("m") && margay.established("10.99.0.2")
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nbird: {:?}\nmargay log:\n{}",
+                bird.birdc("show protocols all m"),
+                margay.log(40)
+            )
+        });
+    }
+}
+
 #[test]
 fn ibgp_with_bird_both_directions_into_both_kernels() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
-    let bird = bird(
-        &b,
-        &BirdConf::ibgp()
-            .with("graceful restart on;")
-            .blocks(&["10.244.2.0/26"]),
-    );
-    wait_for("session up on both sides", || {
-        bird.established("m") && margay.established("10.99.0.2")
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}\nbird: {:?}\nmargay log:\n{}",
-            bird.birdc("show protocols all m"),
-            margay.log(40)
-        )
-    });
-    let r = kernel_route(&a, "10.244.2.0/26").unwrap();
+    let s = WithBird::start("", BLOCK, &BirdConf::ibgp().with(GR).blocks(BIRDS));
+    s.wait_up("session up on both sides");
+    let WithBird {
+        margay, bird, a, b, ..
+    } = &s;
+    let r = kernel_route(a, "10.244.2.0/26").unwrap();
     assert!(r.contains("via 10.99.0.2") && r.contains("proto 77"), "{r}");
-    let r = kernel_route(&b, "10.244.1.0/26").unwrap();
+    let r = kernel_route(b, "10.244.1.0/26").unwrap();
     assert!(
         r.contains("via 10.99.0.1") && r.contains("proto bird"),
         "{r}"
@@ -71,41 +210,25 @@ fn ibgp_with_bird_both_directions_into_both_kernels() {
 
     // BIRD withdraws its block: the route leaves margay's kernel.
     bird.birdc("disable blocks").unwrap();
-    wait_absent(&a, "withdrawal reaches the kernel", "10.244.2.0/26").unwrap();
+    wait_absent(a, "withdrawal reaches the kernel", "10.244.2.0/26").unwrap();
 }
 
 #[test]
 fn ebgp_with_gobgp_and_four_octet_asns() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "gobgp");
-    let margay = Margay::start(
-        &a,
+    let s = Pair::start(
+        "gobgp",
         &MargayConf::new(4_200_000_001, "10.99.0.1")
             .neighbor("10.99.0.2", 4_200_000_002, "")
             .originate(BLOCK),
     );
-    let gobgp = Gobgp::start(
-        &b.ns,
-        r#"[global.config]
-  as = 4200000002
-  router-id = "10.99.0.2"
-  local-address-list = ["10.99.0.2"]
-[[neighbors]]
-  [neighbors.config]
-    neighbor-address = "10.99.0.1"
-    peer-as = 4200000001
-  [neighbors.timers.config]
-    hold-time = 9
-    keepalive-interval = 3
-"#,
-    )
-    .unwrap();
+    let Pair { margay, a, b, .. } = &s;
+    let gobgp = gobgp_peer(b, 4_200_000_002, 4_200_000_001, TIMERS);
     gobgp
         .gobgp(&["global", "rib", "add", "10.244.3.0/26", "-a", "ipv4"])
         .unwrap();
     wait_for("session up", || gobgp.established("10.99.0.1"))
         .unwrap_or_else(|e| panic!("{e}\nmargay log:\n{}", margay.log(40)));
-    let r = kernel_route(&a, "10.244.3.0/26").unwrap();
+    let r = kernel_route(a, "10.244.3.0/26").unwrap();
     assert!(r.contains("via 10.99.0.2"), "{r}");
     let rib = wait::until("margay's block at GoBGP", T, POLL, || {
         let rib = gobgp
@@ -139,14 +262,10 @@ fn bad_config_exits_with_a_clear_message() {
 
 #[test]
 fn md5_with_bird_right_password_establishes_wrong_never() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(
-        &a,
-        &MargayConf::ibgp("password = \"s3cret\"").originate(BLOCK),
-    );
+    let s = Pair::ibgp("bird", "password = \"s3cret\"");
+    let Pair { margay, a, b, .. } = &s;
     let conf = BirdConf::ibgp().blocks(&["10.244.2.0/26"]);
-    let wrong = bird(&b, &conf.clone().with("password \"wrong\";"));
+    let wrong = bird(b, &conf.clone().with("password \"wrong\";"));
     // For a while, in both directions (each side connects), nothing comes up.
     holds(
         "no session with a wrong password",
@@ -154,44 +273,23 @@ fn md5_with_bird_right_password_establishes_wrong_never() {
         || {
             !wrong.established("m")
                 && !margay.established("10.99.0.2")
-                && absent(&a, "10.244.2.0/26")
+                && absent(a, "10.244.2.0/26")
         },
     );
     drop(wrong);
-    let right = bird(&b, &conf.with("password \"s3cret\";"));
+    let right = bird(b, &conf.with("password \"s3cret\";"));
     wait_for("MD5 session up", || {
         right.established("m") && margay.established("10.99.0.2")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", margay.log(30)));
-    kernel_route(&a, "10.244.2.0/26").unwrap();
+    kernel_route(a, "10.244.2.0/26").unwrap();
 }
 
 #[test]
 fn md5_with_frr() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "frr");
-    let margay = Margay::start(
-        &a,
-        &MargayConf::ibgp("password = \"frrkey\"").originate(BLOCK),
-    );
-    let frr = Frr::start(
-        &b.ns,
-        r#"frr defaults traditional
-hostname frrB
-router bgp 64512
- bgp router-id 10.99.0.2
- no bgp network import-check
- neighbor 10.99.0.1 remote-as 64512
- neighbor 10.99.0.1 password frrkey
- neighbor 10.99.0.1 timers 3 9
- address-family ipv4 unicast
-  network 10.244.2.0/26
- exit-address-family
-!
-"#,
-        true,
-    )
-    .unwrap();
+    let s = Pair::ibgp("frr", "password = \"frrkey\"");
+    let Pair { margay, a, b, .. } = &s;
+    let frr = frr_peer(b, "frrB", "password frrkey", "10.244.2.0/26");
     wait_for("MD5 session with FRR", || margay.established("10.99.0.2")).unwrap_or_else(|e| {
         panic!(
             "{e}\n{:?}\n{}",
@@ -199,8 +297,8 @@ router bgp 64512
             margay.log(30)
         )
     });
-    kernel_route(&a, "10.244.2.0/26").unwrap();
-    let r = kernel_route(&b, "10.244.1.0/26").unwrap();
+    kernel_route(a, "10.244.2.0/26").unwrap();
+    let r = kernel_route(b, "10.244.1.0/26").unwrap();
     assert!(r.contains("via 10.99.0.1"), "{r}");
 }
 
@@ -237,30 +335,26 @@ fn two_active_margay_speakers_resolve_the_collision() {
 
 #[test]
 fn graceful_restart_of_bird_keeps_routes_stale_then_refreshes() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
-    let conf = BirdConf::ibgp().with("graceful restart on; graceful restart time 30;");
-    let mut first = bird(
-        &b,
-        &conf.clone().blocks(&["10.244.2.0/26", "10.244.3.0/26"]),
-    );
-    kernel_route(&a, "10.244.2.0/26").unwrap();
-    kernel_route(&a, "10.244.3.0/26").unwrap();
-    first.daemon().kill9();
+    let conf = BirdConf::ibgp().with(GR_30);
+    let both = conf.clone().blocks(&["10.244.2.0/26", "10.244.3.0/26"]);
+    let mut s = WithBird::start("", BLOCK, &both);
+    kernel_route(&s.a, "10.244.2.0/26").unwrap();
+    kernel_route(&s.a, "10.244.3.0/26").unwrap();
+    s.bird.daemon().kill9();
+    let WithBird { margay, a, b, .. } = &s;
     // The routes stay in margay's kernel while BIRD is away.
     holds(
         "routes kept while BIRD is away",
         Duration::from_secs(3),
-        || !absent(&a, "10.244.2.0/26") && !absent(&a, "10.244.3.0/26"),
+        || !absent(a, "10.244.2.0/26") && !absent(a, "10.244.3.0/26"),
     );
     let stale = margay.route("10.244.2.0/26");
     assert!(stale.as_ref().is_some_and(|r| r.stale), "{stale:?}");
     // BIRD comes back announcing only one of the two: after its End-of-RIB
     // the other is gone, the kept one never left.
-    let second = bird(&b, &conf.blocks(&["10.244.2.0/26"]));
-    wait_absent(&a, "stale route flushed after End-of-RIB", "10.244.3.0/26").unwrap();
-    assert!(!absent(&a, "10.244.2.0/26"));
+    let second = bird(b, &conf.blocks(BIRDS));
+    wait_absent(a, "stale route flushed after End-of-RIB", "10.244.3.0/26").unwrap();
+    assert!(!absent(a, "10.244.2.0/26"));
     assert!(second.established("m"));
     let routes = margay.routes();
     assert!(routes.iter().all(|r| !r.stale), "{routes:?}");
@@ -271,12 +365,15 @@ fn a_connection_without_open_from_an_established_peer_changes_nothing() {
     // RFC 4724 section 4.2: only a valid OPEN with graceful restart on a
     // new connection says the peer restarted; a bare connect from its
     // address (anyone on the path can make one) must not reset the session.
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
-    let conf = BirdConf::ibgp().with("graceful restart on; graceful restart time 30;");
-    let peer = bird(&b, &conf.blocks(&["10.244.2.0/26"]));
-    kernel_route(&a, "10.244.2.0/26").unwrap();
+    let s = WithBird::start("", BLOCK, &BirdConf::ibgp().with(GR_30).blocks(BIRDS));
+    let WithBird {
+        margay,
+        bird: peer,
+        a,
+        b,
+        ..
+    } = &s;
+    kernel_route(a, "10.244.2.0/26").unwrap();
     let addr = b.v4.to_string();
     wait_for("the session up", || margay.established(&addr)).unwrap();
     let script = format!(
@@ -287,7 +384,7 @@ fn a_connection_without_open_from_an_established_peer_changes_nothing() {
     holds(
         "the session and its route stay while the new connection says nothing",
         Duration::from_secs(5),
-        || margay.established(&addr) && !absent(&a, "10.244.2.0/26"),
+        || margay.established(&addr) && !absent(a, "10.244.2.0/26"),
     );
     let _ = raw.kill();
     let _ = raw.wait();
@@ -309,21 +406,20 @@ fn a_restarted_peers_open_with_graceful_restart_replaces_its_session() {
     // never closed (its FIN lost) reconnects with a graceful-restart OPEN;
     // the new session replaces the old one and its route stays in the
     // kernel throughout.
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "restart");
-    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
+    let s = Pair::ibgp("restart", "");
+    let Pair { margay, a, b, .. } = &s;
     let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
-    let mut peer = raw_peer(&b, "restart_peer", &[&ma, &mb, "10.244.5.0/26", "8"])
+    let mut peer = raw_peer(b, "restart_peer", &[&ma, &mb, "10.244.5.0/26", "8"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    kernel_route(&a, "10.244.5.0/26").unwrap();
+    kernel_route(a, "10.244.5.0/26").unwrap();
     // From the first route on, the kernel never loses it while the second
     // session takes over.
     holds(
         "the route stays across the restart",
         Duration::from_secs(5),
-        || !absent(&a, "10.244.5.0/26"),
+        || !absent(a, "10.244.5.0/26"),
     );
     let out = {
         use std::io::Read;
@@ -337,7 +433,7 @@ fn a_restarted_peers_open_with_graceful_restart_replaces_its_session() {
         "{out}\n{}",
         margay.log(30)
     );
-    assert!(!absent(&a, "10.244.5.0/26"));
+    assert!(!absent(a, "10.244.5.0/26"));
     let log = margay.log(40);
     assert!(
         log.contains("its new session replaces the old one"),
@@ -348,20 +444,9 @@ fn a_restarted_peers_open_with_graceful_restart_replaces_its_session() {
 
 #[test]
 fn a_route_refresh_flood_costs_one_readvertisement_per_gap() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "flood");
-    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(BLOCK));
-    let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
-    let out = raw_peer(&b, "refresh_flood", &[&ma, &mb, "500", "8"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        margay.log(20)
-    );
+    let s = Pair::ibgp("flood", "");
+    let Pair { margay, a, b, .. } = &s;
+    let text = raw_peer_run(margay, (a, b), "refresh_flood", &["500", "8"]);
     // The first advertisement and its End-of-RIB, the first refresh at
     // once, the other 499 folded into one more 5 s later.
     let updates: u32 = text.trim().parse().unwrap();
@@ -373,28 +458,17 @@ fn a_route_refresh_flood_costs_one_readvertisement_per_gap() {
 
 #[test]
 fn a_peer_that_never_reads_is_dropped_after_the_hold_time() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "deaf");
     // 20000 routes: far more than the peer's receive window and the
     // socket's send buffer together.
     let many: Vec<String> = (0..20_000u32)
         .map(|i| format!("10.{}.{}.{}/32", 100 + i / 65536, (i / 256) % 256, i % 256))
         .collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let margay = Margay::start(&a, &MargayConf::ibgp("").originate(&many));
-    let (ma, mb) = (a.v4.to_string(), b.v4.to_string());
-    let out = raw_peer(&b, "never_reads", &[&ma, &mb, "30"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let s = Pair::start("deaf", &MargayConf::ibgp("").originate(&many));
+    let Pair { margay, a, b, .. } = &s;
     // Its writes blocked, the session is still ended once the hold time
     // (3 s) has gone by without progress: timers and reads went on.
-    assert!(
-        out.status.success(),
-        "{text}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        margay.log(20)
-    );
+    raw_peer_run(margay, (a, b), "never_reads", &["30"]);
     let why = margay.last_error().unwrap_or_default();
     assert!(why.contains("read nothing"), "{why}");
     // And the speaker goes on: its control socket answers.
@@ -471,21 +545,18 @@ fn a_route_too_big_to_reexport_is_left_out_and_the_session_stays() {
 
 #[test]
 fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let mut margay = Margay::start(
-        &a,
-        &MargayConf::ibgp("").originate(&["10.244.1.0/26", "10.244.4.0/26"]),
+    let mut s = WithBird::start(
+        "",
+        &["10.244.1.0/26", "10.244.4.0/26"],
+        &BirdConf::ibgp().with(GR).blocks(BIRDS),
     );
-    let bird = bird(
-        &b,
-        &BirdConf::ibgp()
-            .with("graceful restart on;")
-            .blocks(&["10.244.2.0/26"]),
-    );
-    kernel_route(&a, "10.244.2.0/26").unwrap();
-    kernel_route(&b, "10.244.1.0/26").unwrap();
-    kernel_route(&b, "10.244.4.0/26").unwrap();
+    let WithBird {
+        margay, bird, a, b, ..
+    } = &mut s;
+    let (a, b) = (&*a, &*b);
+    kernel_route(a, "10.244.2.0/26").unwrap();
+    kernel_route(b, "10.244.1.0/26").unwrap();
+    kernel_route(b, "10.244.4.0/26").unwrap();
     // kill -9 and restart without 10.244.4.0/26: while it is down and
     // while it comes back, neither kernel loses a route it still needs.
     let watch_a = std::thread::scope(|s| {
@@ -494,18 +565,18 @@ fn graceful_restart_of_margay_keeps_forwarding_both_ways() {
                 "no route missing during the restart",
                 Duration::from_secs(4),
                 Duration::from_millis(100),
-                || Ok(!absent(&a, "10.244.2.0/26") && !absent(&b, "10.244.1.0/26")),
+                || Ok(!absent(a, "10.244.2.0/26") && !absent(b, "10.244.1.0/26")),
             )
         });
-        margay.crash_and_restart(&a, &MargayConf::ibgp("").originate(BLOCK));
+        margay.crash_and_restart(a, &MargayConf::ibgp("").originate(BLOCK));
         h.join().unwrap()
     });
     watch_a.expect("a route disappeared during the restart");
     wait_for("session back", || margay.established("10.99.0.2")).unwrap();
     // The prefix no longer originated is withdrawn once margay is back.
-    wait_absent(&b, "old block withdrawn at BIRD", "10.244.4.0/26")
+    wait_absent(b, "old block withdrawn at BIRD", "10.244.4.0/26")
         .unwrap_or_else(|e| panic!("{e}\n{:?}", bird.birdc("show route all")));
-    assert!(!absent(&a, "10.244.2.0/26"));
+    assert!(!absent(a, "10.244.2.0/26"));
     let r = a.ns.ip(&["route", "show", "proto", "77"]).unwrap();
     assert_eq!(
         r.lines().filter(|l| l.starts_with("10.244.2.0/26")).count(),
@@ -652,30 +723,8 @@ fn margay_as_route_reflector_for_bird_and_frr() {
             ),
     );
     let bird = bird(&a, &BirdConf::ibgp().blocks(&["10.244.2.0/26"]));
-    let frr = Frr::start(
-        &b.ns,
-        r#"frr defaults traditional
-hostname frrC
-router bgp 64512
- bgp router-id 10.99.0.3
- no bgp network import-check
- neighbor 10.99.0.1 remote-as 64512
- neighbor 10.99.0.1 timers 3 9
- address-family ipv4 unicast
-  network 10.244.3.0/26
- exit-address-family
-!
-"#,
-        true,
-    )
-    .unwrap();
-    let r = kernel_route(&a, "10.244.3.0/26").unwrap_or_else(|e| {
-        panic!(
-            "{e}\n{}\n{:?}",
-            margay.log(30),
-            bird.birdc("show protocols all m")
-        )
-    });
+    let frr = frr_peer(&b, "frrC", "", "10.244.3.0/26");
+    let r = route_or_logs(&a, "10.244.3.0/26", &margay, &bird);
     assert!(
         r.contains("via 10.99.0.3") && r.contains("proto bird"),
         "{r}"
@@ -702,14 +751,13 @@ router bgp 64512
 
 #[test]
 fn ipv6_session_and_prefixes_with_bird() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(
-        &a,
+    let s = Pair::start(
+        "bird",
         &MargayConf::new(64512, "10.99.0.1")
             .neighbor("fd00:99::2", 64513, "")
             .originate(&["fd00:244:1::/122"]),
     );
+    let Pair { margay, a, b, .. } = &s;
     let bird = Bird::start(
         &b.ns,
         r#"log stderr all;
@@ -725,39 +773,23 @@ protocol bgp m {
 "#,
     )
     .unwrap();
-    let v6_route = |node: &Node, what: &str, prefix: &str| {
-        wait::until(what, T, POLL, || {
-            let r = node
-                .ns
-                .ip(&["-6", "route", "show", prefix])
-                .map_err(|e| e.to_string())?;
-            Ok((!r.trim().is_empty()).then(|| r.trim().to_owned()))
-        })
-    };
-    let r = v6_route(&a, "v6 route in margay's kernel", "fd00:244:2::/122").unwrap_or_else(|e| {
-        panic!(
-            "{e}\n{}\n{:?}",
-            margay.log(30),
-            bird.birdc("show protocols all m")
-        )
-    });
+    let r = route_or_logs(a, "fd00:244:2::/122", margay, &bird);
     assert!(
         r.contains("via fd00:99::2") && r.contains("proto 77"),
         "{r}"
     );
-    let r = v6_route(&b, "v6 route in BIRD's kernel", "fd00:244:1::/122").unwrap();
+    let r = kernel_route(b, "fd00:244:1::/122").unwrap();
     assert!(r.contains("via fd00:99::1"), "{r}");
 }
 
 /// RFC 7606 against a real sender: ExaBGP emits malformed attributes.
 #[test]
 fn malformed_updates_from_exabgp_are_handled_per_rfc7606() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "exa");
-    let margay = Margay::start(
-        &a,
+    let s = Pair::start(
+        "exa",
         &MargayConf::new(64512, "10.99.0.1").neighbor("10.99.0.2", 65010, ""),
     );
+    let Pair { margay, a, b, .. } = &s;
     let exa = Exabgp::start(
         &b.ns,
         r#"process api { run {helper}; encoder json; }
@@ -775,16 +807,16 @@ neighbor 10.99.0.1 {
         .unwrap();
     exa.command("announce route 10.244.8.0/24 next-hop self attribute [ 0x99 0xc0 0x0102 ]")
         .unwrap();
-    kernel_route(&a, "10.244.7.0/24").unwrap();
+    kernel_route(a, "10.244.7.0/24").unwrap();
     // An unknown optional transitive attribute is accepted.
-    kernel_route(&a, "10.244.8.0/24").unwrap();
+    kernel_route(a, "10.244.8.0/24").unwrap();
 
     // COMMUNITIES of 3 octets: treat-as-withdraw, the session stays up.
     exa.command("announce route 10.244.7.0/24 next-hop self attribute [ 0x08 0xc0 0x010203 ]")
         .unwrap();
-    wait_absent(&a, "malformed update withdraws the route", "10.244.7.0/24").unwrap();
+    wait_absent(a, "malformed update withdraws the route", "10.244.7.0/24").unwrap();
     assert!(margay.established("10.99.0.2"));
-    assert!(!absent(&a, "10.244.8.0/24"), "other routes untouched");
+    assert!(!absent(a, "10.244.8.0/24"), "other routes untouched");
     // ...and never went down: no error recorded, ExaBGP got no NOTIFICATION.
     assert!(margay.last_error().is_none());
     assert!(!exa.received().iter().any(|e| e["type"] == "notification"));
@@ -798,7 +830,7 @@ neighbor 10.99.0.1 {
             .is_some_and(|e| e.contains("UPDATE message error (3/2)"))
     })
     .unwrap_or_else(|e| panic!("{e}\n{:?}\n{}", margay.neighbors(), margay.log(20)));
-    assert!(absent(&a, "10.244.9.0/24"));
+    assert!(absent(a, "10.244.9.0/24"));
     // ExaBGP saw our NOTIFICATION.
     wait_for("ExaBGP reports the notification", || {
         exa.received()
@@ -862,19 +894,7 @@ fn equal_paths_from_bird_and_gobgp_become_an_ecmp_kernel_route() {
         &b,
         &BirdConf::ibgp().local_as(65002).blocks(&["10.250.0.0/24"]),
     );
-    let gobgp = Gobgp::start(
-        &c.ns,
-        r#"[global.config]
-  as = 65003
-  router-id = "10.99.0.3"
-  local-address-list = ["10.99.0.3"]
-[[neighbors]]
-  [neighbors.config]
-    neighbor-address = "10.99.0.1"
-    peer-as = 64512
-"#,
-    )
-    .unwrap();
+    let gobgp = gobgp_peer(&c, 65003, 64512, "");
     gobgp
         .gobgp(&[
             "global",
@@ -909,13 +929,11 @@ fn equal_paths_from_bird_and_gobgp_become_an_ecmp_kernel_route() {
 /// session stays down for a while instead of flapping.
 #[test]
 fn max_prefixes_closes_the_session_with_cease_1() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(&a, &MargayConf::ibgp("max_prefixes = 2").originate(BLOCK));
-    let bird = bird(
-        &b,
-        &BirdConf::ibgp().blocks(&["10.244.2.0/26", "10.244.3.0/26", "10.244.4.0/26"]),
-    );
+    let three = ["10.244.2.0/26", "10.244.3.0/26", "10.244.4.0/26"];
+    let s = WithBird::start("max_prefixes = 2", BLOCK, &BirdConf::ibgp().blocks(&three));
+    let WithBird {
+        margay, bird, a, ..
+    } = &s;
     wait::until("BIRD reports Cease / max prefixes", T, POLL, || {
         let s = bird
             .birdc("show protocols all m")
@@ -934,8 +952,8 @@ fn max_prefixes_closes_the_session_with_cease_1() {
     holds("the session stays down", Duration::from_secs(3), || {
         !margay.established("10.99.0.2")
     });
-    for p in ["10.244.2.0/26", "10.244.3.0/26", "10.244.4.0/26"] {
-        assert!(absent(&a, p), "{p} still installed");
+    for p in three {
+        assert!(absent(a, p), "{p} still installed");
     }
 }
 
@@ -943,18 +961,8 @@ fn max_prefixes_closes_the_session_with_cease_1() {
 /// accept only directly connected packets; the session comes up.
 #[test]
 fn gtsm_with_bird() {
-    let lab = Lab::new();
-    let (a, b) = lab.pair("m", "bird");
-    let margay = Margay::start(&a, &MargayConf::ibgp("ttl_security = 1").originate(BLOCK));
-    let bird = bird(
-        &b,
-        &BirdConf::ibgp()
-            .with("ttl security on;")
-            .blocks(&["10.244.2.0/26"]),
-    );
-    wait_for("GTSM session up", || {
-        bird.established("m") && margay.established("10.99.0.2")
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{:?}", bird.birdc("show protocols all m")));
-    kernel_route(&a, "10.244.2.0/26").unwrap();
+    let bird = BirdConf::ibgp().with("ttl security on;").blocks(BIRDS);
+    let s = WithBird::start("ttl_security = 1", BLOCK, &bird);
+    s.wait_up("GTSM session up");
+    kernel_route(&s.a, "10.244.2.0/26").unwrap();
 }

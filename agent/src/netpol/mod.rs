@@ -377,9 +377,8 @@ pub async fn run(
     // This node's pods published for the other nodes' policies.
     let mut local = slices::LocalPods::default();
     let (publish, published) = tokio::sync::watch::channel(None);
-    let _writer = watch.then(|| {
-        margay_bgp::task::Owned::spawn(slices::run(client.clone(), node.clone(), published))
-    });
+    let _writer = watch
+        .then(|| margay_task::Owned::spawn(slices::run(client.clone(), node.clone(), published)));
     let mut pods = watched(watch, Api::<core::Pod>::all(client.clone()), here);
     let mut namespaces = watched(
         watch,

@@ -22,6 +22,9 @@ use crate::obs::AgentState;
 #[derive(Debug)]
 pub struct Embedded {
     running: Option<Running>,
+    /// A speaker turned off, kept until its peers have heard Cease (its
+    /// tasks end with it).
+    stopping: Option<Arc<Speaker>>,
     state: Arc<AgentState>,
 }
 
@@ -40,6 +43,7 @@ impl Embedded {
     pub fn new(state: Arc<AgentState>) -> Self {
         Self {
             running: None,
+            stopping: None,
             state,
         }
     }
@@ -87,6 +91,9 @@ impl Bgp for Embedded {
             old.speaker.stop_graceful();
             // Its listener must be gone before the new one binds.
             let _ = tokio::time::timeout(Duration::from_secs(2), old.speaker.stopped()).await;
+        }
+        if let Some(old) = self.stopping.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), old.stopped()).await;
         }
         let g = &s.global;
         let mut cfg = Config::new(g.asn, s.router_id);
@@ -136,6 +143,7 @@ impl Bgp for Embedded {
             tracing::info!("BGP turned off; stopping the speaker");
             r.speaker.stop();
             self.state.set_speaker(None);
+            self.stopping = Some(r.speaker);
         }
     }
 

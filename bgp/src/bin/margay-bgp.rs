@@ -163,7 +163,7 @@ async fn run(cfg: Config, sock: PathBuf) -> ExitCode {
     };
     let ctl = {
         let speaker = speaker.clone();
-        margay_bgp::task::Owned::spawn(async move {
+        margay_task::Owned::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {

@@ -1,7 +1,7 @@
 //! Path attributes (RFC 4271 §4.3, §5; RFC 4456; RFC 6793; RFC 4760) and the
 //! revised error handling of RFC 7606.
 //!
-//! [`decode_attrs`] returns the attributes plus what RFC 7606 decided: an
+//! `decode_attrs` returns the attributes plus what RFC 7606 decided: an
 //! attribute may be discarded silently ("attribute-discard"), the whole
 //! UPDATE may turn into a withdrawal of its NLRI ("treat-as-withdraw"), or
 //! the session must be reset (an `Err`, naming the NOTIFICATION).
@@ -348,15 +348,20 @@ fn optional_error(reason: String) -> DecodeError {
     DecodeError::new(err::UPDATE, err::UPDATE_OPTIONAL_ATTR, reason)
 }
 
-fn decode_mp_reach(v: &[u8]) -> Result<Option<MpReach>, DecodeError> {
-    if v.len() < 5 {
+/// The AFI and SAFI that start the value `v` of MP attribute `what`,
+/// which must be at least `min` octets long.
+fn mp_header(what: &str, v: &[u8], min: usize) -> Result<(u16, u8), DecodeError> {
+    if v.len() < min {
         return Err(optional_error(format!(
-            "MP_REACH_NLRI too short ({} octets)",
+            "{what} too short ({} octets)",
             v.len()
         )));
     }
-    let afi = u16::from_be_bytes([v[0], v[1]]);
-    let safi = v[2];
+    Ok((u16::from_be_bytes([v[0], v[1]]), v[2]))
+}
+
+fn decode_mp_reach(v: &[u8]) -> Result<Option<MpReach>, DecodeError> {
+    let (afi, safi) = mp_header("MP_REACH_NLRI", v, 5)?;
     let nh_len = v[3] as usize;
     if v.len() < 4 + nh_len + 1 {
         return Err(optional_error(
@@ -391,14 +396,7 @@ fn decode_mp_reach(v: &[u8]) -> Result<Option<MpReach>, DecodeError> {
 }
 
 fn decode_mp_unreach(v: &[u8]) -> Result<Option<MpUnreach>, DecodeError> {
-    if v.len() < 3 {
-        return Err(optional_error(format!(
-            "MP_UNREACH_NLRI too short ({} octets)",
-            v.len()
-        )));
-    }
-    let afi = u16::from_be_bytes([v[0], v[1]]);
-    let safi = v[2];
+    let (afi, safi) = mp_header("MP_UNREACH_NLRI", v, 3)?;
     let Some(v6) = family(afi, safi) else {
         return Ok(None);
     };

@@ -340,7 +340,7 @@ impl Message {
     }
 
     /// Encodes the message with its header. UPDATEs must fit in 4096
-    /// octets: build them with [`UpdateBuilder`](crate::packet::message::UpdateBuilder)
+    /// octets: build them with [`UpdateBuilder`]
     /// when packing many prefixes.
     pub fn encode(&self, ctx: &Ctx) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
