@@ -13,8 +13,8 @@
 //! - [`nat`]: natOutgoing in Margay's nftables table.
 //! - [`tunnel_filter`]: the tunnels take encapsulated packets from the
 //!   cluster's nodes only (Margay's `inet margay_tunnel` table).
-//! - [`nft_script`] loads nftables scripts; [`nftnl`] hands NetworkPolicy set
-//!   element changes to the kernel over netlink, without `nft`.
+//! - [`nft_script`] loads nftables scripts (NetworkPolicy deltas go to
+//!   the kernel over netlink through the `margay-nftnl` crate).
 //! - [`routed`]: what the node routes for (its blocks, its pods'
 //!   addresses), as `routing::local` publishes it.
 //! - `netns`: which paths a pod may be wired into (a network namespace,
@@ -41,7 +41,6 @@ pub mod nat;
 mod netlink;
 mod netns;
 pub mod nft_script;
-pub mod nftnl;
 pub mod ownership;
 mod pods;
 pub mod routed;
@@ -121,21 +120,10 @@ pub enum Error {
     /// `nft` is missing or refused Margay's table.
     #[error("nftables: {0}")]
     Nft(String),
-    /// A policy command netlink cannot carry: an attribute of it would be
-    /// longer than a netlink attribute's 16-bit length allows (e.g. a rule
-    /// whose expressions pass 64 KiB). Nothing of its batch was sent.
-    #[error(
-        "netlink cannot carry command {command} of the batch, {op}: an attribute of {len} bytes (at most {max})",
-        max = nftnl::MAX_ATTR
-    )]
-    Unencodable {
-        /// Its place in the batch (from 1).
-        command: usize,
-        /// Its text, cut short.
-        op: String,
-        /// The length the attribute would have had.
-        len: usize,
-    },
+    /// A policy batch over netlink failed (`margay-nftnl`): not
+    /// encodable, refused by the kernel, or the socket failed.
+    #[error(transparent)]
+    Nftnl(#[from] margay_nftnl::Error),
     /// Injected by the fake dataplane.
     #[error("injected: {0}")]
     Injected(String),
