@@ -14,8 +14,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1 as core;
-use k8s_openapi::api::networking::v1 as net;
 use serde::Serialize;
 
 use crate::selector::{Labels, Selector};

@@ -1,6 +1,9 @@
 //! The conversions from the Kubernetes objects, against what the API
 //! server takes and refuses.
 
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+
 use super::*;
 
 fn policy(json: serde_json::Value) -> Result<Policy> {
