@@ -295,8 +295,20 @@ fn link_facts(msg: &rtnetlink::packet_route::link::LinkMessage) -> (String, Stri
 }
 
 impl Dataplane for Netlink {
-    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
-        self.add_pod_links(spec).await
+    type Netns = std::fs::File;
+
+    async fn add_pod_in(&self, spec: &PodSpec, netns: &std::fs::File) -> Result<PodWiring> {
+        self.add_pod_links(spec, netns).await
+    }
+
+    async fn forward_ipv6(&self) -> Result<()> {
+        if std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+            .is_ok_and(|v| v.trim() != "1")
+        {
+            tracing::info!("turning on IPv6 forwarding for IPv6 pods");
+            sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
+        Ok(())
     }
 
     async fn del_pod(&self, host_if: &str) -> Result<()> {
@@ -325,8 +337,8 @@ impl Dataplane for Netlink {
         self.host_pod(host_if).await
     }
 
-    async fn pod_netns(&self, path: &std::path::Path) -> Result<()> {
-        super::netns::pod_netns(path).map(drop)
+    async fn pod_netns(&self, path: &std::path::Path) -> Result<std::fs::File> {
+        super::netns::pod_netns(path)
     }
 
     async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {
