@@ -262,6 +262,39 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Tunnel device `dev` (index `idx`) up, with MTU `mtu` when given,
+    /// and this node's tunnel address `ip` on it as a /32 (the source of
+    /// what the node itself sends through it): IPIP and VXLAN alike.
+    pub(super) async fn tunnel_up(
+        &self,
+        dev: &str,
+        idx: u32,
+        mtu: Option<u32>,
+        ip: Ipv4Addr,
+    ) -> Result<()> {
+        let mut link = rtnetlink::LinkUnspec::new_with_index(idx);
+        let what = match mtu {
+            Some(m) => {
+                link = link.mtu(m);
+                format!("bring up {dev} (MTU {m})")
+            }
+            None => format!("bring up {dev}"),
+        };
+        self.host
+            .link()
+            .set(link.up().build())
+            .execute()
+            .await
+            .map_err(nl(what))?;
+        self.host
+            .address()
+            .add(idx, IpAddr::V4(ip), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("address {ip} on {dev}")))
+    }
+
     /// The pod host interface `name` (a `cali…` veth), when it exists.
     pub(super) async fn host_pod(&self, name: &str) -> Result<Option<HostPod>> {
         let Some(msg) = Self::link_named(&self.host, name).await? else {

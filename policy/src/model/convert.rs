@@ -136,22 +136,12 @@ impl Policy {
                 eg = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
             }
         }
-        let ingress = ing
-            .then(|| {
-                let rules = spec.ingress.iter().flatten();
-                rules
-                    .map(|r| rule(r.from.as_deref(), r.ports.as_deref()))
-                    .collect()
-            })
-            .transpose()?;
-        let egress = eg
-            .then(|| {
-                let rules = spec.egress.iter().flatten();
-                rules
-                    .map(|r| rule(r.to.as_deref(), r.ports.as_deref()))
-                    .collect()
-            })
-            .transpose()?;
+        let ingress = rules(ing, spec.ingress.as_ref(), |r| {
+            rule(r.from.as_deref(), r.ports.as_deref())
+        })?;
+        let egress = rules(eg, spec.egress.as_ref(), |r| {
+            rule(r.to.as_deref(), r.ports.as_deref())
+        })?;
         Ok((
             key,
             Self {
@@ -161,6 +151,17 @@ impl Policy {
             },
         ))
     }
+}
+
+/// A direction's rules (`list`, each read by `rule_of`), when the policy
+/// isolates in it (`on`).
+fn rules<R>(
+    on: bool,
+    list: Option<&Vec<R>>,
+    rule_of: impl Fn(&R) -> Result<Rule>,
+) -> Result<Option<Vec<Rule>>> {
+    on.then(|| list.into_iter().flatten().map(rule_of).collect())
+        .transpose()
 }
 
 fn rule(

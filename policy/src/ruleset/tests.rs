@@ -320,12 +320,7 @@ fn a_delta_removes_references_before_what_they_reference() {
         pos("delete chain inet margay_policy in/x/all")
             < pos("delete set inet margay_policy peer/")
     );
-    assert_eq!(
-        c.table().chains,
-        Table::new().chains,
-        "nothing of the policy left"
-    );
-    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+    nothing_of_the_policy_left(&c);
 }
 
 /// A pod's change is set elements only, typed, and renders as the same
@@ -602,12 +597,7 @@ fn rules_with_the_same_peer_share_its_set() {
     }
     let d = c.set_policy(&Key::new("x", "p4"), None);
     assert_eq!(pod_sets(&d.del_sets), 2, "{d:?}");
-    assert_eq!(
-        c.table().chains,
-        Table::new().chains,
-        "nothing of the policy left"
-    );
-    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+    nothing_of_the_policy_left(&c);
 }
 
 /// A legal policy name of 253 characters in a namespace of 63 gives
@@ -752,4 +742,15 @@ fn each_attachment_of_a_pod_is_enforced_on_its_own() {
     assert_eq!(t.sets[IFACES_SET].elements.len(), 1);
     assert_eq!(t.sets["src/4"].elements.len(), 1);
     assert_eq!(c.table(), c.rebuilt().table());
+}
+
+/// The table has only its fixed parts: every chain and set of a policy
+/// gone with it.
+fn nothing_of_the_policy_left(c: &Compiler) {
+    assert_eq!(
+        c.table().chains,
+        Table::new().chains,
+        "nothing of the policy left"
+    );
+    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
 }
