@@ -22,18 +22,7 @@ fn local(c: &World, n: usize) -> BTreeMap<PodKey, String> {
 fn a_small_world_compiles_as_documented() {
     let mut w = World::default();
     for (ns, name, app, ip) in [("x", "a", "a", "10.0.0.1"), ("x", "b", "b", "10.0.0.2")] {
-        w.pods.insert(
-            Key::new(ns, name),
-            Pod {
-                labels: [("app".to_string(), app.to_string())]
-                    .into_iter()
-                    .collect::<Labels>()
-                    .into(),
-                ips: vec![ip.parse().unwrap()],
-                node: None,
-                ports: [].into(),
-            },
-        );
+        w.pods.insert(Key::new(ns, name), app_pod(app, ip));
     }
     w.policies.insert(
         Key::new("x", "web"),
@@ -532,18 +521,7 @@ fn c_policy(_k: &PolicyKey) -> Option<Policy> {
 fn rules_with_the_same_peer_share_its_set() {
     let mut w = World::default();
     for (name, app, ip) in [("a", "web", "10.0.0.1"), ("b", "db", "10.0.0.2")] {
-        w.pods.insert(
-            Key::new("x", name),
-            Pod {
-                labels: [("app".to_string(), app.to_string())]
-                    .into_iter()
-                    .collect::<Labels>()
-                    .into(),
-                ips: vec![ip.parse().unwrap()],
-                node: None,
-                ports: [].into(),
-            },
-        );
+        w.pods.insert(Key::new("x", name), app_pod(app, ip));
     }
     let from_web = |port: u16| Policy {
         selector: Selector::everything(),
@@ -753,4 +731,17 @@ fn nothing_of_the_policy_left(c: &Compiler) {
         "nothing of the policy left"
     );
     assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+}
+
+/// A pod labelled `app=APP` with address `ip`, on no node, no named ports.
+fn app_pod(app: &str, ip: &str) -> Pod {
+    Pod {
+        labels: [("app".to_string(), app.to_string())]
+            .into_iter()
+            .collect::<Labels>()
+            .into(),
+        ips: vec![ip.parse().unwrap()],
+        node: None,
+        ports: [].into(),
+    }
 }

@@ -83,11 +83,7 @@ fn nothing_is_written_until_every_kind_is_listed_then_the_whole_table() {
     e.policy_event(Event::Init);
     e.policy_event(Event::InitApply(deny_all("x")));
     e.policy_event(Event::InitDone);
-    let s = e.take_script().unwrap();
-    assert!(
-        s.starts_with("table inet margay_policy\ndelete table"),
-        "{s}"
-    );
+    take_whole_table(&mut e);
     e.loaded(true);
     assert_eq!(e.take_script(), None);
 }
@@ -553,11 +549,7 @@ fn a_relist_deletes_what_it_no_longer_has_and_a_failure_reloads_everything() {
         "{s}"
     );
     e.loaded(false);
-    let s = e.take_script().unwrap();
-    assert!(
-        s.starts_with("table inet margay_policy\ndelete table"),
-        "{s}"
-    );
+    take_whole_table(&mut e);
 }
 
 #[test]
@@ -826,4 +818,13 @@ fn a_policy_the_kernel_refused_is_closed_until_it_changes() {
         Some(1)
     );
     assert!(e.invalid().is_empty());
+}
+
+/// The next load, which must be the whole table.
+fn take_whole_table(e: &mut Engine) {
+    let s = e.take_script().unwrap();
+    assert!(
+        s.starts_with("table inet margay_policy\ndelete table"),
+        "{s}"
+    );
 }
