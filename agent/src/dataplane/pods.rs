@@ -2,8 +2,10 @@
 //! in the pod's namespace (no move afterwards), both sides wired
 //! concurrently, rolled back on any failure; removal by the host side
 //! (its peer and routes go with it); CHECK of what the pod side holds.
-//! A pod namespace is checked first ([`super::netns`]); an interface in the
-//! way is replaced only when it is this attachment's.
+//! A pod namespace is opened and checked once ([`super::netns`], through
+//! `Dataplane::pod_netns`) and that file wired into; an interface in the
+//! way is replaced only when it is this attachment's. Node-wide settings
+//! are not a pod's: the node's IPv6 forwarding is `Dataplane::forward_ipv6`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;

@@ -364,18 +364,7 @@ fn element_only_deltas_are_typed() {
 fn endpoints_isolated_alike_share_their_chain() {
     let mut w = World::default();
     for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
-        w.pods.insert(
-            Key::new("x", name),
-            Pod {
-                labels: [("app".to_string(), "web".to_string())]
-                    .into_iter()
-                    .collect::<Labels>()
-                    .into(),
-                ips: vec![ip.parse().unwrap()],
-                node: None,
-                ports: [].into(),
-            },
-        );
+        w.pods.insert(Key::new("x", name), app_pod("web", ip));
     }
     let k = Key::new("x", "web");
     w.policies.insert(

@@ -481,11 +481,7 @@ fn a_remote_pods_label_is_elements_only_a_policy_is_chains_one_batch() {
         vec![ns("x")],
         vec![from_b],
     );
-    e.endpoint_added(Endpoint {
-        pod: Some(Key::new("x", "a")),
-        host_if: "cali1".into(),
-        ips: vec!["10.0.0.1".parse().unwrap()],
-    });
+    e.endpoint_added(ep(Some(&Key::new("x", "a")), "cali1", "10.0.0.1"));
     assert!(matches!(e.take_load(), Some(Load::Script(_))), "first load");
     e.loaded(true);
     // The remote pod becomes app=b: an element of the peer set.
@@ -528,11 +524,7 @@ fn a_remote_pods_label_is_elements_only_a_policy_is_chains_one_batch() {
 #[test]
 fn a_relist_deletes_what_it_no_longer_has_and_a_failure_reloads_everything() {
     let mut e = a_denied();
-    e.endpoint_added(Endpoint {
-        pod: Some(Key::new("x", "a")),
-        host_if: "cali1".into(),
-        ips: vec!["10.0.0.1".parse().unwrap()],
-    });
+    e.endpoint_added(ep(Some(&Key::new("x", "a")), "cali1", "10.0.0.1"));
     e.take_script();
     e.loaded(true);
     assert!(!e.compiler().table().chains.is_empty());
