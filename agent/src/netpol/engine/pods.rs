@@ -3,13 +3,13 @@
 //! rules made ready before its ADD, its quarantine while it cannot be
 //! learned, its last labels kept while wired after it left the watch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1 as core;
 use margay_policy::model::Key;
 use margay_policy::{Pod, PodKey};
 
-use super::{Engine, Event, Scope, Watched, pod_key, watched_pod};
+use super::{Engine, Event, Scope, Watched, pod_key, relist, watched_pod};
 
 impl Engine {
     /// The Pod `key` as last known: from the watch (a remote one from
@@ -264,17 +264,17 @@ impl Engine {
 
     /// A (re)list of `scope` is complete with `new`: what it no longer has
     /// goes, the rest is taken.
-    pub(super) fn relisted(&mut self, scope: Scope, mut new: BTreeMap<PodKey, Watched>) {
-        let held: Vec<&PodKey> = match scope {
-            Scope::Local => self.pods.keys().collect(),
-            Scope::Remote => self.remote_pods.keys().collect(),
+    pub(super) fn relisted(&mut self, scope: Scope, new: BTreeMap<PodKey, Watched>) {
+        let gone = match scope {
+            Scope::Local => relist::gone(self.pods.keys(), &new),
+            Scope::Remote => relist::gone(self.remote_pods.keys(), &new),
         };
-        let keys: BTreeSet<PodKey> = held.into_iter().chain(new.keys()).cloned().collect();
-        for k in keys {
-            match new.remove(&k) {
-                Some(_) if self.local_holds(scope, &k) => {}
-                Some(w) => self.remote_or_local_set(k, w),
-                None => self.forget(&k),
+        for k in gone {
+            self.forget(&k);
+        }
+        for (k, w) in new {
+            if !self.local_holds(scope, &k) {
+                self.remote_or_local_set(k, w);
             }
         }
         match scope {

@@ -7,6 +7,22 @@ use std::collections::BTreeMap;
 
 use super::{Engine, Event};
 
+/// A relist complete with `new`: the keys `held` has that it no longer
+/// has (deleted now, not before), in order. Every kind's relist, Pods'
+/// and slices' too, is this diff.
+pub(super) fn gone<'a, K: Ord + Clone + 'a, V>(
+    held: impl IntoIterator<Item = &'a K>,
+    new: &BTreeMap<K, V>,
+) -> Vec<K> {
+    let mut gone: Vec<K> = held
+        .into_iter()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    gone.sort();
+    gone
+}
+
 /// A relist under way of one kind: what it has shown so far (`None`:
 /// none under way).
 #[derive(Debug)]
@@ -55,12 +71,7 @@ impl Engine {
             }
             Event::InitDone => {
                 let new = W::relist(self).0.take().unwrap_or_default();
-                let gone: Vec<W::Key> = W::world(self)
-                    .keys()
-                    .filter(|k| !new.contains_key(*k))
-                    .cloned()
-                    .collect();
-                for k in gone {
+                for k in gone(W::world(self).keys(), &new) {
                     W::set(self, &k, None);
                 }
                 for (k, v) in new {
@@ -80,5 +91,15 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gone_is_what_the_relist_no_longer_has_in_order() {
+        let held = ["c", "a", "b", "d"];
+        let new = [("b", 1), ("e", 2)].into();
+        assert_eq!(super::gone(&held, &new), ["a", "c", "d"]);
     }
 }
