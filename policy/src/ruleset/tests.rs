@@ -603,15 +603,7 @@ fn block(cidr: &str, except: &[String]) -> Peer {
 fn a_rule_costs_its_peers_plus_its_ports() {
     let mut w = World::default();
     let k = Key::new("x", "a");
-    w.pods.insert(
-        k.clone(),
-        Pod {
-            labels: Default::default(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
-            node: None,
-            ports: [].into(),
-        },
-    );
+    w.pods.insert(k.clone(), unlabelled_pod(&["10.0.0.1"]));
     let mut peers: Vec<Peer> = (0..1000u32)
         .map(|i| block(&format!("192.168.{}.{}/32", i / 256, i % 256), &[]))
         .collect();
@@ -668,15 +660,8 @@ fn a_rule_costs_its_peers_plus_its_ports() {
 fn each_attachment_of_a_pod_is_enforced_on_its_own() {
     let mut w = World::default();
     let k = Key::new("x", "a");
-    w.pods.insert(
-        k.clone(),
-        Pod {
-            labels: Default::default(),
-            ips: vec!["10.0.0.1".parse().unwrap(), "10.1.0.1".parse().unwrap()],
-            node: None,
-            ports: [].into(),
-        },
-    );
+    w.pods
+        .insert(k.clone(), unlabelled_pod(&["10.0.0.1", "10.1.0.1"]));
     w.policies.insert(
         Key::new("x", "deny"),
         Policy {
@@ -724,12 +709,18 @@ fn nothing_of_the_policy_left(c: &Compiler) {
 
 /// A pod labelled `app=APP` with address `ip`, on no node, no named ports.
 fn app_pod(app: &str, ip: &str) -> Pod {
+    let labels: Labels = [("app".to_string(), app.to_string())].into();
     Pod {
-        labels: [("app".to_string(), app.to_string())]
-            .into_iter()
-            .collect::<Labels>()
-            .into(),
-        ips: vec![ip.parse().unwrap()],
+        labels: labels.into(),
+        ..unlabelled_pod(&[ip])
+    }
+}
+
+/// A pod without labels with addresses `ips`, on no node, no named ports.
+fn unlabelled_pod(ips: &[&str]) -> Pod {
+    Pod {
+        labels: Default::default(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
         node: None,
         ports: [].into(),
     }
