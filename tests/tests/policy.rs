@@ -10,7 +10,7 @@
 //!   and policies (`margay_policy::random`), one world after another, each
 //!   reached from the last by the compiler's incremental deltas in one
 //!   transaction over netlink, as the agent loads them
-//!   (`dataplane::nftnl`); the table then listed equal to a full load of
+//!   (`margay-nftnl`); the table then listed equal to a full load of
 //!   the same world, and every connection's fate equal to what the
 //!   reference semantics (`margay_policy::spec`, written from the API
 //!   documentation) decide. A disagreement is shrunk to a minimal world
@@ -377,10 +377,10 @@ fn kernel_verdicts_match_the_specification() {
         let batch = move_to(&mut c, &w);
         let sent = bed
             .node
-            .enter(|| margay_agent::dataplane::nftnl::apply(TABLE_NAME, &batch))
+            .enter(|| margay_nftnl::apply(TABLE_NAME, &batch))
             .unwrap()
             .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{}", batch.script()));
-        assert_eq!(sent, margay_agent::dataplane::nftnl::Sent::Applied);
+        assert_eq!(sent, margay_nftnl::Sent::Applied);
         // The kernel holds what a full load of the same world holds.
         let full = compiled(&w);
         assert_eq!(c.table(), full.table(), "seed {seed}");

@@ -124,12 +124,14 @@ impl FakeDataplane {
 }
 
 impl Dataplane for FakeDataplane {
-    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
+    /// The path, checked.
+    type Netns = std::path::PathBuf;
+
+    async fn add_pod_in(&self, spec: &PodSpec, _: &std::path::PathBuf) -> Result<PodWiring> {
         drop(self.add_hold.lock().await);
         if let Some(msg) = self.fail_next_add.lock().expect("lock").take() {
             return Err(Error::Injected(msg));
         }
-        self.pod_netns(&spec.netns).await?;
         if let Some(other) = self.pods.lock().expect("lock").get(&spec.host_if)
             && other.owner != spec.owner
         {
@@ -185,7 +187,11 @@ impl Dataplane for FakeDataplane {
     }
 
     /// Any path that exists, except those in `refused_netns`.
-    async fn pod_netns(&self, path: &std::path::Path) -> Result<()> {
+    async fn forward_ipv6(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn pod_netns(&self, path: &std::path::Path) -> Result<std::path::PathBuf> {
         if self.refused_netns.lock().expect("lock").contains(path) {
             return Err(Error::NotPodNetns {
                 path: path.display().to_string(),
@@ -198,7 +204,7 @@ impl Dataplane for FakeDataplane {
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
-        Ok(())
+        Ok(path.to_path_buf())
     }
 
     async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {

@@ -96,19 +96,8 @@ impl Netlink {
                     .index
             }
         };
-        self.host
-            .link()
-            .set(LinkUnspec::new_with_index(idx).mtu(l.mtu).up().build())
-            .execute()
+        self.tunnel_up(IPIP_DEV, idx, Some(l.mtu), l.tunnel_ip)
             .await
-            .map_err(nl(format!("bring up {IPIP_DEV} (MTU {})", l.mtu)))?;
-        self.host
-            .address()
-            .add(idx, IpAddr::V4(l.tunnel_ip), 32)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl(format!("address {} on {IPIP_DEV}", l.tunnel_ip)))
     }
 
     /// `tunl0`'s IPv4 addresses, as the kernel lists them.

@@ -13,8 +13,8 @@
 //! - [`nat`]: natOutgoing in Margay's nftables table.
 //! - [`tunnel_filter`]: the tunnels take encapsulated packets from the
 //!   cluster's nodes only (Margay's `inet margay_tunnel` table).
-//! - [`nft_script`] loads nftables scripts; [`nftnl`] hands NetworkPolicy set
-//!   element changes to the kernel over netlink, without `nft`.
+//! - [`nft_script`] loads nftables scripts (NetworkPolicy deltas go to
+//!   the kernel over netlink through the `margay-nftnl` crate).
 //! - [`routed`]: what the node routes for (its blocks, its pods'
 //!   addresses), as `routing::local` publishes it.
 //! - `netns`: which paths a pod may be wired into (a network namespace,
@@ -41,7 +41,6 @@ pub mod nat;
 mod netlink;
 mod netns;
 pub mod nft_script;
-pub mod nftnl;
 pub mod ownership;
 mod pods;
 pub mod routed;
@@ -121,21 +120,10 @@ pub enum Error {
     /// `nft` is missing or refused Margay's table.
     #[error("nftables: {0}")]
     Nft(String),
-    /// A policy command netlink cannot carry: an attribute of it would be
-    /// longer than a netlink attribute's 16-bit length allows (e.g. a rule
-    /// whose expressions pass 64 KiB). Nothing of its batch was sent.
-    #[error(
-        "netlink cannot carry command {command} of the batch, {op}: an attribute of {len} bytes (at most {max})",
-        max = nftnl::MAX_ATTR
-    )]
-    Unencodable {
-        /// Its place in the batch (from 1).
-        command: usize,
-        /// Its text, cut short.
-        op: String,
-        /// The length the attribute would have had.
-        len: usize,
-    },
+    /// A policy batch over netlink failed (`margay-nftnl`): not
+    /// encodable, refused by the kernel, or the socket failed.
+    #[error(transparent)]
+    Nftnl(#[from] margay_nftnl::Error),
     /// Injected by the fake dataplane.
     #[error("injected: {0}")]
     Injected(String),
@@ -420,9 +408,30 @@ impl Devices {
 /// Every kernel operation the agent performs. Each is small and
 /// idempotent; reconciliation over them lives in [`sync`].
 pub trait Dataplane: Send + Sync + 'static {
-    /// Builds the pod's interfaces, addresses and routes; on failure
-    /// nothing is left behind.
-    fn add_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send;
+    /// A pod's network namespace, opened and checked
+    /// ([`Dataplane::pod_netns`]): what the pod is then wired into, with
+    /// no second open to race with.
+    type Netns: Send + Sync;
+
+    /// Builds the pod's interfaces, addresses and routes in `netns` (opened
+    /// from `spec.netns`); on failure nothing is left behind.
+    fn add_pod_in(
+        &self,
+        spec: &PodSpec,
+        netns: &Self::Netns,
+    ) -> impl Future<Output = Result<PodWiring>> + Send;
+    /// As [`Dataplane::add_pod_in`], the namespace opened from `spec.netns`.
+    fn add_pod(&self, spec: &PodSpec) -> impl Future<Output = Result<PodWiring>> + Send {
+        async move {
+            let netns = self.pod_netns(&spec.netns).await?;
+            self.add_pod_in(spec, &netns).await
+        }
+    }
+    /// The node forwards IPv6 (a node-wide setting, turned on once IPv6
+    /// pods exist: forwarding makes the kernel ignore router
+    /// advertisements unless accept_ra=2); kept as it is when it already
+    /// does.
+    fn forward_ipv6(&self) -> impl Future<Output = Result<()>> + Send;
     /// Removes the pod's host side (its peer and routes go with it);
     /// success when it is already gone. Callers check whose it is first
     /// ([`Dataplane::pod_link`]).
@@ -434,9 +443,10 @@ pub trait Dataplane: Send + Sync + 'static {
     fn list_pods(&self) -> impl Future<Output = Result<Vec<HostPod>>> + Send;
     /// The pod host interface of this name, when it exists.
     fn pod_link(&self, host_if: &str) -> impl Future<Output = Result<Option<HostPod>>> + Send;
-    /// Whether `path` is a network namespace a pod may be wired into: a
+    /// Opens `path` as a network namespace a pod may be wired into: a
     /// namespace, and not the node's own.
-    fn pod_netns(&self, path: &std::path::Path) -> impl Future<Output = Result<()>> + Send;
+    fn pod_netns(&self, path: &std::path::Path)
+    -> impl Future<Output = Result<Self::Netns>> + Send;
 
     /// Pod host routes with Margay's protocol: address → interface index.
     fn list_pod_routes(&self) -> impl Future<Output = Result<BTreeMap<IpAddr, u32>>> + Send;

@@ -18,6 +18,8 @@ use ipnetwork::IpNetwork;
 use margay_ipam::Store;
 use margay_ipam::model::validate_pools;
 
+use super::nft_script::set;
+
 /// The table Margay owns.
 pub const TABLE: &str = super::ownership::NFT_TABLE;
 
@@ -46,18 +48,6 @@ impl NatSpec {
     }
 }
 
-fn set(name: &str, kind: &str, nets: impl Iterator<Item = IpNetwork>) -> String {
-    let elems: Vec<String> = nets.map(|n| n.to_string()).collect();
-    if elems.is_empty() {
-        format!("  set {name} {{ type {kind}; flags interval; }}\n")
-    } else {
-        format!(
-            "  set {name} {{ type {kind}; flags interval; elements = {{ {} }}; }}\n",
-            elems.join(", ")
-        )
-    }
-}
-
 /// The nft script that makes the table match `spec` (one transaction).
 pub fn render(spec: &NatSpec) -> String {
     // Creating then deleting makes the delete succeed whether or not the
@@ -70,7 +60,12 @@ pub fn render(spec: &NatSpec) -> String {
     for (v4, fam, kind) in [(true, "4", "ipv4_addr"), (false, "6", "ipv6_addr")] {
         for (name, nets) in [("nat", &spec.nat), ("pools", &spec.pools)] {
             let of_family = nets.iter().filter(|n| n.is_ipv4() == v4).copied();
-            s.push_str(&set(&format!("{name}{fam}"), kind, of_family));
+            s.push_str(&set(
+                &format!("{name}{fam}"),
+                kind,
+                Some("interval"),
+                of_family,
+            ));
         }
     }
     s.push_str(

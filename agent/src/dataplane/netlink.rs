@@ -262,6 +262,39 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Tunnel device `dev` (index `idx`) up, with MTU `mtu` when given,
+    /// and this node's tunnel address `ip` on it as a /32 (the source of
+    /// what the node itself sends through it): IPIP and VXLAN alike.
+    pub(super) async fn tunnel_up(
+        &self,
+        dev: &str,
+        idx: u32,
+        mtu: Option<u32>,
+        ip: Ipv4Addr,
+    ) -> Result<()> {
+        let mut link = rtnetlink::LinkUnspec::new_with_index(idx);
+        let what = match mtu {
+            Some(m) => {
+                link = link.mtu(m);
+                format!("bring up {dev} (MTU {m})")
+            }
+            None => format!("bring up {dev}"),
+        };
+        self.host
+            .link()
+            .set(link.up().build())
+            .execute()
+            .await
+            .map_err(nl(what))?;
+        self.host
+            .address()
+            .add(idx, IpAddr::V4(ip), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("address {ip} on {dev}")))
+    }
+
     /// The pod host interface `name` (a `cali…` veth), when it exists.
     pub(super) async fn host_pod(&self, name: &str) -> Result<Option<HostPod>> {
         let Some(msg) = Self::link_named(&self.host, name).await? else {
@@ -295,8 +328,20 @@ fn link_facts(msg: &rtnetlink::packet_route::link::LinkMessage) -> (String, Stri
 }
 
 impl Dataplane for Netlink {
-    async fn add_pod(&self, spec: &PodSpec) -> Result<PodWiring> {
-        self.add_pod_links(spec).await
+    type Netns = std::fs::File;
+
+    async fn add_pod_in(&self, spec: &PodSpec, netns: &std::fs::File) -> Result<PodWiring> {
+        self.add_pod_links(spec, netns).await
+    }
+
+    async fn forward_ipv6(&self) -> Result<()> {
+        if std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+            .is_ok_and(|v| v.trim() != "1")
+        {
+            tracing::info!("turning on IPv6 forwarding for IPv6 pods");
+            sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
+        Ok(())
     }
 
     async fn del_pod(&self, host_if: &str) -> Result<()> {
@@ -325,8 +370,8 @@ impl Dataplane for Netlink {
         self.host_pod(host_if).await
     }
 
-    async fn pod_netns(&self, path: &std::path::Path) -> Result<()> {
-        super::netns::pod_netns(path).map(drop)
+    async fn pod_netns(&self, path: &std::path::Path) -> Result<std::fs::File> {
+        super::netns::pod_netns(path)
     }
 
     async fn list_pod_routes(&self) -> Result<BTreeMap<IpAddr, u32>> {

@@ -29,7 +29,7 @@ async fn run(script: &str, what: &str, check_only: bool) -> super::Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Nft(format!("running nft (is nftables installed?): {e}")))?;
+        .map_err(not_run)?;
     {
         use tokio::io::AsyncWriteExt;
         let mut stdin = child.stdin.take().expect("piped");
@@ -42,13 +42,7 @@ async fn run(script: &str, what: &str, check_only: bool) -> super::Result<()> {
         .wait_with_output()
         .await
         .map_err(|e| Error::Nft(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Nft(format!(
-            "nft refused the {what} table: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    succeeded(out, || format!("nft refused the {what} table")).map(drop)
 }
 
 /// Runs `nft -j ARGS` (a listing) and returns what it printed.
@@ -59,13 +53,47 @@ pub async fn list_json(args: &[&str]) -> super::Result<String> {
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| Error::Nft(format!("running nft (is nftables installed?): {e}")))?;
+        .map_err(not_run)?;
+    let out = succeeded(out, || format!("nft -j {}", args.join(" ")))?;
+    String::from_utf8(out.stdout).map_err(|e| Error::Nft(format!("nft printed non-UTF-8: {e}")))
+}
+
+/// `nft` could not be run.
+fn not_run(e: std::io::Error) -> Error {
+    Error::Nft(format!("running nft (is nftables installed?): {e}"))
+}
+
+/// `out`, when nft succeeded; else what it said, after `what`.
+fn succeeded(
+    out: std::process::Output,
+    what: impl FnOnce() -> String,
+) -> super::Result<std::process::Output> {
     if !out.status.success() {
         return Err(Error::Nft(format!(
-            "nft -j {}: {}",
-            args.join(" "),
+            "{}: {}",
+            what(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    String::from_utf8(out.stdout).map_err(|e| Error::Nft(format!("nft printed non-UTF-8: {e}")))
+    Ok(out)
+}
+
+/// One set of a table in an `nft -f` script:
+/// `  set NAME { type KIND; [flags FLAGS; ][elements = { A, B }; ]}`.
+pub(super) fn set<T: std::fmt::Display>(
+    name: &str,
+    kind: &str,
+    flags: Option<&str>,
+    elements: impl Iterator<Item = T>,
+) -> String {
+    let mut s = format!("  set {name} {{ type {kind}; ");
+    if let Some(f) = flags {
+        s.push_str(&format!("flags {f}; "));
+    }
+    let elements: Vec<String> = elements.map(|e| e.to_string()).collect();
+    if !elements.is_empty() {
+        s.push_str(&format!("elements = {{ {} }}; ", elements.join(", ")));
+    }
+    s.push_str("}\n");
+    s
 }

@@ -2,8 +2,10 @@
 //! in the pod's namespace (no move afterwards), both sides wired
 //! concurrently, rolled back on any failure; removal by the host side
 //! (its peer and routes go with it); CHECK of what the pod side holds.
-//! A pod namespace is checked first ([`super::netns`]); an interface in the
-//! way is replaced only when it is this attachment's.
+//! A pod namespace is opened and checked once ([`super::netns`], through
+//! `Dataplane::pod_netns`) and that file wired into; an interface in the
+//! way is replaced only when it is this attachment's. Node-wide settings
+//! are not a pod's: the node's IPv6 forwarding is `Dataplane::forward_ipv6`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
@@ -52,15 +54,9 @@ impl Netlink {
         // line of defence where the all/ setting does not loosen it.
         sysctl(&format!("net/ipv4/conf/{}/rp_filter", spec.host_if), "1")?;
         if v6 {
+            // (The node's own IPv6 forwarding is not the pod's to set:
+            // `Dataplane::forward_ipv6`.)
             sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", spec.host_if), "0")?;
-            // Only once IPv6 pods exist: forwarding makes the kernel ignore
-            // router advertisements unless accept_ra=2 (as with Calico).
-            if std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
-                .is_ok_and(|v| v.trim() != "1")
-            {
-                tracing::info!("turning on IPv6 forwarding for IPv6 pods");
-                sysctl("net/ipv6/conf/all/forwarding", "1")?;
-            }
         }
         let mut up = LinkUnspec::new_with_index(host_idx).up().build();
         up.attributes
@@ -161,13 +157,18 @@ impl Netlink {
         })
     }
 
-    pub(super) async fn add_pod_links(&self, spec: &PodSpec) -> Result<PodWiring> {
-        let netns = pod_netns(&spec.netns)?;
+    /// Wires the pod into `netns` (opened and checked from `spec.netns`
+    /// by [`super::netns`], once).
+    pub(super) async fn add_pod_links(
+        &self,
+        spec: &PodSpec,
+        netns: &std::fs::File,
+    ) -> Result<PodWiring> {
         // A retried ADD starts from scratch: an old pair in the way (the
         // create says it exists) goes first, then the create is retried;
         // but only when it is this attachment's (its alias records it, or
         // records nothing: an ADD that died before writing it).
-        let res = match self.build(spec, &netns).await {
+        let res = match self.build(spec, netns).await {
             Err(Error::Netlink { ref source, .. }) if is_errno(source, libc::EEXIST) => {
                 let owner = self
                     .host_pod(&spec.host_if)
@@ -182,7 +183,7 @@ impl Netlink {
                     });
                 }
                 self.del_link(&spec.host_if).await?;
-                self.build(spec, &netns).await
+                self.build(spec, netns).await
             }
             r => r,
         };

@@ -408,15 +408,13 @@ mod tests {
             vxlan: d,
             ..Default::default()
         };
+        let (up, retire) = (
+            with(DevicePlan::Want(local)),
+            with(DevicePlan::Retire(None)),
+        );
         // The device cannot be made: reported, and its route waits.
         dp.inject(Fault::Vxlan);
-        let r = go(
-            &dp,
-            &with(DevicePlan::Want(local)),
-            &want,
-            Removals::Allowed,
-        )
-        .await;
+        let r = go(&dp, &up, &want, Removals::Allowed).await;
         assert!(
             r.failed
                 .iter()
@@ -424,40 +422,16 @@ mod tests {
         );
         assert!(!r.ready.vxlan && dp.remote_routes().is_empty());
         dp.clear();
-        let r = go(
-            &dp,
-            &with(DevicePlan::Want(local)),
-            &want,
-            Removals::Allowed,
-        )
-        .await;
+        let r = go(&dp, &up, &want, Removals::Allowed).await;
         assert!(r.failed.is_empty() && r.ready.vxlan, "{:?}", r.failed);
         assert_eq!(dp.remote.lock().unwrap().state, want);
         // Retiring waits while a route uses it, and for removals.
-        go(
-            &dp,
-            &with(DevicePlan::Retire(None)),
-            &want,
-            Removals::Allowed,
-        )
-        .await;
+        go(&dp, &retire, &want, Removals::Allowed).await;
         assert!(dp.remote.lock().unwrap().vxlan.is_some());
         let empty = Remote::default();
-        go(
-            &dp,
-            &with(DevicePlan::Retire(None)),
-            &empty,
-            Removals::Forbidden,
-        )
-        .await;
+        go(&dp, &retire, &empty, Removals::Forbidden).await;
         assert!(dp.remote.lock().unwrap().vxlan.is_some());
-        let r = go(
-            &dp,
-            &with(DevicePlan::Retire(None)),
-            &empty,
-            Removals::Allowed,
-        )
-        .await;
+        let r = go(&dp, &retire, &empty, Removals::Allowed).await;
         assert!(r.retired.vxlan);
         let r = dp.remote.lock().unwrap().clone();
         assert!(r.vxlan.is_none() && r.state == Remote::default());
@@ -481,15 +455,10 @@ mod tests {
             ipip: d,
             ..Default::default()
         };
+        let up = with(DevicePlan::Want(local));
         // A kernel without IPIP: said why, and the block keeps its route.
         dp.inject(Fault::Ipip);
-        let r = go(
-            &dp,
-            &with(DevicePlan::Want(local)),
-            &want,
-            Removals::Allowed,
-        )
-        .await;
+        let r = go(&dp, &up, &want, Removals::Allowed).await;
         let why = r.failed[0].to_string();
         assert!(
             why.contains("IPIP device tunl0") && why.contains("cannot do IPIP"),
@@ -497,13 +466,7 @@ mod tests {
         );
         assert_eq!(dp.remote_routes()[&block], Via::Native(node.into()));
         dp.clear();
-        let r = go(
-            &dp,
-            &with(DevicePlan::Want(local)),
-            &want,
-            Removals::Allowed,
-        )
-        .await;
+        let r = go(&dp, &up, &want, Removals::Allowed).await;
         assert!(r.failed.is_empty() && r.ready.ipip, "{:?}", r.failed);
         assert_eq!(dp.remote_routes()[&block], Via::Ipip(node));
         // The block cannot be routed as wanted now (kept): neither its
@@ -530,13 +493,7 @@ mod tests {
         assert!(r.retired.ipip);
         assert!(dp.remote.lock().unwrap().ipip.is_none());
         // tunl0 up again for the rest of this test.
-        go(
-            &dp,
-            &with(DevicePlan::Want(local)),
-            &want,
-            Removals::Allowed,
-        )
-        .await;
+        go(&dp, &up, &want, Removals::Allowed).await;
         let r = go(&dp, &retire, &empty, Removals::Allowed).await;
         assert!(r.retired.ipip && r.failed.is_empty());
         assert!(dp.remote_routes().is_empty());

@@ -29,6 +29,7 @@ use std::net::IpAddr;
 
 use margay_delta::{Delta, Removals};
 
+use super::nft_script::set;
 use super::ownership::{NFT_TUNNEL_TABLE, TUNNEL_TABLE_NAME, VXLAN_DEV, VXLAN_PORT};
 use super::{Error, PerTunnel, Result, Tunnel};
 
@@ -130,33 +131,18 @@ fn expected(guard: &PerTunnel<bool>) -> Vec<String> {
         .collect()
 }
 
-fn set(name: &str, kind: &str, addrs: impl Iterator<Item = IpAddr>) -> String {
-    let elems: Vec<String> = addrs.map(|a| a.to_string()).collect();
-    if elems.is_empty() {
-        format!("  set {name} {{ type {kind}; }}\n")
-    } else {
-        format!(
-            "  set {name} {{ type {kind}; elements = {{ {} }}; }}\n",
-            elems.join(", ")
-        )
-    }
-}
-
 /// The nft script that makes the table `f`, in one transaction (creating
 /// the table first makes the delete succeed whether or not it existed).
 pub fn render(f: &TunnelFilter) -> String {
     let t = NFT_TUNNEL_TABLE;
     let mut s = format!("table {t}\ndelete table {t}\ntable {t} {{\n");
-    s.push_str(&set(
-        "nodes4",
-        "ipv4_addr",
-        f.nodes.iter().copied().filter(IpAddr::is_ipv4),
-    ));
-    s.push_str(&set(
-        "nodes6",
-        "ipv6_addr",
-        f.nodes.iter().copied().filter(IpAddr::is_ipv6),
-    ));
+    for (name, kind, v4) in [
+        ("nodes4", "ipv4_addr", true),
+        ("nodes6", "ipv6_addr", false),
+    ] {
+        let of_family = f.nodes.iter().filter(|a| a.is_ipv4() == v4);
+        s.push_str(&set(name, kind, None, of_family));
+    }
     if f.guard.vxlan || f.guard.ipip {
         s.push_str(&format!(
             "  chain {CHAIN} {{\n    type filter hook input priority {PRIORITY}; policy accept;\n"
@@ -288,6 +274,11 @@ pub fn describe(f: &TunnelFilter) -> String {
 mod tests {
     use super::*;
 
+    /// Which tunnels are guarded.
+    fn guard(vxlan: bool, ipip: bool) -> PerTunnel<bool> {
+        PerTunnel { vxlan, ipip }
+    }
+
     fn addrs(a: &[&str]) -> BTreeSet<IpAddr> {
         a.iter().map(|s| s.parse().unwrap()).collect()
     }
@@ -307,37 +298,19 @@ mod tests {
 
     #[test]
     fn a_plan_adds_always_removes_when_allowed_and_keeps_unknown_guards() {
-        let have = TunnelFilter::new(
-            addrs(&["10.0.0.1", "10.0.0.9"]),
-            PerTunnel {
-                vxlan: false,
-                ipip: true,
-            },
-        );
+        let have = TunnelFilter::new(addrs(&["10.0.0.1", "10.0.0.9"]), guard(false, true));
         // Stale Nodes: 10.0.0.9 (gone from the list) stays, .2 is added;
         // IPIP's rules stay as they are.
         let p = plan(&["10.0.0.1", "10.0.0.2"], Removals::Forbidden, VXLAN);
         let got = p.against(Some(&have)).unwrap();
         assert_eq!(got.nodes, addrs(&["10.0.0.1", "10.0.0.2", "10.0.0.9"]));
-        assert_eq!(
-            got.guard,
-            PerTunnel {
-                vxlan: true,
-                ipip: true
-            }
-        );
+        assert_eq!(got.guard, guard(true, true));
         // Current: exactly the list; a retired tunnel's rules go.
         let mut p = plan(&["10.0.0.1", "fd00::1"], Removals::Allowed, VXLAN);
         p.guard.ipip = Some(false);
         let got = p.against(Some(&have)).unwrap();
         assert_eq!(got.nodes, addrs(&["10.0.0.1", "fd00::1"]));
-        assert_eq!(
-            got.guard,
-            PerTunnel {
-                vxlan: true,
-                ipip: false
-            }
-        );
+        assert_eq!(got.guard, guard(true, false));
         // No table and nothing to guard: none is made; with a tunnel to
         // guard, one is.
         let idle = plan(&["10.0.0.1"], Removals::Allowed, PerTunnel::default());
@@ -352,10 +325,7 @@ mod tests {
     fn renders_the_rules_of_guarded_tunnels_only() {
         let f = TunnelFilter::new(
             addrs(&["10.0.0.2", "10.0.0.1", "fd00::1"]),
-            PerTunnel {
-                vxlan: true,
-                ipip: false,
-            },
+            guard(true, false),
         );
         let s = render(&f);
         assert!(s.starts_with(
@@ -375,13 +345,7 @@ mod tests {
         ));
         assert!(s.contains("udp dport 4789 ip6 saddr != @nodes6 counter drop"));
         assert!(!s.contains("l4proto"), "IPIP is not used: {s}");
-        let ipip = render(&TunnelFilter::new(
-            BTreeSet::new(),
-            PerTunnel {
-                vxlan: false,
-                ipip: true,
-            },
-        ));
+        let ipip = render(&TunnelFilter::new(BTreeSet::new(), guard(false, true)));
         assert!(ipip.contains("set nodes4 { type ipv4_addr; }"), "{ipip}");
         assert!(ipip.contains("meta l4proto 4 ip saddr != @nodes4 counter drop"));
         let none = render(&TunnelFilter::new(
@@ -402,20 +366,11 @@ mod tests {
     fn parses_what_nft_lists() {
         let both = TunnelFilter::new(
             addrs(&["10.0.0.1", "fd00::1", "fd00::2"]),
-            PerTunnel {
-                vxlan: true,
-                ipip: true,
-            },
+            guard(true, true),
         );
         assert_eq!(parse(LISTED_BOTH).unwrap(), both);
         let f = parse(LISTED).unwrap();
-        let want = TunnelFilter::new(
-            addrs(&["10.99.0.1", "10.99.0.2"]),
-            PerTunnel {
-                vxlan: false,
-                ipip: true,
-            },
-        );
+        let want = TunnelFilter::new(addrs(&["10.99.0.1", "10.99.0.2"]), guard(false, true));
         assert_eq!(f, want);
         // One rule gone: IPIP no longer counts as guarded, and the table
         // is to be loaded again.

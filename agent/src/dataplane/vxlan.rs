@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
-use rtnetlink::LinkUnspec;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
@@ -52,19 +51,7 @@ impl Netlink {
                 self.vxlan_index().await?
             }
         };
-        self.host
-            .link()
-            .set(LinkUnspec::new_with_index(idx).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("bring up {VXLAN_DEV}")))?;
-        self.host
-            .address()
-            .add(idx, IpAddr::V4(l.tunnel_ip), 32)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl(format!("address {} on {VXLAN_DEV}", l.tunnel_ip)))?;
+        self.tunnel_up(VXLAN_DEV, idx, None, l.tunnel_ip).await?;
         Ok(idx)
     }
 

@@ -409,7 +409,7 @@ pub async fn run(
     let mut last_error: Option<String> = None;
     let mut next_full = tokio::time::Instant::now() + resync;
     let mut retry: Option<tokio::time::Instant> = None;
-    let mut netlink: Option<crate::dataplane::nftnl::Socket> = None;
+    let mut netlink: Option<margay_nftnl::Socket> = None;
     let warn = |what: &str, e: &watcher::Error| {
         tracing::warn!("NetworkPolicy: cannot watch {what} (retrying): {e}");
     };
@@ -549,7 +549,7 @@ pub async fn run(
                     let r = tokio::task::spawn_blocking(move || {
                         let mut s = match sock {
                             Some(s) => s,
-                            None => crate::dataplane::nftnl::Socket::open()?,
+                            None => margay_nftnl::Socket::open()?,
                         };
                         let sent = s.apply(POLICY_TABLE_NAME, &b)?;
                         Ok((s, sent, b))
@@ -562,8 +562,8 @@ pub async fn run(
                         Ok((s, sent, b)) => {
                             netlink = Some(s);
                             match sent {
-                                crate::dataplane::nftnl::Sent::Applied => ("netlink", Ok(())),
-                                crate::dataplane::nftnl::Sent::TooLarge => (
+                                margay_nftnl::Sent::Applied => ("netlink", Ok(())),
+                                margay_nftnl::Sent::TooLarge => (
                                     "nft",
                                     crate::dataplane::nft_script::load(
                                         &b.script(),

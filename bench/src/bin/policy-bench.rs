@@ -7,7 +7,7 @@
 //!
 //! - Margay: `margay_policy::ruleset::Compiler` (what the agent runs) turns the
 //!   change into a delta, which the agent's own code loads as the agent
-//!   does: over netlink (`dataplane::nftnl`, one batch, one transaction,
+//!   does: over netlink (`margay-nftnl`, one batch, one transaction,
 //!   on a socket kept open), with `nft -f -` only for a batch too large
 //!   for one write.
 //! - Baseline (written here, not in the product): every change re-renders
@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
+use margay_nftnl as nftnl;
 use margay_policy::model::{Direction, Key, NamedPort, Peer, PortMatch, Rule};
 use margay_policy::ruleset::{Batch, Compiler, Delta, TABLE_NAME};
 use margay_policy::selector::Labels;

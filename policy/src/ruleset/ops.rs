@@ -3,7 +3,7 @@
 //! made of ([`Op`], gathered in a [`Batch`]), in the order one kernel
 //! transaction takes them. Each has one nft text (`Display`), which is
 //! what `nft -f` is given; the agent encodes the same commands for
-//! netlink itself (`dataplane::nftnl`), so a change needs no `nft` run.
+//! netlink itself (the `margay-nftnl` crate), so a change needs no `nft` run.
 
 use std::fmt;
 

@@ -22,18 +22,7 @@ fn local(c: &World, n: usize) -> BTreeMap<PodKey, String> {
 fn a_small_world_compiles_as_documented() {
     let mut w = World::default();
     for (ns, name, app, ip) in [("x", "a", "a", "10.0.0.1"), ("x", "b", "b", "10.0.0.2")] {
-        w.pods.insert(
-            Key::new(ns, name),
-            Pod {
-                labels: [("app".to_string(), app.to_string())]
-                    .into_iter()
-                    .collect::<Labels>()
-                    .into(),
-                ips: vec![ip.parse().unwrap()],
-                node: None,
-                ports: [].into(),
-            },
-        );
+        w.pods.insert(Key::new(ns, name), app_pod(app, ip));
     }
     w.policies.insert(
         Key::new("x", "web"),
@@ -320,12 +309,7 @@ fn a_delta_removes_references_before_what_they_reference() {
         pos("delete chain inet margay_policy in/x/all")
             < pos("delete set inet margay_policy peer/")
     );
-    assert_eq!(
-        c.table().chains,
-        Table::new().chains,
-        "nothing of the policy left"
-    );
-    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+    nothing_of_the_policy_left(&c);
 }
 
 /// A pod's change is set elements only, typed, and renders as the same
@@ -380,18 +364,7 @@ fn element_only_deltas_are_typed() {
 fn endpoints_isolated_alike_share_their_chain() {
     let mut w = World::default();
     for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")] {
-        w.pods.insert(
-            Key::new("x", name),
-            Pod {
-                labels: [("app".to_string(), "web".to_string())]
-                    .into_iter()
-                    .collect::<Labels>()
-                    .into(),
-                ips: vec![ip.parse().unwrap()],
-                node: None,
-                ports: [].into(),
-            },
-        );
+        w.pods.insert(Key::new("x", name), app_pod("web", ip));
     }
     let k = Key::new("x", "web");
     w.policies.insert(
@@ -537,18 +510,7 @@ fn c_policy(_k: &PolicyKey) -> Option<Policy> {
 fn rules_with_the_same_peer_share_its_set() {
     let mut w = World::default();
     for (name, app, ip) in [("a", "web", "10.0.0.1"), ("b", "db", "10.0.0.2")] {
-        w.pods.insert(
-            Key::new("x", name),
-            Pod {
-                labels: [("app".to_string(), app.to_string())]
-                    .into_iter()
-                    .collect::<Labels>()
-                    .into(),
-                ips: vec![ip.parse().unwrap()],
-                node: None,
-                ports: [].into(),
-            },
-        );
+        w.pods.insert(Key::new("x", name), app_pod(app, ip));
     }
     let from_web = |port: u16| Policy {
         selector: Selector::everything(),
@@ -602,12 +564,7 @@ fn rules_with_the_same_peer_share_its_set() {
     }
     let d = c.set_policy(&Key::new("x", "p4"), None);
     assert_eq!(pod_sets(&d.del_sets), 2, "{d:?}");
-    assert_eq!(
-        c.table().chains,
-        Table::new().chains,
-        "nothing of the policy left"
-    );
-    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+    nothing_of_the_policy_left(&c);
 }
 
 /// A legal policy name of 253 characters in a namespace of 63 gives
@@ -646,15 +603,7 @@ fn block(cidr: &str, except: &[String]) -> Peer {
 fn a_rule_costs_its_peers_plus_its_ports() {
     let mut w = World::default();
     let k = Key::new("x", "a");
-    w.pods.insert(
-        k.clone(),
-        Pod {
-            labels: Default::default(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
-            node: None,
-            ports: [].into(),
-        },
-    );
+    w.pods.insert(k.clone(), unlabelled_pod(&["10.0.0.1"]));
     let mut peers: Vec<Peer> = (0..1000u32)
         .map(|i| block(&format!("192.168.{}.{}/32", i / 256, i % 256), &[]))
         .collect();
@@ -711,15 +660,8 @@ fn a_rule_costs_its_peers_plus_its_ports() {
 fn each_attachment_of_a_pod_is_enforced_on_its_own() {
     let mut w = World::default();
     let k = Key::new("x", "a");
-    w.pods.insert(
-        k.clone(),
-        Pod {
-            labels: Default::default(),
-            ips: vec!["10.0.0.1".parse().unwrap(), "10.1.0.1".parse().unwrap()],
-            node: None,
-            ports: [].into(),
-        },
-    );
+    w.pods
+        .insert(k.clone(), unlabelled_pod(&["10.0.0.1", "10.1.0.1"]));
     w.policies.insert(
         Key::new("x", "deny"),
         Policy {
@@ -752,4 +694,34 @@ fn each_attachment_of_a_pod_is_enforced_on_its_own() {
     assert_eq!(t.sets[IFACES_SET].elements.len(), 1);
     assert_eq!(t.sets["src/4"].elements.len(), 1);
     assert_eq!(c.table(), c.rebuilt().table());
+}
+
+/// The table has only its fixed parts: every chain and set of a policy
+/// gone with it.
+fn nothing_of_the_policy_left(c: &Compiler) {
+    assert_eq!(
+        c.table().chains,
+        Table::new().chains,
+        "nothing of the policy left"
+    );
+    assert!(c.table().sets.keys().eq(Table::new().sets.keys()));
+}
+
+/// A pod labelled `app=APP` with address `ip`, on no node, no named ports.
+fn app_pod(app: &str, ip: &str) -> Pod {
+    let labels: Labels = [("app".to_string(), app.to_string())].into();
+    Pod {
+        labels: labels.into(),
+        ..unlabelled_pod(&[ip])
+    }
+}
+
+/// A pod without labels with addresses `ips`, on no node, no named ports.
+fn unlabelled_pod(ips: &[&str]) -> Pod {
+    Pod {
+        labels: Default::default(),
+        ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        node: None,
+        ports: [].into(),
+    }
 }

@@ -1,4 +1,4 @@
-//! NetworkPolicy changes over netlink (`dataplane::nftnl`) in the real
+//! NetworkPolicy changes over netlink (`margay-nftnl`) in the real
 //! kernel: random worlds compiled and loaded with `nft`, then pod,
 //! endpoint, namespace and policy changes one after another, every delta
 //! (set elements (addresses, interfaces), sets, chains and their rules) handed to
@@ -10,8 +10,8 @@
 //! a batch of megabytes) arrive whole, counted in the kernel's listing,
 //! over netlink and through `nft` alike.
 
-use margay_agent::dataplane::nftnl;
 use margay_harness::netns::Netns;
+use margay_nftnl as nftnl;
 use margay_policy::model::{Key, Peer, Policy, PortMatch, Rule};
 use margay_policy::random::{self, Rng};
 use margay_policy::ruleset::{Batch, Compiler, Element, ElementOp, Line, Op, TABLE, TABLE_NAME};

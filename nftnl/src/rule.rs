@@ -11,10 +11,8 @@ use margay_policy::Proto;
 use margay_policy::model::Direction;
 use margay_policy::ruleset::{ALLOW_MARK, Field, L4Match, Line, PeerMatch};
 
-use super::{
-    Attrs, NF_DROP, NFT_GOTO, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM, addr_bytes, attr, cstr,
-    nested, verdict,
-};
+use crate::attrs::{Attrs, addr_bytes, attr, cstr, nested, verdict};
+use crate::sys::{NF_DROP, NFT_GOTO, NFT_JUMP, NFTA_DATA_VALUE, NFTA_LIST_ELEM};
 
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
@@ -71,7 +69,7 @@ const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
 /// The protocol's number.
-pub(super) fn proto_number(p: Proto) -> u8 {
+pub(crate) fn proto_number(p: Proto) -> u8 {
     match p {
         Proto::Tcp => 6,
         Proto::Udp => 17,
@@ -266,7 +264,7 @@ fn addr_len(v6: bool) -> usize {
 
 /// The contents of `NFTA_RULE_EXPRESSIONS` for `line` (spoiled, if an
 /// attribute would be too long: see [`Attrs`]).
-pub(super) fn expressions(line: &Line) -> Attrs {
+pub(crate) fn expressions(line: &Line) -> Attrs {
     let mut e = Exprs::default();
     match line {
         Line::DropInvalid => {
