@@ -437,6 +437,7 @@ pub async fn heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::{Op, Why};
 
     fn held(by: &str) -> LeaseSpec {
         LeaseSpec {
@@ -477,7 +478,7 @@ mod tests {
         assert!(!legacy_leads(seen(&old), "n2", s(45)));
         // Last seen before its watch broke: judged the same way.
         assert!(legacy_leads(
-            Known::Stale(Some(&old), "down".into()),
+            Known::Stale(Some(&old), Why::NoAnswer),
             "n2",
             s(10)
         ));
@@ -493,9 +494,19 @@ mod tests {
         assert!(!legacy_leads(seen(&held("")), "n2", s(0)));
         assert!(!legacy_leads(Known::Fresh(None), "n2", s(0)));
         // Not read yet, or refused: as though held, for one duration.
-        assert!(legacy_leads(Known::Unknown("listing".into()), "n2", s(44)));
+        assert!(legacy_leads(
+            Known::Unknown(Why::NotListed {
+                what: "Leases",
+                last: None
+            }),
+            "n2",
+            s(44)
+        ));
         assert!(!legacy_leads(
-            Known::Unknown("forbidden".into()),
+            Known::Unknown(Why::Forbidden {
+                op: Some(Op::List),
+                error: "leases is forbidden".into()
+            }),
             "n2",
             s(45)
         ));

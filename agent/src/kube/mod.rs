@@ -11,7 +11,7 @@ pub mod node;
 pub mod secrets;
 pub mod valid;
 
-pub use margay_ipam::k8s::reflect::{Known, Watched, watch, watch_with};
+pub use margay_ipam::k8s::reflect::{Known, Op, Watched, Why, watch, watch_with, why_of};
 
 /// How long the agent waits for one API write before it gives up on it
 /// (it is retried on the next pass): a frozen apiserver must not hold a

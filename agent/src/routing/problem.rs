@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use margay_api::bgp::{ConfigInvalid, PeerInvalid};
 
 use super::encap::RouteError;
+use crate::kube::Why;
 
 /// What a node does about two Nodes announcing one BGP address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,7 +33,7 @@ pub enum Problem {
     NodeMissing(String),
     /// An input could not be read; what depends on it was kept as it was.
     #[error("{0}")]
-    Unknown(String),
+    Unknown(Why),
     /// This node's NetworkPolicy table is not what the engine computed
     /// (not listed yet, or a load failed and is retried): the kernel
     /// keeps the rules it has.
@@ -66,6 +67,25 @@ pub enum Problem {
     /// A peering's password Secret (or its key) does not exist.
     #[error("BGPPeer {peer}: password Secret {secret}/{key} not found; peering left out")]
     PasswordMissing {
+        /// The BGPPeer.
+        peer: String,
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// A peering's password Secret cannot be read now: the peering keeps
+    /// what it had.
+    #[error("BGPPeer {peer}: {why}")]
+    PasswordUnknown {
+        /// The BGPPeer.
+        peer: String,
+        /// Why.
+        why: Why,
+    },
+    /// A peering's password Secret was not read at all.
+    #[error("BGPPeer {peer}: password Secret {secret}/{key} not read")]
+    PasswordNotRead {
         /// The BGPPeer.
         peer: String,
         /// The Secret.
