@@ -52,6 +52,31 @@ pub enum Error {
     /// A flag or setting the agent cannot use.
     #[error("{0}")]
     Config(String),
+    /// An ADD waited for the NetworkPolicy engine, which is not running.
+    #[error("the policy engine is not running")]
+    PolicyEngineNotRunning,
+    /// An ADD waited for the NetworkPolicy engine, which stopped.
+    #[error("the policy engine stopped")]
+    PolicyEngineStopped,
+    /// The rules of a workload interface that is no Pod's were not
+    /// programmed in time.
+    #[error("the rules for {host_if} not in place after {secs}s")]
+    RulesNotInPlace {
+        /// The interface.
+        host_if: String,
+        /// How long the ADD waited.
+        secs: u64,
+    },
+    /// A Pod's NetworkPolicy rules were not programmed in time.
+    #[error("NetworkPolicy rules for {pod} not in place after {secs}s: {why}")]
+    PodRulesNotInPlace {
+        /// The Pod (`namespace/name`).
+        pod: String,
+        /// How long the ADD waited.
+        secs: u64,
+        /// What the engine still waits for.
+        why: RulesWait,
+    },
     /// One of the agent's tasks ended, which it never should.
     #[error("the {0} task ended unexpectedly")]
     TaskEnded(&'static str),
@@ -81,6 +106,24 @@ impl Error {
             source: Box::new(source),
         }
     }
+}
+
+/// What a Pod's NetworkPolicy rules still wait for (the engine's status
+/// when an ADD gave up on them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RulesWait {
+    /// Kinds the API has not listed yet.
+    #[error("the API has not listed {}", .0.join(", "))]
+    NotListed(Vec<String>),
+    /// The last load of the node's rules failed (its error).
+    #[error("loading the rules failed: {0}")]
+    LoadFailed(String),
+    /// The node's rules are not current.
+    #[error("the node's rules are not current")]
+    NotCurrent,
+    /// The Pod was not seen, or its rules not loaded.
+    #[error("Pod {0} not seen in the API, or its rules not loaded")]
+    PodNotSeen(String),
 }
 
 /// The agent's results.

@@ -669,11 +669,11 @@ impl<S: Store> Actor<S> {
             let mut contended = false;
 
             if let Some(claim) = &p.claim
-                && let Err(name) = self.claim(claim).await
+                && self.claim(claim).await.is_err()
             {
                 contended = true;
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                stale.push(name);
+                stale.push(claim.block().name.clone());
             }
 
             // All block writes of the round go out together.
@@ -769,13 +769,14 @@ impl<S: Store> Actor<S> {
             .collect()
     }
 
-    /// Claims a block; on failure (someone else got there first) returns
-    /// the block's name, to be re-read.
-    async fn claim(&mut self, claim: &Claim) -> std::result::Result<(), String> {
-        let (res, name) = match claim {
-            Claim::Create(b) => (self.store.create_block(b).await, &b.name),
-            Claim::Adopt(b) => (self.store.update_block(b).await, &b.name),
+    /// Claims a block; on failure (someone else got there first) the
+    /// store's error: the block is to be re-read.
+    async fn claim(&mut self, claim: &Claim) -> Result<()> {
+        let res = match claim {
+            Claim::Create(b) => self.store.create_block(b).await,
+            Claim::Adopt(b) => self.store.update_block(b).await,
         };
+        let name = &claim.block().name;
         match res {
             Ok(b) => {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -786,7 +787,7 @@ impl<S: Store> Actor<S> {
             }
             Err(e) => {
                 tracing::debug!(node = %self.node, block = %name, "claim failed: {e}");
-                Err(name.clone())
+                Err(e)
             }
         }
     }

@@ -74,6 +74,54 @@ pub enum Claim {
     Adopt(Block),
 }
 
+impl Claim {
+    /// The block claimed.
+    pub fn block(&self) -> &Block {
+        match self {
+            Claim::Create(b) | Claim::Adopt(b) => b,
+        }
+    }
+}
+
+/// Why this node may claim no block (the reason an [`Error::Exhausted`]
+/// gives).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoClaim {
+    /// The node holds as many blocks as the configuration allows.
+    #[error("the node has {own} {family:?} blocks, maxBlocksPerNode is {max}")]
+    MaxBlocks {
+        /// Its blocks of the family.
+        own: usize,
+        /// The family.
+        family: Family,
+        /// `maxBlocksPerNode`.
+        max: u32,
+    },
+    /// No pool may give this node a block.
+    #[error("no usable pool")]
+    NoPool,
+    /// Every usable pool is stranded (a changed shape: each one's
+    /// message) or full (their names).
+    #[error("{}", pools_message(stranded, full))]
+    Pools {
+        /// Each stranded pool's message.
+        stranded: Vec<String>,
+        /// The pools whose every block is claimed.
+        full: Vec<String>,
+    },
+}
+
+fn pools_message(stranded: &[String], full: &[String]) -> String {
+    let mut why = stranded.to_vec();
+    if !full.is_empty() {
+        why.push(format!(
+            "every block of pool(s) {} is claimed",
+            full.join(", ")
+        ));
+    }
+    why.join("; ")
+}
+
 /// The result of [`plan`].
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -245,20 +293,18 @@ impl<'a, 'v> Planner<'a, 'v> {
         &self,
         family: Family,
         use_: AllowedUse,
-    ) -> std::result::Result<Claim, String> {
+    ) -> std::result::Result<Claim, NoClaim> {
         let max = self.ctx.config.max_blocks_per_node;
         let own = self.own_blocks(family);
         if max > 0 && own >= max as usize {
-            return Err(format!(
-                "the node has {own} {family:?} blocks, maxBlocksPerNode is {max}"
-            ));
+            return Err(NoClaim::MaxBlocks { own, family, max });
         }
         let mut full = Vec::new();
-        let mut why = Vec::new();
+        let mut stranded_pools = Vec::new();
         for pool in self.usable_pools(family, use_) {
             let stranded = pool.stranded(self.view.blocks());
             if !stranded.is_empty() {
-                why.push(pool.stranded_message(&stranded));
+                stranded_pools.push(pool.stranded_message(&stranded));
                 continue;
             }
             // Blocks left without affinity (their node was deleted) first.
@@ -302,16 +348,13 @@ impl<'a, 'v> Planner<'a, 'v> {
             }
             full.push(pool.name.clone());
         }
-        if !full.is_empty() {
-            why.push(format!(
-                "every block of pool(s) {} is claimed",
-                full.join(", ")
-            ));
-        }
-        Err(if why.is_empty() {
-            "no usable pool".to_string()
+        Err(if stranded_pools.is_empty() && full.is_empty() {
+            NoClaim::NoPool
         } else {
-            why.join("; ")
+            NoClaim::Pools {
+                stranded: stranded_pools,
+                full,
+            }
         })
     }
 

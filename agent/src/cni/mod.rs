@@ -447,7 +447,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             }
             let released = self.reserve.release(&handle);
             tracing::warn!(%handle, ?released, "{why}");
-            return Err(err(code::TRY_AGAIN, why));
+            return Err(err(code::TRY_AGAIN, why.to_string()));
         }
         let host_mac = margay_api::stable::mac_string(&HOST_MAC);
         let mut routes = Vec::new();

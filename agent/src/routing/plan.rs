@@ -346,7 +346,7 @@ pub fn plan(s: &Snapshot) -> Plan {
         let cfg = cfgs.iter().find(|c| c.name_any() == BGP_CONFIG_NAME);
         let (settings, invalid) = Settings::from_spec(cfg.map(|c| &c.spec));
         if let Some(c) = cfg {
-            let res = invalid.clone().map_or(Ok(()), |e| Err(e.to_string()));
+            let res = invalid.as_ref().map_or(Ok(()), Err);
             if let Some(cond) = valid_condition(res, c.status.as_ref()) {
                 valid_configs.push((c.name_any(), cond));
             }
@@ -362,7 +362,7 @@ pub fn plan(s: &Snapshot) -> Plan {
     let mut valid_peers = Vec::new();
     let named: Option<Vec<NamedPeer>> = s.peers.value().map(|peers| {
         for p in peers {
-            let res = validate_peer(&p.spec).map_err(|e| e.to_string());
+            let res = validate_peer(&p.spec);
             if let Some(cond) = valid_condition(res, p.status.as_ref()) {
                 valid_peers.push((p.name_any(), cond));
             }

@@ -115,7 +115,7 @@ pub enum Problem {
         /// Where it came from (a Node or a BGPPeer).
         origin: String,
         /// What the speaker says.
-        why: String,
+        why: margay_bgp::config::NeighborInvalid,
     },
     /// A block that cannot be routed.
     #[error(transparent)]

@@ -378,7 +378,7 @@ impl Store for KubeStore {
         Ok(cfg)
     }
 
-    async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>> {
+    async fn node_labels(&self, node: &str) -> Result<crate::store::NodeLabels> {
         if let Some((w, me)) = self
             .watches
             .as_ref()
@@ -428,7 +428,7 @@ impl Cluster for KubeStore {
             .map(|n| n.is_some())
     }
 
-    async fn pods(&self) -> Result<HashMap<(String, String), String>> {
+    async fn pods(&self) -> Result<crate::store::PodSandboxes> {
         let items: Vec<PartialObjectMeta<Pod>> = match self.cluster() {
             Some((w, c)) => w.objects(&c.pods).await?,
             None => {
