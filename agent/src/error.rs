@@ -30,6 +30,19 @@ pub enum Error {
         /// How long we waited.
         secs: u64,
     },
+    /// The API answered a write with an error (it is up): a conflict,
+    /// RBAC, no such namespace.
+    #[error("{message}")]
+    Refused {
+        /// The HTTP status (409: another writer won the compare-and-swap).
+        code: u16,
+        /// The API's message.
+        message: String,
+    },
+    /// The API did not answer a write (unreachable, timed out, 5xx): what
+    /// the client said.
+    #[error("{0}")]
+    Unanswered(String),
     /// The client configuration (kubeconfig, in-cluster) is unusable.
     #[error("Kubernetes client configuration: {0}")]
     ClientConfig(String),
@@ -97,6 +110,11 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+
+    /// Another writer won: a compare-and-swap lost, or a create raced.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Refused { code: 409, .. })
     }
 
     /// A Kubernetes API error with what was asked.

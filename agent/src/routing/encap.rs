@@ -55,9 +55,10 @@ pub struct RemoteBlock {
     pub pool_deleting: bool,
 }
 
-/// Why a block cannot be routed.
+/// Why a block cannot be routed (a reason the plan reports as a
+/// [`super::problem::Problem`], not an error: the other blocks still are).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
+pub enum Unroutable {
     /// The tunnel cannot reach the node (yet).
     #[error("block {cidr} (node {node}) uses {tunnel} but {why}")]
     Incomplete {
@@ -80,7 +81,7 @@ pub struct Routed {
     /// Blocks kept as they are, and blocks of pools being deleted.
     pub holds: Holds,
     /// Why each kept block cannot be routed.
-    pub errors: Vec<RouteError>,
+    pub errors: Vec<Unroutable>,
 }
 
 /// The desired kernel state; blocks that cannot be routed are kept as they
@@ -114,7 +115,7 @@ pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> Routed {
 fn route(
     b: &RemoteBlock,
     local_subnet: Option<IpNetwork>,
-) -> Result<(Via, Option<Vtep>), RouteError> {
+) -> Result<(Via, Option<Vtep>), Unroutable> {
     let same_subnet = local_subnet.is_some_and(|s| s.contains(b.node_ip));
     let encap = match b.encap {
         Encapsulation::VxlanCrossSubnet | Encapsulation::IpipCrossSubnet if same_subnet => {
@@ -127,7 +128,7 @@ fn route(
         Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet => "VXLAN",
         Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => "IPIP",
     };
-    let incomplete = |why| RouteError::Incomplete {
+    let incomplete = |why| Unroutable::Incomplete {
         cidr: b.cidr,
         node: b.node.clone(),
         tunnel,

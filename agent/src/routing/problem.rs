@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use margay_api::bgp::{ConfigInvalid, PeerInvalid};
 
-use super::encap::RouteError;
+use super::encap::Unroutable;
 use crate::kube::Why;
 
 /// What a node does about two Nodes announcing one BGP address.
@@ -57,7 +57,7 @@ pub enum Problem {
     },
     /// The node's address could not be chosen.
     #[error(transparent)]
-    NoAddress(#[from] super::nodes::AddressError),
+    NoAddress(#[from] super::nodes::NoNodeAddress),
     /// The node has no BGP address yet (nothing to peer from).
     #[error("this node has no BGP address yet")]
     NoBgpAddress,
@@ -119,7 +119,7 @@ pub enum Problem {
     },
     /// A block that cannot be routed.
     #[error(transparent)]
-    Route(#[from] RouteError),
+    Route(#[from] Unroutable),
     /// A tunnel address could not be allocated (or released).
     #[error("{tunnel} tunnel address: {why}")]
     NoTunnelAddress {
