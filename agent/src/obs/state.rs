@@ -97,7 +97,7 @@ impl AgentState {
     }
 
     /// Publishes a finished routing pass; returns the problems that are new.
-    pub fn set_routing(&self, st: RoutingStatus) -> Vec<String> {
+    pub fn set_routing(&self, st: RoutingStatus) -> Vec<margay_api::status::Problem> {
         let mut g = self.routing.lock().expect("routing");
         let new = st
             .problems

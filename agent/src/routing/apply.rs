@@ -202,15 +202,16 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
             tracing::debug!(%name, "{e}");
         }
     }
-    let mut rendered: Vec<String> = Vec::new();
+    let mut rendered: Vec<margay_api::status::Problem> = Vec::new();
     for p in &problems {
-        let t = p.to_string();
-        if !rendered.contains(&t) {
-            rendered.push(t);
+        let r = p.report();
+        if !rendered.iter().any(|o| o.message == r.message) {
+            rendered.push(r);
         }
     }
+    let sentences: Vec<String> = rendered.iter().map(|p| p.message.clone()).collect();
     if let Some(me) = &plan.me
-        && let Some(patch) = crate::kube::node::condition_patch(me, &rendered)
+        && let Some(patch) = crate::kube::node::condition_patch(me, &sentences)
         && let Err(e) = cluster.node_status(&patch).await
     {
         tracing::warn!("cannot update the Node condition: {e}");

@@ -1,11 +1,12 @@
 //! Everything that keeps routing from being complete, as one type. The plan
 //! and the apply step collect them; they are rendered (one sentence each,
 //! naming the object and the fix) into the `MargayReady` Node condition
-//! and `/status`.
+//! and `/status` (as [`status::Problem`]s: the kind and the sentence).
 
 use std::net::IpAddr;
 
 use margay_api::bgp::{ConfigInvalid, PeerInvalid};
+use margay_api::status::{self, ProblemKind};
 
 use super::encap::Unroutable;
 use crate::kube::Why;
@@ -144,4 +145,39 @@ pub enum Problem {
         table = crate::dataplane::ownership::NFT_TUNNEL_TABLE
     )]
     TunnelFilter(String),
+}
+
+impl Problem {
+    /// Its kind, as `/status` names it.
+    pub fn kind(&self) -> ProblemKind {
+        match self {
+            Problem::NodeMissing(_) => ProblemKind::NodeMissing,
+            Problem::Unknown(_) => ProblemKind::InputUnknown,
+            Problem::PolicyTable(_) => ProblemKind::PolicyTable,
+            Problem::ConfigIgnored { .. } => ProblemKind::ConfigIgnored,
+            Problem::PeerIgnored { .. } => ProblemKind::PeerIgnored,
+            Problem::NoAddress(_) => ProblemKind::NoAddress,
+            Problem::NoBgpAddress => ProblemKind::NoBgpAddress,
+            Problem::NeedsIpv4 => ProblemKind::NeedsIpv4,
+            Problem::PasswordMissing { .. } => ProblemKind::PasswordMissing,
+            Problem::PasswordUnknown { .. } => ProblemKind::PasswordUnknown,
+            Problem::PasswordNotRead { .. } => ProblemKind::PasswordNotRead,
+            Problem::DuplicateAddress { .. } => ProblemKind::DuplicateAddress,
+            Problem::NeighborInvalid { .. } => ProblemKind::NeighborInvalid,
+            Problem::Route(_) => ProblemKind::Unroutable,
+            Problem::NoTunnelAddress { .. } => ProblemKind::NoTunnelAddress,
+            Problem::Publish(_) => ProblemKind::Publish,
+            Problem::Speaker(_) => ProblemKind::Speaker,
+            Problem::Kernel(_) => ProblemKind::Kernel,
+            Problem::TunnelFilter(_) => ProblemKind::TunnelFilter,
+        }
+    }
+
+    /// As `/status` carries it.
+    pub fn report(&self) -> status::Problem {
+        status::Problem {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
 }

@@ -328,7 +328,7 @@ fn snapshot() -> Snapshot {
 
 async fn pass(s: &Snapshot, dp: &FakeDataplane, bgp: &mut FakeBgp, c: &FakeCluster) -> Vec<String> {
     bgp.view = s.speaker.clone();
-    apply(plan(s), dp, bgp, c).await.status.problems
+    sentences(apply(plan(s), dp, bgp, c).await.status.problems)
 }
 
 /// A stale route of Margay's (a block that moved away) and the two the
@@ -341,6 +341,11 @@ async fn kernel_with_history() -> FakeDataplane {
             .unwrap();
     }
     dp
+}
+
+/// What `/status` says of each problem.
+fn sentences(problems: Vec<margay_api::status::Problem>) -> Vec<String> {
+    problems.into_iter().map(|p| p.message).collect()
 }
 
 /// `what` is among the pass's problems and in the Node condition.
@@ -657,7 +662,7 @@ async fn settle(
             }
         }
         if !tunnels.update(used, &out) {
-            return out.status.problems;
+            return sentences(out.status.problems);
         }
     }
     panic!("the passes did not settle");
