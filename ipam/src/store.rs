@@ -177,6 +177,15 @@ struct MemState {
 }
 
 impl MemState {
+    /// Keeps `b` at the next version (the write that calls it publishes
+    /// the change).
+    fn put(&mut self, mut b: Block) -> Block {
+        self.version += 1;
+        b.version = Some(self.version.to_string());
+        self.blocks.insert(b.name.clone(), b.clone());
+        b
+    }
+
     /// A write's change, to every feed (or held back).
     fn publish(&mut self, change: BlockChange) {
         match &mut self.held {
@@ -416,11 +425,7 @@ impl Store for MemStore {
             if s.blocks.contains_key(&block.name) {
                 return Err(Error::AlreadyExists(format!("block {}", block.name)));
             }
-            s.version += 1;
-            let mut b = block;
-            b.version = Some(s.version.to_string());
-            s.blocks.insert(b.name.clone(), b.clone());
-            Ok(Some(b))
+            Ok(Some(s.put(block)))
         })
         .map(|b| b.expect("created"))
     }
@@ -436,11 +441,7 @@ impl Store for MemStore {
             if cur.version != block.version {
                 return Err(Error::Conflict(format!("block {}", block.name)));
             }
-            s.version += 1;
-            let mut b = block;
-            b.version = Some(s.version.to_string());
-            s.blocks.insert(b.name.clone(), b.clone());
-            Ok(Some(b))
+            Ok(Some(s.put(block)))
         })
         .map(|b| b.expect("updated"))
     }

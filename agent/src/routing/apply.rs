@@ -245,26 +245,25 @@ fn tunnel_lines(
     ready: &PerTunnel<bool>,
     filter: Option<&TunnelFilter>,
 ) -> Vec<String> {
-    let up = |t: Tunnel| if *ready.get(t) { "" } else { ", not up" };
-    let mut v = Vec::new();
-    if let DevicePlan::Want(l) = d.vxlan {
-        v.push(format!(
-            "VXLAN {} {} MTU {}{}",
-            crate::dataplane::ownership::VXLAN_DEV,
-            l.tunnel_ip,
-            l.mtu,
-            up(Tunnel::Vxlan)
-        ));
-    }
-    if let DevicePlan::Want(l) = d.ipip {
-        v.push(format!(
-            "IPIP {} {} MTU {}{}",
-            crate::dataplane::ownership::IPIP_DEV,
-            l.tunnel_ip,
-            l.mtu,
-            up(Tunnel::Ipip)
-        ));
-    }
+    use crate::dataplane::ownership::{IPIP_DEV, VXLAN_DEV};
+    let wanted = [
+        match d.vxlan {
+            DevicePlan::Want(l) => Some((Tunnel::Vxlan, VXLAN_DEV, l.tunnel_ip, l.mtu)),
+            _ => None,
+        },
+        match d.ipip {
+            DevicePlan::Want(l) => Some((Tunnel::Ipip, IPIP_DEV, l.tunnel_ip, l.mtu)),
+            _ => None,
+        },
+    ];
+    let mut v: Vec<String> = wanted
+        .into_iter()
+        .flatten()
+        .map(|(t, dev, ip, mtu)| {
+            let up = if *ready.get(t) { "" } else { ", not up" };
+            format!("{t} {dev} {ip} MTU {mtu}{up}")
+        })
+        .collect();
     if let Some(f) = filter {
         v.push(format!("filter: {}", tunnel_filter::describe(f)));
     }

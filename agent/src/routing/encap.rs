@@ -231,27 +231,17 @@ mod tests {
         );
         let via = |c: &str| r.want.routes[&c.parse::<IpNetwork>().unwrap()];
         assert_eq!(r.want.routes.len(), 7);
-        assert_eq!(
-            via("10.244.2.0/26"),
-            Via::Native("10.99.0.2".parse().unwrap())
-        );
-        assert_eq!(via("10.244.1.64/26"), Via::Vxlan(v.tunnel_ip));
-        assert_eq!(
-            via("10.244.3.0/26"),
-            Via::Ipip("10.99.0.3".parse().unwrap())
-        );
-        assert_eq!(
-            via("10.244.6.0/26"),
-            Via::Ipip("10.98.0.6".parse().unwrap())
-        );
-        assert_eq!(
-            via("10.244.5.0/26"),
-            Via::Native("10.99.0.5".parse().unwrap())
-        );
-        assert_eq!(
-            via("10.244.7.0/26"),
-            Via::Native("10.99.0.7".parse().unwrap())
-        );
+        let want = [
+            ("10.244.2.0/26", Via::Native("10.99.0.2".parse().unwrap())),
+            ("10.244.1.64/26", Via::Vxlan(v.tunnel_ip)),
+            ("10.244.3.0/26", Via::Ipip("10.99.0.3".parse().unwrap())),
+            ("10.244.6.0/26", Via::Ipip("10.98.0.6".parse().unwrap())),
+            ("10.244.5.0/26", Via::Native("10.99.0.5".parse().unwrap())),
+            ("10.244.7.0/26", Via::Native("10.99.0.7".parse().unwrap())),
+        ];
+        for (cidr, want) in want {
+            assert_eq!(via(cidr), want, "{cidr}");
+        }
         assert_eq!(r.want.neigh.len(), 1);
         assert_eq!(r.want.fdb[&v.mac], "10.99.0.2".parse::<Ipv4Addr>().unwrap());
         assert!(r.want.needs(crate::dataplane::Tunnel::Vxlan));

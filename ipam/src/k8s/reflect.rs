@@ -148,35 +148,51 @@ where
     }
 }
 
+/// What a kind of object must be for [`watch`] and its variants to keep
+/// it: a resource read from the API whose dynamic type has a default.
+pub trait Kind:
+    Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Kind for K where
+    K: Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A watch of `api`: the objects, and the task that keeps them (it pokes
 /// `poke` on every change and when what it holds is current again; it
 /// never ends: whoever runs it owns it). See the module's documentation
 /// for how it recovers.
-pub fn watch<K>(
+pub fn watch<K: Kind>(
     api: Api<K>,
     what: &'static str,
     poke: Arc<Notify>,
-) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static) {
     watch_with(api, watcher::Config::default(), what, poke)
 }
 
 /// Like [`watch`], with a watcher configuration: its label and field
 /// selectors (a field selector for one object, ...), page size and
 /// watch timeout are used; lists are always consistent reads.
-pub fn watch_with<K>(
+pub fn watch_with<K: Kind>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
     poke: Arc<Notify>,
-) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static) {
     watch_slim(api, config, what, poke, |_| {})
 }
 
@@ -184,17 +200,13 @@ where
 /// its readers need of it). Its `metadata.managedFields` are always
 /// dropped: nothing here reads them, and they are often most of an
 /// object's metadata.
-pub fn watch_slim<K>(
+pub fn watch_slim<K: Kind>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
     poke: Arc<Notify>,
     slim: fn(&mut K),
-) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static) {
     watch_source(api, config, what, poke, slim)
 }
 
