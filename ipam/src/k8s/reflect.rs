@@ -148,28 +148,27 @@ where
     }
 }
 
-/// What a kind of object must be for [`watch`] and its variants to keep
-/// it: a resource read from the API whose dynamic type has a default.
-pub trait Kind:
-    Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
-    + Clone
-    + std::fmt::Debug
-    + serde::de::DeserializeOwned
-    + Send
-    + Sync
-    + 'static
-{
+/// `pub trait $name: $bounds {}`, implemented for every type within them
+/// (a name for a set of bounds, written once).
+macro_rules! bounds {
+    ($(#[$doc:meta])* $name:ident = $($bound:tt)+) => {
+        $(#[$doc])*
+        pub trait $name: $($bound)+ {}
+        impl<T: $($bound)+> $name for T {}
+    };
 }
 
-impl<K> Kind for K where
-    K: Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
+bounds! {
+    /// What a kind of object must be for [`watch`] and its variants to
+    /// keep it: a resource read from the API whose dynamic type has a
+    /// default.
+    Kind = Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static
-{
 }
 
 /// A watch of `api`: the objects, and the task that keeps them (it pokes
