@@ -1,6 +1,7 @@
-//! The agent's one error type. Subsystems keep their own (the dataplane's,
-//! IPAM's, the speaker's) and this wraps them; at its edges it becomes a
-//! CNI code (`cni`), a Node condition (`routing`) or an exit code (`run`).
+//! The agent's one error type, the data plane's errors among its variants.
+//! The other crates keep their own (IPAM's, the speaker's, the policy
+//! compiler's) and this wraps them; at its edges it becomes a CNI code
+//! (`cni`), a Node condition (`routing`) or an exit code (`run`).
 
 /// What can go wrong in the agent.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +50,6 @@ pub enum Error {
     /// IPAM.
     #[error(transparent)]
     Ipam(#[from] margay_ipam::Error),
-    /// The kernel.
-    #[error(transparent)]
-    Dataplane(#[from] crate::dataplane::Error),
     /// A NetworkPolicy question (`margayctl policy`) the world cannot
     /// answer, or a port that does not parse.
     #[error(transparent)]
@@ -100,6 +98,101 @@ pub enum Error {
         task: &'static str,
         /// The panic's message.
         why: String,
+    },
+    // The kernel (the data plane).
+    /// The pod's network namespace cannot be opened.
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was asked.
+        what: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+    /// A netlink socket could not be opened.
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    /// Entering a network namespace failed.
+    #[error("entering the pod's network namespace: {0}")]
+    Setns(nix::Error),
+    /// A sysctl could not be written.
+    #[error("sysctl {key}={value}: {source}")]
+    Sysctl {
+        /// The key under /proc/sys.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A link Margay just made or expects is not there.
+    #[error("{0} is missing")]
+    Missing(String),
+    /// The pod's wiring is not what it should be (CHECK).
+    #[error("{0}")]
+    Wrong(String),
+    /// A route that cannot be expressed (e.g. VXLAN without the device).
+    #[error("route to {0} cannot be expressed: {1}")]
+    Unroutable(ipnetwork::IpNetwork, &'static str),
+    /// `nft` is missing or refused Margay's table.
+    #[error("nftables: {0}")]
+    Nft(String),
+    /// A policy command netlink cannot carry: an attribute of it would be
+    /// longer than a netlink attribute's 16-bit length allows (e.g. a rule
+    /// whose expressions pass 64 KiB). Nothing of its batch was sent.
+    #[error(
+        "netlink cannot carry command {command} of the batch, {op}: an attribute of {len} bytes (at most {max})",
+        max = crate::dataplane::nftnl::MAX_ATTR
+    )]
+    Unencodable {
+        /// Its place in the batch (from 1).
+        command: usize,
+        /// Its text, cut short.
+        op: String,
+        /// The length the attribute would have had.
+        len: usize,
+    },
+    /// Injected by the fake dataplane.
+    #[error("injected: {0}")]
+    Injected(String),
+    /// The path given as the pod's namespace is not one a pod may use.
+    #[error("{path} is not a pod's network namespace: {why}")]
+    NotPodNetns {
+        /// The path given.
+        path: String,
+        /// Why (not a namespace; the node's own).
+        why: String,
+    },
+    /// The kernel cannot do IPIP here.
+    #[error(
+        "this node cannot do IPIP: {0}; load the ipip module on the host (modprobe ipip) or use encapsulation VXLAN or None for this pool"
+    )]
+    IpipUnavailable(String),
+    /// A route of another protocol holds the destination: left as it is.
+    #[error(
+        "{what}: the kernel has a route of protocol {proto} there (not Margay's): left as it is"
+    )]
+    Foreign {
+        /// The route Margay wanted.
+        what: String,
+        /// The other route's protocol.
+        proto: u8,
+    },
+    /// The host interface's name is held by another attachment's
+    /// interface (left as it is).
+    #[error("host interface {host_if} belongs to {owner}, not to this attachment")]
+    Taken {
+        /// The name.
+        host_if: String,
+        /// Whose it is (its alias's handle).
+        owner: String,
     },
 }
 
