@@ -200,14 +200,6 @@ impl Why {
             w => w,
         }
     }
-
-    /// Whether RBAC refused the read.
-    pub fn is_forbidden(&self) -> bool {
-        matches!(
-            self.cause(),
-            Why::Forbidden { .. } | Why::SecretForbidden { .. }
-        )
-    }
 }
 
 /// `op: error`, or `error` alone.
@@ -286,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wrapped_refusal_is_still_forbidden() {
+    fn a_wrapped_reason_keeps_its_cause() {
         let forbidden = Why::Forbidden {
             op: Some(Op::List),
             error: "secrets is forbidden".into(),
@@ -295,7 +287,6 @@ mod tests {
             what: "a BGP password Secret",
             last: Some(Box::new(forbidden.clone())),
         };
-        assert!(w.is_forbidden());
         assert_eq!(w.cause(), &forbidden);
         assert_eq!(
             w.to_string(),
@@ -306,7 +297,7 @@ mod tests {
             secs: 3,
             cause: Box::new(Why::Silent { secs: 320 }),
         };
-        assert!(!w.is_forbidden());
+        assert_eq!(w.cause(), &Why::Silent { secs: 320 });
         assert_eq!(
             w.to_string(),
             "cannot watch Nodes for 3s: no word on the watch for 320s"

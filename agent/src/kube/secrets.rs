@@ -95,7 +95,7 @@ impl SecretWatches {
                     let k = w
                         .read()
                         .map(|all| all.first().map(|s| Box::new((**s).clone())));
-                    if k.why().is_some_and(Why::is_forbidden) {
+                    if matches!(k.why().map(Why::cause), Some(Why::Forbidden { .. })) {
                         tracing::warn!(
                             "RBAC forbids watching Secret {}/{name}: reading it by name every {}s instead (grant list and watch on it with resourceNames)",
                             self.namespace,
