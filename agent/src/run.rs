@@ -219,7 +219,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .await?;
     let _ = state.reserve.set(reserve.clone());
     let (own_tx, own_blocks) = tokio::sync::watch::channel(crate::kube::Known::Unknown(
-        "this node's blocks not read yet".into(),
+        crate::kube::Why::NotRead(Some("this node's blocks")),
     ));
     let mut service = CniService::new(&node, store.clone(), reserve.clone(), dp.clone(), args.mtu);
     service.follow_local(own_blocks.clone());

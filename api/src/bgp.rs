@@ -247,7 +247,7 @@ pub enum ConfigInvalid {
     Prefix(String),
     /// A community that does not parse.
     #[error("communities: {0}")]
-    Community(String),
+    Community(crate::community::CommunityInvalid),
 }
 
 /// Checks a [`BGPConfiguration`].

@@ -13,6 +13,7 @@
 //! - [`status`]: the agent's `/status`, the speaker's session and route
 //!   views; [`ctl`]: what `margayctl ipam` reports;
 //! - [`community`]: `ASN:VALUE` communities;
+//! - [`known`]: an input current, stale or unknown, and why ([`known::Why`]);
 //! - [`stable`]: hashes and formats that must not change between versions.
 //!
 //! Without the default `crd` feature only the parts with no Kubernetes
@@ -20,6 +21,7 @@
 
 pub mod cni;
 pub mod community;
+pub mod known;
 pub mod node;
 pub mod stable;
 pub mod status;

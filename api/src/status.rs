@@ -80,6 +80,85 @@ pub struct RouteView {
     pub stale: bool,
 }
 
+/// What kind of thing keeps routing from being complete: what a reader
+/// matches (never the sentence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProblemKind {
+    /// This node has no Node object.
+    NodeMissing,
+    /// An input could not be read (what depends on it was kept).
+    InputUnknown,
+    /// The NetworkPolicy table is not current.
+    PolicyTable,
+    /// The BGPConfiguration is invalid (defaults used).
+    ConfigIgnored,
+    /// A BGPPeer is invalid.
+    PeerIgnored,
+    /// The node's address could not be chosen.
+    NoAddress,
+    /// The node has no BGP address yet.
+    NoBgpAddress,
+    /// BGP needs an IPv4 router ID.
+    NeedsIpv4,
+    /// A peering's password Secret (or key) does not exist.
+    PasswordMissing,
+    /// A peering's password Secret cannot be read now.
+    PasswordUnknown,
+    /// A peering's password Secret was not read.
+    PasswordNotRead,
+    /// Two Nodes announce the same BGP address.
+    DuplicateAddress,
+    /// A neighbor the speaker would refuse.
+    NeighborInvalid,
+    /// A block that cannot be routed.
+    Unroutable,
+    /// A tunnel address could not be allocated or released.
+    NoTunnelAddress,
+    /// The node's identity could not be published.
+    Publish,
+    /// The BGP speaker refused or failed a call.
+    Speaker,
+    /// The kernel refused some of the routing state.
+    Kernel,
+    /// The tunnel filter could not be brought up to date.
+    TunnelFilter,
+    /// Read from `/status`, which carries the sentence only.
+    Reported,
+}
+
+/// One thing that keeps routing from being complete: its kind and its
+/// sentence (naming the object and the fix). On the wire it is the
+/// sentence alone, as it always was; read back, its kind is
+/// [`ProblemKind::Reported`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// What kind of problem.
+    pub kind: ProblemKind,
+    /// The sentence.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Serialize for Problem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.message)
+    }
+}
+
+impl<'de> Deserialize<'de> for Problem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Problem {
+            kind: ProblemKind::Reported,
+            message: String::deserialize(d)?,
+        })
+    }
+}
+
 /// What the agent's routing loop last found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutingStatus {
@@ -87,8 +166,9 @@ pub struct RoutingStatus {
     pub address: Option<String>,
     /// Its AS.
     pub asn: u32,
-    /// Everything that keeps routing from being complete, as sentences.
-    pub problems: Vec<String>,
+    /// Everything that keeps routing from being complete (on the wire, as
+    /// sentences).
+    pub problems: Vec<Problem>,
     /// Every input of the last pass was read from the Kubernetes API.
     pub datastore_ok: bool,
     /// Inputs the last pass could not read (their part of the plan kept
@@ -210,4 +290,22 @@ pub struct AgentStatus {
     /// NetworkPolicy (absent before the engine first reports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_problem_is_its_sentence_on_the_wire() {
+        let p = Problem {
+            kind: ProblemKind::NeedsIpv4,
+            message: "BGP needs an IPv4 node address (the router ID)".into(),
+        };
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json, serde_json::json!(p.message));
+        let back: Problem = serde_json::from_value(json).unwrap();
+        assert_eq!(back.kind, ProblemKind::Reported);
+        assert_eq!(back.to_string(), p.message);
+    }
 }

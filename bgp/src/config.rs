@@ -14,34 +14,59 @@ fn yes() -> bool {
     true
 }
 
-/// Checks one neighbor's settings (`local_as`: ours); the message names
-/// the setting.
-pub fn validate_neighbor(n: &Neighbor, local_as: u32) -> std::result::Result<(), String> {
+/// Why a neighbor's settings are refused (its message names the setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NeighborInvalid {
+    /// AS 0 is reserved.
+    #[error("asn must not be 0")]
+    AsnZero,
+    /// A hold time of 1 or 2 seconds.
+    #[error("hold_time must be 0 or at least 3")]
+    HoldTime,
+    /// A keepalive over a third of the hold time.
+    #[error("keepalive must be at most hold_time/3")]
+    Keepalive,
+    /// An empty password, or one over 80 bytes.
+    #[error("password must be 1 to 80 characters")]
+    Password,
+    /// A graceful-restart time over 12 bits.
+    #[error("restart_time must be at most 4095 seconds")]
+    RestartTime,
+    /// A GTSM hop count outside 1..=254.
+    #[error("ttl_security must be 1 to 254 hops")]
+    TtlSecurity,
+    /// A route-reflector client in another AS.
+    #[error("route_reflector_client needs an iBGP peer")]
+    ReflectorClientNotIbgp,
+}
+
+/// Checks one neighbor's settings (`local_as`: ours).
+pub fn validate_neighbor(n: &Neighbor, local_as: u32) -> std::result::Result<(), NeighborInvalid> {
     if n.asn == 0 {
-        return Err("asn must not be 0".into());
+        return Err(NeighborInvalid::AsnZero);
     }
     if n.hold_time == 1 || n.hold_time == 2 {
-        return Err("hold_time must be 0 or at least 3".into());
+        return Err(NeighborInvalid::HoldTime);
     }
     if n.keepalive
         .is_some_and(|k| n.hold_time > 0 && k > n.hold_time / 3)
     {
-        return Err("keepalive must be at most hold_time/3".into());
+        return Err(NeighborInvalid::Keepalive);
     }
     if n.password
         .as_ref()
         .is_some_and(|p| p.is_empty() || p.len() > 80)
     {
-        return Err("password must be 1 to 80 characters".into());
+        return Err(NeighborInvalid::Password);
     }
     if n.restart_time.is_some_and(|t| t > 4095) {
-        return Err("restart_time must be at most 4095 seconds".into());
+        return Err(NeighborInvalid::RestartTime);
     }
     if n.ttl_security.is_some_and(|h| h == 0 || h > 254) {
-        return Err("ttl_security must be 1 to 254 hops".into());
+        return Err(NeighborInvalid::TtlSecurity);
     }
     if n.route_reflector_client && n.asn != local_as {
-        return Err("route_reflector_client needs an iBGP peer".into());
+        return Err(NeighborInvalid::ReflectorClientNotIbgp);
     }
     Ok(())
 }
@@ -282,7 +307,7 @@ impl Config {
 
 /// Parses `ASN:VALUE` (each 16 bits) into a community.
 pub fn parse_community(s: &str) -> Result<u32> {
-    margay_api::community::parse(s).map_err(Error::Config)
+    margay_api::community::parse(s).map_err(|e| Error::Config(e.to_string()))
 }
 
 #[cfg(test)]

@@ -128,8 +128,11 @@ pub fn parse_env(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> 
     Ok(env)
 }
 
+/// CNI_ARGS as keys and values.
+pub type CniArgs = BTreeMap<String, String>;
+
 /// `K=V;K=V` as in CNI_ARGS.
-pub fn parse_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
+pub fn parse_args(s: &str) -> Result<CniArgs, CniError> {
     let mut out = BTreeMap::new();
     for kv in s.split(';').filter(|kv| !kv.is_empty()) {
         let Some((k, v)) = kv.split_once('=') else {

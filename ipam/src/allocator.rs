@@ -135,6 +135,14 @@ impl std::fmt::Debug for Job {
 }
 
 impl Allocator {
+    /// Sends the actor `job` (made with the channel of its answer) and
+    /// waits for the answer; [`Error::Stopped`] when the actor is gone.
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T>>) -> Job) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(job(tx)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
     /// Starts the allocator task for `node` on the current runtime.
     pub fn start<S: Store>(store: Arc<S>, node: &str, opts: Options) -> Self {
         let (tx, rx) = mpsc::channel(opts.queue);
@@ -176,12 +184,7 @@ impl Allocator {
     }
 
     async fn call(&self, op: Op) -> Result<Outcome> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Op(op, tx))
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+        self.ask(|tx| Job::Op(op, tx)).await
     }
 
     /// Addresses for a handle: one per family with a usable pool. Asking
@@ -234,44 +237,24 @@ impl Allocator {
     /// handed out now for `use_`: one per family that has a usable pool,
     /// each inside a pool that is enabled and selects this node.
     pub async fn usable(&self, addrs: Vec<Vec<IpNetwork>>, use_: AllowedUse) -> Result<Vec<bool>> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Usable(addrs, use_, tx))
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+        self.ask(|tx| Job::Usable(addrs, use_, tx)).await
     }
 
     /// What the allocator's view says `handle` holds (no store access).
     pub async fn holding(&self, handle: &str) -> Result<Vec<IpNetwork>> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Holding(handle.to_string(), tx))
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+        self.ask(|tx| Job::Holding(handle.to_string(), tx)).await
     }
 
     /// Runs block maintenance now; returns the blocks released.
     pub async fn release_empty_blocks(&self) -> Result<Vec<String>> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Maintain(tx))
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+        self.ask(Job::Maintain).await
     }
 
     /// The allocator's current view of every block. An error when the
     /// view cannot be had (never an empty list standing in for one:
     /// callers derive kernel routes and BGP advertisements from it).
     pub async fn blocks(&self) -> Result<Vec<Block>> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Blocks(tx))
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+        self.ask(Job::Blocks).await
     }
 }
 
@@ -669,11 +652,11 @@ impl<S: Store> Actor<S> {
             let mut contended = false;
 
             if let Some(claim) = &p.claim
-                && let Err(name) = self.claim(claim).await
+                && self.claim(claim).await.is_err()
             {
                 contended = true;
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                stale.push(name);
+                stale.push(claim.block().name.clone());
             }
 
             // All block writes of the round go out together.
@@ -769,13 +752,14 @@ impl<S: Store> Actor<S> {
             .collect()
     }
 
-    /// Claims a block; on failure (someone else got there first) returns
-    /// the block's name, to be re-read.
-    async fn claim(&mut self, claim: &Claim) -> std::result::Result<(), String> {
-        let (res, name) = match claim {
-            Claim::Create(b) => (self.store.create_block(b).await, &b.name),
-            Claim::Adopt(b) => (self.store.update_block(b).await, &b.name),
+    /// Claims a block; on failure (someone else got there first) the
+    /// store's error: the block is to be re-read.
+    async fn claim(&mut self, claim: &Claim) -> Result<()> {
+        let res = match claim {
+            Claim::Create(b) => self.store.create_block(b).await,
+            Claim::Adopt(b) => self.store.update_block(b).await,
         };
+        let name = &claim.block().name;
         match res {
             Ok(b) => {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -786,7 +770,7 @@ impl<S: Store> Actor<S> {
             }
             Err(e) => {
                 tracing::debug!(node = %self.node, block = %name, "claim failed: {e}");
-                Err(name.clone())
+                Err(e)
             }
         }
     }

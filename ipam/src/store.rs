@@ -23,6 +23,12 @@ use crate::crd::{IPAMConfigurationSpec, IPPool};
 use crate::model::Block;
 use crate::{Error, Result};
 
+/// A node's labels.
+pub type NodeLabels = BTreeMap<String, String>;
+
+/// Every pod's sandbox UID by (namespace, name) ([`Cluster::pods`]).
+pub type PodSandboxes = HashMap<(String, String), String>;
+
 /// Blocks, pools and settings, with compare-and-swap writes.
 pub trait Store: Send + Sync + 'static {
     /// Every block.
@@ -41,10 +47,7 @@ pub trait Store: Send + Sync + 'static {
     /// The IPAM settings (defaults when there is no configuration object).
     fn config(&self) -> impl Future<Output = Result<IPAMConfigurationSpec>> + Send;
     /// A node's labels (empty when the node is unknown).
-    fn node_labels(
-        &self,
-        node: &str,
-    ) -> impl Future<Output = Result<BTreeMap<String, String>>> + Send;
+    fn node_labels(&self, node: &str) -> impl Future<Output = Result<NodeLabels>> + Send;
     /// The blocks as a watch follows them, when this store has one (the
     /// allocator takes it when it starts; a store may have only one to
     /// give).
@@ -121,7 +124,7 @@ pub trait Cluster: Send + Sync + 'static {
     /// Every pod's sandbox UID by (namespace, name): what the kubelet
     /// passes as K8S_POD_UID, a static pod's own UID for its mirror pod
     /// (may be served from a cache).
-    fn pods(&self) -> impl Future<Output = Result<HashMap<(String, String), String>>> + Send;
+    fn pods(&self) -> impl Future<Output = Result<PodSandboxes>> + Send;
     /// A pod's sandbox UID (as [`Cluster::pods`]), read now (`None` when it
     /// does not exist).
     fn pod_uid(
@@ -174,6 +177,15 @@ struct MemState {
 }
 
 impl MemState {
+    /// Keeps `b` at the next version (the write that calls it publishes
+    /// the change).
+    fn put(&mut self, mut b: Block) -> Block {
+        self.version += 1;
+        b.version = Some(self.version.to_string());
+        self.blocks.insert(b.name.clone(), b.clone());
+        b
+    }
+
     /// A write's change, to every feed (or held back).
     fn publish(&mut self, change: BlockChange) {
         match &mut self.held {
@@ -413,11 +425,7 @@ impl Store for MemStore {
             if s.blocks.contains_key(&block.name) {
                 return Err(Error::AlreadyExists(format!("block {}", block.name)));
             }
-            s.version += 1;
-            let mut b = block;
-            b.version = Some(s.version.to_string());
-            s.blocks.insert(b.name.clone(), b.clone());
-            Ok(Some(b))
+            Ok(Some(s.put(block)))
         })
         .map(|b| b.expect("created"))
     }
@@ -433,11 +441,7 @@ impl Store for MemStore {
             if cur.version != block.version {
                 return Err(Error::Conflict(format!("block {}", block.name)));
             }
-            s.version += 1;
-            let mut b = block;
-            b.version = Some(s.version.to_string());
-            s.blocks.insert(b.name.clone(), b.clone());
-            Ok(Some(b))
+            Ok(Some(s.put(block)))
         })
         .map(|b| b.expect("updated"))
     }
@@ -467,7 +471,7 @@ impl Store for MemStore {
         Ok(self.with(|s| s.config.clone()))
     }
 
-    async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>> {
+    async fn node_labels(&self, node: &str) -> Result<NodeLabels> {
         Ok(self.with(|s| s.labels.get(node).cloned().unwrap_or_default()))
     }
 
@@ -499,7 +503,7 @@ impl Cluster for MemStore {
         Ok(self.with(|s| s.nodes.contains(name)))
     }
 
-    async fn pods(&self) -> Result<HashMap<(String, String), String>> {
+    async fn pods(&self) -> Result<PodSandboxes> {
         Ok(self.with(|s| s.pods.clone()))
     }
 

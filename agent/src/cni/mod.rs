@@ -105,7 +105,7 @@ pub async fn wired_endpoints<D: Dataplane>(
     dp: &D,
     owners: &reconcile::Attributions,
 ) -> crate::Result<Vec<crate::netpol::Restored>> {
-    let pods = dp.list_pods().await.map_err(crate::Error::Dataplane)?;
+    let pods = dp.list_pods().await?;
     Ok(pods
         .iter()
         .filter_map(alias::parse)

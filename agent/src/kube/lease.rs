@@ -42,6 +42,7 @@ use margay_task::Owned;
 use tokio::sync::{Notify, watch};
 
 use super::Known;
+use crate::Error;
 
 /// The leader Lease's name.
 pub const LEADER: &str = "margay-agent-leader";
@@ -171,40 +172,11 @@ fn write_for(
     }
 }
 
-/// Why a Lease write failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteError {
-    /// The API answered with an error (a conflict, RBAC, no such
-    /// namespace): it is up.
-    Refused {
-        /// The HTTP status (409: another writer won the compare-and-swap).
-        code: u16,
-        /// The API's message.
-        message: String,
-    },
-    /// The API did not answer (unreachable, timed out, 5xx).
-    NoAnswer(String),
-}
-
-impl WriteError {
-    /// Another writer won: a compare-and-swap lost, or a create raced.
-    pub fn is_conflict(&self) -> bool {
-        matches!(self, WriteError::Refused { code: 409, .. })
-    }
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WriteError::Refused { message: e, .. } | WriteError::NoAnswer(e) => f.write_str(e),
-        }
-    }
-}
-
 /// Writes `l` (replace when it has a version, else create), giving up
 /// after [`super::DEADLINE`]: a renewal that hangs on a frozen API must not
-/// keep this agent believing it still leads.
-async fn put(api: &Api<Lease>, l: &Lease) -> Result<Lease, WriteError> {
+/// keep this agent believing it still leads. Fails with
+/// [`Error::Refused`] (the API answered) or [`Error::Unanswered`].
+async fn put(api: &Api<Lease>, l: &Lease) -> crate::Result<Lease> {
     let write = async {
         if l.metadata.resource_version.is_some() {
             let name = l.metadata.name.clone().unwrap_or_default();
@@ -215,12 +187,12 @@ async fn put(api: &Api<Lease>, l: &Lease) -> Result<Lease, WriteError> {
     };
     match tokio::time::timeout(super::DEADLINE, write).await {
         Ok(Ok(l)) => Ok(l),
-        Ok(Err(kube::Error::Api(s))) if s.code < 500 => Err(WriteError::Refused {
+        Ok(Err(kube::Error::Api(s))) if s.code < 500 => Err(Error::Refused {
             code: s.code,
             message: s.message,
         }),
-        Ok(Err(e)) => Err(WriteError::NoAnswer(e.to_string())),
-        Err(_) => Err(WriteError::NoAnswer(format!(
+        Ok(Err(e)) => Err(Error::Unanswered(e.to_string())),
+        Err(_) => Err(Error::Unanswered(format!(
             "no answer within {}s",
             super::DEADLINE.as_secs()
         ))),
@@ -339,7 +311,7 @@ pub async fn elect(client: kube::Client, election: Election, leader: watch::Send
                     }
                     // Another agent won the compare-and-swap, or the API did
                     // not answer: the watch shows who holds it next.
-                    Err(e) if e.is_conflict() || matches!(e, WriteError::NoAnswer(_)) => {
+                    Err(e) if e.is_conflict() || matches!(e, Error::Unanswered(_)) => {
                         tracing::debug!("leader lease: {e}")
                     }
                     // Refused otherwise (RBAC, no such namespace): nobody
@@ -377,7 +349,7 @@ pub async fn heartbeat(
     namespace: String,
     name: String,
     me: String,
-    report: impl Fn(Result<(), WriteError>) + Send,
+    report: impl Fn(crate::Result<()>) + Send,
 ) {
     use margay_api::node::{HEARTBEAT_DURATION, HEARTBEAT_RENEW};
     let api: Api<Lease> = Api::namespaced(client, &namespace);
@@ -437,6 +409,7 @@ pub async fn heartbeat(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::{Op, Why};
 
     fn held(by: &str) -> LeaseSpec {
         LeaseSpec {
@@ -477,7 +450,7 @@ mod tests {
         assert!(!legacy_leads(seen(&old), "n2", s(45)));
         // Last seen before its watch broke: judged the same way.
         assert!(legacy_leads(
-            Known::Stale(Some(&old), "down".into()),
+            Known::Stale(Some(&old), Why::NoAnswer),
             "n2",
             s(10)
         ));
@@ -493,9 +466,19 @@ mod tests {
         assert!(!legacy_leads(seen(&held("")), "n2", s(0)));
         assert!(!legacy_leads(Known::Fresh(None), "n2", s(0)));
         // Not read yet, or refused: as though held, for one duration.
-        assert!(legacy_leads(Known::Unknown("listing".into()), "n2", s(44)));
+        assert!(legacy_leads(
+            Known::Unknown(Why::NotListed {
+                what: "Leases",
+                last: None
+            }),
+            "n2",
+            s(44)
+        ));
         assert!(!legacy_leads(
-            Known::Unknown("forbidden".into()),
+            Known::Unknown(Why::Forbidden {
+                op: Some(Op::List),
+                error: "leases is forbidden".into()
+            }),
             "n2",
             s(45)
         ));

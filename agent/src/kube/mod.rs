@@ -1,6 +1,7 @@
 //! The agent's side of the Kubernetes API, as plain functions over a
 //! client: watched inputs that know whether they are current ([`Known`],
-//! from `margay_ipam::k8s::reflect`), [`node`] (this node's identity annotations and its
+//! and if not [`Why`], from `margay_api::known` through
+//! `margay_ipam::k8s::reflect`), [`node`] (this node's identity annotations and its
 //! `MargayReady` condition), [`valid`] (the `Valid` condition of BGP
 //! objects), [`secrets`] (BGP passwords, watched by name), [`lease`] (the
 //! leader election and this agent's heartbeat). What to write is decided
@@ -11,7 +12,7 @@ pub mod node;
 pub mod secrets;
 pub mod valid;
 
-pub use margay_ipam::k8s::reflect::{Known, Watched, watch, watch_with};
+pub use margay_ipam::k8s::reflect::{Known, Op, Watched, Why, watch, watch_with, why_of};
 
 /// How long the agent waits for one API write before it gives up on it
 /// (it is retried on the next pass): a frozen apiserver must not hold a

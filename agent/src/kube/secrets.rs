@@ -17,7 +17,7 @@ use kube::runtime::watcher;
 use margay_task::Owned;
 use tokio::sync::Notify;
 
-use super::{Known, Watched};
+use super::{Known, Watched, Why, why_of};
 
 /// (Secret name, key).
 pub type SecretKey = (String, String);
@@ -95,7 +95,7 @@ impl SecretWatches {
                     let k = w
                         .read()
                         .map(|all| all.first().map(|s| Box::new((**s).clone())));
-                    if k.why().is_some_and(|w| w.contains("forbidden")) {
+                    if matches!(k.why().map(Why::cause), Some(Why::Forbidden { .. })) {
                         tracing::warn!(
                             "RBAC forbids watching Secret {}/{name}: reading it by name every {}s instead (grant list and watch on it with resourceNames)",
                             self.namespace,
@@ -105,7 +105,7 @@ impl SecretWatches {
                     }
                     k
                 }
-                Source::Get(_) => Known::Unknown("not read yet".into()),
+                Source::Get(_) => Known::Unknown(Why::NotRead(None)),
             };
             let k = match src {
                 Source::Watch { .. } => k,
@@ -119,18 +119,18 @@ impl SecretWatches {
                         let now = match get.await {
                             Ok(Ok(s)) => Known::Fresh(s.map(Box::new)),
                             Ok(Err(e)) => prev
-                                .unwrap_or(Known::Unknown(String::new()))
-                                .failed(if is_forbidden(&e) {
-                                    format!(
-                                        "RBAC forbids reading Secret {}/{name}: list it in the chart's bgp.passwordSecrets (a Role rule with resourceNames) ({e})",
-                                        self.namespace
-                                    )
-                                } else {
-                                    e.to_string()
+                                .unwrap_or(Known::Unknown(Why::NotRead(None)))
+                                .failed(match why_of(None, &e) {
+                                    Why::Forbidden { error, .. } => Why::SecretForbidden {
+                                        namespace: self.namespace.clone(),
+                                        name: name.to_string(),
+                                        error,
+                                    },
+                                    why => why,
                                 }),
                             Err(_) => prev
-                                .unwrap_or(Known::Unknown(String::new()))
-                                .failed("no answer".into()),
+                                .unwrap_or(Known::Unknown(Why::NotRead(None)))
+                                .failed(Why::NoAnswer),
                         };
                         *last = Some((Instant::now(), now));
                     }
@@ -144,13 +144,14 @@ impl SecretWatches {
                 let k = read
                     .get(name)
                     .cloned()
-                    .unwrap_or(Known::Unknown("not read".into()))
+                    .unwrap_or(Known::Unknown(Why::NotRead(None)))
                     .map(|s| password(s.as_deref(), key));
                 let k = match k {
-                    Known::Unknown(why) => Known::Unknown(format!(
-                        "cannot read Secret {}/{name}: {why}",
-                        self.namespace
-                    )),
+                    Known::Unknown(why) => Known::Unknown(Why::Secret {
+                        namespace: self.namespace.clone(),
+                        name: name.clone(),
+                        cause: Box::new(why),
+                    }),
                     k => k,
                 };
                 ((name.clone(), key.clone()), k)
@@ -167,11 +168,6 @@ fn password(secret: Option<&Secret>, key: &str) -> Option<String> {
         .and_then(|d| d.get(key).cloned())
         .and_then(|v| String::from_utf8(v.0).ok())
         .map(|pw| pw.trim_end_matches('\n').to_string())
-}
-
-/// Whether the API refused the request for want of permission.
-fn is_forbidden(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 403)
 }
 
 #[cfg(test)]

@@ -7,13 +7,17 @@ use kube::api::Patch;
 use margay_api::bgp::BGPStatus;
 use margay_api::condition::{Condition, find};
 
-/// The condition for a validation result, with its transition time from
-/// the object's current `status`; `None` when the object already says so.
-pub fn valid_condition(res: Result<(), String>, status: Option<&BGPStatus>) -> Option<Condition> {
+/// The condition for a validation result (what is wrong, as its message),
+/// with its transition time from the object's current `status`; `None`
+/// when the object already says so.
+pub fn valid_condition<E: std::fmt::Display>(
+    res: Result<(), E>,
+    status: Option<&BGPStatus>,
+) -> Option<Condition> {
     let old = status.and_then(|s| find(&s.conditions, "Valid"));
     let c = match res {
         Ok(()) => Condition::new("Valid", true, "Valid", "in use"),
-        Err(e) => Condition::new("Valid", false, "Invalid", e),
+        Err(e) => Condition::new("Valid", false, "Invalid", e.to_string()),
     }
     .since(old);
     (!c.same(old)).then_some(c)
@@ -39,13 +43,13 @@ mod tests {
 
     #[test]
     fn valid_condition_keeps_its_transition_time() {
-        let first = valid_condition(Err("bad".into()), None).unwrap();
+        let first = valid_condition(Err("bad"), None).unwrap();
         assert_eq!(first.status, "False");
         let st = BGPStatus {
             conditions: vec![first.clone()],
         };
-        assert!(valid_condition(Err("bad".into()), Some(&st)).is_none());
-        let fixed = valid_condition(Ok(()), Some(&st)).unwrap();
+        assert!(valid_condition(Err("bad"), Some(&st)).is_none());
+        let fixed = valid_condition(Ok::<(), &str>(()), Some(&st)).unwrap();
         assert_eq!(fixed.status, "True");
     }
 }

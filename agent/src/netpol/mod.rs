@@ -36,6 +36,7 @@ use margay_api::slice::MargayEndpointSlice;
 use margay_policy::PodKey;
 
 use crate::dataplane::ownership::{NFT_POLICY_TABLE, POLICY_TABLE_NAME};
+use crate::error::{Error, RulesWait};
 
 /// How long an ADD waits for its pod's rules before it fails.
 pub const ADD_WAIT: Duration = Duration::from_secs(20);
@@ -107,7 +108,7 @@ impl PolicyHandle {
     /// in or out but replies) until its labels are known. Only an engine
     /// that has never listed (an agent started while the API is down)
     /// makes an ADD fail.
-    pub async fn added(&self, ep: Endpoint, within: Duration) -> Result<(), String> {
+    pub async fn added(&self, ep: Endpoint, within: Duration) -> crate::Result<()> {
         let key = ep.pod.clone();
         let host_if = ep.host_if.clone();
         let (tx, mut rx) = oneshot::channel();
@@ -115,14 +116,14 @@ impl PolicyHandle {
         let t0 = tokio::time::Instant::now();
         self.tx
             .send(Msg::Added(ep, tx, unknown_tx))
-            .map_err(|_| "the policy engine is not running".to_string())?;
+            .map_err(|_| Error::PolicyEngineNotRunning)?;
         // Answered, or the engine says it does not know the Pod (then read
         // it now), or neither within a moment (read it too). The engine
         // drops that signal unsent when it knows the Pod: only a sent one
         // counts (a dropped one read every known Pod from the API).
         tokio::select! {
             biased;
-            r = &mut rx => return r.map_err(|_| "the policy engine stopped".to_string()),
+            r = &mut rx => return r.map_err(|_| Error::PolicyEngineStopped),
             Ok(()) = unknown => {}
             _ = tokio::time::sleep(WATCH_GRACE) => {}
         }
@@ -131,11 +132,11 @@ impl PolicyHandle {
         let Some(key) = key else {
             return match tokio::time::timeout(within.saturating_sub(t0.elapsed()), rx).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err("the policy engine stopped".into()),
-                Err(_) => Err(format!(
-                    "the rules for {host_if} not in place after {}s",
-                    within.as_secs()
-                )),
+                Ok(Err(_)) => Err(Error::PolicyEngineStopped),
+                Err(_) => Err(Error::RulesNotInPlace {
+                    host_if,
+                    secs: within.as_secs(),
+                }),
             };
         };
         let api: Api<core::Pod> = Api::namespaced(self.client.clone(), &key.namespace);
@@ -153,23 +154,22 @@ impl PolicyHandle {
         let left = within.saturating_sub(t0.elapsed());
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err("the policy engine stopped".into()),
+            Ok(Err(_)) => Err(Error::PolicyEngineStopped),
             Err(_) => {
                 let why = match self.status().await {
-                    Some(s) if !s.waiting_for.is_empty() => {
-                        format!("the API has not listed {}", s.waiting_for.join(", "))
-                    }
+                    Some(s) if !s.waiting_for.is_empty() => RulesWait::NotListed(s.waiting_for),
                     Some(Status {
                         last_error: Some(e),
                         ..
-                    }) => format!("loading the rules failed: {e}"),
-                    Some(s) if !s.current => "the node's rules are not current".to_string(),
-                    _ => format!("Pod {key} not seen in the API, or its rules not loaded"),
+                    }) => RulesWait::LoadFailed(e),
+                    Some(s) if !s.current => RulesWait::NotCurrent,
+                    _ => RulesWait::PodNotSeen(key.to_string()),
                 };
-                Err(format!(
-                    "NetworkPolicy rules for {key} not in place after {}s: {why}",
-                    within.as_secs()
-                ))
+                Err(Error::PodRulesNotInPlace {
+                    pod: key.to_string(),
+                    secs: within.as_secs(),
+                    why,
+                })
             }
         }
     }

@@ -58,15 +58,15 @@ impl AgentState {
 
     /// Records a heartbeat renewal: done, refused by the API (it answered:
     /// RBAC, a conflict), or not answered.
-    pub fn set_api(&self, outcome: Result<(), crate::kube::lease::WriteError>) {
-        use crate::kube::lease::WriteError;
+    pub fn set_api(&self, outcome: crate::Result<()>) {
         let mut g = self.api.lock().expect("api");
         match outcome {
             Ok(()) => *g = (Some(Instant::now()), true, None),
-            Err(WriteError::Refused { message, .. }) => {
+            Err(crate::Error::Refused { message, .. }) => {
                 *g = (Some(Instant::now()), true, Some(message))
             }
-            Err(WriteError::NoAnswer(e)) => *g = (g.0, false, Some(e)),
+            Err(crate::Error::Unanswered(e)) => *g = (g.0, false, Some(e)),
+            Err(e) => *g = (g.0, false, Some(e.to_string())),
         }
     }
 
@@ -97,7 +97,7 @@ impl AgentState {
     }
 
     /// Publishes a finished routing pass; returns the problems that are new.
-    pub fn set_routing(&self, st: RoutingStatus) -> Vec<String> {
+    pub fn set_routing(&self, st: RoutingStatus) -> Vec<margay_api::status::Problem> {
         let mut g = self.routing.lock().expect("routing");
         let new = st
             .problems

@@ -202,15 +202,16 @@ pub async fn apply<D: Dataplane, B: Bgp, C: ClusterWrites>(
             tracing::debug!(%name, "{e}");
         }
     }
-    let mut rendered: Vec<String> = Vec::new();
+    let mut rendered: Vec<margay_api::status::Problem> = Vec::new();
     for p in &problems {
-        let t = p.to_string();
-        if !rendered.contains(&t) {
-            rendered.push(t);
+        let r = p.report();
+        if !rendered.iter().any(|o| o.message == r.message) {
+            rendered.push(r);
         }
     }
+    let sentences: Vec<String> = rendered.iter().map(|p| p.message.clone()).collect();
     if let Some(me) = &plan.me
-        && let Some(patch) = crate::kube::node::condition_patch(me, &rendered)
+        && let Some(patch) = crate::kube::node::condition_patch(me, &sentences)
         && let Err(e) = cluster.node_status(&patch).await
     {
         tracing::warn!("cannot update the Node condition: {e}");
@@ -244,26 +245,25 @@ fn tunnel_lines(
     ready: &PerTunnel<bool>,
     filter: Option<&TunnelFilter>,
 ) -> Vec<String> {
-    let up = |t: Tunnel| if *ready.get(t) { "" } else { ", not up" };
-    let mut v = Vec::new();
-    if let DevicePlan::Want(l) = d.vxlan {
-        v.push(format!(
-            "VXLAN {} {} MTU {}{}",
-            crate::dataplane::ownership::VXLAN_DEV,
-            l.tunnel_ip,
-            l.mtu,
-            up(Tunnel::Vxlan)
-        ));
-    }
-    if let DevicePlan::Want(l) = d.ipip {
-        v.push(format!(
-            "IPIP {} {} MTU {}{}",
-            crate::dataplane::ownership::IPIP_DEV,
-            l.tunnel_ip,
-            l.mtu,
-            up(Tunnel::Ipip)
-        ));
-    }
+    use crate::dataplane::ownership::{IPIP_DEV, VXLAN_DEV};
+    let wanted = [
+        match d.vxlan {
+            DevicePlan::Want(l) => Some((Tunnel::Vxlan, VXLAN_DEV, l.tunnel_ip, l.mtu)),
+            _ => None,
+        },
+        match d.ipip {
+            DevicePlan::Want(l) => Some((Tunnel::Ipip, IPIP_DEV, l.tunnel_ip, l.mtu)),
+            _ => None,
+        },
+    ];
+    let mut v: Vec<String> = wanted
+        .into_iter()
+        .flatten()
+        .map(|(t, dev, ip, mtu)| {
+            let up = if *ready.get(t) { "" } else { ", not up" };
+            format!("{t} {dev} {ip} MTU {mtu}{up}")
+        })
+        .collect();
     if let Some(f) = filter {
         v.push(format!("filter: {}", tunnel_filter::describe(f)));
     }

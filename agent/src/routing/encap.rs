@@ -55,9 +55,10 @@ pub struct RemoteBlock {
     pub pool_deleting: bool,
 }
 
-/// Why a block cannot be routed.
+/// Why a block cannot be routed (a reason the plan reports as a
+/// [`super::problem::Problem`], not an error: the other blocks still are).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
+pub enum Unroutable {
     /// The tunnel cannot reach the node (yet).
     #[error("block {cidr} (node {node}) uses {tunnel} but {why}")]
     Incomplete {
@@ -80,7 +81,7 @@ pub struct Routed {
     /// Blocks kept as they are, and blocks of pools being deleted.
     pub holds: Holds,
     /// Why each kept block cannot be routed.
-    pub errors: Vec<RouteError>,
+    pub errors: Vec<Unroutable>,
 }
 
 /// The desired kernel state; blocks that cannot be routed are kept as they
@@ -114,7 +115,7 @@ pub fn plan(blocks: &[RemoteBlock], local_subnet: Option<IpNetwork>) -> Routed {
 fn route(
     b: &RemoteBlock,
     local_subnet: Option<IpNetwork>,
-) -> Result<(Via, Option<Vtep>), RouteError> {
+) -> Result<(Via, Option<Vtep>), Unroutable> {
     let same_subnet = local_subnet.is_some_and(|s| s.contains(b.node_ip));
     let encap = match b.encap {
         Encapsulation::VxlanCrossSubnet | Encapsulation::IpipCrossSubnet if same_subnet => {
@@ -127,7 +128,7 @@ fn route(
         Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet => "VXLAN",
         Encapsulation::Ipip | Encapsulation::IpipCrossSubnet => "IPIP",
     };
-    let incomplete = |why| RouteError::Incomplete {
+    let incomplete = |why| Unroutable::Incomplete {
         cidr: b.cidr,
         node: b.node.clone(),
         tunnel,
@@ -230,27 +231,17 @@ mod tests {
         );
         let via = |c: &str| r.want.routes[&c.parse::<IpNetwork>().unwrap()];
         assert_eq!(r.want.routes.len(), 7);
-        assert_eq!(
-            via("10.244.2.0/26"),
-            Via::Native("10.99.0.2".parse().unwrap())
-        );
-        assert_eq!(via("10.244.1.64/26"), Via::Vxlan(v.tunnel_ip));
-        assert_eq!(
-            via("10.244.3.0/26"),
-            Via::Ipip("10.99.0.3".parse().unwrap())
-        );
-        assert_eq!(
-            via("10.244.6.0/26"),
-            Via::Ipip("10.98.0.6".parse().unwrap())
-        );
-        assert_eq!(
-            via("10.244.5.0/26"),
-            Via::Native("10.99.0.5".parse().unwrap())
-        );
-        assert_eq!(
-            via("10.244.7.0/26"),
-            Via::Native("10.99.0.7".parse().unwrap())
-        );
+        let want = [
+            ("10.244.2.0/26", Via::Native("10.99.0.2".parse().unwrap())),
+            ("10.244.1.64/26", Via::Vxlan(v.tunnel_ip)),
+            ("10.244.3.0/26", Via::Ipip("10.99.0.3".parse().unwrap())),
+            ("10.244.6.0/26", Via::Ipip("10.98.0.6".parse().unwrap())),
+            ("10.244.5.0/26", Via::Native("10.99.0.5".parse().unwrap())),
+            ("10.244.7.0/26", Via::Native("10.99.0.7".parse().unwrap())),
+        ];
+        for (cidr, want) in want {
+            assert_eq!(via(cidr), want, "{cidr}");
+        }
         assert_eq!(r.want.neigh.len(), 1);
         assert_eq!(r.want.fdb[&v.mac], "10.99.0.2".parse::<Ipv4Addr>().unwrap());
         assert!(r.want.needs(crate::dataplane::Tunnel::Vxlan));

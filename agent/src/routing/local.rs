@@ -30,7 +30,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::cni::alias;
 use crate::dataplane::{Dataplane, sync};
-use crate::kube::Known;
+use crate::kube::{Known, Why};
 
 pub use crate::dataplane::routed::Local;
 
@@ -105,10 +105,14 @@ pub async fn run<D: Dataplane>(
         let pass = tokio::time::Instant::now();
         let blocks = sync_blackholes(&node, &alloc, dp.as_ref())
             .await
-            .map_err(|e| format!("cannot read this node's blocks: {e}"));
-        let pods = sync_pod_routes(dp.as_ref())
-            .await
-            .map_err(|e| format!("cannot list this node's pods: {e}"));
+            .map_err(|e| Why::Local {
+                what: "read this node's blocks",
+                error: e.to_string(),
+            });
+        let pods = sync_pod_routes(dp.as_ref()).await.map_err(|e| Why::Local {
+            what: "list this node's pods",
+            error: e.to_string(),
+        });
         match (blocks, pods) {
             (Ok(blocks), Ok(pods)) => {
                 let now = Known::Fresh(Local { blocks, pods });
@@ -121,7 +125,7 @@ pub async fn run<D: Dataplane>(
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!("local routes: {e}");
                 own.send_modify(|o| {
-                    *o = std::mem::replace(o, Known::Unknown(String::new())).failed(e);
+                    *o = std::mem::replace(o, Known::Unknown(Why::NotRead(None))).failed(e);
                 });
             }
         }

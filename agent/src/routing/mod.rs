@@ -51,7 +51,7 @@ use tokio::task::JoinSet;
 
 use crate::dataplane::{Dataplane, PerTunnel, Tunnel};
 use crate::kube::node::Annotations;
-use crate::kube::{Known, Watched, deadline, watch as watched, watch_with};
+use crate::kube::{Known, Watched, Why, deadline, watch as watched, watch_with};
 use crate::obs::AgentState;
 use apply::{Bgp, ClusterWrites};
 use kube::runtime::watcher;
@@ -238,7 +238,7 @@ impl Inputs {
 }
 
 /// `k`, stale for `why` when the API does not answer.
-fn unless_quiet<T>(k: Known<T>, why: &Option<String>) -> Known<T> {
+fn unless_quiet<T>(k: Known<T>, why: &Option<Why>) -> Known<T> {
     match why {
         Some(w) => k.failed(w.clone()),
         None => k,
@@ -258,7 +258,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     };
     let mut bgp = speaker::Embedded::new(ctx.state.clone());
     let mut own = ctx.own_blocks.clone();
-    let mut host: Known<Vec<(String, IpNetwork)>> = Known::Unknown("not read yet".into());
+    let mut host: Known<Vec<(String, IpNetwork)>> = Known::Unknown(Why::NotRead(None));
     let mut tunnels = Tunnels::default();
     let mut secrets = crate::kube::secrets::SecretWatches::new(
         ctx.client.clone(),
@@ -274,7 +274,10 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         let t = Instant::now();
         host = match ctx.dp.host_addresses().await {
             Ok(h) => Known::Fresh(h),
-            Err(e) => host.failed(format!("cannot list this host's addresses: {e}")),
+            Err(e) => host.failed(Why::Local {
+                what: "list this host's addresses",
+                error: e.to_string(),
+            }),
         };
         // A watch the API stopped answering may look current (an open
         // connection that says nothing): while the heartbeat goes
@@ -283,7 +286,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         let quiet = (!api.answering)
             .then_some(api.last_error)
             .flatten()
-            .map(|e| format!("the Kubernetes API does not answer ({e})"));
+            .map(Why::ApiQuiet);
         let peers = unless_quiet(inputs.peers.read(), &quiet);
         let refs = peers
             .value()
@@ -322,7 +325,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
                 Some(w) => unless_quiet(w.read(), &quiet).map(|p| {
                     validate_pools(&p.iter().map(|p| (**p).clone()).collect::<Vec<_>>()).0
                 }),
-                None => Known::Unknown("the IPAM store watches no pools".into()),
+                None => Known::Unknown(Why::NoPools),
             },
             own_blocks,
             passwords,

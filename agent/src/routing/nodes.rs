@@ -239,9 +239,10 @@ pub fn identity_annotations(
     m
 }
 
-/// Why this node's address cannot be chosen.
+/// Why this node's address cannot be chosen (a reason the plan reports as
+/// a [`super::problem::Problem`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddressError {
+pub enum NoNodeAddress {
     /// `--node-ip` is not an address.
     #[error("--node-ip {0:?} is neither an address nor autodetect")]
     Flag(String),
@@ -257,7 +258,7 @@ pub fn choose_address(
     flag: &str,
     node: Option<&Node>,
     host: &[(String, IpNetwork)],
-) -> Result<IpNetwork, AddressError> {
+) -> Result<IpNetwork, NoNodeAddress> {
     let on_host = |ip: IpAddr| host.iter().find(|(_, n)| n.ip() == ip).map(|(_, n)| *n);
     if flag != "autodetect" && !flag.is_empty() {
         if let Ok(n) = flag.parse::<IpNetwork>()
@@ -267,7 +268,7 @@ pub fn choose_address(
         }
         let ip: IpAddr = flag
             .parse()
-            .map_err(|_| AddressError::Flag(flag.to_string()))?;
+            .map_err(|_| NoNodeAddress::Flag(flag.to_string()))?;
         return Ok(on_host(ip).unwrap_or_else(|| IpNetwork::from(ip)));
     }
     let internal = node
@@ -284,7 +285,7 @@ pub fn choose_address(
     host.iter()
         .map(|(_, n)| *n)
         .find(IpNetwork::is_ipv4)
-        .ok_or(AddressError::NoneFound)
+        .ok_or(NoNodeAddress::NoneFound)
 }
 
 #[cfg(test)]

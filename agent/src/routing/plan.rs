@@ -53,10 +53,10 @@ use crate::dataplane::{
     DevicePlan, Devices, FilterPlan, Holds, IPIP_OVERHEAD, LocalIpip, LocalVtep, PerTunnel, Remote,
     Tunnel, VXLAN_OVERHEAD,
 };
-use crate::kube::Known;
 use crate::kube::node::{Annotations, has_annotations};
 use crate::kube::secrets::SecretKey;
 use crate::kube::valid::valid_condition;
+use crate::kube::{Known, Why};
 
 /// Longest wait after a speaker start before routes BGP has not relearned
 /// are removed from the kernel (when some peer never sends End-of-RIB).
@@ -317,10 +317,10 @@ fn prefixes<'a>(nets: impl IntoIterator<Item = &'a IpNetwork>) -> Vec<Prefix> {
 pub fn plan(s: &Snapshot) -> Plan {
     let mut problems = Vec::new();
     let mut unknown = Vec::new();
-    let mut note = |what: &str, why: Option<&str>, problems: &mut Vec<Problem>| {
+    let mut note = |what: &str, why: Option<&Why>, problems: &mut Vec<Problem>| {
         if let Some(why) = why {
             unknown.push(format!("{what}: {why}"));
-            problems.push(Problem::Unknown(why.to_string()));
+            problems.push(Problem::Unknown(why.clone()));
         }
     };
     note("this Node", s.me.why(), &mut problems);
@@ -346,7 +346,7 @@ pub fn plan(s: &Snapshot) -> Plan {
         let cfg = cfgs.iter().find(|c| c.name_any() == BGP_CONFIG_NAME);
         let (settings, invalid) = Settings::from_spec(cfg.map(|c| &c.spec));
         if let Some(c) = cfg {
-            let res = invalid.clone().map_or(Ok(()), |e| Err(e.to_string()));
+            let res = invalid.as_ref().map_or(Ok(()), Err);
             if let Some(cond) = valid_condition(res, c.status.as_ref()) {
                 valid_configs.push((c.name_any(), cond));
             }
@@ -362,7 +362,7 @@ pub fn plan(s: &Snapshot) -> Plan {
     let mut valid_peers = Vec::new();
     let named: Option<Vec<NamedPeer>> = s.peers.value().map(|peers| {
         for p in peers {
-            let res = validate_peer(&p.spec).map_err(|e| e.to_string());
+            let res = validate_peer(&p.spec);
             if let Some(cond) = valid_condition(res, p.status.as_ref()) {
                 valid_peers.push((p.name_any(), cond));
             }

@@ -1,13 +1,15 @@
 //! Everything that keeps routing from being complete, as one type. The plan
 //! and the apply step collect them; they are rendered (one sentence each,
 //! naming the object and the fix) into the `MargayReady` Node condition
-//! and `/status`.
+//! and `/status` (as [`status::Problem`]s: the kind and the sentence).
 
 use std::net::IpAddr;
 
 use margay_api::bgp::{ConfigInvalid, PeerInvalid};
+use margay_api::status::{self, ProblemKind};
 
-use super::encap::RouteError;
+use super::encap::Unroutable;
+use crate::kube::Why;
 
 /// What a node does about two Nodes announcing one BGP address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,7 +34,7 @@ pub enum Problem {
     NodeMissing(String),
     /// An input could not be read; what depends on it was kept as it was.
     #[error("{0}")]
-    Unknown(String),
+    Unknown(Why),
     /// This node's NetworkPolicy table is not what the engine computed
     /// (not listed yet, or a load failed and is retried): the kernel
     /// keeps the rules it has.
@@ -56,7 +58,7 @@ pub enum Problem {
     },
     /// The node's address could not be chosen.
     #[error(transparent)]
-    NoAddress(#[from] super::nodes::AddressError),
+    NoAddress(#[from] super::nodes::NoNodeAddress),
     /// The node has no BGP address yet (nothing to peer from).
     #[error("this node has no BGP address yet")]
     NoBgpAddress,
@@ -66,6 +68,25 @@ pub enum Problem {
     /// A peering's password Secret (or its key) does not exist.
     #[error("BGPPeer {peer}: password Secret {secret}/{key} not found; peering left out")]
     PasswordMissing {
+        /// The BGPPeer.
+        peer: String,
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// A peering's password Secret cannot be read now: the peering keeps
+    /// what it had.
+    #[error("BGPPeer {peer}: {why}")]
+    PasswordUnknown {
+        /// The BGPPeer.
+        peer: String,
+        /// Why.
+        why: Why,
+    },
+    /// A peering's password Secret was not read at all.
+    #[error("BGPPeer {peer}: password Secret {secret}/{key} not read")]
+    PasswordNotRead {
         /// The BGPPeer.
         peer: String,
         /// The Secret.
@@ -95,11 +116,11 @@ pub enum Problem {
         /// Where it came from (a Node or a BGPPeer).
         origin: String,
         /// What the speaker says.
-        why: String,
+        why: margay_bgp::config::NeighborInvalid,
     },
     /// A block that cannot be routed.
     #[error(transparent)]
-    Route(#[from] RouteError),
+    Route(#[from] Unroutable),
     /// A tunnel address could not be allocated (or released).
     #[error("{tunnel} tunnel address: {why}")]
     NoTunnelAddress {
@@ -124,4 +145,39 @@ pub enum Problem {
         table = crate::dataplane::ownership::NFT_TUNNEL_TABLE
     )]
     TunnelFilter(String),
+}
+
+impl Problem {
+    /// Its kind, as `/status` names it.
+    pub fn kind(&self) -> ProblemKind {
+        match self {
+            Problem::NodeMissing(_) => ProblemKind::NodeMissing,
+            Problem::Unknown(_) => ProblemKind::InputUnknown,
+            Problem::PolicyTable(_) => ProblemKind::PolicyTable,
+            Problem::ConfigIgnored { .. } => ProblemKind::ConfigIgnored,
+            Problem::PeerIgnored { .. } => ProblemKind::PeerIgnored,
+            Problem::NoAddress(_) => ProblemKind::NoAddress,
+            Problem::NoBgpAddress => ProblemKind::NoBgpAddress,
+            Problem::NeedsIpv4 => ProblemKind::NeedsIpv4,
+            Problem::PasswordMissing { .. } => ProblemKind::PasswordMissing,
+            Problem::PasswordUnknown { .. } => ProblemKind::PasswordUnknown,
+            Problem::PasswordNotRead { .. } => ProblemKind::PasswordNotRead,
+            Problem::DuplicateAddress { .. } => ProblemKind::DuplicateAddress,
+            Problem::NeighborInvalid { .. } => ProblemKind::NeighborInvalid,
+            Problem::Route(_) => ProblemKind::Unroutable,
+            Problem::NoTunnelAddress { .. } => ProblemKind::NoTunnelAddress,
+            Problem::Publish(_) => ProblemKind::Publish,
+            Problem::Speaker(_) => ProblemKind::Speaker,
+            Problem::Kernel(_) => ProblemKind::Kernel,
+            Problem::TunnelFilter(_) => ProblemKind::TunnelFilter,
+        }
+    }
+
+    /// As `/status` carries it.
+    pub fn report(&self) -> status::Problem {
+        status::Problem {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
 }

@@ -203,15 +203,18 @@ pub fn neighbors(
                 Password::Skip
             }
             Some(Known::Stale(None, why)) | Some(Known::Unknown(why)) => {
-                out.problems
-                    .push(Problem::Unknown(format!("BGPPeer {name}: {why}")));
+                out.problems.push(Problem::PasswordUnknown {
+                    peer: name.to_string(),
+                    why: why.clone(),
+                });
                 Password::Keep
             }
             None => {
-                out.problems.push(Problem::Unknown(format!(
-                    "BGPPeer {name}: password Secret {}/{} not read",
-                    r.name, r.key
-                )));
+                out.problems.push(Problem::PasswordNotRead {
+                    peer: name.to_string(),
+                    secret: r.name.clone(),
+                    key: r.key.clone(),
+                });
                 Password::Keep
             }
         }
@@ -353,6 +356,7 @@ pub fn neighbors(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::Why;
     use crate::routing::nodes::tests::node;
     use margay_api::bgp::SecretKeyRef;
 
@@ -533,7 +537,11 @@ mod tests {
         let got = neighbors(&nodes[0], &nodes, &s, &with_pw, &pw, &[]);
         assert_eq!(got.neighbors[0].password.as_deref(), Some("s3cret"));
         // Unreadable: the speaker's current entry is kept as it is.
-        let unread: BTreeMap<_, _> = [(key.clone(), Known::Unknown("API down".into()))].into();
+        let unread: BTreeMap<_, _> = [(
+            key.clone(),
+            Known::Unknown(Why::ApiQuiet("API down".into())),
+        )]
+        .into();
         let kept = neighbors(&nodes[0], &nodes, &s, &with_pw, &unread, &got.neighbors);
         assert_eq!(kept.neighbors, got.neighbors);
         assert!(kept.problems[0].to_string().contains("API down"));

@@ -25,8 +25,8 @@ use super::local::Local;
 use super::plan::{Snapshot, SpeakerSettings, SpeakerView, plan};
 use super::sessions::Live;
 use crate::dataplane::{Dataplane, FakeDataplane, Fault, Tunnel, Via};
-use crate::kube::Known;
 use crate::kube::node::Annotations;
+use crate::kube::{Known, Op, Why};
 
 /// A speaker that records what it is given and fails on request.
 #[derive(Debug, Default)]
@@ -288,8 +288,8 @@ fn snapshot() -> Snapshot {
         node_ip: "10.0.0.1/24".into(),
         bgp: true,
         mtu: 1500,
-        me: Known::Unknown(String::new()),
-        nodes: Known::Unknown(String::new()),
+        me: Known::Unknown(Why::NotRead(None)),
+        nodes: Known::Unknown(Why::NotRead(None)),
         alive: BTreeSet::new(),
         configs: Known::Fresh(vec![]),
         peers: Known::Fresh(vec![]),
@@ -328,7 +328,7 @@ fn snapshot() -> Snapshot {
 
 async fn pass(s: &Snapshot, dp: &FakeDataplane, bgp: &mut FakeBgp, c: &FakeCluster) -> Vec<String> {
     bgp.view = s.speaker.clone();
-    apply(plan(s), dp, bgp, c).await.status.problems
+    sentences(apply(plan(s), dp, bgp, c).await.status.problems)
 }
 
 /// A stale route of Margay's (a block that moved away) and the two the
@@ -341,6 +341,11 @@ async fn kernel_with_history() -> FakeDataplane {
             .unwrap();
     }
     dp
+}
+
+/// What `/status` says of each problem.
+fn sentences(problems: Vec<margay_api::status::Problem>) -> Vec<String> {
+    problems.into_iter().map(|p| p.message).collect()
 }
 
 /// `what` is among the pass's problems and in the Node condition.
@@ -382,21 +387,33 @@ async fn an_unknown_or_stale_input_removes_nothing() {
     type Degrade = fn(&mut Snapshot);
     let cases: [(&str, Degrade); 6] = [
         ("pools unknown", |s| {
-            s.pools = Known::Unknown("IPPools not listed yet".into())
+            s.pools = Known::Unknown(Why::NotListed {
+                what: "IPPools",
+                last: None,
+            })
         }),
         ("pools stale", |s| {
-            s.pools = std::mem::replace(&mut s.pools, Known::Unknown(String::new()))
-                .failed("cannot watch IPPools".into())
+            s.pools = std::mem::replace(&mut s.pools, Known::Unknown(Why::NotRead(None)))
+                .failed(broken("IPPools"))
         }),
         ("nodes unknown", |s| {
-            put(s, Known::Unknown("Nodes not listed yet".into()))
+            put(
+                s,
+                Known::Unknown(Why::NotListed {
+                    what: "Nodes",
+                    last: None,
+                }),
+            )
         }),
         ("nodes stale", |s| {
-            let stale = nodes_of(s).failed("cannot watch Nodes".into());
+            let stale = nodes_of(s).failed(broken("Nodes"));
             put(s, stale)
         }),
         ("blocks unknown", |s| {
-            s.own_blocks = Known::Unknown("cannot read this node's blocks".into())
+            s.own_blocks = Known::Unknown(Why::Local {
+                what: "read this node's blocks",
+                error: "injected".into(),
+            })
         }),
         ("speaker not resynced", |s| {
             s.speaker.synced = false;
@@ -439,8 +456,17 @@ async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
     let dp = FakeDataplane::default();
     let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
     let mut s = snapshot();
-    s.pools = Known::Unknown("IPPools not listed yet".into());
-    put(&mut s, Known::Unknown("Nodes not listed yet".into()));
+    s.pools = Known::Unknown(Why::NotListed {
+        what: "IPPools",
+        last: None,
+    });
+    put(
+        &mut s,
+        Known::Unknown(Why::NotListed {
+            what: "Nodes",
+            last: None,
+        }),
+    );
     pass(&s, &dp, &mut bgp, &c).await;
     assert!(
         !bgp.calls.iter().any(|c| c == "import" || c == "neighbors"),
@@ -449,7 +475,10 @@ async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
     );
     // A speaker that is not running yet is not started without a filter.
     let mut s = snapshot();
-    s.pools = Known::Unknown("IPPools not listed yet".into());
+    s.pools = Known::Unknown(Why::NotListed {
+        what: "IPPools",
+        last: None,
+    });
     s.speaker = SpeakerView::default();
     let mut bgp = FakeBgp::default();
     pass(&s, &dp, &mut bgp, &c).await;
@@ -457,7 +486,7 @@ async fn unknown_pools_keep_the_speakers_filter_and_nodes_its_neighbors() {
     // Nor before this node's blocks are known: its first End-of-RIB would
     // tell the peers it has none, and they would drop what they keep for it.
     let mut s = snapshot();
-    s.own_blocks = Known::Unknown("not read yet".into());
+    s.own_blocks = Known::Unknown(Why::NotRead(None));
     s.speaker = SpeakerView::default();
     let mut bgp = FakeBgp::default();
     pass(&s, &dp, &mut bgp, &c).await;
@@ -633,7 +662,7 @@ async fn settle(
             }
         }
         if !tunnels.update(used, &out) {
-            return out.status.problems;
+            return sentences(out.status.problems);
         }
     }
     panic!("the passes did not settle");
@@ -873,8 +902,8 @@ async fn unknown_pools_retire_nothing_and_a_kernel_without_ipip_keeps_its_routes
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(dp.remote.lock().unwrap().ipip.is_some());
     with_encap(&mut s, Encapsulation::None);
-    s.pools = std::mem::replace(&mut s.pools, Known::Unknown(String::new()))
-        .failed("cannot watch IPPools".into());
+    s.pools = std::mem::replace(&mut s.pools, Known::Unknown(Why::NotRead(None)))
+        .failed(broken("IPPools"));
     tunnels.unused_since.ipip = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER * 3);
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(dp.remote.lock().unwrap().ipip.is_some());
@@ -930,7 +959,13 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
     let mut s = snapshot();
     with_encap(&mut s, Encapsulation::Vxlan);
     // Before Nodes are listed, the kernel's filter is left as it is.
-    put(&mut s, Known::Unknown("Nodes not listed yet".into()));
+    put(
+        &mut s,
+        Known::Unknown(Why::NotListed {
+            what: "Nodes",
+            last: None,
+        }),
+    );
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert_eq!(filter(&dp), Some(earlier.clone()), "{problems:?}");
     assert_eq!(loads(&dp), 0);
@@ -977,7 +1012,7 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
         &mut s,
         Known::Stale(
             vec![all[0].clone(), n2.clone(), n4.clone()],
-            "cannot watch Nodes".into(),
+            broken("Nodes"),
         ),
     );
     // (Single passes: `settle` takes its own annotations as a fresh list.)
@@ -987,7 +1022,13 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
     kept.insert("10.0.0.4".parse().unwrap());
     assert_eq!(filter(&dp).unwrap().nodes, kept);
     // Unknown again (the lists are gone): untouched.
-    put(&mut s, Known::Unknown("cannot list Nodes".into()));
+    put(
+        &mut s,
+        Known::Unknown(Why::Failed {
+            op: Some(Op::List),
+            error: "Nodes".into(),
+        }),
+    );
     let before = loads(&dp);
     pass(&s, &dp, &mut bgp, &c).await;
     assert_eq!(filter(&dp).unwrap().nodes, kept);
@@ -1084,7 +1125,10 @@ async fn this_nodes_margaynode_is_written_once_and_again_only_on_change() {
         "r1"
     );
     // MargayNodes not listed: nothing is written (what is there is not known).
-    s.nodes = Known::Unknown("MargayNodes not listed yet".into());
+    s.nodes = Known::Unknown(Why::NotListed {
+        what: "MargayNodes",
+        last: None,
+    });
     s.me = s.me.clone().map(|me| {
         me.map(|n| {
             let mut n = (*n).clone();
@@ -1116,4 +1160,13 @@ async fn a_node_without_a_margaynode_is_not_peered_with() {
         .map(|n| n.address.to_string())
         .collect();
     assert_eq!(peers, ["10.0.0.2"]);
+}
+
+/// The watch of `what` broken (the API unreachable).
+fn broken(what: &'static str) -> Why {
+    Why::Broken {
+        what,
+        secs: 0,
+        cause: Box::new(Why::NoAnswer),
+    }
 }

@@ -10,6 +10,6 @@ pub mod reflect;
 mod store;
 
 pub use list::{list_all, list_items};
-pub use reflect::{Known, Watched, watch, watch_slim, watch_with};
+pub use reflect::{Known, Op, Watched, Why, watch, watch_slim, watch_with, why_of};
 pub(crate) use store::ask;
 pub use store::{DEADLINE, KubeStore, map_err};

@@ -51,6 +51,8 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tokio::sync::{Notify, watch as channel};
 
+pub use margay_api::known::{Known, Op, Why};
+
 use super::list::{Source, is_gone, list_all};
 
 /// The longest wait between two attempts to watch again: a recovered API
@@ -70,75 +72,14 @@ pub const WATCH_TIMEOUT: u32 = 290;
 /// counts as lost (an API server gone without closing the connection).
 const IDLE_MARGIN: Duration = Duration::from_secs(30);
 
-/// One input of a decision: current, last known, or not known at all.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Known<T> {
-    /// Read and current: decisions may add and remove.
-    Fresh(T),
-    /// The last value read; the source cannot be read now (why): decisions
-    /// may add from it, never remove because of it.
-    Stale(T, String),
-    /// Never read (why): nothing is decided from it.
-    Unknown(String),
-}
-
-impl<T> Known<T> {
-    /// The value, fresh or stale.
-    pub fn value(&self) -> Option<&T> {
-        match self {
-            Known::Fresh(v) | Known::Stale(v, _) => Some(v),
-            Known::Unknown(_) => None,
-        }
-    }
-
-    /// Whether it is current.
-    pub fn is_fresh(&self) -> bool {
-        matches!(self, Known::Fresh(_))
-    }
-
-    /// Why it is not current.
-    pub fn why(&self) -> Option<&str> {
-        match self {
-            Known::Fresh(_) => None,
-            Known::Stale(_, w) | Known::Unknown(w) => Some(w),
-        }
-    }
-
-    /// The same knowledge of another value.
-    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Known<U> {
-        match self {
-            Known::Fresh(v) => Known::Fresh(f(v)),
-            Known::Stale(v, w) => Known::Stale(f(v), w),
-            Known::Unknown(w) => Known::Unknown(w),
-        }
-    }
-
-    /// By reference.
-    pub fn as_ref(&self) -> Known<&T> {
-        match self {
-            Known::Fresh(v) => Known::Fresh(v),
-            Known::Stale(v, w) => Known::Stale(v, w.clone()),
-            Known::Unknown(w) => Known::Unknown(w.clone()),
-        }
-    }
-
-    /// A failed read: the last value becomes stale (or stays unknown).
-    pub fn failed(self, why: String) -> Self {
-        match self {
-            Known::Fresh(v) | Known::Stale(v, _) => Known::Stale(v, why),
-            Known::Unknown(_) => Known::Unknown(why),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Health {
     /// The first list has not completed (the last attempt's error).
-    Listing(Option<String>),
+    Listing(Option<Why>),
     /// Watching.
     Current,
     /// The watch failed (since when, why); the loop is retrying.
-    Broken(Instant, String),
+    Broken(Instant, Why),
 }
 
 /// The objects of one kind, as a reflector holds them.
@@ -155,15 +96,18 @@ type HealthTx = Arc<channel::Sender<Health>>;
 
 impl Health {
     /// Why what is held is not current (`None`: it is).
-    fn why_not(&self, what: &str) -> Option<String> {
+    fn why_not(&self, what: &'static str) -> Option<Why> {
         match self {
-            Health::Listing(None) => Some(format!("{what} not listed yet")),
-            Health::Listing(Some(e)) => Some(format!("{what} not listed yet: {e}")),
+            Health::Listing(last) => Some(Why::NotListed {
+                what,
+                last: last.clone().map(Box::new),
+            }),
             Health::Current => None,
-            Health::Broken(since, why) => Some(format!(
-                "cannot watch {what} for {}s: {why}",
-                since.elapsed().as_secs()
-            )),
+            Health::Broken(since, why) => Some(Why::Broken {
+                what,
+                secs: since.elapsed().as_secs(),
+                cause: Box::new(why.clone()),
+            }),
         }
     }
 }
@@ -204,35 +148,50 @@ where
     }
 }
 
+/// `pub trait $name: $bounds {}`, implemented for every type within them
+/// (a name for a set of bounds, written once).
+macro_rules! bounds {
+    ($(#[$doc:meta])* $name:ident = $($bound:tt)+) => {
+        $(#[$doc])*
+        pub trait $name: $($bound)+ {}
+        impl<T: $($bound)+> $name for T {}
+    };
+}
+
+bounds! {
+    /// What a kind of object must be for [`watch`] and its variants to
+    /// keep it: a resource read from the API whose dynamic type has a
+    /// default.
+    Kind = Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+}
+
 /// A watch of `api`: the objects, and the task that keeps them (it pokes
 /// `poke` on every change and when what it holds is current again; it
 /// never ends: whoever runs it owns it). See the module's documentation
 /// for how it recovers.
-pub fn watch<K>(
+pub fn watch<K: Kind>(
     api: Api<K>,
     what: &'static str,
     poke: Arc<Notify>,
-) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static) {
     watch_with(api, watcher::Config::default(), what, poke)
 }
 
 /// Like [`watch`], with a watcher configuration: its label and field
 /// selectors (a field selector for one object, ...), page size and
 /// watch timeout are used; lists are always consistent reads.
-pub fn watch_with<K>(
+pub fn watch_with<K: Kind>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
     poke: Arc<Notify>,
-) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static) {
     watch_slim(api, config, what, poke, |_| {})
 }
 
@@ -240,17 +199,13 @@ where
 /// its readers need of it). Its `metadata.managedFields` are always
 /// dropped: nothing here reads them, and they are often most of an
 /// object's metadata.
-pub fn watch_slim<K>(
+pub fn watch_slim<K: Kind>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
     poke: Arc<Notify>,
     slim: fn(&mut K),
-) -> (Watched<K>, impl Future<Output = ()> + Send + 'static)
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+) -> (Watched<K>, impl Future<Output = ()> + Send + 'static) {
     watch_source(api, config, what, poke, slim)
 }
 
@@ -308,7 +263,7 @@ pub struct Freshness {
 
 impl Freshness {
     /// Why what was handed on may not be current (`None`: it is).
-    pub fn stale(&self) -> Option<String> {
+    pub fn stale(&self) -> Option<Why> {
         self.health.borrow().why_not(self.what)
     }
 }
@@ -389,7 +344,7 @@ impl Tell {
 
     /// The list or the watch failed: stale from now on (no pass is woken
     /// for it: what is held is unchanged, only its age).
-    fn failed(&mut self, why: String) {
+    fn failed(&mut self, why: Why) {
         // Say so once a minute (a CRD not installed, RBAC missing, the
         // API unreachable).
         if self
@@ -423,9 +378,9 @@ enum End {
     /// The server closed it (its timeout): open it again at once from here.
     Closed(String),
     /// It failed (why): open it again from here after a back-off.
-    Failed(String, String),
+    Failed(String, Why),
     /// The API no longer has the resourceVersion (why): list again.
-    Gone(String),
+    Gone(Why),
 }
 
 /// Lists and watches `src` forever (see the module's documentation),
@@ -470,7 +425,7 @@ pub(crate) async fn run<K, S>(
                     l.resource_version
                 }
                 Err(e) => {
-                    tell.failed(format!("list: {e}"));
+                    tell.failed(why_of(Some(Op::List), &e));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
@@ -522,14 +477,15 @@ where
     S: Source<K>,
 {
     let gone = |version: &str, why: &dyn std::fmt::Display| {
-        End::Gone(format!(
-            "the API no longer has resourceVersion {version}, listing again: {why}"
-        ))
+        End::Gone(Why::Gone {
+            version: version.to_string(),
+            error: why.to_string(),
+        })
     };
     let mut stream = match src.watch(wp, &version).await {
         Ok(s) => s,
         Err(e) if is_gone(&e) => return (gone(&version, &e), false),
-        Err(e) => return (End::Failed(version, format!("watch: {e}")), false),
+        Err(e) => return (End::Failed(version, why_of(Some(Op::Watch), &e)), false),
     };
     let settled = tokio::time::Instant::now() + SETTLE;
     // What is held stays current while a watch is opened again after the
@@ -547,19 +503,20 @@ where
         };
         let ev = match next {
             Err(_) => {
-                let why = format!("no word on the watch for {}s", idle.as_secs());
+                let why = Why::Silent {
+                    secs: idle.as_secs(),
+                };
                 return (End::Failed(version, why), accepted);
             }
             Ok(None) if accepted => return (End::Closed(version), true),
             // Closed at once, with nothing said: not opened again in a
             // tight loop.
-            Ok(None) => {
-                let why = "the watch ended before it was accepted".to_string();
-                return (End::Failed(version, why), false);
-            }
+            Ok(None) => return (End::Failed(version, Why::EndedEarly), false),
             // The connection broke, or an event could not be read (it is
             // not skipped: what is held would be wrong without a word).
-            Ok(Some(Err(e))) => return (End::Failed(version, format!("watch: {e}")), accepted),
+            Ok(Some(Err(e))) => {
+                return (End::Failed(version, why_of(Some(Op::Watch), &e)), accepted);
+            }
             Ok(Some(Ok(ev))) => ev,
         };
         match ev {
@@ -579,7 +536,11 @@ where
                 return (end, accepted);
             }
             WatchEvent::Error(s) => {
-                let why = format!("watch: {} ({})", s.message, s.reason);
+                let why = refusal(
+                    Some(Op::Watch),
+                    s.code,
+                    format!("{} ({})", s.message, s.reason),
+                );
                 return (End::Failed(version, why), accepted);
             }
         }
@@ -590,382 +551,29 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::super::list::fake::{Answer, Fake, Open, Request, page, status};
-    use super::*;
-    use k8s_openapi::api::core::v1::ConfigMap;
-
-    #[test]
-    fn knowledge_degrades_and_maps() {
-        let k = Known::Fresh(vec![1, 2]);
-        assert!(k.is_fresh() && k.why().is_none());
-        let s = k.clone().failed("down".into());
-        assert_eq!(s.value(), Some(&vec![1, 2]));
-        assert!(!s.is_fresh());
-        assert_eq!(s.why(), Some("down"));
-        assert_eq!(s.map(|v| v.len()), Known::Stale(2, "down".into()));
-        let u: Known<u8> = Known::Unknown("never".into());
-        assert_eq!(u.clone().failed("x".into()), Known::Unknown("x".into()));
-        assert_eq!(u.value(), None);
-    }
-
-    /// Config map `name` at resourceVersion `rv`, with `v` in its data.
-    fn cm(name: &str, rv: &str, v: &str) -> ConfigMap {
-        let mut c = ConfigMap::default();
-        c.metadata.name = Some(name.into());
-        c.metadata.namespace = Some("ns".into());
-        c.metadata.resource_version = Some(rv.into());
-        c.metadata.managed_fields = Some(vec![Default::default()]);
-        c.data = Some([("v".to_string(), v.to_string())].into());
-        c
-    }
-
-    fn added(c: ConfigMap) -> kube::Result<WatchEvent<ConfigMap>> {
-        Ok(WatchEvent::Added(c))
-    }
-
-    fn modified(c: ConfigMap) -> kube::Result<WatchEvent<ConfigMap>> {
-        Ok(WatchEvent::Modified(c))
-    }
-
-    fn watch_ok(events: Vec<kube::Result<WatchEvent<ConfigMap>>>, open: Open) -> Answer<ConfigMap> {
-        Answer::Watch(Ok(events), open)
-    }
-
-    /// A connection that broke under the watch.
-    fn broken() -> kube::Result<WatchEvent<ConfigMap>> {
-        Err(kube::Error::Service("connection reset".into()))
-    }
-
-    struct Bed {
-        src: Arc<Fake<ConfigMap>>,
-        w: Watched<ConfigMap>,
-        _task: margay_task::Owned,
-    }
-
-    impl Source<ConfigMap> for Arc<Fake<ConfigMap>> {
-        fn page(
-            &self,
-            lp: &ListParams,
-        ) -> impl Future<Output = kube::Result<kube::api::ObjectList<ConfigMap>>> + Send {
-            (**self).page(lp)
-        }
-
-        fn watch(
-            &self,
-            wp: &WatchParams,
-            version: &str,
-        ) -> impl Future<Output = kube::Result<super::super::list::Events<ConfigMap>>> + Send
-        {
-            (**self).watch(wp, version)
-        }
-    }
-
-    fn bed(script: Vec<Answer<ConfigMap>>) -> Bed {
-        let src = Arc::new(Fake::new(script));
-        let (w, task) = watch_source(
-            src.clone(),
-            watcher::Config::default(),
-            "config maps",
-            Arc::new(Notify::new()),
-            |_| {},
-        );
-        Bed {
-            src,
-            w,
-            _task: margay_task::Owned::spawn(task),
-        }
-    }
-
-    impl Bed {
-        /// The held objects as (name, data v), sorted, and whether fresh.
-        fn held(&self) -> (Vec<(String, String)>, &'static str) {
-            let k = self.w.read();
-            let state = match &k {
-                Known::Fresh(_) => "fresh",
-                Known::Stale(..) => "stale",
-                Known::Unknown(_) => "unknown",
-            };
-            let mut v: Vec<(String, String)> = k
-                .value()
-                .map(|v| {
-                    v.iter()
-                        .map(|c| {
-                            assert!(c.metadata.managed_fields.is_none(), "managedFields kept");
-                            let d = c.data.as_ref().and_then(|d| d.get("v")).cloned();
-                            (c.name_any(), d.unwrap_or_default())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            (v, state)
-        }
-
-        /// Waits (virtual time) until what is held is in `state`.
-        async fn until(&self, state: &str) {
-            let mut rx = self.w.health.subscribe();
-            let want = |h: &Health| match state {
-                "fresh" => matches!(h, Health::Current),
-                "stale" => matches!(h, Health::Broken(..)),
-                _ => matches!(h, Health::Listing(Some(_))),
-            };
-            rx.wait_for(want).await.expect("the loop runs");
-        }
-
-        fn lists(&self) -> usize {
-            self.src
-                .requests()
-                .iter()
-                .filter(|r| matches!(r, Request::Page { .. }))
-                .count()
-        }
-
-        fn watches(&self) -> Vec<String> {
-            self.src
-                .requests()
-                .into_iter()
-                .filter_map(|r| match r {
-                    Request::Watch { version, bookmarks } => {
-                        assert!(bookmarks, "watches ask for bookmarks");
-                        Some(version)
-                    }
-                    Request::Page { .. } => None,
-                })
-                .collect()
-        }
-    }
-
-    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
-
-    /// Lets the loop run until it waits on something (no time passes).
-    async fn idle() {
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_broken_watch_resumes_from_its_version_without_a_list() {
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1")], "5", None),
-            watch_ok(vec![modified(cm("a", "6", "2")), broken()], Open::Stays),
-            // Resumed from 6: quiet (nothing changed meanwhile).
-            watch_ok(vec![], Open::Stays),
-        ]);
-        b.until("stale").await;
-        assert_eq!(b.held(), (kv(&[("a", "2")]), "stale"));
-        let t0 = tokio::time::Instant::now();
-        b.until("fresh").await;
-        // One back-off (1 s), then SETTLE with no word on the new watch.
-        assert_eq!(t0.elapsed(), Duration::from_secs(1) + SETTLE);
-        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
-        assert_eq!(b.lists(), 1, "{:?}", b.src.requests());
-        assert_eq!(b.watches(), vec!["5", "6"]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_event_on_a_resumed_watch_makes_it_fresh_at_once() {
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1")], "5", None),
-            watch_ok(vec![broken()], Open::Stays),
-            // What changed while it was away is replayed.
-            watch_ok(vec![added(cm("b", "7", "1"))], Open::Stays),
-        ]);
-        b.until("stale").await;
-        let t0 = tokio::time::Instant::now();
-        b.until("fresh").await;
-        assert_eq!(t0.elapsed(), Duration::from_secs(1));
-        assert_eq!(b.held(), (kv(&[("a", "1"), ("b", "1")]), "fresh"));
-        assert_eq!(b.lists(), 1);
-        assert_eq!(b.watches(), vec!["5", "5"]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_bookmark_moves_the_version_on() {
-        let bm: WatchEvent<ConfigMap> = serde_json::from_value(serde_json::json!({
-            "type": "BOOKMARK",
-            "object": {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"resourceVersion": "90"}}
-        }))
-        .unwrap();
-        let b = bed(vec![
-            page(vec![], "5", None),
-            watch_ok(vec![Ok(bm), broken()], Open::Stays),
-            watch_ok(vec![], Open::Stays),
-        ]);
-        b.until("stale").await;
-        b.until("fresh").await;
-        assert_eq!(b.watches(), vec!["5", "90"]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_watch_ending_after_its_timeout_is_opened_again_at_once_still_fresh() {
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1")], "5", None),
-            watch_ok(vec![modified(cm("a", "8", "2"))], Open::Ends),
-            watch_ok(vec![], Open::Stays),
-        ]);
-        b.until("fresh").await;
-        let t0 = tokio::time::Instant::now();
-        idle().await;
-        assert_eq!(b.watches(), vec!["5", "8"]);
-        assert_eq!(t0.elapsed(), Duration::ZERO);
-        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn gone_lists_again_keeping_the_old_contents_until_the_whole_list_is_in() {
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1"), cm("b", "4", "1")], "5", None),
-            watch_ok(vec![broken()], Open::Stays),
-            // Resumed too late: the API server no longer has 5.
-            watch_ok(
-                vec![Ok(WatchEvent::Error(status(
-                    410,
-                    "too old resource version: 5 (9)",
-                )))],
-                Open::Ends,
-            ),
-            // The list again: one page of two; the second never comes.
-            page(vec![cm("a", "9", "3")], "10", Some("more")),
-        ]);
-        b.until("stale").await;
-        let t0 = tokio::time::Instant::now();
-        // Nothing is ever held partly listed: still the old contents, stale.
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(b.held(), (kv(&[("a", "1"), ("b", "1")]), "stale"));
-        assert_eq!(b.lists(), 3, "{:?}", b.src.requests());
-        assert!(t0.elapsed() >= Duration::from_secs(1));
-        let why = b.w.read().why().unwrap().to_string();
-        assert!(why.contains("no longer has resourceVersion 5"), "{why}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn gone_after_a_completed_list_is_fresh_with_the_new_list() {
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1"), cm("b", "4", "1")], "5", None),
-            watch_ok(vec![broken()], Open::Stays),
-            Answer::Watch(Err(kube::Error::Api(status(410, "gone"))), Open::Ends),
-            page(vec![cm("a", "9", "3")], "10", Some("more")),
-            page(vec![cm("c", "9", "1")], "10", None),
-            watch_ok(vec![], Open::Stays),
-        ]);
-        b.until("stale").await;
-        b.until("fresh").await;
-        assert_eq!(b.held(), (kv(&[("a", "3"), ("c", "1")]), "fresh"));
-        assert_eq!(b.lists(), 3);
-        assert_eq!(b.watches(), vec!["5", "5", "10"]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn after_an_outage_a_refused_version_is_listed_again_at_once() {
-        let refused = || {
-            Answer::Watch(
-                Err(kube::Error::Service("connection refused".into())),
-                Open::Ends,
-            )
-        };
-        let gone = || {
-            watch_ok(
-                vec![Ok(WatchEvent::Error(status(
-                    410,
-                    "too old resource version",
-                )))],
-                Open::Ends,
-            )
-        };
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1")], "5", None),
-            watch_ok(vec![modified(cm("a", "6", "1")), broken()], Open::Stays),
-            // Down for 1 + 2 + 4 + 8 s, then back with a cache that starts
-            // after 6.
-            refused(),
-            refused(),
-            refused(),
-            refused(),
-            gone(),
-            page(vec![cm("a", "9", "2")], "10", None),
-            // A list whose version is refused at once, twice: slowed down.
-            gone(),
-            page(vec![cm("a", "9", "2")], "11", None),
-            gone(),
-            page(vec![cm("a", "9", "2")], "12", None),
-            watch_ok(vec![], Open::Stays),
-        ]);
-        let t0 = tokio::time::Instant::now();
-        b.until("stale").await;
-        let mut rx = b.w.health.subscribe();
-        // Until the last list's watch is accepted.
-        rx.wait_for(|h| matches!(h, Health::Current)).await.unwrap();
-        tokio::time::sleep(SETTLE).await;
-        assert_eq!(b.held(), (kv(&[("a", "2")]), "fresh"));
-        let lists: Vec<Duration> = b
-            .src
-            .times()
-            .into_iter()
-            .filter(|(_, r)| matches!(r, Request::Page { .. }))
-            .map(|(t, _)| t - t0)
-            .collect();
-        let s = Duration::from_secs;
-        assert_eq!(
-            lists,
-            vec![
-                s(0),
-                // Right after the 410 that ended the outage (1 + 2 + 4 + 8
-                // + 8 s of back-off), no back-off of its own.
-                s(23),
-                // Refused at once from fresh lists: 1 s, then 2 s first.
-                s(24),
-                s(26),
-            ]
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_first_list_that_fails_is_retried_with_back_off_and_unknown_meanwhile() {
-        let err = || Answer::Page(Err(kube::Error::Api(status(503, "unavailable"))));
-        let b = bed(vec![
-            err(),
-            err(),
-            err(),
-            err(),
-            err(),
-            page(vec![cm("a", "4", "1")], "5", None),
-            watch_ok(vec![], Open::Stays),
-        ]);
-        b.until("unknown").await;
-        assert_eq!(b.held().1, "unknown");
-        let t0 = tokio::time::Instant::now();
-        b.until("fresh").await;
-        // 1 + 2 + 4 + 8 + 8 s (BACKOFF_MAX).
-        assert_eq!(t0.elapsed(), Duration::from_secs(23));
-        assert_eq!(b.held(), (kv(&[("a", "1")]), "fresh"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_watch_that_cannot_be_opened_is_retried_from_its_version() {
-        let refused = || {
-            Answer::Watch(
-                Err(kube::Error::Service("connection refused".into())),
-                Open::Ends,
-            )
-        };
-        let b = bed(vec![
-            page(vec![cm("a", "4", "1")], "5", None),
-            watch_ok(vec![broken()], Open::Stays),
-            refused(),
-            refused(),
-            watch_ok(vec![], Open::Stays),
-        ]);
-        b.until("stale").await;
-        b.until("fresh").await;
-        assert_eq!(b.lists(), 1);
-        assert_eq!(b.watches(), vec!["5", "5", "5", "5"]);
+/// Why a request (`op`, when it is to be said) failed, from the client's error: the API's status
+/// typed (403 is [`Why::Forbidden`]), the text as the client says it.
+pub fn why_of(op: Option<Op>, e: &kube::Error) -> Why {
+    match e {
+        kube::Error::Api(s) => refusal(op, s.code, e.to_string()),
+        kube::Error::SerdeError(_) => Why::Decode {
+            op,
+            error: e.to_string(),
+        },
+        _ => Why::Failed {
+            op,
+            error: e.to_string(),
+        },
     }
 }
+
+/// The API's refusal with HTTP status `code`.
+fn refusal(op: Option<Op>, code: u16, error: String) -> Why {
+    match code {
+        403 => Why::Forbidden { op, error },
+        code => Why::Refused { op, code, error },
+    }
+}
+
+#[cfg(test)]
+mod tests;

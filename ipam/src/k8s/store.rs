@@ -116,7 +116,7 @@ impl Watches {
         match k {
             Known::Fresh(v) => Ok(v),
             Known::Stale(v, _) if !self.strict => Ok(v),
-            Known::Stale(_, why) | Known::Unknown(why) => Err(Error::Unavailable(why)),
+            Known::Stale(_, why) | Known::Unknown(why) => Err(Error::Unavailable(why.to_string())),
         }
     }
 
@@ -203,7 +203,9 @@ impl KubeStore {
             me: Some((node.to_string(), me)),
             cluster: None,
         });
-        store.feed = Mutex::new(Some(BlockFeed::new(rx, move || fresh.stale())));
+        store.feed = Mutex::new(Some(BlockFeed::new(rx, move || {
+            fresh.stale().map(|w| w.to_string())
+        })));
         let task = async move {
             futures::join!(t1, t2, t3, t4);
         };
@@ -376,7 +378,7 @@ impl Store for KubeStore {
         Ok(cfg)
     }
 
-    async fn node_labels(&self, node: &str) -> Result<BTreeMap<String, String>> {
+    async fn node_labels(&self, node: &str) -> Result<crate::store::NodeLabels> {
         if let Some((w, me)) = self
             .watches
             .as_ref()
@@ -426,7 +428,7 @@ impl Cluster for KubeStore {
             .map(|n| n.is_some())
     }
 
-    async fn pods(&self) -> Result<HashMap<(String, String), String>> {
+    async fn pods(&self) -> Result<crate::store::PodSandboxes> {
         let items: Vec<PartialObjectMeta<Pod>> = match self.cluster() {
             Some((w, c)) => w.objects(&c.pods).await?,
             None => {
