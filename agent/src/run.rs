@@ -10,6 +10,42 @@
 //! reconciliation of the kernel and IPAM (retried until the API answers;
 //! nothing is decided without it), the spare reserve, then everything
 //! else, the CNI socket last.
+//!
+//! # Tasks
+//!
+//! `══▶` is ownership (a task ends when its owner drops it: the owner
+//! holds a `margay_task::Owned` or a `JoinSet`), `──▶` a channel. `run`
+//! owns the first column in its `Tasks`; every other task hangs below one
+//! of them or below a value they hold.
+//!
+//! ```text
+//!  run ══Tasks══▶ IPAM watches: IPPools, IPAMConfigurations, this Node's labels,
+//!   ║               IPAMBlocks (KubeStore's Watched views)
+//!   ║               ─poke (Notify)──▶ routing        ─views──▶ Allocator, natOutgoing
+//!   ╠═Arc═▶ Allocator ══Owned══▶ its actor  ◀─requests (mpsc + oneshot)── Reserve, CNI, routing
+//!   ╠═Arc═▶ Reserve ══Owned×3══▶ writer, rechecker, refiller ◀─spares taken── CNI server
+//!   ╠═Arc═▶ Netlink ══Owned══▶ the rtnetlink connection (a pod namespace's: a short
+//!   ║               thread makes its socket, answers by oneshot and ends)
+//!   ╠═Tasks═▶ HTTP endpoints ══JoinSet══▶ a task per connection (reads AgentState)
+//!   ╠═Tasks═▶ leader election ─leader (watch)──▶ cluster-wide duties, NetworkPolicy
+//!   ║                                          events, routing
+//!   ╠═Tasks═▶ cluster-wide duties ══Owned══▶ its Node/Pod/IPAMBlock metadata watches
+//!   ╠═Tasks═▶ heartbeat ══Owned══▶ its Lease watch ─API answering──▶ AgentState
+//!   ╠═Tasks═▶ NetworkPolicy (its watches polled in its loop; the nftnl socket)
+//!   ║            ══Owned══▶ slice writer ◀─this node's pods (watch)── NetworkPolicy
+//!   ║            ◀─endpoint added/removed, rules-in waits (mpsc, PolicyHandle)── CNI server
+//!   ║            ─status (watch)──▶ NetworkPolicy events, /status
+//!   ╠═Tasks═▶ NetworkPolicy events (Events on policies it cannot enforce; leader only)
+//!   ╠═Tasks═▶ natOutgoing
+//!   ╠═Tasks═▶ block routes ◀─pods changed (Notify)── CNI server
+//!   ║            ─own blocks (watch)──▶ CNI server, routing
+//!   ╠═Tasks═▶ routing ══JoinSet══▶ watches: this Node, MargayNodes, BGPPeers,
+//!   ║            ║                 BGPConfigurations ─poke──▶ routing
+//!   ║            ╠══Owned══▶ a Secret watch per password Secret ─poke──▶ routing
+//!   ║            ╚═════════▶ the embedded speaker (margay-bgp: its own tree)
+//!   ╚═══════════▶ CNI server (gRPC on the socket) ══JoinSet══▶ each ADD (finishes
+//!                  even when its caller hangs up)
+//! ```
 
 use std::path::PathBuf;
 use std::sync::Arc;
