@@ -27,15 +27,15 @@
 //!   ╠═Arc═▶ Netlink ══Owned══▶ the rtnetlink connection (a pod namespace's: a short
 //!   ║               thread makes its socket, answers by oneshot and ends)
 //!   ╠═Tasks═▶ HTTP endpoints ══JoinSet══▶ a task per connection (reads AgentState)
-//!   ╠═Tasks═▶ leader election ─leader (watch)──▶ cluster-wide duties, NetworkPolicy
-//!   ║                                          events, routing
+//!   ╠═Tasks═▶ leader election ══Owned══▶ the leader Lease's watch (and an older
+//!   ║            agents' one) ─leader (watch)──▶ duties, NetworkPolicy events, routing
 //!   ╠═Tasks═▶ cluster-wide duties ══Owned══▶ its Node/Pod/IPAMBlock metadata watches
-//!   ╠═Tasks═▶ heartbeat ══Owned══▶ its Lease watch ─API answering──▶ AgentState
+//!   ╠═Tasks═▶ heartbeat (renews this node's Lease) ─API answering──▶ AgentState
 //!   ╠═Tasks═▶ NetworkPolicy (its watches polled in its loop; the nftnl socket)
 //!   ║            ══Owned══▶ slice writer ◀─this node's pods (watch)── NetworkPolicy
 //!   ║            ◀─endpoint added/removed, rules-in waits (mpsc, PolicyHandle)── CNI server
 //!   ║            ─status (watch)──▶ NetworkPolicy events, /status
-//!   ╠═Tasks═▶ NetworkPolicy events (Events on policies it cannot enforce; leader only)
+//!   ╠═Tasks═▶ NetworkPolicy events (Events on policies not enforced as written)
 //!   ╠═Tasks═▶ natOutgoing
 //!   ╠═Tasks═▶ block routes ◀─pods changed (Notify)── CNI server
 //!   ║            ─own blocks (watch)──▶ CNI server, routing
