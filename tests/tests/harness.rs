@@ -70,7 +70,7 @@ async fn apiserver_answers_and_accepts_a_crd_and_an_object() {
         async move {
             match widgets.create(&PostParams::default(), &obj).await {
                 Ok(o) => Ok(Some(o)),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             }
         }
     })

@@ -223,7 +223,7 @@ async fn a_pod_cannot_send_as_its_neighbour() {
                 p.ns.ip(&["-6", "addr", "show", "dev", "eth0", "tentative"])
                     .map_or(true, |o| !o.trim().is_empty())
             });
-            Ok::<_, String>((!tentative).then_some(()))
+            Ok((!tentative).then_some(()))
         },
     )
     .unwrap();

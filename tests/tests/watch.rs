@@ -154,7 +154,7 @@ async fn until_held(w: &Watched<IPPool>, want: &[(&str, bool)], state: &str) {
                 if ok {
                     Ok(Some(()))
                 } else {
-                    Err(format!("{now:?}"))
+                    Err(format!("{now:?}").into())
                 }
             }
         },
@@ -170,7 +170,7 @@ async fn until_stale(w: &Watched<IPPool>) {
             if now.1 == "stale" {
                 Ok(Some(()))
             } else {
-                Err(format!("{now:?}"))
+                Err(format!("{now:?}").into())
             }
         }
     })
@@ -358,7 +358,7 @@ async fn a_nodes_ipam_view_is_kept_by_its_watch_without_lists() {
         async move {
             match b.assign(req).await {
                 Ok(n) => Ok(Some(n)),
-                Err(e @ Error::Exhausted { .. }) => Err(e.to_string()),
+                Err(e @ Error::Exhausted { .. }) => Err(e.to_string().into()),
                 Err(e) => panic!("{e}"),
             }
         }
