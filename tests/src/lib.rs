@@ -100,6 +100,35 @@ pub fn start_agent(
 
 pub mod datagrams;
 
+/// A lab of two nodes peering with each other (no router), as the policy
+/// suites start from.
+pub async fn two_node_lab() -> margay_lab::cluster::Cluster {
+    margay_lab::cluster::Cluster::start(margay_lab::cluster::Options {
+        nodes: 2,
+        tor: margay_lab::Tor::None,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The outcome a finished `margay-lab netcheck probe` printed (its last
+/// word); panics with what it said if that is none.
+pub fn probe_outcome(out: &std::process::Output) -> margay_harness::netcheck::Outcome {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("probe said {text:?}"))
+}
+
+/// Panics unless the command that gave `out` succeeded; the message is
+/// `what` then its stdout and stderr.
+pub fn assert_ran(out: &std::process::Output, what: &str) {
+    assert!(out.status.success(), "{what}{}", output_text(out));
+}
+
 /// A CRI client for the sandbox calls (generated from
 /// `tests/proto/cri_subset.proto`).
 pub mod cri {

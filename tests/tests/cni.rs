@@ -769,12 +769,7 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
             .env("CAP_ARGS", caps.to_string())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{verb}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        margay_tests::assert_ran(&out, &format!("{verb}: "));
         out.stdout
     };
     let result: Value = serde_json::from_slice(&chain("add")).unwrap();
@@ -1216,84 +1211,17 @@ async fn non_root_callers_are_refused() {
 /// An OCI image archive whose only layer is busybox-static, entrypoint
 /// `sleep`: the sandbox ("pause") image, made offline.
 fn pause_image(dir: &Path, name: &str) -> PathBuf {
-    use std::process::Command;
-    let sha = |p: &Path| -> (String, u64) {
-        let out = Command::new("sha256sum").arg(p).output().unwrap();
-        let hex = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
-        (hex, std::fs::metadata(p).unwrap().len())
+    let root = dir.join("layer");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let config = margay_lab::image::Config {
+        entrypoint: ["/bin/busybox", "sleep", "1000000"]
+            .map(String::from)
+            .to_vec(),
+        cmd: vec![],
     };
-    let img = dir.join("oci");
-    let blobs = img.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let layer_root = dir.join("layer");
-    std::fs::create_dir_all(layer_root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", layer_root.join("bin/busybox")).unwrap();
-    let layer = dir.join("layer.tar");
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&layer_root)
-            .arg("-cf")
-            .arg(&layer)
-            .arg("bin")
-            .status()
-            .unwrap()
-            .success()
-    );
-    let put = |src: &Path| -> (String, u64) {
-        let (h, n) = sha(src);
-        std::fs::copy(src, blobs.join(&h)).unwrap();
-        (h, n)
-    };
-    let (lh, ln) = put(&layer);
-    let write = |file: &str, v: &Value| -> PathBuf {
-        let p = dir.join(file);
-        std::fs::write(&p, v.to_string()).unwrap();
-        p
-    };
-    let config = write(
-        "config.json",
-        &json!({"architecture": "amd64", "os": "linux",
-                "config": {"Entrypoint": ["/bin/busybox", "sleep", "1000000"]},
-                "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{lh}")]}}),
-    );
-    let (ch, cn) = put(&config);
-    let manifest = write(
-        "manifest.json",
-        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": format!("sha256:{ch}"), "size": cn},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": format!("sha256:{lh}"), "size": ln}]}),
-    );
-    let (mh, mn) = put(&manifest);
-    std::fs::write(
-        img.join("index.json"),
-        json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{mh}"), "size": mn,
-            "annotations": {"io.containerd.image.name": name,
-                            "org.opencontainers.image.ref.name": name}}]})
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(img.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let tarball = dir.join("pause.tar");
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&img)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
-    );
+    margay_lab::image::archive(&root, name, &config, &tarball).unwrap();
     tarball
 }
 
@@ -1369,12 +1297,7 @@ state = "{state}"
         .arg(&tarball)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "ctr import: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "ctr import: ");
 
     let path = sock.clone();
     let channel = tonic::transport::Endpoint::try_from("http://containerd")

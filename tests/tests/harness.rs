@@ -49,11 +49,7 @@ async fn apiserver_answers_and_accepts_a_crd_and_an_object() {
         .arg(dir.join("crd.json"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "");
 
     let gvk = GroupVersionKind::gvk("selftest.margay.dev", "v1", "Widget");
     let ar = ApiResource::from_gvk_with_plural(&gvk, "widgets");

@@ -44,7 +44,7 @@ use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod as KubePod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use margay_harness::paths;
-use margay_lab::cluster::{Cluster, Options, PodOpts};
+use margay_lab::cluster::{Cluster, PodOpts};
 use margay_policy::spec::{self, Connection};
 use margay_policy::{Namespace, Pod, Policy, Proto, World};
 use serde_json::{Value, json};
@@ -446,13 +446,7 @@ impl Env {
 
 /// A two-node lab with the model's `pods` serving `protos` on 80 and 81.
 async fn start(pods: &[&str], protos: &[Proto]) -> Env {
-    let mut c = Cluster::start(Options {
-        nodes: 2,
-        tor: margay_lab::Tor::None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut c = margay_tests::two_node_lab().await;
     let serve: Vec<String> = protos
         .iter()
         .flat_map(|p| [80, 81].map(|port| format!("{}:{port}", p.name())))

@@ -503,12 +503,7 @@ fn outcome(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -
         .arg(format!("{}:{num}/{proto}", dst.ip))
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("probe said {text:?}"))
+    margay_tests::probe_outcome(&out)
 }
 
 /// Whether lab pod `from` reaches `to` on `port` ("80/tcp").
@@ -546,15 +541,9 @@ async fn until_table(
 async fn the_agents_enforce_networkpolicy_in_the_lab() {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use kube::api::{Api, DeleteParams, PostParams};
-    use margay_lab::cluster::{Cluster, Options, PodOpts};
+    use margay_lab::cluster::PodOpts;
 
-    let mut c = Cluster::start(Options {
-        nodes: 2,
-        tor: margay_lab::Tor::None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut c = margay_tests::two_node_lab().await;
     let serve: Vec<String> = ["tcp:80", "tcp:81", "udp:80"].map(String::from).to_vec();
     for (node, name, ns) in [
         ("node1", "a", "x"),

@@ -316,15 +316,7 @@ fn outcomes(c: &Cluster, probes: &[(&str, String)]) -> Vec<Outcome> {
         .collect();
     children
         .into_iter()
-        .map(|ch| {
-            let o = ch.wait_with_output().unwrap();
-            let text = String::from_utf8_lossy(&o.stdout);
-            text.trim()
-                .rsplit(' ')
-                .next()
-                .and_then(|w| w.parse().ok())
-                .unwrap_or_else(|| panic!("probe said {text:?}"))
-        })
+        .map(|ch| margay_tests::probe_outcome(&ch.wait_with_output().unwrap()))
         .collect()
 }
 

@@ -37,7 +37,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use margay_api::status::{AgentStatus, PolicyStatus, UnenforcedReason};
 use margay_harness::paths;
-use margay_lab::cluster::{Cluster, Options, PodOpts};
+use margay_lab::cluster::{Cluster, PodOpts};
 use serde_json::{Value, json};
 
 /// How long a verdict may take to become what it should.
@@ -217,13 +217,7 @@ fn wide_policy(name: &str, n: usize, admit: &str, first: usize) -> Value {
 async fn no_legal_policy_lets_a_tenant_past_it_or_breaks_a_node() {
     // Two nodes, no router: pods on node1 are probed from node2, across
     // the nodes' own BGP mesh. node1 holds every pod the policies select.
-    let mut c = Cluster::start(Options {
-        nodes: 2,
-        tor: margay_lab::Tor::None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut c = margay_tests::two_node_lab().await;
     for (node, name, ns) in [
         ("node1", "a", "x"),
         ("node2", "b", "x"),
