@@ -123,6 +123,36 @@ pub fn probe_outcome(out: &std::process::Output) -> margay_harness::netcheck::Ou
         .unwrap_or_else(|| panic!("probe said {text:?}"))
 }
 
+/// `margay-lab netcheck probe` of `target` (`IP:PORT/tcp|udp`, 700 ms)
+/// from inside `ns`: prints the outcome, succeeds only if it is `ok`.
+pub fn probe(ns: &margay_harness::Netns, target: &str) -> std::process::Command {
+    let lab = margay_harness::paths::workspace_bin("margay-lab").expect("margay-lab built");
+    let mut cmd = ns.cmd(lab);
+    cmd.args(["netcheck", "probe", "--timeout-ms", "700", target]);
+    cmd
+}
+
+/// Waits until `wrong` lists nothing (polled every `every`, up to
+/// `timeout`); the error names `what` and the last things wrong.
+pub async fn until_none_wrong<W: std::fmt::Debug>(
+    what: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut wrong: impl FnMut() -> Vec<W>,
+) -> margay_harness::Result<()> {
+    margay_harness::wait::until_async(what, timeout, every, || {
+        let w = wrong();
+        async move {
+            if w.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!("still wrong: {w:?}").into())
+            }
+        }
+    })
+    .await
+}
+
 /// Panics unless the command that gave `out` succeeded; the message is
 /// `what` then its stdout and stderr.
 pub fn assert_ran(out: &std::process::Output, what: &str) {

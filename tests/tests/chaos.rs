@@ -161,6 +161,7 @@ impl RouteWatch {
                         }
                     }
                 }
+                // Not a wait: the sampler's pace.
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
@@ -319,6 +320,7 @@ impl Run {
                 self.churn.step(&mut self.c, nodes, adds).await;
                 churn_at = Instant::now() + Duration::from_secs(4);
             }
+            // Not a wait: idling for `dur` is the point; this is its pace.
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }

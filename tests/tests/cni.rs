@@ -712,6 +712,8 @@ async fn an_add_whose_caller_is_killed_leaves_nothing() {
         .unwrap()
         .write_all(good.as_bytes())
         .unwrap();
+    // Not a wait: the ADD hangs on the frozen datastore for 2 s, then its
+    // caller dies (nothing to observe; the outage window is the test).
     tokio::time::sleep(Duration::from_secs(2)).await;
     child.kill().unwrap();
     let _ = child.wait();
@@ -719,7 +721,13 @@ async fn an_add_whose_caller_is_killed_leaves_nothing() {
     // The ADD finishes in the agent, sees nobody waiting, and is undone:
     // once the datastore has answered (the agent's pod routes show what
     // the kernel holds), neither an address nor an interface is left.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait::until("the cancelled ADD undone", T, POLL, || {
+        Ok(w.agent
+            .log_tail(200)
+            .contains("the caller of an ADD went away before its answer")
+            .then_some(()))
+    })
+    .unwrap();
     let log = || {
         w.agent
             .log_tail(60)
@@ -859,6 +867,7 @@ async fn agent_killed_mid_burst_then_runtime_retries_leave_exact_state() {
                 })
             })
             .collect();
+        // Not a wait: the agent dies 120 ms into the ADDs, mid-flight.
         std::thread::sleep(Duration::from_millis(120));
         w.agent.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -557,6 +557,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
                 if !route_has(&ns, &block, "proto 79").unwrap() {
                     missing.fetch_add(1, Ordering::Relaxed);
                 }
+                // Not a wait: the sampler's pace.
                 std::thread::sleep(Duration::from_millis(50));
             }
         })

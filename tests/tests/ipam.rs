@@ -239,6 +239,7 @@ async fn three_nodes_under_sigkill_never_share_an_address_and_gc_leaves_no_leak(
         if !running {
             break;
         }
+        // Not a wait: the pace of the kill schedule above.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for s in &mut sims {

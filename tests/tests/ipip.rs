@@ -299,6 +299,7 @@ fn ipip_lab(lab: &Lab) {
     };
     for (to, dev) in [("VXLAN", "margay.vxlan"), ("IPIP", "tunl0")] {
         let ping = pingers(&pods);
+        // Not a wait: 2 s of traffic before the switch, to compare with.
         std::thread::sleep(Duration::from_secs(2));
         let t = Instant::now();
         lab.set_encap(to);

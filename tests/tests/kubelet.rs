@@ -202,6 +202,7 @@ async fn manifest_install_deployment_restart_and_upgrade() {
     // The agents restarted, then upgraded, while pods ping across nodes.
     let before = addresses(&mut c).await;
     let pings = pingers(&c);
+    // Not a wait: a second of traffic before the change, to compare with.
     std::thread::sleep(Duration::from_secs(1));
     let agents = agent_pods(&c);
     kubectl(
@@ -215,6 +216,7 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         ],
     );
     rolled(&c, &agents).await;
+    // Not a wait: traffic must go on for 2 s after the change too.
     std::thread::sleep(Duration::from_secs(2));
     stop_all(pings, "rollout restart");
     assert_eq!(addresses(&mut c).await, before, "pods kept their addresses");
@@ -228,6 +230,7 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         n.kubelet.as_ref().unwrap().import(&archive).unwrap();
     }
     let pings = pingers(&c);
+    // Not a wait: a second of traffic before the change, to compare with.
     std::thread::sleep(Duration::from_secs(1));
     let agents = agent_pods(&c);
     kubectl(
@@ -243,6 +246,7 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         ],
     );
     rolled(&c, &agents).await;
+    // Not a wait: traffic must go on for 2 s after the change too.
     std::thread::sleep(Duration::from_secs(2));
     stop_all(pings, "image upgrade");
     assert_eq!(addresses(&mut c).await, before, "pods kept their addresses");
@@ -322,39 +326,26 @@ fn kubectl_apply(c: &Cluster, obj: &str) {
 
 /// Waits until each (lab pod, address, reached on 80/tcp) holds.
 async fn until_reach(c: &Cluster, want: &[(&str, &str, bool)]) {
-    let lab = margay_harness::paths::workspace_bin("margay-lab").unwrap();
-    let t = Instant::now();
-    loop {
-        let wrong: Vec<_> = want
-            .iter()
-            .filter(|(from, to, ok)| {
-                let src = c.pods.iter().find(|p| p.name == *from).unwrap();
-                let got = src
-                    .ns
-                    .cmd(&lab)
-                    .args([
-                        "netcheck",
-                        "probe",
-                        "--timeout-ms",
-                        "700",
-                        &format!("{to}:80/tcp"),
-                    ])
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .unwrap()
-                    .success();
-                got != *ok
-            })
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "still wrong: {wrong:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    margay_tests::until_none_wrong(
+        "the reachability wanted",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            want.iter()
+                .filter(|(from, to, ok)| {
+                    let src = c.pods.iter().find(|p| p.name == *from).unwrap();
+                    let got = margay_tests::probe(&src.ns, &format!("{to}:80/tcp"))
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .unwrap()
+                        .success();
+                    got != *ok
+                })
+                .collect()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// The shell blocks of docs/install.md's "Uninstall" section, in order.

@@ -495,12 +495,7 @@ fn outcome(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -
     let src = c.pods.iter().find(|p| p.name == from).unwrap();
     let dst = c.pods.iter().find(|p| p.name == to).unwrap();
     let (num, proto) = port.split_once('/').unwrap();
-    let lab = paths::workspace_bin("margay-lab").unwrap();
-    let out = src
-        .ns
-        .cmd(lab)
-        .args(["netcheck", "probe", "--timeout-ms", "700"])
-        .arg(format!("{}:{num}/{proto}", dst.ip))
+    let out = margay_tests::probe(&src.ns, &format!("{}:{num}/{proto}", dst.ip))
         .output()
         .unwrap();
     margay_tests::probe_outcome(&out)
@@ -517,21 +512,18 @@ async fn until_table(
     want: &[(&str, &str, &str, bool)],
     what: &str,
 ) {
-    let t = std::time::Instant::now();
-    loop {
-        let wrong: Vec<_> = want
-            .iter()
-            .filter(|(f, to, p, ok)| reach(c, f, to, p) != *ok)
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{what}: still wrong after 60 s: {wrong:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    margay_tests::until_none_wrong(
+        what,
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            want.iter()
+                .filter(|(f, to, p, ok)| reach(c, f, to, p) != *ok)
+                .collect()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// The agents of a lab enforce a NetworkPolicy from the API: its peers
