@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::Api;
+use margay_harness::wait;
 use margay_lab::cluster::{Cluster, Options, PodOpts};
 use margay_lab::kubernetes::{self, NAMESPACE};
 use margay_lab::{Install, Tor};
@@ -86,19 +87,23 @@ fn stop_all(p: Vec<Pinger>, what: &str) {
 /// Every agent pod replaced by `change` and ready again.
 async fn rolled(c: &Cluster, before: &[String]) {
     let api: Api<DaemonSet> = Api::namespaced(c.client.clone(), NAMESPACE);
-    let t = Instant::now();
-    loop {
+    let what = format!("rollout (before {before:?})");
+    wait::until_async(&what, T, Duration::from_millis(500), || {
         let now = agent_pods(c);
-        if now.iter().all(|p| !before.contains(p)) && now.len() == c.nodes.len() {
-            let ds = api.get("margay-agent").await.unwrap();
-            let st = ds.status.unwrap_or_default();
-            if st.number_ready == 3 && st.updated_number_scheduled == Some(3) {
-                return;
+        let api = api.clone();
+        async move {
+            if now.iter().all(|p| !before.contains(p)) && now.len() == c.nodes.len() {
+                let ds = api.get("margay-agent").await.unwrap();
+                let st = ds.status.unwrap_or_default();
+                if st.number_ready == 3 && st.updated_number_scheduled == Some(3) {
+                    return Ok(Some(()));
+                }
             }
+            Err(format!("{now:?}").into())
         }
-        assert!(t.elapsed() < T, "rollout: {now:?} (before {before:?})");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await
+    .unwrap();
 }
 
 fn agent_pods(c: &Cluster) -> Vec<String> {
@@ -184,20 +189,28 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(gone.len(), 6);
-    let t = Instant::now();
-    loop {
-        let held: Vec<String> = allocations(&c.client)
-            .await
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .filter(|ip| gone.contains(ip))
-            .collect();
-        if held.is_empty() {
-            break;
-        }
-        assert!(t.elapsed() < T, "still allocated: {held:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait::until_async(
+        "the addresses given back",
+        T,
+        Duration::from_millis(500),
+        || {
+            let (client, gone) = (&c.client, &gone);
+            async move {
+                let held: Vec<String> = allocations(client)
+                    .await
+                    .into_iter()
+                    .map(|(ip, _)| ip)
+                    .filter(|ip| gone.contains(ip))
+                    .collect();
+                if held.is_empty() {
+                    return Ok(Some(()));
+                }
+                Err(format!("still allocated: {held:?}").into())
+            }
+        },
+    )
+    .await
+    .unwrap();
 
     // The agents restarted, then upgraded, while pods ping across nodes.
     let before = addresses(&mut c).await;
@@ -418,24 +431,25 @@ async fn helm_upgrade_node_removal_and_uninstall() {
     assert!(!mine.is_empty());
     c.nodes[2].kubelet.take();
     kubectl(&c, &["delete", "node", "node3"]);
-    let t = Instant::now();
-    loop {
-        let left: Vec<(String, String)> = c
-            .blocks()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|(_, n)| n == "node3")
-            .collect();
-        if left.is_empty() {
-            break;
+    let (t240, every) = (Duration::from_secs(240), Duration::from_secs(1));
+    wait::until_async("node3's blocks freed", t240, every, || {
+        let c = &c;
+        async move {
+            let left: Vec<(String, String)> = c
+                .blocks()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|(_, n)| n == "node3")
+                .collect();
+            if left.is_empty() {
+                return Ok(Some(()));
+            }
+            Err(format!("node3's blocks stay: {left:?}").into())
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(240),
-            "node3's blocks stay: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    })
+    .await
+    .unwrap();
 
     // Uninstalled as docs/install.md says: workloads first, then Helm and
     // the CRDs, then every node.
@@ -474,11 +488,12 @@ async fn helm_upgrade_node_removal_and_uninstall() {
         .unwrap();
     margay_tests::assert_ran(&out, "docs/install.md's Helm uninstall: ");
     // The agents go with the DaemonSet.
-    let t = Instant::now();
-    while !agent_pods(&c).is_empty() {
-        assert!(t.elapsed() < T, "agents still running");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait::until_async("the agents gone", T, Duration::from_millis(500), || {
+        let running = agent_pods(&c);
+        async move { Ok(running.is_empty().then_some(())) }
+    })
+    .await
+    .unwrap();
     for n in c.nodes.iter().filter(|n| n.kubelet.is_some()) {
         let k = n.kubelet.as_ref().unwrap();
         let out = k.enter("sh").args(["-c", &blocks[2]]).output().unwrap();
