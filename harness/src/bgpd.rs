@@ -89,6 +89,26 @@ pub struct Gobgp {
     _dir: tempfile::TempDir,
 }
 
+/// A gobgpd configuration: AS `asn` at `me` (router ID and source
+/// address), one neighbour `peer` of AS `peer_as`, hold time 9 s.
+pub fn gobgp_conf(asn: u32, me: &str, peer: &str, peer_as: u32) -> String {
+    format!(
+        r#"
+[global.config]
+  as = {asn}
+  router-id = "{me}"
+  local-address-list = ["{me}"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{peer}"
+    peer-as = {peer_as}
+  [neighbors.timers.config]
+    hold-time = 9
+    keepalive-interval = 3
+"#
+    )
+}
+
 impl Gobgp {
     /// Starts gobgpd in `ns` with TOML config `conf`; its API listens on the
     /// namespace's own loopback.
