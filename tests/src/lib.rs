@@ -54,6 +54,30 @@ pub async fn cluster(
     (api, client)
 }
 
+/// Creates BGPPeer `name` to `ip` (AS `asn`) whose password is key `pw`
+/// of Secret `secret`.
+pub async fn create_password_peer(
+    client: &kube::Client,
+    name: &str,
+    ip: &str,
+    asn: u32,
+    secret: &str,
+) {
+    let peers: Api<margay_api::bgp::BGPPeer> = Api::all(client.clone());
+    let peer = serde_json::json!({
+        "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
+        "metadata": {"name": name},
+        "spec": {"peerIP": ip, "asNumber": asn, "password": {"name": secret, "key": "pw"}}
+    });
+    peers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(peer).unwrap(),
+        )
+        .await
+        .expect("BGPPeer");
+}
+
 /// Creates a pool.
 pub async fn add_pool(client: &kube::Client, name: &str, cidr: &str, block: Option<u8>) {
     let pools: Api<IPPool> = Api::all(client.clone());

@@ -700,19 +700,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     // 7. A BGPPeer whose password Secret is missing, then too long.
     let p = run.begin("a BGPPeer's password Secret missing, then too long");
     let peers: Api<BGPPeer> = Api::all(run.c.client.clone());
-    peers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({
-                "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
-                "metadata": {"name": "chaos-pw"},
-                "spec": {"peerIP": "10.99.0.253", "asNumber": 65099,
-                         "password": {"name": "chaos-pw", "key": "pw"}}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    margay_tests::create_password_peer(&run.c.client, "chaos-pw", "10.99.0.253", 65099, "chaos-pw")
+        .await;
     run.condition("password Secret chaos-pw/pw not found", true, &[])
         .await;
     let secrets: Api<Secret> = Api::namespaced(run.c.client.clone(), NS);
