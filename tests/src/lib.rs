@@ -164,9 +164,23 @@ pub async fn until_none_wrong<W: std::fmt::Debug>(
     every: std::time::Duration,
     mut wrong: impl FnMut() -> Vec<W>,
 ) -> margay_harness::Result<()> {
+    until_none_wrong_async(what, timeout, every, || std::future::ready(wrong())).await
+}
+
+/// [`until_none_wrong`] for a `wrong` that awaits.
+pub async fn until_none_wrong_async<W: std::fmt::Debug, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut wrong: impl FnMut() -> Fut,
+) -> margay_harness::Result<()>
+where
+    Fut: std::future::Future<Output = Vec<W>>,
+{
     margay_harness::wait::until_async(what, timeout, every, || {
         let w = wrong();
         async move {
+            let w = w.await;
             if w.is_empty() {
                 Ok(Some(()))
             } else {

@@ -26,7 +26,7 @@ use margay_harness::wait;
 use margay_lab::cluster::{Cluster, Options, PodOpts};
 use margay_lab::kubernetes::{self, NAMESPACE};
 use margay_lab::{Install, Tor};
-use margay_tests::{Pinger, allocations};
+use margay_tests::{Pinger, allocations, until_none_wrong_async};
 
 const T: Duration = Duration::from_secs(180);
 
@@ -189,26 +189,11 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(gone.len(), 6);
-    wait::until_async(
-        "the addresses given back",
-        T,
-        Duration::from_millis(500),
-        || {
-            let (client, gone) = (&c.client, &gone);
-            async move {
-                let held: Vec<String> = allocations(client)
-                    .await
-                    .into_iter()
-                    .map(|(ip, _)| ip)
-                    .filter(|ip| gone.contains(ip))
-                    .collect();
-                if held.is_empty() {
-                    return Ok(Some(()));
-                }
-                Err(format!("still allocated: {held:?}").into())
-            }
-        },
-    )
+    let every = Duration::from_millis(500);
+    until_none_wrong_async("the addresses given back", T, every, || async {
+        let held = allocations(&c.client).await.into_iter().map(|(ip, _)| ip);
+        held.filter(|ip| gone.contains(ip)).collect()
+    })
     .await
     .unwrap();
 
@@ -432,21 +417,9 @@ async fn helm_upgrade_node_removal_and_uninstall() {
     c.nodes[2].kubelet.take();
     kubectl(&c, &["delete", "node", "node3"]);
     let (t240, every) = (Duration::from_secs(240), Duration::from_secs(1));
-    wait::until_async("node3's blocks freed", t240, every, || {
-        let c = &c;
-        async move {
-            let left: Vec<(String, String)> = c
-                .blocks()
-                .await
-                .unwrap()
-                .into_iter()
-                .filter(|(_, n)| n == "node3")
-                .collect();
-            if left.is_empty() {
-                return Ok(Some(()));
-            }
-            Err(format!("node3's blocks stay: {left:?}").into())
-        }
+    until_none_wrong_async("node3's blocks freed", t240, every, || async {
+        let blocks = c.blocks().await.unwrap().into_iter();
+        blocks.filter(|(_, n)| n == "node3").collect()
     })
     .await
     .unwrap();
