@@ -38,13 +38,8 @@ async fn world(chain: Vec<Value>) -> World {
 
 /// A world whose agent gets `args` too.
 async fn world_with(chain: Vec<Value>, args: &[&str]) -> World {
-    let (api, client) = margay_tests::cluster(
-        &["n1"],
-        "10.244.0.0/24",
-        26,
-        IPAMConfigurationSpec::default(),
-    )
-    .await;
+    let cfg = IPAMConfigurationSpec::default();
+    let (api, client) = margay_tests::cluster(&["n1"], "10.244.0.0/24", 26, cfg).await;
     let fabric = Fabric::new().expect("fabric");
     let node = fabric.add_node("n1").expect("node");
     let dir = names::temp_dir("cni").expect("dir");
@@ -207,6 +202,11 @@ impl World {
         (last, want)
     }
 
+    /// The node's route to `prefix` (`ip FAMILY route show PREFIX`).
+    fn host_route(&self, family: &str, prefix: &str) -> String {
+        self.node.ns.ip(&[family, "route", "show", prefix]).unwrap()
+    }
+
     fn cali_links(&self) -> String {
         let links = self.node.ns.ip(&["-o", "link", "show"]).unwrap();
         links
@@ -245,11 +245,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
         routes.contains("169.254.1.1 dev eth0 scope link"),
         "{routes}"
     );
-    let host = w
-        .node
-        .ns
-        .ip(&["-4", "route", "show", &format!("{a1}/32")])
-        .unwrap();
+    let host = w.host_route("-4", &format!("{a1}/32"));
     assert!(
         host.contains("dev cali") && host.contains("proto 78") && host.contains("scope link"),
         "{host}"
@@ -337,11 +333,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
         .expect("second DEL");
     let (got, want) = w.settle_on(vec![a2.clone()]).await;
     assert_eq!(got, want);
-    let host = w
-        .node
-        .ns
-        .ip(&["-4", "route", "show", &format!("{a1}/32")])
-        .unwrap();
+    let host = w.host_route("-4", &format!("{a1}/32"));
     assert!(host.trim().is_empty(), "{host}");
     assert_eq!(w.cali_links().lines().count(), 1);
     w.cnitool("del", "c2", &p2.path(), "web-2").expect("DEL");
@@ -1126,11 +1118,7 @@ async fn dual_stack_pods_get_both_families_and_reach_each_other() {
         routes.contains("default via fe80::ecee:eeff:feee:eeee dev eth0"),
         "{routes}"
     );
-    let host = w
-        .node
-        .ns
-        .ip(&["-6", "route", "show", &format!("{b1}/128")])
-        .unwrap();
+    let host = w.host_route("-6", &format!("{b1}/128"));
     assert!(
         host.contains("dev cali") && host.contains("proto 78"),
         "{host}"

@@ -19,6 +19,15 @@ use margay_lab::{Encap, Tor};
 
 const T: Duration = Duration::from_secs(90);
 
+/// The default lab without a router, one pod on each node.
+async fn no_router_one_pod_each() -> Cluster {
+    let opts = Options {
+        tor: Tor::None,
+        ..Default::default()
+    };
+    cluster(opts, 1).await
+}
+
 async fn cluster(opts: Options, pods_per_node: usize) -> Cluster {
     let mut c = Cluster::start(opts).await.expect("cluster");
     for i in 0..c.nodes.len() {
@@ -536,14 +545,7 @@ async fn route_reflectors_with_the_mesh_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_agent_keeps_traffic_and_reconciles() {
-    let mut c = cluster(
-        Options {
-            tor: Tor::None,
-            ..Default::default()
-        },
-        1,
-    )
-    .await;
+    let mut c = no_router_one_pod_each().await;
     let n1_block = blocks_of(&c, "node1").await.remove(0);
     // Watch node2's route to node1's block while node1's agent dies.
     let stop = Arc::new(AtomicBool::new(false));
@@ -617,14 +619,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
-    let mut c = cluster(
-        Options {
-            tor: Tor::None,
-            ..Default::default()
-        },
-        1,
-    )
-    .await;
+    let mut c = no_router_one_pod_each().await;
     let block = blocks_of(&c, "node1").await.remove(0);
     let cidr: ipnetwork::IpNetwork = block.parse().unwrap();
     let name = margay_api::ipam::block_name(&cidr);
