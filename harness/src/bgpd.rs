@@ -255,6 +255,22 @@ pub struct Exabgp {
     dir: tempfile::TempDir,
 }
 
+/// An ExaBGP configuration: `me` (AS `local_as`) peering with `peer`
+/// (AS `peer_as`), hold time 9 s, IPv4 unicast, everything it hears
+/// reported to [`Exabgp::received`].
+pub fn exabgp_conf(me: &str, local_as: u32, peer: &str, peer_as: u32) -> String {
+    format!(
+        r#"process api {{ run {{helper}}; encoder json; }}
+neighbor {peer} {{
+  router-id {me}; local-address {me}; local-as {local_as}; peer-as {peer_as};
+  hold-time 9;
+  family {{ ipv4 unicast; }}
+  api {{ processes [ api ]; neighbor-changes; receive {{ parsed; update; }} }}
+}}
+"#
+    )
+}
+
 impl Exabgp {
     /// Starts ExaBGP in `ns`. In `conf`, `{helper}` names the API helper
     /// script to `run` in a `process` block.

@@ -496,64 +496,36 @@ async fn every_call_acts_on_its_own_attachment_only() {
     let p1 = Netns::create("pod").unwrap();
     let p2 = Netns::create("pod").unwrap();
     let ns = |p: &Netns| p.path().display().to_string();
-    ok(run(
-        &w,
-        &env_for("ADD", "c1", "eth0", &ns(&p1), "web-0"),
-        &good,
-    ));
-    let a2 = addr(&ok(run(
-        &w,
-        &env_for("ADD", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    )));
-    ok(run(&w, &env_for("DEL", "c1", "eth0", "", "web-0"), &good));
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    ));
+    // A call that must succeed: verb, container ID, interface, netns, pod.
+    let call = |verb: &str, id: &str, ifname: &str, netns: &str, pod: &str| {
+        ok(run(&w, &env_for(verb, id, ifname, netns, pod), &good))
+    };
+    call("ADD", "c1", "eth0", &ns(&p1), "web-0");
+    let a2 = addr(&call("ADD", "c2", "eth0", &ns(&p2), "web-0"));
+    call("DEL", "c1", "eth0", "", "web-0");
+    call("CHECK", "c2", "eth0", &ns(&p2), "web-0");
     p2.ping_ok(&w.node.v4.to_string()).unwrap();
     let (got, want) = w.settle_on(vec![a2.clone()]).await;
     assert_eq!(got, want);
 
     // A second interface of the same container (as Multus adds).
-    let b = addr(&ok(run(
-        &w,
-        &env_for("ADD", "c2", "net1", &ns(&p2), "web-0"),
-        &good,
-    )));
+    let b = addr(&call("ADD", "c2", "net1", &ns(&p2), "web-0"));
     assert_ne!(a2, b);
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    ));
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "net1", &ns(&p2), "web-0"),
-        &good,
-    ));
+    call("CHECK", "c2", "eth0", &ns(&p2), "web-0");
+    call("CHECK", "c2", "net1", &ns(&p2), "web-0");
     assert!(p2.ip(&["-o", "link", "show", "eth0"]).is_ok());
 
     // IDs whose handles collided before: a.b + c and a + b.c.
     let p3 = Netns::create("pod").unwrap();
-    let x = addr(&ok(run(
-        &w,
-        &env_for("ADD", "a.b", "c", &ns(&p3), "x"),
-        &good,
-    )));
-    let y = addr(&ok(run(
-        &w,
-        &env_for("ADD", "a", "b.c", &ns(&p3), "y"),
-        &good,
-    )));
+    let x = addr(&call("ADD", "a.b", "c", &ns(&p3), "x"));
+    let y = addr(&call("ADD", "a", "b.c", &ns(&p3), "y"));
     assert_ne!(x, y);
     let (got, want) = w
         .settle_on(vec![a2.clone(), b.clone(), x.clone(), y.clone()])
         .await;
     assert_eq!(got, want);
     // A DEL of an attachment that is not there touches nothing.
-    ok(run(&w, &env_for("DEL", "zz", "eth0", "", "web-0"), &good));
+    call("DEL", "zz", "eth0", "", "web-0");
     assert_eq!(w.cali_links().lines().count(), 4, "{}", w.cali_links());
 
     // GC: without the list it removes nothing; another network's GC
@@ -585,12 +557,8 @@ async fn every_call_acts_on_its_own_attachment_only() {
     let (got, want) = w.settle_on(vec![a2.clone(), x.clone()]).await;
     assert_eq!(got, want);
     assert_eq!(w.cali_links().lines().count(), 2, "{}", w.cali_links());
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    ));
-    ok(run(&w, &env_for("CHECK", "a.b", "c", &ns(&p3), "x"), &good));
+    call("CHECK", "c2", "eth0", &ns(&p2), "web-0");
+    call("CHECK", "a.b", "c", &ns(&p3), "x");
 
     // Bad identities and namespaces: refused, nothing made.
     let routes = w.node.ns.ip(&["route", "show", "default"]).unwrap();
@@ -647,11 +615,7 @@ async fn every_call_acts_on_its_own_attachment_only() {
     ])
     .unwrap();
     let p4 = Netns::create("pod").unwrap();
-    ok(run(
-        &w,
-        &env_for("ADD", "poke", "eth0", &ns_path(&p4), "poke"),
-        &good,
-    ));
+    call("ADD", "poke", "eth0", &ns_path(&p4), "poke");
     wait::until("the conflict reported", T, POLL, || {
         Ok(w.agent.log_tail(80).contains("not Margay's").then_some(()))
     })
@@ -661,11 +625,7 @@ async fn every_call_acts_on_its_own_attachment_only() {
     // Once it is gone, Margay's comes back.
     ns.ip(&["route", "del", &pod_route, "proto", "static"])
         .unwrap();
-    ok(run(
-        &w,
-        &env_for("ADD", "poke", "eth1", &ns_path(&p4), "poke"),
-        &good,
-    ));
+    call("ADD", "poke", "eth1", &ns_path(&p4), "poke");
     wait::until("the pod route back", T, POLL, || {
         let r = ns.ip(&["route", "show", &pod_route]).unwrap();
         Ok((r.contains("dev cali") && r.contains("proto 78")).then_some(()))

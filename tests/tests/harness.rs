@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp, gobgp_conf};
+use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp, exabgp_conf, gobgp_conf};
 use margay_harness::{Fabric, Netns, Node, kube::ApiServer, wait};
 
 const T: Duration = Duration::from_secs(30);
@@ -157,18 +157,8 @@ router bgp 64512
         true,
     )
     .expect("frr");
-    let exa = Exabgp::start(
-        &b.ns,
-        r#"process api { run {helper}; encoder json; }
-neighbor 10.99.0.1 {
-  router-id 10.99.0.2; local-address 10.99.0.2; local-as 64513; peer-as 64512;
-  hold-time 9;
-  family { ipv4 unicast; }
-  api { processes [ api ]; neighbor-changes; receive { parsed; update; } }
-}
-"#,
-    )
-    .expect("exabgp");
+    let exa =
+        Exabgp::start(&b.ns, &exabgp_conf("10.99.0.2", 64513, "10.99.0.1", 64512)).expect("exabgp");
     exa.command("announce route 10.244.7.0/26 next-hop self")
         .expect("announce");
     let route = kernel_route(&a, "ExaBGP's route in FRR's kernel table", "10.244.7.0/26")

@@ -84,6 +84,27 @@ fn stop_all(p: Vec<Pinger>, what: &str) {
     }
 }
 
+/// `kubectl -n NAMESPACE ARGS` (a change of the agents' DaemonSet) while
+/// pods ping across nodes: every agent replaced, traffic kept through it
+/// (`what`), and the pods still have the addresses `before`.
+async fn roll_under_traffic(
+    c: &mut Cluster,
+    before: &BTreeMap<String, String>,
+    what: &str,
+    args: &[&str],
+) {
+    let pings = pingers(c);
+    // Not a wait: a second of traffic before the change, to compare with.
+    std::thread::sleep(Duration::from_secs(1));
+    let agents = agent_pods(c);
+    kubectl(c, &[&["-n", NAMESPACE][..], args].concat());
+    rolled(c, &agents).await;
+    // Not a wait: traffic must go on for 2 s after the change too.
+    std::thread::sleep(Duration::from_secs(2));
+    stop_all(pings, what);
+    assert_eq!(addresses(c).await, *before, "pods kept their addresses");
+}
+
 /// Every agent pod replaced by `change` and ready again.
 async fn rolled(c: &Cluster, before: &[String]) {
     let api: Api<DaemonSet> = Api::namespaced(c.client.clone(), NAMESPACE);
@@ -199,25 +220,8 @@ async fn manifest_install_deployment_restart_and_upgrade() {
 
     // The agents restarted, then upgraded, while pods ping across nodes.
     let before = addresses(&mut c).await;
-    let pings = pingers(&c);
-    // Not a wait: a second of traffic before the change, to compare with.
-    std::thread::sleep(Duration::from_secs(1));
-    let agents = agent_pods(&c);
-    kubectl(
-        &c,
-        &[
-            "-n",
-            NAMESPACE,
-            "rollout",
-            "restart",
-            "daemonset/margay-agent",
-        ],
-    );
-    rolled(&c, &agents).await;
-    // Not a wait: traffic must go on for 2 s after the change too.
-    std::thread::sleep(Duration::from_secs(2));
-    stop_all(pings, "rollout restart");
-    assert_eq!(addresses(&mut c).await, before, "pods kept their addresses");
+    let restart = ["rollout", "restart", "daemonset/margay-agent"];
+    roll_under_traffic(&mut c, &before, "rollout restart", &restart).await;
 
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("margay-next.tar");
@@ -227,27 +231,12 @@ async fn manifest_install_deployment_restart_and_upgrade() {
     for n in &c.nodes {
         n.kubelet.as_ref().unwrap().import(&archive).unwrap();
     }
-    let pings = pingers(&c);
-    // Not a wait: a second of traffic before the change, to compare with.
-    std::thread::sleep(Duration::from_secs(1));
-    let agents = agent_pods(&c);
-    kubectl(
-        &c,
-        &[
-            "-n",
-            NAMESPACE,
-            "set",
-            "image",
-            "daemonset/margay-agent",
-            &format!("margay-agent={next}"),
-            &format!("install-cni={next}"),
-        ],
+    let (agent, cni) = (
+        format!("margay-agent={next}"),
+        format!("install-cni={next}"),
     );
-    rolled(&c, &agents).await;
-    // Not a wait: traffic must go on for 2 s after the change too.
-    std::thread::sleep(Duration::from_secs(2));
-    stop_all(pings, "image upgrade");
-    assert_eq!(addresses(&mut c).await, before, "pods kept their addresses");
+    let upgrade = ["set", "image", "daemonset/margay-agent", &agent, &cni];
+    roll_under_traffic(&mut c, &before, "image upgrade", &upgrade).await;
     let images = kubectl(
         &c,
         &[
