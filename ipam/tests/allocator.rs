@@ -44,6 +44,16 @@ fn cfg() -> IPAMConfigurationSpec {
     }
 }
 
+/// A store of pool `p` (`cidr`, blocks of /28) in which a node may claim
+/// one block.
+fn one_block_per_node(cidr: &str) -> Arc<MemStore> {
+    let cfg = IPAMConfigurationSpec {
+        max_blocks_per_node: 1,
+        ..cfg()
+    };
+    store(vec![pool("p", cidr, 28)], cfg)
+}
+
 #[tokio::test]
 async fn a_burst_costs_a_few_writes() {
     let s = store(vec![pool("p", "10.0.0.0/16", 26)], cfg());
@@ -122,13 +132,7 @@ async fn exhaustion_is_a_clear_error() {
 
 #[tokio::test]
 async fn borrowing_and_node_deletion() {
-    let s = store(
-        vec![pool("p", "10.0.0.0/27", 28)],
-        IPAMConfigurationSpec {
-            max_blocks_per_node: 1,
-            ..cfg()
-        },
-    );
+    let s = one_block_per_node("10.0.0.0/27");
     let a = Allocator::start(s.clone(), "n1", Options::default());
     let b = Allocator::start(s.clone(), "n2", Options::default());
     for i in 0..16 {
@@ -232,13 +236,7 @@ async fn gc_waits_out_its_grace_and_rechecks() {
 /// broken.
 #[tokio::test]
 async fn a_view_kept_by_a_watch_lists_nothing_again() {
-    let s = store(
-        vec![pool("p", "10.0.0.0/28", 28)],
-        IPAMConfigurationSpec {
-            max_blocks_per_node: 1,
-            ..cfg()
-        },
-    );
+    let s = one_block_per_node("10.0.0.0/28");
     s.enable_feed();
     let a = Allocator::start(s.clone(), "n1", Options::default());
     let b = Allocator::start(s.clone(), "n2", Options::default());
