@@ -395,11 +395,18 @@ async fn task_ended<T>(s: &Arc<T>) {
     .expect("the allocator's task ended");
 }
 
-#[tokio::test]
-async fn the_task_ends_with_its_last_handle_even_mid_request() {
+/// n1's allocator over a [`Trapped`] store, one pod assigned (the store
+/// still answering).
+async fn trapped_with_one_pod() -> (Arc<Trapped>, Allocator) {
     let s = Trapped::new(store(vec![pool("p", "10.0.0.0/24", 26)], cfg()));
     let a = Allocator::start(s.clone(), "n1", Options::default());
     a.assign(req("a")).await.unwrap();
+    (s, a)
+}
+
+#[tokio::test]
+async fn the_task_ends_with_its_last_handle_even_mid_request() {
+    let (s, a) = trapped_with_one_pod().await;
     // A request the store never answers: the task waits in it.
     s.set(Trap::Hang);
     let gave_up = tokio::time::timeout(Duration::from_millis(50), a.assign(req("b"))).await;
@@ -413,9 +420,7 @@ async fn the_task_ends_with_its_last_handle_even_mid_request() {
 
 #[tokio::test]
 async fn a_task_that_died_answers_stopped_and_never_hangs() {
-    let s = Trapped::new(store(vec![pool("p", "10.0.0.0/24", 26)], cfg()));
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    a.assign(req("a")).await.unwrap();
+    let (s, a) = trapped_with_one_pod().await;
     s.set(Trap::Panic);
     // The request in the batch that killed the task, and every one after.
     for h in ["b", "c"] {

@@ -365,8 +365,8 @@ impl Run {
     }
 
     /// It ends once every node's status is clean again (timing that).
-    async fn end_when_clean(&mut self, p: Phase, what: &str, timeout: Duration) {
-        let after = self.until(what, timeout, clean).await;
+    async fn end_when_clean(&mut self, p: Phase, what: &str, secs: u64) {
+        let after = self.until(what, Duration::from_secs(secs), clean).await;
         self.end(p, Some(after));
     }
 
@@ -537,12 +537,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
     run.c.api.start_apiserver().await.expect("apiserver back");
-    run.end_when_clean(
-        p,
-        "a clean status after the apiserver returned",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after the apiserver returned", 90)
+        .await;
     run.idle(Duration::from_secs(5), &all, true).await;
 
     // 2. The apiserver frozen.
@@ -564,12 +560,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
     run.c.api.freeze(false).unwrap();
-    run.end_when_clean(
-        p,
-        "a clean status after the apiserver thawed",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after the apiserver thawed", 90)
+        .await;
     run.idle(Duration::from_secs(5), &all, true).await;
 
     // 3. node1 cut off; its agent killed and started again meanwhile.
@@ -600,12 +592,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &[1, 2], true)
         .await;
     cut_off(&run.c.nodes[0].node.ns, port, false);
-    run.end_when_clean(
-        p,
-        "a clean status after node1 reached the API again",
-        Duration::from_secs(120),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after node1 reached the API again", 120)
+        .await;
     assert_eq!(
         run.c.nodes[0].restarts.count, 1,
         "node1's agent was started again"
@@ -616,12 +604,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("etcd restarted");
     run.c.api.restart_etcd().expect("etcd");
     run.idle(Duration::from_secs(10), &[0, 1, 2], false).await;
-    run.end_when_clean(
-        p,
-        "a clean status after etcd returned",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after etcd returned", 90)
+        .await;
 
     // 5. What restarts the speaker (AS, port), changed and changed back;
     // what does not (communities, restart time).
@@ -648,12 +632,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         patch_bgp(&run.c, spec).await;
         run.idle(Duration::from_secs(12), &[0, 1, 2], true).await;
     }
-    run.end_when_clean(
-        p,
-        "a clean status after the BGP edits",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after the BGP edits", 90)
+        .await;
 
     // 6. A stale Node announcing node2's address, as an agent of an earlier
     // version did (annotations only): the leader writes its MargayNode
@@ -737,22 +717,14 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("node2's agent SIGKILLed");
     run.c.crash_agent(1).unwrap();
     run.idle(Duration::from_secs(15), &[0, 2], true).await;
-    run.end_when_clean(
-        p,
-        "a clean status after node2's agent came back",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after node2's agent came back", 90)
+        .await;
     let p = run.begin("node1's and node3's agents SIGKILLed at once");
     run.c.crash_agent(0).unwrap();
     run.c.crash_agent(2).unwrap();
     run.idle(Duration::from_secs(15), &[1], true).await;
-    run.end_when_clean(
-        p,
-        "a clean status after both came back",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after both came back", 90)
+        .await;
     run.idle(Duration::from_secs(10), &all, true).await;
 
     // The end: traffic and routes, then the ledger.

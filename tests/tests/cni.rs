@@ -633,6 +633,15 @@ async fn every_call_acts_on_its_own_attachment_only() {
     .unwrap();
 }
 
+/// Spawns `cmd` with `input` written to its stdin (closed after it).
+fn spawn_fed(cmd: &mut std::process::Command, input: &str) -> std::process::Child {
+    let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    child
+}
+
 fn ns_path(p: &Netns) -> String {
     p.path().display().to_string()
 }
@@ -657,13 +666,7 @@ async fn an_add_whose_caller_is_killed_leaves_nothing() {
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(good.as_bytes())
-        .unwrap();
+    let mut child = spawn_fed(&mut cmd, &good);
     // Not a wait: the ADD hangs on the frozen datastore for 2 s, then its
     // caller dies (nothing to observe; the outage window is the test).
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1128,14 +1131,9 @@ async fn non_root_callers_are_refused() {
             .env("CNI_NETNS", pod.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(w.conf(json!({})).as_bytes())
+        let out = spawn_fed(&mut cmd, &w.conf(json!({})))
+            .wait_with_output()
             .unwrap();
-        let out = child.wait_with_output().unwrap();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (out.status.success(), v)
     };

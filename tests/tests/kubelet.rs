@@ -127,23 +127,23 @@ async fn rolled(c: &Cluster, before: &[String]) {
     .unwrap();
 }
 
-fn agent_pods(c: &Cluster) -> Vec<String> {
+/// `jsonpath` over the agent pods.
+fn of_agent_pods(c: &Cluster, jsonpath: &str) -> String {
+    let selector = "app.kubernetes.io/name=margay";
+    let jsonpath = format!("jsonpath={jsonpath}");
     kubectl(
         c,
         &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=margay",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
+            "-n", NAMESPACE, "get", "pods", "-l", selector, "-o", &jsonpath,
         ],
     )
-    .split_whitespace()
-    .map(str::to_string)
-    .collect()
+}
+
+fn agent_pods(c: &Cluster) -> Vec<String> {
+    of_agent_pods(c, "{.items[*].metadata.name}")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,19 +237,7 @@ async fn manifest_install_deployment_restart_and_upgrade() {
     );
     let upgrade = ["set", "image", "daemonset/margay-agent", &agent, &cni];
     roll_under_traffic(&mut c, &before, "image upgrade", &upgrade).await;
-    let images = kubectl(
-        &c,
-        &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=margay",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ],
-    );
+    let images = of_agent_pods(&c, "{.items[*].spec.containers[0].image}");
     assert_eq!(
         images.split_whitespace().filter(|i| *i == next).count(),
         3,
