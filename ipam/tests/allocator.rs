@@ -44,6 +44,13 @@ fn cfg() -> IPAMConfigurationSpec {
     }
 }
 
+/// Assigns `{prefix}{i}` for every `i` of `range`, each succeeding.
+async fn assign_all(a: &Allocator, prefix: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        a.assign(req(&format!("{prefix}{i}"))).await.unwrap();
+    }
+}
+
 /// A store of pool `p` (`cidr`, blocks of /28) in which a node may claim
 /// one block.
 fn one_block_per_node(cidr: &str) -> Arc<MemStore> {
@@ -117,9 +124,7 @@ async fn exhaustion_is_a_clear_error() {
         },
     );
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    for i in 0..4 {
-        a.assign(req(&format!("h{i}"))).await.unwrap();
-    }
+    assign_all(&a, "h", 0..4).await;
     let e = a.assign(req("h4")).await.unwrap_err();
     assert!(matches!(e, Error::Exhausted { .. }), "{e}");
     let msg = e.to_string();
@@ -135,12 +140,8 @@ async fn borrowing_and_node_deletion() {
     let s = one_block_per_node("10.0.0.0/27");
     let a = Allocator::start(s.clone(), "n1", Options::default());
     let b = Allocator::start(s.clone(), "n2", Options::default());
-    for i in 0..16 {
-        a.assign(req(&format!("a{i}"))).await.unwrap();
-    }
-    for i in 0..16 {
-        b.assign(req(&format!("b{i}"))).await.unwrap();
-    }
+    assign_all(&a, "a", 0..16).await;
+    assign_all(&b, "b", 0..16).await;
     for i in 0..16 {
         s.set_pod("default", &format!("a{i}"), &format!("uid-a{i}"));
         s.set_pod("default", &format!("b{i}"), &format!("uid-b{i}"));
@@ -179,9 +180,7 @@ async fn borrowing_and_node_deletion() {
 async fn empty_blocks_are_released_but_one_is_kept() {
     let s = store(vec![pool("p", "10.0.0.0/24", 28)], cfg());
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    for i in 0..40 {
-        a.assign(req(&format!("h{i}"))).await.unwrap();
-    }
+    assign_all(&a, "h", 0..40).await;
     assert_eq!(s.snapshot().len(), 3);
     for i in 0..40 {
         a.release(&format!("h{i}")).await.unwrap();
@@ -194,9 +193,7 @@ async fn empty_blocks_are_released_but_one_is_kept() {
         empty_block_grace_seconds: 3600,
         ..cfg()
     });
-    for i in 0..40 {
-        a.assign(req(&format!("g{i}"))).await.unwrap();
-    }
+    assign_all(&a, "g", 0..40).await;
     for i in 0..40 {
         a.release(&format!("g{i}")).await.unwrap();
     }
@@ -242,9 +239,7 @@ async fn a_view_kept_by_a_watch_lists_nothing_again() {
     let b = Allocator::start(s.clone(), "n2", Options::default());
     // n2's view is loaded (from its watch's list) before n1 fills the pool.
     assert_eq!(b.blocks().await.unwrap(), vec![]);
-    for i in 0..16 {
-        a.assign(req(&format!("a{i}"))).await.unwrap();
-    }
+    assign_all(&a, "a", 0..16).await;
     let e = b.assign(req("b0")).await.unwrap_err();
     assert!(matches!(e, Error::Exhausted { .. }), "{e}");
     // n1 frees one: n2 learns it from its watch and borrows it.
@@ -272,9 +267,7 @@ async fn a_view_kept_by_a_watch_lists_nothing_again() {
 async fn a_view_without_a_watch_is_listed_before_saying_no() {
     let s = store(vec![pool("p", "10.0.0.0/28", 28)], cfg());
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    for i in 0..16 {
-        a.assign(req(&format!("a{i}"))).await.unwrap();
-    }
+    assign_all(&a, "a", 0..16).await;
     assert_eq!(s.lists(), 1);
     for i in 16..19 {
         assert!(matches!(

@@ -420,9 +420,10 @@ impl Env {
 
     /// Upstream's most common case: `name` over `pods`, one `policy`
     /// created in x, and the table `want` makes of full reachability
-    /// validated on 80/tcp.
+    /// validated on `port`/tcp.
     async fn one_policy_in_x(
         &mut self,
+        port: u16,
         name: &str,
         pods: &[&str],
         policy: Value,
@@ -432,7 +433,7 @@ impl Env {
         self.create("x", policy).await;
         let mut r = self.reach(true);
         want(&mut r);
-        self.validate(80, TCP, &r).await;
+        self.validate(port, TCP, &r).await;
     }
 
     /// Upstream's ValidateOrFail, after checking that the specification
@@ -530,6 +531,7 @@ async fn tcp_and_udp_cases() {
     let t0 = Instant::now();
 
     e.one_policy_in_x(
+        80,
         "should support a 'default-deny-ingress' policy",
         &["x/a", "x/b", "y/a", "y/b"],
         policy("deny-ingress", json!({}), Some(json!([])), None),
@@ -540,6 +542,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should support a 'default-deny-all' policy",
         &["x/a", "x/b", "y/a"],
         policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
@@ -550,6 +553,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic from pods within server namespace based on PodSelector",
         &["x/a", "x/b", "x/c", "y/a"],
         ingress_to_a(
@@ -582,6 +586,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy to allow ingress traffic from pods in all namespaces",
         &["x/a", "x/b", "y/a", "z/a"],
         ingress_to_a(
@@ -593,6 +598,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
         &["x/a", "x/b", "y/a", "z/a"],
         ingress_to_a(
@@ -606,6 +612,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on PodSelector with MatchExpressions",
         &["x/a", "x/b", "y/a"],
         ingress_to_a(
@@ -620,6 +627,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on NamespaceSelector with MatchExpressions",
         &["x/a", "x/b", "y/a", "z/a"],
         ingress_to_a(
@@ -634,6 +642,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on PodSelector or NamespaceSelector",
         &["x/a", "x/b", "x/c", "y/a"],
         ingress_to_a(
@@ -647,6 +656,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on PodSelector and NamespaceSelector",
         &["x/a", "x/b", "y/a", "y/b", "z/b"],
         ingress_to_a(
@@ -662,6 +672,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on Multiple PodSelectors and NamespaceSelectors",
         &["x/a", "x/b", "y/a", "y/b", "y/c"],
         ingress_to_a(
@@ -676,6 +687,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on any PodSelectors",
         &["x/a", "x/b", "x/c"],
         ingress_to_a(
@@ -691,6 +703,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector",
         &["x/a", "x/b", "y/a", "y/b", "z/a"],
         ingress_to_a(
@@ -756,6 +769,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &allow).await;
 
     e.one_policy_in_x(
+        80,
         "should support allow-all policy",
         &["x/a", "x/b", "y/a"],
         policy("allow-all", json!({}), Some(json!([{}])), None),
@@ -764,27 +778,25 @@ async fn tcp_and_udp_cases() {
     .await;
     e.validate(81, TCP, &e.reach(true)).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should allow ingress access on one named port",
         &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-all",
             json!({}),
             Some(json!([{"ports": [{"port": "serve-81-tcp"}]}])),
             None,
         ),
+        |_| {},
     )
     .await;
-    e.validate(81, TCP, &e.reach(true)).await;
     let mut r = e.reach(true);
     r.peer("*", "x", false);
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should allow ingress access from namespace on one named port",
         &["x/a", "x/b", "y/a", "z/a"],
         ingress_to_a(
@@ -802,6 +814,7 @@ async fn tcp_and_udp_cases() {
     e.validate(81, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should allow egress access on one named port",
         &["x/a", "y/a"],
         policy(
@@ -817,19 +830,19 @@ async fn tcp_and_udp_cases() {
     r.peer("x", "*", false);
     e.validate(81, TCP, &r).await;
 
-    e.case("should enforce updated policy", &["x/a", "y/a"])
-        .await;
-    e.create(
-        "x",
+    e.one_policy_in_x(
+        81,
+        "should enforce updated policy",
+        &["x/a", "y/a"],
         policy(
             "allow-all-mutate-to-deny-all",
             json!({}),
             Some(json!([{}])),
             None,
         ),
+        |_| {},
     )
     .await;
-    e.validate(81, TCP, &e.reach(true)).await;
     e.update(
         "x",
         policy(
@@ -845,6 +858,7 @@ async fn tcp_and_udp_cases() {
     e.validate(81, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should allow ingress access from updated namespace",
         &["x/a", "y/a"],
         ingress_to_a(
@@ -862,6 +876,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should allow ingress access from updated pod",
         &["x/a", "x/b"],
         ingress_to_a(
@@ -880,6 +895,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should deny ingress from pods on other namespaces",
         &["x/a", "x/b", "y/a", "z/a"],
         policy(
@@ -895,6 +911,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should deny ingress access to updated pod",
         &["x/a", "y/a"],
         policy(
@@ -912,6 +929,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should deny egress from pods based on PodSelector",
         &["x/a", "x/b", "y/a"],
         policy("deny-egress-pod-a", pod_is("a"), None, Some(json!([]))),
@@ -922,6 +940,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should deny egress from all pods in a namespace",
         &["x/a", "x/b", "y/a"],
         policy("deny-egress-ns-x", json!({}), None, Some(json!([]))),
@@ -932,6 +951,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should work with Ingress, Egress specified together",
         &["x/a", "x/b", "x/c", "y/a"],
         policy(
@@ -991,6 +1011,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector",
         &["x/a", "y/a", "y/b"],
         policy(
@@ -1006,6 +1027,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce ingress policy allowing any port traffic to a server on a specific protocol",
         &["x/a", "y/a"],
         ingress_to_a(
@@ -1019,24 +1041,21 @@ async fn tcp_and_udp_cases() {
     r.peer("*", "x/a", false);
     e.validate(80, UDP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should enforce multiple ingress policies with ingress allow-all policy taking precedence",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-ingress-port-80",
             json!({}),
             Some(json!([{"ports": [{"port": 80}]}])),
             None,
         ),
+        |r| {
+            r.peer("*", "x", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false);
-    e.validate(81, TCP, &r).await;
     e.create(
         "x",
         policy("allow-ingress", json!({}), Some(json!([{}])), None),
@@ -1044,24 +1063,21 @@ async fn tcp_and_udp_cases() {
     .await;
     e.validate(81, TCP, &e.reach(true)).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should enforce multiple egress policies with egress allow-all policy taking precedence",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-egress-port-80",
             json!({}),
             None,
             Some(json!([{"ports": [{"port": 80}]}])),
         ),
+        |r| {
+            r.peer("x", "*", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "*", false);
-    e.validate(81, TCP, &r).await;
     e.create(
         "x",
         policy("allow-egress", json!({}), None, Some(json!([{}]))),
@@ -1070,6 +1086,7 @@ async fn tcp_and_udp_cases() {
     e.validate(81, TCP, &e.reach(true)).await;
 
     e.one_policy_in_x(
+        80,
         "should stop enforcing policies after they are deleted",
         &["x/a", "y/a"],
         policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
@@ -1109,6 +1126,7 @@ async fn tcp_and_udp_cases() {
         Some(json!([{"to": [{"ipBlock": {"cidr": large_cidr(e.ip("x/b")), "except": [xb]}}]}])),
     );
     e.one_policy_in_x(
+        80,
         "should enforce except clause while egress access to server in CIDR block",
         &["x/a", "x/b", "x/c"],
         around_xb.clone(),
@@ -1119,6 +1137,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
         &["x/a", "x/b", "x/c"],
         around_xb,
@@ -1142,6 +1161,7 @@ async fn tcp_and_udp_cases() {
     e.validate(80, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector",
         &["x/a", "x/b", "y/a"],
         policy(
@@ -1184,41 +1204,36 @@ async fn tcp_and_udp_cases() {
     r.peer("*", "x", false);
     e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         ingress_to_a(
             "allow-only-sctp-ingress-on-port-80",
             json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should not allow access by TCP when a policy specifies only UDP",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         ingress_to_a(
             "allow-only-udp-ingress-on-port-81",
             json!([{"ports": [{"port": 81, "protocol": "UDP"}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(81, TCP, &r).await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label",
         &["x/a", "x/b", "y/a", "z/a"],
         ingress_to_a(
@@ -1232,6 +1247,7 @@ async fn tcp_and_udp_cases() {
     .await;
 
     e.one_policy_in_x(
+        80,
         "should enforce policy based on NamespaceSelector with MatchExpressions using default ns label",
         &["x/a", "x/b", "y/a", "z/a"],
         policy(
