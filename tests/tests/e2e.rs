@@ -63,11 +63,10 @@ async fn blocks_of(c: &Cluster, node: &str) -> Vec<String> {
 
 /// Whether namespace `ns`'s route to `prefix` mentions `what`
 /// (`proto 79`, `blackhole`).
-fn route_has(ns: &str, prefix: &str, what: &str) -> Result<bool, String> {
+fn route_has(ns: &str, prefix: &str, what: &str) -> Result<bool, wait::Seen> {
     let out = std::process::Command::new("ip")
         .args(["-n", ns, "route", "show", prefix])
-        .output()
-        .map_err(|e| e.to_string())?;
+        .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).contains(what))
 }
 
@@ -430,7 +429,7 @@ async fn an_address_borrowed_from_another_nodes_block_is_routed() {
             if left.is_empty() {
                 Ok(Some(()))
             } else {
-                Err(format!("still routed on {left:?}"))
+                Err(format!("still routed on {left:?}").into())
             }
         },
     )
@@ -527,7 +526,7 @@ async fn route_reflectors_with_the_mesh_off() {
             if out.contains("BGPPeer typo ignored") {
                 Ok(Some(()))
             } else {
-                Err(out)
+                Err(out.into())
             }
         },
     )
@@ -669,7 +668,7 @@ async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
                 .find(|c| c.type_ == "Ready");
             match ready {
                 Some(r) if r.reason == "CorruptBlock" && r.message.contains(&name) => Ok(Some(())),
-                other => Err(format!("{other:?}")),
+                other => Err(format!("{other:?}").into()),
             }
         }
     })
@@ -691,7 +690,11 @@ async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
         let (code, out, _) = c
             .margayctl(1, &["ipam", "check"])
             .map_err(|e| e.to_string())?;
-        if code == 0 { Ok(Some(())) } else { Err(out) }
+        if code == 0 {
+            Ok(Some(()))
+        } else {
+            Err(out.into())
+        }
     })
     .unwrap();
     c.wait_connected(T).await.unwrap();
