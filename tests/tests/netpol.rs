@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod as KubePod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use margay_harness::paths;
+use margay_harness::{paths, wait};
 use margay_lab::cluster::{Cluster, PodOpts};
 use margay_policy::spec::{self, Connection};
 use margay_policy::{Namespace, Pod, Policy, Proto, World};
@@ -344,27 +344,29 @@ impl Env {
     }
 
     async fn probe_until(&self, port: u16, proto: Proto, want: &Reach, what: &str) {
-        let t0 = Instant::now();
-        loop {
+        let what = format!("{what}: {port}/{}", proto.name());
+        let (t45, every) = (Duration::from_secs(45), Duration::from_millis(250));
+        wait::until_async(&what, t45, every, || {
             let got = self.observe(port, proto);
             let wrong: Vec<String> = want
                 .pairs()
                 .filter(|(k, ok)| got.get(k) != Some(ok))
                 .map(|((f, t), ok)| format!("{} -> {} expected {ok}", model_name(f), model_name(t)))
                 .collect();
-            if wrong.is_empty() {
-                return;
-            }
-            if t0.elapsed() > Duration::from_secs(45) {
-                panic!(
-                    "{what}: {port}/{}: still wrong after 45 s: {wrong:?}\nexpected:\n{}observed:\n{}",
-                    proto.name(),
+            let seen = if wrong.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!(
+                    "still wrong: {wrong:?}\nexpected:\n{}observed:\n{}",
                     want.table(&want.m),
                     want.table(&got)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+                )
+                .into())
+            };
+            async move { seen }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The world as the API server holds it now.

@@ -323,21 +323,16 @@ fn outcomes(c: &Cluster, probes: &[(&str, String)]) -> Vec<Outcome> {
 /// Waits until every (from, target, outcome) holds.
 async fn until(c: &Cluster, want: &[(&str, String, Outcome)], what: &str) {
     let probes: Vec<(&str, String)> = want.iter().map(|(f, t, _)| (*f, t.clone())).collect();
-    let t = Instant::now();
-    loop {
+    margay_tests::until_none_wrong(what, T, Duration::from_millis(200), || {
         let got = outcomes(c, &probes);
-        let wrong: Vec<_> = want
-            .iter()
+        want.iter()
             .zip(&got)
             .filter(|((_, _, w), g)| w != *g)
             .map(|((f, t, w), g)| format!("{f} -> {t}: {g}, want {w}"))
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(t.elapsed() < T, "{what}: still {wrong:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .collect()
+    })
+    .await
+    .unwrap();
 }
 
 fn at(c: &Cluster, name: &str, port: u16) -> String {

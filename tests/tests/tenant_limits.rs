@@ -476,20 +476,21 @@ async fn large_rules_neither_break_a_node_nor_open_pods(c: &mut Cluster, long: &
     assert!(out[at..].contains("NOT ENFORCED AS WRITTEN ("), "{out}");
     // A Warning Event on the policy, from the leader:
     let events: Api<Event> = Api::namespaced(c.client.clone(), "w");
-    let t = Instant::now();
-    loop {
-        let list = events.list(&ListParams::default()).await.unwrap().items;
+    let every = Duration::from_millis(300);
+    wait::until_async("a NotEnforcedAsWritten Event", T, every, || async {
+        let list = events.list(&ListParams::default()).await?.items;
         if list.iter().any(|e| {
             e.reason.as_deref() == Some("NotEnforcedAsWritten")
                 && e.type_.as_deref() == Some("Warning")
                 && e.involved_object.kind.as_deref() == Some("NetworkPolicy")
                 && e.involved_object.name.as_deref() == Some("too-large")
         }) {
-            break;
+            return Ok(Some(()));
         }
-        assert!(t.elapsed() < T, "no NotEnforcedAsWritten Event: {list:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        Err(format!("{list:?}").into())
+    })
+    .await
+    .unwrap();
 
     // An ADD into w afterwards succeeds, and that pod is closed too; the
     // other policies hold.
