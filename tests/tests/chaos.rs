@@ -329,9 +329,10 @@ impl Run {
     async fn until(
         &mut self,
         what: &str,
-        timeout: Duration,
+        secs: u64,
         f: impl Fn(&Cluster) -> Result<(), String>,
     ) -> f64 {
+        let timeout = Duration::from_secs(secs);
         let t = Instant::now();
         let mut last = String::new();
         let mut said = Instant::now();
@@ -366,7 +367,7 @@ impl Run {
 
     /// It ends once every node's status is clean again (timing that).
     async fn end_when_clean(&mut self, p: Phase, what: &str, secs: u64) {
-        let after = self.until(what, Duration::from_secs(secs), clean).await;
+        let after = self.until(what, secs, clean).await;
         self.end(p, Some(after));
     }
 
@@ -496,8 +497,7 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", tail(&run.c.agent_log(0), 40)));
     let all = [0usize, 1, 2];
     // Start-up grace: every node clean, some churn.
-    run.until("a clean start", Duration::from_secs(90), clean)
-        .await;
+    run.until("a clean start", 90, clean).await;
     let blocks = run.c.blocks().await.unwrap();
     let expect = run
         .c
@@ -522,17 +522,13 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("apiserver stopped 60 s");
     run.c.api.stop_apiserver().expect("stop the apiserver");
     let down = Instant::now();
-    run.until(
-        "node1 to see the API down and stay ready",
-        Duration::from_secs(45),
-        |c| {
-            let s = status(c, 0).ok_or("no status")?;
-            if (s.api.answering && s.routing.datastore_ok) || !s.ready {
-                return Err(format!("{:?} ready {} {:?}", s.api, s.ready, s.not_ready));
-            }
-            Ok(())
-        },
-    )
+    run.until("node1 to see the API down and stay ready", 45, |c| {
+        let s = status(c, 0).ok_or("no status")?;
+        if (s.api.answering && s.routing.datastore_ok) || !s.ready {
+            return Err(format!("{:?} ready {} {:?}", s.api, s.ready, s.not_ready));
+        }
+        Ok(())
+    })
     .await;
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
@@ -545,17 +541,13 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("apiserver frozen 60 s");
     run.c.api.freeze(true).unwrap();
     let down = Instant::now();
-    run.until(
-        "node1 to see the API not answering",
-        Duration::from_secs(55),
-        |c| {
-            let s = status(c, 0).ok_or("no status")?;
-            if s.api.answering || !s.ready {
-                return Err(format!("{:?} ready {}", s.api, s.ready));
-            }
-            Ok(())
-        },
-    )
+    run.until("node1 to see the API not answering", 55, |c| {
+        let s = status(c, 0).ok_or("no status")?;
+        if s.api.answering || !s.ready {
+            return Err(format!("{:?} ready {}", s.api, s.ready));
+        }
+        Ok(())
+    })
     .await;
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
@@ -569,7 +561,7 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let port = run.c.api.port();
     cut_off(&run.c.nodes[0].node.ns, port, true);
     let down = Instant::now();
-    run.until("node1 to see the API down", Duration::from_secs(45), |c| {
+    run.until("node1 to see the API down", 45, |c| {
         let s = status(c, 0).ok_or("no status")?;
         if s.api.answering && s.routing.datastore_ok {
             return Err(format!("{:?}", s.api));
