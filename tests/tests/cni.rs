@@ -1304,19 +1304,15 @@ state = "{state}"
     assert!(ip.starts_with("10.244.0."), "pod IP {ip:?}");
     // The pod answers from its node, and IPAM recorded it for the pod.
     w.node.ns.ping_ok(&ip).unwrap();
-    let mut recorded = None;
-    for _ in 0..200 {
-        recorded = margay_tests::allocations(&w.client)
-            .await
-            .into_iter()
-            .find(|(a, r)| *a == ip && r.pod.is_some())
-            .map(|(_, r)| r);
-        if recorded.is_some() {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let recorded = recorded.expect("attribution written");
+    let recorded = wait::until_async("attribution written", POLL * 200, POLL, || async {
+        let all = margay_tests::allocations(&w.client).await.into_iter();
+        Ok(all
+            .filter(|(a, r)| *a == ip && r.pod.is_some())
+            .map(|(_, r)| r)
+            .next())
+    })
+    .await
+    .expect("attribution written");
     let pod = recorded.pod.unwrap();
     assert_eq!(
         (pod.namespace.as_str(), pod.name.as_str()),
@@ -1354,18 +1350,20 @@ async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
     w.add("warm", &warm, "warm");
     w.cnitool("del", "warm", &warm.path(), "warm").expect("DEL");
     // Spares ready: 8 pre-assigned addresses of n1 in the datastore.
-    let mut spares = 0;
-    for _ in 0..200 {
-        spares = margay_tests::allocations(&w.client)
-            .await
+    let spares = wait::until_async("3 spares", POLL * 200, POLL, || async {
+        let all = margay_tests::allocations(&w.client).await;
+        let n = all
             .iter()
             .filter(|(_, a)| a.handle.starts_with("spare.n1."))
             .count();
-        if spares >= 3 {
-            break;
+        if n >= 3 {
+            Ok(Some(n))
+        } else {
+            Err(format!("{n} spares").into())
         }
-        tokio::time::sleep(POLL).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(spares >= 3, "only {spares} spares");
     w.api.freeze(true).unwrap();
     let pods: Vec<Netns> = (0..3).map(|_| Netns::create("pod").unwrap()).collect();
