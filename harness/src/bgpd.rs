@@ -89,6 +89,26 @@ pub struct Gobgp {
     _dir: tempfile::TempDir,
 }
 
+/// A gobgpd configuration: AS `asn` at `me` (router ID and source
+/// address), one neighbour `peer` of AS `peer_as`, hold time 9 s.
+pub fn gobgp_conf(asn: u32, me: &str, peer: &str, peer_as: u32) -> String {
+    format!(
+        r#"
+[global.config]
+  as = {asn}
+  router-id = "{me}"
+  local-address-list = ["{me}"]
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{peer}"
+    peer-as = {peer_as}
+  [neighbors.timers.config]
+    hold-time = 9
+    keepalive-interval = 3
+"#
+    )
+}
+
 impl Gobgp {
     /// Starts gobgpd in `ns` with TOML config `conf`; its API listens on the
     /// namespace's own loopback.
@@ -233,6 +253,22 @@ impl Frr {
 pub struct Exabgp {
     daemon: Daemon,
     dir: tempfile::TempDir,
+}
+
+/// An ExaBGP configuration: `me` (AS `local_as`) peering with `peer`
+/// (AS `peer_as`), hold time 9 s, IPv4 unicast, everything it hears
+/// reported to [`Exabgp::received`].
+pub fn exabgp_conf(me: &str, local_as: u32, peer: &str, peer_as: u32) -> String {
+    format!(
+        r#"process api {{ run {{helper}}; encoder json; }}
+neighbor {peer} {{
+  router-id {me}; local-address {me}; local-as {local_as}; peer-as {peer_as};
+  hold-time 9;
+  family {{ ipv4 unicast; }}
+  api {{ processes [ api ]; neighbor-changes; receive {{ parsed; update; }} }}
+}}
+"#
+    )
 }
 
 impl Exabgp {

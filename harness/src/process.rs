@@ -113,7 +113,7 @@ impl Daemon {
         mut probe: impl FnMut() -> Option<T>,
     ) -> Result<T> {
         crate::wait::until(what, timeout, every, || {
-            self.ensure_running().map_err(|e| e.to_string())?;
+            self.ensure_running()?;
             Ok(probe())
         })
     }

@@ -2,10 +2,62 @@
 //! [`until`] waits for something to happen; [`holds_for`] checks that
 //! something never happens during a window (it fails at the first
 //! observation that breaks it, instead of sleeping and looking once).
+//! A poll that cannot answer yet says why with a [`Seen`], which the
+//! deadline's error reports.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
+
+/// What one poll observed instead of its answer: why [`until`] is not
+/// done yet, or what broke a [`holds_for`]. Not an error by itself: the
+/// wait turns the last one into [`Error::Timeout`] or [`Error::Broke`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen(pub String);
+
+impl fmt::Display for Seen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for Seen {
+    fn from(s: String) -> Self {
+        Seen(s)
+    }
+}
+
+impl From<&str> for Seen {
+    fn from(s: &str) -> Self {
+        Seen(s.to_owned())
+    }
+}
+
+impl From<Error> for Seen {
+    fn from(e: Error) -> Self {
+        Seen(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Seen {
+    fn from(e: std::io::Error) -> Self {
+        Seen(e.to_string())
+    }
+}
+
+impl From<::kube::Error> for Seen {
+    fn from(e: ::kube::Error) -> Self {
+        Seen(e.to_string())
+    }
+}
+
+/// A poll's answer: `Ok(Some(v))` done, `Ok(None)` not yet, `Err` not yet
+/// and why.
+pub type Poll<T> = std::result::Result<Option<T>, Seen>;
+
+/// A [`holds_for`] look: `Ok(true)` still holds, `Ok(false)` or `Err` broke.
+pub type Look = std::result::Result<bool, Seen>;
 
 /// Polls `f` every `every` until it returns `Some`, or fails after `timeout`
 /// with a message naming `what` and the last observation.
@@ -13,7 +65,7 @@ pub fn until<T>(
     what: &str,
     timeout: Duration,
     every: Duration,
-    mut f: impl FnMut() -> std::result::Result<Option<T>, String>,
+    mut f: impl FnMut() -> Poll<T>,
 ) -> Result<T> {
     let start = Instant::now();
     let mut last = String::new();
@@ -21,7 +73,7 @@ pub fn until<T>(
         match f() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
-            Err(e) => last = e,
+            Err(e) => last = e.0,
         }
         if start.elapsed() > timeout {
             return Err(timed_out(what, timeout, &last));
@@ -39,7 +91,7 @@ pub async fn until_async<T, F, Fut>(
 ) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<Option<T>, String>>,
+    Fut: std::future::Future<Output = Poll<T>>,
 {
     let start = Instant::now();
     let mut last = String::new();
@@ -47,7 +99,7 @@ where
         match f().await {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
-            Err(e) => last = e,
+            Err(e) => last = e.0,
         }
         if start.elapsed() > timeout {
             return Err(timed_out(what, timeout, &last));
@@ -62,14 +114,14 @@ pub fn holds_for(
     what: &str,
     window: Duration,
     every: Duration,
-    mut ok: impl FnMut() -> std::result::Result<bool, String>,
+    mut ok: impl FnMut() -> Look,
 ) -> Result<()> {
     let start = Instant::now();
     loop {
         match ok() {
             Ok(true) => {}
             Ok(false) => return Err(broke(what, start, "")),
-            Err(e) => return Err(broke(what, start, &e)),
+            Err(e) => return Err(broke(what, start, &e.0)),
         }
         if start.elapsed() >= window {
             return Ok(());
@@ -87,14 +139,14 @@ pub async fn holds_for_async<F, Fut>(
 ) -> Result<()>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<bool, String>>,
+    Fut: std::future::Future<Output = Look>,
 {
     let start = Instant::now();
     loop {
         match ok().await {
             Ok(true) => {}
             Ok(false) => return Err(broke(what, start, "")),
-            Err(e) => return Err(broke(what, start, &e)),
+            Err(e) => return Err(broke(what, start, &e.0)),
         }
         if start.elapsed() >= window {
             return Ok(());

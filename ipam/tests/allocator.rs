@@ -44,6 +44,23 @@ fn cfg() -> IPAMConfigurationSpec {
     }
 }
 
+/// Assigns `{prefix}{i}` for every `i` of `range`, each succeeding.
+async fn assign_all(a: &Allocator, prefix: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        a.assign(req(&format!("{prefix}{i}"))).await.unwrap();
+    }
+}
+
+/// A store of pool `p` (`cidr`, blocks of /28) in which a node may claim
+/// one block.
+fn one_block_per_node(cidr: &str) -> Arc<MemStore> {
+    let cfg = IPAMConfigurationSpec {
+        max_blocks_per_node: 1,
+        ..cfg()
+    };
+    store(vec![pool("p", cidr, 28)], cfg)
+}
+
 #[tokio::test]
 async fn a_burst_costs_a_few_writes() {
     let s = store(vec![pool("p", "10.0.0.0/16", 26)], cfg());
@@ -107,9 +124,7 @@ async fn exhaustion_is_a_clear_error() {
         },
     );
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    for i in 0..4 {
-        a.assign(req(&format!("h{i}"))).await.unwrap();
-    }
+    assign_all(&a, "h", 0..4).await;
     let e = a.assign(req("h4")).await.unwrap_err();
     assert!(matches!(e, Error::Exhausted { .. }), "{e}");
     let msg = e.to_string();
@@ -122,21 +137,11 @@ async fn exhaustion_is_a_clear_error() {
 
 #[tokio::test]
 async fn borrowing_and_node_deletion() {
-    let s = store(
-        vec![pool("p", "10.0.0.0/27", 28)],
-        IPAMConfigurationSpec {
-            max_blocks_per_node: 1,
-            ..cfg()
-        },
-    );
+    let s = one_block_per_node("10.0.0.0/27");
     let a = Allocator::start(s.clone(), "n1", Options::default());
     let b = Allocator::start(s.clone(), "n2", Options::default());
-    for i in 0..16 {
-        a.assign(req(&format!("a{i}"))).await.unwrap();
-    }
-    for i in 0..16 {
-        b.assign(req(&format!("b{i}"))).await.unwrap();
-    }
+    assign_all(&a, "a", 0..16).await;
+    assign_all(&b, "b", 0..16).await;
     for i in 0..16 {
         s.set_pod("default", &format!("a{i}"), &format!("uid-a{i}"));
         s.set_pod("default", &format!("b{i}"), &format!("uid-b{i}"));
@@ -175,9 +180,7 @@ async fn borrowing_and_node_deletion() {
 async fn empty_blocks_are_released_but_one_is_kept() {
     let s = store(vec![pool("p", "10.0.0.0/24", 28)], cfg());
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    for i in 0..40 {
-        a.assign(req(&format!("h{i}"))).await.unwrap();
-    }
+    assign_all(&a, "h", 0..40).await;
     assert_eq!(s.snapshot().len(), 3);
     for i in 0..40 {
         a.release(&format!("h{i}")).await.unwrap();
@@ -190,9 +193,7 @@ async fn empty_blocks_are_released_but_one_is_kept() {
         empty_block_grace_seconds: 3600,
         ..cfg()
     });
-    for i in 0..40 {
-        a.assign(req(&format!("g{i}"))).await.unwrap();
-    }
+    assign_all(&a, "g", 0..40).await;
     for i in 0..40 {
         a.release(&format!("g{i}")).await.unwrap();
     }
@@ -213,6 +214,7 @@ async fn gc_waits_out_its_grace_and_rechecks() {
     let r = j.run_once().await.unwrap();
     assert!(r.released.is_empty());
     assert_eq!(r.waiting.len(), 2);
+    // Not a wait: the Janitor's grace runs on the wall clock; let it pass.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // "gone" comes back before the grace period ends: not released.
     s.set_pod("default", "gone", "uid-gone");
@@ -231,21 +233,13 @@ async fn gc_waits_out_its_grace_and_rechecks() {
 /// broken.
 #[tokio::test]
 async fn a_view_kept_by_a_watch_lists_nothing_again() {
-    let s = store(
-        vec![pool("p", "10.0.0.0/28", 28)],
-        IPAMConfigurationSpec {
-            max_blocks_per_node: 1,
-            ..cfg()
-        },
-    );
+    let s = one_block_per_node("10.0.0.0/28");
     s.enable_feed();
     let a = Allocator::start(s.clone(), "n1", Options::default());
     let b = Allocator::start(s.clone(), "n2", Options::default());
     // n2's view is loaded (from its watch's list) before n1 fills the pool.
     assert_eq!(b.blocks().await.unwrap(), vec![]);
-    for i in 0..16 {
-        a.assign(req(&format!("a{i}"))).await.unwrap();
-    }
+    assign_all(&a, "a", 0..16).await;
     let e = b.assign(req("b0")).await.unwrap_err();
     assert!(matches!(e, Error::Exhausted { .. }), "{e}");
     // n1 frees one: n2 learns it from its watch and borrows it.
@@ -273,9 +267,7 @@ async fn a_view_kept_by_a_watch_lists_nothing_again() {
 async fn a_view_without_a_watch_is_listed_before_saying_no() {
     let s = store(vec![pool("p", "10.0.0.0/28", 28)], cfg());
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    for i in 0..16 {
-        a.assign(req(&format!("a{i}"))).await.unwrap();
-    }
+    assign_all(&a, "a", 0..16).await;
     assert_eq!(s.lists(), 1);
     for i in 16..19 {
         assert!(matches!(
@@ -396,11 +388,18 @@ async fn task_ended<T>(s: &Arc<T>) {
     .expect("the allocator's task ended");
 }
 
-#[tokio::test]
-async fn the_task_ends_with_its_last_handle_even_mid_request() {
+/// n1's allocator over a [`Trapped`] store, one pod assigned (the store
+/// still answering).
+async fn trapped_with_one_pod() -> (Arc<Trapped>, Allocator) {
     let s = Trapped::new(store(vec![pool("p", "10.0.0.0/24", 26)], cfg()));
     let a = Allocator::start(s.clone(), "n1", Options::default());
     a.assign(req("a")).await.unwrap();
+    (s, a)
+}
+
+#[tokio::test]
+async fn the_task_ends_with_its_last_handle_even_mid_request() {
+    let (s, a) = trapped_with_one_pod().await;
     // A request the store never answers: the task waits in it.
     s.set(Trap::Hang);
     let gave_up = tokio::time::timeout(Duration::from_millis(50), a.assign(req("b"))).await;
@@ -414,9 +413,7 @@ async fn the_task_ends_with_its_last_handle_even_mid_request() {
 
 #[tokio::test]
 async fn a_task_that_died_answers_stopped_and_never_hangs() {
-    let s = Trapped::new(store(vec![pool("p", "10.0.0.0/24", 26)], cfg()));
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    a.assign(req("a")).await.unwrap();
+    let (s, a) = trapped_with_one_pod().await;
     s.set(Trap::Panic);
     // The request in the batch that killed the task, and every one after.
     for h in ["b", "c"] {

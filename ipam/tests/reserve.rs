@@ -69,12 +69,20 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test]
-async fn a_take_waits_for_no_write_and_the_attribution_is_written_behind() {
+/// A fresh store with n1's allocator and reserve (`o`), once that holds
+/// its `o.depth` spares.
+async fn filled(o: ReserveOptions) -> (Arc<MemStore>, Allocator, Reserve) {
     let s = store();
     let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(4)).await.unwrap();
-    until("4 spares", || r.stats().spares == 4).await;
+    let depth = o.depth;
+    let r = Reserve::start(a.clone(), "n1", o).await.unwrap();
+    until(&format!("{depth} spares"), || r.stats().spares == depth).await;
+    (s, a, r)
+}
+
+#[tokio::test]
+async fn a_take_waits_for_no_write_and_the_attribution_is_written_behind() {
+    let (s, _a, r) = filled(opts(4)).await;
     // The store can no longer be written: takes must still answer.
     let writes = s.writes();
     // (Enough faults that the refill, retrying, cannot get through either.)
@@ -118,10 +126,7 @@ async fn a_take_waits_for_no_write_and_the_attribution_is_written_behind() {
 
 #[tokio::test]
 async fn one_handles_writes_stay_in_order() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(4)).await.unwrap();
-    until("4 spares", || r.stats().spares == 4).await;
+    let (s, _a, r) = filled(opts(4)).await;
     let first = r.take(&req("h")).await.unwrap();
     r.commit(&first, Some(pod("h")));
     assert_eq!(r.release("h"), first.addrs);
@@ -139,10 +144,7 @@ async fn one_handles_writes_stay_in_order() {
 
 #[tokio::test]
 async fn an_add_retry_gets_the_same_addresses_and_abort_gives_the_spare_back() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
-    until("2 spares", || r.stats().spares == 2).await;
+    let (_s, _a, r) = filled(opts(2)).await;
     let t = r.take(&req("h")).await.unwrap();
     // Retried before the rename is written, and after.
     assert_eq!(r.take(&req("h")).await.unwrap().addrs, t.addrs);
@@ -161,10 +163,7 @@ async fn an_add_retry_gets_the_same_addresses_and_abort_gives_the_spare_back() {
 
 #[tokio::test]
 async fn a_restart_adopts_spares_and_pods_without_new_writes() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(3)).await.unwrap();
-    until("3 spares", || r.stats().spares == 3).await;
+    let (s, _a, r) = filled(opts(3)).await;
     let t = r.take(&req("h")).await.unwrap();
     r.commit(&t, Some(pod("h")));
     r.flush().await;
@@ -196,10 +195,7 @@ async fn a_restart_adopts_spares_and_pods_without_new_writes() {
 
 #[tokio::test]
 async fn a_disabled_pool_takes_its_spares_back() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
-    until("2 spares", || r.stats().spares == 2).await;
+    let (s, _a, r) = filled(opts(2)).await;
     s.set_pools(vec![pool("p", "10.0.0.0/16", true)]);
     until("spares given back", || r.stats().spares == 0).await;
     r.flush().await;
@@ -225,10 +221,7 @@ async fn depth_zero_assigns_directly() {
 
 #[tokio::test]
 async fn a_failed_retry_before_the_rename_is_written_leaks_nothing() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
-    until("2 spares", || r.stats().spares == 2).await;
+    let (s, _a, r) = filled(opts(2)).await;
     let first = r.take(&req("h")).await.unwrap();
     r.commit(&first, Some(pod("h")));
     // The runtime retries ADD at once and that wiring fails.
@@ -249,19 +242,8 @@ async fn a_failed_retry_before_the_rename_is_written_leaks_nothing() {
 /// rechecker is far off here, so only the check at take time can see it).
 #[tokio::test]
 async fn a_spare_missing_a_new_pools_family_is_not_handed_out() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(
-        a.clone(),
-        "n1",
-        ReserveOptions {
-            depth: 2,
-            recheck: Duration::from_secs(3600),
-        },
-    )
-    .await
-    .unwrap();
-    until("2 spares", || r.stats().spares == 2).await;
+    let recheck = Duration::from_secs(3600);
+    let (s, _a, r) = filled(ReserveOptions { depth: 2, recheck }).await;
     s.set_pools(vec![
         pool("p", "10.0.0.0/16", false),
         IPPool::new("v6", IPPoolSpec::with_cidr("fd00::/112", Some(122))),
@@ -274,10 +256,7 @@ async fn a_spare_missing_a_new_pools_family_is_not_handed_out() {
 
 #[tokio::test]
 async fn dropping_the_reserve_and_its_allocator_stops_every_task() {
-    let s = store();
-    let a = Allocator::start(s.clone(), "n1", Options::default());
-    let r = Reserve::start(a.clone(), "n1", opts(2)).await.unwrap();
-    until("2 spares", || r.stats().spares == 2).await;
+    let (s, a, r) = filled(opts(2)).await;
     let r2 = r.clone();
     drop(r);
     // A clone still holds the tasks.

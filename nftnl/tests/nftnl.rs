@@ -340,7 +340,8 @@ fn holds(ns: &Netns, set: &str, want: &std::collections::BTreeSet<String>, what:
                 got.len(),
                 got.intersection(want).count(),
                 want.len()
-            ))
+            )
+            .into())
         },
     );
     if let Err(e) = r {

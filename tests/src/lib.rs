@@ -54,6 +54,30 @@ pub async fn cluster(
     (api, client)
 }
 
+/// Creates BGPPeer `name` to `ip` (AS `asn`) whose password is key `pw`
+/// of Secret `secret`.
+pub async fn create_password_peer(
+    client: &kube::Client,
+    name: &str,
+    ip: &str,
+    asn: u32,
+    secret: &str,
+) {
+    let peers: Api<margay_api::bgp::BGPPeer> = Api::all(client.clone());
+    let peer = serde_json::json!({
+        "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
+        "metadata": {"name": name},
+        "spec": {"peerIP": ip, "asNumber": asn, "password": {"name": secret, "key": "pw"}}
+    });
+    peers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(peer).unwrap(),
+        )
+        .await
+        .expect("BGPPeer");
+}
+
 /// Creates a pool.
 pub async fn add_pool(client: &kube::Client, name: &str, cidr: &str, block: Option<u8>) {
     let pools: Api<IPPool> = Api::all(client.clone());
@@ -99,6 +123,79 @@ pub fn start_agent(
 }
 
 pub mod datagrams;
+
+/// A lab of two nodes peering with each other (no router), as the policy
+/// suites start from.
+pub async fn two_node_lab() -> margay_lab::cluster::Cluster {
+    margay_lab::cluster::Cluster::start(margay_lab::cluster::Options {
+        nodes: 2,
+        tor: margay_lab::Tor::None,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The outcome a finished `margay-lab netcheck probe` printed (its last
+/// word); panics with what it said if that is none.
+pub fn probe_outcome(out: &std::process::Output) -> margay_harness::netcheck::Outcome {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("probe said {text:?}"))
+}
+
+/// `margay-lab netcheck probe` of `target` (`IP:PORT/tcp|udp`, 700 ms)
+/// from inside `ns`: prints the outcome, succeeds only if it is `ok`.
+pub fn probe(ns: &margay_harness::Netns, target: &str) -> std::process::Command {
+    let lab = margay_harness::paths::workspace_bin("margay-lab").expect("margay-lab built");
+    let mut cmd = ns.cmd(lab);
+    cmd.args(["netcheck", "probe", "--timeout-ms", "700", target]);
+    cmd
+}
+
+/// Waits until `wrong` lists nothing (polled every `every`, up to
+/// `timeout`); the error names `what` and the last things wrong.
+pub async fn until_none_wrong<W: std::fmt::Debug>(
+    what: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut wrong: impl FnMut() -> Vec<W>,
+) -> margay_harness::Result<()> {
+    until_none_wrong_async(what, timeout, every, || std::future::ready(wrong())).await
+}
+
+/// [`until_none_wrong`] for a `wrong` that awaits.
+pub async fn until_none_wrong_async<W: std::fmt::Debug, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut wrong: impl FnMut() -> Fut,
+) -> margay_harness::Result<()>
+where
+    Fut: std::future::Future<Output = Vec<W>>,
+{
+    margay_harness::wait::until_async(what, timeout, every, || {
+        let w = wrong();
+        async move {
+            let w = w.await;
+            if w.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!("still wrong: {w:?}").into())
+            }
+        }
+    })
+    .await
+}
+
+/// Panics unless the command that gave `out` succeeded; the message is
+/// `what` then its stdout and stderr.
+pub fn assert_ran(out: &std::process::Output, what: &str) {
+    assert!(out.status.success(), "{what}{}", output_text(out));
+}
 
 /// A CRI client for the sandbox calls (generated from
 /// `tests/proto/cri_subset.proto`).

@@ -192,8 +192,8 @@ mod tests {
 
     #[test]
     fn packets_are_well_formed() {
-        let src: SocketAddrV4 = "10.244.0.5:40000".parse().unwrap();
-        let dst: SocketAddrV4 = "10.244.1.7:7777".parse().unwrap();
+        let src = SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40000);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 7), 7777);
         let p = ipv4_udp(src, dst, b"hi");
         assert_eq!(p.len(), 20 + 8 + 2);
         assert_eq!(checksum(&p[..20]), 0, "header checksum verifies");

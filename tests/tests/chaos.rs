@@ -161,6 +161,7 @@ impl RouteWatch {
                         }
                     }
                 }
+                // Not a wait: the sampler's pace.
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
@@ -319,6 +320,7 @@ impl Run {
                 self.churn.step(&mut self.c, nodes, adds).await;
                 churn_at = Instant::now() + Duration::from_secs(4);
             }
+            // Not a wait: idling for `dur` is the point; this is its pace.
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -327,9 +329,10 @@ impl Run {
     async fn until(
         &mut self,
         what: &str,
-        timeout: Duration,
+        secs: u64,
         f: impl Fn(&Cluster) -> Result<(), String>,
     ) -> f64 {
+        let timeout = Duration::from_secs(secs);
         let t = Instant::now();
         let mut last = String::new();
         let mut said = Instant::now();
@@ -363,8 +366,8 @@ impl Run {
     }
 
     /// It ends once every node's status is clean again (timing that).
-    async fn end_when_clean(&mut self, p: Phase, what: &str, timeout: Duration) {
-        let after = self.until(what, timeout, clean).await;
+    async fn end_when_clean(&mut self, p: Phase, what: &str, secs: u64) {
+        let after = self.until(what, secs, clean).await;
         self.end(p, Some(after));
     }
 
@@ -494,8 +497,7 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", tail(&run.c.agent_log(0), 40)));
     let all = [0usize, 1, 2];
     // Start-up grace: every node clean, some churn.
-    run.until("a clean start", Duration::from_secs(90), clean)
-        .await;
+    run.until("a clean start", 90, clean).await;
     let blocks = run.c.blocks().await.unwrap();
     let expect = run
         .c
@@ -520,54 +522,38 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("apiserver stopped 60 s");
     run.c.api.stop_apiserver().expect("stop the apiserver");
     let down = Instant::now();
-    run.until(
-        "node1 to see the API down and stay ready",
-        Duration::from_secs(45),
-        |c| {
-            let s = status(c, 0).ok_or("no status")?;
-            if (s.api.answering && s.routing.datastore_ok) || !s.ready {
-                return Err(format!("{:?} ready {} {:?}", s.api, s.ready, s.not_ready));
-            }
-            Ok(())
-        },
-    )
+    run.until("node1 to see the API down and stay ready", 45, |c| {
+        let s = status(c, 0).ok_or("no status")?;
+        if (s.api.answering && s.routing.datastore_ok) || !s.ready {
+            return Err(format!("{:?} ready {} {:?}", s.api, s.ready, s.not_ready));
+        }
+        Ok(())
+    })
     .await;
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
     run.c.api.start_apiserver().await.expect("apiserver back");
-    run.end_when_clean(
-        p,
-        "a clean status after the apiserver returned",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after the apiserver returned", 90)
+        .await;
     run.idle(Duration::from_secs(5), &all, true).await;
 
     // 2. The apiserver frozen.
     let p = run.begin("apiserver frozen 60 s");
     run.c.api.freeze(true).unwrap();
     let down = Instant::now();
-    run.until(
-        "node1 to see the API not answering",
-        Duration::from_secs(55),
-        |c| {
-            let s = status(c, 0).ok_or("no status")?;
-            if s.api.answering || !s.ready {
-                return Err(format!("{:?} ready {}", s.api, s.ready));
-            }
-            Ok(())
-        },
-    )
+    run.until("node1 to see the API not answering", 55, |c| {
+        let s = status(c, 0).ok_or("no status")?;
+        if s.api.answering || !s.ready {
+            return Err(format!("{:?} ready {}", s.api, s.ready));
+        }
+        Ok(())
+    })
     .await;
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &all, false)
         .await;
     run.c.api.freeze(false).unwrap();
-    run.end_when_clean(
-        p,
-        "a clean status after the apiserver thawed",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after the apiserver thawed", 90)
+        .await;
     run.idle(Duration::from_secs(5), &all, true).await;
 
     // 3. node1 cut off; its agent killed and started again meanwhile.
@@ -575,7 +561,7 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let port = run.c.api.port();
     cut_off(&run.c.nodes[0].node.ns, port, true);
     let down = Instant::now();
-    run.until("node1 to see the API down", Duration::from_secs(45), |c| {
+    run.until("node1 to see the API down", 45, |c| {
         let s = status(c, 0).ok_or("no status")?;
         if s.api.answering && s.routing.datastore_ok {
             return Err(format!("{:?}", s.api));
@@ -598,12 +584,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     run.idle(OUTAGE.saturating_sub(down.elapsed()), &[1, 2], true)
         .await;
     cut_off(&run.c.nodes[0].node.ns, port, false);
-    run.end_when_clean(
-        p,
-        "a clean status after node1 reached the API again",
-        Duration::from_secs(120),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after node1 reached the API again", 120)
+        .await;
     assert_eq!(
         run.c.nodes[0].restarts.count, 1,
         "node1's agent was started again"
@@ -614,12 +596,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("etcd restarted");
     run.c.api.restart_etcd().expect("etcd");
     run.idle(Duration::from_secs(10), &[0, 1, 2], false).await;
-    run.end_when_clean(
-        p,
-        "a clean status after etcd returned",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after etcd returned", 90)
+        .await;
 
     // 5. What restarts the speaker (AS, port), changed and changed back;
     // what does not (communities, restart time).
@@ -646,12 +624,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
         patch_bgp(&run.c, spec).await;
         run.idle(Duration::from_secs(12), &[0, 1, 2], true).await;
     }
-    run.end_when_clean(
-        p,
-        "a clean status after the BGP edits",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after the BGP edits", 90)
+        .await;
 
     // 6. A stale Node announcing node2's address, as an agent of an earlier
     // version did (annotations only): the leader writes its MargayNode
@@ -698,19 +672,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     // 7. A BGPPeer whose password Secret is missing, then too long.
     let p = run.begin("a BGPPeer's password Secret missing, then too long");
     let peers: Api<BGPPeer> = Api::all(run.c.client.clone());
-    peers
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({
-                "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
-                "metadata": {"name": "chaos-pw"},
-                "spec": {"peerIP": "10.99.0.253", "asNumber": 65099,
-                         "password": {"name": "chaos-pw", "key": "pw"}}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    margay_tests::create_password_peer(&run.c.client, "chaos-pw", "10.99.0.253", 65099, "chaos-pw")
+        .await;
     run.condition("password Secret chaos-pw/pw not found", true, &[])
         .await;
     let secrets: Api<Secret> = Api::namespaced(run.c.client.clone(), NS);
@@ -746,22 +709,14 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     let p = run.begin("node2's agent SIGKILLed");
     run.c.crash_agent(1).unwrap();
     run.idle(Duration::from_secs(15), &[0, 2], true).await;
-    run.end_when_clean(
-        p,
-        "a clean status after node2's agent came back",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after node2's agent came back", 90)
+        .await;
     let p = run.begin("node1's and node3's agents SIGKILLed at once");
     run.c.crash_agent(0).unwrap();
     run.c.crash_agent(2).unwrap();
     run.idle(Duration::from_secs(15), &[1], true).await;
-    run.end_when_clean(
-        p,
-        "a clean status after both came back",
-        Duration::from_secs(90),
-    )
-    .await;
+    run.end_when_clean(p, "a clean status after both came back", 90)
+        .await;
     run.idle(Duration::from_secs(10), &all, true).await;
 
     // The end: traffic and routes, then the ledger.

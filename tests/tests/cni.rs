@@ -38,13 +38,8 @@ async fn world(chain: Vec<Value>) -> World {
 
 /// A world whose agent gets `args` too.
 async fn world_with(chain: Vec<Value>, args: &[&str]) -> World {
-    let (api, client) = margay_tests::cluster(
-        &["n1"],
-        "10.244.0.0/24",
-        26,
-        IPAMConfigurationSpec::default(),
-    )
-    .await;
+    let cfg = IPAMConfigurationSpec::default();
+    let (api, client) = margay_tests::cluster(&["n1"], "10.244.0.0/24", 26, cfg).await;
     let fabric = Fabric::new().expect("fabric");
     let node = fabric.add_node("n1").expect("node");
     let dir = names::temp_dir("cni").expect("dir");
@@ -207,6 +202,11 @@ impl World {
         (last, want)
     }
 
+    /// The node's route to `prefix` (`ip FAMILY route show PREFIX`).
+    fn host_route(&self, family: &str, prefix: &str) -> String {
+        self.node.ns.ip(&[family, "route", "show", prefix]).unwrap()
+    }
+
     fn cali_links(&self) -> String {
         let links = self.node.ns.ip(&["-o", "link", "show"]).unwrap();
         links
@@ -245,11 +245,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
         routes.contains("169.254.1.1 dev eth0 scope link"),
         "{routes}"
     );
-    let host = w
-        .node
-        .ns
-        .ip(&["-4", "route", "show", &format!("{a1}/32")])
-        .unwrap();
+    let host = w.host_route("-4", &format!("{a1}/32"));
     assert!(
         host.contains("dev cali") && host.contains("proto 78") && host.contains("scope link"),
         "{host}"
@@ -337,11 +333,7 @@ async fn pods_get_addresses_reach_their_node_and_each_other_and_del_leaves_nothi
         .expect("second DEL");
     let (got, want) = w.settle_on(vec![a2.clone()]).await;
     assert_eq!(got, want);
-    let host = w
-        .node
-        .ns
-        .ip(&["-4", "route", "show", &format!("{a1}/32")])
-        .unwrap();
+    let host = w.host_route("-4", &format!("{a1}/32"));
     assert!(host.trim().is_empty(), "{host}");
     assert_eq!(w.cali_links().lines().count(), 1);
     w.cnitool("del", "c2", &p2.path(), "web-2").expect("DEL");
@@ -504,64 +496,36 @@ async fn every_call_acts_on_its_own_attachment_only() {
     let p1 = Netns::create("pod").unwrap();
     let p2 = Netns::create("pod").unwrap();
     let ns = |p: &Netns| p.path().display().to_string();
-    ok(run(
-        &w,
-        &env_for("ADD", "c1", "eth0", &ns(&p1), "web-0"),
-        &good,
-    ));
-    let a2 = addr(&ok(run(
-        &w,
-        &env_for("ADD", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    )));
-    ok(run(&w, &env_for("DEL", "c1", "eth0", "", "web-0"), &good));
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    ));
+    // A call that must succeed: verb, container ID, interface, netns, pod.
+    let call = |verb: &str, id: &str, ifname: &str, netns: &str, pod: &str| {
+        ok(run(&w, &env_for(verb, id, ifname, netns, pod), &good))
+    };
+    call("ADD", "c1", "eth0", &ns(&p1), "web-0");
+    let a2 = addr(&call("ADD", "c2", "eth0", &ns(&p2), "web-0"));
+    call("DEL", "c1", "eth0", "", "web-0");
+    call("CHECK", "c2", "eth0", &ns(&p2), "web-0");
     p2.ping_ok(&w.node.v4.to_string()).unwrap();
     let (got, want) = w.settle_on(vec![a2.clone()]).await;
     assert_eq!(got, want);
 
     // A second interface of the same container (as Multus adds).
-    let b = addr(&ok(run(
-        &w,
-        &env_for("ADD", "c2", "net1", &ns(&p2), "web-0"),
-        &good,
-    )));
+    let b = addr(&call("ADD", "c2", "net1", &ns(&p2), "web-0"));
     assert_ne!(a2, b);
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    ));
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "net1", &ns(&p2), "web-0"),
-        &good,
-    ));
+    call("CHECK", "c2", "eth0", &ns(&p2), "web-0");
+    call("CHECK", "c2", "net1", &ns(&p2), "web-0");
     assert!(p2.ip(&["-o", "link", "show", "eth0"]).is_ok());
 
     // IDs whose handles collided before: a.b + c and a + b.c.
     let p3 = Netns::create("pod").unwrap();
-    let x = addr(&ok(run(
-        &w,
-        &env_for("ADD", "a.b", "c", &ns(&p3), "x"),
-        &good,
-    )));
-    let y = addr(&ok(run(
-        &w,
-        &env_for("ADD", "a", "b.c", &ns(&p3), "y"),
-        &good,
-    )));
+    let x = addr(&call("ADD", "a.b", "c", &ns(&p3), "x"));
+    let y = addr(&call("ADD", "a", "b.c", &ns(&p3), "y"));
     assert_ne!(x, y);
     let (got, want) = w
         .settle_on(vec![a2.clone(), b.clone(), x.clone(), y.clone()])
         .await;
     assert_eq!(got, want);
     // A DEL of an attachment that is not there touches nothing.
-    ok(run(&w, &env_for("DEL", "zz", "eth0", "", "web-0"), &good));
+    call("DEL", "zz", "eth0", "", "web-0");
     assert_eq!(w.cali_links().lines().count(), 4, "{}", w.cali_links());
 
     // GC: without the list it removes nothing; another network's GC
@@ -593,12 +557,8 @@ async fn every_call_acts_on_its_own_attachment_only() {
     let (got, want) = w.settle_on(vec![a2.clone(), x.clone()]).await;
     assert_eq!(got, want);
     assert_eq!(w.cali_links().lines().count(), 2, "{}", w.cali_links());
-    ok(run(
-        &w,
-        &env_for("CHECK", "c2", "eth0", &ns(&p2), "web-0"),
-        &good,
-    ));
-    ok(run(&w, &env_for("CHECK", "a.b", "c", &ns(&p3), "x"), &good));
+    call("CHECK", "c2", "eth0", &ns(&p2), "web-0");
+    call("CHECK", "a.b", "c", &ns(&p3), "x");
 
     // Bad identities and namespaces: refused, nothing made.
     let routes = w.node.ns.ip(&["route", "show", "default"]).unwrap();
@@ -655,11 +615,7 @@ async fn every_call_acts_on_its_own_attachment_only() {
     ])
     .unwrap();
     let p4 = Netns::create("pod").unwrap();
-    ok(run(
-        &w,
-        &env_for("ADD", "poke", "eth0", &ns_path(&p4), "poke"),
-        &good,
-    ));
+    call("ADD", "poke", "eth0", &ns_path(&p4), "poke");
     wait::until("the conflict reported", T, POLL, || {
         Ok(w.agent.log_tail(80).contains("not Margay's").then_some(()))
     })
@@ -669,16 +625,21 @@ async fn every_call_acts_on_its_own_attachment_only() {
     // Once it is gone, Margay's comes back.
     ns.ip(&["route", "del", &pod_route, "proto", "static"])
         .unwrap();
-    ok(run(
-        &w,
-        &env_for("ADD", "poke", "eth1", &ns_path(&p4), "poke"),
-        &good,
-    ));
+    call("ADD", "poke", "eth1", &ns_path(&p4), "poke");
     wait::until("the pod route back", T, POLL, || {
         let r = ns.ip(&["route", "show", &pod_route]).unwrap();
         Ok((r.contains("dev cali") && r.contains("proto 78")).then_some(()))
     })
     .unwrap();
+}
+
+/// Spawns `cmd` with `input` written to its stdin (closed after it).
+fn spawn_fed(cmd: &mut std::process::Command, input: &str) -> std::process::Child {
+    let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    child
 }
 
 fn ns_path(p: &Netns) -> String {
@@ -705,13 +666,9 @@ async fn an_add_whose_caller_is_killed_leaves_nothing() {
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(good.as_bytes())
-        .unwrap();
+    let mut child = spawn_fed(&mut cmd, &good);
+    // Not a wait: the ADD hangs on the frozen datastore for 2 s, then its
+    // caller dies (nothing to observe; the outage window is the test).
     tokio::time::sleep(Duration::from_secs(2)).await;
     child.kill().unwrap();
     let _ = child.wait();
@@ -719,7 +676,13 @@ async fn an_add_whose_caller_is_killed_leaves_nothing() {
     // The ADD finishes in the agent, sees nobody waiting, and is undone:
     // once the datastore has answered (the agent's pod routes show what
     // the kernel holds), neither an address nor an interface is left.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait::until("the cancelled ADD undone", T, POLL, || {
+        Ok(w.agent
+            .log_tail(200)
+            .contains("the caller of an ADD went away before its answer")
+            .then_some(()))
+    })
+    .unwrap();
     let log = || {
         w.agent
             .log_tail(60)
@@ -769,12 +732,7 @@ async fn chained_portmap_bandwidth_and_tuning_work_after_margay() {
             .env("CAP_ARGS", caps.to_string())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{verb}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        margay_tests::assert_ran(&out, &format!("{verb}: "));
         out.stdout
     };
     let result: Value = serde_json::from_slice(&chain("add")).unwrap();
@@ -864,6 +822,7 @@ async fn agent_killed_mid_burst_then_runtime_retries_leave_exact_state() {
                 })
             })
             .collect();
+        // Not a wait: the agent dies 120 ms into the ADDs, mid-flight.
         std::thread::sleep(Duration::from_millis(120));
         w.agent.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -1122,11 +1081,7 @@ async fn dual_stack_pods_get_both_families_and_reach_each_other() {
         routes.contains("default via fe80::ecee:eeff:feee:eeee dev eth0"),
         "{routes}"
     );
-    let host = w
-        .node
-        .ns
-        .ip(&["-6", "route", "show", &format!("{b1}/128")])
-        .unwrap();
+    let host = w.host_route("-6", &format!("{b1}/128"));
     assert!(
         host.contains("dev cali") && host.contains("proto 78"),
         "{host}"
@@ -1176,14 +1131,9 @@ async fn non_root_callers_are_refused() {
             .env("CNI_NETNS", pod.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(w.conf(json!({})).as_bytes())
+        let out = spawn_fed(&mut cmd, &w.conf(json!({})))
+            .wait_with_output()
             .unwrap();
-        let out = child.wait_with_output().unwrap();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (out.status.success(), v)
     };
@@ -1216,84 +1166,17 @@ async fn non_root_callers_are_refused() {
 /// An OCI image archive whose only layer is busybox-static, entrypoint
 /// `sleep`: the sandbox ("pause") image, made offline.
 fn pause_image(dir: &Path, name: &str) -> PathBuf {
-    use std::process::Command;
-    let sha = |p: &Path| -> (String, u64) {
-        let out = Command::new("sha256sum").arg(p).output().unwrap();
-        let hex = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
-        (hex, std::fs::metadata(p).unwrap().len())
+    let root = dir.join("layer");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let config = margay_lab::image::Config {
+        entrypoint: ["/bin/busybox", "sleep", "1000000"]
+            .map(String::from)
+            .to_vec(),
+        cmd: vec![],
     };
-    let img = dir.join("oci");
-    let blobs = img.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let layer_root = dir.join("layer");
-    std::fs::create_dir_all(layer_root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", layer_root.join("bin/busybox")).unwrap();
-    let layer = dir.join("layer.tar");
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&layer_root)
-            .arg("-cf")
-            .arg(&layer)
-            .arg("bin")
-            .status()
-            .unwrap()
-            .success()
-    );
-    let put = |src: &Path| -> (String, u64) {
-        let (h, n) = sha(src);
-        std::fs::copy(src, blobs.join(&h)).unwrap();
-        (h, n)
-    };
-    let (lh, ln) = put(&layer);
-    let write = |file: &str, v: &Value| -> PathBuf {
-        let p = dir.join(file);
-        std::fs::write(&p, v.to_string()).unwrap();
-        p
-    };
-    let config = write(
-        "config.json",
-        &json!({"architecture": "amd64", "os": "linux",
-                "config": {"Entrypoint": ["/bin/busybox", "sleep", "1000000"]},
-                "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{lh}")]}}),
-    );
-    let (ch, cn) = put(&config);
-    let manifest = write(
-        "manifest.json",
-        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": format!("sha256:{ch}"), "size": cn},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                            "digest": format!("sha256:{lh}"), "size": ln}]}),
-    );
-    let (mh, mn) = put(&manifest);
-    std::fs::write(
-        img.join("index.json"),
-        json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{mh}"), "size": mn,
-            "annotations": {"io.containerd.image.name": name,
-                            "org.opencontainers.image.ref.name": name}}]})
-        .to_string(),
-    )
-    .unwrap();
-    std::fs::write(img.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let tarball = dir.join("pause.tar");
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&img)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
-    );
+    margay_lab::image::archive(&root, name, &config, &tarball).unwrap();
     tarball
 }
 
@@ -1369,12 +1252,7 @@ state = "{state}"
         .arg(&tarball)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "ctr import: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "ctr import: ");
 
     let path = sock.clone();
     let channel = tonic::transport::Endpoint::try_from("http://containerd")
@@ -1426,19 +1304,15 @@ state = "{state}"
     assert!(ip.starts_with("10.244.0."), "pod IP {ip:?}");
     // The pod answers from its node, and IPAM recorded it for the pod.
     w.node.ns.ping_ok(&ip).unwrap();
-    let mut recorded = None;
-    for _ in 0..200 {
-        recorded = margay_tests::allocations(&w.client)
-            .await
-            .into_iter()
-            .find(|(a, r)| *a == ip && r.pod.is_some())
-            .map(|(_, r)| r);
-        if recorded.is_some() {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let recorded = recorded.expect("attribution written");
+    let recorded = wait::until_async("attribution written", POLL * 200, POLL, || async {
+        let all = margay_tests::allocations(&w.client).await.into_iter();
+        Ok(all
+            .filter(|(a, r)| *a == ip && r.pod.is_some())
+            .map(|(_, r)| r)
+            .next())
+    })
+    .await
+    .expect("attribution written");
     let pod = recorded.pod.unwrap();
     assert_eq!(
         (pod.namespace.as_str(), pod.name.as_str()),
@@ -1476,18 +1350,20 @@ async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
     w.add("warm", &warm, "warm");
     w.cnitool("del", "warm", &warm.path(), "warm").expect("DEL");
     // Spares ready: 8 pre-assigned addresses of n1 in the datastore.
-    let mut spares = 0;
-    for _ in 0..200 {
-        spares = margay_tests::allocations(&w.client)
-            .await
+    let spares = wait::until_async("3 spares", POLL * 200, POLL, || async {
+        let all = margay_tests::allocations(&w.client).await;
+        let n = all
             .iter()
             .filter(|(_, a)| a.handle.starts_with("spare.n1."))
             .count();
-        if spares >= 3 {
-            break;
+        if n >= 3 {
+            Ok(Some(n))
+        } else {
+            Err(format!("{n} spares").into())
         }
-        tokio::time::sleep(POLL).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(spares >= 3, "only {spares} spares");
     w.api.freeze(true).unwrap();
     let pods: Vec<Netns> = (0..3).map(|_| Netns::create("pod").unwrap()).collect();

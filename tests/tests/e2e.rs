@@ -19,6 +19,15 @@ use margay_lab::{Encap, Tor};
 
 const T: Duration = Duration::from_secs(90);
 
+/// The default lab without a router, one pod on each node.
+async fn no_router_one_pod_each() -> Cluster {
+    let opts = Options {
+        tor: Tor::None,
+        ..Default::default()
+    };
+    cluster(opts, 1).await
+}
+
 async fn cluster(opts: Options, pods_per_node: usize) -> Cluster {
     let mut c = Cluster::start(opts).await.expect("cluster");
     for i in 0..c.nodes.len() {
@@ -54,11 +63,10 @@ async fn blocks_of(c: &Cluster, node: &str) -> Vec<String> {
 
 /// Whether namespace `ns`'s route to `prefix` mentions `what`
 /// (`proto 79`, `blackhole`).
-fn route_has(ns: &str, prefix: &str, what: &str) -> Result<bool, String> {
+fn route_has(ns: &str, prefix: &str, what: &str) -> Result<bool, wait::Seen> {
     let out = std::process::Command::new("ip")
         .args(["-n", ns, "route", "show", prefix])
-        .output()
-        .map_err(|e| e.to_string())?;
+        .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).contains(what))
 }
 
@@ -421,7 +429,7 @@ async fn an_address_borrowed_from_another_nodes_block_is_routed() {
             if left.is_empty() {
                 Ok(Some(()))
             } else {
-                Err(format!("still routed on {left:?}"))
+                Err(format!("still routed on {left:?}").into())
             }
         },
     )
@@ -489,19 +497,16 @@ async fn route_reflectors_with_the_mesh_off() {
     }))
     .unwrap();
     peers.create(&Default::default(), &bad).await.unwrap();
-    let t = Instant::now();
-    let msg = loop {
-        let p = peers.get("typo").await.unwrap();
-        let cond = p
-            .status
-            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid"));
-        if let Some(c) = cond {
-            assert_eq!(c.status, "False");
-            break c.message;
-        }
-        assert!(t.elapsed() < T, "no Valid condition on the bad BGPPeer");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let every = Duration::from_millis(300);
+    let valid = wait::until_async("a Valid condition on the bad BGPPeer", T, every, || async {
+        let p = peers.get("typo").await?;
+        Ok(p.status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Valid")))
+    })
+    .await
+    .unwrap();
+    assert_eq!(valid.status, "False");
+    let msg = valid.message;
     assert!(
         msg.contains("peerIP") && msg.contains("10.99.0.300"),
         "{msg}"
@@ -518,7 +523,7 @@ async fn route_reflectors_with_the_mesh_off() {
             if out.contains("BGPPeer typo ignored") {
                 Ok(Some(()))
             } else {
-                Err(out)
+                Err(out.into())
             }
         },
     )
@@ -536,14 +541,7 @@ async fn route_reflectors_with_the_mesh_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_agent_keeps_traffic_and_reconciles() {
-    let mut c = cluster(
-        Options {
-            tor: Tor::None,
-            ..Default::default()
-        },
-        1,
-    )
-    .await;
+    let mut c = no_router_one_pod_each().await;
     let n1_block = blocks_of(&c, "node1").await.remove(0);
     // Watch node2's route to node1's block while node1's agent dies.
     let stop = Arc::new(AtomicBool::new(false));
@@ -557,6 +555,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
                 if !route_has(&ns, &block, "proto 79").unwrap() {
                     missing.fetch_add(1, Ordering::Relaxed);
                 }
+                // Not a wait: the sampler's pace.
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
@@ -616,14 +615,7 @@ async fn kill9_agent_keeps_traffic_and_reconciles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
-    let mut c = cluster(
-        Options {
-            tor: Tor::None,
-            ..Default::default()
-        },
-        1,
-    )
-    .await;
+    let mut c = no_router_one_pod_each().await;
     let block = blocks_of(&c, "node1").await.remove(0);
     let cidr: ipnetwork::IpNetwork = block.parse().unwrap();
     let name = margay_api::ipam::block_name(&cidr);
@@ -673,7 +665,7 @@ async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
                 .find(|c| c.type_ == "Ready");
             match ready {
                 Some(r) if r.reason == "CorruptBlock" && r.message.contains(&name) => Ok(Some(())),
-                other => Err(format!("{other:?}")),
+                other => Err(format!("{other:?}").into()),
             }
         }
     })
@@ -695,7 +687,11 @@ async fn a_corrupt_block_keeps_its_pods_routes_and_range() {
         let (code, out, _) = c
             .margayctl(1, &["ipam", "check"])
             .map_err(|e| e.to_string())?;
-        if code == 0 { Ok(Some(())) } else { Err(out) }
+        if code == 0 {
+            Ok(Some(()))
+        } else {
+            Err(out.into())
+        }
     })
     .unwrap();
     c.wait_connected(T).await.unwrap();
@@ -730,11 +726,13 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
     pods.delete(&c.pods[1].name, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    let t = Instant::now();
-    while allocated(leaked.clone()).await {
-        assert!(t.elapsed() < T, "leak collection did not free {leaked}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let every = Duration::from_millis(500);
+    let what = format!("leak collection to free {leaked}");
+    wait::until_async(&what, T, every, || async {
+        Ok((!allocated(leaked.clone()).await).then_some(()))
+    })
+    .await
+    .unwrap();
     // A node whose agent is of an earlier version (its identity in
     // annotations only): the leader writes its MargayNode.
     let nodes: Api<KubeNode> = Api::all(c.client.clone());
@@ -748,16 +746,12 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
         )
         .await
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let m = identities.get_opt("node-old").await.unwrap();
-        if let Some(m) = m {
-            assert_eq!(m.spec.bgp_address.as_deref(), Some("10.99.0.77/24"));
-            break;
-        }
-        assert!(t.elapsed() < T, "no MargayNode written for node-old");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let m = wait::until_async("a MargayNode written for node-old", T, every, || async {
+        Ok(identities.get_opt("node-old").await?)
+    })
+    .await
+    .unwrap();
+    assert_eq!(m.spec.bgp_address.as_deref(), Some("10.99.0.77/24"));
     nodes
         .delete("node-old", &DeleteParams::default())
         .await
@@ -778,8 +772,7 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
         .delete("node3", &DeleteParams::default())
         .await
         .unwrap();
-    let t = Instant::now();
-    loop {
+    wait::until_async("node3 gone everywhere", T, every, || async {
         let mut left = Vec::new();
         for n in &c.nodes[..2] {
             let r = n.node.ns.ip(&["route", "show", "proto", "79"]).unwrap();
@@ -790,14 +783,15 @@ async fn leaked_pod_and_removed_node_are_cleaned_up() {
             || identities.get_opt("node-old").await.unwrap().is_some()
             || slices.get_opt("node3.0").await.unwrap().is_some();
         if left.is_empty() && still.is_empty() && !identity {
-            break;
+            return Ok(Some(()));
         }
-        assert!(
-            t.elapsed() < T,
+        Err(format!(
             "routes {left:?} / blocks {still:?} of node3 remain (MargayNode or slices: {identity})"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        )
+        .into())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -814,32 +808,29 @@ async fn ipip_is_reported_on_the_node() {
     c.add_pod("node1", "a").await.unwrap();
     c.add_pod("node2", "b").await.unwrap();
     let nodes: Api<KubeNode> = Api::all(c.client.clone());
-    let t = Instant::now();
-    loop {
-        let n = nodes.get("node1").await.unwrap();
-        if let Some(cond) = margay_api::node::condition(&n, "MargayReady")
-            && cond.status == "False"
-        {
-            let msg = cond.message.clone().unwrap_or_default();
-            assert!(msg.contains("IPIP") && msg.contains("VXLAN"), "{msg}");
-            // Where the module is missing: this kernel, /lib/modules.
-            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-            assert!(
-                msg.contains(&format!("kernel {}", release.trim()))
-                    && msg.contains("/lib/modules/"),
-                "{msg}"
-            );
-            assert_eq!(cond.reason.as_deref(), Some("RoutingIncomplete"));
-            break;
-        }
-        assert!(t.elapsed() < T, "no MargayReady=False condition");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let every = Duration::from_millis(300);
+    let cond = wait::until_async("a MargayReady=False condition", T, every, || async {
+        let n = nodes.get("node1").await?;
+        Ok(margay_api::node::condition(&n, "MargayReady")
+            .filter(|c| c.status == "False")
+            .cloned())
+    })
+    .await
+    .unwrap();
+    let msg = cond.message.clone().unwrap_or_default();
+    assert!(msg.contains("IPIP") && msg.contains("VXLAN"), "{msg}");
+    // Where the module is missing: this kernel, /lib/modules.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        msg.contains(&format!("kernel {}", release.trim())) && msg.contains("/lib/modules/"),
+        "{msg}"
+    );
+    assert_eq!(cond.reason.as_deref(), Some("RoutingIncomplete"));
     // margayctl says it too, with the tunnel that is not up; and once BGP
     // has brought node2's block, that node2 cannot take IPIP either (so
     // nothing is sent where it cannot arrive).
-    let t = Instant::now();
-    loop {
+    let every = Duration::from_millis(500);
+    wait::until("margayctl to say so", T, every, || {
         let (_, out, _) = c.margayctl(0, &["node", "status"]).unwrap();
         if out.contains("cannot do IPIP")
             && out.contains("tunnel: IPIP tunl0")
@@ -848,11 +839,11 @@ async fn ipip_is_reported_on_the_node() {
             && out
                 .contains("(node node2) uses IPIP but the node has not published its tunl0 address")
         {
-            break;
+            return Ok(Some(()));
         }
-        assert!(t.elapsed() < T, "{out}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        Err(out.into())
+    })
+    .unwrap();
     let routes = c.nodes[0]
         .node
         .ns

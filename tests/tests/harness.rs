@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp};
-use margay_harness::{Fabric, Netns, kube::ApiServer, wait};
+use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp, exabgp_conf, gobgp_conf};
+use margay_harness::{Fabric, Netns, Node, kube::ApiServer, wait};
 
 const T: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(200);
@@ -49,11 +49,7 @@ async fn apiserver_answers_and_accepts_a_crd_and_an_object() {
         .arg(dir.join("crd.json"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "");
 
     let gvk = GroupVersionKind::gvk("selftest.margay.dev", "v1", "Widget");
     let ar = ApiResource::from_gvk_with_plural(&gvk, "widgets");
@@ -70,7 +66,7 @@ async fn apiserver_answers_and_accepts_a_crd_and_an_object() {
         async move {
             match widgets.create(&PostParams::default(), &obj).await {
                 Ok(o) => Ok(Some(o)),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             }
         }
     })
@@ -93,33 +89,36 @@ fn two_nodes_ping_each_other_through_the_fabric() {
     a.ns.ping_ok("10.99.0.254").expect("gateway");
 }
 
+/// A fabric of two nodes named `a` and `b` (the fabric is kept for its
+/// Drop).
+fn two_nodes(a: &str, b: &str) -> (Fabric, Node, Node) {
+    let fabric = Fabric::new().expect("fabric");
+    let a = fabric.add_node(a).expect("node a");
+    let b = fabric.add_node(b).expect("node b");
+    (fabric, a, b)
+}
+
+/// Waits for `node`'s IPv4 kernel route to `prefix`; its line.
+fn kernel_route(node: &Node, what: &str, prefix: &str) -> margay_harness::Result<String> {
+    wait::until(what, T, POLL, || {
+        Ok(node
+            .routes_v4()?
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_owned))
+    })
+}
+
 #[test]
 fn bird_and_gobgp_exchange_a_route_into_birds_kernel() {
-    let fabric = Fabric::new().expect("fabric");
-    let a = fabric.add_node("bird").expect("node a");
-    let b = fabric.add_node("gobgp").expect("node b");
+    let (_fabric, a, b) = two_nodes("bird", "gobgp");
     let bird = Bird::start(
         &a.ns,
         &bird_node_conf("10.99.0.1", "10.99.0.2", "10.244.1.0/26"),
     )
     .expect("bird");
-    let gobgp = Gobgp::start(
-        &b.ns,
-        r#"
-[global.config]
-  as = 64512
-  router-id = "10.99.0.2"
-  local-address-list = ["10.99.0.2"]
-[[neighbors]]
-  [neighbors.config]
-    neighbor-address = "10.99.0.1"
-    peer-as = 64512
-  [neighbors.timers.config]
-    hold-time = 9
-    keepalive-interval = 3
-"#,
-    )
-    .expect("gobgp");
+    let gobgp =
+        Gobgp::start(&b.ns, &gobgp_conf(64512, "10.99.0.2", "10.99.0.1", 64512)).expect("gobgp");
     gobgp
         .gobgp(&["global", "rib", "add", "10.244.3.0/26", "-a", "ipv4"])
         .expect("originate");
@@ -127,13 +126,8 @@ fn bird_and_gobgp_exchange_a_route_into_birds_kernel() {
         Ok(bird.established("peer").then_some(()))
     })
     .expect("session");
-    let route = wait::until("GoBGP's route in BIRD's kernel table", T, POLL, || {
-        let r = a.routes_v4().map_err(|e| e.to_string())?;
-        Ok(r.lines()
-            .find(|l| l.starts_with("10.244.3.0/26"))
-            .map(str::to_owned))
-    })
-    .expect("kernel route");
+    let route = kernel_route(&a, "GoBGP's route in BIRD's kernel table", "10.244.3.0/26")
+        .expect("kernel route");
     assert!(
         route.contains("via 10.99.0.2") && route.contains("proto bird"),
         "{route}"
@@ -148,9 +142,7 @@ fn bird_and_gobgp_exchange_a_route_into_birds_kernel() {
 
 #[test]
 fn frr_with_zebra_installs_a_route_learned_from_exabgp() {
-    let fabric = Fabric::new().expect("fabric");
-    let a = fabric.add_node("frr").expect("node a");
-    let b = fabric.add_node("exa").expect("node b");
+    let (_fabric, a, b) = two_nodes("frr", "exa");
     let frr = Frr::start(
         &a.ns,
         r#"frr defaults traditional
@@ -165,27 +157,12 @@ router bgp 64512
         true,
     )
     .expect("frr");
-    let exa = Exabgp::start(
-        &b.ns,
-        r#"process api { run {helper}; encoder json; }
-neighbor 10.99.0.1 {
-  router-id 10.99.0.2; local-address 10.99.0.2; local-as 64513; peer-as 64512;
-  hold-time 9;
-  family { ipv4 unicast; }
-  api { processes [ api ]; neighbor-changes; receive { parsed; update; } }
-}
-"#,
-    )
-    .expect("exabgp");
+    let exa =
+        Exabgp::start(&b.ns, &exabgp_conf("10.99.0.2", 64513, "10.99.0.1", 64512)).expect("exabgp");
     exa.command("announce route 10.244.7.0/26 next-hop self")
         .expect("announce");
-    let route = wait::until("ExaBGP's route in FRR's kernel table", T, POLL, || {
-        let r = a.routes_v4().map_err(|e| e.to_string())?;
-        Ok(r.lines()
-            .find(|l| l.starts_with("10.244.7.0/26"))
-            .map(str::to_owned))
-    })
-    .unwrap_or_else(|e| panic!("{e}\nfrr: {:?}", frr.vtysh("show bgp summary")));
+    let route = kernel_route(&a, "ExaBGP's route in FRR's kernel table", "10.244.7.0/26")
+        .unwrap_or_else(|e| panic!("{e}\nfrr: {:?}", frr.vtysh("show bgp summary")));
     assert!(
         route.contains("via 10.99.0.2") && route.contains("proto bgp"),
         "{route}"

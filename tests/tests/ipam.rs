@@ -239,6 +239,7 @@ async fn three_nodes_under_sigkill_never_share_an_address_and_gc_leaves_no_leak(
         if !running {
             break;
         }
+        // Not a wait: the pace of the kill schedule above.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for s in &mut sims {
@@ -427,11 +428,7 @@ async fn deleting_a_node_frees_its_blocks_and_pools_print_useful_columns() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "");
     for col in [
         "CIDR",
         "BLOCK",

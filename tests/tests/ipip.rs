@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use margay_harness::paths;
+use margay_harness::{paths, wait};
 use margay_tests::Pinger;
 
 #[test]
@@ -193,18 +193,11 @@ fn tunl0(ns: &str) -> (bool, u64, Vec<String>, u64) {
     (up, l["mtu"].as_u64().unwrap_or(0), addrs, rx)
 }
 
-/// Polls `f` until it returns `Some`, for at most `secs`.
+/// Polls `f` until it returns `Ok`, for at most `secs`.
 fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let t = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(why) if t.elapsed() > Duration::from_secs(secs) => {
-                panic!("{what} not after {secs} s: {why}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
+    let every = Duration::from_millis(500);
+    wait::until(what, Duration::from_secs(secs), every, || Ok(Some(f()?)))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Every node's routes to the others' blocks go through `dev` (`tunl0`,
@@ -299,6 +292,7 @@ fn ipip_lab(lab: &Lab) {
     };
     for (to, dev) in [("VXLAN", "margay.vxlan"), ("IPIP", "tunl0")] {
         let ping = pingers(&pods);
+        // Not a wait: 2 s of traffic before the switch, to compare with.
         std::thread::sleep(Duration::from_secs(2));
         let t = Instant::now();
         lab.set_encap(to);

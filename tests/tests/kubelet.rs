@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::Api;
+use margay_harness::wait;
 use margay_lab::cluster::{Cluster, Options, PodOpts};
 use margay_lab::kubernetes::{self, NAMESPACE};
 use margay_lab::{Install, Tor};
-use margay_tests::{Pinger, allocations};
+use margay_tests::{Pinger, allocations, until_none_wrong_async};
 
 const T: Duration = Duration::from_secs(180);
 
@@ -83,41 +84,66 @@ fn stop_all(p: Vec<Pinger>, what: &str) {
     }
 }
 
+/// `kubectl -n NAMESPACE ARGS` (a change of the agents' DaemonSet) while
+/// pods ping across nodes: every agent replaced, traffic kept through it
+/// (`what`), and the pods still have the addresses `before`.
+async fn roll_under_traffic(
+    c: &mut Cluster,
+    before: &BTreeMap<String, String>,
+    what: &str,
+    args: &[&str],
+) {
+    let pings = pingers(c);
+    // Not a wait: a second of traffic before the change, to compare with.
+    std::thread::sleep(Duration::from_secs(1));
+    let agents = agent_pods(c);
+    kubectl(c, &[&["-n", NAMESPACE][..], args].concat());
+    rolled(c, &agents).await;
+    // Not a wait: traffic must go on for 2 s after the change too.
+    std::thread::sleep(Duration::from_secs(2));
+    stop_all(pings, what);
+    assert_eq!(addresses(c).await, *before, "pods kept their addresses");
+}
+
 /// Every agent pod replaced by `change` and ready again.
 async fn rolled(c: &Cluster, before: &[String]) {
     let api: Api<DaemonSet> = Api::namespaced(c.client.clone(), NAMESPACE);
-    let t = Instant::now();
-    loop {
+    let what = format!("rollout (before {before:?})");
+    wait::until_async(&what, T, Duration::from_millis(500), || {
         let now = agent_pods(c);
-        if now.iter().all(|p| !before.contains(p)) && now.len() == c.nodes.len() {
-            let ds = api.get("margay-agent").await.unwrap();
-            let st = ds.status.unwrap_or_default();
-            if st.number_ready == 3 && st.updated_number_scheduled == Some(3) {
-                return;
+        let api = api.clone();
+        async move {
+            if now.iter().all(|p| !before.contains(p)) && now.len() == c.nodes.len() {
+                let ds = api.get("margay-agent").await.unwrap();
+                let st = ds.status.unwrap_or_default();
+                if st.number_ready == 3 && st.updated_number_scheduled == Some(3) {
+                    return Ok(Some(()));
+                }
             }
+            Err(format!("{now:?}").into())
         }
-        assert!(t.elapsed() < T, "rollout: {now:?} (before {before:?})");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await
+    .unwrap();
 }
 
-fn agent_pods(c: &Cluster) -> Vec<String> {
+/// `jsonpath` over the agent pods.
+fn of_agent_pods(c: &Cluster, jsonpath: &str) -> String {
+    let selector = "app.kubernetes.io/name=margay";
+    let jsonpath = format!("jsonpath={jsonpath}");
     kubectl(
         c,
         &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=margay",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
+            "-n", NAMESPACE, "get", "pods", "-l", selector, "-o", &jsonpath,
         ],
     )
-    .split_whitespace()
-    .map(str::to_string)
-    .collect()
+}
+
+fn agent_pods(c: &Cluster) -> Vec<String> {
+    of_agent_pods(c, "{.items[*].metadata.name}")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,40 +210,18 @@ async fn manifest_install_deployment_restart_and_upgrade() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(gone.len(), 6);
-    let t = Instant::now();
-    loop {
-        let held: Vec<String> = allocations(&c.client)
-            .await
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .filter(|ip| gone.contains(ip))
-            .collect();
-        if held.is_empty() {
-            break;
-        }
-        assert!(t.elapsed() < T, "still allocated: {held:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let every = Duration::from_millis(500);
+    until_none_wrong_async("the addresses given back", T, every, || async {
+        let held = allocations(&c.client).await.into_iter().map(|(ip, _)| ip);
+        held.filter(|ip| gone.contains(ip)).collect()
+    })
+    .await
+    .unwrap();
 
     // The agents restarted, then upgraded, while pods ping across nodes.
     let before = addresses(&mut c).await;
-    let pings = pingers(&c);
-    std::thread::sleep(Duration::from_secs(1));
-    let agents = agent_pods(&c);
-    kubectl(
-        &c,
-        &[
-            "-n",
-            NAMESPACE,
-            "rollout",
-            "restart",
-            "daemonset/margay-agent",
-        ],
-    );
-    rolled(&c, &agents).await;
-    std::thread::sleep(Duration::from_secs(2));
-    stop_all(pings, "rollout restart");
-    assert_eq!(addresses(&mut c).await, before, "pods kept their addresses");
+    let restart = ["rollout", "restart", "daemonset/margay-agent"];
+    roll_under_traffic(&mut c, &before, "rollout restart", &restart).await;
 
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("margay-next.tar");
@@ -227,38 +231,13 @@ async fn manifest_install_deployment_restart_and_upgrade() {
     for n in &c.nodes {
         n.kubelet.as_ref().unwrap().import(&archive).unwrap();
     }
-    let pings = pingers(&c);
-    std::thread::sleep(Duration::from_secs(1));
-    let agents = agent_pods(&c);
-    kubectl(
-        &c,
-        &[
-            "-n",
-            NAMESPACE,
-            "set",
-            "image",
-            "daemonset/margay-agent",
-            &format!("margay-agent={next}"),
-            &format!("install-cni={next}"),
-        ],
+    let (agent, cni) = (
+        format!("margay-agent={next}"),
+        format!("install-cni={next}"),
     );
-    rolled(&c, &agents).await;
-    std::thread::sleep(Duration::from_secs(2));
-    stop_all(pings, "image upgrade");
-    assert_eq!(addresses(&mut c).await, before, "pods kept their addresses");
-    let images = kubectl(
-        &c,
-        &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=margay",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ],
-    );
+    let upgrade = ["set", "image", "daemonset/margay-agent", &agent, &cni];
+    roll_under_traffic(&mut c, &before, "image upgrade", &upgrade).await;
+    let images = of_agent_pods(&c, "{.items[*].spec.containers[0].image}");
     assert_eq!(
         images.split_whitespace().filter(|i| *i == next).count(),
         3,
@@ -322,39 +301,26 @@ fn kubectl_apply(c: &Cluster, obj: &str) {
 
 /// Waits until each (lab pod, address, reached on 80/tcp) holds.
 async fn until_reach(c: &Cluster, want: &[(&str, &str, bool)]) {
-    let lab = margay_harness::paths::workspace_bin("margay-lab").unwrap();
-    let t = Instant::now();
-    loop {
-        let wrong: Vec<_> = want
-            .iter()
-            .filter(|(from, to, ok)| {
-                let src = c.pods.iter().find(|p| p.name == *from).unwrap();
-                let got = src
-                    .ns
-                    .cmd(&lab)
-                    .args([
-                        "netcheck",
-                        "probe",
-                        "--timeout-ms",
-                        "700",
-                        &format!("{to}:80/tcp"),
-                    ])
-                    .stdout(std::process::Stdio::null())
-                    .status()
-                    .unwrap()
-                    .success();
-                got != *ok
-            })
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "still wrong: {wrong:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    margay_tests::until_none_wrong(
+        "the reachability wanted",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            want.iter()
+                .filter(|(from, to, ok)| {
+                    let src = c.pods.iter().find(|p| p.name == *from).unwrap();
+                    let got = margay_tests::probe(&src.ns, &format!("{to}:80/tcp"))
+                        .stdout(std::process::Stdio::null())
+                        .status()
+                        .unwrap()
+                        .success();
+                    got != *ok
+                })
+                .collect()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// The shell blocks of docs/install.md's "Uninstall" section, in order.
@@ -387,11 +353,7 @@ async fn helm_upgrade_node_removal_and_uninstall() {
         .args(["-n", NAMESPACE, "--reuse-values", "--set", "logLevel=debug"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "");
     // The chart stamps the ConfigMap's checksum on the pods: they roll.
     rolled(&c, &agents).await;
     let level = kubectl(
@@ -431,24 +393,13 @@ async fn helm_upgrade_node_removal_and_uninstall() {
     assert!(!mine.is_empty());
     c.nodes[2].kubelet.take();
     kubectl(&c, &["delete", "node", "node3"]);
-    let t = Instant::now();
-    loop {
-        let left: Vec<(String, String)> = c
-            .blocks()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|(_, n)| n == "node3")
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(240),
-            "node3's blocks stay: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let (t240, every) = (Duration::from_secs(240), Duration::from_secs(1));
+    until_none_wrong_async("node3's blocks freed", t240, every, || async {
+        let blocks = c.blocks().await.unwrap().into_iter();
+        blocks.filter(|(_, n)| n == "node3").collect()
+    })
+    .await
+    .unwrap();
 
     // Uninstalled as docs/install.md says: workloads first, then Helm and
     // the CRDs, then every node.
@@ -485,18 +436,14 @@ async fn helm_upgrade_node_removal_and_uninstall() {
         .current_dir(margay_lab::kubernetes::repo())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "docs/install.md's Helm uninstall: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    margay_tests::assert_ran(&out, "docs/install.md's Helm uninstall: ");
     // The agents go with the DaemonSet.
-    let t = Instant::now();
-    while !agent_pods(&c).is_empty() {
-        assert!(t.elapsed() < T, "agents still running");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait::until_async("the agents gone", T, Duration::from_millis(500), || {
+        let running = agent_pods(&c);
+        async move { Ok(running.is_empty().then_some(())) }
+    })
+    .await
+    .unwrap();
     for n in c.nodes.iter().filter(|n| n.kubelet.is_some()) {
         let k = n.kubelet.as_ref().unwrap();
         let out = k.enter("sh").args(["-c", &blocks[2]]).output().unwrap();

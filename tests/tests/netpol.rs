@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod as KubePod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use margay_harness::paths;
-use margay_lab::cluster::{Cluster, Options, PodOpts};
+use margay_harness::{paths, wait};
+use margay_lab::cluster::{Cluster, PodOpts};
 use margay_policy::spec::{self, Connection};
 use margay_policy::{Namespace, Pod, Policy, Proto, World};
 use serde_json::{Value, json};
@@ -163,6 +163,11 @@ fn policy(name: &str, selector: Value, ingress: Option<Value>, egress: Option<Va
     }
     spec["policyTypes"] = json!(types);
     json!({"metadata": {"name": name}, "spec": spec})
+}
+
+/// A policy `name` selecting the pods `a` with `ingress` rules only.
+fn ingress_to_a(name: &str, ingress: Value) -> Value {
+    policy(name, pod_is("a"), Some(ingress), None)
 }
 
 fn pod_is(name: &str) -> Value {
@@ -339,27 +344,29 @@ impl Env {
     }
 
     async fn probe_until(&self, port: u16, proto: Proto, want: &Reach, what: &str) {
-        let t0 = Instant::now();
-        loop {
+        let what = format!("{what}: {port}/{}", proto.name());
+        let (t45, every) = (Duration::from_secs(45), Duration::from_millis(250));
+        wait::until_async(&what, t45, every, || {
             let got = self.observe(port, proto);
             let wrong: Vec<String> = want
                 .pairs()
                 .filter(|(k, ok)| got.get(k) != Some(ok))
                 .map(|((f, t), ok)| format!("{} -> {} expected {ok}", model_name(f), model_name(t)))
                 .collect();
-            if wrong.is_empty() {
-                return;
-            }
-            if t0.elapsed() > Duration::from_secs(45) {
-                panic!(
-                    "{what}: {port}/{}: still wrong after 45 s: {wrong:?}\nexpected:\n{}observed:\n{}",
-                    proto.name(),
+            let seen = if wrong.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!(
+                    "still wrong: {wrong:?}\nexpected:\n{}observed:\n{}",
                     want.table(&want.m),
                     want.table(&got)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+                )
+                .into())
+            };
+            async move { seen }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The world as the API server holds it now.
@@ -413,6 +420,24 @@ impl Env {
         }
     }
 
+    /// Upstream's most common case: `name` over `pods`, one `policy`
+    /// created in x, and the table `want` makes of full reachability
+    /// validated on `port`/tcp.
+    async fn one_policy_in_x(
+        &mut self,
+        port: u16,
+        name: &str,
+        pods: &[&str],
+        policy: Value,
+        want: impl FnOnce(&mut Reach),
+    ) {
+        self.case(name, pods).await;
+        self.create("x", policy).await;
+        let mut r = self.reach(true);
+        want(&mut r);
+        self.validate(port, TCP, &r).await;
+    }
+
     /// Upstream's ValidateOrFail, after checking that the specification
     /// agrees with the expected table.
     async fn validate(&self, port: u16, proto: Proto, want: &Reach) {
@@ -446,13 +471,7 @@ impl Env {
 
 /// A two-node lab with the model's `pods` serving `protos` on 80 and 81.
 async fn start(pods: &[&str], protos: &[Proto]) -> Env {
-    let mut c = Cluster::start(Options {
-        nodes: 2,
-        tor: margay_lab::Tor::None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut c = margay_tests::two_node_lab().await;
     let serve: Vec<String> = protos
         .iter()
         .flat_map(|p| [80, 81].map(|port| format!("{}:{port}", p.name())))
@@ -513,52 +532,41 @@ async fn tcp_and_udp_cases() {
     let mut e = start(&ALL_PODS, &[TCP, UDP]).await;
     let t0 = Instant::now();
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should support a 'default-deny-ingress' policy",
         &["x/a", "x/b", "y/a", "y/b"],
-    )
-    .await;
-    e.create(
-        "x",
         policy("deny-ingress", json!({}), Some(json!([])), None),
+        |r| {
+            r.peer("*", "x", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should support a 'default-deny-all' policy",
         &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
+        |r| {
+            r.peer("*", "x", false).peer("x", "*", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false).peer("x", "*", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic from pods within server namespace based on PodSelector",
         &["x/a", "x/b", "x/c", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "x-a-allows-x-b",
-            pod_is("a"),
-            Some(json!([{"from": [{"podSelector": pod_is("b")}]}])),
-            None,
+            json!([{"from": [{"podSelector": pod_is("b")}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false).expect("x/b", "x/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-    e.validate(80, TCP, &r).await;
 
     e.case(
         "should enforce policy to allow ingress traffic for a target",
@@ -569,11 +577,9 @@ async fn tcp_and_udp_cases() {
         .await;
     e.create(
         "x",
-        policy(
+        ingress_to_a(
             "allow-all-to-a",
-            pod_is("a"),
-            Some(json!([{"from": [{"podSelector": {}, "namespaceSelector": {}}]}])),
-            None,
+            json!([{"from": [{"podSelector": {}, "namespaceSelector": {}}]}]),
         ),
     )
     .await;
@@ -581,185 +587,136 @@ async fn tcp_and_udp_cases() {
     r.all_ingress("x/a", true).all_ingress("x/b", false);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy to allow ingress traffic from pods in all namespaces",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-from-another-ns",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": {"matchLabels": {}}}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": {"matchLabels": {}}}]}]),
         ),
+        |_| {},
     )
     .await;
-    e.validate(80, TCP, &e.reach(true)).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-client-a-via-ns-selector",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_is("y")}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_is("y")}]}]),
         ),
+        |r| {
+            r.peer("x", "x/a", false).peer("z", "x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "x/a", false).peer("z", "x/a", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on PodSelector with MatchExpressions",
         &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "x-a-allows-x-b",
-            pod_is("a"),
-            Some(json!([{"from": [{"podSelector":
-                {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}}]}])),
-            None,
+            json!([{"from": [{"podSelector":
+                {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false).expect("x/b", "x/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on NamespaceSelector with MatchExpressions",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ns-y-match-selector",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector":
-                {"matchExpressions": [{"key": NS, "operator": "In", "values": ["y"]}]}}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector":
+                {"matchExpressions": [{"key": NS, "operator": "In", "values": ["y"]}]}}]}]),
         ),
+        |r| {
+            r.peer("x", "x/a", false).peer("z", "x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "x/a", false).peer("z", "x/a", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on PodSelector or NamespaceSelector",
         &["x/a", "x/b", "x/c", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ns-y-match-selector",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_not_in("x")}, {"podSelector": pod_is("b")}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_not_in("x")}, {"podSelector": pod_is("b")}]}]),
         ),
+        |r| {
+            r.expect("x/a", "x/a", false).expect("x/c", "x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.expect("x/a", "x/a", false).expect("x/c", "x/a", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on PodSelector and NamespaceSelector",
         &["x/a", "x/b", "y/a", "y/b", "z/b"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ns-y-podselector-and-nsselector",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": pod_is("b")}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": pod_is("b")}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false)
+                .expect("y/b", "x/a", true)
+                .expect("z/b", "x/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false)
-        .expect("y/b", "x/a", true)
-        .expect("z/b", "x/a", true);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on Multiple PodSelectors and NamespaceSelectors",
         &["x/a", "x/b", "y/a", "y/b", "y/c"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ns-y-z-pod-b-c",
-            pod_is("a"),
-            Some(
-                json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector":
+            json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector":
                 {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]}}]}]),
-            ),
-            None,
         ),
+        |r| {
+            r.peer("x", "x/a", false).expect("y/a", "x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "x/a", false).expect("y/a", "x/a", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on any PodSelectors",
         &["x/a", "x/b", "x/c"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ns-x-pod-b-c",
-            pod_is("a"),
-            Some(json!([{"from": [{"podSelector": pod_is("b")}, {"podSelector": pod_is("c")}]}])),
-            None,
+            json!([{"from": [{"podSelector": pod_is("b")}, {"podSelector": pod_is("c")}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false)
+                .expect("x/b", "x/a", true)
+                .expect("x/c", "x/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false)
-        .expect("x/b", "x/a", true)
-        .expect("x/c", "x/a", true);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector",
         &["x/a", "x/b", "y/a", "y/b", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ns-y-pod-a-via-namespace-pod-selector",
-            pod_is("a"),
-            Some(
-                json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
-            ),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false).expect("y/a", "x/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false).expect("y/a", "x/a", true);
-    e.validate(80, TCP, &r).await;
 
     let port81_from_y = |name: &str, port: u16, proto: &str| {
         policy(
@@ -813,89 +770,81 @@ async fn tcp_and_udp_cases() {
     .await;
     e.validate(80, TCP, &allow).await;
 
-    e.case("should support allow-all policy", &["x/a", "x/b", "y/a"])
-        .await;
-    e.create("x", policy("allow-all", json!({}), Some(json!([{}])), None))
-        .await;
-    e.validate(80, TCP, &e.reach(true)).await;
-    e.validate(81, TCP, &e.reach(true)).await;
-
-    e.case(
-        "should allow ingress access on one named port",
+    e.one_policy_in_x(
+        80,
+        "should support allow-all policy",
         &["x/a", "x/b", "y/a"],
+        policy("allow-all", json!({}), Some(json!([{}])), None),
+        |_| {},
     )
     .await;
-    e.create(
-        "x",
+    e.validate(81, TCP, &e.reach(true)).await;
+
+    e.one_policy_in_x(
+        81,
+        "should allow ingress access on one named port",
+        &["x/a", "x/b", "y/a"],
         policy(
             "allow-all",
             json!({}),
             Some(json!([{"ports": [{"port": "serve-81-tcp"}]}])),
             None,
         ),
+        |_| {},
     )
     .await;
-    e.validate(81, TCP, &e.reach(true)).await;
     let mut r = e.reach(true);
     r.peer("*", "x", false);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should allow ingress access from namespace on one named port",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-client-a-via-ns-selector-80",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_is("y")}],
-                         "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_is("y")}],
+                         "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}]),
         ),
+        |r| {
+            r.peer("x", "x/a", false).peer("z", "x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "x/a", false).peer("z", "x/a", false);
-    e.validate(80, TCP, &r).await;
     let mut r = e.reach(true);
     r.all_ingress("x/a", false);
     e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should allow egress access on one named port",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-egress",
             json!({}),
             None,
             Some(json!([{"ports": [{"port": "serve-80-tcp"}]}])),
         ),
+        |_| {},
     )
     .await;
-    e.validate(80, TCP, &e.reach(true)).await;
     let mut r = e.reach(true);
     r.peer("x", "*", false);
     e.validate(81, TCP, &r).await;
 
-    e.case("should enforce updated policy", &["x/a", "y/a"])
-        .await;
-    e.create(
-        "x",
+    e.one_policy_in_x(
+        81,
+        "should enforce updated policy",
+        &["x/a", "y/a"],
         policy(
             "allow-all-mutate-to-deny-all",
             json!({}),
             Some(json!([{}])),
             None,
         ),
+        |_| {},
     )
     .await;
-    e.validate(81, TCP, &e.reach(true)).await;
     e.update(
         "x",
         policy(
@@ -910,136 +859,114 @@ async fn tcp_and_udp_cases() {
     r.peer("*", "x", false);
     e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should allow ingress access from updated namespace",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-client-a-via-ns-selector",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(80, TCP, &r).await;
     e.label_namespace("y", "ns2", Some("updated")).await;
     let mut r = e.reach(true);
     r.all_ingress("x/a", false).peer("y", "*", true);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should allow ingress access from updated pod",
         &["x/a", "x/b"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-client-a-via-pod-selector",
-            pod_is("a"),
-            Some(json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b", "pod2": "updated"}}}]}])),
-            None,
+            json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b", "pod2": "updated"}}}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(80, TCP, &r).await;
     e.label_pod("x/b", json!({"pod": "b", "pod2": "updated"}))
         .await;
     let mut r = e.reach(true);
     r.all_ingress("x/a", false).expect("x/b", "x/a", true);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should deny ingress from pods on other namespaces",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "deny-empty-policy",
             json!({}),
             Some(json!([{"from": [{"podSelector": {"matchLabels": {}}}]}])),
             None,
         ),
+        |r| {
+            r.peer("y", "x", false).peer("z", "x", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("y", "x", false).peer("z", "x", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case("should deny ingress access to updated pod", &["x/a", "y/a"])
-        .await;
-    e.create(
-        "x",
+    e.one_policy_in_x(
+        80,
+        "should deny ingress access to updated pod",
+        &["x/a", "y/a"],
         policy(
             "deny-ingress-via-label-selector",
             json!({"matchLabels": {"target": "isolated"}}),
             Some(json!([])),
             None,
         ),
+        |_| {},
     )
     .await;
-    e.validate(80, TCP, &e.reach(true)).await;
     e.label_pod("x/a", json!({"target": "isolated"})).await;
     let mut r = e.reach(true);
     r.all_ingress("x/a", false);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should deny egress from pods based on PodSelector",
         &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy("deny-egress-pod-a", pod_is("a"), None, Some(json!([]))),
+        |r| {
+            r.all_egress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_egress("x/a", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should deny egress from all pods in a namespace",
         &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy("deny-egress-ns-x", json!({}), None, Some(json!([]))),
+        |r| {
+            r.peer("x", "*", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "*", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should work with Ingress, Egress specified together",
         &["x/a", "x/b", "x/c", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-client-a-via-pod-selector",
             pod_is("a"),
             Some(json!([{"from": [{"podSelector": pod_is("b")}]}])),
             Some(json!([{"ports": [{"port": 80}]}])),
         ),
+        |r| {
+            r.all_ingress("x/a", false).expect("x/b", "x/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-    e.validate(80, TCP, &r).await;
     let mut r = e.reach(true);
     r.all_ingress("x/a", false)
         .all_egress("x/a", false)
@@ -1065,12 +992,7 @@ async fn tcp_and_udp_cases() {
         json!([{"from": [{"namespaceSelector": ns_is("x"), "podSelector": pod_is("a")}]}]);
     e.create(
         "y",
-        policy(
-            "allow-from-xa-on-ya-match-selector",
-            pod_is("a"),
-            Some(from_xa.clone()),
-            None,
-        ),
+        ingress_to_a("allow-from-xa-on-ya-match-selector", from_xa.clone()),
     )
     .await;
     e.create(
@@ -1090,63 +1012,52 @@ async fn tcp_and_udp_cases() {
         .peer("*", "y/b", false);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector",
         &["x/a", "y/a", "y/b"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-to-ns-y-pod-a",
             pod_is("a"),
             None,
             Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}])),
         ),
+        |r| {
+            r.all_egress("x/a", false).expect("x/a", "y/a", true);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_egress("x/a", false).expect("x/a", "y/a", true);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce ingress policy allowing any port traffic to a server on a specific protocol",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-ingress-by-proto",
-            pod_is("a"),
-            Some(json!([{"ports": [{"protocol": "TCP"}]}])),
-            None,
+            json!([{"ports": [{"protocol": "TCP"}]}]),
         ),
+        |_| {},
     )
     .await;
-    e.validate(80, TCP, &e.reach(true)).await;
     let mut r = e.reach(true);
     r.peer("*", "x/a", false);
     e.validate(80, UDP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should enforce multiple ingress policies with ingress allow-all policy taking precedence",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-ingress-port-80",
             json!({}),
             Some(json!([{"ports": [{"port": 80}]}])),
             None,
         ),
+        |r| {
+            r.peer("*", "x", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false);
-    e.validate(81, TCP, &r).await;
     e.create(
         "x",
         policy("allow-ingress", json!({}), Some(json!([{}])), None),
@@ -1154,24 +1065,21 @@ async fn tcp_and_udp_cases() {
     .await;
     e.validate(81, TCP, &e.reach(true)).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should enforce multiple egress policies with egress allow-all policy taking precedence",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-egress-port-80",
             json!({}),
             None,
             Some(json!([{"ports": [{"port": 80}]}])),
         ),
+        |r| {
+            r.peer("x", "*", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "*", false);
-    e.validate(81, TCP, &r).await;
     e.create(
         "x",
         policy("allow-egress", json!({}), None, Some(json!([{}]))),
@@ -1179,19 +1087,16 @@ async fn tcp_and_udp_cases() {
     .await;
     e.validate(81, TCP, &e.reach(true)).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should stop enforcing policies after they are deleted",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
+        |r| {
+            r.peer("x", "*", false).peer("*", "x", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "*", false).peer("*", "x", false);
-    e.validate(80, TCP, &r).await;
     e.delete_policies().await;
     e.validate(80, TCP, &e.reach(true)).await;
 
@@ -1222,25 +1127,27 @@ async fn tcp_and_udp_cases() {
         None,
         Some(json!([{"to": [{"ipBlock": {"cidr": large_cidr(e.ip("x/b")), "except": [xb]}}]}])),
     );
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce except clause while egress access to server in CIDR block",
         &["x/a", "x/b", "x/c"],
+        around_xb.clone(),
+        |r| {
+            r.expect("x/a", "x/b", false);
+        },
     )
     .await;
-    e.create("x", around_xb.clone()).await;
-    let mut r = e.reach(true);
-    r.expect("x/a", "x/b", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
         &["x/a", "x/b", "x/c"],
+        around_xb,
+        |r| {
+            r.expect("x/a", "x/b", false);
+        },
     )
     .await;
-    e.create("x", around_xb).await;
-    let mut r = e.reach(true);
-    r.expect("x/a", "x/b", false);
-    e.validate(80, TCP, &r).await;
     e.update(
         "x",
         policy(
@@ -1255,30 +1162,22 @@ async fn tcp_and_udp_cases() {
     r.all_egress("x/a", false).expect("x/a", "x/b", true);
     e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector",
         &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-egress-for-target",
             pod_is("a"),
             None,
             Some(json!([{}])),
         ),
+        |_| {},
     )
     .await;
-    e.validate(80, TCP, &e.reach(true)).await;
     e.create(
         "x",
-        policy(
-            "deny-ingress-via-label-selector",
-            pod_is("a"),
-            Some(json!([])),
-            None,
-        ),
+        ingress_to_a("deny-ingress-via-label-selector", json!([])),
     )
     .await;
     let mut r = e.reach(true);
@@ -1297,11 +1196,9 @@ async fn tcp_and_udp_cases() {
     .await;
     e.create(
         "x",
-        policy(
+        ingress_to_a(
             "allow-only-sctp-ingress-on-port-81",
-            pod_is("a"),
-            Some(json!([{"ports": [{"port": 81, "protocol": "SCTP"}]}])),
-            None,
+            json!([{"ports": [{"port": 81, "protocol": "SCTP"}]}]),
         ),
     )
     .await;
@@ -1309,81 +1206,63 @@ async fn tcp_and_udp_cases() {
     r.peer("*", "x", false);
     e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-only-sctp-ingress-on-port-80",
-            pod_is("a"),
-            Some(json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}])),
-            None,
+            json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        81,
         "should not allow access by TCP when a policy specifies only UDP",
         &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-only-udp-ingress-on-port-81",
-            pod_is("a"),
-            Some(json!([{"ports": [{"port": 81, "protocol": "UDP"}]}])),
-            None,
+            json!([{"ports": [{"port": 81, "protocol": "UDP"}]}]),
         ),
+        |r| {
+            r.all_ingress("x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(81, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
+        ingress_to_a(
             "allow-client-a-via-ns-selector-for-immutable-ns-label",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_is("y")}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_is("y")}]}]),
         ),
+        |r| {
+            r.peer("x", "x/a", false).peer("z", "x/a", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x", "x/a", false).peer("z", "x/a", false);
-    e.validate(80, TCP, &r).await;
 
-    e.case(
+    e.one_policy_in_x(
+        80,
         "should enforce policy based on NamespaceSelector with MatchExpressions using default ns label",
         &["x/a", "x/b", "y/a", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
         policy(
             "allow-ns-y-match-selector-for-immutable-ns-label",
             pod_is("a"),
             None,
             Some(json!([{"to": [{"namespaceSelector": ns_not_in("y")}]}])),
         ),
+        |r| {
+            r.peer("x/a", "y", false);
+        },
     )
     .await;
-    let mut r = e.reach(true);
-    r.peer("x/a", "y", false);
-    e.validate(80, TCP, &r).await;
 
     // "NetworkPolicy between server and client using UDP".
     udp_or_sctp_cases(&mut e, UDP).await;
@@ -1546,12 +1425,10 @@ async fn udp_or_sctp_cases(e: &mut Env, proto: Proto) {
     .await;
     e.create(
         "x",
-        policy(
+        ingress_to_a(
             "allow-ingress-on-port-81-ns-x",
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_is("y")}],
-                         "ports": [{"port": 81, "protocol": name}]}])),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_is("y")}],
+                         "ports": [{"port": 81, "protocol": name}]}]),
         ),
     )
     .await;
@@ -1568,13 +1445,9 @@ async fn udp_or_sctp_cases(e: &mut Env, proto: Proto) {
     .await;
     e.create(
         "x",
-        policy(
+        ingress_to_a(
             "allow-ns-y-pod-a-via-namespace-pod-selector",
-            pod_is("a"),
-            Some(
-                json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
-            ),
-            None,
+            json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
         ),
     )
     .await;

@@ -495,20 +495,10 @@ fn outcome(c: &margay_lab::cluster::Cluster, from: &str, to: &str, port: &str) -
     let src = c.pods.iter().find(|p| p.name == from).unwrap();
     let dst = c.pods.iter().find(|p| p.name == to).unwrap();
     let (num, proto) = port.split_once('/').unwrap();
-    let lab = paths::workspace_bin("margay-lab").unwrap();
-    let out = src
-        .ns
-        .cmd(lab)
-        .args(["netcheck", "probe", "--timeout-ms", "700"])
-        .arg(format!("{}:{num}/{proto}", dst.ip))
+    let out = margay_tests::probe(&src.ns, &format!("{}:{num}/{proto}", dst.ip))
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("probe said {text:?}"))
+    margay_tests::probe_outcome(&out)
 }
 
 /// Whether lab pod `from` reaches `to` on `port` ("80/tcp").
@@ -522,21 +512,18 @@ async fn until_table(
     want: &[(&str, &str, &str, bool)],
     what: &str,
 ) {
-    let t = std::time::Instant::now();
-    loop {
-        let wrong: Vec<_> = want
-            .iter()
-            .filter(|(f, to, p, ok)| reach(c, f, to, p) != *ok)
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{what}: still wrong after 60 s: {wrong:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    margay_tests::until_none_wrong(
+        what,
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            want.iter()
+                .filter(|(f, to, p, ok)| reach(c, f, to, p) != *ok)
+                .collect()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// The agents of a lab enforce a NetworkPolicy from the API: its peers
@@ -546,15 +533,9 @@ async fn until_table(
 async fn the_agents_enforce_networkpolicy_in_the_lab() {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use kube::api::{Api, DeleteParams, PostParams};
-    use margay_lab::cluster::{Cluster, Options, PodOpts};
+    use margay_lab::cluster::PodOpts;
 
-    let mut c = Cluster::start(Options {
-        nodes: 2,
-        tor: margay_lab::Tor::None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut c = margay_tests::two_node_lab().await;
     let serve: Vec<String> = ["tcp:80", "tcp:81", "udp:80"].map(String::from).to_vec();
     for (node, name, ns) in [
         ("node1", "a", "x"),

@@ -223,7 +223,7 @@ async fn a_pod_cannot_send_as_its_neighbour() {
                 p.ns.ip(&["-6", "addr", "show", "dev", "eth0", "tentative"])
                     .map_or(true, |o| !o.trim().is_empty())
             });
-            Ok::<_, String>((!tentative).then_some(()))
+            Ok((!tentative).then_some(()))
         },
     )
     .unwrap();
@@ -316,36 +316,23 @@ fn outcomes(c: &Cluster, probes: &[(&str, String)]) -> Vec<Outcome> {
         .collect();
     children
         .into_iter()
-        .map(|ch| {
-            let o = ch.wait_with_output().unwrap();
-            let text = String::from_utf8_lossy(&o.stdout);
-            text.trim()
-                .rsplit(' ')
-                .next()
-                .and_then(|w| w.parse().ok())
-                .unwrap_or_else(|| panic!("probe said {text:?}"))
-        })
+        .map(|ch| margay_tests::probe_outcome(&ch.wait_with_output().unwrap()))
         .collect()
 }
 
 /// Waits until every (from, target, outcome) holds.
 async fn until(c: &Cluster, want: &[(&str, String, Outcome)], what: &str) {
     let probes: Vec<(&str, String)> = want.iter().map(|(f, t, _)| (*f, t.clone())).collect();
-    let t = Instant::now();
-    loop {
+    margay_tests::until_none_wrong(what, T, Duration::from_millis(200), || {
         let got = outcomes(c, &probes);
-        let wrong: Vec<_> = want
-            .iter()
+        want.iter()
             .zip(&got)
             .filter(|((_, _, w), g)| w != *g)
             .map(|((f, t, w), g)| format!("{f} -> {t}: {g}, want {w}"))
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(t.elapsed() < T, "{what}: still {wrong:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .collect()
+    })
+    .await
+    .unwrap();
 }
 
 fn at(c: &Cluster, name: &str, port: u16) -> String {

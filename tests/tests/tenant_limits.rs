@@ -36,8 +36,8 @@ use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use margay_api::status::{AgentStatus, PolicyStatus, UnenforcedReason};
-use margay_harness::paths;
-use margay_lab::cluster::{Cluster, Options, PodOpts};
+use margay_harness::wait;
+use margay_lab::cluster::{Cluster, PodOpts};
 use serde_json::{Value, json};
 
 /// How long a verdict may take to become what it should.
@@ -78,12 +78,7 @@ fn pod<'a>(c: &'a Cluster, name: &str) -> &'a margay_lab::cluster::Pod {
 
 /// Whether lab pod `from` reaches `to` on TCP `port`.
 fn reach(c: &Cluster, from: &str, to: &str, port: u16) -> bool {
-    let lab = paths::workspace_bin("margay-lab").unwrap();
-    pod(c, from)
-        .ns
-        .cmd(lab)
-        .args(["netcheck", "probe", "--timeout-ms", "700"])
-        .arg(format!("{}:{port}/tcp", pod(c, to).ip))
+    margay_tests::probe(&pod(c, from).ns, &format!("{}:{port}/tcp", pod(c, to).ip))
         .stdout(Stdio::null())
         .status()
         .unwrap()
@@ -92,10 +87,9 @@ fn reach(c: &Cluster, from: &str, to: &str, port: u16) -> bool {
 
 /// Waits until every (from, to, port, reachable) holds.
 async fn until_table(c: &Cluster, want: &[(&str, &str, u16, bool)], what: &str) {
-    let t = Instant::now();
-    loop {
-        let wrong: Vec<_> = want
-            .iter()
+    let every = Duration::from_millis(300);
+    margay_tests::until_none_wrong(what, T, every, || {
+        want.iter()
             .filter(|(f, to, p, ok)| reach(c, f, to, *p) != *ok)
             .map(|(f, to, p, ok)| {
                 let (f, to) = (&f[..f.len().min(20)], &to[..to.len().min(20)]);
@@ -104,17 +98,10 @@ async fn until_table(c: &Cluster, want: &[(&str, &str, u16, bool)], what: &str) 
                     if *ok { "open" } else { "denied" }
                 )
             })
-            .collect();
-        if wrong.is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < T,
-            "{what}: still wrong after {T:?}: {wrong:?}\nnode1 log:\n{}",
-            tail(&c.agent_log(0), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nnode1 log:\n{}", tail(&c.agent_log(0), 30)));
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -132,37 +119,24 @@ fn status(c: &Cluster, i: usize) -> Result<AgentStatus, String> {
 
 /// Node `i`'s policy status once its table is current.
 async fn current_policy(c: &Cluster, i: usize) -> PolicyStatus {
-    let t = Instant::now();
-    loop {
-        let st = status(c, i);
-        if let Ok(AgentStatus {
-            policy: Some(p), ..
-        }) = &st
-            && p.current
-        {
-            return p.clone();
-        }
-        assert!(
-            t.elapsed() < T,
-            "node{}'s policy table not current after {T:?}: {st:?}",
-            i + 1
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    policy_until(c, i, |_| true).await
 }
 
 /// Node `i`'s policy status once its table is current and `ok` holds
 /// (the status is published at most once a second).
 async fn policy_until(c: &Cluster, i: usize, ok: impl Fn(&PolicyStatus) -> bool) -> PolicyStatus {
-    let t = Instant::now();
-    loop {
-        let p = current_policy(c, i).await;
-        if ok(&p) {
-            return p;
-        }
-        assert!(t.elapsed() < T, "node{}'s policy status: {p:?}", i + 1);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let what = format!("node{}'s policy table current and as wanted", i + 1);
+    wait::until_async(&what, T, Duration::from_millis(300), || {
+        let got = match status(c, i) {
+            Ok(AgentStatus {
+                policy: Some(p), ..
+            }) if p.current && ok(&p) => Ok(Some(p)),
+            st => Err(format!("{st:?}").into()),
+        };
+        async move { got }
+    })
+    .await
+    .unwrap()
 }
 
 /// Node `i`'s agent's (VmRSS, VmHWM) in KiB.
@@ -217,13 +191,7 @@ fn wide_policy(name: &str, n: usize, admit: &str, first: usize) -> Value {
 async fn no_legal_policy_lets_a_tenant_past_it_or_breaks_a_node() {
     // Two nodes, no router: pods on node1 are probed from node2, across
     // the nodes' own BGP mesh. node1 holds every pod the policies select.
-    let mut c = Cluster::start(Options {
-        nodes: 2,
-        tor: margay_lab::Tor::None,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut c = margay_tests::two_node_lab().await;
     for (node, name, ns) in [
         ("node1", "a", "x"),
         ("node2", "b", "x"),
@@ -508,20 +476,21 @@ async fn large_rules_neither_break_a_node_nor_open_pods(c: &mut Cluster, long: &
     assert!(out[at..].contains("NOT ENFORCED AS WRITTEN ("), "{out}");
     // A Warning Event on the policy, from the leader:
     let events: Api<Event> = Api::namespaced(c.client.clone(), "w");
-    let t = Instant::now();
-    loop {
-        let list = events.list(&ListParams::default()).await.unwrap().items;
+    let every = Duration::from_millis(300);
+    wait::until_async("a NotEnforcedAsWritten Event", T, every, || async {
+        let list = events.list(&ListParams::default()).await?.items;
         if list.iter().any(|e| {
             e.reason.as_deref() == Some("NotEnforcedAsWritten")
                 && e.type_.as_deref() == Some("Warning")
                 && e.involved_object.kind.as_deref() == Some("NetworkPolicy")
                 && e.involved_object.name.as_deref() == Some("too-large")
         }) {
-            break;
+            return Ok(Some(()));
         }
-        assert!(t.elapsed() < T, "no NotEnforcedAsWritten Event: {list:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        Err(format!("{list:?}").into())
+    })
+    .await
+    .unwrap();
 
     // An ADD into w afterwards succeeds, and that pod is closed too; the
     // other policies hold.

@@ -22,7 +22,7 @@ use kube::core::PartialObjectMeta;
 use margay_api::ipam::{IPPool, IPPoolSpec};
 use margay_harness::kube::{ADMIN_TOKEN, ApiServer, client_from, kubeconfig_yaml};
 use margay_harness::wait;
-use margay_ipam::k8s::{Known, Watched, watch};
+use margay_ipam::k8s::{Watched, watch};
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch as channel};
@@ -128,13 +128,12 @@ async fn disable_pool(client: &kube::Client, name: &str) {
 /// stale or unknown.
 fn held(w: &Watched<IPPool>) -> (Vec<(String, bool)>, &'static str) {
     let k = w.read();
-    let state = match &k {
-        Known::Fresh(_) => "fresh",
-        Known::Stale(..) => "stale",
-        Known::Unknown(_) => "unknown",
+    let (state, pools) = match (k.is_fresh(), k.value()) {
+        (true, v) => ("fresh", v),
+        (false, Some(v)) => ("stale", Some(v)),
+        (false, None) => ("unknown", None),
     };
-    let mut v: Vec<(String, bool)> = k
-        .value()
+    let mut v: Vec<(String, bool)> = pools
         .map(|v| v.iter().map(|p| (p.name_any(), p.spec.disabled)).collect())
         .unwrap_or_default();
     v.sort();
@@ -154,7 +153,7 @@ async fn until_held(w: &Watched<IPPool>, want: &[(&str, bool)], state: &str) {
                 if ok {
                     Ok(Some(()))
                 } else {
-                    Err(format!("{now:?}"))
+                    Err(format!("{now:?}").into())
                 }
             }
         },
@@ -170,7 +169,7 @@ async fn until_stale(w: &Watched<IPPool>) {
             if now.1 == "stale" {
                 Ok(Some(()))
             } else {
-                Err(format!("{now:?}"))
+                Err(format!("{now:?}").into())
             }
         }
     })
@@ -358,7 +357,7 @@ async fn a_nodes_ipam_view_is_kept_by_its_watch_without_lists() {
         async move {
             match b.assign(req).await {
                 Ok(n) => Ok(Some(n)),
-                Err(e @ Error::Exhausted { .. }) => Err(e.to_string()),
+                Err(e @ Error::Exhausted { .. }) => Err(e.to_string().into()),
                 Err(e) => panic!("{e}"),
             }
         }

@@ -107,7 +107,7 @@ impl Cluster {
                     return Ok(Some(()));
                 }
                 if !agent.is_running() {
-                    return Err("the agent exited".to_string());
+                    return Err("the agent exited".into());
                 }
                 Ok(None)
             },
