@@ -252,6 +252,21 @@ pub fn world(rng: &mut Rng, pod_net: u8, pods: u8, policies: usize) -> World {
     w
 }
 
+/// A copy of `w` with `edit` applied to the ingress (`ingress`) or egress
+/// rules of the policy `k` (which has rules for that direction).
+fn edit_rules(w: &World, k: &Key, ingress: bool, edit: impl FnOnce(&mut Vec<Rule>)) -> World {
+    let mut s = w.clone();
+    let q = s.policies.get_mut(k).unwrap_or_else(|| unreachable!());
+    if let Some(r) = if ingress {
+        &mut q.ingress
+    } else {
+        &mut q.egress
+    } {
+        edit(r);
+    }
+    s
+}
+
 /// Smaller versions of `w`, one step each: a policy, rule, peer, port,
 /// selector requirement or label removed.
 pub fn shrink_steps(w: &World) -> Vec<World> {
@@ -265,31 +280,19 @@ pub fn shrink_steps(w: &World) -> Vec<World> {
         for dir in [true, false] {
             let rules = if dir { &p.ingress } else { &p.egress };
             let Some(rules) = rules else { continue };
-            for i in 0..rules.len() {
-                let mut s = w.clone();
-                let q = s.policies.get_mut(k).unwrap_or_else(|| unreachable!());
-                let r = if dir { &mut q.ingress } else { &mut q.egress };
-                if let Some(r) = r {
-                    let rule = r.remove(i);
-                    out.push(s.clone());
-                    for j in 0..rule.peers.len() {
-                        let mut t = w.clone();
-                        let q = t.policies.get_mut(k).unwrap_or_else(|| unreachable!());
-                        let r = if dir { &mut q.ingress } else { &mut q.egress };
-                        if let Some(r) = r {
-                            r[i].peers.remove(j);
-                        }
-                        out.push(t);
-                    }
-                    for j in 0..rule.ports.len() {
-                        let mut t = w.clone();
-                        let q = t.policies.get_mut(k).unwrap_or_else(|| unreachable!());
-                        let r = if dir { &mut q.ingress } else { &mut q.egress };
-                        if let Some(r) = r {
-                            r[i].ports.remove(j);
-                        }
-                        out.push(t);
-                    }
+            for (i, rule) in rules.iter().enumerate() {
+                out.push(edit_rules(w, k, dir, |r| {
+                    r.remove(i);
+                }));
+                for j in 0..rule.peers.len() {
+                    out.push(edit_rules(w, k, dir, |r| {
+                        r[i].peers.remove(j);
+                    }));
+                }
+                for j in 0..rule.ports.len() {
+                    out.push(edit_rules(w, k, dir, |r| {
+                        r[i].ports.remove(j);
+                    }));
                 }
             }
         }

@@ -35,6 +35,12 @@ fn reply(r: Result<Option<cni::CniResult>, cni::CniError>) -> Response<cni::CniR
     })
 }
 
+/// The answer of a verb without a CNI result (DEL, CHECK, STATUS, GC):
+/// success, or its error.
+fn no_result<T>(r: Result<T, cni::CniError>) -> Result<Response<cni::CniReply>, Status> {
+    Ok(reply(r.map(|_| None)))
+}
+
 /// Runs one request, recording its latency and outcome.
 async fn timed<T>(
     op: CniOp,
@@ -116,27 +122,25 @@ impl<S: Store, D: Dataplane> cni_server::Cni for Shared<S, D> {
     }
 
     async fn del(&self, req: Request<cni::CniRequest>) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Del, self.svc.del(req.get_ref())).await;
-        Ok(reply(r.map(|()| None)))
+        no_result(timed(CniOp::Del, self.svc.del(req.get_ref())).await)
     }
 
     async fn check(
         &self,
         req: Request<cni::CniRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        let r = timed(CniOp::Check, self.svc.check(req.get_ref())).await;
-        Ok(reply(r.map(|()| None)))
+        no_result(timed(CniOp::Check, self.svc.check(req.get_ref())).await)
     }
 
     async fn status(
         &self,
         _req: Request<cni::StatusRequest>,
     ) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(self.svc.status().await.map(|()| None)))
+        no_result(self.svc.status().await)
     }
 
     async fn gc(&self, req: Request<cni::GcRequest>) -> Result<Response<cni::CniReply>, Status> {
-        Ok(reply(self.svc.gc(req.get_ref()).await.map(|_| None)))
+        no_result(self.svc.gc(req.get_ref()).await)
     }
 }
 

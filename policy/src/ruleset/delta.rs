@@ -24,6 +24,11 @@ pub struct Delta {
     pub(super) del_sets: Vec<String>,
 }
 
+/// How many elements the per-set element lists hold together.
+fn element_count(sets: &[(String, BTreeSet<Element>)]) -> usize {
+    sets.iter().map(|(_, e)| e.len()).sum()
+}
+
 impl Delta {
     /// Its commands, in an order the kernel accepts in one transaction:
     /// what is referenced exists before what references it, and goes
@@ -118,17 +123,9 @@ impl Delta {
             .map(|(_, s)| 1 + s.elements.len())
             .sum::<usize>()
             + self.new_chains.len()
-            + self
-                .add_elements
-                .iter()
-                .map(|(_, e)| e.len())
-                .sum::<usize>()
+            + element_count(&self.add_elements)
             + self.rewrite.len()
-            + self
-                .del_elements
-                .iter()
-                .map(|(_, e)| e.len())
-                .sum::<usize>()
+            + element_count(&self.del_elements)
             + self.del_chains.len()
             + self.del_sets.len()
     }
