@@ -37,18 +37,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Crds { out, check } => {
-            let res = if check {
-                margay_api::crds::stale(&out).map(|stale| {
+            let res = margay_api::crds::render().and_then(|rendered| {
+                if check {
+                    let stale = margay_api::crds::stale(&rendered, |f| {
+                        std::fs::read_to_string(out.join(f)).ok()
+                    });
                     if stale.is_empty() {
-                        ExitCode::SUCCESS
+                        Ok(ExitCode::SUCCESS)
                     } else {
                         eprintln!("stale in {}: {}", out.display(), stale.join(", "));
-                        ExitCode::from(1)
+                        Ok(ExitCode::from(1))
                     }
-                })
-            } else {
-                margay_api::crds::write(&out).map(|()| ExitCode::SUCCESS)
-            };
+                } else {
+                    std::fs::create_dir_all(&out)?;
+                    for (file, text) in rendered {
+                        std::fs::write(out.join(file), text)?;
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+            });
             res.unwrap_or_else(|e| {
                 eprintln!("margay-agent crds: {e:#}");
                 ExitCode::from(2)

@@ -1,9 +1,8 @@
 //! The CustomResourceDefinitions Margay installs, rendered from the Rust
-//! types (`margay-agent crds --out deploy/crds` writes them; the test below
-//! fails when the committed files are stale), and their installation on an
-//! apiserver (the lab and the tests; in clusters the manifest does it).
-
-use std::path::Path;
+//! types (pure: `margay-agent crds --out deploy/crds` writes them, the
+//! harness installs them for the lab and the tests; in clusters the
+//! manifest does it). The test below fails when the committed files are
+//! stale.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -48,66 +47,17 @@ pub fn render() -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// Writes every CRD into `dir`.
-pub fn write(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for (file, text) in render()? {
-        std::fs::write(dir.join(file), text)?;
-    }
-    Ok(())
-}
-
-/// Files in `dir` that differ from what would be generated.
-pub fn stale(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for (file, text) in render()? {
-        if std::fs::read_to_string(dir.join(&file)).ok().as_deref() != Some(text.as_str()) {
-            out.push(file);
-        }
-    }
-    Ok(out)
-}
-
-/// Creates or updates every CRD through `client` and waits until the
-/// apiserver serves them.
-pub async fn install(client: &kube::Client) -> anyhow::Result<()> {
-    use kube::api::{Api, PostParams};
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (_, crd) in all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        match api.get_opt(&name).await? {
-            None => {
-                api.create(&PostParams::default(), &crd).await?;
-            }
-            Some(cur) => {
-                let mut new = crd.clone();
-                new.metadata.resource_version = cur.metadata.resource_version;
-                api.replace(&name, &PostParams::default(), &new).await?;
-            }
-        }
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    for (_, crd) in all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        loop {
-            let cur = api.get(&name).await?;
-            let established = cur
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "CRD {name} not established after 30 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
+/// The files of `on_disk` (name, its text if it can be read) that differ
+/// from what [`render`] makes: the ones to write again.
+pub fn stale(
+    rendered: &[(String, String)],
+    on_disk: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    rendered
+        .iter()
+        .filter(|(file, text)| on_disk(file).as_deref() != Some(text.as_str()))
+        .map(|(file, _)| file.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -117,8 +67,12 @@ mod tests {
     #[test]
     fn committed_crds_are_current() {
         for out in ["deploy/crds", "charts/margay/crds"] {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(out);
-            let stale = stale(&dir).unwrap();
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(out);
+            let stale = stale(&render().unwrap(), |f| {
+                std::fs::read_to_string(dir.join(f)).ok()
+            });
             assert!(
                 stale.is_empty(),
                 "stale CRDs {stale:?} in {out}: run `cargo run -p margay-agent -- crds --out {out}` (and scripts/render-manifest.sh)"

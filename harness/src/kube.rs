@@ -8,6 +8,7 @@
 //! ServiceAccounts themselves.
 
 pub mod broker;
+pub mod crds;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -305,7 +305,7 @@ async fn server_dry_run_and_the_agent_with_least_privilege() {
     .await
     .unwrap();
     let admin = api.client().await.unwrap();
-    margay_api::crds::install(&admin).await.unwrap();
+    margay_harness::kube::crds::install(&admin).await.unwrap();
     let kubectl = |args: &[&str], stdin: Option<&str>| {
         let mut c = api.kubectl().unwrap();
         c.args(args);

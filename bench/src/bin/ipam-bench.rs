@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     let n = cli.count;
     let api = ApiServer::start().await?;
     let client = api.client().await?;
-    margay_api::crds::install(&client).await?;
+    margay_harness::kube::crds::install(&client).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
         .create(

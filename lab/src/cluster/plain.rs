@@ -31,7 +31,9 @@ pub async fn create_lease_namespace(client: &kube::Client) -> anyhow::Result<()>
 pub(super) async fn start(opts: Options) -> anyhow::Result<Cluster> {
     let api = ApiServer::start().await.context("kube-apiserver")?;
     let client = api.client().await?;
-    margay_api::crds::install(&client).await.context("CRDs")?;
+    margay_harness::kube::crds::install(&client)
+        .await
+        .context("CRDs")?;
     create_lease_namespace(&client).await?;
     let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     sa.create(
