@@ -23,7 +23,9 @@ pub async fn cluster(
 ) -> (ApiServer, kube::Client) {
     let api = ApiServer::start().await.expect("apiserver");
     let client = api.client().await.expect("client");
-    margay_harness::kube::crds::install(&client).await.expect("CRDs");
+    margay_harness::kube::crds::install(&client)
+        .await
+        .expect("CRDs");
     margay_lab::cluster::create_lease_namespace(&client)
         .await
         .expect("Lease namespace");

@@ -189,7 +189,9 @@ async fn bed() -> (
 ) {
     let api = ApiServer::start().await.expect("apiserver");
     let direct = api.client().await.unwrap();
-    margay_harness::kube::crds::install(&direct).await.expect("CRDs");
+    margay_harness::kube::crds::install(&direct)
+        .await
+        .expect("CRDs");
     let relay = Relay::start(api.port()).await;
     let via = client_via(&api, &relay).await;
     add_pool(&direct, "a", "10.1.0.0/16").await;

@@ -300,11 +300,10 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
         let nodes = unless_quiet(inputs.nodes.read(), &quiet);
         let alive = match nodes.value() {
             Some(all) => {
-                let infos: Vec<_> = all
-                    .iter()
-                    .map(|n| nodes::NodeInfo::from_identity(n))
-                    .collect();
-                let shared = nodes::sharing_an_address(&infos, &ctx.node);
+                let shared = nodes::sharing_an_address(
+                    all.iter().map(|n| nodes::name_and_address(n)),
+                    &ctx.node,
+                );
                 liveness
                     .alive(&ctx.client, &ctx.lease_namespace, &shared)
                     .await
@@ -405,9 +404,16 @@ impl Liveness {
                 continue;
             }
             let lease = margay_api::node::heartbeat_lease(name);
-            let got = tokio::time::timeout(crate::kube::DEADLINE, leases.get_opt(&lease)).await;
+            let what = || format!("reading node {name}'s heartbeat Lease");
+            let got = crate::kube::deadline(what, async {
+                leases
+                    .get_opt(&lease)
+                    .await
+                    .map_err(|e| crate::Error::kube(what(), e))
+            })
+            .await;
             match got {
-                Ok(Ok(l)) => {
+                Ok(l) => {
                     let alive = l.is_some_and(|l| {
                         margay_api::node::lease_alive(&l, Duration::from_secs(30))
                     });
@@ -415,8 +421,7 @@ impl Liveness {
                 }
                 // Not known: counted as not alive this pass, asked again
                 // the next (an address stays ambiguous meanwhile).
-                Ok(Err(e)) => tracing::debug!(%name, "reading its heartbeat Lease: {e}"),
-                Err(_) => tracing::debug!(%name, "reading its heartbeat Lease: no answer"),
+                Err(e) => tracing::debug!("{e}"),
             }
         }
         names

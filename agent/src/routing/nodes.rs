@@ -105,11 +105,15 @@ impl NodeInfo {
 
 /// The names of nodes that share their BGP address with another node
 /// (this node's `me` left out): the only ones whose liveness matters.
-pub fn sharing_an_address(nodes: &[NodeInfo], me: &str) -> BTreeSet<String> {
+/// Each node as its name and BGP address.
+pub fn sharing_an_address<'a>(
+    nodes: impl IntoIterator<Item = (&'a str, Option<IpAddr>)>,
+    me: &str,
+) -> BTreeSet<String> {
     let mut by_addr: std::collections::HashMap<IpAddr, Vec<&str>> = Default::default();
-    for n in nodes.iter().filter(|n| n.name != me) {
-        if let Some(a) = n.address {
-            by_addr.entry(a.ip()).or_default().push(&n.name);
+    for (name, address) in nodes.into_iter().filter(|(n, _)| *n != me) {
+        if let Some(a) = address {
+            by_addr.entry(a).or_default().push(name);
         }
     }
     by_addr
@@ -118,6 +122,18 @@ pub fn sharing_an_address(nodes: &[NodeInfo], me: &str) -> BTreeSet<String> {
         .flatten()
         .map(str::to_string)
         .collect()
+}
+
+/// A MargayNode's name and BGP address, read without converting the rest
+/// of it (the routing loop asks this of every node on every pass).
+pub fn name_and_address(m: &MargayNode) -> (&str, Option<IpAddr>) {
+    let address = m.spec.bgp_address.as_deref().and_then(|v| {
+        v.trim()
+            .parse::<ipnetwork::IpNetwork>()
+            .ok()
+            .map(|n| n.ip())
+    });
+    (m.metadata.name.as_deref().unwrap_or_default(), address)
 }
 
 /// The Node's InternalIP and ExternalIP addresses that parse.
@@ -385,6 +401,12 @@ pub(crate) mod tests {
         let w = identity_from_annotations(&n).unwrap();
         let info = NodeInfo::from_identity(&w.object("old"));
         assert_eq!(info.address, Some("10.0.0.9/24".parse().unwrap()));
+        let m = w.object("old");
+        assert_eq!(
+            name_and_address(&m),
+            ("old", Some("10.0.0.9".parse().unwrap())),
+            "the loop's quick read agrees with the whole conversion"
+        );
         assert_eq!(info.asn, Some(64513));
         assert_eq!(info.ipip, Some("10.244.3.1".parse().unwrap()));
         assert_eq!(info.vtep, None);
@@ -401,7 +423,12 @@ pub(crate) mod tests {
             node("b", "10.0.0.3/24"),
             node("c", "10.0.0.1/24"),
         ];
-        let got = sharing_an_address(&nodes, "me");
+        let got = sharing_an_address(
+            nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.address.map(|a| a.ip()))),
+            "me",
+        );
         assert_eq!(got, ["a".to_string(), "a-old".to_string()].into());
     }
 
