@@ -580,499 +580,149 @@ fn xa_not_to_xb(r: &mut Reach) {
     r.expect("x/a", "x/b", false);
 }
 
-/// Upstream's cases of one policy created in x, each with the tables it
-/// makes of full reachability on the ports and protocols it checks, in
-/// upstream's order.
+/// Upstream's TCP cases as a table, one case to a `one(name, pods,` line,
+/// its policy and its steps below: the policy created in x, then tables
+/// checked (full reachability as changed by a function) and policies or
+/// labels changed. Upstream's order, those with changes after a first
+/// check at the end; the ipBlock cases, which need the pods' addresses,
+/// are [`cidr_cases`].
+#[rustfmt::skip]
 fn one_policy_cases() -> Vec<OnePolicy> {
     vec![
-        OnePolicy {
-            name: "should support a 'default-deny-ingress' policy",
-            pods: &["x/a", "x/b", "y/a", "y/b"],
-            policy: policy("deny-ingress", json!({}), Some(json!([])), None),
-            steps: vec![check(80, TCP, nothing_into_x)],
-        },
-        OnePolicy {
-            name: "should support a 'default-deny-all' policy",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
-            steps: vec![check(80, TCP, |r| {
-                r.peer("*", "x", false).peer("x", "*", false);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce policy to allow traffic from pods within server namespace based on PodSelector",
-            pods: &["x/a", "x/b", "x/c", "y/a"],
-            policy: ingress_to_a(
-                "x-a-allows-x-b",
-                json!([{"from": [{"podSelector": pod_is("b")}]}]),
-            ),
-            steps: vec![check(80, TCP, only_xb_into_xa)],
-        },
-        OnePolicy {
-            name: "should enforce policy to allow ingress traffic from pods in all namespaces",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: ingress_to_a(
-                "allow-from-another-ns",
-                json!([{"from": [{"namespaceSelector": {"matchLabels": {}}}]}]),
-            ),
-            steps: vec![check(80, TCP, full)],
-        },
-        OnePolicy {
-            name: "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: ingress_to_a(
-                "allow-client-a-via-ns-selector",
-                json!([{"from": [{"namespaceSelector": ns_is("y")}]}]),
-            ),
-            steps: vec![check(80, TCP, only_y_into_xa)],
-        },
-        OnePolicy {
-            name: "should enforce policy based on PodSelector with MatchExpressions",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: ingress_to_a(
-                "x-a-allows-x-b",
-                json!([{"from": [{"podSelector":
-                {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}}]}]),
-            ),
-            steps: vec![check(80, TCP, only_xb_into_xa)],
-        },
-        OnePolicy {
-            name: "should enforce policy based on NamespaceSelector with MatchExpressions",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: ingress_to_a(
-                "allow-ns-y-match-selector",
-                json!([{"from": [{"namespaceSelector":
-                {"matchExpressions": [{"key": NS, "operator": "In", "values": ["y"]}]}}]}]),
-            ),
-            steps: vec![check(80, TCP, only_y_into_xa)],
-        },
-        OnePolicy {
-            name: "should enforce policy based on PodSelector or NamespaceSelector",
-            pods: &["x/a", "x/b", "x/c", "y/a"],
-            policy: ingress_to_a(
-                "allow-ns-y-match-selector",
-                json!([{"from": [{"namespaceSelector": ns_not_in("x")}, {"podSelector": pod_is("b")}]}]),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.expect("x/a", "x/a", false).expect("x/c", "x/a", false);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce policy based on PodSelector and NamespaceSelector",
-            pods: &["x/a", "x/b", "y/a", "y/b", "z/b"],
-            policy: ingress_to_a(
-                "allow-ns-y-podselector-and-nsselector",
-                json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": pod_is("b")}]}]),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.all_ingress("x/a", false)
-                    .expect("y/b", "x/a", true)
-                    .expect("z/b", "x/a", true);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce policy based on Multiple PodSelectors and NamespaceSelectors",
-            pods: &["x/a", "x/b", "y/a", "y/b", "y/c"],
-            policy: ingress_to_a(
-                "allow-ns-y-z-pod-b-c",
-                json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector":
-                {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]}}]}]),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.peer("x", "x/a", false).expect("y/a", "x/a", false);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce policy based on any PodSelectors",
-            pods: &["x/a", "x/b", "x/c"],
-            policy: ingress_to_a(
-                "allow-ns-x-pod-b-c",
-                json!([{"from": [{"podSelector": pod_is("b")}, {"podSelector": pod_is("c")}]}]),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.all_ingress("x/a", false)
-                    .expect("x/b", "x/a", true)
-                    .expect("x/c", "x/a", true);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector",
-            pods: &["x/a", "x/b", "y/a", "y/b", "z/a"],
-            policy: ingress_to_a(
-                "allow-ns-y-pod-a-via-namespace-pod-selector",
-                json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.all_ingress("x/a", false).expect("y/a", "x/a", true);
-            })],
-        },
-        OnePolicy {
-            name: "should support allow-all policy",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy("allow-all", json!({}), Some(json!([{}])), None),
-            steps: vec![check(80, TCP, full), check(81, TCP, full)],
-        },
-        OnePolicy {
-            name: "should allow ingress access on one named port",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy(
-                "allow-all",
-                json!({}),
-                Some(json!([{"ports": [{"port": "serve-81-tcp"}]}])),
-                None,
-            ),
-            steps: vec![check(81, TCP, full), check(80, TCP, nothing_into_x)],
-        },
-        OnePolicy {
-            name: "should allow ingress access from namespace on one named port",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: ingress_to_a(
-                "allow-client-a-via-ns-selector-80",
-                json!([{"from": [{"namespaceSelector": ns_is("y")}],
-                         "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}]),
-            ),
-            steps: vec![
-                check(80, TCP, only_y_into_xa),
-                check(81, TCP, nothing_into_xa),
-            ],
-        },
-        OnePolicy {
-            name: "should allow egress access on one named port",
-            pods: &["x/a", "y/a"],
-            policy: policy(
-                "allow-egress",
-                json!({}),
-                None,
-                Some(json!([{"ports": [{"port": "serve-80-tcp"}]}])),
-            ),
-            steps: vec![check(80, TCP, full), check(81, TCP, nothing_out_of_x)],
-        },
-        OnePolicy {
-            name: "should deny ingress from pods on other namespaces",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: policy(
-                "deny-empty-policy",
-                json!({}),
-                Some(json!([{"from": [{"podSelector": {"matchLabels": {}}}]}])),
-                None,
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.peer("y", "x", false).peer("z", "x", false);
-            })],
-        },
-        OnePolicy {
-            name: "should deny egress from pods based on PodSelector",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy("deny-egress-pod-a", pod_is("a"), None, Some(json!([]))),
-            steps: vec![check(80, TCP, |r| {
-                r.all_egress("x/a", false);
-            })],
-        },
-        OnePolicy {
-            name: "should deny egress from all pods in a namespace",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy("deny-egress-ns-x", json!({}), None, Some(json!([]))),
-            steps: vec![check(80, TCP, nothing_out_of_x)],
-        },
-        OnePolicy {
-            name: "should work with Ingress, Egress specified together",
-            pods: &["x/a", "x/b", "x/c", "y/a"],
-            policy: policy(
-                "allow-client-a-via-pod-selector",
-                pod_is("a"),
-                Some(json!([{"from": [{"podSelector": pod_is("b")}]}])),
-                Some(json!([{"ports": [{"port": 80}]}])),
-            ),
-            steps: vec![
-                check(80, TCP, only_xb_into_xa),
-                check(81, TCP, |r| {
-                    r.all_ingress("x/a", false)
-                        .all_egress("x/a", false)
-                        .expect("x/b", "x/a", true);
-                }),
-            ],
-        },
-        OnePolicy {
-            name: "should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector",
-            pods: &["x/a", "y/a", "y/b"],
-            policy: policy(
-                "allow-to-ns-y-pod-a",
-                pod_is("a"),
-                None,
-                Some(
-                    json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
-                ),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.all_egress("x/a", false).expect("x/a", "y/a", true);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce ingress policy allowing any port traffic to a server on a specific protocol",
-            pods: &["x/a", "y/a"],
-            policy: ingress_to_a(
-                "allow-ingress-by-proto",
-                json!([{"ports": [{"protocol": "TCP"}]}]),
-            ),
-            steps: vec![
-                check(80, TCP, full),
-                check(80, UDP, |r| {
-                    r.peer("*", "x/a", false);
-                }),
-            ],
-        },
-        OnePolicy {
-            name: "should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP",
-            pods: &["x/a", "y/a"],
-            policy: ingress_to_a(
-                "allow-only-sctp-ingress-on-port-80",
-                json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}]),
-            ),
-            steps: vec![check(81, TCP, nothing_into_xa)],
-        },
-        OnePolicy {
-            name: "should not allow access by TCP when a policy specifies only UDP",
-            pods: &["x/a", "y/a"],
-            policy: ingress_to_a(
-                "allow-only-udp-ingress-on-port-81",
-                json!([{"ports": [{"port": 81, "protocol": "UDP"}]}]),
-            ),
-            steps: vec![check(81, TCP, nothing_into_xa)],
-        },
-        OnePolicy {
-            name: "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: ingress_to_a(
-                "allow-client-a-via-ns-selector-for-immutable-ns-label",
-                json!([{"from": [{"namespaceSelector": ns_is("y")}]}]),
-            ),
-            steps: vec![check(80, TCP, only_y_into_xa)],
-        },
-        OnePolicy {
-            name: "should enforce policy based on NamespaceSelector with MatchExpressions using default ns label",
-            pods: &["x/a", "x/b", "y/a", "z/a"],
-            policy: policy(
-                "allow-ns-y-match-selector-for-immutable-ns-label",
-                pod_is("a"),
-                None,
-                Some(json!([{"to": [{"namespaceSelector": ns_not_in("y")}]}])),
-            ),
-            steps: vec![check(80, TCP, |r| {
-                r.peer("x/a", "y", false);
-            })],
-        },
-        OnePolicy {
-            name: "should enforce policy to allow ingress traffic for a target",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy("deny-all", json!({}), Some(json!([])), None),
-            steps: vec![
-                Step::Create(
-                    "x",
-                    ingress_to_a(
-                        "allow-all-to-a",
-                        json!([{"from": [{"podSelector": {}, "namespaceSelector": {}}]}]),
-                    ),
-                ),
-                check(80, TCP, |r| {
-                    r.all_ingress("x/a", true).all_ingress("x/b", false);
-                }),
-            ],
-        },
-        OnePolicy {
-            name: "should enforce policy based on Ports",
-            pods: &["x/a", "x/b", "y/a", "y/b", "z/a"],
-            policy: port_from_y("allow-client-a-via-ns-selector", 81),
-            steps: vec![check(81, TCP, allow_from_y)],
-        },
-        OnePolicy {
-            name: "should enforce multiple, stacked policies with overlapping podSelectors",
-            pods: &["x/a", "x/b", "y/a", "y/b", "z/a"],
-            policy: port_from_y("allow-client-a-via-ns-selector", 81),
-            steps: vec![
-                check(81, TCP, allow_from_y),
-                check(80, TCP, nothing_into_xa),
-                Step::Create("x", port_from_y("allow-client-a-via-ns-selector-80", 80)),
-                check(80, TCP, allow_from_y),
-            ],
-        },
-        OnePolicy {
-            name: "should enforce updated policy",
-            pods: &["x/a", "y/a"],
-            policy: policy(
-                "allow-all-mutate-to-deny-all",
-                json!({}),
-                Some(json!([{}])),
-                None,
-            ),
-            steps: vec![
-                check(81, TCP, full),
-                Step::Update(policy(
-                    "allow-all-mutate-to-deny-all",
-                    json!({}),
-                    Some(json!([])),
-                    None,
-                )),
-                check(81, TCP, nothing_into_x),
-            ],
-        },
-        OnePolicy {
-            name: "should allow ingress access from updated namespace",
-            pods: &["x/a", "y/a"],
-            policy: ingress_to_a(
-                "allow-client-a-via-ns-selector",
-                json!([{"from": [{"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}]}]),
-            ),
-            steps: vec![
-                check(80, TCP, nothing_into_xa),
-                Step::LabelNamespace("y", "ns2", "updated"),
-                check(80, TCP, |r| {
-                    r.all_ingress("x/a", false).peer("y", "*", true);
-                }),
-            ],
-        },
-        OnePolicy {
-            name: "should allow ingress access from updated pod",
-            pods: &["x/a", "x/b"],
-            policy: ingress_to_a(
-                "allow-client-a-via-pod-selector",
-                json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b", "pod2": "updated"}}}]}]),
-            ),
-            steps: vec![
-                check(80, TCP, nothing_into_xa),
-                Step::LabelPod("x/b", json!({"pod": "b", "pod2": "updated"})),
-                check(80, TCP, only_xb_into_xa),
-            ],
-        },
-        OnePolicy {
-            name: "should deny ingress access to updated pod",
-            pods: &["x/a", "y/a"],
-            policy: policy(
-                "deny-ingress-via-label-selector",
-                json!({"matchLabels": {"target": "isolated"}}),
-                Some(json!([])),
-                None,
-            ),
-            steps: vec![
-                check(80, TCP, full),
-                Step::LabelPod("x/a", json!({"target": "isolated"})),
-                check(80, TCP, nothing_into_xa),
-            ],
-        },
-        OnePolicy {
-            name: "should support denying of egress traffic on the client side (even if the server explicitly allows this traffic)",
-            pods: &["x/a", "y/a", "y/b"],
-            policy: policy(
-                "allow-to-ns-y-pod-a",
-                pod_is("a"),
-                None,
-                Some(
-                    json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
-                ),
-            ),
-            steps: vec![
-                Step::Create(
-                    "y",
-                    ingress_to_a("allow-from-xa-on-ya-match-selector", from_xa()),
-                ),
-                Step::Create(
-                    "y",
-                    policy(
-                        "allow-from-xa-on-yb-match-selector",
-                        pod_is("b"),
-                        Some(from_xa()),
-                        None,
-                    ),
-                ),
-                check(80, TCP, |r| {
-                    r.peer("x/a", "*", false)
-                        .peer("*", "y/a", false)
-                        .peer("x/a", "y/a", true)
-                        .peer("*", "y/b", false);
-                }),
-            ],
-        },
-        OnePolicy {
-            name: "should enforce multiple ingress policies with ingress allow-all policy taking precedence",
-            pods: &["x/a", "y/a"],
-            policy: policy(
-                "allow-ingress-port-80",
-                json!({}),
-                Some(json!([{"ports": [{"port": 80}]}])),
-                None,
-            ),
-            steps: vec![
-                check(81, TCP, nothing_into_x),
-                Step::Create(
-                    "x",
-                    policy("allow-ingress", json!({}), Some(json!([{}])), None),
-                ),
-                check(81, TCP, full),
-            ],
-        },
-        OnePolicy {
-            name: "should enforce multiple egress policies with egress allow-all policy taking precedence",
-            pods: &["x/a", "y/a"],
-            policy: policy(
-                "allow-egress-port-80",
-                json!({}),
-                None,
-                Some(json!([{"ports": [{"port": 80}]}])),
-            ),
-            steps: vec![
-                check(81, TCP, nothing_out_of_x),
-                Step::Create(
-                    "x",
-                    policy("allow-egress", json!({}), None, Some(json!([{}]))),
-                ),
-                check(81, TCP, full),
-            ],
-        },
-        OnePolicy {
-            name: "should stop enforcing policies after they are deleted",
-            pods: &["x/a", "y/a"],
-            policy: policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
-            steps: vec![
-                check(80, TCP, |r| {
-                    r.peer("x", "*", false).peer("*", "x", false);
-                }),
-                Step::DeletePolicies,
-                check(80, TCP, full),
-            ],
-        },
-        OnePolicy {
-            name: "should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector",
-            pods: &["x/a", "x/b", "y/a"],
-            policy: policy(
-                "allow-egress-for-target",
-                pod_is("a"),
-                None,
-                Some(json!([{}])),
-            ),
-            steps: vec![
-                check(80, TCP, full),
-                Step::Create(
-                    "x",
-                    ingress_to_a("deny-ingress-via-label-selector", json!([])),
-                ),
-                check(80, TCP, nothing_into_xa),
-            ],
-        },
-        OnePolicy {
-            name: "should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP', even if the plugin doesn't support SCTP",
-            pods: &["x/a", "y/a"],
-            policy: policy("deny-ingress", json!({}), Some(json!([])), None),
-            steps: vec![
-                Step::Create(
-                    "x",
-                    ingress_to_a(
-                        "allow-only-sctp-ingress-on-port-81",
-                        json!([{"ports": [{"port": 81, "protocol": "SCTP"}]}]),
-                    ),
-                ),
-                check(81, TCP, nothing_into_x),
-            ],
-        },
+        one("should support a 'default-deny-ingress' policy", &["x/a", "x/b", "y/a", "y/b"],
+            policy("deny-ingress", json!({}), Some(json!([])), None),
+            vec![check(80, TCP, nothing_into_x)]),
+        one("should support a 'default-deny-all' policy", &["x/a", "x/b", "y/a"],
+            policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
+            vec![check(80, TCP, |r| { r.peer("*", "x", false).peer("x", "*", false); })]),
+        one("should enforce policy to allow traffic from pods within server namespace based on PodSelector", &["x/a", "x/b", "x/c", "y/a"],
+            ingress_to_a("x-a-allows-x-b", json!([{"from": [{"podSelector": pod_is("b")}]}])),
+            vec![check(80, TCP, only_xb_into_xa)]),
+        one("should enforce policy to allow ingress traffic from pods in all namespaces", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-from-another-ns", json!([{"from": [{"namespaceSelector": {"matchLabels": {}}}]}])),
+            vec![check(80, TCP, full)]),
+        one("should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-client-a-via-ns-selector", json!([{"from": [{"namespaceSelector": ns_is("y")}]}])),
+            vec![check(80, TCP, only_y_into_xa)]),
+        one("should enforce policy based on PodSelector with MatchExpressions", &["x/a", "x/b", "y/a"],
+            ingress_to_a("x-a-allows-x-b", json!([{"from": [{"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}}]}])),
+            vec![check(80, TCP, only_xb_into_xa)]),
+        one("should enforce policy based on NamespaceSelector with MatchExpressions", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-ns-y-match-selector", json!([{"from": [{"namespaceSelector": {"matchExpressions": [{"key": NS, "operator": "In", "values": ["y"]}]}}]}])),
+            vec![check(80, TCP, only_y_into_xa)]),
+        one("should enforce policy based on PodSelector or NamespaceSelector", &["x/a", "x/b", "x/c", "y/a"],
+            ingress_to_a("allow-ns-y-match-selector", json!([{"from": [{"namespaceSelector": ns_not_in("x")}, {"podSelector": pod_is("b")}]}])),
+            vec![check(80, TCP, |r| { r.expect("x/a", "x/a", false).expect("x/c", "x/a", false); })]),
+        one("should enforce policy based on PodSelector and NamespaceSelector", &["x/a", "x/b", "y/a", "y/b", "z/b"],
+            ingress_to_a("allow-ns-y-podselector-and-nsselector", json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": pod_is("b")}]}])),
+            vec![check(80, TCP, |r| { r.all_ingress("x/a", false).expect("y/b", "x/a", true).expect("z/b", "x/a", true); })]),
+        one("should enforce policy based on Multiple PodSelectors and NamespaceSelectors", &["x/a", "x/b", "y/a", "y/b", "y/c"],
+            ingress_to_a("allow-ns-y-z-pod-b-c", json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]}}]}])),
+            vec![check(80, TCP, |r| { r.peer("x", "x/a", false).expect("y/a", "x/a", false); })]),
+        one("should enforce policy based on any PodSelectors", &["x/a", "x/b", "x/c"],
+            ingress_to_a("allow-ns-x-pod-b-c", json!([{"from": [{"podSelector": pod_is("b")}, {"podSelector": pod_is("c")}]}])),
+            vec![check(80, TCP, |r| { r.all_ingress("x/a", false).expect("x/b", "x/a", true).expect("x/c", "x/a", true); })]),
+        one("should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector", &["x/a", "x/b", "y/a", "y/b", "z/a"],
+            ingress_to_a("allow-ns-y-pod-a-via-namespace-pod-selector", json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}])),
+            vec![check(80, TCP, |r| { r.all_ingress("x/a", false).expect("y/a", "x/a", true); })]),
+        one("should support allow-all policy", &["x/a", "x/b", "y/a"],
+            policy("allow-all", json!({}), Some(json!([{}])), None),
+            vec![check(80, TCP, full), check(81, TCP, full)]),
+        one("should allow ingress access on one named port", &["x/a", "x/b", "y/a"],
+            policy("allow-all", json!({}), Some(json!([{"ports": [{"port": "serve-81-tcp"}]}])), None),
+            vec![check(81, TCP, full), check(80, TCP, nothing_into_x)]),
+        one("should allow ingress access from namespace on one named port", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-client-a-via-ns-selector-80", json!([{"from": [{"namespaceSelector": ns_is("y")}], "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}])),
+            vec![check(80, TCP, only_y_into_xa), check(81, TCP, nothing_into_xa)]),
+        one("should allow egress access on one named port", &["x/a", "y/a"],
+            policy("allow-egress", json!({}), None, Some(json!([{"ports": [{"port": "serve-80-tcp"}]}]))),
+            vec![check(80, TCP, full), check(81, TCP, nothing_out_of_x)]),
+        one("should deny ingress from pods on other namespaces", &["x/a", "x/b", "y/a", "z/a"],
+            policy("deny-empty-policy", json!({}), Some(json!([{"from": [{"podSelector": {"matchLabels": {}}}]}])), None),
+            vec![check(80, TCP, |r| { r.peer("y", "x", false).peer("z", "x", false); })]),
+        one("should deny egress from pods based on PodSelector", &["x/a", "x/b", "y/a"],
+            policy("deny-egress-pod-a", pod_is("a"), None, Some(json!([]))),
+            vec![check(80, TCP, |r| { r.all_egress("x/a", false); })]),
+        one("should deny egress from all pods in a namespace", &["x/a", "x/b", "y/a"],
+            policy("deny-egress-ns-x", json!({}), None, Some(json!([]))),
+            vec![check(80, TCP, nothing_out_of_x)]),
+        one("should work with Ingress, Egress specified together", &["x/a", "x/b", "x/c", "y/a"],
+            policy("allow-client-a-via-pod-selector", pod_is("a"), Some(json!([{"from": [{"podSelector": pod_is("b")}]}])), Some(json!([{"ports": [{"port": 80}]}]))),
+            vec![check(80, TCP, only_xb_into_xa), check(81, TCP, |r| { r.all_ingress("x/a", false).all_egress("x/a", false).expect("x/b", "x/a", true); })]),
+        one("should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector", &["x/a", "y/a", "y/b"],
+            policy("allow-to-ns-y-pod-a", pod_is("a"), None, Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]))),
+            vec![check(80, TCP, |r| { r.all_egress("x/a", false).expect("x/a", "y/a", true); })]),
+        one("should enforce ingress policy allowing any port traffic to a server on a specific protocol", &["x/a", "y/a"],
+            ingress_to_a("allow-ingress-by-proto", json!([{"ports": [{"protocol": "TCP"}]}])),
+            vec![check(80, TCP, full), check(80, UDP, |r| { r.peer("*", "x/a", false); })]),
+        one("should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP", &["x/a", "y/a"],
+            ingress_to_a("allow-only-sctp-ingress-on-port-80", json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}])),
+            vec![check(81, TCP, nothing_into_xa)]),
+        one("should not allow access by TCP when a policy specifies only UDP", &["x/a", "y/a"],
+            ingress_to_a("allow-only-udp-ingress-on-port-81", json!([{"ports": [{"port": 81, "protocol": "UDP"}]}])),
+            vec![check(81, TCP, nothing_into_xa)]),
+        one("should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-client-a-via-ns-selector-for-immutable-ns-label", json!([{"from": [{"namespaceSelector": ns_is("y")}]}])),
+            vec![check(80, TCP, only_y_into_xa)]),
+        one("should enforce policy based on NamespaceSelector with MatchExpressions using default ns label", &["x/a", "x/b", "y/a", "z/a"],
+            policy("allow-ns-y-match-selector-for-immutable-ns-label", pod_is("a"), None, Some(json!([{"to": [{"namespaceSelector": ns_not_in("y")}]}]))),
+            vec![check(80, TCP, |r| { r.peer("x/a", "y", false); })]),
+        one("should enforce policy to allow ingress traffic for a target", &["x/a", "x/b", "y/a"],
+            policy("deny-all", json!({}), Some(json!([])), None),
+            vec![Step::Create("x", ingress_to_a("allow-all-to-a", json!([{"from": [{"podSelector": {}, "namespaceSelector": {}}]}]))), check(80, TCP, |r| { r.all_ingress("x/a", true).all_ingress("x/b", false); })]),
+        one("should enforce policy based on Ports", &["x/a", "x/b", "y/a", "y/b", "z/a"],
+            port_from_y("allow-client-a-via-ns-selector", 81),
+            vec![check(81, TCP, allow_from_y)]),
+        one("should enforce multiple, stacked policies with overlapping podSelectors", &["x/a", "x/b", "y/a", "y/b", "z/a"],
+            port_from_y("allow-client-a-via-ns-selector", 81),
+            vec![check(81, TCP, allow_from_y), check(80, TCP, nothing_into_xa), Step::Create("x", port_from_y("allow-client-a-via-ns-selector-80", 80)), check(80, TCP, allow_from_y)]),
+        one("should enforce updated policy", &["x/a", "y/a"],
+            policy("allow-all-mutate-to-deny-all", json!({}), Some(json!([{}])), None),
+            vec![check(81, TCP, full), Step::Update(policy("allow-all-mutate-to-deny-all", json!({}), Some(json!([])), None)), check(81, TCP, nothing_into_x)]),
+        one("should allow ingress access from updated namespace", &["x/a", "y/a"],
+            ingress_to_a("allow-client-a-via-ns-selector", json!([{"from": [{"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}]}])),
+            vec![check(80, TCP, nothing_into_xa), Step::LabelNamespace("y", "ns2", "updated"), check(80, TCP, |r| { r.all_ingress("x/a", false).peer("y", "*", true); })]),
+        one("should allow ingress access from updated pod", &["x/a", "x/b"],
+            ingress_to_a("allow-client-a-via-pod-selector", json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b", "pod2": "updated"}}}]}])),
+            vec![check(80, TCP, nothing_into_xa), Step::LabelPod("x/b", json!({"pod": "b", "pod2": "updated"})), check(80, TCP, only_xb_into_xa)]),
+        one("should deny ingress access to updated pod", &["x/a", "y/a"],
+            policy("deny-ingress-via-label-selector", json!({"matchLabels": {"target": "isolated"}}), Some(json!([])), None),
+            vec![check(80, TCP, full), Step::LabelPod("x/a", json!({"target": "isolated"})), check(80, TCP, nothing_into_xa)]),
+        one("should support denying of egress traffic on the client side (even if the server explicitly allows this traffic)", &["x/a", "y/a", "y/b"],
+            policy("allow-to-ns-y-pod-a", pod_is("a"), None, Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]))),
+            vec![Step::Create("y", ingress_to_a("allow-from-xa-on-ya-match-selector", from_xa())), Step::Create("y", policy("allow-from-xa-on-yb-match-selector", pod_is("b"), Some(from_xa()), None)), check(80, TCP, |r| { r.peer("x/a", "*", false).peer("*", "y/a", false).peer("x/a", "y/a", true).peer("*", "y/b", false); })]),
+        one("should enforce multiple ingress policies with ingress allow-all policy taking precedence", &["x/a", "y/a"],
+            policy("allow-ingress-port-80", json!({}), Some(json!([{"ports": [{"port": 80}]}])), None),
+            vec![check(81, TCP, nothing_into_x), Step::Create("x", policy("allow-ingress", json!({}), Some(json!([{}])), None)), check(81, TCP, full)]),
+        one("should enforce multiple egress policies with egress allow-all policy taking precedence", &["x/a", "y/a"],
+            policy("allow-egress-port-80", json!({}), None, Some(json!([{"ports": [{"port": 80}]}]))),
+            vec![check(81, TCP, nothing_out_of_x), Step::Create("x", policy("allow-egress", json!({}), None, Some(json!([{}])))), check(81, TCP, full)]),
+        one("should stop enforcing policies after they are deleted", &["x/a", "y/a"],
+            policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
+            vec![check(80, TCP, |r| { r.peer("x", "*", false).peer("*", "x", false); }), Step::DeletePolicies, check(80, TCP, full)]),
+        one("should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector", &["x/a", "x/b", "y/a"],
+            policy("allow-egress-for-target", pod_is("a"), None, Some(json!([{}]))),
+            vec![check(80, TCP, full), Step::Create("x", ingress_to_a("deny-ingress-via-label-selector", json!([]))), check(80, TCP, nothing_into_xa)]),
+        one("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP', even if the plugin doesn't support SCTP", &["x/a", "y/a"],
+            policy("deny-ingress", json!({}), Some(json!([])), None),
+            vec![Step::Create("x", ingress_to_a("allow-only-sctp-ingress-on-port-81", json!([{"ports": [{"port": 81, "protocol": "SCTP"}]}]))), check(81, TCP, nothing_into_x)]),
     ]
+}
+
+/// A case of [`one_policy_cases`]: `name` over `pods`, `policy` created in
+/// x, then `steps`.
+fn one(
+    name: &'static str,
+    pods: &'static [&'static str],
+    policy: Value,
+    steps: Vec<Step>,
+) -> OnePolicy {
+    OnePolicy {
+        name,
+        pods,
+        policy,
+        steps,
+    }
 }
 
 /// The 'from y' rule of upstream's Ports cases: namespace y on TCP `port`.
@@ -1112,37 +762,38 @@ fn cidr_cases(e: &Env) -> Vec<OnePolicy> {
     };
     let around_xb = to_cidr(json!({"cidr": large_cidr(e.ip("x/b")), "except": [xb]}));
     vec![
-        OnePolicy {
-            name: "should allow egress access to server in CIDR block",
-            pods: &["x/a", "y/a", "y/b"],
-            policy: to_cidr(json!({"cidr": yb})),
-            steps: vec![check(80, TCP, |r| {
+        one(
+            "should allow egress access to server in CIDR block",
+            &["x/a", "y/a", "y/b"],
+            to_cidr(json!({"cidr": yb})),
+            vec![check(80, TCP, |r| {
                 r.all_egress("x/a", false).expect("x/a", "y/b", true);
             })],
-        },
-        OnePolicy {
-            name: "should enforce except clause while egress access to server in CIDR block",
-            pods: &["x/a", "x/b", "x/c"],
-            policy: around_xb.clone(),
-            steps: vec![check(80, TCP, xa_not_to_xb)],
-        },
-        OnePolicy {
-            name: "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
-            pods: &["x/a", "x/b", "x/c"],
-            policy: around_xb,
-            steps: vec![
+        ),
+        one(
+            "should enforce except clause while egress access to server in CIDR block",
+            &["x/a", "x/b", "x/c"],
+            around_xb.clone(),
+            vec![check(80, TCP, xa_not_to_xb)],
+        ),
+        one(
+            "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
+            &["x/a", "x/b", "x/c"],
+            around_xb,
+            vec![
                 check(80, TCP, xa_not_to_xb),
                 Step::Update(to_cidr(json!({"cidr": xb}))),
                 check(80, TCP, |r| {
                     r.all_egress("x/a", false).expect("x/a", "x/b", true);
                 }),
             ],
-        },
+        ),
     ]
 }
 
 /// Upstream's "NetworkPolicy between server and client" (TCP) and "...
-/// using UDP" cases, in upstream's order, names as upstream words them.
+/// using UDP" cases, names as upstream words them: the tables of
+/// [`one_policy_cases`] and [`cidr_cases`], then the UDP ones.
 #[test]
 fn the_upstream_networkpolicy_cases_pass() {
     let _one = serial();
