@@ -9,7 +9,7 @@ use fixtures::{
     BirdConf, Lab, Margay, MargayConf, POLL, T, absent, holds, kernel_route, raw_peer, wait_absent,
     wait_for,
 };
-use margay_harness::bgpd::{Bird, Exabgp, Frr, Gobgp};
+use margay_harness::bgpd::{Bird, Exabgp, Frr, GOBGP_TIMERS, Gobgp, gobgp_conf_with};
 use margay_harness::{Node, names, wait};
 
 const BLOCK: &[&str] = &["10.244.1.0/26"];
@@ -24,24 +24,10 @@ fn bird(node: &Node, conf: &BirdConf) -> Bird {
     Bird::start(&node.ns, &conf.text()).unwrap()
 }
 
-/// GoBGP's settings of hold time 9 and keepalive 3, for [`gobgp_peer`].
-const TIMERS: &str = "  [neighbors.timers.config]\n    hold-time = 9\n    keepalive-interval = 3\n";
-
 /// GoBGP on `node` in AS `asn`, with margay (10.99.0.1, AS `peer_as`) its
 /// one neighbor, `extra` in its neighbor section.
 fn gobgp_peer(node: &Node, asn: u32, peer_as: u32, extra: &str) -> Gobgp {
-    let me = node.v4;
-    let conf = format!(
-        r#"[global.config]
-  as = {asn}
-  router-id = "{me}"
-  local-address-list = ["{me}"]
-[[neighbors]]
-  [neighbors.config]
-    neighbor-address = "10.99.0.1"
-    peer-as = {peer_as}
-{extra}"#
-    );
+    let conf = gobgp_conf_with(asn, &node.v4.to_string(), "10.99.0.1", peer_as, extra);
     Gobgp::start(&node.ns, &conf).unwrap()
 }
 
@@ -118,6 +104,15 @@ impl Pair {
     /// [`BLOCK`].
     fn ibgp(peer: &str, neighbor: &str) -> Self {
         Self::start(peer, &MargayConf::ibgp(neighbor).originate(BLOCK))
+    }
+
+    /// margay (10.99.0.1) in AS `asn`, with one neighbor at `addr` in
+    /// AS `peer_as`, originating `blocks`.
+    fn ebgp(peer: &str, asn: u32, (addr, peer_as): (&str, u32), blocks: &[&str]) -> Self {
+        let conf = MargayConf::new(asn, "10.99.0.1")
+            .neighbor(addr, peer_as, "")
+            .originate(blocks);
+        Self::start(peer, &conf)
     }
 
     fn start(peer: &str, conf: &MargayConf) -> Self {
@@ -215,14 +210,9 @@ fn ibgp_with_bird_both_directions_into_both_kernels() {
 
 #[test]
 fn ebgp_with_gobgp_and_four_octet_asns() {
-    let s = Pair::start(
-        "gobgp",
-        &MargayConf::new(4_200_000_001, "10.99.0.1")
-            .neighbor("10.99.0.2", 4_200_000_002, "")
-            .originate(BLOCK),
-    );
+    let s = Pair::ebgp("gobgp", 4_200_000_001, ("10.99.0.2", 4_200_000_002), BLOCK);
     let Pair { margay, a, b, .. } = &s;
-    let gobgp = gobgp_peer(b, 4_200_000_002, 4_200_000_001, TIMERS);
+    let gobgp = gobgp_peer(b, 4_200_000_002, 4_200_000_001, GOBGP_TIMERS);
     gobgp
         .gobgp(&["global", "rib", "add", "10.244.3.0/26", "-a", "ipv4"])
         .unwrap();
@@ -751,12 +741,7 @@ fn margay_as_route_reflector_for_bird_and_frr() {
 
 #[test]
 fn ipv6_session_and_prefixes_with_bird() {
-    let s = Pair::start(
-        "bird",
-        &MargayConf::new(64512, "10.99.0.1")
-            .neighbor("fd00:99::2", 64513, "")
-            .originate(&["fd00:244:1::/122"]),
-    );
+    let s = Pair::ebgp("bird", 64512, ("fd00:99::2", 64513), &["fd00:244:1::/122"]);
     let Pair { margay, a, b, .. } = &s;
     let bird = Bird::start(
         &b.ns,

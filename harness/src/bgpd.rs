@@ -89,12 +89,21 @@ pub struct Gobgp {
     _dir: tempfile::TempDir,
 }
 
+/// GoBGP's neighbour timers: hold time 9 s, keepalive 3 s.
+pub const GOBGP_TIMERS: &str =
+    "  [neighbors.timers.config]\n    hold-time = 9\n    keepalive-interval = 3\n";
+
 /// A gobgpd configuration: AS `asn` at `me` (router ID and source
 /// address), one neighbour `peer` of AS `peer_as`, hold time 9 s.
 pub fn gobgp_conf(asn: u32, me: &str, peer: &str, peer_as: u32) -> String {
+    gobgp_conf_with(asn, me, peer, peer_as, GOBGP_TIMERS)
+}
+
+/// [`gobgp_conf`] with `neighbor` (lines of TOML) for the neighbour's
+/// section in place of the timers.
+pub fn gobgp_conf_with(asn: u32, me: &str, peer: &str, peer_as: u32, neighbor: &str) -> String {
     format!(
-        r#"
-[global.config]
+        r#"[global.config]
   as = {asn}
   router-id = "{me}"
   local-address-list = ["{me}"]
@@ -102,10 +111,7 @@ pub fn gobgp_conf(asn: u32, me: &str, peer: &str, peer_as: u32) -> String {
   [neighbors.config]
     neighbor-address = "{peer}"
     peer-as = {peer_as}
-  [neighbors.timers.config]
-    hold-time = 9
-    keepalive-interval = 3
-"#
+{neighbor}"#
     )
 }
 

@@ -694,14 +694,9 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     )
     .await;
     run.idle(Duration::from_secs(5), &[0, 1, 2], true).await;
-    peers
-        .delete("chaos-pw", &DeleteParams::default())
-        .await
-        .unwrap();
-    secrets
-        .delete("chaos-pw", &DeleteParams::default())
-        .await
-        .unwrap();
+    let dp = DeleteParams::default();
+    peers.delete("chaos-pw", &dp).await.unwrap();
+    secrets.delete("chaos-pw", &dp).await.unwrap();
     run.condition("chaos-pw", false, &[]).await;
     run.end(p, None);
 

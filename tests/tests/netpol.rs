@@ -420,22 +420,26 @@ impl Env {
         }
     }
 
-    /// Upstream's most common case: `name` over `pods`, one `policy`
-    /// created in x, and the table `want` makes of full reachability
-    /// validated on `port`/tcp.
-    async fn one_policy_in_x(
-        &mut self,
-        port: u16,
-        name: &str,
-        pods: &[&str],
-        policy: Value,
-        want: impl FnOnce(&mut Reach),
-    ) {
-        self.case(name, pods).await;
-        self.create("x", policy).await;
-        let mut r = self.reach(true);
-        want(&mut r);
-        self.validate(port, TCP, &r).await;
+    /// Runs a case of [`one_policy_cases`] or [`cidr_cases`].
+    async fn one_policy(&mut self, c: OnePolicy) {
+        self.case(c.name, c.pods).await;
+        self.create("x", c.policy).await;
+        for step in c.steps {
+            match step {
+                Step::Check(port, proto, want) => {
+                    let mut r = self.reach(true);
+                    want(&mut r);
+                    self.validate(port, proto, &r).await;
+                }
+                Step::Create(ns, p) => self.create(ns, p).await,
+                Step::Update(p) => self.update("x", p).await,
+                Step::LabelNamespace(ns, key, value) => {
+                    self.label_namespace(ns, key, Some(value)).await
+                }
+                Step::LabelPod(pod, labels) => self.label_pod(pod, labels).await,
+                Step::DeletePolicies => self.delete_policies().await,
+            }
+        }
     }
 
     /// Upstream's ValidateOrFail, after checking that the specification
@@ -520,8 +524,276 @@ const ALL_PODS: [&str; 9] = [
     "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
 ];
 
+/// What a case does after creating its policy in x, one step at a time.
+enum Step {
+    /// The table on a port and protocol: full reachability changed by
+    /// the function.
+    Check(u16, Proto, fn(&mut Reach)),
+    /// A policy created in a namespace.
+    Create(&'static str, Value),
+    /// The policy of the same name in x replaced.
+    Update(Value),
+    /// A namespace labelled.
+    LabelNamespace(&'static str, &'static str, &'static str),
+    /// A pod's labels merged with these.
+    LabelPod(&'static str, Value),
+    /// Every policy deleted.
+    DeletePolicies,
+}
+
+fn check(port: u16, proto: Proto, want: fn(&mut Reach)) -> Step {
+    Step::Check(port, proto, want)
+}
+
+/// Upstream's case of one policy created in x, then steps.
+struct OnePolicy {
+    name: &'static str,
+    pods: &'static [&'static str],
+    policy: Value,
+    steps: Vec<Step>,
+}
+
+/// The tables the cases share, as changes to full reachability.
+fn full(_: &mut Reach) {}
+
+fn nothing_into_xa(r: &mut Reach) {
+    r.all_ingress("x/a", false);
+}
+
+fn nothing_into_x(r: &mut Reach) {
+    r.peer("*", "x", false);
+}
+
+fn nothing_out_of_x(r: &mut Reach) {
+    r.peer("x", "*", false);
+}
+
+fn only_xb_into_xa(r: &mut Reach) {
+    r.all_ingress("x/a", false).expect("x/b", "x/a", true);
+}
+
+fn only_y_into_xa(r: &mut Reach) {
+    r.peer("x", "x/a", false).peer("z", "x/a", false);
+}
+
+fn xa_not_to_xb(r: &mut Reach) {
+    r.expect("x/a", "x/b", false);
+}
+
+/// Upstream's TCP cases as a table, one case to a `one(name, pods,` line,
+/// its policy and its steps below: the policy created in x, then tables
+/// checked (full reachability as changed by a function) and policies or
+/// labels changed. Upstream's order, those with changes after a first
+/// check at the end; the ipBlock cases, which need the pods' addresses,
+/// are [`cidr_cases`].
+#[rustfmt::skip]
+fn one_policy_cases() -> Vec<OnePolicy> {
+    vec![
+        one("should support a 'default-deny-ingress' policy", &["x/a", "x/b", "y/a", "y/b"],
+            policy("deny-ingress", json!({}), Some(json!([])), None),
+            vec![check(80, TCP, nothing_into_x)]),
+        one("should support a 'default-deny-all' policy", &["x/a", "x/b", "y/a"],
+            policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
+            vec![check(80, TCP, |r| { r.peer("*", "x", false).peer("x", "*", false); })]),
+        one("should enforce policy to allow traffic from pods within server namespace based on PodSelector", &["x/a", "x/b", "x/c", "y/a"],
+            ingress_to_a("x-a-allows-x-b", json!([{"from": [{"podSelector": pod_is("b")}]}])),
+            vec![check(80, TCP, only_xb_into_xa)]),
+        one("should enforce policy to allow ingress traffic from pods in all namespaces", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-from-another-ns", json!([{"from": [{"namespaceSelector": {"matchLabels": {}}}]}])),
+            vec![check(80, TCP, full)]),
+        one("should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-client-a-via-ns-selector", json!([{"from": [{"namespaceSelector": ns_is("y")}]}])),
+            vec![check(80, TCP, only_y_into_xa)]),
+        one("should enforce policy based on PodSelector with MatchExpressions", &["x/a", "x/b", "y/a"],
+            ingress_to_a("x-a-allows-x-b", json!([{"from": [{"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}}]}])),
+            vec![check(80, TCP, only_xb_into_xa)]),
+        one("should enforce policy based on NamespaceSelector with MatchExpressions", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-ns-y-match-selector", json!([{"from": [{"namespaceSelector": {"matchExpressions": [{"key": NS, "operator": "In", "values": ["y"]}]}}]}])),
+            vec![check(80, TCP, only_y_into_xa)]),
+        one("should enforce policy based on PodSelector or NamespaceSelector", &["x/a", "x/b", "x/c", "y/a"],
+            ingress_to_a("allow-ns-y-match-selector", json!([{"from": [{"namespaceSelector": ns_not_in("x")}, {"podSelector": pod_is("b")}]}])),
+            vec![check(80, TCP, |r| { r.expect("x/a", "x/a", false).expect("x/c", "x/a", false); })]),
+        one("should enforce policy based on PodSelector and NamespaceSelector", &["x/a", "x/b", "y/a", "y/b", "z/b"],
+            ingress_to_a("allow-ns-y-podselector-and-nsselector", json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": pod_is("b")}]}])),
+            vec![check(80, TCP, |r| { r.all_ingress("x/a", false).expect("y/b", "x/a", true).expect("z/b", "x/a", true); })]),
+        one("should enforce policy based on Multiple PodSelectors and NamespaceSelectors", &["x/a", "x/b", "y/a", "y/b", "y/c"],
+            ingress_to_a("allow-ns-y-z-pod-b-c", json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]}}]}])),
+            vec![check(80, TCP, |r| { r.peer("x", "x/a", false).expect("y/a", "x/a", false); })]),
+        one("should enforce policy based on any PodSelectors", &["x/a", "x/b", "x/c"],
+            ingress_to_a("allow-ns-x-pod-b-c", json!([{"from": [{"podSelector": pod_is("b")}, {"podSelector": pod_is("c")}]}])),
+            vec![check(80, TCP, |r| { r.all_ingress("x/a", false).expect("x/b", "x/a", true).expect("x/c", "x/a", true); })]),
+        one("should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector", &["x/a", "x/b", "y/a", "y/b", "z/a"],
+            ingress_to_a("allow-ns-y-pod-a-via-namespace-pod-selector", json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}])),
+            vec![check(80, TCP, |r| { r.all_ingress("x/a", false).expect("y/a", "x/a", true); })]),
+        one("should support allow-all policy", &["x/a", "x/b", "y/a"],
+            policy("allow-all", json!({}), Some(json!([{}])), None),
+            vec![check(80, TCP, full), check(81, TCP, full)]),
+        one("should allow ingress access on one named port", &["x/a", "x/b", "y/a"],
+            policy("allow-all", json!({}), Some(json!([{"ports": [{"port": "serve-81-tcp"}]}])), None),
+            vec![check(81, TCP, full), check(80, TCP, nothing_into_x)]),
+        one("should allow ingress access from namespace on one named port", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-client-a-via-ns-selector-80", json!([{"from": [{"namespaceSelector": ns_is("y")}], "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}])),
+            vec![check(80, TCP, only_y_into_xa), check(81, TCP, nothing_into_xa)]),
+        one("should allow egress access on one named port", &["x/a", "y/a"],
+            policy("allow-egress", json!({}), None, Some(json!([{"ports": [{"port": "serve-80-tcp"}]}]))),
+            vec![check(80, TCP, full), check(81, TCP, nothing_out_of_x)]),
+        one("should deny ingress from pods on other namespaces", &["x/a", "x/b", "y/a", "z/a"],
+            policy("deny-empty-policy", json!({}), Some(json!([{"from": [{"podSelector": {"matchLabels": {}}}]}])), None),
+            vec![check(80, TCP, |r| { r.peer("y", "x", false).peer("z", "x", false); })]),
+        one("should deny egress from pods based on PodSelector", &["x/a", "x/b", "y/a"],
+            policy("deny-egress-pod-a", pod_is("a"), None, Some(json!([]))),
+            vec![check(80, TCP, |r| { r.all_egress("x/a", false); })]),
+        one("should deny egress from all pods in a namespace", &["x/a", "x/b", "y/a"],
+            policy("deny-egress-ns-x", json!({}), None, Some(json!([]))),
+            vec![check(80, TCP, nothing_out_of_x)]),
+        one("should work with Ingress, Egress specified together", &["x/a", "x/b", "x/c", "y/a"],
+            policy("allow-client-a-via-pod-selector", pod_is("a"), Some(json!([{"from": [{"podSelector": pod_is("b")}]}])), Some(json!([{"ports": [{"port": 80}]}]))),
+            vec![check(80, TCP, only_xb_into_xa), check(81, TCP, |r| { r.all_ingress("x/a", false).all_egress("x/a", false).expect("x/b", "x/a", true); })]),
+        one("should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector", &["x/a", "y/a", "y/b"],
+            policy("allow-to-ns-y-pod-a", pod_is("a"), None, Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]))),
+            vec![check(80, TCP, |r| { r.all_egress("x/a", false).expect("x/a", "y/a", true); })]),
+        one("should enforce ingress policy allowing any port traffic to a server on a specific protocol", &["x/a", "y/a"],
+            ingress_to_a("allow-ingress-by-proto", json!([{"ports": [{"protocol": "TCP"}]}])),
+            vec![check(80, TCP, full), check(80, UDP, |r| { r.peer("*", "x/a", false); })]),
+        one("should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP", &["x/a", "y/a"],
+            ingress_to_a("allow-only-sctp-ingress-on-port-80", json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}])),
+            vec![check(81, TCP, nothing_into_xa)]),
+        one("should not allow access by TCP when a policy specifies only UDP", &["x/a", "y/a"],
+            ingress_to_a("allow-only-udp-ingress-on-port-81", json!([{"ports": [{"port": 81, "protocol": "UDP"}]}])),
+            vec![check(81, TCP, nothing_into_xa)]),
+        one("should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label", &["x/a", "x/b", "y/a", "z/a"],
+            ingress_to_a("allow-client-a-via-ns-selector-for-immutable-ns-label", json!([{"from": [{"namespaceSelector": ns_is("y")}]}])),
+            vec![check(80, TCP, only_y_into_xa)]),
+        one("should enforce policy based on NamespaceSelector with MatchExpressions using default ns label", &["x/a", "x/b", "y/a", "z/a"],
+            policy("allow-ns-y-match-selector-for-immutable-ns-label", pod_is("a"), None, Some(json!([{"to": [{"namespaceSelector": ns_not_in("y")}]}]))),
+            vec![check(80, TCP, |r| { r.peer("x/a", "y", false); })]),
+        one("should enforce policy to allow ingress traffic for a target", &["x/a", "x/b", "y/a"],
+            policy("deny-all", json!({}), Some(json!([])), None),
+            vec![Step::Create("x", ingress_to_a("allow-all-to-a", json!([{"from": [{"podSelector": {}, "namespaceSelector": {}}]}]))), check(80, TCP, |r| { r.all_ingress("x/a", true).all_ingress("x/b", false); })]),
+        one("should enforce policy based on Ports", &["x/a", "x/b", "y/a", "y/b", "z/a"],
+            port_from_y("allow-client-a-via-ns-selector", 81),
+            vec![check(81, TCP, allow_from_y)]),
+        one("should enforce multiple, stacked policies with overlapping podSelectors", &["x/a", "x/b", "y/a", "y/b", "z/a"],
+            port_from_y("allow-client-a-via-ns-selector", 81),
+            vec![check(81, TCP, allow_from_y), check(80, TCP, nothing_into_xa), Step::Create("x", port_from_y("allow-client-a-via-ns-selector-80", 80)), check(80, TCP, allow_from_y)]),
+        one("should enforce updated policy", &["x/a", "y/a"],
+            policy("allow-all-mutate-to-deny-all", json!({}), Some(json!([{}])), None),
+            vec![check(81, TCP, full), Step::Update(policy("allow-all-mutate-to-deny-all", json!({}), Some(json!([])), None)), check(81, TCP, nothing_into_x)]),
+        one("should allow ingress access from updated namespace", &["x/a", "y/a"],
+            ingress_to_a("allow-client-a-via-ns-selector", json!([{"from": [{"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}]}])),
+            vec![check(80, TCP, nothing_into_xa), Step::LabelNamespace("y", "ns2", "updated"), check(80, TCP, |r| { r.all_ingress("x/a", false).peer("y", "*", true); })]),
+        one("should allow ingress access from updated pod", &["x/a", "x/b"],
+            ingress_to_a("allow-client-a-via-pod-selector", json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b", "pod2": "updated"}}}]}])),
+            vec![check(80, TCP, nothing_into_xa), Step::LabelPod("x/b", json!({"pod": "b", "pod2": "updated"})), check(80, TCP, only_xb_into_xa)]),
+        one("should deny ingress access to updated pod", &["x/a", "y/a"],
+            policy("deny-ingress-via-label-selector", json!({"matchLabels": {"target": "isolated"}}), Some(json!([])), None),
+            vec![check(80, TCP, full), Step::LabelPod("x/a", json!({"target": "isolated"})), check(80, TCP, nothing_into_xa)]),
+        one("should support denying of egress traffic on the client side (even if the server explicitly allows this traffic)", &["x/a", "y/a", "y/b"],
+            policy("allow-to-ns-y-pod-a", pod_is("a"), None, Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]))),
+            vec![Step::Create("y", ingress_to_a("allow-from-xa-on-ya-match-selector", from_xa())), Step::Create("y", policy("allow-from-xa-on-yb-match-selector", pod_is("b"), Some(from_xa()), None)), check(80, TCP, |r| { r.peer("x/a", "*", false).peer("*", "y/a", false).peer("x/a", "y/a", true).peer("*", "y/b", false); })]),
+        one("should enforce multiple ingress policies with ingress allow-all policy taking precedence", &["x/a", "y/a"],
+            policy("allow-ingress-port-80", json!({}), Some(json!([{"ports": [{"port": 80}]}])), None),
+            vec![check(81, TCP, nothing_into_x), Step::Create("x", policy("allow-ingress", json!({}), Some(json!([{}])), None)), check(81, TCP, full)]),
+        one("should enforce multiple egress policies with egress allow-all policy taking precedence", &["x/a", "y/a"],
+            policy("allow-egress-port-80", json!({}), None, Some(json!([{"ports": [{"port": 80}]}]))),
+            vec![check(81, TCP, nothing_out_of_x), Step::Create("x", policy("allow-egress", json!({}), None, Some(json!([{}])))), check(81, TCP, full)]),
+        one("should stop enforcing policies after they are deleted", &["x/a", "y/a"],
+            policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
+            vec![check(80, TCP, |r| { r.peer("x", "*", false).peer("*", "x", false); }), Step::DeletePolicies, check(80, TCP, full)]),
+        one("should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector", &["x/a", "x/b", "y/a"],
+            policy("allow-egress-for-target", pod_is("a"), None, Some(json!([{}]))),
+            vec![check(80, TCP, full), Step::Create("x", ingress_to_a("deny-ingress-via-label-selector", json!([]))), check(80, TCP, nothing_into_xa)]),
+        one("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP', even if the plugin doesn't support SCTP", &["x/a", "y/a"],
+            policy("deny-ingress", json!({}), Some(json!([])), None),
+            vec![Step::Create("x", ingress_to_a("allow-only-sctp-ingress-on-port-81", json!([{"ports": [{"port": 81, "protocol": "SCTP"}]}]))), check(81, TCP, nothing_into_x)]),
+    ]
+}
+
+/// A case of [`one_policy_cases`]: `name` over `pods`, `policy` created in
+/// x, then `steps`.
+fn one(
+    name: &'static str,
+    pods: &'static [&'static str],
+    policy: Value,
+    steps: Vec<Step>,
+) -> OnePolicy {
+    OnePolicy {
+        name,
+        pods,
+        policy,
+        steps,
+    }
+}
+
+/// The 'from y' rule of upstream's Ports cases: namespace y on TCP `port`.
+fn port_from_y(name: &str, port: u16) -> Value {
+    policy(
+        name,
+        pod_is("a"),
+        Some(json!([{"from": [{"namespaceSelector": ns_is("y")}],
+                     "ports": [{"port": port, "protocol": "TCP"}]}])),
+        None,
+    )
+}
+
+/// What [`port_from_y`] lets in: x/a from y only.
+fn allow_from_y(r: &mut Reach) {
+    r.peer("x", "x/a", false)
+        .peer("y", "x/a", true)
+        .peer("z", "x/a", false);
+}
+
+/// Peers of the client-side egress case: x/a only.
+fn from_xa() -> Value {
+    json!([{"from": [{"namespaceSelector": ns_is("x"), "podSelector": pod_is("a")}]}])
+}
+
+/// Upstream's ipBlock cases, over the addresses the pods got.
+fn cidr_cases(e: &Env) -> Vec<OnePolicy> {
+    let yb = format!("{}/32", e.ip("y/b"));
+    let xb = format!("{}/32", e.ip("x/b"));
+    let to_cidr = |block: Value| {
+        policy(
+            "allow-client-a-via-cidr-egress-rule",
+            pod_is("a"),
+            None,
+            Some(json!([{"to": [{"ipBlock": block}]}])),
+        )
+    };
+    let around_xb = to_cidr(json!({"cidr": large_cidr(e.ip("x/b")), "except": [xb]}));
+    vec![
+        one(
+            "should allow egress access to server in CIDR block",
+            &["x/a", "y/a", "y/b"],
+            to_cidr(json!({"cidr": yb})),
+            vec![check(80, TCP, |r| {
+                r.all_egress("x/a", false).expect("x/a", "y/b", true);
+            })],
+        ),
+        one(
+            "should enforce except clause while egress access to server in CIDR block",
+            &["x/a", "x/b", "x/c"],
+            around_xb.clone(),
+            vec![check(80, TCP, xa_not_to_xb)],
+        ),
+        one(
+            "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
+            &["x/a", "x/b", "x/c"],
+            around_xb,
+            vec![
+                check(80, TCP, xa_not_to_xb),
+                Step::Update(to_cidr(json!({"cidr": xb}))),
+                check(80, TCP, |r| {
+                    r.all_egress("x/a", false).expect("x/a", "x/b", true);
+                }),
+            ],
+        ),
+    ]
+}
+
 /// Upstream's "NetworkPolicy between server and client" (TCP) and "...
-/// using UDP" cases, in upstream's order, names as upstream words them.
+/// using UDP" cases, names as upstream words them: the tables of
+/// [`one_policy_cases`] and [`cidr_cases`], then the UDP ones.
 #[test]
 fn the_upstream_networkpolicy_cases_pass() {
     let _one = serial();
@@ -531,738 +803,12 @@ fn the_upstream_networkpolicy_cases_pass() {
 async fn tcp_and_udp_cases() {
     let mut e = start(&ALL_PODS, &[TCP, UDP]).await;
     let t0 = Instant::now();
-
-    e.one_policy_in_x(
-        80,
-        "should support a 'default-deny-ingress' policy",
-        &["x/a", "x/b", "y/a", "y/b"],
-        policy("deny-ingress", json!({}), Some(json!([])), None),
-        |r| {
-            r.peer("*", "x", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should support a 'default-deny-all' policy",
-        &["x/a", "x/b", "y/a"],
-        policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
-        |r| {
-            r.peer("*", "x", false).peer("x", "*", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy to allow traffic from pods within server namespace based on PodSelector",
-        &["x/a", "x/b", "x/c", "y/a"],
-        ingress_to_a(
-            "x-a-allows-x-b",
-            json!([{"from": [{"podSelector": pod_is("b")}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-        },
-    )
-    .await;
-
-    e.case(
-        "should enforce policy to allow ingress traffic for a target",
-        &["x/a", "x/b", "y/a"],
-    )
-    .await;
-    e.create("x", policy("deny-all", json!({}), Some(json!([])), None))
-        .await;
-    e.create(
-        "x",
-        ingress_to_a(
-            "allow-all-to-a",
-            json!([{"from": [{"podSelector": {}, "namespaceSelector": {}}]}]),
-        ),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", true).all_ingress("x/b", false);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy to allow ingress traffic from pods in all namespaces",
-        &["x/a", "x/b", "y/a", "z/a"],
-        ingress_to_a(
-            "allow-from-another-ns",
-            json!([{"from": [{"namespaceSelector": {"matchLabels": {}}}]}]),
-        ),
-        |_| {},
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy to allow traffic only from a different namespace, based on NamespaceSelector",
-        &["x/a", "x/b", "y/a", "z/a"],
-        ingress_to_a(
-            "allow-client-a-via-ns-selector",
-            json!([{"from": [{"namespaceSelector": ns_is("y")}]}]),
-        ),
-        |r| {
-            r.peer("x", "x/a", false).peer("z", "x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on PodSelector with MatchExpressions",
-        &["x/a", "x/b", "y/a"],
-        ingress_to_a(
-            "x-a-allows-x-b",
-            json!([{"from": [{"podSelector":
-                {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b"]}]}}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on NamespaceSelector with MatchExpressions",
-        &["x/a", "x/b", "y/a", "z/a"],
-        ingress_to_a(
-            "allow-ns-y-match-selector",
-            json!([{"from": [{"namespaceSelector":
-                {"matchExpressions": [{"key": NS, "operator": "In", "values": ["y"]}]}}]}]),
-        ),
-        |r| {
-            r.peer("x", "x/a", false).peer("z", "x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on PodSelector or NamespaceSelector",
-        &["x/a", "x/b", "x/c", "y/a"],
-        ingress_to_a(
-            "allow-ns-y-match-selector",
-            json!([{"from": [{"namespaceSelector": ns_not_in("x")}, {"podSelector": pod_is("b")}]}]),
-        ),
-        |r| {
-            r.expect("x/a", "x/a", false).expect("x/c", "x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on PodSelector and NamespaceSelector",
-        &["x/a", "x/b", "y/a", "y/b", "z/b"],
-        ingress_to_a(
-            "allow-ns-y-podselector-and-nsselector",
-            json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector": pod_is("b")}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false)
-                .expect("y/b", "x/a", true)
-                .expect("z/b", "x/a", true);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on Multiple PodSelectors and NamespaceSelectors",
-        &["x/a", "x/b", "y/a", "y/b", "y/c"],
-        ingress_to_a(
-            "allow-ns-y-z-pod-b-c",
-            json!([{"from": [{"namespaceSelector": ns_not_in("x"), "podSelector":
-                {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["b", "c"]}]}}]}]),
-        ),
-        |r| {
-            r.peer("x", "x/a", false).expect("y/a", "x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on any PodSelectors",
-        &["x/a", "x/b", "x/c"],
-        ingress_to_a(
-            "allow-ns-x-pod-b-c",
-            json!([{"from": [{"podSelector": pod_is("b")}, {"podSelector": pod_is("c")}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false)
-                .expect("x/b", "x/a", true)
-                .expect("x/c", "x/a", true);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy to allow traffic only from a pod in a different namespace based on PodSelector and NamespaceSelector",
-        &["x/a", "x/b", "y/a", "y/b", "z/a"],
-        ingress_to_a(
-            "allow-ns-y-pod-a-via-namespace-pod-selector",
-            json!([{"from": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false).expect("y/a", "x/a", true);
-        },
-    )
-    .await;
-
-    let port81_from_y = |name: &str, port: u16, proto: &str| {
-        policy(
-            name,
-            pod_is("a"),
-            Some(json!([{"from": [{"namespaceSelector": ns_is("y")}],
-                         "ports": [{"port": port, "protocol": proto}]}])),
-            None,
-        )
-    };
-    e.case(
-        "should enforce policy based on Ports",
-        &["x/a", "x/b", "y/a", "y/b", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        port81_from_y("allow-client-a-via-ns-selector", 81, "TCP"),
-    )
-    .await;
-    let mut allow = e.reach(true);
-    allow
-        .peer("x", "x/a", false)
-        .peer("y", "x/a", true)
-        .peer("z", "x/a", false);
-    e.validate(81, TCP, &allow).await;
-
-    e.case(
-        "should enforce multiple, stacked policies with overlapping podSelectors",
-        &["x/a", "x/b", "y/a", "y/b", "z/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        port81_from_y("allow-client-a-via-ns-selector", 81, "TCP"),
-    )
-    .await;
-    let mut allow = e.reach(true);
-    allow
-        .peer("x", "x/a", false)
-        .peer("y", "x/a", true)
-        .peer("z", "x/a", false);
-    e.validate(81, TCP, &allow).await;
-    let mut deny = e.reach(true);
-    deny.all_ingress("x/a", false);
-    e.validate(80, TCP, &deny).await;
-    e.create(
-        "x",
-        port81_from_y("allow-client-a-via-ns-selector-80", 80, "TCP"),
-    )
-    .await;
-    e.validate(80, TCP, &allow).await;
-
-    e.one_policy_in_x(
-        80,
-        "should support allow-all policy",
-        &["x/a", "x/b", "y/a"],
-        policy("allow-all", json!({}), Some(json!([{}])), None),
-        |_| {},
-    )
-    .await;
-    e.validate(81, TCP, &e.reach(true)).await;
-
-    e.one_policy_in_x(
-        81,
-        "should allow ingress access on one named port",
-        &["x/a", "x/b", "y/a"],
-        policy(
-            "allow-all",
-            json!({}),
-            Some(json!([{"ports": [{"port": "serve-81-tcp"}]}])),
-            None,
-        ),
-        |_| {},
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should allow ingress access from namespace on one named port",
-        &["x/a", "x/b", "y/a", "z/a"],
-        ingress_to_a(
-            "allow-client-a-via-ns-selector-80",
-            json!([{"from": [{"namespaceSelector": ns_is("y")}],
-                         "ports": [{"port": "serve-80-tcp", "protocol": "TCP"}]}]),
-        ),
-        |r| {
-            r.peer("x", "x/a", false).peer("z", "x/a", false);
-        },
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(81, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should allow egress access on one named port",
-        &["x/a", "y/a"],
-        policy(
-            "allow-egress",
-            json!({}),
-            None,
-            Some(json!([{"ports": [{"port": "serve-80-tcp"}]}])),
-        ),
-        |_| {},
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.peer("x", "*", false);
-    e.validate(81, TCP, &r).await;
-
-    e.one_policy_in_x(
-        81,
-        "should enforce updated policy",
-        &["x/a", "y/a"],
-        policy(
-            "allow-all-mutate-to-deny-all",
-            json!({}),
-            Some(json!([{}])),
-            None,
-        ),
-        |_| {},
-    )
-    .await;
-    e.update(
-        "x",
-        policy(
-            "allow-all-mutate-to-deny-all",
-            json!({}),
-            Some(json!([])),
-            None,
-        ),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false);
-    e.validate(81, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should allow ingress access from updated namespace",
-        &["x/a", "y/a"],
-        ingress_to_a(
-            "allow-client-a-via-ns-selector",
-            json!([{"from": [{"namespaceSelector": {"matchLabels": {"ns2": "updated"}}}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false);
-        },
-    )
-    .await;
-    e.label_namespace("y", "ns2", Some("updated")).await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false).peer("y", "*", true);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should allow ingress access from updated pod",
-        &["x/a", "x/b"],
-        ingress_to_a(
-            "allow-client-a-via-pod-selector",
-            json!([{"from": [{"podSelector": {"matchLabels": {"pod": "b", "pod2": "updated"}}}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false);
-        },
-    )
-    .await;
-    e.label_pod("x/b", json!({"pod": "b", "pod2": "updated"}))
-        .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should deny ingress from pods on other namespaces",
-        &["x/a", "x/b", "y/a", "z/a"],
-        policy(
-            "deny-empty-policy",
-            json!({}),
-            Some(json!([{"from": [{"podSelector": {"matchLabels": {}}}]}])),
-            None,
-        ),
-        |r| {
-            r.peer("y", "x", false).peer("z", "x", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should deny ingress access to updated pod",
-        &["x/a", "y/a"],
-        policy(
-            "deny-ingress-via-label-selector",
-            json!({"matchLabels": {"target": "isolated"}}),
-            Some(json!([])),
-            None,
-        ),
-        |_| {},
-    )
-    .await;
-    e.label_pod("x/a", json!({"target": "isolated"})).await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should deny egress from pods based on PodSelector",
-        &["x/a", "x/b", "y/a"],
-        policy("deny-egress-pod-a", pod_is("a"), None, Some(json!([]))),
-        |r| {
-            r.all_egress("x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should deny egress from all pods in a namespace",
-        &["x/a", "x/b", "y/a"],
-        policy("deny-egress-ns-x", json!({}), None, Some(json!([]))),
-        |r| {
-            r.peer("x", "*", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should work with Ingress, Egress specified together",
-        &["x/a", "x/b", "x/c", "y/a"],
-        policy(
-            "allow-client-a-via-pod-selector",
-            pod_is("a"),
-            Some(json!([{"from": [{"podSelector": pod_is("b")}]}])),
-            Some(json!([{"ports": [{"port": 80}]}])),
-        ),
-        |r| {
-            r.all_ingress("x/a", false).expect("x/b", "x/a", true);
-        },
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false)
-        .all_egress("x/a", false)
-        .expect("x/b", "x/a", true);
-    e.validate(81, TCP, &r).await;
-
-    e.case(
-        "should support denying of egress traffic on the client side (even if the server explicitly allows this traffic)",
-        &["x/a", "y/a", "y/b"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy(
-            "allow-to-ns-y-pod-a",
-            pod_is("a"),
-            None,
-            Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}])),
-        ),
-    )
-    .await;
-    let from_xa =
-        json!([{"from": [{"namespaceSelector": ns_is("x"), "podSelector": pod_is("a")}]}]);
-    e.create(
-        "y",
-        ingress_to_a("allow-from-xa-on-ya-match-selector", from_xa.clone()),
-    )
-    .await;
-    e.create(
-        "y",
-        policy(
-            "allow-from-xa-on-yb-match-selector",
-            pod_is("b"),
-            Some(from_xa),
-            None,
-        ),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.peer("x/a", "*", false)
-        .peer("*", "y/a", false)
-        .peer("x/a", "y/a", true)
-        .peer("*", "y/b", false);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce egress policy allowing traffic to a server in a different namespace based on PodSelector and NamespaceSelector",
-        &["x/a", "y/a", "y/b"],
-        policy(
-            "allow-to-ns-y-pod-a",
-            pod_is("a"),
-            None,
-            Some(json!([{"to": [{"namespaceSelector": ns_is("y"), "podSelector": pod_is("a")}]}])),
-        ),
-        |r| {
-            r.all_egress("x/a", false).expect("x/a", "y/a", true);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce ingress policy allowing any port traffic to a server on a specific protocol",
-        &["x/a", "y/a"],
-        ingress_to_a(
-            "allow-ingress-by-proto",
-            json!([{"ports": [{"protocol": "TCP"}]}]),
-        ),
-        |_| {},
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x/a", false);
-    e.validate(80, UDP, &r).await;
-
-    e.one_policy_in_x(
-        81,
-        "should enforce multiple ingress policies with ingress allow-all policy taking precedence",
-        &["x/a", "y/a"],
-        policy(
-            "allow-ingress-port-80",
-            json!({}),
-            Some(json!([{"ports": [{"port": 80}]}])),
-            None,
-        ),
-        |r| {
-            r.peer("*", "x", false);
-        },
-    )
-    .await;
-    e.create(
-        "x",
-        policy("allow-ingress", json!({}), Some(json!([{}])), None),
-    )
-    .await;
-    e.validate(81, TCP, &e.reach(true)).await;
-
-    e.one_policy_in_x(
-        81,
-        "should enforce multiple egress policies with egress allow-all policy taking precedence",
-        &["x/a", "y/a"],
-        policy(
-            "allow-egress-port-80",
-            json!({}),
-            None,
-            Some(json!([{"ports": [{"port": 80}]}])),
-        ),
-        |r| {
-            r.peer("x", "*", false);
-        },
-    )
-    .await;
-    e.create(
-        "x",
-        policy("allow-egress", json!({}), None, Some(json!([{}]))),
-    )
-    .await;
-    e.validate(81, TCP, &e.reach(true)).await;
-
-    e.one_policy_in_x(
-        80,
-        "should stop enforcing policies after they are deleted",
-        &["x/a", "y/a"],
-        policy("deny-all", json!({}), Some(json!([])), Some(json!([]))),
-        |r| {
-            r.peer("x", "*", false).peer("*", "x", false);
-        },
-    )
-    .await;
-    e.delete_policies().await;
-    e.validate(80, TCP, &e.reach(true)).await;
-
-    e.case(
-        "should allow egress access to server in CIDR block",
-        &["x/a", "y/a", "y/b"],
-    )
-    .await;
-    let yb = format!("{}/32", e.ip("y/b"));
-    e.create(
-        "x",
-        policy(
-            "allow-client-a-via-cidr-egress-rule",
-            pod_is("a"),
-            None,
-            Some(json!([{"to": [{"ipBlock": {"cidr": yb}}]}])),
-        ),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.all_egress("x/a", false).expect("x/a", "y/b", true);
-    e.validate(80, TCP, &r).await;
-
-    let xb = format!("{}/32", e.ip("x/b"));
-    let around_xb = policy(
-        "allow-client-a-via-cidr-egress-rule",
-        pod_is("a"),
-        None,
-        Some(json!([{"to": [{"ipBlock": {"cidr": large_cidr(e.ip("x/b")), "except": [xb]}}]}])),
-    );
-    e.one_policy_in_x(
-        80,
-        "should enforce except clause while egress access to server in CIDR block",
-        &["x/a", "x/b", "x/c"],
-        around_xb.clone(),
-        |r| {
-            r.expect("x/a", "x/b", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed",
-        &["x/a", "x/b", "x/c"],
-        around_xb,
-        |r| {
-            r.expect("x/a", "x/b", false);
-        },
-    )
-    .await;
-    e.update(
-        "x",
-        policy(
-            "allow-client-a-via-cidr-egress-rule",
-            pod_is("a"),
-            None,
-            Some(json!([{"to": [{"ipBlock": {"cidr": xb}}]}])),
-        ),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.all_egress("x/a", false).expect("x/a", "x/b", true);
-    e.validate(80, TCP, &r).await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector",
-        &["x/a", "x/b", "y/a"],
-        policy(
-            "allow-egress-for-target",
-            pod_is("a"),
-            None,
-            Some(json!([{}])),
-        ),
-        |_| {},
-    )
-    .await;
-    e.create(
-        "x",
-        ingress_to_a("deny-ingress-via-label-selector", json!([])),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.all_ingress("x/a", false);
-    e.validate(80, TCP, &r).await;
-
-    e.case(
-        "should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP', even if the plugin doesn't support SCTP",
-        &["x/a", "y/a"],
-    )
-    .await;
-    e.create(
-        "x",
-        policy("deny-ingress", json!({}), Some(json!([])), None),
-    )
-    .await;
-    e.create(
-        "x",
-        ingress_to_a(
-            "allow-only-sctp-ingress-on-port-81",
-            json!([{"ports": [{"port": 81, "protocol": "SCTP"}]}]),
-        ),
-    )
-    .await;
-    let mut r = e.reach(true);
-    r.peer("*", "x", false);
-    e.validate(81, TCP, &r).await;
-
-    e.one_policy_in_x(
-        81,
-        "should properly isolate pods that are selected by a policy allowing SCTP, even if the plugin doesn't support SCTP",
-        &["x/a", "y/a"],
-        ingress_to_a(
-            "allow-only-sctp-ingress-on-port-80",
-            json!([{"ports": [{"port": 80, "protocol": "SCTP"}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        81,
-        "should not allow access by TCP when a policy specifies only UDP",
-        &["x/a", "y/a"],
-        ingress_to_a(
-            "allow-only-udp-ingress-on-port-81",
-            json!([{"ports": [{"port": 81, "protocol": "UDP"}]}]),
-        ),
-        |r| {
-            r.all_ingress("x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label",
-        &["x/a", "x/b", "y/a", "z/a"],
-        ingress_to_a(
-            "allow-client-a-via-ns-selector-for-immutable-ns-label",
-            json!([{"from": [{"namespaceSelector": ns_is("y")}]}]),
-        ),
-        |r| {
-            r.peer("x", "x/a", false).peer("z", "x/a", false);
-        },
-    )
-    .await;
-
-    e.one_policy_in_x(
-        80,
-        "should enforce policy based on NamespaceSelector with MatchExpressions using default ns label",
-        &["x/a", "x/b", "y/a", "z/a"],
-        policy(
-            "allow-ns-y-match-selector-for-immutable-ns-label",
-            pod_is("a"),
-            None,
-            Some(json!([{"to": [{"namespaceSelector": ns_not_in("y")}]}])),
-        ),
-        |r| {
-            r.peer("x/a", "y", false);
-        },
-    )
-    .await;
+    for c in one_policy_cases() {
+        e.one_policy(c).await;
+    }
+    for c in cidr_cases(&e) {
+        e.one_policy(c).await;
+    }
 
     // "NetworkPolicy between server and client using UDP".
     udp_or_sctp_cases(&mut e, UDP).await;

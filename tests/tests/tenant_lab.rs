@@ -321,6 +321,20 @@ fn outcomes(c: &Cluster, probes: &[(&str, String)]) -> Vec<Outcome> {
 }
 
 /// Waits until every (from, target, outcome) holds.
+/// What friend and stranger see of app: friend on 80, stranger on 80
+/// and 81.
+fn app_seen(
+    c: &Cluster,
+    stranger_80: Outcome,
+    stranger_81: Outcome,
+) -> [(&str, String, Outcome); 3] {
+    [
+        ("friend", at(c, "app", 80), Outcome::Ok),
+        ("stranger", at(c, "app", 80), stranger_80),
+        ("stranger", at(c, "app", 81), stranger_81),
+    ]
+}
+
 async fn until(c: &Cluster, want: &[(&str, String, Outcome)], what: &str) {
     let probes: Vec<(&str, String)> = want.iter().map(|(f, t, _)| (*f, t.clone())).collect();
     margay_tests::until_none_wrong(what, T, Duration::from_millis(200), || {
@@ -367,16 +381,7 @@ async fn each_attachment_of_a_pod_is_enforced_and_deleted_alone() {
     add(&mut c, "app", "app", "shop", &["tcp:80"]).await;
     add(&mut c, "friend", "friend", "shop", &[]).await;
     add(&mut c, "stranger", "stranger", "shop", &[]).await;
-    until(
-        &c,
-        &[
-            ("friend", at(&c, "app", 80), Open),
-            ("stranger", at(&c, "app", 80), Open),
-            ("stranger", at(&c, "app", 81), Refused),
-        ],
-        "no policy",
-    )
-    .await;
+    until(&c, &app_seen(&c, Open, Refused), "no policy").await;
 
     allow_only(&c, "shop", "app-from-friend", "app", "friend", Some(80)).await;
     until(
@@ -431,16 +436,7 @@ async fn each_attachment_of_a_pod_is_enforced_and_deleted_alone() {
     );
     let pods: Api<KubePod> = Api::namespaced(c.client.clone(), "shop");
     assert!(pods.get_opt("app").await.unwrap().is_some());
-    until(
-        &c,
-        &[
-            ("friend", at(&c, "app", 80), Open),
-            ("stranger", at(&c, "app", 80), Dropped),
-            ("stranger", at(&c, "app", 81), Dropped),
-        ],
-        "app-b deleted",
-    )
-    .await;
+    until(&c, &app_seen(&c, Dropped, Dropped), "app-b deleted").await;
     let table = node
         .exec("nft", &["list", "table", "inet", "margay_policy"])
         .unwrap();

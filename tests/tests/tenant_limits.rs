@@ -339,6 +339,10 @@ async fn restart_node1(c: &mut Cluster, while_down: impl FnOnce(&Cluster)) -> Po
     }
 }
 
+/// What check 2's policy admits into a: b, not c.
+const LONG_NAMED_HOLDS: [(&str, &str, u16, bool); 2] =
+    [("b", "a", 80, true), ("c", "a", 80, false)];
+
 /// Check 2. A policy named with 253 characters (the most the API allows)
 /// admitting only b into a. Before, its chain's name was longer than nft
 /// allows (258 bytes, 256 at most): every load of node1's table failed,
@@ -354,12 +358,7 @@ async fn a_long_policy_name_is_enforced(c: &mut Cluster) -> String {
                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}}),
     )
     .await;
-    until_table(
-        c,
-        &[("b", "a", 80, true), ("c", "a", 80, false)],
-        "the long-named policy",
-    )
-    .await;
+    until_table(c, &LONG_NAMED_HOLDS, "the long-named policy").await;
     current_policy(c, 0).await;
     let (code, out, err) = c.margayctl(0, &["policy", "show", "x/a"]).unwrap();
     assert_eq!(code, 0, "{out}{err}");
@@ -379,6 +378,14 @@ async fn a_long_policy_name_is_enforced(c: &mut Cluster) -> String {
     name
 }
 
+/// What check 3's 1,000 x 1,000 rule admits into d: c on 80, not on 81,
+/// nor b.
+const WIDE_RULE_HOLDS: [(&str, &str, u16, bool); 3] = [
+    ("c", "d", 80, true),
+    ("c", "d", 81, false),
+    ("b", "d", 80, false),
+];
+
 /// Check 3. A rule's lines are its peers plus its ports: 1,000 ipBlocks
 /// and 1,000 ports are ~2,000 lines, not the million of their product
 /// (before, node1's agent grew to ~790 MB and had not enforced it a
@@ -393,19 +400,9 @@ async fn large_rules_neither_break_a_node_nor_open_pods(c: &mut Cluster, long: &
     let size = wide.to_string().len();
     assert!(size > 45_000, "{size} bytes");
     create(c, "z", wide).await;
-    until_table(
-        c,
-        &[
-            ("c", "d", 80, true),
-            ("c", "d", 81, false),
-            ("b", "d", 80, false),
-            // The long-named policy still holds.
-            ("b", "a", 80, true),
-            ("c", "a", 80, false),
-        ],
-        "the 1,000 x 1,000 rule",
-    )
-    .await;
+    // The long-named policy still holds.
+    let want = [&WIDE_RULE_HOLDS[..], &LONG_NAMED_HOLDS].concat();
+    until_table(c, &want, "the 1,000 x 1,000 rule").await;
     for i in 0..2 {
         let p = current_policy(c, i).await;
         assert!(p.unenforced.is_empty(), "node{}: {p:?}", i + 1);
@@ -498,18 +495,13 @@ async fn large_rules_neither_break_a_node_nor_open_pods(c: &mut Cluster, long: &
         .await
         .expect("ADD beside the too-large policy");
     assert!(!reach(c, "b", "e2", 80), "e2 open after its ADD");
-    until_table(
-        c,
-        &[
-            ("b", "e2", 80, false),
-            ("c", "d", 80, true),
-            ("b", "d", 80, false),
-            ("b", "a", 80, true),
-            ("c", "a", 80, false),
-        ],
-        "after the too-large policy",
-    )
-    .await;
+    let closed_and_wide = [
+        ("b", "e2", 80, false),
+        ("c", "d", 80, true),
+        ("b", "d", 80, false),
+    ];
+    let want = [&closed_and_wide[..], &LONG_NAMED_HOLDS].concat();
+    until_table(c, &want, "after the too-large policy").await;
     let (code, out, _) = c.margayctl(0, &["policy", "show", "x/a"]).unwrap();
     assert_eq!(code, 0);
     assert!(out.contains(long), "{out}");

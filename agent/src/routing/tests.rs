@@ -331,6 +331,18 @@ async fn pass(s: &Snapshot, dp: &FakeDataplane, bgp: &mut FakeBgp, c: &FakeClust
     sentences(apply(plan(s), dp, bgp, c).await.status.problems)
 }
 
+/// What passes with tunnels run against: the fakes, and the tunnel state
+/// one pass leaves the next.
+fn with_tunnels() -> (FakeDataplane, FakeBgp, FakeCluster, super::Tunnels) {
+    with_tunnels_on(FakeDataplane::default())
+}
+
+/// [`with_tunnels`] over the kernel `dp`.
+fn with_tunnels_on(dp: FakeDataplane) -> (FakeDataplane, FakeBgp, FakeCluster, super::Tunnels) {
+    let (bgp, c, tunnels) = Default::default();
+    (dp, bgp, c, tunnels)
+}
+
 /// A stale route of Margay's (a block that moved away) and the two the
 /// snapshot wants, one of them with a wrong next hop.
 async fn kernel_with_history() -> FakeDataplane {
@@ -702,9 +714,7 @@ fn with_encap(s: &mut Snapshot, e: margay_api::ipam::Encapsulation) {
 async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     use margay_api::ipam::Encapsulation;
     use margay_api::node::{ANN_IPIP_ADDRESS, ANN_VXLAN_ADDRESS, ANN_VXLAN_MAC};
-    let dp = FakeDataplane::default();
-    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
-    let mut tunnels = super::Tunnels::default();
+    let (dp, mut bgp, c, mut tunnels) = with_tunnels();
     let mut s = snapshot();
     let b2 = net("10.244.2.0/26");
     // n1 as the passes left it; n2 and n3 announcing `ann` (only).
@@ -842,9 +852,7 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
 async fn unknown_pools_retire_nothing_and_a_kernel_without_ipip_keeps_its_routes() {
     use margay_api::ipam::Encapsulation;
     use margay_api::node::ANN_IPIP_ADDRESS;
-    let dp = kernel_with_history().await;
-    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
-    let mut tunnels = super::Tunnels::default();
+    let (dp, mut bgp, c, mut tunnels) = with_tunnels_on(kernel_with_history().await);
     let mut s = snapshot();
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     let before = routes(&dp);
@@ -944,9 +952,7 @@ fn loads(dp: &FakeDataplane) -> usize {
 async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_current_list() {
     use crate::dataplane::{PerTunnel, TunnelFilter};
     use margay_api::ipam::Encapsulation;
-    let dp = FakeDataplane::default();
-    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
-    let mut tunnels = super::Tunnels::default();
+    let (dp, mut bgp, c, mut tunnels) = with_tunnels();
     // What an earlier run of the agent left: a node since gone.
     let earlier = TunnelFilter::new(
         ips(&["10.0.0.1", "10.0.0.2", "10.0.0.9"]),
@@ -1052,9 +1058,7 @@ async fn the_tunnel_filter_takes_known_nodes_and_forgets_them_only_from_a_curren
 #[tokio::test]
 async fn no_filter_without_a_tunnel_and_one_that_cannot_load_is_reported_and_retried() {
     use margay_api::ipam::Encapsulation;
-    let dp = kernel_with_history().await;
-    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
-    let mut tunnels = super::Tunnels::default();
+    let (dp, mut bgp, c, mut tunnels) = with_tunnels_on(kernel_with_history().await);
     // Native routing: no tunnel, no table.
     let mut s = snapshot();
     let problems = settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
@@ -1085,9 +1089,7 @@ async fn no_filter_without_a_tunnel_and_one_that_cannot_load_is_reported_and_ret
 
 #[tokio::test]
 async fn this_nodes_margaynode_is_written_once_and_again_only_on_change() {
-    let dp = FakeDataplane::default();
-    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
-    let mut tunnels = super::Tunnels::default();
+    let (dp, mut bgp, c, mut tunnels) = with_tunnels();
     let mut s = snapshot();
     let identities = |c: &FakeCluster| {
         c.writes

@@ -45,6 +45,29 @@ fn ctx<'a>(
     }
 }
 
+/// What a plan reads besides the view: the node's labels, the pools and
+/// the configuration.
+struct Inputs {
+    labels: BTreeMap<String, String>,
+    pools: Vec<Pool>,
+    config: IPAMConfigurationSpec,
+}
+
+impl Inputs {
+    /// `pools`, the default configuration, a node without labels.
+    fn new(pools: impl Into<Vec<Pool>>) -> Self {
+        Self {
+            labels: BTreeMap::new(),
+            pools: pools.into(),
+            config: IPAMConfigurationSpec::default(),
+        }
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        ctx(&self.labels, &self.pools, &self.config)
+    }
+}
+
 /// Applies a plan's claim and writes to the view as a store would.
 fn apply(view: &mut View, p: &Plan) {
     if let Some(Claim::Create(b) | Claim::Adopt(b)) = &p.claim {
@@ -57,10 +80,8 @@ fn apply(view: &mut View, p: &Plan) {
 
 #[test]
 fn first_request_claims_then_assigns_in_one_write() {
-    let pools = [pool("p", "10.0.0.0/24", 26)];
-    let cfg = IPAMConfigurationSpec::default();
-    let labels = BTreeMap::new();
-    let ctx = ctx(&labels, &pools, &cfg);
+    let inputs = Inputs::new([pool("p", "10.0.0.0/24", 26)]);
+    let ctx = inputs.ctx();
     let mut view = View::default();
     let ops: Vec<Op> = (0..10).map(|i| assign(&format!("h{i}"))).collect();
     let p = run(ctx, &view, &ops);
@@ -105,10 +126,8 @@ fn an_edited_pool_claims_no_block_over_its_old_ones() {
         },
     );
     view.insert(old);
-    let pools = [pool("p", "10.0.0.0/26", 28)];
-    let cfg = IPAMConfigurationSpec::default();
-    let labels = BTreeMap::new();
-    let p = run(ctx(&labels, &pools, &cfg), &view, &[assign("h")]);
+    let inputs = Inputs::new([pool("p", "10.0.0.0/26", 28)]);
+    let p = run(inputs.ctx(), &view, &[assign("h")]);
     assert!(p.claim.is_none(), "{:?}", p.claim);
     match &p.done[0].1 {
         Err(e) => {
@@ -167,10 +186,8 @@ fn a_claim_never_overlaps_a_block_of_any_pool() {
 
 #[test]
 fn dual_stack_gets_one_of_each() {
-    let pools = [pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/64", 122)];
-    let cfg = IPAMConfigurationSpec::default();
-    let labels = BTreeMap::new();
-    let ctx = ctx(&labels, &pools, &cfg);
+    let inputs = Inputs::new([pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/64", 122)]);
+    let ctx = inputs.ctx();
     let mut view = View::default();
     let ops = [assign("h")];
     for _ in 0..2 {
@@ -254,10 +271,8 @@ fn disabled_and_unselected_pools_hand_out_nothing() {
 
 #[test]
 fn release_is_by_handle_and_idempotent() {
-    let pools = [pool("p", "10.0.0.0/24", 26)];
-    let cfg = IPAMConfigurationSpec::default();
-    let labels = BTreeMap::new();
-    let ctx = ctx(&labels, &pools, &cfg);
+    let inputs = Inputs::new([pool("p", "10.0.0.0/24", 26)]);
+    let ctx = inputs.ctx();
     let mut view = View::default();
     let ops = [assign("a"), assign("b")];
     for _ in 0..2 {

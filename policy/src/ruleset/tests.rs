@@ -18,6 +18,15 @@ fn local(c: &World, n: usize) -> BTreeMap<PodKey, String> {
         .collect()
 }
 
+/// A full compile of the random world of `seed` (four of its pods
+/// local), and the generator, to go on drawing changes from.
+fn random_compiler(seed: u64) -> (Rng, Compiler) {
+    let mut rng = Rng::new(seed);
+    let w = random::world(&mut rng, 0, 12, 6);
+    let l = local(&w, 4);
+    (rng, Compiler::full(w, l))
+}
+
 #[test]
 fn a_small_world_compiles_as_documented() {
     let mut w = World::default();
@@ -30,20 +39,10 @@ fn a_small_world_compiles_as_documented() {
             selector: Selector::labels([("app", "a")]),
             ingress: Some(vec![Rule {
                 peers: vec![
-                    Peer::Pods {
-                        namespaces: None,
-                        pods: Selector::labels([("app", "b")]),
-                    },
-                    Peer::Block {
-                        cidr: "192.0.2.0/24".parse().unwrap(),
-                        except: vec!["192.0.2.128/25".parse().unwrap()],
-                    },
+                    app_peer("b"),
+                    block("192.0.2.0/24", &["192.0.2.128/25".into()]),
                 ],
-                ports: vec![PortMatch::Range {
-                    proto: Proto::Tcp,
-                    first: 80,
-                    last: 80,
-                }],
+                ports: vec![tcp(80)],
             }]),
             egress: None,
         },
@@ -162,10 +161,7 @@ fn a_label_or_a_pod_is_set_elements_and_a_policy_its_own_chain() {
 #[test]
 fn incremental_updates_equal_a_full_compile() {
     for seed in 0..40 {
-        let mut rng = Rng::new(seed);
-        let w = random::world(&mut rng, 0, 12, 6);
-        let l = local(&w, 4);
-        let mut c = Compiler::full(w, l);
+        let (mut rng, mut c) = random_compiler(seed);
         for step in 0..60 {
             let before = c.table().clone();
             let what = rng.below(9);
@@ -327,10 +323,7 @@ fn element_only_deltas_are_typed() {
         "fd00::1 . udp . 53"
     );
     for seed in 0..20 {
-        let mut rng = Rng::new(seed);
-        let w = random::world(&mut rng, 0, 12, 6);
-        let l = local(&w, 4);
-        let mut c = Compiler::full(w, l);
+        let (mut rng, mut c) = random_compiler(seed);
         for _ in 0..30 {
             let keys: Vec<PodKey> = c.world().pods.keys().cloned().collect();
             let k = rng.pick(&keys).clone();
@@ -372,10 +365,7 @@ fn endpoints_isolated_alike_share_their_chain() {
         Policy {
             selector: Selector::labels([("app", "web")]),
             ingress: Some(vec![Rule {
-                peers: vec![Peer::Pods {
-                    namespaces: None,
-                    pods: Selector::labels([("app", "web")]),
-                }],
+                peers: vec![app_peer("web")],
                 ports: vec![],
             }]),
             egress: None,
@@ -421,14 +411,8 @@ fn endpoints_isolated_alike_share_their_chain() {
 fn a_scheduled_pods_chains_are_ready_before_its_add() {
     let mut w = World::default();
     let k = Key::new("x", "web");
-    w.policies.insert(
-        k.clone(),
-        Policy {
-            selector: Selector::labels([("app", "web")]),
-            ingress: Some(vec![]),
-            egress: None,
-        },
-    );
+    w.policies
+        .insert(k.clone(), deny_ingress(Selector::labels([("app", "web")])));
     let mut c = Compiler::full(w, BTreeMap::new());
     assert_eq!(c.table(), &Table::new(), "no local pod selected");
     let pod = Key::new("x", "a");
@@ -497,11 +481,7 @@ fn a_pod_wired_while_scheduled_counts_once() {
 }
 
 fn c_policy(_k: &PolicyKey) -> Option<Policy> {
-    Some(Policy {
-        selector: Selector::labels([("app", "web")]),
-        ingress: Some(vec![]),
-        egress: None,
-    })
+    Some(deny_ingress(Selector::labels([("app", "web")])))
 }
 
 /// Rules that select the same peers share one set: a pod's change is one
@@ -515,15 +495,8 @@ fn rules_with_the_same_peer_share_its_set() {
     let from_web = |port: u16| Policy {
         selector: Selector::everything(),
         ingress: Some(vec![Rule {
-            peers: vec![Peer::Pods {
-                namespaces: None,
-                pods: Selector::labels([("app", "web")]),
-            }],
-            ports: vec![PortMatch::Range {
-                proto: Proto::Tcp,
-                first: port,
-                last: port,
-            }],
+            peers: vec![app_peer("web")],
+            ports: vec![tcp(port)],
         }]),
         egress: None,
     };
@@ -589,6 +562,32 @@ fn every_legal_name_makes_a_name_the_kernel_takes() {
     }
 }
 
+/// A policy isolating the pods `selector` picks for ingress, allowing none.
+fn deny_ingress(selector: Selector) -> Policy {
+    Policy {
+        selector,
+        ingress: Some(vec![]),
+        egress: None,
+    }
+}
+
+/// The pods labelled app=`app` in the policy's namespace.
+fn app_peer(app: &str) -> Peer {
+    Peer::Pods {
+        namespaces: None,
+        pods: Selector::labels([("app", app)]),
+    }
+}
+
+/// TCP to `port` alone.
+fn tcp(port: u16) -> PortMatch {
+    PortMatch::Range {
+        proto: Proto::Tcp,
+        first: port,
+        last: port,
+    }
+}
+
 fn block(cidr: &str, except: &[String]) -> Peer {
     Peer::Block {
         cidr: cidr.parse().unwrap(),
@@ -609,13 +608,7 @@ fn a_rule_costs_its_peers_plus_its_ports() {
         .collect();
     let excepts: Vec<String> = (0..50).map(|i| format!("172.16.0.{i}/32")).collect();
     peers.push(block("172.16.0.0/16", &excepts));
-    let ports = (0..1000u16)
-        .map(|i| PortMatch::Range {
-            proto: Proto::Tcp,
-            first: 1000 + i,
-            last: 1000 + i,
-        })
-        .collect();
+    let ports = (0..1000u16).map(|i| tcp(1000 + i)).collect();
     let p = Policy {
         selector: Selector::everything(),
         ingress: Some(vec![Rule { peers, ports }]),
@@ -662,14 +655,8 @@ fn each_attachment_of_a_pod_is_enforced_on_its_own() {
     let k = Key::new("x", "a");
     w.pods
         .insert(k.clone(), unlabelled_pod(&["10.0.0.1", "10.1.0.1"]));
-    w.policies.insert(
-        Key::new("x", "deny"),
-        Policy {
-            selector: Selector::everything(),
-            ingress: Some(vec![]),
-            egress: None,
-        },
-    );
+    w.policies
+        .insert(Key::new("x", "deny"), deny_ingress(Selector::everything()));
     let mut c = Compiler::full(w, BTreeMap::new());
     let _ = c.set_workload("cali1", Some(vec!["10.0.0.1".parse().unwrap()]));
     let _ = c.set_workload("cali2", Some(vec!["10.1.0.1".parse().unwrap()]));

@@ -22,6 +22,26 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], ip: Option<&str>) -> core:
     .unwrap()
 }
 
+/// An engine that has listed namespaces x and y, no pods and a deny-all
+/// policy in `ns`, and loaded what that made.
+fn loaded_with_deny_all_in(policy_ns: &str) -> Engine {
+    let mut e = Engine::new();
+    list_all(
+        &mut e,
+        vec![],
+        vec![ns("x"), ns("y")],
+        vec![deny_all(policy_ns)],
+    );
+    e.take_script();
+    e.loaded(true);
+    e
+}
+
+/// A running pod labelled app=`app`, at `ip`.
+fn running_app(ns: &str, name: &str, app: &str, ip: &str) -> core::Pod {
+    pod(ns, name, &[("app", app)], Some(ip))
+}
+
 fn ns(name: &str) -> core::Namespace {
     serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
 }
@@ -176,10 +196,7 @@ fn a_pod_scheduled_here_makes_its_add_elements_only() {
 
 #[test]
 fn an_unknown_pod_in_a_namespace_without_policies_needs_no_read() {
-    let mut e = Engine::new();
-    list_all(&mut e, vec![], vec![ns("x"), ns("y")], vec![deny_all("x")]);
-    e.take_script();
-    e.loaded(true);
+    let mut e = loaded_with_deny_all_in("x");
     let (kx, ky) = (Key::new("x", "a"), Key::new("y", "a"));
     assert!(!e.namespace_has_no_policy(&kx));
     assert!(e.namespace_has_no_policy(&ky));
@@ -200,12 +217,7 @@ fn an_unknown_pod_in_a_namespace_without_policies_needs_no_read() {
     assert!(dispatched_if(&s, "add", "if-in/drop", "cali2"), "{s}");
     e.loaded(true);
     // The Pod shows up later with labels: handled like any change.
-    e.pod_event(Event::Apply(pod(
-        "y",
-        "a",
-        &[("app", "a")],
-        Some("10.0.0.2"),
-    )));
+    e.pod_event(Event::Apply(running_app("y", "a", "a", "10.0.0.2")));
     assert!(e.knows_pod(&ky));
     let s = e.take_script().unwrap();
     assert!(dispatched_if(&s, "delete", "if-in/drop", "cali2"), "{s}");
@@ -485,12 +497,7 @@ fn a_remote_pods_label_is_elements_only_a_policy_is_chains_one_batch() {
     assert!(matches!(e.take_load(), Some(Load::Script(_))), "first load");
     e.loaded(true);
     // The remote pod becomes app=b: an element of the peer set.
-    e.pod_event(Event::Apply(pod(
-        "x",
-        "r",
-        &[("app", "b")],
-        Some("10.0.0.9"),
-    )));
+    e.pod_event(Event::Apply(running_app("x", "r", "b", "10.0.0.9")));
     let Some(Load::Batch(d)) = e.take_load() else {
         panic!("not a delta")
     };
@@ -546,10 +553,7 @@ fn a_relist_deletes_what_it_no_longer_has_and_a_failure_reloads_everything() {
 
 #[test]
 fn an_unreadable_pod_is_quarantined_until_its_labels_are_known() {
-    let mut e = Engine::new();
-    list_all(&mut e, vec![], vec![ns("x"), ns("y")], vec![deny_all("y")]);
-    e.take_script();
-    e.loaded(true);
+    let mut e = loaded_with_deny_all_in("y");
     // In a namespace without policies, an unreadable pod is open.
     let free = Key::new("x", "free");
     e.endpoint_added(ep(Some(&free), "cali9", "10.0.0.9"));
@@ -609,14 +613,14 @@ fn an_unenforceable_policy_isolates_its_pods_with_nothing_allowed() {
     .unwrap();
     list_all(&mut e, vec![], vec![ns("x")], vec![allow_all.clone()]);
     let k = Key::new("x", "deny");
-    assert_eq!(
+    let ingress_rules = |e: &Engine| {
         e.compiler().world().policies[&k]
             .ingress
             .as_ref()
             .unwrap()
-            .len(),
-        1
-    );
+            .len()
+    };
+    assert_eq!(ingress_rules(&e), 1);
     let mut bad = allow_all.clone();
     bad.spec.as_mut().unwrap().policy_types = Some(vec!["Sideways".into()]);
     e.policy_event(Event::Apply(bad.clone()));
@@ -652,14 +656,7 @@ fn an_unenforceable_policy_isolates_its_pods_with_nothing_allowed() {
     // Fixed: enforced as written again.
     e.policy_event(Event::Apply(allow_all.clone()));
     assert!(e.invalid().is_empty());
-    assert_eq!(
-        e.compiler().world().policies[&k]
-            .ingress
-            .as_ref()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(ingress_rules(&e), 1);
     e.policy_event(Event::Delete(bad));
     assert!(e.compiler().world().policies.is_empty());
     assert!(e.invalid().is_empty());

@@ -27,6 +27,14 @@ fn watch_ok(events: Vec<kube::Result<WatchEvent<ConfigMap>>>, open: Open) -> Ans
     Answer::Watch(Ok(events), open)
 }
 
+/// A watch the API server could not be reached to open.
+fn refused_watch() -> Answer<ConfigMap> {
+    Answer::Watch(
+        Err(kube::Error::Service("connection refused".into())),
+        Open::Ends,
+    )
+}
+
 /// A connection that broke under the watch.
 fn broken() -> kube::Result<WatchEvent<ConfigMap>> {
     Err(kube::Error::Service("connection reset".into()))
@@ -258,12 +266,6 @@ async fn gone_after_a_completed_list_is_fresh_with_the_new_list() {
 
 #[tokio::test(start_paused = true)]
 async fn after_an_outage_a_refused_version_is_listed_again_at_once() {
-    let refused = || {
-        Answer::Watch(
-            Err(kube::Error::Service("connection refused".into())),
-            Open::Ends,
-        )
-    };
     let gone = || {
         watch_ok(
             vec![Ok(WatchEvent::Error(status(
@@ -278,10 +280,10 @@ async fn after_an_outage_a_refused_version_is_listed_again_at_once() {
         watch_ok(vec![modified(cm("a", "6", "1")), broken()], Open::Stays),
         // Down for 1 + 2 + 4 + 8 s, then back with a cache that starts
         // after 6.
-        refused(),
-        refused(),
-        refused(),
-        refused(),
+        refused_watch(),
+        refused_watch(),
+        refused_watch(),
+        refused_watch(),
         gone(),
         page(vec![cm("a", "9", "2")], "10", None),
         // A list whose version is refused at once, twice: slowed down.
@@ -343,17 +345,11 @@ async fn a_first_list_that_fails_is_retried_with_back_off_and_unknown_meanwhile(
 
 #[tokio::test(start_paused = true)]
 async fn a_watch_that_cannot_be_opened_is_retried_from_its_version() {
-    let refused = || {
-        Answer::Watch(
-            Err(kube::Error::Service("connection refused".into())),
-            Open::Ends,
-        )
-    };
     let b = bed(vec![
         page(vec![cm("a", "4", "1")], "5", None),
         watch_ok(vec![broken()], Open::Stays),
-        refused(),
-        refused(),
+        refused_watch(),
+        refused_watch(),
         watch_ok(vec![], Open::Stays),
     ]);
     b.until("stale").await;
