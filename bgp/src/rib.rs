@@ -50,6 +50,11 @@ pub struct Path {
     pub stale: bool,
 }
 
+/// Best routes learned from peers (locally originated ones left out):
+/// prefix → next hops. What an embedding program (the agent) programs
+/// into the kernel itself when `fib` is off.
+pub type LearnedRoutes = std::collections::BTreeMap<Prefix, NextHops>;
+
 /// Next hops of an equal-cost set; one or two fit inline.
 pub type NextHops = SmallVec<[IpAddr; 2]>;
 

@@ -4,7 +4,6 @@
 //! neighbor view and the metrics are read from state the tasks share,
 //! without a round trip. See the crate's doc for the task diagram.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,15 +14,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{Config, Neighbor};
 use crate::packet::Prefix;
 use crate::peer::Stop;
-use crate::rib::NextHops;
 use crate::rib_task::{RibTask, Started, ToRib};
 use crate::state::Shared;
 use crate::{Error, Result};
 
-/// Best routes learned from peers (locally originated ones left out):
-/// prefix → next hops. What an embedding program (the agent) programs
-/// into the kernel itself when `fib` is off.
-pub type LearnedRoutes = BTreeMap<Prefix, NextHops>;
+pub use crate::rib::LearnedRoutes;
 
 /// A running speaker.
 ///
