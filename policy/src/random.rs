@@ -127,7 +127,7 @@ fn peer(rng: &mut Rng, pod_net: u8) -> Peer {
                 except.push(net(30, 4 * rng.below(8)));
             } else if rng.chance(20) {
                 // More excepts than a rule line holds: a chain of them.
-                // (more than nft::INLINE_EXCEPTS, 8)
+                // (more than ruleset::INLINE_EXCEPTS, 8)
                 for _ in 0..9 + rng.below(4) {
                     let x = net(32, rng.below(64));
                     if !except.contains(&x) {
