@@ -29,7 +29,8 @@
 //!   ╠═Tasks═▶ HTTP endpoints ══JoinSet══▶ a task per connection (reads AgentState)
 //!   ╠═Tasks═▶ leader election ══Owned══▶ the leader Lease's watch (and an older
 //!   ║            agents' one) ─leader (watch)──▶ duties, NetworkPolicy events, routing
-//!   ╠═Tasks═▶ cluster-wide duties ══Owned══▶ its Node/Pod/IPAMBlock metadata watches
+//!   ╠═Tasks═▶ cluster-wide duties (leader only) ══Owned══▶ its IPPool, IPAMConfiguration,
+//!   ║            IPAMBlock watches and slim Node and Pod watches
 //!   ╠═Tasks═▶ heartbeat (renews this node's Lease) ─API answering──▶ AgentState
 //!   ╠═Tasks═▶ NetworkPolicy (its watches polled in its loop; the nftnl socket)
 //!   ║            ══Owned══▶ slice writer ◀─this node's pods (watch)── NetworkPolicy
