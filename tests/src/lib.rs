@@ -342,6 +342,11 @@ pub struct PingReport {
 }
 
 impl PingReport {
+    /// Whether traffic went on: what [`PingReport::assert_kept`] asserts.
+    pub fn kept(&self, min: usize) -> bool {
+        self.replies > min && self.outage < std::time::Duration::from_secs(1)
+    }
+
     /// Panics unless traffic went on through `what`: more than `min`
     /// replies, and no second of pings lost in a row.
     pub fn assert_kept(&self, what: &str, min: usize) {
@@ -366,9 +371,14 @@ pub fn output_text(out: &std::process::Output) -> String {
 /// A ping every 20 ms from network namespace `from` (an `ip netns` name)
 /// to an address, stopped by PID: how the tests see traffic through a
 /// change.
+///
+/// Its output goes to a file, not a pipe: a pipe nobody reads fills after
+/// about 800 replies (64 KiB) and then stops ping, so a change that lasts
+/// longer than 16 s would be watched for its first 16 s only.
 #[derive(Debug)]
 pub struct Pinger {
     child: std::process::Child,
+    out: std::fs::File,
     what: String,
 }
 
@@ -378,21 +388,27 @@ impl Pinger {
 
     /// Starts pinging `to` from `from`; `what` names the pair in reports.
     pub fn start(from: &str, to: &str, what: String) -> Self {
+        let out = tempfile::tempfile().expect("a file for ping's output");
         let child = std::process::Command::new("ip")
             .args(["netns", "exec", from, "ping", "-D", "-n", "-i", "0.02", to])
-            .stdout(std::process::Stdio::piped())
+            .stdout(out.try_clone().expect("ping's output file"))
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("ping");
-        Self { child, what }
+        Self { child, out, what }
     }
 
     /// Stops it and reports what it saw (printed too).
     pub fn stop(self) -> PingReport {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let out = self.child.wait_with_output().expect("ping's output");
-        let log = PingLog::parse(&String::from_utf8_lossy(&out.stdout));
+        let mut child = self.child;
+        child.wait().expect("ping's exit");
+        let mut text = String::new();
+        let mut out = self.out;
+        std::io::Seek::rewind(&mut out).expect("ping's output");
+        std::io::Read::read_to_string(&mut out, &mut text).expect("ping's output");
+        let log = PingLog::parse(&text);
         let (lost, longest) = log.losses();
         let r = PingReport {
             replies: log.replies.len(),

@@ -78,9 +78,33 @@ fn pingers(c: &Cluster) -> Vec<Pinger> {
     v
 }
 
-fn stop_all(p: Vec<Pinger>, what: &str) {
-    for p in p {
-        p.stop().assert_kept(what, 50);
+/// Stops the pingers; if any lost traffic, prints what each node had
+/// then (routes, the agents' last lines) before failing.
+fn stop_all(c: &Cluster, p: Vec<Pinger>, what: &str) {
+    let reports: Vec<_> = p.into_iter().map(Pinger::stop).collect();
+    if reports.iter().any(|r| !r.kept(50)) {
+        diagnose(c);
+    }
+    for r in reports {
+        r.assert_kept(what, 50);
+    }
+}
+
+/// Each node's routes and its agent's last log lines, for a failure.
+fn diagnose(c: &Cluster) {
+    for n in &c.nodes {
+        let routes = n.node.ns.exec("ip", &["route"]).unwrap_or_else(|e| e.to_string());
+        println!("== {} ({}) routes:\n{routes}", n.name, n.node.v4);
+    }
+    for pod in agent_pods(c) {
+        let out = c
+            .api
+            .kubectl()
+            .unwrap()
+            .args(["-n", NAMESPACE, "logs", &pod, "-c", "margay-agent", "--tail", "80"])
+            .output()
+            .unwrap();
+        println!("== {pod} log:\n{}", margay_tests::output_text(&out));
     }
 }
 
@@ -101,7 +125,7 @@ async fn roll_under_traffic(
     rolled(c, &agents).await;
     // Not a wait: traffic must go on for 2 s after the change too.
     std::thread::sleep(Duration::from_secs(2));
-    stop_all(pings, what);
+    stop_all(c, pings, what);
     assert_eq!(addresses(c).await, *before, "pods kept their addresses");
 }
 
