@@ -752,7 +752,9 @@ impl UpdateBuilder {
         if base + widest > MAX_MSG_LEN {
             return Err(base + widest);
         }
-        Ok(pack(prefixes, base, |c| Message::Update(mk(v6, c)).encode(ctx)))
+        Ok(pack(prefixes, base, |c| {
+            Message::Update(mk(v6, c)).encode(ctx)
+        }))
     }
 }
 
