@@ -735,9 +735,10 @@ impl UpdateBuilder {
         packed.unwrap_or_default()
     }
 
-    /// `prefixes` (one family) in as few UPDATEs as fit, each the one `mk`
-    /// builds of its chunk (told whether the family is IPv6); `Err(size)`
-    /// when not even one prefix fits beside what `mk` adds.
+    /// `prefixes` (one family) in as few UPDATEs as fit in 4096 octets,
+    /// each the one `mk` builds of its chunk (told whether the family is
+    /// IPv6); `Err(size)` when not even one prefix fits beside what `mk`
+    /// adds.
     fn packed(
         prefixes: &[Prefix],
         ctx: &Ctx,
@@ -747,34 +748,25 @@ impl UpdateBuilder {
             return Ok(Vec::new());
         };
         let v6 = !first.is_v4();
-        let base = Message::Update(mk(v6, &[])).encode(ctx).len() + 8; // MP headroom
+        let enc = |chunk: &[Prefix]| Message::Update(mk(v6, chunk)).encode(ctx);
+        let base = enc(&[]).len() + 8; // MP headroom
         let widest = prefixes.iter().map(Prefix::encoded_len).max().unwrap_or(0);
         if base + widest > MAX_MSG_LEN {
             return Err(base + widest);
         }
-        Ok(pack(prefixes, base, |c| {
-            Message::Update(mk(v6, c)).encode(ctx)
-        }))
-    }
-}
-
-fn pack(
-    prefixes: &[Prefix],
-    base: usize,
-    mut enc: impl FnMut(&[Prefix]) -> Vec<u8>,
-) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut size = base;
-    for (i, p) in prefixes.iter().enumerate() {
-        let n = p.encoded_len();
-        if size + n > MAX_MSG_LEN && i > start {
-            out.push(enc(&prefixes[start..i]));
-            start = i;
-            size = base;
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut size = base;
+        for (i, p) in prefixes.iter().enumerate() {
+            let n = p.encoded_len();
+            if size + n > MAX_MSG_LEN && i > start {
+                out.push(enc(&prefixes[start..i]));
+                start = i;
+                size = base;
+            }
+            size += n;
         }
-        size += n;
+        out.push(enc(&prefixes[start..]));
+        Ok(out)
     }
-    out.push(enc(&prefixes[start..]));
-    out
 }
