@@ -559,6 +559,15 @@ mod tests {
         r
     }
 
+    /// The best path's peer for `p` once each of `paths` (a peer and its
+    /// attributes) has announced it, in order.
+    fn best_after(r: &mut Rib, p: Prefix, paths: [(PeerId, Arc<Attrs>); 2]) -> PeerId {
+        for (peer, attrs) in paths {
+            r.update(peer, &[p], Some(attrs), &[]);
+        }
+        r.best(&p).unwrap().best.peer
+    }
+
     #[test]
     fn higher_local_pref_wins() {
         let mut r = rib();
@@ -573,15 +582,13 @@ mod tests {
     fn shorter_as_path_then_lower_origin_then_med() {
         let mut r = rib();
         let p = pfx("10.244.1.0/26");
-        r.update(3, &[p], Some(attrs(3, vec![65003, 1, 2])), &[]);
-        r.update(4, &[p], Some(attrs(4, vec![65004, 1])), &[]);
-        assert_eq!(r.best(&p).unwrap().best.peer, 4);
+        let longer = attrs(3, vec![65003, 1, 2]);
+        let shorter = attrs(4, vec![65004, 1]);
+        assert_eq!(best_after(&mut r, p, [(3, longer), (4, shorter)]), 4);
 
         let igp = attrs_with(3, vec![65003, 1], |a| a.origin = Origin::Igp);
         let inc = attrs_with(4, vec![65004, 1], |a| a.origin = Origin::Incomplete);
-        r.update(3, &[p], Some(igp), &[]);
-        r.update(4, &[p], Some(inc), &[]);
-        assert_eq!(r.best(&p).unwrap().best.peer, 3);
+        assert_eq!(best_after(&mut r, p, [(3, igp), (4, inc)]), 3);
     }
 
     #[test]
@@ -590,22 +597,18 @@ mod tests {
         let p = pfx("10.244.1.0/26");
         let a = attrs_with(3, vec![65000, 7], |a| a.med = Some(50));
         let b = attrs_with(4, vec![65000, 8], |a| a.med = Some(10));
-        r.update(3, &[p], Some(a), &[]);
-        r.update(4, &[p], Some(b), &[]);
-        assert_eq!(r.best(&p).unwrap().best.peer, 4);
+        assert_eq!(best_after(&mut r, p, [(3, a), (4, b)]), 4);
     }
 
     #[test]
     fn ebgp_over_ibgp_then_lowest_router_id() {
         let mut r = rib();
         let p = pfx("10.244.1.0/26");
-        r.update(1, &[p], Some(attrs(1, vec![65010])), &[]);
-        r.update(3, &[p], Some(attrs(3, vec![65010])), &[]);
-        assert_eq!(r.best(&p).unwrap().best.peer, 3);
+        let (ibgp, ebgp) = (attrs(1, vec![65010]), attrs(3, vec![65010]));
+        assert_eq!(best_after(&mut r, p, [(1, ibgp), (3, ebgp)]), 3);
         let q = pfx("10.244.2.0/26");
-        r.update(2, &[q], Some(attrs(2, vec![])), &[]);
-        r.update(1, &[q], Some(attrs(1, vec![])), &[]);
-        assert_eq!(r.best(&q).unwrap().best.peer, 1, "lower router id");
+        let paths = [(2, attrs(2, vec![])), (1, attrs(1, vec![]))];
+        assert_eq!(best_after(&mut r, q, paths), 1, "lower router id");
     }
 
     #[test]

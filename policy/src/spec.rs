@@ -272,6 +272,21 @@ mod tests {
         }
     }
 
+    /// Policy `x/<name>` in `w`: of the pods `selector` picks, in one
+    /// direction, allowing what `rules` say.
+    fn insert(w: &mut World, name: &str, selector: Selector, dir: Direction, rules: Vec<Rule>) {
+        let (ingress, egress) = match dir {
+            Direction::Ingress => (Some(rules), None),
+            Direction::Egress => (None, Some(rules)),
+        };
+        let p = Policy {
+            selector,
+            ingress,
+            egress,
+        };
+        w.policies.insert(Key::new("x", name), p);
+    }
+
     const XA: &str = "10.0.0.1";
     const XB: &str = "10.0.0.2";
     const YA: &str = "10.0.0.3";
@@ -288,35 +303,29 @@ mod tests {
     #[test]
     fn deny_all_then_an_allow_is_additive() {
         let mut w = world();
-        w.policies.insert(
-            Key::new("x", "deny"),
-            Policy {
-                selector: Selector::everything(),
-                ingress: Some(vec![]),
-                egress: None,
-            },
+        insert(
+            &mut w,
+            "deny",
+            Selector::everything(),
+            Direction::Ingress,
+            vec![],
         );
         assert!(!decide(&w, &conn(XA, XB, 80)).allowed());
         assert!(!decide(&w, &conn(YA, XB, 80)).allowed());
         // Egress from x is not isolated: x/a reaches y/a.
         assert!(decide(&w, &conn(XA, YA, 80)).allowed());
-        w.policies.insert(
-            Key::new("x", "allow-a"),
-            Policy {
-                selector: Selector::labels([("app", "b")]),
-                ingress: Some(vec![Rule {
-                    peers: vec![Peer::Pods {
-                        namespaces: None,
-                        pods: Selector::labels([("app", "a")]),
-                    }],
-                    ports: vec![PortMatch::Named {
-                        proto: Proto::Tcp,
-                        name: "web".into(),
-                    }],
-                }]),
-                egress: None,
-            },
-        );
+        let from_a = Rule {
+            peers: vec![Peer::Pods {
+                namespaces: None,
+                pods: Selector::labels([("app", "a")]),
+            }],
+            ports: vec![PortMatch::Named {
+                proto: Proto::Tcp,
+                name: "web".into(),
+            }],
+        };
+        let to_b = Selector::labels([("app", "b")]);
+        insert(&mut w, "allow-a", to_b, Direction::Ingress, vec![from_a]);
         let v = decide(&w, &conn(XA, XB, 80));
         assert!(v.allowed(), "{v:?}");
         assert_eq!(
@@ -341,17 +350,12 @@ mod tests {
             namespaces,
             pods: Selector::labels([("app", "a")]),
         };
-        w.policies.insert(
-            Key::new("x", "p"),
-            Policy {
-                selector: Selector::labels([("app", "b")]),
-                ingress: Some(vec![Rule {
-                    peers: vec![peer(Some(Selector::labels([("ns", "y")])))],
-                    ports: vec![],
-                }]),
-                egress: None,
-            },
-        );
+        let rule = Rule {
+            peers: vec![peer(Some(Selector::labels([("ns", "y")])))],
+            ports: vec![],
+        };
+        let to_b = Selector::labels([("app", "b")]);
+        insert(&mut w, "p", to_b, Direction::Ingress, vec![rule]);
         assert!(decide(&w, &conn(YA, XB, 1)).allowed());
         assert!(!decide(&w, &conn(XA, XB, 1)).allowed());
     }
@@ -359,24 +363,19 @@ mod tests {
     #[test]
     fn egress_ip_block_with_except() {
         let mut w = world();
-        w.policies.insert(
-            Key::new("x", "p"),
-            Policy {
-                selector: Selector::labels([("app", "a")]),
-                ingress: None,
-                egress: Some(vec![Rule {
-                    peers: vec![Peer::Block {
-                        cidr: "10.0.0.0/24".parse().unwrap(),
-                        except: vec!["10.0.0.3/32".parse().unwrap()],
-                    }],
-                    ports: vec![PortMatch::Range {
-                        proto: Proto::Tcp,
-                        first: 80,
-                        last: 81,
-                    }],
-                }]),
-            },
-        );
+        let rule = Rule {
+            peers: vec![Peer::Block {
+                cidr: "10.0.0.0/24".parse().unwrap(),
+                except: vec!["10.0.0.3/32".parse().unwrap()],
+            }],
+            ports: vec![PortMatch::Range {
+                proto: Proto::Tcp,
+                first: 80,
+                last: 81,
+            }],
+        };
+        let from_a = Selector::labels([("app", "a")]);
+        insert(&mut w, "p", from_a, Direction::Egress, vec![rule]);
         assert!(decide(&w, &conn(XA, XB, 81)).allowed());
         assert!(!decide(&w, &conn(XA, XB, 82)).allowed());
         assert!(!decide(&w, &conn(XA, YA, 80)).allowed());

@@ -151,13 +151,13 @@ pub async fn pod_routes<D: Dataplane>(
 ) -> Result<Report> {
     let have = dp.list_pod_routes().await?;
     let mut rep = Report::default();
-    let r = Delta::between(want, &have, removals)
-        .apply(
-            |ip, idx| dp.set_pod_route(ip, idx),
-            |ip| dp.del_pod_route(ip),
-        )
-        .await;
-    rep.absorb(r, Item::PodRoute);
+    rep.carry(
+        Delta::between(want, &have, removals),
+        |ip, idx| dp.set_pod_route(ip, idx),
+        |ip| dp.del_pod_route(ip),
+        Item::PodRoute,
+    )
+    .await;
     Ok(rep)
 }
 

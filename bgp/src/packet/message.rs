@@ -408,12 +408,7 @@ fn decode_open(b: &[u8]) -> Result<Open, DecodeError> {
     let mut params = &b[10..];
     let mut capabilities = Vec::new();
     while !params.is_empty() {
-        if params.len() < 2 || params.len() < 2 + params[1] as usize {
-            return Err(open_err(0, "malformed optional parameter"));
-        }
-        let (ptype, plen) = (params[0], params[1] as usize);
-        let value = &params[2..2 + plen];
-        params = &params[2 + plen..];
+        let (ptype, value) = next_tlv(&mut params, "optional parameter")?;
         if ptype != 2 {
             return Err(open_err(
                 err::OPEN_BAD_OPT_PARAM,
@@ -440,14 +435,23 @@ fn decode_open(b: &[u8]) -> Result<Open, DecodeError> {
     })
 }
 
+/// The first type-length-value of `rest` (a one-octet type and length, as
+/// OPEN's optional parameters and capabilities are) as its type and value;
+/// `rest` goes on past it.
+fn next_tlv<'a>(rest: &mut &'a [u8], what: &str) -> Result<(u8, &'a [u8]), DecodeError> {
+    if rest.len() < 2 || rest.len() < 2 + rest[1] as usize {
+        return Err(open_err(0, format!("malformed {what}")));
+    }
+    let (kind, len) = (rest[0], rest[1] as usize);
+    let value = &rest[2..2 + len];
+    *rest = &rest[2 + len..];
+    Ok((kind, value))
+}
+
 fn decode_capabilities(mut v: &[u8], out: &mut Vec<Capability>) -> Result<(), DecodeError> {
     while !v.is_empty() {
-        if v.len() < 2 || v.len() < 2 + v[1] as usize {
-            return Err(open_err(0, "malformed capability"));
-        }
-        let (code, len) = (v[0], v[1] as usize);
-        let d = &v[2..2 + len];
-        v = &v[2 + len..];
+        let (code, d) = next_tlv(&mut v, "capability")?;
+        let len = d.len();
         let c = match (code, len) {
             (cap::MULTIPROTOCOL, 4) => Capability::Multiprotocol {
                 afi: u16::from_be_bytes([d[0], d[1]]),
@@ -687,47 +691,30 @@ impl UpdateBuilder {
         next_hop_ll: Option<std::net::Ipv6Addr>,
         ctx: &Ctx,
     ) -> Result<Vec<Vec<u8>>, usize> {
-        let Some(first) = prefixes.first() else {
-            return Ok(Vec::new());
-        };
-        let v6 = !first.is_v4();
-        let mk = |chunk: &[Prefix]| -> Update {
+        Self::packed(prefixes, ctx, |v6, chunk| {
+            let mut u = Update {
+                attrs: Some(attrs.clone()),
+                ..Update::default()
+            };
             if v6 {
-                let mut nh: Vec<IpAddr> = attrs.next_hop.into_iter().collect();
-                nh.extend(next_hop_ll.map(IpAddr::V6));
-                Update {
-                    attrs: Some(attrs.clone()),
-                    mp_reach: Some(MpReach {
-                        afi: AFI_IPV6,
-                        safi: SAFI_UNICAST,
-                        next_hop: nh,
-                        nlri: chunk.to_vec(),
-                    }),
-                    ..Update::default()
-                }
-            } else {
-                Update {
-                    attrs: Some(attrs.clone()),
+                let mut next_hop: Vec<IpAddr> = attrs.next_hop.into_iter().collect();
+                next_hop.extend(next_hop_ll.map(IpAddr::V6));
+                u.mp_reach = Some(MpReach {
+                    afi: AFI_IPV6,
+                    safi: SAFI_UNICAST,
+                    next_hop,
                     nlri: chunk.to_vec(),
-                    ..Update::default()
-                }
+                });
+            } else {
+                u.nlri = chunk.to_vec();
             }
-        };
-        let base = Message::Update(mk(&[])).encode(ctx).len() + 8; // MP headroom
-        let widest = prefixes.iter().map(Prefix::encoded_len).max().unwrap_or(0);
-        if base + widest > MAX_MSG_LEN {
-            return Err(base + widest);
-        }
-        Ok(pack(prefixes, base, |c| Message::Update(mk(c)).encode(ctx)))
+            u
+        })
     }
 
     /// UPDATEs withdrawing `prefixes` (one family).
     pub fn withdraw(prefixes: &[Prefix], ctx: &Ctx) -> Vec<Vec<u8>> {
-        let Some(first) = prefixes.first() else {
-            return Vec::new();
-        };
-        let v6 = !first.is_v4();
-        let mk = |chunk: &[Prefix]| -> Update {
+        let packed = Self::packed(prefixes, ctx, |v6, chunk| {
             if v6 {
                 Update {
                     mp_unreach: Some(MpUnreach {
@@ -743,29 +730,43 @@ impl UpdateBuilder {
                     ..Update::default()
                 }
             }
-        };
-        let base = Message::Update(mk(&[])).encode(ctx).len() + 8;
-        pack(prefixes, base, |c| Message::Update(mk(c)).encode(ctx))
+        });
+        // Without attributes the widest prefix always fits.
+        packed.unwrap_or_default()
     }
-}
 
-fn pack(
-    prefixes: &[Prefix],
-    base: usize,
-    mut enc: impl FnMut(&[Prefix]) -> Vec<u8>,
-) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut size = base;
-    for (i, p) in prefixes.iter().enumerate() {
-        let n = p.encoded_len();
-        if size + n > MAX_MSG_LEN && i > start {
-            out.push(enc(&prefixes[start..i]));
-            start = i;
-            size = base;
+    /// `prefixes` (one family) in as few UPDATEs as fit in 4096 octets,
+    /// each the one `mk` builds of its chunk (told whether the family is
+    /// IPv6); `Err(size)` when not even one prefix fits beside what `mk`
+    /// adds.
+    fn packed(
+        prefixes: &[Prefix],
+        ctx: &Ctx,
+        mk: impl Fn(bool, &[Prefix]) -> Update,
+    ) -> Result<Vec<Vec<u8>>, usize> {
+        let Some(first) = prefixes.first() else {
+            return Ok(Vec::new());
+        };
+        let v6 = !first.is_v4();
+        let enc = |chunk: &[Prefix]| Message::Update(mk(v6, chunk)).encode(ctx);
+        let base = enc(&[]).len() + 8; // MP headroom
+        let widest = prefixes.iter().map(Prefix::encoded_len).max().unwrap_or(0);
+        if base + widest > MAX_MSG_LEN {
+            return Err(base + widest);
         }
-        size += n;
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut size = base;
+        for (i, p) in prefixes.iter().enumerate() {
+            let n = p.encoded_len();
+            if size + n > MAX_MSG_LEN && i > start {
+                out.push(enc(&prefixes[start..i]));
+                start = i;
+                size = base;
+            }
+            size += n;
+        }
+        out.push(enc(&prefixes[start..]));
+        Ok(out)
     }
-    out.push(enc(&prefixes[start..]));
-    out
 }
