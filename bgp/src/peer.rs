@@ -343,6 +343,8 @@ impl PeerTask {
             let (out_rx, writers) = (sh.out_rx.as_mut(), &mut sh.writers);
             let input = tokio::select! {
                 biased;
+                // (The speaker gone, the last word stands: it says
+                // Silent unless it was stopped with Cease first.)
                 _ = shutdown.changed() => Input::Shutdown,
                 // The RIB task dropped the peer: it was de-configured.
                 c = incoming.recv() => match c {

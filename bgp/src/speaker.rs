@@ -40,6 +40,23 @@ pub struct Speaker {
     _rib: Owned,
 }
 
+impl Drop for Speaker {
+    /// A speaker dropped without [`Speaker::stop`] goes silently, as with
+    /// [`Speaker::stop_graceful`]: its tasks, aborted with it, may still
+    /// run a moment, and must not tell peers Cease (they would drop our
+    /// routes at once; a process that exits, say for an upgrade, relies
+    /// on graceful restart to keep them).
+    fn drop(&mut self) {
+        self.shutdown.send_if_modified(|s| {
+            let run = *s == Stop::Run;
+            if run {
+                *s = Stop::Silent;
+            }
+            run
+        });
+    }
+}
+
 impl std::fmt::Debug for Speaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Speaker")

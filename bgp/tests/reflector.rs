@@ -1,7 +1,7 @@
 //! The speaker as a route reflector, in-process over loopback: what a
 //! burst from one client becomes at another that reads slowly (the
 //! per-member queue, the shared UPDATE buffers and the vectored writer
-//! between them).
+//! between them); how its sessions end when it is stopped or dropped.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -155,4 +155,64 @@ async fn a_burst_of_announcements_and_withdrawals_reaches_a_slow_client_in_order
     };
     assert!(seen_marker);
     speaker.shutdown().await;
+}
+
+/// Every message the speaker sends on `s` until it closes the connection.
+async fn until_closed(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<Message> {
+    let mut got = Vec::new();
+    loop {
+        while let Some(n) = frame_len(buf).unwrap()
+            && buf.len() >= n
+        {
+            got.push(Message::decode(&buf[..n], &CTX).unwrap());
+            buf.drain(..n);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A speaker dropped (its program exiting, say for an upgrade) closes its
+/// sessions without a NOTIFICATION, so peers keep its routes under graceful
+/// restart; one stopped says Cease. Each a few times over: the drop races
+/// the tasks it aborts.
+#[tokio::test]
+async fn a_dropped_speaker_closes_its_sessions_without_cease() {
+    for round in 0..10u8 {
+        for stop_first in [false, true] {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let cfg = Config::from_toml(&format!(
+                "asn = {ASN}\nrouter_id = \"127.0.0.1\"\nfib = false\n\
+                 listen = \"127.0.0.1:{port}\"\n[[listen_range]]\n\
+                 prefix = \"127.0.0.0/8\"\nasn = {ASN}\n"
+            ))
+            .unwrap();
+            let speaker = Speaker::start(cfg).await.unwrap();
+            let rr = SocketAddr::from(([127, 0, 0, 1], port));
+            let src = Ipv4Addr::new(127, 0, 4, 1 + round);
+            let (mut s, mut buf) = tokio::time::timeout(GUARD, client(src, rr, None))
+                .await
+                .unwrap();
+            if stop_first {
+                speaker.stop();
+                speaker.stopped().await;
+            }
+            drop(speaker);
+            let got = tokio::time::timeout(GUARD, until_closed(&mut s, &mut buf))
+                .await
+                .unwrap();
+            let ceased = got.iter().any(|m| matches!(m, Message::Notification(_)));
+            assert_eq!(
+                ceased, stop_first,
+                "round {round}, stopped first: {stop_first}: {got:?}"
+            );
+        }
+    }
 }

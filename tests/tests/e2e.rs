@@ -137,6 +137,29 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
         assert!(m.contains("margay_bgp_sessions_established 3"), "{m}");
         assert!(m.contains("margay_ipam_operations_total"), "{m}");
     }
+    // At rest (routes learned, nothing changing) the routing loop waits:
+    // a few passes at most in 3 s (a resync is every 30 s), not one per
+    // wake-up of a watch that always says "changed".
+    let passes = |i| {
+        let m = curl(&c, i, "/metrics");
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("margay_routing_passes_total "))
+            .unwrap_or_else(|| panic!("{m}"))
+            .to_string();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    let before: Vec<u64> = (0..c.nodes.len()).map(passes).collect();
+    // Not a wait: the window the passes are counted over.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, b) in before.iter().enumerate() {
+        let ran = passes(i) - b;
+        assert!(
+            ran <= 3,
+            "node{}: {ran} routing passes in 3 s at rest",
+            i + 1
+        );
+    }
     // The Node objects carry identity and a healthy condition.
     let nodes: Api<KubeNode> = Api::all(c.client.clone());
     let n1 = nodes.get("node1").await.unwrap();

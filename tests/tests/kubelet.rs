@@ -93,7 +93,11 @@ fn stop_all(c: &Cluster, p: Vec<Pinger>, what: &str) {
 /// Each node's routes and its agent's last log lines, for a failure.
 fn diagnose(c: &Cluster) {
     for n in &c.nodes {
-        let routes = n.node.ns.exec("ip", &["route"]).unwrap_or_else(|e| e.to_string());
+        let routes = n
+            .node
+            .ns
+            .exec("ip", &["route"])
+            .unwrap_or_else(|e| e.to_string());
         println!("== {} ({}) routes:\n{routes}", n.name, n.node.v4);
     }
     for pod in agent_pods(c) {
@@ -101,7 +105,16 @@ fn diagnose(c: &Cluster) {
             .api
             .kubectl()
             .unwrap()
-            .args(["-n", NAMESPACE, "logs", &pod, "-c", "margay-agent", "--tail", "80"])
+            .args([
+                "-n",
+                NAMESPACE,
+                "logs",
+                &pod,
+                "-c",
+                "margay-agent",
+                "--tail",
+                "80",
+            ])
             .output()
             .unwrap();
         println!("== {pod} log:\n{}", margay_tests::output_text(&out));

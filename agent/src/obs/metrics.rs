@@ -100,6 +100,12 @@ impl Collector for AgentCollector {
         let Some(state) = self.0.upgrade() else {
             return Ok(());
         };
+        counter(
+            &mut enc,
+            "margay_routing_passes",
+            "Routing passes finished (each reads the inputs, plans and applies).",
+            state.routing_passes(),
+        )?;
         let s = state.alloc.stats();
         counter(
             &mut enc,

@@ -18,6 +18,8 @@ pub struct AgentState {
     pub cni_serving: AtomicBool,
     /// The routing loop's findings, and when it last finished a pass.
     routing: Mutex<(RoutingStatus, Option<Instant>)>,
+    /// Routing passes finished since start.
+    routing_passes: std::sync::atomic::AtomicU64,
     /// The running speaker.
     speaker: Mutex<Option<Arc<Speaker>>>,
     /// The IPAM allocator (for its counters).
@@ -45,6 +47,7 @@ impl AgentState {
             node: node.to_string(),
             cni_serving: AtomicBool::new(false),
             routing: Mutex::new((RoutingStatus::default(), None)),
+            routing_passes: Default::default(),
             speaker: Mutex::new(None),
             policy: OnceLock::new(),
             policy_status: OnceLock::new(),
@@ -106,7 +109,15 @@ impl AgentState {
             .cloned()
             .collect();
         *g = (st, Some(Instant::now()));
+        self.routing_passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         new
+    }
+
+    /// Routing passes finished since start.
+    pub fn routing_passes(&self) -> u64 {
+        self.routing_passes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `None` when alive, else why not.

@@ -269,6 +269,7 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
     let mut leader = ctx.leader.clone();
     let mut policy = ctx.state.policy_status.get().cloned();
     let mut policy_current = true;
+    let mut speaker_watch: Option<SpeakerWatch> = None;
     let mut why = "start";
     loop {
         let t = Instant::now();
@@ -331,7 +332,13 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             host: host.clone(),
             tunnels: tunnels.inputs(),
             leader: *leader.borrow_and_update(),
-            speaker: bgp.view(),
+            speaker: {
+                // Seen now: a change from here on wakes the next pass.
+                if let Some(w) = speaker_watch.as_mut() {
+                    w.mark_seen();
+                }
+                bgp.view()
+            },
             policy_stale: policy.as_mut().and_then(|p| {
                 let s = p.borrow_and_update();
                 policy_current = s.current;
@@ -351,16 +358,17 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             continue;
         }
         let sp = bgp.speaker();
-        let (mut learned, mut synced) = match &sp {
-            Some(s) => (Some(s.learned()), Some(s.synced())),
+        SpeakerWatch::follow(&mut speaker_watch, sp.as_ref());
+        let (learned, synced) = match speaker_watch.as_mut() {
+            Some(w) => (Some(&mut w.learned), Some(&mut w.synced)),
             None => (None, None),
         };
         why = tokio::select! {
             _ = poke.notified() => "watch",
             _ = own.changed() => "own blocks",
             Ok(()) = leader.changed() => "leadership",
-            _ = changed(&mut learned) => "learned routes",
-            _ = changed(&mut synced) => "BGP sync",
+            _ = changed(learned) => "learned routes",
+            _ = changed(synced) => "BGP sync",
             _ = currency(&mut policy, policy_current) => "NetworkPolicy table",
             _ = tokio::time::sleep(tunnels.next_wake(ctx.every)) => "resync",
             () = stopped(sp.as_deref()) => {
@@ -523,7 +531,40 @@ async fn currency(rx: &mut Option<watch::Receiver<margay_api::status::PolicyStat
     }
 }
 
-async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
+/// The running speaker's `learned` and `synced` watches, subscribed once
+/// per speaker and marked seen when a pass reads them: a change made while
+/// a pass runs wakes the next one. (A fresh clone of the speaker's
+/// receivers each pass would not do: a clone has seen what the original
+/// has, here nothing since the speaker started, so it woke every pass at
+/// once once a route was learned.)
+struct SpeakerWatch {
+    speaker: Arc<margay_bgp::speaker::Speaker>,
+    learned: watch::Receiver<margay_bgp::speaker::LearnedRoutes>,
+    synced: watch::Receiver<bool>,
+}
+
+impl SpeakerWatch {
+    /// Follows `now`, the running speaker: a new one is subscribed to
+    /// (its receivers have seen nothing, so whatever it learned since it
+    /// started wakes a pass at once).
+    fn follow(w: &mut Option<Self>, now: Option<&Arc<margay_bgp::speaker::Speaker>>) {
+        let same = matches!((&*w, now), (Some(w), Some(s)) if Arc::ptr_eq(&w.speaker, s));
+        if !same {
+            *w = now.map(|s| Self {
+                speaker: s.clone(),
+                learned: s.learned(),
+                synced: s.synced(),
+            });
+        }
+    }
+
+    fn mark_seen(&mut self) {
+        self.learned.mark_unchanged();
+        self.synced.mark_unchanged();
+    }
+}
+
+async fn changed<T>(rx: Option<&mut watch::Receiver<T>>) {
     match rx {
         Some(rx) => {
             if rx.changed().await.is_err() {
