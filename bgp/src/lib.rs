@@ -47,7 +47,11 @@
 //! waits for its writers to flush (each at most two seconds) and returns;
 //! the RIB task waits for its peer tasks (at most a second), then returns,
 //! dropping the rest, and [`Speaker::stopped`] resolves. Dropping the
-//! [`Speaker`] aborts whatever still runs, down the tree.
+//! [`Speaker`] first fires the watch as `stop_graceful` does (unless a stop
+//! came before), then aborts whatever still runs, down the tree: a task
+//! that runs a moment longer closes its session without a NOTIFICATION,
+//! so a program that exits (an agent being upgraded) leaves its peers
+//! keeping its routes under graceful restart.
 //!
 //! [`Speaker`]: speaker::Speaker
 //! [`Speaker::stop`]: speaker::Speaker::stop

@@ -45,6 +45,23 @@ async fn client(src: Ipv4Addr, rr: SocketAddr, rcvbuf: Option<u32>) -> (TcpStrea
     }
 }
 
+/// A speaker on a free loopback port accepting any 127/8 client (with
+/// `range`'s further settings); where it listens.
+async fn reflector(range: &str) -> (Speaker, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = Config::from_toml(&format!(
+        "asn = {ASN}\nrouter_id = \"127.0.0.1\"\nfib = false\nlisten = \"127.0.0.1:{port}\"\n\
+         [[listen_range]]\nprefix = \"127.0.0.0/8\"\nasn = {ASN}\n{range}"
+    ))
+    .unwrap();
+    let speaker = Speaker::start(cfg).await.unwrap();
+    (speaker, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 /// The next message on `s`, read a few bytes at a time (a slow reader).
 async fn next(s: &mut TcpStream, buf: &mut Vec<u8>) -> Message {
     loop {
@@ -82,19 +99,7 @@ fn announce(src: Ipv4Addr, med: u32, ps: &[Prefix]) -> Vec<u8> {
 /// after the burst comes after all of it.
 #[tokio::test]
 async fn a_burst_of_announcements_and_withdrawals_reaches_a_slow_client_in_order() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg = Config::from_toml(&format!(
-        "asn = {ASN}\nrouter_id = \"127.0.0.1\"\nfib = false\nlisten = \"127.0.0.1:{port}\"\n\
-         [[listen_range]]\nprefix = \"127.0.0.0/8\"\nasn = {ASN}\n\
-         route_reflector_client = true\nhold_time = 240\n"
-    ))
-    .unwrap();
-    let speaker = Speaker::start(cfg).await.unwrap();
-    let rr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (speaker, rr) = reflector("route_reflector_client = true\nhold_time = 240\n").await;
     let (sender, reader) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
     let (mut tx, _) = client(sender, rr, None).await;
     // A small receive window: what the reflector sends waits on its side.
@@ -183,19 +188,7 @@ async fn until_closed(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<Message> {
 async fn a_dropped_speaker_closes_its_sessions_without_cease() {
     for round in 0..10u8 {
         for stop_first in [false, true] {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let cfg = Config::from_toml(&format!(
-                "asn = {ASN}\nrouter_id = \"127.0.0.1\"\nfib = false\n\
-                 listen = \"127.0.0.1:{port}\"\n[[listen_range]]\n\
-                 prefix = \"127.0.0.0/8\"\nasn = {ASN}\n"
-            ))
-            .unwrap();
-            let speaker = Speaker::start(cfg).await.unwrap();
-            let rr = SocketAddr::from(([127, 0, 0, 1], port));
+            let (speaker, rr) = reflector("").await;
             let src = Ipv4Addr::new(127, 0, 4, 1 + round);
             let (mut s, mut buf) = tokio::time::timeout(GUARD, client(src, rr, None))
                 .await

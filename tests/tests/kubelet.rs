@@ -98,7 +98,15 @@ fn diagnose(c: &Cluster) {
             .ns
             .exec("ip", &["route"])
             .unwrap_or_else(|e| e.to_string());
-        println!("== {} ({}) routes:\n{routes}", n.name, n.node.v4);
+        let status = n
+            .node
+            .ns
+            .exec("curl", &["-s", "http://127.0.0.1:9099/status"])
+            .unwrap_or_else(|e| e.to_string());
+        println!(
+            "== {} ({}) routes:\n{routes}\nstatus: {status}",
+            n.name, n.node.v4
+        );
     }
     for pod in agent_pods(c) {
         let out = c
@@ -140,6 +148,12 @@ async fn roll_under_traffic(
     std::thread::sleep(Duration::from_secs(2));
     stop_all(c, pings, what);
     assert_eq!(addresses(c).await, *before, "pods kept their addresses");
+    // Every node routes to every other's blocks itself again (traffic
+    // alone would not show a gap: the router's default route covers it).
+    if let Err(e) = c.wait_converged(T).await {
+        diagnose(c);
+        panic!("{what}: {e}");
+    }
 }
 
 /// Every agent pod replaced by `change` and ready again.
