@@ -138,8 +138,9 @@ async fn full_mesh_native_with_bird_tor_and_margayctl() {
         assert!(m.contains("margay_ipam_operations_total"), "{m}");
     }
     // At rest (routes learned, nothing changing) the routing loop waits:
-    // a few passes at most in 3 s (a resync is every 30 s), not one per
-    // wake-up of a watch that always says "changed".
+    // a few passes at most in 3 s (a resync is every 30 s, and a write
+    // queued by the pods' ADDs may still land), not one per wake-up of a
+    // watch that always says "changed" (56 in 3 s when it did).
     let passes = |i| {
         let m = curl(&c, i, "/metrics");
         let line = m
