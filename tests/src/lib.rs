@@ -350,9 +350,15 @@ impl PingReport {
     /// Panics unless traffic went on through `what`: more than `min`
     /// replies, and no second of pings lost in a row.
     pub fn assert_kept(&self, what: &str, min: usize) {
+        self.assert_outage_under(what, min, std::time::Duration::from_secs(1));
+    }
+
+    /// Panics unless more than `min` replies came and no run of pings
+    /// lost in a row lasted `most`.
+    pub fn assert_outage_under(&self, what: &str, min: usize, most: std::time::Duration) {
         assert!(self.replies > min, "{what}: {} replies", self.replies);
         assert!(
-            self.outage < std::time::Duration::from_secs(1),
+            self.outage < most,
             "{what}: {:?} of pings lost in a row",
             self.outage
         );
