@@ -342,15 +342,18 @@ pub struct PingReport {
 }
 
 impl PingReport {
+    /// The longest run lost in a row through a change that keeps traffic.
+    pub const KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+
     /// Whether traffic went on: what [`PingReport::assert_kept`] asserts.
     pub fn kept(&self, min: usize) -> bool {
-        self.replies > min && self.outage < std::time::Duration::from_secs(1)
+        self.replies > min && self.outage < Self::KEPT
     }
 
     /// Panics unless traffic went on through `what`: more than `min`
-    /// replies, and no second of pings lost in a row.
+    /// replies, and no [`PingReport::KEPT`] of pings lost in a row.
     pub fn assert_kept(&self, what: &str, min: usize) {
-        self.assert_outage_under(what, min, std::time::Duration::from_secs(1));
+        self.assert_outage_under(what, min, Self::KEPT);
     }
 
     /// Panics unless more than `min` replies came and no run of pings

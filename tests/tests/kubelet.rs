@@ -10,8 +10,9 @@
 //!   `kubectl get pods -o wide`; scaled down, the kubelets' DELs release
 //!   the addresses; `rollout restart` and an image upgrade while pods ping
 //!   across nodes every 20 ms: no gap over a second, no pod loses its
-//!   address, every node routes to every other's blocks again after; `pod add` with a namespace, labels and a listener, closed by
-//!   a NetworkPolicy and opened to one namespace (the agents' RBAC and
+//!   address, every node routes to every other's blocks again after;
+//!   `pod add` with a namespace, labels and a listener, closed by a
+//!   NetworkPolicy and opened to one namespace (the agents' RBAC and
 //!   watches under the DaemonSet);
 //! - Helm: `helm upgrade` of a value rolls the agents out with it; a node
 //!   drained, shut down and deleted has its blocks freed; uninstalled as
