@@ -307,15 +307,51 @@ pub(crate) struct Decoded {
     pub attrs: Attrs,
     /// Any attribute other than MP_REACH/MP_UNREACH was present.
     pub any: bool,
-    pub has_origin: bool,
-    pub has_as_path: bool,
-    pub has_next_hop: bool,
+    /// The type codes present (the first of each is the one kept).
+    pub seen: Codes,
     pub mp_reach: Option<MpReach>,
     pub mp_unreach: Option<MpUnreach>,
     /// Set when RFC 7606 says treat-as-withdraw; the cause.
     pub withdraw: Option<String>,
     /// Attributes discarded under RFC 7606 attribute-discard.
     pub discarded: Vec<u8>,
+}
+
+impl Decoded {
+    /// RFC 7606 §3 d: the first well-known mandatory attribute missing
+    /// from an UPDATE that reaches prefixes (NEXT_HOP only where it has
+    /// classic IPv4 NLRI, LOCAL_PREF only on iBGP). Meaningful only while
+    /// nothing is treat-as-withdraw already: an attribute present but
+    /// malformed is that, not missing.
+    pub fn missing_well_known(&self, v4_nlri: bool, ibgp: bool) -> Option<&'static str> {
+        [
+            (attr::ORIGIN, "ORIGIN", true),
+            (attr::AS_PATH, "AS_PATH", true),
+            (attr::NEXT_HOP, "NEXT_HOP", v4_nlri),
+            (attr::LOCAL_PREF, "LOCAL_PREF", ibgp),
+        ]
+        .into_iter()
+        .find(|&(code, _, needed)| needed && !self.seen.contains(code))
+        .map(|(_, name, _)| name)
+    }
+}
+
+/// A set of attribute type codes.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Codes([u64; 4]);
+
+impl Codes {
+    /// Adds `code`; false when it was there already.
+    fn insert(&mut self, code: u8) -> bool {
+        let (word, bit) = (code as usize / 64, 1u64 << (code % 64));
+        let new = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        new
+    }
+
+    fn contains(&self, code: u8) -> bool {
+        self.0[code as usize / 64] & (1u64 << (code % 64)) != 0
+    }
 }
 
 fn expected_flags(code: u8) -> Option<u8> {
@@ -412,7 +448,6 @@ fn decode_mp_unreach(v: &[u8]) -> Result<Option<MpUnreach>, DecodeError> {
 /// Decodes the path attribute section of an UPDATE.
 pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeError> {
     let mut d = Decoded::default();
-    let mut seen = [false; 256];
     let mut as4_path: Option<AsPath> = None;
     let mut as4_aggregator: Option<(u32, Ipv4Addr)> = None;
     let withdraw = |d: &mut Decoded, why: String| {
@@ -449,7 +484,7 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
         buf = &buf[hdr + len..];
 
         let is_mp = code == attr::MP_REACH_NLRI || code == attr::MP_UNREACH_NLRI;
-        if seen[code as usize] {
+        if !d.seen.insert(code) {
             if is_mp {
                 return Err(DecodeError::malformed_attrs(format!(
                     "attribute {code} appears twice"
@@ -458,7 +493,6 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
             d.discarded.push(code); // RFC 7606 §3 g: keep the first
             continue;
         }
-        seen[code as usize] = true;
         if !is_mp {
             d.any = true;
         }
@@ -500,14 +534,12 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
             attr::ORIGIN => match (len, v.first().and_then(|&o| Origin::from_u8(o))) {
                 (1, Some(o)) => {
                     d.attrs.origin = o;
-                    d.has_origin = true;
                 }
                 _ => withdraw(&mut d, format!("malformed ORIGIN {v:?}")),
             },
             attr::AS_PATH => match AsPath::decode(v, ctx.four_octet_as) {
                 Some(p) => {
                     d.attrs.as_path = p;
-                    d.has_as_path = true;
                 }
                 None => withdraw(&mut d, "malformed AS_PATH".into()),
             },
@@ -522,7 +554,6 @@ pub(crate) fn decode_attrs(mut buf: &[u8], ctx: &Ctx) -> Result<Decoded, DecodeE
                     continue;
                 }
                 d.attrs.next_hop = Some(IpAddr::V4(nh));
-                d.has_next_hop = true;
             }
             attr::MED => {
                 if len == 4 {

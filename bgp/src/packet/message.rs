@@ -565,6 +565,7 @@ fn decode_update(b: &[u8], ctx: &Ctx) -> Result<Update, DecodeError> {
     let withdrawn = decode_prefixes(withdrawn_raw, false).ok_or_else(invalid_net)?;
     let nlri = decode_prefixes(&rest[alen..], false).ok_or_else(invalid_net)?;
     let d = decode_attrs(&rest[..alen], ctx)?;
+    let missing = d.missing_well_known(!nlri.is_empty(), ctx.ibgp);
     let mut u = Update {
         withdrawn,
         attrs: None,
@@ -576,18 +577,6 @@ fn decode_update(b: &[u8], ctx: &Ctx) -> Result<Update, DecodeError> {
     };
     let reach = !u.nlri.is_empty() || u.mp_reach.as_ref().is_some_and(|m| !m.nlri.is_empty());
     if reach && u.treat_as_withdraw.is_none() {
-        // RFC 7606 §3 d: a missing well-known mandatory attribute is treat-as-withdraw.
-        let missing = if !d.has_origin {
-            Some("ORIGIN")
-        } else if !d.has_as_path {
-            Some("AS_PATH")
-        } else if !u.nlri.is_empty() && !d.has_next_hop {
-            Some("NEXT_HOP")
-        } else if ctx.ibgp && d.attrs.local_pref.is_none() {
-            Some("LOCAL_PREF")
-        } else {
-            None
-        };
         if let Some(m) = missing {
             u.treat_as_withdraw = Some(format!("missing well-known attribute {m}"));
         }
