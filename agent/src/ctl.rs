@@ -179,6 +179,7 @@ pub fn render_node_status(st: &AgentStatus) -> String {
         "SINCE",
         "RECEIVED",
         "SENT",
+        "BFD",
         "LAST ERROR",
     ];
     o.push_str(&table(&head, &st.peers, |p| {
@@ -195,6 +196,7 @@ pub fn render_node_status(st: &AgentStatus) -> String {
             since(p.since_seconds.unwrap_or(0)),
             p.prefixes_received.to_string(),
             p.prefixes_sent.to_string(),
+            p.bfd.map_or("-".to_string(), |b| format!("{b:?}")),
             p.last_error.clone().unwrap_or_default(),
         ]
     }));
@@ -760,7 +762,8 @@ mod tests {
                  "prefixes_received": 1, "prefixes_sent": 1, "updates_in": 3, "updates_out": 2,
                  "dynamic": false, "last_error": null},
                 {"address": "10.0.0.254", "asn": 65000, "state": "Active", "since_seconds": 4000,
-                 "updates_in": 0, "updates_out": 0, "prefixes_received": 0, "prefixes_sent": 0, "dynamic": false, "last_error": "hold timer expired"}
+                 "updates_in": 0, "updates_out": 0, "prefixes_received": 0, "prefixes_sent": 0, "dynamic": false,
+                 "last_error": "cease: BFD down (6/10)", "bfd": "Down"}
             ]
         }))
         .unwrap();
@@ -777,7 +780,9 @@ mod tests {
         );
         let ext = lines.iter().find(|l| l.starts_with("10.0.0.254")).unwrap();
         assert!(
-            ext.contains("external") && ext.contains("66m") && ext.contains("hold timer expired"),
+            ext.contains("external")
+                && ext.contains("66m")
+                && ext.contains("Down  cease: BFD down"),
             "{t}"
         );
     }

@@ -145,6 +145,33 @@ pub struct BGPPeerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 254))]
     pub ttl_security_hops: Option<u8>,
+    /// BFD with this peer (RFC 5880/5881, single hop, asynchronous mode):
+    /// a peer that stops answering is found within `minRxIntervalMs` ×
+    /// `detectMultiplier` (default 300 ms × 3), its BGP session closed
+    /// (Cease, BFD down) and its routes withdrawn, instead of after the
+    /// hold time. Only for peers on a directly connected link. `{}`: on,
+    /// with the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<PeerBfd>,
+}
+
+/// A [`BGPPeer`]'s BFD settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerBfd {
+    /// How often to send once the session is Up, in milliseconds
+    /// (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub min_tx_interval_ms: Option<u32>,
+    /// How often the peer may send, in milliseconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub min_rx_interval_ms: Option<u32>,
+    /// Packets missed before the peer is down (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 255))]
+    pub detect_multiplier: Option<u8>,
 }
 
 /// A key of a Secret (in the agent's namespace).
@@ -192,6 +219,11 @@ pub enum PeerInvalid {
     /// The password reference lacks a name or key.
     #[error("password needs a Secret name and key")]
     PasswordRef,
+    /// BFD intervals outside 10 ms to 60 s, or a multiplier of 0.
+    #[error(
+        "bfd: minTxIntervalMs and minRxIntervalMs must be 10 to 60000, detectMultiplier 1 to 255"
+    )]
+    Bfd,
 }
 
 /// Checks a [`BGPPeer`] (what OpenAPI cannot say).
@@ -232,6 +264,13 @@ pub fn validate_peer(p: &BGPPeerSpec) -> Result<(), PeerInvalid> {
         && (s.name.is_empty() || s.key.is_empty())
     {
         return Err(PeerInvalid::PasswordRef);
+    }
+    if let Some(b) = &p.bfd {
+        let ms = |v: Option<u32>| v.is_none_or(|v| (10..=60_000).contains(&v));
+        if !ms(b.min_tx_interval_ms) || !ms(b.min_rx_interval_ms) || b.detect_multiplier == Some(0)
+        {
+            return Err(PeerInvalid::Bfd);
+        }
     }
     Ok(())
 }
@@ -287,6 +326,28 @@ mod tests {
         assert!(bad(|p| p.peer_selector = Some(LabelSelector::default())).contains("not both"));
         assert!(bad(|p| p.hold_time_seconds = Some(2)).contains("holdTimeSeconds"));
         assert!(bad(|p| p.keepalive_time_seconds = Some(60)).contains("keepalive"));
+        let bfd = |b: PeerBfd| {
+            let mut p = ok.clone();
+            p.bfd = Some(b);
+            validate_peer(&p).map_err(|e| e.to_string())
+        };
+        assert_eq!(bfd(PeerBfd::default()), Ok(()), "{{}}: on, defaults");
+        for b in [
+            PeerBfd {
+                min_tx_interval_ms: Some(9),
+                ..Default::default()
+            },
+            PeerBfd {
+                min_rx_interval_ms: Some(60_001),
+                ..Default::default()
+            },
+            PeerBfd {
+                detect_multiplier: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(bfd(b.clone()).unwrap_err().contains("bfd"), "{b:?}");
+        }
         let nodes = BGPPeerSpec {
             peer_selector: Some(LabelSelector::default()),
             ..Default::default()

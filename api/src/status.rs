@@ -53,6 +53,22 @@ pub struct NeighborView {
     /// attributes need an UPDATE over 4096 octets.
     #[serde(default)]
     pub routes_too_big: u64,
+    /// Its BFD session's state, when BFD is on for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdState>,
+}
+
+/// A BFD session's state (RFC 5880).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BfdState {
+    /// Held down by its operator (or the peer's).
+    AdminDown,
+    /// Down: the peer is not heard, or said it is down.
+    Down,
+    /// The peer is heard and has not heard us yet.
+    Init,
+    /// Both sides hear each other.
+    Up,
 }
 
 /// One best route of the speaker's RIB.

@@ -38,6 +38,9 @@ pub enum NeighborInvalid {
     /// A route-reflector client in another AS.
     #[error("route_reflector_client needs an iBGP peer")]
     ReflectorClientNotIbgp,
+    /// BFD intervals outside 10 ms to 60 s, or a multiplier of 0.
+    #[error("bfd: min_tx_ms and min_rx_ms must be 10 to 60000, multiplier 1 to 255")]
+    Bfd,
 }
 
 /// Checks one neighbor's settings (`local_as`: ours).
@@ -67,6 +70,12 @@ pub fn validate_neighbor(n: &Neighbor, local_as: u32) -> std::result::Result<(),
     }
     if n.route_reflector_client && n.asn != local_as {
         return Err(NeighborInvalid::ReflectorClientNotIbgp);
+    }
+    if let Some(b) = &n.bfd {
+        let ms = 10..=60_000;
+        if !ms.contains(&b.min_tx_ms) || !ms.contains(&b.min_rx_ms) || b.multiplier == 0 {
+            return Err(NeighborInvalid::Bfd);
+        }
     }
     Ok(())
 }
@@ -171,6 +180,56 @@ pub struct Neighbor {
     /// with TTL 255 and drop packets with a lower TTL than 255 - hops.
     #[serde(default)]
     pub ttl_security: Option<u8>,
+    /// BFD with this peer (`[neighbor.bfd]`): a peer that stops answering
+    /// is down within `min_rx_ms` × `multiplier`, its session closed
+    /// (Cease, BFD down) and its routes withdrawn. The peer must be on a
+    /// directly connected link (RFC 5881, single hop).
+    #[serde(default)]
+    pub bfd: Option<BfdSettings>,
+}
+
+/// A neighbor's BFD settings (defaults: 300 ms × 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BfdSettings {
+    /// Desired Min TX Interval once Up, in milliseconds.
+    #[serde(default = "bfd_ms")]
+    pub min_tx_ms: u32,
+    /// Required Min RX Interval, in milliseconds.
+    #[serde(default = "bfd_ms")]
+    pub min_rx_ms: u32,
+    /// Detect Mult.
+    #[serde(default = "bfd_mult")]
+    pub multiplier: u8,
+}
+
+fn bfd_ms() -> u32 {
+    300
+}
+
+fn bfd_mult() -> u8 {
+    3
+}
+
+impl Default for BfdSettings {
+    fn default() -> Self {
+        Self {
+            min_tx_ms: bfd_ms(),
+            min_rx_ms: bfd_ms(),
+            multiplier: bfd_mult(),
+        }
+    }
+}
+
+impl BfdSettings {
+    /// As the BFD session takes them.
+    pub fn params(&self) -> crate::bfd::Params {
+        crate::bfd::Params {
+            min_tx: std::time::Duration::from_millis(self.min_tx_ms.into()),
+            min_rx: std::time::Duration::from_millis(self.min_rx_ms.into()),
+            multiplier: self.multiplier,
+        }
+    }
 }
 
 fn default_port() -> u16 {
@@ -196,7 +255,17 @@ impl Neighbor {
             next_hop_self: false,
             export_local_only: false,
             ttl_security: None,
+            bfd: None,
         }
+    }
+
+    /// Equal but for BFD: a change of BFD alone keeps the BGP session.
+    pub fn same_session(&self, other: &Neighbor) -> bool {
+        let strip = |n: &Neighbor| Neighbor {
+            bfd: None,
+            ..n.clone()
+        };
+        strip(self) == strip(other)
     }
 }
 
@@ -328,6 +397,8 @@ address = "10.99.0.254"
 asn = 65000
 password = "s3cret"
 hold_time = 9
+[neighbor.bfd]
+min_rx_ms = 100
 [[neighbor]]
 address = "fd00:99::2"
 asn = 64512
@@ -347,6 +418,18 @@ prefix = "10.244.1.0/26"
         assert_eq!(c.community_values(), vec![(64512 << 16) | 100]);
         assert_eq!(c.originate[0].prefix.to_string(), "10.244.1.0/26");
         assert!(c.neighbors[0].graceful_restart);
+        let bfd = BfdSettings {
+            min_rx_ms: 100,
+            ..BfdSettings::default()
+        };
+        assert_eq!(c.neighbors[0].bfd, Some(bfd));
+        assert_eq!(c.neighbors[1].bfd, None);
+        // BFD alone changed: the same BGP session.
+        let mut n = c.neighbors[0].clone();
+        n.bfd = None;
+        assert!(n.same_session(&c.neighbors[0]));
+        n.hold_time = 30;
+        assert!(!n.same_session(&c.neighbors[0]));
     }
 
     #[test]
@@ -370,6 +453,18 @@ prefix = "10.244.1.0/26"
                 "invalid prefix",
             ),
             ("communities = [\"1:2:3\"]\n", "community"),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\n[neighbor.bfd]\nmultiplier = 0\n",
+                "bfd",
+            ),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\n[neighbor.bfd]\nmin_tx_ms = 5\n",
+                "bfd",
+            ),
+            (
+                "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\n[neighbor.bfd]\nmin_tx = 5\n",
+                "unknown field",
+            ),
             (
                 "[[neighbor]]\naddress = \"10.0.0.2\"\nasn = 1\nroute_reflector_client = true\n",
                 "iBGP",

@@ -12,6 +12,7 @@
 //! - [`kernel`]: best routes into the kernel over rtnetlink, batched.
 //! - [`metrics`]: the speaker's Prometheus metrics (a collector).
 //! - [`net`]: socket options (TCP MD5, GTSM) and connecting with them.
+//! - [`bfd`]: BFD (RFC 5880/5881): codec, session machine, its task.
 //!
 //! # Tasks
 //!
@@ -37,8 +38,11 @@
 //!    ║  peer task
 //!    ║    ╚══JoinSet═▶ writer × connection ──▶ socket
 //!    ║                   ◀─Wire, unbounded (bounded in bytes)── peer task
-//!    ╚══FibWriter═▶ kernel writer thread (fib on)
-//!                     ◀─Vec<FibOp>, mpsc(32)── RIB task; ends with the sender
+//!    ╠══FibWriter═▶ kernel writer thread (fib on)
+//!    ║                ◀─Vec<FibOp>, mpsc(32)── RIB task; ends with the sender
+//!    ╚══Owned═══▶ BFD task (once a peer has BFD): UDP 3784, a session each
+//!                   ◀─peers and settings, watch───────────────── RIB task
+//!                   ─bfd::Event (a state change), unbounded──▶ RIB task
 //! ```
 //!
 //! Ending: [`Speaker::stop`] (or `stop_graceful`, or `shutdown`) fires a
@@ -57,6 +61,7 @@
 //! [`Speaker::stop`]: speaker::Speaker::stop
 //! [`Speaker::stopped`]: speaker::Speaker::stopped
 
+pub mod bfd;
 pub mod config;
 mod conn;
 pub mod error;

@@ -217,6 +217,7 @@ mod tests {
             too_big: 0,
             last_error: None,
             dynamic: false,
+            bfd: None,
         };
         shared
             .peers

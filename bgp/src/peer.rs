@@ -68,6 +68,8 @@ pub(crate) struct PeerStatus {
     pub dynamic: bool,
     /// Routes withdrawn instead of announced (attributes too big).
     pub too_big: u64,
+    /// Its BFD session's state, while it has one.
+    pub bfd: Option<crate::bfd::State>,
 }
 
 impl PeerStatus {
@@ -85,6 +87,7 @@ impl PeerStatus {
             last_error: self.last_error.clone(),
             dynamic: self.dynamic,
             routes_too_big: self.too_big,
+            bfd: self.bfd.map(crate::bfd::State::view),
         }
     }
 }

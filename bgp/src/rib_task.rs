@@ -100,6 +100,9 @@ pub(crate) struct RibTask {
     /// Ends the restart after the restart time, if End-of-RIBs do not.
     restart_timer: Option<Owned>,
     shared: Arc<Shared>,
+    /// BFD, started with the first peer that has it on.
+    bfd: Option<crate::bfd::Bfd>,
+    bfd_tx: mpsc::UnboundedSender<crate::bfd::Event>,
 }
 
 impl RibTask {
@@ -111,6 +114,7 @@ impl RibTask {
         // buffering their UPDATEs.
         let (peer_tx, peer_rx) = mpsc::channel::<PeerEvent>(64);
         let (shutdown, shut_rx) = watch::channel(Stop::Run);
+        let (bfd_tx, bfd_rx) = mpsc::unbounded_channel();
         let listen = cfg
             .listen
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 179)));
@@ -174,11 +178,14 @@ impl RibTask {
             restart_timer: None,
             shared: shared.clone(),
             cfg: cfg.clone(),
+            bfd: None,
+            bfd_tx,
         };
         for n in &cfg.neighbors {
             let params = PeerParams::configured(&cfg, n, restarting);
             task.add_peer(params, Some(n.clone()));
         }
+        task.sync_bfd();
         let mut changes = Vec::new();
         for o in &cfg.originate {
             task.originated.insert(o.prefix);
@@ -198,7 +205,7 @@ impl RibTask {
             learned,
             synced,
             shared,
-            task: Owned::spawn(task.run(rx, peer_rx)),
+            task: Owned::spawn(task.run(rx, peer_rx, bfd_rx)),
         })
     }
 
@@ -212,7 +219,12 @@ impl RibTask {
         })
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<ToRib>, mut peer_rx: mpsc::Receiver<PeerEvent>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ToRib>,
+        mut peer_rx: mpsc::Receiver<PeerEvent>,
+        mut bfd_rx: mpsc::UnboundedReceiver<crate::bfd::Event>,
+    ) {
         let mut shut = self.shutdown.clone();
         loop {
             tokio::select! {
@@ -234,6 +246,7 @@ impl RibTask {
                     Some(m) => self.handle(m).await,
                     None => break,
                 },
+                Some(ev) = bfd_rx.recv() => self.bfd_event(ev),
                 Some(done) = self.peer_tasks.join_next() => {
                     if let Err(e) = done
                         && e.is_panic()
@@ -339,7 +352,7 @@ impl RibTask {
             .filter(|(_, p)| {
                 p.source
                     .as_ref()
-                    .is_some_and(|src| want.get(&src.address) != Some(src))
+                    .is_some_and(|src| want.get(&src.address).is_none_or(|n| !n.same_session(src)))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -360,6 +373,18 @@ impl RibTask {
                 changes.extend(self.rib.peer_down(id, false));
             }
         }
+        // A change of BFD alone: the session stays.
+        for slot in self.peers.values_mut() {
+            if let Some(src) = slot.source.as_mut()
+                && let Some(n) = want.get(&src.address)
+                && n.bfd != src.bfd
+            {
+                src.bfd = n.bfd;
+                slot.params.bfd = n.bfd.as_ref().map(|b| b.params());
+                slot.status.lock().expect("status").bfd =
+                    slot.params.bfd.map(|_| crate::bfd::State::Down);
+            }
+        }
         let have: HashSet<IpAddr> = self.peers.values().map(|p| p.params.addr).collect();
         for n in want.values().filter(|n| !have.contains(&n.address)) {
             if n.password.is_some()
@@ -371,6 +396,7 @@ impl RibTask {
             let params = PeerParams::configured(&self.cfg, n, self.restarting);
             self.add_peer(params, Some(n.clone()));
         }
+        self.sync_bfd();
         self.propagate(changes).await;
         self.finish_restart(false).await;
         // Whoever set them reads `synced` next: it must speak of these
@@ -612,6 +638,45 @@ async fn accept_loop(
                 }
             },
             _ = shut.changed() => return,
+        }
+    }
+}
+
+impl RibTask {
+    /// Runs a BFD session with each peer that has BFD on (none: no BFD
+    /// socket is opened).
+    fn sync_bfd(&mut self) {
+        let want: std::collections::BTreeMap<IpAddr, crate::bfd::Params> = self
+            .peers
+            .values()
+            .filter_map(|p| p.params.bfd.map(|b| (p.params.addr, b)))
+            .collect();
+        if self.bfd.is_none() && !want.is_empty() {
+            match crate::bfd::Bfd::start(self.bfd_tx.clone()) {
+                Ok(b) => self.bfd = Some(b),
+                Err(e) => {
+                    tracing::error!("BFD: cannot listen on UDP port 3784: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(b) = &self.bfd {
+            b.set(want);
+        }
+    }
+
+    /// A BFD session changed: shown in the peer's status; from Up to Down
+    /// (not AdminDown: RFC 5882 §3.2), the BGP session is closed.
+    fn bfd_event(&mut self, ev: crate::bfd::Event) {
+        let Some(slot) = self.peers.values().find(|p| p.params.addr == ev.peer) else {
+            return;
+        };
+        slot.status.lock().expect("status").bfd = Some(ev.change.to);
+        let failed =
+            ev.change.from == crate::bfd::State::Up && ev.change.to == crate::bfd::State::Down;
+        if failed && let Some(tx) = &slot.incoming {
+            tracing::warn!(peer = %ev.peer, "BFD session down ({}): closing the BGP session", ev.change.diag);
+            let _ = tx.try_send(PeerCmd::Cease(err::CEASE_BFD_DOWN));
         }
     }
 }

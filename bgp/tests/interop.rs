@@ -34,13 +34,18 @@ fn gobgp_peer(node: &Node, asn: u32, peer_as: u32, extra: &str) -> Gobgp {
 /// FRR (with zebra) on `node` named `host`, in AS 64512 with margay
 /// (10.99.0.1), announcing `network`; `neighbor` more settings for margay.
 fn frr_peer(node: &Node, host: &str, neighbor: &str, network: &str) -> Frr {
+    Frr::start(&node.ns, &frr_conf(node, host, neighbor, network), true).unwrap()
+}
+
+/// [`frr_peer`]'s configuration.
+fn frr_conf(node: &Node, host: &str, neighbor: &str, network: &str) -> String {
     let me = node.v4;
     let extra = if neighbor.is_empty() {
         String::new()
     } else {
         format!(" neighbor 10.99.0.1 {neighbor}\n")
     };
-    let conf = format!(
+    format!(
         r#"frr defaults traditional
 hostname {host}
 router bgp 64512
@@ -53,8 +58,7 @@ router bgp 64512
  exit-address-family
 !
 "#
-    );
-    Frr::start(&node.ns, &conf, true).unwrap()
+    )
 }
 
 /// Waits for a route to `prefix` in `node`'s kernel (its `ip route`
@@ -950,4 +954,109 @@ fn gtsm_with_bird() {
     let s = WithBird::start("ttl_security = 1", BLOCK, &bird);
     s.wait_up("GTSM session up");
     kernel_route(&s.a, "10.244.2.0/26").unwrap();
+}
+
+/// margay's BFD at 100 ms × 3.
+const MARGAY_BFD: &str = "[neighbor.bfd]\nmin_tx_ms = 100\nmin_rx_ms = 100";
+/// BIRD's BFD at 100 ms × 3 (a router of a rack).
+const BIRD_BFD: &str = r#"protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }"#;
+
+/// BFD (RFC 5880/5881) against BIRD's: both sessions come Up and run
+/// at the 100 ms both sides ask for; BIRD's link cut (a router that dies
+/// sends nothing more) is found by BFD, which closes the BGP session
+/// (Cease/BFD down, RFC 9384) and withdraws BIRD's routes, where BGP
+/// alone waits for its 9 s hold time.
+#[test]
+fn bfd_with_bird_finds_a_dead_router_before_the_hold_time() {
+    let bird = BirdConf::ibgp()
+        .protocol(BIRD_BFD)
+        .with("bfd on;")
+        .blocks(BIRDS);
+    let s = WithBird::start(MARGAY_BFD, BLOCK, &bird);
+    s.wait_up("session up");
+    let bfd_up = || {
+        s.margay
+            .neighbors()
+            .first()
+            .is_some_and(|n| n.bfd == Some(margay_api::status::BfdState::Up))
+    };
+    wait_for("BFD Up at margay", bfd_up).unwrap_or_else(|e| panic!("{e}\n{}", s.margay.log(30)));
+    let seen = s.bird.birdc("show bfd sessions").unwrap();
+    let line = seen
+        .lines()
+        .find(|l| l.contains("10.99.0.1"))
+        .unwrap_or_else(|| panic!("BIRD has no BFD session with margay:\n{seen}"));
+    assert!(line.contains("Up"), "{seen}");
+    // BIRD's interval and timeout: 0.100 and 0.300 s, as negotiated.
+    assert!(line.contains("0.100") && line.contains("0.300"), "{seen}");
+    route_or_logs(&s.a, "10.244.2.0/26", &s.margay, &s.bird);
+
+    // BIRD's node loses its link: no FIN, no NOTIFICATION, nothing.
+    s.b.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let t = std::time::Instant::now();
+    wait_absent(&s.a, "BIRD's block withdrawn", "10.244.2.0/26").unwrap();
+    let took = t.elapsed();
+    println!("BIRD's block withdrawn {took:?} after its link went down");
+    let why = s.margay.last_error().unwrap_or_default();
+    assert!(
+        why.contains("BFD down"),
+        "closed by BFD, not the hold timer: {why}"
+    );
+    let n = s.margay.neighbors();
+    assert_eq!(n[0].bfd, Some(margay_api::status::BfdState::Down), "{n:?}");
+
+    // The link back: BFD and then BGP come up again by themselves.
+    s.b.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    wait_for("BFD Up again", bfd_up).unwrap_or_else(|e| panic!("{e}\n{}", s.margay.log(30)));
+}
+
+/// margay's first neighbor's BFD state.
+fn bfd_state(margay: &Margay) -> Option<margay_api::status::BfdState> {
+    margay.neighbors().first().and_then(|n| n.bfd)
+}
+
+/// BFD against FRR's bfdd (through zebra, `neighbor … bfd`): Up on both
+/// sides at 100 ms; FRR's link cut closes margay's session by BFD and
+/// withdraws FRR's route.
+#[test]
+fn bfd_with_frr_finds_a_dead_router_before_the_hold_time() {
+    use margay_api::status::BfdState;
+    let lab = Lab::new();
+    let (a, b) = lab.pair("m", "frr");
+    let margay = Margay::start(&a, &MargayConf::ibgp(MARGAY_BFD).originate(BLOCK));
+    let conf = frr_conf(&b, "frr-bfd", "bfd", "10.244.2.0/26");
+    let bfd = "bfd\n peer 10.99.0.1\n  receive-interval 100\n  transmit-interval 100\n !\n!\n";
+    let frr = Frr::start_with_bfd(&b.ns, &conf, bfd).unwrap();
+    let logs = |e: margay_harness::Error| {
+        panic!(
+            "{e}\nmargay:\n{}\nfrr: {:?}",
+            margay.log(30),
+            frr.vtysh("show bfd peers")
+        )
+    };
+    wait_for("session and BFD Up at margay", || {
+        margay.established("10.99.0.2") && bfd_state(&margay) == Some(BfdState::Up)
+    })
+    .unwrap_or_else(logs);
+    wait_for("BFD up at FRR", || {
+        frr.vtysh("show bfd peers")
+            .is_ok_and(|o| o.contains("peer 10.99.0.1") && o.contains("Status: up"))
+    })
+    .unwrap_or_else(logs);
+    if let Err(e) = kernel_route(&a, "10.244.2.0/26") {
+        logs(e);
+    }
+
+    b.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let t = std::time::Instant::now();
+    wait_absent(&a, "FRR's route withdrawn", "10.244.2.0/26").unwrap_or_else(logs);
+    println!(
+        "FRR's route withdrawn {:?} after its link went down",
+        t.elapsed()
+    );
+    let why = margay.last_error().unwrap_or_default();
+    assert!(
+        why.contains("BFD down"),
+        "closed by BFD, not the hold timer: {why}"
+    );
 }

@@ -178,11 +178,13 @@ impl Gobgp {
     }
 }
 
-/// FRR: `bgpd`, with `zebra` when routes must reach the kernel.
+/// FRR: `bgpd`, with `zebra` when routes must reach the kernel, and
+/// `bfdd` (through zebra) for BFD.
 #[derive(Debug)]
 pub struct Frr {
-    // bgpd stops before zebra.
+    // bgpd stops before bfdd, bfdd before zebra.
     bgpd: Daemon,
+    _bfdd: Option<Daemon>,
     zebra: Option<Daemon>,
     dir: tempfile::TempDir,
 }
@@ -191,6 +193,16 @@ impl Frr {
     /// Starts FRR in `ns` from an integrated config (`bgpd.conf`); with
     /// `zebra`, best routes are installed in the namespace's kernel table.
     pub fn start(ns: &Netns, conf: &str, zebra: bool) -> Result<Self> {
+        Self::start_with(ns, conf, zebra, None)
+    }
+
+    /// [`Frr::start`] with zebra and `bfdd` configured with `bfd` (its
+    /// `bfd` section), for `neighbor … bfd` in `conf`.
+    pub fn start_with_bfd(ns: &Netns, conf: &str, bfd: &str) -> Result<Self> {
+        Self::start_with(ns, conf, true, Some(bfd))
+    }
+
+    fn start_with(ns: &Netns, conf: &str, zebra: bool, bfd: Option<&str>) -> Result<Self> {
         let (dir, conf_path) = prepare("frr", "bgpd.conf", conf)?;
         let d = dir.path().to_owned();
         std::fs::write(d.join("zebra.conf"), "hostname zebra\n")?;
@@ -217,6 +229,20 @@ impl Frr {
         } else {
             None
         };
+        let bfdd = match bfd {
+            Some(text) => {
+                let f = d.join("bfdd.conf");
+                std::fs::write(&f, text)?;
+                run(Command::new("chown").args(["frr:frr"]).arg(&f))?;
+                let mut c = ns.cmd(paths::system("bfdd")?);
+                c.arg("-f").arg(&f);
+                common(&mut c, "bfdd.pid");
+                let mut b = Daemon::spawn("bfdd", c, &d.join("bfdd.log"))?;
+                wait_for_path(&mut b, &d.join("bfdd.vty"), "bfdd vty socket")?;
+                Some(b)
+            }
+            None => None,
+        };
         let mut c = ns.cmd(paths::system("bgpd")?);
         c.arg("-f").arg(&conf_path);
         common(&mut c, "bgpd.pid");
@@ -228,6 +254,7 @@ impl Frr {
         wait_for_path(&mut bgpd, &vty, "bgpd vty socket")?;
         Ok(Self {
             bgpd,
+            _bfdd: bfdd,
             zebra: zebra_d,
             dir,
         })

@@ -23,7 +23,7 @@ use margay_api::bgp::{
     BGPConfigurationSpec, BGPPeerSpec, DEFAULT_ASN, validate_config, validate_peer,
 };
 use margay_api::ipam::LabelSelector;
-use margay_bgp::config::{Neighbor, validate_neighbor};
+use margay_bgp::config::{BfdSettings, Neighbor, validate_neighbor};
 
 use super::nodes::NodeInfo;
 use super::problem::{Problem, Resolution};
@@ -138,6 +138,14 @@ fn apply_timers(n: &mut Neighbor, p: &BGPPeerSpec) {
     // 0: no limit.
     n.max_prefixes = p.max_prefixes.filter(|m| *m > 0).map(|m| m as usize);
     n.ttl_security = p.ttl_security_hops;
+    n.bfd = p.bfd.as_ref().map(|b| {
+        let d = BfdSettings::default();
+        BfdSettings {
+            min_tx_ms: b.min_tx_interval_ms.unwrap_or(d.min_tx_ms),
+            min_rx_ms: b.min_rx_interval_ms.unwrap_or(d.min_rx_ms),
+            multiplier: b.detect_multiplier.unwrap_or(d.multiplier),
+        }
+    });
 }
 
 /// The password a peering needs.

@@ -569,6 +569,48 @@ async fn one_bad_peer_is_contained() {
     );
 }
 
+/// A BGPPeer's `bfd` (as written in YAML) reaches the speaker's
+/// neighbor: `{}` is on with 300 ms × 3, a field overrides its default.
+#[tokio::test]
+async fn a_peers_bfd_reaches_the_speaker() {
+    let dp = FakeDataplane::default();
+    let (mut bgp, c) = (FakeBgp::default(), FakeCluster::default());
+    let mut s = snapshot();
+    let peer = |name: &str, ip: &str, bfd: serde_json::Value| -> Arc<BGPPeer> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "margay.dev/v1", "kind": "BGPPeer",
+                "metadata": {"name": name},
+                "spec": {"peerIP": ip, "asNumber": 65000, "bfd": bfd},
+            }))
+            .unwrap(),
+        )
+    };
+    s.peers = Known::Fresh(vec![
+        peer("tor-a", "10.99.0.253", serde_json::json!({})),
+        peer(
+            "tor-b",
+            "10.99.0.252",
+            serde_json::json!({"minRxIntervalMs": 100}),
+        ),
+    ]);
+    pass(&s, &dp, &mut bgp, &c).await;
+    let bfd = |ip: &str| {
+        let ip: IpAddr = ip.parse().unwrap();
+        let n = bgp.view.neighbors.iter().find(|n| n.address == ip);
+        n.unwrap_or_else(|| panic!("{ip}: {:?}", bgp.view.neighbors))
+            .bfd
+    };
+    let d = margay_bgp::config::BfdSettings::default();
+    assert_eq!(bfd("10.99.0.253"), Some(d));
+    let fast = margay_bgp::config::BfdSettings {
+        min_rx_ms: 100,
+        ..d
+    };
+    assert_eq!(bfd("10.99.0.252"), Some(fast));
+    assert_eq!(bfd("10.0.0.2"), None, "node peers: no BFD unless asked");
+}
+
 /// A BGPConfiguration named `default` with `spec`.
 fn config(spec: serde_json::Value) -> Arc<margay_api::bgp::BGPConfiguration> {
     Arc::new(

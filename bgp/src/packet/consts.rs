@@ -108,6 +108,8 @@ pub mod err {
     pub const CEASE_OTHER_CONFIG_CHANGE: u8 = 6;
     pub const CEASE_COLLISION: u8 = 7;
     pub const CEASE_OUT_OF_RESOURCES: u8 = 8;
+    /// RFC 9384: the session's BFD session went down.
+    pub const CEASE_BFD_DOWN: u8 = 10;
 
     pub const ROUTE_REFRESH: u8 = 7;
     pub const ROUTE_REFRESH_BAD_LENGTH: u8 = 1;

@@ -249,6 +249,7 @@ impl Notification {
             (err::CEASE, err::CEASE_ADMIN_RESET) => Some("administrative reset"),
             (err::CEASE, err::CEASE_CONNECTION_REJECTED) => Some("connection rejected"),
             (err::CEASE, err::CEASE_COLLISION) => Some("connection collision resolution"),
+            (err::CEASE, err::CEASE_BFD_DOWN) => Some("BFD down"),
             _ => None,
         };
         match s {
@@ -576,10 +577,11 @@ fn decode_update(b: &[u8], ctx: &Ctx) -> Result<Update, DecodeError> {
         discarded: d.discarded,
     };
     let reach = !u.nlri.is_empty() || u.mp_reach.as_ref().is_some_and(|m| !m.nlri.is_empty());
-    if reach && u.treat_as_withdraw.is_none() {
-        if let Some(m) = missing {
-            u.treat_as_withdraw = Some(format!("missing well-known attribute {m}"));
-        }
+    if reach
+        && u.treat_as_withdraw.is_none()
+        && let Some(m) = missing
+    {
+        u.treat_as_withdraw = Some(format!("missing well-known attribute {m}"));
     }
     if u.treat_as_withdraw.is_some() {
         u.withdrawn.append(&mut u.nlri);

@@ -41,6 +41,8 @@ pub(super) struct PeerParams {
     pub(super) dynamic: bool,
     pub(super) export_local_only: bool,
     pub(super) session: SessionConfig,
+    /// Its BFD session's settings, when it has one.
+    pub(super) bfd: Option<crate::bfd::Params>,
 }
 
 impl PeerParams {
@@ -65,6 +67,7 @@ impl PeerParams {
             dynamic: false,
             export_local_only: n.export_local_only,
             session: session(cfg, n.asn, n.hold_time, n.keepalive, n.passive, gr),
+            bfd: n.bfd.as_ref().map(|b| b.params()),
         }
     }
 
@@ -83,6 +86,7 @@ impl PeerParams {
             dynamic: true,
             export_local_only: false,
             session: session(cfg, r.asn, r.hold_time, None, true, gr),
+            bfd: None,
         }
     }
 }
@@ -190,6 +194,7 @@ impl RibTask {
             last_error: None,
             dynamic: params.dynamic,
             too_big: 0,
+            bfd: params.bfd.map(|_| crate::bfd::State::Down),
         }));
         self.shared
             .peers
