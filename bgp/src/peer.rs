@@ -747,13 +747,15 @@ impl Shared {
         };
         self.status.lock().expect("status").last_error = Some(said);
         let Some(neg) = self.neg.take() else { return };
-        // RFC 4724: keep the routes (stale) unless the session ended with a
-        // NOTIFICATION other than a hold timer expiry.
-        let keep = neg.peer_gr.as_ref().filter(|_| match &why {
-            DownReason::ConnectionLost => true,
-            DownReason::Sent(n) => n.code == err::HOLD_TIMER_EXPIRED,
-            DownReason::Received(_) => false,
-        });
+        // RFC 4724 §4.2: keep the routes (stale) when the connection ended
+        // without a NOTIFICATION (the peer restarting: its TCP closed or
+        // reset). A peer silent for the hold time is dead, not restarting:
+        // its routes go at once, as BIRD does (RFC 8538 keeps them only
+        // with its N bit, which neither side sends here).
+        let keep = neg
+            .peer_gr
+            .as_ref()
+            .filter(|_| matches!(why, DownReason::ConnectionLost));
         let _ = self
             .events
             .send(PeerEvent::Down {

@@ -1060,3 +1060,26 @@ fn bfd_with_frr_finds_a_dead_router_before_the_hold_time() {
         "closed by BFD, not the hold timer: {why}"
     );
 }
+
+/// A peer that goes silent (its link cut) under graceful restart: found
+/// by the hold timer (9 s), it is dead, not restarting, so its routes go
+/// at once instead of staying stale for its restart time (30 s here),
+/// as RFC 4724 keeps them only for a connection that closed.
+#[test]
+fn a_silent_peer_found_by_the_hold_timer_is_not_kept_as_stale() {
+    let s = WithBird::start("", BLOCK, &BirdConf::ibgp().with(GR_30).blocks(BIRDS));
+    s.wait_up("session up");
+    route_or_logs(&s.a, "10.244.2.0/26", &s.margay, &s.bird);
+    s.b.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    wait_for("the hold timer expired", || {
+        s.margay
+            .last_error()
+            .is_some_and(|e| e.contains("hold timer expired"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.margay.log(30)));
+    // Gone within moments of the session's end, not 30 s later.
+    let gone = wait::until("withdrawn", Duration::from_secs(5), POLL, || {
+        Ok(absent(&s.a, "10.244.2.0/26").then_some(()))
+    });
+    assert!(gone.is_ok(), "kept as stale:\n{}", s.margay.log(20));
+}
