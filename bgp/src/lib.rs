@@ -32,7 +32,7 @@
 //!    ╠══Owned═══▶ a timer each (stale routes, refresh, restart)
 //!    ║              ─ToRib::{StaleTimeout, RefreshDue, RestartTimeout}──▶ RIB task
 //!    ╠══JoinSet═▶ peer task × peer: FSM per link, reads its sockets
-//!    ║              ◀─PeerCmd::{Incoming, Cease, RestartTime}, mpsc(4)── RIB task
+//!    ║              ◀─PeerCmd::{Incoming, Cease, RestartTime, PathUp}, mpsc(4)
 //!    ║              ◀─Wire (an export's UPDATEs), unbounded────────────── RIB task
 //!    ║              ─PeerEvent::{Up, Update, Down, Refresh}, mpsc(64)──▶ RIB task
 //!    ║  peer task

@@ -122,6 +122,9 @@ pub(crate) enum PeerCmd {
     Cease(u8),
     /// Announce this restart time from the next session on.
     RestartTime(u16),
+    /// The path to the peer works again (its BFD session is Up): a
+    /// session ceased and waiting out [`CEASE_RESTART`] starts now.
+    PathUp,
 }
 
 /// How the speaker's tasks are asked to end.
@@ -397,6 +400,13 @@ impl PeerTask {
                         a.session.set_restart_time(secs);
                     }
                     template.set_restart_time(secs);
+                    continue;
+                }
+                Input::Cmd(PeerCmd::PathUp) => {
+                    if sh.restart_at.is_none() {
+                        continue;
+                    }
+                    sh.restart_at = Some(tokio::time::Instant::now());
                     continue;
                 }
                 Input::Cmd(PeerCmd::Cease(sub)) => {

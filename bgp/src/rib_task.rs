@@ -674,9 +674,12 @@ impl RibTask {
         slot.status.lock().expect("status").bfd = Some(ev.change.to);
         let failed =
             ev.change.from == crate::bfd::State::Up && ev.change.to == crate::bfd::State::Down;
-        if failed && let Some(tx) = &slot.incoming {
+        let Some(tx) = &slot.incoming else { return };
+        if failed {
             tracing::warn!(peer = %ev.peer, "BFD session down ({}): closing the BGP session", ev.change.diag);
             let _ = tx.try_send(PeerCmd::Cease(err::CEASE_BFD_DOWN));
+        } else if ev.change.to == crate::bfd::State::Up {
+            let _ = tx.try_send(PeerCmd::PathUp);
         }
     }
 }

@@ -1005,9 +1005,15 @@ fn bfd_with_bird_finds_a_dead_router_before_the_hold_time() {
     let n = s.margay.neighbors();
     assert_eq!(n[0].bfd, Some(margay_api::status::BfdState::Down), "{n:?}");
 
-    // The link back: BFD and then BGP come up again by themselves.
+    // The link back: BFD and then BGP come up again by themselves, BGP
+    // at once (not after the 30 s a ceased session waits).
     s.b.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
     wait_for("BFD Up again", bfd_up).unwrap_or_else(|e| panic!("{e}\n{}", s.margay.log(30)));
+    let up = wait::until("BGP up again", Duration::from_secs(15), POLL, || {
+        Ok(s.margay.established("10.99.0.2").then_some(()))
+    });
+    assert!(up.is_ok(), "{}", s.margay.log(20));
+    route_or_logs(&s.a, "10.244.2.0/26", &s.margay, &s.bird);
 }
 
 /// margay's first neighbor's BFD state.
