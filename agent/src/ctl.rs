@@ -762,6 +762,8 @@ mod tests {
                  "prefixes_received": 1, "prefixes_sent": 1, "updates_in": 3, "updates_out": 2,
                  "dynamic": false, "last_error": null},
                 {"address": "10.0.0.254", "asn": 65000, "state": "Active", "since_seconds": 4000,
+                 "updates_in": 0, "updates_out": 0, "prefixes_received": 0, "prefixes_sent": 0, "dynamic": false, "last_error": "hold timer expired"},
+                {"address": "10.0.0.253", "asn": 65000, "state": "Active", "since_seconds": 1,
                  "updates_in": 0, "updates_out": 0, "prefixes_received": 0, "prefixes_sent": 0, "dynamic": false,
                  "last_error": "cease: BFD down (6/10)", "bfd": "Down"}
             ]
@@ -780,11 +782,12 @@ mod tests {
         );
         let ext = lines.iter().find(|l| l.starts_with("10.0.0.254")).unwrap();
         assert!(
-            ext.contains("external")
-                && ext.contains("66m")
-                && ext.contains("Down  cease: BFD down"),
+            ext.contains("external") && ext.contains("66m") && ext.contains("hold timer expired"),
             "{t}"
         );
+        let bfd = lines.iter().find(|l| l.starts_with("10.0.0.253")).unwrap();
+        assert!(bfd.contains("Down  cease: BFD down"), "{t}");
+        assert!(ext.contains(" -     hold timer"), "no BFD: -\n{t}");
     }
 
     #[test]
