@@ -207,6 +207,9 @@ pub enum Reject {
     /// Your Discriminator is zero although the sender is Init or Up.
     #[error("no receiver's discriminator in state {0}")]
     YourDiscrZero(State),
+    /// Poll and Final in one packet (RFC 5880 §6.5 forbids it).
+    #[error("poll and final bits both set")]
+    PollAndFinal,
     /// The Authentication Present (A) bit: no session here authenticates.
     #[error("authentication asked for, none configured")]
     Authenticated,
@@ -254,6 +257,9 @@ impl Control {
         }
         if flags & bits::MULTIPOINT != 0 {
             return Err(Reject::Multipoint);
+        }
+        if flags & bits::POLL != 0 && flags & bits::FINAL != 0 {
+            return Err(Reject::PollAndFinal);
         }
         let c = Control {
             diag: Diag::from_bits(b[0]),
@@ -360,6 +366,7 @@ mod tests {
         );
         assert_eq!(with(&|b| b[2] = 0), Err(Reject::DetectMultZero));
         assert_eq!(with(&|b| b[1] |= 1), Err(Reject::Multipoint));
+        assert_eq!(with(&|b| b[1] |= 0x10), Err(Reject::PollAndFinal));
         assert_eq!(with(&|b| b[4..8].fill(0)), Err(Reject::MyDiscrZero));
         assert_eq!(
             with(&|b| b[8..12].fill(0)),
