@@ -875,3 +875,87 @@ async fn ipip_is_reported_on_the_node() {
         .unwrap();
     assert!(routes.trim().is_empty(), "{routes}");
 }
+
+/// BFD with the top-of-rack router (BIRD, 100 ms × 3), turned on at run
+/// time by a change of the BGPPeer `tor`: every node's session with the
+/// router shows BFD Up without the BGP session being reset; the router
+/// frozen (a router that dies sends nothing more), every node closes its
+/// session by BFD ("BFD down"), not by the 9 s hold time; thawed, BFD and
+/// the sessions come back by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bfd_with_the_router_finds_it_dead_and_back() {
+    use margay_api::status::BfdState;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut c = cluster(Options::default(), 1).await;
+    let tor: std::net::IpAddr = "10.99.0.254".parse().unwrap();
+    let router = |c: &Cluster, i: usize| {
+        status(c, i)
+            .peers
+            .into_iter()
+            .find(|p| p.address == tor)
+            .unwrap_or_else(|| panic!("node{} has no session with the router", i + 1))
+    };
+    let established_before: Vec<Option<u64>> = (0..c.nodes.len())
+        .map(|i| router(&c, i).since_seconds)
+        .collect();
+    let peers: Api<BGPPeer> = Api::all(c.client.clone());
+    let bfd =
+        serde_json::json!({"spec": {"bfd": {"minTxIntervalMs": 100, "minRxIntervalMs": 100}}});
+    peers
+        .patch("tor", &PatchParams::default(), &Patch::Merge(&bfd))
+        .await
+        .unwrap();
+    let all = |c: &Cluster, what: &str, ok: &dyn Fn(&margay_api::status::NeighborView) -> bool| {
+        wait::until(what, T, Duration::from_millis(200), || {
+            let views: Vec<_> = (0..c.nodes.len()).map(|i| router(c, i)).collect();
+            if views.iter().all(ok) {
+                Ok(Some(()))
+            } else {
+                Err(format!("{views:?}").into())
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}\nnode1 log:\n{}", tail(&c.agent_log(0), 30)));
+    };
+    all(&c, "BFD Up with the router on every node", &|p| {
+        p.bfd == Some(BfdState::Up) && p.state == SessionState::Established
+    });
+    for (i, before) in established_before.iter().enumerate() {
+        let now = router(&c, i).since_seconds;
+        assert!(
+            now >= *before,
+            "node{}: the session was reset to turn BFD on ({before:?} -> {now:?})",
+            i + 1
+        );
+    }
+
+    let pid = match c.tor.as_mut() {
+        Some(margay_lab::cluster::Router::Bird(b)) => b.daemon().pid(),
+        other => panic!("not BIRD: {other:?}"),
+    };
+    let pid = Pid::from_raw(pid as i32);
+    /// Thaws the router whatever happens.
+    struct Thaw(Pid);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let thaw = Thaw(pid);
+    let t = Instant::now();
+    all(&c, "every node closed its session by BFD", &|p| {
+        p.bfd == Some(BfdState::Down)
+            && p.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("BFD down"))
+    });
+    println!(
+        "the frozen router found dead by every node in {:?}",
+        t.elapsed()
+    );
+    drop(thaw);
+    all(&c, "BFD and the sessions back", &|p| {
+        p.bfd == Some(BfdState::Up) && p.state == SessionState::Established
+    });
+}
