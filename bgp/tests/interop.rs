@@ -1089,3 +1089,50 @@ fn a_silent_peer_found_by_the_hold_timer_is_not_kept_as_stale() {
     });
     assert!(gone.is_ok(), "kept as stale:\n{}", s.margay.log(20));
 }
+
+/// BFD over IPv6 (RFC 5881 §4: hop limit 255 both ways) with BIRD on an
+/// IPv6 session: Up, then BIRD's link cut closes the session by BFD and
+/// withdraws its IPv6 block.
+#[test]
+fn bfd_over_ipv6_with_bird() {
+    let conf = MargayConf::new(64512, "10.99.0.1")
+        .neighbor("fd00:99::2", 64513, MARGAY_BFD)
+        .originate(&["fd00:244:1::/122"]);
+    let Pair { margay, a, b, .. } = &Pair::start("bird", &conf);
+    let bird = Bird::start(
+        &b.ns,
+        &format!(
+            r#"log stderr all;
+router id 10.99.0.2;
+protocol device {{}}
+protocol kernel {{ ipv6 {{ import none; export where source = RTS_BGP; }}; }}
+protocol static blocks6 {{ ipv6; route fd00:244:2::/122 blackhole; }}
+{BIRD_BFD}
+protocol bgp m {{
+  local fd00:99::2 as 64513; neighbor fd00:99::1 as 64512; direct;
+  hold time 9; keepalive time 3; bfd on;
+  ipv6 {{ import all; export where proto = "blocks6"; }};
+}}
+"#
+        ),
+    )
+    .unwrap();
+    route_or_logs(a, "fd00:244:2::/122", margay, &bird);
+    wait_for("BFD Up over IPv6", || {
+        bfd_state(margay) == Some(margay_api::status::BfdState::Up)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{:?}",
+            margay.log(30),
+            bird.birdc("show bfd sessions")
+        )
+    });
+    b.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    wait_absent(a, "BIRD's IPv6 block withdrawn", "fd00:244:2::/122").unwrap();
+    let why = margay.last_error().unwrap_or_default();
+    assert!(
+        why.contains("BFD down"),
+        "closed by BFD, not the hold timer: {why}"
+    );
+}
