@@ -113,6 +113,20 @@ impl Collector for SpeakerMetrics {
             MetricType::Gauge,
             Samples::PerPeer(rows(&|p| u64::from(p.state == State::Established))),
         )?;
+        // Only peers with BFD on have a row.
+        let bfd: PerPeer = rows(&|p| u64::from(p.bfd == Some(crate::bfd::State::Up)))
+            .into_iter()
+            .zip(&peers)
+            .filter(|(_, p)| p.bfd.is_some())
+            .map(|(row, _)| row)
+            .collect();
+        metric(
+            &mut enc,
+            "margay_bgp_bfd_up",
+            "1 when the BFD session with the peer is Up (peers with BFD on).",
+            MetricType::Gauge,
+            Samples::PerPeer(bfd),
+        )?;
         metric(
             &mut enc,
             "margay_bgp_updates_received",
@@ -219,21 +233,33 @@ mod tests {
             dynamic: false,
             bfd: None,
         };
+        let with_bfd = crate::peer::PeerStatus {
+            address: "10.0.0.3".parse().unwrap(),
+            bfd: Some(crate::bfd::State::Up),
+            ..st.clone()
+        };
         shared
             .peers
             .lock()
             .unwrap()
             .insert(1, Arc::new(std::sync::Mutex::new(st)));
+        shared
+            .peers
+            .lock()
+            .unwrap()
+            .insert(2, Arc::new(std::sync::Mutex::new(with_bfd)));
         let mut r = prometheus_client::registry::Registry::default();
         r.register_collector(Box::new(SpeakerMetrics::new(shared)));
         let t = render(&r);
         for line in [
-            "margay_bgp_sessions_established 1\n",
+            "margay_bgp_sessions_established 2\n",
+            "margay_bgp_bfd_up{peer=\"10.0.0.3\",peer_asn=\"65000\"} 1\n",
             "margay_bgp_rib_prefixes 7\n",
             "margay_bgp_updates_received_total{peer=\"10.0.0.2\",peer_asn=\"65000\"} 5\n",
             "margay_bgp_kernel_route_writes_total 0\n",
         ] {
             assert!(t.contains(line), "{t}");
         }
+        assert!(!t.contains("margay_bgp_bfd_up{peer=\"10.0.0.2\""), "{t}");
     }
 }
