@@ -303,6 +303,13 @@ mod tests {
         b.receive(&p, now)
     }
 
+    /// The three-way handshake: A's Down, B's Init, A's Up.
+    fn handshake(a: &mut Session, b: &mut Session, t: Instant) {
+        send(a, b, t);
+        send(b, a, t);
+        send(a, b, t);
+    }
+
     #[test]
     fn two_sessions_come_up_by_the_three_way_handshake() {
         let t = Instant::now();
@@ -323,9 +330,7 @@ mod tests {
         let t = Instant::now();
         let (mut a, mut b) = pair(t);
         assert_eq!(a.packet().desired_min_tx, 1_000_000, "1 s while Down");
-        send(&mut a, &mut b, t);
-        send(&mut b, &mut a, t);
-        send(&mut a, &mut b, t);
+        handshake(&mut a, &mut b, t);
         // Both Up: each polls to announce 300 ms, which it uses at once
         // (faster); B owes A's poll a Final first (never P and F in one).
         assert!(a.packet().poll);
@@ -373,9 +378,7 @@ mod tests {
     fn neighbor_down_and_admin_down() {
         let t = Instant::now();
         let (mut a, mut b) = pair(t);
-        send(&mut a, &mut b, t);
-        send(&mut b, &mut a, t);
-        send(&mut a, &mut b, t);
+        handshake(&mut a, &mut b, t);
         let c = b.admin_down().unwrap();
         assert_eq!(c.to, State::AdminDown);
         let c = send(&mut b, &mut a, t).unwrap();
