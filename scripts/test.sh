@@ -18,7 +18,7 @@ step "format"
 cargo fmt --all -- --check
 
 step "module graphs (no import circles between a crate's modules)"
-python3 scripts/check-cycles.py agent/src api/src bench/src bgp/src cni-shim/src delta/src \
+python3 scripts/check-cycles.py agent/src api/src bench/src bgp/src cni-shim/src delta/src netpol/src \
   harness/src ipam/src lab/src nftnl/src policy/src proto/src task/src tests/src
 
 step "clippy (warnings are errors)"

@@ -14,7 +14,8 @@
 //!   views; [`ctl`]: what `margayctl ipam` reports;
 //! - [`community`]: `ASN:VALUE` communities;
 //! - [`known`]: an input current, stale or unknown, and why ([`known::Why`]);
-//! - [`stable`]: hashes and formats that must not change between versions.
+//! - [`stable`]: hashes and formats that must not change between versions;
+//! - [`tunnel`]: the tunnels' device, VNI, port and filter table names.
 //!
 //! Without the default `crd` feature only the parts with no Kubernetes
 //! dependency are built (what the CNI plugin and the BGP speaker need).
@@ -25,6 +26,7 @@ pub mod known;
 pub mod node;
 pub mod stable;
 pub mod status;
+pub mod tunnel;
 
 #[cfg(feature = "crd")]
 pub mod bgp;

@@ -310,7 +310,7 @@ async fn vxlan_between_nodes() {
 /// past NetworkPolicy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_takes_packets_from_nodes_only() {
-    use margay_agent::dataplane::ownership::{TUNNEL_TABLE_NAME, VXLAN_DEV, VXLAN_PORT, VXLAN_VNI};
+    use margay_api::tunnel::{TUNNEL_TABLE_NAME, VXLAN_DEV, VXLAN_PORT, VXLAN_VNI};
     use margay_tests::tunnel;
     use std::net::SocketAddrV4;
     let c = cluster(

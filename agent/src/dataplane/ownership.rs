@@ -30,16 +30,10 @@ pub const HOST_IF_PREFIX: &str = "cali";
 /// Every pod host interface's alias starts so; without it, an interface
 /// is not Margay's.
 pub const ALIAS_TAG: &str = "margay1";
-/// The VXLAN device.
-pub const VXLAN_DEV: &str = "margay.vxlan";
 /// The IPIP device: the ipip module's fallback device, which receives
 /// every IPIP packet no other tunnel claims and sends to the next hop of
 /// the route (Calico's `tunl0`).
 pub const IPIP_DEV: &str = "tunl0";
-/// Its VNI (Calico's).
-pub const VXLAN_VNI: u32 = 4096;
-/// Its UDP port (IANA's).
-pub const VXLAN_PORT: u16 = 4789;
 /// The nftables table (family and name).
 pub const NFT_TABLE: &str = "inet margay";
 /// The NetworkPolicy nftables table (family and name).
@@ -48,11 +42,9 @@ pub const NFT_POLICY_TABLE: &str = margay_policy::ruleset::TABLE;
 /// names it.
 pub const POLICY_TABLE_NAME: &str = margay_policy::ruleset::TABLE_NAME;
 
-/// The tunnel filter's nftables table (family and name): encapsulated
-/// packets are taken from the cluster's nodes only.
-pub const NFT_TUNNEL_TABLE: &str = "inet margay_tunnel";
-/// [`NFT_TUNNEL_TABLE`]'s name within its family (`inet`).
-pub const TUNNEL_TABLE_NAME: &str = "margay_tunnel";
+pub use margay_api::tunnel::{
+    NFT_TUNNEL_TABLE, TUNNEL_TABLE_NAME, VXLAN_DEV, VXLAN_PORT, VXLAN_VNI,
+};
 
 /// The host-side interface name for an attachment: [`HOST_IF_PREFIX`] and
 /// 11 hex digits of a hash of `key` (the attachment's handle; before

@@ -11,13 +11,13 @@
 //! outside its policies at any moment after its ADD returns. Start-up
 //! registers the pods already wired, from their interfaces' aliases.
 //!
-//! - [`engine`]: the engine's state, pure;
+//! - [`engine`]: the engine's state, pure (the crate `margay-netpol`);
 //! - [`events`]: Kubernetes Events on policies not enforced as written;
 //! - [`slices`]: this node's endpoint slices, what the other nodes'
 //!   policies know of its pods (the other nodes' are read, while a policy
 //!   here names pods, instead of a watch of every Pod).
 
-pub mod engine;
+pub use margay_netpol as engine;
 pub mod events;
 pub mod slices;
 

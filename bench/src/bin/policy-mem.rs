@@ -2,7 +2,7 @@
 //! per pod of another node, with a policy whose peer is every pod (issue
 //! 27: an agent's RSS grows by at most 200 bytes per remote pod, its peer
 //! set holding every pod). No cluster, no kernel: the agent's own
-//! `Engine` (`margay_agent::netpol::engine`) fed as its loop feeds it.
+//! `Engine` (`margay_netpol`, the agent's policy engine) fed as its loop feeds it.
 //!
 //! - The engine of `node0`, everything listed: namespace `scale`, one
 //!   pod of `node0` there (wired), one NetworkPolicy there (`podSelector: {}`, ingress from
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use margay_agent::netpol::engine::{Endpoint, Engine, Event, Load};
+use margay_netpol::{Endpoint, Engine, Event, Load};
 
 #[allow(dead_code)]
 #[path = "scale/fake.rs"]

@@ -106,7 +106,7 @@ pub enum Scope {
 /// What the watch says of a Pod: labels and named ports, and addresses
 /// (maybe none yet), and which watch said it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Watched {
+pub struct Watched {
     pod: Pod,
     scope: Scope,
     /// The endpoint slice that holds it (remote pods; shared name).
@@ -114,7 +114,7 @@ pub(crate) struct Watched {
 }
 
 /// Pod `p`'s key, when it has a namespace and a name.
-pub(crate) fn pod_key(p: &core::Pod) -> Option<PodKey> {
+pub fn pod_key(p: &core::Pod) -> Option<PodKey> {
     p.metadata
         .namespace
         .as_deref()
@@ -122,7 +122,7 @@ pub(crate) fn pod_key(p: &core::Pod) -> Option<PodKey> {
         .map(|(ns, n)| Key::new(ns, n))
 }
 
-pub(crate) fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
+pub fn watched_pod(p: &core::Pod, scope: Scope) -> Option<(PodKey, Watched)> {
     Pod::from_k8s_unaddressed(p).map(|(key, pod)| {
         let slice = None;
         (key, Watched { pod, scope, slice })
