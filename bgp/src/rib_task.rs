@@ -45,8 +45,12 @@ const BATCH: usize = 1024;
 /// What the RIB task is asked: by the [`crate::speaker::Speaker`] handle,
 /// the accept loop and its own timers.
 pub(crate) enum ToRib {
-    StaleTimeout { id: PeerId },
-    RefreshDue { id: PeerId },
+    StaleTimeout {
+        id: PeerId,
+    },
+    RefreshDue {
+        id: PeerId,
+    },
     RestartTimeout,
     Incoming(TcpStream, SocketAddr),
     Routes(oneshot::Sender<Vec<RouteView>>),
@@ -55,6 +59,9 @@ pub(crate) enum ToRib {
     SetImport(Vec<Prefix>),
     SetCommunities(Vec<u32>),
     SetRestartTime(u16),
+    /// A BFD event again (its peer's command queue was full), or BFD to
+    /// start again (its port was taken).
+    Bfd(Option<crate::bfd::Event>),
 }
 
 /// A started RIB task and what its [`crate::speaker::Speaker`] keeps of it.
@@ -102,6 +109,9 @@ pub(crate) struct RibTask {
     shared: Arc<Shared>,
     /// BFD, started with the first peer that has it on.
     bfd: Option<crate::bfd::Bfd>,
+    /// Its retries (a start, an event a peer's full queue refused).
+    bfd_retry: Option<Owned>,
+    bfd_event_retry: HashMap<IpAddr, Owned>,
     bfd_tx: mpsc::UnboundedSender<crate::bfd::Event>,
 }
 
@@ -179,6 +189,8 @@ impl RibTask {
             shared: shared.clone(),
             cfg: cfg.clone(),
             bfd: None,
+            bfd_retry: None,
+            bfd_event_retry: HashMap::new(),
             bfd_tx,
         };
         for n in &cfg.neighbors {
@@ -332,6 +344,8 @@ impl RibTask {
             ToRib::SetImport(allowed) => self.rib.set_import_filter(ImportFilter { allowed }),
             ToRib::SetCommunities(values) => self.set_communities(values),
             ToRib::SetRestartTime(secs) => self.set_restart_time(secs),
+            ToRib::Bfd(Some(ev)) => self.bfd_event(ev),
+            ToRib::Bfd(None) => self.sync_bfd(),
         }
     }
 
@@ -642,6 +656,12 @@ async fn accept_loop(
     }
 }
 
+/// How soon BFD is started again after its port was taken.
+const BFD_RETRY: Duration = Duration::from_secs(2);
+/// How soon a BFD event a peer's full command queue refused is handed on
+/// again.
+const BFD_EVENT_RETRY: Duration = Duration::from_millis(20);
+
 impl RibTask {
     /// Runs a BFD session with each peer that has BFD on (none: no BFD
     /// socket is opened).
@@ -655,7 +675,10 @@ impl RibTask {
             match crate::bfd::Bfd::start(self.bfd_tx.clone()) {
                 Ok(b) => self.bfd = Some(b),
                 Err(e) => {
-                    tracing::error!("BFD: cannot listen on UDP port 3784: {e}");
+                    // Say so, and try again (a speaker before us may still
+                    // hold the port for a moment).
+                    tracing::error!("BFD: cannot listen on UDP port 3784 (again in 2 s): {e}");
+                    self.bfd_retry = Some(self.timer(BFD_RETRY, ToRib::Bfd(None)));
                     return;
                 }
             }
@@ -668,18 +691,29 @@ impl RibTask {
     /// A BFD session changed: shown in the peer's status; from Up to Down
     /// (not AdminDown: RFC 5882 §3.2), the BGP session is closed.
     fn bfd_event(&mut self, ev: crate::bfd::Event) {
+        self.bfd_event_retry.remove(&ev.peer);
         let Some(slot) = self.peers.values().find(|p| p.params.addr == ev.peer) else {
             return;
         };
+        // A peer whose BFD was just turned off: its session's last word
+        // (AdminDown) is not its state.
+        if slot.params.bfd.is_none() {
+            return;
+        }
         slot.status.lock().expect("status").bfd = Some(ev.change.to);
-        let failed =
-            ev.change.from == crate::bfd::State::Up && ev.change.to == crate::bfd::State::Down;
         let Some(tx) = &slot.incoming else { return };
-        if failed {
+        let cmd = if ev.change.failed() {
             tracing::warn!(peer = %ev.peer, "BFD session down ({}): closing the BGP session", ev.change.diag);
-            let _ = tx.try_send(PeerCmd::Cease(err::CEASE_BFD_DOWN));
+            PeerCmd::Cease(err::CEASE_BFD_DOWN)
         } else if ev.change.to == crate::bfd::State::Up {
-            let _ = tx.try_send(PeerCmd::PathUp);
+            PeerCmd::PathUp
+        } else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(cmd) {
+            // Not lost: the same event again in a moment.
+            let t = self.timer(BFD_EVENT_RETRY, ToRib::Bfd(Some(ev)));
+            self.bfd_event_retry.insert(ev.peer, t);
         }
     }
 }

@@ -889,15 +889,10 @@ async fn bfd_with_the_router_finds_it_dead_and_back() {
     use nix::unistd::Pid;
     let mut c = cluster(Options::default(), 1).await;
     let tor: std::net::IpAddr = "10.99.0.254".parse().unwrap();
-    let router = |c: &Cluster, i: usize| {
-        status(c, i)
-            .peers
-            .into_iter()
-            .find(|p| p.address == tor)
-            .unwrap_or_else(|| panic!("node{} has no session with the router", i + 1))
-    };
+    // Node i's session with the router (none yet while its agent starts).
+    let router = |c: &Cluster, i: usize| status(c, i).peers.into_iter().find(|p| p.address == tor);
     let established_before: Vec<Option<u64>> = (0..c.nodes.len())
-        .map(|i| router(&c, i).since_seconds)
+        .map(|i| router(&c, i).and_then(|p| p.since_seconds))
         .collect();
     let peers: Api<BGPPeer> = Api::all(c.client.clone());
     let bfd =
@@ -909,7 +904,7 @@ async fn bfd_with_the_router_finds_it_dead_and_back() {
     let all = |c: &Cluster, what: &str, ok: &dyn Fn(&margay_api::status::NeighborView) -> bool| {
         wait::until(what, T, Duration::from_millis(200), || {
             let views: Vec<_> = (0..c.nodes.len()).map(|i| router(c, i)).collect();
-            if views.iter().all(ok) {
+            if views.iter().all(|v| v.as_ref().is_some_and(ok)) {
                 Ok(Some(()))
             } else {
                 Err(format!("{views:?}").into())
@@ -921,13 +916,56 @@ async fn bfd_with_the_router_finds_it_dead_and_back() {
         p.bfd == Some(BfdState::Up) && p.state == SessionState::Established
     });
     for (i, before) in established_before.iter().enumerate() {
-        let now = router(&c, i).since_seconds;
+        let now = router(&c, i).and_then(|p| p.since_seconds);
         assert!(
             now >= *before,
             "node{}: the session was reset to turn BFD on ({before:?} -> {now:?})",
             i + 1
         );
     }
+
+    // node1's agent restarted as for an upgrade (SIGTERM): it says
+    // AdminDown before it goes, so the router keeps node1's routes under
+    // graceful restart instead of taking BFD's silence for a failure.
+    let block = blocks_of(&c, "node1").await.remove(0);
+    let fabric = c.fabric.ns().name().to_string();
+    let (stop, missing) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let sampler = {
+        let (stop, missing, block) = (stop.clone(), missing.clone(), block.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if !route_has(&fabric, &block, "10.99.0.1").unwrap() {
+                    missing.fetch_add(1, Ordering::Relaxed);
+                }
+                // Not a wait: the sampler's pace.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    if let Some(mut a) = c.nodes[0].agent.take() {
+        a.stop(Duration::from_secs(20));
+    }
+    c.start_agent(0).unwrap();
+    all(
+        &c,
+        "BFD and the sessions back after node1's restart",
+        &|p| p.bfd == Some(BfdState::Up) && p.state == SessionState::Established,
+    );
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let bird_log = match c.tor.as_mut() {
+        Some(margay_lab::cluster::Router::Bird(b)) => b.daemon().log_tail(40),
+        _ => String::new(),
+    };
+    assert_eq!(
+        missing.load(Ordering::Relaxed),
+        0,
+        "the router lost its route to node1's {block} during node1's restart:\n{bird_log}\nnode1:\n{}",
+        tail(&c.agent_log(0), 30)
+    );
 
     let pid = match c.tor.as_mut() {
         Some(margay_lab::cluster::Router::Bird(b)) => b.daemon().pid(),

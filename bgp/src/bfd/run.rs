@@ -206,6 +206,32 @@ struct Running {
     sock: UdpSocket,
 }
 
+/// Datagrams read per wake at most.
+const DRAIN_BATCH: usize = 64;
+
+/// A session ending (removed, or the speaker stopping) says AdminDown,
+/// which the peer's clients take as no failure (RFC 5882 §3.2), so a
+/// speaker restarting under graceful restart keeps its routes at the
+/// peer. Three copies, for loss: there is no later to repeat it in.
+fn say_admin_down(r: &Running) {
+    let mut p = r.session.packet();
+    p.state = State::AdminDown;
+    p.diag = super::packet::Diag::AdminDown;
+    p.poll = false;
+    let bytes = p.encode();
+    for _ in 0..3 {
+        let _ = r.sock.try_send(&bytes);
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        for r in self.sessions.values() {
+            say_admin_down(r);
+        }
+    }
+}
+
 struct Task {
     v4: UdpSocket,
     v6: Option<UdpSocket>,
@@ -268,22 +294,22 @@ impl Task {
         let now = Instant::now();
         let gone: Vec<IpAddr> = self
             .sessions
-            .iter()
-            .filter(|(peer, r)| want.get(peer) != Some(&r.session.params()))
-            .map(|(peer, _)| *peer)
+            .keys()
+            .filter(|peer| !want.contains_key(peer))
+            .copied()
             .collect();
         for peer in gone {
             if let Some(mut r) = self.sessions.remove(&peer) {
-                // Say AdminDown once: the peer's clients take it as no
-                // failure (RFC 5882 §3.2).
                 if let Some(change) = r.session.admin_down() {
                     let _ = self.events.send(Event { peer, change });
                 }
-                let _ = r.sock.try_send(&r.session.packet().encode());
+                say_admin_down(&r);
             }
         }
         for (&peer, &params) in want {
-            if self.sessions.contains_key(&peer) {
+            if let Some(r) = self.sessions.get_mut(&peer) {
+                // New settings: in place, by a Poll Sequence (§6.8.3).
+                r.session.set_params(params);
                 continue;
             }
             match sender(peer, PORT, &mut self.rng) {
@@ -299,7 +325,9 @@ impl Task {
     }
 
     fn drain(&mut self, v4: bool, buf: &mut [u8]) {
-        loop {
+        // A bounded batch: a flood to the port cannot keep the timers (and
+        // so our own packets) from running; readiness stays set.
+        for _ in 0..DRAIN_BATCH {
             let sock = if v4 { Some(&self.v4) } else { self.v6.as_ref() };
             let Some(sock) = sock else { return };
             let got = sock.try_io(Interest::READABLE, || recv_ttl(sock, buf));

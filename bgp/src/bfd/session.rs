@@ -45,6 +45,16 @@ pub struct Change {
     pub to: State,
     /// Why (the local diagnostic).
     pub diag: Diag,
+    /// The remote system's state as last heard: a session it took to
+    /// AdminDown is no failure of the path (RFC 5882 §3.2).
+    pub remote: State,
+}
+
+impl Change {
+    /// The path failed: Up to Down, not by anyone's AdminDown.
+    pub fn failed(&self) -> bool {
+        self.from == State::Up && self.to == State::Down && self.remote != State::AdminDown
+    }
 }
 
 /// A BFD session.
@@ -61,8 +71,14 @@ pub struct Session {
     remote_min_rx: Duration,
     remote_min_tx: Duration,
     remote_mult: u8,
+    /// The remote system asks for demand mode: no periodic packets once
+    /// both are Up (§6.8.7).
+    remote_demand: bool,
     /// Desired Min TX as we advertise it.
     desired_min_tx: Duration,
+    /// The Required Min RX the detection time uses: a decrease waits for
+    /// the Poll Sequence to end (§6.8.3).
+    rx_basis: Duration,
     /// The one our transmit interval follows: an increase waits for the
     /// Poll Sequence to end (§6.8.3).
     tx_basis: Duration,
@@ -94,7 +110,9 @@ impl Session {
             remote_min_rx: Duration::from_micros(1),
             remote_min_tx: Duration::ZERO,
             remote_mult: 0,
+            remote_demand: false,
             desired_min_tx: slow,
+            rx_basis: params.min_rx,
             tx_basis: slow,
             polling: false,
             owe_final: false,
@@ -132,7 +150,7 @@ impl Session {
     /// The detection time: how long the remote system may be silent
     /// (§6.8.4, asynchronous mode).
     pub fn detection_time(&self) -> Duration {
-        self.params.min_rx.max(self.remote_min_tx) * u32::from(self.remote_mult)
+        self.rx_basis.max(self.remote_min_tx) * u32::from(self.remote_mult)
     }
 
     /// The transmit interval before jitter (§6.8.7).
@@ -148,9 +166,11 @@ impl Session {
         self.remote_min_rx = Duration::from_micros(p.required_min_rx.into());
         self.remote_min_tx = Duration::from_micros(p.desired_min_tx.into());
         self.remote_mult = p.detect_mult;
+        self.remote_demand = p.demand;
         if p.fin && self.polling {
             self.polling = false;
             self.tx_basis = self.desired_min_tx;
+            self.rx_basis = self.params.min_rx;
         }
         if p.poll {
             self.owe_final = true;
@@ -174,7 +194,38 @@ impl Session {
             from,
             to: self.state,
             diag: self.diag,
+            remote: p.state,
         })
+    }
+
+    /// New settings, taken in place (§6.8.3): announced with a Poll
+    /// Sequence; a slower transmit interval or a shorter Required Min RX
+    /// used only once it ends, the others at once. The session stays up.
+    pub fn set_params(&mut self, params: Params) {
+        if params == self.params {
+            return;
+        }
+        let (old_tx, old_rx) = (self.desired_min_tx, self.params.min_rx);
+        self.params = params;
+        self.desired_min_tx = self.wanted_tx(self.state);
+        if self.desired_min_tx < self.tx_basis || self.state != State::Up {
+            self.tx_basis = self.desired_min_tx;
+        }
+        if params.min_rx > self.rx_basis {
+            self.rx_basis = params.min_rx;
+        }
+        if self.desired_min_tx != old_tx || params.min_rx != old_rx {
+            self.polling = true;
+        }
+    }
+
+    /// Desired Min TX in state `s`: at least a second while not Up.
+    fn wanted_tx(&self, s: State) -> Duration {
+        if s == State::Up {
+            self.params.min_tx
+        } else {
+            self.params.min_tx.max(SLOW_TX)
+        }
     }
 
     /// Time passes: the session goes Down when the remote system has been
@@ -193,6 +244,7 @@ impl Session {
                 from,
                 to: State::Down,
                 diag: Diag::DetectionExpired,
+                remote: self.remote_state,
             });
         }
         None
@@ -211,6 +263,7 @@ impl Session {
             from,
             to: State::AdminDown,
             diag: Diag::AdminDown,
+            remote: self.remote_state,
         })
     }
 
@@ -229,11 +282,7 @@ impl Session {
         // §6.8.3: at least a second while not Up; the configured interval
         // once Up. A change is announced with a Poll Sequence; a slower
         // interval is used once it ends (while Up), a faster one at once.
-        let want = if to == State::Up {
-            self.params.min_tx
-        } else {
-            self.params.min_tx.max(SLOW_TX)
-        };
+        let want = self.wanted_tx(to);
         if want != self.desired_min_tx {
             self.desired_min_tx = want;
             self.polling = true;
@@ -246,7 +295,10 @@ impl Session {
     /// When the next packet is due (at once when a Final is owed); `None`
     /// when the remote system wants nothing periodic and nothing is owed.
     pub fn next_tx(&self) -> Option<Instant> {
-        (self.owe_final || !self.remote_min_rx.is_zero()).then_some(self.next_tx)
+        let demand =
+            self.remote_demand && self.state == State::Up && self.remote_state == State::Up;
+        let periodic = !self.remote_min_rx.is_zero() && !demand;
+        (self.owe_final || periodic).then_some(self.next_tx)
     }
 
     /// When the remote system is overdue, while a detection timer runs.
@@ -390,6 +442,89 @@ mod tests {
         assert_eq!(b.state(), State::Down);
         let c = send(&mut b, &mut a, t).unwrap();
         assert_eq!(c.to, State::Init);
+    }
+
+    #[test]
+    fn only_a_path_failure_is_a_failure() {
+        let t = Instant::now();
+        let (mut a, mut b) = pair(t);
+        handshake(&mut a, &mut b, t);
+        send(&mut b, &mut a, t);
+        // The other side's AdminDown: Down, but no failure (RFC 5882).
+        b.admin_down();
+        let c = send(&mut b, &mut a, t).unwrap();
+        assert_eq!(
+            (c.from, c.to, c.remote),
+            (State::Up, State::Down, State::AdminDown)
+        );
+        assert!(!c.failed());
+        // Silence, or the other side saying Down: failures.
+        let (mut a, mut b) = pair(t);
+        handshake(&mut a, &mut b, t);
+        send(&mut b, &mut a, t);
+        let c = a.tick(a.detect_at().unwrap()).unwrap();
+        assert!(c.failed(), "{c:?}");
+        let (mut a, mut b) = pair(t);
+        handshake(&mut a, &mut b, t);
+        send(&mut b, &mut a, t);
+        b.tick(b.detect_at().unwrap());
+        let c = send(&mut b, &mut a, t).unwrap();
+        assert!(c.failed() && c.diag == Diag::NeighborDown, "{c:?}");
+    }
+
+    #[test]
+    fn new_settings_are_taken_in_place_by_a_poll() {
+        let t = Instant::now();
+        let (mut a, mut b) = pair(t);
+        for _ in 0..3 {
+            handshake(&mut a, &mut b, t);
+            send(&mut b, &mut a, t);
+        }
+        assert!(!a.packet().poll && a.state() == State::Up);
+        // Faster: used at once, announced by a poll; the session stays Up.
+        let fast = Params {
+            min_tx: Duration::from_millis(100),
+            min_rx: Duration::from_millis(100),
+            multiplier: 3,
+        };
+        a.set_params(fast);
+        assert_eq!(a.state(), State::Up);
+        assert!(a.packet().poll);
+        assert_eq!(a.packet().desired_min_tx, 100_000);
+        assert_eq!(
+            a.tx_interval(),
+            Duration::from_millis(300),
+            "B's RequiredMinRx"
+        );
+        // The shorter RequiredMinRx waits for the Final before the
+        // detection time uses it (B still sends at its old pace).
+        assert_eq!(a.detection_time(), Duration::from_millis(900));
+        send(&mut a, &mut b, t);
+        b.set_params(fast);
+        send(&mut b, &mut a, t);
+        assert!(!a.packet().poll, "A's poll ended");
+        assert_eq!(a.detection_time(), Duration::from_millis(300));
+        // Slower: announced, used only once the poll ends.
+        a.set_params(Params::default());
+        assert_eq!(a.packet().desired_min_tx, 300_000);
+        assert_eq!(a.tx_interval(), Duration::from_millis(100));
+        send(&mut a, &mut b, t);
+        send(&mut b, &mut a, t);
+        assert_eq!(a.tx_interval(), Duration::from_millis(300));
+    }
+
+    #[test]
+    fn a_remote_in_demand_mode_gets_nothing_periodic_once_up() {
+        let t = Instant::now();
+        let (mut a, mut b) = pair(t);
+        handshake(&mut a, &mut b, t);
+        send(&mut b, &mut a, t);
+        let mut p = b.packet();
+        p.demand = true;
+        (p.fin, p.poll) = (false, false);
+        a.sent(t, 0.5);
+        a.receive(&p, t);
+        assert_eq!(a.next_tx(), None);
     }
 
     #[test]

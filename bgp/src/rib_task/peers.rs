@@ -194,7 +194,14 @@ impl RibTask {
             last_error: None,
             dynamic: params.dynamic,
             too_big: 0,
-            bfd: params.bfd.map(|_| crate::bfd::State::Down),
+            // A session already running (the peer re-added for another
+            // setting) keeps its state.
+            bfd: params.bfd.map(|_| {
+                self.bfd
+                    .as_ref()
+                    .and_then(|b| b.views().get(&params.addr).map(|v| v.state))
+                    .unwrap_or(crate::bfd::State::Down)
+            }),
         }));
         self.shared
             .peers

@@ -26,14 +26,18 @@ pub enum Router {
 /// and waits 1-5 s after a session error instead of its default 60-300 s,
 /// which after a cluster AS change would keep the nodes out for minutes.
 /// BIRD runs BFD (100 ms × 3) with every node whose BGPPeer asks for it
-/// (`bfd`); for the others it is advisory and changes nothing.
+/// (`bfd`); for the others it is advisory and changes nothing. `graceful`:
+/// BIRD 2 takes a BFD session's end as a failure even when the node said
+/// AdminDown (an agent stopping for an upgrade; RFC 5882 §3.2 says it is
+/// none, BIRD 3 agrees), so it must restart gracefully then, keeping the
+/// node's routes, instead of dropping them.
 fn tor_config(tor: Tor) -> String {
     match tor {
         Tor::Bird => format!(
             "log stderr all;\nrouter id 10.99.0.254;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths on; }}\n\
              protocol bfd {{ interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
-             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/16 external;\n  direct;\n  error wait time 1, 5;\n  hold time 9; keepalive time 3;\n  bfd on;\n  ipv4 {{ import all; export all; }};\n}}\n"
+             protocol bgp nodes {{\n  local 10.99.0.254 as {TOR_ASN};\n  neighbor range 10.99.0.0/16 external;\n  direct;\n  error wait time 1, 5;\n  hold time 9; keepalive time 3;\n  bfd graceful;\n  ipv4 {{ import all; export all; }};\n}}\n"
         ),
         Tor::Frr => format!(
             "frr defaults traditional\nhostname tor\nrouter bgp {TOR_ASN}\n bgp router-id 10.99.0.254\n no bgp ebgp-requires-policy\n neighbor nodes peer-group\n neighbor nodes remote-as 64512\n neighbor nodes timers 3 9\n bgp listen range 10.99.0.0/16 peer-group nodes\n!\n"
