@@ -362,6 +362,14 @@ mod tests {
         send(a, b, t);
     }
 
+    /// Two sessions Up, B's first packet as Up heard by A.
+    fn up(t: Instant) -> (Session, Session) {
+        let (mut a, mut b) = pair(t);
+        handshake(&mut a, &mut b, t);
+        send(&mut b, &mut a, t);
+        (a, b)
+    }
+
     #[test]
     fn two_sessions_come_up_by_the_three_way_handshake() {
         let t = Instant::now();
@@ -447,9 +455,7 @@ mod tests {
     #[test]
     fn only_a_path_failure_is_a_failure() {
         let t = Instant::now();
-        let (mut a, mut b) = pair(t);
-        handshake(&mut a, &mut b, t);
-        send(&mut b, &mut a, t);
+        let (mut a, mut b) = up(t);
         // The other side's AdminDown: Down, but no failure (RFC 5882).
         b.admin_down();
         let c = send(&mut b, &mut a, t).unwrap();
@@ -459,14 +465,10 @@ mod tests {
         );
         assert!(!c.failed());
         // Silence, or the other side saying Down: failures.
-        let (mut a, mut b) = pair(t);
-        handshake(&mut a, &mut b, t);
-        send(&mut b, &mut a, t);
+        let (mut a, _) = up(t);
         let c = a.tick(a.detect_at().unwrap()).unwrap();
         assert!(c.failed(), "{c:?}");
-        let (mut a, mut b) = pair(t);
-        handshake(&mut a, &mut b, t);
-        send(&mut b, &mut a, t);
+        let (mut a, mut b) = up(t);
         b.tick(b.detect_at().unwrap());
         let c = send(&mut b, &mut a, t).unwrap();
         assert!(c.failed() && c.diag == Diag::NeighborDown, "{c:?}");
@@ -516,9 +518,7 @@ mod tests {
     #[test]
     fn a_remote_in_demand_mode_gets_nothing_periodic_once_up() {
         let t = Instant::now();
-        let (mut a, mut b) = pair(t);
-        handshake(&mut a, &mut b, t);
-        send(&mut b, &mut a, t);
+        let (mut a, b) = up(t);
         let mut p = b.packet();
         p.demand = true;
         (p.fin, p.poll) = (false, false);
