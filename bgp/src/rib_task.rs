@@ -396,7 +396,7 @@ impl RibTask {
                 src.bfd = n.bfd;
                 slot.params.bfd = n.bfd.as_ref().map(|b| b.params());
                 slot.status.lock().expect("status").bfd =
-                    slot.params.bfd.map(|_| crate::bfd::State::Down);
+                    bfd_status(self.bfd.as_ref(), src.address, n.bfd.is_some());
             }
         }
         let have: HashSet<IpAddr> = self.peers.values().map(|p| p.params.addr).collect();
@@ -654,6 +654,16 @@ async fn accept_loop(
             _ = shut.changed() => return,
         }
     }
+}
+
+/// What a peer's status says of its BFD (`on`: it has BFD): the state of
+/// its session where one already runs (settings changed in place, or the
+/// peer re-added for another setting), Down until one does.
+fn bfd_status(bfd: Option<&crate::bfd::Bfd>, addr: IpAddr, on: bool) -> Option<crate::bfd::State> {
+    on.then(|| {
+        bfd.and_then(|b| b.state(addr))
+            .unwrap_or(crate::bfd::State::Down)
+    })
 }
 
 /// How soon BFD is started again after its port was taken.

@@ -45,7 +45,7 @@ pub struct View {
 }
 
 /// The handle: the sessions wanted, and their states. Dropping it ends
-/// the task (its sessions just stop: a peer sees them go silent).
+/// the task, each session saying AdminDown first.
 #[derive(Debug)]
 pub struct Bfd {
     want: watch::Sender<BTreeMap<IpAddr, Params>>,
@@ -89,14 +89,9 @@ impl Bfd {
         self.want.send_replace(peers);
     }
 
-    /// Each session's state.
-    pub fn views(&self) -> BTreeMap<IpAddr, View> {
-        self.views.borrow().clone()
-    }
-
-    /// A watch of [`Bfd::views`].
-    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<IpAddr, View>> {
-        self.views.clone()
+    /// The state of the session with `peer`, while one runs.
+    pub fn state(&self, peer: IpAddr) -> Option<State> {
+        self.views.borrow().get(&peer).map(|v| v.state)
     }
 }
 

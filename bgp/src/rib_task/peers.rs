@@ -194,14 +194,7 @@ impl RibTask {
             last_error: None,
             dynamic: params.dynamic,
             too_big: 0,
-            // A session already running (the peer re-added for another
-            // setting) keeps its state.
-            bfd: params.bfd.map(|_| {
-                self.bfd
-                    .as_ref()
-                    .and_then(|b| b.views().get(&params.addr).map(|v| v.state))
-                    .unwrap_or(crate::bfd::State::Down)
-            }),
+            bfd: super::bfd_status(self.bfd.as_ref(), params.addr, params.bfd.is_some()),
         }));
         self.shared
             .peers
