@@ -97,16 +97,22 @@ async fn pools(store: &KubeStore) {
 /// reference has the garbage collector do it where kube-controller-manager
 /// runs; this covers clusters (and the lab) without it. A candidate is
 /// confirmed by a live read of its Node right before, and deleted only as
-/// the object that was listed (its UID as precondition).
+/// the object that was listed (its UID as precondition). Every request
+/// gives up after [`crate::kube::DEADLINE`] (a frozen API server must not
+/// hold the leader's duties).
 async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<usize> {
+    use crate::kube::deadline;
     use kube::ResourceExt;
     use kube::api::{Api, DeleteParams, ListParams, Preconditions};
     use margay_api::identity::MargayNode;
     use margay_ipam::store::Cluster;
     let api: Api<MargayNode> = Api::all(client.clone());
-    let listed = margay_ipam::k8s::list_items(&api, &ListParams::default())
-        .await
-        .map_err(|e| crate::Error::kube("listing MargayNodes", e))?;
+    let listed = deadline(|| "listing MargayNodes".into(), async {
+        margay_ipam::k8s::list_items(&api, &ListParams::default())
+            .await
+            .map_err(|e| crate::Error::kube("listing MargayNodes", e))
+    })
+    .await?;
     let nodes = store.nodes().await?;
     tracing::debug!(
         identities = listed.len(),
@@ -122,15 +128,22 @@ async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<u
     let have: std::collections::BTreeSet<String> = listed.iter().map(|m| m.name_any()).collect();
     let whole: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     for name in nodes.iter().filter(|n| !have.contains(*n)) {
-        let Some(n) = whole
-            .get_opt(name)
-            .await
-            .map_err(|e| crate::Error::kube(format!("reading Node {name}"), e))?
-        else {
+        let what = || format!("reading Node {name}");
+        let got = deadline(what, async {
+            whole
+                .get_opt(name)
+                .await
+                .map_err(|e| crate::Error::kube(what(), e))
+        });
+        let Some(n) = got.await? else {
             continue;
         };
         if let Some(w) = crate::routing::nodes::identity_from_annotations(&n) {
-            crate::kube::node::write_identity(client, name, &w).await?;
+            deadline(
+                || format!("writing MargayNode {name}"),
+                crate::kube::node::write_identity(client, name, &w),
+            )
+            .await?;
             tracing::info!(node = %name, "wrote the MargayNode of a node whose agent publishes annotations only");
         }
     }
@@ -146,23 +159,29 @@ async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<u
             }),
             ..Default::default()
         };
-        match api.delete(&name, &dp).await {
-            Ok(_) => deleted += 1,
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => return Err(crate::Error::kube(format!("deleting MargayNode {name}"), e)),
-        }
+        let what = || format!("deleting MargayNode {name}");
+        let gone = deadline(what, async {
+            match api.delete(&name, &dp).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+                Err(e) => Err(crate::Error::kube(what(), e)),
+            }
+        });
+        deleted += usize::from(gone.await?);
         // Its endpoint slices with it (found by their node label).
         let lp = ListParams::default().labels(&format!(
             "{}={}",
             margay_api::slice::SLICE_NODE_LABEL,
             margay_api::slice::node_label(&name)
         ));
-        slices
-            .delete_collection(&DeleteParams::default(), &lp)
-            .await
-            .map_err(|e| {
-                crate::Error::kube(format!("deleting node {name}'s endpoint slices"), e)
-            })?;
+        let what = || format!("deleting node {name}'s endpoint slices");
+        deadline(what, async {
+            slices
+                .delete_collection(&DeleteParams::default(), &lp)
+                .await
+                .map_err(|e| crate::Error::kube(what(), e))
+        })
+        .await?;
     }
     Ok(deleted)
 }

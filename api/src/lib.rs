@@ -3,7 +3,8 @@
 //!
 //! - [`ipam`] and [`bgp`]: the `margay.dev/v1` resources (IPPool,
 //!   IPAMBlock, IPAMConfiguration, BGPConfiguration, BGPPeer, MargayNode, MargayEndpointSlice) and their
-//!   validation; [`crds`] renders (and installs) their CRDs;
+//!   validation; [`crds`] renders their CRDs (pure: installing them is
+//!   `margay_harness::kube::crds`);
 //! - [`condition`]: status conditions and their transition-time rule;
 //! - [`node`]: annotation keys and the Node condition; [`identity`]: the
 //!   `MargayNode` resource, each node's identity as the others read it;

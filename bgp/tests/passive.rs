@@ -9,6 +9,7 @@ use margay_api::status::SessionState;
 use margay_bgp::config::{Config, Neighbor};
 use margay_bgp::packet::{Ctx, Message, Open, frame_len};
 use margay_bgp::speaker::Speaker;
+use margay_harness::wait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ASN: u32 = 64512;
@@ -90,16 +91,17 @@ async fn passive_neighbors_cost_no_task_until_they_connect() {
             buf.drain(..len);
         }
     }
-    let t = std::time::Instant::now();
-    loop {
+    let every = Duration::from_millis(20);
+    wait::until_async("the dialing neighbor Established", GUARD, every, || async {
         let v = speaker.neighbors();
         let me = v.iter().find(|v| v.address == IpAddr::V4(src)).unwrap();
         if me.state == SessionState::Established {
-            break;
+            return Ok(Some(()));
         }
-        assert!(t.elapsed() < GUARD, "{me:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(format!("{me:?}").into())
+    })
+    .await
+    .unwrap();
     let others = speaker.neighbors();
     assert_eq!(
         others

@@ -3,7 +3,9 @@
 //! something never happens during a window (it fails at the first
 //! observation that breaks it, instead of sleeping and looking once).
 //! A poll that cannot answer yet says why with a [`Seen`], which the
-//! deadline's error reports.
+//! deadline's error reports. A poll whose look cannot be a closure (it
+//! needs `&mut` state, or supervises daemons between looks) is a loop
+//! around a [`Poller`], which keeps the same deadline and message.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -108,6 +110,69 @@ where
     }
 }
 
+/// The deadline and pace of a poll written as a loop: look, then
+/// [`Poller::next`] (or [`Poller::next_blocking`]), which waits `every`
+/// or fails as [`until`] does once `timeout` has passed, with what the
+/// last look [`Poller::saw`].
+#[derive(Debug)]
+pub struct Poller {
+    what: String,
+    timeout: Duration,
+    every: Duration,
+    start: Instant,
+    last: String,
+}
+
+impl Poller {
+    /// A poll for `what`, from now.
+    pub fn new(what: impl Into<String>, timeout: Duration, every: Duration) -> Self {
+        Self {
+            what: what.into(),
+            timeout,
+            every,
+            start: Instant::now(),
+            last: String::new(),
+        }
+    }
+
+    /// Records what the last look saw (the timeout's error says it).
+    pub fn saw(&mut self, seen: impl Into<Seen>) {
+        self.last = seen.into().0;
+    }
+
+    /// What the last look saw.
+    pub fn last(&self) -> &str {
+        &self.last
+    }
+
+    /// How long the poll has gone on.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Before the next look: `Err` once the deadline has passed, else
+    /// waits `every`.
+    pub async fn next(&mut self) -> Result<()> {
+        self.check()?;
+        tokio::time::sleep(self.every).await;
+        Ok(())
+    }
+
+    /// Blocking twin of [`Poller::next`].
+    pub fn next_blocking(&mut self) -> Result<()> {
+        self.check()?;
+        std::thread::sleep(self.every);
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.start.elapsed() > self.timeout {
+            return Err(timed_out(&self.what, self.timeout, &self.last));
+        }
+        Ok(())
+    }
+}
+
 /// Polls `ok` every `every` for `window`; fails at the first observation
 /// that is not true (`Err` carries what was seen), naming `what`.
 pub fn holds_for(
@@ -182,6 +247,30 @@ fn timed_out(what: &str, timeout: Duration, last: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_poller_paces_looks_and_times_out_with_the_last_seen() {
+        let mut p = Poller::new(
+            "the thing",
+            Duration::from_millis(30),
+            Duration::from_millis(5),
+        );
+        let mut looks = 0;
+        let e = loop {
+            looks += 1;
+            p.saw(format!("look {looks}"));
+            if let Err(e) = p.next_blocking() {
+                break e;
+            }
+        };
+        assert!((2..=10).contains(&looks), "{looks} looks");
+        let e = e.to_string();
+        assert!(
+            e.contains("the thing") && e.contains(&format!("look {looks}")),
+            "{e}"
+        );
+        assert!(p.elapsed() >= Duration::from_millis(30));
+    }
 
     #[test]
     fn holds_for_fails_at_the_first_break() {

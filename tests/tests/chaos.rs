@@ -34,6 +34,7 @@ use margay_api::bgp::{BGPConfiguration, BGPPeer};
 use margay_api::ctl::IpamCheck;
 use margay_api::identity::MargayNode;
 use margay_api::status::AgentStatus;
+use margay_harness::wait;
 use margay_lab::Tor;
 use margay_lab::cluster::{Cluster, Options};
 use margay_tests::PingLog;
@@ -332,26 +333,23 @@ impl Run {
         secs: u64,
         f: impl Fn(&Cluster) -> Result<(), String>,
     ) -> f64 {
-        let timeout = Duration::from_secs(secs);
-        let t = Instant::now();
-        let mut last = String::new();
+        let every = Duration::from_millis(250);
+        let mut p = wait::Poller::new(what, Duration::from_secs(secs), every);
         let mut said = Instant::now();
-        while t.elapsed() < timeout {
+        loop {
             self.c.supervise();
             match f(&self.c) {
-                Ok(()) => return t.elapsed().as_secs_f64(),
-                Err(e) => last = e,
+                Ok(()) => return p.elapsed().as_secs_f64(),
+                Err(e) => p.saw(e),
             }
             if said.elapsed() > Duration::from_secs(10) {
-                self.say(&format!("still waiting for {what}: {last}"));
+                self.say(&format!("still waiting for {what}: {}", p.last()));
                 said = Instant::now();
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(e) = p.next().await {
+                panic!("{e}\nnode1 log:\n{}", tail(&self.c.agent_log(0), 40));
+            }
         }
-        panic!(
-            "timed out after {timeout:?} waiting for {what}: {last}\nnode1 log:\n{}",
-            tail(&self.c.agent_log(0), 40)
-        );
     }
 
     /// A fault begins.
@@ -388,7 +386,12 @@ impl Run {
     /// Every node but `except` shows `needle` in its MargayReady condition
     /// (or, with `present` false, none shows it).
     async fn condition(&mut self, needle: &str, present: bool, except: &[usize]) {
-        let t = Instant::now();
+        let what = format!(
+            "condition {needle:?} to {}",
+            if present { "show" } else { "clear" }
+        );
+        let every = Duration::from_millis(300);
+        let mut p = wait::Poller::new(what, Duration::from_secs(60), every);
         let nodes: Api<KubeNode> = Api::all(self.c.client.clone());
         loop {
             self.c.supervise();
@@ -413,16 +416,8 @@ impl Run {
             if ok {
                 return;
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "condition {} {needle:?}: {seen:#?}",
-                if present {
-                    "never showed"
-                } else {
-                    "never cleared"
-                }
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            p.saw(format!("{seen:#?}"));
+            p.next().await.unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
@@ -806,7 +801,8 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
     assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
 
     // No address held twice, and no leak once collection has run.
-    let t = Instant::now();
+    let every = Duration::from_secs(2);
+    let mut p = wait::Poller::new("IPAM check ok", Duration::from_secs(120), every);
     let report = loop {
         let (_, out, _) = run
             .c
@@ -814,11 +810,14 @@ async fn the_data_plane_outlives_every_fault_of_the_control_plane() {
             .unwrap();
         let r: IpamCheck = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
         assert!(r.duplicates.is_empty(), "{:?}", r.duplicates);
-        if r.ok || t.elapsed() > Duration::from_secs(120) {
+        if r.ok {
             break r;
         }
         run.c.supervise();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        p.saw(format!("{r:?}"));
+        p.next()
+            .await
+            .unwrap_or_else(|e| panic!("after garbage collection: {e}"));
     };
     assert!(report.ok, "after garbage collection: {report:?}");
     let held: BTreeMap<String, String> = margay_tests::allocations(&run.c.client)

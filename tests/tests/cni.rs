@@ -176,30 +176,28 @@ impl World {
     /// The pod addresses once the agent's write-behind has settled on `n`
     /// of them (or what there is after 15 s).
     async fn allocations(&self, n: usize) -> Vec<String> {
-        let mut last = Vec::new();
-        for _ in 0..300 {
-            last = self.pod_allocations().await;
-            if last.len() == n {
-                break;
+        let every = Duration::from_millis(50);
+        let mut p = wait::Poller::new("the allocations", Duration::from_secs(15), every);
+        loop {
+            let last = self.pod_allocations().await;
+            if last.len() == n || p.next().await.is_err() {
+                break last;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        last
     }
 
     /// The pod addresses once they are exactly `want` (sorted), or what
     /// there is after 15 s.
     async fn settle_on(&self, mut want: Vec<String>) -> (Vec<String>, Vec<String>) {
         want.sort();
-        let mut last = Vec::new();
-        for _ in 0..300 {
-            last = self.pod_allocations().await;
-            if last == want {
-                break;
+        let every = Duration::from_millis(50);
+        let mut p = wait::Poller::new("the allocations", Duration::from_secs(15), every);
+        loop {
+            let last = self.pod_allocations().await;
+            if last == want || p.next().await.is_err() {
+                break (last, want);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        (last, want)
     }
 
     /// The node's route to `prefix` (`ip FAMILY route show PREFIX`).

@@ -22,7 +22,7 @@ use margay_delta::{Delta, Op, Removals};
 use super::ownership::{IPIP_DEV, VXLAN_DEV};
 use super::{
     Dataplane, DevicePlan, Devices, Error, FilterPlan, Holds, PerTunnel, Remote, Result, Tunnel,
-    TunnelFilter,
+    TunnelFilter, Via,
 };
 
 /// One kernel object a sync works on.
@@ -165,11 +165,12 @@ pub async fn pod_routes<D: Dataplane>(
 /// the VXLAN device's entries) `want`:
 /// 1. each device `devices` wants is made (or kept) and brought up first,
 ///    so the first packet through a new route finds it;
-/// 2. the VXLAN device's neighbour and FDB entries, then the routes; a
-///    route through a device that is not up is left for a later pass (what
-///    the kernel routes that block through now stays), and the routes to
-///    `holds.keep` (blocks that exist but cannot be routed as wanted now)
-///    are never removed;
+/// 2. the VXLAN device's neighbour and FDB entries to add, then the
+///    routes, then the entries to remove, never one a route the kernel
+///    keeps goes through; a route through a device that is not up is left
+///    for a later pass (what the kernel routes that block through now
+///    stays), and the routes to `holds.keep` (blocks that exist but cannot
+///    be routed as wanted now) are never removed;
 /// 3. a device to retire goes last, and only once no route uses it but
 ///    those to `holds.expendable` (blocks of pools being deleted).
 pub async fn remote<D: Dataplane>(
@@ -209,16 +210,27 @@ pub async fn remote<D: Dataplane>(
             Err(e) => rep.fail(Item::Device(t), Op::Set, e),
         }
     }
+    // VXLAN entries are added before the routes that need them and removed
+    // after the routes that went through them changed (make before break).
+    let (mut neigh, mut fdb) = (Delta::default(), Delta::default());
     if usable.vxlan {
+        neigh = Delta::between(&want.neigh, &have.state.neigh, removals);
+        fdb = Delta::between(&want.fdb, &have.state.fdb, removals);
         rep.carry(
-            Delta::between(&want.neigh, &have.state.neigh, removals),
+            Delta {
+                set: std::mem::take(&mut neigh.set),
+                remove: Vec::new(),
+            },
             |ip, mac| dp.set_neigh(ip, mac),
             |ip| dp.del_neigh(ip),
             Item::Neighbour,
         )
         .await;
         rep.carry(
-            Delta::between(&want.fdb, &have.state.fdb, removals),
+            Delta {
+                set: std::mem::take(&mut fdb.set),
+                remove: Vec::new(),
+            },
             |mac, ip| dp.set_fdb(mac, ip),
             |mac| dp.del_fdb(mac),
             Item::Fdb,
@@ -260,6 +272,30 @@ pub async fn remote<D: Dataplane>(
         };
     }
     rep.absorb(r, Item::RemoteRoute);
+    if usable.vxlan {
+        // Never an entry a route still goes through (a kept block's, one
+        // whose change failed): without it the route stays but leads
+        // nowhere (a pool switched from VXLAN to IPIP lost ~2 s on every
+        // pair, from the moment the other node stopped announcing its VTEP
+        // to the moment it announced tunl0).
+        let (used_neigh, used_fdb) = vxlan_entries_used(&after, &have.state, want);
+        neigh.remove.retain(|ip| !used_neigh.contains(ip));
+        fdb.remove.retain(|mac| !used_fdb.contains(mac));
+        rep.carry(
+            neigh,
+            |ip, mac| dp.set_neigh(ip, mac),
+            |ip| dp.del_neigh(ip),
+            Item::Neighbour,
+        )
+        .await;
+        rep.carry(
+            fdb,
+            |mac, ip| dp.set_fdb(mac, ip),
+            |mac| dp.del_fdb(mac),
+            Item::Fdb,
+        )
+        .await;
+    }
     let in_use: Vec<Option<Tunnel>> = after
         .iter()
         .filter(|(n, _)| !holds.expendable.contains(n))
@@ -284,6 +320,31 @@ pub async fn remote<D: Dataplane>(
         }
     }
     Ok(rep)
+}
+
+/// The VXLAN device's entries that `routes` (what the kernel routes once
+/// a sync is carried out) go through: their tunnel addresses' neighbour
+/// entries, and the FDB entries of those entries' MACs (as the kernel has
+/// them, or as wanted).
+fn vxlan_entries_used(
+    routes: &BTreeMap<IpNetwork, Via>,
+    have: &Remote,
+    want: &Remote,
+) -> (BTreeSet<Ipv4Addr>, BTreeSet<[u8; 6]>) {
+    let neigh: BTreeSet<Ipv4Addr> = routes
+        .values()
+        .filter_map(|v| match v {
+            Via::Vxlan(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    let fdb = neigh
+        .iter()
+        .flat_map(|ip| [have.neigh.get(ip), want.neigh.get(ip)])
+        .flatten()
+        .copied()
+        .collect();
+    (neigh, fdb)
 }
 
 /// Makes the kernel's tunnel filter what `plan` asks of it (see
@@ -314,7 +375,7 @@ pub async fn tunnel_filter<D: Dataplane>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::{FakeDataplane, LocalIpip, LocalVtep, Via, fake::Fault};
+    use crate::dataplane::{FakeDataplane, LocalIpip, LocalVtep, fake::Fault};
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
@@ -435,6 +496,68 @@ mod tests {
         assert!(r.retired.vxlan);
         let r = dp.remote.lock().unwrap().clone();
         assert!(r.vxlan.is_none() && r.state == Remote::default());
+    }
+
+    #[tokio::test]
+    async fn a_kept_vxlan_route_keeps_its_neighbour_and_fdb_entries() {
+        // A pool switched from VXLAN to IPIP: the other node no longer
+        // announces its VTEP and not yet tunl0, so its block is kept; the
+        // entries its route goes through stay, the others' go.
+        let dp = FakeDataplane::default();
+        let (kept, gone) = (net("10.244.1.0/26"), net("10.244.2.0/26"));
+        let (mac1, mac2) = ([0x66, 0, 0, 0, 0, 1], [0x66, 0, 0, 0, 0, 2]);
+        let (tip1, tip2): (Ipv4Addr, Ipv4Addr) =
+            ("10.244.1.9".parse().unwrap(), "10.244.2.9".parse().unwrap());
+        let mut want = Remote::default();
+        want.routes.insert(kept, Via::Vxlan(tip1));
+        want.routes.insert(gone, Via::Vxlan(tip2));
+        want.neigh.insert(tip1, mac1);
+        want.neigh.insert(tip2, mac2);
+        want.fdb.insert(mac1, "10.0.0.2".parse().unwrap());
+        want.fdb.insert(mac2, "10.0.0.3".parse().unwrap());
+        let up = Devices {
+            vxlan: DevicePlan::Want(LocalVtep {
+                mac: [0x66, 0, 0, 0, 0, 9],
+                tunnel_ip: "10.244.0.9".parse().unwrap(),
+                underlay: "10.0.0.1".parse().unwrap(),
+                mtu: 1450,
+            }),
+            ..Default::default()
+        };
+        go(&dp, &up, &want, Removals::Allowed).await;
+        let holds = Holds {
+            keep: [kept].into(),
+            ..Default::default()
+        };
+        let r = remote(&dp, &up, &Remote::default(), &holds, Removals::Allowed)
+            .await
+            .unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        let have = dp.remote.lock().unwrap().state.clone();
+        assert_eq!(have.routes, [(kept, Via::Vxlan(tip1))].into());
+        assert_eq!(have.neigh, [(tip1, mac1)].into());
+        assert_eq!(have.fdb, [(mac1, "10.0.0.2".parse().unwrap())].into());
+        // Switched to IPIP, but the kernel refuses the new route: the old
+        // one stays, and so do the entries it goes through.
+        let mut ipip = Remote::default();
+        let node: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        ipip.routes.insert(kept, Via::Ipip(node));
+        let both = Devices {
+            ipip: DevicePlan::Want(LocalIpip {
+                tunnel_ip: "10.244.0.8".parse().unwrap(),
+                mtu: 1480,
+            }),
+            ..up
+        };
+        dp.inject(Fault::RemoteRoute(kept));
+        let r = go(&dp, &both, &ipip, Removals::Allowed).await;
+        assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
+        assert_eq!(dp.remote.lock().unwrap().state, have);
+        // Once it takes the new route, they go.
+        dp.clear();
+        let r = go(&dp, &both, &ipip, Removals::Allowed).await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert_eq!(dp.remote.lock().unwrap().state, ipip);
     }
 
     #[tokio::test]

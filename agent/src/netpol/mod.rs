@@ -311,8 +311,9 @@ fn status(engine: &Engine, watch: bool, last_error: &Option<String>) -> Status {
     s
 }
 
-/// How long other nodes' Pods stay watched after the last policy with
-/// pod peers went (a policy replaced by another is no re-list).
+/// How long other nodes' endpoint slices stay watched after the last
+/// policy with pod peers went (a policy replaced by another is no
+/// re-list).
 pub const REMOTE_LINGER: Duration = Duration::from_secs(300);
 
 /// A watch of one kind.

@@ -84,7 +84,8 @@ impl Bfd {
     }
 
     /// The sessions to run, by peer: new ones start Down, ones left out
-    /// say AdminDown once and end, ones with new settings start again.
+    /// say AdminDown three times and end, ones with new settings take them
+    /// in place (a Poll Sequence, RFC 5880 §6.8.3).
     pub fn set(&self, peers: BTreeMap<IpAddr, Params>) {
         self.want.send_replace(peers);
     }

@@ -130,6 +130,8 @@ pub(crate) mod fake {
     #[derive(Debug)]
     pub enum Answer<K: Clone> {
         Page(kube::Result<ObjectList<K>>),
+        /// A page request the API never answers (a frozen server).
+        Hang,
         Watch(kube::Result<Vec<kube::Result<WatchEvent<K>>>>, Open),
     }
 
@@ -231,6 +233,7 @@ pub(crate) mod fake {
             });
             match self.next() {
                 Some(Answer::Page(r)) => r,
+                Some(Answer::Hang) => futures::future::pending().await,
                 Some(Answer::Watch(..)) => panic!("a page asked for, a watch scripted"),
                 // Past the script: the API does not answer.
                 None => futures::future::pending().await,
@@ -250,7 +253,9 @@ pub(crate) mod fake {
                         Open::Stays => events.chain(futures::stream::pending()).boxed(),
                     })
                 }
-                Some(Answer::Page(_)) => panic!("a watch asked for, a page scripted"),
+                Some(Answer::Page(_) | Answer::Hang) => {
+                    panic!("a watch asked for, a page scripted")
+                }
                 None => futures::future::pending().await,
             }
         }

@@ -68,6 +68,11 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// API server's 5-minute cap; kube-runtime's and client-go's default).
 pub const WATCH_TIMEOUT: u32 = 290;
 
+/// How long one whole list (every page) may take before it is given up
+/// as unanswered and tried again after the back-off: an API server that
+/// accepted the connection and froze must not hold the watch forever.
+pub const LIST_DEADLINE: Duration = Duration::from_secs(60);
+
 /// How long past [`WATCH_TIMEOUT`] a watch may stay silent before it
 /// counts as lost (an API server gone without closing the connection).
 const IDLE_MARGIN: Duration = Duration::from_secs(30);
@@ -414,8 +419,8 @@ pub(crate) async fn run<K, S>(
     loop {
         let from = match version.take() {
             Some(v) => v,
-            None => match list_all(&src, &lp).await {
-                Ok(l) => {
+            None => match tokio::time::timeout(LIST_DEADLINE, list_all(&src, &lp)).await {
+                Ok(Ok(l)) => {
                     keep(Change::Listed(l.items));
                     tell.changed();
                     tell.current();
@@ -424,8 +429,11 @@ pub(crate) async fn run<K, S>(
                     just_listed = true;
                     l.resource_version
                 }
-                Err(e) => {
-                    tell.failed(why_of(Some(Op::List), &e));
+                failed => {
+                    tell.failed(match failed {
+                        Ok(Err(e)) => why_of(Some(Op::List), &e),
+                        _ => Why::NoAnswer,
+                    });
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;

@@ -323,6 +323,27 @@ async fn after_an_outage_a_refused_version_is_listed_again_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_list_the_api_never_answers_is_given_up_and_tried_again() {
+    let b = bed(vec![
+        Answer::Hang,
+        page(vec![cm("a", "4", "1")], "5", None),
+        watch_ok(vec![], Open::Stays),
+    ]);
+    let t0 = tokio::time::Instant::now();
+    b.until("unknown").await;
+    assert_eq!(t0.elapsed(), LIST_DEADLINE);
+    assert!(
+        matches!(b.w.read(), Known::Unknown(Why::NotListed { last: Some(w), .. }) if *w == Why::NoAnswer),
+        "{:?}",
+        b.w.read()
+    );
+    b.until("fresh").await;
+    assert_eq!(t0.elapsed(), LIST_DEADLINE + Duration::from_secs(1));
+    assert_eq!(b.held(), (kv(&[("a", "1")]), "fresh"));
+    assert_eq!(b.lists(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_first_list_that_fails_is_retried_with_back_off_and_unknown_meanwhile() {
     let err = || Answer::Page(Err(kube::Error::Api(status(503, "unavailable"))));
     let b = bed(vec![
