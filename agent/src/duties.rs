@@ -49,6 +49,14 @@ async fn lead(client: kube::Client, gc_every: Option<Duration>) {
     let poke = Arc::new(Notify::new());
     let (store, watches) = KubeStore::cluster_watched(client.clone(), poke.clone());
     let _watches = Owned::spawn(watches);
+    // The MargayNodes, for their collection: watched while leading, so a
+    // tick at rest reads no list.
+    let (identities_seen, watch) = crate::kube::watch(
+        kube::Api::all(client.clone()),
+        "MargayNodes",
+        Arc::new(Notify::new()),
+    );
+    let _identity_watch = Owned::spawn(watch);
     let store = Arc::new(store);
     let mut janitor = Janitor::new(store.clone());
     let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(3600)));
@@ -75,7 +83,7 @@ async fn lead(client: kube::Client, gc_every: Option<Duration>) {
                     Ok(_) => {}
                     Err(e) => tracing::warn!("garbage collection: {e}"),
                 }
-                match identities(&client, &store).await {
+                match identities(&client, &store, &identities_seen).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(deleted = n, "MargayNodes of deleted Nodes"),
                     Err(e) => tracing::warn!("MargayNode collection: {e}"),
@@ -97,22 +105,28 @@ async fn pools(store: &KubeStore) {
 /// reference has the garbage collector do it where kube-controller-manager
 /// runs; this covers clusters (and the lab) without it. A candidate is
 /// confirmed by a live read of its Node right before, and deleted only as
-/// the object that was listed (its UID as precondition). Every request
-/// gives up after [`crate::kube::DEADLINE`] (a frozen API server must not
-/// hold the leader's duties).
-async fn identities(client: &kube::Client, store: &KubeStore) -> crate::Result<usize> {
-    use crate::kube::deadline;
+/// the object that was watched (its UID as precondition). Nothing is done
+/// while the MargayNodes' watch is not current; every request gives up
+/// after [`crate::kube::DEADLINE`] (a frozen API server must not hold the
+/// leader's duties).
+async fn identities(
+    client: &kube::Client,
+    store: &KubeStore,
+    seen: &crate::kube::Watched<margay_api::identity::MargayNode>,
+) -> crate::Result<usize> {
+    use crate::kube::{Known, deadline};
     use kube::ResourceExt;
     use kube::api::{Api, DeleteParams, ListParams, Preconditions};
     use margay_api::identity::MargayNode;
     use margay_ipam::store::Cluster;
     let api: Api<MargayNode> = Api::all(client.clone());
-    let listed = deadline(|| "listing MargayNodes".into(), async {
-        margay_ipam::k8s::list_items(&api, &ListParams::default())
-            .await
-            .map_err(|e| crate::Error::kube("listing MargayNodes", e))
-    })
-    .await?;
+    let listed = match seen.read() {
+        Known::Fresh(l) => l,
+        Known::Stale(_, why) | Known::Unknown(why) => {
+            tracing::debug!("MargayNode collection waits: {why}");
+            return Ok(0);
+        }
+    };
     let nodes = store.nodes().await?;
     tracing::debug!(
         identities = listed.len(),

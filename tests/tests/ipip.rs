@@ -296,13 +296,25 @@ fn ipip_lab(lab: &Lab) {
         std::thread::sleep(Duration::from_secs(2));
         let t = Instant::now();
         lab.set_encap(to);
+        // What was still missing, each time it changed: how the switch
+        // reached the nodes.
+        let mut seen: Vec<(Duration, String)> = Vec::new();
         eventually(&format!("routes via {dev}"), 120, || {
-            all_routes_via(lab, dev)
+            let r = all_routes_via(lab, dev);
+            if let Err(e) = &r
+                && seen.last().is_none_or(|(_, l)| l != e)
+            {
+                seen.push((t.elapsed(), e.clone()));
+            }
+            r
         });
         println!(
             "routes through {dev} on every node after {:.1?}",
             t.elapsed()
         );
+        for (at, what) in &seen {
+            println!("  {at:.1?}: {what}");
+        }
         // The tunnel no pool uses is retired after its linger.
         eventually("the unused tunnel retired", 180, || {
             // The kernel first (cheap), then what the API says.

@@ -346,9 +346,9 @@ pub async fn run<D: Dataplane>(ctx: RoutingCtx<D>) -> crate::Result<()> {
             }),
         };
         let plan = plan::plan(&snap);
-        let used = plan.tunnels_used;
+        let (used, announced) = (plan.tunnels_used, plan.tunnels_announced);
         let out = apply::apply(plan, ctx.dp.as_ref(), &mut bgp, &cluster).await;
-        let again = tunnels.update(used, &out);
+        let again = tunnels.update(used, announced, &out);
         for p in ctx.state.set_routing(out.status) {
             tracing::warn!("routing: {p}");
         }
@@ -461,8 +461,16 @@ impl Tunnels {
 
     /// Takes in a pass's outcome; whether another pass should follow at
     /// once (an address was allocated, a device became ready, a tunnel
-    /// was retired: the next pass uses or announces it).
-    fn update(&mut self, used: Option<PerTunnel<bool>>, out: &apply::Outcome) -> bool {
+    /// was retired: the next pass uses or announces it). An unused
+    /// tunnel's linger starts once this node is seen announcing the
+    /// tunnels the pools use (`announced`): until then the others still
+    /// route to it through the old one.
+    fn update(
+        &mut self,
+        used: Option<PerTunnel<bool>>,
+        announced: bool,
+        out: &apply::Outcome,
+    ) -> bool {
         let mut again = false;
         for t in Tunnel::ALL {
             match used.map(|u| *u.get(t)) {
@@ -470,11 +478,12 @@ impl Tunnels {
                     *self.unused_since.get_mut(t) = None;
                     *self.retired.get_mut(t) = false;
                 }
-                Some(false) => {
+                Some(false) if announced => {
                     self.unused_since
                         .get_mut(t)
                         .get_or_insert_with(Instant::now);
                 }
+                Some(false) => *self.unused_since.get_mut(t) = None,
                 None => {}
             }
             if let Some(ip) = *out.assigned.get(t) {

@@ -211,6 +211,9 @@ pub struct Plan {
     /// Which tunnels current pools use (`None`: the pools are not
     /// current), for the loop's [`TUNNEL_LINGER`] clock.
     pub tunnels_used: Option<PerTunnel<bool>>,
+    /// Whether this node's MargayNode, as listed, announces every tunnel
+    /// the pools use (an unused tunnel's linger counts from then).
+    pub tunnels_announced: bool,
     /// Which addresses the tunnels take packets from (`None`: Nodes never
     /// listed; the kernel's filter is left as it is).
     pub tunnel_filter: Option<FilterPlan>,
@@ -431,8 +434,9 @@ pub fn plan(s: &Snapshot) -> Plan {
                 .any(|p| !p.deleting && t.used_by(p.encapsulation))
         })
     });
+    let (announced, others) = switched(s, used, infos.as_deref());
     let (mut devices, assign_tunnels) =
-        tunnel_devices(s, used, may_remove, address, me_obj.as_deref());
+        tunnel_devices(s, used, may_remove && others, address, me_obj.as_deref());
     let tunnel_filter = tunnel_filter(s, used);
     // A tunnel device is made only once the filter in front of it can be
     // (Nodes listed), so a new node's is not open to every source while the
@@ -516,6 +520,7 @@ pub fn plan(s: &Snapshot) -> Plan {
         assign_tunnels,
         devices,
         tunnels_used: used.filter(|_| s.pools.is_fresh()),
+        tunnels_announced: announced,
         tunnel_filter,
         speaker,
         remote,
@@ -527,11 +532,49 @@ pub fn plan(s: &Snapshot) -> Plan {
     }
 }
 
+/// Whether `n` announces every tunnel `used` says the pools use.
+fn announces(n: &NodeInfo, used: PerTunnel<bool>) -> bool {
+    Tunnel::ALL.iter().all(|t| {
+        !*used.get(*t)
+            || match t {
+                Tunnel::Vxlan => n.vtep.is_some(),
+                Tunnel::Ipip => n.ipip.is_some(),
+            }
+    })
+}
+
+/// Of the tunnels the pools use now, whether this node's MargayNode as the
+/// others read it announces them all, and whether every other node's does:
+/// a current list only. A node routes another's blocks through the new
+/// tunnel once both its own device is up (in the pass that makes it; it
+/// announces it in the next) and the other announces it, so an old tunnel
+/// is retired only once the others announce the new one and its linger
+/// has passed since this node announced it (the loop's clock). One that
+/// never brings it up (a kernel without IPIP) keeps sending through the
+/// old one, which then stays. The linger counted from the pool's change
+/// alone was not enough where the switch reached some node later.
+fn switched(
+    s: &Snapshot,
+    used: Option<PerTunnel<bool>>,
+    infos: Option<&[NodeInfo]>,
+) -> (bool, bool) {
+    let (Some(used), Some(infos), true) = (used, infos, s.nodes.is_fresh()) else {
+        return (false, false);
+    };
+    let me = infos.iter().any(|n| n.name == s.node && announces(n, used));
+    let others = infos
+        .iter()
+        .filter(|n| n.name != s.node && n.address.is_some())
+        .all(|n| announces(n, used));
+    (me, others)
+}
+
 /// This node's tunnel devices and the tunnel addresses to allocate: a
 /// tunnel the pools use needs its address first, then its device; one
 /// current pools have not used for [`TUNNEL_LINGER`] is retired by a pass
-/// that `may_remove` routes (its address as this run allocated it, else as
-/// the Node still announces it); anything else is left as it is.
+/// that `may_remove` routes and knows every other node switched (its
+/// address as this run allocated it, else as the Node still announces it);
+/// anything else is left as it is.
 fn tunnel_devices(
     s: &Snapshot,
     used: Option<PerTunnel<bool>>,

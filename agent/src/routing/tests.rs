@@ -688,7 +688,7 @@ async fn settle(
         s.tunnels = tunnels.inputs();
         bgp.view = s.speaker.clone();
         let p = plan(s);
-        let used = p.tunnels_used;
+        let (used, announced) = (p.tunnels_used, p.tunnels_announced);
         let out = apply(p, dp, bgp, c).await;
         // This node's Node and MargayNode as the next pass would read them.
         for w in c.writes.lock().unwrap().iter() {
@@ -715,7 +715,7 @@ async fn settle(
                 s.nodes = Known::Fresh(all);
             }
         }
-        if !tunnels.update(used, &out) {
+        if !tunnels.update(used, announced, &out) {
             return sentences(out.status.problems);
         }
     }
@@ -806,7 +806,27 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     // Switched to VXLAN: this node's VTEP first; the others' blocks keep
     // their IPIP routes until they announce theirs, tunl0 lingers.
     with_encap(&mut s, Encapsulation::Vxlan);
+    // tunl0's linger starts only once n1 is seen announcing its VTEP (the
+    // others route n1's blocks IPIP until then).
+    s.tunnels = tunnels.inputs();
+    bgp.view = s.speaker.clone();
+    let p = plan(&s);
+    let (used, announced) = (p.tunnels_used, p.tunnels_announced);
+    assert!(!announced, "n1's VTEP is not listed yet");
+    let out = apply(p, &dp, &mut bgp, &c).await;
+    tunnels.update(used, announced, &out);
+    assert_eq!(
+        tunnels.unused_since.ipip, None,
+        "lingering before announced"
+    );
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    // The watch brings n1's own MargayNode back: the next pass starts it.
+    assert!(plan(&s).tunnels_announced);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(
+        tunnels.unused_since.ipip.is_some(),
+        "lingering once announced"
+    );
     assert!(dp.remote.lock().unwrap().vxlan.is_some());
     assert_eq!(
         n1_annotation(&s, ANN_VXLAN_ADDRESS).as_deref(),
@@ -823,6 +843,15 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
         "kept"
     );
     assert!(dp.remote.lock().unwrap().ipip.is_some(), "lingers");
+    // Past the linger, but the others do not announce VXLAN yet, so they
+    // still send this node's blocks IPIP: tunl0 stays.
+    tunnels.unused_since.ipip = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(
+        dp.remote.lock().unwrap().ipip.is_some(),
+        "retired before the others switched"
+    );
+    tunnels.unused_since.ipip = Some(std::time::Instant::now());
     let vtep2 = [
         (ANN_VXLAN_ADDRESS, "10.244.2.0"),
         (ANN_VXLAN_MAC, "66:00:00:00:00:02"),
