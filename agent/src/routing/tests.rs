@@ -913,6 +913,21 @@ async fn a_pool_switched_between_encapsulations_never_breaks_a_route_first() {
     put(&mut s, n);
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert_eq!(routes(&dp)[&b2], Via::Ipip("10.0.0.2".parse().unwrap()));
+    // A node with no blocks (no route of n1's goes to it) that has not
+    // brought tunl0 up still sends n1's blocks VXLAN: the VXLAN device
+    // stays past its linger until it announces tunl0.
+    let mut with_n4 = nodes_of(&s).value().unwrap().clone();
+    with_n4.push(node("n4", "10.0.0.4/24"));
+    put(&mut s, Known::Fresh(with_n4.clone()));
+    tunnels.unused_since.vxlan = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
+    settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
+    assert!(
+        dp.remote.lock().unwrap().vxlan.is_some(),
+        "retired before n4 switched"
+    );
+    let n4 = with_n4.pop().unwrap();
+    with_n4.push(annotated(&n4, &[(ANN_IPIP_ADDRESS, "10.244.4.1")]));
+    put(&mut s, Known::Fresh(with_n4));
     tunnels.unused_since.vxlan = Some(std::time::Instant::now() - super::plan::TUNNEL_LINGER);
     settle(&mut s, &mut tunnels, &dp, &mut bgp, &c).await;
     assert!(dp.remote.lock().unwrap().vxlan.is_none(), "retired");
