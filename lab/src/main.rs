@@ -430,7 +430,15 @@ fn apiserver_broker(port_file: &std::path::Path) -> anyhow::Result<ExitCode> {
         let tmp = port_file.with_extension("tmp");
         std::fs::write(&tmp, l.local_addr()?.port().to_string())?;
         std::fs::rename(&tmp, port_file)?;
-        margay_harness::broker::serve(l).await?;
+        // `scripts/in-vm.sh` ends the broker with SIGTERM: serving stops
+        // and the runtime, dropped on return, drops every connection's
+        // apiserver (processes stopped, directories removed) instead of
+        // dying with them left behind.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = margay_harness::broker::serve(l) => r?,
+            _ = term.recv() => tracing::info!("stopping: SIGTERM"),
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
