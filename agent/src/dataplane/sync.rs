@@ -216,26 +216,15 @@ pub async fn remote<D: Dataplane>(
     if usable.vxlan {
         neigh = Delta::between(&want.neigh, &have.state.neigh, removals);
         fdb = Delta::between(&want.fdb, &have.state.fdb, removals);
-        rep.carry(
-            Delta {
-                set: std::mem::take(&mut neigh.set),
-                remove: Vec::new(),
-            },
-            |ip, mac| dp.set_neigh(ip, mac),
-            |ip| dp.del_neigh(ip),
-            Item::Neighbour,
-        )
-        .await;
-        rep.carry(
-            Delta {
-                set: std::mem::take(&mut fdb.set),
-                remove: Vec::new(),
-            },
-            |mac, ip| dp.set_fdb(mac, ip),
-            |mac| dp.del_fdb(mac),
-            Item::Fdb,
-        )
-        .await;
+        let neigh_adds = Delta {
+            set: std::mem::take(&mut neigh.set),
+            remove: Vec::new(),
+        };
+        let fdb_adds = Delta {
+            set: std::mem::take(&mut fdb.set),
+            remove: Vec::new(),
+        };
+        carry_vxlan(&mut rep, dp, neigh_adds, fdb_adds).await;
     }
     let mut routes = Delta::between(&want.routes, &have.state.routes, removals);
     routes.remove.retain(|n| !holds.keep.contains(n));
@@ -281,20 +270,7 @@ pub async fn remote<D: Dataplane>(
         let (used_neigh, used_fdb) = vxlan_entries_used(&after, &have.state, want);
         neigh.remove.retain(|ip| !used_neigh.contains(ip));
         fdb.remove.retain(|mac| !used_fdb.contains(mac));
-        rep.carry(
-            neigh,
-            |ip, mac| dp.set_neigh(ip, mac),
-            |ip| dp.del_neigh(ip),
-            Item::Neighbour,
-        )
-        .await;
-        rep.carry(
-            fdb,
-            |mac, ip| dp.set_fdb(mac, ip),
-            |mac| dp.del_fdb(mac),
-            Item::Fdb,
-        )
-        .await;
+        carry_vxlan(&mut rep, dp, neigh, fdb).await;
     }
     let in_use: Vec<Option<Tunnel>> = after
         .iter()
@@ -320,6 +296,29 @@ pub async fn remote<D: Dataplane>(
         }
     }
     Ok(rep)
+}
+
+/// Carries out VXLAN neighbour and FDB deltas, neighbours first.
+async fn carry_vxlan<D: Dataplane>(
+    rep: &mut Report,
+    dp: &D,
+    neigh: Delta<Ipv4Addr, [u8; 6]>,
+    fdb: Delta<[u8; 6], Ipv4Addr>,
+) {
+    rep.carry(
+        neigh,
+        |ip, mac| dp.set_neigh(ip, mac),
+        |ip| dp.del_neigh(ip),
+        Item::Neighbour,
+    )
+    .await;
+    rep.carry(
+        fdb,
+        |mac, ip| dp.set_fdb(mac, ip),
+        |mac| dp.del_fdb(mac),
+        Item::Fdb,
+    )
+    .await;
 }
 
 /// The VXLAN device's entries that `routes` (what the kernel routes once
