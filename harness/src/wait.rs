@@ -69,18 +69,14 @@ pub fn until<T>(
     every: Duration,
     mut f: impl FnMut() -> Poll<T>,
 ) -> Result<T> {
-    let start = Instant::now();
-    let mut last = String::new();
+    let mut p = Poller::new(what, timeout, every);
     loop {
         match f() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
-            Err(e) => last = e.0,
+            Err(e) => p.saw(e),
         }
-        if start.elapsed() > timeout {
-            return Err(timed_out(what, timeout, &last));
-        }
-        std::thread::sleep(every);
+        p.next_blocking()?;
     }
 }
 
@@ -95,18 +91,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Poll<T>>,
 {
-    let start = Instant::now();
-    let mut last = String::new();
+    let mut p = Poller::new(what, timeout, every);
     loop {
         match f().await {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
-            Err(e) => last = e.0,
+            Err(e) => p.saw(e),
         }
-        if start.elapsed() > timeout {
-            return Err(timed_out(what, timeout, &last));
-        }
-        tokio::time::sleep(every).await;
+        p.next().await?;
     }
 }
 
