@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// no datastore write (0: every ADD writes before answering).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub ipam_spares: u16,
+    /// At most this many addresses pre-assigned when bursts of pod starts
+    /// call for more than `--ipam-spares` (twice the largest recent burst;
+    /// given back after a few quiet minutes; never below `--ipam-spares`).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub ipam_spares_max: u16,
     /// Re-check the kernel's block routes and pods' host routes every this
     /// many seconds (also after a block claim, and after an ADD or DEL of
     /// an address outside the node's known blocks).
@@ -250,6 +255,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &node,
         ReserveOptions {
             depth: usize::from(args.ipam_spares),
+            max_depth: usize::from(args.ipam_spares_max),
             ..Default::default()
         },
     )

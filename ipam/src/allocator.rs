@@ -119,7 +119,27 @@ pub struct StatsSnapshot {
 pub struct Allocator {
     tx: mpsc::Sender<Job>,
     stats: Arc<Stats>,
+    seen: Seen,
+    read: ReadInputs,
     _task: Arc<Owned>,
+}
+
+/// The pools, configuration and node labels read last (`None`: none read
+/// yet), shared so that a question about them needs no turn of the actor
+/// (which may be waiting on a write).
+type Seen = Arc<std::sync::Mutex<Option<Arc<Inputs>>>>;
+
+/// Reads the inputs from the store, beside the actor (a store that
+/// follows them by watches answers from memory).
+#[derive(Clone)]
+struct ReadInputs(
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<Inputs>>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for ReadInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadInputs")
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -147,8 +167,21 @@ impl Allocator {
     pub fn start<S: Store>(store: Arc<S>, node: &str, opts: Options) -> Self {
         let (tx, rx) = mpsc::channel(opts.queue);
         let stats = Arc::new(Stats::default());
+        let seen = Seen::default();
+        let read: ReadInputs = {
+            // Weak: the store is the task's (it ends with the task).
+            let (store, node, seen) = (Arc::downgrade(&store), node.to_string(), seen.clone());
+            ReadInputs(Arc::new(move || {
+                let (store, node, seen) = (store.upgrade(), node.clone(), seen.clone());
+                Box::pin(async move {
+                    let store = store.ok_or(Error::Stopped)?;
+                    read_inputs(&*store, &node, &seen).await
+                })
+            }))
+        };
         let actor = Actor {
             stats: stats.clone(),
+            seen: seen.clone(),
             feed: store.block_feed(),
             ahead: Ahead::default(),
             store,
@@ -161,6 +194,8 @@ impl Allocator {
         Self {
             tx,
             stats,
+            seen,
+            read,
             _task: Arc::new(Owned::spawn(actor.run(rx))),
         }
     }
@@ -240,6 +275,26 @@ impl Allocator {
         self.ask(|tx| Job::Usable(addrs, use_, tx)).await
     }
 
+    /// [`Allocator::usable`] for one set of addresses, without a turn of
+    /// the allocator's task (which may be waiting on a write the API
+    /// server is slow to answer): the pools are read from the store
+    /// beside it (from memory when the store follows them by watches),
+    /// for at most `within`; past that, or when the store cannot say, the
+    /// pools read last answer (`None`: none were ever read). The
+    /// pod-start fast path asks this.
+    pub async fn usable_now(
+        &self,
+        addrs: &[IpNetwork],
+        use_: AllowedUse,
+        within: Duration,
+    ) -> Option<bool> {
+        let inputs = match tokio::time::timeout(within, (self.read.0)()).await {
+            Ok(Ok(i)) => i,
+            _ => self.seen.lock().expect("seen inputs").clone()?,
+        };
+        Some(usable_for(&inputs, addrs, use_))
+    }
+
     /// What the allocator's view says `handle` holds (no store access).
     pub async fn holding(&self, handle: &str) -> Result<Vec<IpNetwork>> {
         self.ask(|tx| Job::Holding(handle.to_string(), tx)).await
@@ -260,6 +315,7 @@ impl Allocator {
 
 struct Actor<S> {
     stats: Arc<Stats>,
+    seen: Seen,
     store: Arc<S>,
     node: String,
     view: Option<View>,
@@ -285,10 +341,27 @@ fn version_of(b: &Block) -> String {
     b.version.clone().unwrap_or_default()
 }
 
+#[derive(Debug)]
 struct Inputs {
     pools: Vec<Pool>,
     config: IPAMConfigurationSpec,
     labels: BTreeMap<String, String>,
+}
+
+/// The pools, configuration and node labels now, kept in `seen` for
+/// [`Allocator::usable_now`].
+async fn read_inputs<S: Store>(store: &S, node: &str, seen: &Seen) -> Result<Arc<Inputs>> {
+    let (pools, problems) = validate_pools(&store.pools().await?);
+    for p in problems {
+        tracing::debug!(pool = %p.pool, reason = p.reason, "pool not used: {}", p.message);
+    }
+    let inputs = Arc::new(Inputs {
+        pools,
+        config: store.config().await?,
+        labels: store.node_labels(node).await?,
+    });
+    *seen.lock().expect("seen inputs") = Some(inputs.clone());
+    Ok(inputs)
 }
 
 /// See [`Allocator::usable`].
@@ -542,16 +615,8 @@ impl<S: Store> Actor<S> {
         Ok(self.view.as_mut().expect("just loaded"))
     }
 
-    async fn inputs(&self) -> Result<Inputs> {
-        let (pools, problems) = validate_pools(&self.store.pools().await?);
-        for p in problems {
-            tracing::debug!(pool = %p.pool, reason = p.reason, "pool not used: {}", p.message);
-        }
-        Ok(Inputs {
-            pools,
-            config: self.store.config().await?,
-            labels: self.store.node_labels(&self.node).await?,
-        })
+    async fn inputs(&self) -> Result<Arc<Inputs>> {
+        read_inputs(&*self.store, &self.node, &self.seen).await
     }
 
     /// Puts what the store said about block `name` into the view (if the

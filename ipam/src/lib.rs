@@ -20,6 +20,7 @@
 mod ahead;
 pub mod allocator;
 pub mod block;
+pub mod demand;
 pub mod gc;
 pub mod k8s;
 pub mod model;

@@ -24,20 +24,24 @@
 //!   pool (or one that no longer selects the node) stops handing out
 //!   within that time plus the pool cache's, as on the slow path.
 //!
-//! With no spare left (a burst larger than the depth, or the fast path
-//! disabled with depth 0) ADD falls back to a direct assign, which the
-//! allocator group-commits.
+//! How many spares: as many as the node's recent bursts of pod starts
+//! call for ([`crate::demand`]), between `depth` and `max_depth`;
+//! refilled as each is taken, the surplus given back once demand has
+//! fallen. With no spare left (a burst larger than the spares, or the
+//! fast path disabled with depth 0) ADD falls back to a direct assign,
+//! which the allocator group-commits.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use margay_task::Owned;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::crd::{AllowedUse, PodRef};
+use crate::demand::Demand;
 use crate::{Allocator, Assign, Error, Result};
 
 /// The prefix of a node's spare handles.
@@ -63,15 +67,16 @@ pub struct Taken {
     pub spare: Option<String>,
 }
 
+/// How long taking a spare waits for the store to say whether the pools
+/// still allow it (from memory with watches; the pools read last answer
+/// past it).
+const SPARE_CHECK: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone)]
 struct Spare {
     handle: String,
     addrs: Vec<IpNetwork>,
 }
-
-/// How long taking a spare waits for the allocator to confirm the pools
-/// still allow it.
-const SPARE_CHECK: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 enum Write {
@@ -95,7 +100,7 @@ impl Write {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     spares: VecDeque<Spare>,
     /// Handles of this node's pods and their addresses, as far as this
@@ -105,6 +110,8 @@ struct State {
     /// under a spare handle in the datastore).
     pending: HashSet<String>,
     next_id: u64,
+    /// The node's recent pod starts: how many spares to keep.
+    demand: Demand,
 }
 
 /// Counters (for metrics and tests).
@@ -112,6 +119,9 @@ struct State {
 pub struct ReserveStats {
     /// Spares ready now.
     pub spares: usize,
+    /// Spares wanted now (the recent demand, between the options' depth
+    /// and max depth).
+    pub target: usize,
     /// Attributions not written yet.
     pub pending: usize,
 }
@@ -124,6 +134,7 @@ pub struct ReserveStats {
 pub struct Reserve {
     alloc: Allocator,
     node: String,
+    opts: ReserveOptions,
     state: Arc<Mutex<State>>,
     refill: Arc<Notify>,
     writes: mpsc::UnboundedSender<Write>,
@@ -136,17 +147,26 @@ pub struct Reserve {
 /// Tuning of a [`Reserve`].
 #[derive(Debug, Clone)]
 pub struct ReserveOptions {
-    /// Spares kept ready (0: no fast path, every ADD assigns directly).
+    /// Spares kept ready at least (0: no fast path, every ADD assigns
+    /// directly).
     pub depth: usize,
+    /// Spares kept ready at most, when bursts of pod starts call for more
+    /// than `depth` (never below `depth`).
+    pub max_depth: usize,
     /// How often spares are re-checked against the pools.
     pub recheck: Duration,
+    /// How long a burst of pod starts keeps the spares up before its
+    /// peak is halved ([`crate::demand::HOLD`]).
+    pub hold: Duration,
 }
 
 impl Default for ReserveOptions {
     fn default() -> Self {
         Self {
             depth: 8,
+            max_depth: 32,
             recheck: Duration::from_secs(3),
+            hold: crate::demand::HOLD,
         }
     }
 }
@@ -167,7 +187,13 @@ impl Reserve {
                 }
             }
         }
-        let mut st = State::default();
+        let mut st = State {
+            spares: VecDeque::new(),
+            index: HashMap::new(),
+            pending: HashSet::new(),
+            next_id: 0,
+            demand: Demand::new(opts.hold),
+        };
         for (handle, mut addrs) in held {
             addrs.sort();
             if let Some(id) = handle.strip_prefix(&prefix) {
@@ -179,15 +205,22 @@ impl Reserve {
                 st.index.insert(handle, addrs);
             }
         }
-        if st.spares.len() > opts.depth {
+        let keep = if opts.depth == 0 {
+            0
+        } else {
+            opts.max_depth.max(opts.depth)
+        };
+        if st.spares.len() > keep {
             // Fewer wanted now: give the surplus back.
-            let extra: Vec<Spare> = st.spares.drain(opts.depth..).collect();
+            let extra: Vec<Spare> = st.spares.drain(keep..).collect();
             for s in extra {
                 if let Err(e) = alloc.release(&s.handle).await {
                     tracing::debug!(handle = %s.handle, "surplus spare: {e}");
                 }
             }
         }
+        // What the node kept before is what it needed: kept for a while.
+        st.demand = Demand::new(opts.hold).seeded(st.spares.len().div_ceil(2), Instant::now());
         tracing::info!(
             node,
             spares = st.spares.len(),
@@ -198,6 +231,7 @@ impl Reserve {
         let core = Self {
             alloc,
             node: node.to_string(),
+            opts: opts.clone(),
             state: Arc::new(Mutex::new(st)),
             refill: Arc::new(Notify::new()),
             writes: tx,
@@ -207,7 +241,7 @@ impl Reserve {
         let tasks = [
             Owned::spawn(core.clone().writer(rx)),
             Owned::spawn(core.clone().rechecker(opts.recheck)),
-            Owned::spawn(core.clone().refiller(opts)),
+            Owned::spawn(core.clone().refiller()),
         ];
         core.refill.notify_one();
         Ok(Self {
@@ -222,9 +256,13 @@ impl Reserve {
 
     /// Spares ready and attributions not written yet.
     pub fn stats(&self) -> ReserveStats {
-        let st = self.state();
+        let mut st = self.state();
+        let target = st
+            .demand
+            .target(Instant::now(), self.opts.depth, self.opts.max_depth);
         ReserveStats {
             spares: st.spares.len(),
+            target,
             pending: st.pending.len(),
         }
     }
@@ -258,7 +296,10 @@ impl Reserve {
                     });
                 }
                 Some(_) => (true, None),
-                None if a.use_ == AllowedUse::Workload => (false, st.spares.pop_front()),
+                None if a.use_ == AllowedUse::Workload => {
+                    st.demand.took(Instant::now());
+                    (false, st.spares.pop_front())
+                }
                 None => (false, None),
             }
         };
@@ -270,18 +311,18 @@ impl Reserve {
 
     /// A spare for `a`, if the pools still allow exactly it (a pool of
     /// another family added since it was reserved means a pod would miss
-    /// that family): checked against the allocator's current view, given
-    /// back and replaced by a direct assign if not.
+    /// that family): checked against the pools the allocator read last
+    /// (without waiting for it: it may be waiting on a write the API is
+    /// slow to answer, and a spare exists so that a pod need not wait for
+    /// one), given back and replaced by a direct assign if not.
     async fn take_spare(&self, a: &Assign, s: Spare) -> Result<Taken> {
-        // Bounded: the allocator may be busy with a write the API is slow
-        // to answer, and a spare exists so that a pod need not wait for one.
-        let check = self.alloc.usable(vec![s.addrs.clone()], a.use_);
-        let ok = match tokio::time::timeout(SPARE_CHECK, check).await {
-            Ok(Ok(v)) => v.first().copied().unwrap_or(false),
-            // The allocator could not say in time: the spare was valid when
-            // made, and the rechecker gives it back later if it is not.
-            _ => true,
-        };
+        // None: no pools read yet; the spare was valid when made, and the
+        // rechecker gives it back if it no longer is.
+        let ok = self
+            .alloc
+            .usable_now(&s.addrs, a.use_, SPARE_CHECK)
+            .await
+            .unwrap_or(true);
         if !ok {
             tracing::info!(node = %self.node, handle = %s.handle, addrs = ?s.addrs,
                 "spare no longer allowed by the pools: giving it back");
@@ -451,6 +492,11 @@ impl Reserve {
 
     /// One write-behind, retried while the datastore says "try again".
     async fn write(&self, w: Write) {
+        match &w {
+            Write::Rename { .. } => margay_task::crash::point("write.rename"),
+            Write::Release(_) => margay_task::crash::point("write.release"),
+            Write::Flush(_) => {}
+        }
         let mut delay = Duration::from_millis(50);
         loop {
             if self.is_halted() {
@@ -491,7 +537,11 @@ impl Reserve {
         }
     }
 
-    async fn refiller(self, opts: ReserveOptions) {
+    /// Keeps the spares at the demand's target: refills as they are taken
+    /// (woken by each take), gives back the surplus once demand has
+    /// fallen (looked at every recheck period).
+    async fn refiller(self) {
+        let opts = self.opts.clone();
         let mut failures = 0u32;
         loop {
             tokio::select! {
@@ -501,13 +551,23 @@ impl Reserve {
             if self.is_halted() {
                 return;
             }
-            let (need, ids) = {
+            let (need, ids, surplus) = {
                 let mut st = self.state();
-                let need = opts.depth.saturating_sub(st.spares.len());
+                let target = st.demand.target(Instant::now(), opts.depth, opts.max_depth);
+                let need = target.saturating_sub(st.spares.len());
+                let keep = target.min(st.spares.len());
+                let surplus: Vec<Spare> = st.spares.drain(keep..).collect();
                 let first = st.next_id;
                 st.next_id += need as u64;
-                (need, first)
+                (need, first, surplus)
             };
+            if !surplus.is_empty() {
+                tracing::info!(node = %self.node, given_back = surplus.len(),
+                    "fewer pod starts lately: spare addresses given back");
+            }
+            for s in surplus {
+                self.queue(Write::Release(s.handle));
+            }
             if need == 0 {
                 continue;
             }
@@ -529,7 +589,9 @@ impl Reserve {
             let mut failed = None;
             for (handle, r) in futures::future::join_all(asks).await {
                 match r {
-                    Ok(addrs) => self.state().spares.push_back(Spare { handle, addrs }),
+                    Ok(addrs) => {
+                        self.state().spares.push_back(Spare { handle, addrs });
+                    }
                     Err(e) => failed = Some(e),
                 }
             }

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -174,6 +175,9 @@ struct MemState {
     feed_stale: Option<String>,
     /// Block lists made ([`Store::list_blocks`]).
     lists: u64,
+    /// How long each block write takes before it is applied (a slow or
+    /// frozen API server).
+    write_delay: Duration,
 }
 
 impl MemState {
@@ -274,6 +278,20 @@ impl MemStore {
     /// Makes listing blocks fail with `Unavailable` (or work again).
     pub fn set_reads_unavailable(&self, down: bool) {
         self.with(|s| s.reads_down = down);
+    }
+
+    /// Makes every block write wait `d` before it is applied (on the
+    /// runtime's clock: a paused test clock makes it a frozen API server).
+    pub fn set_write_delay(&self, d: Duration) {
+        self.with(|s| s.write_delay = d);
+    }
+
+    /// Waits the write delay.
+    async fn delay(&self) {
+        let d = self.with(|s| s.write_delay);
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
     }
 
     /// Drops the faults injected and not yet hit.
@@ -419,6 +437,7 @@ impl Store for MemStore {
     }
 
     async fn create_block(&self, block: &Block) -> Result<Block> {
+        self.delay().await;
         let name = block.name.clone();
         let block = block.clone();
         self.write(&name, move |s| {
@@ -431,6 +450,7 @@ impl Store for MemStore {
     }
 
     async fn update_block(&self, block: &Block) -> Result<Block> {
+        self.delay().await;
         let name = block.name.clone();
         let block = block.clone();
         self.write(&name, move |s| {
@@ -447,6 +467,7 @@ impl Store for MemStore {
     }
 
     async fn delete_block(&self, name: &str, version: &str) -> Result<()> {
+        self.delay().await;
         let n = name.to_string();
         let v = version.to_string();
         self.write(name, move |s| {

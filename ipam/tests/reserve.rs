@@ -44,7 +44,9 @@ fn req(h: &str) -> Assign {
 fn opts(depth: usize) -> ReserveOptions {
     ReserveOptions {
         depth,
+        max_depth: depth,
         recheck: Duration::from_millis(100),
+        ..ReserveOptions::default()
     }
 }
 
@@ -243,7 +245,7 @@ async fn a_failed_retry_before_the_rename_is_written_leaks_nothing() {
 #[tokio::test]
 async fn a_spare_missing_a_new_pools_family_is_not_handed_out() {
     let recheck = Duration::from_secs(3600);
-    let (s, _a, r) = filled(ReserveOptions { depth: 2, recheck }).await;
+    let (s, _a, r) = filled(ReserveOptions { recheck, ..opts(2) }).await;
     s.set_pools(vec![
         pool("p", "10.0.0.0/16", false),
         IPPool::new("v6", IPPoolSpec::with_cidr("fd00::/112", Some(122))),
@@ -268,4 +270,109 @@ async fn dropping_the_reserve_and_its_allocator_stops_every_task() {
     // (which holds the store) have ended.
     drop((r2, a));
     until("every task ended", || Arc::strong_count(&s) == 1).await;
+}
+
+/// The allocator is waiting on a write the API server does not answer
+/// (a refill, here frozen): a take still hands out a spare at once, its
+/// pool check answered beside the allocator, not behind the write. (On
+/// the test's paused clock: no time passes for the take; it used to wait
+/// out a 50 ms bound.)
+#[tokio::test(start_paused = true)]
+async fn a_take_does_not_wait_behind_a_write_the_api_server_holds() {
+    let (s, a, r) = filled(opts(4)).await;
+    s.set_write_delay(Duration::from_secs(3600));
+    // A write the allocator is now waiting on.
+    let stuck = tokio::spawn({
+        let a = a.clone();
+        async move { a.assign(req("direct")).await }
+    });
+    until("the allocator in its write", || {
+        r.stats().spares == 4 && !stuck.is_finished()
+    })
+    .await;
+    tokio::task::yield_now().await;
+    for h in ["h0", "h1", "h2"] {
+        let t0 = tokio::time::Instant::now();
+        let t = r.take(&req(h)).await.unwrap();
+        assert!(t.spare.is_some(), "{t:?}");
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "the take waited for the allocator"
+        );
+    }
+    stuck.abort();
+}
+
+/// A burst of pod starts raises the spares (twice the burst, within the
+/// ceiling); once the node is quiet for the hold period they go back to
+/// the floor and the surplus is released in the store.
+#[tokio::test]
+async fn a_burst_grows_the_spares_and_a_quiet_node_gives_them_back() {
+    let o = ReserveOptions {
+        depth: 2,
+        max_depth: 8,
+        recheck: Duration::from_millis(50),
+        hold: Duration::from_millis(400),
+    };
+    let (s, _a, r) = filled(o).await;
+    let mut taken = Vec::new();
+    for i in 0..5 {
+        taken.push(r.take(&req(&format!("p{i}"))).await.unwrap());
+    }
+    assert_eq!(r.stats().target, 8);
+    until("8 spares", || r.stats().spares == 8).await;
+    let spares_in_store = |s: &MemStore| {
+        held(&s.snapshot())
+            .keys()
+            .filter(|h| h.starts_with("spare.n1."))
+            .count()
+    };
+    for t in &taken {
+        r.commit(t, Some(pod(&t.handle)));
+    }
+    r.flush().await;
+    assert_eq!(spares_in_store(&s), 8);
+    // Quiet: 5 -> 2 -> 1 (target 2, the floor).
+    until("back to 2 spares", || r.stats().spares == 2).await;
+    r.flush().await;
+    assert_eq!(spares_in_store(&s), 2, "the surplus stays held");
+    // The pods keep theirs; nothing was handed out twice.
+    let by_handle = held(&s.snapshot());
+    let mut all: Vec<IpAddr> = by_handle.values().flatten().copied().collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "{by_handle:?}");
+    for t in &taken {
+        assert_eq!(by_handle[&t.handle], vec![t.addrs[0].ip()]);
+    }
+}
+
+/// A restarted agent keeps the spares it held (up to the ceiling): its
+/// last demand is remembered for a hold period, not released at start.
+#[tokio::test]
+async fn a_restart_keeps_the_spares_a_burst_left() {
+    let o = ReserveOptions {
+        depth: 2,
+        max_depth: 8,
+        recheck: Duration::from_millis(50),
+        hold: Duration::from_secs(3600),
+    };
+    let (s, a, r) = filled(o.clone()).await;
+    for i in 0..5 {
+        let t = r.take(&req(&format!("p{i}"))).await.unwrap();
+        r.commit(&t, Some(pod(&t.handle)));
+    }
+    until("8 spares", || r.stats().spares == 8).await;
+    r.flush().await;
+    r.halt();
+    drop((r, a));
+    let writes = s.writes();
+    let a = Allocator::start(s.clone(), "n1", Options::default());
+    let r = Reserve::start(a, "n1", o).await.unwrap();
+    assert_eq!(r.stats().spares, 8);
+    assert_eq!(r.stats().target, 8);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.writes(), writes, "the restart wrote");
 }

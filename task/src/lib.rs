@@ -10,6 +10,8 @@
 
 use std::future::Future;
 
+pub mod crash;
+
 /// A spawned task, aborted when this handle is dropped.
 #[derive(Debug)]
 pub struct Owned(tokio::task::JoinHandle<()>);

@@ -1384,3 +1384,150 @@ async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
     }
     assert!(w.allocations(0).await.is_empty());
 }
+
+/// A kill at each step of an ADD or DEL: the agent, started with
+/// `MARGAY_CRASH_AT=<point>:3`, SIGKILLs itself the third time a call of
+/// a burst of six reaches that point (after IPAM handed out the address;
+/// after the pod is wired and its alias records it; after the
+/// attribution is queued; as the write-behind of an attribution or of a
+/// release starts; after a DEL unwired the pod). Started again, with the
+/// runtime retrying what failed (DEL then ADD, as the kubelet does): no
+/// address is held twice, every pod's interface holds exactly what IPAM
+/// says its handle holds, and deleting every pod leaves no address and
+/// no interface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_at_each_step_of_add_and_del_loses_nothing_and_holds_nothing_twice() {
+    const PODS: usize = 6;
+    let mut w = world(vec![]).await;
+    let points = [
+        "add.taken",
+        "add.wired",
+        "add.committed",
+        "write.rename",
+        "del.unwired",
+        "write.release",
+    ];
+    let conf = w.conf(json!({}));
+    for (round, point) in points.iter().enumerate() {
+        w.agent.kill9();
+        let _ = std::fs::remove_file(&w.socket);
+        let mut cmd = margay_tests::agent_cmd(&w.node, "n1", &w.api, &w.socket).unwrap();
+        cmd.env(margay_task::crash::ENV, format!("{point}:3"));
+        let log = w.dir.path().join(format!("agent-{point}.log"));
+        w.agent = margay_tests::start_agent(cmd, &w.socket, &log).unwrap();
+        let pods: Vec<Netns> = (0..PODS).map(|_| Netns::create("pod").unwrap()).collect();
+        let env_for = |verb: &str, i: usize| -> Vec<(String, String)> {
+            vec![
+                ("CNI_COMMAND".into(), verb.into()),
+                ("CNI_CONTAINERID".into(), format!("kill{round}-{i}")),
+                ("CNI_NETNS".into(), pods[i].path().display().to_string()),
+                ("CNI_IFNAME".into(), "eth0".into()),
+                ("CNI_PATH".into(), "/usr/lib/cni".into()),
+                (
+                    "CNI_ARGS".into(),
+                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=k{round}-{i}"),
+                ),
+            ]
+        };
+        let run = |w: &World, env: Vec<(String, String)>| {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            w.plugin(&env, &conf)
+        };
+        let deleting = point.starts_with("del.") || *point == "write.release";
+        if deleting {
+            for i in 0..PODS {
+                let (ok, v) = run(&w, env_for("ADD", i));
+                assert!(ok, "{point}: ADD {i}: {v}");
+            }
+        }
+        let verb = if deleting { "DEL" } else { "ADD" };
+        let outcomes: Vec<(bool, Value)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..PODS)
+                .map(|i| {
+                    let (env, w, run) = (env_for(verb, i), &w, &run);
+                    s.spawn(move || run(w, env))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // The agent killed itself at the point (write-behinds run just
+        // after the calls: waited for).
+        let mut p = wait::Poller::new(
+            "the agent killed at its point",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+        );
+        while w.agent.is_running() {
+            p.next()
+                .await
+                .unwrap_or_else(|e| panic!("{point}: {e}\n{}", w.agent.log_tail(20)));
+        }
+        let failed: Vec<usize> = (0..PODS).filter(|&i| !outcomes[i].0).collect();
+        eprintln!("{point}: {} of {PODS} calls cut by the kill", failed.len());
+        // Back up, and the runtime retries.
+        let _ = std::fs::remove_file(&w.socket);
+        let log = w.dir.path().join(format!("agent-{point}-after.log"));
+        w.agent = start_agent(&w.node, &w.api, &w.socket, &log);
+        if deleting {
+            for i in 0..PODS {
+                let (ok, v) = run(&w, env_for("DEL", i));
+                assert!(ok, "{point}: DEL {i} retried: {v}");
+            }
+        } else {
+            for &i in &failed {
+                let (ok, v) = run(&w, env_for("DEL", i));
+                assert!(ok, "{point}: DEL {i} after the kill: {v}");
+            }
+            let mut addrs = std::collections::BTreeSet::new();
+            for i in 0..PODS {
+                let (ok, v) = run(&w, env_for("ADD", i));
+                assert!(ok, "{point}: ADD {i} retried: {v}");
+                let a = v["ips"][0]["address"].as_str().unwrap().to_string();
+                if outcomes[i].0 {
+                    assert_eq!(
+                        outcomes[i].1["ips"][0]["address"], a,
+                        "{point}: a retried ADD keeps its address"
+                    );
+                }
+                let has = pods[i].ip(&["-4", "addr", "show", "eth0"]).unwrap();
+                assert!(
+                    has.contains(&a),
+                    "{point}: pod {i} has {has}, IPAM said {a}"
+                );
+                assert!(addrs.insert(a.clone()), "{point}: {a} held twice");
+            }
+            // IPAM holds exactly those, each under its pod's handle.
+            let want: Vec<String> = addrs
+                .iter()
+                .map(|a| a.trim_end_matches("/32").to_string())
+                .collect();
+            let (got, want) = w.settle_on(want).await;
+            assert_eq!(got, want, "{point}: IPAM against the pods");
+            for (ip, a) in margay_tests::allocations(&w.client).await {
+                if a.handle.starts_with("spare.") {
+                    continue;
+                }
+                let i: usize = a
+                    .handle
+                    .split('/')
+                    .nth(1)
+                    .and_then(|c| c.strip_prefix(&format!("kill{round}-"))?.parse().ok())
+                    .unwrap_or_else(|| panic!("{point}: {ip} held by {}", a.handle));
+                let has = pods[i].ip(&["-4", "addr", "show", "eth0"]).unwrap();
+                assert!(
+                    has.contains(&format!("{ip}/32")),
+                    "{point}: {ip} is {}'s, pod has {has}",
+                    a.handle
+                );
+            }
+            for i in 0..PODS {
+                let (ok, v) = run(&w, env_for("DEL", i));
+                assert!(ok, "{point}: DEL {i}: {v}");
+            }
+        }
+        let left = w.allocations(0).await;
+        assert!(left.is_empty(), "{point}: addresses left: {left:?}");
+        assert!(w.cali_links().is_empty(), "{point}: {}", w.cali_links());
+    }
+}

@@ -360,6 +360,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
             })
             .await
             .map_err(|e| ipam_err(&e))?;
+        margay_task::crash::point("add.taken");
         let ipam_ms = t0.elapsed().as_secs_f64() * 1e3;
         let plan = plan::AddPlan::new(r, w, pod, taken.addrs.clone(), self.policy.is_some());
         let (result, wired_ms, rules_ms) = self.apply_add(r, &plan, taken, &netns, t0).await?;
@@ -442,8 +443,10 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
                 }));
             }
         };
+        margay_task::crash::point("add.wired");
         // The kernel now records the attribution: write it behind.
         self.reserve.commit(&taken, plan.pod.clone());
+        margay_task::crash::point("add.committed");
         self.poke_for(&plan.addrs);
         let wired_ms = t0.elapsed().as_secs_f64() * 1e3;
         let (ruled, rules_at) = match early {
@@ -473,6 +476,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         let w = Wired::of(&at);
         let _g = self.lock(&w.handle).await;
         self.unwire(&w, true).await?;
+        margay_task::crash::point("del.unwired");
         // The interface (the node's record) is gone: the release is
         // written behind, after any attribution of the handle still queued.
         let released = self.reserve.release(&w.handle);
