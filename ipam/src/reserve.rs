@@ -158,6 +158,11 @@ pub struct ReserveOptions {
     /// How long a burst of pod starts keeps the spares up before its
     /// peak is halved ([`crate::demand::HOLD`]).
     pub hold: Duration,
+    /// How long the write-behind and the refill gather what comes after
+    /// their first write, so that the pod starts of that window cost one
+    /// write per block (the refill does not wait when half or more of
+    /// the spares are gone).
+    pub coalesce: Duration,
 }
 
 impl Default for ReserveOptions {
@@ -167,6 +172,7 @@ impl Default for ReserveOptions {
             max_depth: 32,
             recheck: Duration::from_secs(3),
             hold: crate::demand::HOLD,
+            coalesce: Duration::from_millis(200),
         }
     }
 }
@@ -458,6 +464,22 @@ impl Reserve {
                 return;
             }
             let mut batch = vec![first];
+            // Coalesced: the writes of the pod starts within the window
+            // go out as one write per block (with the refill, which waits
+            // as long), not one each: on a busy node the API server and
+            // etcd do a fraction of the work, and the CPU they would take
+            // from the node's next pod starts stays with them. The kernel
+            // records every attribution meanwhile; a flush cuts it short.
+            if !matches!(batch[0], Write::Flush(_)) && !self.opts.coalesce.is_zero() {
+                let until = tokio::time::Instant::now() + self.opts.coalesce;
+                while let Ok(Some(w)) = tokio::time::timeout_at(until, rx.recv()).await {
+                    let flush = matches!(w, Write::Flush(_));
+                    batch.push(w);
+                    if flush {
+                        break;
+                    }
+                }
+            }
             while let Ok(w) = rx.try_recv() {
                 batch.push(w);
             }
@@ -544,9 +566,22 @@ impl Reserve {
         let opts = self.opts.clone();
         let mut failures = 0u32;
         loop {
-            tokio::select! {
-                _ = self.refill.notified() => {}
-                _ = tokio::time::sleep(opts.recheck) => {}
+            let taken = tokio::select! {
+                _ = self.refill.notified() => true,
+                _ = tokio::time::sleep(opts.recheck) => false,
+            };
+            if taken && !opts.coalesce.is_zero() {
+                // Half or more left: the takes of the next moments are
+                // refilled together (and with their renames), in one write
+                // per block.
+                let plenty = {
+                    let mut st = self.state();
+                    let target = st.demand.target(Instant::now(), opts.depth, opts.max_depth);
+                    st.spares.len() * 2 >= target
+                };
+                if plenty {
+                    tokio::time::sleep(opts.coalesce).await;
+                }
             }
             if self.is_halted() {
                 return;

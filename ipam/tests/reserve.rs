@@ -314,6 +314,7 @@ async fn a_burst_grows_the_spares_and_a_quiet_node_gives_them_back() {
         max_depth: 8,
         recheck: Duration::from_millis(50),
         hold: Duration::from_millis(400),
+        ..ReserveOptions::default()
     };
     let (s, _a, r) = filled(o).await;
     let mut taken = Vec::new();
@@ -358,6 +359,7 @@ async fn a_restart_keeps_the_spares_a_burst_left() {
         max_depth: 8,
         recheck: Duration::from_millis(50),
         hold: Duration::from_secs(3600),
+        ..ReserveOptions::default()
     };
     let (s, a, r) = filled(o.clone()).await;
     for i in 0..5 {
@@ -375,4 +377,33 @@ async fn a_restart_keeps_the_spares_a_burst_left() {
     assert_eq!(r.stats().target, 8);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.writes(), writes, "the restart wrote");
+}
+
+/// Pod starts 20 ms apart (a busy node) within the coalescing window:
+/// their attributions and the refill behind them cost one write per block
+/// each, not two writes per start. (Paused clock: the window is exact.)
+#[tokio::test(start_paused = true)]
+async fn the_writes_behind_a_window_of_pod_starts_are_coalesced() {
+    let o = ReserveOptions {
+        recheck: Duration::from_secs(3600),
+        coalesce: Duration::from_millis(200),
+        ..opts(8)
+    };
+    let (s, _a, r) = filled(o).await;
+    let writes = s.writes();
+    for i in 0..6 {
+        let t = r.take(&req(&format!("p{i}"))).await.unwrap();
+        r.commit(&t, Some(pod(&t.handle)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until("refilled", || r.stats().spares == r.stats().target).await;
+    r.flush().await;
+    let by_handle = held(&s.snapshot());
+    for i in 0..6 {
+        assert!(by_handle.contains_key(&format!("p{i}")), "{by_handle:?}");
+    }
+    // One block: the renames in one write, the refill in one (or both in
+    // one batch of the allocator).
+    let made = s.writes() - writes;
+    assert!(made <= 2, "{made} writes for 6 pod starts");
 }

@@ -48,6 +48,11 @@ struct Cli {
     /// the slow ones fall.
     #[arg(long)]
     samples: Option<PathBuf>,
+    /// After the rounds: this many ADDs one after another with the
+    /// kube-apiserver frozen (SIGSTOP), once the agent holds that many
+    /// spares, their latency beside margay's unfrozen row (0: skipped).
+    #[arg(long, default_value_t = 0)]
+    frozen: usize,
 }
 
 /// The namespace `bench` with a Pod for every pod the measurement makes
@@ -322,6 +327,22 @@ async fn main() -> anyhow::Result<()> {
         fs.push(measure(&node.ns, &cni_path, dir.path(), &noop_conf, n, f)?);
     }
     let (m, p, f) = (median(&ms), median(&ps), median(&fs));
+    let frozen = if cli.frozen > 0 {
+        Some(
+            frozen_adds(
+                &api,
+                &client,
+                &node.ns,
+                &cni_path,
+                dir.path(),
+                &margay_conf,
+                cli.frozen,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     if let Ok(to) = std::env::var("CNI_BENCH_AGENT_LOG") {
         std::fs::copy(dir.path().join("agent.log"), to)?;
     }
@@ -369,5 +390,75 @@ async fn main() -> anyhow::Result<()> {
         above(mb, pb, fb),
         (pb - fb) / (mb - fb)
     );
+    if let Some((p50, p99)) = frozen {
+        println!();
+        println!(
+            "| margay, {} ADDs with the kube-apiserver frozen | ADD p50 (ms) | ADD p99 (ms) |",
+            cli.frozen
+        );
+        println!("|---|---|---|");
+        println!("| frozen | {p50:.1} | {p99:.1} |");
+        println!(
+            "| unfrozen (the rounds above) | {:.1} | {:.1} |",
+            m.add_p50, m.add_p99
+        );
+        println!(
+            "| frozen / unfrozen | {:.2} | {:.2} |",
+            p50 / m.add_p50,
+            p99 / m.add_p99
+        );
+    }
     Ok(())
+}
+
+/// `k` ADDs one after another with the apiserver frozen, once the agent
+/// holds `k` spares (the rounds' bursts raised them); thawed and the pods
+/// deleted after. Their latency p50 and p99 (ms).
+async fn frozen_adds(
+    api: &margay_harness::kube::ApiServer,
+    client: &kube::Client,
+    node: &Netns,
+    cni_path: &str,
+    dir: &Path,
+    conf: &Path,
+    k: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    loop {
+        let spares = margay_tests::allocations(client)
+            .await
+            .into_iter()
+            .filter(|(_, a)| a.handle.starts_with("spare.n1."))
+            .count();
+        if spares >= k {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the agent holds {spares} spares, not {k}: lower --frozen");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cache = dir.join("cache-frozen");
+    let pods: Vec<Netns> = (0..k)
+        .map(|_| Netns::create("bf"))
+        .collect::<Result<_, _>>()?;
+    api.freeze(true)?;
+    let mut adds = Vec::new();
+    let mut failed = None;
+    for (i, p) in pods.iter().enumerate() {
+        let t = Instant::now();
+        if let Err(e) = cnitool(node, cni_path, &cache, "add", conf, &format!("f{i}"), p) {
+            failed = Some(e);
+            break;
+        }
+        adds.push(t.elapsed());
+    }
+    api.freeze(false)?;
+    if let Some(e) = failed {
+        return Err(e.context("an ADD with the apiserver frozen"));
+    }
+    for (i, p) in pods.iter().enumerate() {
+        cnitool(node, cni_path, &cache, "del", conf, &format!("f{i}"), p)?;
+    }
+    Ok((pct(&mut adds, 0.5), pct(&mut adds, 0.99)))
 }
