@@ -282,9 +282,11 @@ async fn a_take_does_not_wait_behind_a_write_the_api_server_holds() {
     let (s, a, r) = filled(opts(4)).await;
     s.set_write_delay(Duration::from_secs(3600));
     // A write the allocator is now waiting on.
-    let stuck = tokio::spawn({
+    let stuck = margay_task::Owned::spawn({
         let a = a.clone();
-        async move { a.assign(req("direct")).await }
+        async move {
+            let _ = a.assign(req("direct")).await;
+        }
     });
     until("the allocator in its write", || {
         r.stats().spares == 4 && !stuck.is_finished()
@@ -301,7 +303,7 @@ async fn a_take_does_not_wait_behind_a_write_the_api_server_holds() {
             "the take waited for the allocator"
         );
     }
-    stuck.abort();
+    drop(stuck);
 }
 
 /// A burst of pod starts raises the spares (twice the burst, within the
