@@ -559,6 +559,15 @@ impl Reserve {
         }
     }
 
+    /// Whether half or more of the spares wanted are ready.
+    fn plenty(&self) -> bool {
+        let mut st = self.state();
+        let target = st
+            .demand
+            .target(Instant::now(), self.opts.depth, self.opts.max_depth);
+        st.spares.len() * 2 >= target
+    }
+
     /// Keeps the spares at the demand's target: refills as they are taken
     /// (woken by each take), gives back the surplus once demand has
     /// fallen (looked at every recheck period).
@@ -571,16 +580,16 @@ impl Reserve {
                 _ = tokio::time::sleep(opts.recheck) => false,
             };
             if taken && !opts.coalesce.is_zero() {
-                // Half or more left: the takes of the next moments are
-                // refilled together (and with their renames), in one write
-                // per block.
-                let plenty = {
-                    let mut st = self.state();
-                    let target = st.demand.target(Instant::now(), opts.depth, opts.max_depth);
-                    st.spares.len() * 2 >= target
-                };
-                if plenty {
-                    tokio::time::sleep(opts.coalesce).await;
+                // While half or more are left, the takes of the next
+                // moments are refilled together (and with their renames),
+                // in one write per block; a take that leaves fewer ends
+                // the wait.
+                let until = tokio::time::Instant::now() + opts.coalesce;
+                while self.plenty() {
+                    tokio::select! {
+                        _ = self.refill.notified() => {}
+                        _ = tokio::time::sleep_until(until) => break,
+                    }
                 }
             }
             if self.is_halted() {

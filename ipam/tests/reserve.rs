@@ -381,9 +381,10 @@ async fn a_restart_keeps_the_spares_a_burst_left() {
     assert_eq!(s.writes(), writes, "the restart wrote");
 }
 
-/// Pod starts 20 ms apart (a busy node) within the coalescing window:
-/// their attributions and the refill behind them cost one write per block
-/// each, not two writes per start. (Paused clock: the window is exact.)
+/// Pod starts 20 ms apart (a busy node) within the coalescing window,
+/// half the spares left: their attributions and the refill behind them
+/// cost one write per block each, not a write or two per start. (Paused
+/// clock: the window is exact.)
 #[tokio::test(start_paused = true)]
 async fn the_writes_behind_a_window_of_pod_starts_are_coalesced() {
     let o = ReserveOptions {
@@ -393,7 +394,7 @@ async fn the_writes_behind_a_window_of_pod_starts_are_coalesced() {
     };
     let (s, _a, r) = filled(o).await;
     let writes = s.writes();
-    for i in 0..6 {
+    for i in 0..4 {
         let t = r.take(&req(&format!("p{i}"))).await.unwrap();
         r.commit(&t, Some(pod(&t.handle)));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -401,11 +402,29 @@ async fn the_writes_behind_a_window_of_pod_starts_are_coalesced() {
     until("refilled", || r.stats().spares == r.stats().target).await;
     r.flush().await;
     let by_handle = held(&s.snapshot());
-    for i in 0..6 {
+    for i in 0..4 {
         assert!(by_handle.contains_key(&format!("p{i}")), "{by_handle:?}");
     }
     // One block: the renames in one write, the refill in one (or both in
     // one batch of the allocator).
     let made = s.writes() - writes;
-    assert!(made <= 2, "{made} writes for 6 pod starts");
+    assert!(made <= 2, "{made} writes for 4 pod starts");
+}
+
+/// The refill does not sit out its window while the spares run low: a
+/// take that leaves fewer than half of them starts it at once.
+#[tokio::test(start_paused = true)]
+async fn spares_running_low_are_refilled_without_waiting_the_window() {
+    let o = ReserveOptions {
+        recheck: Duration::from_secs(3600),
+        coalesce: Duration::from_secs(10),
+        ..opts(4)
+    };
+    let (_s, _a, r) = filled(o).await;
+    let t0 = tokio::time::Instant::now();
+    for i in 0..3 {
+        r.take(&req(&format!("p{i}"))).await.unwrap();
+    }
+    until("refilled", || r.stats().spares == 4).await;
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }
