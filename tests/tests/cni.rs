@@ -1337,24 +1337,36 @@ state = "{state}"
 }
 
 /// With spares ready, pods start while the control plane does not answer;
-/// once it is back, the attributions are written behind.
+/// once it is back, the attributions are written behind. A burst of 6
+/// starts before raised the spares above the floor of 8 (twice the
+/// burst): 12 pods start with the API server frozen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
+    const FROZEN: usize = 12;
     let w = world(vec![]).await;
-    // The agent has listed what its policy engine needs: one ADD answered
+    // The agent has listed what its policy engine needs: ADDs answered
     // (an agent that never listed Pods cannot tell which rules a pod
-    // needs, and fails its ADDs; that is not what this test is about).
-    let warm = Netns::create("pod").unwrap();
-    w.add("warm", &warm, "warm");
-    w.cnitool("del", "warm", &warm.path(), "warm").expect("DEL");
-    // Spares ready: 8 pre-assigned addresses of n1 in the datastore.
-    let spares = wait::until_async("3 spares", POLL * 200, POLL, || async {
+    // needs, and fails its ADDs; that is not what this test is about);
+    // six of them at once, the burst the spares are sized by.
+    let warm: Vec<Netns> = (0..6).map(|_| Netns::create("pod").unwrap()).collect();
+    std::thread::scope(|s| {
+        for (i, p) in warm.iter().enumerate() {
+            let w = &w;
+            s.spawn(move || w.add(&format!("warm{i}"), p, &format!("warm-{i}")));
+        }
+    });
+    for (i, p) in warm.iter().enumerate() {
+        w.cnitool("del", &format!("warm{i}"), &p.path(), &format!("warm-{i}"))
+            .expect("DEL");
+    }
+    // Spares ready: pre-assigned addresses of n1 in the datastore.
+    let spares = wait::until_async("the spares", POLL * 200, POLL, || async {
         let all = margay_tests::allocations(&w.client).await;
         let n = all
             .iter()
             .filter(|(_, a)| a.handle.starts_with("spare.n1."))
             .count();
-        if n >= 3 {
+        if n >= FROZEN {
             Ok(Some(n))
         } else {
             Err(format!("{n} spares").into())
@@ -1362,9 +1374,9 @@ async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(spares >= 3, "only {spares} spares");
+    assert!(spares >= FROZEN, "only {spares} spares");
     w.api.freeze(true).unwrap();
-    let pods: Vec<Netns> = (0..3).map(|_| Netns::create("pod").unwrap()).collect();
+    let pods: Vec<Netns> = (0..FROZEN).map(|_| Netns::create("pod").unwrap()).collect();
     let addrs: Vec<String> = pods
         .iter()
         .enumerate()
@@ -1372,9 +1384,9 @@ async fn pods_start_while_the_apiserver_is_frozen_and_ipam_catches_up() {
         .collect();
     w.api.freeze(false).unwrap();
     pods[0].ping_ok(&addrs[1]).unwrap();
-    pods[1].ping_ok(&addrs[2]).unwrap();
+    pods[1].ping_ok(&addrs[FROZEN - 1]).unwrap();
     // The datastore learns who holds them.
-    let got = w.allocations(3).await;
+    let got = w.allocations(FROZEN).await;
     let mut want = addrs.clone();
     want.sort();
     assert_eq!(got, want);
