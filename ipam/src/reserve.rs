@@ -198,7 +198,7 @@ impl Reserve {
             index: HashMap::new(),
             pending: HashSet::new(),
             next_id: 0,
-            demand: Demand::new(opts.hold),
+            demand: Demand::new(opts.depth, opts.max_depth, opts.hold),
         };
         for (handle, mut addrs) in held {
             addrs.sort();
@@ -211,11 +211,7 @@ impl Reserve {
                 st.index.insert(handle, addrs);
             }
         }
-        let keep = if opts.depth == 0 {
-            0
-        } else {
-            opts.max_depth.max(opts.depth)
-        };
+        let keep = st.demand.ceiling();
         if st.spares.len() > keep {
             // Fewer wanted now: give the surplus back.
             let extra: Vec<Spare> = st.spares.drain(keep..).collect();
@@ -226,7 +222,8 @@ impl Reserve {
             }
         }
         // What the node kept before is what it needed: kept for a while.
-        st.demand = Demand::new(opts.hold).seeded(st.spares.len().div_ceil(2), Instant::now());
+        let adopted = st.spares.len();
+        st.demand.seed(adopted.div_ceil(2), Instant::now());
         tracing::info!(
             node,
             spares = st.spares.len(),
@@ -263,9 +260,7 @@ impl Reserve {
     /// Spares ready and attributions not written yet.
     pub fn stats(&self) -> ReserveStats {
         let mut st = self.state();
-        let target = st
-            .demand
-            .target(Instant::now(), self.opts.depth, self.opts.max_depth);
+        let target = st.demand.target(Instant::now());
         ReserveStats {
             spares: st.spares.len(),
             target,
@@ -562,17 +557,14 @@ impl Reserve {
     /// Whether half or more of the spares wanted are ready.
     fn plenty(&self) -> bool {
         let mut st = self.state();
-        let target = st
-            .demand
-            .target(Instant::now(), self.opts.depth, self.opts.max_depth);
-        st.spares.len() * 2 >= target
+        st.spares.len() * 2 >= st.demand.target(Instant::now())
     }
 
     /// Keeps the spares at the demand's target: refills as they are taken
     /// (woken by each take), gives back the surplus once demand has
     /// fallen (looked at every recheck period).
     async fn refiller(self) {
-        let opts = self.opts.clone();
+        let opts = &self.opts;
         let mut failures = 0u32;
         loop {
             let taken = tokio::select! {
@@ -597,7 +589,7 @@ impl Reserve {
             }
             let (need, ids, surplus) = {
                 let mut st = self.state();
-                let target = st.demand.target(Instant::now(), opts.depth, opts.max_depth);
+                let target = st.demand.target(Instant::now());
                 let need = target.saturating_sub(st.spares.len());
                 let keep = target.min(st.spares.len());
                 let surplus: Vec<Spare> = st.spares.drain(keep..).collect();
@@ -633,9 +625,7 @@ impl Reserve {
             let mut failed = None;
             for (handle, r) in futures::future::join_all(asks).await {
                 match r {
-                    Ok(addrs) => {
-                        self.state().spares.push_back(Spare { handle, addrs });
-                    }
+                    Ok(addrs) => self.state().spares.push_back(Spare { handle, addrs }),
                     Err(e) => failed = Some(e),
                 }
             }
