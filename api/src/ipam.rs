@@ -283,6 +283,13 @@ pub struct PodRef {
     pub uid: String,
 }
 
+/// `namespace/name`, as kubectl names a pod.
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Cluster-wide IPAM settings; the object named `default` is used.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

@@ -55,6 +55,11 @@ pub enum Install {
     /// node its own range (10.244.N.0/24) and static routes to the others'
     /// (the baseline the pod start benchmark compares with).
     Ptp,
+    /// No network at all: `cni-noop` on every node, which wires nothing and
+    /// answers each ADD with a made-up address (pods become Ready; nothing
+    /// can reach them): the floor under every plugin in the pod start
+    /// benchmark, what the kubelets, containerd and the API server cost.
+    Noop,
 }
 
 /// Top-of-rack router software.

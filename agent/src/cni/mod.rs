@@ -367,6 +367,7 @@ impl<S: Store, D: Dataplane> CniService<S, D> {
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             handle = %plan.wired.handle,
+            pod = plan.pod.as_ref().map(tracing::field::display),
             host_if = %plan.wired.host_if,
             addrs = ?plan.addrs,
             ipam_ms,

@@ -37,8 +37,12 @@ impl Cluster {
     /// route (protocol 79) to every block of the others, and a BIRD/FRR
     /// router one to every block.
     pub async fn route_gaps(&self) -> anyhow::Result<Vec<String>> {
-        if self.opts.kubernetes == Some(crate::Install::Ptp) {
-            // No Margay, no blocks: static routes, in place from the start.
+        if matches!(
+            self.opts.kubernetes,
+            Some(crate::Install::Ptp | crate::Install::Noop)
+        ) {
+            // No Margay, no blocks: static routes (ptp), in place from the
+            // start, or no network at all (noop).
             return Ok(Vec::new());
         }
         // IPv6 blocks are not routed between nodes yet

@@ -131,11 +131,13 @@ pub async fn start(opts: Options) -> anyhow::Result<Cluster> {
     }
     let c = Cluster::new(ground, api, client, nodes, opts);
     wait_nodes_registered(&c).await?;
-    if c.opts.kubernetes == Some(Install::Ptp) {
-        install_ptp(&c)?;
-    } else {
-        install(&c).await?;
-        wait_daemonset(&c, Duration::from_secs(300)).await?;
+    match c.opts.kubernetes {
+        Some(Install::Ptp) => install_ptp(&c)?,
+        Some(Install::Noop) => install_noop(&c)?,
+        _ => {
+            install(&c).await?;
+            wait_daemonset(&c, Duration::from_secs(300)).await?;
+        }
     }
     Ok(c)
 }
@@ -315,6 +317,36 @@ fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
                 &m.node.v4.to_string(),
             ])?;
         }
+    }
+    Ok(())
+}
+
+/// [`Install::Noop`]: `cni-noop` (built beside margay-lab) on every node,
+/// asked for made-up addresses.
+fn install_noop(c: &Cluster) -> anyhow::Result<()> {
+    let plugin = paths::workspace_bin("cni-noop")
+        .context("cni-noop (cargo build -p margay-bench --bin cni-noop)")?;
+    for n in &c.nodes {
+        let Some(k) = &n.kubelet else { continue };
+        let bin = k
+            .host_path("/opt/cni/bin")
+            .context("the node's /opt/cni/bin")?;
+        std::fs::create_dir_all(&bin)?;
+        std::fs::copy(&plugin, bin.join("cni-noop"))
+            .with_context(|| format!("{} to {}", plugin.display(), bin.display()))?;
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "noop",
+            "plugins": [{"type": "cni-noop", "fakeAddress": true}]
+        });
+        let dir = k
+            .host_path("/etc/cni/net.d")
+            .context("the node's /etc/cni/net.d")?;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("10-noop.conflist"),
+            serde_json::to_vec_pretty(&conf)?,
+        )?;
     }
     Ok(())
 }
