@@ -279,14 +279,8 @@ const PTP_PLUGINS: &str = "/usr/lib/cni";
 fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
     for (i, n) in c.nodes.iter().enumerate() {
         let Some(k) = &n.kubelet else { continue };
-        let bin = k
-            .host_path("/opt/cni/bin")
-            .context("the node's /opt/cni/bin")?;
-        std::fs::create_dir_all(&bin)?;
-        for p in ["ptp", "host-local", "loopback"] {
-            std::fs::copy(Path::new(PTP_PLUGINS).join(p), bin.join(p))
-                .with_context(|| format!("{PTP_PLUGINS}/{p} (containernetworking-plugins)"))?;
-        }
+        let plugins =
+            ["ptp", "host-local", "loopback"].map(|p| (Path::new(PTP_PLUGINS).join(p), p));
         let conf = serde_json::json!({
             "cniVersion": "0.4.0",
             "name": "ptp",
@@ -300,14 +294,8 @@ fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
                 }
             }]
         });
-        let dir = k
-            .host_path("/etc/cni/net.d")
-            .context("the node's /etc/cni/net.d")?;
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("10-ptp.conflist"),
-            serde_json::to_vec_pretty(&conf)?,
-        )?;
+        put_cni(k, &plugins, &conf)
+            .context("ptp's plugins (Debian's containernetworking-plugins)")?;
         for (j, m) in c.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
             n.node.ns.ip(&[
                 "route",
@@ -326,28 +314,41 @@ fn install_ptp(c: &Cluster) -> anyhow::Result<()> {
 fn install_noop(c: &Cluster) -> anyhow::Result<()> {
     let plugin = paths::workspace_bin("cni-noop")
         .context("cni-noop (cargo build -p margay-bench --bin cni-noop)")?;
-    for n in &c.nodes {
-        let Some(k) = &n.kubelet else { continue };
-        let bin = k
-            .host_path("/opt/cni/bin")
-            .context("the node's /opt/cni/bin")?;
-        std::fs::create_dir_all(&bin)?;
-        std::fs::copy(&plugin, bin.join("cni-noop"))
-            .with_context(|| format!("{} to {}", plugin.display(), bin.display()))?;
-        let conf = serde_json::json!({
-            "cniVersion": "0.4.0",
-            "name": "noop",
-            "plugins": [{"type": "cni-noop", "fakeAddress": true}]
-        });
-        let dir = k
-            .host_path("/etc/cni/net.d")
-            .context("the node's /etc/cni/net.d")?;
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("10-noop.conflist"),
-            serde_json::to_vec_pretty(&conf)?,
-        )?;
+    let conf = serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "noop",
+        "plugins": [{"type": "cni-noop", "fakeAddress": true}]
+    });
+    for k in c.nodes.iter().filter_map(|n| n.kubelet.as_ref()) {
+        put_cni(k, &[(plugin.clone(), "cni-noop")], &conf)?;
     }
+    Ok(())
+}
+
+/// The `plugins` (source, name) into the node of kubelet `k`'s
+/// /opt/cni/bin and `conf` as its /etc/cni/net.d/10-NAME.conflist.
+fn put_cni(
+    k: &margay_harness::kubelet::KubeletNode,
+    plugins: &[(PathBuf, &str)],
+    conf: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let bin = k
+        .host_path("/opt/cni/bin")
+        .context("the node's /opt/cni/bin")?;
+    std::fs::create_dir_all(&bin)?;
+    for (src, name) in plugins {
+        std::fs::copy(src, bin.join(name))
+            .with_context(|| format!("{} to {}", src.display(), bin.display()))?;
+    }
+    let dir = k
+        .host_path("/etc/cni/net.d")
+        .context("the node's /etc/cni/net.d")?;
+    std::fs::create_dir_all(&dir)?;
+    let name = conf["name"].as_str().context("the conflist's name")?;
+    std::fs::write(
+        dir.join(format!("10-{name}.conflist")),
+        serde_json::to_vec_pretty(conf)?,
+    )?;
     Ok(())
 }
 
