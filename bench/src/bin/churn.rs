@@ -126,7 +126,8 @@ type Pods = Arc<Mutex<Book>>;
 struct Outcome {
     install: String,
     rate: f64,
-    /// Pods created per second as it came out (`created / seconds`).
+    /// Steps (one pod up, one down) per second as the churn came out:
+    /// below `rate` when the scale calls could not keep up.
     achieved_rate: f64,
     level: u32,
     seconds: u64,
@@ -220,7 +221,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let (mut grow, mut shrink) = (("churn-b", 0u32), ("churn-a", a.level));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     let t0 = Instant::now();
-    let mut created = 0usize;
+    let mut ticks = 0usize;
     while t0.elapsed() < Duration::from_secs(a.seconds) {
         tick.tick().await;
         if shrink.1 == 0 {
@@ -234,7 +235,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         );
         g?;
         s?;
-        created += 1;
+        ticks += 1;
     }
     churning.store(false, Ordering::SeqCst);
     let churned = t0.elapsed();
@@ -268,7 +269,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let o = Outcome {
         install: a.install.clone(),
         rate: a.rate,
-        achieved_rate: created as f64 / churned.as_secs_f64(),
+        achieved_rate: ticks as f64 / churned.as_secs_f64(),
         level: a.level,
         seconds: a.seconds,
         created: seen.len(),
@@ -641,7 +642,7 @@ fn plot(input: &Path, output: &Path) -> anyhow::Result<()> {
         }
     }
     let c = svg::Chart {
-        title: "Pod start-up (created to Ready) under churn, 3 real kubelets".into(),
+        title: "Pod start-up (created to Ready) under churn, real kubelets".into(),
         x_label: "pods created (and deleted) per second".into(),
         y_label: "seconds".into(),
         log_x: false,
